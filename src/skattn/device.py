@@ -1,0 +1,33 @@
+"""What the planner needs to know about the machine: SM count and programs per SM."""
+from __future__ import annotations
+
+import os
+
+# Programs per SM when none is measured: llama.cpp's occupancy for its D=128 kernels, and
+# what skattn's compiled kernels reach on H100/H200 (see PERF.md).
+DEFAULT_BLOCKS_PER_SM = 2
+# Under TRITON_INTERPRET=1 on a CPU: a small pretend grid, so that tiny test shapes still
+# split tiles between programs.
+INTERPRETER_SMS = 4
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def hardware(device=None) -> tuple[int, int]:
+    """(SMs, programs per SM) of `device` (default: the current CUDA GPU)."""
+    import torch
+
+    if device is not None and torch.device(device).type == "cpu":
+        if interpreting():
+            return INTERPRETER_SMS, DEFAULT_BLOCKS_PER_SM
+        raise ValueError("CPU tensors need TRITON_INTERPRET=1 (the Triton interpreter)")
+    if not torch.cuda.is_available():
+        if interpreting():
+            return INTERPRETER_SMS, DEFAULT_BLOCKS_PER_SM
+        raise RuntimeError(
+            "no CUDA GPU here: pass sms= and blocks_per_sm= to skattn.plan (for example "
+            "sms=132, blocks_per_sm=2 for an H100 SXM)")
+    props = torch.cuda.get_device_properties(device)
+    return props.multi_processor_count, DEFAULT_BLOCKS_PER_SM

@@ -1,0 +1,301 @@
+"""Stream-K plans: tile geometry, work list, program count and fixup kind (pure Python)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import torch
+
+from skattn.policy import FIXUPS, POLICIES, CostModel, fixup_for, load_cost_model, nblocks_for
+
+__all__ = ["Plan", "plan", "nblocks_for", "fixup_for", "tile_geometry", "POLICIES", "FIXUPS"]
+
+_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
+
+
+@dataclass(frozen=True)
+class TileGeometry:
+    """Shape of one output tile and of the kernel that walks it."""
+
+    block_m: int          # rows of a tile (power of two, >= 16 for tl.dot)
+    heads_per_tile: int   # query heads of one KV head packed in a tile (llama.cpp: ncols2)
+    tokens_per_tile: int  # query tokens per tile (llama.cpp: ncols1)
+    block_n: int          # keys per KV block (llama.cpp: nbatch_fa)
+    block_dk: int         # padded K head size handled per dot (a chunk when dk_chunks > 1)
+    dk_chunks: int        # chunks of block_dk covering Dk (1 except for very large heads)
+    block_dv: int         # padded V head size
+    num_warps: int
+    num_stages: int
+
+
+def _pow2(x: int) -> int:
+    return 1 << (x - 1).bit_length()
+
+
+def tile_geometry(*, q_len: int, gqa_ratio: int, head_dim: int, head_dim_v: int,
+                  block_n: int | None = None, num_warps: int | None = None,
+                  num_stages: int | None = None) -> TileGeometry:
+    """Pack the query heads of a KV head into the rows of a tile, then fill rows with tokens."""
+    heads = min(gqa_ratio, 16)
+    rows = q_len * heads
+    block_m = 16 if rows <= 16 else 32 if rows <= 32 else 64 if rows <= 64 else 128
+    if head_dim <= 256:
+        block_dk, dk_chunks = max(16, _pow2(head_dim)), 1
+    else:
+        block_dk = 64
+        dk_chunks = -(-head_dim // block_dk)
+    block_dv = max(16, _pow2(head_dim_v))
+    prefill = block_m == 128
+    if block_n is None:
+        block_n = 32 if max(block_dk * dk_chunks, block_dv) > 256 else 64
+    if num_warps is None:
+        num_warps = 8 if prefill else 4
+    if num_stages is None:
+        num_stages = 2 if prefill else 3
+    tokens = max(1, min(q_len, block_m // heads))
+    return TileGeometry(block_m, heads, tokens, block_n, block_dk, dk_chunks,
+                        block_dv, num_warps, num_stages)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A frozen stream-K decomposition of one attention shape on one GPU size.
+
+    Tiles are ordered (sequence, KV head, head group, token block), the token block fastest;
+    work item w = (tile's offset) + KV block, the KV block fastest (DESIGN §2).
+    """
+
+    batch: int
+    q_len: int
+    kv_len: int
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+    head_dim_v: int
+    dtype: str
+    causal: bool
+    window: int | None
+    geometry: TileGeometry
+    ntiles_x: int           # token blocks per (sequence, KV head, head group)
+    ntiles_z: int           # head groups per KV head
+    ntiles_dst: int
+    ntiles_kv: int          # KV blocks of an unrestricted tile: ceil(Lk / BLOCK_N)
+    kv_first: tuple[int, ...]  # per token block: first visible KV block
+    kv_count: tuple[int, ...]  # per token block: visible KV blocks (>= 1)
+    work: int               # W: all work items
+    sms: int
+    blocks_per_sm: int
+    max_blocks: int
+    policy: str
+    nblocks: int
+    fixup: str
+    cost_model: CostModel = field(default_factory=CostModel, compare=False)
+
+    # -- derived sizes
+    @property
+    def gqa_ratio(self) -> int:
+        return self.q_heads // self.kv_heads
+
+    @property
+    def group_work(self) -> int:
+        """Work items of one (sequence, KV head, head group): all its token blocks."""
+        return sum(self.kv_count)
+
+    @property
+    def split(self) -> int:
+        """Pieces per tile of a uniform plan (1 otherwise)."""
+        return self.nblocks // self.ntiles_dst if self.fixup == "uniform" else 1
+
+    @property
+    def per_tile_ranges(self) -> bool:
+        """Uniform plans cut each tile into `split` pieces by its own length (DESIGN §3)."""
+        return self.fixup == "uniform"
+
+    @property
+    def workspace_floats(self) -> int:
+        """f32 partial states: two slots per program of BLOCK_M rows x (Dv + 2)."""
+        if self.fixup == "none":
+            return 0
+        return self.nblocks * 2 * self.geometry.block_m * (self.head_dim_v + 2)
+
+    @property
+    def workspace_bytes(self) -> int:
+        counters = self.ntiles_dst * 4 if self.fixup == "fused" else 0
+        return self.workspace_floats * 4 + counters
+
+    # -- the work list
+    @cached_property
+    def jt_offsets(self) -> tuple[int, ...]:
+        out = [0]
+        for c in self.kv_count:
+            out.append(out[-1] + c)
+        return tuple(out)
+
+    def tile_range(self, tile: int) -> tuple[int, int]:
+        """[first, stop) work items of `tile`."""
+        group, jt = divmod(tile, self.ntiles_x)
+        base = group * self.group_work
+        return base + self.jt_offsets[jt], base + self.jt_offsets[jt + 1]
+
+    def tile_of(self, item: int) -> int:
+        group, r = divmod(item, self.group_work)
+        jt = max(j for j in range(self.ntiles_x) if self.jt_offsets[j] <= r)
+        return group * self.ntiles_x + jt
+
+    def program_range(self, p: int) -> tuple[int, int]:
+        """[start, stop) of program p's work items."""
+        if self.per_tile_ranges:
+            tile, i = divmod(p, self.split)
+            first, stop = self.tile_range(tile)
+            n = stop - first
+            return first + i * n // self.split, first + (i + 1) * n // self.split
+        return p * self.work // self.nblocks, (p + 1) * self.work // self.nblocks
+
+    def ranges(self) -> list[tuple[int, int]]:
+        return [self.program_range(p) for p in range(self.nblocks)]
+
+    def pieces(self) -> dict[int, list[int]]:
+        """Split tiles -> the programs holding a piece of them, in program order."""
+        out: dict[int, list[int]] = {}
+        for p, (start, stop) in enumerate(self.ranges()):
+            if start == stop:
+                continue
+            for t in range(self.tile_of(start), self.tile_of(stop - 1) + 1):
+                first, end = self.tile_range(t)
+                if start > first or stop < end:
+                    out.setdefault(t, []).append(p)
+        return out
+
+    def describe(self) -> str:
+        g = self.geometry
+        pieces = self.pieces()
+        longest = max(b - a for a, b in self.ranges())
+        idle = sum(longest - (b - a) for a, b in self.ranges())
+        lines = [
+            f"attention: batch {self.batch}, q_len {self.q_len}, kv_len {self.kv_len}, heads "
+            f"{self.q_heads}/{self.kv_heads} (ratio {self.gqa_ratio}), head dim "
+            f"{self.head_dim}/{self.head_dim_v}, {self.dtype}, causal={self.causal}, window={self.window}",
+            f"tile: {g.block_m} rows = {g.tokens_per_tile} tokens x {g.heads_per_tile} heads; "
+            f"BLOCK_N {g.block_n}; warps {g.num_warps}, stages {g.num_stages}",
+            f"tiles: ntiles_dst {self.ntiles_dst} (token blocks {self.ntiles_x}, head groups "
+            f"{self.ntiles_z}), ntiles_kv {self.ntiles_kv}, work items W {self.work}",
+            f"grid: {self.sms} SMs x {self.blocks_per_sm} = max_blocks {self.max_blocks}; "
+            f"policy {self.policy} -> nblocks {self.nblocks}, fixup {self.fixup}",
+            f"programs: longest {longest} items, idle slots in the tail {idle}; split tiles "
+            f"{len(pieces)}, max pieces per tile {max((len(v) for v in pieces.values()), default=1)}",
+            f"workspace: {self.workspace_bytes} bytes",
+        ]
+        return "\n".join(lines)
+
+    def draw(self, path) -> None:
+        """Write a PNG: programs (rows) against the work list, tiles coloured, split tiles hatched."""
+        from skattn.plot import draw_plan
+
+        draw_plan(self, path)
+
+
+def _check_positive(**values) -> None:
+    for name, value in values.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _kv_blocks(jt, *, q_len, kv_len, tokens, block_n, causal, window):
+    """First visible KV block and count for token block jt (bottom-right causal, window)."""
+    q0 = jt * tokens
+    q1 = min(q_len, q0 + tokens)
+    hi = min(kv_len, kv_len - q_len + q1) if (causal or window) else kv_len
+    lo = max(0, kv_len - q_len + q0 - window + 1) if window else 0
+    if hi <= lo:  # no visible key: keep one (masked) block so the tile is still written
+        return 0, 1
+    first = lo // block_n
+    return first, -(-hi // block_n) - first
+
+
+def plan(*, batch: int, q_len: int, kv_len: int, q_heads: int, kv_heads: int, head_dim: int,
+         head_dim_v: int | None = None, dtype=torch.float16, causal: bool = False,
+         window: int | None = None, sms: int | None = None, blocks_per_sm: int | None = None,
+         policy: str = "auto", nblocks: int | None = None, fixup: str | None = None,
+         block_n: int | None = None, num_warps: int | None = None,
+         num_stages: int | None = None) -> Plan:
+    """Plan one attention shape: tiles, work list, programs and fixup kind.
+
+    Parameters
+    ----------
+    batch, q_len, kv_len, q_heads, kv_heads, head_dim : int
+        The shape of `attention(q [B, Lq, Hq, Dk], k [B, Lk, Hkv, Dk], v [B, Lk, Hkv, Dv])`.
+    head_dim_v : int, optional
+        Dv (defaults to head_dim).
+    dtype : torch.dtype
+        The dtype of K and V (f16 or bf16).
+    causal, window : bool, int or None
+        Bottom-right causal mask and sliding window; KV blocks they hide are left out of the
+        work list.
+    sms, blocks_per_sm : int, optional
+        Hardware: asked from the current GPU when None (needs one).
+    policy : {"auto", "llamacpp", "llamacpp-master", "seed-4x", "split"}
+    nblocks : int, optional
+        Force the number of programs (1 <= nblocks <= W).
+    fixup : {None, "none", "uniform", "general", "fused"}
+        None takes llama.cpp's rule for the chosen N; "fused" merges inside the main kernel.
+
+    Returns
+    -------
+    Plan
+    """
+    head_dim_v = head_dim if head_dim_v is None else head_dim_v
+    _check_positive(batch=batch, q_len=q_len, kv_len=kv_len, q_heads=q_heads, kv_heads=kv_heads,
+                    head_dim=head_dim, head_dim_v=head_dim_v)
+    if q_heads % kv_heads:
+        raise ValueError(f"q_heads ({q_heads}) must be a multiple of kv_heads ({kv_heads})")
+    if policy not in POLICIES:
+        raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+    if fixup is not None and fixup not in FIXUPS:
+        raise ValueError(f"fixup must be None or one of {FIXUPS}, got {fixup!r}")
+    if window is not None:
+        _check_positive(window=window)
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {list(_DTYPES)}, got {dtype}")
+    if sms is None or blocks_per_sm is None:
+        from skattn.device import hardware
+
+        hw_sms, hw_occ = hardware()
+        sms = hw_sms if sms is None else sms
+        blocks_per_sm = hw_occ if blocks_per_sm is None else blocks_per_sm
+    _check_positive(sms=sms, blocks_per_sm=blocks_per_sm)
+
+    ratio = q_heads // kv_heads
+    geo = tile_geometry(q_len=q_len, gqa_ratio=ratio, head_dim=head_dim, head_dim_v=head_dim_v,
+                        block_n=block_n, num_warps=num_warps, num_stages=num_stages)
+    ntiles_x = -(-q_len // geo.tokens_per_tile)
+    ntiles_z = -(-ratio // geo.heads_per_tile)
+    ntiles_dst = batch * kv_heads * ntiles_z * ntiles_x
+    ntiles_kv = -(-kv_len // geo.block_n)
+    blocks = [_kv_blocks(j, q_len=q_len, kv_len=kv_len, tokens=geo.tokens_per_tile,
+                         block_n=geo.block_n, causal=causal, window=window) for j in range(ntiles_x)]
+    kv_first = tuple(b[0] for b in blocks)
+    kv_count = tuple(b[1] for b in blocks)
+    work = batch * kv_heads * ntiles_z * sum(kv_count)
+    max_blocks = sms * blocks_per_sm
+    model = load_cost_model()
+    if nblocks is None:
+        nblocks = nblocks_for(policy, ntiles_dst=ntiles_dst, ntiles_kv=ntiles_kv,
+                              max_blocks=max_blocks, work=work, min_tile_work=min(kv_count),
+                              max_tile_work=max(kv_count), fixup=fixup, cost=model)
+    elif not isinstance(nblocks, int) or nblocks < 1 or nblocks > work:
+        raise ValueError(f"nblocks must be an integer in [1, W={work}], got {nblocks!r}")
+    kind = fixup_for(nblocks, ntiles_dst)
+    if fixup is not None and fixup != kind:
+        if fixup == "fused":
+            kind = "none" if kind == "none" else "fused"
+        elif fixup == "general" and kind == "uniform":
+            kind = "general"  # the general fixup also merges uniform cuts
+        else:
+            raise ValueError(f"fixup={fixup!r} does not apply to nblocks={nblocks} with "
+                             f"ntiles_dst={ntiles_dst} (llama.cpp's rule gives {kind!r})")
+    if kind == "uniform" and nblocks // ntiles_dst > min(kv_count):
+        raise ValueError(f"nblocks={nblocks} cuts tiles into {nblocks // ntiles_dst} pieces, more "
+                         f"than the shortest tile's {min(kv_count)} KV blocks")
+    return Plan(batch, q_len, kv_len, q_heads, kv_heads, head_dim, head_dim_v, _DTYPES[dtype],
+                bool(causal), window, geo, ntiles_x, ntiles_z, ntiles_dst, ntiles_kv, kv_first,
+                kv_count, work, sms, blocks_per_sm, max_blocks, policy, nblocks, kind, model)

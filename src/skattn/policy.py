@@ -1,0 +1,144 @@
+"""Program-count policies (DESIGN §4) and the fixup rule: pure functions of numbers."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+POLICIES = ("llamacpp-master", "seed-4x", "llamacpp", "split", "auto")
+FIXUPS = ("none", "uniform", "general", "fused")
+MAX_EFFICIENCY_LOSS_PERCENT = 5  # llama.cpp: max_efficiency_loss_percent
+
+
+def fixup_for(nblocks: int, ntiles_dst: int) -> str:
+    """llama.cpp's choice: none when N divides ntiles_dst, uniform for a multiple above it."""
+    if nblocks < 1 or ntiles_dst < 1:
+        raise ValueError(f"nblocks and ntiles_dst must be >= 1, got {nblocks}, {ntiles_dst}")
+    if ntiles_dst % nblocks == 0:
+        return "none"
+    if nblocks % ntiles_dst == 0:
+        return "uniform"
+    return "general"
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Parameters of the `auto` policy, in microseconds (see `skattn calibrate`).
+
+    us_per_item: one (tile, KV block) work item of a program while memory is not saturated.
+    saturation: the fraction of max_blocks at which memory bandwidth saturates; beyond it
+        every program slows down in proportion (time = longest * us_per_item * N / N_sat).
+    us_per_piece: merging one partial piece of a split tile.
+    us_launch: the extra launch of a separate fixup kernel (uniform, general).
+    """
+
+    us_per_item: float = 1.0
+    saturation: float = 0.5
+    us_per_piece: float = 0.1
+    us_launch: float = 2.5
+    source: str = "defaults"
+
+    def save(self, path: str | os.PathLike) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(asdict(self), indent=1) + "\n")
+
+
+def cost_model_path() -> Path:
+    env = os.environ.get("SKATTN_COST_MODEL")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "skattn" / "cost_model.json"
+
+
+def load_cost_model() -> CostModel:
+    """The calibrated model if `skattn calibrate` wrote one, else the documented defaults."""
+    path = cost_model_path()
+    if path.is_file():
+        data = json.loads(path.read_text())
+        data["source"] = str(path)
+        return CostModel(**data)
+    return CostModel()
+
+
+def split_count(ntiles_dst: int, ntiles_kv: int, max_blocks: int) -> int:
+    """KV splits per tile with the best wave efficiency (llama.cpp's parallel_blocks search)."""
+    best_pb, best_eff, best_waves = 1, 0, 0
+    for pb in range(1, ntiles_kv + 1):
+        nblk = ntiles_dst * pb
+        waves = -(-nblk // max_blocks)
+        eff = 100 * nblk // (waves * max_blocks)
+        if best_eff >= 95 and waves > best_waves:
+            break
+        if eff > best_eff:
+            best_pb, best_eff, best_waves = pb, eff, waves
+    return best_pb
+
+
+def _rounded(raw: int, ntiles_dst: int, max_split: int) -> int:
+    return min(raw // ntiles_dst, max_split) * ntiles_dst
+
+
+def predict_us(model: CostModel, *, nblocks: int, ntiles_dst: int, work: int,
+               max_tile_work: int, fixup: str, max_blocks: int) -> float:
+    """Cost of one plan: longest program + merging the most-split tile + extra launch."""
+    if fixup == "uniform":
+        split = nblocks // ntiles_dst
+        longest = -(-max_tile_work // split)
+        pieces = split
+    else:
+        longest = -(-work // nblocks)
+        pieces = 0 if fixup == "none" else min(nblocks, -(-max_tile_work * nblocks // work) + 1)
+    launch = model.us_launch if fixup in ("uniform", "general") else 0.0
+    slowdown = max(1.0, nblocks / max(1.0, model.saturation * max_blocks))
+    return longest * model.us_per_item * slowdown + pieces * model.us_per_piece + launch
+
+
+def nblocks_for(policy: str, *, ntiles_dst: int, ntiles_kv: int, max_blocks: int,
+                work: int | None = None, min_tile_work: int | None = None,
+                max_tile_work: int | None = None, fixup: str | None = None,
+                cost: CostModel | None = None) -> int:
+    """Number of programs N for `policy` (DESIGN §4), with llama.cpp's integer arithmetic.
+
+    `work` (W) defaults to ntiles_dst * ntiles_kv; where causal or window rules give tiles
+    fewer KV blocks, pass the real W and the shortest and longest tile's lengths: the
+    shortest caps the pieces per tile of a uniform split so that no piece is empty.
+    """
+    for name, value in (("ntiles_dst", ntiles_dst), ("ntiles_kv", ntiles_kv), ("max_blocks", max_blocks)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if policy not in POLICIES:
+        raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+    work = ntiles_dst * ntiles_kv if work is None else work
+    max_split = ntiles_kv if min_tile_work is None else min_tile_work
+    raw = min(max_blocks, work)
+    if policy == "llamacpp-master":
+        return raw
+    if policy == "seed-4x":
+        return (_rounded(raw, ntiles_dst, max_split) or raw) if raw > 4 * ntiles_dst else raw
+    if policy == "llamacpp":
+        rounded = _rounded(raw, ntiles_dst, max_split)
+        loss = 100 * (raw - rounded) // raw if rounded > 0 else 100
+        return rounded if loss <= MAX_EFFICIENCY_LOSS_PERCENT else raw
+    if policy == "split":
+        return ntiles_dst * min(split_count(ntiles_dst, max_split, max_blocks), max_split)
+    longest_tile = ntiles_kv if max_tile_work is None else max_tile_work
+    return _auto(ntiles_dst, work, max_split, longest_tile, raw, max_blocks, fixup,
+                 cost or load_cost_model())
+
+
+def _auto(ntiles_dst, work, max_split, longest_tile, raw, max_blocks, fixup, model) -> int:
+    """The candidate N with the lowest predicted time (ties go to the larger N)."""
+    candidates = {raw, min(work, ntiles_dst * min(max_split, split_count(ntiles_dst, max_split, max_blocks)))}
+    candidates |= {k * ntiles_dst for k in range(1, min(raw // ntiles_dst, max_split) + 1)}
+    candidates |= {d for d in range(1, min(raw, ntiles_dst) + 1) if ntiles_dst % d == 0}
+    candidates |= {n for n in range(max(1, raw - 8), raw + 1)}
+
+    def cost(n):
+        kind = fixup_for(n, ntiles_dst)
+        if fixup == "fused" and kind != "none":
+            kind = "fused"
+        return predict_us(model, nblocks=n, ntiles_dst=ntiles_dst, work=work,
+                          max_tile_work=longest_tile, fixup=kind, max_blocks=max_blocks)
+
+    return min(sorted(candidates), key=lambda n: (cost(n), -n))
