@@ -89,6 +89,7 @@ class Plan:
     policy: str
     nblocks: int
     fixup: str
+    fastdiv: bool = True    # fastdiv for the kernels' run-time divisions (False: plain //)
     cost_model: CostModel = field(default_factory=CostModel, compare=False)
 
     # -- derived sizes
@@ -200,6 +201,17 @@ def _check_positive(**values) -> None:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
+def _on_tile_edges(nblocks, work, kv_count) -> bool:
+    """Whether every program boundary floor(p*W/N) is a tile boundary (llama.cpp's tiles are
+    all ntiles_kv long, so there N | ntiles_dst suffices; ours need not be)."""
+    group_work = sum(kv_count)
+    edges, total = {0}, 0
+    for c in kv_count:
+        total += c
+        edges.add(total)
+    return all(p * work // nblocks % group_work in edges for p in range(nblocks))
+
+
 def _kv_blocks(jt, *, q_len, kv_len, tokens, block_n, causal, window):
     """First visible KV block and count for token block jt (bottom-right causal, window)."""
     q0 = jt * tokens
@@ -217,7 +229,7 @@ def plan(*, batch: int, q_len: int, kv_len: int, q_heads: int, kv_heads: int, he
          window: int | None = None, sms: int | None = None, blocks_per_sm: int | None = None,
          policy: str = "auto", nblocks: int | None = None, fixup: str | None = None,
          block_n: int | None = None, num_warps: int | None = None,
-         num_stages: int | None = None) -> Plan:
+         num_stages: int | None = None, fastdiv: bool = True) -> Plan:
     """Plan one attention shape: tiles, work list, programs and fixup kind.
 
     Parameters
@@ -238,6 +250,10 @@ def plan(*, batch: int, q_len: int, kv_len: int, q_heads: int, kv_heads: int, he
         Force the number of programs (1 <= nblocks <= W).
     fixup : {None, "none", "uniform", "general", "fused"}
         None takes llama.cpp's rule for the chosen N; "fused" merges inside the main kernel.
+    block_n, num_warps, num_stages : int, optional
+        Override the kernel configuration chosen by `tile_geometry`.
+    fastdiv : bool
+        Use fastdiv for the kernels' divisions by run-time values (False: plain division).
 
     Returns
     -------
@@ -285,6 +301,8 @@ def plan(*, batch: int, q_len: int, kv_len: int, q_heads: int, kv_heads: int, he
     elif not isinstance(nblocks, int) or nblocks < 1 or nblocks > work:
         raise ValueError(f"nblocks must be an integer in [1, W={work}], got {nblocks!r}")
     kind = fixup_for(nblocks, ntiles_dst)
+    if kind == "none" and not _on_tile_edges(nblocks, work, kv_count):
+        kind = "general"  # causal/window tiles differ in length: N | ntiles_dst still cuts some
     if fixup is not None and fixup != kind:
         if fixup == "fused":
             kind = "none" if kind == "none" else "fused"
@@ -298,4 +316,5 @@ def plan(*, batch: int, q_len: int, kv_len: int, q_heads: int, kv_heads: int, he
                          f"than the shortest tile's {min(kv_count)} KV blocks")
     return Plan(batch, q_len, kv_len, q_heads, kv_heads, head_dim, head_dim_v, _DTYPES[dtype],
                 bool(causal), window, geo, ntiles_x, ntiles_z, ntiles_dst, ntiles_kv, kv_first,
-                kv_count, work, sms, blocks_per_sm, max_blocks, policy, nblocks, kind, model)
+                kv_count, work, sms, blocks_per_sm, max_blocks, policy, nblocks, kind,
+                bool(fastdiv), model)

@@ -1,0 +1,202 @@
+"""The stream-K attention forward kernel: persistent programs over (tile, KV block) items."""
+import triton
+import triton.language as tl
+
+from skattn.kernels.tile import (LOG2E, _div, decode_group, finalize_store, load_partial, merge,
+                                 store_partial, tile_rows)
+
+
+@triton.jit
+def _load_q(Q, b, qi, head, valid, stride_qb, stride_qm, stride_qh, chunk,
+            HEAD_DIM: tl.constexpr, BLOCK_DK: tl.constexpr, DTYPE: tl.constexpr):
+    dk = chunk * BLOCK_DK + tl.arange(0, BLOCK_DK)
+    ptrs = Q + b * stride_qb + qi[:, None] * stride_qm + head[:, None] * stride_qh + dk[None, :]
+    q = tl.load(ptrs, mask=valid[:, None] & (dk[None, :] < HEAD_DIM), other=0.0)
+    return q.to(DTYPE)
+
+
+@triton.jit
+def _load_kt(K, kbase, offs_n, kv_len, stride_kn, chunk,
+             HEAD_DIM: tl.constexpr, BLOCK_DK: tl.constexpr):
+    dk = chunk * BLOCK_DK + tl.arange(0, BLOCK_DK)
+    ptrs = K + kbase + offs_n[None, :] * stride_kn + dk[:, None]
+    return tl.load(ptrs, mask=(offs_n[None, :] < kv_len) & (dk[:, None] < HEAD_DIM), other=0.0)
+
+
+@triton.jit
+def _dot(a, b, DOT_F32: tl.constexpr):
+    # DOT_F32: the interpreter's bf16 tl.dot is wrong in triton 3.6, so it multiplies in f32
+    if DOT_F32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    return tl.dot(a, b)
+
+
+@triton.jit
+def _tile_kv_loop(acc, m_i, l_i, q, Q, K, V, MASK, SLOPES, b, g, qi, head, valid, blk_lo, blk_hi,
+                  stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh,
+                  stride_vb, stride_vn, stride_vh, stride_mb, stride_mm,
+                  q_len, kv_len, qk_scale, softcap_scale, window,
+                  HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_DK: tl.constexpr, DK_CHUNKS: tl.constexpr, BLOCK_DV: tl.constexpr,
+                  CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_MASK: tl.constexpr,
+                  HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, DOT_F32: tl.constexpr):
+    """Online softmax over KV blocks [blk_lo, blk_hi) of one tile (scores in log2 units)."""
+    kbase = b * stride_kb + g * stride_kh
+    vbase = b * stride_vb + g * stride_vh
+    dv = tl.arange(0, BLOCK_DV)
+    qpos = kv_len - q_len + qi
+    if HAS_ALIBI:
+        slope = tl.load(SLOPES + head, mask=valid, other=0.0).to(tl.float32) * LOG2E
+    for blk in range(blk_lo, blk_hi):
+        offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+        # -- scores
+        if DK_CHUNKS == 1:
+            qk = _dot(q, _load_kt(K, kbase, offs_n, kv_len, stride_kn, 0, HEAD_DIM, BLOCK_DK), DOT_F32)
+        else:
+            qk = tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32)
+            for c in tl.static_range(DK_CHUNKS):
+                qc = _load_q(Q, b, qi, head, valid, stride_qb, stride_qm, stride_qh, c,
+                             HEAD_DIM, BLOCK_DK, K.dtype.element_ty)
+                kc = _load_kt(K, kbase, offs_n, kv_len, stride_kn, c, HEAD_DIM, BLOCK_DK)
+                qk += _dot(qc, kc, DOT_F32)
+        if SOFTCAP:
+            x = qk * softcap_scale
+            e = tl.exp2(x * (2.0 * LOG2E))
+            s = qk_scale * (1.0 - 2.0 / (e + 1.0))  # qk_scale = softcap * log2(e) here
+        else:
+            s = qk * qk_scale
+        # -- bias and masks
+        keep = offs_n[None, :] < kv_len
+        if CAUSAL:
+            keep = keep & (offs_n[None, :] <= qpos[:, None])
+        if HAS_WINDOW:
+            keep = keep & (offs_n[None, :] > qpos[:, None] - window)
+        if HAS_ALIBI:
+            s -= slope[:, None] * tl.abs(qpos[:, None] - offs_n[None, :]).to(tl.float32)
+        if HAS_MASK:
+            mptr = MASK + b * stride_mb + qi[:, None] * stride_mm + offs_n[None, :]
+            s += tl.load(mptr, mask=valid[:, None] & keep, other=0.0).to(tl.float32) * LOG2E
+        s = tl.where(keep, s, float("-inf"))
+        # -- online softmax
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        vt = tl.load(V + vbase + offs_n[:, None] * stride_vn + dv[None, :],
+                     mask=(offs_n[:, None] < kv_len) & (dv[None, :] < HEAD_DIM_V), other=0.0)
+        acc = acc * alpha[:, None] + _dot(p.to(vt.dtype), vt, DOT_F32)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def attention_kernel(
+    Q, stride_qb, stride_qm, stride_qh,  # q [B, Lq, Hq, Dk]
+    K, stride_kb, stride_kn, stride_kh,  # k [B, Lk, Hkv, Dk]
+    V, stride_vb, stride_vn, stride_vh,  # v [B, Lk, Hkv, Dv]
+    O, stride_ob, stride_om, stride_oh,  # out [B, Lq, Hq, Dv]
+    LSE, stride_lb, stride_lh,  # lse [B, Hq, Lq]
+    MASK, stride_mb, stride_mm,  # mask [B or 1, Lq, Lk]
+    SINKS, SLOPES,  # [Hq] f32
+    WS_O, WS_M, WS_L, COUNTERS,  # partials [N*2, BLOCK_M, (Dv)], per-tile counters
+    JT_OFF, KV_FIRST,  # per token block: offset in its group's work, first KV block
+    q_len, kv_len, ratio, kv_heads, ntiles_x, ntiles_z, group_work, work, nblocks, split,
+    qk_scale, softcap_scale, window,
+    fd_x_mp, fd_x_sh, fd_z_mp, fd_z_sh, fd_h_mp, fd_h_sh, fd_w_mp, fd_w_sh,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr,
+    DK_CHUNKS: tl.constexpr, BLOCK_DV: tl.constexpr,
+    HEADS_PER_TILE: tl.constexpr, TOKENS_PER_TILE: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_MASK: tl.constexpr,
+    HAS_SINKS: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr,
+    RETURN_LSE: tl.constexpr, FUSED: tl.constexpr, PER_TILE_RANGES: tl.constexpr,
+    USE_FASTDIV: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    p = tl.program_id(0)
+    # -- this program's [start, end) of the work list
+    if PER_TILE_RANGES:
+        tile0 = p // split
+        i = p - tile0 * split
+        group0 = _div(tile0, ntiles_x, fd_x_mp, fd_x_sh, USE_FASTDIV)
+        jt0 = tile0 - group0 * ntiles_x
+        first0 = group0 * group_work + tl.load(JT_OFF + jt0)
+        n0 = tl.load(JT_OFF + jt0 + 1) - tl.load(JT_OFF + jt0)
+        start = first0 + i * n0 // split
+        end = first0 + (i + 1) * n0 // split
+    else:
+        start = (p.to(tl.int64) * work // nblocks).to(tl.int32)
+        end = ((p.to(tl.int64) + 1) * work // nblocks).to(tl.int32)
+    item = start
+    while item < end:
+        # -- which tile holds `item`
+        group = _div(item, group_work, fd_w_mp, fd_w_sh, USE_FASTDIV)
+        r = item - group * group_work
+        jt = 0
+        j = 1
+        while j < ntiles_x:  # a while loop: the interpreter cannot range() over an argument
+            jt += (tl.load(JT_OFF + j) <= r).to(tl.int32)
+            j += 1
+        tile = group * ntiles_x + jt
+        b, g, z = decode_group(group, ntiles_z, kv_heads, fd_z_mp, fd_z_sh, fd_h_mp, fd_h_sh,
+                               USE_FASTDIV)
+        first = group * group_work + tl.load(JT_OFF + jt)
+        stop = group * group_work + tl.load(JT_OFF + jt + 1)
+        kv0 = tl.load(KV_FIRST + jt) - first
+        stop_here = tl.minimum(end, stop)
+        qi, head, valid = tile_rows(g, z, jt, q_len, ratio, HEADS_PER_TILE, TOKENS_PER_TILE, BLOCK_M)
+        q = _load_q(Q, b, qi, head, valid, stride_qb, stride_qm, stride_qh, 0,
+                    HEAD_DIM, BLOCK_DK, K.dtype.element_ty)
+        acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc, m_i, l_i = _tile_kv_loop(
+            acc, m_i, l_i, q, Q, K, V, MASK, SLOPES, b, g, qi, head, valid,
+            kv0 + item, kv0 + stop_here,
+            stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh,
+            stride_vb, stride_vn, stride_vh, stride_mb, stride_mm,
+            q_len, kv_len, qk_scale, softcap_scale, window,
+            HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_DK, DK_CHUNKS, BLOCK_DV,
+            CAUSAL, HAS_WINDOW, HAS_MASK, HAS_ALIBI, SOFTCAP, DOT_F32)
+        if (item == first) & (stop_here == stop):
+            # -- the whole tile is ours: normalise and write
+            finalize_store(acc, m_i, l_i, b, qi, head, valid, O, stride_ob, stride_om, stride_oh,
+                           LSE, stride_lb, stride_lh, SINKS, HEAD_DIM_V, BLOCK_DV,
+                           HAS_SINKS, RETURN_LSE)
+        else:
+            # -- a piece of a split tile: slot 0 for our first tile, 1 for our last
+            slot = p * 2 + (item != start).to(tl.int32)
+            store_partial(acc, m_i, l_i, slot, WS_O, WS_M, WS_L, HEAD_DIM_V, BLOCK_M, BLOCK_DV)
+            if FUSED:
+                _fused_fixup(tile, first, stop, work, nblocks, b, qi, head, valid,
+                             O, stride_ob, stride_om, stride_oh, LSE, stride_lb, stride_lh, SINKS,
+                             WS_O, WS_M, WS_L, COUNTERS, HEAD_DIM_V, BLOCK_M, BLOCK_DV,
+                             HAS_SINKS, RETURN_LSE)
+        item = stop_here
+
+
+@triton.jit
+def _fused_fixup(tile, first, stop, work, nblocks, b, qi, head, valid,
+                 O, stride_ob, stride_om, stride_oh, LSE, stride_lb, stride_lh, SINKS,
+                 WS_O, WS_M, WS_L, COUNTERS,
+                 HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+                 HAS_SINKS: tl.constexpr, RETURN_LSE: tl.constexpr):
+    """The last program to leave a piece of `tile` merges all pieces (no waiting)."""
+    w64 = work.to(tl.int64)
+    p_first = (((first.to(tl.int64) + 1) * nblocks - 1) // w64).to(tl.int32)
+    p_last = ((stop.to(tl.int64) * nblocks - 1) // w64).to(tl.int32)
+    tl.debug_barrier()  # every thread's partial is stored before the release below
+    arrived = tl.atomic_add(COUNTERS + tile, 1, sem="acq_rel")
+    if arrived == p_last - p_first:
+        tl.debug_barrier()
+        acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for q in range(p_first, p_last + 1):
+            q_start = (tl.cast(q, tl.int64) * work // nblocks).to(tl.int32)
+            slot = q * 2 + (q_start < first).to(tl.int32)
+            o_b, m_b, l_b = load_partial(slot, WS_O, WS_M, WS_L, HEAD_DIM_V, BLOCK_M, BLOCK_DV)
+            acc, m_i, l_i = merge(acc, m_i, l_i, o_b, m_b, l_b)
+        finalize_store(acc, m_i, l_i, b, qi, head, valid, O, stride_ob, stride_om, stride_oh,
+                       LSE, stride_lb, stride_lh, SINKS, HEAD_DIM_V, BLOCK_DV, HAS_SINKS, RETURN_LSE)
+        tl.atomic_xchg(COUNTERS + tile, 0)  # ready for the next launch of this plan

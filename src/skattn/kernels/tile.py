@@ -1,0 +1,102 @@
+"""Tile helpers shared by the main kernel and the fixups: decode, rows, merge, finalise."""
+import triton
+import triton.language as tl
+
+from skattn.kernels.fastdiv import fastdiv
+
+LOG2E: tl.constexpr = 1.4426950408889634
+LN2: tl.constexpr = 0.6931471805599453
+
+
+@triton.jit
+def _div(n, d, mp, shift, USE_FASTDIV: tl.constexpr):
+    if USE_FASTDIV:
+        q = fastdiv(n, mp, shift)
+    else:
+        q = n // d
+    return q
+
+
+@triton.jit
+def decode_group(group, ntiles_z, kv_heads, fd_z_mp, fd_z_sh, fd_h_mp, fd_h_sh,
+                 USE_FASTDIV: tl.constexpr):
+    """group = (b * kv_heads + g) * ntiles_z + z -> (b, g, z); tile = group * ntiles_x + jt."""
+    bg = _div(group, ntiles_z, fd_z_mp, fd_z_sh, USE_FASTDIV)
+    z = group - bg * ntiles_z
+    b = _div(bg, kv_heads, fd_h_mp, fd_h_sh, USE_FASTDIV)
+    g = bg - b * kv_heads
+    return b, g, z
+
+
+@triton.jit
+def tile_rows(g, z, jt, q_len, ratio, HEADS_PER_TILE: tl.constexpr,
+              TOKENS_PER_TILE: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Rows of a tile: token j = r // HEADS_PER_TILE, head c = r % HEADS_PER_TILE."""
+    r = tl.arange(0, BLOCK_M)
+    tok = r // HEADS_PER_TILE
+    hz = z * HEADS_PER_TILE + r % HEADS_PER_TILE
+    qi = jt * TOKENS_PER_TILE + tok
+    valid = (tok < TOKENS_PER_TILE) & (qi < q_len) & (hz < ratio)
+    head = g * ratio + hz
+    return qi, head, valid
+
+
+@triton.jit
+def merge(o_a, m_a, l_a, o_b, m_b, l_b):
+    """Merge two partial states (m in log2 units); -inf maxima contribute nothing."""
+    m = tl.maximum(m_a, m_b)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    s_a = tl.exp2(m_a - m_safe)
+    s_b = tl.exp2(m_b - m_safe)
+    return o_a * s_a[:, None] + o_b * s_b[:, None], m, l_a * s_a + l_b * s_b
+
+
+@triton.jit
+def finalize_store(acc, m_i, l_i, b, qi, head, valid,
+                   O, stride_ob, stride_om, stride_oh,
+                   LSE, stride_lb, stride_lh, SINKS,
+                   HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
+                   HAS_SINKS: tl.constexpr, RETURN_LSE: tl.constexpr):
+    """Add the sink, normalise, write out (and lse in natural log); empty rows give 0, -inf."""
+    if HAS_SINKS:
+        sink = tl.load(SINKS + head, mask=valid, other=float("-inf")).to(tl.float32) * LOG2E
+        m_f = tl.maximum(m_i, sink)
+        m_safe = tl.where(m_f == float("-inf"), 0.0, m_f)
+        alpha = tl.exp2(m_i - m_safe)
+        acc = acc * alpha[:, None]
+        l_i = l_i * alpha + tl.exp2(sink - m_safe)
+        m_i = m_f
+    has = l_i > 0.0
+    inv = tl.where(has, 1.0 / tl.where(has, l_i, 1.0), 0.0)
+    out = acc * inv[:, None]
+    dv = tl.arange(0, BLOCK_DV)
+    o_ptrs = O + b * stride_ob + qi[:, None] * stride_om + head[:, None] * stride_oh + dv[None, :]
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=valid[:, None] & (dv[None, :] < HEAD_DIM_V))
+    if RETURN_LSE:
+        lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * LN2, float("-inf"))
+        tl.store(LSE + b * stride_lb + head * stride_lh + qi, lse, mask=valid)
+
+
+@triton.jit
+def store_partial(acc, m_i, l_i, slot_index, WS_O, WS_M, WS_L,
+                  HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
+    r = tl.arange(0, BLOCK_M)
+    dv = tl.arange(0, BLOCK_DV)
+    base = slot_index * BLOCK_M + r
+    tl.store(WS_O + base[:, None] * HEAD_DIM_V + dv[None, :], acc, mask=dv[None, :] < HEAD_DIM_V)
+    tl.store(WS_M + base, m_i)
+    tl.store(WS_L + base, l_i)
+
+
+@triton.jit
+def load_partial(slot_index, WS_O, WS_M, WS_L,
+                 HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """Read a partial written by another program (bypassing L1, which is not coherent)."""
+    r = tl.arange(0, BLOCK_M)
+    dv = tl.arange(0, BLOCK_DV)
+    base = slot_index * BLOCK_M + r
+    o = tl.load(WS_O + base[:, None] * HEAD_DIM_V + dv[None, :], mask=dv[None, :] < HEAD_DIM_V,
+                other=0.0, cache_modifier=".cg")
+    m = tl.load(WS_M + base, cache_modifier=".cg")
+    l = tl.load(WS_L + base, cache_modifier=".cg")
+    return o, m, l

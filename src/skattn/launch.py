@@ -1,0 +1,114 @@
+"""Turn a Plan into kernel launches: per-plan device buffers, constants and grids."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from skattn.device import interpreting
+from skattn.fastdiv import magic
+from skattn.planner import Plan
+
+LOG2E = 1.4426950408889634
+
+
+@dataclass(frozen=True)
+class Buffers:
+    """Allocated once per (plan, device) and reused by every call with that plan."""
+
+    ws_o: torch.Tensor      # [nblocks * 2, BLOCK_M, Dv] f32 partial outputs
+    ws_m: torch.Tensor      # [nblocks * 2, BLOCK_M] f32 partial maxima (log2 units)
+    ws_l: torch.Tensor      # [nblocks * 2, BLOCK_M] f32 partial sums
+    counters: torch.Tensor  # [ntiles_dst] int32, fused fixup only; reset by the kernel
+    jt_off: torch.Tensor    # [ntiles_x + 1] int32: token block offsets in a group's work
+    kv_first: torch.Tensor  # [ntiles_x] int32: first visible KV block per token block
+
+
+_BUFFERS: dict[tuple[Plan, torch.device], Buffers] = {}
+
+
+def buffers(plan: Plan, device: torch.device) -> Buffers:
+    key = (plan, torch.device(device))
+    if key not in _BUFFERS:
+        rows = plan.nblocks * 2 if plan.fixup != "none" else 1
+        bm = plan.geometry.block_m
+        f32 = dict(device=device, dtype=torch.float32)
+        _BUFFERS[key] = Buffers(
+            ws_o=torch.empty(rows, bm, plan.head_dim_v, **f32),
+            ws_m=torch.empty(rows, bm, **f32),
+            ws_l=torch.empty(rows, bm, **f32),
+            counters=torch.zeros(max(1, plan.ntiles_dst) if plan.fixup == "fused" else 1,
+                                 device=device, dtype=torch.int32),
+            jt_off=torch.tensor(plan.jt_offsets, device=device, dtype=torch.int32),
+            kv_first=torch.tensor(plan.kv_first, device=device, dtype=torch.int32),
+        )
+    return _BUFFERS[key]
+
+
+def _fd(d: int) -> tuple[int, int]:
+    return magic(max(1, d))
+
+
+def run(plan: Plan, q, k, v, out, lse, *, scale: float, mask=None, sinks=None, softcap=0.0,
+        alibi_slopes=None) -> None:
+    """Launch the main kernel and, for uniform/general plans, the fixup kernel."""
+    from skattn.kernels.attention import attention_kernel
+    from skattn.kernels.fixup import general_fixup_kernel, uniform_fixup_kernel
+
+    g = plan.geometry
+    buf = buffers(plan, q.device)
+    placeholder = out
+    mask_t = mask if mask is not None else placeholder
+    smb, smm = (mask.stride(0) if mask.shape[0] > 1 else 0, mask.stride(1)) if mask is not None else (0, 0)
+    lse_t = lse if lse is not None else placeholder
+    slb, slh = (lse.stride(0), lse.stride(1)) if lse is not None else (0, 0)
+    if softcap:
+        qk_scale, softcap_scale = softcap * LOG2E, scale / softcap
+    else:
+        qk_scale, softcap_scale = scale * LOG2E, 1.0
+    ratio = plan.gqa_ratio
+    fd_x, fd_z, fd_h, fd_w = (_fd(plan.ntiles_x), _fd(plan.ntiles_z), _fd(plan.kv_heads),
+                              _fd(plan.group_work))
+    common = dict(
+        HEAD_DIM_V=plan.head_dim_v, BLOCK_M=g.block_m, BLOCK_DV=g.block_dv,
+        HEADS_PER_TILE=g.heads_per_tile, TOKENS_PER_TILE=g.tokens_per_tile,
+        HAS_SINKS=sinks is not None, RETURN_LSE=lse is not None, USE_FASTDIV=plan.fastdiv,
+    )
+    out_args = (out, out.stride(0), out.stride(1), out.stride(2), lse_t, slb, slh,
+                sinks if sinks is not None else placeholder)
+    attention_kernel[(plan.nblocks,)](
+        q, q.stride(0), q.stride(1), q.stride(2),
+        k, k.stride(0), k.stride(1), k.stride(2),
+        v, v.stride(0), v.stride(1), v.stride(2),
+        out, out.stride(0), out.stride(1), out.stride(2),
+        lse_t, slb, slh,
+        mask_t, smb, smm,
+        sinks if sinks is not None else placeholder,
+        alibi_slopes if alibi_slopes is not None else placeholder,
+        buf.ws_o, buf.ws_m, buf.ws_l, buf.counters, buf.jt_off, buf.kv_first,
+        plan.q_len, plan.kv_len, ratio, plan.kv_heads, plan.ntiles_x, plan.ntiles_z,
+        plan.group_work, plan.work, plan.nblocks, plan.split,
+        qk_scale, softcap_scale, plan.window or 0,
+        *fd_x, *fd_z, *fd_h, *fd_w,
+        HEAD_DIM=plan.head_dim, BLOCK_N=g.block_n, BLOCK_DK=g.block_dk, DK_CHUNKS=g.dk_chunks,
+        CAUSAL=plan.causal or plan.window is not None, HAS_WINDOW=plan.window is not None,
+        HAS_MASK=mask is not None, HAS_ALIBI=alibi_slopes is not None, SOFTCAP=bool(softcap),
+        FUSED=plan.fixup == "fused", PER_TILE_RANGES=plan.per_tile_ranges,
+        DOT_F32=interpreting() and k.dtype == torch.bfloat16,
+        num_warps=g.num_warps, num_stages=g.num_stages, **common,
+    )
+    if plan.fixup == "uniform":
+        uniform_fixup_kernel[(plan.ntiles_dst,)](
+            *out_args, buf.ws_o, buf.ws_m, buf.ws_l,
+            plan.q_len, ratio, plan.kv_heads, plan.ntiles_x, plan.ntiles_z, plan.split,
+            *fd_x, *fd_z, *fd_h, num_warps=4, **common)
+    elif plan.fixup == "general":
+        general_fixup_kernel[(plan.nblocks,)](
+            *out_args, buf.ws_o, buf.ws_m, buf.ws_l, buf.jt_off,
+            plan.q_len, ratio, plan.kv_heads, plan.ntiles_x, plan.ntiles_z, plan.group_work,
+            plan.work, plan.nblocks, *fd_z, *fd_h, *fd_w, num_warps=4, **common)
+
+
+def default_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)
