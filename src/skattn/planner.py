@@ -33,12 +33,16 @@ def _pow2(x: int) -> int:
 
 
 def tile_geometry(*, q_len: int, gqa_ratio: int, head_dim: int, head_dim_v: int,
-                  block_n: int | None = None, num_warps: int | None = None,
-                  num_stages: int | None = None) -> TileGeometry:
+                  block_m: int | None = None, block_n: int | None = None,
+                  num_warps: int | None = None, num_stages: int | None = None) -> TileGeometry:
     """Pack the query heads of a KV head into the rows of a tile, then fill rows with tokens."""
     heads = min(gqa_ratio, 16)
     rows = q_len * heads
-    block_m = 16 if rows <= 16 else 32 if rows <= 32 else 64 if rows <= 64 else 128
+    if block_m is None:
+        block_m = 16 if rows <= 16 else 32 if rows <= 32 else 64 if rows <= 64 else 128
+    elif block_m not in (16, 32, 64, 128, 256):
+        raise ValueError(f"block_m must be one of 16, 32, 64, 128, 256, got {block_m!r}")
+    heads = min(heads, block_m)
     if head_dim <= 256:
         block_dk, dk_chunks = max(16, _pow2(head_dim)), 1
     else:
@@ -228,7 +232,7 @@ def plan(*, batch: int, q_len: int, kv_len: int, q_heads: int, kv_heads: int, he
          head_dim_v: int | None = None, dtype=torch.float16, causal: bool = False,
          window: int | None = None, sms: int | None = None, blocks_per_sm: int | None = None,
          policy: str = "auto", nblocks: int | None = None, fixup: str | None = None,
-         block_n: int | None = None, num_warps: int | None = None,
+         block_m: int | None = None, block_n: int | None = None, num_warps: int | None = None,
          num_stages: int | None = None, fastdiv: bool = True) -> Plan:
     """Plan one attention shape: tiles, work list, programs and fixup kind.
 
@@ -250,7 +254,7 @@ def plan(*, batch: int, q_len: int, kv_len: int, q_heads: int, kv_heads: int, he
         Force the number of programs (1 <= nblocks <= W).
     fixup : {None, "none", "uniform", "general", "fused"}
         None takes llama.cpp's rule for the chosen N; "fused" merges inside the main kernel.
-    block_n, num_warps, num_stages : int, optional
+    block_m, block_n, num_warps, num_stages : int, optional
         Override the kernel configuration chosen by `tile_geometry`.
     fastdiv : bool
         Use fastdiv for the kernels' divisions by run-time values (False: plain division).
@@ -282,7 +286,8 @@ def plan(*, batch: int, q_len: int, kv_len: int, q_heads: int, kv_heads: int, he
 
     ratio = q_heads // kv_heads
     geo = tile_geometry(q_len=q_len, gqa_ratio=ratio, head_dim=head_dim, head_dim_v=head_dim_v,
-                        block_n=block_n, num_warps=num_warps, num_stages=num_stages)
+                        block_m=block_m, block_n=block_n, num_warps=num_warps,
+                        num_stages=num_stages)
     ntiles_x = -(-q_len // geo.tokens_per_tile)
     ntiles_z = -(-ratio // geo.heads_per_tile)
     ntiles_dst = batch * kv_heads * ntiles_z * ntiles_x
@@ -294,7 +299,8 @@ def plan(*, batch: int, q_len: int, kv_len: int, q_heads: int, kv_heads: int, he
     work = batch * kv_heads * ntiles_z * sum(kv_count)
     max_blocks = sms * blocks_per_sm
     model = load_cost_model()
-    if nblocks is None:
+    chosen = nblocks is None  # by the policy, not by the caller
+    if chosen:
         nblocks = nblocks_for(policy, ntiles_dst=ntiles_dst, ntiles_kv=ntiles_kv,
                               max_blocks=max_blocks, work=work, min_tile_work=min(kv_count),
                               max_tile_work=max(kv_count), fixup=fixup, cost=model)
@@ -311,6 +317,8 @@ def plan(*, batch: int, q_len: int, kv_len: int, q_heads: int, kv_heads: int, he
         else:
             raise ValueError(f"fixup={fixup!r} does not apply to nblocks={nblocks} with "
                              f"ntiles_dst={ntiles_dst} (llama.cpp's rule gives {kind!r})")
+    if kind == "uniform" and nblocks // ntiles_dst > min(kv_count) and chosen and fixup is None:
+        kind = "general"  # a policy's N = W or raw (causal, window): global ranges, no empty piece
     if kind == "uniform" and nblocks // ntiles_dst > min(kv_count):
         raise ValueError(f"nblocks={nblocks} cuts tiles into {nblocks // ntiles_dst} pieces, more "
                          f"than the shortest tile's {min(kv_count)} KV blocks")
