@@ -1,0 +1,131 @@
+"""Kernel tuning on a GPU: configs (BLOCK_N, warps, stages) and an exhaustive nblocks sweep.
+
+Writes CSVs to $OUT (or benchmarks/results): tune_configs.csv with each config's time and
+compiled resources, sweep_nblocks.csv with the time of every N for some cells and what each
+policy chose. Usage: python3 scripts/tune.py [configs] [sweep] [--quick]
+"""
+from __future__ import annotations
+
+import csv
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import triton.testing
+
+import skattn
+from skattn.models import MODELS
+
+OUT = Path(os.environ.get("OUT") or "benchmarks/results")
+DECODE_CONFIGS = [(64, 4, 2), (64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 8, 3), (32, 4, 4),
+                  (64, 8, 3), (64, 2, 3), (128, 4, 2)]
+PREFILL_CONFIGS = [(64, 8, 2), (64, 8, 3), (128, 8, 2), (128, 8, 3), (64, 4, 3), (128, 4, 2)]
+DECODE_CELLS = [("llama-8b", 1, 32768), ("llama-8b", 16, 32768), ("qwen3-14b", 4, 16384),
+                ("gpt-oss", 2, 16384)]
+PREFILL_CELLS = [("llama-8b", 512, 16384), ("qwen3-14b", 512, 8192)]
+
+
+def inputs(model, n, L, seed=0):
+    Hq, Hkv, D = MODELS[model][:3]
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randn(1, n, Hq, D, device="cuda", generator=g, dtype=torch.float16)
+    k = torch.randn(1, L, Hkv, D, device="cuda", generator=g, dtype=torch.float16)
+    v = torch.randn(1, L, Hkv, D, device="cuda", generator=g, dtype=torch.float16)
+    return q, k, v
+
+
+def bench(fn, rep=60):
+    p20, p50, p80 = triton.testing.do_bench(fn, warmup=10, rep=rep, quantiles=[0.2, 0.5, 0.8])
+    return p20 * 1e3, p50 * 1e3, p80 * 1e3
+
+
+def floor_us(q, k, v, bw=4.3e12):
+    nbytes = (k.numel() + v.numel() + 2 * q.numel()) * 2
+    return nbytes / bw * 1e6
+
+
+def configs():
+    rows = []
+    cells = [(c, DECODE_CONFIGS) for c in DECODE_CELLS] + [(c, PREFILL_CONFIGS) for c in PREFILL_CELLS]
+    for (model, n, L), cfgs in cells:
+        q, k, v = inputs(model, n, L)
+        Hq, Hkv, D = MODELS[model][:3]
+        for bn, warps, stages in cfgs:
+            p = skattn.plan(batch=1, q_len=n, kv_len=L, q_heads=Hq, kv_heads=Hkv, head_dim=D,
+                            causal=True, policy="llamacpp", block_n=bn, num_warps=warps,
+                            num_stages=stages)
+            t0 = time.time()
+            try:
+                out = skattn.attention(q, k, v, causal=True, plan=p)
+                torch.cuda.synchronize()
+                res = _resources()
+                t = bench(lambda: skattn.attention(q, k, v, causal=True, plan=p, out=out))
+                err = ""
+            except Exception as e:  # noqa: BLE001 (a config the compiler refuses is a result)
+                t, res, err = (float("nan"),) * 3, {}, repr(e)[:200]
+            rows.append(dict(model=model, n=n, depth=L, block_n=bn, num_warps=warps,
+                             num_stages=stages, block_m=p.geometry.block_m, nblocks=p.nblocks,
+                             fixup=p.fixup, p20_us=t[0], p50_us=t[1], p80_us=t[2],
+                             compile_s=round(time.time() - t0, 1), err=err, **res))
+            print(f"{model:18s} n={n:<4d} L={L:<6d} bn={bn:<3d} w={warps} s={stages} "
+                  f"{t[1]:8.1f} us  {res}  {err}", flush=True)
+    _write("tune_configs.csv", rows)
+
+
+def _resources():
+    """Registers, spills and shared memory of the most recently compiled main kernel."""
+    from skattn.kernels.attention import attention_kernel
+
+    dev = torch.cuda.current_device()
+    cache = attention_kernel.device_caches[dev][0]
+    kernel = list(cache.values())[-1]
+    return dict(n_regs=kernel.n_regs, n_spills=kernel.n_spills, shared=kernel.metadata.shared)
+
+
+def sweep(quick=False):
+    rows = []
+    cells = [("llama-8b", 1, 16384), ("qwen3moe-30b-a3b", 2, 8192), ("qwen3-14b", 4, 32768),
+             ("llama-70b", 16, 16384), ("gpt-oss", 1, 8192), ("llama-8b", 512, 8192)]
+    for model, n, L in cells[: 3 if quick else None]:
+        q, k, v = inputs(model, n, L)
+        Hq, Hkv, D = MODELS[model][:3]
+        kw = dict(batch=1, q_len=n, kv_len=L, q_heads=Hq, kv_heads=Hkv, head_dim=D, causal=True)
+        base = skattn.plan(policy="llamacpp-master", **kw)
+        chosen = {pol: skattn.plan(policy=pol, **kw).nblocks
+                  for pol in ("llamacpp-master", "llamacpp", "seed-4x", "split", "auto")}
+        top = min(base.work, 2 * base.max_blocks)
+        step = 1 if top <= 300 else 2
+        out = torch.empty(1, n, Hq, D, device="cuda", dtype=q.dtype)
+        for N in range(1, top + 1, step):
+            for fixup in (None, "fused"):
+                p = skattn.plan(nblocks=N, fixup=fixup, **kw)
+                if fixup == "fused" and p.fixup == "none":
+                    continue
+                t = bench(lambda: skattn.attention(q, k, v, causal=True, plan=p, out=out), rep=25)
+                rows.append(dict(model=model, n=n, depth=L, nblocks=N, fixup=p.fixup,
+                                 ntiles_dst=p.ntiles_dst, work=p.work, p20_us=t[0], p50_us=t[1],
+                                 p80_us=t[2], floor_us=floor_us(q, k, v),
+                                 **{f"chosen_{k}": c for k, c in chosen.items()}))
+        best = min(r["p50_us"] for r in rows if r["model"] == model and r["n"] == n)
+        print(f"sweep {model} n={n} L={L}: best {best:.1f} us; chosen {chosen}", flush=True)
+    _write("sweep_nblocks.csv", rows)
+
+
+def _write(name, rows):
+    OUT.mkdir(parents=True, exist_ok=True)
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    with open(OUT / name, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+
+
+if __name__ == "__main__":
+    what = [a for a in sys.argv[1:] if not a.startswith("--")] or ["configs", "sweep"]
+    print(torch.cuda.get_device_name(), torch.__version__, triton.__version__, flush=True)
+    if "configs" in what:
+        configs()
+    if "sweep" in what:
+        sweep(quick="--quick" in sys.argv)
