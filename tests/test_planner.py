@@ -1,0 +1,289 @@
+"""Planner: exact properties of plans over random shapes, and the policies' worked examples."""
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from skattn.planner import FIXUPS, POLICIES, fixup_for, nblocks_for, plan
+from skattn.policy import split_count
+
+H100 = dict(sms=132, blocks_per_sm=2)  # max_blocks = 264, llama.cpp's worked example
+
+
+@st.composite
+def shapes(draw, max_q=600, max_kv=5000, max_sms=140):
+    kv_heads = draw(st.integers(1, 8))
+    return dict(
+        batch=draw(st.integers(1, 3)),
+        q_len=draw(st.integers(1, max_q)),
+        kv_len=draw(st.integers(1, max_kv)),
+        kv_heads=kv_heads,
+        q_heads=kv_heads * draw(st.sampled_from([1, 2, 3, 4, 5, 8, 16])),
+        head_dim=draw(st.sampled_from([64, 128])),
+        causal=draw(st.booleans()),
+        window=draw(st.one_of(st.none(), st.integers(1, 3000))),
+        sms=draw(st.integers(1, max_sms)),
+        blocks_per_sm=draw(st.integers(1, 4)),
+        policy=draw(st.sampled_from(POLICIES)),
+        fixup=draw(st.sampled_from([None, "fused"])),
+    )
+
+
+def _check_plan(p, requested_fixup):
+    ranges = p.ranges()
+    assert 1 <= p.nblocks <= p.work and len(ranges) == p.nblocks
+    # -- every item of [0, W) exactly once: ranges contiguous and in program order
+    assert ranges[0][0] == 0 and ranges[-1][1] == p.work
+    assert all(a <= b for a, b in ranges)
+    assert all(ranges[i][1] == ranges[i + 1][0] for i in range(len(ranges) - 1))
+    # -- the fixup kind
+    kind = fixup_for(p.nblocks, p.ntiles_dst)
+    cuts = any(p.tile_range(p.tile_of(a))[0] != a or p.tile_range(p.tile_of(b - 1))[1] != b
+               for a, b in ranges if b > a)
+    if kind == "none" and cuts:
+        kind = "general"  # tiles of unequal length (causal, window): N | ntiles_dst cuts some
+    if kind == "uniform" and p.nblocks // p.ntiles_dst > min(p.kv_count):
+        kind = "general"  # a policy's N would leave empty uniform pieces
+    if requested_fixup == "fused":
+        assert p.fixup == ("none" if kind == "none" else "fused")
+    else:
+        assert p.fixup == kind
+    lengths = [b - a for a, b in ranges]
+    if p.fixup == "uniform":
+        split = p.nblocks // p.ntiles_dst
+        assert p.split == split > 1
+        for tile in range(p.ntiles_dst):
+            first, stop = p.tile_range(tile)
+            mine = ranges[tile * split:(tile + 1) * split]
+            assert mine[0][0] == first and mine[-1][1] == stop  # no program crosses a tile edge
+            assert all(b > a for a, b in mine)                  # every piece nonempty
+    else:
+        assert max(lengths) - min(lengths) <= 1                 # balanced within one item
+    # -- tiles partition the work list, and tile_of inverts tile_range
+    assert p.tile_range(0)[0] == 0 and p.tile_range(p.ntiles_dst - 1)[1] == p.work
+    step = max(1, p.ntiles_dst // 50)
+    for tile in list(range(0, p.ntiles_dst, step)) + [p.ntiles_dst - 1]:
+        first, stop = p.tile_range(tile)
+        assert stop - first == p.kv_count[tile % p.ntiles_x] >= 1
+        assert p.tile_of(first) == tile == p.tile_of(stop - 1)
+        if tile + 1 < p.ntiles_dst:
+            assert p.tile_range(tile + 1)[0] == stop
+    assert p.workspace_floats <= p.nblocks * 2 * p.geometry.block_m * (p.head_dim_v + 2)
+    if p.fixup == "none":
+        assert p.workspace_floats == 0 and not p.pieces()
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(shapes())
+def test_policy_plans(shape):
+    _check_plan(plan(**shape), shape["fixup"])
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(shapes(max_q=300, max_kv=600, max_sms=8))
+def test_small_policy_plans(shape):
+    # few SMs and short tiles: W <= max_blocks and causal tiles of unequal length are common
+    _check_plan(plan(**shape), shape["fixup"])
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(shapes(), st.data())
+def test_explicit_nblocks_plans(shape, data):
+    work = plan(**shape).work
+    shape["nblocks"] = n = data.draw(st.integers(1, work), label="nblocks")
+    pieces = n // plan(**dict(shape, nblocks=1)).ntiles_dst
+    probe = plan(**dict(shape, nblocks=1))
+    if (shape["fixup"] is None and fixup_for(n, probe.ntiles_dst) == "uniform"
+            and pieces > min(probe.kv_count)):
+        # a uniform cut into more pieces than the shortest tile has KV blocks leaves one empty
+        with pytest.raises(ValueError, match="nblocks"):
+            plan(**shape)
+        return
+    _check_plan(plan(**shape), shape["fixup"])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 2000), st.integers(1, 300), st.integers(1, 600), st.sampled_from(POLICIES))
+def test_policies_stay_in_range(ntiles_dst, ntiles_kv, max_blocks, policy):
+    n = nblocks_for(policy, ntiles_dst=ntiles_dst, ntiles_kv=ntiles_kv, max_blocks=max_blocks)
+    assert 1 <= n <= ntiles_dst * ntiles_kv
+    if policy not in ("split", "auto"):  # split (an auto candidate) may run several waves
+        assert n <= max_blocks
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 300), st.integers(1, 300), st.integers(1, 64), st.integers(1, 64),
+       st.booleans(), st.one_of(st.none(), st.integers(1, 400)))
+def test_visible_kv_blocks_match_the_mask(q_len, kv_len, tokens, block_n, causal, window):
+    # brute force over the mask: bottom-right causal, window implies causal
+    from skattn.planner import _kv_blocks
+
+    for jt in range(-(-q_len // tokens)):
+        first, count = _kv_blocks(jt, q_len=q_len, kv_len=kv_len, tokens=tokens,
+                                  block_n=block_n, causal=causal, window=window)
+        rows = range(jt * tokens, min(q_len, (jt + 1) * tokens))
+        seen = {j // block_n for i in rows for j in range(kv_len)
+                if (not (causal or window) or j <= kv_len - q_len + i)
+                and (window is None or j > kv_len - q_len + i - window)}
+        if seen:
+            assert (first, count) == (min(seen), max(seen) - min(seen) + 1)
+        else:
+            assert (first, count) == (0, 1)  # one masked block keeps the tile in the work list
+
+
+# -- worked examples: llama.cpp's table for max_blocks = 264 (LLAMACPP_NOTES §3)
+@pytest.mark.parametrize("ntiles_dst, ntiles_kv, nblocks, fixup", [
+    (128, 64, 256, "uniform"),   # rounded 256 loses 3%
+    (100, 64, 264, "general"),   # rounded 200 would lose 24%
+    (264, 64, 264, "none"),
+    (300, 1, 264, "general"),    # raw = min(264, 300); rounds to 0, keeps raw
+    (528, 64, 264, "none"),      # two whole tiles per program
+    (4, 8, 32, "uniform"),       # raw = W = 32: eight pieces of one KV block each
+])
+def test_llamacpp_worked_table(ntiles_dst, ntiles_kv, nblocks, fixup):
+    n = nblocks_for("llamacpp", ntiles_dst=ntiles_dst, ntiles_kv=ntiles_kv, max_blocks=264)
+    assert n == nblocks and fixup_for(n, ntiles_dst) == fixup
+
+
+def test_llamacpp_five_percent_is_integer_percent():
+    kw = dict(ntiles_kv=64)
+    assert nblocks_for("llamacpp", ntiles_dst=95, max_blocks=200, **kw) == 190    # exactly 5%
+    assert nblocks_for("llamacpp", ntiles_dst=941, max_blocks=1000, **kw) == 941  # 5.9% -> 5
+    assert nblocks_for("llamacpp", ntiles_dst=470, max_blocks=1000, **kw) == 1000  # 6%
+    assert nblocks_for("llamacpp", ntiles_dst=47, max_blocks=100, **kw) == 100    # 6%
+
+
+def test_seed_4x_threshold():
+    # min_tile_work=3 caps the round-down at 3 pieces, so rounding is visible at raw == 4T
+    kw = dict(ntiles_dst=10, ntiles_kv=8, min_tile_work=3)
+    assert nblocks_for("seed-4x", max_blocks=40, **kw) == 40   # raw == 4T: kept
+    assert nblocks_for("seed-4x", max_blocks=41, **kw) == 30   # raw > 4T: rounded (capped)
+    assert nblocks_for("seed-4x", ntiles_dst=10, ntiles_kv=8, max_blocks=47) == 40
+    # where the policies differ: T=60, raw=264 > 240 rounds; llamacpp's loss 9% does not
+    assert nblocks_for("seed-4x", ntiles_dst=60, ntiles_kv=64, max_blocks=264) == 240
+    assert nblocks_for("llamacpp", ntiles_dst=60, ntiles_kv=64, max_blocks=264) == 264
+    assert nblocks_for("llamacpp-master", ntiles_dst=128, ntiles_kv=64, max_blocks=264) == 264
+
+
+def test_split_wave_efficiency():
+    # T=8: pb=33 fills one wave exactly (100%); pb=34 needs a second wave, search stops
+    assert split_count(8, 64, 264) == 33
+    assert nblocks_for("split", ntiles_dst=8, ntiles_kv=64, max_blocks=264) == 264
+    # T=100: pb=2 75% (1 wave), pb=5 94% (2 waves), pb=13 98% (5 waves); pb=14 opens a 6th
+    assert split_count(100, 64, 264) == 13
+    assert nblocks_for("split", ntiles_dst=100, ntiles_kv=64, max_blocks=264) == 1300
+    # only 10 KV blocks: pb=10 ties 94% with pb=5, and ties keep the first
+    assert split_count(100, 10, 264) == 5
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(1, 600), st.integers(1, 200), st.integers(1, 600), st.integers(1, 200),
+       st.sampled_from([None, "fused"]))
+def test_auto_in_range(ntiles_dst, ntiles_kv, max_blocks, min_work, fixup):
+    min_work = min(min_work, ntiles_kv)
+    work = ntiles_dst * ntiles_kv
+    n = nblocks_for("auto", ntiles_dst=ntiles_dst, ntiles_kv=ntiles_kv, max_blocks=max_blocks,
+                    work=work, min_tile_work=min_work, max_tile_work=ntiles_kv, fixup=fixup)
+    assert 1 <= n <= work
+
+
+# -- bad arguments name the argument
+SHAPE = dict(batch=1, q_len=4, kv_len=1000, q_heads=32, kv_heads=8, head_dim=128, **H100)
+
+
+@pytest.mark.parametrize("change, name", [
+    (dict(q_heads=30), "q_heads"),
+    (dict(batch=0), "batch"),
+    (dict(q_len=-1), "q_len"),
+    (dict(kv_len=0), "kv_len"),
+    (dict(head_dim=0), "head_dim"),
+    (dict(kv_heads=0), "kv_heads"),
+    (dict(sms=0), "sms"),
+    (dict(window=0), "window"),
+    (dict(policy="fastest"), "policy"),
+    (dict(nblocks=0), "nblocks"),
+    (dict(nblocks=10**6), "nblocks"),
+    (dict(fixup="lazy"), "fixup"),
+    (dict(nblocks=8, fixup="uniform"), "fixup"),  # N divides ntiles_dst: llama.cpp says none
+])
+def test_bad_arguments(change, name):
+    with pytest.raises(ValueError, match=name):
+        plan(**dict(SHAPE, **change))
+
+
+def test_bad_policy_arguments():
+    with pytest.raises(ValueError, match="policy"):
+        nblocks_for("fastest", ntiles_dst=4, ntiles_kv=4, max_blocks=8)
+    with pytest.raises(ValueError, match="max_blocks"):
+        nblocks_for("llamacpp", ntiles_dst=4, ntiles_kv=4, max_blocks=0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_plan_without_gpu_asks_for_sms(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    shape = {k: v for k, v in SHAPE.items() if k not in H100}
+    with pytest.raises(RuntimeError, match="sms="):
+        plan(**shape)
+
+
+def test_fixup_names():
+    assert set(FIXUPS) == {"none", "uniform", "general", "fused"}
+
+
+# -- causal and window rules shrink the work list
+def test_causal_drops_hidden_kv_blocks():
+    p = plan(batch=1, q_len=512, kv_len=8192, q_heads=32, kv_heads=8, head_dim=128, causal=True,
+             **H100)
+    assert p.work < p.ntiles_dst * p.ntiles_kv
+    assert p.kv_count[0] < p.kv_count[-1] == p.ntiles_kv  # the last token block sees everything
+
+
+def test_window_drops_most_kv_blocks():
+    p = plan(batch=1, q_len=16, kv_len=8192, q_heads=64, kv_heads=8, head_dim=64, window=128,
+             **H100)
+    assert p.work * 10 < p.ntiles_dst * p.ntiles_kv
+    assert all(c <= 3 for c in p.kv_count)
+    _check_plan(p, None)
+
+
+def test_none_becomes_general_when_unequal_tiles_are_cut():
+    # N | ntiles_dst, but causal tiles of 1, 1, 2, 2 KV blocks: W=6 over 4 programs cuts tile 2
+    shape = dict(batch=1, q_len=97, kv_len=66, q_heads=4, kv_heads=1, head_dim=64, causal=True,
+                 sms=1, blocks_per_sm=1, policy="split")
+    p = plan(**shape)
+    assert (p.nblocks, p.ntiles_dst, p.kv_count) == (4, 4, (1, 1, 2, 2))
+    assert p.fixup == "general" and p.pieces() == {2: [1, 2]}
+    with pytest.raises(ValueError, match="fixup"):
+        plan(**dict(shape, fixup="none"))
+    assert plan(**dict(shape, fixup="fused")).fixup == "fused"
+
+
+@pytest.mark.parametrize("policy", ["llamacpp-master", "llamacpp", "auto"])
+def test_policy_n_beyond_the_shortest_tile_is_general(policy):
+    # causal prefill of one head: tiles of 2..16 KV blocks, W = 72 = 9 x ntiles_dst < 264;
+    # a uniform cut into 9 pieces would leave the 2-block tiles with empty pieces
+    shape = dict(batch=1, q_len=1024, kv_len=1024, q_heads=1, kv_heads=1, head_dim=64,
+                 causal=True, policy=policy, **H100)
+    p = plan(**shape)
+    assert p.fixup in ("general", "none") and p.ntiles_dst == 8
+    _check_plan(p, None)
+    with pytest.raises(ValueError, match="nblocks"):  # the caller's own N still fails loudly
+        plan(**dict(shape, nblocks=72))
+
+
+def test_queries_without_keys_keep_their_tile():
+    # q_len > kv_len with bottom-right causal: the first queries see no key at all
+    p = plan(batch=2, q_len=600, kv_len=100, q_heads=8, kv_heads=8, head_dim=64, causal=True,
+             policy="llamacpp", **H100)
+    assert p.ntiles_dst == 2 * 8 * p.ntiles_x and 1 in p.kv_count
+    _check_plan(p, None)
+
+
+# -- output
+def test_describe_and_draw(tmp_path):
+    p = plan(**SHAPE)
+    text = p.describe()
+    assert f"nblocks {p.nblocks}" in text and f"fixup {p.fixup}" in text
+    path = tmp_path / "plan.png"
+    p.draw(path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
