@@ -34,6 +34,9 @@ def variants(B, n, L, Hq, Hkv, D, dtype):
         out.setdefault(p.fixup, p)
     p = skattn.plan(policy="llamacpp-master", fixup="fused", **kw)
     out.setdefault(p.fixup, p)
+    if p.nblocks > 1 and p.nblocks - 1 > p.ntiles_dst:  # one program fewer: general
+        p = skattn.plan(policy="llamacpp-master", nblocks=p.nblocks - 1, **kw)
+        out.setdefault(p.fixup, p)
     p = skattn.plan(policy="llamacpp-master", nblocks=max(1, min(p.work, p.ntiles_dst)), **kw)
     out.setdefault(p.fixup, p)
     return out

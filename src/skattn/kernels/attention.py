@@ -2,92 +2,9 @@
 import triton
 import triton.language as tl
 
-from skattn.kernels.tile import (LOG2E, _div, decode_group, finalize_store, load_partial, merge,
+from skattn.kernels.kv_loop import load_q, tile_kv_loop
+from skattn.kernels.tile import (_div, decode_group, finalize_store, load_partial, merge,
                                  store_partial, tile_rows)
-
-
-@triton.jit
-def _load_q(Q, b, qi, head, valid, stride_qb, stride_qm, stride_qh, chunk,
-            HEAD_DIM: tl.constexpr, BLOCK_DK: tl.constexpr, DTYPE: tl.constexpr):
-    dk = chunk * BLOCK_DK + tl.arange(0, BLOCK_DK)
-    ptrs = Q + b * stride_qb + qi[:, None] * stride_qm + head[:, None] * stride_qh + dk[None, :]
-    q = tl.load(ptrs, mask=valid[:, None] & (dk[None, :] < HEAD_DIM), other=0.0)
-    return q.to(DTYPE)
-
-
-@triton.jit
-def _load_kt(K, kbase, offs_n, kv_len, stride_kn, chunk,
-             HEAD_DIM: tl.constexpr, BLOCK_DK: tl.constexpr):
-    dk = chunk * BLOCK_DK + tl.arange(0, BLOCK_DK)
-    ptrs = K + kbase + offs_n[None, :] * stride_kn + dk[:, None]
-    return tl.load(ptrs, mask=(offs_n[None, :] < kv_len) & (dk[:, None] < HEAD_DIM), other=0.0)
-
-
-@triton.jit
-def _dot(a, b, DOT_F32: tl.constexpr):
-    # DOT_F32: the interpreter's bf16 tl.dot is wrong in triton 3.6, so it multiplies in f32
-    if DOT_F32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32))
-    return tl.dot(a, b)
-
-
-@triton.jit
-def _tile_kv_loop(acc, m_i, l_i, q, Q, K, V, MASK, SLOPES, b, g, qi, head, valid, blk_lo, blk_hi,
-                  stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh,
-                  stride_vb, stride_vn, stride_vh, stride_mb, stride_mm,
-                  q_len, kv_len, qk_scale, softcap_scale, window,
-                  HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_DK: tl.constexpr, DK_CHUNKS: tl.constexpr, BLOCK_DV: tl.constexpr,
-                  CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_MASK: tl.constexpr,
-                  HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, DOT_F32: tl.constexpr):
-    """Online softmax over KV blocks [blk_lo, blk_hi) of one tile (scores in log2 units)."""
-    kbase = b * stride_kb + g * stride_kh
-    vbase = b * stride_vb + g * stride_vh
-    dv = tl.arange(0, BLOCK_DV)
-    qpos = kv_len - q_len + qi
-    if HAS_ALIBI:
-        slope = tl.load(SLOPES + head, mask=valid, other=0.0).to(tl.float32) * LOG2E
-    for blk in range(blk_lo, blk_hi):
-        offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
-        # -- scores
-        if DK_CHUNKS == 1:
-            qk = _dot(q, _load_kt(K, kbase, offs_n, kv_len, stride_kn, 0, HEAD_DIM, BLOCK_DK), DOT_F32)
-        else:
-            qk = tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32)
-            for c in tl.static_range(DK_CHUNKS):
-                qc = _load_q(Q, b, qi, head, valid, stride_qb, stride_qm, stride_qh, c,
-                             HEAD_DIM, BLOCK_DK, K.dtype.element_ty)
-                kc = _load_kt(K, kbase, offs_n, kv_len, stride_kn, c, HEAD_DIM, BLOCK_DK)
-                qk += _dot(qc, kc, DOT_F32)
-        if SOFTCAP:
-            x = qk * softcap_scale
-            e = tl.exp2(x * (2.0 * LOG2E))
-            s = qk_scale * (1.0 - 2.0 / (e + 1.0))  # qk_scale = softcap * log2(e) here
-        else:
-            s = qk * qk_scale
-        # -- bias and masks
-        keep = offs_n[None, :] < kv_len
-        if CAUSAL:
-            keep = keep & (offs_n[None, :] <= qpos[:, None])
-        if HAS_WINDOW:
-            keep = keep & (offs_n[None, :] > qpos[:, None] - window)
-        if HAS_ALIBI:
-            s -= slope[:, None] * tl.abs(qpos[:, None] - offs_n[None, :]).to(tl.float32)
-        if HAS_MASK:
-            mptr = MASK + b * stride_mb + qi[:, None] * stride_mm + offs_n[None, :]
-            s += tl.load(mptr, mask=valid[:, None] & keep, other=0.0).to(tl.float32) * LOG2E
-        s = tl.where(keep, s, float("-inf"))
-        # -- online softmax
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_use[:, None])
-        alpha = tl.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        vt = tl.load(V + vbase + offs_n[:, None] * stride_vn + dv[None, :],
-                     mask=(offs_n[:, None] < kv_len) & (dv[None, :] < HEAD_DIM_V), other=0.0)
-        acc = acc * alpha[:, None] + _dot(p.to(vt.dtype), vt, DOT_F32)
-        m_i = m_new
-    return acc, m_i, l_i
 
 
 @triton.jit
@@ -145,17 +62,17 @@ def attention_kernel(
         kv0 = tl.load(KV_FIRST + jt) - first
         stop_here = tl.minimum(end, stop)
         qi, head, valid = tile_rows(g, z, jt, q_len, ratio, HEADS_PER_TILE, TOKENS_PER_TILE, BLOCK_M)
-        q = _load_q(Q, b, qi, head, valid, stride_qb, stride_qm, stride_qh, 0,
+        q = load_q(Q, b, qi, head, valid, stride_qb, stride_qm, stride_qh, 0,
                     HEAD_DIM, BLOCK_DK, K.dtype.element_ty)
         acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        acc, m_i, l_i = _tile_kv_loop(
+        acc, m_i, l_i = tile_kv_loop(
             acc, m_i, l_i, q, Q, K, V, MASK, SLOPES, b, g, qi, head, valid,
             kv0 + item, kv0 + stop_here,
             stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh,
             stride_vb, stride_vn, stride_vh, stride_mb, stride_mm,
-            q_len, kv_len, qk_scale, softcap_scale, window,
+            q_len, kv_len, qk_scale, softcap_scale, window, jt * TOKENS_PER_TILE,
             HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_DK, DK_CHUNKS, BLOCK_DV,
             CAUSAL, HAS_WINDOW, HAS_MASK, HAS_ALIBI, SOFTCAP, DOT_F32)
         if (item == first) & (stop_here == stop):

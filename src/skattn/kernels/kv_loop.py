@@ -1,0 +1,144 @@
+"""The KV loop of one tile: scores, masks and the online softmax over a range of KV blocks."""
+import triton
+import triton.language as tl
+
+from skattn.kernels.tile import LOG2E
+
+
+@triton.jit
+def load_q(Q, b, qi, head, valid, stride_qb, stride_qm, stride_qh, chunk,
+           HEAD_DIM: tl.constexpr, BLOCK_DK: tl.constexpr, DTYPE: tl.constexpr):
+    dk = chunk * BLOCK_DK + tl.arange(0, BLOCK_DK)
+    ptrs = Q + b * stride_qb + qi[:, None] * stride_qm + head[:, None] * stride_qh + dk[None, :]
+    q = tl.load(ptrs, mask=valid[:, None] & (dk[None, :] < HEAD_DIM), other=0.0)
+    return q.to(DTYPE)
+
+
+@triton.jit
+def _load_kt(K, kbase, offs_n, kv_len, stride_kn, chunk,
+             HEAD_DIM: tl.constexpr, BLOCK_DK: tl.constexpr, MASKED: tl.constexpr):
+    dk = chunk * BLOCK_DK + tl.arange(0, BLOCK_DK)
+    ptrs = K + kbase + offs_n[None, :] * stride_kn + dk[:, None]
+    if MASKED:
+        kt = tl.load(ptrs, mask=(offs_n[None, :] < kv_len) & (dk[:, None] < HEAD_DIM), other=0.0)
+    elif HEAD_DIM % BLOCK_DK == 0:
+        kt = tl.load(ptrs)
+    else:
+        kt = tl.load(ptrs, mask=dk[:, None] < HEAD_DIM, other=0.0)
+    return kt
+
+
+@triton.jit
+def _load_v(V, vbase, offs_n, kv_len, stride_vn,
+            HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, MASKED: tl.constexpr):
+    dv = tl.arange(0, BLOCK_DV)
+    ptrs = V + vbase + offs_n[:, None] * stride_vn + dv[None, :]
+    if MASKED:
+        vt = tl.load(ptrs, mask=(offs_n[:, None] < kv_len) & (dv[None, :] < HEAD_DIM_V), other=0.0)
+    elif HEAD_DIM_V == BLOCK_DV:
+        vt = tl.load(ptrs)
+    else:
+        vt = tl.load(ptrs, mask=dv[None, :] < HEAD_DIM_V, other=0.0)
+    return vt
+
+
+@triton.jit
+def _dot(a, b, DOT_F32: tl.constexpr):
+    # DOT_F32: the interpreter's bf16 tl.dot is wrong in triton 3.6, so it multiplies in f32
+    if DOT_F32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    return tl.dot(a, b)
+
+
+@triton.jit
+def _kv_step(acc, m_i, l_i, q, Q, K, V, MASK, slope, b, qi, head, valid, qpos, kbase, vbase, blk,
+             stride_qb, stride_qm, stride_qh, stride_kn, stride_vn, stride_mb, stride_mm,
+             kv_len, qk_scale, softcap_scale, window,
+             HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr,
+             BLOCK_DK: tl.constexpr, DK_CHUNKS: tl.constexpr, BLOCK_DV: tl.constexpr,
+             CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_MASK: tl.constexpr,
+             HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, DOT_F32: tl.constexpr,
+             MASKED: tl.constexpr):
+    """One KV block. MASKED=False: the block is inside Lk and visible to every row."""
+    offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+    # -- scores
+    if DK_CHUNKS == 1:
+        kt = _load_kt(K, kbase, offs_n, kv_len, stride_kn, 0, HEAD_DIM, BLOCK_DK, MASKED)
+        qk = _dot(q, kt, DOT_F32)
+    else:
+        qk = tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32)
+        for c in tl.static_range(DK_CHUNKS):
+            qc = load_q(Q, b, qi, head, valid, stride_qb, stride_qm, stride_qh, c,
+                        HEAD_DIM, BLOCK_DK, K.dtype.element_ty)
+            kc = _load_kt(K, kbase, offs_n, kv_len, stride_kn, c, HEAD_DIM, BLOCK_DK, True)
+            qk += _dot(qc, kc, DOT_F32)
+    if SOFTCAP:
+        e = tl.exp2(qk * softcap_scale * (2.0 * LOG2E))
+        s = qk_scale * (1.0 - 2.0 / (e + 1.0))  # qk_scale = softcap * log2(e) here
+    else:
+        s = qk * qk_scale
+    # -- bias and masks
+    if HAS_ALIBI:
+        s -= slope[:, None] * tl.abs(qpos[:, None] - offs_n[None, :]).to(tl.float32)
+    if MASKED:
+        keep = offs_n[None, :] < kv_len
+        if CAUSAL:
+            keep = keep & (offs_n[None, :] <= qpos[:, None])
+        if HAS_WINDOW:
+            keep = keep & (offs_n[None, :] > qpos[:, None] - window)
+        if HAS_MASK:
+            mptr = MASK + b * stride_mb + qi[:, None] * stride_mm + offs_n[None, :]
+            s += tl.load(mptr, mask=valid[:, None] & keep, other=0.0).to(tl.float32) * LOG2E
+        s = tl.where(keep, s, float("-inf"))
+    elif HAS_MASK:
+        mptr = MASK + b * stride_mb + qi[:, None] * stride_mm + offs_n[None, :]
+        s += tl.load(mptr, mask=valid[:, None], other=0.0).to(tl.float32) * LOG2E
+    # -- online softmax; a row with every score -inf so far keeps m = -inf and l = 0
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_use[:, None])
+    alpha = tl.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    vt = _load_v(V, vbase, offs_n, kv_len, stride_vn, HEAD_DIM_V, BLOCK_DV, MASKED)
+    acc = acc * alpha[:, None] + _dot(p.to(vt.dtype), vt, DOT_F32)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def tile_kv_loop(acc, m_i, l_i, q, Q, K, V, MASK, SLOPES, b, g, qi, head, valid, blk_lo, blk_hi,
+                 stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh,
+                 stride_vb, stride_vn, stride_vh, stride_mb, stride_mm,
+                 q_len, kv_len, qk_scale, softcap_scale, window, first_token,
+                 HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_DK: tl.constexpr, DK_CHUNKS: tl.constexpr, BLOCK_DV: tl.constexpr,
+                 CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_MASK: tl.constexpr,
+                 HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, DOT_F32: tl.constexpr):
+    """Online softmax over KV blocks [blk_lo, blk_hi) of one tile (scores in log2 units):
+    first the blocks that need no mask, then the ones at the causal edge or past Lk."""
+    kbase = b * stride_kb + g * stride_kh
+    vbase = b * stride_vb + g * stride_vh
+    qpos = kv_len - q_len + qi
+    if HAS_ALIBI:
+        slope = tl.load(SLOPES + head, mask=valid, other=0.0).to(tl.float32) * LOG2E
+    else:
+        slope = 0.0
+    # -- blocks below `full_end` lie inside Lk and before every row's causal edge
+    full_end = kv_len // BLOCK_N
+    if CAUSAL:
+        full_end = tl.minimum(full_end, (kv_len - q_len + first_token + 1) // BLOCK_N)
+    if HAS_WINDOW or DK_CHUNKS > 1:
+        full_end = blk_lo
+    mid = tl.maximum(blk_lo, tl.minimum(blk_hi, full_end))
+    for blk in range(blk_lo, mid):
+        acc, m_i, l_i = _kv_step(
+            acc, m_i, l_i, q, Q, K, V, MASK, slope, b, qi, head, valid, qpos, kbase, vbase, blk,
+            stride_qb, stride_qm, stride_qh, stride_kn, stride_vn, stride_mb, stride_mm,
+            kv_len, qk_scale, softcap_scale, window, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_DK,
+            DK_CHUNKS, BLOCK_DV, CAUSAL, HAS_WINDOW, HAS_MASK, HAS_ALIBI, SOFTCAP, DOT_F32, False)
+    for blk in range(mid, blk_hi):
+        acc, m_i, l_i = _kv_step(
+            acc, m_i, l_i, q, Q, K, V, MASK, slope, b, qi, head, valid, qpos, kbase, vbase, blk,
+            stride_qb, stride_qm, stride_qh, stride_kn, stride_vn, stride_mb, stride_mm,
+            kv_len, qk_scale, softcap_scale, window, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_DK,
+            DK_CHUNKS, BLOCK_DV, CAUSAL, HAS_WINDOW, HAS_MASK, HAS_ALIBI, SOFTCAP, DOT_F32, True)
+    return acc, m_i, l_i
