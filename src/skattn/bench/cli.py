@@ -1,0 +1,138 @@
+"""`skattn bench`: time the seed grid on a GPU, or show its plans and check correctness on a CPU."""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from skattn.bench import grid
+from skattn.bench.providers import ALL_PROVIDERS, QUICK_PROVIDERS
+
+CPU_SMS, CPU_BLOCKS_PER_SM = 132, 2  # plans shown without a GPU: an H100 SXM / H200
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the bench's options to `parser` (the `skattn bench` subcommand)."""
+    parser.add_argument("--models",
+                        help=f"comma-separated subset of {', '.join(grid.MODELS)} (aliases too)")
+    parser.add_argument("--n", help="query tokens per cell, e.g. 1,4 (default 1,2,4,8,16,512)")
+    parser.add_argument("--depth", help="KV depths, e.g. 8192 (default 8192,16384,32768)")
+    parser.add_argument("--providers", help=f"comma-separated from {', '.join(ALL_PROVIDERS)} or "
+                        f"skattn:<{'|'.join(grid.SKATTN_VARIANTS)}> (default all)")
+    parser.add_argument("--quick", action="store_true",
+                        help="about 4 minutes on an H100/H200: 2 models x n 1,4,16,512 x depth 16384, "
+                             "skattn + SDPA, fewer repeats (explicit options still win)")
+    parser.add_argument("--out", help="results folder (default $OUT when set, else benchmarks/results)")
+    parser.add_argument("--tag", help="file-name tag: bench-<tag>.csv (default: a UTC time stamp)")
+    parser.add_argument("--report", nargs="+", metavar="CSV",
+                        help="no run: rebuild the tables and plots from these CSVs (merged, later wins)")
+    parser.add_argument("--plans", action="store_true",
+                        help="only print the plans of the grid (no GPU needed)")
+    parser.add_argument("--sms", type=int, help="SMs to plan for (default: the GPU's, or 132 without one)")
+    parser.add_argument("--blocks-per-sm", type=int, help="programs per SM to plan for")
+    parser.add_argument("--reps", type=int, help="timed runs per measurement (default 100, quick 30)")
+    parser.add_argument("--warmup", type=int, help="untimed runs first (default 10, quick 5)")
+    parser.add_argument("--seed", type=int, default=0, help="random inputs' seed")
+    parser.add_argument("--time-limit", type=float, metavar="S",
+                        help="start no new cell after S seconds (tables are still written)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _out_dir(args) -> Path:
+    return Path(args.out or os.environ.get("OUT") or "benchmarks/results")
+
+
+def _cells(args) -> list[grid.Cell]:
+    return grid.select(grid.parse_names(args.models), grid.parse_ints(args.n),
+                       grid.parse_ints(args.depth), quick=args.quick)
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _cpu_mode(args, cells) -> int:
+    from skattn.bench.plans import plan_table
+
+    sms, bps = args.sms or CPU_SMS, args.blocks_per_sm or CPU_BLOCKS_PER_SM
+    print(plan_table(cells, sms=sms, blocks_per_sm=bps))
+    print(f"\n{len(cells)} cells. Each entry: N (programs), fixup kind, most pieces a split tile is cut "
+          f"into, idle items in the tail (sum over programs of longest - own).")
+    if args.plans:
+        return 0
+    print("\nCorrectness of skattn.attention under the Triton interpreter (tiny shapes):", flush=True)
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    src = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
+    try:
+        rc = subprocess.run([sys.executable, "-m", "skattn.bench.selfcheck"], env=env,
+                            timeout=110).returncode
+    except subprocess.TimeoutExpired:
+        print("the interpreter check ran out of time (110 s)")
+        rc = 1
+    print("\nNo CUDA GPU here: the plans and the correctness check above are all this machine can do; "
+          "timings need a GPU (scripts/gpu_run.sh).")
+    return rc
+
+
+def _gpu_mode(args, cells, providers, skipped) -> int:
+    from skattn.bench.report import report, summary
+    from skattn.bench.run import RunOptions, run_grid
+
+    for line in skipped:
+        print(line)
+    opts = RunOptions(warmup=args.warmup or (5 if args.quick else 10),
+                      reps=args.reps or (30 if args.quick else 100), sms=args.sms,
+                      blocks_per_sm=args.blocks_per_sm, seed=args.seed, time_limit_s=args.time_limit,
+                      quick=args.quick, progress=not args.no_progress)
+    tag = args.tag or time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    csv_path, json_path, rows = run_grid(cells, providers, out_dir=_out_dir(args), tag=tag, opts=opts,
+                                         notes=skipped)
+    report(csv_path)
+    stem = csv_path.with_suffix("")
+    written = [csv_path, json_path] + [p for p in (Path(f"{stem}.md"), Path(f"{stem}-speedup.png"),
+                                                   Path(f"{stem}-floor.png")) if p.exists()]
+    print("wrote " + ", ".join(str(p) for p in written))
+    bad = [r for r in rows if r["status"] != "ok"]
+    if bad:
+        print(f"{len(bad)} of {len(rows)} measurements not timed (wrong or error): see the CSV's status")
+    print(summary(rows))
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run `skattn bench` with parsed `args`; returns the exit status."""
+    if args.report:
+        from skattn.bench.report import report
+
+        out = args.out or None
+        print(report(args.report, out_dir=out, stem=args.tag and f"bench-{args.tag}"))
+        return 0
+    from skattn.bench.providers import resolve
+
+    names = grid.parse_names(args.providers) or (QUICK_PROVIDERS if args.quick else ALL_PROVIDERS)
+    try:
+        cells = _cells(args)
+        providers, skipped = resolve(names)
+    except ValueError as exc:
+        print(f"skattn bench: {exc}", file=sys.stderr)
+        return 2
+    if args.plans or not _cuda():
+        return _cpu_mode(args, cells)
+    return _gpu_mode(args, cells, providers, skipped)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry point: `python -m skattn.bench.cli ...`."""
+    parser = argparse.ArgumentParser(prog="skattn bench", description=__doc__)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,219 @@
+"""Attention implementations under test; optional ones are imported only when asked for."""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from skattn.bench.grid import SKATTN_VARIANTS, Cell
+
+# Default provider order; "skattn" expands to every variant in SKATTN_VARIANTS.
+ALL_PROVIDERS = ("skattn", "sdpa-flash", "sdpa-cudnn", "flex", "flashinfer", "flash-attn")
+QUICK_PROVIDERS = ("skattn", "sdpa-flash", "sdpa-cudnn")
+_OPTIONAL = {"flashinfer": "flashinfer", "flash-attn": "flash_attn"}
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """What a builder may need besides the inputs: the grid size for skattn's plans."""
+
+    sms: int | None = None
+    blocks_per_sm: int | None = None
+
+
+@dataclass
+class Built:
+    """A ready-to-time callable returning out [B, n, Hq, D], and what it was planned as."""
+
+    fn: Callable[[], torch.Tensor]
+    policy: str = ""
+    fixup: str = ""
+    nblocks: int | None = None
+
+
+@dataclass(frozen=True)
+class Provider:
+    """One row source of the CSV: `name` (and `variant` for skattn) with its builder."""
+
+    name: str
+    variant: str
+    build: Callable[[Cell, torch.Tensor, torch.Tensor, torch.Tensor, BuildOptions], Built] = field(
+        compare=False, repr=False)
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}:{self.variant}" if self.variant else self.name
+
+
+# -- skattn
+def _skattn_builder(policy: str, fixup: str | None):
+    def build(cell, q, k, v, opts):
+        import skattn
+
+        if not hasattr(skattn, "attention"):
+            raise RuntimeError("skattn.attention does not exist yet")
+        p = skattn.plan(batch=q.shape[0], q_len=cell.n, kv_len=cell.depth, q_heads=cell.hq,
+                        kv_heads=cell.hkv, head_dim=cell.d, dtype=k.dtype, causal=True,
+                        sms=opts.sms, blocks_per_sm=opts.blocks_per_sm, policy=policy, fixup=fixup)
+        return Built(lambda: skattn.attention(q, k, v, causal=True, plan=p), policy, p.fixup, p.nblocks)
+
+    return build
+
+
+# -- PyTorch SDPA and FlexAttention (inputs in SDPA's own contiguous [B, H, L, D] layout)
+def _bhld(*tensors):
+    return [t.transpose(1, 2).contiguous() for t in tensors]
+
+
+def _sdpa_builder(backend_name: str):
+    def build(cell, q, k, v, opts):
+        import torch.nn.functional as F
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        from torch.nn.attention.bias import causal_lower_right
+
+        backend = getattr(SDPBackend, backend_name)
+        qt, kt, vt = _bhld(q, k, v)
+        mask = causal_lower_right(cell.n, cell.depth) if cell.n > 1 else None  # n = 1 sees every key
+
+        def fn():
+            with sdpa_kernel([backend]):
+                out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, enable_gqa=True)
+            return out.transpose(1, 2)
+
+        return Built(fn)
+
+    return build
+
+
+_FLEX_COMPILED = None
+
+
+def _flex_compiled():
+    global _FLEX_COMPILED
+    if _FLEX_COMPILED is None:
+        import torch._dynamo
+        from torch.nn.attention.flex_attention import flex_attention
+
+        # one compiled graph per shape: raise the limits so no shape falls back to eager
+        for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit",
+                     "accumulated_cache_size_limit"):
+            if hasattr(torch._dynamo.config, name):
+                setattr(torch._dynamo.config, name, 4096)
+        _FLEX_COMPILED = torch.compile(flex_attention, dynamic=False)
+    return _FLEX_COMPILED
+
+
+def _build_flex(cell, q, k, v, opts):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    offset = cell.depth - cell.n
+
+    def bottom_right_causal(b, h, q_idx, kv_idx):
+        return kv_idx <= q_idx + offset
+
+    block_mask = create_block_mask(bottom_right_causal, B=None, H=None, Q_LEN=cell.n,
+                                   KV_LEN=cell.depth, device=q.device)
+    compiled = _flex_compiled()
+    qt, kt, vt = _bhld(q, k, v)
+    return Built(lambda: compiled(qt, kt, vt, block_mask=block_mask, enable_gqa=True).transpose(1, 2))
+
+
+# -- optional libraries
+def _build_flashinfer(cell, q, k, v, opts):
+    import flashinfer
+
+    if q.shape[0] != 1:
+        raise ValueError("the flashinfer provider times batch 1 only")
+    q3, k3, v3 = q[0], k[0], v[0]
+    if cell.n == 1:
+        return Built(lambda: flashinfer.single_decode_with_kv_cache(q3[0], k3, v3,
+                                                                    kv_layout="NHD")[None, None])
+    # flashinfer aligns causal masks bottom-right when qo_len < kv_len
+    return Built(lambda: flashinfer.single_prefill_with_kv_cache(q3, k3, v3, causal=True,
+                                                                  kv_layout="NHD")[None])
+
+
+def _build_flash_attn(cell, q, k, v, opts):
+    from flash_attn import flash_attn_with_kvcache
+
+    # causal=True is bottom-right aligned in flash-attn >= 2.1; the whole cache is visible
+    return Built(lambda: flash_attn_with_kvcache(q, k, v, causal=True))
+
+
+_BUILDERS = {"sdpa-flash": _sdpa_builder("FLASH_ATTENTION"),
+             "sdpa-cudnn": _sdpa_builder("CUDNN_ATTENTION"),
+             "flex": _build_flex, "flashinfer": _build_flashinfer, "flash-attn": _build_flash_attn}
+
+
+def importable(module: str) -> str | None:
+    """None when `module` imports, else a one-line reason."""
+    try:
+        importlib.import_module(module)
+    except Exception as exc:  # ImportError, or a broken binary raising anything
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    return None
+
+
+def resolve(names: tuple[str, ...]) -> tuple[list[Provider], list[str]]:
+    """Providers for names like 'skattn', 'skattn:llamacpp', 'sdpa-flash', 'flex'.
+
+    Parameters
+    ----------
+    names : tuple of str
+        Provider names; "skattn" means every variant in `SKATTN_VARIANTS`.
+
+    Returns
+    -------
+    (list of Provider, list of str)
+        The providers to run, and one line per optional provider skipped because it does
+        not import.
+    """
+    providers, skipped = [], []
+    for name in names:
+        base, _, variant = name.partition(":")
+        if base == "skattn":
+            variants = [variant] if variant else list(SKATTN_VARIANTS)
+            for var in variants:
+                if var not in SKATTN_VARIANTS:
+                    raise ValueError(f"unknown skattn variant {var!r}; choose from {list(SKATTN_VARIANTS)}")
+                providers.append(Provider("skattn", var, _skattn_builder(*SKATTN_VARIANTS[var])))
+        elif base in _BUILDERS and not variant:
+            why = importable(_OPTIONAL[base]) if base in _OPTIONAL else None
+            if why:
+                skipped.append(f"{base}: skipped, it does not import ({why})")
+            else:
+                providers.append(Provider(base, "", _BUILDERS[base]))
+        else:
+            raise ValueError(f"unknown provider {name!r}; choose from {list(ALL_PROVIDERS)} "
+                             f"or skattn:<variant>")
+    return providers, skipped
+
+
+# -- the float64 reference each provider is checked against
+def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Bottom-right causal GQA attention in float64, [B, n, Hq, D] (`skattn.reference` if present)."""
+    try:
+        from skattn.reference import attention as ref_attention
+    except ImportError:
+        ref_attention = None
+    if ref_attention is not None:
+        return ref_attention(q, k, v, causal=True).to(torch.float64)
+    n, L, hq, hkv, d = q.shape[1], k.shape[1], q.shape[2], k.shape[2], q.shape[3]
+    kd = k.double().repeat_interleave(hq // hkv, dim=2)
+    vd = v.double().repeat_interleave(hq // hkv, dim=2)
+    s = torch.einsum("bqhd,bkhd->bhqk", q.double(), kd) * d**-0.5
+    qpos = torch.arange(n, device=q.device) + (L - n)
+    hidden = torch.arange(L, device=q.device)[None, :] > qpos[:, None]
+    s.masked_fill_(hidden, float("-inf"))
+    return torch.einsum("bhqk,bkhd->bqhd", torch.softmax(s, dim=-1), vd)
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref||_F / ||ref||_F in float64 (inf when out has a NaN or a wrong shape)."""
+    if tuple(out.shape) != tuple(ref.shape):
+        return float("inf")
+    diff = torch.linalg.vector_norm(out.to(torch.float64) - ref)
+    err = (diff / torch.linalg.vector_norm(ref)).item()
+    return err if err == err else float("inf")

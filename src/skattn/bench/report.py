@@ -1,0 +1,283 @@
+"""Tables and plots drawn from the bench's long-format CSV files (one or several parts)."""
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+from skattn.bench.grid import SKATTN_VARIANTS
+
+_OTHER_ORDER = ("sdpa-flash", "sdpa-cudnn", "flex", "flashinfer", "flash-attn")
+_SPEEDUP_VARIANTS = ("llamacpp", "seed-4x", "auto", "fused")  # each against llamacpp-master
+
+
+def read_rows(csv_paths) -> list[dict]:
+    """Rows of every CSV, merged: a later file's row replaces an earlier one for the same
+    (provider, variant, model, n, depth)."""
+    merged: dict[tuple, dict] = {}
+    for path in csv_paths:
+        with open(path, newline="") as f:
+            for row in csv.DictReader(f):
+                key = (row["provider"], row.get("variant", ""), row["model"], int(row["n"]),
+                       int(row["depth"]))
+                merged.pop(key, None)
+                merged[key] = row
+    return list(merged.values())
+
+
+def _num(row: dict | None, key: str) -> float | None:
+    if row is None:
+        return None
+    try:
+        value = float(row.get(key, ""))
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _ok(row: dict | None) -> bool:
+    return row is not None and row.get("status") == "ok" and _num(row, "p50_us") is not None
+
+
+def label(row: dict) -> str:
+    """'skattn:llamacpp', 'sdpa-flash', ..."""
+    return f"{row['provider']}:{row['variant']}" if row.get("variant") else row["provider"]
+
+
+def _cells(rows: list[dict]) -> list[tuple]:
+    """(model, hq, hkv, d, n, depth) in model order of first appearance, then n, depth."""
+    order: dict[str, int] = {}
+    cells = set()
+    for r in rows:
+        order.setdefault(r["model"], len(order))
+        cells.add((r["model"], int(r["hq"]), int(r["hkv"]), int(r["d"]), int(r["n"]), int(r["depth"])))
+    return sorted(cells, key=lambda c: (order[c[0]], c[4], c[5]))
+
+
+def _index(rows: list[dict]) -> dict[tuple, dict]:
+    return {(r["model"], int(r["n"]), int(r["depth"]), label(r)): r for r in rows}
+
+
+def _labels(rows: list[dict]) -> list[str]:
+    present = {label(r) for r in rows}
+    ordered = [f"skattn:{v}" for v in SKATTN_VARIANTS] + list(_OTHER_ORDER)
+    return [x for x in ordered if x in present] + sorted(present - set(ordered))
+
+
+def _floor(idx: dict, cell: tuple, labels: list[str]) -> float | None:
+    for lab in labels:
+        value = _num(idx.get((cell[0], cell[4], cell[5], lab)), "floor_us")
+        if value is not None:
+            return value
+    return None
+
+
+def _entry(row: dict | None) -> str:
+    if row is None:
+        return "—"
+    if not _ok(row):
+        return row.get("status", "?").split(":")[0]
+    return f"{_num(row, 'p50_us'):.1f}"
+
+
+def speedup(master: dict | None, other: dict | None) -> float | None:
+    """p50 of llamacpp-master / p50 of `other` (> 1: `other` is faster)."""
+    if not (_ok(master) and _ok(other)):
+        return None
+    return _num(master, "p50_us") / _num(other, "p50_us")
+
+
+def _fmt(x: float | None, spec: str = ".2f", suffix: str = "x") -> str:
+    return "—" if x is None else f"{x:{spec}}{suffix}"
+
+
+def seed_table(rows: list[dict]) -> str:
+    """skattn per cell in the seed's form: llamacpp-master vs llamacpp, plus seed-4x, auto, fused."""
+    idx, labels = _index(rows), _labels(rows)
+    head = ["model (Hq/Hkv/D)", "n", "L", "floor µs", "llamacpp-master µs (N fixup)",
+            "llamacpp µs (N fixup)", "speed-up", "seed-4x µs", "speed-up", "auto µs (N)",
+            "speed-up", "fused µs", "speed-up"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for cell in _cells(rows):
+        model, hq, hkv, d, n, depth = cell
+        get = {v: idx.get((model, n, depth, f"skattn:{v}")) for v in SKATTN_VARIANTS}
+        if not any(get.values()):
+            continue
+        master = get["llamacpp-master"]
+
+        def planned(r):
+            return f"{_entry(r)} ({r.get('nblocks', '')} {r.get('fixup', '')})" if _ok(r) else _entry(r)
+
+        auto = get["auto"]
+        row = [f"{model} ({hq}/{hkv}/{d})", str(n), str(depth), _fmt(_floor(idx, cell, labels), ".1f", ""),
+               planned(master), planned(get["llamacpp"]), _fmt(speedup(master, get["llamacpp"])),
+               _entry(get["seed-4x"]), _fmt(speedup(master, get["seed-4x"])),
+               f"{_entry(auto)} ({auto.get('nblocks', '')})" if _ok(auto) else _entry(auto),
+               _fmt(speedup(master, auto)), _entry(get["fused"]), _fmt(speedup(master, get["fused"]))]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def floor_table(rows: list[dict]) -> str:
+    """Every provider's % of floor per cell; an entry reads '% of floor (p50 µs)'."""
+    idx, labels = _index(rows), _labels(rows)
+    head = ["model (Hq/Hkv/D)", "n", "L", "floor µs"] + labels
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for cell in _cells(rows):
+        model, hq, hkv, d, n, depth = cell
+        entries = []
+        for lab in labels:
+            r = idx.get((model, n, depth, lab))
+            entries.append(f"{_num(r, 'pct_floor'):.0f}% ({_num(r, 'p50_us'):.1f})" if _ok(r) else _entry(r))
+        row = [f"{model} ({hq}/{hkv}/{d})", str(n), str(depth), _fmt(_floor(idx, cell, labels), ".1f", "")]
+        lines.append("| " + " | ".join(row + entries) + " |")
+    return "\n".join(lines)
+
+
+def _provenance(rows: list[dict]) -> str:
+    parts = []
+    for key in ("gpu", "sms", "torch", "triton", "commit"):
+        values = sorted({r.get(key, "") for r in rows if r.get(key)})
+        if values:
+            parts.append(f"{key} {', '.join(values)}")
+    return "; ".join(parts)
+
+
+def _cell_axes(rows, title, ylabel):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = _cells(rows)
+    models = list(dict.fromkeys(c[0] for c in cells))
+    per_model = max(sum(1 for c in cells if c[0] == m) for m in models)
+    size = (max(8.0, 0.55 * per_model + 3), 2.6 * len(models) + 0.6)
+    fig, axes = plt.subplots(len(models), 1, figsize=size, squeeze=False)
+    fig.suptitle(title, fontsize=11)
+    out = []
+    for ax, m in zip(axes[:, 0], models):
+        mc = [c for c in cells if c[0] == m]
+        ax.set_title(f"{m} ({mc[0][1]}/{mc[0][2]}/{mc[0][3]})", fontsize=9)
+        ax.set_xticks(range(len(mc)), [f"n={c[4]}\n{c[5] // 1024}k" for c in mc], fontsize=7)
+        ax.set_ylabel(ylabel, fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+        out.append((ax, mc))
+    return fig, out
+
+
+def plot_speedup(rows: list[dict], path) -> None:
+    """PNG: per cell, speed-up of each skattn variant over llamacpp-master (bars)."""
+    idx = _index(rows)
+    fig, axes = _cell_axes(rows, "skattn: speed-up over llamacpp-master (p50, cold L2)", "speed-up")
+    width = 0.8 / len(_SPEEDUP_VARIANTS)
+    for ax, mc in axes:
+        for i, v in enumerate(_SPEEDUP_VARIANTS):
+            ys = [speedup(idx.get((c[0], c[4], c[5], "skattn:llamacpp-master")),
+                          idx.get((c[0], c[4], c[5], f"skattn:{v}"))) for c in mc]
+            xs = [j - 0.4 + (i + 0.5) * width for j in range(len(mc))]
+            ax.bar(xs, [y or 0.0 for y in ys], width=width, label=v)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+    axes[0][0].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+def plot_pct_floor(rows: list[dict], path) -> None:
+    """PNG: per cell, every provider's % of floor (markers joined per provider)."""
+    idx = _index(rows)
+    fig, axes = _cell_axes(rows, "% of floor (100 = at the copy-bandwidth / matmul floor)", "% of floor")
+    for ax, mc in axes:
+        for lab in _labels(rows):
+            ys = [_num(r, "pct_floor") if _ok(r := idx.get((c[0], c[4], c[5], lab))) else math.nan
+                  for c in mc]
+            ax.plot(range(len(mc)), ys, marker="o", markersize=3, linewidth=1, label=lab)
+        ax.set_ylim(bottom=0)
+    axes[0][0].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+def report(csv_paths, out_dir=None, stem: str | None = None, plots: bool = True) -> str:
+    """Markdown with both tables from bench CSVs; writes `<stem>.md` and two PNGs to `out_dir`.
+
+    Parameters
+    ----------
+    csv_paths : str, Path or list of them
+        One CSV or several part files; for a repeated (provider, variant, model, n, depth)
+        the later file wins.
+    out_dir : str or Path, optional
+        Where to write `<stem>.md`, `<stem>-speedup.png` and `<stem>-floor.png`; the first
+        CSV's folder by default.
+    stem : str, optional
+        Output file stem; the first CSV's stem by default.
+    plots : bool
+        Draw the PNGs (skipped, with a note in the markdown, where matplotlib is missing).
+
+    Returns
+    -------
+    str
+        The markdown.
+    """
+    paths = [Path(p) for p in ([csv_paths] if isinstance(csv_paths, (str, Path)) else csv_paths)]
+    if not paths:
+        raise ValueError("report needs at least one CSV file")
+    rows = read_rows(paths)
+    out_dir = Path(out_dir) if out_dir is not None else paths[0].parent
+    stem = stem or paths[0].stem
+    bad = [r for r in rows if r.get("status") != "ok"]
+    md = [f"# skattn bench: {', '.join(p.name for p in paths)}", "",
+          f"Provenance: {_provenance(rows)}. Times are p50 µs with a cold L2 (CUDA events); the "
+          "floor is max(bytes / copy bandwidth, flops / matmul peak) measured in the same run. "
+          "Plain causal shapes, batch 1, f16: gpt-oss's sinks and window layers are not applied.", "",
+          "## skattn: llamacpp-master (general fixup) vs llamacpp (uniform fixup where it applies)", "",
+          "Speed-up = llamacpp-master p50 / variant p50. N = programs (nblocks).", "",
+          seed_table(rows), "", "## Every provider: % of floor (p50 µs)", "", floor_table(rows)]
+    if plots:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            plots = False
+            md += ["", "PNG plots skipped: matplotlib is not installed here; run `skattn bench "
+                   "--report <csv>` where it is."]
+    if bad:
+        md += ["", "## Not timed", ""] + [f"- {label(r)} {r['model']} n={r['n']} L={r['depth']}: "
+                                          f"{r.get('status', '')}" for r in bad]
+    text = "\n".join(md) + "\n"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{stem}.md").write_text(text)
+    if plots and rows:
+        plot_speedup(rows, out_dir / f"{stem}-speedup.png")
+        plot_pct_floor(rows, out_dir / f"{stem}-floor.png")
+    return text
+
+
+def _best(rows: list[dict]) -> tuple[str, str]:
+    """('<variant or provider> <p50>', '<% of floor>') of the fastest row, or ('—', '')."""
+    r = min(rows, key=lambda r: _num(r, "p50_us"), default=None)
+    if r is None:
+        return "—", ""
+    return f"{r['variant'] or r['provider']} {_num(r, 'p50_us'):.1f}", f"{_num(r, 'pct_floor'):.0f}"
+
+
+def summary(rows: list[dict]) -> str:
+    """A short fixed-width table for the terminal: best skattn variant and best other per cell."""
+    idx, labels = _index(rows), _labels(rows)
+    lines = [f"{'model':<18} {'n':>4} {'L':>6} {'floor':>7} {'best skattn':>24} {'%fl':>4} "
+             f"{'llamacpp/master':>15} {'best other':>22} {'%fl':>4}"]
+    for cell in _cells(rows):
+        model, _, _, _, n, depth = cell
+        found = [r for lab in labels if _ok(r := idx.get((model, n, depth, lab)))]
+        m_txt, m_pct = _best([r for r in found if r["provider"] == "skattn"])
+        o_txt, o_pct = _best([r for r in found if r["provider"] != "skattn"])
+        sp = speedup(idx.get((model, n, depth, "skattn:llamacpp-master")),
+                     idx.get((model, n, depth, "skattn:llamacpp")))
+        lines.append(f"{model:<18} {n:>4} {depth:>6} {_fmt(_floor(idx, cell, labels), '.1f', ''):>7} "
+                     f"{m_txt:>24} {m_pct:>4} {_fmt(sp):>15} {o_txt:>22} {o_pct:>4}")
+    return "\n".join(lines)
