@@ -11,6 +11,7 @@ from skattn.fastdiv import magic
 from skattn.planner import Plan
 
 LOG2E = 1.4426950408889634
+FIXUP_DV = 32  # Dv columns per fixup program
 
 
 @dataclass(frozen=True)
@@ -98,13 +99,17 @@ def run(plan: Plan, q, k, v, out, lse, *, scale: float, mask=None, sinks=None, s
         DOT_F32=interpreting() and k.dtype == torch.bfloat16,
         num_warps=g.num_warps, num_stages=g.num_stages, **common,
     )
+    # -- fixups: one program per (tile, FIXUP_DV columns of Dv)
+    fix_dv = min(g.block_dv, FIXUP_DV)
+    common["BLOCK_DV"] = fix_dv
+    chunks = g.block_dv // fix_dv
     if plan.fixup == "uniform":
-        uniform_fixup_kernel[(plan.ntiles_dst,)](
+        uniform_fixup_kernel[(plan.ntiles_dst, chunks)](
             *out_args, buf.ws_o, buf.ws_m, buf.ws_l,
             plan.q_len, ratio, plan.kv_heads, plan.ntiles_x, plan.ntiles_z, plan.split,
             *fd_x, *fd_z, *fd_h, num_warps=4, **common)
     elif plan.fixup == "general":
-        general_fixup_kernel[(plan.nblocks,)](
+        general_fixup_kernel[(plan.nblocks, chunks)](
             *out_args, buf.ws_o, buf.ws_m, buf.ws_l, buf.jt_off,
             plan.q_len, ratio, plan.kv_heads, plan.ntiles_x, plan.ntiles_z, plan.group_work,
             plan.work, plan.nblocks, *fd_z, *fd_h, *fd_w, num_warps=4, **common)

@@ -10,7 +10,7 @@ from skattn.bench.floors import Ceilings
 MIN_FLUSH_BYTES = 256 << 20
 # GPU cycles to spin before each timed run, so that the CPU's launches queue up behind it and
 # host overhead (a busy CPU, Python argument handling) never shows as a gap inside the timing.
-SPIN_CYCLES = 200_000
+SPIN_CYCLES = 400_000  # ~200 us at 2 GHz: longer than a call's host time, so launches queue
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,8 @@ import triton
 import triton.language as tl
 
 from skattn.kernels.kv_loop import load_q, tile_kv_loop
-from skattn.kernels.tile import (_div, decode_group, finalize_store, load_partial, merge,
-                                 store_partial, tile_rows)
+from skattn.kernels.tile import (_div, decode_group, finalize_store, merge_pieces, store_partial,
+                                 tile_rows)
 
 
 @triton.jit
@@ -106,14 +106,8 @@ def _fused_fixup(tile, first, stop, work, nblocks, b, qi, head, valid,
     arrived = tl.atomic_add(COUNTERS + tile, 1, sem="acq_rel")
     if arrived == p_last - p_first:
         tl.debug_barrier()
-        acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for q in range(p_first, p_last + 1):
-            q_start = (tl.cast(q, tl.int64) * work // nblocks).to(tl.int32)
-            slot = q * 2 + (q_start < first).to(tl.int32)
-            o_b, m_b, l_b = load_partial(slot, WS_O, WS_M, WS_L, HEAD_DIM_V, BLOCK_M, BLOCK_DV)
-            acc, m_i, l_i = merge(acc, m_i, l_i, o_b, m_b, l_b)
+        acc, m_i, l_i = merge_pieces(p_first, p_last, first, work, nblocks, WS_O, WS_M, WS_L, 0,
+                                     HEAD_DIM_V, BLOCK_M, BLOCK_DV, True)
         finalize_store(acc, m_i, l_i, b, qi, head, valid, O, stride_ob, stride_om, stride_oh,
                        LSE, stride_lb, stride_lh, SINKS, HEAD_DIM_V, BLOCK_DV, HAS_SINKS, RETURN_LSE)
         tl.atomic_xchg(COUNTERS + tile, 0)  # ready for the next launch of this plan

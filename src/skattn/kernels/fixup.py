@@ -1,9 +1,12 @@
-"""The separate fixup kernels (llama.cpp semantics): uniform and general."""
+"""The separate fixup kernels (llama.cpp semantics): uniform and general.
+
+Both run one program per (tile, chunk of Dv) so that the partials of a much-split tile are
+read by several SMs at once; llama.cpp likewise runs a block per (tile, row).
+"""
 import triton
 import triton.language as tl
 
-from skattn.kernels.tile import (_div, decode_group, finalize_store, load_partial, merge,
-                                 tile_rows)
+from skattn.kernels.tile import _div, decode_group, finalize_store, merge_pieces, tile_rows
 
 
 @triton.jit
@@ -16,19 +19,18 @@ def uniform_fixup_kernel(
     HEADS_PER_TILE: tl.constexpr, TOKENS_PER_TILE: tl.constexpr,
     HAS_SINKS: tl.constexpr, RETURN_LSE: tl.constexpr, USE_FASTDIV: tl.constexpr,
 ):
-    """One program per tile: merge its `split` pieces, the last first (llama.cpp's order)."""
+    """Tile t was cut into `split` pieces held by programs t*split .. t*split+split-1."""
     tile = tl.program_id(0)
+    dv0 = tl.program_id(1) * BLOCK_DV
     group = _div(tile, ntiles_x, fd_x_mp, fd_x_sh, USE_FASTDIV)
     jt = tile - group * ntiles_x
     b, g, z = decode_group(group, ntiles_z, kv_heads, fd_z_mp, fd_z_sh, fd_h_mp, fd_h_sh, USE_FASTDIV)
     qi, head, valid = tile_rows(g, z, jt, q_len, ratio, HEADS_PER_TILE, TOKENS_PER_TILE, BLOCK_M)
-    last = tile * split + split - 1
-    acc, m_i, l_i = load_partial(last * 2, WS_O, WS_M, WS_L, HEAD_DIM_V, BLOCK_M, BLOCK_DV)
-    for k in range(1, split):
-        o_b, m_b, l_b = load_partial((last - k) * 2, WS_O, WS_M, WS_L, HEAD_DIM_V, BLOCK_M, BLOCK_DV)
-        acc, m_i, l_i = merge(acc, m_i, l_i, o_b, m_b, l_b)
+    acc, m_i, l_i = merge_pieces(tile * split, tile * split + split - 1, 0, 1, 1, WS_O, WS_M, WS_L,
+                                 dv0, HEAD_DIM_V, BLOCK_M, BLOCK_DV, False)
     finalize_store(acc, m_i, l_i, b, qi, head, valid, O, stride_ob, stride_om, stride_oh,
-                   LSE, stride_lb, stride_lh, SINKS, HEAD_DIM_V, BLOCK_DV, HAS_SINKS, RETURN_LSE)
+                   LSE, stride_lb, stride_lh, SINKS, HEAD_DIM_V, BLOCK_DV, HAS_SINKS, RETURN_LSE,
+                   dv0)
 
 
 @triton.jit
@@ -41,9 +43,10 @@ def general_fixup_kernel(
     HEADS_PER_TILE: tl.constexpr, TOKENS_PER_TILE: tl.constexpr,
     HAS_SINKS: tl.constexpr, RETURN_LSE: tl.constexpr, USE_FASTDIV: tl.constexpr,
 ):
-    """Program p0 acts when it finished a tile it did not start: it merges the pieces of
-    the programs before it, walking back to the one that started the tile."""
+    """Program p0 acts when it finished a tile it did not start: it merges the pieces of the
+    programs from the one that started the tile up to itself (llama.cpp walks them back)."""
     p0 = tl.program_id(0)
+    dv0 = tl.program_id(1) * BLOCK_DV
     start = (p0.to(tl.int64) * work // nblocks).to(tl.int32)
     end = ((p0.to(tl.int64) + 1) * work // nblocks).to(tl.int32)
     group = _div(start, group_work, fd_w_mp, fd_w_sh, USE_FASTDIV)
@@ -59,18 +62,10 @@ def general_fixup_kernel(
         b, g, z = decode_group(group, ntiles_z, kv_heads, fd_z_mp, fd_z_sh, fd_h_mp, fd_h_sh,
                                USE_FASTDIV)
         qi, head, valid = tile_rows(g, z, jt, q_len, ratio, HEADS_PER_TILE, TOKENS_PER_TILE, BLOCK_M)
-        acc, m_i, l_i = load_partial(p0 * 2, WS_O, WS_M, WS_L, HEAD_DIM_V, BLOCK_M, BLOCK_DV)
-        q = p0 - 1
-        q_start = (tl.cast(q, tl.int64) * work // nblocks).to(tl.int32)
-        while q_start > first:
-            # -- programs inside the tile hold it as their first tile (slot 0)
-            o_b, m_b, l_b = load_partial(q * 2, WS_O, WS_M, WS_L, HEAD_DIM_V, BLOCK_M, BLOCK_DV)
-            acc, m_i, l_i = merge(acc, m_i, l_i, o_b, m_b, l_b)
-            q -= 1
-            q_start = (tl.cast(q, tl.int64) * work // nblocks).to(tl.int32)
-        # -- the program that started the tile: slot 1 if the tile was its last, not its first
-        slot = q * 2 + (q_start < first).to(tl.int32)
-        o_b, m_b, l_b = load_partial(slot, WS_O, WS_M, WS_L, HEAD_DIM_V, BLOCK_M, BLOCK_DV)
-        acc, m_i, l_i = merge(acc, m_i, l_i, o_b, m_b, l_b)
+        # -- the program holding item `first`: the largest p with floor(p*W/N) <= first
+        p_first = (((first.to(tl.int64) + 1) * nblocks - 1) // work).to(tl.int32)
+        acc, m_i, l_i = merge_pieces(p_first, p0, first, work, nblocks, WS_O, WS_M, WS_L, dv0,
+                                     HEAD_DIM_V, BLOCK_M, BLOCK_DV, True)
         finalize_store(acc, m_i, l_i, b, qi, head, valid, O, stride_ob, stride_om, stride_oh,
-                       LSE, stride_lb, stride_lh, SINKS, HEAD_DIM_V, BLOCK_DV, HAS_SINKS, RETURN_LSE)
+                       LSE, stride_lb, stride_lh, SINKS, HEAD_DIM_V, BLOCK_DV, HAS_SINKS,
+                       RETURN_LSE, dv0)

@@ -42,21 +42,11 @@ def tile_rows(g, z, jt, q_len, ratio, HEADS_PER_TILE: tl.constexpr,
 
 
 @triton.jit
-def merge(o_a, m_a, l_a, o_b, m_b, l_b):
-    """Merge two partial states (m in log2 units); -inf maxima contribute nothing."""
-    m = tl.maximum(m_a, m_b)
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    s_a = tl.exp2(m_a - m_safe)
-    s_b = tl.exp2(m_b - m_safe)
-    return o_a * s_a[:, None] + o_b * s_b[:, None], m, l_a * s_a + l_b * s_b
-
-
-@triton.jit
 def finalize_store(acc, m_i, l_i, b, qi, head, valid,
                    O, stride_ob, stride_om, stride_oh,
                    LSE, stride_lb, stride_lh, SINKS,
                    HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
-                   HAS_SINKS: tl.constexpr, RETURN_LSE: tl.constexpr):
+                   HAS_SINKS: tl.constexpr, RETURN_LSE: tl.constexpr, dv0=0):
     """Add the sink, normalise, write out (and lse in natural log); empty rows give 0, -inf."""
     if HAS_SINKS:
         sink = tl.load(SINKS + head, mask=valid, other=float("-inf")).to(tl.float32) * LOG2E
@@ -69,10 +59,10 @@ def finalize_store(acc, m_i, l_i, b, qi, head, valid,
     has = l_i > 0.0
     inv = tl.where(has, 1.0 / tl.where(has, l_i, 1.0), 0.0)
     out = acc * inv[:, None]
-    dv = tl.arange(0, BLOCK_DV)
+    dv = dv0 + tl.arange(0, BLOCK_DV)
     o_ptrs = O + b * stride_ob + qi[:, None] * stride_om + head[:, None] * stride_oh + dv[None, :]
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=valid[:, None] & (dv[None, :] < HEAD_DIM_V))
-    if RETURN_LSE:
+    if RETURN_LSE and dv0 == 0:
         lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * LN2, float("-inf"))
         tl.store(LSE + b * stride_lb + head * stride_lh + qi, lse, mask=valid)
 
@@ -89,14 +79,37 @@ def store_partial(acc, m_i, l_i, slot_index, WS_O, WS_M, WS_L,
 
 
 @triton.jit
-def load_partial(slot_index, WS_O, WS_M, WS_L,
-                 HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
-    """Read a partial written by another program (bypassing L1, which is not coherent)."""
+def merge_pieces(p_lo, p_hi, first, work, nblocks, WS_O, WS_M, WS_L, dv0,
+                 HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+                 LINEAR: tl.constexpr):
+    """Merge the partials of programs p_lo..p_hi for the tile starting at item `first`.
+
+    Two passes: the row maxima first (small loads), then the weighted sum, whose loads do not
+    depend on each other and so are pipelined (a serial merge is latency-bound). Program q
+    holds the tile in slot 1 if it started before the tile (its last tile), else in slot 0;
+    with per-tile ranges (LINEAR=False, uniform plans) every piece is in slot 0.
+    Reads bypass L1, which is not coherent with other SMs' writes.
+    """
     r = tl.arange(0, BLOCK_M)
-    dv = tl.arange(0, BLOCK_DV)
-    base = slot_index * BLOCK_M + r
-    o = tl.load(WS_O + base[:, None] * HEAD_DIM_V + dv[None, :], mask=dv[None, :] < HEAD_DIM_V,
-                other=0.0, cache_modifier=".cg")
-    m = tl.load(WS_M + base, cache_modifier=".cg")
-    l = tl.load(WS_L + base, cache_modifier=".cg")
-    return o, m, l
+    dv = dv0 + tl.arange(0, BLOCK_DV)
+    w64 = tl.cast(work, tl.int64)
+    m_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    for q in range(p_lo, p_hi + 1):
+        slot = 2 * q
+        if LINEAR:
+            slot += (tl.cast(q, tl.int64) * w64 // nblocks < first).to(tl.int32)
+        m_max = tl.maximum(m_max, tl.load(WS_M + slot * BLOCK_M + r, cache_modifier=".cg"))
+    m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for q in range(p_lo, p_hi + 1):
+        slot = 2 * q
+        if LINEAR:
+            slot += (tl.cast(q, tl.int64) * w64 // nblocks < first).to(tl.int32)
+        base = slot * BLOCK_M + r
+        o = tl.load(WS_O + base[:, None] * HEAD_DIM_V + dv[None, :], mask=dv[None, :] < HEAD_DIM_V,
+                    other=0.0, cache_modifier=".cg")
+        w = tl.exp2(tl.load(WS_M + base, cache_modifier=".cg") - m_safe)
+        acc += o * w[:, None]
+        l_i += tl.load(WS_L + base, cache_modifier=".cg") * w
+    return acc, m_max, l_i
