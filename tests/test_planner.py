@@ -249,7 +249,7 @@ def test_window_drops_most_kv_blocks():
 def test_none_becomes_general_when_unequal_tiles_are_cut():
     # N | ntiles_dst, but causal tiles of 1, 1, 2, 2 KV blocks: W=6 over 4 programs cuts tile 2
     shape = dict(batch=1, q_len=97, kv_len=66, q_heads=4, kv_heads=1, head_dim=64, causal=True,
-                 sms=1, blocks_per_sm=1, policy="split")
+                 sms=1, blocks_per_sm=1, policy="split", block_n=64)
     p = plan(**shape)
     assert (p.nblocks, p.ntiles_dst, p.kv_count) == (4, 4, (1, 1, 2, 2))
     assert p.fixup == "general" and p.pieces() == {2: [1, 2]}
