@@ -19,11 +19,12 @@ import skattn
 from skattn.models import MODELS
 
 OUT = Path(os.environ.get("OUT") or "benchmarks/results")
-DECODE_CONFIGS = [(64, 4, 2), (64, 4, 3), (64, 4, 4), (128, 4, 2), (128, 8, 3), (64, 8, 3),
-                  (32, 4, 3)]
+DECODE_CONFIGS = [(64, 4, 2), (64, 4, 3), (64, 4, 4), (128, 4, 2), (128, 4, 3), (128, 8, 3),
+                  (64, 8, 4)]
 PREFILL_CONFIGS = [(64, 8, 2), (64, 8, 3), (128, 8, 2), (128, 8, 3)]
 DECODE_CELLS = [("llama-8b", 1, 32768), ("llama-8b", 16, 32768), ("qwen3-14b", 4, 16384),
                 ("gpt-oss", 2, 16384)]
+NBLOCKS = {1: 128, 2: 128, 4: 128, 16: 128}  # near the sweep's best N for decode cells
 PREFILL_CELLS = [("llama-8b", 512, 16384), ("qwen3-14b", 512, 8192)]
 
 
@@ -72,14 +73,16 @@ def floor_us(q, k, v, bw=4.3e12):
 
 def configs():
     rows = []
-    cells = [(c, DECODE_CONFIGS) for c in DECODE_CELLS] + [(c, PREFILL_CONFIGS) for c in PREFILL_CELLS]
+    cells = [(c, DECODE_CONFIGS) for c in DECODE_CELLS]
+    if "--prefill" in sys.argv:
+        cells += [(c, PREFILL_CONFIGS) for c in PREFILL_CELLS]
     for (model, n, L), cfgs in cells:
         q, k, v = inputs(model, n, L)
         Hq, Hkv, D = MODELS[model][:3]
         for bn, warps, stages in cfgs:
             p = skattn.plan(batch=1, q_len=n, kv_len=L, q_heads=Hq, kv_heads=Hkv, head_dim=D,
                             causal=True, policy="llamacpp", block_n=bn, num_warps=warps,
-                            num_stages=stages)
+                            num_stages=stages, nblocks=NBLOCKS.get(n))
             t0 = time.time()
             try:
                 out = skattn.attention(q, k, v, causal=True, plan=p)
