@@ -235,7 +235,8 @@ def plan(*, batch: int, q_len: int, kv_len: int, q_heads: int, kv_heads: int, he
          window: int | None = None, sms: int | None = None, blocks_per_sm: int | None = None,
          policy: str = "auto", nblocks: int | None = None, fixup: str | None = None,
          block_m: int | None = None, block_n: int | None = None, num_warps: int | None = None,
-         num_stages: int | None = None, fastdiv: bool = True) -> Plan:
+         num_stages: int | None = None, fastdiv: bool = True,
+         cost_model: CostModel | None = None) -> Plan:
     """Plan one attention shape: tiles, work list, programs and fixup kind.
 
     Parameters
@@ -260,6 +261,8 @@ def plan(*, batch: int, q_len: int, kv_len: int, q_heads: int, kv_heads: int, he
         Override the kernel configuration chosen by `tile_geometry`.
     fastdiv : bool
         Use fastdiv for the kernels' divisions by run-time values (False: plain division).
+    cost_model : CostModel, optional
+        For policy="auto"; default: the file `skattn calibrate` wrote, else the defaults.
 
     Returns
     -------
@@ -300,7 +303,7 @@ def plan(*, batch: int, q_len: int, kv_len: int, q_heads: int, kv_heads: int, he
     kv_count = tuple(b[1] for b in blocks)
     work = batch * kv_heads * ntiles_z * sum(kv_count)
     max_blocks = sms * blocks_per_sm
-    model = load_cost_model()
+    model = cost_model or load_cost_model()
     chosen = nblocks is None  # by the policy, not by the caller
     if chosen:
         nblocks = nblocks_for(policy, ntiles_dst=ntiles_dst, ntiles_kv=ntiles_kv,

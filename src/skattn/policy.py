@@ -33,11 +33,13 @@ class CostModel:
     us_launch: the extra launch of a separate fixup kernel (uniform, general).
     """
 
-    us_per_item: float = 1.0
-    saturation: float = 0.5
-    us_per_piece: float = 0.1
-    us_launch: float = 2.5
-    source: str = "defaults"
+    # defaults: `skattn calibrate --from-csv benchmarks/results/sweep_nblocks-h200.csv`
+    # (an H200, 2026-11-30; mean relative error of the fit 3.4%)
+    us_per_item: float = 1.43
+    saturation: float = 0.75
+    us_per_piece: float = 0.74
+    us_launch: float = 0.0
+    source: str = "defaults (H200 fit)"
 
     def save(self, path: str | os.PathLike) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)

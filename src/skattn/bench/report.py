@@ -5,6 +5,7 @@ import csv
 import math
 from pathlib import Path
 
+from skattn.bench.anchors import TIMES, anchor_index, load_anchors, pct_of_floor
 from skattn.bench.grid import SKATTN_VARIANTS
 
 _OTHER_ORDER = ("sdpa-flash", "sdpa-cudnn", "flex", "flashinfer", "flash-attn")
@@ -134,6 +135,61 @@ def floor_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _best_skattn(idx: dict, model: str, n: int, depth: int) -> dict | None:
+    """The ok skattn row with the highest % of floor in a cell, or None."""
+    found = [r for v in SKATTN_VARIANTS if _ok(r := idx.get((model, n, depth, f"skattn:{v}")))
+             and _num(r, "pct_floor") is not None]
+    return max(found, key=lambda r: _num(r, "pct_floor"), default=None)
+
+
+def anchors_table(rows: list[dict], anchors: list[dict]) -> tuple[str, str]:
+    """(intro, table): per cell in both our rows and the anchors, % of floor side by side.
+
+    Ours: the best skattn variant's and our sdpa-flash / sdpa-cudnn pct_floor (our GPU, our floor).
+    Anchors: floor_us / anchor_us * 100 on their own H100 floor. Cells without an anchor are left out.
+    """
+    if not anchors:
+        return ("No anchors file (benchmarks/anchors-h100.csv is read from the repository): "
+                "table skipped.", "")
+    aidx, idx = anchor_index(anchors), _index(rows)
+    where = ", ".join(sorted({f"{a['gpu']} on {a['date']}" for a in anchors}))
+    ours = ", ".join(sorted({r["gpu"] for r in rows if r.get("gpu")})) or "the GPU of the CSV"
+    intro = (f"The anchors were measured on an {where} (BENCHMARKS.md), ours on {ours}, so the "
+             "comparison is by % of each GPU's own measured floor (their bandwidth and matmul "
+             "ceilings differ), not by microseconds. Anchor % = anchor floor µs / anchor µs. The "
+             "llama.cpp anchor reran on warm buffers (optimistic at L = 8192, where K/V partly fit "
+             "in L2); the SDPA anchors were taken on a busy CPU (indicative only).")
+    head = (["model (Hq/Hkv/D)", "n", "L", "best skattn % (variant)"]
+            + [f"{name} % (H100)" for name in TIMES.values()]
+            + ["sdpa-flash % (ours)", "sdpa-cudnn % (ours)", "skattn beats llama.cpp (as % of floor)"])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    wins: dict[int, list[bool]] = {}
+    for model, hq, hkv, d, n, depth in _cells(rows):
+        anchor = aidx.get((hq, hkv, d, n, depth))
+        if anchor is None:
+            continue
+        best = _best_skattn(idx, model, n, depth)
+        mine = _num(best, "pct_floor")
+        theirs = {key: pct_of_floor(anchor, key) for key in TIMES}
+        sdpa = [_num(r, "pct_floor") if _ok(r := idx.get((model, n, depth, lab))) else None
+                for lab in ("sdpa-flash", "sdpa-cudnn")]
+        beats = "—"
+        if mine is not None and theirs["llamacpp_us"] is not None:
+            wins.setdefault(n, []).append(mine > theirs["llamacpp_us"])
+            beats = "yes" if wins[n][-1] else "no"
+        row = [f"{model} ({hq}/{hkv}/{d})", str(n), str(depth),
+               f"{mine:.0f}% ({best['variant']})" if best else "—"]
+        row += [_fmt(x, ".0f", "%") for x in (*theirs.values(), *sdpa)] + [beats]
+        lines.append("| " + " | ".join(row) + " |")
+    if len(lines) == 2:
+        return intro, "No cell of these CSVs is in the anchor grid."
+    total = [w for ws in wins.values() for w in ws]
+    tally = "; ".join(f"n = {n}: {sum(ws)} of {len(ws)}" for n, ws in sorted(wins.items()))
+    lines += ["", f"skattn's best variant beats llama.cpp's % of floor in {sum(total)} of {len(total)} "
+              f"cells ({tally})."]
+    return intro, "\n".join(lines)
+
+
 def _provenance(rows: list[dict]) -> str:
     parts = []
     for key in ("gpu", "sms", "torch", "triton", "commit"):
@@ -204,8 +260,9 @@ def plot_pct_floor(rows: list[dict], path) -> None:
     plt.close(fig)
 
 
-def report(csv_paths, out_dir=None, stem: str | None = None, plots: bool = True) -> str:
-    """Markdown with both tables from bench CSVs; writes `<stem>.md` and two PNGs to `out_dir`.
+def report(csv_paths, out_dir=None, stem: str | None = None, plots: bool = True,
+           anchors: list[dict] | None = None) -> str:
+    """Markdown with three tables from bench CSVs; writes `<stem>.md` and two PNGs to `out_dir`.
 
     Parameters
     ----------
@@ -219,6 +276,9 @@ def report(csv_paths, out_dir=None, stem: str | None = None, plots: bool = True)
         Output file stem; the first CSV's stem by default.
     plots : bool
         Draw the PNGs (skipped, with a note in the markdown, where matplotlib is missing).
+    anchors : list of dict, optional
+        Anchor rows for the "vs the anchors" table; `load_anchors()` (the repository's
+        benchmarks/anchors-h100.csv, or none) by default.
 
     Returns
     -------
@@ -239,6 +299,8 @@ def report(csv_paths, out_dir=None, stem: str | None = None, plots: bool = True)
           "## skattn: llamacpp-master (general fixup) vs llamacpp (uniform fixup where it applies)", "",
           "Speed-up = llamacpp-master p50 / variant p50. N = programs (nblocks).", "",
           seed_table(rows), "", "## Every provider: % of floor (p50 µs)", "", floor_table(rows)]
+    intro, table = anchors_table(rows, load_anchors() if anchors is None else anchors)
+    md += ["", "## vs the anchors: % of each GPU's own floor", "", intro] + (["", table] if table else [])
     if plots:
         try:
             import matplotlib  # noqa: F401

@@ -1,0 +1,58 @@
+"""The auto policy's calibration: the fit recovers a known model; the committed sweep fits."""
+from pathlib import Path
+
+import pytest
+
+from skattn.calibrate import _features, _plan_for, check, fit, read_csv
+from skattn.policy import CostModel
+
+SWEEP = Path(__file__).parents[1] / "benchmarks" / "results" / "sweep_nblocks-h200.csv"
+
+
+def synthetic_rows(model: CostModel):
+    """Times generated from `model` plus a different constant per cell (test data, not results)."""
+    rows = []
+    for cell, const in ((("llama-8b", 1, 16384), 11.0), (("qwen3-14b", 4, 8192), 7.0)):
+        for nblocks in (9, 33, 65, 100, 129, 200, 263):
+            for fixup in ("general", "fused"):
+                row = dict(model=cell[0], n=str(cell[1]), depth=str(cell[2]),
+                           nblocks=str(nblocks), fixup=fixup)
+                p = _plan_for(row, 132, 2)
+                row["fixup"] = p.fixup
+                items, pieces, launch = _features(p, model.saturation)
+                row["p50_us"] = str(const + model.us_per_item * items
+                                    + model.us_per_piece * pieces + model.us_launch * launch)
+                rows.append(row)
+    return rows
+
+
+def test_fit_recovers_a_known_model():
+    truth = CostModel(us_per_item=2.0, saturation=0.5, us_per_piece=0.3, us_launch=1.5)
+    model, err = fit(synthetic_rows(truth))
+    assert err < 1e-6
+    assert model.saturation == pytest.approx(0.5)
+    assert model.us_per_item == pytest.approx(2.0, rel=1e-6)
+    assert model.us_per_piece == pytest.approx(0.3, rel=1e-6)
+
+
+def test_check_finds_the_best_measured_n():
+    truth = CostModel(us_per_item=2.0, saturation=0.5, us_per_piece=0.3, us_launch=1.5)
+    for c in check(synthetic_rows(truth), truth):
+        assert c["ratio"] >= 1.0 and c["best_us"] <= c["auto_us"]
+
+
+@pytest.mark.skipif(not SWEEP.exists(), reason="the committed H200 sweep is not in this checkout")
+def test_committed_sweep_fits_within_ten_percent():
+    model, err = fit(read_csv(SWEEP))
+    assert err < 0.10
+    assert model.us_per_item > 0
+
+
+@pytest.mark.skipif(not SWEEP.exists(), reason="the committed H200 sweep is not in this checkout")
+def test_cli_fits_and_writes(tmp_path, capsys):
+    from skattn.cli import main
+
+    out = tmp_path / "model.json"
+    assert main(["calibrate", "--from-csv", str(SWEEP), "--out", str(out)]) == 0
+    assert "mean relative error" in capsys.readouterr().out
+    assert '"us_per_item"' in out.read_text()
