@@ -242,15 +242,21 @@ def plot_speedup(rows: list[dict], path) -> None:
     plt.close(fig)
 
 
-def plot_pct_floor(rows: list[dict], path) -> None:
-    """PNG: per cell, every provider's % of floor (markers joined per provider)."""
-    idx = _index(rows)
+def plot_pct_floor(rows: list[dict], path, anchors: list[dict] | None = None) -> None:
+    """PNG: per cell, every provider's % of floor (markers joined per provider); with `anchors`,
+    llama.cpp's % of its own H100 floor as a dashed black line."""
+    idx, aidx = _index(rows), anchor_index(anchors or [])
     fig, axes = _cell_axes(rows, "% of floor (100 = at the copy-bandwidth / matmul floor)", "% of floor")
     for ax, mc in axes:
         for lab in _labels(rows):
             ys = [_num(r, "pct_floor") if _ok(r := idx.get((c[0], c[4], c[5], lab))) else math.nan
                   for c in mc]
             ax.plot(range(len(mc)), ys, marker="o", markersize=3, linewidth=1, label=lab)
+        ys = [pct_of_floor(a, "llamacpp_us") if (a := aidx.get((c[1], c[2], c[3], c[4], c[5]))) else None
+              for c in mc]
+        if any(y is not None for y in ys):
+            ax.plot(range(len(mc)), [math.nan if y is None else y for y in ys], "k--", linewidth=1,
+                    marker="x", markersize=3, label="llama.cpp (H100 anchor)")
         ax.set_ylim(bottom=0)
     axes[0][0].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
@@ -299,7 +305,8 @@ def report(csv_paths, out_dir=None, stem: str | None = None, plots: bool = True,
           "## skattn: llamacpp-master (general fixup) vs llamacpp (uniform fixup where it applies)", "",
           "Speed-up = llamacpp-master p50 / variant p50. N = programs (nblocks).", "",
           seed_table(rows), "", "## Every provider: % of floor (p50 µs)", "", floor_table(rows)]
-    intro, table = anchors_table(rows, load_anchors() if anchors is None else anchors)
+    anchors = load_anchors() if anchors is None else anchors
+    intro, table = anchors_table(rows, anchors)
     md += ["", "## vs the anchors: % of each GPU's own floor", "", intro] + (["", table] if table else [])
     if plots:
         try:
@@ -316,7 +323,7 @@ def report(csv_paths, out_dir=None, stem: str | None = None, plots: bool = True,
     (out_dir / f"{stem}.md").write_text(text)
     if plots and rows:
         plot_speedup(rows, out_dir / f"{stem}-speedup.png")
-        plot_pct_floor(rows, out_dir / f"{stem}-floor.png")
+        plot_pct_floor(rows, out_dir / f"{stem}-floor.png", anchors)
     return text
 
 
