@@ -287,3 +287,13 @@ def test_describe_and_draw(tmp_path):
     path = tmp_path / "plan.png"
     p.draw(path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_auto_takes_the_llamacpp_rule_for_compute_bound_cells():
+    # a 512-token prompt chunk (intensity 512 x 5 FLOP/B): the saturation model would drop to
+    # N = ntiles_dst = 168, measured 1.4x slower on an H200 than llama.cpp's N = 264
+    kw = dict(batch=1, q_len=512, kv_len=16384, q_heads=40, kv_heads=8, head_dim=128,
+              causal=True, sms=132, blocks_per_sm=2)
+    assert plan(policy="auto", **kw).nblocks == plan(policy="llamacpp", **kw).nblocks == 264
+    decode = dict(kw, q_len=1)
+    assert plan(policy="auto", **decode).nblocks != plan(policy="llamacpp", **decode).nblocks

@@ -10,6 +10,9 @@ from skattn.policy import FIXUPS, POLICIES, CostModel, fixup_for, load_cost_mode
 
 __all__ = ["Plan", "plan", "nblocks_for", "fixup_for", "tile_geometry", "POLICIES", "FIXUPS"]
 
+# FLOP per byte of K/V above which a cell is compute-bound (it is q_len x GQA ratio; the
+# H100/H200 ridge points are about 220/180 FLOP/B for f16)
+COMPUTE_BOUND_INTENSITY = 256
 _DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
 
 
@@ -308,7 +311,8 @@ def plan(*, batch: int, q_len: int, kv_len: int, q_heads: int, kv_heads: int, he
     if chosen:
         nblocks = nblocks_for(policy, ntiles_dst=ntiles_dst, ntiles_kv=ntiles_kv,
                               max_blocks=max_blocks, work=work, min_tile_work=min(kv_count),
-                              max_tile_work=max(kv_count), fixup=fixup, cost=model)
+                              max_tile_work=max(kv_count), fixup=fixup, cost=model,
+                              compute_bound=q_len * ratio >= COMPUTE_BOUND_INTENSITY)
     elif not isinstance(nblocks, int) or nblocks < 1 or nblocks > work:
         raise ValueError(f"nblocks must be an integer in [1, W={work}], got {nblocks!r}")
     kind = fixup_for(nblocks, ntiles_dst)
