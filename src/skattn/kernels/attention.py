@@ -3,8 +3,8 @@ import triton
 import triton.language as tl
 
 from skattn.kernels.kv_loop import load_q, tile_kv_loop
-from skattn.kernels.tile import (_div, decode_group, finalize_store, merge_pieces, store_partial,
-                                 tile_rows)
+from skattn.kernels.tile import (_div, decode_group, finalize_store, locate, merge_pieces,
+                                 program_of, program_start, store_partial, tile_rows)
 
 
 @triton.jit
@@ -42,23 +42,16 @@ def attention_kernel(
         start = first0 + i * n0 // split
         end = first0 + (i + 1) * n0 // split
     else:
-        start = (p.to(tl.int64) * work // nblocks).to(tl.int32)
-        end = ((p.to(tl.int64) + 1) * work // nblocks).to(tl.int32)
+        start = program_start(p, work, nblocks)
+        end = program_start(p + 1, work, nblocks)
     item = start
     while item < end:
         # -- which tile holds `item`
-        group = _div(item, group_work, fd_w_mp, fd_w_sh, USE_FASTDIV)
-        r = item - group * group_work
-        jt = 0
-        j = 1
-        while j < ntiles_x:  # a while loop: the interpreter cannot range() over an argument
-            jt += (tl.load(JT_OFF + j) <= r).to(tl.int32)
-            j += 1
+        group, jt, first, stop = locate(item, group_work, ntiles_x, JT_OFF, fd_w_mp, fd_w_sh,
+                                        USE_FASTDIV)
         tile = group * ntiles_x + jt
         b, g, z = decode_group(group, ntiles_z, kv_heads, fd_z_mp, fd_z_sh, fd_h_mp, fd_h_sh,
                                USE_FASTDIV)
-        first = group * group_work + tl.load(JT_OFF + jt)
-        stop = group * group_work + tl.load(JT_OFF + jt + 1)
         kv0 = tl.load(KV_FIRST + jt) - first
         stop_here = tl.minimum(end, stop)
         qi, head, valid = tile_rows(g, z, jt, q_len, ratio, HEADS_PER_TILE, TOKENS_PER_TILE, BLOCK_M)
@@ -99,9 +92,8 @@ def _fused_fixup(tile, first, stop, work, nblocks, b, qi, head, valid,
                  HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
                  HAS_SINKS: tl.constexpr, RETURN_LSE: tl.constexpr):
     """The last program to leave a piece of `tile` merges all pieces (no waiting)."""
-    w64 = work.to(tl.int64)
-    p_first = (((first.to(tl.int64) + 1) * nblocks - 1) // w64).to(tl.int32)
-    p_last = ((stop.to(tl.int64) * nblocks - 1) // w64).to(tl.int32)
+    p_first = program_of(first, work, nblocks)
+    p_last = program_of(stop - 1, work, nblocks)
     tl.debug_barrier()  # every thread's partial is stored before the release below
     arrived = tl.atomic_add(COUNTERS + tile, 1, sem="acq_rel")
     if arrived == p_last - p_first:

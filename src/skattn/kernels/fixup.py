@@ -6,7 +6,8 @@ read by several SMs at once; llama.cpp likewise runs a block per (tile, row).
 import triton
 import triton.language as tl
 
-from skattn.kernels.tile import _div, decode_group, finalize_store, merge_pieces, tile_rows
+from skattn.kernels.tile import (_div, decode_group, finalize_store, locate, merge_pieces,
+                                 program_of, program_start, tile_rows)
 
 
 @triton.jit
@@ -47,23 +48,15 @@ def general_fixup_kernel(
     programs from the one that started the tile up to itself (llama.cpp walks them back)."""
     p0 = tl.program_id(0)
     dv0 = tl.program_id(1) * BLOCK_DV
-    start = (p0.to(tl.int64) * work // nblocks).to(tl.int32)
-    end = ((p0.to(tl.int64) + 1) * work // nblocks).to(tl.int32)
-    group = _div(start, group_work, fd_w_mp, fd_w_sh, USE_FASTDIV)
-    r = start - group * group_work
-    jt = 0
-    j = 1
-    while j < ntiles_x:  # a while loop: the interpreter cannot range() over an argument
-        jt += (tl.load(JT_OFF + j) <= r).to(tl.int32)
-        j += 1
-    first = group * group_work + tl.load(JT_OFF + jt)
-    stop = group * group_work + tl.load(JT_OFF + jt + 1)
+    start = program_start(p0, work, nblocks)
+    end = program_start(p0 + 1, work, nblocks)
+    group, jt, first, stop = locate(start, group_work, ntiles_x, JT_OFF, fd_w_mp, fd_w_sh,
+                                    USE_FASTDIV)
     if (start > first) & (end >= stop):
         b, g, z = decode_group(group, ntiles_z, kv_heads, fd_z_mp, fd_z_sh, fd_h_mp, fd_h_sh,
                                USE_FASTDIV)
         qi, head, valid = tile_rows(g, z, jt, q_len, ratio, HEADS_PER_TILE, TOKENS_PER_TILE, BLOCK_M)
-        # -- the program holding item `first`: the largest p with floor(p*W/N) <= first
-        p_first = (((first.to(tl.int64) + 1) * nblocks - 1) // work).to(tl.int32)
+        p_first = program_of(first, work, nblocks)  # the program that started the tile
         acc, m_i, l_i = merge_pieces(p_first, p0, first, work, nblocks, WS_O, WS_M, WS_L, dv0,
                                      HEAD_DIM_V, BLOCK_M, BLOCK_DV, True)
         finalize_store(acc, m_i, l_i, b, qi, head, valid, O, stride_ob, stride_om, stride_oh,

@@ -29,6 +29,32 @@ def decode_group(group, ntiles_z, kv_heads, fd_z_mp, fd_z_sh, fd_h_mp, fd_h_sh,
 
 
 @triton.jit
+def program_start(p, work, nblocks):
+    """First work item of program p: floor(p * W / N), in 64 bits (p * W can pass 2**31)."""
+    return (tl.cast(p, tl.int64) * work // nblocks).to(tl.int32)
+
+
+@triton.jit
+def program_of(item, work, nblocks):
+    """The program whose range holds `item`: the largest p with floor(p * W / N) <= item."""
+    return (((tl.cast(item, tl.int64) + 1) * nblocks - 1) // work).to(tl.int32)
+
+
+@triton.jit
+def locate(item, group_work, ntiles_x, JT_OFF, fd_w_mp, fd_w_sh, USE_FASTDIV: tl.constexpr):
+    """The tile holding `item`: (group, token block jt, its first item, its stop item)."""
+    group = _div(item, group_work, fd_w_mp, fd_w_sh, USE_FASTDIV)
+    r = item - group * group_work
+    jt = 0
+    j = 1
+    while j < ntiles_x:  # a while loop: the interpreter cannot range() over an argument
+        jt += (tl.load(JT_OFF + j) <= r).to(tl.int32)
+        j += 1
+    base = group * group_work
+    return group, jt, base + tl.load(JT_OFF + jt), base + tl.load(JT_OFF + jt + 1)
+
+
+@triton.jit
 def tile_rows(g, z, jt, q_len, ratio, HEADS_PER_TILE: tl.constexpr,
               TOKENS_PER_TILE: tl.constexpr, BLOCK_M: tl.constexpr):
     """Rows of a tile: token j = r // HEADS_PER_TILE, head c = r % HEADS_PER_TILE."""
@@ -92,12 +118,11 @@ def merge_pieces(p_lo, p_hi, first, work, nblocks, WS_O, WS_M, WS_L, dv0,
     """
     r = tl.arange(0, BLOCK_M)
     dv = dv0 + tl.arange(0, BLOCK_DV)
-    w64 = tl.cast(work, tl.int64)
     m_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     for q in range(p_lo, p_hi + 1):
         slot = 2 * q
         if LINEAR:
-            slot += (tl.cast(q, tl.int64) * w64 // nblocks < first).to(tl.int32)
+            slot += (program_start(q, work, nblocks) < first).to(tl.int32)
         m_max = tl.maximum(m_max, tl.load(WS_M + slot * BLOCK_M + r, cache_modifier=".cg"))
     m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
@@ -105,7 +130,7 @@ def merge_pieces(p_lo, p_hi, first, work, nblocks, WS_O, WS_M, WS_L, dv0,
     for q in range(p_lo, p_hi + 1):
         slot = 2 * q
         if LINEAR:
-            slot += (tl.cast(q, tl.int64) * w64 // nblocks < first).to(tl.int32)
+            slot += (program_start(q, work, nblocks) < first).to(tl.int32)
         base = slot * BLOCK_M + r
         o = tl.load(WS_O + base[:, None] * HEAD_DIM_V + dv[None, :], mask=dv[None, :] < HEAD_DIM_V,
                     other=0.0, cache_modifier=".cg")
