@@ -2,7 +2,8 @@
 
 Writes CSVs to $OUT (or benchmarks/results): tune_configs.csv with each config's time and
 compiled resources, sweep_nblocks.csv with the time of every N for some cells and what each
-policy chose. Usage: python3 scripts/tune.py [configs] [sweep] [--quick]
+policy chose, breakdown.csv with where decode time goes.
+Usage: python3 scripts/tune.py [host] [breakdown] [configs [--prefill]] [sweep [--quick]]
 """
 from __future__ import annotations
 
@@ -101,6 +102,37 @@ def configs():
     _write("tune_configs.csv", rows)
 
 
+def breakdown():
+    """Where decode time goes: the timer's own floor, a copy of the same bytes, the main
+    kernel alone, the whole call (main + fixup), for a few N."""
+    from skattn import launch
+
+    cells = [("llama-8b", 1, 8192), ("llama-8b", 1, 32768), ("qwen3moe-30b-a3b", 2, 8192)]
+    rows = []
+    for model, n, L in cells:
+        q, k, v = inputs(model, n, L)
+        Hq, Hkv, D = MODELS[model][:3]
+        kv = torch.cat([k.flatten(), v.flatten()])
+        kv2 = torch.empty_like(kv)
+        base = dict(model=model, n=n, depth=L, floor_us=floor_us(q, k, v))
+        t = bench(lambda: None)
+        rows.append(dict(base, what="empty (timer floor)", p50_us=t[1]))
+        t = bench(lambda: kv2.copy_(kv))
+        rows.append(dict(base, what="copy K+V once (reads+writes 2x the bytes)", p50_us=t[1]))
+        out = torch.empty(1, n, Hq, D, device="cuda", dtype=q.dtype)
+        for N in (64, 128, 264):
+            p = skattn.plan(batch=1, q_len=n, kv_len=L, q_heads=Hq, kv_heads=Hkv, head_dim=D,
+                            causal=True, nblocks=N)
+            scale = D ** -0.5
+            t_main = bench(lambda: launch.run(p, q, k, v, out, None, scale=scale, main_only=True))
+            t_all = bench(lambda: launch.run(p, q, k, v, out, None, scale=scale))
+            rows.append(dict(base, what=f"main kernel, N={N} {p.fixup}", p50_us=t_main[1]))
+            rows.append(dict(base, what=f"main + fixup, N={N} {p.fixup}", p50_us=t_all[1]))
+        for r in rows[-8:]:
+            print(f"{model:18s} n={n} L={L:<6d} {r['what']:45s} {r['p50_us']:8.1f} us", flush=True)
+    _write("breakdown.csv", rows)
+
+
 def _resources():
     """Registers, spills and shared memory of the most recently compiled main kernel."""
     from skattn.kernels.attention import attention_kernel
@@ -154,6 +186,8 @@ if __name__ == "__main__":
     print(torch.cuda.get_device_name(), torch.__version__, triton.__version__, flush=True)
     if "host" in what:
         host_overhead()
+    if "breakdown" in what:
+        breakdown()
     if "configs" in what:
         configs()
     if "sweep" in what:
