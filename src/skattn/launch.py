@@ -24,6 +24,7 @@ class Buffers:
     counters: torch.Tensor  # [ntiles_dst] int32, fused fixup only; reset by the kernel
     jt_off: torch.Tensor    # [ntiles_x + 1] int32: token block offsets in a group's work
     kv_first: torch.Tensor  # [ntiles_x] int32: first visible KV block per token block
+    fastdiv: tuple[int, ...]  # (mp, shift) for ntiles_x, ntiles_z, kv_heads, group_work
 
 
 _BUFFERS: dict[tuple[Plan, torch.device], Buffers] = {}
@@ -43,12 +44,10 @@ def buffers(plan: Plan, device: torch.device) -> Buffers:
                                  device=device, dtype=torch.int32),
             jt_off=torch.tensor(plan.jt_offsets, device=device, dtype=torch.int32),
             kv_first=torch.tensor(plan.kv_first, device=device, dtype=torch.int32),
+            fastdiv=tuple(x for d in (plan.ntiles_x, plan.ntiles_z, plan.kv_heads, plan.group_work)
+                          for x in magic(max(1, d))),
         )
     return _BUFFERS[key]
-
-
-def _fd(d: int) -> tuple[int, int]:
-    return magic(max(1, d))
 
 
 def run(plan: Plan, q, k, v, out, lse, *, scale: float, mask=None, sinks=None, softcap=0.0,
@@ -72,8 +71,7 @@ def run(plan: Plan, q, k, v, out, lse, *, scale: float, mask=None, sinks=None, s
     else:
         qk_scale, softcap_scale = scale * LOG2E, 1.0
     ratio = plan.gqa_ratio
-    fd_x, fd_z, fd_h, fd_w = (_fd(plan.ntiles_x), _fd(plan.ntiles_z), _fd(plan.kv_heads),
-                              _fd(plan.group_work))
+    fd_x, fd_z, fd_h, fd_w = (buf.fastdiv[i:i + 2] for i in (0, 2, 4, 6))
     common = dict(
         HEAD_DIM_V=plan.head_dim_v, BLOCK_M=g.block_m, BLOCK_DV=g.block_dv,
         HEADS_PER_TILE=g.heads_per_tile, TOKENS_PER_TILE=g.tokens_per_tile,
