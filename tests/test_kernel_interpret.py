@@ -77,6 +77,16 @@ def test_n_equals_w():
     check(q, k, v, plan_for(q, k, v, nblocks=p0.work))
 
 
+@pytest.mark.parametrize("fixup,nblocks", [("uniform", 40), ("uniform", 37), ("general", 37),
+                                           ("fused", 37)])
+def test_many_pieces_per_tile(fixup, nblocks):
+    # one tile cut into 37-40 pieces: the merges take them 16 at a time, the last step partial
+    q, k, v = make(Lq=1, Lk=640, Hq=4, Hkv=1)
+    p = plan_for(q, k, v, nblocks=nblocks, fixup=fixup)
+    assert p.ntiles_dst == 1 and p.fixup == fixup
+    check(q, k, v, p)
+
+
 @pytest.mark.parametrize("policy", ["llamacpp-master", "seed-4x", "llamacpp", "split", "auto"])
 def test_policies(policy):
     q, k, v = make(Lq=3, Lk=150, Hq=4, Hkv=2)

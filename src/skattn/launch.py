@@ -12,6 +12,13 @@ from skattn.planner import Plan
 
 LOG2E = 1.4426950408889634
 FIXUP_DV = 32  # Dv columns per fixup program
+MERGE_ELEMENTS_PER_THREAD = 64  # f32 values of partials one merge step loads per thread
+
+
+def merge_pieces(block_m: int, block_dv: int, num_warps: int) -> int:
+    """Partials merged per step: as many as fit MERGE_ELEMENTS_PER_THREAD (a power of 2)."""
+    budget = num_warps * 32 * MERGE_ELEMENTS_PER_THREAD // (block_m * block_dv)
+    return max(1, min(16, 1 << max(0, budget.bit_length() - 1)))
 
 
 @dataclass(frozen=True)
@@ -98,11 +105,14 @@ def run(plan: Plan, q, k, v, out, lse, *, scale: float, mask=None, sinks=None, s
         HAS_MASK=mask is not None, HAS_ALIBI=alibi_slopes is not None, SOFTCAP=bool(softcap),
         FUSED=plan.fixup == "fused", PER_TILE_RANGES=plan.per_tile_ranges,
         DOT_F32=interpreting() and k.dtype == torch.bfloat16,
+        FIX_DV=min(g.block_dv, FIXUP_DV),
+        MERGE_PIECES=merge_pieces(g.block_m, min(g.block_dv, FIXUP_DV), g.num_warps),
         num_warps=g.num_warps, num_stages=g.num_stages, **common,
     )
     # -- fixups: one program per (tile, FIXUP_DV columns of Dv)
     fix_dv = min(g.block_dv, FIXUP_DV)
     common["BLOCK_DV"] = fix_dv
+    common["MERGE_PIECES"] = merge_pieces(g.block_m, fix_dv, 4)
     chunks = g.block_dv // fix_dv
     if main_only:
         return

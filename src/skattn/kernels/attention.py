@@ -29,6 +29,7 @@ def attention_kernel(
     HAS_SINKS: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr,
     RETURN_LSE: tl.constexpr, FUSED: tl.constexpr, PER_TILE_RANGES: tl.constexpr,
     USE_FASTDIV: tl.constexpr, DOT_F32: tl.constexpr,
+    FIX_DV: tl.constexpr, MERGE_PIECES: tl.constexpr,
 ):
     p = tl.program_id(0)
     # -- this program's [start, end) of the work list
@@ -81,7 +82,7 @@ def attention_kernel(
                 _fused_fixup(tile, first, stop, work, nblocks, b, qi, head, valid,
                              O, stride_ob, stride_om, stride_oh, LSE, stride_lb, stride_lh, SINKS,
                              WS_O, WS_M, WS_L, COUNTERS, HEAD_DIM_V, BLOCK_M, BLOCK_DV,
-                             HAS_SINKS, RETURN_LSE)
+                             HAS_SINKS, RETURN_LSE, FIX_DV, MERGE_PIECES)
         item = stop_here
 
 
@@ -90,16 +91,21 @@ def _fused_fixup(tile, first, stop, work, nblocks, b, qi, head, valid,
                  O, stride_ob, stride_om, stride_oh, LSE, stride_lb, stride_lh, SINKS,
                  WS_O, WS_M, WS_L, COUNTERS,
                  HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
-                 HAS_SINKS: tl.constexpr, RETURN_LSE: tl.constexpr):
-    """The last program to leave a piece of `tile` merges all pieces (no waiting)."""
+                 HAS_SINKS: tl.constexpr, RETURN_LSE: tl.constexpr,
+                 FIX_DV: tl.constexpr, MERGE_PIECES: tl.constexpr):
+    """The last program to leave a piece of `tile` merges all pieces (no waiting),
+    FIX_DV columns of Dv at a time."""
     p_first = program_of(first, work, nblocks)
     p_last = program_of(stop - 1, work, nblocks)
     tl.debug_barrier()  # every thread's partial is stored before the release below
     arrived = tl.atomic_add(COUNTERS + tile, 1, sem="acq_rel")
     if arrived == p_last - p_first:
         tl.debug_barrier()
-        acc, m_i, l_i = merge_pieces(p_first, p_last, first, work, nblocks, WS_O, WS_M, WS_L, 0,
-                                     HEAD_DIM_V, BLOCK_M, BLOCK_DV, True)
-        finalize_store(acc, m_i, l_i, b, qi, head, valid, O, stride_ob, stride_om, stride_oh,
-                       LSE, stride_lb, stride_lh, SINKS, HEAD_DIM_V, BLOCK_DV, HAS_SINKS, RETURN_LSE)
+        for c in tl.static_range(BLOCK_DV // FIX_DV):
+            acc, m_i, l_i = merge_pieces(p_first, p_last, first, work, nblocks, valid,
+                                         WS_O, WS_M, WS_L, c * FIX_DV, HEAD_DIM_V, BLOCK_M,
+                                         FIX_DV, MERGE_PIECES, True)
+            finalize_store(acc, m_i, l_i, b, qi, head, valid, O, stride_ob, stride_om,
+                           stride_oh, LSE, stride_lb, stride_lh, SINKS, HEAD_DIM_V, FIX_DV,
+                           HAS_SINKS, RETURN_LSE, c * FIX_DV)
         tl.atomic_xchg(COUNTERS + tile, 0)  # ready for the next launch of this plan

@@ -105,36 +105,41 @@ def store_partial(acc, m_i, l_i, slot_index, WS_O, WS_M, WS_L,
 
 
 @triton.jit
-def merge_pieces(p_lo, p_hi, first, work, nblocks, WS_O, WS_M, WS_L, dv0,
+def merge_pieces(p_lo, p_hi, first, work, nblocks, valid, WS_O, WS_M, WS_L, dv0,
                  HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
-                 LINEAR: tl.constexpr):
+                 PIECES: tl.constexpr, LINEAR: tl.constexpr):
     """Merge the partials of programs p_lo..p_hi for the tile starting at item `first`.
 
-    Two passes: the row maxima first (small loads), then the weighted sum, whose loads do not
-    depend on each other and so are pipelined (a serial merge is latency-bound). Program q
+    PIECES partials at a time: their maxima, sums and values are loaded together as one
+    [PIECES, BLOCK_M, (BLOCK_DV)] block, so a merge costs one memory latency per PIECES
+    pieces, not one per piece (a serial merge of 16-66 pieces cost 13-44 us). Program q
     holds the tile in slot 1 if it started before the tile (its last tile), else in slot 0;
     with per-tile ranges (LINEAR=False, uniform plans) every piece is in slot 0.
-    Reads bypass L1, which is not coherent with other SMs' writes.
+    Rows that are not `valid` are not read. Reads bypass L1, which is not coherent with other
+    SMs' writes.
     """
     r = tl.arange(0, BLOCK_M)
     dv = dv0 + tl.arange(0, BLOCK_DV)
     m_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    for q in range(p_lo, p_hi + 1):
-        slot = 2 * q
-        if LINEAR:
-            slot += (program_start(q, work, nblocks) < first).to(tl.int32)
-        m_max = tl.maximum(m_max, tl.load(WS_M + slot * BLOCK_M + r, cache_modifier=".cg"))
-    m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for q in range(p_lo, p_hi + 1):
-        slot = 2 * q
+    for q0 in range(p_lo, p_hi + 1, PIECES):
+        qs = q0 + tl.arange(0, PIECES)
+        slot = 2 * qs
         if LINEAR:
-            slot += (program_start(q, work, nblocks) < first).to(tl.int32)
-        base = slot * BLOCK_M + r
-        o = tl.load(WS_O + base[:, None] * HEAD_DIM_V + dv[None, :], mask=dv[None, :] < HEAD_DIM_V,
-                    other=0.0, cache_modifier=".cg")
-        w = tl.exp2(tl.load(WS_M + base, cache_modifier=".cg") - m_safe)
-        acc += o * w[:, None]
-        l_i += tl.load(WS_L + base, cache_modifier=".cg") * w
+            slot += (program_start(qs, work, nblocks) < first).to(tl.int32)
+        row = slot[:, None] * BLOCK_M + r[None, :]  # [PIECES, BLOCK_M]
+        ok = (qs[:, None] <= p_hi) & valid[None, :]
+        m = tl.load(WS_M + row, mask=ok, other=float("-inf"), cache_modifier=".cg")
+        l = tl.load(WS_L + row, mask=ok, other=0.0, cache_modifier=".cg")
+        o = tl.load(WS_O + row[:, :, None] * HEAD_DIM_V + dv[None, None, :],
+                    mask=ok[:, :, None] & (dv[None, None, :] < HEAD_DIM_V), other=0.0,
+                    cache_modifier=".cg")
+        m_new = tl.maximum(m_max, tl.max(m, 0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_max - m_safe)
+        w = tl.exp2(m - m_safe[None, :])  # [PIECES, BLOCK_M]; 0 for masked pieces
+        acc = acc * alpha[:, None] + tl.sum(o * w[:, :, None], 0)
+        l_i = l_i * alpha + tl.sum(l * w, 0)
+        m_max = m_new
     return acc, m_max, l_i

@@ -1,0 +1,165 @@
+"""Decode diagnostics on a GPU: what the access pattern can stream, and what our kernel does.
+
+  python3 scripts/probe_decode.py stream    # bandwidth of minimal stream kernels vs N, stages
+  python3 scripts/probe_decode.py kernel    # skattn's kernel: resources, cp.async, times vs N
+  python3 scripts/probe_decode.py ncu-run   # one cell, few launches (run under ncu)
+
+Writes probe_decode.csv to $OUT (or benchmarks/results).
+"""
+from __future__ import annotations
+
+import csv
+import os
+import sys
+from pathlib import Path
+
+import torch
+import triton
+import triton.language as tl
+
+import skattn
+from skattn import launch
+from skattn.bench.timing import ColdTimer
+from skattn.models import MODELS
+
+OUT = Path(os.environ.get("OUT") or "benchmarks/results")
+CELL = ("llama-8b", 1, 32768)
+
+
+@triton.jit
+def stream_kernel(Q, K, V, OUT, total, nprog, blocks_per_head, stride_kn, stride_kh,
+                  D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+                  DOTS: tl.constexpr, STAGES: tl.constexpr):
+    """Each program reads K and V blocks [start, end) of the (head, block) list."""
+    p = tl.program_id(0)
+    start = (p * total) // nprog
+    end = ((p + 1) * total) // nprog
+    n = tl.arange(0, BLOCK_N)
+    d = tl.arange(0, D)
+    m = tl.arange(0, BLOCK_M)
+    q = tl.load(Q + m[:, None] * D + d[None, :])
+    acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_N, D], dtype=tl.float32)
+    for i in tl.range(start, end, num_stages=STAGES):
+        h = i // blocks_per_head
+        j = i - h * blocks_per_head
+        base = h * stride_kh + (j * BLOCK_N) * stride_kn
+        if DOTS:
+            kt = tl.load(K + base + n[None, :] * stride_kn + d[:, None])
+            s = tl.dot(q, kt)
+            v = tl.load(V + base + n[:, None] * stride_kn + d[None, :])
+            acc += tl.dot(s.to(tl.float16), v)
+        else:
+            k = tl.load(K + base + n[:, None] * stride_kn + d[None, :])
+            v = tl.load(V + base + n[:, None] * stride_kn + d[None, :])
+            acc2 += k.to(tl.float32) + v.to(tl.float32)
+    if DOTS:
+        tl.store(OUT + p * BLOCK_M * D + m[:, None] * D + d[None, :], acc)
+    else:
+        tl.store(OUT + p * BLOCK_M * D + m[:, None] * D + d[None, :],
+                 tl.sum(acc2, 0)[None, :] + tl.zeros([BLOCK_M, D], dtype=tl.float32))
+
+
+def inputs(model, n, L):
+    Hq, Hkv, D = MODELS[model][:3]
+    q = torch.randn(1, n, Hq, D, device="cuda", dtype=torch.float16)
+    k = torch.randn(1, L, Hkv, D, device="cuda", dtype=torch.float16)
+    v = torch.randn(1, L, Hkv, D, device="cuda", dtype=torch.float16)
+    return q, k, v
+
+
+def stream(timer, rows):
+    for model, n, L in (CELL, ("llama-8b", 1, 8192)):
+        q, k, v = inputs(model, n, L)
+        Hkv, D = k.shape[2], k.shape[3]
+        nbytes = 2 * k.numel() * 2
+        qs = torch.randn(16, D, device="cuda", dtype=torch.float16)
+        for bn in (64, 128):
+            total = Hkv * (L // bn)
+            for dots in (False, True):
+                for stages in (2, 3, 4, 6):
+                    for N in (132, 264, 396, 528, 1056):
+                        out = torch.empty(N, 16, D, device="cuda", dtype=torch.float32)
+                        args = (qs, k, v, out, total, N, L // bn, k.stride(1), k.stride(2))
+                        kw = dict(D=D, BLOCK_N=bn, BLOCK_M=16, DOTS=dots, STAGES=stages,
+                                  num_warps=4)
+                        try:
+                            ck = stream_kernel[(N,)](*args, **kw)
+                            t = timer.time(lambda: stream_kernel[(N,)](*args, **kw), reps=30)
+                            res = dict(n_regs=ck.n_regs, shared=ck.metadata.shared,
+                                       cp_async="cp.async" in ck.asm["ptx"])
+                        except Exception as e:  # noqa: BLE001 (too much shared memory)
+                            print("fail", bn, dots, stages, N, repr(e)[:120])
+                            continue
+                        rows.append(dict(what="stream", model=model, depth=L, block_n=bn,
+                                         dots=dots, stages=stages, nblocks=N, p50_us=t.p50,
+                                         tbps=nbytes / t.p50 / 1e6, **res))
+                        print(f"stream L={L} bn={bn} dots={dots:d} st={stages} N={N:5d} "
+                              f"{t.p50:7.1f} us {nbytes / t.p50 / 1e6:5.2f} TB/s {res}",
+                              flush=True)
+
+
+def kernel(timer, rows):
+    from skattn.kernels.attention import attention_kernel
+
+    for model, n, L in (CELL, ("llama-8b", 1, 8192), ("qwen3moe-30b-a3b", 2, 8192)):
+        q, k, v = inputs(model, n, L)
+        Hq, Hkv, D = MODELS[model][:3]
+        nbytes = 2 * k.numel() * 2
+        out = torch.empty_like(q)
+        for N in (128, 264, 396, 528):
+            for stages in (3, 4):
+                p = skattn.plan(batch=1, q_len=n, kv_len=L, q_heads=Hq, kv_heads=Hkv,
+                                head_dim=D, causal=True, nblocks=N, num_stages=stages)
+                launch.run(p, q, k, v, out, None, scale=D ** -0.5)
+                torch.cuda.synchronize()
+                ck = list(attention_kernel.device_caches[0][0].values())[-1]
+                ptx = ck.asm["ptx"]
+                res = dict(n_regs=ck.n_regs, shared=ck.metadata.shared,
+                           cp_async=ptx.count("cp.async.cg") + ptx.count("cp.async.ca"),
+                           ld_global=ptx.count("ld.global"))
+                t_main = timer.time(lambda: launch.run(p, q, k, v, out, None, scale=D ** -0.5,
+                                                       main_only=True), reps=30)
+                t_all = timer.time(lambda: launch.run(p, q, k, v, out, None, scale=D ** -0.5),
+                                   reps=30)
+                rows.append(dict(what="skattn", model=model, depth=L, block_n=p.geometry.block_n,
+                                 stages=stages, nblocks=N, fixup=p.fixup, p50_us=t_all.p50,
+                                 main_us=t_main.p50, tbps=nbytes / t_all.p50 / 1e6, **res))
+                print(f"skattn {model} n={n} L={L} N={N} st={stages} {p.fixup}: main "
+                      f"{t_main.p50:6.1f} all {t_all.p50:6.1f} us {res}", flush=True)
+    t = timer.time(lambda: None, reps=30)
+    rows.append(dict(what="empty", p50_us=t.p50))
+    print(f"timer floor (nothing between events): {t.p50:.1f} us")
+
+
+def ncu_run():
+    model, n, L = CELL
+    q, k, v = inputs(model, n, L)
+    Hq, Hkv, D = MODELS[model][:3]
+    out = torch.empty_like(q)
+    p = skattn.plan(batch=1, q_len=n, kv_len=L, q_heads=Hq, kv_heads=Hkv, head_dim=D,
+                    causal=True, nblocks=int(os.environ.get("PROBE_N", "128")))
+    for _ in range(3):
+        launch.run(p, q, k, v, out, None, scale=D ** -0.5)
+    torch.cuda.synchronize()
+
+
+def main():
+    if sys.argv[1:] == ["ncu-run"]:
+        return ncu_run()
+    timer = ColdTimer()
+    rows = []
+    if "stream" in sys.argv:
+        stream(timer, rows)
+    if "kernel" in sys.argv:
+        kernel(timer, rows)
+    OUT.mkdir(parents=True, exist_ok=True)
+    keys = sorted({k for r in rows for k in r})
+    with open(OUT / "probe_decode.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+
+
+if __name__ == "__main__":
+    main()
