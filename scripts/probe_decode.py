@@ -77,8 +77,8 @@ def stream(timer, rows):
         for bn in (64, 128):
             total = Hkv * (L // bn)
             for dots in (False, True):
-                for stages in (2, 3, 4, 6):
-                    for N in (132, 264, 396, 528, 1056):
+                for stages in (2, 4, 6):
+                    for N in (132, 264, 528):
                         out = torch.empty(N, 16, D, device="cuda", dtype=torch.float32)
                         args = (qs, k, v, out, total, N, L // bn, k.stride(1), k.stride(2))
                         kw = dict(D=D, BLOCK_N=bn, BLOCK_M=16, DOTS=dots, STAGES=stages,
@@ -102,15 +102,20 @@ def stream(timer, rows):
 def kernel(timer, rows):
     from skattn.kernels.attention import attention_kernel
 
+    t = timer.time(lambda: None, reps=30)
+    rows.append(dict(what="empty", p50_us=t.p50))
+    print(f"timer floor (nothing between events): {t.p50:.1f} us", flush=True)
     for model, n, L in (CELL, ("llama-8b", 1, 8192), ("qwen3moe-30b-a3b", 2, 8192)):
         q, k, v = inputs(model, n, L)
         Hq, Hkv, D = MODELS[model][:3]
         nbytes = 2 * k.numel() * 2
         out = torch.empty_like(q)
-        for N in (128, 264, 396, 528):
-            for stages in (3, 4):
+        for N, fixup in ((128, None), (128, "fused"), (132, None), (264, None), (264, "fused"),
+                         (396, None)):
+            for stages in (4,):
                 p = skattn.plan(batch=1, q_len=n, kv_len=L, q_heads=Hq, kv_heads=Hkv,
-                                head_dim=D, causal=True, nblocks=N, num_stages=stages)
+                                head_dim=D, causal=True, nblocks=N, num_stages=stages,
+                                fixup=fixup)
                 launch.run(p, q, k, v, out, None, scale=D ** -0.5)
                 torch.cuda.synchronize()
                 ck = list(attention_kernel.device_caches[0][0].values())[-1]
@@ -127,18 +132,16 @@ def kernel(timer, rows):
                                  main_us=t_main.p50, tbps=nbytes / t_all.p50 / 1e6, **res))
                 print(f"skattn {model} n={n} L={L} N={N} st={stages} {p.fixup}: main "
                       f"{t_main.p50:6.1f} all {t_all.p50:6.1f} us {res}", flush=True)
-    t = timer.time(lambda: None, reps=30)
-    rows.append(dict(what="empty", p50_us=t.p50))
-    print(f"timer floor (nothing between events): {t.p50:.1f} us")
 
 
 def ncu_run():
-    model, n, L = CELL
+    model, n, L = CELL[0], CELL[1], int(os.environ.get("PROBE_L", CELL[2]))
     q, k, v = inputs(model, n, L)
     Hq, Hkv, D = MODELS[model][:3]
     out = torch.empty_like(q)
     p = skattn.plan(batch=1, q_len=n, kv_len=L, q_heads=Hq, kv_heads=Hkv, head_dim=D,
-                    causal=True, nblocks=int(os.environ.get("PROBE_N", "128")))
+                    causal=True, nblocks=int(os.environ.get("PROBE_N", "128")),
+                    fixup=os.environ.get("PROBE_FIXUP") or None)
     for _ in range(3):
         launch.run(p, q, k, v, out, None, scale=D ** -0.5)
     torch.cuda.synchronize()
@@ -149,10 +152,16 @@ def main():
         return ncu_run()
     timer = ColdTimer()
     rows = []
-    if "stream" in sys.argv:
-        stream(timer, rows)
-    if "kernel" in sys.argv:
-        kernel(timer, rows)
+    try:
+        if "kernel" in sys.argv:
+            kernel(timer, rows)
+        if "stream" in sys.argv:
+            stream(timer, rows)
+    finally:
+        _write(rows)
+
+
+def _write(rows):
     OUT.mkdir(parents=True, exist_ok=True)
     keys = sorted({k for r in rows for k in r})
     with open(OUT / "probe_decode.csv", "w", newline="") as f:
