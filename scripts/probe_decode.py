@@ -2,6 +2,7 @@
 
   python3 scripts/probe_decode.py stream    # bandwidth of minimal stream kernels vs N, stages
   python3 scripts/probe_decode.py kernel    # skattn's kernel: resources, cp.async, times vs N
+  python3 scripts/probe_decode.py flush     # none / read / write flush on the same kernels
   python3 scripts/probe_decode.py ncu-run   # one cell, few launches (run under ncu)
 
 Writes probe_decode.csv to $OUT (or benchmarks/results).
@@ -134,6 +135,53 @@ def kernel(timer, rows):
                       f"{t_main.p50:6.1f} all {t_all.p50:6.1f} us {res}", flush=True)
 
 
+def flush_modes(rows):
+    """The same kernels timed with no flush, a read flush and a write flush (do_bench's)."""
+    import torch.nn.functional as F
+
+    class HotTimer(ColdTimer):
+        def flush(self):
+            pass
+
+    timers = {"none": HotTimer(), "read": ColdTimer(flush="read"), "write": ColdTimer(flush="write")}
+    for model, n, L in (("llama-8b", 1, 8192), CELL):
+        q, k, v = inputs(model, n, L)
+        Hq, Hkv, D = MODELS[model][:3]
+        nbytes = 2 * k.numel() * 2
+        out = torch.empty_like(q)
+        qs = torch.randn(16, D, device="cuda", dtype=torch.float16)
+        sout = torch.empty(132, 16, D, device="cuda", dtype=torch.float32)
+        sargs = (qs, k, v, sout, Hkv * (L // 64), 132, L // 64, k.stride(1), k.stride(2))
+        skw = dict(D=D, BLOCK_N=64, BLOCK_M=16, DOTS=True, STAGES=4, num_warps=4)
+        qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+        fns = {"stream N=132": lambda: stream_kernel[(132,)](*sargs, **skw)}
+        for N, fixup in ((128, None), (128, "fused")):
+            p = skattn.plan(batch=1, q_len=n, kv_len=L, q_heads=Hq, kv_heads=Hkv, head_dim=D,
+                            causal=True, nblocks=N, fixup=fixup)
+            fns[f"skattn N={N} {p.fixup}"] = (
+                lambda p=p: launch.run(p, q, k, v, out, None, scale=D ** -0.5))
+        for backend in ("CUDNN_ATTENTION", "FLASH_ATTENTION"):
+            def sdpa(backend=backend):
+                with torch.nn.attention.sdpa_kernel(getattr(torch.nn.attention.SDPBackend, backend)):
+                    F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True)
+            fns[f"sdpa {backend.split('_')[0].lower()}"] = sdpa
+        for name, fn in fns.items():
+            fn()
+            for mode, timer in timers.items():
+                t = timer.time(fn, reps=40)
+                rows.append(dict(what=f"flush-{mode}", model=model, depth=L, kernel=name,
+                                 p50_us=t.p50, tbps=nbytes / t.p50 / 1e6))
+                print(f"L={L:<6d} {name:22s} flush={mode:5s} {t.p50:7.1f} us "
+                      f"({nbytes / t.p50 / 1e6:.2f} TB/s of K+V)", flush=True)
+    src = torch.empty(1 << 30, dtype=torch.float16, device="cuda")
+    dst = torch.empty_like(src)
+    for mode, timer in timers.items():
+        t = timer.time(lambda: dst.copy_(src), reps=20)
+        print(f"copy 2 GiB + 2 GiB flush={mode}: {4 * 2**30 / t.p50 / 1e6:.2f} TB/s", flush=True)
+        rows.append(dict(what=f"flush-{mode}", kernel="copy 2GiB", p50_us=t.p50,
+                         tbps=4 * 2**30 / t.p50 / 1e6))
+
+
 def ncu_run():
     model, n, L = CELL[0], CELL[1], int(os.environ.get("PROBE_L", CELL[2]))
     q, k, v = inputs(model, n, L)
@@ -153,6 +201,8 @@ def main():
     timer = ColdTimer()
     rows = []
     try:
+        if "flush" in sys.argv:
+            flush_modes(rows)
         if "kernel" in sys.argv:
             kernel(timer, rows)
         if "stream" in sys.argv:

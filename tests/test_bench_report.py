@@ -176,6 +176,9 @@ def test_run_grid_writes_csv_json_and_report(tmp_path, monkeypatch):
     class FakeTimer:
         flush_bytes = 0
 
+        def __init__(self, flush="read"):
+            assert flush in timing.FLUSH_MODES
+
         def time(self, fn, warmup, reps):
             fn()
             return Timing(4.0, 5.0, 6.0, reps)
@@ -199,6 +202,7 @@ def test_run_grid_writes_csv_json_and_report(tmp_path, monkeypatch):
     assert [r["status"] for r in rows] == ["ok", "error: ZeroDivisionError: division by zero"] * 2
     written = read_rows([csv_path])
     assert len(written) == 4 and written[0]["p50_us"] == "5.000" and written[0]["gpu"] == "none (test)"
+    assert written[0]["flush"] == "read"
     floor = floor_us(cell_bytes(4, 2, 16, 1, 48), cell_flops(4, 16, 1, 48), H100)
     assert float(written[0]["pct_floor"]) == pytest.approx(100 * floor / 5.0, rel=1e-3)
     meta = json.loads(json_path.read_text())

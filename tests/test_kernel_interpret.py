@@ -143,6 +143,15 @@ def test_window_and_sinks():
           window=20, sinks=sinks)
 
 
+@pytest.mark.parametrize("fixup", [None, "fused"])
+def test_decode_window_starts_past_zero(fixup):
+    # one token block whose first visible KV block is not 0 (the kernel gets it as a scalar)
+    q, k, v = make(Lq=2, Lk=200, Hq=8, Hkv=2)
+    p = plan_for(q, k, v, window=40, nblocks=5, fixup=fixup)
+    assert p.ntiles_x == 1 and p.kv_first[0] > 0
+    check(q, k, v, p, window=40)
+
+
 def test_mask_softcap_alibi():
     q, k, v = make(B=2, Lq=3, Lk=60, Hq=4, Hkv=2)
     g = torch.Generator().manual_seed(4)

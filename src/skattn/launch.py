@@ -97,7 +97,7 @@ def run(plan: Plan, q, k, v, out, lse, *, scale: float, mask=None, sinks=None, s
         alibi_slopes if alibi_slopes is not None else placeholder,
         buf.ws_o, buf.ws_m, buf.ws_l, buf.counters, buf.jt_off, buf.kv_first,
         plan.q_len, plan.kv_len, ratio, plan.kv_heads, plan.ntiles_x, plan.ntiles_z,
-        plan.group_work, plan.work, plan.nblocks, plan.split,
+        plan.group_work, plan.work, plan.nblocks, plan.split, plan.kv_first[0],
         qk_scale, softcap_scale, plan.window or 0,
         *fd_x, *fd_z, *fd_h, *fd_w,
         HEAD_DIM=plan.head_dim, BLOCK_N=g.block_n, BLOCK_DK=g.block_dk, DK_CHUNKS=g.dk_chunks,
@@ -105,7 +105,7 @@ def run(plan: Plan, q, k, v, out, lse, *, scale: float, mask=None, sinks=None, s
         HAS_MASK=mask is not None, HAS_ALIBI=alibi_slopes is not None, SOFTCAP=bool(softcap),
         FUSED=plan.fixup == "fused", PER_TILE_RANGES=plan.per_tile_ranges,
         DOT_F32=interpreting() and k.dtype == torch.bfloat16,
-        FIX_DV=min(g.block_dv, FIXUP_DV),
+        ONE_TOKEN_BLOCK=plan.ntiles_x == 1, FIX_DV=min(g.block_dv, FIXUP_DV),
         MERGE_PIECES=merge_pieces(g.block_m, min(g.block_dv, FIXUP_DV), g.num_warps),
         num_warps=g.num_warps, num_stages=g.num_stages, **common,
     )

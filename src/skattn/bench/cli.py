@@ -39,6 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--time-limit", type=float, metavar="S",
                         help="start no new cell after S seconds (tables are still written)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--flush", choices=("read", "write"), default="read",
+                        help="how L2 is emptied before each timed run: read a 256 MB buffer "
+                             "(default) or overwrite it as do_bench does (L2 left dirty)")
 
 
 def _out_dir(args) -> Path:
@@ -89,7 +92,7 @@ def _gpu_mode(args, cells, providers, skipped) -> int:
     opts = RunOptions(warmup=args.warmup or (5 if args.quick else 10),
                       reps=args.reps or (30 if args.quick else 100), sms=args.sms,
                       blocks_per_sm=args.blocks_per_sm, seed=args.seed, time_limit_s=args.time_limit,
-                      quick=args.quick, progress=not args.no_progress)
+                      quick=args.quick, progress=not args.no_progress, flush=args.flush)
     tag = args.tag or time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     csv_path, json_path, rows = run_grid(cells, providers, out_dir=_out_dir(args), tag=tag, opts=opts,
                                          notes=skipped)

@@ -192,7 +192,7 @@ def anchors_table(rows: list[dict], anchors: list[dict]) -> tuple[str, str]:
 
 def _provenance(rows: list[dict]) -> str:
     parts = []
-    for key in ("gpu", "sms", "torch", "triton", "commit"):
+    for key in ("gpu", "sms", "torch", "triton", "commit", "flush"):
         values = sorted({r.get(key, "") for r in rows if r.get(key)})
         if values:
             parts.append(f"{key} {', '.join(values)}")

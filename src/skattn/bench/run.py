@@ -19,7 +19,8 @@ from skattn.bench.providers import BuildOptions, Provider, reference, relative_e
 
 COLUMNS = ("provider", "variant", "policy", "fixup", "model", "hq", "hkv", "d", "n", "depth",
            "nblocks", "status", "err", "p20_us", "p50_us", "p80_us", "floor_us", "pct_floor",
-           "bytes", "flops", "reps", "gpu", "sms", "torch", "triton", "commit", "timestamp")
+           "bytes", "flops", "reps", "gpu", "sms", "torch", "triton", "commit", "flush",
+           "timestamp")
 TOLERANCE = {torch.float16: 2e-2, torch.bfloat16: 4e-2}
 
 
@@ -35,6 +36,7 @@ class RunOptions:
     time_limit_s: float | None = None
     quick: bool = False
     progress: bool = True
+    flush: str = "read"
 
 
 def commit() -> str:
@@ -147,9 +149,9 @@ def run_grid(cells: list[Cell], providers: list[Provider], *, out_dir, tag: str,
     sms = opts.sms or torch.cuda.get_device_properties(0).multi_processor_count
     opts = RunOptions(**{**asdict(opts), "sms": sms})
     start = time.monotonic()
-    timer = ColdTimer()
+    timer = ColdTimer(flush=opts.flush)
     ceilings = measure_ceilings(timer, quick=opts.quick)
-    prov = provenance(sms)
+    prov = {**provenance(sms), "flush": opts.flush}
     meta = {**prov, "copy_GBps": ceilings.copy_bytes_per_s / 1e9,
             "matmul_TFLOPs": ceilings.matmul_flops_per_s / 1e12, "flush_bytes": timer.flush_bytes,
             "cuda": torch.version.cuda, "options": asdict(opts), "cells": len(cells),

@@ -38,8 +38,11 @@ def summarize(times_us: list[float]) -> Timing:
     return Timing(_quantile(s, 0.2), _quantile(s, 0.5), _quantile(s, 0.8), len(s))
 
 
+FLUSH_MODES = ("read", "write")
+
+
 class ColdTimer:
-    """Times a callable with a cold L2: a buffer of >= 2x L2 is overwritten before every run.
+    """Times a callable with a cold L2: a buffer of >= 2x L2 goes through L2 before every run.
 
     Parameters
     ----------
@@ -47,18 +50,29 @@ class ColdTimer:
         The CUDA device (the current one by default).
     flush_bytes : int, optional
         Size of the flush buffer; max(256 MiB, 2 x L2) by default.
+    flush : {"read", "write"}
+        "read" (default) reads the buffer, leaving L2 full of clean lines of it. "write"
+        overwrites it, as `triton.testing.do_bench` does: L2 is then full of dirty lines and
+        the timed kernel also pays for writing ~L2-size bytes back to memory (measured in
+        PERF.md: about 10 us on an H200). Both leave none of the timed kernel's inputs in L2.
     """
 
-    def __init__(self, device=None, flush_bytes: int | None = None):
+    def __init__(self, device=None, flush_bytes: int | None = None, flush: str = "read"):
+        if flush not in FLUSH_MODES:
+            raise ValueError(f"flush must be one of {FLUSH_MODES}, got {flush!r}")
+        self.flush_mode = flush
         self.device = torch.device("cuda", torch.cuda.current_device() if device is None else device)
         props = torch.cuda.get_device_properties(self.device)
         l2 = int(getattr(props, "L2_cache_size", 0) or 0)
         self.flush_bytes = flush_bytes or max(MIN_FLUSH_BYTES, 2 * l2)
-        self._flush = torch.empty(self.flush_bytes // 4, dtype=torch.int32, device=self.device)
+        self._flush = torch.zeros(self.flush_bytes // 4, dtype=torch.int32, device=self.device)
         self._spin = getattr(torch.cuda, "_sleep", None)
 
     def flush(self) -> None:
-        self._flush.zero_()
+        if self.flush_mode == "write":
+            self._flush.zero_()
+        else:
+            torch.amax(self._flush)
 
     def time(self, fn, *, warmup: int = 10, reps: int = 100) -> Timing:
         """Run `fn` `warmup` times, then `reps` timed runs each after an L2 flush.

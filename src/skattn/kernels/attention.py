@@ -19,6 +19,7 @@ def attention_kernel(
     WS_O, WS_M, WS_L, COUNTERS,  # partials [N*2, BLOCK_M, (Dv)], per-tile counters
     JT_OFF, KV_FIRST,  # per token block: offset in its group's work, first KV block
     q_len, kv_len, ratio, kv_heads, ntiles_x, ntiles_z, group_work, work, nblocks, split,
+    kv_first0,
     qk_scale, softcap_scale, window,
     fd_x_mp, fd_x_sh, fd_z_mp, fd_z_sh, fd_h_mp, fd_h_sh, fd_w_mp, fd_w_sh,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
@@ -28,7 +29,7 @@ def attention_kernel(
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_MASK: tl.constexpr,
     HAS_SINKS: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr,
     RETURN_LSE: tl.constexpr, FUSED: tl.constexpr, PER_TILE_RANGES: tl.constexpr,
-    USE_FASTDIV: tl.constexpr, DOT_F32: tl.constexpr,
+    USE_FASTDIV: tl.constexpr, DOT_F32: tl.constexpr, ONE_TOKEN_BLOCK: tl.constexpr,
     FIX_DV: tl.constexpr, MERGE_PIECES: tl.constexpr,
 ):
     p = tl.program_id(0)
@@ -38,8 +39,12 @@ def attention_kernel(
         i = p - tile0 * split
         group0 = _div(tile0, ntiles_x, fd_x_mp, fd_x_sh, USE_FASTDIV)
         jt0 = tile0 - group0 * ntiles_x
-        first0 = group0 * group_work + tl.load(JT_OFF + jt0)
-        n0 = tl.load(JT_OFF + jt0 + 1) - tl.load(JT_OFF + jt0)
+        if ONE_TOKEN_BLOCK:
+            first0 = group0 * group_work
+            n0 = group_work
+        else:
+            first0 = group0 * group_work + tl.load(JT_OFF + jt0)
+            n0 = tl.load(JT_OFF + jt0 + 1) - tl.load(JT_OFF + jt0)
         start = first0 + i * n0 // split
         end = first0 + (i + 1) * n0 // split
     else:
@@ -49,11 +54,14 @@ def attention_kernel(
     while item < end:
         # -- which tile holds `item`
         group, jt, first, stop = locate(item, group_work, ntiles_x, JT_OFF, fd_w_mp, fd_w_sh,
-                                        USE_FASTDIV)
+                                        USE_FASTDIV, ONE_TOKEN_BLOCK)
         tile = group * ntiles_x + jt
         b, g, z = decode_group(group, ntiles_z, kv_heads, fd_z_mp, fd_z_sh, fd_h_mp, fd_h_sh,
                                USE_FASTDIV)
-        kv0 = tl.load(KV_FIRST + jt) - first
+        if ONE_TOKEN_BLOCK:
+            kv0 = kv_first0 - first
+        else:
+            kv0 = tl.load(KV_FIRST + jt) - first
         stop_here = tl.minimum(end, stop)
         qi, head, valid = tile_rows(g, z, jt, q_len, ratio, HEADS_PER_TILE, TOKENS_PER_TILE, BLOCK_M)
         q = load_q(Q, b, qi, head, valid, stride_qb, stride_qm, stride_qh, 0,

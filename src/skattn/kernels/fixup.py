@@ -54,7 +54,7 @@ def general_fixup_kernel(
     start = program_start(p0, work, nblocks)
     end = program_start(p0 + 1, work, nblocks)
     group, jt, first, stop = locate(start, group_work, ntiles_x, JT_OFF, fd_w_mp, fd_w_sh,
-                                    USE_FASTDIV)
+                                    USE_FASTDIV, False)
     if (start > first) & (end >= stop):
         b, g, z = decode_group(group, ntiles_z, kv_heads, fd_z_mp, fd_z_sh, fd_h_mp, fd_h_sh,
                                USE_FASTDIV)

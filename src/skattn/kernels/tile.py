@@ -41,9 +41,13 @@ def program_of(item, work, nblocks):
 
 
 @triton.jit
-def locate(item, group_work, ntiles_x, JT_OFF, fd_w_mp, fd_w_sh, USE_FASTDIV: tl.constexpr):
-    """The tile holding `item`: (group, token block jt, its first item, its stop item)."""
+def locate(item, group_work, ntiles_x, JT_OFF, fd_w_mp, fd_w_sh, USE_FASTDIV: tl.constexpr,
+           ONE_TOKEN_BLOCK: tl.constexpr):
+    """The tile holding `item`: (group, token block jt, its first item, its stop item).
+    ONE_TOKEN_BLOCK (decode: ntiles_x == 1): a group is one tile; no table is read."""
     group = _div(item, group_work, fd_w_mp, fd_w_sh, USE_FASTDIV)
+    if ONE_TOKEN_BLOCK:
+        return group, 0, group * group_work, group * group_work + group_work
     r = item - group * group_work
     jt = 0
     j = 1
