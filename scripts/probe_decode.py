@@ -182,6 +182,30 @@ def flush_modes(rows):
                          tbps=4 * 2**30 / t.p50 / 1e6))
 
 
+def fused(rows):
+    """Fused fixup, merging 32 columns of Dv per step or all of them, vs the uniform fixup."""
+    timer = ColdTimer(flush="read")
+    for model, n, L in (("llama-8b", 1, 8192), CELL, ("qwen3moe-30b-a3b", 2, 8192)):
+        q, k, v = inputs(model, n, L)
+        Hq, Hkv, D = MODELS[model][:3]
+        out = torch.empty_like(q)
+        for N in (128, 264):
+            for fixup, dv in ((None, 32), ("fused", 32), ("fused", None)):
+                launch.FUSED_DV = dv
+                p = skattn.plan(batch=1, q_len=n, kv_len=L, q_heads=Hq, kv_heads=Hkv,
+                                head_dim=D, causal=True, nblocks=N, fixup=fixup)
+                run = lambda main_only=False: launch.run(p, q, k, v, out, None,  # noqa: E731
+                                                         scale=D ** -0.5, main_only=main_only)
+                run()
+                t_main = timer.time(lambda: run(True), reps=40)
+                t_all = timer.time(run, reps=40)
+                rows.append(dict(what="fused-dv", model=model, depth=L, nblocks=N,
+                                 fixup=p.fixup, fused_dv=dv, main_us=t_main.p50, p50_us=t_all.p50))
+                print(f"{model} n={n} L={L} N={N} {p.fixup:8s} dv={dv}: main {t_main.p50:6.1f} "
+                      f"all {t_all.p50:6.1f} us", flush=True)
+    launch.FUSED_DV = launch.FIXUP_DV
+
+
 def ncu_run():
     model, n, L = CELL[0], CELL[1], int(os.environ.get("PROBE_L", CELL[2]))
     q, k, v = inputs(model, n, L)
@@ -201,6 +225,8 @@ def main():
     timer = ColdTimer()
     rows = []
     try:
+        if "fused" in sys.argv:
+            fused(rows)
         if "flush" in sys.argv:
             flush_modes(rows)
         if "kernel" in sys.argv:

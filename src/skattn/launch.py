@@ -13,6 +13,7 @@ from skattn.planner import Plan
 LOG2E = 1.4426950408889634
 FIXUP_DV = 32  # Dv columns per fixup program
 MERGE_ELEMENTS_PER_THREAD = 64  # f32 values of partials one merge step loads per thread
+FUSED_DV = FIXUP_DV  # Dv columns per merge step in the fused fixup (None: all of Dv at once)
 
 
 def merge_pieces(block_m: int, block_dv: int, num_warps: int) -> int:
@@ -105,8 +106,9 @@ def run(plan: Plan, q, k, v, out, lse, *, scale: float, mask=None, sinks=None, s
         HAS_MASK=mask is not None, HAS_ALIBI=alibi_slopes is not None, SOFTCAP=bool(softcap),
         FUSED=plan.fixup == "fused", PER_TILE_RANGES=plan.per_tile_ranges,
         DOT_F32=interpreting() and k.dtype == torch.bfloat16,
-        ONE_TOKEN_BLOCK=plan.ntiles_x == 1, FIX_DV=min(g.block_dv, FIXUP_DV),
-        MERGE_PIECES=merge_pieces(g.block_m, min(g.block_dv, FIXUP_DV), g.num_warps),
+        ONE_TOKEN_BLOCK=plan.ntiles_x == 1, FIX_DV=min(g.block_dv, FUSED_DV or g.block_dv),
+        MERGE_PIECES=merge_pieces(g.block_m, min(g.block_dv, FUSED_DV or g.block_dv),
+                                  g.num_warps),
         num_warps=g.num_warps, num_stages=g.num_stages, **common,
     )
     # -- fixups: one program per (tile, FIXUP_DV columns of Dv)

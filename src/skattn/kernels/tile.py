@@ -127,7 +127,7 @@ def merge_pieces(p_lo, p_hi, first, work, nblocks, valid, WS_O, WS_M, WS_L, dv0,
     m_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for q0 in range(p_lo, p_hi + 1, PIECES):
+    for q0 in tl.range(p_lo, p_hi + 1, PIECES, num_stages=1):  # no cp.async pipelining
         qs = q0 + tl.arange(0, PIECES)
         slot = 2 * qs
         if LINEAR:
