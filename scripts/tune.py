@@ -3,7 +3,8 @@
 Writes CSVs to $OUT (or benchmarks/results): tune_configs.csv with each config's time and
 compiled resources, sweep_nblocks.csv with the time of every N for some cells and what each
 policy chose, breakdown.csv with where decode time goes.
-Usage: python3 scripts/tune.py [host] [breakdown] [configs [--prefill]] [sweep [--quick]]
+Usage: python3 scripts/tune.py [host] [breakdown] [configs [--prefill | --prefill-only]]
+       [sweep [--quick]]
 """
 from __future__ import annotations
 
@@ -22,11 +23,12 @@ from skattn.models import MODELS
 OUT = Path(os.environ.get("OUT") or "benchmarks/results")
 DECODE_CONFIGS = [(64, 4, 2), (64, 4, 3), (64, 4, 4), (128, 4, 2), (128, 4, 3), (128, 8, 3),
                   (64, 8, 4)]
-PREFILL_CONFIGS = [(64, 8, 2), (64, 8, 3), (128, 8, 2), (128, 8, 3)]
+PREFILL_CONFIGS = [(64, 8, 2), (64, 8, 3), (128, 8, 2), (128, 8, 3), (128, 4, 2), (128, 4, 3),
+                   (64, 4, 3), (64, 4, 4)]
 DECODE_CELLS = [("llama-8b", 1, 32768), ("llama-8b", 16, 32768), ("qwen3-14b", 4, 16384),
                 ("gpt-oss", 2, 16384)]
 NBLOCKS = {1: 128, 2: 128, 4: 128, 16: 128}  # near the sweep's best N for decode cells
-PREFILL_CELLS = [("llama-8b", 512, 16384), ("qwen3-14b", 512, 8192)]
+PREFILL_CELLS = [("gpt-oss", 512, 16384), ("llama-8b", 512, 8192), ("qwen3-14b", 512, 8192)]
 
 
 def inputs(model, n, L, seed=0):
@@ -74,8 +76,8 @@ def floor_us(q, k, v, bw=4.3e12):
 
 def configs():
     rows = []
-    cells = [(c, DECODE_CONFIGS) for c in DECODE_CELLS]
-    if "--prefill" in sys.argv:
+    cells = [] if "--prefill-only" in sys.argv else [(c, DECODE_CONFIGS) for c in DECODE_CELLS]
+    if "--prefill" in sys.argv or "--prefill-only" in sys.argv:
         cells += [(c, PREFILL_CONFIGS) for c in PREFILL_CELLS]
     for (model, n, L), cfgs in cells:
         q, k, v = inputs(model, n, L)
