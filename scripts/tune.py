@@ -145,10 +145,19 @@ def _resources():
     return dict(n_regs=kernel.n_regs, n_spills=kernel.n_spills, shared=kernel.metadata.shared)
 
 
-def sweep(quick=False):
+COARSE_N = (33, 44, 66, 88, 99, 112, 128, 132, 144, 160, 176, 198, 220, 264, 330, 396, 528)
+COARSE_CELLS = [("llama-8b", 1, 8192), ("llama-8b", 1, 32768), ("qwen3moe-30b-a3b", 2, 8192),
+                ("qwen3moe-30b-a3b", 1, 32768), ("qwen3-14b", 4, 32768), ("gpt-oss", 1, 32768),
+                ("gpt-oss", 8, 16384), ("llama-70b", 16, 16384)]
+
+
+def sweep(quick=False, coarse=False):
+    """Every N (or COARSE_N with --coarse, uniform/general only) for a few cells."""
     rows = []
     cells = [("llama-8b", 1, 16384), ("qwen3moe-30b-a3b", 2, 8192), ("qwen3-14b", 4, 32768),
              ("llama-70b", 16, 16384), ("gpt-oss", 1, 8192), ("llama-8b", 512, 8192)]
+    if coarse:
+        cells = COARSE_CELLS
     for model, n, L in cells[: 3 if quick else None]:
         q, k, v = inputs(model, n, L)
         Hq, Hkv, D = MODELS[model][:3]
@@ -159,8 +168,9 @@ def sweep(quick=False):
         top = min(base.work, 2 * base.max_blocks)
         step = 1 if top <= 300 else 2
         out = torch.empty(1, n, Hq, D, device="cuda", dtype=q.dtype)
-        for N in range(1, top + 1, step):
-            for fixup in (None, "fused"):
+        ns = [x for x in COARSE_N if x <= base.work] if coarse else range(1, top + 1, step)
+        for N in ns:
+            for fixup in (None,) if coarse else (None, "fused"):
                 p = skattn.plan(nblocks=N, fixup=fixup, **kw)
                 if fixup == "fused" and p.fixup == "none":
                     continue
@@ -193,4 +203,4 @@ if __name__ == "__main__":
     if "configs" in what:
         configs()
     if "sweep" in what:
-        sweep(quick="--quick" in sys.argv)
+        sweep(quick="--quick" in sys.argv, coarse="--coarse" in sys.argv)

@@ -10,7 +10,9 @@ from skattn.bench.floors import Ceilings
 MIN_FLUSH_BYTES = 256 << 20
 # GPU cycles to spin before each timed run, so that the CPU's launches queue up behind it and
 # host overhead (a busy CPU, Python argument handling) never shows as a gap inside the timing.
-SPIN_CYCLES = 400_000  # ~200 us at 2 GHz: longer than a call's host time, so launches queue
+# 2M cycles, ~1 ms at 2 GHz: several times a call's host time (~100 us for skattn; 400k cycles
+# were too few when the CPU was slow: whole cells measured host-bound, bench-grid-read.csv)
+SPIN_CYCLES = 2_000_000
 
 
 @dataclass(frozen=True)
