@@ -1,6 +1,7 @@
 """Registers, spills and shared memory of skattn's kernels for sm_90, compiled here (no GPU).
 
   python3 scripts/resources.py llama-8b 1 32768 [nblocks=128] [fixup=fused] [num_stages=4]
+  python3 scripts/resources.py --shape 256 256 4     # D Dv n, 16 query heads on 1 KV head
 
 Runs the planner and the launcher with CPU tensors, captures each kernel launch, compiles it
 ahead of time for an H100/H200 (sm_90a) and runs Triton's own ptxas -v on the PTX.
@@ -79,7 +80,30 @@ def compile_launch(fn, args, kw):
     return dict(shared=ck.metadata.shared, **ptxas(ck.asm["ptx"]))
 
 
+def main_kernel(D: int, Dv: int, n: int, *, heads: int = 16, kv_len: int = 3000) -> dict:
+    """Resources of the default main kernel for one KV head of `heads` query heads."""
+    p = skattn.plan(batch=1, q_len=n, kv_len=kv_len, q_heads=heads, kv_heads=1, head_dim=D,
+                    head_dim_v=Dv, causal=True, sms=132, blocks_per_sm=2)
+    q = torch.zeros(1, n, heads, D, dtype=torch.float16)
+    k = torch.empty(1, kv_len, 1, D, dtype=torch.float16)
+    v = torch.empty(1, kv_len, 1, Dv, dtype=torch.float16)
+    cap = Capture(attention.attention_kernel, "main")
+    saved, attention.attention_kernel = attention.attention_kernel, cap
+    try:
+        launch.run(p, q, k, v, torch.empty(1, n, heads, Dv, dtype=torch.float16), None,
+                   scale=0.1, main_only=True)
+    finally:
+        attention.attention_kernel = saved
+    _, args, kw = cap.calls[0]
+    return dict(compile_launch(saved, args, kw), num_stages=p.geometry.num_stages)
+
+
 def main(argv):
+    if argv[0] == "--shape":  # D Dv n: one JSON line
+        import json
+
+        print(json.dumps(main_kernel(*map(int, argv[1:4]))))
+        return
     model, n, L = argv[0], int(argv[1]), int(argv[2])
     extra = {}
     for a in argv[3:]:

@@ -35,6 +35,9 @@ def _pow2(x: int) -> int:
     return 1 << (x - 1).bit_length()
 
 
+STAGE_BYTES_BUDGET = 192 << 10  # shared memory for the K/V pipeline stages
+
+
 def tile_geometry(*, q_len: int, gqa_ratio: int, head_dim: int, head_dim_v: int,
                   block_m: int | None = None, block_n: int | None = None,
                   num_warps: int | None = None, num_stages: int | None = None) -> TileGeometry:
@@ -63,6 +66,11 @@ def tile_geometry(*, q_len: int, gqa_ratio: int, head_dim: int, head_dim_v: int,
         num_warps = 8 if prefill and not narrow_prefill else 4
     if num_stages is None:
         num_stages = 3 if prefill and not narrow_prefill else 4
+        # K and V of one stage stay in shared memory: large heads get fewer stages (sm_90 has
+        # 227 KB; D=256 decode needs 64 KB a stage, 576/512 needs 68 KB)
+        stage_bytes = block_n * (block_dk * dk_chunks + block_dv) * 2
+        while num_stages > 2 and num_stages * stage_bytes > STAGE_BYTES_BUDGET:
+            num_stages -= 1
     tokens = max(1, min(q_len, block_m // heads))
     return TileGeometry(block_m, heads, tokens, block_n, block_dk, dk_chunks,
                         block_dv, num_warps, num_stages)
