@@ -17,7 +17,7 @@ from skattn.policy import CostModel, cost_model_path, predict_us
 
 SWEEP_CELLS = [("llama-8b", 1, 16384), ("qwen3moe-30b-a3b", 2, 8192), ("qwen3-14b", 4, 32768),
                ("llama-70b", 16, 16384), ("gpt-oss", 1, 8192)]
-SATURATIONS = [0.2 + 0.05 * i for i in range(27)]  # 0.2 .. 1.5
+SATURATIONS = [0.2 + 0.005 * i for i in range(161)]  # 0.2 .. 1.0
 
 
 def _plan_for(row, sms, blocks_per_sm):
@@ -43,7 +43,10 @@ def fit(rows: list[dict], *, sms: int = 132, blocks_per_sm: int = 2) -> tuple[Co
     """Least-squares fit of the cost model to measured (cell, N, fixup) -> p50 rows.
 
     Each cell gets its own constant (launch and fixed costs common to all its N), so only the
-    terms that differ between N are fitted. Returns the model and its mean relative error.
+    terms that differ between N are fitted. The saturation is chosen by what `auto` is for:
+    the smallest worst-case regret (measured time at the N auto picks / best measured time)
+    over the swept cells, then the smallest fit error. Returns the model and its mean
+    relative error.
     """
     import numpy as np
 
@@ -61,10 +64,13 @@ def fit(rows: list[dict], *, sms: int = 132, blocks_per_sm: int = 2) -> tuple[Co
         coef, *_ = np.linalg.lstsq(x * w[:, None], y * w, rcond=None)
         coef[:3] = np.maximum(coef[:3], 0.0)
         err = float(np.mean(np.abs(x @ coef - y) / y))
-        if best is None or err < best[0]:
-            best = (err, sat, coef)
-    err, sat, coef = best
-    model = CostModel(us_per_item=float(coef[0]), saturation=round(sat, 2),
+        model = CostModel(us_per_item=float(coef[0]), saturation=sat, us_per_piece=float(coef[1]),
+                          us_launch=float(coef[2]))
+        regret = max(c["ratio"] for c in check(rows, model, sms=sms, blocks_per_sm=blocks_per_sm))
+        if best is None or (round(regret, 3), err) < best[0]:
+            best = ((round(regret, 3), err), sat, coef)
+    (_, err), sat, coef = best
+    model = CostModel(us_per_item=float(coef[0]), saturation=round(sat, 3),
                       us_per_piece=float(coef[1]), us_launch=float(coef[2]), source="fit")
     return model, err
 

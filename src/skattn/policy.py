@@ -26,19 +26,22 @@ def fixup_for(nblocks: int, ntiles_dst: int) -> str:
 class CostModel:
     """Parameters of the `auto` policy, in microseconds (see `skattn calibrate`).
 
-    us_per_item: one (tile, KV block) work item of a program while memory is not saturated.
-    saturation: the fraction of max_blocks at which memory bandwidth saturates; beyond it
-        every program slows down in proportion (time = longest * us_per_item * N / N_sat).
+    us_per_item: one (tile, KV block) work item of a program that has an SM to itself.
+    saturation: the fraction of max_blocks that run as one program per SM, N_sat; beyond it
+        programs share SMs in rounds (time = longest * us_per_item * ceil(N / N_sat)).
+        Measured on an H200 (132 SMs): N = 128 beat every N from 129 to 263 in every swept
+        decode cell (benchmarks/results/s2/sweep_nblocks_coarse.csv), so N_sat = 128.
     us_per_piece: merging one partial piece of a split tile.
     us_launch: the extra launch of a separate fixup kernel (uniform, general).
     """
 
-    # hand-set defaults; on an H200 they beat a fit to the committed (older-config) sweep in
-    # the same run, see PERF.md. `skattn calibrate` replaces them per GPU.
-    us_per_item: float = 1.0
-    saturation: float = 0.5
-    us_per_piece: float = 0.1
-    us_launch: float = 2.5
+    # fitted by `skattn calibrate --from-csv benchmarks/results/s2/sweep_nblocks_coarse.csv`
+    # (H200, 8 decode cells, 17 N each; auto's worst regret there 1.006). `skattn calibrate`
+    # replaces them per GPU.
+    us_per_item: float = 0.64
+    saturation: float = 0.485
+    us_per_piece: float = 0.19
+    us_launch: float = 15.8
     source: str = "defaults"
 
     def save(self, path: str | os.PathLike) -> None:
@@ -92,8 +95,13 @@ def predict_us(model: CostModel, *, nblocks: int, ntiles_dst: int, work: int,
         longest = -(-work // nblocks)
         pieces = 0 if fixup == "none" else min(nblocks, -(-max_tile_work * nblocks // work) + 1)
     launch = model.us_launch if fixup in ("uniform", "general") else 0.0
-    slowdown = max(1.0, nblocks / max(1.0, model.saturation * max_blocks))
-    return longest * model.us_per_item * slowdown + pieces * model.us_per_piece + launch
+    rounds = -(-nblocks // saturated_blocks(model, max_blocks))
+    return longest * model.us_per_item * rounds + pieces * model.us_per_piece + launch
+
+
+def saturated_blocks(model: CostModel, max_blocks: int) -> int:
+    """N_sat: how many programs run one per SM (see CostModel.saturation)."""
+    return max(1, int(model.saturation * max_blocks + 1e-9))
 
 
 def nblocks_for(policy: str, *, ntiles_dst: int, ntiles_kv: int, max_blocks: int,
