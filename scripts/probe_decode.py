@@ -3,6 +3,7 @@
   python3 scripts/probe_decode.py stream    # bandwidth of minimal stream kernels vs N, stages
   python3 scripts/probe_decode.py kernel    # skattn's kernel: resources, cp.async, times vs N
   python3 scripts/probe_decode.py flush     # none / read / write flush on the same kernels
+  python3 scripts/probe_decode.py steps     # fastdiv, GQA packing, window skipping, BLOCK_N
   python3 scripts/probe_decode.py ncu-run   # one cell, few launches (run under ncu)
 
 Writes probe_decode.csv to $OUT (or benchmarks/results).
@@ -206,6 +207,45 @@ def fused(rows):
     launch.FUSED_DV = launch.FIXUP_DV
 
 
+def steps(rows):
+    """What single features are worth: fastdiv, GQA packing, skipping invisible (window) KV
+    blocks, and decode BLOCK_N 64 vs 128 for head size 64."""
+    timer = ColdTimer(flush="read")
+
+    def timed(what, model, n, L, fn):
+        fn()
+        t = timer.time(fn, reps=40)
+        rows.append(dict(what=what, model=model, n=n, depth=L, p50_us=t.p50))
+        print(f"{what:38s} {model} n={n} L={L}: {t.p50:7.1f} us", flush=True)
+
+    for model, n, L in (("llama-8b", 1, 32768), ("qwen3-14b", 4, 16384), ("llama-8b", 512, 8192)):
+        q, k, v = inputs(model, n, L)
+        Hq, Hkv, D = MODELS[model][:3]
+        kw = dict(batch=1, q_len=n, kv_len=L, q_heads=Hq, kv_heads=Hkv, head_dim=D, causal=True)
+        for fd in (True, False):
+            p = skattn.plan(fastdiv=fd, **kw)
+            timed(f"fastdiv={fd}", model, n, L,
+                  lambda p=p: skattn.attention(q, k, v, causal=True, plan=p))
+        # no GQA packing: every query head reads its own copy of K/V (ratio 1)
+        ratio = Hq // Hkv
+        ke, ve = (x.repeat_interleave(ratio, dim=2) for x in (k, v))
+        pe = skattn.plan(**{**kw, "kv_heads": Hq})
+        timed("GQA packing off (K/V per query head)", model, n, L,
+              lambda: skattn.attention(q, ke, ve, causal=True, plan=pe))
+        del ke, ve
+    for n in (1, 8):
+        q, k, v = inputs("gpt-oss", n, 32768)
+        kw = dict(batch=1, q_len=n, kv_len=32768, q_heads=64, kv_heads=8, head_dim=64, causal=True)
+        for window in (None, 128):
+            p = skattn.plan(window=window, **kw)
+            timed(f"window={window}", "gpt-oss", n, 32768,
+                  lambda p=p, w=window: skattn.attention(q, k, v, causal=True, window=w, plan=p))
+        for bn in (64, 128):
+            p = skattn.plan(block_n=bn, **kw)
+            timed(f"decode block_n={bn}", "gpt-oss", n, 32768,
+                  lambda p=p: skattn.attention(q, k, v, causal=True, plan=p))
+
+
 def ncu_run():
     model, n, L = CELL[0], CELL[1], int(os.environ.get("PROBE_L", CELL[2]))
     q, k, v = inputs(model, n, L)
@@ -225,6 +265,8 @@ def main():
     timer = ColdTimer()
     rows = []
     try:
+        if "steps" in sys.argv:
+            steps(rows)
         if "fused" in sys.argv:
             fused(rows)
         if "flush" in sys.argv:

@@ -114,36 +114,42 @@ def merge_pieces(p_lo, p_hi, first, work, nblocks, valid, WS_O, WS_M, WS_L, dv0,
                  PIECES: tl.constexpr, LINEAR: tl.constexpr):
     """Merge the partials of programs p_lo..p_hi for the tile starting at item `first`.
 
-    PIECES partials at a time: their maxima, sums and values are loaded together as one
-    [PIECES, BLOCK_M, (BLOCK_DV)] block, so a merge costs one memory latency per PIECES
-    pieces, not one per piece (a serial merge of 16-66 pieces cost 13-44 us). Program q
-    holds the tile in slot 1 if it started before the tile (its last tile), else in slot 0;
-    with per-tile ranges (LINEAR=False, uniform plans) every piece is in slot 0.
-    Rows that are not `valid` are not read. Reads bypass L1, which is not coherent with other
-    SMs' writes.
+    PIECES partials per step, unrolled: their loads do not depend on each other, so a step
+    costs about one memory latency, and every sum is elementwise in registers. (A serial
+    merge cost a latency per piece; one [PIECES, BLOCK_M, BLOCK_DV] block reduced over its
+    first axis cost ~4 us a step in shuffles and shared memory, PERF.md.) Rows that are not
+    `valid` are not read. Reads bypass L1, which is not coherent with other SMs' writes.
     """
     r = tl.arange(0, BLOCK_M)
     dv = dv0 + tl.arange(0, BLOCK_DV)
+    dv_ok = dv[None, :] < HEAD_DIM_V
+    # program q keeps the tile in slot 0, except p_lo if it started before the tile: it is
+    # then p_lo's last tile, in slot 1 (LINEAR=False: per-tile ranges, always slot 0)
+    lead = 0
+    if LINEAR:
+        lead = (program_start(p_lo, work, nblocks) < first).to(tl.int32)
     m_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     for q0 in tl.range(p_lo, p_hi + 1, PIECES, num_stages=1):  # no cp.async pipelining
-        qs = q0 + tl.arange(0, PIECES)
-        slot = 2 * qs
-        if LINEAR:
-            slot += (program_start(qs, work, nblocks) < first).to(tl.int32)
-        row = slot[:, None] * BLOCK_M + r[None, :]  # [PIECES, BLOCK_M]
-        ok = (qs[:, None] <= p_hi) & valid[None, :]
-        m = tl.load(WS_M + row, mask=ok, other=float("-inf"), cache_modifier=".cg")
-        l = tl.load(WS_L + row, mask=ok, other=0.0, cache_modifier=".cg")
-        o = tl.load(WS_O + row[:, :, None] * HEAD_DIM_V + dv[None, None, :],
-                    mask=ok[:, :, None] & (dv[None, None, :] < HEAD_DIM_V), other=0.0,
-                    cache_modifier=".cg")
-        m_new = tl.maximum(m_max, tl.max(m, 0))
+        m_new = m_max
+        for j in tl.static_range(PIECES):
+            row = (2 * (q0 + j) + lead * (q0 + j == p_lo).to(tl.int32)) * BLOCK_M + r
+            ok = valid & (q0 + j <= p_hi)
+            m_new = tl.maximum(m_new, tl.load(WS_M + row, mask=ok, other=float("-inf"),
+                                              cache_modifier=".cg"))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_max - m_safe)
-        w = tl.exp2(m - m_safe[None, :])  # [PIECES, BLOCK_M]; 0 for masked pieces
-        acc = acc * alpha[:, None] + tl.sum(o * w[:, :, None], 0)
-        l_i = l_i * alpha + tl.sum(l * w, 0)
+        acc = acc * alpha[:, None]
+        l_i = l_i * alpha
+        for j in tl.static_range(PIECES):
+            row = (2 * (q0 + j) + lead * (q0 + j == p_lo).to(tl.int32)) * BLOCK_M + r
+            ok = valid & (q0 + j <= p_hi)
+            w = tl.exp2(tl.load(WS_M + row, mask=ok, other=float("-inf"), cache_modifier=".cg")
+                        - m_safe)  # 0 for pieces past p_hi
+            o = tl.load(WS_O + row[:, None] * HEAD_DIM_V + dv[None, :], mask=ok[:, None] & dv_ok,
+                        other=0.0, cache_modifier=".cg")
+            acc += o * w[:, None]
+            l_i += tl.load(WS_L + row, mask=ok, other=0.0, cache_modifier=".cg") * w
         m_max = m_new
     return acc, m_max, l_i
