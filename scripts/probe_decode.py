@@ -204,7 +204,7 @@ def fused(rows):
                                  fixup=p.fixup, fused_dv=dv, main_us=t_main.p50, p50_us=t_all.p50))
                 print(f"{model} n={n} L={L} N={N} {p.fixup:8s} dv={dv}: main {t_main.p50:6.1f} "
                       f"all {t_all.p50:6.1f} us", flush=True)
-    launch.FUSED_DV = None
+    launch.FUSED_DV = launch.FIXUP_DV
 
 
 def steps(rows):

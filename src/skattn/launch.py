@@ -13,9 +13,7 @@ from skattn.planner import Plan
 LOG2E = 1.4426950408889634
 FIXUP_DV = 32  # Dv columns per fixup program
 MERGE_ELEMENTS_PER_THREAD = 64  # f32 values of partials one merge step loads per thread
-# Dv columns per merge step in the fused fixup; None: all of Dv at once (measured better on an
-# H200: llama-8b n=1 L=32768 N=128 40.8 vs 46.4 us with 32 columns, PERF.md)
-FUSED_DV = None
+FUSED_DV = FIXUP_DV  # Dv columns per merge step in the fused fixup (None: all of Dv at once)
 
 
 def merge_pieces(block_m: int, block_dv: int, num_warps: int) -> int:
