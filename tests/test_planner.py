@@ -297,3 +297,14 @@ def test_auto_takes_the_llamacpp_rule_for_compute_bound_cells():
     assert plan(policy="auto", **kw).nblocks == plan(policy="llamacpp", **kw).nblocks == 264
     decode = dict(kw, q_len=1)
     assert plan(policy="auto", **decode).nblocks != plan(policy="llamacpp", **decode).nblocks
+
+
+@pytest.mark.parametrize("D,Dv", [(64, 64), (128, 128), (256, 256), (192, 128), (576, 512)])
+@pytest.mark.parametrize("q_len", [1, 4, 512])
+def test_default_stages_fit_the_shared_memory_budget(D, Dv, q_len):
+    from skattn.planner import STAGE_BYTES_BUDGET, tile_geometry
+
+    g = tile_geometry(q_len=q_len, gqa_ratio=4, head_dim=D, head_dim_v=Dv)
+    stage = g.block_n * (g.block_dk * g.dk_chunks + g.block_dv) * 2
+    assert g.num_stages == 2 or g.num_stages * stage <= STAGE_BYTES_BUDGET, g
+    assert g.num_stages >= 2
