@@ -23,6 +23,7 @@ import skattn
 from skattn import launch
 from skattn.bench.timing import ColdTimer
 from skattn.models import MODELS
+from tune import inputs  # scripts/tune.py: seeded q, k, v for a (model, n, L) cell
 
 OUT = Path(os.environ.get("OUT") or "benchmarks/results")
 CELL = ("llama-8b", 1, 32768)
@@ -60,14 +61,6 @@ def stream_kernel(Q, K, V, OUT, total, nprog, blocks_per_head, stride_kn, stride
     else:
         tl.store(OUT + p * BLOCK_M * D + m[:, None] * D + d[None, :],
                  tl.sum(acc2, 0)[None, :] + tl.zeros([BLOCK_M, D], dtype=tl.float32))
-
-
-def inputs(model, n, L):
-    Hq, Hkv, D = MODELS[model][:3]
-    q = torch.randn(1, n, Hq, D, device="cuda", dtype=torch.float16)
-    k = torch.randn(1, L, Hkv, D, device="cuda", dtype=torch.float16)
-    v = torch.randn(1, L, Hkv, D, device="cuda", dtype=torch.float16)
-    return q, k, v
 
 
 def stream(timer, rows):

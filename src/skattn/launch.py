@@ -16,7 +16,7 @@ MERGE_ELEMENTS_PER_THREAD = 64  # f32 values of partials one merge step loads pe
 FUSED_DV = FIXUP_DV  # Dv columns per merge step in the fused fixup (None: all of Dv at once)
 
 
-def merge_pieces(block_m: int, block_dv: int, num_warps: int) -> int:
+def pieces_per_step(block_m: int, block_dv: int, num_warps: int) -> int:
     """Partials merged per step: as many as fit MERGE_ELEMENTS_PER_THREAD (a power of 2)."""
     budget = num_warps * 32 * MERGE_ELEMENTS_PER_THREAD // (block_m * block_dv)
     return max(1, min(16, 1 << max(0, budget.bit_length() - 1)))
@@ -79,6 +79,7 @@ def run(plan: Plan, q, k, v, out, lse, *, scale: float, mask=None, sinks=None, s
     else:
         qk_scale, softcap_scale = scale * LOG2E, 1.0
     ratio = plan.gqa_ratio
+    fused_dv = min(g.block_dv, FUSED_DV or g.block_dv)  # Dv columns per fused merge step
     fd_x, fd_z, fd_h, fd_w = (buf.fastdiv[i:i + 2] for i in (0, 2, 4, 6))
     common = dict(
         HEAD_DIM_V=plan.head_dim_v, BLOCK_M=g.block_m, BLOCK_DV=g.block_dv,
@@ -106,15 +107,14 @@ def run(plan: Plan, q, k, v, out, lse, *, scale: float, mask=None, sinks=None, s
         HAS_MASK=mask is not None, HAS_ALIBI=alibi_slopes is not None, SOFTCAP=bool(softcap),
         FUSED=plan.fixup == "fused", PER_TILE_RANGES=plan.per_tile_ranges,
         DOT_F32=interpreting() and k.dtype == torch.bfloat16,
-        ONE_TOKEN_BLOCK=plan.ntiles_x == 1, FIX_DV=min(g.block_dv, FUSED_DV or g.block_dv),
-        MERGE_PIECES=merge_pieces(g.block_m, min(g.block_dv, FUSED_DV or g.block_dv),
-                                  g.num_warps),
+        ONE_TOKEN_BLOCK=plan.ntiles_x == 1, FIX_DV=fused_dv,
+        MERGE_PIECES=pieces_per_step(g.block_m, fused_dv, g.num_warps),
         num_warps=g.num_warps, num_stages=g.num_stages, **common,
     )
     # -- fixups: one program per (tile, FIXUP_DV columns of Dv)
     fix_dv = min(g.block_dv, FIXUP_DV)
     common["BLOCK_DV"] = fix_dv
-    common["MERGE_PIECES"] = merge_pieces(g.block_m, fix_dv, 4)
+    common["MERGE_PIECES"] = pieces_per_step(g.block_m, fix_dv, 4)
     chunks = g.block_dv // fix_dv
     if main_only:
         return
