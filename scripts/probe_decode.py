@@ -4,6 +4,8 @@
   python3 scripts/probe_decode.py kernel    # skattn's kernel: resources, cp.async, times vs N
   python3 scripts/probe_decode.py flush     # none / read / write flush on the same kernels
   python3 scripts/probe_decode.py steps     # fastdiv, GQA packing, window skipping, BLOCK_N
+  python3 scripts/probe_decode.py merge     # fixup launch (PDL) and merge loops; config
+  python3 scripts/probe_decode.py tma       # stream kernel: TMA descriptor loads vs cp.async
   python3 scripts/probe_decode.py ncu-run   # one cell, few launches (run under ncu)
 
 Writes probe_decode.csv to $OUT (or benchmarks/results).
@@ -20,7 +22,7 @@ import triton
 import triton.language as tl
 
 import skattn
-from skattn import launch
+from skattn import launch, reference
 from skattn.bench.timing import ColdTimer
 from skattn.models import MODELS
 from tune import inputs  # scripts/tune.py: seeded q, k, v for a (model, n, L) cell
@@ -61,6 +63,112 @@ def stream_kernel(Q, K, V, OUT, total, nprog, blocks_per_head, stride_kn, stride
     else:
         tl.store(OUT + p * BLOCK_M * D + m[:, None] * D + d[None, :],
                  tl.sum(acc2, 0)[None, :] + tl.zeros([BLOCK_M, D], dtype=tl.float32))
+
+
+@triton.jit
+def stream_tma_kernel(Q, k_desc, v_desc, OUT, total, nprog, blocks_per_head,
+                      D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+                      STAGES: tl.constexpr):
+    """stream_kernel with DOTS, K/V blocks loaded by TMA from [L, Hkv * D] descriptors."""
+    p = tl.program_id(0)
+    start = (p * total) // nprog
+    end = ((p + 1) * total) // nprog
+    d = tl.arange(0, D)
+    m = tl.arange(0, BLOCK_M)
+    q = tl.load(Q + m[:, None] * D + d[None, :])
+    acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+    for i in tl.range(start, end, num_stages=STAGES):
+        h = i // blocks_per_head
+        j = i - h * blocks_per_head
+        k = k_desc.load([j * BLOCK_N, h * D])
+        s = tl.dot(q, k.T)
+        v = v_desc.load([j * BLOCK_N, h * D])
+        acc += tl.dot(s.to(tl.float16), v)
+    tl.store(OUT + p * BLOCK_M * D + m[:, None] * D + d[None, :], acc)
+
+
+def tma(rows):
+    """Same grid and work as stream_kernel(DOTS): TMA loads vs cp.async, N and stages."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    timer = ColdTimer(flush="read")
+    for model, n, L in (("llama-8b", 1, 8192), CELL):
+        q, k, v = inputs(model, n, L)
+        Hkv, D = k.shape[2], k.shape[3]
+        nbytes = 2 * k.numel() * 2
+        qs = torch.randn(16, D, device="cuda", dtype=torch.float16)
+        for bn in (64, 128):
+            total = Hkv * (L // bn)
+            kd = TensorDescriptor.from_tensor(k.view(L, Hkv * D), [bn, D])
+            vd = TensorDescriptor.from_tensor(v.view(L, Hkv * D), [bn, D])
+            for stages in (2, 3, 4):
+                for N in (128, 132, 264):
+                    out = torch.empty(N, 16, D, device="cuda", dtype=torch.float32)
+                    for how in ("cp.async", "tma"):
+                        if how == "tma":
+                            fn = lambda: stream_tma_kernel[(N,)](  # noqa: E731
+                                qs, kd, vd, out, total, N, L // bn, D=D, BLOCK_N=bn, BLOCK_M=16,
+                                STAGES=stages, num_warps=4)
+                        else:
+                            fn = lambda: stream_kernel[(N,)](  # noqa: E731
+                                qs, k, v, out, total, N, L // bn, k.stride(1), k.stride(2),
+                                D=D, BLOCK_N=bn, BLOCK_M=16, DOTS=True, STAGES=stages,
+                                num_warps=4)
+                        try:
+                            fn()
+                            t = timer.time(fn, reps=30)
+                        except Exception as e:  # noqa: BLE001 (too much shared memory)
+                            print("fail", how, bn, stages, N, repr(e)[:160], flush=True)
+                            continue
+                        rows.append(dict(what=f"stream-{how}", model=model, depth=L, block_n=bn,
+                                         stages=stages, nblocks=N, p50_us=t.p50,
+                                         tbps=nbytes / t.p50 / 1e6))
+                        print(f"{how:8s} L={L} bn={bn} st={stages} N={N:4d} {t.p50:7.1f} us "
+                              f"{nbytes / t.p50 / 1e6:5.2f} TB/s", flush=True)
+
+
+def merge(rows):
+    """Separate fixup launched early (PDL) or not; merge loops unrolled (0) or pipelined
+    (stages); fused vs uniform/general; decode BLOCK_N 128 with 3 stages for head size 128."""
+    timer = ColdTimer(flush="read")
+    variants = [  # (label, fixup, USE_PDL, merge stages, plan keywords)
+        ("separate", None, False, 0, {}),
+        ("separate+pdl", None, True, 0, {}),
+        ("separate+pdl st3", None, True, 3, {}),
+        ("fused", "fused", False, 0, {}),
+        ("fused st3", "fused", False, 3, {}),
+        ("fused st4", "fused", False, 4, {}),
+    ]
+    cells = (("llama-8b", 1, 8192), CELL, ("qwen3moe-30b-a3b", 2, 8192),
+             ("qwen3-14b", 4, 16384), ("gpt-oss", 16, 32768))
+    launch.FUSED_DV = None
+    for model, n, L in cells:
+        q, k, v = inputs(model, n, L)
+        Hq, Hkv, D = MODELS[model][:3]
+        out = torch.empty_like(q)
+        ref = reference.attention(q, k, v, causal=True)
+        extra = [("bn128 st3 +pdl", None, True, 0, dict(block_n=128, num_stages=3))] \
+            if D == 128 else []
+        for N in (128, 264):
+            for label, fixup, pdl, st, kw in variants + extra:
+                launch.USE_PDL = pdl
+                launch.FUSED_MERGE_STAGES = launch.FIXUP_MERGE_STAGES = st
+                p = skattn.plan(batch=1, q_len=n, kv_len=L, q_heads=Hq, kv_heads=Hkv,
+                                head_dim=D, causal=True, nblocks=N, fixup=fixup, **kw)
+                run = lambda main_only=False: launch.run(p, q, k, v, out, None,  # noqa: E731
+                                                         scale=D ** -0.5, main_only=main_only)
+                out.fill_(float("nan"))
+                run()
+                err = ((out.double() - ref).abs().max() / ref.abs().max()).item()
+                t_main = timer.time(lambda: run(True), reps=40)
+                t_all = timer.time(run, reps=40)
+                rows.append(dict(what="merge", model=model, n=n, depth=L, nblocks=N,
+                                 variant=label, fixup=p.fixup, main_us=t_main.p50,
+                                 p50_us=t_all.p50, max_rel_err=err))
+                print(f"{model} n={n} L={L} N={N} {label:17s} {p.fixup:8s} main "
+                      f"{t_main.p50:6.1f} all {t_all.p50:6.1f} us err {err:.1e}", flush=True)
+    launch.USE_PDL, launch.FUSED_DV = True, None
+    launch.FUSED_MERGE_STAGES = launch.FIXUP_MERGE_STAGES = 0
 
 
 def stream(timer, rows):
@@ -197,7 +305,7 @@ def fused(rows):
                                  fixup=p.fixup, fused_dv=dv, main_us=t_main.p50, p50_us=t_all.p50))
                 print(f"{model} n={n} L={L} N={N} {p.fixup:8s} dv={dv}: main {t_main.p50:6.1f} "
                       f"all {t_all.p50:6.1f} us", flush=True)
-    launch.FUSED_DV = launch.FIXUP_DV
+    launch.FUSED_DV = None
 
 
 def steps(rows):
@@ -258,6 +366,10 @@ def main():
     timer = ColdTimer()
     rows = []
     try:
+        if "merge" in sys.argv:
+            merge(rows)
+        if "tma" in sys.argv:
+            tma(rows)
         if "steps" in sys.argv:
             steps(rows)
         if "fused" in sys.argv:

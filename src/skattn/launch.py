@@ -13,7 +13,24 @@ from skattn.planner import Plan
 LOG2E = 1.4426950408889634
 FIXUP_DV = 32  # Dv columns per fixup program
 MERGE_ELEMENTS_PER_THREAD = 64  # f32 values of partials one merge step loads per thread
-FUSED_DV = FIXUP_DV  # Dv columns per merge step in the fused fixup (None: all of Dv at once)
+# Dv columns per merge step in the fused fixup (None: all of Dv at once; 32-column steps were
+# 1.1-1.2x slower at decode, PERF.md)
+FUSED_DV = None
+# Merge loops (kernels/tile.py merge_pieces): 0 = unrolled steps of pieces_per_step() pieces,
+# k > 0 = one piece per iteration with loads pipelined k deep
+FUSED_MERGE_STAGES = 0
+FIXUP_MERGE_STAGES = 0
+# Programmatic dependent launch (sm_90+): the separate fixup kernel is launched while the main
+# kernel runs and waits in the GPU for its partials, hiding the second launch's latency
+USE_PDL = True
+
+
+def _pdl(plan: Plan, device: torch.device) -> bool:
+    if not USE_PDL or interpreting() or plan.fixup not in ("uniform", "general"):
+        return False
+    if torch.device(device).type != "cuda":
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def pieces_per_step(block_m: int, block_dv: int, num_warps: int) -> int:
@@ -81,6 +98,8 @@ def run(plan: Plan, q, k, v, out, lse, *, scale: float, mask=None, sinks=None, s
     ratio = plan.gqa_ratio
     fused_dv = min(g.block_dv, FUSED_DV or g.block_dv)  # Dv columns per fused merge step
     fd_x, fd_z, fd_h, fd_w = (buf.fastdiv[i:i + 2] for i in (0, 2, 4, 6))
+    pdl = _pdl(plan, q.device) and not main_only
+    launch_kw = dict(launch_pdl=True) if pdl else {}
     common = dict(
         HEAD_DIM_V=plan.head_dim_v, BLOCK_M=g.block_m, BLOCK_DV=g.block_dv,
         HEADS_PER_TILE=g.heads_per_tile, TOKENS_PER_TILE=g.tokens_per_tile,
@@ -109,12 +128,14 @@ def run(plan: Plan, q, k, v, out, lse, *, scale: float, mask=None, sinks=None, s
         DOT_F32=interpreting() and k.dtype == torch.bfloat16,
         ONE_TOKEN_BLOCK=plan.ntiles_x == 1, FIX_DV=fused_dv,
         MERGE_PIECES=pieces_per_step(g.block_m, fused_dv, g.num_warps),
+        MERGE_STAGES=FUSED_MERGE_STAGES, USE_PDL=pdl,
         num_warps=g.num_warps, num_stages=g.num_stages, **common,
     )
     # -- fixups: one program per (tile, FIXUP_DV columns of Dv)
     fix_dv = min(g.block_dv, FIXUP_DV)
     common["BLOCK_DV"] = fix_dv
     common["MERGE_PIECES"] = pieces_per_step(g.block_m, fix_dv, 4)
+    common.update(MERGE_STAGES=FIXUP_MERGE_STAGES, USE_PDL=pdl)
     chunks = g.block_dv // fix_dv
     if main_only:
         return
@@ -122,12 +143,12 @@ def run(plan: Plan, q, k, v, out, lse, *, scale: float, mask=None, sinks=None, s
         uniform_fixup_kernel[(plan.ntiles_dst, chunks)](
             *out_args, buf.ws_o, buf.ws_m, buf.ws_l,
             plan.q_len, ratio, plan.kv_heads, plan.ntiles_x, plan.ntiles_z, plan.split,
-            *fd_x, *fd_z, *fd_h, num_warps=4, **common)
+            *fd_x, *fd_z, *fd_h, num_warps=4, **launch_kw, **common)
     elif plan.fixup == "general":
         general_fixup_kernel[(plan.nblocks, chunks)](
             *out_args, buf.ws_o, buf.ws_m, buf.ws_l, buf.jt_off,
             plan.q_len, ratio, plan.kv_heads, plan.ntiles_x, plan.ntiles_z, plan.group_work,
-            plan.work, plan.nblocks, *fd_z, *fd_h, *fd_w, num_warps=4, **common)
+            plan.work, plan.nblocks, *fd_z, *fd_h, *fd_w, num_warps=4, **launch_kw, **common)
 
 
 def default_scale(head_dim: int) -> float:

@@ -57,11 +57,17 @@ def tile_geometry(*, q_len: int, gqa_ratio: int, head_dim: int, head_dim_v: int,
     block_dv = max(16, _pow2(head_dim_v))
     prefill = block_m == 128
     wide = max(block_dk * dk_chunks, block_dv)
-    # measured on an H200 (PERF.md): decode 64/4/4; prefill 128/8/3 for head sizes 65-128,
-    # 64/4/4 for head sizes <= 64 (gpt-oss n=512: 357 vs 408 us)
+    # measured on an H200 (PERF.md): decode 64/4/4, BLOCK_N 128 for head sizes <= 64 (gpt-oss
+    # n=1 L=32768: 26.5 vs 30.1 us); prefill 128/8/3 for head sizes 65-128, 64/4/4 for head
+    # sizes <= 64 (gpt-oss n=512: 357 vs 408 us)
     narrow_prefill = prefill and wide <= 64
     if block_n is None:
-        block_n = 32 if wide > 256 else 128 if prefill and not narrow_prefill and wide <= 128 else 64
+        if wide > 256:
+            block_n = 32
+        elif (prefill and not narrow_prefill and wide <= 128) or (not prefill and wide <= 64):
+            block_n = 128
+        else:
+            block_n = 64
     if num_warps is None:
         num_warps = 8 if prefill and not narrow_prefill else 4
     if num_stages is None:

@@ -5,6 +5,7 @@ read by several SMs at once; llama.cpp likewise runs a block per (tile, row).
 """
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_wait
 
 from skattn.kernels.tile import (_div, decode_group, finalize_store, locate, merge_pieces,
                                  program_of, program_start, tile_rows)
@@ -19,7 +20,7 @@ def uniform_fixup_kernel(
     HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
     HEADS_PER_TILE: tl.constexpr, TOKENS_PER_TILE: tl.constexpr,
     HAS_SINKS: tl.constexpr, RETURN_LSE: tl.constexpr, USE_FASTDIV: tl.constexpr,
-    MERGE_PIECES: tl.constexpr,
+    MERGE_PIECES: tl.constexpr, MERGE_STAGES: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     """Tile t was cut into `split` pieces held by programs t*split .. t*split+split-1."""
     tile = tl.program_id(0)
@@ -28,9 +29,11 @@ def uniform_fixup_kernel(
     jt = tile - group * ntiles_x
     b, g, z = decode_group(group, ntiles_z, kv_heads, fd_z_mp, fd_z_sh, fd_h_mp, fd_h_sh, USE_FASTDIV)
     qi, head, valid = tile_rows(g, z, jt, q_len, ratio, HEADS_PER_TILE, TOKENS_PER_TILE, BLOCK_M)
+    if USE_PDL:
+        gdc_wait()  # launched early (programmatic dependent launch): wait for the partials
     acc, m_i, l_i = merge_pieces(tile * split, tile * split + split - 1, 0, 1, 1, valid,
                                  WS_O, WS_M, WS_L, dv0, HEAD_DIM_V, BLOCK_M, BLOCK_DV,
-                                 MERGE_PIECES, False)
+                                 MERGE_PIECES, False, MERGE_STAGES)
     finalize_store(acc, m_i, l_i, b, qi, head, valid, O, stride_ob, stride_om, stride_oh,
                    LSE, stride_lb, stride_lh, SINKS, HEAD_DIM_V, BLOCK_DV, HAS_SINKS, RETURN_LSE,
                    dv0)
@@ -45,7 +48,7 @@ def general_fixup_kernel(
     HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
     HEADS_PER_TILE: tl.constexpr, TOKENS_PER_TILE: tl.constexpr,
     HAS_SINKS: tl.constexpr, RETURN_LSE: tl.constexpr, USE_FASTDIV: tl.constexpr,
-    MERGE_PIECES: tl.constexpr,
+    MERGE_PIECES: tl.constexpr, MERGE_STAGES: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     """Program p0 acts when it finished a tile it did not start: it merges the pieces of the
     programs from the one that started the tile up to itself (llama.cpp walks them back)."""
@@ -60,8 +63,11 @@ def general_fixup_kernel(
                                USE_FASTDIV)
         qi, head, valid = tile_rows(g, z, jt, q_len, ratio, HEADS_PER_TILE, TOKENS_PER_TILE, BLOCK_M)
         p_first = program_of(first, work, nblocks)  # the program that started the tile
+        if USE_PDL:
+            gdc_wait()
         acc, m_i, l_i = merge_pieces(p_first, p0, first, work, nblocks, valid, WS_O, WS_M, WS_L,
-                                     dv0, HEAD_DIM_V, BLOCK_M, BLOCK_DV, MERGE_PIECES, True)
+                                     dv0, HEAD_DIM_V, BLOCK_M, BLOCK_DV, MERGE_PIECES, True,
+                                     MERGE_STAGES)
         finalize_store(acc, m_i, l_i, b, qi, head, valid, O, stride_ob, stride_om, stride_oh,
                        LSE, stride_lb, stride_lh, SINKS, HEAD_DIM_V, BLOCK_DV, HAS_SINKS,
                        RETURN_LSE, dv0)
