@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import skattn
-from skattn import launch, reference
+from skattn import reference
 from tolerance import bound, rel_err
 
 pytestmark = [
@@ -62,11 +62,7 @@ def check(q, k, v, p, **kw):
     ("fused", 4),       # fused where uniform would apply
     ("general", 4),     # the general fixup also merges uniform cuts
 ])
-@pytest.mark.parametrize("stages", [0, 2])
-def test_fixup_kinds(fixup, nblocks, stages, monkeypatch):
-    # stages 0: the unrolled merge; 2: the pipelined two-pass merge (launch.*_MERGE_STAGES)
-    monkeypatch.setattr(launch, "FUSED_MERGE_STAGES", stages)
-    monkeypatch.setattr(launch, "FIXUP_MERGE_STAGES", stages)
+def test_fixup_kinds(fixup, nblocks):
     q, k, v = make(Lq=1, Lk=100)
     p = plan_for(q, k, v, nblocks=nblocks, fixup=fixup)
     check(q, k, v, p)
@@ -83,11 +79,8 @@ def test_n_equals_w():
 
 @pytest.mark.parametrize("fixup,nblocks", [("uniform", 40), ("uniform", 37), ("general", 37),
                                            ("fused", 37)])
-@pytest.mark.parametrize("stages", [0, 2])
-def test_many_pieces_per_tile(fixup, nblocks, stages, monkeypatch):
+def test_many_pieces_per_tile(fixup, nblocks):
     # one tile cut into 37-40 pieces: the merges take them 16 at a time, the last step partial
-    monkeypatch.setattr(launch, "FUSED_MERGE_STAGES", stages)
-    monkeypatch.setattr(launch, "FIXUP_MERGE_STAGES", stages)
     q, k, v = make(Lq=1, Lk=640, Hq=4, Hkv=1)
     p = plan_for(q, k, v, nblocks=nblocks, fixup=fixup)
     assert p.ntiles_dst == 1 and p.fixup == fixup

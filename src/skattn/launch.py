@@ -13,13 +13,10 @@ from skattn.planner import Plan
 LOG2E = 1.4426950408889634
 FIXUP_DV = 32  # Dv columns per fixup program
 MERGE_ELEMENTS_PER_THREAD = 64  # f32 values of partials one merge step loads per thread
+FUSED_MERGE_ELEMENTS = MERGE_ELEMENTS_PER_THREAD  # the same in the fused merge
 # Dv columns per merge step in the fused fixup (None: all of Dv at once; 32-column steps were
 # 1.1-1.2x slower at decode, PERF.md)
 FUSED_DV = None
-# Merge loops (kernels/tile.py merge_pieces): 0 = unrolled steps of pieces_per_step() pieces,
-# k > 0 = one piece per iteration with loads pipelined k deep
-FUSED_MERGE_STAGES = 0
-FIXUP_MERGE_STAGES = 0
 # Programmatic dependent launch (sm_90+): the separate fixup kernel is launched while the main
 # kernel runs and waits in the GPU for its partials, hiding the second launch's latency
 USE_PDL = True
@@ -33,9 +30,10 @@ def _pdl(plan: Plan, device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device)[0] >= 9
 
 
-def pieces_per_step(block_m: int, block_dv: int, num_warps: int) -> int:
-    """Partials merged per step: as many as fit MERGE_ELEMENTS_PER_THREAD (a power of 2)."""
-    budget = num_warps * 32 * MERGE_ELEMENTS_PER_THREAD // (block_m * block_dv)
+def pieces_per_step(block_m: int, block_dv: int, num_warps: int,
+                    elements: int = MERGE_ELEMENTS_PER_THREAD) -> int:
+    """Partials merged per step: as many as fit `elements` f32 per thread (a power of 2)."""
+    budget = num_warps * 32 * elements // (block_m * block_dv)
     return max(1, min(16, 1 << max(0, budget.bit_length() - 1)))
 
 
@@ -127,15 +125,15 @@ def run(plan: Plan, q, k, v, out, lse, *, scale: float, mask=None, sinks=None, s
         FUSED=plan.fixup == "fused", PER_TILE_RANGES=plan.per_tile_ranges,
         DOT_F32=interpreting() and k.dtype == torch.bfloat16,
         ONE_TOKEN_BLOCK=plan.ntiles_x == 1, FIX_DV=fused_dv,
-        MERGE_PIECES=pieces_per_step(g.block_m, fused_dv, g.num_warps),
-        MERGE_STAGES=FUSED_MERGE_STAGES, USE_PDL=pdl,
+        MERGE_PIECES=pieces_per_step(g.block_m, fused_dv, g.num_warps, FUSED_MERGE_ELEMENTS),
+        USE_PDL=pdl,
         num_warps=g.num_warps, num_stages=g.num_stages, **common,
     )
     # -- fixups: one program per (tile, FIXUP_DV columns of Dv)
     fix_dv = min(g.block_dv, FIXUP_DV)
     common["BLOCK_DV"] = fix_dv
     common["MERGE_PIECES"] = pieces_per_step(g.block_m, fix_dv, 4)
-    common.update(MERGE_STAGES=FIXUP_MERGE_STAGES, USE_PDL=pdl)
+    common["USE_PDL"] = pdl
     chunks = g.block_dv // fix_dv
     if main_only:
         return

@@ -31,8 +31,7 @@ def attention_kernel(
     HAS_SINKS: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr,
     RETURN_LSE: tl.constexpr, FUSED: tl.constexpr, PER_TILE_RANGES: tl.constexpr,
     USE_FASTDIV: tl.constexpr, DOT_F32: tl.constexpr, ONE_TOKEN_BLOCK: tl.constexpr,
-    FIX_DV: tl.constexpr, MERGE_PIECES: tl.constexpr, MERGE_STAGES: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    FIX_DV: tl.constexpr, MERGE_PIECES: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     p = tl.program_id(0)
     if USE_PDL:
@@ -94,7 +93,7 @@ def attention_kernel(
                 _fused_fixup(tile, first, stop, work, nblocks, b, qi, head, valid,
                              O, stride_ob, stride_om, stride_oh, LSE, stride_lb, stride_lh, SINKS,
                              WS_O, WS_M, WS_L, COUNTERS, HEAD_DIM_V, BLOCK_M, BLOCK_DV,
-                             HAS_SINKS, RETURN_LSE, FIX_DV, MERGE_PIECES, MERGE_STAGES)
+                             HAS_SINKS, RETURN_LSE, FIX_DV, MERGE_PIECES)
         item = stop_here
 
 
@@ -104,7 +103,7 @@ def _fused_fixup(tile, first, stop, work, nblocks, b, qi, head, valid,
                  WS_O, WS_M, WS_L, COUNTERS,
                  HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
                  HAS_SINKS: tl.constexpr, RETURN_LSE: tl.constexpr,
-                 FIX_DV: tl.constexpr, MERGE_PIECES: tl.constexpr, MERGE_STAGES: tl.constexpr):
+                 FIX_DV: tl.constexpr, MERGE_PIECES: tl.constexpr):
     """The last program to leave a piece of `tile` merges all pieces (no waiting),
     FIX_DV columns of Dv at a time."""
     p_first = program_of(first, work, nblocks)
@@ -116,7 +115,7 @@ def _fused_fixup(tile, first, stop, work, nblocks, b, qi, head, valid,
         for c in tl.static_range(BLOCK_DV // FIX_DV):
             acc, m_i, l_i = merge_pieces(p_first, p_last, first, work, nblocks, valid,
                                          WS_O, WS_M, WS_L, c * FIX_DV, HEAD_DIM_V, BLOCK_M,
-                                         FIX_DV, MERGE_PIECES, True, MERGE_STAGES)
+                                         FIX_DV, MERGE_PIECES, True)
             finalize_store(acc, m_i, l_i, b, qi, head, valid, O, stride_ob, stride_om,
                            stride_oh, LSE, stride_lb, stride_lh, SINKS, HEAD_DIM_V, FIX_DV,
                            HAS_SINKS, RETURN_LSE, c * FIX_DV)

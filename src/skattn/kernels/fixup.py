@@ -20,7 +20,7 @@ def uniform_fixup_kernel(
     HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
     HEADS_PER_TILE: tl.constexpr, TOKENS_PER_TILE: tl.constexpr,
     HAS_SINKS: tl.constexpr, RETURN_LSE: tl.constexpr, USE_FASTDIV: tl.constexpr,
-    MERGE_PIECES: tl.constexpr, MERGE_STAGES: tl.constexpr, USE_PDL: tl.constexpr,
+    MERGE_PIECES: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     """Tile t was cut into `split` pieces held by programs t*split .. t*split+split-1."""
     tile = tl.program_id(0)
@@ -33,7 +33,7 @@ def uniform_fixup_kernel(
         gdc_wait()  # launched early (programmatic dependent launch): wait for the partials
     acc, m_i, l_i = merge_pieces(tile * split, tile * split + split - 1, 0, 1, 1, valid,
                                  WS_O, WS_M, WS_L, dv0, HEAD_DIM_V, BLOCK_M, BLOCK_DV,
-                                 MERGE_PIECES, False, MERGE_STAGES)
+                                 MERGE_PIECES, False)
     finalize_store(acc, m_i, l_i, b, qi, head, valid, O, stride_ob, stride_om, stride_oh,
                    LSE, stride_lb, stride_lh, SINKS, HEAD_DIM_V, BLOCK_DV, HAS_SINKS, RETURN_LSE,
                    dv0)
@@ -48,7 +48,7 @@ def general_fixup_kernel(
     HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
     HEADS_PER_TILE: tl.constexpr, TOKENS_PER_TILE: tl.constexpr,
     HAS_SINKS: tl.constexpr, RETURN_LSE: tl.constexpr, USE_FASTDIV: tl.constexpr,
-    MERGE_PIECES: tl.constexpr, MERGE_STAGES: tl.constexpr, USE_PDL: tl.constexpr,
+    MERGE_PIECES: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     """Program p0 acts when it finished a tile it did not start: it merges the pieces of the
     programs from the one that started the tile up to itself (llama.cpp walks them back)."""
@@ -66,8 +66,7 @@ def general_fixup_kernel(
         if USE_PDL:
             gdc_wait()
         acc, m_i, l_i = merge_pieces(p_first, p0, first, work, nblocks, valid, WS_O, WS_M, WS_L,
-                                     dv0, HEAD_DIM_V, BLOCK_M, BLOCK_DV, MERGE_PIECES, True,
-                                     MERGE_STAGES)
+                                     dv0, HEAD_DIM_V, BLOCK_M, BLOCK_DV, MERGE_PIECES, True)
         finalize_store(acc, m_i, l_i, b, qi, head, valid, O, stride_ob, stride_om, stride_oh,
                        LSE, stride_lb, stride_lh, SINKS, HEAD_DIM_V, BLOCK_DV, HAS_SINKS,
                        RETURN_LSE, dv0)

@@ -111,17 +111,15 @@ def store_partial(acc, m_i, l_i, slot_index, WS_O, WS_M, WS_L,
 @triton.jit
 def merge_pieces(p_lo, p_hi, first, work, nblocks, valid, WS_O, WS_M, WS_L, dv0,
                  HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
-                 PIECES: tl.constexpr, LINEAR: tl.constexpr, STAGES: tl.constexpr = 0):
+                 PIECES: tl.constexpr, LINEAR: tl.constexpr):
     """Merge the partials of programs p_lo..p_hi for the tile starting at item `first`.
 
-    STAGES = 0: PIECES partials per step, unrolled: their loads do not depend on each other,
-    so a step costs about one memory latency, and every sum is elementwise in registers. (A
-    serial merge cost a latency per piece; one [PIECES, BLOCK_M, BLOCK_DV] block reduced over
-    its first axis cost ~4 us a step in shuffles and shared memory, PERF.md.)
-    STAGES > 0: two passes, the row maxima of all pieces first, then one piece per iteration
-    of a loop whose loads are pipelined STAGES deep (cp.async), so many pieces cost about
-    one latency plus their bytes. Rows that are not `valid` are not read. Reads bypass L1,
-    which is not coherent with other SMs' writes.
+    PIECES partials per step, unrolled: their loads do not depend on each other, so a step
+    costs about one memory latency, and every sum is elementwise in registers. (A serial
+    merge cost a latency per piece; one [PIECES, BLOCK_M, BLOCK_DV] block reduced over its
+    first axis cost ~4 us a step in shuffles and shared memory; one piece per iteration with
+    cp.async-pipelined loads cost 2-8 us more than this, PERF.md.) Rows that are not `valid`
+    are not read. Reads bypass L1, which is not coherent with other SMs' writes.
     """
     r = tl.arange(0, BLOCK_M)
     dv = dv0 + tl.arange(0, BLOCK_DV)
@@ -134,19 +132,6 @@ def merge_pieces(p_lo, p_hi, first, work, nblocks, valid, WS_O, WS_M, WS_L, dv0,
     m_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    if STAGES > 0:
-        acc, m_max, l_i = _merge_pipelined(p_lo, p_hi, lead, valid, WS_O, WS_M, WS_L, r, dv,
-                                           dv_ok, m_max, acc, l_i, HEAD_DIM_V, BLOCK_M, PIECES,
-                                           STAGES)
-    else:
-        acc, m_max, l_i = _merge_unrolled(p_lo, p_hi, lead, valid, WS_O, WS_M, WS_L, r, dv,
-                                          dv_ok, m_max, acc, l_i, HEAD_DIM_V, BLOCK_M, PIECES)
-    return acc, m_max, l_i
-
-
-@triton.jit
-def _merge_unrolled(p_lo, p_hi, lead, valid, WS_O, WS_M, WS_L, r, dv, dv_ok, m_max, acc, l_i,
-                    HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, PIECES: tl.constexpr):
     for q0 in tl.range(p_lo, p_hi + 1, PIECES, num_stages=1):  # no cp.async pipelining
         m_new = m_max
         for j in tl.static_range(PIECES):
@@ -175,23 +160,3 @@ def _merge_unrolled(p_lo, p_hi, lead, valid, WS_O, WS_M, WS_L, r, dv, dv_ok, m_m
 def _slot_row(q, p_lo, lead, r, BLOCK_M: tl.constexpr):
     return (2 * q + lead * (q == p_lo).to(tl.int32)) * BLOCK_M + r
 
-
-@triton.jit
-def _merge_pipelined(p_lo, p_hi, lead, valid, WS_O, WS_M, WS_L, r, dv, dv_ok, m_max, acc, l_i,
-                     HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, PIECES: tl.constexpr,
-                     STAGES: tl.constexpr):
-    for q0 in tl.range(p_lo, p_hi + 1, PIECES, num_stages=1):  # row maxima, PIECES at a time
-        for j in tl.static_range(PIECES):
-            row = _slot_row(q0 + j, p_lo, lead, r, BLOCK_M)
-            m_max = tl.maximum(m_max, tl.load(WS_M + row, mask=valid & (q0 + j <= p_hi),
-                                              other=float("-inf"), cache_modifier=".cg"))
-    m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
-    for q in tl.range(p_lo, p_hi + 1, num_stages=STAGES):
-        row = _slot_row(q, p_lo, lead, r, BLOCK_M)
-        w = tl.exp2(tl.load(WS_M + row, mask=valid, other=float("-inf"), cache_modifier=".cg")
-                    - m_safe)
-        o = tl.load(WS_O + row[:, None] * HEAD_DIM_V + dv[None, :], mask=valid[:, None] & dv_ok,
-                    other=0.0, cache_modifier=".cg")
-        acc += o * w[:, None]
-        l_i += tl.load(WS_L + row, mask=valid, other=0.0, cache_modifier=".cg") * w
-    return acc, m_max, l_i
