@@ -128,26 +128,27 @@ def tma(rows):
 
 
 def merge(rows):
-    """Separate fixup launched early (PDL) or not; fused merge with 4, 8 or 16 pieces a step
-    (FUSED_MERGE_ELEMENTS 64, 128, 256 f32 per thread)."""
+    """Separate fixup launched early (PDL, triggered at the main kernel's start or end) or
+    not; fused merge with 4 or 16 pieces a step (FUSED_MERGE_ELEMENTS 64, 256)."""
     timer = ColdTimer(flush="read")
-    variants = [  # (label, fixup, USE_PDL, FUSED_MERGE_ELEMENTS)
-        ("separate", None, False, 64),
-        ("separate+pdl", None, True, 64),
-        ("fused el64", "fused", False, 64),
-        ("fused el128", "fused", False, 128),
-        ("fused el256", "fused", False, 256),
+    variants = [  # (label, fixup, USE_PDL, PDL_TRIGGER, FUSED_MERGE_ELEMENTS)
+        ("separate", None, False, "start", 256),
+        ("separate+pdl", None, True, "start", 256),
+        ("separate+pdl end", None, True, "end", 256),
+        ("fused el64", "fused", False, "start", 64),
+        ("fused el256", "fused", False, "start", 256),
     ]
     cells = (("llama-8b", 1, 8192), CELL, ("qwen3moe-30b-a3b", 2, 8192),
-             ("qwen3-14b", 4, 16384), ("gpt-oss", 16, 32768), ("gpt-oss", 1, 8192))
+             ("qwen3-14b", 4, 16384), ("gpt-oss", 16, 32768), ("gpt-oss", 1, 8192),
+             ("llama-8b", 512, 8192))
     for model, n, L in cells:
         q, k, v = inputs(model, n, L)
         Hq, Hkv, D = MODELS[model][:3]
         out = torch.empty_like(q)
         ref = reference.attention(q, k, v, causal=True)
         for N in (128, 264):
-            for label, fixup, pdl, el in variants:
-                launch.USE_PDL, launch.FUSED_MERGE_ELEMENTS = pdl, el
+            for label, fixup, pdl, trigger, el in variants:
+                launch.USE_PDL, launch.PDL_TRIGGER, launch.FUSED_MERGE_ELEMENTS = pdl, trigger, el
                 try:
                     p = skattn.plan(batch=1, q_len=n, kv_len=L, q_heads=Hq, kv_heads=Hkv,
                                     head_dim=D, causal=True, nblocks=N, fixup=fixup)
@@ -166,7 +167,7 @@ def merge(rows):
                                  p50_us=t_all.p50, max_rel_err=err))
                 print(f"{model} n={n} L={L} N={N} {label:13s} {p.fixup:8s} main "
                       f"{t_main.p50:6.1f} all {t_all.p50:6.1f} us err {err:.1e}", flush=True)
-    launch.USE_PDL, launch.FUSED_MERGE_ELEMENTS = True, launch.MERGE_ELEMENTS_PER_THREAD
+    launch.USE_PDL, launch.PDL_TRIGGER, launch.FUSED_MERGE_ELEMENTS = True, "start", 256
 
 
 def stream(timer, rows):

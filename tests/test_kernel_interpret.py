@@ -87,6 +87,15 @@ def test_many_pieces_per_tile(fixup, nblocks):
     check(q, k, v, p)
 
 
+@pytest.mark.parametrize("fixup,nblocks", [(None, 8), (None, 7), ("fused", 7)])
+def test_fixup_row_chunks(fixup, nblocks):
+    # 9 tokens x 4 heads = 36 rows: BLOCK_M 64, merged by the fixups in chunks of 16 rows
+    q, k, v = make(Lq=9, Lk=160, Hq=8, Hkv=2)
+    p = plan_for(q, k, v, nblocks=nblocks, fixup=fixup, causal=True)
+    assert p.geometry.block_m == 64 and p.fixup != "none"
+    check(q, k, v, p, causal=True)
+
+
 @pytest.mark.parametrize("policy", ["llamacpp-master", "seed-4x", "llamacpp", "split", "auto"])
 def test_policies(policy):
     q, k, v = make(Lq=3, Lk=150, Hq=4, Hkv=2)

@@ -12,14 +12,18 @@ from skattn.planner import Plan
 
 LOG2E = 1.4426950408889634
 FIXUP_DV = 32  # Dv columns per fixup program
+FIXUP_ROWS = 16  # tile rows per fixup program
 MERGE_ELEMENTS_PER_THREAD = 64  # f32 values of partials one merge step loads per thread
-FUSED_MERGE_ELEMENTS = MERGE_ELEMENTS_PER_THREAD  # the same in the fused merge
+# the same in the fused merge, whose registers are free after the KV loop (16 pieces a step:
+# qwen3moe n=2 N=264 28.5 vs 32.5 us with 4, PERF.md)
+FUSED_MERGE_ELEMENTS = 256
 # Dv columns per merge step in the fused fixup (None: all of Dv at once; 32-column steps were
 # 1.1-1.2x slower at decode, PERF.md)
 FUSED_DV = None
 # Programmatic dependent launch (sm_90+): the separate fixup kernel is launched while the main
 # kernel runs and waits in the GPU for its partials, hiding the second launch's latency
 USE_PDL = True
+PDL_TRIGGER = "start"  # where the main kernel lets the fixup launch: "start" or "end"
 
 
 def _pdl(plan: Plan, device: torch.device) -> bool:
@@ -98,6 +102,7 @@ def run(plan: Plan, q, k, v, out, lse, *, scale: float, mask=None, sinks=None, s
     fd_x, fd_z, fd_h, fd_w = (buf.fastdiv[i:i + 2] for i in (0, 2, 4, 6))
     pdl = _pdl(plan, q.device) and not main_only
     launch_kw = dict(launch_pdl=True) if pdl else {}
+    pdl_mode = (1 if PDL_TRIGGER == "start" else 2) if pdl else 0
     common = dict(
         HEAD_DIM_V=plan.head_dim_v, BLOCK_M=g.block_m, BLOCK_DV=g.block_dv,
         HEADS_PER_TILE=g.heads_per_tile, TOKENS_PER_TILE=g.tokens_per_tile,
@@ -126,24 +131,23 @@ def run(plan: Plan, q, k, v, out, lse, *, scale: float, mask=None, sinks=None, s
         DOT_F32=interpreting() and k.dtype == torch.bfloat16,
         ONE_TOKEN_BLOCK=plan.ntiles_x == 1, FIX_DV=fused_dv,
         MERGE_PIECES=pieces_per_step(g.block_m, fused_dv, g.num_warps, FUSED_MERGE_ELEMENTS),
-        USE_PDL=pdl,
+        USE_PDL=pdl_mode,
         num_warps=g.num_warps, num_stages=g.num_stages, **common,
     )
-    # -- fixups: one program per (tile, FIXUP_DV columns of Dv)
-    fix_dv = min(g.block_dv, FIXUP_DV)
-    common["BLOCK_DV"] = fix_dv
-    common["MERGE_PIECES"] = pieces_per_step(g.block_m, fix_dv, 4)
-    common["USE_PDL"] = pdl
-    chunks = g.block_dv // fix_dv
+    # -- fixups: one program per (tile, FIXUP_DV columns of Dv, FIXUP_ROWS rows)
+    fix_dv, fix_m = min(g.block_dv, FIXUP_DV), min(g.block_m, FIXUP_ROWS)
+    common.update(BLOCK_DV=fix_dv, ROWS=fix_m, USE_PDL=pdl,
+                  MERGE_PIECES=pieces_per_step(fix_m, fix_dv, 4))
+    chunks = (g.block_dv // fix_dv, g.block_m // fix_m)
     if main_only:
         return
     if plan.fixup == "uniform":
-        uniform_fixup_kernel[(plan.ntiles_dst, chunks)](
+        uniform_fixup_kernel[(plan.ntiles_dst, *chunks)](
             *out_args, buf.ws_o, buf.ws_m, buf.ws_l,
             plan.q_len, ratio, plan.kv_heads, plan.ntiles_x, plan.ntiles_z, plan.split,
             *fd_x, *fd_z, *fd_h, num_warps=4, **launch_kw, **common)
     elif plan.fixup == "general":
-        general_fixup_kernel[(plan.nblocks, chunks)](
+        general_fixup_kernel[(plan.nblocks, *chunks)](
             *out_args, buf.ws_o, buf.ws_m, buf.ws_l, buf.jt_off,
             plan.q_len, ratio, plan.kv_heads, plan.ntiles_x, plan.ntiles_z, plan.group_work,
             plan.work, plan.nblocks, *fd_z, *fd_h, *fd_w, num_warps=4, **launch_kw, **common)

@@ -34,7 +34,7 @@ def attention_kernel(
     FIX_DV: tl.constexpr, MERGE_PIECES: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     p = tl.program_id(0)
-    if USE_PDL:
+    if USE_PDL == 1:
         gdc_launch_dependents()  # the fixup kernel may start now; it waits for our partials
     # -- this program's [start, end) of the work list
     if PER_TILE_RANGES:
@@ -95,6 +95,8 @@ def attention_kernel(
                              WS_O, WS_M, WS_L, COUNTERS, HEAD_DIM_V, BLOCK_M, BLOCK_DV,
                              HAS_SINKS, RETURN_LSE, FIX_DV, MERGE_PIECES)
         item = stop_here
+    if USE_PDL == 2:
+        gdc_launch_dependents()  # (trigger at the end instead: PERF.md)
 
 
 @triton.jit
@@ -114,8 +116,8 @@ def _fused_fixup(tile, first, stop, work, nblocks, b, qi, head, valid,
         tl.debug_barrier()
         for c in tl.static_range(BLOCK_DV // FIX_DV):
             acc, m_i, l_i = merge_pieces(p_first, p_last, first, work, nblocks, valid,
-                                         WS_O, WS_M, WS_L, c * FIX_DV, HEAD_DIM_V, BLOCK_M,
-                                         FIX_DV, MERGE_PIECES, True)
+                                         WS_O, WS_M, WS_L, 0, c * FIX_DV, HEAD_DIM_V, BLOCK_M,
+                                         BLOCK_M, FIX_DV, MERGE_PIECES, True)
             finalize_store(acc, m_i, l_i, b, qi, head, valid, O, stride_ob, stride_om,
                            stride_oh, LSE, stride_lb, stride_lh, SINKS, HEAD_DIM_V, FIX_DV,
                            HAS_SINKS, RETURN_LSE, c * FIX_DV)

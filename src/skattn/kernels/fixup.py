@@ -1,7 +1,8 @@
 """The separate fixup kernels (llama.cpp semantics): uniform and general.
 
-Both run one program per (tile, chunk of Dv) so that the partials of a much-split tile are
-read by several SMs at once; llama.cpp likewise runs a block per (tile, row).
+Both run one program per (tile, chunk of Dv, chunk of ROWS rows) so that the partials of a
+much-split tile are read by several SMs at once; llama.cpp likewise runs a block per
+(tile, row).
 """
 import triton
 import triton.language as tl
@@ -17,7 +18,8 @@ def uniform_fixup_kernel(
     WS_O, WS_M, WS_L,
     q_len, ratio, kv_heads, ntiles_x, ntiles_z, split,
     fd_x_mp, fd_x_sh, fd_z_mp, fd_z_sh, fd_h_mp, fd_h_sh,
-    HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, ROWS: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
     HEADS_PER_TILE: tl.constexpr, TOKENS_PER_TILE: tl.constexpr,
     HAS_SINKS: tl.constexpr, RETURN_LSE: tl.constexpr, USE_FASTDIV: tl.constexpr,
     MERGE_PIECES: tl.constexpr, USE_PDL: tl.constexpr,
@@ -25,15 +27,16 @@ def uniform_fixup_kernel(
     """Tile t was cut into `split` pieces held by programs t*split .. t*split+split-1."""
     tile = tl.program_id(0)
     dv0 = tl.program_id(1) * BLOCK_DV
+    m0 = tl.program_id(2) * ROWS
     group = _div(tile, ntiles_x, fd_x_mp, fd_x_sh, USE_FASTDIV)
     jt = tile - group * ntiles_x
     b, g, z = decode_group(group, ntiles_z, kv_heads, fd_z_mp, fd_z_sh, fd_h_mp, fd_h_sh, USE_FASTDIV)
-    qi, head, valid = tile_rows(g, z, jt, q_len, ratio, HEADS_PER_TILE, TOKENS_PER_TILE, BLOCK_M)
+    qi, head, valid = tile_rows(g, z, jt, q_len, ratio, HEADS_PER_TILE, TOKENS_PER_TILE, ROWS, m0)
     if USE_PDL:
         gdc_wait()  # launched early (programmatic dependent launch): wait for the partials
     acc, m_i, l_i = merge_pieces(tile * split, tile * split + split - 1, 0, 1, 1, valid,
-                                 WS_O, WS_M, WS_L, dv0, HEAD_DIM_V, BLOCK_M, BLOCK_DV,
-                                 MERGE_PIECES, False)
+                                 WS_O, WS_M, WS_L, m0, dv0, HEAD_DIM_V, BLOCK_M, ROWS,
+                                 BLOCK_DV, MERGE_PIECES, False)
     finalize_store(acc, m_i, l_i, b, qi, head, valid, O, stride_ob, stride_om, stride_oh,
                    LSE, stride_lb, stride_lh, SINKS, HEAD_DIM_V, BLOCK_DV, HAS_SINKS, RETURN_LSE,
                    dv0)
@@ -45,7 +48,8 @@ def general_fixup_kernel(
     WS_O, WS_M, WS_L, JT_OFF,
     q_len, ratio, kv_heads, ntiles_x, ntiles_z, group_work, work, nblocks,
     fd_z_mp, fd_z_sh, fd_h_mp, fd_h_sh, fd_w_mp, fd_w_sh,
-    HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, ROWS: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
     HEADS_PER_TILE: tl.constexpr, TOKENS_PER_TILE: tl.constexpr,
     HAS_SINKS: tl.constexpr, RETURN_LSE: tl.constexpr, USE_FASTDIV: tl.constexpr,
     MERGE_PIECES: tl.constexpr, USE_PDL: tl.constexpr,
@@ -54,6 +58,7 @@ def general_fixup_kernel(
     programs from the one that started the tile up to itself (llama.cpp walks them back)."""
     p0 = tl.program_id(0)
     dv0 = tl.program_id(1) * BLOCK_DV
+    m0 = tl.program_id(2) * ROWS
     start = program_start(p0, work, nblocks)
     end = program_start(p0 + 1, work, nblocks)
     group, jt, first, stop = locate(start, group_work, ntiles_x, JT_OFF, fd_w_mp, fd_w_sh,
@@ -61,12 +66,14 @@ def general_fixup_kernel(
     if (start > first) & (end >= stop):
         b, g, z = decode_group(group, ntiles_z, kv_heads, fd_z_mp, fd_z_sh, fd_h_mp, fd_h_sh,
                                USE_FASTDIV)
-        qi, head, valid = tile_rows(g, z, jt, q_len, ratio, HEADS_PER_TILE, TOKENS_PER_TILE, BLOCK_M)
+        qi, head, valid = tile_rows(g, z, jt, q_len, ratio, HEADS_PER_TILE, TOKENS_PER_TILE,
+                                    ROWS, m0)
         p_first = program_of(first, work, nblocks)  # the program that started the tile
         if USE_PDL:
             gdc_wait()
         acc, m_i, l_i = merge_pieces(p_first, p0, first, work, nblocks, valid, WS_O, WS_M, WS_L,
-                                     dv0, HEAD_DIM_V, BLOCK_M, BLOCK_DV, MERGE_PIECES, True)
+                                     m0, dv0, HEAD_DIM_V, BLOCK_M, ROWS, BLOCK_DV, MERGE_PIECES,
+                                     True)
         finalize_store(acc, m_i, l_i, b, qi, head, valid, O, stride_ob, stride_om, stride_oh,
                        LSE, stride_lb, stride_lh, SINKS, HEAD_DIM_V, BLOCK_DV, HAS_SINKS,
                        RETURN_LSE, dv0)

@@ -60,9 +60,9 @@ def locate(item, group_work, ntiles_x, JT_OFF, fd_w_mp, fd_w_sh, USE_FASTDIV: tl
 
 @triton.jit
 def tile_rows(g, z, jt, q_len, ratio, HEADS_PER_TILE: tl.constexpr,
-              TOKENS_PER_TILE: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Rows of a tile: token j = r // HEADS_PER_TILE, head c = r % HEADS_PER_TILE."""
-    r = tl.arange(0, BLOCK_M)
+              TOKENS_PER_TILE: tl.constexpr, ROWS: tl.constexpr, m0=0):
+    """Rows m0 .. m0+ROWS-1 of a tile: token j = r // HEADS_PER_TILE, head r % HEADS_PER_TILE."""
+    r = m0 + tl.arange(0, ROWS)
     tok = r // HEADS_PER_TILE
     hz = z * HEADS_PER_TILE + r % HEADS_PER_TILE
     qi = jt * TOKENS_PER_TILE + tok
@@ -109,10 +109,11 @@ def store_partial(acc, m_i, l_i, slot_index, WS_O, WS_M, WS_L,
 
 
 @triton.jit
-def merge_pieces(p_lo, p_hi, first, work, nblocks, valid, WS_O, WS_M, WS_L, dv0,
-                 HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
-                 PIECES: tl.constexpr, LINEAR: tl.constexpr):
-    """Merge the partials of programs p_lo..p_hi for the tile starting at item `first`.
+def merge_pieces(p_lo, p_hi, first, work, nblocks, valid, WS_O, WS_M, WS_L, m0, dv0,
+                 HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, ROWS: tl.constexpr,
+                 BLOCK_DV: tl.constexpr, PIECES: tl.constexpr, LINEAR: tl.constexpr):
+    """Merge the partials of programs p_lo..p_hi for the tile starting at item `first`:
+    rows m0 .. m0+ROWS-1 of the tile's BLOCK_M, columns dv0 .. dv0+BLOCK_DV-1.
 
     PIECES partials per step, unrolled: their loads do not depend on each other, so a step
     costs about one memory latency, and every sum is elementwise in registers. (A serial
@@ -121,7 +122,7 @@ def merge_pieces(p_lo, p_hi, first, work, nblocks, valid, WS_O, WS_M, WS_L, dv0,
     cp.async-pipelined loads cost 2-8 us more than this, PERF.md.) Rows that are not `valid`
     are not read. Reads bypass L1, which is not coherent with other SMs' writes.
     """
-    r = tl.arange(0, BLOCK_M)
+    r = m0 + tl.arange(0, ROWS)
     dv = dv0 + tl.arange(0, BLOCK_DV)
     dv_ok = dv[None, :] < HEAD_DIM_V
     # program q keeps the tile in slot 0, except p_lo if it started before the tile: it is
@@ -129,9 +130,9 @@ def merge_pieces(p_lo, p_hi, first, work, nblocks, valid, WS_O, WS_M, WS_L, dv0,
     lead = 0
     if LINEAR:
         lead = (program_start(p_lo, work, nblocks) < first).to(tl.int32)
-    m_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_max = tl.full([ROWS], float("-inf"), dtype=tl.float32)
+    acc = tl.zeros([ROWS, BLOCK_DV], dtype=tl.float32)
+    l_i = tl.zeros([ROWS], dtype=tl.float32)
     for q0 in tl.range(p_lo, p_hi + 1, PIECES, num_stages=1):  # no cp.async pipelining
         m_new = m_max
         for j in tl.static_range(PIECES):
