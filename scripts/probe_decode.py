@@ -167,7 +167,7 @@ def merge(rows):
                                  p50_us=t_all.p50, max_rel_err=err))
                 print(f"{model} n={n} L={L} N={N} {label:13s} {p.fixup:8s} main "
                       f"{t_main.p50:6.1f} all {t_all.p50:6.1f} us err {err:.1e}", flush=True)
-    launch.USE_PDL, launch.PDL_TRIGGER, launch.FUSED_MERGE_ELEMENTS = True, "start", 256
+    launch.USE_PDL, launch.PDL_TRIGGER, launch.FUSED_MERGE_ELEMENTS = True, "end", 256
 
 
 def stream(timer, rows):

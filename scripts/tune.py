@@ -4,7 +4,7 @@ Writes CSVs to $OUT (or benchmarks/results): tune_configs.csv with each config's
 compiled resources, sweep_nblocks.csv with the time of every N for some cells and what each
 policy chose, breakdown.csv with where decode time goes.
 Usage: python3 scripts/tune.py [host] [breakdown] [configs [--prefill | --prefill-only]]
-       [sweep [--quick]]
+       [sweep [--quick | --coarse [--all]]] [prefill-fixup]
 """
 from __future__ import annotations
 
@@ -151,13 +151,20 @@ COARSE_CELLS = [("llama-8b", 1, 8192), ("llama-8b", 1, 32768), ("qwen3moe-30b-a3
                 ("gpt-oss", 8, 16384), ("llama-70b", 16, 16384)]
 
 
-def sweep(quick=False, coarse=False):
-    """Every N (or COARSE_N with --coarse, uniform/general only) for a few cells."""
+def grid_cells(ns):
+    from skattn.bench.grid import select
+
+    return [(c.model, c.n, c.depth) for c in select(ns=ns)]
+
+
+def sweep(quick=False, coarse=False, every_cell=False):
+    """Every N (or COARSE_N with --coarse, uniform/general only) for a few cells (--all: the
+    grid's 75 decode cells)."""
     rows = []
     cells = [("llama-8b", 1, 16384), ("qwen3moe-30b-a3b", 2, 8192), ("qwen3-14b", 4, 32768),
              ("llama-70b", 16, 16384), ("gpt-oss", 1, 8192), ("llama-8b", 512, 8192)]
     if coarse:
-        cells = COARSE_CELLS
+        cells = grid_cells((1, 2, 4, 8, 16)) if every_cell else COARSE_CELLS
     for model, n, L in cells[: 3 if quick else None]:
         q, k, v = inputs(model, n, L)
         Hq, Hkv, D = MODELS[model][:3]
@@ -184,6 +191,23 @@ def sweep(quick=False, coarse=False):
     _write("sweep_nblocks.csv", rows)
 
 
+def prefill_fixup():
+    """n = 512 cells at auto's N: its separate fixup vs the fused one."""
+    rows = []
+    for model, n, L in grid_cells((512,)):
+        q, k, v = inputs(model, n, L)
+        Hq, Hkv, D = MODELS[model][:3]
+        kw = dict(batch=1, q_len=n, kv_len=L, q_heads=Hq, kv_heads=Hkv, head_dim=D, causal=True)
+        out = torch.empty(1, n, Hq, D, device="cuda", dtype=q.dtype)
+        for fixup in (None, "fused"):
+            p = skattn.plan(fixup=fixup, **kw)
+            t = bench(lambda: skattn.attention(q, k, v, causal=True, plan=p, out=out), rep=30)
+            rows.append(dict(model=model, n=n, depth=L, nblocks=p.nblocks, fixup=p.fixup,
+                             p20_us=t[0], p50_us=t[1], p80_us=t[2]))
+            print(f"prefill {model} L={L} N={p.nblocks} {p.fixup:8s} {t[1]:7.1f} us", flush=True)
+    _write("prefill_fixup.csv", rows)
+
+
 def _write(name, rows):
     OUT.mkdir(parents=True, exist_ok=True)
     keys = list(dict.fromkeys(k for r in rows for k in r))
@@ -203,4 +227,7 @@ if __name__ == "__main__":
     if "configs" in what:
         configs()
     if "sweep" in what:
-        sweep(quick="--quick" in sys.argv, coarse="--coarse" in sys.argv)
+        sweep(quick="--quick" in sys.argv, coarse="--coarse" in sys.argv,
+              every_cell="--all" in sys.argv)
+    if "prefill-fixup" in what:
+        prefill_fixup()
