@@ -181,7 +181,7 @@ def sweep(quick=False, coarse=False, every_cell=False):
                 p = skattn.plan(nblocks=N, fixup=fixup, **kw)
                 if fixup == "fused" and p.fixup == "none":
                     continue
-                t = bench(lambda: skattn.attention(q, k, v, causal=True, plan=p, out=out), rep=25)
+                t = bench(lambda: skattn.attention(q, k, v, causal=True, plan=p, out=out), rep=40)
                 rows.append(dict(model=model, n=n, depth=L, nblocks=N, fixup=p.fixup,
                                  ntiles_dst=p.ntiles_dst, work=p.work, p20_us=t[0], p50_us=t[1],
                                  p80_us=t[2], floor_us=floor_us(q, k, v),
