@@ -42,10 +42,14 @@ def test_check_finds_the_best_measured_n():
 
 
 @pytest.mark.skipif(not SWEEP.exists(), reason="the committed H200 sweep is not in this checkout")
-def test_committed_sweep_fits_within_ten_percent():
-    model, err = fit(read_csv(SWEEP))
-    assert err < 0.10
-    assert model.us_per_item > 0
+def test_fit_lowers_auto_regret_on_a_committed_sweep():
+    # the fit chooses for auto's regret: on session 1's sweep it must beat a model that was
+    # not fitted to it (the defaults: 1.114 there) and stay a usable time model
+    rows = read_csv(SWEEP)
+    model, err = fit(rows)
+    worst = max(c["ratio"] for c in check(rows, model))
+    assert worst < max(c["ratio"] for c in check(rows, CostModel()))
+    assert worst <= 1.06 and err < 0.2 and model.us_per_item > 0
 
 
 @pytest.mark.skipif(not SWEEP.exists(), reason="the committed H200 sweep is not in this checkout")
@@ -59,15 +63,20 @@ def test_cli_fits_and_writes(tmp_path, capsys):
 
 
 COARSE = Path(__file__).parents[1] / "benchmarks" / "results" / "s2" / "sweep_nblocks_coarse.csv"
+ALL_DECODE = (Path(__file__).parents[1] / "benchmarks" / "results" / "s3"
+              / "sweep_nblocks_coarse_all-a010052.csv")
 
 
-def test_default_model_is_within_three_percent_on_the_committed_coarse_sweep():
-    # the defaults were fitted to this H200 sweep: auto's N must stay within 3% of the best
-    # measured N in every swept cell (a change to the model or the planner shows up here)
-    results = check(read_csv(COARSE), CostModel())
-    assert len(results) == 8
-    worst = max(results, key=lambda c: c["ratio"])
-    assert worst["ratio"] <= 1.03, worst
+def test_default_model_is_within_three_percent_on_the_committed_sweeps():
+    # the defaults were fitted to the H200 sweep of all 75 decode cells: auto's N is within
+    # 3% of the best measured N in 72 of them and within 10.4% in all (gpt-oss n=16, where
+    # two programs per SM win, is the exception); also in the 8 cells of session 2's sweep
+    results = check(read_csv(ALL_DECODE), CostModel())
+    assert len(results) == 75
+    assert sum(c["ratio"] > 1.03 for c in results) <= 3
+    assert max(c["ratio"] for c in results) <= 1.105
+    old = check(read_csv(COARSE), CostModel())
+    assert len(old) == 8 and max(c["ratio"] for c in old) <= 1.03
 
 
 def test_programs_beyond_one_round_cost_a_second_round():

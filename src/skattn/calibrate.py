@@ -1,8 +1,8 @@
 """Calibrate the `auto` policy's cost model from an nblocks sweep measured on this GPU.
 
 `skattn calibrate` times every N for a few seed-grid cells (or reads such a sweep from
-`--from-csv`), fits `CostModel` by least squares and writes it where the planner reads it
-(`$SKATTN_COST_MODEL`, else ~/.cache/skattn/cost_model.json).
+`--from-csv`), fits `CostModel` for the least regret of `auto` (see `fit`) and writes it
+where the planner reads it (`$SKATTN_COST_MODEL`, else ~/.cache/skattn/cost_model.json).
 """
 from __future__ import annotations
 
@@ -39,14 +39,20 @@ def _features(p, saturation):
     return items, pieces, 1.0 if p.fixup in ("uniform", "general") else 0.0
 
 
+PIECE_RATIOS = (0.0, 1 / 16, 1 / 8, 3 / 16, 1 / 4, 3 / 8, 1 / 2)  # us_per_piece / us_per_item
+LAUNCH_RATIOS = (0.0, 2.0, 4.0, 8.0, 16.0)  # us_launch / us_per_item
+
+
 def fit(rows: list[dict], *, sms: int = 132, blocks_per_sm: int = 2) -> tuple[CostModel, float]:
-    """Least-squares fit of the cost model to measured (cell, N, fixup) -> p50 rows.
+    """Fit the cost model to measured (cell, N, fixup) -> p50 rows for what `auto` is for.
 
     Each cell gets its own constant (launch and fixed costs common to all its N), so only the
-    terms that differ between N are fitted. The saturation is chosen by what `auto` is for:
-    the smallest worst-case regret (measured time at the N auto picks / best measured time)
-    over the swept cells, then the smallest fit error. Returns the model and its mean
-    relative error.
+    terms that differ between N are fitted. For every saturation the candidates are the
+    least-squares fit and models whose piece and launch costs are set multiples of the item
+    cost (only these ratios change which N `auto` picks; the scale is then fitted). The one
+    kept has the smallest worst-case regret (measured time at the N auto picks / best
+    measured time) over the swept cells, then the smallest mean regret, then the smallest fit
+    error. Returns the model and its mean relative error.
     """
     import numpy as np
 
@@ -54,24 +60,39 @@ def fit(rows: list[dict], *, sms: int = 132, blocks_per_sm: int = 2) -> tuple[Co
     plans = [_plan_for(r, sms, blocks_per_sm) for r in rows]
     cells = sorted({(r["model"], r["n"], r["depth"]) for r in rows})
     y = np.array([float(r["p50_us"]) for r in rows])
+    w = 1.0 / y  # relative error
+    onehot = np.zeros((len(rows), len(cells)))
+    for i, r in enumerate(rows):
+        onehot[i, cells.index((r["model"], r["n"], r["depth"]))] = 1.0
+    w2 = w * w
+    cell_w2 = onehot.T @ w2
+
+    def demean(v):  # remove each cell's weighted mean (its fitted constant)
+        return v - onehot @ ((onehot.T @ (w2 * v)) / cell_w2)
+
+    y0 = demean(y)
     best = None
     for sat in SATURATIONS:
-        x = np.zeros((len(rows), 3 + len(cells)))
-        for i, (r, p) in enumerate(zip(rows, plans)):
-            x[i, :3] = _features(p, sat)
-            x[i, 3 + cells.index((r["model"], r["n"], r["depth"]))] = 1.0
-        w = 1.0 / y  # relative error
-        coef, *_ = np.linalg.lstsq(x * w[:, None], y * w, rcond=None)
-        coef[:3] = np.maximum(coef[:3], 0.0)
-        err = float(np.mean(np.abs(x @ coef - y) / y))
-        model = CostModel(us_per_item=float(coef[0]), saturation=sat, us_per_piece=float(coef[1]),
-                          us_launch=float(coef[2]))
-        regret = max(c["ratio"] for c in check(rows, model, sms=sms, blocks_per_sm=blocks_per_sm))
-        if best is None or (round(regret, 3), err) < best[0]:
-            best = ((round(regret, 3), err), sat, coef)
-    (_, err), sat, coef = best
-    model = CostModel(us_per_item=float(coef[0]), saturation=round(sat, 3),
-                      us_per_piece=float(coef[1]), us_launch=float(coef[2]), source="fit")
+        f = np.array([_features(p, sat) for p in plans])
+        f0 = np.stack([demean(f[:, j]) for j in range(3)], axis=1)
+        coef, *_ = np.linalg.lstsq(f0 * w[:, None], y0 * w, rcond=None)
+        candidates = [np.maximum(coef, 0.0)]
+        for pr in PIECE_RATIOS:
+            for lr in LAUNCH_RATIOS:
+                x0 = f0 @ np.array([1.0, pr, lr])
+                scale = max(float((w2 * x0 * y0).sum() / max((w2 * x0 * x0).sum(), 1e-12)), 1e-6)
+                candidates.append(np.array([scale, pr * scale, lr * scale]))
+        for k in candidates:
+            model = CostModel(us_per_item=float(k[0]), saturation=sat, us_per_piece=float(k[1]),
+                              us_launch=float(k[2]))
+            ratios = [c["ratio"] for c in check(rows, model, sms=sms, blocks_per_sm=blocks_per_sm)]
+            err = float(np.mean(np.abs(y0 - f0 @ k) / y))
+            key = (round(max(ratios), 3), round(float(np.mean(ratios)), 4), err)
+            if best is None or key < best[0]:
+                best = (key, sat, k)
+    (_, _, err), sat, k = best
+    model = CostModel(us_per_item=float(k[0]), saturation=round(sat, 3),
+                      us_per_piece=float(k[1]), us_launch=float(k[2]), source="fit")
     return model, err
 
 

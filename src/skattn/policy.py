@@ -30,18 +30,20 @@ class CostModel:
     saturation: the fraction of max_blocks that run as one program per SM, N_sat; beyond it
         programs share SMs in rounds (time = longest * us_per_item * ceil(N / N_sat)).
         Measured on an H200 (132 SMs): N = 128 beat every N from 129 to 263 in every swept
-        decode cell (benchmarks/results/s2/sweep_nblocks_coarse.csv), so N_sat = 128.
+        decode cell (benchmarks/results/s2/sweep_nblocks_coarse.csv), so N_sat = 128-132.
     us_per_piece: merging one partial piece of a split tile.
-    us_launch: the extra launch of a separate fixup kernel (uniform, general).
+    us_launch: the extra launch of a separate fixup kernel (uniform, general); ~0 since the
+        fixup is launched while the main kernel runs (programmatic dependent launch).
     """
 
-    # fitted by `skattn calibrate --from-csv benchmarks/results/s2/sweep_nblocks_coarse.csv`
-    # (H200, 8 decode cells, 17 N each; auto's worst regret there 1.006). `skattn calibrate`
-    # replaces them per GPU.
-    us_per_item: float = 0.64
-    saturation: float = 0.485
-    us_per_piece: float = 0.19
-    us_launch: float = 15.8
+    # fitted by `skattn calibrate --from-csv
+    # benchmarks/results/s3/sweep_nblocks_coarse_all-a010052.csv` (H200, the grid's 75
+    # decode cells x 17 N; auto within 3% of the best measured N in 72 cells, worst 1.104).
+    # `skattn calibrate` replaces them per GPU.
+    us_per_item: float = 0.838
+    saturation: float = 0.5
+    us_per_piece: float = 0.105
+    us_launch: float = 0.0
     source: str = "defaults"
 
     def save(self, path: str | os.PathLike) -> None:
