@@ -29,7 +29,7 @@ def shapes(draw, max_q=600, max_kv=5000, max_sms=140):
     )
 
 
-def _check_plan(p, requested_fixup):
+def _check_plan(p, requested_fixup, chosen=True):
     ranges = p.ranges()
     assert 1 <= p.nblocks <= p.work and len(ranges) == p.nblocks
     # -- every item of [0, W) exactly once: ranges contiguous and in program order
@@ -44,6 +44,9 @@ def _check_plan(p, requested_fixup):
         kind = "general"  # tiles of unequal length (causal, window): N | ntiles_dst cuts some
     if kind == "uniform" and p.nblocks // p.ntiles_dst > min(p.kv_count):
         kind = "general"  # a policy's N would leave empty uniform pieces
+    if (kind == "general" and requested_fixup is None and p.policy == "auto" and chosen
+            and p.q_len * p.gqa_ratio >= 256):
+        kind = "fused"  # auto fuses a prompt chunk's general fixup
     if requested_fixup == "fused":
         assert p.fixup == ("none" if kind == "none" else "fused")
     else:
@@ -99,7 +102,7 @@ def test_explicit_nblocks_plans(shape, data):
         with pytest.raises(ValueError, match="nblocks"):
             plan(**shape)
         return
-    _check_plan(plan(**shape), shape["fixup"])
+    _check_plan(plan(**shape), shape["fixup"], chosen=False)
 
 
 @settings(max_examples=200, deadline=None)
