@@ -6,6 +6,7 @@
   python3 scripts/probe_decode.py steps     # fastdiv, GQA packing, window skipping, BLOCK_N
   python3 scripts/probe_decode.py merge     # fixup launch (PDL) and merge loops; config
   python3 scripts/probe_decode.py tma       # stream kernel: TMA descriptor loads vs cp.async
+  python3 scripts/probe_decode.py prefill   # n=512: PDL and fixup rows per program
   python3 scripts/probe_decode.py ncu-run   # one cell, few launches (run under ncu)
 
 Writes probe_decode.csv to $OUT (or benchmarks/results).
@@ -168,6 +169,33 @@ def merge(rows):
                 print(f"{model} n={n} L={L} N={N} {label:13s} {p.fixup:8s} main "
                       f"{t_main.p50:6.1f} all {t_all.p50:6.1f} us err {err:.1e}", flush=True)
     launch.USE_PDL, launch.PDL_TRIGGER, launch.FUSED_MERGE_ELEMENTS = True, "end", 256
+
+
+def prefill(rows):
+    """Prompt chunks at llama.cpp's N (uniform fixup): PDL off / trigger at start / at end, and
+    16 or all rows of a tile per fixup program (FIXUP_ROWS)."""
+    timer = ColdTimer(flush="read")
+    for model, n, L in (("llama-8b", 512, 8192), ("llama-8b", 512, 32768)):
+        q, k, v = inputs(model, n, L)
+        Hq, Hkv, D = MODELS[model][:3]
+        out = torch.empty_like(q)
+        p = skattn.plan(batch=1, q_len=n, kv_len=L, q_heads=Hq, kv_heads=Hkv, head_dim=D,
+                        causal=True, policy="llamacpp")
+        for pdl, trigger in ((False, "end"), (True, "end"), (True, "start")):
+            for fix_rows in (16, 128):
+                launch.USE_PDL, launch.PDL_TRIGGER, launch.FIXUP_ROWS = pdl, trigger, fix_rows
+                run = lambda main_only=False: launch.run(p, q, k, v, out, None,  # noqa: E731
+                                                         scale=D ** -0.5, main_only=main_only)
+                run()
+                t_main = timer.time(lambda: run(True), reps=30)
+                t_all = timer.time(run, reps=30)
+                label = f"pdl={pdl:d} {trigger} rows={fix_rows}"
+                rows.append(dict(what="prefill", model=model, n=n, depth=L, nblocks=p.nblocks,
+                                 fixup=p.fixup, variant=label, main_us=t_main.p50,
+                                 p50_us=t_all.p50))
+                print(f"{model} n={n} L={L} N={p.nblocks} {p.fixup} {label}: main "
+                      f"{t_main.p50:6.1f} all {t_all.p50:6.1f} us", flush=True)
+    launch.USE_PDL, launch.PDL_TRIGGER, launch.FIXUP_ROWS = True, "end", 16
 
 
 def stream(timer, rows):
@@ -367,6 +395,8 @@ def main():
     try:
         if "merge" in sys.argv:
             merge(rows)
+        if "prefill" in sys.argv:
+            prefill(rows)
         if "tma" in sys.argv:
             tma(rows)
         if "steps" in sys.argv:

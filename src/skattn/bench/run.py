@@ -40,7 +40,10 @@ class RunOptions:
 
 
 def commit() -> str:
-    """`git describe --always --dirty` of the checkout, else $SKATTN_COMMIT, else 'unknown'."""
+    """$SKATTN_COMMIT when set (a copied tree may carry a stale .git), else `git describe
+    --always --dirty` of the checkout, else 'unknown'."""
+    if os.environ.get("SKATTN_COMMIT"):
+        return os.environ["SKATTN_COMMIT"]
     root = Path(__file__).resolve().parents[3]
     try:
         out = subprocess.run(["git", "-C", str(root), "describe", "--always", "--dirty"],
@@ -49,7 +52,7 @@ def commit() -> str:
             return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
         pass
-    return os.environ.get("SKATTN_COMMIT", "unknown")
+    return "unknown"
 
 
 def provenance(sms: int) -> dict:
