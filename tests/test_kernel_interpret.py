@@ -87,9 +87,10 @@ def test_many_pieces_per_tile(fixup, nblocks):
     check(q, k, v, p)
 
 
-@pytest.mark.parametrize("fixup,nblocks", [(None, 8), (None, 7), ("fused", 7)])
+@pytest.mark.parametrize("fixup,nblocks", [(None, 8), (None, 9), ("fused", 9)])
 def test_fixup_row_chunks(fixup, nblocks):
-    # 9 tokens x 4 heads = 36 rows: BLOCK_M 64, merged by the fixups in chunks of 16 rows
+    # 9 tokens x 4 heads = 36 rows: BLOCK_M 64; 2 tiles in >= 8 pieces: the fixups merge 16 rows
+    # per program
     q, k, v = make(Lq=9, Lk=160, Hq=8, Hkv=2)
     p = plan_for(q, k, v, nblocks=nblocks, fixup=fixup, causal=True)
     assert p.geometry.block_m == 64 and p.fixup != "none"

@@ -28,8 +28,17 @@ USE_PDL = True
 PDL_TRIGGER = "end"
 
 
+def _many_pieces(plan: Plan) -> bool:
+    """Tiles cut into several pieces each (decode). Prompt chunks have 1-2 pieces a tile:
+    there PDL and 16-row fixup programs cost time (llama-8b n=512 L=32768: 550 -> 563 us
+    with both, PERF.md), so they keep whole-tile fixup programs and a plain launch."""
+    return plan.nblocks >= 4 * plan.ntiles_dst
+
+
 def _pdl(plan: Plan, device: torch.device) -> bool:
     if not USE_PDL or interpreting() or plan.fixup not in ("uniform", "general"):
+        return False
+    if not _many_pieces(plan):
         return False
     if torch.device(device).type != "cuda":
         return False
@@ -137,7 +146,8 @@ def run(plan: Plan, q, k, v, out, lse, *, scale: float, mask=None, sinks=None, s
         num_warps=g.num_warps, num_stages=g.num_stages, **common,
     )
     # -- fixups: one program per (tile, FIXUP_DV columns of Dv, FIXUP_ROWS rows)
-    fix_dv, fix_m = min(g.block_dv, FIXUP_DV), min(g.block_m, FIXUP_ROWS)
+    fix_dv = min(g.block_dv, FIXUP_DV)
+    fix_m = min(g.block_m, FIXUP_ROWS) if _many_pieces(plan) else g.block_m
     common.update(BLOCK_DV=fix_dv, ROWS=fix_m, USE_PDL=pdl,
                   MERGE_PIECES=pieces_per_step(fix_m, fix_dv, 4))
     chunks = (g.block_dv // fix_dv, g.block_m // fix_m)
