@@ -29,7 +29,7 @@ def shapes(draw, max_q=600, max_kv=5000, max_sms=140):
     )
 
 
-def _check_plan(p, requested_fixup, chosen=True):
+def _check_plan(p, requested_fixup):
     ranges = p.ranges()
     assert 1 <= p.nblocks <= p.work and len(ranges) == p.nblocks
     # -- every item of [0, W) exactly once: ranges contiguous and in program order
@@ -44,9 +44,6 @@ def _check_plan(p, requested_fixup, chosen=True):
         kind = "general"  # tiles of unequal length (causal, window): N | ntiles_dst cuts some
     if kind == "uniform" and p.nblocks // p.ntiles_dst > min(p.kv_count):
         kind = "general"  # a policy's N would leave empty uniform pieces
-    if (kind == "general" and requested_fixup is None and p.policy == "auto" and chosen
-            and p.q_len * p.gqa_ratio >= 256):
-        kind = "fused"  # auto fuses a prompt chunk's general fixup
     if requested_fixup == "fused":
         assert p.fixup == ("none" if kind == "none" else "fused")
     else:
@@ -102,7 +99,7 @@ def test_explicit_nblocks_plans(shape, data):
         with pytest.raises(ValueError, match="nblocks"):
             plan(**shape)
         return
-    _check_plan(plan(**shape), shape["fixup"], chosen=False)
+    _check_plan(plan(**shape), shape["fixup"])
 
 
 @settings(max_examples=200, deadline=None)
@@ -268,9 +265,7 @@ def test_policy_n_beyond_the_shortest_tile_is_general(policy):
     shape = dict(batch=1, q_len=1024, kv_len=1024, q_heads=1, kv_heads=1, head_dim=64,
                  causal=True, policy=policy, **H100)
     p = plan(**shape)
-    # (auto fuses a prompt chunk's general fixup: the same global ranges, merged in-kernel)
-    assert p.fixup in ("general", "none", "fused" if policy == "auto" else "general")
-    assert p.ntiles_dst == 8
+    assert p.fixup in ("general", "none") and p.ntiles_dst == 8
     _check_plan(p, None)
     with pytest.raises(ValueError, match="nblocks"):  # the caller's own N still fails loudly
         plan(**dict(shape, nblocks=72))
@@ -313,14 +308,3 @@ def test_default_stages_fit_the_shared_memory_budget(D, Dv, q_len):
     stage = g.block_n * (g.block_dk * g.dk_chunks + g.block_dv) * 2
     assert g.num_stages == 2 or g.num_stages * stage <= STAGE_BYTES_BUDGET, g
     assert g.num_stages >= 2
-
-
-def test_auto_fuses_the_general_fixup_of_prompt_chunks_only():
-    # llama-70b n=512: llama.cpp's rule gives N = 264 over 256 tiles (general); auto fuses it
-    kw = dict(batch=1, q_len=512, kv_len=8192, q_heads=64, kv_heads=8, head_dim=128,
-              causal=True, sms=132, blocks_per_sm=2)
-    assert plan(policy="llamacpp", **kw).fixup == "general"
-    assert plan(policy="auto", **kw).fixup == "fused"
-    assert plan(policy="auto", fixup="general", **kw).fixup == "general"  # asked for: kept
-    decode = dict(kw, q_len=1)
-    assert plan(policy="auto", **decode).fixup in ("none", "uniform", "general")

@@ -275,8 +275,7 @@ def plan(*, batch: int, q_len: int, kv_len: int, q_heads: int, kv_heads: int, he
     nblocks : int, optional
         Force the number of programs (1 <= nblocks <= W).
     fixup : {None, "none", "uniform", "general", "fused"}
-        None takes llama.cpp's rule for the chosen N (with policy "auto", prompt chunks that
-        it gives a general fixup get the fused one); "fused" merges inside the main kernel.
+        None takes llama.cpp's rule for the chosen N; "fused" merges inside the main kernel.
     block_m, block_n, num_warps, num_stages : int, optional
         Override the kernel configuration chosen by `tile_geometry`.
     fastdiv : bool
@@ -345,9 +344,6 @@ def plan(*, batch: int, q_len: int, kv_len: int, q_heads: int, kv_heads: int, he
                              f"ntiles_dst={ntiles_dst} (llama.cpp's rule gives {kind!r})")
     if kind == "uniform" and nblocks // ntiles_dst > min(kv_count) and chosen and fixup is None:
         kind = "general"  # a policy's N = W or raw (causal, window): global ranges, no empty piece
-    compute_bound = q_len * ratio >= COMPUTE_BOUND_INTENSITY
-    if kind == "general" and chosen and fixup is None and policy == "auto" and compute_bound:
-        kind = "fused"  # prompt chunks: few pieces a tile; fused beat general in 7 of 9 (PERF.md)
     if kind == "uniform" and nblocks // ntiles_dst > min(kv_count):
         raise ValueError(f"nblocks={nblocks} cuts tiles into {nblocks // ntiles_dst} pieces, more "
                          f"than the shortest tile's {min(kv_count)} KV blocks")
