@@ -1,0 +1,52 @@
+"""Launch shapes chosen by launch.run, with the kernels replaced by recorders (no GPU, no
+interpreter): fixup programs per tile rows, and PDL only for CUDA devices."""
+import pytest
+import torch
+
+import skattn
+from skattn import launch
+from skattn.kernels import attention, fixup
+
+
+class Recorder:
+    def __init__(self):
+        self.calls = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kw: self.calls.append((grid, kw))
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    rec = {"main": Recorder(), "uniform": Recorder(), "general": Recorder()}
+    monkeypatch.setattr(attention, "attention_kernel", rec["main"])
+    monkeypatch.setattr(fixup, "uniform_fixup_kernel", rec["uniform"])
+    monkeypatch.setattr(fixup, "general_fixup_kernel", rec["general"])
+    return rec
+
+
+def run(q_len, nblocks, kv_len=8192):
+    p = skattn.plan(batch=1, q_len=q_len, kv_len=kv_len, q_heads=64, kv_heads=8, head_dim=64,
+                    causal=True, sms=132, blocks_per_sm=2, nblocks=nblocks)
+    q = torch.zeros(1, q_len, 64, 64, dtype=torch.float16)
+    k = torch.empty(1, kv_len, 8, 64, dtype=torch.float16)
+    launch.run(p, q, k, k, torch.empty_like(q), None, scale=0.125)
+    return p
+
+
+def test_decode_fixup_programs_take_16_rows(recorded):
+    # n = 16, ratio 8: 128-row tiles in 16 pieces each; the fixup runs (tile, Dv/32, rows/16)
+    p = run(16, 128)
+    assert p.geometry.block_m == 128 and p.fixup == "uniform"
+    (grid, kw), = recorded["uniform"].calls
+    assert grid == (p.ntiles_dst, 64 // 32, 128 // 16) and kw["ROWS"] == 16
+    assert "launch_pdl" not in kw and kw["USE_PDL"] is False  # CPU tensors: no PDL
+
+
+def test_prompt_chunk_fixup_programs_take_whole_tiles(recorded):
+    # n = 512: about one piece a tile; 16-row programs and PDL cost time there (PERF.md)
+    p = run(512, None, kv_len=16384)
+    kind = "uniform" if p.fixup == "uniform" else "general"
+    assert p.nblocks < 4 * p.ntiles_dst and p.fixup in ("uniform", "general")
+    (grid, kw), = recorded[kind].calls
+    assert grid[2] == 1 and kw["ROWS"] == p.geometry.block_m
