@@ -31,7 +31,8 @@ def uniform_fixup_kernel(
     group = _div(tile, ntiles_x, fd_x_mp, fd_x_sh, USE_FASTDIV)
     jt = tile - group * ntiles_x
     b, g, z = decode_group(group, ntiles_z, kv_heads, fd_z_mp, fd_z_sh, fd_h_mp, fd_h_sh, USE_FASTDIV)
-    qi, head, valid = tile_rows(g, z, jt, q_len, ratio, HEADS_PER_TILE, TOKENS_PER_TILE, ROWS, m0)
+    qi, head, valid = tile_rows(g, z, jt, q_len, ratio, HEADS_PER_TILE, TOKENS_PER_TILE,
+                                ROWS, m0)
     if USE_PDL:
         gdc_wait()  # launched early (programmatic dependent launch): wait for the partials
     acc, m_i, l_i = merge_pieces(tile * split, tile * split + split - 1, 0, 1, 1, valid,

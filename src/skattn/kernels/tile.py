@@ -160,4 +160,3 @@ def merge_pieces(p_lo, p_hi, first, work, nblocks, valid, WS_O, WS_M, WS_L, m0, 
 @triton.jit
 def _slot_row(q, p_lo, lead, r, BLOCK_M: tl.constexpr):
     return (2 * q + lead * (q == p_lo).to(tl.int32)) * BLOCK_M + r
-
