@@ -1,6 +1,7 @@
 """Turn a Plan into kernel launches: per-plan device buffers, constants and grids."""
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -40,9 +41,14 @@ def _pdl(plan: Plan, device: torch.device) -> bool:
         return False
     if not _many_pieces(plan):
         return False
-    if torch.device(device).type != "cuda":
-        return False
-    return torch.cuda.get_device_capability(device)[0] >= 9
+    device = torch.device(device)
+    return device.type == "cuda" and _sm90_or_newer(device.index)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm90_or_newer(index: int | None) -> bool:
+    """Asked of the driver once per device, not on every launch."""
+    return torch.cuda.get_device_capability(index)[0] >= 9
 
 
 def pieces_per_step(block_m: int, block_dv: int, num_warps: int,
