@@ -128,6 +128,17 @@ def tma(rows):
                               f"{nbytes / t.p50 / 1e6:5.2f} TB/s", flush=True)
 
 
+def _main_and_all(timer, p, q, k, v, out, reps):
+    """p50 of the main kernel alone and of the whole call (main + fixup); `out` is poisoned
+    first, so it holds the whole call's result afterwards."""
+    D = q.shape[-1]
+    run = lambda main_only=False: launch.run(p, q, k, v, out, None,  # noqa: E731
+                                             scale=D ** -0.5, main_only=main_only)
+    out.fill_(float("nan"))
+    run()
+    return timer.time(lambda: run(True), reps=reps), timer.time(run, reps=reps)
+
+
 def merge(rows):
     """Separate fixup launched early (PDL, triggered at the main kernel's start or end) or
     not; fused merge with 4 or 16 pieces a step (FUSED_MERGE_ELEMENTS 64, 256)."""
@@ -156,13 +167,8 @@ def merge(rows):
                 except ValueError as e:  # N above the work items
                     print("skip", model, n, L, N, e, flush=True)
                     continue
-                run = lambda main_only=False: launch.run(p, q, k, v, out, None,  # noqa: E731
-                                                         scale=D ** -0.5, main_only=main_only)
-                out.fill_(float("nan"))
-                run()
+                t_main, t_all = _main_and_all(timer, p, q, k, v, out, reps=40)
                 err = ((out.double() - ref).abs().max() / ref.abs().max()).item()
-                t_main = timer.time(lambda: run(True), reps=40)
-                t_all = timer.time(run, reps=40)
                 rows.append(dict(what="merge", model=model, n=n, depth=L, nblocks=N,
                                  variant=label, fixup=p.fixup, main_us=t_main.p50,
                                  p50_us=t_all.p50, max_rel_err=err))
@@ -184,11 +190,7 @@ def prefill(rows):
         for pdl, trigger in ((False, "end"), (True, "end"), (True, "start")):
             for fix_rows in (16, 128):
                 launch.USE_PDL, launch.PDL_TRIGGER, launch.FIXUP_ROWS = pdl, trigger, fix_rows
-                run = lambda main_only=False: launch.run(p, q, k, v, out, None,  # noqa: E731
-                                                         scale=D ** -0.5, main_only=main_only)
-                run()
-                t_main = timer.time(lambda: run(True), reps=30)
-                t_all = timer.time(run, reps=30)
+                t_main, t_all = _main_and_all(timer, p, q, k, v, out, reps=30)
                 label = f"pdl={pdl:d} {trigger} rows={fix_rows}"
                 rows.append(dict(what="prefill", model=model, n=n, depth=L, nblocks=p.nblocks,
                                  fixup=p.fixup, variant=label, main_us=t_main.p50,
@@ -323,11 +325,7 @@ def fused(rows):
                 launch.FUSED_DV = dv
                 p = skattn.plan(batch=1, q_len=n, kv_len=L, q_heads=Hq, kv_heads=Hkv,
                                 head_dim=D, causal=True, nblocks=N, fixup=fixup)
-                run = lambda main_only=False: launch.run(p, q, k, v, out, None,  # noqa: E731
-                                                         scale=D ** -0.5, main_only=main_only)
-                run()
-                t_main = timer.time(lambda: run(True), reps=40)
-                t_all = timer.time(run, reps=40)
+                t_main, t_all = _main_and_all(timer, p, q, k, v, out, reps=40)
                 rows.append(dict(what="fused-dv", model=model, depth=L, nblocks=N,
                                  fixup=p.fixup, fused_dv=dv, main_us=t_main.p50, p50_us=t_all.p50))
                 print(f"{model} n={n} L={L} N={N} {p.fixup:8s} dv={dv}: main {t_main.p50:6.1f} "
@@ -391,24 +389,14 @@ def main():
     if sys.argv[1:] == ["ncu-run"]:
         return ncu_run()
     timer = ColdTimer()
+    probes = {"merge": merge, "prefill": prefill, "tma": tma, "steps": steps, "fused": fused,
+              "flush": flush_modes, "kernel": lambda rows: kernel(timer, rows),
+              "stream": lambda rows: stream(timer, rows)}
     rows = []
     try:
-        if "merge" in sys.argv:
-            merge(rows)
-        if "prefill" in sys.argv:
-            prefill(rows)
-        if "tma" in sys.argv:
-            tma(rows)
-        if "steps" in sys.argv:
-            steps(rows)
-        if "fused" in sys.argv:
-            fused(rows)
-        if "flush" in sys.argv:
-            flush_modes(rows)
-        if "kernel" in sys.argv:
-            kernel(timer, rows)
-        if "stream" in sys.argv:
-            stream(timer, rows)
+        for name, probe in probes.items():
+            if name in sys.argv:
+                probe(rows)
     finally:
         _write(rows)
 
