@@ -7,6 +7,7 @@
   python3 scripts/probe_decode.py merge     # fixup launch (PDL) and merge loops; config
   python3 scripts/probe_decode.py tma       # stream kernel: TMA descriptor loads vs cp.async
   python3 scripts/probe_decode.py prefill   # n=512: PDL and fixup rows per program
+  python3 scripts/probe_decode.py prefetch  # L2 prefetch ahead of the loads: stream, decode
   python3 scripts/probe_decode.py ncu-run   # one cell, few launches (run under ncu)
 
 Writes probe_decode.csv to $OUT (or benchmarks/results).
@@ -25,6 +26,7 @@ import triton.language as tl
 import skattn
 from skattn import launch, reference
 from skattn.bench.timing import ColdTimer
+from skattn.kernels.kv_loop import _prefetch_l2
 from skattn.models import MODELS
 from tune import inputs  # scripts/tune.py: seeded q, k, v for a (model, n, L) cell
 
@@ -35,8 +37,9 @@ CELL = ("llama-8b", 1, 32768)
 @triton.jit
 def stream_kernel(Q, K, V, OUT, total, nprog, blocks_per_head, stride_kn, stride_kh,
                   D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-                  DOTS: tl.constexpr, STAGES: tl.constexpr):
-    """Each program reads K and V blocks [start, end) of the (head, block) list."""
+                  DOTS: tl.constexpr, STAGES: tl.constexpr, PREFETCH: tl.constexpr = 0):
+    """Each program reads K and V blocks [start, end) of the (head, block) list; PREFETCH > 0
+    asks L2 for the rows of block i + PREFETCH (and the first PREFETCH blocks up front)."""
     p = tl.program_id(0)
     start = (p * total) // nprog
     end = ((p + 1) * total) // nprog
@@ -46,7 +49,14 @@ def stream_kernel(Q, K, V, OUT, total, nprog, blocks_per_head, stride_kn, stride
     q = tl.load(Q + m[:, None] * D + d[None, :])
     acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK_N, D], dtype=tl.float32)
+    if PREFETCH > 0:
+        for i in range(start, tl.minimum(end, start + PREFETCH)):
+            _stream_prefetch(K, V, i, blocks_per_head, stride_kn, stride_kh, D, BLOCK_N)
     for i in tl.range(start, end, num_stages=STAGES):
+        if PREFETCH > 0:
+            if i + PREFETCH < end:
+                _stream_prefetch(K, V, i + PREFETCH, blocks_per_head, stride_kn, stride_kh, D,
+                                 BLOCK_N)
         h = i // blocks_per_head
         j = i - h * blocks_per_head
         base = h * stride_kh + (j * BLOCK_N) * stride_kn
@@ -64,6 +74,16 @@ def stream_kernel(Q, K, V, OUT, total, nprog, blocks_per_head, stride_kn, stride
     else:
         tl.store(OUT + p * BLOCK_M * D + m[:, None] * D + d[None, :],
                  tl.sum(acc2, 0)[None, :] + tl.zeros([BLOCK_M, D], dtype=tl.float32))
+
+
+@triton.jit
+def _stream_prefetch(K, V, i, blocks_per_head, stride_kn, stride_kh, D: tl.constexpr,
+                     BLOCK_N: tl.constexpr):
+    h = i // blocks_per_head
+    base = h * stride_kh + ((i - h * blocks_per_head) * BLOCK_N) * stride_kn
+    rows = base + tl.arange(0, BLOCK_N)[:, None] * stride_kn + tl.arange(0, D // 64)[None, :] * 64
+    _prefetch_l2(K + rows)
+    _prefetch_l2(V + rows)
 
 
 @triton.jit
@@ -231,6 +251,49 @@ def stream(timer, rows):
                               flush=True)
 
 
+def prefetch(rows):
+    """L2 prefetch PF blocks ahead: the minimal stream kernel (N=128, 4 stages), then
+    skattn's decode kernel at auto's N (main kernel alone and the whole call)."""
+    timer = ColdTimer(flush="read")
+    for model, n, L in (("llama-8b", 1, 8192), CELL):
+        q, k, v = inputs(model, n, L)
+        Hkv, D = k.shape[2], k.shape[3]
+        nbytes = 2 * k.numel() * 2
+        qs = torch.randn(16, D, device="cuda", dtype=torch.float16)
+        for N in (128, 264):
+            out = torch.empty(N, 16, D, device="cuda", dtype=torch.float32)
+            for pf in (0, 2, 4, 8, 16, 64):
+                args = (qs, k, v, out, Hkv * (L // 64), N, L // 64, k.stride(1), k.stride(2))
+                kw = dict(D=D, BLOCK_N=64, BLOCK_M=16, DOTS=True, STAGES=4, PREFETCH=pf,
+                          num_warps=4)
+                stream_kernel[(N,)](*args, **kw)
+                t = timer.time(lambda: stream_kernel[(N,)](*args, **kw), reps=30)
+                rows.append(dict(what="stream-prefetch", model=model, depth=L, nblocks=N,
+                                 prefetch=pf, p50_us=t.p50, tbps=nbytes / t.p50 / 1e6))
+                print(f"stream L={L} N={N} pf={pf:3d} {t.p50:7.1f} us "
+                      f"{nbytes / t.p50 / 1e6:5.2f} TB/s", flush=True)
+    cells = (("llama-8b", 1, 8192), CELL, ("qwen3moe-30b-a3b", 1, 8192),
+             ("gpt-oss", 1, 8192), ("qwen3-14b", 4, 16384), ("gpt-oss", 16, 32768),
+             ("llama-8b", 16, 8192), ("qwen3moe-30b-a3b", 8, 16384))
+    for model, n, L in cells:
+        q, k, v = inputs(model, n, L)
+        Hq, Hkv, D = MODELS[model][:3]
+        out = torch.empty_like(q)
+        ref = reference.attention(q, k, v, causal=True)
+        p = skattn.plan(batch=1, q_len=n, kv_len=L, q_heads=Hq, kv_heads=Hkv, head_dim=D,
+                        causal=True)
+        for pf in (0, 2, 4, 8, 16):
+            launch.PREFETCH_BLOCKS = pf
+            t_main, t_all = _main_and_all(timer, p, q, k, v, out, reps=40)
+            err = ((out.double() - ref).abs().max() / ref.abs().max()).item()
+            rows.append(dict(what="prefetch", model=model, n=n, depth=L, nblocks=p.nblocks,
+                             prefetch=pf, fixup=p.fixup, main_us=t_main.p50, p50_us=t_all.p50,
+                             max_rel_err=err))
+            print(f"{model} n={n} L={L} N={p.nblocks} pf={pf:2d} main {t_main.p50:6.1f} "
+                  f"all {t_all.p50:6.1f} us err {err:.1e}", flush=True)
+    launch.PREFETCH_BLOCKS = 0
+
+
 def kernel(timer, rows):
     from skattn.kernels.attention import attention_kernel
 
@@ -390,7 +453,7 @@ def main():
         return ncu_run()
     timer = ColdTimer()
     probes = {"merge": merge, "prefill": prefill, "tma": tma, "steps": steps, "fused": fused,
-              "flush": flush_modes, "kernel": lambda rows: kernel(timer, rows),
+              "flush": flush_modes, "prefetch": prefetch, "kernel": lambda rows: kernel(timer, rows),
               "stream": lambda rows: stream(timer, rows)}
     rows = []
     try:
