@@ -7,7 +7,7 @@
   python3 scripts/probe_decode.py merge     # fixup launch (PDL) and merge loops; config
   python3 scripts/probe_decode.py tma       # stream kernel: TMA descriptor loads vs cp.async
   python3 scripts/probe_decode.py prefill   # n=512: PDL and fixup rows per program
-  python3 scripts/probe_decode.py prefetch  # L2 prefetch ahead of the loads: stream, decode
+  python3 scripts/probe_decode.py prefetch  # L2 prefetch ahead of the loads (stream kernel)
   python3 scripts/probe_decode.py ncu-run   # one cell, few launches (run under ncu)
 
 Writes probe_decode.csv to $OUT (or benchmarks/results).
@@ -26,7 +26,6 @@ import triton.language as tl
 import skattn
 from skattn import launch, reference
 from skattn.bench.timing import ColdTimer
-from skattn.kernels.kv_loop import _prefetch_l2
 from skattn.models import MODELS
 from tune import inputs  # scripts/tune.py: seeded q, k, v for a (model, n, L) cell
 
@@ -74,6 +73,13 @@ def stream_kernel(Q, K, V, OUT, total, nprog, blocks_per_head, stride_kn, stride
     else:
         tl.store(OUT + p * BLOCK_M * D + m[:, None] * D + d[None, :],
                  tl.sum(acc2, 0)[None, :] + tl.zeros([BLOCK_M, D], dtype=tl.float32))
+
+
+@triton.jit
+def _prefetch_l2(ptrs):
+    """Ask L2 for the 128-byte lines at `ptrs`; nothing comes back to the SM."""
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs],
+                              dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
@@ -252,8 +258,8 @@ def stream(timer, rows):
 
 
 def prefetch(rows):
-    """L2 prefetch PF blocks ahead: the minimal stream kernel (N=128, 4 stages), then
-    skattn's decode kernel at auto's N (main kernel alone and the whole call)."""
+    """L2 prefetch PF blocks ahead in the minimal stream kernel (4 stages). It lost at every
+    distance, here and in skattn's decode kernel (ae470a8, PERF.md), so the kernel has none."""
     timer = ColdTimer(flush="read")
     for model, n, L in (("llama-8b", 1, 8192), CELL):
         q, k, v = inputs(model, n, L)
@@ -272,26 +278,6 @@ def prefetch(rows):
                                  prefetch=pf, p50_us=t.p50, tbps=nbytes / t.p50 / 1e6))
                 print(f"stream L={L} N={N} pf={pf:3d} {t.p50:7.1f} us "
                       f"{nbytes / t.p50 / 1e6:5.2f} TB/s", flush=True)
-    cells = (("llama-8b", 1, 8192), CELL, ("qwen3moe-30b-a3b", 1, 8192),
-             ("gpt-oss", 1, 8192), ("qwen3-14b", 4, 16384), ("gpt-oss", 16, 32768),
-             ("llama-8b", 16, 8192), ("qwen3moe-30b-a3b", 8, 16384))
-    for model, n, L in cells:
-        q, k, v = inputs(model, n, L)
-        Hq, Hkv, D = MODELS[model][:3]
-        out = torch.empty_like(q)
-        ref = reference.attention(q, k, v, causal=True)
-        p = skattn.plan(batch=1, q_len=n, kv_len=L, q_heads=Hq, kv_heads=Hkv, head_dim=D,
-                        causal=True)
-        for pf in (0, 2, 4, 8, 16):
-            launch.PREFETCH_BLOCKS = pf
-            t_main, t_all = _main_and_all(timer, p, q, k, v, out, reps=40)
-            err = ((out.double() - ref).abs().max() / ref.abs().max()).item()
-            rows.append(dict(what="prefetch", model=model, n=n, depth=L, nblocks=p.nblocks,
-                             prefetch=pf, fixup=p.fixup, main_us=t_main.p50, p50_us=t_all.p50,
-                             max_rel_err=err))
-            print(f"{model} n={n} L={L} N={p.nblocks} pf={pf:2d} main {t_main.p50:6.1f} "
-                  f"all {t_all.p50:6.1f} us err {err:.1e}", flush=True)
-    launch.PREFETCH_BLOCKS = 0
 
 
 def kernel(timer, rows):

@@ -27,21 +27,6 @@ USE_PDL = True
 # where the main kernel lets the fixup launch: "end" (after its last store) measured 0.4-2.8 us
 # faster than "start" in every decode cell of the probe (PERF.md)
 PDL_TRIGGER = "end"
-# decode: K/V rows are asked into L2 this many KV blocks ahead of the loads (0: off)
-PREFETCH_BLOCKS = 0
-
-
-def prefetch_lines(plan: Plan, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int, int]:
-    """(blocks ahead, 128-byte lines per K row, per V row) of the L2 prefetch; off (0, 1, 1)
-    under the interpreter (no inline PTX there), for prompt chunks (several tiles read the same
-    K/V) and for rows that are not a power-of-two number of lines."""
-    rows = (plan.head_dim * k.element_size(), plan.head_dim_v * v.element_size())
-    lines = tuple(r // 128 for r in rows)
-    fits = all(r % 128 == 0 and n & (n - 1) == 0 for r, n in zip(rows, lines))
-    if not PREFETCH_BLOCKS or interpreting() or plan.ntiles_x != 1 or not fits:
-        return 0, 1, 1
-    return PREFETCH_BLOCKS, *lines
-
 
 def _many_pieces(plan: Plan) -> bool:
     """Tiles cut into several pieces each (decode). Prompt chunks have 1-2 pieces a tile:
@@ -131,7 +116,6 @@ def run(plan: Plan, q, k, v, out, lse, *, scale: float, mask=None, sinks=None, s
     ratio = plan.gqa_ratio
     fused_dv = min(g.block_dv, FUSED_DV or g.block_dv)  # Dv columns per fused merge step
     fd_x, fd_z, fd_h, fd_w = (buf.fastdiv[i:i + 2] for i in (0, 2, 4, 6))
-    prefetch, k_lines, v_lines = prefetch_lines(plan, k, v)
     pdl = _pdl(plan, q.device) and not main_only
     launch_kw = dict(launch_pdl=True) if pdl else {}
     pdl_mode = (1 if PDL_TRIGGER == "start" else 2) if pdl else 0
@@ -163,7 +147,7 @@ def run(plan: Plan, q, k, v, out, lse, *, scale: float, mask=None, sinks=None, s
         DOT_F32=interpreting() and k.dtype == torch.bfloat16,
         ONE_TOKEN_BLOCK=plan.ntiles_x == 1, FIX_DV=fused_dv,
         MERGE_PIECES=pieces_per_step(g.block_m, fused_dv, g.num_warps, FUSED_MERGE_ELEMENTS),
-        USE_PDL=pdl_mode, PREFETCH=prefetch, K_LINES=k_lines, V_LINES=v_lines,
+        USE_PDL=pdl_mode,
         num_warps=g.num_warps, num_stages=g.num_stages, **common,
     )
     # -- fixups: one program per (tile, FIXUP_DV columns of Dv, FIXUP_ROWS rows)

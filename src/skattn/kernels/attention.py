@@ -32,7 +32,6 @@ def attention_kernel(
     RETURN_LSE: tl.constexpr, FUSED: tl.constexpr, PER_TILE_RANGES: tl.constexpr,
     USE_FASTDIV: tl.constexpr, DOT_F32: tl.constexpr, ONE_TOKEN_BLOCK: tl.constexpr,
     FIX_DV: tl.constexpr, MERGE_PIECES: tl.constexpr, USE_PDL: tl.constexpr,
-    PREFETCH: tl.constexpr, K_LINES: tl.constexpr, V_LINES: tl.constexpr,
 ):
     p = tl.program_id(0)
     if USE_PDL == 1:
@@ -80,7 +79,7 @@ def attention_kernel(
             stride_vb, stride_vn, stride_vh, stride_mb, stride_mm,
             q_len, kv_len, qk_scale, softcap_scale, window, jt * TOKENS_PER_TILE,
             HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_DK, DK_CHUNKS, BLOCK_DV,
-            CAUSAL, HAS_WINDOW, HAS_MASK, HAS_ALIBI, SOFTCAP, DOT_F32, PREFETCH, K_LINES, V_LINES)
+            CAUSAL, HAS_WINDOW, HAS_MASK, HAS_ALIBI, SOFTCAP, DOT_F32)
         if (item == first) & (stop_here == stop):
             # -- the whole tile is ours: normalise and write
             finalize_store(acc, m_i, l_i, b, qi, head, valid, O, stride_ob, stride_om, stride_oh,

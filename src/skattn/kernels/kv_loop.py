@@ -43,23 +43,6 @@ def _load_v(V, vbase, offs_n, kv_len, stride_vn,
 
 
 @triton.jit
-def _prefetch_l2(ptrs):
-    """Ask L2 for the 128-byte lines at `ptrs`; nothing comes back to the SM (no interpreter)."""
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs],
-                              dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
-def _prefetch_block(K, V, kbase, vbase, blk, kv_len, stride_kn, stride_vn, BLOCK_N: tl.constexpr,
-                    K_LINES: tl.constexpr, V_LINES: tl.constexpr):
-    n = tl.minimum(blk * BLOCK_N + tl.arange(0, BLOCK_N), kv_len - 1)  # rows inside Lk
-    k_line = tl.arange(0, K_LINES) * (1024 // K.dtype.element_ty.primitive_bitwidth)
-    v_line = tl.arange(0, V_LINES) * (1024 // V.dtype.element_ty.primitive_bitwidth)
-    _prefetch_l2(K + kbase + n[:, None] * stride_kn + k_line[None, :])
-    _prefetch_l2(V + vbase + n[:, None] * stride_vn + v_line[None, :])
-
-
-@triton.jit
 def _dot(a, b, DOT_F32: tl.constexpr):
     # DOT_F32: the interpreter's bf16 tl.dot is wrong in triton 3.6, so it multiplies in f32
     if DOT_F32:
@@ -129,12 +112,9 @@ def tile_kv_loop(acc, m_i, l_i, q, Q, K, V, MASK, SLOPES, b, g, qi, head, valid,
                  HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_DK: tl.constexpr, DK_CHUNKS: tl.constexpr, BLOCK_DV: tl.constexpr,
                  CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_MASK: tl.constexpr,
-                 HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, DOT_F32: tl.constexpr,
-                 PREFETCH: tl.constexpr, K_LINES: tl.constexpr, V_LINES: tl.constexpr):
+                 HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, DOT_F32: tl.constexpr):
     """Online softmax over KV blocks [blk_lo, blk_hi) of one tile (scores in log2 units):
-    first the blocks that need no mask, then the ones at the causal edge or past Lk.
-    PREFETCH > 0: K/V rows are asked into L2 that many blocks ahead of their loads (128-byte
-    lines; K_LINES, V_LINES a row)."""
+    first the blocks that need no mask, then the ones at the causal edge or past Lk."""
     kbase = b * stride_kb + g * stride_kh
     vbase = b * stride_vb + g * stride_vh
     qpos = kv_len - q_len + qi
@@ -149,16 +129,8 @@ def tile_kv_loop(acc, m_i, l_i, q, Q, K, V, MASK, SLOPES, b, g, qi, head, valid,
     if HAS_WINDOW or DK_CHUNKS > 1:
         full_end = blk_lo
     mid = tl.maximum(blk_lo, tl.minimum(blk_hi, full_end))
-    if PREFETCH > 0:  # the first PREFETCH blocks into L2 now, then one more per step
-        for blk in range(blk_lo, tl.minimum(blk_hi, blk_lo + PREFETCH)):
-            _prefetch_block(K, V, kbase, vbase, blk, kv_len, stride_kn, stride_vn, BLOCK_N,
-                            K_LINES, V_LINES)
     for masked in tl.static_range(2):  # blocks blk_lo..mid unmasked, mid..blk_hi masked
         for blk in range(blk_lo + (mid - blk_lo) * masked, mid + (blk_hi - mid) * masked):
-            if PREFETCH > 0:
-                if blk + PREFETCH < blk_hi:
-                    _prefetch_block(K, V, kbase, vbase, blk + PREFETCH, kv_len, stride_kn,
-                                    stride_vn, BLOCK_N, K_LINES, V_LINES)
             acc, m_i, l_i = _kv_step(
                 acc, m_i, l_i, q, Q, K, V, MASK, slope, b, qi, head, valid, qpos, kbase, vbase,
                 blk, stride_qb, stride_qm, stride_qh, stride_kn, stride_vn, stride_mb, stride_mm,
