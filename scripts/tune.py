@@ -3,7 +3,8 @@
 Writes CSVs to $OUT (or benchmarks/results): tune_configs.csv with each config's time and
 compiled resources, sweep_nblocks.csv with the time of every N for some cells and what each
 policy chose, breakdown.csv with where decode time goes.
-Usage: python3 scripts/tune.py [host] [breakdown] [configs [--prefill | --prefill-only]]
+Usage: python3 scripts/tune.py [host] [breakdown]
+       [configs [--prefill | --prefill-only | --prefill-bm]]
        [sweep [--quick | --coarse [--all]]] [prefill-fixup]
 """
 from __future__ import annotations
@@ -29,6 +30,12 @@ DECODE_CELLS = [("llama-8b", 1, 32768), ("llama-8b", 16, 32768), ("qwen3-14b", 4
                 ("gpt-oss", 2, 16384)]
 NBLOCKS = {1: 128, 2: 128, 4: 128, 16: 128}  # near the sweep's best N for decode cells
 PREFILL_CELLS = [("gpt-oss", 512, 16384), ("llama-8b", 512, 8192), ("qwen3-14b", 512, 8192)]
+# --prefill-bm: (BLOCK_M, BLOCK_N, warps, stages) per head size, the default first
+PREFILL_BM_CONFIGS = {
+    64: [(128, 64, 4, 4), (128, 64, 8, 3), (64, 64, 4, 4), (64, 128, 4, 3)],
+    128: [(128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 128, 4, 3)],
+}
+PREFILL_BM_CELLS = [("gpt-oss", 512, 8192), ("llama-8b", 512, 8192), ("qwen3-14b", 512, 8192)]
 
 
 def inputs(model, n, L, seed=0):
@@ -79,13 +86,16 @@ def configs():
     cells = [] if "--prefill-only" in sys.argv else [(c, DECODE_CONFIGS) for c in DECODE_CELLS]
     if "--prefill" in sys.argv or "--prefill-only" in sys.argv:
         cells += [(c, PREFILL_CONFIGS) for c in PREFILL_CELLS]
+    if "--prefill-bm" in sys.argv:
+        cells = [(c, PREFILL_BM_CONFIGS[MODELS[c[0]][2]]) for c in PREFILL_BM_CELLS]
     for (model, n, L), cfgs in cells:
         q, k, v = inputs(model, n, L)
         Hq, Hkv, D = MODELS[model][:3]
-        for bn, warps, stages in cfgs:
+        for cfg in cfgs:
+            bm, bn, warps, stages = cfg if len(cfg) == 4 else (None, *cfg)
             p = skattn.plan(batch=1, q_len=n, kv_len=L, q_heads=Hq, kv_heads=Hkv, head_dim=D,
-                            causal=True, policy="llamacpp", block_n=bn, num_warps=warps,
-                            num_stages=stages, nblocks=NBLOCKS.get(n))
+                            causal=True, policy="llamacpp", block_m=bm, block_n=bn,
+                            num_warps=warps, num_stages=stages, nblocks=NBLOCKS.get(n))
             t0 = time.time()
             try:
                 out = skattn.attention(q, k, v, causal=True, plan=p)
