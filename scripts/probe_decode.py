@@ -8,7 +8,6 @@
   python3 scripts/probe_decode.py tma       # stream kernel: TMA descriptor loads vs cp.async
   python3 scripts/probe_decode.py prefill   # n=512: PDL and fixup rows per program
   python3 scripts/probe_decode.py prefetch  # L2 prefetch ahead of the loads (stream kernel)
-  python3 scripts/probe_decode.py narrow    # fixup: all pieces in one step (narrow columns)
   python3 scripts/probe_decode.py ncu-run   # one cell, few launches (run under ncu)
 
 Writes probe_decode.csv to $OUT (or benchmarks/results).
@@ -281,36 +280,6 @@ def prefetch(rows):
                       f"{nbytes / t.p50 / 1e6:5.2f} TB/s", flush=True)
 
 
-def narrow(rows):
-    """Separate fixup with every piece of a tile in one merge step (fewer Dv columns per
-    program, FIXUP_MIN_DV 8) vs 32 columns and up to 16 pieces a step (FIXUP_MIN_DV 32)."""
-    timer = ColdTimer(flush="read")
-    cells = (("qwen3moe-30b-a3b", 1, 8192), ("qwen3moe-30b-a3b", 2, 8192),
-             ("qwen3moe-30b-a3b", 8, 16384), ("qwen3moe-30b-a3b", 16, 32768),
-             ("llama-8b", 1, 8192), ("gpt-oss", 16, 32768), ("qwen3moe-30b-a3b", 1, 32768))
-    for model, n, L in cells:
-        q, k, v = inputs(model, n, L)
-        Hq, Hkv, D = MODELS[model][:3]
-        out = torch.empty_like(q)
-        ref = reference.attention(q, k, v, causal=True)
-        for N in (None, 264):
-            p = skattn.plan(batch=1, q_len=n, kv_len=L, q_heads=Hq, kv_heads=Hkv, head_dim=D,
-                            causal=True, nblocks=N)
-            for min_dv in (32, 8):
-                launch.FIXUP_MIN_DV = min_dv
-                shape = launch.fixup_shape(p)
-                t_main, t_all = _main_and_all(timer, p, q, k, v, out, reps=40)
-                err = ((out.double() - ref).abs().max() / ref.abs().max()).item()
-                rows.append(dict(what="narrow", model=model, n=n, depth=L, nblocks=p.nblocks,
-                                 fixup=p.fixup, pieces=p.max_pieces, min_dv=min_dv,
-                                 fix_shape=str(shape), main_us=t_main.p50, p50_us=t_all.p50,
-                                 max_rel_err=err))
-                print(f"{model} n={n} L={L} N={p.nblocks} {p.fixup} pieces={p.max_pieces} "
-                      f"fixup {shape} main {t_main.p50:6.1f} all {t_all.p50:6.1f} us "
-                      f"err {err:.1e}", flush=True)
-    launch.FIXUP_MIN_DV = 8
-
-
 def kernel(timer, rows):
     from skattn.kernels.attention import attention_kernel
 
@@ -470,7 +439,7 @@ def main():
         return ncu_run()
     timer = ColdTimer()
     probes = {"merge": merge, "prefill": prefill, "tma": tma, "steps": steps, "fused": fused,
-              "flush": flush_modes, "prefetch": prefetch, "narrow": narrow, "kernel": lambda rows: kernel(timer, rows),
+              "flush": flush_modes, "prefetch": prefetch, "kernel": lambda rows: kernel(timer, rows),
               "stream": lambda rows: stream(timer, rows)}
     rows = []
     try:

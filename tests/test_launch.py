@@ -50,16 +50,3 @@ def test_prompt_chunk_fixup_programs_take_whole_tiles(recorded):
     assert p.nblocks < 4 * p.ntiles_dst and p.fixup in ("uniform", "general")
     (grid, kw), = recorded[kind].calls
     assert grid[2] == 1 and kw["ROWS"] == p.geometry.block_m
-
-
-def test_decode_fixup_narrows_columns_to_merge_in_one_step(recorded):
-    # 4 KV heads (qwen3moe), n = 1, N = 128: 4 tiles in 32 pieces; [16 rows, 16 columns] per
-    # program holds all 32 in one step (64 f32 a thread) instead of two steps of 16 x [16, 32]
-    p = skattn.plan(batch=1, q_len=1, kv_len=8192, q_heads=32, kv_heads=4, head_dim=128,
-                    causal=True, sms=132, blocks_per_sm=2, nblocks=128)
-    q = torch.zeros(1, 1, 32, 128, dtype=torch.float16)
-    k = torch.empty(1, 8192, 4, 128, dtype=torch.float16)
-    launch.run(p, q, k, k, torch.empty_like(q), None, scale=0.1)
-    (grid, kw), = recorded["uniform"].calls
-    assert p.max_pieces == 32 and grid == (4, 128 // 16, 1)
-    assert kw["BLOCK_DV"] == 16 and kw["MERGE_PIECES"] == 32

@@ -14,9 +14,6 @@ from skattn.planner import Plan
 LOG2E = 1.4426950408889634
 FIXUP_DV = 32  # Dv columns per fixup program
 FIXUP_ROWS = 16  # tile rows per fixup program
-# decode: a fixup program takes fewer columns (down to this many) when the tile has more
-# pieces than one merge step holds, so that it merges them all in one step
-FIXUP_MIN_DV = 8
 MERGE_ELEMENTS_PER_THREAD = 64  # f32 values of partials one merge step loads per thread
 # the same in the fused merge, whose registers are free after the KV loop (16 pieces a step:
 # qwen3moe n=2 N=264 28.5 vs 32.5 us with 4, PERF.md)
@@ -54,29 +51,10 @@ def _sm90_or_newer(index: int | None) -> bool:
 
 
 def pieces_per_step(block_m: int, block_dv: int, num_warps: int,
-                    elements: int = MERGE_ELEMENTS_PER_THREAD, most: int = 16) -> int:
-    """Partials merged per step: as many as fit `elements` f32 per thread (a power of 2),
-    at most `most`."""
+                    elements: int = MERGE_ELEMENTS_PER_THREAD) -> int:
+    """Partials merged per step: as many as fit `elements` f32 per thread (a power of 2)."""
     budget = num_warps * 32 * elements // (block_m * block_dv)
-    return max(1, min(most, 1 << max(0, budget.bit_length() - 1)))
-
-
-def fixup_shape(plan: Plan) -> tuple[int, int, int]:
-    """(rows, Dv columns, pieces a step) of one separate-fixup program (4 warps).
-
-    Decode tiles have many pieces: 16-row programs, and fewer columns while the tile's
-    pieces do not fit one step (qwen3moe, 4 tiles at N = 128: 32 pieces of [16, 16] in one
-    step instead of two of [16, 32]). Prompt chunks (1-2 pieces) take whole tiles."""
-    g = plan.geometry
-    dv = min(g.block_dv, FIXUP_DV)
-    if not _many_pieces(plan):
-        return g.block_m, dv, pieces_per_step(g.block_m, dv, 4)
-    rows = min(g.block_m, FIXUP_ROWS)
-    most = plan.max_pieces
-    budget = 4 * 32 * MERGE_ELEMENTS_PER_THREAD
-    while dv > FIXUP_MIN_DV and most * rows * dv > budget:
-        dv //= 2
-    return rows, dv, pieces_per_step(rows, dv, 4, most=32)  # 64 spill (255 regs)
+    return max(1, min(16, 1 << max(0, budget.bit_length() - 1)))
 
 
 @dataclass(frozen=True)
@@ -172,9 +150,11 @@ def run(plan: Plan, q, k, v, out, lse, *, scale: float, mask=None, sinks=None, s
         USE_PDL=pdl_mode,
         num_warps=g.num_warps, num_stages=g.num_stages, **common,
     )
-    # -- fixups: one program per (tile, fix_dv columns of Dv, fix_m rows)
-    fix_m, fix_dv, fix_pieces = fixup_shape(plan)
-    common.update(BLOCK_DV=fix_dv, ROWS=fix_m, USE_PDL=pdl, MERGE_PIECES=fix_pieces)
+    # -- fixups: one program per (tile, FIXUP_DV columns of Dv, FIXUP_ROWS rows)
+    fix_dv = min(g.block_dv, FIXUP_DV)
+    fix_m = min(g.block_m, FIXUP_ROWS) if _many_pieces(plan) else g.block_m
+    common.update(BLOCK_DV=fix_dv, ROWS=fix_m, USE_PDL=pdl,
+                  MERGE_PIECES=pieces_per_step(fix_m, fix_dv, 4))
     chunks = (g.block_dv // fix_dv, g.block_m // fix_m)
     if main_only:
         return

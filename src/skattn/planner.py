@@ -192,11 +192,6 @@ class Plan:
                     out.setdefault(t, []).append(p)
         return out
 
-    @cached_property
-    def max_pieces(self) -> int:
-        """Pieces of the most-split tile (1 when no tile is split)."""
-        return max(map(len, self.pieces().values()), default=1)
-
     def describe(self) -> str:
         g = self.geometry
         pieces = self.pieces()
