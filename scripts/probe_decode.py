@@ -8,6 +8,7 @@
   python3 scripts/probe_decode.py tma       # stream kernel: TMA descriptor loads vs cp.async
   python3 scripts/probe_decode.py prefill   # n=512: PDL and fixup rows per program
   python3 scripts/probe_decode.py prefetch  # L2 prefetch ahead of the loads (stream kernel)
+  python3 scripts/probe_decode.py layout    # stream kernel: per-head rows vs contiguous reads
   python3 scripts/probe_decode.py ncu-run   # one cell, few launches (run under ncu)
 
 Writes probe_decode.csv to $OUT (or benchmarks/results).
@@ -280,6 +281,32 @@ def prefetch(rows):
                       f"{nbytes / t.p50 / 1e6:5.2f} TB/s", flush=True)
 
 
+def layout(rows):
+    """The minimal stream kernel (N programs, 4 stages, 64-row blocks) over the same K/V bytes
+    read per KV head (rows of 256 B, 2 KB apart: how skattn reads) or contiguously (the
+    cache seen as one head of L x Hkv rows): does DRAM locality cost bandwidth?"""
+    timer = ColdTimer(flush="read")
+    for model, n, L in (("llama-8b", 1, 8192), ("llama-8b", 1, 16384), CELL):
+        q, k, v = inputs(model, n, L)
+        Hkv, D = k.shape[2], k.shape[3]
+        nbytes = 2 * k.numel() * 2
+        qs = torch.randn(16, D, device="cuda", dtype=torch.float16)
+        for N in (128, 264):
+            out = torch.empty(N, 16, D, device="cuda", dtype=torch.float32)
+            for how in ("per-head", "contiguous"):
+                if how == "per-head":
+                    args = (qs, k, v, out, Hkv * (L // 64), N, L // 64, k.stride(1), k.stride(2))
+                else:
+                    args = (qs, k, v, out, Hkv * L // 64, N, Hkv * L // 64, D, 0)
+                kw = dict(D=D, BLOCK_N=64, BLOCK_M=16, DOTS=True, STAGES=4, num_warps=4)
+                stream_kernel[(N,)](*args, **kw)
+                t = timer.time(lambda: stream_kernel[(N,)](*args, **kw), reps=30)
+                rows.append(dict(what="stream-layout", model=model, depth=L, nblocks=N,
+                                 layout=how, p50_us=t.p50, tbps=nbytes / t.p50 / 1e6))
+                print(f"stream L={L} N={N} {how:10s} {t.p50:7.1f} us "
+                      f"{nbytes / t.p50 / 1e6:5.2f} TB/s", flush=True)
+
+
 def kernel(timer, rows):
     from skattn.kernels.attention import attention_kernel
 
@@ -439,7 +466,7 @@ def main():
         return ncu_run()
     timer = ColdTimer()
     probes = {"merge": merge, "prefill": prefill, "tma": tma, "steps": steps, "fused": fused,
-              "flush": flush_modes, "prefetch": prefetch, "kernel": lambda rows: kernel(timer, rows),
+              "flush": flush_modes, "prefetch": prefetch, "layout": layout, "kernel": lambda rows: kernel(timer, rows),
               "stream": lambda rows: stream(timer, rows)}
     rows = []
     try:
