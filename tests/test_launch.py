@@ -50,3 +50,16 @@ def test_prompt_chunk_fixup_programs_take_whole_tiles(recorded):
     assert p.nblocks < 4 * p.ntiles_dst and p.fixup in ("uniform", "general")
     (grid, kw), = recorded[kind].calls
     assert grid[2] == 1 and kw["ROWS"] == p.geometry.block_m
+
+
+def test_fused_merge_reads_only_the_filled_rows(recorded):
+    # n = 1, ratio 8: 8 of a tile's 16 rows hold a head; n = 16: all 128
+    for q_len, rows in ((1, 8), (16, 128)):
+        recorded["main"].calls.clear()
+        p = skattn.plan(batch=1, q_len=q_len, kv_len=8192, q_heads=64, kv_heads=8, head_dim=64,
+                        causal=True, sms=132, blocks_per_sm=2, nblocks=128, fixup="fused")
+        q = torch.zeros(1, q_len, 64, 64, dtype=torch.float16)
+        k = torch.empty(1, 8192, 8, 64, dtype=torch.float16)
+        launch.run(p, q, k, k, torch.empty_like(q), None, scale=0.125)
+        (grid, kw), = recorded["main"].calls
+        assert kw["FIX_ROWS"] == rows and kw["BLOCK_M"] == max(16, rows)

@@ -115,6 +115,9 @@ def run(plan: Plan, q, k, v, out, lse, *, scale: float, mask=None, sinks=None, s
         qk_scale, softcap_scale = scale * LOG2E, 1.0
     ratio = plan.gqa_ratio
     fused_dv = min(g.block_dv, FUSED_DV or g.block_dv)  # Dv columns per fused merge step
+    # the fused merge reads only the rows the tile's heads and tokens fill (n = 1, ratio 4:
+    # 4 of 16), so a step holds 4x the pieces' values in flight
+    fused_rows = min(g.block_m, 1 << (g.heads_per_tile * g.tokens_per_tile - 1).bit_length())
     fd_x, fd_z, fd_h, fd_w = (buf.fastdiv[i:i + 2] for i in (0, 2, 4, 6))
     pdl = _pdl(plan, q.device) and not main_only
     launch_kw = dict(launch_pdl=True) if pdl else {}
@@ -145,8 +148,8 @@ def run(plan: Plan, q, k, v, out, lse, *, scale: float, mask=None, sinks=None, s
         HAS_MASK=mask is not None, HAS_ALIBI=alibi_slopes is not None, SOFTCAP=bool(softcap),
         FUSED=plan.fixup == "fused", PER_TILE_RANGES=plan.per_tile_ranges,
         DOT_F32=interpreting() and k.dtype == torch.bfloat16,
-        ONE_TOKEN_BLOCK=plan.ntiles_x == 1, FIX_DV=fused_dv,
-        MERGE_PIECES=pieces_per_step(g.block_m, fused_dv, g.num_warps, FUSED_MERGE_ELEMENTS),
+        ONE_TOKEN_BLOCK=plan.ntiles_x == 1, FIX_DV=fused_dv, FIX_ROWS=fused_rows,
+        MERGE_PIECES=pieces_per_step(fused_rows, fused_dv, g.num_warps, FUSED_MERGE_ELEMENTS),
         USE_PDL=pdl_mode,
         num_warps=g.num_warps, num_stages=g.num_stages, **common,
     )

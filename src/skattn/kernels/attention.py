@@ -31,7 +31,8 @@ def attention_kernel(
     HAS_SINKS: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr,
     RETURN_LSE: tl.constexpr, FUSED: tl.constexpr, PER_TILE_RANGES: tl.constexpr,
     USE_FASTDIV: tl.constexpr, DOT_F32: tl.constexpr, ONE_TOKEN_BLOCK: tl.constexpr,
-    FIX_DV: tl.constexpr, MERGE_PIECES: tl.constexpr, USE_PDL: tl.constexpr,
+    FIX_DV: tl.constexpr, FIX_ROWS: tl.constexpr, MERGE_PIECES: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     p = tl.program_id(0)
     if USE_PDL == 1:
@@ -90,34 +91,38 @@ def attention_kernel(
             slot = p * 2 + (item != start).to(tl.int32)
             store_partial(acc, m_i, l_i, slot, WS_O, WS_M, WS_L, HEAD_DIM_V, BLOCK_M, BLOCK_DV)
             if FUSED:
-                _fused_fixup(tile, first, stop, work, nblocks, b, qi, head, valid,
+                _fused_fixup(tile, first, stop, work, nblocks, b, g, z, jt, q_len, ratio,
                              O, stride_ob, stride_om, stride_oh, LSE, stride_lb, stride_lh, SINKS,
                              WS_O, WS_M, WS_L, COUNTERS, HEAD_DIM_V, BLOCK_M, BLOCK_DV,
-                             HAS_SINKS, RETURN_LSE, FIX_DV, MERGE_PIECES)
+                             HEADS_PER_TILE, TOKENS_PER_TILE, HAS_SINKS, RETURN_LSE, FIX_DV,
+                             FIX_ROWS, MERGE_PIECES)
         item = stop_here
     if USE_PDL == 2:
         gdc_launch_dependents()  # (trigger at the end instead: PERF.md)
 
 
 @triton.jit
-def _fused_fixup(tile, first, stop, work, nblocks, b, qi, head, valid,
+def _fused_fixup(tile, first, stop, work, nblocks, b, g, z, jt, q_len, ratio,
                  O, stride_ob, stride_om, stride_oh, LSE, stride_lb, stride_lh, SINKS,
                  WS_O, WS_M, WS_L, COUNTERS,
                  HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+                 HEADS_PER_TILE: tl.constexpr, TOKENS_PER_TILE: tl.constexpr,
                  HAS_SINKS: tl.constexpr, RETURN_LSE: tl.constexpr,
-                 FIX_DV: tl.constexpr, MERGE_PIECES: tl.constexpr):
-    """The last program to leave a piece of `tile` merges all pieces (no waiting),
-    FIX_DV columns of Dv at a time."""
+                 FIX_DV: tl.constexpr, FIX_ROWS: tl.constexpr, MERGE_PIECES: tl.constexpr):
+    """The last program to leave a piece of `tile` merges all pieces (no waiting): the
+    tile's first FIX_ROWS rows (those its heads and tokens fill), FIX_DV columns at a time."""
     p_first = program_of(first, work, nblocks)
     p_last = program_of(stop - 1, work, nblocks)
     tl.debug_barrier()  # every thread's partial is stored before the release below
     arrived = tl.atomic_add(COUNTERS + tile, 1, sem="acq_rel")
     if arrived == p_last - p_first:
         tl.debug_barrier()
+        qi, head, valid = tile_rows(g, z, jt, q_len, ratio, HEADS_PER_TILE, TOKENS_PER_TILE,
+                                    FIX_ROWS)
         for c in tl.static_range(BLOCK_DV // FIX_DV):
             acc, m_i, l_i = merge_pieces(p_first, p_last, first, work, nblocks, valid,
                                          WS_O, WS_M, WS_L, 0, c * FIX_DV, HEAD_DIM_V, BLOCK_M,
-                                         BLOCK_M, FIX_DV, MERGE_PIECES, True)
+                                         FIX_ROWS, FIX_DV, MERGE_PIECES, True)
             finalize_store(acc, m_i, l_i, b, qi, head, valid, O, stride_ob, stride_om,
                            stride_oh, LSE, stride_lb, stride_lh, SINKS, HEAD_DIM_V, FIX_DV,
                            HAS_SINKS, RETURN_LSE, c * FIX_DV)
