@@ -9,6 +9,7 @@
   python3 scripts/probe_decode.py prefill   # n=512: PDL and fixup rows per program
   python3 scripts/probe_decode.py prefetch  # L2 prefetch ahead of the loads (stream kernel)
   python3 scripts/probe_decode.py layout    # stream kernel: per-head rows vs contiguous reads
+  python3 scripts/probe_decode.py rows64    # decode tiles of 17-32 rows: BLOCK_M 32 vs 64
   python3 scripts/probe_decode.py ncu-run   # one cell, few launches (run under ncu)
 
 Writes probe_decode.csv to $OUT (or benchmarks/results).
@@ -307,6 +308,32 @@ def layout(rows):
                       f"{nbytes / t.p50 / 1e6:5.2f} TB/s", flush=True)
 
 
+def rows64(rows):
+    """Decode tiles of 17-32 rows (n=4 at ratio 8, n=8 at ratio 4) stream slower than 16- or
+    64-row tiles (fixed_cost.py on s4/bench-grid-s4.csv): the default BLOCK_M vs 64."""
+    timer = ColdTimer(flush="read")
+    cells = (("gpt-oss", 4, 8192), ("gpt-oss", 4, 32768), ("llama-8b", 8, 8192),
+             ("llama-8b", 8, 32768), ("qwen3moe-30b-a3b", 4, 16384), ("llama-70b", 4, 32768),
+             ("qwen3-14b", 4, 16384), ("llama-8b", 1, 8192), ("llama-8b", 1, 32768))
+    for model, n, L in cells:
+        q, k, v = inputs(model, n, L)
+        Hq, Hkv, D = MODELS[model][:3]
+        out = torch.empty_like(q)
+        ref = reference.attention(q, k, v, causal=True)
+        for bm in (None, 64):
+            p = skattn.plan(batch=1, q_len=n, kv_len=L, q_heads=Hq, kv_heads=Hkv, head_dim=D,
+                            causal=True, block_m=bm)
+            t_main, t_all = _main_and_all(timer, p, q, k, v, out, reps=40)
+            err = ((out.double() - ref).abs().max() / ref.abs().max()).item()
+            g = p.geometry
+            rows.append(dict(what="rows64", model=model, n=n, depth=L, nblocks=p.nblocks,
+                             fixup=p.fixup, block_m=g.block_m, block_n=g.block_n,
+                             main_us=t_main.p50, p50_us=t_all.p50, max_rel_err=err))
+            print(f"{model} n={n} L={L} N={p.nblocks} {p.fixup} BLOCK_M={g.block_m} "
+                  f"BLOCK_N={g.block_n} main {t_main.p50:6.1f} all {t_all.p50:6.1f} us "
+                  f"err {err:.1e}", flush=True)
+
+
 def kernel(timer, rows):
     from skattn.kernels.attention import attention_kernel
 
@@ -470,7 +497,7 @@ def main():
         return ncu_run()
     timer = ColdTimer()
     probes = {"merge": merge, "prefill": prefill, "tma": tma, "steps": steps, "fused": fused,
-              "flush": flush_modes, "prefetch": prefetch, "layout": layout, "kernel": lambda rows: kernel(timer, rows),
+              "flush": flush_modes, "prefetch": prefetch, "rows64": rows64, "layout": layout, "kernel": lambda rows: kernel(timer, rows),
               "stream": lambda rows: stream(timer, rows)}
     rows = []
     try:
