@@ -115,6 +115,14 @@ def test_lk_not_multiple_of_block_n():
     check(q, k, v, plan_for(q, k, v, nblocks=5, causal=True), causal=True)
 
 
+def test_block_m_32():
+    # 32 rows (4 tokens x 8 heads) now default to 64-row tiles; 32 stays available
+    q, k, v = make(Lq=4, Lk=90, Hq=8, Hkv=1)
+    p = plan_for(q, k, v, nblocks=5, causal=True, block_m=32)
+    assert p.geometry.block_m == 32 and plan_for(q, k, v).geometry.block_m == 64
+    check(q, k, v, p, causal=True)
+
+
 def test_ratio_five():
     # GQA ratio 5 (40/8 in the seed grid): heads do not fill the 16-row tile evenly
     q, k, v = make(Lq=5, Lk=70, Hq=10, Hkv=2)

@@ -308,3 +308,17 @@ def test_default_stages_fit_the_shared_memory_budget(D, Dv, q_len):
     stage = g.block_n * (g.block_dk * g.dk_chunks + g.block_dv) * 2
     assert g.num_stages == 2 or g.num_stages * stage <= STAGE_BYTES_BUDGET, g
     assert g.num_stages >= 2
+
+
+@pytest.mark.parametrize("q_len,ratio,D,block_m", [
+    (1, 4, 128, 16), (1, 8, 64, 16),      # up to 16 rows: 16
+    (4, 8, 64, 64), (8, 4, 128, 64),      # 17-32 rows, head size <= 128: 64 (measured faster)
+    (4, 5, 128, 64), (4, 8, 256, 32),     # head size 256 keeps 32 (not measured)
+    (16, 4, 128, 64), (16, 8, 128, 128),  # 33-64 rows: 64; more: 128
+])
+def test_default_tile_rows(q_len, ratio, D, block_m):
+    from skattn.planner import tile_geometry
+
+    g = tile_geometry(q_len=q_len, gqa_ratio=ratio, head_dim=D, head_dim_v=D)
+    assert g.block_m == block_m
+    assert g.tokens_per_tile * g.heads_per_tile >= min(q_len * ratio, block_m)
