@@ -1,8 +1,9 @@
 """Split decode times into a fixed cost and a streaming rate: time = a + bytes / B.
 
-  python3 scripts/fixed_cost.py benchmarks/results/s4/bench-grid-s4.csv [--n 1]
+  python3 scripts/fixed_cost.py benchmarks/results/s4/bench-grid-s4.csv [more.csv ...] [--n 1]
 
-For each (provider, variant, model, n) of a `skattn bench` CSV with three or more depths,
+For each (provider, variant, model, n) of `skattn bench` CSVs (a later file's rows replace
+an earlier one's for the same cell) with three or more depths,
 a least-squares line through (K+V bytes, p50 µs) gives a (µs, the part that does not grow
 with the cache) and B (TB/s, the rate at which the rest streams). With those, the best
 % of the copy floor a kernel can reach at a depth follows: floor / (a + bytes / B).
@@ -25,20 +26,24 @@ def fit(points: list[tuple[float, float]]) -> tuple[float, float]:
     return my - slope * mx, slope
 
 
-def rows_by_series(path: str, ns: set[int] | None) -> dict[tuple, list[dict]]:
+def rows_by_series(paths: list[str], ns: set[int] | None) -> dict[tuple, list[dict]]:
+    cells = {}
+    for path in paths:
+        with open(path, newline="") as f:
+            for r in csv.DictReader(f):
+                n = int(r["n"])
+                if r["status"] != "ok" or n > 16 or (ns and n not in ns):
+                    continue
+                cells[(r["provider"], r["variant"], r["model"], n, int(r["depth"]))] = r
     series = defaultdict(list)
-    with open(path, newline="") as f:
-        for r in csv.DictReader(f):
-            n = int(r["n"])
-            if r["status"] != "ok" or n > 16 or (ns and n not in ns):
-                continue
-            series[(r["provider"], r["variant"], r["model"], n)].append(r)
+    for key, r in cells.items():
+        series[key[:4]].append(r)
     return series
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("csv")
+    ap.add_argument("csv", nargs="+")
     ap.add_argument("--n", default="", help="query tokens to keep, e.g. 1,16 (default all <= 16)")
     args = ap.parse_args(argv)
     ns = {int(x) for x in args.n.split(",") if x}
