@@ -59,7 +59,8 @@ def main(argv=None) -> None:
         resid = max(abs(y - (a + slope * x)) for x, y in pts)
         pct = " / ".join(f"{float(r['pct_floor']):.0f}" for r in rows)
         name = provider + (f":{variant}" if variant else "")
-        print(f"| {name} | {model} | {n} | {a:.1f} | {1e-6 / slope:.2f} | {resid:.1f} | {pct} |")
+        rate = f"{1e-6 / slope:.2f}" if slope > 0 else "—"  # flat or falling: no rate
+        print(f"| {name} | {model} | {n} | {a:.1f} | {rate} | {resid:.1f} | {pct} |")
 
 
 if __name__ == "__main__":
