@@ -115,6 +115,13 @@ def test_lk_not_multiple_of_block_n():
     check(q, k, v, plan_for(q, k, v, nblocks=5, causal=True), causal=True)
 
 
+@pytest.mark.parametrize("Lq", [1, 3])
+def test_fused_merges_only_filled_rows(Lq):
+    # ratio 1: a 16-row tile holds Lq rows; the fused merge reads 1 (Lq=1) or 4 (Lq=3) rows
+    q, k, v = make(Lq=Lq, Lk=200, Hq=2, Hkv=2)
+    check(q, k, v, plan_for(q, k, v, nblocks=6, fixup="fused", causal=True), causal=True)
+
+
 def test_block_m_32():
     # 32 rows (4 tokens x 8 heads) now default to 64-row tiles; 32 stays available
     q, k, v = make(Lq=4, Lk=90, Hq=8, Hkv=1)

@@ -28,6 +28,7 @@ USE_PDL = True
 # faster than "start" in every decode cell of the probe (PERF.md)
 PDL_TRIGGER = "end"
 
+
 def _many_pieces(plan: Plan) -> bool:
     """Tiles cut into several pieces each (decode). Prompt chunks have 1-2 pieces a tile:
     there PDL and 16-row fixup programs cost time (llama-8b n=512 L=32768: 550 -> 563 us
