@@ -5,7 +5,7 @@ compiled resources, sweep_nblocks.csv with the time of every N for some cells an
 policy chose, breakdown.csv with where decode time goes.
 Usage: python3 scripts/tune.py [host] [breakdown]
        [configs [--prefill | --prefill-only | --prefill-bm]]
-       [sweep [--quick | --coarse [--all]]] [prefill-fixup]
+       [sweep [--quick | --coarse [--all [--n=4,8]]]] [prefill-fixup]
 """
 from __future__ import annotations
 
@@ -167,14 +167,15 @@ def grid_cells(ns):
     return [(c.model, c.n, c.depth) for c in select(ns=ns)]
 
 
-def sweep(quick=False, coarse=False, every_cell=False):
+def sweep(quick=False, coarse=False, every_cell=False, ns=(1, 2, 4, 8, 16)):
     """Every N (or COARSE_N with --coarse, uniform/general only) for a few cells (--all: the
-    grid's 75 decode cells)."""
+    grid's decode cells, those of --n=4,8 only if given). The CSV is rewritten after each
+    cell, so a run stopped by a time limit keeps what it measured."""
     rows = []
     cells = [("llama-8b", 1, 16384), ("qwen3moe-30b-a3b", 2, 8192), ("qwen3-14b", 4, 32768),
              ("llama-70b", 16, 16384), ("gpt-oss", 1, 8192), ("llama-8b", 512, 8192)]
     if coarse:
-        cells = grid_cells((1, 2, 4, 8, 16)) if every_cell else COARSE_CELLS
+        cells = grid_cells(ns) if every_cell else COARSE_CELLS
     for model, n, L in cells[: 3 if quick else None]:
         q, k, v = inputs(model, n, L)
         Hq, Hkv, D = MODELS[model][:3]
@@ -198,7 +199,7 @@ def sweep(quick=False, coarse=False, every_cell=False):
                                  **{f"chosen_{k}": c for k, c in chosen.items()}))
         best = min(r["p50_us"] for r in rows if r["model"] == model and r["n"] == n)
         print(f"sweep {model} n={n} L={L}: best {best:.1f} us; chosen {chosen}", flush=True)
-    _write("sweep_nblocks.csv", rows)
+        _write("sweep_nblocks.csv", rows)
 
 
 def prefill_fixup():
@@ -237,7 +238,9 @@ if __name__ == "__main__":
     if "configs" in what:
         configs()
     if "sweep" in what:
+        n_arg = [a.split("=", 1)[1] for a in sys.argv if a.startswith("--n=")]
         sweep(quick="--quick" in sys.argv, coarse="--coarse" in sys.argv,
-              every_cell="--all" in sys.argv)
+              every_cell="--all" in sys.argv,
+              ns=tuple(int(x) for x in n_arg[0].split(",")) if n_arg else (1, 2, 4, 8, 16))
     if "prefill-fixup" in what:
         prefill_fixup()
