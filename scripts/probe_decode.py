@@ -156,6 +156,21 @@ def tma(rows):
                               f"{nbytes / t.p50 / 1e6:5.2f} TB/s", flush=True)
 
 
+def _cell(model, n, L):
+    """Seeded inputs of a grid cell, a poisonable output, the float64 reference and the
+    plan arguments of the cell (causal, batch 1)."""
+    q, k, v = inputs(model, n, L)
+    Hq, Hkv, D = MODELS[model][:3]
+    kw = dict(batch=1, q_len=n, kv_len=L, q_heads=Hq, kv_heads=Hkv, head_dim=D, causal=True)
+    return q, k, v, torch.empty_like(q), reference.attention(q, k, v, causal=True), kw
+
+
+def _checked(timer, p, q, k, v, out, ref, reps=40):
+    """_main_and_all, then the whole call's max relative error against `ref`."""
+    t_main, t_all = _main_and_all(timer, p, q, k, v, out, reps)
+    return t_main, t_all, ((out.double() - ref).abs().max() / ref.abs().max()).item()
+
+
 def _main_and_all(timer, p, q, k, v, out, reps):
     """p50 of the main kernel alone and of the whole call (main + fixup); `out` is poisoned
     first, so it holds the whole call's result afterwards."""
@@ -182,21 +197,16 @@ def merge(rows):
              ("qwen3-14b", 4, 16384), ("gpt-oss", 16, 32768), ("gpt-oss", 1, 8192),
              ("llama-8b", 512, 8192))
     for model, n, L in cells:
-        q, k, v = inputs(model, n, L)
-        Hq, Hkv, D = MODELS[model][:3]
-        out = torch.empty_like(q)
-        ref = reference.attention(q, k, v, causal=True)
+        q, k, v, out, ref, kw = _cell(model, n, L)
         for N in (128, 264):
             for label, fixup, pdl, trigger, el in variants:
                 launch.USE_PDL, launch.PDL_TRIGGER, launch.FUSED_MERGE_ELEMENTS = pdl, trigger, el
                 try:
-                    p = skattn.plan(batch=1, q_len=n, kv_len=L, q_heads=Hq, kv_heads=Hkv,
-                                    head_dim=D, causal=True, nblocks=N, fixup=fixup)
+                    p = skattn.plan(nblocks=N, fixup=fixup, **kw)
                 except ValueError as e:  # N above the work items
                     print("skip", model, n, L, N, e, flush=True)
                     continue
-                t_main, t_all = _main_and_all(timer, p, q, k, v, out, reps=40)
-                err = ((out.double() - ref).abs().max() / ref.abs().max()).item()
+                t_main, t_all, err = _checked(timer, p, q, k, v, out, ref)
                 rows.append(dict(what="merge", model=model, n=n, depth=L, nblocks=N,
                                  variant=label, fixup=p.fixup, main_us=t_main.p50,
                                  p50_us=t_all.p50, max_rel_err=err))
@@ -259,27 +269,36 @@ def stream(timer, rows):
                               flush=True)
 
 
+def _stream_cells(depths, counts=(128, 264)):
+    """llama-8b n=1 inputs at each depth, then each program count: (L, k, v, qs, out, N)."""
+    for L in depths:
+        q, k, v = inputs("llama-8b", 1, L)
+        qs = torch.randn(16, k.shape[3], device="cuda", dtype=torch.float16)
+        for N in counts:
+            yield L, k, v, qs, torch.empty(N, 16, k.shape[3], device="cuda", dtype=torch.float32), N
+
+
+def _time_stream(timer, rows, L, N, k, args, label, **fields):
+    """Time stream_kernel (4 stages, 64-row blocks, dots) on `args`; one row and one line."""
+    kw = dict(D=k.shape[3], BLOCK_N=64, BLOCK_M=16, DOTS=True, STAGES=4, num_warps=4,
+              PREFETCH=fields.get("prefetch", 0))
+    stream_kernel[(N,)](*args, **kw)
+    t = timer.time(lambda: stream_kernel[(N,)](*args, **kw), reps=30)
+    tbps = 4 * k.numel() / t.p50 / 1e6  # K and V, 2 bytes an element
+    rows.append(dict(model="llama-8b", depth=L, nblocks=N, p50_us=t.p50, tbps=tbps, **fields))
+    print(f"stream L={L} N={N} {label:14s} {t.p50:7.1f} us {tbps:5.2f} TB/s", flush=True)
+
+
 def prefetch(rows):
     """L2 prefetch PF blocks ahead in the minimal stream kernel (4 stages). It lost at every
     distance, here and in skattn's decode kernel (ae470a8, PERF.md), so the kernel has none."""
     timer = ColdTimer(flush="read")
-    for model, n, L in (("llama-8b", 1, 8192), CELL):
-        q, k, v = inputs(model, n, L)
-        Hkv, D = k.shape[2], k.shape[3]
-        nbytes = 2 * k.numel() * 2
-        qs = torch.randn(16, D, device="cuda", dtype=torch.float16)
-        for N in (128, 264):
-            out = torch.empty(N, 16, D, device="cuda", dtype=torch.float32)
-            for pf in (0, 2, 4, 8, 16, 64):
-                args = (qs, k, v, out, Hkv * (L // 64), N, L // 64, k.stride(1), k.stride(2))
-                kw = dict(D=D, BLOCK_N=64, BLOCK_M=16, DOTS=True, STAGES=4, PREFETCH=pf,
-                          num_warps=4)
-                stream_kernel[(N,)](*args, **kw)
-                t = timer.time(lambda: stream_kernel[(N,)](*args, **kw), reps=30)
-                rows.append(dict(what="stream-prefetch", model=model, depth=L, nblocks=N,
-                                 prefetch=pf, p50_us=t.p50, tbps=nbytes / t.p50 / 1e6))
-                print(f"stream L={L} N={N} pf={pf:3d} {t.p50:7.1f} us "
-                      f"{nbytes / t.p50 / 1e6:5.2f} TB/s", flush=True)
+    for L, k, v, qs, out, N in _stream_cells((8192, CELL[2])):
+        Hkv = k.shape[2]
+        for pf in (0, 2, 4, 8, 16, 64):
+            args = (qs, k, v, out, Hkv * (L // 64), N, L // 64, k.stride(1), k.stride(2))
+            _time_stream(timer, rows, L, N, k, args, f"pf={pf}", what="stream-prefetch",
+                         prefetch=pf)
 
 
 def layout(rows):
@@ -287,25 +306,14 @@ def layout(rows):
     read per KV head (rows of 256 B, 2 KB apart: how skattn reads) or contiguously (the
     cache seen as one head of L x Hkv rows): does DRAM locality cost bandwidth?"""
     timer = ColdTimer(flush="read")
-    for model, n, L in (("llama-8b", 1, 8192), ("llama-8b", 1, 16384), CELL):
-        q, k, v = inputs(model, n, L)
+    for L, k, v, qs, out, N in _stream_cells((8192, 16384, CELL[2])):
         Hkv, D = k.shape[2], k.shape[3]
-        nbytes = 2 * k.numel() * 2
-        qs = torch.randn(16, D, device="cuda", dtype=torch.float16)
-        for N in (128, 264):
-            out = torch.empty(N, 16, D, device="cuda", dtype=torch.float32)
-            for how in ("per-head", "contiguous"):
-                if how == "per-head":
-                    args = (qs, k, v, out, Hkv * (L // 64), N, L // 64, k.stride(1), k.stride(2))
-                else:
-                    args = (qs, k, v, out, Hkv * L // 64, N, Hkv * L // 64, D, 0)
-                kw = dict(D=D, BLOCK_N=64, BLOCK_M=16, DOTS=True, STAGES=4, num_warps=4)
-                stream_kernel[(N,)](*args, **kw)
-                t = timer.time(lambda: stream_kernel[(N,)](*args, **kw), reps=30)
-                rows.append(dict(what="stream-layout", model=model, depth=L, nblocks=N,
-                                 layout=how, p50_us=t.p50, tbps=nbytes / t.p50 / 1e6))
-                print(f"stream L={L} N={N} {how:10s} {t.p50:7.1f} us "
-                      f"{nbytes / t.p50 / 1e6:5.2f} TB/s", flush=True)
+        for how in ("per-head", "contiguous"):
+            if how == "per-head":
+                args = (qs, k, v, out, Hkv * (L // 64), N, L // 64, k.stride(1), k.stride(2))
+            else:
+                args = (qs, k, v, out, Hkv * L // 64, N, Hkv * L // 64, D, 0)
+            _time_stream(timer, rows, L, N, k, args, how, what="stream-layout", layout=how)
 
 
 def rows64(rows):
@@ -316,15 +324,10 @@ def rows64(rows):
              ("llama-8b", 8, 32768), ("qwen3moe-30b-a3b", 4, 16384), ("llama-70b", 4, 32768),
              ("qwen3-14b", 4, 16384), ("llama-8b", 1, 8192), ("llama-8b", 1, 32768))
     for model, n, L in cells:
-        q, k, v = inputs(model, n, L)
-        Hq, Hkv, D = MODELS[model][:3]
-        out = torch.empty_like(q)
-        ref = reference.attention(q, k, v, causal=True)
+        q, k, v, out, ref, kw = _cell(model, n, L)
         for bm in (None, 64):
-            p = skattn.plan(batch=1, q_len=n, kv_len=L, q_heads=Hq, kv_heads=Hkv, head_dim=D,
-                            causal=True, block_m=bm)
-            t_main, t_all = _main_and_all(timer, p, q, k, v, out, reps=40)
-            err = ((out.double() - ref).abs().max() / ref.abs().max()).item()
+            p = skattn.plan(block_m=bm, **kw)
+            t_main, t_all, err = _checked(timer, p, q, k, v, out, ref)
             g = p.geometry
             rows.append(dict(what="rows64", model=model, n=n, depth=L, nblocks=p.nblocks,
                              fixup=p.fixup, block_m=g.block_m, block_n=g.block_n,
@@ -423,16 +426,11 @@ def fused(rows):
     cells = (("llama-8b", 1, 8192), CELL, ("qwen3moe-30b-a3b", 1, 8192), ("gpt-oss", 1, 8192),
              ("qwen3-14b", 4, 16384), ("gpt-oss", 16, 32768))
     for model, n, L in cells:
-        q, k, v = inputs(model, n, L)
-        Hq, Hkv, D = MODELS[model][:3]
-        out = torch.empty_like(q)
-        ref = reference.attention(q, k, v, causal=True)
+        q, k, v, out, ref, kw = _cell(model, n, L)
         for N in (128, 264):
             for fixup in (None, "fused"):
-                p = skattn.plan(batch=1, q_len=n, kv_len=L, q_heads=Hq, kv_heads=Hkv,
-                                head_dim=D, causal=True, nblocks=N, fixup=fixup)
-                t_main, t_all = _main_and_all(timer, p, q, k, v, out, reps=40)
-                err = ((out.double() - ref).abs().max() / ref.abs().max()).item()
+                p = skattn.plan(nblocks=N, fixup=fixup, **kw)
+                t_main, t_all, err = _checked(timer, p, q, k, v, out, ref)
                 rows.append(dict(what="fused", model=model, n=n, depth=L, nblocks=N,
                                  fixup=p.fixup, main_us=t_main.p50, p50_us=t_all.p50,
                                  max_rel_err=err, src=skattn.__file__))
