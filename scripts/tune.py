@@ -20,6 +20,7 @@ import triton.testing
 
 import skattn
 from skattn.models import MODELS
+from skattn.planner import COMPUTE_BOUND_INTENSITY
 
 OUT = Path(os.environ.get("OUT") or "benchmarks/results")
 DECODE_CONFIGS = [(64, 4, 2), (64, 4, 3), (64, 4, 4), (128, 4, 2), (128, 4, 3), (128, 8, 3),
@@ -169,7 +170,8 @@ def grid_cells(ns):
 
 def sweep(quick=False, coarse=False, every_cell=False, ns=(1, 2, 4, 8, 16)):
     """Every N (or COARSE_N with --coarse, uniform/general only) for a few cells (--all: the
-    grid's decode cells, those of --n=4,8 only if given). The CSV is rewritten after each
+    grid's cells, those of --n=4,8 only if given); prompt chunks also with one whole tile a
+    program (N = ntiles_dst, fixup "none"). The CSV is rewritten after each
     cell, so a run stopped by a time limit keeps what it measured."""
     rows = []
     cells = [("llama-8b", 1, 16384), ("qwen3moe-30b-a3b", 2, 8192), ("qwen3-14b", 4, 32768),
@@ -187,16 +189,18 @@ def sweep(quick=False, coarse=False, every_cell=False, ns=(1, 2, 4, 8, 16)):
         step = 1 if top <= 300 else 2
         out = torch.empty(1, n, Hq, D, device="cuda", dtype=q.dtype)
         ns = [x for x in COARSE_N if x <= base.work] if coarse else range(1, top + 1, step)
-        for N in ns:
-            for fixup in (None,) if coarse else (None, "fused"):
-                p = skattn.plan(nblocks=N, fixup=fixup, **kw)
-                if fixup == "fused" and p.fixup == "none":
-                    continue
-                t = bench(lambda: skattn.attention(q, k, v, causal=True, plan=p, out=out), rep=40)
-                rows.append(dict(model=model, n=n, depth=L, nblocks=N, fixup=p.fixup,
-                                 ntiles_dst=p.ntiles_dst, work=p.work, p20_us=t[0], p50_us=t[1],
-                                 p80_us=t[2], floor_us=floor_us(q, k, v),
-                                 **{f"chosen_{k}": c for k, c in chosen.items()}))
+        points = [(N, fixup) for N in ns for fixup in ((None,) if coarse else (None, "fused"))]
+        if n * Hq // Hkv >= COMPUTE_BOUND_INTENSITY:
+            points.append((base.ntiles_dst, "none"))  # prompt chunks: one whole tile a program
+        for N, fixup in points:
+            p = skattn.plan(nblocks=N, fixup=fixup, **kw)
+            if fixup == "fused" and p.fixup == "none":
+                continue
+            t = bench(lambda: skattn.attention(q, k, v, causal=True, plan=p, out=out), rep=40)
+            rows.append(dict(model=model, n=n, depth=L, nblocks=N, fixup=p.fixup,
+                             ntiles_dst=p.ntiles_dst, work=p.work, p20_us=t[0], p50_us=t[1],
+                             p80_us=t[2], floor_us=floor_us(q, k, v),
+                             **{f"chosen_{k}": c for k, c in chosen.items()}))
         best = min(r["p50_us"] for r in rows if r["model"] == model and r["n"] == n)
         print(f"sweep {model} n={n} L={L}: best {best:.1f} us; chosen {chosen}", flush=True)
         _write("sweep_nblocks.csv", rows)

@@ -157,6 +157,14 @@ def test_prefill_causal_skips_invisible_blocks():
     check(q, k, v, p, causal=True)
 
 
+def test_prefill_whole_tile_per_program():
+    # N = ntiles_dst with fixup "none": each program its own causal tile, tiles of unequal length
+    q, k, v = make(Lq=40, Lk=90, Hq=2, Hkv=1)
+    p = plan_for(q, k, v, causal=True, block_m=16, nblocks=5, fixup="none")
+    assert p.ntiles_dst == 5 and p.per_tile_ranges and len(set(p.kv_count)) > 1
+    check(q, k, v, p, causal=True)
+
+
 def test_window_and_sinks():
     # gpt-oss: sliding window plus per-head sinks
     q, k, v = make(Lq=3, Lk=120, Hq=8, Hkv=2)

@@ -40,7 +40,8 @@ def _check_plan(p, requested_fixup):
     kind = fixup_for(p.nblocks, p.ntiles_dst)
     cuts = any(p.tile_range(p.tile_of(a))[0] != a or p.tile_range(p.tile_of(b - 1))[1] != b
                for a, b in ranges if b > a)
-    if kind == "none" and cuts:
+    if kind == "none" and cuts and not (requested_fixup == "none"
+                                        and p.nblocks == p.ntiles_dst):
         kind = "general"  # tiles of unequal length (causal, window): N | ntiles_dst cuts some
     if kind == "uniform" and p.nblocks // p.ntiles_dst > min(p.kv_count):
         kind = "general"  # a policy's N would leave empty uniform pieces
@@ -57,6 +58,8 @@ def _check_plan(p, requested_fixup):
             mine = ranges[tile * split:(tile + 1) * split]
             assert mine[0][0] == first and mine[-1][1] == stop  # no program crosses a tile edge
             assert all(b > a for a, b in mine)                  # every piece nonempty
+    elif p.per_tile_ranges:
+        assert p.fixup == "none" and ranges == [p.tile_range(t) for t in range(p.ntiles_dst)]
     else:
         assert max(lengths) - min(lengths) <= 1                 # balanced within one item
     # -- tiles partition the work list, and tile_of inverts tile_range
@@ -253,9 +256,14 @@ def test_none_becomes_general_when_unequal_tiles_are_cut():
     p = plan(**shape)
     assert (p.nblocks, p.ntiles_dst, p.kv_count) == (4, 4, (1, 1, 2, 2))
     assert p.fixup == "general" and p.pieces() == {2: [1, 2]}
-    with pytest.raises(ValueError, match="fixup"):
-        plan(**dict(shape, fixup="none"))
     assert plan(**dict(shape, fixup="fused")).fixup == "fused"
+    # asked for: one whole tile per program (N = ntiles_dst), no fixup, unequal lengths
+    whole = plan(**dict(shape, fixup="none"))
+    assert whole.fixup == "none" and whole.per_tile_ranges and not whole.pieces()
+    assert whole.ranges() == [(0, 1), (1, 2), (2, 4), (4, 6)]
+    _check_plan(whole, "none")
+    with pytest.raises(ValueError, match="fixup"):  # N | ntiles_dst but N < ntiles_dst: cuts
+        plan(**dict(shape, nblocks=2, fixup="none"))
 
 
 @pytest.mark.parametrize("policy", ["llamacpp-master", "llamacpp", "auto"])

@@ -138,8 +138,10 @@ class Plan:
 
     @property
     def per_tile_ranges(self) -> bool:
-        """Uniform plans cut each tile into `split` pieces by its own length (DESIGN §3)."""
-        return self.fixup == "uniform"
+        """Uniform plans cut each tile into `split` pieces by its own length (DESIGN §3); a
+        plan of one program per tile and no fixup gives each program its whole tile."""
+        whole = self.fixup == "none" and self.nblocks == self.ntiles_dst
+        return self.fixup == "uniform" or whole
 
     @property
     def workspace_floats(self) -> int:
@@ -337,7 +339,10 @@ def plan(*, batch: int, q_len: int, kv_len: int, q_heads: int, kv_heads: int, he
         raise ValueError(f"nblocks must be an integer in [1, W={work}], got {nblocks!r}")
     kind = fixup_for(nblocks, ntiles_dst)
     if kind == "none" and not _on_tile_edges(nblocks, work, kv_count):
-        kind = "general"  # causal/window tiles differ in length: N | ntiles_dst still cuts some
+        # causal/window tiles differ in length: N | ntiles_dst still cuts some, unless the
+        # caller asks for one whole tile per program (N = ntiles_dst, fixup="none")
+        if not (fixup == "none" and nblocks == ntiles_dst):
+            kind = "general"
     if fixup is not None and fixup != kind:
         if fixup == "fused":
             kind = "none" if kind == "none" else "fused"
