@@ -39,6 +39,8 @@ def variants(B, n, L, Hq, Hkv, D, dtype):
         out.setdefault(p.fixup, p)
     p = skattn.plan(policy="llamacpp-master", nblocks=max(1, min(p.work, p.ntiles_dst)), **kw)
     out.setdefault(p.fixup, p)
+    p = skattn.plan(policy="auto", **kw)  # prompt chunks: one whole causal tile a program
+    out["auto " + p.fixup + (" whole tiles" if p.per_tile_ranges else "")] = p
     return out
 
 

@@ -45,11 +45,19 @@ def test_decode_fixup_programs_take_16_rows(recorded):
 
 def test_prompt_chunk_fixup_programs_take_whole_tiles(recorded):
     # n = 512: about one piece a tile; 16-row programs and PDL cost time there (PERF.md)
-    p = run(512, None, kv_len=16384)
-    kind = "uniform" if p.fixup == "uniform" else "general"
-    assert p.nblocks < 4 * p.ntiles_dst and p.fixup in ("uniform", "general")
-    (grid, kw), = recorded[kind].calls
+    p = run(512, 264, kv_len=16384)
+    assert p.nblocks < 4 * p.ntiles_dst and p.fixup == "general"
+    (grid, kw), = recorded["general"].calls
     assert grid[2] == 1 and kw["ROWS"] == p.geometry.block_m
+
+
+def test_whole_tile_plan_launches_no_fixup(recorded):
+    # auto's prompt-chunk plan here: one causal tile a program, finished by the main kernel
+    p = run(512, None, kv_len=16384)
+    assert p.fixup == "none" and p.nblocks == p.ntiles_dst and p.per_tile_ranges
+    (grid, kw), = recorded["main"].calls
+    assert grid == (p.ntiles_dst,) and kw["PER_TILE_RANGES"] and not kw["FUSED"]
+    assert not recorded["uniform"].calls and not recorded["general"].calls
 
 
 def test_fused_merge_reads_only_the_filled_rows(recorded):

@@ -297,14 +297,42 @@ def test_describe_and_draw(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_auto_takes_the_llamacpp_rule_for_compute_bound_cells():
-    # a 512-token prompt chunk (intensity 512 x 5 FLOP/B): the saturation model would drop to
-    # N = ntiles_dst = 168, measured 1.4x slower on an H200 than llama.cpp's N = 264
-    kw = dict(batch=1, q_len=512, kv_len=16384, q_heads=40, kv_heads=8, head_dim=128,
+@pytest.mark.parametrize("model,nblocks,fixup", [
+    ("qwen3-14b", 132, "general"),  # 168 tiles on 132 SMs: whole tiles would take 2 waves
+    ("llama-8b", 128, "none"),      # 128 tiles, one wave: each program its whole tile
+    ("gpt-oss", 256, "none"),       # head size 64: two programs an SM, 256 tiles in one wave
+    ("llama-70b", 256, "none"),     # 2 waves either way; whole tiles need no fixup
+])
+def test_auto_counts_waves_for_compute_bound_cells(model, nblocks, fixup):
+    # 512-token prompt chunks; measured on an H200 (PERF.md, session 5): whole tiles 152 vs
+    # 179 us at N = 264 (llama-8b L=8192); qwen3-14b N = 132 216 vs 225 (264), 289 (168)
+    from skattn.models import MODELS
+
+    Hq, Hkv, D = MODELS[model][:3]
+    kw = dict(batch=1, q_len=512, kv_len=8192, q_heads=Hq, kv_heads=Hkv, head_dim=D,
               causal=True, sms=132, blocks_per_sm=2)
-    assert plan(policy="auto", **kw).nblocks == plan(policy="llamacpp", **kw).nblocks == 264
+    p = plan(policy="auto", **kw)
+    assert (p.nblocks, p.fixup) == (nblocks, fixup)
+    assert p.per_tile_ranges == (fixup == "none") and not (fixup == "none" and p.pieces())
+    _check_plan(p, None)
+    with pytest.raises(ValueError, match="fixup"):  # not whole tiles unless asked for
+        plan(policy="llamacpp", nblocks=p.ntiles_dst, fixup="uniform", **kw)
     decode = dict(kw, q_len=1)
     assert plan(policy="auto", **decode).nblocks != plan(policy="llamacpp", **decode).nblocks
+
+
+def test_compute_bound_choice_and_residency():
+    from skattn.planner import programs_per_sm, tile_geometry
+    from skattn.policy import compute_bound_nblocks
+
+    g128 = tile_geometry(q_len=512, gqa_ratio=4, head_dim=128, head_dim_v=128)
+    g64 = tile_geometry(q_len=512, gqa_ratio=8, head_dim=64, head_dim_v=64)
+    assert (programs_per_sm(g128), programs_per_sm(g64)) == (1, 2)  # 224 KB / 80 KB shared
+    # from-scratch causal prompt: tiles of 1..32 blocks, whole tiles would idle most programs
+    assert compute_bound_nblocks(1024, 16896, 32, 264, 132) == 132
+    assert compute_bound_nblocks(128, 8000, 64, 256, 132) == 128
+    assert compute_bound_nblocks(128, 8000, 64, 256, 132, whole=False) == 132
+    assert compute_bound_nblocks(168, 10512, 64, 264, 132) == 132
 
 
 @pytest.mark.parametrize("D,Dv", [(64, 64), (128, 128), (256, 256), (192, 128), (576, 512)])

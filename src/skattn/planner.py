@@ -36,6 +36,17 @@ def _pow2(x: int) -> int:
 
 
 STAGE_BYTES_BUDGET = 192 << 10  # shared memory for the K/V pipeline stages
+SM_SHARED_BYTES = 228 << 10  # sm_90: shared memory and registers of one SM
+SM_REGISTERS = 64 << 10
+
+
+def programs_per_sm(geo: "TileGeometry") -> int:
+    """Programs of a 128-row (prompt) geometry that one Hopper SM holds at once: its K/V
+    stages and Q tile in shared memory (224 KB for head size 128, 80 KB for 64, as compiled)
+    and 255 registers a thread (what those kernels take)."""
+    dk = geo.block_dk * geo.dk_chunks
+    shared = geo.num_stages * geo.block_n * (dk + geo.block_dv) * 2 + geo.block_m * dk * 2
+    return max(1, min(SM_SHARED_BYTES // shared, SM_REGISTERS // (geo.num_warps * 32 * 255)))
 
 
 def tile_geometry(*, q_len: int, gqa_ratio: int, head_dim: int, head_dim_v: int,
@@ -330,18 +341,22 @@ def plan(*, batch: int, q_len: int, kv_len: int, q_heads: int, kv_heads: int, he
     max_blocks = sms * blocks_per_sm
     model = cost_model or load_cost_model()
     chosen = nblocks is None  # by the policy, not by the caller
+    compute_bound = q_len * ratio >= COMPUTE_BOUND_INTENSITY
     if chosen:
+        resident = sms * min(blocks_per_sm, programs_per_sm(geo))
         nblocks = nblocks_for(policy, ntiles_dst=ntiles_dst, ntiles_kv=ntiles_kv,
                               max_blocks=max_blocks, work=work, min_tile_work=min(kv_count),
                               max_tile_work=max(kv_count), fixup=fixup, cost=model,
-                              compute_bound=q_len * ratio >= COMPUTE_BOUND_INTENSITY)
+                              compute_bound=compute_bound, resident=resident)
     elif not isinstance(nblocks, int) or nblocks < 1 or nblocks > work:
         raise ValueError(f"nblocks must be an integer in [1, W={work}], got {nblocks!r}")
     kind = fixup_for(nblocks, ntiles_dst)
     if kind == "none" and not _on_tile_edges(nblocks, work, kv_count):
         # causal/window tiles differ in length: N | ntiles_dst still cuts some, unless the
-        # caller asks for one whole tile per program (N = ntiles_dst, fixup="none")
-        if not (fixup == "none" and nblocks == ntiles_dst):
+        # caller asks for one whole tile per program (N = ntiles_dst, fixup="none"), or
+        # `auto` chose it for a prompt chunk
+        auto_whole = chosen and policy == "auto" and compute_bound and fixup != "general"
+        if not ((fixup == "none" or auto_whole) and nblocks == ntiles_dst):
             kind = "general"
     if fixup is not None and fixup != kind:
         if fixup == "fused":

@@ -9,6 +9,10 @@ from pathlib import Path
 POLICIES = ("llamacpp-master", "seed-4x", "llamacpp", "split", "auto")
 FIXUPS = ("none", "uniform", "general", "fused")
 MAX_EFFICIENCY_LOSS_PERCENT = 5  # llama.cpp: max_efficiency_loss_percent
+# Prompt chunks (compute-bound): a plan that cuts tiles costs its programs the partials, the
+# fixup and a second tile start. Measured on an H200 (PERF.md, session 5): at about the same
+# items per program, cut plans took 1.06-1.12x the time of whole-tile plans.
+CUT_PENALTY = 1.1
 
 
 def fixup_for(nblocks: int, ntiles_dst: int) -> str:
@@ -109,14 +113,16 @@ def saturated_blocks(model: CostModel, max_blocks: int) -> int:
 def nblocks_for(policy: str, *, ntiles_dst: int, ntiles_kv: int, max_blocks: int,
                 work: int | None = None, min_tile_work: int | None = None,
                 max_tile_work: int | None = None, fixup: str | None = None,
-                cost: CostModel | None = None, compute_bound: bool = False) -> int:
+                cost: CostModel | None = None, compute_bound: bool = False,
+                resident: int | None = None) -> int:
     """Number of programs N for `policy` (DESIGN §4), with llama.cpp's integer arithmetic.
 
     `work` (W) defaults to ntiles_dst * ntiles_kv; where causal or window rules give tiles
     fewer KV blocks, pass the real W and the shortest and longest tile's lengths: the
     shortest caps the pieces per tile of a uniform split so that no piece is empty.
-    `auto` takes the `llamacpp` rule for compute-bound cells (prompt chunks), where its
-    memory-saturation model does not hold.
+    For compute-bound cells (prompt chunks), where its memory-saturation model does not
+    hold, `auto` counts waves of `resident` programs (those the GPU runs at once; default
+    max_blocks) instead: see `compute_bound_nblocks`.
     """
     for name, value in (("ntiles_dst", ntiles_dst), ("ntiles_kv", ntiles_kv), ("max_blocks", max_blocks)):
         if value < 1:
@@ -136,12 +142,29 @@ def nblocks_for(policy: str, *, ntiles_dst: int, ntiles_kv: int, max_blocks: int
         return rounded if loss <= MAX_EFFICIENCY_LOSS_PERCENT else raw
     if policy == "split":
         return ntiles_dst * min(split_count(ntiles_dst, max_split, max_blocks), max_split)
-    if compute_bound:
-        return nblocks_for("llamacpp", ntiles_dst=ntiles_dst, ntiles_kv=ntiles_kv,
-                           max_blocks=max_blocks, work=work, min_tile_work=min_tile_work)
     longest_tile = ntiles_kv if max_tile_work is None else max_tile_work
+    if compute_bound:
+        rule = nblocks_for("llamacpp", ntiles_dst=ntiles_dst, ntiles_kv=ntiles_kv,
+                           max_blocks=max_blocks, work=work, min_tile_work=min_tile_work)
+        return compute_bound_nblocks(ntiles_dst, work, longest_tile, rule,
+                                     resident or max_blocks,
+                                     whole=fixup not in ("general", "uniform"))
     return _auto(ntiles_dst, work, max_split, longest_tile, raw, max_blocks, fixup,
                  cost or load_cost_model())
+
+
+def compute_bound_nblocks(ntiles_dst: int, work: int, longest_tile: int, rule: int,
+                          resident: int, whole: bool = True) -> int:
+    """N for a compute-bound plan: one whole tile a program (N = ntiles_dst, no fixup; only if
+    `whole`), one wave of `resident` programs, or llama.cpp's `rule`, whichever has the fewest
+    items in its waves of programs (cut plans x CUT_PENALTY; ties go to fewer programs)."""
+    def cut(n):
+        return -(-n // resident) * -(-work // n) * CUT_PENALTY
+
+    options = [(cut(n), n) for n in {min(resident, work), rule}]
+    if whole:
+        options.append((-(-ntiles_dst // resident) * longest_tile, ntiles_dst))
+    return min(options)[1]
 
 
 def _auto(ntiles_dst, work, max_split, longest_tile, raw, max_blocks, fixup, model) -> int:
