@@ -63,20 +63,32 @@ def test_cli_fits_and_writes(tmp_path, capsys):
 
 
 COARSE = Path(__file__).parents[1] / "benchmarks" / "results" / "s2" / "sweep_nblocks_coarse.csv"
-ALL_DECODE = (Path(__file__).parents[1] / "benchmarks" / "results" / "s3"
-              / "sweep_nblocks_coarse_all-a010052.csv")
+RESULTS = Path(__file__).parents[1] / "benchmarks" / "results"
+ALL_DECODE = RESULTS / "s3" / "sweep_nblocks_coarse_all-a010052.csv"
+HEAD_DECODE = [RESULTS / "s5" / "sweep_n1216-2dabf75.csv", RESULTS / "s5" / "sweep_n48-3fca1d4.csv"]
 
 
 def test_default_model_is_within_three_percent_on_the_committed_sweeps():
-    # the defaults were fitted to the H200 sweep of all 75 decode cells: auto's N is within
-    # 3% of the best measured N in 72 of them and within 10.4% in all (gpt-oss n=16, where
-    # two programs per SM win, is the exception); also in the 8 cells of session 2's sweep
-    results = check(read_csv(ALL_DECODE), CostModel())
+    # the defaults were fitted to session 5's H200 sweep of all 75 decode cells: auto's N is
+    # within 3% of the best measured N in 73 of them and within 10% in all (gpt-oss n=16 at
+    # L >= 16384, where two programs per SM win); session 3's sweep (older kernels): 72 of 75;
+    # session 2's 8 cells: all
+    results = check([r for f in HEAD_DECODE for r in read_csv(f)], CostModel())
     assert len(results) == 75
-    assert sum(c["ratio"] > 1.03 for c in results) <= 3
-    assert max(c["ratio"] for c in results) <= 1.105
+    assert sum(c["ratio"] > 1.03 for c in results) <= 2
+    assert max(c["ratio"] for c in results) <= 1.101
+    older = check(read_csv(ALL_DECODE), CostModel())
+    assert len(older) == 75 and sum(c["ratio"] > 1.03 for c in older) <= 3
     old = check(read_csv(COARSE), CostModel())
     assert len(old) == 8 and max(c["ratio"] for c in old) <= 1.03
+
+
+def test_fit_leaves_out_prompt_chunks():
+    from skattn.calibrate import memory_bound
+
+    rows = read_csv(RESULTS / "s5" / "sweep_prefill-3fca1d4.csv")
+    assert rows and not memory_bound(rows)  # auto counts waves there, not the cost model
+    assert len(memory_bound(read_csv(HEAD_DECODE[1]))) == len(read_csv(HEAD_DECODE[1]))
 
 
 def test_programs_beyond_one_round_cost_a_second_round():

@@ -12,7 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from skattn.models import MODELS
-from skattn.planner import plan
+from skattn.planner import COMPUTE_BOUND_INTENSITY, plan
 from skattn.policy import CostModel, cost_model_path, predict_us
 
 SWEEP_CELLS = [("llama-8b", 1, 16384), ("qwen3moe-30b-a3b", 2, 8192), ("qwen3-14b", 4, 32768),
@@ -43,6 +43,15 @@ PIECE_RATIOS = (0.0, 1 / 16, 1 / 8, 3 / 16, 1 / 4, 3 / 8, 1 / 2)  # us_per_piece
 LAUNCH_RATIOS = (0.0, 2.0, 4.0, 8.0, 16.0)  # us_launch / us_per_item
 
 
+def memory_bound(rows: list[dict]) -> list[dict]:
+    """The rows of cells `auto` plans with the cost model (compute-bound ones count waves)."""
+    def intensity(r):
+        hq, hkv = MODELS[r["model"]][:2]
+        return int(r["n"]) * (hq // hkv)
+
+    return [r for r in rows if intensity(r) < COMPUTE_BOUND_INTENSITY]
+
+
 def fit(rows: list[dict], *, sms: int = 132, blocks_per_sm: int = 2) -> tuple[CostModel, float]:
     """Fit the cost model to measured (cell, N, fixup) -> p50 rows for what `auto` is for.
 
@@ -56,7 +65,7 @@ def fit(rows: list[dict], *, sms: int = 132, blocks_per_sm: int = 2) -> tuple[Co
     """
     import numpy as np
 
-    rows = [r for r in rows if int(r["nblocks"]) > 1 and r["fixup"] != "none"]
+    rows = [r for r in memory_bound(rows) if int(r["nblocks"]) > 1 and r["fixup"] != "none"]
     plans = [_plan_for(r, sms, blocks_per_sm) for r in rows]
     cells = sorted({(r["model"], r["n"], r["depth"]) for r in rows})
     y = np.array([float(r["p50_us"]) for r in rows])
@@ -99,6 +108,7 @@ def fit(rows: list[dict], *, sms: int = 132, blocks_per_sm: int = 2) -> tuple[Co
 def check(rows: list[dict], model: CostModel, *, sms: int = 132, blocks_per_sm: int = 2):
     """Per cell: the N `auto` picks with `model`, its measured time and the best measured time."""
     out = []
+    rows = memory_bound(rows)
     for cell in sorted({(r["model"], r["n"], r["depth"]) for r in rows}):
         mine = [r for r in rows if (r["model"], r["n"], r["depth"]) == cell and r["fixup"] != "fused"]
         hq, hkv, d = MODELS[cell[0]][:3]
@@ -120,7 +130,9 @@ def read_csv(path) -> list[dict]:
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--from-csv", type=Path, help="fit an existing sweep CSV (no GPU needed)")
+    parser.add_argument("--from-csv", type=Path, nargs="+",
+                        help="fit existing sweep CSVs (no GPU needed; prompt-chunk rows are "
+                             "left out: auto counts waves there)")
     parser.add_argument("--out", type=Path, help=f"where to write the model (default {cost_model_path()})")
     parser.add_argument("--sms", type=int, default=None, help="SMs the sweep was planned for")
     parser.add_argument("--blocks-per-sm", type=int, default=2)
@@ -129,7 +141,8 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     if args.from_csv:
-        rows, sms = read_csv(args.from_csv), args.sms or 132
+        rows = [r for path in args.from_csv for r in read_csv(path)]
+        sms = args.sms or 132
     else:
         from skattn.calibrate_sweep import sweep
 
@@ -143,6 +156,7 @@ def run(args) -> int:
           f"x{c['ratio']:.3f}\n")
     if not args.dry_run:
         path = args.out or cost_model_path()
-        replace(model, source=str(args.from_csv or "sweep")).save(path)
+        source = " ".join(str(p) for p in args.from_csv) if args.from_csv else "sweep"
+        replace(model, source=source).save(path)
         w(f"wrote {path}\n")
     return 0

@@ -40,13 +40,13 @@ class CostModel:
         fixup is launched while the main kernel runs (programmatic dependent launch).
     """
 
-    # fitted by `skattn calibrate --from-csv
-    # benchmarks/results/s3/sweep_nblocks_coarse_all-a010052.csv` (H200, the grid's 75
-    # decode cells x 17 N; auto within 3% of the best measured N in 72 cells, worst 1.104).
+    # fitted by `skattn calibrate --from-csv benchmarks/results/s5/sweep_n1216-2dabf75.csv
+    # benchmarks/results/s5/sweep_n48-3fca1d4.csv` (H200, the grid's 75 decode cells x 17 N
+    # at session 5's kernels; auto within 3% of the best measured N in 73 cells, worst 1.100).
     # `skattn calibrate` replaces them per GPU.
-    us_per_item: float = 0.838
+    us_per_item: float = 0.697
     saturation: float = 0.5
-    us_per_piece: float = 0.105
+    us_per_piece: float = 0.0436
     us_launch: float = 0.0
     source: str = "defaults"
 
