@@ -1,12 +1,15 @@
 """Where a decode call's fixed cost goes: per-program start and end times on the GPU clock.
 
-  python3 scripts/probe_timeline.py
+  python3 scripts/probe_timeline.py [attention]
 
 A minimal kernel that streams K/V blocks with the decode kernel's grid and loads (llama-8b
 n=1; 16-row tile, BLOCK_N 64, 4 stages, its dots) stamps %globaltimer when each program
 starts and ends, and %clock64 cycles between the two. An empty kernel of the same grid shows
 the launch alone. Printed per (L, N): the call's event time, the span from the first start
 to the last end, how far apart the starts and the ends are, and the programs' durations.
+`attention`: skattn's own decode call instead (auto's plan, stamps from `launch.run(stamps=)`):
+when its programs start, finish their KV loop and end, and when the fixup programs start,
+see the partials (after gdc_wait) and end, all relative to the first program's start.
 Writes probe_timeline.csv (one row per case) to $OUT (or benchmarks/results).
 """
 from __future__ import annotations
@@ -86,11 +89,54 @@ def _summary(stamps):
                 sms=len({r[3] for r in s}))
 
 
+def attention(timer, rows):
+    import skattn
+    from skattn import launch
+    from skattn.models import MODELS
+
+    def q(values, f=0.5):
+        return sorted(values)[int(f * (len(values) - 1))]
+
+    for model, n in (("llama-8b", 1), ("qwen3-14b", 4)):
+        for L in (8192, 32768):
+            qq, k, v = inputs(model, n, L)
+            Hq, Hkv, D = MODELS[model][:3]
+            p = skattn.plan(batch=1, q_len=n, kv_len=L, q_heads=Hq, kv_heads=Hkv, head_dim=D,
+                            causal=True)
+            g = p.geometry
+            nfix = p.ntiles_dst * (g.block_dv // min(g.block_dv, launch.FIXUP_DV)) * (
+                g.block_m // min(g.block_m, launch.FIXUP_ROWS))
+            main = torch.zeros(p.nblocks, 4, device="cuda", dtype=torch.int64)
+            fix = torch.zeros(max(1, nfix), 4, device="cuda", dtype=torch.int64)
+            out = torch.empty_like(qq)
+            plain = timer.time(lambda: launch.run(p, qq, k, v, out, None, scale=D ** -0.5),
+                               reps=30)
+            t = timer.time(lambda: launch.run(p, qq, k, v, out, None, scale=D ** -0.5,
+                                              stamps=(main, fix)), reps=30)
+            m, f = main.cpu().tolist(), fix[:nfix].cpu().tolist()
+            t0 = min(r[0] for r in m)
+            us = lambda xs: [(x - t0) / 1e3 for x in xs]  # noqa: E731
+            starts, loops, ends = us(r[0] for r in m), us(r[1] for r in m), us(r[2] for r in m)
+            row = dict(model=model, n=n, depth=L, nblocks=p.nblocks, fixup=p.fixup,
+                       event_p50_us=plain.p50, event_stamped_p50_us=t.p50,
+                       main_start_max=max(starts), loop_med=q(loops), loop_max=max(loops),
+                       main_end_med=q(ends), main_end_max=max(ends))
+            if p.fixup == "uniform" and nfix:
+                fs, fr, fe = us(r[0] for r in f), us(r[1] for r in f), us(r[2] for r in f)
+                row.update(fix_start_min=min(fs), fix_start_max=max(fs), fix_ready_min=min(fr),
+                           fix_ready_max=max(fr), fix_end_max=max(fe))
+            rows.append(row)
+            print(" ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}"
+                           for k, v in row.items()), flush=True)
+
+
 def main():
     timer = ColdTimer(flush="read")
     rows = []
     print(torch.cuda.get_device_name(), torch.__version__, triton.__version__, flush=True)
-    for L in (8192, 32768):
+    if "attention" in sys.argv:
+        attention(timer, rows)
+    for L in () if "attention" in sys.argv else (8192, 32768):
         q, k, v = inputs("llama-8b", 1, L)
         D, Hkv = k.shape[3], k.shape[2]
         qs = torch.randn(16, D, device="cuda", dtype=torch.float16)
@@ -117,7 +163,7 @@ def main():
                       f"{summ['cycles_med']:.0f} cycles, {summ['sms']} SMs", flush=True)
     OUT.mkdir(parents=True, exist_ok=True)
     with open(OUT / "probe_timeline.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
         w.writeheader()
         w.writerows(rows)
 

@@ -1,6 +1,7 @@
 """Registers, spills and shared memory of skattn's kernels for sm_90, compiled here (no GPU).
 
   python3 scripts/resources.py llama-8b 1 32768 [nblocks=128] [fixup=fused] [num_stages=4]
+                                             [stamps=1]  # with the per-program time stamps
   python3 scripts/resources.py --shape 256 256 4     # D Dv n, 16 query heads on 1 KV head
 
 Runs the planner and the launcher with CPU tensors, captures each kernel launch, compiles it
@@ -25,7 +26,7 @@ from skattn.kernels import attention, fixup
 from skattn.models import MODELS
 
 TYPES = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32",
-         torch.int32: "*i32"}
+         torch.int32: "*i32", torch.int64: "*i64"}
 
 
 class Capture:
@@ -42,12 +43,12 @@ def signature(fn, args, kw):
     values = dict(zip(names, args))
     values.update({k: v for k, v in kw.items() if k in names})
     for i, name in enumerate(names):
-        v = values[name]
-        if name in fn.constexprs or i in fn.constexprs or names[i] in kw:
-            sig[name], consts[name] = "constexpr", v
-        elif isinstance(v, torch.Tensor):
+        v = values[name] if name in values else fn.params[i].default  # (defaulted diagnostics)
+        if isinstance(v, torch.Tensor):  # (a keyword tensor too: the stamps)
             sig[name] = TYPES[v.dtype]
             attrs[(i,)] = [["tt.divisibility", 16]]
+        elif v is None or name in fn.constexprs or i in fn.constexprs or names[i] in kw:
+            sig[name], consts[name] = "constexpr", v
         elif isinstance(v, bool):
             sig[name] = "i1"
         elif isinstance(v, int):
@@ -109,6 +110,7 @@ def main(argv):
     for a in argv[3:]:
         k, v = a.split("=")
         extra[k] = int(v) if v.isdigit() else v
+    stamps = (torch.zeros(1, dtype=torch.int64),) * 2 if extra.pop("stamps", 0) else None
     Hq, Hkv, D = MODELS[model][:3]
     p = skattn.plan(batch=1, q_len=n, kv_len=L, q_heads=Hq, kv_heads=Hkv, head_dim=D,
                     causal=True, sms=132, blocks_per_sm=2, **extra)
@@ -123,7 +125,7 @@ def main(argv):
         attention.attention_kernel = caps["attention_kernel"]
         fixup.uniform_fixup_kernel = caps["uniform_fixup_kernel"]
         fixup.general_fixup_kernel = caps["general_fixup_kernel"]
-        launch.run(p, q, k, k, torch.empty_like(q), None, scale=D ** -0.5)
+        launch.run(p, q, k, k, torch.empty_like(q), None, scale=D ** -0.5, stamps=stamps)
     finally:
         attention.attention_kernel = saved["attention_kernel"]
         fixup.uniform_fixup_kernel = saved["uniform_fixup_kernel"]

@@ -27,3 +27,18 @@ def test_default_config_fits_shared_memory(D, Dv, n):
     assert res.returncode == 0, res.stderr[-2000:]
     info = json.loads(res.stdout.strip().splitlines()[-1])
     assert info["shared"] <= SM90_SHARED, info
+
+
+def test_time_stamps_compile():
+    # the stamps (a diagnostic) compile for sm_90; the default main kernel keeps 168 registers
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
+    outs = []
+    for extra in ([], ["stamps=1"]):
+        res = subprocess.run([sys.executable, str(ROOT / "scripts" / "resources.py"), "llama-8b",
+                              "1", "8192", "nblocks=128", *extra], capture_output=True,
+                             text=True, env=env, timeout=600)
+        assert res.returncode == 0, res.stderr[-2000:]
+        outs.append([line for line in res.stdout.splitlines() if "kernel" in line])
+    assert len(outs[0]) == len(outs[1]) == 2  # main and uniform fixup
+    assert "'regs': 168" in outs[0][0], outs[0]  # PERF.md's compiled resources table

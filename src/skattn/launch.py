@@ -95,10 +95,13 @@ def buffers(plan: Plan, device: torch.device) -> Buffers:
 
 
 def run(plan: Plan, q, k, v, out, lse, *, scale: float, mask=None, sinks=None, softcap=0.0,
-        alibi_slopes=None, main_only: bool = False) -> None:
+        alibi_slopes=None, main_only: bool = False, stamps=None) -> None:
     """Launch the main kernel and, for uniform/general plans, the fixup kernel.
 
     `main_only` skips the separate fixup (a diagnostic: the output is then incomplete).
+    `stamps` (a diagnostic, GPU only): int64 tensors (main [nblocks, 4], fixup [programs, 4])
+    that receive each program's %globaltimer stamps (main: start, first tile's KV loop done,
+    end; uniform fixup: start, partials ready, end) and its SM in column 3.
     """
     from skattn.kernels.attention import attention_kernel
     from skattn.kernels.fixup import general_fixup_kernel, uniform_fixup_kernel
@@ -151,7 +154,7 @@ def run(plan: Plan, q, k, v, out, lse, *, scale: float, mask=None, sinks=None, s
         DOT_F32=interpreting() and k.dtype == torch.bfloat16,
         ONE_TOKEN_BLOCK=plan.ntiles_x == 1, FIX_DV=fused_dv, FIX_ROWS=fused_rows,
         MERGE_PIECES=pieces_per_step(fused_rows, fused_dv, g.num_warps, FUSED_MERGE_ELEMENTS),
-        USE_PDL=pdl_mode,
+        USE_PDL=pdl_mode, **_timeline(stamps, 0),
         num_warps=g.num_warps, num_stages=g.num_stages, **common,
     )
     # -- fixups: one program per (tile, FIXUP_DV columns of Dv, FIXUP_ROWS rows)
@@ -166,12 +169,16 @@ def run(plan: Plan, q, k, v, out, lse, *, scale: float, mask=None, sinks=None, s
         uniform_fixup_kernel[(plan.ntiles_dst, *chunks)](
             *out_args, buf.ws_o, buf.ws_m, buf.ws_l,
             plan.q_len, ratio, plan.kv_heads, plan.ntiles_x, plan.ntiles_z, plan.split,
-            *fd_x, *fd_z, *fd_h, num_warps=4, **launch_kw, **common)
+            *fd_x, *fd_z, *fd_h, num_warps=4, **_timeline(stamps, 1), **launch_kw, **common)
     elif plan.fixup == "general":
         general_fixup_kernel[(plan.nblocks, *chunks)](
             *out_args, buf.ws_o, buf.ws_m, buf.ws_l, buf.jt_off,
             plan.q_len, ratio, plan.kv_heads, plan.ntiles_x, plan.ntiles_z, plan.group_work,
             plan.work, plan.nblocks, *fd_z, *fd_h, *fd_w, num_warps=4, **launch_kw, **common)
+
+
+def _timeline(stamps, i: int) -> dict:
+    return dict(STAMPS=stamps[i], TIMELINE=True) if stamps is not None else {}
 
 
 def default_scale(head_dim: int) -> float:

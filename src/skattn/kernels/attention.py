@@ -4,6 +4,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents
 
 from skattn.kernels.kv_loop import load_q, tile_kv_loop
+from skattn.kernels.stamps import stamp
 from skattn.kernels.tile import (_div, decode_group, finalize_store, locate, merge_pieces,
                                  program_of, program_start, store_partial, tile_rows)
 
@@ -32,9 +33,11 @@ def attention_kernel(
     RETURN_LSE: tl.constexpr, FUSED: tl.constexpr, PER_TILE_RANGES: tl.constexpr,
     USE_FASTDIV: tl.constexpr, DOT_F32: tl.constexpr, ONE_TOKEN_BLOCK: tl.constexpr,
     FIX_DV: tl.constexpr, FIX_ROWS: tl.constexpr, MERGE_PIECES: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    USE_PDL: tl.constexpr, STAMPS=None, TIMELINE: tl.constexpr = False,
 ):
     p = tl.program_id(0)
+    if TIMELINE:  # a diagnostic: start, first tile's KV loop done, end (kernels/stamps.py)
+        stamp(STAMPS, p, 0)
     if USE_PDL == 1:
         gdc_launch_dependents()  # the fixup kernel may start now; it waits for our partials
     # -- this program's [start, end) of the work list
@@ -81,6 +84,9 @@ def attention_kernel(
             q_len, kv_len, qk_scale, softcap_scale, window, jt * TOKENS_PER_TILE,
             HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_DK, DK_CHUNKS, BLOCK_DV,
             CAUSAL, HAS_WINDOW, HAS_MASK, HAS_ALIBI, SOFTCAP, DOT_F32)
+        if TIMELINE:
+            if item == start:
+                stamp(STAMPS, p, 1)
         if (item == first) & (stop_here == stop):
             # -- the whole tile is ours: normalise and write
             finalize_store(acc, m_i, l_i, b, qi, head, valid, O, stride_ob, stride_om, stride_oh,
@@ -97,6 +103,8 @@ def attention_kernel(
                              HEADS_PER_TILE, TOKENS_PER_TILE, HAS_SINKS, RETURN_LSE, FIX_DV,
                              FIX_ROWS, MERGE_PIECES)
         item = stop_here
+    if TIMELINE:
+        stamp(STAMPS, p, 2)
     if USE_PDL == 2:
         gdc_launch_dependents()  # (trigger at the end instead: PERF.md)
 

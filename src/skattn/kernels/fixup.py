@@ -8,6 +8,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_wait
 
+from skattn.kernels.stamps import stamp
 from skattn.kernels.tile import (_div, decode_group, finalize_store, locate, merge_pieces,
                                  program_of, program_start, tile_rows)
 
@@ -22,10 +23,14 @@ def uniform_fixup_kernel(
     BLOCK_DV: tl.constexpr,
     HEADS_PER_TILE: tl.constexpr, TOKENS_PER_TILE: tl.constexpr,
     HAS_SINKS: tl.constexpr, RETURN_LSE: tl.constexpr, USE_FASTDIV: tl.constexpr,
-    MERGE_PIECES: tl.constexpr, USE_PDL: tl.constexpr,
+    MERGE_PIECES: tl.constexpr, USE_PDL: tl.constexpr, STAMPS=None,
+    TIMELINE: tl.constexpr = False,
 ):
     """Tile t was cut into `split` pieces held by programs t*split .. t*split+split-1."""
     tile = tl.program_id(0)
+    row = (tile * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(2) + tl.program_id(2)
+    if TIMELINE:  # a diagnostic: start, partials ready (after gdc_wait), end
+        stamp(STAMPS, row, 0)
     dv0 = tl.program_id(1) * BLOCK_DV
     m0 = tl.program_id(2) * ROWS
     group = _div(tile, ntiles_x, fd_x_mp, fd_x_sh, USE_FASTDIV)
@@ -35,12 +40,16 @@ def uniform_fixup_kernel(
                                 ROWS, m0)
     if USE_PDL:
         gdc_wait()  # launched early (programmatic dependent launch): wait for the partials
+    if TIMELINE:
+        stamp(STAMPS, row, 1)
     acc, m_i, l_i = merge_pieces(tile * split, tile * split + split - 1, 0, 1, 1, valid,
                                  WS_O, WS_M, WS_L, m0, dv0, HEAD_DIM_V, BLOCK_M, ROWS,
                                  BLOCK_DV, MERGE_PIECES, False)
     finalize_store(acc, m_i, l_i, b, qi, head, valid, O, stride_ob, stride_om, stride_oh,
                    LSE, stride_lb, stride_lh, SINKS, HEAD_DIM_V, BLOCK_DV, HAS_SINKS, RETURN_LSE,
                    dv0)
+    if TIMELINE:
+        stamp(STAMPS, row, 2)
 
 
 @triton.jit
