@@ -97,37 +97,41 @@ def attention(timer, rows):
     def q(values, f=0.5):
         return sorted(values)[int(f * (len(values) - 1))]
 
-    for model, n in (("llama-8b", 1), ("qwen3-14b", 4)):
-        for L in (8192, 32768):
-            qq, k, v = inputs(model, n, L)
-            Hq, Hkv, D = MODELS[model][:3]
-            p = skattn.plan(batch=1, q_len=n, kv_len=L, q_heads=Hq, kv_heads=Hkv, head_dim=D,
-                            causal=True)
-            g = p.geometry
-            nfix = p.ntiles_dst * (g.block_dv // min(g.block_dv, launch.FIXUP_DV)) * (
-                g.block_m // min(g.block_m, launch.FIXUP_ROWS))
-            main = torch.zeros(p.nblocks, 4, device="cuda", dtype=torch.int64)
-            fix = torch.zeros(max(1, nfix), 4, device="cuda", dtype=torch.int64)
-            out = torch.empty_like(qq)
-            plain = timer.time(lambda: launch.run(p, qq, k, v, out, None, scale=D ** -0.5),
-                               reps=30)
-            t = timer.time(lambda: launch.run(p, qq, k, v, out, None, scale=D ** -0.5,
-                                              stamps=(main, fix)), reps=30)
-            m, f = main.cpu().tolist(), fix[:nfix].cpu().tolist()
-            t0 = min(r[0] for r in m)
-            us = lambda xs: [(x - t0) / 1e3 for x in xs]  # noqa: E731
-            starts, loops, ends = us(r[0] for r in m), us(r[1] for r in m), us(r[2] for r in m)
-            row = dict(model=model, n=n, depth=L, nblocks=p.nblocks, fixup=p.fixup,
-                       event_p50_us=plain.p50, event_stamped_p50_us=t.p50,
-                       main_start_max=max(starts), loop_med=q(loops), loop_max=max(loops),
-                       main_end_med=q(ends), main_end_max=max(ends))
-            if p.fixup == "uniform" and nfix:
-                fs, fr, fe = us(r[0] for r in f), us(r[1] for r in f), us(r[2] for r in f)
-                row.update(fix_start_min=min(fs), fix_start_max=max(fs), fix_ready_min=min(fr),
-                           fix_ready_max=max(fr), fix_end_max=max(fe))
-            rows.append(row)
-            print(" ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}"
-                           for k, v in row.items()), flush=True)
+    cells = [(model, n, L, lf) for model, n in (("llama-8b", 1), ("qwen3-14b", 4),
+                                                 ("qwen3moe-30b-a3b", 2), ("gpt-oss", 16))
+             for L in (8192, 32768) for lf in (False, True)]
+    for model, n, L, loads_first in cells:
+        launch.MERGE_LOADS_FIRST = loads_first  # the fixup's merge: one latency a step
+        qq, k, v = inputs(model, n, L)
+        Hq, Hkv, D = MODELS[model][:3]
+        p = skattn.plan(batch=1, q_len=n, kv_len=L, q_heads=Hq, kv_heads=Hkv, head_dim=D,
+                        causal=True)
+        g = p.geometry
+        nfix = p.ntiles_dst * (g.block_dv // min(g.block_dv, launch.FIXUP_DV)) * (
+            g.block_m // min(g.block_m, launch.FIXUP_ROWS))
+        main = torch.zeros(p.nblocks, 4, device="cuda", dtype=torch.int64)
+        fix = torch.zeros(max(1, nfix), 4, device="cuda", dtype=torch.int64)
+        out = torch.empty_like(qq)
+        plain = timer.time(lambda: launch.run(p, qq, k, v, out, None, scale=D ** -0.5),
+                           reps=30)
+        t = timer.time(lambda: launch.run(p, qq, k, v, out, None, scale=D ** -0.5,
+                                          stamps=(main, fix)), reps=30)
+        m, f = main.cpu().tolist(), fix[:nfix].cpu().tolist()
+        t0 = min(r[0] for r in m)
+        us = lambda xs: [(x - t0) / 1e3 for x in xs]  # noqa: E731
+        starts, loops, ends = us(r[0] for r in m), us(r[1] for r in m), us(r[2] for r in m)
+        row = dict(model=model, n=n, depth=L, nblocks=p.nblocks, fixup=p.fixup,
+                   loads_first=loads_first,
+                   event_p50_us=plain.p50, event_stamped_p50_us=t.p50,
+                   main_start_max=max(starts), loop_med=q(loops), loop_max=max(loops),
+                   main_end_med=q(ends), main_end_max=max(ends))
+        if p.fixup == "uniform" and nfix:
+            fs, fr, fe = us(r[0] for r in f), us(r[1] for r in f), us(r[2] for r in f)
+            row.update(fix_start_min=min(fs), fix_start_max=max(fs), fix_ready_min=min(fr),
+                       fix_ready_max=max(fr), fix_end_max=max(fe))
+        rows.append(row)
+        print(" ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}"
+                       for k, v in row.items()), flush=True)
 
 
 def main():

@@ -27,6 +27,9 @@ USE_PDL = True
 # where the main kernel lets the fixup launch: "end" (after its last store) measured 0.4-2.8 us
 # faster than "start" in every decode cell of the probe (PERF.md)
 PDL_TRIGGER = "end"
+# the separate fixup issues all loads of a merge step before a barrier (one memory latency a
+# step instead of two; measured in scripts/probe_timeline.py merge)
+MERGE_LOADS_FIRST = True
 
 
 def _many_pieces(plan: Plan) -> bool:
@@ -161,7 +164,7 @@ def run(plan: Plan, q, k, v, out, lse, *, scale: float, mask=None, sinks=None, s
     fix_dv = min(g.block_dv, FIXUP_DV)
     fix_m = min(g.block_m, FIXUP_ROWS) if _many_pieces(plan) else g.block_m
     common.update(BLOCK_DV=fix_dv, ROWS=fix_m, USE_PDL=pdl,
-                  MERGE_PIECES=pieces_per_step(fix_m, fix_dv, 4))
+                  MERGE_PIECES=pieces_per_step(fix_m, fix_dv, 4), LOADS_FIRST=MERGE_LOADS_FIRST)
     chunks = (g.block_dv // fix_dv, g.block_m // fix_m)
     if main_only:
         return

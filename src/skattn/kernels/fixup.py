@@ -24,7 +24,7 @@ def uniform_fixup_kernel(
     HEADS_PER_TILE: tl.constexpr, TOKENS_PER_TILE: tl.constexpr,
     HAS_SINKS: tl.constexpr, RETURN_LSE: tl.constexpr, USE_FASTDIV: tl.constexpr,
     MERGE_PIECES: tl.constexpr, USE_PDL: tl.constexpr, STAMPS=None,
-    TIMELINE: tl.constexpr = False,
+    TIMELINE: tl.constexpr = False, LOADS_FIRST: tl.constexpr = False,
 ):
     """Tile t was cut into `split` pieces held by programs t*split .. t*split+split-1."""
     tile = tl.program_id(0)
@@ -44,7 +44,7 @@ def uniform_fixup_kernel(
         stamp(STAMPS, row, 1)
     acc, m_i, l_i = merge_pieces(tile * split, tile * split + split - 1, 0, 1, 1, valid,
                                  WS_O, WS_M, WS_L, m0, dv0, HEAD_DIM_V, BLOCK_M, ROWS,
-                                 BLOCK_DV, MERGE_PIECES, False)
+                                 BLOCK_DV, MERGE_PIECES, False, LOADS_FIRST)
     finalize_store(acc, m_i, l_i, b, qi, head, valid, O, stride_ob, stride_om, stride_oh,
                    LSE, stride_lb, stride_lh, SINKS, HEAD_DIM_V, BLOCK_DV, HAS_SINKS, RETURN_LSE,
                    dv0)
@@ -62,7 +62,7 @@ def general_fixup_kernel(
     BLOCK_DV: tl.constexpr,
     HEADS_PER_TILE: tl.constexpr, TOKENS_PER_TILE: tl.constexpr,
     HAS_SINKS: tl.constexpr, RETURN_LSE: tl.constexpr, USE_FASTDIV: tl.constexpr,
-    MERGE_PIECES: tl.constexpr, USE_PDL: tl.constexpr,
+    MERGE_PIECES: tl.constexpr, USE_PDL: tl.constexpr, LOADS_FIRST: tl.constexpr = False,
 ):
     """Program p0 acts when it finished a tile it did not start: it merges the pieces of the
     programs from the one that started the tile up to itself (llama.cpp walks them back)."""
@@ -83,7 +83,7 @@ def general_fixup_kernel(
             gdc_wait()
         acc, m_i, l_i = merge_pieces(p_first, p0, first, work, nblocks, valid, WS_O, WS_M, WS_L,
                                      m0, dv0, HEAD_DIM_V, BLOCK_M, ROWS, BLOCK_DV, MERGE_PIECES,
-                                     True)
+                                     True, LOADS_FIRST)
         finalize_store(acc, m_i, l_i, b, qi, head, valid, O, stride_ob, stride_om, stride_oh,
                        LSE, stride_lb, stride_lh, SINKS, HEAD_DIM_V, BLOCK_DV, HAS_SINKS,
                        RETURN_LSE, dv0)

@@ -111,7 +111,8 @@ def store_partial(acc, m_i, l_i, slot_index, WS_O, WS_M, WS_L,
 @triton.jit
 def merge_pieces(p_lo, p_hi, first, work, nblocks, valid, WS_O, WS_M, WS_L, m0, dv0,
                  HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, ROWS: tl.constexpr,
-                 BLOCK_DV: tl.constexpr, PIECES: tl.constexpr, LINEAR: tl.constexpr):
+                 BLOCK_DV: tl.constexpr, PIECES: tl.constexpr, LINEAR: tl.constexpr,
+                 LOADS_FIRST: tl.constexpr = False):
     """Merge the partials of programs p_lo..p_hi for the tile starting at item `first`:
     rows m0 .. m0+ROWS-1 of the tile's BLOCK_M, columns dv0 .. dv0+BLOCK_DV-1.
 
@@ -134,27 +135,68 @@ def merge_pieces(p_lo, p_hi, first, work, nblocks, valid, WS_O, WS_M, WS_L, m0, 
     acc = tl.zeros([ROWS, BLOCK_DV], dtype=tl.float32)
     l_i = tl.zeros([ROWS], dtype=tl.float32)
     for q0 in tl.range(p_lo, p_hi + 1, PIECES, num_stages=1):  # no cp.async pipelining
-        m_new = m_max
-        for j in tl.static_range(PIECES):
-            row = _slot_row(q0 + j, p_lo, lead, r, BLOCK_M)
-            ok = valid & (q0 + j <= p_hi)
-            m_new = tl.maximum(m_new, tl.load(WS_M + row, mask=ok, other=float("-inf"),
-                                              cache_modifier=".cg"))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_max - m_safe)
-        acc = acc * alpha[:, None]
-        l_i = l_i * alpha
-        for j in tl.static_range(PIECES):
-            row = _slot_row(q0 + j, p_lo, lead, r, BLOCK_M)
-            ok = valid & (q0 + j <= p_hi)
-            w = tl.exp2(tl.load(WS_M + row, mask=ok, other=float("-inf"), cache_modifier=".cg")
-                        - m_safe)  # 0 for pieces past p_hi
-            o = tl.load(WS_O + row[:, None] * HEAD_DIM_V + dv[None, :], mask=ok[:, None] & dv_ok,
-                        other=0.0, cache_modifier=".cg")
-            acc += o * w[:, None]
-            l_i += tl.load(WS_L + row, mask=ok, other=0.0, cache_modifier=".cg") * w
-        m_max = m_new
+        if LOADS_FIRST:
+            acc, m_max, l_i = _merge_step_loads_first(acc, m_max, l_i, q0, p_lo, p_hi, lead, r,
+                                                      dv, dv_ok, valid, WS_O, WS_M, WS_L,
+                                                      HEAD_DIM_V, BLOCK_M, PIECES)
+        else:
+            m_new = m_max
+            for j in tl.static_range(PIECES):
+                row = _slot_row(q0 + j, p_lo, lead, r, BLOCK_M)
+                ok = valid & (q0 + j <= p_hi)
+                m_new = tl.maximum(m_new, tl.load(WS_M + row, mask=ok, other=float("-inf"),
+                                                  cache_modifier=".cg"))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_max - m_safe)
+            acc = acc * alpha[:, None]
+            l_i = l_i * alpha
+            for j in tl.static_range(PIECES):
+                row = _slot_row(q0 + j, p_lo, lead, r, BLOCK_M)
+                ok = valid & (q0 + j <= p_hi)
+                w = tl.exp2(tl.load(WS_M + row, mask=ok, other=float("-inf"), cache_modifier=".cg")
+                            - m_safe)  # 0 for pieces past p_hi
+                o = tl.load(WS_O + row[:, None] * HEAD_DIM_V + dv[None, :], mask=ok[:, None] & dv_ok,
+                            other=0.0, cache_modifier=".cg")
+                acc += o * w[:, None]
+                l_i += tl.load(WS_L + row, mask=ok, other=0.0, cache_modifier=".cg") * w
+            m_max = m_new
     return acc, m_max, l_i
+
+
+@triton.jit
+def _merge_step_loads_first(acc, m_max, l_i, q0, p_lo, p_hi, lead, r, dv, dv_ok, valid,
+                            WS_O, WS_M, WS_L, HEAD_DIM_V: tl.constexpr,
+                            BLOCK_M: tl.constexpr, PIECES: tl.constexpr):
+    """One merge step whose loads (m, l, O of PIECES partials) are all waited for together:
+    one memory latency a step, not two."""
+    ms = ()
+    ls = ()
+    os = ()
+    for j in tl.static_range(PIECES):
+        row = _slot_row(q0 + j, p_lo, lead, r, BLOCK_M)
+        ok = valid & (q0 + j <= p_hi)
+        ms = ms + (tl.load(WS_M + row, mask=ok, other=float("-inf"), cache_modifier=".cg"),)
+        ls = ls + (tl.load(WS_L + row, mask=ok, other=0.0, cache_modifier=".cg"),)
+        os = os + (tl.load(WS_O + row[:, None] * HEAD_DIM_V + dv[None, :],
+                           mask=ok[:, None] & dv_ok, other=0.0, cache_modifier=".cg"),)
+    # the maxima are taken over [ROWS, BLOCK_DV] copies that depend on the O values, so
+    # ptxas issues the O loads with the others instead of sinking them below the maxima
+    # (two latencies a step); rows are reduced once at the end
+    m2 = m_max[:, None] + tl.zeros_like(acc)
+    m_new = m2
+    for j in tl.static_range(PIECES):
+        m_new = tl.maximum(m_new, ms[j][:, None] + (os[j] + ls[j][:, None]) * 0.0)
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m2 - m_safe)
+    acc = acc * alpha
+    l2 = l_i[:, None] * alpha
+    for j in tl.static_range(PIECES):
+        w = tl.exp2(ms[j][:, None] - m_safe)  # 0 for pieces past p_hi
+        acc += os[j] * w
+        l2 += ls[j][:, None] * w
+    m_new = tl.max(m_new, 1)
+    l_i = tl.max(l2, 1)  # every column holds the same sum
+    return acc, m_new, l_i
 
 
 @triton.jit
