@@ -292,7 +292,10 @@ def plan(*, batch: int, q_len: int, kv_len: int, q_heads: int, kv_heads: int, he
     nblocks : int, optional
         Force the number of programs (1 <= nblocks <= W).
     fixup : {None, "none", "uniform", "general", "fused"}
-        None takes llama.cpp's rule for the chosen N; "fused" merges inside the main kernel.
+        None takes llama.cpp's rule for the chosen N; "fused" merges inside the main kernel;
+        "none" with nblocks = ntiles_dst gives each program one whole tile, also where causal
+        or window tiles differ in length (`auto` picks that for prompt chunks when it fills
+        the GPU in as few waves as cutting tiles would).
     block_m, block_n, num_warps, num_stages : int, optional
         Override the kernel configuration chosen by `tile_geometry`.
     fastdiv : bool
