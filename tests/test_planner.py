@@ -358,3 +358,17 @@ def test_default_tile_rows(q_len, ratio, D, block_m):
     g = tile_geometry(q_len=q_len, gqa_ratio=ratio, head_dim=D, head_dim_v=D)
     assert g.block_m == block_m
     assert g.tokens_per_tile * g.heads_per_tile >= min(q_len * ratio, block_m)
+
+
+def test_auto_shares_sms_only_where_two_programs_fit():
+    # gpt-oss n=16: 128-row tiles of head size 64 (80 KB shared, two programs an SM) take two
+    # programs an SM at L=32768 (measured 37.8 vs 41.6 us, PERF.md), not at L=8192 (21.9 vs
+    # 19.5); llama-70b n=16 (head size 128, one program an SM) never does
+    from skattn.planner import shared_programs
+
+    kw = dict(batch=1, q_len=16, q_heads=64, kv_heads=8, causal=True, sms=132, blocks_per_sm=2)
+    long = plan(kv_len=32768, head_dim=64, **kw)
+    assert shared_programs(long.geometry, 2) == 2 and long.nblocks > 132
+    assert plan(kv_len=8192, head_dim=64, **kw).nblocks == 128
+    big = plan(kv_len=32768, head_dim=128, **kw)
+    assert shared_programs(big.geometry, 2) == 1 and big.nblocks <= 132

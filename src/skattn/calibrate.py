@@ -12,12 +12,13 @@ from dataclasses import replace
 from pathlib import Path
 
 from skattn.models import MODELS
-from skattn.planner import COMPUTE_BOUND_INTENSITY, plan
+from skattn.planner import COMPUTE_BOUND_INTENSITY, plan, shared_programs
 from skattn.policy import CostModel, cost_model_path, predict_us
 
 SWEEP_CELLS = [("llama-8b", 1, 16384), ("qwen3moe-30b-a3b", 2, 8192), ("qwen3-14b", 4, 32768),
                ("llama-70b", 16, 16384), ("gpt-oss", 1, 8192)]
 SATURATIONS = [0.2 + 0.005 * i for i in range(161)]  # 0.2 .. 1.0
+SHARED_ROUNDS = [0.5 + 0.05 * i for i in range(11)]  # 0.5 .. 1.0
 
 
 def _plan_for(row, sms, blocks_per_sm):
@@ -32,7 +33,8 @@ def _features(p, saturation):
     """(longest x slowdown, pieces, extra launch) of a plan: predict_us's terms, unit weights."""
     unit = CostModel(us_per_item=1.0, saturation=saturation, us_per_piece=0.0, us_launch=0.0)
     items = predict_us(unit, nblocks=p.nblocks, ntiles_dst=p.ntiles_dst, work=p.work,
-                       max_tile_work=max(p.kv_count), fixup=p.fixup, max_blocks=p.max_blocks)
+                       max_tile_work=max(p.kv_count), fixup=p.fixup, max_blocks=p.max_blocks,
+                       per_sm=shared_programs(p.geometry, p.blocks_per_sm))
     piece = CostModel(us_per_item=0.0, saturation=saturation, us_per_piece=1.0, us_launch=0.0)
     pieces = predict_us(piece, nblocks=p.nblocks, ntiles_dst=p.ntiles_dst, work=p.work,
                         max_tile_work=max(p.kv_count), fixup=p.fixup, max_blocks=p.max_blocks)
@@ -102,6 +104,15 @@ def fit(rows: list[dict], *, sms: int = 132, blocks_per_sm: int = 2) -> tuple[Co
     (_, _, err), sat, k = best
     model = CostModel(us_per_item=float(k[0]), saturation=round(sat, 3),
                       us_per_piece=float(k[1]), us_launch=float(k[2]), source="fit")
+    # the second round of SMs holding two programs: least regret, ties to the default
+    default = CostModel().shared_round
+
+    def regret(x):
+        ratios = [c["ratio"] for c in check(rows, replace(model, shared_round=x),
+                                            sms=sms, blocks_per_sm=blocks_per_sm)]
+        return round(max(ratios), 3), round(float(np.mean(ratios)), 4), abs(x - default)
+
+    model = replace(model, shared_round=round(min(SHARED_ROUNDS, key=regret), 3))
     return model, err
 
 

@@ -254,6 +254,13 @@ def _on_tile_edges(nblocks, work, kv_count) -> bool:
     return all(p * work // nblocks % group_work in edges for p in range(nblocks))
 
 
+def shared_programs(geo: TileGeometry, blocks_per_sm: int) -> int:
+    """Programs of this geometry that share an SM: the estimate of `programs_per_sm` for
+    128-row tiles (prompt chunks, n=16 at GQA ratio 8), 1 for smaller decode tiles (two
+    programs an SM never won in the decode sweeps, PERF.md)."""
+    return min(blocks_per_sm, programs_per_sm(geo)) if geo.block_m == 128 else 1
+
+
 def _kv_blocks(jt, *, q_len, kv_len, tokens, block_n, causal, window):
     """First visible KV block and count for token block jt (bottom-right causal, window)."""
     q0 = jt * tokens
@@ -346,11 +353,12 @@ def plan(*, batch: int, q_len: int, kv_len: int, q_heads: int, kv_heads: int, he
     chosen = nblocks is None  # by the policy, not by the caller
     compute_bound = q_len * ratio >= COMPUTE_BOUND_INTENSITY
     if chosen:
-        resident = sms * min(blocks_per_sm, programs_per_sm(geo))
+        per_sm = shared_programs(geo, blocks_per_sm)
         nblocks = nblocks_for(policy, ntiles_dst=ntiles_dst, ntiles_kv=ntiles_kv,
                               max_blocks=max_blocks, work=work, min_tile_work=min(kv_count),
                               max_tile_work=max(kv_count), fixup=fixup, cost=model,
-                              compute_bound=compute_bound, resident=resident)
+                              compute_bound=compute_bound, resident=sms * per_sm,
+                              per_sm=per_sm)
     elif not isinstance(nblocks, int) or nblocks < 1 or nblocks > work:
         raise ValueError(f"nblocks must be an integer in [1, W={work}], got {nblocks!r}")
     kind = fixup_for(nblocks, ntiles_dst)

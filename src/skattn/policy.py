@@ -38,16 +38,23 @@ class CostModel:
     us_per_piece: merging one partial piece of a split tile.
     us_launch: the extra launch of a separate fixup kernel (uniform, general); ~0 since the
         fixup is launched while the main kernel runs (programmatic dependent launch).
+    shared_round: for kernels of which an SM holds two programs (`predict_us`'s per_sm), the
+        cost of the second round as a fraction of the first: the two programs hide each
+        other's latencies. Measured on an H200, gpt-oss n=16 (128-row tiles of head size 64):
+        N=264 against 128 was 1.12x slower at L=8192, 0.97x and 0.91x at 16384 and 32768
+        (benchmarks/results/s5/sweep_n1216-2dabf75.csv); 0.75-0.85 picks the faster in all
+        three without changing any other cell of the sweep.
     """
 
     # fitted by `skattn calibrate --from-csv benchmarks/results/s5/sweep_n1216-2dabf75.csv
     # benchmarks/results/s5/sweep_n48-3fca1d4.csv` (H200, the grid's 75 decode cells x 17 N
-    # at session 5's kernels; auto within 3% of the best measured N in 73 cells, worst 1.100).
-    # `skattn calibrate` replaces them per GPU.
-    us_per_item: float = 0.697
+    # at session 5's kernels; with shared_round, auto within 3% of the best measured N in all
+    # 75, worst 1.021). `skattn calibrate` replaces them per GPU.
+    us_per_item: float = 0.700
     saturation: float = 0.5
-    us_per_piece: float = 0.0436
+    us_per_piece: float = 0.0438
     us_launch: float = 0.0
+    shared_round: float = 0.8
     source: str = "defaults"
 
     def save(self, path: str | os.PathLike) -> None:
@@ -91,8 +98,9 @@ def _rounded(raw: int, ntiles_dst: int, max_split: int) -> int:
 
 
 def predict_us(model: CostModel, *, nblocks: int, ntiles_dst: int, work: int,
-               max_tile_work: int, fixup: str, max_blocks: int) -> float:
-    """Cost of one plan: longest program + merging the most-split tile + extra launch."""
+               max_tile_work: int, fixup: str, max_blocks: int, per_sm: int = 1) -> float:
+    """Cost of one plan: longest program + merging the most-split tile + extra launch.
+    `per_sm`: programs of this kernel one SM holds at once (see CostModel.shared_round)."""
     if fixup == "uniform":
         split = nblocks // ntiles_dst
         longest = -(-max_tile_work // split)
@@ -102,6 +110,8 @@ def predict_us(model: CostModel, *, nblocks: int, ntiles_dst: int, work: int,
         pieces = 0 if fixup == "none" else min(nblocks, -(-max_tile_work * nblocks // work) + 1)
     launch = model.us_launch if fixup in ("uniform", "general") else 0.0
     rounds = -(-nblocks // saturated_blocks(model, max_blocks))
+    if per_sm >= 2 and rounds == 2:  # the second round shares SMs with the first
+        rounds = 1 + model.shared_round
     return longest * model.us_per_item * rounds + pieces * model.us_per_piece + launch
 
 
@@ -114,12 +124,13 @@ def nblocks_for(policy: str, *, ntiles_dst: int, ntiles_kv: int, max_blocks: int
                 work: int | None = None, min_tile_work: int | None = None,
                 max_tile_work: int | None = None, fixup: str | None = None,
                 cost: CostModel | None = None, compute_bound: bool = False,
-                resident: int | None = None) -> int:
+                resident: int | None = None, per_sm: int = 1) -> int:
     """Number of programs N for `policy` (DESIGN §4), with llama.cpp's integer arithmetic.
 
     `work` (W) defaults to ntiles_dst * ntiles_kv; where causal or window rules give tiles
     fewer KV blocks, pass the real W and the shortest and longest tile's lengths: the
     shortest caps the pieces per tile of a uniform split so that no piece is empty.
+    `per_sm` is how many programs of the kernel one SM holds (CostModel.shared_round).
     For compute-bound cells (prompt chunks), where its memory-saturation model does not
     hold, `auto` counts waves of `resident` programs (those the GPU runs at once; default
     max_blocks) instead: see `compute_bound_nblocks`.
@@ -150,7 +161,7 @@ def nblocks_for(policy: str, *, ntiles_dst: int, ntiles_kv: int, max_blocks: int
                                      resident or max_blocks,
                                      whole=fixup not in ("general", "uniform"))
     return _auto(ntiles_dst, work, max_split, longest_tile, raw, max_blocks, fixup,
-                 cost or load_cost_model())
+                 cost or load_cost_model(), per_sm)
 
 
 def compute_bound_nblocks(ntiles_dst: int, work: int, longest_tile: int, rule: int,
@@ -167,7 +178,8 @@ def compute_bound_nblocks(ntiles_dst: int, work: int, longest_tile: int, rule: i
     return min(options)[1]
 
 
-def _auto(ntiles_dst, work, max_split, longest_tile, raw, max_blocks, fixup, model) -> int:
+def _auto(ntiles_dst, work, max_split, longest_tile, raw, max_blocks, fixup, model,
+          per_sm=1) -> int:
     """The candidate N with the lowest predicted time (ties go to the larger N)."""
     candidates = {raw, min(work, ntiles_dst * min(max_split, split_count(ntiles_dst, max_split, max_blocks)))}
     candidates |= {k * ntiles_dst for k in range(1, min(raw // ntiles_dst, max_split) + 1)}
@@ -179,6 +191,7 @@ def _auto(ntiles_dst, work, max_split, longest_tile, raw, max_blocks, fixup, mod
         if fixup == "fused" and kind != "none":
             kind = "fused"
         return predict_us(model, nblocks=n, ntiles_dst=ntiles_dst, work=work,
-                          max_tile_work=longest_tile, fixup=kind, max_blocks=max_blocks)
+                          max_tile_work=longest_tile, fixup=kind, max_blocks=max_blocks,
+                          per_sm=per_sm)
 
     return min(sorted(candidates), key=lambda n: (cost(n), -n))
