@@ -27,8 +27,8 @@ USE_PDL = True
 # where the main kernel lets the fixup launch: "end" (after its last store) measured 0.4-2.8 us
 # faster than "start" in every decode cell of the probe (PERF.md)
 PDL_TRIGGER = "end"
-# the separate fixup issues all loads of a merge step before a barrier (one memory latency a
-# step instead of two; measured in scripts/probe_timeline.py merge)
+# the separate fixups wait for all loads of a merge step at once (one memory latency a step
+# instead of two): fixup 2.1-4.1 -> 1.4-2.4 us a call (scripts/probe_timeline.py attention)
 MERGE_LOADS_FIRST = True
 
 

@@ -122,6 +122,10 @@ def merge_pieces(p_lo, p_hi, first, work, nblocks, valid, WS_O, WS_M, WS_L, m0, 
     first axis cost ~4 us a step in shuffles and shared memory; one piece per iteration with
     cp.async-pipelined loads cost 2-8 us more than this, PERF.md.) Rows that are not `valid`
     are not read. Reads bypass L1, which is not coherent with other SMs' writes.
+    LOADS_FIRST (the separate fixups): all loads of a step are waited for together, one
+    latency a step instead of two (fixup 2.1-4.1 -> 1.4-2.4 us, PERF.md); the fused merge
+    keeps the two-pass step (not measured there: it would hold every piece's values at once
+    on top of the main kernel's registers).
     """
     r = m0 + tl.arange(0, ROWS)
     dv = dv0 + tl.arange(0, BLOCK_DV)
