@@ -28,6 +28,7 @@ import triton.language as tl
 import skattn
 from skattn import launch, reference
 from skattn.bench.timing import ColdTimer
+from skattn.kernels.stamps import stamp
 from skattn.models import MODELS
 from tune import inputs  # scripts/tune.py: seeded q, k, v for a (model, n, L) cell
 
@@ -38,10 +39,14 @@ CELL = ("llama-8b", 1, 32768)
 @triton.jit
 def stream_kernel(Q, K, V, OUT, total, nprog, blocks_per_head, stride_kn, stride_kh,
                   D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-                  DOTS: tl.constexpr, STAGES: tl.constexpr, PREFETCH: tl.constexpr = 0):
+                  DOTS: tl.constexpr, STAGES: tl.constexpr, PREFETCH: tl.constexpr = 0,
+                  STAMPS=None, TIMELINE: tl.constexpr = False):
     """Each program reads K and V blocks [start, end) of the (head, block) list; PREFETCH > 0
-    asks L2 for the rows of block i + PREFETCH (and the first PREFETCH blocks up front)."""
+    asks L2 for the rows of block i + PREFETCH (and the first PREFETCH blocks up front);
+    TIMELINE stamps each program's start and end into STAMPS (skattn.kernels.stamps)."""
     p = tl.program_id(0)
+    if TIMELINE:
+        stamp(STAMPS, p, 0)
     start = (p * total) // nprog
     end = ((p + 1) * total) // nprog
     n = tl.arange(0, BLOCK_N)
@@ -75,6 +80,8 @@ def stream_kernel(Q, K, V, OUT, total, nprog, blocks_per_head, stride_kn, stride
     else:
         tl.store(OUT + p * BLOCK_M * D + m[:, None] * D + d[None, :],
                  tl.sum(acc2, 0)[None, :] + tl.zeros([BLOCK_M, D], dtype=tl.float32))
+    if TIMELINE:
+        stamp(STAMPS, p, 2)
 
 
 @triton.jit
@@ -116,16 +123,21 @@ def stream_tma_kernel(Q, k_desc, v_desc, OUT, total, nprog, blocks_per_head,
     tl.store(OUT + p * BLOCK_M * D + m[:, None] * D + d[None, :], acc)
 
 
+def _stream_inputs(L):
+    """llama-8b n=1 K and V at depth L and a 16-row query block for the stream kernels."""
+    q, k, v = inputs("llama-8b", 1, L)
+    return k, v, torch.randn(16, k.shape[3], device="cuda", dtype=torch.float16)
+
+
 def tma(rows):
     """Same grid and work as stream_kernel(DOTS): TMA loads vs cp.async, N and stages."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     timer = ColdTimer(flush="read")
-    for model, n, L in (("llama-8b", 1, 8192), CELL):
-        q, k, v = inputs(model, n, L)
+    for L in (8192, CELL[2]):
+        k, v, qs = _stream_inputs(L)
         Hkv, D = k.shape[2], k.shape[3]
         nbytes = 2 * k.numel() * 2
-        qs = torch.randn(16, D, device="cuda", dtype=torch.float16)
         for bn in (64, 128):
             total = Hkv * (L // bn)
             kd = TensorDescriptor.from_tensor(k.view(L, Hkv * D), [bn, D])
@@ -149,8 +161,8 @@ def tma(rows):
                         except Exception as e:  # noqa: BLE001 (too much shared memory)
                             print("fail", how, bn, stages, N, repr(e)[:160], flush=True)
                             continue
-                        rows.append(dict(what=f"stream-{how}", model=model, depth=L, block_n=bn,
-                                         stages=stages, nblocks=N, p50_us=t.p50,
+                        rows.append(dict(what=f"stream-{how}", model="llama-8b", depth=L,
+                                         block_n=bn, stages=stages, nblocks=N, p50_us=t.p50,
                                          tbps=nbytes / t.p50 / 1e6))
                         print(f"{how:8s} L={L} bn={bn} st={stages} N={N:4d} {t.p50:7.1f} us "
                               f"{nbytes / t.p50 / 1e6:5.2f} TB/s", flush=True)
@@ -239,11 +251,10 @@ def prefill(rows):
 
 
 def stream(timer, rows):
-    for model, n, L in (CELL, ("llama-8b", 1, 8192)):
-        q, k, v = inputs(model, n, L)
+    for model, L in ((CELL[0], CELL[2]), ("llama-8b", 8192)):
+        k, v, qs = _stream_inputs(L)
         Hkv, D = k.shape[2], k.shape[3]
         nbytes = 2 * k.numel() * 2
-        qs = torch.randn(16, D, device="cuda", dtype=torch.float16)
         for bn in (64, 128):
             total = Hkv * (L // bn)
             for dots in (False, True):
@@ -272,8 +283,7 @@ def stream(timer, rows):
 def _stream_cells(depths, counts=(128, 264)):
     """llama-8b n=1 inputs at each depth, then each program count: (L, k, v, qs, out, N)."""
     for L in depths:
-        q, k, v = inputs("llama-8b", 1, L)
-        qs = torch.randn(16, k.shape[3], device="cuda", dtype=torch.float16)
+        k, v, qs = _stream_inputs(L)
         for N in counts:
             yield L, k, v, qs, torch.empty(N, 16, k.shape[3], device="cuda", dtype=torch.float32), N
 

@@ -2,10 +2,11 @@
 
   python3 scripts/probe_timeline.py [attention]
 
-A minimal kernel that streams K/V blocks with the decode kernel's grid and loads (llama-8b
-n=1; 16-row tile, BLOCK_N 64, 4 stages, its dots) stamps %globaltimer when each program
-starts and ends, and %clock64 cycles between the two. An empty kernel of the same grid shows
-the launch alone. Printed per (L, N): the call's event time, the span from the first start
+probe_decode.py's minimal kernel that streams K/V blocks with the decode kernel's grid and
+loads (llama-8b n=1; 16-row tile, BLOCK_N 64, 4 stages, its dots) stamps %globaltimer when
+each program starts and ends (TIMELINE). An empty kernel of the same grid shows the launch
+alone. (s5/probe_timeline-3fca1d4 came from this script's first version: a copy of that
+kernel that also counted %clock64 cycles.) Printed per (L, N): the call's event time, the span from the first start
 to the last end, how far apart the starts and the ends are, and the programs' durations.
 `attention`: skattn's own decode call instead (auto's plan, stamps from `launch.run(stamps=)`):
 when its programs start, finish their KV loop and end, and when the fixup programs start,
@@ -15,6 +16,7 @@ Writes probe_timeline.csv (one row per case) to $OUT (or benchmarks/results).
 from __future__ import annotations
 
 import csv
+import math
 import os
 import statistics
 import sys
@@ -23,69 +25,34 @@ from pathlib import Path
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import globaltimer, smid
 
 sys.path.insert(0, str(Path(__file__).parent))
+from probe_decode import stream_kernel  # noqa: E402 (its TIMELINE stamps)
 from tune import inputs  # noqa: E402 (scripts/tune.py: seeded q, k, v of a grid cell)
 
 from skattn.bench.timing import ColdTimer  # noqa: E402
+from skattn.kernels.stamps import stamp  # noqa: E402
 
 OUT = Path(os.environ.get("OUT") or "benchmarks/results")
 
 
 @triton.jit
-def _clock():
-    return tl.inline_asm_elementwise("mov.u64 $0, %clock64;", "=l", [], dtype=tl.int64,
-                                     is_pure=False, pack=1)
-
-
-@triton.jit
-def _stamp(STAMPS, p, t0, c0):
-    """Row p of STAMPS: start and end (ns, GPU clock), cycles in between, the SM."""
-    c1 = _clock()
-    t1 = globaltimer()
-    tl.store(STAMPS + p * 4 + 0, t0)
-    tl.store(STAMPS + p * 4 + 1, t1)
-    tl.store(STAMPS + p * 4 + 2, c1 - c0)
-    tl.store(STAMPS + p * 4 + 3, smid().to(tl.int64))
-
-
-@triton.jit
-def stamped_stream_kernel(Q, K, V, OUT, STAMPS, total, nprog, blocks_per_head, stride_kn,
-                          stride_kh, D: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_M: tl.constexpr, STAGES: tl.constexpr, WORK: tl.constexpr):
+def empty_kernel(STAMPS):
+    """Only the start and end stamps: what a launch costs without work."""
     p = tl.program_id(0)
-    t0 = globaltimer()
-    c0 = _clock()
-    if WORK:
-        start = (p * total) // nprog
-        end = ((p + 1) * total) // nprog
-        n = tl.arange(0, BLOCK_N)
-        d = tl.arange(0, D)
-        m = tl.arange(0, BLOCK_M)
-        q = tl.load(Q + m[:, None] * D + d[None, :])
-        acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
-        for i in tl.range(start, end, num_stages=STAGES):
-            h = i // blocks_per_head
-            base = h * stride_kh + ((i - h * blocks_per_head) * BLOCK_N) * stride_kn
-            kt = tl.load(K + base + n[None, :] * stride_kn + d[:, None])
-            s = tl.dot(q, kt)
-            v = tl.load(V + base + n[:, None] * stride_kn + d[None, :])
-            acc += tl.dot(s.to(tl.float16), v)
-        tl.store(OUT + p * BLOCK_M * D + m[:, None] * D + d[None, :], acc)
-    _stamp(STAMPS, p, t0, c0)
+    stamp(STAMPS, p, 0)
+    stamp(STAMPS, p, 2)
 
 
 def _summary(stamps):
     """Microseconds: span (first start to last end), start and end spreads, durations."""
     s = stamps.cpu().tolist()
-    starts, ends = [r[0] for r in s], [r[1] for r in s]
+    starts, ends = [r[0] for r in s], [r[2] for r in s]
     t0 = min(starts)
     dur = sorted((e - b) / 1e3 for b, e in zip(starts, ends))
     return dict(span_us=(max(ends) - t0) / 1e3, start_spread_us=(max(starts) - t0) / 1e3,
                 end_spread_us=(max(ends) - min(ends)) / 1e3, dur_min_us=dur[0],
                 dur_med_us=statistics.median(dur), dur_max_us=dur[-1],
-                cycles_med=statistics.median(r[2] for r in s),
                 sms=len({r[3] for r in s}))
 
 
@@ -106,9 +73,7 @@ def attention(timer, rows):
         Hq, Hkv, D = MODELS[model][:3]
         p = skattn.plan(batch=1, q_len=n, kv_len=L, q_heads=Hq, kv_heads=Hkv, head_dim=D,
                         causal=True)
-        g = p.geometry
-        nfix = p.ntiles_dst * (g.block_dv // min(g.block_dv, launch.FIXUP_DV)) * (
-            g.block_m // min(g.block_m, launch.FIXUP_ROWS))
+        nfix = math.prod(launch.fixup_grid(p))
         main = torch.zeros(p.nblocks, 4, device="cuda", dtype=torch.int64)
         fix = torch.zeros(max(1, nfix), 4, device="cuda", dtype=torch.int64)
         out = torch.empty_like(qq)
@@ -150,10 +115,13 @@ def main():
                     continue  # the empty kernel does not depend on L
                 out = torch.empty(N, 16, D, device="cuda", dtype=torch.float32)
                 stamps = torch.zeros(N, 4, device="cuda", dtype=torch.int64)
-                args = (qs, k, v, out, stamps, Hkv * (L // 64), N, L // 64, k.stride(1),
-                        k.stride(2))
-                kw = dict(D=D, BLOCK_N=64, BLOCK_M=16, STAGES=4, WORK=work, num_warps=4)
-                call = lambda: stamped_stream_kernel[(N,)](*args, **kw)  # noqa: E731
+                args = (qs, k, v, out, Hkv * (L // 64), N, L // 64, k.stride(1), k.stride(2))
+                kw = dict(D=D, BLOCK_N=64, BLOCK_M=16, DOTS=True, STAGES=4, STAMPS=stamps,
+                          TIMELINE=True, num_warps=4)
+                if work:
+                    call = lambda: stream_kernel[(N,)](*args, **kw)  # noqa: E731
+                else:
+                    call = lambda: empty_kernel[(N,)](stamps)  # noqa: E731
                 call()
                 t = timer.time(call, reps=30)  # the stamps now hold the last timed call's
                 summ = _summary(stamps)
@@ -164,7 +132,7 @@ def main():
                       f"{summ['span_us']:6.2f} starts {summ['start_spread_us']:5.2f} ends "
                       f"{summ['end_spread_us']:5.2f} | dur min/med/max {summ['dur_min_us']:6.2f} "
                       f"{summ['dur_med_us']:6.2f} {summ['dur_max_us']:6.2f} us, "
-                      f"{summ['cycles_med']:.0f} cycles, {summ['sms']} SMs", flush=True)
+                      f"{summ['sms']} SMs", flush=True)
     OUT.mkdir(parents=True, exist_ok=True)
     with open(OUT / "probe_timeline.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))

@@ -1,4 +1,6 @@
 """The kernel at real sizes on a CUDA GPU: seed-grid shapes, every fixup kind, CUDA graphs."""
+import math
+
 import pytest
 import torch
 
@@ -130,7 +132,7 @@ def test_time_stamps():
                     causal=True, nblocks=128)
     assert p.fixup == "uniform"
     main = torch.zeros(p.nblocks, 4, device="cuda", dtype=torch.int64)
-    nfix = p.ntiles_dst * (128 // launch.FIXUP_DV)
+    nfix = math.prod(launch.fixup_grid(p))
     fix = torch.zeros(nfix, 4, device="cuda", dtype=torch.int64)
     out = torch.full_like(q, float("nan"))
     launch.run(p, q, k, v, out, None, scale=128 ** -0.5, stamps=(main, fix))

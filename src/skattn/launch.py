@@ -102,7 +102,8 @@ def run(plan: Plan, q, k, v, out, lse, *, scale: float, mask=None, sinks=None, s
     """Launch the main kernel and, for uniform/general plans, the fixup kernel.
 
     `main_only` skips the separate fixup (a diagnostic: the output is then incomplete).
-    `stamps` (a diagnostic, GPU only): int64 tensors (main [nblocks, 4], fixup [programs, 4])
+    `stamps` (a diagnostic, GPU only): int64 tensors (main [nblocks, 4], fixup
+    [prod(fixup_grid(plan)), 4])
     that receive each program's %globaltimer stamps (main: start, first tile's KV loop done,
     end; uniform fixup: start, partials ready, end) and its SM in column 3.
     """
@@ -161,23 +162,32 @@ def run(plan: Plan, q, k, v, out, lse, *, scale: float, mask=None, sinks=None, s
         num_warps=g.num_warps, num_stages=g.num_stages, **common,
     )
     # -- fixups: one program per (tile, FIXUP_DV columns of Dv, FIXUP_ROWS rows)
-    fix_dv = min(g.block_dv, FIXUP_DV)
-    fix_m = min(g.block_m, FIXUP_ROWS) if _many_pieces(plan) else g.block_m
+    grid = fixup_grid(plan)
+    fix_dv, fix_m = g.block_dv // grid[1], g.block_m // grid[2]
     common.update(BLOCK_DV=fix_dv, ROWS=fix_m, USE_PDL=pdl,
                   MERGE_PIECES=pieces_per_step(fix_m, fix_dv, 4), LOADS_FIRST=MERGE_LOADS_FIRST)
-    chunks = (g.block_dv // fix_dv, g.block_m // fix_m)
     if main_only:
         return
     if plan.fixup == "uniform":
-        uniform_fixup_kernel[(plan.ntiles_dst, *chunks)](
+        uniform_fixup_kernel[grid](
             *out_args, buf.ws_o, buf.ws_m, buf.ws_l,
             plan.q_len, ratio, plan.kv_heads, plan.ntiles_x, plan.ntiles_z, plan.split,
             *fd_x, *fd_z, *fd_h, num_warps=4, **_timeline(stamps, 1), **launch_kw, **common)
     elif plan.fixup == "general":
-        general_fixup_kernel[(plan.nblocks, *chunks)](
+        general_fixup_kernel[grid](
             *out_args, buf.ws_o, buf.ws_m, buf.ws_l, buf.jt_off,
             plan.q_len, ratio, plan.kv_heads, plan.ntiles_x, plan.ntiles_z, plan.group_work,
             plan.work, plan.nblocks, *fd_z, *fd_h, *fd_w, num_warps=4, **launch_kw, **common)
+
+
+def fixup_grid(plan: Plan) -> tuple[int, int, int]:
+    """Grid of the separate fixup: (tiles for uniform, programs for general) x chunks of
+    FIXUP_DV columns x chunks of FIXUP_ROWS rows (whole tiles for few-piece plans)."""
+    g = plan.geometry
+    fix_dv = min(g.block_dv, FIXUP_DV)
+    fix_m = min(g.block_m, FIXUP_ROWS) if _many_pieces(plan) else g.block_m
+    first = plan.ntiles_dst if plan.fixup == "uniform" else plan.nblocks
+    return first, g.block_dv // fix_dv, g.block_m // fix_m
 
 
 def _timeline(stamps, i: int) -> dict:
