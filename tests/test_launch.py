@@ -71,3 +71,15 @@ def test_fused_merge_reads_only_the_filled_rows(recorded):
         launch.run(p, q, k, k, torch.empty_like(q), None, scale=0.125)
         (grid, kw), = recorded["main"].calls
         assert kw["FIX_ROWS"] == rows and kw["BLOCK_M"] == max(16, rows)
+
+
+def test_stamps_are_refused_where_they_cannot_be_written():
+    # the GPU clock stamps (a diagnostic) need CUDA tensors; here CPU tensors are refused
+    # before any launch, so a wrong buffer is never written out of bounds
+    p = skattn.plan(batch=1, q_len=1, kv_len=8192, q_heads=64, kv_heads=8, head_dim=64,
+                    causal=True, sms=132, blocks_per_sm=2, nblocks=128)
+    q = torch.zeros(1, 1, 64, 64, dtype=torch.float16)
+    k = torch.empty(1, 8192, 8, 64, dtype=torch.float16)
+    stamps = (torch.zeros(p.nblocks, 4, dtype=torch.int64), torch.zeros(64, 4, dtype=torch.int64))
+    with pytest.raises(ValueError, match="stamps"):
+        launch.run(p, q, k, k, torch.empty_like(q), None, scale=0.125, stamps=stamps)

@@ -111,6 +111,8 @@ def run(plan: Plan, q, k, v, out, lse, *, scale: float, mask=None, sinks=None, s
     from skattn.kernels.fixup import general_fixup_kernel, uniform_fixup_kernel
 
     g = plan.geometry
+    if stamps is not None:
+        _check_stamps(plan, stamps, q.device)
     buf = buffers(plan, q.device)
     placeholder = out
     mask_t = mask if mask is not None else placeholder
@@ -192,6 +194,18 @@ def fixup_grid(plan: Plan) -> tuple[int, int, int]:
 
 def _timeline(stamps, i: int) -> dict:
     return dict(STAMPS=stamps[i], TIMELINE=True) if stamps is not None else {}
+
+
+def _check_stamps(plan: Plan, stamps, device) -> None:
+    """The kernels write 4 int64 a program: wrong buffers would be written out of bounds."""
+    if interpreting() or torch.device(device).type != "cuda":
+        raise ValueError("stamps read the GPU clock: they need CUDA tensors and no interpreter")
+    rows = (plan.nblocks, math.prod(fixup_grid(plan)) if plan.fixup == "uniform" else 0)
+    for name, x, n in zip(("main", "fixup"), stamps, rows):
+        if (not isinstance(x, torch.Tensor) or x.dtype != torch.int64 or not x.is_contiguous()
+                or x.numel() < 4 * n or x.device != torch.device(device)):
+            raise ValueError(f"stamps[{name}] must be a contiguous int64 tensor of at least "
+                             f"[{n}, 4] on {device}")
 
 
 def default_scale(head_dim: int) -> float:
