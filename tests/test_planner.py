@@ -45,6 +45,8 @@ def _check_plan(p, requested_fixup):
         kind = "general"  # tiles of unequal length (causal, window): N | ntiles_dst cuts some
     if kind == "uniform" and p.nblocks // p.ntiles_dst > min(p.kv_count):
         kind = "general"  # a policy's N would leave empty uniform pieces
+    if kind == "uniform" and p.policy == "llamacpp-before" and requested_fixup is None:
+        kind = "general"  # llama.cpp before the uniform kernel: general for every cut tile
     if requested_fixup == "fused":
         assert p.fixup == ("none" if kind == "none" else "fused")
     else:
@@ -275,8 +277,25 @@ def test_policy_n_beyond_the_shortest_tile_is_general(policy):
     p = plan(**shape)
     assert p.fixup in ("general", "none") and p.ntiles_dst == 8
     _check_plan(p, None)
-    with pytest.raises(ValueError, match="nblocks"):  # the caller's own N still fails loudly
-        plan(**dict(shape, nblocks=72))
+    if p.policy == "llamacpp-before":  # merges every cut tile with the general fixup
+        assert plan(**dict(shape, nblocks=72)).fixup == "general"
+    else:
+        with pytest.raises(ValueError, match="nblocks"):  # the caller's own N fails loudly
+            plan(**dict(shape, nblocks=72))
+
+
+@pytest.mark.parametrize("n,ratio", [(1, 4), (2, 8), (16, 8)])
+def test_before_and_after_the_uniform_fixup_differ(n, ratio):
+    # 132 SMs x 2: N = 264 is a multiple of ntiles_dst (8 KV heads), so llama.cpp's rule gives
+    # uniform; llama.cpp before that kernel existed ran its one (general) fixup for the same N
+    kw = dict(batch=1, q_len=n, kv_len=16384, q_heads=8 * ratio, kv_heads=8, head_dim=128,
+              causal=True, sms=132, blocks_per_sm=2)
+    before, after = plan(policy="llamacpp-before", **kw), plan(policy="llamacpp", **kw)
+    assert before.nblocks == after.nblocks == 264
+    assert (before.fixup, after.fixup) == ("general", "uniform")
+    assert plan(policy="llamacpp-master", **kw) == before  # the earlier name is an alias
+    assert "before its uniform fixup" in before.describe()
+    assert plan(policy="seed-4x", **kw).policy == "round-4x"
 
 
 def test_queries_without_keys_keep_their_tile():

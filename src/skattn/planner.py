@@ -6,7 +6,9 @@ from functools import cached_property
 
 import torch
 
-from skattn.policy import FIXUPS, POLICIES, CostModel, fixup_for, load_cost_model, nblocks_for
+from skattn.policy import (FIXUPS, POLICIES, POLICY_NOTES, CostModel, canonical_policy, fixup_for,
+                           load_cost_model, nblocks_for)
+from skattn.tuning import Tuning
 
 __all__ = ["Plan", "plan", "nblocks_for", "fixup_for", "tile_geometry", "POLICIES", "FIXUPS"]
 
@@ -131,6 +133,7 @@ class Plan:
     fixup: str
     fastdiv: bool = True    # fastdiv for the kernels' run-time divisions (False: plain //)
     cost_model: CostModel = field(default_factory=CostModel, compare=False)
+    tuning: Tuning = field(default_factory=Tuning)
 
     # -- derived sizes
     @property
@@ -224,6 +227,7 @@ class Plan:
             f"{self.ntiles_z}), ntiles_kv {self.ntiles_kv}, work items W {self.work}",
             f"grid: {self.sms} SMs x {self.blocks_per_sm} = max_blocks {self.max_blocks}; "
             f"policy {self.policy} -> nblocks {self.nblocks}, fixup {self.fixup}",
+            f"policy {self.policy}: {POLICY_NOTES[self.policy]}",
             f"programs: longest {longest} items, idle slots in the tail {idle}; split tiles "
             f"{len(pieces)}, max pieces per tile {max((len(v) for v in pieces.values()), default=1)}",
             f"workspace: {self.workspace_bytes} bytes",
@@ -273,13 +277,52 @@ def _kv_blocks(jt, *, q_len, kv_len, tokens, block_n, causal, window):
     return first, -(-hi // block_n) - first
 
 
+def decide_fixup(*, nblocks: int, ntiles_dst: int, kv_count: tuple[int, ...], work: int,
+                 requested: str | None, policy: str, chosen: bool, compute_bound: bool) -> str:
+    """The fixup kind of a plan.
+
+    1. llama.cpp's rule by N: none when N divides ntiles_dst, uniform when N is a multiple of
+       it, general otherwise.
+    2. Causal or window tiles differ in length, so N | ntiles_dst can still cut tiles: "none"
+       holds where every program boundary is a tile edge, or with one whole tile per program
+       (N = ntiles_dst) when that is asked for (fixup="none", or `auto` for a prompt chunk).
+    3. With no kind requested, uniform becomes general for "llamacpp-before" (llama.cpp before
+       the uniform kernel existed merged every cut tile with the general one) and where a
+       policy's N cuts the shortest tile into more pieces than it has KV blocks.
+    4. A requested kind: "fused" replaces any merge, "general" may replace uniform; any other
+       disagreement with the rule is an error.
+    """
+    kind = fixup_for(nblocks, ntiles_dst)
+    if kind == "none" and not _on_tile_edges(nblocks, work, kv_count):
+        auto_whole = chosen and policy == "auto" and compute_bound and requested != "general"
+        whole = nblocks == ntiles_dst and (requested == "none" or auto_whole)
+        if not whole:
+            kind = "general"
+    too_many_pieces = kind == "uniform" and nblocks // ntiles_dst > min(kv_count)
+    if requested is None and kind == "uniform" and (policy == "llamacpp-before"
+                                                    or (chosen and too_many_pieces)):
+        kind = "general"
+    if requested is not None and requested != kind:
+        if requested == "fused":
+            kind = "none" if kind == "none" else "fused"
+        elif requested == "general" and kind == "uniform":
+            kind = "general"
+        else:
+            raise ValueError(f"fixup={requested!r} does not apply to nblocks={nblocks} with "
+                             f"ntiles_dst={ntiles_dst} (llama.cpp's rule gives {kind!r})")
+    if kind == "uniform" and too_many_pieces:
+        raise ValueError(f"nblocks={nblocks} cuts tiles into {nblocks // ntiles_dst} pieces, more "
+                         f"than the shortest tile's {min(kv_count)} KV blocks")
+    return kind
+
+
 def plan(*, batch: int, q_len: int, kv_len: int, q_heads: int, kv_heads: int, head_dim: int,
          head_dim_v: int | None = None, dtype=torch.float16, causal: bool = False,
          window: int | None = None, sms: int | None = None, blocks_per_sm: int | None = None,
          policy: str = "auto", nblocks: int | None = None, fixup: str | None = None,
          block_m: int | None = None, block_n: int | None = None, num_warps: int | None = None,
          num_stages: int | None = None, fastdiv: bool = True,
-         cost_model: CostModel | None = None) -> Plan:
+         cost_model: CostModel | None = None, tuning: Tuning | None = None) -> Plan:
     """Plan one attention shape: tiles, work list, programs and fixup kind.
 
     Parameters
@@ -295,7 +338,9 @@ def plan(*, batch: int, q_len: int, kv_len: int, q_heads: int, kv_heads: int, he
         work list.
     sms, blocks_per_sm : int, optional
         Hardware: asked from the current GPU when None (needs one).
-    policy : {"auto", "llamacpp", "llamacpp-master", "seed-4x", "split"}
+    policy : {"auto", "llamacpp", "llamacpp-before", "round-4x", "split"}
+        See `POLICY_NOTES`; "llamacpp-master" and "seed-4x" are accepted as aliases of
+        "llamacpp-before" and "round-4x".
     nblocks : int, optional
         Force the number of programs (1 <= nblocks <= W).
     fixup : {None, "none", "uniform", "general", "fused"}
@@ -309,6 +354,9 @@ def plan(*, batch: int, q_len: int, kv_len: int, q_heads: int, kv_heads: int, he
         Use fastdiv for the kernels' divisions by run-time values (False: plain division).
     cost_model : CostModel, optional
         For policy="auto"; default: the file `skattn calibrate` wrote, else the defaults.
+    tuning : Tuning, optional
+        Launch choices that leave the decomposition unchanged (PDL, merge steps); the
+        defaults are the measured best.
 
     Returns
     -------
@@ -319,8 +367,7 @@ def plan(*, batch: int, q_len: int, kv_len: int, q_heads: int, kv_heads: int, he
                     head_dim=head_dim, head_dim_v=head_dim_v)
     if q_heads % kv_heads:
         raise ValueError(f"q_heads ({q_heads}) must be a multiple of kv_heads ({kv_heads})")
-    if policy not in POLICIES:
-        raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+    policy = canonical_policy(policy)
     if fixup is not None and fixup not in FIXUPS:
         raise ValueError(f"fixup must be None or one of {FIXUPS}, got {fixup!r}")
     if window is not None:
@@ -361,28 +408,9 @@ def plan(*, batch: int, q_len: int, kv_len: int, q_heads: int, kv_heads: int, he
                               per_sm=per_sm)
     elif not isinstance(nblocks, int) or nblocks < 1 or nblocks > work:
         raise ValueError(f"nblocks must be an integer in [1, W={work}], got {nblocks!r}")
-    kind = fixup_for(nblocks, ntiles_dst)
-    if kind == "none" and not _on_tile_edges(nblocks, work, kv_count):
-        # causal/window tiles differ in length: N | ntiles_dst still cuts some, unless the
-        # caller asks for one whole tile per program (N = ntiles_dst, fixup="none"), or
-        # `auto` chose it for a prompt chunk
-        auto_whole = chosen and policy == "auto" and compute_bound and fixup != "general"
-        if not ((fixup == "none" or auto_whole) and nblocks == ntiles_dst):
-            kind = "general"
-    if fixup is not None and fixup != kind:
-        if fixup == "fused":
-            kind = "none" if kind == "none" else "fused"
-        elif fixup == "general" and kind == "uniform":
-            kind = "general"  # the general fixup also merges uniform cuts
-        else:
-            raise ValueError(f"fixup={fixup!r} does not apply to nblocks={nblocks} with "
-                             f"ntiles_dst={ntiles_dst} (llama.cpp's rule gives {kind!r})")
-    if kind == "uniform" and nblocks // ntiles_dst > min(kv_count) and chosen and fixup is None:
-        kind = "general"  # a policy's N = W or raw (causal, window): global ranges, no empty piece
-    if kind == "uniform" and nblocks // ntiles_dst > min(kv_count):
-        raise ValueError(f"nblocks={nblocks} cuts tiles into {nblocks // ntiles_dst} pieces, more "
-                         f"than the shortest tile's {min(kv_count)} KV blocks")
+    kind = decide_fixup(nblocks=nblocks, ntiles_dst=ntiles_dst, kv_count=kv_count, work=work,
+                        requested=fixup, policy=policy, chosen=chosen, compute_bound=compute_bound)
     return Plan(batch, q_len, kv_len, q_heads, kv_heads, head_dim, head_dim_v, _DTYPES[dtype],
                 bool(causal), window, geo, ntiles_x, ntiles_z, ntiles_dst, ntiles_kv, kv_first,
                 kv_count, work, sms, blocks_per_sm, max_blocks, policy, nblocks, kind,
-                bool(fastdiv), model)
+                bool(fastdiv), model, tuning or Tuning())

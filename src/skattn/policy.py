@@ -6,13 +6,38 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-POLICIES = ("llamacpp-master", "seed-4x", "llamacpp", "split", "auto")
+POLICIES = ("llamacpp-before", "round-4x", "llamacpp", "split", "auto")
+# earlier names, still accepted
+POLICY_ALIASES = {"llamacpp-master": "llamacpp-before", "seed-4x": "round-4x"}
 FIXUPS = ("none", "uniform", "general", "fused")
 MAX_EFFICIENCY_LOSS_PERCENT = 5  # llama.cpp: max_efficiency_loss_percent
 # Prompt chunks (compute-bound): a plan that cuts tiles costs its programs the partials, the
 # fixup and a second tile start. Measured on an H200 (PERF.md, session 5): at about the same
 # items per program, cut plans took 1.06-1.12x the time of whole-tile plans.
 CUT_PENALTY = 1.1
+
+
+# What each policy reproduces (docs/llamacpp.md has the llama.cpp facts with file:line)
+POLICY_NOTES = {
+    "llamacpp-before": "llama.cpp before its uniform fixup kernel: N = min(max_blocks, W), "
+                       "unrounded; every cut tile merged by the general fixup",
+    "round-4x": "N rounded down to a multiple of ntiles_dst when N > 4 x ntiles_dst "
+                "(an intermediate rule of llama.cpp's change); uniform fixup when it applies",
+    "llamacpp": "llama.cpp today: N rounded down to a multiple of ntiles_dst when that loses at "
+                "most 5% of the programs; uniform fixup when N is a multiple, else general",
+    "split": "no stream-K: a fixed number of KV splits per tile (FlashDecoding, llama.cpp's "
+             "parallel_blocks search) and a uniform merge",
+    "auto": "skattn's cost model picks N among the candidates of the other policies",
+}
+
+
+def canonical_policy(policy: str) -> str:
+    """The policy's name in POLICIES (aliases resolved); ValueError for an unknown one."""
+    name = POLICY_ALIASES.get(policy, policy)
+    if name not in POLICIES:
+        raise ValueError(f"policy must be one of {POLICIES} (or an alias in "
+                         f"{sorted(POLICY_ALIASES)}), got {policy!r}")
+    return name
 
 
 def fixup_for(nblocks: int, ntiles_dst: int) -> str:
@@ -138,14 +163,13 @@ def nblocks_for(policy: str, *, ntiles_dst: int, ntiles_kv: int, max_blocks: int
     for name, value in (("ntiles_dst", ntiles_dst), ("ntiles_kv", ntiles_kv), ("max_blocks", max_blocks)):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
-    if policy not in POLICIES:
-        raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+    policy = canonical_policy(policy)
     work = ntiles_dst * ntiles_kv if work is None else work
     max_split = ntiles_kv if min_tile_work is None else min_tile_work
     raw = min(max_blocks, work)
-    if policy == "llamacpp-master":
+    if policy == "llamacpp-before":
         return raw
-    if policy == "seed-4x":
+    if policy == "round-4x":
         return (_rounded(raw, ntiles_dst, max_split) or raw) if raw > 4 * ntiles_dst else raw
     if policy == "llamacpp":
         rounded = _rounded(raw, ntiles_dst, max_split)

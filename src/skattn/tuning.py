@@ -1,0 +1,45 @@
+"""Launch choices that leave the decomposition unchanged: a plan field, set per plan."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PDL_TRIGGERS = ("start", "end")
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """How a plan's kernels are launched; the defaults are the measured best (PERF.md).
+
+    pdl: launch the separate fixup with programmatic dependent launch (sm_90+) where tiles
+        have many pieces: it starts while the main kernel runs and waits on the GPU.
+    pdl_trigger: where the main kernel lets the fixup start, "end" (after its last store;
+        0.4-2.8 us faster than "start" in every decode cell measured) or "start".
+    merge_loads_first: the separate fixups wait for all loads of a merge step at once (one
+        memory latency a step instead of two: fixup 2.1-4.1 -> 1.4-2.4 us a call).
+    fixup_dv, fixup_rows: Dv columns and tile rows per separate-fixup program (tiles with
+        many pieces; tiles with few pieces get one program a tile).
+    merge_elements: f32 values of partials one separate-fixup merge step loads per thread.
+    fused_merge_elements: the same in the fused merge, whose registers are free after the KV
+        loop (16 pieces a step: qwen3moe n=2 28.5 vs 32.5 us with 4).
+    fused_dv: Dv columns per fused merge step (None: all of Dv; 32-column steps were
+        1.1-1.2x slower at decode).
+    """
+
+    pdl: bool = True
+    pdl_trigger: str = "end"
+    merge_loads_first: bool = True
+    fixup_dv: int = 32
+    fixup_rows: int = 16
+    merge_elements: int = 64
+    fused_merge_elements: int = 256
+    fused_dv: int | None = None
+
+    def __post_init__(self):
+        if self.pdl_trigger not in PDL_TRIGGERS:
+            raise ValueError(f"pdl_trigger must be one of {PDL_TRIGGERS}, got {self.pdl_trigger!r}")
+        for name in ("fixup_dv", "fixup_rows", "merge_elements", "fused_merge_elements"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1 or value & (value - 1):
+                raise ValueError(f"{name} must be a positive power of two, got {value!r}")
+        if self.fused_dv is not None and (self.fused_dv < 16 or self.fused_dv & (self.fused_dv - 1)):
+            raise ValueError(f"fused_dv must be None or a power of two >= 16, got {self.fused_dv!r}")
