@@ -6,7 +6,8 @@ import pytest
 from skattn.calibrate import _features, _plan_for, check, fit, read_csv
 from skattn.policy import CostModel
 
-SWEEP = Path(__file__).parents[1] / "benchmarks" / "results" / "sweep_nblocks-h200.csv"
+DATA = Path(__file__).parent / "data"  # sweeps of older kernels (data/README.md)
+SWEEP = DATA / "sweep-every-n-3-cells.csv"
 
 
 def synthetic_rows(model: CostModel):
@@ -43,7 +44,7 @@ def test_check_finds_the_best_measured_n():
 
 @pytest.mark.skipif(not SWEEP.exists(), reason="the committed H200 sweep is not in this checkout")
 def test_fit_lowers_auto_regret_on_a_committed_sweep():
-    # the fit chooses for auto's regret: on session 1's sweep it must beat a model that was
+    # the fit chooses for auto's regret: on an older kernel's sweep it must beat a model that was
     # not fitted to it (the defaults: 1.114 there) and stay a usable time model
     rows = read_csv(SWEEP)
     model, err = fit(rows)
@@ -62,17 +63,17 @@ def test_cli_fits_and_writes(tmp_path, capsys):
     assert '"us_per_item"' in out.read_text()
 
 
-COARSE = Path(__file__).parents[1] / "benchmarks" / "results" / "s2" / "sweep_nblocks_coarse.csv"
-RESULTS = Path(__file__).parents[1] / "benchmarks" / "results"
-ALL_DECODE = RESULTS / "s3" / "sweep_nblocks_coarse_all-a010052.csv"
-HEAD_DECODE = [RESULTS / "s5" / "sweep_n1216-2dabf75.csv", RESULTS / "s5" / "sweep_n48-3fca1d4.csv"]
+COARSE = DATA / "sweep-8-cells.csv"
+RESULTS = Path(__file__).parents[1] / "benchmarks" / "results" / "sweep"
+ALL_DECODE = DATA / "sweep-75-cells-older-kernels.csv"
+HEAD_DECODE = [RESULTS / "decode-n1-2-16.csv", RESULTS / "decode-n4-8.csv"]
 
 
 def test_default_model_is_within_three_percent_on_the_committed_sweeps():
-    # the defaults were fitted to session 5's H200 sweep of all 75 decode cells: auto's N is
-    # within 3% of the best measured N in all of them (worst 1.021; gpt-oss n=16 at L >= 16384
-    # needs shared_round: two programs an SM); session 3's sweep (older kernels): 74 of 75;
-    # session 2's 8 cells: all
+    # the defaults were fitted to the H200 sweep of all 75 decode cells (benchmarks/results/
+    # sweep): auto's N is within 3% of the best measured N in all of them (worst 1.021; gpt-oss
+    # n=16 at L >= 16384 needs shared_round: two programs an SM); on the older kernels' sweeps
+    # (tests/data): 74 of 75 and all 8
     results = check([r for f in HEAD_DECODE for r in read_csv(f)], CostModel())
     assert len(results) == 75 and max(c["ratio"] for c in results) <= 1.03
     without = check([r for f in HEAD_DECODE for r in read_csv(f)], CostModel(shared_round=1.0))
@@ -97,7 +98,7 @@ def test_second_round_on_shared_sms():
 def test_fit_leaves_out_prompt_chunks():
     from skattn.calibrate import memory_bound
 
-    rows = read_csv(RESULTS / "s5" / "sweep_prefill-3fca1d4.csv")
+    rows = read_csv(RESULTS / "prefill.csv")
     assert rows and not memory_bound(rows)  # auto counts waves there, not the cost model
     assert len(memory_bound(read_csv(HEAD_DECODE[1]))) == len(read_csv(HEAD_DECODE[1]))
 
