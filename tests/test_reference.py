@@ -124,8 +124,8 @@ FEATURES = [
     dict(softcap=2.0),
     dict(alibi=True),
     dict(sinks=True),
-    dict(window=3),
-    dict(window=1),                                     # each query sees only its own position
+    dict(window=3, causal=True),
+    dict(window=1, causal=True),                        # each query sees only its own position
     dict(window=4, causal=True, sinks=True, alibi=True, softcap=5.0, mask=True),
     dict(causal=True, sinks=True),
 ]
@@ -192,8 +192,14 @@ def test_low_precision_inputs_compute_in_float64():
 
 
 def test_plan_is_ignored():
+    # a Plan of any shape is accepted for parity with skattn.attention; anything else is not
+    from skattn import plan
+
     q, k, v, _ = _inputs(10, 1, 2, 7, 2, 1, 8)
-    assert torch.equal(attention(q, k, v, plan=object()), attention(q, k, v))
+    p = plan(batch=1, q_len=1, kv_len=1, q_heads=1, kv_heads=1, head_dim=8, sms=1, blocks_per_sm=1)
+    assert torch.equal(attention(q, k, v, plan=p), attention(q, k, v))
+    with pytest.raises(TypeError, match="plan must be a skattn.Plan"):
+        attention(q, k, v, plan=object())
 
 
 @pytest.mark.parametrize("bad", [

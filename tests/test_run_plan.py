@@ -171,8 +171,8 @@ def test_causal_tiles_that_see_nothing(nblocks, fixup):
 @pytest.mark.parametrize("nblocks,fixup", [(3, None), (6, None), (8, None), (5, "fused")])
 def test_window(nblocks, fixup):
     # window 20 over Lk = 90: tiles start at KV block 4 (kv_first > 0), partial first block
-    p, _, _ = check(b=2, lq=3, lk=90, hq=4, hkv=2, dk=8, dv=8, window=20, nblocks=nblocks,
-                    fixup=fixup, split=True, alibi=True)
+    p, _, _ = check(b=2, lq=3, lk=90, hq=4, hkv=2, dk=8, dv=8, causal=True, window=20,
+                    nblocks=nblocks, fixup=fixup, split=True, alibi=True)
     assert p.kv_first[0] > 0
 
 
@@ -209,7 +209,7 @@ def test_divisor_count_with_unequal_causal_tiles():
        sinks=st.booleans(), mask=st.sampled_from([None, "random"]), seed=st.integers(0, 2**16))
 def test_random_plans(data, b, lq, lk, hkv, ratio, dims, causal, window, fixup, sinks, mask, seed):
     shape = dict(b=b, lq=lq, lk=lk, hq=hkv * ratio, hkv=hkv, dk=dims[0], dv=dims[1],
-                 causal=causal, window=window)
+                 causal=causal or window is not None, window=window)
     work = _plan(**shape, nblocks=1).work
     nblocks = data.draw(st.sampled_from(range(1, work + 1)), label="nblocks")  # uniform, not small-biased
     try:

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
-from skattn.reference import (F64, Inputs, State, empty_state, finalise, merge, online_update,
-                              prepare, scores)
+from skattn import checks
+from skattn.reference_math import (F64, Inputs, State, empty_state, finalise, merge,
+                                   online_update, prepare, scores)
 
 __all__ = ["run_plan"]
 
@@ -188,20 +189,17 @@ def run_plan(plan, q, k, v, *, scale=None, causal=False, window=None, mask=None,
 
     Raises
     ------
-    ValueError
-        If the plan was made for other shapes or other causal/window options.
+    TypeError, ValueError
+        For arguments that break `skattn.checks`' rules, or a plan made for other shapes or
+        other causal/window options.
     AssertionError
         If the plan breaks the decomposition's protocol.
     """
     x = prepare(q, k, v, scale=scale, causal=causal, window=window, mask=mask, sinks=sinks,
-                softcap=softcap, alibi_slopes=alibi_slopes)
-    bsz, lq, lk, hq, hkv = x.shape
-    got = (bsz, lq, lk, hq, hkv, x.q.shape[-1], x.v.shape[-1], x.causal, x.window)
-    want = (plan.batch, plan.q_len, plan.kv_len, plan.q_heads, plan.kv_heads, plan.head_dim,
-            plan.head_dim_v, plan.causal, plan.window)
-    if got != want:
-        raise ValueError(f"plan is for (B, Lq, Lk, Hq, Hkv, Dk, Dv, causal, window) = {want}, "
-                         f"inputs are {got}")
+                softcap=softcap, alibi_slopes=alibi_slopes, return_lse=return_lse, plan=plan)
+    if plan is None:
+        raise TypeError("plan must be a skattn.Plan (from skattn.plan), got None")
+    checks.plan_matches(plan, q, k, v, causal=causal, window=window, dtype=False)
     ex = _Executor(plan, x)
     for p in range(plan.nblocks):
         ex.program(p)

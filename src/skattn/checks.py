@@ -1,0 +1,178 @@
+"""Input checks of `skattn.attention`, the float64 reference and the plan executor: one rule set.
+
+Every check raises a TypeError (wrong kind of value) or a ValueError (wrong value) that names
+the argument, before anything is launched. The kernels add their own rules (dtypes, a
+contiguous last dimension, forward only, CUDA or the interpreter, `out`); the references
+accept any float dtype and layout, and bool masks.
+"""
+from __future__ import annotations
+
+import math
+from numbers import Real
+
+import torch
+
+from skattn.device import interpreting
+
+Q_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+KV_DTYPES = (torch.float16, torch.bfloat16)
+MASK_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+WINDOW_NEEDS_CAUSAL = ("window={window} keeps keys with q_pos - window < k_pos <= q_pos, a "
+                       "bottom-right causal sliding window: pass causal=True with it")
+
+
+def causal_window(causal, window) -> None:
+    """`causal` is a bool; `window` is None or a positive int and comes with causal=True."""
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {causal!r}")
+    if window is None:
+        return
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"window must be a positive int or None, got {window!r}")
+    if not causal:
+        raise ValueError(WINDOW_NEEDS_CAUSAL.format(window=window))
+
+
+def _number(name: str, x, *, minimum=None) -> None:
+    if isinstance(x, bool) or not isinstance(x, Real):
+        raise TypeError(f"{name} must be a float, got {type(x).__name__}")
+    if not math.isfinite(x):
+        raise ValueError(f"{name} must be finite, got {x}")
+    if minimum is not None and x < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {x}")
+
+
+def _tensor(name: str, x, ndim: int, dtypes) -> None:
+    """A tensor of `ndim` dimensions; `dtypes` a tuple, or None for any floating dtype."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
+    if dtypes is None:
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must have a floating dtype, got {x.dtype}")
+    elif x.dtype not in dtypes:
+        raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {x.dtype}")
+
+
+def _overlaps(x: torch.Tensor) -> bool:
+    """Whether two elements of x share memory (a stride 0, or strides that interleave)."""
+    reach = 0  # the largest offset reached by the dimensions seen so far
+    for stride, size in sorted((abs(st), sz) for st, sz in zip(x.stride(), x.shape) if sz > 1):
+        if stride <= reach:
+            return True
+        reach += stride * (size - 1)
+    return False
+
+
+def attention_args(q, k, v, *, scale=None, causal=False, window=None, mask=None, sinks=None,
+                   softcap=0.0, alibi_slopes=None, return_lse=False, plan=None, out=None,
+                   kernel: bool = True) -> None:
+    """Check the arguments of an attention call (see `skattn.attention`).
+
+    Parameters
+    ----------
+    q, k, v, scale, causal, window, mask, sinks, softcap, alibi_slopes, return_lse, plan, out
+        As in `skattn.attention`.
+    kernel : bool
+        True: the Triton kernels' rules too (dtypes, last dimension contiguous, no autograd,
+        CUDA tensors or the interpreter, a plan made for these shapes, `out`). False: the
+        float64 references' (any float dtype and layout, bool masks; `plan` only typed).
+
+    Raises
+    ------
+    TypeError, ValueError
+        Naming the first argument that breaks a rule.
+    """
+    floats = None if not kernel else Q_DTYPES
+    _tensor("q", q, 4, floats)
+    _tensor("k", k, 4, None if not kernel else KV_DTYPES)
+    _tensor("v", v, 4, None if not kernel else KV_DTYPES)
+    (B, Lq, Hq, Dk), (Bk, Lk, Hkv, Dk2), Dv = q.shape, k.shape, v.shape[3]
+    if kernel and v.dtype != k.dtype:
+        raise TypeError(f"v must have k's dtype {k.dtype}, got {v.dtype}")
+    if Bk != B or v.shape[0] != B:
+        raise ValueError(f"batch mismatch: q {B}, k {Bk}, v {v.shape[0]}")
+    if v.shape[1:3] != k.shape[1:3]:
+        raise ValueError(f"v's [Lk, Hkv] {tuple(v.shape[1:3])} differ from k's {(Lk, Hkv)}")
+    if Dk2 != Dk:
+        raise ValueError(f"head size of q ({Dk}) and k ({Dk2}) differ")
+    if min(B, Lq, Hq, Dk, Lk, Hkv, Dv) < 1:
+        raise ValueError(f"empty input: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if Hq % Hkv:
+        raise ValueError(f"q heads ({Hq}) must be a multiple of k/v heads ({Hkv})")
+    if mask is not None:
+        if kernel or not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            _tensor("mask", mask, 3, MASK_DTYPES if kernel else None)
+        if mask.dim() != 3 or mask.shape[0] not in (1, B) or mask.shape[1:] != (Lq, Lk):
+            first = "1" if B == 1 else f"{B} or 1"
+            raise ValueError(f"mask must have shape [{first}, {Lq}, {Lk}], got {tuple(mask.shape)}")
+    for name, x in (("sinks", sinks), ("alibi_slopes", alibi_slopes)):
+        if x is not None:
+            _tensor(name, x, 1, (torch.float32,) if kernel else None)
+            if x.shape[0] != Hq:
+                raise ValueError(f"{name} must have shape [{Hq}], got {tuple(x.shape)}")
+    for name, x in (("k", k), ("v", v), ("mask", mask), ("sinks", sinks),
+                    ("alibi_slopes", alibi_slopes)):
+        if x is not None and x.device != q.device:
+            raise ValueError(f"{name} is on {x.device}, q on {q.device}")
+    if scale is not None:
+        _number("scale", scale)
+    _number("softcap", softcap, minimum=0)
+    causal_window(causal, window)
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be a bool, got {return_lse!r}")
+    if plan is not None:
+        from skattn.planner import Plan  # the planner imports this module
+
+        if not isinstance(plan, Plan):
+            raise TypeError(f"plan must be a skattn.Plan (from skattn.plan), got "
+                            f"{type(plan).__name__}")
+    if kernel:
+        _kernel_args(q, k, v, mask, sinks, alibi_slopes, out)
+        if plan is not None:
+            plan_matches(plan, q, k, v, causal=causal, window=window)
+
+
+def _kernel_args(q, k, v, mask, sinks, alibi_slopes, out) -> None:
+    tensors = (("q", q), ("k", k), ("v", v), ("mask", mask), ("sinks", sinks),
+               ("alibi_slopes", alibi_slopes))
+    for name, x in tensors[:4]:
+        if x is not None and x.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in its last dimension "
+                             f"(stride {x.stride(-1)})")
+    if torch.is_grad_enabled():
+        for name, x in tensors:
+            if x is not None and x.requires_grad:
+                raise ValueError(f"{name} requires grad: skattn's kernels are forward-only; call "
+                                 f"under torch.no_grad() or detach the inputs")
+    if q.device.type == "cpu" and not interpreting():
+        raise ValueError("CPU tensors need TRITON_INTERPRET=1 (the Triton interpreter); "
+                         "move q, k, v to a CUDA device")
+    if out is not None:
+        B, Lq, Hq, _ = q.shape
+        want = (B, Lq, Hq, v.shape[3])
+        if (not isinstance(out, torch.Tensor) or out.shape != want or out.dtype != q.dtype
+                or out.stride(-1) != 1):
+            got = (f"{tuple(out.shape)} {out.dtype}, last stride {out.stride(-1)}"
+                   if isinstance(out, torch.Tensor) else type(out).__name__)
+            raise ValueError(f"out must be a [{B}, {Lq}, {Hq}, {v.shape[3]}] {q.dtype} tensor, "
+                             f"contiguous in its last dimension; got {got}")
+        if out.device != q.device:
+            raise ValueError(f"out is on {out.device}, q on {q.device}")
+        if _overlaps(out):
+            raise ValueError(f"out has overlapping memory (strides {out.stride()}): each output "
+                             f"element needs its own address")
+
+
+def plan_matches(plan, q, k, v, *, causal, window, dtype: bool = True) -> None:
+    """The plan was made for these shapes, options and (when `dtype`) K/V's dtype."""
+    B, Lq, Hq, Dk = q.shape
+    want = dict(batch=B, q_len=Lq, kv_len=k.shape[1], q_heads=Hq, kv_heads=k.shape[2],
+                head_dim=Dk, head_dim_v=v.shape[3], causal=causal, window=window)
+    if dtype:
+        want["dtype"] = str(k.dtype).removeprefix("torch.")
+    for name, value in want.items():
+        if getattr(plan, name) != value:
+            raise ValueError(f"plan was made for {name}={getattr(plan, name)!r}, inputs have "
+                             f"{value!r}")
