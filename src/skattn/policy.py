@@ -1,4 +1,5 @@
-"""Program-count policies (DESIGN §4) and the fixup rule: pure functions of numbers."""
+"""Program-count policies (docs/design.md, "Program-count policies") and the fixup rule:
+pure functions of numbers."""
 from __future__ import annotations
 
 import json
@@ -12,8 +13,8 @@ POLICY_ALIASES = {"llamacpp-master": "llamacpp-before", "seed-4x": "round-4x"}
 FIXUPS = ("none", "uniform", "general", "fused")
 MAX_EFFICIENCY_LOSS_PERCENT = 5  # llama.cpp: max_efficiency_loss_percent
 # Prompt chunks (compute-bound): a plan that cuts tiles costs its programs the partials, the
-# fixup and a second tile start. Measured on an H200 (PERF.md, session 5): at about the same
-# items per program, cut plans took 1.06-1.12x the time of whole-tile plans.
+# fixup and a second tile start. Measured on an H200 (PERF.md, "Prompt chunks"): at about the
+# same items per program, cut plans took 1.06-1.12x the time of whole-tile plans.
 CUT_PENALTY = 1.1
 
 
@@ -59,7 +60,7 @@ class CostModel:
     saturation: the fraction of max_blocks that run as one program per SM, N_sat; beyond it
         programs share SMs in rounds (time = longest * us_per_item * ceil(N / N_sat)).
         Measured on an H200 (132 SMs): N = 128 beat every N from 129 to 263 in every swept
-        decode cell (benchmarks/results/s2/sweep_nblocks_coarse.csv), so N_sat = 128-132.
+        decode cell (tests/data/sweep-8-cells.csv), so N_sat = 128-132.
     us_per_piece: merging one partial piece of a split tile.
     us_launch: the extra launch of a separate fixup kernel (uniform, general); ~0 since the
         fixup is launched while the main kernel runs (programmatic dependent launch).
@@ -67,14 +68,14 @@ class CostModel:
         cost of the second round as a fraction of the first: the two programs hide each
         other's latencies. Measured on an H200, gpt-oss n=16 (128-row tiles of head size 64):
         N=264 against 128 was 1.12x slower at L=8192, 0.97x and 0.91x at 16384 and 32768
-        (benchmarks/results/s5/sweep_n1216-2dabf75.csv); 0.75-0.85 picks the faster in all
+        (benchmarks/results/sweep/decode-n1-2-16.csv); 0.75-0.85 picks the faster in all
         three without changing any other cell of the sweep.
     """
 
-    # fitted by `skattn calibrate --from-csv benchmarks/results/s5/sweep_n1216-2dabf75.csv
-    # benchmarks/results/s5/sweep_n48-3fca1d4.csv` (H200, the grid's 75 decode cells x 17 N
-    # at session 5's kernels; with shared_round, auto within 3% of the best measured N in all
-    # 75, worst 1.021). `skattn calibrate` replaces them per GPU.
+    # fitted by `skattn calibrate --from-csv benchmarks/results/sweep/decode-n1-2-16.csv
+    # benchmarks/results/sweep/decode-n4-8.csv` (H200, the grid's 75 decode cells x 17 N;
+    # with shared_round, auto within 3% of the best measured N in all 75, worst 1.021).
+    # `skattn calibrate` replaces them per GPU.
     us_per_item: float = 0.700
     saturation: float = 0.5
     us_per_piece: float = 0.0438
@@ -150,7 +151,7 @@ def nblocks_for(policy: str, *, ntiles_dst: int, ntiles_kv: int, max_blocks: int
                 max_tile_work: int | None = None, fixup: str | None = None,
                 cost: CostModel | None = None, compute_bound: bool = False,
                 resident: int | None = None, per_sm: int = 1) -> int:
-    """Number of programs N for `policy` (DESIGN §4), with llama.cpp's integer arithmetic.
+    """Number of programs N for `policy` (docs/design.md), with llama.cpp's integer arithmetic.
 
     `work` (W) defaults to ntiles_dst * ntiles_kv; where causal or window rules give tiles
     fewer KV blocks, pass the real W and the shortest and longest tile's lengths: the
