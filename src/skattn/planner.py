@@ -104,7 +104,7 @@ class Plan:
     """A frozen stream-K decomposition of one attention shape on one GPU size.
 
     Tiles are ordered (sequence, KV head, head group, token block), the token block fastest;
-    work item w = (tile's offset) + KV block, the KV block fastest (DESIGN §2).
+    work item w = (tile's offset) + KV block, the KV block fastest (docs/design.md).
     """
 
     batch: int
@@ -152,7 +152,7 @@ class Plan:
 
     @property
     def per_tile_ranges(self) -> bool:
-        """Uniform plans cut each tile into `split` pieces by its own length (DESIGN §3); a
+        """Uniform plans cut each tile into `split` pieces by its own length (docs/design.md); a
         plan of one program per tile and no fixup gives each program its whole tile."""
         whole = self.fixup == "none" and self.nblocks == self.ntiles_dst
         return self.fixup == "uniform" or whole

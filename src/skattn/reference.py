@@ -1,4 +1,5 @@
-"""Float64 attention with every feature: the ground truth for kernels and plans (DESIGN §1).
+"""Float64 attention with every feature: the ground truth for kernels and plans
+(docs/design.md, "The operation").
 
 `attention` computes each (sequence, head) row block in one shot; `run_plan` (in
 `skattn.reference_plan`, re-exported here) replays a Plan's stream-K decomposition with the
@@ -17,7 +18,7 @@ __all__ = ["attention", "run_plan"]
 
 def attention(q, k, v, *, scale=None, causal=False, window=None, mask=None, sinks=None,
               softcap=0.0, alibi_slopes=None, return_lse=False, plan=None):
-    """Float64 attention with every skattn feature (DESIGN §1), one head at a time.
+    """Float64 attention with every skattn feature (docs/design.md), one head at a time.
 
     Parameters
     ----------

@@ -99,7 +99,7 @@ def online_update(state: State, s: torch.Tensor, vb: torch.Tensor) -> State:
 
 
 def merge(a: State, b: State) -> State:
-    """Merge two partial states of the same rows (DESIGN §2)."""
+    """Merge two partial states of the same rows (docs/design.md, "Tiles and the work list")."""
     m = torch.maximum(a[1], b[1])
     ref = _finite(m)
     sa, sb = torch.exp(a[1] - ref), torch.exp(b[1] - ref)

@@ -1,7 +1,7 @@
 """Replay a Plan's stream-K decomposition in float64 PyTorch, as the Triton kernels run it.
 
 Every program walks its work items tile by tile, keeps partial states (O, m, l) of the tiles
-it cuts in two workspace slots, and the plan's fixup merges them (DESIGN §2-3). Wrong
+it cuts in two workspace slots, and the plan's fixup merges them (docs/design.md). Wrong
 indices, a missed or doubled piece, or a sink counted twice show up as a mismatch with
 `skattn.reference.attention` on a CPU.
 """
@@ -124,7 +124,7 @@ class _Executor:
         first, end = self.plan.tile_range(t)
         return range(bisect_right(self.starts, first) - 1, bisect_right(self.starts, end - 1))
 
-    # -- fixups (DESIGN §3)
+    # -- fixups (docs/design.md, "Fixups")
     def arrive(self, p: int, t: int) -> None:
         """fused: count the piece; the last program to arrive merges in program order."""
         owners = self.owners(t)
