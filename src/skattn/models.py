@@ -1,4 +1,4 @@
-"""Attention shapes of the seed grid's models (BENCHMARKS.md), by name and alias."""
+"""Attention shapes of the seed grid's models (docs/benchmarks.md), by name and alias."""
 from __future__ import annotations
 
 from typing import NamedTuple

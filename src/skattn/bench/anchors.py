@@ -1,4 +1,4 @@
-"""Anchors: other systems' times on the seed grid, measured elsewhere (BENCHMARKS.md's H100 table).
+"""Anchors: other systems' times on the seed grid, measured elsewhere (docs/benchmarks.md).
 
 The CSV lives in the repository (`benchmarks/anchors-h100.csv`), not in the package: an installed
 skattn without the repository next to it has no anchors, and `load_anchors()` returns [].

@@ -1,4 +1,4 @@
-"""Roofline floors of a cell from the ceilings measured in the same run (BENCHMARKS.md)."""
+"""Roofline floors of a cell from the ceilings measured in the same run (docs/benchmarks.md)."""
 from __future__ import annotations
 
 from dataclasses import dataclass

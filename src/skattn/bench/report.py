@@ -154,7 +154,7 @@ def anchors_table(rows: list[dict], anchors: list[dict]) -> tuple[str, str]:
     aidx, idx = anchor_index(anchors), _index(rows)
     where = ", ".join(sorted({f"{a['gpu']} on {a['date']}" for a in anchors}))
     ours = ", ".join(sorted({r["gpu"] for r in rows if r.get("gpu")})) or "the GPU of the CSV"
-    intro = (f"The anchors were measured on an {where} (BENCHMARKS.md), ours on {ours}, so the "
+    intro = (f"The anchors were measured on an {where} (docs/benchmarks.md), ours on {ours}, so the "
              "comparison is by % of each GPU's own measured floor (their bandwidth and matmul "
              "ceilings differ), not by microseconds. Anchor % = anchor floor µs / anchor µs. The "
              "llama.cpp anchor reran on warm buffers (optimistic at L = 8192, where K/V partly fit "
