@@ -1,4 +1,4 @@
-"""The H100 anchors (benchmarks/anchors-h100.csv, from BENCHMARKS.md) and the report's third table."""
+"""The H100 anchors (benchmarks/anchors-h100.csv, docs/benchmarks.md) and the report's third table."""
 import pytest
 
 from skattn.bench import anchors as anchors_mod
@@ -17,12 +17,12 @@ def test_anchors_cover_the_grid():
         (m, n, depth) for m in MODELS for n in grid.SEED_N for depth in grid.SEED_DEPTHS}
     for r in rows:
         assert (r["hq"], r["hkv"], r["d"]) == tuple(MODELS[r["model"]][:3])
-        assert (r["gpu"], r["date"], r["source"]) == ("H100 SXM (80 GB)", "2026-11-24", "shared/BENCHMARKS.md")
+        assert (r["gpu"], r["date"], r["source"]) == ("H100 SXM (80 GB)", "2026-11-24", "docs/benchmarks.md")
         assert all(r[k] > 0 for k in ("floor_us", "llamacpp_us", "sdpa_flash_us", "sdpa_cudnn_us"))
 
 
 def test_anchor_row_by_hand():
-    # BENCHMARKS.md: | llama70b (64/8/128) | 512 | 32768 | 832.4 | 3039.1 | 1610.8 | 1653.0 |
+    # the anchor table: | llama70b (64/8/128) | 512 | 32768 | 832.4 | 3039.1 | 1610.8 | 1653.0 |
     a = anchor_index(load_anchors())[(64, 8, 128, 512, 32768)]
     assert a["model"] == "llama-70b"
     assert (a["floor_us"], a["llamacpp_us"], a["sdpa_flash_us"], a["sdpa_cudnn_us"]) == \

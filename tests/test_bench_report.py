@@ -13,7 +13,7 @@ from skattn.bench.report import read_rows, report
 from skattn.bench.run import COLUMNS, RunOptions, measure
 from skattn.bench.timing import Timing, summarize
 
-H100 = Ceilings(3.02e12, 660e12)  # BENCHMARKS.md's ceilings
+H100 = Ceilings(3.02e12, 660e12)  # the H100 anchors' ceilings (docs/benchmarks.md)
 
 
 def test_floor_by_hand():

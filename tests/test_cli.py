@@ -55,7 +55,7 @@ def test_no_sms_without_gpu(monkeypatch, capsys):
 
 
 def test_models_table():
-    # the grid order of BENCHMARKS.md, and aliases to the same shapes
+    # the grid order of docs/benchmarks.md, and aliases to the same shapes
     assert list(MODELS) == ["qwen3moe-30b-a3b", "gpt-oss", "llama-8b", "qwen3-14b", "llama-70b"]
     assert resolve("GPT_OSS_120B") == ("gpt-oss", MODELS["gpt-oss"])
     assert resolve("qwen2-32b")[1][:3] == (40, 8, 128)

@@ -46,7 +46,7 @@ def _check_exact(ds, rng, n_random):
 
 
 def test_known_constants():
-    # values from llama.cpp's init_fastdiv_values (LLAMACPP_NOTES §4)
+    # values from llama.cpp's init_fastdiv_values (docs/llamacpp.md, "fastdiv")
     assert magic(1) == (1, 0)
     assert magic(2) == (1, 1)
     assert magic(3) == (1431655766, 2)

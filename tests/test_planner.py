@@ -136,7 +136,7 @@ def test_visible_kv_blocks_match_the_mask(q_len, kv_len, tokens, block_n, causal
             assert (first, count) == (0, 1)  # one masked block keeps the tile in the work list
 
 
-# -- worked examples: llama.cpp's table for max_blocks = 264 (LLAMACPP_NOTES §3)
+# -- worked examples: llama.cpp's rule for max_blocks = 264 (docs/llamacpp.md, "The program count")
 @pytest.mark.parametrize("ntiles_dst, ntiles_kv, nblocks, fixup", [
     (128, 64, 256, "uniform"),   # rounded 256 loses 3%
     (100, 64, 264, "general"),   # rounded 200 would lose 24%
@@ -323,7 +323,7 @@ def test_describe_and_draw(tmp_path):
     ("llama-70b", 256, "none"),     # 2 waves either way; whole tiles need no fixup
 ])
 def test_auto_counts_waves_for_compute_bound_cells(model, nblocks, fixup):
-    # 512-token prompt chunks; measured on an H200 (PERF.md, session 5): whole tiles 152 vs
+    # 512-token prompt chunks; measured on an H200 (PERF.md, "Prompt chunks"): whole tiles 152 vs
     # 179 us at N = 264 (llama-8b L=8192); qwen3-14b N = 132 216 vs 225 (264), 289 (168)
     from skattn.models import MODELS
 

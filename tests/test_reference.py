@@ -28,7 +28,7 @@ def _sdpa(q, k, v, **kw):
 
 def _naive(q, k, v, *, scale=None, causal=False, window=None, mask=None, sinks=None,
            softcap=0.0, alibi=None):
-    """DESIGN §1 written row by row, the sink as one more logit of a plain softmax."""
+    """docs/design.md's semantics row by row, the sink as one more logit of a plain softmax."""
     b_, lq, hq, dk = q.shape
     lk, hkv, dv = k.shape[1], k.shape[2], v.shape[-1]
     scale = dk ** -0.5 if scale is None else scale
