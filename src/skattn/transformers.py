@@ -1,0 +1,195 @@
+"""Hugging Face transformers integration: `register()` adds skattn as an attention implementation.
+
+    import skattn.transformers
+    skattn.transformers.register()                          # "skattn", policy auto
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="skattn")
+    skattn.transformers.register(policy="llamacpp", name="skattn-llamacpp")
+    model.set_attn_implementation("skattn-llamacpp")
+
+transformers hands q/k/v over as [B, H, L, D]; skattn reads transposed views of them
+([B, L, H, D], last dim contiguous). The plain causal case (no padding, the last query at
+the last key, as with a dynamic cache) runs bottom-right `causal=True` with no mask, and a
+sliding-window layer adds `window=`; any other pattern (padding, a static cache's unwritten
+tail, packed sequences) arrives as an additive mask built by the mask function registered
+beside the attention function. GPT-OSS's sinks (`s_aux`) become `sinks=`, Gemma's logit
+softcapping `softcap=`. Inside `torch.compile` the call goes through the custom op
+`torch.ops.skattn.attention` (no graph break); in eager code through `skattn.attention`
+with a cached plan (less host time).
+"""
+from __future__ import annotations
+
+import torch
+
+import skattn
+from skattn import ops
+
+__all__ = ["register", "attention_forward", "attention_mask", "NAME"]
+
+NAME = "skattn"
+
+
+def _interfaces():
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface
+    except ImportError as exc:
+        raise ImportError("skattn.transformers needs the transformers package "
+                          "(pip install 'skattn[transformers]')") from exc
+    return AttentionInterface, AttentionMaskInterface
+
+
+def register(policy: str = ops.DEFAULT_POLICY, name: str = NAME) -> str:
+    """Register skattn in transformers' AttentionInterface and AttentionMaskInterface.
+
+    Parameters
+    ----------
+    policy : str
+        The planner's policy for every attention call of models using `name` ("auto",
+        "llamacpp", "llamacpp-master", ...; see `skattn.plan`).
+    name : str
+        The `attn_implementation` name; registering a name again replaces its policy.
+        It must not contain "/" (transformers reads such names as hub kernels) nor "sdpa",
+        "flash" or "flex_attention" (transformers applies those back ends' checks).
+
+    Returns
+    -------
+    str
+        `name`, for `from_config(..., attn_implementation=name)` or
+        `model.set_attn_implementation(name)`.
+    """
+    ops._check_policy(policy)
+    if "/" in name or any(word in name for word in ("sdpa", "flash", "flex_attention")):
+        raise ValueError(f"attention implementation name {name!r} would be taken for one of "
+                         "transformers' own back ends or a hub kernel")
+    attention_interface, mask_interface = _interfaces()
+    attention_interface.register(name, _Forward(policy))
+    mask_interface.register(name, attention_mask)
+    return name
+
+
+class _Forward:
+    """transformers' attention-function signature, bound to one planner policy."""
+
+    def __init__(self, policy: str):
+        self.policy = policy
+
+    def __call__(self, module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                 is_causal=None, sliding_window=None, softcap=None, s_aux=None, **kwargs):
+        return attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                 scaling=scaling, is_causal=is_causal,
+                                 sliding_window=sliding_window, softcap=softcap, s_aux=s_aux,
+                                 policy=self.policy)
+
+
+def attention_forward(module, query, key, value, attention_mask, *, dropout=0.0, scaling=None,
+                      is_causal=None, sliding_window=None, softcap=None, s_aux=None,
+                      policy=ops.DEFAULT_POLICY):
+    """One attention call from a transformers model.
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+        The model's attention module (its `is_causal` and `training` are read).
+    query : Tensor [B, Hq, Lq, D]
+    key, value : Tensor [B, Hkv, Lk, D] (f16 or bf16: the KV cache)
+    attention_mask : Tensor [B or 1, 1, Lq, Lk] or None
+        None: bottom-right causal (with `sliding_window`, if given). A float mask is additive;
+        a bool mask keeps the keys that are True. Either one replaces causal and window.
+    dropout : float
+        Must be 0 in training mode (skattn has no dropout).
+    scaling : float, optional
+    is_causal : bool, optional
+        Default: `module.is_causal` (True when the module has none).
+    sliding_window : int, optional
+    softcap : float, optional
+    s_aux : Tensor [Hq], optional
+        Attention sinks (GPT-OSS).
+    policy : str
+
+    Returns
+    -------
+    (Tensor [B, Lq, Hq, D], None)
+        The output in transformers' layout, and no attention weights.
+    """
+    if dropout and module.training:
+        raise ValueError("skattn has no attention dropout: use model.eval() or dropout 0")
+    q, k, v = (x.transpose(1, 2) for x in (query, key, value))
+    mask = window = None
+    if attention_mask is None:
+        causal = getattr(module, "is_causal", True) if is_causal is None else bool(is_causal)
+        window = sliding_window if causal else None
+    else:
+        mask, causal = _additive(attention_mask, q.shape[2]), False
+    sinks = s_aux.float() if s_aux is not None else None
+    kw = dict(scale=scaling, causal=causal, window=window, mask=mask, sinks=sinks,
+              softcap=float(softcap or 0.0))
+    if torch.compiler.is_compiling():
+        out = ops.attention(q, k, v, policy=policy, **kw)
+    else:
+        plan = ops.plan_for(q, k, v, causal=causal, window=window, policy=policy)
+        out = skattn.attention(q, k, v, plan=plan, **kw)
+    return out, None
+
+
+def _additive(mask: torch.Tensor, heads: int) -> torch.Tensor:
+    """[B|1, 1, Lq, Lk] bool or float mask -> skattn's additive [B|1, Lq, Lk]."""
+    if mask.dim() != 4 or mask.shape[1] != 1:
+        raise ValueError(f"skattn takes attention masks of shape [B or 1, 1, Lq, Lk] (one mask for "
+                         f"all {heads} heads), got {tuple(mask.shape)}")
+    if mask.dtype == torch.bool:
+        mask = _where(mask, torch.float32)
+    mask = mask[:, 0]
+    return mask if mask.stride(-1) == 1 else mask.contiguous()
+
+
+def _where(allowed: torch.Tensor, dtype) -> torch.Tensor:
+    zero = torch.zeros((), dtype=dtype, device=allowed.device)
+    return torch.where(allowed, zero, torch.full_like(zero, float("-inf")))
+
+
+def attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
+                   attention_mask=None, local_size=None, allow_is_causal_skip=True,
+                   allow_is_bidirectional_skip=False, dtype=torch.float32, config=None,
+                   use_vmap=False, device="cpu", **kwargs):
+    """transformers' mask-interface function for skattn.
+
+    Returns None where the attention call can run without a mask: no padding, the last query
+    at the last key (bottom-right causal, what skattn's `causal=True` computes), and no
+    window or the model's own `sliding_window` (which the attention call receives). Otherwise
+    an additive mask [B, 1, Lq, Lk] in `dtype` (0 = keep, -inf = hide), built from transformers'
+    boolean mask.
+    """
+    from transformers.masking_utils import (_ignore_bidirectional_mask_sdpa,
+                                            causal_mask_function, prepare_padding_mask,
+                                            sdpa_mask)
+
+    mask_function = mask_function or causal_mask_function
+    padding = prepare_padding_mask(attention_mask, kv_length, kv_offset)
+    if allow_is_causal_skip and _bottom_right(padding, q_length, kv_length, q_offset, kv_offset,
+                                              local_size, config):
+        return None
+    if allow_is_bidirectional_skip and _ignore_bidirectional_mask_sdpa(padding, kv_length, local_size):
+        return None
+    allowed = sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length,
+                        q_offset=q_offset, kv_offset=kv_offset, mask_function=mask_function,
+                        attention_mask=attention_mask, local_size=local_size,
+                        allow_is_causal_skip=False, use_vmap=use_vmap, device=device)
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        dtype = torch.float32
+    return _where(allowed, dtype)
+
+
+def _bottom_right(padding, q_length, kv_length, q_offset, kv_offset, local_size, config) -> bool:
+    from transformers.utils.import_utils import is_tracing
+
+    if isinstance(q_offset, torch.Tensor) or isinstance(kv_offset, torch.Tensor):
+        return False  # a static cache: positions live on the device, keys past them are unwritten
+    if q_offset + q_length != kv_offset + kv_length:
+        return False
+    if local_size is not None and local_size != getattr(config, "sliding_window", None):
+        return False  # a pattern other than the sliding window (chunked attention)
+    if padding is None:
+        return True
+    if is_tracing(padding):
+        return False
+    return bool(padding[:, kv_offset:kv_offset + kv_length].all())
