@@ -1,6 +1,6 @@
 """Split decode times into a fixed cost and a streaming rate: time = a + bytes / B.
 
-  python3 scripts/fixed_cost.py benchmarks/results/s4/bench-grid-s4.csv [more.csv ...] [--n 1]
+  python3 scripts/fixed_cost.py benchmarks/results/grid/bench-grid.csv [more.csv ...] [--n 1]
 
 For each (provider, variant, model, n) of `skattn bench` CSVs (a later file's rows replace
 an earlier one's for the same cell) with three or more depths,

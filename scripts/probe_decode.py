@@ -301,7 +301,7 @@ def _time_stream(timer, rows, L, N, k, args, label, **fields):
 
 def prefetch(rows):
     """L2 prefetch PF blocks ahead in the minimal stream kernel (4 stages). It lost at every
-    distance, here and in skattn's decode kernel (ae470a8, PERF.md), so the kernel has none."""
+    distance, here and in skattn's decode kernel (PERF.md), so the kernel has none."""
     timer = ColdTimer(flush="read")
     for L, k, v, qs, out, N in _stream_cells((8192, CELL[2])):
         Hkv = k.shape[2]
@@ -328,7 +328,7 @@ def layout(rows):
 
 def rows64(rows):
     """Decode tiles of 17-32 rows (n=4 at ratio 8, n=8 at ratio 4) stream slower than 16- or
-    64-row tiles (fixed_cost.py on s4/bench-grid-s4.csv): the default BLOCK_M vs 64."""
+    64-row tiles (fixed_cost.py on a bench CSV): the default BLOCK_M vs 64."""
     timer = ColdTimer(flush="read")
     cells = (("gpt-oss", 4, 8192), ("gpt-oss", 4, 32768), ("llama-8b", 8, 8192),
              ("llama-8b", 8, 32768), ("qwen3moe-30b-a3b", 4, 16384), ("llama-70b", 4, 32768),

@@ -5,8 +5,8 @@
 probe_decode.py's minimal kernel that streams K/V blocks with the decode kernel's grid and
 loads (llama-8b n=1; 16-row tile, BLOCK_N 64, 4 stages, its dots) stamps %globaltimer when
 each program starts and ends (TIMELINE). An empty kernel of the same grid shows the launch
-alone. (s5/probe_timeline-3fca1d4 came from this script's first version: a copy of that
-kernel that also counted %clock64 cycles.) Printed per (L, N): the call's event time, the span from the first start
+alone. (The cycles column of benchmarks/results/timeline/stream.csv comes from a version of
+that kernel that also counted %clock64 cycles.) Printed per (L, N): the call's event time, the span from the first start
 to the last end, how far apart the starts and the ends are, and the programs' durations.
 `attention`: skattn's own decode call instead (auto's plan, stamps from `launch.run(stamps=)`):
 when its programs start, finish their KV loop and end, and when the fixup programs start,
