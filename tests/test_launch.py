@@ -56,7 +56,7 @@ def test_whole_tile_plan_launches_no_fixup(recorded):
     p = run(512, None, kv_len=16384)
     assert p.fixup == "none" and p.nblocks == p.ntiles_dst and p.per_tile_ranges
     (grid, kw), = recorded["main"].calls
-    assert grid == (p.ntiles_dst,) and kw["PER_TILE_RANGES"] and not kw["FUSED"]
+    assert grid == (p.ntiles_dst, 1, 1) and kw["PER_TILE_RANGES"] and not kw["FUSED"]
     assert not recorded["uniform"].calls and not recorded["general"].calls
 
 

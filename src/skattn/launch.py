@@ -1,35 +1,32 @@
-"""Turn a Plan into kernel launches: per-plan device buffers, constants and grids."""
+"""Turn a Plan into kernel launches.
+
+`bind(plan, device)` computes once everything that depends only on the plan: grids, the
+work list's tables on the device, fastdiv constants, PDL, merge steps and the kernels'
+compile-time constants. A call then packs its tensors into the argument list and launches
+the compiled kernels directly (Triton's `CompiledKernel.run`), keyed by what changes their
+code: the plan's constants, the features present, the tensors' strides and 16-byte alignment.
+The first call of each key goes through Triton's JIT launcher, which compiles or finds the
+kernel; under the interpreter, with time stamps or with Triton launch hooks, every call does.
+"""
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
 import torch
+from triton import knobs
 
+from skattn import buffers as ws
 from skattn.device import interpreting
 from skattn.fastdiv import magic
+from skattn.kernels import attention as _main
+from skattn.kernels import fixup as _fixup
 from skattn.planner import Plan
 
 LOG2E = 1.4426950408889634
-FIXUP_DV = 32  # Dv columns per fixup program
-FIXUP_ROWS = 16  # tile rows per fixup program
-MERGE_ELEMENTS_PER_THREAD = 64  # f32 values of partials one merge step loads per thread
-# the same in the fused merge, whose registers are free after the KV loop (16 pieces a step:
-# qwen3moe n=2 N=264 28.5 vs 32.5 us with 4, PERF.md)
-FUSED_MERGE_ELEMENTS = 256
-# Dv columns per merge step in the fused fixup (None: all of Dv at once; 32-column steps were
-# 1.1-1.2x slower at decode, PERF.md)
-FUSED_DV = None
-# Programmatic dependent launch (sm_90+): the separate fixup kernel is launched while the main
-# kernel runs and waits in the GPU for its partials, hiding the second launch's latency
-USE_PDL = True
-# where the main kernel lets the fixup launch: "end" (after its last store) measured 0.4-2.8 us
-# faster than "start" in every decode cell of the probe (PERF.md)
-PDL_TRIGGER = "end"
-# the separate fixups wait for all loads of a merge step at once (one memory latency a step
-# instead of two): fixup 2.1-4.1 -> 1.4-2.4 us a call (scripts/probe_timeline.py attention)
-MERGE_LOADS_FIRST = True
+_COMPILED: dict = {}  # call key -> (CompiledKernel, its constant parameters in order)
+_KEYS: dict = {}  # a bound plan's contribution to call keys -> a small integer
+_I32 = 1 << 31
 
 
 def _many_pieces(plan: Plan) -> bool:
@@ -39,161 +36,209 @@ def _many_pieces(plan: Plan) -> bool:
     return plan.nblocks >= 4 * plan.ntiles_dst
 
 
-def _pdl(plan: Plan, device: torch.device) -> bool:
-    if not USE_PDL or interpreting() or plan.fixup not in ("uniform", "general"):
-        return False
-    if not _many_pieces(plan):
-        return False
-    device = torch.device(device)
-    return device.type == "cuda" and _sm90_or_newer(device.index)
-
-
-@functools.lru_cache(maxsize=None)
-def _sm90_or_newer(index: int | None) -> bool:
-    """Asked of the driver once per device, not on every launch."""
-    return torch.cuda.get_device_capability(index)[0] >= 9
-
-
-def pieces_per_step(block_m: int, block_dv: int, num_warps: int,
-                    elements: int = MERGE_ELEMENTS_PER_THREAD) -> int:
+def pieces_per_step(block_m: int, block_dv: int, num_warps: int, elements: int) -> int:
     """Partials merged per step: as many as fit `elements` f32 per thread (a power of 2)."""
     budget = num_warps * 32 * elements // (block_m * block_dv)
     return max(1, min(16, 1 << max(0, budget.bit_length() - 1)))
 
 
-@dataclass(frozen=True)
-class Buffers:
-    """Allocated once per (plan, device) and reused by every call with that plan."""
-
-    ws_o: torch.Tensor      # [nblocks * 2, BLOCK_M, Dv] f32 partial outputs
-    ws_m: torch.Tensor      # [nblocks * 2, BLOCK_M] f32 partial maxima (log2 units)
-    ws_l: torch.Tensor      # [nblocks * 2, BLOCK_M] f32 partial sums
-    counters: torch.Tensor  # [ntiles_dst] int32, fused fixup only; reset by the kernel
-    jt_off: torch.Tensor    # [ntiles_x + 1] int32: token block offsets in a group's work
-    kv_first: torch.Tensor  # [ntiles_x] int32: first visible KV block per token block
-    fastdiv: tuple[int, ...]  # (mp, shift) for ntiles_x, ntiles_z, kv_heads, group_work
+def fixup_grid(plan: Plan) -> tuple[int, int, int]:
+    """Grid of the separate fixup: (tiles for uniform, programs for general) x chunks of
+    `tuning.fixup_dv` columns x chunks of `tuning.fixup_rows` rows (whole tiles for plans
+    with few pieces a tile)."""
+    g, t = plan.geometry, plan.tuning
+    fix_dv = min(g.block_dv, t.fixup_dv)
+    fix_m = min(g.block_m, t.fixup_rows) if _many_pieces(plan) else g.block_m
+    first = plan.ntiles_dst if plan.fixup == "uniform" else plan.nblocks
+    return first, g.block_dv // fix_dv, g.block_m // fix_m
 
 
-_BUFFERS: dict[tuple[Plan, torch.device], Buffers] = {}
+def _spec(x: int) -> tuple[bool, bool, bool]:
+    """What Triton specialises an integer argument on: == 1, divisible by 16, fits int32."""
+    return x == 1, x % 16 == 0, -_I32 <= x < _I32
 
 
-def buffers(plan: Plan, device: torch.device) -> Buffers:
-    key = (plan, torch.device(device))
-    if key not in _BUFFERS:
-        rows = plan.nblocks * 2 if plan.fixup != "none" else 1
-        bm = plan.geometry.block_m
-        f32 = dict(device=device, dtype=torch.float32)
-        _BUFFERS[key] = Buffers(
-            ws_o=torch.empty(rows, bm, plan.head_dim_v, **f32),
-            ws_m=torch.empty(rows, bm, **f32),
-            ws_l=torch.empty(rows, bm, **f32),
-            counters=torch.zeros(max(1, plan.ntiles_dst) if plan.fixup == "fused" else 1,
-                                 device=device, dtype=torch.int32),
-            jt_off=torch.tensor(plan.jt_offsets, device=device, dtype=torch.int32),
-            kv_first=torch.tensor(plan.kv_first, device=device, dtype=torch.int32),
-            fastdiv=tuple(x for d in (plan.ntiles_x, plan.ntiles_z, plan.kv_heads, plan.group_work)
-                          for x in magic(max(1, d))),
-        )
-    return _BUFFERS[key]
+@dataclass
+class Bound:
+    """A plan bound to one device: everything a call needs besides its tensors."""
+
+    plan: Plan
+    device: torch.device
+    jt_off: torch.Tensor      # [ntiles_x + 1] int32: token block offsets in a group's work
+    kv_first: torch.Tensor    # [ntiles_x] int32: first visible KV block per token block
+    main_ints: tuple          # the main kernel's integer arguments after the pointers
+    main_const: dict          # its compile-time constants that depend only on the plan
+    main_grid: tuple
+    fix_kernel: str | None    # "uniform", "general" or None
+    fix_ints: tuple
+    fix_const: dict
+    fix_grid: tuple
+    pdl: bool
+    layout: tuple
+    need: int
+    kid: int                  # what the plan contributes to the compiled kernels' keys
+    fd: tuple                 # fastdiv (multiplier, shift) of ntiles_x, ntiles_z, kv_heads, group_work
+    consts: dict              # per feature set: the kernels' compile-time constants
+
+
+def bind(plan: Plan, device) -> Bound:
+    """The plan bound to `device`, made once and kept on the plan object."""
+    device = torch.device(device)
+    cache = plan.__dict__.setdefault("_bound", {})
+    b = cache.get(device)
+    if b is None:
+        b = cache[device] = _bind(plan, device)
+    return b
+
+
+def _pdl(plan: Plan, device: torch.device) -> bool:
+    if not plan.tuning.pdl or interpreting() or plan.fixup not in ("uniform", "general"):
+        return False
+    if not _many_pieces(plan) or device.type != "cuda":
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _bind(plan: Plan, device: torch.device) -> Bound:
+    g, t = plan.geometry, plan.tuning
+    fd = tuple(x for d in (plan.ntiles_x, plan.ntiles_z, plan.kv_heads, plan.group_work)
+               for x in magic(max(1, d)))
+    pdl = _pdl(plan, device)
+    fused_dv = min(g.block_dv, t.fused_dv or g.block_dv)  # Dv columns per fused merge step
+    # the fused merge reads only the rows the tile's heads and tokens fill (n = 1, ratio 4:
+    # 4 of 16), so a step holds 4x the pieces' values in flight
+    fused_rows = min(g.block_m, 1 << (g.heads_per_tile * g.tokens_per_tile - 1).bit_length())
+    common = dict(HEAD_DIM_V=plan.head_dim_v, BLOCK_M=g.block_m, BLOCK_DV=g.block_dv,
+                  HEADS_PER_TILE=g.heads_per_tile, TOKENS_PER_TILE=g.tokens_per_tile,
+                  USE_FASTDIV=plan.fastdiv)
+    main_ints = (plan.q_len, plan.kv_len, plan.gqa_ratio, plan.kv_heads, plan.ntiles_x,
+                 plan.ntiles_z, plan.group_work, plan.work, plan.nblocks, plan.split,
+                 plan.kv_first[0])
+    main_const = dict(
+        HEAD_DIM=plan.head_dim, BLOCK_N=g.block_n, BLOCK_DK=g.block_dk, DK_CHUNKS=g.dk_chunks,
+        CAUSAL=plan.causal or plan.window is not None, HAS_WINDOW=plan.window is not None,
+        FUSED=plan.fixup == "fused", PER_TILE_RANGES=plan.per_tile_ranges,
+        ONE_TOKEN_BLOCK=plan.ntiles_x == 1, FIX_DV=fused_dv, FIX_ROWS=fused_rows,
+        MERGE_PIECES=pieces_per_step(fused_rows, fused_dv, g.num_warps, t.fused_merge_elements),
+        USE_PDL=(1 if t.pdl_trigger == "start" else 2) if pdl else 0,
+        num_warps=g.num_warps, num_stages=g.num_stages, **common)
+    fix_grid = fixup_grid(plan)
+    fix_dv, fix_m = g.block_dv // fix_grid[1], g.block_m // fix_grid[2]
+    fix_const = dict(common, BLOCK_DV=fix_dv, ROWS=fix_m, USE_PDL=pdl, num_warps=4,
+                     MERGE_PIECES=pieces_per_step(fix_m, fix_dv, 4, t.merge_elements),
+                     LOADS_FIRST=t.merge_loads_first)
+    if pdl:
+        fix_const["launch_pdl"] = True
+    fix_kernel = plan.fixup if plan.fixup in ("uniform", "general") else None
+    if fix_kernel == "uniform":
+        fix_ints = (plan.q_len, plan.gqa_ratio, plan.kv_heads, plan.ntiles_x, plan.ntiles_z,
+                    plan.split, *fd[:6])
+    else:
+        fix_ints = (plan.q_len, plan.gqa_ratio, plan.kv_heads, plan.ntiles_x, plan.ntiles_z,
+                    plan.group_work, plan.work, plan.nblocks, *fd[2:8])
+    i32 = dict(device=device, dtype=torch.int32)
+    key = (device, tuple(sorted(main_const.items())), tuple(sorted(fix_const.items())),
+           fix_kernel, tuple(_spec(x) for x in (*main_ints, *fd, *fix_ints, plan.window or 0)))
+    kid = _KEYS.setdefault(key, len(_KEYS))
+    return Bound(plan, device, torch.tensor(plan.jt_offsets, **i32),
+                 torch.tensor(plan.kv_first, **i32), (*main_ints,), main_const,
+                 (plan.nblocks, 1, 1), fix_kernel, fix_ints, fix_const, fix_grid, pdl,
+                 ws.layout(plan), ws.nbytes(plan), kid, fd, {})
+
+
+def _launch(kernel, key, args: tuple, const: dict, grid: tuple, stream) -> None:
+    """Launch `kernel`: the compiled kernel directly when `key` was seen (key None: always
+    through Triton's launcher)."""
+    hit = _COMPILED.get(key) if key is not None else None
+    if hit is not None:
+        ck, tail = hit
+        ck.run(grid[0], grid[1], grid[2], stream, ck.function, ck.packed_metadata, None,
+               None, None, *args, *tail)
+        return
+    ck = kernel[grid](*args, **const)
+    if key is not None and hasattr(ck, "packed_metadata"):
+        # the launcher takes every parameter in order, compile-time constants included
+        tail = tuple(const.get(name) for name in kernel.arg_names[len(args):])
+        _COMPILED[key] = (ck, tail)
 
 
 def run(plan: Plan, q, k, v, out, lse, *, scale: float, mask=None, sinks=None, softcap=0.0,
-        alibi_slopes=None, main_only: bool = False, stamps=None) -> None:
+        alibi_slopes=None, workspace=None, main_only: bool = False, stamps=None) -> None:
     """Launch the main kernel and, for uniform/general plans, the fixup kernel.
 
-    `main_only` skips the separate fixup (a diagnostic: the output is then incomplete).
+    `workspace`: a caller's buffer (`skattn.workspace(plan)`), else the pool of the current
+    stream. `main_only` skips the separate fixup (a diagnostic: the output is then incomplete).
     `stamps` (a diagnostic, GPU only): int64 tensors (main [nblocks, 4], fixup
-    [prod(fixup_grid(plan)), 4])
-    that receive each program's %globaltimer stamps (main: start, first tile's KV loop done,
-    end; uniform fixup: start, partials ready, end) and its SM in column 3.
+    [prod(fixup_grid(plan)), 4]) that receive each program's %globaltimer stamps (main: start,
+    first tile's KV loop done, end; uniform fixup: start, partials ready, end) and its SM in
+    column 3.
     """
-    from skattn.kernels.attention import attention_kernel
-    from skattn.kernels.fixup import general_fixup_kernel, uniform_fixup_kernel
-
-    g = plan.geometry
+    device = q.device
+    if device.type == "cuda" and device.index != torch.cuda.current_device():
+        with torch.cuda.device(device):  # Triton launches on the current device
+            return run(plan, q, k, v, out, lse, scale=scale, mask=mask, sinks=sinks,
+                       softcap=softcap, alibi_slopes=alibi_slopes, workspace=workspace,
+                       main_only=main_only, stamps=stamps)
+    b = bind(plan, device)
     if stamps is not None:
-        _check_stamps(plan, stamps, q.device)
-    buf = buffers(plan, q.device)
+        _check_stamps(plan, stamps, device)
+    cuda = device.type == "cuda" and not interpreting()
+    stream = torch._C._cuda_getCurrentRawStream(device.index) if cuda else 0
+    if workspace is not None:
+        ws_o, ws_m, ws_l, counters = ws.caller_views(workspace, b.layout, b.need, device)
+    else:
+        ws_o, ws_m, ws_l, counters = ws.pooled(b.layout, b.need, device, stream)
+    fast = (cuda and stamps is None and knobs.runtime.launch_enter_hook is None
+            and knobs.runtime.launch_exit_hook is None)
+    if softcap:
+        qk_scale, softcap_scale = softcap * LOG2E, scale / softcap
+    else:
+        qk_scale, softcap_scale = scale * LOG2E, 1.0
+    features = (mask is not None, sinks is not None, alibi_slopes is not None, bool(softcap),
+                lse is not None, interpreting() and k.dtype == torch.bfloat16, stamps is not None)
+    consts = b.consts.get(features)
+    if consts is None:
+        consts = b.consts[features] = _consts(b, features)
+    main_const, fix_const = consts
     placeholder = out
     mask_t = mask if mask is not None else placeholder
     smb, smm = (mask.stride(0) if mask.shape[0] > 1 else 0, mask.stride(1)) if mask is not None else (0, 0)
     lse_t = lse if lse is not None else placeholder
     slb, slh = (lse.stride(0), lse.stride(1)) if lse is not None else (0, 0)
-    if softcap:
-        qk_scale, softcap_scale = softcap * LOG2E, scale / softcap
-    else:
-        qk_scale, softcap_scale = scale * LOG2E, 1.0
-    ratio = plan.gqa_ratio
-    fused_dv = min(g.block_dv, FUSED_DV or g.block_dv)  # Dv columns per fused merge step
-    # the fused merge reads only the rows the tile's heads and tokens fill (n = 1, ratio 4:
-    # 4 of 16), so a step holds 4x the pieces' values in flight
-    fused_rows = min(g.block_m, 1 << (g.heads_per_tile * g.tokens_per_tile - 1).bit_length())
-    fd_x, fd_z, fd_h, fd_w = (buf.fastdiv[i:i + 2] for i in (0, 2, 4, 6))
-    pdl = _pdl(plan, q.device) and not main_only
-    launch_kw = dict(launch_pdl=True) if pdl else {}
-    pdl_mode = (1 if PDL_TRIGGER == "start" else 2) if pdl else 0
-    common = dict(
-        HEAD_DIM_V=plan.head_dim_v, BLOCK_M=g.block_m, BLOCK_DV=g.block_dv,
-        HEADS_PER_TILE=g.heads_per_tile, TOKENS_PER_TILE=g.tokens_per_tile,
-        HAS_SINKS=sinks is not None, RETURN_LSE=lse is not None, USE_FASTDIV=plan.fastdiv,
-    )
-    out_args = (out, out.stride(0), out.stride(1), out.stride(2), lse_t, slb, slh,
-                sinks if sinks is not None else placeholder)
-    attention_kernel[(plan.nblocks,)](
-        q, q.stride(0), q.stride(1), q.stride(2),
-        k, k.stride(0), k.stride(1), k.stride(2),
-        v, v.stride(0), v.stride(1), v.stride(2),
-        out, out.stride(0), out.stride(1), out.stride(2),
-        lse_t, slb, slh,
-        mask_t, smb, smm,
-        sinks if sinks is not None else placeholder,
-        alibi_slopes if alibi_slopes is not None else placeholder,
-        buf.ws_o, buf.ws_m, buf.ws_l, buf.counters, buf.jt_off, buf.kv_first,
-        plan.q_len, plan.kv_len, ratio, plan.kv_heads, plan.ntiles_x, plan.ntiles_z,
-        plan.group_work, plan.work, plan.nblocks, plan.split, plan.kv_first[0],
-        qk_scale, softcap_scale, plan.window or 0,
-        *fd_x, *fd_z, *fd_h, *fd_w,
-        HEAD_DIM=plan.head_dim, BLOCK_N=g.block_n, BLOCK_DK=g.block_dk, DK_CHUNKS=g.dk_chunks,
-        CAUSAL=plan.causal or plan.window is not None, HAS_WINDOW=plan.window is not None,
-        HAS_MASK=mask is not None, HAS_ALIBI=alibi_slopes is not None, SOFTCAP=bool(softcap),
-        FUSED=plan.fixup == "fused", PER_TILE_RANGES=plan.per_tile_ranges,
-        DOT_F32=interpreting() and k.dtype == torch.bfloat16,
-        ONE_TOKEN_BLOCK=plan.ntiles_x == 1, FIX_DV=fused_dv, FIX_ROWS=fused_rows,
-        MERGE_PIECES=pieces_per_step(fused_rows, fused_dv, g.num_warps, FUSED_MERGE_ELEMENTS),
-        USE_PDL=pdl_mode, **_timeline(stamps, 0),
-        num_warps=g.num_warps, num_stages=g.num_stages, **common,
-    )
-    # -- fixups: one program per (tile, FIXUP_DV columns of Dv, FIXUP_ROWS rows)
-    grid = fixup_grid(plan)
-    fix_dv, fix_m = g.block_dv // grid[1], g.block_m // grid[2]
-    common.update(BLOCK_DV=fix_dv, ROWS=fix_m, USE_PDL=pdl,
-                  MERGE_PIECES=pieces_per_step(fix_m, fix_dv, 4), LOADS_FIRST=MERGE_LOADS_FIRST)
-    if main_only:
+    sinks_t = sinks if sinks is not None else placeholder
+    slopes_t = alibi_slopes if alibi_slopes is not None else placeholder
+    qs, ks, vs, os_ = q.stride(), k.stride(), v.stride(), out.stride()
+    args = (q, qs[0], qs[1], qs[2], k, ks[0], ks[1], ks[2], v, vs[0], vs[1], vs[2],
+            out, os_[0], os_[1], os_[2], lse_t, slb, slh, mask_t, smb, smm, sinks_t,
+            slopes_t,
+            ws_o, ws_m, ws_l, counters, b.jt_off, b.kv_first, *b.main_ints,
+            qk_scale, softcap_scale, plan.window or 0, *b.fd)
+    key = None
+    if fast:  # what changes the compiled code besides the plan: features, strides, alignment
+        key = (b.kid, features, qs, ks, vs, os_, slb, slh, smb, smm,
+               *(x.data_ptr() % 16 == 0 for x in (q, k, v, out, lse_t, mask_t, sinks_t, slopes_t)))
+    elif stamps is not None:
+        main_const = dict(main_const, STAMPS=stamps[0], TIMELINE=True)
+        if b.fix_kernel == "uniform":
+            fix_const = dict(fix_const, STAMPS=stamps[1], TIMELINE=True)
+    _launch(_main.attention_kernel, key, args, main_const, b.main_grid, stream)
+    if main_only or b.fix_kernel is None:
         return
-    if plan.fixup == "uniform":
-        uniform_fixup_kernel[grid](
-            *out_args, buf.ws_o, buf.ws_m, buf.ws_l,
-            plan.q_len, ratio, plan.kv_heads, plan.ntiles_x, plan.ntiles_z, plan.split,
-            *fd_x, *fd_z, *fd_h, num_warps=4, **_timeline(stamps, 1), **launch_kw, **common)
-    elif plan.fixup == "general":
-        general_fixup_kernel[grid](
-            *out_args, buf.ws_o, buf.ws_m, buf.ws_l, buf.jt_off,
-            plan.q_len, ratio, plan.kv_heads, plan.ntiles_x, plan.ntiles_z, plan.group_work,
-            plan.work, plan.nblocks, *fd_z, *fd_h, *fd_w, num_warps=4, **launch_kw, **common)
+    out_args = (out, os_[0], os_[1], os_[2], lse_t, slb, slh, sinks_t, ws_o, ws_m, ws_l)
+    if b.fix_kernel == "uniform":
+        kernel, fargs = _fixup.uniform_fixup_kernel, (*out_args, *b.fix_ints)
+    else:
+        kernel, fargs = _fixup.general_fixup_kernel, (*out_args, b.jt_off, *b.fix_ints)
+    _launch(kernel, key and (*key, "fixup"), fargs, fix_const, b.fix_grid, stream)
 
 
-def fixup_grid(plan: Plan) -> tuple[int, int, int]:
-    """Grid of the separate fixup: (tiles for uniform, programs for general) x chunks of
-    FIXUP_DV columns x chunks of FIXUP_ROWS rows (whole tiles for few-piece plans)."""
-    g = plan.geometry
-    fix_dv = min(g.block_dv, FIXUP_DV)
-    fix_m = min(g.block_m, FIXUP_ROWS) if _many_pieces(plan) else g.block_m
-    first = plan.ntiles_dst if plan.fixup == "uniform" else plan.nblocks
-    return first, g.block_dv // fix_dv, g.block_m // fix_m
-
-
-def _timeline(stamps, i: int) -> dict:
-    return dict(STAMPS=stamps[i], TIMELINE=True) if stamps is not None else {}
+def _consts(b: Bound, features: tuple) -> tuple[dict, dict]:
+    """The kernels' compile-time constants for one set of features."""
+    has_mask, has_sinks, has_alibi, softcap, has_lse, dot_f32, _ = features
+    main = dict(b.main_const, HAS_MASK=has_mask, HAS_SINKS=has_sinks, HAS_ALIBI=has_alibi,
+                SOFTCAP=softcap, RETURN_LSE=has_lse, DOT_F32=dot_f32)
+    fix = dict(b.fix_const, HAS_SINKS=has_sinks, RETURN_LSE=has_lse)
+    return main, fix
 
 
 def _check_stamps(plan: Plan, stamps, device) -> None:

@@ -9,7 +9,9 @@ from skattn.kernels.tile import LOG2E
 def load_q(Q, b, qi, head, valid, stride_qb, stride_qm, stride_qh, chunk,
            HEAD_DIM: tl.constexpr, BLOCK_DK: tl.constexpr, DTYPE: tl.constexpr):
     dk = chunk * BLOCK_DK + tl.arange(0, BLOCK_DK)
-    ptrs = Q + b * stride_qb + qi[:, None] * stride_qm + head[:, None] * stride_qh + dk[None, :]
+    # the batch offset in 64 bits: a cache of B x Lk x H x D elements can pass 2**31
+    ptrs = (Q + tl.cast(b, tl.int64) * stride_qb + qi[:, None] * stride_qm + head[:, None] * stride_qh
+            + dk[None, :])
     q = tl.load(ptrs, mask=valid[:, None] & (dk[None, :] < HEAD_DIM), other=0.0)
     return q.to(DTYPE)
 
@@ -17,8 +19,9 @@ def load_q(Q, b, qi, head, valid, stride_qb, stride_qm, stride_qh, chunk,
 @triton.jit
 def _load_kt(K, kbase, offs_n, kv_len, stride_kn, chunk,
              HEAD_DIM: tl.constexpr, BLOCK_DK: tl.constexpr, MASKED: tl.constexpr):
+    """K^T of one block; `kbase` (64-bit) already points at the block's first key."""
     dk = chunk * BLOCK_DK + tl.arange(0, BLOCK_DK)
-    ptrs = K + kbase + offs_n[None, :] * stride_kn + dk[:, None]
+    ptrs = K + kbase + tl.arange(0, offs_n.shape[0])[None, :] * stride_kn + dk[:, None]
     if MASKED:
         kt = tl.load(ptrs, mask=(offs_n[None, :] < kv_len) & (dk[:, None] < HEAD_DIM), other=0.0)
     elif HEAD_DIM % BLOCK_DK == 0:
@@ -32,7 +35,7 @@ def _load_kt(K, kbase, offs_n, kv_len, stride_kn, chunk,
 def _load_v(V, vbase, offs_n, kv_len, stride_vn,
             HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, MASKED: tl.constexpr):
     dv = tl.arange(0, BLOCK_DV)
-    ptrs = V + vbase + offs_n[:, None] * stride_vn + dv[None, :]
+    ptrs = V + vbase + tl.arange(0, offs_n.shape[0])[:, None] * stride_vn + dv[None, :]
     if MASKED:
         vt = tl.load(ptrs, mask=(offs_n[:, None] < kv_len) & (dv[None, :] < HEAD_DIM_V), other=0.0)
     elif HEAD_DIM_V == BLOCK_DV:
@@ -61,6 +64,9 @@ def _kv_step(acc, m_i, l_i, q, Q, K, V, MASK, slope, b, qi, head, valid, qpos, k
              MASKED: tl.constexpr):
     """One KV block. MASKED=False: the block is inside Lk and visible to every row."""
     offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+    # the block's first key in 64 bits (Lk x row stride can pass 2**31); offsets inside it in 32
+    kbase = kbase + tl.cast(blk * BLOCK_N, tl.int64) * stride_kn
+    vbase = vbase + tl.cast(blk * BLOCK_N, tl.int64) * stride_vn
     # -- scores
     if DK_CHUNKS == 1:
         kt = _load_kt(K, kbase, offs_n, kv_len, stride_kn, 0, HEAD_DIM, BLOCK_DK, MASKED)
@@ -87,11 +93,11 @@ def _kv_step(acc, m_i, l_i, q, Q, K, V, MASK, slope, b, qi, head, valid, qpos, k
         if HAS_WINDOW:
             keep = keep & (offs_n[None, :] > qpos[:, None] - window)
         if HAS_MASK:
-            mptr = MASK + b * stride_mb + qi[:, None] * stride_mm + offs_n[None, :]
+            mptr = MASK + tl.cast(b, tl.int64) * stride_mb + tl.cast(qi, tl.int64)[:, None] * stride_mm + offs_n[None, :]
             s += tl.load(mptr, mask=valid[:, None] & keep, other=0.0).to(tl.float32) * LOG2E
         s = tl.where(keep, s, float("-inf"))
     elif HAS_MASK:
-        mptr = MASK + b * stride_mb + qi[:, None] * stride_mm + offs_n[None, :]
+        mptr = MASK + tl.cast(b, tl.int64) * stride_mb + tl.cast(qi, tl.int64)[:, None] * stride_mm + offs_n[None, :]
         s += tl.load(mptr, mask=valid[:, None], other=0.0).to(tl.float32) * LOG2E
     # -- online softmax; a row with every score -inf so far keeps m = -inf and l = 0
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -115,8 +121,8 @@ def tile_kv_loop(acc, m_i, l_i, q, Q, K, V, MASK, SLOPES, b, g, qi, head, valid,
                  HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, DOT_F32: tl.constexpr):
     """Online softmax over KV blocks [blk_lo, blk_hi) of one tile (scores in log2 units):
     first the blocks that need no mask, then the ones at the causal edge or past Lk."""
-    kbase = b * stride_kb + g * stride_kh
-    vbase = b * stride_vb + g * stride_vh
+    kbase = tl.cast(b, tl.int64) * stride_kb + tl.cast(g, tl.int64) * stride_kh
+    vbase = tl.cast(b, tl.int64) * stride_vb + tl.cast(g, tl.int64) * stride_vh
     qpos = kv_len - q_len + qi
     if HAS_ALIBI:
         slope = tl.load(SLOPES + head, mask=valid, other=0.0).to(tl.float32) * LOG2E

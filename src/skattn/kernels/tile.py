@@ -86,15 +86,16 @@ def finalize_store(acc, m_i, l_i, b, qi, head, valid,
         acc = acc * alpha[:, None]
         l_i = l_i * alpha + tl.exp2(sink - m_safe)
         m_i = m_f
-    has = l_i > 0.0
+    has = l_i != 0.0  # a NaN row stays NaN, in out and lse
     inv = tl.where(has, 1.0 / tl.where(has, l_i, 1.0), 0.0)
     out = acc * inv[:, None]
     dv = dv0 + tl.arange(0, BLOCK_DV)
-    o_ptrs = O + b * stride_ob + qi[:, None] * stride_om + head[:, None] * stride_oh + dv[None, :]
+    o_ptrs = (O + tl.cast(b, tl.int64) * stride_ob + qi[:, None] * stride_om + head[:, None] * stride_oh
+              + dv[None, :])
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=valid[:, None] & (dv[None, :] < HEAD_DIM_V))
     if RETURN_LSE and dv0 == 0:
         lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * LN2, float("-inf"))
-        tl.store(LSE + b * stride_lb + head * stride_lh + qi, lse, mask=valid)
+        tl.store(LSE + tl.cast(b, tl.int64) * stride_lb + head * stride_lh + qi, lse, mask=valid)
 
 
 @triton.jit

@@ -1,0 +1,142 @@
+"""Scratch memory for split tiles' partials: one pool per (device, stream), or the caller's.
+
+A plan needs `plan.workspace_bytes`: two partial slots per program (BLOCK_M rows x (Dv + 2)
+f32: output, maximum, sum) and, for the fused fixup, one int32 counter per tile. The size
+depends on the program count and the tile, never on the KV length, so plans of every decode
+step share one buffer. skattn keeps one pool per (device, stream), grown to the largest plan
+run on it, so two streams never share partials or counters; at most `MAX_POOLS` pools are
+kept (the least recently used is dropped). Under CUDA graphs pass your own buffer
+(`workspace=`, from `skattn.workspace(plan)`): a captured graph keeps the addresses it saw.
+A pool that grows after a graph captured it keeps its old buffer alive for that graph.
+In a caller's buffer the partials start at byte 0 and the fused fixup's counters take the
+last bytes (`allocate(*plans)` sizes one for several plans).
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+
+MAX_POOLS = 16
+_VIEW_CACHE = 64
+
+
+def layout(plan) -> tuple[int, int, int]:
+    """(f32 values of partial outputs, f32 values of maxima (= of sums), int32 counters)."""
+    if plan.fixup == "none":
+        return 0, 0, 0
+    rows = plan.nblocks * 2 * plan.geometry.block_m
+    return rows * plan.head_dim_v, rows, plan.ntiles_dst if plan.fixup == "fused" else 0
+
+
+def nbytes(plan) -> int:
+    o, m, c = layout(plan)
+    return (o + 2 * m) * 4 + c * 4
+
+
+def allocate(*plans, device=None) -> torch.Tensor:
+    """A zeroed workspace for `attention(..., workspace=)` on `device` (default: the current
+    CUDA device) that serves every plan given, one call at a time.
+
+    The fused fixup's counters live in the last bytes and must stay zero between calls (each
+    fused call leaves them so); the partials of every plan given fit below them."""
+    device = torch.device("cuda") if device is None else torch.device(device)
+    floats = max((sum(layout(p)[:2]) + layout(p)[1] for p in plans), default=0)
+    counters = max((layout(p)[2] for p in plans), default=0)
+    return torch.zeros(max(16, (floats + counters) * 4), dtype=torch.uint8, device=device)
+
+
+def views(buf: torch.Tensor, plan_layout, counters: torch.Tensor | None = None):
+    """ws_o, ws_m, ws_l (f32) from the start of the byte buffer `buf` and the counters
+    (int32): `counters`, or else the last bytes of `buf`."""
+    o, m, c = plan_layout
+    f32 = buf[:(o + 2 * m) * 4].view(torch.float32)
+    if counters is None:
+        counters = buf[buf.numel() - max(c, 1) * 4:].view(torch.int32)
+    return f32[:o], f32[o:o + m], f32[o + m:o + 2 * m], counters
+
+
+class _Pool:
+    def __init__(self):
+        self.buf: torch.Tensor | None = None
+        self.counters: torch.Tensor | None = None
+        self.cache: dict = {}
+        self.captured = False
+        self.retired: list[torch.Tensor] = []  # buffers a captured graph may still use
+
+    def get(self, plan_layout, need: int, device) -> tuple[torch.Tensor, ...]:
+        hit = self.cache.get(plan_layout)
+        if hit is not None:
+            return hit
+        floats = (plan_layout[0] + 2 * plan_layout[1]) * 4
+        if self.buf is None or self.buf.numel() < floats:
+            if self.buf is not None and self.captured:
+                self.retired.append(self.buf)
+            self.buf = torch.empty(max(floats, 16), dtype=torch.uint8, device=device)
+            self.cache.clear()
+        if self.counters is None or self.counters.numel() < plan_layout[2]:
+            if self.counters is not None and self.captured:
+                self.retired.append(self.counters)
+            # zeroed: the fused fixup's counters start at 0 and every launch leaves them at 0
+            self.counters = torch.zeros(max(plan_layout[2], 4), dtype=torch.int32, device=device)
+            self.cache.clear()
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            self.captured = True
+        hit = self.cache[plan_layout] = views(self.buf, plan_layout, self.counters)
+        return hit
+
+    def held_bytes(self) -> int:
+        live = [b for b in (self.buf, self.counters) if b is not None]
+        return sum(b.numel() * b.element_size() for b in [*self.retired, *live])
+
+
+_POOLS: OrderedDict[tuple, _Pool] = OrderedDict()
+_CALLER: OrderedDict[tuple, tuple[torch.Tensor, ...]] = OrderedDict()
+
+
+def pooled(plan_layout, need: int, device, stream: int) -> tuple[torch.Tensor, ...]:
+    """Views of the pool of (device, stream), grown to `need` bytes if smaller."""
+    key = (device, stream)
+    pool = _POOLS.get(key)
+    if pool is None:
+        pool = _POOLS[key] = _Pool()
+        while len(_POOLS) > MAX_POOLS:
+            old_key, old = next(iter(_POOLS.items()))
+            if old.captured:  # a graph may replay on it: keep it, move it to the back
+                _POOLS.move_to_end(old_key)
+                if all(p.captured for p in _POOLS.values()):
+                    break
+                continue
+            del _POOLS[old_key]
+    return pool.get(plan_layout, need, device)
+
+
+def caller_views(buf: torch.Tensor, plan_layout, need: int, device) -> tuple[torch.Tensor, ...]:
+    """Views of a caller's workspace, checked once per (buffer, layout)."""
+    key = (buf.data_ptr(), buf.numel() * buf.element_size(), plan_layout)
+    hit = _CALLER.get(key)
+    if hit is not None:
+        return hit
+    if not isinstance(buf, torch.Tensor) or not buf.is_contiguous() or buf.device != device:
+        raise ValueError(f"workspace must be a contiguous tensor on {device}")
+    if buf.numel() * buf.element_size() < need:
+        raise ValueError(f"workspace holds {buf.numel() * buf.element_size()} bytes, the plan needs "
+                         f"{need} (plan.workspace_bytes; skattn.workspace(plan) allocates one)")
+    if buf.data_ptr() % 16:
+        raise ValueError("workspace must be 16-byte aligned")
+    hit = _CALLER[key] = views(buf.view(-1).view(torch.uint8), plan_layout)
+    while len(_CALLER) > _VIEW_CACHE:
+        _CALLER.popitem(last=False)
+    return hit
+
+
+def held_bytes() -> int:
+    """Bytes of workspace skattn holds now (pools, including buffers kept for graphs)."""
+    return sum(p.held_bytes() for p in _POOLS.values())
+
+
+def release() -> None:
+    """Drop every pool. Only when no captured CUDA graph that ran skattn without its own
+    `workspace=` will replay: such a graph keeps the addresses of the pool it saw."""
+    _POOLS.clear()
+    _CALLER.clear()

@@ -1,0 +1,31 @@
+"""64-bit pointer offsets: caches whose batch or row offsets pass 2**31 bytes or elements."""
+import pytest
+import torch
+
+import skattn
+from skattn import reference
+from tolerance import bound, rel_err
+
+pytestmark = pytest.mark.interpret
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter case; test_gpu_reliability covers the GPU")
+def test_batch_stride_past_two_gigabytes():
+    # batch b of k and v starts b * (2**30 + 4096) elements into the storage: for b = 2 that
+    # passes 2**31, where an int32 offset wraps (the untouched storage pages cost no memory)
+    B, Lk, H, D = 3, 40, 1, 16
+    stride_b = 2**30 + 4096
+    g = torch.Generator().manual_seed(0)
+    store = torch.empty((B - 1) * stride_b + Lk * H * D, dtype=torch.float16)
+    kv = store.as_strided((B, Lk, H, D), (stride_b, H * D, D, 1))
+    for b in range(B):
+        kv[b].copy_(torch.randn(Lk, H, D, generator=g))
+    q = torch.randn(B, 3, 2, D, generator=g).half()
+    k = kv.clone()  # a dense copy for the reference
+    p = skattn.plan(batch=B, q_len=3, kv_len=Lk, q_heads=2, kv_heads=H, head_dim=D, causal=True,
+                    sms=2, blocks_per_sm=2)
+    out = torch.full((B, 3, 2, D), float("nan"), dtype=torch.float16)
+    skattn.attention(q, kv, kv, causal=True, plan=p, out=out)
+    ref = reference.attention(q, k, k, causal=True)
+    assert not out.isnan().any()
+    assert rel_err(out, ref) <= bound(q, k, k, causal=True)
