@@ -1,0 +1,159 @@
+"""Tables and a plot from `skattn bench --e2e` CSVs: tokens/s per cell, skattn vs SDPA."""
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+SKATTN_POLICIES = ("llamacpp-master", "llamacpp", "auto")
+
+
+def read_rows(csv_paths) -> list[dict]:
+    """Rows of every CSV; a later file's row replaces an earlier one for the same
+    (provider, policy, mode, model, n, depth)."""
+    merged: dict[tuple, dict] = {}
+    for path in csv_paths:
+        with open(path, newline="") as f:
+            for row in csv.DictReader(f):
+                key = (row["provider"], row["policy"], row["mode"], row["model"], int(row["n"]),
+                       int(row["depth"]))
+                merged.pop(key, None)
+                merged[key] = row
+    return list(merged.values())
+
+
+def _tps(row: dict | None) -> float | None:
+    if row is None or row.get("status") != "ok":
+        return None
+    try:
+        value = float(row["tokens_per_s"])
+    except (KeyError, ValueError):
+        return None
+    return value if math.isfinite(value) and value > 0 else None
+
+
+def _label(row: dict) -> str:
+    return f"skattn:{row['policy']}" if row["provider"] == "skattn" else row["provider"]
+
+
+def _index(rows):
+    return {(r["mode"], int(r["n"]), int(r["depth"]), _label(r)): r for r in rows}
+
+
+def _cells(rows) -> list[tuple[str, int, int]]:
+    modes = [m for m in ("eager", "graph") if any(r["mode"] == m for r in rows)]
+    cells = {(int(r["n"]), int(r["depth"])) for r in rows}
+    return [(m, n, d) for m in modes for n, d in sorted(cells)]
+
+
+def _cell(row: dict | None) -> str:
+    if row is None:
+        return "—"
+    value = _tps(row)
+    return f"{value:,.1f}" if value is not None else row.get("status", "?").split(":")[0]
+
+
+def ratio(idx: dict, cell: tuple, num: str, den: str) -> float | None:
+    """tokens/s of `num` / tokens/s of `den` in one (mode, n, depth) cell."""
+    a, b = _tps(idx.get((*cell, num))), _tps(idx.get((*cell, den)))
+    return a / b if a is not None and b is not None else None
+
+
+def _x(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}x"
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown: per (mode, n, depth) tokens/s of SDPA and each skattn policy, with the
+    speed-ups of llamacpp over llamacpp-master (the seed's experiment) and of auto over SDPA."""
+    idx = _index(rows)
+    head = ["mode", "n", "depth", "sdpa tok/s"] + [f"{p} tok/s" for p in SKATTN_POLICIES]
+    head += ["llamacpp vs master", "auto vs sdpa", "best skattn vs sdpa"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for cell in _cells(rows):
+        mode, n, depth = cell
+        entries = [_cell(idx.get((*cell, lab))) for lab in ["sdpa"] + [f"skattn:{p}" for p in SKATTN_POLICIES]]
+        best = max((r for p in SKATTN_POLICIES if (r := ratio(idx, cell, f"skattn:{p}", "sdpa"))),
+                   default=None)
+        lines.append("| " + " | ".join(
+            [mode, str(n), str(depth)] + entries
+            + [_x(ratio(idx, cell, "skattn:llamacpp", "skattn:llamacpp-master")),
+               _x(ratio(idx, cell, "skattn:auto", "sdpa")), _x(best)]) + " |")
+    return "\n".join(lines)
+
+
+def _provenance(rows) -> str:
+    parts = []
+    for key in ("model", "layers", "dtype", "gpu", "torch", "triton", "transformers", "commit"):
+        values = sorted({r.get(key, "") for r in rows if r.get(key)})
+        if values:
+            parts.append(f"{key} {', '.join(values)}")
+    return "; ".join(parts)
+
+
+def plot(rows: list[dict], path) -> None:
+    """PNG: per mode, each skattn policy's speed-up over SDPA per (n, depth) cell."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    idx, cells = _index(rows), _cells(rows)
+    modes = list(dict.fromkeys(c[0] for c in cells))
+    fig, axes = plt.subplots(len(modes), 1, squeeze=False,
+                             figsize=(max(8.0, 0.5 * len(cells) / max(1, len(modes)) + 3), 3.0 * len(modes) + 0.6))
+    fig.suptitle("end to end: skattn tokens/s over SDPA's (transformers model, one step of n "
+                 "tokens at depth)", fontsize=10)
+    width = 0.8 / len(SKATTN_POLICIES)
+    for ax, mode in zip(axes[:, 0], modes):
+        mc = [c for c in cells if c[0] == mode]
+        for i, policy in enumerate(SKATTN_POLICIES):
+            ys = [ratio(idx, c, f"skattn:{policy}", "sdpa") or 0.0 for c in mc]
+            ax.bar([j - 0.4 + (i + 0.5) * width for j in range(len(mc))], ys, width=width, label=policy)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_xticks(range(len(mc)), [f"n={c[1]}\n{c[2] // 1024}k" for c in mc], fontsize=7)
+        ax.set_title(mode, fontsize=9)
+        ax.set_ylabel("speed-up over sdpa", fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def e2e_report(csv_paths, out_dir=None, stem: str | None = None, plots: bool = True) -> str:
+    """Markdown from e2e CSVs; writes `<stem>.md` and `<stem>.png` next to the first CSV
+    (or into `out_dir`) and returns the markdown."""
+    paths = [Path(p) for p in csv_paths]
+    if not paths:
+        raise ValueError("e2e_report needs at least one CSV file")
+    rows = read_rows(paths)
+    out_dir = Path(out_dir) if out_dir is not None else paths[0].parent
+    stem = stem or paths[0].stem
+    bad = [r for r in rows if r.get("status") != "ok"]
+    md = [f"# skattn bench --e2e: {', '.join(p.name for p in paths)}", "",
+          f"Provenance: {_provenance(rows)}.", "",
+          "One step of n new tokens over a KV cache of `depth` tokens (it attends to depth + n "
+          "keys; llama-bench's `-d`), random weights, batch 1; tokens/s = n / median step time "
+          "(CUDA events around each step, back to back, so host time counts where the host is "
+          "slower than the GPU); logits of the last token only. eager: `model(...)` as "
+          "transformers runs it (mask built each step). graph: a CUDA graph of the same layers "
+          "with the mask built before capture. sdpa is transformers' own: for n > 1 at a depth "
+          "it passes a materialised bool mask (so PyTorch runs its memory-efficient kernel, "
+          "with K/V repeated per query head), for n = 1 no mask. skattn runs bottom-right causal "
+          "with no mask, under each planner policy.", "", table(rows)]
+    if plots:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            plots = False
+            md += ["", "Plot skipped: matplotlib is not installed here."]
+    if bad:
+        md += ["", "## Not timed", ""] + [f"- {_label(r)} {r['mode']} n={r['n']} L={r['depth']}: "
+                                          f"{r.get('status', '')}" for r in bad]
+    text = "\n".join(md) + "\n"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{stem}.md").write_text(text)
+    if plots and rows:
+        plot(rows, out_dir / f"{stem}.png")
+    return text
