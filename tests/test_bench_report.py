@@ -198,11 +198,11 @@ def test_run_grid_writes_csv_json_and_report(tmp_path, monkeypatch):
     broken = Provider("broken", "", lambda *a: Built(lambda: 1 / 0))
     cells = [grid.Cell("tiny", 4, 2, 16, n, 48) for n in (1, 3)]
     csv_path, json_path, rows = run.run_grid(cells, [exact, broken], out_dir=tmp_path, tag="t",
-                                             opts=RunOptions(sms=132, progress=False))
+                                             opts=RunOptions(sms=132, progress=False, timer="event"))
     assert [r["status"] for r in rows] == ["ok", "error: ZeroDivisionError: division by zero"] * 2
     written = read_rows([csv_path])
     assert len(written) == 4 and written[0]["p50_us"] == "5.000" and written[0]["gpu"] == "none (test)"
-    assert written[0]["flush"] == "read"
+    assert written[0]["flush"] == "read" and (written[0]["timer"], written[0]["layers"]) == ("event", "1")
     floor = floor_us(cell_bytes(4, 2, 16, 1, 48), cell_flops(4, 16, 1, 48), H100)
     assert float(written[0]["pct_floor"]) == pytest.approx(100 * floor / 5.0, rel=1e-3)
     meta = json.loads(json_path.read_text())

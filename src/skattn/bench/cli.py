@@ -1,4 +1,8 @@
-"""`skattn bench`: time the seed grid on a GPU, or show its plans and check correctness on a CPU."""
+"""`skattn bench`: time the seed grid on a GPU, or show its plans and check correctness on a CPU.
+
+Modes: the grid (default), `--seed-table` (llamacpp vs llamacpp-before and their fixup times),
+`--host` (host time of one call), `--report` (tables from CSVs, no run).
+"""
 from __future__ import annotations
 
 import argparse
@@ -9,6 +13,7 @@ import time
 from pathlib import Path
 
 from skattn.bench import grid
+from skattn.bench.graph import DEFAULT_LAYERS, TIMERS
 from skattn.bench.providers import ALL_PROVIDERS, QUICK_PROVIDERS
 
 CPU_SMS, CPU_BLOCKS_PER_SM = 132, 2  # plans shown without a GPU: an H100 SXM / H200
@@ -42,6 +47,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--flush", choices=("read", "write"), default="read",
                         help="how L2 is emptied before each timed run: read a 256 MB buffer "
                              "(default) or overwrite it as do_bench does (L2 left dirty)")
+    parser.add_argument("--timer", choices=TIMERS, default="graph",
+                        help="graph (default): per-layer time = replay time of one CUDA graph of "
+                             "--layers calls, each layer with its own Q/K/V/out, / layers; event: "
+                             "one call between CUDA events")
+    parser.add_argument("--layers", type=int, default=DEFAULT_LAYERS,
+                        help=f"calls (layers) per CUDA graph for --timer graph (default {DEFAULT_LAYERS})")
+    parser.add_argument("--seed-table", action="store_true",
+                        help="the seed's experiment: llamacpp (rounding + uniform fixup) vs "
+                             "llamacpp-before (general fixup) on every cell, and each fixup's own time")
+    parser.add_argument("--host", action="store_true",
+                        help="host time of one call (wall clock, tiny GPU work: B=1, n=1, Lk=256, "
+                             "32/8/128; the first --n and --depth value replace n and Lk): skattn "
+                             "planned, unplanned, its custom op, SDPA plain and inside sdpa_kernel")
+    parser.add_argument("--host-calls", type=int, default=200,
+                        help="back-to-back calls per timed batch for --host (default 200)")
+    parser.add_argument("--e2e", action="store_true",
+                        help="end to end: tokens/s of a random llama-8b-shaped transformers model, "
+                             "skattn per policy vs sdpa, eager and CUDA graphs (skattn.bench.e2e)")
 
 
 def _out_dir(args) -> Path:
@@ -83,17 +106,29 @@ def _cpu_mode(args, cells) -> int:
     return rc
 
 
+def run_options(args):
+    """`RunOptions` from parsed arguments (ValueError for a bad timer or layer count)."""
+    from skattn.bench.run import RunOptions
+
+    return RunOptions(warmup=args.warmup or (5 if args.quick else 10),
+                      reps=args.reps or (30 if args.quick else 100), sms=args.sms,
+                      blocks_per_sm=args.blocks_per_sm, seed=args.seed, time_limit_s=args.time_limit,
+                      quick=args.quick, progress=not args.no_progress, flush=args.flush,
+                      timer=args.timer, layers=args.layers)
+
+
+def _tag(args) -> str:
+    return args.tag or time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+
+
 def _gpu_mode(args, cells, providers, skipped) -> int:
     from skattn.bench.report import report, summary
-    from skattn.bench.run import RunOptions, run_grid
+    from skattn.bench.run import run_grid
 
     for line in skipped:
         print(line)
-    opts = RunOptions(warmup=args.warmup or (5 if args.quick else 10),
-                      reps=args.reps or (30 if args.quick else 100), sms=args.sms,
-                      blocks_per_sm=args.blocks_per_sm, seed=args.seed, time_limit_s=args.time_limit,
-                      quick=args.quick, progress=not args.no_progress, flush=args.flush)
-    tag = args.tag or time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    opts = run_options(args)
+    tag = _tag(args)
     csv_path, json_path, rows = run_grid(cells, providers, out_dir=_out_dir(args), tag=tag, opts=opts,
                                          notes=skipped)
     report(csv_path)
@@ -108,20 +143,87 @@ def _gpu_mode(args, cells, providers, skipped) -> int:
     return 0
 
 
-def run(args: argparse.Namespace) -> int:
-    """Run `skattn bench` with parsed `args`; returns the exit status."""
-    if args.report:
+def _seed_mode(args) -> int:
+    from skattn.bench import seed
+
+    cells = _cells(args)
+    if args.plans or not _cuda():
+        sms, bps = args.sms or CPU_SMS, args.blocks_per_sm or CPU_BLOCKS_PER_SM
+        print(seed.plans_table(cells, sms=sms, blocks_per_sm=bps))
+        print("\nNo CUDA GPU here (or --plans): the seed table's plans above; its timings need a GPU.")
+        return 0
+    csv_path, rows = seed.run_seed_table(cells, out_dir=_out_dir(args), tag=_tag(args), opts=run_options(args))
+    seed.seed_report([csv_path])
+    stem = csv_path.with_suffix("")
+    written = [p for p in (csv_path, Path(f"{stem}.md"), Path(f"{stem}.png")) if p.exists()]
+    print("wrote " + ", ".join(str(p) for p in written))
+    print(seed.short_table(seed.cell_results(rows)))
+    return 0
+
+
+def _host_mode(args) -> int:
+    if not _cuda():
+        print("skattn bench --host: needs a CUDA GPU (it times the host side of GPU calls)",
+              file=sys.stderr)
+        return 2
+    from skattn.bench.host import host_markdown, run_host
+
+    n, depth = grid.parse_ints(args.n), grid.parse_ints(args.depth)
+    shape = {**({"n": n[0]} if n else {}), **({"depth": depth[0]} if depth else {})}
+    csv_path, rows = run_host(_out_dir(args), _tag(args), calls=args.host_calls, reps=args.reps or 30,
+                              warmup=args.warmup or 20, shape=shape, sms=args.sms,
+                              blocks_per_sm=args.blocks_per_sm)
+    print(host_markdown(rows, title=csv_path.name))
+    print(f"wrote {csv_path}, {csv_path.with_suffix('.md')}")
+    return 0
+
+
+def _report_mode(args) -> int:
+    """Tables from CSVs: the grid's, the seed table's or the host time's, told by their columns."""
+    import csv
+
+    with open(args.report[0], newline="") as f:
+        columns = set(next(csv.reader(f), []))
+    out = args.out or None
+    if "part" in columns:
+        from skattn.bench.seed import seed_report
+
+        print(seed_report(args.report, out_dir=out, stem=args.tag and f"seed-{args.tag}"))
+    elif "us_per_call_p50" in columns:
+        from skattn.bench.host import host_markdown, read_host_rows
+
+        print(host_markdown(read_host_rows(args.report), title=", ".join(args.report)))
+    else:
         from skattn.bench.report import report
 
-        out = args.out or None
         print(report(args.report, out_dir=out, stem=args.tag and f"bench-{args.tag}"))
-        return 0
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run `skattn bench` with parsed `args`; returns the exit status."""
+    if args.e2e:
+        from skattn.bench.e2e import run as run_e2e
+
+        return run_e2e(args)
+    try:
+        if args.report:
+            return _report_mode(args)
+        if args.host:
+            return _host_mode(args)
+        if args.seed_table:
+            run_options(args)  # a bad --timer / --layers fails before any work
+            return _seed_mode(args)
+    except ValueError as exc:
+        print(f"skattn bench: {exc}", file=sys.stderr)
+        return 2
     from skattn.bench.providers import resolve
 
     names = grid.parse_names(args.providers) or (QUICK_PROVIDERS if args.quick else ALL_PROVIDERS)
     try:
         cells = _cells(args)
         providers, skipped = resolve(names)
+        run_options(args)
     except ValueError as exc:
         print(f"skattn bench: {exc}", file=sys.stderr)
         return 2

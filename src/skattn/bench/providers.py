@@ -10,8 +10,14 @@ import torch
 from skattn.bench.grid import SKATTN_VARIANTS, Cell
 
 # Default provider order; "skattn" expands to every variant in SKATTN_VARIANTS.
-ALL_PROVIDERS = ("skattn", "sdpa-flash", "sdpa-cudnn", "flex", "flashinfer", "flash-attn")
-QUICK_PROVIDERS = ("skattn", "sdpa-flash", "sdpa-cudnn")
+ALL_PROVIDERS = ("skattn", "sdpa-flash", "sdpa-cudnn", "sdpa-flash-nomask", "sdpa-cudnn-nomask", "flex",
+                 "flashinfer", "flash-attn")
+QUICK_PROVIDERS = ("skattn", "sdpa-flash", "sdpa-cudnn", "sdpa-cudnn-nomask")
+# SDPA without a mask attends to every key: for n > 1 a lower bound on its causal time (with
+# `causal_lower_right`, PyTorch runs cuDNN on a materialised mask, not at cuDNN's kernel speed).
+# At n = 1 the causal window holds every key, so the two are the same computation.
+NOMASK = ("sdpa-flash-nomask", "sdpa-cudnn-nomask")
+NOMASK_NOTE = "no mask: a lower bound on the causal time for n > 1"
 _OPTIONAL = {"flashinfer": "flashinfer", "flash-attn": "flash_attn"}
 
 
@@ -35,12 +41,17 @@ class Built:
 
 @dataclass(frozen=True)
 class Provider:
-    """One row source of the CSV: `name` (and `variant` for skattn) with its builder."""
+    """One row source of the CSV: `name` (and `variant` for skattn) with its builder.
+
+    `causal` is what the output is checked against: False for the unmasked SDPA anchors,
+    whose output is attention over every key.
+    """
 
     name: str
     variant: str
     build: Callable[[Cell, torch.Tensor, torch.Tensor, torch.Tensor, BuildOptions], Built] = field(
         compare=False, repr=False)
+    causal: bool = True
 
     @property
     def label(self) -> str:
@@ -67,7 +78,7 @@ def _bhld(*tensors):
     return [t.transpose(1, 2).contiguous() for t in tensors]
 
 
-def _sdpa_builder(backend_name: str):
+def _sdpa_builder(backend_name: str, masked: bool = True):
     def build(cell, q, k, v, opts):
         import torch.nn.functional as F
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -75,7 +86,8 @@ def _sdpa_builder(backend_name: str):
 
         backend = getattr(SDPBackend, backend_name)
         qt, kt, vt = _bhld(q, k, v)
-        mask = causal_lower_right(cell.n, cell.depth) if cell.n > 1 else None  # n = 1 sees every key
+        # n = 1 sees every key: no mask needed
+        mask = causal_lower_right(cell.n, cell.depth) if masked and cell.n > 1 else None
 
         def fn():
             with sdpa_kernel([backend]):
@@ -144,6 +156,8 @@ def _build_flash_attn(cell, q, k, v, opts):
 
 _BUILDERS = {"sdpa-flash": _sdpa_builder("FLASH_ATTENTION"),
              "sdpa-cudnn": _sdpa_builder("CUDNN_ATTENTION"),
+             "sdpa-flash-nomask": _sdpa_builder("FLASH_ATTENTION", masked=False),
+             "sdpa-cudnn-nomask": _sdpa_builder("CUDNN_ATTENTION", masked=False),
              "flex": _build_flex, "flashinfer": _build_flashinfer, "flash-attn": _build_flash_attn}
 
 
@@ -184,7 +198,7 @@ def resolve(names: tuple[str, ...]) -> tuple[list[Provider], list[str]]:
             if why:
                 skipped.append(f"{base}: skipped, it does not import ({why})")
             else:
-                providers.append(Provider(base, "", _BUILDERS[base]))
+                providers.append(Provider(base, "", _BUILDERS[base], causal=base not in NOMASK))
         else:
             raise ValueError(f"unknown provider {name!r}; choose from {list(ALL_PROVIDERS)} "
                              f"or skattn:<variant>")
@@ -192,21 +206,23 @@ def resolve(names: tuple[str, ...]) -> tuple[list[Provider], list[str]]:
 
 
 # -- the float64 reference each provider is checked against
-def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Bottom-right causal GQA attention in float64, [B, n, Hq, D] (`skattn.reference` if present)."""
+def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True) -> torch.Tensor:
+    """GQA attention in float64, [B, n, Hq, D], bottom-right causal unless `causal=False`
+    (`skattn.reference` if present)."""
     try:
         from skattn.reference import attention as ref_attention
     except ImportError:
         ref_attention = None
     if ref_attention is not None:
-        return ref_attention(q, k, v, causal=True).to(torch.float64)
+        return ref_attention(q, k, v, causal=causal).to(torch.float64)
     n, L, hq, hkv, d = q.shape[1], k.shape[1], q.shape[2], k.shape[2], q.shape[3]
     kd = k.double().repeat_interleave(hq // hkv, dim=2)
     vd = v.double().repeat_interleave(hq // hkv, dim=2)
     s = torch.einsum("bqhd,bkhd->bhqk", q.double(), kd) * d**-0.5
-    qpos = torch.arange(n, device=q.device) + (L - n)
-    hidden = torch.arange(L, device=q.device)[None, :] > qpos[:, None]
-    s.masked_fill_(hidden, float("-inf"))
+    if causal:
+        qpos = torch.arange(n, device=q.device) + (L - n)
+        hidden = torch.arange(L, device=q.device)[None, :] > qpos[:, None]
+        s.masked_fill_(hidden, float("-inf"))
     return torch.einsum("bhqk,bkhd->bqhd", torch.softmax(s, dim=-1), vd)
 
 

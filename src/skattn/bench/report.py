@@ -7,20 +7,29 @@ from pathlib import Path
 
 from skattn.bench.anchors import TIMES, anchor_index, load_anchors, pct_of_floor
 from skattn.bench.grid import SKATTN_VARIANTS
+from skattn.bench.providers import NOMASK, NOMASK_NOTE
 
-_OTHER_ORDER = ("sdpa-flash", "sdpa-cudnn", "flex", "flashinfer", "flash-attn")
+_OTHER_ORDER = ("sdpa-flash", "sdpa-cudnn", "sdpa-flash-nomask", "sdpa-cudnn-nomask", "flex", "flashinfer",
+                "flash-attn")
+TIMER_TEXT = {
+    "event": "one call between CUDA events after an L2 flush (it includes the ~3.5 µs launch "
+             "latency a CUDA graph pays once per step)",
+    "graph": "per layer: replay time of one CUDA graph of NL calls (NL in the `layers` column), "
+             "each layer with its own Q/K/V and output, / NL, after an L2 flush",
+}
 _SPEEDUP_VARIANTS = ("llamacpp", "seed-4x", "auto", "fused")  # each against llamacpp-master
 
 
 def read_rows(csv_paths) -> list[dict]:
     """Rows of every CSV, merged: a later file's row replaces an earlier one for the same
-    (provider, variant, model, n, depth)."""
+    (provider, variant, model, n, depth, timer). Rows without a timer (older files) get "event"."""
     merged: dict[tuple, dict] = {}
     for path in csv_paths:
         with open(path, newline="") as f:
             for row in csv.DictReader(f):
+                row["timer"] = row.get("timer") or "event"
                 key = (row["provider"], row.get("variant", ""), row["model"], int(row["n"]),
-                       int(row["depth"]))
+                       int(row["depth"]), row["timer"])
                 merged.pop(key, None)
                 merged[key] = row
     return list(merged.values())
@@ -43,6 +52,19 @@ def _ok(row: dict | None) -> bool:
 def label(row: dict) -> str:
     """'skattn:llamacpp', 'sdpa-flash', ..."""
     return f"{row['provider']}:{row['variant']}" if row.get("variant") else row["provider"]
+
+
+def header(lab: str) -> str:
+    """A provider label as a table header: the unmasked SDPA anchors say what they are."""
+    return f"{lab} ({NOMASK_NOTE})" if lab in NOMASK else lab
+
+
+def by_timer(rows: list[dict]) -> dict[str, list[dict]]:
+    """Rows grouped by their timer, graph first."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(r.get("timer") or "event", []).append(r)
+    return dict(sorted(groups.items(), key=lambda kv: (kv[0] != "graph", kv[0])))
 
 
 def _cells(rows: list[dict]) -> list[tuple]:
@@ -122,7 +144,7 @@ def seed_table(rows: list[dict]) -> str:
 def floor_table(rows: list[dict]) -> str:
     """Every provider's % of floor per cell; an entry reads '% of floor (p50 µs)'."""
     idx, labels = _index(rows), _labels(rows)
-    head = ["model (Hq/Hkv/D)", "n", "L", "floor µs"] + labels
+    head = ["model (Hq/Hkv/D)", "n", "L", "floor µs"] + [header(lab) for lab in labels]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for cell in _cells(rows):
         model, hq, hkv, d, n, depth = cell
@@ -159,9 +181,11 @@ def anchors_table(rows: list[dict], anchors: list[dict]) -> tuple[str, str]:
              "ceilings differ), not by microseconds. Anchor % = anchor floor µs / anchor µs. The "
              "llama.cpp anchor reran on warm buffers (optimistic at L = 8192, where K/V partly fit "
              "in L2); the SDPA anchors were taken on a busy CPU (indicative only).")
+    ours_labels = ["sdpa-flash", "sdpa-cudnn"] + [lab for lab in NOMASK if lab in {label(r) for r in rows}]
     head = (["model (Hq/Hkv/D)", "n", "L", "best skattn % (variant)"]
             + [f"{name} % (H100)" for name in TIMES.values()]
-            + ["sdpa-flash % (ours)", "sdpa-cudnn % (ours)", "skattn beats llama.cpp (as % of floor)"])
+            + [f"{header(lab)} % (ours)" for lab in ours_labels]
+            + ["skattn beats llama.cpp (as % of floor)"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     wins: dict[int, list[bool]] = {}
     for model, hq, hkv, d, n, depth in _cells(rows):
@@ -172,7 +196,7 @@ def anchors_table(rows: list[dict], anchors: list[dict]) -> tuple[str, str]:
         mine = _num(best, "pct_floor")
         theirs = {key: pct_of_floor(anchor, key) for key in TIMES}
         sdpa = [_num(r, "pct_floor") if _ok(r := idx.get((model, n, depth, lab))) else None
-                for lab in ("sdpa-flash", "sdpa-cudnn")]
+                for lab in ours_labels]
         beats = "—"
         if mine is not None and theirs["llamacpp_us"] is not None:
             wins.setdefault(n, []).append(mine > theirs["llamacpp_us"])
@@ -298,16 +322,27 @@ def report(csv_paths, out_dir=None, stem: str | None = None, plots: bool = True,
     out_dir = Path(out_dir) if out_dir is not None else paths[0].parent
     stem = stem or paths[0].stem
     bad = [r for r in rows if r.get("status") != "ok"]
+    groups = by_timer(rows)
     md = [f"# skattn bench: {', '.join(p.name for p in paths)}", "",
-          f"Provenance: {_provenance(rows)}. Times are p50 µs with a cold L2 (CUDA events); the "
+          f"Provenance: {_provenance(rows)}. Times are p50 µs with a cold L2; the "
           "floor is max(bytes / copy bandwidth, flops / matmul peak) measured in the same run. "
-          "Plain causal shapes, batch 1, f16: gpt-oss's sinks and window layers are not applied.", "",
-          "## skattn: llamacpp-master (general fixup) vs llamacpp (uniform fixup where it applies)", "",
-          "Speed-up = llamacpp-master p50 / variant p50. N = programs (nblocks).", "",
-          seed_table(rows), "", "## Every provider: % of floor (p50 µs)", "", floor_table(rows)]
+          "Plain causal shapes, batch 1, f16: gpt-oss's sinks and window layers are not applied.", ""]
+    md += [f"- {timer} timer: {TIMER_TEXT.get(timer, timer)}." for timer in groups]
+    if any(label(r) in NOMASK for r in rows):
+        md += [f"- `sdpa-flash-nomask`, `sdpa-cudnn-nomask`: SDPA without a mask ({NOMASK_NOTE}; at "
+               "n = 1 the same computation as the causal one). With `causal_lower_right` PyTorch runs "
+               "cuDNN on a materialised mask, which is not cuDNN's kernel speed."]
     anchors = load_anchors() if anchors is None else anchors
-    intro, table = anchors_table(rows, anchors)
-    md += ["", "## vs the anchors: % of each GPU's own floor", "", intro] + (["", table] if table else [])
+    for timer, trows in groups.items():
+        suffix = f" ({timer} timer)" if len(groups) > 1 else ""
+        md += ["", "## skattn: llamacpp-master (general fixup) vs llamacpp (uniform fixup where it "
+               f"applies){suffix}", "",
+               "Speed-up = llamacpp-master p50 / variant p50. N = programs (nblocks).", "",
+               seed_table(trows), "", f"## Every provider: % of floor (p50 µs){suffix}", "",
+               floor_table(trows)]
+        intro, table = anchors_table(trows, anchors)
+        md += ["", f"## vs the anchors: % of each GPU's own floor{suffix}", "", intro]
+        md += ["", table] if table else []
     if plots:
         try:
             import matplotlib  # noqa: F401
@@ -321,9 +356,10 @@ def report(csv_paths, out_dir=None, stem: str | None = None, plots: bool = True,
     text = "\n".join(md) + "\n"
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{stem}.md").write_text(text)
-    if plots and rows:
-        plot_speedup(rows, out_dir / f"{stem}-speedup.png")
-        plot_pct_floor(rows, out_dir / f"{stem}-floor.png", anchors)
+    for timer, trows in groups.items() if plots else ():
+        part = f"-{timer}" if len(groups) > 1 else ""
+        plot_speedup(trows, out_dir / f"{stem}{part}-speedup.png")
+        plot_pct_floor(trows, out_dir / f"{stem}{part}-floor.png", anchors)
     return text
 
 
@@ -336,17 +372,25 @@ def _best(rows: list[dict]) -> tuple[str, str]:
 
 
 def summary(rows: list[dict]) -> str:
-    """A short fixed-width table for the terminal: best skattn variant and best other per cell."""
+    """A short fixed-width table for the terminal: best skattn variant and best other per cell
+    (rows of one timer; an unmasked SDPA anchor as best other at n > 1 is marked with *)."""
     idx, labels = _index(rows), _labels(rows)
+    starred = False
     lines = [f"{'model':<18} {'n':>4} {'L':>6} {'floor':>7} {'best skattn':>24} {'%fl':>4} "
              f"{'llamacpp/master':>15} {'best other':>22} {'%fl':>4}"]
     for cell in _cells(rows):
         model, _, _, _, n, depth = cell
         found = [r for lab in labels if _ok(r := idx.get((model, n, depth, lab)))]
         m_txt, m_pct = _best([r for r in found if r["provider"] == "skattn"])
-        o_txt, o_pct = _best([r for r in found if r["provider"] != "skattn"])
+        others = [r for r in found if r["provider"] != "skattn"]
+        o_txt, o_pct = _best(others)
+        fastest = min(others, key=lambda r: _num(r, "p50_us"), default=None)
+        if fastest is not None and label(fastest) in NOMASK and n > 1:
+            o_txt, starred = o_txt + "*", True
         sp = speedup(idx.get((model, n, depth, "skattn:llamacpp-master")),
                      idx.get((model, n, depth, "skattn:llamacpp")))
         lines.append(f"{model:<18} {n:>4} {depth:>6} {_fmt(_floor(idx, cell, labels), '.1f', ''):>7} "
                      f"{m_txt:>24} {m_pct:>4} {_fmt(sp):>15} {o_txt:>22} {o_pct:>4}")
+    if starred:
+        lines.append(f"* {NOMASK_NOTE}")
     return "\n".join(lines)

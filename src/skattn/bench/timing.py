@@ -62,6 +62,8 @@ class ColdTimer:
     def __init__(self, device=None, flush_bytes: int | None = None, flush: str = "read"):
         if flush not in FLUSH_MODES:
             raise ValueError(f"flush must be one of {FLUSH_MODES}, got {flush!r}")
+        if not torch.cuda.is_available():
+            raise RuntimeError("ColdTimer times kernels on a CUDA GPU; none is available here")
         self.flush_mode = flush
         self.device = torch.device("cuda", torch.cuda.current_device() if device is None else device)
         props = torch.cuda.get_device_properties(self.device)
