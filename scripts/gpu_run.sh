@@ -1,41 +1,52 @@
 #!/usr/bin/env bash
-# GPU tests, then `skattn bench`, on the GPU machine. Run from anywhere in the repo:
-#   scripts/gpu_run.sh --quick                  # ~4 min on an H100/H200
-#   scripts/gpu_run.sh --models llama-8b --tag part3
-# Arguments go to `skattn bench`. Results go to $OUT (or benchmarks/results when unset):
-# bench-<tag>.csv/.json/.md, bench-<tag>-speedup.png, bench-<tag>-floor.png and gpu_tests.log.
-# Uses the image's python3 (torch + triton preinstalled); never pip-installs torch.
-# Exit status: the tests' when they failed, else the bench's.
+# Everything that needs the GPU, in one call, with the image's python3 (never pip-installs torch):
+#   1. the GPU tests (-m gpu), in parallel: they are compile-bound
+#   2. the GPU fuzz profile (tests/test_fuzz.py, SKATTN_FUZZ_EXAMPLES cases, default 2000)
+#   3. compute-sanitizer memcheck, racecheck and synccheck over tools/sanitize_cases.py
+#   4. `skattn bench` with the arguments given (e.g. --quick, --seed-table, --host)
+# STAGES="tests fuzz sanitize bench" picks stages. Logs and results go to $OUT (or
+# benchmarks/results/latest); the last lines printed are a short summary.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
-OUT_DIR="${OUT:-benchmarks/results}"
+OUT_DIR="${OUT:-benchmarks/results/latest}"
+STAGES="${STAGES:-tests fuzz sanitize bench}"
 mkdir -p "$OUT_DIR"
+summary=()
+rc=0
+has() { [[ " $STAGES " == *" $1 "* ]]; }
 
 nvidia-smi -L || echo "nvidia-smi failed"
-python3 -c "import sys, torch, triton; print('python', sys.version.split()[0], '| torch', torch.__version__, \
-'| cuda', torch.version.cuda, '| triton', triton.__version__, '| gpu', \
-torch.cuda.get_device_name() if torch.cuda.is_available() else 'none')"
+python3 -c "import torch, triton; print('torch', torch.__version__, '| triton', triton.__version__, \
+'| gpu', torch.cuda.get_device_name() if torch.cuda.is_available() else 'none')"
 
-# several workers compile Triton kernels in parallel (the GPU tests are compile-bound: 30 tests
-# took 116 s with 8 workers on the 16-core H200 machine)
-workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
-python3 -m pytest -q -m gpu $workers tests 2>&1 | tee "$OUT_DIR/gpu_tests.log"
-test_rc=${PIPESTATUS[0]}
-if [ "$test_rc" -eq 5 ]; then
-    echo "gpu_run.sh: no test is marked gpu yet (pytest exit 5), not a failure"
-    test_rc=0
+if has tests; then
+    workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
+    python3 -m pytest -q -m gpu $workers -p no:cacheprovider tests --ignore=tests/test_fuzz.py \
+        2>&1 | tee "$OUT_DIR/gpu_tests.log"
+    t=${PIPESTATUS[0]}; [ "$t" -ne 0 ] && rc=$t
+    summary+=("gpu tests: $(tail -n 1 "$OUT_DIR/gpu_tests.log")")
 fi
-
-if [ -f src/skattn/cli.py ]; then
+if has fuzz; then
+    python3 -m pytest -q -m gpu -s -p no:cacheprovider tests/test_fuzz.py 2>&1 | tee "$OUT_DIR/fuzz.log"
+    t=${PIPESTATUS[0]}; [ "$t" -ne 0 ] && rc=$t
+    summary+=("gpu fuzz: $(grep -h 'fuzz' "$OUT_DIR/fuzz.log" | tail -n 1) | $(tail -n 1 "$OUT_DIR/fuzz.log")")
+fi
+if has sanitize; then
+    python3 tools/sanitize_cases.py > /dev/null 2>&1  # compile outside the sanitizer first
+    for tool in memcheck racecheck synccheck; do
+        compute-sanitizer --tool "$tool" --error-exitcode 9 python3 tools/sanitize_cases.py \
+            > "$OUT_DIR/sanitize-$tool.log" 2>&1
+        t=$?; [ "$t" -ne 0 ] && rc=$t
+        errors=$(grep -h "ERROR SUMMARY" "$OUT_DIR/sanitize-$tool.log" | tail -n 1)
+        summary+=("sanitizer $tool: exit $t; ${errors:-no summary}; $(grep -h 'sanitize cases' "$OUT_DIR/sanitize-$tool.log")")
+    done
+fi
+if has bench; then
     python3 -m skattn.cli bench "$@" --out "$OUT_DIR"
-else  # before the package CLI exists: the bench's own entry point takes the same options
-    python3 -m skattn.bench.cli "$@" --out "$OUT_DIR"
+    t=$?; [ "$t" -ne 0 ] && rc=$t
+    summary+=("bench $*: exit $t")
 fi
-bench_rc=$?
-
-echo "gpu_run.sh: tests exit $test_rc, bench exit $bench_rc"
-if [ "$test_rc" -ne 0 ]; then
-    exit "$test_rc"
-fi
-exit "$bench_rc"
+echo "== summary"
+printf '%s\n' "${summary[@]}"
+exit "$rc"

@@ -29,3 +29,14 @@ def test_batch_stride_past_two_gigabytes():
     ref = reference.attention(q, k, k, causal=True)
     assert not out.isnan().any()
     assert rel_err(out, ref) <= bound(q, k, k, causal=True)
+
+
+def test_one_sequence_past_two_to_the_31_is_refused():
+    # offsets inside one sequence's keys are 32-bit: Lk x row stride >= 2**31 is refused
+    # before any launch (meta tensors hold no memory; the check needs only the layout)
+    k = torch.empty(1, 2**20, 1, 16, dtype=torch.float16, device="meta")
+    k = k.as_strided((1, 2**20, 1, 16), (0, 2**11, 16, 1))
+    k = torch.empty_strided(k.shape, k.stride(), dtype=torch.float16, device="meta")
+    q = torch.zeros(1, 1, 1, 16, dtype=torch.float16, device="meta")
+    with pytest.raises(ValueError, match="32-bit offsets"):
+        skattn.attention(q, k, k)

@@ -137,10 +137,16 @@ def attention_args(q, k, v, *, scale=None, causal=False, window=None, mask=None,
 def _kernel_args(q, k, v, mask, sinks, alibi_slopes, out) -> None:
     tensors = (("q", q), ("k", k), ("v", v), ("mask", mask), ("sinks", sinks),
                ("alibi_slopes", alibi_slopes))
-    for name, x in tensors[:4]:
+    for name, x in tensors:
         if x is not None and x.stride(-1) != 1:
             raise ValueError(f"{name} must be contiguous in its last dimension "
                              f"(stride {x.stride(-1)})")
+    for name, x in (("k", k), ("v", v)):
+        if x.shape[1] * abs(x.stride(1)) >= 2**31:
+            raise ValueError(f"{name}: one sequence's keys span {x.shape[1] * abs(x.stride(1))} "
+                             f"elements (Lk x stride {x.stride(1)}); the kernels address them "
+                             f"with 32-bit offsets (< 2**31): split the sequence or use a "
+                             f"denser layout")
     if torch.is_grad_enabled():
         for name, x in tensors:
             if x is not None and x.requires_grad:

@@ -19,9 +19,8 @@ def load_q(Q, b, qi, head, valid, stride_qb, stride_qm, stride_qh, chunk,
 @triton.jit
 def _load_kt(K, kbase, offs_n, kv_len, stride_kn, chunk,
              HEAD_DIM: tl.constexpr, BLOCK_DK: tl.constexpr, MASKED: tl.constexpr):
-    """K^T of one block; `kbase` (64-bit) already points at the block's first key."""
     dk = chunk * BLOCK_DK + tl.arange(0, BLOCK_DK)
-    ptrs = K + kbase + tl.arange(0, offs_n.shape[0])[None, :] * stride_kn + dk[:, None]
+    ptrs = K + kbase + offs_n[None, :] * stride_kn + dk[:, None]
     if MASKED:
         kt = tl.load(ptrs, mask=(offs_n[None, :] < kv_len) & (dk[:, None] < HEAD_DIM), other=0.0)
     elif HEAD_DIM % BLOCK_DK == 0:
@@ -35,7 +34,7 @@ def _load_kt(K, kbase, offs_n, kv_len, stride_kn, chunk,
 def _load_v(V, vbase, offs_n, kv_len, stride_vn,
             HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, MASKED: tl.constexpr):
     dv = tl.arange(0, BLOCK_DV)
-    ptrs = V + vbase + tl.arange(0, offs_n.shape[0])[:, None] * stride_vn + dv[None, :]
+    ptrs = V + vbase + offs_n[:, None] * stride_vn + dv[None, :]
     if MASKED:
         vt = tl.load(ptrs, mask=(offs_n[:, None] < kv_len) & (dv[None, :] < HEAD_DIM_V), other=0.0)
     elif HEAD_DIM_V == BLOCK_DV:
@@ -64,9 +63,6 @@ def _kv_step(acc, m_i, l_i, q, Q, K, V, MASK, slope, b, qi, head, valid, qpos, k
              MASKED: tl.constexpr):
     """One KV block. MASKED=False: the block is inside Lk and visible to every row."""
     offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
-    # the block's first key in 64 bits (Lk x row stride can pass 2**31); offsets inside it in 32
-    kbase = kbase + tl.cast(blk * BLOCK_N, tl.int64) * stride_kn
-    vbase = vbase + tl.cast(blk * BLOCK_N, tl.int64) * stride_vn
     # -- scores
     if DK_CHUNKS == 1:
         kt = _load_kt(K, kbase, offs_n, kv_len, stride_kn, 0, HEAD_DIM, BLOCK_DK, MASKED)
@@ -121,6 +117,8 @@ def tile_kv_loop(acc, m_i, l_i, q, Q, K, V, MASK, SLOPES, b, g, qi, head, valid,
                  HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, DOT_F32: tl.constexpr):
     """Online softmax over KV blocks [blk_lo, blk_hi) of one tile (scores in log2 units):
     first the blocks that need no mask, then the ones at the causal edge or past Lk."""
+    # sequence and head offsets in 64 bits (a cache can pass 2**31 elements); a key's offset
+    # inside one sequence's rows stays 32-bit (the API refuses Lk x row stride >= 2**31)
     kbase = tl.cast(b, tl.int64) * stride_kb + tl.cast(g, tl.int64) * stride_kh
     vbase = tl.cast(b, tl.int64) * stride_vb + tl.cast(g, tl.int64) * stride_vh
     qpos = kv_len - q_len + qi

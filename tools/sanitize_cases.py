@@ -1,0 +1,54 @@
+"""Small attention calls covering every fixup kind and feature, checked against float64:
+what `scripts/gpu_run.sh` runs under compute-sanitizer (memcheck, racecheck, synccheck)."""
+import sys
+
+import torch
+
+import skattn
+from skattn import reference
+
+
+def cases():
+    g = torch.Generator(device="cuda").manual_seed(0)
+
+    def rand(*shape, dtype=torch.float16):
+        return torch.randn(*shape, device="cuda", generator=g).to(dtype)
+
+    shape = dict(batch=2, q_heads=8, kv_heads=2, head_dim=64)
+    for Lq, Lk in ((1, 1000), (5, 777), (70, 300)):
+        q, k, v = rand(2, Lq, 8, 64), rand(2, Lk, 2, 64), rand(2, Lk, 2, 64)
+        kw = dict(shape, q_len=Lq, kv_len=Lk, causal=True)
+        plans = {"llamacpp": skattn.plan(policy="llamacpp", **kw),
+                 "before": skattn.plan(policy="llamacpp-before", **kw),
+                 "fused": skattn.plan(policy="llamacpp", fixup="fused", **kw),
+                 "split": skattn.plan(policy="split", **kw),
+                 "auto": skattn.plan(**kw)}
+        for name, p in plans.items():
+            yield f"Lq={Lq} Lk={Lk} {name} ({p.fixup})", (q, k, v), dict(causal=True, plan=p)
+        mask = torch.where(torch.rand(2, Lq, Lk, device="cuda", generator=g) < 0.2,
+                           float("-inf"), 0.0).half()
+        feats = dict(mask=mask, sinks=rand(8, dtype=torch.float32), softcap=20.0,
+                     alibi_slopes=skattn.alibi_slopes(8, 8.0))
+        yield f"Lq={Lq} Lk={Lk} all features", (q, k, v), dict(causal=True, **feats)
+        yield f"Lq={Lq} Lk={Lk} window", (q, k, v), dict(causal=True, window=100)
+
+
+def main() -> int:
+    bad = 0
+    n = 0
+    for name, (q, k, v), kw in cases():
+        out, lse = skattn.attention(q, k, v, return_lse=True, **kw)
+        rkw = {key: val for key, val in kw.items() if key != "plan"}
+        ref = reference.attention(q, k, v, **rkw)
+        err = ((out.double() - ref).norm() / ref.norm()).item()
+        n += 1
+        if not err < 2e-2 or out.isnan().any():
+            bad += 1
+            print(f"FAIL {name}: rel err {err:.2e}")
+    torch.cuda.synchronize()
+    print(f"sanitize cases: {n} run, {bad} wrong")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
