@@ -33,13 +33,25 @@ def test_bad_tensors(change, error, words):
 
 
 @pytest.mark.parametrize("kw,words", [
-    (dict(mask=torch.zeros(1, 3, 20)), r"mask must have shape \[1 or 1, 2, 20\]"),
+    (dict(mask=torch.zeros(1, 3, 20)), r"mask must have shape \[1, 2, 20\]"),  # B = 1: no "1 or 1"
     (dict(mask=torch.zeros(1, 2, 20, dtype=torch.int32)), "mask must have dtype"),
     (dict(sinks=torch.zeros(3)), r"sinks must have shape \[4\]"),
     (dict(sinks=torch.zeros(4, dtype=torch.float16)), "sinks must have dtype"),
     (dict(alibi_slopes=torch.zeros(5)), r"alibi_slopes must have shape \[4\]"),
     (dict(softcap=-1.0), "softcap must be >= 0"),
-    (dict(window=0), "window must be a positive int"),
+    (dict(window=0, causal=True), "window must be a positive int"),
+    (dict(window=True, causal=True), "window must be a positive int"),  # a bool is no window
+    (dict(window=8), "pass causal=True"),      # the window is bottom-right causal: say so
+    (dict(causal=1), "causal must be a bool"),
+    (dict(causal="yes"), "causal must be a bool"),
+    (dict(scale=float("nan")), "scale must be finite"),
+    (dict(scale=float("inf")), "scale must be finite"),
+    (dict(scale="0.1"), "scale must be a float"),
+    (dict(softcap=float("nan")), "softcap must be finite"),
+    (dict(softcap=float("inf")), "softcap must be finite"),
+    (dict(return_lse="no"), "return_lse must be a bool"),
+    (dict(plan="auto"), "plan must be a skattn.Plan"),
+    (dict(sinks=torch.zeros(8)[::2]), "sinks must be contiguous"),
 ])
 def test_bad_options(kw, words):
     q, k, v = inputs()
@@ -70,3 +82,70 @@ def test_cpu_tensors_without_the_interpreter(monkeypatch):
     q, k, v = inputs()
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         skattn.attention(q, k, v)
+
+
+def test_mask_shape_names_the_batch():
+    q, k, v = inputs(B=2)
+    with pytest.raises(ValueError, match=r"mask must have shape \[2 or 1, 2, 20\]"):
+        skattn.attention(q, k, v, mask=torch.zeros(3, 2, 20))
+
+
+@pytest.mark.parametrize("make_out", [
+    lambda: torch.empty(1, 2, 1, 16, dtype=torch.float16).expand(1, 2, 4, 16),  # stride 0
+    lambda: torch.empty(200, dtype=torch.float16).as_strided((1, 2, 4, 16), (64, 32, 8, 1)),
+])
+def test_out_with_overlapping_memory(make_out):
+    # rows that share memory would silently hold one of them
+    q, k, v = inputs()
+    with pytest.raises(ValueError, match="out has overlapping memory"):
+        skattn.attention(q, k, v, out=make_out())
+
+
+@pytest.mark.parametrize("name", ["q", "k", "v", "sinks"])
+def test_inputs_that_require_grad(name):
+    q, k, v = inputs()
+    args = dict(q=q, k=k, v=v, sinks=torch.zeros(4))
+    args[name] = args[name].clone().requires_grad_()
+    with pytest.raises(ValueError, match=f"{name} requires grad: skattn's kernels are forward-only"):
+        skattn.attention(**args)
+    with torch.no_grad():  # what the message asks for works
+        skattn.attention(**args)
+
+
+@pytest.mark.parametrize("kw,words", [
+    (dict(dtype=torch.float32), "dtype is K/V's"),
+    (dict(block_n=48), "block_n must be one of 16, 32"),
+    (dict(block_n=8), "block_n must be one of 16, 32"),
+    (dict(num_warps=3), "num_warps must be one of 1, 2, 4"),
+    (dict(num_stages=0), "num_stages must be one of 1, 2"),
+    (dict(num_stages=2.0), "num_stages must be one of 1, 2"),
+    (dict(window=8), "pass causal=True"),
+    (dict(causal="yes"), "causal must be a bool"),
+])
+def test_plan_settings_that_cannot_run(kw, words):
+    with pytest.raises((ValueError, TypeError), match=words):
+        skattn.plan(batch=1, q_len=2, kv_len=20, q_heads=4, kv_heads=2, head_dim=16, sms=4,
+                    blocks_per_sm=2, **kw)
+
+
+@pytest.mark.parametrize("kw,words", [
+    (dict(window=8), "pass causal=True"),
+    (dict(window=True, causal=True), "window must be a positive int"),
+    (dict(causal=1), "causal must be a bool"),
+    (dict(softcap=float("nan")), "softcap must be finite"),
+    (dict(scale=float("inf")), "scale must be finite"),
+    (dict(mask=torch.zeros(1, 3, 20)), r"mask must have shape \[1, 2, 20\]"),
+])
+def test_references_follow_the_same_rules(kw, words):
+    # skattn.checks is the one rule set: the float64 reference and the plan executor agree
+    from skattn import reference
+
+    q, k, v = inputs()
+    p = skattn.plan(batch=1, q_len=2, kv_len=20, q_heads=4, kv_heads=2, head_dim=16, sms=4,
+                    blocks_per_sm=2)
+    with pytest.raises((ValueError, TypeError), match=words):
+        reference.attention(q, k, v, **kw)
+    with pytest.raises((ValueError, TypeError), match=words):
+        reference.run_plan(p, q, k, v, **kw)
+    with pytest.raises(TypeError, match="plan must be a skattn.Plan"):
+        reference.run_plan("auto", q, k, v)

@@ -73,7 +73,7 @@ def test_features_on_gpu(dtype):
     sinks = torch.randn(16, device="cuda", generator=g)
     mask = torch.randn(2, 7, 5000, device="cuda", generator=g)
     mask[torch.rand(2, 7, 5000, device="cuda", generator=g) < 0.2] = float("-inf")
-    cases = [dict(causal=True, sinks=sinks), dict(window=128, sinks=sinks),
+    cases = [dict(causal=True, sinks=sinks), dict(causal=True, window=128, sinks=sinks),
              dict(mask=mask.to(dtype), softcap=20.0),
              dict(alibi_slopes=skattn.alibi_slopes(16, 8.0).cuda(), causal=True)]
     for kw in cases:

@@ -168,21 +168,21 @@ def test_prefill_whole_tile_per_program():
 def test_window_and_sinks():
     # gpt-oss: sliding window plus per-head sinks
     q, k, v = make(Lq=3, Lk=120, Hq=8, Hkv=2)
-    p = plan_for(q, k, v, window=20, nblocks=3, block_m=16)
+    p = plan_for(q, k, v, causal=True, window=20, nblocks=3, block_m=16)
     assert p.work <= 3 * p.ntiles_dst
     sinks = torch.randn(8, generator=torch.Generator().manual_seed(3))
-    check(q, k, v, p, window=20, sinks=sinks)
-    check(q, k, v, plan_for(q, k, v, window=20, nblocks=3, fixup="fused", block_m=16),
-          window=20, sinks=sinks)
+    check(q, k, v, p, causal=True, window=20, sinks=sinks)
+    check(q, k, v, plan_for(q, k, v, causal=True, window=20, nblocks=3, fixup="fused", block_m=16),
+          causal=True, window=20, sinks=sinks)
 
 
 @pytest.mark.parametrize("fixup", [None, "fused"])
 def test_decode_window_starts_past_zero(fixup):
     # one token block whose first visible KV block is not 0 (the kernel gets it as a scalar)
     q, k, v = make(Lq=2, Lk=200, Hq=8, Hkv=2)
-    p = plan_for(q, k, v, window=40, nblocks=5, fixup=fixup)
+    p = plan_for(q, k, v, causal=True, window=40, nblocks=5, fixup=fixup)
     assert p.ntiles_x == 1 and p.kv_first[0] > 0
-    check(q, k, v, p, window=40)
+    check(q, k, v, p, causal=True, window=40)
 
 
 def test_mask_softcap_alibi():

@@ -34,7 +34,7 @@ def causal_window(causal, window) -> None:
 
 
 def _number(name: str, x, *, minimum=None) -> None:
-    if isinstance(x, bool) or not isinstance(x, Real):
+    if type(x) is not float and (isinstance(x, bool) or not isinstance(x, Real)):
         raise TypeError(f"{name} must be a float, got {type(x).__name__}")
     if not math.isfinite(x):
         raise ValueError(f"{name} must be finite, got {x}")
@@ -57,6 +57,8 @@ def _tensor(name: str, x, ndim: int, dtypes) -> None:
 
 def _overlaps(x: torch.Tensor) -> bool:
     """Whether two elements of x share memory (a stride 0, or strides that interleave)."""
+    if x.is_contiguous():
+        return False
     reach = 0  # the largest offset reached by the dimensions seen so far
     for stride, size in sorted((abs(st), sz) for st, sz in zip(x.stride(), x.shape) if sz > 1):
         if stride <= reach:
@@ -135,23 +137,23 @@ def attention_args(q, k, v, *, scale=None, causal=False, window=None, mask=None,
 
 
 def _kernel_args(q, k, v, mask, sinks, alibi_slopes, out) -> None:
-    tensors = (("q", q), ("k", k), ("v", v), ("mask", mask), ("sinks", sinks),
-               ("alibi_slopes", alibi_slopes))
-    for name, x in tensors:
-        if x is not None and x.stride(-1) != 1:
+    grad = torch.is_grad_enabled()
+    for name, x in (("q", q), ("k", k), ("v", v), ("mask", mask), ("sinks", sinks),
+                    ("alibi_slopes", alibi_slopes)):
+        if x is None:
+            continue
+        if x.stride(-1) != 1:
             raise ValueError(f"{name} must be contiguous in its last dimension "
                              f"(stride {x.stride(-1)})")
+        if grad and x.requires_grad:
+            raise ValueError(f"{name} requires grad: skattn's kernels are forward-only; call "
+                             f"under torch.no_grad() or detach the inputs")
     for name, x in (("k", k), ("v", v)):
         if x.shape[1] * abs(x.stride(1)) >= 2**31:
             raise ValueError(f"{name}: one sequence's keys span {x.shape[1] * abs(x.stride(1))} "
                              f"elements (Lk x stride {x.stride(1)}); the kernels address them "
                              f"with 32-bit offsets (< 2**31): split the sequence or use a "
                              f"denser layout")
-    if torch.is_grad_enabled():
-        for name, x in tensors:
-            if x is not None and x.requires_grad:
-                raise ValueError(f"{name} requires grad: skattn's kernels are forward-only; call "
-                                 f"under torch.no_grad() or detach the inputs")
     if q.device.type == "cpu" and not interpreting():
         raise ValueError("CPU tensors need TRITON_INTERPRET=1 (the Triton interpreter); "
                          "move q, k, v to a CUDA device")
@@ -171,14 +173,17 @@ def _kernel_args(q, k, v, mask, sinks, alibi_slopes, out) -> None:
                              f"element needs its own address")
 
 
+_PLAN_FIELDS = ("batch", "q_len", "kv_len", "q_heads", "kv_heads", "head_dim", "head_dim_v",
+                "causal", "window", "dtype")
+_DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
+
+
 def plan_matches(plan, q, k, v, *, causal, window, dtype: bool = True) -> None:
     """The plan was made for these shapes, options and (when `dtype`) K/V's dtype."""
     B, Lq, Hq, Dk = q.shape
-    want = dict(batch=B, q_len=Lq, kv_len=k.shape[1], q_heads=Hq, kv_heads=k.shape[2],
-                head_dim=Dk, head_dim_v=v.shape[3], causal=causal, window=window)
-    if dtype:
-        want["dtype"] = str(k.dtype).removeprefix("torch.")
-    for name, value in want.items():
+    have = (B, Lq, k.shape[1], Hq, k.shape[2], Dk, v.shape[3], causal, window,
+            _DTYPE_NAMES.get(k.dtype, str(k.dtype)) if dtype else plan.dtype)
+    for name, value in zip(_PLAN_FIELDS, have):
         if getattr(plan, name) != value:
             raise ValueError(f"plan was made for {name}={getattr(plan, name)!r}, inputs have "
                              f"{value!r}")

@@ -33,8 +33,12 @@ def plan_for(q, k, v, *, causal=False, window=None, policy=DEFAULT_POLICY):
     """The plan the op runs for these inputs: `skattn.plan(..., policy=policy)` for the
     current GPU (the interpreter's pretend grid on a CPU), cached per shape and policy."""
     B, Lq, Hq, Dk = q.shape
-    return _cached_plan(B, Lq, k.shape[1], Hq, k.shape[2], Dk, v.shape[3], k.dtype,
-                        bool(causal), window, q.device, policy)
+    try:
+        return _cached_plan(B, Lq, k.shape[1], Hq, k.shape[2], Dk, v.shape[3], k.dtype,
+                            bool(causal), window, q.device, policy)
+    except ValueError:  # name the tensor at fault (e.g. an f32 k) rather than the planner's field
+        checks.attention_args(q, k, v, causal=causal, window=window)
+        raise
 
 
 def _check_policy(policy) -> None:

@@ -6,6 +6,7 @@ from functools import cached_property
 
 import torch
 
+from skattn.checks import causal_window
 from skattn.policy import (FIXUPS, POLICIES, POLICY_NOTES, CostModel, canonical_policy, fixup_for,
                            load_cost_model, nblocks_for)
 from skattn.tuning import Tuning
@@ -15,7 +16,7 @@ __all__ = ["Plan", "plan", "nblocks_for", "fixup_for", "tile_geometry", "POLICIE
 # FLOP per byte of K/V above which a cell is compute-bound (it is q_len x GQA ratio; the
 # H100/H200 ridge points are about 220/180 FLOP/B for f16)
 COMPUTE_BOUND_INTENSITY = 256
-_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
+_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}  # of K and V
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,12 @@ def tile_geometry(*, q_len: int, gqa_ratio: int, head_dim: int, head_dim_v: int,
             block_m = 64
     elif block_m not in (16, 32, 64, 128, 256):
         raise ValueError(f"block_m must be one of 16, 32, 64, 128, 256, got {block_m!r}")
+    # overrides Triton can compile: power-of-two blocks of >= 16 (tl.dot), warps, stages >= 1
+    for name, value, allowed in (("block_n", block_n, (16, 32, 64, 128, 256)),
+                                 ("num_warps", num_warps, (1, 2, 4, 8, 16)),
+                                 ("num_stages", num_stages, tuple(range(1, 9)))):
+        if value is not None and (type(value) is not int or value not in allowed):
+            raise ValueError(f"{name} must be one of {', '.join(map(str, allowed))}, got {value!r}")
     heads = min(heads, block_m)
     if head_dim <= 256:
         block_dk, dk_chunks = max(16, _pow2(head_dim)), 1
@@ -370,10 +377,9 @@ def plan(*, batch: int, q_len: int, kv_len: int, q_heads: int, kv_heads: int, he
     policy = canonical_policy(policy)
     if fixup is not None and fixup not in FIXUPS:
         raise ValueError(f"fixup must be None or one of {FIXUPS}, got {fixup!r}")
-    if window is not None:
-        _check_positive(window=window)
+    causal_window(causal, window)
     if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {list(_DTYPES)}, got {dtype}")
+        raise ValueError(f"dtype is K/V's and must be one of {list(_DTYPES)}, got {dtype}")
     if sms is None or blocks_per_sm is None:
         from skattn.device import hardware
 

@@ -114,7 +114,7 @@ def finalise(state: State, sinks: torch.Tensor | None) -> tuple[torch.Tensor, to
         ref = _finite(m2)
         alpha = torch.exp(m - ref)
         o, l, m = alpha[:, None] * o, alpha * l + torch.exp(sinks - ref), ref
-    seen = l > 0
+    seen = l != 0  # a row with no visible key gives 0; a NaN row stays NaN
     safe_l = torch.where(seen, l, torch.ones_like(l))
     out = torch.where(seen[:, None], o / safe_l[:, None], torch.zeros_like(o))
     lse = torch.where(seen, _finite(m) + torch.log(safe_l), torch.full_like(l, NEG_INF))
