@@ -105,12 +105,13 @@ def attention(q, k, v, *, scale=None, causal=False, window=None, mask=None, sink
     Notes
     -----
     Non-finite values are not searched for (that would cost a pass over the KV cache); they
-    reach only the rows that read them, as NaN in out and lse. A NaN in q makes its own row
-    NaN; one in k or v makes NaN the rows that see that key, and possibly other rows of the
-    same sequence and KV head (a -inf mask entry does not hide a NaN score, and V is read a
-    KV block at a time), never rows of other sequences or KV heads. Infinities in q, k or v
-    mostly end as NaN the same way. In `mask`, -inf hides a key; +inf or NaN make the row
-    NaN. A -inf sink is no sink; a NaN or +inf sink makes the head's rows NaN.
+    reach only rows that read them, as NaN. A NaN in q makes its row NaN (out and lse); one
+    in k makes NaN the rows that see that key (out and lse), one in v their outputs (in its
+    column). Both may also reach other rows of the same sequence and KV head (an additive
+    -inf does not hide a NaN score; V is read a KV block at a time), never rows of other
+    sequences or KV heads. Infinities in q, k or v usually end as NaN the same way. In
+    `mask`, -inf hides a key; +inf or NaN make the row NaN. A -inf sink is no sink; a NaN
+    or +inf sink makes the head's rows NaN.
     """
     key = _signature(q, k, v, scale, causal, window, mask, sinks, softcap, alibi_slopes,
                      return_lse, plan, out)
