@@ -217,3 +217,18 @@ def test_report_keeps_timers_apart(tmp_path):
     assert "- graph timer: per layer: replay time of one CUDA graph" in md
     for timer in ("graph", "event"):
         assert (tmp_path / "out" / f"bench-two-{timer}-speedup.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_skattn_provider_on_the_graph_flow(monkeypatch):
+    # the real skattn provider under the interpreter: each layer writes its own output buffer
+    # (poisoned before the replay), all layers share one caller-owned workspace
+    monkeypatch.setattr(graph, "capture", fake_capture)
+    cell = grid.Cell("tiny", 8, 2, 16, 1, 300)  # 6 programs, 2 tiles: a general fixup
+    g = torch.Generator().manual_seed(5)
+    layers = [tuple(torch.randn(1, L, h, 16, generator=g).half() for L, h in ((1, 8), (300, 2), (300, 2)))
+              for _ in range(2)]
+    provider = resolve(("skattn:llamacpp-master",))[0][0]
+    row = measure_graph(provider, cell, layers, graph.References(layers, reference), FakeTimer(),
+                        RunOptions(timer="graph", layers=2, sms=4, blocks_per_sm=2))
+    assert row["status"] == "ok" and row["fixup"] == "general" and row["nblocks"] == 6
+    assert row["p50_us"] == "16.000"  # 32 µs for a graph of 2 layers

@@ -33,8 +33,8 @@ def test_time_calls_interleaves_batches_and_counts_per_call():
 def _host_rows():
     # SYNTHETIC numbers (not measurements)
     base = dict(calls=200, reps=30, n=1, depth=256, hq=32, hkv=8, d=128, gpu="synthetic")
-    return [dict(base, provider="skattn-planned", status="ok", us_per_call_p20="9.00", us_per_call_p50="10.00",
-                 us_per_call_p80="11.00", drain_us_p50="5.0"),
+    return [dict(base, provider="skattn-planned", status="ok", us_per_call_p20="9.00",
+                 us_per_call_p50="10.00", us_per_call_p80="11.00", drain_us_p50="5.0"),
             dict(base, provider="skattn-op", status="skipped: torch.ops.skattn.attention does not exist"),
             dict(base, provider="sdpa", status="ok", us_per_call_p20="24.00", us_per_call_p50="25.00",
                  us_per_call_p80="26.00", drain_us_p50="4.0")]

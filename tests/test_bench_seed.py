@@ -139,8 +139,8 @@ def test_seed_table_reports_a_wrong_call(tmp_path, monkeypatch):
     # the full call is checked against float64 before it is timed
     real = seed.layer_call
 
-    def zeros_for_llamacpp(plan, q, k, v, part):
-        fn = real(plan, q, k, v, part)
+    def zeros_for_llamacpp(plan, q, k, v, part, workspace):
+        fn = real(plan, q, k, v, part, workspace)
         return (lambda: torch.zeros_like(fn())) if part == "call" and plan.policy == "llamacpp" else fn
 
     cell = grid.Cell("tiny", 8, 2, 16, 1, 130)

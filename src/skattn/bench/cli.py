@@ -152,7 +152,8 @@ def _seed_mode(args) -> int:
         print(seed.plans_table(cells, sms=sms, blocks_per_sm=bps))
         print("\nNo CUDA GPU here (or --plans): the seed table's plans above; its timings need a GPU.")
         return 0
-    csv_path, rows = seed.run_seed_table(cells, out_dir=_out_dir(args), tag=_tag(args), opts=run_options(args))
+    csv_path, rows = seed.run_seed_table(cells, out_dir=_out_dir(args), tag=_tag(args),
+                                         opts=run_options(args))
     seed.seed_report([csv_path])
     stem = csv_path.with_suffix("")
     written = [p for p in (csv_path, Path(f"{stem}.md"), Path(f"{stem}.png")) if p.exists()]

@@ -60,15 +60,21 @@ class Provider:
 
 # -- skattn
 def _skattn_builder(policy: str, fixup: str | None):
+    workspaces = {}  # the last plan's workspace, shared by every layer built with that plan
+
     def build(cell, q, k, v, opts):
         import skattn
 
-        if not hasattr(skattn, "attention"):
-            raise RuntimeError("skattn.attention does not exist yet")
         p = skattn.plan(batch=q.shape[0], q_len=cell.n, kv_len=cell.depth, q_heads=cell.hq,
                         kv_heads=cell.hkv, head_dim=cell.d, dtype=k.dtype, causal=True,
                         sms=opts.sms, blocks_per_sm=opts.blocks_per_sm, policy=policy, fixup=fixup)
-        return Built(lambda: skattn.attention(q, k, v, causal=True, plan=p), policy, p.fixup, p.nblocks)
+        if p not in workspaces:  # a caller's workspace, as under CUDA graphs (skattn.workspace)
+            workspaces.clear()
+            workspaces[p] = skattn.workspace(p, device=q.device)
+        ws = workspaces[p]
+        out = torch.empty(*q.shape[:3], v.shape[3], device=q.device, dtype=q.dtype)
+        return Built(lambda: skattn.attention(q, k, v, causal=True, plan=p, out=out, workspace=ws),
+                     policy, p.fixup, p.nblocks)
 
     return build
 

@@ -41,19 +41,20 @@ def plan_cell(cell: Cell, policy: str, *, sms: int | None, blocks_per_sm: int | 
                        policy=SEED_POLICIES[policy])
 
 
-def layer_call(plan, q, k, v, part: str):
+def layer_call(plan, q, k, v, part: str, workspace):
     """One layer's call with its own output buffer: the full call, or the main kernel alone
-    (`launch.run(main_only=True)`, which launches no fixup; the output is then incomplete)."""
+    (`launch.run(main_only=True)`, which launches no fixup; the output is then incomplete).
+    `workspace` (`skattn.workspace(plan)`) is shared by the layers, as in a model."""
     import skattn
     from skattn import launch
 
     out = torch.empty(*q.shape[:3], v.shape[3], device=q.device, dtype=q.dtype)
     if part == "call":
-        return lambda: skattn.attention(q, k, v, causal=True, plan=plan, out=out)
+        return lambda: skattn.attention(q, k, v, causal=True, plan=plan, out=out, workspace=workspace)
     scale = launch.default_scale(q.shape[3])
 
     def main_only():
-        launch.run(plan, q, k, v, out, None, scale=scale, main_only=True)
+        launch.run(plan, q, k, v, out, None, scale=scale, workspace=workspace, main_only=True)
         return out
 
     return main_only
@@ -65,6 +66,7 @@ def measure_part(cell: Cell, policy: str, part: str, layers, refs, timer, opts) 
     The full call is checked against float64 (eagerly, and after a graph replay on the first
     and last layer); the main kernel alone is only run, its output being incomplete.
     """
+    import skattn
     from skattn.bench import graph
     from skattn.bench.providers import relative_error
     from skattn.bench.run import TOLERANCE, error_status, eager_check
@@ -74,7 +76,8 @@ def measure_part(cell: Cell, policy: str, part: str, layers, refs, timer, opts) 
         dtype = layers[0][1].dtype
         p = plan_cell(cell, policy, sms=opts.sms, blocks_per_sm=opts.blocks_per_sm, dtype=dtype)
         row.update(nblocks=p.nblocks, fixup=p.fixup, ntiles_dst=p.ntiles_dst)
-        fns = [layer_call(p, q, k, v, part) for q, k, v in layers]
+        ws = skattn.workspace(p, device=layers[0][0].device)
+        fns = [layer_call(p, q, k, v, part, ws) for q, k, v in layers]
         if part == "call":
             if not eager_check(fns[0], refs.get(0), dtype, row):
                 return row
@@ -336,8 +339,9 @@ def seed_report(csv_paths, out_dir=None, stem: str | None = None, plots: bool = 
     out_dir = Path(out_dir) if out_dir is not None else paths[0].parent
     stem = stem or paths[0].stem
     results = cell_results(rows)
-    prov = "; ".join(f"{k} {', '.join(sorted(v))}" for k in ("gpu", "sms", "torch", "triton", "commit", "timer")
-                     if (v := {str(r.get(k)) for r in rows if r.get(k)}))
+    keys = ("gpu", "sms", "torch", "triton", "commit", "timer")
+    values = {k: sorted({str(r[k]) for r in rows if r.get(k)}) for k in keys}
+    prov = "; ".join(f"{k} {', '.join(v)}" for k, v in values.items() if v)
     timers = sorted({r.get("timer") or "event" for r in rows})
     md = [f"# skattn seed table: {', '.join(p.name for p in paths)}", "", f"Provenance: {prov}.", "",
           f"Kernel-level, in the same run: `{AFTER}` (N rounded down to a multiple of ntiles_dst "
