@@ -177,3 +177,29 @@ def test_mask_function():
     padding[0, 3] = False
     mask = skt.attention_mask(q_offset=16, kv_offset=0, attention_mask=padding, **causal)
     assert torch.isinf(mask[0, 0, :, 3]).all() and torch.isfinite(mask[0, 0, :, 4:17]).all()
+
+
+def test_static_cache_compiled_fullgraph():
+    # generate's compiled decode step (fullgraph) with a static cache: the attention is the
+    # custom op inside the one graph, its mask hides the cache's unwritten tail
+    from transformers.generation import CompileConfig
+
+    targets = []
+
+    def backend(gm, example_inputs):
+        targets.extend(str(node.target) for node in gm.graph.nodes)
+        return gm.forward
+
+    torch._dynamo.reset()
+    ours, ref16, _ = models("llama", seed=6)
+    for m in (ours, ref16):
+        m.generation_config.eos_token_id = None
+    config = CompileConfig(fullgraph=True, backend=backend, mode=None)
+    config._compile_all_devices = True  # generate compiles on GPUs only by default
+    ids = torch.randint(0, VOCAB, (1, 6), generator=torch.Generator().manual_seed(7))
+    kw = dict(max_new_tokens=4, do_sample=False)
+    with torch.no_grad():
+        got = ours.generate(ids, cache_implementation="static", compile_config=config, **kw)
+        want = ref16.generate(ids, **kw)
+    assert targets.count("skattn.attention") == 2  # one per layer, one graph
+    assert torch.equal(got, want), (got, want)

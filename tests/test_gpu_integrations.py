@@ -1,0 +1,167 @@
+"""The custom op under torch.compile + CUDA graphs, and transformers models, on a CUDA GPU."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import skattn.ops
+
+try:
+    import transformers
+
+    import skattn.transformers as skt
+except ImportError:  # the transformers tests below say so; the op's test still runs
+    transformers = None
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+
+def rel(a, b) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm()).item()
+
+
+class Block(nn.Module):
+    """QKV projection, skattn attention over a KV cache plus the new tokens, output projection."""
+
+    def __init__(self, hidden=1024, q_heads=8, kv_heads=2, head_dim=128):
+        super().__init__()
+        self.shape = q_heads, kv_heads, head_dim
+        self.qkv = nn.Linear(hidden, (q_heads + 2 * kv_heads) * head_dim, bias=False)
+        self.out = nn.Linear(q_heads * head_dim, hidden, bias=False)
+
+    def forward(self, x, k_cache, v_cache):
+        hq, hkv, d = self.shape
+        B, L, _ = x.shape
+        q, k, v = self.qkv(x).split([hq * d, hkv * d, hkv * d], dim=-1)
+        k = torch.cat([k_cache, k.view(B, L, hkv, d)], dim=1)
+        v = torch.cat([v_cache, v.view(B, L, hkv, d)], dim=1)
+        o = skattn.ops.attention(q.view(B, L, hq, d), k, v, causal=True)
+        return self.out(o.reshape(B, L, hq * d))
+
+
+def test_compile_reduce_overhead_replays_and_matches_eager():
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    block = Block().cuda().half().requires_grad_(False)
+    kc, vc = torch.randn(2, 1, 3000, 2, 128, device="cuda", dtype=torch.float16)
+    compiled = torch.compile(block, fullgraph=True, mode="reduce-overhead")
+    with torch.no_grad():
+        for i in range(5):  # record, then replays on fresh inputs
+            x = torch.randn(1, 4, 1024, device="cuda", dtype=torch.float16)
+            got = compiled(x, kc, vc).clone()
+            want = block(x, kc, vc)
+            assert not torch.isnan(got).any()
+            assert rel(got, want) < 1e-2, i
+    assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+    assert counters["stats"]["unique_graphs"] == 1  # one graph, no break, no recompile
+
+
+needs_transformers = pytest.mark.skipif(transformers is None, reason="transformers is not installed")
+# llama-8b's attention (32/8 heads of 128) in a 2-layer model with a small MLP and vocabulary
+LLAMA = dict(vocab_size=1024, hidden_size=4096, intermediate_size=1024, num_hidden_layers=2,
+             num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+             max_position_embeddings=8192)
+# gpt-oss's attention (64/8 heads of 64, sinks, a 128-token window on the first layer)
+GPT_OSS = dict(vocab_size=1024, hidden_size=1024, intermediate_size=512, num_hidden_layers=2,
+               num_attention_heads=64, num_key_value_heads=8, head_dim=64, sliding_window=128,
+               layer_types=["sliding_attention", "full_attention"], num_local_experts=4,
+               num_experts_per_tok=2, max_position_embeddings=8192)
+
+
+def models(cls_name, shape, ref_impl, dtypes=(torch.float16,), seed=0):
+    """skattn f16 and the reference implementation in each of `dtypes`, equal weights."""
+    skt.register()
+    cfg = getattr(transformers, cls_name)(**shape)
+    torch.manual_seed(seed)
+    with torch.device("cuda"):
+        ours = transformers.AutoModelForCausalLM.from_config(
+            copy.deepcopy(cfg), attn_implementation="skattn", dtype=torch.float16)
+        refs = [transformers.AutoModelForCausalLM.from_config(
+            copy.deepcopy(cfg), attn_implementation=ref_impl, dtype=d) for d in dtypes]
+    state = ours.state_dict()
+    for m, d in zip(refs, dtypes):
+        m.load_state_dict({k: v.to(d) for k, v in state.items()})
+    for m in (ours, *refs):
+        m.eval().requires_grad_(False)
+        m.generation_config.eos_token_id = None  # 32 tokens, never stopped early
+    return ours, *refs
+
+
+@needs_transformers
+@pytest.mark.parametrize("kind", ["llama", "gpt-oss"])
+def test_logits_close_prefill_and_decode(kind):
+    cls_name, shape, ref_impl = {"llama": ("LlamaConfig", LLAMA, "sdpa"),
+                                 "gpt-oss": ("GptOssConfig", GPT_OSS, "eager")}[kind]
+    ours, ref16, ref32 = models(cls_name, shape, ref_impl, (torch.float16, torch.float32))
+    g = torch.Generator(device="cuda").manual_seed(1)
+    ids = torch.randint(0, 1024, (1, 1500), device="cuda", generator=g)
+    with torch.no_grad():
+        # prefill of 1500 tokens (prompt chunk, causal), then decode 1 token at depth 1500
+        logits = []
+        for m in (ours, ref16, ref32):
+            out = m(ids[:, :-1], use_cache=True)
+            step = m(ids[:, -1:], past_key_values=out.past_key_values).logits
+            logits.append((out.logits[0, -64:].float(), step[0].float()))
+    for part in range(2):
+        o, r16, r32 = (x[part] for x in logits)
+        theirs = (r16 - r32).abs().max().item()
+        floor = 2e-3 * r32.abs().max().item()
+        assert not torch.isnan(o).any()
+        assert (o - r32).abs().max().item() <= 2 * theirs + floor, part
+        assert (o - r16).abs().max().item() <= 3 * theirs + floor, part
+
+
+def assert_greedy_equal(got, want, ref, prompt_len, tol=1e-2):
+    """Greedy tokens equal; where they differ, tie-tolerant: under teacher forcing on our
+    tokens, each of ours is within tol x max |logit| of sdpa's best (a near-tie that f16
+    rounding may break either way), checked at every generated position."""
+    if torch.equal(got, want):
+        return
+    with torch.no_grad():
+        logits = ref(got).logits[0, prompt_len - 1:-1].float()
+    chosen = logits.gather(1, got[0, prompt_len:, None])[:, 0]
+    gap = logits.max(1).values - chosen
+    assert gap.max().item() <= tol * logits.abs().max().item(), (got, want, gap)
+
+
+@needs_transformers
+def test_greedy_generate_32_tokens_matches_sdpa():
+    ours, ref = models("LlamaConfig", LLAMA, "sdpa")
+    g = torch.Generator(device="cuda").manual_seed(2)
+    ids = torch.randint(0, 1024, (1, 700), device="cuda", generator=g)
+    kw = dict(max_new_tokens=32, do_sample=False)
+    with torch.no_grad():
+        got, want = ours.generate(ids, **kw), ref.generate(ids, **kw)
+    assert got.shape == (1, 732)
+    assert_greedy_equal(got, want, ref, 700)
+
+
+@needs_transformers
+def test_static_cache_and_compile():
+    from torch._dynamo.utils import counters
+    from transformers.generation import CompileConfig
+
+    torch._dynamo.reset()
+    counters.clear()
+    ours, ref = models("LlamaConfig", LLAMA, "sdpa", seed=3)
+    g = torch.Generator(device="cuda").manual_seed(4)
+    ids = torch.randint(0, 1024, (1, 300), device="cuda", generator=g)
+    kw = dict(max_new_tokens=32, do_sample=False)
+    with torch.no_grad():
+        # static cache: decode steps run compiled (fullgraph, CUDA graphs) with a mask over
+        # the cache's unwritten tail
+        got = ours.generate(ids, cache_implementation="static",
+                            compile_config=CompileConfig(fullgraph=True), **kw)
+        want = ref.generate(ids, **kw)
+    assert counters["stats"]["unique_graphs"] >= 1  # the decode step was compiled
+    assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+    assert got.shape == (1, 332)
+    assert_greedy_equal(got, want, ref, 300)
