@@ -28,7 +28,7 @@ def cases():
         mask = torch.where(torch.rand(2, Lq, Lk, device="cuda", generator=g) < 0.2,
                            float("-inf"), 0.0).half()
         feats = dict(mask=mask, sinks=rand(8, dtype=torch.float32), softcap=20.0,
-                     alibi_slopes=skattn.alibi_slopes(8, 8.0))
+                     alibi_slopes=skattn.alibi_slopes(8, 8.0).cuda())
         yield f"Lq={Lq} Lk={Lk} all features", (q, k, v), dict(causal=True, **feats)
         yield f"Lq={Lq} Lk={Lk} window", (q, k, v), dict(causal=True, window=100)
 
