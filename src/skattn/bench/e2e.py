@@ -223,12 +223,31 @@ def _provenance(device) -> dict:
             "transformers": transformers.__version__, "commit": commit()}
 
 
+class _Lines:
+    """Progress as one stderr line per row, where tqdm is not installed."""
+
+    def __init__(self, total: int):
+        self.total, self.done, self.desc = total, 0, ""
+
+    def set_description(self, desc: str) -> None:
+        self.desc = desc
+
+    def update(self) -> None:
+        self.done += 1
+        print(f"[{self.done}/{self.total}] {self.desc}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        pass
+
+
 def _progress(total: int, enabled: bool):
+    if not enabled:
+        return None
     try:
         from tqdm import tqdm
     except ImportError:
-        return None
-    return tqdm(total=total, file=sys.stderr, disable=not enabled, unit="run", dynamic_ncols=True)
+        return _Lines(total)
+    return tqdm(total=total, file=sys.stderr, unit="run", dynamic_ncols=True)
 
 
 def _measure(step: Step, mode: str, opts: E2EOptions, cuda: bool, ref) -> dict:
