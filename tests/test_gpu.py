@@ -81,7 +81,7 @@ def test_features_on_gpu(dtype):
         for fixup in (None, "fused"):
             p = skattn.plan(batch=2, q_len=7, kv_len=5000, q_heads=16, kv_heads=2, head_dim=64,
                             dtype=dtype, causal=kw.get("causal", False), window=kw.get("window"),
-                            policy="llamacpp-master", fixup=fixup)
+                            policy="llamacpp-master", fixup=fixup, has_mask="mask" in kw)
             out, lse = skattn.attention(q, k, v, plan=p, return_lse=True, **kw)
             assert rel_err(out, ref) <= bound(q, k, v), (kw.keys(), fixup)
             assert (lse.double() - ref_lse).abs().max() < 0.05
