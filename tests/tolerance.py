@@ -46,12 +46,24 @@ def bound(q, k, v, *, causal=False, k_factor=3.0, floor=2e-3) -> float:
     return k_factor * torch_same_dtype_err(q, k, v, plain, causal=causal) + floor
 
 
-def row_bound(q, k, v, *, causal=False, k_factor=3.0, floor=4e-3) -> float:
-    """The rule row by row (a wrong row among many barely moves the norm of the whole
-    output): k x PyTorch's worst row error on plain attention + floor."""
+def bounds(q, k, v, *, causal=False, ref=None, k_factor=3.0, floor=2e-3, row_floor=4e-3):
+    """(whole-output bound, row bound): the rule of `bound`, and the same row by row (a wrong
+    row among many barely moves the norm of the whole output), from one float64 reference
+    and one PyTorch run on plain attention. With `ref`, the float64 answer of the call being
+    checked, PyTorch's error is at least that of rounding `ref` to q's dtype (the output's):
+    features PyTorch's plain run does not have (sinks, softcap) change what rounding costs."""
     from skattn import reference
 
     plain = reference.attention(q, k, v, causal=causal)
-    err = row_rel_err(torch_same_dtype(q, k, v, causal=causal), plain)
-    err = err[torch.isfinite(err)]
-    return k_factor * (err.max().item() if err.numel() else 0.0) + floor
+    if not torch.isfinite(plain).all() or plain.norm() == 0:
+        err, rows = 0.0, torch.zeros(1, dtype=torch.float64)
+    else:
+        pt = torch_same_dtype(q, k, v, causal=causal)
+        err, rows = rel_err(pt, plain), row_rel_err(pt, plain)
+    if ref is not None:
+        rounded = ref.to(q.dtype)
+        err = max(err, rel_err(rounded, ref))
+        rows = torch.cat([rows.flatten(), row_rel_err(rounded, ref).flatten()])
+    rows = rows[torch.isfinite(rows)]
+    worst = rows.max().item() if rows.numel() else 0.0
+    return k_factor * err + floor, k_factor * worst + row_floor
