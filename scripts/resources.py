@@ -3,25 +3,35 @@
   python3 scripts/resources.py llama-8b 1 32768 [nblocks=128] [fixup=fused] [num_stages=4]
                                              [stamps=1]  # with the per-program time stamps
   python3 scripts/resources.py --shape 256 256 4     # D Dv n, 16 query heads on 1 KV head
+  python3 scripts/resources.py --grid [--jobs=2] [--heads=128,192/128] [--features=mask,window]
+      # shared memory of every distinct main-kernel configuration the planner picks over
+      # head sizes x features x query tokens x GQA ratios (JSON lines, then a summary)
 
 Runs the planner and the launcher with CPU tensors, captures each kernel launch, compiles it
-ahead of time for an H100/H200 (sm_90a) and runs Triton's own ptxas -v on the PTX.
+ahead of time for an H100/H200 (sm_90a) and runs Triton's own ptxas -v on the PTX. `--grid`
+compiles only as far as Triton's shared-memory allocation (what `OutOfResources` compares
+with the device's limit at launch), a few seconds a configuration.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
 import sys
 import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
 
 import torch
 import triton
+from triton import knobs
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 import skattn
 from skattn import launch
+from skattn.config import SM90_SHARED_LIMIT, shared_bytes
 from skattn.kernels import attention, fixup
 from skattn.models import MODELS
 
@@ -82,7 +92,8 @@ def compile_launch(fn, args, kw):
 
 
 def main_kernel(D: int, Dv: int, n: int, *, heads: int = 16, kv_len: int = 3000) -> dict:
-    """Resources of the default main kernel for one KV head of `heads` query heads."""
+    """Resources of the default main kernel for one KV head of `heads` query heads (compiled
+    through ptxas), with the allocation-only count and the planner's estimate beside them."""
     p = skattn.plan(batch=1, q_len=n, kv_len=kv_len, q_heads=heads, kv_heads=1, head_dim=D,
                     head_dim_v=Dv, causal=True, sms=132, blocks_per_sm=2)
     q = torch.zeros(1, n, heads, D, dtype=torch.float16)
@@ -96,14 +107,167 @@ def main_kernel(D: int, Dv: int, n: int, *, heads: int = 16, kv_len: int = 3000)
     finally:
         attention.attention_kernel = saved
     _, args, kw = cap.calls[0]
-    return dict(compile_launch(saved, args, kw), num_stages=p.geometry.num_stages)
+    # `allocated`: the allocation-only compile of --grid; `estimate`: the planner's
+    return dict(compile_launch(saved, args, kw), num_stages=p.geometry.num_stages,
+                allocated=shared_memory(saved, args, kw), estimate=shared_bytes(p.geometry))
+
+
+# -- the grid of issue-sized shapes: every configuration the planner picks, compiled for sm_90
+HEADS = ((32, 32), (64, 64), (72, 72), (80, 80), (96, 96), (128, 128), (160, 160), (192, 128),
+         (256, 256), (512, 512), (576, 512))
+Q_LENS = (*range(1, 17), 32, 64, 75, 128, 512)
+RATIOS = (1, 4, 5, 8, 12, 16)
+# a mask comes without causal (as transformers passes it), in the widest dtype (f32);
+# "fused+lse": the code paths a caller can add to any of them (fixup="fused", return_lse)
+FEATURES = {"none": dict(causal=True), "mask": dict(mask=True),
+            "sinks": dict(causal=True, sinks=True),
+            "sinks+softcap": dict(causal=True, sinks=True, softcap=20.0),
+            "alibi+mask": dict(mask=True, alibi=True), "window": dict(causal=True, window=64),
+            "fused+lse": dict(causal=True, fixup="fused", lse=True)}
+GRID_KV_LEN = 1024
+# 16 KV heads: every row stride is a multiple of 16 elements, as in real caches, so Triton
+# may pipeline every K/V load through shared memory (the most it allocates)
+GRID_KV_HEADS = 16
+
+
+class _Allocated(Exception):
+    """Raised once Triton has allocated shared memory: the rest of the compile is not needed."""
+
+
+def _stop_after_allocation(backend, stages, options, language, capability):
+    from triton._C.libtriton import ir, nvidia, passes
+    from triton.backends.nvidia.compiler import get_ptx_version_from_options
+
+    def allocate(mod, metadata):
+        # the first passes of the backend's make_llir, up to the shared-memory allocation
+        pm = ir.pass_manager(mod.context)
+        passes.ttgpuir.add_combine_tensor_select_and_if(pm)
+        passes.ttgpuir.add_allocate_warp_groups(pm)
+        passes.convert.add_scf_to_cf(pm)
+        passes.gluon.add_inliner(pm)
+        ptx_version = get_ptx_version_from_options(options, backend.target.arch)
+        nvidia.passes.ttgpuir.add_allocate_shared_memory_nv(pm, capability, ptx_version)
+        pm.run(mod, "shared_memory")
+        raise _Allocated(mod.get_int_attr("ttg.shared"))
+
+    stages["llir"] = allocate
+
+
+def shared_memory(fn, args, kw) -> int:
+    """Bytes of shared memory Triton allocates for this launch on sm_90 (its `shared` metadata),
+    compiled no further than that."""
+    sig, consts, attrs = signature(fn, args, kw)
+    opts = {k: kw[k] for k in ("num_warps", "num_stages") if k in kw}
+    knobs.runtime.add_stages_inspection_hook = _stop_after_allocation
+    always, knobs.compilation.always_compile = knobs.compilation.always_compile, True
+    try:  # (no cache lookup: a full compile cached before would answer instead)
+        triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
+                       options=opts)
+    except _Allocated as done:
+        return done.args[0]
+    finally:
+        knobs.runtime.add_stages_inspection_hook = None
+        knobs.compilation.always_compile = always
+    raise RuntimeError("the compile ended before allocating shared memory")
+
+
+def _grid_plan(D, Dv, n, ratio, feature):
+    f = FEATURES[feature]
+    return skattn.plan(batch=1, q_len=n, kv_len=GRID_KV_LEN, q_heads=ratio * GRID_KV_HEADS,
+                       kv_heads=GRID_KV_HEADS, head_dim=D, head_dim_v=Dv,
+                       causal=f.get("causal", False), window=f.get("window"), sms=132,
+                       blocks_per_sm=2, fixup=f.get("fixup"), has_mask=f.get("mask", False),
+                       smem_limit=SM90_SHARED_LIMIT)
+
+
+def _grid_launch(D, Dv, n, ratio, feature):
+    """The main kernel's launch for one grid point, as `skattn.attention` makes it."""
+    f = FEATURES[feature]
+    p = _grid_plan(D, Dv, n, ratio, feature)
+    L, H, Hq = GRID_KV_LEN, GRID_KV_HEADS, ratio * GRID_KV_HEADS
+    q = torch.empty(1, n, Hq, D, dtype=torch.float16)
+    k = torch.empty(1, L, H, D, dtype=torch.float16)
+    v = torch.empty(1, L, H, Dv, dtype=torch.float16)
+    kw = dict(mask=torch.empty(1, n, L) if f.get("mask") else None,
+              sinks=torch.zeros(Hq) if f.get("sinks") else None,
+              alibi_slopes=torch.zeros(Hq) if f.get("alibi") else None,
+              softcap=f.get("softcap", 0.0))
+    lse = torch.empty(1, Hq, n) if f.get("lse") else None
+    cap = Capture(attention.attention_kernel, "main")
+    saved, attention.attention_kernel = attention.attention_kernel, cap
+    try:
+        launch.run(p, q, k, v, torch.empty(1, n, Hq, Dv, dtype=torch.float16), lse,
+                   scale=0.1, main_only=True, **kw)
+    finally:
+        attention.attention_kernel = saved
+    return p, (saved, *cap.calls[0][1:])
+
+
+def grid_configs(heads=HEADS, features=tuple(FEATURES)) -> dict:
+    """Distinct main-kernel configurations over heads x features x Q_LENS x RATIOS:
+    {key: (D, Dv, n, ratio, feature) of its first grid point}. The key is what shapes the
+    kernel's tiles and loops: the geometry except its row packing (heads and tokens a tile
+    holds only change integer index math on the rows), the head sizes (masked loads) and
+    the feature flags; the points and their count go with it."""
+    out = {}
+    for D, Dv in heads:
+        for feature in features:
+            for n in Q_LENS:
+                for ratio in RATIOS:
+                    g = _grid_plan(D, Dv, n, ratio, feature).geometry
+                    key = (D, Dv, feature, g.block_m, g.block_n, g.block_dk, g.dk_chunks,
+                           g.block_dv, g.num_warps, g.num_stages)
+                    out.setdefault(key, [(D, Dv, n, ratio, feature), 0])[1] += 1
+    return out
+
+
+def _compile_point(point) -> dict:
+    t0 = time.time()
+    p, (fn, args, kw) = _grid_launch(*point)
+    D, Dv, n, ratio, feature = point
+    g = p.geometry
+    return dict(head_dim=D, head_dim_v=Dv, q_len=n, ratio=ratio, feature=feature,
+                geometry=[g.block_m, g.heads_per_tile, g.tokens_per_tile, g.block_n, g.block_dk,
+                          g.dk_chunks, g.block_dv, g.num_warps, g.num_stages],
+                estimate=shared_bytes(g, has_mask=FEATURES[feature].get("mask", False)),
+                shared=shared_memory(fn, args, kw), seconds=round(time.time() - t0, 1))
+
+
+def run_grid(jobs: int, heads=HEADS, features=tuple(FEATURES)) -> None:
+    """Compile every distinct configuration of the grid in `jobs` processes; one JSON line
+    each, then a summary line."""
+    configs = grid_configs(heads, features)
+    t0 = time.time()
+    worst, over, under = 0, [], []
+    with ProcessPoolExecutor(jobs) as pool:
+        # the largest tiles first, so that the slowest compiles do not come last
+        order = sorted(configs.values(), key=lambda c: -c[0][0] * c[0][2])
+        for (point, count), row in zip(order, pool.map(_compile_point, [c[0] for c in order])):
+            row["points"] = count
+            print(json.dumps(row), flush=True)
+            worst = max(worst, row["shared"])
+            if row["shared"] > SM90_SHARED_LIMIT:
+                over.append(point)
+            if row["estimate"] < row["shared"]:
+                under.append(point)
+    print(json.dumps(dict(summary=True, configs=len(configs),
+                          points=sum(c[1] for c in configs.values()), max_shared=worst,
+                          limit=SM90_SHARED_LIMIT, over_limit=over, estimate_below=under,
+                          seconds=round(time.time() - t0, 1))), flush=True)
 
 
 def main(argv):
     if argv[0] == "--shape":  # D Dv n: one JSON line
-        import json
-
         print(json.dumps(main_kernel(*map(int, argv[1:4]))))
+        return
+    if argv[0] == "--grid":
+        opts = dict(a[2:].split("=", 1) for a in argv[1:])
+        heads = HEADS
+        if "heads" in opts:
+            heads = tuple((int(h.split("/")[0]), int(h.split("/")[-1]))
+                          for h in opts["heads"].split(","))
+        features = tuple(opts["features"].split(",")) if "features" in opts else tuple(FEATURES)
+        run_grid(int(opts.get("jobs", os.cpu_count() or 1)), heads, features)
         return
     model, n, L = argv[0], int(argv[1]), int(argv[2])
     extra = {}

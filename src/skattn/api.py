@@ -7,7 +7,7 @@ from functools import lru_cache
 import torch
 
 from skattn import checks, launch
-from skattn.device import hardware
+from skattn.device import hardware, shared_memory_limit
 from skattn.planner import plan as make_plan
 
 
@@ -43,11 +43,12 @@ def _signature(q, k, v, scale, causal, window, mask, sinks, softcap, alibi_slope
 
 
 @lru_cache(maxsize=256)
-def _cached_plan(B, Lq, Lk, Hq, Hkv, Dk, Dv, dtype, causal, window, device):
+def _cached_plan(B, Lq, Lk, Hq, Hkv, Dk, Dv, dtype, causal, window, device, has_mask=False):
     sms, occ = hardware(device)
     return make_plan(batch=B, q_len=Lq, kv_len=Lk, q_heads=Hq, kv_heads=Hkv, head_dim=Dk,
                      head_dim_v=Dv, dtype=dtype, causal=causal, window=window, sms=sms,
-                     blocks_per_sm=occ)
+                     blocks_per_sm=occ, has_mask=has_mask,
+                     smem_limit=shared_memory_limit(device))
 
 
 def attention(q, k, v, *, scale=None, causal=False, window=None, mask=None, sinks=None,
@@ -127,7 +128,7 @@ def attention(q, k, v, *, scale=None, causal=False, window=None, mask=None, sink
     Dv = v.shape[3]
     if plan is None:
         plan = _cached_plan(B, Lq, k.shape[1], Hq, k.shape[2], Dk, Dv, k.dtype, bool(causal),
-                            window, q.device)
+                            window, q.device, mask is not None)
     if out is None:
         out = torch.empty(B, Lq, Hq, Dv, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, Hq, Lq, device=q.device, dtype=torch.float32) if return_lse else None

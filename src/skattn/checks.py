@@ -134,6 +134,7 @@ def attention_args(q, k, v, *, scale=None, causal=False, window=None, mask=None,
         _kernel_args(q, k, v, mask, sinks, alibi_slopes, out)
         if plan is not None:
             plan_matches(plan, q, k, v, causal=causal, window=window)
+            plan_mask(plan, mask, q.device)
 
 
 def _kernel_args(q, k, v, mask, sinks, alibi_slopes, out) -> None:
@@ -187,3 +188,32 @@ def plan_matches(plan, q, k, v, *, causal, window, dtype: bool = True) -> None:
         if getattr(plan, name) != value:
             raise ValueError(f"plan was made for {name}={getattr(plan, name)!r}, inputs have "
                              f"{value!r}")
+
+
+def plan_mask(plan, mask, device) -> None:
+    """A mask's tile takes shared memory (`skattn.config.shared_bytes`): a plan made without
+    `has_mask` runs with a mask where its configuration still fits the device (then it is the
+    configuration `has_mask=True` gives too); one made with it runs without a mask where its
+    configuration is also the maskless one."""
+    has_mask = mask is not None
+    if plan.has_mask == has_mask:
+        return
+    from skattn.config import shared_bytes, tile_geometry
+    from skattn.device import shared_memory_limit
+
+    limit = shared_memory_limit(device)
+    if has_mask:
+        need = shared_bytes(plan.geometry, has_mask=True)
+        if need > limit:
+            raise ValueError(f"plan was made for has_mask=False, inputs have a mask: its kernel "
+                             f"configuration would need {need} bytes of shared memory with the "
+                             f"mask's tile ({limit} on {device}); plan with "
+                             f"skattn.plan(..., has_mask=True)")
+        return
+    shape = dict(q_len=plan.q_len, gqa_ratio=plan.gqa_ratio, head_dim=plan.head_dim,
+                 head_dim_v=plan.head_dim_v, smem_limit=limit)
+    reduced = tile_geometry(has_mask=True, **shape)
+    if plan.geometry == reduced and reduced != tile_geometry(**shape):
+        raise ValueError("plan was made for has_mask=True, inputs have no mask: its kernel "
+                         "configuration was reduced to fit a mask's tile; plan with "
+                         "has_mask=False")

@@ -1,4 +1,4 @@
-"""What the planner needs to know about the machine: SM count and programs per SM."""
+"""What the planner needs to know about the machine: SMs, programs per SM, shared memory."""
 from __future__ import annotations
 
 import os
@@ -31,3 +31,17 @@ def hardware(device=None) -> tuple[int, int]:
             "sms=132, blocks_per_sm=2 for an H100 SXM)")
     props = torch.cuda.get_device_properties(device)
     return props.multi_processor_count, DEFAULT_BLOCKS_PER_SM
+
+
+def shared_memory_limit(device=None) -> int:
+    """Shared memory (bytes) one program may use on `device` (default: the current CUDA GPU):
+    its opt-in limit per block; sm_90's 232448 on a CPU or under the interpreter."""
+    import torch
+
+    from skattn.config import SM90_SHARED_LIMIT
+
+    if interpreting() or (device is not None and torch.device(device).type == "cpu"):
+        return SM90_SHARED_LIMIT
+    if not torch.cuda.is_available():
+        return SM90_SHARED_LIMIT
+    return torch.cuda.get_device_properties(device).shared_memory_per_block_optin

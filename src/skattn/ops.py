@@ -13,7 +13,7 @@ import torch
 
 from skattn import api, checks
 from skattn import policy as policies
-from skattn.device import hardware
+from skattn.device import hardware, shared_memory_limit
 from skattn.planner import plan as make_plan
 
 __all__ = ["attention", "plan_for"]
@@ -22,20 +22,22 @@ DEFAULT_POLICY = "auto"
 
 
 @lru_cache(maxsize=512)
-def _cached_plan(B, Lq, Lk, Hq, Hkv, Dk, Dv, dtype, causal, window, device, policy):
+def _cached_plan(B, Lq, Lk, Hq, Hkv, Dk, Dv, dtype, causal, window, device, policy, has_mask):
     sms, occ = hardware(device)
     return make_plan(batch=B, q_len=Lq, kv_len=Lk, q_heads=Hq, kv_heads=Hkv, head_dim=Dk,
                      head_dim_v=Dv, dtype=dtype, causal=causal, window=window, sms=sms,
-                     blocks_per_sm=occ, policy=policy)
+                     blocks_per_sm=occ, policy=policy, has_mask=has_mask,
+                     smem_limit=shared_memory_limit(device))
 
 
-def plan_for(q, k, v, *, causal=False, window=None, policy=DEFAULT_POLICY):
+def plan_for(q, k, v, *, causal=False, window=None, policy=DEFAULT_POLICY, has_mask=False):
     """The plan the op runs for these inputs: `skattn.plan(..., policy=policy)` for the
-    current GPU (the interpreter's pretend grid on a CPU), cached per shape and policy."""
+    current GPU (the interpreter's pretend grid on a CPU), cached per shape and policy;
+    `has_mask`: the call passes a mask (its tile takes shared memory)."""
     B, Lq, Hq, Dk = q.shape
     try:
         return _cached_plan(B, Lq, k.shape[1], Hq, k.shape[2], Dk, v.shape[3], k.dtype,
-                            bool(causal), window, q.device, policy)
+                            bool(causal), window, q.device, policy, bool(has_mask))
     except ValueError:  # name the tensor at fault (e.g. an f32 k) rather than the planner's field
         checks.attention_args(q, k, v, causal=causal, window=window)
         raise
@@ -54,7 +56,7 @@ def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
                   policy: str) -> torch.Tensor:
     checks.attention_args(q, k, v, scale=scale, causal=causal, window=window, mask=mask,
                           sinks=sinks, softcap=softcap, alibi_slopes=alibi_slopes)
-    p = plan_for(q, k, v, causal=causal, window=window, policy=policy)
+    p = plan_for(q, k, v, causal=causal, window=window, policy=policy, has_mask=mask is not None)
     return api.attention(q, k, v, scale=scale, causal=causal, window=window, mask=mask,
                          sinks=sinks, softcap=softcap, alibi_slopes=alibi_slopes, plan=p)
 

@@ -7,6 +7,8 @@ from functools import cached_property
 import torch
 
 from skattn.checks import causal_window
+from skattn.config import (STAGE_BYTES_BUDGET, TileGeometry, programs_per_sm,  # noqa: F401
+                           tile_geometry)
 from skattn.policy import (FIXUPS, POLICIES, POLICY_NOTES, CostModel, canonical_policy, fixup_for,
                            load_cost_model, nblocks_for)
 from skattn.tuning import Tuning
@@ -17,93 +19,6 @@ __all__ = ["Plan", "plan", "nblocks_for", "fixup_for", "tile_geometry", "POLICIE
 # H100/H200 ridge points are about 220/180 FLOP/B for f16)
 COMPUTE_BOUND_INTENSITY = 256
 _DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}  # of K and V
-
-
-@dataclass(frozen=True)
-class TileGeometry:
-    """Shape of one output tile and of the kernel that walks it."""
-
-    block_m: int          # rows of a tile (power of two, >= 16 for tl.dot)
-    heads_per_tile: int   # query heads of one KV head packed in a tile (llama.cpp: ncols2)
-    tokens_per_tile: int  # query tokens per tile (llama.cpp: ncols1)
-    block_n: int          # keys per KV block (llama.cpp: nbatch_fa)
-    block_dk: int         # padded K head size handled per dot (a chunk when dk_chunks > 1)
-    dk_chunks: int        # chunks of block_dk covering Dk (1 except for very large heads)
-    block_dv: int         # padded V head size
-    num_warps: int
-    num_stages: int
-
-
-def _pow2(x: int) -> int:
-    return 1 << (x - 1).bit_length()
-
-
-STAGE_BYTES_BUDGET = 192 << 10  # shared memory for the K/V pipeline stages
-SM_SHARED_BYTES = 228 << 10  # sm_90: shared memory and registers of one SM
-SM_REGISTERS = 64 << 10
-
-
-def programs_per_sm(geo: "TileGeometry") -> int:
-    """Programs of a 128-row (prompt) geometry that one Hopper SM holds at once: its K/V
-    stages and Q tile in shared memory (224 KB for head size 128, 80 KB for 64, as compiled)
-    and 255 registers a thread (what those kernels take)."""
-    dk = geo.block_dk * geo.dk_chunks
-    shared = geo.num_stages * geo.block_n * (dk + geo.block_dv) * 2 + geo.block_m * dk * 2
-    return max(1, min(SM_SHARED_BYTES // shared, SM_REGISTERS // (geo.num_warps * 32 * 255)))
-
-
-def tile_geometry(*, q_len: int, gqa_ratio: int, head_dim: int, head_dim_v: int,
-                  block_m: int | None = None, block_n: int | None = None,
-                  num_warps: int | None = None, num_stages: int | None = None) -> TileGeometry:
-    """Pack the query heads of a KV head into the rows of a tile, then fill rows with tokens."""
-    heads = min(gqa_ratio, 16)
-    rows = q_len * heads
-    if block_m is None:
-        block_m = 16 if rows <= 16 else 32 if rows <= 32 else 64 if rows <= 64 else 128
-        if block_m == 32 and max(head_dim, head_dim_v) <= 128:
-            # 64 rows (Hopper's warpgroup MMA) streamed K/V 5-11% faster than 32 in every
-            # decode cell measured, e.g. llama-8b n=8 L=32768 46.0 -> 41.1 us (PERF.md)
-            block_m = 64
-    elif block_m not in (16, 32, 64, 128, 256):
-        raise ValueError(f"block_m must be one of 16, 32, 64, 128, 256, got {block_m!r}")
-    # overrides Triton can compile: power-of-two blocks of >= 16 (tl.dot), warps, stages >= 1
-    for name, value, allowed in (("block_n", block_n, (16, 32, 64, 128, 256)),
-                                 ("num_warps", num_warps, (1, 2, 4, 8, 16)),
-                                 ("num_stages", num_stages, tuple(range(1, 9)))):
-        if value is not None and (type(value) is not int or value not in allowed):
-            raise ValueError(f"{name} must be one of {', '.join(map(str, allowed))}, got {value!r}")
-    heads = min(heads, block_m)
-    if head_dim <= 256:
-        block_dk, dk_chunks = max(16, _pow2(head_dim)), 1
-    else:
-        block_dk = 64
-        dk_chunks = -(-head_dim // block_dk)
-    block_dv = max(16, _pow2(head_dim_v))
-    prefill = block_m == 128
-    wide = max(block_dk * dk_chunks, block_dv)
-    # measured on an H200 (PERF.md): decode 64/4/4, BLOCK_N 128 for head sizes <= 64 (gpt-oss
-    # n=1 L=32768: 26.5 vs 30.1 us); prefill 128/8/3 for head sizes 65-128, 64/4/4 for head
-    # sizes <= 64 (gpt-oss n=512: 357 vs 408 us)
-    narrow_prefill = prefill and wide <= 64
-    if block_n is None:
-        if wide > 256:
-            block_n = 32
-        elif (prefill and not narrow_prefill and wide <= 128) or (not prefill and wide <= 64):
-            block_n = 128
-        else:
-            block_n = 64
-    if num_warps is None:
-        num_warps = 8 if prefill and not narrow_prefill else 4
-    if num_stages is None:
-        num_stages = 3 if prefill and not narrow_prefill else 4
-        # K and V of one stage stay in shared memory: large heads get fewer stages (sm_90 has
-        # 227 KB; D=256 decode needs 64 KB a stage, 576/512 needs 68 KB)
-        stage_bytes = block_n * (block_dk * dk_chunks + block_dv) * 2
-        while num_stages > 2 and num_stages * stage_bytes > STAGE_BYTES_BUDGET:
-            num_stages -= 1
-    tokens = max(1, min(q_len, block_m // heads))
-    return TileGeometry(block_m, heads, tokens, block_n, block_dk, dk_chunks,
-                        block_dv, num_warps, num_stages)
 
 
 @dataclass(frozen=True)
@@ -141,6 +56,7 @@ class Plan:
     fastdiv: bool = True    # fastdiv for the kernels' run-time divisions (False: plain //)
     cost_model: CostModel = field(default_factory=CostModel, compare=False)
     tuning: Tuning = field(default_factory=Tuning)
+    has_mask: bool = False  # planned for an additive mask (its tile takes shared memory)
 
     # -- derived sizes
     @property
@@ -329,7 +245,8 @@ def plan(*, batch: int, q_len: int, kv_len: int, q_heads: int, kv_heads: int, he
          policy: str = "auto", nblocks: int | None = None, fixup: str | None = None,
          block_m: int | None = None, block_n: int | None = None, num_warps: int | None = None,
          num_stages: int | None = None, fastdiv: bool = True,
-         cost_model: CostModel | None = None, tuning: Tuning | None = None) -> Plan:
+         cost_model: CostModel | None = None, tuning: Tuning | None = None,
+         has_mask: bool = False, smem_limit: int | None = None) -> Plan:
     """Plan one attention shape: tiles, work list, programs and fixup kind.
 
     Parameters
@@ -364,10 +281,22 @@ def plan(*, batch: int, q_len: int, kv_len: int, q_heads: int, kv_heads: int, he
     tuning : Tuning, optional
         Launch choices that leave the decomposition unchanged (PDL, merge steps); the
         defaults are the measured best.
+    has_mask : bool
+        The calls will pass an additive `mask` (its tile takes shared memory, so the kernel
+        configuration may be smaller); `attention` refuses a mask with a plan made without
+        it where its configuration has no room for the mask's tile.
+    smem_limit : int, optional
+        Shared memory one program may use, bytes: asked from the current GPU when None
+        (232448, sm_90's, without one). The configuration is reduced until it fits.
 
     Returns
     -------
     Plan
+
+    Raises
+    ------
+    ValueError
+        Bad arguments, or a shape that no kernel configuration fits in `smem_limit`.
     """
     head_dim_v = head_dim if head_dim_v is None else head_dim_v
     _check_positive(batch=batch, q_len=q_len, kv_len=kv_len, q_heads=q_heads, kv_heads=kv_heads,
@@ -389,9 +318,14 @@ def plan(*, batch: int, q_len: int, kv_len: int, q_heads: int, kv_heads: int, he
     _check_positive(sms=sms, blocks_per_sm=blocks_per_sm)
 
     ratio = q_heads // kv_heads
+    if smem_limit is None:
+        from skattn.device import shared_memory_limit
+
+        smem_limit = shared_memory_limit()
+    _check_positive(smem_limit=smem_limit)
     geo = tile_geometry(q_len=q_len, gqa_ratio=ratio, head_dim=head_dim, head_dim_v=head_dim_v,
                         block_m=block_m, block_n=block_n, num_warps=num_warps,
-                        num_stages=num_stages)
+                        num_stages=num_stages, has_mask=bool(has_mask), smem_limit=smem_limit)
     ntiles_x = -(-q_len // geo.tokens_per_tile)
     ntiles_z = -(-ratio // geo.heads_per_tile)
     ntiles_dst = batch * kv_heads * ntiles_z * ntiles_x
@@ -419,4 +353,4 @@ def plan(*, batch: int, q_len: int, kv_len: int, q_heads: int, kv_heads: int, he
     return Plan(batch, q_len, kv_len, q_heads, kv_heads, head_dim, head_dim_v, _DTYPES[dtype],
                 bool(causal), window, geo, ntiles_x, ntiles_z, ntiles_dst, ntiles_kv, kv_first,
                 kv_count, work, sms, blocks_per_sm, max_blocks, policy, nblocks, kind,
-                bool(fastdiv), model, tuning or Tuning())
+                bool(fastdiv), model, tuning or Tuning(), bool(has_mask))

@@ -126,7 +126,8 @@ def attention_forward(module, query, key, value, attention_mask, *, dropout=0.0,
     if torch.compiler.is_compiling():
         out = ops.attention(q, k, v, policy=policy, **kw)
     else:
-        plan = ops.plan_for(q, k, v, causal=causal, window=window, policy=policy)
+        plan = ops.plan_for(q, k, v, causal=causal, window=window, policy=policy,
+                            has_mask=mask is not None)
         out = skattn.attention(q, k, v, plan=plan, **kw)
     return out, None
 
