@@ -57,7 +57,8 @@ def shared_bytes(geo: TileGeometry, *, has_mask: bool = False) -> int:
       [BLOCK_M, Dv padded], which reuses the loop's buffers (the larger of the two counts).
 
     Sinks, softcap, ALiBi, the sliding window, causal masking, lse and the fused fixup add
-    nothing measurable (none of them keeps a tile in shared memory).
+    nothing measurable (none of them keeps a tile in shared memory). Compiled for sm_80 (no
+    warpgroup MMA) the same configurations take less, so the count bounds them there too.
     """
     dk = geo.block_dk * geo.dk_chunks
     wgmma = geo.block_m >= 64
