@@ -162,7 +162,7 @@ def tma(rows):
                             print("fail", how, bn, stages, N, repr(e)[:160], flush=True)
                             continue
                         rows.append(dict(what=f"stream-{how}", model="llama-8b", depth=L,
-                                         block_n=bn, stages=stages, nblocks=N, p50_us=t.p50,
+                                         block_n=bn, stages=stages, programs=N, p50_us=t.p50,
                                          tbps=nbytes / t.p50 / 1e6))
                         print(f"{how:8s} L={L} bn={bn} st={stages} N={N:4d} {t.p50:7.1f} us "
                               f"{nbytes / t.p50 / 1e6:5.2f} TB/s", flush=True)
@@ -214,12 +214,12 @@ def merge(rows):
             for label, fixup, pdl, trigger, el in variants:
                 launch.USE_PDL, launch.PDL_TRIGGER, launch.FUSED_MERGE_ELEMENTS = pdl, trigger, el
                 try:
-                    p = skattn.plan(nblocks=N, fixup=fixup, **kw)
+                    p = skattn.plan(programs=N, fixup=fixup, **kw)
                 except ValueError as e:  # N above the work items
                     print("skip", model, n, L, N, e, flush=True)
                     continue
                 t_main, t_all, err = _checked(timer, p, q, k, v, out, ref)
-                rows.append(dict(what="merge", model=model, n=n, depth=L, nblocks=N,
+                rows.append(dict(what="merge", model=model, n=n, depth=L, programs=N,
                                  variant=label, fixup=p.fixup, main_us=t_main.p50,
                                  p50_us=t_all.p50, max_rel_err=err))
                 print(f"{model} n={n} L={L} N={N} {label:13s} {p.fixup:8s} main "
@@ -242,10 +242,10 @@ def prefill(rows):
                 launch.USE_PDL, launch.PDL_TRIGGER, launch.FIXUP_ROWS = pdl, trigger, fix_rows
                 t_main, t_all = _main_and_all(timer, p, q, k, v, out, reps=30)
                 label = f"pdl={pdl:d} {trigger} rows={fix_rows}"
-                rows.append(dict(what="prefill", model=model, n=n, depth=L, nblocks=p.nblocks,
+                rows.append(dict(what="prefill", model=model, n=n, depth=L, programs=p.programs,
                                  fixup=p.fixup, variant=label, main_us=t_main.p50,
                                  p50_us=t_all.p50))
-                print(f"{model} n={n} L={L} N={p.nblocks} {p.fixup} {label}: main "
+                print(f"{model} n={n} L={L} N={p.programs} {p.fixup} {label}: main "
                       f"{t_main.p50:6.1f} all {t_all.p50:6.1f} us", flush=True)
     launch.USE_PDL, launch.PDL_TRIGGER, launch.FIXUP_ROWS = True, "end", 16
 
@@ -273,7 +273,7 @@ def stream(timer, rows):
                             print("fail", bn, dots, stages, N, repr(e)[:120])
                             continue
                         rows.append(dict(what="stream", model=model, depth=L, block_n=bn,
-                                         dots=dots, stages=stages, nblocks=N, p50_us=t.p50,
+                                         dots=dots, stages=stages, programs=N, p50_us=t.p50,
                                          tbps=nbytes / t.p50 / 1e6, **res))
                         print(f"stream L={L} bn={bn} dots={dots:d} st={stages} N={N:5d} "
                               f"{t.p50:7.1f} us {nbytes / t.p50 / 1e6:5.2f} TB/s {res}",
@@ -295,7 +295,7 @@ def _time_stream(timer, rows, L, N, k, args, label, **fields):
     stream_kernel[(N,)](*args, **kw)
     t = timer.time(lambda: stream_kernel[(N,)](*args, **kw), reps=30)
     tbps = 4 * k.numel() / t.p50 / 1e6  # K and V, 2 bytes an element
-    rows.append(dict(model="llama-8b", depth=L, nblocks=N, p50_us=t.p50, tbps=tbps, **fields))
+    rows.append(dict(model="llama-8b", depth=L, programs=N, p50_us=t.p50, tbps=tbps, **fields))
     print(f"stream L={L} N={N} {label:14s} {t.p50:7.1f} us {tbps:5.2f} TB/s", flush=True)
 
 
@@ -339,10 +339,10 @@ def rows64(rows):
             p = skattn.plan(block_m=bm, **kw)
             t_main, t_all, err = _checked(timer, p, q, k, v, out, ref)
             g = p.geometry
-            rows.append(dict(what="rows64", model=model, n=n, depth=L, nblocks=p.nblocks,
+            rows.append(dict(what="rows64", model=model, n=n, depth=L, programs=p.programs,
                              fixup=p.fixup, block_m=g.block_m, block_n=g.block_n,
                              main_us=t_main.p50, p50_us=t_all.p50, max_rel_err=err))
-            print(f"{model} n={n} L={L} N={p.nblocks} {p.fixup} BLOCK_M={g.block_m} "
+            print(f"{model} n={n} L={L} N={p.programs} {p.fixup} BLOCK_M={g.block_m} "
                   f"BLOCK_N={g.block_n} main {t_main.p50:6.1f} all {t_all.p50:6.1f} us "
                   f"err {err:.1e}", flush=True)
 
@@ -362,7 +362,7 @@ def kernel(timer, rows):
                          (396, None)):
             for stages in (4,):
                 p = skattn.plan(batch=1, q_len=n, kv_len=L, q_heads=Hq, kv_heads=Hkv,
-                                head_dim=D, causal=True, nblocks=N, num_stages=stages,
+                                head_dim=D, causal=True, programs=N, num_stages=stages,
                                 fixup=fixup)
                 launch.run(p, q, k, v, out, None, scale=D ** -0.5)
                 torch.cuda.synchronize()
@@ -376,7 +376,7 @@ def kernel(timer, rows):
                 t_all = timer.time(lambda: launch.run(p, q, k, v, out, None, scale=D ** -0.5),
                                    reps=30)
                 rows.append(dict(what="skattn", model=model, depth=L, block_n=p.geometry.block_n,
-                                 stages=stages, nblocks=N, fixup=p.fixup, p50_us=t_all.p50,
+                                 stages=stages, programs=N, fixup=p.fixup, p50_us=t_all.p50,
                                  main_us=t_main.p50, tbps=nbytes / t_all.p50 / 1e6, **res))
                 print(f"skattn {model} n={n} L={L} N={N} st={stages} {p.fixup}: main "
                       f"{t_main.p50:6.1f} all {t_all.p50:6.1f} us {res}", flush=True)
@@ -404,7 +404,7 @@ def flush_modes(rows):
         fns = {"stream N=132": lambda: stream_kernel[(132,)](*sargs, **skw)}
         for N, fixup in ((128, None), (128, "fused")):
             p = skattn.plan(batch=1, q_len=n, kv_len=L, q_heads=Hq, kv_heads=Hkv, head_dim=D,
-                            causal=True, nblocks=N, fixup=fixup)
+                            causal=True, programs=N, fixup=fixup)
             fns[f"skattn N={N} {p.fixup}"] = (
                 lambda p=p: launch.run(p, q, k, v, out, None, scale=D ** -0.5))
         for backend in ("CUDNN_ATTENTION", "FLASH_ATTENTION"):
@@ -439,9 +439,9 @@ def fused(rows):
         q, k, v, out, ref, kw = _cell(model, n, L)
         for N in (128, 264):
             for fixup in (None, "fused"):
-                p = skattn.plan(nblocks=N, fixup=fixup, **kw)
+                p = skattn.plan(programs=N, fixup=fixup, **kw)
                 t_main, t_all, err = _checked(timer, p, q, k, v, out, ref)
-                rows.append(dict(what="fused", model=model, n=n, depth=L, nblocks=N,
+                rows.append(dict(what="fused", model=model, n=n, depth=L, programs=N,
                                  fixup=p.fixup, main_us=t_main.p50, p50_us=t_all.p50,
                                  max_rel_err=err, src=skattn.__file__))
                 print(f"{model} n={n} L={L} N={N} {p.fixup:8s} main {t_main.p50:6.1f} "
@@ -493,7 +493,7 @@ def ncu_run():
     Hq, Hkv, D = MODELS[model][:3]
     out = torch.empty_like(q)
     p = skattn.plan(batch=1, q_len=n, kv_len=L, q_heads=Hq, kv_heads=Hkv, head_dim=D,
-                    causal=True, nblocks=int(os.environ.get("PROBE_N", "128")),
+                    causal=True, programs=int(os.environ.get("PROBE_N", "128")),
                     fixup=os.environ.get("PROBE_FIXUP") or None)
     for _ in range(3):
         launch.run(p, q, k, v, out, None, scale=D ** -0.5)

@@ -74,7 +74,7 @@ def attention(timer, rows):
         p = skattn.plan(batch=1, q_len=n, kv_len=L, q_heads=Hq, kv_heads=Hkv, head_dim=D,
                         causal=True)
         nfix = math.prod(launch.fixup_grid(p))
-        main = torch.zeros(p.nblocks, 4, device="cuda", dtype=torch.int64)
+        main = torch.zeros(p.programs, 4, device="cuda", dtype=torch.int64)
         fix = torch.zeros(max(1, nfix), 4, device="cuda", dtype=torch.int64)
         out = torch.empty_like(qq)
         plain = timer.time(lambda: launch.run(p, qq, k, v, out, None, scale=D ** -0.5),
@@ -85,7 +85,7 @@ def attention(timer, rows):
         t0 = min(r[0] for r in m)
         us = lambda xs: [(x - t0) / 1e3 for x in xs]  # noqa: E731
         starts, loops, ends = us(r[0] for r in m), us(r[1] for r in m), us(r[2] for r in m)
-        row = dict(model=model, n=n, depth=L, nblocks=p.nblocks, fixup=p.fixup,
+        row = dict(model=model, n=n, depth=L, programs=p.programs, fixup=p.fixup,
                    loads_first=loads_first,
                    event_p50_us=plain.p50, event_stamped_p50_us=t.p50,
                    main_start_max=max(starts), loop_med=q(loops), loop_max=max(loops),
@@ -125,7 +125,7 @@ def main():
                 call()
                 t = timer.time(call, reps=30)  # the stamps now hold the last timed call's
                 summ = _summary(stamps)
-                row = dict(depth=L, nblocks=N, kernel="stream" if work else "empty",
+                row = dict(depth=L, programs=N, kernel="stream" if work else "empty",
                            event_p50_us=t.p50, **summ)
                 rows.append(row)
                 print(f"{row['kernel']:6s} L={L:<6d} N={N:<4d} event {t.p50:6.1f} us | span "

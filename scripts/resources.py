@@ -1,6 +1,6 @@
 """Registers, spills and shared memory of skattn's kernels for sm_90, compiled here (no GPU).
 
-  python3 scripts/resources.py llama-8b 1 32768 [nblocks=128] [fixup=fused] [num_stages=4]
+  python3 scripts/resources.py llama-8b 1 32768 [programs=128] [fixup=fused] [num_stages=4]
                                              [stamps=1]  # with the per-program time stamps
   python3 scripts/resources.py --shape 256 256 4     # D Dv n, 16 query heads on 1 KV head
   python3 scripts/resources.py --grid [--jobs=2] [--heads=128,192/128] [--features=mask,window]
@@ -95,7 +95,7 @@ def main_kernel(D: int, Dv: int, n: int, *, heads: int = 16, kv_len: int = 3000)
     """Resources of the default main kernel for one KV head of `heads` query heads (compiled
     through ptxas), with the allocation-only count and the planner's estimate beside them."""
     p = skattn.plan(batch=1, q_len=n, kv_len=kv_len, q_heads=heads, kv_heads=1, head_dim=D,
-                    head_dim_v=Dv, causal=True, sms=132, blocks_per_sm=2)
+                    head_dim_v=Dv, causal=True, sms=132, occupancy=2)
     q = torch.zeros(1, n, heads, D, dtype=torch.float16)
     k = torch.empty(1, kv_len, 1, D, dtype=torch.float16)
     v = torch.empty(1, kv_len, 1, Dv, dtype=torch.float16)
@@ -176,7 +176,7 @@ def _grid_plan(D, Dv, n, ratio, feature):
     return skattn.plan(batch=1, q_len=n, kv_len=GRID_KV_LEN, q_heads=ratio * GRID_KV_HEADS,
                        kv_heads=GRID_KV_HEADS, head_dim=D, head_dim_v=Dv,
                        causal=f.get("causal", False), window=f.get("window"), sms=132,
-                       blocks_per_sm=2, fixup=f.get("fixup"), has_mask=f.get("mask", False),
+                       occupancy=2, fixup=f.get("fixup"), has_mask=f.get("mask", False),
                        smem_limit=SM90_SHARED_LIMIT)
 
 
@@ -279,7 +279,7 @@ def main(argv):
         launch._check_stamps = lambda *a: None  # launches are only captured: nothing is written
     Hq, Hkv, D = MODELS[model][:3]
     p = skattn.plan(batch=1, q_len=n, kv_len=L, q_heads=Hq, kv_heads=Hkv, head_dim=D,
-                    causal=True, sms=132, blocks_per_sm=2, **extra)
+                    causal=True, sms=132, occupancy=2, **extra)
     q = torch.zeros(1, n, Hq, D, dtype=torch.float16)
     k = torch.empty(1, L, Hkv, D, dtype=torch.float16)
     caps = {"attention_kernel": Capture(attention.attention_kernel, "main"),

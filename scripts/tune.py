@@ -1,7 +1,7 @@
-"""Kernel tuning on a GPU: configs (BLOCK_N, warps, stages) and an exhaustive nblocks sweep.
+"""Kernel tuning on a GPU: configs (BLOCK_N, warps, stages) and an exhaustive programs sweep.
 
 Writes CSVs to $OUT (or benchmarks/results): tune_configs.csv with each config's time and
-compiled resources, sweep_nblocks.csv with the time of every N for some cells and what each
+compiled resources, sweep_programs.csv with the time of every N for some cells and what each
 policy chose, breakdown.csv with where decode time goes.
 Usage: python3 scripts/tune.py [host] [breakdown]
        [configs [--prefill | --prefill-only | --prefill-bm]]
@@ -96,7 +96,7 @@ def configs():
             bm, bn, warps, stages = cfg if len(cfg) == 4 else (None, *cfg)
             p = skattn.plan(batch=1, q_len=n, kv_len=L, q_heads=Hq, kv_heads=Hkv, head_dim=D,
                             causal=True, policy="llamacpp", block_m=bm, block_n=bn,
-                            num_warps=warps, num_stages=stages, nblocks=NBLOCKS.get(n))
+                            num_warps=warps, num_stages=stages, programs=NBLOCKS.get(n))
             t0 = time.time()
             try:
                 out = skattn.attention(q, k, v, causal=True, plan=p)
@@ -107,7 +107,7 @@ def configs():
             except Exception as e:  # noqa: BLE001 (a config the compiler refuses is a result)
                 t, res, err = (float("nan"),) * 3, {}, repr(e)[:200]
             rows.append(dict(model=model, n=n, depth=L, block_n=bn, num_warps=warps,
-                             num_stages=stages, block_m=p.geometry.block_m, nblocks=p.nblocks,
+                             num_stages=stages, block_m=p.geometry.block_m, programs=p.programs,
                              fixup=p.fixup, p20_us=t[0], p50_us=t[1], p80_us=t[2],
                              compile_s=round(time.time() - t0, 1), err=err, **res))
             print(f"{model:18s} n={n:<4d} L={L:<6d} bn={bn:<3d} w={warps} s={stages} "
@@ -135,7 +135,7 @@ def breakdown():
         out = torch.empty(1, n, Hq, D, device="cuda", dtype=q.dtype)
         for N in (64, 128, 264):
             p = skattn.plan(batch=1, q_len=n, kv_len=L, q_heads=Hq, kv_heads=Hkv, head_dim=D,
-                            causal=True, nblocks=N)
+                            causal=True, programs=N)
             scale = D ** -0.5
             t_main = bench(lambda: launch.run(p, q, k, v, out, None, scale=scale, main_only=True))
             t_all = bench(lambda: launch.run(p, q, k, v, out, None, scale=scale))
@@ -183,9 +183,9 @@ def sweep(quick=False, coarse=False, every_cell=False, ns=(1, 2, 4, 8, 16)):
         Hq, Hkv, D = MODELS[model][:3]
         kw = dict(batch=1, q_len=n, kv_len=L, q_heads=Hq, kv_heads=Hkv, head_dim=D, causal=True)
         base = skattn.plan(policy="llamacpp-master", **kw)
-        chosen = {pol: skattn.plan(policy=pol, **kw).nblocks
+        chosen = {pol: skattn.plan(policy=pol, **kw).programs
                   for pol in ("llamacpp-master", "llamacpp", "seed-4x", "split", "auto")}
-        top = min(base.work, 2 * base.max_blocks)
+        top = min(base.work, 2 * base.max_programs)
         step = 1 if top <= 300 else 2
         out = torch.empty(1, n, Hq, D, device="cuda", dtype=q.dtype)
         ns = [x for x in COARSE_N if x <= base.work] if coarse else range(1, top + 1, step)
@@ -193,17 +193,17 @@ def sweep(quick=False, coarse=False, every_cell=False, ns=(1, 2, 4, 8, 16)):
         if n * Hq // Hkv >= COMPUTE_BOUND_INTENSITY:
             points.append((base.ntiles_dst, "none"))  # prompt chunks: one whole tile a program
         for N, fixup in points:
-            p = skattn.plan(nblocks=N, fixup=fixup, **kw)
+            p = skattn.plan(programs=N, fixup=fixup, **kw)
             if fixup == "fused" and p.fixup == "none":
                 continue
             t = bench(lambda: skattn.attention(q, k, v, causal=True, plan=p, out=out), rep=40)
-            rows.append(dict(model=model, n=n, depth=L, nblocks=N, fixup=p.fixup,
+            rows.append(dict(model=model, n=n, depth=L, programs=N, fixup=p.fixup,
                              ntiles_dst=p.ntiles_dst, work=p.work, p20_us=t[0], p50_us=t[1],
                              p80_us=t[2], floor_us=floor_us(q, k, v),
                              **{f"chosen_{k}": c for k, c in chosen.items()}))
         best = min(r["p50_us"] for r in rows if r["model"] == model and r["n"] == n)
         print(f"sweep {model} n={n} L={L}: best {best:.1f} us; chosen {chosen}", flush=True)
-        _write("sweep_nblocks.csv", rows)
+        _write("sweep_programs.csv", rows)
 
 
 def prefill_fixup():
@@ -217,9 +217,9 @@ def prefill_fixup():
         for fixup in (None, "fused"):
             p = skattn.plan(fixup=fixup, **kw)
             t = bench(lambda: skattn.attention(q, k, v, causal=True, plan=p, out=out), rep=30)
-            rows.append(dict(model=model, n=n, depth=L, nblocks=p.nblocks, fixup=p.fixup,
+            rows.append(dict(model=model, n=n, depth=L, programs=p.programs, fixup=p.fixup,
                              p20_us=t[0], p50_us=t[1], p80_us=t[2]))
-            print(f"prefill {model} L={L} N={p.nblocks} {p.fixup:8s} {t[1]:7.1f} us", flush=True)
+            print(f"prefill {model} L={L} N={p.programs} {p.fixup:8s} {t[1]:7.1f} us", flush=True)
     _write("prefill_fixup.csv", rows)
 
 

@@ -62,11 +62,11 @@ def test_bad_options(kw, words):
 def test_plan_for_other_shapes():
     q, k, v = inputs()
     p = skattn.plan(batch=1, q_len=2, kv_len=21, q_heads=4, kv_heads=2, head_dim=16, sms=4,
-                    blocks_per_sm=2)
+                    occupancy=2)
     with pytest.raises(ValueError, match="plan was made for kv_len=21, inputs have 20"):
         skattn.attention(q, k, v, plan=p)
     p = skattn.plan(batch=1, q_len=2, kv_len=20, q_heads=4, kv_heads=2, head_dim=16, sms=4,
-                    blocks_per_sm=2)
+                    occupancy=2)
     with pytest.raises(ValueError, match="plan was made for causal=False"):
         skattn.attention(q, k, v, plan=p, causal=True)
 
@@ -125,7 +125,7 @@ def test_inputs_that_require_grad(name):
 def test_plan_settings_that_cannot_run(kw, words):
     with pytest.raises((ValueError, TypeError), match=words):
         skattn.plan(batch=1, q_len=2, kv_len=20, q_heads=4, kv_heads=2, head_dim=16, sms=4,
-                    blocks_per_sm=2, **kw)
+                    occupancy=2, **kw)
 
 
 @pytest.mark.parametrize("kw,words", [
@@ -142,7 +142,7 @@ def test_references_follow_the_same_rules(kw, words):
 
     q, k, v = inputs()
     p = skattn.plan(batch=1, q_len=2, kv_len=20, q_heads=4, kv_heads=2, head_dim=16, sms=4,
-                    blocks_per_sm=2)
+                    occupancy=2)
     with pytest.raises((ValueError, TypeError), match=words):
         reference.attention(q, k, v, **kw)
     with pytest.raises((ValueError, TypeError), match=words):

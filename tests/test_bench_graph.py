@@ -229,6 +229,6 @@ def test_skattn_provider_on_the_graph_flow(monkeypatch):
               for _ in range(2)]
     provider = resolve(("skattn:llamacpp-master",))[0][0]
     row = measure_graph(provider, cell, layers, graph.References(layers, reference), FakeTimer(),
-                        RunOptions(timer="graph", layers=2, sms=4, blocks_per_sm=2))
-    assert row["status"] == "ok" and row["fixup"] == "general" and row["nblocks"] == 6
+                        RunOptions(timer="graph", layers=2, sms=4, occupancy=2))
+    assert row["status"] == "ok" and row["fixup"] == "general" and row["programs"] == 6
     assert row["p50_us"] == "16.000"  # 32 µs for a graph of 2 layers

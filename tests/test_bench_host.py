@@ -55,7 +55,7 @@ def test_run_host_on_a_cpu(tmp_path):
     # tiny heads so the interpreter is quick; the same code path as on a GPU but for device
     shape = dict(n=1, depth=40, hq=4, hkv=2, d=16)
     csv_path, rows = host.run_host(tmp_path, "cpu", calls=1, reps=2, warmup=0, shape=shape,
-                                   sms=4, blocks_per_sm=2, device="cpu")
+                                   sms=4, occupancy=2, device="cpu")
     by = {r["provider"]: r for r in rows}
     assert list(by) == list(host.PROVIDERS)
     for name in ("skattn-planned", "skattn-unplanned", "sdpa"):

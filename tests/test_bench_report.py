@@ -66,7 +66,7 @@ def test_provider_names():
 
 def test_plan_table_covers_the_grid():
     cells = grid.select()
-    table = plan_table(cells, sms=132, blocks_per_sm=2)
+    table = plan_table(cells, sms=132, occupancy=2)
     rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert len(rows) == len(cells)
     for cell, row in zip(cells, rows):
@@ -112,7 +112,7 @@ def _synthetic_rows():
         for provider, variant, p50 in measured:
             rows.append(dict(provider=provider, variant=variant, policy=variant, fixup="general",
                              model=model, hq=hq, hkv=8 if hq == 40 else 4, d=128, n=n, depth=8192,
-                             nblocks=264, status="ok", err="1e-3", p20_us=p50 - 1, p50_us=p50,
+                             programs=264, status="ok", err="1e-3", p20_us=p50 - 1, p50_us=p50,
                              p80_us=p50 + 1, floor_us=10.0, pct_floor=100 * 10.0 / p50, gpu="synthetic",
                              sms=132, torch="t", triton="t", commit="c", timestamp="2000-01-01T00:00:00"))
     rows.append({**rows[-1], "provider": "flex", "status": "error: Unsupported: synthetic",

@@ -14,9 +14,9 @@ from test_bench_report import _args
 DEPTHS = (8192, 16384, 32768)
 
 
-def _row(model, hq, n, depth, policy, part, p50, status="ok", nblocks=264, fixup="general"):
+def _row(model, hq, n, depth, policy, part, p50, status="ok", programs=264, fixup="general"):
     return dict(model=model, hq=hq, hkv=8, d=128, n=n, depth=depth, policy=policy, part=part,
-                nblocks=nblocks, fixup=fixup, ntiles_dst=8, status=status, err="1e-3",
+                programs=programs, fixup=fixup, ntiles_dst=8, status=status, err="1e-3",
                 p20_us=p50, p50_us=p50, p80_us=p50, reps=10, timer="graph", layers=16, gpu="synthetic",
                 sms=132, torch="t", triton="t", commit="c", flush="read", timestamp="2000-01-01T00:00:00")
 
@@ -119,14 +119,14 @@ def test_seed_table_runs_both_policies_under_the_interpreter(tmp_path, monkeypat
     monkeypatch.setattr(timing, "ColdTimer", FakeTimer)
     monkeypatch.setattr(run, "_inputs", cpu_inputs)
     monkeypatch.setattr(run, "provenance", lambda sms: {"gpu": "none (test)", "sms": sms})
-    opts = RunOptions(timer="event", sms=4, blocks_per_sm=2, warmup=0, reps=1, progress=False)
+    opts = RunOptions(timer="event", sms=4, occupancy=2, warmup=0, reps=1, progress=False)
     csv_path, rows = seed.run_seed_table([cell], out_dir=tmp_path, tag="t", opts=opts)
     assert [(r["policy"], r["part"], r["status"]) for r in rows] == [
         ("llamacpp-before", "call", "ok"), ("llamacpp-before", "main", "ok"),
         ("llamacpp", "call", "ok"), ("llamacpp", "main", "ok")]
     for r in rows:
-        p = seed.plan_cell(cell, r["policy"], sms=4, blocks_per_sm=2)
-        assert (r["nblocks"], r["fixup"]) == (p.nblocks, p.fixup)
+        p = seed.plan_cell(cell, r["policy"], sms=4, occupancy=2)
+        assert (r["programs"], r["fixup"]) == (p.programs, p.fixup)
     assert [r["fixup"] for r in rows] == ["general", "general", "uniform", "uniform"]
     assert float(rows[0]["err"]) < 2e-2 and "err" not in rows[1]  # the main kernel alone is not checked
     assert len(timed) == 4 and all(t.shape == (1, 1, 8, 16) for t in timed)
@@ -150,7 +150,7 @@ def test_seed_table_reports_a_wrong_call(tmp_path, monkeypatch):
     from skattn.bench.providers import reference
 
     monkeypatch.setattr(seed, "layer_call", zeros_for_llamacpp)
-    opts = RunOptions(timer="event", sms=4, blocks_per_sm=2, warmup=0, reps=1)
+    opts = RunOptions(timer="event", sms=4, occupancy=2, warmup=0, reps=1)
     row = seed.measure_part(cell, "llamacpp", "call", layers, References(layers, reference), None, opts)
     assert row["status"].startswith("wrong: relative error") and "p50_us" not in row
 

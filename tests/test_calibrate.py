@@ -14,10 +14,10 @@ def synthetic_rows(model: CostModel):
     """Times generated from `model` plus a different constant per cell (test data, not results)."""
     rows = []
     for cell, const in ((("llama-8b", 1, 16384), 11.0), (("qwen3-14b", 4, 8192), 7.0)):
-        for nblocks in (9, 33, 65, 100, 129, 200, 263):
+        for programs in (9, 33, 65, 100, 129, 200, 263):
             for fixup in ("general", "fused"):
                 row = dict(model=cell[0], n=str(cell[1]), depth=str(cell[2]),
-                           nblocks=str(nblocks), fixup=fixup)
+                           programs=str(programs), fixup=fixup)
                 p = _plan_for(row, 132, 2)
                 row["fixup"] = p.fixup
                 items, pieces, launch = _features(p, model.saturation)
@@ -89,10 +89,10 @@ def test_second_round_on_shared_sms():
 
     m = CostModel(us_per_item=1.0, saturation=0.5, us_per_piece=0.0, us_launch=0.0,
                   shared_round=0.8)
-    kw = dict(ntiles_dst=8, work=8 * 256, max_tile_work=256, fixup="uniform", max_blocks=264)
-    assert predict_us(m, nblocks=128, **kw) == 16
-    assert predict_us(m, nblocks=256, **kw) == 2 * 8            # one program an SM: 2 rounds
-    assert predict_us(m, nblocks=256, per_sm=2, **kw) == 1.8 * 8  # two an SM: 1 + 0.8
+    kw = dict(ntiles_dst=8, work=8 * 256, max_tile_work=256, fixup="uniform", max_programs=264)
+    assert predict_us(m, programs=128, **kw) == 16
+    assert predict_us(m, programs=256, **kw) == 2 * 8            # one program an SM: 2 rounds
+    assert predict_us(m, programs=256, per_sm=2, **kw) == 1.8 * 8  # two an SM: 1 + 0.8
 
 
 def test_fit_leaves_out_prompt_chunks():
@@ -107,6 +107,6 @@ def test_programs_beyond_one_round_cost_a_second_round():
     from skattn.policy import predict_us
 
     m = CostModel(us_per_item=1.0, saturation=0.485, us_per_piece=0.0, us_launch=0.0)
-    kw = dict(ntiles_dst=8, work=8 * 512, max_tile_work=512, fixup="uniform", max_blocks=264)
-    assert predict_us(m, nblocks=128, **kw) == 32  # 16 programs a tile, 32 items each
-    assert predict_us(m, nblocks=136, **kw) == 2 * 31  # 17 a tile: 31 items, two rounds
+    kw = dict(ntiles_dst=8, work=8 * 512, max_tile_work=512, fixup="uniform", max_programs=264)
+    assert predict_us(m, programs=128, **kw) == 32  # 16 programs a tile, 32 items each
+    assert predict_us(m, programs=136, **kw) == 2 * 31  # 17 a tile: 31 items, two rounds

@@ -5,13 +5,13 @@ import torch
 from skattn.cli import build_parser, main
 from skattn.models import ALIASES, MODELS, resolve
 
-PLAN = ["plan", "--n", "4", "--depth", "16384", "--sms", "132", "--blocks-per-sm", "2"]
+PLAN = ["plan", "--n", "4", "--depth", "16384", "--sms", "132", "--occupancy", "2"]
 
 
 def test_plan_by_model(capsys):
     assert main([*PLAN, "--model", "llama-8b"]) == 0
     out = capsys.readouterr().out
-    assert "heads 32/8" in out and "nblocks" in out and "fixup" in out and "causal=True" in out
+    assert "heads 32/8" in out and "programs" in out and "fixup" in out and "causal=True" in out
 
 
 def test_plan_png(tmp_path, capsys):
@@ -22,11 +22,11 @@ def test_plan_png(tmp_path, capsys):
 
 
 def test_plan_by_heads(capsys):
-    args = [*PLAN, "--heads", "40/8", "--head-dim", "128", "--no-causal", "--nblocks", "40",
+    args = [*PLAN, "--heads", "40/8", "--head-dim", "128", "--no-causal", "--programs", "40",
             "--fixup", "fused"]
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert "heads 40/8 (ratio 5)" in out and "nblocks 40, fixup fused" in out
+    assert "heads 40/8 (ratio 5)" in out and "programs 40, fixup fused" in out
     assert "causal=False" in out
 
 

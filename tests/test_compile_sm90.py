@@ -54,7 +54,7 @@ def test_time_stamps_compile():
     outs = []
     for extra in ([], ["stamps=1"]):
         res = subprocess.run([sys.executable, str(ROOT / "scripts" / "resources.py"), "llama-8b",
-                              "1", "8192", "nblocks=128", *extra], capture_output=True,
+                              "1", "8192", "programs=128", *extra], capture_output=True,
                              text=True, env=_env(), timeout=600)
         assert res.returncode == 0, res.stderr[-2000:]
         outs.append([line for line in res.stdout.splitlines() if "kernel" in line])

@@ -116,10 +116,10 @@ def test_overrides_are_kept_or_refused():
 def test_impossible_head_size_is_refused_by_plan():
     with pytest.raises(ValueError, match=r"head size 4096/4096 .*fits 232448 bytes"):
         skattn.plan(batch=1, q_len=1, kv_len=64, q_heads=1, kv_heads=1, head_dim=4096,
-                    sms=132, blocks_per_sm=2)
+                    sms=132, occupancy=2)
     with pytest.raises(ValueError, match="shared memory"):  # a smaller GPU's limit
         skattn.plan(batch=1, q_len=512, kv_len=64, q_heads=4, kv_heads=1, head_dim=128,
-                    sms=132, blocks_per_sm=2, smem_limit=8192)
+                    sms=132, occupancy=2, smem_limit=8192)
 
 
 @pytest.fixture

@@ -40,7 +40,7 @@ class Profile:
     ratios: tuple[int, ...] = ()
     dims: tuple[tuple[int, int], ...] = ()
     block_n: tuple[int | None, ...] = (None,)   # None: the planner's choice
-    hardware: tuple[tuple[int, int] | None, ...] = (None,)  # (sms, blocks_per_sm); None: the GPU's
+    hardware: tuple[tuple[int, int] | None, ...] = (None,)  # (sms, occupancy); None: the GPU's
     aligned: bool = False        # strides and view offsets multiples of 16 elements
     families: tuple[dict, ...] = ()  # each fixes some of the case's fields (GPU profile)
     configs_per_kind: int = 0    # GPU: kernel configurations per family and fixup kind (0: any)
@@ -117,7 +117,7 @@ def _plan_kwargs(c: dict, hardware, block_n, fastdiv) -> dict:
                 q_heads=c["kv_heads"] * c["ratio"], kv_heads=c["kv_heads"],
                 head_dim=c["dims"][0], head_dim_v=c["dims"][1], dtype=c["dtype"],
                 causal="causal" in c["features"], window=c["window"],
-                has_mask="mask" in c["features"], sms=sms, blocks_per_sm=occ, block_n=block_n,
+                has_mask="mask" in c["features"], sms=sms, occupancy=occ, block_n=block_n,
                 fastdiv=fastdiv)
 
 
@@ -128,30 +128,30 @@ def _draw_plan(draw, kw: dict) -> skattn.Plan:
     base = skattn.plan(policy=policy, **kw)
     tiles, work = base.ntiles_dst, base.work
     kind = draw(st.sampled_from(("policy",) + FIXUPS))
-    fixup, nblocks = None, None
+    fixup, programs = None, None
     if kind == "uniform" and min(base.kv_count) >= 2:  # pieces a tile <= its KV blocks
-        fixup, nblocks = kind, tiles * draw(st.integers(2, min(base.kv_count)))
+        fixup, programs = kind, tiles * draw(st.integers(2, min(base.kv_count)))
     elif kind == "none":
-        fixup, nblocks = kind, draw(st.sampled_from((1, tiles)))  # no tile is ever cut
+        fixup, programs = kind, draw(st.sampled_from((1, tiles)))  # no tile is ever cut
     elif kind == "general":
         cut = [n for n in range(2, work + 1) if n % tiles and tiles % n]  # llama.cpp: general
         if cut:
-            fixup, nblocks = kind, draw(st.sampled_from(cut))
+            fixup, programs = kind, draw(st.sampled_from(cut))
     elif kind == "fused":
-        fixup, nblocks = kind, draw(st.sampled_from(range(1, work + 1)))  # not small-biased
+        fixup, programs = kind, draw(st.sampled_from(range(1, work + 1)))  # not small-biased
     try:
-        return skattn.plan(policy=policy, nblocks=nblocks, fixup=fixup, **kw)
+        return skattn.plan(policy=policy, programs=programs, fixup=fixup, **kw)
     except ValueError:  # "general" where causal tiles differ: plain llama.cpp rule for this N
-        return skattn.plan(policy=policy, nblocks=nblocks, **kw)
+        return skattn.plan(policy=policy, programs=programs, **kw)
 
 
 def _compile_key(family: int, p: skattn.Plan) -> tuple:
     """What makes Triton compile another kernel within a family: the plan's kind, and the
     class (1, a multiple of 16, other) of each run-time integer the launch passes (Triton
     specialises integer arguments on those)."""
-    ints = (p.kv_len, p.group_work, p.work, p.nblocks, p.split, p.kv_first[0], p.window or 0,
+    ints = (p.kv_len, p.group_work, p.work, p.programs, p.split, p.kv_first[0], p.window or 0,
             *magic(p.group_work))
-    return (family, p.fixup, p.per_tile_ranges, p.nblocks >= 4 * p.ntiles_dst,
+    return (family, p.fixup, p.per_tile_ranges, p.programs >= 4 * p.ntiles_dst,
             *(1 if x == 1 else 16 if x % 16 == 0 else 0 for x in ints))
 
 
@@ -282,7 +282,7 @@ def check_case(case: Case, profile: Profile) -> None:
     res = skattn.attention(q, k, v, plan=case.plan, out=out, return_lse=return_lse, **kw)
     out, lse = res if return_lse else (res, None)
     ref, ref_lse = reference.attention(q, k, v, return_lse=True, **kw)
-    where = (f"{case.plan.policy} N={case.plan.nblocks} fixup={case.plan.fixup}, "
+    where = (f"{case.plan.policy} N={case.plan.programs} fixup={case.plan.fixup}, "
              f"features {sorted(case.features)}")
     assert not torch.isnan(out).any(), f"unwritten or NaN output ({where})"
     if before is not None:

@@ -36,10 +36,10 @@ def variants(B, n, L, Hq, Hkv, D, dtype):
         out.setdefault(p.fixup, p)
     p = skattn.plan(policy="llamacpp-master", fixup="fused", **kw)
     out.setdefault(p.fixup, p)
-    if p.nblocks > 1 and p.nblocks - 1 > p.ntiles_dst:  # one program fewer: general
-        p = skattn.plan(policy="llamacpp-master", nblocks=p.nblocks - 1, **kw)
+    if p.programs > 1 and p.programs - 1 > p.ntiles_dst:  # one program fewer: general
+        p = skattn.plan(policy="llamacpp-master", programs=p.programs - 1, **kw)
         out.setdefault(p.fixup, p)
-    p = skattn.plan(policy="llamacpp-master", nblocks=max(1, min(p.work, p.ntiles_dst)), **kw)
+    p = skattn.plan(policy="llamacpp-master", programs=max(1, min(p.work, p.ntiles_dst)), **kw)
     out.setdefault(p.fixup, p)
     p = skattn.plan(policy="auto", **kw)  # prompt chunks: one whole causal tile a program
     out["auto " + p.fixup + (" whole tiles" if p.per_tile_ranges else "")] = p
@@ -60,7 +60,7 @@ def test_seed_grid(model, n):
             skattn.attention(q, k, v, causal=True, plan=p, out=out)
             assert not torch.isnan(out).any(), f"{kind}: unwritten output elements"
             err = rel_err(out, ref)
-            assert err <= tol, f"{model} n={n} L={L} {kind} N={p.nblocks}: {err:.2e} > {tol:.2e}"
+            assert err <= tol, f"{model} n={n} L={L} {kind} N={p.programs}: {err:.2e} > {tol:.2e}"
             seen.add(kind)
     assert {"fused", "general"} <= seen
 
@@ -129,9 +129,9 @@ def test_time_stamps():
 
     q, k, v = make(1, 1, 8192, 32, 8, 128)
     p = skattn.plan(batch=1, q_len=1, kv_len=8192, q_heads=32, kv_heads=8, head_dim=128,
-                    causal=True, nblocks=128)
+                    causal=True, programs=128)
     assert p.fixup == "uniform"
-    main = torch.zeros(p.nblocks, 4, device="cuda", dtype=torch.int64)
+    main = torch.zeros(p.programs, 4, device="cuda", dtype=torch.int64)
     nfix = math.prod(launch.fixup_grid(p))
     fix = torch.zeros(nfix, 4, device="cuda", dtype=torch.int64)
     out = torch.full_like(q, float("nan"))

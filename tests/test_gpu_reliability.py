@@ -29,7 +29,7 @@ def plans(Lq, Lk):
     return {"uniform": skattn.plan(policy="llamacpp", **kw),
             "general": skattn.plan(policy="llamacpp-before", **kw),
             "fused": skattn.plan(policy="llamacpp", fixup="fused", **kw),
-            "none": skattn.plan(nblocks=8, **kw)}
+            "none": skattn.plan(programs=8, **kw)}
 
 
 @pytest.mark.parametrize("kind", ["uniform", "general", "fused", "none"])

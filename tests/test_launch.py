@@ -25,9 +25,9 @@ def recorded(monkeypatch):
     return rec
 
 
-def run(q_len, nblocks, kv_len=8192):
+def run(q_len, programs, kv_len=8192):
     p = skattn.plan(batch=1, q_len=q_len, kv_len=kv_len, q_heads=64, kv_heads=8, head_dim=64,
-                    causal=True, sms=132, blocks_per_sm=2, nblocks=nblocks)
+                    causal=True, sms=132, occupancy=2, programs=programs)
     q = torch.zeros(1, q_len, 64, 64, dtype=torch.float16)
     k = torch.empty(1, kv_len, 8, 64, dtype=torch.float16)
     launch.run(p, q, k, k, torch.empty_like(q), None, scale=0.125)
@@ -46,7 +46,7 @@ def test_decode_fixup_programs_take_16_rows(recorded):
 def test_prompt_chunk_fixup_programs_take_whole_tiles(recorded):
     # n = 512: about one piece a tile; 16-row programs and PDL cost time there (PERF.md)
     p = run(512, 264, kv_len=16384)
-    assert p.nblocks < 4 * p.ntiles_dst and p.fixup == "general"
+    assert p.programs < 4 * p.ntiles_dst and p.fixup == "general"
     (grid, kw), = recorded["general"].calls
     assert grid[2] == 1 and kw["ROWS"] == p.geometry.block_m
 
@@ -54,7 +54,7 @@ def test_prompt_chunk_fixup_programs_take_whole_tiles(recorded):
 def test_whole_tile_plan_launches_no_fixup(recorded):
     # auto's prompt-chunk plan here: one causal tile a program, finished by the main kernel
     p = run(512, None, kv_len=16384)
-    assert p.fixup == "none" and p.nblocks == p.ntiles_dst and p.per_tile_ranges
+    assert p.fixup == "none" and p.programs == p.ntiles_dst and p.per_tile_ranges
     (grid, kw), = recorded["main"].calls
     assert grid == (p.ntiles_dst, 1, 1) and kw["PER_TILE_RANGES"] and not kw["FUSED"]
     assert not recorded["uniform"].calls and not recorded["general"].calls
@@ -65,21 +65,21 @@ def test_fused_merge_reads_only_the_filled_rows(recorded):
     for q_len, rows in ((1, 8), (16, 128)):
         recorded["main"].calls.clear()
         p = skattn.plan(batch=1, q_len=q_len, kv_len=8192, q_heads=64, kv_heads=8, head_dim=64,
-                        causal=True, sms=132, blocks_per_sm=2, nblocks=128, fixup="fused")
+                        causal=True, sms=132, occupancy=2, programs=128, fixup="fused")
         q = torch.zeros(1, q_len, 64, 64, dtype=torch.float16)
         k = torch.empty(1, 8192, 8, 64, dtype=torch.float16)
         launch.run(p, q, k, k, torch.empty_like(q), None, scale=0.125)
         (grid, kw), = recorded["main"].calls
-        assert kw["FIX_ROWS"] == rows and kw["BLOCK_M"] == max(16, rows)
+        assert kw["FIXUP_ROWS"] == rows and kw["BLOCK_M"] == max(16, rows)
 
 
 def test_stamps_are_refused_where_they_cannot_be_written():
     # the GPU clock stamps (a diagnostic) need CUDA tensors; here CPU tensors are refused
     # before any launch, so a wrong buffer is never written out of bounds
     p = skattn.plan(batch=1, q_len=1, kv_len=8192, q_heads=64, kv_heads=8, head_dim=64,
-                    causal=True, sms=132, blocks_per_sm=2, nblocks=128)
+                    causal=True, sms=132, occupancy=2, programs=128)
     q = torch.zeros(1, 1, 64, 64, dtype=torch.float16)
     k = torch.empty(1, 8192, 8, 64, dtype=torch.float16)
-    stamps = (torch.zeros(p.nblocks, 4, dtype=torch.int64), torch.zeros(64, 4, dtype=torch.int64))
+    stamps = (torch.zeros(p.programs, 4, dtype=torch.int64), torch.zeros(64, 4, dtype=torch.int64))
     with pytest.raises(ValueError, match="stamps"):
         launch.run(p, q, k, k, torch.empty_like(q), None, scale=0.125, stamps=stamps)

@@ -23,7 +23,7 @@ def test_batch_stride_past_two_gigabytes():
     q = torch.randn(B, 3, 2, D, generator=g).half()
     k = kv.clone()  # a dense copy for the reference
     p = skattn.plan(batch=B, q_len=3, kv_len=Lk, q_heads=2, kv_heads=H, head_dim=D, causal=True,
-                    sms=2, blocks_per_sm=2)
+                    sms=2, occupancy=2)
     out = torch.full((B, 3, 2, D), float("nan"), dtype=torch.float16)
     skattn.attention(q, kv, kv, causal=True, plan=p, out=out)
     ref = reference.attention(q, k, k, causal=True)

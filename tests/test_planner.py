@@ -4,10 +4,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from skattn.planner import FIXUPS, POLICIES, fixup_for, nblocks_for, plan
+from skattn.planner import FIXUPS, POLICIES, fixup_for, programs_for, plan
 from skattn.policy import split_count
 
-H100 = dict(sms=132, blocks_per_sm=2)  # max_blocks = 264, llama.cpp's worked example
+H100 = dict(sms=132, occupancy=2)  # max_programs = 264, llama.cpp's worked example
 
 
 @st.composite
@@ -23,7 +23,7 @@ def shapes(draw, max_q=600, max_kv=5000, max_sms=140):
         causal=(causal := draw(st.booleans())),
         window=draw(st.one_of(st.none(), st.integers(1, 3000))) if causal else None,
         sms=draw(st.integers(1, max_sms)),
-        blocks_per_sm=draw(st.integers(1, 4)),
+        occupancy=draw(st.integers(1, 4)),
         policy=draw(st.sampled_from(POLICIES)),
         fixup=draw(st.sampled_from([None, "fused"])),
     )
@@ -31,19 +31,19 @@ def shapes(draw, max_q=600, max_kv=5000, max_sms=140):
 
 def _check_plan(p, requested_fixup):
     ranges = p.ranges()
-    assert 1 <= p.nblocks <= p.work and len(ranges) == p.nblocks
+    assert 1 <= p.programs <= p.work and len(ranges) == p.programs
     # -- every item of [0, W) exactly once: ranges contiguous and in program order
     assert ranges[0][0] == 0 and ranges[-1][1] == p.work
     assert all(a <= b for a, b in ranges)
     assert all(ranges[i][1] == ranges[i + 1][0] for i in range(len(ranges) - 1))
     # -- the fixup kind
-    kind = fixup_for(p.nblocks, p.ntiles_dst)
+    kind = fixup_for(p.programs, p.ntiles_dst)
     cuts = any(p.tile_range(p.tile_of(a))[0] != a or p.tile_range(p.tile_of(b - 1))[1] != b
                for a, b in ranges if b > a)
     if kind == "none" and cuts and not (requested_fixup == "none"
-                                        and p.nblocks == p.ntiles_dst):
+                                        and p.programs == p.ntiles_dst):
         kind = "general"  # tiles of unequal length (causal, window): N | ntiles_dst cuts some
-    if kind == "uniform" and p.nblocks // p.ntiles_dst > min(p.kv_count):
+    if kind == "uniform" and p.programs // p.ntiles_dst > min(p.kv_count):
         kind = "general"  # a policy's N would leave empty uniform pieces
     if kind == "uniform" and p.policy == "llamacpp-before" and requested_fixup is None:
         kind = "general"  # llama.cpp before the uniform kernel: general for every cut tile
@@ -53,7 +53,7 @@ def _check_plan(p, requested_fixup):
         assert p.fixup == kind
     lengths = [b - a for a, b in ranges]
     if p.fixup == "uniform":
-        split = p.nblocks // p.ntiles_dst
+        split = p.programs // p.ntiles_dst
         assert p.split == split > 1
         for tile in range(p.ntiles_dst):
             first, stop = p.tile_range(tile)
@@ -73,7 +73,7 @@ def _check_plan(p, requested_fixup):
         assert p.tile_of(first) == tile == p.tile_of(stop - 1)
         if tile + 1 < p.ntiles_dst:
             assert p.tile_range(tile + 1)[0] == stop
-    assert p.workspace_floats <= p.nblocks * 2 * p.geometry.block_m * (p.head_dim_v + 2)
+    assert p.workspace_floats <= p.programs * 2 * p.geometry.block_m * (p.head_dim_v + 2)
     if p.fixup == "none":
         assert p.workspace_floats == 0 and not p.pieces()
 
@@ -87,21 +87,21 @@ def test_policy_plans(shape):
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(shapes(max_q=300, max_kv=600, max_sms=8))
 def test_small_policy_plans(shape):
-    # few SMs and short tiles: W <= max_blocks and causal tiles of unequal length are common
+    # few SMs and short tiles: W <= max_programs and causal tiles of unequal length are common
     _check_plan(plan(**shape), shape["fixup"])
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(shapes(), st.data())
-def test_explicit_nblocks_plans(shape, data):
+def test_explicit_programs_plans(shape, data):
     work = plan(**shape).work
-    shape["nblocks"] = n = data.draw(st.integers(1, work), label="nblocks")
-    pieces = n // plan(**dict(shape, nblocks=1)).ntiles_dst
-    probe = plan(**dict(shape, nblocks=1))
+    shape["programs"] = n = data.draw(st.integers(1, work), label="programs")
+    pieces = n // plan(**dict(shape, programs=1)).ntiles_dst
+    probe = plan(**dict(shape, programs=1))
     if (shape["fixup"] is None and fixup_for(n, probe.ntiles_dst) == "uniform"
             and pieces > min(probe.kv_count)):
         # a uniform cut into more pieces than the shortest tile has KV blocks leaves one empty
-        with pytest.raises(ValueError, match="nblocks"):
+        with pytest.raises(ValueError, match="programs"):
             plan(**shape)
         return
     _check_plan(plan(**shape), shape["fixup"])
@@ -109,11 +109,11 @@ def test_explicit_nblocks_plans(shape, data):
 
 @settings(max_examples=200, deadline=None)
 @given(st.integers(1, 2000), st.integers(1, 300), st.integers(1, 600), st.sampled_from(POLICIES))
-def test_policies_stay_in_range(ntiles_dst, ntiles_kv, max_blocks, policy):
-    n = nblocks_for(policy, ntiles_dst=ntiles_dst, ntiles_kv=ntiles_kv, max_blocks=max_blocks)
+def test_policies_stay_in_range(ntiles_dst, ntiles_kv, max_programs, policy):
+    n = programs_for(policy, ntiles_dst=ntiles_dst, ntiles_kv=ntiles_kv, max_programs=max_programs)
     assert 1 <= n <= ntiles_dst * ntiles_kv
     if policy not in ("split", "auto"):  # split (an auto candidate) may run several waves
-        assert n <= max_blocks
+        assert n <= max_programs
 
 
 @settings(max_examples=60, deadline=None)
@@ -123,10 +123,10 @@ def test_visible_kv_blocks_match_the_mask(q_len, kv_len, tokens, block_n, causal
     # brute force over the mask: bottom-right causal, window implies causal
     from skattn.planner import _kv_blocks
 
-    for jt in range(-(-q_len // tokens)):
-        first, count = _kv_blocks(jt, q_len=q_len, kv_len=kv_len, tokens=tokens,
+    for qblock in range(-(-q_len // tokens)):
+        first, count = _kv_blocks(qblock, q_len=q_len, kv_len=kv_len, tokens=tokens,
                                   block_n=block_n, causal=causal, window=window)
-        rows = range(jt * tokens, min(q_len, (jt + 1) * tokens))
+        rows = range(qblock * tokens, min(q_len, (qblock + 1) * tokens))
         seen = {j // block_n for i in rows for j in range(kv_len)
                 if (not (causal or window) or j <= kv_len - q_len + i)
                 and (window is None or j > kv_len - q_len + i - window)}
@@ -136,8 +136,8 @@ def test_visible_kv_blocks_match_the_mask(q_len, kv_len, tokens, block_n, causal
             assert (first, count) == (0, 1)  # one masked block keeps the tile in the work list
 
 
-# -- worked examples: llama.cpp's rule for max_blocks = 264 (docs/llamacpp.md, "The program count")
-@pytest.mark.parametrize("ntiles_dst, ntiles_kv, nblocks, fixup", [
+# -- worked examples: llama.cpp's rule for max_programs = 264 (docs/llamacpp.md, "The program count")
+@pytest.mark.parametrize("ntiles_dst, ntiles_kv, programs, fixup", [
     (128, 64, 256, "uniform"),   # rounded 256 loses 3%
     (100, 64, 264, "general"),   # rounded 200 would lose 24%
     (264, 64, 264, "none"),
@@ -145,38 +145,38 @@ def test_visible_kv_blocks_match_the_mask(q_len, kv_len, tokens, block_n, causal
     (528, 64, 264, "none"),      # two whole tiles per program
     (4, 8, 32, "uniform"),       # raw = W = 32: eight pieces of one KV block each
 ])
-def test_llamacpp_worked_table(ntiles_dst, ntiles_kv, nblocks, fixup):
-    n = nblocks_for("llamacpp", ntiles_dst=ntiles_dst, ntiles_kv=ntiles_kv, max_blocks=264)
-    assert n == nblocks and fixup_for(n, ntiles_dst) == fixup
+def test_llamacpp_worked_table(ntiles_dst, ntiles_kv, programs, fixup):
+    n = programs_for("llamacpp", ntiles_dst=ntiles_dst, ntiles_kv=ntiles_kv, max_programs=264)
+    assert n == programs and fixup_for(n, ntiles_dst) == fixup
 
 
 def test_llamacpp_five_percent_is_integer_percent():
     kw = dict(ntiles_kv=64)
-    assert nblocks_for("llamacpp", ntiles_dst=95, max_blocks=200, **kw) == 190    # exactly 5%
-    assert nblocks_for("llamacpp", ntiles_dst=941, max_blocks=1000, **kw) == 941  # 5.9% -> 5
-    assert nblocks_for("llamacpp", ntiles_dst=470, max_blocks=1000, **kw) == 1000  # 6%
-    assert nblocks_for("llamacpp", ntiles_dst=47, max_blocks=100, **kw) == 100    # 6%
+    assert programs_for("llamacpp", ntiles_dst=95, max_programs=200, **kw) == 190    # exactly 5%
+    assert programs_for("llamacpp", ntiles_dst=941, max_programs=1000, **kw) == 941  # 5.9% -> 5
+    assert programs_for("llamacpp", ntiles_dst=470, max_programs=1000, **kw) == 1000  # 6%
+    assert programs_for("llamacpp", ntiles_dst=47, max_programs=100, **kw) == 100    # 6%
 
 
 def test_seed_4x_threshold():
     # min_tile_work=3 caps the round-down at 3 pieces, so rounding is visible at raw == 4T
     kw = dict(ntiles_dst=10, ntiles_kv=8, min_tile_work=3)
-    assert nblocks_for("seed-4x", max_blocks=40, **kw) == 40   # raw == 4T: kept
-    assert nblocks_for("seed-4x", max_blocks=41, **kw) == 30   # raw > 4T: rounded (capped)
-    assert nblocks_for("seed-4x", ntiles_dst=10, ntiles_kv=8, max_blocks=47) == 40
+    assert programs_for("seed-4x", max_programs=40, **kw) == 40   # raw == 4T: kept
+    assert programs_for("seed-4x", max_programs=41, **kw) == 30   # raw > 4T: rounded (capped)
+    assert programs_for("seed-4x", ntiles_dst=10, ntiles_kv=8, max_programs=47) == 40
     # where the policies differ: T=60, raw=264 > 240 rounds; llamacpp's loss 9% does not
-    assert nblocks_for("seed-4x", ntiles_dst=60, ntiles_kv=64, max_blocks=264) == 240
-    assert nblocks_for("llamacpp", ntiles_dst=60, ntiles_kv=64, max_blocks=264) == 264
-    assert nblocks_for("llamacpp-master", ntiles_dst=128, ntiles_kv=64, max_blocks=264) == 264
+    assert programs_for("seed-4x", ntiles_dst=60, ntiles_kv=64, max_programs=264) == 240
+    assert programs_for("llamacpp", ntiles_dst=60, ntiles_kv=64, max_programs=264) == 264
+    assert programs_for("llamacpp-master", ntiles_dst=128, ntiles_kv=64, max_programs=264) == 264
 
 
 def test_split_wave_efficiency():
     # T=8: pb=33 fills one wave exactly (100%); pb=34 needs a second wave, search stops
     assert split_count(8, 64, 264) == 33
-    assert nblocks_for("split", ntiles_dst=8, ntiles_kv=64, max_blocks=264) == 264
+    assert programs_for("split", ntiles_dst=8, ntiles_kv=64, max_programs=264) == 264
     # T=100: pb=2 75% (1 wave), pb=5 94% (2 waves), pb=13 98% (5 waves); pb=14 opens a 6th
     assert split_count(100, 64, 264) == 13
-    assert nblocks_for("split", ntiles_dst=100, ntiles_kv=64, max_blocks=264) == 1300
+    assert programs_for("split", ntiles_dst=100, ntiles_kv=64, max_programs=264) == 1300
     # only 10 KV blocks: pb=10 ties 94% with pb=5, and ties keep the first
     assert split_count(100, 10, 264) == 5
 
@@ -184,10 +184,10 @@ def test_split_wave_efficiency():
 @settings(max_examples=100, deadline=None)
 @given(st.integers(1, 600), st.integers(1, 200), st.integers(1, 600), st.integers(1, 200),
        st.sampled_from([None, "fused"]))
-def test_auto_in_range(ntiles_dst, ntiles_kv, max_blocks, min_work, fixup):
+def test_auto_in_range(ntiles_dst, ntiles_kv, max_programs, min_work, fixup):
     min_work = min(min_work, ntiles_kv)
     work = ntiles_dst * ntiles_kv
-    n = nblocks_for("auto", ntiles_dst=ntiles_dst, ntiles_kv=ntiles_kv, max_blocks=max_blocks,
+    n = programs_for("auto", ntiles_dst=ntiles_dst, ntiles_kv=ntiles_kv, max_programs=max_programs,
                     work=work, min_tile_work=min_work, max_tile_work=ntiles_kv, fixup=fixup)
     assert 1 <= n <= work
 
@@ -206,10 +206,10 @@ SHAPE = dict(batch=1, q_len=4, kv_len=1000, q_heads=32, kv_heads=8, head_dim=128
     (dict(sms=0), "sms"),
     (dict(window=0), "window"),
     (dict(policy="fastest"), "policy"),
-    (dict(nblocks=0), "nblocks"),
-    (dict(nblocks=10**6), "nblocks"),
+    (dict(programs=0), "programs"),
+    (dict(programs=10**6), "programs"),
     (dict(fixup="lazy"), "fixup"),
-    (dict(nblocks=8, fixup="uniform"), "fixup"),  # N divides ntiles_dst: llama.cpp says none
+    (dict(programs=8, fixup="uniform"), "fixup"),  # N divides ntiles_dst: llama.cpp says none
 ])
 def test_bad_arguments(change, name):
     with pytest.raises(ValueError, match=name):
@@ -218,9 +218,9 @@ def test_bad_arguments(change, name):
 
 def test_bad_policy_arguments():
     with pytest.raises(ValueError, match="policy"):
-        nblocks_for("fastest", ntiles_dst=4, ntiles_kv=4, max_blocks=8)
-    with pytest.raises(ValueError, match="max_blocks"):
-        nblocks_for("llamacpp", ntiles_dst=4, ntiles_kv=4, max_blocks=0)
+        programs_for("fastest", ntiles_dst=4, ntiles_kv=4, max_programs=8)
+    with pytest.raises(ValueError, match="max_programs"):
+        programs_for("llamacpp", ntiles_dst=4, ntiles_kv=4, max_programs=0)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
@@ -254,9 +254,9 @@ def test_window_drops_most_kv_blocks():
 def test_none_becomes_general_when_unequal_tiles_are_cut():
     # N | ntiles_dst, but causal tiles of 1, 1, 2, 2 KV blocks: W=6 over 4 programs cuts tile 2
     shape = dict(batch=1, q_len=97, kv_len=66, q_heads=4, kv_heads=1, head_dim=64, causal=True,
-                 sms=1, blocks_per_sm=1, policy="split", block_n=64)
+                 sms=1, occupancy=1, policy="split", block_n=64)
     p = plan(**shape)
-    assert (p.nblocks, p.ntiles_dst, p.kv_count) == (4, 4, (1, 1, 2, 2))
+    assert (p.programs, p.ntiles_dst, p.kv_count) == (4, 4, (1, 1, 2, 2))
     assert p.fixup == "general" and p.pieces() == {2: [1, 2]}
     assert plan(**dict(shape, fixup="fused")).fixup == "fused"
     # asked for: one whole tile per program (N = ntiles_dst), no fixup, unequal lengths
@@ -265,7 +265,7 @@ def test_none_becomes_general_when_unequal_tiles_are_cut():
     assert whole.ranges() == [(0, 1), (1, 2), (2, 4), (4, 6)]
     _check_plan(whole, "none")
     with pytest.raises(ValueError, match="fixup"):  # N | ntiles_dst but N < ntiles_dst: cuts
-        plan(**dict(shape, nblocks=2, fixup="none"))
+        plan(**dict(shape, programs=2, fixup="none"))
 
 
 @pytest.mark.parametrize("policy", ["llamacpp-master", "llamacpp", "auto"])
@@ -278,10 +278,10 @@ def test_policy_n_beyond_the_shortest_tile_is_general(policy):
     assert p.fixup in ("general", "none") and p.ntiles_dst == 8
     _check_plan(p, None)
     if p.policy == "llamacpp-before":  # merges every cut tile with the general fixup
-        assert plan(**dict(shape, nblocks=72)).fixup == "general"
+        assert plan(**dict(shape, programs=72)).fixup == "general"
     else:
-        with pytest.raises(ValueError, match="nblocks"):  # the caller's own N fails loudly
-            plan(**dict(shape, nblocks=72))
+        with pytest.raises(ValueError, match="programs"):  # the caller's own N fails loudly
+            plan(**dict(shape, programs=72))
 
 
 @pytest.mark.parametrize("n,ratio", [(1, 4), (2, 8), (16, 8)])
@@ -289,9 +289,9 @@ def test_before_and_after_the_uniform_fixup_differ(n, ratio):
     # 132 SMs x 2: N = 264 is a multiple of ntiles_dst (8 KV heads), so llama.cpp's rule gives
     # uniform; llama.cpp before that kernel existed ran its one (general) fixup for the same N
     kw = dict(batch=1, q_len=n, kv_len=16384, q_heads=8 * ratio, kv_heads=8, head_dim=128,
-              causal=True, sms=132, blocks_per_sm=2)
+              causal=True, sms=132, occupancy=2)
     before, after = plan(policy="llamacpp-before", **kw), plan(policy="llamacpp", **kw)
-    assert before.nblocks == after.nblocks == 264
+    assert before.programs == after.programs == 264
     assert (before.fixup, after.fixup) == ("general", "uniform")
     assert plan(policy="llamacpp-master", **kw) == before  # the earlier name is an alias
     assert "before its uniform fixup" in before.describe()
@@ -310,48 +310,48 @@ def test_queries_without_keys_keep_their_tile():
 def test_describe_and_draw(tmp_path):
     p = plan(**SHAPE)
     text = p.describe()
-    assert f"nblocks {p.nblocks}" in text and f"fixup {p.fixup}" in text
+    assert f"programs {p.programs}" in text and f"fixup {p.fixup}" in text
     path = tmp_path / "plan.png"
     p.draw(path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.parametrize("model,nblocks,fixup", [
+@pytest.mark.parametrize("model,programs,fixup", [
     ("qwen3-14b", 132, "general"),  # 168 tiles on 132 SMs: whole tiles would take 2 waves
     ("llama-8b", 128, "none"),      # 128 tiles, one wave: each program its whole tile
     ("gpt-oss", 256, "none"),       # head size 64: two programs an SM, 256 tiles in one wave
     ("llama-70b", 256, "none"),     # 2 waves either way; whole tiles need no fixup
 ])
-def test_auto_counts_waves_for_compute_bound_cells(model, nblocks, fixup):
+def test_auto_counts_waves_for_compute_bound_cells(model, programs, fixup):
     # 512-token prompt chunks; measured on an H200 (PERF.md, "Prompt chunks"): whole tiles 152 vs
     # 179 us at N = 264 (llama-8b L=8192); qwen3-14b N = 132 216 vs 225 (264), 289 (168)
     from skattn.models import MODELS
 
     Hq, Hkv, D = MODELS[model][:3]
     kw = dict(batch=1, q_len=512, kv_len=8192, q_heads=Hq, kv_heads=Hkv, head_dim=D,
-              causal=True, sms=132, blocks_per_sm=2)
+              causal=True, sms=132, occupancy=2)
     p = plan(policy="auto", **kw)
-    assert (p.nblocks, p.fixup) == (nblocks, fixup)
+    assert (p.programs, p.fixup) == (programs, fixup)
     assert p.per_tile_ranges == (fixup == "none") and not (fixup == "none" and p.pieces())
     _check_plan(p, None)
     with pytest.raises(ValueError, match="fixup"):  # not whole tiles unless asked for
-        plan(policy="llamacpp", nblocks=p.ntiles_dst, fixup="uniform", **kw)
+        plan(policy="llamacpp", programs=p.ntiles_dst, fixup="uniform", **kw)
     decode = dict(kw, q_len=1)
-    assert plan(policy="auto", **decode).nblocks != plan(policy="llamacpp", **decode).nblocks
+    assert plan(policy="auto", **decode).programs != plan(policy="llamacpp", **decode).programs
 
 
 def test_compute_bound_choice_and_residency():
     from skattn.planner import programs_per_sm, tile_geometry
-    from skattn.policy import compute_bound_nblocks
+    from skattn.policy import compute_bound_programs
 
     g128 = tile_geometry(q_len=512, gqa_ratio=4, head_dim=128, head_dim_v=128)
     g64 = tile_geometry(q_len=512, gqa_ratio=8, head_dim=64, head_dim_v=64)
     assert (programs_per_sm(g128), programs_per_sm(g64)) == (1, 2)  # 224 KB / 80 KB shared
     # from-scratch causal prompt: tiles of 1..32 blocks, whole tiles would idle most programs
-    assert compute_bound_nblocks(1024, 16896, 32, 264, 132) == 132
-    assert compute_bound_nblocks(128, 8000, 64, 256, 132) == 128
-    assert compute_bound_nblocks(128, 8000, 64, 256, 132, whole=False) == 132
-    assert compute_bound_nblocks(168, 10512, 64, 264, 132) == 132
+    assert compute_bound_programs(1024, 16896, 32, 264, 132) == 132
+    assert compute_bound_programs(128, 8000, 64, 256, 132) == 128
+    assert compute_bound_programs(128, 8000, 64, 256, 132, whole=False) == 132
+    assert compute_bound_programs(168, 10512, 64, 264, 132) == 132
 
 
 @pytest.mark.parametrize("D,Dv", [(64, 64), (128, 128), (256, 256), (192, 128), (576, 512)])
@@ -385,9 +385,18 @@ def test_auto_shares_sms_only_where_two_programs_fit():
     # 19.5); llama-70b n=16 (head size 128, one program an SM) never does
     from skattn.planner import shared_programs
 
-    kw = dict(batch=1, q_len=16, q_heads=64, kv_heads=8, causal=True, sms=132, blocks_per_sm=2)
+    kw = dict(batch=1, q_len=16, q_heads=64, kv_heads=8, causal=True, sms=132, occupancy=2)
     long = plan(kv_len=32768, head_dim=64, **kw)
-    assert shared_programs(long.geometry, 2) == 2 and long.nblocks > 132
-    assert plan(kv_len=8192, head_dim=64, **kw).nblocks == 128
+    assert shared_programs(long.geometry, 2) == 2 and long.programs > 132
+    assert plan(kv_len=8192, head_dim=64, **kw).programs == 128
     big = plan(kv_len=32768, head_dim=128, **kw)
-    assert shared_programs(big.geometry, 2) == 1 and big.nblocks <= 132
+    assert shared_programs(big.geometry, 2) == 1 and big.programs <= 132
+
+
+def test_llamacpp_names_are_aliases():
+    kw = dict(batch=1, q_len=1, kv_len=4096, q_heads=32, kv_heads=8, head_dim=128, sms=132)
+    new = plan(programs=100, occupancy=2, **kw)
+    old = plan(nblocks=100, blocks_per_sm=2, **kw)
+    assert (old.programs, old.occupancy) == (new.programs, new.occupancy) == (100, 2)
+    with pytest.raises(ValueError, match="alias"):
+        plan(programs=100, nblocks=99, occupancy=2, **kw)

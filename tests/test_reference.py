@@ -196,7 +196,7 @@ def test_plan_is_ignored():
     from skattn import plan
 
     q, k, v, _ = _inputs(10, 1, 2, 7, 2, 1, 8)
-    p = plan(batch=1, q_len=1, kv_len=1, q_heads=1, kv_heads=1, head_dim=8, sms=1, blocks_per_sm=1)
+    p = plan(batch=1, q_len=1, kv_len=1, q_heads=1, kv_heads=1, head_dim=8, sms=1, occupancy=1)
     assert torch.equal(attention(q, k, v, plan=p), attention(q, k, v))
     with pytest.raises(TypeError, match="plan must be a skattn.Plan"):
         attention(q, k, v, plan=object())

@@ -11,14 +11,14 @@ NEG_INF = float("-inf")
 TOL = dict(rtol=1e-10, atol=1e-10)
 
 
-def _plan(*, b, lq, lk, hq, hkv, dk, dv, nblocks, fixup=None, block_n=16, causal=False,
+def _plan(*, b, lq, lk, hq, hkv, dk, dv, programs, fixup=None, block_n=16, causal=False,
           window=None):
     kw = dict(batch=b, q_len=lq, kv_len=lk, q_heads=hq, kv_heads=hkv, head_dim=dk,
-              head_dim_v=dv, causal=causal, window=window, sms=4, blocks_per_sm=2,
+              head_dim_v=dv, causal=causal, window=window, sms=4, occupancy=2,
               block_n=block_n)
-    if nblocks == "W":
-        nblocks = skattn.plan(nblocks=1, **kw).work
-    return skattn.plan(nblocks=nblocks, fixup=fixup, **kw)
+    if programs == "W":
+        programs = skattn.plan(programs=1, **kw).work
+    return skattn.plan(programs=programs, fixup=fixup, **kw)
 
 
 def _inputs(seed, *, b, lq, lk, hq, hkv, dk, dv, sinks=False, mask=None, alibi=False,
@@ -66,12 +66,12 @@ DECODE = dict(b=2, lq=1, lk=100, hq=8, hkv=2, dk=16, dv=16)
 @pytest.mark.parametrize("fixup", [None, "fused"])
 def test_one_program(fixup):
     # N = 1: a single program walks every tile in order, nothing is split
-    check(**DECODE, nblocks=1, fixup=fixup, expect="none", split=False)
+    check(**DECODE, programs=1, fixup=fixup, expect="none", split=False)
 
 
 def test_one_program_per_tile():
     # N = ntiles_dst: programs work on whole tiles, no fixup and no workspace
-    p, _, _ = check(**DECODE, nblocks=4, expect="none", split=False)
+    p, _, _ = check(**DECODE, programs=4, expect="none", split=False)
     assert p.workspace_floats == 0
 
 
@@ -79,65 +79,65 @@ def test_one_program_per_tile():
                                           ("fused", "fused")])
 def test_one_program_per_item(fixup, expect):
     # N = W: every work item is its own program, so every tile has ntiles_kv pieces
-    p, _, _ = check(**DECODE, nblocks="W", fixup=fixup, expect=expect, split=True)
+    p, _, _ = check(**DECODE, programs="W", fixup=fixup, expect=expect, split=True)
     assert max(len(v) for v in p.pieces().values()) == 7
 
 
-@pytest.mark.parametrize("nblocks", [8, 12, 28])
-def test_uniform(nblocks):
+@pytest.mark.parametrize("programs", [8, 12, 28])
+def test_uniform(programs):
     # N a multiple of ntiles_dst: 2, 3 and 7 (= ntiles_kv) equal pieces per tile
-    check(**DECODE, nblocks=nblocks, expect="uniform", split=True, sinks=True)
+    check(**DECODE, programs=programs, expect="uniform", split=True, sinks=True)
 
 
-@pytest.mark.parametrize("nblocks", [3, 5, 6, 7, 9, 27])
+@pytest.mark.parametrize("programs", [3, 5, 6, 7, 9, 27])
 @pytest.mark.parametrize("fixup", [None, "fused"])
-def test_general_and_fused(nblocks, fixup):
+def test_general_and_fused(programs, fixup):
     # N neither a divisor nor a multiple of ntiles_dst: pieces vary in number and length
-    check(nblocks, **DECODE, nblocks=nblocks, fixup=fixup,
+    check(programs, **DECODE, programs=programs, fixup=fixup,
           expect="general" if fixup is None else "fused", split=True, sinks=True)
 
 
 @pytest.mark.parametrize("fixup", ["general", "fused"])
 def test_uniform_count_through_other_fixups(fixup):
     # a uniform N forced through the general or fused fixup: linear ranges, not per tile
-    check(**DECODE, nblocks=8, fixup=fixup, expect=fixup, split=True)
+    check(**DECODE, programs=8, fixup=fixup, expect=fixup, split=True)
 
 
-@pytest.mark.parametrize("nblocks", [1, 2, 3])
-def test_single_key(nblocks):
+@pytest.mark.parametrize("programs", [1, 2, 3])
+def test_single_key(programs):
     # Lk = 1: one KV block of one key, so W = ntiles_dst and no tile can be split
-    check(b=3, lq=2, lk=1, hq=4, hkv=1, dk=8, dv=8, nblocks=nblocks, split=False, sinks=True)
+    check(b=3, lq=2, lk=1, hq=4, hkv=1, dk=8, dv=8, programs=programs, split=False, sinks=True)
 
 
 @pytest.mark.parametrize("fixup", [None, "fused"])
 def test_ragged_last_block(fixup):
     # Lk = 37 with BLOCK_N 16: the last KV block holds 5 keys
-    check(b=1, lq=3, lk=37, hq=2, hkv=2, dk=8, dv=8, nblocks=5, fixup=fixup, split=True)
+    check(b=1, lq=3, lk=37, hq=2, hkv=2, dk=8, dv=8, programs=5, fixup=fixup, split=True)
 
 
-@pytest.mark.parametrize("nblocks", [3, 4, 8])
-def test_gqa_ratio_5(nblocks):
+@pytest.mark.parametrize("programs", [3, 4, 8])
+def test_gqa_ratio_5(programs):
     # ratio 5 (40/8 heads): 3 tokens x 5 heads fill 15 of 16 rows; row 15 is padding
-    p, _, _ = check(b=1, lq=3, lk=50, hq=10, hkv=2, dk=16, dv=16, nblocks=nblocks, split=True)
+    p, _, _ = check(b=1, lq=3, lk=50, hq=10, hkv=2, dk=16, dv=16, programs=programs, split=True)
     assert (p.geometry.block_m, p.geometry.heads_per_tile) == (16, 5)
 
 
 def test_gqa_ratio_above_16():
     # ratio 20 > 16 heads per tile: two head groups per KV head, the second one 4/16 full
-    p, _, _ = check(b=1, lq=2, lk=40, hq=40, hkv=2, dk=8, dv=8, nblocks=7, split=True, alibi=True)
+    p, _, _ = check(b=1, lq=2, lk=40, hq=40, hkv=2, dk=8, dv=8, programs=7, split=True, alibi=True)
     assert p.ntiles_z == 2
 
 
 @pytest.mark.parametrize("dk,dv", [(24, 16), (8, 40)])
 def test_dk_not_dv(dk, dv):
     # Dv != Dk (192/128, 576/512 in real models): O and the workspace are Dv wide
-    check(b=2, lq=2, lk=45, hq=4, hkv=2, dk=dk, dv=dv, nblocks=5, split=True)
+    check(b=2, lq=2, lk=45, hq=4, hkv=2, dk=dk, dv=dv, programs=5, split=True)
 
 
 @pytest.mark.parametrize("sinks", [False, True])
 def test_every_row_masked(sinks):
     # every key masked: all partials have m = -inf, l = 0 and the merges must not make NaN
-    _, out, lse = check(b=1, lq=2, lk=40, hq=4, hkv=2, dk=8, dv=8, nblocks=5, mask="all",
+    _, out, lse = check(b=1, lq=2, lk=40, hq=4, hkv=2, dk=8, dv=8, programs=5, mask="all",
                         sinks=sinks, split=True)
     assert (out == 0).all()
     if sinks:  # lse is the sink itself
@@ -148,44 +148,44 @@ def test_every_row_masked(sinks):
 
 def test_prefill_causal_token_blocks():
     # causal prefill, 16 heads x 9 tokens: 2 token blocks whose KV counts differ (3 and 4)
-    p, _, _ = check(b=1, lq=9, lk=49, hq=16, hkv=1, dk=8, dv=8, causal=True, nblocks=3,
+    p, _, _ = check(b=1, lq=9, lk=49, hq=16, hkv=1, dk=8, dv=8, causal=True, programs=3,
                     expect="general", split=True, sinks=True)
     assert p.ntiles_x == 2 and p.kv_count == (3, 4)
 
 
-@pytest.mark.parametrize("nblocks,fixup", [(3, None), (4, None), (5, "fused")])
-def test_causal_rows_that_see_nothing(nblocks, fixup):
+@pytest.mark.parametrize("programs,fixup", [(3, None), (4, None), (5, "fused")])
+def test_causal_rows_that_see_nothing(programs, fixup):
     # Lq > Lk causal: the first 5 queries sit before key 0, inside tiles that get split
-    check(b=2, lq=40, lk=35, hq=1, hkv=1, dk=8, dv=8, causal=True, nblocks=nblocks, fixup=fixup,
-          split=True, sinks=nblocks == 4)
+    check(b=2, lq=40, lk=35, hq=1, hkv=1, dk=8, dv=8, causal=True, programs=programs, fixup=fixup,
+          split=True, sinks=programs == 4)
 
 
-@pytest.mark.parametrize("nblocks,fixup", [(3, None), (5, "fused")])
-def test_causal_tiles_that_see_nothing(nblocks, fixup):
+@pytest.mark.parametrize("programs,fixup", [(3, None), (5, "fused")])
+def test_causal_tiles_that_see_nothing(programs, fixup):
     # Lq = 60 > Lk = 40, 16 heads: token blocks 0 and 1 see no key and keep one masked block
-    p, _, _ = check(b=1, lq=60, lk=40, hq=16, hkv=1, dk=8, dv=8, causal=True, nblocks=nblocks,
+    p, _, _ = check(b=1, lq=60, lk=40, hq=16, hkv=1, dk=8, dv=8, causal=True, programs=programs,
                     fixup=fixup, split=True)
     assert p.kv_count[:2] == (1, 1) and p.ntiles_x == 8
 
 
-@pytest.mark.parametrize("nblocks,fixup", [(3, None), (6, None), (8, None), (5, "fused")])
-def test_window(nblocks, fixup):
+@pytest.mark.parametrize("programs,fixup", [(3, None), (6, None), (8, None), (5, "fused")])
+def test_window(programs, fixup):
     # window 20 over Lk = 90: tiles start at KV block 4 (kv_first > 0), partial first block
     p, _, _ = check(b=2, lq=3, lk=90, hq=4, hkv=2, dk=8, dv=8, causal=True, window=20,
-                    nblocks=nblocks, fixup=fixup, split=True, alibi=True)
+                    programs=programs, fixup=fixup, split=True, alibi=True)
     assert p.kv_first[0] > 0
 
 
-@pytest.mark.parametrize("fixup,nblocks", [(None, 5), (None, 8), ("fused", 6)])
-def test_all_features_batch_2(fixup, nblocks):
+@pytest.mark.parametrize("fixup,programs", [(None, 5), (None, 8), ("fused", 6)])
+def test_all_features_batch_2(fixup, programs):
     # every feature at once, batch 2, through each fixup
-    check(b=2, lq=2, lk=53, hq=6, hkv=2, dk=16, dv=8, nblocks=nblocks, fixup=fixup, split=True,
+    check(b=2, lq=2, lk=53, hq=6, hkv=2, dk=16, dv=8, programs=programs, fixup=fixup, split=True,
           sinks=True, mask="random", alibi=True, softcap=3.0)
 
 
 def test_plan_for_other_options_is_refused():
     shape = dict(b=1, lq=2, lk=20, hq=2, hkv=1, dk=8, dv=8)
-    p = _plan(**shape, nblocks=1)
+    p = _plan(**shape, programs=1)
     q, k, v, _ = _inputs(0, **shape)
     with pytest.raises(ValueError):
         run_plan(p, q, k, v, causal=True)
@@ -196,7 +196,7 @@ def test_plan_for_other_options_is_refused():
 def test_divisor_count_with_unequal_causal_tiles():
     # 6 token blocks with KV counts 1,1,2,2,3,3 (W = 12): N = 3 divides ntiles_dst = 6, yet
     # program 1's range [4, 8) ends inside tile 4 = [6, 9), so "none" would be wrong
-    p, _, _ = check(b=1, lq=48, lk=48, hq=16, hkv=1, dk=8, dv=8, causal=True, nblocks=3,
+    p, _, _ = check(b=1, lq=48, lk=48, hq=16, hkv=1, dk=8, dv=8, causal=True, programs=3,
                     expect="general", split=True)
     assert p.kv_count == (1, 1, 2, 2, 3, 3)
 
@@ -210,11 +210,11 @@ def test_divisor_count_with_unequal_causal_tiles():
 def test_random_plans(data, b, lq, lk, hkv, ratio, dims, causal, window, fixup, sinks, mask, seed):
     shape = dict(b=b, lq=lq, lk=lk, hq=hkv * ratio, hkv=hkv, dk=dims[0], dv=dims[1],
                  causal=causal or window is not None, window=window)
-    work = _plan(**shape, nblocks=1).work
-    nblocks = data.draw(st.sampled_from(range(1, work + 1)), label="nblocks")  # uniform, not small-biased
+    work = _plan(**shape, programs=1).work
+    programs = data.draw(st.sampled_from(range(1, work + 1)), label="programs")  # uniform, not small-biased
     try:
-        _plan(**shape, nblocks=nblocks, fixup=fixup)
+        _plan(**shape, programs=programs, fixup=fixup)
     except ValueError:  # that fixup does not apply to this N (e.g. "general" for a divisor)
         assume(False)
-    p, _, _ = check(seed, **shape, nblocks=nblocks, fixup=fixup, sinks=sinks, mask=mask)
+    p, _, _ = check(seed, **shape, programs=programs, fixup=fixup, sinks=sinks, mask=mask)
     event(f"fixup {p.fixup}, split tiles: {bool(p.pieces())}, token blocks > 1: {p.ntiles_x > 1}")

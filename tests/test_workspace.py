@@ -9,7 +9,7 @@ from skattn import buffers as ws
 
 def _plan(kv_len, fixup=None, **kw):
     return skattn.plan(batch=1, q_len=1, kv_len=kv_len, q_heads=32, kv_heads=8, head_dim=128,
-                       causal=True, sms=132, blocks_per_sm=2, fixup=fixup, **kw)
+                       causal=True, sms=132, occupancy=2, fixup=fixup, **kw)
 
 
 def test_two_thousand_kv_lengths_hold_one_buffer():
@@ -41,7 +41,7 @@ def test_counters_never_share_bytes_with_partials():
     # a fused plan's counters must stay zero between calls: no other plan may write there
     ws.release()
     dev = torch.device("cpu")
-    fused, big = _plan(8192, fixup="fused"), _plan(8192, nblocks=264)
+    fused, big = _plan(8192, fixup="fused"), _plan(8192, programs=264)
     c = ws.pooled(ws.layout(fused), ws.nbytes(fused), dev, 0)[3]
     o, m, l_, _ = ws.pooled(ws.layout(big), ws.nbytes(big), dev, 0)
     for t in (o, m, l_):
@@ -56,7 +56,7 @@ def test_counters_never_share_bytes_with_partials():
 
 
 def test_caller_workspace_too_small_is_refused():
-    p = _plan(8192, nblocks=264)
+    p = _plan(8192, programs=264)
     with pytest.raises(ValueError, match="workspace holds"):
         ws.caller_views(torch.zeros(64, dtype=torch.uint8), ws.layout(p), ws.nbytes(p),
                         torch.device("cpu"))

@@ -26,7 +26,7 @@ k = torch.randn(1, 256, 8, 128, device="cuda", dtype=torch.float16)
 v = torch.randn_like(k)
 out = torch.empty_like(q)
 p = skattn.plan(batch=1, q_len=1, kv_len=256, q_heads=32, kv_heads=8, head_dim=128, causal=True)
-print(p.fixup, p.nblocks)
+print(p.fixup, p.programs)
 import torch.nn.functional as F
 qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))
 rows = {

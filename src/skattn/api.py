@@ -47,7 +47,7 @@ def _cached_plan(B, Lq, Lk, Hq, Hkv, Dk, Dv, dtype, causal, window, device, has_
     sms, occ = hardware(device)
     return make_plan(batch=B, q_len=Lq, kv_len=Lk, q_heads=Hq, kv_heads=Hkv, head_dim=Dk,
                      head_dim_v=Dv, dtype=dtype, causal=causal, window=window, sms=sms,
-                     blocks_per_sm=occ, has_mask=has_mask,
+                     occupancy=occ, has_mask=has_mask,
                      smem_limit=shared_memory_limit(device))
 
 

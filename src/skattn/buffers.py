@@ -25,7 +25,7 @@ def layout(plan) -> tuple[int, int, int]:
     """(f32 values of partial outputs, f32 values of maxima (= of sums), int32 counters)."""
     if plan.fixup == "none":
         return 0, 0, 0
-    rows = plan.nblocks * 2 * plan.geometry.block_m
+    rows = plan.programs * 2 * plan.geometry.block_m
     return rows * plan.head_dim_v, rows, plan.ntiles_dst if plan.fixup == "fused" else 0
 
 

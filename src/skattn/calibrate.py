@@ -1,4 +1,4 @@
-"""Calibrate the `auto` policy's cost model from an nblocks sweep measured on this GPU.
+"""Calibrate the `auto` policy's cost model from an programs sweep measured on this GPU.
 
 `skattn calibrate` times every N for a few seed-grid cells (or reads such a sweep from
 `--from-csv`), fits `CostModel` for the least regret of `auto` (see `fit`) and writes it
@@ -21,23 +21,23 @@ SATURATIONS = [0.2 + 0.005 * i for i in range(161)]  # 0.2 .. 1.0
 SHARED_ROUNDS = [0.5 + 0.05 * i for i in range(11)]  # 0.5 .. 1.0
 
 
-def _plan_for(row, sms, blocks_per_sm):
+def _plan_for(row, sms, occupancy):
     hq, hkv, d = MODELS[row["model"]][:3]
     fixup = "fused" if row["fixup"] == "fused" else None
     return plan(batch=1, q_len=int(row["n"]), kv_len=int(row["depth"]), q_heads=hq, kv_heads=hkv,
-                head_dim=d, causal=True, sms=sms, blocks_per_sm=blocks_per_sm,
-                nblocks=int(row["nblocks"]), fixup=fixup)
+                head_dim=d, causal=True, sms=sms, occupancy=occupancy,
+                programs=int(row["programs"]), fixup=fixup)
 
 
 def _features(p, saturation):
     """(longest x slowdown, pieces, extra launch) of a plan: predict_us's terms, unit weights."""
     unit = CostModel(us_per_item=1.0, saturation=saturation, us_per_piece=0.0, us_launch=0.0)
-    items = predict_us(unit, nblocks=p.nblocks, ntiles_dst=p.ntiles_dst, work=p.work,
-                       max_tile_work=max(p.kv_count), fixup=p.fixup, max_blocks=p.max_blocks,
-                       per_sm=shared_programs(p.geometry, p.blocks_per_sm))
+    items = predict_us(unit, programs=p.programs, ntiles_dst=p.ntiles_dst, work=p.work,
+                       max_tile_work=max(p.kv_count), fixup=p.fixup, max_programs=p.max_programs,
+                       per_sm=shared_programs(p.geometry, p.occupancy))
     piece = CostModel(us_per_item=0.0, saturation=saturation, us_per_piece=1.0, us_launch=0.0)
-    pieces = predict_us(piece, nblocks=p.nblocks, ntiles_dst=p.ntiles_dst, work=p.work,
-                        max_tile_work=max(p.kv_count), fixup=p.fixup, max_blocks=p.max_blocks)
+    pieces = predict_us(piece, programs=p.programs, ntiles_dst=p.ntiles_dst, work=p.work,
+                        max_tile_work=max(p.kv_count), fixup=p.fixup, max_programs=p.max_programs)
     return items, pieces, 1.0 if p.fixup in ("uniform", "general") else 0.0
 
 
@@ -54,7 +54,7 @@ def memory_bound(rows: list[dict]) -> list[dict]:
     return [r for r in rows if intensity(r) < COMPUTE_BOUND_INTENSITY]
 
 
-def fit(rows: list[dict], *, sms: int = 132, blocks_per_sm: int = 2) -> tuple[CostModel, float]:
+def fit(rows: list[dict], *, sms: int = 132, occupancy: int = 2) -> tuple[CostModel, float]:
     """Fit the cost model to measured (cell, N, fixup) -> p50 rows for what `auto` is for.
 
     Each cell gets its own constant (launch and fixed costs common to all its N), so only the
@@ -67,8 +67,8 @@ def fit(rows: list[dict], *, sms: int = 132, blocks_per_sm: int = 2) -> tuple[Co
     """
     import numpy as np
 
-    rows = [r for r in memory_bound(rows) if int(r["nblocks"]) > 1 and r["fixup"] != "none"]
-    plans = [_plan_for(r, sms, blocks_per_sm) for r in rows]
+    rows = [r for r in memory_bound(rows) if int(r["programs"]) > 1 and r["fixup"] != "none"]
+    plans = [_plan_for(r, sms, occupancy) for r in rows]
     cells = sorted({(r["model"], r["n"], r["depth"]) for r in rows})
     y = np.array([float(r["p50_us"]) for r in rows])
     w = 1.0 / y  # relative error
@@ -96,7 +96,7 @@ def fit(rows: list[dict], *, sms: int = 132, blocks_per_sm: int = 2) -> tuple[Co
         for k in candidates:
             model = CostModel(us_per_item=float(k[0]), saturation=sat, us_per_piece=float(k[1]),
                               us_launch=float(k[2]))
-            ratios = [c["ratio"] for c in check(rows, model, sms=sms, blocks_per_sm=blocks_per_sm)]
+            ratios = [c["ratio"] for c in check(rows, model, sms=sms, occupancy=occupancy)]
             err = float(np.mean(np.abs(y0 - f0 @ k) / y))
             key = (round(max(ratios), 3), round(float(np.mean(ratios)), 4), err)
             if best is None or key < best[0]:
@@ -109,14 +109,14 @@ def fit(rows: list[dict], *, sms: int = 132, blocks_per_sm: int = 2) -> tuple[Co
 
     def regret(x):
         ratios = [c["ratio"] for c in check(rows, replace(model, shared_round=x),
-                                            sms=sms, blocks_per_sm=blocks_per_sm)]
+                                            sms=sms, occupancy=occupancy)]
         return round(max(ratios), 3), round(float(np.mean(ratios)), 4), abs(x - default)
 
     model = replace(model, shared_round=round(min(SHARED_ROUNDS, key=regret), 3))
     return model, err
 
 
-def check(rows: list[dict], model: CostModel, *, sms: int = 132, blocks_per_sm: int = 2):
+def check(rows: list[dict], model: CostModel, *, sms: int = 132, occupancy: int = 2):
     """Per cell: the N `auto` picks with `model`, its measured time and the best measured time."""
     out = []
     rows = memory_bound(rows)
@@ -124,9 +124,9 @@ def check(rows: list[dict], model: CostModel, *, sms: int = 132, blocks_per_sm: 
         mine = [r for r in rows if (r["model"], r["n"], r["depth"]) == cell and r["fixup"] != "fused"]
         hq, hkv, d = MODELS[cell[0]][:3]
         chosen = plan(batch=1, q_len=int(cell[1]), kv_len=int(cell[2]), q_heads=hq, kv_heads=hkv,
-                      head_dim=d, causal=True, sms=sms, blocks_per_sm=blocks_per_sm,
-                      policy="auto", cost_model=model).nblocks
-        by_n = {int(r["nblocks"]): float(r["p50_us"]) for r in mine}
+                      head_dim=d, causal=True, sms=sms, occupancy=occupancy,
+                      policy="auto", cost_model=model).programs
+        by_n = {int(r["programs"]): float(r["p50_us"]) for r in mine}
         near = min(by_n, key=lambda n: abs(n - chosen))  # sweeps may step by 2
         best_n = min(by_n, key=by_n.get)
         out.append(dict(model=cell[0], n=cell[1], depth=cell[2], auto_n=chosen,
@@ -146,7 +146,7 @@ def add_arguments(parser) -> None:
                              "left out: auto counts waves there)")
     parser.add_argument("--out", type=Path, help=f"where to write the model (default {cost_model_path()})")
     parser.add_argument("--sms", type=int, default=None, help="SMs the sweep was planned for")
-    parser.add_argument("--blocks-per-sm", type=int, default=2)
+    parser.add_argument("--occupancy", "--blocks-per-sm", type=int, default=2)
     parser.add_argument("--dry-run", action="store_true", help="fit and report, write nothing")
 
 
@@ -157,11 +157,11 @@ def run(args) -> int:
     else:
         from skattn.calibrate_sweep import sweep
 
-        rows, sms = sweep(SWEEP_CELLS, blocks_per_sm=args.blocks_per_sm)
-    model, err = fit(rows, sms=sms, blocks_per_sm=args.blocks_per_sm)
+        rows, sms = sweep(SWEEP_CELLS, occupancy=args.occupancy)
+    model, err = fit(rows, sms=sms, occupancy=args.occupancy)
     w = sys.stdout.write
     w(f"fitted {model} (mean relative error {100 * err:.1f}%)\n")
-    for c in check(rows, model, sms=sms, blocks_per_sm=args.blocks_per_sm):
+    for c in check(rows, model, sms=sms, occupancy=args.occupancy):
         w(f"{c['model']:18s} n={c['n']:<4} L={c['depth']:<6} auto N={c['auto_n']:<4} "
           f"{c['auto_us']:7.1f} us  best N={c['best_n']:<4} {c['best_us']:7.1f} us  "
           f"x{c['ratio']:.3f}\n")

@@ -9,8 +9,8 @@ import skattn
 from skattn.models import MODELS
 
 
-def sweep(cells, *, blocks_per_sm: int = 2, step: int = 2, reps: int = 20):
-    """Rows (model, n, depth, nblocks, fixup, p50_us) for N = 1, 1+step, ... up to 2 x max_blocks."""
+def sweep(cells, *, occupancy: int = 2, step: int = 2, reps: int = 20):
+    """Rows (model, n, depth, programs, fixup, p50_us) for N = 1, 1+step, ... up to 2 x max_programs."""
     from skattn.bench.timing import ColdTimer
 
     if not torch.cuda.is_available():
@@ -25,16 +25,16 @@ def sweep(cells, *, blocks_per_sm: int = 2, step: int = 2, reps: int = 20):
                    for L, h in ((n, hq), (depth, hkv), (depth, hkv)))
         out = torch.empty_like(q)
         kw = dict(batch=1, q_len=n, kv_len=depth, q_heads=hq, kv_heads=hkv, head_dim=d,
-                  causal=True, sms=sms, blocks_per_sm=blocks_per_sm)
-        top = min(skattn.plan(**kw).work, 2 * sms * blocks_per_sm)
-        for nblocks in range(1, top + 1, step):
+                  causal=True, sms=sms, occupancy=occupancy)
+        top = min(skattn.plan(**kw).work, 2 * sms * occupancy)
+        for programs in range(1, top + 1, step):
             for fixup in (None, "fused"):
-                p = skattn.plan(nblocks=nblocks, fixup=fixup, **kw)
+                p = skattn.plan(programs=programs, fixup=fixup, **kw)
                 if fixup == "fused" and p.fixup == "none":
                     continue
                 t = timer.time(lambda: skattn.attention(q, k, v, causal=True, plan=p, out=out),
                                warmup=3, reps=reps)
-                rows.append(dict(model=model, n=n, depth=depth, nblocks=nblocks, fixup=p.fixup,
+                rows.append(dict(model=model, n=n, depth=depth, programs=programs, fixup=p.fixup,
                                  ntiles_dst=p.ntiles_dst, work=p.work, p20_us=t.p20, p50_us=t.p50,
                                  p80_us=t.p80))
         sys.stderr.write(f"swept {model} n={n} L={depth}\n")

@@ -39,9 +39,9 @@ def _add_plan(sub) -> None:
                    help="bottom-right causal mask (default: on)")
     p.add_argument("--window", type=int, help="sliding window in tokens")
     p.add_argument("--sms", type=int, help="SM count (default: the current GPU's)")
-    p.add_argument("--blocks-per-sm", type=int, help="programs per SM (default: the GPU's)")
+    p.add_argument("--occupancy", "--blocks-per-sm", type=int, help="programs per SM (default: the GPU's)")
     p.add_argument("--policy", choices=POLICIES, default="auto")
-    p.add_argument("--nblocks", type=int, help="force the number of programs")
+    p.add_argument("--programs", "--nblocks", type=int, help="force the number of programs")
     p.add_argument("--fixup", choices=FIXUPS, help="force the fixup kind")
     p.add_argument("--png", help="also draw the plan into this PNG file")
     p.set_defaults(func=_run_plan)
@@ -61,10 +61,10 @@ def _run_plan(args) -> int:
     try:
         p = plan(batch=args.batch, q_len=args.n, kv_len=args.depth, q_heads=q_heads,
                  kv_heads=kv_heads, head_dim=head_dim, causal=args.causal, window=args.window,
-                 sms=args.sms, blocks_per_sm=args.blocks_per_sm, policy=args.policy,
-                 nblocks=args.nblocks, fixup=args.fixup)
+                 sms=args.sms, occupancy=args.occupancy, policy=args.policy,
+                 programs=args.programs, fixup=args.fixup)
     except RuntimeError as err:  # no GPU to ask
-        raise RuntimeError(f"{err} (here: --sms and --blocks-per-sm)") from None
+        raise RuntimeError(f"{err} (here: --sms and --occupancy)") from None
     sys.stdout.write(p.describe() + "\n")
     if args.png:
         p.draw(args.png)

@@ -27,8 +27,8 @@ def hardware(device=None) -> tuple[int, int]:
         if interpreting():
             return INTERPRETER_SMS, DEFAULT_BLOCKS_PER_SM
         raise RuntimeError(
-            "no CUDA GPU here: pass sms= and blocks_per_sm= to skattn.plan (for example "
-            "sms=132, blocks_per_sm=2 for an H100 SXM)")
+            "no CUDA GPU here: pass sms= and occupancy= to skattn.plan (for example "
+            "sms=132, occupancy=2 for an H100 SXM)")
     props = torch.cuda.get_device_properties(device)
     return props.multi_processor_count, DEFAULT_BLOCKS_PER_SM
 

@@ -33,7 +33,7 @@ def _many_pieces(plan: Plan) -> bool:
     """Tiles cut into several pieces each (decode). Prompt chunks have 1-2 pieces a tile:
     there PDL and 16-row fixup programs cost time (llama-8b n=512 L=32768: 550 -> 563 us
     with both, PERF.md), so they keep whole-tile fixup programs and a plain launch."""
-    return plan.nblocks >= 4 * plan.ntiles_dst
+    return plan.programs >= 4 * plan.ntiles_dst
 
 
 def pieces_per_step(block_m: int, block_dv: int, num_warps: int, elements: int) -> int:
@@ -49,7 +49,7 @@ def fixup_grid(plan: Plan) -> tuple[int, int, int]:
     g, t = plan.geometry, plan.tuning
     fix_dv = min(g.block_dv, t.fixup_dv)
     fix_m = min(g.block_m, t.fixup_rows) if _many_pieces(plan) else g.block_m
-    first = plan.ntiles_dst if plan.fixup == "uniform" else plan.nblocks
+    first = plan.ntiles_dst if plan.fixup == "uniform" else plan.programs
     return first, g.block_dv // fix_dv, g.block_m // fix_m
 
 
@@ -64,7 +64,7 @@ class Bound:
 
     plan: Plan
     device: torch.device
-    jt_off: torch.Tensor      # [ntiles_x + 1] int32: token block offsets in a group's work
+    qblock_off: torch.Tensor      # [ntiles_x + 1] int32: token block offsets in a group's work
     kv_first: torch.Tensor    # [ntiles_x] int32: first visible KV block per token block
     main_ints: tuple          # the main kernel's integer arguments after the pointers
     main_const: dict          # its compile-time constants that depend only on the plan
@@ -113,13 +113,13 @@ def _bind(plan: Plan, device: torch.device) -> Bound:
                   HEADS_PER_TILE=g.heads_per_tile, TOKENS_PER_TILE=g.tokens_per_tile,
                   USE_FASTDIV=plan.fastdiv)
     main_ints = (plan.q_len, plan.kv_len, plan.gqa_ratio, plan.kv_heads, plan.ntiles_x,
-                 plan.ntiles_z, plan.group_work, plan.work, plan.nblocks, plan.split,
+                 plan.ntiles_z, plan.group_work, plan.work, plan.programs, plan.split,
                  plan.kv_first[0])
     main_const = dict(
         HEAD_DIM=plan.head_dim, BLOCK_N=g.block_n, BLOCK_DK=g.block_dk, DK_CHUNKS=g.dk_chunks,
         CAUSAL=plan.causal or plan.window is not None, HAS_WINDOW=plan.window is not None,
         FUSED=plan.fixup == "fused", PER_TILE_RANGES=plan.per_tile_ranges,
-        ONE_TOKEN_BLOCK=plan.ntiles_x == 1, FIX_DV=fused_dv, FIX_ROWS=fused_rows,
+        ONE_TOKEN_BLOCK=plan.ntiles_x == 1, FIXUP_COLS=fused_dv, FIXUP_ROWS=fused_rows,
         MERGE_PIECES=pieces_per_step(fused_rows, fused_dv, g.num_warps, t.fused_merge_elements),
         USE_PDL=(1 if t.pdl_trigger == "start" else 2) if pdl else 0,
         num_warps=g.num_warps, num_stages=g.num_stages, **common)
@@ -136,14 +136,14 @@ def _bind(plan: Plan, device: torch.device) -> Bound:
                     plan.split, *fd[:6])
     else:
         fix_ints = (plan.q_len, plan.gqa_ratio, plan.kv_heads, plan.ntiles_x, plan.ntiles_z,
-                    plan.group_work, plan.work, plan.nblocks, *fd[2:8])
+                    plan.group_work, plan.work, plan.programs, *fd[2:8])
     i32 = dict(device=device, dtype=torch.int32)
     key = (device, tuple(sorted(main_const.items())), tuple(sorted(fix_const.items())),
            fix_kernel, tuple(_spec(x) for x in (*main_ints, *fd, *fix_ints, plan.window or 0)))
     kid = _KEYS.setdefault(key, len(_KEYS))
-    return Bound(plan, device, torch.tensor(plan.jt_offsets, **i32),
+    return Bound(plan, device, torch.tensor(plan.qblock_offsets, **i32),
                  torch.tensor(plan.kv_first, **i32), (*main_ints,), main_const,
-                 (plan.nblocks, 1, 1), fix_kernel, fix_ints, fix_const, fix_grid, pdl,
+                 (plan.programs, 1, 1), fix_kernel, fix_ints, fix_const, fix_grid, pdl,
                  ws.layout(plan), ws.nbytes(plan), kid, fd, {},
                  device.type == "cuda" and not interpreting())
 
@@ -177,7 +177,7 @@ def run(plan: Plan, q, k, v, out, lse, *, scale: float, mask=None, sinks=None, s
 
     `workspace`: a caller's buffer (`skattn.workspace(plan)`), else the pool of the current
     stream. `main_only` skips the separate fixup (a diagnostic: the output is then incomplete).
-    `stamps` (a diagnostic, GPU only): int64 tensors (main [nblocks, 4], fixup
+    `stamps` (a diagnostic, GPU only): int64 tensors (main [programs, 4], fixup
     [prod(fixup_grid(plan)), 4]) that receive each program's %globaltimer stamps (main: start,
     first tile's KV loop done, end; uniform fixup: start, partials ready, end) and its SM in
     column 3.
@@ -219,7 +219,7 @@ def run(plan: Plan, q, k, v, out, lse, *, scale: float, mask=None, sinks=None, s
     args = (q, qs[0], qs[1], qs[2], k, ks[0], ks[1], ks[2], v, vs[0], vs[1], vs[2],
             out, os_[0], os_[1], os_[2], lse_t, slb, slh, mask_t, smb, smm, sinks_t,
             slopes_t,
-            ws_o, ws_m, ws_l, counters, b.jt_off, b.kv_first, *b.main_ints,
+            ws_o, ws_m, ws_l, counters, b.qblock_off, b.kv_first, *b.main_ints,
             qk_scale, softcap_scale, plan.window or 0, *b.fd)
     key = None
     if fast:  # what changes the compiled code besides the plan: features, strides, alignment
@@ -236,7 +236,7 @@ def run(plan: Plan, q, k, v, out, lse, *, scale: float, mask=None, sinks=None, s
     if b.fix_kernel == "uniform":
         kernel, fargs = _fixup.uniform_fixup_kernel, (*out_args, *b.fix_ints)
     else:
-        kernel, fargs = _fixup.general_fixup_kernel, (*out_args, b.jt_off, *b.fix_ints)
+        kernel, fargs = _fixup.general_fixup_kernel, (*out_args, b.qblock_off, *b.fix_ints)
     _launch(kernel, key and (*key, "fixup"), fargs, fix_const, b.fix_grid, stream)
 
 
@@ -253,7 +253,7 @@ def _check_stamps(plan: Plan, stamps, device) -> None:
     """The kernels write 4 int64 a program: wrong buffers would be written out of bounds."""
     if interpreting() or torch.device(device).type != "cuda":
         raise ValueError("stamps read the GPU clock: they need CUDA tensors and no interpreter")
-    rows = (plan.nblocks, math.prod(fixup_grid(plan)) if plan.fixup == "uniform" else 0)
+    rows = (plan.programs, math.prod(fixup_grid(plan)) if plan.fixup == "uniform" else 0)
     for name, x, n in zip(("main", "fixup"), stamps, rows):
         if (not isinstance(x, torch.Tensor) or x.dtype != torch.int64 or not x.is_contiguous()
                 or x.numel() < 4 * n or x.device != torch.device(device)):

@@ -26,7 +26,7 @@ def _cached_plan(B, Lq, Lk, Hq, Hkv, Dk, Dv, dtype, causal, window, device, poli
     sms, occ = hardware(device)
     return make_plan(batch=B, q_len=Lq, kv_len=Lk, q_heads=Hq, kv_heads=Hkv, head_dim=Dk,
                      head_dim_v=Dv, dtype=dtype, causal=causal, window=window, sms=sms,
-                     blocks_per_sm=occ, policy=policy, has_mask=has_mask,
+                     occupancy=occ, policy=policy, has_mask=has_mask,
                      smem_limit=shared_memory_limit(device))
 
 

@@ -10,10 +10,10 @@ from skattn.checks import causal_window
 from skattn.config import (STAGE_BYTES_BUDGET, TileGeometry, programs_per_sm,  # noqa: F401
                            tile_geometry)
 from skattn.policy import (FIXUPS, POLICIES, POLICY_NOTES, CostModel, canonical_policy, fixup_for,
-                           load_cost_model, nblocks_for)
+                           load_cost_model, programs_for)
 from skattn.tuning import Tuning
 
-__all__ = ["Plan", "plan", "nblocks_for", "fixup_for", "tile_geometry", "POLICIES", "FIXUPS"]
+__all__ = ["Plan", "plan", "programs_for", "fixup_for", "tile_geometry", "POLICIES", "FIXUPS"]
 
 # FLOP per byte of K/V above which a cell is compute-bound (it is q_len x GQA ratio; the
 # H100/H200 ridge points are about 220/180 FLOP/B for f16)
@@ -48,10 +48,10 @@ class Plan:
     kv_count: tuple[int, ...]  # per token block: visible KV blocks (>= 1)
     work: int               # W: all work items
     sms: int
-    blocks_per_sm: int
-    max_blocks: int
+    occupancy: int
+    max_programs: int
     policy: str
-    nblocks: int
+    programs: int
     fixup: str
     fastdiv: bool = True    # fastdiv for the kernels' run-time divisions (False: plain //)
     cost_model: CostModel = field(default_factory=CostModel, compare=False)
@@ -71,13 +71,13 @@ class Plan:
     @property
     def split(self) -> int:
         """Pieces per tile of a uniform plan (1 otherwise)."""
-        return self.nblocks // self.ntiles_dst if self.fixup == "uniform" else 1
+        return self.programs // self.ntiles_dst if self.fixup == "uniform" else 1
 
     @property
     def per_tile_ranges(self) -> bool:
         """Uniform plans cut each tile into `split` pieces by its own length (docs/design.md); a
         plan of one program per tile and no fixup gives each program its whole tile."""
-        whole = self.fixup == "none" and self.nblocks == self.ntiles_dst
+        whole = self.fixup == "none" and self.programs == self.ntiles_dst
         return self.fixup == "uniform" or whole
 
     @property
@@ -85,7 +85,7 @@ class Plan:
         """f32 partial states: two slots per program of BLOCK_M rows x (Dv + 2)."""
         if self.fixup == "none":
             return 0
-        return self.nblocks * 2 * self.geometry.block_m * (self.head_dim_v + 2)
+        return self.programs * 2 * self.geometry.block_m * (self.head_dim_v + 2)
 
     @property
     def workspace_bytes(self) -> int:
@@ -94,7 +94,7 @@ class Plan:
 
     # -- the work list
     @cached_property
-    def jt_offsets(self) -> tuple[int, ...]:
+    def qblock_offsets(self) -> tuple[int, ...]:
         out = [0]
         for c in self.kv_count:
             out.append(out[-1] + c)
@@ -102,14 +102,14 @@ class Plan:
 
     def tile_range(self, tile: int) -> tuple[int, int]:
         """[first, stop) work items of `tile`."""
-        group, jt = divmod(tile, self.ntiles_x)
+        group, qblock = divmod(tile, self.ntiles_x)
         base = group * self.group_work
-        return base + self.jt_offsets[jt], base + self.jt_offsets[jt + 1]
+        return base + self.qblock_offsets[qblock], base + self.qblock_offsets[qblock + 1]
 
     def tile_of(self, item: int) -> int:
         group, r = divmod(item, self.group_work)
-        jt = max(j for j in range(self.ntiles_x) if self.jt_offsets[j] <= r)
-        return group * self.ntiles_x + jt
+        qblock = max(j for j in range(self.ntiles_x) if self.qblock_offsets[j] <= r)
+        return group * self.ntiles_x + qblock
 
     def program_range(self, p: int) -> tuple[int, int]:
         """[start, stop) of program p's work items."""
@@ -118,10 +118,10 @@ class Plan:
             first, stop = self.tile_range(tile)
             n = stop - first
             return first + i * n // self.split, first + (i + 1) * n // self.split
-        return p * self.work // self.nblocks, (p + 1) * self.work // self.nblocks
+        return p * self.work // self.programs, (p + 1) * self.work // self.programs
 
     def ranges(self) -> list[tuple[int, int]]:
-        return [self.program_range(p) for p in range(self.nblocks)]
+        return [self.program_range(p) for p in range(self.programs)]
 
     def pieces(self) -> dict[int, list[int]]:
         """Split tiles -> the programs holding a piece of them, in program order."""
@@ -148,8 +148,8 @@ class Plan:
             f"BLOCK_N {g.block_n}; warps {g.num_warps}, stages {g.num_stages}",
             f"tiles: ntiles_dst {self.ntiles_dst} (token blocks {self.ntiles_x}, head groups "
             f"{self.ntiles_z}), ntiles_kv {self.ntiles_kv}, work items W {self.work}",
-            f"grid: {self.sms} SMs x {self.blocks_per_sm} = max_blocks {self.max_blocks}; "
-            f"policy {self.policy} -> nblocks {self.nblocks}, fixup {self.fixup}",
+            f"grid: {self.sms} SMs x {self.occupancy} = max_programs {self.max_programs}; "
+            f"policy {self.policy} -> programs {self.programs}, fixup {self.fixup}",
             f"policy {self.policy}: {POLICY_NOTES[self.policy]}",
             f"programs: longest {longest} items, idle slots in the tail {idle}; split tiles "
             f"{len(pieces)}, max pieces per tile {max((len(v) for v in pieces.values()), default=1)}",
@@ -170,7 +170,7 @@ def _check_positive(**values) -> None:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
-def _on_tile_edges(nblocks, work, kv_count) -> bool:
+def _on_tile_edges(programs, work, kv_count) -> bool:
     """Whether every program boundary floor(p*W/N) is a tile boundary (llama.cpp's tiles are
     all ntiles_kv long, so there N | ntiles_dst suffices; ours need not be)."""
     group_work = sum(kv_count)
@@ -178,19 +178,19 @@ def _on_tile_edges(nblocks, work, kv_count) -> bool:
     for c in kv_count:
         total += c
         edges.add(total)
-    return all(p * work // nblocks % group_work in edges for p in range(nblocks))
+    return all(p * work // programs % group_work in edges for p in range(programs))
 
 
-def shared_programs(geo: TileGeometry, blocks_per_sm: int) -> int:
+def shared_programs(geo: TileGeometry, occupancy: int) -> int:
     """Programs of this geometry that share an SM: the estimate of `programs_per_sm` for
     128-row tiles (prompt chunks, n=16 at GQA ratio 8), 1 for smaller decode tiles (two
     programs an SM never won in the decode sweeps, PERF.md)."""
-    return min(blocks_per_sm, programs_per_sm(geo)) if geo.block_m == 128 else 1
+    return min(occupancy, programs_per_sm(geo)) if geo.block_m == 128 else 1
 
 
-def _kv_blocks(jt, *, q_len, kv_len, tokens, block_n, causal, window):
-    """First visible KV block and count for token block jt (bottom-right causal, window)."""
-    q0 = jt * tokens
+def _kv_blocks(qblock, *, q_len, kv_len, tokens, block_n, causal, window):
+    """First visible KV block and count for token block qblock (bottom-right causal, window)."""
+    q0 = qblock * tokens
     q1 = min(q_len, q0 + tokens)
     hi = min(kv_len, kv_len - q_len + q1) if (causal or window) else kv_len
     lo = max(0, kv_len - q_len + q0 - window + 1) if window else 0
@@ -200,7 +200,7 @@ def _kv_blocks(jt, *, q_len, kv_len, tokens, block_n, causal, window):
     return first, -(-hi // block_n) - first
 
 
-def decide_fixup(*, nblocks: int, ntiles_dst: int, kv_count: tuple[int, ...], work: int,
+def decide_fixup(*, programs: int, ntiles_dst: int, kv_count: tuple[int, ...], work: int,
                  requested: str | None, policy: str, chosen: bool, compute_bound: bool) -> str:
     """The fixup kind of a plan.
 
@@ -215,13 +215,13 @@ def decide_fixup(*, nblocks: int, ntiles_dst: int, kv_count: tuple[int, ...], wo
     4. A requested kind: "fused" replaces any merge, "general" may replace uniform; any other
        disagreement with the rule is an error.
     """
-    kind = fixup_for(nblocks, ntiles_dst)
-    if kind == "none" and not _on_tile_edges(nblocks, work, kv_count):
+    kind = fixup_for(programs, ntiles_dst)
+    if kind == "none" and not _on_tile_edges(programs, work, kv_count):
         auto_whole = chosen and policy == "auto" and compute_bound and requested != "general"
-        whole = nblocks == ntiles_dst and (requested == "none" or auto_whole)
+        whole = programs == ntiles_dst and (requested == "none" or auto_whole)
         if not whole:
             kind = "general"
-    too_many_pieces = kind == "uniform" and nblocks // ntiles_dst > min(kv_count)
+    too_many_pieces = kind == "uniform" and programs // ntiles_dst > min(kv_count)
     if requested is None and kind == "uniform" and (policy == "llamacpp-before"
                                                     or (chosen and too_many_pieces)):
         kind = "general"
@@ -231,22 +231,29 @@ def decide_fixup(*, nblocks: int, ntiles_dst: int, kv_count: tuple[int, ...], wo
         elif requested == "general" and kind == "uniform":
             kind = "general"
         else:
-            raise ValueError(f"fixup={requested!r} does not apply to nblocks={nblocks} with "
+            raise ValueError(f"fixup={requested!r} does not apply to programs={programs} with "
                              f"ntiles_dst={ntiles_dst} (llama.cpp's rule gives {kind!r})")
     if kind == "uniform" and too_many_pieces:
-        raise ValueError(f"nblocks={nblocks} cuts tiles into {nblocks // ntiles_dst} pieces, more "
+        raise ValueError(f"programs={programs} cuts tiles into {programs // ntiles_dst} pieces, more "
                          f"than the shortest tile's {min(kv_count)} KV blocks")
     return kind
 
 
+def _alias(value, old, name, old_name):
+    if old is not None and value is not None and old != value:
+        raise ValueError(f"{name}={value} and its alias {old_name}={old} disagree")
+    return old if value is None else value
+
+
 def plan(*, batch: int, q_len: int, kv_len: int, q_heads: int, kv_heads: int, head_dim: int,
          head_dim_v: int | None = None, dtype=torch.float16, causal: bool = False,
-         window: int | None = None, sms: int | None = None, blocks_per_sm: int | None = None,
-         policy: str = "auto", nblocks: int | None = None, fixup: str | None = None,
+         window: int | None = None, sms: int | None = None, occupancy: int | None = None,
+         policy: str = "auto", programs: int | None = None, fixup: str | None = None,
          block_m: int | None = None, block_n: int | None = None, num_warps: int | None = None,
          num_stages: int | None = None, fastdiv: bool = True,
          cost_model: CostModel | None = None, tuning: Tuning | None = None,
-         has_mask: bool = False, smem_limit: int | None = None) -> Plan:
+         has_mask: bool = False, smem_limit: int | None = None,
+         nblocks: int | None = None, blocks_per_sm: int | None = None) -> Plan:
     """Plan one attention shape: tiles, work list, programs and fixup kind.
 
     Parameters
@@ -260,16 +267,16 @@ def plan(*, batch: int, q_len: int, kv_len: int, q_heads: int, kv_heads: int, he
     causal, window : bool, int or None
         Bottom-right causal mask and sliding window; KV blocks they hide are left out of the
         work list.
-    sms, blocks_per_sm : int, optional
+    sms, occupancy : int, optional
         Hardware: asked from the current GPU when None (needs one).
     policy : {"auto", "llamacpp", "llamacpp-before", "round-4x", "split"}
         See `POLICY_NOTES`; "llamacpp-master" and "seed-4x" are accepted as aliases of
         "llamacpp-before" and "round-4x".
-    nblocks : int, optional
-        Force the number of programs (1 <= nblocks <= W).
+    programs : int, optional
+        Force the number of programs (1 <= programs <= W).
     fixup : {None, "none", "uniform", "general", "fused"}
         None takes llama.cpp's rule for the chosen N; "fused" merges inside the main kernel;
-        "none" with nblocks = ntiles_dst gives each program one whole tile, also where causal
+        "none" with programs = ntiles_dst gives each program one whole tile, also where causal
         or window tiles differ in length (`auto` picks that for prompt chunks when it fills
         the GPU in as few waves as cutting tiles would).
     block_m, block_n, num_warps, num_stages : int, optional
@@ -288,6 +295,8 @@ def plan(*, batch: int, q_len: int, kv_len: int, q_heads: int, kv_heads: int, he
     smem_limit : int, optional
         Shared memory one program may use, bytes: asked from the current GPU when None
         (232448, sm_90's, without one). The configuration is reduced until it fits.
+    nblocks, blocks_per_sm : int, optional
+        llama.cpp's names for `programs` and `occupancy`, accepted as aliases.
 
     Returns
     -------
@@ -298,6 +307,8 @@ def plan(*, batch: int, q_len: int, kv_len: int, q_heads: int, kv_heads: int, he
     ValueError
         Bad arguments, or a shape that no kernel configuration fits in `smem_limit`.
     """
+    programs = _alias(programs, nblocks, "programs", "nblocks")
+    occupancy = _alias(occupancy, blocks_per_sm, "occupancy", "blocks_per_sm")
     head_dim_v = head_dim if head_dim_v is None else head_dim_v
     _check_positive(batch=batch, q_len=q_len, kv_len=kv_len, q_heads=q_heads, kv_heads=kv_heads,
                     head_dim=head_dim, head_dim_v=head_dim_v)
@@ -309,13 +320,13 @@ def plan(*, batch: int, q_len: int, kv_len: int, q_heads: int, kv_heads: int, he
     causal_window(causal, window)
     if dtype not in _DTYPES:
         raise ValueError(f"dtype is K/V's and must be one of {list(_DTYPES)}, got {dtype}")
-    if sms is None or blocks_per_sm is None:
+    if sms is None or occupancy is None:
         from skattn.device import hardware
 
         hw_sms, hw_occ = hardware()
         sms = hw_sms if sms is None else sms
-        blocks_per_sm = hw_occ if blocks_per_sm is None else blocks_per_sm
-    _check_positive(sms=sms, blocks_per_sm=blocks_per_sm)
+        occupancy = hw_occ if occupancy is None else occupancy
+    _check_positive(sms=sms, occupancy=occupancy)
 
     ratio = q_heads // kv_heads
     if smem_limit is None:
@@ -335,22 +346,22 @@ def plan(*, batch: int, q_len: int, kv_len: int, q_heads: int, kv_heads: int, he
     kv_first = tuple(b[0] for b in blocks)
     kv_count = tuple(b[1] for b in blocks)
     work = batch * kv_heads * ntiles_z * sum(kv_count)
-    max_blocks = sms * blocks_per_sm
+    max_programs = sms * occupancy
     model = cost_model or load_cost_model()
-    chosen = nblocks is None  # by the policy, not by the caller
+    chosen = programs is None  # by the policy, not by the caller
     compute_bound = q_len * ratio >= COMPUTE_BOUND_INTENSITY
     if chosen:
-        per_sm = shared_programs(geo, blocks_per_sm)
-        nblocks = nblocks_for(policy, ntiles_dst=ntiles_dst, ntiles_kv=ntiles_kv,
-                              max_blocks=max_blocks, work=work, min_tile_work=min(kv_count),
+        per_sm = shared_programs(geo, occupancy)
+        programs = programs_for(policy, ntiles_dst=ntiles_dst, ntiles_kv=ntiles_kv,
+                              max_programs=max_programs, work=work, min_tile_work=min(kv_count),
                               max_tile_work=max(kv_count), fixup=fixup, cost=model,
                               compute_bound=compute_bound, resident=sms * per_sm,
                               per_sm=per_sm)
-    elif not isinstance(nblocks, int) or nblocks < 1 or nblocks > work:
-        raise ValueError(f"nblocks must be an integer in [1, W={work}], got {nblocks!r}")
-    kind = decide_fixup(nblocks=nblocks, ntiles_dst=ntiles_dst, kv_count=kv_count, work=work,
+    elif not isinstance(programs, int) or programs < 1 or programs > work:
+        raise ValueError(f"programs must be an integer in [1, W={work}], got {programs!r}")
+    kind = decide_fixup(programs=programs, ntiles_dst=ntiles_dst, kv_count=kv_count, work=work,
                         requested=fixup, policy=policy, chosen=chosen, compute_bound=compute_bound)
     return Plan(batch, q_len, kv_len, q_heads, kv_heads, head_dim, head_dim_v, _DTYPES[dtype],
                 bool(causal), window, geo, ntiles_x, ntiles_z, ntiles_dst, ntiles_kv, kv_first,
-                kv_count, work, sms, blocks_per_sm, max_blocks, policy, nblocks, kind,
+                kv_count, work, sms, occupancy, max_programs, policy, programs, kind,
                 bool(fastdiv), model, tuning or Tuning(), bool(has_mask))

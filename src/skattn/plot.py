@@ -25,7 +25,7 @@ def draw_plan(plan, path) -> None:
             item = end
     ax.invert_yaxis()
     ax.set_xlabel(f"work item (tile x KV block), W = {plan.work}")
-    ax.set_ylabel(f"program (nblocks = {plan.nblocks})")
+    ax.set_ylabel(f"program (programs = {plan.programs})")
     ax.set_title(f"{plan.policy}: {plan.ntiles_dst} tiles x {plan.ntiles_kv} KV blocks, fixup "
                  f"{plan.fixup}; hatched = split tiles ({len(split)})", fontsize=10)
     fig.tight_layout()

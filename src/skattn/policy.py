@@ -20,7 +20,7 @@ CUT_PENALTY = 1.1
 
 # What each policy reproduces (docs/llamacpp.md has the llama.cpp facts with file:line)
 POLICY_NOTES = {
-    "llamacpp-before": "llama.cpp before its uniform fixup kernel: N = min(max_blocks, W), "
+    "llamacpp-before": "llama.cpp before its uniform fixup kernel: N = min(max_programs, W), "
                        "unrounded; every cut tile merged by the general fixup",
     "round-4x": "N rounded down to a multiple of ntiles_dst when N > 4 x ntiles_dst "
                 "(an intermediate rule of llama.cpp's change); uniform fixup when it applies",
@@ -41,13 +41,13 @@ def canonical_policy(policy: str) -> str:
     return name
 
 
-def fixup_for(nblocks: int, ntiles_dst: int) -> str:
+def fixup_for(programs: int, ntiles_dst: int) -> str:
     """llama.cpp's choice: none when N divides ntiles_dst, uniform for a multiple above it."""
-    if nblocks < 1 or ntiles_dst < 1:
-        raise ValueError(f"nblocks and ntiles_dst must be >= 1, got {nblocks}, {ntiles_dst}")
-    if ntiles_dst % nblocks == 0:
+    if programs < 1 or ntiles_dst < 1:
+        raise ValueError(f"programs and ntiles_dst must be >= 1, got {programs}, {ntiles_dst}")
+    if ntiles_dst % programs == 0:
         return "none"
-    if nblocks % ntiles_dst == 0:
+    if programs % ntiles_dst == 0:
         return "uniform"
     return "general"
 
@@ -57,7 +57,7 @@ class CostModel:
     """Parameters of the `auto` policy, in microseconds (see `skattn calibrate`).
 
     us_per_item: one (tile, KV block) work item of a program that has an SM to itself.
-    saturation: the fraction of max_blocks that run as one program per SM, N_sat; beyond it
+    saturation: the fraction of max_programs that run as one program per SM, N_sat; beyond it
         programs share SMs in rounds (time = longest * us_per_item * ceil(N / N_sat)).
         Measured on an H200 (132 SMs): N = 128 beat every N from 129 to 263 in every swept
         decode cell (tests/data/sweep-8-cells.csv), so N_sat = 128-132.
@@ -105,13 +105,13 @@ def load_cost_model() -> CostModel:
     return CostModel()
 
 
-def split_count(ntiles_dst: int, ntiles_kv: int, max_blocks: int) -> int:
+def split_count(ntiles_dst: int, ntiles_kv: int, max_programs: int) -> int:
     """KV splits per tile with the best wave efficiency (llama.cpp's parallel_blocks search)."""
     best_pb, best_eff, best_waves = 1, 0, 0
     for pb in range(1, ntiles_kv + 1):
         nblk = ntiles_dst * pb
-        waves = -(-nblk // max_blocks)
-        eff = 100 * nblk // (waves * max_blocks)
+        waves = -(-nblk // max_programs)
+        eff = 100 * nblk // (waves * max_programs)
         if best_eff >= 95 and waves > best_waves:
             break
         if eff > best_eff:
@@ -123,30 +123,30 @@ def _rounded(raw: int, ntiles_dst: int, max_split: int) -> int:
     return min(raw // ntiles_dst, max_split) * ntiles_dst
 
 
-def predict_us(model: CostModel, *, nblocks: int, ntiles_dst: int, work: int,
-               max_tile_work: int, fixup: str, max_blocks: int, per_sm: int = 1) -> float:
+def predict_us(model: CostModel, *, programs: int, ntiles_dst: int, work: int,
+               max_tile_work: int, fixup: str, max_programs: int, per_sm: int = 1) -> float:
     """Cost of one plan: longest program + merging the most-split tile + extra launch.
     `per_sm`: programs of this kernel one SM holds at once (see CostModel.shared_round)."""
     if fixup == "uniform":
-        split = nblocks // ntiles_dst
+        split = programs // ntiles_dst
         longest = -(-max_tile_work // split)
         pieces = split
     else:
-        longest = -(-work // nblocks)
-        pieces = 0 if fixup == "none" else min(nblocks, -(-max_tile_work * nblocks // work) + 1)
+        longest = -(-work // programs)
+        pieces = 0 if fixup == "none" else min(programs, -(-max_tile_work * programs // work) + 1)
     launch = model.us_launch if fixup in ("uniform", "general") else 0.0
-    rounds = -(-nblocks // saturated_blocks(model, max_blocks))
+    rounds = -(-programs // saturated_blocks(model, max_programs))
     if per_sm >= 2 and rounds == 2:  # the second round shares SMs with the first
         rounds = 1 + model.shared_round
     return longest * model.us_per_item * rounds + pieces * model.us_per_piece + launch
 
 
-def saturated_blocks(model: CostModel, max_blocks: int) -> int:
+def saturated_blocks(model: CostModel, max_programs: int) -> int:
     """N_sat: how many programs run one per SM (see CostModel.saturation)."""
-    return max(1, int(model.saturation * max_blocks + 1e-9))
+    return max(1, int(model.saturation * max_programs + 1e-9))
 
 
-def nblocks_for(policy: str, *, ntiles_dst: int, ntiles_kv: int, max_blocks: int,
+def programs_for(policy: str, *, ntiles_dst: int, ntiles_kv: int, max_programs: int,
                 work: int | None = None, min_tile_work: int | None = None,
                 max_tile_work: int | None = None, fixup: str | None = None,
                 cost: CostModel | None = None, compute_bound: bool = False,
@@ -159,15 +159,15 @@ def nblocks_for(policy: str, *, ntiles_dst: int, ntiles_kv: int, max_blocks: int
     `per_sm` is how many programs of the kernel one SM holds (CostModel.shared_round).
     For compute-bound cells (prompt chunks), where its memory-saturation model does not
     hold, `auto` counts waves of `resident` programs (those the GPU runs at once; default
-    max_blocks) instead: see `compute_bound_nblocks`.
+    max_programs) instead: see `compute_bound_programs`.
     """
-    for name, value in (("ntiles_dst", ntiles_dst), ("ntiles_kv", ntiles_kv), ("max_blocks", max_blocks)):
+    for name, value in (("ntiles_dst", ntiles_dst), ("ntiles_kv", ntiles_kv), ("max_programs", max_programs)):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
     policy = canonical_policy(policy)
     work = ntiles_dst * ntiles_kv if work is None else work
     max_split = ntiles_kv if min_tile_work is None else min_tile_work
-    raw = min(max_blocks, work)
+    raw = min(max_programs, work)
     if policy == "llamacpp-before":
         return raw
     if policy == "round-4x":
@@ -177,19 +177,19 @@ def nblocks_for(policy: str, *, ntiles_dst: int, ntiles_kv: int, max_blocks: int
         loss = 100 * (raw - rounded) // raw if rounded > 0 else 100
         return rounded if loss <= MAX_EFFICIENCY_LOSS_PERCENT else raw
     if policy == "split":
-        return ntiles_dst * min(split_count(ntiles_dst, max_split, max_blocks), max_split)
+        return ntiles_dst * min(split_count(ntiles_dst, max_split, max_programs), max_split)
     longest_tile = ntiles_kv if max_tile_work is None else max_tile_work
     if compute_bound:
-        rule = nblocks_for("llamacpp", ntiles_dst=ntiles_dst, ntiles_kv=ntiles_kv,
-                           max_blocks=max_blocks, work=work, min_tile_work=min_tile_work)
-        return compute_bound_nblocks(ntiles_dst, work, longest_tile, rule,
-                                     resident or max_blocks,
+        rule = programs_for("llamacpp", ntiles_dst=ntiles_dst, ntiles_kv=ntiles_kv,
+                           max_programs=max_programs, work=work, min_tile_work=min_tile_work)
+        return compute_bound_programs(ntiles_dst, work, longest_tile, rule,
+                                     resident or max_programs,
                                      whole=fixup not in ("general", "uniform"))
-    return _auto(ntiles_dst, work, max_split, longest_tile, raw, max_blocks, fixup,
+    return _auto(ntiles_dst, work, max_split, longest_tile, raw, max_programs, fixup,
                  cost or load_cost_model(), per_sm)
 
 
-def compute_bound_nblocks(ntiles_dst: int, work: int, longest_tile: int, rule: int,
+def compute_bound_programs(ntiles_dst: int, work: int, longest_tile: int, rule: int,
                           resident: int, whole: bool = True) -> int:
     """N for a compute-bound plan: one whole tile a program (N = ntiles_dst, no fixup; only if
     `whole`), one wave of `resident` programs, or llama.cpp's `rule`, whichever has the fewest
@@ -203,10 +203,10 @@ def compute_bound_nblocks(ntiles_dst: int, work: int, longest_tile: int, rule: i
     return min(options)[1]
 
 
-def _auto(ntiles_dst, work, max_split, longest_tile, raw, max_blocks, fixup, model,
+def _auto(ntiles_dst, work, max_split, longest_tile, raw, max_programs, fixup, model,
           per_sm=1) -> int:
     """The candidate N with the lowest predicted time (ties go to the larger N)."""
-    candidates = {raw, min(work, ntiles_dst * min(max_split, split_count(ntiles_dst, max_split, max_blocks)))}
+    candidates = {raw, min(work, ntiles_dst * min(max_split, split_count(ntiles_dst, max_split, max_programs)))}
     candidates |= {k * ntiles_dst for k in range(1, min(raw // ntiles_dst, max_split) + 1)}
     candidates |= {d for d in range(1, min(raw, ntiles_dst) + 1) if ntiles_dst % d == 0}
     candidates |= {n for n in range(max(1, raw - 8), raw + 1)}
@@ -215,8 +215,8 @@ def _auto(ntiles_dst, work, max_split, longest_tile, raw, max_blocks, fixup, mod
         kind = fixup_for(n, ntiles_dst)
         if fixup == "fused" and kind != "none":
             kind = "fused"
-        return predict_us(model, nblocks=n, ntiles_dst=ntiles_dst, work=work,
-                          max_tile_work=longest_tile, fixup=kind, max_blocks=max_blocks,
+        return predict_us(model, programs=n, ntiles_dst=ntiles_dst, work=work,
+                          max_tile_work=longest_tile, fixup=kind, max_programs=max_programs,
                           per_sm=per_sm)
 
     return min(sorted(candidates), key=lambda n: (cost(n), -n))

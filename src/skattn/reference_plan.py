@@ -32,12 +32,12 @@ class _Rows:
 
 def _tile_rows(plan, t: int, device) -> _Rows:
     geo = plan.geometry
-    rest, jt = divmod(t, plan.ntiles_x)
+    rest, qblock = divmod(t, plan.ntiles_x)
     rest, z = divmod(rest, plan.ntiles_z)
     b, g = divmod(rest, plan.kv_heads)
     r = torch.arange(geo.block_m, device=device)
     j, c = r // geo.heads_per_tile, r % geo.heads_per_tile    # token, head-in-group
-    qi = jt * geo.tokens_per_tile + j
+    qi = qblock * geo.tokens_per_tile + j
     head_in_kv = z * geo.heads_per_tile + c
     ok = (j < geo.tokens_per_tile) & (qi < plan.q_len) & (head_in_kv < plan.gqa_ratio)
     return _Rows(b, g, r[ok], qi[ok], (g * plan.gqa_ratio + head_in_kv)[ok])
@@ -55,7 +55,7 @@ class _Executor:
         self.out = torch.full((bsz, lq, hq, dv), nan, dtype=F64, device=dev)
         self.lse = torch.full((bsz, hq, lq), nan, dtype=F64, device=dev)
         self.written = torch.zeros((bsz, lq, hq), dtype=torch.bool, device=dev)
-        shape = (plan.nblocks, 2, plan.geometry.block_m)
+        shape = (plan.programs, 2, plan.geometry.block_m)
         self.o_ws = torch.full(shape + (dv,), nan, dtype=F64, device=dev)
         self.m_ws = torch.full(shape, nan, dtype=F64, device=dev)
         self.l_ws = torch.full(shape, nan, dtype=F64, device=dev)
@@ -211,7 +211,7 @@ def run_plan(plan, q, k, v, *, scale=None, causal=False, window=None, mask=None,
         raise TypeError("plan must be a skattn.Plan (from skattn.plan), got None")
     checks.plan_matches(plan, q, k, v, causal=causal, window=window, dtype=False)
     ex = _Executor(plan, x)
-    for p in range(plan.nblocks):
+    for p in range(plan.programs):
         ex.program(p)
     split = plan.pieces()
     if plan.fixup == "none":

@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plans", action="store_true",
                         help="only print the plans of the grid (no GPU needed)")
     parser.add_argument("--sms", type=int, help="SMs to plan for (default: the GPU's, or 132 without one)")
-    parser.add_argument("--blocks-per-sm", type=int, help="programs per SM to plan for")
+    parser.add_argument("--occupancy", "--blocks-per-sm", type=int, help="programs per SM to plan for")
     parser.add_argument("--reps", type=int, help="timed runs per measurement (default 100, quick 30)")
     parser.add_argument("--warmup", type=int, help="untimed runs first (default 10, quick 5)")
     parser.add_argument("--seed", type=int, default=0, help="random inputs' seed")
@@ -85,8 +85,8 @@ def _cuda() -> bool:
 def _cpu_mode(args, cells) -> int:
     from skattn.bench.plans import plan_table
 
-    sms, bps = args.sms or CPU_SMS, args.blocks_per_sm or CPU_BLOCKS_PER_SM
-    print(plan_table(cells, sms=sms, blocks_per_sm=bps))
+    sms, bps = args.sms or CPU_SMS, args.occupancy or CPU_BLOCKS_PER_SM
+    print(plan_table(cells, sms=sms, occupancy=bps))
     print(f"\n{len(cells)} cells. Each entry: N (programs), fixup kind, most pieces a split tile is cut "
           f"into, idle items in the tail (sum over programs of longest - own).")
     if args.plans:
@@ -112,7 +112,7 @@ def run_options(args):
 
     return RunOptions(warmup=args.warmup or (5 if args.quick else 10),
                       reps=args.reps or (30 if args.quick else 100), sms=args.sms,
-                      blocks_per_sm=args.blocks_per_sm, seed=args.seed, time_limit_s=args.time_limit,
+                      occupancy=args.occupancy, seed=args.seed, time_limit_s=args.time_limit,
                       quick=args.quick, progress=not args.no_progress, flush=args.flush,
                       timer=args.timer, layers=args.layers)
 
@@ -148,8 +148,8 @@ def _seed_mode(args) -> int:
 
     cells = _cells(args)
     if args.plans or not _cuda():
-        sms, bps = args.sms or CPU_SMS, args.blocks_per_sm or CPU_BLOCKS_PER_SM
-        print(seed.plans_table(cells, sms=sms, blocks_per_sm=bps))
+        sms, bps = args.sms or CPU_SMS, args.occupancy or CPU_BLOCKS_PER_SM
+        print(seed.plans_table(cells, sms=sms, occupancy=bps))
         print("\nNo CUDA GPU here (or --plans): the seed table's plans above; its timings need a GPU.")
         return 0
     csv_path, rows = seed.run_seed_table(cells, out_dir=_out_dir(args), tag=_tag(args),
@@ -173,7 +173,7 @@ def _host_mode(args) -> int:
     shape = {**({"n": n[0]} if n else {}), **({"depth": depth[0]} if depth else {})}
     csv_path, rows = run_host(_out_dir(args), _tag(args), calls=args.host_calls, reps=args.reps or 30,
                               warmup=args.warmup or 20, shape=shape, sms=args.sms,
-                              blocks_per_sm=args.blocks_per_sm)
+                              occupancy=args.occupancy)
     print(host_markdown(rows, title=csv_path.name))
     print(f"wrote {csv_path}, {csv_path.with_suffix('.md')}")
     return 0

@@ -67,7 +67,7 @@ def _custom_op(q, k, v) -> Callable | str:
     return call
 
 
-def host_calls(q, k, v, *, sms: int | None = None, blocks_per_sm: int | None = None) -> dict:
+def host_calls(q, k, v, *, sms: int | None = None, occupancy: int | None = None) -> dict:
     """Provider name -> a call returning out [B, n, Hq, D], or a status string where the
     provider cannot run here.
 
@@ -75,7 +75,7 @@ def host_calls(q, k, v, *, sms: int | None = None, blocks_per_sm: int | None = N
     ----------
     q, k, v : Tensor
         [1, n, Hq, D], [1, L, Hkv, D], [1, L, Hkv, D].
-    sms, blocks_per_sm : int, optional
+    sms, occupancy : int, optional
         The grid of the planned call's plan (the device's by default).
     """
     import torch.nn.functional as F
@@ -87,7 +87,7 @@ def host_calls(q, k, v, *, sms: int | None = None, blocks_per_sm: int | None = N
     B, n, hq, d = q.shape
     L, hkv = k.shape[1], k.shape[2]
     p = skattn.plan(batch=B, q_len=n, kv_len=L, q_heads=hq, kv_heads=hkv, head_dim=d, dtype=k.dtype,
-                    causal=True, sms=sms, blocks_per_sm=blocks_per_sm)
+                    causal=True, sms=sms, occupancy=occupancy)
     qt, kt, vt = (t.transpose(1, 2).contiguous() for t in (q, k, v))
     mask = causal_lower_right(n, L) if n > 1 else None  # n = 1 sees every key
 
@@ -158,7 +158,7 @@ def time_calls(fns: dict[str, Callable], *, calls: int, reps: int, warmup: int,
 
 
 def run_host(out_dir, tag: str, *, calls: int = 200, reps: int = 30, warmup: int = 20,
-             shape: dict | None = None, sms: int | None = None, blocks_per_sm: int | None = None,
+             shape: dict | None = None, sms: int | None = None, occupancy: int | None = None,
              device: str = "cuda") -> tuple[Path, list[dict]]:
     """Measure every provider's host time; write `host-<tag>.csv` and `host-<tag>.md`.
 
@@ -170,7 +170,7 @@ def run_host(out_dir, tag: str, *, calls: int = 200, reps: int = 30, warmup: int
         See `time_calls`.
     shape : dict, optional
         Values that replace HOST_SHAPE's (n, depth, hq, hkv, d).
-    sms, blocks_per_sm : int, optional
+    sms, occupancy : int, optional
         The planned call's grid.
     device : str
         "cuda"; "cpu" runs skattn under the Triton interpreter (for tests only: the times
@@ -195,7 +195,7 @@ def run_host(out_dir, tag: str, *, calls: int = 200, reps: int = 30, warmup: int
     ref = reference(q, k, v)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     rows, ready = [], {}
-    for name, fn in host_calls(q, k, v, sms=sms, blocks_per_sm=blocks_per_sm).items():
+    for name, fn in host_calls(q, k, v, sms=sms, occupancy=occupancy).items():
         row = {"provider": name, "status": "ok"}
         rows.append(row)
         if isinstance(fn, str):

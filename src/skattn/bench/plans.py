@@ -14,7 +14,7 @@ class PlanSummary:
 
     ntiles_dst: int
     work: int
-    nblocks: int
+    programs: int
     fixup: str
     pieces: int  # most pieces any split tile is cut into (1: no tile is split)
     idle: int  # programs idle in the tail: sum over programs of (longest - own items)
@@ -25,11 +25,11 @@ def summarize_plan(p) -> PlanSummary:
     lengths = [b - a for a, b in p.ranges()]
     longest = max(lengths)
     pieces = max((len(v) for v in p.pieces().values()), default=1)
-    return PlanSummary(p.ntiles_dst, p.work, p.nblocks, p.fixup, pieces,
+    return PlanSummary(p.ntiles_dst, p.work, p.programs, p.fixup, pieces,
                        sum(longest - n for n in lengths))
 
 
-def plan_cell(cell: Cell, variant: str, *, sms: int, blocks_per_sm: int,
+def plan_cell(cell: Cell, variant: str, *, sms: int, occupancy: int,
               dtype=torch.float16) -> PlanSummary:
     """Plan `cell` as the bench does for skattn `variant`, on a pretend GPU of `sms` SMs."""
     from skattn.planner import plan
@@ -37,17 +37,17 @@ def plan_cell(cell: Cell, variant: str, *, sms: int, blocks_per_sm: int,
     policy, fixup = SKATTN_VARIANTS[variant]
     return summarize_plan(plan(batch=1, q_len=cell.n, kv_len=cell.depth, q_heads=cell.hq,
                                kv_heads=cell.hkv, head_dim=cell.d, dtype=dtype, causal=True,
-                               sms=sms, blocks_per_sm=blocks_per_sm, policy=policy, fixup=fixup))
+                               sms=sms, occupancy=occupancy, policy=policy, fixup=fixup))
 
 
-def plan_table(cells: list[Cell], *, sms: int = 132, blocks_per_sm: int = 2,
+def plan_table(cells: list[Cell], *, sms: int = 132, occupancy: int = 2,
                variants: tuple[str, ...] | None = None) -> str:
     """Markdown table of every cell's plan per skattn variant.
 
     Parameters
     ----------
     cells : list of Cell
-    sms, blocks_per_sm : int
+    sms, occupancy : int
         The GPU to plan for (an H100 SXM / H200 has 132 SMs).
     variants : tuple of str, optional
         Keys of `SKATTN_VARIANTS`; all of them by default.
@@ -61,18 +61,18 @@ def plan_table(cells: list[Cell], *, sms: int = 132, blocks_per_sm: int = 2,
     variants = variants or tuple(SKATTN_VARIANTS)
     head = ["model (Hq/Hkv/D)", "n", "L", "ntiles_dst", "W"]
     head += [f"{v}: N fixup pieces idle" for v in variants]
-    lines = [f"Plans for {sms} SMs x {blocks_per_sm} programs per SM (max_blocks {sms * blocks_per_sm}).",
+    lines = [f"Plans for {sms} SMs x {occupancy} programs per SM (max_programs {sms * occupancy}).",
              "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for cell in cells:
         entries, first = [], None
         for v in variants:
             try:
-                s = plan_cell(cell, v, sms=sms, blocks_per_sm=blocks_per_sm)
+                s = plan_cell(cell, v, sms=sms, occupancy=occupancy)
             except ValueError as exc:
                 entries.append(f"error: {exc}")
                 continue
             first = first or s
-            entries.append(f"{s.nblocks} {s.fixup} {s.pieces} {s.idle}")
+            entries.append(f"{s.programs} {s.fixup} {s.pieces} {s.idle}")
         tiles = [str(first.ntiles_dst), str(first.work)] if first else ["?", "?"]
         row = [f"{cell.model} ({cell.shape})", str(cell.n), str(cell.depth)] + tiles + entries
         lines.append("| " + " | ".join(row) + " |")

@@ -26,7 +26,7 @@ class BuildOptions:
     """What a builder may need besides the inputs: the grid size for skattn's plans."""
 
     sms: int | None = None
-    blocks_per_sm: int | None = None
+    occupancy: int | None = None
 
 
 @dataclass
@@ -36,7 +36,7 @@ class Built:
     fn: Callable[[], torch.Tensor]
     policy: str = ""
     fixup: str = ""
-    nblocks: int | None = None
+    programs: int | None = None
 
 
 @dataclass(frozen=True)
@@ -67,14 +67,14 @@ def _skattn_builder(policy: str, fixup: str | None):
 
         p = skattn.plan(batch=q.shape[0], q_len=cell.n, kv_len=cell.depth, q_heads=cell.hq,
                         kv_heads=cell.hkv, head_dim=cell.d, dtype=k.dtype, causal=True,
-                        sms=opts.sms, blocks_per_sm=opts.blocks_per_sm, policy=policy, fixup=fixup)
+                        sms=opts.sms, occupancy=opts.occupancy, policy=policy, fixup=fixup)
         if p not in workspaces:  # a caller's workspace, as under CUDA graphs (skattn.workspace)
             workspaces.clear()
             workspaces[p] = skattn.workspace(p, device=q.device)
         ws = workspaces[p]
         out = torch.empty(*q.shape[:3], v.shape[3], device=q.device, dtype=q.dtype)
         return Built(lambda: skattn.attention(q, k, v, causal=True, plan=p, out=out, workspace=ws),
-                     policy, p.fixup, p.nblocks)
+                     policy, p.fixup, p.programs)
 
     return build
 

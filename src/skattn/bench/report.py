@@ -129,13 +129,13 @@ def seed_table(rows: list[dict]) -> str:
         master = get["llamacpp-master"]
 
         def planned(r):
-            return f"{_entry(r)} ({r.get('nblocks', '')} {r.get('fixup', '')})" if _ok(r) else _entry(r)
+            return f"{_entry(r)} ({r.get('programs', '')} {r.get('fixup', '')})" if _ok(r) else _entry(r)
 
         auto = get["auto"]
         row = [f"{model} ({hq}/{hkv}/{d})", str(n), str(depth), _fmt(_floor(idx, cell, labels), ".1f", ""),
                planned(master), planned(get["llamacpp"]), _fmt(speedup(master, get["llamacpp"])),
                _entry(get["seed-4x"]), _fmt(speedup(master, get["seed-4x"])),
-               f"{_entry(auto)} ({auto.get('nblocks', '')})" if _ok(auto) else _entry(auto),
+               f"{_entry(auto)} ({auto.get('programs', '')})" if _ok(auto) else _entry(auto),
                _fmt(speedup(master, auto)), _entry(get["fused"]), _fmt(speedup(master, get["fused"]))]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
@@ -337,7 +337,7 @@ def report(csv_paths, out_dir=None, stem: str | None = None, plots: bool = True,
         suffix = f" ({timer} timer)" if len(groups) > 1 else ""
         md += ["", "## skattn: llamacpp-master (general fixup) vs llamacpp (uniform fixup where it "
                f"applies){suffix}", "",
-               "Speed-up = llamacpp-master p50 / variant p50. N = programs (nblocks).", "",
+               "Speed-up = llamacpp-master p50 / variant p50. N = number of programs.", "",
                seed_table(trows), "", f"## Every provider: % of floor (p50 µs){suffix}", "",
                floor_table(trows)]
         intro, table = anchors_table(trows, anchors)

@@ -24,7 +24,7 @@ from skattn.bench.grid import Cell
 from skattn.bench.providers import BuildOptions, Provider, reference, relative_error
 
 COLUMNS = ("provider", "variant", "policy", "fixup", "model", "hq", "hkv", "d", "n", "depth",
-           "nblocks", "status", "err", "p20_us", "p50_us", "p80_us", "floor_us", "pct_floor",
+           "programs", "status", "err", "p20_us", "p50_us", "p80_us", "floor_us", "pct_floor",
            "bytes", "flops", "reps", "timer", "layers", "gpu", "sms", "torch", "triton", "commit",
            "flush", "timestamp")
 TOLERANCE = {torch.float16: 2e-2, torch.bfloat16: 4e-2}
@@ -42,7 +42,7 @@ class RunOptions:
     warmup: int = 10
     reps: int = 100
     sms: int | None = None
-    blocks_per_sm: int | None = None
+    occupancy: int | None = None
     seed: int = 0
     time_limit_s: float | None = None
     quick: bool = False
@@ -158,8 +158,8 @@ def measure(provider: Provider, cell: Cell, q, k, v, ref, timer, opts: RunOption
     timer); never raises."""
     row = {"provider": provider.name, "variant": provider.variant, "status": "ok"}
     try:
-        built = provider.build(cell, q, k, v, BuildOptions(opts.sms, opts.blocks_per_sm))
-        row.update(policy=built.policy, fixup=built.fixup, nblocks=built.nblocks or "")
+        built = provider.build(cell, q, k, v, BuildOptions(opts.sms, opts.occupancy))
+        row.update(policy=built.policy, fixup=built.fixup, programs=built.programs or "")
         if not eager_check(built.fn, ref, k.dtype, row):
             return row
         _timed(row, timer.time(built.fn, warmup=opts.warmup, reps=opts.reps))
@@ -182,9 +182,9 @@ def measure_graph(provider: Provider, cell: Cell, layers: list[tuple], refs: Ref
     row = {"provider": provider.name, "variant": provider.variant, "status": "ok"}
     dtype = layers[0][1].dtype
     try:
-        bopts = BuildOptions(opts.sms, opts.blocks_per_sm)
+        bopts = BuildOptions(opts.sms, opts.occupancy)
         built = [provider.build(cell, q, k, v, bopts) for q, k, v in layers]
-        row.update(policy=built[0].policy, fixup=built[0].fixup, nblocks=built[0].nblocks or "")
+        row.update(policy=built[0].policy, fixup=built[0].fixup, programs=built[0].programs or "")
         if not eager_check(built[0].fn, refs.get(0, provider.causal), dtype, row):
             return row
         try:

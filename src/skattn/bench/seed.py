@@ -25,19 +25,19 @@ from skattn.bench.grid import Cell
 SEED_POLICIES = {"llamacpp-before": "llamacpp-master", "llamacpp": "llamacpp"}
 BEFORE, AFTER = SEED_POLICIES
 PARTS = ("call", "main")  # the full call; the main kernel alone (no fixup launched)
-COLUMNS = ("model", "hq", "hkv", "d", "n", "depth", "policy", "part", "nblocks", "fixup", "ntiles_dst",
+COLUMNS = ("model", "hq", "hkv", "d", "n", "depth", "policy", "part", "programs", "fixup", "ntiles_dst",
            "status", "err", "p20_us", "p50_us", "p80_us", "reps", "timer", "layers", "gpu", "sms",
            "torch", "triton", "commit", "flush", "timestamp")
 
 
 # -- the measurement (GPU; the CPU tests replace the timer and the inputs)
-def plan_cell(cell: Cell, policy: str, *, sms: int | None, blocks_per_sm: int | None,
+def plan_cell(cell: Cell, policy: str, *, sms: int | None, occupancy: int | None,
               dtype=torch.float16):
     """The `skattn.Plan` of `cell` under `policy` (a key of SEED_POLICIES)."""
     import skattn
 
     return skattn.plan(batch=1, q_len=cell.n, kv_len=cell.depth, q_heads=cell.hq, kv_heads=cell.hkv,
-                       head_dim=cell.d, dtype=dtype, causal=True, sms=sms, blocks_per_sm=blocks_per_sm,
+                       head_dim=cell.d, dtype=dtype, causal=True, sms=sms, occupancy=occupancy,
                        policy=SEED_POLICIES[policy])
 
 
@@ -74,8 +74,8 @@ def measure_part(cell: Cell, policy: str, part: str, layers, refs, timer, opts) 
     row = {"policy": policy, "part": part, "status": "ok"}
     try:
         dtype = layers[0][1].dtype
-        p = plan_cell(cell, policy, sms=opts.sms, blocks_per_sm=opts.blocks_per_sm, dtype=dtype)
-        row.update(nblocks=p.nblocks, fixup=p.fixup, ntiles_dst=p.ntiles_dst)
+        p = plan_cell(cell, policy, sms=opts.sms, occupancy=opts.occupancy, dtype=dtype)
+        row.update(programs=p.programs, fixup=p.fixup, ntiles_dst=p.ntiles_dst)
         ws = skattn.workspace(p, device=layers[0][0].device)
         fns = [layer_call(p, q, k, v, part, ws) for q, k, v in layers]
         if part == "call":
@@ -233,7 +233,7 @@ def _planned(res: dict, policy: str) -> str:
     call = res[policy]["call"]
     if res[policy]["p50"] is None:
         return _status(call)
-    return f"{res[policy]['p50']:.1f} ({call.get('nblocks', '')} {call.get('fixup', '')})"
+    return f"{res[policy]['p50']:.1f} ({call.get('programs', '')} {call.get('fixup', '')})"
 
 
 def _by_model_n(results: list[dict], entry) -> str:
@@ -371,21 +371,21 @@ def seed_report(csv_paths, out_dir=None, stem: str | None = None, plots: bool = 
     return text
 
 
-def plans_table(cells: list[Cell], *, sms: int, blocks_per_sm: int) -> str:
+def plans_table(cells: list[Cell], *, sms: int, occupancy: int) -> str:
     """Markdown: per cell, both policies' N and fixup kind (what `--seed-table` shows without a GPU)."""
     head = ["model (Hq/Hkv/D)", "n", "L", "ntiles_dst", f"{BEFORE}: N fixup", f"{AFTER}: N fixup"]
-    lines = [f"Plans of the seed table for {sms} SMs x {blocks_per_sm} programs per SM.", "",
+    lines = [f"Plans of the seed table for {sms} SMs x {occupancy} programs per SM.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for cell in cells:
         entries, tiles = [], "?"
         for policy in SEED_POLICIES:
             try:
-                p = plan_cell(cell, policy, sms=sms, blocks_per_sm=blocks_per_sm)
+                p = plan_cell(cell, policy, sms=sms, occupancy=occupancy)
             except ValueError as exc:
                 entries.append(f"error: {exc}")
                 continue
             tiles = str(p.ntiles_dst)
-            entries.append(f"{p.nblocks} {p.fixup}")
+            entries.append(f"{p.programs} {p.fixup}")
         lines.append("| " + " | ".join([f"{cell.model} ({cell.shape})", str(cell.n), str(cell.depth), tiles]
                                        + entries) + " |")
     return "\n".join(lines)

@@ -53,7 +53,7 @@ def check(time_limit_s: float = 90.0) -> tuple[int, int, list[str]]:
             try:
                 p = skattn.plan(batch=1, q_len=cell.n, kv_len=cell.depth, q_heads=cell.hq,
                                 kv_heads=cell.hkv, head_dim=cell.d, dtype=k.dtype, causal=True,
-                                sms=SMS, blocks_per_sm=BLOCKS_PER_SM, policy=policy, fixup=fixup)
+                                sms=SMS, occupancy=BLOCKS_PER_SM, policy=policy, fixup=fixup)
                 err = relative_error(skattn.attention(q, k, v, causal=True, plan=p), ref)
             except Exception as exc:
                 failed += 1
@@ -61,7 +61,7 @@ def check(time_limit_s: float = 90.0) -> tuple[int, int, list[str]]:
                 continue
             ok = err <= TOLERANCE[k.dtype]
             passed, failed = passed + ok, failed + (not ok)
-            lines.append(f"{'pass' if ok else 'FAIL'} {name} (N={p.nblocks}, fixup {p.fixup}): "
+            lines.append(f"{'pass' if ok else 'FAIL'} {name} (N={p.programs}, fixup {p.fixup}): "
                          f"relative error {err:.2e}")
     return passed, failed, lines
 

@@ -19,11 +19,11 @@ def attention_kernel(
     MASK, stride_mb, stride_mm,  # mask [B or 1, Lq, Lk]
     SINKS, SLOPES,  # [Hq] f32
     WS_O, WS_M, WS_L, COUNTERS,  # partials [N*2, BLOCK_M, (Dv)], per-tile counters
-    JT_OFF, KV_FIRST,  # per token block: offset in its group's work, first KV block
-    q_len, kv_len, ratio, kv_heads, ntiles_x, ntiles_z, group_work, work, nblocks, split,
+    QBLOCK_OFF, KV_FIRST,  # per token block: offset in its group's work, first KV block
+    q_len, kv_len, ratio, kv_heads, ntiles_x, ntiles_z, group_work, work, programs, split,
     kv_first0,
     qk_scale, softcap_scale, window,
-    fd_x_mp, fd_x_sh, fd_z_mp, fd_z_sh, fd_h_mp, fd_h_sh, fd_w_mp, fd_w_sh,
+    div_x_mul, div_x_shift, div_z_mul, div_z_shift, div_h_mul, div_h_shift, div_w_mul, div_w_shift,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr,
     DK_CHUNKS: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -32,7 +32,7 @@ def attention_kernel(
     HAS_SINKS: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr,
     RETURN_LSE: tl.constexpr, FUSED: tl.constexpr, PER_TILE_RANGES: tl.constexpr,
     USE_FASTDIV: tl.constexpr, DOT_F32: tl.constexpr, ONE_TOKEN_BLOCK: tl.constexpr,
-    FIX_DV: tl.constexpr, FIX_ROWS: tl.constexpr, MERGE_PIECES: tl.constexpr,
+    FIXUP_COLS: tl.constexpr, FIXUP_ROWS: tl.constexpr, MERGE_PIECES: tl.constexpr,
     USE_PDL: tl.constexpr, STAMPS=None, TIMELINE: tl.constexpr = False,
 ):
     p = tl.program_id(0)
@@ -44,33 +44,33 @@ def attention_kernel(
     if PER_TILE_RANGES:
         tile0 = p // split
         i = p - tile0 * split
-        group0 = _div(tile0, ntiles_x, fd_x_mp, fd_x_sh, USE_FASTDIV)
-        jt0 = tile0 - group0 * ntiles_x
+        group0 = _div(tile0, ntiles_x, div_x_mul, div_x_shift, USE_FASTDIV)
+        qblock0 = tile0 - group0 * ntiles_x
         if ONE_TOKEN_BLOCK:
             first0 = group0 * group_work
             n0 = group_work
         else:
-            first0 = group0 * group_work + tl.load(JT_OFF + jt0)
-            n0 = tl.load(JT_OFF + jt0 + 1) - tl.load(JT_OFF + jt0)
+            first0 = group0 * group_work + tl.load(QBLOCK_OFF + qblock0)
+            n0 = tl.load(QBLOCK_OFF + qblock0 + 1) - tl.load(QBLOCK_OFF + qblock0)
         start = first0 + i * n0 // split
         end = first0 + (i + 1) * n0 // split
     else:
-        start = program_start(p, work, nblocks)
-        end = program_start(p + 1, work, nblocks)
+        start = program_start(p, work, programs)
+        end = program_start(p + 1, work, programs)
     item = start
     while item < end:
         # -- which tile holds `item`
-        group, jt, first, stop = locate(item, group_work, ntiles_x, JT_OFF, fd_w_mp, fd_w_sh,
+        group, qblock, first, stop = locate(item, group_work, ntiles_x, QBLOCK_OFF, div_w_mul, div_w_shift,
                                         USE_FASTDIV, ONE_TOKEN_BLOCK)
-        tile = group * ntiles_x + jt
-        b, g, z = decode_group(group, ntiles_z, kv_heads, fd_z_mp, fd_z_sh, fd_h_mp, fd_h_sh,
+        tile = group * ntiles_x + qblock
+        b, g, z = decode_group(group, ntiles_z, kv_heads, div_z_mul, div_z_shift, div_h_mul, div_h_shift,
                                USE_FASTDIV)
         if ONE_TOKEN_BLOCK:
             kv0 = kv_first0 - first
         else:
-            kv0 = tl.load(KV_FIRST + jt) - first
+            kv0 = tl.load(KV_FIRST + qblock) - first
         stop_here = tl.minimum(end, stop)
-        qi, head, valid = tile_rows(g, z, jt, q_len, ratio, HEADS_PER_TILE, TOKENS_PER_TILE, BLOCK_M)
+        qi, head, valid = tile_rows(g, z, qblock, q_len, ratio, HEADS_PER_TILE, TOKENS_PER_TILE, BLOCK_M)
         q = load_q(Q, b, qi, head, valid, stride_qb, stride_qm, stride_qh, 0,
                     HEAD_DIM, BLOCK_DK, K.dtype.element_ty)
         acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
@@ -81,7 +81,7 @@ def attention_kernel(
             kv0 + item, kv0 + stop_here,
             stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh,
             stride_vb, stride_vn, stride_vh, stride_mb, stride_mm,
-            q_len, kv_len, qk_scale, softcap_scale, window, jt * TOKENS_PER_TILE,
+            q_len, kv_len, qk_scale, softcap_scale, window, qblock * TOKENS_PER_TILE,
             HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_DK, DK_CHUNKS, BLOCK_DV,
             CAUSAL, HAS_WINDOW, HAS_MASK, HAS_ALIBI, SOFTCAP, DOT_F32)
         if TIMELINE:
@@ -97,11 +97,11 @@ def attention_kernel(
             slot = p * 2 + (item != start).to(tl.int32)
             store_partial(acc, m_i, l_i, slot, WS_O, WS_M, WS_L, HEAD_DIM_V, BLOCK_M, BLOCK_DV)
             if FUSED:
-                _fused_fixup(tile, first, stop, work, nblocks, b, g, z, jt, q_len, ratio,
+                _fused_fixup(tile, first, stop, work, programs, b, g, z, qblock, q_len, ratio,
                              O, stride_ob, stride_om, stride_oh, LSE, stride_lb, stride_lh, SINKS,
                              WS_O, WS_M, WS_L, COUNTERS, HEAD_DIM_V, BLOCK_M, BLOCK_DV,
-                             HEADS_PER_TILE, TOKENS_PER_TILE, HAS_SINKS, RETURN_LSE, FIX_DV,
-                             FIX_ROWS, MERGE_PIECES)
+                             HEADS_PER_TILE, TOKENS_PER_TILE, HAS_SINKS, RETURN_LSE, FIXUP_COLS,
+                             FIXUP_ROWS, MERGE_PIECES)
         item = stop_here
     if TIMELINE:
         stamp(STAMPS, p, 2)
@@ -110,28 +110,28 @@ def attention_kernel(
 
 
 @triton.jit
-def _fused_fixup(tile, first, stop, work, nblocks, b, g, z, jt, q_len, ratio,
+def _fused_fixup(tile, first, stop, work, programs, b, g, z, qblock, q_len, ratio,
                  O, stride_ob, stride_om, stride_oh, LSE, stride_lb, stride_lh, SINKS,
                  WS_O, WS_M, WS_L, COUNTERS,
                  HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
                  HEADS_PER_TILE: tl.constexpr, TOKENS_PER_TILE: tl.constexpr,
                  HAS_SINKS: tl.constexpr, RETURN_LSE: tl.constexpr,
-                 FIX_DV: tl.constexpr, FIX_ROWS: tl.constexpr, MERGE_PIECES: tl.constexpr):
+                 FIXUP_COLS: tl.constexpr, FIXUP_ROWS: tl.constexpr, MERGE_PIECES: tl.constexpr):
     """The last program to leave a piece of `tile` merges all pieces (no waiting): the
-    tile's first FIX_ROWS rows (those its heads and tokens fill), FIX_DV columns at a time."""
-    p_first = program_of(first, work, nblocks)
-    p_last = program_of(stop - 1, work, nblocks)
+    tile's first FIXUP_ROWS rows (those its heads and tokens fill), FIXUP_COLS columns at a time."""
+    p_first = program_of(first, work, programs)
+    p_last = program_of(stop - 1, work, programs)
     tl.debug_barrier()  # every thread's partial is stored before the release below
     arrived = tl.atomic_add(COUNTERS + tile, 1, sem="acq_rel")
     if arrived == p_last - p_first:
         tl.debug_barrier()
-        qi, head, valid = tile_rows(g, z, jt, q_len, ratio, HEADS_PER_TILE, TOKENS_PER_TILE,
-                                    FIX_ROWS)
-        for c in tl.static_range(BLOCK_DV // FIX_DV):
-            acc, m_i, l_i = merge_pieces(p_first, p_last, first, work, nblocks, valid,
-                                         WS_O, WS_M, WS_L, 0, c * FIX_DV, HEAD_DIM_V, BLOCK_M,
-                                         FIX_ROWS, FIX_DV, MERGE_PIECES, True)
+        qi, head, valid = tile_rows(g, z, qblock, q_len, ratio, HEADS_PER_TILE, TOKENS_PER_TILE,
+                                    FIXUP_ROWS)
+        for c in tl.static_range(BLOCK_DV // FIXUP_COLS):
+            acc, m_i, l_i = merge_pieces(p_first, p_last, first, work, programs, valid,
+                                         WS_O, WS_M, WS_L, 0, c * FIXUP_COLS, HEAD_DIM_V, BLOCK_M,
+                                         FIXUP_ROWS, FIXUP_COLS, MERGE_PIECES, True)
             finalize_store(acc, m_i, l_i, b, qi, head, valid, O, stride_ob, stride_om,
-                           stride_oh, LSE, stride_lb, stride_lh, SINKS, HEAD_DIM_V, FIX_DV,
-                           HAS_SINKS, RETURN_LSE, c * FIX_DV)
+                           stride_oh, LSE, stride_lb, stride_lh, SINKS, HEAD_DIM_V, FIXUP_COLS,
+                           HAS_SINKS, RETURN_LSE, c * FIXUP_COLS)
         tl.atomic_xchg(COUNTERS + tile, 0)  # ready for the next launch of this plan

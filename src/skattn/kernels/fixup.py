@@ -18,7 +18,7 @@ def uniform_fixup_kernel(
     O, stride_ob, stride_om, stride_oh, LSE, stride_lb, stride_lh, SINKS,
     WS_O, WS_M, WS_L,
     q_len, ratio, kv_heads, ntiles_x, ntiles_z, split,
-    fd_x_mp, fd_x_sh, fd_z_mp, fd_z_sh, fd_h_mp, fd_h_sh,
+    div_x_mul, div_x_shift, div_z_mul, div_z_shift, div_h_mul, div_h_shift,
     HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, ROWS: tl.constexpr,
     BLOCK_DV: tl.constexpr,
     HEADS_PER_TILE: tl.constexpr, TOKENS_PER_TILE: tl.constexpr,
@@ -33,10 +33,10 @@ def uniform_fixup_kernel(
         stamp(STAMPS, row, 0)
     dv0 = tl.program_id(1) * BLOCK_DV
     m0 = tl.program_id(2) * ROWS
-    group = _div(tile, ntiles_x, fd_x_mp, fd_x_sh, USE_FASTDIV)
-    jt = tile - group * ntiles_x
-    b, g, z = decode_group(group, ntiles_z, kv_heads, fd_z_mp, fd_z_sh, fd_h_mp, fd_h_sh, USE_FASTDIV)
-    qi, head, valid = tile_rows(g, z, jt, q_len, ratio, HEADS_PER_TILE, TOKENS_PER_TILE,
+    group = _div(tile, ntiles_x, div_x_mul, div_x_shift, USE_FASTDIV)
+    qblock = tile - group * ntiles_x
+    b, g, z = decode_group(group, ntiles_z, kv_heads, div_z_mul, div_z_shift, div_h_mul, div_h_shift, USE_FASTDIV)
+    qi, head, valid = tile_rows(g, z, qblock, q_len, ratio, HEADS_PER_TILE, TOKENS_PER_TILE,
                                 ROWS, m0)
     if USE_PDL:
         gdc_wait()  # launched early (programmatic dependent launch): wait for the partials
@@ -55,9 +55,9 @@ def uniform_fixup_kernel(
 @triton.jit
 def general_fixup_kernel(
     O, stride_ob, stride_om, stride_oh, LSE, stride_lb, stride_lh, SINKS,
-    WS_O, WS_M, WS_L, JT_OFF,
-    q_len, ratio, kv_heads, ntiles_x, ntiles_z, group_work, work, nblocks,
-    fd_z_mp, fd_z_sh, fd_h_mp, fd_h_sh, fd_w_mp, fd_w_sh,
+    WS_O, WS_M, WS_L, QBLOCK_OFF,
+    q_len, ratio, kv_heads, ntiles_x, ntiles_z, group_work, work, programs,
+    div_z_mul, div_z_shift, div_h_mul, div_h_shift, div_w_mul, div_w_shift,
     HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, ROWS: tl.constexpr,
     BLOCK_DV: tl.constexpr,
     HEADS_PER_TILE: tl.constexpr, TOKENS_PER_TILE: tl.constexpr,
@@ -69,19 +69,19 @@ def general_fixup_kernel(
     p0 = tl.program_id(0)
     dv0 = tl.program_id(1) * BLOCK_DV
     m0 = tl.program_id(2) * ROWS
-    start = program_start(p0, work, nblocks)
-    end = program_start(p0 + 1, work, nblocks)
-    group, jt, first, stop = locate(start, group_work, ntiles_x, JT_OFF, fd_w_mp, fd_w_sh,
+    start = program_start(p0, work, programs)
+    end = program_start(p0 + 1, work, programs)
+    group, qblock, first, stop = locate(start, group_work, ntiles_x, QBLOCK_OFF, div_w_mul, div_w_shift,
                                     USE_FASTDIV, False)
     if (start > first) & (end >= stop):
-        b, g, z = decode_group(group, ntiles_z, kv_heads, fd_z_mp, fd_z_sh, fd_h_mp, fd_h_sh,
+        b, g, z = decode_group(group, ntiles_z, kv_heads, div_z_mul, div_z_shift, div_h_mul, div_h_shift,
                                USE_FASTDIV)
-        qi, head, valid = tile_rows(g, z, jt, q_len, ratio, HEADS_PER_TILE, TOKENS_PER_TILE,
+        qi, head, valid = tile_rows(g, z, qblock, q_len, ratio, HEADS_PER_TILE, TOKENS_PER_TILE,
                                     ROWS, m0)
-        p_first = program_of(first, work, nblocks)  # the program that started the tile
+        p_first = program_of(first, work, programs)  # the program that started the tile
         if USE_PDL:
             gdc_wait()
-        acc, m_i, l_i = merge_pieces(p_first, p0, first, work, nblocks, valid, WS_O, WS_M, WS_L,
+        acc, m_i, l_i = merge_pieces(p_first, p0, first, work, programs, valid, WS_O, WS_M, WS_L,
                                      m0, dv0, HEAD_DIM_V, BLOCK_M, ROWS, BLOCK_DV, MERGE_PIECES,
                                      True, LOADS_FIRST)
         finalize_store(acc, m_i, l_i, b, qi, head, valid, O, stride_ob, stride_om, stride_oh,

@@ -18,54 +18,54 @@ def _div(n, d, mp, shift, USE_FASTDIV: tl.constexpr):
 
 
 @triton.jit
-def decode_group(group, ntiles_z, kv_heads, fd_z_mp, fd_z_sh, fd_h_mp, fd_h_sh,
+def decode_group(group, ntiles_z, kv_heads, div_z_mul, div_z_shift, div_h_mul, div_h_shift,
                  USE_FASTDIV: tl.constexpr):
-    """group = (b * kv_heads + g) * ntiles_z + z -> (b, g, z); tile = group * ntiles_x + jt."""
-    bg = _div(group, ntiles_z, fd_z_mp, fd_z_sh, USE_FASTDIV)
+    """group = (b * kv_heads + g) * ntiles_z + z -> (b, g, z); tile = group * ntiles_x + qblock."""
+    bg = _div(group, ntiles_z, div_z_mul, div_z_shift, USE_FASTDIV)
     z = group - bg * ntiles_z
-    b = _div(bg, kv_heads, fd_h_mp, fd_h_sh, USE_FASTDIV)
+    b = _div(bg, kv_heads, div_h_mul, div_h_shift, USE_FASTDIV)
     g = bg - b * kv_heads
     return b, g, z
 
 
 @triton.jit
-def program_start(p, work, nblocks):
+def program_start(p, work, programs):
     """First work item of program p: floor(p * W / N), in 64 bits (p * W can pass 2**31)."""
-    return (tl.cast(p, tl.int64) * work // nblocks).to(tl.int32)
+    return (tl.cast(p, tl.int64) * work // programs).to(tl.int32)
 
 
 @triton.jit
-def program_of(item, work, nblocks):
+def program_of(item, work, programs):
     """The program whose range holds `item`: the largest p with floor(p * W / N) <= item."""
-    return (((tl.cast(item, tl.int64) + 1) * nblocks - 1) // work).to(tl.int32)
+    return (((tl.cast(item, tl.int64) + 1) * programs - 1) // work).to(tl.int32)
 
 
 @triton.jit
-def locate(item, group_work, ntiles_x, JT_OFF, fd_w_mp, fd_w_sh, USE_FASTDIV: tl.constexpr,
+def locate(item, group_work, ntiles_x, QBLOCK_OFF, div_w_mul, div_w_shift, USE_FASTDIV: tl.constexpr,
            ONE_TOKEN_BLOCK: tl.constexpr):
-    """The tile holding `item`: (group, token block jt, its first item, its stop item).
+    """The tile holding `item`: (group, token block qblock, its first item, its stop item).
     ONE_TOKEN_BLOCK (decode: ntiles_x == 1): a group is one tile; no table is read."""
-    group = _div(item, group_work, fd_w_mp, fd_w_sh, USE_FASTDIV)
+    group = _div(item, group_work, div_w_mul, div_w_shift, USE_FASTDIV)
     if ONE_TOKEN_BLOCK:
         return group, 0, group * group_work, group * group_work + group_work
     r = item - group * group_work
-    jt = 0
+    qblock = 0
     j = 1
     while j < ntiles_x:  # a while loop: the interpreter cannot range() over an argument
-        jt += (tl.load(JT_OFF + j) <= r).to(tl.int32)
+        qblock += (tl.load(QBLOCK_OFF + j) <= r).to(tl.int32)
         j += 1
     base = group * group_work
-    return group, jt, base + tl.load(JT_OFF + jt), base + tl.load(JT_OFF + jt + 1)
+    return group, qblock, base + tl.load(QBLOCK_OFF + qblock), base + tl.load(QBLOCK_OFF + qblock + 1)
 
 
 @triton.jit
-def tile_rows(g, z, jt, q_len, ratio, HEADS_PER_TILE: tl.constexpr,
+def tile_rows(g, z, qblock, q_len, ratio, HEADS_PER_TILE: tl.constexpr,
               TOKENS_PER_TILE: tl.constexpr, ROWS: tl.constexpr, m0=0):
     """Rows m0 .. m0+ROWS-1 of a tile: token j = r // HEADS_PER_TILE, head r % HEADS_PER_TILE."""
     r = m0 + tl.arange(0, ROWS)
     tok = r // HEADS_PER_TILE
     hz = z * HEADS_PER_TILE + r % HEADS_PER_TILE
-    qi = jt * TOKENS_PER_TILE + tok
+    qi = qblock * TOKENS_PER_TILE + tok
     valid = (tok < TOKENS_PER_TILE) & (qi < q_len) & (hz < ratio)
     head = g * ratio + hz
     return qi, head, valid
@@ -110,9 +110,9 @@ def store_partial(acc, m_i, l_i, slot_index, WS_O, WS_M, WS_L,
 
 
 @triton.jit
-def merge_pieces(p_lo, p_hi, first, work, nblocks, valid, WS_O, WS_M, WS_L, m0, dv0,
+def merge_pieces(p_lo, p_hi, first, work, programs, valid, WS_O, WS_M, WS_L, m0, dv0,
                  HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, ROWS: tl.constexpr,
-                 BLOCK_DV: tl.constexpr, PIECES: tl.constexpr, LINEAR: tl.constexpr,
+                 BLOCK_DV: tl.constexpr, PIECES: tl.constexpr, STREAM_K: tl.constexpr,
                  LOADS_FIRST: tl.constexpr = False):
     """Merge the partials of programs p_lo..p_hi for the tile starting at item `first`:
     rows m0 .. m0+ROWS-1 of the tile's BLOCK_M, columns dv0 .. dv0+BLOCK_DV-1.
@@ -131,10 +131,10 @@ def merge_pieces(p_lo, p_hi, first, work, nblocks, valid, WS_O, WS_M, WS_L, m0, 
     dv = dv0 + tl.arange(0, BLOCK_DV)
     dv_ok = dv[None, :] < HEAD_DIM_V
     # program q keeps the tile in slot 0, except p_lo if it started before the tile: it is
-    # then p_lo's last tile, in slot 1 (LINEAR=False: per-tile ranges, always slot 0)
+    # then p_lo's last tile, in slot 1 (STREAM_K=False: per-tile ranges, always slot 0)
     lead = 0
-    if LINEAR:
-        lead = (program_start(p_lo, work, nblocks) < first).to(tl.int32)
+    if STREAM_K:
+        lead = (program_start(p_lo, work, programs) < first).to(tl.int32)
     m_max = tl.full([ROWS], float("-inf"), dtype=tl.float32)
     acc = tl.zeros([ROWS, BLOCK_DV], dtype=tl.float32)
     l_i = tl.zeros([ROWS], dtype=tl.float32)
