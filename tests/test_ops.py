@@ -58,6 +58,19 @@ def test_op_matches_reference_and_eager_entry():
     assert rel_err(out, eager.double()) <= bound(q, k, v, causal=True)
 
 
+def test_op_holds_no_workspace():
+    # CUDA graphs of torch.compile own what the op allocates: no pool may keep it alive
+    from skattn import buffers
+
+    q, k, v = make(Lq=1, Lk=200, Hq=4, Hkv=1, D=16, seed=5)
+    buffers.release()
+    for policy in ("llamacpp", "llamacpp-master"):
+        assert skattn.ops.plan_for(q, k, v, causal=True, policy=policy).fixup != "none"
+        out = skattn.ops.attention(q, k, v, causal=True, policy=policy)
+        assert rel_err(out, reference.attention(q, k, v, causal=True)) <= bound(q, k, v, causal=True)
+    assert buffers.held_bytes() == 0
+
+
 def test_policy_reaches_the_plan():
     q, k, v = make(Lq=1, Lk=64, Hq=4, Hkv=1, D=16)
     before = skattn.ops.plan_for(q, k, v, causal=True, policy="llamacpp-master")

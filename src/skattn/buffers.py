@@ -130,6 +130,19 @@ def caller_views(buf: torch.Tensor, plan_layout, need: int, device) -> tuple[tor
     return hit
 
 
+def scratch(plan_layout, device) -> tuple[torch.Tensor, ...]:
+    """Fresh views for one call, freed with it: the custom op's workspace. Under
+    torch.compile's CUDA graphs (mode="reduce-overhead") every allocation during warm-up and
+    capture comes from the graph's private pool and must not outlive the call, so the op
+    holds no pool; the counters are zeroed here (a memset the graph replays)."""
+    o, m, c = plan_layout
+    floats = (o + 2 * m) * 4
+    buf = torch.empty(max(16, floats + c * 4), dtype=torch.uint8, device=device)
+    if c:
+        buf[floats:].zero_()
+    return views(buf, plan_layout)
+
+
 def held_bytes() -> int:
     """Bytes of workspace skattn holds now (pools, including buffers kept for graphs)."""
     return sum(p.held_bytes() for p in _POOLS.values())

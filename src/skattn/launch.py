@@ -172,11 +172,12 @@ def _no_hooks() -> bool:
 
 
 def run(plan: Plan, q, k, v, out, lse, *, scale: float, mask=None, sinks=None, softcap=0.0,
-        alibi_slopes=None, workspace=None, main_only: bool = False, stamps=None) -> None:
+        alibi_slopes=None, workspace=None, main_only: bool = False, stamps=None,
+        scratch: bool = False) -> None:
     """Launch the main kernel and, for uniform/general plans, the fixup kernel.
 
     `workspace`: a caller's buffer (`skattn.workspace(plan)`), else the pool of the current
-    stream. `main_only` skips the separate fixup (a diagnostic: the output is then incomplete).
+    stream, or with `scratch=True` a buffer of this call alone (`buffers.scratch`). `main_only` skips the separate fixup (a diagnostic: the output is then incomplete).
     `stamps` (a diagnostic, GPU only): int64 tensors (main [programs, 4], fixup
     [prod(fixup_grid(plan)), 4]) that receive each program's %globaltimer stamps (main: start,
     first tile's KV loop done, end; uniform fixup: start, partials ready, end) and its SM in
@@ -187,7 +188,7 @@ def run(plan: Plan, q, k, v, out, lse, *, scale: float, mask=None, sinks=None, s
         with torch.cuda.device(device):  # Triton launches on the current device
             return run(plan, q, k, v, out, lse, scale=scale, mask=mask, sinks=sinks,
                        softcap=softcap, alibi_slopes=alibi_slopes, workspace=workspace,
-                       main_only=main_only, stamps=stamps)
+                       main_only=main_only, stamps=stamps, scratch=scratch)
     b = bind(plan, device)
     if stamps is not None:
         _check_stamps(plan, stamps, device)
@@ -195,6 +196,8 @@ def run(plan: Plan, q, k, v, out, lse, *, scale: float, mask=None, sinks=None, s
     stream = torch._C._cuda_getCurrentRawStream(device.index) if cuda else 0
     if workspace is not None:
         ws_o, ws_m, ws_l, counters = ws.caller_views(workspace, b.layout, b.need, device)
+    elif scratch:
+        ws_o, ws_m, ws_l, counters = ws.scratch(b.layout, device)
     else:
         ws_o, ws_m, ws_l, counters = ws.pooled(b.layout, b.need, device, stream)
     fast = cuda and stamps is None and _no_hooks()

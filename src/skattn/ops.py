@@ -11,7 +11,7 @@ from functools import lru_cache
 
 import torch
 
-from skattn import api, checks
+from skattn import checks, launch
 from skattn import policy as policies
 from skattn.device import hardware, shared_memory_limit
 from skattn.planner import plan as make_plan
@@ -57,8 +57,12 @@ def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
     checks.attention_args(q, k, v, scale=scale, causal=causal, window=window, mask=mask,
                           sinks=sinks, softcap=softcap, alibi_slopes=alibi_slopes)
     p = plan_for(q, k, v, causal=causal, window=window, policy=policy, has_mask=mask is not None)
-    return api.attention(q, k, v, scale=scale, causal=causal, window=window, mask=mask,
-                         sinks=sinks, softcap=softcap, alibi_slopes=alibi_slopes, plan=p)
+    B, Lq, Hq, Dk = q.shape
+    out = q.new_empty(B, Lq, Hq, v.shape[3])
+    # a workspace of this call alone: CUDA graphs of torch.compile own what the op allocates
+    launch.run(p, q, k, v, out, None, scale=launch.default_scale(Dk) if scale is None else scale,
+               mask=mask, sinks=sinks, softcap=softcap, alibi_slopes=alibi_slopes, scratch=True)
+    return out
 
 
 @_attention_op.register_fake
