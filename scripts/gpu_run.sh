@@ -3,6 +3,7 @@
 #   1. the GPU tests (-m gpu), in parallel: they are compile-bound
 #   2. the GPU fuzz profile (tests/test_fuzz.py, SKATTN_FUZZ_EXAMPLES cases, default 2000)
 #   3. compute-sanitizer memcheck, racecheck and synccheck over tools/sanitize_cases.py
+#      (racecheck and synccheck on its --quick cases), in the background beside 1 and 2
 #   4. `skattn bench` with the arguments given (e.g. --quick, --seed-table, --host)
 # STAGES="tests fuzz sanitize bench" picks stages. Logs and results go to $OUT (or
 # benchmarks/results/latest); the last lines printed are a short summary.
@@ -20,27 +21,40 @@ nvidia-smi -L || echo "nvidia-smi failed"
 python3 -c "import torch, triton; print('torch', torch.__version__, '| triton', triton.__version__, \
 '| gpu', torch.cuda.get_device_name() if torch.cuda.is_available() else 'none')"
 
+# the sanitizers run beside the tests (they are slow and use one GPU stream each)
+sanitize_pids=()
+if has sanitize; then
+    python3 tools/sanitize_cases.py > /dev/null 2>&1  # compile outside the sanitizer first
+    for tool in memcheck racecheck synccheck; do
+        quick=$([ "$tool" = memcheck ] || echo --quick)
+        compute-sanitizer --tool "$tool" --error-exitcode 9 python3 tools/sanitize_cases.py $quick \
+            > "$OUT_DIR/sanitize-$tool.log" 2>&1 &
+        sanitize_pids+=("$tool:$!")
+    done
+fi
+workers() { python3 -c "import xdist" 2>/dev/null && echo "-n $1" || echo ""; }
 if has tests; then
-    workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
-    python3 -m pytest -q -m gpu $workers -p no:cacheprovider tests --ignore=tests/test_fuzz.py \
+    python3 -m pytest -q -m "gpu and not serial" $(workers 8) -p no:cacheprovider tests --ignore=tests/test_fuzz.py \
         2>&1 | tee "$OUT_DIR/gpu_tests.log"
     t=${PIPESTATUS[0]}; [ "$t" -ne 0 ] && rc=$t
     summary+=("gpu tests: $(tail -n 1 "$OUT_DIR/gpu_tests.log")")
 fi
 if has fuzz; then
-    python3 -m pytest -q -m gpu -s -p no:cacheprovider tests/test_fuzz.py 2>&1 | tee "$OUT_DIR/fuzz.log"
+    python3 -m pytest -q -m gpu -s $(workers 4) -p no:cacheprovider tests/test_fuzz.py 2>&1 \
+        | tee "$OUT_DIR/fuzz.log"
     t=${PIPESTATUS[0]}; [ "$t" -ne 0 ] && rc=$t
-    summary+=("gpu fuzz: $(grep -h 'fuzz' "$OUT_DIR/fuzz.log" | tail -n 1) | $(tail -n 1 "$OUT_DIR/fuzz.log")")
+    summary+=("gpu fuzz: $(grep -h 'passed .* cases' "$OUT_DIR/fuzz.log" | tr '\n' ' ') | $(tail -n 1 "$OUT_DIR/fuzz.log")")
 fi
-if has sanitize; then
-    python3 tools/sanitize_cases.py > /dev/null 2>&1  # compile outside the sanitizer first
-    for tool in memcheck racecheck synccheck; do
-        compute-sanitizer --tool "$tool" --error-exitcode 9 python3 tools/sanitize_cases.py \
-            > "$OUT_DIR/sanitize-$tool.log" 2>&1
-        t=$?; [ "$t" -ne 0 ] && rc=$t
-        errors=$(grep -h "ERROR SUMMARY" "$OUT_DIR/sanitize-$tool.log" | tail -n 1)
-        summary+=("sanitizer $tool: exit $t; ${errors:-no summary}; $(grep -h 'sanitize cases' "$OUT_DIR/sanitize-$tool.log")")
-    done
+for entry in "${sanitize_pids[@]}"; do
+    tool=${entry%%:*}
+    wait "${entry#*:}"; t=$?; [ "$t" -ne 0 ] && rc=$t
+    errors=$(grep -h "ERROR SUMMARY" "$OUT_DIR/sanitize-$tool.log" | tail -n 1)
+    summary+=("sanitizer $tool: exit $t; ${errors:-no summary}; $(grep -h 'sanitize cases' "$OUT_DIR/sanitize-$tool.log")")
+done
+if has tests; then  # wall-clock host timings, alone on the machine
+    python3 -m pytest -q -m "gpu and serial" -p no:cacheprovider tests 2>&1 | tee "$OUT_DIR/gpu_serial.log"
+    t=${PIPESTATUS[0]}; [ "$t" -ne 0 ] && rc=$t
+    summary+=("gpu tests timed alone: $(tail -n 1 "$OUT_DIR/gpu_serial.log")")
 fi
 if has bench; then
     python3 -m skattn.cli bench "$@" --out "$OUT_DIR"

@@ -53,6 +53,7 @@ def test_seed_table_on_one_cell(tmp_path):
     assert "## Speed-up of llamacpp over llamacpp-before" in seed.seed_report([csv_path], plots=False)
 
 
+@pytest.mark.serial
 def test_host_time_is_host_bound(tmp_path):
     calls = 50
     _, rows = host.run_host(tmp_path, "gpu", calls=calls, reps=5, warmup=5)

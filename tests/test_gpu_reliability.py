@@ -109,6 +109,7 @@ def test_cache_larger_than_two_to_the_31_elements():
     del kv
 
 
+@pytest.mark.serial
 def test_planned_call_host_time():
     # the planned path packs tensors and launches the compiled kernels directly
     q, k, v = make(1, 1, 256, seed=5)

@@ -137,15 +137,33 @@ def _bind(plan: Plan, device: torch.device) -> Bound:
     else:
         fix_ints = (plan.q_len, plan.gqa_ratio, plan.kv_heads, plan.ntiles_x, plan.ntiles_z,
                     plan.group_work, plan.work, plan.programs, *fd[2:8])
-    i32 = dict(device=device, dtype=torch.int32)
     key = (device, tuple(sorted(main_const.items())), tuple(sorted(fix_const.items())),
            fix_kernel, tuple(_spec(x) for x in (*main_ints, *fd, *fix_ints, plan.window or 0)))
     kid = _KEYS.setdefault(key, len(_KEYS))
-    return Bound(plan, device, torch.tensor(plan.qblock_offsets, **i32),
-                 torch.tensor(plan.kv_first, **i32), (*main_ints,), main_const,
+    qblock_off, kv_first = _tables(device, plan.qblock_offsets, plan.kv_first)
+    return Bound(plan, device, qblock_off, kv_first, (*main_ints,), main_const,
                  (plan.programs, 1, 1), fix_kernel, fix_ints, fix_const, fix_grid, pdl,
                  ws.layout(plan), ws.nbytes(plan), kid, fd, {},
                  device.type == "cuda" and not interpreting())
+
+
+_SIDE: dict = {}  # device -> the stream that allocates bound plans' tables
+
+
+def _tables(device: torch.device, *rows) -> list[torch.Tensor]:
+    """int32 tensors of `rows` on `device`, kept as long as the plan. On a GPU they are made
+    on a stream of their own: torch.compile's CUDA graphs send every allocation of their
+    stream to the graph's private pool, where memory that outlives the call is an error."""
+    if device.type != "cuda":
+        return [torch.tensor(r, dtype=torch.int32, device=device) for r in rows]
+    side = _SIDE.get(device)
+    if side is None:
+        side = _SIDE[device] = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        tables = [torch.tensor(r, dtype=torch.int32, device=device) for r in rows]
+    torch.cuda.current_stream(device).wait_stream(side)
+    return tables
 
 
 def _launch(kernel, key, args: tuple, const: dict, grid: tuple, stream) -> None:
