@@ -147,23 +147,24 @@ def _bind(plan: Plan, device: torch.device) -> Bound:
                  device.type == "cuda" and not interpreting())
 
 
-_SIDE: dict = {}  # device -> the stream that allocates bound plans' tables
+_MAKER: list = []  # the thread that makes bound plans' tables on a GPU (made when first needed)
 
 
 def _tables(device: torch.device, *rows) -> list[torch.Tensor]:
-    """int32 tensors of `rows` on `device`, kept as long as the plan. On a GPU they are made
-    on a stream of their own: torch.compile's CUDA graphs send every allocation of their
-    stream to the graph's private pool, where memory that outlives the call is an error."""
-    if device.type != "cuda":
+    """int32 tensors of `rows` on `device`, kept as long as the plan. On a GPU another thread
+    makes them: torch.compile's CUDA graphs send every allocation of the calling thread to
+    the graph's private pool while they warm up and record, and memory there that outlives
+    the call is an error. The copy is complete when they are returned."""
+    def make():
         return [torch.tensor(r, dtype=torch.int32, device=device) for r in rows]
-    side = _SIDE.get(device)
-    if side is None:
-        side = _SIDE[device] = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        tables = [torch.tensor(r, dtype=torch.int32, device=device) for r in rows]
-    torch.cuda.current_stream(device).wait_stream(side)
-    return tables
+
+    if device.type != "cuda":
+        return make()
+    if not _MAKER:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _MAKER.append(ThreadPoolExecutor(1, thread_name_prefix="skattn-tables"))
+    return _MAKER[0].submit(make).result()
 
 
 def _launch(kernel, key, args: tuple, const: dict, grid: tuple, stream) -> None:
