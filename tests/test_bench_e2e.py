@@ -43,7 +43,7 @@ def test_graph_step_computes_what_the_model_computes():
 
 def test_run_writes_rows_and_report(tmp_path):
     opts = e2e.E2EOptions(ns=(3,), depths=(24,), modes=("eager",), shape=dict(e2e.TINY),
-                          model="tiny", providers=("sdpa", "skattn:llamacpp-master", "skattn:auto"),
+                          model="tiny", providers=("sdpa", "skattn:llamacpp-before", "skattn:auto"),
                           warmup=0, reps=1, progress=False)
     csv_path, json_path, rows = e2e.run_e2e(opts, out_dir=tmp_path, tag="t", device="cpu")
     assert len(rows) == 3
@@ -52,7 +52,7 @@ def test_run_writes_rows_and_report(tmp_path):
         assert float(row["tokens_per_s"]) > 0 and float(row["err"]) < 1e-2
     with open(csv_path, newline="") as f:
         written = list(csv.DictReader(f))
-    assert [r["policy"] for r in written[:3]] == ["", "llamacpp-master", "auto"]
+    assert [r["policy"] for r in written[:3]] == ["", "llamacpp-before", "auto"]
     assert json.loads(json_path.read_text())["options"]["ns"] == [3]
     md = e2e_report([csv_path], plots=False)
     assert "| eager | 3 | 24 |" in md and (tmp_path / "e2e-t.md").exists()
@@ -63,7 +63,7 @@ def test_table_speedups():
         return dict(provider=provider, policy=policy, mode="graph", model="llama-8b", n="1",
                     depth="8192", status="ok", tokens_per_s=str(tps))
 
-    rows = [row("sdpa", "", 100.0), row("skattn", "llamacpp-master", 150.0),
+    rows = [row("sdpa", "", 100.0), row("skattn", "llamacpp-before", 150.0),
             row("skattn", "llamacpp", 180.0), row("skattn", "auto", 250.0)]
     line = table(rows).splitlines()[2]
     assert line.split(" | ")[-3:] == ["1.20x", "2.50x", "2.50x |"]

@@ -227,7 +227,7 @@ def test_skattn_provider_on_the_graph_flow(monkeypatch):
     g = torch.Generator().manual_seed(5)
     layers = [tuple(torch.randn(1, L, h, 16, generator=g).half() for L, h in ((1, 8), (300, 2), (300, 2)))
               for _ in range(2)]
-    provider = resolve(("skattn:llamacpp-master",))[0][0]
+    provider = resolve(("skattn:llamacpp-before",))[0][0]
     row = measure_graph(provider, cell, layers, graph.References(layers, reference), FakeTimer(),
                         RunOptions(timer="graph", layers=2, sms=4, occupancy=2))
     assert row["status"] == "ok" and row["fixup"] == "general" and row["programs"] == 6

@@ -106,7 +106,7 @@ def _synthetic_rows():
     rows = []
     for model, hq, n, master, uniform in (("qwen3moe-30b-a3b", 32, 1, 20.0, 16.0),
                                           ("qwen3-14b", 40, 512, 300.0, 250.0)):
-        times = {"llamacpp-master": master, "llamacpp": uniform, "seed-4x": uniform,
+        times = {"llamacpp-before": master, "llamacpp": uniform, "round-4x": uniform,
                  "auto": master / 2, "fused": master}
         measured = [("skattn", v, t) for v, t in times.items()] + [("sdpa-flash", "", 40.0)]
         for provider, variant, p50 in measured:
@@ -131,7 +131,7 @@ def _write_csv(path, rows):
 def test_report_tables_and_plots(tmp_path):
     path = _write_csv(tmp_path / "bench-synthetic.csv", _synthetic_rows())
     md = report([path], out_dir=tmp_path / "out")
-    assert "## skattn: llamacpp-master" in md and "## Every provider: % of floor" in md
+    assert "## skattn: llamacpp-before" in md and "## Every provider: % of floor" in md
     seed_rows = [line for line in md.split("## Every provider")[0].splitlines() if line.startswith("| qwen")]
     assert len(seed_rows) == 2
     moe = seed_rows[0].split(" | ")

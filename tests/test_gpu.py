@@ -31,15 +31,15 @@ def variants(B, n, L, Hq, Hkv, D, dtype):
     kw = dict(batch=B, q_len=n, kv_len=L, q_heads=Hq, kv_heads=Hkv, head_dim=D, dtype=dtype,
               causal=True)
     out = {}
-    for policy in ("llamacpp", "llamacpp-master", "split"):
+    for policy in ("llamacpp", "llamacpp-before", "split"):
         p = skattn.plan(policy=policy, **kw)
         out.setdefault(p.fixup, p)
-    p = skattn.plan(policy="llamacpp-master", fixup="fused", **kw)
+    p = skattn.plan(policy="llamacpp-before", fixup="fused", **kw)
     out.setdefault(p.fixup, p)
     if p.programs > 1 and p.programs - 1 > p.ntiles_dst:  # one program fewer: general
-        p = skattn.plan(policy="llamacpp-master", programs=p.programs - 1, **kw)
+        p = skattn.plan(policy="llamacpp-before", programs=p.programs - 1, **kw)
         out.setdefault(p.fixup, p)
-    p = skattn.plan(policy="llamacpp-master", programs=max(1, min(p.work, p.ntiles_dst)), **kw)
+    p = skattn.plan(policy="llamacpp-before", programs=max(1, min(p.work, p.ntiles_dst)), **kw)
     out.setdefault(p.fixup, p)
     p = skattn.plan(policy="auto", **kw)  # prompt chunks: one whole causal tile a program
     out["auto " + p.fixup + (" whole tiles" if p.per_tile_ranges else "")] = p
@@ -81,7 +81,7 @@ def test_features_on_gpu(dtype):
         for fixup in (None, "fused"):
             p = skattn.plan(batch=2, q_len=7, kv_len=5000, q_heads=16, kv_heads=2, head_dim=64,
                             dtype=dtype, causal=kw.get("causal", False), window=kw.get("window"),
-                            policy="llamacpp-master", fixup=fixup, has_mask="mask" in kw)
+                            policy="llamacpp-before", fixup=fixup, has_mask="mask" in kw)
             out, lse = skattn.attention(q, k, v, plan=p, return_lse=True, **kw)
             assert rel_err(out, ref) <= bound(q, k, v), (kw.keys(), fixup)
             assert (lse.double() - ref_lse).abs().max() < 0.05
@@ -94,7 +94,7 @@ def test_head_sizes(D, Dv):
     ref = reference.attention(q, k, v, causal=True)
     for fixup in (None, "fused"):
         p = skattn.plan(batch=1, q_len=4, kv_len=3000, q_heads=16, kv_heads=1, head_dim=D,
-                        head_dim_v=Dv, causal=True, fixup=fixup, policy="llamacpp-master")
+                        head_dim_v=Dv, causal=True, fixup=fixup, policy="llamacpp-before")
         out = skattn.attention(q, k, v, causal=True, plan=p)
         assert rel_err(out, ref) <= bound(q, k, v, causal=True) + 2e-3, (D, Dv, fixup)
 

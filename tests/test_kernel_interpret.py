@@ -97,7 +97,7 @@ def test_fixup_row_chunks(fixup, programs):
     check(q, k, v, p, causal=True)
 
 
-@pytest.mark.parametrize("policy", ["llamacpp-master", "seed-4x", "llamacpp", "split", "auto"])
+@pytest.mark.parametrize("policy", ["llamacpp-before", "round-4x", "llamacpp", "split", "auto"])
 def test_policies(policy):
     q, k, v = make(Lq=3, Lk=150, Hq=4, Hkv=2)
     check(q, k, v, plan_for(q, k, v, policy=policy, causal=True), causal=True)
@@ -208,7 +208,7 @@ def test_fully_masked_rows():
 def test_more_queries_than_keys():
     # Lq > Lk with causal: the first queries see no key at all
     q, k, v = make(Lq=20, Lk=8, Hq=2, Hkv=1)
-    p = plan_for(q, k, v, causal=True, block_m=16, policy="llamacpp-master")
+    p = plan_for(q, k, v, causal=True, block_m=16, policy="llamacpp-before")
     assert p.ntiles_dst == 3 and p.kv_count[0] == 1
     out, lse = check(q, k, v, p, causal=True)
     assert torch.all(out[:, :12] == 0)

@@ -48,7 +48,7 @@ def test_backward_says_inference_only():
 def test_op_matches_reference_and_eager_entry():
     q, k, v = make(Lq=5, Lk=37, Hq=10, Hkv=2, seed=2)  # ratio 5, Lk not a multiple of a block
     sinks = torch.randn(10)
-    for policy in ("auto", "llamacpp", "llamacpp-master"):
+    for policy in ("auto", "llamacpp", "llamacpp-before"):
         out = skattn.ops.attention(q, k, v, causal=True, sinks=sinks, policy=policy)
         ref = reference.attention(q, k, v, causal=True, sinks=sinks)
         assert out.shape == (1, 5, 10, 32) and out.dtype == q.dtype
@@ -64,7 +64,7 @@ def test_op_holds_no_workspace():
 
     q, k, v = make(Lq=1, Lk=200, Hq=4, Hkv=1, D=16, seed=5)
     buffers.release()
-    for policy in ("llamacpp", "llamacpp-master"):
+    for policy in ("llamacpp", "llamacpp-before"):
         assert skattn.ops.plan_for(q, k, v, causal=True, policy=policy).fixup != "none"
         out = skattn.ops.attention(q, k, v, causal=True, policy=policy)
         assert rel_err(out, reference.attention(q, k, v, causal=True)) <= bound(q, k, v, causal=True)
@@ -73,7 +73,7 @@ def test_op_holds_no_workspace():
 
 def test_policy_reaches_the_plan():
     q, k, v = make(Lq=1, Lk=64, Hq=4, Hkv=1, D=16)
-    before = skattn.ops.plan_for(q, k, v, causal=True, policy="llamacpp-master")
+    before = skattn.ops.plan_for(q, k, v, causal=True, policy="llamacpp-before")
     after = skattn.ops.plan_for(q, k, v, causal=True, policy="llamacpp")
     assert before.policy != after.policy
     assert skattn.ops.plan_for(q, k, v, causal=True, policy="llamacpp") is after  # cached

@@ -125,7 +125,7 @@ def test_greedy_generate_matches_reference(kind, cache):
 
 
 def test_policy_is_explicit_per_name(monkeypatch):
-    assert skt.register(policy="llamacpp-master", name="skattn-before") == "skattn-before"
+    assert skt.register(policy="llamacpp-before", name="skattn-before") == "skattn-before"
     ours, _, _ = models("llama")
     seen = []
     real = ops.plan_for
@@ -140,7 +140,7 @@ def test_policy_is_explicit_per_name(monkeypatch):
         ours(ids)
         ours.set_attn_implementation("skattn-before")
         ours(ids)
-    assert seen == ["auto", "auto", "llamacpp-master", "llamacpp-master"]
+    assert seen == ["auto", "auto", "llamacpp-before", "llamacpp-before"]
 
 
 @pytest.mark.parametrize("kw,match", [

@@ -111,7 +111,7 @@ def attention(q, k, v, *, scale=None, causal=False, window=None, mask=None, sink
     alibi_slopes : Tensor [Hq] f32, optional
         Bias -slope * |q_pos - k_pos|.
     policy : str
-        The planner's policy for the program count ("auto", "llamacpp", "llamacpp-master",
+        The planner's policy for the program count ("auto", "llamacpp", "llamacpp-before",
         ...; see `skattn.plan`).
 
     Returns

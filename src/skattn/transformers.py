@@ -45,7 +45,7 @@ def register(policy: str = ops.DEFAULT_POLICY, name: str = NAME) -> str:
     ----------
     policy : str
         The planner's policy for every attention call of models using `name` ("auto",
-        "llamacpp", "llamacpp-master", ...; see `skattn.plan`).
+        "llamacpp", "llamacpp-before", ...; see `skattn.plan`).
     name : str
         The `attn_implementation` name; registering a name again replaces its policy.
         It must not contain "/" (transformers reads such names as hub kernels) nor "sdpa",

@@ -5,7 +5,7 @@ are downloaded) runs one step of `n` new tokens over a KV cache of `depth` token
 llama-bench's `-d depth` does: tokens/s = n / step time. The step leaves the cache as it
 found it (it writes its n tokens after the depth ones each time), so every repeat, and a
 CUDA graph of it, does the same work. Providers: transformers' "sdpa" and skattn registered
-per policy ("skattn-llamacpp-master", ...). Modes: "eager" calls the model as transformers
+per policy ("skattn-llamacpp-before", ...). Modes: "eager" calls the model as transformers
 users do (the mask built each step); "graph" replays a CUDA graph of the same step (the
 model's layers, embedding, norm and LM head, the mask built once before capture).
 """
@@ -27,7 +27,7 @@ import torch
 NS = (1, 2, 4, 8, 16, 512)
 DEPTHS = (8192, 16384, 32768)
 QUICK_NS, QUICK_DEPTHS = (1, 16, 512), (16384,)
-PROVIDERS = ("sdpa", "skattn:llamacpp-master", "skattn:llamacpp", "skattn:auto")
+PROVIDERS = ("sdpa", "skattn:llamacpp-before", "skattn:llamacpp", "skattn:auto")
 MODES = ("eager", "graph")
 # llama-3.1-8b's shape (the seed grid's llama-8b attention: 32/8 heads, head size 128)
 LLAMA_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,

@@ -5,7 +5,9 @@ import csv
 import math
 from pathlib import Path
 
-SKATTN_POLICIES = ("llamacpp-master", "llamacpp", "auto")
+from skattn.policy import POLICY_ALIASES
+
+SKATTN_POLICIES = ("llamacpp-before", "llamacpp", "auto")
 
 
 def read_rows(csv_paths) -> list[dict]:
@@ -15,6 +17,10 @@ def read_rows(csv_paths) -> list[dict]:
     for path in csv_paths:
         with open(path, newline="") as f:
             for row in csv.DictReader(f):
+                # files written before the policies' plain names use their aliases
+                row["policy"] = POLICY_ALIASES.get(row["policy"], row["policy"])
+                row["provider"] = row["provider"].replace(
+                    "llamacpp-master", POLICY_ALIASES["llamacpp-master"])
                 key = (row["provider"], row["policy"], row["mode"], row["model"], int(row["n"]),
                        int(row["depth"]))
                 merged.pop(key, None)
@@ -65,10 +71,10 @@ def _x(value: float | None) -> str:
 
 def table(rows: list[dict]) -> str:
     """Markdown: per (mode, n, depth) tokens/s of SDPA and each skattn policy, with the
-    speed-ups of llamacpp over llamacpp-master (the seed's experiment) and of auto over SDPA."""
+    speed-ups of llamacpp over llamacpp-before (the seed's experiment) and of auto over SDPA."""
     idx = _index(rows)
     head = ["mode", "n", "depth", "sdpa tok/s"] + [f"{p} tok/s" for p in SKATTN_POLICIES]
-    head += ["llamacpp vs master", "auto vs sdpa", "best skattn vs sdpa"]
+    head += ["llamacpp vs before", "auto vs sdpa", "best skattn vs sdpa"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for cell in _cells(rows):
         mode, n, depth = cell
@@ -77,7 +83,7 @@ def table(rows: list[dict]) -> str:
                    default=None)
         lines.append("| " + " | ".join(
             [mode, str(n), str(depth)] + entries
-            + [_x(ratio(idx, cell, "skattn:llamacpp", "skattn:llamacpp-master")),
+            + [_x(ratio(idx, cell, "skattn:llamacpp", "skattn:llamacpp-before")),
                _x(ratio(idx, cell, "skattn:auto", "sdpa")), _x(best)]) + " |")
     return "\n".join(lines)
 

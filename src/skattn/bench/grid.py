@@ -10,11 +10,11 @@ SEED_DEPTHS = (8192, 16384, 32768)
 
 # skattn variants timed per cell: name -> (policy, fixup) for `skattn.plan`.
 SKATTN_VARIANTS: dict[str, tuple[str, str | None]] = {
-    "llamacpp-master": ("llamacpp-master", None),  # before the seed change: general fixup
+    "llamacpp-before": ("llamacpp-before", None),  # before the seed change: general fixup
     "llamacpp": ("llamacpp", None),  # the merged rule: uniform fixup where it applies
-    "seed-4x": ("seed-4x", None),
+    "round-4x": ("round-4x", None),
     "auto": ("auto", None),
-    "fused": ("llamacpp-master", "fused"),
+    "fused": ("llamacpp-before", "fused"),
 }
 
 # `--quick`: a run that fits in about 4 minutes on an H100/H200.

@@ -8,6 +8,7 @@ from pathlib import Path
 from skattn.bench.anchors import TIMES, anchor_index, load_anchors, pct_of_floor
 from skattn.bench.grid import SKATTN_VARIANTS
 from skattn.bench.providers import NOMASK, NOMASK_NOTE
+from skattn.policy import POLICY_ALIASES
 
 _OTHER_ORDER = ("sdpa-flash", "sdpa-cudnn", "sdpa-flash-nomask", "sdpa-cudnn-nomask", "flex", "flashinfer",
                 "flash-attn")
@@ -17,7 +18,7 @@ TIMER_TEXT = {
     "graph": "per layer: replay time of one CUDA graph of NL calls (NL in the `layers` column), "
              "each layer with its own Q/K/V and output, / NL, after an L2 flush",
 }
-_SPEEDUP_VARIANTS = ("llamacpp", "seed-4x", "auto", "fused")  # each against llamacpp-master
+_SPEEDUP_VARIANTS = ("llamacpp", "round-4x", "auto", "fused")  # each against llamacpp-before
 
 
 def read_rows(csv_paths) -> list[dict]:
@@ -28,6 +29,8 @@ def read_rows(csv_paths) -> list[dict]:
         with open(path, newline="") as f:
             for row in csv.DictReader(f):
                 row["timer"] = row.get("timer") or "event"
+                # files written before the policies' plain names use their aliases
+                row["variant"] = POLICY_ALIASES.get(row.get("variant", ""), row.get("variant", ""))
                 key = (row["provider"], row.get("variant", ""), row["model"], int(row["n"]),
                        int(row["depth"]), row["timer"])
                 merged.pop(key, None)
@@ -104,7 +107,7 @@ def _entry(row: dict | None) -> str:
 
 
 def speedup(master: dict | None, other: dict | None) -> float | None:
-    """p50 of llamacpp-master / p50 of `other` (> 1: `other` is faster)."""
+    """p50 of llamacpp-before / p50 of `other` (> 1: `other` is faster)."""
     if not (_ok(master) and _ok(other)):
         return None
     return _num(master, "p50_us") / _num(other, "p50_us")
@@ -115,10 +118,10 @@ def _fmt(x: float | None, spec: str = ".2f", suffix: str = "x") -> str:
 
 
 def seed_table(rows: list[dict]) -> str:
-    """skattn per cell in the seed's form: llamacpp-master vs llamacpp, plus seed-4x, auto, fused."""
+    """skattn per cell in the seed's form: llamacpp-before vs llamacpp, plus round-4x, auto, fused."""
     idx, labels = _index(rows), _labels(rows)
-    head = ["model (Hq/Hkv/D)", "n", "L", "floor µs", "llamacpp-master µs (N fixup)",
-            "llamacpp µs (N fixup)", "speed-up", "seed-4x µs", "speed-up", "auto µs (N)",
+    head = ["model (Hq/Hkv/D)", "n", "L", "floor µs", "llamacpp-before µs (N fixup)",
+            "llamacpp µs (N fixup)", "speed-up", "round-4x µs", "speed-up", "auto µs (N)",
             "speed-up", "fused µs", "speed-up"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for cell in _cells(rows):
@@ -126,7 +129,7 @@ def seed_table(rows: list[dict]) -> str:
         get = {v: idx.get((model, n, depth, f"skattn:{v}")) for v in SKATTN_VARIANTS}
         if not any(get.values()):
             continue
-        master = get["llamacpp-master"]
+        master = get["llamacpp-before"]
 
         def planned(r):
             return f"{_entry(r)} ({r.get('programs', '')} {r.get('fixup', '')})" if _ok(r) else _entry(r)
@@ -134,7 +137,7 @@ def seed_table(rows: list[dict]) -> str:
         auto = get["auto"]
         row = [f"{model} ({hq}/{hkv}/{d})", str(n), str(depth), _fmt(_floor(idx, cell, labels), ".1f", ""),
                planned(master), planned(get["llamacpp"]), _fmt(speedup(master, get["llamacpp"])),
-               _entry(get["seed-4x"]), _fmt(speedup(master, get["seed-4x"])),
+               _entry(get["round-4x"]), _fmt(speedup(master, get["round-4x"])),
                f"{_entry(auto)} ({auto.get('programs', '')})" if _ok(auto) else _entry(auto),
                _fmt(speedup(master, auto)), _entry(get["fused"]), _fmt(speedup(master, get["fused"]))]
         lines.append("| " + " | ".join(row) + " |")
@@ -247,13 +250,13 @@ def _cell_axes(rows, title, ylabel):
 
 
 def plot_speedup(rows: list[dict], path) -> None:
-    """PNG: per cell, speed-up of each skattn variant over llamacpp-master (bars)."""
+    """PNG: per cell, speed-up of each skattn variant over llamacpp-before (bars)."""
     idx = _index(rows)
-    fig, axes = _cell_axes(rows, "skattn: speed-up over llamacpp-master (p50, cold L2)", "speed-up")
+    fig, axes = _cell_axes(rows, "skattn: speed-up over llamacpp-before (p50, cold L2)", "speed-up")
     width = 0.8 / len(_SPEEDUP_VARIANTS)
     for ax, mc in axes:
         for i, v in enumerate(_SPEEDUP_VARIANTS):
-            ys = [speedup(idx.get((c[0], c[4], c[5], "skattn:llamacpp-master")),
+            ys = [speedup(idx.get((c[0], c[4], c[5], "skattn:llamacpp-before")),
                           idx.get((c[0], c[4], c[5], f"skattn:{v}"))) for c in mc]
             xs = [j - 0.4 + (i + 0.5) * width for j in range(len(mc))]
             ax.bar(xs, [y or 0.0 for y in ys], width=width, label=v)
@@ -335,9 +338,9 @@ def report(csv_paths, out_dir=None, stem: str | None = None, plots: bool = True,
     anchors = load_anchors() if anchors is None else anchors
     for timer, trows in groups.items():
         suffix = f" ({timer} timer)" if len(groups) > 1 else ""
-        md += ["", "## skattn: llamacpp-master (general fixup) vs llamacpp (uniform fixup where it "
+        md += ["", "## skattn: llamacpp-before (general fixup) vs llamacpp (uniform fixup where it "
                f"applies){suffix}", "",
-               "Speed-up = llamacpp-master p50 / variant p50. N = number of programs.", "",
+               "Speed-up = llamacpp-before p50 / variant p50. N = number of programs.", "",
                seed_table(trows), "", f"## Every provider: % of floor (p50 µs){suffix}", "",
                floor_table(trows)]
         intro, table = anchors_table(trows, anchors)
@@ -387,7 +390,7 @@ def summary(rows: list[dict]) -> str:
         fastest = min(others, key=lambda r: _num(r, "p50_us"), default=None)
         if fastest is not None and label(fastest) in NOMASK and n > 1:
             o_txt, starred = o_txt + "*", True
-        sp = speedup(idx.get((model, n, depth, "skattn:llamacpp-master")),
+        sp = speedup(idx.get((model, n, depth, "skattn:llamacpp-before")),
                      idx.get((model, n, depth, "skattn:llamacpp")))
         lines.append(f"{model:<18} {n:>4} {depth:>6} {_fmt(_floor(idx, cell, labels), '.1f', ''):>7} "
                      f"{m_txt:>24} {m_pct:>4} {_fmt(sp):>15} {o_txt:>22} {o_pct:>4}")

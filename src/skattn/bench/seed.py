@@ -20,9 +20,9 @@ import torch
 
 from skattn.bench.grid import Cell
 
-# label -> the policy name given to `skattn.plan` ("llamacpp-master" is the older name of
+# label -> the policy name given to `skattn.plan` ("llamacpp-before" is the older name of
 # "llamacpp-before" and is accepted by every planner version)
-SEED_POLICIES = {"llamacpp-before": "llamacpp-master", "llamacpp": "llamacpp"}
+SEED_POLICIES = {"llamacpp-before": "llamacpp-before", "llamacpp": "llamacpp"}
 BEFORE, AFTER = SEED_POLICIES
 PARTS = ("call", "main")  # the full call; the main kernel alone (no fixup launched)
 COLUMNS = ("model", "hq", "hkv", "d", "n", "depth", "policy", "part", "programs", "fixup", "ntiles_dst",

@@ -15,7 +15,7 @@ from skattn.bench.grid import Cell
 # 12/3 with 1 token: 3 tiles of 5 KV blocks, 8 programs -> general fixup;
 # 10/2 with 3 tokens: GQA ratio 5 and a ragged Lk (not a multiple of BLOCK_N) -> uniform.
 SHAPES = (Cell("tiny", 12, 3, 64, 1, 300), Cell("tiny", 10, 2, 64, 3, 130))
-VARIANTS = ("llamacpp-master", "llamacpp", "fused")
+VARIANTS = ("llamacpp-before", "llamacpp", "fused")
 SMS, BLOCKS_PER_SM = 4, 2
 
 
