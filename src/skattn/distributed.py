@@ -23,6 +23,8 @@ __all__ = ["attention", "partial", "merge", "exchange", "even_shards", "COMMS"]
 
 COMMS = ("allgather", "ring")
 _ALIGN = 16  # bytes: each rank's packed (lse, O) starts aligned
+# torch >= 2.13 names it all_gather_single (all_gather_into_tensor warns there)
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 def partial(q, k_shard, v_shard, *, shard_offset: int, kv_len: int, causal=False, window=None,
@@ -160,7 +162,7 @@ def exchange(buf: torch.Tensor, *, group=None, comm: str = "allgather", fold=Non
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     if comm == "allgather":
         gathered = buf.new_empty(world * buf.numel())
-        dist.all_gather_into_tensor(gathered, buf, group=group)
+        _all_gather(gathered, buf, group=group)
         return gathered.view(world, -1)
     nxt = dist.get_global_rank(group, (rank + 1) % world) if group is not None else (rank + 1) % world
     prv = dist.get_global_rank(group, (rank - 1) % world) if group is not None else (rank - 1) % world
@@ -275,7 +277,7 @@ def _offsets(n: int, device, group) -> tuple[int, int]:
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     mine = torch.tensor([n], dtype=torch.int64, device=device)
     sizes = torch.empty(world, dtype=torch.int64, device=device)
-    dist.all_gather_into_tensor(sizes, mine, group=group)
+    _all_gather(sizes, mine, group=group)
     sizes = sizes.tolist()
     return sum(sizes[:rank]), sum(sizes)
 
