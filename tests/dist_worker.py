@@ -24,12 +24,12 @@ def inputs(case):
     return q, k, v, sinks
 
 
-def check_case(case, rank, world):
+def check_case(case, rank, world, device):
     from skattn import distributed as skd
     from skattn import reference
     from tolerance import bounds, row_rel_err, rel_err
 
-    q, k, v, sinks = inputs(case)
+    q, k, v, sinks = (None if x is None else x.to(device) for x in inputs(case))
     start, stop = case["shards"][rank]
     kw = dict(causal=case.get("causal", True), window=case.get("window"),
               softcap=case.get("softcap", 0.0))
@@ -41,8 +41,8 @@ def check_case(case, rank, world):
     whole, row = bounds(q, k, v, causal=kw["causal"], ref=ref)
     # this rank's partial, into poisoned buffers: every element must be written
     B, Lq, Hq, _ = q.shape
-    p_out = torch.full((B, Lq, Hq, v.shape[3]), float("nan"), dtype=q.dtype)
-    p_lse = torch.full((B, Hq, Lq), float("nan"))
+    p_out = torch.full((B, Lq, Hq, v.shape[3]), float("nan"), dtype=q.dtype, device=device)
+    p_lse = torch.full((B, Hq, Lq), float("nan"), device=device)
     skd.partial(q, ks, vs, shard_offset=start, kv_len=case["L"], out=p_out, lse=p_lse, **kw)
     p_ref, p_ref_lse = skd.partial(q, ks, vs, shard_offset=start, kv_len=case["L"],
                                    attend=reference.attention, **kw)
@@ -66,14 +66,19 @@ def check_case(case, rank, world):
     )
 
 
-def run(rank, world, init_file, cases, out_dir):
-    """torch.multiprocessing.spawn entry: one gloo group, every case, results to JSON."""
+def run(rank, world, init_file, cases, out_dir, backend="gloo"):
+    """torch.multiprocessing.spawn entry: one process group (gloo on CPUs, or nccl with rank r
+    on GPU r), every case, results to JSON."""
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+    device = torch.device("cpu")
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+        device = torch.device("cuda", rank)
+    dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank,
                             world_size=world)
     try:
         with torch.no_grad():
-            results = [check_case(c, rank, world) for c in cases]
+            results = [check_case(c, rank, world, device) for c in cases]
     finally:
         dist.destroy_process_group()
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:

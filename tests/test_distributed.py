@@ -146,17 +146,24 @@ CASES = {
 }
 
 
-@pytest.mark.interpret
-@pytest.mark.skipif(torch.cuda.is_available(), reason="gloo ranks run the interpreter on CPUs")
-@pytest.mark.parametrize("world", [2, 3])
-def test_gloo_ranks(world, tmp_path):
+def spawn_ranks(world, cases, tmp_path, backend):
     import torch.multiprocessing as mp
 
     import dist_worker
 
-    cases = CASES[world]
-    mp.spawn(dist_worker.run, args=(world, str(tmp_path / "init"), cases, str(tmp_path)),
+    mp.spawn(dist_worker.run, args=(world, str(tmp_path / "init"), cases, str(tmp_path), backend),
              nprocs=world, join=True)
+    check_results(world, cases, tmp_path)
+
+
+@pytest.mark.interpret
+@pytest.mark.skipif(torch.cuda.is_available(), reason="gloo ranks run the interpreter on CPUs")
+@pytest.mark.parametrize("world", [2, 3])
+def test_gloo_ranks(world, tmp_path):
+    spawn_ranks(world, CASES[world], tmp_path, "gloo")
+
+
+def check_results(world, cases, tmp_path):
     for rank in range(world):
         results = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert [r["name"] for r in results] == [c["name"] for c in cases]
@@ -172,9 +179,58 @@ def test_gloo_ranks(world, tmp_path):
               for rank in range(world)
               for r in json.loads((tmp_path / f"rank{rank}.json").read_text()) if rank == 0}
     # the cases meant to mask rank 0's shard entirely do
-    for name in ("masked-shard", "masked-3"):
+    for name in ("masked-shard", "masked-3", "gpu-masked"):
         if name in masked:
             assert masked[name] > 0, name
 
 
-RING_CASES = {c["name"] for cases in CASES.values() for c in cases if c["comm"] == "ring"}
+# -- GPUs: model-sized heads, thousands of keys (a fresh kernel configuration per shard shape)
+GPU_BASE = dict(B=1, heads=(32, 8), D=128, comm="allgather")
+GPU_CASES = [
+    dict(GPU_BASE, name="gpu-decode", seed=11, Lq=1, L=12000, shards=[(0, 7000), (7000, 12000)]),
+    dict(GPU_BASE, name="gpu-chunk-ring", seed=12, Lq=64, L=9000, sinks=True, comm="ring",
+         shards=[(0, 8970), (8970, 9000)]),  # the chunk straddles the border
+    dict(GPU_BASE, name="gpu-window-band", seed=13, Lq=16, L=9000, window=500, dtype="bf16",
+         shards=[(0, 8990), (8990, 9000)]),
+    dict(GPU_BASE, name="gpu-masked", seed=14, Lq=1, L=9000, window=128, heads=(40, 8),
+         shards=[(0, 4000), (4000, 9000)]),
+]
+RING_CASES = {c["name"] for cases in (*CASES.values(), GPU_CASES) for c in cases
+              if c["comm"] == "ring"}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL ranks need 2 CUDA GPUs")
+def test_nccl_two_gpus(tmp_path):
+    spawn_ranks(2, GPU_CASES, tmp_path, "nccl")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("world", [2, 4, 8])
+def test_every_rank_s_work_on_one_gpu(world):
+    # what each of `world` ranks computes, run one after another on one GPU (poisoned
+    # outputs), merged as the ranks would, against the float64 attention of the whole sequence
+    from tolerance import bounds, rel_err
+
+    dev = torch.device("cuda")
+    L, Lq = 50_001, 8  # uneven shards
+    for window in (None, 3000):
+        q = torch.randn(1, Lq, 32, 128, device=dev, dtype=torch.float16)
+        k, v = torch.randn(2, 1, L, 8, 128, device=dev, dtype=torch.float16)
+        sinks = torch.randn(32, device=dev)
+        outs, lses = [], []
+        for s, e in even_shards(L, world):
+            o = torch.full((1, Lq, 32, 128), float("nan"), device=dev, dtype=torch.float16)
+            lse = torch.full((1, 32, Lq), float("nan"), device=dev)
+            skd.partial(q, k[:, s:e], v[:, s:e], shard_offset=s, kv_len=L, causal=True,
+                        window=window, out=o, lse=lse)
+            assert not o.isnan().any() and not lse.isnan().any()
+            outs.append(o)
+            lses.append(lse)
+        out, lse = skd.merge(torch.stack(outs), torch.stack(lses), sinks)
+        ref, ref_lse = reference.attention(q, k, v, causal=True, window=window, sinks=sinks,
+                                           return_lse=True)
+        whole, _ = bounds(q, k, v, causal=True, ref=ref)
+        assert rel_err(out, ref) <= whole, (world, window)
+        assert (lse.double() - ref_lse).abs().max().item() < 2e-3, (world, window)

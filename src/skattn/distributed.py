@@ -52,41 +52,35 @@ def partial(q, k_shard, v_shard, *, shard_offset: int, kv_len: int, causal=False
     (out [B, Lq, Hq, Dv], lse [B, Hq, Lq])
         Rows that see no key of the shard give 0 and lse -inf.
     """
-    if attend is None:
+    kernel = attend is None  # the kernel writes into `out` itself
+    if kernel:
         from skattn.api import attention as attend
     B, Lq, Hq, _ = q.shape
     n, Dv = k_shard.shape[1], v_shard.shape[3]
     calls = shard_calls(q_len=Lq, kv_len=kv_len, start=shard_offset,
                         stop=shard_offset + n, causal=causal, window=window)
-    whole = len(calls) == 1 and calls[0].rows == (0, Lq)
     kw = dict(scale=scale, softcap=softcap, return_lse=True)
-    if whole and out is None and calls[0].keys == (0, n):
-        o, l = attend(q, k_shard, v_shard, causal=calls[0].causal, window=calls[0].window, **kw)
-        if lse is not None:
-            lse.copy_(l)
-            l = lse
-        return o, l
     if out is None:
         out = torch.empty(B, Lq, Hq, Dv, device=q.device, dtype=q.dtype)
     if lse is None:
         f = torch.float64 if q.dtype == torch.float64 else torch.float32  # f64: the reference
         lse = torch.empty(B, Hq, Lq, device=q.device, dtype=f)
-    covered = 0
     for call in calls:
         r0, r1 = call.rows
         k0, k1 = call.keys
         mask = _band_mask(call, Lq, kv_len, shard_offset, window, q) if call.band else None
+        if kernel:
+            kw["out"] = out[:, r0:r1]
         o, l = attend(q[:, r0:r1], k_shard[:, k0:k1], v_shard[:, k0:k1], causal=call.causal,
                       window=call.window, mask=mask, **kw)
-        out[:, r0:r1] = o
+        if not kernel:
+            out[:, r0:r1] = o
         lse[:, :, r0:r1] = l
-        covered += r1 - r0
-    if covered < Lq:  # rows that see nothing here
-        seen = torch.zeros(Lq, dtype=torch.bool, device=q.device)
-        for call in calls:
-            seen[call.rows[0]:call.rows[1]] = True
-        out[:, ~seen] = 0
-        lse[:, :, ~seen] = float("-inf")
+    edges = [0, *(x for c in sorted(calls, key=lambda c: c.rows) for x in c.rows), Lq]
+    for r0, r1 in zip(edges[::2], edges[1::2]):  # the gaps: rows that see nothing here
+        if r0 < r1:
+            out[:, r0:r1] = 0
+            lse[:, :, r0:r1] = float("-inf")
     return out, lse
 
 
