@@ -148,7 +148,8 @@ def _views(buf, B, Lq, Hq, Dv, dtype):
 def exchange(buf: torch.Tensor, *, group=None, comm: str = "allgather", fold=None):
     """Share one packed partial with every rank of `group`.
 
-    "allgather": one `all_gather_into_tensor`; returns [P, nbytes], rank order.
+    "allgather": one all-gather (`all_gather_single`, or `all_gather_into_tensor` on older
+    torch); returns [P, nbytes], rank order.
     "ring": P - 1 steps of send to the next rank and receive from the previous; `fold(i, b)` is
     called on each received buffer b (the partial of rank i) while the next step's transfer
     runs; returns None.
@@ -203,7 +204,8 @@ def attention(q, k_shard, v_shard, *, group=None, shard_offset=None, kv_len=None
     return_lse : bool
         Also return lse [B, Hq, Lq] f32 of the whole sequence.
     comm : {"allgather", "ring"}
-        One all-gather of every rank's (O, lse), or P - 1 ring steps merged as they arrive.
+        One all-gather of every rank's (O, lse), or P - 1 ring steps merged as they arrive
+        (each rank then merges in its own order: outputs agree to rounding, not bitwise).
 
     Returns
     -------
@@ -286,8 +288,9 @@ def _check(q, k, v, shard_offset, kv_len, causal, window, scale, sinks, softcap,
         if x is not None and (isinstance(x, bool) or not isinstance(x, int) or x < 0):
             raise ValueError(f"{name} must be a non-negative int, got {x!r}")
     # the kernels' rules on a non-empty stand-in for the shard (an empty shard is allowed here)
-    kk, vv = (k, v) if k.dim() != 4 or k.shape[1] else (k.new_empty(k.shape[0], 1, *k.shape[2:]),
-                                                        v.new_empty(v.shape[0], 1, *v.shape[2:]))
+    kk, vv = k, v
+    if all(isinstance(x, torch.Tensor) and x.dim() == 4 and x.shape[1] == 0 for x in (k, v)):
+        kk, vv = (x.new_empty(x.shape[0], 1, *x.shape[2:]) for x in (k, v))
     checks.attention_args(q, kk, vv, scale=scale, causal=causal, window=window, sinks=sinks,
                           softcap=softcap, return_lse=return_lse)
     return (*q.shape[:3], v.shape[3])
