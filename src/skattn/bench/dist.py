@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from skattn import distributed as skd
+from skattn.bench.timing import SPIN_CYCLES, ColdTimer
 from skattn.models import resolve
 
 FIELDS = ["model", "q_heads", "kv_heads", "head_dim", "n", "kv_len", "world", "comm",
@@ -109,7 +110,7 @@ class Timer:
     def __init__(self, device, group):
         self.cuda, self.group = device.type == "cuda", group
         if self.cuda:
-            self.flush_buf = torch.empty(256 << 20, dtype=torch.uint8, device=device)
+            self.cold = ColdTimer(device)  # its read flush and spin, as `skattn bench` uses
 
     def __call__(self, fn, warmup: int, reps: int) -> list[float]:
         for _ in range(warmup):
@@ -117,11 +118,11 @@ class Timer:
         times = []
         for _ in range(reps):
             if self.cuda:
-                self.flush_buf.zero_()
+                self.cold.flush()
                 torch.cuda.synchronize()
             dist.barrier(group=self.group)
             if self.cuda:
-                torch.cuda._sleep(2_000_000)  # ~1 ms: the call's launches queue behind it
+                torch.cuda._sleep(SPIN_CYCLES)  # ~1 ms: the call's launches queue behind it
                 start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
                 start.record()
                 fn()
