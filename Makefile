@@ -13,7 +13,7 @@ $(VPY):
 	else \
 		$(PY) -m venv $(VENV) && $(VPY) -m pip install -q torch==2.13.0 triton==3.6.0; \
 	fi
-	$(VPY) -m pip install -q "numpy<2.4" pytest hypothesis pytest-xdist matplotlib tqdm transformers==5.17.0 \
+	$(VPY) -m pip install -q "numpy<2.4" pytest hypothesis pytest-xdist matplotlib tqdm transformers==5.17.0 accelerate==1.15.0 \
 		|| echo "note: could not install the test/plot extras (offline?); using what is there"
 	$(VPY) -m pip install -q --no-deps -e . || echo "note: editable install failed; use PYTHONPATH=src"
 
