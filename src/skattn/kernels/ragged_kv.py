@@ -3,7 +3,8 @@
 The math is `kv_loop`'s (scores, softcap, ALiBi, causal and window masks, online softmax);
 what differs is where key rows live. Dense and packed rows are `row x stride` from the
 sequence's base; a paged row is gathered through the block table, one page id per key, so
-any page size that is a multiple of 16 works with any BLOCK_N. A page id outside
+any page size that is a multiple of 16 works with any BLOCK_N (a block reads the ids of
+the few pages it spans as scalars). A page id outside
 [0, num_pages) is not read: its keys count as masked.
 """
 import triton
@@ -19,16 +20,30 @@ def _key_rows(BT, blk, kv_len, num_pages, stride_kb, stride_kn, stride_vb, strid
     """Offsets of the K and V rows of KV block `blk` and which rows may be read."""
     offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
     if PAGED:
-        if PAGE_SIZE % BLOCK_N == 0:  # the block lies inside one page: one scalar id
-            page = tl.load(BT + (blk * BLOCK_N) // PAGE_SIZE, mask=blk * BLOCK_N < kv_len, other=-1)
-            page = tl.broadcast_to(page, [BLOCK_N])
+        # the block's keys lie in at most PAGES pages: one scalar id each (a vector gather of
+        # ids would make Triton's pipeliner keep a single K/V buffer: an indirect load)
+        if PAGE_SIZE % BLOCK_N == 0:
+            PAGES: tl.constexpr = 1
+        elif BLOCK_N % PAGE_SIZE == 0:
+            PAGES: tl.constexpr = BLOCK_N // PAGE_SIZE
         else:
-            page = tl.load(BT + offs_n // PAGE_SIZE, mask=offs_n < kv_len, other=-1)
+            PAGES: tl.constexpr = BLOCK_N // PAGE_SIZE + 2
+        first = (blk * BLOCK_N) // PAGE_SIZE
+        local = offs_n // PAGE_SIZE - first
+        page = tl.full([BLOCK_N], -1, dtype=tl.int32)
+        for j in tl.static_range(PAGES):
+            pj = tl.load(BT + first + j, mask=(first + j) * PAGE_SIZE < kv_len, other=-1)
+            page = tl.where(local == j, pj, page)
         ok = (page >= 0) & (page < num_pages)
         page = tl.where(ok, page, 0).to(tl.int64)
         row = offs_n % PAGE_SIZE
-        return offs_n, page * stride_kb + row * stride_kn, page * stride_vb + row * stride_vn, ok
-    return offs_n, offs_n * stride_kn, offs_n * stride_vn, offs_n >= 0
+        krow = page * stride_kb + row * stride_kn
+        vrow = page * stride_vb + row * stride_vn
+    else:
+        ok = offs_n >= 0
+        krow = offs_n * stride_kn
+        vrow = offs_n * stride_vn
+    return offs_n, krow, vrow, ok
 
 
 @triton.jit

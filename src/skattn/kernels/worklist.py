@@ -148,7 +148,7 @@ def work_list_kernel(
         # -- its sequence: the number of sequences whose row blocks end at or before rb
         lo = tl.zeros([RB_CHUNK], dtype=tl.int32)
         hi = tl.zeros([RB_CHUNK], dtype=tl.int32) + batch
-        for _ in tl.static_range(LOG_B + 1):
+        for step in tl.static_range(LOG_B + 1):
             open_ = lo < hi
             mid = (lo + hi) // 2
             end = tl.load(WL + o_rbe + mid, mask=real & open_, other=0)
