@@ -113,7 +113,7 @@ def _bind(plan: ServingPlan, device: torch.device) -> Bound:
         layout = (rows * plan.head_dim_v, rows, plan.tiles_max if plan.fixup == "fused" else 0)
     ints = (plan.batch, plan.rb_max, plan.gqa_ratio, plan.ntiles_z, plan.hz, plan.split,
             plan.total_q, plan.max_q_len, plan.q_len or 0, plan.window or 0, plan.programs,
-            plan.key_capacity, plan.total_k or 0)
+            plan.key_capacity, plan.total_k or INT32_MAX, n_sat(plan), plan.per_sm)
     key = (device, tuple(sorted(wl_const.items())), tuple(sorted(main_const.items())),
            tuple(sorted(fix_const.items())), fix_kernel, tuple(_spec(x) for x in ints))
     kid = _KEYS.setdefault(key, len(_KEYS))
@@ -182,7 +182,7 @@ def build(plan: ServingPlan, wl: torch.Tensor, *, seq_k: torch.Tensor, cu_k: boo
     const = dict(b.wl_const, CU_K=cu_k)
     key = None
     if b.cuda and _no_hooks():
-        key = (b.kid, "wl", cu_k)
+        key = (b.kid, "wl", cu_k, *(x.data_ptr() % 16 == 0 for x in (seq_k, args[1], wl)))
     _launch(_wl.work_list_kernel, key, args, const, (1, 1, 1), stream)
 
 
@@ -233,7 +233,8 @@ def run(plan: ServingPlan, q, k, v, out, lse, *, wl, block_table, scale: float, 
     key = None
     if b.cuda and _no_hooks():
         key = (b.kid, features, q.dtype, out.dtype, k.dtype, qs, ks, vs, os_, ls, sbt, _spec(num_pages),
-               *(x.data_ptr() % 16 == 0 for x in (q, k, v, out, lse_t, sinks_t, slopes_t, bt)))
+               *(x.data_ptr() % 16 == 0 for x in (q, k, v, out, lse_t, sinks_t, slopes_t, bt, ws_o,
+                                                  ws_m, ws_l, counters, wl)))
     _launch(_ragged.ragged_attention_kernel, key, args, main_const, (plan.programs, 1, 1), stream)
     if b.fix_kernel is None:
         return
