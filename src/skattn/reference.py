@@ -12,8 +12,9 @@ import torch
 
 from skattn.reference_math import F64, empty_state, finalise, online_update, prepare, scores
 from skattn.reference_plan import run_plan
+from skattn.reference_serving import attention_varlen, attention_with_kvcache
 
-__all__ = ["attention", "run_plan"]
+__all__ = ["attention", "run_plan", "attention_with_kvcache", "attention_varlen"]
 
 
 def attention(q, k, v, *, scale=None, causal=False, window=None, mask=None, sinks=None,

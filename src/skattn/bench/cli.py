@@ -62,6 +62,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "planned, unplanned, its custom op, SDPA plain and inside sdpa_kernel")
     parser.add_argument("--host-calls", type=int, default=200,
                         help="back-to-back calls per timed batch for --host (default 200)")
+    parser.add_argument("--serving", action="store_true",
+                        help="ragged decode batches in a paged cache (skattn.bench.serving_run): "
+                             "length mixes x page sizes 16, 64 x the grid's models; skattn auto, the "
+                             "fixed-split anchor, SDPA padded, FlexAttention paged, flash-attn")
     parser.add_argument("--e2e", action="store_true",
                         help="end to end: tokens/s of a random llama-8b-shaped transformers model, "
                              "skattn per policy vs sdpa, eager and CUDA graphs (skattn.bench.e2e)")
@@ -179,6 +183,37 @@ def _host_mode(args) -> int:
     return 0
 
 
+def _serving_mode(args) -> int:
+    from skattn.bench import serving as sb
+    from skattn.bench.serving_mixes import MIXES
+
+    try:
+        from skattn.models import resolve
+
+        models = tuple(resolve(n)[0] for n in grid.parse_names(args.models) or ()) or (
+            ("llama-8b",) if args.quick else tuple(grid.MODELS))
+        names = grid.parse_names(args.providers) or sb.PROVIDERS
+        bad = [n for n in names if n not in sb.PROVIDERS]
+        if bad:
+            raise ValueError(f"unknown serving providers {bad}; choose from {list(sb.PROVIDERS)}")
+    except ValueError as exc:
+        print(f"skattn bench: {exc}", file=sys.stderr)
+        return 2
+    if not _cuda():
+        print("skattn bench --serving: needs a CUDA GPU", file=sys.stderr)
+        return 2
+    from skattn.bench.serving_run import markdown, run_serving
+
+    csv_path, rows = run_serving(models=models, mixes=MIXES, page_sizes=(16, 64), names=names,
+                                 out_dir=_out_dir(args), tag=_tag(args),
+                                 reps=args.reps or 20, warmup=args.warmup or 5, seed=args.seed,
+                                 time_limit_s=args.time_limit or 220.0,
+                                 progress=not args.no_progress)
+    print(f"wrote {csv_path}, {csv_path.with_suffix('.json')}, {csv_path.with_suffix('.md')}")
+    print(csv_path.with_suffix(".md").read_text())
+    return 0
+
+
 def _report_mode(args) -> int:
     """Tables from CSVs: the grid's, the seed table's or the host time's, told by their columns."""
     import csv
@@ -207,6 +242,8 @@ def run(args: argparse.Namespace) -> int:
         from skattn.bench.e2e import run as run_e2e
 
         return run_e2e(args)
+    if args.serving:
+        return _serving_mode(args)
     try:
         if args.report:
             return _report_mode(args)

@@ -1,0 +1,107 @@
+"""Compile the serving kernels for sm_90 on any machine (no GPU): registers, spills, shared memory.
+
+  python3 scripts/compile_serving.py            # every case below, one JSON line per kernel
+  python3 scripts/compile_serving.py paged64    # one case
+
+Runs `skattn.serving`'s launcher with CPU tensors, captures each launch (work list, main
+kernel, fixup) and compiles it ahead of time for an H100/H200 through ptxas
+(scripts/resources.py), so a kernel that does not compile for the GPU fails here. Run
+without TRITON_INTERPRET.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import resources  # noqa: E402
+from resources import compile_launch  # noqa: E402
+
+import skattn  # noqa: E402
+from skattn import serving, serving_launch  # noqa: E402
+
+F16 = torch.float16
+resources.TYPES.setdefault(torch.float64, "*fp64")  # the work list's cost model
+# name -> (plan bounds, layout, page size, Lq / varlen, features, PDL)
+CASES = {
+    "dense": dict(kw=dict(q_len=1, max_kv_len=4096), layout="dense"),
+    "paged16": dict(kw=dict(q_len=1, max_kv_len=4096, page_size=16), layout="paged"),
+    "paged64-fused": dict(kw=dict(q_len=1, max_kv_len=4096, page_size=64, fixup="fused"),
+                          layout="paged", lse=True),
+    "paged48-split": dict(kw=dict(q_len=4, max_kv_len=4800, page_size=48, policy="split"),
+                          layout="paged", pdl=True),
+    "varlen-packed": dict(kw=dict(max_q_len=512, total_q=543, max_kv_len=8192, total_k=40000),
+                          layout="packed", pdl=True),
+    "paged16-features": dict(kw=dict(q_len=4, max_kv_len=4096, page_size=16, window=128,
+                                     policy="llamacpp"),
+                             layout="paged", heads=(64, 8, 64), sinks=True, softcap=30.0),
+    "mla-paged64": dict(kw=dict(q_len=1, max_kv_len=4096, page_size=64), layout="paged",
+                        heads=(16, 1, 576, 512)),
+}
+
+
+def capture(name: str, case: dict) -> list:
+    hq, hkv, d, *rest = case.get("heads", (32, 8, 128))
+    dv = rest[0] if rest else d
+    B = 64 if "q_len" in case["kw"] else 32
+    p = skattn.serving_plan(batch=B, q_heads=hq, kv_heads=hkv, head_dim=d, head_dim_v=dv,
+                            causal=True, sms=132, occupancy=2, smem_limit=232448, **case["kw"])
+    b = serving_launch.bind(p, torch.device("cpu"))
+    if case.get("pdl") and b.fix_kernel:  # what a Hopper GPU launches
+        b.main_const["USE_PDL"] = 2
+        b.fix_const["USE_PDL"] = True
+    calls = []
+    saved = serving_launch._launch
+    serving_launch._launch = lambda kernel, key, args, const, grid, stream: calls.append(
+        (kernel, args, dict(const)))
+    try:
+        if p.varlen:
+            q = torch.empty(p.total_q, hq, d, dtype=F16)
+            cu = torch.zeros(B + 1, dtype=torch.int32)
+            seq_k, seq_q = cu, cu
+        else:
+            q = torch.empty(B, p.q_len, hq, d, dtype=F16)
+            seq_k, seq_q = torch.zeros(B, dtype=torch.int32), None
+        table = None
+        if case["layout"] == "paged":
+            k = torch.empty(1000, p.page_size, hkv, d, dtype=F16)
+            v = torch.empty(1000, p.page_size, hkv, dv, dtype=F16)
+            table = torch.zeros(B, p.max_pages, dtype=torch.int32)
+        elif case["layout"] == "packed":
+            k = torch.empty(p.total_k, hkv, d, dtype=F16)
+            v = torch.empty(p.total_k, hkv, dv, dtype=F16)
+        else:
+            k = torch.empty(B, p.max_kv_len, hkv, d, dtype=F16)
+            v = torch.empty(B, p.max_kv_len, hkv, dv, dtype=F16)
+        out = torch.empty(*q.shape[:-1], dv, dtype=F16)
+        lse = None
+        if case.get("lse"):
+            lse = torch.empty(hq, p.total_q, dtype=torch.float32) if p.varlen else \
+                torch.empty(B, hq, p.q_len, dtype=torch.float32)
+        sinks = torch.zeros(hq) if case.get("sinks") else None
+        serving._run(p, q, k, v, out, lse, seq_k=seq_k, seq_q=seq_q, block_table=table,
+                     scale=0.1, sinks=sinks, softcap=case.get("softcap", 0.0),
+                     alibi_slopes=None, workspace=None, work_list=None)
+    finally:
+        serving_launch._launch = saved
+    return calls
+
+
+def main(argv) -> int:
+    names = argv or list(CASES)
+    for name in names:
+        for kernel, args, const in capture(name, CASES[name]):
+            t0 = time.time()
+            const.pop("launch_pdl", None)
+            info = compile_launch(kernel, args, const)
+            print(json.dumps(dict(case=name, kernel=kernel.fn.__name__, seconds=round(time.time() - t0, 1),
+                                  **info)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,232 @@
+"""Inputs and providers of `skattn bench --serving`: ragged decode batches in a paged cache.
+
+A cell is a model shape x a length mix (`serving_mixes`) x a page size. Each provider
+returns `Built(step, layer, canonical)`: `step` runs once per decode step (skattn's work
+list), `layer` is one layer's call (its output), `canonical` turns that output into
+[total_q, Hq, D] for the check against float64.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from skattn.bench.serving_mixes import Mix
+
+PROVIDERS = ("skattn:auto", "skattn:split", "sdpa-padded", "flex-paged", "flash-attn")
+
+
+@dataclass
+class Batch:
+    """One ragged batch on the GPU: packed q, a paged K/V cache in random page order."""
+
+    mix: Mix
+    hq: int
+    hkv: int
+    d: int
+    page_size: int
+    q: torch.Tensor          # [total_q, Hq, D]
+    k: torch.Tensor          # [num_pages, page_size, Hkv, D]
+    v: torch.Tensor
+    table: torch.Tensor      # [B, max_pages] int32
+    lens: torch.Tensor       # [B] int32 keys
+    cu_q: torch.Tensor       # [B + 1] int32
+    cu_k: torch.Tensor
+
+    @property
+    def max_pages(self) -> int:
+        return self.table.shape[1]
+
+    def kv_bytes(self) -> int:
+        """K and V bytes the batch can see (what an ideal kernel reads once)."""
+        return sum(self.mix.kv_lens) * self.hkv * self.d * 2 * self.k.element_size()
+
+
+def make_batch(mix: Mix, hq: int, hkv: int, d: int, page_size: int, seed: int = 0,
+               device="cuda") -> Batch:
+    g = torch.Generator(device=device).manual_seed(seed)
+    need = [-(-n // page_size) for n in mix.kv_lens]
+    num_pages = sum(need)
+    perm = torch.randperm(num_pages, device=device, generator=g).to(torch.int32)
+    table = torch.zeros(mix.batch, max(need), dtype=torch.int32, device=device)
+    at = 0
+    for b, n in enumerate(need):
+        table[b, :n] = perm[at:at + n]
+        at += n
+    shape = (num_pages, page_size, hkv, d)
+    k = torch.randn(*shape, generator=g, device=device, dtype=torch.float16)
+    v = torch.randn(*shape, generator=g, device=device, dtype=torch.float16)
+    q = torch.randn(sum(mix.q_lens), hq, d, generator=g, device=device, dtype=torch.float16)
+
+    def cu(lens):
+        return torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32,
+                            device=device)
+
+    return Batch(mix, hq, hkv, d, page_size, q, k, v, table,
+                 torch.tensor(mix.kv_lens, dtype=torch.int32, device=device),
+                 cu(mix.q_lens), cu(mix.kv_lens))
+
+
+def dense_keys(batch: Batch, cache: torch.Tensor, b: int) -> torch.Tensor:
+    """Keys of sequence b gathered from the pages: [Lk_b, Hkv, D]."""
+    n = batch.mix.kv_lens[b]
+    pos = torch.arange(n, device=cache.device)
+    return cache[batch.table[b].long()[pos // batch.page_size], pos % batch.page_size]
+
+
+@dataclass
+class Built:
+    layer: Callable[[], torch.Tensor]
+    canonical: Callable[[torch.Tensor], torch.Tensor]
+    step: Callable[[], object] | None = None
+    note: str = ""
+
+
+def _same(out):
+    return out
+
+
+# -- skattn
+def build_skattn(batch: Batch, policy: str, **hardware) -> Built:
+    """`hardware`: sms= and occupancy= for the plans (default: the GPU's)."""
+    from skattn import serving
+
+    m = batch.mix
+    common = dict(batch=m.batch, q_heads=batch.hq, kv_heads=batch.hkv, head_dim=batch.d,
+                  page_size=batch.page_size, max_pages=batch.max_pages, policy=policy, **hardware)
+    wl_args = {}
+    if m.decode:
+        p = serving.serving_plan(q_len=1, max_kv_len=batch.max_pages * batch.page_size, **common)
+        q4 = batch.q.view(m.batch, 1, batch.hq, batch.d)
+        out = torch.empty_like(q4)
+        wl_args = dict(cache_seqlens=batch.lens)
+    else:
+        p = serving.serving_plan(max_q_len=max(m.q_lens), total_q=batch.q.shape[0],
+                                 max_kv_len=max(m.kv_lens), **common)
+        out = torch.empty_like(batch.q)
+        wl_args = dict(cu_seqlens_q=batch.cu_q, cu_seqlens_k=batch.cu_k)
+    ws = serving.workspace(p, device=batch.q.device)
+    wl = torch.empty(p.work_list_words, dtype=torch.int32, device=batch.q.device)
+
+    def step():
+        return serving.work_list(p, out=wl, **wl_args)
+
+    if m.decode:
+        def layer():
+            return serving.attention_with_kvcache(q4, batch.k, batch.v, cache_seqlens=batch.lens,
+                                                  block_table=batch.table, plan=p, out=out,
+                                                  workspace=ws, work_list=wl)
+    else:
+        def layer():
+            return serving.attention_varlen(batch.q, batch.k, batch.v, batch.cu_q, batch.cu_k,
+                                            max(m.q_lens), max(m.kv_lens), block_table=batch.table,
+                                            plan=p, out=out, workspace=ws, work_list=wl)
+    note = f"grid {p.programs}, fixup {p.fixup}" + (f", split {p.split}" if p.split > 1 else "")
+    return Built(layer, lambda o: o.reshape(-1, batch.hq, batch.d), step, note)
+
+
+# -- PyTorch SDPA on a padded dense batch (masked to each sequence's keys)
+def build_sdpa(batch: Batch) -> Built:
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    m = batch.mix
+    B, lq, lk = m.batch, max(m.q_lens), max(m.kv_lens)
+    kd = torch.zeros(B, batch.hkv, lk, batch.d, device="cuda", dtype=batch.k.dtype)
+    vd = torch.zeros_like(kd)
+    qd = torch.zeros(B, batch.hq, lq, batch.d, device="cuda", dtype=batch.q.dtype)
+    mask = torch.zeros(B, 1, lq, lk, device="cuda", dtype=torch.bool)
+    rows = []
+    cq = batch.cu_q.tolist()
+    for b in range(B):
+        n, nq = m.kv_lens[b], m.q_lens[b]
+        kd[b, :, :n] = dense_keys(batch, batch.k, b).transpose(0, 1)
+        vd[b, :, :n] = dense_keys(batch, batch.v, b).transpose(0, 1)
+        qd[b, :, :nq] = batch.q[cq[b]:cq[b] + nq].transpose(0, 1)
+        i = torch.arange(nq, device="cuda")[:, None]
+        mask[b, 0, :nq, :n] = torch.arange(n, device="cuda")[None, :] <= n - nq + i
+        rows += [(b, i) for i in range(nq)]
+    bi = torch.tensor([r[0] for r in rows], device="cuda")
+    ii = torch.tensor([r[1] for r in rows], device="cuda")
+    backends = [SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                SDPBackend.FLASH_ATTENTION]
+
+    def layer():
+        with sdpa_kernel(backends):
+            return F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, enable_gqa=True)
+
+    return Built(layer, lambda o: o[bi, :, ii], note=f"padded to {lk} keys")
+
+
+# -- FlexAttention over the page pool, the mask found through the page table
+def build_flex(batch: Batch) -> Built:
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from skattn.bench.providers import _flex_compiled
+
+    m, ps = batch.mix, batch.page_size
+    num_pages = batch.k.shape[0]
+    owner = torch.full((num_pages,), -1, dtype=torch.int32, device="cuda")
+    logical = torch.zeros(num_pages, dtype=torch.int32, device="cuda")
+    for b, n in enumerate(m.kv_lens):
+        pages = batch.table[b, :-(-n // ps)].long()
+        owner[pages] = b
+        logical[pages] = torch.arange(pages.numel(), dtype=torch.int32, device="cuda")
+    seq = torch.repeat_interleave(torch.arange(m.batch, device="cuda", dtype=torch.int32),
+                                  torch.tensor(m.q_lens, device="cuda"))
+    qpos = torch.cat([torch.arange(n, device="cuda", dtype=torch.int32) + (kl - n)
+                      for n, kl in zip(m.q_lens, m.kv_lens)])
+
+    def visible(b, h, q_idx, kv_idx):
+        page = kv_idx // ps
+        return (owner[page] == seq[q_idx]) & (logical[page] * ps + kv_idx % ps <= qpos[q_idx])
+
+    total_q = batch.q.shape[0]
+    block_mask = create_block_mask(visible, B=None, H=None, Q_LEN=total_q,
+                                   KV_LEN=num_pages * ps, device="cuda")
+    qf = batch.q.transpose(0, 1)[None].contiguous()
+    kf = batch.k.view(num_pages * ps, batch.hkv, batch.d).transpose(0, 1)[None].contiguous()
+    vf = batch.v.view(num_pages * ps, batch.hkv, batch.d).transpose(0, 1)[None].contiguous()
+    compiled = _flex_compiled()
+    return Built(lambda: compiled(qf, kf, vf, block_mask=block_mask, enable_gqa=True),
+                 lambda o: o[0].transpose(0, 1), note="page pool + block mask from the page table")
+
+
+# -- flash-attn's kvcache kernel on the padded dense cache (its paged form needs pages of 256)
+def build_flash_attn(batch: Batch) -> Built:
+    from flash_attn import flash_attn_with_kvcache
+
+    m = batch.mix
+    if not m.decode:
+        raise ValueError("flash-attn provider: decode mixes only")
+    lk = max(m.kv_lens)
+    kd = torch.zeros(m.batch, lk, batch.hkv, batch.d, device="cuda", dtype=batch.k.dtype)
+    vd = torch.zeros_like(kd)
+    for b in range(m.batch):
+        kd[b, :m.kv_lens[b]] = dense_keys(batch, batch.k, b)
+        vd[b, :m.kv_lens[b]] = dense_keys(batch, batch.v, b)
+    q4 = batch.q.view(m.batch, 1, batch.hq, batch.d)
+    return Built(lambda: flash_attn_with_kvcache(q4, kd, vd, cache_seqlens=batch.lens, causal=True),
+                 lambda o: o.reshape(-1, batch.hq, batch.d), note="dense padded cache")
+
+
+def build(name: str, batch: Batch) -> Built:
+    if name.startswith("skattn:"):
+        return build_skattn(batch, name.split(":", 1)[1])
+    return {"sdpa-padded": build_sdpa, "flex-paged": build_flex,
+            "flash-attn": build_flash_attn}[name](batch)
+
+
+def reference_rows(batch: Batch, seqs: list[int]) -> dict[int, torch.Tensor]:
+    """Float64 outputs [Lq_b, Hq, D] of the sequences `seqs` (per sequence, gathered keys)."""
+    from skattn.reference_serving import _one
+
+    out = {}
+    cq = batch.cu_q.tolist()
+    for b in seqs:
+        q = batch.q[cq[b]:cq[b + 1]]
+        o, _ = _one(q, dense_keys(batch, batch.k, b), dense_keys(batch, batch.v, b),
+                    return_lse=True, causal=True)
+        out[b] = o
+    return out

@@ -1,0 +1,157 @@
+"""The stream-K kernel over a ragged work list built on the GPU (docs/serving.md).
+
+Tiles are (row block rb, h) with h = KV head x head group; row block rb is token block j
+of sequence b. The work list (kernels/worklist.py) gives each row block's first item, its
+KV blocks per tile, b, j and first KV block; W and the effective program count N are in its
+header. Output and q rows of a sequence start at its first row (`qs_b`), so the dense
+helpers (`load_q`, `finalize_store`, the fused fixup) run on pointers moved to the
+sequence, with b = 0.
+"""
+import triton
+import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents
+
+from skattn.kernels.attention import _fused_fixup
+from skattn.kernels.kv_loop import load_q
+from skattn.kernels.ragged_kv import ragged_kv_loop
+from skattn.kernels.tile import finalize_store, program_start, store_partial, tile_rows
+from skattn.kernels.worklist import wl_offsets
+
+
+@triton.jit
+def find_row_block(RB_START, rb_max, item, SEARCH: tl.constexpr):
+    """The row block holding `item`: how many row blocks end at or before it (a vector
+    count over the prefix sums, SEARCH entries per load)."""
+    found = tl.zeros([], dtype=tl.int32)
+    for c0 in range(0, rb_max, SEARCH):
+        idx = c0 + 1 + tl.arange(0, SEARCH)
+        ends = tl.load(RB_START + idx, mask=idx <= rb_max, other=2147483647)
+        found += tl.sum((ends <= item).to(tl.int32), 0)
+    return found
+
+
+@triton.jit
+def sequence_of(WL, rb, h, batch, rb_max, ntiles_z):
+    """Tile (rb, h) -> b, token block, first KV block, Lq, Lk, first q row, first key row,
+    KV head g, head group z."""
+    o_lq, o_lk, o_qs, o_ks, _, _, _, o_seq, o_qblock, o_first = wl_offsets(batch, rb_max)
+    b = tl.load(WL + o_seq + rb)
+    qblock = tl.load(WL + o_qblock + rb)
+    kv_first = tl.load(WL + o_first + rb)
+    g = h // ntiles_z
+    return (b, qblock, kv_first, tl.load(WL + o_lq + b), tl.load(WL + o_lk + b),
+            tl.load(WL + o_qs + b), tl.load(WL + o_ks + b), g, h - g * ntiles_z)
+
+
+@triton.jit
+def ragged_attention_kernel(
+    Q, stride_qb, stride_qm, stride_qh,  # q [B, Lq, Hq, Dk] or packed [total_q, Hq, Dk] (stride_qb 0)
+    K, stride_kb, stride_kn, stride_kh,  # dense [B, L, Hkv, Dk]; packed (stride_kb 0); paged [pages, page_size, Hkv, Dk]
+    V, stride_vb, stride_vn, stride_vh,
+    O, stride_ob, stride_om, stride_oh,  # out: q's layout
+    LSE, stride_lb, stride_lh,  # lse [B, Hq, Lq] or [Hq, total_q] (tokens contiguous)
+    BT, stride_bt,  # block table [B, max_pages] int32 (paged)
+    SINKS, SLOPES,  # [Hq] f32
+    WS_O, WS_M, WS_L, COUNTERS,  # partials [N_grid*2, BLOCK_M, (Dv)], per-tile counters
+    WL,  # the work list
+    batch, rb_max, ratio, ntiles_z, hz, num_pages, split,
+    qk_scale, softcap_scale, window,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr,
+    DK_CHUNKS: tl.constexpr, BLOCK_DV: tl.constexpr,
+    HEADS_PER_TILE: tl.constexpr, TOKENS_PER_TILE: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    HAS_SINKS: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr,
+    RETURN_LSE: tl.constexpr, FUSED: tl.constexpr, PER_TILE_RANGES: tl.constexpr,
+    PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, DOT_F32: tl.constexpr,
+    SEARCH: tl.constexpr, FIXUP_COLS: tl.constexpr, FIXUP_ROWS: tl.constexpr,
+    MERGE_PIECES: tl.constexpr, USE_PDL: tl.constexpr,
+):
+    p = tl.program_id(0)
+    if USE_PDL == 1:
+        gdc_launch_dependents()
+    work = tl.load(WL + 0)
+    programs = tl.load(WL + 1)
+    _, _, _, _, _, o_start, o_count, _, _, _ = wl_offsets(batch, rb_max)
+    # -- this program's [start, end) of the real work list
+    if PER_TILE_RANGES:  # the split anchor: piece i of tile p // split
+        tile = p // split
+        i = p - tile * split
+        rb = tile // hz
+        h = tile - rb * hz
+        real = rb < tl.load(WL + 2)
+        rbs = tl.load(WL + o_start + rb, mask=real, other=0)
+        c = tl.load(WL + o_count + rb, mask=real, other=0)
+        start = rbs + h * c + i * c // split
+        end = rbs + h * c + (i + 1) * c // split
+        if real & (start == end) & (split > 1):  # an empty piece: an empty state to merge
+            store_partial(tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32),
+                          tl.full([BLOCK_M], float("-inf"), dtype=tl.float32),
+                          tl.zeros([BLOCK_M], dtype=tl.float32), p * 2, WS_O, WS_M, WS_L,
+                          HEAD_DIM_V, BLOCK_M, BLOCK_DV)
+    else:  # stream-K: an equal share of W among the N programs the work list chose
+        n = tl.maximum(programs, 1)
+        start = program_start(tl.minimum(p, programs), work, n)
+        end = program_start(tl.minimum(p + 1, programs), work, n)
+        rb = find_row_block(WL + o_start, rb_max, start, SEARCH)
+        inside = rb < rb_max
+        rbs = tl.load(WL + o_start + rb, mask=inside, other=0)
+        c = tl.load(WL + o_count + rb, mask=inside, other=1)
+        h = (start - rbs) // tl.maximum(c, 1)
+    item = start
+    while item < end:
+        first = rbs + h * c
+        stop = first + c
+        stop_here = tl.minimum(end, stop)
+        b, qblock, kv_first, lq, lk, qs, ks, g, z = sequence_of(WL, rb, h, batch, rb_max, ntiles_z)
+        qi, head, valid = tile_rows(g, z, qblock, lq, ratio, HEADS_PER_TILE, TOKENS_PER_TILE, BLOCK_M)
+        b64 = tl.cast(b, tl.int64)
+        Qb = Q + b64 * stride_qb + tl.cast(qs, tl.int64) * stride_qm
+        q = load_q(Qb, 0, qi, head, valid, 0, stride_qm, stride_qh, 0, HEAD_DIM, BLOCK_DK,
+                   K.dtype.element_ty)
+        if PAGED:
+            Kb = K + tl.cast(g, tl.int64) * stride_kh
+            Vb = V + tl.cast(g, tl.int64) * stride_vh
+        else:
+            Kb = K + b64 * stride_kb + tl.cast(ks, tl.int64) * stride_kn + tl.cast(g, tl.int64) * stride_kh
+            Vb = V + b64 * stride_vb + tl.cast(ks, tl.int64) * stride_vn + tl.cast(g, tl.int64) * stride_vh
+        acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        kv0 = kv_first - first
+        acc, m_i, l_i = ragged_kv_loop(
+            acc, m_i, l_i, q, Qb, Kb, Vb, BT + b64 * stride_bt, SLOPES, qi, head, valid,
+            kv0 + item, kv0 + stop_here, stride_qm, stride_qh, stride_kb, stride_kn,
+            stride_vb, stride_vn, lq, lk, num_pages, qk_scale, softcap_scale, window,
+            qblock * TOKENS_PER_TILE, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_DK, DK_CHUNKS,
+            BLOCK_DV, CAUSAL, HAS_WINDOW, HAS_ALIBI, SOFTCAP, DOT_F32, PAGED, PAGE_SIZE)
+        Ob = O + b64 * stride_ob + tl.cast(qs, tl.int64) * stride_om
+        LSEb = LSE + b64 * stride_lb + qs
+        whole = (item == first) & (stop_here == stop)
+        if PER_TILE_RANGES:
+            whole = whole & (split == 1)
+        if whole:
+            # -- the whole tile is ours: normalise and write
+            finalize_store(acc, m_i, l_i, 0, qi, head, valid, Ob, 0, stride_om, stride_oh,
+                           LSEb, 0, stride_lh, SINKS, HEAD_DIM_V, BLOCK_DV, HAS_SINKS, RETURN_LSE)
+        else:
+            # -- a piece of a cut tile: slot 0 for our first tile, 1 for our last
+            slot = p * 2 + (item != start).to(tl.int32)
+            store_partial(acc, m_i, l_i, slot, WS_O, WS_M, WS_L, HEAD_DIM_V, BLOCK_M, BLOCK_DV)
+            if FUSED:
+                _fused_fixup(rb * hz + h, first, stop, work, programs, 0, g, z, qblock, lq, ratio,
+                             Ob, 0, stride_om, stride_oh, LSEb, 0, stride_lh, SINKS,
+                             WS_O, WS_M, WS_L, COUNTERS, HEAD_DIM_V, BLOCK_M, BLOCK_DV,
+                             HEADS_PER_TILE, TOKENS_PER_TILE, HAS_SINKS, RETURN_LSE, FIXUP_COLS,
+                             FIXUP_ROWS, MERGE_PIECES)
+        item = stop_here
+        # -- the next tile: the next head group, or the next row block's first
+        h += 1
+        next_rb = h == hz
+        rb = tl.where(next_rb, rb + 1, rb)
+        h = tl.where(next_rb, 0, h)
+        inside = rb < rb_max
+        rbs = tl.load(WL + o_start + rb, mask=inside, other=0)
+        c = tl.load(WL + o_count + rb, mask=inside, other=1)
+    if USE_PDL == 2:
+        gdc_launch_dependents()

@@ -1,0 +1,148 @@
+"""The KV loop of one tile of a ragged batch: dense, packed or paged K/V (docs/serving.md).
+
+The math is `kv_loop`'s (scores, softcap, ALiBi, causal and window masks, online softmax);
+what differs is where key rows live. Dense and packed rows are `row x stride` from the
+sequence's base; a paged row is gathered through the block table, one page id per key, so
+any page size that is a multiple of 16 works with any BLOCK_N (a block reads the ids of
+the few pages it spans as scalars). A page id outside
+[0, num_pages) is not read: its keys count as masked.
+"""
+import triton
+import triton.language as tl
+
+from skattn.kernels.kv_loop import _dot, load_q
+from skattn.kernels.tile import LOG2E
+
+
+@triton.jit
+def _key_rows(BT, blk, kv_len, num_pages, stride_kb, stride_kn, stride_vb, stride_vn,
+              PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Offsets of the K and V rows of KV block `blk` and which rows may be read."""
+    offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+    if PAGED:
+        # the block's keys lie in at most PAGES pages: one scalar id each (a vector gather of
+        # ids would make Triton's pipeliner keep a single K/V buffer: an indirect load)
+        if PAGE_SIZE % BLOCK_N == 0:
+            PAGES: tl.constexpr = 1
+        elif BLOCK_N % PAGE_SIZE == 0:
+            PAGES: tl.constexpr = BLOCK_N // PAGE_SIZE
+        else:
+            PAGES: tl.constexpr = BLOCK_N // PAGE_SIZE + 2
+        first = (blk * BLOCK_N) // PAGE_SIZE
+        local = offs_n // PAGE_SIZE - first
+        page = tl.full([BLOCK_N], -1, dtype=tl.int32)
+        for j in tl.static_range(PAGES):
+            pj = tl.load(BT + first + j, mask=(first + j) * PAGE_SIZE < kv_len, other=-1)
+            page = tl.where(local == j, pj, page)
+        ok = (page >= 0) & (page < num_pages)
+        page = tl.where(ok, page, 0).to(tl.int64)
+        row = offs_n % PAGE_SIZE
+        krow = page * stride_kb + row * stride_kn
+        vrow = page * stride_vb + row * stride_vn
+    else:
+        ok = offs_n >= 0
+        krow = offs_n * stride_kn
+        vrow = offs_n * stride_vn
+    return offs_n, krow, vrow, ok
+
+
+@triton.jit
+def _ragged_step(acc, m_i, l_i, q, Qb, Kb, Vb, BT, slope, qi, head, valid, qpos, blk,
+                 stride_qm, stride_qh, stride_kb, stride_kn, stride_vb, stride_vn,
+                 kv_len, num_pages, qk_scale, softcap_scale, window,
+                 HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_DK: tl.constexpr, DK_CHUNKS: tl.constexpr, BLOCK_DV: tl.constexpr,
+                 CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                 SOFTCAP: tl.constexpr, DOT_F32: tl.constexpr, PAGED: tl.constexpr,
+                 PAGE_SIZE: tl.constexpr, MASKED: tl.constexpr):
+    """One KV block. MASKED=False: inside Lk and visible to every row (pages still checked)."""
+    offs_n, krow, vrow, ok = _key_rows(BT, blk, kv_len, num_pages, stride_kb, stride_kn,
+                                       stride_vb, stride_vn, PAGED, PAGE_SIZE, BLOCK_N)
+    if MASKED:
+        ok = ok & (offs_n < kv_len)
+    # -- scores
+    if DK_CHUNKS == 1:
+        dk = tl.arange(0, BLOCK_DK)
+        kptrs = Kb + krow[None, :] + dk[:, None]
+        if MASKED or PAGED:
+            kt = tl.load(kptrs, mask=ok[None, :] & (dk[:, None] < HEAD_DIM), other=0.0)
+        elif HEAD_DIM == BLOCK_DK:
+            kt = tl.load(kptrs)
+        else:
+            kt = tl.load(kptrs, mask=dk[:, None] < HEAD_DIM, other=0.0)
+        qk = _dot(q, kt, DOT_F32)
+    else:
+        qk = tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32)
+        for c in tl.static_range(DK_CHUNKS):
+            qc = load_q(Qb, 0, qi, head, valid, 0, stride_qm, stride_qh, c, HEAD_DIM, BLOCK_DK,
+                        Kb.dtype.element_ty)
+            dk = c * BLOCK_DK + tl.arange(0, BLOCK_DK)
+            kc = tl.load(Kb + krow[None, :] + dk[:, None],
+                         mask=ok[None, :] & (dk[:, None] < HEAD_DIM), other=0.0)
+            qk += _dot(qc, kc, DOT_F32)
+    if SOFTCAP:
+        e = tl.exp2(qk * softcap_scale * (2.0 * LOG2E))
+        s = qk_scale * (1.0 - 2.0 / (e + 1.0))  # qk_scale = softcap * log2(e) here
+    else:
+        s = qk * qk_scale
+    # -- bias and masks
+    if HAS_ALIBI:
+        s -= slope[:, None] * tl.abs(qpos[:, None] - offs_n[None, :]).to(tl.float32)
+    keep = ok[None, :]
+    if MASKED:
+        if CAUSAL:
+            keep = keep & (offs_n[None, :] <= qpos[:, None])
+        if HAS_WINDOW:
+            keep = keep & (offs_n[None, :] > qpos[:, None] - window)
+        s = tl.where(keep, s, float("-inf"))
+    elif PAGED:
+        s = tl.where(keep, s, float("-inf"))
+    # -- online softmax; a row with every score -inf so far keeps m = -inf and l = 0
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_use[:, None])
+    alpha = tl.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    dv = tl.arange(0, BLOCK_DV)
+    vptrs = Vb + vrow[:, None] + dv[None, :]
+    if MASKED or PAGED:
+        vt = tl.load(vptrs, mask=ok[:, None] & (dv[None, :] < HEAD_DIM_V), other=0.0)
+    elif HEAD_DIM_V == BLOCK_DV:
+        vt = tl.load(vptrs)
+    else:
+        vt = tl.load(vptrs, mask=dv[None, :] < HEAD_DIM_V, other=0.0)
+    acc = acc * alpha[:, None] + _dot(p.to(vt.dtype), vt, DOT_F32)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def ragged_kv_loop(acc, m_i, l_i, q, Qb, Kb, Vb, BT, SLOPES, qi, head, valid, blk_lo, blk_hi,
+                   stride_qm, stride_qh, stride_kb, stride_kn, stride_vb, stride_vn,
+                   q_len, kv_len, num_pages, qk_scale, softcap_scale, window, first_token,
+                   HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_DK: tl.constexpr, DK_CHUNKS: tl.constexpr, BLOCK_DV: tl.constexpr,
+                   CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                   SOFTCAP: tl.constexpr, DOT_F32: tl.constexpr, PAGED: tl.constexpr,
+                   PAGE_SIZE: tl.constexpr):
+    """Online softmax over KV blocks [blk_lo, blk_hi) of one tile of sequence lengths
+    (q_len, kv_len): first the blocks that need no mask, then the rest (`tile_kv_loop`)."""
+    qpos = kv_len - q_len + qi
+    if HAS_ALIBI:
+        slope = tl.load(SLOPES + head, mask=valid, other=0.0).to(tl.float32) * LOG2E
+    else:
+        slope = 0.0
+    full_end = kv_len // BLOCK_N
+    if CAUSAL:
+        full_end = tl.minimum(full_end, (kv_len - q_len + first_token + 1) // BLOCK_N)
+    if HAS_WINDOW or DK_CHUNKS > 1:
+        full_end = blk_lo
+    mid = tl.maximum(blk_lo, tl.minimum(blk_hi, full_end))
+    for masked in tl.static_range(2):  # blocks blk_lo..mid unmasked, mid..blk_hi masked
+        for blk in range(blk_lo + (mid - blk_lo) * masked, mid + (blk_hi - mid) * masked):
+            acc, m_i, l_i = _ragged_step(
+                acc, m_i, l_i, q, Qb, Kb, Vb, BT, slope, qi, head, valid, qpos, blk,
+                stride_qm, stride_qh, stride_kb, stride_kn, stride_vb, stride_vn,
+                kv_len, num_pages, qk_scale, softcap_scale, window, HEAD_DIM, HEAD_DIM_V,
+                BLOCK_N, BLOCK_DK, DK_CHUNKS, BLOCK_DV, CAUSAL, HAS_WINDOW, HAS_ALIBI, SOFTCAP,
+                DOT_F32, PAGED, PAGE_SIZE, masked == 1)
+    return acc, m_i, l_i

@@ -1,0 +1,234 @@
+"""Attention over ragged batches and paged KV caches (docs/serving.md).
+
+`attention_with_kvcache` (FlashAttention's `flash_attn_with_kvcache` convention) and
+`attention_varlen` (`flash_attn_varlen_func`'s) run the stream-K kernel over a work list
+built on the GPU from the lengths, so a CUDA graph captured once serves every step.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+
+from skattn import serving_checks as sc
+from skattn import serving_launch as sl
+from skattn.device import hardware, shared_memory_limit
+from skattn.launch import default_scale
+from skattn.serving_checks import check_values
+from skattn.serving_plan import ServingPlan, serving_plan
+
+__all__ = ["attention_with_kvcache", "attention_varlen", "serving_plan", "ServingPlan",
+           "work_list", "workspace", "check_values"]
+
+_DT = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+@lru_cache(maxsize=256)
+def _cached_plan(device, **bounds) -> ServingPlan:
+    sms, occ = hardware(device)
+    return serving_plan(sms=sms, occupancy=occ, smem_limit=shared_memory_limit(device), **bounds)
+
+
+def _plan(plan, device, bounds: dict) -> ServingPlan:
+    if plan is None:
+        return _cached_plan(device, **bounds)
+    if not isinstance(plan, ServingPlan):
+        raise TypeError(f"plan must be a skattn.ServingPlan (from skattn.serving_plan), got "
+                        f"{type(plan).__name__}")
+    dtype = bounds.pop("dtype")
+    sc.plan_matches(plan, dtype=_DT[dtype], **bounds)
+    return plan
+
+
+def workspace(plan: ServingPlan, device=None) -> torch.Tensor:
+    """A zeroed workspace for calls with `plan` (partials, the work list, fused counters):
+    pass it as `workspace=` when capturing CUDA graphs."""
+    device = torch.device("cuda") if device is None else torch.device(device)
+    return sl.allocate(plan, device)
+
+
+def work_list(plan: ServingPlan, *, cache_seqlens=None, cu_seqlens_q=None, cu_seqlens_k=None,
+              out=None) -> torch.Tensor:
+    """Build the work list of one batch on the GPU, to share among calls (`work_list=`).
+
+    Parameters
+    ----------
+    plan : ServingPlan
+    cache_seqlens : Tensor [B] int32, for attention_with_kvcache plans
+    cu_seqlens_q, cu_seqlens_k : Tensor [B + 1] int32, for attention_varlen plans
+    out : Tensor, optional
+        int32 buffer of at least `plan.work_list_words` elements to build into.
+
+    Returns
+    -------
+    Tensor
+        int32 [plan.work_list_words]; valid until the lengths change (rebuild each step,
+        inside the captured graph).
+    """
+    seq = cache_seqlens if not plan.varlen else cu_seqlens_k
+    if not isinstance(seq, torch.Tensor):
+        raise TypeError("work_list needs cache_seqlens (attention_with_kvcache plans) or "
+                        "cu_seqlens_q and cu_seqlens_k (attention_varlen plans)")
+    n = plan.batch if not plan.varlen else plan.batch + 1
+    sc._int32("cache_seqlens" if not plan.varlen else "cu_seqlens_k", seq, (n,), seq.device)
+    if plan.varlen:
+        sc._int32("cu_seqlens_q", cu_seqlens_q, (n,), seq.device)
+    if out is None:
+        out = torch.empty(plan.work_list_words, dtype=torch.int32, device=seq.device)
+    _check_work_list(plan, out, seq.device)
+    sl.build(plan, out[:plan.work_list_words], seq_k=seq, cu_k=plan.varlen,
+             seq_q=cu_seqlens_q if plan.varlen else None)
+    return out
+
+
+def _check_work_list(plan, wl, device) -> None:
+    if (not isinstance(wl, torch.Tensor) or wl.dtype != torch.int32 or wl.device != device
+            or wl.numel() < plan.work_list_words or not wl.is_contiguous()):
+        raise ValueError(f"work_list must be a contiguous int32 tensor of at least "
+                         f"{plan.work_list_words} elements on {device} (skattn.serving.work_list)")
+
+
+def _run(plan, q, k, v, out, lse, *, seq_k, seq_q, block_table, scale, sinks, softcap,
+         alibi_slopes, workspace, work_list):
+    device = q.device
+    b = sl.bind(plan, device)
+    stream = sl._stream(b, device)
+    ws_o, ws_m, ws_l, counters, wl = sl._views(plan, b, workspace, device, stream)
+    if work_list is None:
+        sl.build(plan, wl, seq_k=seq_k, cu_k=plan.varlen, seq_q=seq_q)
+    else:
+        _check_work_list(plan, work_list, device)
+        wl = work_list
+    sl.run(plan, q, k, v, out, lse, wl=wl, block_table=block_table, scale=scale, sinks=sinks,
+           softcap=float(softcap), alibi_slopes=alibi_slopes, ws_views=(ws_o, ws_m, ws_l, counters))
+
+
+def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, block_table=None,
+                           causal=True, window=None, sinks=None, softcap=0.0,
+                           alibi_slopes=None, scale=None, return_lse=False, plan=None,
+                           out=None, workspace=None, work_list=None):
+    """Attention of the newest tokens of B sequences over a dense or paged KV cache.
+
+    Parameters
+    ----------
+    q : Tensor [B, Lq, Hq, Dk], f16, bf16 or f32
+        The Lq newest tokens of each sequence (already written to the cache).
+    k_cache, v_cache : Tensor, f16 or bf16
+        Dense ``[B, Lmax, Hkv, D]``, or paged ``[num_pages, page_size, Hkv, D]`` with
+        `block_table` (page_size a multiple of 16).
+    cache_seqlens : Tensor [B] int32, on q's device
+        Keys of each sequence, the new tokens included; may change between graph replays.
+    block_table : Tensor [B, max_pages] int32, optional
+        Page of keys ``[j page_size, (j+1) page_size)`` of sequence b: ``block_table[b, j]``.
+        Pages may be shared between sequences (read only).
+    causal : bool
+        Bottom-right causal per sequence: query i of b sits at ``cache_seqlens[b] - Lq + i``.
+    window, sinks, softcap, alibi_slopes, scale, return_lse
+        As in `skattn.attention`.
+    plan : ServingPlan, optional
+        From `skattn.serving_plan(batch=B, q_len=Lq, max_kv_len=..., ...)`; default: one for
+        the current GPU, cached per shape.
+    out : Tensor [B, Lq, Hq, Dv], optional
+    workspace : Tensor, optional
+        `skattn.serving.workspace(plan)`: pass one when capturing CUDA graphs.
+    work_list : Tensor, optional
+        A work list built for this batch by `skattn.serving.work_list` (skips building one).
+
+    Returns
+    -------
+    out [B, Lq, Hq, Dv], or (out, lse [B, Hq, Lq] f32)
+        Rows that see no key give 0 (lse -inf).
+
+    Raises
+    ------
+    TypeError, ValueError
+        Before any launch (`skattn.serving_checks`): dtypes (lengths and block table int32),
+        shapes, devices, a page size not a multiple of 16, a plan made for other bounds; on
+        CPU tensors also bad lengths and page ids. GPU lengths are not read: the kernels
+        clamp them to the cache and skip pages out of range (docs/serving.md).
+    """
+    paged, hkv, dv = sc.kvcache_args(q, k_cache, v_cache, cache_seqlens=cache_seqlens,
+                                     block_table=block_table, scale=scale, causal=causal,
+                                     window=window, sinks=sinks, softcap=softcap,
+                                     alibi_slopes=alibi_slopes, return_lse=return_lse, out=out)
+    B, Lq, Hq, Dk = q.shape
+    if paged:
+        ps = k_cache.shape[1]
+        bounds = dict(batch=B, q_len=Lq, max_kv_len=block_table.shape[1] * ps, page_size=ps,
+                      max_pages=block_table.shape[1])
+    else:
+        bounds = dict(batch=B, q_len=Lq, max_kv_len=k_cache.shape[1], page_size=None)
+    bounds.update(q_heads=Hq, kv_heads=hkv, head_dim=Dk, head_dim_v=dv, dtype=k_cache.dtype,
+                  causal=causal, window=window)
+    plan = _plan(plan, q.device, bounds)
+    if out is None:
+        out = torch.empty(B, Lq, Hq, dv, device=q.device, dtype=q.dtype)
+    lse = torch.empty(B, Hq, Lq, device=q.device, dtype=torch.float32) if return_lse else None
+    scale = default_scale(Dk) if scale is None else float(scale)
+    _run(plan, q, k_cache, v_cache, out, lse, seq_k=cache_seqlens, seq_q=None,
+         block_table=block_table, scale=scale, sinks=sinks, softcap=softcap,
+         alibi_slopes=alibi_slopes, workspace=workspace, work_list=work_list)
+    return (out, lse) if return_lse else out
+
+
+def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
+                     block_table=None, causal=True, window=None, sinks=None, softcap=0.0,
+                     alibi_slopes=None, scale=None, return_lse=False, plan=None, out=None,
+                     workspace=None, work_list=None):
+    """Attention of packed sequences of different lengths (mixed prefill and decode).
+
+    Parameters
+    ----------
+    q : Tensor [total_q, Hq, Dk], f16, bf16 or f32
+        Sequence b's queries are rows ``cu_seqlens_q[b] .. cu_seqlens_q[b+1] - 1``.
+    k, v : Tensor, f16 or bf16
+        Packed ``[total_k, Hkv, D]`` (sequence b's keys at rows ``cu_seqlens_k[b]`` on), or
+        paged caches ``[num_pages, page_size, Hkv, D]`` with `block_table`.
+    cu_seqlens_q, cu_seqlens_k : Tensor [B + 1] int32, on q's device
+        Non-decreasing offsets; with a block table only the differences of cu_seqlens_k
+        (the key counts) are used.
+    max_seqlen_q, max_seqlen_k : int
+        Upper bounds of the lengths, kept on the host (they size the plan).
+    block_table : Tensor [B, max_pages] int32, optional
+    causal : bool
+        Bottom-right causal per sequence: query i of b sits at ``Lk_b - Lq_b + i``.
+    window, sinks, softcap, alibi_slopes, scale, return_lse, plan, out, workspace, work_list
+        As in `attention_with_kvcache` (plan from `skattn.serving_plan(batch=B,
+        max_q_len=max_seqlen_q, total_q=total_q, max_kv_len=max_seqlen_k, ...)`).
+
+    Returns
+    -------
+    out [total_q, Hq, Dv], or (out, lse [Hq, total_q] f32)
+        Rows of q that belong to no sequence are not written.
+
+    Raises
+    ------
+    TypeError, ValueError
+        As `attention_with_kvcache`; on CPU tensors also non-monotone offsets, offsets past
+        the packed tensors and lengths above the bounds.
+    """
+    paged, hkv, dv, B = sc.varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                       max_seqlen_k, block_table=block_table, scale=scale,
+                                       causal=causal, window=window, sinks=sinks,
+                                       softcap=softcap, alibi_slopes=alibi_slopes,
+                                       return_lse=return_lse, out=out)
+    total_q, Hq, Dk = q.shape
+    bounds = dict(batch=B, max_q_len=max_seqlen_q, total_q=total_q, max_kv_len=max_seqlen_k)
+    if paged:
+        bounds.update(page_size=k.shape[1], max_pages=block_table.shape[1])
+    else:
+        bounds.update(total_k=k.shape[0], page_size=None)
+    bounds.update(q_heads=Hq, kv_heads=hkv, head_dim=Dk, head_dim_v=dv, dtype=k.dtype,
+                  causal=causal, window=window)
+    if plan is not None and plan.q_len is not None:
+        raise ValueError("plan was made for attention_with_kvcache (q_len); plan varlen "
+                         "batches with max_q_len and total_q")
+    plan = _plan(plan, q.device, bounds)
+    if out is None:
+        out = torch.empty(total_q, Hq, dv, device=q.device, dtype=q.dtype)
+    lse = torch.empty(Hq, total_q, device=q.device, dtype=torch.float32) if return_lse else None
+    scale = default_scale(Dk) if scale is None else float(scale)
+    _run(plan, q, k, v, out, lse, seq_k=cu_seqlens_k, seq_q=cu_seqlens_q,
+         block_table=block_table, scale=scale, sinks=sinks, softcap=softcap,
+         alibi_slopes=alibi_slopes, workspace=workspace, work_list=work_list)
+    return (out, lse) if return_lse else out

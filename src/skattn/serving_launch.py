@@ -1,0 +1,247 @@
+"""Turn a ServingPlan into launches: the work-list step, the main kernel, the fixup.
+
+As in `skattn.launch`: what depends only on the plan is bound once per device, a call packs
+its tensors and launches the compiled kernels directly (keyed by what changes their code),
+never synchronises and allocates nothing, so it can be captured in a CUDA graph.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from skattn import buffers as ws
+from skattn.device import interpreting
+from skattn.kernels import ragged as _ragged
+from skattn.kernels import ragged_fixup as _fix
+from skattn.kernels import worklist as _wl
+from skattn.launch import LOG2E, _launch, _no_hooks, _spec, pieces_per_step
+from skattn.serving_plan import POLICY_CODE, ServingPlan, n_sat
+
+INT32_MAX = 2**31 - 1
+RB_CHUNK = 256
+_WL_POOL: dict = {}  # (device, stream) -> an int32 buffer for work lists built per call
+_KEYS: dict = {}
+
+
+def _pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+def _many_pieces(plan: ServingPlan) -> bool:
+    return plan.programs >= 4 * plan.tiles_max
+
+
+@dataclass
+class Bound:
+    """A serving plan bound to one device."""
+
+    plan: ServingPlan
+    device: torch.device
+    cost: torch.Tensor     # f64 [us_per_item, us_per_piece, us_launch, shared_round]
+    wl_const: dict
+    main_const: dict
+    fix_kernel: str | None
+    fix_const: dict
+    fix_grid: tuple
+    layout: tuple          # partials (f32 of O, f32 of m), counters
+    kid: int
+    consts: dict
+    cuda: bool
+
+
+def bind(plan: ServingPlan, device) -> Bound:
+    device = torch.device(device)
+    cache = plan.__dict__.setdefault("_bound", {})
+    b = cache.get(device)
+    if b is None:
+        b = cache[device] = _bind(plan, device)
+    return b
+
+
+def _pdl(plan: ServingPlan, device: torch.device) -> bool:
+    if not plan.tuning.pdl or interpreting() or plan.fixup not in ("uniform", "general"):
+        return False
+    if not _many_pieces(plan) or device.type != "cuda":
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _bind(plan: ServingPlan, device: torch.device) -> Bound:
+    g, t = plan.geometry, plan.tuning
+    m = plan.cost_model
+    cost = torch.tensor([m.us_per_item, m.us_per_piece, m.us_launch, m.shared_round],
+                        dtype=torch.float64, device=device)
+    block_b = _pow2(max(2, plan.batch))
+    wl_const = dict(VARLEN_Q=plan.varlen, CAUSAL=plan.causal or plan.window is not None,
+                    HAS_WINDOW=plan.window is not None, POLICY=POLICY_CODE[plan.policy],
+                    FUSED=plan.fixup == "fused", TOKENS=g.tokens_per_tile, BLOCK_N=g.block_n,
+                    BLOCK_B=block_b, LOG_B=block_b.bit_length() - 1,
+                    RB_CHUNK=min(RB_CHUNK, _pow2(max(2, plan.rb_max))),
+                    NB=_pow2(max(2, plan.programs)), num_warps=4)
+    pdl = _pdl(plan, device)
+    fused_dv = min(g.block_dv, t.fused_dv or g.block_dv)
+    fused_rows = min(g.block_m, 1 << (g.heads_per_tile * g.tokens_per_tile - 1).bit_length())
+    search = min(1024, _pow2(max(2, plan.rb_max)))
+    common = dict(HEAD_DIM_V=plan.head_dim_v, BLOCK_M=g.block_m, BLOCK_DV=g.block_dv,
+                  HEADS_PER_TILE=g.heads_per_tile, TOKENS_PER_TILE=g.tokens_per_tile)
+    main_const = dict(
+        HEAD_DIM=plan.head_dim, BLOCK_N=g.block_n, BLOCK_DK=g.block_dk, DK_CHUNKS=g.dk_chunks,
+        CAUSAL=plan.causal or plan.window is not None, HAS_WINDOW=plan.window is not None,
+        FUSED=plan.fixup == "fused", PER_TILE_RANGES=plan.per_tile_ranges,
+        PAGED=plan.layout == "paged", PAGE_SIZE=plan.page_size or 16, SEARCH=search,
+        FIXUP_COLS=fused_dv, FIXUP_ROWS=fused_rows,
+        MERGE_PIECES=pieces_per_step(fused_rows, fused_dv, g.num_warps, t.fused_merge_elements),
+        USE_PDL=(1 if t.pdl_trigger == "start" else 2) if pdl else 0,
+        num_warps=g.num_warps, num_stages=g.num_stages, **common)
+    fix_kernel = plan.fixup if plan.fixup in ("uniform", "general") else None
+    fix_dv = min(g.block_dv, t.fixup_dv)
+    fix_m = min(g.block_m, t.fixup_rows) if _many_pieces(plan) else g.block_m
+    first = plan.tiles_max if fix_kernel == "uniform" else plan.programs
+    fix_grid = (first, g.block_dv // fix_dv, g.block_m // fix_m)
+    fix_const = dict(common, BLOCK_DV=fix_dv, ROWS=fix_m, USE_PDL=pdl, num_warps=4,
+                     MERGE_PIECES=pieces_per_step(fix_m, fix_dv, 4, t.merge_elements),
+                     LOADS_FIRST=t.merge_loads_first)
+    if fix_kernel == "general":
+        fix_const["SEARCH"] = search
+    if pdl:
+        fix_const["launch_pdl"] = True
+    if plan.fixup == "none":
+        layout = (0, 0, 0)
+    else:
+        rows = plan.programs * 2 * g.block_m
+        layout = (rows * plan.head_dim_v, rows, plan.tiles_max if plan.fixup == "fused" else 0)
+    ints = (plan.batch, plan.rb_max, plan.gqa_ratio, plan.ntiles_z, plan.hz, plan.split,
+            plan.total_q, plan.max_q_len, plan.q_len or 0, plan.window or 0, plan.programs,
+            plan.key_capacity, plan.total_k or INT32_MAX, n_sat(plan), plan.per_sm)
+    key = (device, tuple(sorted(wl_const.items())), tuple(sorted(main_const.items())),
+           tuple(sorted(fix_const.items())), fix_kernel, tuple(_spec(x) for x in ints))
+    kid = _KEYS.setdefault(key, len(_KEYS))
+    return Bound(plan, device, cost, wl_const, main_const, fix_kernel, fix_const, fix_grid,
+                 layout, kid, {}, device.type == "cuda" and not interpreting())
+
+
+def workspace_bytes(plan: ServingPlan) -> int:
+    """Bytes of a caller's workspace for `plan`: partials, the work list, counters."""
+    o, m, c = _layout(plan)
+    return (o + 2 * m) * 4 + plan.work_list_words * 4 + c * 4
+
+
+def _layout(plan: ServingPlan) -> tuple:
+    if plan.fixup == "none":
+        return 0, 0, 0
+    rows = plan.programs * 2 * plan.geometry.block_m
+    return rows * plan.head_dim_v, rows, plan.tiles_max if plan.fixup == "fused" else 0
+
+
+def allocate(plan: ServingPlan, device) -> torch.Tensor:
+    """A zeroed workspace for `plan` (its fused counters must start at 0)."""
+    return torch.zeros(max(16, workspace_bytes(plan)), dtype=torch.uint8, device=device)
+
+
+def _views(plan: ServingPlan, b: Bound, workspace, device, stream):
+    """(ws_o, ws_m, ws_l, counters, work list) from a caller's buffer or the pools."""
+    o, m, c = b.layout
+    if workspace is not None:
+        need = workspace_bytes(plan)
+        if (not isinstance(workspace, torch.Tensor) or not workspace.is_contiguous()
+                or workspace.device != device):
+            raise ValueError(f"workspace must be a contiguous tensor on {device}")
+        raw = workspace.view(-1).view(torch.uint8)
+        if raw.numel() < need or raw.data_ptr() % 16:
+            raise ValueError(f"workspace must hold {need} bytes, 16-byte aligned "
+                             f"(skattn.serving.workspace(plan) allocates one)")
+        ws_o, ws_m, ws_l, counters = ws.views(raw, b.layout)
+        at = (o + 2 * m) * 4
+        wl = raw[at:at + plan.work_list_words * 4].view(torch.int32)
+        return ws_o, ws_m, ws_l, counters, wl
+    ws_o, ws_m, ws_l, counters = ws.pooled(b.layout, (o + 2 * m + c) * 4, device, stream)
+    key = (device, stream)
+    wl = _WL_POOL.get(key)
+    if wl is None or wl.numel() < plan.work_list_words:
+        wl = _WL_POOL[key] = torch.empty(max(plan.work_list_words, 256), dtype=torch.int32,
+                                         device=device)
+    return ws_o, ws_m, ws_l, counters, wl[:plan.work_list_words]
+
+
+def _stream(b: Bound, device) -> int:
+    return torch._C._cuda_getCurrentRawStream(device.index) if b.cuda else 0
+
+
+def build(plan: ServingPlan, wl: torch.Tensor, *, seq_k: torch.Tensor, cu_k: bool,
+          seq_q: torch.Tensor | None) -> None:
+    """Launch the work-list step into `wl` (plan.work_list_words int32)."""
+    device = wl.device
+    cap_k = plan.key_capacity
+    total_k = plan.total_k if plan.layout == "packed" else INT32_MAX
+    b = bind(plan, device)
+    stream = _stream(b, device)
+    args = (seq_k, seq_q if seq_q is not None else seq_k, wl, b.cost, plan.batch,
+            plan.q_len or 0, plan.max_q_len, plan.total_q, cap_k, total_k, plan.hz, plan.rb_max,
+            plan.window or 0, plan.programs, plan.split, n_sat(plan), plan.per_sm)
+    const = dict(b.wl_const, CU_K=cu_k)
+    key = None
+    if b.cuda and _no_hooks():
+        key = (b.kid, "wl", cu_k, *(x.data_ptr() % 16 == 0 for x in (seq_k, args[1], wl)))
+    _launch(_wl.work_list_kernel, key, args, const, (1, 1, 1), stream)
+
+
+def run(plan: ServingPlan, q, k, v, out, lse, *, wl, block_table, scale: float, sinks=None,
+        softcap=0.0, alibi_slopes=None, ws_views=None) -> None:
+    """Launch the main kernel and the plan's separate fixup over the work list `wl`."""
+    device = q.device
+    b = bind(plan, device)
+    stream = _stream(b, device)
+    ws_o, ws_m, ws_l, counters = ws_views
+    if softcap:
+        qk_scale, softcap_scale = softcap * LOG2E, scale / softcap
+    else:
+        qk_scale, softcap_scale = scale * LOG2E, 1.0
+    features = (sinks is not None, alibi_slopes is not None, bool(softcap), lse is not None,
+                not b.cuda and k.dtype == torch.bfloat16)
+    consts = b.consts.get(features)
+    if consts is None:
+        has_sinks, has_alibi, soft, has_lse, dot_f32 = features
+        main = dict(b.main_const, HAS_SINKS=has_sinks, HAS_ALIBI=has_alibi, SOFTCAP=soft,
+                    RETURN_LSE=has_lse, DOT_F32=dot_f32)
+        fix = dict(b.fix_const, HAS_SINKS=has_sinks, RETURN_LSE=has_lse)
+        consts = b.consts[features] = (main, fix)
+    main_const, fix_const = consts
+    if plan.varlen:  # packed q and out [total_q, H, D]; lse [Hq, total_q]
+        qs = (0, q.stride(0), q.stride(1))
+        os_ = (0, out.stride(0), out.stride(1))
+        ls = (0, lse.stride(0)) if lse is not None else (0, 0)
+    else:
+        qs = q.stride()[:3]
+        os_ = out.stride()[:3]
+        ls = (lse.stride(0), lse.stride(1)) if lse is not None else (0, 0)
+    if plan.layout == "packed":
+        ks, vs = (0, k.stride(0), k.stride(1)), (0, v.stride(0), v.stride(1))
+    else:
+        ks, vs = k.stride()[:3], v.stride()[:3]
+    paged = plan.layout == "paged"
+    bt = block_table if paged else wl
+    sbt = block_table.stride(0) if paged else 0
+    num_pages = k.shape[0] if paged else 0
+    lse_t = lse if lse is not None else out
+    sinks_t = sinks if sinks is not None else out
+    slopes_t = alibi_slopes if alibi_slopes is not None else out
+    args = (q, *qs, k, *ks, v, *vs, out, *os_, lse_t, *ls, bt, sbt, sinks_t, slopes_t,
+            ws_o, ws_m, ws_l, counters, wl,
+            plan.batch, plan.rb_max, plan.gqa_ratio, plan.ntiles_z, plan.hz, num_pages, plan.split,
+            qk_scale, softcap_scale, plan.window or 0)
+    key = None
+    if b.cuda and _no_hooks():
+        key = (b.kid, features, q.dtype, out.dtype, k.dtype, qs, ks, vs, os_, ls, sbt, _spec(num_pages),
+               *(x.data_ptr() % 16 == 0 for x in (q, k, v, out, lse_t, sinks_t, slopes_t, bt, ws_o,
+                                                  ws_m, ws_l, counters, wl)))
+    _launch(_ragged.ragged_attention_kernel, key, args, main_const, (plan.programs, 1, 1), stream)
+    if b.fix_kernel is None:
+        return
+    out_args = (out, *os_, lse_t, *ls, sinks_t, ws_o, ws_m, ws_l, wl,
+                plan.batch, plan.rb_max, plan.gqa_ratio, plan.ntiles_z, plan.hz)
+    if b.fix_kernel == "uniform":
+        kernel, fargs = _fix.ragged_uniform_fixup_kernel, (*out_args, plan.split)
+    else:
+        kernel, fargs = _fix.ragged_general_fixup_kernel, out_args
+    _launch(kernel, key and (*key, "fixup"), fargs, fix_const, b.fix_grid, stream)

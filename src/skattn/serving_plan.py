@@ -1,0 +1,391 @@
+"""Plans for ragged and paged batches, made from upper bounds (docs/serving.md; pure Python).
+
+The host fixes the tile geometry, the most row blocks and tiles the batch can have, the
+grid and the workspace; the lengths are read on the GPU (`kernels/worklist.py`).
+`host_work_list` computes the same work list in Python, for tests and `describe`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from skattn.checks import causal_window
+from skattn.config import TileGeometry, tile_geometry
+from skattn.planner import _DTYPES, _check_positive, _kv_blocks, shared_programs
+from skattn.policy import (CostModel, canonical_policy, load_cost_model, predict_us,
+                           saturated_blocks, split_count)
+from skattn.tuning import Tuning
+
+__all__ = ["ServingPlan", "serving_plan", "host_work_list", "WorkList", "SERVING_POLICIES"]
+
+SERVING_POLICIES = ("auto", "llamacpp", "llamacpp-before", "split")
+SERVING_FIXUPS = ("general", "fused")
+# device policy codes (kernels/worklist.py)
+POLICY_CODE = {"llamacpp-before": 0, "llamacpp": 1, "auto": 2, "split": 3}
+HEADER = 16  # int32 words before the per-sequence arrays
+
+
+@dataclass(frozen=True)
+class ServingPlan:
+    """A frozen decomposition of a ragged batch from its upper bounds (docs/serving.md)."""
+
+    batch: int
+    q_len: int | None       # Lq of attention_with_kvcache; None for varlen
+    max_q_len: int          # max_seqlen_q (= q_len for attention_with_kvcache)
+    total_q: int            # query rows of q: B x Lq, or q.shape[0] for varlen
+    max_kv_len: int         # key capacity per sequence
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+    head_dim_v: int
+    dtype: str
+    causal: bool
+    window: int | None
+    layout: str             # "dense", "packed" or "paged"
+    page_size: int | None
+    max_pages: int | None   # paged: the block table's width
+    total_k: int | None     # packed: rows of k
+    geometry: TileGeometry
+    ntiles_z: int           # head groups per KV head
+    hz: int                 # tiles per row block: kv_heads x ntiles_z
+    rb_max: int             # most row blocks (token blocks of sequences)
+    tiles_max: int          # rb_max x hz
+    sms: int
+    occupancy: int
+    max_programs: int
+    policy: str
+    programs: int           # N_grid: the grid of the main kernel
+    split: int              # pieces per tile for policy "split" (1 otherwise)
+    fixup: str              # "general", "fused", "uniform" (split) or "none" (split of 1)
+    fastdiv: bool = True
+    cost_model: CostModel = field(default_factory=CostModel, compare=False)
+    tuning: Tuning = field(default_factory=Tuning)
+
+    @property
+    def gqa_ratio(self) -> int:
+        return self.q_heads // self.kv_heads
+
+    @property
+    def varlen(self) -> bool:
+        return self.q_len is None
+
+    @property
+    def key_capacity(self) -> int:
+        """Keys one sequence can address (the device clamps lengths to it)."""
+        if self.layout == "paged":
+            return min(self.max_kv_len, self.max_pages * self.page_size)
+        return self.max_kv_len
+
+    @property
+    def per_tile_ranges(self) -> bool:
+        return self.policy == "split"
+
+    @property
+    def per_sm(self) -> int:
+        return shared_programs(self.geometry, self.occupancy)
+
+    @property
+    def workspace_floats(self) -> int:
+        if self.fixup == "none":
+            return 0
+        return self.programs * 2 * self.geometry.block_m * (self.head_dim_v + 2)
+
+    @property
+    def workspace_bytes(self) -> int:
+        counters = self.tiles_max * 4 if self.fixup == "fused" else 0
+        return self.workspace_floats * 4 + counters
+
+    @property
+    def work_list_words(self) -> int:
+        """int32 words of the device work list (docs/serving.md, "The work list")."""
+        return HEADER + 5 * self.batch + 5 * self.rb_max + 1
+
+    def describe(self) -> str:
+        g = self.geometry
+        return "\n".join([
+            f"serving attention ({self.layout} K/V{f', page size {self.page_size}' if self.page_size else ''}): "
+            f"batch {self.batch}, q tokens {self.q_len if self.q_len else f'<= {self.max_q_len} each, {self.total_q} in all'}, "
+            f"keys <= {self.max_kv_len}, heads {self.q_heads}/{self.kv_heads}, head dim "
+            f"{self.head_dim}/{self.head_dim_v}, {self.dtype}, causal={self.causal}, window={self.window}",
+            f"tile: {g.block_m} rows = {g.tokens_per_tile} tokens x {g.heads_per_tile} heads; "
+            f"BLOCK_N {g.block_n}; warps {g.num_warps}, stages {g.num_stages}",
+            f"bounds: row blocks <= {self.rb_max}, tiles <= {self.tiles_max} ({self.hz} per row block)",
+            f"grid: {self.programs} programs ({self.sms} SMs x {self.occupancy}); policy {self.policy}"
+            f"{f', {self.split} pieces a tile' if self.per_tile_ranges else ' (N chosen on the GPU from the real work)'}; "
+            f"fixup {self.fixup}",
+            f"workspace: {self.workspace_bytes} bytes; work list: {self.work_list_words * 4} bytes",
+        ])
+
+
+def serving_plan(*, batch: int, max_kv_len: int, q_heads: int, kv_heads: int, head_dim: int,
+                 q_len: int | None = None, max_q_len: int | None = None,
+                 total_q: int | None = None, head_dim_v: int | None = None,
+                 dtype=torch.float16, causal: bool = True, window: int | None = None,
+                 page_size: int | None = None, max_pages: int | None = None,
+                 total_k: int | None = None, layout: str | None = None,
+                 sms: int | None = None, occupancy: int | None = None, policy: str = "auto",
+                 programs: int | None = None, fixup: str | None = None,
+                 block_n: int | None = None, num_warps: int | None = None,
+                 num_stages: int | None = None, fastdiv: bool = True,
+                 cost_model: CostModel | None = None, tuning: Tuning | None = None,
+                 smem_limit: int | None = None) -> ServingPlan:
+    """Plan a ragged batch from its upper bounds (docs/serving.md).
+
+    Parameters
+    ----------
+    batch : int
+        Sequences B.
+    max_kv_len : int
+        Keys one sequence can have: Lmax of a dense cache, max_pages x page_size of a paged
+        one, max_seqlen_k of varlen.
+    q_heads, kv_heads, head_dim : int
+    q_len : int, optional
+        Query tokens of every sequence (attention_with_kvcache). Give it, or max_q_len and
+        total_q (attention_varlen).
+    max_q_len, total_q : int, optional
+        Varlen: max_seqlen_q and the rows of the packed q.
+    head_dim_v : int, optional
+    dtype : torch.dtype
+        K/V's (f16 or bf16).
+    causal, window
+        Bottom-right causal per sequence; a window needs causal=True.
+    page_size, max_pages : int, optional
+        A paged cache's page size (a positive multiple of 16) and block-table width
+        (default: enough pages for max_kv_len).
+    total_k : int, optional
+        Rows of a packed k (varlen without a block table; default max_kv_len x batch).
+    layout : {"dense", "packed", "paged"}, optional
+        Default: "paged" with a page size, else "dense" for q_len and "packed" for varlen.
+    sms, occupancy : int, optional
+        The GPU (asked of the current one when None).
+    policy : {"auto", "llamacpp", "llamacpp-before", "split"}
+        Stream-K policies pick the program count on the GPU from the real work; "split"
+        cuts every tile into a fixed number of pieces chosen here (FlashDecoding-style).
+    programs : int, optional
+        The grid of a stream-K plan (default SMs x occupancy), or for "split" the total
+        programs (a multiple of the most tiles).
+    fixup : {None, "general", "fused"}
+        For stream-K plans (default "general"); "split" plans use the uniform merge.
+    block_n, num_warps, num_stages, fastdiv, cost_model, tuning, smem_limit
+        As in `skattn.plan`.
+
+    Returns
+    -------
+    ServingPlan
+
+    Raises
+    ------
+    ValueError
+        Bad arguments.
+    """
+    if q_len is not None:
+        if max_q_len is not None or total_q is not None:
+            raise ValueError("give q_len (attention_with_kvcache) or max_q_len and total_q "
+                             "(attention_varlen), not both")
+        _check_positive(batch=batch, q_len=q_len)
+        max_q_len, total_q = q_len, batch * q_len
+    elif max_q_len is None or total_q is None:
+        raise ValueError("give q_len, or max_q_len and total_q")
+    head_dim_v = head_dim if head_dim_v is None else head_dim_v
+    _check_positive(batch=batch, max_q_len=max_q_len, total_q=total_q, max_kv_len=max_kv_len,
+                    q_heads=q_heads, kv_heads=kv_heads, head_dim=head_dim, head_dim_v=head_dim_v)
+    if q_heads % kv_heads:
+        raise ValueError(f"q_heads ({q_heads}) must be a multiple of kv_heads ({kv_heads})")
+    causal_window(causal, window)
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype is K/V's and must be one of {list(_DTYPES)}, got {dtype}")
+    if page_size is not None:
+        _check_positive(page_size=page_size)
+        if page_size % 16:
+            raise ValueError(f"page_size must be a positive multiple of 16, got {page_size}")
+    layout = layout or ("paged" if page_size else "dense" if q_len is not None else "packed")
+    if layout not in ("dense", "packed", "paged") or (layout == "paged") != (page_size is not None):
+        raise ValueError(f"layout {layout!r} with page_size={page_size!r}: 'paged' needs a page "
+                         f"size, 'dense' and 'packed' none")
+    if layout == "paged":
+        max_pages = -(-max_kv_len // page_size) if max_pages is None else max_pages
+        _check_positive(max_pages=max_pages)
+    else:
+        max_pages = None
+    if layout == "packed":
+        total_k = max_kv_len * batch if total_k is None else total_k
+        _check_positive(total_k=total_k)
+    else:
+        total_k = None
+    policy = canonical_policy(policy)
+    if policy not in SERVING_POLICIES:
+        raise ValueError(f"policy must be one of {SERVING_POLICIES} for a ragged batch, got {policy!r}")
+    if fixup is not None and fixup not in SERVING_FIXUPS:
+        raise ValueError(f"fixup must be None or one of {SERVING_FIXUPS}, got {fixup!r}")
+    if fixup is not None and policy == "split":
+        raise ValueError("policy 'split' merges with the uniform fixup; fixup= is for stream-K policies")
+    if sms is None or occupancy is None:
+        from skattn.device import hardware
+
+        hw_sms, hw_occ = hardware()
+        sms = hw_sms if sms is None else sms
+        occupancy = hw_occ if occupancy is None else occupancy
+    _check_positive(sms=sms, occupancy=occupancy)
+    if smem_limit is None:
+        from skattn.device import shared_memory_limit
+
+        smem_limit = shared_memory_limit()
+    ratio = q_heads // kv_heads
+    geo = tile_geometry(q_len=max_q_len, gqa_ratio=ratio, head_dim=head_dim,
+                        head_dim_v=head_dim_v, block_n=block_n, num_warps=num_warps,
+                        num_stages=num_stages, smem_limit=smem_limit)
+    t = geo.tokens_per_tile
+    ntiles_z = -(-ratio // geo.heads_per_tile)
+    hz = kv_heads * ntiles_z
+    rb_max = min(batch * -(-max_q_len // t), (total_q + batch * (t - 1)) // t)
+    tiles_max = rb_max * hz
+    max_programs = sms * occupancy
+    split = 1
+    if policy == "split":
+        if programs is None:
+            ntiles_kv = -(-max_kv_len // geo.block_n)
+            split = split_count(tiles_max, ntiles_kv, max_programs)
+        elif programs % tiles_max:
+            raise ValueError(f"programs={programs} for policy 'split' must be a multiple of the "
+                             f"most tiles, {tiles_max}")
+        else:
+            split = programs // tiles_max
+        programs = tiles_max * split
+        kind = "uniform" if split > 1 else "none"
+    else:
+        if programs is None:
+            programs = max_programs
+        elif not isinstance(programs, int) or isinstance(programs, bool) or programs < 1:
+            raise ValueError(f"programs must be a positive integer, got {programs!r}")
+        kind = fixup or "general"
+    return ServingPlan(batch, q_len, max_q_len, total_q, max_kv_len, q_heads, kv_heads, head_dim,
+                       head_dim_v, _DTYPES[dtype], bool(causal), window, layout, page_size,
+                       max_pages, total_k, geo,
+                       ntiles_z, hz, rb_max, tiles_max, sms, occupancy, max_programs, policy,
+                       programs, split, kind, bool(fastdiv), cost_model or load_cost_model(),
+                       tuning or Tuning())
+
+
+@dataclass(frozen=True)
+class WorkList:
+    """The device work list computed in Python (`host_work_list`): what the kernels read."""
+
+    lens_q: list[int]
+    lens_k: list[int]
+    q_start: list[int]
+    k_start: list[int]
+    rb_seq: list[int]       # per real row block: sequence
+    rb_qblock: list[int]    # token block
+    rb_first: list[int]     # first visible KV block
+    rb_count: list[int]     # KV blocks of each of its tiles
+    rb_start: list[int]     # [RB_max + 1] first item of each row block (padding at W)
+    work: int               # W
+    programs: int           # N chosen from W
+
+    def tile_range(self, plan: ServingPlan, tile: int) -> tuple[int, int]:
+        rb, h = divmod(tile, plan.hz)
+        first = self.rb_start[rb] + h * self.rb_count[rb]
+        return first, first + self.rb_count[rb]
+
+    def program_range(self, p: int) -> tuple[int, int]:
+        n = max(self.programs, 1)
+        if p >= self.programs:
+            return self.work, self.work
+        return p * self.work // n, (p + 1) * self.work // n
+
+
+def _clamp(x: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, x))
+
+
+def host_work_list(plan: ServingPlan, *, lens_k=None, cu_k=None, cu_q=None) -> WorkList:
+    """The work list the device builds, in Python, with the device's clamping rules.
+
+    Parameters
+    ----------
+    plan : ServingPlan
+    lens_k : sequence of int, optional
+        cache_seqlens (attention_with_kvcache), or
+    cu_k : sequence of int, optional
+        cu_seqlens_k (varlen).
+    cu_q : sequence of int, optional
+        cu_seqlens_q (varlen).
+
+    Returns
+    -------
+    WorkList
+    """
+    geo, b = plan.geometry, plan.batch
+    big = 2**31 - 1
+    total_k = plan.total_k if plan.layout == "packed" else big
+    cap_k = plan.key_capacity
+    lq, lk, qs, ks = [], [], [], []
+    for i in range(b):
+        if cu_k is not None:
+            k0 = _clamp(int(cu_k[i]), 0, total_k)
+            n = _clamp(int(cu_k[i + 1]) - int(cu_k[i]), 0, cap_k)
+            lk.append(min(n, total_k - k0))
+            ks.append(k0)
+        else:
+            lk.append(_clamp(int(lens_k[i]), 0, cap_k))
+            ks.append(0)
+        if cu_q is not None:
+            q0 = _clamp(int(cu_q[i]), 0, plan.total_q)
+            n = _clamp(int(cu_q[i + 1]) - int(cu_q[i]), 0, plan.max_q_len)
+            lq.append(min(n, plan.total_q - q0))
+            qs.append(q0)
+        else:
+            lq.append(plan.q_len)
+            qs.append(0)
+    rb_seq, rb_qblock, rb_first, rb_count = [], [], [], []
+    t = geo.tokens_per_tile
+    for i in range(b):
+        for j in range(-(-lq[i] // t)):
+            if len(rb_seq) == plan.rb_max:
+                break
+            first, count = _kv_blocks(j, q_len=lq[i], kv_len=lk[i], tokens=t,
+                                      block_n=geo.block_n, causal=plan.causal,
+                                      window=plan.window)
+            rb_seq.append(i)
+            rb_qblock.append(j)
+            rb_first.append(first)
+            rb_count.append(count)
+    rb_start = [0]
+    for c in rb_count:
+        rb_start.append(rb_start[-1] + c * plan.hz)
+    work = rb_start[-1]
+    rb_start += [work] * (plan.rb_max - len(rb_count))
+    programs = effective_programs(plan, work, len(rb_count) * plan.hz,
+                                  max(rb_count, default=0), min(rb_count, default=0))
+    return WorkList(lq, lk, qs, ks, rb_seq, rb_qblock, rb_first, rb_count, rb_start, work,
+                    programs)
+
+
+def effective_programs(plan: ServingPlan, work: int, tiles: int, max_count: int,
+                       min_count: int) -> int:
+    """The program count the device picks from the real work (docs/serving.md, step 4)."""
+    if work == 0:
+        return 0
+    if plan.policy == "split":
+        return tiles * plan.split
+    raw = min(plan.programs, work)
+    if plan.policy == "llamacpp":
+        rounded = min(raw // tiles, min_count) * tiles
+        loss = 100 * (raw - rounded) // raw if rounded > 0 else 100
+        return rounded if loss <= 5 else raw
+    if plan.policy == "auto":
+        kind = "fused" if plan.fixup == "fused" else "general"
+        best = None
+        for n in range(1, raw + 1):
+            c = predict_us(plan.cost_model, programs=n, ntiles_dst=max(tiles, 1), work=work,
+                           max_tile_work=max_count, fixup=kind, max_programs=plan.max_programs,
+                           per_sm=plan.per_sm)
+            if best is None or c <= best[0]:
+                best = (c, n)
+        return best[1]
+    return raw
+
+
+def n_sat(plan: ServingPlan) -> int:
+    return saturated_blocks(plan.cost_model, plan.max_programs)

@@ -1,0 +1,47 @@
+"""`skattn bench --serving` on the CPU: mixes, the skattn providers through their decode step
+(interpreter), the check against float64, the markdown table."""
+import pytest
+import torch
+
+from skattn.bench import serving as sb
+from skattn.bench import serving_run as sr
+from skattn.bench.serving_mixes import MIXES, mix
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU runs the real bench")
+
+
+def test_mixes():
+    a, b, c, d = (mix(name) for name in MIXES)
+    assert a.kv_lens == (4096,) * 64 and a.decode
+    assert b.kv_lens == (32768,) + (1024,) * 63
+    assert c.batch == 64 and 16 <= min(c.kv_lens) and max(c.kv_lens) <= 32768
+    assert sorted(c.kv_lens)[32] in range(2048, 8193)  # lognormal around 4096
+    assert d.q_lens == (512,) + (1,) * 31 and not d.decode
+    with pytest.raises(ValueError, match="unknown mix"):
+        mix("nope")
+
+
+@pytest.mark.parametrize("name,policy", [("one-long", "auto"), ("mixed", "split")])
+def test_skattn_provider_decode_step(name, policy):
+    m = mix(name, scale=1 / 256)
+    batch = sb.make_batch(m, 2, 1, 16, 16, device="cpu")
+    built = sb.build_skattn(batch, policy, sms=4, occupancy=2)
+    built.step()
+    longest = max(range(m.batch), key=lambda i: m.kv_lens[i])
+    refs = sb.reference_rows(batch, sorted({0, m.batch - 1, longest}))
+    assert sr._check(built, batch, refs) <= sr.TOLERANCE
+    # a wrong output is caught: the check compares against float64
+    bad = sb.Built(lambda: built.layer() * 1.1, built.canonical)
+    assert sr._check(bad, batch, refs) > sr.TOLERANCE
+
+
+def test_markdown_table():
+    rows = [dict(provider=p, model="llama-8b", mix="one-long", page_size=16, status="ok",
+                 p50_us=str(t), pct_floor=str(f)) for p, t, f in
+            (("skattn:auto", 50.0, 80), ("skattn:split", 100.0, 40), ("sdpa-padded", 200.0, 20))]
+    rows.append(dict(provider="flex-paged", model="llama-8b", mix="one-long", page_size=16,
+                     status="error: RuntimeError: x"))
+    text = sr.markdown(rows, {"gpu": "H200", "layers": 8, "copy_GBps": 4200.0,
+                              "mixes": {"one-long": "(b)"}})
+    line = [ln for ln in text.splitlines() if ln.startswith("| llama-8b")][0]
+    assert "50.0 (80%)" in line and "2.00x" in line and "4.00x" in line and "error" in line

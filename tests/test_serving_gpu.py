@@ -1,0 +1,211 @@
+"""Ragged and paged attention on a CUDA GPU: serving sizes, page sizes, CUDA graphs."""
+import random
+
+import pytest
+import torch
+
+import skattn
+from skattn import reference, serving
+from skattn.bench.graph import capture
+from skattn.bench.serving_mixes import mix
+from serving_inputs import paged_cache, ragged_bound, sequences_kvcache, sequences_varlen
+from tolerance import rel_err
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+NAN = float("nan")
+I32 = torch.int32
+
+
+def gen(seed):
+    return torch.Generator(device="cuda").manual_seed(seed)
+
+
+def rand(shape, g, dtype=torch.float16):
+    return torch.randn(*shape, device="cuda", generator=g).to(dtype)
+
+
+def kvcache_case(lens, *, Hq=32, Hkv=8, D=128, page_size=None, dtype=torch.float16, seed=0):
+    g = gen(seed)
+    B = len(lens)
+    q = rand((B, 1, Hq, D), g, dtype)
+    if page_size:
+        k, v, table = paged_cache(lens, page_size=page_size, hkv=Hkv, d=D, dtype=dtype,
+                                  seed=seed, device="cuda")
+    else:
+        L = max(lens)
+        k, v, table = rand((B, L, Hkv, D), g, dtype), rand((B, L, Hkv, D), g, dtype), None
+    return q, k, v, table, torch.tensor(lens, dtype=I32, device="cuda")
+
+
+def run_kvcache(q, k, v, table, lens_t, p=None, **kw):
+    out = torch.full((*q.shape[:3], v.shape[-1]), NAN, device="cuda", dtype=q.dtype)
+    skattn.attention_with_kvcache(q, k, v, cache_seqlens=lens_t, block_table=table, plan=p,
+                                  out=out, **kw)
+    assert not torch.isnan(out).any(), "unwritten or NaN output"
+    return out
+
+
+def plans_for(q, k, table, lens_t, page_size):
+    B, _, Hq, D = q.shape
+    cap = table.shape[1] * page_size if page_size else k.shape[1]
+    pages = dict(page_size=page_size, max_pages=table.shape[1]) if page_size else {}
+    kw = dict(batch=B, q_len=1, max_kv_len=cap, q_heads=Hq, kv_heads=k.shape[2], head_dim=D,
+              dtype=k.dtype, **pages)
+    return {"auto": None, "split": skattn.serving_plan(policy="split", **kw),
+            "fused": skattn.serving_plan(fixup="fused", **kw),
+            "llamacpp": skattn.serving_plan(policy="llamacpp", **kw)}
+
+
+@pytest.mark.parametrize("page_size", [None, 16, 64])
+@pytest.mark.parametrize("name", ["equal", "one-long", "lognormal"])
+def test_serving_sizes(name, page_size):
+    # the benchmark's decode mixes, llama-8b's heads, dense and paged caches, every policy
+    lens = list(mix(name, seed=1).kv_lens)
+    lens[5] = 0 if name == "lognormal" else lens[5]  # an empty sequence in the batch
+    q, k, v, table, lens_t = kvcache_case(lens, page_size=page_size, seed=len(lens) + (page_size or 0))
+    ref = reference.attention_with_kvcache(q, k, v, cache_seqlens=lens_t, block_table=table)
+    tol = ragged_bound(sequences_kvcache(q, k, v, lens, table))
+    for kind, p in plans_for(q, k, table, lens_t, page_size).items():
+        err = rel_err(run_kvcache(q, k, v, table, lens_t, p), ref)
+        assert err <= tol, f"{name} page {page_size} {kind}: {err:.2e} > {tol:.2e}"
+
+
+@pytest.mark.parametrize("page_size", [None, 16])
+def test_mixed_prefill_and_decode(page_size):
+    # (d): one 512-token prompt chunk and 31 decode sequences in one varlen batch
+    m = mix("mixed", seed=2)
+    g = gen(3)
+    Hq, Hkv, D = 32, 8, 128
+    cu_q = torch.tensor([0, *torch.tensor(m.q_lens).cumsum(0).tolist()], dtype=I32, device="cuda")
+    cu_k = torch.tensor([0, *torch.tensor(m.kv_lens).cumsum(0).tolist()], dtype=I32, device="cuda")
+    q = rand((int(cu_q[-1]), Hq, D), g)
+    if page_size:
+        k, v, table = paged_cache(list(m.kv_lens), page_size=page_size, hkv=Hkv, d=D, seed=4,
+                                  device="cuda")
+    else:
+        k, v, table = rand((int(cu_k[-1]), Hkv, D), g), rand((int(cu_k[-1]), Hkv, D), g), None
+    mq, mk = max(m.q_lens), max(m.kv_lens)
+    ref = reference.attention_varlen(q, k, v, cu_q, cu_k, mq, mk, block_table=table)
+    tol = ragged_bound(sequences_varlen(q, k, v, cu_q, cu_k, table))
+    for fixup in (None, "fused"):
+        out = torch.full((q.shape[0], Hq, D), NAN, device="cuda", dtype=q.dtype)
+        p = None
+        if fixup:
+            bounds = (dict(page_size=page_size, max_pages=table.shape[1]) if page_size
+                      else dict(total_k=k.shape[0]))
+            p = skattn.serving_plan(batch=m.batch, max_q_len=mq, total_q=q.shape[0],
+                                    max_kv_len=mk, q_heads=Hq, kv_heads=Hkv, head_dim=D,
+                                    fixup=fixup, **bounds)
+        skattn.attention_varlen(q, k, v, cu_q, cu_k, mq, mk, block_table=table, plan=p, out=out)
+        assert not torch.isnan(out).any()
+        assert rel_err(out, ref) <= tol, (fixup, rel_err(out, ref), tol)
+
+
+@pytest.mark.parametrize("page_size", [16, 32, 64, 128, 256])
+def test_page_sizes(page_size):
+    lens = list(mix("lognormal", seed=page_size, scale=0.25).kv_lens[:12])
+    q, k, v, table, lens_t = kvcache_case(lens, page_size=page_size, seed=page_size)
+    ref = reference.attention_with_kvcache(q, k, v, cache_seqlens=lens_t, block_table=table)
+    tol = ragged_bound(sequences_kvcache(q, k, v, lens, table))
+    assert rel_err(run_kvcache(q, k, v, table, lens_t), ref) <= tol
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_features_paged(dtype):
+    # gpt-oss's heads: sinks and a 128-key window; Lq = 4 per sequence (speculative steps)
+    lens = [1, 4, 300, 5000, 77, 2048]
+    g = gen(5)
+    k, v, table = paged_cache(lens, page_size=16, hkv=8, d=64, dtype=dtype, seed=6, device="cuda")
+    q = rand((len(lens), 4, 64, 64), g, dtype)
+    lens_t = torch.tensor(lens, dtype=I32, device="cuda")
+    sinks = torch.randn(64, device="cuda", generator=g)
+    tol = ragged_bound(sequences_kvcache(q, k, v, lens, table))
+    for kw in (dict(window=128, sinks=sinks), dict(softcap=30.0),
+               dict(alibi_slopes=skattn.alibi_slopes(64, 8.0).cuda())):
+        ref, ref_lse = reference.attention_with_kvcache(q, k, v, cache_seqlens=lens_t,
+                                                        block_table=table, return_lse=True, **kw)
+        out = torch.full_like(q, NAN)
+        out, lse = skattn.attention_with_kvcache(q, k, v, cache_seqlens=lens_t, block_table=table,
+                                                 out=out, return_lse=True, **kw)
+        assert rel_err(out, ref) <= tol, (kw.keys(), rel_err(out, ref), tol)
+        finite = torch.isfinite(ref_lse)
+        assert torch.equal(torch.isfinite(lse), finite)
+        assert (lse[finite].double() - ref_lse[finite]).abs().max() <= 20 * tol
+
+
+def test_large_heads():
+    # 576/512 (latent attention): the QK product in chunks of the head size
+    lens = [700, 1, 3000, 64]
+    g = gen(7)
+    k, v, table = paged_cache(lens, page_size=64, hkv=1, d=576, dv=512, seed=7, device="cuda")
+    q = rand((4, 1, 16, 576), g)
+    lens_t = torch.tensor(lens, dtype=I32, device="cuda")
+    ref = reference.attention_with_kvcache(q, k, v, cache_seqlens=lens_t, block_table=table)
+    out = run_kvcache(q, k, v, table, lens_t)
+    assert rel_err(out, ref) <= ragged_bound(sequences_kvcache(q, k, v, lens, table))
+
+
+def test_cuda_graph_replays_new_lengths_and_pages():
+    # capture once; each step writes new lengths and block tables into the same tensors and
+    # replays: 50 steps against the float64 reference, stream-K (general) and fused plans
+    B, Hq, Hkv, D, ps, max_pages = 8, 32, 8, 128, 64, 64
+    g = gen(8)
+    num_pages = B * max_pages
+    k, v = rand((num_pages, ps, Hkv, D), g), rand((num_pages, ps, Hkv, D), g)
+    q = rand((B, 1, Hq, D), g)
+    lens = torch.full((B,), ps * max_pages, dtype=I32, device="cuda")
+    table = torch.randperm(num_pages, device="cuda", generator=g).to(I32).reshape(B, max_pages)
+    kw = dict(batch=B, q_len=1, max_kv_len=ps * max_pages, q_heads=Hq, kv_heads=Hkv,
+              head_dim=D, page_size=ps, max_pages=max_pages)
+    plans = [skattn.serving_plan(**kw), skattn.serving_plan(fixup="fused", **kw),
+             skattn.serving_plan(policy="split", **kw)]
+    spaces = [serving.workspace(p) for p in plans]
+    outs = [torch.empty(B, 1, Hq, D, device="cuda", dtype=q.dtype) for _ in plans]
+
+    def call(i):
+        return lambda: skattn.attention_with_kvcache(q, k, v, cache_seqlens=lens, block_table=table,
+                                                     plan=plans[i], out=outs[i], workspace=spaces[i])
+
+    graph, _ = capture([call(i) for i in range(len(plans))])
+    rng = random.Random(9)
+    for step in range(50):
+        cap = ps * max_pages
+        shape = step % 3
+        new = [rng.choice([0, 1, cap, rng.randint(1, cap)]) if shape == 0 else
+               (rng.randint(1, 200) if shape == 1 else rng.randint(cap // 2, cap)) for _ in range(B)]
+        if shape == 1:
+            new[rng.randrange(B)] = cap  # one sequence much longer than the rest
+        lens.copy_(torch.tensor(new, dtype=I32))
+        table.copy_(torch.randperm(num_pages, device="cuda", generator=g).to(I32).reshape(B, max_pages))
+        q.copy_(rand((B, 1, Hq, D), g))
+        for out in outs:
+            out.fill_(NAN)
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = reference.attention_with_kvcache(q, k, v, cache_seqlens=lens, block_table=table)
+        tol = ragged_bound(sequences_kvcache(q, k, v, new, table))
+        for p, out in zip(plans, outs):
+            err = rel_err(out, ref)
+            assert err <= tol, f"step {step} lengths {new} {p.policy}/{p.fixup}: {err:.2e} > {tol:.2e}"
+
+
+def test_device_behaviour_on_bad_values():
+    # lengths and page ids the host does not read: clamped and masked on the GPU, no fault
+    lens = [48, 30, 20]
+    k, v, table = paged_cache(lens, page_size=16, hkv=2, d=64, seed=10, device="cuda", max_pages=3)
+    q = rand((3, 1, 8, 64), gen(11))
+    bad_lens = torch.tensor([-5, 10**6, 20], dtype=I32, device="cuda")
+    bad_table = table.clone()
+    bad_table[2, 1] = 10**6  # sequence 2's keys 16..19: no page
+    out = run_kvcache(q, k, v, bad_table, bad_lens)
+    torch.cuda.synchronize()
+    assert torch.equal(out[0], torch.zeros_like(out[0]))
+    ref1 = reference.attention_with_kvcache(q[1:2], k, v, block_table=table[1:2],
+                                            cache_seqlens=torch.tensor([48], dtype=I32, device="cuda"))
+    assert rel_err(out[1:2], ref1) <= ragged_bound(sequences_kvcache(q[1:2], k, v, [48], table[1:2]))
+    ref2 = reference.attention_with_kvcache(q[2:3], k, v, block_table=table[2:3],
+                                            cache_seqlens=torch.tensor([16], dtype=I32, device="cuda"))
+    assert rel_err(out[2:3], ref2) <= ragged_bound(sequences_kvcache(q[2:3], k, v, [16], table[2:3]))

@@ -1,0 +1,245 @@
+"""Ragged and paged attention under TRITON_INTERPRET=1 on tiny batches (docs/serving.md)."""
+import pytest
+import torch
+
+import skattn
+from skattn import reference, serving
+from skattn.kernels.worklist import HEADER
+from skattn.serving_plan import host_work_list
+from serving_inputs import (paged_cache, ragged_bound, randn, sequences_kvcache,
+                            sequences_varlen, varlen_inputs)
+from tolerance import rel_err
+
+pytestmark = [
+    pytest.mark.interpret,
+    pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter tests run on the CPU"),
+]
+
+SMS, OCC = 4, 2  # a pretend GPU of 8 programs, so tiny batches still cut tiles
+NAN = float("nan")
+
+
+def kv_plan(B, Lq, cap, Hq, Hkv, D, *, page_size=None, block_n=16, **kw):
+    pages = dict(page_size=page_size, max_pages=cap // page_size) if page_size else {}
+    return skattn.serving_plan(batch=B, q_len=Lq, max_kv_len=cap, q_heads=Hq, kv_heads=Hkv,
+                               head_dim=D, head_dim_v=kw.pop("Dv", None), sms=SMS,
+                               occupancy=OCC, block_n=block_n, **pages, **kw)
+
+
+def dense_inputs(B, Lq, L, Hq, Hkv, D, dtype=torch.float16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (randn((B, Lq, Hq, D), g, dtype, "cpu"), randn((B, L, Hkv, D), g, dtype, "cpu"),
+            randn((B, L, Hkv, D), g, dtype, "cpu"))
+
+
+def check_lse(lse, ref_lse, tol):
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite)
+    if finite.any():
+        assert (lse[finite].double() - ref_lse[finite]).abs().max() <= 20 * tol
+
+
+def check_kvcache(q, k, v, lens, p, block_table=None, **kw):
+    """Kernel vs float64 reference; out poisoned first, inputs untouched."""
+    inputs = [x.clone() for x in (q, k, v)]
+    lens_t = torch.tensor(lens, dtype=torch.int32)
+    out = torch.full((*q.shape[:3], v.shape[-1]), NAN, dtype=q.dtype)
+    out, lse = skattn.attention_with_kvcache(q, k, v, cache_seqlens=lens_t, block_table=block_table,
+                                             plan=p, out=out, return_lse=True, **kw)
+    ref, ref_lse = reference.attention_with_kvcache(q, k, v, cache_seqlens=lens_t,
+                                                    block_table=block_table, return_lse=True, **kw)
+    assert not torch.isnan(out).any(), "unwritten or NaN output"
+    for a, b in zip(inputs, (q, k, v)):
+        assert torch.equal(a, b), "an input was modified"
+    tol = ragged_bound(sequences_kvcache(q, k, v, lens, block_table), causal=kw.get("causal", True))
+    assert rel_err(out, ref) <= tol, (rel_err(out, ref), tol)
+    check_lse(lse, ref_lse, tol)
+    return out
+
+
+# -- the work list: the device builds what the host mirror computes
+def device_list(p, **seqs):
+    wl = serving.work_list(p, **seqs).tolist()
+    B, R = p.batch, p.rb_max
+    at = HEADER + 5 * B
+    return {"work": wl[0], "programs": wl[1], "lens_q": wl[HEADER:HEADER + B],
+            "lens_k": wl[HEADER + B:HEADER + 2 * B], "q_start": wl[HEADER + 2 * B:HEADER + 3 * B],
+            "k_start": wl[HEADER + 3 * B:HEADER + 4 * B], "rb_start": wl[at:at + R + 1],
+            "rb_count": wl[at + R + 1:at + 2 * R + 1], "rb_seq": wl[at + 2 * R + 1:at + 3 * R + 1],
+            "rb_qblock": wl[at + 3 * R + 1:at + 4 * R + 1], "rb_first": wl[at + 4 * R + 1:at + 5 * R + 1]}
+
+
+def assert_same_list(p, dev, host):
+    n = len(host.rb_count)
+    assert dev["work"] == host.work and dev["programs"] == host.programs
+    for name in ("lens_q", "lens_k", "q_start", "k_start", "rb_start"):
+        assert dev[name] == getattr(host, name), name
+    for name in ("rb_count", "rb_seq", "rb_qblock", "rb_first"):
+        assert dev[name][:n] == getattr(host, name), name
+    assert all(c == 0 for c in dev["rb_count"][n:]), "padding row blocks own work"
+
+
+@pytest.mark.parametrize("policy", ["auto", "llamacpp", "llamacpp-before", "split"])
+def test_work_list_kvcache(policy):
+    lens = [0, 1, 37, 5, 16]
+    p = kv_plan(5, 3, 40, 4, 2, 16, policy=policy, causal=True, window=None)
+    t = torch.tensor(lens, dtype=torch.int32)
+    assert_same_list(p, device_list(p, cache_seqlens=t), host_work_list(p, lens_k=lens))
+
+
+@pytest.mark.parametrize("window", [None, 7])
+def test_work_list_varlen(window):
+    # prompt chunks longer than a tile (several row blocks), decode rows, an empty sequence
+    lq, lk = [40, 1, 0, 12, 3], [40, 30, 3, 50, 2]
+    q, k, v, cu_q, cu_k = varlen_inputs(lq, lk, hq=8, hkv=2, d=16)
+    p = skattn.serving_plan(batch=5, max_q_len=40, total_q=q.shape[0], max_kv_len=50,
+                            total_k=k.shape[0], q_heads=8, kv_heads=2, head_dim=16,
+                            causal=True, window=window, sms=SMS, occupancy=OCC, block_n=16)
+    assert p.rb_max > 5
+    assert_same_list(p, device_list(p, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k),
+                     host_work_list(p, cu_k=cu_k.tolist(), cu_q=cu_q.tolist()))
+
+
+def test_work_list_many_sequences():
+    # more row blocks than one chunk of the work-list kernel (256): the prefix sum carries
+    g = torch.Generator().manual_seed(3)
+    lens = torch.randint(0, 200, (300,), generator=g, dtype=torch.int32)
+    p = kv_plan(300, 1, 200, 8, 2, 16, policy="auto")
+    assert p.rb_max == 300
+    assert_same_list(p, device_list(p, cache_seqlens=lens), host_work_list(p, lens_k=lens.tolist()))
+
+
+# -- every fixup kind on a ragged batch: empty, one-key and long sequences
+@pytest.mark.parametrize("policy,fixup,programs", [
+    ("llamacpp-before", None, 8),   # general: stream-K cuts through tiles of every length
+    ("llamacpp-before", "fused", 7),
+    ("llamacpp-before", None, 1),   # one program walks every tile: nothing to merge
+    ("llamacpp-before", None, 64),  # more programs than work items: the surplus exits
+    ("auto", None, None),
+    ("llamacpp", None, None),
+    ("split", None, 24),            # uniform, 3 pieces a tile: short tiles leave empty pieces
+])
+def test_kvcache_fixups(policy, fixup, programs):
+    lens = [0, 1, 45, 9]
+    q, k, v = dense_inputs(4, 1, 48, 4, 2, 16, seed=1)
+    p = kv_plan(4, 1, 48, 4, 2, 16, policy=policy, fixup=fixup, programs=programs)
+    if policy == "split":
+        assert p.fixup == "uniform" and p.split == 3
+    check_kvcache(q, k, v, lens, p)
+
+
+@pytest.mark.parametrize("page_size,block_n,fixup", [
+    (16, 16, None),     # a block is a page
+    (32, 16, None),     # two blocks a page (one scalar page id a block)
+    (48, 32, None),     # blocks straddle pages: one page id per key
+    (16, 32, "fused"),  # a block spans two pages
+    (256, 32, None),
+])
+def test_paged(page_size, block_n, fixup):
+    # random page order, a shared prefix page, Lq = 2 bottom-right causal per sequence (the
+    # one-key sequence's first query sees nothing), GQA ratio 3
+    lens = [1, 70, 20, 0] if page_size < 256 else [300, 3, 1, 0]
+    k, v, table = paged_cache(lens, page_size=page_size, hkv=2, d=16, seed=page_size, share=1)
+    B, Lq, Hq = len(lens), 2, 6
+    q = randn((B, Lq, Hq, 16), torch.Generator().manual_seed(5), torch.float16, "cpu")
+    p = kv_plan(B, Lq, table.shape[1] * page_size, Hq, 2, 16, page_size=page_size,
+                block_n=block_n, policy="llamacpp-before", programs=8, fixup=fixup)
+    check_kvcache(q, k, v, lens, p, block_table=table)
+
+
+def test_paged_features():
+    # window, sinks, softcap and ALiBi per sequence; Dv != Dk
+    lens = [33, 5, 64]
+    k, v, table = paged_cache(lens, page_size=32, hkv=1, d=16, dv=32, seed=2)
+    g = torch.Generator().manual_seed(6)
+    q = randn((3, 3, 4, 16), g, torch.float16, "cpu")
+    p = kv_plan(3, 3, table.shape[1] * 32, 4, 1, 16, Dv=32, page_size=32, window=9,
+                policy="llamacpp-before", programs=8)
+    check_kvcache(q, k, v, lens, p, block_table=table, window=9,
+                  sinks=torch.randn(4, generator=g), softcap=5.0,
+                  alibi_slopes=skattn.alibi_slopes(4, 8.0))
+
+
+@pytest.mark.parametrize("qdtype", [torch.float32, torch.bfloat16])
+def test_query_dtypes(qdtype):
+    lens = [17, 3]
+    q, k, v = dense_inputs(2, 1, 20, 8, 2, 16, dtype=torch.bfloat16, seed=4)
+    check_kvcache(q.to(qdtype), k, v, lens, kv_plan(2, 1, 20, 8, 2, 16, dtype=torch.bfloat16))
+
+
+def check_varlen(q, k, v, cu_q, cu_k, max_q, max_k, p, block_table=None, **kw):
+    out = torch.full((q.shape[0], q.shape[1], v.shape[-1]), NAN, dtype=q.dtype)
+    out, lse = skattn.attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, block_table=block_table,
+                                       plan=p, out=out, return_lse=True, **kw)
+    ref, ref_lse = reference.attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k,
+                                              block_table=block_table, return_lse=True, **kw)
+    rows = ~torch.isnan(ref[:, 0, 0])
+    assert torch.isnan(out[~rows]).all(), "rows outside every sequence were written"
+    assert not torch.isnan(out[rows]).any(), "unwritten or NaN output"
+    tol = ragged_bound(sequences_varlen(q, k, v, cu_q, cu_k, block_table))
+    assert rel_err(out[rows], ref[rows]) <= tol, (rel_err(out[rows], ref[rows]), tol)
+    check_lse(lse[:, rows], ref_lse[:, rows], tol)
+
+
+@pytest.mark.parametrize("paged,fixup", [(False, None), (False, "fused"), (True, None)])
+def test_varlen_mixed_batch(paged, fixup):
+    # a prompt chunk of several tiles, decode rows, an empty sequence, more queries than keys,
+    # and two rows of q that belong to no sequence
+    lq, lk = [19, 1, 1, 0, 3], [30, 33, 1, 0, 2]
+    q, k, v, cu_q, cu_k = varlen_inputs(lq, lk, hq=8, hkv=1, d=16, seed=7, pad_q=2)
+    table = None
+    bounds = dict(total_k=k.shape[0])
+    if paged:
+        k, v, table = paged_cache(lk, page_size=16, hkv=1, d=16, seed=8)
+        bounds = dict(page_size=16, max_pages=table.shape[1])
+    p = skattn.serving_plan(batch=5, max_q_len=19, total_q=q.shape[0], max_kv_len=40,
+                            q_heads=8, kv_heads=1, head_dim=16, sms=SMS, occupancy=OCC,
+                            block_n=16, policy="llamacpp-before", fixup=fixup, **bounds)
+    assert p.geometry.tokens_per_tile < 19  # the prompt chunk spans several row blocks
+    check_varlen(q, k, v, cu_q, cu_k, 19, 40, p, block_table=table)
+
+
+def test_work_list_shared_between_calls():
+    # one work list per batch, several layers' calls; a caller's workspace
+    lens = [12, 40, 3]
+    p = kv_plan(3, 1, 40, 4, 2, 16, policy="llamacpp-before", fixup="fused", programs=7)
+    t = torch.tensor(lens, dtype=torch.int32)
+    wl = serving.work_list(p, cache_seqlens=t)
+    ws = serving.workspace(p, device="cpu")
+    for seed in (1, 2):
+        q, k, v = dense_inputs(3, 1, 40, 4, 2, 16, seed=seed)
+        out = skattn.attention_with_kvcache(q, k, v, cache_seqlens=t, plan=p, work_list=wl,
+                                            workspace=ws)
+        ref = reference.attention_with_kvcache(q, k, v, cache_seqlens=t)
+        assert rel_err(out, ref) <= ragged_bound(sequences_kvcache(q, k, v, lens))
+    assert not ws[-p.tiles_max * 4:].any(), "fused counters must return to zero"
+
+
+def test_device_clamps_bad_lengths_and_pages():
+    # what the GPU does with values the host cannot check (docs/serving.md, "Bad input"):
+    # a negative length counts as 0, one past the cache as the cache's capacity, and keys
+    # of a page id out of range are masked, never read
+    lens = [-3, 100, 30]
+    k, v, table = paged_cache([0, 48, 30], page_size=16, hkv=2, d=16, seed=9, max_pages=3)
+    table[2, 1] = -1  # sequence 2's keys 16..29 sit in no page
+    q = randn((3, 1, 4, 16), torch.Generator().manual_seed(10), torch.float16, "cpu")
+    p = kv_plan(3, 1, 48, 4, 2, 16, page_size=16, policy="llamacpp-before", programs=8)
+    out = torch.full((3, 1, 4, 16), NAN, dtype=q.dtype)
+    t = torch.tensor(lens, dtype=torch.int32)
+    with pytest.raises(ValueError, match="negative"):  # the host check, on CPU tensors
+        skattn.attention_with_kvcache(q, k, v, cache_seqlens=t, block_table=table, plan=p)
+    serving._run(p, q, k, v, out, None, seq_k=t, seq_q=None, block_table=table, scale=0.25,
+                 sinks=None, softcap=0.0, alibi_slopes=None, workspace=None, work_list=None)
+    assert torch.equal(out[0], torch.zeros_like(out[0]))
+    good = torch.tensor([0, 48, 30], dtype=torch.int32)
+    ref1 = reference.attention_with_kvcache(q[1:2], k, v, cache_seqlens=good[1:2],
+                                            block_table=table[1:2], scale=0.25)
+    mask = torch.zeros(1, 1, 30, dtype=torch.float64)
+    mask[..., 16:30] = float("-inf")
+    keys = torch.zeros(30, 2, 16, dtype=k.dtype)
+    vals = torch.zeros(30, 2, 16, dtype=v.dtype)
+    keys[:16], vals[:16] = k[int(table[2, 0])], v[int(table[2, 0])]
+    ref2 = reference.attention(q[2:3], keys[None], vals[None], scale=0.25, causal=True, mask=mask)
+    tol = ragged_bound(sequences_kvcache(q, k, v, [0, 48, 0], table))
+    assert rel_err(out[1:2], ref1) <= tol
+    assert rel_err(out[2:3], ref2) <= tol

@@ -1,0 +1,89 @@
+"""Serving plans and the work list, in Python: bounds, coverage, the program count from W."""
+import random
+
+import pytest
+
+import skattn
+from skattn.planner import plan as dense_plan
+from skattn.serving_plan import effective_programs, host_work_list
+
+
+def kv_plan(B, Lq, cap, **kw):
+    return skattn.serving_plan(batch=B, q_len=Lq, max_kv_len=cap, q_heads=32, kv_heads=8,
+                               head_dim=128, sms=132, occupancy=2, **kw)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_work_list_covers_every_item_once(seed):
+    rng = random.Random(seed)
+    B = rng.randint(1, 12)
+    lq = [rng.choice([0, 1, 2, 5, 40, 100]) for _ in range(B)]
+    lk = [rng.randint(0, 300) for _ in range(B)]
+    total_q = sum(lq) + rng.randint(0, 3)
+    window = rng.choice([None, 16, 100])
+    p = skattn.serving_plan(batch=B, max_q_len=max(1, max(lq)), total_q=max(1, total_q),
+                            max_kv_len=300, q_heads=8, kv_heads=2, head_dim=64, sms=4,
+                            occupancy=2, causal=True, window=window, block_n=16,
+                            policy=rng.choice(["auto", "llamacpp", "llamacpp-before"]))
+    cu_q = [0]
+    cu_k = [0]
+    for a, b in zip(lq, lk):
+        cu_q.append(cu_q[-1] + a)
+        cu_k.append(cu_k[-1] + b)
+    wl = host_work_list(p, cu_q=cu_q, cu_k=cu_k)
+    t = p.geometry.tokens_per_tile
+    assert len(wl.rb_count) == sum(-(-n // t) for n in lq) <= p.rb_max
+    # tiles' item ranges tile [0, W) in order, each at least one item long
+    edge = 0
+    for tile in range(len(wl.rb_count) * p.hz):
+        first, stop = wl.tile_range(p, tile)
+        assert first == edge and stop > first
+        edge = stop
+    assert edge == wl.work
+    # programs split [0, W) into consecutive, non-empty ranges
+    ranges = [wl.program_range(i) for i in range(p.programs)]
+    assert ranges[0][0] == 0 and ranges[wl.programs - 1][1] == wl.work
+    assert all(a < b for a, b in ranges[:wl.programs])
+    assert all(ranges[i][1] == ranges[i + 1][0] for i in range(wl.programs - 1))
+    assert all(a == b for a, b in ranges[wl.programs:])
+
+
+def test_equal_lengths_match_the_dense_plan():
+    # 64 x 4096, decode: the dense special case; W, tile counts and llamacpp's N agree
+    B, L = 64, 4096
+    p = kv_plan(B, 1, L, policy="llamacpp")
+    wl = host_work_list(p, lens_k=[L] * B)
+    d = dense_plan(batch=B, q_len=1, kv_len=L, q_heads=32, kv_heads=8, head_dim=128,
+                   causal=True, sms=132, occupancy=2, policy="llamacpp")
+    assert wl.work == d.work and len(wl.rb_count) * p.hz == d.ntiles_dst
+    assert wl.programs == d.programs
+
+
+def test_auto_sees_the_real_work():
+    # the same plan picks fewer programs for a batch with little work than for a full one
+    p = kv_plan(64, 1, 32768, policy="auto")
+    small = host_work_list(p, lens_k=[1] * 64)   # 512 tiles of one block each
+    big = host_work_list(p, lens_k=[1024] * 63 + [32768])
+    assert small.work == 512 and big.work > 20 * small.work
+    assert small.programs != big.programs
+    assert small.programs <= p.programs and big.programs <= p.programs
+    assert effective_programs(p, 0, 0, 0, 0) == 0
+
+
+def test_split_plan_is_fixed_per_tile():
+    # FlashDecoding-style: the split count from the upper bounds (4 x 8 tiles fill 264
+    # programs in 8 pieces each); 64 sequences' 512 tiles already fill the GPU: no split
+    p = kv_plan(4, 1, 32768, policy="split")
+    assert p.fixup == "uniform" and p.split > 1 and p.programs == p.tiles_max * p.split
+    assert p.workspace_bytes == p.programs * 2 * p.geometry.block_m * (128 + 2) * 4
+    assert kv_plan(64, 1, 32768, policy="split").fixup == "none"
+
+
+def test_bounds_of_varlen_row_blocks():
+    # RB_max from total_q: a mixed batch of one 512-token chunk and 31 decode rows
+    p = skattn.serving_plan(batch=32, max_q_len=512, total_q=512 + 31, max_kv_len=8192,
+                            q_heads=32, kv_heads=8, head_dim=128, sms=132, occupancy=2)
+    t = p.geometry.tokens_per_tile
+    assert p.rb_max == min(32 * -(-512 // t), (543 + 32 * (t - 1)) // t)
+    assert p.rb_max >= -(-512 // t) + 31
+    assert "row blocks <=" in p.describe()

@@ -1,0 +1,86 @@
+"""Small serving calls for compute-sanitizer (memcheck, racecheck, synccheck): every fixup
+kind on ragged dense, paged (page sizes 16, 48, 64) and packed varlen batches, and the
+device-side behaviour on bad lengths and page ids (clamped and masked: no out-of-bounds
+read). Run: compute-sanitizer --tool memcheck python3 tools/sanitize_serving.py
+"""
+import sys
+
+import torch
+
+import skattn
+from skattn import reference, serving
+
+I32 = torch.int32
+
+
+def rel(out, ref):
+    return ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def main() -> int:
+    g = torch.Generator(device="cuda").manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, device="cuda", generator=g).half()
+
+    bad, n = 0, 0
+    lens = [0, 1, 700, 45, 130]
+    B, Hq, Hkv, D = len(lens), 8, 2, 64
+    q = rand(B, 2, Hq, D)
+    lens_t = torch.tensor(lens, dtype=I32, device="cuda")
+    for ps in (None, 16, 48, 64):
+        if ps:
+            need = [-(-x // ps) for x in lens]
+            pages = torch.randperm(sum(need), device="cuda", generator=g).to(I32)
+            table = torch.full((B, max(need)), 10**6, dtype=I32, device="cuda")
+            at = 0
+            for b, m in enumerate(need):
+                table[b, :m] = pages[at:at + m]
+                at += m
+            k, v = rand(sum(need), ps, Hkv, D), rand(sum(need), ps, Hkv, D)
+            bounds = dict(max_kv_len=table.shape[1] * ps, page_size=ps, max_pages=table.shape[1])
+        else:
+            table = None
+            k, v = rand(B, max(lens), Hkv, D), rand(B, max(lens), Hkv, D)
+            bounds = dict(max_kv_len=max(lens))
+        kw = dict(batch=B, q_len=2, q_heads=Hq, kv_heads=Hkv, head_dim=D, **bounds)
+        plans = {"auto": skattn.serving_plan(**kw), "fused": skattn.serving_plan(fixup="fused", **kw),
+                 "split": skattn.serving_plan(policy="split", programs=4 * B * Hkv, **kw),
+                 "llamacpp": skattn.serving_plan(policy="llamacpp", **kw)}
+        ref = reference.attention_with_kvcache(q, k, v, cache_seqlens=lens_t, block_table=table,
+                                               sinks=torch.zeros(Hq, device="cuda"))
+        for name, p in plans.items():
+            out = skattn.attention_with_kvcache(q, k, v, cache_seqlens=lens_t, block_table=table,
+                                                plan=p, sinks=torch.zeros(Hq, device="cuda"))
+            n += 1
+            if rel(out, ref) > 2e-2:
+                bad += 1
+                print(f"FAIL page {ps} {name}: {rel(out, ref):.2e}")
+        if ps:  # bad values on the device: clamped lengths, a page id out of range
+            wild = table.clone()
+            wild[2, 0] = -7
+            serving.attention_with_kvcache(q, k, v, plan=plans["auto"], block_table=wild,
+                                           cache_seqlens=torch.tensor([-4, 10**7, 700, 45, 130],
+                                                                      dtype=I32, device="cuda"))
+            n += 1
+    lq, lk = [40, 1, 0, 3], [300, 77, 5, 2]
+    cu_q = torch.tensor([0, 40, 41, 41, 44], dtype=I32, device="cuda")
+    cu_k = torch.tensor([0, 300, 377, 382, 384], dtype=I32, device="cuda")
+    qv, kv_, vv = rand(46, Hq, D), rand(384, Hkv, D), rand(384, Hkv, D)
+    ref = reference.attention_varlen(qv, kv_, vv, cu_q, cu_k, 40, 300)
+    for fixup in (None, "fused"):
+        p = skattn.serving_plan(batch=4, max_q_len=40, total_q=46, max_kv_len=300, total_k=384,
+                                q_heads=Hq, kv_heads=Hkv, head_dim=D, fixup=fixup)
+        out = skattn.attention_varlen(qv, kv_, vv, cu_q, cu_k, 40, 300, plan=p)
+        rows = ~torch.isnan(ref[:, 0, 0])
+        n += 1
+        if rel(out[rows], ref[rows]) > 2e-2:
+            bad += 1
+            print(f"FAIL varlen {fixup}")
+    torch.cuda.synchronize()
+    print(f"sanitize serving cases: {n} run, {bad} wrong")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
