@@ -38,7 +38,7 @@ def _pow2(x: int) -> int:
     return 1 << (x - 1).bit_length()
 
 
-def shared_bytes(geo: TileGeometry, *, has_mask: bool = False) -> int:
+def shared_bytes(geo: TileGeometry, *, has_mask: bool = False, kv_format: str = "float16") -> int:
     """Shared memory (bytes) of the main kernel compiled for sm_90 with this geometry.
 
     What Triton 3.6 keeps there, calibrated against `ttg.shared` of the compiled kernel
@@ -59,11 +59,21 @@ def shared_bytes(geo: TileGeometry, *, has_mask: bool = False) -> int:
     Sinks, softcap, ALiBi, the sliding window, causal masking, lse and the fused fixup add
     nothing measurable (none of them keeps a tile in shared memory). Compiled for sm_80 (no
     warpgroup MMA) the same configurations take less, so the count bounds them there too.
+
+    Quantized K/V (`kv_format` "float8_e4m3fn" or "q8_0", `skattn.quant`): the pipeline's
+    tiles are 1 byte an element (q8_0 adds its f16 block scales, 1/16 more), and the
+    dequantized K and V tiles, 16 bits an element, are written once more to shared memory
+    for the MMA.
     """
     dk = geo.block_dk * geo.dk_chunks
     wgmma = geo.block_m >= 64
     kv_buffers = max(1, geo.num_stages if wgmma else geo.num_stages - 1)
-    loop = kv_buffers * geo.block_n * (dk + geo.block_dv) * 2 + geo.block_m * dk * 2
+    if kv_format in ("float16", "bfloat16"):
+        loop = kv_buffers * geo.block_n * (dk + geo.block_dv) * 2
+    else:
+        per_row = (dk + geo.block_dv) * (1 if kv_format == "float8_e4m3fn" else 17 / 16)
+        loop = int(kv_buffers * geo.block_n * per_row) + geo.block_n * (dk + geo.block_dv) * 2
+    loop += geo.block_m * dk * 2
     if not wgmma:
         loop += geo.block_m * geo.block_n * 2
     if has_mask:
@@ -71,11 +81,11 @@ def shared_bytes(geo: TileGeometry, *, has_mask: bool = False) -> int:
     return max(loop, geo.block_m * geo.block_dv * 4)
 
 
-def programs_per_sm(geo: TileGeometry) -> int:
+def programs_per_sm(geo: TileGeometry, kv_format: str = "float16") -> int:
     """Programs of a 128-row (prompt) geometry that one Hopper SM holds at once: its shared
     memory (224 KB for head size 128, 80 KB for 64, as compiled) and 255 registers a thread
     (what those kernels take)."""
-    shared = shared_bytes(geo)
+    shared = shared_bytes(geo, kv_format=kv_format)
     return max(1, min(SM_SHARED_BYTES // shared, SM_REGISTERS // (geo.num_warps * 32 * 255)))
 
 
@@ -112,7 +122,8 @@ def _halvings(start: int, given: int | None) -> list[int]:
 def tile_geometry(*, q_len: int, gqa_ratio: int, head_dim: int, head_dim_v: int,
                   block_m: int | None = None, block_n: int | None = None,
                   num_warps: int | None = None, num_stages: int | None = None,
-                  has_mask: bool = False, smem_limit: int = SM90_SHARED_LIMIT) -> TileGeometry:
+                  has_mask: bool = False, smem_limit: int = SM90_SHARED_LIMIT,
+                  kv_format: str = "float16") -> TileGeometry:
     """The kernel configuration of a shape: the query heads of a KV head packed into the rows of
     a tile, then tokens; the measured defaults where they fit `smem_limit` bytes of shared
     memory, else fewer stages, then fewer keys per KV block, then fewer rows.
@@ -127,6 +138,8 @@ def tile_geometry(*, q_len: int, gqa_ratio: int, head_dim: int, head_dim_v: int,
         An additive mask is read in the KV loop (its tile is pipelined in shared memory).
     smem_limit : int
         Shared memory one program may use, bytes (232448 on sm_90).
+    kv_format : str
+        K/V's form (`Plan.dtype`): "float16", "bfloat16", "float8_e4m3fn" or "q8_0".
 
     Returns
     -------
@@ -176,7 +189,7 @@ def tile_geometry(*, q_len: int, gqa_ratio: int, head_dim: int, head_dim_v: int,
             for st in stages:
                 geo = TileGeometry(bm, tile_heads, tokens, bn, block_dk, dk_chunks, block_dv,
                                    warps, st)
-                need = shared_bytes(geo, has_mask=has_mask)
+                need = shared_bytes(geo, has_mask=has_mask, kv_format=kv_format)
                 if need <= smem_limit:
                     return geo
                 smallest = need if smallest is None else min(smallest, need)
