@@ -60,20 +60,19 @@ def shared_bytes(geo: TileGeometry, *, has_mask: bool = False, kv_format: str = 
     nothing measurable (none of them keeps a tile in shared memory). Compiled for sm_80 (no
     warpgroup MMA) the same configurations take less, so the count bounds them there too.
 
-    Quantized K/V (`kv_format` "float8_e4m3fn" or "q8_0", `skattn.quant`): the pipeline's
-    tiles are 1 byte an element (q8_0 adds its f16 block scales, 1/16 more), and the
-    dequantized K and V tiles, 16 bits an element, are written once more to shared memory
-    for the MMA.
+    Quantized K/V (`kv_format`, `skattn.quant`), dequantized in registers: float8_e4m3fn
+    takes the same buffers at 1 byte an element (exact in every configuration compiled);
+    for q8_0 the count adds the f16 block scales of each buffer and one more [BLOCK_N, Dv]
+    byte tile, a bound (Triton pipelines its int8 and f16 loads differently by shape:
+    47-71 KB where fp8 takes 54-55 KB, `scripts/resources.py --shape D Dv n q8_0`).
     """
     dk = geo.block_dk * geo.dk_chunks
     wgmma = geo.block_m >= 64
     kv_buffers = max(1, geo.num_stages if wgmma else geo.num_stages - 1)
-    if kv_format in ("float16", "bfloat16"):
-        loop = kv_buffers * geo.block_n * (dk + geo.block_dv) * 2
-    else:
-        per_row = (dk + geo.block_dv) * (1 if kv_format == "float8_e4m3fn" else 17 / 16)
-        loop = int(kv_buffers * geo.block_n * per_row) + geo.block_n * (dk + geo.block_dv) * 2
-    loop += geo.block_m * dk * 2
+    elem = 2 if kv_format in ("float16", "bfloat16") else 1
+    loop = kv_buffers * geo.block_n * (dk + geo.block_dv) * elem + geo.block_m * dk * 2
+    if kv_format == "q8_0":
+        loop += kv_buffers * geo.block_n * (dk + geo.block_dv) // 16 + geo.block_n * geo.block_dv
     if not wgmma:
         loop += geo.block_m * geo.block_n * 2
     if has_mask:

@@ -210,7 +210,9 @@ def run(plan: Plan, q, k, v, out, lse, *, scale: float, mask=None, sinks=None, s
     else:
         qk_scale, softcap_scale = scale * LOG2E, 1.0
     compute = k.dtype if b.main_const["KV_FORMAT"] == 0 else q.dtype  # what the dots multiply
-    head_scales = b.main_const["KV_FORMAT"] == 1 and k_scale.numel() > 1
+    # fp8 scales per KV head: bit 0 K's, bit 1 V's
+    head_scales = (int(k_scale.numel() > 1) + 2 * int(v_scale.numel() > 1)
+                   if b.main_const["KV_FORMAT"] == 1 else 0)
     features = (mask is not None, sinks is not None, alibi_slopes is not None, bool(softcap),
                 lse is not None, not cuda and compute == torch.bfloat16, stamps is not None,
                 head_scales)
@@ -257,7 +259,7 @@ def _consts(b: Bound, features: tuple) -> tuple[dict, dict]:
     """The kernels' compile-time constants for one set of features."""
     has_mask, has_sinks, has_alibi, softcap, has_lse, dot_f32, _, head_scales = features
     main = dict(b.main_const, HAS_MASK=has_mask, HAS_SINKS=has_sinks, HAS_ALIBI=has_alibi,
-                SOFTCAP=softcap, RETURN_LSE=has_lse, DOT_F32=dot_f32, HEAD_SCALES=int(head_scales))
+                SOFTCAP=softcap, RETURN_LSE=has_lse, DOT_F32=dot_f32, HEAD_SCALES=head_scales)
     fix = dict(b.fix_const, HAS_SINKS=has_sinks, RETURN_LSE=has_lse)
     return main, fix
 

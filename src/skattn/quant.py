@@ -260,20 +260,20 @@ def check_kv(q, k, v, k_scale, v_scale, *, kernel: bool) -> str | None:
     if kernel and isinstance(q, torch.Tensor) and q.dtype not in (torch.float16, torch.bfloat16):
         raise TypeError(f"q must be float16 or bfloat16 with quantized K/V (they are dequantized "
                         f"to q's dtype), got {q.dtype}")
-    device = q.device if isinstance(q, torch.Tensor) else k.device
+    device = getattr(q, "device", k.device)
     if kq:
         for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
             if s is not None:
                 raise ValueError(f"{name} must be None with q8_0 K/V (their block scales are "
                                  f"inside the Q8_0)")
         return "q8_0"
-    for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
-        _scale(name, s, k.shape[2], device)
     if kernel and device.type == "cuda":
         cap = torch.cuda.get_device_capability(device)
         if cap < FP8_MIN_CAPABILITY:
             raise ValueError(f"float8_e4m3fn K/V need a GPU of compute capability 8.9 or newer "
                              f"(Ada, Hopper); {device} is {cap[0]}.{cap[1]}: use skattn.quant.q8_0")
+    for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
+        _scale(name, s, k.shape[2], device)
     return "float8_e4m3fn"
 
 

@@ -137,9 +137,10 @@ def tile_kv_loop(acc, m_i, l_i, q, Q, K, V, KS, VS, MASK, SLOPES, b, g, qi, head
                  KV_FORMAT: tl.constexpr = 0, HEAD_SCALES: tl.constexpr = 0):
     """Online softmax over KV blocks [blk_lo, blk_hi) of one tile (scores in log2 units):
     first the blocks that need no mask, then the ones at the causal edge or past Lk.
-    fp8 K/V (KV_FORMAT 1): KS, VS hold f32 scales, one per KV head when HEAD_SCALES; K's is
-    folded into the score scale, V's multiplies the accumulator (a partial's too: the merge
-    is linear in it). q8_0 (2): KS, VS are the block scales (`load_q8_0`)."""
+    fp8 K/V (KV_FORMAT 1): KS, VS hold f32 scales, one per KV head where HEAD_SCALES says
+    (bit 0: K's, bit 1: V's); K's is folded into the score scale, V's multiplies the
+    accumulator (a partial's too: the merge is linear in it). q8_0 (2): KS, VS are the block
+    scales (`load_q8_0`)."""
     # sequence and head offsets in 64 bits (a cache can pass 2**31 elements); a key's offset
     # inside one sequence's rows stays 32-bit (the API refuses Lk x row stride >= 2**31)
     kbase = tl.cast(b, tl.int64) * stride_kb + tl.cast(g, tl.int64) * stride_kh
@@ -147,9 +148,9 @@ def tile_kv_loop(acc, m_i, l_i, q, Q, K, V, KS, VS, MASK, SLOPES, b, g, qi, head
     qpos = kv_len - q_len + qi
     if KV_FORMAT == 1:
         if SOFTCAP:
-            softcap_scale = softcap_scale * tl.load(KS + g * HEAD_SCALES)
+            softcap_scale = softcap_scale * tl.load(KS + g * (HEAD_SCALES % 2))
         else:
-            qk_scale = qk_scale * tl.load(KS + g * HEAD_SCALES)
+            qk_scale = qk_scale * tl.load(KS + g * (HEAD_SCALES % 2))
     if HAS_ALIBI:
         slope = tl.load(SLOPES + head, mask=valid, other=0.0).to(tl.float32) * LOG2E
     else:
@@ -170,5 +171,5 @@ def tile_kv_loop(acc, m_i, l_i, q, Q, K, V, KS, VS, MASK, SLOPES, b, g, qi, head
                 BLOCK_N, BLOCK_DK, DK_CHUNKS, BLOCK_DV, CAUSAL, HAS_WINDOW, HAS_MASK, HAS_ALIBI,
                 SOFTCAP, DOT_F32, masked == 1, KV_FORMAT)
     if KV_FORMAT == 1:
-        acc = acc * tl.load(VS + g * HEAD_SCALES)
+        acc = acc * tl.load(VS + g * (HEAD_SCALES // 2))
     return acc, m_i, l_i
