@@ -61,7 +61,9 @@ def shared_bytes(geo: TileGeometry, *, has_mask: bool = False, kv_format: str = 
     warpgroup MMA) the same configurations take less, so the count bounds them there too.
 
     Quantized K/V (`kv_format`, `skattn.quant`), dequantized in registers: float8_e4m3fn
-    takes the same buffers at 1 byte an element (exact in every configuration compiled);
+    takes the same buffers at 1 byte an element (exact in 210 of the 252 configurations of
+    `scripts/resources.py --grid --kv=float8_e4m3fn`, above in the others; with the warpgroup
+    MMA a Dk wider than Dv adds K's extra columns once);
     for q8_0 the count adds the f16 block scales of each buffer and one more [BLOCK_N, Dv]
     byte tile, a bound (Triton pipelines its int8 and f16 loads differently by shape:
     47-71 KB where fp8 takes 54-55 KB, `scripts/resources.py --shape D Dv n q8_0`).
@@ -71,6 +73,8 @@ def shared_bytes(geo: TileGeometry, *, has_mask: bool = False, kv_format: str = 
     kv_buffers = max(1, geo.num_stages if wgmma else geo.num_stages - 1)
     elem = 2 if kv_format in ("float16", "bfloat16") else 1
     loop = kv_buffers * geo.block_n * (dk + geo.block_dv) * elem + geo.block_m * dk * 2
+    if elem == 1 and wgmma and dk > geo.block_dv:  # 192/128 took K's extra columns once more
+        loop += geo.block_n * (dk - geo.block_dv)
     if kv_format == "q8_0":
         loop += kv_buffers * geo.block_n * (dk + geo.block_dv) // 16 + geo.block_n * geo.block_dv
     if not wgmma:
