@@ -109,10 +109,8 @@ def compile_launch(fn, args, kw):
     return dict(shared=ck.metadata.shared, **ptxas(ck.asm["ptx"]))
 
 
-def main_kernel(D: int, Dv: int, n: int, *, heads: int = 16, kv_len: int = 3008,
-                kv: str = "float16") -> dict:
-    """Resources of the default main kernel for one KV head of `heads` query heads (compiled
-    through ptxas), with the allocation-only count and the planner's estimate beside them."""
+def _main_launch(D: int, Dv: int, n: int, heads: int, kv_len: int, kv: str):
+    """(plan, kernel, args, kwargs) of the default main kernel's launch for one KV head."""
     k, v, scales, dtype = kv_inputs(kv, kv_len, 1, D, Dv)
     p = skattn.plan(batch=1, q_len=n, kv_len=kv_len, q_heads=heads, kv_heads=1, head_dim=D,
                     head_dim_v=Dv, causal=True, sms=132, occupancy=2, dtype=dtype)
@@ -125,9 +123,26 @@ def main_kernel(D: int, Dv: int, n: int, *, heads: int = 16, kv_len: int = 3008,
     finally:
         attention.attention_kernel = saved
     _, args, kw = cap.calls[0]
+    return p, saved, args, kw
+
+
+def main_kernel(D: int, Dv: int, n: int, *, heads: int = 16, kv_len: int = 3008,
+                kv: str = "float16") -> dict:
+    """Resources of the default main kernel for one KV head of `heads` query heads (compiled
+    through ptxas), with the allocation-only count and the planner's estimate beside them."""
+    p, fn, args, kw = _main_launch(D, Dv, n, heads, kv_len, kv)
     # `allocated`: the allocation-only compile of --grid; `estimate`: the planner's
-    return dict(compile_launch(saved, args, kw), num_stages=p.geometry.num_stages,
-                allocated=shared_memory(saved, args, kw),
+    return dict(compile_launch(fn, args, kw), num_stages=p.geometry.num_stages,
+                allocated=shared_memory(fn, args, kw),
+                estimate=shared_bytes(p.geometry, kv_format=p.dtype))
+
+
+def allocation(D: int, Dv: int, n: int, *, heads: int = 16, kv_len: int = 3008,
+               kv: str = "float16") -> dict:
+    """Shared memory Triton allocates for the default main kernel (compiled no further) and
+    the planner's estimate."""
+    p, fn, args, kw = _main_launch(D, Dv, n, heads, kv_len, kv)
+    return dict(shared=shared_memory(fn, args, kw),
                 estimate=shared_bytes(p.geometry, kv_format=p.dtype))
 
 

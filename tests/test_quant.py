@@ -295,3 +295,33 @@ def test_fp8_needs_sm89(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     with pytest.raises(ValueError, match="k_scale is on cpu"):  # past it on sm_90
         quant.check_kv(cuda_q, k, v, torch.ones(1), torch.ones(1), kernel=True)
+
+
+def test_quantized_kernels_compile_for_sm90():
+    # compiled ahead of time for an H100/H200 (no GPU needed; in a subprocess, as this
+    # session runs the interpreter): the dequantizing loads build, fit shared memory, and the
+    # planner's estimate bounds what Triton allocates (compiled as far as its allocation).
+    # Tiles of 64 rows (warpgroup MMA) and 16 (warp MMA), a masked last q8_0 block (96),
+    # chunked Dk (576/512)
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(root / "src"), str(root / "scripts"),
+                                         env.get("PYTHONPATH", "")])
+    cases = [(128, 128, 16, "float8_e4m3fn"), (576, 512, 1, "float8_e4m3fn"),
+             (96, 96, 4, "q8_0"), (128, 128, 1, "q8_0")]
+    code = ("import json, resources\n"
+            f"for D, Dv, n, kv in {cases!r}:\n"
+            "    print(json.dumps(resources.allocation(D, Dv, n, kv=kv)), flush=True)\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == len(cases)
+    for case, r in zip(cases, rows):
+        assert r["shared"] <= 232448 and r["estimate"] >= r["shared"], (case, r)
