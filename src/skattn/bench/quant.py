@@ -150,7 +150,11 @@ def run_quant(decode: list[Cell], prompt: list[Cell], *, out_dir, tag: str, opts
             "fp8_scales": "per KV head", "started": datetime.now(timezone.utc).isoformat(
                 timespec="seconds"), "csv": csv_path.name}
     json_path.write_text(json.dumps(meta, indent=1) + "\n")
-    jobs = [(c, FORMATS) for c in decode] + [(c, PROMPT_FORMATS) for c in prompt]
+    # deepest first: a run cut by the time limit loses the shallowest cells (compiles are paid
+    # on the first depth of each shape)
+    order = {m: i for i, m in enumerate(dict.fromkeys(c.model for c in decode + prompt))}
+    jobs = sorted([(c, FORMATS) for c in decode] + [(c, PROMPT_FORMATS) for c in prompt],
+                  key=lambda j: (-j[0].depth, order[j[0].model], j[0].n))
     rows: list[dict] = []
     bar = run.progress_bar(sum(len(f) for _, f in jobs), opts.progress)
     with open(csv_path, "w", newline="") as f:
@@ -226,11 +230,14 @@ def plans_table(decode: list[Cell], prompt: list[Cell], *, sms: int, occupancy: 
 
 # -- tables from rows (CPU)
 def _by_cell(rows):
+    """{(model, hq, hkv, d, n, depth): {format: row}}, by model (as first seen), n, depth."""
     out: dict[tuple, dict] = {}
+    order: dict[str, int] = {}
     for r in rows:
         key = (r["model"], int(r["hq"]), int(r["hkv"]), int(r["d"]), int(r["n"]), int(r["depth"]))
+        order.setdefault(r["model"], len(order))
         out.setdefault(key, {})[r["format"]] = r
-    return out
+    return {k: out[k] for k in sorted(out, key=lambda k: (order[k[0]], k[4], k[5]))}
 
 
 def _num(row, name):
