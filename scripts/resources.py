@@ -3,7 +3,9 @@
   python3 scripts/resources.py llama-8b 1 32768 [programs=128] [fixup=fused] [num_stages=4]
                                              [stamps=1]  # with the per-program time stamps
   python3 scripts/resources.py --shape 256 256 4     # D Dv n, 16 query heads on 1 KV head
+  python3 scripts/resources.py --shape 128 128 1 q8_0        # K/V float8_e4m3fn or q8_0
   python3 scripts/resources.py --grid [--jobs=2] [--heads=128,192/128] [--features=mask,window]
+                                      [--kv=float8_e4m3fn]
       # shared memory of every distinct main-kernel configuration the planner picks over
       # head sizes x features x query tokens x GQA ratios (JSON lines, then a summary)
 
@@ -36,7 +38,23 @@ from skattn.kernels import attention, fixup
 from skattn.models import MODELS
 
 TYPES = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32",
-         torch.int32: "*i32", torch.int64: "*i64"}
+         torch.int32: "*i32", torch.int64: "*i64", torch.int8: "*i8",
+         torch.float8_e4m3fn: "*fp8e4nv"}
+KV_FORMATS = ("float16", "float8_e4m3fn", "q8_0")
+
+
+def kv_inputs(kv: str, L: int, H: int, D: int, Dv: int) -> tuple:
+    """(k, v, launch.run's k_scale/v_scale keywords, the plan's dtype) of K/V in form `kv`."""
+    if kv == "q8_0":
+        k, v = (torch.empty(1, L, H, d, dtype=torch.int8) for d in (D, Dv))
+        scales = dict(k_scale=torch.empty(1, L, H, D // 32, dtype=torch.float16),
+                      v_scale=torch.empty(1, L, H, Dv // 32, dtype=torch.float16))
+        return k, v, scales, "q8_0"
+    dtype = getattr(torch, kv)
+    k, v = (torch.empty(1, L, H, d, dtype=dtype) for d in (D, Dv))
+    if kv == "float16":
+        return k, v, {}, dtype
+    return k, v, dict(k_scale=torch.ones(1), v_scale=torch.ones(1)), dtype
 
 
 class Capture:
@@ -91,25 +109,41 @@ def compile_launch(fn, args, kw):
     return dict(shared=ck.metadata.shared, **ptxas(ck.asm["ptx"]))
 
 
-def main_kernel(D: int, Dv: int, n: int, *, heads: int = 16, kv_len: int = 3000) -> dict:
-    """Resources of the default main kernel for one KV head of `heads` query heads (compiled
-    through ptxas), with the allocation-only count and the planner's estimate beside them."""
+def _main_launch(D: int, Dv: int, n: int, heads: int, kv_len: int, kv: str):
+    """(plan, kernel, args, kwargs) of the default main kernel's launch for one KV head."""
+    k, v, scales, dtype = kv_inputs(kv, kv_len, 1, D, Dv)
     p = skattn.plan(batch=1, q_len=n, kv_len=kv_len, q_heads=heads, kv_heads=1, head_dim=D,
-                    head_dim_v=Dv, causal=True, sms=132, occupancy=2)
+                    head_dim_v=Dv, causal=True, sms=132, occupancy=2, dtype=dtype)
     q = torch.zeros(1, n, heads, D, dtype=torch.float16)
-    k = torch.empty(1, kv_len, 1, D, dtype=torch.float16)
-    v = torch.empty(1, kv_len, 1, Dv, dtype=torch.float16)
     cap = Capture(attention.attention_kernel, "main")
     saved, attention.attention_kernel = attention.attention_kernel, cap
     try:
         launch.run(p, q, k, v, torch.empty(1, n, heads, Dv, dtype=torch.float16), None,
-                   scale=0.1, main_only=True)
+                   scale=0.1, main_only=True, **scales)
     finally:
         attention.attention_kernel = saved
     _, args, kw = cap.calls[0]
+    return p, saved, args, kw
+
+
+def main_kernel(D: int, Dv: int, n: int, *, heads: int = 16, kv_len: int = 3008,
+                kv: str = "float16") -> dict:
+    """Resources of the default main kernel for one KV head of `heads` query heads (compiled
+    through ptxas), with the allocation-only count and the planner's estimate beside them."""
+    p, fn, args, kw = _main_launch(D, Dv, n, heads, kv_len, kv)
     # `allocated`: the allocation-only compile of --grid; `estimate`: the planner's
-    return dict(compile_launch(saved, args, kw), num_stages=p.geometry.num_stages,
-                allocated=shared_memory(saved, args, kw), estimate=shared_bytes(p.geometry))
+    return dict(compile_launch(fn, args, kw), num_stages=p.geometry.num_stages,
+                allocated=shared_memory(fn, args, kw),
+                estimate=shared_bytes(p.geometry, kv_format=p.dtype))
+
+
+def allocation(D: int, Dv: int, n: int, *, heads: int = 16, kv_len: int = 3008,
+               kv: str = "float16") -> dict:
+    """Shared memory Triton allocates for the default main kernel (compiled no further) and
+    the planner's estimate."""
+    p, fn, args, kw = _main_launch(D, Dv, n, heads, kv_len, kv)
+    return dict(shared=shared_memory(fn, args, kw),
+                estimate=shared_bytes(p.geometry, kv_format=p.dtype))
 
 
 # -- the grid of issue-sized shapes: every configuration the planner picks, compiled for sm_90
@@ -171,24 +205,24 @@ def shared_memory(fn, args, kw) -> int:
     raise RuntimeError("the compile ended before allocating shared memory")
 
 
-def _grid_plan(D, Dv, n, ratio, feature):
+def _grid_plan(D, Dv, n, ratio, feature, kv="float16"):
     f = FEATURES[feature]
+    dtype = "q8_0" if kv == "q8_0" else getattr(torch, kv)
     return skattn.plan(batch=1, q_len=n, kv_len=GRID_KV_LEN, q_heads=ratio * GRID_KV_HEADS,
-                       kv_heads=GRID_KV_HEADS, head_dim=D, head_dim_v=Dv,
+                       kv_heads=GRID_KV_HEADS, head_dim=D, head_dim_v=Dv, dtype=dtype,
                        causal=f.get("causal", False), window=f.get("window"), sms=132,
                        occupancy=2, fixup=f.get("fixup"), has_mask=f.get("mask", False),
                        smem_limit=SM90_SHARED_LIMIT)
 
 
-def _grid_launch(D, Dv, n, ratio, feature):
+def _grid_launch(D, Dv, n, ratio, feature, kv="float16"):
     """The main kernel's launch for one grid point, as `skattn.attention` makes it."""
     f = FEATURES[feature]
-    p = _grid_plan(D, Dv, n, ratio, feature)
+    p = _grid_plan(D, Dv, n, ratio, feature, kv)
     L, H, Hq = GRID_KV_LEN, GRID_KV_HEADS, ratio * GRID_KV_HEADS
     q = torch.empty(1, n, Hq, D, dtype=torch.float16)
-    k = torch.empty(1, L, H, D, dtype=torch.float16)
-    v = torch.empty(1, L, H, Dv, dtype=torch.float16)
-    kw = dict(mask=torch.empty(1, n, L) if f.get("mask") else None,
+    k, v, scales, _ = kv_inputs(kv, L, H, D, Dv)
+    kw = dict(**scales, mask=torch.empty(1, n, L) if f.get("mask") else None,
               sinks=torch.zeros(Hq) if f.get("sinks") else None,
               alibi_slopes=torch.zeros(Hq) if f.get("alibi") else None,
               softcap=f.get("softcap", 0.0))
@@ -203,7 +237,7 @@ def _grid_launch(D, Dv, n, ratio, feature):
     return p, (saved, *cap.calls[0][1:])
 
 
-def grid_configs(heads=HEADS, features=tuple(FEATURES)) -> dict:
+def grid_configs(heads=HEADS, features=tuple(FEATURES), kv="float16") -> dict:
     """Distinct main-kernel configurations over heads x features x Q_LENS x RATIOS:
     {key: (D, Dv, n, ratio, feature) of its first grid point}. The key is what shapes the
     kernel's tiles and loops: the geometry except its row packing (heads and tokens a tile
@@ -214,29 +248,32 @@ def grid_configs(heads=HEADS, features=tuple(FEATURES)) -> dict:
         for feature in features:
             for n in Q_LENS:
                 for ratio in RATIOS:
-                    g = _grid_plan(D, Dv, n, ratio, feature).geometry
+                    if kv == "q8_0" and (D % 32 or Dv % 32):
+                        continue
+                    g = _grid_plan(D, Dv, n, ratio, feature, kv).geometry
                     key = (D, Dv, feature, g.block_m, g.block_n, g.block_dk, g.dk_chunks,
                            g.block_dv, g.num_warps, g.num_stages)
-                    out.setdefault(key, [(D, Dv, n, ratio, feature), 0])[1] += 1
+                    out.setdefault(key, [(D, Dv, n, ratio, feature, kv), 0])[1] += 1
     return out
 
 
 def _compile_point(point) -> dict:
     t0 = time.time()
     p, (fn, args, kw) = _grid_launch(*point)
-    D, Dv, n, ratio, feature = point
+    D, Dv, n, ratio, feature, kv = point
     g = p.geometry
-    return dict(head_dim=D, head_dim_v=Dv, q_len=n, ratio=ratio, feature=feature,
+    return dict(head_dim=D, head_dim_v=Dv, q_len=n, ratio=ratio, feature=feature, kv=kv,
                 geometry=[g.block_m, g.heads_per_tile, g.tokens_per_tile, g.block_n, g.block_dk,
                           g.dk_chunks, g.block_dv, g.num_warps, g.num_stages],
-                estimate=shared_bytes(g, has_mask=FEATURES[feature].get("mask", False)),
+                estimate=shared_bytes(g, has_mask=FEATURES[feature].get("mask", False),
+                                      kv_format=p.dtype),
                 shared=shared_memory(fn, args, kw), seconds=round(time.time() - t0, 1))
 
 
-def run_grid(jobs: int, heads=HEADS, features=tuple(FEATURES)) -> None:
+def run_grid(jobs: int, heads=HEADS, features=tuple(FEATURES), kv="float16") -> None:
     """Compile every distinct configuration of the grid in `jobs` processes; one JSON line
     each, then a summary line."""
-    configs = grid_configs(heads, features)
+    configs = grid_configs(heads, features, kv)
     t0 = time.time()
     worst, over, under = 0, [], []
     with ProcessPoolExecutor(jobs) as pool:
@@ -258,7 +295,8 @@ def run_grid(jobs: int, heads=HEADS, features=tuple(FEATURES)) -> None:
 
 def main(argv):
     if argv[0] == "--shape":  # D Dv n: one JSON line
-        print(json.dumps(main_kernel(*map(int, argv[1:4]))))
+        kv = argv[4] if len(argv) > 4 else "float16"
+        print(json.dumps(main_kernel(*map(int, argv[1:4]), kv=kv)))
         return
     if argv[0] == "--grid":
         opts = dict(a[2:].split("=", 1) for a in argv[1:])
@@ -267,7 +305,8 @@ def main(argv):
             heads = tuple((int(h.split("/")[0]), int(h.split("/")[-1]))
                           for h in opts["heads"].split(","))
         features = tuple(opts["features"].split(",")) if "features" in opts else tuple(FEATURES)
-        run_grid(int(opts.get("jobs", os.cpu_count() or 1)), heads, features)
+        run_grid(int(opts.get("jobs", os.cpu_count() or 1)), heads, features,
+                 opts.get("kv", "float16"))
         return
     model, n, L = argv[0], int(argv[1]), int(argv[2])
     extra = {}

@@ -6,7 +6,7 @@ from functools import lru_cache
 
 import torch
 
-from skattn import checks, launch
+from skattn import checks, launch, quant
 from skattn.device import hardware, shared_memory_limit
 from skattn.planner import plan as make_plan
 
@@ -19,13 +19,17 @@ _TOKENS = itertools.count()
 
 
 def _meta(x):
+    if isinstance(x, quant.Q8_0):
+        return type(x), _meta(x.values), _meta(x.scales)
+    if isinstance(x, (float, int)) and not isinstance(x, bool):  # a scale: its value is checked
+        return x
     if x is None or not isinstance(x, torch.Tensor):
         return x if x is None else type(x)
     return x.shape, x.stride(), x.dtype, x.device, x.requires_grad
 
 
 def _signature(q, k, v, scale, causal, window, mask, sinks, softcap, alibi_slopes, return_lse,
-               plan, out):
+               plan, out, k_scale=None, v_scale=None):
     """What `checks.attention_args` depends on, cheap to build and hash (a plan by a token
     it carries, so a freed plan's id is never mistaken for a new one's)."""
     token = None
@@ -39,7 +43,7 @@ def _signature(q, k, v, scale, causal, window, mask, sinks, softcap, alibi_slope
         return None  # unhashable options: the checks will name them
     return (_meta(q), _meta(k), _meta(v), _meta(out), _meta(mask), _meta(sinks),
             _meta(alibi_slopes), scale, softcap, causal, type(causal), window, type(window),
-            return_lse, token, torch.is_grad_enabled())
+            return_lse, token, torch.is_grad_enabled(), _meta(k_scale), _meta(v_scale))
 
 
 @lru_cache(maxsize=256)
@@ -53,14 +57,17 @@ def _cached_plan(B, Lq, Lk, Hq, Hkv, Dk, Dv, dtype, causal, window, device, has_
 
 def attention(q, k, v, *, scale=None, causal=False, window=None, mask=None, sinks=None,
               softcap=0.0, alibi_slopes=None, return_lse=False, plan=None, out=None,
-              workspace=None):
+              workspace=None, k_scale=None, v_scale=None):
     """Attention over a KV cache with the stream-K kernel.
 
     Parameters
     ----------
-    q : Tensor [B, Lq, Hq, Dk], f16, bf16 or f32 (last dim contiguous)
-    k : Tensor [B, Lk, Hkv, Dk], f16 or bf16; may be a strided view of a larger cache
-    v : Tensor [B, Lk, Hkv, Dv], k's dtype
+    q : Tensor [B, Lq, Hq, Dk], f16, bf16 or f32 (last dim contiguous); f16 or bf16 with
+        quantized K/V, which are dequantized to q's dtype
+    k : Tensor [B, Lk, Hkv, Dk], f16, bf16 or float8_e4m3fn (with k_scale), or a
+        `skattn.quant.Q8_0` (q8_0 blocks, Dk a multiple of 32); may be a strided view of a
+        larger cache
+    v : Tensor [B, Lk, Hkv, Dv], k's dtype (or a Q8_0 when k is one)
     scale : float, optional
         Score scale, default Dk ** -0.5.
     causal : bool
@@ -88,6 +95,10 @@ def attention(q, k, v, *, scale=None, causal=False, window=None, mask=None, sink
         bytes; any plan that fits may share it, one call at a time). Default: a pool per
         (device, stream) that skattn grows to the largest plan run on it. Pass one when
         capturing CUDA graphs that replay concurrently or outlive other plans' growth.
+    k_scale, v_scale : Tensor [] / [1] / [Hkv] float32, or float; float8_e4m3fn K/V only
+        K/V's value is `x.float() * scale`, per tensor or per KV head (vLLM's convention);
+        required with fp8 K/V. A float costs a 4-byte fill on the device per call: pass
+        tensors in a decode loop or a CUDA graph. See docs/quant.md.
 
     Returns
     -------
@@ -101,7 +112,9 @@ def attention(q, k, v, *, scale=None, causal=False, window=None, mask=None, sink
         devices or layouts, `out` with overlapping memory, non-finite `scale` or `softcap`,
         `causal` not a bool, `window` without causal=True, a `plan` that is not a Plan or
         was made for other shapes, inputs that require grad (the kernels are forward-only:
-        call under torch.no_grad() or detach).
+        call under torch.no_grad() or detach); quantized K/V: missing or misshapen scales,
+        k and v in different forms, an unsupported 8-bit dtype, q not f16/bf16, fp8 on a GPU
+        below compute capability 8.9.
 
     Notes
     -----
@@ -115,11 +128,12 @@ def attention(q, k, v, *, scale=None, causal=False, window=None, mask=None, sink
     or +inf sink makes the head's rows NaN.
     """
     key = _signature(q, k, v, scale, causal, window, mask, sinks, softcap, alibi_slopes,
-                     return_lse, plan, out)
+                     return_lse, plan, out, k_scale, v_scale)
     if key is None or key not in _CHECKED:
         checks.attention_args(q, k, v, scale=scale, causal=causal, window=window, mask=mask,
                               sinks=sinks, softcap=softcap, alibi_slopes=alibi_slopes,
-                              return_lse=return_lse, plan=plan, out=out)
+                              return_lse=return_lse, plan=plan, out=out, k_scale=k_scale,
+                              v_scale=v_scale)
         if key is not None:
             _CHECKED[key] = None
         if len(_CHECKED) > _CHECKED_MAX:
@@ -127,12 +141,18 @@ def attention(q, k, v, *, scale=None, causal=False, window=None, mask=None, sink
     B, Lq, Hq, Dk = q.shape
     Dv = v.shape[3]
     if plan is None:
-        plan = _cached_plan(B, Lq, k.shape[1], Hq, k.shape[2], Dk, Dv, k.dtype, bool(causal),
+        kv_dtype = "q8_0" if isinstance(k, quant.Q8_0) else k.dtype
+        plan = _cached_plan(B, Lq, k.shape[1], Hq, k.shape[2], Dk, Dv, kv_dtype, bool(causal),
                             window, q.device, mask is not None)
+    if isinstance(k, quant.Q8_0):  # the kernel reads the int8 values and their block scales
+        k, v, k_scale, v_scale = k.values, v.values, k.scales, v.scales
+    elif k_scale is not None:
+        k_scale, v_scale = quant.scale_tensor(k_scale, q.device), quant.scale_tensor(v_scale, q.device)
     if out is None:
         out = torch.empty(B, Lq, Hq, Dv, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, Hq, Lq, device=q.device, dtype=torch.float32) if return_lse else None
     scale = launch.default_scale(Dk) if scale is None else float(scale)
     launch.run(plan, q, k, v, out, lse, scale=scale, mask=mask, sinks=sinks,
-               softcap=float(softcap), alibi_slopes=alibi_slopes, workspace=workspace)
+               softcap=float(softcap), alibi_slopes=alibi_slopes, workspace=workspace,
+               k_scale=k_scale, v_scale=v_scale)
     return (out, lse) if return_lse else out

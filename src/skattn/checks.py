@@ -12,6 +12,7 @@ from numbers import Real
 
 import torch
 
+from skattn import quant
 from skattn.device import interpreting
 
 Q_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -69,13 +70,14 @@ def _overlaps(x: torch.Tensor) -> bool:
 
 def attention_args(q, k, v, *, scale=None, causal=False, window=None, mask=None, sinks=None,
                    softcap=0.0, alibi_slopes=None, return_lse=False, plan=None, out=None,
-                   kernel: bool = True) -> None:
+                   kernel: bool = True, k_scale=None, v_scale=None) -> None:
     """Check the arguments of an attention call (see `skattn.attention`).
 
     Parameters
     ----------
-    q, k, v, scale, causal, window, mask, sinks, softcap, alibi_slopes, return_lse, plan, out
-        As in `skattn.attention`.
+    q, k, v, scale, causal, window, mask, sinks, softcap, alibi_slopes, return_lse, plan, out,
+    k_scale, v_scale
+        As in `skattn.attention` (quantized K/V: `skattn.quant.check_kv`).
     kernel : bool
         True: the Triton kernels' rules too (dtypes, last dimension contiguous, no autograd,
         CUDA tensors or the interpreter, a plan made for these shapes, `out`). False: the
@@ -88,8 +90,15 @@ def attention_args(q, k, v, *, scale=None, causal=False, window=None, mask=None,
     """
     floats = None if not kernel else Q_DTYPES
     _tensor("q", q, 4, floats)
-    _tensor("k", k, 4, None if not kernel else KV_DTYPES)
-    _tensor("v", v, 4, None if not kernel else KV_DTYPES)
+    kv_name = None
+    if k_scale is not None or v_scale is not None or _byte_kv(k) or _byte_kv(v):
+        # quantized K/V: their own rules, then the generic ones on the tensors the kernel reads
+        kv_name = quant.check_kv(q, k, v, k_scale, v_scale, kernel=kernel)
+        if kv_name is not None:
+            k, v = quant.kernel_data(k), quant.kernel_data(v)
+    kv_dtypes = KV_DTYPES if kv_name is None else (k.dtype,)
+    _tensor("k", k, 4, None if not kernel and kv_name is None else kv_dtypes)
+    _tensor("v", v, 4, None if not kernel and kv_name is None else kv_dtypes)
     (B, Lq, Hq, Dk), (Bk, Lk, Hkv, Dk2), Dv = q.shape, k.shape, v.shape[3]
     if kernel and v.dtype != k.dtype:
         raise TypeError(f"v must have k's dtype {k.dtype}, got {v.dtype}")
@@ -133,8 +142,13 @@ def attention_args(q, k, v, *, scale=None, causal=False, window=None, mask=None,
     if kernel:
         _kernel_args(q, k, v, mask, sinks, alibi_slopes, out)
         if plan is not None:
-            plan_matches(plan, q, k, v, causal=causal, window=window)
+            plan_matches(plan, q, k, v, causal=causal, window=window, kv_name=kv_name)
             plan_mask(plan, mask, q.device)
+
+
+def _byte_kv(x) -> bool:
+    """K or V in a 1-byte form (fp8, int8, a Q8_0): `skattn.quant`'s rules decide."""
+    return isinstance(x, quant.Q8_0) or (isinstance(x, torch.Tensor) and x.element_size() == 1)
 
 
 def _kernel_args(q, k, v, mask, sinks, alibi_slopes, out) -> None:
@@ -179,11 +193,13 @@ _PLAN_FIELDS = ("batch", "q_len", "kv_len", "q_heads", "kv_heads", "head_dim", "
 _DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
 
 
-def plan_matches(plan, q, k, v, *, causal, window, dtype: bool = True) -> None:
-    """The plan was made for these shapes, options and (when `dtype`) K/V's dtype."""
+def plan_matches(plan, q, k, v, *, causal, window, dtype: bool = True, kv_name=None) -> None:
+    """The plan was made for these shapes, options and (when `dtype`) K/V's dtype, or
+    `kv_name` (quantized K/V: "float8_e4m3fn", "q8_0")."""
     B, Lq, Hq, Dk = q.shape
+    name = kv_name or _DTYPE_NAMES.get(k.dtype, str(k.dtype).removeprefix("torch."))
     have = (B, Lq, k.shape[1], Hq, k.shape[2], Dk, v.shape[3], causal, window,
-            _DTYPE_NAMES.get(k.dtype, str(k.dtype)) if dtype else plan.dtype)
+            name if dtype else plan.dtype)
     for name, value in zip(_PLAN_FIELDS, have):
         if getattr(plan, name) != value:
             raise ValueError(f"plan was made for {name}={getattr(plan, name)!r}, inputs have "
@@ -203,7 +219,7 @@ def plan_mask(plan, mask, device) -> None:
 
     limit = shared_memory_limit(device)
     if has_mask:
-        need = shared_bytes(plan.geometry, has_mask=True)
+        need = shared_bytes(plan.geometry, has_mask=True, kv_format=plan.dtype)
         if need > limit:
             raise ValueError(f"plan was made for has_mask=False, inputs have a mask: its kernel "
                              f"configuration would need {need} bytes of shared memory with the "
@@ -211,7 +227,7 @@ def plan_mask(plan, mask, device) -> None:
                              f"skattn.plan(..., has_mask=True)")
         return
     shape = dict(q_len=plan.q_len, gqa_ratio=plan.gqa_ratio, head_dim=plan.head_dim,
-                 head_dim_v=plan.head_dim_v, smem_limit=limit)
+                 head_dim_v=plan.head_dim_v, smem_limit=limit, kv_format=plan.dtype)
     reduced = tile_geometry(has_mask=True, **shape)
     if plan.geometry == reduced and reduced != tile_geometry(**shape):
         raise ValueError("plan was made for has_mask=True, inputs have no mask: its kernel "

@@ -38,7 +38,7 @@ def _pow2(x: int) -> int:
     return 1 << (x - 1).bit_length()
 
 
-def shared_bytes(geo: TileGeometry, *, has_mask: bool = False) -> int:
+def shared_bytes(geo: TileGeometry, *, has_mask: bool = False, kv_format: str = "float16") -> int:
     """Shared memory (bytes) of the main kernel compiled for sm_90 with this geometry.
 
     What Triton 3.6 keeps there, calibrated against `ttg.shared` of the compiled kernel
@@ -59,11 +59,25 @@ def shared_bytes(geo: TileGeometry, *, has_mask: bool = False) -> int:
     Sinks, softcap, ALiBi, the sliding window, causal masking, lse and the fused fixup add
     nothing measurable (none of them keeps a tile in shared memory). Compiled for sm_80 (no
     warpgroup MMA) the same configurations take less, so the count bounds them there too.
+
+    Quantized K/V (`kv_format`, `skattn.quant`), dequantized in registers: float8_e4m3fn
+    takes the same buffers at 1 byte an element (exact in 210 of the 252 configurations of
+    `scripts/resources.py --grid --kv=float8_e4m3fn`, above in the others; with the warpgroup
+    MMA a Dk wider than Dv adds K's extra columns once);
+    for q8_0 the count adds the f16 block scales of each buffer and one more [BLOCK_N, Dv]
+    byte tile: a bound (Triton pipelines its int8 and f16 loads differently by shape), above
+    all 210 configurations of `--grid --kv=q8_0`, by 17% in the median, and below the f16
+    count of the same geometry, so q8_0 never gets a smaller configuration than f16.
     """
     dk = geo.block_dk * geo.dk_chunks
     wgmma = geo.block_m >= 64
     kv_buffers = max(1, geo.num_stages if wgmma else geo.num_stages - 1)
-    loop = kv_buffers * geo.block_n * (dk + geo.block_dv) * 2 + geo.block_m * dk * 2
+    elem = 2 if kv_format in ("float16", "bfloat16") else 1
+    loop = kv_buffers * geo.block_n * (dk + geo.block_dv) * elem + geo.block_m * dk * 2
+    if elem == 1 and wgmma and dk > geo.block_dv:  # 192/128 took K's extra columns once more
+        loop += geo.block_n * (dk - geo.block_dv)
+    if kv_format == "q8_0":
+        loop += kv_buffers * geo.block_n * (dk + geo.block_dv) // 16 + geo.block_n * geo.block_dv
     if not wgmma:
         loop += geo.block_m * geo.block_n * 2
     if has_mask:
@@ -71,11 +85,11 @@ def shared_bytes(geo: TileGeometry, *, has_mask: bool = False) -> int:
     return max(loop, geo.block_m * geo.block_dv * 4)
 
 
-def programs_per_sm(geo: TileGeometry) -> int:
+def programs_per_sm(geo: TileGeometry, kv_format: str = "float16") -> int:
     """Programs of a 128-row (prompt) geometry that one Hopper SM holds at once: its shared
     memory (224 KB for head size 128, 80 KB for 64, as compiled) and 255 registers a thread
     (what those kernels take)."""
-    shared = shared_bytes(geo)
+    shared = shared_bytes(geo, kv_format=kv_format)
     return max(1, min(SM_SHARED_BYTES // shared, SM_REGISTERS // (geo.num_warps * 32 * 255)))
 
 
@@ -112,7 +126,8 @@ def _halvings(start: int, given: int | None) -> list[int]:
 def tile_geometry(*, q_len: int, gqa_ratio: int, head_dim: int, head_dim_v: int,
                   block_m: int | None = None, block_n: int | None = None,
                   num_warps: int | None = None, num_stages: int | None = None,
-                  has_mask: bool = False, smem_limit: int = SM90_SHARED_LIMIT) -> TileGeometry:
+                  has_mask: bool = False, smem_limit: int = SM90_SHARED_LIMIT,
+                  kv_format: str = "float16") -> TileGeometry:
     """The kernel configuration of a shape: the query heads of a KV head packed into the rows of
     a tile, then tokens; the measured defaults where they fit `smem_limit` bytes of shared
     memory, else fewer stages, then fewer keys per KV block, then fewer rows.
@@ -127,6 +142,8 @@ def tile_geometry(*, q_len: int, gqa_ratio: int, head_dim: int, head_dim_v: int,
         An additive mask is read in the KV loop (its tile is pipelined in shared memory).
     smem_limit : int
         Shared memory one program may use, bytes (232448 on sm_90).
+    kv_format : str
+        K/V's form (`Plan.dtype`): "float16", "bfloat16", "float8_e4m3fn" or "q8_0".
 
     Returns
     -------
@@ -176,7 +193,7 @@ def tile_geometry(*, q_len: int, gqa_ratio: int, head_dim: int, head_dim_v: int,
             for st in stages:
                 geo = TileGeometry(bm, tile_heads, tokens, bn, block_dk, dk_chunks, block_dv,
                                    warps, st)
-                need = shared_bytes(geo, has_mask=has_mask)
+                need = shared_bytes(geo, has_mask=has_mask, kv_format=kv_format)
                 if need <= smem_limit:
                     return geo
                 smallest = need if smallest is None else min(smallest, need)

@@ -27,6 +27,7 @@ LOG2E = 1.4426950408889634
 _COMPILED: dict = {}  # call key -> (CompiledKernel, its constant parameters in order)
 _KEYS: dict = {}  # a bound plan's contribution to call keys -> a small integer
 _I32 = 1 << 31
+KV_FORMATS = {"float8_e4m3fn": 1, "q8_0": 2}  # the kernel's KV_FORMAT by Plan.dtype (else 0)
 
 
 def _many_pieces(plan: Plan) -> bool:
@@ -122,6 +123,7 @@ def _bind(plan: Plan, device: torch.device) -> Bound:
         ONE_TOKEN_BLOCK=plan.ntiles_x == 1, FIXUP_COLS=fused_dv, FIXUP_ROWS=fused_rows,
         MERGE_PIECES=pieces_per_step(fused_rows, fused_dv, g.num_warps, t.fused_merge_elements),
         USE_PDL=(1 if t.pdl_trigger == "start" else 2) if pdl else 0,
+        KV_FORMAT=KV_FORMATS.get(plan.dtype, 0),
         num_warps=g.num_warps, num_stages=g.num_stages, **common)
     fix_grid = fixup_grid(plan)
     fix_dv, fix_m = g.block_dv // fix_grid[1], g.block_m // fix_grid[2]
@@ -192,11 +194,16 @@ def _no_hooks() -> bool:
 
 def run(plan: Plan, q, k, v, out, lse, *, scale: float, mask=None, sinks=None, softcap=0.0,
         alibi_slopes=None, workspace=None, main_only: bool = False, stamps=None,
-        scratch: bool = False) -> None:
+        k_scale=None, v_scale=None, scratch: bool = False) -> None:
     """Launch the main kernel and, for uniform/general plans, the fixup kernel.
 
+    Quantized K/V (the plan's dtype says which): `k`, `v` are what the kernel reads (fp8
+    tensors, or a Q8_0's int8 values) and `k_scale`, `v_scale` the scales (fp8: f32 [1] or
+    [Hkv]; q8_0: the Q8_0's block scales), as `skattn.attention` unpacks them.
+
     `workspace`: a caller's buffer (`skattn.workspace(plan)`), else the pool of the current
-    stream, or with `scratch=True` a buffer of this call alone (`buffers.scratch`). `main_only` skips the separate fixup (a diagnostic: the output is then incomplete).
+    stream, or with `scratch=True` a buffer of this call alone (`buffers.scratch`).
+    `main_only` skips the separate fixup (a diagnostic: the output is then incomplete).
     `stamps` (a diagnostic, GPU only): int64 tensors (main [programs, 4], fixup
     [prod(fixup_grid(plan)), 4]) that receive each program's %globaltimer stamps (main: start,
     first tile's KV loop done, end; uniform fixup: start, partials ready, end) and its SM in
@@ -207,7 +214,8 @@ def run(plan: Plan, q, k, v, out, lse, *, scale: float, mask=None, sinks=None, s
         with torch.cuda.device(device):  # Triton launches on the current device
             return run(plan, q, k, v, out, lse, scale=scale, mask=mask, sinks=sinks,
                        softcap=softcap, alibi_slopes=alibi_slopes, workspace=workspace,
-                       main_only=main_only, stamps=stamps, scratch=scratch)
+                       main_only=main_only, stamps=stamps, k_scale=k_scale, v_scale=v_scale,
+                       scratch=scratch)
     b = bind(plan, device)
     if stamps is not None:
         _check_stamps(plan, stamps, device)
@@ -224,8 +232,13 @@ def run(plan: Plan, q, k, v, out, lse, *, scale: float, mask=None, sinks=None, s
         qk_scale, softcap_scale = softcap * LOG2E, scale / softcap
     else:
         qk_scale, softcap_scale = scale * LOG2E, 1.0
+    compute = k.dtype if b.main_const["KV_FORMAT"] == 0 else q.dtype  # what the dots multiply
+    # fp8 scales per KV head: bit 0 K's, bit 1 V's
+    head_scales = (int(k_scale.numel() > 1) + 2 * int(v_scale.numel() > 1)
+                   if b.main_const["KV_FORMAT"] == 1 else 0)
     features = (mask is not None, sinks is not None, alibi_slopes is not None, bool(softcap),
-                lse is not None, not cuda and k.dtype == torch.bfloat16, stamps is not None)
+                lse is not None, not cuda and compute == torch.bfloat16, stamps is not None,
+                head_scales)
     consts = b.consts.get(features)
     if consts is None:
         consts = b.consts[features] = _consts(b, features)
@@ -237,16 +250,19 @@ def run(plan: Plan, q, k, v, out, lse, *, scale: float, mask=None, sinks=None, s
     slb, slh = (lse.stride(0), lse.stride(1)) if lse is not None else (0, 0)
     sinks_t = sinks if sinks is not None else placeholder
     slopes_t = alibi_slopes if alibi_slopes is not None else placeholder
+    ks_t = k_scale if k_scale is not None else placeholder
+    vs_t = v_scale if v_scale is not None else placeholder
     qs, ks, vs, os_ = q.stride(), k.stride(), v.stride(), out.stride()
     args = (q, qs[0], qs[1], qs[2], k, ks[0], ks[1], ks[2], v, vs[0], vs[1], vs[2],
             out, os_[0], os_[1], os_[2], lse_t, slb, slh, mask_t, smb, smm, sinks_t,
-            slopes_t,
+            slopes_t, ks_t, vs_t,
             ws_o, ws_m, ws_l, counters, b.qblock_off, b.kv_first, *b.main_ints,
             qk_scale, softcap_scale, plan.window or 0, *b.fd)
     key = None
     if fast:  # what changes the compiled code besides the plan: features, strides, alignment
         key = (b.kid, features, qs, ks, vs, os_, slb, slh, smb, smm,
-               *(x.data_ptr() % 16 == 0 for x in (q, k, v, out, lse_t, mask_t, sinks_t, slopes_t)))
+               *(x.data_ptr() % 16 == 0 for x in (q, k, v, out, lse_t, mask_t, sinks_t, slopes_t,
+                                                  ks_t, vs_t)))
     elif stamps is not None:
         main_const = dict(main_const, STAMPS=stamps[0], TIMELINE=True)
         if b.fix_kernel == "uniform":
@@ -264,9 +280,9 @@ def run(plan: Plan, q, k, v, out, lse, *, scale: float, mask=None, sinks=None, s
 
 def _consts(b: Bound, features: tuple) -> tuple[dict, dict]:
     """The kernels' compile-time constants for one set of features."""
-    has_mask, has_sinks, has_alibi, softcap, has_lse, dot_f32, _ = features
+    has_mask, has_sinks, has_alibi, softcap, has_lse, dot_f32, _, head_scales = features
     main = dict(b.main_const, HAS_MASK=has_mask, HAS_SINKS=has_sinks, HAS_ALIBI=has_alibi,
-                SOFTCAP=softcap, RETURN_LSE=has_lse, DOT_F32=dot_f32)
+                SOFTCAP=softcap, RETURN_LSE=has_lse, DOT_F32=dot_f32, HEAD_SCALES=head_scales)
     fix = dict(b.fix_const, HAS_SINKS=has_sinks, RETURN_LSE=has_lse)
     return main, fix
 

@@ -18,7 +18,9 @@ __all__ = ["Plan", "plan", "programs_for", "fixup_for", "tile_geometry", "POLICI
 # FLOP per byte of K/V above which a cell is compute-bound (it is q_len x GQA ratio; the
 # H100/H200 ridge points are about 220/180 FLOP/B for f16)
 COMPUTE_BOUND_INTENSITY = 256
-_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}  # of K and V
+# K/V forms -> Plan.dtype (skattn.quant: fp8 with scales, q8_0 blocks)
+_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16",
+           torch.float8_e4m3fn: "float8_e4m3fn", "q8_0": "q8_0"}
 
 
 @dataclass(frozen=True)
@@ -181,11 +183,11 @@ def _on_tile_edges(programs, work, kv_count) -> bool:
     return all(p * work // programs % group_work in edges for p in range(programs))
 
 
-def shared_programs(geo: TileGeometry, occupancy: int) -> int:
+def shared_programs(geo: TileGeometry, occupancy: int, kv_format: str = "float16") -> int:
     """Programs of this geometry that share an SM: the estimate of `programs_per_sm` for
     128-row tiles (prompt chunks, n=16 at GQA ratio 8), 1 for smaller decode tiles (two
     programs an SM never won in the decode sweeps, PERF.md)."""
-    return min(occupancy, programs_per_sm(geo)) if geo.block_m == 128 else 1
+    return min(occupancy, programs_per_sm(geo, kv_format)) if geo.block_m == 128 else 1
 
 
 def _kv_blocks(qblock, *, q_len, kv_len, tokens, block_n, causal, window):
@@ -262,8 +264,10 @@ def plan(*, batch: int, q_len: int, kv_len: int, q_heads: int, kv_heads: int, he
         The shape of `attention(q [B, Lq, Hq, Dk], k [B, Lk, Hkv, Dk], v [B, Lk, Hkv, Dv])`.
     head_dim_v : int, optional
         Dv (defaults to head_dim).
-    dtype : torch.dtype
-        The dtype of K and V (f16 or bf16).
+    dtype : torch.dtype or "q8_0"
+        The form of K and V: torch.float16, torch.bfloat16, torch.float8_e4m3fn (with
+        scales) or "q8_0" (`skattn.quant.Q8_0`, head sizes multiples of 32). Quantized K/V
+        take half the shared memory of f16 in the pipeline (`skattn.config.shared_bytes`).
     causal, window : bool, int or None
         Bottom-right causal mask and sliding window; KV blocks they hide are left out of the
         work list.
@@ -318,8 +322,12 @@ def plan(*, batch: int, q_len: int, kv_len: int, q_heads: int, kv_heads: int, he
     if fixup is not None and fixup not in FIXUPS:
         raise ValueError(f"fixup must be None or one of {FIXUPS}, got {fixup!r}")
     causal_window(causal, window)
-    if dtype not in _DTYPES:
+    if not isinstance(dtype, (torch.dtype, str)) or dtype not in _DTYPES:
         raise ValueError(f"dtype is K/V's and must be one of {list(_DTYPES)}, got {dtype}")
+    kv_format = _DTYPES[dtype]
+    if kv_format == "q8_0" and (head_dim % 32 or head_dim_v % 32):
+        raise ValueError(f"q8_0 K/V need head sizes that are multiples of 32 (its blocks), got "
+                         f"{head_dim}/{head_dim_v}")
     if sms is None or occupancy is None:
         from skattn.device import hardware
 
@@ -336,7 +344,8 @@ def plan(*, batch: int, q_len: int, kv_len: int, q_heads: int, kv_heads: int, he
     _check_positive(smem_limit=smem_limit)
     geo = tile_geometry(q_len=q_len, gqa_ratio=ratio, head_dim=head_dim, head_dim_v=head_dim_v,
                         block_m=block_m, block_n=block_n, num_warps=num_warps,
-                        num_stages=num_stages, has_mask=bool(has_mask), smem_limit=smem_limit)
+                        num_stages=num_stages, has_mask=bool(has_mask), smem_limit=smem_limit,
+                        kv_format=kv_format)
     ntiles_x = -(-q_len // geo.tokens_per_tile)
     ntiles_z = -(-ratio // geo.heads_per_tile)
     ntiles_dst = batch * kv_heads * ntiles_z * ntiles_x
@@ -351,7 +360,7 @@ def plan(*, batch: int, q_len: int, kv_len: int, q_heads: int, kv_heads: int, he
     chosen = programs is None  # by the policy, not by the caller
     compute_bound = q_len * ratio >= COMPUTE_BOUND_INTENSITY
     if chosen:
-        per_sm = shared_programs(geo, occupancy)
+        per_sm = shared_programs(geo, occupancy, kv_format)
         programs = programs_for(policy, ntiles_dst=ntiles_dst, ntiles_kv=ntiles_kv,
                               max_programs=max_programs, work=work, min_tile_work=min(kv_count),
                               max_tile_work=max(kv_count), fixup=fixup, cost=model,
@@ -361,7 +370,7 @@ def plan(*, batch: int, q_len: int, kv_len: int, q_heads: int, kv_heads: int, he
         raise ValueError(f"programs must be an integer in [1, W={work}], got {programs!r}")
     kind = decide_fixup(programs=programs, ntiles_dst=ntiles_dst, kv_count=kv_count, work=work,
                         requested=fixup, policy=policy, chosen=chosen, compute_bound=compute_bound)
-    return Plan(batch, q_len, kv_len, q_heads, kv_heads, head_dim, head_dim_v, _DTYPES[dtype],
+    return Plan(batch, q_len, kv_len, q_heads, kv_heads, head_dim, head_dim_v, kv_format,
                 bool(causal), window, geo, ntiles_x, ntiles_z, ntiles_dst, ntiles_kv, kv_first,
                 kv_count, work, sms, occupancy, max_programs, policy, programs, kind,
                 bool(fastdiv), model, tuning or Tuning(), bool(has_mask))

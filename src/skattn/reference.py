@@ -18,16 +18,18 @@ __all__ = ["attention", "run_plan", "attention_with_kvcache", "attention_varlen"
 
 
 def attention(q, k, v, *, scale=None, causal=False, window=None, mask=None, sinks=None,
-              softcap=0.0, alibi_slopes=None, return_lse=False, plan=None):
+              softcap=0.0, alibi_slopes=None, return_lse=False, plan=None, k_scale=None,
+              v_scale=None):
     """Float64 attention with every skattn feature (docs/design.md), one head at a time.
 
     Parameters
     ----------
     q : torch.Tensor
         ``[B, Lq, Hq, Dk]``, any float dtype.
-    k, v : torch.Tensor
+    k, v : torch.Tensor or skattn.quant.Q8_0
         ``[B, Lk, Hkv, Dk]`` and ``[B, Lk, Hkv, Dv]``; query head h reads KV head
-        ``h // (Hq // Hkv)``.
+        ``h // (Hq // Hkv)``. Quantized K/V (float8_e4m3fn with scales, or Q8_0) are
+        dequantized exactly in float64.
     scale : float, optional
         Logit scale, ``Dk ** -0.5`` by default.
     causal : bool
@@ -47,6 +49,8 @@ def attention(q, k, v, *, scale=None, causal=False, window=None, mask=None, sink
         Also return the natural-log sum-exp of each row's logits (sink included).
     plan : skattn.Plan, optional
         Accepted for signature parity with ``skattn.attention``: must be a Plan, else ignored.
+    k_scale, v_scale : torch.Tensor or float, optional
+        The scales of float8_e4m3fn K/V (``[]``, ``[1]`` or ``[Hkv]``), as in ``skattn.attention``.
 
     Returns
     -------
@@ -57,7 +61,8 @@ def attention(q, k, v, *, scale=None, causal=False, window=None, mask=None, sink
         and no sink, the sink itself for rows with no visible key and a sink.
     """
     x = prepare(q, k, v, scale=scale, causal=causal, window=window, mask=mask, sinks=sinks,
-                softcap=softcap, alibi_slopes=alibi_slopes, return_lse=return_lse, plan=plan)
+                softcap=softcap, alibi_slopes=alibi_slopes, return_lse=return_lse, plan=plan,
+                k_scale=k_scale, v_scale=v_scale)
     bsz, lq, lk, hq, _ = x.shape
     dev = x.q.device
     out = torch.empty(bsz, lq, hq, x.v.shape[-1], dtype=F64, device=dev)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from skattn import checks
+from skattn import checks, quant
 
 NEG_INF = float("-inf")
 F64 = torch.float64
@@ -38,11 +38,15 @@ class Inputs:
 
 
 def prepare(q, k, v, *, scale=None, causal=False, window=None, mask=None, sinks=None,
-            softcap=0.0, alibi_slopes=None, return_lse=False, plan=None) -> Inputs:
-    """Check the arguments (`skattn.checks`, the references' rules) and cast to float64."""
+            softcap=0.0, alibi_slopes=None, return_lse=False, plan=None, k_scale=None,
+            v_scale=None) -> Inputs:
+    """Check the arguments (`skattn.checks`, the references' rules) and cast to float64;
+    quantized K/V are dequantized (`skattn.quant.dequantize_kv`)."""
     checks.attention_args(q, k, v, scale=scale, causal=causal, window=window, mask=mask,
                           sinks=sinks, softcap=softcap, alibi_slopes=alibi_slopes,
-                          return_lse=return_lse, plan=plan, kernel=False)
+                          return_lse=return_lse, plan=plan, kernel=False, k_scale=k_scale,
+                          v_scale=v_scale)
+    k, v = quant.dequantize_kv(k, v, k_scale, v_scale, F64)
     if mask is not None and mask.dtype == torch.bool:  # as in SDPA: True = attend
         mask = torch.zeros(mask.shape, dtype=F64, device=q.device).masked_fill(~mask, NEG_INF)
     f64 = [None if x is None else x.to(F64) for x in (mask, sinks, alibi_slopes)]

@@ -1,7 +1,8 @@
 """`skattn bench`: time the seed grid on a GPU, or show its plans and check correctness on a CPU.
 
 Modes: the grid (default), `--seed-table` (llamacpp vs llamacpp-before and their fixup times),
-`--host` (host time of one call), `--report` (tables from CSVs, no run).
+`--host` (host time of one call), `--quant` (quantized K/V against f16), `--report` (tables
+from CSVs, no run).
 """
 from __future__ import annotations
 
@@ -66,6 +67,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="ragged decode batches in a paged cache (skattn.bench.serving_run): "
                              "length mixes x page sizes 16, 64 x the grid's models; skattn auto, the "
                              "fixed-split anchor, SDPA padded, FlexAttention paged, flash-attn")
+    parser.add_argument("--quant", action="store_true",
+                        help="quantized K/V: decode cells with K/V in f16, fp8 and q8_0, prompt "
+                             "chunks (n=512) in f16 and fp8, graph timer, byte floors "
+                             "(skattn.bench.quant; default llama-8b, qwen3-14b, gpt-oss x n "
+                             "1,4,16,512 x the seed depths, 20 reps, a 220 s time limit)")
     parser.add_argument("--e2e", action="store_true",
                         help="end to end: tokens/s of a random llama-8b-shaped transformers model, "
                              "skattn per policy vs sdpa, eager and CUDA graphs (skattn.bench.e2e)")
@@ -214,6 +220,36 @@ def _serving_mode(args) -> int:
     return 0
 
 
+QUANT_TIME_LIMIT_S = 220.0  # start no new cell after this: the run stays under 4 minutes
+
+
+def _quant_mode(args) -> int:
+    from skattn.bench import quant
+
+    decode, prompt = quant.cells(grid.parse_names(args.models), grid.parse_ints(args.n),
+                                 grid.parse_ints(args.depth))
+    if args.plans or not _cuda():
+        sms, bps = args.sms or CPU_SMS, args.occupancy or CPU_BLOCKS_PER_SM
+        print(quant.plans_table(decode, prompt, sms=sms, occupancy=bps))
+        print("\nNo CUDA GPU here (or --plans): the plans above; the timings need a GPU.")
+        return 0
+    from dataclasses import replace
+
+    opts = replace(run_options(args), reps=args.reps or 20, warmup=args.warmup or 3,
+                   time_limit_s=args.time_limit or QUANT_TIME_LIMIT_S)
+    csv_path, json_path, rows = quant.run_quant(decode, prompt, out_dir=_out_dir(args),
+                                                tag=_tag(args), opts=opts)
+    import json
+
+    md = quant.write_markdown(csv_path, rows, json.loads(json_path.read_text()))
+    print(f"wrote {csv_path}, {json_path}, {md}")
+    bad = [r for r in rows if r["status"] != "ok"]
+    if bad:
+        print(f"{len(bad)} of {len(rows)} measurements not timed (wrong or error): see the CSV's status")
+    print(quant.short_table(rows))
+    return 0
+
+
 def _report_mode(args) -> int:
     """Tables from CSVs: the grid's, the seed table's or the host time's, told by their columns."""
     import csv
@@ -249,6 +285,9 @@ def run(args: argparse.Namespace) -> int:
             return _report_mode(args)
         if args.host:
             return _host_mode(args)
+        if args.quant:
+            run_options(args)  # a bad --timer / --layers fails before any work
+            return _quant_mode(args)
         if args.seed_table:
             run_options(args)  # a bad --timer / --layers fails before any work
             return _seed_mode(args)

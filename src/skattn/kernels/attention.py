@@ -18,6 +18,7 @@ def attention_kernel(
     LSE, stride_lb, stride_lh,  # lse [B, Hq, Lq]
     MASK, stride_mb, stride_mm,  # mask [B or 1, Lq, Lk]
     SINKS, SLOPES,  # [Hq] f32
+    K_SCALE, V_SCALE,  # quantized K/V: fp8 scales [1 or Hkv] f32, or q8_0 block scales
     WS_O, WS_M, WS_L, COUNTERS,  # partials [N*2, BLOCK_M, (Dv)], per-tile counters
     QBLOCK_OFF, KV_FIRST,  # per token block: offset in its group's work, first KV block
     q_len, kv_len, ratio, kv_heads, ntiles_x, ntiles_z, group_work, work, programs, split,
@@ -33,7 +34,8 @@ def attention_kernel(
     RETURN_LSE: tl.constexpr, FUSED: tl.constexpr, PER_TILE_RANGES: tl.constexpr,
     USE_FASTDIV: tl.constexpr, DOT_F32: tl.constexpr, ONE_TOKEN_BLOCK: tl.constexpr,
     FIXUP_COLS: tl.constexpr, FIXUP_ROWS: tl.constexpr, MERGE_PIECES: tl.constexpr,
-    USE_PDL: tl.constexpr, STAMPS=None, TIMELINE: tl.constexpr = False,
+    USE_PDL: tl.constexpr, KV_FORMAT: tl.constexpr = 0, HEAD_SCALES: tl.constexpr = 0,
+    STAMPS=None, TIMELINE: tl.constexpr = False,
 ):
     p = tl.program_id(0)
     if TIMELINE:  # a diagnostic: start, first tile's KV loop done, end (kernels/stamps.py)
@@ -71,19 +73,20 @@ def attention_kernel(
             kv0 = tl.load(KV_FIRST + qblock) - first
         stop_here = tl.minimum(end, stop)
         qi, head, valid = tile_rows(g, z, qblock, q_len, ratio, HEADS_PER_TILE, TOKENS_PER_TILE, BLOCK_M)
+        # K/V's dtype, or q's for quantized K/V (dequantized to it)
         q = load_q(Q, b, qi, head, valid, stride_qb, stride_qm, stride_qh, 0,
-                    HEAD_DIM, BLOCK_DK, K.dtype.element_ty)
+                    HEAD_DIM, BLOCK_DK, K.dtype.element_ty if KV_FORMAT == 0 else Q.dtype.element_ty)
         acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc, m_i, l_i = tile_kv_loop(
-            acc, m_i, l_i, q, Q, K, V, MASK, SLOPES, b, g, qi, head, valid,
+            acc, m_i, l_i, q, Q, K, V, K_SCALE, V_SCALE, MASK, SLOPES, b, g, qi, head, valid,
             kv0 + item, kv0 + stop_here,
             stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh,
             stride_vb, stride_vn, stride_vh, stride_mb, stride_mm,
             q_len, kv_len, qk_scale, softcap_scale, window, qblock * TOKENS_PER_TILE,
             HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_DK, DK_CHUNKS, BLOCK_DV,
-            CAUSAL, HAS_WINDOW, HAS_MASK, HAS_ALIBI, SOFTCAP, DOT_F32)
+            CAUSAL, HAS_WINDOW, HAS_MASK, HAS_ALIBI, SOFTCAP, DOT_F32, KV_FORMAT, HEAD_SCALES)
         if TIMELINE:
             if item == start:
                 stamp(STAMPS, p, 1)

@@ -2,6 +2,7 @@
 import triton
 import triton.language as tl
 
+from skattn.kernels.quant import load_q8_0
 from skattn.kernels.tile import LOG2E
 
 
@@ -53,26 +54,39 @@ def _dot(a, b, DOT_F32: tl.constexpr):
 
 
 @triton.jit
-def _kv_step(acc, m_i, l_i, q, Q, K, V, MASK, slope, b, qi, head, valid, qpos, kbase, vbase, blk,
+def _kv_step(acc, m_i, l_i, q, Q, K, V, KS, VS, MASK, slope, b, qi, head, valid, qpos, kbase, vbase,
+             blk,
              stride_qb, stride_qm, stride_qh, stride_kn, stride_vn, stride_mb, stride_mm,
              kv_len, qk_scale, softcap_scale, window,
              HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr,
              BLOCK_DK: tl.constexpr, DK_CHUNKS: tl.constexpr, BLOCK_DV: tl.constexpr,
              CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_MASK: tl.constexpr,
              HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, DOT_F32: tl.constexpr,
-             MASKED: tl.constexpr):
-    """One KV block. MASKED=False: the block is inside Lk and visible to every row."""
+             MASKED: tl.constexpr, KV_FORMAT: tl.constexpr):
+    """One KV block. MASKED=False: the block is inside Lk and visible to every row.
+    KV_FORMAT: 0 K/V in q's dtype, 1 fp8 e4m3, 2 q8_0; quantized K/V become q's dtype on load
+    (fp8 e4m3 exactly; the scales are applied in `tile_kv_loop`)."""
     offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
     # -- scores
     if DK_CHUNKS == 1:
-        kt = _load_kt(K, kbase, offs_n, kv_len, stride_kn, 0, HEAD_DIM, BLOCK_DK, MASKED)
+        if KV_FORMAT == 2:
+            kt = tl.trans(load_q8_0(K, KS, kbase, offs_n, kv_len, stride_kn, 0, HEAD_DIM,
+                                    BLOCK_DK, MASKED or HEAD_DIM != BLOCK_DK, q.dtype))
+        else:
+            kt = _load_kt(K, kbase, offs_n, kv_len, stride_kn, 0, HEAD_DIM, BLOCK_DK,
+                          MASKED).to(q.dtype)
         qk = _dot(q, kt, DOT_F32)
     else:
         qk = tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32)
         for c in tl.static_range(DK_CHUNKS):
             qc = load_q(Q, b, qi, head, valid, stride_qb, stride_qm, stride_qh, c,
-                        HEAD_DIM, BLOCK_DK, K.dtype.element_ty)
-            kc = _load_kt(K, kbase, offs_n, kv_len, stride_kn, c, HEAD_DIM, BLOCK_DK, True)
+                        HEAD_DIM, BLOCK_DK, q.dtype)
+            if KV_FORMAT == 2:
+                kc = tl.trans(load_q8_0(K, KS, kbase, offs_n, kv_len, stride_kn, c * BLOCK_DK,
+                                        HEAD_DIM, BLOCK_DK, True, q.dtype))
+            else:
+                kc = _load_kt(K, kbase, offs_n, kv_len, stride_kn, c, HEAD_DIM, BLOCK_DK,
+                              True).to(q.dtype)
             qk += _dot(qc, kc, DOT_F32)
     if SOFTCAP:
         e = tl.exp2(qk * softcap_scale * (2.0 * LOG2E))
@@ -101,27 +115,42 @@ def _kv_step(acc, m_i, l_i, q, Q, K, V, MASK, slope, b, qi, head, valid, qpos, k
     p = tl.exp2(s - m_use[:, None])
     alpha = tl.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
-    vt = _load_v(V, vbase, offs_n, kv_len, stride_vn, HEAD_DIM_V, BLOCK_DV, MASKED)
+    if KV_FORMAT == 2:
+        vt = load_q8_0(V, VS, vbase, offs_n, kv_len, stride_vn, 0, HEAD_DIM_V, BLOCK_DV,
+                       MASKED or HEAD_DIM_V != BLOCK_DV, q.dtype)
+    else:
+        vt = _load_v(V, vbase, offs_n, kv_len, stride_vn, HEAD_DIM_V, BLOCK_DV, MASKED).to(q.dtype)
     acc = acc * alpha[:, None] + _dot(p.to(vt.dtype), vt, DOT_F32)
     return acc, m_new, l_i
 
 
 @triton.jit
-def tile_kv_loop(acc, m_i, l_i, q, Q, K, V, MASK, SLOPES, b, g, qi, head, valid, blk_lo, blk_hi,
+def tile_kv_loop(acc, m_i, l_i, q, Q, K, V, KS, VS, MASK, SLOPES, b, g, qi, head, valid, blk_lo,
+                 blk_hi,
                  stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh,
                  stride_vb, stride_vn, stride_vh, stride_mb, stride_mm,
                  q_len, kv_len, qk_scale, softcap_scale, window, first_token,
                  HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_DK: tl.constexpr, DK_CHUNKS: tl.constexpr, BLOCK_DV: tl.constexpr,
                  CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_MASK: tl.constexpr,
-                 HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, DOT_F32: tl.constexpr):
+                 HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, DOT_F32: tl.constexpr,
+                 KV_FORMAT: tl.constexpr = 0, HEAD_SCALES: tl.constexpr = 0):
     """Online softmax over KV blocks [blk_lo, blk_hi) of one tile (scores in log2 units):
-    first the blocks that need no mask, then the ones at the causal edge or past Lk."""
+    first the blocks that need no mask, then the ones at the causal edge or past Lk.
+    fp8 K/V (KV_FORMAT 1): KS, VS hold f32 scales, one per KV head where HEAD_SCALES says
+    (bit 0: K's, bit 1: V's); K's is folded into the score scale, V's multiplies the
+    accumulator (a partial's too: the merge is linear in it). q8_0 (2): KS, VS are the block
+    scales (`load_q8_0`)."""
     # sequence and head offsets in 64 bits (a cache can pass 2**31 elements); a key's offset
     # inside one sequence's rows stays 32-bit (the API refuses Lk x row stride >= 2**31)
     kbase = tl.cast(b, tl.int64) * stride_kb + tl.cast(g, tl.int64) * stride_kh
     vbase = tl.cast(b, tl.int64) * stride_vb + tl.cast(g, tl.int64) * stride_vh
     qpos = kv_len - q_len + qi
+    if KV_FORMAT == 1:
+        if SOFTCAP:
+            softcap_scale = softcap_scale * tl.load(KS + g * (HEAD_SCALES % 2))
+        else:
+            qk_scale = qk_scale * tl.load(KS + g * (HEAD_SCALES % 2))
     if HAS_ALIBI:
         slope = tl.load(SLOPES + head, mask=valid, other=0.0).to(tl.float32) * LOG2E
     else:
@@ -136,9 +165,11 @@ def tile_kv_loop(acc, m_i, l_i, q, Q, K, V, MASK, SLOPES, b, g, qi, head, valid,
     for masked in tl.static_range(2):  # blocks blk_lo..mid unmasked, mid..blk_hi masked
         for blk in range(blk_lo + (mid - blk_lo) * masked, mid + (blk_hi - mid) * masked):
             acc, m_i, l_i = _kv_step(
-                acc, m_i, l_i, q, Q, K, V, MASK, slope, b, qi, head, valid, qpos, kbase, vbase,
-                blk, stride_qb, stride_qm, stride_qh, stride_kn, stride_vn, stride_mb, stride_mm,
-                kv_len, qk_scale, softcap_scale, window, HEAD_DIM, HEAD_DIM_V, BLOCK_N,
-                BLOCK_DK, DK_CHUNKS, BLOCK_DV, CAUSAL, HAS_WINDOW, HAS_MASK, HAS_ALIBI, SOFTCAP,
-                DOT_F32, masked == 1)
+                acc, m_i, l_i, q, Q, K, V, KS, VS, MASK, slope, b, qi, head, valid, qpos, kbase,
+                vbase, blk, stride_qb, stride_qm, stride_qh, stride_kn, stride_vn, stride_mb,
+                stride_mm, kv_len, qk_scale, softcap_scale, window, HEAD_DIM, HEAD_DIM_V,
+                BLOCK_N, BLOCK_DK, DK_CHUNKS, BLOCK_DV, CAUSAL, HAS_WINDOW, HAS_MASK, HAS_ALIBI,
+                SOFTCAP, DOT_F32, masked == 1, KV_FORMAT)
+    if KV_FORMAT == 1:
+        acc = acc * tl.load(VS + g * (HEAD_SCALES // 2))
     return acc, m_i, l_i

@@ -1,0 +1,305 @@
+"""Quantized K/V caches: FP8 e4m3 with float32 scales, and llama.cpp's q8_0 blocks.
+
+Two forms of K and V that `skattn.attention` reads and dequantizes in registers, halving the
+bytes a decode step streams (docs/quant.md):
+
+- **FP8**: `k` and `v` are `torch.float8_e4m3fn` tensors `[B, Lk, Hkv, D]`, with `k_scale`
+  and `v_scale` float32 scales per tensor (shape `[]` or `[1]`) or per KV head (`[Hkv]`):
+  the value of an element is `x.float() * scale` (vLLM's convention). `fp8(x)` makes them.
+- **q8_0**: a `Q8_0` holds `values` int8 `[B, Lk, Hkv, D]` and `scales` float16
+  `[B, Lk, Hkv, D / 32]`: element d of a row is `values[..., d] * scales[..., d // 32]`,
+  quantized as llama.cpp's `quantize_row_q8_0_ref` (same rounding, same bits). `q8_0(x)`
+  makes one; `Q8_0.to_ggml()` gives llama.cpp's interleaved `block_q8_0` bytes.
+
+`check_kv` holds the input rules of both forms, shared by the kernels and the references.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from numbers import Real
+
+import torch
+
+__all__ = ["Q8_0", "q8_0", "fp8", "FP8_DTYPES", "QK8_0", "dequantize_kv"]
+
+QK8_0 = 32  # values per q8_0 block (llama.cpp's QK8_0)
+FP8_DTYPES = (torch.float8_e4m3fn,)
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+FP8_MIN_CAPABILITY = (8, 9)  # Ada and Hopper convert float8 e4m3 in hardware; Triton needs it
+FORMATS = ("float16", "bfloat16", "float8_e4m3fn", "q8_0")  # K/V forms a plan knows
+
+
+@dataclass(frozen=True)
+class Q8_0:
+    """A K or V cache in q8_0 blocks: 32 int8 values along the head dimension share one f16 scale.
+
+    Parameters
+    ----------
+    values : Tensor [B, Lk, Hkv, D] int8
+        `round(x / d)` per block, in [-127, 127]; D a multiple of 32; contiguous in D.
+    scales : Tensor [B, Lk, Hkv, D / 32] float16
+        The block scales `d = amax / 127`; contiguous in its last dimension, and laid out
+        like `values` (each of its first three strides is 1/32 of `values`'): two views of
+        caches of the same shape, as `q8_0` makes them or as slices `[:, :L]` of such caches
+        keep them.
+
+    Notes
+    -----
+    Memory: `values` holds D bytes a row and `scales` 2 D / 32 (1.0625 bytes a value, as
+    llama.cpp's 34-byte `block_q8_0`). The two are kept apart, not interleaved, so that the
+    kernels read both with aligned vector loads; `to_ggml` and `from_ggml` convert to and from
+    llama.cpp's interleaved blocks, bit for bit.
+    """
+
+    values: torch.Tensor
+    scales: torch.Tensor
+
+    format = "q8_0"
+
+    def __post_init__(self):
+        x, s = self.values, self.scales
+        if not isinstance(x, torch.Tensor) or x.dtype != torch.int8:
+            raise TypeError(f"Q8_0 values must be an int8 tensor, got "
+                            f"{getattr(x, 'dtype', type(x).__name__)}")
+        if not isinstance(s, torch.Tensor) or s.dtype != torch.float16:
+            raise TypeError(f"Q8_0 scales must be a float16 tensor, got "
+                            f"{getattr(s, 'dtype', type(s).__name__)}")
+        if x.dim() < 1 or x.shape[-1] % QK8_0 or x.shape[-1] == 0:
+            raise ValueError(f"q8_0 needs a head size that is a multiple of {QK8_0}, got values "
+                             f"of shape {tuple(x.shape)}")
+        want = (*x.shape[:-1], x.shape[-1] // QK8_0)
+        if tuple(s.shape) != want:
+            raise ValueError(f"Q8_0 scales must have shape {list(want)} (one per {QK8_0} values), "
+                             f"got {list(s.shape)}")
+        if s.device != x.device:
+            raise ValueError(f"Q8_0 scales are on {s.device}, values on {x.device}")
+        if x.stride(-1) != 1 or s.stride(-1) != 1:
+            raise ValueError("Q8_0 values and scales must be contiguous in their last dimension")
+        for i in range(x.dim() - 1):
+            if x.shape[i] > 1 and x.stride(i) != QK8_0 * s.stride(i):
+                raise ValueError(f"Q8_0 scales must be laid out like the values (stride {i}: "
+                                 f"values {x.stride(i)}, scales {s.stride(i)}, want values = "
+                                 f"{QK8_0} x scales): take both as views of caches of the same "
+                                 f"shape")
+
+    # -- tensor-like facts
+    @property
+    def shape(self) -> torch.Size:
+        """The logical shape, the values' `[B, Lk, Hkv, D]`."""
+        return self.values.shape
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    @property
+    def requires_grad(self) -> bool:
+        return False
+
+    def dim(self) -> int:
+        return self.values.dim()
+
+    def __getitem__(self, index) -> "Q8_0":
+        """The same view of values and scales: an index of the leading dimensions only
+        (`cache[:, :L]`, `cache[b]`); the head dimension stays whole."""
+        idx = index if isinstance(index, tuple) else (index,)
+        if any(i is Ellipsis or i is None for i in idx) or len(idx) >= self.values.dim():
+            raise IndexError("index a Q8_0 by its leading dimensions only (no Ellipsis, None or "
+                             "head-dimension index)")
+        return Q8_0(self.values[idx], self.scales[idx])
+
+    def to(self, device) -> "Q8_0":
+        return Q8_0(self.values.to(device), self.scales.to(device))
+
+    # -- conversions
+    def dequantize(self, dtype=torch.float16) -> torch.Tensor:
+        """`values * scales` per block, as `dtype` (computed in float32, or float64 for it)."""
+        work = torch.float64 if dtype == torch.float64 else torch.float32
+        x = self.values.to(work).unflatten(-1, (-1, QK8_0))
+        return (x * self.scales.to(work)[..., None]).flatten(-2).to(dtype)
+
+    def to_ggml(self) -> torch.Tensor:
+        """llama.cpp's bytes: uint8 `[..., D / 32 * 34]`, each block `{f16 d; int8 qs[32]}`."""
+        blocks = torch.cat([self.scales.contiguous().view(torch.uint8).unflatten(-1, (-1, 2)),
+                            self.values.contiguous().view(torch.uint8).unflatten(-1, (-1, QK8_0))],
+                           dim=-1)
+        return blocks.flatten(-2)
+
+    @classmethod
+    def from_ggml(cls, data: torch.Tensor) -> "Q8_0":
+        """The inverse of `to_ggml`: uint8 `[..., nb * 34]` of `block_q8_0` -> Q8_0."""
+        if data.dtype != torch.uint8 or data.shape[-1] % (QK8_0 + 2):
+            raise ValueError(f"expected uint8 [..., blocks x {QK8_0 + 2}] of block_q8_0, got "
+                             f"{data.dtype} {tuple(data.shape)}")
+        blocks = data.contiguous().unflatten(-1, (-1, QK8_0 + 2))
+        scales = blocks[..., :2].contiguous().view(torch.float16).squeeze(-1)
+        values = blocks[..., 2:].contiguous().view(torch.int8).flatten(-2)
+        return cls(values, scales)
+
+
+def q8_0(x: torch.Tensor) -> Q8_0:
+    """Quantize a K or V cache to q8_0 blocks, as llama.cpp's `quantize_row_q8_0_ref`.
+
+    Per block of 32 values along the last dimension: `amax = max |x|`, `d = amax / 127`,
+    `values = roundf(x / d)` (half away from zero, computed as `x * (1 / d)` in float32),
+    `scales = float16(d)`; an all-zero block gets d = 0 and values 0.
+
+    Parameters
+    ----------
+    x : Tensor [..., D]
+        float16, bfloat16 or float32; D a multiple of 32.
+
+    Returns
+    -------
+    Q8_0
+        Contiguous values and scales on x's device.
+    """
+    if not isinstance(x, torch.Tensor) or x.dtype not in (torch.float16, torch.bfloat16,
+                                                            torch.float32):
+        raise TypeError(f"q8_0 quantizes a float16, bfloat16 or float32 tensor, got "
+                        f"{getattr(x, 'dtype', type(x).__name__)}")
+    if x.dim() < 1 or x.shape[-1] % QK8_0 or x.shape[-1] == 0:
+        raise ValueError(f"q8_0 needs a last dimension that is a multiple of {QK8_0}, got shape "
+                         f"{tuple(x.shape)}")
+    b = x.float().unflatten(-1, (-1, QK8_0))
+    d = b.abs().amax(dim=-1) / 127.0
+    inv = torch.where(d != 0, 1.0 / torch.where(d != 0, d, 1.0), 0.0)
+    y = b * inv[..., None]
+    q = torch.sign(y) * torch.floor(y.abs() + 0.5)  # C's roundf
+    return Q8_0(q.to(torch.int8).flatten(-2).contiguous(), d.to(torch.float16).contiguous())
+
+
+def fp8(x: torch.Tensor, *, per_head: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize a K or V cache `[B, Lk, Hkv, D]` to float8_e4m3fn with float32 scales.
+
+    The scale is `amax / 448` over the whole tensor (`per_head=False`: shape `[1]`) or over
+    each KV head (`[Hkv]`), so the largest value maps to e4m3's largest; values are rounded
+    to nearest. An all-zero tensor or head gets scale 1.
+
+    Returns
+    -------
+    (Tensor [B, Lk, Hkv, D] float8_e4m3fn, Tensor [1] or [Hkv] float32)
+    """
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() != 4:
+        raise TypeError("fp8 quantizes a floating [B, Lk, Hkv, D] tensor")
+    xf = x.float()
+    amax = xf.abs().amax(dim=(0, 1, 3)) if per_head else xf.abs().amax().reshape(1)
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    shaped = scale[None, None, :, None] if per_head else scale
+    return (xf / shaped).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
+
+
+# -- input rules (shared by skattn.attention and the references)
+def is_quantized(x) -> bool:
+    return isinstance(x, Q8_0) or (isinstance(x, torch.Tensor) and x.dtype in FP8_DTYPES)
+
+
+def kv_format(k) -> str:
+    """The name a Plan stores for K/V in this form ('float16', 'float8_e4m3fn', 'q8_0', ...)."""
+    if isinstance(k, Q8_0):
+        return "q8_0"
+    return str(k.dtype).removeprefix("torch.")
+
+
+def _scale(name: str, s, kv_heads: int, device) -> None:
+    if s is None:
+        raise ValueError(f"{name} is required with float8_e4m3fn K/V: the float32 scale of the "
+                         f"cache, per tensor (shape [] or [1]) or per KV head ([{kv_heads}])")
+    if isinstance(s, Real) and not isinstance(s, bool):
+        if not (float(s) > 0 and float(s) < float("inf")):
+            raise ValueError(f"{name} must be positive and finite, got {s}")
+        return
+    if not isinstance(s, torch.Tensor):
+        raise TypeError(f"{name} must be a float32 tensor or a float, got {type(s).__name__}")
+    if s.dtype != torch.float32:
+        raise TypeError(f"{name} must have dtype torch.float32, got {s.dtype}")
+    if s.dim() > 1 or s.numel() not in (1, kv_heads):
+        raise ValueError(f"{name} must have shape [], [1] or [{kv_heads}] (per tensor or per KV "
+                         f"head), got {list(s.shape)}")
+    if s.dim() == 1 and s.numel() > 1 and s.stride(0) != 1:
+        raise ValueError(f"{name} must be contiguous, got stride {s.stride(0)}")
+    if s.device != device:
+        raise ValueError(f"{name} is on {s.device}, q on {device}")
+
+
+def check_kv(q, k, v, k_scale, v_scale, *, kernel: bool) -> str | None:
+    """The rules of quantized K/V; returns their format ('float8_e4m3fn' or 'q8_0'), or None
+    for plain K/V (then `k_scale` and `v_scale` must be None).
+
+    Raises
+    ------
+    TypeError, ValueError
+        Naming the argument: K and V in different forms, an unsupported 8-bit dtype, missing
+        or misshapen scales, q not f16/bf16 (kernels: quantized K/V are dequantized to q's
+        dtype), a q8_0 head size not a multiple of 32, FP8 on a GPU below sm_89.
+    """
+    kq, vq = isinstance(k, Q8_0), isinstance(v, Q8_0)
+    if kq != vq:
+        raise TypeError(f"k and v must both be skattn.quant.Q8_0 or neither, got "
+                        f"{type(k).__name__} and {type(v).__name__}")
+    for name, x in (("k", k), ("v", v)):
+        if isinstance(x, torch.Tensor) and x.dtype in (torch.float8_e5m2, torch.float8_e4m3fnuz,
+                                                       torch.float8_e5m2fnuz, torch.int8,
+                                                       torch.uint8):
+            raise TypeError(f"{name}: {x.dtype} K/V are not supported: use float16, bfloat16, "
+                            f"float8_e4m3fn (with k_scale, v_scale) or skattn.quant.q8_0")
+    fp8_k = isinstance(k, torch.Tensor) and k.dtype in FP8_DTYPES
+    fp8_v = isinstance(v, torch.Tensor) and v.dtype in FP8_DTYPES
+    if fp8_k != fp8_v:
+        raise TypeError(f"v must have k's dtype {getattr(k, 'dtype', None)}, got "
+                        f"{getattr(v, 'dtype', None)} (FP8 K/V come in pairs)")
+    if not (kq or fp8_k):
+        for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
+            if s is not None:
+                raise ValueError(f"{name} applies to float8_e4m3fn K/V only (k is "
+                                 f"{getattr(k, 'dtype', type(k).__name__)})")
+        return None
+    for name, x in (("k", k), ("v", v)):
+        if x.dim() != 4:
+            raise ValueError(f"{name} must have 4 dimensions, got shape {tuple(x.shape)}")
+    if kernel and isinstance(q, torch.Tensor) and q.dtype not in (torch.float16, torch.bfloat16):
+        raise TypeError(f"q must be float16 or bfloat16 with quantized K/V (they are dequantized "
+                        f"to q's dtype), got {q.dtype}")
+    device = getattr(q, "device", k.device)
+    if kq:
+        for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
+            if s is not None:
+                raise ValueError(f"{name} must be None with q8_0 K/V (their block scales are "
+                                 f"inside the Q8_0)")
+        return "q8_0"
+    if kernel and device.type == "cuda":
+        cap = torch.cuda.get_device_capability(device)
+        if cap < FP8_MIN_CAPABILITY:
+            raise ValueError(f"float8_e4m3fn K/V need a GPU of compute capability 8.9 or newer "
+                             f"(Ada, Hopper); {device} is {cap[0]}.{cap[1]}: use skattn.quant.q8_0")
+    for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
+        _scale(name, s, k.shape[2], device)
+    return "float8_e4m3fn"
+
+
+def kernel_data(x):
+    """What the kernels read as K or V: the int8 values of a Q8_0, else the tensor itself."""
+    return x.values if isinstance(x, Q8_0) else x
+
+
+def scale_tensor(s, device) -> torch.Tensor:
+    """A float scale as a [1] float32 tensor on `device` (a 4-byte fill; pass tensors in hot
+    loops); a tensor scale flattened to [1] or [Hkv] (a view)."""
+    if isinstance(s, torch.Tensor):
+        return s.reshape(-1)
+    return torch.full((1,), float(s), dtype=torch.float32, device=device)
+
+
+def dequantize_kv(k, v, k_scale=None, v_scale=None, dtype=torch.float64):
+    """K and V in `dtype` from any form `skattn.attention` takes (plain tensors are cast)."""
+    out = []
+    for x, s in ((k, k_scale), (v, v_scale)):
+        if isinstance(x, Q8_0):
+            out.append(x.dequantize(dtype))
+        elif x.dtype in FP8_DTYPES:
+            s = scale_tensor(s, x.device).to(torch.float64)
+            s = s[None, None, :, None] if s.numel() > 1 else s.reshape(())
+            out.append((x.to(torch.float64) * s).to(dtype))
+        else:
+            out.append(x.to(dtype))
+    return out[0], out[1]
