@@ -5,7 +5,10 @@
 #   3. compute-sanitizer memcheck, racecheck and synccheck over tools/sanitize_cases.py
 #      (racecheck and synccheck on its --quick cases), in the background beside 1 and 2
 #   4. `skattn bench` with the arguments given (e.g. --quick, --seed-table, --host)
-# STAGES="tests fuzz sanitize bench" picks stages. Logs and results go to $OUT (or
+#   5. optional stages, each a quick benchmark: `serving` (skattn bench --serving --quick),
+#      `quant` (skattn bench --quant, llama-8b), `prefill` (tools/prefill_ab.py --quick)
+# STAGES="tests fuzz sanitize bench" picks stages (default those four); TESTS="files" limits
+# the GPU tests to those files. Logs and results go to $OUT (or
 # benchmarks/results/latest); the last lines printed are a short summary.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -34,7 +37,7 @@ if has sanitize; then
 fi
 workers() { python3 -c "import xdist" 2>/dev/null && echo "-n $1" || echo ""; }
 if has tests; then
-    python3 -m pytest -q -m "gpu and not serial" $(workers 8) -p no:cacheprovider tests --ignore=tests/test_fuzz.py \
+    python3 -m pytest -q -m "gpu and not serial" $(workers 8) -p no:cacheprovider ${TESTS:-tests} --ignore=tests/test_fuzz.py \
         2>&1 | tee "$OUT_DIR/gpu_tests.log"
     t=${PIPESTATUS[0]}; [ "$t" -ne 0 ] && rc=$t
     summary+=("gpu tests: $(tail -n 1 "$OUT_DIR/gpu_tests.log")")
@@ -52,7 +55,7 @@ for entry in "${sanitize_pids[@]}"; do
     summary+=("sanitizer $tool: exit $t; ${errors:-no summary}; $(grep -h 'sanitize cases' "$OUT_DIR/sanitize-$tool.log")")
 done
 if has tests; then  # wall-clock host timings, alone on the machine
-    python3 -m pytest -q -m "gpu and serial" -p no:cacheprovider tests 2>&1 | tee "$OUT_DIR/gpu_serial.log"
+    python3 -m pytest -q -m "gpu and serial" -p no:cacheprovider ${TESTS:-tests} 2>&1 | tee "$OUT_DIR/gpu_serial.log"
     t=${PIPESTATUS[0]}; [ "$t" -ne 0 ] && rc=$t
     summary+=("gpu tests timed alone: $(tail -n 1 "$OUT_DIR/gpu_serial.log")")
 fi
@@ -61,6 +64,17 @@ if has bench; then
     t=$?; [ "$t" -ne 0 ] && rc=$t
     summary+=("bench $*: exit $t")
 fi
+quick_bench() {  # name, command...: a quick benchmark stage, its log and exit status
+    local name=$1; shift
+    "$@" 2>&1 | tee "$OUT_DIR/$name.log"
+    t=${PIPESTATUS[0]}; [ "$t" -ne 0 ] && rc=$t
+    summary+=("$name: exit $t")
+}
+has prefill && quick_bench prefill env OUT="$OUT_DIR/prefill" python3 tools/prefill_ab.py --quick
+has serving && quick_bench serving python3 -m skattn.cli bench --serving --quick --no-progress \
+    --time-limit 70 --out "$OUT_DIR/serving"
+has quant && quick_bench quant python3 -m skattn.cli bench --quant --models llama-8b --n 1,16,512 \
+    --no-progress --time-limit 70 --out "$OUT_DIR/quant"
 echo "== summary"
 printf '%s\n' "${summary[@]}"
 exit "$rc"

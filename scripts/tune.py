@@ -64,7 +64,7 @@ def bench(fn, rep=60):
 def host_overhead():
     """Host time of one planned call (validation + launches), launches not waited for."""
     q, k, v = inputs("llama-8b", 1, 16384)
-    for policy, fixup in (("llamacpp", None), ("llamacpp-master", "fused")):
+    for policy, fixup in (("llamacpp", None), ("llamacpp-before", "fused")):
         p = skattn.plan(batch=1, q_len=1, kv_len=16384, q_heads=32, kv_heads=8, head_dim=128,
                         causal=True, policy=policy, fixup=fixup)
         out = skattn.attention(q, k, v, causal=True, plan=p)
@@ -182,9 +182,9 @@ def sweep(quick=False, coarse=False, every_cell=False, ns=(1, 2, 4, 8, 16)):
         q, k, v = inputs(model, n, L)
         Hq, Hkv, D = MODELS[model][:3]
         kw = dict(batch=1, q_len=n, kv_len=L, q_heads=Hq, kv_heads=Hkv, head_dim=D, causal=True)
-        base = skattn.plan(policy="llamacpp-master", **kw)
+        base = skattn.plan(policy="llamacpp-before", **kw)
         chosen = {pol: skattn.plan(policy=pol, **kw).programs
-                  for pol in ("llamacpp-master", "llamacpp", "seed-4x", "split", "auto")}
+                  for pol in ("llamacpp-before", "llamacpp", "round-4x", "split", "auto")}
         top = min(base.work, 2 * base.max_programs)
         step = 1 if top <= 300 else 2
         out = torch.empty(1, n, Hq, D, device="cuda", dtype=q.dtype)
