@@ -1,7 +1,7 @@
 """What the prompt-chunk kernel compiles to for sm_90, here, without a GPU.
 
   python3 scripts/prefill_resources.py llama-8b [n=512] [L=8192] [dtype=bf16] [fixup=fused]
-      [block_n=64] [num_warps=4] [num_stages=3] [occupancy=1] [ws=1] [device_desc=1] [ir=DIR]
+      [block_n=64] [num_warps=4] [num_stages=3] [occupancy=1] [causal=0] [ws=1] [device_desc=1] [ir=DIR]
 
 Plans the shape with `Tuning(prefill="tma")`, captures the prompt-chunk kernel's launch,
 compiles it ahead of time for an H100/H200 (sm_90a) and prints one JSON line: registers and
@@ -44,8 +44,9 @@ def capture(model: str, n: int, L: int, dtype, **kw) -> tuple:
     tuning = skattn.Tuning(prefill="tma", prefill_ws=bool(kw.pop("ws", 0)),
                            prefill_device_desc=bool(kw.pop("device_desc", 0)))
     kw.setdefault("occupancy", 2)
+    kw["causal"] = bool(kw.get("causal", 1))
     p = skattn.plan(batch=1, q_len=n, kv_len=L, q_heads=Hq, kv_heads=Hkv, head_dim=D,
-                    dtype=dtype, causal=True, sms=132, tuning=tuning, **kw)
+                    dtype=dtype, sms=132, tuning=tuning, **kw)
     calls = []
 
     class Capture:
@@ -95,7 +96,7 @@ def compile_sm90(model: str, n: int = 512, L: int = 8192, dtype=torch.float16, i
         Path(f"{stem}.ttgir").write_text(ttgir)
         Path(f"{stem}.ptx").write_text(ck.asm["ptx"])
     g = p.geometry
-    out = dict(model=model, n=n, L=L, dtype=str(dtype).split(".")[-1], fixup=p.fixup,
+    out = dict(model=model, n=n, L=L, dtype=str(dtype).split(".")[-1], causal=p.causal, fixup=p.fixup,
                geometry=[g.block_m, g.block_n, g.num_warps, g.num_stages],
                ws=const["WARP_SPECIALIZE"], device_desc=const["DEVICE_DESC"],
                shared=ck.metadata.shared, **resources.ptxas(ck.asm["ptx"]),
