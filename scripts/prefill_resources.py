@@ -1,7 +1,8 @@
 """What the prompt-chunk kernel compiles to for sm_90, here, without a GPU.
 
   python3 scripts/prefill_resources.py llama-8b [n=512] [L=8192] [dtype=bf16] [fixup=fused]
-      [block_n=64] [num_warps=4] [num_stages=3] [occupancy=1] [causal=0] [ws=1] [device_desc=1] [ir=DIR]
+      [policy=llamacpp] [programs=131] [block_n=64] [num_warps=4] [num_stages=3]
+      [occupancy=1] [causal=0] [ws=1] [device_desc=1] [ir=DIR]
 
 Plans the shape with `Tuning(prefill="tma")`, captures the prompt-chunk kernel's launch,
 compiles it ahead of time for an H100/H200 (sm_90a) and prints one JSON line: registers and
@@ -92,11 +93,13 @@ def compile_sm90(model: str, n: int = 512, L: int = 8192, dtype=torch.float16, i
     ttgir = ck.asm["ttgir"]
     if ir:
         Path(ir).mkdir(parents=True, exist_ok=True)
-        stem = Path(ir) / f"prefill-{model}-{p.geometry.block_n}-{opts['num_warps']}-{opts['num_stages']}"
+        g = p.geometry
+        stem = Path(ir) / f"prefill-{model}-{g.block_n}-{g.num_warps}-{g.num_stages}"
         Path(f"{stem}.ttgir").write_text(ttgir)
         Path(f"{stem}.ptx").write_text(ck.asm["ptx"])
     g = p.geometry
-    out = dict(model=model, n=n, L=L, dtype=str(dtype).split(".")[-1], causal=p.causal, fixup=p.fixup,
+    out = dict(model=model, n=n, L=L, dtype=str(dtype).split(".")[-1], causal=p.causal,
+               fixup=p.fixup,
                geometry=[g.block_m, g.block_n, g.num_warps, g.num_stages],
                ws=const["WARP_SPECIALIZE"], device_desc=const["DEVICE_DESC"],
                shared=ck.metadata.shared, **resources.ptxas(ck.asm["ptx"]),
@@ -109,7 +112,7 @@ def main(argv):
     model, kw = argv[0], {}
     for a in argv[1:]:
         key, value = a.split("=", 1)
-        kw[key] = value if key in ("fixup", "ir", "dtype") else int(value)
+        kw[key] = value if key in ("fixup", "ir", "dtype", "policy") else int(value)
     if "dtype" in kw:
         kw["dtype"] = {"bf16": torch.bfloat16, "f16": torch.float16}[kw["dtype"]]
     print(json.dumps(compile_sm90(model, **kw)), flush=True)

@@ -227,7 +227,7 @@ def run(plan: Plan, q, k, v, out, lse, *, scale: float, mask=None, sinks=None, s
             ws_o, ws_m, ws_l, counters, b.qblock_off, b.kv_first, *b.main_ints,
             qk_scale, softcap_scale, plan.window or 0, *b.fd)
     key = None
-    if fast:  # what changes the compiled code besides the plan: features, dtypes, strides, alignment
+    if fast:  # what changes the code besides the plan: features, dtypes, strides, alignment
         key = (b.kid, features, q.dtype, k.dtype, out.dtype, mask_t.dtype, qs, ks, vs, os_, slb,
                slh, smb, smm,
                *(x.data_ptr() % 16 == 0 for x in (q, k, v, out, lse_t, mask_t, sinks_t, slopes_t)))
