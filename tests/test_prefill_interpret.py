@@ -25,11 +25,11 @@ TMA = skattn.Tuning(prefill="tma")
 WS = skattn.Tuning(prefill="tma", prefill_ws=True)
 
 
-def make(Lq, Lk, Hq=8, Hkv=2, D=64, dtype=torch.float16, seed=0):
+def make(Lq, Lk, Hq=8, Hkv=2, D=64, dtype=torch.float16, seed=0, B=1):
     g = torch.Generator().manual_seed(seed)
-    q = torch.randn(1, Lq, Hq, D, generator=g).to(dtype)
-    k = torch.randn(1, Lk, Hkv, D, generator=g).to(dtype)
-    v = torch.randn(1, Lk, Hkv, D, generator=g).to(dtype)
+    q = torch.randn(B, Lq, Hq, D, generator=g).to(dtype)
+    k = torch.randn(B, Lk, Hkv, D, generator=g).to(dtype)
+    v = torch.randn(B, Lk, Hkv, D, generator=g).to(dtype)
     return q, k, v
 
 
@@ -105,8 +105,8 @@ def test_bf16_head_128_sinks(tuning):
 
 
 def test_ws_q_f32_is_packed_in_k_dtype(spies):
-    # q in f32: the packing copy also casts it to K/V's dtype
-    q, k, v = make(40, 64, seed=3)
+    # q in f32: the packing copy also casts it to K/V's dtype; two sequences
+    q, k, v = make(40, 64, seed=3, B=2)
     p = plan_for(q, k, tuning=WS, programs=8)
     check(q.float(), k, v, p, causal=True)
     assert spies[0].calls == 1

@@ -190,22 +190,24 @@ def worker(job: dict) -> list[dict]:
             row["kernel"], why = kernel_of(p)
             if var.ws and row["kernel"] != "tma-ws":
                 row["status"] = f"skipped: {why}"
-                rows.append(row)
-                continue
-            ws = skattn.workspace(p, device=q.device)
-            out = torch.full_like(q, float("nan"))
-            t0 = time.time()
-            skattn.attention(q, k, v, causal=True, plan=p, out=out, workspace=ws)
-            if out.is_cuda:
-                torch.cuda.synchronize()
-            row["first_call_s"] = round(time.time() - t0, 2)
-            row["err"] = rel_err(out, ref)
-            if not row["err"] <= TOLERANCE[dtype]:
-                row["status"] = f"wrong: relative error {row['err']:.3e} > {TOLERANCE[dtype]:g}"
+            else:
+                ws = skattn.workspace(p, device=q.device)
+                out = torch.full_like(q, float("nan"))
+                t0 = time.time()
+                skattn.attention(q, k, v, causal=True, plan=p, out=out, workspace=ws)
+                if out.is_cuda:
+                    torch.cuda.synchronize()
+                row["first_call_s"] = round(time.time() - t0, 2)
+                row["err"] = rel_err(out, ref)
+                if not row["err"] <= TOLERANCE[dtype]:
+                    row["status"] = (f"wrong: relative error {row['err']:.3e} > "
+                                     f"{TOLERANCE[dtype]:g}")
         except Exception as exc:  # a variant that cannot run must not stop the others
             text = str(exc).strip().splitlines()
             row["status"] = f"error: {type(exc).__name__}: {text[0][:200] if text else ''}"
         rows.append(row)
+        if job.get("stream"):  # one line a variant: a crash later keeps the rows before it
+            print("ROW " + json.dumps(row), flush=True)
     return rows
 
 
@@ -216,15 +218,23 @@ def run_workers(jobs: list[dict], workers: int) -> dict:
                                          env.get("PYTHONPATH", "")])
 
     def one(job):
-        res = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)],
-                             capture_output=True, text=True, env=env, timeout=900)
-        key = (job["model"], job["n"], job["L"], job["dtype"])
+        model = job["model"] if isinstance(job["model"], str) else tuple(job["model"])
+        key = (model, job["n"], job["L"], job["dtype"])
+        try:
+            res = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)],
+                                 capture_output=True, text=True, env=env, timeout=300)
+        except subprocess.TimeoutExpired:
+            return key, [dict(variant=v.name, status="error: worker timed out (300 s)")
+                         for v in VARIANTS]
+        done = {}
         for line in res.stdout.splitlines():
-            if line.startswith("ROWS "):
-                return key, json.loads(line[5:])
-        tail = (res.stderr or res.stdout).strip().splitlines()[-3:]
-        return key, [dict(variant=v.name, status=f"error: worker exited {res.returncode}: "
-                          f"{' | '.join(tail)[:300]}") for v in VARIANTS]
+            if line.startswith("ROW "):
+                row = json.loads(line[4:])
+                done[row["variant"]] = row
+        tail = " | ".join((res.stderr or "").strip().splitlines()[-3:])[:300]
+        return key, [done.get(v.name) or dict(variant=v.name, status=f"error: worker exited "
+                                              f"{res.returncode} before it: {tail}")
+                     for v in VARIANTS]
 
     with ThreadPoolExecutor(workers) as pool:
         return dict(pool.map(one, jobs))
@@ -392,7 +402,7 @@ def main(argv=None) -> int:
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        print("ROWS " + json.dumps(worker(json.loads(args.worker))), flush=True)
+        worker(dict(json.loads(args.worker), stream=True))
         return 0
     models = tuple(m for m in args.models.split(",") if m) or None
     cell_list = cells(models, args.quick)
