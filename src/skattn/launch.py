@@ -17,10 +17,12 @@ import torch
 from triton import knobs
 
 from skattn import buffers as ws
+from skattn import prefill_launch as _prefill
 from skattn.device import interpreting
 from skattn.fastdiv import magic
 from skattn.kernels import attention as _main
 from skattn.kernels import fixup as _fixup
+from skattn.kernels import prefill as _prefill_kernel
 from skattn.planner import Plan
 
 LOG2E = 1.4426950408889634
@@ -81,6 +83,7 @@ class Bound:
     fd: tuple                 # fastdiv (multiplier, shift) of ntiles_x, ntiles_z, kv_heads, group_work
     consts: dict              # per feature set: the kernels' compile-time constants
     cuda: bool                # a CUDA device, not the interpreter: direct launches possible
+    prefill: _prefill.PrefillBound | None = None  # the prompt-chunk kernel's part, if it runs
 
 
 def bind(plan: Plan, device) -> Bound:
@@ -139,14 +142,16 @@ def _bind(plan: Plan, device: torch.device) -> Bound:
     else:
         fix_ints = (plan.q_len, plan.gqa_ratio, plan.kv_heads, plan.ntiles_x, plan.ntiles_z,
                     plan.group_work, plan.work, plan.programs, *fd[2:8])
+    prefill = _prefill.bind(plan, device, main_const)
     key = (device, tuple(sorted(main_const.items())), tuple(sorted(fix_const.items())),
-           fix_kernel, tuple(_spec(x) for x in (*main_ints, *fd, *fix_ints, plan.window or 0)))
+           fix_kernel, tuple(_spec(x) for x in (*main_ints, *fd, *fix_ints, plan.window or 0)),
+           prefill and tuple(sorted(prefill.const.items())))
     kid = _KEYS.setdefault(key, len(_KEYS))
     qblock_off, kv_first = _tables(device, plan.qblock_offsets, plan.kv_first)
     return Bound(plan, device, qblock_off, kv_first, (*main_ints,), main_const,
                  (plan.programs, 1, 1), fix_kernel, fix_ints, fix_const, fix_grid, pdl,
                  ws.layout(plan), ws.nbytes(plan), kid, fd, {},
-                 device.type == "cuda" and not interpreting())
+                 device.type == "cuda" and not interpreting(), prefill)
 
 
 _MAKER: list = []  # the thread that makes bound plans' tables on a GPU (made when first needed)
@@ -259,15 +264,26 @@ def run(plan: Plan, q, k, v, out, lse, *, scale: float, mask=None, sinks=None, s
             ws_o, ws_m, ws_l, counters, b.qblock_off, b.kv_first, *b.main_ints,
             qk_scale, softcap_scale, plan.window or 0, *b.fd)
     key = None
-    if fast:  # what changes the compiled code besides the plan: features, strides, alignment
-        key = (b.kid, features, qs, ks, vs, os_, slb, slh, smb, smm,
+    if fast:  # what changes the code besides the plan: features, dtypes, strides, alignment
+        key = (b.kid, features, q.dtype, k.dtype, out.dtype, mask_t.dtype, qs, ks, vs, os_, slb,
+               slh, smb, smm,
                *(x.data_ptr() % 16 == 0 for x in (q, k, v, out, lse_t, mask_t, sinks_t, slopes_t,
                                                   ks_t, vs_t)))
     elif stamps is not None:
         main_const = dict(main_const, STAMPS=stamps[0], TIMELINE=True)
         if b.fix_kernel == "uniform":
             fix_const = dict(fix_const, STAMPS=stamps[1], TIMELINE=True)
-    _launch(_main.attention_kernel, key, args, main_const, b.main_grid, stream)
+    if b.prefill is not None and _prefill.usable(b.prefill, features, k, v):
+        q_desc = _prefill.q_box(b.prefill, q, k)
+        qd, kd, vd = _prefill.descriptors(b.prefill, q, k, v, q_desc)
+        pargs = (q, qs[0], qs[1], qs[2], qd, kd, ks[0], ks[1], ks[2], vd, vs[0], vs[1], vs[2],
+                 out, os_[0], os_[1], os_[2], lse_t, slb, slh, sinks_t,
+                 ws_o, ws_m, ws_l, counters, b.qblock_off, b.kv_first, *b.main_ints, qk_scale,
+                 *b.fd)
+        _launch(_prefill_kernel.prefill_kernel, key and (*key, "tma", q_desc), pargs,
+                _prefill.constants(b.prefill, features, q_desc), b.main_grid, stream)
+    else:
+        _launch(_main.attention_kernel, key, args, main_const, b.main_grid, stream)
     if main_only or b.fix_kernel is None:
         return
     out_args = (out, os_[0], os_[1], os_[2], lse_t, slb, slh, sinks_t, ws_o, ws_m, ws_l)

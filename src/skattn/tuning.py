@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 PDL_TRIGGERS = ("start", "end")
+PREFILL_KERNELS = ("base", "tma")
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,14 @@ class Tuning:
         loop (16 pieces a step: qwen3moe n=2 28.5 vs 32.5 us with 4).
     fused_dv: Dv columns per fused merge step (None: all of Dv; 32-column steps were
         1.1-1.2x slower at decode).
+    prefill: the kernel of prompt-chunk tiles (128 or 64 rows) on Hopper: "base" (the
+        stream-K kernel every plan runs) or "tma" (`kernels/prefill.py`: K/V through tensor
+        descriptors, docs/prefill.md). Calls "tma" cannot take (a mask, ALiBi, softcap, a
+        window, head sizes other than 64/128 or Dk != Dv, unaligned K/V, a GPU before sm_90)
+        run the base kernel.
+    prefill_ws: "tma" only: hand the KV loop to Triton's automatic warp specialisation.
+    prefill_device_desc: "tma" only: make the K/V descriptors in the kernel, one per tile,
+        instead of on the host once per call (needs `triton.set_allocator`).
     """
 
     pdl: bool = True
@@ -33,8 +42,13 @@ class Tuning:
     merge_elements: int = 64
     fused_merge_elements: int = 256
     fused_dv: int | None = None
+    prefill: str = "base"
+    prefill_ws: bool = False
+    prefill_device_desc: bool = False
 
     def __post_init__(self):
+        if self.prefill not in PREFILL_KERNELS:
+            raise ValueError(f"prefill must be one of {PREFILL_KERNELS}, got {self.prefill!r}")
         if self.pdl_trigger not in PDL_TRIGGERS:
             raise ValueError(f"pdl_trigger must be one of {PDL_TRIGGERS}, got {self.pdl_trigger!r}")
         for name in ("fixup_dv", "fixup_rows", "merge_elements", "fused_merge_elements"):

@@ -1,0 +1,128 @@
+"""Which plans and calls run the prompt-chunk kernel (`kernels/prefill.py`), and its arguments.
+
+`bind` decides once per (plan, device) whether the plan may run the kernel: `plan.tuning.prefill
+== "tma"`, tiles of 64 or 128 rows (Hopper's warpgroup MMA), head size 64 or 128 with Dk = Dv,
+no window and no mask planned, and a GPU of compute capability 9.0 or newer (or the
+interpreter). `usable` adds what only a call knows: no mask, ALiBi or softcap, and K/V whose
+base and strides suit the copy engine (16-byte multiples). Everything else runs the base kernel.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from skattn.device import interpreting
+
+HEAD_DIMS = (64, 128)
+# the main kernel's compile-time constants that the prompt-chunk kernel takes as they are
+_SHARED_CONSTS = ("HEAD_DIM", "BLOCK_M", "BLOCK_N", "HEADS_PER_TILE", "TOKENS_PER_TILE", "CAUSAL",
+                  "FUSED", "PER_TILE_RANGES", "USE_FASTDIV", "ONE_TOKEN_BLOCK", "FIXUP_COLS",
+                  "FIXUP_ROWS", "MERGE_PIECES", "USE_PDL", "num_warps", "num_stages")
+
+
+@dataclass(frozen=True)
+class PrefillBound:
+    """What the prompt-chunk kernel needs of a bound plan besides the base kernel's part."""
+
+    const: dict            # compile-time constants that depend only on the plan
+    block: tuple           # K/V descriptor block: [1, BLOCK_N, 1, D] of [B, Lk, Hkv, D]
+    q_block: tuple         # q's: [1, BLOCK_M, D] of q packed [B * Hkv, Lq * ratio, D] (ws)
+    device_desc: bool      # descriptors made in the kernel (K and V passed as tensors)
+    ws: bool               # warp-specialised KV loop where the call's q allows it
+
+
+def refusal(plan) -> str | None:
+    """Why `plan` cannot run the prompt-chunk kernel, or None when it can (on sm_90+)."""
+    g = plan.geometry
+    if plan.tuning.prefill != "tma":
+        return f"tuning.prefill is {plan.tuning.prefill!r}"
+    if plan.dtype not in ("float16", "bfloat16"):
+        return f"K/V in {plan.dtype} (it reads f16 or bf16)"
+    if plan.head_dim != plan.head_dim_v or plan.head_dim not in HEAD_DIMS:
+        return f"head sizes {plan.head_dim}/{plan.head_dim_v} (it takes 64/64 and 128/128)"
+    if g.block_m < 64 or g.dk_chunks != 1:
+        return f"{g.block_m}-row tiles (it takes 64 or 128 rows: prompt chunks)"
+    if plan.window is not None:
+        return "a sliding window"
+    if plan.has_mask:
+        return "a plan for a mask"
+    return None
+
+
+def bind(plan, device: torch.device, main_const: dict) -> PrefillBound | None:
+    """The prompt-chunk kernel's part of a bound plan, or None where the base kernel runs."""
+    if refusal(plan) is not None:
+        return None
+    if not interpreting():
+        if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9:
+            return None  # no tensor memory accelerator before Hopper
+    t, g = plan.tuning, plan.geometry
+    const = {name: main_const[name] for name in _SHARED_CONSTS}
+    const.update(DEVICE_DESC=t.prefill_device_desc,
+                 XBLOCKS=max(2, 1 << plan.ntiles_x.bit_length()),  # a power of 2 > ntiles_x
+                 WHOLE_TILES=plan.fixup == "none")  # no program leaves a piece
+    return PrefillBound(const, (1, g.block_n, 1, plan.head_dim),
+                        (1, g.block_m, plan.head_dim),
+                        t.prefill_device_desc, t.prefill_ws and ws_refusal(plan) is None)
+
+
+def ws_refusal(plan) -> str | None:
+    """Why `plan` cannot take the warp-specialised loop (Triton 3.6 specialises a KV loop
+    only when q is read by the copy engine too and no other loop shares the tile's body),
+    or None."""
+    g = plan.geometry
+    if g.heads_per_tile != plan.gqa_ratio or g.heads_per_tile * g.tokens_per_tile != g.block_m:
+        return (f"{g.heads_per_tile} of {plan.gqa_ratio} heads x {g.tokens_per_tile} tokens a "
+                f"tile: not {g.block_m} consecutive rows of q packed by KV head")
+    if plan.fixup == "fused":
+        return "the fused fixup (its merge loop shares the tile's body)"
+    if g.num_warps != 4:
+        return f"{g.num_warps} warps (Triton specialises 4-warp kernels: 3 warpgroups)"
+    return None
+
+
+def _aligned(x: torch.Tensor) -> bool:
+    size = x.element_size()
+    return x.data_ptr() % 16 == 0 and all(s * size % 16 == 0 for s in x.stride()[:3])
+
+
+def usable(pb: PrefillBound, features: tuple, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether this call runs the prompt-chunk kernel: no mask, ALiBi, softcap or time
+    stamps, and K/V addresses and strides in 16-byte multiples (the copy engine's rule)."""
+    has_mask, _, has_alibi, softcap, _, _, stamps, *_ = features
+    return not (has_mask or has_alibi or softcap or stamps) and _aligned(k) and _aligned(v)
+
+
+def q_box(pb: PrefillBound, q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether this call's q is read through a descriptor (the warp-specialised loop)."""
+    return pb.ws
+
+
+def constants(pb: PrefillBound, features: tuple, q_desc: bool) -> dict:
+    """Compile-time constants of one call's feature set (`q_desc`: from `q_box`)."""
+    _, has_sinks, _, _, has_lse, dot_f32, *_ = features
+    return dict(pb.const, HAS_SINKS=has_sinks, RETURN_LSE=has_lse, DOT_F32=dot_f32,
+                WARP_SPECIALIZE=q_desc, Q_DESC=q_desc)
+
+
+def descriptors(pb: PrefillBound, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                q_desc: bool) -> tuple:
+    """q, K and V as the kernel takes them: host tensor descriptors over [B, L, H, D], or the
+    tensors themselves (q without `q_desc`; K/V when the kernel makes its own)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    def desc(x, block):
+        return TensorDescriptor(x, list(x.shape), list(x.stride()), list(block))
+
+    if q_desc:  # one copy puts each tile's rows together (and q in K's dtype)
+        B, Lq, Hq, D = q.shape
+        Hkv = k.shape[2]
+        packed = torch.empty(B, Hkv, Lq, Hq // Hkv, D, device=q.device, dtype=k.dtype)
+        packed.copy_(q.unflatten(2, (Hkv, Hq // Hkv)).permute(0, 2, 1, 3, 4))
+        qd = desc(packed.view(B * Hkv, Lq * (Hq // Hkv), D), pb.q_block)
+    else:
+        qd = q
+    if pb.device_desc:
+        return qd, k, v
+    return qd, desc(k, pb.block), desc(v, pb.block)

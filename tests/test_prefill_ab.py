@@ -1,0 +1,70 @@
+"""tools/prefill_ab.py on the CPU: its cells, plans, reference, worker processes and table
+(the kernels under the interpreter, on a tiny shape; the timing needs a GPU)."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from skattn import reference
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+import prefill_ab as ab  # noqa: E402
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU tests of the tool")
+
+
+def test_cells():
+    full = ab.cells()
+    assert len(full) == 30 and len(set(full)) == 30
+    assert {(n, L) for _, n, L in full} == {(512, 8192), (512, 16384), (512, 32768),
+                                            (128, 32768), (1024, 32768), (2048, 32768)}
+    assert len(ab.cells(quick=True)) == 3
+    assert ab.cells(("gpt-oss",), quick=True) == [("gpt-oss", 512, 32768)]
+
+
+def test_plan_only_counts_compiles(capsys):
+    ab.main(["--plan-only", "--quick", "--dtypes", "f16"])
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 3 * len(ab.VARIANTS) + 1
+    assert out[-1].startswith("distinct kernels to compile:")
+    assert any("tma-ws" in line for line in out)
+    assert all(" tma " in line for line in out if "qwen3-14b" in line and " ws" in line)
+
+
+def test_reference_f32_matches_float64():
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 40, 8, 16, generator=g).half()
+    k = torch.randn(1, 90, 2, 16, generator=g).half()
+    v = torch.randn(1, 90, 2, 16, generator=g).half()
+    ref = reference.attention(q, k, v, causal=True)
+    out = ab.reference_f32(q, k, v, rows=16)
+    assert (out.double() - ref).abs().max() < 1e-5
+
+
+def test_workers_check_every_variant(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the worker processes run the interpreter
+    job = dict(model=[8, 2, 64], n=40, L=100, dtype="f16", device="cpu", sms=4, occupancy=2,
+               block_n=16)
+    got = ab.run_workers([job, dict(job, model="no-such-model")], workers=2)
+    bad = got[("no-such-model", 40, 100, "f16")]
+    assert [r["variant"] for r in bad] == [v.name for v in ab.VARIANTS]
+    assert all(r["status"].startswith("error: worker exited") for r in bad)
+    good = got[((8, 2, 64), 40, 100, "f16")]
+    assert [r["status"] for r in good] == ["ok"] * len(ab.VARIANTS), good
+    assert [r["kernel"] for r in good] == ["base", "tma", "tma", "tma-ws", "tma-ws"]
+    assert all(r["err"] < ab.TOLERANCE[torch.float16] for r in good)
+
+
+def test_table():
+    base = dict(model="llama-8b", n=512, L=8192, dtype="f16")
+    rows = [dict(base, provider="sdpa-cudnn-nomask", variant="no mask", status="ok", p50_us=100.0),
+            dict(base, provider="skattn", variant="base", status="ok", p50_us=150.0, pct_peak=50.0),
+            dict(base, provider="skattn", variant="tma", status="ok", p50_us=120.0, pct_peak=62.5),
+            dict(base, provider="skattn", variant="ws", status="wrong: relative error 1 > 0.005")]
+    text = ab.table(rows)
+    line = text.splitlines()[1]
+    assert "150.0" in line and "120.0" in line and "tma" in line and "50/62" in line
+    assert "1.25" in line and "0.83" in line
+    assert "NOT OK: llama-8b n=512 L=8192 f16 ws: wrong" in text
