@@ -36,14 +36,21 @@ if has sanitize; then
     done
 fi
 workers() { python3 -c "import xdist" 2>/dev/null && echo "-n $1" || echo ""; }
+# a test still running after this many seconds has its threads' stacks dumped to the log
+# (pytest's faulthandler), and each stage is stopped after STAGE_LIMIT seconds, so one hung
+# kernel costs its stage, not the whole call
+HANG_DUMP_S=${HANG_DUMP_S:-150}
+STAGE_LIMIT=${STAGE_LIMIT:-420}
 if has tests; then
-    python3 -m pytest -q -m "gpu and not serial" $(workers 8) -p no:cacheprovider ${TESTS:-tests} --ignore=tests/test_fuzz.py \
+    timeout "$STAGE_LIMIT" python3 -m pytest -v -rfE -m "gpu and not serial" $(workers 8) -p no:cacheprovider \
+        -o faulthandler_timeout="$HANG_DUMP_S" ${TESTS:-tests} --ignore=tests/test_fuzz.py \
         2>&1 | tee "$OUT_DIR/gpu_tests.log"
     t=${PIPESTATUS[0]}; [ "$t" -ne 0 ] && rc=$t
     summary+=("gpu tests: $(tail -n 1 "$OUT_DIR/gpu_tests.log")")
 fi
 if has fuzz; then
-    python3 -m pytest -q -m gpu -s $(workers 4) -p no:cacheprovider tests/test_fuzz.py 2>&1 \
+    timeout "$STAGE_LIMIT" python3 -m pytest -q -m gpu -s $(workers 4) -p no:cacheprovider \
+        -o faulthandler_timeout="$HANG_DUMP_S" tests/test_fuzz.py 2>&1 \
         | tee "$OUT_DIR/fuzz.log"
     t=${PIPESTATUS[0]}; [ "$t" -ne 0 ] && rc=$t
     summary+=("gpu fuzz: $(grep -h 'passed .* cases' "$OUT_DIR/fuzz.log" | tr '\n' ' ') | $(tail -n 1 "$OUT_DIR/fuzz.log")")
@@ -66,7 +73,7 @@ if has bench; then
 fi
 quick_bench() {  # name, command...: a quick benchmark stage, its log and exit status
     local name=$1; shift
-    "$@" 2>&1 | tee "$OUT_DIR/$name.log"
+    timeout "$STAGE_LIMIT" "$@" 2>&1 | tee "$OUT_DIR/$name.log"
     t=${PIPESTATUS[0]}; [ "$t" -ne 0 ] && rc=$t
     summary+=("$name: exit $t")
 }
