@@ -30,7 +30,7 @@ import resources  # noqa: E402  (scripts/resources.py: signature, ptxas)
 import skattn  # noqa: E402
 from skattn import launch, prefill_launch  # noqa: E402
 from skattn.kernels import prefill  # noqa: E402
-from skattn.models import MODELS  # noqa: E402
+from skattn.bench.models import MODELS  # noqa: E402
 
 _TY = {torch.float16: "fp16", torch.bfloat16: "bf16"}
 COUNTS = {"tma_loads": r"async_tma_copy_global_to_local", "wgmma": r"ttng\.warp_group_dot ",

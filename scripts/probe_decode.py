@@ -29,7 +29,7 @@ import skattn
 from skattn import launch, reference
 from skattn.bench.timing import ColdTimer
 from skattn.kernels.stamps import stamp
-from skattn.models import MODELS
+from skattn.bench.models import MODELS
 from tune import inputs  # scripts/tune.py: seeded q, k, v for a (model, n, L) cell
 
 OUT = Path(os.environ.get("OUT") or "benchmarks/results")

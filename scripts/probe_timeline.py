@@ -59,7 +59,7 @@ def _summary(stamps):
 def attention(timer, rows):
     import skattn
     from skattn import launch
-    from skattn.models import MODELS
+    from skattn.bench.models import MODELS
 
     def q(values, f=0.5):
         return sorted(values)[int(f * (len(values) - 1))]

@@ -35,7 +35,7 @@ import skattn
 from skattn import launch
 from skattn.config import SM90_SHARED_LIMIT, shared_bytes
 from skattn.kernels import attention, fixup
-from skattn.models import MODELS
+from skattn.bench.models import MODELS
 
 TYPES = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32",
          torch.int32: "*i32", torch.int64: "*i64", torch.int8: "*i8",

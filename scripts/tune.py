@@ -19,7 +19,7 @@ import torch
 import triton.testing
 
 import skattn
-from skattn.models import MODELS
+from skattn.bench.models import MODELS
 from skattn.planner import COMPUTE_BOUND_INTENSITY
 
 OUT = Path(os.environ.get("OUT") or "benchmarks/results")
