@@ -109,6 +109,9 @@ def compile_sm90(model: str, n: int = 512, L: int = 8192, dtype=torch.float16, i
 
 
 def main(argv):
+    if argv[:1] in ([], ["-h"], ["--help"]):  # (no arguments: the usage)
+        print(__doc__.strip())
+        return 0
     model, kw = argv[0], {}
     for a in argv[1:]:
         key, value = a.split("=", 1)

@@ -294,6 +294,9 @@ def run_grid(jobs: int, heads=HEADS, features=tuple(FEATURES), kv="float16") -> 
 
 
 def main(argv):
+    if argv[:1] in ([], ["-h"], ["--help"]):  # (no arguments: the usage)
+        print(__doc__.strip())
+        return 0
     if argv[0] == "--shape":  # D Dv n: one JSON line
         kv = argv[4] if len(argv) > 4 else "float16"
         print(json.dumps(main_kernel(*map(int, argv[1:4]), kv=kv)))
