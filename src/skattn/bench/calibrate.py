@@ -1,4 +1,4 @@
-"""Calibrate the `auto` policy's cost model from an programs sweep measured on this GPU.
+"""Calibrate the `auto` policy's cost model from a program-count sweep measured on this GPU.
 
 `skattn calibrate` times every N for a few seed-grid cells (or reads such a sweep from
 `--from-csv`), fits `CostModel` for the least regret of `auto` (see `fit`) and writes it
