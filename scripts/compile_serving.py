@@ -92,6 +92,9 @@ def capture(name: str, case: dict) -> list:
 
 
 def main(argv) -> int:
+    if argv[:1] in (["-h"], ["--help"]):
+        print(__doc__.strip())
+        return 0
     names = argv or list(CASES)
     for name in names:
         for kernel, args, const in capture(name, CASES[name]):

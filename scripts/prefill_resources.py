@@ -30,7 +30,7 @@ import resources  # noqa: E402  (scripts/resources.py: signature, ptxas)
 import skattn  # noqa: E402
 from skattn import launch, prefill_launch  # noqa: E402
 from skattn.kernels import prefill  # noqa: E402
-from skattn.models import MODELS  # noqa: E402
+from skattn.bench.models import MODELS  # noqa: E402
 
 _TY = {torch.float16: "fp16", torch.bfloat16: "bf16"}
 COUNTS = {"tma_loads": r"async_tma_copy_global_to_local", "wgmma": r"ttng\.warp_group_dot ",
@@ -109,6 +109,9 @@ def compile_sm90(model: str, n: int = 512, L: int = 8192, dtype=torch.float16, i
 
 
 def main(argv):
+    if argv[:1] in ([], ["-h"], ["--help"]):  # (no arguments: the usage)
+        print(__doc__.strip())
+        return 0
     model, kw = argv[0], {}
     for a in argv[1:]:
         key, value = a.split("=", 1)

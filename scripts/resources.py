@@ -35,7 +35,7 @@ import skattn
 from skattn import launch
 from skattn.config import SM90_SHARED_LIMIT, shared_bytes
 from skattn.kernels import attention, fixup
-from skattn.models import MODELS
+from skattn.bench.models import MODELS
 
 TYPES = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32",
          torch.int32: "*i32", torch.int64: "*i64", torch.int8: "*i8",
@@ -294,6 +294,9 @@ def run_grid(jobs: int, heads=HEADS, features=tuple(FEATURES), kv="float16") -> 
 
 
 def main(argv):
+    if argv[:1] in ([], ["-h"], ["--help"]):  # (no arguments: the usage)
+        print(__doc__.strip())
+        return 0
     if argv[0] == "--shape":  # D Dv n: one JSON line
         kv = argv[4] if len(argv) > 4 else "float16"
         print(json.dumps(main_kernel(*map(int, argv[1:4]), kv=kv)))

@@ -1,14 +1,17 @@
 """Kernel tuning on a GPU: configs (BLOCK_N, warps, stages) and an exhaustive programs sweep.
 
+    python3 scripts/tune.py [host] [breakdown] [configs [--prefill | --prefill-only | --prefill-bm]]
+        [sweep [--quick | --coarse [--all [--n=4,8]]]] [prefill-fixup]
+
 Writes CSVs to $OUT (or benchmarks/results): tune_configs.csv with each config's time and
 compiled resources, sweep_programs.csv with the time of every N for some cells and what each
-policy chose, breakdown.csv with where decode time goes.
-Usage: python3 scripts/tune.py [host] [breakdown]
-       [configs [--prefill | --prefill-only | --prefill-bm]]
-       [sweep [--quick | --coarse [--all [--n=4,8]]]] [prefill-fixup]
+policy chose (`skattn calibrate --from-csv` fits `auto`'s cost model to it),
+breakdown.csv with where decode time goes, prefill_fixup.csv (n = 512: the separate fixup
+vs the fused one). `host` prints the host time of a planned call. Default: configs, sweep.
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import os
 import sys
@@ -19,7 +22,7 @@ import torch
 import triton.testing
 
 import skattn
-from skattn.models import MODELS
+from skattn.bench.models import MODELS
 from skattn.planner import COMPUTE_BOUND_INTENSITY
 
 OUT = Path(os.environ.get("OUT") or "benchmarks/results")
@@ -82,12 +85,12 @@ def floor_us(q, k, v, bw=4.3e12):
     return nbytes / bw * 1e6
 
 
-def configs():
+def configs(prefill=False, prefill_only=False, prefill_bm=False):
     rows = []
-    cells = [] if "--prefill-only" in sys.argv else [(c, DECODE_CONFIGS) for c in DECODE_CELLS]
-    if "--prefill" in sys.argv or "--prefill-only" in sys.argv:
+    cells = [] if prefill_only else [(c, DECODE_CONFIGS) for c in DECODE_CELLS]
+    if prefill or prefill_only:
         cells += [(c, PREFILL_CONFIGS) for c in PREFILL_CELLS]
-    if "--prefill-bm" in sys.argv:
+    if prefill_bm:
         cells = [(c, PREFILL_BM_CONFIGS[MODELS[c[0]][2]]) for c in PREFILL_BM_CELLS]
     for (model, n, L), cfgs in cells:
         q, k, v = inputs(model, n, L)
@@ -232,19 +235,43 @@ def _write(name, rows):
         w.writerows(rows)
 
 
-if __name__ == "__main__":
-    what = [a for a in sys.argv[1:] if not a.startswith("--")] or ["configs", "sweep"]
+STEPS = ("host", "breakdown", "configs", "sweep", "prefill-fixup")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("steps", nargs="*", metavar="STEP", help=f"any of {', '.join(STEPS)}")
+    ap.add_argument("--prefill", action="store_true", help="configs: prompt chunks too")
+    ap.add_argument("--prefill-only", action="store_true", help="configs: prompt chunks only")
+    ap.add_argument("--prefill-bm", action="store_true",
+                    help="configs: BLOCK_M of prompt chunks per head size")
+    ap.add_argument("--quick", action="store_true", help="sweep: the first 3 cells")
+    ap.add_argument("--coarse", action="store_true",
+                    help="sweep: 17 program counts, separate fixups only")
+    ap.add_argument("--all", action="store_true", help="sweep --coarse: every grid cell")
+    ap.add_argument("--n", default="1,2,4,8,16", help="sweep --all: the query counts")
+    args = ap.parse_args(argv)
+    steps = args.steps or ["configs", "sweep"]
+    for step in steps:
+        if step not in STEPS:
+            ap.error(f"unknown step {step!r}: one of {', '.join(STEPS)}")
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU", file=sys.stderr)
+        return 2
     print(torch.cuda.get_device_name(), torch.__version__, triton.__version__, flush=True)
-    if "host" in what:
+    if "host" in steps:
         host_overhead()
-    if "breakdown" in what:
+    if "breakdown" in steps:
         breakdown()
-    if "configs" in what:
-        configs()
-    if "sweep" in what:
-        n_arg = [a.split("=", 1)[1] for a in sys.argv if a.startswith("--n=")]
-        sweep(quick="--quick" in sys.argv, coarse="--coarse" in sys.argv,
-              every_cell="--all" in sys.argv,
-              ns=tuple(int(x) for x in n_arg[0].split(",")) if n_arg else (1, 2, 4, 8, 16))
-    if "prefill-fixup" in what:
+    if "configs" in steps:
+        configs(args.prefill, args.prefill_only, args.prefill_bm)
+    if "sweep" in steps:
+        sweep(quick=args.quick, coarse=args.coarse, every_cell=args.all,
+              ns=tuple(int(x) for x in args.n.split(",")))
+    if "prefill-fixup" in steps:
         prefill_fixup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -5,7 +5,7 @@ from skattn.bench import anchors as anchors_mod
 from skattn.bench import cli, grid
 from skattn.bench.anchors import ANCHORS_CSV, anchor_index, load_anchors, pct_of_floor
 from skattn.bench.report import anchors_table, report
-from skattn.models import MODELS
+from skattn.bench.models import MODELS
 
 from test_bench_report import _args, _synthetic_rows, _write_csv
 

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from skattn.calibrate import _features, _plan_for, check, fit, read_csv
+from skattn.bench.calibrate import _features, _plan_for, check, fit, read_csv
 from skattn.policy import CostModel
 
 DATA = Path(__file__).parent / "data"  # sweeps of older kernels (data/README.md)
@@ -96,7 +96,7 @@ def test_second_round_on_shared_sms():
 
 
 def test_fit_leaves_out_prompt_chunks():
-    from skattn.calibrate import memory_bound
+    from skattn.bench.calibrate import memory_bound
 
     rows = read_csv(RESULTS / "prefill.csv")
     assert rows and not memory_bound(rows)  # auto counts waves there, not the cost model

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from skattn.cli import build_parser, main
-from skattn.models import ALIASES, MODELS, resolve
+from skattn.bench.models import ALIASES, MODELS, resolve
 
 PLAN = ["plan", "--n", "4", "--depth", "16384", "--sms", "132", "--occupancy", "2"]
 

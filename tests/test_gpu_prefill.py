@@ -9,7 +9,7 @@ import torch
 
 import skattn
 from skattn import launch, prefill_launch, reference
-from skattn.models import MODELS
+from skattn.bench.models import MODELS
 from tolerance import bound, rel_err
 
 pytestmark = [

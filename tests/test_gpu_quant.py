@@ -5,7 +5,7 @@ import torch
 
 import skattn
 from skattn import quant, reference
-from skattn.models import MODELS
+from skattn.bench.models import MODELS
 from tolerance import bound, rel_err
 
 pytestmark = [

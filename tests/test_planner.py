@@ -325,7 +325,7 @@ def test_describe_and_draw(tmp_path):
 def test_auto_counts_waves_for_compute_bound_cells(model, programs, fixup):
     # 512-token prompt chunks; measured on an H200 (PERF.md, "Prompt chunks"): whole tiles 152 vs
     # 179 us at N = 264 (llama-8b L=8192); qwen3-14b N = 132 216 vs 225 (264), 289 (168)
-    from skattn.models import MODELS
+    from skattn.bench.models import MODELS
 
     Hq, Hkv, D = MODELS[model][:3]
     kw = dict(batch=1, q_len=512, kv_len=8192, q_heads=Hq, kv_heads=Hkv, head_dim=D,

@@ -44,7 +44,7 @@ import torch
 
 import skattn
 from skattn import launch, prefill_launch
-from skattn.models import MODELS
+from skattn.bench.models import MODELS
 
 DEPTHS = (8192, 16384, 32768)
 CHUNKS = (128, 1024, 2048)  # at L = 32768

@@ -36,6 +36,9 @@ def cases(quick: bool = False):
 
 
 def main() -> int:
+    if sys.argv[1:2] in (["-h"], ["--help"]):
+        print(__doc__.strip())
+        return 0
     bad = 0
     n = 0
     for name, (q, k, v), kw in cases(quick="--quick" in sys.argv):

@@ -18,6 +18,9 @@ def rel(out, ref):
 
 
 def main() -> int:
+    if sys.argv[1:2] in (["-h"], ["--help"]):
+        print(__doc__.strip())
+        return 0
     g = torch.Generator(device="cuda").manual_seed(0)
 
     def rand(*shape):

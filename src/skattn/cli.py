@@ -5,14 +5,13 @@ import argparse
 import importlib
 import sys
 
-from skattn.models import resolve
 from skattn.policy import FIXUPS, POLICIES
 
 # Subcommands living in other modules, each with add_arguments(parser) and run(args) -> int;
 # registered only when the module exists. Add new ones here.
 PLUGINS = (
     ("bench", "skattn.bench.cli"),
-    ("calibrate", "skattn.calibrate"),
+    ("calibrate", "skattn.bench.calibrate"),
 )
 
 
@@ -29,7 +28,7 @@ def _add_plan(sub) -> None:
                        description="Plan one attention shape (n queries at the end of a causal "
                                    "window over depth keys) and describe it.")
     shape = p.add_mutually_exclusive_group(required=True)
-    shape.add_argument("--model", help="a model name, e.g. llama-8b (see skattn.models)")
+    shape.add_argument("--model", help="a model name, e.g. llama-8b (see skattn.bench.models)")
     shape.add_argument("--heads", type=_heads, metavar="Q/KV", help="query/KV heads, e.g. 40/8")
     p.add_argument("--head-dim", type=int, help="head size (required with --heads)")
     p.add_argument("--n", type=int, required=True, help="query tokens (q_len)")
@@ -51,6 +50,8 @@ def _run_plan(args) -> int:
     from skattn.planner import plan
 
     if args.model is not None:
+        from skattn.bench.models import resolve
+
         _, shape = resolve(args.model)
         q_heads, kv_heads, head_dim = shape.q_heads, shape.kv_heads, shape.head_dim
         head_dim = args.head_dim or head_dim

@@ -194,7 +194,7 @@ def _serving_mode(args) -> int:
     from skattn.bench.serving_mixes import MIXES
 
     try:
-        from skattn.models import resolve
+        from skattn.bench.models import resolve
 
         models = tuple(resolve(n)[0] for n in grid.parse_names(args.models) or ()) or (
             ("llama-8b",) if args.quick else tuple(grid.MODELS))

@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from skattn import distributed as skd
 from skattn.bench.timing import SPIN_CYCLES, ColdTimer
-from skattn.models import resolve
+from skattn.bench.models import resolve
 
 FIELDS = ["model", "q_heads", "kv_heads", "head_dim", "n", "kv_len", "world", "comm",
           "step_us", "local_us", "exchange_us", "merge_us", "comm_share", "speedup",
@@ -50,7 +50,7 @@ def parse_args(argv, world_size: int) -> argparse.Namespace:
     """The options, checked against the launched world size (the number of ranks)."""
     p = argparse.ArgumentParser(prog="torchrun --nproc_per_node P -m skattn.bench.dist",
                                 description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", default="llama-8b", help="comma-separated skattn.models names")
+    p.add_argument("--models", default="llama-8b", help="comma-separated skattn.bench.models names")
     p.add_argument("--heads", help="Q/KV heads instead of --models, e.g. 32/8")
     p.add_argument("--head-dim", type=int, help="head size with --heads")
     p.add_argument("--kv-lens", type=_ints, help="sequence lengths (default 131072,...,1048576)")

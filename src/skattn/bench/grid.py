@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from skattn.models import MODELS, resolve
+from skattn.bench.models import MODELS, resolve
 
 SEED_N = (1, 2, 4, 8, 16, 512)
 SEED_DEPTHS = (8192, 16384, 32768)
@@ -70,7 +70,7 @@ def select(models_: tuple[str, ...] | None = None, ns: tuple[int, ...] | None = 
     Parameters
     ----------
     models_ : tuple of str, optional
-        Model names or aliases (`skattn.models`); all five seed models by default.
+        Model names or aliases (`skattn.bench.models`); all five seed models by default.
     ns, depths : tuple of int, optional
         Query tokens and KV depths; the seed's values by default. Any positive value is
         accepted, so a subset or an off-grid cell can be run.

@@ -23,7 +23,7 @@ from skattn.bench.graph import capture, time_graph
 from skattn.bench.providers import importable
 from skattn.bench.run import error_status, progress_bar, provenance
 from skattn.bench.serving_mixes import MIX_NOTES, MIXES, mix
-from skattn.models import MODELS
+from skattn.bench.models import MODELS
 
 COLUMNS = ("provider", "model", "hq", "hkv", "d", "mix", "page_size", "batch", "q_tokens",
            "kv_tokens", "status", "err", "p20_us", "p50_us", "p80_us", "floor_us", "pct_floor",

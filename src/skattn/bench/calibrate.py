@@ -1,4 +1,4 @@
-"""Calibrate the `auto` policy's cost model from an programs sweep measured on this GPU.
+"""Calibrate the `auto` policy's cost model from a program-count sweep measured on this GPU.
 
 `skattn calibrate` times every N for a few seed-grid cells (or reads such a sweep from
 `--from-csv`), fits `CostModel` for the least regret of `auto` (see `fit`) and writes it
@@ -11,7 +11,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from skattn.models import MODELS
+from skattn.bench.models import MODELS
 from skattn.planner import COMPUTE_BOUND_INTENSITY, plan, shared_programs
 from skattn.policy import CostModel, cost_model_path, predict_us
 
@@ -155,7 +155,7 @@ def run(args) -> int:
         rows = [r for path in args.from_csv for r in read_csv(path)]
         sms = args.sms or 132
     else:
-        from skattn.calibrate_sweep import sweep
+        from skattn.bench.calibrate_sweep import sweep
 
         rows, sms = sweep(SWEEP_CELLS, occupancy=args.occupancy)
     model, err = fit(rows, sms=sms, occupancy=args.occupancy)

@@ -6,7 +6,7 @@ import sys
 import torch
 
 import skattn
-from skattn.models import MODELS
+from skattn.bench.models import MODELS
 
 
 def sweep(cells, *, occupancy: int = 2, step: int = 2, reps: int = 20):
