@@ -23,9 +23,10 @@ from skattn.fastdiv import magic
 from skattn.kernels import attention as _main
 from skattn.kernels import fixup as _fixup
 from skattn.kernels import prefill as _prefill_kernel
+from skattn.kernels import tile as _tile
 from skattn.planner import Plan
 
-LOG2E = 1.4426950408889634
+LOG2E = float(_tile.LOG2E.value)  # the kernels' constant, as a Python float
 _COMPILED: dict = {}  # call key -> (CompiledKernel, its constant parameters in order)
 _KEYS: dict = {}  # a bound plan's contribution to call keys -> a small integer
 _I32 = 1 << 31

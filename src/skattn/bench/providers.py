@@ -213,23 +213,10 @@ def resolve(names: tuple[str, ...]) -> tuple[list[Provider], list[str]]:
 
 # -- the float64 reference each provider is checked against
 def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True) -> torch.Tensor:
-    """GQA attention in float64, [B, n, Hq, D], bottom-right causal unless `causal=False`
-    (`skattn.reference` if present)."""
-    try:
-        from skattn.reference import attention as ref_attention
-    except ImportError:
-        ref_attention = None
-    if ref_attention is not None:
-        return ref_attention(q, k, v, causal=causal).to(torch.float64)
-    n, L, hq, hkv, d = q.shape[1], k.shape[1], q.shape[2], k.shape[2], q.shape[3]
-    kd = k.double().repeat_interleave(hq // hkv, dim=2)
-    vd = v.double().repeat_interleave(hq // hkv, dim=2)
-    s = torch.einsum("bqhd,bkhd->bhqk", q.double(), kd) * d**-0.5
-    if causal:
-        qpos = torch.arange(n, device=q.device) + (L - n)
-        hidden = torch.arange(L, device=q.device)[None, :] > qpos[:, None]
-        s.masked_fill_(hidden, float("-inf"))
-    return torch.einsum("bhqk,bkhd->bqhd", torch.softmax(s, dim=-1), vd)
+    """GQA attention in float64, [B, n, Hq, D], bottom-right causal unless `causal=False`."""
+    from skattn.reference import attention as ref_attention
+
+    return ref_attention(q, k, v, causal=causal).to(torch.float64)
 
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
