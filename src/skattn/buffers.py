@@ -31,8 +31,8 @@ def layout(plan, tiles: int | None = None) -> tuple[int, int, int]:
     return rows * plan.head_dim_v, rows, tiles if plan.fixup == "fused" else 0
 
 
-def nbytes(plan) -> int:
-    o, m, c = layout(plan)
+def nbytes(plan, tiles: int | None = None) -> int:
+    o, m, c = layout(plan, tiles)
     return (o + 2 * m) * 4 + c * 4
 
 

@@ -77,17 +77,12 @@ def _bind(plan: ServingPlan, device: torch.device) -> Bound:
            tuple(sorted(fix_const.items())), fix_kernel, tuple(_spec(x) for x in ints))
     kid = _KEYS.setdefault(key, len(_KEYS))
     return Bound(plan, device, cost, wl_const, main_const, fix_kernel, fix_const, fix_grid,
-                 _layout(plan), kid, {}, device.type == "cuda" and not interpreting())
+                 ws.layout(plan, plan.tiles_max), kid, {}, device.type == "cuda" and not interpreting())
 
 
 def workspace_bytes(plan: ServingPlan) -> int:
     """Bytes of a caller's workspace for `plan`: partials, the work list, counters."""
-    o, m, c = _layout(plan)
-    return (o + 2 * m) * 4 + plan.work_list_words * 4 + c * 4
-
-
-def _layout(plan: ServingPlan) -> tuple:
-    return ws.layout(plan, plan.tiles_max)
+    return plan.workspace_bytes + plan.work_list_words * 4
 
 
 def allocate(plan: ServingPlan, device) -> torch.Tensor:
