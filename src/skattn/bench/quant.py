@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from skattn.bench.grid import SEED_DEPTHS, Cell
+from skattn.bench.records import record
 
 FORMATS = ("f16", "fp8", "q8_0")  # decode
 PROMPT_FORMATS = ("f16", "fp8")
@@ -177,16 +178,10 @@ def run_quant(decode: list[Cell], prompt: list[Cell], *, out_dir, tag: str, opts
                 p50 = float(row["p50_us"]) if "p50_us" in row else None
                 if fmt == "f16":
                     f16_p50 = p50
-                row.update(model=cell.model, hq=cell.hq, hkv=cell.hkv, d=cell.d, n=cell.n,
-                           depth=cell.depth, floor_us=f"{floor:.4f}", bytes=nbytes,
+                row.update(floor_us=f"{floor:.4f}", bytes=nbytes,
                            pct_floor=f"{pct_floor(floor, p50):.4g}" if p50 else "",
-                           speedup_vs_f16=f"{f16_p50 / p50:.4g}" if p50 and f16_p50 else "",
-                           timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                           **prov)
-                writer.writerow(row)
-                f.flush()
-                rows.append(row)
-                bar.update()
+                           speedup_vs_f16=f"{f16_p50 / p50:.4g}" if p50 and f16_p50 else "")
+                record(row, cell, prov, writer, f, rows, bar)
             del base, unq
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()

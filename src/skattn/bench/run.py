@@ -22,6 +22,7 @@ from skattn.bench.floors import cell_bytes, cell_flops, floor_us, pct_floor
 from skattn.bench.graph import DEFAULT_LAYERS, TIMERS, References
 from skattn.bench.grid import Cell
 from skattn.bench.providers import BuildOptions, Provider, reference, relative_error
+from skattn.bench.records import record
 
 COLUMNS = ("provider", "variant", "policy", "fixup", "model", "hq", "hkv", "d", "n", "depth",
            "programs", "status", "err", "p20_us", "p50_us", "p80_us", "floor_us", "pct_floor",
@@ -273,14 +274,9 @@ def run_grid(cells: list[Cell], providers: list[Provider], *, out_dir, tag: str,
                 bar.set_description(f"{cell.model} n={cell.n} L={cell.depth} {provider.label}")
                 row = _measure_cell(provider, cell, layers, refs, timer, opts)
                 p50 = float(row["p50_us"]) if "p50_us" in row else None
-                row.update(model=cell.model, hq=cell.hq, hkv=cell.hkv, d=cell.d, n=cell.n,
-                           depth=cell.depth, floor_us=f"{floor:.4f}", bytes=nbytes, flops=flops,
-                           pct_floor=f"{pct_floor(floor, p50):.4g}" if p50 else "",
-                           timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds"), **prov)
-                writer.writerow(row)
-                f.flush()
-                rows.append(row)
-                bar.update()
+                row.update(floor_us=f"{floor:.4f}", bytes=nbytes, flops=flops,
+                           pct_floor=f"{pct_floor(floor, p50):.4g}" if p50 else "")
+                record(row, cell, prov, writer, f, rows, bar)
             del layers, refs
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
