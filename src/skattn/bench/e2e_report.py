@@ -1,8 +1,8 @@
 """Tables and a plot from `skattn bench --e2e` CSVs: tokens/s per cell, skattn vs SDPA."""
 from __future__ import annotations
 
-from skattn.bench.records import (have_matplotlib, merge_rows, ok_number, provenance_text,
-                                  report_files)
+from skattn.bench.records import (have_matplotlib, merge_rows, not_timed, ok_number,
+                                  provenance_text, report_files, write_markdown)
 from skattn.policy import POLICY_ALIASES
 
 SKATTN_POLICIES = ("llamacpp-before", "llamacpp", "auto")
@@ -117,7 +117,6 @@ def e2e_report(csv_paths, out_dir=None, stem: str | None = None, plots: bool = T
     (or into `out_dir`) and returns the markdown."""
     paths, out_dir, stem = report_files(csv_paths, out_dir, stem, "e2e_report")
     rows = read_rows(paths)
-    bad = [r for r in rows if r.get("status") != "ok"]
     md = [f"# skattn bench --e2e: {', '.join(p.name for p in paths)}", "",
           f"Provenance: {_provenance(rows)}.", "",
           "One step of n new tokens over a KV cache of `depth` tokens (it attends to depth + n "
@@ -132,12 +131,8 @@ def e2e_report(csv_paths, out_dir=None, stem: str | None = None, plots: bool = T
     if plots and not have_matplotlib():
         plots = False
         md += ["", "Plot skipped: matplotlib is not installed here."]
-    if bad:
-        md += ["", "## Not timed", ""] + [f"- {_label(r)} {r['mode']} n={r['n']} L={r['depth']}: "
-                                          f"{r.get('status', '')}" for r in bad]
-    text = "\n".join(md) + "\n"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{stem}.md").write_text(text)
+    md += not_timed(rows, lambda r: f"{_label(r)} {r['mode']} n={r['n']} L={r['depth']}")
+    text = write_markdown(md, out_dir, stem)
     if plots and rows:
         plot(rows, out_dir / f"{stem}.png")
     return text

@@ -34,15 +34,20 @@ def merge_rows(csv_paths, key, fix=None) -> list[dict]:
     return list(merged.values())
 
 
-def ok_number(row: dict | None, key: str) -> float | None:
-    """`row[key]` as a finite float, from a row whose status is "ok"; else None."""
-    if row is None or row.get("status") != "ok":
+def number(row: dict | None, key: str) -> float | None:
+    """`row[key]` as a finite float; None for no row, an empty field or not a number."""
+    if row is None:
         return None
     try:
         value = float(row.get(key, ""))
     except ValueError:
         return None
     return value if math.isfinite(value) else None
+
+
+def ok_number(row: dict | None, key: str) -> float | None:
+    """`number(row, key)` of a row whose status is "ok"; else None."""
+    return number(row, key) if row is not None and row.get("status") == "ok" else None
 
 
 def provenance_text(rows: list[dict], keys) -> str:
@@ -63,6 +68,23 @@ def report_files(csv_paths, out_dir, stem, what: str) -> tuple[list[Path], Path,
         raise ValueError(f"{what} needs at least one CSV file")
     return (paths, Path(out_dir) if out_dir is not None else paths[0].parent,
             stem or paths[0].stem)
+
+
+def not_timed(rows: list[dict], describe) -> list[str]:
+    """Markdown lines naming the rows whose status is not "ok" ('- <describe(row)>: <status>'),
+    or none."""
+    bad = [r for r in rows if r.get("status") != "ok"]
+    if not bad:
+        return []
+    return ["", "## Not timed", ""] + [f"- {describe(r)}: {r.get('status', '')}" for r in bad]
+
+
+def write_markdown(md: list[str], out_dir: Path, stem: str) -> str:
+    """Write the lines `md` to `<out_dir>/<stem>.md` (the folder made if needed); returns the text."""
+    text = "\n".join(md) + "\n"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{stem}.md").write_text(text)
+    return text
 
 
 def have_matplotlib() -> bool:

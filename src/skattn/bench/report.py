@@ -6,7 +6,9 @@ import math
 from skattn.bench.anchors import TIMES, anchor_index, load_anchors, pct_of_floor
 from skattn.bench.grid import SKATTN_VARIANTS
 from skattn.bench.providers import NOMASK, NOMASK_NOTE
-from skattn.bench.records import have_matplotlib, merge_rows, provenance_text, report_files
+from skattn.bench.records import (have_matplotlib, merge_rows, not_timed, provenance_text,
+                                  report_files, write_markdown)
+from skattn.bench.records import number as _num
 from skattn.policy import POLICY_ALIASES
 
 _OTHER_ORDER = ("sdpa-flash", "sdpa-cudnn", "sdpa-flash-nomask", "sdpa-cudnn-nomask", "flex", "flashinfer",
@@ -32,16 +34,6 @@ def _old_spellings(row: dict) -> None:
     row["timer"] = row.get("timer") or "event"
     # files written before the policies' plain names use their aliases
     row["variant"] = POLICY_ALIASES.get(row.get("variant", ""), row.get("variant", ""))
-
-
-def _num(row: dict | None, key: str) -> float | None:
-    if row is None:
-        return None
-    try:
-        value = float(row.get(key, ""))
-    except ValueError:
-        return None
-    return value if math.isfinite(value) else None
 
 
 def _ok(row: dict | None) -> bool:
@@ -311,7 +303,6 @@ def report(csv_paths, out_dir=None, stem: str | None = None, plots: bool = True,
     """
     paths, out_dir, stem = report_files(csv_paths, out_dir, stem, "report")
     rows = read_rows(paths)
-    bad = [r for r in rows if r.get("status") != "ok"]
     groups = by_timer(rows)
     md = [f"# skattn bench: {', '.join(p.name for p in paths)}", "",
           f"Provenance: {_provenance(rows)}. Times are p50 µs with a cold L2; the "
@@ -337,12 +328,8 @@ def report(csv_paths, out_dir=None, stem: str | None = None, plots: bool = True,
         plots = False
         md += ["", "PNG plots skipped: matplotlib is not installed here; run `skattn bench "
                "--report <csv>` where it is."]
-    if bad:
-        md += ["", "## Not timed", ""] + [f"- {label(r)} {r['model']} n={r['n']} L={r['depth']}: "
-                                          f"{r.get('status', '')}" for r in bad]
-    text = "\n".join(md) + "\n"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{stem}.md").write_text(text)
+    md += not_timed(rows, lambda r: f"{label(r)} {r['model']} n={r['n']} L={r['depth']}")
+    text = write_markdown(md, out_dir, stem)
     for timer, trows in groups.items() if plots else ():
         part = f"-{timer}" if len(groups) > 1 else ""
         plot_speedup(trows, out_dir / f"{stem}{part}-speedup.png")

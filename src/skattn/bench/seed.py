@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from skattn.bench.grid import Cell
-from skattn.bench.records import (have_matplotlib, merge_rows, ok_number, provenance_text,
-                                  record, report_files)
+from skattn.bench.records import (have_matplotlib, merge_rows, not_timed, ok_number,
+                                  provenance_text, record, report_files, write_markdown)
 
 # label -> the policy name given to `skattn.plan` ("llamacpp-before" is the older name of
 # "llamacpp-before" and is accepted by every planner version)
@@ -70,7 +70,7 @@ def measure_part(cell: Cell, policy: str, part: str, layers, refs, timer, opts) 
     import skattn
     from skattn.bench import graph
     from skattn.bench.providers import relative_error
-    from skattn.bench.run import TOLERANCE, error_status, eager_check
+    from skattn.bench.run import TOLERANCE, eager_check, failure_status, timed
 
     row = {"policy": policy, "part": part, "status": "ok"}
     try:
@@ -92,13 +92,9 @@ def measure_part(cell: Cell, policy: str, part: str, layers, refs, timer, opts) 
             t = graph.time_graph(g, len(fns), timer, warmup=opts.warmup, reps=opts.reps)
         else:
             t = timer.time(fns[0], warmup=opts.warmup, reps=opts.reps)
-        row.update(p20_us=f"{t.p20:.3f}", p50_us=f"{t.p50:.3f}", p80_us=f"{t.p80:.3f}", reps=t.reps)
-    except graph.NotCapturable as exc:
-        row["status"] = f"not capturable: {exc}"
-    except graph.WrongOutput as exc:
-        row["status"] = f"wrong: {exc}"
+        timed(row, t)
     except Exception as exc:  # an unsupported config must not stop the run
-        row["status"] = error_status(exc)
+        row["status"] = failure_status(exc)
     return row
 
 
@@ -331,16 +327,12 @@ def seed_report(csv_paths, out_dir=None, stem: str | None = None, plots: bool = 
           "Full call p50 - main kernel alone p50 (`launch.run(main_only=True)`: no fixup launched, "
           "and no programmatic dependent launch).", "", fixup_table(results), "",
           "## Per cell", "", times_table(results)]
-    bad = [r for r in rows if r.get("status") != "ok"]
-    if bad:
-        md += ["", "## Not timed", ""] + [f"- {r['policy']} {r['part']} {r['model']} n={r['n']} "
-                                          f"L={r['depth']}: {r.get('status', '')}" for r in bad]
+    md += not_timed(rows, lambda r: f"{r['policy']} {r['part']} {r['model']} n={r['n']} "
+                                    f"L={r['depth']}")
     if plots and not have_matplotlib():
         plots = False
         md += ["", "Heat map skipped: matplotlib is not installed here."]
-    text = "\n".join(md) + "\n"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{stem}.md").write_text(text)
+    text = write_markdown(md, out_dir, stem)
     if plots and results:
         plot_speedups(results, out_dir / f"{stem}.png")
     return text
