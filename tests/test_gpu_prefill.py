@@ -10,6 +10,7 @@ import torch
 import skattn
 from skattn import launch, prefill_launch, reference
 from skattn.models import MODELS
+from helpers import cuda_qkv as make
 from tolerance import bound, rel_err
 
 pytestmark = [
@@ -21,14 +22,6 @@ pytestmark = [
 
 TMA = skattn.Tuning(prefill="tma")
 WS = skattn.Tuning(prefill="tma", prefill_ws=True)
-
-
-def make(B, Lq, Lk, Hq, Hkv, D, dtype=torch.float16, seed=0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    q = torch.randn(B, Lq, Hq, D, device="cuda", generator=g).to(dtype)
-    k = torch.randn(B, Lk, Hkv, D, device="cuda", generator=g).to(dtype)
-    v = torch.randn(B, Lk, Hkv, D, device="cuda", generator=g).to(dtype)
-    return q, k, v
 
 
 def runs_prefill(p, q, k, v) -> bool:
