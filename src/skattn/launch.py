@@ -304,8 +304,9 @@ def run(plan: Plan, q, k, v, out, lse, *, scale: float, mask=None, sinks=None, s
                  out, os_[0], os_[1], os_[2], lse_t, slb, slh, sinks_t,
                  ws_o, ws_m, ws_l, counters, b.qblock_off, b.kv_first, *b.main_ints, qk_scale,
                  *b.fd)
-        _launch(_prefill_kernel.prefill_kernel, key and (*key, "tma", q_desc), pargs,
-                _prefill.constants(b.prefill, features, q_desc), b.main_grid, stream)
+        with _prefill.scratch(b.prefill, q_desc):
+            _launch(_prefill_kernel.prefill_kernel, key and (*key, "tma", q_desc), pargs,
+                    _prefill.constants(b.prefill, features, q_desc), b.main_grid, stream)
     else:
         _launch(_main.attention_kernel, key, args, main_const, b.main_grid, stream)
     if main_only or b.fix_kernel is None:

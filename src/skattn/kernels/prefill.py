@@ -10,7 +10,9 @@ The same stream-K work list, program ranges, partial slots and fused merge as
   which accumulates in place (`tl.dot(p, v, acc)`), and l is updated after it, so fewer
   values live across the MMA;
 - with WARP_SPECIALIZE the loop is handed to Triton's automatic warp specialisation
-  (producer warps issue the copies, consumer warpgroups run the MMAs and the softmax).
+  (producer warps issue the copies, consumer warpgroups run the MMAs and the softmax); q
+  then comes through a descriptor made in the kernel, since the pass splits its load
+  between the two consumer warpgroups and only resizes a descriptor it made itself.
 
 Features: causal or not, sinks, lse, every fixup kind; head sizes 64 and 128 with Dk = Dv.
 Masks, ALiBi, softcap and windows stay on `attention_kernel` (`launch` chooses at bind time).
@@ -34,7 +36,7 @@ from skattn.kernels.tile import (_div, decode_group, finalize_store, first_kv_bl
 @triton.jit
 def prefill_kernel(
     Q, stride_qb, stride_qm, stride_qh,  # q [B, Lq, Hq, D]
-    Q_DESC_T,  # with Q_DESC: q packed [B * Hkv, Lq * ratio, D] as a descriptor, [1, BLOCK_M, D]
+    Q_PACKED,  # with Q_DESC: q packed by KV head, [B * Hkv * Lq * ratio, D] contiguous
     K_DESC, stride_kb, stride_kn, stride_kh,  # k [B, Lk, Hkv, D]: descriptor, or the tensor
     V_DESC, stride_vb, stride_vn, stride_vh,  # v [B, Lk, Hkv, D]
     O, stride_ob, stride_om, stride_oh,  # out [B, Lq, Hq, D]
@@ -62,6 +64,10 @@ def prefill_kernel(
     start, end = program_range(p, work, programs, split, group_work, ntiles_x, QBLOCK_OFF,
                                div_x_mul, div_x_shift, USE_FASTDIV, ONE_TOKEN_BLOCK,
                                PER_TILE_RANGES)
+    if Q_DESC:  # (a host descriptor's 128-row box would overrun the 64-row halves)
+        q_rows = work // group_work // ntiles_z * (q_len * ratio)  # B * Hkv * Lq * ratio
+        q_desc = tl.make_tensor_descriptor(Q_PACKED, shape=[q_rows, HEAD_DIM],
+                                           strides=[HEAD_DIM, 1], block_shape=[BLOCK_M, HEAD_DIM])
     # -- its tiles, first to last: a counted loop (Triton's warp specialisation needs a
     # loop, not a `while`, around the KV loop)
     t_first = _tile_of(start, group_work, ntiles_x, QBLOCK_OFF, div_w_mul, div_w_shift,
@@ -81,7 +87,8 @@ def prefill_kernel(
         qi, head, valid = tile_rows(g, z, qblock, q_len, ratio, HEADS_PER_TILE, TOKENS_PER_TILE,
                                     BLOCK_M)
         if Q_DESC:  # q packed tile-major: the tile's rows are BLOCK_M consecutive rows
-            q = Q_DESC_T.load([b * kv_heads + g, qblock * BLOCK_M, 0]).reshape([BLOCK_M, HEAD_DIM])
+            # (rows past the sequence's are the next one's, or zeros: never valid rows)
+            q = q_desc.load([(b * kv_heads + g) * (q_len * ratio) + qblock * BLOCK_M, 0])
         else:
             q = load_q(Q, b, qi, head, valid, stride_qb, stride_qm, stride_qh, 0, HEAD_DIM,
                        HEAD_DIM, K_DESC.dtype.element_ty if DEVICE_DESC else K_DESC.dtype)
