@@ -56,6 +56,9 @@ def pytest_pyfunc_call(pyfuncitem):
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_call(item):
     limit = float(os.environ.get("SKATTN_TEST_TIMEOUT", "600")) if item.get_closest_marker("gpu") else 0
+    isolated = item.get_closest_marker("isolated")
+    if limit > 0 and isolated is not None and not os.environ.get(_CHILD):
+        limit = max(limit, isolated.kwargs.get("timeout", 300) + 60)  # the child's limit first
     if limit > 0:
         faulthandler.dump_traceback_later(limit, exit=True, file=_STDERR[0])
     try:
