@@ -36,6 +36,17 @@ def runs_prefill(p, q, k, v, ws=False) -> bool:
             and b.prefill.ws == ws)
 
 
+def plan_for(tuning, q, k, v, block_n, **kw):
+    """A plan for this call with `tuning` (the warp-specialised loop's geometry with its
+    block_n where it asks for the loop); the call must run that kernel."""
+    extra = dict(block_n=block_n, **WS_KW) if tuning.prefill_ws else {}
+    B, Lq, Hq, D = q.shape
+    p = skattn.plan(batch=B, q_len=Lq, kv_len=k.shape[1], q_heads=Hq, kv_heads=k.shape[2],
+                    head_dim=D, dtype=k.dtype, tuning=tuning, **extra, **kw)
+    assert runs_prefill(p, q, k, v, ws=tuning.prefill_ws)
+    return p
+
+
 def check(q, k, v, p, **kw):
     out = torch.full((*q.shape[:3], v.shape[3]), float("nan"), device="cuda", dtype=q.dtype)
     skattn.attention(q, k, v, causal=kw.pop("causal", True), plan=p, out=out, **kw)
@@ -76,9 +87,7 @@ def test_seed_shapes(model, L):
 def test_ws_seed_shapes(model, L):
     Hq, Hkv, D = MODELS[model][:3]
     q, k, v = make(1, 512, L, Hq, Hkv, D, seed=L)
-    p = skattn.plan(batch=1, q_len=512, kv_len=L, q_heads=Hq, kv_heads=Hkv, head_dim=D,
-                    causal=True, tuning=WS, block_n=64, **WS_KW)
-    assert runs_prefill(p, q, k, v, ws=True)
+    p = plan_for(WS, q, k, v, 64, causal=True)
     err = rel_err(check(q, k, v, p), reference.attention(q, k, v, causal=True))
     assert err <= bound(q, k, v, causal=True), f"{model} L={L} N={p.programs} {p.fixup}: {err:.2e}"
 
@@ -89,10 +98,8 @@ def test_bf16_sinks_lse_batch(tuning):
     # 152 tiles on 131 programs some programs take two tiles
     q, k, v = make(2, 300, 5000, 32, 4, 128, dtype=torch.bfloat16, seed=1)
     sinks = torch.randn(32, device="cuda", generator=torch.Generator(device="cuda").manual_seed(2))
-    kw = dict(block_n=64, **WS_KW) if tuning.prefill_ws else {}
-    p = skattn.plan(batch=2, q_len=300, kv_len=5000, q_heads=32, kv_heads=4, head_dim=128,
-                    dtype=torch.bfloat16, causal=True, programs=131, tuning=tuning, **kw)
-    assert p.fixup == "general" and runs_prefill(p, q, k, v, ws=tuning.prefill_ws)
+    p = plan_for(tuning, q, k, v, 64, causal=True, programs=131)
+    assert p.fixup == "general"
     out = torch.full_like(q, float("nan"))
     out, lse = skattn.attention(q, k, v, causal=True, sinks=sinks, plan=p, out=out,
                                 return_lse=True)
@@ -105,10 +112,7 @@ def test_bf16_sinks_lse_batch(tuning):
 @pytest.mark.parametrize("tuning", [TMA, pytest.param(WS, marks=ISOLATED)], ids=["tma", "ws"])
 def test_not_causal_and_f32_q(tuning):
     q, k, v = make(1, 256, 3000, 64, 8, 64, seed=3)
-    kw = dict(block_n=128, **WS_KW) if tuning.prefill_ws else {}
-    p = skattn.plan(batch=1, q_len=256, kv_len=3000, q_heads=64, kv_heads=8, head_dim=64,
-                    causal=False, tuning=tuning, **kw)
-    assert runs_prefill(p, q, k, v, ws=tuning.prefill_ws)
+    p = plan_for(tuning, q, k, v, 128, causal=False)
     for qq in (q, q.float()):
         out = check(qq, k, v, p, causal=False)
         ref = reference.attention(qq, k, v)
@@ -118,10 +122,7 @@ def test_not_causal_and_f32_q(tuning):
 @pytest.mark.parametrize("tuning", [TMA, pytest.param(WS, marks=ISOLATED)], ids=["tma", "ws"])
 def test_cuda_graph_replay(tuning):
     q, k, v = make(1, 512, 8192, 32, 8, 128, seed=4)
-    kw = dict(block_n=128, **WS_KW) if tuning.prefill_ws else {}
-    p = skattn.plan(batch=1, q_len=512, kv_len=8192, q_heads=32, kv_heads=8, head_dim=128,
-                    causal=True, tuning=tuning, **kw)
-    assert runs_prefill(p, q, k, v, ws=tuning.prefill_ws)
+    p = plan_for(tuning, q, k, v, 128, causal=True)
     ws = skattn.workspace(p)
     out = torch.empty_like(q)
     direct = skattn.attention(q, k, v, causal=True, plan=p).clone()
