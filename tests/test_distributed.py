@@ -147,13 +147,25 @@ CASES = {
 }
 
 
-def spawn_ranks(world, cases, tmp_path, backend):
+def spawn_ranks(world, cases, tmp_path, backend, timeout=600):
+    """Run the cases on `world` spawned ranks; a rank that raises ends them all (spawn's
+    rule), and ranks still running after `timeout` seconds (a collective waiting for a rank
+    that will never come) are killed and the test fails."""
+    import time
+
     import torch.multiprocessing as mp
 
     import dist_worker
 
-    mp.spawn(dist_worker.run, args=(world, str(tmp_path / "init"), cases, str(tmp_path), backend),
-             nprocs=world, join=True)
+    ctx = mp.spawn(dist_worker.run, args=(world, str(tmp_path / "init"), cases, str(tmp_path),
+                                          backend), nprocs=world, join=False)
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=max(1.0, deadline - time.monotonic())):
+        if time.monotonic() >= deadline:
+            for p in ctx.processes:
+                p.kill()
+                p.join()
+            pytest.fail(f"{world} {backend} ranks did not finish within {timeout} s (killed)")
     check_results(world, cases, tmp_path)
 
 
@@ -162,6 +174,14 @@ def spawn_ranks(world, cases, tmp_path, backend):
 @pytest.mark.parametrize("world", [2, 3])
 def test_gloo_ranks(world, tmp_path):
     spawn_ranks(world, CASES[world], tmp_path, "gloo")
+
+
+@pytest.mark.interpret
+@pytest.mark.skipif(torch.cuda.is_available(), reason="gloo ranks run the interpreter on CPUs")
+def test_ranks_past_their_time_are_killed(tmp_path):
+    # a hung collective must fail the test, not stop the run (the cases need far more than 2 s)
+    with pytest.raises(pytest.fail.Exception, match="did not finish within 2 s"):
+        spawn_ranks(2, CASES[2], tmp_path, "gloo", timeout=2)
 
 
 def check_results(world, cases, tmp_path):

@@ -7,6 +7,7 @@ import torch
 import skattn
 from skattn import reference
 from skattn.bench.models import MODELS
+from helpers import cuda_qkv as make
 from tolerance import bound, rel_err
 
 pytestmark = [
@@ -16,14 +17,6 @@ pytestmark = [
 
 DEPTHS = (8192, 32768, 12345)  # 12345: Lk not a multiple of any block size
 NS = (1, 4, 16, 512)
-
-
-def make(B, Lq, Lk, Hq, Hkv, D, dtype=torch.float16, seed=0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    q = torch.randn(B, Lq, Hq, D, device="cuda", generator=g).to(dtype)
-    k = torch.randn(B, Lk, Hkv, D, device="cuda", generator=g).to(dtype)
-    v = torch.randn(B, Lk, Hkv, D, device="cuda", generator=g).to(dtype)
-    return q, k, v
 
 
 def variants(B, n, L, Hq, Hkv, D, dtype):

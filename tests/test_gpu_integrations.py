@@ -3,9 +3,8 @@ import copy
 
 import pytest
 import torch
-from torch import nn
 
-import skattn.ops
+from helpers import Block
 
 try:
     import transformers
@@ -25,32 +24,13 @@ def rel(a, b) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
-class Block(nn.Module):
-    """QKV projection, skattn attention over a KV cache plus the new tokens, output projection."""
-
-    def __init__(self, hidden=1024, q_heads=8, kv_heads=2, head_dim=128):
-        super().__init__()
-        self.shape = q_heads, kv_heads, head_dim
-        self.qkv = nn.Linear(hidden, (q_heads + 2 * kv_heads) * head_dim, bias=False)
-        self.out = nn.Linear(q_heads * head_dim, hidden, bias=False)
-
-    def forward(self, x, k_cache, v_cache):
-        hq, hkv, d = self.shape
-        B, L, _ = x.shape
-        q, k, v = self.qkv(x).split([hq * d, hkv * d, hkv * d], dim=-1)
-        k = torch.cat([k_cache, k.view(B, L, hkv, d)], dim=1)
-        v = torch.cat([v_cache, v.view(B, L, hkv, d)], dim=1)
-        o = skattn.ops.attention(q.view(B, L, hq, d), k, v, causal=True)
-        return self.out(o.reshape(B, L, hq * d))
-
-
 def test_compile_reduce_overhead_replays_and_matches_eager():
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
     counters.clear()
     torch.manual_seed(0)
-    block = Block().cuda().half().requires_grad_(False)
+    block = Block(1024, 8, 2, 128).cuda().half().requires_grad_(False)
     kc, vc = torch.randn(2, 1, 3000, 2, 128, device="cuda", dtype=torch.float16)
     compiled = torch.compile(block, fullgraph=True, mode="reduce-overhead")
     with torch.no_grad():

@@ -1,12 +1,12 @@
 """The custom op torch.ops.skattn.attention under the interpreter: opcheck, fake shapes, compile."""
 import pytest
 import torch
-from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import skattn
 import skattn.ops
 from skattn import reference
+from helpers import Block
 from tolerance import bound, rel_err
 
 pytestmark = [
@@ -113,29 +113,10 @@ def test_bad_input_same_errors(bad, match):
                                             policy=kw["policy"]))
 
 
-class Block(nn.Module):
-    """QKV projection, skattn attention over a KV cache plus the new tokens, output projection."""
-
-    def __init__(self, hidden=64, q_heads=4, kv_heads=2, head_dim=16):
-        super().__init__()
-        self.shape = q_heads, kv_heads, head_dim
-        self.qkv = nn.Linear(hidden, (q_heads + 2 * kv_heads) * head_dim, bias=False)
-        self.out = nn.Linear(q_heads * head_dim, hidden, bias=False)
-
-    def forward(self, x, k_cache, v_cache):
-        hq, hkv, d = self.shape
-        B, L, _ = x.shape
-        q, k, v = self.qkv(x).split([hq * d, hkv * d, hkv * d], dim=-1)
-        k = torch.cat([k_cache, k.view(B, L, hkv, d)], dim=1)
-        v = torch.cat([v_cache, v.view(B, L, hkv, d)], dim=1)
-        o = skattn.ops.attention(q.view(B, L, hq, d), k, v, causal=True)
-        return self.out(o.reshape(B, L, hq * d))
-
-
 @pytest.mark.parametrize("backend", ["eager", "aot_eager"])
 def test_compile_fullgraph_no_graph_break(backend):
     torch.manual_seed(3)
-    block = Block().to(torch.float16)
+    block = Block(64, 4, 2, 16).to(torch.float16)
     x = torch.randn(1, 3, 64, dtype=torch.float16)
     kc, vc = torch.randn(2, 1, 29, 2, 16, dtype=torch.float16)
     torch._dynamo.reset()

@@ -8,6 +8,7 @@ kernels under the interpreter.
 """
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -50,3 +51,33 @@ def test_compiles_for_sm90(model, args):
             assert row["fixup"] != "none", row  # the cut-tile configuration
     else:
         assert row["warp_specialize"] == 0, row
+
+
+def _squeeze(shape: str) -> list[int]:
+    return [int(d) for d in shape.split("x") if d != "1"]
+
+
+@pytest.mark.parametrize("model,args", [c for c in CASES if "ws=1" in c[1]])
+def test_warp_specialised_copies_fill_their_buffers(model, args, tmp_path):
+    # Triton's Hopper warp specialisation gives each consumer warpgroup 64 of the tile's 128
+    # q rows, so it splits the q load in two. Each copy must move exactly the block of its
+    # shared-memory buffer: with q as a host descriptor the split kept the host's 128-row box
+    # (twice the bytes of the 64-row buffer and of what its barrier waits for) and, for a
+    # [1, BLOCK_M, D] block, moved the second half along the wrong dimension (another
+    # sequence and KV head's rows)
+    res = subprocess.run([sys.executable, str(ROOT / "scripts" / "prefill_resources.py"), model,
+                          *args, f"ir={tmp_path}"], capture_output=True, text=True, env=_env(),
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    (ttgir,) = [p.read_text() for p in tmp_path.glob("*.ttgir")]
+    copies = re.findall(r"async_tma_copy_global_to_local %(\w+)\[([^\]]*)\][^\n]*?"
+                        r"tensordesc<tensor<([0-9x]+)x\w+[^\n]*?-> !ttg\.memdesc<([0-9x]+)x\w+",
+                        ttgir)
+    assert len(copies) >= 4, copies  # q in two halves, K, V
+    for desc, _, block, dest in copies:
+        assert _squeeze(block) == _squeeze(dest), (desc, block, dest)
+    # q's halves (K and V have 4 coordinates): rows r and r + 64 of the packed q
+    q_halves = [c[1].split(", ") for c in copies if len(c[1].split(", ")) == 2]
+    assert len(q_halves) == 2, copies
+    (r0, _), (r1, _) = q_halves
+    assert re.search(rf"{re.escape(r1)} = arith\.addi {re.escape(r0)}, %c64_i32", ttgir), q_halves

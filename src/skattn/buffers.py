@@ -21,16 +21,18 @@ MAX_POOLS = 16
 _VIEW_CACHE = 64
 
 
-def layout(plan) -> tuple[int, int, int]:
-    """(f32 values of partial outputs, f32 values of maxima (= of sums), int32 counters)."""
+def layout(plan, tiles: int | None = None) -> tuple[int, int, int]:
+    """(f32 values of partial outputs, f32 values of maxima (= of sums), int32 counters);
+    `tiles`: how many output tiles get a counter (default: the plan's `ntiles_dst`)."""
     if plan.fixup == "none":
         return 0, 0, 0
     rows = plan.programs * 2 * plan.geometry.block_m
-    return rows * plan.head_dim_v, rows, plan.ntiles_dst if plan.fixup == "fused" else 0
+    tiles = plan.ntiles_dst if tiles is None else tiles
+    return rows * plan.head_dim_v, rows, tiles if plan.fixup == "fused" else 0
 
 
-def nbytes(plan) -> int:
-    o, m, c = layout(plan)
+def nbytes(plan, tiles: int | None = None) -> int:
+    o, m, c = layout(plan, tiles)
     return (o + 2 * m) * 4 + c * 4
 
 

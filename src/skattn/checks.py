@@ -118,21 +118,12 @@ def attention_args(q, k, v, *, scale=None, causal=False, window=None, mask=None,
         if mask.dim() != 3 or mask.shape[0] not in (1, B) or mask.shape[1:] != (Lq, Lk):
             first = "1" if B == 1 else f"{B} or 1"
             raise ValueError(f"mask must have shape [{first}, {Lq}, {Lk}], got {tuple(mask.shape)}")
-    for name, x in (("sinks", sinks), ("alibi_slopes", alibi_slopes)):
-        if x is not None:
-            _tensor(name, x, 1, (torch.float32,) if kernel else None)
-            if x.shape[0] != Hq:
-                raise ValueError(f"{name} must have shape [{Hq}], got {tuple(x.shape)}")
+    per_head(Hq, kernel, sinks=sinks, alibi_slopes=alibi_slopes)
     for name, x in (("k", k), ("v", v), ("mask", mask), ("sinks", sinks),
                     ("alibi_slopes", alibi_slopes)):
         if x is not None and x.device != q.device:
             raise ValueError(f"{name} is on {x.device}, q on {q.device}")
-    if scale is not None:
-        _number("scale", scale)
-    _number("softcap", softcap, minimum=0)
-    causal_window(causal, window)
-    if not isinstance(return_lse, bool):
-        raise TypeError(f"return_lse must be a bool, got {return_lse!r}")
+    options(scale=scale, softcap=softcap, causal=causal, window=window, return_lse=return_lse)
     if plan is not None:
         from skattn.planner import Plan  # the planner imports this module
 
@@ -151,10 +142,30 @@ def _byte_kv(x) -> bool:
     return isinstance(x, quant.Q8_0) or (isinstance(x, torch.Tensor) and x.element_size() == 1)
 
 
-def _kernel_args(q, k, v, mask, sinks, alibi_slopes, out) -> None:
+def per_head(hq: int, kernel: bool, **vectors) -> None:
+    """Per-head vectors (sinks, alibi_slopes): None or [Hq] tensors, f32 for the kernels."""
+    for name, x in vectors.items():
+        if x is not None:
+            _tensor(name, x, 1, (torch.float32,) if kernel else None)
+            if x.shape[0] != hq:
+                raise ValueError(f"{name} must have shape [{hq}], got {tuple(x.shape)}")
+
+
+def options(*, scale, softcap, causal, window, return_lse) -> None:
+    """The scalar options every entry point takes."""
+    if scale is not None:
+        _number("scale", scale)
+    _number("softcap", softcap, minimum=0)
+    causal_window(causal, window)
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be a bool, got {return_lse!r}")
+
+
+def kernel_tensors(tensors, device) -> None:
+    """The kernels' rules for (name, tensor or None) pairs on `device`: contiguous last
+    dimension, no autograd, and CPU tensors only under the interpreter."""
     grad = torch.is_grad_enabled()
-    for name, x in (("q", q), ("k", k), ("v", v), ("mask", mask), ("sinks", sinks),
-                    ("alibi_slopes", alibi_slopes)):
+    for name, x in tensors:
         if x is None:
             continue
         if x.stride(-1) != 1:
@@ -163,29 +174,39 @@ def _kernel_args(q, k, v, mask, sinks, alibi_slopes, out) -> None:
         if grad and x.requires_grad:
             raise ValueError(f"{name} requires grad: skattn's kernels are forward-only; call "
                              f"under torch.no_grad() or detach the inputs")
+    if device.type == "cpu" and not interpreting():
+        raise ValueError("CPU tensors need TRITON_INTERPRET=1 (the Triton interpreter); "
+                         "move the tensors to a CUDA device")
+
+
+def check_out(out, want: tuple, q) -> None:
+    """`out`, when given: a `want`-shaped tensor of q's dtype on q's device, contiguous in
+    its last dimension, each element at its own address."""
+    if out is None:
+        return
+    if (not isinstance(out, torch.Tensor) or tuple(out.shape) != want or out.dtype != q.dtype
+            or out.stride(-1) != 1):
+        got = (f"{list(out.shape)} {out.dtype}, last stride {out.stride(-1)}"
+               if isinstance(out, torch.Tensor) else type(out).__name__)
+        raise ValueError(f"out must be a {list(want)} {q.dtype} tensor, contiguous in its last "
+                         f"dimension; got {got}")
+    if out.device != q.device:
+        raise ValueError(f"out is on {out.device}, q on {q.device}")
+    if _overlaps(out):
+        raise ValueError(f"out has overlapping memory (strides {out.stride()}): each output "
+                         f"element needs its own address")
+
+
+def _kernel_args(q, k, v, mask, sinks, alibi_slopes, out) -> None:
+    kernel_tensors((("q", q), ("k", k), ("v", v), ("mask", mask), ("sinks", sinks),
+                    ("alibi_slopes", alibi_slopes)), q.device)
     for name, x in (("k", k), ("v", v)):
         if x.shape[1] * abs(x.stride(1)) >= 2**31:
             raise ValueError(f"{name}: one sequence's keys span {x.shape[1] * abs(x.stride(1))} "
                              f"elements (Lk x stride {x.stride(1)}); the kernels address them "
                              f"with 32-bit offsets (< 2**31): split the sequence or use a "
                              f"denser layout")
-    if q.device.type == "cpu" and not interpreting():
-        raise ValueError("CPU tensors need TRITON_INTERPRET=1 (the Triton interpreter); "
-                         "move q, k, v to a CUDA device")
-    if out is not None:
-        B, Lq, Hq, _ = q.shape
-        want = (B, Lq, Hq, v.shape[3])
-        if (not isinstance(out, torch.Tensor) or out.shape != want or out.dtype != q.dtype
-                or out.stride(-1) != 1):
-            got = (f"{tuple(out.shape)} {out.dtype}, last stride {out.stride(-1)}"
-                   if isinstance(out, torch.Tensor) else type(out).__name__)
-            raise ValueError(f"out must be a [{B}, {Lq}, {Hq}, {v.shape[3]}] {q.dtype} tensor, "
-                             f"contiguous in its last dimension; got {got}")
-        if out.device != q.device:
-            raise ValueError(f"out is on {out.device}, q on {q.device}")
-        if _overlaps(out):
-            raise ValueError(f"out has overlapping memory (strides {out.stride()}): each output "
-                             f"element needs its own address")
+    check_out(out, (*q.shape[:3], v.shape[3]), q)
 
 
 _PLAN_FIELDS = ("batch", "q_len", "kv_len", "q_heads", "kv_heads", "head_dim", "head_dim_v",

@@ -33,11 +33,12 @@ _I32 = 1 << 31
 KV_FORMATS = {"float8_e4m3fn": 1, "q8_0": 2}  # the kernel's KV_FORMAT by Plan.dtype (else 0)
 
 
-def _many_pieces(plan: Plan) -> bool:
+def _many_pieces(plan, tiles: int) -> bool:
     """Tiles cut into several pieces each (decode). Prompt chunks have 1-2 pieces a tile:
     there PDL and 16-row fixup programs cost time (llama-8b n=512 L=32768: 550 -> 563 us
-    with both, PERF.md), so they keep whole-tile fixup programs and a plain launch."""
-    return plan.programs >= 4 * plan.ntiles_dst
+    with both, PERF.md), so they keep whole-tile fixup programs and a plain launch.
+    `tiles`: the plan's output tiles (a serving plan's most)."""
+    return plan.programs >= 4 * tiles
 
 
 def pieces_per_step(block_m: int, block_dv: int, num_warps: int, elements: int) -> int:
@@ -50,10 +51,14 @@ def fixup_grid(plan: Plan) -> tuple[int, int, int]:
     """Grid of the separate fixup: (tiles for uniform, programs for general) x chunks of
     `tuning.fixup_dv` columns x chunks of `tuning.fixup_rows` rows (whole tiles for plans
     with few pieces a tile)."""
+    return _fixup_grid(plan, plan.ntiles_dst)
+
+
+def _fixup_grid(plan, tiles: int) -> tuple[int, int, int]:
     g, t = plan.geometry, plan.tuning
     fix_dv = min(g.block_dv, t.fixup_dv)
-    fix_m = min(g.block_m, t.fixup_rows) if _many_pieces(plan) else g.block_m
-    first = plan.ntiles_dst if plan.fixup == "uniform" else plan.programs
+    fix_m = min(g.block_m, t.fixup_rows) if _many_pieces(plan, tiles) else g.block_m
+    first = tiles if plan.fixup == "uniform" else plan.programs
     return first, g.block_dv // fix_dv, g.block_m // fix_m
 
 
@@ -89,53 +94,75 @@ class Bound:
 
 def bind(plan: Plan, device) -> Bound:
     """The plan bound to `device`, made once and kept on the plan object."""
+    return cached_bind(plan, device, _bind)
+
+
+def cached_bind(plan, device, make):
+    """`make(plan, device)`, made once per device and kept on the plan object."""
     device = torch.device(device)
     cache = plan.__dict__.setdefault("_bound", {})
     b = cache.get(device)
     if b is None:
-        b = cache[device] = _bind(plan, device)
+        b = cache[device] = make(plan, device)
     return b
 
 
-def _pdl(plan: Plan, device: torch.device) -> bool:
+def _pdl(plan, device: torch.device, tiles: int) -> bool:
     if not plan.tuning.pdl or interpreting() or plan.fixup not in ("uniform", "general"):
         return False
-    if not _many_pieces(plan) or device.type != "cuda":
+    if not _many_pieces(plan, tiles) or device.type != "cuda":
         return False
     return torch.cuda.get_device_capability(device)[0] >= 9
 
 
-def _bind(plan: Plan, device: torch.device) -> Bound:
+def constants(plan, device: torch.device, tiles: int) -> tuple[dict, dict, tuple, bool]:
+    """What the dense and the ragged launches share: the main kernel's and the separate
+    fixup's compile-time constants, the fixup's grid and whether PDL is used; `tiles`: the
+    plan's output tiles (a serving plan's most)."""
     g, t = plan.geometry, plan.tuning
-    fd = tuple(x for d in (plan.ntiles_x, plan.ntiles_z, plan.kv_heads, plan.group_work)
-               for x in magic(max(1, d)))
-    pdl = _pdl(plan, device)
+    pdl = _pdl(plan, device, tiles)
     fused_dv = min(g.block_dv, t.fused_dv or g.block_dv)  # Dv columns per fused merge step
     # the fused merge reads only the rows the tile's heads and tokens fill (n = 1, ratio 4:
     # 4 of 16), so a step holds 4x the pieces' values in flight
     fused_rows = min(g.block_m, 1 << (g.heads_per_tile * g.tokens_per_tile - 1).bit_length())
     common = dict(HEAD_DIM_V=plan.head_dim_v, BLOCK_M=g.block_m, BLOCK_DV=g.block_dv,
-                  HEADS_PER_TILE=g.heads_per_tile, TOKENS_PER_TILE=g.tokens_per_tile,
-                  USE_FASTDIV=plan.fastdiv)
-    main_ints = (plan.q_len, plan.kv_len, plan.gqa_ratio, plan.kv_heads, plan.ntiles_x,
-                 plan.ntiles_z, plan.group_work, plan.work, plan.programs, plan.split,
-                 plan.kv_first[0])
+                  HEADS_PER_TILE=g.heads_per_tile, TOKENS_PER_TILE=g.tokens_per_tile)
     main_const = dict(
         HEAD_DIM=plan.head_dim, BLOCK_N=g.block_n, BLOCK_DK=g.block_dk, DK_CHUNKS=g.dk_chunks,
         CAUSAL=plan.causal or plan.window is not None, HAS_WINDOW=plan.window is not None,
         FUSED=plan.fixup == "fused", PER_TILE_RANGES=plan.per_tile_ranges,
-        ONE_TOKEN_BLOCK=plan.ntiles_x == 1, FIXUP_COLS=fused_dv, FIXUP_ROWS=fused_rows,
+        FIXUP_COLS=fused_dv, FIXUP_ROWS=fused_rows,
         MERGE_PIECES=pieces_per_step(fused_rows, fused_dv, g.num_warps, t.fused_merge_elements),
         USE_PDL=(1 if t.pdl_trigger == "start" else 2) if pdl else 0,
-        KV_FORMAT=KV_FORMATS.get(plan.dtype, 0),
         num_warps=g.num_warps, num_stages=g.num_stages, **common)
-    fix_grid = fixup_grid(plan)
+    fix_grid = _fixup_grid(plan, tiles)
     fix_dv, fix_m = g.block_dv // fix_grid[1], g.block_m // fix_grid[2]
     fix_const = dict(common, BLOCK_DV=fix_dv, ROWS=fix_m, USE_PDL=pdl, num_warps=4,
                      MERGE_PIECES=pieces_per_step(fix_m, fix_dv, 4, t.merge_elements),
                      LOADS_FIRST=t.merge_loads_first)
     if pdl:
         fix_const["launch_pdl"] = True
+    return main_const, fix_const, fix_grid, pdl
+
+
+def score_scales(scale: float, softcap: float) -> tuple[float, float]:
+    """The kernels' (qk_scale, softcap_scale): scores come out in log2 units, softcapped as
+    softcap * tanh(qk * scale / softcap)."""
+    if softcap:
+        return softcap * LOG2E, scale / softcap
+    return scale * LOG2E, 1.0
+
+
+def _bind(plan: Plan, device: torch.device) -> Bound:
+    fd = tuple(x for d in (plan.ntiles_x, plan.ntiles_z, plan.kv_heads, plan.group_work)
+               for x in magic(max(1, d)))
+    main_const, fix_const, fix_grid, pdl = constants(plan, device, plan.ntiles_dst)
+    main_const.update(USE_FASTDIV=plan.fastdiv, ONE_TOKEN_BLOCK=plan.ntiles_x == 1,
+                      KV_FORMAT=KV_FORMATS.get(plan.dtype, 0))
+    fix_const["USE_FASTDIV"] = plan.fastdiv
+    main_ints = (plan.q_len, plan.kv_len, plan.gqa_ratio, plan.kv_heads, plan.ntiles_x,
+                 plan.ntiles_z, plan.group_work, plan.work, plan.programs, plan.split,
+                 plan.kv_first[0])
     fix_kernel = plan.fixup if plan.fixup in ("uniform", "general") else None
     if fix_kernel == "uniform":
         fix_ints = (plan.q_len, plan.gqa_ratio, plan.kv_heads, plan.ntiles_x, plan.ntiles_z,
@@ -234,10 +261,7 @@ def run(plan: Plan, q, k, v, out, lse, *, scale: float, mask=None, sinks=None, s
     else:
         ws_o, ws_m, ws_l, counters = ws.pooled(b.layout, b.need, device, stream)
     fast = cuda and stamps is None and _no_hooks()
-    if softcap:
-        qk_scale, softcap_scale = softcap * LOG2E, scale / softcap
-    else:
-        qk_scale, softcap_scale = scale * LOG2E, 1.0
+    qk_scale, softcap_scale = score_scales(scale, softcap)
     compute = k.dtype if b.main_const["KV_FORMAT"] == 0 else q.dtype  # what the dots multiply
     # fp8 scales per KV head: bit 0 K's, bit 1 V's
     head_scales = (int(k_scale.numel() > 1) + 2 * int(v_scale.numel() > 1)
@@ -281,8 +305,9 @@ def run(plan: Plan, q, k, v, out, lse, *, scale: float, mask=None, sinks=None, s
                  out, os_[0], os_[1], os_[2], lse_t, slb, slh, sinks_t,
                  ws_o, ws_m, ws_l, counters, b.qblock_off, b.kv_first, *b.main_ints, qk_scale,
                  *b.fd)
-        _launch(_prefill_kernel.prefill_kernel, key and (*key, "tma", q_desc), pargs,
-                _prefill.constants(b.prefill, features, q_desc), b.main_grid, stream)
+        with _prefill.scratch(b.prefill, q_desc):
+            _launch(_prefill_kernel.prefill_kernel, key and (*key, "tma", q_desc), pargs,
+                    _prefill.constants(b.prefill, features, q_desc), b.main_grid, stream)
     else:
         _launch(_main.attention_kernel, key, args, main_const, b.main_grid, stream)
     if main_only or b.fix_kernel is None:

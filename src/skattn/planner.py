@@ -6,6 +6,7 @@ from functools import cached_property
 
 import torch
 
+from skattn import buffers
 from skattn.checks import causal_window
 from skattn.config import (STAGE_BYTES_BUDGET, TileGeometry, programs_per_sm,  # noqa: F401
                            tile_geometry)
@@ -85,14 +86,12 @@ class Plan:
     @property
     def workspace_floats(self) -> int:
         """f32 partial states: two slots per program of BLOCK_M rows x (Dv + 2)."""
-        if self.fixup == "none":
-            return 0
-        return self.programs * 2 * self.geometry.block_m * (self.head_dim_v + 2)
+        o, m, _ = buffers.layout(self)
+        return o + 2 * m
 
     @property
     def workspace_bytes(self) -> int:
-        counters = self.ntiles_dst * 4 if self.fixup == "fused" else 0
-        return self.workspace_floats * 4 + counters
+        return buffers.nbytes(self)
 
     # -- the work list
     @cached_property
@@ -164,6 +163,23 @@ class Plan:
         from skattn.plot import draw_plan
 
         draw_plan(self, path)
+
+
+def gpu_limits(sms, occupancy, smem_limit) -> tuple:
+    """(sms, occupancy, smem_limit), those not given asked from the current GPU (a pretend
+    one without a GPU: skattn.device); sms and occupancy must be positive integers."""
+    if sms is None or occupancy is None:
+        from skattn.device import hardware
+
+        hw_sms, hw_occ = hardware()
+        sms = hw_sms if sms is None else sms
+        occupancy = hw_occ if occupancy is None else occupancy
+    _check_positive(sms=sms, occupancy=occupancy)
+    if smem_limit is None:
+        from skattn.device import shared_memory_limit
+
+        smem_limit = shared_memory_limit()
+    return sms, occupancy, smem_limit
 
 
 def _check_positive(**values) -> None:
@@ -328,20 +344,9 @@ def plan(*, batch: int, q_len: int, kv_len: int, q_heads: int, kv_heads: int, he
     if kv_format == "q8_0" and (head_dim % 32 or head_dim_v % 32):
         raise ValueError(f"q8_0 K/V need head sizes that are multiples of 32 (its blocks), got "
                          f"{head_dim}/{head_dim_v}")
-    if sms is None or occupancy is None:
-        from skattn.device import hardware
-
-        hw_sms, hw_occ = hardware()
-        sms = hw_sms if sms is None else sms
-        occupancy = hw_occ if occupancy is None else occupancy
-    _check_positive(sms=sms, occupancy=occupancy)
-
-    ratio = q_heads // kv_heads
-    if smem_limit is None:
-        from skattn.device import shared_memory_limit
-
-        smem_limit = shared_memory_limit()
+    sms, occupancy, smem_limit = gpu_limits(sms, occupancy, smem_limit)
     _check_positive(smem_limit=smem_limit)
+    ratio = q_heads // kv_heads
     geo = tile_geometry(q_len=q_len, gqa_ratio=ratio, head_dim=head_dim, head_dim_v=head_dim_v,
                         block_m=block_m, block_n=block_n, num_warps=num_warps,
                         num_stages=num_stages, has_mask=bool(has_mask), smem_limit=smem_limit,

@@ -8,9 +8,11 @@ base and strides suit the copy engine (16-byte multiples). Everything else runs 
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
+from triton.runtime import _allocation
 
 from skattn.device import interpreting
 
@@ -27,7 +29,6 @@ class PrefillBound:
 
     const: dict            # compile-time constants that depend only on the plan
     block: tuple           # K/V descriptor block: [1, BLOCK_N, 1, D] of [B, Lk, Hkv, D]
-    q_block: tuple         # q's: [1, BLOCK_M, D] of q packed [B * Hkv, Lq * ratio, D] (ws)
     device_desc: bool      # descriptors made in the kernel (K and V passed as tensors)
     ws: bool               # warp-specialised KV loop where the call's q allows it
 
@@ -63,7 +64,6 @@ def bind(plan, device: torch.device, main_const: dict) -> PrefillBound | None:
                  XBLOCKS=max(2, 1 << plan.ntiles_x.bit_length()),  # a power of 2 > ntiles_x
                  WHOLE_TILES=plan.fixup == "none")  # no program leaves a piece
     return PrefillBound(const, (1, g.block_n, 1, plan.head_dim),
-                        (1, g.block_m, plan.head_dim),
                         t.prefill_device_desc, t.prefill_ws and ws_refusal(plan) is None)
 
 
@@ -106,10 +106,34 @@ def constants(pb: PrefillBound, features: tuple, q_desc: bool) -> dict:
                 WARP_SPECIALIZE=q_desc, Q_DESC=q_desc)
 
 
+def scratch(pb: PrefillBound, q_desc: bool):
+    """A context for the launch in which Triton finds global memory for the descriptors the
+    kernel makes (128 bytes a program each; q's with `q_desc`, K/V's with `device_desc`): a
+    torch allocation on the launch's device, unless the caller gave Triton an allocator."""
+    if not (q_desc or pb.device_desc) or _allocation._allocator.get() is not _allocation._NULL_ALLOCATOR:
+        return contextlib.nullcontext()
+    return _TorchScratch()
+
+
+class _TorchScratch:
+    def __enter__(self):
+        self.token = _allocation._allocator.set(_torch_alloc)
+
+    def __exit__(self, *exc):
+        _allocation._allocator.reset(self.token)
+
+
+def _torch_alloc(size: int, alignment: int, stream):
+    # torch's blocks are 512-byte aligned (a descriptor needs 128); the current device is the
+    # launch's (launch.run switches to q's device)
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
 def descriptors(pb: PrefillBound, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 q_desc: bool) -> tuple:
-    """q, K and V as the kernel takes them: host tensor descriptors over [B, L, H, D], or the
-    tensors themselves (q without `q_desc`; K/V when the kernel makes its own)."""
+    """q, K and V as the kernel takes them: host tensor descriptors over [B, L, H, D], or
+    tensors the kernel makes its descriptors of (K/V with `device_desc`, q packed by KV head
+    with `q_desc`), or q itself."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     def desc(x, block):
@@ -120,7 +144,7 @@ def descriptors(pb: PrefillBound, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
         Hkv = k.shape[2]
         packed = torch.empty(B, Hkv, Lq, Hq // Hkv, D, device=q.device, dtype=k.dtype)
         packed.copy_(q.unflatten(2, (Hkv, Hq // Hkv)).permute(0, 2, 1, 3, 4))
-        qd = desc(packed.view(B * Hkv, Lq * (Hq // Hkv), D), pb.q_block)
+        qd = packed.view(B * Hkv * Lq * (Hq // Hkv), D)
     else:
         qd = q
     if pb.device_desc:

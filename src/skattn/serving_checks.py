@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from skattn.checks import KV_DTYPES, Q_DTYPES, _number, _overlaps, _tensor, causal_window
-from skattn.device import interpreting
+from skattn.checks import (KV_DTYPES, Q_DTYPES, _tensor, check_out, kernel_tensors, options,
+                           per_head)
 
 
 def _int32(name: str, x, shape: tuple, device) -> None:
@@ -24,34 +24,11 @@ def _int32(name: str, x, shape: tuple, device) -> None:
 
 
 def _features(hq, device, *, scale, causal, window, sinks, softcap, alibi_slopes, return_lse):
+    per_head(hq, True, sinks=sinks, alibi_slopes=alibi_slopes)
     for name, x in (("sinks", sinks), ("alibi_slopes", alibi_slopes)):
-        if x is not None:
-            _tensor(name, x, 1, (torch.float32,))
-            if x.shape[0] != hq:
-                raise ValueError(f"{name} must have shape [{hq}], got {tuple(x.shape)}")
-            if x.device != device:
-                raise ValueError(f"{name} is on {x.device}, q on {device}")
-    if scale is not None:
-        _number("scale", scale)
-    _number("softcap", softcap, minimum=0)
-    causal_window(causal, window)
-    if not isinstance(return_lse, bool):
-        raise TypeError(f"return_lse must be a bool, got {return_lse!r}")
-
-
-def _kernel_rules(tensors, device) -> None:
-    grad = torch.is_grad_enabled()
-    for name, x in tensors:
-        if x is None:
-            continue
-        if x.stride(-1) != 1:
-            raise ValueError(f"{name} must be contiguous in its last dimension (stride {x.stride(-1)})")
-        if grad and x.requires_grad:
-            raise ValueError(f"{name} requires grad: skattn's kernels are forward-only; call "
-                             f"under torch.no_grad() or detach the inputs")
-    if device.type == "cpu" and not interpreting():
-        raise ValueError("CPU tensors need TRITON_INTERPRET=1 (the Triton interpreter); "
-                         "move the tensors to a CUDA device")
+        if x is not None and x.device != device:
+            raise ValueError(f"{name} is on {x.device}, q on {device}")
+    options(scale=scale, softcap=softcap, causal=causal, window=window, return_lse=return_lse)
 
 
 def _kv(q, k, v, hq, d, *, paged: bool, block_table, batch: int, packed: bool):
@@ -98,21 +75,6 @@ def _kv(q, k, v, hq, d, *, paged: bool, block_table, batch: int, packed: bool):
     return hkv, dv
 
 
-def _out(out, want: tuple, q) -> None:
-    if out is None:
-        return
-    if (not isinstance(out, torch.Tensor) or tuple(out.shape) != want or out.dtype != q.dtype
-            or out.stride(-1) != 1):
-        got = (f"{list(out.shape)} {out.dtype}, last stride {out.stride(-1)}"
-               if isinstance(out, torch.Tensor) else type(out).__name__)
-        raise ValueError(f"out must be a {list(want)} {q.dtype} tensor, contiguous in its last "
-                         f"dimension; got {got}")
-    if out.device != q.device:
-        raise ValueError(f"out is on {out.device}, q on {q.device}")
-    if _overlaps(out):
-        raise ValueError(f"out has overlapping memory (strides {out.stride()})")
-
-
 def kvcache_args(q, k_cache, v_cache, *, cache_seqlens, block_table, scale, causal, window,
                  sinks, softcap, alibi_slopes, return_lse, out, kernel: bool = True):
     """Check `attention_with_kvcache`'s arguments; returns (paged, Hkv, Dv)."""
@@ -127,11 +89,11 @@ def kvcache_args(q, k_cache, v_cache, *, cache_seqlens, block_table, scale, caus
     _features(hq, q.device, scale=scale, causal=causal, window=window, sinks=sinks,
               softcap=softcap, alibi_slopes=alibi_slopes, return_lse=return_lse)
     if kernel:
-        _kernel_rules((("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("sinks", sinks),
+        kernel_tensors((("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("sinks", sinks),
                        ("alibi_slopes", alibi_slopes)), q.device)
         if lq * abs(q.stride(1)) >= 2**31:
             raise ValueError("q: one sequence's rows span 2**31 elements or more")
-        _out(out, (batch, lq, hq, dv), q)
+        check_out(out, (batch, lq, hq, dv), q)
     if cache_seqlens.device.type == "cpu":
         kvcache_values(k_cache, cache_seqlens, block_table)
     return paged, hkv, dv
@@ -160,12 +122,12 @@ def varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
     _features(hq, q.device, scale=scale, causal=causal, window=window, sinks=sinks,
               softcap=softcap, alibi_slopes=alibi_slopes, return_lse=return_lse)
     if kernel:
-        _kernel_rules((("q", q), ("k", k), ("v", v), ("sinks", sinks),
+        kernel_tensors((("q", q), ("k", k), ("v", v), ("sinks", sinks),
                        ("alibi_slopes", alibi_slopes)), q.device)
         for name, x, n in (("q", q, max_seqlen_q), ("k", k, max_seqlen_k), ("v", v, max_seqlen_k)):
             if not (x is not q and paged) and n * abs(x.stride(0)) >= 2**31:
                 raise ValueError(f"{name}: one sequence's rows may span 2**31 elements or more")
-        _out(out, (total_q, hq, dv), q)
+        check_out(out, (total_q, hq, dv), q)
     if cu_seqlens_q.device.type == "cpu":
         varlen_values(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table)
     return paged, hkv, dv, batch

@@ -15,7 +15,7 @@ from skattn.device import interpreting
 from skattn.kernels import ragged as _ragged
 from skattn.kernels import ragged_fixup as _fix
 from skattn.kernels import worklist as _wl
-from skattn.launch import LOG2E, _launch, _no_hooks, _spec, pieces_per_step
+from skattn.launch import _launch, _no_hooks, _spec, cached_bind, constants, score_scales
 from skattn.serving_plan import POLICY_CODE, ServingPlan, n_sat
 
 INT32_MAX = 2**31 - 1
@@ -26,10 +26,6 @@ _KEYS: dict = {}
 
 def _pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
-
-
-def _many_pieces(plan: ServingPlan) -> bool:
-    return plan.programs >= 4 * plan.tiles_max
 
 
 @dataclass
@@ -51,24 +47,12 @@ class Bound:
 
 
 def bind(plan: ServingPlan, device) -> Bound:
-    device = torch.device(device)
-    cache = plan.__dict__.setdefault("_bound", {})
-    b = cache.get(device)
-    if b is None:
-        b = cache[device] = _bind(plan, device)
-    return b
-
-
-def _pdl(plan: ServingPlan, device: torch.device) -> bool:
-    if not plan.tuning.pdl or interpreting() or plan.fixup not in ("uniform", "general"):
-        return False
-    if not _many_pieces(plan) or device.type != "cuda":
-        return False
-    return torch.cuda.get_device_capability(device)[0] >= 9
+    """The plan bound to `device`, made once and kept on the plan object."""
+    return cached_bind(plan, device, _bind)
 
 
 def _bind(plan: ServingPlan, device: torch.device) -> Bound:
-    g, t = plan.geometry, plan.tuning
+    g = plan.geometry
     m = plan.cost_model
     cost = torch.tensor([m.us_per_item, m.us_per_piece, m.us_launch, m.shared_round],
                         dtype=torch.float64, device=device)
@@ -79,38 +63,13 @@ def _bind(plan: ServingPlan, device: torch.device) -> Bound:
                     BLOCK_B=block_b, LOG_B=block_b.bit_length() - 1,
                     RB_CHUNK=min(RB_CHUNK, _pow2(max(2, plan.rb_max))),
                     NB=_pow2(max(2, plan.programs)), num_warps=4)
-    pdl = _pdl(plan, device)
-    fused_dv = min(g.block_dv, t.fused_dv or g.block_dv)
-    fused_rows = min(g.block_m, 1 << (g.heads_per_tile * g.tokens_per_tile - 1).bit_length())
+    main_const, fix_const, fix_grid, _ = constants(plan, device, plan.tiles_max)
     search = min(1024, _pow2(max(2, plan.rb_max)))
-    common = dict(HEAD_DIM_V=plan.head_dim_v, BLOCK_M=g.block_m, BLOCK_DV=g.block_dv,
-                  HEADS_PER_TILE=g.heads_per_tile, TOKENS_PER_TILE=g.tokens_per_tile)
-    main_const = dict(
-        HEAD_DIM=plan.head_dim, BLOCK_N=g.block_n, BLOCK_DK=g.block_dk, DK_CHUNKS=g.dk_chunks,
-        CAUSAL=plan.causal or plan.window is not None, HAS_WINDOW=plan.window is not None,
-        FUSED=plan.fixup == "fused", PER_TILE_RANGES=plan.per_tile_ranges,
-        PAGED=plan.layout == "paged", PAGE_SIZE=plan.page_size or 16, SEARCH=search,
-        FIXUP_COLS=fused_dv, FIXUP_ROWS=fused_rows,
-        MERGE_PIECES=pieces_per_step(fused_rows, fused_dv, g.num_warps, t.fused_merge_elements),
-        USE_PDL=(1 if t.pdl_trigger == "start" else 2) if pdl else 0,
-        num_warps=g.num_warps, num_stages=g.num_stages, **common)
+    main_const.update(PAGED=plan.layout == "paged", PAGE_SIZE=plan.page_size or 16,
+                      SEARCH=search)
     fix_kernel = plan.fixup if plan.fixup in ("uniform", "general") else None
-    fix_dv = min(g.block_dv, t.fixup_dv)
-    fix_m = min(g.block_m, t.fixup_rows) if _many_pieces(plan) else g.block_m
-    first = plan.tiles_max if fix_kernel == "uniform" else plan.programs
-    fix_grid = (first, g.block_dv // fix_dv, g.block_m // fix_m)
-    fix_const = dict(common, BLOCK_DV=fix_dv, ROWS=fix_m, USE_PDL=pdl, num_warps=4,
-                     MERGE_PIECES=pieces_per_step(fix_m, fix_dv, 4, t.merge_elements),
-                     LOADS_FIRST=t.merge_loads_first)
     if fix_kernel == "general":
         fix_const["SEARCH"] = search
-    if pdl:
-        fix_const["launch_pdl"] = True
-    if plan.fixup == "none":
-        layout = (0, 0, 0)
-    else:
-        rows = plan.programs * 2 * g.block_m
-        layout = (rows * plan.head_dim_v, rows, plan.tiles_max if plan.fixup == "fused" else 0)
     ints = (plan.batch, plan.rb_max, plan.gqa_ratio, plan.ntiles_z, plan.hz, plan.split,
             plan.total_q, plan.max_q_len, plan.q_len or 0, plan.window or 0, plan.programs,
             plan.key_capacity, plan.total_k or INT32_MAX, n_sat(plan), plan.per_sm)
@@ -118,20 +77,12 @@ def _bind(plan: ServingPlan, device: torch.device) -> Bound:
            tuple(sorted(fix_const.items())), fix_kernel, tuple(_spec(x) for x in ints))
     kid = _KEYS.setdefault(key, len(_KEYS))
     return Bound(plan, device, cost, wl_const, main_const, fix_kernel, fix_const, fix_grid,
-                 layout, kid, {}, device.type == "cuda" and not interpreting())
+                 ws.layout(plan, plan.tiles_max), kid, {}, device.type == "cuda" and not interpreting())
 
 
 def workspace_bytes(plan: ServingPlan) -> int:
     """Bytes of a caller's workspace for `plan`: partials, the work list, counters."""
-    o, m, c = _layout(plan)
-    return (o + 2 * m) * 4 + plan.work_list_words * 4 + c * 4
-
-
-def _layout(plan: ServingPlan) -> tuple:
-    if plan.fixup == "none":
-        return 0, 0, 0
-    rows = plan.programs * 2 * plan.geometry.block_m
-    return rows * plan.head_dim_v, rows, plan.tiles_max if plan.fixup == "fused" else 0
+    return plan.workspace_bytes + plan.work_list_words * 4
 
 
 def allocate(plan: ServingPlan, device) -> torch.Tensor:
@@ -193,10 +144,7 @@ def run(plan: ServingPlan, q, k, v, out, lse, *, wl, block_table, scale: float, 
     b = bind(plan, device)
     stream = _stream(b, device)
     ws_o, ws_m, ws_l, counters = ws_views
-    if softcap:
-        qk_scale, softcap_scale = softcap * LOG2E, scale / softcap
-    else:
-        qk_scale, softcap_scale = scale * LOG2E, 1.0
+    qk_scale, softcap_scale = score_scales(scale, softcap)
     features = (sinks is not None, alibi_slopes is not None, bool(softcap), lse is not None,
                 not b.cuda and k.dtype == torch.bfloat16)
     consts = b.consts.get(features)

@@ -10,9 +10,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from skattn import buffers
 from skattn.checks import causal_window
 from skattn.config import TileGeometry, tile_geometry
-from skattn.planner import _DTYPES, _check_positive, _kv_blocks, shared_programs
+from skattn.planner import _DTYPES, _check_positive, _kv_blocks, gpu_limits, shared_programs
 from skattn.policy import (CostModel, canonical_policy, load_cost_model, predict_us,
                            saturated_blocks, split_count)
 from skattn.tuning import Tuning
@@ -87,14 +88,12 @@ class ServingPlan:
 
     @property
     def workspace_floats(self) -> int:
-        if self.fixup == "none":
-            return 0
-        return self.programs * 2 * self.geometry.block_m * (self.head_dim_v + 2)
+        o, m, _ = buffers.layout(self, self.tiles_max)
+        return o + 2 * m
 
     @property
     def workspace_bytes(self) -> int:
-        counters = self.tiles_max * 4 if self.fixup == "fused" else 0
-        return self.workspace_floats * 4 + counters
+        return buffers.nbytes(self, self.tiles_max)
 
     @property
     def work_list_words(self) -> int:
@@ -220,17 +219,7 @@ def serving_plan(*, batch: int, max_kv_len: int, q_heads: int, kv_heads: int, he
         raise ValueError(f"fixup must be None or one of {SERVING_FIXUPS}, got {fixup!r}")
     if fixup is not None and policy == "split":
         raise ValueError("policy 'split' merges with the uniform fixup; fixup= is for stream-K policies")
-    if sms is None or occupancy is None:
-        from skattn.device import hardware
-
-        hw_sms, hw_occ = hardware()
-        sms = hw_sms if sms is None else sms
-        occupancy = hw_occ if occupancy is None else occupancy
-    _check_positive(sms=sms, occupancy=occupancy)
-    if smem_limit is None:
-        from skattn.device import shared_memory_limit
-
-        smem_limit = shared_memory_limit()
+    sms, occupancy, smem_limit = gpu_limits(sms, occupancy, smem_limit)
     ratio = q_heads // kv_heads
     geo = tile_geometry(q_len=max_q_len, gqa_ratio=ratio, head_dim=head_dim,
                         head_dim_v=head_dim_v, block_n=block_n, num_warps=num_warps,

@@ -31,7 +31,8 @@ class Tuning:
         run the base kernel.
     prefill_ws: "tma" only: hand the KV loop to Triton's automatic warp specialisation.
     prefill_device_desc: "tma" only: make the K/V descriptors in the kernel, one per tile,
-        instead of on the host once per call (needs `triton.set_allocator`).
+        instead of on the host once per call (their 128 bytes a program come from torch,
+        or from the allocator given to `triton.set_allocator`).
     """
 
     pdl: bool = True

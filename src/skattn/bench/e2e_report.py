@@ -1,10 +1,8 @@
 """Tables and a plot from `skattn bench --e2e` CSVs: tokens/s per cell, skattn vs SDPA."""
 from __future__ import annotations
 
-import csv
-import math
-from pathlib import Path
-
+from skattn.bench.records import (have_matplotlib, merge_rows, not_timed, ok_number,
+                                  provenance_text, report_files, write_markdown)
 from skattn.policy import POLICY_ALIASES
 
 SKATTN_POLICIES = ("llamacpp-before", "llamacpp", "auto")
@@ -13,29 +11,20 @@ SKATTN_POLICIES = ("llamacpp-before", "llamacpp", "auto")
 def read_rows(csv_paths) -> list[dict]:
     """Rows of every CSV; a later file's row replaces an earlier one for the same
     (provider, policy, mode, model, n, depth)."""
-    merged: dict[tuple, dict] = {}
-    for path in csv_paths:
-        with open(path, newline="") as f:
-            for row in csv.DictReader(f):
-                # files written before the policies' plain names use their aliases
-                row["policy"] = POLICY_ALIASES.get(row["policy"], row["policy"])
-                row["provider"] = row["provider"].replace(
-                    "llamacpp-master", POLICY_ALIASES["llamacpp-master"])
-                key = (row["provider"], row["policy"], row["mode"], row["model"], int(row["n"]),
-                       int(row["depth"]))
-                merged.pop(key, None)
-                merged[key] = row
-    return list(merged.values())
+    return merge_rows(csv_paths, lambda row: (row["provider"], row["policy"], row["mode"],
+                                              row["model"], int(row["n"]), int(row["depth"])),
+                      _old_spellings)
+
+
+def _old_spellings(row: dict) -> None:
+    # files written before the policies' plain names use their aliases
+    row["policy"] = POLICY_ALIASES.get(row["policy"], row["policy"])
+    row["provider"] = row["provider"].replace("llamacpp-master", POLICY_ALIASES["llamacpp-master"])
 
 
 def _tps(row: dict | None) -> float | None:
-    if row is None or row.get("status") != "ok":
-        return None
-    try:
-        value = float(row["tokens_per_s"])
-    except (KeyError, ValueError):
-        return None
-    return value if math.isfinite(value) and value > 0 else None
+    value = ok_number(row, "tokens_per_s")
+    return value if value is not None and value > 0 else None
 
 
 def _label(row: dict) -> str:
@@ -89,12 +78,8 @@ def table(rows: list[dict]) -> str:
 
 
 def _provenance(rows) -> str:
-    parts = []
-    for key in ("model", "layers", "dtype", "gpu", "torch", "triton", "transformers", "commit"):
-        values = sorted({r.get(key, "") for r in rows if r.get(key)})
-        if values:
-            parts.append(f"{key} {', '.join(values)}")
-    return "; ".join(parts)
+    return provenance_text(rows, ("model", "layers", "dtype", "gpu", "torch", "triton",
+                                  "transformers", "commit"))
 
 
 def plot(rows: list[dict], path) -> None:
@@ -130,13 +115,8 @@ def plot(rows: list[dict], path) -> None:
 def e2e_report(csv_paths, out_dir=None, stem: str | None = None, plots: bool = True) -> str:
     """Markdown from e2e CSVs; writes `<stem>.md` and `<stem>.png` next to the first CSV
     (or into `out_dir`) and returns the markdown."""
-    paths = [Path(p) for p in csv_paths]
-    if not paths:
-        raise ValueError("e2e_report needs at least one CSV file")
+    paths, out_dir, stem = report_files(csv_paths, out_dir, stem, "e2e_report")
     rows = read_rows(paths)
-    out_dir = Path(out_dir) if out_dir is not None else paths[0].parent
-    stem = stem or paths[0].stem
-    bad = [r for r in rows if r.get("status") != "ok"]
     md = [f"# skattn bench --e2e: {', '.join(p.name for p in paths)}", "",
           f"Provenance: {_provenance(rows)}.", "",
           "One step of n new tokens over a KV cache of `depth` tokens (it attends to depth + n "
@@ -148,18 +128,11 @@ def e2e_report(csv_paths, out_dir=None, stem: str | None = None, plots: bool = T
           "it passes a materialised bool mask (so PyTorch runs its memory-efficient kernel, "
           "with K/V repeated per query head), for n = 1 no mask. skattn runs bottom-right causal "
           "with no mask, under each planner policy.", "", table(rows)]
-    if plots:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            plots = False
-            md += ["", "Plot skipped: matplotlib is not installed here."]
-    if bad:
-        md += ["", "## Not timed", ""] + [f"- {_label(r)} {r['mode']} n={r['n']} L={r['depth']}: "
-                                          f"{r.get('status', '')}" for r in bad]
-    text = "\n".join(md) + "\n"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{stem}.md").write_text(text)
+    if plots and not have_matplotlib():
+        plots = False
+        md += ["", "Plot skipped: matplotlib is not installed here."]
+    md += not_timed(rows, lambda r: f"{_label(r)} {r['mode']} n={r['n']} L={r['depth']}")
+    text = write_markdown(md, out_dir, stem)
     if plots and rows:
         plot(rows, out_dir / f"{stem}.png")
     return text

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from skattn.bench.grid import SEED_DEPTHS, Cell
+from skattn.bench.records import not_timed, record
 
 FORMATS = ("f16", "fp8", "q8_0")  # decode
 PROMPT_FORMATS = ("f16", "fp8")
@@ -85,7 +86,7 @@ def measure(cell: Cell, fmt: str, layers: list, unquantized_ref, timer, opts) ->
     import skattn
     from skattn.bench import graph
     from skattn.bench.providers import relative_error
-    from skattn.bench.run import TOLERANCE, error_status
+    from skattn.bench.run import TOLERANCE, failure_status, timed
 
     row = {"format": fmt, "status": "ok"}
     try:
@@ -110,14 +111,10 @@ def measure(cell: Cell, fmt: str, layers: list, unquantized_ref, timer, opts) ->
         err = graph.check_replay(g, outs, refs.checked(), TOLERANCE[torch.float16], relative_error)
         row["err"] = f"{max(err, float(row['err'])):.3e}"
         t = graph.time_graph(g, len(fns), timer, warmup=opts.warmup, reps=opts.reps)
-        row.update(p20_us=f"{t.p20:.3f}", p50_us=f"{t.p50:.3f}", p80_us=f"{t.p80:.3f}", reps=t.reps)
+        timed(row, t)
         del g, outs
-    except graph.NotCapturable as exc:
-        row["status"] = f"not capturable: {exc}"
-    except graph.WrongOutput as exc:
-        row["status"] = f"wrong: {exc}"
     except Exception as exc:  # an unsupported config must not stop the run
-        row["status"] = error_status(exc)
+        row["status"] = failure_status(exc)
     return row
 
 
@@ -177,16 +174,10 @@ def run_quant(decode: list[Cell], prompt: list[Cell], *, out_dir, tag: str, opts
                 p50 = float(row["p50_us"]) if "p50_us" in row else None
                 if fmt == "f16":
                     f16_p50 = p50
-                row.update(model=cell.model, hq=cell.hq, hkv=cell.hkv, d=cell.d, n=cell.n,
-                           depth=cell.depth, floor_us=f"{floor:.4f}", bytes=nbytes,
+                row.update(floor_us=f"{floor:.4f}", bytes=nbytes,
                            pct_floor=f"{pct_floor(floor, p50):.4g}" if p50 else "",
-                           speedup_vs_f16=f"{f16_p50 / p50:.4g}" if p50 and f16_p50 else "",
-                           timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                           **prov)
-                writer.writerow(row)
-                f.flush()
-                rows.append(row)
-                bar.update()
+                           speedup_vs_f16=f"{f16_p50 / p50:.4g}" if p50 and f16_p50 else "")
+                record(row, cell, prov, writer, f, rows, bar)
             del base, unq
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
@@ -305,10 +296,7 @@ def write_markdown(csv_path, rows, meta: dict) -> Path:
           "per KV head. Every row is checked against float64 on the dequantized K/V (err); "
           "the last column is the error against float64 on the unquantized f16 K/V "
           "(reported, not checked).", "", markdown_table(rows)]
-    bad = [r for r in rows if r.get("status") != "ok"]
-    if bad:
-        md += ["", "## Not timed", ""] + [f"- {r['format']} {r['model']} n={r['n']} L={r['depth']}: "
-                                          f"{r.get('status', '')}" for r in bad]
+    md += not_timed(rows, lambda r: f"{r['format']} {r['model']} n={r['n']} L={r['depth']}")
     if meta.get("stopped_early"):
         md += ["", f"Stopped early: {meta['stopped_early']}."]
     path = Path(csv_path).with_suffix(".md")

@@ -1,13 +1,14 @@
 """Tables and plots drawn from the bench's long-format CSV files (one or several parts)."""
 from __future__ import annotations
 
-import csv
 import math
-from pathlib import Path
 
 from skattn.bench.anchors import TIMES, anchor_index, load_anchors, pct_of_floor
 from skattn.bench.grid import SKATTN_VARIANTS
 from skattn.bench.providers import NOMASK, NOMASK_NOTE
+from skattn.bench.records import (have_matplotlib, merge_rows, not_timed, provenance_text,
+                                  report_files, write_markdown)
+from skattn.bench.records import number as _num
 from skattn.policy import POLICY_ALIASES
 
 _OTHER_ORDER = ("sdpa-flash", "sdpa-cudnn", "sdpa-flash-nomask", "sdpa-cudnn-nomask", "flex", "flashinfer",
@@ -24,28 +25,15 @@ _SPEEDUP_VARIANTS = ("llamacpp", "round-4x", "auto", "fused")  # each against ll
 def read_rows(csv_paths) -> list[dict]:
     """Rows of every CSV, merged: a later file's row replaces an earlier one for the same
     (provider, variant, model, n, depth, timer). Rows without a timer (older files) get "event"."""
-    merged: dict[tuple, dict] = {}
-    for path in csv_paths:
-        with open(path, newline="") as f:
-            for row in csv.DictReader(f):
-                row["timer"] = row.get("timer") or "event"
-                # files written before the policies' plain names use their aliases
-                row["variant"] = POLICY_ALIASES.get(row.get("variant", ""), row.get("variant", ""))
-                key = (row["provider"], row.get("variant", ""), row["model"], int(row["n"]),
-                       int(row["depth"]), row["timer"])
-                merged.pop(key, None)
-                merged[key] = row
-    return list(merged.values())
+    return merge_rows(csv_paths, lambda row: (row["provider"], row.get("variant", ""),
+                                              row["model"], int(row["n"]), int(row["depth"]),
+                                              row["timer"]), _old_spellings)
 
 
-def _num(row: dict | None, key: str) -> float | None:
-    if row is None:
-        return None
-    try:
-        value = float(row.get(key, ""))
-    except ValueError:
-        return None
-    return value if math.isfinite(value) else None
+def _old_spellings(row: dict) -> None:
+    row["timer"] = row.get("timer") or "event"
+    # files written before the policies' plain names use their aliases
+    row["variant"] = POLICY_ALIASES.get(row.get("variant", ""), row.get("variant", ""))
 
 
 def _ok(row: dict | None) -> bool:
@@ -218,12 +206,7 @@ def anchors_table(rows: list[dict], anchors: list[dict]) -> tuple[str, str]:
 
 
 def _provenance(rows: list[dict]) -> str:
-    parts = []
-    for key in ("gpu", "sms", "torch", "triton", "commit", "flush"):
-        values = sorted({r.get(key, "") for r in rows if r.get(key)})
-        if values:
-            parts.append(f"{key} {', '.join(values)}")
-    return "; ".join(parts)
+    return provenance_text(rows, ("gpu", "sms", "torch", "triton", "commit", "flush"))
 
 
 def _cell_axes(rows, title, ylabel):
@@ -318,13 +301,8 @@ def report(csv_paths, out_dir=None, stem: str | None = None, plots: bool = True,
     str
         The markdown.
     """
-    paths = [Path(p) for p in ([csv_paths] if isinstance(csv_paths, (str, Path)) else csv_paths)]
-    if not paths:
-        raise ValueError("report needs at least one CSV file")
+    paths, out_dir, stem = report_files(csv_paths, out_dir, stem, "report")
     rows = read_rows(paths)
-    out_dir = Path(out_dir) if out_dir is not None else paths[0].parent
-    stem = stem or paths[0].stem
-    bad = [r for r in rows if r.get("status") != "ok"]
     groups = by_timer(rows)
     md = [f"# skattn bench: {', '.join(p.name for p in paths)}", "",
           f"Provenance: {_provenance(rows)}. Times are p50 µs with a cold L2; the "
@@ -346,19 +324,12 @@ def report(csv_paths, out_dir=None, stem: str | None = None, plots: bool = True,
         intro, table = anchors_table(trows, anchors)
         md += ["", f"## vs the anchors: % of each GPU's own floor{suffix}", "", intro]
         md += ["", table] if table else []
-    if plots:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            plots = False
-            md += ["", "PNG plots skipped: matplotlib is not installed here; run `skattn bench "
-                   "--report <csv>` where it is."]
-    if bad:
-        md += ["", "## Not timed", ""] + [f"- {label(r)} {r['model']} n={r['n']} L={r['depth']}: "
-                                          f"{r.get('status', '')}" for r in bad]
-    text = "\n".join(md) + "\n"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{stem}.md").write_text(text)
+    if plots and not have_matplotlib():
+        plots = False
+        md += ["", "PNG plots skipped: matplotlib is not installed here; run `skattn bench "
+               "--report <csv>` where it is."]
+    md += not_timed(rows, lambda r: f"{label(r)} {r['model']} n={r['n']} L={r['depth']}")
+    text = write_markdown(md, out_dir, stem)
     for timer, trows in groups.items() if plots else ():
         part = f"-{timer}" if len(groups) > 1 else ""
         plot_speedup(trows, out_dir / f"{stem}{part}-speedup.png")

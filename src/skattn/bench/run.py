@@ -22,6 +22,7 @@ from skattn.bench.floors import cell_bytes, cell_flops, floor_us, pct_floor
 from skattn.bench.graph import DEFAULT_LAYERS, TIMERS, References
 from skattn.bench.grid import Cell
 from skattn.bench.providers import BuildOptions, Provider, reference, relative_error
+from skattn.bench.records import record
 
 COLUMNS = ("provider", "variant", "policy", "fixup", "model", "hq", "hkv", "d", "n", "depth",
            "programs", "status", "err", "p20_us", "p50_us", "p80_us", "floor_us", "pct_floor",
@@ -148,7 +149,20 @@ def eager_check(fn, ref, dtype, row: dict) -> bool:
     return True
 
 
-def _timed(row: dict, t) -> dict:
+def failure_status(exc: BaseException) -> str:
+    """The CSV status of a measurement that raised: 'not capturable: <why>' (no CUDA graph of
+    the call), 'wrong: <why>' (an output failed its check after a replay), else `error_status`."""
+    from skattn.bench import graph
+
+    if isinstance(exc, graph.NotCapturable):
+        return f"not capturable: {exc}"
+    if isinstance(exc, graph.WrongOutput):
+        return f"wrong: {exc}"
+    return error_status(exc)
+
+
+def timed(row: dict, t) -> dict:
+    """`row` with the quantiles of the timing `t` (µs) and its repetitions."""
     row.update(p20_us=f"{t.p20:.3f}", p50_us=f"{t.p50:.3f}", p80_us=f"{t.p80:.3f}", reps=t.reps)
     return row
 
@@ -162,7 +176,7 @@ def measure(provider: Provider, cell: Cell, q, k, v, ref, timer, opts: RunOption
         row.update(policy=built.policy, fixup=built.fixup, programs=built.programs or "")
         if not eager_check(built.fn, ref, k.dtype, row):
             return row
-        _timed(row, timer.time(built.fn, warmup=opts.warmup, reps=opts.reps))
+        timed(row, timer.time(built.fn, warmup=opts.warmup, reps=opts.reps))
     except Exception as exc:  # an unsupported config must not stop the run
         row["status"] = error_status(exc)
     return row
@@ -195,11 +209,9 @@ def measure_graph(provider: Provider, cell: Cell, layers: list[tuple], refs: Ref
         err = graph.check_replay(g, outs, refs.checked(provider.causal), TOLERANCE[dtype],
                                  relative_error)
         row["err"] = f"{max(err, float(row['err'])):.3e}"
-        _timed(row, graph.time_graph(g, len(built), timer, warmup=opts.warmup, reps=opts.reps))
-    except graph.WrongOutput as exc:
-        row["status"] = f"wrong: {exc}"
+        timed(row, graph.time_graph(g, len(built), timer, warmup=opts.warmup, reps=opts.reps))
     except Exception as exc:  # an unsupported config must not stop the run
-        row["status"] = error_status(exc)
+        row["status"] = failure_status(exc)
     return row
 
 
@@ -273,14 +285,9 @@ def run_grid(cells: list[Cell], providers: list[Provider], *, out_dir, tag: str,
                 bar.set_description(f"{cell.model} n={cell.n} L={cell.depth} {provider.label}")
                 row = _measure_cell(provider, cell, layers, refs, timer, opts)
                 p50 = float(row["p50_us"]) if "p50_us" in row else None
-                row.update(model=cell.model, hq=cell.hq, hkv=cell.hkv, d=cell.d, n=cell.n,
-                           depth=cell.depth, floor_us=f"{floor:.4f}", bytes=nbytes, flops=flops,
-                           pct_floor=f"{pct_floor(floor, p50):.4g}" if p50 else "",
-                           timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds"), **prov)
-                writer.writerow(row)
-                f.flush()
-                rows.append(row)
-                bar.update()
+                row.update(floor_us=f"{floor:.4f}", bytes=nbytes, flops=flops,
+                           pct_floor=f"{pct_floor(floor, p50):.4g}" if p50 else "")
+                record(row, cell, prov, writer, f, rows, bar)
             del layers, refs
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()

@@ -13,12 +13,13 @@ from __future__ import annotations
 import csv
 import math
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
 from skattn.bench.grid import Cell
+from skattn.bench.records import (have_matplotlib, merge_rows, not_timed, ok_number,
+                                  provenance_text, record, report_files, write_markdown)
 
 # label -> the policy name given to `skattn.plan` ("llamacpp-before" is the older name of
 # "llamacpp-before" and is accepted by every planner version)
@@ -69,7 +70,7 @@ def measure_part(cell: Cell, policy: str, part: str, layers, refs, timer, opts) 
     import skattn
     from skattn.bench import graph
     from skattn.bench.providers import relative_error
-    from skattn.bench.run import TOLERANCE, error_status, eager_check
+    from skattn.bench.run import TOLERANCE, eager_check, failure_status, timed
 
     row = {"policy": policy, "part": part, "status": "ok"}
     try:
@@ -91,13 +92,9 @@ def measure_part(cell: Cell, policy: str, part: str, layers, refs, timer, opts) 
             t = graph.time_graph(g, len(fns), timer, warmup=opts.warmup, reps=opts.reps)
         else:
             t = timer.time(fns[0], warmup=opts.warmup, reps=opts.reps)
-        row.update(p20_us=f"{t.p20:.3f}", p50_us=f"{t.p50:.3f}", p80_us=f"{t.p80:.3f}", reps=t.reps)
-    except graph.NotCapturable as exc:
-        row["status"] = f"not capturable: {exc}"
-    except graph.WrongOutput as exc:
-        row["status"] = f"wrong: {exc}"
+        timed(row, t)
     except Exception as exc:  # an unsupported config must not stop the run
-        row["status"] = error_status(exc)
+        row["status"] = failure_status(exc)
     return row
 
 
@@ -146,13 +143,7 @@ def run_seed_table(cells: list[Cell], *, out_dir, tag: str, opts) -> tuple[Path,
                 for part in PARTS:
                     bar.set_description(f"{cell.model} n={cell.n} L={cell.depth} {policy} {part}")
                     row = measure_part(cell, policy, part, layers, refs, timer, opts)
-                    row.update(model=cell.model, hq=cell.hq, hkv=cell.hkv, d=cell.d, n=cell.n,
-                               depth=cell.depth, **prov,
-                               timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds"))
-                    writer.writerow(row)
-                    f.flush()
-                    rows.append(row)
-                    bar.update()
+                    record(row, cell, prov, writer, f, rows, bar)
             del layers, refs
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
@@ -164,25 +155,12 @@ def run_seed_table(cells: list[Cell], *, out_dir, tag: str, opts) -> tuple[Path,
 def read_seed_rows(csv_paths) -> list[dict]:
     """Rows of seed-table CSVs; a later file's row replaces an earlier one for the same
     (model, n, depth, policy, part, timer)."""
-    merged: dict[tuple, dict] = {}
-    for path in csv_paths:
-        with open(path, newline="") as f:
-            for row in csv.DictReader(f):
-                key = (row["model"], int(row["n"]), int(row["depth"]), row["policy"], row["part"],
-                       row.get("timer", ""))
-                merged.pop(key, None)
-                merged[key] = row
-    return list(merged.values())
+    return merge_rows(csv_paths, lambda row: (row["model"], int(row["n"]), int(row["depth"]),
+                                              row["policy"], row["part"], row.get("timer", "")))
 
 
 def _p50(row: dict | None) -> float | None:
-    if row is None or row.get("status") != "ok":
-        return None
-    try:
-        value = float(row.get("p50_us", ""))
-    except ValueError:
-        return None
-    return value if math.isfinite(value) else None
+    return ok_number(row, "p50_us")
 
 
 def cell_results(rows: list[dict]) -> list[dict]:
@@ -334,14 +312,10 @@ def seed_report(csv_paths, out_dir=None, stem: str | None = None, plots: bool = 
     """
     from skattn.bench.report import TIMER_TEXT
 
-    paths = [Path(p) for p in ([csv_paths] if isinstance(csv_paths, (str, Path)) else csv_paths)]
+    paths, out_dir, stem = report_files(csv_paths, out_dir, stem, "the seed table")
     rows = read_seed_rows(paths)
-    out_dir = Path(out_dir) if out_dir is not None else paths[0].parent
-    stem = stem or paths[0].stem
     results = cell_results(rows)
-    keys = ("gpu", "sms", "torch", "triton", "commit", "timer")
-    values = {k: sorted({str(r[k]) for r in rows if r.get(k)}) for k in keys}
-    prov = "; ".join(f"{k} {', '.join(v)}" for k, v in values.items() if v)
+    prov = provenance_text(rows, ("gpu", "sms", "torch", "triton", "commit", "timer"))
     timers = sorted({r.get("timer") or "event" for r in rows})
     md = [f"# skattn seed table: {', '.join(p.name for p in paths)}", "", f"Provenance: {prov}.", "",
           f"Kernel-level, in the same run: `{AFTER}` (N rounded down to a multiple of ntiles_dst "
@@ -353,19 +327,12 @@ def seed_report(csv_paths, out_dir=None, stem: str | None = None, plots: bool = 
           "Full call p50 - main kernel alone p50 (`launch.run(main_only=True)`: no fixup launched, "
           "and no programmatic dependent launch).", "", fixup_table(results), "",
           "## Per cell", "", times_table(results)]
-    bad = [r for r in rows if r.get("status") != "ok"]
-    if bad:
-        md += ["", "## Not timed", ""] + [f"- {r['policy']} {r['part']} {r['model']} n={r['n']} "
-                                          f"L={r['depth']}: {r.get('status', '')}" for r in bad]
-    if plots:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            plots = False
-            md += ["", "Heat map skipped: matplotlib is not installed here."]
-    text = "\n".join(md) + "\n"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{stem}.md").write_text(text)
+    md += not_timed(rows, lambda r: f"{r['policy']} {r['part']} {r['model']} n={r['n']} "
+                                    f"L={r['depth']}")
+    if plots and not have_matplotlib():
+        plots = False
+        md += ["", "Heat map skipped: matplotlib is not installed here."]
+    text = write_markdown(md, out_dir, stem)
     if plots and results:
         plot_speedups(results, out_dir / f"{stem}.png")
     return text

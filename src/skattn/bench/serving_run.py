@@ -21,7 +21,7 @@ from skattn.bench import serving as sb
 from skattn.bench.floors import floor_us, pct_floor
 from skattn.bench.graph import capture, time_graph
 from skattn.bench.providers import importable
-from skattn.bench.run import error_status, progress_bar, provenance
+from skattn.bench.run import error_status, progress_bar, provenance, timed
 from skattn.bench.serving_mixes import MIX_NOTES, MIXES, mix
 from skattn.bench.models import MODELS
 
@@ -72,7 +72,7 @@ def measure(name, batch, refs, timer, *, layers, warmup, reps) -> dict:
             row["status"] = f"wrong after replay: relative error {err:.3e}"
             return row
         t = time_graph(graph, layers, timer, warmup=warmup, reps=reps)
-        row.update(p20_us=f"{t.p20:.3f}", p50_us=f"{t.p50:.3f}", p80_us=f"{t.p80:.3f}", reps=t.reps)
+        timed(row, t)
     except Exception as exc:  # an unsupported provider or shape must not stop the run
         row["status"] = error_status(exc)
     return row

@@ -5,8 +5,9 @@ from triton.language.extra.cuda import gdc_launch_dependents
 
 from skattn.kernels.kv_loop import load_q, tile_kv_loop
 from skattn.kernels.stamps import stamp
-from skattn.kernels.tile import (_div, decode_group, finalize_store, locate, merge_pieces,
-                                 program_of, program_start, store_partial, tile_rows)
+from skattn.kernels.tile import (decode_group, finalize_store, first_kv_block, locate,
+                                 merge_pieces, program_of, program_range, store_partial,
+                                 tile_rows)
 
 
 @triton.jit
@@ -43,22 +44,9 @@ def attention_kernel(
     if USE_PDL == 1:
         gdc_launch_dependents()  # the fixup kernel may start now; it waits for our partials
     # -- this program's [start, end) of the work list
-    if PER_TILE_RANGES:
-        tile0 = p // split
-        i = p - tile0 * split
-        group0 = _div(tile0, ntiles_x, div_x_mul, div_x_shift, USE_FASTDIV)
-        qblock0 = tile0 - group0 * ntiles_x
-        if ONE_TOKEN_BLOCK:
-            first0 = group0 * group_work
-            n0 = group_work
-        else:
-            first0 = group0 * group_work + tl.load(QBLOCK_OFF + qblock0)
-            n0 = tl.load(QBLOCK_OFF + qblock0 + 1) - tl.load(QBLOCK_OFF + qblock0)
-        start = first0 + i * n0 // split
-        end = first0 + (i + 1) * n0 // split
-    else:
-        start = program_start(p, work, programs)
-        end = program_start(p + 1, work, programs)
+    start, end = program_range(p, work, programs, split, group_work, ntiles_x, QBLOCK_OFF,
+                               div_x_mul, div_x_shift, USE_FASTDIV, ONE_TOKEN_BLOCK,
+                               PER_TILE_RANGES)
     item = start
     while item < end:
         # -- which tile holds `item`
@@ -67,10 +55,7 @@ def attention_kernel(
         tile = group * ntiles_x + qblock
         b, g, z = decode_group(group, ntiles_z, kv_heads, div_z_mul, div_z_shift, div_h_mul, div_h_shift,
                                USE_FASTDIV)
-        if ONE_TOKEN_BLOCK:
-            kv0 = kv_first0 - first
-        else:
-            kv0 = tl.load(KV_FIRST + qblock) - first
+        kv0 = first_kv_block(KV_FIRST, qblock, kv_first0, ONE_TOKEN_BLOCK) - first
         stop_here = tl.minimum(end, stop)
         qi, head, valid = tile_rows(g, z, qblock, q_len, ratio, HEADS_PER_TILE, TOKENS_PER_TILE, BLOCK_M)
         # K/V's dtype, or q's for quantized K/V (dequantized to it)

@@ -3,6 +3,7 @@ import triton
 import triton.language as tl
 
 from skattn.kernels.quant import load_q8_0
+from skattn.kernels.softmax import alibi_slope, scores, softmax_step, unmasked_end, visible
 from skattn.kernels.tile import LOG2E
 
 
@@ -54,6 +55,14 @@ def _dot(a, b, DOT_F32: tl.constexpr):
 
 
 @triton.jit
+def _mask_bias(MASK, b, qi, offs_n, stride_mb, stride_mm, ok):
+    """The additive mask of rows qi, keys offs_n where `ok` (0 elsewhere), in log2 units."""
+    mptr = (MASK + tl.cast(b, tl.int64) * stride_mb + tl.cast(qi, tl.int64)[:, None] * stride_mm
+            + offs_n[None, :])
+    return tl.load(mptr, mask=ok, other=0.0).to(tl.float32) * LOG2E
+
+
+@triton.jit
 def _kv_step(acc, m_i, l_i, q, Q, K, V, KS, VS, MASK, slope, b, qi, head, valid, qpos, kbase, vbase,
              blk,
              stride_qb, stride_qm, stride_qh, stride_kn, stride_vn, stride_mb, stride_mm,
@@ -88,32 +97,17 @@ def _kv_step(acc, m_i, l_i, q, Q, K, V, KS, VS, MASK, slope, b, qi, head, valid,
                 kc = _load_kt(K, kbase, offs_n, kv_len, stride_kn, c, HEAD_DIM, BLOCK_DK,
                               True).to(q.dtype)
             qk += _dot(qc, kc, DOT_F32)
-    if SOFTCAP:
-        e = tl.exp2(qk * softcap_scale * (2.0 * LOG2E))
-        s = qk_scale * (1.0 - 2.0 / (e + 1.0))  # qk_scale = softcap * log2(e) here
-    else:
-        s = qk * qk_scale
-    # -- bias and masks
-    if HAS_ALIBI:
-        s -= slope[:, None] * tl.abs(qpos[:, None] - offs_n[None, :]).to(tl.float32)
+    s = scores(qk, qk_scale, softcap_scale, slope, qpos, offs_n, SOFTCAP, HAS_ALIBI)
+    # -- masks
     if MASKED:
-        keep = offs_n[None, :] < kv_len
-        if CAUSAL:
-            keep = keep & (offs_n[None, :] <= qpos[:, None])
-        if HAS_WINDOW:
-            keep = keep & (offs_n[None, :] > qpos[:, None] - window)
+        keep = visible(offs_n[None, :] < kv_len, offs_n, qpos, window, CAUSAL, HAS_WINDOW)
         if HAS_MASK:
-            mptr = MASK + tl.cast(b, tl.int64) * stride_mb + tl.cast(qi, tl.int64)[:, None] * stride_mm + offs_n[None, :]
-            s += tl.load(mptr, mask=valid[:, None] & keep, other=0.0).to(tl.float32) * LOG2E
+            s += _mask_bias(MASK, b, qi, offs_n, stride_mb, stride_mm, valid[:, None] & keep)
         s = tl.where(keep, s, float("-inf"))
     elif HAS_MASK:
-        mptr = MASK + tl.cast(b, tl.int64) * stride_mb + tl.cast(qi, tl.int64)[:, None] * stride_mm + offs_n[None, :]
-        s += tl.load(mptr, mask=valid[:, None], other=0.0).to(tl.float32) * LOG2E
-    # -- online softmax; a row with every score -inf so far keeps m = -inf and l = 0
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.exp2(s - m_use[:, None])
-    alpha = tl.exp2(m_i - m_use)
+        s += _mask_bias(MASK, b, qi, offs_n, stride_mb, stride_mm, valid[:, None])
+    # -- online softmax
+    p, alpha, m_new = softmax_step(s, m_i)
     l_i = l_i * alpha + tl.sum(p, 1)
     if KV_FORMAT == 2:
         vt = load_q8_0(V, VS, vbase, offs_n, kv_len, stride_vn, 0, HEAD_DIM_V, BLOCK_DV,
@@ -151,17 +145,9 @@ def tile_kv_loop(acc, m_i, l_i, q, Q, K, V, KS, VS, MASK, SLOPES, b, g, qi, head
             softcap_scale = softcap_scale * tl.load(KS + g * (HEAD_SCALES % 2))
         else:
             qk_scale = qk_scale * tl.load(KS + g * (HEAD_SCALES % 2))
-    if HAS_ALIBI:
-        slope = tl.load(SLOPES + head, mask=valid, other=0.0).to(tl.float32) * LOG2E
-    else:
-        slope = 0.0
-    # -- blocks below `full_end` lie inside Lk and before every row's causal edge
-    full_end = kv_len // BLOCK_N
-    if CAUSAL:
-        full_end = tl.minimum(full_end, (kv_len - q_len + first_token + 1) // BLOCK_N)
-    if HAS_WINDOW or DK_CHUNKS > 1:
-        full_end = blk_lo
-    mid = tl.maximum(blk_lo, tl.minimum(blk_hi, full_end))
+    slope = alibi_slope(SLOPES, head, valid, HAS_ALIBI)
+    mid = unmasked_end(blk_lo, blk_hi, q_len, kv_len, first_token, BLOCK_N, CAUSAL,
+                       HAS_WINDOW or DK_CHUNKS > 1)
     for masked in tl.static_range(2):  # blocks blk_lo..mid unmasked, mid..blk_hi masked
         for blk in range(blk_lo + (mid - blk_lo) * masked, mid + (blk_hi - mid) * masked):
             acc, m_i, l_i = _kv_step(

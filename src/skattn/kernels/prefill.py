@@ -10,7 +10,9 @@ The same stream-K work list, program ranges, partial slots and fused merge as
   which accumulates in place (`tl.dot(p, v, acc)`), and l is updated after it, so fewer
   values live across the MMA;
 - with WARP_SPECIALIZE the loop is handed to Triton's automatic warp specialisation
-  (producer warps issue the copies, consumer warpgroups run the MMAs and the softmax).
+  (producer warps issue the copies, consumer warpgroups run the MMAs and the softmax); q
+  then comes through a descriptor made in the kernel, since the pass splits its load
+  between the two consumer warpgroups and only resizes a descriptor it made itself.
 
 Features: causal or not, sinks, lse, every fixup kind; head sizes 64 and 128 with Dk = Dv.
 Masks, ALiBi, softcap and windows stay on `attention_kernel` (`launch` chooses at bind time).
@@ -26,14 +28,15 @@ from triton.language.extra.cuda import gdc_launch_dependents
 
 from skattn.kernels.attention import _fused_fixup
 from skattn.kernels.kv_loop import load_q
-from skattn.kernels.tile import (_div, decode_group, finalize_store, program_start,
-                                 store_partial, tile_rows)
+from skattn.kernels.softmax import softmax_step, unmasked_end
+from skattn.kernels.tile import (_div, decode_group, finalize_store, first_kv_block,
+                                 program_range, store_partial, tile_items, tile_rows)
 
 
 @triton.jit
 def prefill_kernel(
     Q, stride_qb, stride_qm, stride_qh,  # q [B, Lq, Hq, D]
-    Q_DESC_T,  # with Q_DESC: q packed [B * Hkv, Lq * ratio, D] as a descriptor, [1, BLOCK_M, D]
+    Q_PACKED,  # with Q_DESC: q packed by KV head, [B * Hkv * Lq * ratio, D] contiguous
     K_DESC, stride_kb, stride_kn, stride_kh,  # k [B, Lk, Hkv, D]: descriptor, or the tensor
     V_DESC, stride_vb, stride_vn, stride_vh,  # v [B, Lk, Hkv, D]
     O, stride_ob, stride_om, stride_oh,  # out [B, Lq, Hq, D]
@@ -58,22 +61,13 @@ def prefill_kernel(
     if USE_PDL == 1:
         gdc_launch_dependents()
     # -- this program's [start, end) of the work list (as attention_kernel)
-    if PER_TILE_RANGES:
-        tile0 = p // split
-        i = p - tile0 * split
-        group0 = _div(tile0, ntiles_x, div_x_mul, div_x_shift, USE_FASTDIV)
-        qblock0 = tile0 - group0 * ntiles_x
-        if ONE_TOKEN_BLOCK:
-            first0 = group0 * group_work
-            n0 = group_work
-        else:
-            first0 = group0 * group_work + tl.load(QBLOCK_OFF + qblock0)
-            n0 = tl.load(QBLOCK_OFF + qblock0 + 1) - tl.load(QBLOCK_OFF + qblock0)
-        start = first0 + i * n0 // split
-        end = first0 + (i + 1) * n0 // split
-    else:
-        start = program_start(p, work, programs)
-        end = program_start(p + 1, work, programs)
+    start, end = program_range(p, work, programs, split, group_work, ntiles_x, QBLOCK_OFF,
+                               div_x_mul, div_x_shift, USE_FASTDIV, ONE_TOKEN_BLOCK,
+                               PER_TILE_RANGES)
+    if Q_DESC:  # (a host descriptor's 128-row box would overrun the 64-row halves)
+        q_rows = work // group_work // ntiles_z * (q_len * ratio)  # B * Hkv * Lq * ratio
+        q_desc = tl.make_tensor_descriptor(Q_PACKED, shape=[q_rows, HEAD_DIM],
+                                           strides=[HEAD_DIM, 1], block_shape=[BLOCK_M, HEAD_DIM])
     # -- its tiles, first to last: a counted loop (Triton's warp specialisation needs a
     # loop, not a `while`, around the KV loop)
     t_first = _tile_of(start, group_work, ntiles_x, QBLOCK_OFF, div_w_mul, div_w_shift,
@@ -84,14 +78,8 @@ def prefill_kernel(
     for tile in range(t_first, t_last + 1):
         group = _div(tile, ntiles_x, div_x_mul, div_x_shift, USE_FASTDIV)
         qblock = tile - group * ntiles_x
-        if ONE_TOKEN_BLOCK:
-            first = group * group_work
-            stop = first + group_work
-            kv0 = kv_first0 - first
-        else:
-            first = group * group_work + tl.load(QBLOCK_OFF + qblock)
-            stop = group * group_work + tl.load(QBLOCK_OFF + qblock + 1)
-            kv0 = tl.load(KV_FIRST + qblock) - first
+        first, stop = tile_items(group, qblock, group_work, QBLOCK_OFF, ONE_TOKEN_BLOCK)
+        kv0 = first_kv_block(KV_FIRST, qblock, kv_first0, ONE_TOKEN_BLOCK) - first
         item = tl.maximum(start, first)
         stop_here = tl.minimum(end, stop)
         b, g, z = decode_group(group, ntiles_z, kv_heads, div_z_mul, div_z_shift, div_h_mul,
@@ -99,7 +87,8 @@ def prefill_kernel(
         qi, head, valid = tile_rows(g, z, qblock, q_len, ratio, HEADS_PER_TILE, TOKENS_PER_TILE,
                                     BLOCK_M)
         if Q_DESC:  # q packed tile-major: the tile's rows are BLOCK_M consecutive rows
-            q = Q_DESC_T.load([b * kv_heads + g, qblock * BLOCK_M, 0]).reshape([BLOCK_M, HEAD_DIM])
+            # (rows past the sequence's are the next one's, or zeros: never valid rows)
+            q = q_desc.load([(b * kv_heads + g) * (q_len * ratio) + qblock * BLOCK_M, 0])
         else:
             q = load_q(Q, b, qi, head, valid, stride_qb, stride_qm, stride_qh, 0, HEAD_DIM,
                        HEAD_DIM, K_DESC.dtype.element_ty if DEVICE_DESC else K_DESC.dtype)
@@ -220,10 +209,7 @@ def tile_kv_blocks(q, K_DESC, V_DESC, b, g, blk_lo, blk_hi, first_token, qi,
                                   qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, DOT_F32,
                                   DEVICE_DESC, True, True)
     else:
-        full_end = kv_len // BLOCK_N
-        if CAUSAL:
-            full_end = tl.minimum(full_end, (kv_len - q_len + first_token + 1) // BLOCK_N)
-        mid = tl.maximum(blk_lo, tl.minimum(blk_hi, full_end))
+        mid = unmasked_end(blk_lo, blk_hi, q_len, kv_len, first_token, BLOCK_N, CAUSAL, False)
         acc, m_i, l_i = _kv_range(acc, m_i, l_i, q, kd, vd, b, g, blk_lo, mid, qpos, kv_len,
                                   qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, DOT_F32,
                                   DEVICE_DESC, False, False)
@@ -252,11 +238,7 @@ def _kv_range(acc, m_i, l_i, q, kd, vd, b, g, lo, hi, qpos, kv_len, qk_scale,
                 keep = offs_n[None, :] <= qpos[:, None]
             else:
                 keep = offs_n[None, :] < kv_len
-            s = tl.where(keep, qk * qk_scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            pr = tl.exp2(s - m_use[:, None])
-            alpha = tl.exp2(m_i - m_use)
+            pr, alpha, m_new = softmax_step(tl.where(keep, qk * qk_scale, float("-inf")), m_i)
         else:
             m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
             pr = tl.exp2(qk * qk_scale - m_new[:, None])

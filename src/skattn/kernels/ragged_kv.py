@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from skattn.kernels.kv_loop import _dot, load_q
-from skattn.kernels.tile import LOG2E
+from skattn.kernels.softmax import alibi_slope, scores, softmax_step, unmasked_end, visible
 
 
 @triton.jit
@@ -80,28 +80,15 @@ def _ragged_step(acc, m_i, l_i, q, Qb, Kb, Vb, BT, slope, qi, head, valid, qpos,
             kc = tl.load(Kb + krow[None, :] + dk[:, None],
                          mask=ok[None, :] & (dk[:, None] < HEAD_DIM), other=0.0)
             qk += _dot(qc, kc, DOT_F32)
-    if SOFTCAP:
-        e = tl.exp2(qk * softcap_scale * (2.0 * LOG2E))
-        s = qk_scale * (1.0 - 2.0 / (e + 1.0))  # qk_scale = softcap * log2(e) here
-    else:
-        s = qk * qk_scale
-    # -- bias and masks
-    if HAS_ALIBI:
-        s -= slope[:, None] * tl.abs(qpos[:, None] - offs_n[None, :]).to(tl.float32)
-    keep = ok[None, :]
+    s = scores(qk, qk_scale, softcap_scale, slope, qpos, offs_n, SOFTCAP, HAS_ALIBI)
+    # -- masks
     if MASKED:
-        if CAUSAL:
-            keep = keep & (offs_n[None, :] <= qpos[:, None])
-        if HAS_WINDOW:
-            keep = keep & (offs_n[None, :] > qpos[:, None] - window)
-        s = tl.where(keep, s, float("-inf"))
+        s = tl.where(visible(ok[None, :], offs_n, qpos, window, CAUSAL, HAS_WINDOW), s,
+                     float("-inf"))
     elif PAGED:
-        s = tl.where(keep, s, float("-inf"))
-    # -- online softmax; a row with every score -inf so far keeps m = -inf and l = 0
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.exp2(s - m_use[:, None])
-    alpha = tl.exp2(m_i - m_use)
+        s = tl.where(ok[None, :], s, float("-inf"))
+    # -- online softmax
+    p, alpha, m_new = softmax_step(s, m_i)
     l_i = l_i * alpha + tl.sum(p, 1)
     dv = tl.arange(0, BLOCK_DV)
     vptrs = Vb + vrow[:, None] + dv[None, :]
@@ -127,16 +114,9 @@ def ragged_kv_loop(acc, m_i, l_i, q, Qb, Kb, Vb, BT, SLOPES, qi, head, valid, bl
     """Online softmax over KV blocks [blk_lo, blk_hi) of one tile of sequence lengths
     (q_len, kv_len): first the blocks that need no mask, then the rest (`tile_kv_loop`)."""
     qpos = kv_len - q_len + qi
-    if HAS_ALIBI:
-        slope = tl.load(SLOPES + head, mask=valid, other=0.0).to(tl.float32) * LOG2E
-    else:
-        slope = 0.0
-    full_end = kv_len // BLOCK_N
-    if CAUSAL:
-        full_end = tl.minimum(full_end, (kv_len - q_len + first_token + 1) // BLOCK_N)
-    if HAS_WINDOW or DK_CHUNKS > 1:
-        full_end = blk_lo
-    mid = tl.maximum(blk_lo, tl.minimum(blk_hi, full_end))
+    slope = alibi_slope(SLOPES, head, valid, HAS_ALIBI)
+    mid = unmasked_end(blk_lo, blk_hi, q_len, kv_len, first_token, BLOCK_N, CAUSAL,
+                       HAS_WINDOW or DK_CHUNKS > 1)
     for masked in tl.static_range(2):  # blocks blk_lo..mid unmasked, mid..blk_hi masked
         for blk in range(blk_lo + (mid - blk_lo) * masked, mid + (blk_hi - mid) * masked):
             acc, m_i, l_i = _ragged_step(

@@ -35,6 +35,27 @@ def program_start(p, work, programs):
 
 
 @triton.jit
+def program_range(p, work, programs, split, group_work, ntiles_x, QBLOCK_OFF, div_x_mul,
+                  div_x_shift, USE_FASTDIV: tl.constexpr, ONE_TOKEN_BLOCK: tl.constexpr,
+                  PER_TILE_RANGES: tl.constexpr):
+    """Program p's [start, end) of the work list: an equal share of W among N programs, or
+    (PER_TILE_RANGES) piece p % split of tile p // split."""
+    if PER_TILE_RANGES:
+        tile0 = p // split
+        i = p - tile0 * split
+        group0 = _div(tile0, ntiles_x, div_x_mul, div_x_shift, USE_FASTDIV)
+        first0, stop0 = tile_items(group0, tile0 - group0 * ntiles_x, group_work, QBLOCK_OFF,
+                                   ONE_TOKEN_BLOCK)
+        n0 = stop0 - first0
+        start = first0 + i * n0 // split
+        end = first0 + (i + 1) * n0 // split
+    else:
+        start = program_start(p, work, programs)
+        end = program_start(p + 1, work, programs)
+    return start, end
+
+
+@triton.jit
 def program_of(item, work, programs):
     """The program whose range holds `item`: the largest p with floor(p * W / N) <= item."""
     return (((tl.cast(item, tl.int64) + 1) * programs - 1) // work).to(tl.int32)
@@ -47,15 +68,33 @@ def locate(item, group_work, ntiles_x, QBLOCK_OFF, div_w_mul, div_w_shift, USE_F
     ONE_TOKEN_BLOCK (decode: ntiles_x == 1): a group is one tile; no table is read."""
     group = _div(item, group_work, div_w_mul, div_w_shift, USE_FASTDIV)
     if ONE_TOKEN_BLOCK:
-        return group, 0, group * group_work, group * group_work + group_work
-    r = item - group * group_work
-    qblock = 0
-    j = 1
-    while j < ntiles_x:  # a while loop: the interpreter cannot range() over an argument
-        qblock += (tl.load(QBLOCK_OFF + j) <= r).to(tl.int32)
-        j += 1
+        qblock = 0
+    else:
+        r = item - group * group_work
+        qblock = 0
+        j = 1
+        while j < ntiles_x:  # a while loop: the interpreter cannot range() over an argument
+            qblock += (tl.load(QBLOCK_OFF + j) <= r).to(tl.int32)
+            j += 1
+    first, stop = tile_items(group, qblock, group_work, QBLOCK_OFF, ONE_TOKEN_BLOCK)
+    return group, qblock, first, stop
+
+
+@triton.jit
+def tile_items(group, qblock, group_work, QBLOCK_OFF, ONE_TOKEN_BLOCK: tl.constexpr):
+    """Work items [first, stop) of the tile (group, token block qblock)."""
     base = group * group_work
-    return group, qblock, base + tl.load(QBLOCK_OFF + qblock), base + tl.load(QBLOCK_OFF + qblock + 1)
+    if ONE_TOKEN_BLOCK:
+        return base, base + group_work
+    return base + tl.load(QBLOCK_OFF + qblock), base + tl.load(QBLOCK_OFF + qblock + 1)
+
+
+@triton.jit
+def first_kv_block(KV_FIRST, qblock, kv_first0, ONE_TOKEN_BLOCK: tl.constexpr):
+    """The first KV block token block `qblock` sees (kv_first0 when there is one token block)."""
+    if ONE_TOKEN_BLOCK:
+        return kv_first0
+    return tl.load(KV_FIRST + qblock)
 
 
 @triton.jit

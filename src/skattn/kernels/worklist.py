@@ -34,6 +34,16 @@ def _clamp(x, lo, hi):
 
 
 @triton.jit
+def _span(CU, i, ok, cap, total):
+    """Start and length of sequences i from cumulative lengths CU, clamped to [0, total) and
+    a length of at most `cap`."""
+    x0 = tl.load(CU + i, mask=ok, other=0)
+    x1 = tl.load(CU + i + 1, mask=ok, other=0)
+    start = _clamp(x0, 0, total)
+    return start, tl.minimum(_clamp(x1 - x0, 0, cap), total - start)
+
+
+@triton.jit
 def _sequences(SEQ_K, SEQ_Q, WL, batch, q_len, cap_q, total_q, cap_k, total_k, rb_max,
                CU_K: tl.constexpr, VARLEN_Q: tl.constexpr, TOKENS: tl.constexpr,
                BLOCK_B: tl.constexpr):
@@ -42,18 +52,12 @@ def _sequences(SEQ_K, SEQ_Q, WL, batch, q_len, cap_q, total_q, cap_k, total_k, r
     i = tl.arange(0, BLOCK_B)
     ok = i < batch
     if CU_K:
-        k0 = tl.load(SEQ_K + i, mask=ok, other=0)
-        k1 = tl.load(SEQ_K + i + 1, mask=ok, other=0)
-        ks = _clamp(k0, 0, total_k)
-        lk = tl.minimum(_clamp(k1 - k0, 0, cap_k), total_k - ks)
+        ks, lk = _span(SEQ_K, i, ok, cap_k, total_k)
     else:
         lk = _clamp(tl.load(SEQ_K + i, mask=ok, other=0), 0, cap_k)
         ks = tl.zeros_like(lk)
     if VARLEN_Q:
-        q0 = tl.load(SEQ_Q + i, mask=ok, other=0)
-        q1 = tl.load(SEQ_Q + i + 1, mask=ok, other=0)
-        qs = _clamp(q0, 0, total_q)
-        lq = tl.minimum(_clamp(q1 - q0, 0, cap_q), total_q - qs)
+        qs, lq = _span(SEQ_Q, i, ok, cap_q, total_q)
     else:
         qs = tl.zeros_like(lk)
         lq = tl.zeros_like(lk) + q_len

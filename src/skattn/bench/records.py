@@ -1,0 +1,95 @@
+"""The bench's long-format CSV rows: writing one per measurement, reading parts back merged."""
+from __future__ import annotations
+
+import csv
+import math
+from datetime import datetime, timezone
+from pathlib import Path
+
+
+def record(row: dict, cell, prov: dict, writer, f, rows: list, bar) -> None:
+    """Complete `row` with the cell's shape, a UTC time stamp and the provenance `prov`, write
+    it (flushed, so a crash keeps the rows before it), keep it in `rows`, advance `bar`."""
+    row.update(model=cell.model, hq=cell.hq, hkv=cell.hkv, d=cell.d, n=cell.n, depth=cell.depth,
+               timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds"), **prov)
+    writer.writerow(row)
+    f.flush()
+    rows.append(row)
+    bar.update()
+
+
+def merge_rows(csv_paths, key, fix=None) -> list[dict]:
+    """The rows of every CSV, in order; a later row with the same `key(row)` replaces an earlier
+    one (and takes its place at the end). `fix(row)`, when given, first rewrites a row in
+    place (older files' spellings)."""
+    merged: dict[tuple, dict] = {}
+    for path in csv_paths:
+        with open(path, newline="") as f:
+            for row in csv.DictReader(f):
+                if fix is not None:
+                    fix(row)
+                k = key(row)
+                merged.pop(k, None)
+                merged[k] = row
+    return list(merged.values())
+
+
+def number(row: dict | None, key: str) -> float | None:
+    """`row[key]` as a finite float; None for no row, an empty field or not a number."""
+    if row is None:
+        return None
+    try:
+        value = float(row.get(key, ""))
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def ok_number(row: dict | None, key: str) -> float | None:
+    """`number(row, key)` of a row whose status is "ok"; else None."""
+    return number(row, key) if row is not None and row.get("status") == "ok" else None
+
+
+def provenance_text(rows: list[dict], keys) -> str:
+    """'gpu H200; torch 2.x; ...': the distinct values of each key that the rows have."""
+    parts = []
+    for key in keys:
+        values = sorted({str(r[key]) for r in rows if r.get(key)})
+        if values:
+            parts.append(f"{key} {', '.join(values)}")
+    return "; ".join(parts)
+
+
+def report_files(csv_paths, out_dir, stem, what: str) -> tuple[list[Path], Path, str]:
+    """(CSV paths, output folder, output stem) of a report made from one CSV or several: by
+    default next to the first CSV and named after it."""
+    paths = [Path(p) for p in ([csv_paths] if isinstance(csv_paths, (str, Path)) else csv_paths)]
+    if not paths:
+        raise ValueError(f"{what} needs at least one CSV file")
+    return (paths, Path(out_dir) if out_dir is not None else paths[0].parent,
+            stem or paths[0].stem)
+
+
+def not_timed(rows: list[dict], describe) -> list[str]:
+    """Markdown lines naming the rows whose status is not "ok" ('- <describe(row)>: <status>'),
+    or none."""
+    bad = [r for r in rows if r.get("status") != "ok"]
+    if not bad:
+        return []
+    return ["", "## Not timed", ""] + [f"- {describe(r)}: {r.get('status', '')}" for r in bad]
+
+
+def write_markdown(md: list[str], out_dir: Path, stem: str) -> str:
+    """Write the lines `md` to `<out_dir>/<stem>.md` (the folder made if needed); returns the text."""
+    text = "\n".join(md) + "\n"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{stem}.md").write_text(text)
+    return text
+
+
+def have_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True

@@ -1,0 +1,34 @@
+"""Helpers shared by test files: random q, k, v on the GPU and a small model block that calls
+skattn's custom op."""
+import torch
+from torch import nn
+
+import skattn.ops
+
+
+def cuda_qkv(B, Lq, Lk, Hq, Hkv, D, dtype=torch.float16, seed=0):
+    """q [B, Lq, Hq, D], k and v [B, Lk, Hkv, D] of `dtype` on the GPU, standard normal."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randn(B, Lq, Hq, D, device="cuda", generator=g).to(dtype)
+    k = torch.randn(B, Lk, Hkv, D, device="cuda", generator=g).to(dtype)
+    v = torch.randn(B, Lk, Hkv, D, device="cuda", generator=g).to(dtype)
+    return q, k, v
+
+
+class Block(nn.Module):
+    """QKV projection, skattn attention over a KV cache plus the new tokens, output projection."""
+
+    def __init__(self, hidden, q_heads, kv_heads, head_dim):
+        super().__init__()
+        self.shape = q_heads, kv_heads, head_dim
+        self.qkv = nn.Linear(hidden, (q_heads + 2 * kv_heads) * head_dim, bias=False)
+        self.out = nn.Linear(q_heads * head_dim, hidden, bias=False)
+
+    def forward(self, x, k_cache, v_cache):
+        hq, hkv, d = self.shape
+        B, L, _ = x.shape
+        q, k, v = self.qkv(x).split([hq * d, hkv * d, hkv * d], dim=-1)
+        k = torch.cat([k_cache, k.view(B, L, hkv, d)], dim=1)
+        v = torch.cat([v_cache, v.view(B, L, hkv, d)], dim=1)
+        o = skattn.ops.attention(q.view(B, L, hq, d), k, v, causal=True)
+        return self.out(o.reshape(B, L, hq * d))
