@@ -38,10 +38,13 @@ fi
 workers() { python3 -c "import xdist" 2>/dev/null && echo "-n $1" || echo ""; }
 # a test still running after this many seconds has its threads' stacks dumped to the log
 # (pytest's faulthandler), and each stage is stopped after STAGE_LIMIT seconds, so one hung
-# kernel costs its stage, not the whole call
+# kernel costs its stage, not the whole call; a GPU test still running after
+# SKATTN_TEST_TIMEOUT seconds (240 here; the fuzz shards run longer, so 0 = off there) ends
+# its process with every stack printed (tests/conftest.py)
 HANG_DUMP_S=${HANG_DUMP_S:-150}
 STAGE_LIMIT=${STAGE_LIMIT:-420}
 if has tests; then
+    SKATTN_TEST_TIMEOUT=${SKATTN_TEST_TIMEOUT:-240} \
     timeout "$STAGE_LIMIT" python3 -m pytest -v -rfE -m "gpu and not serial" $(workers 8) -p no:cacheprovider \
         -o faulthandler_timeout="$HANG_DUMP_S" ${TESTS:-tests} --ignore=tests/test_fuzz.py \
         2>&1 | tee "$OUT_DIR/gpu_tests.log"
@@ -49,7 +52,7 @@ if has tests; then
     summary+=("gpu tests: $(tail -n 1 "$OUT_DIR/gpu_tests.log")")
 fi
 if has fuzz; then
-    timeout "$STAGE_LIMIT" python3 -m pytest -q -m gpu -s $(workers 4) -p no:cacheprovider \
+    SKATTN_TEST_TIMEOUT=0 timeout "$STAGE_LIMIT" python3 -m pytest -q -m gpu -s $(workers 4) -p no:cacheprovider \
         -o faulthandler_timeout="$HANG_DUMP_S" tests/test_fuzz.py 2>&1 \
         | tee "$OUT_DIR/fuzz.log"
     t=${PIPESTATUS[0]}; [ "$t" -ne 0 ] && rc=$t
