@@ -4,14 +4,19 @@
 wraps the same kernel so that `torch.compile(fullgraph=True)` traces it without a graph
 break (a fake kernel gives the output's shape) and CUDA graphs (mode="reduce-overhead")
 capture it. The op plans with a named policy, cached per shape like `skattn.attention`.
+
+Quantized K/V (docs/quant.md) pass as tensors: FP8 K/V with `k_scale`, `v_scale` as
+`skattn.attention` takes them, and a q8_0 cache as its int8 values in `k`/`v` with its f16
+block scales in `k_scale`/`v_scale` (`attention` below unpacks a `skattn.quant.Q8_0`).
 """
 from __future__ import annotations
 
 from functools import lru_cache
+from numbers import Real
 
 import torch
 
-from skattn import checks, launch
+from skattn import checks, launch, quant
 from skattn import policy as policies
 from skattn.device import hardware, shared_memory_limit
 from skattn.planner import plan as make_plan
@@ -33,13 +38,16 @@ def _cached_plan(B, Lq, Lk, Hq, Hkv, Dk, Dv, dtype, causal, window, device, poli
 def plan_for(q, k, v, *, causal=False, window=None, policy=DEFAULT_POLICY, has_mask=False):
     """The plan the op runs for these inputs: `skattn.plan(..., policy=policy)` for the
     current GPU (the interpreter's pretend grid on a CPU), cached per shape and policy;
-    `has_mask`: the call passes a mask (its tile takes shared memory)."""
+    `has_mask`: the call passes a mask (its tile takes shared memory). k and v may be
+    float8_e4m3fn tensors or `skattn.quant.Q8_0` caches (the plan is made for their form)."""
     B, Lq, Hq, Dk = q.shape
+    kv_dtype = "q8_0" if isinstance(k, quant.Q8_0) else k.dtype
     try:
-        return _cached_plan(B, Lq, k.shape[1], Hq, k.shape[2], Dk, v.shape[3], k.dtype,
+        return _cached_plan(B, Lq, k.shape[1], Hq, k.shape[2], Dk, v.shape[3], kv_dtype,
                             bool(causal), window, q.device, policy, bool(has_mask))
     except ValueError:  # name the tensor at fault (e.g. an f32 k) rather than the planner's field
-        checks.attention_args(q, k, v, causal=causal, window=window)
+        if not quant.is_quantized(k):  # (quantized K/V were checked with their scales)
+            checks.attention_args(q, k, v, causal=causal, window=window)
         raise
 
 
@@ -49,27 +57,51 @@ def _check_policy(policy) -> None:
         raise ValueError(f"policy must be one of {known}, got {policy!r}")
 
 
+def _kv_forms(k, v, k_scale, v_scale):
+    """The op's K/V as `skattn.attention` takes them: int8 values whose scale is a float16
+    tensor are a q8_0 cache (`Q8_0(values, block scales)`; a Q8_0 holds its own scales)."""
+    out = []
+    for x, s in ((k, k_scale), (v, v_scale)):
+        if (isinstance(x, torch.Tensor) and x.dtype == torch.int8 and isinstance(s, torch.Tensor)
+                and s.dtype == torch.float16):
+            x, s = quant.Q8_0(x, s), None
+        out += [x, s]
+    return out[0], out[2], out[1], out[3]
+
+
+def _check(q, k, v, mask, sinks, alibi_slopes, scale, causal, window, softcap, k_scale, v_scale):
+    k, v, k_scale, v_scale = _kv_forms(k, v, k_scale, v_scale)
+    checks.attention_args(q, k, v, scale=scale, causal=causal, window=window, mask=mask,
+                          sinks=sinks, softcap=softcap, alibi_slopes=alibi_slopes,
+                          k_scale=k_scale, v_scale=v_scale)
+    return k, v
+
+
 @torch.library.custom_op("skattn::attention", mutates_args=())
 def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                   sinks: torch.Tensor | None, alibi_slopes: torch.Tensor | None,
                   scale: float | None, causal: bool, window: int | None, softcap: float,
-                  policy: str) -> torch.Tensor:
-    checks.attention_args(q, k, v, scale=scale, causal=causal, window=window, mask=mask,
-                          sinks=sinks, softcap=softcap, alibi_slopes=alibi_slopes)
-    p = plan_for(q, k, v, causal=causal, window=window, policy=policy, has_mask=mask is not None)
+                  policy: str, k_scale: torch.Tensor | None = None,
+                  v_scale: torch.Tensor | None = None) -> torch.Tensor:
+    kf, vf = _check(q, k, v, mask, sinks, alibi_slopes, scale, causal, window, softcap, k_scale,
+                    v_scale)
+    p = plan_for(q, kf, vf, causal=causal, window=window, policy=policy, has_mask=mask is not None)
     B, Lq, Hq, Dk = q.shape
     out = q.new_empty(B, Lq, Hq, v.shape[3])
+    if k.dtype in quant.FP8_DTYPES:  # scales [] / [1] / [Hkv] as the kernel reads them: [1] / [Hkv]
+        k_scale, v_scale = k_scale.reshape(-1), v_scale.reshape(-1)
     # a workspace of this call alone: CUDA graphs of torch.compile own what the op allocates
     launch.run(p, q, k, v, out, None, scale=launch.default_scale(Dk) if scale is None else scale,
-               mask=mask, sinks=sinks, softcap=softcap, alibi_slopes=alibi_slopes, scratch=True)
+               mask=mask, sinks=sinks, softcap=softcap, alibi_slopes=alibi_slopes,
+               k_scale=k_scale, v_scale=v_scale, scratch=True)
     return out
 
 
 @_attention_op.register_fake
-def _attention_fake(q, k, v, mask, sinks, alibi_slopes, scale, causal, window, softcap, policy):
+def _attention_fake(q, k, v, mask, sinks, alibi_slopes, scale, causal, window, softcap, policy,
+                    k_scale=None, v_scale=None):
     # the same checks as the real kernel, so bad input fails while tracing, not at run time
-    checks.attention_args(q, k, v, scale=scale, causal=causal, window=window, mask=mask,
-                          sinks=sinks, softcap=softcap, alibi_slopes=alibi_slopes)
+    _check(q, k, v, mask, sinks, alibi_slopes, scale, causal, window, softcap, k_scale, v_scale)
     _check_policy(policy)
     B, Lq, Hq, _ = q.shape
     return q.new_empty(B, Lq, Hq, v.shape[3])
@@ -83,8 +115,20 @@ def _no_backward(ctx, grad):
 _attention_op.register_autograd(_no_backward)
 
 
+def _scale_arg(name, s, device):
+    """A float scale as a [1] f32 tensor (checked as `skattn.attention` checks it); tensors
+    and None pass through (the op checks them)."""
+    if isinstance(s, Real) and not isinstance(s, bool):
+        if not (float(s) > 0 and float(s) < float("inf")):
+            raise ValueError(f"{name} must be positive and finite, got {s}")
+        return quant.scale_tensor(s, device)
+    if s is not None and not isinstance(s, torch.Tensor):
+        raise TypeError(f"{name} must be a float32 tensor or a float, got {type(s).__name__}")
+    return s
+
+
 def attention(q, k, v, *, scale=None, causal=False, window=None, mask=None, sinks=None,
-              softcap=0.0, alibi_slopes=None, policy=DEFAULT_POLICY):
+              softcap=0.0, alibi_slopes=None, policy=DEFAULT_POLICY, k_scale=None, v_scale=None):
     """`skattn.attention` through the custom op `torch.ops.skattn.attention`.
 
     Use this inside code that `torch.compile` traces (it is one node in the graph, no graph
@@ -93,9 +137,11 @@ def attention(q, k, v, *, scale=None, causal=False, window=None, mask=None, sink
 
     Parameters
     ----------
-    q : Tensor [B, Lq, Hq, Dk], f16, bf16 or f32 (last dim contiguous)
-    k : Tensor [B, Lk, Hkv, Dk], f16 or bf16; may be a strided view of a larger cache
-    v : Tensor [B, Lk, Hkv, Dv], k's dtype
+    q : Tensor [B, Lq, Hq, Dk], f16, bf16 or f32 (last dim contiguous); f16 or bf16 with
+        quantized K/V, which are dequantized to q's dtype
+    k : Tensor [B, Lk, Hkv, Dk], f16, bf16 or float8_e4m3fn (with k_scale), or a
+        `skattn.quant.Q8_0` (Dk a multiple of 32); may be a strided view of a larger cache
+    v : Tensor [B, Lk, Hkv, Dv], k's dtype (or a Q8_0 when k is one)
     scale : float, optional
         Score scale, default Dk ** -0.5.
     causal : bool
@@ -113,11 +159,31 @@ def attention(q, k, v, *, scale=None, causal=False, window=None, mask=None, sink
     policy : str
         The planner's policy for the program count ("auto", "llamacpp", "llamacpp-before",
         ...; see `skattn.plan`).
+    k_scale, v_scale : Tensor [] / [1] / [Hkv] float32, or float; float8_e4m3fn K/V only
+        K/V's value is `x.float() * scale` (see `skattn.attention`). Tensors are read on the
+        device, so a captured graph follows new values written into them; a float becomes a
+        [1] tensor per call (and a constant of a compiled graph).
 
     Returns
     -------
     Tensor [B, Lq, Hq, Dv], q's dtype
+
+    Notes
+    -----
+    At the op itself, `torch.ops.skattn.attention(q, k, v, mask, sinks, alibi_slopes, scale,
+    causal, window, softcap, policy, k_scale, v_scale)`, a q8_0 cache is two tensors: its
+    int8 values as `k`/`v` and its float16 block scales `[B, Lk, Hkv, D / 32]` as
+    `k_scale`/`v_scale` (this function unpacks a Q8_0 so).
     """
+    if isinstance(k, quant.Q8_0) and isinstance(v, quant.Q8_0):
+        if k_scale is not None or v_scale is not None:  # as skattn.attention says it
+            quant.check_kv(q, k, v, k_scale, v_scale, kernel=True)
+        k, v, k_scale, v_scale = k.values, v.values, k.scales, v.scales
+    elif isinstance(k, quant.Q8_0) or isinstance(v, quant.Q8_0):
+        quant.check_kv(q, k, v, k_scale, v_scale, kernel=True)  # names the mix-up
+    else:
+        k_scale = _scale_arg("k_scale", k_scale, q.device)
+        v_scale = _scale_arg("v_scale", v_scale, q.device)
     return torch.ops.skattn.attention(q, k, v, mask, sinks, alibi_slopes,
                                       None if scale is None else float(scale), bool(causal),
-                                      window, float(softcap), policy)
+                                      window, float(softcap), policy, k_scale, v_scale)
