@@ -32,3 +32,21 @@ class Block(nn.Module):
         v = torch.cat([v_cache, v.view(B, L, hkv, d)], dim=1)
         o = skattn.ops.attention(q.view(B, L, hq, d), k, v, causal=True)
         return self.out(o.reshape(B, L, hq * d))
+
+
+class FP8Block(Block):
+    """`Block` over an FP8 KV cache: the new tokens' K/V are quantized with the cache's scales
+    (f32 [1] or [Hkv]) and appended, and attention reads FP8 K/V with k_scale, v_scale."""
+
+    def forward(self, x, k_cache, v_cache, k_scale, v_scale):
+        hq, hkv, d = self.shape
+        B, L, _ = x.shape
+        q, k, v = self.qkv(x).split([hq * d, hkv * d, hkv * d], dim=-1)
+        fp8 = k_cache.dtype
+        k8 = (k.view(B, L, hkv, d).float() / k_scale.reshape(-1, 1)).clamp(-448, 448).to(fp8)
+        v8 = (v.view(B, L, hkv, d).float() / v_scale.reshape(-1, 1)).clamp(-448, 448).to(fp8)
+        k = torch.cat([k_cache, k8], dim=1)
+        v = torch.cat([v_cache, v8], dim=1)
+        o = skattn.ops.attention(q.view(B, L, hq, d), k, v, causal=True, k_scale=k_scale,
+                                 v_scale=v_scale)
+        return self.out(o.reshape(B, L, hq * d))
