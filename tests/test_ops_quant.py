@@ -197,3 +197,21 @@ def test_compile_fullgraph_fp8_cache(backend):
         torch.testing.assert_close(compiled(x, kc, vc, ks2, vs2), block(x, kc, vc, ks2, vs2),
                                    rtol=0, atol=0)
         assert not torch.equal(block(x, kc, vc, ks2, vs2), want)
+
+
+def test_compile_fullgraph_q8_0_cache():
+    # a Q8_0 passes into compiled code as its two tensors; slicing it (a view of the cache) and
+    # the op trace into one graph
+    q, k, v = make(Lk=40, seed=7)
+    kc, vc = quant.q8_0(k), quant.q8_0(v)
+
+    def step(q, kc, vc, length: int):
+        return skattn.ops.attention(q, kc[:, :length], vc[:, :length], causal=True) * 2
+
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(step)(q, kc, vc, 30)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    got = compiled(q, kc, vc, 30)
+    assert torch.equal(got, step(q, kc, vc, 30))
+    check(got / 2, q, kc[:, :30], vc[:, :30])
