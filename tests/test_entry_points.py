@@ -5,6 +5,7 @@ on a GPU that CI does not have, and setting a module attribute that was renamed
 library."""
 import ast
 import importlib
+import inspect
 import json
 import os
 import pkgutil
@@ -167,3 +168,14 @@ def test_the_name_check_catches_a_stale_switch(tmp_path):
                  "    from skattn.bench.timing import ColdTimer, NoSuchTimer\n")
     assert _missing_names(f) == ["5: launch (skattn.launch).USE_PDL",
                                  "9: skattn.bench.timing.NoSuchTimer"]
+
+
+def test_public_api_is_listed_and_documented():
+    # `skattn.__all__` is what `import skattn` gives besides submodules, and every name in it
+    # has a numpy-style docstring (a Parameters or Attributes section)
+    public = {name for name, obj in vars(skattn).items()
+              if not name.startswith("_") and not inspect.ismodule(obj)}
+    assert set(skattn.__all__) == public
+    for name in skattn.__all__:
+        doc = inspect.getdoc(getattr(skattn, name)) or ""
+        assert "Parameters\n----------" in doc or "Attributes\n----------" in doc, name

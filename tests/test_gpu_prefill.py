@@ -59,8 +59,8 @@ def plans(B, n, L, Hq, Hkv, D, dtype):
     kw = dict(batch=B, q_len=n, kv_len=L, q_heads=Hq, kv_heads=Hkv, head_dim=D, dtype=dtype,
               causal=True)
     out = {"tma auto": skattn.plan(tuning=TMA, **kw),
-           "tma fused": skattn.plan(tuning=TMA, policy="llamacpp-master", fixup="fused", **kw)}
-    p = skattn.plan(tuning=TMA, policy="llamacpp-master", **kw)
+           "tma fused": skattn.plan(tuning=TMA, policy="llamacpp-before", fixup="fused", **kw)}
+    p = skattn.plan(tuning=TMA, policy="llamacpp-before", **kw)
     out["tma " + p.fixup] = p
     return out
 

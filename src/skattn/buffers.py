@@ -37,11 +37,26 @@ def nbytes(plan, tiles: int | None = None) -> int:
 
 
 def allocate(*plans, device=None) -> torch.Tensor:
-    """A zeroed workspace for `attention(..., workspace=)` on `device` (default: the current
-    CUDA device) that serves every plan given, one call at a time.
+    """A zeroed workspace for `attention(..., workspace=)` that serves every plan given.
 
-    The fused fixup's counters live in the last bytes and must stay zero between calls (each
-    fused call leaves them so); the partials of every plan given fit below them."""
+    Exported as `skattn.workspace`. One buffer serves the plans one call at a time (calls
+    on two streams at once need one each); use it when capturing calls in a CUDA graph.
+
+    Parameters
+    ----------
+    *plans : Plan
+        The plans the buffer will serve; it is sized for the largest (serving plans have
+        their own, `skattn.serving.workspace`).
+    device : torch.device or str, optional
+        Where to allocate (default: the current CUDA device).
+
+    Returns
+    -------
+    torch.Tensor
+        uint8, zeroed, at least 16 bytes. The fused fixup's counters live in the last bytes
+        and must stay zero between calls (each fused call leaves them so); the partials of
+        every plan given fit below them.
+    """
     device = torch.device("cuda") if device is None else torch.device(device)
     floats = max((sum(layout(p)[:2]) + layout(p)[1] for p in plans), default=0)
     counters = max((layout(p)[2] for p in plans), default=0)

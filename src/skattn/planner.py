@@ -28,8 +28,35 @@ _DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16",
 class Plan:
     """A frozen stream-K decomposition of one attention shape on one GPU size.
 
-    Tiles are ordered (sequence, KV head, head group, token block), the token block fastest;
-    work item w = (tile's offset) + KV block, the KV block fastest (docs/design.md).
+    Made by `skattn.plan`; pass it to `skattn.attention(..., plan=p)`. Tiles are ordered
+    (sequence, KV head, head group, token block), the token block fastest; work item
+    w = (tile's offset) + KV block, the KV block fastest (docs/design.md).
+
+    Attributes
+    ----------
+    batch, q_len, kv_len, q_heads, kv_heads, head_dim, head_dim_v : int
+        The shape planned for (B, Lq, Lk, Hq, Hkv, Dk, Dv).
+    dtype : str
+        K/V dtype planned for ("float16", "bfloat16", "float8_e4m3fn", "q8_0", ...).
+    causal : bool
+    window : int or None
+    geometry : TileGeometry
+        Tile shape and kernel configuration (BLOCK_M, BLOCK_N, warps, stages).
+    ntiles_dst, ntiles_kv, work : int
+        Output tiles, KV blocks of an unrestricted tile, work items W.
+    sms, occupancy, max_programs : int
+        The GPU planned for: SMs, programs per SM, and their product.
+    policy : str
+        The program-count policy that chose `programs`.
+    programs : int
+        N, programs of the main kernel.
+    fixup : str
+        "none", "uniform", "general" or "fused".
+    tuning : Tuning
+        Launch choices that leave the decomposition unchanged.
+
+    `describe()` prints the plan in words, `draw(path)` draws it, `workspace_bytes` is the
+    scratch it needs.
     """
 
     batch: int

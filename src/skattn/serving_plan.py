@@ -29,7 +29,28 @@ HEADER = 16  # int32 words before the per-sequence arrays
 
 @dataclass(frozen=True)
 class ServingPlan:
-    """A frozen decomposition of a ragged batch from its upper bounds (docs/serving.md)."""
+    """A frozen decomposition of a ragged batch from its upper bounds (docs/serving.md).
+
+    Made by `skattn.serving_plan`; pass it to `attention_with_kvcache(..., plan=)` or
+    `attention_varlen(..., plan=)`. Any batch within its bounds runs with it, so one CUDA
+    graph serves every decode step; the work list is built on the GPU from the lengths.
+
+    Attributes
+    ----------
+    batch, max_q_len, max_kv_len : int
+        Upper bounds: sequences, query tokens and keys per sequence.
+    q_heads, kv_heads, head_dim, head_dim_v : int
+    dtype : str
+        K/V dtype planned for.
+    causal : bool
+    window : int or None
+    layout : str
+        "dense", "packed" or "paged" (with `page_size` and `max_pages`).
+    sms, occupancy, max_programs, programs : int
+        The GPU planned for and N, the main kernel's grid.
+    policy, fixup : str
+        The program-count policy and the fixup kind.
+    """
 
     batch: int
     q_len: int | None       # Lq of attention_with_kvcache; None for varlen

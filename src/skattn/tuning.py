@@ -11,26 +11,41 @@ PREFILL_KERNELS = ("base", "tma")
 class Tuning:
     """How a plan's kernels are launched; the defaults are the measured best (PERF.md).
 
-    pdl: launch the separate fixup with programmatic dependent launch (sm_90+) where tiles
+    Pass one to `skattn.plan(..., tuning=Tuning(...))`. None of these fields changes the
+    decomposition (tiles, work list, programs, fixup kind), only how it is launched.
+
+    Attributes
+    ----------
+    pdl : bool
+        Launch the separate fixup with programmatic dependent launch (sm_90+) where tiles
         have many pieces: it starts while the main kernel runs and waits on the GPU.
-    pdl_trigger: where the main kernel lets the fixup start, "end" (after its last store;
+    pdl_trigger : str
+        Where the main kernel lets the fixup start, "end" (after its last store;
         0.4-2.8 us faster than "start" in every decode cell measured) or "start".
-    merge_loads_first: the separate fixups wait for all loads of a merge step at once (one
+    merge_loads_first : bool
+        The separate fixups wait for all loads of a merge step at once (one
         memory latency a step instead of two: fixup 2.1-4.1 -> 1.4-2.4 us a call).
-    fixup_dv, fixup_rows: Dv columns and tile rows per separate-fixup program (tiles with
+    fixup_dv, fixup_rows : int
+        Dv columns and tile rows per separate-fixup program (tiles with
         many pieces; tiles with few pieces get one program a tile).
-    merge_elements: f32 values of partials one separate-fixup merge step loads per thread.
-    fused_merge_elements: the same in the fused merge, whose registers are free after the KV
+    merge_elements : int
+        f32 values of partials one separate-fixup merge step loads per thread.
+    fused_merge_elements : int
+        The same in the fused merge, whose registers are free after the KV
         loop (16 pieces a step: qwen3moe n=2 28.5 vs 32.5 us with 4).
-    fused_dv: Dv columns per fused merge step (None: all of Dv; 32-column steps were
+    fused_dv : int or None
+        Dv columns per fused merge step (None: all of Dv; 32-column steps were
         1.1-1.2x slower at decode).
-    prefill: the kernel of prompt-chunk tiles (128 or 64 rows) on Hopper: "base" (the
+    prefill : str
+        The kernel of prompt-chunk tiles (128 or 64 rows) on Hopper: "base" (the
         stream-K kernel every plan runs) or "tma" (`kernels/prefill.py`: K/V through tensor
         descriptors, docs/prefill.md). Calls "tma" cannot take (a mask, ALiBi, softcap, a
         window, head sizes other than 64/128 or Dk != Dv, unaligned K/V, a GPU before sm_90)
         run the base kernel.
-    prefill_ws: "tma" only: hand the KV loop to Triton's automatic warp specialisation.
-    prefill_device_desc: "tma" only: make the K/V descriptors in the kernel, one per tile,
+    prefill_ws : bool
+        "tma" only: hand the KV loop to Triton's automatic warp specialisation.
+    prefill_device_desc : bool
+        "tma" only: make the K/V descriptors in the kernel, one per tile,
         instead of on the host once per call (their 128 bytes a program come from torch,
         or from the allocator given to `triton.set_allocator`).
     """

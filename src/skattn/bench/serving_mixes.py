@@ -1,4 +1,4 @@
-"""Length mixes of the serving benchmark (issue: ragged batches), shared with the GPU tests."""
+"""Length mixes of the serving benchmark (docs/serving.md), shared with the GPU tests."""
 from __future__ import annotations
 
 import math
