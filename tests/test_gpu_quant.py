@@ -62,7 +62,7 @@ def test_seed_shapes(form):
             kd, vd = quant.dequantize_kv(kq, vq, kw.get("k_scale"), kw.get("v_scale"), q.dtype)
             ref = reference.attention(q, kq, vq, causal=True, **kw)
             tol = bound(q, kd, vd, causal=True)
-            variants = [("auto", None)] + ([("llamacpp-master", "fused")] if n <= 16 else [])
+            variants = [("auto", None)] + ([("llamacpp-before", "fused")] if n <= 16 else [])
             for policy, fixup in variants:
                 p = skattn.plan(batch=1, q_len=n, kv_len=L, q_heads=Hq, kv_heads=Hkv, head_dim=D,
                                 dtype=dtype, causal=True, policy=policy, fixup=fixup)
@@ -87,7 +87,7 @@ def test_bf16_q_and_features(form):
         ref = reference.attention(q, kq, vq, **kw, **extra)
         p = skattn.plan(batch=2, q_len=7, kv_len=5000, q_heads=16, kv_heads=2, head_dim=64,
                         dtype=dtype, causal=True, window=extra.get("window"),
-                        policy="llamacpp-master")
+                        policy="llamacpp-before")
         out = torch.full((2, 7, 16, 64), float("nan"), device="cuda", dtype=q.dtype)
         skattn.attention(q, kq, vq, plan=p, out=out, **kw, **extra)
         assert rel_err(out, ref) <= bound(q, kd, vd, causal=True), (form, extra.keys())
