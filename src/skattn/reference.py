@@ -3,7 +3,8 @@
 
 `attention` computes each (sequence, head) row block in one shot; `run_plan` (in
 `skattn.reference_plan`, re-exported here) replays a Plan's stream-K decomposition with the
-same partial states and fixups as the Triton kernels. Both use the row math of
+same partial states and fixups as the Triton kernels, and `run_serving_plan` (in
+`skattn.reference_serving_plan`) a ServingPlan's ragged one. They use the row math of
 `skattn.reference_math` and the input rules of `skattn.checks`.
 """
 from __future__ import annotations
@@ -13,8 +14,10 @@ import torch
 from skattn.reference_math import F64, empty_state, finalise, online_update, prepare, scores
 from skattn.reference_plan import run_plan
 from skattn.reference_serving import attention_varlen, attention_with_kvcache
+from skattn.reference_serving_plan import run_serving_plan
 
-__all__ = ["attention", "run_plan", "attention_with_kvcache", "attention_varlen"]
+__all__ = ["attention", "run_plan", "attention_with_kvcache", "attention_varlen",
+           "run_serving_plan"]
 
 
 def attention(q, k, v, *, scale=None, causal=False, window=None, mask=None, sinks=None,
