@@ -4,8 +4,7 @@ The work list is built in Python exactly as the device builds it (`host_work_lis
 among the programs by the plan's effective program count (stream-K shares of W, or `split`
 pieces a tile), and each program's items run tile by tile with the online softmax; pieces
 of cut tiles go to two workspace slots per program and the plan's fixup (general, fused,
-uniform or none) merges them. Compared with `skattn.reference.attention_with_kvcache` /
-`attention_varlen`, this checks the ragged decomposition itself on a CPU.
+uniform or none) merges them: checked against the one-shot references on a CPU.
 """
 from __future__ import annotations
 
@@ -47,9 +46,9 @@ class _Replay:
         self.starts = [a for a, _ in self.ranges]
         self.n = max(wl.programs, 1)
         self.slots: dict[tuple[int, int], tuple[int, tuple]] = {}   # (p, slot) -> (tile, state)
-        self.merged: set[tuple[int, int]] = set()
+        self.merged: set[tuple[int, int]] = set()       # slots merged so far
         self.finished: set[int] = set()
-        self.counters: dict[int, int] = {}
+        self.counters: dict[int, int] = {}              # fused: pieces arrived per tile
 
     def rows(self, t: int):
         """(sequence, KV head, query tokens, query heads) of tile t's valid rows."""
@@ -83,7 +82,7 @@ class _Replay:
         start, end = self.ranges[p]
         split = self.plan.policy == "split" and self.plan.split > 1
         if split and start == end and p // self.plan.split < len(self.wl.rb_count) * self.plan.hz:
-            self.store(p, 0, p // self.plan.split, empty_state(0, 0, self.out.device))
+            self.store(p, 0, p // self.plan.split, empty_state(0, 0, self.out.device))  # empty piece
         w = start
         while w < end:
             rb = bisect_right(self.wl.rb_start, w, 1) - 1
@@ -132,7 +131,7 @@ class _Replay:
         else:                       # packed: [total_q, Hq, Dv], lse [Hq, total_q]
             self.out[q0 + qi, heads], self.lse[heads, q0 + qi] = out, lse
 
-    def program_of(self, item: int) -> int:
+    def program_of(self, item: int) -> int:  # the largest p with floor(p W / N) <= item
         return ((item + 1) * self.n - 1) // self.wl.work
 
     # -- fixups (docs/serving.md, "Fixups in a ragged list")
@@ -208,9 +207,8 @@ def run_serving_plan(plan, q, k, v, *, cache_seqlens=None, cu_seqlens_q=None, cu
     paged = block_table is not None
     have = dict(q_heads=q.shape[-2], kv_heads=k.shape[-2], head_dim=q.shape[-1],
                 head_dim_v=v.shape[-1], causal=causal, window=window,
-                page_size=k.shape[1] if paged else None)
-    if paged:
-        have.update(max_pages=block_table.shape[1])
+                page_size=k.shape[1] if paged else None,
+                max_pages=block_table.shape[1] if paged else None)
     if cache_seqlens is not None:
         sc.kvcache_values(k, cache_seqlens, block_table)
         have.update(batch=q.shape[0], q_len=q.shape[1],
@@ -238,7 +236,7 @@ def run_serving_plan(plan, q, k, v, *, cache_seqlens=None, cu_seqlens_q=None, cu
                               if scale is None else scale, causal=causal, window=window,
                               sinks=sinks, softcap=softcap, alibi_slopes=alibi_slopes)
     rp = _Replay(plan, wl, seqs, None if sinks is None else sinks.to(F64), out, lse)
-    for p in range(plan.programs):
+    for p in range(plan.programs):  # in order: the last owner of a fused tile arrives last
         rp.program(p)
     if plan.fixup == "general":
         rp.general()
