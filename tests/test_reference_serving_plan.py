@@ -15,12 +15,6 @@ PLANS = [  # (policy, fixup, programs): every fixup kind and several program cou
 ]
 
 
-def _programs(policy, programs, tiles_max):
-    if programs == "x1":
-        return tiles_max  # split of 1: fixup "none"
-    return programs
-
-
 def kv_plan(B, Lq, cap, Hq, Hkv, D, *, policy, fixup, programs, **kw):
     kw.update(batch=B, q_len=Lq, max_kv_len=cap, q_heads=Hq, kv_heads=Hkv, head_dim=D, sms=4,
               occupancy=2, block_n=16, policy=policy, fixup=fixup)
@@ -112,14 +106,13 @@ def test_a_wrong_split_is_caught(monkeypatch, shift, fixup):
     p = kv_plan(3, 1, 48, 4, 2, 16, policy="llamacpp-before", fixup=fixup, programs=7)
     kw = dict(cache_seqlens=torch.tensor(lens, dtype=torch.int32), return_lse=True)
     ref = reference.attention_with_kvcache(q, k, v, **kw)
-    run_serving_plan(p, q, k, v, **kw)  # the true split passes
+    torch.testing.assert_close(run_serving_plan(p, q, k, v, **kw), ref, **TOL)  # the true split
     true_ranges = reference_serving_plan.program_ranges
 
-    def moved(plan, wl):
+    def moved(plan, wl):  # program 1 starts one item later (+1) or program 0 ends one later (-1)
         r = true_ranges(plan, wl)
-        a, b = r[3]
-        return r[:3] + [(a + shift, b)] + r[4:] if shift > 0 else \
-            r[:2] + [(r[2][0], r[2][1] - shift)] + r[3:]
+        assert r[0][1] % 3, "the boundary must cut a tile"
+        return [(r[0][0], r[0][1] - min(shift, 0)), (r[1][0] + max(shift, 0), r[1][1])] + r[2:]
 
     monkeypatch.setattr(reference_serving_plan, "program_ranges", moved)
     try:
