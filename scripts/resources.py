@@ -115,15 +115,21 @@ def _main_launch(D: int, Dv: int, n: int, heads: int, kv_len: int, kv: str):
     p = skattn.plan(batch=1, q_len=n, kv_len=kv_len, q_heads=heads, kv_heads=1, head_dim=D,
                     head_dim_v=Dv, causal=True, sms=132, occupancy=2, dtype=dtype)
     q = torch.zeros(1, n, heads, D, dtype=torch.float16)
+    kernel, args, kw = _capture_main(p, q, k, v, Dv, None, scales)
+    return p, kernel, args, kw
+
+
+def _capture_main(p, q, k, v, Dv, lse, kw):
+    """(the main kernel, its launch arguments, its keyword arguments) of `launch.run`."""
+    B, n, Hq, _ = q.shape
     cap = Capture(attention.attention_kernel, "main")
     saved, attention.attention_kernel = attention.attention_kernel, cap
     try:
-        launch.run(p, q, k, v, torch.empty(1, n, heads, Dv, dtype=torch.float16), None,
-                   scale=0.1, main_only=True, **scales)
+        launch.run(p, q, k, v, torch.empty(B, n, Hq, Dv, dtype=torch.float16), lse,
+                   scale=0.1, main_only=True, **kw)
     finally:
         attention.attention_kernel = saved
-    _, args, kw = cap.calls[0]
-    return p, saved, args, kw
+    return (saved, *cap.calls[0][1:])
 
 
 def main_kernel(D: int, Dv: int, n: int, *, heads: int = 16, kv_len: int = 3008,
@@ -227,14 +233,7 @@ def _grid_launch(D, Dv, n, ratio, feature, kv="float16"):
               alibi_slopes=torch.zeros(Hq) if f.get("alibi") else None,
               softcap=f.get("softcap", 0.0))
     lse = torch.empty(1, Hq, n) if f.get("lse") else None
-    cap = Capture(attention.attention_kernel, "main")
-    saved, attention.attention_kernel = attention.attention_kernel, cap
-    try:
-        launch.run(p, q, k, v, torch.empty(1, n, Hq, Dv, dtype=torch.float16), lse,
-                   scale=0.1, main_only=True, **kw)
-    finally:
-        attention.attention_kernel = saved
-    return p, (saved, *cap.calls[0][1:])
+    return p, _capture_main(p, q, k, v, Dv, lse, kw)
 
 
 def grid_configs(heads=HEADS, features=tuple(FEATURES), kv="float16") -> dict:

@@ -6,6 +6,20 @@ from torch import nn
 import skattn.ops
 
 
+def fp8_case(change: dict, q, k, v):
+    """q, k, v and the keyword arguments of one bad-input case for FP8 K/V: `change` maps
+    "q"/"k"/"v" to a function of that tensor and any other name to a keyword's value, over
+    k_scale [1] and v_scale [2] that are right for two KV heads."""
+    kw = dict(k_scale=torch.ones(1), v_scale=torch.ones(2))
+    args = dict(q=q, k=k, v=v)
+    for name, value in change.items():
+        if name in args:
+            args[name] = value(args[name])
+        else:
+            kw[name] = value
+    return args["q"], args["k"], args["v"], kw
+
+
 def cuda_qkv(B, Lq, Lk, Hq, Hkv, D, dtype=torch.float16, seed=0):
     """q [B, Lq, Hq, D], k and v [B, Lk, Hkv, D] of `dtype` on the GPU, standard normal."""
     g = torch.Generator(device="cuda").manual_seed(seed)

@@ -7,7 +7,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 import skattn
 import skattn.ops
 from skattn import quant, reference
-from helpers import FP8Block
+from helpers import FP8Block, fp8_case
 from tolerance import bound, rel_err
 
 FP8 = torch.float8_e4m3fn
@@ -139,23 +139,15 @@ def _fp8_pair():
      "k_scale applies to float8_e4m3fn K/V only"),
 ])
 def test_fp8_errors_as_skattn_attention(change, err, match):
-    q, k, v = _fp8_pair()
-    kw = dict(k_scale=torch.ones(1), v_scale=torch.ones(2))
-    args = dict(q=q, k=k, v=v)
-    for name, value in change.items():
-        if name in args:
-            args[name] = value(args[name])
-        else:
-            kw[name] = value
+    q, k, v, kw = fp8_case(change, *_fp8_pair())
     with pytest.raises(err, match=match):
-        skattn.attention(args["q"], args["k"], args["v"], causal=True, **kw)
+        skattn.attention(q, k, v, causal=True, **kw)
     with pytest.raises(err, match=match):
-        skattn.ops.attention(args["q"], args["k"], args["v"], causal=True, **kw)
+        skattn.ops.attention(q, k, v, causal=True, **kw)
     if all(isinstance(x, torch.Tensor) or x is None for x in kw.values()):
         # the fake kernel raises the same while tracing
         with FakeTensorMode(allow_non_fake_inputs=True), pytest.raises(err, match=match):
-            torch.ops.skattn.attention(*op_args(args["q"], args["k"], args["v"], kw["k_scale"],
-                                                kw["v_scale"]))
+            torch.ops.skattn.attention(*op_args(q, k, v, kw["k_scale"], kw["v_scale"]))
 
 
 def test_q8_0_errors_as_skattn_attention():

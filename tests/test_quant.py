@@ -11,6 +11,7 @@ import torch
 import skattn
 from skattn import quant, reference
 from skattn.config import shared_bytes
+from helpers import fp8_case
 from tolerance import bound, rel_err
 
 FP8 = torch.float8_e4m3fn
@@ -231,19 +232,12 @@ def _fp8_pair():
      "int8 K/V are not supported"),
 ])
 def test_fp8_errors(change, err, match):
-    q, k, v = _fp8_pair()
-    kw = dict(k_scale=torch.ones(1), v_scale=torch.ones(2))
-    args = dict(q=q, k=k, v=v)
-    for name, value in change.items():
-        if name in args:
-            args[name] = value(args[name])
-        else:
-            kw[name] = value
+    q, k, v, kw = fp8_case(change, *_fp8_pair())
     with pytest.raises(err, match=match):
-        skattn.attention(args["q"], args["k"], args["v"], **kw)
+        skattn.attention(q, k, v, **kw)
     if err is ValueError and "scale" in match:  # the reference has the same rules
         with pytest.raises(err, match=match):
-            reference.attention(args["q"], args["k"], args["v"], **kw)
+            reference.attention(q, k, v, **kw)
 
 
 def test_quantized_mixups():
