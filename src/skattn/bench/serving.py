@@ -189,8 +189,16 @@ def build_flex(batch: Batch) -> Built:
     kf = batch.k.view(num_pages * ps, batch.hkv, batch.d).transpose(0, 1)[None].contiguous()
     vf = batch.v.view(num_pages * ps, batch.hkv, batch.d).transpose(0, 1)[None].contiguous()
     compiled = _flex_compiled()
-    return Built(lambda: compiled(qf, kf, vf, block_mask=block_mask, enable_gqa=True),
-                 lambda o: o[0].transpose(0, 1), note="page pool + block mask from the page table")
+    note = "page pool + block mask from the page table"
+    try:  # its decoding kernel (short q) can find no configuration: then its general kernel
+        compiled(qf, kf, vf, block_mask=block_mask, enable_gqa=True)
+        options = None
+    except Exception as exc:
+        options = {"FORCE_USE_FLEX_ATTENTION": True}
+        note += f"; general kernel (decoding kernel: {type(exc).__name__})"
+    return Built(lambda: compiled(qf, kf, vf, block_mask=block_mask, enable_gqa=True,
+                                  kernel_options=options),
+                 lambda o: o[0].transpose(0, 1), note=note)
 
 
 # -- flash-attn's kvcache kernel on the padded dense cache (its paged form needs pages of 256)

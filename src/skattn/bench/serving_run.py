@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -40,6 +41,8 @@ def cells(models, mixes, page_sizes) -> list[tuple]:
 
 
 def _check(built, batch, refs) -> float:
+    if built.step:  # skattn's work list is built from the lengths before any layer reads it
+        built.step()
     out = built.canonical(built.layer())
     if out.is_cuda:
         torch.cuda.synchronize()
@@ -144,6 +147,9 @@ def run_serving(*, models, mixes, page_sizes, names, out_dir, tag, layers=8, war
             torch.cuda.empty_cache()
             done += 1
             bar.update()
+            if not progress:  # a line a cell, so a log shows where the time goes
+                print(f"{model} {mix_name} page {ps}: {time.monotonic() - start:.0f} s", file=sys.stderr,
+                      flush=True)
     bar.close()
     meta.update(elapsed_s=round(time.monotonic() - start, 1), cells_done=done)
     csv_path.with_suffix(".json").write_text(json.dumps(meta, indent=1) + "\n")
