@@ -88,13 +88,13 @@ def _same(out):
 
 
 # -- skattn
-def build_skattn(batch: Batch, policy: str, **hardware) -> Built:
-    """`hardware`: sms= and occupancy= for the plans (default: the GPU's)."""
+def build_skattn(batch: Batch, policy: str, **overrides) -> Built:
+    """`overrides`: `serving_plan` keywords (sms=, occupancy=, programs=, block_n=, ...)."""
     from skattn import serving
 
     m = batch.mix
     common = dict(batch=m.batch, q_heads=batch.hq, kv_heads=batch.hkv, head_dim=batch.d,
-                  page_size=batch.page_size, max_pages=batch.max_pages, policy=policy, **hardware)
+                  page_size=batch.page_size, max_pages=batch.max_pages, policy=policy, **overrides)
     wl_args = {}
     if m.decode:
         p = serving.serving_plan(q_len=1, max_kv_len=batch.max_pages * batch.page_size, **common)
@@ -220,8 +220,10 @@ def build_flash_attn(batch: Batch) -> Built:
 
 
 def build(name: str, batch: Batch) -> Built:
-    if name.startswith("skattn:"):
-        return build_skattn(batch, name.split(":", 1)[1])
+    if name.startswith("skattn:"):  # skattn:POLICY or skattn:POLICY/key=int,... (plan overrides)
+        policy, _, extra = name.split(":", 1)[1].partition("/")
+        overrides = {k: int(v) for k, v in (kv.split("=") for kv in extra.split(",") if kv)}
+        return build_skattn(batch, policy, **overrides)
     return {"sdpa-padded": build_sdpa, "flex-paged": build_flex,
             "flash-attn": build_flash_attn}[name](batch)
 
