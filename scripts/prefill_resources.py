@@ -2,13 +2,13 @@
 
   python3 scripts/prefill_resources.py llama-8b [n=512] [L=8192] [dtype=bf16] [fixup=fused]
       [policy=llamacpp] [programs=131] [block_n=64] [num_warps=4] [num_stages=3]
-      [occupancy=1] [causal=0] [ws=1] [device_desc=1] [ir=DIR]
+      [occupancy=1] [causal=0] [device_desc=1] [ir=DIR]
 
 Plans the shape with `Tuning(prefill="tma")`, captures the prompt-chunk kernel's launch,
 compiles it ahead of time for an H100/H200 (sm_90a) and prints one JSON line: registers and
 spills (Triton's ptxas -v), shared memory, and counts in the GPU IR of what the schedule is
-made of: TMA copies, warpgroup MMAs, barrier waits and warp-specialised regions (0 when
-Triton declined to specialise the loop). `ir=DIR` writes the TTGIR and PTX there.
+made of: TMA copies, warpgroup MMAs and barrier waits. `ir=DIR` writes the TTGIR and PTX
+there.
 """
 from __future__ import annotations
 
@@ -35,15 +35,13 @@ from skattn.bench.models import MODELS  # noqa: E402
 _TY = {torch.float16: "fp16", torch.bfloat16: "bf16"}
 COUNTS = {"tma_loads": r"async_tma_copy_global_to_local", "wgmma": r"ttng\.warp_group_dot ",
           "wgmma_waits": r"ttng\.warp_group_dot_wait", "barrier_waits": r"ttng\.wait_barrier",
-          "warp_specialize": r"ttg\.warp_specialize", "convert_layout": r"ttg\.convert_layout",
-          "local_alloc": r"ttg\.local_alloc"}
+          "convert_layout": r"ttg\.convert_layout", "local_alloc": r"ttg\.local_alloc"}
 
 
 def capture(model: str, n: int, L: int, dtype, **kw) -> tuple:
     """(plan, args, constants) of the prompt-chunk kernel's launch for one shape."""
     Hq, Hkv, D = MODELS[model][:3]
-    tuning = skattn.Tuning(prefill="tma", prefill_ws=bool(kw.pop("ws", 0)),
-                           prefill_device_desc=bool(kw.pop("device_desc", 0)))
+    tuning = skattn.Tuning(prefill="tma", prefill_device_desc=bool(kw.pop("device_desc", 0)))
     kw.setdefault("occupancy", 2)
     kw["causal"] = bool(kw.get("causal", 1))
     p = skattn.plan(batch=1, q_len=n, kv_len=L, q_heads=Hq, kv_heads=Hkv, head_dim=D,
@@ -101,7 +99,7 @@ def compile_sm90(model: str, n: int = 512, L: int = 8192, dtype=torch.float16, i
     out = dict(model=model, n=n, L=L, dtype=str(dtype).split(".")[-1], causal=p.causal,
                fixup=p.fixup,
                geometry=[g.block_m, g.block_n, g.num_warps, g.num_stages],
-               ws=const["WARP_SPECIALIZE"], device_desc=const["DEVICE_DESC"],
+               device_desc=const["DEVICE_DESC"],
                shared=ck.metadata.shared, **resources.ptxas(ck.asm["ptx"]),
                **{name: len(re.findall(pat, ttgir)) for name, pat in COUNTS.items()},
                seconds=round(time.time() - t0, 1))

@@ -1,10 +1,8 @@
-"""The prompt-chunk kernel (`Tuning(prefill="tma")`) on a Hopper GPU: the copy engine's loads,
-Triton's warp specialisation and bf16 tensor-core dots, which the interpreter cannot show.
+"""The prompt-chunk kernel (`Tuning(prefill="tma")`) on a Hopper GPU: the copy engine's loads
+and bf16 tensor-core dots, which the interpreter cannot show.
 
 Every call is checked against the float64 reference with its output poisoned with NaN, on
-fresh random inputs; about 20 kernels are compiled in all. The warp-specialised kernel's
-tests run in processes of their own with a time limit (`isolated`, tests/conftest.py): its
-schedule is Triton's, barriers between warpgroups included, and a wrong one hangs.
+fresh random inputs.
 """
 import pytest
 import torch
@@ -23,27 +21,21 @@ pytestmark = [
 ]
 
 TMA = skattn.Tuning(prefill="tma")
-WS = skattn.Tuning(prefill="tma", prefill_ws=True)
-WS_KW = dict(occupancy=1, num_warps=4, num_stages=2)  # the geometry the warp-specialised loop takes
-ISOLATED = pytest.mark.isolated(timeout=300)
 
 
-def runs_prefill(p, q, k, v, ws=False) -> bool:
-    """The call runs the prompt-chunk kernel (`ws`: with its warp-specialised loop)."""
+def runs_prefill(p, q, k, v) -> bool:
+    """The call runs the prompt-chunk kernel."""
     b = launch.bind(p, q.device)
     features = (False, False, False, False, False, False, False)
-    return (b.prefill is not None and prefill_launch.usable(b.prefill, features, k, v)
-            and b.prefill.ws == ws)
+    return b.prefill is not None and prefill_launch.usable(b.prefill, features, k, v)
 
 
-def plan_for(tuning, q, k, v, block_n, **kw):
-    """A plan for this call with `tuning` (the warp-specialised loop's geometry with its
-    block_n where it asks for the loop); the call must run that kernel."""
-    extra = dict(block_n=block_n, **WS_KW) if tuning.prefill_ws else {}
+def plan_for(q, k, v, **kw):
+    """A plan for this call with `Tuning(prefill="tma")`; the call must run that kernel."""
     B, Lq, Hq, D = q.shape
     p = skattn.plan(batch=B, q_len=Lq, kv_len=k.shape[1], q_heads=Hq, kv_heads=k.shape[2],
-                    head_dim=D, dtype=k.dtype, tuning=tuning, **extra, **kw)
-    assert runs_prefill(p, q, k, v, ws=tuning.prefill_ws)
+                    head_dim=D, dtype=k.dtype, tuning=TMA, **kw)
+    assert runs_prefill(p, q, k, v)
     return p
 
 
@@ -81,24 +73,12 @@ def test_seed_shapes(model, L):
     assert {"fused", "general"} <= kinds
 
 
-@ISOLATED
-@pytest.mark.parametrize("model", ["llama-8b", "gpt-oss"])  # GQA ratios 4 and 8 (qwen3's 5: no)
-@pytest.mark.parametrize("L", [8192, 12345])
-def test_ws_seed_shapes(model, L):
-    Hq, Hkv, D = MODELS[model][:3]
-    q, k, v = make(1, 512, L, Hq, Hkv, D, seed=L)
-    p = plan_for(WS, q, k, v, 64, causal=True)
-    err = rel_err(check(q, k, v, p), reference.attention(q, k, v, causal=True))
-    assert err <= bound(q, k, v, causal=True), f"{model} L={L} N={p.programs} {p.fixup}: {err:.2e}"
-
-
-@pytest.mark.parametrize("tuning", [TMA, pytest.param(WS, marks=ISOLATED)], ids=["tma", "ws"])
-def test_bf16_sinks_lse_batch(tuning):
+def test_bf16_sinks_lse_batch():
     # bf16 tensor-core dots, sinks and lse, two sequences, a cut plan (general fixup); with
     # 152 tiles on 131 programs some programs take two tiles
     q, k, v = make(2, 300, 5000, 32, 4, 128, dtype=torch.bfloat16, seed=1)
     sinks = torch.randn(32, device="cuda", generator=torch.Generator(device="cuda").manual_seed(2))
-    p = plan_for(tuning, q, k, v, 64, causal=True, programs=131)
+    p = plan_for(q, k, v, causal=True, programs=131)
     assert p.fixup == "general"
     out = torch.full_like(q, float("nan"))
     out, lse = skattn.attention(q, k, v, causal=True, sinks=sinks, plan=p, out=out,
@@ -109,20 +89,18 @@ def test_bf16_sinks_lse_batch(tuning):
     assert (lse.double() - ref_lse).abs().max() <= 20 * tol
 
 
-@pytest.mark.parametrize("tuning", [TMA, pytest.param(WS, marks=ISOLATED)], ids=["tma", "ws"])
-def test_not_causal_and_f32_q(tuning):
+def test_not_causal_and_f32_q():
     q, k, v = make(1, 256, 3000, 64, 8, 64, seed=3)
-    p = plan_for(tuning, q, k, v, 128, causal=False)
+    p = plan_for(q, k, v, causal=False)
     for qq in (q, q.float()):
         out = check(qq, k, v, p, causal=False)
         ref = reference.attention(qq, k, v)
         assert rel_err(out, ref) <= bound(qq, k, v)
 
 
-@pytest.mark.parametrize("tuning", [TMA, pytest.param(WS, marks=ISOLATED)], ids=["tma", "ws"])
-def test_cuda_graph_replay(tuning):
+def test_cuda_graph_replay():
     q, k, v = make(1, 512, 8192, 32, 8, 128, seed=4)
-    p = plan_for(tuning, q, k, v, 128, causal=True)
+    p = plan_for(q, k, v, causal=True)
     ws = skattn.workspace(p)
     out = torch.empty_like(q)
     direct = skattn.attention(q, k, v, causal=True, plan=p).clone()

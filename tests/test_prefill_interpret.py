@@ -1,11 +1,10 @@
 """The prompt-chunk kernel (`kernels/prefill.py`, `Tuning(prefill="tma")`) under the interpreter.
 
 Triton 3.6's interpreter runs tensor descriptors (host and device made, zero padding past the
-tensor), so these tests run the kernel's own loads: the K/V and q descriptors, the two-part
-KV loop, the warp-specialised variant's single masked loop, packed q and predicated stores,
-the counted tile loop and every fixup, against the float64 reference. What only a GPU shows
-(the copy engine, Triton's warp specialisation, bf16 tensor-core dots, shared memory) is in
-tests/test_gpu_prefill.py and, compiled for sm_90 here, tests/test_prefill_compile.py.
+tensor), so these tests run the kernel's own loads: the K/V descriptors, the two-part KV
+loop, the counted tile loop and every fixup, against the float64 reference. What only a GPU
+shows (the copy engine, bf16 tensor-core dots, shared memory) is in tests/test_gpu_prefill.py
+and, compiled for sm_90 here, tests/test_prefill_compile.py.
 """
 import pytest
 import torch
@@ -22,7 +21,6 @@ pytestmark = [
 ]
 
 TMA = skattn.Tuning(prefill="tma")
-WS = skattn.Tuning(prefill="tma", prefill_ws=True)
 
 
 def make(Lq, Lk, Hq=8, Hkv=2, D=64, dtype=torch.float16, seed=0, B=1):
@@ -73,16 +71,13 @@ def check(q, k, v, p, **kw):
 
 # Lq = 40 at GQA ratio 4: 128-row tiles of 32 tokens x 4 heads, two token blocks (the second
 # 8 tokens: rows past Lq), Lk = 120 keys in 16-key blocks (the last one 8 past Lk)
-@pytest.mark.parametrize("tuning", [TMA, WS], ids=["tma", "ws"])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("programs,fixup", [(4, "none"), (8, None), (7, None), (5, "fused")])
-def test_fixups(tuning, causal, programs, fixup, spies):
+def test_fixups(causal, programs, fixup, spies):
     q, k, v = make(40, 120)
-    p = plan_for(q, k, causal=causal, tuning=tuning, programs=programs, fixup=fixup)
+    p = plan_for(q, k, causal=causal, programs=programs, fixup=fixup)
     assert p.geometry.block_m == 128 and p.geometry.tokens_per_tile == 32
-    b = launch.bind(p, torch.device("cpu"))
-    assert b.prefill is not None
-    assert b.prefill.ws == (tuning.prefill_ws and p.fixup != "fused")
+    assert launch.bind(p, torch.device("cpu")).prefill is not None
     check(q, k, v, p, causal=causal)
     assert (spies[0].calls, spies[1].calls) == (1, 0)
 
@@ -94,20 +89,19 @@ def test_fixup_kinds_covered():
     assert kinds == {"none", "uniform", "general", "fused"}
 
 
-@pytest.mark.parametrize("tuning", [TMA, WS], ids=["tma", "ws"])
-def test_bf16_head_128_sinks(tuning):
+def test_bf16_head_128_sinks():
     # bf16 (the interpreter's dots in f32: DOT_F32), head size 128, ratio 8: 16 tokens a tile
     q, k, v = make(20, 70, Hq=16, Hkv=2, D=128, dtype=torch.bfloat16, seed=1)
     sinks = torch.randn(16, generator=torch.Generator().manual_seed(2))
-    p = plan_for(q, k, tuning=tuning, programs=6)
-    assert launch.bind(p, torch.device("cpu")).prefill.ws == tuning.prefill_ws
+    p = plan_for(q, k, programs=6)
+    assert launch.bind(p, torch.device("cpu")).prefill is not None
     check(q, k, v, p, causal=True, sinks=sinks)
 
 
-def test_ws_q_f32_is_packed_in_k_dtype(spies):
-    # q in f32: the packing copy also casts it to K/V's dtype; two sequences
+def test_q_f32(spies):
+    # q in f32, K/V in f16: q is loaded in K/V's dtype; two sequences
     q, k, v = make(40, 64, seed=3, B=2)
-    p = plan_for(q, k, tuning=WS, programs=8)
+    p = plan_for(q, k, programs=8)
     check(q.float(), k, v, p, causal=True)
     assert spies[0].calls == 1
 
@@ -115,9 +109,8 @@ def test_ws_q_f32_is_packed_in_k_dtype(spies):
 def test_more_queries_than_keys():
     # Lq > Lk, causal: the first rows see no key (0, lse -inf), in whole and cut tiles
     q, k, v = make(40, 24, seed=4)
-    for tuning in (TMA, WS):
-        for programs in (None, 3):
-            check(q, k, v, plan_for(q, k, tuning=tuning, programs=programs), causal=True)
+    for programs in (None, 3):
+        check(q, k, v, plan_for(q, k, programs=programs), causal=True)
 
 
 def test_device_descriptors():
@@ -152,10 +145,5 @@ def test_refusals():
                          sms=4, occupancy=2, tuning=TMA)
     assert "rows" in prefill_launch.refusal(decode)
     assert launch.bind(decode, torch.device("cpu")).prefill is None
-    # ratio 5: 5 heads x 25 tokens are not 128 consecutive rows of packed q
-    r5 = skattn.plan(batch=1, q_len=40, kv_len=120, q_heads=10, kv_heads=2, head_dim=64,
-                     sms=4, occupancy=2, num_warps=4, tuning=WS)
-    assert prefill_launch.refusal(r5) is None and "heads" in prefill_launch.ws_refusal(r5)
-    assert "warps" in prefill_launch.ws_refusal(plan_for(q, k, tuning=WS, num_warps=8))
     with pytest.raises(ValueError, match="prefill"):
         skattn.Tuning(prefill="fast")

@@ -18,10 +18,9 @@ of n = 128, 1024, 2048 at L = 32768, in f16 and bf16 (`--quick`: 3 cells). Per c
    gives % of peak = 4 Hq n L D / time / peak (the causal triangle not subtracted, as in
    `skattn bench`).
 
-Variants: `base` (the stream-K kernel every plan runs today), `tma` (kernels/prefill.py:
-K/V through tensor descriptors, the plan's default geometry), `tma-alt` (another block
-size), `ws` and `ws-alt` (the warp-specialised loop: 4 warps -> 3 warpgroups, one program an
-SM; not for GQA ratio 5, whose tiles are not a box of q: skipped there).
+Variants: `base` (the stream-K kernel every plan runs by default), `tma` (kernels/prefill.py:
+K/V through tensor descriptors, the plan's default geometry) and `tma-alt` (another block
+size).
 
 Writes $OUT/prefill_ab.csv and $OUT/prefill_ab.json (provenance, ceilings, compile counts)
 and prints a compact table last. `--plan-only` (no GPU) prints every plan and the number of
@@ -61,34 +60,18 @@ COLUMNS = ("model", "hq", "hkv", "d", "n", "L", "dtype", "provider", "variant", 
 
 @dataclass(frozen=True)
 class Variant:
-    """A skattn configuration: Tuning fields and plan overrides per head size; `cut` replaces
-    the overrides where the plan cuts tiles (the warp-specialised kernel then also stores
-    partials, and 128-key blocks no longer fit in shared memory)."""
+    """A skattn configuration: the prefill kernel and plan overrides per head size."""
 
     name: str
     prefill: str = "base"
-    ws: bool = False
-    occupancy: int | None = None
     geometry: dict = field(default_factory=dict)  # head size -> dict(block_n=, num_warps=, ...)
-    cut: dict = field(default_factory=dict)
 
 
-# sm_90 shared memory of each warp-specialised configuration, compiled here with
-# scripts/prefill_resources.py (whole tiles / cut tiles): D=128 128/2 213 KB / over,
-# 64/3 213 KB / over, 64/2 148 / 197 KB; D=64 128/3 164 KB, 128/2 115 KB
 VARIANTS = (
     Variant("base"),
     Variant("tma", "tma"),
     Variant("tma-alt", "tma", geometry={128: dict(block_n=64, num_warps=8, num_stages=4),
                                         64: dict(block_n=128, num_warps=4, num_stages=3)}),
-    Variant("ws", "tma", True, 1, {128: dict(block_n=128, num_warps=4, num_stages=2),
-                                   64: dict(block_n=128, num_warps=4, num_stages=3)},
-            {128: dict(block_n=64, num_warps=4, num_stages=2),
-             64: dict(block_n=128, num_warps=4, num_stages=2)}),
-    Variant("ws-alt", "tma", True, 1, {128: dict(block_n=64, num_warps=4, num_stages=3),
-                                       64: dict(block_n=128, num_warps=4, num_stages=2)},
-            {128: dict(block_n=64, num_warps=4, num_stages=2),
-             64: dict(block_n=64, num_warps=4, num_stages=2)}),
 )
 
 
@@ -111,16 +94,12 @@ def make_plan(model, n: int, L: int, dtype, variant: Variant, sms=None, occupanc
     `occupancy` and `block_n` for planning without that GPU (tests, --plan-only)."""
     Hq, Hkv, D = shape_of(model)
     kw = dict(batch=1, q_len=n, kv_len=L, q_heads=Hq, kv_heads=Hkv, head_dim=D, dtype=dtype,
-              causal=True, sms=sms, occupancy=variant.occupancy or occupancy,
-              tuning=skattn.Tuning(prefill=variant.prefill, prefill_ws=variant.ws))
+              causal=True, sms=sms, occupancy=occupancy,
+              tuning=skattn.Tuning(prefill=variant.prefill))
     geo = dict(variant.geometry.get(D, {}))
     if block_n:
         geo["block_n"] = block_n
-    p = skattn.plan(**kw, **geo)
-    if p.fixup != "none" and D in variant.cut:
-        geo = dict(variant.cut[D], **({"block_n": block_n} if block_n else {}))
-        p = skattn.plan(**kw, **geo)
-    return p
+    return skattn.plan(**kw, **geo)
 
 
 def kernel_of(p) -> tuple[str, str]:
@@ -128,9 +107,6 @@ def kernel_of(p) -> tuple[str, str]:
     why = prefill_launch.refusal(p)
     if why is not None:
         return "base", ("" if p.tuning.prefill == "base" else why)
-    if p.tuning.prefill_ws:
-        why = prefill_launch.ws_refusal(p)
-        return ("tma-ws", "") if why is None else ("tma", why)
     return "tma", ""
 
 
@@ -187,21 +163,18 @@ def worker(job: dict) -> list[dict]:
         try:
             p = make_plan(model, n, L, dtype, var, job.get("sms"), job.get("occupancy"),
                           job.get("block_n"))
-            row["kernel"], why = kernel_of(p)
-            if var.ws and row["kernel"] != "tma-ws":
-                row["status"] = f"skipped: {why}"
-            else:
-                ws = skattn.workspace(p, device=q.device)
-                out = torch.full_like(q, float("nan"))
-                t0 = time.time()
-                skattn.attention(q, k, v, causal=True, plan=p, out=out, workspace=ws)
-                if out.is_cuda:
-                    torch.cuda.synchronize()
-                row["first_call_s"] = round(time.time() - t0, 2)
-                row["err"] = rel_err(out, ref)
-                if not row["err"] <= TOLERANCE[dtype]:
-                    row["status"] = (f"wrong: relative error {row['err']:.3e} > "
-                                     f"{TOLERANCE[dtype]:g}")
+            row["kernel"], _ = kernel_of(p)
+            ws = skattn.workspace(p, device=q.device)
+            out = torch.full_like(q, float("nan"))
+            t0 = time.time()
+            skattn.attention(q, k, v, causal=True, plan=p, out=out, workspace=ws)
+            if out.is_cuda:
+                torch.cuda.synchronize()
+            row["first_call_s"] = round(time.time() - t0, 2)
+            row["err"] = rel_err(out, ref)
+            if not row["err"] <= TOLERANCE[dtype]:
+                row["status"] = (f"wrong: relative error {row['err']:.3e} > "
+                                 f"{TOLERANCE[dtype]:g}")
         except Exception as exc:  # a variant that cannot run must not stop the others
             text = str(exc).strip().splitlines()
             row["status"] = f"error: {type(exc).__name__}: {text[0][:200] if text else ''}"
@@ -360,7 +333,7 @@ def table(rows: list[dict]) -> str:
         lines.append(f"{key[0] + ' n=' + str(key[1]) + ' L=' + str(key[2]):<28}{key[3]:<5}"
                      f"{us(b)}{us(by.get('tma'))}{us(best)} {(best or {}).get('variant', '-'):<10}"
                      f"{pk:>11}{us(cud)}{ratio:>10}{vs:>12}")
-    bad = [r for r in rows if r["status"] not in ("ok",) and not r["status"].startswith("skipped")]
+    bad = [r for r in rows if r["status"] != "ok"]
     lines.append("cudnn* = SDPA cuDNN without a mask (attends to every key): a lower bound on its "
                  "causal time; times are p50 us per layer (graph timer, cold L2)")
     lines += [f"NOT OK: {r['model']} n={r['n']} L={r['L']} {r['dtype']} {r['variant']}: "
@@ -431,8 +404,8 @@ def main(argv=None) -> int:
                 matmul_peak_tflops={d: p / 1e12 for d, p in peaks.items()},
                 check_s=round(t1 - t0, 1), time_s=round(time.time() - t1, 1),
                 tolerance={str(k): v for k, v in TOLERANCE.items()}, seed=SEED,
-                variants=[dict(name=v.name, prefill=v.prefill, ws=v.ws, occupancy=v.occupancy,
-                               geometry=v.geometry, cut=v.cut) for v in VARIANTS],
+                variants=[dict(name=v.name, prefill=v.prefill, geometry=v.geometry)
+                          for v in VARIANTS],
                 checks={" ".join(map(str, k)): v for k, v in checked.items()})
     _write_csv(out_dir / "prefill_ab.csv", rows)
     (out_dir / "prefill_ab.json").write_text(json.dumps(prov, indent=1, default=str))

@@ -299,15 +299,14 @@ def run(plan: Plan, q, k, v, out, lse, *, scale: float, mask=None, sinks=None, s
         if b.fix_kernel == "uniform":
             fix_const = dict(fix_const, STAMPS=stamps[1], TIMELINE=True)
     if b.prefill is not None and _prefill.usable(b.prefill, features, k, v):
-        q_desc = _prefill.q_box(b.prefill, q, k)
-        qd, kd, vd = _prefill.descriptors(b.prefill, q, k, v, q_desc)
-        pargs = (q, qs[0], qs[1], qs[2], qd, kd, ks[0], ks[1], ks[2], vd, vs[0], vs[1], vs[2],
+        kd, vd = _prefill.descriptors(b.prefill, k, v)
+        pargs = (q, qs[0], qs[1], qs[2], kd, ks[0], ks[1], ks[2], vd, vs[0], vs[1], vs[2],
                  out, os_[0], os_[1], os_[2], lse_t, slb, slh, sinks_t,
                  ws_o, ws_m, ws_l, counters, b.qblock_off, b.kv_first, *b.main_ints, qk_scale,
                  *b.fd)
-        with _prefill.scratch(b.prefill, q_desc):
-            _launch(_prefill_kernel.prefill_kernel, key and (*key, "tma", q_desc), pargs,
-                    _prefill.constants(b.prefill, features, q_desc), b.main_grid, stream)
+        with _prefill.scratch(b.prefill):
+            _launch(_prefill_kernel.prefill_kernel, key and (*key, "tma"), pargs,
+                    _prefill.constants(b.prefill, features), b.main_grid, stream)
     else:
         _launch(_main.attention_kernel, key, args, main_const, b.main_grid, stream)
     if main_only or b.fix_kernel is None:

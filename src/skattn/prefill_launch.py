@@ -30,7 +30,6 @@ class PrefillBound:
     const: dict            # compile-time constants that depend only on the plan
     block: tuple           # K/V descriptor block: [1, BLOCK_N, 1, D] of [B, Lk, Hkv, D]
     device_desc: bool      # descriptors made in the kernel (K and V passed as tensors)
-    ws: bool               # warp-specialised KV loop where the call's q allows it
 
 
 def refusal(plan) -> str | None:
@@ -61,25 +60,8 @@ def bind(plan, device: torch.device, main_const: dict) -> PrefillBound | None:
     t, g = plan.tuning, plan.geometry
     const = {name: main_const[name] for name in _SHARED_CONSTS}
     const.update(DEVICE_DESC=t.prefill_device_desc,
-                 XBLOCKS=max(2, 1 << plan.ntiles_x.bit_length()),  # a power of 2 > ntiles_x
-                 WHOLE_TILES=plan.fixup == "none")  # no program leaves a piece
-    return PrefillBound(const, (1, g.block_n, 1, plan.head_dim),
-                        t.prefill_device_desc, t.prefill_ws and ws_refusal(plan) is None)
-
-
-def ws_refusal(plan) -> str | None:
-    """Why `plan` cannot take the warp-specialised loop (Triton 3.6 specialises a KV loop
-    only when q is read by the copy engine too and no other loop shares the tile's body),
-    or None."""
-    g = plan.geometry
-    if g.heads_per_tile != plan.gqa_ratio or g.heads_per_tile * g.tokens_per_tile != g.block_m:
-        return (f"{g.heads_per_tile} of {plan.gqa_ratio} heads x {g.tokens_per_tile} tokens a "
-                f"tile: not {g.block_m} consecutive rows of q packed by KV head")
-    if plan.fixup == "fused":
-        return "the fused fixup (its merge loop shares the tile's body)"
-    if g.num_warps != 4:
-        return f"{g.num_warps} warps (Triton specialises 4-warp kernels: 3 warpgroups)"
-    return None
+                 XBLOCKS=max(2, 1 << plan.ntiles_x.bit_length()))  # a power of 2 > ntiles_x
+    return PrefillBound(const, (1, g.block_n, 1, plan.head_dim), t.prefill_device_desc)
 
 
 def _aligned(x: torch.Tensor) -> bool:
@@ -94,23 +76,17 @@ def usable(pb: PrefillBound, features: tuple, k: torch.Tensor, v: torch.Tensor) 
     return not (has_mask or has_alibi or softcap or stamps) and _aligned(k) and _aligned(v)
 
 
-def q_box(pb: PrefillBound, q: torch.Tensor, k: torch.Tensor) -> bool:
-    """Whether this call's q is read through a descriptor (the warp-specialised loop)."""
-    return pb.ws
-
-
-def constants(pb: PrefillBound, features: tuple, q_desc: bool) -> dict:
-    """Compile-time constants of one call's feature set (`q_desc`: from `q_box`)."""
+def constants(pb: PrefillBound, features: tuple) -> dict:
+    """Compile-time constants of one call's feature set."""
     _, has_sinks, _, _, has_lse, dot_f32, *_ = features
-    return dict(pb.const, HAS_SINKS=has_sinks, RETURN_LSE=has_lse, DOT_F32=dot_f32,
-                WARP_SPECIALIZE=q_desc, Q_DESC=q_desc)
+    return dict(pb.const, HAS_SINKS=has_sinks, RETURN_LSE=has_lse, DOT_F32=dot_f32)
 
 
-def scratch(pb: PrefillBound, q_desc: bool):
+def scratch(pb: PrefillBound):
     """A context for the launch in which Triton finds global memory for the descriptors the
-    kernel makes (128 bytes a program each; q's with `q_desc`, K/V's with `device_desc`): a
-    torch allocation on the launch's device, unless the caller gave Triton an allocator."""
-    if not (q_desc or pb.device_desc) or _allocation._allocator.get() is not _allocation._NULL_ALLOCATOR:
+    kernel makes (with `device_desc`, 128 bytes a program each): a torch allocation on the
+    launch's device, unless the caller gave Triton an allocator."""
+    if not pb.device_desc or _allocation._allocator.get() is not _allocation._NULL_ALLOCATOR:
         return contextlib.nullcontext()
     return _TorchScratch()
 
@@ -129,24 +105,12 @@ def _torch_alloc(size: int, alignment: int, stream):
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
-def descriptors(pb: PrefillBound, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                q_desc: bool) -> tuple:
-    """q, K and V as the kernel takes them: host tensor descriptors over [B, L, H, D], or
-    tensors the kernel makes its descriptors of (K/V with `device_desc`, q packed by KV head
-    with `q_desc`), or q itself."""
+def descriptors(pb: PrefillBound, k: torch.Tensor, v: torch.Tensor) -> tuple:
+    """K and V as the kernel takes them: host tensor descriptors over [B, Lk, Hkv, D], or,
+    with `device_desc`, the tensors the kernel makes its descriptors of."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    def desc(x, block):
-        return TensorDescriptor(x, list(x.shape), list(x.stride()), list(block))
-
-    if q_desc:  # one copy puts each tile's rows together (and q in K's dtype)
-        B, Lq, Hq, D = q.shape
-        Hkv = k.shape[2]
-        packed = torch.empty(B, Hkv, Lq, Hq // Hkv, D, device=q.device, dtype=k.dtype)
-        packed.copy_(q.unflatten(2, (Hkv, Hq // Hkv)).permute(0, 2, 1, 3, 4))
-        qd = packed.view(B * Hkv * Lq * (Hq // Hkv), D)
-    else:
-        qd = q
     if pb.device_desc:
-        return qd, k, v
-    return qd, desc(k, pb.block), desc(v, pb.block)
+        return k, v
+    return tuple(TensorDescriptor(x, list(x.shape), list(x.stride()), list(pb.block))
+                 for x in (k, v))

@@ -42,8 +42,6 @@ class Tuning:
         descriptors, docs/prefill.md). Calls "tma" cannot take (a mask, ALiBi, softcap, a
         window, head sizes other than 64/128 or Dk != Dv, unaligned K/V, a GPU before sm_90)
         run the base kernel.
-    prefill_ws : bool
-        "tma" only: hand the KV loop to Triton's automatic warp specialisation.
     prefill_device_desc : bool
         "tma" only: make the K/V descriptors in the kernel, one per tile,
         instead of on the host once per call (their 128 bytes a program come from torch,
@@ -59,7 +57,6 @@ class Tuning:
     fused_merge_elements: int = 256
     fused_dv: int | None = None
     prefill: str = "base"
-    prefill_ws: bool = False
     prefill_device_desc: bool = False
 
     def __post_init__(self):

@@ -8,11 +8,7 @@ The same stream-K work list, program ranges, partial slots and fused merge as
   directly; blocks past Lk come back as zeros;
 - scores are scaled and shifted in one multiply-add, P goes straight into the second dot,
   which accumulates in place (`tl.dot(p, v, acc)`), and l is updated after it, so fewer
-  values live across the MMA;
-- with WARP_SPECIALIZE the loop is handed to Triton's automatic warp specialisation
-  (producer warps issue the copies, consumer warpgroups run the MMAs and the softmax); q
-  then comes through a descriptor made in the kernel, since the pass splits its load
-  between the two consumer warpgroups and only resizes a descriptor it made itself.
+  values live across the MMA.
 
 Features: causal or not, sinks, lse, every fixup kind; head sizes 64 and 128 with Dk = Dv.
 Masks, ALiBi, softcap and windows stay on `attention_kernel` (`launch` chooses at bind time).
@@ -36,7 +32,6 @@ from skattn.kernels.tile import (_div, decode_group, finalize_store, first_kv_bl
 @triton.jit
 def prefill_kernel(
     Q, stride_qb, stride_qm, stride_qh,  # q [B, Lq, Hq, D]
-    Q_PACKED,  # with Q_DESC: q packed by KV head, [B * Hkv * Lq * ratio, D] contiguous
     K_DESC, stride_kb, stride_kn, stride_kh,  # k [B, Lk, Hkv, D]: descriptor, or the tensor
     V_DESC, stride_vb, stride_vn, stride_vh,  # v [B, Lk, Hkv, D]
     O, stride_ob, stride_om, stride_oh,  # out [B, Lq, Hq, D]
@@ -54,8 +49,7 @@ def prefill_kernel(
     FUSED: tl.constexpr, PER_TILE_RANGES: tl.constexpr, USE_FASTDIV: tl.constexpr,
     DOT_F32: tl.constexpr, ONE_TOKEN_BLOCK: tl.constexpr,
     FIXUP_COLS: tl.constexpr, FIXUP_ROWS: tl.constexpr, MERGE_PIECES: tl.constexpr,
-    USE_PDL: tl.constexpr, DEVICE_DESC: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
-    Q_DESC: tl.constexpr, XBLOCKS: tl.constexpr, WHOLE_TILES: tl.constexpr,
+    USE_PDL: tl.constexpr, DEVICE_DESC: tl.constexpr, XBLOCKS: tl.constexpr,
 ):
     p = tl.program_id(0)
     if USE_PDL == 1:
@@ -64,12 +58,7 @@ def prefill_kernel(
     start, end = program_range(p, work, programs, split, group_work, ntiles_x, QBLOCK_OFF,
                                div_x_mul, div_x_shift, USE_FASTDIV, ONE_TOKEN_BLOCK,
                                PER_TILE_RANGES)
-    if Q_DESC:  # (a host descriptor's 128-row box would overrun the 64-row halves)
-        q_rows = work // group_work // ntiles_z * (q_len * ratio)  # B * Hkv * Lq * ratio
-        q_desc = tl.make_tensor_descriptor(Q_PACKED, shape=[q_rows, HEAD_DIM],
-                                           strides=[HEAD_DIM, 1], block_shape=[BLOCK_M, HEAD_DIM])
-    # -- its tiles, first to last: a counted loop (Triton's warp specialisation needs a
-    # loop, not a `while`, around the KV loop)
+    # -- its tiles, first to last: a counted loop
     t_first = _tile_of(start, group_work, ntiles_x, QBLOCK_OFF, div_w_mul, div_w_shift,
                        USE_FASTDIV, ONE_TOKEN_BLOCK, XBLOCKS)
     t_last = _tile_of(tl.maximum(end - 1, start), group_work, ntiles_x, QBLOCK_OFF, div_w_mul,
@@ -86,26 +75,15 @@ def prefill_kernel(
                                div_h_shift, USE_FASTDIV)
         qi, head, valid = tile_rows(g, z, qblock, q_len, ratio, HEADS_PER_TILE, TOKENS_PER_TILE,
                                     BLOCK_M)
-        if Q_DESC:  # q packed tile-major: the tile's rows are BLOCK_M consecutive rows
-            # (rows past the sequence's are the next one's, or zeros: never valid rows)
-            q = q_desc.load([(b * kv_heads + g) * (q_len * ratio) + qblock * BLOCK_M, 0])
-        else:
-            q = load_q(Q, b, qi, head, valid, stride_qb, stride_qm, stride_qh, 0, HEAD_DIM,
-                       HEAD_DIM, K_DESC.dtype.element_ty if DEVICE_DESC else K_DESC.dtype)
+        q = load_q(Q, b, qi, head, valid, stride_qb, stride_qm, stride_qh, 0, HEAD_DIM,
+                   HEAD_DIM, K_DESC.dtype.element_ty if DEVICE_DESC else K_DESC.dtype)
         acc, m_i, l_i = tile_kv_blocks(
             q, K_DESC, V_DESC, b, g, kv0 + item, kv0 + stop_here, qblock * TOKENS_PER_TILE, qi,
             stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh, q_len, kv_len,
-            qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, DOT_F32, DEVICE_DESC, WARP_SPECIALIZE)
+            qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, DOT_F32, DEVICE_DESC)
         whole = (item == first) & (stop_here == stop)
         slot = p * 2 + (item != start).to(tl.int32)
-        if WARP_SPECIALIZE:  # both stores, predicated: no branch may follow the KV loop
-            finalize_store(acc, m_i, l_i, b, qi, head, valid & whole, O, stride_ob, stride_om,
-                           stride_oh, LSE, stride_lb, stride_lh, SINKS, HEAD_DIM, HEAD_DIM,
-                           HAS_SINKS, RETURN_LSE)
-            if not WHOLE_TILES:
-                _store_partial_if(acc, m_i, l_i, slot, ~whole, WS_O, WS_M, WS_L, HEAD_DIM,
-                                  BLOCK_M)
-        elif whole:
+        if whole:
             finalize_store(acc, m_i, l_i, b, qi, head, valid, O, stride_ob, stride_om, stride_oh,
                            LSE, stride_lb, stride_lh, SINKS, HEAD_DIM, HEAD_DIM,
                            HAS_SINKS, RETURN_LSE)
@@ -122,23 +100,10 @@ def prefill_kernel(
 
 
 @triton.jit
-def _store_partial_if(acc, m_i, l_i, slot_index, ok, WS_O, WS_M, WS_L, HEAD_DIM: tl.constexpr,
-                      BLOCK_M: tl.constexpr):
-    """`tile.store_partial` where `ok` (a scalar) holds."""
-    r = tl.arange(0, BLOCK_M)
-    dv = tl.arange(0, HEAD_DIM)
-    base = slot_index * BLOCK_M + r
-    tl.store(WS_O + base[:, None] * HEAD_DIM + dv[None, :], acc, mask=ok)
-    tl.store(WS_M + base, m_i, mask=ok)
-    tl.store(WS_L + base, l_i, mask=ok)
-
-
-@triton.jit
 def _tile_of(item, group_work, ntiles_x, QBLOCK_OFF, div_w_mul, div_w_shift,
              USE_FASTDIV: tl.constexpr, ONE_TOKEN_BLOCK: tl.constexpr, XBLOCKS: tl.constexpr):
     """The tile holding work item `item` (`tile.locate` without its loop: the token block is
-    counted over all XBLOCKS >= ntiles_x + 1 offsets at once; Triton's warp specialisation
-    rejects kernels with `while` loops)."""
+    counted over all XBLOCKS >= ntiles_x + 1 offsets at once)."""
     group = _div(item, group_work, div_w_mul, div_w_shift, USE_FASTDIV)
     if ONE_TOKEN_BLOCK:
         return group
@@ -191,31 +156,24 @@ def tile_kv_blocks(q, K_DESC, V_DESC, b, g, blk_lo, blk_hi, first_token, qi,
                    stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
                    q_len, kv_len, qk_scale,
                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   CAUSAL: tl.constexpr, DOT_F32: tl.constexpr, DEVICE_DESC: tl.constexpr,
-                   WARP_SPECIALIZE: tl.constexpr):
+                   CAUSAL: tl.constexpr, DOT_F32: tl.constexpr, DEVICE_DESC: tl.constexpr):
     """Online softmax over KV blocks [blk_lo, blk_hi) of one tile, scores in log2 units.
 
     Two loops, the blocks inside Lk and before every row's causal edge without masks, then
-    the rest with them; with WARP_SPECIALIZE one loop that masks every block (Triton 3.6
-    specialises a loop only when it is the single loop of its parent's body)."""
+    the rest with them."""
     kd, vd = _descriptors(K_DESC, V_DESC, b, g, stride_kb, stride_kn, stride_kh, stride_vb,
                           stride_vn, stride_vh, kv_len, HEAD_DIM, BLOCK_N, DEVICE_DESC)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     qpos = kv_len - q_len + qi
-    if WARP_SPECIALIZE:
-        acc, m_i, l_i = _kv_range(acc, m_i, l_i, q, kd, vd, b, g, blk_lo, blk_hi, qpos, kv_len,
-                                  qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, DOT_F32,
-                                  DEVICE_DESC, True, True)
-    else:
-        mid = unmasked_end(blk_lo, blk_hi, q_len, kv_len, first_token, BLOCK_N, CAUSAL, False)
-        acc, m_i, l_i = _kv_range(acc, m_i, l_i, q, kd, vd, b, g, blk_lo, mid, qpos, kv_len,
-                                  qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, DOT_F32,
-                                  DEVICE_DESC, False, False)
-        acc, m_i, l_i = _kv_range(acc, m_i, l_i, q, kd, vd, b, g, mid, blk_hi, qpos, kv_len,
-                                  qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, DOT_F32,
-                                  DEVICE_DESC, True, False)
+    mid = unmasked_end(blk_lo, blk_hi, q_len, kv_len, first_token, BLOCK_N, CAUSAL, False)
+    acc, m_i, l_i = _kv_range(acc, m_i, l_i, q, kd, vd, b, g, blk_lo, mid, qpos, kv_len,
+                              qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, DOT_F32,
+                              DEVICE_DESC, False)
+    acc, m_i, l_i = _kv_range(acc, m_i, l_i, q, kd, vd, b, g, mid, blk_hi, qpos, kv_len,
+                              qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, DOT_F32,
+                              DEVICE_DESC, True)
     return acc, m_i, l_i
 
 
@@ -223,12 +181,12 @@ def tile_kv_blocks(q, K_DESC, V_DESC, b, g, blk_lo, blk_hi, first_token, qi,
 def _kv_range(acc, m_i, l_i, q, kd, vd, b, g, lo, hi, qpos, kv_len, qk_scale,
               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               CAUSAL: tl.constexpr, DOT_F32: tl.constexpr, DEVICE_DESC: tl.constexpr,
-              MASKED: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
+              MASKED: tl.constexpr):
     """KV blocks [lo, hi). MASKED=False: every row sees every key of these blocks, so m is
     finite after the first one and needs no guard; scaling and shifting are one multiply-add.
     MASKED: keys past Lk (and, causal, after a row's position) score -inf; a row that has
     seen none keeps m = -inf and l = 0."""
-    for blk in tl.range(lo, hi, warp_specialize=WARP_SPECIALIZE):
+    for blk in tl.range(lo, hi):
         n0 = blk * BLOCK_N
         k = _load_block(kd, b, g, n0, BLOCK_N, HEAD_DIM, DEVICE_DESC)
         qk = _mma(q, k.T, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), DOT_F32)
