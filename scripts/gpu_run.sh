@@ -82,7 +82,7 @@ quick_bench() {  # name, command...: a quick benchmark stage, its log and exit s
 }
 has prefill && quick_bench prefill env OUT="$OUT_DIR/prefill" python3 tools/prefill_ab.py --quick
 has serving && quick_bench serving python3 -m skattn.cli bench --serving --quick --no-progress \
-    --time-limit 70 --out "$OUT_DIR/serving"
+    --time-limit 100 --out "$OUT_DIR/serving"
 has quant && quick_bench quant python3 -m skattn.cli bench --quant --models llama-8b --n 1,16,512 \
     --no-progress --time-limit 70 --out "$OUT_DIR/quant"
 echo "== summary"

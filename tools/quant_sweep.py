@@ -1,5 +1,5 @@
 """Decode kernel geometry for quantized K/V on a GPU: time f16, fp8 and q8_0 K/V under
-several (block_n, num_stages, num_warps) overrides, graph timer, cold L2.
+several (block_n, num_stages, num_warps[, programs]) overrides, graph timer, cold L2.
 
     PYTHONPATH=src python3 tools/quant_sweep.py [--cells llama-8b:1:32768,...] [--geos 64/4/4,...]
         [--formats f16,fp8,q8_0] [--reps 20]
@@ -44,8 +44,8 @@ def parse_cells(text: str) -> list[Cell]:
 def parse_geo(text: str) -> dict:
     if text == "default":
         return {}
-    bn, st, w = (int(x) for x in text.split("/"))
-    return dict(block_n=bn, num_stages=st, num_warps=w)
+    bn, st, w, *n = (int(x) for x in text.split("/"))
+    return dict(block_n=bn, num_stages=st, num_warps=w, **({"programs": n[0]} if n else {}))
 
 
 def main() -> int:
