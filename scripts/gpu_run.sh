@@ -3,7 +3,8 @@
 #   1. the GPU tests (-m gpu), in parallel: they are compile-bound
 #   2. the GPU fuzz profile (tests/test_fuzz.py, SKATTN_FUZZ_EXAMPLES cases, default 2000)
 #   3. compute-sanitizer memcheck, racecheck and synccheck over tools/sanitize_cases.py
-#      (racecheck and synccheck on its --quick cases), in the background beside 1 and 2
+#      (racecheck and synccheck on its --quick cases), memcheck over tools/sanitize_serving.py
+#      and tools/sanitize_quant.py, in the background beside 1 and 2
 #   4. `skattn bench` with the arguments given (e.g. --quick, --seed-table, --host)
 #   5. optional stages, each a quick benchmark: `serving` (skattn bench --serving --quick),
 #      `quant` (skattn bench --quant, llama-8b), `prefill` (tools/prefill_ab.py --quick)
@@ -34,6 +35,12 @@ if has sanitize; then
             > "$OUT_DIR/sanitize-$tool.log" 2>&1 &
         sanitize_pids+=("$tool:$!")
     done
+    for cases in serving quant; do  # the ragged/paged and quantized kernels under memcheck
+        python3 tools/sanitize_$cases.py > /dev/null 2>&1
+        compute-sanitizer --tool memcheck --error-exitcode 9 python3 tools/sanitize_$cases.py \
+            > "$OUT_DIR/sanitize-memcheck-$cases.log" 2>&1 &
+        sanitize_pids+=("memcheck-$cases:$!")
+    done
 fi
 workers() { python3 -c "import xdist" 2>/dev/null && echo "-n $1" || echo ""; }
 # a test still running after this many seconds has its threads' stacks dumped to the log
@@ -62,7 +69,7 @@ for entry in "${sanitize_pids[@]}"; do
     tool=${entry%%:*}
     wait "${entry#*:}"; t=$?; [ "$t" -ne 0 ] && rc=$t
     errors=$(grep -h "ERROR SUMMARY" "$OUT_DIR/sanitize-$tool.log" | tail -n 1)
-    summary+=("sanitizer $tool: exit $t; ${errors:-no summary}; $(grep -h 'sanitize cases' "$OUT_DIR/sanitize-$tool.log")")
+    summary+=("sanitizer $tool: exit $t; ${errors:-no summary}; $(grep -h 'sanitize .*cases' "$OUT_DIR/sanitize-$tool.log")")
 done
 if has tests; then  # wall-clock host timings, alone on the machine
     python3 -m pytest -q -m "gpu and serial" -p no:cacheprovider ${TESTS:-tests} 2>&1 | tee "$OUT_DIR/gpu_serial.log"

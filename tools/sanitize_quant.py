@@ -1,0 +1,40 @@
+"""Small quantized-KV calls for compute-sanitizer: fp8 e4m3 K/V (per-KV-head scales) and
+q8_0 blocks, dense, at n = 1 (decode, uniform fixup) and n = 70, causal, checked against
+float64 on the dequantized K/V. Run:
+compute-sanitizer --tool memcheck python3 tools/sanitize_quant.py
+"""
+import sys
+
+import torch
+
+import skattn
+from skattn import quant, reference
+
+
+def main() -> int:
+    if sys.argv[1:2] in (["-h"], ["--help"]):
+        print(__doc__.strip())
+        return 0
+    g = torch.Generator(device="cuda").manual_seed(0)
+    bad = n = 0
+    for lq in (1, 70):
+        q = torch.randn(2, lq, 8, 64, device="cuda", generator=g).half()
+        k, v = (torch.randn(2, 500, 2, 64, device="cuda", generator=g).half() for _ in range(2))
+        (kq, ks), (vq, vs) = quant.fp8(k, per_head=True), quant.fp8(v, per_head=True)
+        k8, v8 = quant.q8_0(k), quant.q8_0(v)
+        for name, args, kw in ((f"fp8 n={lq}", (q, kq, vq), dict(k_scale=ks, v_scale=vs)),
+                               (f"q8_0 n={lq}", (q, k8, v8), {})):
+            out = skattn.attention(*args, causal=True, **kw)
+            ref = reference.attention(*args, causal=True, **kw)
+            err = ((out.double() - ref).norm() / ref.norm()).item()
+            n += 1
+            if not err < 2e-2:
+                bad += 1
+                print(f"FAIL {name}: rel err {err:.2e}")
+    torch.cuda.synchronize()
+    print(f"sanitize quant cases: {n} run, {bad} wrong")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
