@@ -25,7 +25,7 @@ def test_mixes():
 def test_skattn_provider_decode_step(name, policy):
     m = mix(name, scale=1 / 256)
     batch = sb.make_batch(m, 2, 1, 16, 16, device="cpu")
-    built = sb.build_skattn(batch, policy, sms=4, occupancy=2)
+    built = sb.build_skattn(batch, policy, dict(sms=4, occupancy=2))
     built.step()
     longest = max(range(m.batch), key=lambda i: m.kv_lens[i])
     refs = sb.reference_rows(batch, sorted({0, m.batch - 1, longest}))
@@ -45,3 +45,13 @@ def test_markdown_table():
                               "mixes": {"one-long": "(b)"}})
     line = [ln for ln in text.splitlines() if ln.startswith("| llama-8b")][0]
     assert "50.0 (80%)" in line and "2.00x" in line and "4.00x" in line and "error" in line
+
+
+def test_skattn_variants_name_a_policy_and_plan_overrides():
+    from skattn.bench.serving import skattn_variant
+
+    assert skattn_variant("skattn:auto") == ("auto", {})
+    assert skattn_variant("skattn:auto/programs=256,block_n=128") == (
+        "auto", {"programs": 256, "block_n": 128})
+    with pytest.raises(ValueError, match="key=integer"):
+        skattn_variant("skattn:auto/programs=many")

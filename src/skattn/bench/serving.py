@@ -88,13 +88,14 @@ def _same(out):
 
 
 # -- skattn
-def build_skattn(batch: Batch, policy: str, **overrides) -> Built:
+def build_skattn(batch: Batch, policy: str, overrides: dict | None = None) -> Built:
     """`overrides`: `serving_plan` keywords (sms=, occupancy=, programs=, block_n=, ...)."""
     from skattn import serving
 
     m = batch.mix
     common = dict(batch=m.batch, q_heads=batch.hq, kv_heads=batch.hkv, head_dim=batch.d,
-                  page_size=batch.page_size, max_pages=batch.max_pages, policy=policy, **overrides)
+                  page_size=batch.page_size, max_pages=batch.max_pages, policy=policy,
+                  **(overrides or {}))
     wl_args = {}
     if m.decode:
         p = serving.serving_plan(q_len=1, max_kv_len=batch.max_pages * batch.page_size, **common)
@@ -219,11 +220,21 @@ def build_flash_attn(batch: Batch) -> Built:
                  lambda o: o.reshape(-1, batch.hq, batch.d), note="dense padded cache")
 
 
+def skattn_variant(name: str) -> tuple[str, dict]:
+    """`skattn:POLICY` or `skattn:POLICY/key=int,...` -> (policy, serving_plan overrides)."""
+    policy, _, extra = name.split(":", 1)[1].partition("/")
+    overrides = {}
+    for item in filter(None, extra.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or not value.strip().lstrip("-").isdigit():
+            raise ValueError(f"{name!r}: a plan override is key=integer, got {item!r}")
+        overrides[key.strip()] = int(value)
+    return policy, overrides
+
+
 def build(name: str, batch: Batch) -> Built:
-    if name.startswith("skattn:"):  # skattn:POLICY or skattn:POLICY/key=int,... (plan overrides)
-        policy, _, extra = name.split(":", 1)[1].partition("/")
-        overrides = {k: int(v) for k, v in (kv.split("=") for kv in extra.split(",") if kv)}
-        return build_skattn(batch, policy, **overrides)
+    if name.startswith("skattn:"):
+        return build_skattn(batch, *skattn_variant(name))
     return {"sdpa-padded": build_sdpa, "flex-paged": build_flex,
             "flash-attn": build_flash_attn}[name](batch)
 
