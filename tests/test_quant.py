@@ -276,7 +276,7 @@ def test_plan_formats():
     with pytest.raises(ValueError, match="dtype is K/V's"):
         skattn.plan(dtype=torch.float8_e5m2, **kw)
     with pytest.raises(ValueError, match="dtype is K/V's"):
-        skattn.plan(dtype="q4_0", **kw)
+        skattn.plan(dtype="q5_0", **kw)
 
 
 def test_fp8_needs_sm89(monkeypatch):
