@@ -204,3 +204,14 @@ def test_q4_0_plans():
                                                                        kv_format="q8_0")
     with pytest.raises(ValueError, match="q4_0 K/V need head sizes that are multiples of 32"):
         skattn.plan(dtype="q4_0", **{**kw, "head_dim": 80})
+
+
+def test_q4_0_opcheck():
+    # opcheck of the op with a q4_0 cache: packed uint8 values in k/v, f16 block scales in
+    # k_scale/v_scale (schema, fake kernel: its output has the logical Dv, aot dispatch)
+    q, k, v = _inputs(Lq=3, Lk=20, D=32, seed=11)
+    kq, vq = quant.q4_0(k), quant.q4_0(v)
+    args = (q, kq.values, vq.values, None, None, None, None, True, None, 0.0, "auto",
+            kq.scales, vq.scales)
+    result = torch.library.opcheck(torch.ops.skattn.attention.default, args)
+    assert set(result.values()) == {"SUCCESS"}, result
