@@ -143,7 +143,8 @@ def attention_args(q, k, v, *, scale=None, causal=False, window=None, mask=None,
 
 def _byte_kv(x) -> bool:
     """K or V in a 1-byte form (fp8, int8, a Q8_0 or Q4_0): `skattn.quant`'s rules decide."""
-    return isinstance(x, quant.BLOCK_FORMS) or (isinstance(x, torch.Tensor) and x.element_size() == 1)
+    return (isinstance(x, quant.BLOCK_FORMS)
+            or (isinstance(x, torch.Tensor) and x.element_size() == 1))
 
 
 def per_head(hq: int, kernel: bool, **vectors) -> None:

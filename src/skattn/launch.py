@@ -30,7 +30,8 @@ LOG2E = float(_tile.LOG2E.value)  # the kernels' constant, as a Python float
 _COMPILED: dict = {}  # call key -> (CompiledKernel, its constant parameters in order)
 _KEYS: dict = {}  # a bound plan's contribution to call keys -> a small integer
 _I32 = 1 << 31
-KV_FORMATS = {"float8_e4m3fn": 1, "q8_0": 2, "q4_0": 3}  # the kernel's KV_FORMAT by Plan.dtype (else 0)
+# the kernel's KV_FORMAT by Plan.dtype (else 0)
+KV_FORMATS = {"float8_e4m3fn": 1, "q8_0": 2, "q4_0": 3}
 
 
 def _many_pieces(plan, tiles: int) -> bool:

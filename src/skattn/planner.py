@@ -321,8 +321,9 @@ def plan(*, batch: int, q_len: int, kv_len: int, q_heads: int, kv_heads: int, he
         Dv (defaults to head_dim).
     dtype : torch.dtype, "q8_0" or "q4_0"
         The form of K and V: torch.float16, torch.bfloat16, torch.float8_e4m3fn (with
-        scales), "q8_0" or "q4_0" (`skattn.quant.Q8_0`, `Q4_0`: head sizes multiples of 32). Quantized K/V
-        take half the shared memory of f16 in the pipeline (`skattn.config.shared_bytes`).
+        scales), "q8_0" or "q4_0" (`skattn.quant.Q8_0`, `Q4_0`: head sizes multiples of 32).
+        Quantized K/V take half the shared memory of f16 in the pipeline
+        (`skattn.config.shared_bytes`).
     causal, window : bool, int or None
         Bottom-right causal mask and sliding window; KV blocks they hide are left out of the
         work list.
@@ -381,8 +382,8 @@ def plan(*, batch: int, q_len: int, kv_len: int, q_heads: int, kv_heads: int, he
         raise ValueError(f"dtype is K/V's and must be one of {list(_DTYPES)}, got {dtype}")
     kv_format = _DTYPES[dtype]
     if kv_format in ("q8_0", "q4_0") and (head_dim % 32 or head_dim_v % 32):
-        raise ValueError(f"{kv_format} K/V need head sizes that are multiples of 32 (its blocks), got "
-                         f"{head_dim}/{head_dim_v}")
+        raise ValueError(f"{kv_format} K/V need head sizes that are multiples of 32 (its "
+                         f"blocks), got {head_dim}/{head_dim_v}")
     sms, occupancy, smem_limit = gpu_limits(sms, occupancy, smem_limit)
     _check_positive(smem_limit=smem_limit)
     ratio = q_heads // kv_heads

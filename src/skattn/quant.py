@@ -1,7 +1,7 @@
 """Quantized K/V caches: FP8 e4m3 with float32 scales, and llama.cpp's q8_0 and q4_0 blocks.
 
-Two forms of K and V that `skattn.attention` reads and dequantizes in registers, halving the
-bytes a decode step streams (docs/quant.md):
+Three forms of K and V that `skattn.attention` reads and dequantizes in registers, halving
+(8 bits) or nearly quartering (4 bits) the bytes a decode step streams (docs/quant.md):
 
 - **FP8**: `k` and `v` are `torch.float8_e4m3fn` tensors `[B, Lk, Hkv, D]`, with `k_scale`
   and `v_scale` float32 scales per tensor (shape `[]` or `[1]`) or per KV head (`[Hkv]`):
@@ -14,7 +14,7 @@ bytes a decode step streams (docs/quant.md):
   and `scales` float16 `[B, Lk, Hkv, D / 32]`: `(nibble - 8) * d` per block, quantized as
   llama.cpp's `quantize_row_q4_0_ref`. `q4_0(x)` makes one (`skattn.quant_q4`).
 
-`check_kv` holds the input rules of both forms, shared by the kernels and the references.
+`check_kv` holds the input rules of every form, shared by the kernels and the references.
 """
 from __future__ import annotations
 

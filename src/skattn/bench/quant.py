@@ -296,10 +296,10 @@ def write_markdown(csv_path, rows, meta: dict) -> Path:
           "Per-layer time (p50 µs) from one CUDA graph of "
           f"{meta.get('layers')} layers, each with its own inputs, after an L2 flush; causal, "
           "batch 1, q/out f16. Floors: bytes (K/V at 2 B (f16), 1 B (fp8), 34/32 B (q8_0), "
-          "18/32 B (q4_0) a value, plus q and out) over the copy bandwidth, or flops over the matmul peak, "
-          "whichever is larger; % floor = floor / p50. fp8: float8_e4m3fn with one f32 scale "
-          "per KV head. Every row is checked against float64 on the dequantized K/V (err); "
-          "the last column is the error against float64 on the unquantized f16 K/V "
+          "18/32 B (q4_0) a value, plus q and out) over the copy bandwidth, or flops over the "
+          "matmul peak, whichever is larger; % floor = floor / p50. fp8: float8_e4m3fn with "
+          "one f32 scale per KV head. Every row is checked against float64 on the dequantized "
+          "K/V (err); the last column is the error against float64 on the unquantized f16 K/V "
           "(reported, not checked).", "", markdown_table(rows)]
     md += not_timed(rows, lambda r: f"{r['format']} {r['model']} n={r['n']} L={r['depth']}")
     if meta.get("stopped_early"):

@@ -73,7 +73,8 @@ def _kv_step(acc, m_i, l_i, q, Q, K, V, KS, VS, MASK, slope, b, qi, head, valid,
              HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, DOT_F32: tl.constexpr,
              MASKED: tl.constexpr, KV_FORMAT: tl.constexpr):
     """One KV block. MASKED=False: the block is inside Lk and visible to every row.
-    KV_FORMAT: 0 K/V in q's dtype, 1 fp8 e4m3, 2 q8_0, 3 q4_0; quantized K/V become q's dtype on load
+    KV_FORMAT: 0 K/V in q's dtype, 1 fp8 e4m3, 2 q8_0, 3 q4_0; quantized K/V become q's dtype
+    on load
     (fp8 e4m3 exactly; the scales are applied in `tile_kv_loop`)."""
     offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
     # -- scores
