@@ -3,7 +3,7 @@
   python3 scripts/resources.py llama-8b 1 32768 [programs=128] [fixup=fused] [num_stages=4]
                                              [stamps=1]  # with the per-program time stamps
   python3 scripts/resources.py --shape 256 256 4     # D Dv n, 16 query heads on 1 KV head
-  python3 scripts/resources.py --shape 128 128 1 q8_0        # K/V float8_e4m3fn or q8_0
+  python3 scripts/resources.py --shape 128 128 1 q8_0        # K/V float8_e4m3fn, q8_0, q4_0
   python3 scripts/resources.py --grid [--jobs=2] [--heads=128,192/128] [--features=mask,window]
                                       [--kv=float8_e4m3fn]
       # shared memory of every distinct main-kernel configuration the planner picks over
@@ -39,17 +39,19 @@ from skattn.bench.models import MODELS
 
 TYPES = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32",
          torch.int32: "*i32", torch.int64: "*i64", torch.int8: "*i8",
-         torch.float8_e4m3fn: "*fp8e4nv"}
-KV_FORMATS = ("float16", "float8_e4m3fn", "q8_0")
+         torch.uint8: "*u8", torch.float8_e4m3fn: "*fp8e4nv"}
+KV_FORMATS = ("float16", "float8_e4m3fn", "q8_0", "q4_0")
+BLOCK_FORMATS = {"q8_0": (torch.int8, 1), "q4_0": (torch.uint8, 2)}  # values' dtype, values a byte
 
 
 def kv_inputs(kv: str, L: int, H: int, D: int, Dv: int) -> tuple:
     """(k, v, launch.run's k_scale/v_scale keywords, the plan's dtype) of K/V in form `kv`."""
-    if kv == "q8_0":
-        k, v = (torch.empty(1, L, H, d, dtype=torch.int8) for d in (D, Dv))
+    if kv in BLOCK_FORMATS:
+        dt, per_byte = BLOCK_FORMATS[kv]
+        k, v = (torch.empty(1, L, H, d // per_byte, dtype=dt) for d in (D, Dv))
         scales = dict(k_scale=torch.empty(1, L, H, D // 32, dtype=torch.float16),
                       v_scale=torch.empty(1, L, H, Dv // 32, dtype=torch.float16))
-        return k, v, scales, "q8_0"
+        return k, v, scales, kv
     dtype = getattr(torch, kv)
     k, v = (torch.empty(1, L, H, d, dtype=dtype) for d in (D, Dv))
     if kv == "float16":
@@ -213,7 +215,7 @@ def shared_memory(fn, args, kw) -> int:
 
 def _grid_plan(D, Dv, n, ratio, feature, kv="float16"):
     f = FEATURES[feature]
-    dtype = "q8_0" if kv == "q8_0" else getattr(torch, kv)
+    dtype = kv if kv in BLOCK_FORMATS else getattr(torch, kv)
     return skattn.plan(batch=1, q_len=n, kv_len=GRID_KV_LEN, q_heads=ratio * GRID_KV_HEADS,
                        kv_heads=GRID_KV_HEADS, head_dim=D, head_dim_v=Dv, dtype=dtype,
                        causal=f.get("causal", False), window=f.get("window"), sms=132,
@@ -247,7 +249,7 @@ def grid_configs(heads=HEADS, features=tuple(FEATURES), kv="float16") -> dict:
         for feature in features:
             for n in Q_LENS:
                 for ratio in RATIOS:
-                    if kv == "q8_0" and (D % 32 or Dv % 32):
+                    if kv in BLOCK_FORMATS and (D % 32 or Dv % 32):
                         continue
                     g = _grid_plan(D, Dv, n, ratio, feature, kv).geometry
                     key = (D, Dv, feature, g.block_m, g.block_n, g.block_dk, g.dk_chunks,

@@ -23,6 +23,7 @@ def test_cells_and_bytes():
     assert quant.cell_bytes(c, "f16") == 2 * 8192 * 8 * 128 * 2 + qo
     assert quant.cell_bytes(c, "fp8") == 2 * 8192 * 8 * 128 + qo
     assert quant.cell_bytes(c, "q8_0") == 2 * 8192 * 8 * 4 * 34 + qo  # 4 blocks of 34 bytes
+    assert quant.cell_bytes(c, "q4_0") == 2 * 8192 * 8 * 4 * 18 + qo  # 4 blocks of 18 bytes
 
 
 def _rows():
@@ -38,7 +39,8 @@ def _rows():
 def test_tables():
     md = quant.markdown_table(_rows())
     line = md.splitlines()[2]
-    assert "| llama-8b (32/8/128) | 1 | 16384 | 40.0 (70%) | 22.0 (70%) 1.82x | error |" in line
+    assert ("| llama-8b (32/8/128) | 1 | 16384 | 40.0 (70%) | 22.0 (70%) 1.82x | error | — | "
+            "2e-2 / 2e-2 / — |") in line
     short = quant.short_table(_rows()).splitlines()
     assert short[1].split()[:6] == ["llama-8b", "1", "16384", "40.0", "22.0", "—"]
 
@@ -79,11 +81,13 @@ def test_quant_flow_under_the_interpreter(tmp_path, monkeypatch):
     opts = RunOptions(sms=4, occupancy=2, warmup=0, reps=1, progress=False, layers=2)
     csv_path, json_path, rows = quant.run_quant(decode, prompt, out_dir=tmp_path, tag="t", opts=opts)
     assert [(r["n"], r["format"], r["status"]) for r in rows] == [
-        (1, "f16", "ok"), (1, "fp8", "ok"), (1, "q8_0", "ok"), (2, "f16", "ok"), (2, "fp8", "ok")]
-    errs = {r["format"]: (float(r["err"]), float(r["err_unquantized"])) for r in rows[:3]}
+        (1, "f16", "ok"), (1, "fp8", "ok"), (1, "q8_0", "ok"), (1, "q4_0", "ok"), (2, "f16", "ok"),
+        (2, "fp8", "ok")]
+    errs = {r["format"]: (float(r["err"]), float(r["err_unquantized"])) for r in rows[:4]}
     # f16: the same reference (err is the worst of layer 0 and, after a replay, the last)
     assert errs["f16"][1] <= errs["f16"][0] < 2e-3
     assert errs["q8_0"][0] < 2e-3 < errs["fp8"][1]  # e4m3 costs more than q8_0's 8 bits
+    assert errs["q4_0"][0] < 2e-3 and errs["q4_0"][1] > errs["fp8"][1]  # 4 bits cost more
     assert all(float(r["speedup_vs_f16"]) == 1.0 for r in rows)
     md = quant.write_markdown(csv_path, rows, {"layers": 2})
     assert "| tiny (4/2/32) | 1 | 40 |" in md.read_text()

@@ -1,5 +1,6 @@
-"""Quantized K/V on a CUDA GPU: fp8 (sm_89+) and q8_0 at seed-grid shapes against float64 on
-the dequantized K/V, every fixup kind, bf16 q, features, CUDA graphs with device scales."""
+"""Quantized K/V on a CUDA GPU: fp8 (sm_89+), q8_0 and q4_0 at seed-grid shapes against
+float64 on the dequantized K/V, every fixup kind, bf16 q, features, cache views, CUDA graphs
+with device scales."""
 import pytest
 import torch
 
@@ -31,14 +32,15 @@ def make(B, Lq, Lk, Hq, Hkv, D, *, qdtype=torch.float16, seed=0):
 
 def quantize(form, k, v):
     """(k, v, kwargs of skattn.attention, plan dtype) of K/V in `form`."""
-    if form == "q8_0":
-        return quant.q8_0(k), quant.q8_0(v), {}, "q8_0"
+    if form in ("q8_0", "q4_0"):
+        pack = getattr(quant, form)
+        return pack(k), pack(v), {}, form
     per_head = form == "fp8-head"
     (kq, ks), (vq, vs) = quant.fp8(k, per_head=per_head), quant.fp8(v, per_head=per_head)
     return kq, vq, dict(k_scale=ks, v_scale=vs), FP8
 
 
-FORMS = ["fp8", "fp8-head", "q8_0"]
+FORMS = ["fp8", "fp8-head", "q8_0", "q4_0"]
 
 
 def _skip_fp8(form):
@@ -93,11 +95,13 @@ def test_bf16_q_and_features(form):
         assert rel_err(out, ref) <= bound(q, kd, vd, causal=True), (form, extra.keys())
 
 
-def test_q8_0_head_sizes():
-    # Dk not a power of two (its last q8_0 block masked), Dk != Dv, and Dk > 256 (chunks)
+@pytest.mark.parametrize("form", ["q8_0", "q4_0"])
+def test_block_head_sizes(form):
+    # Dk not a power of two (its last block masked), Dk != Dv, and Dk > 256 (chunks)
+    pack = getattr(quant, form)
     for D, Dv in ((96, 96), (192, 128), (576, 512)):
         q, k, v = make(1, 4, 3000, 16, 1, D, seed=D)
-        kq, vq = quant.q8_0(k), quant.q8_0(v[..., :Dv].contiguous())
+        kq, vq = pack(k), pack(v[..., :Dv].contiguous())
         ref = reference.attention(q, kq, vq, causal=True)
         out = skattn.attention(q, kq, vq, causal=True)
         tol = bound(q, kq.dequantize(), vq.dequantize(), causal=True) + 2e-3
@@ -130,3 +134,34 @@ def test_fp8_graph_reads_scales_on_device():
         ref = reference.attention(q, kq, vq, causal=True, k_scale=ks2, v_scale=vs2)
         kd, vd = quant.dequantize_kv(kq, vq, ks2, vs2, q.dtype)
         assert rel_err(out, ref) <= bound(q, kd, vd, causal=True), factor
+
+
+def test_q4_0_cache_view_decode_graph():
+    # a decode step on views [:, :L] of a preallocated q4_0 cache (llama-8b, n = 1), planned
+    # and run in a CUDA graph; the cache is refilled between replays (the graph reads it)
+    Hq, Hkv, D = MODELS["llama-8b"][:3]
+    B, n, L, cap = 1, 1, 12345, 16384
+    q, k, v = make(B, n, cap, Hq, Hkv, D, seed=21)
+    kc, vc = quant.q4_0(k), quant.q4_0(v)
+    kq, vq = kc[:, :L], vc[:, :L]
+    assert kq.values.stride(1) == Hkv * D // 2 and kq.scales.stride(1) == Hkv * D // 32
+    p = skattn.plan(batch=B, q_len=n, kv_len=L, q_heads=Hq, kv_heads=Hkv, head_dim=D,
+                    dtype="q4_0", causal=True)
+    out = torch.empty(B, n, Hq, D, device="cuda", dtype=q.dtype)
+    call = dict(causal=True, plan=p, out=out, workspace=skattn.workspace(p))
+    skattn.attention(q, kq, vq, **call)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        skattn.attention(q, kq, vq, **call)
+    for seed in (22, 23):
+        _, k2, v2 = make(B, n, cap, Hq, Hkv, D, seed=seed)
+        k2q, v2q = quant.q4_0(k2), quant.q4_0(v2)
+        for dst, src in ((kc, k2q), (vc, v2q)):
+            dst.values.copy_(src.values), dst.scales.copy_(src.scales)
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = reference.attention(q, kq, vq, causal=True)
+        assert not torch.isnan(out).any()
+        assert rel_err(out, ref) <= bound(q, kq.dequantize(), vq.dequantize(), causal=True), seed

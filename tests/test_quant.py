@@ -276,7 +276,7 @@ def test_plan_formats():
     with pytest.raises(ValueError, match="dtype is K/V's"):
         skattn.plan(dtype=torch.float8_e5m2, **kw)
     with pytest.raises(ValueError, match="dtype is K/V's"):
-        skattn.plan(dtype="q4_0", **kw)
+        skattn.plan(dtype="q5_0", **kw)
 
 
 def test_fp8_needs_sm89(monkeypatch):
@@ -296,7 +296,7 @@ def test_quantized_kernels_compile_for_sm90():
     # session runs the interpreter): the dequantizing loads build, fit shared memory, and the
     # planner's estimate bounds what Triton allocates (compiled as far as its allocation).
     # Tiles of 64 rows (warpgroup MMA) and 16 (warp MMA), a masked last q8_0 block (96),
-    # chunked Dk (576/512)
+    # chunked Dk (576/512); q4_0's nibble loads too
     import json
     import os
     import subprocess
@@ -308,7 +308,8 @@ def test_quantized_kernels_compile_for_sm90():
     env["PYTHONPATH"] = os.pathsep.join([str(root / "src"), str(root / "scripts"),
                                          env.get("PYTHONPATH", "")])
     cases = [(128, 128, 16, "float8_e4m3fn"), (576, 512, 1, "float8_e4m3fn"),
-             (96, 96, 4, "q8_0"), (128, 128, 1, "q8_0")]
+             (96, 96, 4, "q8_0"), (128, 128, 1, "q8_0"), (96, 96, 4, "q4_0"),
+             (576, 512, 1, "q4_0")]
     code = ("import json, resources\n"
             f"for D, Dv, n, kv in {cases!r}:\n"
             "    print(json.dumps(resources.allocation(D, Dv, n, kv=kv)), flush=True)\n")

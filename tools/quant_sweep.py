@@ -1,8 +1,8 @@
-"""Decode kernel geometry for quantized K/V on a GPU: time f16, fp8 and q8_0 K/V under
+"""Decode kernel geometry for quantized K/V on a GPU: time f16, fp8, q8_0 and q4_0 K/V under
 several (block_n, num_stages, num_warps[, programs]) overrides, graph timer, cold L2.
 
     PYTHONPATH=src python3 tools/quant_sweep.py [--cells llama-8b:1:32768,...] [--geos 64/4/4,...]
-        [--formats f16,fp8,q8_0] [--reps 20]
+        [--formats f16,fp8,q8_0,q4_0] [--reps 20]
 
 Each (cell, format, geometry) is planned with the overrides (the policy picks the programs),
 checked against float64 on the dequantized K/V (output poisoned with NaN; above 5e-3 relative
@@ -28,7 +28,7 @@ from skattn.bench.quant import KV_BYTES, quantize
 from skattn.bench.run import layer_inputs
 from skattn.bench.timing import ColdTimer, measure_ceilings
 
-DTYPES = {"f16": torch.float16, "fp8": torch.float8_e4m3fn, "q8_0": "q8_0"}
+DTYPES = {"f16": torch.float16, "fp8": torch.float8_e4m3fn, "q8_0": "q8_0", "q4_0": "q4_0"}
 LAYERS = 16
 
 

@@ -1,5 +1,5 @@
-"""Small quantized-KV calls for compute-sanitizer: fp8 e4m3 K/V (per-KV-head scales) and
-q8_0 blocks, dense, at n = 1 (decode, uniform fixup) and n = 70, causal, checked against
+"""Small quantized-KV calls for compute-sanitizer: fp8 e4m3 K/V (per-KV-head scales), q8_0
+and q4_0 blocks, dense, at n = 1 (decode, uniform fixup) and n = 70, causal, checked against
 float64 on the dequantized K/V. Run:
 compute-sanitizer --tool memcheck python3 tools/sanitize_quant.py
 """
@@ -22,8 +22,10 @@ def main() -> int:
         k, v = (torch.randn(2, 500, 2, 64, device="cuda", generator=g).half() for _ in range(2))
         (kq, ks), (vq, vs) = quant.fp8(k, per_head=True), quant.fp8(v, per_head=True)
         k8, v8 = quant.q8_0(k), quant.q8_0(v)
+        k4, v4 = quant.q4_0(k), quant.q4_0(v)
         for name, args, kw in ((f"fp8 n={lq}", (q, kq, vq), dict(k_scale=ks, v_scale=vs)),
-                               (f"q8_0 n={lq}", (q, k8, v8), {})):
+                               (f"q8_0 n={lq}", (q, k8, v8), {}),
+                               (f"q4_0 n={lq}", (q, k4, v4), {})):
             out = skattn.attention(*args, causal=True, **kw)
             ref = reference.attention(*args, causal=True, **kw)
             err = ((out.double() - ref).norm() / ref.norm()).item()

@@ -19,7 +19,7 @@ _TOKENS = itertools.count()
 
 
 def _meta(x):
-    if isinstance(x, quant.Q8_0):
+    if isinstance(x, quant.BLOCK_FORMS):
         return type(x), _meta(x.values), _meta(x.scales)
     if isinstance(x, (float, int)) and not isinstance(x, bool):  # a scale: its value is checked
         return x
@@ -65,9 +65,9 @@ def attention(q, k, v, *, scale=None, causal=False, window=None, mask=None, sink
     q : Tensor [B, Lq, Hq, Dk], f16, bf16 or f32 (last dim contiguous); f16 or bf16 with
         quantized K/V, which are dequantized to q's dtype
     k : Tensor [B, Lk, Hkv, Dk], f16, bf16 or float8_e4m3fn (with k_scale), or a
-        `skattn.quant.Q8_0` (q8_0 blocks, Dk a multiple of 32); may be a strided view of a
-        larger cache
-    v : Tensor [B, Lk, Hkv, Dv], k's dtype (or a Q8_0 when k is one)
+        `skattn.quant.Q8_0` or `skattn.quant.Q4_0` (llama.cpp's blocks, Dk a multiple of 32);
+        may be a strided view of a larger cache
+    v : Tensor [B, Lk, Hkv, Dv], k's dtype (or k's block form when k is one)
     scale : float, optional
         Score scale, default Dk ** -0.5.
     causal : bool
@@ -141,10 +141,10 @@ def attention(q, k, v, *, scale=None, causal=False, window=None, mask=None, sink
     B, Lq, Hq, Dk = q.shape
     Dv = v.shape[3]
     if plan is None:
-        kv_dtype = "q8_0" if isinstance(k, quant.Q8_0) else k.dtype
+        kv_dtype = k.format if isinstance(k, quant.BLOCK_FORMS) else k.dtype
         plan = _cached_plan(B, Lq, k.shape[1], Hq, k.shape[2], Dk, Dv, kv_dtype, bool(causal),
                             window, q.device, mask is not None)
-    if isinstance(k, quant.Q8_0):  # the kernel reads the int8 values and their block scales
+    if isinstance(k, quant.BLOCK_FORMS):  # the kernel reads the values and their block scales
         k, v, k_scale, v_scale = k.values, v.values, k.scales, v.scales
     elif k_scale is not None:
         k_scale, v_scale = quant.scale_tensor(k_scale, q.device), quant.scale_tensor(v_scale, q.device)

@@ -91,15 +91,18 @@ def attention_args(q, k, v, *, scale=None, causal=False, window=None, mask=None,
     floats = None if not kernel else Q_DTYPES
     _tensor("q", q, 4, floats)
     kv_name = None
+    kv_shapes = None  # a block form's logical [B, Lk, Hkv, D] (a Q4_0 packs two values a byte)
     if k_scale is not None or v_scale is not None or _byte_kv(k) or _byte_kv(v):
         # quantized K/V: their own rules, then the generic ones on the tensors the kernel reads
         kv_name = quant.check_kv(q, k, v, k_scale, v_scale, kernel=kernel)
         if kv_name is not None:
+            kv_shapes = k.shape, v.shape
             k, v = quant.kernel_data(k), quant.kernel_data(v)
     kv_dtypes = KV_DTYPES if kv_name is None else (k.dtype,)
     _tensor("k", k, 4, None if not kernel and kv_name is None else kv_dtypes)
     _tensor("v", v, 4, None if not kernel and kv_name is None else kv_dtypes)
-    (B, Lq, Hq, Dk), (Bk, Lk, Hkv, Dk2), Dv = q.shape, k.shape, v.shape[3]
+    k_shape, v_shape = kv_shapes or (k.shape, v.shape)
+    (B, Lq, Hq, Dk), (Bk, Lk, Hkv, Dk2), Dv = q.shape, k_shape, v_shape[3]
     if kernel and v.dtype != k.dtype:
         raise TypeError(f"v must have k's dtype {k.dtype}, got {v.dtype}")
     if Bk != B or v.shape[0] != B:
@@ -131,15 +134,17 @@ def attention_args(q, k, v, *, scale=None, causal=False, window=None, mask=None,
             raise TypeError(f"plan must be a skattn.Plan (from skattn.plan), got "
                             f"{type(plan).__name__}")
     if kernel:
-        _kernel_args(q, k, v, mask, sinks, alibi_slopes, out)
+        _kernel_args(q, k, v, mask, sinks, alibi_slopes, out, Dv)
         if plan is not None:
-            plan_matches(plan, q, k, v, causal=causal, window=window, kv_name=kv_name)
+            plan_matches(plan, q, k, v, causal=causal, window=window, kv_name=kv_name,
+                         head_dim_v=Dv)
             plan_mask(plan, mask, q.device)
 
 
 def _byte_kv(x) -> bool:
-    """K or V in a 1-byte form (fp8, int8, a Q8_0): `skattn.quant`'s rules decide."""
-    return isinstance(x, quant.Q8_0) or (isinstance(x, torch.Tensor) and x.element_size() == 1)
+    """K or V in a 1-byte form (fp8, int8, a Q8_0 or Q4_0): `skattn.quant`'s rules decide."""
+    return (isinstance(x, quant.BLOCK_FORMS)
+            or (isinstance(x, torch.Tensor) and x.element_size() == 1))
 
 
 def per_head(hq: int, kernel: bool, **vectors) -> None:
@@ -197,7 +202,7 @@ def check_out(out, want: tuple, q) -> None:
                          f"element needs its own address")
 
 
-def _kernel_args(q, k, v, mask, sinks, alibi_slopes, out) -> None:
+def _kernel_args(q, k, v, mask, sinks, alibi_slopes, out, dv) -> None:
     kernel_tensors((("q", q), ("k", k), ("v", v), ("mask", mask), ("sinks", sinks),
                     ("alibi_slopes", alibi_slopes)), q.device)
     for name, x in (("k", k), ("v", v)):
@@ -206,7 +211,7 @@ def _kernel_args(q, k, v, mask, sinks, alibi_slopes, out) -> None:
                              f"elements (Lk x stride {x.stride(1)}); the kernels address them "
                              f"with 32-bit offsets (< 2**31): split the sequence or use a "
                              f"denser layout")
-    check_out(out, (*q.shape[:3], v.shape[3]), q)
+    check_out(out, (*q.shape[:3], dv), q)
 
 
 _PLAN_FIELDS = ("batch", "q_len", "kv_len", "q_heads", "kv_heads", "head_dim", "head_dim_v",
@@ -214,12 +219,14 @@ _PLAN_FIELDS = ("batch", "q_len", "kv_len", "q_heads", "kv_heads", "head_dim", "
 _DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
 
 
-def plan_matches(plan, q, k, v, *, causal, window, dtype: bool = True, kv_name=None) -> None:
+def plan_matches(plan, q, k, v, *, causal, window, dtype: bool = True, kv_name=None,
+                 head_dim_v=None) -> None:
     """The plan was made for these shapes, options and (when `dtype`) K/V's dtype, or
-    `kv_name` (quantized K/V: "float8_e4m3fn", "q8_0")."""
+    `kv_name` (quantized K/V: "float8_e4m3fn", "q8_0", "q4_0"); `head_dim_v`: Dv when v's
+    last dimension is not it (a Q4_0's packed bytes)."""
     B, Lq, Hq, Dk = q.shape
     name = kv_name or _DTYPE_NAMES.get(k.dtype, str(k.dtype).removeprefix("torch."))
-    have = (B, Lq, k.shape[1], Hq, k.shape[2], Dk, v.shape[3], causal, window,
+    have = (B, Lq, k.shape[1], Hq, k.shape[2], Dk, head_dim_v or v.shape[3], causal, window,
             name if dtype else plan.dtype)
     for name, value in zip(_PLAN_FIELDS, have):
         if getattr(plan, name) != value:

@@ -68,6 +68,9 @@ def shared_bytes(geo: TileGeometry, *, has_mask: bool = False, kv_format: str = 
     byte tile: a bound (Triton pipelines its int8 and f16 loads differently by shape), above
     all 210 configurations of `--grid --kv=q8_0`, by 17% in the median, and below the f16
     count of the same geometry, so q8_0 never gets a smaller configuration than f16.
+    q4_0 is counted as q8_0: its loads are half the bytes of q8_0's ([BLOCK_N, D / 2] packed
+    bytes, 18/32 bytes a value in all) with the same f16 scales and the same dequantized
+    tiles, so q8_0's count bounds it.
     """
     dk = geo.block_dk * geo.dk_chunks
     wgmma = geo.block_m >= 64
@@ -76,7 +79,7 @@ def shared_bytes(geo: TileGeometry, *, has_mask: bool = False, kv_format: str = 
     loop = kv_buffers * geo.block_n * (dk + geo.block_dv) * elem + geo.block_m * dk * 2
     if elem == 1 and wgmma and dk > geo.block_dv:  # 192/128 took K's extra columns once more
         loop += geo.block_n * (dk - geo.block_dv)
-    if kv_format == "q8_0":
+    if kv_format in ("q8_0", "q4_0"):
         loop += kv_buffers * geo.block_n * (dk + geo.block_dv) // 16 + geo.block_n * geo.block_dv
     if not wgmma:
         loop += geo.block_m * geo.block_n * 2

@@ -30,7 +30,8 @@ LOG2E = float(_tile.LOG2E.value)  # the kernels' constant, as a Python float
 _COMPILED: dict = {}  # call key -> (CompiledKernel, its constant parameters in order)
 _KEYS: dict = {}  # a bound plan's contribution to call keys -> a small integer
 _I32 = 1 << 31
-KV_FORMATS = {"float8_e4m3fn": 1, "q8_0": 2}  # the kernel's KV_FORMAT by Plan.dtype (else 0)
+# the kernel's KV_FORMAT by Plan.dtype (else 0)
+KV_FORMATS = {"float8_e4m3fn": 1, "q8_0": 2, "q4_0": 3}
 
 
 def _many_pieces(plan, tiles: int) -> bool:
@@ -231,8 +232,9 @@ def run(plan: Plan, q, k, v, out, lse, *, scale: float, mask=None, sinks=None, s
     """Launch the main kernel and, for uniform/general plans, the fixup kernel.
 
     Quantized K/V (the plan's dtype says which): `k`, `v` are what the kernel reads (fp8
-    tensors, or a Q8_0's int8 values) and `k_scale`, `v_scale` the scales (fp8: f32 [1] or
-    [Hkv]; q8_0: the Q8_0's block scales), as `skattn.attention` unpacks them.
+    tensors, a Q8_0's int8 values or a Q4_0's packed uint8) and `k_scale`, `v_scale` the
+    scales (fp8: f32 [1] or [Hkv]; q8_0, q4_0: the block scales), as `skattn.attention`
+    unpacks them.
 
     `workspace`: a caller's buffer (`skattn.workspace(plan)`), else the pool of the current
     stream, or with `scratch=True` a buffer of this call alone (`buffers.scratch`).

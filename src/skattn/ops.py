@@ -7,7 +7,8 @@ capture it. The op plans with a named policy, cached per shape like `skattn.atte
 
 Quantized K/V (docs/quant.md) pass as tensors: FP8 K/V with `k_scale`, `v_scale` as
 `skattn.attention` takes them, and a q8_0 cache as its int8 values in `k`/`v` with its f16
-block scales in `k_scale`/`v_scale` (`attention` below unpacks a `skattn.quant.Q8_0`).
+block scales in `k_scale`/`v_scale` (`attention` below unpacks a `skattn.quant.Q8_0`); a
+q4_0 cache likewise, as its packed uint8 values (`skattn.quant.Q4_0`).
 """
 from __future__ import annotations
 
@@ -39,9 +40,10 @@ def plan_for(q, k, v, *, causal=False, window=None, policy=DEFAULT_POLICY, has_m
     """The plan the op runs for these inputs: `skattn.plan(..., policy=policy)` for the
     current GPU (the interpreter's pretend grid on a CPU), cached per shape and policy;
     `has_mask`: the call passes a mask (its tile takes shared memory). k and v may be
-    float8_e4m3fn tensors or `skattn.quant.Q8_0` caches (the plan is made for their form)."""
+    float8_e4m3fn tensors or `skattn.quant.Q8_0`, `Q4_0` caches (the plan is made for their
+    form)."""
     B, Lq, Hq, Dk = q.shape
-    kv_dtype = "q8_0" if isinstance(k, quant.Q8_0) else k.dtype
+    kv_dtype = k.format if isinstance(k, quant.BLOCK_FORMS) else k.dtype
     try:
         return _cached_plan(B, Lq, k.shape[1], Hq, k.shape[2], Dk, v.shape[3], kv_dtype,
                             bool(causal), window, q.device, policy, bool(has_mask))
@@ -59,12 +61,14 @@ def _check_policy(policy) -> None:
 
 def _kv_forms(k, v, k_scale, v_scale):
     """The op's K/V as `skattn.attention` takes them: int8 values whose scale is a float16
-    tensor are a q8_0 cache (`Q8_0(values, block scales)`; a Q8_0 holds its own scales)."""
+    tensor are a q8_0 cache (`Q8_0(values, block scales)`), uint8 values with them a q4_0
+    cache (`Q4_0(packed values, block scales)`); a Q8_0 or Q4_0 holds its own scales."""
     out = []
+    forms = {torch.int8: quant.Q8_0, torch.uint8: quant.Q4_0}
     for x, s in ((k, k_scale), (v, v_scale)):
-        if (isinstance(x, torch.Tensor) and x.dtype == torch.int8 and isinstance(s, torch.Tensor)
+        if (isinstance(x, torch.Tensor) and x.dtype in forms and isinstance(s, torch.Tensor)
                 and s.dtype == torch.float16):
-            x, s = quant.Q8_0(x, s), None
+            x, s = forms[x.dtype](x, s), None
         out += [x, s]
     return out[0], out[2], out[1], out[3]
 
@@ -87,7 +91,7 @@ def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
                     v_scale)
     p = plan_for(q, kf, vf, causal=causal, window=window, policy=policy, has_mask=mask is not None)
     B, Lq, Hq, Dk = q.shape
-    out = q.new_empty(B, Lq, Hq, v.shape[3])
+    out = q.new_empty(B, Lq, Hq, vf.shape[3])  # (a q4_0 v packs two values a byte)
     if k.dtype in quant.FP8_DTYPES:  # scales [] / [1] / [Hkv] as the kernel reads them: [1] / [Hkv]
         k_scale, v_scale = k_scale.reshape(-1), v_scale.reshape(-1)
     # a workspace of this call alone: CUDA graphs of torch.compile own what the op allocates
@@ -101,10 +105,11 @@ def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
 def _attention_fake(q, k, v, mask, sinks, alibi_slopes, scale, causal, window, softcap, policy,
                     k_scale=None, v_scale=None):
     # the same checks as the real kernel, so bad input fails while tracing, not at run time
-    _check(q, k, v, mask, sinks, alibi_slopes, scale, causal, window, softcap, k_scale, v_scale)
+    _, vf = _check(q, k, v, mask, sinks, alibi_slopes, scale, causal, window, softcap, k_scale,
+                   v_scale)
     _check_policy(policy)
     B, Lq, Hq, _ = q.shape
-    return q.new_empty(B, Lq, Hq, v.shape[3])
+    return q.new_empty(B, Lq, Hq, vf.shape[3])
 
 
 def _no_backward(ctx, grad):
@@ -140,8 +145,9 @@ def attention(q, k, v, *, scale=None, causal=False, window=None, mask=None, sink
     q : Tensor [B, Lq, Hq, Dk], f16, bf16 or f32 (last dim contiguous); f16 or bf16 with
         quantized K/V, which are dequantized to q's dtype
     k : Tensor [B, Lk, Hkv, Dk], f16, bf16 or float8_e4m3fn (with k_scale), or a
-        `skattn.quant.Q8_0` (Dk a multiple of 32); may be a strided view of a larger cache
-    v : Tensor [B, Lk, Hkv, Dv], k's dtype (or a Q8_0 when k is one)
+        `skattn.quant.Q8_0` or `Q4_0` (Dk a multiple of 32); may be a strided view of a
+        larger cache
+    v : Tensor [B, Lk, Hkv, Dv], k's dtype (or k's block form when k is one)
     scale : float, optional
         Score scale, default Dk ** -0.5.
     causal : bool
@@ -173,13 +179,15 @@ def attention(q, k, v, *, scale=None, causal=False, window=None, mask=None, sink
     At the op itself, `torch.ops.skattn.attention(q, k, v, mask, sinks, alibi_slopes, scale,
     causal, window, softcap, policy, k_scale, v_scale)`, a q8_0 cache is two tensors: its
     int8 values as `k`/`v` and its float16 block scales `[B, Lk, Hkv, D / 32]` as
-    `k_scale`/`v_scale` (this function unpacks a Q8_0 so).
+    `k_scale`/`v_scale` (this function unpacks a Q8_0 so); a q4_0 cache likewise, its packed
+    uint8 values `[B, Lk, Hkv, D / 2]` as `k`/`v`.
     """
-    if isinstance(k, quant.Q8_0) and isinstance(v, quant.Q8_0):
+    blocks = quant.BLOCK_FORMS
+    if isinstance(k, blocks) and isinstance(v, blocks) and type(k) is type(v):
         if k_scale is not None or v_scale is not None:  # as skattn.attention says it
             quant.check_kv(q, k, v, k_scale, v_scale, kernel=True)
         k, v, k_scale, v_scale = k.values, v.values, k.scales, v.scales
-    elif isinstance(k, quant.Q8_0) or isinstance(v, quant.Q8_0):
+    elif isinstance(k, blocks) or isinstance(v, blocks):
         quant.check_kv(q, k, v, k_scale, v_scale, kernel=True)  # names the mix-up
     else:
         k_scale = _scale_arg("k_scale", k_scale, q.device)

@@ -19,9 +19,9 @@ __all__ = ["Plan", "plan", "programs_for", "fixup_for", "tile_geometry", "POLICI
 # FLOP per byte of K/V above which a cell is compute-bound (it is q_len x GQA ratio; the
 # H100/H200 ridge points are about 220/180 FLOP/B for f16)
 COMPUTE_BOUND_INTENSITY = 256
-# K/V forms -> Plan.dtype (skattn.quant: fp8 with scales, q8_0 blocks)
+# K/V forms -> Plan.dtype (skattn.quant: fp8 with scales, q8_0 and q4_0 blocks)
 _DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16",
-           torch.float8_e4m3fn: "float8_e4m3fn", "q8_0": "q8_0"}
+           torch.float8_e4m3fn: "float8_e4m3fn", "q8_0": "q8_0", "q4_0": "q4_0"}
 
 
 @dataclass(frozen=True)
@@ -290,7 +290,7 @@ def _alias(value, old, name, old_name):
     return old if value is None else value
 
 
-_QUANTIZED = ("float8_e4m3fn", "q8_0")
+_QUANTIZED = ("float8_e4m3fn", "q8_0", "q4_0")
 
 
 def quantized_cost_model() -> CostModel:
@@ -319,10 +319,11 @@ def plan(*, batch: int, q_len: int, kv_len: int, q_heads: int, kv_heads: int, he
         The shape of `attention(q [B, Lq, Hq, Dk], k [B, Lk, Hkv, Dk], v [B, Lk, Hkv, Dv])`.
     head_dim_v : int, optional
         Dv (defaults to head_dim).
-    dtype : torch.dtype or "q8_0"
+    dtype : torch.dtype, "q8_0" or "q4_0"
         The form of K and V: torch.float16, torch.bfloat16, torch.float8_e4m3fn (with
-        scales) or "q8_0" (`skattn.quant.Q8_0`, head sizes multiples of 32). Quantized K/V
-        take half the shared memory of f16 in the pipeline (`skattn.config.shared_bytes`).
+        scales), "q8_0" or "q4_0" (`skattn.quant.Q8_0`, `Q4_0`: head sizes multiples of 32).
+        Quantized K/V take half the shared memory of f16 in the pipeline
+        (`skattn.config.shared_bytes`).
     causal, window : bool, int or None
         Bottom-right causal mask and sliding window; KV blocks they hide are left out of the
         work list.
@@ -380,9 +381,9 @@ def plan(*, batch: int, q_len: int, kv_len: int, q_heads: int, kv_heads: int, he
     if not isinstance(dtype, (torch.dtype, str)) or dtype not in _DTYPES:
         raise ValueError(f"dtype is K/V's and must be one of {list(_DTYPES)}, got {dtype}")
     kv_format = _DTYPES[dtype]
-    if kv_format == "q8_0" and (head_dim % 32 or head_dim_v % 32):
-        raise ValueError(f"q8_0 K/V need head sizes that are multiples of 32 (its blocks), got "
-                         f"{head_dim}/{head_dim_v}")
+    if kv_format in ("q8_0", "q4_0") and (head_dim % 32 or head_dim_v % 32):
+        raise ValueError(f"{kv_format} K/V need head sizes that are multiples of 32 (its "
+                         f"blocks), got {head_dim}/{head_dim_v}")
     sms, occupancy, smem_limit = gpu_limits(sms, occupancy, smem_limit)
     _check_positive(smem_limit=smem_limit)
     ratio = q_heads // kv_heads

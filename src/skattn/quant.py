@@ -1,7 +1,7 @@
-"""Quantized K/V caches: FP8 e4m3 with float32 scales, and llama.cpp's q8_0 blocks.
+"""Quantized K/V caches: FP8 e4m3 with float32 scales, and llama.cpp's q8_0 and q4_0 blocks.
 
-Two forms of K and V that `skattn.attention` reads and dequantizes in registers, halving the
-bytes a decode step streams (docs/quant.md):
+Three forms of K and V that `skattn.attention` reads and dequantizes in registers, halving
+(8 bits) or nearly quartering (4 bits) the bytes a decode step streams (docs/quant.md):
 
 - **FP8**: `k` and `v` are `torch.float8_e4m3fn` tensors `[B, Lk, Hkv, D]`, with `k_scale`
   and `v_scale` float32 scales per tensor (shape `[]` or `[1]`) or per KV head (`[Hkv]`):
@@ -10,8 +10,11 @@ bytes a decode step streams (docs/quant.md):
   `[B, Lk, Hkv, D / 32]`: element d of a row is `values[..., d] * scales[..., d // 32]`,
   quantized as llama.cpp's `quantize_row_q8_0_ref` (same rounding, same bits). `q8_0(x)`
   makes one; `Q8_0.to_ggml()` gives llama.cpp's interleaved `block_q8_0` bytes.
+- **q4_0**: a `Q4_0` holds `values` uint8 `[B, Lk, Hkv, D / 2]` (two 4-bit values a byte)
+  and `scales` float16 `[B, Lk, Hkv, D / 32]`: `(nibble - 8) * d` per block, quantized as
+  llama.cpp's `quantize_row_q4_0_ref`. `q4_0(x)` makes one (`skattn.quant_q4`).
 
-`check_kv` holds the input rules of both forms, shared by the kernels and the references.
+`check_kv` holds the input rules of every form, shared by the kernels and the references.
 """
 from __future__ import annotations
 
@@ -20,13 +23,16 @@ from numbers import Real
 
 import torch
 
-__all__ = ["Q8_0", "q8_0", "fp8", "FP8_DTYPES", "QK8_0", "dequantize_kv"]
+from skattn.quant_q4 import QK4_0, Q4_0, q4_0
+
+__all__ = ["Q8_0", "q8_0", "Q4_0", "q4_0", "fp8", "FP8_DTYPES", "QK8_0", "QK4_0",
+           "dequantize_kv"]
 
 QK8_0 = 32  # values per q8_0 block (llama.cpp's QK8_0)
 FP8_DTYPES = (torch.float8_e4m3fn,)
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 FP8_MIN_CAPABILITY = (8, 9)  # Ada and Hopper convert float8 e4m3 in hardware; Triton needs it
-FORMATS = ("float16", "bfloat16", "float8_e4m3fn", "q8_0")  # K/V forms a plan knows
+FORMATS = ("float16", "bfloat16", "float8_e4m3fn", "q8_0", "q4_0")  # K/V forms a plan knows
 
 
 @dataclass(frozen=True)
@@ -190,14 +196,17 @@ def fp8(x: torch.Tensor, *, per_head: bool = False) -> tuple[torch.Tensor, torch
 
 
 # -- input rules (shared by skattn.attention and the references)
+BLOCK_FORMS = (Q8_0, Q4_0)  # llama.cpp's block types: values and block scales in one object
+
+
 def is_quantized(x) -> bool:
-    return isinstance(x, Q8_0) or (isinstance(x, torch.Tensor) and x.dtype in FP8_DTYPES)
+    return isinstance(x, BLOCK_FORMS) or (isinstance(x, torch.Tensor) and x.dtype in FP8_DTYPES)
 
 
 def kv_format(k) -> str:
     """The name a Plan stores for K/V in this form ('float16', 'float8_e4m3fn', 'q8_0', ...)."""
-    if isinstance(k, Q8_0):
-        return "q8_0"
+    if isinstance(k, BLOCK_FORMS):
+        return k.format
     return str(k.dtype).removeprefix("torch.")
 
 
@@ -223,8 +232,8 @@ def _scale(name: str, s, kv_heads: int, device) -> None:
 
 
 def check_kv(q, k, v, k_scale, v_scale, *, kernel: bool) -> str | None:
-    """The rules of quantized K/V; returns their format ('float8_e4m3fn' or 'q8_0'), or None
-    for plain K/V (then `k_scale` and `v_scale` must be None).
+    """The rules of quantized K/V; returns their format ('float8_e4m3fn', 'q8_0' or 'q4_0'),
+    or None for plain K/V (then `k_scale` and `v_scale` must be None).
 
     Raises
     ------
@@ -233,16 +242,18 @@ def check_kv(q, k, v, k_scale, v_scale, *, kernel: bool) -> str | None:
         or misshapen scales, q not f16/bf16 (kernels: quantized K/V are dequantized to q's
         dtype), a q8_0 head size not a multiple of 32, FP8 on a GPU below sm_89.
     """
-    kq, vq = isinstance(k, Q8_0), isinstance(v, Q8_0)
-    if kq != vq:
-        raise TypeError(f"k and v must both be skattn.quant.Q8_0 or neither, got "
+    kq, vq = isinstance(k, BLOCK_FORMS), isinstance(v, BLOCK_FORMS)
+    if (kq or vq) and type(k) is not type(v):
+        form = type(k if kq else v).__name__
+        raise TypeError(f"k and v must both be skattn.quant.{form} or neither, got "
                         f"{type(k).__name__} and {type(v).__name__}")
     for name, x in (("k", k), ("v", v)):
         if isinstance(x, torch.Tensor) and x.dtype in (torch.float8_e5m2, torch.float8_e4m3fnuz,
                                                        torch.float8_e5m2fnuz, torch.int8,
                                                        torch.uint8):
             raise TypeError(f"{name}: {x.dtype} K/V are not supported: use float16, bfloat16, "
-                            f"float8_e4m3fn (with k_scale, v_scale) or skattn.quant.q8_0")
+                            f"float8_e4m3fn (with k_scale, v_scale), skattn.quant.q8_0 or "
+                            f"skattn.quant.q4_0")
     fp8_k = isinstance(k, torch.Tensor) and k.dtype in FP8_DTYPES
     fp8_v = isinstance(v, torch.Tensor) and v.dtype in FP8_DTYPES
     if fp8_k != fp8_v:
@@ -264,9 +275,9 @@ def check_kv(q, k, v, k_scale, v_scale, *, kernel: bool) -> str | None:
     if kq:
         for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
             if s is not None:
-                raise ValueError(f"{name} must be None with q8_0 K/V (their block scales are "
-                                 f"inside the Q8_0)")
-        return "q8_0"
+                raise ValueError(f"{name} must be None with {k.format} K/V (their block "
+                                 f"scales are inside the {type(k).__name__})")
+        return k.format
     if kernel and device.type == "cuda":
         cap = torch.cuda.get_device_capability(device)
         if cap < FP8_MIN_CAPABILITY:
@@ -278,8 +289,9 @@ def check_kv(q, k, v, k_scale, v_scale, *, kernel: bool) -> str | None:
 
 
 def kernel_data(x):
-    """What the kernels read as K or V: the int8 values of a Q8_0, else the tensor itself."""
-    return x.values if isinstance(x, Q8_0) else x
+    """What the kernels read as K or V: the int8 values of a Q8_0 (the packed uint8 of a Q4_0),
+    else the tensor itself."""
+    return x.values if isinstance(x, BLOCK_FORMS) else x
 
 
 def scale_tensor(s, device) -> torch.Tensor:
@@ -294,7 +306,7 @@ def dequantize_kv(k, v, k_scale=None, v_scale=None, dtype=torch.float64):
     """K and V in `dtype` from any form `skattn.attention` takes (plain tensors are cast)."""
     out = []
     for x, s in ((k, k_scale), (v, v_scale)):
-        if isinstance(x, Q8_0):
+        if isinstance(x, BLOCK_FORMS):
             out.append(x.dequantize(dtype))
         elif x.dtype in FP8_DTYPES:
             s = scale_tensor(s, x.device).to(torch.float64)

@@ -29,9 +29,9 @@ def attention(q, k, v, *, scale=None, causal=False, window=None, mask=None, sink
     ----------
     q : torch.Tensor
         ``[B, Lq, Hq, Dk]``, any float dtype.
-    k, v : torch.Tensor or skattn.quant.Q8_0
+    k, v : torch.Tensor, skattn.quant.Q8_0 or skattn.quant.Q4_0
         ``[B, Lk, Hkv, Dk]`` and ``[B, Lk, Hkv, Dv]``; query head h reads KV head
-        ``h // (Hq // Hkv)``. Quantized K/V (float8_e4m3fn with scales, or Q8_0) are
+        ``h // (Hq // Hkv)``. Quantized K/V (float8_e4m3fn with scales, Q8_0, Q4_0) are
         dequantized exactly in float64.
     scale : float, optional
         Logit scale, ``Dk ** -0.5`` by default.

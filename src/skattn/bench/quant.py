@@ -1,9 +1,9 @@
 """Quantized K/V against f16, kernel level: `skattn bench --quant`.
 
-Decode cells of the seed grid with K/V in f16, fp8 (float8_e4m3fn, per-KV-head scales) and
-q8_0, and prompt chunks (n = 512) in f16 and fp8, side by side in one run: per-layer time
+Decode cells of the seed grid with K/V in f16, fp8 (float8_e4m3fn, per-KV-head scales), q8_0
+and q4_0, and prompt chunks (n = 512) in f16 and fp8, side by side in one run: per-layer time
 with the CUDA-graph timer (16 layers, each with its own inputs, cold L2), the byte floor of
-each format (K/V at 2, 1 and 34/32 bytes a value, from the copy bandwidth measured in the
+each format (K/V at 2, 1, 34/32 and 18/32 bytes a value, from the copy bandwidth measured in the
 same run), the speed-up over f16, and two errors: against float64 on the dequantized K/V
 (checked, as every bench row) and against float64 on the unquantized f16 K/V (reported only:
 what the quantization itself costs). Writes `quant-<tag>.csv` (one row per cell x format),
@@ -23,14 +23,16 @@ import torch
 from skattn.bench.grid import SEED_DEPTHS, Cell
 from skattn.bench.records import not_timed, record
 
-FORMATS = ("f16", "fp8", "q8_0")  # decode
+FORMATS = ("f16", "fp8", "q8_0", "q4_0")  # decode
+QUANTIZED = FORMATS[1:]
 PROMPT_FORMATS = ("f16", "fp8")
 PROMPT_N = 512
 # the default run: three shapes (D 128 ratio 4, D 128 ratio 5, D 64 ratio 8) x n 1, 4, 16 x
 # the seed depths, and their prompt chunks; about 3 minutes on an H200 (compiles included)
 DEFAULT_MODELS = ("llama-8b", "qwen3-14b", "gpt-oss")
 DEFAULT_N = (1, 4, 16)
-KV_BYTES = {"f16": 2.0, "fp8": 1.0, "q8_0": 34 / 32}  # per K/V value (q8_0: 32 int8 + f16)
+# per K/V value (q8_0: 32 int8 + an f16 scale a block; q4_0: 16 bytes + an f16 scale)
+KV_BYTES = {"f16": 2.0, "fp8": 1.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
 COLUMNS = ("model", "hq", "hkv", "d", "n", "depth", "format", "policy", "programs", "fixup",
            "status", "err", "err_unquantized", "p20_us", "p50_us", "p80_us", "floor_us",
            "pct_floor", "bytes", "speedup_vs_f16", "reps", "timer", "layers", "gpu", "sms",
@@ -59,8 +61,9 @@ def quantize(fmt: str, q, k, v):
 
     if fmt == "f16":
         return q, k, v, {}
-    if fmt == "q8_0":
-        return q, quant.q8_0(k), quant.q8_0(v), {}
+    if fmt in ("q8_0", "q4_0"):
+        pack = getattr(quant, fmt)
+        return q, pack(k), pack(v), {}
     (kq, ks), (vq, vs) = quant.fp8(k, per_head=True), quant.fp8(v, per_head=True)
     return q, kq, vq, dict(k_scale=ks, v_scale=vs)
 
@@ -68,7 +71,7 @@ def quantize(fmt: str, q, k, v):
 def _plan(cell: Cell, fmt: str, opts):
     import skattn
 
-    dtype = {"f16": torch.float16, "fp8": torch.float8_e4m3fn, "q8_0": "q8_0"}[fmt]
+    dtype = {"f16": torch.float16, "fp8": torch.float8_e4m3fn, "q8_0": "q8_0", "q4_0": "q4_0"}[fmt]
     return skattn.plan(batch=1, q_len=cell.n, kv_len=cell.depth, q_heads=cell.hq,
                        kv_heads=cell.hkv, head_dim=cell.d, dtype=dtype, causal=True,
                        sms=opts.sms, occupancy=opts.occupancy)
@@ -254,24 +257,26 @@ def markdown_table(rows) -> str:
     """Per cell: each format's p50 µs (% of its own byte floor) and speed-up over f16, then
     the error against float64 on the unquantized K/V."""
     head = ["model (Hq/Hkv/D)", "n", "L", "f16 µs (% floor)", "fp8 µs (% floor) speed-up",
-            "q8_0 µs (% floor) speed-up", "err fp8 / q8_0 vs unquantized"]
+            "q8_0 µs (% floor) speed-up", "q4_0 µs (% floor) speed-up",
+            "err fp8 / q8_0 / q4_0 vs unquantized"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for (model, hq, hkv, d, n, depth), by in _by_cell(rows).items():
         errs = " / ".join(by[f].get("err_unquantized") or "—" if f in by else "—"
-                          for f in ("fp8", "q8_0"))
+                          for f in QUANTIZED)
         lines.append("| " + " | ".join([f"{model} ({hq}/{hkv}/{d})", str(n), str(depth),
-                                        _entry(by.get("f16"), True), _entry(by.get("fp8")),
-                                        _entry(by.get("q8_0")), errs]) + " |")
+                                        _entry(by.get("f16"), True)]
+                                       + [_entry(by.get(f)) for f in QUANTIZED] + [errs]) + " |")
     return "\n".join(lines)
 
 
 def short_table(rows) -> str:
     """Fixed-width lines for the terminal: p50 µs of each format, speed-ups, % of floor."""
-    lines = [f"{'model':<17}{'n':>4}{'L':>7}{'f16':>8}{'fp8':>8}{'q8_0':>8}{'x fp8':>7}"
-             f"{'x q8_0':>7}{'%fl f16':>8}{'%fl fp8':>8}{'%fl q8':>7}"]
+    lines = [f"{'model':<17}{'n':>4}{'L':>7}{'f16':>8}{'fp8':>8}{'q8_0':>8}{'q4_0':>8}"
+             f"{'x fp8':>7}{'x q8_0':>7}{'x q4_0':>7}{'%fl f16':>8}{'%fl fp8':>8}{'%fl q8':>7}"
+             f"{'%fl q4':>7}"]
     for (model, _, _, _, n, depth), by in _by_cell(rows).items():
         t = [_num(by.get(f), "p50_us") for f in FORMATS]
-        x = [_num(by.get(f), "speedup_vs_f16") for f in ("fp8", "q8_0")]
+        x = [_num(by.get(f), "speedup_vs_f16") for f in QUANTIZED]
         pf = [_num(by.get(f), "pct_floor") for f in FORMATS]
         lines.append(f"{model:<17}{n:>4}{depth:>7}"
                      + "".join("—".rjust(8) if v is None else f"{v:8.1f}" for v in t)
@@ -290,11 +295,11 @@ def write_markdown(csv_path, rows, meta: dict) -> Path:
           f"TFLOP/s (measured in the run).", "",
           "Per-layer time (p50 µs) from one CUDA graph of "
           f"{meta.get('layers')} layers, each with its own inputs, after an L2 flush; causal, "
-          "batch 1, q/out f16. Floors: bytes (K/V at 2 B (f16), 1 B (fp8), 34/32 B (q8_0) a "
-          "value, plus q and out) over the copy bandwidth, or flops over the matmul peak, "
-          "whichever is larger; % floor = floor / p50. fp8: float8_e4m3fn with one f32 scale "
-          "per KV head. Every row is checked against float64 on the dequantized K/V (err); "
-          "the last column is the error against float64 on the unquantized f16 K/V "
+          "batch 1, q/out f16. Floors: bytes (K/V at 2 B (f16), 1 B (fp8), 34/32 B (q8_0), "
+          "18/32 B (q4_0) a value, plus q and out) over the copy bandwidth, or flops over the "
+          "matmul peak, whichever is larger; % floor = floor / p50. fp8: float8_e4m3fn with "
+          "one f32 scale per KV head. Every row is checked against float64 on the dequantized "
+          "K/V (err); the last column is the error against float64 on the unquantized f16 K/V "
           "(reported, not checked).", "", markdown_table(rows)]
     md += not_timed(rows, lambda r: f"{r['format']} {r['model']} n={r['n']} L={r['depth']}")
     if meta.get("stopped_early"):

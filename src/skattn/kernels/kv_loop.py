@@ -2,7 +2,7 @@
 import triton
 import triton.language as tl
 
-from skattn.kernels.quant import load_q8_0
+from skattn.kernels.quant import load_blocks
 from skattn.kernels.softmax import alibi_slope, scores, softmax_step, unmasked_end, visible
 from skattn.kernels.tile import LOG2E
 
@@ -73,14 +73,16 @@ def _kv_step(acc, m_i, l_i, q, Q, K, V, KS, VS, MASK, slope, b, qi, head, valid,
              HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, DOT_F32: tl.constexpr,
              MASKED: tl.constexpr, KV_FORMAT: tl.constexpr):
     """One KV block. MASKED=False: the block is inside Lk and visible to every row.
-    KV_FORMAT: 0 K/V in q's dtype, 1 fp8 e4m3, 2 q8_0; quantized K/V become q's dtype on load
+    KV_FORMAT: 0 K/V in q's dtype, 1 fp8 e4m3, 2 q8_0, 3 q4_0; quantized K/V become q's dtype
+    on load
     (fp8 e4m3 exactly; the scales are applied in `tile_kv_loop`)."""
     offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
     # -- scores
     if DK_CHUNKS == 1:
-        if KV_FORMAT == 2:
-            kt = tl.trans(load_q8_0(K, KS, kbase, offs_n, kv_len, stride_kn, 0, HEAD_DIM,
-                                    BLOCK_DK, MASKED or HEAD_DIM != BLOCK_DK, q.dtype))
+        if KV_FORMAT >= 2:
+            kt = tl.trans(load_blocks(K, KS, kbase, offs_n, kv_len, stride_kn, 0, HEAD_DIM,
+                                      BLOCK_DK, MASKED or HEAD_DIM != BLOCK_DK, q.dtype,
+                                      KV_FORMAT))
         else:
             kt = _load_kt(K, kbase, offs_n, kv_len, stride_kn, 0, HEAD_DIM, BLOCK_DK,
                           MASKED).to(q.dtype)
@@ -90,9 +92,9 @@ def _kv_step(acc, m_i, l_i, q, Q, K, V, KS, VS, MASK, slope, b, qi, head, valid,
         for c in tl.static_range(DK_CHUNKS):
             qc = load_q(Q, b, qi, head, valid, stride_qb, stride_qm, stride_qh, c,
                         HEAD_DIM, BLOCK_DK, q.dtype)
-            if KV_FORMAT == 2:
-                kc = tl.trans(load_q8_0(K, KS, kbase, offs_n, kv_len, stride_kn, c * BLOCK_DK,
-                                        HEAD_DIM, BLOCK_DK, True, q.dtype))
+            if KV_FORMAT >= 2:
+                kc = tl.trans(load_blocks(K, KS, kbase, offs_n, kv_len, stride_kn, c * BLOCK_DK,
+                                          HEAD_DIM, BLOCK_DK, True, q.dtype, KV_FORMAT))
             else:
                 kc = _load_kt(K, kbase, offs_n, kv_len, stride_kn, c, HEAD_DIM, BLOCK_DK,
                               True).to(q.dtype)
@@ -109,9 +111,9 @@ def _kv_step(acc, m_i, l_i, q, Q, K, V, KS, VS, MASK, slope, b, qi, head, valid,
     # -- online softmax
     p, alpha, m_new = softmax_step(s, m_i)
     l_i = l_i * alpha + tl.sum(p, 1)
-    if KV_FORMAT == 2:
-        vt = load_q8_0(V, VS, vbase, offs_n, kv_len, stride_vn, 0, HEAD_DIM_V, BLOCK_DV,
-                       MASKED or HEAD_DIM_V != BLOCK_DV, q.dtype)
+    if KV_FORMAT >= 2:
+        vt = load_blocks(V, VS, vbase, offs_n, kv_len, stride_vn, 0, HEAD_DIM_V, BLOCK_DV,
+                         MASKED or HEAD_DIM_V != BLOCK_DV, q.dtype, KV_FORMAT)
     else:
         vt = _load_v(V, vbase, offs_n, kv_len, stride_vn, HEAD_DIM_V, BLOCK_DV, MASKED).to(q.dtype)
     acc = acc * alpha[:, None] + _dot(p.to(vt.dtype), vt, DOT_F32)
@@ -133,8 +135,8 @@ def tile_kv_loop(acc, m_i, l_i, q, Q, K, V, KS, VS, MASK, SLOPES, b, g, qi, head
     first the blocks that need no mask, then the ones at the causal edge or past Lk.
     fp8 K/V (KV_FORMAT 1): KS, VS hold f32 scales, one per KV head where HEAD_SCALES says
     (bit 0: K's, bit 1: V's); K's is folded into the score scale, V's multiplies the
-    accumulator (a partial's too: the merge is linear in it). q8_0 (2): KS, VS are the block
-    scales (`load_q8_0`)."""
+    accumulator (a partial's too: the merge is linear in it). q8_0 (2), q4_0 (3): KS, VS are
+    the block scales (`kernels/quant.py`)."""
     # sequence and head offsets in 64 bits (a cache can pass 2**31 elements); a key's offset
     # inside one sequence's rows stays 32-bit (the API refuses Lk x row stride >= 2**31)
     kbase = tl.cast(b, tl.int64) * stride_kb + tl.cast(g, tl.int64) * stride_kh

@@ -3,6 +3,7 @@ import triton
 import triton.language as tl
 
 QK8_0 = tl.constexpr(32)  # values per q8_0 block
+QK4_0 = tl.constexpr(32)  # values per q4_0 block (16 bytes of nibbles)
 
 
 @triton.jit
@@ -28,3 +29,53 @@ def load_q8_0(X, XS, base, offs_n, kv_len, stride_n, d0,
     # int8 x f16 is exact in f32; one rounding to DTYPE (for f16 the same as an f16 multiply)
     x = tl.reshape(x.to(tl.float32), [offs_n.shape[0], NB, QK8_0]) * s.to(tl.float32)[:, :, None]
     return tl.reshape(x, [offs_n.shape[0], BLOCK_D]).to(DTYPE)
+
+
+@triton.jit
+def load_q4_0(X, XS, base, offs_n, kv_len, stride_n, d0,
+              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
+              DTYPE: tl.constexpr):
+    """Rows `offs_n`, columns d0 .. d0 + BLOCK_D - 1 of a q4_0 cache as [BLOCK_N, BLOCK_D] DTYPE.
+
+    X holds the packed bytes (`skattn.quant.Q4_0`): `base`, `stride_n` count bytes, and byte
+    16 c + j of a row holds column 32 c + j in its low nibble, 32 c + j + 16 in its high one;
+    a column's value is (nibble - 8) times its block's f16 scale. The scales are laid out like
+    the bytes with every stride divided by 16, so `base // 16` and `stride_n // 16` address
+    them. The [BLOCK_N, BLOCK_D / 2] bytes are loaded once; their low and high nibbles are
+    joined back into column order per block. MASKED: mask rows past kv_len and columns past
+    HEAD_DIM (read as 0; HEAD_DIM is a multiple of 32, so whole blocks are masked)."""
+    NB: tl.constexpr = BLOCK_D // QK4_0
+    HALF: tl.constexpr = QK4_0 // 2
+    BLOCK_B: tl.constexpr = BLOCK_D // 2
+    byte = d0 // 2 + tl.arange(0, BLOCK_B)
+    blk = d0 // QK4_0 + tl.arange(0, NB)
+    ptrs = X + base + offs_n[:, None] * stride_n + byte[None, :]
+    sptrs = XS + base // HALF + offs_n[:, None] * (stride_n // HALF) + blk[None, :]
+    if MASKED:
+        rows = offs_n[:, None] < kv_len
+        x = tl.load(ptrs, mask=rows & (byte[None, :] < HEAD_DIM // 2), other=8)
+        s = tl.load(sptrs, mask=rows & (blk[None, :] < HEAD_DIM // QK4_0), other=0.0)
+    else:
+        x = tl.load(ptrs)
+        s = tl.load(sptrs)
+    x = tl.reshape(x.to(tl.int32), [offs_n.shape[0], NB, HALF])
+    lo = (x & 15) - 8
+    hi = (x >> 4) - 8
+    # [N, NB, 16, 2] -> [N, NB, 2, 16]: the low nibbles of a block, then its high nibbles
+    x = tl.reshape(tl.permute(tl.join(lo, hi), (0, 1, 3, 2)), [offs_n.shape[0], NB, QK4_0])
+    # small integers x f16 are exact in f32; one rounding to DTYPE
+    x = x.to(tl.float32) * s.to(tl.float32)[:, :, None]
+    return tl.reshape(x, [offs_n.shape[0], BLOCK_D]).to(DTYPE)
+
+
+@triton.jit
+def load_blocks(X, XS, base, offs_n, kv_len, stride_n, d0,
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
+                DTYPE: tl.constexpr, KV_FORMAT: tl.constexpr):
+    """A block-quantized K or V tile: q8_0 (KV_FORMAT 2) or q4_0 (3)."""
+    if KV_FORMAT == 3:
+        return load_q4_0(X, XS, base, offs_n, kv_len, stride_n, d0, HEAD_DIM, BLOCK_D, MASKED,
+                         DTYPE)
+    else:
+        return load_q8_0(X, XS, base, offs_n, kv_len, stride_n, d0, HEAD_DIM, BLOCK_D, MASKED,
+                         DTYPE)

@@ -1,0 +1,167 @@
+"""llama.cpp's q4_0 blocks for K/V caches (docs/quant.md): `Q4_0` and its packer `q4_0`.
+
+Both are reached as `skattn.quant.Q4_0` and `skattn.quant.q4_0`. A block holds 32 values along
+the head dimension: one f16 scale `d` and 16 bytes, byte j holding value j in its low nibble
+and value j + 16 in its high nibble; the value of a nibble is `(nibble - 8) * d`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["Q4_0", "q4_0", "QK4_0"]
+
+QK4_0 = 32  # values per q4_0 block (llama.cpp's QK4_0)
+PACKED = QK4_0 // 2  # bytes of nibbles a block
+
+
+@dataclass(frozen=True)
+class Q4_0:
+    """A K or V cache in q4_0 blocks: 32 4-bit values along the head dimension share one f16 scale.
+
+    Parameters
+    ----------
+    values : Tensor [B, Lk, Hkv, D / 2] uint8
+        The packed nibbles, 16 bytes a block: byte `16 c + j` (j < 16) of a row holds value
+        `32 c + j` in its low nibble and value `32 c + j + 16` in its high nibble, each as
+        `round(x / d) + 8` in [0, 15]; D a multiple of 32; contiguous in its last dimension.
+    scales : Tensor [B, Lk, Hkv, D / 32] float16
+        The block scales `d`; contiguous in its last dimension and laid out like `values`
+        (each of its leading strides is 1/16 of `values`'): two views of caches of the same
+        shape, as `q4_0` makes them or as slices `[:, :L]` of such caches keep them.
+
+    Notes
+    -----
+    The logical shape (`shape`) is `[B, Lk, Hkv, D]`. Memory: D / 2 bytes of nibbles and
+    2 D / 32 of scales a row, 18 bytes per 32 values (0.5625 a value), as llama.cpp's 18-byte
+    `block_q4_0`. The two parts are kept apart, not interleaved, so that the kernels read both
+    with aligned vector loads; `to_ggml` and `from_ggml` convert to and from llama.cpp's
+    interleaved blocks, bit for bit.
+    """
+
+    values: torch.Tensor
+    scales: torch.Tensor
+
+    format = "q4_0"
+
+    def __post_init__(self):
+        x, s = self.values, self.scales
+        if not isinstance(x, torch.Tensor) or x.dtype != torch.uint8:
+            raise TypeError(f"Q4_0 values must be a uint8 tensor (two 4-bit values a byte), got "
+                            f"{getattr(x, 'dtype', type(x).__name__)}")
+        if not isinstance(s, torch.Tensor) or s.dtype != torch.float16:
+            raise TypeError(f"Q4_0 scales must be a float16 tensor, got "
+                            f"{getattr(s, 'dtype', type(s).__name__)}")
+        if x.dim() < 1 or x.shape[-1] % PACKED or x.shape[-1] == 0:
+            raise ValueError(f"q4_0 needs a head size that is a multiple of {QK4_0} (values of "
+                             f"{PACKED} bytes a block), got values of shape {tuple(x.shape)}")
+        want = (*x.shape[:-1], x.shape[-1] // PACKED)
+        if tuple(s.shape) != want:
+            raise ValueError(f"Q4_0 scales must have shape {list(want)} (one per {QK4_0} values, "
+                             f"{PACKED} bytes), got {list(s.shape)}")
+        if s.device != x.device:
+            raise ValueError(f"Q4_0 scales are on {s.device}, values on {x.device}")
+        if x.stride(-1) != 1 or s.stride(-1) != 1:
+            raise ValueError("Q4_0 values and scales must be contiguous in their last dimension")
+        for i in range(x.dim() - 1):
+            if x.shape[i] > 1 and x.stride(i) != PACKED * s.stride(i):
+                raise ValueError(f"Q4_0 scales must be laid out like the values (stride {i}: "
+                                 f"values {x.stride(i)}, scales {s.stride(i)}, want values = "
+                                 f"{PACKED} x scales): take both as views of caches of the same "
+                                 f"shape")
+
+    # -- tensor-like facts
+    @property
+    def shape(self) -> torch.Size:
+        """The logical shape `[B, Lk, Hkv, D]` (the values hold D / 2 bytes a row)."""
+        return torch.Size((*self.values.shape[:-1], 2 * self.values.shape[-1]))
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    @property
+    def requires_grad(self) -> bool:
+        return False
+
+    def dim(self) -> int:
+        return self.values.dim()
+
+    def __getitem__(self, index) -> "Q4_0":
+        """The same view of values and scales: an index of the leading dimensions only
+        (`cache[:, :L]`, `cache[b]`); the head dimension stays whole."""
+        idx = index if isinstance(index, tuple) else (index,)
+        if any(i is Ellipsis or i is None for i in idx) or len(idx) >= self.values.dim():
+            raise IndexError("index a Q4_0 by its leading dimensions only (no Ellipsis, None or "
+                             "head-dimension index)")
+        return Q4_0(self.values[idx], self.scales[idx])
+
+    def to(self, device) -> "Q4_0":
+        return Q4_0(self.values.to(device), self.scales.to(device))
+
+    # -- conversions
+    def nibbles(self) -> torch.Tensor:
+        """The 4-bit codes in [0, 15] as uint8 `[..., D]`, in value order."""
+        b = self.values.unflatten(-1, (-1, PACKED))
+        return torch.cat([b & 15, b >> 4], dim=-1).flatten(-2)
+
+    def dequantize(self, dtype=torch.float16) -> torch.Tensor:
+        """`(nibble - 8) * d` per block, as `dtype` (computed in float32, or float64 for it):
+        exact in float32, one rounding to `dtype`."""
+        work = torch.float64 if dtype == torch.float64 else torch.float32
+        x = (self.nibbles().to(work) - 8).unflatten(-1, (-1, QK4_0))
+        return (x * self.scales.to(work)[..., None]).flatten(-2).to(dtype)
+
+    def to_ggml(self) -> torch.Tensor:
+        """llama.cpp's bytes: uint8 `[..., D / 32 * 18]`, each block `{f16 d; uint8 qs[16]}`."""
+        blocks = torch.cat([self.scales.contiguous().view(torch.uint8).unflatten(-1, (-1, 2)),
+                            self.values.contiguous().unflatten(-1, (-1, PACKED))], dim=-1)
+        return blocks.flatten(-2)
+
+    @classmethod
+    def from_ggml(cls, data: torch.Tensor) -> "Q4_0":
+        """The inverse of `to_ggml`: uint8 `[..., nb * 18]` of `block_q4_0` -> Q4_0."""
+        if data.dtype != torch.uint8 or data.shape[-1] % (PACKED + 2):
+            raise ValueError(f"expected uint8 [..., blocks x {PACKED + 2}] of block_q4_0, got "
+                             f"{data.dtype} {tuple(data.shape)}")
+        blocks = data.contiguous().unflatten(-1, (-1, PACKED + 2))
+        scales = blocks[..., :2].contiguous().view(torch.float16).squeeze(-1)
+        values = blocks[..., 2:].contiguous().flatten(-2)
+        return cls(values, scales)
+
+
+def q4_0(x: torch.Tensor) -> Q4_0:
+    """Quantize a K or V cache to q4_0 blocks, as llama.cpp's `quantize_row_q4_0_ref`.
+
+    Per block of 32 values along the last dimension: `max` is the value of largest magnitude
+    (signed; the first of equal magnitudes), `d = max / -8` (so `max` maps to nibble 0, and
+    values of the other sign reach nibble 15 at most, clamped), `nibble = min(15,
+    floor(x * (1 / d) + 8.5))` computed in float32 (C's `(int8_t)` cast of a non-negative
+    float), `scales = float16(d)`. An all-zero block gets d = 0 and nibbles 8.
+
+    Parameters
+    ----------
+    x : Tensor [..., D]
+        float16, bfloat16 or float32; D a multiple of 32.
+
+    Returns
+    -------
+    Q4_0
+        Contiguous values and scales on x's device.
+    """
+    if not isinstance(x, torch.Tensor) or x.dtype not in (torch.float16, torch.bfloat16,
+                                                            torch.float32):
+        raise TypeError(f"q4_0 quantizes a float16, bfloat16 or float32 tensor, got "
+                        f"{getattr(x, 'dtype', type(x).__name__)}")
+    if x.dim() < 1 or x.shape[-1] % QK4_0 or x.shape[-1] == 0:
+        raise ValueError(f"q4_0 needs a last dimension that is a multiple of {QK4_0}, got shape "
+                         f"{tuple(x.shape)}")
+    b = x.float().unflatten(-1, (-1, QK4_0))
+    first = b.abs().argmax(dim=-1, keepdim=True)  # argmax gives the first of equal maxima
+    d = b.gather(-1, first).squeeze(-1) / -8.0
+    inv = torch.where(d != 0, 1.0 / torch.where(d != 0, d, 1.0), 0.0)
+    y = b * inv[..., None] + 8.5
+    nib = torch.floor(y).clamp(0, 15).to(torch.uint8)
+    packed = nib[..., :PACKED] | (nib[..., PACKED:] << 4)
+    return Q4_0(packed.flatten(-2).contiguous(), d.to(torch.float16).contiguous())
