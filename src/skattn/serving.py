@@ -91,7 +91,7 @@ def _check_work_list(plan, wl, device) -> None:
 
 
 def _run(plan, q, k, v, out, lse, *, seq_k, seq_q, block_table, scale, sinks, softcap,
-         alibi_slopes, workspace, work_list, k_scale, v_scale):
+         alibi_slopes, workspace, work_list, k_scale=None, v_scale=None):
     device = q.device
     b = sl.bind(plan, device)
     stream = sl._stream(b, device)
