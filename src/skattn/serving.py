@@ -158,7 +158,8 @@ def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, block_table=No
     ------
     TypeError, ValueError
         Before any launch (`skattn.serving_checks`): dtypes (lengths and block table int32),
-        shapes, devices, a page size not a multiple of 16, a plan made for other bounds; on
+        shapes, devices, a page size not a multiple of 16, a plan made for other bounds, FP8
+        K/V without scales or with misshapen ones (`skattn.quant.check_kv`); on
         CPU tensors also bad lengths and page ids. GPU lengths are not read: the kernels
         clamp them to the cache and skip pages out of range (docs/serving.md).
     """
