@@ -299,7 +299,8 @@ def test_fp8_cuda_graph_replays_new_lengths_and_scales():
     for step in range(12):
         new = [rng.choice([0, 1, cap, rng.randint(1, cap)]) for _ in range(B)]
         lens.copy_(torch.tensor(new, dtype=I32))
-        table.copy_(torch.randperm(num_pages, device="cuda", generator=g).to(I32).reshape(B, max_pages))
+        perm = torch.randperm(num_pages, device="cuda", generator=g).to(I32)
+        table.copy_(perm.reshape(B, max_pages))
         ks.copy_(torch.rand(Hkv, device="cuda", generator=g) * 0.2 + 0.01)
         vs.fill_(rng.uniform(0.01, 2.0))
         q.copy_(rand((B, 1, Hq, D), g))

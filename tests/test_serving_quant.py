@@ -114,7 +114,8 @@ def test_plan_knows_one_byte_kv():
     kw = dict(batch=8, q_len=1, max_kv_len=4096, q_heads=32, kv_heads=8, head_dim=128,
               page_size=16, sms=132, occupancy=2)
     p16, p8 = skattn.serving_plan(**kw), skattn.serving_plan(dtype=FP8, **kw)
-    assert (p16.dtype, p8.dtype) == ("float16", "float8_e4m3fn") and "float8_e4m3fn" in p8.describe()
+    assert (p16.dtype, p8.dtype) == ("float16", "float8_e4m3fn")
+    assert "float8_e4m3fn" in p8.describe()
     assert p8.geometry == p16.geometry  # the f16 tile configuration, half the K/V bytes
     assert shared_bytes(p8.geometry, kv_format=p8.dtype) < shared_bytes(p16.geometry)
     # a limit the default f16 configuration passes but its fp8 estimate fits: only fp8 keeps it

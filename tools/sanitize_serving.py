@@ -1,7 +1,7 @@
 """Small serving calls for compute-sanitizer (memcheck, racecheck, synccheck): every fixup
 kind on ragged dense, paged (page sizes 16, 48, 64) and packed varlen batches, a paged fp8
-cache with per-head K and per-tensor V scales, and the device-side behaviour on bad lengths and page ids (clamped and masked: no out-of-bounds
-read). Run: compute-sanitizer --tool memcheck python3 tools/sanitize_serving.py
+cache with per-head K and per-tensor V scales, and the device-side behaviour on bad lengths
+and page ids (clamped and masked: no out-of-bounds read). Run: compute-sanitizer --tool memcheck python3 tools/sanitize_serving.py
 """
 import sys
 
