@@ -72,7 +72,7 @@ def test_paged_decode(k_head, v_head):
 
 @pytest.mark.parametrize("paged", [False, True])
 def test_varlen(paged):
-    # mixed prefill and decode, packed or paged fp8 K/V, bf16 q, per-head K and float V scale
+    # mixed prefill and decode, packed or paged fp8 K/V, bf16 q, per-head K, per-tensor V
     lq, lk, Hq, Hkv, D = [3, 1], [20, 33], 4, 2, 32
     q, k, v, cu_q, cu_k = varlen_inputs(lq, lk, hq=Hq, hkv=Hkv, d=D, dtype=torch.bfloat16,
                                         seed=3)
@@ -85,10 +85,11 @@ def test_varlen(paged):
                             block_n=16, dtype=FP8, total_k=None if paged else k.shape[0],
                             **(dict(page_size=16, max_pages=bt.shape[1]) if paged else {}))
     out = torch.full((q.shape[0], Hq, D), NAN, dtype=q.dtype)
+    vs = torch.tensor(0.75) if paged else 0.75  # a 0-dim tensor, or a float
     out = skattn.attention_varlen(q, k8, v8, cu_q, cu_k, 3, 48, block_table=bt, plan=p,
-                                  out=out, k_scale=ks, v_scale=0.75)
+                                  out=out, k_scale=ks, v_scale=vs)
     ref = reference.attention_varlen(q, k8, v8, cu_q, cu_k, 3, 48, block_table=bt,
-                                     k_scale=ks, v_scale=0.75)
+                                     k_scale=ks, v_scale=vs)
     assert not torch.isnan(out).any()
     kd, vd = _dequantized(k8, ks, q.dtype), _dequantized(v8, 0.75, q.dtype)
     tol = ragged_bound(sequences_varlen(q, kd, vd, cu_q, cu_k, bt))
