@@ -39,6 +39,8 @@ CASES = {
     "paged16-features": dict(kw=dict(q_len=4, max_kv_len=4096, page_size=16, window=128,
                                      policy="llamacpp"),
                              layout="paged", heads=(64, 8, 64), sinks=True, softcap=30.0),
+    "paged16-fp8": dict(kw=dict(q_len=1, max_kv_len=4096, page_size=16), layout="paged",
+                        kv=torch.float8_e4m3fn),
     "mla-paged64": dict(kw=dict(q_len=1, max_kv_len=4096, page_size=64), layout="paged",
                         heads=(16, 1, 576, 512)),
 }
@@ -48,8 +50,9 @@ def capture(name: str, case: dict) -> list:
     hq, hkv, d, *rest = case.get("heads", (32, 8, 128))
     dv = rest[0] if rest else d
     B = 64 if "q_len" in case["kw"] else 32
+    kvd = case.get("kv", F16)
     p = skattn.serving_plan(batch=B, q_heads=hq, kv_heads=hkv, head_dim=d, head_dim_v=dv,
-                            causal=True, sms=132, occupancy=2, smem_limit=232448, **case["kw"])
+                            causal=True, dtype=kvd, sms=132, occupancy=2, smem_limit=232448, **case["kw"])
     b = serving_launch.bind(p, torch.device("cpu"))
     if case.get("pdl") and b.fix_kernel:  # what a Hopper GPU launches
         b.main_const["USE_PDL"] = 2
@@ -68,24 +71,27 @@ def capture(name: str, case: dict) -> list:
             seq_k, seq_q = torch.zeros(B, dtype=torch.int32), None
         table = None
         if case["layout"] == "paged":
-            k = torch.empty(1000, p.page_size, hkv, d, dtype=F16)
-            v = torch.empty(1000, p.page_size, hkv, dv, dtype=F16)
+            k = torch.empty(1000, p.page_size, hkv, d, dtype=kvd)
+            v = torch.empty(1000, p.page_size, hkv, dv, dtype=kvd)
             table = torch.zeros(B, p.max_pages, dtype=torch.int32)
         elif case["layout"] == "packed":
-            k = torch.empty(p.total_k, hkv, d, dtype=F16)
-            v = torch.empty(p.total_k, hkv, dv, dtype=F16)
+            k = torch.empty(p.total_k, hkv, d, dtype=kvd)
+            v = torch.empty(p.total_k, hkv, dv, dtype=kvd)
         else:
-            k = torch.empty(B, p.max_kv_len, hkv, d, dtype=F16)
-            v = torch.empty(B, p.max_kv_len, hkv, dv, dtype=F16)
+            k = torch.empty(B, p.max_kv_len, hkv, d, dtype=kvd)
+            v = torch.empty(B, p.max_kv_len, hkv, dv, dtype=kvd)
         out = torch.empty(*q.shape[:-1], dv, dtype=F16)
         lse = None
         if case.get("lse"):
             lse = torch.empty(hq, p.total_q, dtype=torch.float32) if p.varlen else \
                 torch.empty(B, hq, p.q_len, dtype=torch.float32)
         sinks = torch.zeros(hq) if case.get("sinks") else None
+        fp8 = kvd == torch.float8_e4m3fn  # scales per KV head for K, per tensor for V
+        k_scale, v_scale = (torch.ones(hkv), torch.ones(1)) if fp8 else (None, None)
         serving._run(p, q, k, v, out, lse, seq_k=seq_k, seq_q=seq_q, block_table=table,
                      scale=0.1, sinks=sinks, softcap=case.get("softcap", 0.0),
-                     alibi_slopes=None, workspace=None, work_list=None)
+                     alibi_slopes=None, workspace=None, work_list=None, k_scale=k_scale,
+                     v_scale=v_scale)
     finally:
         serving_launch._launch = saved
     return calls

@@ -2,13 +2,18 @@
 
 Compiled ahead of time in a subprocess (this session runs kernels under the interpreter) by
 scripts/compile_serving.py: work list, main kernel and fixup of dense, paged (page sizes 16,
-48, 64), packed varlen, feature and 576/512-head cases.
+48, 64), packed varlen, feature, fp8 K/V and 576/512-head cases.
 """
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import torch
+
+import skattn
+from skattn.config import shared_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 SM90_SHARED = 232448
@@ -22,10 +27,17 @@ def test_serving_kernels_compile_for_sm90():
     assert res.returncode == 0, res.stderr[-3000:]
     rows = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
     by = {(r["case"], r["kernel"]): r for r in rows}
-    assert len({r["case"] for r in rows}) == 7
+    assert len({r["case"] for r in rows}) == 8
     assert all(r["shared"] <= SM90_SHARED and (r["spill_bytes"] or 0) < 1024 for r in rows), rows
     # page ids read as scalars keep K/V in the same 3-stage shared-memory pipeline as the dense
     # layout (a vector gather of ids left a single buffer: 39680 bytes)
     dense = by[("dense", "ragged_attention_kernel")]["shared"]
     for case in ("paged16", "paged48-split", "paged64-fused"):
         assert by[(case, "ragged_attention_kernel")]["shared"] == dense, case
+    # fp8 K/V: 1-byte stages, as the planner's estimate counts them (config.shared_bytes)
+    fp8 = by[("paged16-fp8", "ragged_attention_kernel")]["shared"]
+    p = skattn.serving_plan(batch=64, q_len=1, max_kv_len=4096, page_size=16, q_heads=32,
+                            kv_heads=8, head_dim=128, sms=132, occupancy=2,
+                            smem_limit=SM90_SHARED, dtype=torch.float8_e4m3fn)
+    f16 = by[("paged16", "ragged_attention_kernel")]["shared"]
+    assert fp8 <= shared_bytes(p.geometry, kv_format=p.dtype) < f16

@@ -211,3 +211,106 @@ def test_device_behaviour_on_bad_values():
     ref2 = reference.attention_with_kvcache(q[2:3], k, v, block_table=table[2:3],
                                             cache_seqlens=torch.tensor([16], dtype=I32, device="cuda"))
     assert rel_err(out[2:3], ref2) <= ragged_bound(sequences_kvcache(q[2:3], k, v, [16], table[2:3]))
+
+
+# -- fp8 e4m3 K/V with f32 scales (docs/quant.md, "Serving")
+FP8 = torch.float8_e4m3fn
+
+
+def fp8_kv(k, v, k_head=True, v_head=False):
+    """fp8 caches (any layout [..., Hkv, D]), their scales, and the dequantized K/V in f16
+    (what the kernel multiplies, times the scale) for the tolerance rule."""
+    from skattn.quant import fp8
+    from skattn.reference_serving import dequantize
+
+    (k8, ks), (v8, vs) = (fp8(x.reshape(1, -1, *x.shape[-2:]), per_head=h)
+                          for x, h in ((k, k_head), (v, v_head)))
+    k8, v8 = k8.reshape(k.shape), v8.reshape(v.shape)
+    return k8, v8, ks, vs, dequantize(k8, ks).half(), dequantize(v8, vs).half()
+
+
+@pytest.mark.parametrize("page_size, qdtype", [(16, torch.float16), (64, torch.bfloat16),
+                                               (None, torch.float16)])
+def test_fp8_serving_decode(page_size, qdtype):
+    # a serving-size decode batch (64 lognormal lengths, an empty one), llama-8b heads, fp8
+    # K/V with per-head K and per-tensor V scales, every policy
+    lens = list(mix("lognormal", seed=11).kv_lens)
+    lens[3] = 0
+    q, k, v, table, lens_t = kvcache_case(lens, page_size=page_size, seed=12)
+    q = q.to(qdtype)
+    k8, v8, ks, vs, kd, vd = fp8_kv(k * 2, v)
+    ref = reference.attention_with_kvcache(q, k8, v8, cache_seqlens=lens_t, block_table=table,
+                                           k_scale=ks, v_scale=vs)
+    tol = ragged_bound(sequences_kvcache(q, kd.to(qdtype), vd.to(qdtype), lens, table))
+    for kind, p in plans_for(q, k8, table, lens_t, page_size).items():
+        out = run_kvcache(q, k8, v8, table, lens_t, p, k_scale=ks, v_scale=vs)
+        err = rel_err(out, ref)
+        assert err <= tol, f"fp8 page {page_size} {kind}: {err:.2e} > {tol:.2e}"
+
+
+@pytest.mark.parametrize("page_size", [None, 16])
+def test_fp8_mixed_prefill_and_decode(page_size):
+    # one 512-token prompt chunk and 31 decode sequences over fp8 K/V, per-head scales
+    m = mix("mixed", seed=2)
+    g = gen(13)
+    Hq, Hkv, D = 32, 8, 128
+    cu_q = torch.tensor([0, *torch.tensor(m.q_lens).cumsum(0).tolist()], dtype=I32, device="cuda")
+    cu_k = torch.tensor([0, *torch.tensor(m.kv_lens).cumsum(0).tolist()], dtype=I32, device="cuda")
+    q = rand((int(cu_q[-1]), Hq, D), g)
+    if page_size:
+        k, v, table = paged_cache(list(m.kv_lens), page_size=page_size, hkv=Hkv, d=D, seed=14,
+                                  device="cuda")
+    else:
+        k, v, table = rand((int(cu_k[-1]), Hkv, D), g), rand((int(cu_k[-1]), Hkv, D), g), None
+    k8, v8, ks, vs, kd, vd = fp8_kv(k, v, True, True)
+    mq, mk = max(m.q_lens), max(m.kv_lens)
+    ref = reference.attention_varlen(q, k8, v8, cu_q, cu_k, mq, mk, block_table=table,
+                                     k_scale=ks, v_scale=vs)
+    tol = ragged_bound(sequences_varlen(q, kd, vd, cu_q, cu_k, table))
+    out = torch.full((q.shape[0], Hq, D), NAN, device="cuda", dtype=q.dtype)
+    skattn.attention_varlen(q, k8, v8, cu_q, cu_k, mq, mk, block_table=table, out=out,
+                            k_scale=ks, v_scale=vs)
+    assert not torch.isnan(out).any()
+    assert rel_err(out, ref) <= tol, (rel_err(out, ref), tol)
+
+
+def test_fp8_cuda_graph_replays_new_lengths_and_scales():
+    # one capture over a paged fp8 cache; each step writes new lengths, block tables and
+    # scales into the captured tensors and replays against the float64 reference
+    B, Hq, Hkv, D, ps, max_pages = 16, 32, 8, 128, 16, 128
+    g = gen(15)
+    num_pages = B * max_pages
+    k8 = rand((num_pages, ps, Hkv, D), g).to(FP8)
+    v8 = rand((num_pages, ps, Hkv, D), g).to(FP8)
+    ks = torch.ones(Hkv, device="cuda")
+    vs = torch.ones(1, device="cuda")
+    q = rand((B, 1, Hq, D), g)
+    cap = ps * max_pages
+    lens = torch.full((B,), cap, dtype=I32, device="cuda")
+    table = torch.randperm(num_pages, device="cuda", generator=g).to(I32).reshape(B, max_pages)
+    p = skattn.serving_plan(batch=B, q_len=1, max_kv_len=cap, q_heads=Hq, kv_heads=Hkv,
+                            head_dim=D, page_size=ps, max_pages=max_pages, dtype=FP8)
+    space = serving.workspace(p)
+    out = torch.empty(B, 1, Hq, D, device="cuda", dtype=q.dtype)
+    graph, _ = capture([lambda: skattn.attention_with_kvcache(
+        q, k8, v8, cache_seqlens=lens, block_table=table, plan=p, out=out, workspace=space,
+        k_scale=ks, v_scale=vs)])
+    rng = random.Random(16)
+    for step in range(12):
+        new = [rng.choice([0, 1, cap, rng.randint(1, cap)]) for _ in range(B)]
+        lens.copy_(torch.tensor(new, dtype=I32))
+        perm = torch.randperm(num_pages, device="cuda", generator=g).to(I32)
+        table.copy_(perm.reshape(B, max_pages))
+        ks.copy_(torch.rand(Hkv, device="cuda", generator=g) * 0.2 + 0.01)
+        vs.fill_(rng.uniform(0.01, 2.0))
+        q.copy_(rand((B, 1, Hq, D), g))
+        out.fill_(NAN)
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = reference.attention_with_kvcache(q, k8, v8, cache_seqlens=lens, block_table=table,
+                                               k_scale=ks, v_scale=vs)
+        kd = (k8.double() * ks.double()[:, None]).half()
+        vd = (v8.double() * vs.double()).half()
+        tol = ragged_bound(sequences_kvcache(q, kd, vd, new, table))
+        err = rel_err(out, ref)
+        assert err <= tol, f"step {step} lengths {new}: {err:.2e} > {tol:.2e}"

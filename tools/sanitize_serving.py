@@ -1,7 +1,7 @@
 """Small serving calls for compute-sanitizer (memcheck, racecheck, synccheck): every fixup
-kind on ragged dense, paged (page sizes 16, 48, 64) and packed varlen batches, and the
-device-side behaviour on bad lengths and page ids (clamped and masked: no out-of-bounds
-read). Run: compute-sanitizer --tool memcheck python3 tools/sanitize_serving.py
+kind on ragged dense, paged (page sizes 16, 48, 64) and packed varlen batches, a paged fp8
+cache with per-head K and per-tensor V scales, and the device-side behaviour on bad lengths
+and page ids (clamped and masked: no out-of-bounds read). Run: compute-sanitizer --tool memcheck python3 tools/sanitize_serving.py
 """
 import sys
 
@@ -80,6 +80,30 @@ def main() -> int:
         if rel(out[rows], ref[rows]) > 2e-2:
             bad += 1
             print(f"FAIL varlen {fixup}")
+    # fp8 e4m3 K/V, paged (16), with a page id out of range in one sequence's unused entries
+    ps, need = 16, [-(-x // 16) for x in lens]
+    table = torch.full((B, max(need)), 10**6, dtype=I32, device="cuda")
+    pages = torch.randperm(sum(need), device="cuda", generator=g).to(I32)
+    at = 0
+    for b, m in enumerate(need):
+        table[b, :m] = pages[at:at + m]
+        at += m
+    k8 = rand(sum(need), ps, Hkv, D).to(torch.float8_e4m3fn)
+    v8 = rand(sum(need), ps, Hkv, D).to(torch.float8_e4m3fn)
+    ks = torch.rand(Hkv, device="cuda", generator=g) + 0.5
+    vs = torch.full((1,), 0.75, device="cuda")
+    ref = reference.attention_with_kvcache(q, k8, v8, cache_seqlens=lens_t, block_table=table,
+                                           k_scale=ks, v_scale=vs)
+    for fixup in (None, "fused"):
+        p = skattn.serving_plan(batch=B, q_len=2, q_heads=Hq, kv_heads=Hkv, head_dim=D,
+                                max_kv_len=table.shape[1] * ps, page_size=ps,
+                                max_pages=table.shape[1], dtype=torch.float8_e4m3fn, fixup=fixup)
+        out = skattn.attention_with_kvcache(q, k8, v8, cache_seqlens=lens_t, block_table=table,
+                                            plan=p, k_scale=ks, v_scale=vs)
+        n += 1
+        if rel(out, ref) > 2e-2:
+            bad += 1
+            print(f"FAIL fp8 paged {fixup}: {rel(out, ref):.2e}")
     torch.cuda.synchronize()
     print(f"sanitize serving cases: {n} run, {bad} wrong")
     return 1 if bad else 0

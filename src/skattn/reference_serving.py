@@ -7,7 +7,17 @@ import torch
 from skattn import serving_checks as sc
 from skattn.reference_math import F64, NEG_INF
 
-__all__ = ["attention_with_kvcache", "attention_varlen", "gather_keys"]
+__all__ = ["attention_with_kvcache", "attention_varlen", "gather_keys", "dequantize"]
+
+
+def dequantize(cache: torch.Tensor, scale) -> torch.Tensor:
+    """A float8_e4m3fn cache in float64, exactly: `x.double() * scale`, the scale per tensor
+    or per KV head (dimension -2 of dense, packed and paged caches); other caches unchanged."""
+    if scale is None:
+        return cache
+    s = torch.as_tensor(scale, dtype=F64, device=cache.device).reshape(-1)
+    s = s[:, None] if s.numel() > 1 else s.reshape(())
+    return cache.to(F64) * s
 
 
 def gather_keys(cache: torch.Tensor, n: int, *, b: int = 0, start: int = 0,
@@ -41,16 +51,20 @@ def _one(q, k, v, *, return_lse, **kw):
 
 def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, block_table=None,
                            causal=True, window=None, sinks=None, softcap=0.0,
-                           alibi_slopes=None, scale=None, return_lse=False, plan=None):
+                           alibi_slopes=None, scale=None, return_lse=False, plan=None,
+                           k_scale=None, v_scale=None):
     """Float64 `skattn.attention_with_kvcache`: [B, Lq, Hq, Dv] (and lse [B, Hq, Lq]).
 
     Lengths and page ids are checked (ValueError for bad ones), as for CPU inputs of the
-    kernels; `plan` is accepted for signature parity and ignored.
+    kernels; `plan` is accepted for signature parity and ignored. float8_e4m3fn caches are
+    dequantized exactly with `k_scale`, `v_scale` (`dequantize`).
     """
     sc.kvcache_args(q, k_cache, v_cache, cache_seqlens=cache_seqlens, block_table=block_table,
                     scale=scale, causal=causal, window=window, sinks=sinks, softcap=softcap,
-                    alibi_slopes=alibi_slopes, return_lse=return_lse, out=None, kernel=False)
+                    alibi_slopes=alibi_slopes, return_lse=return_lse, out=None, kernel=False,
+                    k_scale=k_scale, v_scale=v_scale)
     sc.kvcache_values(k_cache, cache_seqlens, block_table)
+    k_cache, v_cache = dequantize(k_cache, k_scale), dequantize(v_cache, v_scale)
     kw = dict(causal=causal, window=window, sinks=sinks, softcap=softcap,
               alibi_slopes=alibi_slopes, scale=scale)
     outs, lses = [], []
@@ -66,16 +80,20 @@ def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, block_table=No
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
                      block_table=None, causal=True, window=None, sinks=None, softcap=0.0,
-                     alibi_slopes=None, scale=None, return_lse=False, plan=None):
+                     alibi_slopes=None, scale=None, return_lse=False, plan=None, k_scale=None,
+                     v_scale=None):
     """Float64 `skattn.attention_varlen`: [total_q, Hq, Dv] (and lse [Hq, total_q]).
 
     Rows of q outside every sequence are NaN (the kernels leave them unwritten).
+    float8_e4m3fn K/V are dequantized exactly with `k_scale`, `v_scale` (`dequantize`).
     """
     sc.varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                    block_table=block_table, scale=scale, causal=causal, window=window,
                    sinks=sinks, softcap=softcap, alibi_slopes=alibi_slopes,
-                   return_lse=return_lse, out=None, kernel=False)
+                   return_lse=return_lse, out=None, kernel=False, k_scale=k_scale,
+                   v_scale=v_scale)
     sc.varlen_values(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table)
+    k, v = dequantize(k, k_scale), dequantize(v, v_scale)
     kw = dict(causal=causal, window=window, sinks=sinks, softcap=softcap,
               alibi_slopes=alibi_slopes, scale=scale)
     total_q, hq = q.shape[0], q.shape[1]

@@ -10,6 +10,7 @@ from functools import lru_cache
 
 import torch
 
+from skattn import quant
 from skattn import serving_checks as sc
 from skattn import serving_launch as sl
 from skattn.device import hardware, shared_memory_limit
@@ -20,7 +21,8 @@ from skattn.serving_plan import ServingPlan, serving_plan
 __all__ = ["attention_with_kvcache", "attention_varlen", "serving_plan", "ServingPlan",
            "work_list", "workspace", "check_values"]
 
-_DT = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
+_DT = {torch.float16: "float16", torch.bfloat16: "bfloat16",
+       torch.float8_e4m3fn: "float8_e4m3fn"}
 
 
 @lru_cache(maxsize=256)
@@ -89,7 +91,7 @@ def _check_work_list(plan, wl, device) -> None:
 
 
 def _run(plan, q, k, v, out, lse, *, seq_k, seq_q, block_table, scale, sinks, softcap,
-         alibi_slopes, workspace, work_list):
+         alibi_slopes, workspace, work_list, k_scale=None, v_scale=None):
     device = q.device
     b = sl.bind(plan, device)
     stream = sl._stream(b, device)
@@ -100,20 +102,29 @@ def _run(plan, q, k, v, out, lse, *, seq_k, seq_q, block_table, scale, sinks, so
         _check_work_list(plan, work_list, device)
         wl = work_list
     sl.run(plan, q, k, v, out, lse, wl=wl, block_table=block_table, scale=scale, sinks=sinks,
-           softcap=float(softcap), alibi_slopes=alibi_slopes, ws_views=(ws_o, ws_m, ws_l, counters))
+           softcap=float(softcap), alibi_slopes=alibi_slopes, ws_views=(ws_o, ws_m, ws_l, counters),
+           k_scale=k_scale, v_scale=v_scale)
+
+
+def _scales(k_scale, v_scale, device):
+    """fp8 scales as the kernel reads them: f32 [1] or [Hkv] (a float: a [1] tensor)."""
+    if k_scale is None:
+        return None, None
+    return quant.scale_tensor(k_scale, device), quant.scale_tensor(v_scale, device)
 
 
 def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, block_table=None,
                            causal=True, window=None, sinks=None, softcap=0.0,
                            alibi_slopes=None, scale=None, return_lse=False, plan=None,
-                           out=None, workspace=None, work_list=None):
+                           out=None, workspace=None, work_list=None, k_scale=None,
+                           v_scale=None):
     """Attention of the newest tokens of B sequences over a dense or paged KV cache.
 
     Parameters
     ----------
     q : Tensor [B, Lq, Hq, Dk], f16, bf16 or f32
         The Lq newest tokens of each sequence (already written to the cache).
-    k_cache, v_cache : Tensor, f16 or bf16
+    k_cache, v_cache : Tensor, f16, bf16 or float8_e4m3fn (with k_scale, v_scale)
         Dense ``[B, Lmax, Hkv, D]``, or paged ``[num_pages, page_size, Hkv, D]`` with
         `block_table` (page_size a multiple of 16).
     cache_seqlens : Tensor [B] int32, on q's device
@@ -133,6 +144,10 @@ def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, block_table=No
         `skattn.serving.workspace(plan)`: pass one when capturing CUDA graphs.
     work_list : Tensor, optional
         A work list built for this batch by `skattn.serving.work_list` (skips building one).
+    k_scale, v_scale : Tensor [] / [1] / [Hkv] float32, or float; float8_e4m3fn K/V only
+        The value of a cache element is ``x.float() * scale`` (vLLM's convention; per tensor
+        or per KV head, docs/quant.md). Tensors are read on the GPU: a CUDA graph follows new
+        values written into them. q must then be f16 or bf16.
 
     Returns
     -------
@@ -143,14 +158,16 @@ def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, block_table=No
     ------
     TypeError, ValueError
         Before any launch (`skattn.serving_checks`): dtypes (lengths and block table int32),
-        shapes, devices, a page size not a multiple of 16, a plan made for other bounds; on
+        shapes, devices, a page size not a multiple of 16, a plan made for other bounds, FP8
+        K/V without scales or with misshapen ones (`skattn.quant.check_kv`); on
         CPU tensors also bad lengths and page ids. GPU lengths are not read: the kernels
         clamp them to the cache and skip pages out of range (docs/serving.md).
     """
     paged, hkv, dv = sc.kvcache_args(q, k_cache, v_cache, cache_seqlens=cache_seqlens,
                                      block_table=block_table, scale=scale, causal=causal,
                                      window=window, sinks=sinks, softcap=softcap,
-                                     alibi_slopes=alibi_slopes, return_lse=return_lse, out=out)
+                                     alibi_slopes=alibi_slopes, return_lse=return_lse, out=out,
+                                     k_scale=k_scale, v_scale=v_scale)
     B, Lq, Hq, Dk = q.shape
     if paged:
         ps = k_cache.shape[1]
@@ -165,23 +182,25 @@ def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, block_table=No
         out = torch.empty(B, Lq, Hq, dv, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, Hq, Lq, device=q.device, dtype=torch.float32) if return_lse else None
     scale = default_scale(Dk) if scale is None else float(scale)
+    k_scale, v_scale = _scales(k_scale, v_scale, q.device)
     _run(plan, q, k_cache, v_cache, out, lse, seq_k=cache_seqlens, seq_q=None,
          block_table=block_table, scale=scale, sinks=sinks, softcap=softcap,
-         alibi_slopes=alibi_slopes, workspace=workspace, work_list=work_list)
+         alibi_slopes=alibi_slopes, workspace=workspace, work_list=work_list, k_scale=k_scale,
+         v_scale=v_scale)
     return (out, lse) if return_lse else out
 
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
                      block_table=None, causal=True, window=None, sinks=None, softcap=0.0,
                      alibi_slopes=None, scale=None, return_lse=False, plan=None, out=None,
-                     workspace=None, work_list=None):
+                     workspace=None, work_list=None, k_scale=None, v_scale=None):
     """Attention of packed sequences of different lengths (mixed prefill and decode).
 
     Parameters
     ----------
     q : Tensor [total_q, Hq, Dk], f16, bf16 or f32
         Sequence b's queries are rows ``cu_seqlens_q[b] .. cu_seqlens_q[b+1] - 1``.
-    k, v : Tensor, f16 or bf16
+    k, v : Tensor, f16, bf16 or float8_e4m3fn (with k_scale, v_scale)
         Packed ``[total_k, Hkv, D]`` (sequence b's keys at rows ``cu_seqlens_k[b]`` on), or
         paged caches ``[num_pages, page_size, Hkv, D]`` with `block_table`.
     cu_seqlens_q, cu_seqlens_k : Tensor [B + 1] int32, on q's device
@@ -192,7 +211,8 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     block_table : Tensor [B, max_pages] int32, optional
     causal : bool
         Bottom-right causal per sequence: query i of b sits at ``Lk_b - Lq_b + i``.
-    window, sinks, softcap, alibi_slopes, scale, return_lse, plan, out, workspace, work_list
+    window, sinks, softcap, alibi_slopes, scale, return_lse, plan, out, workspace, work_list,
+    k_scale, v_scale
         As in `attention_with_kvcache` (plan from `skattn.serving_plan(batch=B,
         max_q_len=max_seqlen_q, total_q=total_q, max_kv_len=max_seqlen_k, ...)`).
 
@@ -211,7 +231,8 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
                                        max_seqlen_k, block_table=block_table, scale=scale,
                                        causal=causal, window=window, sinks=sinks,
                                        softcap=softcap, alibi_slopes=alibi_slopes,
-                                       return_lse=return_lse, out=out)
+                                       return_lse=return_lse, out=out, k_scale=k_scale,
+                                       v_scale=v_scale)
     total_q, Hq, Dk = q.shape
     bounds = dict(batch=B, max_q_len=max_seqlen_q, total_q=total_q, max_kv_len=max_seqlen_k)
     if paged:
@@ -228,7 +249,9 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
         out = torch.empty(total_q, Hq, dv, device=q.device, dtype=q.dtype)
     lse = torch.empty(Hq, total_q, device=q.device, dtype=torch.float32) if return_lse else None
     scale = default_scale(Dk) if scale is None else float(scale)
+    k_scale, v_scale = _scales(k_scale, v_scale, q.device)
     _run(plan, q, k, v, out, lse, seq_k=cu_seqlens_k, seq_q=cu_seqlens_q,
          block_table=block_table, scale=scale, sinks=sinks, softcap=softcap,
-         alibi_slopes=alibi_slopes, workspace=workspace, work_list=work_list)
+         alibi_slopes=alibi_slopes, workspace=workspace, work_list=work_list, k_scale=k_scale,
+         v_scale=v_scale)
     return (out, lse) if return_lse else out

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from skattn.checks import (KV_DTYPES, Q_DTYPES, _tensor, check_out, kernel_tensors, options,
-                           per_head)
+from skattn import quant
+from skattn.checks import (KV_DTYPES, Q_DTYPES, _byte_kv, _tensor, check_out, kernel_tensors,
+                           options, per_head)
 
 
 def _int32(name: str, x, shape: tuple, device) -> None:
@@ -31,11 +32,31 @@ def _features(hq, device, *, scale, causal, window, sinks, softcap, alibi_slopes
     options(scale=scale, softcap=softcap, causal=causal, window=window, return_lse=return_lse)
 
 
-def _kv(q, k, v, hq, d, *, paged: bool, block_table, batch: int, packed: bool):
+def _kv_dtypes(q, k, v, k_scale, v_scale, *, dims: int, kernel: bool) -> tuple:
+    """The K/V dtypes to accept: f16/bf16, or float8_e4m3fn with scales under the dense
+    path's rules (`skattn.quant.check_kv`: the same errors, before any launch)."""
+    if isinstance(k, quant.Q8_0) or isinstance(v, quant.Q8_0):
+        raise TypeError("k, v: q8_0 K/V (skattn.quant.Q8_0) are not read by the serving kernels; "
+                        "use float8_e4m3fn K/V with k_scale, v_scale (or skattn.attention)")
+    if k_scale is None and v_scale is None and not (_byte_kv(k) or _byte_kv(v)):
+        return KV_DTYPES
+    for name, x in (("k", k), ("v", v)):
+        if isinstance(x, torch.Tensor) and x.dim() != dims:
+            raise ValueError(f"{name} must have {dims} dimensions, got shape {tuple(x.shape)}")
+    # packed [total_k, Hkv, D] as one sequence [1, total_k, Hkv, D]: Hkv at dimension 2
+    k4, v4 = ((k[None], v[None]) if dims == 3 and isinstance(k, torch.Tensor)
+              and isinstance(v, torch.Tensor) else (k, v))
+    form = quant.check_kv(q, k4, v4, k_scale, v_scale, kernel=kernel)
+    return KV_DTYPES if form is None else (k.dtype,)
+
+
+def _kv(q, k, v, hq, d, *, paged: bool, block_table, batch: int, packed: bool, k_scale=None,
+        v_scale=None, kernel: bool = True):
     """K/V dtypes, shapes and the block table; returns (Hkv, Dv)."""
     dims = 3 if packed else 4
-    _tensor("k", k, dims, KV_DTYPES)
-    _tensor("v", v, dims, KV_DTYPES)
+    dtypes = _kv_dtypes(q, k, v, k_scale, v_scale, dims=dims, kernel=kernel)
+    _tensor("k", k, dims, dtypes)
+    _tensor("v", v, dims, dtypes)
     if v.dtype != k.dtype:
         raise TypeError(f"v must have k's dtype {k.dtype}, got {v.dtype}")
     for name, x in (("k", k), ("v", v)):
@@ -76,7 +97,8 @@ def _kv(q, k, v, hq, d, *, paged: bool, block_table, batch: int, packed: bool):
 
 
 def kvcache_args(q, k_cache, v_cache, *, cache_seqlens, block_table, scale, causal, window,
-                 sinks, softcap, alibi_slopes, return_lse, out, kernel: bool = True):
+                 sinks, softcap, alibi_slopes, return_lse, out, kernel: bool = True,
+                 k_scale=None, v_scale=None):
     """Check `attention_with_kvcache`'s arguments; returns (paged, Hkv, Dv)."""
     _tensor("q", q, 4, Q_DTYPES if kernel else None)
     batch, lq, hq, d = q.shape
@@ -84,7 +106,7 @@ def kvcache_args(q, k_cache, v_cache, *, cache_seqlens, block_table, scale, caus
         raise ValueError(f"empty q: {list(q.shape)}")
     paged = block_table is not None
     hkv, dv = _kv(q, k_cache, v_cache, hq, d, paged=paged, block_table=block_table, batch=batch,
-                  packed=False)
+                  packed=False, k_scale=k_scale, v_scale=v_scale, kernel=kernel)
     _int32("cache_seqlens", cache_seqlens, (batch,), q.device)
     _features(hq, q.device, scale=scale, causal=causal, window=window, sinks=sinks,
               softcap=softcap, alibi_slopes=alibi_slopes, return_lse=return_lse)
@@ -101,7 +123,7 @@ def kvcache_args(q, k_cache, v_cache, *, cache_seqlens, block_table, scale, caus
 
 def varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
                 block_table, scale, causal, window, sinks, softcap, alibi_slopes, return_lse,
-                out, kernel: bool = True):
+                out, kernel: bool = True, k_scale=None, v_scale=None):
     """Check `attention_varlen`'s arguments; returns (paged, Hkv, Dv, batch)."""
     _tensor("q", q, 3, Q_DTYPES if kernel else None)
     total_q, hq, d = q.shape
@@ -118,7 +140,7 @@ def varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                              f"got {x!r}")
     paged = block_table is not None
     hkv, dv = _kv(q, k, v, hq, d, paged=paged, block_table=block_table, batch=batch,
-                  packed=not paged)
+                  packed=not paged, k_scale=k_scale, v_scale=v_scale, kernel=kernel)
     _features(hq, q.device, scale=scale, causal=causal, window=window, sinks=sinks,
               softcap=softcap, alibi_slopes=alibi_slopes, return_lse=return_lse)
     if kernel:

@@ -15,7 +15,8 @@ from skattn.device import interpreting
 from skattn.kernels import ragged as _ragged
 from skattn.kernels import ragged_fixup as _fix
 from skattn.kernels import worklist as _wl
-from skattn.launch import _launch, _no_hooks, _spec, cached_bind, constants, score_scales
+from skattn.launch import (KV_FORMATS, _launch, _no_hooks, _spec, cached_bind, constants,
+                           score_scales)
 from skattn.serving_plan import POLICY_CODE, ServingPlan, n_sat
 
 INT32_MAX = 2**31 - 1
@@ -66,7 +67,7 @@ def _bind(plan: ServingPlan, device: torch.device) -> Bound:
     main_const, fix_const, fix_grid, _ = constants(plan, device, plan.tiles_max)
     search = min(1024, _pow2(max(2, plan.rb_max)))
     main_const.update(PAGED=plan.layout == "paged", PAGE_SIZE=plan.page_size or 16,
-                      SEARCH=search)
+                      SEARCH=search, KV_FORMAT=KV_FORMATS.get(plan.dtype, 0))
     fix_kernel = plan.fixup if plan.fixup in ("uniform", "general") else None
     if fix_kernel == "general":
         fix_const["SEARCH"] = search
@@ -138,20 +139,25 @@ def build(plan: ServingPlan, wl: torch.Tensor, *, seq_k: torch.Tensor, cu_k: boo
 
 
 def run(plan: ServingPlan, q, k, v, out, lse, *, wl, block_table, scale: float, sinks=None,
-        softcap=0.0, alibi_slopes=None, ws_views=None) -> None:
-    """Launch the main kernel and the plan's separate fixup over the work list `wl`."""
+        softcap=0.0, alibi_slopes=None, ws_views=None, k_scale=None, v_scale=None) -> None:
+    """Launch the main kernel and the plan's separate fixup over the work list `wl`.
+    fp8 K/V (a plan of dtype float8_e4m3fn): `k_scale`, `v_scale` f32 [1] or [Hkv]."""
     device = q.device
     b = bind(plan, device)
     stream = _stream(b, device)
     ws_o, ws_m, ws_l, counters = ws_views
     qk_scale, softcap_scale = score_scales(scale, softcap)
+    fp8 = b.main_const["KV_FORMAT"] == 1
+    compute = q.dtype if fp8 else k.dtype  # what the dots multiply
+    # fp8 scales per KV head: bit 0 K's, bit 1 V's
+    head_scales = int(k_scale.numel() > 1) + 2 * int(v_scale.numel() > 1) if fp8 else 0
     features = (sinks is not None, alibi_slopes is not None, bool(softcap), lse is not None,
-                not b.cuda and k.dtype == torch.bfloat16)
+                not b.cuda and compute == torch.bfloat16, head_scales)
     consts = b.consts.get(features)
     if consts is None:
-        has_sinks, has_alibi, soft, has_lse, dot_f32 = features
+        has_sinks, has_alibi, soft, has_lse, dot_f32, _ = features
         main = dict(b.main_const, HAS_SINKS=has_sinks, HAS_ALIBI=has_alibi, SOFTCAP=soft,
-                    RETURN_LSE=has_lse, DOT_F32=dot_f32)
+                    RETURN_LSE=has_lse, DOT_F32=dot_f32, HEAD_SCALES=head_scales)
         fix = dict(b.fix_const, HAS_SINKS=has_sinks, RETURN_LSE=has_lse)
         consts = b.consts[features] = (main, fix)
     main_const, fix_const = consts
@@ -174,15 +180,17 @@ def run(plan: ServingPlan, q, k, v, out, lse, *, wl, block_table, scale: float, 
     lse_t = lse if lse is not None else out
     sinks_t = sinks if sinks is not None else out
     slopes_t = alibi_slopes if alibi_slopes is not None else out
-    args = (q, *qs, k, *ks, v, *vs, out, *os_, lse_t, *ls, bt, sbt, sinks_t, slopes_t,
+    ks_t = k_scale if k_scale is not None else out
+    vs_t = v_scale if v_scale is not None else out
+    args = (q, *qs, k, *ks, v, *vs, out, *os_, lse_t, *ls, bt, sbt, sinks_t, slopes_t, ks_t, vs_t,
             ws_o, ws_m, ws_l, counters, wl,
             plan.batch, plan.rb_max, plan.gqa_ratio, plan.ntiles_z, plan.hz, num_pages, plan.split,
             qk_scale, softcap_scale, plan.window or 0)
     key = None
     if b.cuda and _no_hooks():
         key = (b.kid, features, q.dtype, out.dtype, k.dtype, qs, ks, vs, os_, ls, sbt, _spec(num_pages),
-               *(x.data_ptr() % 16 == 0 for x in (q, k, v, out, lse_t, sinks_t, slopes_t, bt, ws_o,
-                                                  ws_m, ws_l, counters, wl)))
+               *(x.data_ptr() % 16 == 0 for x in (q, k, v, out, lse_t, sinks_t, slopes_t, ks_t,
+                                                  vs_t, bt, ws_o, ws_m, ws_l, counters, wl)))
     _launch(_ragged.ragged_attention_kernel, key, args, main_const, (plan.programs, 1, 1), stream)
     if b.fix_kernel is None:
         return

@@ -25,6 +25,8 @@ SERVING_FIXUPS = ("general", "fused")
 # device policy codes (kernels/worklist.py)
 POLICY_CODE = {"llamacpp-before": 0, "llamacpp": 1, "auto": 2, "split": 3}
 HEADER = 16  # int32 words before the per-sequence arrays
+# K/V forms of the serving kernels -> ServingPlan.dtype (q8_0 is the dense path's only)
+SERVING_DTYPES = {d: name for d, name in _DTYPES.items() if name != "q8_0"}
 
 
 @dataclass(frozen=True)
@@ -105,7 +107,7 @@ class ServingPlan:
 
     @property
     def per_sm(self) -> int:
-        return shared_programs(self.geometry, self.occupancy)
+        return shared_programs(self.geometry, self.occupancy, self.dtype)
 
     @property
     def workspace_floats(self) -> int:
@@ -167,7 +169,8 @@ def serving_plan(*, batch: int, max_kv_len: int, q_heads: int, kv_heads: int, he
         Varlen: max_seqlen_q and the rows of the packed q.
     head_dim_v : int, optional
     dtype : torch.dtype
-        K/V's (f16 or bf16).
+        K/V's: float16, bfloat16 or float8_e4m3fn (1-byte K/V: the shared-memory estimate
+        counts them so; docs/quant.md).
     causal, window
         Bottom-right causal per sequence; a window needs causal=True.
     page_size, max_pages : int, optional
@@ -213,8 +216,11 @@ def serving_plan(*, batch: int, max_kv_len: int, q_heads: int, kv_heads: int, he
     if q_heads % kv_heads:
         raise ValueError(f"q_heads ({q_heads}) must be a multiple of kv_heads ({kv_heads})")
     causal_window(causal, window)
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype is K/V's and must be one of {list(_DTYPES)}, got {dtype}")
+    if isinstance(dtype, str) and dtype == "q8_0":
+        raise ValueError("dtype='q8_0': the serving kernels do not read q8_0 K/V (skattn.attention "
+                         "does); use torch.float8_e4m3fn with k_scale, v_scale")
+    if not isinstance(dtype, (torch.dtype, str)) or dtype not in SERVING_DTYPES:
+        raise ValueError(f"dtype is K/V's and must be one of {list(SERVING_DTYPES)}, got {dtype}")
     if page_size is not None:
         _check_positive(page_size=page_size)
         if page_size % 16:
@@ -244,7 +250,8 @@ def serving_plan(*, batch: int, max_kv_len: int, q_heads: int, kv_heads: int, he
     ratio = q_heads // kv_heads
     geo = tile_geometry(q_len=max_q_len, gqa_ratio=ratio, head_dim=head_dim,
                         head_dim_v=head_dim_v, block_n=block_n, num_warps=num_warps,
-                        num_stages=num_stages, smem_limit=smem_limit)
+                        num_stages=num_stages, smem_limit=smem_limit,
+                        kv_format=SERVING_DTYPES[dtype])
     t = geo.tokens_per_tile
     ntiles_z = -(-ratio // geo.heads_per_tile)
     hz = kv_heads * ntiles_z

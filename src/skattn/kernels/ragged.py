@@ -52,6 +52,7 @@ def ragged_attention_kernel(
     LSE, stride_lb, stride_lh,  # lse [B, Hq, Lq] or [Hq, total_q] (tokens contiguous)
     BT, stride_bt,  # block table [B, max_pages] int32 (paged)
     SINKS, SLOPES,  # [Hq] f32
+    KS, VS,  # fp8 K/V (KV_FORMAT 1): f32 scales [1] or [Hkv]; else unread
     WS_O, WS_M, WS_L, COUNTERS,  # partials [N_grid*2, BLOCK_M, (Dv)], per-tile counters
     WL,  # the work list
     batch, rb_max, ratio, ntiles_z, hz, num_pages, split,
@@ -66,6 +67,7 @@ def ragged_attention_kernel(
     PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, DOT_F32: tl.constexpr,
     SEARCH: tl.constexpr, FIXUP_COLS: tl.constexpr, FIXUP_ROWS: tl.constexpr,
     MERGE_PIECES: tl.constexpr, USE_PDL: tl.constexpr,
+    KV_FORMAT: tl.constexpr = 0, HEAD_SCALES: tl.constexpr = 0,
 ):
     p = tl.program_id(0)
     if USE_PDL == 1:
@@ -108,7 +110,7 @@ def ragged_attention_kernel(
         b64 = tl.cast(b, tl.int64)
         Qb = Q + b64 * stride_qb + tl.cast(qs, tl.int64) * stride_qm
         q = load_q(Qb, 0, qi, head, valid, 0, stride_qm, stride_qh, 0, HEAD_DIM, BLOCK_DK,
-                   K.dtype.element_ty)
+                   K.dtype.element_ty if KV_FORMAT == 0 else Q.dtype.element_ty)
         if PAGED:
             Kb = K + tl.cast(g, tl.int64) * stride_kh
             Vb = V + tl.cast(g, tl.int64) * stride_vh
@@ -120,11 +122,12 @@ def ragged_attention_kernel(
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         kv0 = kv_first - first
         acc, m_i, l_i = ragged_kv_loop(
-            acc, m_i, l_i, q, Qb, Kb, Vb, BT + b64 * stride_bt, SLOPES, qi, head, valid,
+            acc, m_i, l_i, q, Qb, Kb, Vb, BT + b64 * stride_bt, SLOPES, KS, VS, g, qi, head, valid,
             kv0 + item, kv0 + stop_here, stride_qm, stride_qh, stride_kb, stride_kn,
             stride_vb, stride_vn, lq, lk, num_pages, qk_scale, softcap_scale, window,
             qblock * TOKENS_PER_TILE, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_DK, DK_CHUNKS,
-            BLOCK_DV, CAUSAL, HAS_WINDOW, HAS_ALIBI, SOFTCAP, DOT_F32, PAGED, PAGE_SIZE)
+            BLOCK_DV, CAUSAL, HAS_WINDOW, HAS_ALIBI, SOFTCAP, DOT_F32, PAGED, PAGE_SIZE, KV_FORMAT,
+            HEAD_SCALES)
         Ob = O + b64 * stride_ob + tl.cast(qs, tl.int64) * stride_om
         LSEb = LSE + b64 * stride_lb + qs
         whole = (item == first) & (stop_here == stop)

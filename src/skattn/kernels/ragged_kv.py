@@ -54,8 +54,9 @@ def _ragged_step(acc, m_i, l_i, q, Qb, Kb, Vb, BT, slope, qi, head, valid, qpos,
                  BLOCK_DK: tl.constexpr, DK_CHUNKS: tl.constexpr, BLOCK_DV: tl.constexpr,
                  CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_ALIBI: tl.constexpr,
                  SOFTCAP: tl.constexpr, DOT_F32: tl.constexpr, PAGED: tl.constexpr,
-                 PAGE_SIZE: tl.constexpr, MASKED: tl.constexpr):
-    """One KV block. MASKED=False: inside Lk and visible to every row (pages still checked)."""
+                 PAGE_SIZE: tl.constexpr, MASKED: tl.constexpr, KV_FORMAT: tl.constexpr):
+    """One KV block. MASKED=False: inside Lk and visible to every row (pages still checked).
+    KV_FORMAT 1: fp8 e4m3 K/V, converted to q's dtype on load (exactly; scales in the loop)."""
     offs_n, krow, vrow, ok = _key_rows(BT, blk, kv_len, num_pages, stride_kb, stride_kn,
                                        stride_vb, stride_vn, PAGED, PAGE_SIZE, BLOCK_N)
     if MASKED:
@@ -70,15 +71,19 @@ def _ragged_step(acc, m_i, l_i, q, Qb, Kb, Vb, BT, slope, qi, head, valid, qpos,
             kt = tl.load(kptrs)
         else:
             kt = tl.load(kptrs, mask=dk[:, None] < HEAD_DIM, other=0.0)
+        if KV_FORMAT == 1:
+            kt = kt.to(q.dtype)
         qk = _dot(q, kt, DOT_F32)
     else:
         qk = tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32)
         for c in tl.static_range(DK_CHUNKS):
             qc = load_q(Qb, 0, qi, head, valid, 0, stride_qm, stride_qh, c, HEAD_DIM, BLOCK_DK,
-                        Kb.dtype.element_ty)
+                        q.dtype)
             dk = c * BLOCK_DK + tl.arange(0, BLOCK_DK)
             kc = tl.load(Kb + krow[None, :] + dk[:, None],
                          mask=ok[None, :] & (dk[:, None] < HEAD_DIM), other=0.0)
+            if KV_FORMAT == 1:
+                kc = kc.to(q.dtype)
             qk += _dot(qc, kc, DOT_F32)
     s = scores(qk, qk_scale, softcap_scale, slope, qpos, offs_n, SOFTCAP, HAS_ALIBI)
     # -- masks
@@ -98,22 +103,34 @@ def _ragged_step(acc, m_i, l_i, q, Qb, Kb, Vb, BT, slope, qi, head, valid, qpos,
         vt = tl.load(vptrs)
     else:
         vt = tl.load(vptrs, mask=dv[None, :] < HEAD_DIM_V, other=0.0)
+    if KV_FORMAT == 1:
+        vt = vt.to(q.dtype)
     acc = acc * alpha[:, None] + _dot(p.to(vt.dtype), vt, DOT_F32)
     return acc, m_new, l_i
 
 
 @triton.jit
-def ragged_kv_loop(acc, m_i, l_i, q, Qb, Kb, Vb, BT, SLOPES, qi, head, valid, blk_lo, blk_hi,
+def ragged_kv_loop(acc, m_i, l_i, q, Qb, Kb, Vb, BT, SLOPES, KS, VS, g, qi, head, valid, blk_lo,
+                   blk_hi,
                    stride_qm, stride_qh, stride_kb, stride_kn, stride_vb, stride_vn,
                    q_len, kv_len, num_pages, qk_scale, softcap_scale, window, first_token,
                    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_DK: tl.constexpr, DK_CHUNKS: tl.constexpr, BLOCK_DV: tl.constexpr,
                    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_ALIBI: tl.constexpr,
                    SOFTCAP: tl.constexpr, DOT_F32: tl.constexpr, PAGED: tl.constexpr,
-                   PAGE_SIZE: tl.constexpr):
+                   PAGE_SIZE: tl.constexpr, KV_FORMAT: tl.constexpr = 0,
+                   HEAD_SCALES: tl.constexpr = 0):
     """Online softmax over KV blocks [blk_lo, blk_hi) of one tile of sequence lengths
-    (q_len, kv_len): first the blocks that need no mask, then the rest (`tile_kv_loop`)."""
+    (q_len, kv_len): first the blocks that need no mask, then the rest (`tile_kv_loop`).
+    fp8 K/V (KV_FORMAT 1) as in `tile_kv_loop`: KS, VS hold f32 scales, KV head g's where
+    HEAD_SCALES says (bit 0: K's, bit 1: V's); K's is folded into the score scale, V's
+    multiplies the accumulator (a partial's too: the merge is linear in it)."""
     qpos = kv_len - q_len + qi
+    if KV_FORMAT == 1:
+        if SOFTCAP:
+            softcap_scale = softcap_scale * tl.load(KS + g * (HEAD_SCALES % 2))
+        else:
+            qk_scale = qk_scale * tl.load(KS + g * (HEAD_SCALES % 2))
     slope = alibi_slope(SLOPES, head, valid, HAS_ALIBI)
     mid = unmasked_end(blk_lo, blk_hi, q_len, kv_len, first_token, BLOCK_N, CAUSAL,
                        HAS_WINDOW or DK_CHUNKS > 1)
@@ -124,5 +141,7 @@ def ragged_kv_loop(acc, m_i, l_i, q, Qb, Kb, Vb, BT, SLOPES, qi, head, valid, bl
                 stride_qm, stride_qh, stride_kb, stride_kn, stride_vb, stride_vn,
                 kv_len, num_pages, qk_scale, softcap_scale, window, HEAD_DIM, HEAD_DIM_V,
                 BLOCK_N, BLOCK_DK, DK_CHUNKS, BLOCK_DV, CAUSAL, HAS_WINDOW, HAS_ALIBI, SOFTCAP,
-                DOT_F32, PAGED, PAGE_SIZE, masked == 1)
+                DOT_F32, PAGED, PAGE_SIZE, masked == 1, KV_FORMAT)
+    if KV_FORMAT == 1:
+        acc = acc * tl.load(VS + g * (HEAD_SCALES // 2))
     return acc, m_i, l_i
