@@ -35,9 +35,12 @@ def _features(hq, device, *, scale, causal, window, sinks, softcap, alibi_slopes
 def _kv_dtypes(q, k, v, k_scale, v_scale, *, dims: int, kernel: bool) -> tuple:
     """The K/V dtypes to accept: f16/bf16, or float8_e4m3fn with scales under the dense
     path's rules (`skattn.quant.check_kv`: the same errors, before any launch)."""
-    if isinstance(k, quant.Q8_0) or isinstance(v, quant.Q8_0):
-        raise TypeError("k, v: q8_0 K/V (skattn.quant.Q8_0) are not read by the serving kernels; "
-                        "use float8_e4m3fn K/V with k_scale, v_scale (or skattn.attention)")
+    for form in (quant.Q8_0, quant.Q4_0):
+        if isinstance(k, form) or isinstance(v, form):
+            name = form.__name__.lower()
+            raise TypeError(f"k, v: {name} K/V (skattn.quant.{form.__name__}) are not read by the "
+                            f"serving kernels; use float8_e4m3fn K/V with k_scale, v_scale (or "
+                            f"skattn.attention)")
     if k_scale is None and v_scale is None and not (_byte_kv(k) or _byte_kv(v)):
         return KV_DTYPES
     for name, x in (("k", k), ("v", v)):

@@ -25,8 +25,8 @@ SERVING_FIXUPS = ("general", "fused")
 # device policy codes (kernels/worklist.py)
 POLICY_CODE = {"llamacpp-before": 0, "llamacpp": 1, "auto": 2, "split": 3}
 HEADER = 16  # int32 words before the per-sequence arrays
-# K/V forms of the serving kernels -> ServingPlan.dtype (q8_0 is the dense path's only)
-SERVING_DTYPES = {d: name for d, name in _DTYPES.items() if name != "q8_0"}
+# K/V forms of the serving kernels -> ServingPlan.dtype (q8_0 and q4_0 are the dense path's only)
+SERVING_DTYPES = {d: name for d, name in _DTYPES.items() if name not in ("q8_0", "q4_0")}
 
 
 @dataclass(frozen=True)
@@ -216,9 +216,9 @@ def serving_plan(*, batch: int, max_kv_len: int, q_heads: int, kv_heads: int, he
     if q_heads % kv_heads:
         raise ValueError(f"q_heads ({q_heads}) must be a multiple of kv_heads ({kv_heads})")
     causal_window(causal, window)
-    if isinstance(dtype, str) and dtype == "q8_0":
-        raise ValueError("dtype='q8_0': the serving kernels do not read q8_0 K/V (skattn.attention "
-                         "does); use torch.float8_e4m3fn with k_scale, v_scale")
+    if isinstance(dtype, str) and dtype in ("q8_0", "q4_0"):
+        raise ValueError(f"dtype={dtype!r}: the serving kernels do not read {dtype} K/V "
+                         f"(skattn.attention does); use torch.float8_e4m3fn with k_scale, v_scale")
     if not isinstance(dtype, (torch.dtype, str)) or dtype not in SERVING_DTYPES:
         raise ValueError(f"dtype is K/V's and must be one of {list(SERVING_DTYPES)}, got {dtype}")
     if page_size is not None:
