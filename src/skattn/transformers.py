@@ -14,7 +14,8 @@ tail, packed sequences) arrives as an additive mask built by the mask function r
 beside the attention function. GPT-OSS's sinks (`s_aux`) become `sinks=`, Gemma's logit
 softcapping `softcap=`. Inside `torch.compile` the call goes through the custom op
 `torch.ops.skattn.attention` (no graph break); in eager code through `skattn.attention`
-with a cached plan (less host time).
+with a cached plan (less host time). `FP8Cache` (skattn/transformers_fp8.py) keeps K/V in
+float8_e4m3fn, read by skattn in place with their per-KV-head scales (docs/transformers.md).
 """
 from __future__ import annotations
 
@@ -23,9 +24,18 @@ import torch
 import skattn
 from skattn import ops
 
-__all__ = ["register", "attention_forward", "attention_mask", "NAME"]
+__all__ = ["register", "attention_forward", "attention_mask", "is_skattn", "FP8Cache", "NAME"]
 
 NAME = "skattn"
+
+
+def __getattr__(name):
+    if name == "FP8Cache":  # imports transformers' cache classes, so on first use
+        _interfaces()
+        from skattn.transformers_fp8 import FP8Cache
+
+        return FP8Cache
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _interfaces():
@@ -67,6 +77,12 @@ def register(policy: str = ops.DEFAULT_POLICY, name: str = NAME) -> str:
     return name
 
 
+def is_skattn(name) -> bool:
+    """Whether the attention implementation `name` is one that `register()` added."""
+    attention_interface, _ = _interfaces()
+    return isinstance(attention_interface().get(name), _Forward)
+
+
 class _Forward:
     """transformers' attention-function signature, bound to one planner policy."""
 
@@ -91,7 +107,9 @@ def attention_forward(module, query, key, value, attention_mask, *, dropout=0.0,
     module : torch.nn.Module
         The model's attention module (its `is_causal` and `training` are read).
     query : Tensor [B, Hq, Lq, D]
-    key, value : Tensor [B, Hkv, Lk, D] (f16 or bf16: the KV cache)
+    key, value : Tensor [B, Hkv, Lk, D] (the KV cache)
+        f16 or bf16; or float8_e4m3fn views from `FP8Cache`, which carry their float32
+        scales [Hkv] as the attribute `skattn_scale` (passed as `k_scale`, `v_scale`).
     attention_mask : Tensor [B or 1, 1, Lq, Lk] or None
         None: bottom-right causal (with `sliding_window`, if given). A float mask is additive;
         a bool mask keeps the keys that are True. Either one replaces causal and window.
@@ -122,7 +140,7 @@ def attention_forward(module, query, key, value, attention_mask, *, dropout=0.0,
         mask, causal = _additive(attention_mask, q.shape[2]), False
     sinks = s_aux.float() if s_aux is not None else None
     kw = dict(scale=scaling, causal=causal, window=window, mask=mask, sinks=sinks,
-              softcap=float(softcap or 0.0))
+              softcap=float(softcap or 0.0), **_fp8_scales(key, value))
     if torch.compiler.is_compiling():
         out = ops.attention(q, k, v, policy=policy, **kw)
     else:
@@ -130,6 +148,16 @@ def attention_forward(module, query, key, value, attention_mask, *, dropout=0.0,
                             has_mask=mask is not None)
         out = skattn.attention(q, k, v, plan=plan, **kw)
     return out, None
+
+
+def _fp8_scales(key, value) -> dict:
+    if key.dtype != torch.float8_e4m3fn and value.dtype != torch.float8_e4m3fn:
+        return {}
+    k_scale, v_scale = getattr(key, "skattn_scale", None), getattr(value, "skattn_scale", None)
+    if k_scale is None or v_scale is None:
+        raise TypeError("float8_e4m3fn K/V reached skattn's attention function without their "
+                        "scales: use skattn.transformers.FP8Cache as past_key_values")
+    return dict(k_scale=k_scale, v_scale=v_scale)
 
 
 def _additive(mask: torch.Tensor, heads: int) -> torch.Tensor:

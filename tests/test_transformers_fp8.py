@@ -1,0 +1,177 @@
+"""skattn.transformers.FP8Cache under the interpreter on a tiny Llama: FP8 K/V read in place."""
+import copy
+
+import pytest
+import torch
+
+import skattn
+import skattn.reference
+
+transformers = pytest.importorskip(
+    "transformers", reason="transformers is not installed (pip install 'skattn[transformers]')")
+import skattn.transformers as skt  # noqa: E402
+from skattn.transformers_fp8 import FP8Layer  # noqa: E402
+
+pytestmark = [
+    pytest.mark.interpret,
+    pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter tests run on the CPU"),
+]
+
+FP8 = torch.float8_e4m3fn
+VOCAB = 128
+# as tests/test_transformers.py: 2 layers, heads 4/2 of 16, weights 0.3 so attention matters
+TINY = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+            max_position_embeddings=256, initializer_range=0.3)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def registered():
+    return skt.register()
+
+
+def model(seed=0, impl="skattn"):
+    torch.manual_seed(seed)
+    m = transformers.AutoModelForCausalLM.from_config(
+        transformers.LlamaConfig(**TINY), attn_implementation=impl, dtype=torch.float16).eval()
+    m.generation_config.eos_token_id = None
+    return m
+
+
+def reference_attention(monkeypatch, calls):
+    """skattn.attention -> the float64 reference on the same (FP8) inputs, cast to q's dtype."""
+    def ref(q, k, v, **kw):
+        calls.append(dict(k=k, v=v, **kw))
+        kw.pop("plan", None)
+        return skattn.reference.attention(q, k, v, **kw).to(q.dtype)
+
+    monkeypatch.setattr(skattn, "attention", ref)
+
+
+def quantizing_reference(monkeypatch, prefill):
+    """skattn.attention on f16 K/V -> the float64 reference on K/V quantized here, as FP8Cache
+    documents it: per KV head, scale = amax / 448 over the first `prefill` tokens."""
+    def ref(q, k, v, **kw):
+        kw.pop("plan", None)
+        pair = []
+        for x in (k, v):
+            amax = x[:, :prefill].float().abs().amax(dim=(0, 1, 3))
+            scale = torch.where(amax > 0, amax / 448, torch.ones_like(amax))
+            pair += [(x.float() / scale[:, None]).clamp(-448, 448).to(FP8), scale]
+        return skattn.reference.attention(q, pair[0], pair[2], k_scale=pair[1], v_scale=pair[3],
+                                          **kw).to(q.dtype)
+
+    monkeypatch.setattr(skattn, "attention", ref)
+
+
+def steps(m, ids, cache, n=3):
+    """Prefill ids[:, :-n], then n decode steps of one token each; logits of every step [., V]."""
+    out = m(ids[:, :-n], past_key_values=cache, use_cache=True)
+    logits = [out.logits[0, -1]]
+    for i in range(n, 0, -1):
+        out = m(ids[:, -i:ids.shape[1] - i + 1], past_key_values=out.past_key_values)
+        logits.append(out.logits[0, -1])
+    return torch.stack(logits).float()
+
+
+def test_layer_scales_quantize_and_saturate():
+    layer = FP8Layer(max_cache_len=8)
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(1, 3, 4, 16, generator=g, dtype=torch.float32).half()
+    k[:, 1] *= 10
+    k[:, 2] = 0  # a head of zeros: scale 1, not 0
+    v = torch.randn(1, 3, 4, 16, generator=g).half()
+    keys, values = layer.update(k, v)
+    assert keys.dtype == FP8 and keys.shape == (1, 3, 8, 16) and layer.k_fp8.shape == (1, 8, 3, 16)
+    amax = k.float().abs().amax(dim=(0, 2, 3))
+    want = torch.where(amax > 0, amax / 448, torch.ones(3))
+    assert torch.equal(layer.k_scale, want) and keys.skattn_scale is layer.k_scale
+    assert values.skattn_scale is layer.v_scale
+    got = keys[:, :, :4].float() * layer.k_scale[None, :, None, None]
+    assert torch.allclose(got, k.float(), rtol=2 ** -4, atol=0)  # e4m3: 3 mantissa bits
+    assert (keys[:, :, 4:].float() == 0).all()
+    # a later token keeps the prefill's scales and saturates at 448 x scale
+    k2 = torch.full((1, 3, 1, 16), 1000.0, dtype=torch.float16)
+    layer.update(k2, k2)
+    assert torch.equal(layer.k_scale, want) and int(layer.cumulative_length) == 5
+    assert torch.equal(keys[:, :, 4].float(), torch.full((1, 3, 16), 448.0))
+    layer.reset()
+    assert not layer.scales_set and int(layer.cumulative_length) == 0
+
+
+def test_logits_match_float64_reference_on_the_same_fp8_cache(monkeypatch):
+    # the kernel against the float64 reference on the same FP8 values and scales, within 3x
+    # what the f16 cache's kernel shows against the reference on f16 K/V (the rest is f16
+    # rounding of the model, amplified by its 0.3 weights); the FP8 cache against the f16
+    # cache: e4m3's quantization error, loose
+    m = model(seed=1)
+    ids = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(2))
+    seen = []
+    real = skattn.attention
+
+    def spy(*args, **kw):
+        seen.append(kw)
+        return real(*args, **kw)
+
+    def fp8_cache():
+        return skt.FP8Cache(m.config, max_cache_len=16)
+
+    def f16_cache():
+        return transformers.DynamicCache(config=m.config)
+
+    with torch.no_grad():
+        monkeypatch.setattr(skattn, "attention", spy)
+        ours8, ours16 = steps(m, ids, fp8_cache()), steps(m, ids, f16_cache())
+        calls = []
+        reference_attention(monkeypatch, calls)
+        ref8, ref16 = steps(m, ids, fp8_cache()), steps(m, ids, f16_cache())
+        quantizing_reference(monkeypatch, prefill=9)
+        own8 = steps(m, ids, f16_cache())  # K/V quantized by the test, not by FP8Cache
+    fp8_calls = [c for c in seen if "k_scale" in c]
+    assert len(fp8_calls) == 8 and all(c["k_scale"].shape == (2,) for c in fp8_calls)
+    assert all(c["k"].dtype == FP8 and c["k"].shape == (1, 16, 2, 16) for c in calls[:8])
+
+    def err(a, b):
+        return ((a - b).norm() / b.norm()).item()
+
+    kernel8, kernel16, quant = err(ours8, ref8), err(ours16, ref16), err(ours8, ours16)
+    own = err(ours8, own8)
+    assert kernel8 <= 3 * kernel16 + 1e-3, (kernel8, kernel16)
+    assert own <= 3 * kernel16 + 1e-3, (own, kernel16)
+    assert quant < 0.15, quant  # e4m3 steps of 2^-4 relative on every K/V value
+    assert kernel8 < quant / 5, (kernel8, quant)
+
+
+def test_greedy_generate_matches_reference(monkeypatch):
+    m = model(seed=4)
+    ids = torch.randint(0, VOCAB, (1, 6), generator=torch.Generator().manual_seed(5))
+    kw = dict(max_new_tokens=5, do_sample=False)
+    with torch.no_grad():
+        got = m.generate(ids, past_key_values=skt.FP8Cache(m.config, max_cache_len=16), **kw)
+        reference_attention(monkeypatch, [])
+        want = m.generate(ids, past_key_values=skt.FP8Cache(m.config, max_cache_len=16), **kw)
+    assert got.shape == (1, 11)
+    assert torch.equal(got, want), (got, want)
+
+
+def test_refuses_other_implementations_and_layers():
+    with pytest.raises(ValueError, match="FP8Cache needs a skattn attention implementation"):
+        skt.FP8Cache(model(impl="sdpa").config, max_cache_len=16)
+    m = model()
+    cache = skt.FP8Cache(m.config, max_cache_len=16)
+    m.set_attn_implementation("sdpa")
+    with torch.no_grad(), pytest.raises(ValueError, match="'sdpa', which would receive float8"):
+        m(torch.zeros(1, 3, dtype=torch.long), past_key_values=cache)
+    cfg = transformers.Qwen3Config(**TINY, use_sliding_window=True, sliding_window=5,
+                                   max_window_layers=1)
+    with pytest.raises(ValueError, match="full-attention layers only.*sliding_attention"):
+        skt.FP8Cache(cfg, max_cache_len=16)
+    with pytest.raises(ValueError, match="max_cache_len must be a positive int"):
+        skt.FP8Cache(model().config, max_cache_len=0)
+
+
+def test_fp8_without_scales_is_refused():
+    q = torch.randn(1, 4, 1, 16, dtype=torch.float16)
+    k = torch.zeros(1, 2, 5, 16, dtype=FP8)
+    with pytest.raises(TypeError, match="without their scales: use skattn.transformers.FP8Cache"):
+        skt.attention_forward(torch.nn.Module(), q, k, k.clone(), None)
