@@ -175,3 +175,28 @@ def test_fp8_without_scales_is_refused():
     k = torch.zeros(1, 2, 5, 16, dtype=FP8)
     with pytest.raises(TypeError, match="without their scales: use skattn.transformers.FP8Cache"):
         skt.attention_forward(torch.nn.Module(), q, k, k.clone(), None)
+
+
+def test_compiled_fullgraph_decode_reads_the_scales():
+    # generate's compiled decode step (fullgraph): the scales, attributes of the cache's K/V
+    # views, reach the custom op inside the one graph
+    from transformers.generation import CompileConfig
+
+    targets = []
+
+    def backend(gm, example_inputs):
+        targets.extend(str(node.target) for node in gm.graph.nodes)
+        return gm.forward
+
+    torch._dynamo.reset()
+    m = model(seed=6)
+    config = CompileConfig(fullgraph=True, backend=backend, mode=None)
+    config._compile_all_devices = True  # generate compiles on GPUs only by default
+    ids = torch.randint(0, VOCAB, (1, 6), generator=torch.Generator().manual_seed(7))
+    kw = dict(max_new_tokens=4, do_sample=False)
+    with torch.no_grad():
+        got = m.generate(ids, past_key_values=skt.FP8Cache(m.config, max_cache_len=12),
+                         compile_config=config, **kw)
+        want = m.generate(ids, past_key_values=skt.FP8Cache(m.config, max_cache_len=12), **kw)
+    assert targets.count("skattn.attention") == 2  # one per layer, one graph
+    assert torch.equal(got, want), (got, want)
