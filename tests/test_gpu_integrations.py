@@ -145,3 +145,48 @@ def test_static_cache_and_compile():
     assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
     assert got.shape == (1, 332)
     assert_greedy_equal(got, want, ref, 300)
+
+
+@needs_transformers
+def test_fp8_cache_first_step_and_greedy_32_tokens(monkeypatch):
+    # llama-8b's attention with FP8Cache against the f16 cache: the first step's logits within
+    # e4m3's error, the same logits with the float64 reference on the same FP8 K/V (kernel
+    # error only), and greedy token agreement over 32 tokens (printed; the first must agree)
+    import skattn
+    import skattn.reference
+
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 K/V need compute capability 8.9+ (the dense path refuses them below)")
+    ours, = models("LlamaConfig", LLAMA, "sdpa", dtypes=(), seed=5)
+    g = torch.Generator(device="cuda").manual_seed(6)
+    ids = torch.randint(0, 1024, (1, 700), device="cuda", generator=g)
+
+    def fp8_cache():
+        return skt.FP8Cache(ours.config, max_cache_len=800)
+
+    def err(a, b):
+        return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+    kw = dict(max_new_tokens=32, do_sample=False)
+    with torch.no_grad():
+        first8 = ours(ids, past_key_values=fp8_cache()).logits[0, -1]
+        first16 = ours(ids).logits[0, -1]
+        got = ours.generate(ids, past_key_values=fp8_cache(), **kw)
+        want = ours.generate(ids, **kw)
+        real = skattn.attention
+
+        def reference(q, k, v, **kw):
+            kw.pop("plan", None)
+            return skattn.reference.attention(q, k, v, **kw).to(q.dtype)
+
+        monkeypatch.setattr(skattn, "attention", reference)
+        first_ref = ours(ids, past_key_values=fp8_cache()).logits[0, -1]
+        monkeypatch.setattr(skattn, "attention", real)
+    agree = (got[0, 700:] == want[0, 700:]).float().mean().item()
+    print(f"fp8 vs f16 cache: first-step logits rel err {err(first8, first16):.2e}, kernel vs "
+          f"float64 on the same FP8 K/V {err(first8, first_ref):.2e}, greedy agreement "
+          f"{agree:.2f} of 32 tokens")
+    assert not torch.isnan(first8).any()
+    assert err(first8, first_ref) < 5e-3
+    assert err(first8, first16) < 0.1
+    assert got.shape == (1, 732) and got[0, 700] == want[0, 700]
