@@ -55,3 +55,5 @@ def test_skattn_variants_name_a_policy_and_plan_overrides():
         "auto", {"programs": 256, "block_n": 128})
     with pytest.raises(ValueError, match="key=integer"):
         skattn_variant("skattn:auto/programs=many")
+    with pytest.raises(ValueError, match="comes from the batch"):
+        skattn_variant("skattn:auto/batch=4")

@@ -52,7 +52,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--cells", default="llama-8b:1:32768,llama-8b:16:32768,llama-8b:1:8192")
     ap.add_argument("--geos", default="default,64/4/4,128/4/4,128/3/4,256/3/4,128/4/8,256/2/8")
-    ap.add_argument("--formats", default="f16,fp8,q8_0")
+    ap.add_argument("--formats", default="f16,fp8,q8_0,q4_0")
     ap.add_argument("--reps", type=int, default=20)
     args = ap.parse_args()
     out_dir = Path(os.environ.get("OUT", "benchmarks/results/latest/quant_sweep"))

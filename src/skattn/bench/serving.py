@@ -228,6 +228,9 @@ def skattn_variant(name: str) -> tuple[str, dict]:
         key, sep, value = item.partition("=")
         if not sep or not value.strip().lstrip("-").isdigit():
             raise ValueError(f"{name!r}: a plan override is key=integer, got {item!r}")
+        if key.strip() in ("policy", "batch", "q_heads", "kv_heads", "head_dim", "page_size",
+                           "max_pages", "q_len", "max_q_len", "total_q", "max_kv_len"):
+            raise ValueError(f"{name!r}: {key.strip()} comes from the batch and policy, not an override")
         overrides[key.strip()] = int(value)
     return policy, overrides
 

@@ -53,7 +53,7 @@ def load_q4_0(X, XS, base, offs_n, kv_len, stride_n, d0,
     sptrs = XS + base // HALF + offs_n[:, None] * (stride_n // HALF) + blk[None, :]
     if MASKED:
         rows = offs_n[:, None] < kv_len
-        x = tl.load(ptrs, mask=rows & (byte[None, :] < HEAD_DIM // 2), other=8)
+        x = tl.load(ptrs, mask=rows & (byte[None, :] < HEAD_DIM // 2), other=0x88)  # both nibbles 0
         s = tl.load(sptrs, mask=rows & (blk[None, :] < HEAD_DIM // QK4_0), other=0.0)
     else:
         x = tl.load(ptrs)
