@@ -23,6 +23,7 @@ from numbers import Real
 
 import torch
 
+from skattn.quant_block import BlockCache
 from skattn.quant_q4 import QK4_0, Q4_0, q4_0
 
 __all__ = ["Q8_0", "q8_0", "Q4_0", "q4_0", "fp8", "FP8_DTYPES", "QK8_0", "QK4_0",
@@ -36,7 +37,7 @@ FORMATS = ("float16", "bfloat16", "float8_e4m3fn", "q8_0", "q4_0")  # K/V forms 
 
 
 @dataclass(frozen=True)
-class Q8_0:
+class Q8_0(BlockCache):
     """A K or V cache in q8_0 blocks: 32 int8 values along the head dimension share one f16 scale.
 
     Parameters
@@ -61,61 +62,9 @@ class Q8_0:
     scales: torch.Tensor
 
     format = "q8_0"
-
-    def __post_init__(self):
-        x, s = self.values, self.scales
-        if not isinstance(x, torch.Tensor) or x.dtype != torch.int8:
-            raise TypeError(f"Q8_0 values must be an int8 tensor, got "
-                            f"{getattr(x, 'dtype', type(x).__name__)}")
-        if not isinstance(s, torch.Tensor) or s.dtype != torch.float16:
-            raise TypeError(f"Q8_0 scales must be a float16 tensor, got "
-                            f"{getattr(s, 'dtype', type(s).__name__)}")
-        if x.dim() < 1 or x.shape[-1] % QK8_0 or x.shape[-1] == 0:
-            raise ValueError(f"q8_0 needs a head size that is a multiple of {QK8_0}, got values "
-                             f"of shape {tuple(x.shape)}")
-        want = (*x.shape[:-1], x.shape[-1] // QK8_0)
-        if tuple(s.shape) != want:
-            raise ValueError(f"Q8_0 scales must have shape {list(want)} (one per {QK8_0} values), "
-                             f"got {list(s.shape)}")
-        if s.device != x.device:
-            raise ValueError(f"Q8_0 scales are on {s.device}, values on {x.device}")
-        if x.stride(-1) != 1 or s.stride(-1) != 1:
-            raise ValueError("Q8_0 values and scales must be contiguous in their last dimension")
-        for i in range(x.dim() - 1):
-            if x.shape[i] > 1 and x.stride(i) != QK8_0 * s.stride(i):
-                raise ValueError(f"Q8_0 scales must be laid out like the values (stride {i}: "
-                                 f"values {x.stride(i)}, scales {s.stride(i)}, want values = "
-                                 f"{QK8_0} x scales): take both as views of caches of the same "
-                                 f"shape")
-
-    # -- tensor-like facts
-    @property
-    def shape(self) -> torch.Size:
-        """The logical shape, the values' `[B, Lk, Hkv, D]`."""
-        return self.values.shape
-
-    @property
-    def device(self) -> torch.device:
-        return self.values.device
-
-    @property
-    def requires_grad(self) -> bool:
-        return False
-
-    def dim(self) -> int:
-        return self.values.dim()
-
-    def __getitem__(self, index) -> "Q8_0":
-        """The same view of values and scales: an index of the leading dimensions only
-        (`cache[:, :L]`, `cache[b]`); the head dimension stays whole."""
-        idx = index if isinstance(index, tuple) else (index,)
-        if any(i is Ellipsis or i is None for i in idx) or len(idx) >= self.values.dim():
-            raise IndexError("index a Q8_0 by its leading dimensions only (no Ellipsis, None or "
-                             "head-dimension index)")
-        return Q8_0(self.values[idx], self.scales[idx])
-
-    def to(self, device) -> "Q8_0":
-        return Q8_0(self.values.to(device), self.scales.to(device))
+    VALUES_DTYPE = torch.int8
+    BLOCK_BYTES = QK8_0
+    VALUES_KIND = "an int8 tensor"
 
     # -- conversions
     def dequantize(self, dtype=torch.float16) -> torch.Tensor:
@@ -123,24 +72,6 @@ class Q8_0:
         work = torch.float64 if dtype == torch.float64 else torch.float32
         x = self.values.to(work).unflatten(-1, (-1, QK8_0))
         return (x * self.scales.to(work)[..., None]).flatten(-2).to(dtype)
-
-    def to_ggml(self) -> torch.Tensor:
-        """llama.cpp's bytes: uint8 `[..., D / 32 * 34]`, each block `{f16 d; int8 qs[32]}`."""
-        blocks = torch.cat([self.scales.contiguous().view(torch.uint8).unflatten(-1, (-1, 2)),
-                            self.values.contiguous().view(torch.uint8).unflatten(-1, (-1, QK8_0))],
-                           dim=-1)
-        return blocks.flatten(-2)
-
-    @classmethod
-    def from_ggml(cls, data: torch.Tensor) -> "Q8_0":
-        """The inverse of `to_ggml`: uint8 `[..., nb * 34]` of `block_q8_0` -> Q8_0."""
-        if data.dtype != torch.uint8 or data.shape[-1] % (QK8_0 + 2):
-            raise ValueError(f"expected uint8 [..., blocks x {QK8_0 + 2}] of block_q8_0, got "
-                             f"{data.dtype} {tuple(data.shape)}")
-        blocks = data.contiguous().unflatten(-1, (-1, QK8_0 + 2))
-        scales = blocks[..., :2].contiguous().view(torch.float16).squeeze(-1)
-        values = blocks[..., 2:].contiguous().view(torch.int8).flatten(-2)
-        return cls(values, scales)
 
 
 def q8_0(x: torch.Tensor) -> Q8_0:

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from skattn.quant_block import BlockCache
+
 __all__ = ["Q4_0", "q4_0", "QK4_0"]
 
 QK4_0 = 32  # values per q4_0 block (llama.cpp's QK4_0)
@@ -17,7 +19,7 @@ PACKED = QK4_0 // 2  # bytes of nibbles a block
 
 
 @dataclass(frozen=True)
-class Q4_0:
+class Q4_0(BlockCache):
     """A K or V cache in q4_0 blocks: 32 4-bit values along the head dimension share one f16 scale.
 
     Parameters
@@ -44,61 +46,11 @@ class Q4_0:
     scales: torch.Tensor
 
     format = "q4_0"
-
-    def __post_init__(self):
-        x, s = self.values, self.scales
-        if not isinstance(x, torch.Tensor) or x.dtype != torch.uint8:
-            raise TypeError(f"Q4_0 values must be a uint8 tensor (two 4-bit values a byte), got "
-                            f"{getattr(x, 'dtype', type(x).__name__)}")
-        if not isinstance(s, torch.Tensor) or s.dtype != torch.float16:
-            raise TypeError(f"Q4_0 scales must be a float16 tensor, got "
-                            f"{getattr(s, 'dtype', type(s).__name__)}")
-        if x.dim() < 1 or x.shape[-1] % PACKED or x.shape[-1] == 0:
-            raise ValueError(f"q4_0 needs a head size that is a multiple of {QK4_0} (values of "
-                             f"{PACKED} bytes a block), got values of shape {tuple(x.shape)}")
-        want = (*x.shape[:-1], x.shape[-1] // PACKED)
-        if tuple(s.shape) != want:
-            raise ValueError(f"Q4_0 scales must have shape {list(want)} (one per {QK4_0} values, "
-                             f"{PACKED} bytes), got {list(s.shape)}")
-        if s.device != x.device:
-            raise ValueError(f"Q4_0 scales are on {s.device}, values on {x.device}")
-        if x.stride(-1) != 1 or s.stride(-1) != 1:
-            raise ValueError("Q4_0 values and scales must be contiguous in their last dimension")
-        for i in range(x.dim() - 1):
-            if x.shape[i] > 1 and x.stride(i) != PACKED * s.stride(i):
-                raise ValueError(f"Q4_0 scales must be laid out like the values (stride {i}: "
-                                 f"values {x.stride(i)}, scales {s.stride(i)}, want values = "
-                                 f"{PACKED} x scales): take both as views of caches of the same "
-                                 f"shape")
-
-    # -- tensor-like facts
-    @property
-    def shape(self) -> torch.Size:
-        """The logical shape `[B, Lk, Hkv, D]` (the values hold D / 2 bytes a row)."""
-        return torch.Size((*self.values.shape[:-1], 2 * self.values.shape[-1]))
-
-    @property
-    def device(self) -> torch.device:
-        return self.values.device
-
-    @property
-    def requires_grad(self) -> bool:
-        return False
-
-    def dim(self) -> int:
-        return self.values.dim()
-
-    def __getitem__(self, index) -> "Q4_0":
-        """The same view of values and scales: an index of the leading dimensions only
-        (`cache[:, :L]`, `cache[b]`); the head dimension stays whole."""
-        idx = index if isinstance(index, tuple) else (index,)
-        if any(i is Ellipsis or i is None for i in idx) or len(idx) >= self.values.dim():
-            raise IndexError("index a Q4_0 by its leading dimensions only (no Ellipsis, None or "
-                             "head-dimension index)")
-        return Q4_0(self.values[idx], self.scales[idx])
-
-    def to(self, device) -> "Q4_0":
-        return Q4_0(self.values.to(device), self.scales.to(device))
+    VALUES_DTYPE = torch.uint8
+    BLOCK_BYTES = PACKED
+    VALUES_KIND = "a uint8 tensor (two 4-bit values a byte)"
+    BLOCK_NOTE = f" (values of {PACKED} bytes a block)"
+    SCALES_NOTE = f", {PACKED} bytes"
 
     # -- conversions
     def nibbles(self) -> torch.Tensor:
@@ -112,23 +64,6 @@ class Q4_0:
         work = torch.float64 if dtype == torch.float64 else torch.float32
         x = (self.nibbles().to(work) - 8).unflatten(-1, (-1, QK4_0))
         return (x * self.scales.to(work)[..., None]).flatten(-2).to(dtype)
-
-    def to_ggml(self) -> torch.Tensor:
-        """llama.cpp's bytes: uint8 `[..., D / 32 * 18]`, each block `{f16 d; uint8 qs[16]}`."""
-        blocks = torch.cat([self.scales.contiguous().view(torch.uint8).unflatten(-1, (-1, 2)),
-                            self.values.contiguous().unflatten(-1, (-1, PACKED))], dim=-1)
-        return blocks.flatten(-2)
-
-    @classmethod
-    def from_ggml(cls, data: torch.Tensor) -> "Q4_0":
-        """The inverse of `to_ggml`: uint8 `[..., nb * 18]` of `block_q4_0` -> Q4_0."""
-        if data.dtype != torch.uint8 or data.shape[-1] % (PACKED + 2):
-            raise ValueError(f"expected uint8 [..., blocks x {PACKED + 2}] of block_q4_0, got "
-                             f"{data.dtype} {tuple(data.shape)}")
-        blocks = data.contiguous().unflatten(-1, (-1, PACKED + 2))
-        scales = blocks[..., :2].contiguous().view(torch.float16).squeeze(-1)
-        values = blocks[..., 2:].contiguous().flatten(-2)
-        return cls(values, scales)
 
 
 def q4_0(x: torch.Tensor) -> Q4_0:

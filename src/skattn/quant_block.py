@@ -1,0 +1,99 @@
+"""What llama.cpp's block forms share (`skattn.quant.Q8_0`, `skattn.quant.Q4_0`): packed values
+and one f16 scale per 32 values, kept apart and laid out alike; the input rules, the
+tensor-like facts, views of the leading dimensions and llama.cpp's interleaved bytes."""
+from __future__ import annotations
+
+import torch
+
+BLOCK_VALUES = 32  # values per block (llama.cpp's QK8_0 = QK4_0)
+
+
+class BlockCache:
+    """Base of a frozen dataclass with fields `values` and `scales`.
+
+    A subclass sets `VALUES_DTYPE`, `BLOCK_BYTES` (bytes of values a block: 32 for 8-bit, 16
+    for 4-bit) and `VALUES_KIND`, `BLOCK_NOTE`, `SCALES_NOTE` (the words of its errors)."""
+
+    VALUES_DTYPE: torch.dtype
+    BLOCK_BYTES: int
+    VALUES_KIND: str
+    BLOCK_NOTE = ""
+    SCALES_NOTE = ""
+    format: str
+
+    def __post_init__(self):
+        x, s, name, per = self.values, self.scales, type(self).__name__, self.BLOCK_BYTES
+        if not isinstance(x, torch.Tensor) or x.dtype != self.VALUES_DTYPE:
+            raise TypeError(f"{name} values must be {self.VALUES_KIND}, got "
+                            f"{getattr(x, 'dtype', type(x).__name__)}")
+        if not isinstance(s, torch.Tensor) or s.dtype != torch.float16:
+            raise TypeError(f"{name} scales must be a float16 tensor, got "
+                            f"{getattr(s, 'dtype', type(s).__name__)}")
+        if x.dim() < 1 or x.shape[-1] % per or x.shape[-1] == 0:
+            raise ValueError(f"{self.format} needs a head size that is a multiple of "
+                             f"{BLOCK_VALUES}{self.BLOCK_NOTE}, got values of shape {tuple(x.shape)}")
+        want = (*x.shape[:-1], x.shape[-1] // per)
+        if tuple(s.shape) != want:
+            raise ValueError(f"{name} scales must have shape {list(want)} (one per {BLOCK_VALUES} "
+                             f"values{self.SCALES_NOTE}), got {list(s.shape)}")
+        if s.device != x.device:
+            raise ValueError(f"{name} scales are on {s.device}, values on {x.device}")
+        if x.stride(-1) != 1 or s.stride(-1) != 1:
+            raise ValueError(f"{name} values and scales must be contiguous in their last dimension")
+        for i in range(x.dim() - 1):
+            if x.shape[i] > 1 and x.stride(i) != per * s.stride(i):
+                raise ValueError(f"{name} scales must be laid out like the values (stride {i}: "
+                                 f"values {x.stride(i)}, scales {s.stride(i)}, want values = "
+                                 f"{per} x scales): take both as views of caches of the same "
+                                 f"shape")
+
+    # -- tensor-like facts
+    @property
+    def shape(self) -> torch.Size:
+        """The logical shape `[B, Lk, Hkv, D]`."""
+        v = self.values.shape
+        return torch.Size((*v[:-1], v[-1] * BLOCK_VALUES // self.BLOCK_BYTES))
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    @property
+    def requires_grad(self) -> bool:
+        return False
+
+    def dim(self) -> int:
+        return self.values.dim()
+
+    def __getitem__(self, index):
+        """The same view of values and scales: an index of the leading dimensions only
+        (`cache[:, :L]`, `cache[b]`); the head dimension stays whole."""
+        idx = index if isinstance(index, tuple) else (index,)
+        if any(i is Ellipsis or i is None for i in idx) or len(idx) >= self.values.dim():
+            raise IndexError(f"index a {type(self).__name__} by its leading dimensions only (no "
+                             f"Ellipsis, None or head-dimension index)")
+        return type(self)(self.values[idx], self.scales[idx])
+
+    def to(self, device):
+        return type(self)(self.values.to(device), self.scales.to(device))
+
+    # -- llama.cpp's bytes
+    def to_ggml(self) -> torch.Tensor:
+        """llama.cpp's bytes: uint8 `[..., D / 32 * (2 + BLOCK_BYTES)]`, each block
+        `{f16 d; values}`."""
+        blocks = torch.cat([self.scales.contiguous().view(torch.uint8).unflatten(-1, (-1, 2)),
+                            self.values.contiguous().view(torch.uint8).unflatten(
+                                -1, (-1, self.BLOCK_BYTES))], dim=-1)
+        return blocks.flatten(-2)
+
+    @classmethod
+    def from_ggml(cls, data: torch.Tensor):
+        """The inverse of `to_ggml`: uint8 `[..., nb * (2 + BLOCK_BYTES)]` of llama.cpp's blocks."""
+        size = cls.BLOCK_BYTES + 2
+        if data.dtype != torch.uint8 or data.shape[-1] % size:
+            raise ValueError(f"expected uint8 [..., blocks x {size}] of block_{cls.format}, got "
+                             f"{data.dtype} {tuple(data.shape)}")
+        blocks = data.contiguous().unflatten(-1, (-1, size))
+        scales = blocks[..., :2].contiguous().view(torch.float16).squeeze(-1)
+        values = blocks[..., 2:].contiguous().view(cls.VALUES_DTYPE).flatten(-2)
+        return cls(values, scales)
