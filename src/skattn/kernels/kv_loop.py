@@ -2,7 +2,7 @@
 import triton
 import triton.language as tl
 
-from skattn.kernels.quant import load_blocks
+from skattn.kernels.quant import fp8_score_scales, fp8_v_scale, load_blocks
 from skattn.kernels.softmax import alibi_slope, scores, softmax_step, unmasked_end, visible
 from skattn.kernels.tile import LOG2E
 
@@ -143,10 +143,8 @@ def tile_kv_loop(acc, m_i, l_i, q, Q, K, V, KS, VS, MASK, SLOPES, b, g, qi, head
     vbase = tl.cast(b, tl.int64) * stride_vb + tl.cast(g, tl.int64) * stride_vh
     qpos = kv_len - q_len + qi
     if KV_FORMAT == 1:
-        if SOFTCAP:
-            softcap_scale = softcap_scale * tl.load(KS + g * (HEAD_SCALES % 2))
-        else:
-            qk_scale = qk_scale * tl.load(KS + g * (HEAD_SCALES % 2))
+        qk_scale, softcap_scale = fp8_score_scales(KS, g, qk_scale, softcap_scale, SOFTCAP,
+                                                   HEAD_SCALES)
     slope = alibi_slope(SLOPES, head, valid, HAS_ALIBI)
     mid = unmasked_end(blk_lo, blk_hi, q_len, kv_len, first_token, BLOCK_N, CAUSAL,
                        HAS_WINDOW or DK_CHUNKS > 1)
@@ -159,5 +157,5 @@ def tile_kv_loop(acc, m_i, l_i, q, Q, K, V, KS, VS, MASK, SLOPES, b, g, qi, head
                 BLOCK_N, BLOCK_DK, DK_CHUNKS, BLOCK_DV, CAUSAL, HAS_WINDOW, HAS_MASK, HAS_ALIBI,
                 SOFTCAP, DOT_F32, masked == 1, KV_FORMAT)
     if KV_FORMAT == 1:
-        acc = acc * tl.load(VS + g * (HEAD_SCALES // 2))
+        acc = acc * fp8_v_scale(VS, g, HEAD_SCALES)
     return acc, m_i, l_i

@@ -79,3 +79,23 @@ def load_blocks(X, XS, base, offs_n, kv_len, stride_n, d0,
     else:
         return load_q8_0(X, XS, base, offs_n, kv_len, stride_n, d0, HEAD_DIM, BLOCK_D, MASKED,
                          DTYPE)
+
+
+@triton.jit
+def fp8_score_scales(KS, g, qk_scale, softcap_scale, SOFTCAP: tl.constexpr,
+                     HEAD_SCALES: tl.constexpr):
+    """fp8 K: K's scale (KV head g's where bit 0 of HEAD_SCALES says so, else the tensor's)
+    folded into the score scale, or into softcap's inner scale when there is one."""
+    ks = tl.load(KS + g * (HEAD_SCALES % 2))
+    if SOFTCAP:
+        softcap_scale = softcap_scale * ks
+    else:
+        qk_scale = qk_scale * ks
+    return qk_scale, softcap_scale
+
+
+@triton.jit
+def fp8_v_scale(VS, g, HEAD_SCALES: tl.constexpr):
+    """fp8 V: V's scale (KV head g's where bit 1 of HEAD_SCALES says so), which multiplies a
+    tile's accumulator (a partial's too: the merge is linear in it)."""
+    return tl.load(VS + g * (HEAD_SCALES // 2))

@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from skattn.kernels.kv_loop import _dot, load_q
+from skattn.kernels.quant import fp8_score_scales, fp8_v_scale
 from skattn.kernels.softmax import alibi_slope, scores, softmax_step, unmasked_end, visible
 
 
@@ -127,10 +128,8 @@ def ragged_kv_loop(acc, m_i, l_i, q, Qb, Kb, Vb, BT, SLOPES, KS, VS, g, qi, head
     multiplies the accumulator (a partial's too: the merge is linear in it)."""
     qpos = kv_len - q_len + qi
     if KV_FORMAT == 1:
-        if SOFTCAP:
-            softcap_scale = softcap_scale * tl.load(KS + g * (HEAD_SCALES % 2))
-        else:
-            qk_scale = qk_scale * tl.load(KS + g * (HEAD_SCALES % 2))
+        qk_scale, softcap_scale = fp8_score_scales(KS, g, qk_scale, softcap_scale, SOFTCAP,
+                                                   HEAD_SCALES)
     slope = alibi_slope(SLOPES, head, valid, HAS_ALIBI)
     mid = unmasked_end(blk_lo, blk_hi, q_len, kv_len, first_token, BLOCK_N, CAUSAL,
                        HAS_WINDOW or DK_CHUNKS > 1)
@@ -143,5 +142,5 @@ def ragged_kv_loop(acc, m_i, l_i, q, Qb, Kb, Vb, BT, SLOPES, KS, VS, g, qi, head
                 BLOCK_N, BLOCK_DK, DK_CHUNKS, BLOCK_DV, CAUSAL, HAS_WINDOW, HAS_ALIBI, SOFTCAP,
                 DOT_F32, PAGED, PAGE_SIZE, masked == 1, KV_FORMAT)
     if KV_FORMAT == 1:
-        acc = acc * tl.load(VS + g * (HEAD_SCALES // 2))
+        acc = acc * fp8_v_scale(VS, g, HEAD_SCALES)
     return acc, m_i, l_i
