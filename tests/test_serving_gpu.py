@@ -73,20 +73,31 @@ def test_serving_sizes(name, page_size):
         assert err <= tol, f"{name} page {page_size} {kind}: {err:.2e} > {tol:.2e}"
 
 
-@pytest.mark.parametrize("page_size", [None, 16])
-def test_mixed_prefill_and_decode(page_size):
-    # (d): one 512-token prompt chunk and 31 decode sequences in one varlen batch
+MIXED_HEADS = (32, 8, 128)  # Hq, Hkv, D of the mixed batches
+
+
+def mixed_batch(page_size, seed):
+    """(d): one 512-token prompt chunk and 31 decode sequences, llama-8b heads: the mix, packed
+    q, K/V (packed, or paged with its block table) and cu_seqlens."""
     m = mix("mixed", seed=2)
-    g = gen(3)
-    Hq, Hkv, D = 32, 8, 128
+    g = gen(seed)
+    Hq, Hkv, D = MIXED_HEADS
     cu_q = torch.tensor([0, *torch.tensor(m.q_lens).cumsum(0).tolist()], dtype=I32, device="cuda")
     cu_k = torch.tensor([0, *torch.tensor(m.kv_lens).cumsum(0).tolist()], dtype=I32, device="cuda")
     q = rand((int(cu_q[-1]), Hq, D), g)
     if page_size:
-        k, v, table = paged_cache(list(m.kv_lens), page_size=page_size, hkv=Hkv, d=D, seed=4,
-                                  device="cuda")
+        k, v, table = paged_cache(list(m.kv_lens), page_size=page_size, hkv=Hkv, d=D,
+                                  seed=seed + 1, device="cuda")
     else:
         k, v, table = rand((int(cu_k[-1]), Hkv, D), g), rand((int(cu_k[-1]), Hkv, D), g), None
+    return m, q, k, v, table, cu_q, cu_k
+
+
+@pytest.mark.parametrize("page_size", [None, 16])
+def test_mixed_prefill_and_decode(page_size):
+    # (d): one 512-token prompt chunk and 31 decode sequences in one varlen batch
+    m, q, k, v, table, cu_q, cu_k = mixed_batch(page_size, seed=3)
+    Hq, Hkv, D = MIXED_HEADS
     mq, mk = max(m.q_lens), max(m.kv_lens)
     ref = reference.attention_varlen(q, k, v, cu_q, cu_k, mq, mk, block_table=table)
     tol = ragged_bound(sequences_varlen(q, k, v, cu_q, cu_k, table))
@@ -251,17 +262,8 @@ def test_fp8_serving_decode(page_size, qdtype):
 @pytest.mark.parametrize("page_size", [None, 16])
 def test_fp8_mixed_prefill_and_decode(page_size):
     # one 512-token prompt chunk and 31 decode sequences over fp8 K/V, per-head scales
-    m = mix("mixed", seed=2)
-    g = gen(13)
-    Hq, Hkv, D = 32, 8, 128
-    cu_q = torch.tensor([0, *torch.tensor(m.q_lens).cumsum(0).tolist()], dtype=I32, device="cuda")
-    cu_k = torch.tensor([0, *torch.tensor(m.kv_lens).cumsum(0).tolist()], dtype=I32, device="cuda")
-    q = rand((int(cu_q[-1]), Hq, D), g)
-    if page_size:
-        k, v, table = paged_cache(list(m.kv_lens), page_size=page_size, hkv=Hkv, d=D, seed=14,
-                                  device="cuda")
-    else:
-        k, v, table = rand((int(cu_k[-1]), Hkv, D), g), rand((int(cu_k[-1]), Hkv, D), g), None
+    m, q, k, v, table, cu_q, cu_k = mixed_batch(page_size, seed=13)
+    Hq, Hkv, D = MIXED_HEADS
     k8, v8, ks, vs, kd, vd = fp8_kv(k, v, True, True)
     mq, mk = max(m.q_lens), max(m.kv_lens)
     ref = reference.attention_varlen(q, k8, v8, cu_q, cu_k, mq, mk, block_table=table,
