@@ -64,3 +64,19 @@ class FP8Block(Block):
         o = skattn.ops.attention(q.view(B, L, hq, d), k, v, causal=True, k_scale=k_scale,
                                  v_scale=v_scale)
         return self.out(o.reshape(B, L, hq * d))
+
+
+def capturing_compile_config():
+    """(generate's CompileConfig, the list that fills with the graph's node targets): a
+    fullgraph compile whose backend records what the one graph calls and runs it as is."""
+    from transformers.generation import CompileConfig
+
+    targets = []
+
+    def backend(gm, example_inputs):
+        targets.extend(str(node.target) for node in gm.graph.nodes)
+        return gm.forward
+
+    config = CompileConfig(fullgraph=True, backend=backend, mode=None)
+    config._compile_all_devices = True  # generate compiles on GPUs only by default
+    return config, targets

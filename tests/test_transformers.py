@@ -10,6 +10,7 @@ from skattn import ops
 transformers = pytest.importorskip(
     "transformers", reason="transformers is not installed (pip install 'skattn[transformers]')")
 import skattn.transformers as skt  # noqa: E402
+from helpers import capturing_compile_config  # noqa: E402
 
 pytestmark = [
     pytest.mark.interpret,
@@ -182,20 +183,11 @@ def test_mask_function():
 def test_static_cache_compiled_fullgraph():
     # generate's compiled decode step (fullgraph) with a static cache: the attention is the
     # custom op inside the one graph, its mask hides the cache's unwritten tail
-    from transformers.generation import CompileConfig
-
-    targets = []
-
-    def backend(gm, example_inputs):
-        targets.extend(str(node.target) for node in gm.graph.nodes)
-        return gm.forward
-
     torch._dynamo.reset()
     ours, ref16, _ = models("llama", seed=6)
     for m in (ours, ref16):
         m.generation_config.eos_token_id = None
-    config = CompileConfig(fullgraph=True, backend=backend, mode=None)
-    config._compile_all_devices = True  # generate compiles on GPUs only by default
+    config, targets = capturing_compile_config()
     ids = torch.randint(0, VOCAB, (1, 6), generator=torch.Generator().manual_seed(7))
     kw = dict(max_new_tokens=4, do_sample=False)
     with torch.no_grad():

@@ -11,6 +11,7 @@ transformers = pytest.importorskip(
     "transformers", reason="transformers is not installed (pip install 'skattn[transformers]')")
 import skattn.transformers as skt  # noqa: E402
 from skattn.transformers_fp8 import FP8Layer  # noqa: E402
+from helpers import capturing_compile_config  # noqa: E402
 
 pytestmark = [
     pytest.mark.interpret,
@@ -180,18 +181,9 @@ def test_fp8_without_scales_is_refused():
 def test_compiled_fullgraph_decode_reads_the_scales():
     # generate's compiled decode step (fullgraph): the scales, attributes of the cache's K/V
     # views, reach the custom op inside the one graph
-    from transformers.generation import CompileConfig
-
-    targets = []
-
-    def backend(gm, example_inputs):
-        targets.extend(str(node.target) for node in gm.graph.nodes)
-        return gm.forward
-
     torch._dynamo.reset()
     m = model(seed=6)
-    config = CompileConfig(fullgraph=True, backend=backend, mode=None)
-    config._compile_all_devices = True  # generate compiles on GPUs only by default
+    config, targets = capturing_compile_config()
     ids = torch.randint(0, VOCAB, (1, 6), generator=torch.Generator().manual_seed(7))
     kw = dict(max_new_tokens=4, do_sample=False)
     with torch.no_grad():
