@@ -233,6 +233,14 @@ def scale_tensor(s, device) -> torch.Tensor:
     return torch.full((1,), float(s), dtype=torch.float32, device=device)
 
 
+def dequantize_fp8(x: torch.Tensor, scale) -> torch.Tensor:
+    """float8_e4m3fn K or V in float64, exactly: `x.double() * scale`, the scale per tensor or
+    per KV head (dimension -2 of dense `[B, L, Hkv, D]`, packed and paged caches)."""
+    s = scale_tensor(scale, x.device).to(torch.float64)
+    s = s[:, None] if s.numel() > 1 else s.reshape(())
+    return x.to(torch.float64) * s
+
+
 def dequantize_kv(k, v, k_scale=None, v_scale=None, dtype=torch.float64):
     """K and V in `dtype` from any form `skattn.attention` takes (plain tensors are cast)."""
     out = []
@@ -240,9 +248,7 @@ def dequantize_kv(k, v, k_scale=None, v_scale=None, dtype=torch.float64):
         if isinstance(x, BLOCK_FORMS):
             out.append(x.dequantize(dtype))
         elif x.dtype in FP8_DTYPES:
-            s = scale_tensor(s, x.device).to(torch.float64)
-            s = s[None, None, :, None] if s.numel() > 1 else s.reshape(())
-            out.append((x.to(torch.float64) * s).to(dtype))
+            out.append(dequantize_fp8(x, s).to(dtype))
         else:
             out.append(x.to(dtype))
     return out[0], out[1]

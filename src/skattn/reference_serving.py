@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from skattn import quant
 from skattn import serving_checks as sc
 from skattn.reference_math import F64, NEG_INF
 
@@ -13,11 +14,7 @@ __all__ = ["attention_with_kvcache", "attention_varlen", "gather_keys", "dequant
 def dequantize(cache: torch.Tensor, scale) -> torch.Tensor:
     """A float8_e4m3fn cache in float64, exactly: `x.double() * scale`, the scale per tensor
     or per KV head (dimension -2 of dense, packed and paged caches); other caches unchanged."""
-    if scale is None:
-        return cache
-    s = torch.as_tensor(scale, dtype=F64, device=cache.device).reshape(-1)
-    s = s[:, None] if s.numel() > 1 else s.reshape(())
-    return cache.to(F64) * s
+    return cache if scale is None else quant.dequantize_fp8(cache, scale)
 
 
 def gather_keys(cache: torch.Tensor, n: int, *, b: int = 0, start: int = 0,
