@@ -23,7 +23,7 @@ from numbers import Real
 
 import torch
 
-from skattn.quant_block import BlockCache
+from skattn.quant_block import BlockCache, float_blocks
 from skattn.quant_q4 import QK4_0, Q4_0, q4_0
 
 __all__ = ["Q8_0", "q8_0", "Q4_0", "q4_0", "fp8", "FP8_DTYPES", "QK8_0", "QK4_0",
@@ -91,14 +91,7 @@ def q8_0(x: torch.Tensor) -> Q8_0:
     Q8_0
         Contiguous values and scales on x's device.
     """
-    if not isinstance(x, torch.Tensor) or x.dtype not in (torch.float16, torch.bfloat16,
-                                                            torch.float32):
-        raise TypeError(f"q8_0 quantizes a float16, bfloat16 or float32 tensor, got "
-                        f"{getattr(x, 'dtype', type(x).__name__)}")
-    if x.dim() < 1 or x.shape[-1] % QK8_0 or x.shape[-1] == 0:
-        raise ValueError(f"q8_0 needs a last dimension that is a multiple of {QK8_0}, got shape "
-                         f"{tuple(x.shape)}")
-    b = x.float().unflatten(-1, (-1, QK8_0))
+    b = float_blocks(x, "q8_0")
     d = b.abs().amax(dim=-1) / 127.0
     inv = torch.where(d != 0, 1.0 / torch.where(d != 0, d, 1.0), 0.0)
     y = b * inv[..., None]

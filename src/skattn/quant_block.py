@@ -97,3 +97,16 @@ class BlockCache:
         scales = blocks[..., :2].contiguous().view(torch.float16).squeeze(-1)
         values = blocks[..., 2:].contiguous().view(cls.VALUES_DTYPE).flatten(-2)
         return cls(values, scales)
+
+
+def float_blocks(x, form: str) -> torch.Tensor:
+    """The input of a packer (`form` "q8_0" or "q4_0") checked and cut into float32 blocks
+    `[..., D / 32, 32]`."""
+    if not isinstance(x, torch.Tensor) or x.dtype not in (torch.float16, torch.bfloat16,
+                                                            torch.float32):
+        raise TypeError(f"{form} quantizes a float16, bfloat16 or float32 tensor, got "
+                        f"{getattr(x, 'dtype', type(x).__name__)}")
+    if x.dim() < 1 or x.shape[-1] % BLOCK_VALUES or x.shape[-1] == 0:
+        raise ValueError(f"{form} needs a last dimension that is a multiple of {BLOCK_VALUES}, "
+                         f"got shape {tuple(x.shape)}")
+    return x.float().unflatten(-1, (-1, BLOCK_VALUES))

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from skattn.quant_block import BlockCache
+from skattn.quant_block import BlockCache, float_blocks
 
 __all__ = ["Q4_0", "q4_0", "QK4_0"]
 
@@ -85,14 +85,7 @@ def q4_0(x: torch.Tensor) -> Q4_0:
     Q4_0
         Contiguous values and scales on x's device.
     """
-    if not isinstance(x, torch.Tensor) or x.dtype not in (torch.float16, torch.bfloat16,
-                                                            torch.float32):
-        raise TypeError(f"q4_0 quantizes a float16, bfloat16 or float32 tensor, got "
-                        f"{getattr(x, 'dtype', type(x).__name__)}")
-    if x.dim() < 1 or x.shape[-1] % QK4_0 or x.shape[-1] == 0:
-        raise ValueError(f"q4_0 needs a last dimension that is a multiple of {QK4_0}, got shape "
-                         f"{tuple(x.shape)}")
-    b = x.float().unflatten(-1, (-1, QK4_0))
+    b = float_blocks(x, "q4_0")
     first = b.abs().argmax(dim=-1, keepdim=True)  # argmax gives the first of equal maxima
     d = b.gather(-1, first).squeeze(-1) / -8.0
     inv = torch.where(d != 0, 1.0 / torch.where(d != 0, d, 1.0), 0.0)
