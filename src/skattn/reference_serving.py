@@ -61,13 +61,13 @@ def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, block_table=No
                     alibi_slopes=alibi_slopes, return_lse=return_lse, out=None, kernel=False,
                     k_scale=k_scale, v_scale=v_scale)
     sc.kvcache_values(k_cache, cache_seqlens, block_table)
-    k_cache, v_cache = dequantize(k_cache, k_scale), dequantize(v_cache, v_scale)
     kw = dict(causal=causal, window=window, sinks=sinks, softcap=softcap,
               alibi_slopes=alibi_slopes, scale=scale)
     outs, lses = [], []
     for b, n in enumerate(cache_seqlens.cpu().tolist()):
-        k = gather_keys(k_cache, n, b=b, block_table=block_table)
-        v = gather_keys(v_cache, n, b=b, block_table=block_table)
+        # dequantized per sequence: a whole serving cache in float64 would not fit
+        k = dequantize(gather_keys(k_cache, n, b=b, block_table=block_table), k_scale)
+        v = dequantize(gather_keys(v_cache, n, b=b, block_table=block_table), v_scale)
         out, lse = _one(q[b], k, v, return_lse=True, **kw)
         outs.append(out)
         lses.append(lse)
@@ -90,7 +90,6 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
                    return_lse=return_lse, out=None, kernel=False, k_scale=k_scale,
                    v_scale=v_scale)
     sc.varlen_values(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table)
-    k, v = dequantize(k, k_scale), dequantize(v, v_scale)
     kw = dict(causal=causal, window=window, sinks=sinks, softcap=softcap,
               alibi_slopes=alibi_slopes, scale=scale)
     total_q, hq = q.shape[0], q.shape[1]
@@ -99,8 +98,8 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     cq, ck = cu_seqlens_q.cpu().tolist(), cu_seqlens_k.cpu().tolist()
     for b in range(len(cq) - 1):
         n = ck[b + 1] - ck[b]
-        kb = gather_keys(k, n, b=b, start=ck[b], block_table=block_table)
-        vb = gather_keys(v, n, b=b, start=ck[b], block_table=block_table)
+        kb = dequantize(gather_keys(k, n, b=b, start=ck[b], block_table=block_table), k_scale)
+        vb = dequantize(gather_keys(v, n, b=b, start=ck[b], block_table=block_table), v_scale)
         if cq[b + 1] == cq[b]:
             continue
         o, s = _one(q[cq[b]:cq[b + 1]], kb, vb, return_lse=True, **kw)
