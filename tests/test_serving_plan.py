@@ -70,6 +70,24 @@ def test_auto_sees_the_real_work():
     assert effective_programs(p, 0, 0, 0, 0) == 0
 
 
+def test_auto_prefers_whole_tiles_for_equal_lengths():
+    # 64 x 4096 (512 equal tiles, 264 programs at most): 256 programs of two whole tiles
+    # each beat 264 that cut tiles (ragged_cost_model's cut_share); without the cut cost the
+    # slightly shorter longest program of 264 wins; unequal lengths never count as cut-free
+    from dataclasses import replace
+
+    from skattn.serving_plan import cut_free
+
+    p = kv_plan(64, 1, 4096, policy="auto")
+    assert host_work_list(p, lens_k=[4096] * 64).programs == 256
+    free = replace(p, cost_model=replace(p.cost_model, cut_share=0.0))
+    assert host_work_list(free, lens_k=[4096] * 64).programs == 264
+    lens = [4096] * 63 + [4000]
+    assert host_work_list(p, lens_k=lens).programs == 264
+    assert cut_free(256, 512, 64, 64) and not cut_free(264, 512, 64, 64)
+    assert not cut_free(256, 512, 64, 63)
+
+
 def test_split_plan_is_fixed_per_tile():
     # FlashDecoding-style: the split count from the upper bounds (4 x 8 tiles fill 264
     # programs in 8 pieces each); 64 sequences' 512 tiles already fill the GPU: no split

@@ -31,6 +31,48 @@ def per_call(fn, n=2000):
     return us
 
 
+def direct_launches(p, q, k, v, out) -> dict:
+    """The planned call's kernel launches replayed with their arguments built once: through
+    `CompiledKernel.run` (tensors as arguments), and through the C launch function with every
+    pointer passed as an integer (no `data_ptr` call, no pointer query in the launcher)."""
+    seen = []
+    real = launch._launch
+
+    def capture(kernel, key, a, const, grid, stream):
+        real(kernel, key, a, const, grid, stream)
+        seen.append((key, a, grid, stream))
+
+    launch._launch = capture
+    try:
+        launch.run(p, q, k, v, out, None, scale=128 ** -0.5)
+    finally:
+        launch._launch = real
+    calls = []
+    for key, a, grid, stream in seen:
+        ck, tail = launch._COMPILED[key]
+        ints = tuple(x.data_ptr() if isinstance(x, torch.Tensor) else x for x in a)
+        r = ck.run
+        calls.append((ck, a, ints, tail, grid, stream, r))
+
+    def via_run():
+        for ck, a, _, tail, g, s, _ in calls:
+            ck.run(g[0], g[1], g[2], s, ck.function, ck.packed_metadata, None, None, None,
+                   *a, *tail)
+
+    def via_c():
+        for ck, _, ints, tail, g, s, r in calls:
+            r.launch(g[0], g[1], g[2], s, ck.function, r.launch_cooperative_grid, r.launch_pdl,
+                     None, None, ck.packed_metadata, None, None, None, *ints, *tail)
+
+    def pack_only():
+        for _, a, _, _, _, _, _ in calls:
+            tuple(x.data_ptr() if isinstance(x, torch.Tensor) else x for x in a)
+
+    return {f"{len(calls)} x CompiledKernel.run": via_run,
+            f"{len(calls)} x C launch, int ptrs": via_c,
+            "data_ptr of every arg": pack_only}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--calls", type=int, default=2000, help="timed calls per row")
@@ -55,6 +97,7 @@ def main(argv=None) -> int:
         "launch.run": lambda: launch.run(p, q, k, v, out, None, scale=128 ** -0.5),
         "sdpa": lambda: F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True),
     }
+    rows.update(direct_launches(p, q, k, v, out))
     for name, fn in rows.items():
         print(f"{name:22s} {per_call(fn, args.calls):7.1f} us")
     print("compiled kernels called directly:", len(launch._COMPILED))

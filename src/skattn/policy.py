@@ -64,6 +64,9 @@ class CostModel:
     us_per_piece: merging one partial piece of a split tile.
     us_launch: the extra launch of a separate fixup kernel (uniform, general); ~0 since the
         fixup is launched while the main kernel runs (programmatic dependent launch).
+    cut_share: the extra time of a plan that cuts tiles, as a share of its longest program's
+        time, against one whose programs all hold whole tiles (`predict_us`'s cuts=False).
+        0 for dense plans; ragged plans set it (serving_plan.ragged_cost_model).
     shared_round: for kernels of which an SM holds two programs (`predict_us`'s per_sm), the
         cost of the second round as a fraction of the first: the two programs hide each
         other's latencies. Measured on an H200, gpt-oss n=16 (128-row tiles of head size 64):
@@ -81,6 +84,7 @@ class CostModel:
     us_per_piece: float = 0.0438
     us_launch: float = 0.0
     shared_round: float = 0.8
+    cut_share: float = 0.0
     source: str = "defaults"
 
     def save(self, path: str | os.PathLike) -> None:
@@ -124,9 +128,11 @@ def _rounded(raw: int, ntiles_dst: int, max_split: int) -> int:
 
 
 def predict_us(model: CostModel, *, programs: int, ntiles_dst: int, work: int,
-               max_tile_work: int, fixup: str, max_programs: int, per_sm: int = 1) -> float:
+               max_tile_work: int, fixup: str, max_programs: int, per_sm: int = 1,
+               cuts: bool = True) -> float:
     """Cost of one plan: longest program + merging the most-split tile + extra launch.
-    `per_sm`: programs of this kernel one SM holds at once (see CostModel.shared_round)."""
+    `per_sm`: programs of this kernel one SM holds at once (see CostModel.shared_round);
+    `cuts=False`: every program holds whole tiles (no piece, no CostModel.cut_share)."""
     if fixup == "uniform":
         split = programs // ntiles_dst
         longest = -(-max_tile_work // split)
@@ -138,7 +144,10 @@ def predict_us(model: CostModel, *, programs: int, ntiles_dst: int, work: int,
     rounds = -(-programs // saturated_blocks(model, max_programs))
     if per_sm >= 2 and rounds == 2:  # the second round shares SMs with the first
         rounds = 1 + model.shared_round
-    return longest * model.us_per_item * rounds + pieces * model.us_per_piece + launch
+    if not cuts:
+        pieces = 0
+    items = longest * model.us_per_item * rounds * (1.0 + (model.cut_share if cuts else 0.0))
+    return items + pieces * model.us_per_piece + launch
 
 
 def saturated_blocks(model: CostModel, max_programs: int) -> int:

@@ -35,7 +35,7 @@ class Bound:
 
     plan: ServingPlan
     device: torch.device
-    cost: torch.Tensor     # f64 [us_per_item, us_per_piece, us_launch, shared_round]
+    cost: torch.Tensor     # f64 [us_per_item, us_per_piece, us_launch, shared_round, cut_share]
     wl_const: dict
     main_const: dict
     fix_kernel: str | None
@@ -55,7 +55,7 @@ def bind(plan: ServingPlan, device) -> Bound:
 def _bind(plan: ServingPlan, device: torch.device) -> Bound:
     g = plan.geometry
     m = plan.cost_model
-    cost = torch.tensor([m.us_per_item, m.us_per_piece, m.us_launch, m.shared_round],
+    cost = torch.tensor([m.us_per_item, m.us_per_piece, m.us_launch, m.shared_round, m.cut_share],
                         dtype=torch.float64, device=device)
     block_b = _pow2(max(2, plan.batch))
     wl_const = dict(VARLEN_Q=plan.varlen, CAUSAL=plan.causal or plan.window is not None,

@@ -284,14 +284,23 @@ def serving_plan(*, batch: int, max_kv_len: int, q_heads: int, kv_heads: int, he
                        tuning or Tuning())
 
 
+CUT_SHARE = 0.05  # ragged plans' CostModel.cut_share (ragged_cost_model)
+
+
 def ragged_cost_model() -> CostModel:
     """The dense planner's cost model with every resident program counted in one round
-    (saturation 1). The ragged kernel gathers K/V page by page, and one program an SM does not
-    keep enough loads in flight: measured on an H200 (llama-8b shape, pages of 16, graph timer),
-    `auto` with the dense saturation picked 132 programs and ran 1.4x slower than the full grid
-    of 264 (equal 4096-key sequences 387 vs 284 us, one long + 63 short 168 vs 118 us,
-    lognormal 581 vs 398 us)."""
-    return replace(load_cost_model(), saturation=1.0)
+    (saturation 1) and a cost for cutting tiles (cut_share 0.05). Measured on an H200
+    (llama-8b shape, graph timer, tools/serving_sweep.py):
+
+    - the ragged kernel gathers K/V page by page, and one program an SM does not keep enough
+      loads in flight: with the dense saturation `auto` picked 132 programs and ran 1.4x
+      slower than the full grid of 264 (equal 4096-key sequences 387 vs 284 us, one long + 63
+      short 168 vs 118 us, lognormal 581 vs 398 us);
+    - 64 equal 4096-key sequences (512 tiles): 256 programs of two whole tiles each ran 261
+      us against 284 for 264 programs that cut tiles (pages of 16; 254 vs 268 with pages of
+      64), though their longest program is 2.4% longer. Cut-free counts exist only when
+      every tile has the same length (n divides the tile count)."""
+    return replace(load_cost_model(), saturation=1.0, cut_share=CUT_SHARE)
 
 
 @dataclass(frozen=True)
@@ -407,11 +416,17 @@ def effective_programs(plan: ServingPlan, work: int, tiles: int, max_count: int,
         for n in range(1, raw + 1):
             c = predict_us(plan.cost_model, programs=n, ntiles_dst=max(tiles, 1), work=work,
                            max_tile_work=max_count, fixup=kind, max_programs=plan.max_programs,
-                           per_sm=plan.per_sm)
+                           per_sm=plan.per_sm, cuts=not cut_free(n, tiles, max_count, min_count))
             if best is None or c <= best[0]:
                 best = (c, n)
         return best[1]
     return raw
+
+
+def cut_free(n: int, tiles: int, max_count: int, min_count: int) -> bool:
+    """n programs share the work list without cutting a tile: every tile has the same length
+    and n divides the tile count."""
+    return max_count == min_count and tiles % n == 0
 
 
 def n_sat(plan: ServingPlan) -> int:

@@ -104,11 +104,13 @@ def _programs(work, tiles, maxc, minc, grid_programs, split, n_sat, per_sm, COST
         loss = tl.where(rounded > 0, 100 * (raw - rounded) // tl.maximum(raw, 1), 100)
         n = tl.where(loss <= 5, rounded, raw)
     elif POLICY == 2:  # auto: the cost model over every n <= raw, ties to the larger n
-        # COST: f64 [us_per_item, us_per_piece, us_launch, shared_round] (exact, as on the host)
+        # COST: f64 [us_per_item, us_per_piece, us_launch, shared_round, cut_share] (exact, as
+        # on the host)
         u_item = tl.load(COST + 0)
         u_piece = tl.load(COST + 1)
         u_launch = tl.load(COST + 2)
         shared_round = tl.load(COST + 3)
+        cut_share = tl.load(COST + 4)
         cand = tl.arange(0, NB) + 1
         w = tl.cast(work, tl.int64)
         c64 = cand.to(tl.int64)
@@ -117,7 +119,11 @@ def _programs(work, tiles, maxc, minc, grid_programs, split, n_sat, per_sm, COST
         if per_sm >= 2:
             rounds = tl.where(rounds == 2.0, 1.0 + shared_round, rounds)
         pieces = tl.minimum(c64, (tl.cast(maxc, tl.int64) * c64 + w - 1) // tl.maximum(w, 1) + 1)
-        cost = longest * u_item * rounds + pieces.to(tl.float64) * u_piece
+        # cut-free: equal tiles and n divides their count (serving_plan.cut_free)
+        whole = (maxc == minc) & (tiles % cand == 0)
+        pieces = tl.where(whole, 0, pieces)
+        share = tl.where(whole, 0.0, cut_share)
+        cost = longest * u_item * rounds * (1.0 + share) + pieces.to(tl.float64) * u_piece
         if not FUSED:
             cost = cost + u_launch
         cost = tl.where(cand <= raw, cost, float("inf"))
