@@ -156,7 +156,7 @@ class FP8Depth:
         e4m3 keeps 3 mantissa bits, so each stored K/V element is off by up to 2^-4 of
         itself (about 3% in relative norm on Gaussian K/V). What that does to the logits
         depends on the model: on random llama-like models in float32 (a CPU, sdpa on
-        rounded vs unrounded K/V) 2-7% with 2 layers, 7% with 8 and 10-11% with 32. So the
+        rounded vs unrounded K/V) 2-7% with 2 layers, 7% with 8 and 10-12% with 32. So the
         bound is measured on each cell rather than fixed: WRONG_ABOVE (what the f16 rows
         allow: f16 arithmetic and kernel differences) plus the relative error of sdpa's
         logits over the e4m3-rounded K/V (`RoundedCache`) against sdpa's over the f16 ones.
