@@ -74,7 +74,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "1,4,16,512 x the seed depths, 20 reps, a 220 s time limit)")
     parser.add_argument("--e2e", action="store_true",
                         help="end to end: tokens/s of a random llama-8b-shaped transformers model, "
-                             "skattn per policy vs sdpa, eager and CUDA graphs (skattn.bench.e2e)")
+                             "skattn per policy vs sdpa, eager and CUDA graphs (skattn.bench.e2e); "
+                             "--providers from sdpa, skattn:<policy>, skattn-fp8:<policy> (an "
+                             "FP8 KV cache)")
 
 
 def _out_dir(args) -> Path:

@@ -4,10 +4,12 @@ A random-initialised model of llama-8b's shape (32 layers, 32/8 heads of 128, f1
 are downloaded) runs one step of `n` new tokens over a KV cache of `depth` tokens, as
 llama-bench's `-d depth` does: tokens/s = n / step time. The step leaves the cache as it
 found it (it writes its n tokens after the depth ones each time), so every repeat, and a
-CUDA graph of it, does the same work. Providers: transformers' "sdpa" and skattn registered
-per policy ("skattn-llamacpp-before", ...). Modes: "eager" calls the model as transformers
-users do (the mask built each step); "graph" replays a CUDA graph of the same step (the
-model's layers, embedding, norm and LM head, the mask built once before capture).
+CUDA graph of it, does the same work. Providers: transformers' "sdpa", skattn registered
+per policy ("skattn-llamacpp-before", ...), and skattn over an FP8 KV cache
+("skattn-fp8:<policy>", skattn.bench.e2e_fp8: 1-byte K/V with per-KV-head scales). Modes:
+"eager" calls the model as transformers users do (the mask built each step); "graph" replays
+a CUDA graph of the same step (the model's layers, embedding, norm and LM head, the mask
+built once before capture).
 """
 from __future__ import annotations
 
@@ -27,17 +29,19 @@ import torch
 NS = (1, 2, 4, 8, 16, 512)
 DEPTHS = (8192, 16384, 32768)
 QUICK_NS, QUICK_DEPTHS = (1, 16, 512), (16384,)
-PROVIDERS = ("sdpa", "skattn:llamacpp-before", "skattn:llamacpp", "skattn:auto")
+PROVIDERS = ("sdpa", "skattn:llamacpp-before", "skattn:llamacpp", "skattn:auto", "skattn-fp8:auto")
+FP8 = "skattn-fp8"  # the provider kind whose model runs over an FP8 KV cache
 MODES = ("eager", "graph")
 # llama-3.1-8b's shape (the seed grid's llama-8b attention: 32/8 heads, head size 128)
 LLAMA_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
                 num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
                 max_position_embeddings=131072, rope_theta=500000.0, rms_norm_eps=1e-5)
 COLUMNS = ("provider", "policy", "mode", "model", "layers", "dtype", "n", "depth", "status",
-           "err", "p20_ms", "p50_ms", "p80_ms", "tokens_per_s", "reps", "gpu", "sms", "torch",
-           "triton", "transformers", "commit", "timestamp")
+           "err", "tol", "p20_ms", "p50_ms", "p80_ms", "tokens_per_s", "reps", "gpu", "sms",
+           "torch", "triton", "transformers", "commit", "timestamp")
 # relative error of the last token's logits vs SDPA's above which a row is marked wrong
-# (a random 32-layer model in f16: rounding alone stays far below it)
+# (a random 32-layer model in f16: rounding alone stays far below it); FP8 rows add the
+# effect of e4m3 rounding of K/V, measured per cell (skattn.bench.e2e_fp8.FP8Depth.bound)
 WRONG_ABOVE = 0.1
 
 
@@ -106,13 +110,16 @@ def build_model(shape: dict, dtype, device):
 
 
 def implementation(provider: str) -> str:
-    """The attn_implementation name of a provider ("sdpa" or "skattn:<policy>"), registering
-    skattn's under "skattn-<policy>"."""
+    """The attn_implementation name of a provider ("sdpa", "skattn:<policy>" or
+    "skattn-fp8:<policy>"), registering skattn's under "skattn-<policy>" (the FP8 provider
+    differs by its cache, not by its attention function)."""
     if provider == "sdpa":
         return "sdpa"
     kind, _, policy = provider.partition(":")
-    if kind != "skattn" or not policy:
-        raise ValueError(f"e2e providers are sdpa or skattn:<policy>, got {provider!r}")
+    if kind not in ("skattn", FP8) or not policy:
+        hint = "; FP8 K/V are read by skattn only" if "fp8" in kind.lower() else ""
+        raise ValueError(f"e2e providers are sdpa, skattn:<policy> or {FP8}:<policy>, "
+                         f"got {provider!r}{hint}")
     from skattn.transformers import register
 
     return register(policy=policy, name=f"skattn-{policy}")
@@ -250,9 +257,11 @@ def _progress(total: int, enabled: bool):
     return tqdm(total=total, file=sys.stderr, unit="run", dynamic_ncols=True)
 
 
-def _measure(step: Step, mode: str, opts: E2EOptions, cuda: bool, ref) -> dict:
-    """Time one (provider, mode) on one cell; never raises."""
-    row = {"status": "ok"}
+def _measure(step: Step, mode: str, opts: E2EOptions, cuda: bool, ref,
+             bound: float | None = WRONG_ABOVE) -> dict:
+    """Time one (provider, mode) on one cell, checked against `ref` within `bound` (None: not
+    checked); never raises."""
+    row = {"status": "ok", "tol": "" if bound is None else f"{bound:.3e}"}
     graph = None
     try:
         with torch.no_grad():
@@ -268,8 +277,9 @@ def _measure(step: Step, mode: str, opts: E2EOptions, cuda: bool, ref) -> dict:
                 torch.cuda.synchronize()
             err = _rel_err(out[:, -1], ref) if ref is not None else math.nan
             row["err"] = f"{err:.3e}" if ref is not None else ""
-            if ref is not None and not err <= WRONG_ABOVE:
-                row["status"] = f"wrong: last-token logits {err:.3e} from sdpa eager's"
+            if ref is not None and bound is not None and not err <= bound:
+                row["status"] = (f"wrong: last-token logits {err:.3e} from sdpa eager's "
+                                 f"(bound {bound:.3g})")
                 return row
             if not torch.isfinite(out).all():
                 row["status"] = "wrong: logits not finite"
@@ -322,6 +332,7 @@ def run_e2e(opts: E2EOptions, *, out_dir, tag: str, device=None) -> tuple[Path, 
     start = time.monotonic()
     prov = _provenance(device)
     names = {p: implementation(p) for p in opts.providers}
+    fp8_names = [names[p] for p in opts.providers if p.startswith(FP8 + ":")]
     torch.manual_seed(opts.seed)
     model = build_model(opts.shape, dtype, device)
     meta = {**prov, "options": asdict(opts), "cuda": torch.version.cuda, "csv": csv_path.name,
@@ -343,16 +354,30 @@ def run_e2e(opts: E2EOptions, *, out_dir, tag: str, device=None) -> tuple[Path, 
             cache = FixedDepthCache(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim,
                                     depth, max(opts.ns), dtype=dtype, device=device,
                                     seed=opts.seed + depth)
+            fp8 = None
+            if fp8_names:
+                from skattn.bench.e2e_fp8 import FP8Depth
+
+                fp8 = FP8Depth(model, cache, fp8_names[0])
             for n in opts.ns:
                 step = Step(model, cache, n, opts.seed + n)
                 ref = _reference(model, step)
+                fp8_step = fp8_bound = None
+                if fp8 is not None and fp8.error is None:
+                    fp8_step = fp8.step(model, n, opts.seed + n)
+                    fp8_bound = fp8.bound(model, n, opts.seed + n, ref)
                 for provider in opts.providers:
                     model.set_attn_implementation(names[provider])
+                    kind, _, policy = provider.partition(":")
                     for mode in opts.modes:
                         if bar is not None:
                             bar.set_description(f"n={n} L={depth} {provider} {mode}")
-                        row = _measure(step, mode, opts, cuda, ref)
-                        kind, _, policy = provider.partition(":")
+                        if kind != FP8:
+                            row = _measure(step, mode, opts, cuda, ref)
+                        elif fp8.error is None:
+                            row = _measure(fp8_step, mode, opts, cuda, ref, fp8_bound)
+                        else:
+                            row = {"status": fp8.error}
                         row.update(provider=kind, policy=policy, mode=mode, model=opts.model,
                                    layers=cfg.num_hidden_layers, dtype=opts.dtype, n=n,
                                    depth=depth, timestamp=datetime.now(timezone.utc).isoformat(
@@ -362,8 +387,8 @@ def run_e2e(opts: E2EOptions, *, out_dir, tag: str, device=None) -> tuple[Path, 
                         rows.append(row)
                         if bar is not None:
                             bar.update()
-                del step
-            del cache
+                del step, fp8_step
+            del cache, fp8
             if cuda:
                 torch.cuda.empty_cache()
     if bar is not None:

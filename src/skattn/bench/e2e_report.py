@@ -6,6 +6,7 @@ from skattn.bench.records import (have_matplotlib, merge_rows, not_timed, ok_num
 from skattn.policy import POLICY_ALIASES
 
 SKATTN_POLICIES = ("llamacpp-before", "llamacpp", "auto")
+FP8 = "skattn-fp8"  # rows of skattn over an FP8 KV cache (skattn.bench.e2e_fp8)
 
 
 def read_rows(csv_paths) -> list[dict]:
@@ -28,7 +29,14 @@ def _tps(row: dict | None) -> float | None:
 
 
 def _label(row: dict) -> str:
-    return f"skattn:{row['policy']}" if row["provider"] == "skattn" else row["provider"]
+    return f"{row['provider']}:{row['policy']}" if row["policy"] else row["provider"]
+
+
+def fp8_labels(rows) -> list[str]:
+    """The FP8 providers in `rows` ("skattn-fp8:<policy>"), in the policies' order."""
+    policies = {r["policy"] for r in rows if r["provider"] == FP8}
+    order = [p for p in SKATTN_POLICIES if p in policies] + sorted(policies - set(SKATTN_POLICIES))
+    return [f"{FP8}:{p}" for p in order]
 
 
 def _index(rows):
@@ -59,21 +67,27 @@ def _x(value: float | None) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    """Markdown: per (mode, n, depth) tokens/s of SDPA and each skattn policy, with the
-    speed-ups of llamacpp over llamacpp-before (the seed's experiment) and of auto over SDPA."""
-    idx = _index(rows)
+    """Markdown: per (mode, n, depth) tokens/s of SDPA, each skattn policy and each FP8
+    provider, with the speed-ups of llamacpp over llamacpp-before (the seed's experiment),
+    of auto and of each FP8 provider over SDPA, and of the best f16 skattn policy over SDPA."""
+    idx, fp8 = _index(rows), fp8_labels(rows)
+    labels = ["sdpa"] + [f"skattn:{p}" for p in SKATTN_POLICIES] + fp8
     head = ["mode", "n", "depth", "sdpa tok/s"] + [f"{p} tok/s" for p in SKATTN_POLICIES]
-    head += ["llamacpp vs before", "auto vs sdpa", "best skattn vs sdpa"]
+    names = [lab.replace(":", " ") for lab in fp8]
+    head += [f"{name} tok/s" for name in names]
+    head += ["llamacpp vs before", "auto vs sdpa"] + [f"{name} vs sdpa" for name in names]
+    head += ["best skattn vs sdpa"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for cell in _cells(rows):
         mode, n, depth = cell
-        entries = [_cell(idx.get((*cell, lab))) for lab in ["sdpa"] + [f"skattn:{p}" for p in SKATTN_POLICIES]]
+        entries = [_cell(idx.get((*cell, lab))) for lab in labels]
         best = max((r for p in SKATTN_POLICIES if (r := ratio(idx, cell, f"skattn:{p}", "sdpa"))),
                    default=None)
         lines.append("| " + " | ".join(
             [mode, str(n), str(depth)] + entries
             + [_x(ratio(idx, cell, "skattn:llamacpp", "skattn:llamacpp-before")),
-               _x(ratio(idx, cell, "skattn:auto", "sdpa")), _x(best)]) + " |")
+               _x(ratio(idx, cell, "skattn:auto", "sdpa"))]
+            + [_x(ratio(idx, cell, lab, "sdpa")) for lab in fp8] + [_x(best)]) + " |")
     return "\n".join(lines)
 
 
@@ -90,17 +104,20 @@ def plot(rows: list[dict], path) -> None:
     import matplotlib.pyplot as plt
 
     idx, cells = _index(rows), _cells(rows)
+    labels = [f"skattn:{p}" for p in SKATTN_POLICIES] + fp8_labels(rows)
     modes = list(dict.fromkeys(c[0] for c in cells))
     fig, axes = plt.subplots(len(modes), 1, squeeze=False,
                              figsize=(max(8.0, 0.5 * len(cells) / max(1, len(modes)) + 3), 3.0 * len(modes) + 0.6))
     fig.suptitle("end to end: skattn tokens/s over SDPA's (transformers model, one step of n "
                  "tokens at depth)", fontsize=10)
-    width = 0.8 / len(SKATTN_POLICIES)
+    width = 0.8 / len(labels)
     for ax, mode in zip(axes[:, 0], modes):
         mc = [c for c in cells if c[0] == mode]
-        for i, policy in enumerate(SKATTN_POLICIES):
-            ys = [ratio(idx, c, f"skattn:{policy}", "sdpa") or 0.0 for c in mc]
-            ax.bar([j - 0.4 + (i + 0.5) * width for j in range(len(mc))], ys, width=width, label=policy)
+        for i, label in enumerate(labels):
+            ys = [ratio(idx, c, label, "sdpa") or 0.0 for c in mc]
+            name = label.removeprefix("skattn:").replace(f"{FP8}:", "fp8 K/V ")
+            xs = [j - 0.4 + (i + 0.5) * width for j in range(len(mc))]
+            ax.bar(xs, ys, width=width, label=name)
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_xticks(range(len(mc)), [f"n={c[1]}\n{c[2] // 1024}k" for c in mc], fontsize=7)
         ax.set_title(mode, fontsize=9)
@@ -127,7 +144,16 @@ def e2e_report(csv_paths, out_dir=None, stem: str | None = None, plots: bool = T
           "with the mask built before capture. sdpa is transformers' own: for n > 1 at a depth "
           "it passes a materialised bool mask (so PyTorch runs its memory-efficient kernel, "
           "with K/V repeated per query head), for n = 1 no mask. skattn runs bottom-right causal "
-          "with no mask, under each planner policy.", "", table(rows)]
+          "with no mask, under each planner policy."]
+    if fp8_labels(rows):
+        md += ["", f"{FP8}:<policy> rows: skattn over an FP8 KV cache (`skattn.transformers."
+               "FP8Cache`'s layers at a fixed depth, float8_e4m3fn with per-KV-head scales "
+               "amax / 448 of the depth tokens): each step reads 1-byte K/V, half the K/V bytes "
+               "of the other rows. They are compared with f16 sdpa (2-byte K/V, not rounded): "
+               "the bound (the CSV's `tol`) is the f16 rows' 0.1 plus the relative error that "
+               "e4m3 rounding of K/V alone causes in sdpa's logits on that cell; `best skattn` "
+               "is over the f16 policies."]
+    md += ["", table(rows)]
     if plots and not have_matplotlib():
         plots = False
         md += ["", "Plot skipped: matplotlib is not installed here."]
