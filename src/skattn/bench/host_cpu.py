@@ -75,7 +75,7 @@ class FakeKernel:
 @contextlib.contextmanager
 def stub_gpu():
     """Within: plans bound on CPU tensors take the CUDA path, kernels are `FakeKernel`s
-    counting into one `Counter` (yielded), the current stream is 0 and the current device 0.
+    counting into one `Counter` (yielded), the current stream is 0 and the current device a CPU's (index None).
     Only plans first bound inside the context take the CUDA path."""
     counter = Counter()
     kernels = {(_main, "attention_kernel"): 1, (_fixup, "uniform_fixup_kernel"): 2,
@@ -89,7 +89,7 @@ def stub_gpu():
         for (mod, name), fn in kernels.items():
             setattr(mod, name, FakeKernel(getattr(mod, name), counter, fn))
         torch._C._cuda_getCurrentRawStream = lambda index: 0
-        torch._C._cuda_getDevice = lambda: 0
+        torch._C._cuda_getDevice = lambda: None  # a CPU device's index
         launch._bind = lambda plan, device: dataclasses.replace(real_bind(plan, device), cuda=True)
         launch._COMPILED.clear()
         yield counter
