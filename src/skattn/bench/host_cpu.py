@@ -27,15 +27,17 @@ GRID = dict(sms=132, occupancy=2)
 
 
 class Counter:
-    """The stand-in for the C launch function: counts calls and keeps the last arguments."""
+    """The stand-in for the C launch function: counts calls, and keeps their arguments in
+    `log` when that is a list."""
 
     def __init__(self):
         self.calls = 0
-        self.last = None
+        self.log: list | None = None
 
     def __call__(self, *args):
         self.calls += 1
-        self.last = args
+        if self.log is not None:
+            self.log.append(args)
 
 
 @dataclasses.dataclass
@@ -50,24 +52,26 @@ class FakeCompiled:
 
 class FakeKernel:
     """A stand-in for a `@triton.jit` function: `kernel[grid](*args, **const)` 'compiles'
-    (one `FakeCompiled` per call, as Triton's launcher returns its compiled kernel)."""
+    (a new `FakeCompiled` each call, as Triton's launcher returns its compiled kernel, with
+    `function` a number unique to it) and launches."""
 
-    def __init__(self, real, counter: Counter, function: int):
+    def __init__(self, real, counter: Counter, first: int):
         self.arg_names = real.arg_names
         self.counter = counter
-        self.function = function
+        self.first = first
         self.compiles = 0
 
     def __getitem__(self, grid):
         def compile_and_launch(*args, **const):
             self.compiles += 1
+            function = self.first + self.compiles
             r = CudaLauncher.__new__(CudaLauncher)  # Triton's Python wrapper, without a module
             r.num_ctas, r.launch = 1, self.counter
             r.global_scratch_size = r.global_scratch_align = 0
             r.profile_scratch_size = r.profile_scratch_align = 0
             r.launch_cooperative_grid, r.launch_pdl = False, bool(const.get("launch_pdl"))
-            ck = FakeCompiled(r, self.function, (const.get("num_warps", 4), 1, 0), const)
-            self.counter(*grid, 0, self.function, *args)  # the JIT launcher's own launch
+            ck = FakeCompiled(r, function, (const.get("num_warps", 4), 1, 0), const)
+            self.counter(*grid, 0, function, *args)  # the JIT launcher's own launch
             return ck
         return compile_and_launch
 
@@ -78,8 +82,8 @@ def stub_gpu():
     counting into one `Counter` (yielded), the current stream is 0 and the current device a CPU's (index None).
     Only plans first bound inside the context take the CUDA path."""
     counter = Counter()
-    kernels = {(_main, "attention_kernel"): 1, (_fixup, "uniform_fixup_kernel"): 2,
-               (_fixup, "general_fixup_kernel"): 3}
+    kernels = {(_main, "attention_kernel"): 1 << 20, (_fixup, "uniform_fixup_kernel"): 2 << 20,
+               (_fixup, "general_fixup_kernel"): 3 << 20}
     saved = [(mod, name, getattr(mod, name)) for mod, name in kernels]
     c_saved = {name: getattr(torch._C, name, None)
                for name in ("_cuda_getCurrentRawStream", "_cuda_getDevice")}
