@@ -46,7 +46,12 @@ def _signature(q, k, v, scale, causal, window, mask, sinks, softcap, alibi_slope
             token = d.get("_token")
             if token is None:
                 token = d["_token"] = type(plan), next(_TOKENS)
-    return (_meta(q), _meta(k), _meta(v), _meta(out),
+    T = torch.Tensor  # plain tensors inline (what `_meta` returns for them)
+    return ((q.shape, q.stride(), q.dtype, q.device, q.requires_grad) if type(q) is T else _meta(q),
+            (k.shape, k.stride(), k.dtype, k.device, k.requires_grad) if type(k) is T else _meta(k),
+            (v.shape, v.stride(), v.dtype, v.device, v.requires_grad) if type(v) is T else _meta(v),
+            (out.shape, out.stride(), out.dtype, out.device, out.requires_grad)
+            if type(out) is T else _meta(out),
             None if mask is None else _meta(mask), None if sinks is None else _meta(sinks),
             None if alibi_slopes is None else _meta(alibi_slopes),
             scale, softcap, causal, type(causal), window, type(window), return_lse, token,

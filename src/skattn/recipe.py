@@ -43,17 +43,9 @@ class Recipe:
         self.bound = bound
         self.plan = plan          # the call's plan (an unplanned call's, made once)
         self.by_align: dict = {}  # misaligned-tensor bits -> (launches, constants)
+        self.optional = True      # whether the signature has optional tensors (learned)
         self.serves = bound.cuda and bound.prefill is None
         self.index = bound.device.index
-
-    def values(self, q, k, v, out, optional) -> list:
-        """The addresses of q, k, v, out and of the optional tensors present (in
-        `OPTIONAL`'s order): the per-call values after the stream."""
-        vals = [q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr()]
-        for x in optional:
-            if x is not None:
-                vals.append(x.data_ptr())
-        return vals
 
     def pack(self, stream, q, k, v, out, lse, mask, sinks, alibi_slopes, k_scale, v_scale,
              workspace):
@@ -64,7 +56,11 @@ class Recipe:
             wo, wm, wl, wc = ws.pooled(b.layout, b.need, b.device, stream)
         else:
             wo, wm, wl, wc = ws.caller_views(workspace, b.layout, b.need, b.device)
-        ptrs = self.values(q, k, v, out, (lse, mask, sinks, alibi_slopes, k_scale, v_scale))
+        ptrs = [q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr()]
+        if self.optional:
+            for x in (lse, mask, sinks, alibi_slopes, k_scale, v_scale):
+                if x is not None:
+                    ptrs.append(x.data_ptr())
         hit = self.by_align.get(misaligned(ptrs))
         if hit is None:
             return None
@@ -114,9 +110,11 @@ class Recipe:
         else:
             views = ws.pooled(b.layout, b.need, b.device, stream)
         order = [alias[name] for name in ROLES if name in alias]
+        self.optional = len(order) > 4
         learned = learn_launches(record, [*order, *views], {id(b.qblock_off): b.qblock_off,
                                                             id(b.kv_first): b.kv_first})
-        if learned is None:
+        if learned is None:  # launches it cannot replay: this signature keeps launch.run
+            self.serves = False
             return
         self.by_align[misaligned([x.data_ptr() for x in order])] = learned
 
