@@ -7,6 +7,8 @@ the compiled kernels directly (Triton's `CompiledKernel.run`), keyed by what cha
 code: the plan's constants, the features present, the tensors' strides and 16-byte alignment.
 The first call of each key goes through Triton's JIT launcher, which compiles or finds the
 kernel; under the interpreter, with time stamps or with Triton launch hooks, every call does.
+`skattn.attention` replays a repeat call's launches from its recipe (`skattn.recipe`) and
+comes here for the first call of a signature.
 """
 from __future__ import annotations
 
