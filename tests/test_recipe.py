@@ -257,8 +257,8 @@ def test_learned_launch_tuples_and_scratch_kernels_keep_triton_s_wrapper():
     table = torch.empty(2, dtype=torch.int32)
     record = [("k1", (a, 3, b, table, 0.5, a), (5, 1, 1)), ("k2", (b, 9), (2, 3, 4))]
     compiled = {"k1": (_Compiled(0), (True, 16)), "k2": (_Compiled(64), ())}
-    (l1, l2), consts = recipe.learn_launches(record, [a, b], {id(table): table}, compiled)
-    vals = [11, 1000, 2000, *consts]
+    l1, l2 = recipe.learn_launches(record, [a, b], {id(table): table}, compiled)
+    vals = [11, 1000, 2000]
     assert l1[0] is None  # the C function (None in this stand-in)
     assert l1[1](vals) == (5, 1, 1, 11, 7, False, False, None, None, (4, 1, 0), None, None, None,
                            1000, 3, 2000, table.data_ptr(), 0.5, 1000, True, 16)
@@ -267,6 +267,13 @@ def test_learned_launch_tuples_and_scratch_kernels_keep_triton_s_wrapper():
     assert recipe.learn_launches(record, [a, b], {}, compiled) is None  # unknown tensor
     assert recipe.learn_launches(record, [a, a], {id(table): table}, compiled) is None
     assert recipe.learn_launches([(None, (a,), (1, 1, 1))], [a], {}, compiled) is None
+
+
+def test_assembler_splices_constants_around_per_call_values():
+    make = recipe.assembler([(1,), (None,), 0, ((4, 1, 0),), 2, 1, (2.5,), (True,)])
+    assert make(["a", "b", "c"]) == (1, None, "a", (4, 1, 0), "c", "b", 2.5, True)
+    assert recipe.assembler([0])(["x"]) == ("x",)
+    assert recipe.assembler([(7,)])([]) == (7,)
 
 
 def test_misaligned_bits():

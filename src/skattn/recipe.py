@@ -6,9 +6,9 @@ stream and the workspace: the bound plan, the features, the strides, the compile
 and their constant tails, the grids. The first call of a signature (one per alignment) runs
 `launch.run` on fresh aliases of its tensors and records the launches; the `Recipe` learned
 from them holds, per launch, the C launch function of the compiled kernel and an
-`operator.itemgetter` that assembles its whole argument tuple from one list: the per-call
+assembler that builds its whole argument tuple from the constants it binds and the per-call
 values (stream, the addresses of q, k, v, out and the optional tensors present, the
-workspace views' addresses, all read anew each call) followed by the constants. Pointers
+workspace views' addresses, all read anew each call). Pointers
 go to the launcher as integers, so it neither calls `data_ptr` nor asks the driver about
 them. A repeat call: signature lookup (in `skattn.api`), addresses, their 16-byte
 alignment (Triton specialises on it: each alignment pattern has its own launches), launch.
@@ -36,13 +36,13 @@ ALIGN = 16  # the pointer alignment Triton specialises on
 
 
 class Recipe:
-    """The launches of one signature: per alignment pattern, (function, argument getter)
-    pairs and the constants that follow the per-call values."""
+    """The launches of one signature: per alignment pattern, (function, assembler) pairs
+    (`learn_launches`)."""
 
     def __init__(self, bound, plan):
         self.bound = bound
         self.plan = plan          # the call's plan (an unplanned call's, made once)
-        self.by_align: dict = {}  # misaligned-tensor bits -> (launches, constants)
+        self.by_align: dict = {}  # misaligned-tensor bits -> [(function, assembler)]
         self.optional = True      # whether the signature has optional tensors (learned)
         self.serves = bound.cuda and bound.prefill is None
         self.index = bound.device.index
@@ -64,10 +64,8 @@ class Recipe:
         hit = self.by_align.get(misaligned(ptrs))
         if hit is None:
             return None
-        launches, consts = hit
-        vals = [stream, *ptrs, wo.data_ptr(), wm.data_ptr(), wl.data_ptr(), wc.data_ptr(),
-                *consts]
-        return [(fn, get(vals)) for fn, get in launches]
+        vals = [stream, *ptrs, wo.data_ptr(), wm.data_ptr(), wl.data_ptr(), wc.data_ptr()]
+        return [(fn, make(vals)) for fn, make in hit]
 
     def run(self, q, k, v, out, lse, scale, mask, sinks, softcap, alibi_slopes, workspace,
             k_scale, v_scale) -> None:
@@ -127,23 +125,16 @@ def misaligned(ptrs) -> int:
 
 
 def learn_launches(record, sources, tables, compiled=None):
-    """((function, itemgetter) per launch, constants) from `record`, the (key, args, grid) of
-    each launch of `launch.run`, or None where a launch cannot be replayed: no compiled
-    kernel for its key, or an argument that is neither one of `sources` (the tensors whose
-    addresses each call reads, in the per-call values' order after the stream), one of
-    `tables` (id -> tensors that live as long as the bound plan: their addresses are
-    constants), nor a number."""
+    """[(function, assembler)] per launch of `record`, the (key, args, grid) of each launch
+    of `launch.run`, or None where a launch cannot be replayed: no compiled kernel for its
+    key, or an argument that is neither one of `sources` (the tensors whose addresses each
+    call reads, in the per-call values' order after the stream), one of `tables` (id ->
+    tensors that live as long as the bound plan: their addresses are constants), nor a
+    number. `assembler(values)` returns the launch's whole argument tuple."""
     compiled = launch._COMPILED if compiled is None else compiled
     slot = {id(x): i + 1 for i, x in enumerate(sources)}
     if len(slot) != len(sources):
         return None  # two roles in one tensor object: the slots would be ambiguous
-    base = 1 + len(sources)
-    consts: list = []
-
-    def const(value) -> int:
-        consts.append(value)
-        return base + len(consts) - 1
-
     launches = []
     for key, args, grid in record:
         hit = compiled.get(key) if key is not None else None
@@ -151,26 +142,49 @@ def learn_launches(record, sources, tables, compiled=None):
             return None
         ck, tail = hit
         r = ck.run
-        head = [const(grid[0]), const(grid[1]), const(grid[2]), STREAM, const(ck.function)]
+        # parts: an int is an index into the per-call values, a 1-tuple holds a constant
+        parts = [(grid[0],), (grid[1],), (grid[2],), STREAM, (ck.function,)]
         if r.global_scratch_size == 0 and r.profile_scratch_size == 0:
             fn = r.launch  # the C function, past Triton's Python wrapper
-            head += [const(r.launch_cooperative_grid), const(r.launch_pdl), const(None),
-                     const(None)]
+            parts += [(r.launch_cooperative_grid,), (r.launch_pdl,), (None,), (None,)]
         else:
             fn = r  # the wrapper allocates the kernel's scratch
-        head += [const(ck.packed_metadata), const(None), const(None), const(None)]
+        parts += [(ck.packed_metadata,), (None,), (None,), (None,)]
         for a in args:
             if isinstance(a, torch.Tensor):
                 if id(a) in slot:
-                    head.append(slot[id(a)])
+                    parts.append(slot[id(a)])
                 elif id(a) in tables:
-                    head.append(const(a.data_ptr()))
+                    parts.append((a.data_ptr(),))
                 else:
                     return None
             elif isinstance(a, (int, float)):
-                head.append(const(a))
+                parts.append((a,))
             else:
                 return None
-        head += [const(x) for x in tail]
-        launches.append((fn, operator.itemgetter(*head)))
-    return launches, consts
+        parts += [(x,) for x in tail]
+        launches.append((fn, assembler(parts)))
+    return launches
+
+
+def assembler(parts):
+    """A function of the per-call values that returns the tuple `parts` describes (an int:
+    that per-call value; a 1-tuple: a constant). Generated once per launch, as
+    `collections.namedtuple` generates its class: runs of constants are bound as tuples and
+    spliced, so a call copies them at C speed and reads only the per-call values."""
+    pieces, runs, run = [], {}, []
+    for part in [*parts, None]:
+        if isinstance(part, tuple):
+            run.append(part[0])
+            continue
+        if run:
+            name = f"c{len(runs)}"
+            runs[name] = tuple(run)
+            pieces.append("*" + name)
+            run = []
+        if part is not None:
+            pieces.append(f"v[{int(part)}]")
+    source = f"def make({', '.join(runs)}):\n    return lambda v: ({', '.join(pieces)},)\n"
+    scope: dict = {}
+    exec(source, scope)  # noqa: S102 (the source is made here from integers and names)
+    return scope["make"](**runs)
