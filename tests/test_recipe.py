@@ -235,6 +235,12 @@ def test_bad_input_after_a_recipe_is_still_refused(gpu):
         skattn.attention(q, k[:, :50], v[:, :50], causal=True, plan=p, out=out)
     with pytest.raises(TypeError):
         skattn.attention(q, k, v, causal=True, plan=p, out=out, softcap=[1.0])
+    # equal to the values of a remembered signature (False == 0.0, True == 1.0), not floats
+    skattn.attention(q, k, v, causal=True, plan=p, out=out, scale=1.0)
+    with pytest.raises(TypeError, match="softcap"):
+        skattn.attention(q, k, v, causal=True, plan=p, out=out, softcap=False)
+    with pytest.raises(TypeError, match="scale"):
+        skattn.attention(q, k, v, causal=True, plan=p, out=out, scale=True)
 
 
 class _Launcher:

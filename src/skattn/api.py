@@ -54,7 +54,8 @@ def _signature(q, k, v, scale, causal, window, mask, sinks, softcap, alibi_slope
             if type(out) is T else _meta(out),
             None if mask is None else _meta(mask), None if sinks is None else _meta(sinks),
             None if alibi_slopes is None else _meta(alibi_slopes),
-            scale, softcap, causal, type(causal), window, type(window), return_lse, token,
+            scale, type(scale), softcap, type(softcap), causal, type(causal), window,
+            type(window), return_lse, token,
             torch.is_grad_enabled(), None if k_scale is None else _meta(k_scale),
             None if v_scale is None else _meta(v_scale))
 
