@@ -31,7 +31,6 @@ STREAM = 0  # index of the stream in the per-call values; the addresses follow
 # the tensors a call passes, in the order of their addresses in the per-call values
 ROLES = ("q", "k", "v", "out", "lse", "mask", "sinks", "alibi_slopes", "k_scale", "v_scale")
 OPTIONAL = ROLES[4:]
-WS_ROLES = ("ws_o", "ws_m", "ws_l", "counters")
 ALIGN = 16  # the pointer alignment Triton specialises on
 
 
