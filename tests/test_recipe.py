@@ -76,10 +76,12 @@ VARIANTS = {
     "scale": dict(scale=0.3),
     "fp8": dict(fp8=True),
     "q8_0": dict(q8_0=True),
+    "q4_0": dict(q4_0=True),
 }
 
 
-def _call(p, q, k, v, out, mask=False, sinks=False, alibi=False, fp8=False, q8_0=False, **kw):
+def _call(p, q, k, v, out, mask=False, sinks=False, alibi=False, fp8=False, q8_0=False,
+          q4_0=False, **kw):
     extra = {}
     if mask:
         extra["mask"] = torch.randn(1, q.shape[1], k.shape[1], dtype=torch.float16)
@@ -93,6 +95,8 @@ def _call(p, q, k, v, out, mask=False, sinks=False, alibi=False, fp8=False, q8_0
         extra.update(k_scale=ks, v_scale=vs)
     if q8_0:
         k, v = skattn.quant.q8_0(k), skattn.quant.q8_0(v)
+    if q4_0:
+        k, v = skattn.quant.q4_0(k), skattn.quant.q4_0(v)
     return lambda: skattn.attention(q, k, v, causal=True, plan=p, out=out, **extra, **kw)
 
 
@@ -100,7 +104,8 @@ def _call(p, q, k, v, out, mask=False, sinks=False, alibi=False, fp8=False, q8_0
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_recipe_passes_what_launch_run_passes(gpu, fixup, variant):
     opts = dict(VARIANTS[variant])
-    dtype = (torch.float8_e4m3fn if opts.get("fp8") else "q8_0" if opts.get("q8_0") else None)
+    dtype = (torch.float8_e4m3fn if opts.get("fp8") else "q8_0" if opts.get("q8_0")
+             else "q4_0" if opts.get("q4_0") else None)
     programs = {"uniform": 8, "general": 7, "fused": 7, "none": 2}[fixup]
     p = _plan(programs=programs, fixup=None if fixup != "fused" else "fused",
               dtype=dtype or torch.float16)
@@ -111,6 +116,15 @@ def test_recipe_passes_what_launch_run_passes(gpu, fixup, variant):
     fast, slow = fast_and_slow(gpu, call)
     assert fast == slow
     assert len(fast) == (2 if fixup in ("uniform", "general") else 1)
+
+
+def test_block_forms_get_an_output_of_their_logical_head_size(gpu):
+    # a Q4_0 packs two values a byte: out is [.., Dv], not [.., Dv / 2]
+    p = _plan(programs=8, dtype="q4_0")
+    q, k, v, _ = _qkv()
+    for _ in range(2):
+        out = skattn.attention(q, skattn.quant.q4_0(k), skattn.quant.q4_0(v), causal=True, plan=p)
+        assert out.shape == q.shape
 
 
 def test_fresh_tensors_of_one_signature_get_their_own_addresses(gpu):

@@ -153,13 +153,13 @@ def attention(q, k, v, *, scale=None, causal=False, window=None, mask=None, sink
                               return_lse=return_lse, plan=plan, out=out, k_scale=k_scale,
                               v_scale=v_scale)
         rec = _recipe(key, plan, q, k, v, causal, window, mask)
+    if out is None:  # v's logical Dv (a block form's, not its packed bytes')
+        B, Lq, Hq, _ = q.shape
+        out = torch.empty(B, Lq, Hq, v.shape[3], device=q.device, dtype=q.dtype)
     if isinstance(k, quant.BLOCK_FORMS):  # the kernel reads the values and their block scales
         k, v, k_scale, v_scale = k.values, v.values, k.scales, v.scales
     elif k_scale is not None:
         k_scale, v_scale = quant.scale_tensor(k_scale, q.device), quant.scale_tensor(v_scale, q.device)
-    if out is None:
-        B, Lq, Hq, _ = q.shape
-        out = torch.empty(B, Lq, Hq, v.shape[3], device=q.device, dtype=q.dtype)
     lse = torch.empty(q.shape[0], q.shape[2], q.shape[1], device=q.device,
                       dtype=torch.float32) if return_lse else None
     rec.run(q, k, v, out, lse, scale, mask, sinks, softcap, alibi_slopes, workspace, k_scale,
