@@ -3,8 +3,10 @@
     PYTHONPATH=src python3 tools/host_profile.py [--calls 2000] [--top 14]
 
 On a GPU: llama-8b-shaped decode (n = 1, L = 256, so the GPU work is small and the host
-time shows), microseconds of Python per call for `skattn.attention` with a plan, without
-one, `launch.run` alone and SDPA, then the cProfile of 500 planned calls.
+time shows), microseconds of Python per call for `skattn.attention` with a plan (its
+recipe: `skattn.recipe`), without one, `launch.run` alone (the path before a recipe), the
+recipe's packing alone, SDPA, and the launches replayed with prebuilt arguments, then the
+cProfile of 500 planned calls.
 """
 import argparse
 import cProfile
@@ -15,7 +17,7 @@ import time
 import torch
 
 import skattn
-from skattn import launch
+from skattn import api, launch
 
 
 def per_call(fn, n=2000):
@@ -36,19 +38,10 @@ def direct_launches(p, q, k, v, out) -> dict:
     `CompiledKernel.run` (tensors as arguments), and through the C launch function with every
     pointer passed as an integer (no `data_ptr` call, no pointer query in the launcher)."""
     seen = []
-    real = launch._launch
-
-    def capture(kernel, key, a, const, grid, stream):
-        real(kernel, key, a, const, grid, stream)
-        seen.append((key, a, grid, stream))
-
-    launch._launch = capture
-    try:
-        launch.run(p, q, k, v, out, None, scale=128 ** -0.5)
-    finally:
-        launch._launch = real
+    launch.run(p, q, k, v, out, None, scale=128 ** -0.5, record=seen)
+    stream = torch.cuda.current_stream().cuda_stream
     calls = []
-    for key, a, grid, stream in seen:
+    for key, a, grid in seen:
         ck, tail = launch._COMPILED[key]
         ints = tuple(x.data_ptr() if isinstance(x, torch.Tensor) else x for x in a)
         r = ck.run
@@ -71,6 +64,17 @@ def direct_launches(p, q, k, v, out) -> dict:
     return {f"{len(calls)} x CompiledKernel.run": via_run,
             f"{len(calls)} x C launch, int ptrs": via_c,
             "data_ptr of every arg": pack_only}
+
+
+def recipe_pack(p, q, k, v, out):
+    """The planned call's recipe (`skattn.recipe`) packing its launches without launching:
+    the Python a repeat call spends past its signature lookup."""
+    skattn.attention(q, k, v, causal=True, plan=p, out=out)
+    rec = next(r for r in api._CHECKED.values() if r.plan is p)
+    stream = torch.cuda.current_stream().cuda_stream
+    if rec.pack(stream, q, k, v, out, None, None, None, None, None, None, None) is None:
+        return None
+    return lambda: rec.pack(stream, q, k, v, out, None, None, None, None, None, None, None)
 
 
 def main(argv=None) -> int:
@@ -97,6 +101,11 @@ def main(argv=None) -> int:
         "launch.run": lambda: launch.run(p, q, k, v, out, None, scale=128 ** -0.5),
         "sdpa": lambda: F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True),
     }
+    pack = recipe_pack(p, q, k, v, out)
+    if pack is not None:
+        rows["recipe pack (no launch)"] = pack
+    else:
+        print("the planned call has no recipe: it runs through launch.run")
     rows.update(direct_launches(p, q, k, v, out))
     for name, fn in rows.items():
         print(f"{name:22s} {per_call(fn, args.calls):7.1f} us")

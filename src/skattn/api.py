@@ -9,16 +9,20 @@ import torch
 from skattn import checks, launch, quant
 from skattn.device import hardware, shared_memory_limit
 from skattn.planner import plan as make_plan
+from skattn.recipe import Recipe
 
 
 # Signatures of calls whose arguments passed `checks.attention_args`: a call with the same
-# plan, shapes, strides, dtypes, devices and options passes again, so it is not re-checked.
+# plan, shapes, strides, dtypes, devices and options passes again, so it is not re-checked;
+# each keeps the call's recipe (`skattn.recipe`: its plan and launches).
 _CHECKED: dict = {}
 _CHECKED_MAX = 4096
 _TOKENS = itertools.count()
 
 
 def _meta(x):
+    if type(x) is torch.Tensor:  # the common case first (a subclass takes the long way)
+        return x.shape, x.stride(), x.dtype, x.device, x.requires_grad
     if isinstance(x, quant.BLOCK_FORMS):
         return type(x), _meta(x.values), _meta(x.scales)
     if isinstance(x, (float, int)) and not isinstance(x, bool):  # a scale: its value is checked
@@ -31,19 +35,29 @@ def _meta(x):
 def _signature(q, k, v, scale, causal, window, mask, sinks, softcap, alibi_slopes, return_lse,
                plan, out, k_scale=None, v_scale=None):
     """What `checks.attention_args` depends on, cheap to build and hash (a plan by a token
-    it carries, so a freed plan's id is never mistaken for a new one's)."""
+    it carries, so a freed plan's id is never mistaken for a new one's). Unhashable options
+    make it unhashable: the checks name them."""
     token = None
     if plan is not None:
         d = getattr(plan, "__dict__", None)
-        token = d.setdefault("_token", next(_TOKENS)) if d is not None else id(plan)
-        token = (type(plan), token)
-    try:
-        hash((scale, softcap, causal, window, return_lse))
-    except TypeError:
-        return None  # unhashable options: the checks will name them
-    return (_meta(q), _meta(k), _meta(v), _meta(out), _meta(mask), _meta(sinks),
-            _meta(alibi_slopes), scale, softcap, causal, type(causal), window, type(window),
-            return_lse, token, torch.is_grad_enabled(), _meta(k_scale), _meta(v_scale))
+        if d is None:
+            token = type(plan), id(plan)
+        else:
+            token = d.get("_token")
+            if token is None:
+                token = d["_token"] = type(plan), next(_TOKENS)
+    T = torch.Tensor  # plain tensors inline (what `_meta` returns for them)
+    return ((q.shape, q.stride(), q.dtype, q.device, q.requires_grad) if type(q) is T else _meta(q),
+            (k.shape, k.stride(), k.dtype, k.device, k.requires_grad) if type(k) is T else _meta(k),
+            (v.shape, v.stride(), v.dtype, v.device, v.requires_grad) if type(v) is T else _meta(v),
+            (out.shape, out.stride(), out.dtype, out.device, out.requires_grad)
+            if type(out) is T else _meta(out),
+            None if mask is None else _meta(mask), None if sinks is None else _meta(sinks),
+            None if alibi_slopes is None else _meta(alibi_slopes),
+            scale, type(scale), softcap, type(softcap), causal, type(causal), window,
+            type(window), return_lse, token,
+            torch.is_grad_enabled(), None if k_scale is None else _meta(k_scale),
+            None if v_scale is None else _meta(v_scale))
 
 
 @lru_cache(maxsize=256)
@@ -129,30 +143,41 @@ def attention(q, k, v, *, scale=None, causal=False, window=None, mask=None, sink
     """
     key = _signature(q, k, v, scale, causal, window, mask, sinks, softcap, alibi_slopes,
                      return_lse, plan, out, k_scale, v_scale)
-    if key is None or key not in _CHECKED:
+    try:
+        rec = _CHECKED.get(key)
+    except TypeError:  # unhashable options
+        key = rec = None
+    if rec is None:
         checks.attention_args(q, k, v, scale=scale, causal=causal, window=window, mask=mask,
                               sinks=sinks, softcap=softcap, alibi_slopes=alibi_slopes,
                               return_lse=return_lse, plan=plan, out=out, k_scale=k_scale,
                               v_scale=v_scale)
-        if key is not None:
-            _CHECKED[key] = None
-        if len(_CHECKED) > _CHECKED_MAX:
-            _CHECKED.pop(next(iter(_CHECKED)))
-    B, Lq, Hq, Dk = q.shape
-    Dv = v.shape[3]
-    if plan is None:
-        kv_dtype = k.format if isinstance(k, quant.BLOCK_FORMS) else k.dtype
-        plan = _cached_plan(B, Lq, k.shape[1], Hq, k.shape[2], Dk, Dv, kv_dtype, bool(causal),
-                            window, q.device, mask is not None)
+        rec = _recipe(key, plan, q, k, v, causal, window, mask)
+    if out is None:  # v's logical Dv (a block form's, not its packed bytes')
+        B, Lq, Hq, _ = q.shape
+        out = torch.empty(B, Lq, Hq, v.shape[3], device=q.device, dtype=q.dtype)
     if isinstance(k, quant.BLOCK_FORMS):  # the kernel reads the values and their block scales
         k, v, k_scale, v_scale = k.values, v.values, k.scales, v.scales
     elif k_scale is not None:
         k_scale, v_scale = quant.scale_tensor(k_scale, q.device), quant.scale_tensor(v_scale, q.device)
-    if out is None:
-        out = torch.empty(B, Lq, Hq, Dv, device=q.device, dtype=q.dtype)
-    lse = torch.empty(B, Hq, Lq, device=q.device, dtype=torch.float32) if return_lse else None
-    scale = launch.default_scale(Dk) if scale is None else float(scale)
-    launch.run(plan, q, k, v, out, lse, scale=scale, mask=mask, sinks=sinks,
-               softcap=float(softcap), alibi_slopes=alibi_slopes, workspace=workspace,
-               k_scale=k_scale, v_scale=v_scale)
+    lse = torch.empty(q.shape[0], q.shape[2], q.shape[1], device=q.device,
+                      dtype=torch.float32) if return_lse else None
+    rec.run(q, k, v, out, lse, scale, mask, sinks, softcap, alibi_slopes, workspace, k_scale,
+            v_scale)
     return (out, lse) if return_lse else out
+
+
+def _recipe(key, plan, q, k, v, causal, window, mask) -> Recipe:
+    """The recipe of a checked call (its plan made here for an unplanned call), kept under
+    the call's signature."""
+    if plan is None:
+        B, Lq, Hq, Dk = q.shape
+        kv_dtype = k.format if isinstance(k, quant.BLOCK_FORMS) else k.dtype
+        plan = _cached_plan(B, Lq, k.shape[1], Hq, k.shape[2], Dk, v.shape[3], kv_dtype,
+                            bool(causal), window, q.device, mask is not None)
+    rec = Recipe(launch.bind(plan, q.device), plan)
+    if key is not None:
+        _CHECKED[key] = rec
+        if len(_CHECKED) > _CHECKED_MAX:
+            _CHECKED.pop(next(iter(_CHECKED)))
+    return rec

@@ -7,6 +7,8 @@ the compiled kernels directly (Triton's `CompiledKernel.run`), keyed by what cha
 code: the plan's constants, the features present, the tensors' strides and 16-byte alignment.
 The first call of each key goes through Triton's JIT launcher, which compiles or finds the
 kernel; under the interpreter, with time stamps or with Triton launch hooks, every call does.
+`skattn.attention` replays a repeat call's launches from its recipe (`skattn.recipe`) and
+comes here for the first call of a signature.
 """
 from __future__ import annotations
 
@@ -203,9 +205,11 @@ def _tables(device: torch.device, *rows) -> list[torch.Tensor]:
     return _MAKER[0].submit(make).result()
 
 
-def _launch(kernel, key, args: tuple, const: dict, grid: tuple, stream) -> None:
+def _launch(kernel, key, args: tuple, const: dict, grid: tuple, stream, record=None) -> None:
     """Launch `kernel`: the compiled kernel directly when `key` was seen (key None: always
-    through Triton's launcher)."""
+    through Triton's launcher); append (key, args, grid) to `record` when one is given."""
+    if record is not None:
+        record.append((key, args, grid))
     hit = _COMPILED.get(key) if key is not None else None
     if hit is not None:
         ck, tail = hit
@@ -222,13 +226,14 @@ def _launch(kernel, key, args: tuple, const: dict, grid: tuple, stream) -> None:
 def _no_hooks() -> bool:
     """No Triton launch hook is registered (a profiler's would be skipped by the direct launch);
     Triton keeps them as chains of calls, or None."""
-    hooks = (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook)
-    return all(h is None or not getattr(h, "calls", True) for h in hooks)
+    enter, leave = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
+    return ((enter is None or not getattr(enter, "calls", True))
+            and (leave is None or not getattr(leave, "calls", True)))
 
 
 def run(plan: Plan, q, k, v, out, lse, *, scale: float, mask=None, sinks=None, softcap=0.0,
         alibi_slopes=None, workspace=None, main_only: bool = False, stamps=None,
-        k_scale=None, v_scale=None, scratch: bool = False) -> None:
+        k_scale=None, v_scale=None, scratch: bool = False, record: list | None = None) -> None:
     """Launch the main kernel and, for uniform/general plans, the fixup kernel.
 
     Quantized K/V (the plan's dtype says which): `k`, `v` are what the kernel reads (fp8
@@ -243,6 +248,7 @@ def run(plan: Plan, q, k, v, out, lse, *, scale: float, mask=None, sinks=None, s
     [prod(fixup_grid(plan)), 4]) that receive each program's %globaltimer stamps (main: start,
     first tile's KV loop done, end; uniform fixup: start, partials ready, end) and its SM in
     column 3.
+    `record`: a list that receives (key, args, grid) of every launch (`skattn.recipe`).
     """
     device = q.device
     if device.type == "cuda" and device.index != torch._C._cuda_getDevice():
@@ -250,7 +256,7 @@ def run(plan: Plan, q, k, v, out, lse, *, scale: float, mask=None, sinks=None, s
             return run(plan, q, k, v, out, lse, scale=scale, mask=mask, sinks=sinks,
                        softcap=softcap, alibi_slopes=alibi_slopes, workspace=workspace,
                        main_only=main_only, stamps=stamps, k_scale=k_scale, v_scale=v_scale,
-                       scratch=scratch)
+                       scratch=scratch, record=record)
     b = bind(plan, device)
     if stamps is not None:
         _check_stamps(plan, stamps, device)
@@ -308,9 +314,9 @@ def run(plan: Plan, q, k, v, out, lse, *, scale: float, mask=None, sinks=None, s
                  *b.fd)
         with _prefill.scratch(b.prefill):
             _launch(_prefill_kernel.prefill_kernel, key and (*key, "tma"), pargs,
-                    _prefill.constants(b.prefill, features), b.main_grid, stream)
+                    _prefill.constants(b.prefill, features), b.main_grid, stream, record)
     else:
-        _launch(_main.attention_kernel, key, args, main_const, b.main_grid, stream)
+        _launch(_main.attention_kernel, key, args, main_const, b.main_grid, stream, record)
     if main_only or b.fix_kernel is None:
         return
     out_args = (out, os_[0], os_[1], os_[2], lse_t, slb, slh, sinks_t, ws_o, ws_m, ws_l)
@@ -318,7 +324,7 @@ def run(plan: Plan, q, k, v, out, lse, *, scale: float, mask=None, sinks=None, s
         kernel, fargs = _fixup.uniform_fixup_kernel, (*out_args, *b.fix_ints)
     else:
         kernel, fargs = _fixup.general_fixup_kernel, (*out_args, b.qblock_off, *b.fix_ints)
-    _launch(kernel, key and (*key, "fixup"), fargs, fix_const, b.fix_grid, stream)
+    _launch(kernel, key and (*key, "fixup"), fargs, fix_const, b.fix_grid, stream, record)
 
 
 def _consts(b: Bound, features: tuple) -> tuple[dict, dict]:

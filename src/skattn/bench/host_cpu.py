@@ -1,0 +1,159 @@
+"""The host path of an attention call on a CPU: Python time with the GPU launches stubbed.
+
+`stub_gpu()` makes plans bound inside it take the CUDA path on CPU tensors: every kernel
+"compiles" to a `FakeCompiled` whose launcher is Triton's own Python launcher class
+(`CudaLauncher.__call__`) around a C launch function replaced by a counter. So a call runs
+all of skattn's Python (checks, signatures, recipes, packing) and Triton's Python wrapper,
+and none of the GPU's work nor the C launcher's (pointer lookups, `cuLaunchKernel`).
+`measure()` times calls under it; `tools/host_cpu.py` prints the table.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import statistics
+import time
+
+import torch
+from triton.backends.nvidia.driver import CudaLauncher
+
+from skattn import launch
+from skattn.kernels import attention as _main
+from skattn.kernels import fixup as _fixup
+
+# llama-8b decode, n = 1, L = 256 on an H200's grid: a uniform plan, two launches a call
+SHAPE = dict(batch=1, q_len=1, kv_len=256, q_heads=32, kv_heads=8, head_dim=128)
+GRID = dict(sms=132, occupancy=2)
+
+
+class Counter:
+    """The stand-in for the C launch function: counts calls, and keeps their arguments in
+    `log` when that is a list."""
+
+    def __init__(self):
+        self.calls = 0
+        self.log: list | None = None
+
+    def __call__(self, *args):
+        self.calls += 1
+        if self.log is not None:
+            self.log.append(args)
+
+
+@dataclasses.dataclass
+class FakeCompiled:
+    """What skattn reads of a Triton `CompiledKernel`."""
+
+    run: CudaLauncher
+    function: int
+    packed_metadata: tuple
+    const: dict
+
+
+class FakeKernel:
+    """A stand-in for a `@triton.jit` function: `kernel[grid](*args, **const)` 'compiles'
+    (a new `FakeCompiled` each call, as Triton's launcher returns its compiled kernel, with
+    `function` a number unique to it) and launches."""
+
+    def __init__(self, real, counter: Counter, first: int):
+        self.arg_names = real.arg_names
+        self.counter = counter
+        self.first = first
+        self.compiles = 0
+
+    def __getitem__(self, grid):
+        def compile_and_launch(*args, **const):
+            self.compiles += 1
+            function = self.first + self.compiles
+            r = CudaLauncher.__new__(CudaLauncher)  # Triton's Python wrapper, without a module
+            r.num_ctas, r.launch = 1, self.counter
+            r.global_scratch_size = r.global_scratch_align = 0
+            r.profile_scratch_size = r.profile_scratch_align = 0
+            r.launch_cooperative_grid, r.launch_pdl = False, bool(const.get("launch_pdl"))
+            ck = FakeCompiled(r, function, (const.get("num_warps", 4), 1, 0), const)
+            self.counter(*grid, 0, function, *args)  # the JIT launcher's own launch
+            return ck
+        return compile_and_launch
+
+
+@contextlib.contextmanager
+def stub_gpu():
+    """Within: plans bound on CPU tensors take the CUDA path, kernels are `FakeKernel`s
+    counting into one `Counter` (yielded), the current stream is 0 and the current device a CPU's (index None).
+    Only plans first bound inside the context take the CUDA path."""
+    counter = Counter()
+    kernels = {(_main, "attention_kernel"): 1 << 20, (_fixup, "uniform_fixup_kernel"): 2 << 20,
+               (_fixup, "general_fixup_kernel"): 3 << 20}
+    saved = [(mod, name, getattr(mod, name)) for mod, name in kernels]
+    c_saved = {name: getattr(torch._C, name, None)
+               for name in ("_cuda_getCurrentRawStream", "_cuda_getDevice")}
+    real_bind = launch._bind
+    compiled = dict(launch._COMPILED)
+    try:
+        for (mod, name), fn in kernels.items():
+            setattr(mod, name, FakeKernel(getattr(mod, name), counter, fn))
+        torch._C._cuda_getCurrentRawStream = lambda index: 0
+        torch._C._cuda_getDevice = lambda: None  # a CPU device's index
+        launch._bind = lambda plan, device: dataclasses.replace(real_bind(plan, device), cuda=True)
+        launch._COMPILED.clear()
+        yield counter
+    finally:
+        for mod, name, fn in saved:
+            setattr(mod, name, fn)
+        for name, fn in c_saved.items():
+            if fn is None:
+                delattr(torch._C, name)
+            else:
+                setattr(torch._C, name, fn)
+        launch._bind = real_bind
+        launch._COMPILED.clear()
+        launch._COMPILED.update(compiled)
+
+
+def per_call_us(fn, calls: int = 2000, reps: int = 7) -> float:
+    """Median over `reps` runs of the mean microseconds per call of `fn` (after a warm-up)."""
+    for _ in range(50):
+        fn()
+    runs = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        runs.append((time.perf_counter() - t0) / calls * 1e6)
+    return statistics.median(runs)
+
+
+def measure(calls: int = 2000, reps: int = 7) -> dict:
+    """Microseconds of Python per call on CPU tensors with the launches stubbed:
+    `skattn.attention` planned and unplanned (the plan made for the interpreter's pretend
+    GPU), and `launch.run` alone (the path without a recipe), and the planned call's fixup
+    and launches. Raises RuntimeError when a call does not make its plan's launches."""
+    import skattn
+    from skattn import api
+
+    q = torch.randn(1, SHAPE["q_len"], SHAPE["q_heads"], SHAPE["head_dim"], dtype=torch.float16)
+    k = torch.randn(1, SHAPE["kv_len"], SHAPE["kv_heads"], SHAPE["head_dim"], dtype=torch.float16)
+    v = torch.randn_like(k)
+    out = torch.empty_like(q)
+    scale = SHAPE["head_dim"] ** -0.5
+    with torch.no_grad(), stub_gpu() as counter:
+        p = skattn.plan(causal=True, **SHAPE, **GRID)
+        rows = {
+            "attention planned": (p, lambda: skattn.attention(q, k, v, causal=True, plan=p,
+                                                              out=out)),
+            "attention unplanned": (None, lambda: skattn.attention(q, k, v, causal=True,
+                                                                   out=out)),
+            "launch.run": (p, lambda: launch.run(p, q, k, v, out, None, scale=scale)),
+        }
+        result = {"fixup": p.fixup, "launches": 1 + (p.fixup in ("uniform", "general"))}
+        for name, (plan, fn) in rows.items():
+            fn()
+            before = counter.calls
+            fn()
+            made = counter.calls - before
+            if plan is None:  # the plan the unplanned call made (cached per shape)
+                plan = next(r.plan for r in api._CHECKED.values() if r.plan is not p)
+            if made != 1 + (plan.fixup in ("uniform", "general")):
+                raise RuntimeError(f"{name}: {made} launches for a {plan.fixup} plan")
+            result[name] = per_call_us(fn, calls, reps)
+    return result

@@ -1,0 +1,189 @@
+"""Call recipes: what a repeat call of `skattn.attention` does instead of `launch.run`.
+
+A call's signature (`api._signature`: the plan, every tensor's shape, strides, dtype and
+device, the options) fixes everything its launches need except the tensors' addresses, the
+stream and the workspace: the bound plan, the features, the strides, the compiled kernels
+and their constant tails, the grids. The first call of a signature (one per alignment) runs
+`launch.run` on fresh aliases of its tensors and records the launches; the `Recipe` learned
+from them holds, per launch, the C launch function of the compiled kernel and an
+assembler that builds its whole argument tuple from the constants it binds and the per-call
+values (stream, the addresses of q, k, v, out and the optional tensors present, the
+workspace views' addresses, all read anew each call). Pointers
+go to the launcher as integers, so it neither calls `data_ptr` nor asks the driver about
+them. A repeat call: signature lookup (in `skattn.api`), addresses, their 16-byte
+alignment (Triton specialises on it: each alignment pattern has its own launches), launch.
+
+Calls that a recipe does not serve go through `launch.run` as before: CPU tensors and the
+interpreter, Triton launch hooks (profilers), a current device other than q's, the
+prompt-chunk kernel, and any launch whose arguments hold something the recipe does not know.
+"""
+from __future__ import annotations
+
+import operator
+from functools import reduce
+
+import torch
+
+from skattn import buffers as ws
+from skattn import launch
+
+STREAM = 0  # index of the stream in the per-call values; the addresses follow
+# the tensors a call passes, in the order of their addresses in the per-call values
+ROLES = ("q", "k", "v", "out", "lse", "mask", "sinks", "alibi_slopes", "k_scale", "v_scale")
+OPTIONAL = ROLES[4:]
+ALIGN = 16  # the pointer alignment Triton specialises on
+
+
+class Recipe:
+    """The launches of one signature: per alignment pattern, (function, assembler) pairs
+    (`learn_launches`)."""
+
+    def __init__(self, bound, plan):
+        self.bound = bound
+        self.plan = plan          # the call's plan (an unplanned call's, made once)
+        self.by_align: dict = {}  # misaligned-tensor bits -> [(function, assembler)]
+        self.optional = True      # whether the signature has optional tensors (learned)
+        self.serves = bound.cuda and bound.prefill is None
+        self.index = bound.device.index
+
+    def pack(self, stream, q, k, v, out, lse, mask, sinks, alibi_slopes, k_scale, v_scale,
+             workspace):
+        """The launches of this call as (function, argument tuple) pairs, or None where the
+        recipe has none for its alignment yet. Reads every address anew."""
+        b = self.bound
+        if workspace is None:
+            wo, wm, wl, wc = ws.pooled(b.layout, b.need, b.device, stream)
+        else:
+            wo, wm, wl, wc = ws.caller_views(workspace, b.layout, b.need, b.device)
+        ptrs = [q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr()]
+        if self.optional:
+            for x in (lse, mask, sinks, alibi_slopes, k_scale, v_scale):
+                if x is not None:
+                    ptrs.append(x.data_ptr())
+        hit = self.by_align.get(misaligned(ptrs))
+        if hit is None:
+            return None
+        vals = [stream, *ptrs, wo.data_ptr(), wm.data_ptr(), wl.data_ptr(), wc.data_ptr()]
+        return [(fn, make(vals)) for fn, make in hit]
+
+    def run(self, q, k, v, out, lse, scale, mask, sinks, softcap, alibi_slopes, workspace,
+            k_scale, v_scale) -> None:
+        """`launch.run` for this signature (`scale`, `softcap` as the caller gave them): the
+        recipe's launches where it has them, else `launch.run` itself, learning the launches
+        where a recipe may serve the call."""
+        direct = (self.serves and torch._C._cuda_getDevice() == self.index
+                  and launch._no_hooks())
+        if direct:
+            stream = torch._C._cuda_getCurrentRawStream(self.index)
+            calls = self.pack(stream, q, k, v, out, lse, mask, sinks, alibi_slopes, k_scale,
+                              v_scale, workspace)
+            if calls is not None:
+                for fn, args in calls:
+                    fn(*args)
+                return
+        kw = dict(scale=launch.default_scale(self.plan.head_dim) if scale is None else float(scale),
+                  mask=mask, sinks=sinks, softcap=float(softcap), alibi_slopes=alibi_slopes,
+                  workspace=workspace, k_scale=k_scale, v_scale=v_scale)
+        if not direct:
+            launch.run(self.plan, q, k, v, out, lse, **kw)
+            return
+        self.learn(q, k, v, out, lse, stream, kw)
+
+    def learn(self, q, k, v, out, lse, stream, kw) -> None:
+        """Run the call through `launch.run` on fresh aliases of its tensors (so that every
+        argument slot names one role, even where the caller passed one tensor twice) and
+        keep its launches for the call's alignment when each argument is known."""
+        given = dict(q=q, k=k, v=v, out=out, lse=lse, **{name: kw[name] for name in OPTIONAL[1:]})
+        alias = {name: x.detach() for name, x in given.items() if isinstance(x, torch.Tensor)}
+        for name, x in alias.items():
+            if name in kw:
+                kw[name] = x
+        record: list = []
+        launch.run(self.plan, alias["q"], alias["k"], alias["v"], alias["out"], alias.get("lse"),
+                   record=record, **kw)
+        b = self.bound
+        if kw["workspace"] is not None:
+            views = ws.caller_views(kw["workspace"], b.layout, b.need, b.device)
+        else:
+            views = ws.pooled(b.layout, b.need, b.device, stream)
+        order = [alias[name] for name in ROLES if name in alias]
+        self.optional = len(order) > 4
+        learned = learn_launches(record, [*order, *views], {id(b.qblock_off): b.qblock_off,
+                                                            id(b.kv_first): b.kv_first})
+        if learned is None:  # launches it cannot replay: this signature keeps launch.run
+            self.serves = False
+            return
+        self.by_align[misaligned([x.data_ptr() for x in order])] = learned
+
+
+def misaligned(ptrs) -> int:
+    """Bit i set where address i is not a multiple of `ALIGN`: 0 in the common case."""
+    if not reduce(operator.or_, ptrs) % ALIGN:
+        return 0
+    return sum(1 << i for i, p in enumerate(ptrs) if p % ALIGN)
+
+
+def learn_launches(record, sources, tables, compiled=None):
+    """[(function, assembler)] per launch of `record`, the (key, args, grid) of each launch
+    of `launch.run`, or None where a launch cannot be replayed: no compiled kernel for its
+    key, or an argument that is neither one of `sources` (the tensors whose addresses each
+    call reads, in the per-call values' order after the stream), one of `tables` (id ->
+    tensors that live as long as the bound plan: their addresses are constants), nor a
+    number. `assembler(values)` returns the launch's whole argument tuple."""
+    compiled = launch._COMPILED if compiled is None else compiled
+    slot = {id(x): i + 1 for i, x in enumerate(sources)}
+    if len(slot) != len(sources):
+        return None  # two roles in one tensor object: the slots would be ambiguous
+    launches = []
+    for key, args, grid in record:
+        hit = compiled.get(key) if key is not None else None
+        if hit is None:
+            return None
+        ck, tail = hit
+        r = ck.run
+        # parts: an int is an index into the per-call values, a 1-tuple holds a constant
+        parts = [(grid[0],), (grid[1],), (grid[2],), STREAM, (ck.function,)]
+        if r.global_scratch_size == 0 and r.profile_scratch_size == 0:
+            fn = r.launch  # the C function, past Triton's Python wrapper
+            parts += [(r.launch_cooperative_grid,), (r.launch_pdl,), (None,), (None,)]
+        else:
+            fn = r  # the wrapper allocates the kernel's scratch
+        parts += [(ck.packed_metadata,), (None,), (None,), (None,)]
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                if id(a) in slot:
+                    parts.append(slot[id(a)])
+                elif id(a) in tables:
+                    parts.append((a.data_ptr(),))
+                else:
+                    return None
+            elif isinstance(a, (int, float)):
+                parts.append((a,))
+            else:
+                return None
+        parts += [(x,) for x in tail]
+        launches.append((fn, assembler(parts)))
+    return launches
+
+
+def assembler(parts):
+    """A function of the per-call values that returns the tuple `parts` describes (an int:
+    that per-call value; a 1-tuple: a constant). Generated once per launch, as
+    `collections.namedtuple` generates its class: runs of constants are bound as tuples and
+    spliced, so a call copies them at C speed and reads only the per-call values."""
+    pieces, runs, run = [], {}, []
+    for part in [*parts, None]:
+        if isinstance(part, tuple):
+            run.append(part[0])
+            continue
+        if run:
+            name = f"c{len(runs)}"
+            runs[name] = tuple(run)
+            pieces.append("*" + name)
+            run = []
+        if part is not None:
+            pieces.append(f"v[{int(part)}]")
+    source = f"def make({', '.join(runs)}):\n    return lambda v: ({', '.join(pieces)},)\n"
+    scope: dict = {}
+    exec(source, scope)  # noqa: S102 (the source is made here from integers and names)
+    return scope["make"](**runs)
