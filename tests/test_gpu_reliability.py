@@ -1,12 +1,12 @@
 """On a GPU: the direct launch path, bounded memory, two streams, determinism, 64-bit
 offsets and the planned call's host time."""
-import time
 
 import pytest
 import torch
 
 import skattn
 from skattn import api, buffers, launch, reference
+from skattn.bench.host import per_call_us
 from tolerance import bound, rel_err
 
 pytestmark = [
@@ -117,25 +117,14 @@ def test_planned_call_host_time():
     p = skattn.plan(batch=1, q_len=1, kv_len=256, causal=True, **SHAPE)
     out = torch.empty_like(q)
 
-    def per_call(fn, n=2000):
-        for _ in range(20):
-            fn()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        us = (time.perf_counter() - t0) / n * 1e6
-        torch.cuda.synchronize()
-        return us
-
-    us = per_call(lambda: skattn.attention(q, k, v, causal=True, plan=p, out=out))
+    us = per_call_us(lambda: skattn.attention(q, k, v, causal=True, plan=p, out=out))
     rec = next(r for r in api._CHECKED.values() if r.plan is p)
     assert rec.serves and rec.by_align, "the planned call did not learn a recipe"
     stream = torch.cuda.current_stream().cuda_stream
     packed = rec.pack(stream, q, k, v, out, None, None, None, None, None, None, None)
     assert packed is not None and len(packed) == 1 + (p.fixup in ("uniform", "general"))
-    pack_us = per_call(lambda: rec.pack(stream, q, k, v, out, *[None] * 7))
-    run_us = per_call(lambda: launch.run(p, q, k, v, out, None, scale=128 ** -0.5))
+    pack_us = per_call_us(lambda: rec.pack(stream, q, k, v, out, *[None] * 7))
+    run_us = per_call_us(lambda: launch.run(p, q, k, v, out, None, scale=128 ** -0.5))
     print(f"planned call host time: {us:.1f} us (recipe packing alone {pack_us:.1f} us; "
           f"launch.run without a recipe {run_us:.1f} us; {len(packed)} launches)")
     assert us <= 60.0  # a regression bound: Triton's JIT launcher alone cost ~180 us here

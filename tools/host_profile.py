@@ -12,25 +12,17 @@ import argparse
 import cProfile
 import pstats
 import sys
-import time
 
 import torch
 
 import skattn
 from skattn import api, launch
+from skattn.bench.host import per_call_us
 
 
 def per_call(fn, n=2000):
     """Host microseconds per call of `fn`, launches not waited for."""
-    for _ in range(50):
-        fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    us = (time.perf_counter() - t0) / n * 1e6
-    torch.cuda.synchronize()
-    return us
+    return per_call_us(fn, n)
 
 
 def direct_launches(p, q, k, v, out) -> dict:

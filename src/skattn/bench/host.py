@@ -111,6 +111,20 @@ def host_calls(q, k, v, *, sms: int | None = None, occupancy: int | None = None)
     }
 
 
+def per_call_us(fn: Callable, n: int = 2000, warmup: int = 50) -> float:
+    """Host microseconds per call of `fn` over `n` back-to-back calls (launches not waited
+    for; the GPU is drained before and after)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    us = (time.perf_counter() - t0) / n * 1e6
+    torch.cuda.synchronize()
+    return us
+
+
 def time_calls(fns: dict[str, Callable], *, calls: int, reps: int, warmup: int,
                sync: Callable[[], None]) -> dict[str, tuple]:
     """Wall-clock µs per call of each function, batches interleaved across functions.
