@@ -6,14 +6,14 @@ import pytest
 import torch
 
 pytest.importorskip("transformers", reason="transformers is not installed (pip install 'skattn[transformers]')")
-from skattn.bench import e2e  # noqa: E402
+from skattn.bench import e2e, e2e_model  # noqa: E402
 from skattn.bench.e2e_report import e2e_report, table  # noqa: E402
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter tests run on the CPU")
 
 
 def test_fixed_depth_cache_does_not_advance():
-    cache = e2e.FixedDepthCache(2, 2, 16, depth=10, room=4, dtype=torch.float16, device="cpu")
+    cache = e2e_model.FixedDepthCache(2, 2, 16, depth=10, room=4, dtype=torch.float16, device="cpu")
     before = cache.keys[1][:, :, :10].clone()
     new = torch.randn(1, 2, 3, 16, dtype=torch.float16)
     for _ in range(2):  # a repeated step writes the same slots and sees the same keys
@@ -30,14 +30,14 @@ def test_graph_step_computes_what_the_model_computes():
     # the captured step replaces model(...) by its layers with the mask made beforehand:
     # with sdpa (a bool mask for n > 1 at a depth) it must give the same logits
     torch.manual_seed(0)
-    model = e2e.build_model(e2e.TINY, torch.float16, "cpu")
-    cache = e2e.FixedDepthCache(2, 2, 16, depth=20, room=3, dtype=torch.float16, device="cpu")
-    step = e2e.Step(model, cache, 3, seed=1)
+    model = e2e_model.build_model(e2e.TINY, torch.float16, "cpu")
+    cache = e2e_model.FixedDepthCache(2, 2, 16, depth=20, room=3, dtype=torch.float16, device="cpu")
+    step = e2e_model.Step(model, cache, 3, seed=1)
     with torch.no_grad():
         mask = step.mask()
         assert mask is not None and mask.dtype == torch.bool  # sdpa: materialised
         torch.testing.assert_close(step.graph_step(mask), step.eager(), rtol=0, atol=0)
-        model.set_attn_implementation(e2e.implementation("skattn:auto"))
+        model.set_attn_implementation(e2e_model.implementation("skattn:auto"))
         assert step.mask() is None  # skattn: bottom-right causal, no mask
 
 

@@ -6,7 +6,7 @@ import torch
 
 pytest.importorskip("transformers", reason="transformers is not installed (pip install 'skattn[transformers]')")
 import skattn.transformers as skt  # noqa: E402
-from skattn.bench import e2e, e2e_fp8  # noqa: E402
+from skattn.bench import e2e, e2e_fp8, e2e_model  # noqa: E402
 from skattn.bench.e2e_report import e2e_report, table  # noqa: E402
 from skattn.transformers_fp8 import FP8_MAX, quantize  # noqa: E402
 
@@ -23,7 +23,7 @@ def _bytes(x):
 
 
 def test_layer_holds_the_depth_in_fp8_and_writes_the_step_after_it():
-    cache = e2e.FixedDepthCache(1, 2, 16, depth=10, room=4, dtype=torch.float16, device="cpu")
+    cache = e2e_model.FixedDepthCache(1, 2, 16, depth=10, room=4, dtype=torch.float16, device="cpu")
     keys, values = cache.keys[0], cache.values[0]
     layer = e2e_fp8.FixedDepthFP8Layer(keys, values, depth=10)
     scale = keys[:, :, :10].float().abs().amax(dim=(0, 2, 3)) / FP8_MAX
@@ -62,10 +62,10 @@ def test_e4m3_rounding_of_gaussian_kv_is_about_3_percent():
 def tiny():
     """A tiny model, its f16 cache and the FP8 provider's caches at depth 24."""
     torch.manual_seed(0)
-    model = e2e.build_model(e2e.TINY, torch.float16, "cpu")
-    cache = e2e.FixedDepthCache(2, 2, 16, depth=24, room=3, dtype=torch.float16, device="cpu",
+    model = e2e_model.build_model(e2e.TINY, torch.float16, "cpu")
+    cache = e2e_model.FixedDepthCache(2, 2, 16, depth=24, room=3, dtype=torch.float16, device="cpu",
                                 seed=24)
-    return model, cache, e2e_fp8.FP8Depth(model, cache, e2e.implementation("skattn-fp8:auto"))
+    return model, cache, e2e_fp8.FP8Depth(model, cache, e2e_model.implementation("skattn-fp8:auto"))
 
 
 def test_fp8_step_is_sdpa_on_the_rounded_kv(tiny):
@@ -73,17 +73,17 @@ def test_fp8_step_is_sdpa_on_the_rounded_kv(tiny):
     assert fp8.error is None and isinstance(fp8.cache, skt.FP8Cache)
     step = fp8.step(model, 3, seed=3)
     with torch.no_grad():
-        model.set_attn_implementation(e2e.implementation("skattn-fp8:auto"))
+        model.set_attn_implementation(e2e_model.implementation("skattn-fp8:auto"))
         assert step.mask() is None  # bottom-right causal over depth + n keys, as for f16
         out = step.eager()[:, -1]
-    ref = e2e._reference(model, e2e.Step(model, cache, 3, seed=3))
-    rounded_ref = e2e._reference(model, e2e.Step(model, fp8.rounded, 3, seed=3))
+    ref = e2e_model.reference(model, e2e_model.Step(model, cache, 3, seed=3))
+    rounded_ref = e2e_model.reference(model, e2e_model.Step(model, fp8.rounded, 3, seed=3))
     # same K/V values as sdpa over the rounded cache: f16-kernel agreement, the f16 rows' 1e-2
-    assert e2e._rel_err(out, rounded_ref) < 1e-2
+    assert e2e_model.rel_err(out, rounded_ref) < 1e-2
     # against f16 sdpa the FP8 rounding shows (so the FP8 bytes were read), within the bound
-    err, bound = e2e._rel_err(out, ref), fp8.bound(model, 3, 3, ref)
-    assert 5 * e2e._rel_err(out, rounded_ref) < err <= bound
-    assert bound == pytest.approx(e2e.WRONG_ABOVE + e2e._rel_err(rounded_ref, ref))
+    err, bound = e2e_model.rel_err(out, ref), fp8.bound(model, 3, 3, ref)
+    assert 5 * e2e_model.rel_err(out, rounded_ref) < err <= bound
+    assert bound == pytest.approx(e2e.WRONG_ABOVE + e2e_model.rel_err(rounded_ref, ref))
 
 
 def _run(tmp_path, providers, modes=("eager",)):
@@ -117,17 +117,17 @@ def test_check_fails_an_fp8_read_that_ignores_the_scales(tmp_path, monkeypatch):
 
 def test_bad_providers_and_a_cache_that_cannot_be_made(tmp_path, monkeypatch, capsys):
     with pytest.raises(ValueError, match="skattn-fp8:<policy>"):
-        e2e.implementation("skattn-fp8")
+        e2e_model.implementation("skattn-fp8")
     with pytest.raises(ValueError, match="FP8 K/V are read by skattn only"):
-        e2e.implementation("sdpa-fp8")
+        e2e_model.implementation("sdpa-fp8")
     with pytest.raises(ValueError, match="policy"):
-        e2e.implementation("skattn-fp8:fastest")
+        e2e_model.implementation("skattn-fp8:fastest")
     assert e2e.main(["--tiny", "--providers", "sdpa,skattn-fp8", "--out", str(tmp_path)]) == 2
     assert "skattn-fp8:<policy>" in capsys.readouterr().err
     # FP8Cache refuses a model run by sdpa (it would receive float8 K/V): the rows say so
     torch.manual_seed(0)
-    model = e2e.build_model(e2e.TINY, torch.float16, "cpu")
-    cache = e2e.FixedDepthCache(2, 2, 16, depth=8, room=1, dtype=torch.float16, device="cpu")
+    model = e2e_model.build_model(e2e.TINY, torch.float16, "cpu")
+    cache = e2e_model.FixedDepthCache(2, 2, 16, depth=8, room=1, dtype=torch.float16, device="cpu")
     assert "FP8Cache needs a skattn attention implementation" in e2e_fp8.FP8Depth(
         model, cache, "sdpa").error
 

@@ -10,7 +10,7 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
 transformers = pytest.importorskip("transformers", reason="transformers is not installed")
-from skattn.bench import e2e, e2e_fp8  # noqa: E402
+from skattn.bench import e2e, e2e_fp8, e2e_model  # noqa: E402
 
 # llama-8b's attention (32/8 heads of 128) in a 2-layer model with a small MLP and vocabulary
 LLAMA = dict(vocab_size=1024, hidden_size=4096, intermediate_size=1024, num_hidden_layers=2,
@@ -49,12 +49,12 @@ def test_graph_replay_writes_the_step_into_the_fp8_cache():
     seed = random.randrange(1 << 20)
     print(f"seed {seed}")
     torch.manual_seed(seed)
-    model = e2e.build_model(LLAMA, torch.float16, "cuda")
-    cache = e2e.FixedDepthCache(2, 8, 128, DEPTH, 16, dtype=torch.float16, device="cuda", seed=seed)
-    implementation = e2e.implementation("skattn-fp8:auto")
+    model = e2e_model.build_model(LLAMA, torch.float16, "cuda")
+    cache = e2e_model.FixedDepthCache(2, 8, 128, DEPTH, 16, dtype=torch.float16, device="cuda", seed=seed)
+    implementation = e2e_model.implementation("skattn-fp8:auto")
     fp8 = e2e_fp8.FP8Depth(model, cache, implementation)
     assert fp8.error is None
-    want = e2e._reference(model, e2e.Step(model, fp8.rounded, 16, seed))  # sdpa, same K/V values
+    want = e2e_model.reference(model, e2e_model.Step(model, fp8.rounded, 16, seed))  # sdpa, same K/V values
     model.set_attn_implementation(implementation)
     step = fp8.step(model, 16, seed)
     with torch.no_grad():
@@ -68,7 +68,7 @@ def test_graph_replay_writes_the_step_into_the_fp8_cache():
         replay()
         torch.cuda.synchronize()
     assert torch.isfinite(out).all()
-    err = e2e._rel_err(out[:, -1], want)
+    err = e2e_model.rel_err(out[:, -1], want)
     print(f"graph replay vs sdpa on the rounded K/V: {err:.3e}")
     assert err < 1e-2
     del graph

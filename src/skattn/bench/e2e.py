@@ -26,11 +26,13 @@ from pathlib import Path
 
 import torch
 
+from skattn.bench.e2e_model import (FP8, FixedDepthCache, Step, build_model, implementation,
+                                     reference, rel_err)
+
 NS = (1, 2, 4, 8, 16, 512)
 DEPTHS = (8192, 16384, 32768)
 QUICK_NS, QUICK_DEPTHS = (1, 16, 512), (16384,)
 PROVIDERS = ("sdpa", "skattn:llamacpp-before", "skattn:llamacpp", "skattn:auto", "skattn-fp8:auto")
-FP8 = "skattn-fp8"  # the provider kind whose model runs over an FP8 KV cache
 MODES = ("eager", "graph")
 # llama-3.1-8b's shape (the seed grid's llama-8b attention: 32/8 heads, head size 128)
 LLAMA_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
@@ -61,104 +63,6 @@ class E2EOptions:
     seed: int = 0
     progress: bool = True
     time_limit_s: float | None = None
-
-
-class FixedDepthCache:
-    """K/V of `depth` tokens per layer in buffers with room for `n` more; `update` writes the
-    step's n tokens after the depth ones and returns [B, Hkv, depth + n, D] views, so every
-    step sees the same cache (what a timed repeat and a CUDA graph replay need)."""
-
-    is_compileable = False
-
-    def __init__(self, layers: int, kv_heads: int, head_dim: int, depth: int, room: int, *,
-                 dtype, device, seed: int = 0):
-        g = torch.Generator(device=device).manual_seed(seed)
-        shape = (1, kv_heads, depth + room, head_dim)
-        self.keys = [torch.randn(shape, generator=g, device=device, dtype=dtype) for _ in range(layers)]
-        self.values = [torch.randn(shape, generator=g, device=device, dtype=dtype) for _ in range(layers)]
-        self.depth, self.room, self.n = depth, room, 0
-        self.is_sliding = [False] * layers
-
-    def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
-        n = key_states.shape[2]
-        if n > self.room:
-            raise ValueError(f"{n} new tokens, room for {self.room}")
-        end = self.depth + n
-        k, v = self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
-        k[:, :, self.depth:].copy_(key_states)
-        v[:, :, self.depth:].copy_(value_states)
-        return k, v
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.depth
-
-    def get_query_offset(self, layer_idx: int = 0) -> int:
-        return self.depth
-
-    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
-        return self.depth + query_length, 0
-
-
-def build_model(shape: dict, dtype, device):
-    """A random-initialised LlamaForCausalLM of `shape` on `device` (no download)."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    cfg = LlamaConfig(**shape)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=dtype)
-    return model.eval().requires_grad_(False)
-
-
-def implementation(provider: str) -> str:
-    """The attn_implementation name of a provider ("sdpa", "skattn:<policy>" or
-    "skattn-fp8:<policy>"), registering skattn's under "skattn-<policy>" (the FP8 provider
-    differs by its cache, not by its attention function)."""
-    if provider == "sdpa":
-        return "sdpa"
-    kind, _, policy = provider.partition(":")
-    if kind not in ("skattn", FP8) or not policy:
-        hint = "; FP8 K/V are read by skattn only" if "fp8" in kind.lower() else ""
-        raise ValueError(f"e2e providers are sdpa, skattn:<policy> or {FP8}:<policy>, "
-                         f"got {provider!r}{hint}")
-    from skattn.transformers import register
-
-    return register(policy=policy, name=f"skattn-{policy}")
-
-
-class Step:
-    """One step of n tokens at a fixed depth: `eager()` calls the model; `graph_step()` is the
-    same computation with the mask made beforehand (what a CUDA graph captures)."""
-
-    def __init__(self, model, cache: FixedDepthCache, n: int, seed: int):
-        device = model.device
-        g = torch.Generator(device=device).manual_seed(seed)
-        self.model, self.cache = model, cache
-        self.ids = torch.randint(0, model.config.vocab_size, (1, n), generator=g, device=device)
-        self.positions = torch.arange(cache.depth, cache.depth + n, device=device)[None]
-
-    def eager(self):
-        out = self.model(input_ids=self.ids, position_ids=self.positions,
-                         past_key_values=self.cache, use_cache=True, logits_to_keep=1)
-        return out.logits
-
-    def mask(self):
-        from transformers.masking_utils import create_causal_mask
-
-        m = self.model.model
-        return create_causal_mask(config=m.config, inputs_embeds=m.embed_tokens(self.ids),
-                                  attention_mask=None, past_key_values=self.cache,
-                                  position_ids=self.positions)
-
-    def graph_step(self, mask):
-        # LlamaModel.forward with the mask given (built inside a capture, it would differ:
-        # transformers materialises masks while a stream is capturing)
-        m = self.model.model
-        h = m.embed_tokens(self.ids)
-        rope = m.rotary_emb(h, position_ids=self.positions)
-        for layer in m.layers:
-            h = layer(h, attention_mask=mask, position_ids=self.positions,
-                      past_key_values=self.cache, use_cache=True, position_embeddings=rope)
-        return self.model.lm_head(m.norm(h[:, -1:]))
 
 
 def capture(fn, warmup: int):
@@ -210,11 +114,6 @@ def _quantiles(times: list[float]) -> tuple[float, float, float]:
         return s[lo] + (s[hi] - s[lo]) * (i - lo)
 
     return q(0.2), q(0.5), q(0.8)
-
-
-def _rel_err(a, b) -> float:
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def _provenance(device) -> dict:
@@ -275,7 +174,7 @@ def _measure(step: Step, mode: str, opts: E2EOptions, cuda: bool, ref,
                 fn()
             if cuda:
                 torch.cuda.synchronize()
-            err = _rel_err(out[:, -1], ref) if ref is not None else math.nan
+            err = rel_err(out[:, -1], ref) if ref is not None else math.nan
             row["err"] = f"{err:.3e}" if ref is not None else ""
             if ref is not None and bound is not None and not err <= bound:
                 row["status"] = (f"wrong: last-token logits {err:.3e} from sdpa eager's "
@@ -294,16 +193,6 @@ def _measure(step: Step, mode: str, opts: E2EOptions, cuda: bool, ref,
     finally:
         del graph
     return row
-
-
-def _reference(model, step: Step):
-    """SDPA's eager logits of the step's last token: what every row is checked against."""
-    model.set_attn_implementation("sdpa")
-    try:
-        with torch.no_grad():
-            return step.eager()[:, -1].clone()
-    except Exception:  # e.g. out of memory: rows are then timed without a check
-        return None
 
 
 def run_e2e(opts: E2EOptions, *, out_dir, tag: str, device=None) -> tuple[Path, Path, list[dict]]:
@@ -361,7 +250,7 @@ def run_e2e(opts: E2EOptions, *, out_dir, tag: str, device=None) -> tuple[Path, 
                 fp8 = FP8Depth(model, cache, fp8_names[0])
             for n in opts.ns:
                 step = Step(model, cache, n, opts.seed + n)
-                ref = _reference(model, step)
+                ref = reference(model, step)
                 fp8_step = fp8_bound = None
                 if fp8 is not None and fp8.error is None:
                     fp8_step = fp8.step(model, n, opts.seed + n)

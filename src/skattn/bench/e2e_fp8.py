@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from skattn.bench.e2e import WRONG_ABOVE, FixedDepthCache, Step, _reference, _rel_err
+from skattn.bench.e2e import WRONG_ABOVE
+from skattn.bench.e2e_model import FixedDepthCache, Step, reference, rel_err
 from skattn.transformers_fp8 import SCALE_ATTR, FP8Cache, FP8Layer, head_scales, quantize
 
 
@@ -165,5 +166,5 @@ class FP8Depth:
         """
         if ref is None or self.rounded is None:
             return None
-        fp8_ref = _reference(model, Step(model, self.rounded, n, seed))
-        return None if fp8_ref is None else WRONG_ABOVE + _rel_err(fp8_ref, ref)
+        fp8_ref = reference(model, Step(model, self.rounded, n, seed))
+        return None if fp8_ref is None else WRONG_ABOVE + rel_err(fp8_ref, ref)
