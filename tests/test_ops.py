@@ -113,6 +113,26 @@ def test_bad_input_same_errors(bad, match):
                                             policy=kw["policy"]))
 
 
+def test_repeat_calls_are_checked_once(monkeypatch):
+    # the op remembers checked signatures (as skattn.attention does): a repeat call skips
+    # the checks, and anything the checks read (dtype, shape, options) makes a new one
+    from skattn import checks
+
+    calls = []
+    real = checks.attention_args
+    monkeypatch.setattr(checks, "attention_args", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    q, k, v = make(Lk=24, D=16, seed=4)
+    for _ in range(3):
+        torch.ops.skattn.attention(*op_args(q, k, v, scale=0.25))
+    assert len(calls) == 1
+    torch.ops.skattn.attention(*op_args(q, k, v, scale=0.5))
+    assert len(calls) == 2
+    with pytest.raises((ValueError, TypeError), match="k must have dtype"):
+        torch.ops.skattn.attention(*op_args(q, k.float(), v.float(), scale=0.25))
+    with pytest.raises(ValueError, match="scale"):
+        torch.ops.skattn.attention(*op_args(q, k, v, scale=float("nan")))
+
+
 @pytest.mark.parametrize("backend", ["eager", "aot_eager"])
 def test_compile_fullgraph_no_graph_break(backend):
     torch.manual_seed(3)

@@ -17,7 +17,7 @@ from numbers import Real
 
 import torch
 
-from skattn import checks, launch, quant
+from skattn import api, checks, launch, quant
 from skattn import policy as policies
 from skattn.device import hardware, shared_memory_limit
 from skattn.planner import plan as make_plan
@@ -73,11 +73,29 @@ def _kv_forms(k, v, k_scale, v_scale):
     return out[0], out[2], out[1], out[3]
 
 
+# signatures of op calls whose arguments passed the checks (as `skattn.api` keeps them for
+# `skattn.attention`): a repeat call with the same shapes, strides, dtypes, devices and options
+# is not checked again
+_CHECKED: dict = {}
+_CHECKED_MAX = 4096
+
+
 def _check(q, k, v, mask, sinks, alibi_slopes, scale, causal, window, softcap, k_scale, v_scale):
+    key = api._signature(q, k, v, scale, causal, window, mask, sinks, softcap, alibi_slopes,
+                         False, None, None, k_scale, v_scale)
     k, v, k_scale, v_scale = _kv_forms(k, v, k_scale, v_scale)
-    checks.attention_args(q, k, v, scale=scale, causal=causal, window=window, mask=mask,
-                          sinks=sinks, softcap=softcap, alibi_slopes=alibi_slopes,
-                          k_scale=k_scale, v_scale=v_scale)
+    try:
+        seen = key in _CHECKED
+    except TypeError:  # unhashable options: the checks name them
+        key, seen = None, False
+    if not seen:
+        checks.attention_args(q, k, v, scale=scale, causal=causal, window=window, mask=mask,
+                              sinks=sinks, softcap=softcap, alibi_slopes=alibi_slopes,
+                              k_scale=k_scale, v_scale=v_scale)
+        if key is not None:
+            _CHECKED[key] = None
+            if len(_CHECKED) > _CHECKED_MAX:
+                _CHECKED.pop(next(iter(_CHECKED)))
     return k, v
 
 

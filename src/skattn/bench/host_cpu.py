@@ -126,10 +126,11 @@ def per_call_us(fn, calls: int = 2000, reps: int = 7) -> float:
 def measure(calls: int = 2000, reps: int = 7) -> dict:
     """Microseconds of Python per call on CPU tensors with the launches stubbed:
     `skattn.attention` planned and unplanned (the plan made for the interpreter's pretend
-    GPU), and `launch.run` alone (the path without a recipe), and the planned call's fixup
-    and launches. Raises RuntimeError when a call does not make its plan's launches."""
+    GPU), `launch.run` alone (the path without a recipe), the custom op
+    `torch.ops.skattn.attention` (dispatcher, remembered checks, `launch.run` with a
+    workspace of its own), and the planned call's fixup and launches. Raises RuntimeError when a call does not make its plan's launches."""
     import skattn
-    from skattn import api
+    from skattn import api, ops
 
     q = torch.randn(1, SHAPE["q_len"], SHAPE["q_heads"], SHAPE["head_dim"], dtype=torch.float16)
     k = torch.randn(1, SHAPE["kv_len"], SHAPE["kv_heads"], SHAPE["head_dim"], dtype=torch.float16)
@@ -144,6 +145,8 @@ def measure(calls: int = 2000, reps: int = 7) -> dict:
             "attention unplanned": (None, lambda: skattn.attention(q, k, v, causal=True,
                                                                    out=out)),
             "launch.run": (p, lambda: launch.run(p, q, k, v, out, None, scale=scale)),
+            "custom op": ("op", lambda: torch.ops.skattn.attention(
+                q, k, v, None, None, None, None, True, None, 0.0, "auto", None, None)),
         }
         result = {"fixup": p.fixup, "launches": 1 + (p.fixup in ("uniform", "general"))}
         for name, (plan, fn) in rows.items():
@@ -153,6 +156,8 @@ def measure(calls: int = 2000, reps: int = 7) -> dict:
             made = counter.calls - before
             if plan is None:  # the plan the unplanned call made (cached per shape)
                 plan = next(r.plan for r in api._CHECKED.values() if r.plan is not p)
+            elif plan == "op":  # the op's plan (cached per shape and policy)
+                plan = ops.plan_for(q, k, v, causal=True)
             if made != 1 + (plan.fixup in ("uniform", "general")):
                 raise RuntimeError(f"{name}: {made} launches for a {plan.fixup} plan")
             result[name] = per_call_us(fn, calls, reps)
