@@ -17,7 +17,7 @@ def test_time_calls_interleaves_batches_and_counts_per_call():
 
     def slow():
         order.append("s")
-        time.sleep(300e-6)
+        time.sleep(5e-3)  # far above any scheduling hiccup of a loaded CI machine
 
     times = host.time_calls({"quick": quick, "slow": slow}, calls=3, reps=4, warmup=2,
                             sync=lambda: syncs.append(1))
@@ -26,7 +26,7 @@ def test_time_calls_interleaves_batches_and_counts_per_call():
     assert len(syncs) == 1 + 2 * 2 * 4  # after warm-up, then before and after every batch
     (t_quick, _), (t_slow, drain) = times["quick"], times["slow"]
     assert t_quick.reps == t_slow.reps == 4
-    assert t_slow.p20 >= 300 > t_quick.p80  # µs per call, not per batch
+    assert t_slow.p20 >= 5000 > t_quick.p80  # µs per call, not per batch
     assert drain.p50 >= 0
 
 
