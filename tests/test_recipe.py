@@ -257,6 +257,45 @@ def test_bad_input_after_a_recipe_is_still_refused(gpu):
         skattn.attention(q, k, v, causal=True, plan=p, out=out, scale=True)
 
 
+def test_remembered_signatures_keep_option_types_and_scale_values(gpu):
+    # return_lse=1 equals True, a numpy scale hashes like a float: neither may pass as a
+    # remembered signature's (the checks would refuse them on a fresh cache)
+    import numpy as np
+
+    p = _plan(programs=8)
+    q, k, v, out = _qkv()
+    skattn.attention(q, k, v, causal=True, plan=p, out=out, return_lse=True)
+    with pytest.raises(TypeError, match="return_lse"):
+        skattn.attention(q, k, v, causal=True, plan=p, out=out, return_lse=1)
+    pf = _plan(programs=8, dtype=torch.float8_e4m3fn)
+    q, k8, v8, out = _qkv(torch.float8_e4m3fn)
+    skattn.attention(q, k8, v8, causal=True, plan=pf, out=out, k_scale=np.float32(0.5),
+                     v_scale=np.float32(0.5))
+    for bad in (np.float32("nan"), np.float32(-1.0)):
+        with pytest.raises(ValueError, match="k_scale"):
+            skattn.attention(q, k8, v8, causal=True, plan=pf, out=out, k_scale=bad,
+                             v_scale=np.float32(0.5))
+
+
+def test_a_copied_or_pickled_plan_is_a_new_plan(gpu):
+    # a plan's api token and bound tables stay in its process: a pickled plan's token could
+    # name another plan with the same shapes there, whose launches the call would replay
+    import copy
+    import pickle
+
+    a, b = _plan(programs=8), _plan(programs=3)
+    q, k, v, out = _qkv()
+    skattn.attention(q, k, v, causal=True, plan=a, out=out)
+    for c in (pickle.loads(pickle.dumps(a)), copy.deepcopy(a)):
+        assert "_token" not in c.__dict__ and "_bound" not in c.__dict__ and c == a
+    b.__dict__["_token"] = a.__dict__["_token"]  # what an unpickled plan could carry before
+    b2 = pickle.loads(pickle.dumps(b))
+    before = gpu.calls
+    skattn.attention(q, k, v, causal=True, plan=b2, out=out)
+    rec = next(r for r in api._CHECKED.values() if r.plan is b2)
+    assert rec.bound.main_grid == (3, 1, 1) and gpu.calls - before == 2
+
+
 class _Launcher:
     launch = None
     launch_cooperative_grid = launch_pdl = False

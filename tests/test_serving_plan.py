@@ -105,3 +105,19 @@ def test_bounds_of_varlen_row_blocks():
     assert p.rb_max == min(32 * -(-512 // t), (543 + 32 * (t - 1)) // t)
     assert p.rb_max >= -(-512 // t) + 31
     assert "row blocks <=" in p.describe()
+
+
+def test_a_pickled_plan_leaves_its_bound_tables_behind():
+    # bound tables are device tensors and indices into this process's compiled-kernel keys
+    import copy
+    import pickle
+
+    import torch
+
+    from skattn import serving_launch
+
+    p = kv_plan(4, 1, 256, policy="auto")
+    serving_launch.bind(p, torch.device("cpu"))
+    assert "_bound" in p.__dict__
+    for c in (pickle.loads(pickle.dumps(p)), copy.deepcopy(p)):
+        assert "_bound" not in c.__dict__ and c == p

@@ -37,6 +37,23 @@ def test_streams_get_their_own_pools():
     assert ws.pooled(ws.layout(p), ws.nbytes(p), dev, 1)[0].data_ptr() == a[0].data_ptr()
 
 
+def test_a_graph_captured_after_a_warm_up_keeps_its_buffer(monkeypatch):
+    # the captured call finds its views in the cache (an eager call made them): the pool must
+    # still learn that a graph uses its buffer, and keep it when a bigger plan grows the pool
+    ws.release()
+    small, big = _plan(8192, programs=64), _plan(8192, programs=264)
+    dev = torch.device("cpu")
+    ws.pooled(ws.layout(small), ws.nbytes(small), dev, 0)  # the eager warm-up
+    monkeypatch.setattr(ws, "capturing", lambda device: True)
+    captured = ws.pooled(ws.layout(small), ws.nbytes(small), dev, 0)
+    monkeypatch.setattr(ws, "capturing", lambda device: False)
+    ws.pooled(ws.layout(big), ws.nbytes(big), dev, 0)  # a bigger plan grows the pool
+    pool = ws._POOLS[(dev, 0)]
+    assert pool.captured and pool.buf.data_ptr() != captured[0].data_ptr()
+    assert any(b.data_ptr() == captured[0].data_ptr() for b in pool.retired)
+    ws.release()
+
+
 def test_counters_never_share_bytes_with_partials():
     # a fused plan's counters must stay zero between calls: no other plan may write there
     ws.release()

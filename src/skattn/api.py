@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+from numbers import Real
 from functools import lru_cache
 
 import torch
@@ -25,8 +26,8 @@ def _meta(x):
         return x.shape, x.stride(), x.dtype, x.device, x.requires_grad
     if isinstance(x, quant.BLOCK_FORMS):
         return type(x), _meta(x.values), _meta(x.scales)
-    if isinstance(x, (float, int)) and not isinstance(x, bool):  # a scale: its value is checked
-        return x
+    if isinstance(x, Real) and not isinstance(x, bool):  # a scale: its value is checked
+        return type(x), x
     if x is None or not isinstance(x, torch.Tensor):
         return x if x is None else type(x)
     return x.shape, x.stride(), x.dtype, x.device, x.requires_grad
@@ -55,7 +56,7 @@ def _signature(q, k, v, scale, causal, window, mask, sinks, softcap, alibi_slope
             None if mask is None else _meta(mask), None if sinks is None else _meta(sinks),
             None if alibi_slopes is None else _meta(alibi_slopes),
             scale, type(scale), softcap, type(softcap), causal, type(causal), window,
-            type(window), return_lse, token,
+            type(window), return_lse, type(return_lse), token,
             torch.is_grad_enabled(), None if k_scale is None else _meta(k_scale),
             None if v_scale is None else _meta(v_scale))
 
@@ -179,5 +180,8 @@ def _recipe(key, plan, q, k, v, causal, window, mask) -> Recipe:
     if key is not None:
         _CHECKED[key] = rec
         if len(_CHECKED) > _CHECKED_MAX:
-            _CHECKED.pop(next(iter(_CHECKED)))
+            try:  # another thread may drop the same oldest entry
+                _CHECKED.pop(next(iter(_CHECKED)), None)
+            except (RuntimeError, StopIteration):
+                pass
     return rec

@@ -73,6 +73,11 @@ def views(buf: torch.Tensor, plan_layout, counters: torch.Tensor | None = None):
     return f32[:o], f32[o:o + m], f32[o + m:o + 2 * m], counters
 
 
+def capturing(device) -> bool:
+    """A CUDA graph is being captured on the current stream of `device` (a torch.device)."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 class _Pool:
     def __init__(self):
         self.buf: torch.Tensor | None = None
@@ -82,6 +87,8 @@ class _Pool:
         self.retired: list[torch.Tensor] = []  # buffers a captured graph may still use
 
     def get(self, plan_layout, need: int, device) -> tuple[torch.Tensor, ...]:
+        if not self.captured and capturing(device):
+            self.captured = True  # also when the views come from the cache (a warmed-up call)
         hit = self.cache.get(plan_layout)
         if hit is not None:
             return hit
@@ -97,8 +104,6 @@ class _Pool:
             # zeroed: the fused fixup's counters start at 0 and every launch leaves them at 0
             self.counters = torch.zeros(max(plan_layout[2], 4), dtype=torch.int32, device=device)
             self.cache.clear()
-        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-            self.captured = True
         hit = self.cache[plan_layout] = views(self.buf, plan_layout, self.counters)
         return hit
 

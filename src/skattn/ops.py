@@ -95,7 +95,10 @@ def _check(q, k, v, mask, sinks, alibi_slopes, scale, causal, window, softcap, k
         if key is not None:
             _CHECKED[key] = None
             if len(_CHECKED) > _CHECKED_MAX:
-                _CHECKED.pop(next(iter(_CHECKED)))
+                try:  # another thread may drop the same oldest entry
+                    _CHECKED.pop(next(iter(_CHECKED)), None)
+                except (RuntimeError, StopIteration):
+                    pass
     return k, v
 
 

@@ -89,6 +89,12 @@ class Plan:
     has_mask: bool = False  # planned for an additive mask (its tile takes shared memory)
 
     # -- derived sizes
+    def __getstate__(self):
+        # a copy or a pickle is a new plan: not the api's token (another process's counter
+        # may have given it to another plan) nor the bound tables (`launch._KEYS` indices and
+        # device tensors of this process)
+        return {k: v for k, v in self.__dict__.items() if k not in ("_token", "_bound")}
+
     @property
     def gqa_ratio(self) -> int:
         return self.q_heads // self.kv_heads

@@ -86,6 +86,11 @@ class ServingPlan:
     cost_model: CostModel = field(default_factory=CostModel, compare=False)
     tuning: Tuning = field(default_factory=Tuning)
 
+    def __getstate__(self):
+        # a copy or a pickle is a new plan: not the bound tables of this process (device
+        # tensors and indices into its compiled-kernel keys)
+        return {k: v for k, v in self.__dict__.items() if k != "_bound"}
+
     @property
     def gqa_ratio(self) -> int:
         return self.q_heads // self.kv_heads
