@@ -338,3 +338,10 @@ def test_assembler_splices_constants_around_per_call_values():
 def test_misaligned_bits():
     assert recipe.misaligned([0, 16, 4096]) == 0
     assert recipe.misaligned([16, 18, 32, 2]) == 0b1010
+
+
+def test_remembered_signatures_are_bounded_oldest_first():
+    table: dict = {}
+    for i in range(5):
+        api.remember(table, i, str(i), limit=3)
+    assert list(table) == [2, 3, 4]

@@ -178,10 +178,16 @@ def _recipe(key, plan, q, k, v, causal, window, mask) -> Recipe:
                             bool(causal), window, q.device, mask is not None)
     rec = Recipe(launch.bind(plan, q.device), plan)
     if key is not None:
-        _CHECKED[key] = rec
-        if len(_CHECKED) > _CHECKED_MAX:
-            try:  # another thread may drop the same oldest entry
-                _CHECKED.pop(next(iter(_CHECKED)), None)
-            except (RuntimeError, StopIteration):
-                pass
+        remember(_CHECKED, key, rec)
     return rec
+
+
+def remember(table: dict, key, value, limit: int = _CHECKED_MAX) -> None:
+    """`table[key] = value`, dropping the oldest entry beyond `limit` (safe when another
+    thread drops it first)."""
+    table[key] = value
+    if len(table) > limit:
+        try:
+            table.pop(next(iter(table)), None)
+        except (RuntimeError, StopIteration):
+            pass

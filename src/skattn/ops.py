@@ -77,7 +77,6 @@ def _kv_forms(k, v, k_scale, v_scale):
 # `skattn.attention`): a repeat call with the same shapes, strides, dtypes, devices and options
 # is not checked again
 _CHECKED: dict = {}
-_CHECKED_MAX = 4096
 
 
 def _check(q, k, v, mask, sinks, alibi_slopes, scale, causal, window, softcap, k_scale, v_scale):
@@ -93,12 +92,7 @@ def _check(q, k, v, mask, sinks, alibi_slopes, scale, causal, window, softcap, k
                               sinks=sinks, softcap=softcap, alibi_slopes=alibi_slopes,
                               k_scale=k_scale, v_scale=v_scale)
         if key is not None:
-            _CHECKED[key] = None
-            if len(_CHECKED) > _CHECKED_MAX:
-                try:  # another thread may drop the same oldest entry
-                    _CHECKED.pop(next(iter(_CHECKED)), None)
-                except (RuntimeError, StopIteration):
-                    pass
+            api.remember(_CHECKED, key, None)
     return k, v
 
 
