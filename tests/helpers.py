@@ -1,5 +1,5 @@
-"""Helpers shared by test files: random q, k, v on the GPU and a small model block that calls
-skattn's custom op."""
+"""Helpers shared by test files: bad FP8 arguments, random q, k, v on the GPU and a small
+model block that calls skattn's custom op."""
 import torch
 from torch import nn
 
@@ -18,6 +18,25 @@ def fp8_case(change: dict, q, k, v):
         else:
             kw[name] = value
     return args["q"], args["k"], args["v"], kw
+
+
+# bad FP8 arguments that skattn.attention and the custom op refuse alike, as (change for
+# `fp8_case`, error type, message pattern), for two KV heads
+FP8_ARG_ERRORS = [
+    (dict(k_scale=None), ValueError, "k_scale is required"),
+    (dict(v_scale=None), ValueError, "v_scale is required"),
+    (dict(k_scale=torch.ones(3)), ValueError, r"shape \[\], \[1\] or \[2\]"),
+    (dict(v_scale=torch.ones(2, dtype=torch.float16)), TypeError, "v_scale must have dtype"),
+    (dict(k_scale=torch.ones(4)[::2]), ValueError, "contiguous"),
+    (dict(k_scale=-1.0), ValueError, "positive and finite"),
+    (dict(k_scale="1"), TypeError, "k_scale must be a float32 tensor"),
+    (dict(q=lambda q: q.float()), TypeError, "q must be float16 or bfloat16 with quantized"),
+    (dict(v=lambda v: v.half()), TypeError, "v must have k's dtype"),
+    (dict(k=lambda k: k.view(torch.float8_e5m2), v=lambda v: v.view(torch.float8_e5m2)),
+     TypeError, "float8_e5m2 K/V are not supported"),
+    (dict(k=lambda k: k.view(torch.int8), v=lambda v: v.view(torch.int8)), TypeError,
+     "int8 K/V are not supported"),
+]
 
 
 def cuda_qkv(B, Lq, Lk, Hq, Hkv, D, dtype=torch.float16, seed=0):

@@ -7,7 +7,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 import skattn
 import skattn.ops
 from skattn import quant, reference
-from helpers import FP8Block, fp8_case
+from helpers import FP8_ARG_ERRORS, FP8Block, fp8_case
 from tolerance import bound, rel_err
 
 FP8 = torch.float8_e4m3fn
@@ -122,19 +122,7 @@ def _fp8_pair():
 
 
 @pytest.mark.parametrize("change, err, match", [
-    (dict(k_scale=None), ValueError, "k_scale is required"),
-    (dict(v_scale=None), ValueError, "v_scale is required"),
-    (dict(k_scale=torch.ones(3)), ValueError, r"shape \[\], \[1\] or \[2\]"),
-    (dict(v_scale=torch.ones(2, dtype=torch.float16)), TypeError, "v_scale must have dtype"),
-    (dict(k_scale=torch.ones(4)[::2]), ValueError, "contiguous"),
-    (dict(k_scale=-1.0), ValueError, "positive and finite"),
-    (dict(k_scale="1"), TypeError, "k_scale must be a float32 tensor"),
-    (dict(q=lambda q: q.float()), TypeError, "q must be float16 or bfloat16 with quantized"),
-    (dict(v=lambda v: v.half()), TypeError, "v must have k's dtype"),
-    (dict(k=lambda k: k.view(torch.float8_e5m2), v=lambda v: v.view(torch.float8_e5m2)),
-     TypeError, "float8_e5m2 K/V are not supported"),
-    (dict(k=lambda k: k.view(torch.int8), v=lambda v: v.view(torch.int8)), TypeError,
-     "int8 K/V are not supported"),
+    *FP8_ARG_ERRORS,
     (dict(k=lambda k: k.half(), v=lambda v: v.half()), ValueError,
      "k_scale applies to float8_e4m3fn K/V only"),
 ])

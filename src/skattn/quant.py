@@ -23,7 +23,7 @@ from numbers import Real
 
 import torch
 
-from skattn.quant_block import BlockCache, float_blocks
+from skattn.quant_block import BlockCache, float_blocks, inverse_scale
 from skattn.quant_q4 import QK4_0, Q4_0, q4_0
 
 __all__ = ["Q8_0", "q8_0", "Q4_0", "q4_0", "fp8", "FP8_DTYPES", "QK8_0", "QK4_0",
@@ -93,7 +93,7 @@ def q8_0(x: torch.Tensor) -> Q8_0:
     """
     b = float_blocks(x, "q8_0")
     d = b.abs().amax(dim=-1) / 127.0
-    inv = torch.where(d != 0, 1.0 / torch.where(d != 0, d, 1.0), 0.0)
+    inv = inverse_scale(d)
     y = b * inv[..., None]
     q = torch.sign(y) * torch.floor(y.abs() + 0.5)  # C's roundf
     return Q8_0(q.to(torch.int8).flatten(-2).contiguous(), d.to(torch.float16).contiguous())

@@ -110,3 +110,9 @@ def float_blocks(x, form: str) -> torch.Tensor:
         raise ValueError(f"{form} needs a last dimension that is a multiple of {BLOCK_VALUES}, "
                          f"got shape {tuple(x.shape)}")
     return x.float().unflatten(-1, (-1, BLOCK_VALUES))
+
+
+def inverse_scale(d: torch.Tensor) -> torch.Tensor:
+    """`1 / d` in float32 where the block scale d is not 0, else 0 (an all-zero block), as
+    llama.cpp's packers compute `id = d ? 1.0f / d : 0.0f`."""
+    return torch.where(d != 0, 1.0 / torch.where(d != 0, d, 1.0), 0.0)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from skattn.quant_block import BlockCache, float_blocks
+from skattn.quant_block import BlockCache, float_blocks, inverse_scale
 
 __all__ = ["Q4_0", "q4_0", "QK4_0"]
 
@@ -88,7 +88,7 @@ def q4_0(x: torch.Tensor) -> Q4_0:
     b = float_blocks(x, "q4_0")
     first = b.abs().argmax(dim=-1, keepdim=True)  # argmax gives the first of equal maxima
     d = b.gather(-1, first).squeeze(-1) / -8.0
-    inv = torch.where(d != 0, 1.0 / torch.where(d != 0, d, 1.0), 0.0)
+    inv = inverse_scale(d)
     y = b * inv[..., None] + 8.5
     nib = torch.floor(y).clamp(0, 15).to(torch.uint8)
     packed = nib[..., :PACKED] | (nib[..., PACKED:] << 4)
