@@ -1,11 +1,17 @@
-"""On a GPU: repeat calls replay their recipes (`skattn.recipe`). Each replayed output equals
-the first call's (`launch.run`, Triton's launcher) bit for bit and matches float64, with
-fresh inputs, other alignments, a replaced workspace pool and a CUDA graph."""
+"""On a GPU: repeat calls replay their recipes (`skattn.recipe`) through skattn's C launcher
+(`skattn.launcher`). Each replayed output equals the first call's (`launch.run`, Triton's
+launcher) bit for bit and matches float64, with fresh inputs, other alignments, a replaced
+workspace pool, a CUDA graph and a thread with no CUDA context yet; the C launcher's
+parameter blocks equal what Triton's launch functions would pack for the compiled kernels'
+own signatures."""
+import threading
+
+import numpy as np
 import pytest
 import torch
 
 import skattn
-from skattn import api, reference
+from skattn import api, launch, launcher, reference
 from skattn import buffers as ws
 from tolerance import bound, rel_err
 
@@ -29,8 +35,10 @@ def poisoned(q):
 
 
 def served(p) -> bool:
-    """Whether a remembered signature of plan `p` has learned launches it replays."""
-    return any(r.serves and r.by_align for r in api._CHECKED.values() if r.plan is p)
+    """Whether a remembered signature of plan `p` has learned launches it replays, each
+    alignment's through the C launcher."""
+    return any(r.serves and r.by_align and all(spec is not None for spec, _ in r.by_align.values())
+               for r in api._CHECKED.values() if r.plan is p)
 
 
 def plan(kind, Lq, Lk):
@@ -133,3 +141,78 @@ def test_cuda_graph_of_a_replayed_call_with_a_caller_workspace():
         torch.cuda.synchronize()
         assert rel_err(out, reference.attention(q2, k2, v2, causal=True)) <= bound(
             q2, k2, v2, causal=True)
+
+
+NUMPY = {"i1": np.int8, "i8": np.int8, "i16": np.int16, "i32": np.int32, "i64": np.int64,
+         "u1": np.uint8, "u8": np.uint8, "u16": np.uint16, "u32": np.uint32, "u64": np.uint64,
+         "fp16": np.float16, "fp32": np.float32, "fp64": np.float64}
+
+
+def triton_params(args):
+    """The parameter bytes Triton's launch function packs for its argument tuple `args`
+    (the compiled kernel's own signature; numpy's encodings), scratch pointers last."""
+    ck = next(ck for ck, _ in launch._COMPILED.values() if ck.function == args[4])
+    out = []
+    for ty, a in zip(ck.src.signature.values(), args[13:], strict=True):
+        if ty == "constexpr":
+            continue
+        if ty.startswith("*"):
+            out.append(np.uint64(a or 0).tobytes())
+        elif ty == "bf16":
+            out.append((np.array([a], np.float32).view(np.uint32) >> 16).astype(np.uint16).tobytes())
+        else:
+            out.append(NUMPY[ty](a).tobytes())
+    return out + [bytes(8), bytes(8)]
+
+
+@pytest.mark.parametrize("kind", ["uniform", "general", "fused"])
+def test_c_launcher_packs_what_triton_packs(kind):
+    q, k, v = make(4, 3000, seed=60)
+    p = plan(kind, 4, 3000)
+    g = torch.Generator(device="cuda").manual_seed(61)
+    mask = torch.randn(1, 4, 3000, device="cuda", generator=g).half()
+    sinks = torch.randn(32, device="cuda", generator=g)
+    out = poisoned(q)
+    kw = dict(causal=True, plan=p, out=out, mask=mask, sinks=sinks, softcap=30.0, scale=0.1)
+    for _ in range(2):
+        skattn.attention(q, k, v, **kw)
+    (rec,) = [r for r in api._CHECKED.values() if r.plan is p]
+    stream = torch.cuda.current_stream().cuda_stream
+    (spec, launches), vals = rec.values(stream, q, k, v, out, None, mask, sinks, None, None,
+                                        None, None)
+    described = launcher.module().describe(spec, *vals)
+    assert len(described) == len(launches) == 1 + (kind != "fused")
+    for d, (_, make_args) in zip(described, launches):
+        args = make_args(vals)
+        assert d["params"] == triton_params(args)
+        warps, _, shared = args[9]
+        assert (d["grid"], d["stream"], d["function"], d["block"], d["shared"], d["pdl"]) == (
+            tuple(args[:3]), stream, args[4], 32 * warps, shared, int(bool(args[6])))
+
+
+def test_a_thread_without_a_cuda_context_gets_a_correct_result():
+    # a new thread has no current CUDA context until it makes one: the C launcher then
+    # declines and the recipe launches through Triton's launch functions
+    q, k, v = make(1, 3000, seed=70)
+    p = plan("uniform", 1, 3000)
+    skattn.attention(q, k, v, causal=True, plan=p)
+    torch.cuda.synchronize()
+    outs, errors = [], []
+
+    def work():
+        try:
+            for _ in range(2):
+                out = poisoned(q)
+                skattn.attention(q, k, v, causal=True, plan=p, out=out)
+                outs.append(out)
+            torch.cuda.synchronize()
+        except Exception as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+
+    t = threading.Thread(target=work)
+    t.start()
+    t.join()
+    assert not errors, errors
+    ref = reference.attention(q, k, v, causal=True)
+    for out in outs:
+        assert rel_err(out, ref) <= bound(q, k, v, causal=True)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import skattn
-from skattn import api, buffers, launch, reference
+from skattn import api, buffers, launch, launcher, reference
 from skattn.bench.host import per_call_us
 from tolerance import bound, rel_err
 
@@ -112,7 +112,7 @@ def test_cache_larger_than_two_to_the_31_elements():
 @pytest.mark.serial
 def test_planned_call_host_time():
     # a repeat planned call replays its recipe (skattn.recipe): signature lookup, addresses,
-    # the compiled kernels' C launch function with integer pointers
+    # one call of skattn's C launcher (skattn.launcher) for all its launches
     q, k, v = make(1, 1, 256, seed=5)
     p = skattn.plan(batch=1, q_len=1, kv_len=256, causal=True, **SHAPE)
     out = torch.empty_like(q)
@@ -121,10 +121,15 @@ def test_planned_call_host_time():
     rec = next(r for r in api._CHECKED.values() if r.plan is p)
     assert rec.serves and rec.by_align, "the planned call did not learn a recipe"
     stream = torch.cuda.current_stream().cuda_stream
-    packed = rec.pack(stream, q, k, v, out, None, None, None, None, None, None, None)
-    assert packed is not None and len(packed) == 1 + (p.fixup in ("uniform", "general"))
-    pack_us = per_call_us(lambda: rec.pack(stream, q, k, v, out, *[None] * 7))
+    tensors = (q, k, v, out, None, None, None, None, None, None, None)
+    (spec, launches), vals = rec.values(stream, *tensors)
+    assert spec is not None, "the recipe has no C launcher spec"
+    assert len(launches) == 1 + (p.fixup in ("uniform", "general"))
+    values_us = per_call_us(lambda: rec.values(stream, *tensors))
+    fast = launcher.module().launch
+    launch_us = per_call_us(lambda: fast(spec, *vals))
     run_us = per_call_us(lambda: launch.run(p, q, k, v, out, None, scale=128 ** -0.5))
-    print(f"planned call host time: {us:.1f} us (recipe packing alone {pack_us:.1f} us; "
-          f"launch.run without a recipe {run_us:.1f} us; {len(packed)} launches)")
-    assert us <= 60.0  # a regression bound: Triton's JIT launcher alone cost ~180 us here
+    print(f"planned call host time: {us:.1f} us (addresses {values_us:.1f} us; the C launcher's "
+          f"{len(launches)} launches {launch_us:.1f} us; launch.run without a recipe "
+          f"{run_us:.1f} us)")
+    assert us <= 30.0  # a regression bound: Triton's JIT launcher alone cost ~180 us here

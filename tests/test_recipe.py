@@ -13,17 +13,21 @@ from skattn.bench import host_cpu
 SHAPE = dict(batch=1, q_len=2, kv_len=512, q_heads=8, kv_heads=2, head_dim=64)
 
 
-@pytest.fixture
-def gpu(monkeypatch):
-    """The stubbed GPU; `gpu.wrapped` counts calls through Triton's Python launcher."""
+@pytest.fixture(params=["triton", "skattn"])
+def gpu(monkeypatch, request):
+    """The stubbed GPU; `gpu.wrapped` counts calls through Triton's Python launcher. Recipes
+    launch through Triton's C launch functions (stand-ins) or skattn's C launcher, whose
+    launches are decoded back into the tuples Triton's would get (`host_cpu.stub_gpu`)."""
     wrapped = []
     real = CudaLauncher.__call__
     monkeypatch.setattr(CudaLauncher, "__call__",
                         lambda self, *a: (wrapped.append(1), real(self, *a))[1])
     api._CHECKED.clear()
     ws.release()
-    with torch.no_grad(), host_cpu.stub_gpu() as counter:
+    c_launcher = "decode" if request.param == "skattn" else None
+    with torch.no_grad(), host_cpu.stub_gpu(c_launcher) as counter:
         counter.wrapped = wrapped
+        counter.c_launcher = c_launcher
         yield counter
     api._CHECKED.clear()
 
@@ -53,6 +57,8 @@ def fast_and_slow(gpu, call):
     res = call()
     fast = gpu.log
     assert fast and not gpu.wrapped, "the call did not take its recipe"
+    specs = [spec for r in api._CHECKED.values() for spec, _ in r.by_align.values()]
+    assert all((spec is not None) == bool(gpu.c_launcher) for spec in specs)
     serves = {id(r): r.serves for r in api._CHECKED.values()}
     for r in api._CHECKED.values():
         r.serves = False

@@ -3,9 +3,10 @@
     TRITON_INTERPRET=1 PYTHONPATH=src python3 tools/host_cpu.py [--calls 2000] [--reps 7] [--json PATH]
 
 llama-8b decode (n = 1, L = 256) planned for an H200's grid (a uniform plan: two launches a
-call). The launches go to Triton's Python launcher wrapper around a counter
-(`skattn.bench.host_cpu`), so the numbers are skattn's Python plus that wrapper: what the
-host path costs before the C launcher and the driver. Compare runs on one machine only.
+call). The launches go to Triton's Python launcher wrapper around a counter, or (rows
+"..., C launcher") to skattn's C launcher with its driver call left out
+(`skattn.bench.host_cpu`), so the numbers are skattn's Python plus that launcher code: what
+the host path costs before the driver. Compare runs on one machine only.
 """
 import argparse
 import json
@@ -30,7 +31,7 @@ def main(argv=None) -> int:
     print(f"plan fixup {result['fixup']}, {result['launches']} launches a call")
     for name, us in result.items():
         if isinstance(us, float):
-            print(f"{name:22s} {us:7.2f} us")
+            print(f"{name:34s} {us:7.2f} us")
     return 0
 
 

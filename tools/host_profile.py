@@ -5,8 +5,8 @@
 On a GPU: llama-8b-shaped decode (n = 1, L = 256, so the GPU work is small and the host
 time shows), microseconds of Python per call for `skattn.attention` with a plan (its
 recipe: `skattn.recipe`), without one, `launch.run` alone (the path before a recipe), the
-recipe's packing alone, SDPA, and the launches replayed with prebuilt arguments, then the
-cProfile of 500 planned calls.
+recipe's parts, SDPA, and the launches replayed with prebuilt arguments (Triton's wrapper,
+Triton's C launch function, skattn's C launcher), then the cProfile of 500 planned calls.
 """
 import argparse
 import cProfile
@@ -16,7 +16,7 @@ import sys
 import torch
 
 import skattn
-from skattn import api, launch
+from skattn import api, launch, launcher
 from skattn.bench.host import per_call_us
 
 
@@ -58,15 +58,28 @@ def direct_launches(p, q, k, v, out) -> dict:
             "data_ptr of every arg": pack_only}
 
 
-def recipe_pack(p, q, k, v, out):
-    """The planned call's recipe (`skattn.recipe`) packing its launches without launching:
-    the Python a repeat call spends past its signature lookup."""
+def recipe_rows(p, q, k, v, out) -> dict:
+    """The planned call's recipe (`skattn.recipe`) in parts: its per-call values alone (the
+    addresses: what a repeat call reads past its signature lookup), packing the argument
+    tuples of Triton's launch functions, and its launches through skattn's C launcher with
+    those values made once."""
+    skattn.attention(q, k, v, causal=True, plan=p, out=out)
     skattn.attention(q, k, v, causal=True, plan=p, out=out)
     rec = next(r for r in api._CHECKED.values() if r.plan is p)
     stream = torch.cuda.current_stream().cuda_stream
-    if rec.pack(stream, q, k, v, out, None, None, None, None, None, None, None) is None:
-        return None
-    return lambda: rec.pack(stream, q, k, v, out, None, None, None, None, None, None, None)
+    tensors = (q, k, v, out, None, None, None, None, None, None, None)
+    got = rec.values(stream, *tensors)
+    if got is None:
+        return {}
+    (spec, launches), vals = got
+    rows = {"recipe values (addresses)": lambda: rec.values(stream, *tensors),
+            "recipe pack for Triton": lambda: rec.pack(stream, *tensors)}
+    if spec is not None:
+        fast = launcher.module().launch
+        rows[f"{len(launches)} x skattn C launcher"] = lambda: fast(spec, *vals)
+    else:
+        print("the recipe has no C launcher spec: it launches through Triton's functions")
+    return rows
 
 
 def main(argv=None) -> int:
@@ -93,14 +106,13 @@ def main(argv=None) -> int:
         "launch.run": lambda: launch.run(p, q, k, v, out, None, scale=128 ** -0.5),
         "sdpa": lambda: F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True),
     }
-    pack = recipe_pack(p, q, k, v, out)
-    if pack is not None:
-        rows["recipe pack (no launch)"] = pack
-    else:
+    parts = recipe_rows(p, q, k, v, out)
+    if not parts:
         print("the planned call has no recipe: it runs through launch.run")
+    rows.update(parts)
     rows.update(direct_launches(p, q, k, v, out))
     for name, fn in rows.items():
-        print(f"{name:22s} {per_call(fn, args.calls):7.1f} us")
+        print(f"{name:28s} {per_call(fn, args.calls):7.1f} us")
     print("compiled kernels called directly:", len(launch._COMPILED))
     pr = cProfile.Profile()
     pr.enable()

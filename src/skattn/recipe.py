@@ -5,13 +5,16 @@ device, the options) fixes everything its launches need except the tensors' addr
 stream and the workspace: the bound plan, the features, the strides, the compiled kernels
 and their constant tails, the grids. The first call of a signature (one per alignment) runs
 `launch.run` on fresh aliases of its tensors and records the launches; the `Recipe` learned
-from them holds, per launch, the C launch function of the compiled kernel and an
-assembler that builds its whole argument tuple from the constants it binds and the per-call
-values (stream, the addresses of q, k, v, out and the optional tensors present, the
-workspace views' addresses, all read anew each call). Pointers
-go to the launcher as integers, so it neither calls `data_ptr` nor asks the driver about
-them. A repeat call: signature lookup (in `skattn.api`), addresses, their 16-byte
-alignment (Triton specialises on it: each alignment pattern has its own launches), launch.
+from them holds a spec for skattn's C launcher (`skattn.launcher`: every launch's
+parameter block with its constants in place) and, per launch, the C launch function of the
+compiled kernel with an assembler that builds its whole argument tuple from the constants
+it binds and the per-call values (stream, the addresses of q, k, v, out and the optional
+tensors present, the workspace views' addresses, all read anew each call). A repeat call:
+signature lookup (in `skattn.api`), addresses, their 16-byte alignment (Triton specialises
+on it: each alignment pattern has its own launches), then one call of the C launcher with
+the stream and the addresses; where it has no spec (it could not be built, or a launch it
+does not pack) or no CUDA context is current on the thread, Triton's C launch functions
+with integer pointers, so they neither call `data_ptr` nor ask the driver about them.
 
 Calls that a recipe does not serve go through `launch.run` as before: CPU tensors and the
 interpreter, Triton launch hooks (profilers), a current device other than q's, the
@@ -25,7 +28,7 @@ from functools import reduce
 import torch
 
 from skattn import buffers as ws
-from skattn import launch
+from skattn import launch, launcher
 
 STREAM = 0  # index of the stream in the per-call values; the addresses follow
 # the tensors a call passes, in the order of their addresses in the per-call values
@@ -41,15 +44,19 @@ class Recipe:
     def __init__(self, bound, plan):
         self.bound = bound
         self.plan = plan          # the call's plan (an unplanned call's, made once)
-        self.by_align: dict = {}  # misaligned-tensor bits -> [(function, assembler)]
+        # misaligned-tensor bits -> (C launcher spec or None, [(function, assembler)])
+        self.by_align: dict = {}
         self.optional = True      # whether the signature has optional tensors (learned)
         self.serves = bound.cuda and bound.prefill is None
         self.index = bound.device.index
+        self.fast = launcher.function() if self.serves else None  # skattn's C launcher
 
-    def pack(self, stream, q, k, v, out, lse, mask, sinks, alibi_slopes, k_scale, v_scale,
-             workspace):
-        """The launches of this call as (function, argument tuple) pairs, or None where the
-        recipe has none for its alignment yet. Reads every address anew."""
+    def values(self, stream, q, k, v, out, lse, mask, sinks, alibi_slopes, k_scale, v_scale,
+               workspace):
+        """(launches, per-call values) of this call, or None where the recipe has no
+        launches for its alignment yet. Reads every address anew. `launches` is
+        (spec, [(function, assembler)]): the C launcher's spec (None where it has none) and
+        the same launches for Triton's C launch functions."""
         b = self.bound
         if workspace is None:
             wo, wm, wl, wc = ws.pooled(b.layout, b.need, b.device, stream)
@@ -63,8 +70,16 @@ class Recipe:
         hit = self.by_align.get(misaligned(ptrs))
         if hit is None:
             return None
-        vals = [stream, *ptrs, wo.data_ptr(), wm.data_ptr(), wl.data_ptr(), wc.data_ptr()]
-        return [(fn, make(vals)) for fn, make in hit]
+        return hit, [stream, *ptrs, wo.data_ptr(), wm.data_ptr(), wl.data_ptr(), wc.data_ptr()]
+
+    def pack(self, stream, *tensors):
+        """The launches of this call for Triton's C launch functions, as (function, argument
+        tuple) pairs, or None (`values`)."""
+        got = self.values(stream, *tensors)
+        if got is None:
+            return None
+        (_, launches), vals = got
+        return [(fn, make(vals)) for fn, make in launches]
 
     def run(self, q, k, v, out, lse, scale, mask, sinks, softcap, alibi_slopes, workspace,
             k_scale, v_scale) -> None:
@@ -75,11 +90,14 @@ class Recipe:
                   and launch._no_hooks())
         if direct:
             stream = torch._C._cuda_getCurrentRawStream(self.index)
-            calls = self.pack(stream, q, k, v, out, lse, mask, sinks, alibi_slopes, k_scale,
+            got = self.values(stream, q, k, v, out, lse, mask, sinks, alibi_slopes, k_scale,
                               v_scale, workspace)
-            if calls is not None:
-                for fn, args in calls:
-                    fn(*args)
+            if got is not None:
+                (spec, launches), vals = got
+                if spec is not None and self.fast(spec, *vals):
+                    return
+                for fn, make in launches:
+                    fn(*make(vals))
                 return
         kw = dict(scale=launch.default_scale(self.plan.head_dim) if scale is None else float(scale),
                   mask=mask, sinks=sinks, softcap=float(softcap), alibi_slopes=alibi_slopes,
@@ -108,12 +126,16 @@ class Recipe:
             views = ws.pooled(b.layout, b.need, b.device, stream)
         order = [alias[name] for name in ROLES if name in alias]
         self.optional = len(order) > 4
-        learned = learn_launches(record, [*order, *views], {id(b.qblock_off): b.qblock_off,
-                                                            id(b.kv_first): b.kv_first})
+        sources = [*order, *views]
+        tables = {id(b.qblock_off): b.qblock_off, id(b.kv_first): b.kv_first}
+        learned = learn_launches(record, sources, tables)
         if learned is None:  # launches it cannot replay: this signature keeps launch.run
             self.serves = False
             return
-        self.by_align[misaligned([x.data_ptr() for x in order])] = learned
+        spec = None
+        if self.fast is not None:
+            spec = learn_spec(record, sources, tables)
+        self.by_align[misaligned([x.data_ptr() for x in order])] = (spec, learned)
 
 
 def misaligned(ptrs) -> int:
@@ -149,21 +171,49 @@ def learn_launches(record, sources, tables, compiled=None):
         else:
             fn = r  # the wrapper allocates the kernel's scratch
         parts += [(ck.packed_metadata,), (None,), (None,), (None,)]
-        for a in args:
-            if isinstance(a, torch.Tensor):
-                if id(a) in slot:
-                    parts.append(slot[id(a)])
-                elif id(a) in tables:
-                    parts.append((a.data_ptr(),))
-                else:
-                    return None
-            elif isinstance(a, (int, float)):
-                parts.append((a,))
+        kernel_parts = arg_parts(args, tail, slot, tables)
+        if kernel_parts is None:
+            return None
+        launches.append((fn, assembler(parts + kernel_parts)))
+    return launches
+
+
+def learn_spec(record, sources, tables, compiled=None) -> bytes | None:
+    """The C launcher's spec (`skattn.launcher`) of `record`'s launches, with the per-call
+    values of `learn_launches` (the stream, then the addresses of `sources`), or None where
+    it cannot launch them (Triton's launchers then do)."""
+    compiled = launch._COMPILED if compiled is None else compiled
+    slot = {id(x): i + 1 for i, x in enumerate(sources)}
+    launches = []
+    for key, args, grid in record:
+        hit = compiled.get(key) if key is not None else None
+        if hit is None:
+            return None
+        ck, tail = hit
+        parts = arg_parts(args, tail, slot, tables)
+        if parts is None:
+            return None
+        launches.append((ck, grid, parts))
+    return launcher.spec(launches, len(sources))
+
+
+def arg_parts(args, tail, slot, tables) -> list | None:
+    """A launch's kernel arguments as assembler parts (an int: the per-call value of that
+    index, a source's address; a 1-tuple: a constant), or None for an unknown argument."""
+    parts = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            if id(a) in slot:
+                parts.append(slot[id(a)])
+            elif id(a) in tables:
+                parts.append((a.data_ptr(),))
             else:
                 return None
-        parts += [(x,) for x in tail]
-        launches.append((fn, assembler(parts)))
-    return launches
+        elif isinstance(a, (int, float)):
+            parts.append((a,))
+        else:
+            return None
+    return parts + [(x,) for x in tail]
 
 
 def assembler(parts):

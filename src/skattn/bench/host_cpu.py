@@ -5,19 +5,25 @@
 (`CudaLauncher.__call__`) around a C launch function replaced by a counter. So a call runs
 all of skattn's Python (checks, signatures, recipes, packing) and Triton's Python wrapper,
 and none of the GPU's work nor the C launcher's (pointer lookups, `cuLaunchKernel`).
-`measure()` times calls under it; `tools/host_cpu.py` prints the table.
+`stub_gpu(c_launcher=...)` lets recipes use skattn's C launcher (`skattn.launcher`) with
+its driver call left out: "prepare" packs every launch's parameter block as a real call does
+(for timing), "decode" also turns each launch back into the argument tuple Triton's launch
+function would get (for tests: the same log as the Triton path). `measure()` times calls
+under it; `tools/host_cpu.py` prints the table.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import statistics
+import struct
 import time
+from types import SimpleNamespace
 
 import torch
 from triton.backends.nvidia.driver import CudaLauncher
 
-from skattn import launch
+from skattn import launch, launcher
 from skattn.kernels import attention as _main
 from skattn.kernels import fixup as _fixup
 
@@ -33,6 +39,7 @@ class Counter:
     def __init__(self):
         self.calls = 0
         self.log: list | None = None
+        self.compiled: dict = {}  # function -> FakeCompiled
 
     def __call__(self, *args):
         self.calls += 1
@@ -48,6 +55,7 @@ class FakeCompiled:
     function: int
     packed_metadata: tuple
     const: dict
+    src: object = None  # what the C launcher reads: the signature, in the kernel's order
 
 
 class FakeKernel:
@@ -70,17 +78,73 @@ class FakeKernel:
             r.global_scratch_size = r.global_scratch_align = 0
             r.profile_scratch_size = r.profile_scratch_align = 0
             r.launch_cooperative_grid, r.launch_pdl = False, bool(const.get("launch_pdl"))
-            ck = FakeCompiled(r, function, (const.get("num_warps", 4), 1, 0), const)
+            sig = {name: _type_of(a) for name, a in zip(self.arg_names, args)}
+            sig.update({name: "constexpr" for name in self.arg_names[len(args):]})
+            ck = FakeCompiled(r, function, (const.get("num_warps", 4), 1, 0), const,
+                              SimpleNamespace(signature=sig))
+            self.counter.compiled[function] = ck
             self.counter(*grid, 0, function, *args)  # the JIT launcher's own launch
             return ck
         return compile_and_launch
 
 
+def _type_of(a) -> str:
+    """A stand-in kernel's parameter type: pointers, i1/i32/i64 by value, floats as fp64 (so
+    that a decoded launch gives back the very number)."""
+    if isinstance(a, bool):
+        return "i1"
+    if isinstance(a, int):
+        return "i32" if -(1 << 31) <= a < (1 << 31) else "i64"
+    if isinstance(a, float):
+        return "fp64"
+    return "*fp16"
+
+
+DECODE = {"i1": "=b", "i32": "=i", "i64": "=q", "fp64": "=d"}
+
+
+def c_launcher_stand_in(counter: Counter, decode: bool):
+    """The function recipes launch their C launcher spec with: the real C module with its
+    driver call left out; with `decode`, every launch is logged as Triton's launch tuple."""
+    m = launcher.module()
+    if m is None:
+        raise RuntimeError("skattn's C launcher could not be built here")
+
+    def prepare(spec, *values):
+        counter.calls += struct.unpack_from("=I", spec, 4)[0]
+        return m.prepare(spec, *values)
+
+    def describe(spec, *values):
+        for d in m.describe(spec, *values):
+            counter.calls += 1
+            ck = counter.compiled[d["function"]]
+            params = iter(d["params"])
+            args = []
+            for name, ty in ck.src.signature.items():
+                if ty == "constexpr":
+                    args.append(ck.const.get(name))
+                elif ty.startswith("*"):
+                    args.append(struct.unpack("=Q", next(params))[0])
+                else:
+                    v = struct.unpack(DECODE[ty], next(params))[0]
+                    args.append(bool(v) if ty == "i1" else v)
+            assert [next(params), next(params)] == [bytes(8)] * 2  # no scratch
+            if counter.log is not None:
+                counter.log.append((*d["grid"], d["stream"], d["function"],
+                                    bool(d["cooperative"]), bool(d["pdl"]), None, None,
+                                    (d["block"] // 32, 1, d["shared"]), None, None, None, *args))
+        return True
+
+    return describe if decode else prepare
+
+
 @contextlib.contextmanager
-def stub_gpu():
+def stub_gpu(c_launcher: str | None = None):
     """Within: plans bound on CPU tensors take the CUDA path, kernels are `FakeKernel`s
     counting into one `Counter` (yielded), the current stream is 0 and the current device a CPU's (index None).
-    Only plans first bound inside the context take the CUDA path."""
+    Only plans first bound inside the context take the CUDA path. Recipes launch through
+    Triton's C launch functions (stand-ins), or with `c_launcher` "prepare" or "decode"
+    through skattn's C launcher (`c_launcher_stand_in`)."""
     counter = Counter()
     kernels = {(_main, "attention_kernel"): 1 << 20, (_fixup, "uniform_fixup_kernel"): 2 << 20,
                (_fixup, "general_fixup_kernel"): 3 << 20}
@@ -88,8 +152,14 @@ def stub_gpu():
     c_saved = {name: getattr(torch._C, name, None)
                for name in ("_cuda_getCurrentRawStream", "_cuda_getDevice")}
     real_bind = launch._bind
+    real_function = launcher.function
     compiled = dict(launch._COMPILED)
     try:
+        if c_launcher is None:
+            launcher.function = lambda: None
+        else:
+            fast = c_launcher_stand_in(counter, decode=c_launcher == "decode")
+            launcher.function = lambda: fast
         for (mod, name), fn in kernels.items():
             setattr(mod, name, FakeKernel(getattr(mod, name), counter, fn))
         torch._C._cuda_getCurrentRawStream = lambda index: 0
@@ -106,6 +176,7 @@ def stub_gpu():
             else:
                 setattr(torch._C, name, fn)
         launch._bind = real_bind
+        launcher.function = real_function
         launch._COMPILED.clear()
         launch._COMPILED.update(compiled)
 
@@ -126,9 +197,11 @@ def per_call_us(fn, calls: int = 2000, reps: int = 7) -> float:
 def measure(calls: int = 2000, reps: int = 7) -> dict:
     """Microseconds of Python per call on CPU tensors with the launches stubbed:
     `skattn.attention` planned and unplanned (the plan made for the interpreter's pretend
-    GPU), `launch.run` alone (the path without a recipe), the custom op
+    GPU) through Triton's C launch functions (stand-ins) and through skattn's C launcher
+    (its driver call left out), `launch.run` alone (the path without a recipe), the custom op
     `torch.ops.skattn.attention` (dispatcher, remembered checks, `launch.run` with a
-    workspace of its own), and the planned call's fixup and launches. Raises RuntimeError when a call does not make its plan's launches."""
+    workspace of its own), and the planned call's fixup and launches. Raises RuntimeError
+    when a call does not make its plan's launches."""
     import skattn
     from skattn import api, ops
 
@@ -137,28 +210,34 @@ def measure(calls: int = 2000, reps: int = 7) -> dict:
     v = torch.randn_like(k)
     out = torch.empty_like(q)
     scale = SHAPE["head_dim"] ** -0.5
-    with torch.no_grad(), stub_gpu() as counter:
-        p = skattn.plan(causal=True, **SHAPE, **GRID)
-        rows = {
-            "attention planned": (p, lambda: skattn.attention(q, k, v, causal=True, plan=p,
-                                                              out=out)),
-            "attention unplanned": (None, lambda: skattn.attention(q, k, v, causal=True,
-                                                                   out=out)),
-            "launch.run": (p, lambda: launch.run(p, q, k, v, out, None, scale=scale)),
-            "custom op": ("op", lambda: torch.ops.skattn.attention(
-                q, k, v, None, None, None, None, True, None, 0.0, "auto", None, None)),
-        }
-        result = {"fixup": p.fixup, "launches": 1 + (p.fixup in ("uniform", "general"))}
-        for name, (plan, fn) in rows.items():
-            fn()
-            before = counter.calls
-            fn()
-            made = counter.calls - before
-            if plan is None:  # the plan the unplanned call made (cached per shape)
-                plan = next(r.plan for r in api._CHECKED.values() if r.plan is not p)
-            elif plan == "op":  # the op's plan (cached per shape and policy)
-                plan = ops.plan_for(q, k, v, causal=True)
-            if made != 1 + (plan.fixup in ("uniform", "general")):
-                raise RuntimeError(f"{name}: {made} launches for a {plan.fixup} plan")
-            result[name] = per_call_us(fn, calls, reps)
+    result: dict = {}
+    for c_launcher in (None, "prepare"):
+        api._CHECKED.clear()  # recipes learned under the other stand-in
+        with torch.no_grad(), stub_gpu(c_launcher) as counter:
+            p = skattn.plan(causal=True, **SHAPE, **GRID)
+            rows = {
+                "attention planned": (p, lambda: skattn.attention(q, k, v, causal=True, plan=p,
+                                                                  out=out)),
+                "attention unplanned": (None, lambda: skattn.attention(q, k, v, causal=True,
+                                                                       out=out)),
+            }
+            if c_launcher is None:
+                rows["launch.run"] = (p, lambda: launch.run(p, q, k, v, out, None, scale=scale))
+                rows["custom op"] = ("op", lambda: torch.ops.skattn.attention(
+                    q, k, v, None, None, None, None, True, None, 0.0, "auto", None, None))
+            result.update(fixup=p.fixup, launches=1 + (p.fixup in ("uniform", "general")))
+            for name, (plan, fn) in rows.items():
+                fn()
+                before = counter.calls
+                fn()
+                made = counter.calls - before
+                if plan is None:  # the plan the unplanned call made (cached per shape)
+                    plan = next(r.plan for r in api._CHECKED.values() if r.plan is not p)
+                elif plan == "op":  # the op's plan (cached per shape and policy)
+                    plan = ops.plan_for(q, k, v, causal=True)
+                if made != 1 + (plan.fixup in ("uniform", "general")):
+                    raise RuntimeError(f"{name}: {made} launches for a {plan.fixup} plan")
+                label = name if c_launcher is None else f"{name}, C launcher"
+                result[label] = per_call_us(fn, calls, reps)
+    api._CHECKED.clear()
     return result

@@ -1,0 +1,225 @@
+/* skattn's launcher: every kernel launch of a repeat call in one C call.
+
+   A launch *spec* (bytes, built once per recipe by skattn/launcher.py) holds, per launch,
+   the CUfunction, grid, block, shared memory, launch attributes and the kernel's parameter
+   block with every constant already in place; a call passes the stream and the per-call
+   pointers, which are written at their recorded offsets before cuLaunchKernelEx.
+
+   Spec layout (native byte order, every record 8-byte aligned):
+     header  u32 magic, u32 launches, u32 values (per-call pointers after the stream), u32 0
+     launch  u64 function; u32 grid x, y, z, block x, shared bytes, pdl, cooperative,
+             params, patches, data bytes;
+             u32 (offset, size) per parameter; u32 (value index, offset) per patch;
+             data bytes, padded to 8
+*/
+#include "cuda.h"
+#include <dlfcn.h>
+#include <stdint.h>
+#include <string.h>
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#define MAGIC 0x314c4b53u /* "SKL1" */
+#define MAX_VALUES 64
+#define MAX_PARAMS 256
+#define MAX_DATA 4096
+
+typedef CUresult (*launch_ex_t)(const CUlaunchConfig *, CUfunction, void **, void **);
+typedef CUresult (*ctx_get_t)(CUcontext *);
+typedef CUresult (*err_str_t)(CUresult, const char **);
+
+static launch_ex_t launch_ex = NULL;
+static ctx_get_t ctx_get = NULL;
+static err_str_t err_str = NULL;
+
+enum mode { LAUNCH, PREPARE, DESCRIBE };
+
+static int load_driver(void) {
+  if (launch_ex != NULL)
+    return 0;
+  void *lib = dlopen("libcuda.so.1", RTLD_LAZY);
+  if (lib == NULL) {
+    PyErr_SetString(PyExc_RuntimeError, "skattn launcher: cannot open libcuda.so.1");
+    return -1;
+  }
+  ctx_get = (ctx_get_t)dlsym(lib, "cuCtxGetCurrent");
+  err_str = (err_str_t)dlsym(lib, "cuGetErrorString");
+  launch_ex = (launch_ex_t)dlsym(lib, "cuLaunchKernelEx");
+  if (ctx_get == NULL || err_str == NULL || launch_ex == NULL) {
+    launch_ex = NULL;
+    PyErr_SetString(PyExc_RuntimeError, "skattn launcher: libcuda.so.1 lacks cuLaunchKernelEx");
+    return -1;
+  }
+  return 0;
+}
+
+typedef struct {
+  uint64_t function;
+  uint32_t grid[3], block, shared, pdl, cooperative, params, patches, data;
+} launch_head;
+
+static PyObject *spec_error(const char *what) {
+  PyErr_Format(PyExc_ValueError, "skattn launcher: bad launch spec (%s)", what);
+  return NULL;
+}
+
+/* One parameter's bytes, for DESCRIBE. */
+static PyObject *describe(const launch_head *h, CUstream stream, const char *buf,
+                          const uint32_t *params) {
+  PyObject *blob = PyList_New(h->params);
+  if (blob == NULL)
+    return NULL;
+  for (uint32_t i = 0; i < h->params; i++) {
+    PyObject *b = PyBytes_FromStringAndSize(buf + params[2 * i], params[2 * i + 1]);
+    if (b == NULL) {
+      Py_DECREF(blob);
+      return NULL;
+    }
+    PyList_SET_ITEM(blob, i, b);
+  }
+  return Py_BuildValue("{s:K,s:(III),s:I,s:I,s:I,s:I,s:K,s:N}", "function",
+                       (unsigned long long)h->function, "grid", h->grid[0], h->grid[1],
+                       h->grid[2], "block", h->block, "shared", h->shared, "pdl", h->pdl,
+                       "cooperative", h->cooperative, "stream",
+                       (unsigned long long)(uintptr_t)stream, "params", blob);
+}
+
+static PyObject *run(PyObject *const *args, Py_ssize_t nargs, enum mode mode) {
+  if (nargs < 2 || !PyBytes_Check(args[0]))
+    return spec_error("expected (spec, stream, *pointers)");
+  const char *spec = PyBytes_AS_STRING(args[0]);
+  Py_ssize_t size = PyBytes_GET_SIZE(args[0]);
+  const uint32_t *head = (const uint32_t *)spec;
+  if (size < 16 || head[0] != MAGIC)
+    return spec_error("header");
+  uint32_t launches = head[1], nvalues = head[2];
+  if (nvalues > MAX_VALUES || (Py_ssize_t)nvalues != nargs - 2)
+    return spec_error("number of pointers");
+  uint64_t values[MAX_VALUES];
+  CUstream stream = (CUstream)(uintptr_t)PyLong_AsUnsignedLongLong(args[1]);
+  if (PyErr_Occurred())
+    return NULL;
+  for (uint32_t i = 0; i < nvalues; i++) {
+    values[i] = PyLong_AsUnsignedLongLong(args[2 + i]);
+    if (PyErr_Occurred())
+      return NULL;
+  }
+  if (mode == LAUNCH) {
+    if (load_driver() < 0)
+      return NULL;
+    CUcontext ctx = NULL;
+    if (ctx_get(&ctx) != CUDA_SUCCESS || ctx == NULL)
+      Py_RETURN_FALSE; /* no current context on this thread: the caller takes Triton's path */
+  }
+  PyObject *described = mode == DESCRIBE ? PyList_New(0) : NULL;
+  if (mode == DESCRIBE && described == NULL)
+    return NULL;
+  _Alignas(16) char buf[MAX_DATA];
+  void *params[MAX_PARAMS];
+  Py_ssize_t at = 16;
+  for (uint32_t l = 0; l < launches; l++) {
+    if (at + (Py_ssize_t)sizeof(launch_head) > size)
+      goto bad;
+    launch_head h;
+    memcpy(&h, spec + at, sizeof h);
+    at += sizeof h;
+    Py_ssize_t tables = 8 * ((Py_ssize_t)h.params + h.patches);
+    Py_ssize_t data_at = at + tables;
+    if (h.params > MAX_PARAMS || h.data > MAX_DATA || data_at + h.data > size)
+      goto bad;
+    const uint32_t *offsets = (const uint32_t *)(spec + at);
+    const uint32_t *patches = offsets + 2 * h.params;
+    memcpy(buf, spec + data_at, h.data);
+    for (uint32_t i = 0; i < h.patches; i++) {
+      uint32_t value = patches[2 * i], offset = patches[2 * i + 1];
+      if (value >= nvalues || offset + 8 > h.data)
+        goto bad;
+      memcpy(buf + offset, &values[value], 8);
+    }
+    for (uint32_t i = 0; i < h.params; i++) {
+      if (offsets[2 * i] + offsets[2 * i + 1] > h.data)
+        goto bad;
+      params[i] = buf + offsets[2 * i];
+    }
+    at = data_at + ((h.data + 7) & ~(Py_ssize_t)7);
+    if (mode == DESCRIBE) {
+      PyObject *d = describe(&h, stream, buf, offsets);
+      if (d == NULL || PyList_Append(described, d) < 0) {
+        Py_XDECREF(d);
+        Py_DECREF(described);
+        return NULL;
+      }
+      Py_DECREF(d);
+      continue;
+    }
+    if (mode == PREPARE || (uint64_t)h.grid[0] * h.grid[1] * h.grid[2] == 0)
+      continue;
+    CUlaunchAttribute attrs[2];
+    unsigned nattrs = 0;
+    if (h.pdl) {
+      attrs[nattrs].id = CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+      attrs[nattrs].value.programmaticStreamSerializationAllowed = 1;
+      nattrs++;
+    }
+    if (h.cooperative) {
+      attrs[nattrs].id = CU_LAUNCH_ATTRIBUTE_COOPERATIVE;
+      attrs[nattrs].value.cooperative = 1;
+      nattrs++;
+    }
+    CUlaunchConfig config = {0};
+    config.gridDimX = h.grid[0];
+    config.gridDimY = h.grid[1];
+    config.gridDimZ = h.grid[2];
+    config.blockDimX = h.block;
+    config.blockDimY = 1;
+    config.blockDimZ = 1;
+    config.sharedMemBytes = h.shared;
+    config.hStream = stream;
+    config.attrs = attrs;
+    config.numAttrs = nattrs;
+    CUresult status;
+    Py_BEGIN_ALLOW_THREADS;
+    status = launch_ex(&config, (CUfunction)(uintptr_t)h.function, params, NULL);
+    Py_END_ALLOW_THREADS;
+    if (status != CUDA_SUCCESS) {
+      const char *text = NULL;
+      err_str(status, &text);
+      PyErr_Format(PyExc_RuntimeError, "skattn launcher: cuLaunchKernelEx failed: %s (%d)",
+                   text ? text : "unknown error", (int)status);
+      return NULL;
+    }
+  }
+  if (at != size)
+    goto bad;
+  if (mode == DESCRIBE)
+    return described;
+  Py_RETURN_TRUE;
+bad:
+  Py_XDECREF(described);
+  return spec_error("launch record");
+}
+
+static PyObject *launch(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+  return run(args, nargs, LAUNCH);
+}
+
+static PyObject *prepare(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+  return run(args, nargs, PREPARE);
+}
+
+static PyObject *describe_launches(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+  return run(args, nargs, DESCRIBE);
+}
+
+static PyMethodDef methods[] = {
+    {"launch", (PyCFunction)(void (*)(void))launch, METH_FASTCALL,
+     "launch(spec, stream, *pointers) -> True, or False with no current CUDA context"},
+    {"prepare", (PyCFunction)(void (*)(void))prepare, METH_FASTCALL,
+     "prepare(spec, stream, *pointers) -> True: everything but the driver call"},
+    {"describe", (PyCFunction)(void (*)(void))describe_launches, METH_FASTCALL,
+     "describe(spec, stream, *pointers) -> [dict]: each launch's config and parameter bytes"},
+    {NULL, NULL, 0, NULL}};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "skattn_launcher", NULL, -1, methods};
+
+PyMODINIT_FUNC PyInit_skattn_launcher(void) { return PyModule_Create(&module); }
