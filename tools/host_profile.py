@@ -72,7 +72,12 @@ def recipe_rows(p, q, k, v, out) -> dict:
     if got is None:
         return {}
     (spec, launches), vals = got
-    rows = {"recipe values (addresses)": lambda: rec.values(stream, *tensors),
+    key = api._signature(q, k, v, None, True, None, None, None, 0.0, None, False, p, out)
+    assert api._CHECKED.get(key) is rec
+    rows = {"signature": lambda: api._signature(q, k, v, None, True, None, None, None, 0.0, None,
+                                                False, p, out),
+            "signature lookup": lambda: api._CHECKED.get(key),
+            "recipe values (addresses)": lambda: rec.values(stream, *tensors),
             "recipe pack for Triton": lambda: rec.pack(stream, *tensors)}
     if spec is not None:
         fast = launcher.module().launch
@@ -98,11 +103,16 @@ def main(argv=None) -> int:
     out = torch.empty_like(q)
     p = skattn.plan(batch=1, q_len=1, kv_len=256, q_heads=32, kv_heads=8, head_dim=128,
                     causal=True)
-    print(p.fixup, p.programs)
+    fused = skattn.plan(batch=1, q_len=1, kv_len=256, q_heads=32, kv_heads=8, head_dim=128,
+                        causal=True, fixup="fused")  # one launch a call
+    print(p.fixup, p.programs, "| fused:", fused.fixup, fused.programs)
     qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))
     rows = {
         "attention planned": lambda: skattn.attention(q, k, v, causal=True, plan=p, out=out),
         "attention unplanned": lambda: skattn.attention(q, k, v, causal=True),
+        "attention unplanned, out=": lambda: skattn.attention(q, k, v, causal=True, out=out),
+        "attention planned, fused": lambda: skattn.attention(q, k, v, causal=True, plan=fused,
+                                                             out=out),
         "launch.run": lambda: launch.run(p, q, k, v, out, None, scale=128 ** -0.5),
         "sdpa": lambda: F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True),
     }

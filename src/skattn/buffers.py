@@ -83,6 +83,7 @@ class _Pool:
         self.buf: torch.Tensor | None = None
         self.counters: torch.Tensor | None = None
         self.cache: dict = {}
+        self.ptrs: dict = {}  # plan layout -> the addresses of its views (as `cache`)
         self.captured = False
         self.retired: list[torch.Tensor] = []  # buffers a captured graph may still use
 
@@ -98,13 +99,25 @@ class _Pool:
                 self.retired.append(self.buf)
             self.buf = torch.empty(max(floats, 16), dtype=torch.uint8, device=device)
             self.cache.clear()
+            self.ptrs.clear()
         if self.counters is None or self.counters.numel() < plan_layout[2]:
             if self.counters is not None and self.captured:
                 self.retired.append(self.counters)
             # zeroed: the fused fixup's counters start at 0 and every launch leaves them at 0
             self.counters = torch.zeros(max(plan_layout[2], 4), dtype=torch.int32, device=device)
             self.cache.clear()
+            self.ptrs.clear()
         hit = self.cache[plan_layout] = views(self.buf, plan_layout, self.counters)
+        return hit
+
+    def addresses(self, plan_layout, need: int, device) -> tuple[int, ...]:
+        """The addresses of `get`'s views (a repeat call's recipe needs no more)."""
+        if not self.captured and capturing(device):
+            self.captured = True
+        hit = self.ptrs.get(plan_layout)
+        if hit is None:
+            views = self.get(plan_layout, need, device)
+            hit = self.ptrs[plan_layout] = tuple(x.data_ptr() for x in views)
         return hit
 
     def held_bytes(self) -> int:
@@ -116,8 +129,9 @@ _POOLS: OrderedDict[tuple, _Pool] = OrderedDict()
 _CALLER: OrderedDict[tuple, tuple[torch.Tensor, ...]] = OrderedDict()
 
 
-def pooled(plan_layout, need: int, device, stream: int) -> tuple[torch.Tensor, ...]:
-    """Views of the pool of (device, stream), grown to `need` bytes if smaller."""
+def _pool(device, stream: int) -> _Pool:
+    """The pool of (device, stream), made if new (the oldest uncaptured pool beyond
+    MAX_POOLS dropped)."""
     key = (device, stream)
     pool = _POOLS.get(key)
     if pool is None:
@@ -130,7 +144,17 @@ def pooled(plan_layout, need: int, device, stream: int) -> tuple[torch.Tensor, .
                     break
                 continue
             del _POOLS[old_key]
-    return pool.get(plan_layout, need, device)
+    return pool
+
+
+def pooled(plan_layout, need: int, device, stream: int) -> tuple[torch.Tensor, ...]:
+    """Views of the pool of (device, stream), grown to `need` bytes if smaller."""
+    return _pool(device, stream).get(plan_layout, need, device)
+
+
+def pooled_addresses(plan_layout, need: int, device, stream: int) -> tuple[int, ...]:
+    """The addresses of `pooled`'s views."""
+    return _pool(device, stream).addresses(plan_layout, need, device)
 
 
 def caller_views(buf: torch.Tensor, plan_layout, need: int, device) -> tuple[torch.Tensor, ...]:

@@ -59,9 +59,9 @@ class Recipe:
         the same launches for Triton's C launch functions."""
         b = self.bound
         if workspace is None:
-            wo, wm, wl, wc = ws.pooled(b.layout, b.need, b.device, stream)
+            wptrs = ws.pooled_addresses(b.layout, b.need, b.device, stream)
         else:
-            wo, wm, wl, wc = ws.caller_views(workspace, b.layout, b.need, b.device)
+            wptrs = [x.data_ptr() for x in ws.caller_views(workspace, b.layout, b.need, b.device)]
         ptrs = [q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr()]
         if self.optional:
             for x in (lse, mask, sinks, alibi_slopes, k_scale, v_scale):
@@ -70,7 +70,7 @@ class Recipe:
         hit = self.by_align.get(misaligned(ptrs))
         if hit is None:
             return None
-        return hit, [stream, *ptrs, wo.data_ptr(), wm.data_ptr(), wl.data_ptr(), wc.data_ptr()]
+        return hit, [stream, *ptrs, *wptrs]
 
     def pack(self, stream, *tensors):
         """The launches of this call for Triton's C launch functions, as (function, argument
