@@ -98,7 +98,7 @@ def test_a_damaged_spec_or_wrong_pointers_are_errors(c):
         c.prepare(spec, 0, 1)
     with pytest.raises(ValueError, match="header"):
         c.prepare(b"\0" * len(spec), 0, 1, 2)
-    for cut in (17, 60, len(spec) - 8):
+    for cut in (25, 60, len(spec) - 8):
         with pytest.raises(ValueError, match="launch record"):
             c.prepare(spec[:cut], 0, 1, 2)
     with pytest.raises(ValueError, match="launch record"):
@@ -119,3 +119,27 @@ def test_launch_without_a_gpu_launches_nothing(c):
         assert "libcuda" in str(e)
     else:
         assert got is False
+
+
+def test_pointers_of_another_alignment_launch_nothing(c):
+    # Triton compiled the kernels for one 16-byte alignment pattern of the first `roles`
+    # pointers (bit i: pointer i is not aligned): another pattern gets None
+    one = _compiled({"x": "*fp16", "y": "*fp16", "w": "*fp32"}, function=1)
+    spec = launcher.spec([(one, (1, 1, 1), [1, 2, 3])], 3, roles=2, pattern=0b10)
+    assert c.prepare(spec, 0, 32, 18, 7) is True  # the third (a workspace) is not checked
+    for bad in ((32, 32, 0), (18, 18, 0), (2, 32, 0)):
+        assert c.prepare(spec, 0, *bad) is None
+        assert c.describe(spec, 0, *bad) is None
+    assert launcher.spec([(one, (1, 1, 1), [1, 2, 3])], 3, roles=2, pattern=0b100) is None
+
+
+def test_tensors_pass_their_data_ptr(c):
+    import torch
+
+    x, y = torch.empty(8), torch.empty(8, dtype=torch.float16)
+    two = _compiled({"x": "*fp32", "y": "*fp16"}, function=2)
+    spec = launcher.spec([(two, (1, 1, 1), [1, 2])], 2, roles=2)
+    (d,) = c.describe(spec, 0, x, y)
+    assert d["params"][:2] == [struct.pack("=Q", x.data_ptr()), struct.pack("=Q", y.data_ptr())]
+    with pytest.raises(AttributeError):
+        c.prepare(spec, 0, x, "no data_ptr")

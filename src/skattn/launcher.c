@@ -3,10 +3,14 @@
    A launch *spec* (bytes, built once per recipe by skattn/launcher.py) holds, per launch,
    the CUfunction, grid, block, shared memory, launch attributes and the kernel's parameter
    block with every constant already in place; a call passes the stream and the per-call
-   pointers, which are written at their recorded offsets before cuLaunchKernelEx.
+   pointers (integers, or tensors: their data_ptr()), which are written at their recorded
+   offsets before cuLaunchKernelEx. The spec was made for one pattern of 16-byte alignment
+   of the first `roles` pointers (Triton specialises kernels on it); a call whose pointers
+   have another pattern launches nothing and gets None.
 
    Spec layout (native byte order, every record 8-byte aligned):
-     header  u32 magic, u32 launches, u32 values (per-call pointers after the stream), u32 0
+     header  u32 magic, u32 launches, u32 values (per-call pointers after the stream),
+             u32 roles, u32 pattern (bit i: pointer i is not 16-byte aligned), u32 0
      launch  u64 function; u32 grid x, y, z, block x, shared bytes, pdl, cooperative,
              params, patches, data bytes;
              u32 (offset, size) per parameter; u32 (value index, offset) per patch;
@@ -28,6 +32,7 @@ typedef CUresult (*launch_ex_t)(const CUlaunchConfig *, CUfunction, void **, voi
 typedef CUresult (*ctx_get_t)(CUcontext *);
 typedef CUresult (*err_str_t)(CUresult, const char **);
 
+static PyObject *data_ptr_name = NULL;
 static launch_ex_t launch_ex = NULL;
 static ctx_get_t ctx_get = NULL;
 static err_str_t err_str = NULL;
@@ -90,20 +95,34 @@ static PyObject *run(PyObject *const *args, Py_ssize_t nargs, enum mode mode) {
   const char *spec = PyBytes_AS_STRING(args[0]);
   Py_ssize_t size = PyBytes_GET_SIZE(args[0]);
   const uint32_t *head = (const uint32_t *)spec;
-  if (size < 16 || head[0] != MAGIC)
+  if (size < 24 || head[0] != MAGIC)
     return spec_error("header");
-  uint32_t launches = head[1], nvalues = head[2];
-  if (nvalues > MAX_VALUES || (Py_ssize_t)nvalues != nargs - 2)
+  uint32_t launches = head[1], nvalues = head[2], roles = head[3], pattern = head[4];
+  if (nvalues > MAX_VALUES || roles > nvalues || roles > 32 || (Py_ssize_t)nvalues != nargs - 2)
     return spec_error("number of pointers");
   uint64_t values[MAX_VALUES];
   CUstream stream = (CUstream)(uintptr_t)PyLong_AsUnsignedLongLong(args[1]);
   if (PyErr_Occurred())
     return NULL;
+  uint32_t misaligned = 0;
   for (uint32_t i = 0; i < nvalues; i++) {
-    values[i] = PyLong_AsUnsignedLongLong(args[2 + i]);
+    PyObject *x = args[2 + i];
+    if (PyLong_Check(x)) {
+      values[i] = PyLong_AsUnsignedLongLong(x);
+    } else {
+      PyObject *ptr = PyObject_CallMethodNoArgs(x, data_ptr_name);
+      if (ptr == NULL)
+        return NULL;
+      values[i] = PyLong_AsUnsignedLongLong(ptr);
+      Py_DECREF(ptr);
+    }
     if (PyErr_Occurred())
       return NULL;
+    if (i < roles && values[i] % 16)
+      misaligned |= 1u << i;
   }
+  if (misaligned != pattern)
+    Py_RETURN_NONE; /* other compiled kernels: the caller finds their spec */
   if (mode == LAUNCH) {
     if (load_driver() < 0)
       return NULL;
@@ -116,7 +135,7 @@ static PyObject *run(PyObject *const *args, Py_ssize_t nargs, enum mode mode) {
     return NULL;
   _Alignas(16) char buf[MAX_DATA];
   void *params[MAX_PARAMS];
-  Py_ssize_t at = 16;
+  Py_ssize_t at = 24;
   for (uint32_t l = 0; l < launches; l++) {
     if (at + (Py_ssize_t)sizeof(launch_head) > size)
       goto bad;
@@ -213,7 +232,8 @@ static PyObject *describe_launches(PyObject *self, PyObject *const *args, Py_ssi
 
 static PyMethodDef methods[] = {
     {"launch", (PyCFunction)(void (*)(void))launch, METH_FASTCALL,
-     "launch(spec, stream, *pointers) -> True, or False with no current CUDA context"},
+     "launch(spec, stream, *pointers) -> True; False with no current CUDA context, None for "
+     "pointers of another alignment (nothing launched)"},
     {"prepare", (PyCFunction)(void (*)(void))prepare, METH_FASTCALL,
      "prepare(spec, stream, *pointers) -> True: everything but the driver call"},
     {"describe", (PyCFunction)(void (*)(void))describe_launches, METH_FASTCALL,
@@ -222,4 +242,9 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "skattn_launcher", NULL, -1, methods};
 
-PyMODINIT_FUNC PyInit_skattn_launcher(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit_skattn_launcher(void) {
+  data_ptr_name = PyUnicode_InternFromString("data_ptr");
+  if (data_ptr_name == NULL)
+    return NULL;
+  return PyModule_Create(&module);
+}

@@ -6,8 +6,10 @@ the pointers. `spec()` packs a recipe's launches once into bytes: per launch, th
 kernel's CUfunction, grid, block, shared memory, launch attributes and its parameter block
 with every constant in place, laid out exactly as Triton's launcher lays it out for the same
 kernel (`triton/backends/nvidia/driver.py`, `make_launcher`). A call passes
-`(spec, stream, *pointers)`; the C function writes the pointers at their offsets and calls
-`cuLaunchKernelEx` per launch.
+`(spec, stream, *pointers)` (integers, or tensors whose `data_ptr()` the C function reads);
+the C function checks their 16-byte alignment against the spec's (Triton compiled the
+kernels for one pattern), writes them at their offsets and calls `cuLaunchKernelEx` per
+launch.
 
 The C module is compiled once per machine (Triton's C build and cache, as Triton builds its
 own launchers) on first use; where that fails, `module()` is None, a warning says so once,
@@ -130,7 +132,7 @@ def _launch_record(ck, grid, parts):
     return head + tables + bytes(data) + bytes(-len(data) % 8)
 
 
-def spec(launches, values: int) -> bytes | None:
+def spec(launches, values: int, roles: int = 0, pattern: int = 0) -> bytes | None:
     """The spec of a call's launches, or None where one of them is not packed here.
 
     Parameters
@@ -141,8 +143,11 @@ def spec(launches, values: int) -> bytes | None:
         per-call pointer (1-based, after the stream), a 1-tuple a constant.
     values : int
         Per-call pointers a call passes after the stream.
+    roles, pattern : int
+        The first `roles` pointers were 16-byte aligned as `pattern` says (bit i set: pointer
+        i is not) when the kernels were compiled; a call with another pattern gets None.
     """
-    if values > MAX_VALUES:
+    if values > MAX_VALUES or not 0 <= roles <= min(values, 32) or pattern >> roles:
         return None
     records = []
     for ck, grid, parts in launches:
@@ -153,4 +158,4 @@ def spec(launches, values: int) -> bytes | None:
         if rec is None:
             return None
         records.append(rec)
-    return struct.pack("=4I", MAGIC, len(records), values, 0) + b"".join(records)
+    return struct.pack("=6I", MAGIC, len(records), values, roles, pattern, 0) + b"".join(records)

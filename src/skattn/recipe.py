@@ -50,6 +50,7 @@ class Recipe:
         self.serves = bound.cuda and bound.prefill is None
         self.index = bound.device.index
         self.fast = launcher.function() if self.serves else None  # skattn's C launcher
+        self.first_spec = None  # the spec of the first alignment learned (all aligned, mostly)
 
     def values(self, stream, q, k, v, out, lse, mask, sinks, alibi_slopes, k_scale, v_scale,
                workspace):
@@ -90,6 +91,21 @@ class Recipe:
                   and launch._no_hooks())
         if direct:
             stream = torch._C._cuda_getCurrentRawStream(self.index)
+            spec = self.first_spec
+            if spec is not None:  # one C call: addresses, their alignment, the launches
+                b = self.bound
+                if workspace is None:
+                    wptrs = ws.pooled_addresses(b.layout, b.need, b.device, stream)
+                else:
+                    wptrs = ws.caller_views(workspace, b.layout, b.need, b.device)
+                if self.optional:
+                    extra = [x for x in (lse, mask, sinks, alibi_slopes, k_scale, v_scale)
+                             if x is not None]
+                    done = self.fast(spec, stream, q, k, v, out, *extra, *wptrs)
+                else:
+                    done = self.fast(spec, stream, q, k, v, out, *wptrs)
+                if done:
+                    return
             got = self.values(stream, q, k, v, out, lse, mask, sinks, alibi_slopes, k_scale,
                               v_scale, workspace)
             if got is not None:
@@ -132,10 +148,13 @@ class Recipe:
         if learned is None:  # launches it cannot replay: this signature keeps launch.run
             self.serves = False
             return
+        pattern = misaligned([x.data_ptr() for x in order])
         spec = None
         if self.fast is not None:
-            spec = learn_spec(record, sources, tables)
-        self.by_align[misaligned([x.data_ptr() for x in order])] = (spec, learned)
+            spec = learn_spec(record, sources, tables, roles=len(order), pattern=pattern)
+        self.by_align[pattern] = (spec, learned)
+        if self.first_spec is None:
+            self.first_spec = spec
 
 
 def misaligned(ptrs) -> int:
@@ -178,10 +197,11 @@ def learn_launches(record, sources, tables, compiled=None):
     return launches
 
 
-def learn_spec(record, sources, tables, compiled=None) -> bytes | None:
+def learn_spec(record, sources, tables, compiled=None, roles=0, pattern=0) -> bytes | None:
     """The C launcher's spec (`skattn.launcher`) of `record`'s launches, with the per-call
-    values of `learn_launches` (the stream, then the addresses of `sources`), or None where
-    it cannot launch them (Triton's launchers then do)."""
+    values of `learn_launches` (the stream, then the addresses of `sources`, the first
+    `roles` of them aligned as `pattern` says), or None where it cannot launch them
+    (Triton's launchers then do)."""
     compiled = launch._COMPILED if compiled is None else compiled
     slot = {id(x): i + 1 for i, x in enumerate(sources)}
     launches = []
@@ -194,7 +214,7 @@ def learn_spec(record, sources, tables, compiled=None) -> bytes | None:
         if parts is None:
             return None
         launches.append((ck, grid, parts))
-    return launcher.spec(launches, len(sources))
+    return launcher.spec(launches, len(sources), roles, pattern)
 
 
 def arg_parts(args, tail, slot, tables) -> list | None:

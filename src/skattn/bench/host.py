@@ -25,6 +25,9 @@ HOST_SHAPE = dict(n=1, depth=256, hq=32, hkv=8, d=128)
 PROVIDERS = {
     "skattn-planned": "skattn.attention(q, k, v, causal=True, plan=p)",
     "skattn-unplanned": "skattn.attention(q, k, v, causal=True) (plan cache hit)",
+    "skattn-planned-out": "skattn.attention(q, k, v, causal=True, plan=p, out=out) (an output "
+                          "buffer of the caller's)",
+    "skattn-fused-out": "the same with a plan of fixup='fused' (one launch a call)",
     "skattn-op": "torch.ops.skattn.attention (the custom op)",
     "sdpa": "F.scaled_dot_product_attention(q, k, v, enable_gqa=True)",
     "sdpa-flash-ctx": "the same inside sdpa_kernel([SDPBackend.FLASH_ATTENTION])",
@@ -88,6 +91,9 @@ def host_calls(q, k, v, *, sms: int | None = None, occupancy: int | None = None)
     L, hkv = k.shape[1], k.shape[2]
     p = skattn.plan(batch=B, q_len=n, kv_len=L, q_heads=hq, kv_heads=hkv, head_dim=d, dtype=k.dtype,
                     causal=True, sms=sms, occupancy=occupancy)
+    fused = skattn.plan(batch=B, q_len=n, kv_len=L, q_heads=hq, kv_heads=hkv, head_dim=d,
+                        dtype=k.dtype, causal=True, sms=sms, occupancy=occupancy, fixup="fused")
+    out, out_fused = torch.empty_like(q), torch.empty_like(q)
     qt, kt, vt = (t.transpose(1, 2).contiguous() for t in (q, k, v))
     mask = causal_lower_right(n, L) if n > 1 else None  # n = 1 sees every key
 
@@ -104,6 +110,9 @@ def host_calls(q, k, v, *, sms: int | None = None, occupancy: int | None = None)
     return {
         "skattn-planned": lambda: skattn.attention(q, k, v, causal=True, plan=p),
         "skattn-unplanned": lambda: skattn.attention(q, k, v, causal=True),
+        "skattn-planned-out": lambda: skattn.attention(q, k, v, causal=True, plan=p, out=out),
+        "skattn-fused-out": lambda: skattn.attention(q, k, v, causal=True, plan=fused,
+                                                     out=out_fused),
         "skattn-op": _custom_op(q, k, v),
         "sdpa": sdpa,
         "sdpa-flash-ctx": inside(SDPBackend.FLASH_ATTENTION),
