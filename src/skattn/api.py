@@ -7,7 +7,7 @@ from functools import lru_cache
 
 import torch
 
-from skattn import checks, launch, quant
+from skattn import checks, launch, launcher, quant
 from skattn.device import hardware, shared_memory_limit
 from skattn.planner import plan as make_plan
 from skattn.recipe import Recipe
@@ -19,6 +19,7 @@ from skattn.recipe import Recipe
 _CHECKED: dict = {}
 _CHECKED_MAX = 4096
 _TOKENS = itertools.count()
+_METAS: list = []  # the C launcher's `metas` (None where it could not be built), once known
 
 
 def _meta(x):
@@ -47,12 +48,18 @@ def _signature(q, k, v, scale, causal, window, mask, sinks, softcap, alibi_slope
             token = d.get("_token")
             if token is None:
                 token = d["_token"] = type(plan), next(_TOKENS)
-    T = torch.Tensor  # plain tensors inline (what `_meta` returns for them)
-    return ((q.shape, q.stride(), q.dtype, q.device, q.requires_grad) if type(q) is T else _meta(q),
+    if not _METAS:
+        _METAS.append(launcher.metas_function())
+    tensors = _METAS[0](q, k, v, out) if _METAS[0] is not None else None
+    if tensors is None:
+        T = torch.Tensor  # plain tensors inline (what `_meta` returns for them)
+        tensors = (
+            (q.shape, q.stride(), q.dtype, q.device, q.requires_grad) if type(q) is T else _meta(q),
             (k.shape, k.stride(), k.dtype, k.device, k.requires_grad) if type(k) is T else _meta(k),
             (v.shape, v.stride(), v.dtype, v.device, v.requires_grad) if type(v) is T else _meta(v),
             (out.shape, out.stride(), out.dtype, out.device, out.requires_grad)
-            if type(out) is T else _meta(out),
+            if type(out) is T else _meta(out))
+    return (tensors,
             None if mask is None else _meta(mask), None if sinks is None else _meta(sinks),
             None if alibi_slopes is None else _meta(alibi_slopes),
             scale, type(scale), softcap, type(softcap), causal, type(causal), window,

@@ -8,6 +8,11 @@
    of the first `roles` pointers (Triton specialises kernels on it); a call whose pointers
    have another pattern launches nothing and gets None.
 
+   `metas(*tensors)` reads what a call's signature keeps of each tensor (skattn/api.py):
+   (shape, stride(), dtype, device, requires_grad), through torch's own getters, for plain
+   torch.Tensor objects (None stays None; anything else: the result is None and Python
+   reads them).
+
    Spec layout (native byte order, every record 8-byte aligned):
      header  u32 magic, u32 launches, u32 values (per-call pointers after the stream),
              u32 roles, u32 pattern (bit i: pointer i is not 16-byte aligned), u32 0
@@ -33,6 +38,9 @@ typedef CUresult (*ctx_get_t)(CUcontext *);
 typedef CUresult (*err_str_t)(CUresult, const char **);
 
 static PyObject *data_ptr_name = NULL;
+/* torch.Tensor and TensorBase's getters and methods (`bind_torch`) */
+static PyObject *tensor_type = NULL, *get_shape = NULL, *get_dtype = NULL, *get_device = NULL,
+                *get_requires_grad = NULL, *stride_method = NULL, *data_ptr_method = NULL;
 static launch_ex_t launch_ex = NULL;
 static ctx_get_t ctx_get = NULL;
 static err_str_t err_str = NULL;
@@ -110,7 +118,9 @@ static PyObject *run(PyObject *const *args, Py_ssize_t nargs, enum mode mode) {
     if (PyLong_Check(x)) {
       values[i] = PyLong_AsUnsignedLongLong(x);
     } else {
-      PyObject *ptr = PyObject_CallMethodNoArgs(x, data_ptr_name);
+      PyObject *ptr = (PyObject *)Py_TYPE(x) == tensor_type && data_ptr_method != NULL
+                          ? PyObject_Vectorcall(data_ptr_method, &x, 1, NULL)
+                          : PyObject_CallMethodNoArgs(x, data_ptr_name);
       if (ptr == NULL)
         return NULL;
       values[i] = PyLong_AsUnsignedLongLong(ptr);
@@ -218,6 +228,64 @@ bad:
   return spec_error("launch record");
 }
 
+static PyObject *bind_torch(PyObject *self, PyObject *args) {
+  PyObject *objs[7];
+  if (!PyArg_ParseTuple(args, "OOOOOOO", &objs[0], &objs[1], &objs[2], &objs[3], &objs[4],
+                        &objs[5], &objs[6]))
+    return NULL;
+  for (int i = 1; i < 5; i++)
+    if (Py_TYPE(objs[i])->tp_descr_get == NULL)
+      return PyErr_Format(PyExc_TypeError, "bind_torch: argument %d is not a getter", i);
+  PyObject **slots[7] = {&tensor_type, &get_shape, &get_dtype, &get_device, &get_requires_grad,
+                         &stride_method, &data_ptr_method};
+  for (int i = 0; i < 7; i++) {
+    Py_INCREF(objs[i]);
+    Py_XSETREF(*slots[i], objs[i]);
+  }
+  Py_RETURN_NONE;
+}
+
+static PyObject *get(PyObject *getter, PyObject *x) {
+  return Py_TYPE(getter)->tp_descr_get(getter, x, (PyObject *)Py_TYPE(x));
+}
+
+static PyObject *metas(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+  if (tensor_type == NULL)
+    Py_RETURN_NONE;
+  PyObject *result = PyTuple_New(nargs);
+  if (result == NULL)
+    return NULL;
+  for (Py_ssize_t i = 0; i < nargs; i++) {
+    PyObject *x = args[i], *m;
+    if (x == Py_None) {
+      m = Py_NewRef(Py_None);
+    } else if ((PyObject *)Py_TYPE(x) == tensor_type) {
+      m = PyTuple_New(5);
+      if (m == NULL) {
+        Py_DECREF(result);
+        return NULL;
+      }
+      PyObject *parts[5] = {get(get_shape, x), PyObject_Vectorcall(stride_method, &x, 1, NULL),
+                            get(get_dtype, x), get(get_device, x), get(get_requires_grad, x)};
+      for (int j = 0; j < 5; j++) {
+        if (parts[j] == NULL) {
+          for (int r = j + 1; r < 5; r++)
+            Py_XDECREF(parts[r]);
+          Py_DECREF(m);
+          Py_DECREF(result);
+          return NULL;
+        }
+        PyTuple_SET_ITEM(m, j, parts[j]);
+      }
+    } else {
+      Py_DECREF(result);
+      Py_RETURN_NONE; /* a subclass or another type: Python reads it */
+    }
+    PyTuple_SET_ITEM(result, i, m);
+  }
+  return result;
+}
+
 static PyObject *launch(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
   return run(args, nargs, LAUNCH);
 }
@@ -236,6 +304,10 @@ static PyMethodDef methods[] = {
      "pointers of another alignment (nothing launched)"},
     {"prepare", (PyCFunction)(void (*)(void))prepare, METH_FASTCALL,
      "prepare(spec, stream, *pointers) -> True: everything but the driver call"},
+    {"bind_torch", bind_torch, METH_VARARGS,
+     "bind_torch(Tensor, shape, dtype, device, requires_grad getters, stride, data_ptr)"},
+    {"metas", (PyCFunction)(void (*)(void))metas, METH_FASTCALL,
+     "metas(*tensors) -> ((shape, stride, dtype, device, requires_grad) or None, ...), or None"},
     {"describe", (PyCFunction)(void (*)(void))describe_launches, METH_FASTCALL,
      "describe(spec, stream, *pointers) -> [dict]: each launch's config and parameter bytes"},
     {NULL, NULL, 0, NULL}};

@@ -49,12 +49,32 @@ def _build():
         from triton.runtime.build import compile_module_from_src
 
         src = Path(__file__).with_name("launcher.c").read_text()
-        return compile_module_from_src(src=src, name="skattn_launcher", include_dirs=include_dirs)
+        m = compile_module_from_src(src=src, name="skattn_launcher", include_dirs=include_dirs)
+        _bind_torch(m)
+        return m
     except Exception as e:  # noqa: BLE001 (any build failure leaves Triton's launcher)
         warnings.warn(f"skattn: the C launcher could not be built ({type(e).__name__}: {e}); "
                       "repeat calls launch through Triton's launcher (a few µs more each)",
                       RuntimeWarning, stacklevel=3)
         return None
+
+
+def _bind_torch(m) -> None:
+    """Give the module torch's own tensor getters (`metas`, `data_ptr` of plain tensors);
+    where torch.Tensor overrides one of them, `metas` stays unbound (it returns None)."""
+    import torch
+
+    names = ("shape", "dtype", "device", "requires_grad", "stride", "data_ptr")
+    base = torch._C.TensorBase.__dict__
+    if any(n in torch.Tensor.__dict__ or n not in base for n in names):
+        return
+    m.bind_torch(torch.Tensor, *(base[n] for n in names))
+
+
+def metas_function():
+    """The module's `metas` (what a call's signature keeps of each tensor), or None."""
+    m = module()
+    return None if m is None else m.metas
 
 
 def function():
