@@ -6,7 +6,7 @@ import torch
 from triton.backends.nvidia.driver import CudaLauncher
 
 import skattn
-from skattn import api, launch, recipe
+from skattn import api, launch, ops, recipe
 from skattn import buffers as ws
 from skattn.bench import host_cpu
 
@@ -23,6 +23,7 @@ def gpu(monkeypatch, request):
     monkeypatch.setattr(CudaLauncher, "__call__",
                         lambda self, *a: (wrapped.append(1), real(self, *a))[1])
     api._CHECKED.clear()
+    ops._RECIPES.clear()
     ws.release()
     c_launcher = "decode" if request.param == "skattn" else None
     with torch.no_grad(), host_cpu.stub_gpu(c_launcher) as counter:
@@ -57,20 +58,24 @@ def fast_and_slow(gpu, call):
     res = call()
     fast = gpu.log
     assert fast and not gpu.wrapped, "the call did not take its recipe"
-    specs = [spec for r in api._CHECKED.values() for spec, _ in r.by_align.values()]
+    specs = [spec for r in [*api._CHECKED.values(), *ops._RECIPES.values()]
+             for spec, _ in r.by_align.values()]
     assert all((spec is not None) == bool(gpu.c_launcher) for spec in specs)
-    serves = {id(r): r.serves for r in api._CHECKED.values()}
-    for r in api._CHECKED.values():
+    recipes = [*api._CHECKED.values(), *ops._RECIPES.values()]
+    serves = {id(r): r.serves for r in recipes}
+    for r in recipes:
         r.serves = False
     gpu.log = []
     res2 = call()
-    for r in api._CHECKED.values():
+    for r in recipes:
         r.serves = serves[id(r)]
     slow = gpu.log
     gpu.log = None
     swap = {}
     if isinstance(res, tuple):  # a fresh lse each call
         swap = {res2[1].data_ptr(): res[1].data_ptr()}
+    elif isinstance(res, torch.Tensor):  # a fresh output each call (the custom op's)
+        swap = {res2.data_ptr(): res.data_ptr()}
     return fast, [_ints(a, swap) for a in slow]
 
 
@@ -351,3 +356,25 @@ def test_remembered_signatures_are_bounded_oldest_first():
     for i in range(5):
         api.remember(table, i, str(i), limit=3)
     assert list(table) == [2, 3, 4]
+
+
+@pytest.mark.parametrize("policy", ["llamacpp", "auto"])
+def test_the_custom_op_replays_its_recipe_with_its_own_workspace(gpu, monkeypatch, policy):
+    # the op's repeat call launches what launch.run launches, with a workspace of the call's
+    # own (here one buffer every call, so that the two paths' addresses compare)
+    q, k, v, _ = _qkv()
+    layout = ws.layout(ops.plan_for(q, k, v, causal=True, policy=policy))
+    fixed = ws.scratch(layout, q.device)
+    monkeypatch.setattr(ws, "scratch", lambda plan_layout, device: fixed)
+    call = lambda: torch.ops.skattn.attention(q, k, v, None, None, None, 0.2, True, None,  # noqa: E731
+                                              0.0, policy, None, None)
+    call()
+    fast, slow = fast_and_slow(gpu, call)
+    assert fast == slow and len(fast) >= 1
+    assert fixed.buf.data_ptr() in fast[0] and q.data_ptr() in fast[0]
+    # the addresses a recipe computes are those of the views launch.run makes
+    for plan_layout in (layout, (5, 3, 0), (5, 3, 7)):
+        buf = ws.scratch(plan_layout, q.device)
+        assert buf.addresses(plan_layout) == tuple(x.data_ptr() for x in buf.views(plan_layout))
+    (rec,) = ops._RECIPES.values()
+    assert rec.plan.policy == policy and rec.by_align

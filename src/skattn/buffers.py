@@ -176,8 +176,27 @@ def caller_views(buf: torch.Tensor, plan_layout, need: int, device) -> tuple[tor
     return hit
 
 
-def scratch(plan_layout, device) -> tuple[torch.Tensor, ...]:
-    """Fresh views for one call, freed with it: the custom op's workspace. Under
+class Scratch:
+    """A workspace of one call alone, freed with it (`scratch`): its views, or just their
+    addresses (what a repeat call's recipe needs, without making the views)."""
+
+    __slots__ = ("buf",)
+
+    def __init__(self, buf: torch.Tensor):
+        self.buf = buf
+
+    def views(self, plan_layout) -> tuple[torch.Tensor, ...]:
+        return views(self.buf, plan_layout)
+
+    def addresses(self, plan_layout) -> tuple[int, int, int, int]:
+        """The addresses of `views(plan_layout)`, computed as `views` lays them out."""
+        o, m, c = plan_layout
+        base = self.buf.data_ptr()
+        return base, base + 4 * o, base + 4 * (o + m), base + self.buf.numel() - 4 * max(c, 1)
+
+
+def scratch(plan_layout, device) -> Scratch:
+    """A fresh buffer for one call, freed with it: the custom op's workspace. Under
     torch.compile's CUDA graphs (mode="reduce-overhead") every allocation during warm-up and
     capture comes from the graph's private pool and must not outlive the call, so the op
     holds no pool; the counters are zeroed here (a memset the graph replays)."""
@@ -186,7 +205,7 @@ def scratch(plan_layout, device) -> tuple[torch.Tensor, ...]:
     buf = torch.empty(max(16, floats + c * 4), dtype=torch.uint8, device=device)
     if c:
         buf[floats:].zero_()
-    return views(buf, plan_layout)
+    return Scratch(buf)
 
 
 def held_bytes() -> int:

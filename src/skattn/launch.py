@@ -241,8 +241,9 @@ def run(plan: Plan, q, k, v, out, lse, *, scale: float, mask=None, sinks=None, s
     scales (fp8: f32 [1] or [Hkv]; q8_0, q4_0: the block scales), as `skattn.attention`
     unpacks them.
 
-    `workspace`: a caller's buffer (`skattn.workspace(plan)`), else the pool of the current
-    stream, or with `scratch=True` a buffer of this call alone (`buffers.scratch`).
+    `workspace`: a caller's buffer (`skattn.workspace(plan)`) or a buffer of this call alone
+    (`buffers.scratch`, or its views as a tuple), else the pool of the current stream, or
+    with `scratch=True` a buffer of this call alone made here.
     `main_only` skips the separate fixup (a diagnostic: the output is then incomplete).
     `stamps` (a diagnostic, GPU only): int64 tensors (main [programs, 4], fixup
     [prod(fixup_grid(plan)), 4]) that receive each program's %globaltimer stamps (main: start,
@@ -262,10 +263,14 @@ def run(plan: Plan, q, k, v, out, lse, *, scale: float, mask=None, sinks=None, s
         _check_stamps(plan, stamps, device)
     cuda = b.cuda
     stream = torch._C._cuda_getCurrentRawStream(device.index) if cuda else 0
-    if workspace is not None:
+    if type(workspace) is ws.Scratch:  # a buffer of the call's own
+        ws_o, ws_m, ws_l, counters = workspace.views(b.layout)
+    elif type(workspace) is tuple:  # its views, made by the caller (`skattn.recipe`)
+        ws_o, ws_m, ws_l, counters = workspace
+    elif workspace is not None:
         ws_o, ws_m, ws_l, counters = ws.caller_views(workspace, b.layout, b.need, device)
     elif scratch:
-        ws_o, ws_m, ws_l, counters = ws.scratch(b.layout, device)
+        ws_o, ws_m, ws_l, counters = ws.scratch(b.layout, device).views(b.layout)
     else:
         ws_o, ws_m, ws_l, counters = ws.pooled(b.layout, b.need, device, stream)
     fast = cuda and stamps is None and _no_hooks()

@@ -3,7 +3,8 @@
 `skattn.attention` stays the eager entry point (no dispatcher on its host path); this op
 wraps the same kernel so that `torch.compile(fullgraph=True)` traces it without a graph
 break (a fake kernel gives the output's shape) and CUDA graphs (mode="reduce-overhead")
-capture it. The op plans with a named policy, cached per shape like `skattn.attention`.
+capture it. The op plans with a named policy, cached per shape like `skattn.attention`, and
+a repeat call replays its signature's recipe (`skattn.recipe`) with a workspace of its own.
 
 Quantized K/V (docs/quant.md) pass as tensors: FP8 K/V with `k_scale`, `v_scale` as
 `skattn.attention` takes them, and a q8_0 cache as its int8 values in `k`/`v` with its f16
@@ -17,10 +18,11 @@ from numbers import Real
 
 import torch
 
-from skattn import api, checks, launch, quant
+from skattn import api, buffers, checks, launch, quant
 from skattn import policy as policies
 from skattn.device import hardware, shared_memory_limit
 from skattn.planner import plan as make_plan
+from skattn.recipe import Recipe
 
 __all__ = ["attention", "plan_for"]
 
@@ -75,11 +77,15 @@ def _kv_forms(k, v, k_scale, v_scale):
 
 # signatures of op calls whose arguments passed the checks (as `skattn.api` keeps them for
 # `skattn.attention`): a repeat call with the same shapes, strides, dtypes, devices and options
-# is not checked again
+# is not checked again; per policy, the signature's recipe (`skattn.recipe`: its plan and
+# launches, replayed as `skattn.attention` replays them)
 _CHECKED: dict = {}
+_RECIPES: dict = {}
 
 
 def _check(q, k, v, mask, sinks, alibi_slopes, scale, causal, window, softcap, k_scale, v_scale):
+    """(k, v) in the forms `skattn.attention` takes and the call's signature (None where it
+    cannot be kept), after the checks where the signature is new."""
     key = api._signature(q, k, v, scale, causal, window, mask, sinks, softcap, alibi_slopes,
                          False, None, None, k_scale, v_scale)
     k, v, k_scale, v_scale = _kv_forms(k, v, k_scale, v_scale)
@@ -93,7 +99,19 @@ def _check(q, k, v, mask, sinks, alibi_slopes, scale, causal, window, softcap, k
                               k_scale=k_scale, v_scale=v_scale)
         if key is not None:
             api.remember(_CHECKED, key, None)
-    return k, v
+    return k, v, key
+
+
+def _recipe(key, policy, q, kf, vf, causal, window, mask) -> Recipe:
+    """The recipe of a checked call for `policy` (kept under its signature where it has one)."""
+    rec = _RECIPES.get((key, policy)) if key is not None else None
+    if rec is None:
+        p = plan_for(q, kf, vf, causal=causal, window=window, policy=policy,
+                     has_mask=mask is not None)
+        rec = Recipe(launch.bind(p, q.device), p)
+        if key is not None:
+            api.remember(_RECIPES, (key, policy), rec)
+    return rec
 
 
 @torch.library.custom_op("skattn::attention", mutates_args=())
@@ -102,17 +120,16 @@ def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
                   scale: float | None, causal: bool, window: int | None, softcap: float,
                   policy: str, k_scale: torch.Tensor | None = None,
                   v_scale: torch.Tensor | None = None) -> torch.Tensor:
-    kf, vf = _check(q, k, v, mask, sinks, alibi_slopes, scale, causal, window, softcap, k_scale,
-                    v_scale)
-    p = plan_for(q, kf, vf, causal=causal, window=window, policy=policy, has_mask=mask is not None)
+    kf, vf, key = _check(q, k, v, mask, sinks, alibi_slopes, scale, causal, window, softcap,
+                         k_scale, v_scale)
+    rec = _recipe(key, policy, q, kf, vf, causal, window, mask)
     B, Lq, Hq, Dk = q.shape
     out = q.new_empty(B, Lq, Hq, vf.shape[3])  # (a q4_0 v packs two values a byte)
     if k.dtype in quant.FP8_DTYPES:  # scales [] / [1] / [Hkv] as the kernel reads them: [1] / [Hkv]
         k_scale, v_scale = k_scale.reshape(-1), v_scale.reshape(-1)
     # a workspace of this call alone: CUDA graphs of torch.compile own what the op allocates
-    launch.run(p, q, k, v, out, None, scale=launch.default_scale(Dk) if scale is None else scale,
-               mask=mask, sinks=sinks, softcap=softcap, alibi_slopes=alibi_slopes,
-               k_scale=k_scale, v_scale=v_scale, scratch=True)
+    own = buffers.scratch(rec.bound.layout, q.device)
+    rec.run(q, k, v, out, None, scale, mask, sinks, softcap, alibi_slopes, own, k_scale, v_scale)
     return out
 
 
@@ -120,8 +137,8 @@ def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
 def _attention_fake(q, k, v, mask, sinks, alibi_slopes, scale, causal, window, softcap, policy,
                     k_scale=None, v_scale=None):
     # the same checks as the real kernel, so bad input fails while tracing, not at run time
-    _, vf = _check(q, k, v, mask, sinks, alibi_slopes, scale, causal, window, softcap, k_scale,
-                   v_scale)
+    _, vf, _ = _check(q, k, v, mask, sinks, alibi_slopes, scale, causal, window, softcap,
+                      k_scale, v_scale)
     _check_policy(policy)
     B, Lq, Hq, _ = q.shape
     return q.new_empty(B, Lq, Hq, vf.shape[3])

@@ -62,7 +62,7 @@ class Recipe:
         if workspace is None:
             wptrs = ws.pooled_addresses(b.layout, b.need, b.device, stream)
         else:
-            wptrs = [x.data_ptr() for x in ws.caller_views(workspace, b.layout, b.need, b.device)]
+            wptrs = [x.data_ptr() for x in self.views(workspace)]
         ptrs = [q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr()]
         if self.optional:
             for x in (lse, mask, sinks, alibi_slopes, k_scale, v_scale):
@@ -72,6 +72,14 @@ class Recipe:
         if hit is None:
             return None
         return hit, [stream, *ptrs, *wptrs]
+
+    def views(self, workspace) -> tuple:
+        """The workspace views of a call given `workspace=`: a caller's buffer (its views,
+        cached per buffer) or a buffer of the call's own (`buffers.Scratch`)."""
+        b = self.bound
+        if type(workspace) is ws.Scratch:
+            return workspace.views(b.layout)
+        return ws.caller_views(workspace, b.layout, b.need, b.device)
 
     def pack(self, stream, *tensors):
         """The launches of this call for Triton's C launch functions, as (function, argument
@@ -96,8 +104,10 @@ class Recipe:
                 b = self.bound
                 if workspace is None:
                     wptrs = ws.pooled_addresses(b.layout, b.need, b.device, stream)
+                elif type(workspace) is ws.Scratch:
+                    wptrs = workspace.addresses(b.layout)
                 else:
-                    wptrs = ws.caller_views(workspace, b.layout, b.need, b.device)
+                    wptrs = self.views(workspace)
                 if self.optional:
                     extra = [x for x in (lse, mask, sinks, alibi_slopes, k_scale, v_scale)
                              if x is not None]
@@ -132,14 +142,18 @@ class Recipe:
         for name, x in alias.items():
             if name in kw:
                 kw[name] = x
+        b = self.bound
+        if type(kw["workspace"]) is ws.Scratch:  # launch.run gets the views named here
+            kw["workspace"] = kw["workspace"].views(b.layout)
         record: list = []
         launch.run(self.plan, alias["q"], alias["k"], alias["v"], alias["out"], alias.get("lse"),
                    record=record, **kw)
-        b = self.bound
-        if kw["workspace"] is not None:
-            views = ws.caller_views(kw["workspace"], b.layout, b.need, b.device)
-        else:
+        if kw["workspace"] is None:
             views = ws.pooled(b.layout, b.need, b.device, stream)
+        elif type(kw["workspace"]) is tuple:
+            views = kw["workspace"]
+        else:
+            views = self.views(kw["workspace"])
         order = [alias[name] for name in ROLES if name in alias]
         self.optional = len(order) > 4
         sources = [*order, *views]
