@@ -1,5 +1,6 @@
-"""Small attention calls covering every fixup kind and feature, checked against float64:
-what `scripts/gpu_run.sh` runs under compute-sanitizer (memcheck, racecheck, synccheck)."""
+"""Small attention calls covering every fixup kind and feature, checked against float64, each
+made twice (the second replays its recipe through skattn's C launcher): what
+`scripts/gpu_run.sh` runs under compute-sanitizer (memcheck, racecheck, synccheck)."""
 import sys
 
 import torch
@@ -42,14 +43,17 @@ def main() -> int:
     bad = 0
     n = 0
     for name, (q, k, v), kw in cases(quick="--quick" in sys.argv):
-        out, lse = skattn.attention(q, k, v, return_lse=True, **kw)
         rkw = {key: val for key, val in kw.items() if key != "plan"}
         ref = reference.attention(q, k, v, **rkw)
-        err = ((out.double() - ref).norm() / ref.norm()).item()
-        n += 1
-        if not err < 2e-2 or out.isnan().any():
-            bad += 1
-            print(f"FAIL {name}: rel err {err:.2e}")
+        # the first call learns the signature's recipe through launch.run, the second
+        # replays it through skattn's C launcher (skattn.recipe, skattn.launcher)
+        for call in ("first", "repeat"):
+            out, lse = skattn.attention(q, k, v, return_lse=True, **kw)
+            err = ((out.double() - ref).norm() / ref.norm()).item()
+            n += 1
+            if not err < 2e-2 or out.isnan().any():
+                bad += 1
+                print(f"FAIL {name} ({call} call): rel err {err:.2e}")
     torch.cuda.synchronize()
     print(f"sanitize cases: {n} run, {bad} wrong")
     return 1 if bad else 0
