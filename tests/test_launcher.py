@@ -78,6 +78,8 @@ def test_launches_keep_their_order_and_their_own_pointers(c):
     ("a tuple parameter", (_compiled({"t": ("i32", "i32")}), (1, 1, 1), [(1,)])),
     ("a tensor descriptor", (_compiled({"t": "nvTmaDesc"}), (1, 1, 1), [(1,)])),
     ("an int out of its type's range", (_compiled({"n": "i32"}), (1, 1, 1), [(1 << 31,)])),
+    ("a bf16 beyond float32's range", (_compiled({"b": "bf16"}), (1, 1, 1), [(1e39,)])),
+    ("an fp32 beyond its range", (_compiled({"s": "fp32"}), (1, 1, 1), [(1e39,)])),
     ("a per-call value that is not a pointer", (_compiled({"n": "i32"}), (1, 1, 1), [1])),
     ("a pointer index past the values", (_compiled({"p": "*fp16"}), (1, 1, 1), [3])),
     ("a pointer constant that is not an int", (_compiled({"p": "*fp16"}), (1, 1, 1), [(1.0,)])),
@@ -143,3 +145,30 @@ def test_tensors_pass_their_data_ptr(c):
     assert d["params"][:2] == [struct.pack("=Q", x.data_ptr()), struct.pack("=Q", y.data_ptr())]
     with pytest.raises(AttributeError):
         c.prepare(spec, 0, x, "no data_ptr")
+
+
+def _one_pointer_spec():
+    spec = launcher.spec([(_compiled({"x": "*fp16"}), (1, 1, 1), [1])], 1, roles=1)
+    # header 24 bytes, launch head 48, then (offset, size) of 3 parameters (x and Triton's
+    # two scratch pointers) and (value, offset) of 1 patch, then 24 bytes of data
+    assert len(spec) == 24 + 48 + 3 * 8 + 8 + 24
+    return bytearray(spec)
+
+
+def test_offsets_that_would_wrap_around_are_errors(c):
+    # 32-bit offsets near 2**32: their sums with a size must not wrap past the checks
+    for at, value in ((100, 0xFFFFFFF8), (72, 0xFFFFFFFC), (76, 0xFFFFFFFC)):
+        bad = _one_pointer_spec()
+        bad[at:at + 4] = struct.pack("=I", value)
+        for fn in (c.prepare, c.describe, c.launch):
+            with pytest.raises(ValueError, match="launch record"):
+                fn(bytes(bad), 0, 16)
+
+
+def test_a_damaged_later_record_launches_nothing(c):
+    # every record is checked before the first launch
+    one = _compiled({"x": "*fp16"}, function=1)
+    spec = bytearray(launcher.spec([(one, (1, 1, 1), [1]), (one, (1, 1, 1), [1])], 1, roles=1))
+    spec[-24 - 8 + 4:-24 - 8 + 8] = struct.pack("=I", 0xFFFFFFF8)  # the second patch's offset
+    with pytest.raises(ValueError, match="launch record"):
+        c.launch(bytes(spec), 0, 16)

@@ -216,8 +216,10 @@ def test_a_grown_pool_and_a_caller_workspace_are_read_anew(gpu):
     fast, slow = fast_and_slow(gpu, call)
     assert fast == slow and fast != before
     buf = skattn.workspace(small, big, device="cpu")
-    fast, slow = fast_and_slow(gpu, lambda: skattn.attention(q, k, v, causal=True, plan=small,
-                                                             out=out, workspace=buf))
+    call = lambda: skattn.attention(q, k, v, causal=True, plan=small, out=out,  # noqa: E731
+                                    workspace=buf)
+    call()  # learns: the buffer's counters for `small` are not 16-byte aligned (sized for big)
+    fast, slow = fast_and_slow(gpu, call)
     assert fast == slow and buf.data_ptr() in fast[0]
 
 
@@ -378,3 +380,16 @@ def test_the_custom_op_replays_its_recipe_with_its_own_workspace(gpu, monkeypatc
         assert buf.addresses(plan_layout) == tuple(x.data_ptr() for x in buf.views(plan_layout))
     (rec,) = ops._RECIPES.values()
     assert rec.plan.policy == policy and rec.by_align
+
+
+def test_a_workspace_that_is_not_a_tensor_is_refused(gpu):
+    # the internal workspace forms (a Scratch, a tuple of views) are not for callers: they
+    # skip the checks a caller's buffer gets
+    p = _plan(programs=8)
+    q, k, v, out = _qkv()
+    views = ws.scratch(ws.layout(p), q.device)
+    for bad in (views, views.views(ws.layout(p)), [1, 2]):
+        for _ in range(2):  # a new signature and a remembered one
+            with pytest.raises(TypeError, match="workspace must be a tensor"):
+                skattn.attention(q, k, v, causal=True, plan=p, out=out, workspace=bad)
+        skattn.attention(q, k, v, causal=True, plan=p, out=out)

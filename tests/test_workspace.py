@@ -78,3 +78,22 @@ def test_caller_workspace_too_small_is_refused():
         ws.caller_views(torch.zeros(64, dtype=torch.uint8), ws.layout(p), ws.nbytes(p),
                         torch.device("cpu"))
     assert p.workspace_bytes == ws.nbytes(p)
+
+
+def test_pool_addresses_follow_the_views_they_came_from():
+    # a recipe reads the pool's addresses, not its views; addresses kept from views that the
+    # pool has since replaced (another thread grew it between the two steps) are not used
+    ws.release()
+    small, big = _plan(8192, programs=64), _plan(8192, programs=264)
+    dev = torch.device("cpu")
+    lay = ws.layout(small)
+    first = ws.pooled_addresses(lay, ws.nbytes(small), dev, 0)
+    assert first == tuple(x.data_ptr() for x in ws.pooled(lay, ws.nbytes(small), dev, 0))
+    pool = ws._POOLS[(dev, 0)]
+    stale_views = pool.get(lay, ws.nbytes(small), dev)
+    ws.pooled(ws.layout(big), ws.nbytes(big), dev, 0)  # grows: new buffer, caches cleared
+    pool.ptrs[lay] = (stale_views, first)  # what the other thread stored late
+    now = ws.pooled_addresses(lay, ws.nbytes(small), dev, 0)
+    assert now == tuple(x.data_ptr() for x in ws.pooled(lay, ws.nbytes(small), dev, 0))
+    assert now[0] == pool.buf.data_ptr() != first[0]
+    ws.release()

@@ -170,6 +170,9 @@ def attention(q, k, v, *, scale=None, causal=False, window=None, mask=None, sink
         k_scale, v_scale = quant.scale_tensor(k_scale, q.device), quant.scale_tensor(v_scale, q.device)
     lse = torch.empty(q.shape[0], q.shape[2], q.shape[1], device=q.device,
                       dtype=torch.float32) if return_lse else None
+    if workspace is not None and not isinstance(workspace, torch.Tensor):
+        raise TypeError("workspace must be a tensor from skattn.workspace(plan), got "
+                        f"{type(workspace).__name__}")
     rec.run(q, k, v, out, lse, scale, mask, sinks, softcap, alibi_slopes, workspace, k_scale,
             v_scale)
     return (out, lse) if return_lse else out

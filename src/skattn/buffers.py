@@ -83,7 +83,7 @@ class _Pool:
         self.buf: torch.Tensor | None = None
         self.counters: torch.Tensor | None = None
         self.cache: dict = {}
-        self.ptrs: dict = {}  # plan layout -> the addresses of its views (as `cache`)
+        self.ptrs: dict = {}  # plan layout -> (its views, their addresses)
         self.captured = False
         self.retired: list[torch.Tensor] = []  # buffers a captured graph may still use
 
@@ -111,14 +111,15 @@ class _Pool:
         return hit
 
     def addresses(self, plan_layout, need: int, device) -> tuple[int, ...]:
-        """The addresses of `get`'s views (a repeat call's recipe needs no more)."""
-        if not self.captured and capturing(device):
-            self.captured = True
+        """The addresses of `get`'s views (a repeat call's recipe needs no more). They are
+        kept with the views they come from, and used only while `get` still returns those
+        views: a pool grown by another thread in between is never read through stale
+        addresses, and the views keep what they address alive."""
+        views = self.get(plan_layout, need, device)
         hit = self.ptrs.get(plan_layout)
-        if hit is None:
-            views = self.get(plan_layout, need, device)
-            hit = self.ptrs[plan_layout] = tuple(x.data_ptr() for x in views)
-        return hit
+        if hit is None or hit[0] is not views:
+            hit = self.ptrs[plan_layout] = (views, tuple(x.data_ptr() for x in views))
+        return hit[1]
 
     def held_bytes(self) -> int:
         live = [b for b in (self.buf, self.counters) if b is not None]

@@ -306,7 +306,7 @@ def run(plan: Plan, q, k, v, out, lse, *, scale: float, mask=None, sinks=None, s
         key = (b.kid, features, q.dtype, k.dtype, out.dtype, mask_t.dtype, qs, ks, vs, os_, slb,
                slh, smb, smm,
                *(x.data_ptr() % 16 == 0 for x in (q, k, v, out, lse_t, mask_t, sinks_t, slopes_t,
-                                                  ks_t, vs_t)))
+                                                  ks_t, vs_t, ws_o, ws_m, ws_l, counters)))
     elif stamps is not None:
         main_const = dict(main_const, STAMPS=stamps[0], TIMELINE=True)
         if b.fix_kernel == "uniform":

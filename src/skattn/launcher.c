@@ -97,6 +97,34 @@ static PyObject *describe(const launch_head *h, CUstream stream, const char *buf
                        (unsigned long long)(uintptr_t)stream, "params", blob);
 }
 
+/* Every launch record of the spec lies inside it, with its parameters and patches inside its
+   data (64-bit sums: no wrap-around): checked before anything is launched. */
+static int check_records(const char *spec, Py_ssize_t size, uint32_t launches, uint32_t nvalues) {
+  Py_ssize_t at = 24;
+  for (uint32_t l = 0; l < launches; l++) {
+    launch_head h;
+    if (at + (Py_ssize_t)sizeof h > size)
+      return -1;
+    memcpy(&h, spec + at, sizeof h);
+    at += sizeof h;
+    if (h.params > MAX_PARAMS || h.data > MAX_DATA)
+      return -1;
+    Py_ssize_t data_at = at + 8 * ((Py_ssize_t)h.params + h.patches);
+    if (data_at + (Py_ssize_t)h.data > size)
+      return -1;
+    const uint32_t *offsets = (const uint32_t *)(spec + at);
+    const uint32_t *patches = offsets + 2 * h.params;
+    for (uint32_t i = 0; i < h.params; i++)
+      if ((uint64_t)offsets[2 * i] + offsets[2 * i + 1] > h.data)
+        return -1;
+    for (uint32_t i = 0; i < h.patches; i++)
+      if (patches[2 * i] >= nvalues || (uint64_t)patches[2 * i + 1] + 8 > h.data)
+        return -1;
+    at = data_at + ((h.data + 7) & ~(Py_ssize_t)7);
+  }
+  return at == size ? 0 : -1;
+}
+
 static PyObject *run(PyObject *const *args, Py_ssize_t nargs, enum mode mode) {
   if (nargs < 2 || !PyBytes_Check(args[0]))
     return spec_error("expected (spec, stream, *pointers)");
@@ -108,6 +136,8 @@ static PyObject *run(PyObject *const *args, Py_ssize_t nargs, enum mode mode) {
   uint32_t launches = head[1], nvalues = head[2], roles = head[3], pattern = head[4];
   if (nvalues > MAX_VALUES || roles > nvalues || roles > 32 || (Py_ssize_t)nvalues != nargs - 2)
     return spec_error("number of pointers");
+  if (check_records(spec, size, launches, nvalues) < 0)
+    return spec_error("launch record");
   uint64_t values[MAX_VALUES];
   CUstream stream = (CUstream)(uintptr_t)PyLong_AsUnsignedLongLong(args[1]);
   if (PyErr_Occurred())
@@ -146,30 +176,18 @@ static PyObject *run(PyObject *const *args, Py_ssize_t nargs, enum mode mode) {
   _Alignas(16) char buf[MAX_DATA];
   void *params[MAX_PARAMS];
   Py_ssize_t at = 24;
-  for (uint32_t l = 0; l < launches; l++) {
-    if (at + (Py_ssize_t)sizeof(launch_head) > size)
-      goto bad;
+  for (uint32_t l = 0; l < launches; l++) { /* the records were checked above */
     launch_head h;
     memcpy(&h, spec + at, sizeof h);
     at += sizeof h;
-    Py_ssize_t tables = 8 * ((Py_ssize_t)h.params + h.patches);
-    Py_ssize_t data_at = at + tables;
-    if (h.params > MAX_PARAMS || h.data > MAX_DATA || data_at + h.data > size)
-      goto bad;
+    Py_ssize_t data_at = at + 8 * ((Py_ssize_t)h.params + h.patches);
     const uint32_t *offsets = (const uint32_t *)(spec + at);
     const uint32_t *patches = offsets + 2 * h.params;
     memcpy(buf, spec + data_at, h.data);
-    for (uint32_t i = 0; i < h.patches; i++) {
-      uint32_t value = patches[2 * i], offset = patches[2 * i + 1];
-      if (value >= nvalues || offset + 8 > h.data)
-        goto bad;
-      memcpy(buf + offset, &values[value], 8);
-    }
-    for (uint32_t i = 0; i < h.params; i++) {
-      if (offsets[2 * i] + offsets[2 * i + 1] > h.data)
-        goto bad;
+    for (uint32_t i = 0; i < h.patches; i++)
+      memcpy(buf + patches[2 * i + 1], &values[patches[2 * i]], 8);
+    for (uint32_t i = 0; i < h.params; i++)
       params[i] = buf + offsets[2 * i];
-    }
     at = data_at + ((h.data + 7) & ~(Py_ssize_t)7);
     if (mode == DESCRIBE) {
       PyObject *d = describe(&h, stream, buf, offsets);
@@ -218,14 +236,9 @@ static PyObject *run(PyObject *const *args, Py_ssize_t nargs, enum mode mode) {
       return NULL;
     }
   }
-  if (at != size)
-    goto bad;
   if (mode == DESCRIBE)
     return described;
   Py_RETURN_TRUE;
-bad:
-  Py_XDECREF(described);
-  return spec_error("launch record");
 }
 
 static PyObject *bind_torch(PyObject *self, PyObject *args) {
@@ -265,17 +278,16 @@ static PyObject *metas(PyObject *self, PyObject *const *args, Py_ssize_t nargs) 
         Py_DECREF(result);
         return NULL;
       }
-      PyObject *parts[5] = {get(get_shape, x), PyObject_Vectorcall(stride_method, &x, 1, NULL),
-                            get(get_dtype, x), get(get_device, x), get(get_requires_grad, x)};
-      for (int j = 0; j < 5; j++) {
-        if (parts[j] == NULL) {
-          for (int r = j + 1; r < 5; r++)
-            Py_XDECREF(parts[r]);
+      for (int j = 0; j < 5; j++) { /* one getter at a time: none runs after an error */
+        PyObject *part = j == 1 ? PyObject_Vectorcall(stride_method, &x, 1, NULL)
+                                : get(j == 0 ? get_shape : j == 2 ? get_dtype
+                                              : j == 3 ? get_device : get_requires_grad, x);
+        if (part == NULL) {
           Py_DECREF(m);
           Py_DECREF(result);
           return NULL;
         }
-        PyTuple_SET_ITEM(m, j, parts[j]);
+        PyTuple_SET_ITEM(m, j, part);
       }
     } else {
       Py_DECREF(result);

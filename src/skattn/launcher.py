@@ -136,10 +136,7 @@ def _launch_record(ck, grid, parts):
         if index is not None:
             patches.append((index, len(data)))
         params.append((len(data), size))
-        try:
-            data += struct.pack("=" + fmt, value)
-        except (struct.error, OverflowError):
-            return None  # out of the type's range: Triton's launcher raises for it
+        data += struct.pack("=" + fmt, value)
     for _ in range(2):  # Triton's global and profile scratch pointers (none here)
         data += bytes(-len(data) % 8)
         params.append((len(data), 8))
@@ -174,7 +171,10 @@ def spec(launches, values: int, roles: int = 0, pattern: int = 0) -> bytes | Non
         if any(isinstance(p, int) and not 1 <= p <= values for p in parts):
             return None
         parts = [p - 1 if isinstance(p, int) else p for p in parts]
-        rec = _launch_record(ck, tuple(int(g) for g in grid), parts)
+        try:
+            rec = _launch_record(ck, tuple(int(g) for g in grid), parts)
+        except (struct.error, OverflowError, TypeError, ValueError):
+            rec = None  # a value out of its type's range: Triton's launcher takes it
         if rec is None:
             return None
         records.append(rec)

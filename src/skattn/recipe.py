@@ -68,10 +68,11 @@ class Recipe:
             for x in (lse, mask, sinks, alibi_slopes, k_scale, v_scale):
                 if x is not None:
                     ptrs.append(x.data_ptr())
+        ptrs += wptrs
         hit = self.by_align.get(misaligned(ptrs))
         if hit is None:
             return None
-        return hit, [stream, *ptrs, *wptrs]
+        return hit, [stream, *ptrs]
 
     def views(self, workspace) -> tuple:
         """The workspace views of a call given `workspace=`: a caller's buffer (its views,
@@ -162,10 +163,10 @@ class Recipe:
         if learned is None:  # launches it cannot replay: this signature keeps launch.run
             self.serves = False
             return
-        pattern = misaligned([x.data_ptr() for x in order])
+        pattern = misaligned([x.data_ptr() for x in sources])
         spec = None
         if self.fast is not None:
-            spec = learn_spec(record, sources, tables, roles=len(order), pattern=pattern)
+            spec = learn_spec(record, sources, tables, roles=len(sources), pattern=pattern)
         self.by_align[pattern] = (spec, learned)
         if self.first_spec is None:
             self.first_spec = spec
