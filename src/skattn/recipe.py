@@ -186,16 +186,11 @@ def learn_launches(record, sources, tables, compiled=None):
     call reads, in the per-call values' order after the stream), one of `tables` (id ->
     tensors that live as long as the bound plan: their addresses are constants), nor a
     number. `assembler(values)` returns the launch's whole argument tuple."""
-    compiled = launch._COMPILED if compiled is None else compiled
-    slot = {id(x): i + 1 for i, x in enumerate(sources)}
-    if len(slot) != len(sources):
-        return None  # two roles in one tensor object: the slots would be ambiguous
+    found = compiled_launches(record, sources, tables, compiled)
+    if found is None:
+        return None
     launches = []
-    for key, args, grid in record:
-        hit = compiled.get(key) if key is not None else None
-        if hit is None:
-            return None
-        ck, tail = hit
+    for ck, grid, kernel_parts in found:
         r = ck.run
         # parts: an int is an index into the per-call values, a 1-tuple holds a constant
         parts = [(grid[0],), (grid[1],), (grid[2],), STREAM, (ck.function,)]
@@ -205,9 +200,6 @@ def learn_launches(record, sources, tables, compiled=None):
         else:
             fn = r  # the wrapper allocates the kernel's scratch
         parts += [(ck.packed_metadata,), (None,), (None,), (None,)]
-        kernel_parts = arg_parts(args, tail, slot, tables)
-        if kernel_parts is None:
-            return None
         launches.append((fn, assembler(parts + kernel_parts)))
     return launches
 
@@ -217,9 +209,18 @@ def learn_spec(record, sources, tables, compiled=None, roles=0, pattern=0) -> by
     values of `learn_launches` (the stream, then the addresses of `sources`, the first
     `roles` of them aligned as `pattern` says), or None where it cannot launch them
     (Triton's launchers then do)."""
+    found = compiled_launches(record, sources, tables, compiled)
+    return None if found is None else launcher.spec(found, len(sources), roles, pattern)
+
+
+def compiled_launches(record, sources, tables, compiled=None) -> list | None:
+    """[(CompiledKernel, grid, kernel argument parts)] of `record`'s launches (see
+    `learn_launches` for the arguments), or None where one cannot be replayed."""
     compiled = launch._COMPILED if compiled is None else compiled
     slot = {id(x): i + 1 for i, x in enumerate(sources)}
-    launches = []
+    if len(slot) != len(sources):
+        return None  # two roles in one tensor object: the slots would be ambiguous
+    found = []
     for key, args, grid in record:
         hit = compiled.get(key) if key is not None else None
         if hit is None:
@@ -228,8 +229,8 @@ def learn_spec(record, sources, tables, compiled=None, roles=0, pattern=0) -> by
         parts = arg_parts(args, tail, slot, tables)
         if parts is None:
             return None
-        launches.append((ck, grid, parts))
-    return launcher.spec(launches, len(sources), roles, pattern)
+        found.append((ck, grid, parts))
+    return found
 
 
 def arg_parts(args, tail, slot, tables) -> list | None:
