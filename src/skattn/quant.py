@@ -23,7 +23,7 @@ from numbers import Real
 
 import torch
 
-from skattn.quant_block import BlockCache, float_blocks, inverse_scale
+from skattn.quant_block import BlockCache, float_blocks, inverse_scale, scaled_blocks
 from skattn.quant_q4 import QK4_0, Q4_0, q4_0
 
 __all__ = ["Q8_0", "q8_0", "Q4_0", "q4_0", "fp8", "FP8_DTYPES", "QK8_0", "QK4_0",
@@ -69,9 +69,7 @@ class Q8_0(BlockCache):
     # -- conversions
     def dequantize(self, dtype=torch.float16) -> torch.Tensor:
         """`values * scales` per block, as `dtype` (computed in float32, or float64 for it)."""
-        work = torch.float64 if dtype == torch.float64 else torch.float32
-        x = self.values.to(work).unflatten(-1, (-1, QK8_0))
-        return (x * self.scales.to(work)[..., None]).flatten(-2).to(dtype)
+        return scaled_blocks(self.values, self.scales, QK8_0, dtype)
 
 
 def q8_0(x: torch.Tensor) -> Q8_0:

@@ -116,3 +116,13 @@ def inverse_scale(d: torch.Tensor) -> torch.Tensor:
     """`1 / d` in float32 where the block scale d is not 0, else 0 (an all-zero block), as
     llama.cpp's packers compute `id = d ? 1.0f / d : 0.0f`."""
     return torch.where(d != 0, 1.0 / torch.where(d != 0, d, 1.0), 0.0)
+
+
+def scaled_blocks(values: torch.Tensor, scales: torch.Tensor, block: int,
+                  dtype=torch.float16) -> torch.Tensor:
+    """Integer `values` [..., D] times their block's scale ([..., D / block]), as `dtype`:
+    computed in float32 (float64 for it), where small integers times f16 are exact, so
+    one rounding to `dtype`."""
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    x = values.to(work).unflatten(-1, (-1, block))
+    return (x * scales.to(work)[..., None]).flatten(-2).to(dtype)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from skattn.quant_block import BlockCache, float_blocks, inverse_scale
+from skattn.quant_block import BlockCache, float_blocks, inverse_scale, scaled_blocks
 
 __all__ = ["Q4_0", "q4_0", "QK4_0"]
 
@@ -61,9 +61,7 @@ class Q4_0(BlockCache):
     def dequantize(self, dtype=torch.float16) -> torch.Tensor:
         """`(nibble - 8) * d` per block, as `dtype` (computed in float32, or float64 for it):
         exact in float32, one rounding to `dtype`."""
-        work = torch.float64 if dtype == torch.float64 else torch.float32
-        x = (self.nibbles().to(work) - 8).unflatten(-1, (-1, QK4_0))
-        return (x * self.scales.to(work)[..., None]).flatten(-2).to(dtype)
+        return scaled_blocks(self.nibbles().to(torch.int8) - 8, self.scales, QK4_0, dtype)
 
 
 def q4_0(x: torch.Tensor) -> Q4_0:
