@@ -58,21 +58,26 @@ class Recipe:
         launches for its alignment yet. Reads every address anew. `launches` is
         (spec, [(function, assembler)]): the C launcher's spec (None where it has none) and
         the same launches for Triton's C launch functions."""
-        b = self.bound
-        if workspace is None:
-            wptrs = ws.pooled_addresses(b.layout, b.need, b.device, stream)
-        else:
-            wptrs = [x.data_ptr() for x in self.views(workspace)]
         ptrs = [q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr()]
         if self.optional:
             for x in (lse, mask, sinks, alibi_slopes, k_scale, v_scale):
                 if x is not None:
                     ptrs.append(x.data_ptr())
-        ptrs += wptrs
+        ptrs += self.workspace_addresses(workspace, stream)
         hit = self.by_align.get(misaligned(ptrs))
         if hit is None:
             return None
         return hit, [stream, *ptrs]
+
+    def workspace_addresses(self, workspace, stream) -> tuple | list:
+        """The addresses of the call's workspace views: the pool of (device, stream), a
+        buffer of the call's own (`buffers.Scratch`) or a caller's buffer."""
+        b = self.bound
+        if workspace is None:
+            return ws.pooled_addresses(b.layout, b.need, b.device, stream)
+        if type(workspace) is ws.Scratch:
+            return workspace.addresses(b.layout)
+        return [x.data_ptr() for x in self.views(workspace)]
 
     def views(self, workspace) -> tuple:
         """The workspace views of a call given `workspace=`: a caller's buffer (its views,
@@ -102,13 +107,7 @@ class Recipe:
             stream = torch._C._cuda_getCurrentRawStream(self.index)
             spec = self.first_spec
             if spec is not None:  # one C call: addresses, their alignment, the launches
-                b = self.bound
-                if workspace is None:
-                    wptrs = ws.pooled_addresses(b.layout, b.need, b.device, stream)
-                elif type(workspace) is ws.Scratch:
-                    wptrs = workspace.addresses(b.layout)
-                else:
-                    wptrs = self.views(workspace)
+                wptrs = self.workspace_addresses(workspace, stream)
                 if self.optional:
                     extra = [x for x in (lse, mask, sinks, alibi_slopes, k_scale, v_scale)
                              if x is not None]
