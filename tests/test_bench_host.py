@@ -65,6 +65,11 @@ def test_run_host_on_a_cpu(tmp_path):
     assert all(r["status"].split(":")[0] in ("ok", "skipped", "error") for r in rows)
     assert host.read_host_rows([csv_path])[0]["depth"] == "40"
     assert (tmp_path / "host-cpu.md").read_text().startswith("# skattn host time: host-cpu.csv")
+    import json
+
+    meta = json.loads((tmp_path / "host-cpu.json").read_text())
+    assert meta["shape"] == {**host.HOST_SHAPE, **shape} and meta["calls"] == 1
+    assert set(meta["providers"]) == set(host.PROVIDERS) and "Triton interpreter" in meta["gpu"]
     with pytest.raises(ValueError, match="unknown shape keys"):
         host.run_host(tmp_path, "x", shape={"heads": 3}, device="cpu")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import gc
 import importlib
+import json
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -183,7 +184,8 @@ def time_calls(fns: dict[str, Callable], *, calls: int, reps: int, warmup: int,
 def run_host(out_dir, tag: str, *, calls: int = 200, reps: int = 30, warmup: int = 20,
              shape: dict | None = None, sms: int | None = None, occupancy: int | None = None,
              device: str = "cuda") -> tuple[Path, list[dict]]:
-    """Measure every provider's host time; write `host-<tag>.csv` and `host-<tag>.md`.
+    """Measure every provider's host time; write `host-<tag>.csv`, `host-<tag>.md` and
+    `host-<tag>.json` (provenance: GPU, versions, commit, command, shape).
 
     Parameters
     ----------
@@ -252,6 +254,10 @@ def run_host(out_dir, tag: str, *, calls: int = 200, reps: int = 30, warmup: int
         writer.writeheader()
         writer.writerows(rows)
     (out_dir / f"host-{tag}.md").write_text(host_markdown(rows, title=csv_path.name))
+    meta = dict(prov, timestamp=stamp, command="python3 -m skattn.cli bench --host",
+                calls=calls, reps=reps, warmup=warmup, shape=shape,
+                providers={name: PROVIDERS.get(name, "") for name in (r["provider"] for r in rows)})
+    (out_dir / f"host-{tag}.json").write_text(json.dumps(meta, indent=1) + "\n")
     return csv_path, rows
 
 
