@@ -233,7 +233,7 @@ def _no_hooks() -> bool:
 
 def run(plan: Plan, q, k, v, out, lse, *, scale: float, mask=None, sinks=None, softcap=0.0,
         alibi_slopes=None, workspace=None, main_only: bool = False, stamps=None,
-        k_scale=None, v_scale=None, scratch: bool = False, record: list | None = None) -> None:
+        k_scale=None, v_scale=None, record: list | None = None) -> None:
     """Launch the main kernel and, for uniform/general plans, the fixup kernel.
 
     Quantized K/V (the plan's dtype says which): `k`, `v` are what the kernel reads (fp8
@@ -242,8 +242,7 @@ def run(plan: Plan, q, k, v, out, lse, *, scale: float, mask=None, sinks=None, s
     unpacks them.
 
     `workspace`: a caller's buffer (`skattn.workspace(plan)`) or a buffer of this call alone
-    (`buffers.scratch`, or its views as a tuple), else the pool of the current stream, or
-    with `scratch=True` a buffer of this call alone made here.
+    (`buffers.scratch`, or its views as a tuple), else the pool of the current stream.
     `main_only` skips the separate fixup (a diagnostic: the output is then incomplete).
     `stamps` (a diagnostic, GPU only): int64 tensors (main [programs, 4], fixup
     [prod(fixup_grid(plan)), 4]) that receive each program's %globaltimer stamps (main: start,
@@ -257,7 +256,7 @@ def run(plan: Plan, q, k, v, out, lse, *, scale: float, mask=None, sinks=None, s
             return run(plan, q, k, v, out, lse, scale=scale, mask=mask, sinks=sinks,
                        softcap=softcap, alibi_slopes=alibi_slopes, workspace=workspace,
                        main_only=main_only, stamps=stamps, k_scale=k_scale, v_scale=v_scale,
-                       scratch=scratch, record=record)
+                       record=record)
     b = bind(plan, device)
     if stamps is not None:
         _check_stamps(plan, stamps, device)
@@ -269,8 +268,6 @@ def run(plan: Plan, q, k, v, out, lse, *, scale: float, mask=None, sinks=None, s
         ws_o, ws_m, ws_l, counters = workspace
     elif workspace is not None:
         ws_o, ws_m, ws_l, counters = ws.caller_views(workspace, b.layout, b.need, device)
-    elif scratch:
-        ws_o, ws_m, ws_l, counters = ws.scratch(b.layout, device).views(b.layout)
     else:
         ws_o, ws_m, ws_l, counters = ws.pooled(b.layout, b.need, device, stream)
     fast = cuda and stamps is None and _no_hooks()
