@@ -15,6 +15,7 @@ SKATTN_VARIANTS: dict[str, tuple[str, str | None]] = {
     "round-4x": ("round-4x", None),
     "auto": ("auto", None),
     "fused": ("llamacpp-before", "fused"),
+    "auto-fused": ("auto", "fused"),  # auto's N, merged inside the main kernel (one launch)
 }
 
 # `--quick`: a run that fits in about 4 minutes on an H100/H200.
