@@ -39,6 +39,9 @@ CASES = {
     "paged16-features": dict(kw=dict(q_len=4, max_kv_len=4096, page_size=16, window=128,
                                      policy="llamacpp"),
                              layout="paged", heads=(64, 8, 64), sinks=True, softcap=30.0),
+    # a mixed batch in two halves: decode tiles, then prompt tiles (their work lists filter)
+    "varlen-mixed": dict(kw=dict(max_q_len=512, total_q=543, max_kv_len=8192, page_size=16,
+                                 q_split="auto"), layout="paged"),
     "paged16-fp8": dict(kw=dict(q_len=1, max_kv_len=4096, page_size=16), layout="paged",
                         kv=torch.float8_e4m3fn),
     "mla-paged64": dict(kw=dict(q_len=1, max_kv_len=4096, page_size=64), layout="paged",
@@ -53,10 +56,13 @@ def capture(name: str, case: dict) -> list:
     kvd = case.get("kv", F16)
     p = skattn.serving_plan(batch=B, q_heads=hq, kv_heads=hkv, head_dim=d, head_dim_v=dv,
                             causal=True, dtype=kvd, sms=132, occupancy=2, smem_limit=232448, **case["kw"])
-    b = serving_launch.bind(p, torch.device("cpu"))
-    if case.get("pdl") and b.fix_kernel:  # what a Hopper GPU launches
-        b.main_const["USE_PDL"] = 2
-        b.fix_const["USE_PDL"] = True
+    plan = p
+    for half in getattr(p, "halves", (p,)):
+        b = serving_launch.bind(half, torch.device("cpu"))
+        if case.get("pdl") and b.fix_kernel:  # what a Hopper GPU launches
+            b.main_const["USE_PDL"] = 2
+            b.fix_const["USE_PDL"] = True
+    p = getattr(p, "long", p)  # the bounds of the tensors
     calls = []
     saved = serving_launch._launch
     serving_launch._launch = lambda kernel, key, args, const, grid, stream: calls.append(
@@ -88,7 +94,7 @@ def capture(name: str, case: dict) -> list:
         sinks = torch.zeros(hq) if case.get("sinks") else None
         fp8 = kvd == torch.float8_e4m3fn  # scales per KV head for K, per tensor for V
         k_scale, v_scale = (torch.ones(hkv), torch.ones(1)) if fp8 else (None, None)
-        serving._run(p, q, k, v, out, lse, seq_k=seq_k, seq_q=seq_q, block_table=table,
+        serving._run(plan, q, k, v, out, lse, seq_k=seq_k, seq_q=seq_q, block_table=table,
                      scale=0.1, sinks=sinks, softcap=case.get("softcap", 0.0),
                      alibi_slopes=None, workspace=None, work_list=None, k_scale=k_scale,
                      v_scale=v_scale)

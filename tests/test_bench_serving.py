@@ -21,11 +21,13 @@ def test_mixes():
         mix("nope")
 
 
-@pytest.mark.parametrize("name,policy", [("one-long", "auto"), ("mixed", "split")])
-def test_skattn_provider_decode_step(name, policy):
+@pytest.mark.parametrize("name,policy,extra", [("one-long", "auto", {}), ("mixed", "split", {}),
+                                               ("mixed", "auto", {"q_split": 1})])
+def test_skattn_provider_decode_step(name, policy, extra):
     m = mix(name, scale=1 / 256)
     batch = sb.make_batch(m, 2, 1, 16, 16, device="cpu")
-    built = sb.build_skattn(batch, policy, dict(sms=4, occupancy=2))
+    built = sb.build_skattn(batch, policy, dict(sms=4, occupancy=2, **extra))
+    assert ("short: " in built.note) == bool(extra)  # a MixedPlan's halves
     built.step()
     longest = max(range(m.batch), key=lambda i: m.kv_lens[i])
     refs = sb.reference_rows(batch, sorted({0, m.batch - 1, longest}))

@@ -27,7 +27,7 @@ def test_serving_kernels_compile_for_sm90():
     assert res.returncode == 0, res.stderr[-3000:]
     rows = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
     by = {(r["case"], r["kernel"]): r for r in rows}
-    assert len({r["case"] for r in rows}) == 8
+    assert len({r["case"] for r in rows}) == 9
     assert all(r["shared"] <= SM90_SHARED and (r["spill_bytes"] or 0) < 1024 for r in rows), rows
     # page ids read as scalars keep K/V in the same 3-stage shared-memory pipeline as the dense
     # layout (a vector gather of ids left a single buffer: 39680 bytes)

@@ -115,6 +115,42 @@ def test_mixed_prefill_and_decode(page_size):
         assert rel_err(out, ref) <= tol, (fixup, rel_err(out, ref), tol)
 
 
+@pytest.mark.parametrize("page_size", [None, 16])
+def test_mixed_plan_halves(page_size):
+    # (d) through a MixedPlan (q_split="auto"): decode rows in decode tiles, the chunk in
+    # prompt tiles, one output; then a CUDA graph whose query counts move between the halves
+    m, q, k, v, table, cu_q, cu_k = mixed_batch(page_size, seed=5)
+    Hq, Hkv, D = MIXED_HEADS
+    mq, mk = max(m.q_lens), max(m.kv_lens)
+    bounds = (dict(page_size=page_size, max_pages=table.shape[1]) if page_size
+              else dict(total_k=k.shape[0]))
+    p = skattn.serving_plan(batch=m.batch, max_q_len=mq, total_q=q.shape[0], max_kv_len=mk,
+                            q_heads=Hq, kv_heads=Hkv, head_dim=D, q_split="auto", **bounds)
+    assert isinstance(p, skattn.MixedPlan) and p.q_split == 16
+    ws, wl = serving.workspace(p), torch.empty(p.work_list_words, dtype=I32, device="cuda")
+    out = torch.full((q.shape[0], Hq, D), NAN, device="cuda", dtype=q.dtype)
+    lens_q = list(m.q_lens)
+
+    def step():
+        serving.work_list(p, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, out=wl)
+        return skattn.attention_varlen(q, k, v, cu_q, cu_k, mq, mk, block_table=table, plan=p,
+                                       out=out, workspace=ws, work_list=wl)
+
+    graph, _ = capture([step])
+    rng = random.Random(6)
+    for i in range(12):
+        if i:  # the same rows of q, cut differently: a chunk may become decode rows
+            rng.shuffle(lens_q)
+            cu_q.copy_(torch.tensor([0, *torch.tensor(lens_q).cumsum(0).tolist()], dtype=I32))
+        out.fill_(NAN)
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = reference.attention_varlen(q, k, v, cu_q, cu_k, mq, mk, block_table=table)
+        tol = ragged_bound(sequences_varlen(q, k, v, cu_q, cu_k, table))
+        assert not torch.isnan(out).any(), f"step {i}: unwritten rows"
+        assert rel_err(out, ref) <= tol, (i, rel_err(out, ref), tol)
+
+
 @pytest.mark.parametrize("page_size", [16, 32, 64, 128, 256])
 def test_page_sizes(page_size):
     lens = list(mix("lognormal", seed=page_size, scale=0.25).kv_lens[:12])

@@ -4,9 +4,9 @@ from skattn.api import attention
 from skattn.planner import Plan, plan
 from skattn.tuning import Tuning
 from skattn.buffers import allocate as workspace
-from skattn.serving import (ServingPlan, attention_varlen, attention_with_kvcache,
+from skattn.serving import (MixedPlan, ServingPlan, attention_varlen, attention_with_kvcache,
                             serving_plan)
 
 __all__ = ["Plan", "Tuning", "alibi_slopes", "attention", "plan", "workspace",
-           "ServingPlan", "attention_varlen", "attention_with_kvcache", "serving_plan"]
+           "ServingPlan", "MixedPlan", "attention_varlen", "attention_with_kvcache", "serving_plan"]
 __version__ = "0.1.0"

@@ -15,7 +15,7 @@ import torch
 from skattn import serving_checks as sc
 from skattn.reference_math import F64, empty_state, finalise, merge, online_update, prepare, scores
 from skattn.reference_serving import gather_keys
-from skattn.serving_plan import ServingPlan, host_work_list
+from skattn.serving_plan import MixedPlan, ServingPlan, host_work_list
 
 __all__ = ["run_serving_plan"]
 
@@ -195,8 +195,8 @@ def run_serving_plan(plan, q, k, v, *, cache_seqlens=None, cu_seqlens_q=None, cu
     AssertionError
         If the decomposition breaks its protocol.
     """
-    if not isinstance(plan, ServingPlan):
-        raise TypeError(f"plan must be a skattn.ServingPlan, got {type(plan).__name__}")
+    if not isinstance(plan, (ServingPlan, MixedPlan)):
+        raise TypeError(f"plan must be a skattn.ServingPlan or MixedPlan, got {type(plan).__name__}")
     kw = dict(block_table=block_table, scale=scale, causal=causal, window=window, sinks=sinks,
               softcap=softcap, alibi_slopes=alibi_slopes, return_lse=return_lse, out=None,
               kernel=False)
@@ -213,7 +213,7 @@ def run_serving_plan(plan, q, k, v, *, cache_seqlens=None, cu_seqlens_q=None, cu
         sc.kvcache_values(k, cache_seqlens, block_table)
         have.update(batch=q.shape[0], q_len=q.shape[1],
                     max_kv_len=block_table.shape[1] * k.shape[1] if paged else k.shape[1])
-        wl = host_work_list(plan, lens_k=cache_seqlens.tolist())
+        lists = dict(lens_k=cache_seqlens.tolist())
         out = torch.full((*q.shape[:3], v.shape[-1]), float("nan"), dtype=F64)
         lse = torch.full((q.shape[0], q.shape[2], q.shape[1]), float("nan"), dtype=F64)
     else:
@@ -222,10 +222,24 @@ def run_serving_plan(plan, q, k, v, *, cache_seqlens=None, cu_seqlens_q=None, cu
                     total_q=q.shape[0], max_kv_len=max_seqlen_k)
         if not paged:
             have.update(total_k=k.shape[0])
-        wl = host_work_list(plan, cu_k=cu_seqlens_k.tolist(), cu_q=cu_seqlens_q.tolist())
+        lists = dict(cu_k=cu_seqlens_k.tolist(), cu_q=cu_seqlens_q.tolist())
         out = torch.full((*q.shape[:2], v.shape[-1]), float("nan"), dtype=F64)
         lse = torch.full((q.shape[1], q.shape[0]), float("nan"), dtype=F64)
-    sc.plan_matches(plan, **have)
+    halves = plan.halves if isinstance(plan, MixedPlan) else (plan,)
+    if isinstance(plan, MixedPlan):  # the short half is bounded by q_split
+        if cache_seqlens is not None:
+            raise ValueError("a MixedPlan splits a varlen batch")
+        sc.plan_matches(plan.short, **dict(have, max_q_len=plan.q_split))
+    sc.plan_matches(halves[-1], **have)
+    kw = dict(block_table=block_table, scale=scale, causal=causal, window=window, sinks=sinks,
+              softcap=softcap, alibi_slopes=alibi_slopes)
+    for half in halves:  # each writes its own sequences' rows
+        _replay(half, host_work_list(half, **lists), q, k, v, out, lse, **kw)
+    return (out, lse) if return_lse else out
+
+
+def _replay(plan, wl, q, k, v, out, lse, *, block_table, scale, causal, window, sinks, softcap,
+            alibi_slopes) -> None:
     seqs = {}
     for b in set(wl.rb_seq):
         if wl.lens_k[b]:
@@ -246,4 +260,3 @@ def run_serving_plan(plan, q, k, v, *, cache_seqlens=None, cu_seqlens_q=None, cu
         assert not rp.slots, "fixup 'none' but tiles are cut"
     assert rp.finished == set(range(len(wl.rb_count) * plan.hz)), "tiles never finalised"
     assert rp.merged == set(rp.slots), f"pieces never merged: {set(rp.slots) - rp.merged}"
-    return (out, lse) if return_lse else out

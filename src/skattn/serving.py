@@ -16,10 +16,10 @@ from skattn import serving_launch as sl
 from skattn.device import hardware, shared_memory_limit
 from skattn.launch import default_scale
 from skattn.serving_checks import check_values
-from skattn.serving_plan import ServingPlan, serving_plan
+from skattn.serving_plan import MixedPlan, ServingPlan, serving_plan
 
 __all__ = ["attention_with_kvcache", "attention_varlen", "serving_plan", "ServingPlan",
-           "work_list", "workspace", "check_values"]
+           "MixedPlan", "work_list", "workspace", "check_values"]
 
 _DT = {torch.float16: "float16", torch.bfloat16: "bfloat16",
        torch.float8_e4m3fn: "float8_e4m3fn"}
@@ -31,22 +31,54 @@ def _cached_plan(device, **bounds) -> ServingPlan:
     return serving_plan(sms=sms, occupancy=occ, smem_limit=shared_memory_limit(device), **bounds)
 
 
-def _plan(plan, device, bounds: dict) -> ServingPlan:
+def _plan(plan, device, bounds: dict) -> ServingPlan | MixedPlan:
     if plan is None:
         return _cached_plan(device, **bounds)
-    if not isinstance(plan, ServingPlan):
-        raise TypeError(f"plan must be a skattn.ServingPlan (from skattn.serving_plan), got "
-                        f"{type(plan).__name__}")
+    if not isinstance(plan, (ServingPlan, MixedPlan)):
+        raise TypeError(f"plan must be a skattn.ServingPlan or MixedPlan (from "
+                        f"skattn.serving_plan), got {type(plan).__name__}")
     dtype = bounds.pop("dtype")
-    sc.plan_matches(plan, dtype=_DT[dtype], **bounds)
+    if isinstance(plan, MixedPlan):  # the short half is bounded by q_split
+        if "q_len" in bounds:
+            raise ValueError("a MixedPlan splits a varlen batch: pass it to attention_varlen")
+        sc.plan_matches(plan.short, dtype=_DT[dtype], **dict(bounds, max_q_len=plan.q_split))
+    sc.plan_matches(plan.long if isinstance(plan, MixedPlan) else plan, dtype=_DT[dtype], **bounds)
     return plan
 
 
-def workspace(plan: ServingPlan, device=None) -> torch.Tensor:
+def _workspace_offsets(plan: MixedPlan) -> tuple[int, int]:
+    """Byte offsets of the halves' workspaces in a MixedPlan's (16-byte aligned)."""
+    return 0, -(-sl.workspace_bytes(plan.short) // 16) * 16
+
+
+def workspace(plan: ServingPlan | MixedPlan, device=None) -> torch.Tensor:
     """A zeroed workspace for calls with `plan` (partials, the work list, fused counters):
     pass it as `workspace=` when capturing CUDA graphs."""
     device = torch.device("cuda") if device is None else torch.device(device)
+    if isinstance(plan, MixedPlan):
+        size = _workspace_offsets(plan)[1] + sl.workspace_bytes(plan.long)
+        return torch.zeros(size, dtype=torch.uint8, device=device)
     return sl.allocate(plan, device)
+
+
+def _halves(plan, workspace, work_list):
+    """(half plan, its workspace, its work list) per half of a MixedPlan; the plan itself
+    otherwise."""
+    if not isinstance(plan, MixedPlan):
+        return [(plan, workspace, work_list)]
+    need = _workspace_offsets(plan)[1] + sl.workspace_bytes(plan.long)
+    if workspace is not None and (not isinstance(workspace, torch.Tensor)
+                                  or not workspace.is_contiguous()
+                                  or workspace.numel() * workspace.element_size() < need):
+        raise ValueError(f"workspace must be a contiguous tensor of at least {need} bytes for "
+                         f"this MixedPlan (skattn.serving.workspace(plan) allocates one)")
+    raw = workspace.view(-1).view(torch.uint8) if workspace is not None else None
+    parts = []
+    for half, at, wl_at in zip(plan.halves, _workspace_offsets(plan), plan.work_list_offsets):
+        ws = raw[at:at + sl.workspace_bytes(half)] if raw is not None else None
+        wl = work_list[wl_at:wl_at + half.work_list_words] if work_list is not None else None
+        parts.append((half, ws, wl))
+    return parts
 
 
 def work_list(plan: ServingPlan, *, cache_seqlens=None, cu_seqlens_q=None, cu_seqlens_k=None,
@@ -78,8 +110,9 @@ def work_list(plan: ServingPlan, *, cache_seqlens=None, cu_seqlens_q=None, cu_se
     if out is None:
         out = torch.empty(plan.work_list_words, dtype=torch.int32, device=seq.device)
     _check_work_list(plan, out, seq.device)
-    sl.build(plan, out[:plan.work_list_words], seq_k=seq, cu_k=plan.varlen,
-             seq_q=cu_seqlens_q if plan.varlen else None)
+    for half, _, wl in _halves(plan, None, out):
+        sl.build(half, wl[:half.work_list_words], seq_k=seq, cu_k=plan.varlen,
+                 seq_q=cu_seqlens_q if plan.varlen else None)
     return out
 
 
@@ -92,6 +125,14 @@ def _check_work_list(plan, wl, device) -> None:
 
 def _run(plan, q, k, v, out, lse, *, seq_k, seq_q, block_table, scale, sinks, softcap,
          alibi_slopes, workspace, work_list, k_scale=None, v_scale=None):
+    if isinstance(plan, MixedPlan):
+        if work_list is not None:
+            _check_work_list(plan, work_list, q.device)
+        for half, ws, wl in _halves(plan, workspace, work_list):  # both write `out`
+            _run(half, q, k, v, out, lse, seq_k=seq_k, seq_q=seq_q, block_table=block_table,
+                 scale=scale, sinks=sinks, softcap=softcap, alibi_slopes=alibi_slopes,
+                 workspace=ws, work_list=wl, k_scale=k_scale, v_scale=v_scale)
+        return
     device = q.device
     b = sl.bind(plan, device)
     stream = sl._stream(b, device)

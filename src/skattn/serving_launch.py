@@ -63,7 +63,8 @@ def _bind(plan: ServingPlan, device: torch.device) -> Bound:
                     FUSED=plan.fixup == "fused", TOKENS=g.tokens_per_tile, BLOCK_N=g.block_n,
                     BLOCK_B=block_b, LOG_B=block_b.bit_length() - 1,
                     RB_CHUNK=min(RB_CHUNK, _pow2(max(2, plan.rb_max))),
-                    NB=_pow2(max(2, plan.programs)), num_warps=4)
+                    NB=_pow2(max(2, plan.programs)), Q_RANGE=plan.q_range is not None,
+                    num_warps=4)
     main_const, fix_const, fix_grid, _ = constants(plan, device, plan.tiles_max)
     search = min(1024, _pow2(max(2, plan.rb_max)))
     main_const.update(PAGED=plan.layout == "paged", PAGE_SIZE=plan.page_size or 16,
@@ -73,7 +74,8 @@ def _bind(plan: ServingPlan, device: torch.device) -> Bound:
         fix_const["SEARCH"] = search
     ints = (plan.batch, plan.rb_max, plan.gqa_ratio, plan.ntiles_z, plan.hz, plan.split,
             plan.total_q, plan.max_q_len, plan.q_len or 0, plan.window or 0, plan.programs,
-            plan.key_capacity, plan.total_k or INT32_MAX, n_sat(plan), plan.per_sm)
+            plan.key_capacity, plan.total_k or INT32_MAX, n_sat(plan), plan.per_sm,
+            *(plan.q_range or (0, 0)))
     key = (device, tuple(sorted(wl_const.items())), tuple(sorted(main_const.items())),
            tuple(sorted(fix_const.items())), fix_kernel, tuple(_spec(x) for x in ints))
     kid = _KEYS.setdefault(key, len(_KEYS))
@@ -130,7 +132,8 @@ def build(plan: ServingPlan, wl: torch.Tensor, *, seq_k: torch.Tensor, cu_k: boo
     stream = _stream(b, device)
     args = (seq_k, seq_q if seq_q is not None else seq_k, wl, b.cost, plan.batch,
             plan.q_len or 0, plan.max_q_len, plan.total_q, cap_k, total_k, plan.hz, plan.rb_max,
-            plan.window or 0, plan.programs, plan.split, n_sat(plan), plan.per_sm)
+            plan.window or 0, plan.programs, plan.split, n_sat(plan), plan.per_sm,
+            *(plan.q_range or (0, INT32_MAX)))
     const = dict(b.wl_const, CU_K=cu_k)
     key = None
     if b.cuda and _no_hooks():

@@ -18,13 +18,16 @@ from skattn.policy import (CostModel, canonical_policy, load_cost_model, predict
                            saturated_blocks, split_count)
 from skattn.tuning import Tuning
 
-__all__ = ["ServingPlan", "serving_plan", "host_work_list", "WorkList", "SERVING_POLICIES"]
+__all__ = ["ServingPlan", "MixedPlan", "serving_plan", "host_work_list", "WorkList",
+           "SERVING_POLICIES", "decode_q_split"]
 
 SERVING_POLICIES = ("auto", "llamacpp", "llamacpp-before", "split")
 SERVING_FIXUPS = ("general", "fused")
 # device policy codes (kernels/worklist.py)
 POLICY_CODE = {"llamacpp-before": 0, "llamacpp": 1, "auto": 2, "split": 3}
 HEADER = 16  # int32 words before the per-sequence arrays
+INT32_MAX = 2**31 - 1
+DECODE_ROWS = 64  # the most rows of a decode tile: a MixedPlan's short half stays within it
 # K/V forms of the serving kernels -> ServingPlan.dtype (q8_0 and q4_0 are the dense path's only)
 SERVING_DTYPES = {d: name for d, name in _DTYPES.items() if name not in ("q8_0", "q4_0")}
 
@@ -85,6 +88,8 @@ class ServingPlan:
     fastdiv: bool = True
     cost_model: CostModel = field(default_factory=CostModel, compare=False)
     tuning: Tuning = field(default_factory=Tuning)
+    # varlen: the plan runs only the sequences with lo < Lq <= hi (a MixedPlan's halves)
+    q_range: tuple[int, int] | None = None
 
     def __getstate__(self):
         # a copy or a pickle is a new plan: not the bound tables of this process (device
@@ -156,7 +161,8 @@ def serving_plan(*, batch: int, max_kv_len: int, q_heads: int, kv_heads: int, he
                  block_n: int | None = None, num_warps: int | None = None,
                  num_stages: int | None = None, fastdiv: bool = True,
                  cost_model: CostModel | None = None, tuning: Tuning | None = None,
-                 smem_limit: int | None = None) -> ServingPlan:
+                 smem_limit: int | None = None,
+                 q_split: int | str | None = None) -> ServingPlan | MixedPlan:
     """Plan a ragged batch from its upper bounds (docs/serving.md).
 
     Parameters
@@ -197,16 +203,24 @@ def serving_plan(*, batch: int, max_kv_len: int, q_heads: int, kv_heads: int, he
         For stream-K plans (default "general"); "split" plans use the uniform merge.
     block_n, num_warps, num_stages, fastdiv, cost_model, tuning, smem_limit
         As in `skattn.plan`.
+    q_split : int or "auto", optional
+        Varlen only: plan the batch in two halves (a `MixedPlan`, docs/serving.md "Mixed
+        batches"): sequences of at most `q_split` query tokens with decode tiles, the others
+        with prompt tiles. "auto": `decode_q_split(q_heads, kv_heads)`, and one plan where
+        max_q_len does not exceed it.
 
     Returns
     -------
-    ServingPlan
+    ServingPlan, or MixedPlan with q_split
 
     Raises
     ------
     ValueError
         Bad arguments.
     """
+    if q_split is not None:
+        args = {name: value for name, value in locals().items() if name != "q_split"}
+        return _mixed_plan(q_split, args)
     if q_len is not None:
         if max_q_len is not None or total_q is not None:
             raise ValueError("give q_len (attention_with_kvcache) or max_q_len and total_q "
@@ -287,6 +301,81 @@ def serving_plan(*, batch: int, max_kv_len: int, q_heads: int, kv_heads: int, he
                        ntiles_z, hz, rb_max, tiles_max, sms, occupancy, max_programs, policy,
                        programs, split, kind, bool(fastdiv), cost_model or ragged_cost_model(),
                        tuning or Tuning())
+
+
+def decode_q_split(q_heads: int, kv_heads: int) -> int:
+    """The most query tokens of a sequence that a MixedPlan's short half runs: as many as
+    fill a decode tile of DECODE_ROWS rows with the query heads of one KV head."""
+    return max(1, DECODE_ROWS // max(1, q_heads // max(1, kv_heads)))
+
+
+@dataclass(frozen=True)
+class MixedPlan:
+    """A varlen batch planned in two halves (docs/serving.md, "Mixed batches").
+
+    `short` runs the sequences of at most `q_split` query tokens with decode tiles, `long`
+    the others with prompt tiles; each builds its own work list on the GPU from the same
+    lengths (the other half's sequences count as empty), so a CUDA graph still serves every
+    step. Both write one output. Made by `skattn.serving_plan(..., q_split=...)`.
+    """
+
+    short: ServingPlan
+    long: ServingPlan
+
+    @property
+    def q_split(self) -> int:
+        return self.short.max_q_len
+
+    @property
+    def halves(self) -> tuple[ServingPlan, ServingPlan]:
+        return (self.short, self.long)
+
+    @property
+    def varlen(self) -> bool:
+        return True
+
+    @property
+    def q_len(self) -> None:
+        return None
+
+    @property
+    def batch(self) -> int:
+        return self.long.batch
+
+    @property
+    def work_list_words(self) -> int:
+        """int32 words of both work lists: the short half's at 0, the long half's at
+        `work_list_offsets[1]` (16-byte aligned)."""
+        return self.work_list_offsets[1] + self.long.work_list_words
+
+    @property
+    def work_list_offsets(self) -> tuple[int, int]:
+        return 0, -(-self.short.work_list_words // 4) * 4
+
+    def describe(self) -> str:
+        return "\n".join([f"mixed batch: sequences of <= {self.q_split} query tokens in the "
+                          f"short half, the others in the long half",
+                          "short half: " + self.short.describe(),
+                          "long half: " + self.long.describe()])
+
+
+def _mixed_plan(q_split, args: dict) -> ServingPlan | MixedPlan:
+    if args["q_len"] is not None:
+        raise ValueError("q_split splits a varlen batch (max_q_len, total_q); attention_with_kvcache "
+                         "plans have one q_len")
+    max_q_len = args["max_q_len"]
+    if q_split == "auto":
+        q_split = decode_q_split(args["q_heads"], args["kv_heads"])
+        if max_q_len is not None and max_q_len <= q_split:
+            return serving_plan(**args)
+    if (not isinstance(q_split, int) or isinstance(q_split, bool) or q_split < 1
+            or (max_q_len is not None and q_split >= max_q_len)):
+        raise ValueError(f"q_split must be 'auto' or an integer in [1, max_q_len) = [1, "
+                         f"{max_q_len}), got {q_split!r}")
+    short = serving_plan(**dict(args, max_q_len=q_split))
+    long = serving_plan(**args)
+    return MixedPlan(replace(short, q_range=(0, q_split)),
+                     replace(long, q_range=(q_split, INT32_MAX)))
 
 
 CUT_SHARE = 0.05  # ragged plans' CostModel.cut_share (ragged_cost_model)
@@ -373,7 +462,10 @@ def host_work_list(plan: ServingPlan, *, lens_k=None, cu_k=None, cu_q=None) -> W
             ks.append(0)
         if cu_q is not None:
             q0 = _clamp(int(cu_q[i]), 0, plan.total_q)
-            n = _clamp(int(cu_q[i + 1]) - int(cu_q[i]), 0, plan.max_q_len)
+            raw = int(cu_q[i + 1]) - int(cu_q[i])
+            n = _clamp(raw, 0, plan.max_q_len)
+            if plan.q_range is not None and not plan.q_range[0] < raw <= plan.q_range[1]:
+                n = 0  # the other half's sequence
             lq.append(min(n, plan.total_q - q0))
             qs.append(q0)
         else:

@@ -123,7 +123,10 @@ def build_skattn(batch: Batch, policy: str, overrides: dict | None = None) -> Bu
             return serving.attention_varlen(batch.q, batch.k, batch.v, batch.cu_q, batch.cu_k,
                                             max(m.q_lens), max(m.kv_lens), block_table=batch.table,
                                             plan=p, out=out, workspace=ws, work_list=wl)
-    note = f"grid {p.programs}, fixup {p.fixup}" + (f", split {p.split}" if p.split > 1 else "")
+    note = "; ".join(f"{name}grid {h.programs}, fixup {h.fixup}"
+                     + (f", split {h.split}" if h.split > 1 else "")
+                     for name, h in zip(("short: ", "long: ") if hasattr(p, "halves") else ("",),
+                                        getattr(p, "halves", (p,))))
     return Built(layer, lambda o: o.reshape(-1, batch.hq, batch.d), step, note)
 
 

@@ -45,9 +45,11 @@ def _span(CU, i, ok, cap, total):
 
 @triton.jit
 def _sequences(SEQ_K, SEQ_Q, WL, batch, q_len, cap_q, total_q, cap_k, total_k, rb_max,
-               CU_K: tl.constexpr, VARLEN_Q: tl.constexpr, TOKENS: tl.constexpr,
-               BLOCK_B: tl.constexpr):
-    """Per-sequence lengths and starts, clamped to the plan's bounds; returns real row blocks."""
+               q_lo, q_hi, CU_K: tl.constexpr, VARLEN_Q: tl.constexpr, Q_RANGE: tl.constexpr,
+               TOKENS: tl.constexpr, BLOCK_B: tl.constexpr):
+    """Per-sequence lengths and starts, clamped to the plan's bounds; returns real row blocks.
+    Q_RANGE: a sequence whose query count is not in (q_lo, q_hi] belongs to the other half
+    of a MixedPlan and counts as empty."""
     o_lq, o_lk, o_qs, o_ks, o_rbe, _, _, _, _, _ = wl_offsets(batch, rb_max)
     i = tl.arange(0, BLOCK_B)
     ok = i < batch
@@ -58,6 +60,9 @@ def _sequences(SEQ_K, SEQ_Q, WL, batch, q_len, cap_q, total_q, cap_k, total_k, r
         ks = tl.zeros_like(lk)
     if VARLEN_Q:
         qs, lq = _span(SEQ_Q, i, ok, cap_q, total_q)
+        if Q_RANGE:
+            raw = tl.load(SEQ_Q + i + 1, mask=ok, other=0) - tl.load(SEQ_Q + i, mask=ok, other=0)
+            lq = tl.where((raw > q_lo) & (raw <= q_hi), lq, 0)
     else:
         qs = tl.zeros_like(lk)
         lq = tl.zeros_like(lk) + q_len
@@ -138,15 +143,15 @@ def _programs(work, tiles, maxc, minc, grid_programs, split, n_sat, per_sm, COST
 def work_list_kernel(
     SEQ_K, SEQ_Q, WL, COST,
     batch, q_len, cap_q, total_q, cap_k, total_k, hz, rb_max, window,
-    grid_programs, split, n_sat, per_sm,
+    grid_programs, split, n_sat, per_sm, q_lo, q_hi,
     CU_K: tl.constexpr, VARLEN_Q: tl.constexpr, CAUSAL: tl.constexpr,
     HAS_WINDOW: tl.constexpr, POLICY: tl.constexpr, FUSED: tl.constexpr,
     TOKENS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
-    LOG_B: tl.constexpr, RB_CHUNK: tl.constexpr, NB: tl.constexpr,
+    LOG_B: tl.constexpr, RB_CHUNK: tl.constexpr, NB: tl.constexpr, Q_RANGE: tl.constexpr,
 ):
     """One program: lengths -> row blocks -> per-row-block KV blocks -> prefix sums -> N."""
     rb_real = _sequences(SEQ_K, SEQ_Q, WL, batch, q_len, cap_q, total_q, cap_k, total_k, rb_max,
-                         CU_K, VARLEN_Q, TOKENS, BLOCK_B)
+                         q_lo, q_hi, CU_K, VARLEN_Q, Q_RANGE, TOKENS, BLOCK_B)
     tl.debug_barrier()  # the per-sequence arrays are read back below by other threads
     o_lq, o_lk, _, _, o_rbe, o_start, o_count, o_seq, o_qblock, o_first = wl_offsets(batch, rb_max)
     carry = tl.zeros([], dtype=tl.int32)
