@@ -59,3 +59,14 @@ def test_skattn_variants_name_a_policy_and_plan_overrides():
         skattn_variant("skattn:auto/programs=many")
     with pytest.raises(ValueError, match="comes from the batch"):
         skattn_variant("skattn:auto/batch=4")
+
+
+def test_mixed_provider_on_varlen_mixes_only(monkeypatch):
+    names = sb.PROVIDERS
+    assert "skattn:mixed" in sr.providers_for(names, "llama-8b", decode=False)
+    assert "skattn:mixed" not in sr.providers_for(names, "llama-8b", decode=True)
+    seen = []
+    monkeypatch.setattr(sb, "build_skattn", lambda batch, policy, extra=None: seen.append((policy, extra)))
+    sb.build("skattn:mixed", None)
+    sb.build("skattn:auto", None)
+    assert seen == [("auto", {"q_split": "auto"}), ("auto", {})]

@@ -14,7 +14,10 @@ import torch
 
 from skattn.bench.serving_mixes import Mix
 
-PROVIDERS = ("skattn:auto", "skattn:split", "sdpa-padded", "flex-paged", "flash-attn")
+PROVIDERS = ("skattn:auto", "skattn:mixed", "skattn:split", "sdpa-padded", "flex-paged",
+             "flash-attn")
+# skattn:mixed: `auto` in two halves (serving_plan(q_split="auto"), docs/serving.md "Mixed
+# batches"); varlen mixes only
 
 
 @dataclass
@@ -239,6 +242,8 @@ def skattn_variant(name: str) -> tuple[str, dict]:
 
 
 def build(name: str, batch: Batch) -> Built:
+    if name == "skattn:mixed":
+        return build_skattn(batch, "auto", {"q_split": "auto"})
     if name.startswith("skattn:"):
         return build_skattn(batch, *skattn_variant(name))
     return {"sdpa-padded": build_sdpa, "flex-paged": build_flex,

@@ -81,10 +81,14 @@ def measure(name, batch, refs, timer, *, layers, warmup, reps) -> dict:
     return row
 
 
-def providers_for(names, model) -> list[str]:
+def providers_for(names, model, decode: bool = False) -> list[str]:
+    """The providers of a cell: FlexAttention on FLEX_MODELS only, skattn:mixed on varlen
+    mixes only (a decode batch has one query count)."""
     out = []
     for name in names:
         if name == "flex-paged" and model not in FLEX_MODELS:
+            continue
+        if name == "skattn:mixed" and decode:
             continue
         if name == "flash-attn" and importable("flash_attn"):
             continue
@@ -132,7 +136,7 @@ def run_serving(*, models, mixes, page_sizes, names, out_dir, tag, layers=8, war
             nbytes = batch.kv_bytes() + 2 * batch.q.numel() * batch.q.element_size()
             flops = 4 * hq * d * sum(a * b for a, b in zip(m.q_lens, m.kv_lens))
             floor = floor_us(nbytes, flops, ceilings)
-            for name in providers_for(names, model):
+            for name in providers_for(names, model, m.decode):
                 row = measure(name, batch, refs, timer, layers=layers, warmup=warmup, reps=reps)
                 p50 = float(row["p50_us"]) if "p50_us" in row else None
                 row.update(model=model, hq=hq, hkv=hkv, d=d, mix=mix_name, page_size=ps,
