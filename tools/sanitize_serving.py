@@ -1,7 +1,8 @@
 """Small serving calls for compute-sanitizer (memcheck, racecheck, synccheck): every fixup
-kind on ragged dense, paged (page sizes 16, 48, 64) and packed varlen batches, a paged fp8
-cache with per-head K and per-tensor V scales, and the device-side behaviour on bad lengths
-and page ids (clamped and masked: no out-of-bounds read). Run: compute-sanitizer --tool memcheck python3 tools/sanitize_serving.py
+kind on ragged dense, paged (page sizes 16, 48, 64) and packed varlen batches (one plan, and
+a MixedPlan's two halves), a paged fp8 cache with per-head K and per-tensor V scales, and
+the device-side behaviour on bad lengths and page ids (clamped and masked: no out-of-bounds
+read). Run: compute-sanitizer --tool memcheck python3 tools/sanitize_serving.py
 """
 import sys
 
@@ -71,15 +72,18 @@ def main() -> int:
     cu_k = torch.tensor([0, 300, 377, 382, 384], dtype=I32, device="cuda")
     qv, kv_, vv = rand(46, Hq, D), rand(384, Hkv, D), rand(384, Hkv, D)
     ref = reference.attention_varlen(qv, kv_, vv, cu_q, cu_k, 40, 300)
-    for fixup in (None, "fused"):
+    for fixup, q_split in ((None, None), ("fused", None), (None, 3), ("fused", 3)):
+        # q_split: a MixedPlan, the two halves side by side in one workspace
         p = skattn.serving_plan(batch=4, max_q_len=40, total_q=46, max_kv_len=300, total_k=384,
-                                q_heads=Hq, kv_heads=Hkv, head_dim=D, fixup=fixup)
-        out = skattn.attention_varlen(qv, kv_, vv, cu_q, cu_k, 40, 300, plan=p)
+                                q_heads=Hq, kv_heads=Hkv, head_dim=D, fixup=fixup,
+                                q_split=q_split)
+        ws = serving.workspace(p) if q_split else None
+        out = skattn.attention_varlen(qv, kv_, vv, cu_q, cu_k, 40, 300, plan=p, workspace=ws)
         rows = ~torch.isnan(ref[:, 0, 0])
         n += 1
         if rel(out[rows], ref[rows]) > 2e-2:
             bad += 1
-            print(f"FAIL varlen {fixup}")
+            print(f"FAIL varlen {fixup} q_split {q_split}")
     # fp8 e4m3 K/V, paged (16), with a page id out of range in one sequence's unused entries
     ps, need = 16, [-(-x // 16) for x in lens]
     table = torch.full((B, max(need)), 10**6, dtype=I32, device="cuda")
