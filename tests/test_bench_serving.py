@@ -65,6 +65,7 @@ def test_mixed_provider_on_varlen_mixes_only(monkeypatch):
     names = sb.PROVIDERS
     assert "skattn:mixed" in sr.providers_for(names, "llama-8b", decode=False)
     assert "skattn:mixed" not in sr.providers_for(names, "llama-8b", decode=True)
+    assert sr.providers_for(["skattn:auto/q_split=4"], "llama-8b", decode=True) == []
     seen = []
     monkeypatch.setattr(sb, "build_skattn", lambda batch, policy, extra=None: seen.append((policy, extra)))
     sb.build("skattn:mixed", None)

@@ -138,8 +138,12 @@ def test_mixed_plan_halves(page_size):
 
     graph, _ = capture([step])
     rng = random.Random(6)
+    # the same 543 rows of q cut differently: the chunk at another sequence, sequences of
+    # 16 (short half) and 17 (long half) queries, a chunk split in two
+    cuts = [list(m.q_lens), [481, 17, 16] + [1] * 29, [257, 226, 16, 17, 0] + [1] * 27]
     for i in range(12):
-        if i:  # the same rows of q, cut differently: a chunk may become decode rows
+        if i:
+            lens_q = cuts[i % 3][:]
             rng.shuffle(lens_q)
             cu_q.copy_(torch.tensor([0, *torch.tensor(lens_q).cumsum(0).tolist()], dtype=I32))
         out.fill_(NAN)

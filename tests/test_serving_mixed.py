@@ -1,5 +1,6 @@
 """Mixed batches in two halves (MixedPlan, docs/serving.md "Mixed batches"): plans, the
 device work lists, the kernels under TRITON_INTERPRET=1 and the float64 replay."""
+import numpy as np
 import pytest
 import torch
 
@@ -57,8 +58,30 @@ def test_work_lists_split_the_sequences():
 
 @pytest.mark.interpret
 @pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter tests run on the CPU")
-@pytest.mark.parametrize("paged,fixup", [(False, None), (True, None), (False, "fused")])
-def test_mixed_batch_against_float64(paged, fixup):
+@pytest.mark.parametrize("cu", [
+    [0, 25, 26, 29, 29, 33, 34],   # a sequence longer than max_q_len (25 > 19): clamped, long
+    [0, 19, 18, 21, 21, 25, 26],   # a negative length (18 - 19): empty in both halves
+    [0, 19, 20, 23, 23, 27, 99],   # the last sequence runs past total_q
+])
+def test_work_lists_on_bad_lengths(cu):
+    # what the device does with values the host cannot check matches the host mirror, and no
+    # sequence has queries in both halves
+    q, k, v, cu_q, cu_k = varlen_inputs(LQ, LK, hq=8, hkv=2, d=16, pad_q=2)
+    p = mixed_plan(q, k)
+    cq = torch.tensor(cu, dtype=torch.int32)
+    owners = []
+    for half in p.halves:
+        host = host_work_list(half, cu_k=cu_k.tolist(), cu_q=cu)
+        assert_same_list(half, device_list(half, cu_seqlens_q=cq, cu_seqlens_k=cu_k), host)
+        owners += sorted(set(host.rb_seq))
+    assert len(owners) == len(set(owners))
+
+
+@pytest.mark.interpret
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter tests run on the CPU")
+@pytest.mark.parametrize("paged,fixup,own_ws", [(False, None, True), (True, None, True),
+                                                (False, "fused", True), (True, "fused", False)])
+def test_mixed_batch_against_float64(paged, fixup, own_ws):
     q, k, v, cu_q, cu_k = varlen_inputs(LQ, LK, hq=8, hkv=2, d=16, seed=11, pad_q=2)
     table = None
     if paged:
@@ -66,7 +89,7 @@ def test_mixed_batch_against_float64(paged, fixup):
     p = mixed_plan(q, k, table=table, fixup=fixup, policy="llamacpp-before")
     inputs = [x.clone() for x in (q, k, v)]
     out = torch.full((q.shape[0], 8, 16), NAN, dtype=q.dtype)
-    ws = serving.workspace(p, device="cpu")
+    ws = serving.workspace(p, device="cpu") if own_ws else None  # else the pools
     out, lse = skattn.attention_varlen(q, k, v, cu_q, cu_k, max(LQ), 48, block_table=table,
                                        plan=p, out=out, workspace=ws, return_lse=True)
     ref, ref_lse = reference.attention_varlen(q, k, v, cu_q, cu_k, max(LQ), 48,
@@ -79,7 +102,7 @@ def test_mixed_batch_against_float64(paged, fixup):
     tol = ragged_bound(sequences_varlen(q, k, v, cu_q, cu_k, table))
     assert rel_err(out[rows], ref[rows]) <= tol, (rel_err(out[rows], ref[rows]), tol)
     check_lse(lse[:, rows], ref_lse[:, rows], tol)
-    if fixup == "fused":
+    if fixup == "fused" and own_ws:
         for half, at in zip(p.halves, serving._workspace_offsets(p)):
             own = ws[at:at + serving.sl.workspace_bytes(half)]
             assert not own[-half.tiles_max * 4:].any(), "fused counters must return to zero"
@@ -98,13 +121,16 @@ def test_shared_work_list_and_changed_lengths():
     p = mixed_plan(q, k)
     wl = torch.empty(p.work_list_words, dtype=torch.int32)
     ws = serving.workspace(p, device="cpu")
-    for lq in (LQ, [1, 19, 0, 3, 1, 4]):  # sequences move between the halves
+    out = torch.empty(q.shape[0], 8, 16, dtype=q.dtype)
+    for lq in (LQ, [1, 19, 0, 3, 1, 4], [4, 3, 19, 1, 0, 1]):  # sequences move between halves
         cq = torch.tensor([0] + list(torch.tensor(lq).cumsum(0)), dtype=torch.int32)
         serving.work_list(p, cu_seqlens_q=cq, cu_seqlens_k=cu_k, out=wl)
-        out = skattn.attention_varlen(q, k, v, cq, cu_k, max(LQ), 48, plan=p, work_list=wl,
-                                      workspace=ws)
+        out.fill_(NAN)
+        skattn.attention_varlen(q, k, v, cq, cu_k, max(LQ), 48, plan=p, work_list=wl,
+                                workspace=ws, out=out)
         ref = reference.attention_varlen(q, k, v, cq, cu_k, max(LQ), 48)
         rows = ~torch.isnan(ref[:, 0, 0])
+        assert not torch.isnan(out[rows]).any(), f"{lq}: rows left unwritten"
         tol = ragged_bound(sequences_varlen(q, k, v, cq, cu_k))
         assert rel_err(out[rows], ref[rows]) <= tol
 
@@ -119,11 +145,14 @@ def test_auto_split_and_bad_values():
     assert p.short.geometry.block_m <= 64 < p.long.geometry.block_m
     # nothing to split: one plan
     assert not isinstance(skattn.serving_plan(max_q_len=16, q_split="auto", **common), MixedPlan)
-    for bad in (0, 512, 600, True, "half"):
+    for bad in (0, 512, 600, True, "half", 40):  # 40 x 4 rows: prompt tiles in both halves
         with pytest.raises(ValueError, match="q_split"):
             skattn.serving_plan(max_q_len=512, q_split=bad, **common)
+    assert skattn.serving_plan(max_q_len=512, q_split=np.int64(8), **common).q_split == 8
+    kv = {k: v for k, v in common.items() if k != "total_q"}
     with pytest.raises(ValueError, match="varlen"):
-        skattn.serving_plan(q_len=4, q_split=2, **{k: v for k, v in common.items() if k != "total_q"})
+        skattn.serving_plan(q_len=4, q_split=2, **kv)
+    assert isinstance(skattn.serving_plan(q_len=4, q_split="auto", **kv), skattn.ServingPlan)
 
 
 @pytest.mark.interpret
@@ -131,6 +160,8 @@ def test_auto_split_and_bad_values():
 def test_mixed_plan_errors():
     q, k, v, cu_q, cu_k = varlen_inputs(LQ, LK, hq=8, hkv=2, d=16, pad_q=2)
     p = mixed_plan(q, k)
+    with pytest.raises(ValueError, match="one half of a MixedPlan"):
+        skattn.attention_varlen(q, k, v, cu_q, cu_k, max(LQ), 48, plan=p.long)
     with pytest.raises(ValueError, match="max_q_len"):  # made for another max_seqlen_q
         skattn.attention_varlen(q, k, v, cu_q, cu_k, 25, 48, plan=p)
     for bad in (torch.zeros(16, dtype=torch.uint8), bytearray(1 << 16)):

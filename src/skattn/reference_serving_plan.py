@@ -126,6 +126,9 @@ class _Replay:
         b, _, qi, heads = self.rows(t)
         out, lse = finalise(state, None if self.sinks is None else self.sinks[heads])
         q0 = self.wl.q_start[b]
+        rows = (b, qi, heads) if self.out.dim() == 4 else (q0 + qi, heads)
+        # every row once, also across the halves of a MixedPlan (the output starts as NaN)
+        assert torch.isnan(self.out[rows]).all(), f"rows of tile {t} written before"
         if self.out.dim() == 4:     # [B, Lq, Hq, Dv], lse [B, Hq, Lq]
             self.out[b, qi, heads], self.lse[b, heads, qi] = out, lse
         else:                       # packed: [total_q, Hq, Dv], lse [Hq, total_q]

@@ -37,6 +37,9 @@ def _plan(plan, device, bounds: dict) -> ServingPlan | MixedPlan:
     if not isinstance(plan, (ServingPlan, MixedPlan)):
         raise TypeError(f"plan must be a skattn.ServingPlan or MixedPlan (from "
                         f"skattn.serving_plan), got {type(plan).__name__}")
+    if isinstance(plan, ServingPlan) and plan.q_range is not None:
+        raise ValueError("this plan is one half of a MixedPlan and runs only part of the "
+                         "batch: pass the MixedPlan")
     dtype = bounds.pop("dtype")
     if isinstance(plan, MixedPlan):  # the short half is bounded by q_split
         if "q_len" in bounds:

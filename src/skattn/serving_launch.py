@@ -75,7 +75,7 @@ def _bind(plan: ServingPlan, device: torch.device) -> Bound:
     ints = (plan.batch, plan.rb_max, plan.gqa_ratio, plan.ntiles_z, plan.hz, plan.split,
             plan.total_q, plan.max_q_len, plan.q_len or 0, plan.window or 0, plan.programs,
             plan.key_capacity, plan.total_k or INT32_MAX, n_sat(plan), plan.per_sm,
-            *(plan.q_range or (0, 0)))
+            *(plan.q_range or (0, INT32_MAX)))
     key = (device, tuple(sorted(wl_const.items())), tuple(sorted(main_const.items())),
            tuple(sorted(fix_const.items())), fix_kernel, tuple(_spec(x) for x in ints))
     kid = _KEYS.setdefault(key, len(_KEYS))

@@ -6,6 +6,7 @@ grid and the workspace; the lengths are read on the GPU (`kernels/worklist.py`).
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -27,7 +28,7 @@ SERVING_FIXUPS = ("general", "fused")
 POLICY_CODE = {"llamacpp-before": 0, "llamacpp": 1, "auto": 2, "split": 3}
 HEADER = 16  # int32 words before the per-sequence arrays
 INT32_MAX = 2**31 - 1
-DECODE_ROWS = 64  # the most rows of a decode tile: a MixedPlan's short half stays within it
+DECODE_ROWS = 64  # q_split="auto": the short half's tiles hold at most this many rows
 # K/V forms of the serving kernels -> ServingPlan.dtype (q8_0 and q4_0 are the dense path's only)
 SERVING_DTYPES = {d: name for d, name in _DTYPES.items() if name not in ("q8_0", "q4_0")}
 
@@ -361,6 +362,8 @@ class MixedPlan:
 
 def _mixed_plan(q_split, args: dict) -> ServingPlan | MixedPlan:
     if args["q_len"] is not None:
+        if q_split == "auto":  # one query count: nothing to split
+            return serving_plan(**args)
         raise ValueError("q_split splits a varlen batch (max_q_len, total_q); attention_with_kvcache "
                          "plans have one q_len")
     max_q_len = args["max_q_len"]
@@ -368,12 +371,18 @@ def _mixed_plan(q_split, args: dict) -> ServingPlan | MixedPlan:
         q_split = decode_q_split(args["q_heads"], args["kv_heads"])
         if max_q_len is not None and max_q_len <= q_split:
             return serving_plan(**args)
+    elif not isinstance(q_split, bool) and isinstance(q_split, numbers.Integral):
+        q_split = int(q_split)
     if (not isinstance(q_split, int) or isinstance(q_split, bool) or q_split < 1
             or (max_q_len is not None and q_split >= max_q_len)):
         raise ValueError(f"q_split must be 'auto' or an integer in [1, max_q_len) = [1, "
                          f"{max_q_len}), got {q_split!r}")
     short = serving_plan(**dict(args, max_q_len=q_split))
     long = serving_plan(**args)
+    if short.geometry.block_m >= long.geometry.block_m:
+        raise ValueError(f"q_split={q_split} gives both halves tiles of {long.geometry.block_m} "
+                         f"rows, so a second half would only cost time; use q_split='auto' "
+                         f"({decode_q_split(args['q_heads'], args['kv_heads'])} here) or less")
     return MixedPlan(replace(short, q_range=(0, q_split)),
                      replace(long, q_range=(q_split, INT32_MAX)))
 
