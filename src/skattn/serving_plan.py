@@ -318,6 +318,15 @@ class MixedPlan:
     the others with prompt tiles; each builds its own work list on the GPU from the same
     lengths (the other half's sequences count as empty), so a CUDA graph still serves every
     step. Both write one output. Made by `skattn.serving_plan(..., q_split=...)`.
+
+    Attributes
+    ----------
+    short, long : ServingPlan
+        The halves: sequences of 1 .. q_split query tokens, and of more.
+    q_split : int
+        The most query tokens of a sequence in the short half.
+    work_list_words : int
+        int32 words of both work lists (`skattn.serving.work_list(plan)` builds them).
     """
 
     short: ServingPlan
