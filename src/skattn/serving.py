@@ -258,7 +258,10 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     window, sinks, softcap, alibi_slopes, scale, return_lse, plan, out, workspace, work_list,
     k_scale, v_scale
         As in `attention_with_kvcache` (plan from `skattn.serving_plan(batch=B,
-        max_q_len=max_seqlen_q, total_q=total_q, max_kv_len=max_seqlen_k, ...)`).
+        max_q_len=max_seqlen_q, total_q=total_q, max_kv_len=max_seqlen_k, ...)`, or a
+        `MixedPlan` from the same with `q_split=`: decode tiles for the sequences of at most
+        q_split query tokens, docs/serving.md "Mixed batches"; its workspace and work list
+        from `skattn.serving.workspace(plan)` and `skattn.serving.work_list(plan, ...)`).
 
     Returns
     -------
