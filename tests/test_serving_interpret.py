@@ -243,3 +243,17 @@ def test_device_clamps_bad_lengths_and_pages():
     tol = ragged_bound(sequences_kvcache(q, k, v, [0, 48, 0], table))
     assert rel_err(out[1:2], ref1) <= tol
     assert rel_err(out[2:3], ref2) <= tol
+
+
+def test_pooled_work_list_outgrown_stays_alive():
+    # a CUDA graph captured with the pooled work list keeps its address: a bigger plan later
+    # gets a new buffer and the old one is kept, not freed
+    from skattn import serving_launch as sl
+
+    small, big = kv_plan(2, 1, 40, 4, 2, 16), kv_plan(300, 1, 40, 4, 2, 16)
+    dev = torch.device("cpu")
+    sl._WL_POOL.pop((dev, 0), None)
+    first = sl._views(small, sl.bind(small, dev), None, dev, 0)[4]
+    second = sl._views(big, sl.bind(big, dev), None, dev, 0)[4]
+    assert second.numel() == big.work_list_words and first.numel() == small.work_list_words
+    assert any(first.data_ptr() == r.data_ptr() for r in sl._WL_RETIRED)

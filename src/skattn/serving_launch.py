@@ -22,6 +22,9 @@ from skattn.serving_plan import POLICY_CODE, ServingPlan, n_sat
 INT32_MAX = 2**31 - 1
 RB_CHUNK = 256
 _WL_POOL: dict = {}  # (device, stream) -> an int32 buffer for work lists built per call
+# work-list buffers outgrown: kept, since a graph captured with the pool still addresses them
+# (each replacement at least doubles the size, so they hold less than the current one)
+_WL_RETIRED: list = []
 _KEYS: dict = {}
 
 
@@ -113,8 +116,10 @@ def _views(plan: ServingPlan, b: Bound, workspace, device, stream):
     key = (device, stream)
     wl = _WL_POOL.get(key)
     if wl is None or wl.numel() < plan.work_list_words:
-        wl = _WL_POOL[key] = torch.empty(max(plan.work_list_words, 256), dtype=torch.int32,
-                                         device=device)
+        if wl is not None:  # a captured CUDA graph may hold its address: keep it alive
+            _WL_RETIRED.append(wl)
+        size = max(plan.work_list_words, 256, 2 * (wl.numel() if wl is not None else 0))
+        wl = _WL_POOL[key] = torch.empty(size, dtype=torch.int32, device=device)
     return ws_o, ws_m, ws_l, counters, wl[:plan.work_list_words]
 
 
