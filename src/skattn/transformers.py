@@ -23,6 +23,7 @@ import torch
 
 import skattn
 from skattn import ops
+from skattn.transformers_paged import PagedForward
 
 __all__ = ["register", "attention_forward", "attention_mask", "is_skattn", "FP8Cache", "NAME"]
 
@@ -65,7 +66,10 @@ def register(policy: str = ops.DEFAULT_POLICY, name: str = NAME) -> str:
     -------
     str
         `name`, for `from_config(..., attn_implementation=name)` or
-        `model.set_attn_implementation(name)`.
+        `model.set_attn_implementation(name)`. Continuous batching (`generate_batch`)
+        switches such a model to `"paged|" + name`, registered here too
+        (skattn/transformers_paged.py: `skattn.attention_varlen` over the packed requests;
+        its policy must be one of the ragged-batch policies).
     """
     ops._check_policy(policy)
     if "/" in name or any(word in name for word in ("sdpa", "flash", "flex_attention")):
@@ -74,6 +78,8 @@ def register(policy: str = ops.DEFAULT_POLICY, name: str = NAME) -> str:
     attention_interface, mask_interface = _interfaces()
     attention_interface.register(name, _Forward(policy))
     mask_interface.register(name, attention_mask)
+    # continuous batching (generate_batch) calls "paged|" + name: the ragged-batch path
+    attention_interface.register(f"paged|{name}", PagedForward(policy))
     return name
 
 

@@ -1,0 +1,116 @@
+"""skattn under transformers' continuous batching (`model.generate_batch`, `transformers serve`).
+
+Continuous batching packs the new tokens of many requests, prompt chunks and decode steps
+alike, into one row of `[1, H, total_q, D]` and keeps K/V in its `PagedAttentionCache`. It
+calls the attention implementation named `"paged|" + name`; `skattn.transformers.register`
+registers this module's forward under that name beside the plain one. The forward writes the
+new K/V into the cache and reads back each request's keys packed (`cache.update`, as
+transformers' own paged implementations do), then runs `skattn.attention_varlen` over the
+packed batch with `cu_seq_lens_q` / `cu_seq_lens_k`: bottom-right causal per request, a
+sliding window on the model's window layers, GPT-OSS's sinks and softcapping as in the plain
+forward. No mask is built: transformers builds one only for `paged|eager` and `paged|sdpa`.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+
+import skattn
+from skattn.serving_plan import SERVING_POLICIES
+
+
+class PagedForward:
+    """transformers' paged attention-function signature, bound to one planner policy."""
+
+    def __init__(self, policy: str):
+        self.policy = policy
+
+    def __call__(self, module, query, key, value, attention_mask, **kwargs):
+        return paged_attention_forward(module, query, key, value, attention_mask,
+                                       policy=self.policy, **kwargs)
+
+
+def paged_attention_forward(module, query, key, value, attention_mask, *, cache=None,
+                            cu_seq_lens_q=None, cu_seq_lens_k=None, max_seqlen_q=None,
+                            max_seqlen_k=None, read_index=None, write_index=None, dropout=0.0,
+                            scaling=None, sliding_window=None, softcap=None, s_aux=None,
+                            policy="auto", **kwargs):
+    """One attention call of a continuous batch.
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+        The attention module (`layer_idx`, `sliding_window` and `training` are read).
+    query : Tensor [1, Hq, total_q, D]
+    key, value : Tensor [1, Hkv, total_q, D]
+        The new tokens' K/V, written into `cache` here.
+    attention_mask : None
+        Continuous batching builds none for skattn; a mask is refused.
+    cache : transformers' PagedAttentionCache
+    cu_seq_lens_q, cu_seq_lens_k : Tensor [B + 1] int32, or dicts of them per layer type
+    max_seqlen_q, max_seqlen_k : int, or dicts of them per layer type
+    read_index, write_index : lists of Tensor
+        Where `cache.update` reads and writes each request's keys.
+    dropout, scaling, sliding_window, softcap, s_aux
+        As in `skattn.transformers.attention_forward`.
+    policy : str
+        A ragged-batch policy ("auto", "llamacpp", "llamacpp-before", "split").
+
+    Returns
+    -------
+    (Tensor [1, total_q, Hq, D], None)
+    """
+    if cache is None:
+        raise ValueError("a paged skattn implementation was called without transformers' paged "
+                         "cache: it serves continuous batching (generate_batch); use the plain "
+                         "name for a standard forward")
+    if attention_mask is not None:
+        raise ValueError("skattn's paged forward takes no attention mask: continuous batching "
+                         "runs bottom-right causal per request")
+    if dropout and module.training:
+        raise ValueError("skattn has no attention dropout: use model.eval() or dropout 0")
+    if policy not in SERVING_POLICIES:
+        raise ValueError(f"policy {policy!r} has no ragged-batch form; continuous batching "
+                         f"takes one of {SERVING_POLICIES} (register(policy=...))")
+    window = sliding_window or getattr(module, "sliding_window", None) or None
+    layer_type = "sliding_attention" if window else "full_attention"
+    if isinstance(cu_seq_lens_k, dict):
+        cu_seq_lens_k, max_seqlen_k = cu_seq_lens_k[layer_type], max_seqlen_k[layer_type]
+    if isinstance(cu_seq_lens_q, dict):
+        cu_seq_lens_q, max_seqlen_q = cu_seq_lens_q[layer_type], max_seqlen_q[layer_type]
+    k, v = cache.update(key_states=key, value_states=value, layer_idx=module.layer_idx,
+                        read_index=read_index, write_index=write_index)  # [total_k, Hkv, D]
+    q = query[0].transpose(0, 1)  # [total_q, Hq, D], the last dim contiguous
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    out = skattn.attention_varlen(
+        q, k, v, cu_seq_lens_q.to(torch.int32), cu_seq_lens_k.to(torch.int32),
+        int(max_seqlen_q), max(1, int(max_seqlen_k)), causal=True, window=window,
+        sinks=s_aux.float() if s_aux is not None else None, softcap=float(softcap or 0.0),
+        scale=scaling, plan=_plan(q, k, v, cu_seq_lens_q, max_seqlen_q, max_seqlen_k, window,
+                                  policy))
+    return out[None], None
+
+
+def _plan(q, k, v, cu_q, max_q, max_k, window, policy):
+    """The serving plan of this call's bounds and policy (None: attention_varlen's cached
+    plan for the default policy)."""
+    if policy == "auto":
+        return None
+    return _cached_plan(cu_q.numel() - 1, int(max_q), q.shape[0], max(1, int(max_k)), k.shape[0],
+                        q.shape[1], k.shape[1], q.shape[2], v.shape[2], k.dtype, window, policy,
+                        q.device)
+
+
+@lru_cache(maxsize=256)
+def _cached_plan(batch, max_q, total_q, max_k, total_k, hq, hkv, d, dv, dtype, window, policy,
+                 device):
+    from skattn.device import hardware, shared_memory_limit
+
+    sms, occupancy = hardware(device)
+    return skattn.serving_plan(batch=batch, max_q_len=max_q, total_q=total_q, max_kv_len=max_k,
+                               total_k=total_k, q_heads=hq, kv_heads=hkv, head_dim=d,
+                               head_dim_v=dv, dtype=dtype, causal=True, window=window,
+                               policy=policy, sms=sms, occupancy=occupancy,
+                               smem_limit=shared_memory_limit(device))

@@ -1,0 +1,83 @@
+"""skattn under transformers' continuous batching ("paged|skattn"), under the interpreter."""
+import copy
+
+import pytest
+import torch
+
+import skattn
+
+transformers = pytest.importorskip(
+    "transformers", reason="transformers is not installed (pip install 'skattn[transformers]')")
+import skattn.transformers as skt  # noqa: E402
+from skattn.transformers_paged import paged_attention_forward  # noqa: E402
+from test_transformers import CONFIGS, TINY, VOCAB  # noqa: E402
+
+pytestmark = [
+    pytest.mark.interpret,
+    pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter tests run on the CPU"),
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def registered():
+    return skt.register()
+
+
+def batch_models(kind, seed):
+    """skattn and the paged reference ("paged|sdpa", or "paged|eager" for gpt-oss), f16, equal
+    weights."""
+    cls_name, extra, ref_impl = CONFIGS[kind]
+    cfg = getattr(transformers, cls_name)(**TINY, **extra)
+    torch.manual_seed(seed)
+    ours = transformers.AutoModelForCausalLM.from_config(
+        copy.deepcopy(cfg), attn_implementation="skattn", dtype=torch.float16).eval()
+    ref = transformers.AutoModelForCausalLM.from_config(
+        copy.deepcopy(cfg), attn_implementation=f"paged|{ref_impl}", dtype=torch.float16).eval()
+    ref.load_state_dict(ours.state_dict())
+    return ours, ref
+
+
+def generate(model, prompts, new_tokens=4):
+    cfg = transformers.GenerationConfig(max_new_tokens=new_tokens, do_sample=False,
+                                        eos_token_id=-1, pad_token_id=0)
+    with torch.no_grad():
+        out = model.generate_batch(prompts, generation_config=cfg, progress_bar=False,
+                                   warmup=False)
+    return [out[k].generated_tokens for k in sorted(out, key=lambda r: int(r.split("_")[-1]))]
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt-oss"])
+def test_generate_batch_matches_paged_reference(kind, monkeypatch):
+    # requests of different lengths: prompt chunks and decode steps in one packed batch
+    calls, calls_q = [], []
+    real = skattn.attention_varlen
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        calls_q.append((args[3].clone(),))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(skattn, "attention_varlen", spy)
+    ours, ref = batch_models(kind, seed=2)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(1, VOCAB, (n,), generator=g).tolist() for n in (9, 3, 6)]
+    got, want = generate(ours, prompts), generate(ref, prompts)
+    assert calls, "skattn's paged forward never ran"
+    # packed batches of prompts (several queries a request) and of decode steps (one)
+    lens = [(c[0][1:] - c[0][:-1]).tolist() for c in calls_q]
+    assert any(max(x) > 1 for x in lens) and any(min(x) == 1 for x in lens)
+    if kind == "gpt-oss":  # sinks on every layer, a 5-token window on the first
+        assert all(c["sinks"] is not None for c in calls)
+        assert {c["window"] for c in calls} == {5, None}
+    assert got == want, (got, want)
+
+
+def test_paged_forward_refuses():
+    module = torch.nn.Module()
+    q = torch.zeros(1, 4, 3, 16, dtype=torch.float16)
+    with pytest.raises(ValueError, match="without transformers' paged cache"):
+        paged_attention_forward(module, q, q, q, None)
+    with pytest.raises(ValueError, match="no attention mask"):
+        paged_attention_forward(module, q, q, q, torch.zeros(1, 1, 3, 3), cache=object())
+    with pytest.raises(ValueError, match="ragged-batch form"):
+        paged_attention_forward(module, q, q, q, None, cache=object(), policy="round-4x")
