@@ -190,3 +190,34 @@ def test_fp8_cache_first_step_and_greedy_32_tokens(monkeypatch):
     assert err(first8, first_ref) < 5e-3
     assert err(first8, first16) < 0.1
     assert got.shape == (1, 732) and got[0, 700] == want[0, 700]
+
+
+@needs_transformers
+@pytest.mark.parametrize("warmup", [False, True])
+def test_continuous_batching_generate_batch(warmup):
+    # transformers' continuous batching ("paged|skattn"): requests of different lengths packed
+    # into varlen batches; warmup=True pre-captures its CUDA graphs around skattn's calls
+    ours, ref = models("LlamaConfig", LLAMA, "sdpa")
+    ref.set_attn_implementation("paged|sdpa")
+    g = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(0, 1024, (n,), generator=g).tolist() for n in (700, 37, 1, 300)]
+    cfg = transformers.GenerationConfig(max_new_tokens=16, do_sample=False, eos_token_id=-1,
+                                        pad_token_id=0)
+    results = []
+    for m in (ours, ref):
+        with torch.no_grad():
+            out = m.generate_batch(prompts, generation_config=cfg, warmup=warmup)
+        results.append([out[k].generated_tokens
+                        for k in sorted(out, key=lambda r: int(r.split("_")[-1]))])
+    got, want = results
+    assert all(len(t) == 16 for t in got)
+    for i, (a, b) in enumerate(zip(got, want)):  # tie-tolerant, as for generate
+        prompt = torch.tensor([prompts[i] + a], device="cuda")
+        assert_greedy_equal(prompt, torch.tensor([prompts[i] + b], device="cuda"),
+                            ref_plain(ref), len(prompts[i]))
+
+
+def ref_plain(ref):
+    """The reference model with its plain (not paged) sdpa, for teacher forcing."""
+    ref.set_attn_implementation("sdpa")
+    return ref
