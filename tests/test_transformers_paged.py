@@ -81,3 +81,21 @@ def test_paged_forward_refuses():
         paged_attention_forward(module, q, q, q, torch.zeros(1, 1, 3, 3), cache=object())
     with pytest.raises(ValueError, match="ragged-batch form"):
         paged_attention_forward(module, q, q, q, None, cache=object(), policy="round-4x")
+
+
+def test_cb_bench_tool_tiny(tmp_path, monkeypatch):
+    # tools/cb_bench.py end to end on a toy model: both providers run, same greedy tokens
+    import csv
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "cb_bench.py"
+    spec = importlib.util.spec_from_file_location("cb_bench", path)
+    cb = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cb)
+    monkeypatch.setenv("OUT", str(tmp_path))
+    assert cb.main(["--tiny", "--requests", "2", "--prompt", "5", "--new", "2", "--reps", "1"]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "cb_bench.csv")))
+    assert [r["provider"] for r in rows] == ["skattn", "paged|sdpa"]
+    assert all(r["same_tokens_as_first"] == "2/2" and float(r["tokens_per_s"]) > 0 for r in rows)
+    assert (tmp_path / "cb_bench.json").exists()

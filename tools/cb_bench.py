@@ -1,0 +1,126 @@
+"""Continuous batching end to end: transformers' `generate_batch` over skattn and the paged
+reference implementations, tokens/s of a request mix, same model, same run.
+
+    PYTHONPATH=src python3 tools/cb_bench.py [--layers 32] [--requests 32] [--prompt 2048]
+        [--new 64] [--providers skattn,paged|sdpa] [--reps 2]
+
+A random-initialised llama-8b-shaped model (`--layers` of its 32; no download) serves
+`--requests` greedy requests with lognormal prompt lengths around `--prompt` tokens
+(sigma 0.8, 16 .. 4 x prompt) and `--new` new tokens each, through transformers' continuous
+batching (prompt chunks and decode steps packed together; transformers' CUDA-graph warm-up
+on). Each provider's generated tokens are compared with the first provider's (reported, not
+asserted: f16 near-ties may break either way). Writes $OUT/cb_bench.csv and .json (default
+benchmarks/results/latest/cb) and prints a table last. `--tiny` runs a 2-layer toy model on
+the CPU (the interpreter: a check that the script works, not a measurement).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from skattn.bench.e2e import LLAMA_8B
+from skattn.bench.run import provenance
+
+TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+            max_position_embeddings=256, initializer_range=0.3)
+
+
+def prompts(n: int, mean: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.exp(torch.randn(n, generator=g) * 0.8) * mean
+    lens = lens.clamp(16, 4 * mean).long().tolist() if mean >= 16 else [mean] * n
+    return [torch.randint(1, vocab, (m,), generator=g).tolist() for m in lens]
+
+
+def build(shape: dict, impl: str, dtype, device, state=None):
+    import transformers
+
+    with torch.device(device):
+        model = transformers.AutoModelForCausalLM.from_config(
+            transformers.LlamaConfig(**shape), attn_implementation=impl, dtype=dtype)
+    if state is not None:
+        model.load_state_dict(state)
+    return model.eval().requires_grad_(False)
+
+
+def run(model, reqs, new: int, warmup: bool) -> tuple[float, list[list[int]]]:
+    import transformers
+
+    cfg = transformers.GenerationConfig(max_new_tokens=new, do_sample=False, eos_token_id=-1,
+                                        pad_token_id=0)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate_batch(reqs, generation_config=cfg, warmup=warmup)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    tokens = [out[k].generated_tokens for k in sorted(out, key=lambda r: int(r.split("_")[-1]))]
+    return dt, tokens
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--requests", type=int, default=32)
+    ap.add_argument("--prompt", type=int, default=2048)
+    ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--providers", default="skattn,paged|sdpa")
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--tiny", action="store_true")
+    args = ap.parse_args(argv)
+    import skattn.transformers as skt
+
+    skt.register()
+    cuda = torch.cuda.is_available() and not args.tiny
+    device = "cuda" if cuda else "cpu"
+    shape = dict(TINY) if args.tiny else dict(LLAMA_8B, num_hidden_layers=args.layers)
+    reqs = prompts(args.requests, args.prompt, shape["vocab_size"])
+    out_dir = Path(os.environ.get("OUT", "benchmarks/results/latest/cb"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows, first, state = [], None, None
+    for name in args.providers.split(","):
+        model = build(shape, name, torch.float16, device, state)
+        state = state or model.state_dict()
+        times, tokens = [], None
+        for _ in range(args.reps):
+            dt, tokens = run(model, reqs, args.new, warmup=cuda)
+            times.append(dt)
+        first = first or tokens
+        same = sum(a == b for a, b in zip(tokens, first))
+        best = min(times)
+        rows.append(dict(provider=name, layers=shape["num_hidden_layers"], requests=len(reqs),
+                         prompt_tokens=sum(map(len, reqs)), new_tokens=args.new,
+                         seconds=f"{best:.3f}", tokens_per_s=f"{len(reqs) * args.new / best:.1f}",
+                         same_tokens_as_first=f"{same}/{len(reqs)}", reps=args.reps))
+        del model
+        if cuda:
+            torch.cuda.empty_cache()
+    path = out_dir / "cb_bench.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    meta = dict(provenance(torch.cuda.get_device_properties(0).multi_processor_count)
+                if cuda else {}, command="python3 tools/cb_bench.py " + " ".join(
+                    sys.argv[1:] if argv is None else argv),
+                tiny=args.tiny, prompt_mean=args.prompt, timer="wall clock, min of reps, "
+                "generate_batch end to end (prompt and decode)")
+    path.with_suffix(".json").write_text(json.dumps(meta, indent=1) + "\n")
+    print(f"{'provider':14} {'s':>8} {'tok/s':>9} same")
+    for r in rows:
+        print(f"{r['provider']:14} {r['seconds']:>8} {r['tokens_per_s']:>9} {r['same_tokens_as_first']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
