@@ -193,11 +193,20 @@ def test_fp8_cache_first_step_and_greedy_32_tokens(monkeypatch):
 
 
 @needs_transformers
-@pytest.mark.parametrize("warmup", [False, True])
-def test_continuous_batching_generate_batch(warmup):
-    # transformers' continuous batching ("paged|skattn"): requests of different lengths packed
-    # into varlen batches; warmup=True pre-captures its CUDA graphs around skattn's calls
+@pytest.mark.parametrize("graphs", [False, True])
+def test_continuous_batching_generate_batch(graphs, monkeypatch):
+    # transformers' continuous batching ("paged|skattn", named explicitly: transformers would
+    # switch a plain name to flash-attn where that is installed): requests of different
+    # lengths packed into varlen batches; graphs: transformers captures its steps in CUDA
+    # graphs (padded batches) around skattn's calls
+    import skattn
+
+    calls = []
+    real = skattn.attention_varlen
+    monkeypatch.setattr(skattn, "attention_varlen",
+                        lambda *a, **kw: calls.append(1) or real(*a, **kw))
     ours, ref = models("LlamaConfig", LLAMA, "sdpa")
+    ours.set_attn_implementation("paged|skattn")
     ref.set_attn_implementation("paged|sdpa")
     g = torch.Generator().manual_seed(7)
     prompts = [torch.randint(0, 1024, (n,), generator=g).tolist() for n in (700, 37, 1, 300)]
@@ -205,10 +214,13 @@ def test_continuous_batching_generate_batch(warmup):
                                         pad_token_id=0)
     results = []
     for m in (ours, ref):
+        cb = transformers.ContinuousBatchingConfig(use_cuda_graph=graphs)
         with torch.no_grad():
-            out = m.generate_batch(prompts, generation_config=cfg, warmup=warmup)
+            out = m.generate_batch(prompts, generation_config=cfg, continuous_batching_config=cb,
+                                   warmup=graphs)
         results.append([out[k].generated_tokens
                         for k in sorted(out, key=lambda r: int(r.split("_")[-1]))])
+    assert calls, "skattn did not run"
     got, want = results
     assert all(len(t) == 16 for t in got)
     for i, (a, b) in enumerate(zip(got, want)):  # tie-tolerant, as for generate

@@ -121,3 +121,22 @@ def test_a_pickled_plan_leaves_its_bound_tables_behind():
     assert "_bound" in p.__dict__
     for c in (pickle.loads(pickle.dumps(p)), copy.deepcopy(p)):
         assert "_bound" not in c.__dict__ and c == p
+
+
+def test_bound_tables_outlive_their_plan():
+    # a CUDA graph captured with a plan keeps the addresses of its device tables (the work
+    # list's cost model here) after the plan caches drop the plan: they are kept per value
+    import gc
+
+    import torch
+
+    from skattn import serving_launch
+
+    dev = torch.device("cpu")
+    p = kv_plan(4, 1, 256, policy="auto")
+    cost = serving_launch.bind(p, dev).cost
+    ptr = cost.data_ptr()
+    del p, cost
+    gc.collect()
+    again = serving_launch.bind(kv_plan(5, 1, 512, policy="auto"), dev).cost
+    assert again.data_ptr() == ptr  # the same tensor, still alive, shared by equal values

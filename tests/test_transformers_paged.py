@@ -96,6 +96,44 @@ def test_cb_bench_tool_tiny(tmp_path, monkeypatch):
     monkeypatch.setenv("OUT", str(tmp_path))
     assert cb.main(["--tiny", "--requests", "2", "--prompt", "5", "--new", "2", "--reps", "1"]) == 0
     rows = list(csv.DictReader(open(tmp_path / "cb_bench.csv")))
-    assert [r["provider"] for r in rows] == ["skattn", "paged|sdpa"]
+    assert [r["provider"] for r in rows] == ["paged|skattn", "paged|sdpa"]
     assert all(r["same_tokens_as_first"] == "2/2" and float(r["tokens_per_s"]) > 0 for r in rows)
     assert (tmp_path / "cb_bench.json").exists()
+
+
+class _Cache:
+    """transformers' PagedAttentionCache.update, reduced: the new K/V are all the keys."""
+
+    def update(self, key_states, value_states, layer_idx, read_index, write_index):
+        return key_states[0].transpose(0, 1), value_states[0].transpose(0, 1)
+
+
+@pytest.mark.parametrize("layer_type", ["full_attention", "sliding_attention"])
+def test_paged_forward_padding_rows_and_layer_types(layer_type):
+    # 2 padded rows past the last request come back zero; the config's layer type decides
+    # whether the sliding_window keyword applies (a model may pass it to every layer)
+    from types import SimpleNamespace
+
+    from skattn import reference
+
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(1, 4, 7, 16, generator=g).half()
+    k, v = (torch.randn(1, 2, 7, 16, generator=g).half() for _ in range(2))
+    module = torch.nn.Module()
+    module.layer_idx, module.config = 0, SimpleNamespace(layer_types=[layer_type])
+    cu = torch.tensor([0, 2, 5], dtype=torch.int32)
+    lens_k = {"full_attention": cu, "sliding_attention": cu}
+    out, _ = paged_attention_forward(module, q, k, v, None, cache=_Cache(), cu_seq_lens_q=cu,
+                                     cu_seq_lens_k=lens_k, max_seqlen_q=3,
+                                     max_seqlen_k={"full_attention": 3, "sliding_attention": 3},
+                                     read_index=None, write_index=None, sliding_window=2,
+                                     scaling=0.25)
+    assert out.shape == (1, 7, 4, 16)
+    assert torch.equal(out[0, 5:], torch.zeros_like(out[0, 5:]))
+    window = 2 if layer_type == "sliding_attention" else None
+    ref = reference.attention_varlen(q[0].transpose(0, 1), k[0].transpose(0, 1),
+                                     v[0].transpose(0, 1), cu, cu, 3, 3, causal=True,
+                                     window=window, scale=0.25)
+    assert (out[0, :5].double() - ref[:5]).abs().max() < 5e-3
+    with pytest.raises(NotImplementedError, match="block table"):
+        paged_attention_forward(module, q, k, v, None, cache=_Cache(), block_table=cu)

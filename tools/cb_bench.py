@@ -2,13 +2,14 @@
 reference implementations, tokens/s of a request mix, same model, same run.
 
     PYTHONPATH=src python3 tools/cb_bench.py [--layers 32] [--requests 32] [--prompt 2048]
-        [--new 64] [--providers skattn,paged|sdpa] [--reps 2]
+        [--new 64] [--providers "paged|skattn,paged|sdpa"] [--reps 2] [--graphs]
 
 A random-initialised llama-8b-shaped model (`--layers` of its 32; no download) serves
 `--requests` greedy requests with lognormal prompt lengths around `--prompt` tokens
 (sigma 0.8, 16 .. 4 x prompt) and `--new` new tokens each, through transformers' continuous
-batching (prompt chunks and decode steps packed together; transformers' CUDA-graph warm-up
-on). Each provider's generated tokens are compared with the first provider's (reported, not
+batching (prompt chunks and decode steps packed together; `--graphs`: transformers captures
+its steps in CUDA graphs). Providers are attention implementations, named with "paged|" (a
+plain name may be switched to flash-attn by transformers where that is installed). Each provider's generated tokens are compared with the first provider's (reported, not
 asserted: f16 near-ties may break either way). Writes $OUT/cb_bench.csv and .json (default
 benchmarks/results/latest/cb) and prints a table last. `--tiny` runs a 2-layer toy model on
 the CPU (the interpreter: a check that the script works, not a measurement).
@@ -51,16 +52,18 @@ def build(shape: dict, impl: str, dtype, device, state=None):
     return model.eval().requires_grad_(False)
 
 
-def run(model, reqs, new: int, warmup: bool) -> tuple[float, list[list[int]]]:
+def run(model, reqs, new: int, graphs: bool) -> tuple[float, list[list[int]]]:
     import transformers
 
     cfg = transformers.GenerationConfig(max_new_tokens=new, do_sample=False, eos_token_id=-1,
                                         pad_token_id=0)
+    cb = transformers.ContinuousBatchingConfig(use_cuda_graph=graphs)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     t0 = time.perf_counter()
     with torch.no_grad():
-        out = model.generate_batch(reqs, generation_config=cfg, warmup=warmup)
+        out = model.generate_batch(reqs, generation_config=cfg, continuous_batching_config=cb,
+                                   warmup=graphs)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
@@ -74,7 +77,8 @@ def main(argv=None) -> int:
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--prompt", type=int, default=2048)
     ap.add_argument("--new", type=int, default=64)
-    ap.add_argument("--providers", default="skattn,paged|sdpa")
+    ap.add_argument("--providers", default="paged|skattn,paged|sdpa")
+    ap.add_argument("--graphs", action="store_true")
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--tiny", action="store_true")
     args = ap.parse_args(argv)
@@ -93,7 +97,7 @@ def main(argv=None) -> int:
         state = state or model.state_dict()
         times, tokens = [], None
         for _ in range(args.reps):
-            dt, tokens = run(model, reqs, args.new, warmup=cuda)
+            dt, tokens = run(model, reqs, args.new, graphs=args.graphs and cuda)
             times.append(dt)
         first = first or tokens
         same = sum(a == b for a, b in zip(tokens, first))
@@ -113,7 +117,7 @@ def main(argv=None) -> int:
     meta = dict(provenance(torch.cuda.get_device_properties(0).multi_processor_count)
                 if cuda else {}, command="python3 tools/cb_bench.py " + " ".join(
                     sys.argv[1:] if argv is None else argv),
-                tiny=args.tiny, prompt_mean=args.prompt, timer="wall clock, min of reps, "
+                tiny=args.tiny, graphs=args.graphs, prompt_mean=args.prompt, timer="wall clock, min of reps, "
                 "generate_batch end to end (prompt and decode)")
     path.with_suffix(".json").write_text(json.dumps(meta, indent=1) + "\n")
     print(f"{'provider':14} {'s':>8} {'tok/s':>9} same")

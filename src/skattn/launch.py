@@ -13,6 +13,7 @@ comes here for the first call of a signature.
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -186,23 +187,42 @@ def _bind(plan: Plan, device: torch.device) -> Bound:
 
 
 _MAKER: list = []  # the thread that makes bound plans' tables on a GPU (made when first needed)
+# (device, dtype, values) -> tensor: a bound plan's tables, kept for the process and shared by
+# every plan with the same values. A CUDA graph captured with a plan keeps their addresses,
+# and the plan caches (lru) may drop the plan itself while the graph is still replayed.
+_TABLES: dict = {}
+_TABLES_LOCK = threading.Lock()
+
+
+def device_table(device: torch.device, values: tuple, dtype=torch.int32) -> torch.Tensor:
+    """`values` as a tensor on `device`, made once per process. On a GPU another thread makes
+    it: torch.compile's CUDA graphs send every allocation of the calling thread to the
+    graph's private pool while they warm up and record, and memory there that outlives the
+    call is an error. The copy is complete when it is returned."""
+    key = (device, dtype, tuple(values))
+    with _TABLES_LOCK:
+        hit = _TABLES.get(key)
+    if hit is not None:
+        return hit
+
+    def make():
+        return torch.tensor(values, dtype=dtype, device=device)
+
+    if device.type != "cuda":
+        table = make()
+    else:
+        if not _MAKER:
+            from concurrent.futures import ThreadPoolExecutor
+
+            _MAKER.append(ThreadPoolExecutor(1, thread_name_prefix="skattn-tables"))
+        table = _MAKER[0].submit(make).result()
+    with _TABLES_LOCK:
+        return _TABLES.setdefault(key, table)
 
 
 def _tables(device: torch.device, *rows) -> list[torch.Tensor]:
-    """int32 tensors of `rows` on `device`, kept as long as the plan. On a GPU another thread
-    makes them: torch.compile's CUDA graphs send every allocation of the calling thread to
-    the graph's private pool while they warm up and record, and memory there that outlives
-    the call is an error. The copy is complete when they are returned."""
-    def make():
-        return [torch.tensor(r, dtype=torch.int32, device=device) for r in rows]
-
-    if device.type != "cuda":
-        return make()
-    if not _MAKER:
-        from concurrent.futures import ThreadPoolExecutor
-
-        _MAKER.append(ThreadPoolExecutor(1, thread_name_prefix="skattn-tables"))
-    return _MAKER[0].submit(make).result()
+    """int32 tensors of `rows` on `device` (`device_table`)."""
+    return [device_table(device, tuple(r)) for r in rows]
 
 
 def _launch(kernel, key, args: tuple, const: dict, grid: tuple, stream, record=None) -> None:

@@ -16,7 +16,7 @@ from skattn.kernels import ragged as _ragged
 from skattn.kernels import ragged_fixup as _fix
 from skattn.kernels import worklist as _wl
 from skattn.launch import (KV_FORMATS, _launch, _no_hooks, _spec, cached_bind, constants,
-                           score_scales)
+                           device_table, score_scales)
 from skattn.serving_plan import POLICY_CODE, ServingPlan, n_sat
 
 INT32_MAX = 2**31 - 1
@@ -58,8 +58,8 @@ def bind(plan: ServingPlan, device) -> Bound:
 def _bind(plan: ServingPlan, device: torch.device) -> Bound:
     g = plan.geometry
     m = plan.cost_model
-    cost = torch.tensor([m.us_per_item, m.us_per_piece, m.us_launch, m.shared_round, m.cut_share],
-                        dtype=torch.float64, device=device)
+    cost = device_table(device, (m.us_per_item, m.us_per_piece, m.us_launch, m.shared_round,
+                                 m.cut_share), torch.float64)
     block_b = _pow2(max(2, plan.batch))
     wl_const = dict(VARLEN_Q=plan.varlen, CAUSAL=plan.causal or plan.window is not None,
                     HAS_WINDOW=plan.window is not None, POLICY=POLICY_CODE[plan.policy],

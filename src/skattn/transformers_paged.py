@@ -48,8 +48,10 @@ def paged_attention_forward(module, query, key, value, attention_mask, *, cache=
     attention_mask : None
         Continuous batching builds none for skattn; a mask is refused.
     cache : transformers' PagedAttentionCache
-    cu_seq_lens_q, cu_seq_lens_k : Tensor [B + 1] int32, or dicts of them per layer type
-    max_seqlen_q, max_seqlen_k : int, or dicts of them per layer type
+    cu_seq_lens_q : Tensor [B + 1] int32
+    cu_seq_lens_k : Tensor [B + 1] int32, or a dict of them per layer type
+    max_seqlen_q : int
+    max_seqlen_k : int, or a dict of them per layer type
     read_index, write_index : lists of Tensor
         Where `cache.update` reads and writes each request's keys.
     dropout, scaling, sliding_window, softcap, s_aux
@@ -73,24 +75,43 @@ def paged_attention_forward(module, query, key, value, attention_mask, *, cache=
     if policy not in SERVING_POLICIES:
         raise ValueError(f"policy {policy!r} has no ragged-batch form; continuous batching "
                          f"takes one of {SERVING_POLICIES} (register(policy=...))")
+    if kwargs.get("block_table") is not None:
+        raise NotImplementedError("transformers passed a block table (its flash decode path, "
+                                  "which writes the new K/V itself): skattn's paged forward "
+                                  "reads the cache through cache.update only")
     window = sliding_window or getattr(module, "sliding_window", None) or None
-    layer_type = "sliding_attention" if window else "full_attention"
+    layer_type = _layer_type(module, window)
+    if layer_type == "full_attention":
+        window = None
     if isinstance(cu_seq_lens_k, dict):
         cu_seq_lens_k, max_seqlen_k = cu_seq_lens_k[layer_type], max_seqlen_k[layer_type]
-    if isinstance(cu_seq_lens_q, dict):
-        cu_seq_lens_q, max_seqlen_q = cu_seq_lens_q[layer_type], max_seqlen_q[layer_type]
     k, v = cache.update(key_states=key, value_states=value, layer_idx=module.layer_idx,
                         read_index=read_index, write_index=write_index)  # [total_k, Hkv, D]
     q = query[0].transpose(0, 1)  # [total_q, Hq, D], the last dim contiguous
     if q.stride(-1) != 1:
         q = q.contiguous()
-    out = skattn.attention_varlen(
+    # zeros: rows past the last request (padding, under transformers' CUDA graphs) are not
+    # written by skattn, and their values flow on into later layers and the cache
+    out = q.new_zeros(q.shape[0], q.shape[1], v.shape[-1])
+    skattn.attention_varlen(
         q, k, v, cu_seq_lens_q.to(torch.int32), cu_seq_lens_k.to(torch.int32),
         int(max_seqlen_q), max(1, int(max_seqlen_k)), causal=True, window=window,
         sinks=s_aux.float() if s_aux is not None else None, softcap=float(softcap or 0.0),
-        scale=scaling, plan=_plan(q, k, v, cu_seq_lens_q, max_seqlen_q, max_seqlen_k, window,
-                                  policy))
+        scale=scaling, out=out,
+        plan=_plan(q, k, v, cu_seq_lens_q, max_seqlen_q, max_seqlen_k, window, policy))
     return out[None], None
+
+
+def _layer_type(module, window) -> str:
+    """The layer's type as transformers keys its per-type lengths: the config's `layer_types`
+    where it has them (a model that passes `sliding_window` to every layer keeps full layers
+    full), else by the window."""
+    types = getattr(getattr(module, "config", None), "layer_types", None)
+    idx = getattr(module, "layer_idx", None)
+    if types is not None and idx is not None and idx < len(types) and types[idx] in (
+            "full_attention", "sliding_attention"):
+        return types[idx]
+    return "sliding_attention" if window else "full_attention"
 
 
 def _plan(q, k, v, cu_q, max_q, max_k, window, policy):
