@@ -214,7 +214,10 @@ def test_continuous_batching_generate_batch(graphs, monkeypatch):
                                         pad_token_id=0)
     results = []
     for m in (ours, ref):
-        cb = transformers.ContinuousBatchingConfig(use_cuda_graph=graphs)
+        # a bounded cache: by default transformers takes a share of the free GPU memory,
+        # which the suite's parallel tests need
+        cb = transformers.ContinuousBatchingConfig(use_cuda_graph=graphs, num_blocks=32,
+                                                   max_batch_tokens=1024)
         with torch.no_grad():
             out = m.generate_batch(prompts, generation_config=cfg, continuous_batching_config=cb,
                                    warmup=graphs)

@@ -37,12 +37,18 @@ def batch_models(kind, seed):
     return ours, ref
 
 
+# a small paged cache: sized by default from the free memory, which on a CPU is the
+# machine's RAM (two test workers doing that at once run out of memory)
+SMALL_CACHE = dict(block_size=16, num_blocks=64, max_batch_tokens=64)
+
+
 def generate(model, prompts, new_tokens=4):
     cfg = transformers.GenerationConfig(max_new_tokens=new_tokens, do_sample=False,
                                         eos_token_id=-1, pad_token_id=0)
+    cb = transformers.ContinuousBatchingConfig(**SMALL_CACHE)
     with torch.no_grad():
         out = model.generate_batch(prompts, generation_config=cfg, progress_bar=False,
-                                   warmup=False)
+                                   continuous_batching_config=cb, warmup=False)
     return [out[k].generated_tokens for k in sorted(out, key=lambda r: int(r.split("_")[-1]))]
 
 

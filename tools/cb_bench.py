@@ -52,12 +52,15 @@ def build(shape: dict, impl: str, dtype, device, state=None):
     return model.eval().requires_grad_(False)
 
 
-def run(model, reqs, new: int, graphs: bool) -> tuple[float, list[list[int]]]:
+def run(model, reqs, new: int, graphs: bool, tiny: bool) -> tuple[float, list[list[int]]]:
     import transformers
 
     cfg = transformers.GenerationConfig(max_new_tokens=new, do_sample=False, eos_token_id=-1,
                                         pad_token_id=0)
-    cb = transformers.ContinuousBatchingConfig(use_cuda_graph=graphs)
+    # --tiny: a small paged cache (by default transformers sizes it from the free memory,
+    # on a CPU the machine's RAM)
+    small = dict(block_size=16, num_blocks=64, max_batch_tokens=64) if tiny else {}
+    cb = transformers.ContinuousBatchingConfig(use_cuda_graph=graphs, **small)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -97,7 +100,7 @@ def main(argv=None) -> int:
         state = state or model.state_dict()
         times, tokens = [], None
         for _ in range(args.reps):
-            dt, tokens = run(model, reqs, args.new, graphs=args.graphs and cuda)
+            dt, tokens = run(model, reqs, args.new, graphs=args.graphs and cuda, tiny=args.tiny)
             times.append(dt)
         first = first or tokens
         same = sum(a == b for a, b in zip(tokens, first))
