@@ -66,9 +66,15 @@ def test_generate_batch_matches_paged_reference(kind, monkeypatch):
     monkeypatch.setattr(skattn, "attention_varlen", spy)
     ours, ref = batch_models(kind, seed=2)
     g = torch.Generator().manual_seed(3)
-    prompts = [torch.randint(1, VOCAB, (n,), generator=g).tolist() for n in (9, 3, 6)]
+    # 16-row pages: the longest request spans three, the shortest part of one
+    prompts = [torch.randint(1, VOCAB, (n,), generator=g).tolist() for n in (37, 3, 16)]
     got, want = generate(ours, prompts), generate(ref, prompts)
     assert calls, "skattn's paged forward never ran"
+    # full-attention layers of steps that read the cache read its pages in place (a block
+    # table); the first step's fresh prompts and the window layers get packed keys
+    tables = [c["block_table"] for c in calls]
+    assert any(t is not None for t in tables) and any(t is None for t in tables)
+    assert max(t.shape[1] for t in tables if t is not None) >= 3
     # packed batches of prompts (several queries a request) and of decode steps (one)
     lens = [(c[0][1:] - c[0][:-1]).tolist() for c in calls_q]
     assert any(max(x) > 1 for x in lens) and any(min(x) == 1 for x in lens)

@@ -85,21 +85,60 @@ def paged_attention_forward(module, query, key, value, attention_mask, *, cache=
         window = None
     if isinstance(cu_seq_lens_k, dict):
         cu_seq_lens_k, max_seqlen_k = cu_seq_lens_k[layer_type], max_seqlen_k[layer_type]
-    k, v = cache.update(key_states=key, value_states=value, layer_idx=module.layer_idx,
-                        read_index=read_index, write_index=write_index)  # [total_k, Hkv, D]
+    cu_q, cu_k = cu_seq_lens_q.to(torch.int32), cu_seq_lens_k.to(torch.int32)
+    max_q, max_k = int(max_seqlen_q), max(1, int(max_seqlen_k))
     q = query[0].transpose(0, 1)  # [total_q, Hq, D], the last dim contiguous
     if q.stride(-1) != 1:
         q = q.contiguous()
+    table = None
+    pages = _pages(cache, module.layer_idx, read_index)
+    if pages is not None:  # full attention over the cache's pages, read in place
+        k, v, table = _paged(cache, module.layer_idx, key, value, write_index, pages, cu_k,
+                             max_k)
+    else:  # the requests' keys packed: `cache.update` writes the new K/V and reads them back
+        k, v = cache.update(key_states=key, value_states=value, layer_idx=module.layer_idx,
+                            read_index=read_index, write_index=write_index)
     # zeros: rows past the last request (padding, under transformers' CUDA graphs) are not
     # written by skattn, and their values flow on into later layers and the cache
     out = q.new_zeros(q.shape[0], q.shape[1], v.shape[-1])
     skattn.attention_varlen(
-        q, k, v, cu_seq_lens_q.to(torch.int32), cu_seq_lens_k.to(torch.int32),
-        int(max_seqlen_q), max(1, int(max_seqlen_k)), causal=True, window=window,
+        q, k, v, cu_q, cu_k, max_q, max_k, block_table=table, causal=True, window=window,
         sinks=s_aux.float() if s_aux is not None else None, softcap=float(softcap or 0.0),
         scale=scaling, out=out,
-        plan=_plan(q, k, v, cu_seq_lens_q, max_seqlen_q, max_seqlen_k, window, policy))
+        plan=_plan(q, k, v, cu_q, max_q, max_k, window, policy, table))
     return out[None], None
+
+
+def _pages(cache, layer_idx, read_index):
+    """The layer's read index where its keys can be read from the cache's pages in place: a
+    full-attention layer (the cache reads each request's pages in order, whole pages then the
+    last one's first rows), a batch that reads the cache, pages of a multiple of 16 rows. None
+    otherwise (sliding-window layers read a ring, and a batch of fresh prompts reads nothing)."""
+    windows = getattr(cache, "sliding_windows", None)
+    if windows is None or windows[layer_idx] != 1 or cache.block_size % 16:
+        return None
+    group, _ = cache.layer_index_to_group_indices[layer_idx]
+    read = read_index[group]
+    return read if read.numel() else None
+
+
+def _paged(cache, layer_idx, key, value, write_index, read, cu_k, max_k):
+    """Write the new K/V into the cache's pages and describe the pages to skattn: K/V as
+    [num_pages, page_size, Hkv, D] views, and a block table [B, pages] whose entry (b, j) is
+    the page of request b's keys j x page_size .. (from its read index: row
+    cu_k[b] + j x page_size lies on that page)."""
+    group, in_group = cache.layer_index_to_group_indices[layer_idx]
+    kc, vc = cache.key_cache[in_group], cache.value_cache[in_group]
+    write = write_index[group]
+    kc.index_copy_(0, write, key[0].transpose(0, 1))
+    vc.index_copy_(0, write, value[0].transpose(0, 1))
+    bs = cache.block_size
+    pages = -(-max_k // bs)
+    at = cu_k[:-1, None].long() + torch.arange(pages, device=read.device) * bs
+    # entries past a request's own pages are never read by skattn (it reads keys < Lk only)
+    table = (read[at.clamp_(max=read.numel() - 1)] // bs).to(torch.int32)
+    shape = (-1, bs) + tuple(kc.shape[1:])
+    return kc.view(shape), vc.view(shape), table
 
 
 def _layer_type(module, window) -> str:
@@ -114,24 +153,25 @@ def _layer_type(module, window) -> str:
     return "sliding_attention" if window else "full_attention"
 
 
-def _plan(q, k, v, cu_q, max_q, max_k, window, policy):
+def _plan(q, k, v, cu_q, max_q, max_k, window, policy, table):
     """The serving plan of this call's bounds and policy (None: attention_varlen's cached
     plan for the default policy)."""
     if policy == "auto":
         return None
-    return _cached_plan(cu_q.numel() - 1, int(max_q), q.shape[0], max(1, int(max_k)), k.shape[0],
-                        q.shape[1], k.shape[1], q.shape[2], v.shape[2], k.dtype, window, policy,
-                        q.device)
+    layout = (("page_size", k.shape[1]), ("max_pages", table.shape[1])) if table is not None \
+        else (("total_k", k.shape[0]),)
+    return _cached_plan(cu_q.numel() - 1, max_q, q.shape[0], max_k, layout, q.shape[1],
+                        k.shape[-2], q.shape[2], v.shape[-1], k.dtype, window, policy, q.device)
 
 
 @lru_cache(maxsize=256)
-def _cached_plan(batch, max_q, total_q, max_k, total_k, hq, hkv, d, dv, dtype, window, policy,
+def _cached_plan(batch, max_q, total_q, max_k, layout, hq, hkv, d, dv, dtype, window, policy,
                  device):
     from skattn.device import hardware, shared_memory_limit
 
     sms, occupancy = hardware(device)
     return skattn.serving_plan(batch=batch, max_q_len=max_q, total_q=total_q, max_kv_len=max_k,
-                               total_k=total_k, q_heads=hq, kv_heads=hkv, head_dim=d,
-                               head_dim_v=dv, dtype=dtype, causal=True, window=window,
-                               policy=policy, sms=sms, occupancy=occupancy,
-                               smem_limit=shared_memory_limit(device))
+                               q_heads=hq, kv_heads=hkv, head_dim=d, head_dim_v=dv, dtype=dtype,
+                               causal=True, window=window, policy=policy, sms=sms,
+                               occupancy=occupancy, smem_limit=shared_memory_limit(device),
+                               **dict(layout))
