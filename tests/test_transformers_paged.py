@@ -42,10 +42,10 @@ def batch_models(kind, seed):
 SMALL_CACHE = dict(block_size=16, num_blocks=64, max_batch_tokens=64)
 
 
-def generate(model, prompts, new_tokens=4):
+def generate(model, prompts, new_tokens=4, **cache):
     cfg = transformers.GenerationConfig(max_new_tokens=new_tokens, do_sample=False,
                                         eos_token_id=-1, pad_token_id=0)
-    cb = transformers.ContinuousBatchingConfig(**SMALL_CACHE)
+    cb = transformers.ContinuousBatchingConfig(**dict(SMALL_CACHE, **cache))
     with torch.no_grad():
         out = model.generate_batch(prompts, generation_config=cfg, progress_bar=False,
                                    continuous_batching_config=cb, warmup=False)
@@ -82,6 +82,18 @@ def test_generate_batch_matches_paged_reference(kind, monkeypatch):
         assert all(c["sinks"] is not None for c in calls)
         assert {c["window"] for c in calls} == {5, None}
     assert got == want, (got, want)
+
+
+def test_generate_batch_chunked_prefill_and_shared_prefix():
+    # prompts longer than a batch (prefilled in chunks that read the earlier chunks' pages)
+    # sharing a 48-token prefix (transformers' block sharing: whole shared pages first)
+    ours, ref = batch_models("llama", seed=5)
+    g = torch.Generator().manual_seed(6)
+    prefix = torch.randint(1, VOCAB, (48,), generator=g).tolist()
+    prompts = [prefix + torch.randint(1, VOCAB, (n,), generator=g).tolist() for n in (5, 17, 1)]
+    prompts.append(prefix[:32])
+    cache = dict(max_batch_tokens=24, allow_block_sharing=True, num_blocks=96)
+    assert generate(ours, prompts, **cache) == generate(ref, prompts, **cache)
 
 
 def test_paged_forward_refuses():

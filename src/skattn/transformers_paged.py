@@ -4,9 +4,10 @@ Continuous batching packs the new tokens of many requests, prompt chunks and dec
 alike, into one row of `[1, H, total_q, D]` and keeps K/V in its `PagedAttentionCache`. It
 calls the attention implementation named `"paged|" + name`; `skattn.transformers.register`
 registers this module's forward under that name beside the plain one. The forward writes the
-new K/V into the cache and reads back each request's keys packed (`cache.update`, as
-transformers' own paged implementations do), then runs `skattn.attention_varlen` over the
-packed batch with `cu_seq_lens_q` / `cu_seq_lens_k`: bottom-right causal per request, a
+new K/V into the cache and runs `skattn.attention_varlen` over the packed batch with
+`cu_seq_lens_q` / `cu_seq_lens_k`: on full-attention layers reading the cache's pages in
+place (a block table from transformers' read index), on window layers (a ring) and batches
+that read no cache from the keys `cache.update` packs. Bottom-right causal per request, a
 sliding window on the model's window layers, GPT-OSS's sinks and softcapping as in the plain
 forward. No mask is built: transformers builds one only for `paged|eager` and `paged|sdpa`.
 """
@@ -77,8 +78,8 @@ def paged_attention_forward(module, query, key, value, attention_mask, *, cache=
                          f"takes one of {SERVING_POLICIES} (register(policy=...))")
     if kwargs.get("block_table") is not None:
         raise NotImplementedError("transformers passed a block table (its flash decode path, "
-                                  "which writes the new K/V itself): skattn's paged forward "
-                                  "reads the cache through cache.update only")
+                                  "which expects the kernel to write the new K/V): skattn's "
+                                  "paged forward builds its own from the read index")
     window = sliding_window or getattr(module, "sliding_window", None) or None
     layer_type = _layer_type(module, window)
     if layer_type == "full_attention":
@@ -113,7 +114,8 @@ def _pages(cache, layer_idx, read_index):
     """The layer's read index where its keys can be read from the cache's pages in place: a
     full-attention layer (the cache reads each request's pages in order, whole pages then the
     last one's first rows), a batch that reads the cache, pages of a multiple of 16 rows. None
-    otherwise (sliding-window layers read a ring, and a batch of fresh prompts reads nothing)."""
+    otherwise (sliding-window layers read a ring; a batch of fresh prompts reads nothing,
+    unless transformers pads it for a CUDA graph)."""
     windows = getattr(cache, "sliding_windows", None)
     if windows is None or windows[layer_idx] != 1 or cache.block_size % 16:
         return None
