@@ -15,7 +15,8 @@ import torch
 from skattn import serving_checks as sc
 from skattn.reference_math import F64, empty_state, finalise, merge, online_update, prepare, scores
 from skattn.reference_serving import gather_keys
-from skattn.serving_plan import MixedPlan, ServingPlan, host_work_list
+from skattn.serving_mixed import MixedPlan
+from skattn.serving_plan import ServingPlan, host_work_list
 
 __all__ = ["run_serving_plan"]
 

@@ -16,7 +16,8 @@ from skattn import serving_launch as sl
 from skattn.device import hardware, shared_memory_limit
 from skattn.launch import default_scale
 from skattn.serving_checks import check_values
-from skattn.serving_plan import MixedPlan, ServingPlan, serving_plan
+from skattn.serving_mixed import MixedPlan
+from skattn.serving_plan import ServingPlan, serving_plan
 
 __all__ = ["attention_with_kvcache", "attention_varlen", "serving_plan", "ServingPlan",
            "MixedPlan", "work_list", "workspace", "check_values"]

@@ -6,7 +6,6 @@ grid and the workspace; the lengths are read on the GPU (`kernels/worklist.py`).
 """
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -19,16 +18,13 @@ from skattn.policy import (CostModel, canonical_policy, load_cost_model, predict
                            saturated_blocks, split_count)
 from skattn.tuning import Tuning
 
-__all__ = ["ServingPlan", "MixedPlan", "serving_plan", "host_work_list", "WorkList",
-           "SERVING_POLICIES", "decode_q_split"]
+__all__ = ["ServingPlan", "serving_plan", "host_work_list", "WorkList", "SERVING_POLICIES"]
 
 SERVING_POLICIES = ("auto", "llamacpp", "llamacpp-before", "split")
 SERVING_FIXUPS = ("general", "fused")
 # device policy codes (kernels/worklist.py)
 POLICY_CODE = {"llamacpp-before": 0, "llamacpp": 1, "auto": 2, "split": 3}
 HEADER = 16  # int32 words before the per-sequence arrays
-INT32_MAX = 2**31 - 1
-DECODE_ROWS = 64  # q_split="auto": the short half's tiles hold at most this many rows
 # K/V forms of the serving kernels -> ServingPlan.dtype (q8_0 and q4_0 are the dense path's only)
 SERVING_DTYPES = {d: name for d, name in _DTYPES.items() if name not in ("q8_0", "q4_0")}
 
@@ -163,7 +159,7 @@ def serving_plan(*, batch: int, max_kv_len: int, q_heads: int, kv_heads: int, he
                  num_stages: int | None = None, fastdiv: bool = True,
                  cost_model: CostModel | None = None, tuning: Tuning | None = None,
                  smem_limit: int | None = None,
-                 q_split: int | str | None = None) -> ServingPlan | MixedPlan:
+                 q_split: int | str | None = None):
     """Plan a ragged batch from its upper bounds (docs/serving.md).
 
     Parameters
@@ -221,7 +217,9 @@ def serving_plan(*, batch: int, max_kv_len: int, q_heads: int, kv_heads: int, he
     """
     if q_split is not None:
         args = {name: value for name, value in locals().items() if name != "q_split"}
-        return _mixed_plan(q_split, args)
+        from skattn.serving_mixed import mixed_plan
+
+        return mixed_plan(q_split, args)
     if q_len is not None:
         if max_q_len is not None or total_q is not None:
             raise ValueError("give q_len (attention_with_kvcache) or max_q_len and total_q "
@@ -302,98 +300,6 @@ def serving_plan(*, batch: int, max_kv_len: int, q_heads: int, kv_heads: int, he
                        ntiles_z, hz, rb_max, tiles_max, sms, occupancy, max_programs, policy,
                        programs, split, kind, bool(fastdiv), cost_model or ragged_cost_model(),
                        tuning or Tuning())
-
-
-def decode_q_split(q_heads: int, kv_heads: int) -> int:
-    """The most query tokens of a sequence that a MixedPlan's short half runs: as many as
-    fill a decode tile of DECODE_ROWS rows with the query heads of one KV head."""
-    return max(1, DECODE_ROWS // max(1, q_heads // max(1, kv_heads)))
-
-
-@dataclass(frozen=True)
-class MixedPlan:
-    """A varlen batch planned in two halves (docs/serving.md, "Mixed batches").
-
-    `short` runs the sequences of at most `q_split` query tokens with decode tiles, `long`
-    the others with prompt tiles; each builds its own work list on the GPU from the same
-    lengths (the other half's sequences count as empty), so a CUDA graph still serves every
-    step. Both write one output. Made by `skattn.serving_plan(..., q_split=...)`.
-
-    Attributes
-    ----------
-    short, long : ServingPlan
-        The halves: sequences of 1 .. q_split query tokens, and of more.
-    q_split : int
-        The most query tokens of a sequence in the short half.
-    work_list_words : int
-        int32 words of both work lists (`skattn.serving.work_list(plan)` builds them).
-    """
-
-    short: ServingPlan
-    long: ServingPlan
-
-    @property
-    def q_split(self) -> int:
-        return self.short.max_q_len
-
-    @property
-    def halves(self) -> tuple[ServingPlan, ServingPlan]:
-        return (self.short, self.long)
-
-    @property
-    def varlen(self) -> bool:
-        return True
-
-    @property
-    def q_len(self) -> None:
-        return None
-
-    @property
-    def batch(self) -> int:
-        return self.long.batch
-
-    @property
-    def work_list_words(self) -> int:
-        """int32 words of both work lists: the short half's at 0, the long half's at
-        `work_list_offsets[1]` (16-byte aligned)."""
-        return self.work_list_offsets[1] + self.long.work_list_words
-
-    @property
-    def work_list_offsets(self) -> tuple[int, int]:
-        return 0, -(-self.short.work_list_words // 4) * 4
-
-    def describe(self) -> str:
-        return "\n".join([f"mixed batch: sequences of <= {self.q_split} query tokens in the "
-                          f"short half, the others in the long half",
-                          "short half: " + self.short.describe(),
-                          "long half: " + self.long.describe()])
-
-
-def _mixed_plan(q_split, args: dict) -> ServingPlan | MixedPlan:
-    if args["q_len"] is not None:
-        if q_split == "auto":  # one query count: nothing to split
-            return serving_plan(**args)
-        raise ValueError("q_split splits a varlen batch (max_q_len, total_q); attention_with_kvcache "
-                         "plans have one q_len")
-    max_q_len = args["max_q_len"]
-    if q_split == "auto":
-        q_split = decode_q_split(args["q_heads"], args["kv_heads"])
-        if max_q_len is not None and max_q_len <= q_split:
-            return serving_plan(**args)
-    elif not isinstance(q_split, bool) and isinstance(q_split, numbers.Integral):
-        q_split = int(q_split)
-    if (not isinstance(q_split, int) or isinstance(q_split, bool) or q_split < 1
-            or (max_q_len is not None and q_split >= max_q_len)):
-        raise ValueError(f"q_split must be 'auto' or an integer in [1, max_q_len) = [1, "
-                         f"{max_q_len}), got {q_split!r}")
-    short = serving_plan(**dict(args, max_q_len=q_split))
-    long = serving_plan(**args)
-    if short.geometry.block_m >= long.geometry.block_m:
-        raise ValueError(f"q_split={q_split} gives both halves tiles of {long.geometry.block_m} "
-                         f"rows, so a second half would only cost time; use q_split='auto' "
-                         f"({decode_q_split(args['q_heads'], args['kv_heads'])} here) or less")
-    return MixedPlan(replace(short, q_range=(0, q_split)),
-                     replace(long, q_range=(q_split, INT32_MAX)))
 
 
 CUT_SHARE = 0.05  # ragged plans' CostModel.cut_share (ragged_cost_model)

@@ -1,0 +1,108 @@
+"""Mixed batches in two halves (docs/serving.md, "Mixed batches: two halves"): a varlen
+batch planned as two ServingPlans, decode tiles for the sequences of few query tokens,
+prompt tiles for the others; each half's work list keeps only its own sequences."""
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass, replace
+
+from skattn.serving_plan import ServingPlan, serving_plan
+
+__all__ = ["MixedPlan", "mixed_plan", "decode_q_split"]
+
+INT32_MAX = 2**31 - 1
+DECODE_ROWS = 64  # q_split="auto": the short half's tiles hold at most this many rows
+
+
+def decode_q_split(q_heads: int, kv_heads: int) -> int:
+    """The most query tokens of a sequence that a MixedPlan's short half runs: as many as
+    fill a decode tile of DECODE_ROWS rows with the query heads of one KV head."""
+    return max(1, DECODE_ROWS // max(1, q_heads // max(1, kv_heads)))
+
+
+@dataclass(frozen=True)
+class MixedPlan:
+    """A varlen batch planned in two halves (docs/serving.md, "Mixed batches").
+
+    `short` runs the sequences of at most `q_split` query tokens with decode tiles, `long`
+    the others with prompt tiles; each builds its own work list on the GPU from the same
+    lengths (the other half's sequences count as empty), so a CUDA graph still serves every
+    step. Both write one output. Made by `skattn.serving_plan(..., q_split=...)`.
+
+    Attributes
+    ----------
+    short, long : ServingPlan
+        The halves: sequences of 1 .. q_split query tokens, and of more.
+    q_split : int
+        The most query tokens of a sequence in the short half.
+    work_list_words : int
+        int32 words of both work lists (`skattn.serving.work_list(plan)` builds them).
+    """
+
+    short: ServingPlan
+    long: ServingPlan
+
+    @property
+    def q_split(self) -> int:
+        return self.short.max_q_len
+
+    @property
+    def halves(self) -> tuple[ServingPlan, ServingPlan]:
+        return (self.short, self.long)
+
+    @property
+    def varlen(self) -> bool:
+        return True
+
+    @property
+    def q_len(self) -> None:
+        return None
+
+    @property
+    def batch(self) -> int:
+        return self.long.batch
+
+    @property
+    def work_list_words(self) -> int:
+        """int32 words of both work lists: the short half's at 0, the long half's at
+        `work_list_offsets[1]` (16-byte aligned)."""
+        return self.work_list_offsets[1] + self.long.work_list_words
+
+    @property
+    def work_list_offsets(self) -> tuple[int, int]:
+        return 0, -(-self.short.work_list_words // 4) * 4
+
+    def describe(self) -> str:
+        return "\n".join([f"mixed batch: sequences of <= {self.q_split} query tokens in the "
+                          f"short half, the others in the long half",
+                          "short half: " + self.short.describe(),
+                          "long half: " + self.long.describe()])
+
+
+def mixed_plan(q_split, args: dict) -> ServingPlan | MixedPlan:
+    """`serving_plan(**args, q_split=q_split)`: a MixedPlan, or one plan where "auto" finds
+    nothing to split."""
+    if args["q_len"] is not None:
+        if q_split == "auto":  # one query count: nothing to split
+            return serving_plan(**args)
+        raise ValueError("q_split splits a varlen batch (max_q_len, total_q); attention_with_kvcache "
+                         "plans have one q_len")
+    max_q_len = args["max_q_len"]
+    if q_split == "auto":
+        q_split = decode_q_split(args["q_heads"], args["kv_heads"])
+        if max_q_len is not None and max_q_len <= q_split:
+            return serving_plan(**args)
+    elif not isinstance(q_split, bool) and isinstance(q_split, numbers.Integral):
+        q_split = int(q_split)
+    if (not isinstance(q_split, int) or isinstance(q_split, bool) or q_split < 1
+            or (max_q_len is not None and q_split >= max_q_len)):
+        raise ValueError(f"q_split must be 'auto' or an integer in [1, max_q_len) = [1, "
+                         f"{max_q_len}), got {q_split!r}")
+    short = serving_plan(**dict(args, max_q_len=q_split))
+    long = serving_plan(**args)
+    if short.geometry.block_m >= long.geometry.block_m:
+        raise ValueError(f"q_split={q_split} gives both halves tiles of {long.geometry.block_m} "
+                         f"rows, so a second half would only cost time; use q_split='auto' "
+                         f"({decode_q_split(args['q_heads'], args['kv_heads'])} here) or less")
+    return MixedPlan(replace(short, q_range=(0, q_split)),
+                     replace(long, q_range=(q_split, INT32_MAX)))
