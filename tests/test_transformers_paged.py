@@ -132,8 +132,10 @@ class _Cache:
         return key_states[0].transpose(0, 1), value_states[0].transpose(0, 1)
 
 
-@pytest.mark.parametrize("layer_type", ["full_attention", "sliding_attention"])
-def test_paged_forward_padding_rows_and_layer_types(layer_type):
+@pytest.mark.parametrize("layer_type,policy", [("full_attention", "auto"),
+                                               ("sliding_attention", "auto"),
+                                               ("full_attention", "llamacpp-before")])
+def test_paged_forward_padding_rows_and_layer_types(layer_type, policy):
     # 2 padded rows past the last request come back zero; the config's layer type decides
     # whether the sliding_window keyword applies (a model may pass it to every layer)
     from types import SimpleNamespace
@@ -151,7 +153,7 @@ def test_paged_forward_padding_rows_and_layer_types(layer_type):
                                      cu_seq_lens_k=lens_k, max_seqlen_q=3,
                                      max_seqlen_k={"full_attention": 3, "sliding_attention": 3},
                                      read_index=None, write_index=None, sliding_window=2,
-                                     scaling=0.25)
+                                     scaling=0.25, policy=policy)
     assert out.shape == (1, 7, 4, 16)
     assert torch.equal(out[0, 5:], torch.zeros_like(out[0, 5:]))
     window = 2 if layer_type == "sliding_attention" else None

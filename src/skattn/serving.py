@@ -55,13 +55,16 @@ def _workspace_offsets(plan: MixedPlan) -> tuple[int, int]:
     return 0, -(-sl.workspace_bytes(plan.short) // 16) * 16
 
 
+def _mixed_workspace_bytes(plan: MixedPlan) -> int:
+    return _workspace_offsets(plan)[1] + sl.workspace_bytes(plan.long)
+
+
 def workspace(plan: ServingPlan | MixedPlan, device=None) -> torch.Tensor:
     """A zeroed workspace for calls with `plan` (partials, the work list, fused counters):
     pass it as `workspace=` when capturing CUDA graphs."""
     device = torch.device("cuda") if device is None else torch.device(device)
     if isinstance(plan, MixedPlan):
-        size = _workspace_offsets(plan)[1] + sl.workspace_bytes(plan.long)
-        return torch.zeros(size, dtype=torch.uint8, device=device)
+        return torch.zeros(_mixed_workspace_bytes(plan), dtype=torch.uint8, device=device)
     return sl.allocate(plan, device)
 
 
@@ -70,7 +73,7 @@ def _halves(plan, workspace, work_list):
     otherwise."""
     if not isinstance(plan, MixedPlan):
         return [(plan, workspace, work_list)]
-    need = _workspace_offsets(plan)[1] + sl.workspace_bytes(plan.long)
+    need = _mixed_workspace_bytes(plan)
     if workspace is not None and (not isinstance(workspace, torch.Tensor)
                                   or not workspace.is_contiguous()
                                   or workspace.numel() * workspace.element_size() < need):

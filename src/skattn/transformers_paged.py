@@ -13,11 +13,10 @@ forward. No mask is built: transformers builds one only for `paged|eager` and `p
 """
 from __future__ import annotations
 
-from functools import lru_cache
-
 import torch
 
 import skattn
+from skattn import serving
 from skattn.serving_plan import SERVING_POLICIES
 
 
@@ -156,24 +155,14 @@ def _layer_type(module, window) -> str:
 
 
 def _plan(q, k, v, cu_q, max_q, max_k, window, policy, table):
-    """The serving plan of this call's bounds and policy (None: attention_varlen's cached
-    plan for the default policy)."""
+    """The serving plan of this call's bounds and policy, from the serving functions' plan
+    cache (None: attention_varlen's own lookup, for the default policy)."""
     if policy == "auto":
         return None
-    layout = (("page_size", k.shape[1]), ("max_pages", table.shape[1])) if table is not None \
-        else (("total_k", k.shape[0]),)
-    return _cached_plan(cu_q.numel() - 1, max_q, q.shape[0], max_k, layout, q.shape[1],
-                        k.shape[-2], q.shape[2], v.shape[-1], k.dtype, window, policy, q.device)
-
-
-@lru_cache(maxsize=256)
-def _cached_plan(batch, max_q, total_q, max_k, layout, hq, hkv, d, dv, dtype, window, policy,
-                 device):
-    from skattn.device import hardware, shared_memory_limit
-
-    sms, occupancy = hardware(device)
-    return skattn.serving_plan(batch=batch, max_q_len=max_q, total_q=total_q, max_kv_len=max_k,
-                               q_heads=hq, kv_heads=hkv, head_dim=d, head_dim_v=dv, dtype=dtype,
-                               causal=True, window=window, policy=policy, sms=sms,
-                               occupancy=occupancy, smem_limit=shared_memory_limit(device),
-                               **dict(layout))
+    layout = (dict(page_size=k.shape[1], max_pages=table.shape[1]) if table is not None
+              else dict(total_k=k.shape[0]))
+    return serving._cached_plan(q.device, batch=cu_q.numel() - 1, max_q_len=max_q,
+                                total_q=q.shape[0], max_kv_len=max_k, q_heads=q.shape[1],
+                                kv_heads=k.shape[-2], head_dim=q.shape[2],
+                                head_dim_v=v.shape[-1], dtype=k.dtype, causal=True,
+                                window=window, policy=policy, **layout)
