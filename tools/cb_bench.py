@@ -2,7 +2,7 @@
 reference implementations, tokens/s of a request mix, same model, same run.
 
     PYTHONPATH=src python3 tools/cb_bench.py [--layers 32] [--requests 32] [--prompt 2048]
-        [--new 64] [--providers "paged|skattn,paged|sdpa"] [--reps 2] [--graphs]
+        [--new 64] [--providers "paged|skattn,paged|sdpa"] [--reps 2] [--graphs] [--profile]
 
 A random-initialised llama-8b-shaped model (`--layers` of its 32; no download) serves
 `--requests` greedy requests with lognormal prompt lengths around `--prompt` tokens
@@ -17,9 +17,13 @@ the CPU (the interpreter: a check that the script works, not a measurement).
 from __future__ import annotations
 
 import argparse
+import cProfile
+import contextlib
 import csv
+import io
 import json
 import os
+import pstats
 import sys
 import time
 from pathlib import Path
@@ -74,6 +78,53 @@ def run(model, reqs, new: int, graphs: bool, tiny: bool) -> tuple[float, list[li
     return dt, tokens
 
 
+class AttentionProbe:
+    """Host time of an attention implementation's calls inside `generate_batch`: while active,
+    the registered function is wrapped so that each call is timed (wall clock, no GPU sync)
+    and cProfiled (continuous batching calls it from its own thread, out of reach of a
+    profiler started in this one)."""
+
+    def __init__(self, name: str):
+        from transformers import AttentionInterface
+
+        self.name, self.table = name, AttentionInterface._global_mapping
+        self.calls, self.seconds, self.prof = 0, 0.0, cProfile.Profile()
+
+    def __enter__(self):
+        self.inner = inner = self.table[self.name]
+
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            self.prof.enable()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                self.prof.disable()
+                self.seconds += time.perf_counter() - t0
+                self.calls += 1
+
+        self.table[self.name] = timed
+        return self
+
+    def __exit__(self, *exc):
+        self.table[self.name] = self.inner
+
+    def write(self, path: Path, total: float) -> None:
+        buf = io.StringIO()
+        stats = pstats.Stats(self.prof, stream=buf)
+        for key in ("tottime", "cumulative"):
+            stats.sort_stats(key).print_stats(20)
+        head = (f"{self.name}: {self.calls} attention calls, {self.seconds:.3f} s of host time "
+                f"in them ({self.seconds / max(1, self.calls) * 1e6:.0f} us a call, cProfile "
+                f"on), {total:.3f} s generate_batch")
+        if "skattn" in self.name:
+            from skattn import serving
+            head += f"; serving plan cache {serving._cached_plan.cache_info()}"
+        path.write_text(head + "\n" + buf.getvalue())
+        print("== " + head)
+        print("\n".join(buf.getvalue().splitlines()[:32]))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=32)
@@ -84,6 +135,9 @@ def main(argv=None) -> int:
     ap.add_argument("--graphs", action="store_true")
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--profile", action="store_true",
+                    help="time and cProfile the attention calls of each provider's last "
+                    "rep: $OUT/cb_profile-<provider>.txt")
     args = ap.parse_args(argv)
     import skattn.transformers as skt
 
@@ -99,9 +153,14 @@ def main(argv=None) -> int:
         model = build(shape, name, torch.float16, device, state)
         state = state or model.state_dict()
         times, tokens = [], None
-        for _ in range(args.reps):
-            dt, tokens = run(model, reqs, args.new, graphs=args.graphs and cuda, tiny=args.tiny)
+        for rep in range(args.reps):
+            probe = AttentionProbe(name) if args.profile and rep == args.reps - 1 else None
+            with probe or contextlib.nullcontext():
+                dt, tokens = run(model, reqs, args.new, graphs=args.graphs and cuda,
+                                 tiny=args.tiny)
             times.append(dt)
+        if probe:
+            probe.write(out_dir / f"cb_profile-{name.replace('|', '_')}.txt", dt)
         first = first or tokens
         same = sum(a == b for a, b in zip(tokens, first))
         best = min(times)
