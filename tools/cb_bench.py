@@ -104,10 +104,23 @@ class AttentionProbe:
                 self.calls += 1
 
         self.table[self.name] = timed
+        # and every Triton compile in that time (a kernel not in Triton's in-memory cache)
+        from triton import knobs
+
+        self.compiles, self.hook = [], knobs.runtime.jit_cache_hook
+
+        def compiled(*args, **kw):
+            self.compiles.append(kw["repr"].split("(")[0])
+            return False
+
+        knobs.runtime.jit_cache_hook = compiled
         return self
 
     def __exit__(self, *exc):
+        from triton import knobs
+
         self.table[self.name] = self.inner
+        knobs.runtime.jit_cache_hook = self.hook
 
     def write(self, path: Path, total: float) -> None:
         buf = io.StringIO()
@@ -117,6 +130,7 @@ class AttentionProbe:
         head = (f"{self.name}: {self.calls} attention calls, {self.seconds:.3f} s of host time "
                 f"in them ({self.seconds / max(1, self.calls) * 1e6:.0f} us a call, cProfile "
                 f"on), {total:.3f} s generate_batch")
+        head += f"; {len(self.compiles)} Triton builds (in-memory cache misses): {sorted(set(self.compiles))}"
         if "skattn" in self.name:
             from skattn import serving
             head += f"; serving plan cache {serving._cached_plan.cache_info()}"

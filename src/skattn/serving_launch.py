@@ -60,7 +60,8 @@ def _bind(plan: ServingPlan, device: torch.device) -> Bound:
     m = plan.cost_model
     cost = device_table(device, (m.us_per_item, m.us_per_piece, m.us_launch, m.shared_round,
                                  m.cut_share), torch.float64)
-    block_b = _pow2(max(2, plan.batch))
+    # batches of up to 16 sequences share one work-list kernel (a step's batch size changes)
+    block_b = _pow2(max(16, plan.batch))
     wl_const = dict(VARLEN_Q=plan.varlen, CAUSAL=plan.causal or plan.window is not None,
                     HAS_WINDOW=plan.window is not None, POLICY=POLICY_CODE[plan.policy],
                     FUSED=plan.fixup == "fused", TOKENS=g.tokens_per_tile, BLOCK_N=g.block_n,
@@ -75,10 +76,8 @@ def _bind(plan: ServingPlan, device: torch.device) -> Bound:
     fix_kernel = plan.fixup if plan.fixup in ("uniform", "general") else None
     if fix_kernel == "general":
         fix_const["SEARCH"] = search
-    ints = (plan.batch, plan.rb_max, plan.gqa_ratio, plan.ntiles_z, plan.hz, plan.split,
-            plan.total_q, plan.max_q_len, plan.q_len or 0, plan.window or 0, plan.programs,
-            plan.key_capacity, plan.total_k or INT32_MAX, n_sat(plan), plan.per_sm,
-            *(plan.q_range or (0, INT32_MAX)))
+    # the integers the kernels specialise on (not the batch's shape: kernels/worklist.py)
+    ints = (plan.gqa_ratio, plan.ntiles_z, plan.hz, plan.split, plan.window or 0)
     key = (device, tuple(sorted(wl_const.items())), tuple(sorted(main_const.items())),
            tuple(sorted(fix_const.items())), fix_kernel, tuple(_spec(x) for x in ints))
     kid = _KEYS.setdefault(key, len(_KEYS))
@@ -196,7 +195,7 @@ def run(plan: ServingPlan, q, k, v, out, lse, *, wl, block_table, scale: float, 
             qk_scale, softcap_scale, plan.window or 0)
     key = None
     if b.cuda and _no_hooks():
-        key = (b.kid, features, q.dtype, out.dtype, k.dtype, qs, ks, vs, os_, ls, sbt, _spec(num_pages),
+        key = (b.kid, features, q.dtype, out.dtype, k.dtype, qs, ks, vs, os_, ls, sbt,
                *(x.data_ptr() % 16 == 0 for x in (q, k, v, out, lse_t, sinks_t, slopes_t, ks_t,
                                                   vs_t, bt, ws_o, ws_m, ws_l, counters, wl)))
     _launch(_ragged.ragged_attention_kernel, key, args, main_const, (plan.programs, 1, 1), stream)

@@ -86,7 +86,9 @@ def paged_attention_forward(module, query, key, value, attention_mask, *, cache=
     if isinstance(cu_seq_lens_k, dict):
         cu_seq_lens_k, max_seqlen_k = cu_seq_lens_k[layer_type], max_seqlen_k[layer_type]
     cu_q, cu_k = cu_seq_lens_q.to(torch.int32), cu_seq_lens_k.to(torch.int32)
-    max_q, max_k = int(max_seqlen_q), max(1, int(max_seqlen_k))
+    # the bounds rounded up to powers of two: steps of similar lengths share one plan and the
+    # kernels it compiled (the lengths themselves are read on the GPU from cu_q, cu_k)
+    max_q, max_k = _pow2(int(max_seqlen_q)), _pow2(max(16, int(max_seqlen_k)))
     q = query[0].transpose(0, 1)  # [total_q, Hq, D], the last dim contiguous
     if q.stride(-1) != 1:
         q = q.contiguous()
@@ -107,6 +109,10 @@ def paged_attention_forward(module, query, key, value, attention_mask, *, cache=
         scale=scaling, out=out,
         plan=_plan(q, k, v, cu_q, max_q, max_k, window, policy, table))
     return out[None], None
+
+
+def _pow2(x: int) -> int:
+    return 1 << max(0, x - 1).bit_length()
 
 
 def _pages(cache, layer_idx, read_index):

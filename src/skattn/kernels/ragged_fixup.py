@@ -35,7 +35,7 @@ def _merge_and_store(p_lo, p_hi, first, work, programs, WL, rb, h, batch, rb_max
                    stride_lh, SINKS, HEAD_DIM_V, BLOCK_DV, HAS_SINKS, RETURN_LSE, dv0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["batch", "rb_max"])
 def ragged_uniform_fixup_kernel(
     O, stride_ob, stride_om, stride_oh, LSE, stride_lb, stride_lh, SINKS,
     WS_O, WS_M, WS_L, WL,
@@ -61,7 +61,7 @@ def ragged_uniform_fixup_kernel(
                          HAS_SINKS, RETURN_LSE, MERGE_PIECES, False, LOADS_FIRST)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["batch", "rb_max"])
 def ragged_general_fixup_kernel(
     O, stride_ob, stride_om, stride_oh, LSE, stride_lb, stride_lh, SINKS,
     WS_O, WS_M, WS_L, WL,

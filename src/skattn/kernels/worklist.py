@@ -11,6 +11,14 @@ import triton.language as tl
 HEADER: tl.constexpr = tl.constexpr(16)
 
 
+# The integers a serving step changes (batch, lengths, their bounds, the row blocks they
+# make): Triton would specialise each on == 1 and divisibility by 16 and compile a new kernel
+# the first time a batch shows a new combination, so the serving kernels do not specialise on
+# them (this one, a single program, on none of its integers).
+SHAPE_INTS = ["batch", "q_len", "cap_q", "total_q", "cap_k", "total_k", "hz", "rb_max",
+              "window", "grid_programs", "split", "n_sat", "per_sm", "q_lo", "q_hi"]
+
+
 @triton.jit
 def wl_offsets(batch, rb_max):
     """Offsets in WL of: Lq, Lk, q start, k start, row-block end (per sequence); row-block
@@ -139,7 +147,7 @@ def _programs(work, tiles, maxc, minc, grid_programs, split, n_sat, per_sm, COST
     return tl.where(work > 0, n, 0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SHAPE_INTS)
 def work_list_kernel(
     SEQ_K, SEQ_Q, WL, COST,
     batch, q_len, cap_q, total_q, cap_k, total_k, hz, rb_max, window,
