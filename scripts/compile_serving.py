@@ -2,6 +2,7 @@
 
   python3 scripts/compile_serving.py            # every case below, one JSON line per kernel
   python3 scripts/compile_serving.py paged64    # one case
+  python3 scripts/compile_serving.py --specialization  # Triton's keys over batch sizes
 
 Runs `skattn.serving`'s launcher with CPU tensors, captures each launch (work list, main
 kernel, fixup) and compiles it ahead of time for an H100/H200 through ptxas
@@ -52,7 +53,7 @@ CASES = {
 def capture(name: str, case: dict) -> list:
     hq, hkv, d, *rest = case.get("heads", (32, 8, 128))
     dv = rest[0] if rest else d
-    B = 64 if "q_len" in case["kw"] else 32
+    B = case.get("batch", 64 if "q_len" in case["kw"] else 32)
     kvd = case.get("kv", F16)
     p = skattn.serving_plan(batch=B, q_heads=hq, kv_heads=hkv, head_dim=d, head_dim_v=dv,
                             causal=True, dtype=kvd, sms=132, occupancy=2, smem_limit=232448, **case["kw"])
@@ -103,9 +104,42 @@ def capture(name: str, case: dict) -> list:
     return calls
 
 
+# batches of one plan family a serving step moves between (size, packed tokens, key rows):
+# the kernels must not be specialised on them (kernels/worklist.py SHAPE_INTS)
+STEPS = [dict(batch=b, total_q=tq, total_k=tk) for b, tq, tk in
+         ((1, 1, 17), (3, 48, 4096), (7, 129, 5001), (16, 512, 40000))]
+
+
+def specialization(kernel, args: tuple, const: dict) -> list:
+    """What Triton keys the compiled kernel on for these arguments, besides constexprs: per
+    parameter its type and specialisation (== 1, divisible by 16), as a sm_90 build would."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    bind = create_function_from_signature(kernel.signature, kernel.params,
+                                          make_backend(GPUTarget("cuda", 90, 32)))
+    _, spec, _ = bind(*args, **{k: v for k, v in const.items() if k in kernel.arg_names})
+    return [str(s) for s, p in zip(spec, kernel.params) if not p.is_constexpr]
+
+
+def steps() -> None:
+    """One JSON line per step and kernel: the packed varlen case at each of STEPS."""
+    base = CASES["varlen-packed"]
+    for step in STEPS:
+        case = dict(base, kw=dict(base["kw"], **{k: v for k, v in step.items() if k != "batch"}),
+                    batch=step["batch"])
+        for kernel, args, const in capture("varlen-packed", case):
+            print(json.dumps(dict(step=step, kernel=kernel.fn.__name__,
+                                  spec=specialization(kernel, args, const))), flush=True)
+
+
 def main(argv) -> int:
     if argv[:1] in (["-h"], ["--help"]):
         print(__doc__.strip())
+        return 0
+    if argv[:1] == ["--specialization"]:
+        steps()
         return 0
     names = argv or list(CASES)
     for name in names:

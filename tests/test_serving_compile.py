@@ -41,3 +41,23 @@ def test_serving_kernels_compile_for_sm90():
                             smem_limit=SM90_SHARED, dtype=torch.float8_e4m3fn)
     f16 = by[("paged16", "ragged_attention_kernel")]["shared"]
     assert fp8 <= shared_bytes(p.geometry, kv_format=p.dtype) < f16
+
+
+def test_serving_kernels_keep_one_build_across_batch_shapes():
+    """A serving step's batch size, packed tokens and key rows (1, 3, 7, 16 sequences; 1 to
+    512 tokens; 17 to 40000 keys) change none of Triton's keys for the work list, main
+    kernel and fixup: a new batch shape must not compile a kernel in the middle of serving."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
+    res = subprocess.run([sys.executable, str(ROOT / "scripts" / "compile_serving.py"),
+                          "--specialization"], capture_output=True, text=True, env=env,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+    keys: dict = {}
+    for r in rows:
+        keys.setdefault(r["kernel"], []).append(r["spec"])
+    assert set(keys) == {"work_list_kernel", "ragged_attention_kernel",
+                         "ragged_general_fixup_kernel"}
+    for kernel, specs in keys.items():
+        assert len(specs) == 4 and all(s == specs[0] for s in specs), kernel
