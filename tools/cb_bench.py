@@ -2,7 +2,7 @@
 reference implementations, tokens/s of a request mix, same model, same run.
 
     PYTHONPATH=src python3 tools/cb_bench.py [--layers 32] [--requests 32] [--prompt 2048]
-        [--new 64] [--providers "paged|skattn,paged|sdpa"] [--reps 2] [--graphs] [--profile]
+        [--new 64] [--providers "paged|skattn,paged|sdpa"] [--reps 2] [--graphs] [--profile] [--kernels]
 
 A random-initialised llama-8b-shaped model (`--layers` of its 32; no download) serves
 `--requests` greedy requests with lognormal prompt lengths around `--prompt` tokens
@@ -78,6 +78,24 @@ def run(model, reqs, new: int, graphs: bool, tiny: bool) -> tuple[float, list[li
     return dt, tokens
 
 
+def kernel_profiler():
+    from torch.profiler import ProfilerActivity, profile
+
+    return profile(activities=[ProfilerActivity.CUDA])
+
+
+def write_kernels(prof, path: Path, name: str) -> None:
+    """GPU time by kernel (every thread's launches and graph replays, as CUPTI records them)."""
+    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    events.sort(key=lambda e: -e.device_time_total)
+    total = sum(e.self_device_time_total for e in events)
+    lines = [f"{name}: {total / 1e6:.3f} s of GPU kernel time"]
+    lines += [f"{e.self_device_time_total / 1e3:10.1f} ms {e.count:7d}x  {e.key[:90]}"
+              for e in events[:15]]
+    path.write_text("\n".join(lines) + "\n")
+    print("== " + "\n".join(lines))
+
+
 class AttentionProbe:
     """Host time of an attention implementation's calls inside `generate_batch`: while active,
     the registered function is wrapped so that each call is timed (wall clock, no GPU sync)
@@ -149,6 +167,8 @@ def main(argv=None) -> int:
     ap.add_argument("--graphs", action="store_true")
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--kernels", action="store_true",
+                    help="torch.profiler over each provider's last rep: GPU time by kernel")
     ap.add_argument("--profile", action="store_true",
                     help="time and cProfile the attention calls of each provider's last "
                     "rep: $OUT/cb_profile-<provider>.txt")
@@ -169,10 +189,14 @@ def main(argv=None) -> int:
         times, tokens = [], None
         for rep in range(args.reps):
             probe = AttentionProbe(name) if args.profile and rep == args.reps - 1 else None
-            with probe or contextlib.nullcontext():
+            last = rep == args.reps - 1
+            kern = kernel_profiler() if args.kernels and last and cuda else None
+            with probe or contextlib.nullcontext(), kern or contextlib.nullcontext():
                 dt, tokens = run(model, reqs, args.new, graphs=args.graphs and cuda,
                                  tiny=args.tiny)
             times.append(dt)
+            if kern:
+                write_kernels(kern, out_dir / f"cb_kernels-{name.replace('|', '_')}.txt", name)
         if probe:
             probe.write(out_dir / f"cb_profile-{name.replace('|', '_')}.txt", dt)
         first = first or tokens
