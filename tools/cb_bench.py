@@ -84,16 +84,20 @@ def kernel_profiler():
     return profile(activities=[ProfilerActivity.CUDA])
 
 
-def write_kernels(prof, path: Path, name: str) -> None:
-    """GPU time by kernel (every thread's launches and graph replays, as CUPTI records them)."""
-    events = [e for e in prof.key_averages() if e.device_time_total > 0]
-    events.sort(key=lambda e: -e.device_time_total)
+def kernel_rows(prof, name: str, top: int = 15) -> list[dict]:
+    """GPU time by kernel (every thread's launches and graph replays, as CUPTI records them):
+    the `top` kernels and a row "(all kernels)" with the total; printed as well."""
+    events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
+    events.sort(key=lambda e: -e.self_device_time_total)
     total = sum(e.self_device_time_total for e in events)
-    lines = [f"{name}: {total / 1e6:.3f} s of GPU kernel time"]
-    lines += [f"{e.self_device_time_total / 1e3:10.1f} ms {e.count:7d}x  {e.key[:90]}"
-              for e in events[:15]]
-    path.write_text("\n".join(lines) + "\n")
-    print("== " + "\n".join(lines))
+    rows = [dict(provider=name, kernel="(all kernels)", gpu_ms=f"{total / 1e3:.1f}",
+                 launches=sum(e.count for e in events))]
+    rows += [dict(provider=name, kernel=e.key[:120], gpu_ms=f"{e.self_device_time_total / 1e3:.1f}",
+                  launches=e.count) for e in events[:top]]
+    print(f"== {name}: GPU kernel time by kernel")
+    for r in rows:
+        print(f"{r['gpu_ms']:>10} ms {r['launches']:>7}x  {r['kernel'][:90]}")
+    return rows
 
 
 class AttentionProbe:
@@ -168,7 +172,8 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--kernels", action="store_true",
-                    help="torch.profiler over each provider's last rep: GPU time by kernel")
+                    help="torch.profiler over each provider's last rep: GPU time by kernel, "
+                    "$OUT/cb_kernels.csv")
     ap.add_argument("--profile", action="store_true",
                     help="time and cProfile the attention calls of each provider's last "
                     "rep: $OUT/cb_profile-<provider>.txt")
@@ -182,7 +187,7 @@ def main(argv=None) -> int:
     reqs = prompts(args.requests, args.prompt, shape["vocab_size"])
     out_dir = Path(os.environ.get("OUT", "benchmarks/results/latest/cb"))
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows, first, state = [], None, None
+    rows, first, state, kernels = [], None, None, []
     for name in args.providers.split(","):
         model = build(shape, name, torch.float16, device, state)
         state = state or model.state_dict()
@@ -196,7 +201,7 @@ def main(argv=None) -> int:
                                  tiny=args.tiny)
             times.append(dt)
             if kern:
-                write_kernels(kern, out_dir / f"cb_kernels-{name.replace('|', '_')}.txt", name)
+                kernels += kernel_rows(kern, name)
         if probe:
             probe.write(out_dir / f"cb_profile-{name.replace('|', '_')}.txt", dt)
         first = first or tokens
@@ -219,6 +224,12 @@ def main(argv=None) -> int:
                     sys.argv[1:] if argv is None else argv),
                 tiny=args.tiny, graphs=args.graphs, prompt_mean=args.prompt, timer="wall clock, min of reps, "
                 "generate_batch end to end (prompt and decode)")
+    if kernels:  # --kernels
+        with open(out_dir / "cb_kernels.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(kernels[0]))
+            w.writeheader()
+            w.writerows(kernels)
+        meta["kernels"] = "cb_kernels.csv: GPU time by kernel, torch.profiler over the last rep"
     path.with_suffix(".json").write_text(json.dumps(meta, indent=1) + "\n")
     print(f"{'provider':14} {'s':>8} {'tok/s':>9} same")
     for r in rows:
