@@ -13,6 +13,11 @@ plain name may be switched to flash-attn by transformers where that is installed
 asserted: f16 near-ties may break either way). Writes $OUT/cb_bench.csv and .json (default
 benchmarks/results/latest/cb) and prints a table last. `--tiny` runs a 2-layer toy model on
 the CPU (the interpreter: a check that the script works, not a measurement).
+
+Where the time goes: `--kernels` adds GPU time by kernel over each provider's last rep
+(torch.profiler, $OUT/cb_kernels.csv); `--profile` wraps the attention calls of the last rep:
+their host time, a cProfile, the Triton builds they caused, and (outside CUDA graphs) each
+call's GPU time with its batch shape, the slowest listed ($OUT/cb_profile-<provider>.txt).
 """
 from __future__ import annotations
 
@@ -100,9 +105,21 @@ def kernel_rows(prof, name: str, top: int = 15) -> list[dict]:
     return rows
 
 
+def _shape(args, kwargs) -> str:
+    """An attention call's batch as continuous batching passes it."""
+    query, cu_q = args[1], kwargs.get("cu_seq_lens_q")
+    max_k = kwargs.get("max_seqlen_k")
+    if isinstance(max_k, dict):
+        max_k = max(max_k.values())
+    batch = cu_q.numel() - 1 if cu_q is not None else "?"
+    return (f"B={batch} total_q={query.shape[-2]} max_q={kwargs.get('max_seqlen_q')} "
+            f"max_k={max_k}")
+
+
 class AttentionProbe:
     """Host time of an attention implementation's calls inside `generate_batch`: while active,
-    the registered function is wrapped so that each call is timed (wall clock, no GPU sync)
+    the registered function is wrapped so that each call is timed (wall clock, no GPU sync;
+    outside a graph capture also on the GPU, by CUDA events, with its batch's shape)
     and cProfiled (continuous batching calls it from its own thread, out of reach of a
     profiler started in this one)."""
 
@@ -115,7 +132,13 @@ class AttentionProbe:
     def __enter__(self):
         self.inner = inner = self.table[self.name]
 
+        self.events = []  # (start, end, shape) of the calls outside a graph capture
+
         def timed(*args, **kwargs):
+            ev = None
+            if torch.cuda.is_available() and not torch.cuda.is_current_stream_capturing():
+                ev = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                ev[0].record()
             t0 = time.perf_counter()
             self.prof.enable()
             try:
@@ -124,6 +147,9 @@ class AttentionProbe:
                 self.prof.disable()
                 self.seconds += time.perf_counter() - t0
                 self.calls += 1
+                if ev is not None:
+                    ev[1].record()
+                    self.events.append((*ev, _shape(args, kwargs)))
 
         self.table[self.name] = timed
         # and every Triton compile in that time (a kernel not in Triton's in-memory cache)
@@ -156,9 +182,17 @@ class AttentionProbe:
         if "skattn" in self.name:
             from skattn import serving
             head += f"; serving plan cache {serving._cached_plan.cache_info()}"
-        path.write_text(head + "\n" + buf.getvalue())
+        slow = ""
+        if self.events:  # GPU time of the eager calls, the slowest with their shapes
+            torch.cuda.synchronize()
+            timed = sorted(((a.elapsed_time(b), shape) for a, b, shape in self.events),
+                           key=lambda x: -x[0])
+            slow = (f"GPU time of the {len(timed)} calls outside graphs: "
+                    f"{sum(t for t, _ in timed):.1f} ms; the slowest:\n" + "\n".join(
+                        f"{t * 1e3:10.1f} us  {shape}" for t, shape in timed[:10]) + "\n")
+        path.write_text(head + "\n" + slow + buf.getvalue())
         print("== " + head)
-        print("\n".join(buf.getvalue().splitlines()[:32]))
+        print(slow + "\n".join(buf.getvalue().splitlines()[:32]))
 
 
 def main(argv=None) -> int:
