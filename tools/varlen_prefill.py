@@ -1,13 +1,15 @@
-"""Prompt steps of a continuous batch, side by side: `attention_varlen` over a paged cache
-against the dense prompt path (`skattn.attention`, one call a request) and SDPA's flash
-kernel (causal, one call a request), same inputs, same run.
+"""Steps of a continuous batch, side by side: `attention_varlen` over a paged cache (with
+max_seqlen_q as given and as transformers passes it under CUDA graphs: the padded token
+count) against the dense path (`skattn.attention`, one call a request) and SDPA's flash
+kernel (causal, one call a request; fresh prompts only), same inputs, same run.
 
     PYTHONPATH=src python3 tools/varlen_prefill.py [--page 256] [--reps 10]
 
 Cases (llama-8b heads, f16): the prompts of one 8192-token step as transformers' continuous
-batching packs them: 1 x 8192, 4 x 2048, 16 x 512 fresh prompts. Each skattn output is
-checked against SDPA's before timing. Prints µs per call (CUDA events, median of reps, warm
-L2) and the varlen plan's geometry.
+batching packs them (1 x 8192, 4 x 2048, 16 x 512 fresh prompts) and a 1024-token chunk
+after 2048 keys among 31 decode rows. Each varlen output is checked against the dense path's
+before timing. Prints µs per call (CUDA events, median of reps, warm L2) and the varlen
+plan's geometry.
 """
 from __future__ import annotations
 
@@ -19,7 +21,11 @@ import torch.nn.functional as F
 import skattn
 
 HQ, HKV, D = 32, 8, 128
-CASES = {"1x8192": [8192], "4x2048": [2048] * 4, "16x512": [512] * 16}
+# name -> (query tokens, key tokens) per request: the prompts of one 8192-token step, and a
+# step of continuous batching that mixes a prompt chunk with decode rows
+CASES = {"1x8192": ([8192], [8192]), "4x2048": ([2048] * 4, [2048] * 4),
+         "16x512": ([512] * 16, [512] * 16),
+         "chunk+31": ([1024] + [1] * 31, [3072] + [2048 + 64 * i for i in range(31)])}
 
 
 def timed(fn, reps: int) -> float:
@@ -42,57 +48,59 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=10)
     args = ap.parse_args()
     dev, f16 = "cuda", torch.float16
-    print(f"{'case':8} {'varlen paged':>13} {'dense skattn':>13} {'sdpa flash':>11}  plan")
-    for name, lens in CASES.items():
-        B, total = len(lens), sum(lens)
+    print(f"{'case':9} {'varlen':>9} {'max_q=T':>9} {'dense':>9} {'sdpa':>9}  plan")
+    for name, (lq, lk) in CASES.items():
+        B, total, total_k = len(lq), sum(lq), sum(lk)
         q = torch.randn(total, HQ, D, device=dev, dtype=f16)
-        k = torch.randn(total, HKV, D, device=dev, dtype=f16)
-        v = torch.randn(total, HKV, D, device=dev, dtype=f16)
-        cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), device=dev,
-                          dtype=torch.int32)
-        pages_per = -(-max(lens) // args.page)
+        k = torch.randn(total_k, HKV, D, device=dev, dtype=f16)
+        v = torch.randn(total_k, HKV, D, device=dev, dtype=f16)
+        cu_q = torch.tensor([0] + torch.tensor(lq).cumsum(0).tolist(), dtype=torch.int32)
+        cu_k = torch.tensor([0] + torch.tensor(lk).cumsum(0).tolist(), dtype=torch.int32)
+        pages_per = -(-max(lk) // args.page)
         kc = torch.zeros(B * pages_per, args.page, HKV, D, device=dev, dtype=f16)
         vc = torch.zeros_like(kc)
-        perm = torch.randperm(B * pages_per, device=dev)
-        table = perm.view(B, pages_per).to(torch.int32)
-        for b, L in enumerate(lens):
-            s = int(cu[b])
+        table = torch.randperm(B * pages_per, device=dev).view(B, pages_per).to(torch.int32)
+        for b, L in enumerate(lk):
+            s = int(cu_k[b])
             for j in range(-(-L // args.page)):
                 n = min(args.page, L - j * args.page)
                 kc[table[b, j], :n] = k[s + j * args.page:s + j * args.page + n]
                 vc[table[b, j], :n] = v[s + j * args.page:s + j * args.page + n]
+        cu_q, cu_k = cu_q.to(dev), cu_k.to(dev)
         out = torch.empty_like(q)
-        plan = skattn.serving_plan(batch=B, max_q_len=max(lens), total_q=total,
-                                   max_kv_len=max(lens), q_heads=HQ, kv_heads=HKV, head_dim=D,
-                                   page_size=args.page, max_pages=pages_per, dtype=f16)
 
-        def varlen():
-            skattn.attention_varlen(q, kc, vc, cu, cu, max(lens), max(lens), block_table=table,
-                                    plan=plan, out=out)
+        def varlen(max_q):
+            return lambda: skattn.attention_varlen(q, kc, vc, cu_q, cu_k, max_q, max(lk),
+                                                   block_table=table, out=out)
 
-        qs = [q[int(cu[b]):int(cu[b + 1])][None] for b in range(B)]
-        ks = [k[int(cu[b]):int(cu[b + 1])][None] for b in range(B)]
-        vs = [v[int(cu[b]):int(cu[b + 1])][None] for b in range(B)]
+        qs = [q[int(cu_q[b]):int(cu_q[b + 1])][None] for b in range(B)]
+        ks = [k[int(cu_k[b]):int(cu_k[b + 1])][None] for b in range(B)]
+        vs = [v[int(cu_k[b]):int(cu_k[b + 1])][None] for b in range(B)]
 
-        def dense():
+        def dense():  # bottom-right causal, one call a request
             return [skattn.attention(a, b_, c, causal=True) for a, b_, c in zip(qs, ks, vs)]
 
-        def sdpa():
+        def sdpa():  # top-left causal: the same masks only where every request is a fresh prompt
             return [F.scaled_dot_product_attention(
                 a.transpose(1, 2), b_.transpose(1, 2), c.transpose(1, 2), is_causal=True,
                 enable_gqa=True) for a, b_, c in zip(qs, ks, vs)]
 
-        varlen()
-        ref = torch.cat([o[0].transpose(0, 1) for o in sdpa()])
-        err = (out.float() - ref.float()).abs().max().item()
-        derr = max((o[0].float() - r.float()).abs().max().item()
-                   for o, r in zip(dense(), ref.split(lens)))
-        assert err < 2e-2 and derr < 2e-2, (name, err, derr)
+        ref = torch.cat([o[0] for o in dense()])
+        for max_q in (max(lq), total):
+            varlen(max_q)()
+            err = (out.float() - ref.float()).abs().max().item()
+            assert err < 2e-2, (name, max_q, err)
+        t_sdpa = f"{timed(sdpa, args.reps):9.1f}" if lq == lk else f"{'-':>9}"
+        plan = skattn.serving._cached_plan(q.device, **dict(
+            batch=B, max_q_len=max(lq), total_q=total, max_kv_len=max(lk), page_size=args.page,
+            max_pages=pages_per, q_heads=HQ, kv_heads=HKV, head_dim=D, head_dim_v=D,
+            dtype=f16, causal=True, window=None))
         g = plan.geometry
-        print(f"{name:8} {timed(varlen, args.reps):13.1f} {timed(dense, args.reps):13.1f} "
-              f"{timed(sdpa, args.reps):11.1f}  tokens/tile {g.tokens_per_tile}, heads/tile "
-              f"{g.heads_per_tile}, block_n {g.block_n}, warps {g.num_warps}, stages "
-              f"{g.num_stages}, programs {plan.programs}, fixup {plan.fixup}")
+        print(f"{name:9} {timed(varlen(max(lq)), args.reps):9.1f} "
+              f"{timed(varlen(total), args.reps):9.1f} {timed(dense, args.reps):9.1f} {t_sdpa}  "
+              f"tokens/tile {g.tokens_per_tile}, heads/tile {g.heads_per_tile}, block_n "
+              f"{g.block_n}, warps {g.num_warps}, stages {g.num_stages}, programs "
+              f"{plan.programs}, fixup {plan.fixup}")
     return 0
 
 
