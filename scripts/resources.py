@@ -83,7 +83,7 @@ def signature(fn, args, kw):
             sig[name] = "i1"
         elif isinstance(v, int):
             sig[name] = "i32"
-            if v % 16 == 0 and v != 0:
+            if v % 16 == 0:  # as Triton: 0 is divisible by 16 too
                 attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             sig[name] = "fp32"
