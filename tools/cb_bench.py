@@ -95,13 +95,23 @@ def kernel_rows(prof, name: str, top: int = 15) -> list[dict]:
     events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
     events.sort(key=lambda e: -e.self_device_time_total)
     total = sum(e.self_device_time_total for e in events)
+    # each launch's duration, per kernel: a few slow launches or all of them slow
+    each: dict = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            each.setdefault(e.name, []).append(e.time_range.elapsed_us())
     rows = [dict(provider=name, kernel="(all kernels)", gpu_ms=f"{total / 1e3:.1f}",
-                 launches=sum(e.count for e in events))]
-    rows += [dict(provider=name, kernel=e.key[:120], gpu_ms=f"{e.self_device_time_total / 1e3:.1f}",
-                  launches=e.count) for e in events[:top]]
-    print(f"== {name}: GPU kernel time by kernel")
+                 launches=sum(e.count for e in events), p50_us="", p90_us="", max_us="")]
+    for e in events[:top]:
+        d = sorted(each.get(e.key, [0.0]))
+        rows.append(dict(provider=name, kernel=e.key[:120],
+                         gpu_ms=f"{e.self_device_time_total / 1e3:.1f}", launches=e.count,
+                         p50_us=f"{d[len(d) // 2]:.1f}", p90_us=f"{d[len(d) * 9 // 10]:.1f}",
+                         max_us=f"{d[-1]:.1f}"))
+    print(f"== {name}: GPU kernel time by kernel (per launch: p50 / p90 / max us)")
     for r in rows:
-        print(f"{r['gpu_ms']:>10} ms {r['launches']:>7}x  {r['kernel'][:90]}")
+        print(f"{r['gpu_ms']:>10} ms {r['launches']:>7}x {r['p50_us']:>9} {r['p90_us']:>9} "
+              f"{r['max_us']:>9}  {r['kernel'][:80]}")
     return rows
 
 
