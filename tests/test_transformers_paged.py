@@ -123,6 +123,41 @@ def test_cb_bench_tool_tiny(tmp_path, monkeypatch):
     assert [r["provider"] for r in rows] == ["paged|skattn", "paged|sdpa"]
     assert all(r["same_tokens_as_first"] == "2/2" and float(r["tokens_per_s"]) > 0 for r in rows)
     assert (tmp_path / "cb_bench.json").exists()
+    # --profile: the attention calls wrapped from generate_batch's own thread
+    assert cb.main(["--tiny", "--requests", "2", "--prompt", "5", "--new", "2", "--reps", "1",
+                    "--providers", "paged|skattn", "--profile"]) == 0
+    head = (tmp_path / "cb_profile-paged_skattn.txt").read_text().splitlines()[0]
+    # 2 layers x 2 steps (the prompts, then one decode step for the second new token)
+    assert head.startswith("paged|skattn: 4 attention calls"), head
+
+
+def test_cb_steps_tool_records_the_schedule_and_plans_it():
+    # tools/cb_steps.py: transformers' schedule through a stand-in attention, and the work
+    # skattn plans for each step (eager, and padded as under CUDA graphs)
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "cb_steps.py"
+    spec = importlib.util.spec_from_file_location("cb_steps", path)
+    st = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(st)
+    steps = st.record_steps(3, 40, 2, blocks=8, step_tokens=256)
+    prompt = sum(map(len, st.prompts(3, 40, 1024)))
+    assert steps[0]["cu_q"][-1] == prompt and steps[0]["max_q"] > 1  # one step of prompts
+    assert [s["max_q"] for s in steps[1:]] == [1]  # then one decode step of the 3 requests
+    assert steps[1]["cu_q"] == [0, 1, 2, 3]
+    e = st.planned(steps[1]["cu_q"], steps[1]["cu_k"], 1, steps[1]["max_k"])
+    lk = [b - a for a, b in zip(steps[1]["cu_k"], steps[1]["cu_k"][1:])]
+    assert e["B"] == 3 and e["tokens"] == 1
+    g = st.padded(steps[1])
+    assert g["total"] == 64 and g["max_q"] == 64 and len(g["cu_q"]) == 33
+    p = st.planned(g["cu_q"], g["cu_k"], g["max_q"], g["max_k"])
+    assert p["tokens"] > 1 and p["useful"] == e["useful"] and p["pairs"] > e["pairs"]
+    # one token a sequence: one row block each, ceil(Lk / BLOCK_N) items per KV head
+    assert e["work"] == sum(-(-k // st.serving_plan(
+        batch=3, max_q_len=1, total_q=3, max_kv_len=st.pow2(max(16, max(lk))), q_heads=32,
+        kv_heads=8, head_dim=128, page_size=256, max_pages=1, sms=132, occupancy=2,
+        smem_limit=232448).geometry.block_n) * 8 for k in lk)
 
 
 class _Cache:
