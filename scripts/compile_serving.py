@@ -105,9 +105,10 @@ def capture(name: str, case: dict) -> list:
 
 
 # batches of one plan family a serving step moves between (size, packed tokens, key rows):
-# the kernels must not be specialised on them (kernels/worklist.py SHAPE_INTS)
+# the kernels must not be specialised on them (kernels/worklist.py SHAPE_INTS), and their
+# compile-time constants stay in one bucket (serving_launch._bind)
 STEPS = [dict(batch=b, total_q=tq, total_k=tk) for b, tq, tk in
-         ((1, 1, 17), (3, 48, 4096), (7, 129, 5001), (16, 512, 40000))]
+         ((1, 1, 17), (3, 48, 4096), (7, 129, 5001), (16, 512, 40000), (64, 512, 40000))]
 
 
 def specialization(kernel, args: tuple, const: dict) -> list:
@@ -130,7 +131,9 @@ def steps() -> None:
         case = dict(base, kw=dict(base["kw"], **{k: v for k, v in step.items() if k != "batch"}),
                     batch=step["batch"])
         for kernel, args, const in capture("varlen-packed", case):
-            print(json.dumps(dict(step=step, kernel=kernel.fn.__name__,
+            consts = {k: v for k, v in sorted(const.items())
+                      if isinstance(v, (bool, int, float, str))}
+            print(json.dumps(dict(step=step, kernel=kernel.fn.__name__, const=consts,
                                   spec=specialization(kernel, args, const))), flush=True)
 
 

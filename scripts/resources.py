@@ -81,6 +81,10 @@ def signature(fn, args, kw):
             sig[name], consts[name] = "constexpr", v
         elif isinstance(v, bool):
             sig[name] = "i1"
+        elif isinstance(v, int) and fn.params[i].do_not_specialize:
+            sig[name] = "i32"
+        elif isinstance(v, int) and v == 1:  # as Triton: an argument of 1 is a constant
+            sig[name], consts[name] = "constexpr", 1
         elif isinstance(v, int):
             sig[name] = "i32"
             if v % 16 == 0:  # as Triton: 0 is divisible by 16 too

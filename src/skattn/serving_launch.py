@@ -60,17 +60,20 @@ def _bind(plan: ServingPlan, device: torch.device) -> Bound:
     m = plan.cost_model
     cost = device_table(device, (m.us_per_item, m.us_per_piece, m.us_launch, m.shared_round,
                                  m.cut_share), torch.float64)
-    # batches of up to 16 sequences share one work-list kernel (a step's batch size changes)
-    block_b = _pow2(max(16, plan.batch))
+    # vector widths in coarse buckets, so that a serving loop whose batch changes every step
+    # reuses its kernels (docs/serving.md "Planning from upper bounds"): up to 64 sequences
+    # share one work-list build, row blocks go in chunks of RB_CHUNK, and a program looks
+    # for its first row block 256 (up to 256 row blocks) or 1024 prefix sums at a time;
+    # wider vectors only add masked lanes
+    block_b = _pow2(max(64, plan.batch))
     wl_const = dict(VARLEN_Q=plan.varlen, CAUSAL=plan.causal or plan.window is not None,
                     HAS_WINDOW=plan.window is not None, POLICY=POLICY_CODE[plan.policy],
                     FUSED=plan.fixup == "fused", TOKENS=g.tokens_per_tile, BLOCK_N=g.block_n,
-                    BLOCK_B=block_b, LOG_B=block_b.bit_length() - 1,
-                    RB_CHUNK=min(RB_CHUNK, _pow2(max(2, plan.rb_max))),
+                    BLOCK_B=block_b, LOG_B=block_b.bit_length() - 1, RB_CHUNK=RB_CHUNK,
                     NB=_pow2(max(2, plan.programs)), Q_RANGE=plan.q_range is not None,
                     num_warps=4)
     main_const, fix_const, fix_grid, _ = constants(plan, device, plan.tiles_max)
-    search = min(1024, _pow2(max(2, plan.rb_max)))
+    search = 256 if plan.rb_max <= 256 else 1024
     main_const.update(PAGED=plan.layout == "paged", PAGE_SIZE=plan.page_size or 16,
                       SEARCH=search, KV_FORMAT=KV_FORMATS.get(plan.dtype, 0))
     fix_kernel = plan.fixup if plan.fixup in ("uniform", "general") else None
@@ -195,7 +198,7 @@ def run(plan: ServingPlan, q, k, v, out, lse, *, wl, block_table, scale: float, 
             qk_scale, softcap_scale, plan.window or 0)
     key = None
     if b.cuda and _no_hooks():
-        key = (b.kid, features, q.dtype, out.dtype, k.dtype, qs, ks, vs, os_, ls, sbt,
+        key = (b.kid, features, q.dtype, out.dtype, k.dtype, qs, ks, vs, os_, ls,
                *(x.data_ptr() % 16 == 0 for x in (q, k, v, out, lse_t, sinks_t, slopes_t, ks_t,
                                                   vs_t, bt, ws_o, ws_m, ws_l, counters, wl)))
     _launch(_ragged.ragged_attention_kernel, key, args, main_const, (plan.programs, 1, 1), stream)

@@ -43,7 +43,7 @@ def sequence_of(WL, rb, h, batch, rb_max, ntiles_z):
             tl.load(WL + o_qs + b), tl.load(WL + o_ks + b), g, h - g * ntiles_z)
 
 
-@triton.jit(do_not_specialize=["batch", "rb_max", "num_pages"])
+@triton.jit(do_not_specialize=["stride_bt", "batch", "rb_max", "num_pages"])
 def ragged_attention_kernel(
     Q, stride_qb, stride_qm, stride_qh,  # q [B, Lq, Hq, Dk] or packed [total_q, Hq, Dk] (stride_qb 0)
     K, stride_kb, stride_kn, stride_kh,  # dense [B, L, Hkv, Dk]; packed (stride_kb 0); paged [pages, page_size, Hkv, Dk]
