@@ -17,7 +17,8 @@ the CPU (the interpreter: a check that the script works, not a measurement).
 Where the time goes: `--kernels` adds GPU time by kernel over each provider's last rep
 (torch.profiler, $OUT/cb_kernels.csv); `--profile` wraps the attention calls of the last rep:
 their host time, a cProfile, the Triton builds they caused, and (outside CUDA graphs) each
-call's GPU time with its batch shape, the slowest listed ($OUT/cb_profile-<provider>.txt).
+call's span on the GPU stream with its batch shape, the longest listed
+($OUT/cb_profile-<provider>.txt).
 """
 from __future__ import annotations
 
@@ -129,7 +130,8 @@ def _shape(args, kwargs) -> str:
 class AttentionProbe:
     """Host time of an attention implementation's calls inside `generate_batch`: while active,
     the registered function is wrapped so that each call is timed (wall clock, no GPU sync;
-    outside a graph capture also on the GPU, by CUDA events, with its batch's shape)
+    outside a graph capture also its span on the stream, by CUDA events, with its batch's
+    shape)
     and cProfiled (continuous batching calls it from its own thread, out of reach of a
     profiler started in this one)."""
 
@@ -197,8 +199,9 @@ class AttentionProbe:
             torch.cuda.synchronize()
             timed = sorted(((a.elapsed_time(b), shape) for a, b, shape in self.events),
                            key=lambda x: -x[0])
-            slow = (f"GPU time of the {len(timed)} calls outside graphs: "
-                    f"{sum(t for t, _ in timed):.1f} ms; the slowest:\n" + "\n".join(
+            slow = (f"stream span of the {len(timed)} calls outside graphs (CUDA events around "
+                    f"each call: GPU time plus any idle while the host prepares it): "
+                    f"{sum(t for t, _ in timed):.1f} ms; the longest:\n" + "\n".join(
                         f"{t * 1e3:10.1f} us  {shape}" for t, shape in timed[:10]) + "\n")
         path.write_text(head + "\n" + slow + buf.getvalue())
         print("== " + head)
