@@ -94,7 +94,7 @@ has serving && quick_bench serving python3 -m skattn.cli bench --serving --quick
     --time-limit 100 --out "$OUT_DIR/serving"
 has cb && quick_bench cb-steps python3 tools/varlen_prefill.py
 has cb && quick_bench cb env OUT="$OUT_DIR/cb" python3 tools/cb_bench.py --layers 8 --requests 32 \
-    --profile --kernels --reps 2
+    --providers "paged|skattn,paged|skattn_halves,paged|sdpa" --profile --kernels --reps 2
 has quant && quick_bench quant python3 -m skattn.cli bench --quant --models llama-8b --n 1,16,512 \
     --no-progress --time-limit 70 --out "$OUT_DIR/quant"
 echo "== summary"

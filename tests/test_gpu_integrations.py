@@ -193,20 +193,23 @@ def test_fp8_cache_first_step_and_greedy_32_tokens(monkeypatch):
 
 
 @needs_transformers
-@pytest.mark.parametrize("graphs", [False, True])
-def test_continuous_batching_generate_batch(graphs, monkeypatch):
+@pytest.mark.parametrize("graphs,halves", [(False, False), (True, False), (True, True)])
+def test_continuous_batching_generate_batch(graphs, halves, monkeypatch):
     # transformers' continuous batching ("paged|skattn", named explicitly: transformers would
     # switch a plain name to flash-attn where that is installed): requests of different
     # lengths packed into varlen batches; graphs: transformers captures its steps in CUDA
-    # graphs (padded batches) around skattn's calls
+    # graphs (padded batches) around skattn's calls; halves: registered with q_split="auto"
+    # (steps in two halves, MixedPlan)
     import skattn
+    import skattn.transformers as skt
 
     calls = []
     real = skattn.attention_varlen
     monkeypatch.setattr(skattn, "attention_varlen",
                         lambda *a, **kw: calls.append(1) or real(*a, **kw))
     ours, ref = models("LlamaConfig", LLAMA, "sdpa")
-    ours.set_attn_implementation("paged|skattn")
+    name = skt.register(name="skattn_halves", q_split="auto") if halves else "skattn"
+    ours.set_attn_implementation(f"paged|{name}")
     ref.set_attn_implementation("paged|sdpa")
     g = torch.Generator().manual_seed(7)
     prompts = [torch.randint(0, 1024, (n,), generator=g).tolist() for n in (700, 37, 1, 300)]

@@ -198,3 +198,35 @@ def test_paged_forward_padding_rows_and_layer_types(layer_type, policy):
     assert (out[0, :5].double() - ref[:5]).abs().max() < 5e-3
     with pytest.raises(NotImplementedError, match="block table"):
         paged_attention_forward(module, q, k, v, None, cache=_Cache(), block_table=cu)
+
+
+@pytest.mark.parametrize("q_split,step_tokens", [("auto", 64), (2, 24)])
+def test_generate_batch_in_two_halves(q_split, step_tokens, monkeypatch):
+    # register(q_split=...): steps whose longest request has more new tokens than q_split
+    # run as a MixedPlan (decode tiles for the short requests); tokens as the reference's
+    plans = []
+    real = skattn.attention_varlen
+
+    def spy(*args, **kwargs):
+        plans.append(kwargs["plan"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(skattn, "attention_varlen", spy)
+    name = skt.register(name="skattn_halves", q_split=q_split)
+    ours, ref = batch_models("llama", seed=2)
+    ours.set_attn_implementation(name)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(1, VOCAB, (n,), generator=g).tolist() for n in (37, 3, 16)]
+    # "auto" splits at 32 new tokens here (64 rows, 2 query heads a KV head): the first
+    # step's 37-token prompt goes to the long half; with q_split=2 and 24 tokens a step the
+    # prompt is prefilled in chunks beside decode steps
+    cache = dict(max_batch_tokens=step_tokens)
+    assert generate(ours, prompts, **cache) == generate(ref, prompts, **cache)
+    kinds = {type(p).__name__ for p in plans}
+    assert "MixedPlan" in kinds and kinds <= {"MixedPlan", "ServingPlan", "NoneType"}, kinds
+
+
+def test_register_refuses_a_bad_q_split():
+    for bad in (0, -1, 1.5, True, "half"):
+        with pytest.raises(ValueError, match="q_split"):
+            skt.register(name="skattn_bad", q_split=bad)

@@ -9,7 +9,9 @@ A random-initialised llama-8b-shaped model (`--layers` of its 32; no download) s
 (sigma 0.8, 16 .. 4 x prompt) and `--new` new tokens each, through transformers' continuous
 batching (prompt chunks and decode steps packed together; `--graphs`: transformers captures
 its steps in CUDA graphs). Providers are attention implementations, named with "paged|" (a
-plain name may be switched to flash-attn by transformers where that is installed). Each provider's generated tokens are compared with the first provider's (reported, not
+plain name may be switched to flash-attn by transformers where that is installed);
+"paged|skattn_halves" is skattn registered with `q_split="auto"` (a step's short and long
+requests in two halves). Each provider's generated tokens are compared with the first provider's (reported, not
 asserted: f16 near-ties may break either way). Writes $OUT/cb_bench.csv and .json (default
 benchmarks/results/latest/cb) and prints a table last. `--tiny` runs a 2-layer toy model on
 the CPU (the interpreter: a check that the script works, not a measurement).
@@ -228,6 +230,7 @@ def main(argv=None) -> int:
     import skattn.transformers as skt
 
     skt.register()
+    skt.register(name="skattn_halves", q_split="auto")  # mixed steps in two halves
     cuda = torch.cuda.is_available() and not args.tiny
     device = "cuda" if cuda else "cpu"
     shape = dict(TINY) if args.tiny else dict(LLAMA_8B, num_hidden_layers=args.layers)

@@ -49,7 +49,7 @@ def _interfaces():
     return AttentionInterface, AttentionMaskInterface
 
 
-def register(policy: str = ops.DEFAULT_POLICY, name: str = NAME) -> str:
+def register(policy: str = ops.DEFAULT_POLICY, name: str = NAME, q_split=None) -> str:
     """Register skattn in transformers' AttentionInterface and AttentionMaskInterface.
 
     Parameters
@@ -61,6 +61,10 @@ def register(policy: str = ops.DEFAULT_POLICY, name: str = NAME) -> str:
         The `attn_implementation` name; registering a name again replaces its policy.
         It must not contain "/" (transformers reads such names as hub kernels) nor "sdpa",
         "flash" or "flex_attention" (transformers applies those back ends' checks).
+    q_split : None, "auto" or int
+        Continuous batching only: plan each packed step as `skattn.serving_plan(...,
+        q_split=q_split)` does, requests of at most `q_split` new tokens in decode tiles and
+        the others in prompt tiles (docs/serving.md "Mixed batches"). None: one plan a step.
 
     Returns
     -------
@@ -72,6 +76,9 @@ def register(policy: str = ops.DEFAULT_POLICY, name: str = NAME) -> str:
         its policy must be one of the ragged-batch policies).
     """
     ops._check_policy(policy)
+    if not (q_split is None or q_split == "auto" or (
+            isinstance(q_split, int) and not isinstance(q_split, bool) and q_split >= 1)):
+        raise ValueError(f"q_split must be None, 'auto' or a positive int, got {q_split!r}")
     if "/" in name or any(word in name for word in ("sdpa", "flash", "flex_attention")):
         raise ValueError(f"attention implementation name {name!r} would be taken for one of "
                          "transformers' own back ends or a hub kernel")
@@ -79,7 +86,7 @@ def register(policy: str = ops.DEFAULT_POLICY, name: str = NAME) -> str:
     attention_interface.register(name, _Forward(policy))
     mask_interface.register(name, attention_mask)
     # continuous batching (generate_batch) calls "paged|" + name: the ragged-batch path
-    attention_interface.register(f"paged|{name}", PagedForward(policy))
+    attention_interface.register(f"paged|{name}", PagedForward(policy, q_split))
     return name
 
 

@@ -23,19 +23,19 @@ from skattn.serving_plan import SERVING_POLICIES
 class PagedForward:
     """transformers' paged attention-function signature, bound to one planner policy."""
 
-    def __init__(self, policy: str):
-        self.policy = policy
+    def __init__(self, policy: str, q_split=None):
+        self.policy, self.q_split = policy, q_split
 
     def __call__(self, module, query, key, value, attention_mask, **kwargs):
         return paged_attention_forward(module, query, key, value, attention_mask,
-                                       policy=self.policy, **kwargs)
+                                       policy=self.policy, q_split=self.q_split, **kwargs)
 
 
 def paged_attention_forward(module, query, key, value, attention_mask, *, cache=None,
                             cu_seq_lens_q=None, cu_seq_lens_k=None, max_seqlen_q=None,
                             max_seqlen_k=None, read_index=None, write_index=None, dropout=0.0,
                             scaling=None, sliding_window=None, softcap=None, s_aux=None,
-                            policy="auto", **kwargs):
+                            policy="auto", q_split=None, **kwargs):
     """One attention call of a continuous batch.
 
     Parameters
@@ -58,6 +58,9 @@ def paged_attention_forward(module, query, key, value, attention_mask, *, cache=
         As in `skattn.transformers.attention_forward`.
     policy : str
         A ragged-batch policy ("auto", "llamacpp", "llamacpp-before", "split").
+    q_split : None, "auto" or int
+        Plan the step in two halves (a `MixedPlan`) where its longest request has more new
+        tokens than this; None: one plan.
 
     Returns
     -------
@@ -107,7 +110,7 @@ def paged_attention_forward(module, query, key, value, attention_mask, *, cache=
         q, k, v, cu_q, cu_k, max_q, max_k, block_table=table, causal=True, window=window,
         sinks=s_aux.float() if s_aux is not None else None, softcap=float(softcap or 0.0),
         scale=scaling, out=out,
-        plan=_plan(q, k, v, cu_q, max_q, max_k, window, policy, table))
+        plan=_plan(q, k, v, cu_q, max_q, max_k, window, policy, table, q_split))
     return out[None], None
 
 
@@ -160,15 +163,19 @@ def _layer_type(module, window) -> str:
     return "sliding_attention" if window else "full_attention"
 
 
-def _plan(q, k, v, cu_q, max_q, max_k, window, policy, table):
+def _plan(q, k, v, cu_q, max_q, max_k, window, policy, table, q_split=None):
     """The serving plan of this call's bounds and policy, from the serving functions' plan
-    cache (None: attention_varlen's own lookup, for the default policy)."""
-    if policy == "auto":
+    cache (None: attention_varlen's own lookup, for the default policy in one plan)."""
+    if q_split == "auto" or (q_split is not None and max_q > q_split):
+        split = dict(q_split=q_split)  # "auto" plans one plan itself where nothing splits
+    elif policy == "auto":
         return None
+    else:
+        split = {}
     layout = (dict(page_size=k.shape[1], max_pages=table.shape[1]) if table is not None
               else dict(total_k=k.shape[0]))
     return serving._cached_plan(q.device, batch=cu_q.numel() - 1, max_q_len=max_q,
                                 total_q=q.shape[0], max_kv_len=max_k, q_heads=q.shape[1],
                                 kv_heads=k.shape[-2], head_dim=q.shape[2],
                                 head_dim_v=v.shape[-1], dtype=k.dtype, causal=True,
-                                window=window, policy=policy, **layout)
+                                window=window, policy=policy, **layout, **split)
