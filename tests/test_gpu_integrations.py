@@ -201,7 +201,6 @@ def test_continuous_batching_generate_batch(graphs, halves, monkeypatch):
     # graphs (padded batches) around skattn's calls; halves: registered with q_split="auto"
     # (steps in two halves, MixedPlan)
     import skattn
-    import skattn.transformers as skt
 
     calls = []
     real = skattn.attention_varlen
