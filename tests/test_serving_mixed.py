@@ -156,6 +156,24 @@ def test_auto_split_and_bad_values():
     assert isinstance(skattn.serving_plan(q_len=4, q_split="auto", **kv), skattn.ServingPlan)
 
 
+def test_step_plan_splits_only_where_the_halves_differ():
+    # a serving loop's steps (serving_mixed.step_plan): two halves where the short half gets
+    # smaller tiles; one plan where nothing exceeds the split or the tiles would be equal
+    from skattn.serving_mixed import step_plan
+
+    args = dict(batch=4, total_q=600, max_kv_len=4096, q_heads=32, kv_heads=8, head_dim=128,
+                sms=132, occupancy=2, q_len=None)
+    p = step_plan("auto", dict(args, max_q_len=512))
+    assert isinstance(p, MixedPlan) and p.q_split == 16
+    assert step_plan(16, dict(args, max_q_len=16)).q_range is None  # nothing to split
+    one = step_plan(40, dict(args, max_q_len=512))  # 40 x 4 rows: prompt tiles in both
+    assert isinstance(one, skattn.ServingPlan) and one.q_range is None
+    assert one.max_q_len == 512 and one.geometry == p.long.geometry
+    with pytest.raises(ValueError, match="both halves"):  # the explicit form refuses it
+        skattn.serving_plan(max_q_len=512, q_split=40, **{k: v for k, v in args.items()
+                                                           if k != "q_len"})
+
+
 @pytest.mark.interpret
 @pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter tests run on the CPU")
 def test_mixed_plan_errors():

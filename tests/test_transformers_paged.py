@@ -1,6 +1,8 @@
 """skattn under transformers' continuous batching ("paged|skattn"), under the interpreter."""
 import copy
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -200,8 +202,9 @@ def test_paged_forward_padding_rows_and_layer_types(layer_type, policy):
         paged_attention_forward(module, q, k, v, None, cache=_Cache(), block_table=cu)
 
 
-@pytest.mark.parametrize("q_split,step_tokens", [("auto", 64), (2, 24)])
-def test_generate_batch_in_two_halves(q_split, step_tokens, monkeypatch):
+@pytest.mark.parametrize("q_split,step_tokens,lens", [("auto", 64, (37, 3, 16)),
+                                                     (2, 24, (37, 3, 16)), (2, 64, (3, 1))])
+def test_generate_batch_in_two_halves(q_split, step_tokens, lens, monkeypatch):
     # register(q_split=...): steps whose longest request has more new tokens than q_split
     # run as a MixedPlan (decode tiles for the short requests); tokens as the reference's
     plans = []
@@ -216,17 +219,21 @@ def test_generate_batch_in_two_halves(q_split, step_tokens, monkeypatch):
     ours, ref = batch_models("llama", seed=2)
     ours.set_attn_implementation(name)
     g = torch.Generator().manual_seed(3)
-    prompts = [torch.randint(1, VOCAB, (n,), generator=g).tolist() for n in (37, 3, 16)]
-    # "auto" splits at 32 new tokens here (64 rows, 2 query heads a KV head): the first
+    prompts = [torch.randint(1, VOCAB, (n,), generator=g).tolist() for n in lens]
+    # (3, 1): a step whose longest request barely exceeds the split, where both halves would
+    # get the same tiles: one plan for it, not an error (generate_batch would only log it
+    # and return no tokens); "auto" splits at 32 new tokens here (64 rows, 2 query heads a KV head): the first
     # step's 37-token prompt goes to the long half; with q_split=2 and 24 tokens a step the
     # prompt is prefilled in chunks beside decode steps
     cache = dict(max_batch_tokens=step_tokens)
     assert generate(ours, prompts, **cache) == generate(ref, prompts, **cache)
     kinds = {type(p).__name__ for p in plans}
-    assert "MixedPlan" in kinds and kinds <= {"MixedPlan", "ServingPlan", "NoneType"}, kinds
+    assert kinds <= {"MixedPlan", "ServingPlan", "NoneType"}, kinds
+    assert ("MixedPlan" in kinds) == (lens != (3, 1)), kinds
 
 
 def test_register_refuses_a_bad_q_split():
+    assert skt.register(name="skattn_np", q_split=np.int64(8)) == "skattn_np"
     for bad in (0, -1, 1.5, True, "half"):
         with pytest.raises(ValueError, match="q_split"):
             skt.register(name="skattn_bad", q_split=bad)

@@ -16,7 +16,7 @@ from skattn import serving_launch as sl
 from skattn.device import hardware, shared_memory_limit
 from skattn.launch import default_scale
 from skattn.serving_checks import check_values
-from skattn.serving_mixed import MixedPlan
+from skattn.serving_mixed import MixedPlan, step_plan
 from skattn.serving_plan import ServingPlan, serving_plan
 
 __all__ = ["attention_with_kvcache", "attention_varlen", "serving_plan", "ServingPlan",
@@ -30,6 +30,15 @@ _DT = {torch.float16: "float16", torch.bfloat16: "bfloat16",
 def _cached_plan(device, **bounds) -> ServingPlan:
     sms, occ = hardware(device)
     return serving_plan(sms=sms, occupancy=occ, smem_limit=shared_memory_limit(device), **bounds)
+
+
+@lru_cache(maxsize=256)
+def _cached_step_plan(device, q_split, **bounds) -> ServingPlan | MixedPlan:
+    """A serving loop's plan for one step's bounds with a fixed q_split
+    (`serving_mixed.step_plan`: two halves where they help, else one plan)."""
+    sms, occ = hardware(device)
+    args = dict(bounds, sms=sms, occupancy=occ, smem_limit=shared_memory_limit(device))
+    return step_plan(q_split, args)
 
 
 def _plan(plan, device, bounds: dict) -> ServingPlan | MixedPlan:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 
 from skattn.serving_plan import ServingPlan, serving_plan
 
-__all__ = ["MixedPlan", "mixed_plan", "decode_q_split"]
+__all__ = ["MixedPlan", "mixed_plan", "step_plan", "decode_q_split"]
 
 INT32_MAX = 2**31 - 1
 DECODE_ROWS = 64  # q_split="auto": the short half's tiles hold at most this many rows
@@ -81,7 +81,8 @@ class MixedPlan:
 
 def mixed_plan(q_split, args: dict) -> ServingPlan | MixedPlan:
     """`serving_plan(**args, q_split=q_split)`: a MixedPlan, or one plan where "auto" finds
-    nothing to split."""
+    nothing to split (`step_plan`); a q_split that would give both halves the same tiles
+    is refused."""
     if args["q_len"] is not None:
         if q_split == "auto":  # one query count: nothing to split
             return serving_plan(**args)
@@ -89,20 +90,39 @@ def mixed_plan(q_split, args: dict) -> ServingPlan | MixedPlan:
                          "plans have one q_len")
     max_q_len = args["max_q_len"]
     if q_split == "auto":
-        q_split = decode_q_split(args["q_heads"], args["kv_heads"])
-        if max_q_len is not None and max_q_len <= q_split:
-            return serving_plan(**args)
-    elif not isinstance(q_split, bool) and isinstance(q_split, numbers.Integral):
+        return step_plan(q_split, args)
+    if not isinstance(q_split, bool) and isinstance(q_split, numbers.Integral):
         q_split = int(q_split)
     if (not isinstance(q_split, int) or isinstance(q_split, bool) or q_split < 1
             or (max_q_len is not None and q_split >= max_q_len)):
         raise ValueError(f"q_split must be 'auto' or an integer in [1, max_q_len) = [1, "
                          f"{max_q_len}), got {q_split!r}")
+    plan = _halves(q_split, args)
+    if not isinstance(plan, MixedPlan):
+        raise ValueError(f"q_split={q_split} gives both halves tiles of {plan.geometry.block_m} "
+                         f"rows at max_q_len={max_q_len}, so a second half would only cost "
+                         f"time; split where the halves' tiles differ (a smaller q_split or "
+                         f"a larger max_q_len)")
+    return plan
+
+
+def step_plan(q_split, args: dict) -> ServingPlan | MixedPlan:
+    """The plan of one step of a serving loop with a fixed `q_split` ("auto" or a token
+    count): two halves where they help, else one plan — where no sequence can have more
+    than q_split query tokens (`args["max_q_len"]`), or where both halves would get the same
+    tiles. A loop's steps move between these cases; `mixed_plan` refuses the last one."""
+    split = decode_q_split(args["q_heads"], args["kv_heads"]) if q_split == "auto" else int(q_split)
+    if args.get("max_q_len") is None or args["max_q_len"] <= split:
+        return serving_plan(**args)
+    return _halves(split, args)
+
+
+def _halves(q_split: int, args: dict) -> ServingPlan | MixedPlan:
+    """A MixedPlan split at q_split, or the long half's plan alone where the short half's
+    tiles would be no smaller."""
     short = serving_plan(**dict(args, max_q_len=q_split))
     long = serving_plan(**args)
     if short.geometry.block_m >= long.geometry.block_m:
-        raise ValueError(f"q_split={q_split} gives both halves tiles of {long.geometry.block_m} "
-                         f"rows, so a second half would only cost time; use q_split='auto' "
-                         f"({decode_q_split(args['q_heads'], args['kv_heads'])} here) or less")
+        return long
     return MixedPlan(replace(short, q_range=(0, q_split)),
                      replace(long, q_range=(q_split, INT32_MAX)))

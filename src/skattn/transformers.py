@@ -19,6 +19,8 @@ float8_e4m3fn, read by skattn in place with their per-KV-head scales (docs/trans
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 import skattn
@@ -77,7 +79,8 @@ def register(policy: str = ops.DEFAULT_POLICY, name: str = NAME, q_split=None) -
     """
     ops._check_policy(policy)
     if not (q_split is None or q_split == "auto" or (
-            isinstance(q_split, int) and not isinstance(q_split, bool) and q_split >= 1)):
+            isinstance(q_split, numbers.Integral) and not isinstance(q_split, bool)
+            and q_split >= 1)):
         raise ValueError(f"q_split must be None, 'auto' or a positive int, got {q_split!r}")
     if "/" in name or any(word in name for word in ("sdpa", "flash", "flex_attention")):
         raise ValueError(f"attention implementation name {name!r} would be taken for one of "

@@ -17,6 +17,7 @@ import torch
 
 import skattn
 from skattn import serving
+from skattn.serving_mixed import decode_q_split
 from skattn.serving_plan import SERVING_POLICIES
 
 
@@ -110,7 +111,8 @@ def paged_attention_forward(module, query, key, value, attention_mask, *, cache=
         q, k, v, cu_q, cu_k, max_q, max_k, block_table=table, causal=True, window=window,
         sinks=s_aux.float() if s_aux is not None else None, softcap=float(softcap or 0.0),
         scale=scaling, out=out,
-        plan=_plan(q, k, v, cu_q, max_q, max_k, window, policy, table, q_split))
+        plan=_plan(q, k, v, cu_q, max_q, max_k, window, policy, table, q_split,
+                   int(max_seqlen_q)))
     return out[None], None
 
 
@@ -163,19 +165,23 @@ def _layer_type(module, window) -> str:
     return "sliding_attention" if window else "full_attention"
 
 
-def _plan(q, k, v, cu_q, max_q, max_k, window, policy, table, q_split=None):
+def _plan(q, k, v, cu_q, max_q, max_k, window, policy, table, q_split, longest):
     """The serving plan of this call's bounds and policy, from the serving functions' plan
-    cache (None: attention_varlen's own lookup, for the default policy in one plan)."""
-    if q_split == "auto" or (q_split is not None and max_q > q_split):
-        split = dict(q_split=q_split)  # "auto" plans one plan itself where nothing splits
-    elif policy == "auto":
+    caches (None: attention_varlen's own lookup, for the default policy in one plan).
+    q_split: two halves where the step's longest request (`longest`, before rounding) has
+    more new tokens than the split and the halves' tiles differ
+    (`serving_mixed.step_plan`)."""
+    split = None
+    if q_split is not None:
+        split = decode_q_split(q.shape[1], k.shape[-2]) if q_split == "auto" else int(q_split)
+    if (split is None or longest <= split) and policy == "auto":
         return None
-    else:
-        split = {}
     layout = (dict(page_size=k.shape[1], max_pages=table.shape[1]) if table is not None
               else dict(total_k=k.shape[0]))
-    return serving._cached_plan(q.device, batch=cu_q.numel() - 1, max_q_len=max_q,
-                                total_q=q.shape[0], max_kv_len=max_k, q_heads=q.shape[1],
-                                kv_heads=k.shape[-2], head_dim=q.shape[2],
-                                head_dim_v=v.shape[-1], dtype=k.dtype, causal=True,
-                                window=window, policy=policy, **layout, **split)
+    bounds = dict(batch=cu_q.numel() - 1, max_q_len=max_q, total_q=q.shape[0],
+                  max_kv_len=max_k, q_heads=q.shape[1], kv_heads=k.shape[-2],
+                  head_dim=q.shape[2], head_dim_v=v.shape[-1], dtype=k.dtype, causal=True,
+                  window=window, policy=policy, **layout)
+    if split is None or longest <= split:
+        return serving._cached_plan(q.device, **bounds)
+    return serving._cached_step_plan(q.device, split, **bounds)
