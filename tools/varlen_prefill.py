@@ -1,6 +1,7 @@
 """Steps of a continuous batch, side by side: `attention_varlen` over a paged cache (with
-max_seqlen_q as given and as skattn's transformers forward plans it under CUDA graphs: the
-token count padded to a multiple of 64, rounded up to a power of two) against the dense path (`skattn.attention`, one call a request) and SDPA's flash
+max_seqlen_q as given, and as skattn's transformers forward would plan it under CUDA graphs:
+the token count padded to a multiple of 64, rounded up to a power of two; the padded tokens
+and sequences themselves are not added) against the dense path (`skattn.attention`, one call a request) and SDPA's flash
 kernel (causal, one call a request; fresh prompts only), same inputs, same run.
 
     PYTHONPATH=src python3 tools/varlen_prefill.py [--page 256] [--reps 10]
