@@ -150,11 +150,14 @@ def test_cb_steps_tool_records_the_schedule_and_plans_it():
     assert steps[1]["cu_q"] == [0, 1, 2, 3]
     e = st.planned(steps[1]["cu_q"], steps[1]["cu_k"], 1, steps[1]["max_k"])
     lk = [b - a for a, b in zip(steps[1]["cu_k"], steps[1]["cu_k"][1:])]
-    assert e["B"] == 3 and e["tokens"] == 1
+    assert e["B"] == 3 and e["tokens"] == "1"
     g = st.padded(steps[1])
     assert g["total"] == 64 and g["max_q"] == 64 and len(g["cu_q"]) == 33
     p = st.planned(g["cu_q"], g["cu_k"], g["max_q"], g["max_k"])
-    assert p["tokens"] > 1 and p["useful"] == e["useful"] and p["pairs"] > e["pairs"]
+    assert p["tokens"] != "1" and p["useful"] == e["useful"] and p["pairs"] > e["pairs"]
+    # registered with q_split="auto": the padded step's decode rows in the short half alone
+    h = st.planned(g["cu_q"], g["cu_k"], g["max_q"], g["max_k"], "auto")
+    assert "/" in h["tokens"] and h["useful"] == e["useful"] and h["pairs"] < p["pairs"]
     # one token a sequence: one row block each, ceil(Lk / BLOCK_N) items per KV head
     assert e["work"] == sum(-(-k // st.serving_plan(
         batch=3, max_q_len=1, total_q=3, max_kv_len=st.pow2(max(16, max(lk))), q_heads=32,

@@ -8,8 +8,9 @@ default scheduling at llama-8b's scale (pages of 256 rows, 8192 tokens a step) t
 stand-in attention that records each step's lengths (layer 0) and returns zeros, so the
 scheduling is the real one and the model a toy. For each step it then plans skattn's call
 as `transformers_paged` does (llama-8b heads, the bounds rounded up to powers of two), as
-transformers calls it eagerly and as under its CUDA graphs (query tokens padded to a
-multiple of 64, `max_seqlen_q` = the padded count, 32 sequences), and builds the work list
+transformers calls it eagerly, as under its CUDA graphs (query tokens padded to a
+multiple of 64, `max_seqlen_q` = the padded count, 32 sequences), and so padded with
+skattn registered with `q_split="auto"` (a step in two halves), and builds the work lists
 on the host (`serving_plan.host_work_list`): work items, tiles, programs, and the dot
 products they compute against the useful ones. Prints one line per step and the totals.
 """
@@ -24,6 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cb_bench import TINY, prompts  # noqa: E402
 
+from skattn.serving_mixed import decode_q_split, step_plan  # noqa: E402
 from skattn.serving_plan import host_work_list, serving_plan  # noqa: E402
 
 HQ, HKV, D, PAGE = 32, 8, 128, 256
@@ -61,23 +63,32 @@ def pow2(x: int) -> int:
     return 1 << max(0, x - 1).bit_length()
 
 
-def planned(cu_q: list, cu_k: list, max_q: int, max_k: int) -> dict:
-    """skattn's plan and host work list for one call, as transformers_paged plans it."""
+def planned(cu_q: list, cu_k: list, max_q: int, max_k: int, q_split=None) -> dict:
+    """skattn's plan and host work list for one call, as transformers_paged plans it
+    (q_split: as registered with it; a MixedPlan's halves summed)."""
     B, total_q = len(cu_q) - 1, cu_q[-1]
     mq, mk = pow2(max_q), pow2(max(16, max_k))
-    plan = serving_plan(batch=B, max_q_len=mq, total_q=total_q, max_kv_len=mk, q_heads=HQ,
-                        kv_heads=HKV, head_dim=D, page_size=PAGE, max_pages=-(-mk // PAGE),
-                        sms=132, occupancy=2, smem_limit=232448)
-    wl = host_work_list(plan, cu_k=cu_k, cu_q=cu_q)
-    g = plan.geometry
-    # dot-product work: items x (BLOCK_M x BLOCK_N) against the visible (query, key) pairs
-    done = wl.work * g.block_m * g.block_n
+    args = dict(batch=B, q_len=None, max_q_len=mq, total_q=total_q, max_kv_len=mk, q_heads=HQ,
+                kv_heads=HKV, head_dim=D, page_size=PAGE, max_pages=-(-mk // PAGE), sms=132,
+                occupancy=2, smem_limit=232448)
+    split = None if q_split is None else (
+        decode_q_split(HQ, HKV) if q_split == "auto" else int(q_split))
+    plan = (step_plan(split, args) if split is not None and max_q > split
+            else serving_plan(**{k: v for k, v in args.items() if k != "q_len"}))
+    work = done = programs = tiles = 0
+    tokens = []
+    for half in getattr(plan, "halves", (plan,)):
+        wl = host_work_list(half, cu_k=cu_k, cu_q=cu_q)
+        g = half.geometry
+        # dot-product work: items x (BLOCK_M x BLOCK_N) against the visible (query, key) pairs
+        work, done = work + wl.work, done + wl.work * g.block_m * g.block_n
+        programs, tiles = max(programs, wl.programs), tiles + len(wl.rb_count) * half.hz
+        tokens.append(str(g.tokens_per_tile))
     lq = [cu_q[i + 1] - cu_q[i] for i in range(B)]
     lk = [cu_k[i + 1] - cu_k[i] for i in range(B)]
     useful = HQ // HKV * HKV * sum(q * k - q * (q - 1) // 2 for q, k in zip(lq, lk))
-    return dict(B=B, total_q=total_q, max_q=mq, tokens=g.tokens_per_tile, work=wl.work,
-                programs=wl.programs, tiles=len(wl.rb_count) * plan.hz,
-                pairs=done, useful=useful)
+    return dict(B=B, total_q=total_q, max_q=mq, tokens="/".join(tokens), work=work,
+                programs=programs, tiles=tiles, pairs=done, useful=useful)
 
 
 def padded(step: dict, max_requests: int = 32) -> dict:
@@ -98,26 +109,27 @@ def main() -> int:
     ap.add_argument("--new", type=int, default=64)
     args = ap.parse_args()
     steps = record_steps(args.requests, args.prompt, args.new)
-    print(f"{len(steps)} steps; per step: eager plan | under CUDA graphs")
-    print(f"{'step':>4} {'B':>3} {'q':>5} {'max_q':>5} | {'T':>3} {'items':>7} {'N':>4} "
-          f"{'useful':>6} | {'T':>3} {'items':>7} {'useful':>6}")
-    tot = dict(e_items=0, g_items=0, pairs=0, useful=0, g_pairs=0)
+    cols = ("eager", "graphs", "graphs, q_split=auto")
+    print(f"{len(steps)} steps; per step, tokens a tile (short/long half), work items and the "
+          f"share of useful dot products: " + " | ".join(cols))
+    tot = {c: dict(items=0, pairs=0) for c in cols}
+    useful = 0
     for i, s in enumerate(steps):
-        e = planned(s["cu_q"], s["cu_k"], s["max_q"], s["max_k"])
         p = padded(s)
-        g = planned(p["cu_q"], p["cu_k"], p["max_q"], p["max_k"])
-        tot["e_items"] += e["work"]
-        tot["g_items"] += g["work"]
-        tot["pairs"] += e["pairs"]
-        tot["g_pairs"] += g["pairs"]
-        tot["useful"] += e["useful"]
-        print(f"{i:4d} {e['B']:3d} {e['total_q']:5d} {s['max_q']:5d} | {e['tokens']:3d} "
-              f"{e['work']:7d} {e['programs']:4d} {e['useful'] / max(1, e['pairs']):6.1%} | "
-              f"{g['tokens']:3d} {g['work']:7d} {g['useful'] / max(1, g['pairs']):6.1%}")
-    print(f"total: eager {tot['e_items']} items, {tot['pairs'] * D * 4 / 1e12:.2f} TFLOP computed "
-          f"({tot['useful'] / tot['pairs']:.1%} useful); under graphs {tot['g_items']} items, "
-          f"{tot['g_pairs'] * D * 4 / 1e12:.2f} TFLOP ({tot['useful'] / tot['g_pairs']:.1%} useful)"
-          f"; useful {tot['useful'] * D * 4 / 1e12:.2f} TFLOP a layer")
+        runs = dict(zip(cols, (planned(s["cu_q"], s["cu_k"], s["max_q"], s["max_k"]),
+                               planned(p["cu_q"], p["cu_k"], p["max_q"], p["max_k"]),
+                               planned(p["cu_q"], p["cu_k"], p["max_q"], p["max_k"], "auto"))))
+        useful += runs["eager"]["useful"]
+        line = f"{i:4d} B={runs['eager']['B']:3d} q={runs['eager']['total_q']:5d} " \
+               f"max_q={s['max_q']:5d}"
+        for c, r in runs.items():
+            tot[c]["items"] += r["work"]
+            tot[c]["pairs"] += r["pairs"]
+            line += f" | {r['tokens']:>5} {r['work']:7d} {r['useful'] / max(1, r['pairs']):6.1%}"
+        print(line)
+    print(f"useful {useful * D * 4 / 1e12:.2f} TFLOP a layer; computed: " + "; ".join(
+        f"{c} {t['items']} items, {t['pairs'] * D * 4 / 1e12:.2f} TFLOP "
+        f"({useful / t['pairs']:.1%} useful)" for c, t in tot.items()))
     return 0
 
 
