@@ -78,8 +78,9 @@ def capture(name: str, case: dict) -> list:
             seq_k, seq_q = torch.zeros(B, dtype=torch.int32), None
         table = None
         if case["layout"] == "paged":
-            k = torch.empty(1000, p.page_size, hkv, d, dtype=kvd)
-            v = torch.empty(1000, p.page_size, hkv, dv, dtype=kvd)
+            pages = case.get("pages", 1000)
+            k = torch.empty(pages, p.page_size, hkv, d, dtype=kvd)
+            v = torch.empty(pages, p.page_size, hkv, dv, dtype=kvd)
             table = torch.zeros(B, p.max_pages, dtype=torch.int32)
         elif case["layout"] == "packed":
             k = torch.empty(p.total_k, hkv, d, dtype=kvd)
@@ -107,8 +108,17 @@ def capture(name: str, case: dict) -> list:
 # batches of one plan family a serving step moves between (size, packed tokens, key rows):
 # the kernels must not be specialised on them (kernels/worklist.py SHAPE_INTS), and their
 # compile-time constants stay in one bucket (serving_launch._bind)
-STEPS = [dict(batch=b, total_q=tq, total_k=tk) for b, tq, tk in
-         ((1, 1, 17), (3, 48, 4096), (7, 129, 5001), (16, 512, 40000), (64, 512, 40000))]
+STEPS = {
+    "varlen-packed": [dict(batch=b, total_q=tq, total_k=tk) for b, tq, tk in
+                      ((1, 1, 17), (3, 48, 4096), (7, 129, 5001), (16, 512, 40000),
+                       (64, 512, 40000))],
+    # paged: the block table's width (max_pages, its stride) and the pool's page count too
+    "varlen-paged": [dict(batch=b, total_q=tq, max_kv_len=kv, pages=n) for b, tq, kv, n in
+                     ((1, 1, 256, 1), (3, 48, 4096, 17), (7, 129, 4352, 33),
+                      (16, 512, 8192, 1000), (64, 512, 8192, 4096))]}
+FAMILIES = {"varlen-packed": CASES["varlen-packed"],
+            "varlen-paged": dict(kw=dict(max_q_len=512, total_q=543, max_kv_len=8192,
+                                         page_size=256), layout="paged")}
 
 
 def specialization(kernel, args: tuple, const: dict) -> list:
@@ -125,16 +135,20 @@ def specialization(kernel, args: tuple, const: dict) -> list:
 
 
 def steps() -> None:
-    """One JSON line per step and kernel: the packed varlen case at each of STEPS."""
-    base = CASES["varlen-packed"]
-    for step in STEPS:
-        case = dict(base, kw=dict(base["kw"], **{k: v for k, v in step.items() if k != "batch"}),
-                    batch=step["batch"])
-        for kernel, args, const in capture("varlen-packed", case):
-            consts = {k: v for k, v in sorted(const.items())
-                      if isinstance(v, (bool, int, float, str))}
-            print(json.dumps(dict(step=step, kernel=kernel.fn.__name__, const=consts,
-                                  spec=specialization(kernel, args, const))), flush=True)
+    """One JSON line per family, step and kernel: the packed and paged varlen cases at each
+    of their STEPS."""
+    for family, family_steps in STEPS.items():
+        base = FAMILIES[family]
+        for step in family_steps:
+            kw = {k: v for k, v in step.items() if k not in ("batch", "pages")}
+            case = dict(base, kw=dict(base["kw"], **kw), batch=step["batch"],
+                        pages=step.get("pages", 1000))
+            for kernel, args, const in capture(family, case):
+                consts = {k: v for k, v in sorted(const.items())
+                          if isinstance(v, (bool, int, float, str))}
+                print(json.dumps(dict(family=family, step=step, kernel=kernel.fn.__name__,
+                                      const=consts, spec=specialization(kernel, args, const))),
+                      flush=True)
 
 
 def main(argv) -> int:

@@ -45,7 +45,8 @@ def test_serving_kernels_compile_for_sm90():
 
 def test_serving_kernels_keep_one_build_across_batch_shapes():
     """A serving step's batch size, packed tokens and key rows (1 to 64 sequences; 1 to
-    512 tokens; 17 to 40000 keys) change none of Triton's keys for the work list, main
+    512 tokens; 17 to 40000 keys), and for a paged cache the block table's width (1 to 32
+    pages) and the pool's page count, change none of Triton's keys for the work list, main
     kernel and fixup, nor their compile-time constants beyond the plan's PDL choice (PDL
     and narrower fixup programs where tiles are cut into many pieces: the one-token step):
     a new batch shape must not compile a kernel in the middle of serving."""
@@ -60,8 +61,8 @@ def test_serving_kernels_keep_one_build_across_batch_shapes():
     pdl_choice = ("USE_PDL", "ROWS", "MERGE_PIECES", "launch_pdl")
     for r in rows:
         const = {k: v for k, v in r["const"].items() if k not in pdl_choice}
-        keys.setdefault(r["kernel"], []).append((r["spec"], const))
-    assert set(keys) == {"work_list_kernel", "ragged_attention_kernel",
-                         "ragged_general_fixup_kernel"}
+        keys.setdefault((r["family"], r["kernel"]), []).append((r["spec"], const))
+    kernels = {"work_list_kernel", "ragged_attention_kernel", "ragged_general_fixup_kernel"}
+    assert set(keys) == {(f, k) for f in ("varlen-packed", "varlen-paged") for k in kernels}
     for kernel, builds in keys.items():
         assert len(builds) == 5 and all(b == builds[0] for b in builds), (kernel, builds)
