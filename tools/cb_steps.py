@@ -25,6 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cb_bench import TINY, prompts  # noqa: E402
 
+from skattn.serving_launch import _pow2 as pow2  # noqa: E402
 from skattn.serving_mixed import decode_q_split, step_plan  # noqa: E402
 from skattn.serving_plan import host_work_list, serving_plan  # noqa: E402
 
@@ -57,10 +58,6 @@ def record_steps(n: int, mean: int, new: int, *, blocks: int = 512,
         model.generate_batch(prompts(n, mean, 1024), generation_config=cfg,
                              continuous_batching_config=cb)
     return steps
-
-
-def pow2(x: int) -> int:
-    return 1 << max(0, x - 1).bit_length()
 
 
 def planned(cu_q: list, cu_k: list, max_q: int, max_k: int, q_split=None) -> dict:

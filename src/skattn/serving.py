@@ -27,18 +27,12 @@ _DT = {torch.float16: "float16", torch.bfloat16: "bfloat16",
 
 
 @lru_cache(maxsize=256)
-def _cached_plan(device, **bounds) -> ServingPlan:
-    sms, occ = hardware(device)
-    return serving_plan(sms=sms, occupancy=occ, smem_limit=shared_memory_limit(device), **bounds)
-
-
-@lru_cache(maxsize=256)
-def _cached_step_plan(device, q_split, **bounds) -> ServingPlan | MixedPlan:
-    """A serving loop's plan for one step's bounds with a fixed q_split
-    (`serving_mixed.step_plan`: two halves where they help, else one plan)."""
+def _cached_plan(device, q_split=None, **bounds) -> ServingPlan | MixedPlan:
+    """The plan of these bounds on `device`; with `q_split`, a serving loop's plan for one
+    step (`serving_mixed.step_plan`: two halves where they help, else one plan)."""
     sms, occ = hardware(device)
     args = dict(bounds, sms=sms, occupancy=occ, smem_limit=shared_memory_limit(device))
-    return step_plan(q_split, args)
+    return serving_plan(**args) if q_split is None else step_plan(q_split, args)
 
 
 def _plan(plan, device, bounds: dict) -> ServingPlan | MixedPlan:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from skattn import buffers as ws
+from skattn.config import _pow2
 from skattn.device import interpreting
 from skattn.kernels import ragged as _ragged
 from skattn.kernels import ragged_fixup as _fix
@@ -26,10 +27,6 @@ _WL_POOL: dict = {}  # (device, stream) -> an int32 buffer for work lists built 
 # (each replacement at least doubles the size, so they hold less than the current one)
 _WL_RETIRED: list = []
 _KEYS: dict = {}
-
-
-def _pow2(x: int) -> int:
-    return 1 << max(0, (x - 1).bit_length())
 
 
 @dataclass

@@ -6,11 +6,11 @@ from __future__ import annotations
 import numbers
 from dataclasses import dataclass, replace
 
+from skattn.serving_launch import INT32_MAX
 from skattn.serving_plan import ServingPlan, serving_plan
 
 __all__ = ["MixedPlan", "mixed_plan", "step_plan", "decode_q_split"]
 
-INT32_MAX = 2**31 - 1
 DECODE_ROWS = 64  # q_split="auto": the short half's tiles hold at most this many rows
 
 

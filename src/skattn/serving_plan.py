@@ -204,7 +204,7 @@ def serving_plan(*, batch: int, max_kv_len: int, q_heads: int, kv_heads: int, he
         Varlen only: plan the batch in two halves (a `MixedPlan`, docs/serving.md "Mixed
         batches"): sequences of at most `q_split` query tokens with decode tiles, the others
         with prompt tiles. "auto": `decode_q_split(q_heads, kv_heads)`, and one plan where
-        max_q_len does not exceed it.
+        max_q_len does not exceed it or both halves would get the same tiles.
 
     Returns
     -------

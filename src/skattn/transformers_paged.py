@@ -17,6 +17,7 @@ import torch
 
 import skattn
 from skattn import serving
+from skattn.serving_launch import _pow2
 from skattn.serving_mixed import decode_q_split
 from skattn.serving_plan import SERVING_POLICIES
 
@@ -116,10 +117,6 @@ def paged_attention_forward(module, query, key, value, attention_mask, *, cache=
     return out[None], None
 
 
-def _pow2(x: int) -> int:
-    return 1 << max(0, x - 1).bit_length()
-
-
 def _pages(cache, layer_idx, read_index):
     """The layer's read index where its keys can be read from the cache's pages in place: a
     full-attention layer (the cache reads each request's pages in order, whole pages then the
@@ -167,21 +164,19 @@ def _layer_type(module, window) -> str:
 
 def _plan(q, k, v, cu_q, max_q, max_k, window, policy, table, q_split, longest):
     """The serving plan of this call's bounds and policy, from the serving functions' plan
-    caches (None: attention_varlen's own lookup, for the default policy in one plan).
+    cache (None: attention_varlen's own lookup, for the default policy in one plan).
     q_split: two halves where the step's longest request (`longest`, before rounding) has
     more new tokens than the split and the halves' tiles differ
     (`serving_mixed.step_plan`)."""
-    split = None
-    if q_split is not None:
-        split = decode_q_split(q.shape[1], k.shape[-2]) if q_split == "auto" else int(q_split)
-    if (split is None or longest <= split) and policy == "auto":
+    if q_split == "auto":
+        q_split = decode_q_split(q.shape[1], k.shape[-2])
+    split = int(q_split) if q_split is not None and longest > q_split else None
+    if split is None and policy == "auto":
         return None
     layout = (dict(page_size=k.shape[1], max_pages=table.shape[1]) if table is not None
               else dict(total_k=k.shape[0]))
-    bounds = dict(batch=cu_q.numel() - 1, max_q_len=max_q, total_q=q.shape[0],
-                  max_kv_len=max_k, q_heads=q.shape[1], kv_heads=k.shape[-2],
-                  head_dim=q.shape[2], head_dim_v=v.shape[-1], dtype=k.dtype, causal=True,
-                  window=window, policy=policy, **layout)
-    if split is None or longest <= split:
-        return serving._cached_plan(q.device, **bounds)
-    return serving._cached_step_plan(q.device, split, **bounds)
+    return serving._cached_plan(q.device, q_split=split, batch=cu_q.numel() - 1,
+                                max_q_len=max_q, total_q=q.shape[0], max_kv_len=max_k,
+                                q_heads=q.shape[1], kv_heads=k.shape[-2], head_dim=q.shape[2],
+                                head_dim_v=v.shape[-1], dtype=k.dtype, causal=True,
+                                window=window, policy=policy, **layout)
