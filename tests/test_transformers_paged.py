@@ -127,10 +127,13 @@ def test_cb_bench_tool_tiny(tmp_path, monkeypatch):
     assert (tmp_path / "cb_bench.json").exists()
     # --profile: the attention calls wrapped from generate_batch's own thread
     assert cb.main(["--tiny", "--requests", "2", "--prompt", "5", "--new", "2", "--reps", "1",
-                    "--providers", "paged|skattn", "--profile"]) == 0
+                    "--providers", "paged|skattn", "--profile", "--kernels"]) == 0
     head = (tmp_path / "cb_profile-paged_skattn.txt").read_text().splitlines()[0]
     # 2 layers x 2 steps (the prompts, then one decode step for the second new token)
     assert head.startswith("paged|skattn: 4 attention calls"), head
+    # --kernels (on the CPU, the step shapes alone): the prompts, then the decode step
+    steps = list(csv.DictReader(open(tmp_path / "cb_step_shapes.csv")))
+    assert [(s["requests"], s["max_seqlen_q"]) for s in steps] == [("2", "5"), ("2", "1")], steps
 
 
 def test_cb_steps_tool_records_the_schedule_and_plans_it():

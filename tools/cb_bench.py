@@ -17,7 +17,9 @@ benchmarks/results/latest/cb) and prints a table last. `--tiny` runs a 2-layer t
 the CPU (the interpreter: a check that the script works, not a measurement).
 
 Where the time goes: `--kernels` adds GPU time by kernel over each provider's last rep
-(torch.profiler, $OUT/cb_kernels.csv); `--profile` wraps the attention calls of the last rep:
+(torch.profiler, $OUT/cb_kernels.csv), each attention-kernel launch in start order
+($OUT/cb_launches.csv) and each step's batch as transformers passed it, graphs or not
+($OUT/cb_step_shapes.csv); `--profile` wraps the attention calls of the last rep:
 their host time, a cProfile, the Triton builds they caused, and (outside CUDA graphs) each
 call's span on the GPU stream with its batch shape, the longest listed
 ($OUT/cb_profile-<provider>.txt).
@@ -116,6 +118,47 @@ def kernel_rows(prof, name: str, top: int = 15) -> list[dict]:
         print(f"{r['gpu_ms']:>10} ms {r['launches']:>7}x {r['p50_us']:>9} {r['p90_us']:>9} "
               f"{r['max_us']:>9}  {r['kernel'][:80]}")
     return rows
+
+
+class StepLog:
+    """Each step's batch as transformers hands it to the model (host integers, recorded
+    whether the step runs eagerly or replays a CUDA graph): sequences, query tokens and keys
+    read, real and as padded, and the bounds passed to the attention."""
+
+    def __init__(self):
+        from transformers.generation.continuous_batching import input_outputs
+
+        self.cls, self.steps = input_outputs.ContinuousBatchingIOs, []
+
+    def __enter__(self):
+        inner = self.inner = self.cls.get_model_kwargs
+
+        def logged(io, use_padding: bool = False):
+            kw = inner(io, use_padding)
+            max_k = kw["max_seqlen_k"]
+            self.steps.append(dict(
+                requests=io.num_request_in_batch, sequences=kw["cu_seq_lens_q"].numel() - 1,
+                q_tokens=kw["input_ids"].shape[-1], kv_read=io.max_kv_read,
+                max_seqlen_q=kw["max_seqlen_q"],
+                max_seqlen_k=max(max_k.values()) if isinstance(max_k, dict) else max_k))
+            return kw
+
+        self.cls.get_model_kwargs = logged
+        return self
+
+    def __exit__(self, *exc):
+        self.cls.get_model_kwargs = self.inner
+
+
+def launch_rows(prof, name: str, match=("ragged", "work_list", "fixup", "sdpa", "flash")) -> list:
+    """Every launch of the attention kernels in start order: start (µs from the first) and
+    duration, so that the slow ones can be matched to their steps (a step runs one launch of
+    each per layer)."""
+    ev = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+                 and any(m in e.name for m in match)), key=lambda e: e.time_range.start)
+    t0 = ev[0].time_range.start if ev else 0
+    return [dict(provider=name, kernel=e.name[:40], start_us=f"{e.time_range.start - t0:.1f}",
+                 us=f"{e.time_range.elapsed_us():.1f}") for e in ev]
 
 
 def _shape(args, kwargs) -> str:
@@ -237,7 +280,7 @@ def main(argv=None) -> int:
     reqs = prompts(args.requests, args.prompt, shape["vocab_size"])
     out_dir = Path(os.environ.get("OUT", "benchmarks/results/latest/cb"))
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows, first, state, kernels = [], None, None, []
+    rows, first, state, kernels, launches, steps = [], None, None, [], [], []
     for name in args.providers.split(","):
         model = build(shape, name, torch.float16, device, state)
         state = state or model.state_dict()
@@ -246,12 +289,17 @@ def main(argv=None) -> int:
             probe = AttentionProbe(name) if args.profile and rep == args.reps - 1 else None
             last = rep == args.reps - 1
             kern = kernel_profiler() if args.kernels and last and cuda else None
-            with probe or contextlib.nullcontext(), kern or contextlib.nullcontext():
+            log = StepLog() if args.kernels and last else None
+            with probe or contextlib.nullcontext(), kern or contextlib.nullcontext(), \
+                    log or contextlib.nullcontext():
                 dt, tokens = run(model, reqs, args.new, graphs=args.graphs and cuda,
                                  tiny=args.tiny)
             times.append(dt)
             if kern:
                 kernels += kernel_rows(kern, name)
+                launches += launch_rows(kern, name)
+            if log:
+                steps += [dict(provider=name, step=i, **s) for i, s in enumerate(log.steps)]
         if probe:
             probe.write(out_dir / f"cb_profile-{name.replace('|', '_')}.txt", dt)
         first = first or tokens
@@ -274,12 +322,17 @@ def main(argv=None) -> int:
                     sys.argv[1:] if argv is None else argv),
                 tiny=args.tiny, graphs=args.graphs, prompt_mean=args.prompt, timer="wall clock, min of reps, "
                 "generate_batch end to end (prompt and decode)")
-    if kernels:  # --kernels
-        with open(out_dir / "cb_kernels.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(kernels[0]))
-            w.writeheader()
-            w.writerows(kernels)
-        meta["kernels"] = "cb_kernels.csv: GPU time by kernel, torch.profiler over the last rep"
+    for file, table in (("cb_kernels.csv", kernels), ("cb_launches.csv", launches),
+                        ("cb_step_shapes.csv", steps)):  # --kernels
+        if table:
+            with open(out_dir / file, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=list(table[0]))
+                w.writeheader()
+                w.writerows(table)
+    if kernels:
+        meta["kernels"] = ("cb_kernels.csv: GPU time by kernel, torch.profiler over the last "
+                           "rep; cb_launches.csv: each attention-kernel launch in order; "
+                           "cb_step_shapes.csv: each step's batch as transformers passed it")
     path.with_suffix(".json").write_text(json.dumps(meta, indent=1) + "\n")
     print(f"{'provider':14} {'s':>8} {'tok/s':>9} same")
     for r in rows:
