@@ -9,8 +9,9 @@
 #   5. optional stages, each a quick benchmark: `serving` (skattn bench --serving --quick),
 #      `quant` (skattn bench --quant, llama-8b), `prefill` (tools/prefill_ab.py --quick),
 #      `cb` (continuous-batching steps alone, tools/varlen_prefill.py; transformers'
-#      generate_batch with CUDA graphs, tokens/s; then eager with each attention call timed
-#      and GPU time by kernel, tools/cb_bench.py --profile --kernels)
+#      generate_batch with CUDA graphs, tokens/s; eager, tokens/s; then with graphs again,
+#      each attention launch and step shape recorded and GPU time by kernel,
+#      tools/cb_bench.py --profile --kernels)
 # STAGES="tests fuzz sanitize bench" picks stages (default those four); TESTS="files" limits
 # the GPU tests to those files. Logs and results go to $OUT (or
 # benchmarks/results/latest); the last lines printed are a short summary.
@@ -96,8 +97,10 @@ has serving && quick_bench serving python3 -m skattn.cli bench --serving --quick
 has cb && quick_bench varlen-steps python3 tools/varlen_prefill.py
 has cb && quick_bench cb env OUT="$OUT_DIR/cb" python3 tools/cb_bench.py --layers 8 --requests 32 \
     --providers "paged|skattn,paged|skattn_halves,paged|sdpa" --graphs --reps 2
+has cb && quick_bench cb-eager env OUT="$OUT_DIR/cb-eager" python3 tools/cb_bench.py --layers 8 \
+    --requests 32 --providers "paged|skattn,paged|sdpa" --reps 2
 has cb && quick_bench cb-profile env OUT="$OUT_DIR/cb-profile" python3 tools/cb_bench.py --layers 8 \
-    --requests 32 --providers "paged|skattn,paged|sdpa" --profile --kernels --reps 1
+    --requests 32 --providers "paged|skattn,paged|sdpa" --graphs --profile --kernels --reps 1
 has quant && quick_bench quant python3 -m skattn.cli bench --quant --models llama-8b --n 1,16,512 \
     --no-progress --time-limit 70 --out "$OUT_DIR/quant"
 echo "== summary"

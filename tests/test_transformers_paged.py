@@ -136,6 +136,29 @@ def test_cb_bench_tool_tiny(tmp_path, monkeypatch):
     assert [(s["requests"], s["max_seqlen_q"]) for s in steps] == [("2", "5"), ("2", "1")], steps
 
 
+def test_cb_bench_warmup_only_when_asked(monkeypatch):
+    # transformers' graph warm-up runs a full step against the whole cache (one provider can
+    # skip it by failing): cb_bench passes warmup=True only with --warmup and --graphs
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "cb_bench.py"
+    spec = importlib.util.spec_from_file_location("cb_bench", path)
+    cb = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cb)
+    seen = []
+
+    class Model:
+        def generate_batch(self, reqs, **kw):
+            seen.append((kw["warmup"], kw["continuous_batching_config"].use_cuda_graph))
+            return {}
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for graphs, warmup in ((True, False), (True, True), (False, True)):
+        cb.run(Model(), [[1]], 1, graphs=graphs, tiny=True, warmup=warmup)
+    assert seen == [(False, True), (True, True), (False, False)]
+
+
 def test_cb_steps_tool_records_the_schedule_and_plans_it():
     # tools/cb_steps.py: transformers' schedule through a stand-in attention, and the work
     # skattn plans for each step (eager, and padded as under CUDA graphs)

@@ -10,6 +10,12 @@ A random-initialised llama-8b-shaped model (`--layers` of its 32; no download) s
 batching (prompt chunks and decode steps packed together; `--graphs`: transformers captures
 its steps in CUDA graphs). Providers are attention implementations, named with "paged|" (a
 plain name may be switched to flash-attn by transformers where that is installed);
+Under `--graphs` transformers' warm-up is off unless `--warmup`: it pre-captures the
+varlen graph by running one request of a full step of new tokens (8192) against the whole
+cache (2.4M keys on an H200), a real attention of ~0.3 PFLOP a layer that skattn computes
+(~0.74 s a layer) and SDPA cannot (its mask would take 35 GiB: it fails with out-of-memory
+and goes on without), so timing it would charge one provider alone. Without it, each
+provider captures a graph the first time a padded shape comes up, inside the timed call.
 "paged|skattn_halves" is skattn registered with `q_split="auto"` (a step's short and long
 requests in two halves). Each provider's generated tokens are compared with the first provider's (reported, not
 asserted: f16 near-ties may break either way). Writes $OUT/cb_bench.csv and .json (default
@@ -66,7 +72,8 @@ def build(shape: dict, impl: str, dtype, device, state=None):
     return model.eval().requires_grad_(False)
 
 
-def run(model, reqs, new: int, graphs: bool, tiny: bool) -> tuple[float, list[list[int]]]:
+def run(model, reqs, new: int, graphs: bool, tiny: bool,
+        warmup: bool = False) -> tuple[float, list[list[int]]]:
     import transformers
 
     cfg = transformers.GenerationConfig(max_new_tokens=new, do_sample=False, eos_token_id=-1,
@@ -80,7 +87,7 @@ def run(model, reqs, new: int, graphs: bool, tiny: bool) -> tuple[float, list[li
     t0 = time.perf_counter()
     with torch.no_grad():
         out = model.generate_batch(reqs, generation_config=cfg, continuous_batching_config=cb,
-                                   warmup=graphs)
+                                   warmup=graphs and warmup)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
@@ -263,6 +270,9 @@ def main(argv=None) -> int:
     ap.add_argument("--graphs", action="store_true")
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--warmup", action="store_true",
+                    help="with --graphs: let transformers pre-capture its graphs at the largest "
+                    "sizes, inside the timed call (off by default: see the module's doc)")
     ap.add_argument("--kernels", action="store_true",
                     help="torch.profiler over each provider's last rep: GPU time by kernel, "
                     "$OUT/cb_kernels.csv")
@@ -293,7 +303,7 @@ def main(argv=None) -> int:
             with probe or contextlib.nullcontext(), kern or contextlib.nullcontext(), \
                     log or contextlib.nullcontext():
                 dt, tokens = run(model, reqs, args.new, graphs=args.graphs and cuda,
-                                 tiny=args.tiny)
+                                 tiny=args.tiny, warmup=args.warmup)
             times.append(dt)
             if kern:
                 kernels += kernel_rows(kern, name)
@@ -320,7 +330,7 @@ def main(argv=None) -> int:
     meta = dict(provenance(torch.cuda.get_device_properties(0).multi_processor_count)
                 if cuda else {}, command="python3 tools/cb_bench.py " + " ".join(
                     sys.argv[1:] if argv is None else argv),
-                tiny=args.tiny, graphs=args.graphs, prompt_mean=args.prompt, timer="wall clock, min of reps, "
+                tiny=args.tiny, graphs=args.graphs, warmup=args.warmup, prompt_mean=args.prompt, timer="wall clock, min of reps, "
                 "generate_batch end to end (prompt and decode)")
     for file, table in (("cb_kernels.csv", kernels), ("cb_launches.csv", launches),
                         ("cb_step_shapes.csv", steps)):  # --kernels
