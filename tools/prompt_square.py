@@ -1,14 +1,15 @@
-"""A whole prompt at once (queries = keys, causal) against a prompt chunk of the seed grid:
-which plan runs it fastest, against SDPA's flash kernel, same run.
+"""Whole prompts at once (queries = keys, causal) and long prompt chunks: which plan runs
+them fastest, against SDPA's flash kernel where the masks agree, same run.
 
-    PYTHONPATH=src python3 tools/prompt_square.py [--lens 2048,8192] [--reps 10]
+    PYTHONPATH=src python3 tools/prompt_square.py [--cells llama-8b:2048:2048,...] [--reps 10]
 
-llama-8b heads (32 / 8, head size 128), f16, one sequence. Per length: skattn's default plan,
-then the same with other program counts, whole tiles (fixup none), the Hopper kernel
-(`Tuning(prefill="tma")`), other KV block sizes and warps; causal and, for the default plan,
-non-causal (twice the work: a slowdown of ~2x says the causal structure costs nothing).
-Reference cells: a 512-token chunk over 8192 keys (the seed grid's prompt chunk). Every
-output is checked against SDPA's (flash, causal top-left = bottom-right here) before
+f16, one sequence; a cell is model:n:L (n new tokens over L keys, bottom-right causal).
+Default cells: llama-8b whole prompts of 2048-16384 tokens, the seed grid's 512-token chunk
+over 8192 keys, and qwen3-14b chunks of 1024 and 2048 over 32768 keys. Per cell: skattn's
+default plan, a cut plan of one program per SM (fixup general), whole tiles (fixup none),
+the Hopper kernel (`Tuning(prefill="tma")`) with the default plan and with whole tiles, and
+the default plan without the causal mask (twice the work or more: TFLOP/s comparable).
+Every output is checked against SDPA's (flash where n = L, else math with the mask) before
 timing. Prints µs (CUDA events, median of reps, warm L2, the stream held by a spin kernel
 while the host queues the call) and TFLOP/s of the visible (query, key) pairs.
 """
@@ -20,9 +21,11 @@ import torch
 import torch.nn.functional as F
 
 import skattn
+from skattn.bench.models import MODELS
 from skattn.tuning import Tuning
 
-HQ, HKV, D = 32, 8, 128
+CELLS = ("llama-8b:2048:2048,llama-8b:4096:4096,llama-8b:8192:8192,llama-8b:16384:16384,"
+         "llama-8b:512:8192,qwen3-14b:1024:32768,qwen3-14b:2048:32768")
 
 
 def timed(fn, reps: int) -> float:
@@ -40,26 +43,27 @@ def timed(fn, reps: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def variants(n: int, L: int) -> dict:
+def variants(tiles: int, sms: int) -> dict:
     """name -> skattn.plan keyword arguments (beyond the shape)."""
-    whole = -(-n // 32) * HKV  # tiles of 32 tokens x 4 heads, one per program
-    return {"default": {}, "programs 132": dict(programs=132),
-            "programs 528": dict(programs=528),
-            f"whole tiles ({whole})": dict(programs=whole, fixup="none"),
-            "tma": dict(tuning=Tuning(prefill="tma")),
-            "block_n 64": dict(block_n=64), "warps 4": dict(num_warps=4),
+    whole = dict(programs=tiles, fixup="none")
+    return {"default": {}, f"cut ({sms})": dict(programs=sms, fixup="general"),
+            f"whole tiles ({tiles})": whole, "tma": dict(tuning=Tuning(prefill="tma")),
+            "tma, whole tiles": dict(whole, tuning=Tuning(prefill="tma")),
             "non-causal": dict(causal=False)}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--lens", default="2048,8192")
+    ap.add_argument("--cells", default=CELLS)
     ap.add_argument("--reps", type=int, default=10)
     args = ap.parse_args()
     dev, f16 = "cuda", torch.float16
-    cells = [(512, 8192)] + [(L, L) for L in map(int, args.lens.split(","))]
-    print(f"{'n':>5} {'L':>6} {'variant':22} {'us':>9} {'TFLOP/s':>8}  plan")
-    for n, L in cells:
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    print(f"{'model':9} {'n':>5} {'L':>6} {'variant':22} {'us':>9} {'TFLOP/s':>8}  plan")
+    for cell in args.cells.split(","):
+        model, n, L = cell.split(":")
+        n, L = int(n), int(L)
+        HQ, HKV, D = MODELS[model][:3]
         q = torch.randn(1, n, HQ, D, device=dev, dtype=f16)
         k = torch.randn(1, L, HKV, D, device=dev, dtype=f16)
         v = torch.randn(1, L, HKV, D, device=dev, dtype=f16)
@@ -72,19 +76,21 @@ def main() -> int:
                     enable_gqa=True)
             ref = sdpa().transpose(1, 2)
             t = timed(sdpa, args.reps)
-            print(f"{n:5d} {L:6d} {'sdpa (flash)':22} {t:9.1f} {flop / t / 1e6:8.1f}")
+            print(f"{model:9} {n:5d} {L:6d} {'sdpa (flash)':22} {t:9.1f} {flop / t / 1e6:8.1f}")
         else:  # bottom-right causal through an explicit mask
             keep = torch.ones(n, L, dtype=torch.bool, device=dev).tril(L - n)
             ref = F.scaled_dot_product_attention(
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=keep,
                 enable_gqa=True).transpose(1, 2)
-        for name, kw in variants(n, L).items():
+        tiles = skattn.plan(batch=1, q_len=n, kv_len=L, q_heads=HQ, kv_heads=HKV, head_dim=D,
+                            dtype=f16, causal=True).ntiles_dst
+        for name, kw in variants(tiles, sms).items():
             causal = kw.pop("causal", True)
             try:
                 p = skattn.plan(batch=1, q_len=n, kv_len=L, q_heads=HQ, kv_heads=HKV,
                                 head_dim=D, dtype=f16, causal=causal, **kw)
             except ValueError as e:
-                print(f"{n:5d} {L:6d} {name:22} {'-':>9} {'-':>8}  not planned: {e}")
+                print(f"{model:9} {n:5d} {L:6d} {name:22} {'-':>9} {'-':>8}  not planned: {e}")
                 continue
             out = torch.full_like(q, float("nan"))
 
@@ -97,7 +103,7 @@ def main() -> int:
             t = timed(run, args.reps)
             g = p.geometry
             work = flop if causal else 4 * HQ * D * n * L
-            print(f"{n:5d} {L:6d} {name:22} {t:9.1f} {work / t / 1e6:8.1f}  "
+            print(f"{model:9} {n:5d} {L:6d} {name:22} {t:9.1f} {work / t / 1e6:8.1f}  "
                   f"programs {p.programs}, fixup {p.fixup}, rows {g.block_m}, block_n "
                   f"{g.block_n}, warps {g.num_warps}, stages {g.num_stages}")
     return 0

@@ -14,8 +14,12 @@ FIXUPS = ("none", "uniform", "general", "fused")
 MAX_EFFICIENCY_LOSS_PERCENT = 5  # llama.cpp: max_efficiency_loss_percent
 # Prompt chunks (compute-bound): a plan that cuts tiles costs its programs the partials, the
 # fixup and a second tile start. Measured on an H200 (PERF.md, "Prompt chunks"): at about the
-# same items per program, cut plans took 1.06-1.12x the time of whole-tile plans.
+# same items per program, cut plans took 1.06-1.12x the time of whole-tile plans where the
+# tiles were about as many as the resident programs (prompt chunks), 1.52x where they were
+# four or more times as many (whole prompts, n = L = 2048 and 8192: tools/prompt_square.py).
 CUT_PENALTY = 1.1
+CUT_PENALTY_MANY = 1.5
+MANY_TILES = 2  # tiles per resident program beyond which CUT_PENALTY_MANY applies
 
 
 # What each policy reproduces (docs/llamacpp.md has the llama.cpp facts with file:line)
@@ -202,13 +206,21 @@ def compute_bound_programs(ntiles_dst: int, work: int, longest_tile: int, rule: 
                           resident: int, whole: bool = True) -> int:
     """N for a compute-bound plan: one whole tile a program (N = ntiles_dst, no fixup; only if
     `whole`), one wave of `resident` programs, or llama.cpp's `rule`, whichever has the fewest
-    items in its waves of programs (cut plans x CUT_PENALTY; ties go to fewer programs)."""
+    items in its programs' waves (ties go to fewer programs). Cut plans pay CUT_PENALTY, or
+    CUT_PENALTY_MANY where the tiles outnumber the programs the GPU runs at once more than
+    MANY_TILES times. Whole tiles
+    take the lesser of their waves of the longest tile and the GPU's greedy hand-out of
+    tiles to free SMs (the work per resident program plus one longest tile: tiles of unequal
+    length, as a causal prompt's, fill each other's gaps)."""
     def cut(n):
-        return -(-n // resident) * -(-work // n) * CUT_PENALTY
+        penalty = CUT_PENALTY_MANY if ntiles_dst > MANY_TILES * min(n, resident) else CUT_PENALTY
+        return -(-n // resident) * -(-work // n) * penalty
 
     options = [(cut(n), n) for n in {min(resident, work), rule}]
     if whole:
-        options.append((-(-ntiles_dst // resident) * longest_tile, ntiles_dst))
+        waves = -(-ntiles_dst // resident) * longest_tile
+        greedy = -(-work // resident) + longest_tile
+        options.append((min(waves, greedy), ntiles_dst))
     return min(options)[1]
 
 
