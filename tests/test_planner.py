@@ -6,6 +6,7 @@ from hypothesis import strategies as st
 
 from skattn.planner import FIXUPS, POLICIES, fixup_for, programs_for, plan
 from skattn.policy import split_count
+from skattn.tuning import Tuning
 
 H100 = dict(sms=132, occupancy=2)  # max_programs = 264, llama.cpp's worked example
 
@@ -366,6 +367,19 @@ def test_whole_prompts_run_whole_tiles(L):
              sms=132, occupancy=2)
     assert (p.programs, p.fixup) == (p.ntiles_dst, "none")
     assert not p.pieces()
+    # and the Hopper prompt kernel (1.09-1.11x on those whole tiles), unless tuning is given
+    assert p.tuning.prefill == "tma"
+    assert plan(batch=1, q_len=L, kv_len=L, q_heads=32, kv_heads=8, head_dim=128, causal=True,
+                sms=132, occupancy=2, tuning=Tuning()).tuning.prefill == "base"
+
+
+@pytest.mark.parametrize("n,L,heads", [(512, 8192, 32), (1024, 32768, 40), (1, 32768, 32)])
+def test_chunks_and_decode_keep_the_base_kernel(n, L, heads):
+    # one wave of whole tiles (the seed grid's chunk: tma 4.5% slower there), a cut plan
+    # (qwen3-14b n = 1024: 328 tiles, 2.5 per SM) and decode keep the base kernel
+    p = plan(batch=1, q_len=n, kv_len=L, q_heads=heads, kv_heads=8, head_dim=128, causal=True,
+             sms=132, occupancy=2)
+    assert p.tuning.prefill == "base"
 
 
 @pytest.mark.parametrize("D,Dv", [(64, 64), (128, 128), (256, 256), (192, 128), (576, 512)])

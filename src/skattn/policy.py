@@ -15,11 +15,13 @@ MAX_EFFICIENCY_LOSS_PERCENT = 5  # llama.cpp: max_efficiency_loss_percent
 # Prompt chunks (compute-bound): a plan that cuts tiles costs its programs the partials, the
 # fixup and a second tile start. Measured on an H200 (PERF.md, "Prompt chunks"): at about the
 # same items per program, cut plans took 1.06-1.12x the time of whole-tile plans where the
-# tiles were about as many as the resident programs (prompt chunks), 1.52x where they were
-# four or more times as many (whole prompts, n = L = 2048 and 8192: tools/prompt_square.py).
+# tiles were about as many as the resident programs (prompt chunks), 1.49-1.53x where they
+# were 3.9-31 times as many (whole prompts of 2048-16384 tokens: tools/prompt_square.py);
+# at 2.5 times (qwen3-14b, 1024 tokens over 32768 keys: 328 equal tiles, three waves whole)
+# one cut wave was 1.16x faster than whole tiles.
 CUT_PENALTY = 1.1
 CUT_PENALTY_MANY = 1.5
-MANY_TILES = 2  # tiles per resident program beyond which CUT_PENALTY_MANY applies
+MANY_TILES = 3  # tiles per resident program beyond which CUT_PENALTY_MANY applies
 
 
 # What each policy reproduces (docs/llamacpp.md has the llama.cpp facts with file:line)
@@ -202,6 +204,13 @@ def programs_for(policy: str, *, ntiles_dst: int, ntiles_kv: int, max_programs: 
                  cost or load_cost_model(), per_sm)
 
 
+def many_tiles(ntiles_dst: int, resident: int) -> bool:
+    """Whether a compute-bound plan's tiles outnumber the programs the GPU runs at once more
+    than MANY_TILES times (whole prompts): cut plans pay CUT_PENALTY_MANY there, and whole
+    tiles run the Hopper prompt kernel (planner.plan)."""
+    return ntiles_dst > MANY_TILES * resident
+
+
 def compute_bound_programs(ntiles_dst: int, work: int, longest_tile: int, rule: int,
                           resident: int, whole: bool = True) -> int:
     """N for a compute-bound plan: one whole tile a program (N = ntiles_dst, no fixup; only if
@@ -213,7 +222,7 @@ def compute_bound_programs(ntiles_dst: int, work: int, longest_tile: int, rule: 
     tiles to free SMs (the work per resident program plus one longest tile: tiles of unequal
     length, as a causal prompt's, fill each other's gaps)."""
     def cut(n):
-        penalty = CUT_PENALTY_MANY if ntiles_dst > MANY_TILES * min(n, resident) else CUT_PENALTY
+        penalty = CUT_PENALTY_MANY if many_tiles(ntiles_dst, min(n, resident)) else CUT_PENALTY
         return -(-n // resident) * -(-work // n) * penalty
 
     options = [(cut(n), n) for n in {min(resident, work), rule}]
