@@ -95,3 +95,31 @@ def test_timeline_kernels_compile_for_sm90():
     stream, empty = json.loads(res.stdout.splitlines()[-1])
     assert stream["spill_bytes"] == 0 and 0 < stream["shared"] <= 232448, stream
     assert empty["regs"] > 0 and empty["shared"] == 0, empty
+
+
+def test_prompt_square_variants_plan_every_default_cell():
+    # tools/prompt_square.py (GPU): every variant of every default cell plans on the CPU, the
+    # cut and whole-tile variants are what they say, and the default plan of a whole prompt
+    # is whole tiles on the Hopper prompt kernel
+    import torch
+
+    import skattn
+    from skattn.bench.models import MODELS
+
+    ps = _load("prompt_square")
+    for cell in ps.CELLS.split(","):
+        model, n, L = cell.split(":")
+        hq, hkv, d = MODELS[model][:3]
+        shape = dict(batch=1, q_len=int(n), kv_len=int(L), q_heads=hq, kv_heads=hkv, head_dim=d,
+                     dtype=torch.float16, sms=132, occupancy=2)
+        tiles = skattn.plan(causal=True, **shape).ntiles_dst
+        for name, kw in ps.variants(tiles, 132).items():
+            kw = dict(kw)
+            p = skattn.plan(causal=kw.pop("causal", True), **shape, **kw)
+            if name.startswith("cut"):
+                assert (p.programs, p.fixup) == (132, "general")
+            if "whole" in name:
+                assert (p.programs, p.fixup) == (tiles, "none")
+        if n == L:
+            p = skattn.plan(causal=True, **shape)
+            assert (p.programs, p.tuning.prefill) == (tiles, "tma")

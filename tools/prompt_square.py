@@ -11,17 +11,25 @@ the Hopper kernel (`Tuning(prefill="tma")`) with the default plan and with whole
 the default plan without the causal mask (twice the work or more: TFLOP/s comparable).
 Every output is checked against SDPA's (flash where n = L, else math with the mask) before
 timing. Prints µs (CUDA events, median of reps, warm L2, the stream held by a spin kernel
-while the host queues the call) and TFLOP/s of the visible (query, key) pairs.
+while the host queues the call) and TFLOP/s of the visible (query, key) pairs; writes the
+same rows to $OUT/prompt_square.csv with provenance in prompt_square.json (default
+benchmarks/results/latest/prompt).
 """
 from __future__ import annotations
 
 import argparse
+import csv
+import json
+import os
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 import skattn
 from skattn.bench.models import MODELS
+from skattn.bench.run import provenance
 from skattn.tuning import Tuning
 
 CELLS = ("llama-8b:2048:2048,llama-8b:4096:4096,llama-8b:8192:8192,llama-8b:16384:16384,"
@@ -59,6 +67,15 @@ def main() -> int:
     args = ap.parse_args()
     dev, f16 = "cuda", torch.float16
     sms = torch.cuda.get_device_properties(0).multi_processor_count
+    rows = []
+
+    def row(model, n, L, name, t, tflops, p=None):
+        g = p.geometry if p is not None else None
+        rows.append(dict(model=model, n=n, L=L, variant=name, us=f"{t:.1f}", tflops=f"{tflops:.1f}",
+                         programs=p.programs if p else "", fixup=p.fixup if p else "",
+                         rows_per_tile=g.block_m if g else "", block_n=g.block_n if g else "",
+                         warps=g.num_warps if g else "", stages=g.num_stages if g else "",
+                         kernel=p.tuning.prefill if p else ""))
     print(f"{'model':9} {'n':>5} {'L':>6} {'variant':22} {'us':>9} {'TFLOP/s':>8}  plan")
     for cell in args.cells.split(","):
         model, n, L = cell.split(":")
@@ -77,6 +94,7 @@ def main() -> int:
             ref = sdpa().transpose(1, 2)
             t = timed(sdpa, args.reps)
             print(f"{model:9} {n:5d} {L:6d} {'sdpa (flash)':22} {t:9.1f} {flop / t / 1e6:8.1f}")
+            row(model, n, L, "sdpa (flash)", t, flop / t / 1e6)
         else:  # bottom-right causal through an explicit mask
             keep = torch.ones(n, L, dtype=torch.bool, device=dev).tril(L - n)
             ref = F.scaled_dot_product_attention(
@@ -103,9 +121,20 @@ def main() -> int:
             t = timed(run, args.reps)
             g = p.geometry
             work = flop if causal else 4 * HQ * D * n * L
+            row(model, n, L, name, t, work / t / 1e6, p)
             print(f"{model:9} {n:5d} {L:6d} {name:22} {t:9.1f} {work / t / 1e6:8.1f}  "
                   f"programs {p.programs}, fixup {p.fixup}, rows {g.block_m}, block_n "
-                  f"{g.block_n}, warps {g.num_warps}, stages {g.num_stages}")
+                  f"{g.block_n}, warps {g.num_warps}, stages {g.num_stages}, "
+                  f"kernel {p.tuning.prefill}")
+    out = Path(os.environ.get("OUT", "benchmarks/results/latest/prompt"))
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "prompt_square.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    meta = dict(provenance(sms), command="python3 tools/prompt_square.py " + " ".join(sys.argv[1:]),
+                timer="CUDA events, median of reps, warm L2, the stream held by a spin kernel")
+    (out / "prompt_square.json").write_text(json.dumps(meta, indent=1) + "\n")
     return 0
 
 
