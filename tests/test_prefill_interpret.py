@@ -147,3 +147,13 @@ def test_refusals():
     assert launch.bind(decode, torch.device("cpu")).prefill is None
     with pytest.raises(ValueError, match="prefill"):
         skattn.Tuning(prefill="fast")
+
+
+def test_auto_runs_whole_prompts_on_this_kernel(spies):
+    # a whole causal prompt (Lq = Lk) whose 12 tiles outnumber the 2 resident programs more
+    # than 3x: `auto`, made without a tuning, takes whole tiles and this kernel
+    q, k, v = make(192, 192, seed=6)
+    p = plan_for(q, k, tuning=None, sms=1, occupancy=2)
+    assert (p.programs, p.fixup, p.tuning.prefill) == (p.ntiles_dst, "none", "tma")
+    check(q, k, v, p, causal=True)
+    assert (spies[0].calls, spies[1].calls) == (1, 0)
