@@ -32,23 +32,11 @@ from skattn.bench.models import MODELS
 from skattn.bench.run import provenance
 from skattn.tuning import Tuning
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from varlen_prefill import timed  # noqa: E402
+
 CELLS = ("llama-8b:2048:2048,llama-8b:4096:4096,llama-8b:8192:8192,llama-8b:16384:16384,"
          "llama-8b:512:8192,qwen3-14b:1024:32768,qwen3-14b:2048:32768")
-
-
-def timed(fn, reps: int) -> float:
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda._sleep(2_000_000)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b) * 1e3)
-    return sorted(times)[len(times) // 2]
 
 
 def variants(tiles: int, sms: int) -> dict:
