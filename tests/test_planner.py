@@ -382,6 +382,16 @@ def test_chunks_and_decode_keep_the_base_kernel(n, L, heads):
     assert p.tuning.prefill == "base"
 
 
+def test_whole_prompts_the_prompt_kernel_refuses_keep_the_base_kernel():
+    # a sliding window (and head sizes other than 64/128) run the base kernel: whole tiles
+    # still, and the plan says which kernel runs
+    kw = dict(batch=1, q_len=8192, kv_len=8192, kv_heads=8, causal=True, sms=132, occupancy=2)
+    p = plan(q_heads=64, head_dim=64, window=128, **kw)
+    assert (p.programs, p.fixup, p.tuning.prefill) == (p.ntiles_dst, "none", "base")
+    assert plan(q_heads=32, head_dim=256, **kw).tuning.prefill == "base"
+    assert plan(q_heads=64, head_dim=64, **kw).tuning.prefill == "tma"
+
+
 @pytest.mark.parametrize("D,Dv", [(64, 64), (128, 128), (256, 256), (192, 128), (576, 512)])
 @pytest.mark.parametrize("q_len", [1, 4, 512])
 def test_default_stages_fit_the_shared_memory_budget(D, Dv, q_len):

@@ -6,7 +6,7 @@ from functools import cached_property
 
 import torch
 
-from skattn import buffers
+from skattn import buffers, prefill_launch
 from skattn.checks import causal_window
 from skattn.config import (STAGE_BYTES_BUDGET, TileGeometry, programs_per_sm,  # noqa: F401
                            tile_geometry)
@@ -422,12 +422,16 @@ def plan(*, batch: int, q_len: int, kv_len: int, q_heads: int, kv_heads: int, he
         raise ValueError(f"programs must be an integer in [1, W={work}], got {programs!r}")
     kind = decide_fixup(programs=programs, ntiles_dst=ntiles_dst, kv_count=kv_count, work=work,
                         requested=fixup, policy=policy, chosen=chosen, compute_bound=compute_bound)
-    if tuning is None and chosen and compute_bound and kind == "none" and many_tiles(
-            ntiles_dst, sms * per_sm):
-        # whole prompts: the Hopper prompt kernel, 1.09-1.11x faster than the base kernel on
-        # whole tiles of 2048-16384-token prompts (tools/prompt_square.py; PERF.md)
-        tuning = Tuning(prefill="tma")
-    return Plan(batch, q_len, kv_len, q_heads, kv_heads, head_dim, head_dim_v, kv_format,
+    whole_prompt = (tuning is None and chosen and compute_bound and kind == "none"
+                    and many_tiles(ntiles_dst, sms * per_sm))
+    p = Plan(batch, q_len, kv_len, q_heads, kv_heads, head_dim, head_dim_v, kv_format,
                 bool(causal), window, geo, ntiles_x, ntiles_z, ntiles_dst, ntiles_kv, kv_first,
                 kv_count, work, sms, occupancy, max_programs, policy, programs, kind,
                 bool(fastdiv), model, tuning or Tuning(), bool(has_mask))
+    if whole_prompt:
+        # whole prompts: the Hopper prompt kernel where it takes the plan, 1.09-1.11x faster
+        # than the base kernel on whole tiles of 2048-16384-token prompts (PERF.md)
+        tma = replace(p, tuning=Tuning(prefill="tma"))
+        if prefill_launch.refusal(tma) is None:
+            return tma
+    return p
