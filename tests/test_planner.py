@@ -351,8 +351,12 @@ def test_compute_bound_choice_and_residency():
     # a whole causal prompt (4096 tokens: 1024 tiles of 1..32 blocks): the GPU hands the
     # unequal tiles to free SMs, and cutting tiles that outnumber the resident programs 8x
     # costs more than the greedy hand-out's tail; without whole tiles, one wave
-    assert compute_bound_programs(1024, 16896, 32, 264, 132) == 1024
-    assert compute_bound_programs(1024, 16896, 32, 264, 132, whole=False) == 132
+    assert compute_bound_programs(1024, 16896, 32, 264, 132, shortest_tile=1) == 1024
+    assert compute_bound_programs(1024, 16896, 32, 264, 132, whole=False, shortest_tile=1) == 132
+    # 400 tiles, 3 per SM: equal ones take 4 waves whole, one cut wave is shorter; of 1 to 64
+    # blocks (a whole prompt's), the greedy hand-out beats a cut wave
+    assert compute_bound_programs(400, 25600, 64, 264, 132) == 132
+    assert compute_bound_programs(400, 25600, 64, 264, 132, shortest_tile=1) == 400
     assert compute_bound_programs(128, 8000, 64, 256, 132) == 128
     assert compute_bound_programs(128, 8000, 64, 256, 132, whole=False) == 132
     # 168 equal tiles on 132 SMs: whole tiles take two waves, one cut wave is shorter
@@ -380,6 +384,18 @@ def test_chunks_and_decode_keep_the_base_kernel(n, L, heads):
     p = plan(batch=1, q_len=n, kv_len=L, q_heads=heads, kv_heads=8, head_dim=128, causal=True,
              sms=132, occupancy=2)
     assert p.tuning.prefill == "base"
+
+
+@pytest.mark.parametrize("kw", [dict(fixup="general"), dict(policy="llamacpp"),
+                                dict(policy="split"), dict(programs=2048, fixup="none"),
+                                dict(causal=False), dict(q_len=2048)])
+def test_prompt_kernel_only_for_autos_whole_prompts(kw):
+    # a fixup or policy or program count asked for, equal tiles (non-causal) or a chunk
+    # (tiles of 49-64 blocks: not a whole prompt) keep the base kernel
+    args = dict(batch=1, q_len=8192, kv_len=8192, q_heads=32, kv_heads=8, head_dim=128,
+                causal=True, sms=132, occupancy=2)
+    args.update(kw)
+    assert plan(**args).tuning.prefill == "base"
 
 
 def test_whole_prompts_the_prompt_kernel_refuses_keep_the_base_kernel():

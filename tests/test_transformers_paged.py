@@ -133,7 +133,11 @@ def test_cb_bench_tool_tiny(tmp_path, monkeypatch):
     assert head.startswith("paged|skattn: 4 attention calls"), head
     # --kernels (on the CPU, the step shapes alone): the prompts, then the decode step
     steps = list(csv.DictReader(open(tmp_path / "cb_step_shapes.csv")))
-    assert [(s["requests"], s["max_seqlen_q"]) for s in steps] == [("2", "5"), ("2", "1")], steps
+    assert [(s["requests"], s["longest_q"], s["max_seqlen_q"]) for s in steps] == [
+        ("2", "5", "5"), ("2", "1", "1")], steps
+    from transformers.generation.continuous_batching import input_outputs
+    ios = input_outputs.ContinuousBatchingIOs  # the step log took its wrapper off again
+    assert ios.get_model_kwargs.__qualname__ == "ContinuousBatchingIOs.get_model_kwargs"
 
 
 def test_cb_bench_warmup_only_when_asked(monkeypatch):

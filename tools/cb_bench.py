@@ -2,14 +2,15 @@
 reference implementations, tokens/s of a request mix, same model, same run.
 
     PYTHONPATH=src python3 tools/cb_bench.py [--layers 32] [--requests 32] [--prompt 2048]
-        [--new 64] [--providers "paged|skattn,paged|sdpa"] [--reps 2] [--graphs] [--profile] [--kernels]
+        [--new 64] [--providers "paged|skattn,paged|sdpa"] [--reps 2] [--graphs] [--warmup]
+        [--profile] [--kernels]
 
 A random-initialised llama-8b-shaped model (`--layers` of its 32; no download) serves
 `--requests` greedy requests with lognormal prompt lengths around `--prompt` tokens
 (sigma 0.8, 16 .. 4 x prompt) and `--new` new tokens each, through transformers' continuous
 batching (prompt chunks and decode steps packed together; `--graphs`: transformers captures
 its steps in CUDA graphs). Providers are attention implementations, named with "paged|" (a
-plain name may be switched to flash-attn by transformers where that is installed);
+plain name may be switched to flash-attn by transformers where that is installed).
 Under `--graphs` transformers' warm-up is off unless `--warmup`: it pre-captures the
 varlen graph by running one request of a full step of new tokens (8192) against the whole
 cache (2.4M keys on an H200), a real attention of ~0.3 PFLOP a layer that skattn computes
@@ -129,8 +130,9 @@ def kernel_rows(prof, name: str, top: int = 15) -> list[dict]:
 
 class StepLog:
     """Each step's batch as transformers hands it to the model (host integers, recorded
-    whether the step runs eagerly or replays a CUDA graph): sequences, query tokens and keys
-    read, real and as padded, and the bounds passed to the attention."""
+    whether the step runs eagerly or replays a CUDA graph): the requests in it and their
+    longest query count (real), and as passed to the model (padded under CUDA graphs): the
+    sequences, query tokens, keys read and the bounds `max_seqlen_q` / `max_seqlen_k`."""
 
     def __init__(self):
         from transformers.generation.continuous_batching import input_outputs
@@ -141,10 +143,12 @@ class StepLog:
         inner = self.inner = self.cls.get_model_kwargs
 
         def logged(io, use_padding: bool = False):
+            longest = io.max_seqlen_q  # padding overwrites it with the padded token count
             kw = inner(io, use_padding)
             max_k = kw["max_seqlen_k"]
             self.steps.append(dict(
-                requests=io.num_request_in_batch, sequences=kw["cu_seq_lens_q"].numel() - 1,
+                requests=io.num_request_in_batch, longest_q=longest,
+                sequences=kw["cu_seq_lens_q"].numel() - 1,
                 q_tokens=kw["input_ids"].shape[-1], kv_read=io.max_kv_read,
                 max_seqlen_q=kw["max_seqlen_q"],
                 max_seqlen_k=max(max_k.values()) if isinstance(max_k, dict) else max_k))
@@ -339,7 +343,7 @@ def main(argv=None) -> int:
                 w = csv.DictWriter(f, fieldnames=list(table[0]))
                 w.writeheader()
                 w.writerows(table)
-    if kernels:
+    if kernels or steps:
         meta["kernels"] = ("cb_kernels.csv: GPU time by kernel, torch.profiler over the last "
                            "rep; cb_launches.csv: each attention-kernel launch in order; "
                            "cb_step_shapes.csv: each step's batch as transformers passed it")

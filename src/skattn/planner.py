@@ -11,7 +11,7 @@ from skattn.checks import causal_window
 from skattn.config import (STAGE_BYTES_BUDGET, TileGeometry, programs_per_sm,  # noqa: F401
                            tile_geometry)
 from skattn.policy import (FIXUPS, POLICIES, POLICY_NOTES, CostModel, canonical_policy, fixup_for,
-                           load_cost_model, many_tiles, programs_for)
+                           load_cost_model, programs_for, whole_prompt)
 from skattn.tuning import Tuning
 
 __all__ = ["Plan", "plan", "programs_for", "fixup_for", "tile_geometry", "POLICIES", "FIXUPS"]
@@ -422,13 +422,14 @@ def plan(*, batch: int, q_len: int, kv_len: int, q_heads: int, kv_heads: int, he
         raise ValueError(f"programs must be an integer in [1, W={work}], got {programs!r}")
     kind = decide_fixup(programs=programs, ntiles_dst=ntiles_dst, kv_count=kv_count, work=work,
                         requested=fixup, policy=policy, chosen=chosen, compute_bound=compute_bound)
-    whole_prompt = (tuning is None and chosen and compute_bound and kind == "none"
-                    and many_tiles(ntiles_dst, sms * per_sm))
+    prompt_kernel = (tuning is None and chosen and policy == "auto" and compute_bound
+                     and kind == "none" and whole_prompt(ntiles_dst, sms * per_sm,
+                                                         min(kv_count), max(kv_count)))
     p = Plan(batch, q_len, kv_len, q_heads, kv_heads, head_dim, head_dim_v, kv_format,
                 bool(causal), window, geo, ntiles_x, ntiles_z, ntiles_dst, ntiles_kv, kv_first,
                 kv_count, work, sms, occupancy, max_programs, policy, programs, kind,
                 bool(fastdiv), model, tuning or Tuning(), bool(has_mask))
-    if whole_prompt:
+    if prompt_kernel:
         # whole prompts: the Hopper prompt kernel where it takes the plan, 1.09-1.11x faster
         # than the base kernel on whole tiles of 2048-16384-token prompts (PERF.md)
         tma = replace(p, tuning=Tuning(prefill="tma"))

@@ -22,6 +22,7 @@ MAX_EFFICIENCY_LOSS_PERCENT = 5  # llama.cpp: max_efficiency_loss_percent
 CUT_PENALTY = 1.1
 CUT_PENALTY_MANY = 1.5
 MANY_TILES = 3  # tiles per resident program beyond which CUT_PENALTY_MANY applies
+UNEQUAL_TILES = 2  # ... where the longest tile has at least this many times the shortest's blocks
 
 
 # What each policy reproduces (docs/llamacpp.md has the llama.cpp facts with file:line)
@@ -199,37 +200,44 @@ def programs_for(policy: str, *, ntiles_dst: int, ntiles_kv: int, max_programs: 
                            max_programs=max_programs, work=work, min_tile_work=min_tile_work)
         return compute_bound_programs(ntiles_dst, work, longest_tile, rule,
                                      resident or max_programs,
-                                     whole=fixup not in ("general", "uniform"))
+                                     whole=fixup not in ("general", "uniform"),
+                                     shortest_tile=max_split)
     return _auto(ntiles_dst, work, max_split, longest_tile, raw, max_programs, fixup,
                  cost or load_cost_model(), per_sm)
 
 
-def many_tiles(ntiles_dst: int, resident: int) -> bool:
-    """Whether a compute-bound plan's tiles outnumber the programs the GPU runs at once more
-    than MANY_TILES times (whole prompts): cut plans pay CUT_PENALTY_MANY there, and whole
-    tiles run the Hopper prompt kernel (planner.plan)."""
-    return ntiles_dst > MANY_TILES * resident
+def whole_prompt(ntiles_dst: int, resident: int, shortest: int, longest: int) -> bool:
+    """Whether a compute-bound plan looks like a whole causal prompt: tiles of unequal length
+    (the longest at least UNEQUAL_TILES x the shortest) that outnumber the programs the GPU
+    runs at once more than MANY_TILES times. There cut plans pay CUT_PENALTY_MANY, whole
+    tiles are counted as the GPU hands them out, and `auto`'s whole tiles run the Hopper
+    prompt kernel (planner.plan)."""
+    return ntiles_dst > MANY_TILES * resident and longest >= UNEQUAL_TILES * shortest
 
 
 def compute_bound_programs(ntiles_dst: int, work: int, longest_tile: int, rule: int,
-                          resident: int, whole: bool = True) -> int:
+                          resident: int, whole: bool = True,
+                          shortest_tile: int | None = None) -> int:
     """N for a compute-bound plan: one whole tile a program (N = ntiles_dst, no fixup; only if
     `whole`), one wave of `resident` programs, or llama.cpp's `rule`, whichever has the fewest
-    items in its programs' waves (ties go to fewer programs). Cut plans pay CUT_PENALTY, or
-    CUT_PENALTY_MANY where the tiles outnumber the programs the GPU runs at once more than
-    MANY_TILES times. Whole tiles
-    take the lesser of their waves of the longest tile and the GPU's greedy hand-out of
-    tiles to free SMs (the work per resident program plus one longest tile: tiles of unequal
-    length, as a causal prompt's, fill each other's gaps)."""
+    items in its programs' waves (ties go to fewer programs). Cut plans pay CUT_PENALTY.
+    Where the plan looks like a whole prompt (`whole_prompt`; `shortest_tile` defaults to the
+    longest: equal tiles), cut plans pay CUT_PENALTY_MANY and whole tiles take the lesser of
+    their waves of the longest tile and the GPU's greedy hand-out of tiles to free SMs (the
+    work per resident program plus one longest tile: unequal tiles fill each other's
+    gaps)."""
+    shortest = longest_tile if shortest_tile is None else shortest_tile
+
     def cut(n):
-        penalty = CUT_PENALTY_MANY if many_tiles(ntiles_dst, min(n, resident)) else CUT_PENALTY
-        return -(-n // resident) * -(-work // n) * penalty
+        prompt = whole_prompt(ntiles_dst, min(n, resident), shortest, longest_tile)
+        return -(-n // resident) * -(-work // n) * (CUT_PENALTY_MANY if prompt else CUT_PENALTY)
 
     options = [(cut(n), n) for n in {min(resident, work), rule}]
     if whole:
-        waves = -(-ntiles_dst // resident) * longest_tile
-        greedy = -(-work // resident) + longest_tile
-        options.append((min(waves, greedy), ntiles_dst))
+        time = -(-ntiles_dst // resident) * longest_tile
+        if whole_prompt(ntiles_dst, resident, shortest, longest_tile):
+            time = min(time, -(-work // resident) + longest_tile)
+        options.append((time, ntiles_dst))
     return min(options)[1]
 
 
