@@ -1,4 +1,5 @@
-"""Small attention calls covering every fixup kind and feature, checked against float64, each
+"""Small attention calls covering every fixup kind and feature, and the Hopper prompt kernel
+(cut, fused and whole tiles; a whole prompt as `auto` plans it), checked against float64, each
 made twice (the second replays its recipe through skattn's C launcher): what
 `scripts/gpu_run.sh` runs under compute-sanitizer (memcheck, racecheck, synccheck)."""
 import sys
@@ -34,6 +35,19 @@ def cases(quick: bool = False):
                      alibi_slopes=skattn.alibi_slopes(8, 8.0).cuda())
         yield f"Lq={Lq} Lk={Lk} all features", (q, k, v), dict(causal=True, **feats)
         yield f"Lq={Lq} Lk={Lk} window", (q, k, v), dict(causal=True, window=100)
+        if Lq * 4 >= 64:  # prompt-chunk tiles: the Hopper prompt kernel, cut and whole
+            tma = skattn.Tuning(prefill="tma")
+            for name, p in {"tma llamacpp": skattn.plan(policy="llamacpp", tuning=tma, **kw),
+                            "tma fused": skattn.plan(fixup="fused", tuning=tma, **kw),
+                            "tma whole": skattn.plan(tuning=tma, fixup="none",
+                                                     programs=skattn.plan(**kw).ntiles_dst,
+                                                     **kw)}.items():
+                yield f"Lq={Lq} Lk={Lk} {name} ({p.fixup})", (q, k, v), dict(causal=True, plan=p)
+    # a whole prompt as `auto` plans it on a GPU of 4 SMs: whole tiles, the prompt kernel
+    q, k, v = rand(2, 256, 8, 64), rand(2, 256, 2, 64), rand(2, 256, 2, 64)
+    p = skattn.plan(q_len=256, kv_len=256, causal=True, sms=4, **shape)
+    assert (p.fixup, p.tuning.prefill) == ("none", "tma"), p
+    yield "Lq=Lk=256 auto whole prompt (tma)", (q, k, v), dict(causal=True, plan=p)
 
 
 def main() -> int:
