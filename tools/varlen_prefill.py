@@ -1,7 +1,8 @@
 """Steps of a continuous batch, side by side: `attention_varlen` over a paged cache (with
 max_seqlen_q as given, and as skattn's transformers forward would plan it under CUDA graphs:
 the token count padded to a multiple of 64, rounded up to a power of two; the padded tokens
-and sequences themselves are not added) against the dense path (`skattn.attention`, one call a request) and SDPA's flash
+and sequences themselves are not added; and with policy "split", whole tiles where the step
+has more tiles than programs) against the dense path (`skattn.attention`, one call a request) and SDPA's flash
 kernel (causal, one call a request; fresh prompts only), same inputs, same run.
 
     PYTHONPATH=src python3 tools/varlen_prefill.py [--page 256] [--reps 10]
@@ -53,7 +54,8 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=10)
     args = ap.parse_args()
     dev, f16 = "cuda", torch.float16
-    print(f"{'case':9} {'varlen':>9} {'max_q=pad':>9} {'dense':>9} {'sdpa':>9}  plan")
+    print(f"{'case':9} {'varlen':>9} {'max_q=pad':>9} {'split':>9} {'':12} {'dense':>9} "
+          f"{'sdpa':>9}  plan")
     for name, (lq, lk) in CASES.items():
         B, total, total_k = len(lq), sum(lq), sum(lk)
         q = torch.randn(total, HQ, D, device=dev, dtype=f16)
@@ -74,9 +76,15 @@ def main() -> int:
         cu_q, cu_k = cu_q.to(dev), cu_k.to(dev)
         out = torch.empty_like(q)
 
-        def varlen(max_q):
+        def varlen(max_q, plan=None):
             return lambda: skattn.attention_varlen(q, kc, vc, cu_q, cu_k, max_q, max(lk),
-                                                   block_table=table, out=out)
+                                                   block_table=table, out=out, plan=plan)
+
+        # policy "split" with one piece a tile: every real tile whole, one program each
+        whole = skattn.serving_plan(
+            batch=B, max_q_len=max(lq), total_q=total, max_kv_len=max(lk), page_size=args.page,
+            max_pages=pages_per, q_heads=HQ, kv_heads=HKV, head_dim=D, dtype=f16, causal=True,
+            policy="split")
 
         qs = [q[int(cu_q[b]):int(cu_q[b + 1])][None] for b in range(B)]
         ks = [k[int(cu_k[b]):int(cu_k[b + 1])][None] for b in range(B)]
@@ -92,10 +100,11 @@ def main() -> int:
 
         ref = torch.cat([o[0] for o in dense()])
         padded = 1 << (-(-total // 64) * 64 - 1).bit_length()  # as transformers_paged sees it
-        for max_q in (max(lq), padded):
-            varlen(max_q)()
+        for run in (varlen(max(lq)), varlen(padded), varlen(max(lq), whole)):
+            out.fill_(float("nan"))
+            run()
             err = (out.float() - ref.float()).abs().max().item()
-            assert err < 2e-2, (name, max_q, err)
+            assert err < 2e-2, (name, err)
         t_sdpa = f"{timed(sdpa, args.reps):9.1f}" if lq == lk else f"{'-':>9}"
         plan = skattn.serving._cached_plan(q.device, **dict(
             batch=B, max_q_len=max(lq), total_q=total, max_kv_len=max(lk), page_size=args.page,
@@ -103,7 +112,9 @@ def main() -> int:
             dtype=f16, causal=True, window=None))
         g = plan.geometry
         print(f"{name:9} {timed(varlen(max(lq)), args.reps):9.1f} "
-              f"{timed(varlen(padded), args.reps):9.1f} {timed(dense, args.reps):9.1f} {t_sdpa}  "
+              f"{timed(varlen(padded), args.reps):9.1f} "
+              f"{timed(varlen(max(lq), whole), args.reps):9.1f} ({whole.split} a tile) "
+              f"{timed(dense, args.reps):9.1f} {t_sdpa}  "
               f"tokens/tile {g.tokens_per_tile}, heads/tile {g.heads_per_tile}, block_n "
               f"{g.block_n}, warps {g.num_warps}, stages {g.num_stages}, programs "
               f"{plan.programs}, fixup {plan.fixup}")
