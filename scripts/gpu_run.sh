@@ -11,7 +11,9 @@
 #      `cb` (continuous-batching steps alone, tools/varlen_prefill.py; transformers'
 #      generate_batch with CUDA graphs, tokens/s; eager, tokens/s; then with graphs again,
 #      each attention launch and step shape recorded and GPU time by kernel,
-#      tools/cb_bench.py --profile --kernels)
+#      tools/cb_bench.py --profile --kernels), `prompt` (tools/prompt_square.py: whole prompts and
+#      long chunks, plan variants and SDPA flash; PROMPT_CELLS overrides its cells)
+# PACK=1 leaves $OUT as summary.txt and results.tar.gz (every log and result file inside).
 # STAGES="tests fuzz sanitize bench" picks stages (default those four); TESTS="files" limits
 # the GPU tests to those files. Logs and results go to $OUT (or
 # benchmarks/results/latest); the last lines printed are a short summary.
@@ -103,6 +105,12 @@ has cb && quick_bench cb-profile env OUT="$OUT_DIR/cb-profile" python3 tools/cb_
     --requests 32 --providers "paged|skattn,paged|sdpa" --graphs --profile --kernels --reps 1
 has quant && quick_bench quant python3 -m skattn.cli bench --quant --models llama-8b --n 1,16,512 \
     --no-progress --time-limit 70 --out "$OUT_DIR/quant"
+has prompt && quick_bench prompt env OUT="$OUT_DIR/prompt" python3 tools/prompt_square.py \
+    --cells "${PROMPT_CELLS:-llama-8b:2048:2048,llama-8b:8192:8192,gpt-oss:8192:8192,qwen3-14b:8192:8192,llama-8b:512:8192,qwen3-14b:1024:32768}"
 echo "== summary"
-printf '%s\n' "${summary[@]}"
+printf '%s\n' "${summary[@]}" | tee "$OUT_DIR/summary.txt"
+if [ -n "${PACK:-}" ]; then  # one archive of every log and result (for hosts that return few files)
+    tar -czf /tmp/gpu_run.tar.gz -C "$OUT_DIR" . && find "$OUT_DIR" -mindepth 1 ! -name summary.txt \
+        -delete && mv /tmp/gpu_run.tar.gz "$OUT_DIR/results.tar.gz"
+fi
 exit "$rc"
