@@ -95,6 +95,22 @@ def test_varlen(policy, fixup, programs, paged, window):
           lambda: reference.attention_varlen(q, k, v, *args, **kw))
 
 
+@pytest.mark.parametrize("window", [None, 40])
+def test_varlen_whole_tiles(window):
+    # a step of policy auto in whole tiles (a long causal prompt on a pretend GPU of 2
+    # resident programs), sinks, softcap and ALiBi
+    q, k, v, cu_q, cu_k = varlen_inputs([200, 1, 30], [200, 40, 60], hq=8, hkv=2, d=16, seed=4)
+    p = skattn.serving_plan(batch=3, max_q_len=200, total_q=q.shape[0], max_kv_len=200,
+                            total_k=k.shape[0], q_heads=8, kv_heads=2, head_dim=16, window=window,
+                            sms=1, occupancy=2, block_n=16)
+    assert reference_serving_plan.host_work_list(p, cu_k=cu_k.tolist(), cu_q=cu_q.tolist()).whole
+    args = (cu_q, cu_k, 200, 200)
+    kw = dict(window=window, return_lse=True, **features(torch.Generator().manual_seed(1), 8))
+    names = ("cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k")
+    check(p, lambda p: run_serving_plan(p, q, k, v, **dict(zip(names, args)), **kw),
+          lambda: reference.attention_varlen(q, k, v, *args, **kw))
+
+
 @pytest.mark.parametrize("shift", [+1, -1])
 @pytest.mark.parametrize("fixup", ["general", "fused"])
 def test_a_wrong_split_is_caught(monkeypatch, shift, fixup):

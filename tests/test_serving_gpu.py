@@ -155,6 +155,50 @@ def test_mixed_plan_halves(page_size):
         assert rel_err(out, ref) <= tol, (i, rel_err(out, ref), tol)
 
 
+def test_whole_tile_prompt_steps_in_a_graph():
+    # one graph, steps of a serving loop that switch between whole prompts (whole tiles handed
+    # out longest first) and decode or chunk steps (stream-K) as the lengths change
+    from skattn.kernels.worklist import WHOLE_FLAG
+
+    B, (Hq, Hkv, D), ps, T = 8, MIXED_HEADS, 64, 4096
+    g = gen(21)
+    max_pages = 2 * T // ps
+    k, v = rand((B * max_pages, ps, Hkv, D), g), rand((B * max_pages, ps, Hkv, D), g)
+    table = torch.randperm(B * max_pages, device="cuda", generator=g).to(I32).reshape(B, max_pages)
+    q = rand((T, Hq, D), g)
+    cu_q, cu_k = (torch.zeros(B + 1, dtype=I32, device="cuda") for _ in range(2))
+    p = skattn.serving_plan(batch=B, max_q_len=T, total_q=T, max_kv_len=2 * T, q_heads=Hq,
+                            kv_heads=Hkv, head_dim=D, page_size=ps, max_pages=max_pages)
+    assert p.whole_tiles
+    ws, wl = serving.workspace(p), torch.empty(p.work_list_words, dtype=I32, device="cuda")
+    out = torch.full((T, Hq, D), NAN, device="cuda", dtype=q.dtype)
+
+    def step():
+        serving.work_list(p, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, out=wl)
+        return skattn.attention_varlen(q, k, v, cu_q, cu_k, T, 2 * T, block_table=table, plan=p,
+                                       out=out, workspace=ws, work_list=wl)
+
+    graph, _ = capture([step])
+    steps = [  # (query tokens, keys) per sequence; whether the step runs in whole tiles
+        ([T], [T], True), ([1] * B, [T + 100 * i for i in range(B)], False),
+        ([1024] * 4, [1024, 2048, 3072, 4096], True), ([512] + [1] * 7, [2048] + [3000] * 7, False),
+        ([512] * B, [512] * B, True), ([1] * B, [2 * T] * B, False),
+        ([2000, 96], [2000, 8000], False)]  # tiles of 63 blocks beside the prompt's 1-16: cut
+    for i, (lq, lk, whole) in enumerate(steps * 2):
+        lq, lk = lq + [0] * (B - len(lq)), lk + [0] * (B - len(lk))
+        cu_q.copy_(torch.tensor([0, *torch.tensor(lq).cumsum(0).tolist()], dtype=I32))
+        cu_k.copy_(torch.tensor([0, *torch.tensor(lk).cumsum(0).tolist()], dtype=I32))
+        out.fill_(NAN)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert bool(wl[WHOLE_FLAG.value]) == whole, (i, lq)
+        rows = sum(lq)
+        ref = reference.attention_varlen(q[:rows], k, v, cu_q, cu_k, T, 2 * T, block_table=table)
+        tol = ragged_bound(sequences_varlen(q[:rows], k, v, cu_q, cu_k, table))
+        assert not torch.isnan(out[:rows]).any(), f"step {i}: unwritten rows"
+        assert rel_err(out[:rows], ref) <= tol, (i, rel_err(out[:rows], ref), tol)
+
+
 @pytest.mark.parametrize("page_size", [16, 32, 64, 128, 256])
 def test_page_sizes(page_size):
     lens = list(mix("lognormal", seed=page_size, scale=0.25).kv_lens[:12])

@@ -4,7 +4,7 @@ import torch
 
 import skattn
 from skattn import reference, serving
-from skattn.kernels.worklist import HEADER
+from skattn.kernels.worklist import HEADER, WHOLE_FLAG
 from skattn.serving_plan import host_work_list
 from serving_inputs import (paged_cache, ragged_bound, randn, sequences_kvcache,
                             sequences_varlen, varlen_inputs)
@@ -62,7 +62,7 @@ def device_list(p, **seqs):
     wl = serving.work_list(p, **seqs).tolist()
     B, R = p.batch, p.rb_max
     at = HEADER + 5 * B
-    return {"work": wl[0], "programs": wl[1], "lens_q": wl[HEADER:HEADER + B],
+    return {"work": wl[0], "programs": wl[1], "whole": wl[WHOLE_FLAG.value], "lens_q": wl[HEADER:HEADER + B],
             "lens_k": wl[HEADER + B:HEADER + 2 * B], "q_start": wl[HEADER + 2 * B:HEADER + 3 * B],
             "k_start": wl[HEADER + 3 * B:HEADER + 4 * B], "rb_start": wl[at:at + R + 1],
             "rb_count": wl[at + R + 1:at + 2 * R + 1], "rb_seq": wl[at + 2 * R + 1:at + 3 * R + 1],
@@ -72,6 +72,7 @@ def device_list(p, **seqs):
 def assert_same_list(p, dev, host):
     n = len(host.rb_count)
     assert dev["work"] == host.work and dev["programs"] == host.programs
+    assert dev["whole"] == int(host.whole)
     for name in ("lens_q", "lens_k", "q_start", "k_start", "rb_start"):
         assert dev[name] == getattr(host, name), name
     for name in ("rb_count", "rb_seq", "rb_qblock", "rb_first"):
@@ -197,6 +198,38 @@ def test_varlen_mixed_batch(paged, fixup):
                             block_n=16, policy="llamacpp-before", fixup=fixup, **bounds)
     assert p.geometry.tokens_per_tile < 19  # the prompt chunk spans several row blocks
     check_varlen(q, k, v, cu_q, cu_k, 19, 40, p, block_table=table)
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_whole_tiles_step(paged):
+    # a causal prompt of 16 tiles on a pretend GPU of 2 resident programs: policy auto runs
+    # the step in whole tiles handed out longest first (docs/serving.md, "Whole tiles"); a
+    # decode step of the same plan keeps stream-K (the kernel holds both)
+    lq, lk = [256, 1, 0], [256, 40, 5]
+    q, k, v, cu_q, cu_k = varlen_inputs(lq, lk, hq=8, hkv=2, d=16, seed=11)
+    bounds = dict(total_k=k.shape[0])
+    table = None
+    if paged:
+        k, v, table = paged_cache(lk, page_size=32, hkv=2, d=16, seed=12)
+        bounds = dict(page_size=32, max_pages=table.shape[1])
+    p = skattn.serving_plan(batch=3, max_q_len=256, total_q=q.shape[0], max_kv_len=256,
+                            q_heads=8, kv_heads=2, head_dim=16, sms=1, occupancy=2,
+                            block_n=16, **bounds)
+    assert p.whole_tiles
+    host = host_work_list(p, cu_k=cu_k.tolist(), cu_q=cu_q.tolist())
+    assert host.whole and host.programs == 0
+    assert_same_list(p, device_list(p, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k), host)
+    check_varlen(q, k, v, cu_q, cu_k, 256, 256, p, block_table=table)
+    # the same plan, decode rows only: stream-K and the general fixup
+    lq1 = [1, 1, 1]
+    q1, k1, v1, cu_q1, cu_k1 = varlen_inputs(lq1, lk, hq=8, hkv=2, d=16, seed=13,
+                                             pad_q=q.shape[0] - 3)
+    if paged:
+        k1, v1 = k, v
+    host1 = host_work_list(p, cu_k=cu_k1.tolist(), cu_q=cu_q1.tolist())
+    assert not host1.whole and host1.programs > 0
+    assert_same_list(p, device_list(p, cu_seqlens_q=cu_q1, cu_seqlens_k=cu_k1), host1)
+    check_varlen(q1, k1, v1, cu_q1, cu_k1, 256, 256, p, block_table=table)
 
 
 def test_work_list_shared_between_calls():

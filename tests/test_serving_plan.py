@@ -40,8 +40,12 @@ def test_work_list_covers_every_item_once(seed):
         assert first == edge and stop > first
         edge = stop
     assert edge == wl.work
-    # programs split [0, W) into consecutive, non-empty ranges
+    # programs split [0, W) into consecutive, non-empty ranges (none in a whole-tile step,
+    # whose tiles are handed out one by one)
     ranges = [wl.program_range(i) for i in range(p.programs)]
+    if wl.whole:
+        assert wl.programs == 0 and all(a == b == wl.work for a, b in ranges)
+        return
     assert ranges[0][0] == 0 and ranges[wl.programs - 1][1] == wl.work
     assert all(a < b for a, b in ranges[:wl.programs])
     assert all(ranges[i][1] == ranges[i + 1][0] for i in range(wl.programs - 1))
@@ -86,6 +90,41 @@ def test_auto_prefers_whole_tiles_for_equal_lengths():
     assert host_work_list(p, lens_k=lens).programs == 264
     assert cut_free(256, 512, 64, 64) and not cut_free(264, 512, 64, 64)
     assert not cut_free(256, 512, 64, 63)
+
+
+def varlen_step(lq, lk, **kw):
+    """(plan of llama-8b heads on an H200's grid for up to 8192 new tokens, work list)."""
+    cu_q, cu_k = [0], [0]
+    for a, b in zip(lq, lk):
+        cu_q.append(cu_q[-1] + a)
+        cu_k.append(cu_k[-1] + b)
+    p = skattn.serving_plan(batch=32, max_q_len=8192, total_q=8192, max_kv_len=32768,
+                            page_size=256, max_pages=128, q_heads=32, kv_heads=8,
+                            head_dim=128, sms=132, occupancy=2, **kw)
+    lq, lk = lq + [0] * (32 - len(lq)), lk + [0] * (32 - len(lk))
+    cu_q += [cu_q[-1]] * (33 - len(cu_q))
+    cu_k += [cu_k[-1]] * (33 - len(cu_k))
+    return p, host_work_list(p, cu_q=cu_q, cu_k=cu_k)
+
+
+def test_whole_tiles_for_prompt_steps():
+    # the prompts of an 8192-token step run in whole tiles (1.4-1.5x over cut tiles measured,
+    # tools/varlen_prefill.py); decode steps and a chunk among decode rows keep stream-K
+    from skattn.kernels import worklist
+    from skattn.policy import CUT_PENALTY_MANY, MANY_TILES, UNEQUAL_TILES
+
+    assert (worklist.MANY.value, worklist.UNEQUAL.value) == (MANY_TILES, UNEQUAL_TILES)
+    assert worklist.CUT_X10.value == round(10 * CUT_PENALTY_MANY)
+    for lq in ([8192], [2048] * 4, [512] * 16):
+        p, wl = varlen_step(lq, lq)
+        assert p.whole_tiles and wl.whole and wl.programs == 0, lq
+    for lq, lk in (([1] * 32, [4096 + 64 * i for i in range(32)]),
+                   ([1024] + [1] * 31, [3072] + [2048 + 64 * i for i in range(31)])):
+        p, wl = varlen_step(lq, lk)
+        assert not wl.whole and wl.programs > 0
+    # other policies, and plans whose steps cannot be whole prompts, never run whole tiles
+    assert not varlen_step([8192], [8192], policy="llamacpp")[1].whole
+    assert not kv_plan(64, 1, 32768, policy="auto").whole_tiles
 
 
 def test_split_plan_is_fixed_per_tile():

@@ -1,10 +1,10 @@
 """Replay a ServingPlan's ragged stream-K decomposition in float64 (docs/serving.md).
 
 The work list is built in Python exactly as the device builds it (`host_work_list`), split
-among the programs by the plan's effective program count (stream-K shares of W, or `split`
-pieces a tile), and each program's items run tile by tile with the online softmax; pieces
-of cut tiles go to two workspace slots per program and the plan's fixup (general, fused,
-uniform or none) merges them: checked against the one-shot references on a CPU.
+among the programs by the plan's effective program count (stream-K shares of W, `split`
+pieces a tile, or whole tiles in a whole-tile step), and each program's items run tile by
+tile with the online softmax; pieces of cut tiles go to two workspace slots per program
+and the plan's fixup (general, fused, uniform or none) merges them: checked against the one-shot references on a CPU.
 """
 from __future__ import annotations
 
@@ -256,6 +256,9 @@ def _replay(plan, wl, q, k, v, out, lse, *, block_table, scale, causal, window, 
     rp = _Replay(plan, wl, seqs, None if sinks is None else sinks.to(F64), out, lse)
     for p in range(plan.programs):  # in order: the last owner of a fused tile arrives last
         rp.program(p)
+    if wl.whole:  # a whole-tile step (no stream-K program): every tile whole, longest first
+        for t in reversed(range(len(wl.rb_count) * plan.hz)):
+            rp.write(t, rp.partial(t, *wl.tile_range(plan, t)))
     if plan.fixup == "general":
         rp.general()
     elif plan.fixup == "uniform":

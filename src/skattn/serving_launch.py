@@ -68,11 +68,12 @@ def _bind(plan: ServingPlan, device: torch.device) -> Bound:
                     FUSED=plan.fixup == "fused", TOKENS=g.tokens_per_tile, BLOCK_N=g.block_n,
                     BLOCK_B=block_b, LOG_B=block_b.bit_length() - 1, RB_CHUNK=RB_CHUNK,
                     NB=_pow2(max(2, plan.programs)), Q_RANGE=plan.q_range is not None,
-                    num_warps=4)
+                    WHOLE=plan.whole_tiles, LQ_MIN=plan.whole_q_min, num_warps=4)
     main_const, fix_const, fix_grid, _ = constants(plan, device, plan.tiles_max)
     search = 256 if plan.rb_max <= 256 else 1024
     main_const.update(PAGED=plan.layout == "paged", PAGE_SIZE=plan.page_size or 16,
-                      SEARCH=search, KV_FORMAT=KV_FORMATS.get(plan.dtype, 0))
+                      SEARCH=search, KV_FORMAT=KV_FORMATS.get(plan.dtype, 0),
+                      WHOLE=plan.whole_tiles)
     fix_kernel = plan.fixup if plan.fixup in ("uniform", "general") else None
     if fix_kernel == "general":
         fix_const["SEARCH"] = search
@@ -137,7 +138,7 @@ def build(plan: ServingPlan, wl: torch.Tensor, *, seq_k: torch.Tensor, cu_k: boo
     args = (seq_k, seq_q if seq_q is not None else seq_k, wl, b.cost, plan.batch,
             plan.q_len or 0, plan.max_q_len, plan.total_q, cap_k, total_k, plan.hz, plan.rb_max,
             plan.window or 0, plan.programs, plan.split, n_sat(plan), plan.per_sm,
-            *(plan.q_range or (0, INT32_MAX)))
+            *(plan.q_range or (0, INT32_MAX)), plan.resident)
     const = dict(b.wl_const, CU_K=cu_k)
     key = None
     if b.cuda and _no_hooks():

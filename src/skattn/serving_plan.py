@@ -13,9 +13,11 @@ import torch
 from skattn import buffers
 from skattn.checks import causal_window
 from skattn.config import TileGeometry, tile_geometry
-from skattn.planner import _DTYPES, _check_positive, _kv_blocks, gpu_limits, shared_programs
-from skattn.policy import (CostModel, canonical_policy, load_cost_model, predict_us,
-                           saturated_blocks, split_count)
+from skattn.planner import (_DTYPES, COMPUTE_BOUND_INTENSITY, _check_positive, _kv_blocks,
+                            gpu_limits, shared_programs)
+from skattn.policy import (CUT_PENALTY_MANY, MANY_TILES, UNEQUAL_TILES, CostModel,
+                           canonical_policy, load_cost_model, predict_us, saturated_blocks,
+                           split_count)
 from skattn.tuning import Tuning
 
 __all__ = ["ServingPlan", "serving_plan", "host_work_list", "WorkList", "SERVING_POLICIES"]
@@ -117,6 +119,25 @@ class ServingPlan:
         return shared_programs(self.geometry, self.occupancy, self.dtype)
 
     @property
+    def resident(self) -> int:
+        """Programs the GPU runs at once."""
+        return self.sms * self.per_sm
+
+    @property
+    def whole_q_min(self) -> int:
+        """Query tokens of a sequence from which a step counts as compute-bound (the dense
+        planner's COMPUTE_BOUND_INTENSITY over the GQA ratio)."""
+        return -(-COMPUTE_BOUND_INTENSITY // self.gqa_ratio)
+
+    @property
+    def whole_tiles(self) -> bool:
+        """Whether the device may run a step of this plan in whole tiles, handed out one by
+        one longest first (`whole_tiles_step`; docs/serving.md, "Whole tiles"): policy auto
+        and sequences allowed to be long enough to be compute-bound. Not the batch's size or
+        token count, which change from step to step: the kernels would be built again."""
+        return self.policy == "auto" and self.max_q_len >= self.whole_q_min
+
+    @property
     def workspace_floats(self) -> int:
         o, m, _ = buffers.layout(self, self.tiles_max)
         return o + 2 * m
@@ -141,7 +162,8 @@ class ServingPlan:
             f"BLOCK_N {g.block_n}; warps {g.num_warps}, stages {g.num_stages}",
             f"bounds: row blocks <= {self.rb_max}, tiles <= {self.tiles_max} ({self.hz} per row block)",
             f"grid: {self.programs} programs ({self.sms} SMs x {self.occupancy}); policy {self.policy}"
-            f"{f', {self.split} pieces a tile' if self.per_tile_ranges else ' (N chosen on the GPU from the real work)'}; "
+            f"{f', {self.split} pieces a tile' if self.per_tile_ranges else ' (N chosen on the GPU from the real work)'}"
+            f"{'; whole tiles where a step is a long prompt' if self.whole_tiles else ''}; "
             f"fixup {self.fixup}",
             f"workspace: {self.workspace_bytes} bytes; work list: {self.work_list_words * 4} bytes",
         ])
@@ -335,7 +357,8 @@ class WorkList:
     rb_count: list[int]     # KV blocks of each of its tiles
     rb_start: list[int]     # [RB_max + 1] first item of each row block (padding at W)
     work: int               # W
-    programs: int           # N chosen from W
+    programs: int           # N chosen from W (0 in a whole-tile step)
+    whole: bool = False     # the step runs in whole tiles, handed out longest first
 
     def tile_range(self, plan: ServingPlan, tile: int) -> tuple[int, int]:
         rb, h = divmod(tile, plan.hz)
@@ -413,10 +436,30 @@ def host_work_list(plan: ServingPlan, *, lens_k=None, cu_k=None, cu_q=None) -> W
         rb_start.append(rb_start[-1] + c * plan.hz)
     work = rb_start[-1]
     rb_start += [work] * (plan.rb_max - len(rb_count))
-    programs = effective_programs(plan, work, len(rb_count) * plan.hz,
-                                  max(rb_count, default=0), min(rb_count, default=0))
+    tiles = len(rb_count) * plan.hz
+    longest, shortest = max(rb_count, default=0), min(rb_count, default=0)
+    whole = whole_tiles_step(plan, work, tiles, longest, shortest, max(lq, default=0))
+    programs = 0 if whole else effective_programs(plan, work, tiles, longest, shortest)
     return WorkList(lq, lk, qs, ks, rb_seq, rb_qblock, rb_first, rb_count, rb_start, work,
-                    programs)
+                    programs, whole)
+
+
+def whole_tiles_step(plan: ServingPlan, work: int, tiles: int, longest: int, shortest: int,
+                     q_max: int) -> bool:
+    """Whether the device runs a step in whole tiles (kernels/worklist.py `_whole_tiles`):
+    on a plan that allows it (`ServingPlan.whole_tiles`), a compute-bound step (a sequence
+    of at least `whole_q_min` query tokens) whose tiles differ in length at least
+    UNEQUAL_TILES x and outnumber the resident programs more than MANY_TILES x, where whole
+    tiles handed out to free programs (the work per resident program plus one longest tile,
+    or their waves) take less than one cut wave at CUT_PENALTY_MANY (the dense planner's
+    rule for whole prompts, policy.compute_bound_programs)."""
+    r = plan.resident
+    if not plan.whole_tiles or work == 0 or q_max < plan.whole_q_min:
+        return False
+    if tiles <= MANY_TILES * r or longest < UNEQUAL_TILES * shortest:
+        return False
+    cut = -(-work // max(min(r, work), 1)) * CUT_PENALTY_MANY
+    return min(-(-tiles // r) * longest, -(-work // r) + longest) < cut
 
 
 def effective_programs(plan: ServingPlan, work: int, tiles: int, max_count: int,

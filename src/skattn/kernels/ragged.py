@@ -3,7 +3,9 @@
 Tiles are (row block rb, h) with h = KV head x head group; row block rb is token block j
 of sequence b. The work list (kernels/worklist.py) gives each row block's first item, its
 KV blocks per tile, b, j and first KV block; W and the effective program count N are in its
-header. Output and q rows of a sequence start at its first row (`qs_b`), so the dense
+header; a step the work list marks for whole tiles has its tiles handed out one at a time,
+longest first, through a counter in the header (docs/serving.md, "Whole tiles"). Output
+and q rows of a sequence start at its first row (`qs_b`), so the dense
 helpers (`load_q`, `finalize_store`, the fused fixup) run on pointers moved to the
 sequence, with b = 0.
 """
@@ -15,7 +17,7 @@ from skattn.kernels.attention import _fused_fixup
 from skattn.kernels.kv_loop import load_q
 from skattn.kernels.ragged_kv import ragged_kv_loop
 from skattn.kernels.tile import finalize_store, program_start, store_partial, tile_rows
-from skattn.kernels.worklist import wl_offsets
+from skattn.kernels.worklist import WHOLE_FLAG, WHOLE_NEXT, wl_offsets
 
 
 @triton.jit
@@ -28,6 +30,20 @@ def find_row_block(RB_START, rb_max, item, SEARCH: tl.constexpr):
         ends = tl.load(RB_START + idx, mask=idx <= rb_max, other=2147483647)
         found += tl.sum((ends <= item).to(tl.int32), 0)
     return found
+
+
+@triton.jit
+def next_whole_tile(WL, hz, o_start, o_count):
+    """The next tile of a whole-tile step, longest first (row blocks from the last: a causal
+    prompt's longest), as (rb, h, its first item, its KV blocks, whether one was left)."""
+    tiles = tl.load(WL + 2) * hz
+    k = tl.atomic_add(WL + WHOLE_NEXT, 1, sem="relaxed")
+    left = k < tiles
+    t = tl.where(left, tiles - 1 - k, 0)
+    rb = t // hz
+    h = t - rb * hz
+    c = tl.load(WL + o_count + rb, mask=left, other=1)
+    return rb, h, tl.load(WL + o_start + rb, mask=left, other=0), c, left
 
 
 @triton.jit
@@ -67,7 +83,7 @@ def ragged_attention_kernel(
     PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, DOT_F32: tl.constexpr,
     SEARCH: tl.constexpr, FIXUP_COLS: tl.constexpr, FIXUP_ROWS: tl.constexpr,
     MERGE_PIECES: tl.constexpr, USE_PDL: tl.constexpr,
-    KV_FORMAT: tl.constexpr = 0, HEAD_SCALES: tl.constexpr = 0,
+    KV_FORMAT: tl.constexpr = 0, HEAD_SCALES: tl.constexpr = 0, WHOLE: tl.constexpr = False,
 ):
     p = tl.program_id(0)
     if USE_PDL == 1:
@@ -75,6 +91,10 @@ def ragged_attention_kernel(
     work = tl.load(WL + 0)
     programs = tl.load(WL + 1)
     _, _, _, _, _, o_start, o_count, _, _, _ = wl_offsets(batch, rb_max)
+    if WHOLE:  # plans of policy auto whose steps can be whole prompts
+        whole_step = tl.load(WL + WHOLE_FLAG) != 0
+    else:  # a compile-time False: the stream-K code alone
+        whole_step = False
     # -- this program's [start, end) of the real work list
     if PER_TILE_RANGES:  # the split anchor: piece i of tile p // split
         tile = p // split
@@ -91,15 +111,20 @@ def ragged_attention_kernel(
                           tl.full([BLOCK_M], float("-inf"), dtype=tl.float32),
                           tl.zeros([BLOCK_M], dtype=tl.float32), p * 2, WS_O, WS_M, WS_L,
                           HEAD_DIM_V, BLOCK_M, BLOCK_DV)
-    else:  # stream-K: an equal share of W among the N programs the work list chose
-        n = tl.maximum(programs, 1)
-        start = program_start(tl.minimum(p, programs), work, n)
-        end = program_start(tl.minimum(p + 1, programs), work, n)
-        rb = find_row_block(WL + o_start, rb_max, start, SEARCH)
-        inside = rb < rb_max
-        rbs = tl.load(WL + o_start + rb, mask=inside, other=0)
-        c = tl.load(WL + o_count + rb, mask=inside, other=1)
-        h = (start - rbs) // tl.maximum(c, 1)
+    else:
+        if whole_step:  # whole tiles, handed out one by one
+            rb, h, rbs, c, left = next_whole_tile(WL, hz, o_start, o_count)
+            start = rbs + h * c
+            end = tl.where(left, start + c, start)
+        else:  # stream-K: an equal share of W among the N programs the work list chose
+            n = tl.maximum(programs, 1)
+            start = program_start(tl.minimum(p, programs), work, n)
+            end = program_start(tl.minimum(p + 1, programs), work, n)
+            rb = find_row_block(WL + o_start, rb_max, start, SEARCH)
+            inside = rb < rb_max
+            rbs = tl.load(WL + o_start + rb, mask=inside, other=0)
+            c = tl.load(WL + o_count + rb, mask=inside, other=1)
+            h = (start - rbs) // tl.maximum(c, 1)
     item = start
     while item < end:
         first = rbs + h * c
@@ -148,13 +173,18 @@ def ragged_attention_kernel(
                              HEADS_PER_TILE, TOKENS_PER_TILE, HAS_SINKS, RETURN_LSE, FIXUP_COLS,
                              FIXUP_ROWS, MERGE_PIECES)
         item = stop_here
-        # -- the next tile: the next head group, or the next row block's first
-        h += 1
-        next_rb = h == hz
-        rb = tl.where(next_rb, rb + 1, rb)
-        h = tl.where(next_rb, 0, h)
-        inside = rb < rb_max
-        rbs = tl.load(WL + o_start + rb, mask=inside, other=0)
-        c = tl.load(WL + o_count + rb, mask=inside, other=1)
+        if whole_step:  # the next tile handed out
+            rb, h, rbs, c, left = next_whole_tile(WL, hz, o_start, o_count)
+            item = rbs + h * c
+            start = item
+            end = tl.where(left, item + c, item)
+        else:  # the next head group, or the next row block's first
+            h += 1
+            next_rb = h == hz
+            rb = tl.where(next_rb, rb + 1, rb)
+            h = tl.where(next_rb, 0, h)
+            inside = rb < rb_max
+            rbs = tl.load(WL + o_start + rb, mask=inside, other=0)
+            c = tl.load(WL + o_count + rb, mask=inside, other=1)
     if USE_PDL == 2:
         gdc_launch_dependents()

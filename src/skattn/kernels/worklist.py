@@ -1,14 +1,23 @@
 """The ragged work list, built on the GPU by one program (docs/serving.md, "The work list").
 
 Layout of the int32 buffer WL (offsets by `wl_offsets`): a header (W, N, RB, max and min
-KV blocks of a tile), per sequence Lq, Lk, first query row, first key row, end of its row
-blocks; per row block its first item (RB_max + 1 entries), KV blocks per tile, sequence,
+KV blocks of a tile, whole-tile step, the whole-tile hand-out counter), per sequence Lq, Lk,
+first query row, first key row, end of its row blocks; per row block its first item (RB_max + 1 entries), KV blocks per tile, sequence,
 token block and first KV block.
 """
 import triton
 import triton.language as tl
 
 HEADER: tl.constexpr = tl.constexpr(16)
+# header words: 1 where the step runs in whole tiles handed out one by one; the next whole
+# tile to hand out (zeroed by the build)
+WHOLE_FLAG: tl.constexpr = tl.constexpr(5)
+WHOLE_NEXT: tl.constexpr = tl.constexpr(6)
+# the whole-tile rule (policy.whole_prompt and compute_bound_programs, kept equal to them by
+# tests/test_serving_plan.py)
+MANY: tl.constexpr = tl.constexpr(3)
+UNEQUAL: tl.constexpr = tl.constexpr(2)
+CUT_X10: tl.constexpr = tl.constexpr(15)  # CUT_PENALTY_MANY x 10
 
 
 # The integers a serving step changes (batch, lengths, their bounds, the row blocks they
@@ -16,7 +25,7 @@ HEADER: tl.constexpr = tl.constexpr(16)
 # the first time a batch shows a new combination, so the serving kernels do not specialise on
 # them (this one, a single program, on none of its integers).
 SHAPE_INTS = ["batch", "q_len", "cap_q", "total_q", "cap_k", "total_k", "hz", "rb_max",
-              "window", "grid_programs", "split", "n_sat", "per_sm", "q_lo", "q_hi"]
+              "window", "grid_programs", "split", "n_sat", "per_sm", "q_lo", "q_hi", "resident"]
 
 
 @triton.jit
@@ -55,7 +64,8 @@ def _span(CU, i, ok, cap, total):
 def _sequences(SEQ_K, SEQ_Q, WL, batch, q_len, cap_q, total_q, cap_k, total_k, rb_max,
                q_lo, q_hi, CU_K: tl.constexpr, VARLEN_Q: tl.constexpr, Q_RANGE: tl.constexpr,
                TOKENS: tl.constexpr, BLOCK_B: tl.constexpr):
-    """Per-sequence lengths and starts, clamped to the plan's bounds; returns real row blocks.
+    """Per-sequence lengths and starts, clamped to the plan's bounds; returns real row blocks
+    and the most query tokens of a sequence.
     Q_RANGE: a sequence whose query count is not in (q_lo, q_hi] belongs to the other half
     of a MixedPlan and counts as empty."""
     o_lq, o_lk, o_qs, o_ks, o_rbe, _, _, _, _, _ = wl_offsets(batch, rb_max)
@@ -82,7 +92,7 @@ def _sequences(SEQ_K, SEQ_Q, WL, batch, q_len, cap_q, total_q, cap_k, total_k, r
     tl.store(WL + o_qs + i, qs, mask=ok)
     tl.store(WL + o_ks + i, ks, mask=ok)
     tl.store(WL + o_rbe + i, rb_end, mask=ok)
-    return tl.minimum(tl.sum(nqb, 0), rb_max)
+    return tl.minimum(tl.sum(nqb, 0), rb_max), tl.max(lq, 0)
 
 
 @triton.jit
@@ -147,19 +157,38 @@ def _programs(work, tiles, maxc, minc, grid_programs, split, n_sat, per_sm, COST
     return tl.where(work > 0, n, 0)
 
 
+@triton.jit
+def _whole_tiles(work, tiles, maxc, minc, lq_max, resident, lq_min):
+    """Whether a step runs in whole tiles, each program taking the next longest-first
+    (serving_plan.whole_tiles_step): a compute-bound step whose tiles differ in length at
+    least UNEQUAL x and outnumber the resident programs more than MANY x, where the GPU's
+    hand-out of whole tiles (work per resident program plus one longest tile, or their
+    waves) beats one cut wave at CUT_PENALTY_MANY."""
+    work = tl.cast(work, tl.int64)
+    one = tl.maximum(tl.minimum(resident, work), 1)
+    cut_x10 = (work + one - 1) // one * CUT_X10
+    waves = (tiles + resident - 1) // resident * maxc
+    handed = (work + resident - 1) // resident + maxc
+    whole_x10 = tl.minimum(waves, handed) * 10
+    prompt = (tiles > MANY * resident) & (maxc >= UNEQUAL * minc) & (lq_max >= lq_min)
+    return prompt & (work > 0) & (whole_x10 < cut_x10)
+
+
 @triton.jit(do_not_specialize=SHAPE_INTS)
 def work_list_kernel(
     SEQ_K, SEQ_Q, WL, COST,
     batch, q_len, cap_q, total_q, cap_k, total_k, hz, rb_max, window,
-    grid_programs, split, n_sat, per_sm, q_lo, q_hi,
+    grid_programs, split, n_sat, per_sm, q_lo, q_hi, resident,
     CU_K: tl.constexpr, VARLEN_Q: tl.constexpr, CAUSAL: tl.constexpr,
     HAS_WINDOW: tl.constexpr, POLICY: tl.constexpr, FUSED: tl.constexpr,
     TOKENS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
     LOG_B: tl.constexpr, RB_CHUNK: tl.constexpr, NB: tl.constexpr, Q_RANGE: tl.constexpr,
+    WHOLE: tl.constexpr = False, LQ_MIN: tl.constexpr = 0,
 ):
     """One program: lengths -> row blocks -> per-row-block KV blocks -> prefix sums -> N."""
-    rb_real = _sequences(SEQ_K, SEQ_Q, WL, batch, q_len, cap_q, total_q, cap_k, total_k, rb_max,
-                         q_lo, q_hi, CU_K, VARLEN_Q, Q_RANGE, TOKENS, BLOCK_B)
+    rb_real, lq_max = _sequences(SEQ_K, SEQ_Q, WL, batch, q_len, cap_q, total_q, cap_k,
+                                 total_k, rb_max, q_lo, q_hi, CU_K, VARLEN_Q, Q_RANGE, TOKENS,
+                                 BLOCK_B)
     tl.debug_barrier()  # the per-sequence arrays are read back below by other threads
     o_lq, o_lk, _, _, o_rbe, o_start, o_count, o_seq, o_qblock, o_first = wl_offsets(batch, rb_max)
     carry = tl.zeros([], dtype=tl.int32)
@@ -199,8 +228,13 @@ def work_list_kernel(
     work = carry
     n = _programs(work, rb_real * hz, maxc, minc, grid_programs, split, n_sat, per_sm, COST,
                   POLICY, FUSED, NB)
+    whole = work < 0  # False
+    if WHOLE:  # policy auto on a plan whose steps can be whole prompts
+        whole = _whole_tiles(work, rb_real * hz, maxc, minc, lq_max, resident, LQ_MIN)
     tl.store(WL + 0, work)
-    tl.store(WL + 1, n)
+    tl.store(WL + 1, tl.where(whole, 0, n))  # no stream-K program: the fixups find nothing
+    tl.store(WL + WHOLE_FLAG, whole.to(tl.int32))
+    tl.store(WL + WHOLE_NEXT, 0)
     tl.store(WL + 2, rb_real)
     tl.store(WL + 3, maxc)
     tl.store(WL + 4, tl.where(rb_real > 0, minc, 0))
