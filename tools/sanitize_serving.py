@@ -1,6 +1,6 @@
 """Small serving calls for compute-sanitizer (memcheck, racecheck, synccheck): every fixup
 kind on ragged dense, paged (page sizes 16, 48, 64) and packed varlen batches (one plan, and
-a MixedPlan's two halves), a paged fp8 cache with per-head K and per-tensor V scales, and
+a MixedPlan's two halves), a prompt step in whole tiles, a paged fp8 cache with per-head K and per-tensor V scales, and
 the device-side behaviour on bad lengths and page ids (clamped and masked: no out-of-bounds
 read). Run: compute-sanitizer --tool memcheck python3 tools/sanitize_serving.py
 """
@@ -84,6 +84,36 @@ def main() -> int:
         if rel(out[rows], ref[rows]) > 2e-2:
             bad += 1
             print(f"FAIL varlen {fixup} q_split {q_split}")
+    # a prompt step in whole tiles (auto, planned for a pretend GPU of 4 SMs so that its 64
+    # tiles outnumber the resident programs), packed and paged (pages of 64)
+    from skattn.kernels.worklist import WHOLE_FLAG
+    cu_q = torch.tensor([0, 1024, 1025], dtype=I32, device="cuda")
+    cu_k = torch.tensor([0, 1024, 1524], dtype=I32, device="cuda")
+    qv, kv_, vv = rand(1025, Hq, D), rand(1524, Hkv, D), rand(1524, Hkv, D)
+    ref = reference.attention_varlen(qv, kv_, vv, cu_q, cu_k, 1024, 1024)
+    pages = torch.randperm(24, device="cuda", generator=g).to(I32)
+    table = torch.full((2, 16), 10**6, dtype=I32, device="cuda")  # unused entries: out of range
+    table[0], table[1, :8] = pages[:16], pages[16:]
+    kp = torch.zeros(24, 64, Hkv, D, dtype=kv_.dtype, device="cuda")
+    vp = torch.zeros_like(kp)
+    for b, (k0, n_keys) in enumerate(((0, 1024), (1024, 500))):
+        for j in range(-(-n_keys // 64)):
+            rows = slice(k0 + 64 * j, k0 + min(64 * (j + 1), n_keys))
+            m = rows.stop - rows.start
+            kp[table[b, j], :m], vp[table[b, j], :m] = kv_[rows], vv[rows]
+    for paged in (False, True):
+        bounds = dict(page_size=64, max_pages=16) if paged else dict(total_k=1524)
+        p = skattn.serving_plan(batch=2, max_q_len=1024, total_q=1025, max_kv_len=1024,
+                                q_heads=Hq, kv_heads=Hkv, head_dim=D, sms=4, **bounds)
+        wl = serving.work_list(p, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+        out = skattn.attention_varlen(qv, kp if paged else kv_, vp if paged else vv, cu_q, cu_k,
+                                      1024, 1024, plan=p, work_list=wl,
+                                      block_table=table if paged else None)
+        n += 1
+        if rel(out, ref) > 2e-2 or int(wl[WHOLE_FLAG.value]) != 1:
+            bad += 1
+            print(f"FAIL whole tiles paged={paged}: {rel(out, ref):.2e}, "
+                  f"flag {int(wl[WHOLE_FLAG.value])}")
     # fp8 e4m3 K/V, paged (16), with a page id out of range in one sequence's unused entries
     ps, need = 16, [-(-x // 16) for x in lens]
     table = torch.full((B, max(need)), 10**6, dtype=I32, device="cuda")
