@@ -61,8 +61,12 @@ def test_serving_kernels_keep_one_build_across_batch_shapes():
     pdl_choice = ("USE_PDL", "ROWS", "MERGE_PIECES", "launch_pdl")
     for r in rows:
         const = {k: v for k, v in r["const"].items() if k not in pdl_choice}
-        keys.setdefault((r["family"], r["kernel"]), []).append((r["spec"], const))
-    kernels = {"work_list_kernel", "ragged_attention_kernel", "ragged_general_fixup_kernel"}
+        # the main kernel twice a step: its whole-tile build, then its stream-K build
+        kernel = r["kernel"] + (":whole" if r["kernel"] != "work_list_kernel"
+                                and r["const"].get("WHOLE") else "")
+        keys.setdefault((r["family"], kernel), []).append((r["spec"], const))
+    kernels = {"work_list_kernel", "ragged_attention_kernel", "ragged_attention_kernel:whole",
+               "ragged_general_fixup_kernel"}
     assert set(keys) == {(f, k) for f in ("varlen-packed", "varlen-paged") for k in kernels}
     for kernel, builds in keys.items():
         assert len(builds) == 5 and all(b == builds[0] for b in builds), (kernel, builds)

@@ -72,8 +72,7 @@ def _bind(plan: ServingPlan, device: torch.device) -> Bound:
     main_const, fix_const, fix_grid, _ = constants(plan, device, plan.tiles_max)
     search = 256 if plan.rb_max <= 256 else 1024
     main_const.update(PAGED=plan.layout == "paged", PAGE_SIZE=plan.page_size or 16,
-                      SEARCH=search, KV_FORMAT=KV_FORMATS.get(plan.dtype, 0),
-                      WHOLE=plan.whole_tiles)
+                      SEARCH=search, KV_FORMAT=KV_FORMATS.get(plan.dtype, 0), WHOLE=False)
     fix_kernel = plan.fixup if plan.fixup in ("uniform", "general") else None
     if fix_kernel == "general":
         fix_const["SEARCH"] = search
@@ -199,7 +198,11 @@ def run(plan: ServingPlan, q, k, v, out, lse, *, wl, block_table, scale: float, 
         key = (b.kid, features, q.dtype, out.dtype, k.dtype, qs, ks, vs, os_, ls,
                *(x.data_ptr() % 16 == 0 for x in (q, k, v, out, lse_t, sinks_t, slopes_t, ks_t,
                                                   vs_t, bt, ws_o, ws_m, ws_l, counters, wl)))
-    _launch(_ragged.ragged_attention_kernel, key, args, main_const, (plan.programs, 1, 1), stream)
+    grid = (plan.programs, 1, 1)
+    if plan.whole_tiles:  # the whole-tile variant first: it works where the step is whole tiles
+        whole = dict(main_const, WHOLE=True, USE_PDL=0)
+        _launch(_ragged.ragged_attention_kernel, key and (*key, "whole"), args, whole, grid, stream)
+    _launch(_ragged.ragged_attention_kernel, key, args, main_const, grid, stream)
     if b.fix_kernel is None:
         return
     out_args = (out, *os_, lse_t, *ls, sinks_t, ws_o, ws_m, ws_l, wl,

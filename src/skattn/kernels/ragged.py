@@ -3,9 +3,10 @@
 Tiles are (row block rb, h) with h = KV head x head group; row block rb is token block j
 of sequence b. The work list (kernels/worklist.py) gives each row block's first item, its
 KV blocks per tile, b, j and first KV block; W and the effective program count N are in its
-header; a step the work list marks for whole tiles has its tiles handed out one at a time,
-longest first, through a counter in the header (docs/serving.md, "Whole tiles"). Output
-and q rows of a sequence start at its first row (`qs_b`), so the dense
+header. A step the work list marks for whole tiles runs in the kernel's WHOLE variant,
+launched before the stream-K one (which finds N = 0 then): its programs take whole tiles
+one at a time, longest first, from a counter in the header (docs/serving.md, "Whole
+tiles"). Output and q rows of a sequence start at its first row (`qs_b`), so the dense
 helpers (`load_q`, `finalize_store`, the fused fixup) run on pointers moved to the
 sequence, with b = 0.
 """
@@ -59,6 +60,49 @@ def sequence_of(WL, rb, h, batch, rb_max, ntiles_z):
             tl.load(WL + o_qs + b), tl.load(WL + o_ks + b), g, h - g * ntiles_z)
 
 
+@triton.jit
+def _tile_state(WL, rb, h, rbs, c, item, stop_here, batch, rb_max, ntiles_z, ratio,
+                Q, stride_qb, stride_qm, stride_qh, K, stride_kb, stride_kn, stride_kh,
+                V, stride_vb, stride_vn, stride_vh, O, stride_ob, stride_om, LSE, stride_lb,
+                BT, stride_bt, SLOPES, KS, VS, num_pages, qk_scale, softcap_scale, window,
+                HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, DK_CHUNKS: tl.constexpr,
+                BLOCK_DV: tl.constexpr, HEADS_PER_TILE: tl.constexpr,
+                TOKENS_PER_TILE: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, DOT_F32: tl.constexpr,
+                PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, KV_FORMAT: tl.constexpr,
+                HEAD_SCALES: tl.constexpr):
+    """The online-softmax state of tile (rb, h) over its items [item, stop_here), with the
+    rows it covers and its output and LSE pointers moved to its sequence."""
+    first = rbs + h * c
+    b, qblock, kv_first, lq, lk, qs, ks, g, z = sequence_of(WL, rb, h, batch, rb_max, ntiles_z)
+    qi, head, valid = tile_rows(g, z, qblock, lq, ratio, HEADS_PER_TILE, TOKENS_PER_TILE, BLOCK_M)
+    b64 = tl.cast(b, tl.int64)
+    Qb = Q + b64 * stride_qb + tl.cast(qs, tl.int64) * stride_qm
+    q = load_q(Qb, 0, qi, head, valid, 0, stride_qm, stride_qh, 0, HEAD_DIM, BLOCK_DK,
+               K.dtype.element_ty if KV_FORMAT == 0 else Q.dtype.element_ty)
+    if PAGED:
+        Kb = K + tl.cast(g, tl.int64) * stride_kh
+        Vb = V + tl.cast(g, tl.int64) * stride_vh
+    else:
+        Kb = K + b64 * stride_kb + tl.cast(ks, tl.int64) * stride_kn + tl.cast(g, tl.int64) * stride_kh
+        Vb = V + b64 * stride_vb + tl.cast(ks, tl.int64) * stride_vn + tl.cast(g, tl.int64) * stride_vh
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    kv0 = kv_first - first
+    acc, m_i, l_i = ragged_kv_loop(
+        acc, m_i, l_i, q, Qb, Kb, Vb, BT + b64 * stride_bt, SLOPES, KS, VS, g, qi, head, valid,
+        kv0 + item, kv0 + stop_here, stride_qm, stride_qh, stride_kb, stride_kn,
+        stride_vb, stride_vn, lq, lk, num_pages, qk_scale, softcap_scale, window,
+        qblock * TOKENS_PER_TILE, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_DK, DK_CHUNKS,
+        BLOCK_DV, CAUSAL, HAS_WINDOW, HAS_ALIBI, SOFTCAP, DOT_F32, PAGED, PAGE_SIZE, KV_FORMAT,
+        HEAD_SCALES)
+    Ob = O + b64 * stride_ob + tl.cast(qs, tl.int64) * stride_om
+    LSEb = LSE + b64 * stride_lb + qs
+    return acc, m_i, l_i, qi, head, valid, Ob, LSEb, g, z, qblock, lq
+
+
 @triton.jit(do_not_specialize=["stride_bt", "batch", "rb_max", "num_pages"])
 def ragged_attention_kernel(
     Q, stride_qb, stride_qm, stride_qh,  # q [B, Lq, Hq, Dk] or packed [total_q, Hq, Dk] (stride_qb 0)
@@ -91,31 +135,39 @@ def ragged_attention_kernel(
     work = tl.load(WL + 0)
     programs = tl.load(WL + 1)
     _, _, _, _, _, o_start, o_count, _, _, _ = wl_offsets(batch, rb_max)
-    if WHOLE:  # plans of policy auto whose steps can be whole prompts
-        whole_step = tl.load(WL + WHOLE_FLAG) != 0
-    else:  # a compile-time False: the stream-K code alone
-        whole_step = False
-    # -- this program's [start, end) of the real work list
-    if PER_TILE_RANGES:  # the split anchor: piece i of tile p // split
-        tile = p // split
-        i = p - tile * split
-        rb = tile // hz
-        h = tile - rb * hz
-        real = rb < tl.load(WL + 2)
-        rbs = tl.load(WL + o_start + rb, mask=real, other=0)
-        c = tl.load(WL + o_count + rb, mask=real, other=0)
-        start = rbs + h * c + i * c // split
-        end = rbs + h * c + (i + 1) * c // split
-        if real & (start == end) & (split > 1):  # an empty piece: an empty state to merge
-            store_partial(tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32),
-                          tl.full([BLOCK_M], float("-inf"), dtype=tl.float32),
-                          tl.zeros([BLOCK_M], dtype=tl.float32), p * 2, WS_O, WS_M, WS_L,
-                          HEAD_DIM_V, BLOCK_M, BLOCK_DV)
-    else:
-        if whole_step:  # whole tiles, handed out one by one
+    if WHOLE:  # the whole-tile variant: tiles handed out one by one until none is left
+        if tl.load(WL + WHOLE_FLAG) != 0:
             rb, h, rbs, c, left = next_whole_tile(WL, hz, o_start, o_count)
-            start = rbs + h * c
-            end = tl.where(left, start + c, start)
+            while left:
+                acc, m_i, l_i, qi, head, valid, Ob, LSEb, _, _, _, _ = _tile_state(
+                    WL, rb, h, rbs, c, rbs + h * c, rbs + h * c + c, batch, rb_max, ntiles_z,
+                    ratio, Q, stride_qb, stride_qm, stride_qh, K, stride_kb, stride_kn,
+                    stride_kh, V, stride_vb, stride_vn, stride_vh, O, stride_ob, stride_om, LSE,
+                    stride_lb, BT, stride_bt, SLOPES, KS, VS, num_pages, qk_scale,
+                    softcap_scale, window, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, BLOCK_DK,
+                    DK_CHUNKS, BLOCK_DV, HEADS_PER_TILE, TOKENS_PER_TILE, CAUSAL, HAS_WINDOW,
+                    HAS_ALIBI, SOFTCAP, DOT_F32, PAGED, PAGE_SIZE, KV_FORMAT, HEAD_SCALES)
+                finalize_store(acc, m_i, l_i, 0, qi, head, valid, Ob, 0, stride_om, stride_oh,
+                               LSEb, 0, stride_lh, SINKS, HEAD_DIM_V, BLOCK_DV, HAS_SINKS,
+                               RETURN_LSE)
+                rb, h, rbs, c, left = next_whole_tile(WL, hz, o_start, o_count)
+    else:
+        # -- this program's [start, end) of the real work list (none in a whole-tile step: N = 0)
+        if PER_TILE_RANGES:  # the split anchor: piece i of tile p // split
+            tile = p // split
+            i = p - tile * split
+            rb = tile // hz
+            h = tile - rb * hz
+            real = rb < tl.load(WL + 2)
+            rbs = tl.load(WL + o_start + rb, mask=real, other=0)
+            c = tl.load(WL + o_count + rb, mask=real, other=0)
+            start = rbs + h * c + i * c // split
+            end = rbs + h * c + (i + 1) * c // split
+            if real & (start == end) & (split > 1):  # an empty piece: an empty state to merge
+                store_partial(tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32),
+                              tl.full([BLOCK_M], float("-inf"), dtype=tl.float32),
+                              tl.zeros([BLOCK_M], dtype=tl.float32), p * 2, WS_O, WS_M, WS_L,
+                              HEAD_DIM_V, BLOCK_M, BLOCK_DV)
         else:  # stream-K: an equal share of W among the N programs the work list chose
             n = tl.maximum(programs, 1)
             start = program_start(tl.minimum(p, programs), work, n)
@@ -125,60 +177,40 @@ def ragged_attention_kernel(
             rbs = tl.load(WL + o_start + rb, mask=inside, other=0)
             c = tl.load(WL + o_count + rb, mask=inside, other=1)
             h = (start - rbs) // tl.maximum(c, 1)
-    item = start
-    while item < end:
-        first = rbs + h * c
-        stop = first + c
-        stop_here = tl.minimum(end, stop)
-        b, qblock, kv_first, lq, lk, qs, ks, g, z = sequence_of(WL, rb, h, batch, rb_max, ntiles_z)
-        qi, head, valid = tile_rows(g, z, qblock, lq, ratio, HEADS_PER_TILE, TOKENS_PER_TILE, BLOCK_M)
-        b64 = tl.cast(b, tl.int64)
-        Qb = Q + b64 * stride_qb + tl.cast(qs, tl.int64) * stride_qm
-        q = load_q(Qb, 0, qi, head, valid, 0, stride_qm, stride_qh, 0, HEAD_DIM, BLOCK_DK,
-                   K.dtype.element_ty if KV_FORMAT == 0 else Q.dtype.element_ty)
-        if PAGED:
-            Kb = K + tl.cast(g, tl.int64) * stride_kh
-            Vb = V + tl.cast(g, tl.int64) * stride_vh
-        else:
-            Kb = K + b64 * stride_kb + tl.cast(ks, tl.int64) * stride_kn + tl.cast(g, tl.int64) * stride_kh
-            Vb = V + b64 * stride_vb + tl.cast(ks, tl.int64) * stride_vn + tl.cast(g, tl.int64) * stride_vh
-        acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        kv0 = kv_first - first
-        acc, m_i, l_i = ragged_kv_loop(
-            acc, m_i, l_i, q, Qb, Kb, Vb, BT + b64 * stride_bt, SLOPES, KS, VS, g, qi, head, valid,
-            kv0 + item, kv0 + stop_here, stride_qm, stride_qh, stride_kb, stride_kn,
-            stride_vb, stride_vn, lq, lk, num_pages, qk_scale, softcap_scale, window,
-            qblock * TOKENS_PER_TILE, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_DK, DK_CHUNKS,
-            BLOCK_DV, CAUSAL, HAS_WINDOW, HAS_ALIBI, SOFTCAP, DOT_F32, PAGED, PAGE_SIZE, KV_FORMAT,
-            HEAD_SCALES)
-        Ob = O + b64 * stride_ob + tl.cast(qs, tl.int64) * stride_om
-        LSEb = LSE + b64 * stride_lb + qs
-        whole = (item == first) & (stop_here == stop)
-        if PER_TILE_RANGES:
-            whole = whole & (split == 1)
-        if whole:
-            # -- the whole tile is ours: normalise and write
-            finalize_store(acc, m_i, l_i, 0, qi, head, valid, Ob, 0, stride_om, stride_oh,
-                           LSEb, 0, stride_lh, SINKS, HEAD_DIM_V, BLOCK_DV, HAS_SINKS, RETURN_LSE)
-        else:
-            # -- a piece of a cut tile: slot 0 for our first tile, 1 for our last
-            slot = p * 2 + (item != start).to(tl.int32)
-            store_partial(acc, m_i, l_i, slot, WS_O, WS_M, WS_L, HEAD_DIM_V, BLOCK_M, BLOCK_DV)
-            if FUSED:
-                _fused_fixup(rb * hz + h, first, stop, work, programs, 0, g, z, qblock, lq, ratio,
-                             Ob, 0, stride_om, stride_oh, LSEb, 0, stride_lh, SINKS,
-                             WS_O, WS_M, WS_L, COUNTERS, HEAD_DIM_V, BLOCK_M, BLOCK_DV,
-                             HEADS_PER_TILE, TOKENS_PER_TILE, HAS_SINKS, RETURN_LSE, FIXUP_COLS,
-                             FIXUP_ROWS, MERGE_PIECES)
-        item = stop_here
-        if whole_step:  # the next tile handed out
-            rb, h, rbs, c, left = next_whole_tile(WL, hz, o_start, o_count)
-            item = rbs + h * c
-            start = item
-            end = tl.where(left, item + c, item)
-        else:  # the next head group, or the next row block's first
+        item = start
+        while item < end:
+            first = rbs + h * c
+            stop = first + c
+            stop_here = tl.minimum(end, stop)
+            acc, m_i, l_i, qi, head, valid, Ob, LSEb, g, z, qblock, lq = _tile_state(
+                WL, rb, h, rbs, c, item, stop_here, batch, rb_max, ntiles_z, ratio, Q,
+                stride_qb, stride_qm, stride_qh, K, stride_kb, stride_kn, stride_kh, V, stride_vb,
+                stride_vn, stride_vh, O, stride_ob, stride_om, LSE, stride_lb, BT, stride_bt,
+                SLOPES, KS, VS, num_pages, qk_scale, softcap_scale, window, HEAD_DIM, HEAD_DIM_V,
+                BLOCK_M, BLOCK_N, BLOCK_DK, DK_CHUNKS, BLOCK_DV, HEADS_PER_TILE, TOKENS_PER_TILE,
+                CAUSAL, HAS_WINDOW, HAS_ALIBI, SOFTCAP, DOT_F32, PAGED, PAGE_SIZE, KV_FORMAT,
+                HEAD_SCALES)
+            whole = (item == first) & (stop_here == stop)
+            if PER_TILE_RANGES:
+                whole = whole & (split == 1)
+            if whole:
+                # -- the whole tile is ours: normalise and write
+                finalize_store(acc, m_i, l_i, 0, qi, head, valid, Ob, 0, stride_om, stride_oh,
+                               LSEb, 0, stride_lh, SINKS, HEAD_DIM_V, BLOCK_DV, HAS_SINKS,
+                               RETURN_LSE)
+            else:
+                # -- a piece of a cut tile: slot 0 for our first tile, 1 for our last
+                slot = p * 2 + (item != start).to(tl.int32)
+                store_partial(acc, m_i, l_i, slot, WS_O, WS_M, WS_L, HEAD_DIM_V, BLOCK_M,
+                              BLOCK_DV)
+                if FUSED:
+                    _fused_fixup(rb * hz + h, first, stop, work, programs, 0, g, z, qblock, lq,
+                                 ratio, Ob, 0, stride_om, stride_oh, LSEb, 0, stride_lh, SINKS,
+                                 WS_O, WS_M, WS_L, COUNTERS, HEAD_DIM_V, BLOCK_M, BLOCK_DV,
+                                 HEADS_PER_TILE, TOKENS_PER_TILE, HAS_SINKS, RETURN_LSE,
+                                 FIXUP_COLS, FIXUP_ROWS, MERGE_PIECES)
+            item = stop_here
+            # -- the next tile: the next head group, or the next row block's first
             h += 1
             next_rb = h == hz
             rb = tl.where(next_rb, rb + 1, rb)
