@@ -171,12 +171,13 @@ def test_whole_tile_prompt_steps_in_a_graph():
                             kv_heads=Hkv, head_dim=D, page_size=ps, max_pages=max_pages)
     assert p.whole_tiles
     ws, wl = serving.workspace(p), torch.empty(p.work_list_words, dtype=I32, device="cuda")
-    out = torch.full((T, Hq, D), NAN, device="cuda", dtype=q.dtype)
+    outs = [torch.full((T, Hq, D), NAN, device="cuda", dtype=q.dtype) for _ in range(2)]
 
-    def step():
+    def step():  # one work list, two layers' calls (the first call's last fetch resets it)
         serving.work_list(p, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, out=wl)
-        return skattn.attention_varlen(q, k, v, cu_q, cu_k, T, 2 * T, block_table=table, plan=p,
-                                       out=out, workspace=ws, work_list=wl)
+        for out in outs:
+            skattn.attention_varlen(q, k, v, cu_q, cu_k, T, 2 * T, block_table=table, plan=p,
+                                    out=out, workspace=ws, work_list=wl)
 
     graph, _ = capture([step])
     steps = [  # (query tokens, keys) per sequence; whether the step runs in whole tiles
@@ -188,15 +189,17 @@ def test_whole_tile_prompt_steps_in_a_graph():
         lq, lk = lq + [0] * (B - len(lq)), lk + [0] * (B - len(lk))
         cu_q.copy_(torch.tensor([0, *torch.tensor(lq).cumsum(0).tolist()], dtype=I32))
         cu_k.copy_(torch.tensor([0, *torch.tensor(lk).cumsum(0).tolist()], dtype=I32))
-        out.fill_(NAN)
+        for out in outs:
+            out.fill_(NAN)
         graph.replay()
         torch.cuda.synchronize()
         assert bool(wl[WHOLE_FLAG.value]) == whole, (i, lq)
         rows = sum(lq)
         ref = reference.attention_varlen(q[:rows], k, v, cu_q, cu_k, T, 2 * T, block_table=table)
         tol = ragged_bound(sequences_varlen(q[:rows], k, v, cu_q, cu_k, table))
-        assert not torch.isnan(out[:rows]).any(), f"step {i}: unwritten rows"
-        assert rel_err(out[:rows], ref) <= tol, (i, rel_err(out[:rows], ref), tol)
+        for layer, out in enumerate(outs):
+            assert not torch.isnan(out[:rows]).any(), f"step {i} layer {layer}: unwritten rows"
+            assert rel_err(out[:rows], ref) <= tol, (i, layer, rel_err(out[:rows], ref), tol)
 
 
 @pytest.mark.parametrize("page_size", [16, 32, 64, 128, 256])

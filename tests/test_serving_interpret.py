@@ -4,7 +4,7 @@ import torch
 
 import skattn
 from skattn import reference, serving
-from skattn.kernels.worklist import HEADER, WHOLE_FLAG
+from skattn.kernels.worklist import HEADER, WHOLE_FLAG, WHOLE_NEXT
 from skattn.serving_plan import host_work_list
 from serving_inputs import (paged_cache, ragged_bound, randn, sequences_kvcache,
                             sequences_varlen, varlen_inputs)
@@ -220,6 +220,17 @@ def test_whole_tiles_step(paged):
     assert host.whole and host.programs == 0
     assert_same_list(p, device_list(p, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k), host)
     check_varlen(q, k, v, cu_q, cu_k, 256, 256, p, block_table=table)
+    # one work list shared by two layers' calls: the first call's last fetch resets the
+    # counter, so the second finds every tile again
+    wl = serving.work_list(p, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+    ref = reference.attention_varlen(q, k, v, cu_q, cu_k, 256, 256, block_table=table)
+    for layer in range(2):
+        out = torch.full((q.shape[0], 8, 16), NAN, dtype=q.dtype)
+        skattn.attention_varlen(q, k, v, cu_q, cu_k, 256, 256, block_table=table, plan=p,
+                                work_list=wl, out=out)
+        assert not torch.isnan(out[:257]).any(), f"layer {layer}: unwritten rows"
+        assert rel_err(out[:257], ref[:257]) <= 1e-2, layer
+        assert int(wl[WHOLE_NEXT.value]) == 0, layer
     # the same plan, decode rows only: stream-K and the general fixup
     lq1 = [1, 1, 1]
     q1, k1, v1, cu_q1, cu_k1 = varlen_inputs(lq1, lk, hq=8, hkv=2, d=16, seed=13,

@@ -36,9 +36,14 @@ def find_row_block(RB_START, rb_max, item, SEARCH: tl.constexpr):
 @triton.jit
 def next_whole_tile(WL, hz, o_start, o_count):
     """The next tile of a whole-tile step, longest first (row blocks from the last: a causal
-    prompt's longest), as (rb, h, its first item, its KV blocks, whether one was left)."""
+    prompt's longest), as (rb, h, its first item, its KV blocks, whether one was left).
+    Every program of the grid fetches once past the last tile, so the fetch that returns
+    tiles + grid - 1 is the launch's last: it sets the counter back to 0 for the next call
+    that shares the work list (the layers of one step)."""
     tiles = tl.load(WL + 2) * hz
     k = tl.atomic_add(WL + WHOLE_NEXT, 1, sem="relaxed")
+    if k == tiles + tl.num_programs(0) - 1:
+        tl.store(WL + WHOLE_NEXT, 0)
     left = k < tiles
     t = tl.where(left, tiles - 1 - k, 0)
     rb = t // hz
