@@ -159,6 +159,7 @@ def test_whole_tile_prompt_steps_in_a_graph():
     # one graph, steps of a serving loop that switch between whole prompts (whole tiles handed
     # out longest first) and decode or chunk steps (stream-K) as the lengths change
     from skattn.kernels.worklist import WHOLE_FLAG
+    from skattn.serving_plan import host_work_list
 
     B, (Hq, Hkv, D), ps, T = 8, MIXED_HEADS, 64, 4096
     g = gen(21)
@@ -193,7 +194,10 @@ def test_whole_tile_prompt_steps_in_a_graph():
             out.fill_(NAN)
         graph.replay()
         torch.cuda.synchronize()
-        assert bool(wl[WHOLE_FLAG.value]) == whole, (i, lq)
+        cu = (cu_q.tolist(), cu_k.tolist())
+        assert bool(wl[WHOLE_FLAG.value]) == host_work_list(p, cu_q=cu[0], cu_k=cu[1]).whole
+        if p.sms == 132:  # an H100 / H200: the expected choice
+            assert bool(wl[WHOLE_FLAG.value]) == whole, (i, lq)
         rows = sum(lq)
         ref = reference.attention_varlen(q[:rows], k, v, cu_q, cu_k, T, 2 * T, block_table=table)
         tol = ragged_bound(sequences_varlen(q[:rows], k, v, cu_q, cu_k, table))

@@ -114,7 +114,7 @@ def test_whole_tiles_for_prompt_steps():
     from skattn.policy import CUT_PENALTY_MANY, MANY_TILES, UNEQUAL_TILES
 
     assert (worklist.MANY.value, worklist.UNEQUAL.value) == (MANY_TILES, UNEQUAL_TILES)
-    assert worklist.CUT_X10.value == round(10 * CUT_PENALTY_MANY)
+    assert worklist.CUT_X10.value == 10 * CUT_PENALTY_MANY
     for lq in ([8192], [2048] * 4, [512] * 16):
         p, wl = varlen_step(lq, lq)
         assert p.whole_tiles and wl.whole and wl.programs == 0, lq
@@ -122,8 +122,14 @@ def test_whole_tiles_for_prompt_steps():
                    ([1024] + [1] * 31, [3072] + [2048 + 64 * i for i in range(31)])):
         p, wl = varlen_step(lq, lk)
         assert not wl.whole and wl.programs > 0
-    # other policies, and plans whose steps cannot be whole prompts, never run whole tiles
+    # other policies, and plans whose steps cannot be whole prompts, never run whole tiles;
+    # a grid given smaller than the GPU counts as the resident programs
     assert not varlen_step([8192], [8192], policy="llamacpp")[1].whole
+    p, wl = varlen_step([512] * 16, [512] * 16, programs=1024)
+    assert p.resident == 132 and wl.whole
+    p, wl = varlen_step([1024], [1024], programs=64)
+    assert p.resident == 64 and wl.whole  # 256 tiles > 3 x 64 programs
+    assert not varlen_step([1024], [1024])[1].whole  # 256 tiles < 3 x 132 resident
     assert not kv_plan(64, 1, 32768, policy="auto").whole_tiles
 
 

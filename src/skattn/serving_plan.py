@@ -120,8 +120,8 @@ class ServingPlan:
 
     @property
     def resident(self) -> int:
-        """Programs the GPU runs at once."""
-        return self.sms * self.per_sm
+        """Programs of the grid the GPU runs at once."""
+        return min(self.programs, self.sms * self.per_sm)
 
     @property
     def whole_q_min(self) -> int:

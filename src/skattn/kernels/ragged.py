@@ -35,8 +35,8 @@ def find_row_block(RB_START, rb_max, item, SEARCH: tl.constexpr):
 
 @triton.jit
 def next_whole_tile(WL, hz, o_start, o_count):
-    """The next tile of a whole-tile step, longest first (row blocks from the last: a causal
-    prompt's longest), as (rb, h, its first item, its KV blocks, whether one was left).
+    """The next tile of a whole-tile step, from the last tile to the first (a causal
+    sequence's longest first), as (rb, h, its first item, its KV blocks, whether one was left).
     Every program of the grid fetches once past the last tile, so the fetch that returns
     tiles + grid - 1 is the launch's last: it sets the counter back to 0 for the next call
     that shares the work list (the layers of one step)."""

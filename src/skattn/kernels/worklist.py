@@ -167,7 +167,7 @@ def _whole_tiles(work, tiles, maxc, minc, lq_max, resident, lq_min):
     work = tl.cast(work, tl.int64)
     one = tl.maximum(tl.minimum(resident, work), 1)
     cut_x10 = (work + one - 1) // one * CUT_X10
-    waves = (tiles + resident - 1) // resident * maxc
+    waves = (tl.cast(tiles, tl.int64) + resident - 1) // resident * maxc
     handed = (work + resident - 1) // resident + maxc
     whole_x10 = tl.minimum(waves, handed) * 10
     prompt = (tiles > MANY * resident) & (maxc >= UNEQUAL * minc) & (lq_max >= lq_min)
