@@ -96,7 +96,7 @@ quick_bench() {  # name, command...: a quick benchmark stage, its log and exit s
 has prefill && quick_bench prefill env OUT="$OUT_DIR/prefill" python3 tools/prefill_ab.py --quick
 has serving && quick_bench serving python3 -m skattn.cli bench --serving --quick --no-progress \
     --time-limit 100 --out "$OUT_DIR/serving"
-has cb && quick_bench varlen-steps python3 tools/varlen_prefill.py
+has cb && quick_bench varlen-steps env OUT="$OUT_DIR/cb" python3 tools/varlen_prefill.py
 has cb && quick_bench cb env OUT="$OUT_DIR/cb" python3 tools/cb_bench.py --layers 8 --requests 32 \
     --providers "paged|skattn,paged|skattn_halves,paged|sdpa" --graphs --reps 2
 has cb && quick_bench cb-eager env OUT="$OUT_DIR/cb-eager" python3 tools/cb_bench.py --layers 8 \

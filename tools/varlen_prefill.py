@@ -10,17 +10,26 @@ kernel (causal, one call a request; fresh prompts only), same inputs, same run.
 Cases (llama-8b heads, f16): the prompts of one 8192-token step as transformers' continuous
 batching packs them (1 x 8192, 4 x 2048, 16 x 512 fresh prompts) and a 1024-token chunk
 after 2048 keys among 31 decode rows. Each varlen output is checked against the dense path's
-before timing. Prints µs per call (CUDA events, median of reps, warm L2) and the varlen
-plan's geometry.
+before timing. Prints µs per call (CUDA events, median of reps, warm L2), the varlen
+plan's geometry and whether the GPU ran the step in whole tiles (docs/serving.md, "Whole
+tiles"); writes the same rows to $OUT/varlen_steps.csv with provenance in varlen_steps.json
+(default benchmarks/results/latest/cb).
 """
 from __future__ import annotations
 
 import argparse
+import csv
+import json
+import os
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 import skattn
+from skattn.bench.run import provenance
+from skattn.kernels.worklist import WHOLE_FLAG
 
 HQ, HKV, D = 32, 8, 128
 # name -> (query tokens, key tokens) per request: the prompts of one 8192-token step, and a
@@ -55,7 +64,8 @@ def main() -> int:
     args = ap.parse_args()
     dev, f16 = "cuda", torch.float16
     print(f"{'case':9} {'varlen':>9} {'max_q=pad':>9} {'split':>9} {'':12} {'dense':>9} "
-          f"{'sdpa':>9}  plan")
+          f"{'sdpa':>9} {'whole':>5}  plan")
+    rows = []
     for name, (lq, lk) in CASES.items():
         B, total, total_k = len(lq), sum(lq), sum(lk)
         q = torch.randn(total, HQ, D, device=dev, dtype=f16)
@@ -105,19 +115,40 @@ def main() -> int:
             run()
             err = (out.float() - ref.float()).abs().max().item()
             assert err < 2e-2, (name, err)
-        t_sdpa = f"{timed(sdpa, args.reps):9.1f}" if lq == lk else f"{'-':>9}"
         plan = skattn.serving._cached_plan(q.device, **dict(
             batch=B, max_q_len=max(lq), total_q=total, max_kv_len=max(lk), page_size=args.page,
             max_pages=pages_per, q_heads=HQ, kv_heads=HKV, head_dim=D, head_dim_v=D,
             dtype=f16, causal=True, window=None))
         g = plan.geometry
-        print(f"{name:9} {timed(varlen(max(lq)), args.reps):9.1f} "
-              f"{timed(varlen(padded), args.reps):9.1f} "
-              f"{timed(varlen(max(lq), whole), args.reps):9.1f} ({whole.split} a tile) "
-              f"{timed(dense, args.reps):9.1f} {t_sdpa}  "
-              f"tokens/tile {g.tokens_per_tile}, heads/tile {g.heads_per_tile}, block_n "
-              f"{g.block_n}, warps {g.num_warps}, stages {g.num_stages}, programs "
-              f"{plan.programs}, fixup {plan.fixup}")
+        wl = skattn.serving.work_list(plan, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+        r = dict(case=name, varlen_us=timed(varlen(max(lq)), args.reps),
+                 varlen_max_q_padded_us=timed(varlen(padded), args.reps),
+                 split_whole_tiles_us=timed(varlen(max(lq), whole), args.reps),
+                 dense_us=timed(dense, args.reps),
+                 sdpa_flash_us=timed(sdpa, args.reps) if lq == lk else None,
+                 whole_tiles=bool(wl[WHOLE_FLAG.value]),
+                 plan=f"tokens/tile {g.tokens_per_tile}, heads/tile {g.heads_per_tile}, block_n "
+                      f"{g.block_n}, warps {g.num_warps}, stages {g.num_stages}, programs "
+                      f"{plan.programs}, fixup {plan.fixup}")
+        rows.append({k: round(x, 1) if isinstance(x, float) else x for k, x in r.items()})
+        t_sdpa = f"{r['sdpa_flash_us']:9.1f}" if r["sdpa_flash_us"] is not None else f"{'-':>9}"
+        print(f"{name:9} {r['varlen_us']:9.1f} {r['varlen_max_q_padded_us']:9.1f} "
+              f"{r['split_whole_tiles_us']:9.1f} ({whole.split} a tile) {r['dense_us']:9.1f} "
+              f"{t_sdpa} {'yes' if r['whole_tiles'] else 'no':>5}  {r['plan']}")
+    out_dir = Path(os.environ.get("OUT", "benchmarks/results/latest/cb"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / "varlen_steps.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    meta = dict(provenance(torch.cuda.get_device_properties(0).multi_processor_count),
+                command="python3 tools/varlen_prefill.py " + " ".join(sys.argv[1:]),
+                timer="CUDA events, median of reps, warm L2, the stream held by a spin kernel",
+                columns="varlen: policy auto (whole_tiles: the GPU ran the step in whole tiles); "
+                        "max_q_padded: max_seqlen_q as transformers' graphs pad it; split: "
+                        "policy split, one piece a tile in tile order; dense: skattn.attention a "
+                        "request at a time; sdpa_flash: SDPA's flash kernel, fresh prompts only")
+    (out_dir / "varlen_steps.json").write_text(json.dumps(meta, indent=1) + "\n")
     return 0
 
 
