@@ -45,6 +45,7 @@ class Bound:
     kid: int
     consts: dict
     cuda: bool
+    wl_ints: tuple         # the work-list kernel's integers that depend only on the plan
 
 
 def bind(plan: ServingPlan, device) -> Bound:
@@ -81,8 +82,11 @@ def _bind(plan: ServingPlan, device: torch.device) -> Bound:
     key = (device, tuple(sorted(wl_const.items())), tuple(sorted(main_const.items())),
            tuple(sorted(fix_const.items())), fix_kernel, tuple(_spec(x) for x in ints))
     kid = _KEYS.setdefault(key, len(_KEYS))
+    wl_ints = (plan.programs, plan.split, n_sat(plan), plan.per_sm,
+               *(plan.q_range or (0, INT32_MAX)), plan.resident)
+    cuda = device.type == "cuda" and not interpreting()
     return Bound(plan, device, cost, wl_const, main_const, fix_kernel, fix_const, fix_grid,
-                 ws.layout(plan, plan.tiles_max), kid, {}, device.type == "cuda" and not interpreting())
+                 ws.layout(plan, plan.tiles_max), kid, {}, cuda, wl_ints)
 
 
 def workspace_bytes(plan: ServingPlan) -> int:
@@ -136,8 +140,7 @@ def build(plan: ServingPlan, wl: torch.Tensor, *, seq_k: torch.Tensor, cu_k: boo
     stream = _stream(b, device)
     args = (seq_k, seq_q if seq_q is not None else seq_k, wl, b.cost, plan.batch,
             plan.q_len or 0, plan.max_q_len, plan.total_q, cap_k, total_k, plan.hz, plan.rb_max,
-            plan.window or 0, plan.programs, plan.split, n_sat(plan), plan.per_sm,
-            *(plan.q_range or (0, INT32_MAX)), plan.resident)
+            plan.window or 0, *b.wl_ints)
     const = dict(b.wl_const, CU_K=cu_k)
     key = None
     if b.cuda and _no_hooks():
@@ -199,7 +202,7 @@ def run(plan: ServingPlan, q, k, v, out, lse, *, wl, block_table, scale: float, 
                *(x.data_ptr() % 16 == 0 for x in (q, k, v, out, lse_t, sinks_t, slopes_t, ks_t,
                                                   vs_t, bt, ws_o, ws_m, ws_l, counters, wl)))
     grid = (plan.programs, 1, 1)
-    if plan.whole_tiles:  # the whole-tile variant first: it works where the step is whole tiles
+    if b.wl_const["WHOLE"]:  # the whole-tile build first: it works where the step is whole tiles
         whole = dict(main_const, WHOLE=True, USE_PDL=0)
         _launch(_ragged.ragged_attention_kernel, key and (*key, "whole"), args, whole, grid, stream)
     _launch(_ragged.ragged_attention_kernel, key, args, main_const, grid, stream)

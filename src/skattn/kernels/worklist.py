@@ -2,8 +2,8 @@
 
 Layout of the int32 buffer WL (offsets by `wl_offsets`): a header (W, N, RB, max and min
 KV blocks of a tile, whole-tile step, the whole-tile hand-out counter), per sequence Lq, Lk,
-first query row, first key row, end of its row blocks; per row block its first item (RB_max + 1 entries), KV blocks per tile, sequence,
-token block and first KV block.
+first query row, first key row, end of its row blocks; per row block its first item
+(RB_max + 1 entries), KV blocks per tile, sequence, token block and first KV block.
 """
 import triton
 import triton.language as tl
