@@ -2,6 +2,7 @@
 
   python3 scripts/resources.py llama-8b 1 32768 [programs=128] [fixup=fused] [num_stages=4]
                                              [stamps=1]  # with the per-program time stamps
+                                             [pdl_wait=1]  # main kernel as Tuning(pdl_wait=True)
   python3 scripts/resources.py --shape 256 256 4     # D Dv n, 16 query heads on 1 KV head
   python3 scripts/resources.py --shape 128 128 1 q8_0        # K/V float8_e4m3fn, q8_0, q4_0
   python3 scripts/resources.py --grid [--jobs=2] [--heads=128,192/128] [--features=mask,window]
@@ -112,7 +113,8 @@ def compile_launch(fn, args, kw):
     opts = {k: kw[k] for k in ("num_warps", "num_stages") if k in kw}
     ck = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
                         options=opts)
-    return dict(shared=ck.metadata.shared, **ptxas(ck.asm["ptx"]))
+    return dict(shared=ck.metadata.shared, **ptxas(ck.asm["ptx"]),
+                pdl_wait="griddepcontrol.wait" in ck.asm["ptx"])
 
 
 def _main_launch(D: int, Dv: int, n: int, heads: int, kv_len: int, kv: str):
@@ -322,6 +324,7 @@ def main(argv):
         k, v = a.split("=")
         extra[k] = int(v) if v.isdigit() else v
     stamps = (torch.zeros(1, dtype=torch.int64),) * 2 if extra.pop("stamps", 0) else None
+    wait = extra.pop("pdl_wait", 0)  # the main kernel as Tuning(pdl_wait=True) builds it on sm_90
     if stamps is not None:
         launch._check_stamps = lambda *a: None  # launches are only captured: nothing is written
     Hq, Hkv, D = MODELS[model][:3]
@@ -346,6 +349,8 @@ def main(argv):
     print(p.describe().splitlines()[0])
     for name, cap in caps.items():
         for grid, args, kw in cap.calls:
+            if wait and name == "attention_kernel":
+                kw = dict(kw, WAIT_PDL=True)
             print(f"{name:22s} grid {grid}: {compile_launch(cap.fn, args, kw)}", flush=True)
 
 

@@ -62,6 +62,20 @@ def test_time_stamps_compile():
     assert "'regs': 168" in outs[0][0], outs[0]  # PERF.md's compiled resources table
 
 
+def test_pdl_wait_compiles():
+    # Tuning(pdl_wait=True): the main kernel waits on the previous grid (griddepcontrol.wait)
+    # before its first load; without it there is no wait; registers stay as they are
+    outs = []
+    for extra in ([], ["pdl_wait=1"]):
+        res = subprocess.run([sys.executable, str(ROOT / "scripts" / "resources.py"), "llama-8b",
+                              "1", "8192", "programs=128", *extra], capture_output=True,
+                             text=True, env=_env(), timeout=600)
+        assert res.returncode == 0, res.stderr[-2000:]
+        outs.append([line for line in res.stdout.splitlines() if "attention_kernel" in line][0])
+    assert "'pdl_wait': False" in outs[0] and "'pdl_wait': True" in outs[1], outs
+    assert "'regs': 168" in outs[1], outs
+
+
 def test_allocation_only_compile_matches_the_full_one():
     # --grid stops after Triton's shared-memory allocation; a full compile (through ptxas) of
     # a decode and a prompt configuration reports the same bytes, as the estimate does

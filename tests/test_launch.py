@@ -83,3 +83,23 @@ def test_stamps_are_refused_where_they_cannot_be_written():
     stamps = (torch.zeros(p.programs, 4, dtype=torch.int64), torch.zeros(64, 4, dtype=torch.int64))
     with pytest.raises(ValueError, match="stamps"):
         launch.run(p, q, k, k, torch.empty_like(q), None, scale=0.125, stamps=stamps)
+
+
+def test_pdl_wait_only_where_asked_on_hopper(monkeypatch):
+    # Tuning(pdl_wait=True) launches the main kernel with PDL on sm_90+ only: never by default,
+    # on a CPU, under the interpreter or on an older GPU
+    from skattn import Tuning
+
+    def plan(**tuning):
+        return skattn.plan(batch=1, q_len=1, kv_len=256, q_heads=8, kv_heads=2, head_dim=64,
+                           causal=True, sms=4, occupancy=2, tuning=Tuning(**tuning))
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(launch, "interpreting", lambda: False)
+    for major, want in ((9, True), (8, False)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d, m=major: (m, 0))
+        assert launch._pdl_wait(plan(pdl_wait=True), cuda) is want
+        assert launch._pdl_wait(plan(), cuda) is False
+    assert launch._pdl_wait(plan(pdl_wait=True), torch.device("cpu")) is False
+    monkeypatch.setattr(launch, "interpreting", lambda: True)
+    assert launch._pdl_wait(plan(pdl_wait=True), cuda) is False

@@ -119,6 +119,13 @@ def _pdl(plan, device: torch.device, tiles: int) -> bool:
     return torch.cuda.get_device_capability(device)[0] >= 9
 
 
+def _pdl_wait(plan, device: torch.device) -> bool:
+    """The main kernel launched with PDL, waiting on the GPU (`Tuning.pdl_wait`, sm_90+)."""
+    if not plan.tuning.pdl_wait or interpreting() or device.type != "cuda":
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
 def constants(plan, device: torch.device, tiles: int) -> tuple[dict, dict, tuple, bool]:
     """What the dense and the ragged launches share: the main kernel's and the separate
     fixup's compile-time constants, the fixup's grid and whether PDL is used; `tiles`: the
@@ -161,8 +168,11 @@ def _bind(plan: Plan, device: torch.device) -> Bound:
     fd = tuple(x for d in (plan.ntiles_x, plan.ntiles_z, plan.kv_heads, plan.group_work)
                for x in magic(max(1, d)))
     main_const, fix_const, fix_grid, pdl = constants(plan, device, plan.ntiles_dst)
+    wait = _pdl_wait(plan, device)
     main_const.update(USE_FASTDIV=plan.fastdiv, ONE_TOKEN_BLOCK=plan.ntiles_x == 1,
-                      KV_FORMAT=KV_FORMATS.get(plan.dtype, 0))
+                      KV_FORMAT=KV_FORMATS.get(plan.dtype, 0), WAIT_PDL=wait)
+    if wait:
+        main_const["launch_pdl"] = True
     fix_const["USE_FASTDIV"] = plan.fastdiv
     main_ints = (plan.q_len, plan.kv_len, plan.gqa_ratio, plan.kv_heads, plan.ntiles_x,
                  plan.ntiles_z, plan.group_work, plan.work, plan.programs, plan.split,

@@ -22,6 +22,11 @@ class Tuning:
     pdl_trigger : str
         Where the main kernel lets the fixup start, "end" (after its last store;
         0.4-2.8 us faster than "start" in every decode cell measured) or "start".
+    pdl_wait : bool
+        Launch the main kernel itself with programmatic dependent launch (sm_90+), so that
+        its programs are scheduled while the previous kernel on the stream ends, and make
+        each wait (`griddepcontrol.wait`: every earlier grid complete, its memory visible)
+        before its first load. Off by default until measured (PERF.md, open question 1).
     merge_loads_first : bool
         The separate fixups wait for all loads of a merge step at once (one
         memory latency a step instead of two: fixup 2.1-4.1 -> 1.4-2.4 us a call).
@@ -50,6 +55,7 @@ class Tuning:
 
     pdl: bool = True
     pdl_trigger: str = "end"
+    pdl_wait: bool = False
     merge_loads_first: bool = True
     fixup_dv: int = 32
     fixup_rows: int = 16

@@ -7,7 +7,7 @@ from typing import Callable
 
 import torch
 
-from skattn.bench.grid import SKATTN_VARIANTS, Cell
+from skattn.bench.grid import SKATTN_VARIANTS, VARIANT_TUNING, Cell
 
 # Default provider order; "skattn" expands to every variant in SKATTN_VARIANTS.
 ALL_PROVIDERS = ("skattn", "sdpa-flash", "sdpa-cudnn", "sdpa-flash-nomask", "sdpa-cudnn-nomask", "flex",
@@ -59,7 +59,7 @@ class Provider:
 
 
 # -- skattn
-def _skattn_builder(policy: str, fixup: str | None):
+def _skattn_builder(policy: str, fixup: str | None, tuning: dict | None = None):
     workspaces = {}  # the last plan's workspace, shared by every layer built with that plan
 
     def build(cell, q, k, v, opts):
@@ -67,7 +67,8 @@ def _skattn_builder(policy: str, fixup: str | None):
 
         p = skattn.plan(batch=q.shape[0], q_len=cell.n, kv_len=cell.depth, q_heads=cell.hq,
                         kv_heads=cell.hkv, head_dim=cell.d, dtype=k.dtype, causal=True,
-                        sms=opts.sms, occupancy=opts.occupancy, policy=policy, fixup=fixup)
+                        sms=opts.sms, occupancy=opts.occupancy, policy=policy, fixup=fixup,
+                        tuning=skattn.Tuning(**tuning) if tuning else None)
         if p not in workspaces:  # a caller's workspace, as under CUDA graphs (skattn.workspace)
             workspaces.clear()
             workspaces[p] = skattn.workspace(p, device=q.device)
@@ -198,7 +199,8 @@ def resolve(names: tuple[str, ...]) -> tuple[list[Provider], list[str]]:
             for var in variants:
                 if var not in SKATTN_VARIANTS:
                     raise ValueError(f"unknown skattn variant {var!r}; choose from {list(SKATTN_VARIANTS)}")
-                providers.append(Provider("skattn", var, _skattn_builder(*SKATTN_VARIANTS[var])))
+                providers.append(Provider("skattn", var, _skattn_builder(
+                    *SKATTN_VARIANTS[var], VARIANT_TUNING.get(var))))
         elif base in _BUILDERS and not variant:
             why = importable(_OPTIONAL[base]) if base in _OPTIONAL else None
             if why:

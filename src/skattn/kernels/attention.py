@@ -1,7 +1,7 @@
 """The stream-K attention forward kernel: persistent programs over (tile, KV block) items."""
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from skattn.kernels.kv_loop import load_q, tile_kv_loop
 from skattn.kernels.stamps import stamp
@@ -36,9 +36,11 @@ def attention_kernel(
     USE_FASTDIV: tl.constexpr, DOT_F32: tl.constexpr, ONE_TOKEN_BLOCK: tl.constexpr,
     FIXUP_COLS: tl.constexpr, FIXUP_ROWS: tl.constexpr, MERGE_PIECES: tl.constexpr,
     USE_PDL: tl.constexpr, KV_FORMAT: tl.constexpr = 0, HEAD_SCALES: tl.constexpr = 0,
-    STAMPS=None, TIMELINE: tl.constexpr = False,
+    STAMPS=None, TIMELINE: tl.constexpr = False, WAIT_PDL: tl.constexpr = False,
 ):
     p = tl.program_id(0)
+    if WAIT_PDL:  # launched early (PDL): every earlier kernel done before any load or store
+        gdc_wait()
     if TIMELINE:  # a diagnostic: start, first tile's KV loop done, end (kernels/stamps.py)
         stamp(STAMPS, p, 0)
     if USE_PDL == 1:
