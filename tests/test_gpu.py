@@ -115,6 +115,44 @@ def test_cuda_graph_replay(fixup):
         assert rel_err(out, ref) <= bound(q2, k2, v2, causal=True)
 
 
+def test_pdl_wait_chain():
+    # Tuning(pdl_wait=True): each call's main kernel starts early and waits on the GPU, so a
+    # call whose q is the previous call's output (written by its fixup) reads it complete:
+    # five chained calls eager, then the same chain in a CUDA graph, against float64
+    B, n, L, Hq, Hkv, D = 1, 1, 8192, 32, 8, 128
+    p = skattn.plan(batch=B, q_len=n, kv_len=L, q_heads=Hq, kv_heads=Hkv, head_dim=D,
+                    causal=True, tuning=skattn.Tuning(pdl_wait=True))
+    assert p.fixup in ("uniform", "general")  # a second kernel the next main kernel follows
+    q, k, v = make(B, n, L, Hq, Hkv, D, seed=20)
+    outs = [torch.empty_like(q) for _ in range(5)]
+
+    def chain():
+        x = q
+        for out in outs:
+            x = skattn.attention(x * 8, k, v, causal=True, plan=p, out=out)
+
+    def check():
+        x = q
+        for i, out in enumerate(outs):
+            ref = reference.attention(x * 8, k, v, causal=True)
+            assert rel_err(out, ref) <= bound(x * 8, k, v, causal=True), i
+            x = out
+
+    chain()
+    torch.cuda.synchronize()
+    check()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        chain()
+    for seed in (21, 22):
+        q.copy_(make(B, n, L, Hq, Hkv, D, seed=seed)[0])
+        for out in outs:
+            out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        check()
+
+
 def test_time_stamps():
     # launch.run(stamps=...): every program stamps start <= first KV loop done <= end; the
     # fixup sees the partials only after the last main program ended; the output is unchanged
