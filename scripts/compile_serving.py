@@ -47,6 +47,9 @@ CASES = {
                         kv=torch.float8_e4m3fn),
     "mla-paged64": dict(kw=dict(q_len=1, max_kv_len=4096, page_size=64), layout="paged",
                         heads=(16, 1, 576, 512)),
+    # Tuning(pdl_wait=True) on a Hopper GPU: the main kernel waits on the work list (gdc_wait)
+    "paged16-wait": dict(kw=dict(q_len=1, max_kv_len=4096, page_size=16), layout="paged",
+                         wait=True),
 }
 
 
@@ -63,6 +66,8 @@ def capture(name: str, case: dict) -> list:
         if case.get("pdl") and b.fix_kernel:  # what a Hopper GPU launches
             b.main_const["USE_PDL"] = 2
             b.fix_const["USE_PDL"] = True
+        if case.get("wait"):
+            b.main_const["WAIT_PDL"] = True
     p = getattr(p, "long", p)  # the bounds of the tensors
     calls = []
     saved = serving_launch._launch

@@ -27,7 +27,7 @@ def test_serving_kernels_compile_for_sm90():
     assert res.returncode == 0, res.stderr[-3000:]
     rows = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
     by = {(r["case"], r["kernel"]): r for r in rows}
-    assert len({r["case"] for r in rows}) == 9
+    assert len({r["case"] for r in rows}) == 10
     assert all(r["shared"] <= SM90_SHARED and (r["spill_bytes"] or 0) < 1024 for r in rows), rows
     # page ids read as scalars keep K/V in the same 3-stage shared-memory pipeline as the dense
     # layout (a vector gather of ids left a single buffer: 39680 bytes)
@@ -35,6 +35,12 @@ def test_serving_kernels_compile_for_sm90():
     for case in ("paged16", "paged48-split", "paged64-fused"):
         assert by[(case, "ragged_attention_kernel")]["shared"] == dense, case
     # fp8 K/V: 1-byte stages, as the planner's estimate counts them (config.shared_bytes)
+    # Tuning(pdl_wait=True): the main kernel waits on the GPU (griddepcontrol.wait) and keeps
+    # its registers and shared memory
+    wait = by[("paged16-wait", "ragged_attention_kernel")]
+    plain = by[("paged16", "ragged_attention_kernel")]
+    assert wait["pdl_wait"] and not plain["pdl_wait"]
+    assert (wait["regs"], wait["shared"]) == (plain["regs"], plain["shared"])
     fp8 = by[("paged16-fp8", "ragged_attention_kernel")]["shared"]
     p = skattn.serving_plan(batch=64, q_len=1, max_kv_len=4096, page_size=16, q_heads=32,
                             kv_heads=8, head_dim=128, sms=132, occupancy=2,

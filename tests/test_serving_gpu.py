@@ -252,7 +252,8 @@ def test_large_heads():
 
 def test_cuda_graph_replays_new_lengths_and_pages():
     # capture once; each step writes new lengths and block tables into the same tensors and
-    # replays: 50 steps against the float64 reference, stream-K (general) and fused plans
+    # replays: 50 steps against the float64 reference, stream-K (general) and fused plans,
+    # the split anchor, and the main kernel launched by PDL (waiting on the work list)
     B, Hq, Hkv, D, ps, max_pages = 8, 32, 8, 128, 64, 64
     g = gen(8)
     num_pages = B * max_pages
@@ -263,7 +264,8 @@ def test_cuda_graph_replays_new_lengths_and_pages():
     kw = dict(batch=B, q_len=1, max_kv_len=ps * max_pages, q_heads=Hq, kv_heads=Hkv,
               head_dim=D, page_size=ps, max_pages=max_pages)
     plans = [skattn.serving_plan(**kw), skattn.serving_plan(fixup="fused", **kw),
-             skattn.serving_plan(policy="split", **kw)]
+             skattn.serving_plan(policy="split", **kw),
+             skattn.serving_plan(tuning=skattn.Tuning(pdl_wait=True), **kw)]
     spaces = [serving.workspace(p) for p in plans]
     outs = [torch.empty(B, 1, Hq, D, device="cuda", dtype=q.dtype) for _ in plans]
 

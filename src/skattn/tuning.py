@@ -26,7 +26,8 @@ class Tuning:
         Launch the main kernel itself with programmatic dependent launch (sm_90+), so that
         its programs are scheduled while the previous kernel on the stream ends, and make
         each wait (`griddepcontrol.wait`: every earlier grid complete, its memory visible)
-        before its first load. Off by default until measured (PERF.md, open question 1).
+        before its first load; serving plans' main kernel so waits on its work list. Off by
+        default until measured (PERF.md, open question 1).
     merge_loads_first : bool
         The separate fixups wait for all loads of a merge step at once (one
         memory latency a step instead of two: fixup 2.1-4.1 -> 1.4-2.4 us a call).

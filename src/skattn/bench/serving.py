@@ -92,13 +92,17 @@ def _same(out):
 
 # -- skattn
 def build_skattn(batch: Batch, policy: str, overrides: dict | None = None) -> Built:
-    """`overrides`: `serving_plan` keywords (sms=, occupancy=, programs=, block_n=, ...)."""
-    from skattn import serving
+    """`overrides`: `serving_plan` keywords (sms=, occupancy=, programs=, block_n=, ...), and
+    pdl_wait=1 for `Tuning(pdl_wait=True)`."""
+    from skattn import Tuning, serving
 
     m = batch.mix
+    overrides = dict(overrides or {})
+    if overrides.pop("pdl_wait", 0):
+        overrides["tuning"] = Tuning(pdl_wait=True)
     common = dict(batch=m.batch, q_heads=batch.hq, kv_heads=batch.hkv, head_dim=batch.d,
                   page_size=batch.page_size, max_pages=batch.max_pages, policy=policy,
-                  **(overrides or {}))
+                  **overrides)
     wl_args = {}
     if m.decode:
         p = serving.serving_plan(q_len=1, max_kv_len=batch.max_pages * batch.page_size, **common)

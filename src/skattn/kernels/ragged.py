@@ -12,7 +12,7 @@ sequence, with b = 0.
 """
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from skattn.kernels.attention import _fused_fixup
 from skattn.kernels.kv_loop import load_q
@@ -133,8 +133,11 @@ def ragged_attention_kernel(
     SEARCH: tl.constexpr, FIXUP_COLS: tl.constexpr, FIXUP_ROWS: tl.constexpr,
     MERGE_PIECES: tl.constexpr, USE_PDL: tl.constexpr,
     KV_FORMAT: tl.constexpr = 0, HEAD_SCALES: tl.constexpr = 0, WHOLE: tl.constexpr = False,
+    WAIT_PDL: tl.constexpr = False,
 ):
     p = tl.program_id(0)
+    if WAIT_PDL:  # launched early (PDL): the work list and every earlier kernel done first
+        gdc_wait()
     if USE_PDL == 1:
         gdc_launch_dependents()
     work = tl.load(WL + 0)
