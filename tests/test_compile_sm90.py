@@ -49,15 +49,18 @@ def test_every_planned_config_fits_shared_memory():
             (192, 128, "alibi+mask", 128)} <= seen
 
 
+def _llama_8b_decode(*extra) -> list[str]:
+    """scripts/resources.py's lines per kernel for llama-8b n = 1 L = 8192 at 128 programs."""
+    res = subprocess.run([sys.executable, str(ROOT / "scripts" / "resources.py"), "llama-8b",
+                          "1", "8192", "programs=128", *extra], capture_output=True,
+                         text=True, env=_env(), timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return [line for line in res.stdout.splitlines() if "kernel" in line]
+
+
 def test_time_stamps_compile():
     # the stamps (a diagnostic) compile for sm_90; the default main kernel keeps 168 registers
-    outs = []
-    for extra in ([], ["stamps=1"]):
-        res = subprocess.run([sys.executable, str(ROOT / "scripts" / "resources.py"), "llama-8b",
-                              "1", "8192", "programs=128", *extra], capture_output=True,
-                             text=True, env=_env(), timeout=600)
-        assert res.returncode == 0, res.stderr[-2000:]
-        outs.append([line for line in res.stdout.splitlines() if "kernel" in line])
+    outs = [_llama_8b_decode(*extra) for extra in ([], ["stamps=1"])]
     assert len(outs[0]) == len(outs[1]) == 2  # main and uniform fixup
     assert "'regs': 168" in outs[0][0], outs[0]  # PERF.md's compiled resources table
 
@@ -65,13 +68,7 @@ def test_time_stamps_compile():
 def test_pdl_wait_compiles():
     # Tuning(pdl_wait=True): the main kernel waits on the previous grid (griddepcontrol.wait)
     # before its first load; without it there is no wait; registers stay as they are
-    outs = []
-    for extra in ([], ["pdl_wait=1"]):
-        res = subprocess.run([sys.executable, str(ROOT / "scripts" / "resources.py"), "llama-8b",
-                              "1", "8192", "programs=128", *extra], capture_output=True,
-                             text=True, env=_env(), timeout=600)
-        assert res.returncode == 0, res.stderr[-2000:]
-        outs.append([line for line in res.stdout.splitlines() if "attention_kernel" in line][0])
+    outs = [_llama_8b_decode(*extra)[0] for extra in ([], ["pdl_wait=1"])]
     assert "'pdl_wait': False" in outs[0] and "'pdl_wait': True" in outs[1], outs
     assert "'regs': 168" in outs[1], outs
 

@@ -123,3 +123,19 @@ def test_prompt_square_variants_plan_every_default_cell():
         if n == L:
             p = skattn.plan(causal=True, **shape)
             assert (p.programs, p.tuning.prefill) == (tiles, "tma")
+
+
+def test_write_table_writes_rows_and_provenance(tmp_path):
+    # the CSV + JSON pair the GPU tools leave under $OUT
+    import csv
+    import json
+
+    from skattn.bench.records import write_table
+
+    rows = [dict(case="a", us=1.5, whole=True), dict(case="b", us=None, whole=False)]
+    path = write_table(rows, tmp_path / "new", "steps", {"gpu": "x", "commit": "c"})
+    with open(path) as f:
+        back = list(csv.DictReader(f))
+    assert [r["case"] for r in back] == ["a", "b"]
+    assert back[0]["us"] == "1.5" and back[1]["us"] == ""
+    assert json.loads((tmp_path / "new" / "steps.json").read_text()) == {"gpu": "x", "commit": "c"}

@@ -18,8 +18,6 @@ benchmarks/results/latest/prompt).
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import os
 import sys
 from pathlib import Path
@@ -29,6 +27,7 @@ import torch.nn.functional as F
 
 import skattn
 from skattn.bench.models import MODELS
+from skattn.bench.records import write_table
 from skattn.bench.run import provenance
 from skattn.tuning import Tuning
 
@@ -116,15 +115,10 @@ def main() -> int:
                   f"programs {p.programs}, fixup {p.fixup}, rows {g.block_m}, block_n "
                   f"{g.block_n}, warps {g.num_warps}, stages {g.num_stages}, "
                   f"kernel {p.tuning.prefill}")
-    out_dir = Path(os.environ.get("OUT", "benchmarks/results/latest/prompt"))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / "prompt_square.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
     meta = dict(provenance(sms), command="python3 tools/prompt_square.py " + " ".join(sys.argv[1:]),
                 timer="CUDA events, median of reps, warm L2, the stream held by a spin kernel")
-    (out_dir / "prompt_square.json").write_text(json.dumps(meta, indent=1) + "\n")
+    write_table(rows, os.environ.get("OUT", "benchmarks/results/latest/prompt"), "prompt_square",
+                meta)
     return 0
 
 

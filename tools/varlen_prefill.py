@@ -18,16 +18,14 @@ tiles"); writes the same rows to $OUT/varlen_steps.csv with provenance in varlen
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import os
 import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 import skattn
+from skattn.bench.records import write_table
 from skattn.bench.run import provenance
 from skattn.kernels.worklist import WHOLE_FLAG
 
@@ -135,12 +133,6 @@ def main() -> int:
         print(f"{name:9} {r['varlen_us']:9.1f} {r['varlen_max_q_padded_us']:9.1f} "
               f"{r['split_whole_tiles_us']:9.1f} ({whole.split} a tile) {r['dense_us']:9.1f} "
               f"{t_sdpa} {'yes' if r['whole_tiles'] else 'no':>5}  {r['plan']}")
-    out_dir = Path(os.environ.get("OUT", "benchmarks/results/latest/cb"))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / "varlen_steps.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
     meta = dict(provenance(torch.cuda.get_device_properties(0).multi_processor_count),
                 command="python3 tools/varlen_prefill.py " + " ".join(sys.argv[1:]),
                 timer="CUDA events, median of reps, warm L2, the stream held by a spin kernel",
@@ -148,7 +140,7 @@ def main() -> int:
                         "max_q_padded: max_seqlen_q as transformers' graphs pad it; split: "
                         "policy split, one piece a tile in tile order; dense: skattn.attention a "
                         "request at a time; sdpa_flash: SDPA's flash kernel, fresh prompts only")
-    (out_dir / "varlen_steps.json").write_text(json.dumps(meta, indent=1) + "\n")
+    write_table(rows, os.environ.get("OUT", "benchmarks/results/latest/cb"), "varlen_steps", meta)
     return 0
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 from datetime import datetime, timezone
 from pathlib import Path
@@ -93,3 +94,18 @@ def have_matplotlib() -> bool:
     except ImportError:
         return False
     return True
+
+
+def write_table(rows: list[dict], out_dir, stem: str, meta: dict) -> Path:
+    """A tool's rows as `out_dir/stem.csv` and its provenance `meta` as `stem.json` (the
+    directory made if new); returns the CSV's path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{stem}.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    (out_dir / f"{stem}.json").write_text(json.dumps(meta, indent=1) + "\n")
+    return path
+
