@@ -172,8 +172,10 @@ def run(plan: ServingPlan, q, k, v, out, lse, *, wl, block_table, scale: float, 
         main = dict(b.main_const, HAS_SINKS=has_sinks, HAS_ALIBI=has_alibi, SOFTCAP=soft,
                     RETURN_LSE=has_lse, DOT_F32=dot_f32, HEAD_SCALES=head_scales)
         fix = dict(b.fix_const, HAS_SINKS=has_sinks, RETURN_LSE=has_lse)
-        consts = b.consts[features] = (main, fix)
-    main_const, fix_const = consts
+        # the whole-tile build (kernels/ragged.py WHOLE), launched first where the plan allows it
+        whole = dict(main, WHOLE=True, USE_PDL=0) if b.wl_const["WHOLE"] else None
+        consts = b.consts[features] = (main, fix, whole)
+    main_const, fix_const, whole_const = consts
     if plan.varlen:  # packed q and out [total_q, H, D]; lse [Hq, total_q]
         qs = (0, q.stride(0), q.stride(1))
         os_ = (0, out.stride(0), out.stride(1))
@@ -205,9 +207,9 @@ def run(plan: ServingPlan, q, k, v, out, lse, *, wl, block_table, scale: float, 
                *(x.data_ptr() % 16 == 0 for x in (q, k, v, out, lse_t, sinks_t, slopes_t, ks_t,
                                                   vs_t, bt, ws_o, ws_m, ws_l, counters, wl)))
     grid = (plan.programs, 1, 1)
-    if b.wl_const["WHOLE"]:  # the whole-tile build first: it works where the step is whole tiles
-        whole = dict(main_const, WHOLE=True, USE_PDL=0)
-        _launch(_ragged.ragged_attention_kernel, key and (*key, "whole"), args, whole, grid, stream)
+    if whole_const is not None:  # it works where the step is whole tiles, else exits at once
+        _launch(_ragged.ragged_attention_kernel, key and (*key, "whole"), args, whole_const, grid,
+                stream)
     _launch(_ragged.ragged_attention_kernel, key, args, main_const, grid, stream)
     if b.fix_kernel is None:
         return
