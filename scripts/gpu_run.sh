@@ -14,7 +14,7 @@
 #      tools/cb_bench.py --profile --kernels), `prompt` (tools/prompt_square.py: whole prompts and
 #      long chunks, plan variants and SDPA flash; PROMPT_CELLS overrides its cells), `pdl`
 #      (the main kernel launched by PDL against auto, same runs: decode cells on the graph
-#      timer, skattn:auto vs skattn:auto-pdl; serving mixes, auto vs auto/pdl_wait=1)
+#      timer, skattn:auto vs skattn:auto-nowait; serving mixes, auto vs auto/pdl_wait=0)
 # PACK=1 leaves $OUT as summary.txt and results.tar.gz (every log and result file inside).
 # STAGES="tests fuzz sanitize bench" picks stages (default those four); TESTS="files" limits
 # the GPU tests to those files. Logs and results go to $OUT (or
@@ -110,10 +110,10 @@ has quant && quick_bench quant python3 -m skattn.cli bench --quant --models llam
 has prompt && quick_bench prompt env OUT="$OUT_DIR/prompt" python3 tools/prompt_square.py \
     --cells "${PROMPT_CELLS:-llama-8b:2048:2048,llama-8b:8192:8192,gpt-oss:8192:8192,qwen3-14b:8192:8192,llama-8b:512:8192,qwen3-14b:1024:32768}"
 has pdl && quick_bench pdl-decode python3 -m skattn.cli bench --n 1,4,16 \
-    --models llama-8b,qwen3-14b,gpt-oss --providers skattn:auto,skattn:auto-pdl \
+    --models llama-8b,qwen3-14b,gpt-oss --providers skattn:auto,skattn:auto-nowait \
     --timer graph --reps 20 --time-limit 300 --no-progress --out "$OUT_DIR/pdl"
 has pdl && quick_bench pdl-serving env OUT="$OUT_DIR/pdl" python3 tools/serving_sweep.py \
-    --mixes equal,one-long,lognormal --pages 16 --variants "auto;auto/pdl_wait=1"
+    --mixes equal,one-long,lognormal --pages 16 --variants "auto;auto/pdl_wait=0"
 echo "== summary"
 printf '%s\n' "${summary[@]}" | tee "$OUT_DIR/summary.txt"
 if [ -n "${PACK:-}" ]; then  # one archive of every log and result (for hosts that return few files)

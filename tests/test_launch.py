@@ -85,9 +85,9 @@ def test_stamps_are_refused_where_they_cannot_be_written():
         launch.run(p, q, k, k, torch.empty_like(q), None, scale=0.125, stamps=stamps)
 
 
-def test_pdl_wait_only_where_asked_on_hopper(monkeypatch):
-    # Tuning(pdl_wait=True) launches the main kernel with PDL on sm_90+ only: never by default,
-    # on a CPU, under the interpreter or on an older GPU
+def test_pdl_wait_on_hopper_unless_turned_off(monkeypatch):
+    # the main kernel is launched with PDL on sm_90+ by default (Tuning.pdl_wait); never with
+    # pdl_wait=False, on a CPU, under the interpreter or on an older GPU
     from skattn import Tuning
 
     def plan(**tuning):
@@ -98,8 +98,8 @@ def test_pdl_wait_only_where_asked_on_hopper(monkeypatch):
     monkeypatch.setattr(launch, "interpreting", lambda: False)
     for major, want in ((9, True), (8, False)):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d, m=major: (m, 0))
-        assert launch._pdl_wait(plan(pdl_wait=True), cuda) is want
-        assert launch._pdl_wait(plan(), cuda) is False
+        assert launch._pdl_wait(plan(), cuda) is want
+        assert launch._pdl_wait(plan(pdl_wait=False), cuda) is False
     assert launch._pdl_wait(plan(pdl_wait=True), torch.device("cpu")) is False
     monkeypatch.setattr(launch, "interpreting", lambda: True)
     assert launch._pdl_wait(plan(pdl_wait=True), cuda) is False

@@ -16,10 +16,10 @@ SKATTN_VARIANTS: dict[str, tuple[str, str | None]] = {
     "auto": ("auto", None),
     "fused": ("llamacpp-before", "fused"),
     "auto-fused": ("auto", "fused"),  # auto's N, merged inside the main kernel (one launch)
-    "auto-pdl": ("auto", None),  # auto's plan, the main kernel launched with PDL (VARIANT_TUNING)
+    "auto-nowait": ("auto", None),  # auto's plan, the main kernel launched without PDL (VARIANT_TUNING)
 }
 # Tuning fields of variants that launch a plan differently (`skattn.Tuning`)
-VARIANT_TUNING: dict[str, dict] = {"auto-pdl": {"pdl_wait": True}}
+VARIANT_TUNING: dict[str, dict] = {"auto-nowait": {"pdl_wait": False}}
 
 # `--quick`: a run that fits in about 4 minutes on an H100/H200.
 QUICK_MODELS = ("qwen3moe-30b-a3b", "qwen3-14b")

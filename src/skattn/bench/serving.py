@@ -93,13 +93,13 @@ def _same(out):
 # -- skattn
 def build_skattn(batch: Batch, policy: str, overrides: dict | None = None) -> Built:
     """`overrides`: `serving_plan` keywords (sms=, occupancy=, programs=, block_n=, ...), and
-    pdl_wait=1 for `Tuning(pdl_wait=True)`."""
+    pdl_wait=0 for `Tuning(pdl_wait=False)` (the main kernel launched without PDL)."""
     from skattn import Tuning, serving
 
     m = batch.mix
     overrides = dict(overrides or {})
-    if overrides.pop("pdl_wait", 0):
-        overrides["tuning"] = Tuning(pdl_wait=True)
+    if "pdl_wait" in overrides:
+        overrides["tuning"] = Tuning(pdl_wait=bool(overrides.pop("pdl_wait")))
     common = dict(batch=m.batch, q_heads=batch.hq, kv_heads=batch.hkv, head_dim=batch.d,
                   page_size=batch.page_size, max_pages=batch.max_pages, policy=policy,
                   **overrides)
