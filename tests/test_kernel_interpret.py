@@ -165,6 +165,25 @@ def test_prefill_whole_tile_per_program():
     check(q, k, v, p, causal=True)
 
 
+@pytest.mark.parametrize("order", ["longest", "index"])
+def test_whole_tiles_in_either_order(order):
+    # one whole tile a program, 2 sequences x 2 KV heads of causal prompts: "longest" hands
+    # program p the p-th longest tile (token blocks last to first across the groups); both
+    # orders write every tile once (out is poisoned with NaN)
+    q, k, v = make(B=2, Lq=48, Lk=48, Hq=4, Hkv=2)
+    tiles = plan_for(q, k, v, causal=True, block_m=16).ntiles_dst
+    p = plan_for(q, k, v, causal=True, block_m=16, programs=tiles, fixup="none",
+                 tuning=skattn.Tuning(tile_order=order))
+    assert p.longest_first == (order == "longest") and p.ntiles_x > 1 and tiles > p.ntiles_x
+    order_ = p.longest_first_order()
+    assert sorted(order_) == list(range(tiles))
+    lens = [p.kv_count[t % p.ntiles_x] for t in order_]
+    assert lens == sorted(lens, reverse=True) and lens[0] > lens[-1]
+    check(q, k, v, p, causal=True)
+    assert not plan_for(q, k, v, causal=True, block_m=16, programs=3).longest_first  # cut plan
+    assert not plan_for(q, k, v, block_m=16, programs=tiles, fixup="none").longest_first  # equal
+
+
 def test_window_and_sinks():
     # gpt-oss: sliding window plus per-head sinks
     q, k, v = make(Lq=3, Lk=120, Hq=8, Hkv=2)

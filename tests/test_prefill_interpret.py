@@ -155,5 +155,6 @@ def test_auto_runs_whole_prompts_on_this_kernel(spies):
     q, k, v = make(192, 192, seed=6)
     p = plan_for(q, k, tuning=None, sms=1, occupancy=2)
     assert (p.programs, p.fixup, p.tuning.prefill) == (p.ntiles_dst, "none", "tma")
+    assert p.longest_first  # the longest tiles first (Tuning.tile_order)
     check(q, k, v, p, causal=True)
     assert (spies[0].calls, spies[1].calls) == (1, 0)

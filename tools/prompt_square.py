@@ -6,8 +6,9 @@ them fastest, against SDPA's flash kernel where the masks agree, same run.
 f16, one sequence; a cell is model:n:L (n new tokens over L keys, bottom-right causal).
 Default cells: llama-8b whole prompts of 2048-16384 tokens, the seed grid's 512-token chunk
 over 8192 keys, and qwen3-14b chunks of 1024 and 2048 over 32768 keys. Per cell: skattn's
-default plan, a cut plan of one program per SM (fixup general), whole tiles (fixup none),
-the Hopper kernel (`Tuning(prefill="tma")`) with the default plan and with whole tiles, and
+default plan, a cut plan of one program per SM (fixup general), whole tiles (fixup none;
+longest tiles first, and in index order: `Tuning.tile_order`), the Hopper kernel
+(`Tuning(prefill="tma")`) with the default plan and with whole tiles (both orders), and
 the default plan without the causal mask (twice the work or more: TFLOP/s comparable).
 Every output is checked against SDPA's (flash where n = L, else math with the mask) before
 timing. Prints µs (CUDA events, median of reps, warm L2, the stream held by a spin kernel
@@ -41,9 +42,14 @@ CELLS = ("llama-8b:2048:2048,llama-8b:4096:4096,llama-8b:8192:8192,llama-8b:1638
 def variants(tiles: int, sms: int) -> dict:
     """name -> skattn.plan keyword arguments (beyond the shape)."""
     whole = dict(programs=tiles, fixup="none")
+    index = Tuning(tile_order="index")
     return {"default": {}, f"cut ({sms})": dict(programs=sms, fixup="general"),
-            f"whole tiles ({tiles})": whole, "tma": dict(tuning=Tuning(prefill="tma")),
+            f"whole tiles ({tiles})": whole,
+            "whole tiles, index order": dict(whole, tuning=index),
+            "tma": dict(tuning=Tuning(prefill="tma")),
             "tma, whole tiles": dict(whole, tuning=Tuning(prefill="tma")),
+            "tma, whole tiles, index order": dict(whole, tuning=Tuning(prefill="tma",
+                                                                        tile_order="index")),
             "non-causal": dict(causal=False)}
 
 

@@ -170,7 +170,8 @@ def _bind(plan: Plan, device: torch.device) -> Bound:
     main_const, fix_const, fix_grid, pdl = constants(plan, device, plan.ntiles_dst)
     wait = _pdl_wait(plan, device)
     main_const.update(USE_FASTDIV=plan.fastdiv, ONE_TOKEN_BLOCK=plan.ntiles_x == 1,
-                      KV_FORMAT=KV_FORMATS.get(plan.dtype, 0), WAIT_PDL=wait)
+                      KV_FORMAT=KV_FORMATS.get(plan.dtype, 0), WAIT_PDL=wait,
+                      LONGEST_FIRST=plan.longest_first)
     if wait:
         main_const["launch_pdl"] = True
     fix_const["USE_FASTDIV"] = plan.fastdiv

@@ -117,6 +117,20 @@ class Plan:
         return self.fixup == "uniform" or whole
 
     @property
+    def longest_first(self) -> bool:
+        """One whole tile a program whose tiles grow with their token block (causal prompts):
+        the kernels run the longest first (`Tuning.tile_order`, `longest_first_order`)."""
+        counts = self.kv_count
+        return (self.tuning.tile_order == "longest" and self.fixup == "none"
+                and self.programs == self.ntiles_dst and counts[0] < counts[-1]
+                and list(counts) == sorted(counts))
+
+    def longest_first_order(self) -> list[int]:
+        """Tile of each program under `longest_first` (the kernels' `tile.longest_first`)."""
+        groups, x = self.programs // self.ntiles_x, self.ntiles_x
+        return [(p % groups) * x + x - 1 - p // groups for p in range(self.programs)]
+
+    @property
     def workspace_floats(self) -> int:
         """f32 partial states: two slots per program of BLOCK_M rows x (Dv + 2)."""
         o, m, _ = buffers.layout(self)

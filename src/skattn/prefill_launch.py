@@ -20,7 +20,7 @@ HEAD_DIMS = (64, 128)
 # the main kernel's compile-time constants that the prompt-chunk kernel takes as they are
 _SHARED_CONSTS = ("HEAD_DIM", "BLOCK_M", "BLOCK_N", "HEADS_PER_TILE", "TOKENS_PER_TILE", "CAUSAL",
                   "FUSED", "PER_TILE_RANGES", "USE_FASTDIV", "ONE_TOKEN_BLOCK", "FIXUP_COLS",
-                  "FIXUP_ROWS", "MERGE_PIECES", "USE_PDL", "num_warps", "num_stages")
+                  "FIXUP_ROWS", "MERGE_PIECES", "USE_PDL", "LONGEST_FIRST", "num_warps", "num_stages")
 
 
 @dataclass(frozen=True)

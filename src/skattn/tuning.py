@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 PDL_TRIGGERS = ("start", "end")
 PREFILL_KERNELS = ("base", "tma")
+TILE_ORDERS = ("longest", "index")
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,11 @@ class Tuning:
         descriptors, docs/prefill.md). Calls "tma" cannot take (a mask, ALiBi, softcap, a
         window, head sizes other than 64/128 or Dk != Dv, unaligned K/V, a GPU before sm_90)
         run the base kernel.
+    tile_order : str
+        Plans of one whole tile a program whose tiles grow with their token block (causal
+        prompts): "longest" runs the longest tiles first (program p takes token block
+        ntiles_x - 1 - p // groups of group p % groups), so the shortest end the call;
+        "index" runs tile p on program p (each group's token blocks short to long).
     prefill_device_desc : bool
         "tma" only: make the K/V descriptors in the kernel, one per tile,
         instead of on the host once per call (their 128 bytes a program come from torch,
@@ -67,10 +73,13 @@ class Tuning:
     fused_dv: int | None = None
     prefill: str = "base"
     prefill_device_desc: bool = False
+    tile_order: str = "longest"
 
     def __post_init__(self):
         if self.prefill not in PREFILL_KERNELS:
             raise ValueError(f"prefill must be one of {PREFILL_KERNELS}, got {self.prefill!r}")
+        if self.tile_order not in TILE_ORDERS:
+            raise ValueError(f"tile_order must be one of {TILE_ORDERS}, got {self.tile_order!r}")
         if self.pdl_trigger not in PDL_TRIGGERS:
             raise ValueError(f"pdl_trigger must be one of {PDL_TRIGGERS}, got {self.pdl_trigger!r}")
         for name in ("fixup_dv", "fixup_rows", "merge_elements", "fused_merge_elements"):

@@ -6,8 +6,8 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from skattn.kernels.kv_loop import load_q, tile_kv_loop
 from skattn.kernels.stamps import stamp
 from skattn.kernels.tile import (decode_group, finalize_store, first_kv_block, locate,
-                                 merge_pieces, program_of, program_range, store_partial,
-                                 tile_rows)
+                                 longest_first, merge_pieces, program_of, program_range,
+                                 store_partial, tile_rows)
 
 
 @triton.jit
@@ -37,8 +37,11 @@ def attention_kernel(
     FIXUP_COLS: tl.constexpr, FIXUP_ROWS: tl.constexpr, MERGE_PIECES: tl.constexpr,
     USE_PDL: tl.constexpr, KV_FORMAT: tl.constexpr = 0, HEAD_SCALES: tl.constexpr = 0,
     STAMPS=None, TIMELINE: tl.constexpr = False, WAIT_PDL: tl.constexpr = False,
+    LONGEST_FIRST: tl.constexpr = False,
 ):
     p = tl.program_id(0)
+    if LONGEST_FIRST:  # one whole tile a program: program p runs the p-th longest tile
+        p = longest_first(p, programs, ntiles_x)
     if WAIT_PDL:  # launched early (PDL): every earlier kernel done before any load or store
         gdc_wait()
     if TIMELINE:  # a diagnostic: start, first tile's KV loop done, end (kernels/stamps.py)

@@ -26,7 +26,8 @@ from skattn.kernels.attention import _fused_fixup
 from skattn.kernels.kv_loop import load_q
 from skattn.kernels.softmax import softmax_step, unmasked_end
 from skattn.kernels.tile import (_div, decode_group, finalize_store, first_kv_block,
-                                 program_range, store_partial, tile_items, tile_rows)
+                                 longest_first, program_range, store_partial, tile_items,
+                                 tile_rows)
 
 
 @triton.jit
@@ -50,8 +51,11 @@ def prefill_kernel(
     DOT_F32: tl.constexpr, ONE_TOKEN_BLOCK: tl.constexpr,
     FIXUP_COLS: tl.constexpr, FIXUP_ROWS: tl.constexpr, MERGE_PIECES: tl.constexpr,
     USE_PDL: tl.constexpr, DEVICE_DESC: tl.constexpr, XBLOCKS: tl.constexpr,
+    LONGEST_FIRST: tl.constexpr = False,
 ):
     p = tl.program_id(0)
+    if LONGEST_FIRST:  # one whole tile a program, longest first (as attention_kernel)
+        p = longest_first(p, programs, ntiles_x)
     if USE_PDL == 1:
         gdc_launch_dependents()
     # -- this program's [start, end) of the work list (as attention_kernel)

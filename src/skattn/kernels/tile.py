@@ -35,6 +35,17 @@ def program_start(p, work, programs):
 
 
 @triton.jit
+def longest_first(p, programs, ntiles_x):
+    """The tile of program p in a plan of one whole tile a program, longest tiles first: token
+    block ntiles_x - 1 of every group, then ntiles_x - 2, ... (causal tiles grow with their
+    token block). The GPU starts programs in about index order, so the shortest tiles end
+    the call. `planner.longest_first_order` is the same map on the host."""
+    groups = programs // ntiles_x
+    step = p // groups
+    return (p - step * groups) * ntiles_x + ntiles_x - 1 - step
+
+
+@triton.jit
 def program_range(p, work, programs, split, group_work, ntiles_x, QBLOCK_OFF, div_x_mul,
                   div_x_shift, USE_FASTDIV: tl.constexpr, ONE_TOKEN_BLOCK: tl.constexpr,
                   PER_TILE_RANGES: tl.constexpr):
