@@ -23,7 +23,7 @@ import resources  # noqa: E402
 from resources import compile_launch  # noqa: E402
 
 import skattn  # noqa: E402
-from skattn import serving, serving_launch  # noqa: E402
+from skattn import quant, serving, serving_launch  # noqa: E402
 
 F16 = torch.float16
 resources.TYPES.setdefault(torch.float64, "*fp64")  # the work list's cost model
@@ -47,10 +47,22 @@ CASES = {
                         kv=torch.float8_e4m3fn),
     "mla-paged64": dict(kw=dict(q_len=1, max_kv_len=4096, page_size=64), layout="paged",
                         heads=(16, 1, 576, 512)),
+    # llama.cpp's blocks: int8 values (q8_0) or bytes of nibbles (q4_0), one f16 scale per 32
+    "paged16-q8_0": dict(kw=dict(q_len=1, max_kv_len=4096, page_size=16), layout="paged",
+                         kv="q8_0"),
+    "paged16-q4_0": dict(kw=dict(q_len=1, max_kv_len=4096, page_size=16), layout="paged",
+                         kv="q4_0"),
     # Tuning(pdl_wait=True) on a Hopper GPU: the main kernel waits on the work list (gdc_wait)
     "paged16-wait": dict(kw=dict(q_len=1, max_kv_len=4096, page_size=16), layout="paged",
                          wait=True),
 }
+
+
+def _cache(kvd, shape):
+    """An empty K or V cache of `shape` in `kvd` (a dtype, or "q8_0" / "q4_0": a block cache)."""
+    if isinstance(kvd, str):
+        return getattr(quant, kvd)(torch.zeros(shape, dtype=F16))
+    return torch.empty(shape, dtype=kvd)
 
 
 def capture(name: str, case: dict) -> list:
@@ -83,16 +95,13 @@ def capture(name: str, case: dict) -> list:
             seq_k, seq_q = torch.zeros(B, dtype=torch.int32), None
         table = None
         if case["layout"] == "paged":
-            pages = case.get("pages", 1000)
-            k = torch.empty(pages, p.page_size, hkv, d, dtype=kvd)
-            v = torch.empty(pages, p.page_size, hkv, dv, dtype=kvd)
+            rows = (case.get("pages", 1000), p.page_size)
             table = torch.zeros(B, p.max_pages, dtype=torch.int32)
         elif case["layout"] == "packed":
-            k = torch.empty(p.total_k, hkv, d, dtype=kvd)
-            v = torch.empty(p.total_k, hkv, dv, dtype=kvd)
+            rows = (p.total_k,)
         else:
-            k = torch.empty(B, p.max_kv_len, hkv, d, dtype=kvd)
-            v = torch.empty(B, p.max_kv_len, hkv, dv, dtype=kvd)
+            rows = (B, p.max_kv_len)
+        k, v = (_cache(kvd, (*rows, hkv, x)) for x in (d, dv))
         out = torch.empty(*q.shape[:-1], dv, dtype=F16)
         lse = None
         if case.get("lse"):
@@ -101,6 +110,8 @@ def capture(name: str, case: dict) -> list:
         sinks = torch.zeros(hq) if case.get("sinks") else None
         fp8 = kvd == torch.float8_e4m3fn  # scales per KV head for K, per tensor for V
         k_scale, v_scale = (torch.ones(hkv), torch.ones(1)) if fp8 else (None, None)
+        if isinstance(kvd, str):  # a block cache: its values, and its scales as the kernel's
+            (k, k_scale), (v, v_scale) = (k.values, k.scales), (v.values, v.scales)
         serving._run(plan, q, k, v, out, lse, seq_k=seq_k, seq_q=seq_q, block_table=table,
                      scale=0.1, sinks=sinks, softcap=case.get("softcap", 0.0),
                      alibi_slopes=None, workspace=None, work_list=None, k_scale=k_scale,

@@ -2,7 +2,7 @@
 
 Compiled ahead of time in a subprocess (this session runs kernels under the interpreter) by
 scripts/compile_serving.py: work list, main kernel and fixup of dense, paged (page sizes 16,
-48, 64), packed varlen, feature, fp8 K/V and 576/512-head cases.
+48, 64), packed varlen, feature, fp8, q8_0 and q4_0 K/V and 576/512-head cases.
 """
 import json
 import os
@@ -27,7 +27,9 @@ def test_serving_kernels_compile_for_sm90():
     assert res.returncode == 0, res.stderr[-3000:]
     rows = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
     by = {(r["case"], r["kernel"]): r for r in rows}
-    assert len({r["case"] for r in rows}) == 10
+    assert len({r["case"] for r in rows}) == 12
+    for case in ("paged16-q8_0", "paged16-q4_0"):  # llama.cpp's blocks, dequantized on load
+        assert by[(case, "ragged_attention_kernel")]["spill_bytes"] == 0, case
     assert all(r["shared"] <= SM90_SHARED and (r["spill_bytes"] or 0) < 1024 for r in rows), rows
     # page ids read as scalars keep K/V in the same 3-stage shared-memory pipeline as the dense
     # layout (a vector gather of ids left a single buffer: 39680 bytes)

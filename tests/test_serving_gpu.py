@@ -412,3 +412,48 @@ def test_fp8_cuda_graph_replays_new_lengths_and_scales():
         tol = ragged_bound(sequences_kvcache(q, kd, vd, new, table))
         err = rel_err(out, ref)
         assert err <= tol, f"step {step} lengths {new}: {err:.2e} > {tol:.2e}"
+
+
+# -- llama.cpp's q8_0 and q4_0 blocks (skattn.quant.Q8_0, Q4_0)
+@pytest.mark.parametrize("form, page_size, qdtype", [("q8_0", 16, torch.float16),
+                                                     ("q4_0", 64, torch.bfloat16),
+                                                     ("q8_0", None, torch.bfloat16)])
+def test_block_serving_decode(form, page_size, qdtype):
+    # a serving-size decode batch (64 lognormal lengths, an empty one), llama-8b heads, K/V
+    # in llama.cpp's blocks, every policy, against float64 on the dequantized K/V
+    from skattn import quant
+
+    lens = list(mix("lognormal", seed=15).kv_lens)
+    lens[5] = 0
+    q, k, v, table, lens_t = kvcache_case(lens, page_size=page_size, seed=16)
+    q = q.to(qdtype)
+    kq, vq = getattr(quant, form)(k * 2), getattr(quant, form)(v)
+    ref = reference.attention_with_kvcache(q, kq, vq, cache_seqlens=lens_t, block_table=table)
+    tol = ragged_bound(sequences_kvcache(q, kq.dequantize(qdtype), vq.dequantize(qdtype), lens,
+                                         table))
+    cap = table.shape[1] * page_size if page_size else k.shape[1]
+    pages = dict(page_size=page_size, max_pages=table.shape[1]) if page_size else {}
+    kw = dict(batch=len(lens), q_len=1, max_kv_len=cap, q_heads=32, kv_heads=8, head_dim=128,
+              dtype=form, **pages)
+    for kind, p in {"auto": None, "split": skattn.serving_plan(policy="split", **kw),
+                    "fused": skattn.serving_plan(fixup="fused", **kw)}.items():
+        out = run_kvcache(q, kq, vq, table, lens_t, p)
+        err = rel_err(out, ref)
+        assert err <= tol, f"{form} page {page_size} {kind}: {err:.2e} > {tol:.2e}"
+
+
+def test_block_mixed_prefill_and_decode():
+    # one 512-token prompt chunk and 31 decode sequences over a paged q8_0 cache
+    from skattn import quant
+
+    m, q, k, v, table, cu_q, cu_k = mixed_batch(16, seed=17)
+    Hq, Hkv, D = MIXED_HEADS
+    kq, vq = quant.q8_0(k), quant.q8_0(v)
+    mq, mk = max(m.q_lens), max(m.kv_lens)
+    ref = reference.attention_varlen(q, kq, vq, cu_q, cu_k, mq, mk, block_table=table)
+    tol = ragged_bound(sequences_varlen(q, kq.dequantize(q.dtype), vq.dequantize(q.dtype),
+                                        cu_q, cu_k, table))
+    out = torch.full((q.shape[0], Hq, D), NAN, device="cuda", dtype=q.dtype)
+    skattn.attention_varlen(q, kq, vq, cu_q, cu_k, mq, mk, block_table=table, out=out)
+    assert not torch.isnan(out).any()
+    assert rel_err(out, ref) <= tol, (rel_err(out, ref), tol)

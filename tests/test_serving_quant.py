@@ -123,9 +123,6 @@ def test_plan_knows_one_byte_kv():
     tight = shared_bytes(p16.geometry, kv_format="float8_e4m3fn")
     t16, t8 = (skattn.serving_plan(dtype=d, smem_limit=tight, **kw) for d in (torch.float16, FP8))
     assert t8.geometry == p16.geometry and t16.geometry != p16.geometry
-    for form in ("q8_0", "q4_0"):
-        with pytest.raises(ValueError, match=f"serving kernels do not read {form}"):
-            skattn.serving_plan(dtype=form, **kw)
     with pytest.raises(ValueError, match="dtype is K/V's"):
         skattn.serving_plan(dtype=torch.float8_e5m2, **kw)
 
@@ -151,10 +148,10 @@ def _bad_case():
     (dict(q=lambda q: q.float()), TypeError, "q must be float16 or bfloat16 with quantized"),
     (dict(k=lambda k: k.view(torch.float8_e5m2), v=lambda v: v.view(torch.float8_e5m2)),
      TypeError, "float8_e5m2 K/V are not supported"),
-    (dict(k=lambda k: quant.q8_0(k.half()), v=lambda v: quant.q8_0(v.half()), k_scale=None,
-          v_scale=None), TypeError, "q8_0 K/V .* are not read by the serving kernels"),
-    (dict(k=lambda k: quant.q4_0(k.half()), v=lambda v: quant.q4_0(v.half()), k_scale=None,
-          v_scale=None), TypeError, "q4_0 K/V .* are not read by the serving kernels"),
+    (dict(k=lambda k: quant.q8_0(k.half()), v=lambda v: quant.q8_0(v.half()), v_scale=None),
+     ValueError, "k_scale must be None with q8_0 K/V"),
+    (dict(k=lambda k: quant.q4_0(k.half()), v=lambda v: v.half(), k_scale=None,
+          v_scale=None), TypeError, "k and v must both be skattn.quant.Q4_0 or neither"),
 ])
 def test_kvcache_errors(monkeypatch, change, err, match):
     def no_launch(*a, **kw):

@@ -31,6 +31,15 @@ def gather_keys(cache: torch.Tensor, n: int, *, b: int = 0, start: int = 0,
     return cache[start:start + n]
 
 
+def _sequence_keys(cache, scale, n: int, **where) -> torch.Tensor:
+    """One sequence's keys (`gather_keys`) in float64, dequantized exactly: fp8 with its
+    scale (`dequantize`), a Q8_0 / Q4_0 cache by its blocks."""
+    if isinstance(cache, quant.BLOCK_FORMS):
+        return type(cache)(gather_keys(cache.values, n, **where),
+                           gather_keys(cache.scales, n, **where)).dequantize(torch.float64)
+    return dequantize(gather_keys(cache, n, **where), scale)
+
+
 def _one(q, k, v, *, return_lse, **kw):
     """Attention of one sequence: q [Lq, Hq, D], k/v [Lk, Hkv, D] -> out [Lq, Hq, Dv], lse [Hq, Lq]."""
     from skattn.reference import attention
@@ -66,8 +75,8 @@ def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, block_table=No
     outs, lses = [], []
     for b, n in enumerate(cache_seqlens.cpu().tolist()):
         # dequantized per sequence: a whole serving cache in float64 would not fit
-        k = dequantize(gather_keys(k_cache, n, b=b, block_table=block_table), k_scale)
-        v = dequantize(gather_keys(v_cache, n, b=b, block_table=block_table), v_scale)
+        k = _sequence_keys(k_cache, k_scale, n, b=b, block_table=block_table)
+        v = _sequence_keys(v_cache, v_scale, n, b=b, block_table=block_table)
         out, lse = _one(q[b], k, v, return_lse=True, **kw)
         outs.append(out)
         lses.append(lse)
@@ -82,7 +91,8 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     """Float64 `skattn.attention_varlen`: [total_q, Hq, Dv] (and lse [Hq, total_q]).
 
     Rows of q outside every sequence are NaN (the kernels leave them unwritten).
-    float8_e4m3fn K/V are dequantized exactly with `k_scale`, `v_scale` (`dequantize`).
+    float8_e4m3fn K/V are dequantized exactly with `k_scale`, `v_scale` (`dequantize`), Q8_0 /
+    Q4_0 caches by their blocks.
     """
     sc.varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                    block_table=block_table, scale=scale, causal=causal, window=window,
@@ -98,8 +108,8 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     cq, ck = cu_seqlens_q.cpu().tolist(), cu_seqlens_k.cpu().tolist()
     for b in range(len(cq) - 1):
         n = ck[b + 1] - ck[b]
-        kb = dequantize(gather_keys(k, n, b=b, start=ck[b], block_table=block_table), k_scale)
-        vb = dequantize(gather_keys(v, n, b=b, start=ck[b], block_table=block_table), v_scale)
+        kb = _sequence_keys(k, k_scale, n, b=b, start=ck[b], block_table=block_table)
+        vb = _sequence_keys(v, v_scale, n, b=b, start=ck[b], block_table=block_table)
         if cq[b + 1] == cq[b]:
             continue
         o, s = _one(q[cq[b]:cq[b + 1]], kb, vb, return_lse=True, **kw)

@@ -17,13 +17,12 @@ from skattn.device import hardware, shared_memory_limit
 from skattn.launch import default_scale
 from skattn.serving_checks import check_values
 from skattn.serving_mixed import MixedPlan, step_plan
-from skattn.serving_plan import ServingPlan, serving_plan
+from skattn.serving_plan import SERVING_DTYPES, ServingPlan, serving_plan
 
 __all__ = ["attention_with_kvcache", "attention_varlen", "serving_plan", "ServingPlan",
            "MixedPlan", "work_list", "workspace", "check_values"]
 
-_DT = {torch.float16: "float16", torch.bfloat16: "bfloat16",
-       torch.float8_e4m3fn: "float8_e4m3fn"}
+_DT = SERVING_DTYPES  # K/V dtype or block format -> the plan's name for it
 
 
 @lru_cache(maxsize=256)
@@ -157,11 +156,20 @@ def _run(plan, q, k, v, out, lse, *, seq_k, seq_q, block_table, scale, sinks, so
            k_scale=k_scale, v_scale=v_scale)
 
 
-def _scales(k_scale, v_scale, device):
-    """fp8 scales as the kernel reads them: f32 [1] or [Hkv] (a float: a [1] tensor)."""
+def _kernel_kv(k, v, k_scale, v_scale, device) -> tuple:
+    """(k, v, k_scale, v_scale) as the kernel reads them: a block cache's values and block
+    scales (`skattn.quant.Q8_0`, `Q4_0`), or fp8 scales as f32 [1] or [Hkv] (a float: a [1]
+    tensor)."""
+    if isinstance(k, quant.BLOCK_FORMS):
+        return k.values, v.values, k.scales, v.scales
     if k_scale is None:
-        return None, None
-    return quant.scale_tensor(k_scale, device), quant.scale_tensor(v_scale, device)
+        return k, v, None, None
+    return k, v, quant.scale_tensor(k_scale, device), quant.scale_tensor(v_scale, device)
+
+
+def _kv_dtype(k):
+    """A plan's K/V dtype: the tensor's, or a block cache's format ("q8_0", "q4_0")."""
+    return k.format if isinstance(k, quant.BLOCK_FORMS) else k.dtype
 
 
 def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, block_table=None,
@@ -175,7 +183,8 @@ def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, block_table=No
     ----------
     q : Tensor [B, Lq, Hq, Dk], f16, bf16 or f32
         The Lq newest tokens of each sequence (already written to the cache).
-    k_cache, v_cache : Tensor, f16, bf16 or float8_e4m3fn (with k_scale, v_scale)
+    k_cache, v_cache : Tensor, f16, bf16 or float8_e4m3fn (with k_scale, v_scale); or
+        `skattn.quant.Q8_0` / `Q4_0` caches (llama.cpp's blocks, `skattn.quant.q8_0(cache)`)
         Dense ``[B, Lmax, Hkv, D]``, or paged ``[num_pages, page_size, Hkv, D]`` with
         `block_table` (page_size a multiple of 16).
     cache_seqlens : Tensor [B] int32, on q's device
@@ -226,14 +235,14 @@ def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, block_table=No
                       max_pages=block_table.shape[1])
     else:
         bounds = dict(batch=B, q_len=Lq, max_kv_len=k_cache.shape[1], page_size=None)
-    bounds.update(q_heads=Hq, kv_heads=hkv, head_dim=Dk, head_dim_v=dv, dtype=k_cache.dtype,
+    bounds.update(q_heads=Hq, kv_heads=hkv, head_dim=Dk, head_dim_v=dv, dtype=_kv_dtype(k_cache),
                   causal=causal, window=window)
     plan = _plan(plan, q.device, bounds)
     if out is None:
         out = torch.empty(B, Lq, Hq, dv, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, Hq, Lq, device=q.device, dtype=torch.float32) if return_lse else None
     scale = default_scale(Dk) if scale is None else float(scale)
-    k_scale, v_scale = _scales(k_scale, v_scale, q.device)
+    k_cache, v_cache, k_scale, v_scale = _kernel_kv(k_cache, v_cache, k_scale, v_scale, q.device)
     _run(plan, q, k_cache, v_cache, out, lse, seq_k=cache_seqlens, seq_q=None,
          block_table=block_table, scale=scale, sinks=sinks, softcap=softcap,
          alibi_slopes=alibi_slopes, workspace=workspace, work_list=work_list, k_scale=k_scale,
@@ -251,7 +260,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     ----------
     q : Tensor [total_q, Hq, Dk], f16, bf16 or f32
         Sequence b's queries are rows ``cu_seqlens_q[b] .. cu_seqlens_q[b+1] - 1``.
-    k, v : Tensor, f16, bf16 or float8_e4m3fn (with k_scale, v_scale)
+    k, v : Tensor, f16, bf16 or float8_e4m3fn (with k_scale, v_scale); or Q8_0 / Q4_0
         Packed ``[total_k, Hkv, D]`` (sequence b's keys at rows ``cu_seqlens_k[b]`` on), or
         paged caches ``[num_pages, page_size, Hkv, D]`` with `block_table`.
     cu_seqlens_q, cu_seqlens_k : Tensor [B + 1] int32, on q's device
@@ -293,7 +302,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
         bounds.update(page_size=k.shape[1], max_pages=block_table.shape[1])
     else:
         bounds.update(total_k=k.shape[0], page_size=None)
-    bounds.update(q_heads=Hq, kv_heads=hkv, head_dim=Dk, head_dim_v=dv, dtype=k.dtype,
+    bounds.update(q_heads=Hq, kv_heads=hkv, head_dim=Dk, head_dim_v=dv, dtype=_kv_dtype(k),
                   causal=causal, window=window)
     if plan is not None and plan.q_len is not None:
         raise ValueError("plan was made for attention_with_kvcache (q_len); plan varlen "
@@ -303,7 +312,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
         out = torch.empty(total_q, Hq, dv, device=q.device, dtype=q.dtype)
     lse = torch.empty(Hq, total_q, device=q.device, dtype=torch.float32) if return_lse else None
     scale = default_scale(Dk) if scale is None else float(scale)
-    k_scale, v_scale = _scales(k_scale, v_scale, q.device)
+    k, v, k_scale, v_scale = _kernel_kv(k, v, k_scale, v_scale, q.device)
     _run(plan, q, k, v, out, lse, seq_k=cu_seqlens_k, seq_q=cu_seqlens_q,
          block_table=block_table, scale=scale, sinks=sinks, softcap=softcap,
          alibi_slopes=alibi_slopes, workspace=workspace, work_list=work_list, k_scale=k_scale,

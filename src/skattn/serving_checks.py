@@ -32,15 +32,24 @@ def _features(hq, device, *, scale, causal, window, sinks, softcap, alibi_slopes
     options(scale=scale, softcap=softcap, causal=causal, window=window, return_lse=return_lse)
 
 
-def _kv_dtypes(q, k, v, k_scale, v_scale, *, dims: int, kernel: bool) -> tuple:
-    """The K/V dtypes to accept: f16/bf16, or float8_e4m3fn with scales under the dense
-    path's rules (`skattn.quant.check_kv`: the same errors, before any launch)."""
-    for form in (quant.Q8_0, quant.Q4_0):
-        if isinstance(k, form) or isinstance(v, form):
-            name = form.__name__.lower()
-            raise TypeError(f"k, v: {name} K/V (skattn.quant.{form.__name__}) are not read by the "
-                            f"serving kernels; use float8_e4m3fn K/V with k_scale, v_scale (or "
-                            f"skattn.attention)")
+def _lead(x):
+    """A packed [total_k, Hkv, D] block cache as one sequence [1, total_k, Hkv, D]."""
+    return type(x)(x.values[None], x.scales[None])
+
+
+def _kv_dtypes(q, k, v, k_scale, v_scale, *, dims: int, kernel: bool) -> tuple | None:
+    """The K/V dtypes to accept: f16/bf16, or float8_e4m3fn with scales, or None for
+    `skattn.quant.Q8_0` / `Q4_0` caches, under the dense path's rules
+    (`skattn.quant.check_kv`: the same errors, before any launch)."""
+    if isinstance(k, quant.BLOCK_FORMS) or isinstance(v, quant.BLOCK_FORMS):
+        for name, x in (("k", k), ("v", v)):
+            if isinstance(x, quant.BLOCK_FORMS) and x.dim() != dims:
+                raise ValueError(f"{name} must have {dims} dimensions, got shape "
+                                 f"{tuple(x.shape)}")
+        both = isinstance(k, quant.BLOCK_FORMS) and isinstance(v, quant.BLOCK_FORMS)
+        k4, v4 = (_lead(k), _lead(v)) if dims == 3 and both else (k, v)
+        quant.check_kv(q, k4, v4, k_scale, v_scale, kernel=kernel)
+        return None
     if k_scale is None and v_scale is None and not (_byte_kv(k) or _byte_kv(v)):
         return KV_DTYPES
     for name, x in (("k", k), ("v", v)):
@@ -58,10 +67,11 @@ def _kv(q, k, v, hq, d, *, paged: bool, block_table, batch: int, packed: bool, k
     """K/V dtypes, shapes and the block table; returns (Hkv, Dv)."""
     dims = 3 if packed else 4
     dtypes = _kv_dtypes(q, k, v, k_scale, v_scale, dims=dims, kernel=kernel)
-    _tensor("k", k, dims, dtypes)
-    _tensor("v", v, dims, dtypes)
-    if v.dtype != k.dtype:
-        raise TypeError(f"v must have k's dtype {k.dtype}, got {v.dtype}")
+    if dtypes is not None:  # block caches: checked by their class and quant.check_kv
+        _tensor("k", k, dims, dtypes)
+        _tensor("v", v, dims, dtypes)
+        if v.dtype != k.dtype:
+            raise TypeError(f"v must have k's dtype {k.dtype}, got {v.dtype}")
     for name, x in (("k", k), ("v", v)):
         if x.device != q.device:
             raise ValueError(f"{name} is on {x.device}, q on {q.device}")
@@ -91,7 +101,7 @@ def _kv(q, k, v, hq, d, *, paged: bool, block_table, batch: int, packed: bool, k
             raise ValueError("block_table must have at least one column, contiguous")
     elif not packed and k.shape[0] != batch:
         raise ValueError(f"batch mismatch: q {batch}, k {k.shape[0]}")
-    for name, x in (("k", k), ("v", v)):
+    for name, x in (("k", quant.kernel_data(k)), ("v", quant.kernel_data(v))):
         rows = k.shape[1] if not packed else 1
         if not packed and rows * abs(x.stride(1)) >= 2**31:
             raise ValueError(f"{name}: one sequence's keys span {rows * abs(x.stride(1))} elements; "
@@ -114,7 +124,8 @@ def kvcache_args(q, k_cache, v_cache, *, cache_seqlens, block_table, scale, caus
     _features(hq, q.device, scale=scale, causal=causal, window=window, sinks=sinks,
               softcap=softcap, alibi_slopes=alibi_slopes, return_lse=return_lse)
     if kernel:
-        kernel_tensors((("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("sinks", sinks),
+        kernel_tensors((("q", q), ("k_cache", quant.kernel_data(k_cache)),
+                       ("v_cache", quant.kernel_data(v_cache)), ("sinks", sinks),
                        ("alibi_slopes", alibi_slopes)), q.device)
         if lq * abs(q.stride(1)) >= 2**31:
             raise ValueError("q: one sequence's rows span 2**31 elements or more")
@@ -147,9 +158,10 @@ def varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
     _features(hq, q.device, scale=scale, causal=causal, window=window, sinks=sinks,
               softcap=softcap, alibi_slopes=alibi_slopes, return_lse=return_lse)
     if kernel:
-        kernel_tensors((("q", q), ("k", k), ("v", v), ("sinks", sinks),
+        kd, vd = quant.kernel_data(k), quant.kernel_data(v)
+        kernel_tensors((("q", q), ("k", kd), ("v", vd), ("sinks", sinks),
                        ("alibi_slopes", alibi_slopes)), q.device)
-        for name, x, n in (("q", q, max_seqlen_q), ("k", k, max_seqlen_k), ("v", v, max_seqlen_k)):
+        for name, x, n in (("q", q, max_seqlen_q), ("k", kd, max_seqlen_k), ("v", vd, max_seqlen_k)):
             if not (x is not q and paged) and n * abs(x.stride(0)) >= 2**31:
                 raise ValueError(f"{name}: one sequence's rows may span 2**31 elements or more")
         check_out(out, (total_q, hq, dv), q)

@@ -154,14 +154,15 @@ def build(plan: ServingPlan, wl: torch.Tensor, *, seq_k: torch.Tensor, cu_k: boo
 def run(plan: ServingPlan, q, k, v, out, lse, *, wl, block_table, scale: float, sinks=None,
         softcap=0.0, alibi_slopes=None, ws_views=None, k_scale=None, v_scale=None) -> None:
     """Launch the main kernel and the plan's separate fixup over the work list `wl`.
-    fp8 K/V (a plan of dtype float8_e4m3fn): `k_scale`, `v_scale` f32 [1] or [Hkv]."""
+    fp8 K/V (a plan of dtype float8_e4m3fn): `k_scale`, `v_scale` f32 [1] or [Hkv]; q8_0,
+    q4_0: `k`, `v` the block caches' values, `k_scale`, `v_scale` their block scales."""
     device = q.device
     b = bind(plan, device)
     stream = _stream(b, device)
     ws_o, ws_m, ws_l, counters = ws_views
     qk_scale, softcap_scale = score_scales(scale, softcap)
     fp8 = b.main_const["KV_FORMAT"] == 1
-    compute = q.dtype if fp8 else k.dtype  # what the dots multiply
+    compute = q.dtype if b.main_const["KV_FORMAT"] else k.dtype  # what the dots multiply
     # fp8 scales per KV head: bit 0 K's, bit 1 V's
     head_scales = int(k_scale.numel() > 1) + 2 * int(v_scale.numel() > 1) if fp8 else 0
     features = (sinks is not None, alibi_slopes is not None, bool(softcap), lse is not None,

@@ -27,8 +27,8 @@ SERVING_FIXUPS = ("general", "fused")
 # device policy codes (kernels/worklist.py)
 POLICY_CODE = {"llamacpp-before": 0, "llamacpp": 1, "auto": 2, "split": 3}
 HEADER = 16  # int32 words before the per-sequence arrays
-# K/V forms of the serving kernels -> ServingPlan.dtype (q8_0 and q4_0 are the dense path's only)
-SERVING_DTYPES = {d: name for d, name in _DTYPES.items() if name not in ("q8_0", "q4_0")}
+# K/V forms of the serving kernels -> ServingPlan.dtype (the dense path's: skattn.quant)
+SERVING_DTYPES = dict(_DTYPES)
 
 
 @dataclass(frozen=True)
@@ -198,9 +198,10 @@ def serving_plan(*, batch: int, max_kv_len: int, q_heads: int, kv_heads: int, he
     max_q_len, total_q : int, optional
         Varlen: max_seqlen_q and the rows of the packed q.
     head_dim_v : int, optional
-    dtype : torch.dtype
-        K/V's: float16, bfloat16 or float8_e4m3fn (1-byte K/V: the shared-memory estimate
-        counts them so; docs/quant.md).
+    dtype : torch.dtype or str
+        K/V's: float16, bfloat16, float8_e4m3fn, or "q8_0" / "q4_0" (`skattn.quant.Q8_0`,
+        `Q4_0` caches; head sizes multiples of 32). Quantized K/V: the shared-memory estimate
+        counts their bytes (docs/quant.md).
     causal, window
         Bottom-right causal per sequence; a window needs causal=True.
     page_size, max_pages : int, optional
@@ -256,11 +257,11 @@ def serving_plan(*, batch: int, max_kv_len: int, q_heads: int, kv_heads: int, he
     if q_heads % kv_heads:
         raise ValueError(f"q_heads ({q_heads}) must be a multiple of kv_heads ({kv_heads})")
     causal_window(causal, window)
-    if isinstance(dtype, str) and dtype in ("q8_0", "q4_0"):
-        raise ValueError(f"dtype={dtype!r}: the serving kernels do not read {dtype} K/V "
-                         f"(skattn.attention does); use torch.float8_e4m3fn with k_scale, v_scale")
     if not isinstance(dtype, (torch.dtype, str)) or dtype not in SERVING_DTYPES:
         raise ValueError(f"dtype is K/V's and must be one of {list(SERVING_DTYPES)}, got {dtype}")
+    if SERVING_DTYPES[dtype] in ("q8_0", "q4_0") and (head_dim % 32 or head_dim_v % 32):
+        raise ValueError(f"{dtype} K/V need head sizes that are multiples of 32 (its blocks), "
+                         f"got {head_dim}/{head_dim_v}")
     if page_size is not None:
         _check_positive(page_size=page_size)
         if page_size % 16:

@@ -87,11 +87,18 @@ def _tile_state(WL, rb, h, rbs, c, item, stop_here, batch, rb_max, ntiles_z, rat
     q = load_q(Qb, 0, qi, head, valid, 0, stride_qm, stride_qh, 0, HEAD_DIM, BLOCK_DK,
                K.dtype.element_ty if KV_FORMAT == 0 else Q.dtype.element_ty)
     if PAGED:
-        Kb = K + tl.cast(g, tl.int64) * stride_kh
-        Vb = V + tl.cast(g, tl.int64) * stride_vh
+        kofs = tl.cast(g, tl.int64) * stride_kh
+        vofs = tl.cast(g, tl.int64) * stride_vh
     else:
-        Kb = K + b64 * stride_kb + tl.cast(ks, tl.int64) * stride_kn + tl.cast(g, tl.int64) * stride_kh
-        Vb = V + b64 * stride_vb + tl.cast(ks, tl.int64) * stride_vn + tl.cast(g, tl.int64) * stride_vh
+        kofs = b64 * stride_kb + tl.cast(ks, tl.int64) * stride_kn + tl.cast(g, tl.int64) * stride_kh
+        vofs = b64 * stride_vb + tl.cast(ks, tl.int64) * stride_vn + tl.cast(g, tl.int64) * stride_vh
+    Kb, Vb = K + kofs, V + vofs
+    if KV_FORMAT == 2:  # q8_0: scales laid out like the int8 values, strides / 32
+        KS = KS + kofs // 32
+        VS = VS + vofs // 32
+    elif KV_FORMAT == 3:  # q4_0: like the bytes of nibbles, strides / 16
+        KS = KS + kofs // 16
+        VS = VS + vofs // 16
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -117,7 +124,8 @@ def ragged_attention_kernel(
     LSE, stride_lb, stride_lh,  # lse [B, Hq, Lq] or [Hq, total_q] (tokens contiguous)
     BT, stride_bt,  # block table [B, max_pages] int32 (paged)
     SINKS, SLOPES,  # [Hq] f32
-    KS, VS,  # fp8 K/V (KV_FORMAT 1): f32 scales [1] or [Hkv]; else unread
+    KS, VS,  # fp8 K/V (KV_FORMAT 1): f32 scales [1] or [Hkv]; q8_0, q4_0 (2, 3): the block
+    # scales, laid out like K's and V's values (strides / 32, bytes / 16); else unread
     WS_O, WS_M, WS_L, COUNTERS,  # partials [N_grid*2, BLOCK_M, (Dv)], per-tile counters
     WL,  # the work list
     batch, rb_max, ratio, ntiles_z, hz, num_pages, split,

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from skattn.kernels.kv_loop import _dot, load_q
-from skattn.kernels.quant import fp8_score_scales, fp8_v_scale
+from skattn.kernels.quant import block_rows, fp8_score_scales, fp8_v_scale
 from skattn.kernels.softmax import alibi_slope, scores, softmax_step, unmasked_end, visible
 
 
@@ -48,7 +48,7 @@ def _key_rows(BT, blk, kv_len, num_pages, stride_kb, stride_kn, stride_vb, strid
 
 
 @triton.jit
-def _ragged_step(acc, m_i, l_i, q, Qb, Kb, Vb, BT, slope, qi, head, valid, qpos, blk,
+def _ragged_step(acc, m_i, l_i, q, Qb, Kb, Vb, KS, VS, BT, slope, qi, head, valid, qpos, blk,
                  stride_qm, stride_qh, stride_kb, stride_kn, stride_vb, stride_vn,
                  kv_len, num_pages, qk_scale, softcap_scale, window,
                  HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -57,13 +57,26 @@ def _ragged_step(acc, m_i, l_i, q, Qb, Kb, Vb, BT, slope, qi, head, valid, qpos,
                  SOFTCAP: tl.constexpr, DOT_F32: tl.constexpr, PAGED: tl.constexpr,
                  PAGE_SIZE: tl.constexpr, MASKED: tl.constexpr, KV_FORMAT: tl.constexpr):
     """One KV block. MASKED=False: inside Lk and visible to every row (pages still checked).
-    KV_FORMAT 1: fp8 e4m3 K/V, converted to q's dtype on load (exactly; scales in the loop)."""
+    KV_FORMAT 1: fp8 e4m3 K/V, converted to q's dtype on load (exactly; scales in the loop);
+    2, 3: q8_0, q4_0 blocks dequantized to q's dtype on load, their scales at KS, VS."""
     offs_n, krow, vrow, ok = _key_rows(BT, blk, kv_len, num_pages, stride_kb, stride_kn,
                                        stride_vb, stride_vn, PAGED, PAGE_SIZE, BLOCK_N)
     if MASKED:
         ok = ok & (offs_n < kv_len)
     # -- scores
-    if DK_CHUNKS == 1:
+    if KV_FORMAT >= 2:
+        qk = tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32)
+        for c in tl.static_range(DK_CHUNKS):
+            if DK_CHUNKS == 1:
+                qc = q
+            else:
+                qc = load_q(Qb, 0, qi, head, valid, 0, stride_qm, stride_qh, c, HEAD_DIM,
+                            BLOCK_DK, q.dtype)
+            kc = tl.trans(block_rows(Kb, KS, krow, ok, c * BLOCK_DK, HEAD_DIM, BLOCK_DK,
+                                     MASKED or PAGED or HEAD_DIM != BLOCK_DK * DK_CHUNKS,
+                                     q.dtype, KV_FORMAT))
+            qk += _dot(qc, kc, DOT_F32)
+    elif DK_CHUNKS == 1:
         dk = tl.arange(0, BLOCK_DK)
         kptrs = Kb + krow[None, :] + dk[:, None]
         if MASKED or PAGED:
@@ -98,7 +111,10 @@ def _ragged_step(acc, m_i, l_i, q, Qb, Kb, Vb, BT, slope, qi, head, valid, qpos,
     l_i = l_i * alpha + tl.sum(p, 1)
     dv = tl.arange(0, BLOCK_DV)
     vptrs = Vb + vrow[:, None] + dv[None, :]
-    if MASKED or PAGED:
+    if KV_FORMAT >= 2:
+        vt = block_rows(Vb, VS, vrow, ok, 0, HEAD_DIM_V, BLOCK_DV,
+                        MASKED or PAGED or HEAD_DIM_V != BLOCK_DV, q.dtype, KV_FORMAT)
+    elif MASKED or PAGED:
         vt = tl.load(vptrs, mask=ok[:, None] & (dv[None, :] < HEAD_DIM_V), other=0.0)
     elif HEAD_DIM_V == BLOCK_DV:
         vt = tl.load(vptrs)
@@ -125,7 +141,8 @@ def ragged_kv_loop(acc, m_i, l_i, q, Qb, Kb, Vb, BT, SLOPES, KS, VS, g, qi, head
     (q_len, kv_len): first the blocks that need no mask, then the rest (`tile_kv_loop`).
     fp8 K/V (KV_FORMAT 1) as in `tile_kv_loop`: KS, VS hold f32 scales, KV head g's where
     HEAD_SCALES says (bit 0: K's, bit 1: V's); K's is folded into the score scale, V's
-    multiplies the accumulator (a partial's too: the merge is linear in it)."""
+    multiplies the accumulator (a partial's too: the merge is linear in it). q8_0, q4_0 (2, 3):
+    KS, VS point at the block scales of Kb's and Vb's first element."""
     qpos = kv_len - q_len + qi
     if KV_FORMAT == 1:
         qk_scale, softcap_scale = fp8_score_scales(KS, g, qk_scale, softcap_scale, SOFTCAP,
@@ -136,7 +153,7 @@ def ragged_kv_loop(acc, m_i, l_i, q, Qb, Kb, Vb, BT, SLOPES, KS, VS, g, qi, head
     for masked in tl.static_range(2):  # blocks blk_lo..mid unmasked, mid..blk_hi masked
         for blk in range(blk_lo + (mid - blk_lo) * masked, mid + (blk_hi - mid) * masked):
             acc, m_i, l_i = _ragged_step(
-                acc, m_i, l_i, q, Qb, Kb, Vb, BT, slope, qi, head, valid, qpos, blk,
+                acc, m_i, l_i, q, Qb, Kb, Vb, KS, VS, BT, slope, qi, head, valid, qpos, blk,
                 stride_qm, stride_qh, stride_kb, stride_kn, stride_vb, stride_vn,
                 kv_len, num_pages, qk_scale, softcap_scale, window, HEAD_DIM, HEAD_DIM_V,
                 BLOCK_N, BLOCK_DK, DK_CHUNKS, BLOCK_DV, CAUSAL, HAS_WINDOW, HAS_ALIBI, SOFTCAP,
