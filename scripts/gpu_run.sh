@@ -7,7 +7,8 @@
 #      and tools/sanitize_quant.py, in the background beside 1 and 2
 #   4. `skattn bench` with the arguments given (e.g. --quick, --seed-table, --host)
 #   5. optional stages, each a quick benchmark: `serving` (skattn bench --serving --quick),
-#      `quant` (skattn bench --quant, llama-8b), `prefill` (tools/prefill_ab.py --quick),
+#      `quant` (skattn bench --quant, llama-8b; then skattn bench --serving --quick with
+#      skattn auto over f16, FP8, q8_0 and q4_0 K/V), `prefill` (tools/prefill_ab.py --quick),
 #      `cb` (continuous-batching steps alone, tools/varlen_prefill.py; transformers'
 #      generate_batch with CUDA graphs, tokens/s; eager, tokens/s; then with graphs again,
 #      each attention launch and step shape recorded and GPU time by kernel,
@@ -107,6 +108,9 @@ has cb && quick_bench cb-profile env OUT="$OUT_DIR/cb-profile" python3 tools/cb_
     --requests 32 --providers "paged|skattn,paged|sdpa" --graphs --profile --kernels --reps 1
 has quant && quick_bench quant python3 -m skattn.cli bench --quant --models llama-8b --n 1,16,512 \
     --no-progress --time-limit 70 --out "$OUT_DIR/quant"
+has quant && quick_bench quant-serving python3 -m skattn.cli bench --serving --quick --no-progress \
+    --providers skattn:auto,skattn-fp8:auto,skattn-q8_0:auto,skattn-q4_0:auto --time-limit 150 \
+    --out "$OUT_DIR/quant-serving"
 has prompt && quick_bench prompt env OUT="$OUT_DIR/prompt" python3 tools/prompt_square.py \
     --cells "${PROMPT_CELLS:-llama-8b:2048:2048,llama-8b:8192:8192,gpt-oss:8192:8192,qwen3-14b:8192:8192,llama-8b:512:8192,qwen3-14b:1024:32768}"
 has pdl && quick_bench pdl-decode python3 -m skattn.cli bench --n 1,4,16 \

@@ -37,6 +37,24 @@ def test_skattn_provider_decode_step(name, policy, extra):
     assert sr._check(bad, batch, refs) > sr.TOLERANCE
 
 
+@pytest.mark.parametrize("form, ratio", [("fp8", 32 / 64), ("q8_0", 34 / 64), ("q4_0", 18 / 64)])
+def test_quantized_providers(form, ratio):
+    # skattn-FORM:auto reads the batch's K/V quantized (its floor counts those bytes) and is
+    # checked against float64 on the same K/V dequantized
+    m = mix("one-long", scale=1 / 256)
+    batch = sb.make_batch(m, 2, 1, 32, 16, device="cpu")
+    built = sb.build(f"skattn-{form}:auto/sms=4,occupancy=2", batch)
+    assert built.read.kv_bytes() == batch.kv_bytes() * ratio
+    built.step()
+    seqs = sorted({0, m.batch - 1})
+    refs = sb.reference_rows(built.dequantized, seqs)
+    assert sr._check(built, batch, refs) <= 1e-2
+    bad = sb.Built(lambda: built.layer() * 1.1, built.canonical)
+    assert sr._check(bad, batch, refs) > sr.TOLERANCE
+    with pytest.raises(ValueError, match="fp8, q8_0 or q4_0"):
+        sb.build("skattn-int4:auto", batch)
+
+
 def test_markdown_table():
     rows = [dict(provider=p, model="llama-8b", mix="one-long", page_size=16, status="ok",
                  p50_us=str(t), pct_floor=str(f)) for p, t, f in

@@ -201,9 +201,10 @@ def _serving_mode(args) -> int:
         models = tuple(resolve(n)[0] for n in grid.parse_names(args.models) or ()) or (
             ("llama-8b",) if args.quick else tuple(grid.MODELS))
         names = grid.parse_names(args.providers) or sb.PROVIDERS
-        bad = [n for n in names if n not in sb.PROVIDERS]
+        known = sb.PROVIDERS + sb.QUANT_PROVIDERS
+        bad = [n for n in names if n not in known]
         if bad:
-            raise ValueError(f"unknown serving providers {bad}; choose from {list(sb.PROVIDERS)}")
+            raise ValueError(f"unknown serving providers {bad}; choose from {list(known)}")
     except ValueError as exc:
         print(f"skattn bench: {exc}", file=sys.stderr)
         return 2

@@ -16,6 +16,9 @@ from skattn.bench.serving_mixes import Mix
 
 PROVIDERS = ("skattn:auto", "skattn:mixed", "skattn:split", "sdpa-padded", "flex-paged",
              "flash-attn")
+# skattn `auto` over the same batch's K/V quantized (opt-in: --providers): FP8 e4m3 with
+# per-KV-head scales, llama.cpp's q8_0 and q4_0 blocks (`quantize_batch`)
+QUANT_PROVIDERS = ("skattn-fp8:auto", "skattn-q8_0:auto", "skattn-q4_0:auto")
 # skattn:mixed: `auto` in two halves (serving_plan(q_split="auto"), docs/serving.md "Mixed
 # batches"); varlen mixes only
 
@@ -36,14 +39,19 @@ class Batch:
     lens: torch.Tensor       # [B] int32 keys
     cu_q: torch.Tensor       # [B + 1] int32
     cu_k: torch.Tensor
+    k_scale: torch.Tensor | None = None  # fp8 K/V: f32 [Hkv] / [1] (`quantize_batch`)
+    v_scale: torch.Tensor | None = None
 
     @property
     def max_pages(self) -> int:
         return self.table.shape[1]
 
     def kv_bytes(self) -> int:
-        """K and V bytes the batch can see (what an ideal kernel reads once)."""
-        return sum(self.mix.kv_lens) * self.hkv * self.d * 2 * self.k.element_size()
+        """K and V bytes the batch can see (what an ideal kernel reads once): a block
+        cache's values and scales."""
+        row = sum(x.shape[-1] * x.element_size() for x in
+                  ((self.k.values, self.k.scales) if hasattr(self.k, "scales") else (self.k,)))
+        return sum(self.mix.kv_lens) * self.hkv * 2 * row
 
 
 def make_batch(mix: Mix, hq: int, hkv: int, d: int, page_size: int, seed: int = 0,
@@ -84,6 +92,31 @@ class Built:
     canonical: Callable[[torch.Tensor], torch.Tensor]
     step: Callable[[], object] | None = None
     note: str = ""
+    # quantized K/V: the batch the provider reads (its bytes) and the same batch with K/V
+    # dequantized to f16 (what its outputs are checked against)
+    read: Batch | None = None
+    dequantized: Batch | None = None
+
+
+def quantize_batch(batch: Batch, form: str) -> tuple[Batch, Batch]:
+    """(the batch with K/V in `form`, the same with those K/V dequantized to f16): "fp8"
+    (e4m3, f32 scales per KV head), "q8_0" or "q4_0" (`skattn.quant`'s blocks)."""
+    from dataclasses import replace
+
+    from skattn import quant
+
+    if form == "fp8":
+        pairs = [quant.fp8(x.reshape(1, -1, batch.hkv, batch.d), per_head=True)
+                 for x in (batch.k, batch.v)]
+        (k8, ks), (v8, vs) = ((x.reshape(batch.k.shape), s) for x, s in pairs)
+        deq = [(x.float() * s[:, None]).half() for x, s in ((k8, ks), (v8, vs))]
+        return replace(batch, k=k8, v=v8, k_scale=ks, v_scale=vs), replace(batch, k=deq[0],
+                                                                            v=deq[1])
+    if form not in ("q8_0", "q4_0"):
+        raise ValueError(f"quantized form must be fp8, q8_0 or q4_0, got {form!r}")
+    kq, vq = (getattr(quant, form)(x) for x in (batch.k, batch.v))
+    return (replace(batch, k=kq, v=vq),
+            replace(batch, k=kq.dequantize(torch.float16), v=vq.dequantize(torch.float16)))
 
 
 def _same(out):
@@ -100,9 +133,11 @@ def build_skattn(batch: Batch, policy: str, overrides: dict | None = None) -> Bu
     overrides = dict(overrides or {})
     if "pdl_wait" in overrides:
         overrides["tuning"] = Tuning(pdl_wait=bool(overrides.pop("pdl_wait")))
+    dtype = batch.k.format if hasattr(batch.k, "format") else batch.k.dtype
     common = dict(batch=m.batch, q_heads=batch.hq, kv_heads=batch.hkv, head_dim=batch.d,
                   page_size=batch.page_size, max_pages=batch.max_pages, policy=policy,
-                  **overrides)
+                  dtype=dtype, **overrides)
+    scales = dict(k_scale=batch.k_scale, v_scale=batch.v_scale)
     wl_args = {}
     if m.decode:
         p = serving.serving_plan(q_len=1, max_kv_len=batch.max_pages * batch.page_size, **common)
@@ -124,12 +159,13 @@ def build_skattn(batch: Batch, policy: str, overrides: dict | None = None) -> Bu
         def layer():
             return serving.attention_with_kvcache(q4, batch.k, batch.v, cache_seqlens=batch.lens,
                                                   block_table=batch.table, plan=p, out=out,
-                                                  workspace=ws, work_list=wl)
+                                                  workspace=ws, work_list=wl, **scales)
     else:
         def layer():
             return serving.attention_varlen(batch.q, batch.k, batch.v, batch.cu_q, batch.cu_k,
                                             max(m.q_lens), max(m.kv_lens), block_table=batch.table,
-                                            plan=p, out=out, workspace=ws, work_list=wl)
+                                            plan=p, out=out, workspace=ws, work_list=wl,
+                                            **scales)
     note = "; ".join(f"{name}grid {h.programs}, fixup {h.fixup}"
                      + (f", split {h.split}" if h.split > 1 else "")
                      for name, h in zip(("short: ", "long: ") if hasattr(p, "halves") else ("",),
@@ -246,6 +282,12 @@ def skattn_variant(name: str) -> tuple[str, dict]:
 
 
 def build(name: str, batch: Batch) -> Built:
+    if name.startswith("skattn-"):  # skattn-FORM:POLICY: over the batch's K/V quantized
+        form, _, variant = name[len("skattn-"):].partition(":")
+        read, dequantized = quantize_batch(batch, form)
+        built = build_skattn(read, *skattn_variant(f"skattn:{variant}"))
+        built.read, built.dequantized = read, dequantized
+        return built
     if name == "skattn:mixed":
         return build_skattn(batch, "auto", {"q_split": "auto"})
     if name.startswith("skattn:"):

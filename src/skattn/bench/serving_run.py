@@ -5,7 +5,9 @@ few sequences (the first, the second, the last and the longest) against float64,
 the decode step in one CUDA graph (skattn's work list once, then `layers` layers' calls on
 the same batch, whose K/V are far larger than L2) and time replays after an L2 flush:
 per-layer time = replay / layers. Floor = visible K/V bytes (+ q and out) / copy bandwidth
-(or the matmul time where larger), measured in the same run.
+(or the matmul time where larger), measured in the same run. Quantized providers
+(`skattn-fp8:auto`, ...) read the batch's K/V quantized, are checked against float64 on
+those K/V dequantized, and their floor counts the bytes they read.
 """
 from __future__ import annotations
 
@@ -61,6 +63,9 @@ def measure(name, batch, refs, timer, *, layers, warmup, reps) -> dict:
     try:
         built = sb.build(name, batch)
         row["note"] = built.note
+        if built.dequantized is not None:  # quantized K/V: checked against their dequantized
+            refs = sb.reference_rows(built.dequantized, sorted(refs))
+            row["kv_bytes"] = built.read.kv_bytes()
         err = _check(built, batch, refs)
         row["err"] = f"{err:.3e}"
         if err > TOLERANCE:
@@ -133,11 +138,13 @@ def run_serving(*, models, mixes, page_sizes, names, out_dir, tag, layers=8, war
             batch = sb.make_batch(m, hq, hkv, d, ps, seed=seed + done)
             longest = max(range(m.batch), key=lambda b: m.kv_lens[b])
             refs = sb.reference_rows(batch, sorted({0, 1, m.batch - 1, longest}))
-            nbytes = batch.kv_bytes() + 2 * batch.q.numel() * batch.q.element_size()
+            q_bytes = 2 * batch.q.numel() * batch.q.element_size()
             flops = 4 * hq * d * sum(a * b for a, b in zip(m.q_lens, m.kv_lens))
-            floor = floor_us(nbytes, flops, ceilings)
             for name in providers_for(names, model, m.decode):
                 row = measure(name, batch, refs, timer, layers=layers, warmup=warmup, reps=reps)
+                # a quantized provider's floor: the bytes it reads
+                nbytes = row.pop("kv_bytes", batch.kv_bytes()) + q_bytes
+                floor = floor_us(nbytes, flops, ceilings)
                 p50 = float(row["p50_us"]) if "p50_us" in row else None
                 row.update(model=model, hq=hq, hkv=hkv, d=d, mix=mix_name, page_size=ps,
                            batch=m.batch, q_tokens=sum(m.q_lens), kv_tokens=sum(m.kv_lens),
@@ -200,4 +207,4 @@ def markdown(rows: list[dict], meta: dict) -> str:
     return "\n".join(lines)
 
 
-PROVIDERS_ORDER = sb.PROVIDERS
+PROVIDERS_ORDER = sb.PROVIDERS + sb.QUANT_PROVIDERS
