@@ -52,9 +52,12 @@ CASES = {
                          kv="q8_0"),
     "paged16-q4_0": dict(kw=dict(q_len=1, max_kv_len=4096, page_size=16), layout="paged",
                          kv="q4_0"),
-    # Tuning(pdl_wait=True) on a Hopper GPU: the main kernel waits on the work list (gdc_wait)
-    "paged16-wait": dict(kw=dict(q_len=1, max_kv_len=4096, page_size=16), layout="paged",
-                         wait=True),
+    # Tuning(pdl_wait=False): the main kernel launched plainly, without griddepcontrol.wait
+    "paged16-nowait": dict(kw=dict(q_len=1, max_kv_len=4096, page_size=16), layout="paged",
+                           wait=False),
+    # a prompt-sized tile over q8_0 blocks
+    "varlen-packed-q8_0": dict(kw=dict(max_q_len=512, total_q=543, max_kv_len=8192,
+                                       total_k=40000), layout="packed", kv="q8_0"),
 }
 
 
@@ -78,8 +81,9 @@ def capture(name: str, case: dict) -> list:
         if case.get("pdl") and b.fix_kernel:  # what a Hopper GPU launches
             b.main_const["USE_PDL"] = 2
             b.fix_const["USE_PDL"] = True
-        if case.get("wait"):
-            b.main_const["WAIT_PDL"] = True
+        # what a Hopper GPU builds by default (Tuning.pdl_wait): the main kernel waits on
+        # the work list (gdc_wait)
+        b.main_const["WAIT_PDL"] = case.get("wait", True)
     p = getattr(p, "long", p)  # the bounds of the tensors
     calls = []
     saved = serving_launch._launch

@@ -2,7 +2,7 @@
 
   python3 scripts/resources.py llama-8b 1 32768 [programs=128] [fixup=fused] [num_stages=4]
                                              [stamps=1]  # with the per-program time stamps
-                                             [pdl_wait=1]  # main kernel as Tuning(pdl_wait=True)
+                                             [pdl_wait=0]  # main kernel as Tuning(pdl_wait=False)
   python3 scripts/resources.py --shape 256 256 4     # D Dv n, 16 query heads on 1 KV head
   python3 scripts/resources.py --shape 128 128 1 q8_0        # K/V float8_e4m3fn, q8_0, q4_0
   python3 scripts/resources.py --grid [--jobs=2] [--heads=128,192/128] [--features=mask,window]
@@ -324,7 +324,7 @@ def main(argv):
         k, v = a.split("=")
         extra[k] = int(v) if v.isdigit() else v
     stamps = (torch.zeros(1, dtype=torch.int64),) * 2 if extra.pop("stamps", 0) else None
-    wait = extra.pop("pdl_wait", 0)  # the main kernel as Tuning(pdl_wait=True) builds it on sm_90
+    wait = extra.pop("pdl_wait", 1)  # the main kernel as sm_90 builds it (Tuning.pdl_wait)
     if stamps is not None:
         launch._check_stamps = lambda *a: None  # launches are only captured: nothing is written
     Hq, Hkv, D = MODELS[model][:3]

@@ -66,10 +66,11 @@ def test_time_stamps_compile():
 
 
 def test_pdl_wait_compiles():
-    # Tuning(pdl_wait=True): the main kernel waits on the previous grid (griddepcontrol.wait)
-    # before its first load; without it there is no wait; registers stay as they are
-    outs = [_llama_8b_decode(*extra)[0] for extra in ([], ["pdl_wait=1"])]
-    assert "'pdl_wait': False" in outs[0] and "'pdl_wait': True" in outs[1], outs
+    # Tuning.pdl_wait (the default on sm_90): the main kernel waits on the previous grid
+    # (griddepcontrol.wait) before its first load; with pdl_wait=False there is no wait;
+    # registers stay as they are
+    outs = [_llama_8b_decode(*extra)[0] for extra in ([], ["pdl_wait=0"])]
+    assert "'pdl_wait': True" in outs[0] and "'pdl_wait': False" in outs[1], outs
     assert "'regs': 168" in outs[1], outs
 
 

@@ -27,7 +27,7 @@ def test_serving_kernels_compile_for_sm90():
     assert res.returncode == 0, res.stderr[-3000:]
     rows = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
     by = {(r["case"], r["kernel"]): r for r in rows}
-    assert len({r["case"] for r in rows}) == 12
+    assert len({r["case"] for r in rows}) == 13
     for case in ("paged16-q8_0", "paged16-q4_0"):  # llama.cpp's blocks, dequantized on load
         assert by[(case, "ragged_attention_kernel")]["spill_bytes"] == 0, case
     assert all(r["shared"] <= SM90_SHARED and (r["spill_bytes"] or 0) < 1024 for r in rows), rows
@@ -37,10 +37,10 @@ def test_serving_kernels_compile_for_sm90():
     for case in ("paged16", "paged48-split", "paged64-fused"):
         assert by[(case, "ragged_attention_kernel")]["shared"] == dense, case
     # fp8 K/V: 1-byte stages, as the planner's estimate counts them (config.shared_bytes)
-    # Tuning(pdl_wait=True): the main kernel waits on the GPU (griddepcontrol.wait) and keeps
-    # its registers and shared memory
-    wait = by[("paged16-wait", "ragged_attention_kernel")]
-    plain = by[("paged16", "ragged_attention_kernel")]
+    # Tuning.pdl_wait (the default): the main kernel waits on the GPU (griddepcontrol.wait)
+    # and keeps the registers and shared memory of the plain launch's build
+    wait = by[("paged16", "ragged_attention_kernel")]
+    plain = by[("paged16-nowait", "ragged_attention_kernel")]
     assert wait["pdl_wait"] and not plain["pdl_wait"]
     assert (wait["regs"], wait["shared"]) == (plain["regs"], plain["shared"])
     fp8 = by[("paged16-fp8", "ragged_attention_kernel")]["shared"]

@@ -253,7 +253,8 @@ def test_large_heads():
 def test_cuda_graph_replays_new_lengths_and_pages():
     # capture once; each step writes new lengths and block tables into the same tensors and
     # replays: 50 steps against the float64 reference, stream-K (general) and fused plans,
-    # the split anchor, and the main kernel launched by PDL (waiting on the work list)
+    # the split anchor, and the main kernel launched without PDL (the default waits on the
+    # work list with griddepcontrol.wait)
     B, Hq, Hkv, D, ps, max_pages = 8, 32, 8, 128, 64, 64
     g = gen(8)
     num_pages = B * max_pages
@@ -265,7 +266,7 @@ def test_cuda_graph_replays_new_lengths_and_pages():
               head_dim=D, page_size=ps, max_pages=max_pages)
     plans = [skattn.serving_plan(**kw), skattn.serving_plan(fixup="fused", **kw),
              skattn.serving_plan(policy="split", **kw),
-             skattn.serving_plan(tuning=skattn.Tuning(pdl_wait=True), **kw)]
+             skattn.serving_plan(tuning=skattn.Tuning(pdl_wait=False), **kw)]
     spaces = [serving.workspace(p) for p in plans]
     outs = [torch.empty(B, 1, Hq, D, device="cuda", dtype=q.dtype) for _ in plans]
 
@@ -294,6 +295,37 @@ def test_cuda_graph_replays_new_lengths_and_pages():
         for p, out in zip(plans, outs):
             err = rel_err(out, ref)
             assert err <= tol, f"step {step} lengths {new} {p.policy}/{p.fixup}: {err:.2e} > {tol:.2e}"
+
+
+def test_pdl_chain_of_layers_with_whole_tile_steps():
+    # each layer's output is the next layer's q, every kernel launched by PDL (main kernels
+    # wait with griddepcontrol.wait, the fixup too); short lengths make every tile whole, so
+    # no fixup program merges: its programs must still wait, or the next layer could read q
+    # before the previous main kernel's stores are visible
+    from skattn import serving_launch
+
+    lens = [10, 3, 16, 1, 7, 12, 5, 9]
+    k, v, table = paged_cache(lens, page_size=16, hkv=8, d=128, seed=18, device="cuda",
+                              max_pages=256)
+    q = rand((8, 1, 32, 128), gen(18))
+    lens_t = torch.tensor(lens, dtype=I32, device="cuda")
+    kw = dict(batch=8, q_len=1, max_kv_len=4096, q_heads=32, kv_heads=8, head_dim=128,
+              page_size=16, max_pages=256)
+    p = skattn.serving_plan(**kw)
+    b = serving_launch.bind(p, q.device)
+    assert b.pdl and b.main_const["WAIT_PDL"]
+    outs = [torch.full_like(q, NAN) for _ in range(6)]
+    x = q
+    for out in outs:
+        x = skattn.attention_with_kvcache(x, k, v, cache_seqlens=lens_t, block_table=table,
+                                          plan=p, out=out)
+    torch.cuda.synchronize()
+    prev = q
+    for i, out in enumerate(outs):
+        ref = reference.attention_with_kvcache(prev, k, v, cache_seqlens=lens_t, block_table=table)
+        tol = ragged_bound(sequences_kvcache(prev, k, v, lens, table))
+        assert rel_err(out, ref) <= tol, (i, rel_err(out, ref), tol)
+        prev = out
 
 
 def test_device_behaviour_on_bad_values():

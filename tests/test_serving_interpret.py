@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import skattn
-from skattn import reference, serving
+from skattn import reference, serving, serving_launch
 from skattn.kernels.worklist import HEADER, WHOLE_FLAG, WHOLE_NEXT
 from skattn.serving_plan import host_work_list
 from serving_inputs import (paged_cache, ragged_bound, randn, sequences_kvcache,
@@ -301,3 +301,37 @@ def test_pooled_work_list_outgrown_stays_alive():
     second = sl._views(big, sl.bind(big, dev), None, dev, 0)[4]
     assert second.numel() == big.work_list_words and first.numel() == small.work_list_words
     assert any(first.data_ptr() == r.data_ptr() for r in sl._WL_RETIRED)
+
+
+@pytest.mark.parametrize("policy, max_kv_len, kind", [("auto", 64, "general"),
+                                                      ("split", 256, "uniform")])
+def test_fixups_launched_by_pdl_wait_in_every_program(monkeypatch, policy, max_kv_len, kind):
+    # a fixup launched by PDL: every program waits for the main kernel (griddepcontrol.wait),
+    # also in a step whose tiles are all whole and where no program merges, since the next
+    # kernel's own wait covers the main kernel only through the fixup grid's completion.
+    # The interpreter has no PDL: the fixup is built as a Hopper GPU would build it and its
+    # waits are counted.
+    import math
+
+    from skattn.kernels import ragged_fixup
+
+    waits = []
+    monkeypatch.setattr(ragged_fixup, "gdc_wait", lambda: waits.append(1))
+    p = skattn.serving_plan(batch=2, q_len=1, max_kv_len=max_kv_len, q_heads=4, kv_heads=2,
+                            head_dim=32, page_size=16, max_pages=max_kv_len // 16, sms=SMS,
+                            occupancy=OCC, policy=policy)
+    b = serving_launch.bind(p, torch.device("cpu"))
+    assert b.fix_kernel == kind
+    monkeypatch.setitem(b.fix_const, "USE_PDL", True)
+    k, v, bt = paged_cache([5, 3], page_size=16, hkv=2, d=32, seed=9, max_pages=max_kv_len // 16)
+    q = randn((2, 1, 4, 32), torch.Generator().manual_seed(9), torch.float16, "cpu")
+    lens = torch.tensor([5, 3], dtype=torch.int32)
+    built = dict(b.consts)
+    try:
+        out = skattn.attention_with_kvcache(q, k, v, cache_seqlens=lens, block_table=bt, plan=p)
+    finally:  # the constants made with USE_PDL stay with this test
+        b.consts.clear()
+        b.consts.update(built)
+    assert len(waits) == math.prod(b.fix_grid)
+    ref = reference.attention_with_kvcache(q, k, v, cache_seqlens=lens, block_table=bt)
+    assert rel_err(out, ref) <= 1e-2

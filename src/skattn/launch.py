@@ -278,7 +278,8 @@ def run(plan: Plan, q, k, v, out, lse, *, scale: float, mask=None, sinks=None, s
     `stamps` (a diagnostic, GPU only): int64 tensors (main [programs, 4], fixup
     [prod(fixup_grid(plan)), 4]) that receive each program's %globaltimer stamps (main: start,
     first tile's KV loop done, end; uniform fixup: start, partials ready, end) and its SM in
-    column 3.
+    column 3. The main kernel's start is stamped after its PDL wait (`Tuning.pdl_wait`), and
+    a whole-tile plan run longest first (`Plan.longest_first`) stamps its row p for tile p.
     `record`: a list that receives (key, args, grid) of every launch (`skattn.recipe`).
     """
     device = q.device

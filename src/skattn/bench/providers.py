@@ -1,8 +1,9 @@
 """Attention implementations under test; optional ones are imported only when asked for."""
 from __future__ import annotations
 
+
 import importlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -67,8 +68,9 @@ def _skattn_builder(policy: str, fixup: str | None, tuning: dict | None = None):
 
         p = skattn.plan(batch=q.shape[0], q_len=cell.n, kv_len=cell.depth, q_heads=cell.hq,
                         kv_heads=cell.hkv, head_dim=cell.d, dtype=k.dtype, causal=True,
-                        sms=opts.sms, occupancy=opts.occupancy, policy=policy, fixup=fixup,
-                        tuning=skattn.Tuning(**tuning) if tuning else None)
+                        sms=opts.sms, occupancy=opts.occupancy, policy=policy, fixup=fixup)
+        if tuning:  # the variant's fields over the plan's own tuning (auto's prompt kernel kept)
+            p = replace(p, tuning=replace(p.tuning, **tuning))
         if p not in workspaces:  # a caller's workspace, as under CUDA graphs (skattn.workspace)
             workspaces.clear()
             workspaces[p] = skattn.workspace(p, device=q.device)

@@ -51,9 +51,10 @@ def ragged_uniform_fixup_kernel(
     dv0 = tl.program_id(1) * BLOCK_DV
     m0 = tl.program_id(2) * ROWS
     rb = tile // hz
-    if rb < tl.load(WL + 2):  # the work list was built before the main kernel started
-        if USE_PDL:
-            gdc_wait()
+    live = rb < tl.load(WL + 2)  # the work list was built before the main kernel started
+    if USE_PDL:  # every program waits, merging or not (`ragged_general_fixup_kernel`)
+        gdc_wait()
+    if live:
         _merge_and_store(tile * split, tile * split + split - 1, 0, 1, 1, WL, rb, tile - rb * hz,
                          batch, rb_max, ratio, ntiles_z, m0, dv0, O, stride_ob, stride_om,
                          stride_oh, LSE, stride_lb, stride_lh, SINKS, WS_O, WS_M, WS_L,
@@ -72,7 +73,10 @@ def ragged_general_fixup_kernel(
     USE_PDL: tl.constexpr, SEARCH: tl.constexpr, LOADS_FIRST: tl.constexpr = False,
 ):
     """Program p0 < N acts when it finished a tile it did not start: it merges the pieces of
-    the programs from program_of(first item of the tile) up to itself."""
+    the programs from program_of(first item of the tile) up to itself. Launched by PDL, every
+    program waits for the main kernel, merging or not: a step whose tiles are all whole has
+    no merging program, and the next kernel's own wait covers the main kernel only through
+    this grid's completion."""
     p0 = tl.program_id(0)
     dv0 = tl.program_id(1) * BLOCK_DV
     m0 = tl.program_id(2) * ROWS
@@ -87,12 +91,14 @@ def ragged_general_fixup_kernel(
         c = tl.load(WL + o_count + rb, mask=inside, other=1)
         h = (start - tl.load(WL + o_start + rb, mask=inside, other=0)) // tl.maximum(c, 1)
         first = tl.load(WL + o_start + rb, mask=inside, other=0) + h * c
+        if USE_PDL:
+            gdc_wait()
         if (start > first) & (end >= first + c) & inside:
-            if USE_PDL:
-                gdc_wait()
             _merge_and_store(program_of(first, work, programs), p0, first, work, programs, WL,
                              rb, h, batch, rb_max, ratio, ntiles_z, m0, dv0, O, stride_ob,
                              stride_om, stride_oh, LSE, stride_lb, stride_lh, SINKS, WS_O, WS_M,
                              WS_L, HEAD_DIM_V, BLOCK_M, ROWS, BLOCK_DV, HEADS_PER_TILE,
                              TOKENS_PER_TILE, HAS_SINKS, RETURN_LSE, MERGE_PIECES, True,
                              LOADS_FIRST)
+    elif USE_PDL:
+        gdc_wait()
