@@ -313,7 +313,7 @@ def test_pdl_chain_of_layers_with_whole_tile_steps():
               page_size=16, max_pages=256)
     p = skattn.serving_plan(**kw)
     b = serving_launch.bind(p, q.device)
-    assert b.pdl and b.main_const["WAIT_PDL"]
+    assert b.fix_const["USE_PDL"] and b.main_const["WAIT_PDL"]
     outs = [torch.full_like(q, NAN) for _ in range(6)]
     x = q
     for out in outs:
