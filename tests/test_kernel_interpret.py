@@ -175,6 +175,7 @@ def test_whole_tiles_in_either_order(order):
     p = plan_for(q, k, v, causal=True, block_m=16, programs=tiles, fixup="none",
                  tuning=skattn.Tuning(tile_order=order))
     assert p.longest_first == (order == "longest") and p.ntiles_x > 1 and tiles > p.ntiles_x
+    assert ("longest tiles first" in p.describe()) == p.longest_first
     order_ = p.longest_first_order()
     assert sorted(order_) == list(range(tiles))
     lens = [p.kv_count[t % p.ntiles_x] for t in order_]

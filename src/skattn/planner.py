@@ -197,7 +197,8 @@ class Plan:
             f"tiles: ntiles_dst {self.ntiles_dst} (token blocks {self.ntiles_x}, head groups "
             f"{self.ntiles_z}), ntiles_kv {self.ntiles_kv}, work items W {self.work}",
             f"grid: {self.sms} SMs x {self.occupancy} = max_programs {self.max_programs}; "
-            f"policy {self.policy} -> programs {self.programs}, fixup {self.fixup}",
+            f"policy {self.policy} -> programs {self.programs}, fixup {self.fixup}"
+            + (", longest tiles first" if self.longest_first else ""),
             f"policy {self.policy}: {POLICY_NOTES[self.policy]}",
             f"programs: longest {longest} items, idle slots in the tail {idle}; split tiles "
             f"{len(pieces)}, max pieces per tile {max((len(v) for v in pieces.values()), default=1)}",
