@@ -164,10 +164,7 @@ def attention(q, k, v, *, scale=None, causal=False, window=None, mask=None, sink
     if out is None:  # v's logical Dv (a block form's, not its packed bytes')
         B, Lq, Hq, _ = q.shape
         out = torch.empty(B, Lq, Hq, v.shape[3], device=q.device, dtype=q.dtype)
-    if isinstance(k, quant.BLOCK_FORMS):  # the kernel reads the values and their block scales
-        k, v, k_scale, v_scale = k.values, v.values, k.scales, v.scales
-    elif k_scale is not None:
-        k_scale, v_scale = quant.scale_tensor(k_scale, q.device), quant.scale_tensor(v_scale, q.device)
+    k, v, k_scale, v_scale = quant.kernel_kv(k, v, k_scale, v_scale, q.device)
     lse = torch.empty(q.shape[0], q.shape[2], q.shape[1], device=q.device,
                       dtype=torch.float32) if return_lse else None
     if workspace is not None and not isinstance(workspace, torch.Tensor):
@@ -183,8 +180,7 @@ def _recipe(key, plan, q, k, v, causal, window, mask) -> Recipe:
     the call's signature."""
     if plan is None:
         B, Lq, Hq, Dk = q.shape
-        kv_dtype = k.format if isinstance(k, quant.BLOCK_FORMS) else k.dtype
-        plan = _cached_plan(B, Lq, k.shape[1], Hq, k.shape[2], Dk, v.shape[3], kv_dtype,
+        plan = _cached_plan(B, Lq, k.shape[1], Hq, k.shape[2], Dk, v.shape[3], quant.kv_dtype(k),
                             bool(causal), window, q.device, mask is not None)
     rec = Recipe(launch.bind(plan, q.device), plan)
     if key is not None:

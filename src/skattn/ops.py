@@ -45,9 +45,8 @@ def plan_for(q, k, v, *, causal=False, window=None, policy=DEFAULT_POLICY, has_m
     float8_e4m3fn tensors or `skattn.quant.Q8_0`, `Q4_0` caches (the plan is made for their
     form)."""
     B, Lq, Hq, Dk = q.shape
-    kv_dtype = k.format if isinstance(k, quant.BLOCK_FORMS) else k.dtype
     try:
-        return _cached_plan(B, Lq, k.shape[1], Hq, k.shape[2], Dk, v.shape[3], kv_dtype,
+        return _cached_plan(B, Lq, k.shape[1], Hq, k.shape[2], Dk, v.shape[3], quant.kv_dtype(k),
                             bool(causal), window, q.device, policy, bool(has_mask))
     except ValueError:  # name the tensor at fault (e.g. an f32 k) rather than the planner's field
         if not quant.is_quantized(k):  # (quantized K/V were checked with their scales)

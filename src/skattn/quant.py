@@ -216,6 +216,21 @@ def kernel_data(x):
     return x.values if isinstance(x, BLOCK_FORMS) else x
 
 
+def kv_dtype(x):
+    """What a plan is made for: K's dtype, or a block cache's format ("q8_0", "q4_0")."""
+    return x.format if isinstance(x, BLOCK_FORMS) else x.dtype
+
+
+def kernel_kv(k, v, k_scale, v_scale, device) -> tuple:
+    """(k, v, k_scale, v_scale) as the kernels read them: a block cache's values and its block
+    scales, or fp8 scales as f32 [1] or [Hkv] (`scale_tensor`); plain K/V unchanged."""
+    if isinstance(k, BLOCK_FORMS):
+        return k.values, v.values, k.scales, v.scales
+    if k_scale is None:
+        return k, v, None, None
+    return k, v, scale_tensor(k_scale, device), scale_tensor(v_scale, device)
+
+
 def scale_tensor(s, device) -> torch.Tensor:
     """A float scale as a [1] float32 tensor on `device` (a 4-byte fill; pass tensors in hot
     loops); a tensor scale flattened to [1] or [Hkv] (a view)."""

@@ -22,8 +22,6 @@ from skattn.serving_plan import SERVING_DTYPES, ServingPlan, serving_plan
 __all__ = ["attention_with_kvcache", "attention_varlen", "serving_plan", "ServingPlan",
            "MixedPlan", "work_list", "workspace", "check_values"]
 
-_DT = SERVING_DTYPES  # K/V dtype or block format -> the plan's name for it
-
 
 @lru_cache(maxsize=256)
 def _cached_plan(device, q_split=None, **bounds) -> ServingPlan | MixedPlan:
@@ -47,8 +45,8 @@ def _plan(plan, device, bounds: dict) -> ServingPlan | MixedPlan:
     if isinstance(plan, MixedPlan):  # the short half is bounded by q_split
         if "q_len" in bounds:
             raise ValueError("a MixedPlan splits a varlen batch: pass it to attention_varlen")
-        sc.plan_matches(plan.short, dtype=_DT[dtype], **dict(bounds, max_q_len=plan.q_split))
-    sc.plan_matches(plan.long if isinstance(plan, MixedPlan) else plan, dtype=_DT[dtype], **bounds)
+        sc.plan_matches(plan.short, dtype=SERVING_DTYPES[dtype], **dict(bounds, max_q_len=plan.q_split))
+    sc.plan_matches(plan.long if isinstance(plan, MixedPlan) else plan, dtype=SERVING_DTYPES[dtype], **bounds)
     return plan
 
 
@@ -156,22 +154,6 @@ def _run(plan, q, k, v, out, lse, *, seq_k, seq_q, block_table, scale, sinks, so
            k_scale=k_scale, v_scale=v_scale)
 
 
-def _kernel_kv(k, v, k_scale, v_scale, device) -> tuple:
-    """(k, v, k_scale, v_scale) as the kernel reads them: a block cache's values and block
-    scales (`skattn.quant.Q8_0`, `Q4_0`), or fp8 scales as f32 [1] or [Hkv] (a float: a [1]
-    tensor)."""
-    if isinstance(k, quant.BLOCK_FORMS):
-        return k.values, v.values, k.scales, v.scales
-    if k_scale is None:
-        return k, v, None, None
-    return k, v, quant.scale_tensor(k_scale, device), quant.scale_tensor(v_scale, device)
-
-
-def _kv_dtype(k):
-    """A plan's K/V dtype: the tensor's, or a block cache's format ("q8_0", "q4_0")."""
-    return k.format if isinstance(k, quant.BLOCK_FORMS) else k.dtype
-
-
 def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, block_table=None,
                            causal=True, window=None, sinks=None, softcap=0.0,
                            alibi_slopes=None, scale=None, return_lse=False, plan=None,
@@ -235,14 +217,14 @@ def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, block_table=No
                       max_pages=block_table.shape[1])
     else:
         bounds = dict(batch=B, q_len=Lq, max_kv_len=k_cache.shape[1], page_size=None)
-    bounds.update(q_heads=Hq, kv_heads=hkv, head_dim=Dk, head_dim_v=dv, dtype=_kv_dtype(k_cache),
+    bounds.update(q_heads=Hq, kv_heads=hkv, head_dim=Dk, head_dim_v=dv, dtype=quant.kv_dtype(k_cache),
                   causal=causal, window=window)
     plan = _plan(plan, q.device, bounds)
     if out is None:
         out = torch.empty(B, Lq, Hq, dv, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, Hq, Lq, device=q.device, dtype=torch.float32) if return_lse else None
     scale = default_scale(Dk) if scale is None else float(scale)
-    k_cache, v_cache, k_scale, v_scale = _kernel_kv(k_cache, v_cache, k_scale, v_scale, q.device)
+    k_cache, v_cache, k_scale, v_scale = quant.kernel_kv(k_cache, v_cache, k_scale, v_scale, q.device)
     _run(plan, q, k_cache, v_cache, out, lse, seq_k=cache_seqlens, seq_q=None,
          block_table=block_table, scale=scale, sinks=sinks, softcap=softcap,
          alibi_slopes=alibi_slopes, workspace=workspace, work_list=work_list, k_scale=k_scale,
@@ -302,7 +284,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
         bounds.update(page_size=k.shape[1], max_pages=block_table.shape[1])
     else:
         bounds.update(total_k=k.shape[0], page_size=None)
-    bounds.update(q_heads=Hq, kv_heads=hkv, head_dim=Dk, head_dim_v=dv, dtype=_kv_dtype(k),
+    bounds.update(q_heads=Hq, kv_heads=hkv, head_dim=Dk, head_dim_v=dv, dtype=quant.kv_dtype(k),
                   causal=causal, window=window)
     if plan is not None and plan.q_len is not None:
         raise ValueError("plan was made for attention_with_kvcache (q_len); plan varlen "
@@ -312,7 +294,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
         out = torch.empty(total_q, Hq, dv, device=q.device, dtype=q.dtype)
     lse = torch.empty(Hq, total_q, device=q.device, dtype=torch.float32) if return_lse else None
     scale = default_scale(Dk) if scale is None else float(scale)
-    k, v, k_scale, v_scale = _kernel_kv(k, v, k_scale, v_scale, q.device)
+    k, v, k_scale, v_scale = quant.kernel_kv(k, v, k_scale, v_scale, q.device)
     _run(plan, q, k, v, out, lse, seq_k=cu_seqlens_k, seq_q=cu_seqlens_q,
          block_table=block_table, scale=scale, sinks=sinks, softcap=softcap,
          alibi_slopes=alibi_slopes, workspace=workspace, work_list=work_list, k_scale=k_scale,

@@ -15,9 +15,8 @@ from skattn.checks import causal_window
 from skattn.config import TileGeometry, tile_geometry
 from skattn.planner import (_DTYPES, COMPUTE_BOUND_INTENSITY, _check_positive, _kv_blocks,
                             gpu_limits, shared_programs)
-from skattn.policy import (CUT_PENALTY_MANY, MANY_TILES, UNEQUAL_TILES, CostModel,
-                           canonical_policy, load_cost_model, predict_us, saturated_blocks,
-                           split_count)
+from skattn.policy import (CUT_PENALTY_MANY, CostModel, canonical_policy, load_cost_model,
+                           predict_us, saturated_blocks, split_count, whole_prompt)
 from skattn.tuning import Tuning
 
 __all__ = ["ServingPlan", "serving_plan", "host_work_list", "WorkList", "SERVING_POLICIES"]
@@ -457,7 +456,7 @@ def whole_tiles_step(plan: ServingPlan, work: int, tiles: int, longest: int, sho
     r = plan.resident
     if not plan.whole_tiles or work == 0 or q_max < plan.whole_q_min:
         return False
-    if tiles <= MANY_TILES * r or longest < UNEQUAL_TILES * shortest:
+    if not whole_prompt(tiles, r, shortest, longest):
         return False
     cut = -(-work // max(min(r, work), 1)) * CUT_PENALTY_MANY
     return min(-(-tiles // r) * longest, -(-work // r) + longest) < cut

@@ -127,16 +127,15 @@ def _same(out):
 def build_skattn(batch: Batch, policy: str, overrides: dict | None = None) -> Built:
     """`overrides`: `serving_plan` keywords (sms=, occupancy=, programs=, block_n=, ...), and
     pdl_wait=0 for `Tuning(pdl_wait=False)` (the main kernel launched without PDL)."""
-    from skattn import Tuning, serving
+    from skattn import Tuning, quant, serving
 
     m = batch.mix
     overrides = dict(overrides or {})
     if "pdl_wait" in overrides:
         overrides["tuning"] = Tuning(pdl_wait=bool(overrides.pop("pdl_wait")))
-    dtype = batch.k.format if hasattr(batch.k, "format") else batch.k.dtype
     common = dict(batch=m.batch, q_heads=batch.hq, kv_heads=batch.hkv, head_dim=batch.d,
                   page_size=batch.page_size, max_pages=batch.max_pages, policy=policy,
-                  dtype=dtype, **overrides)
+                  dtype=quant.kv_dtype(batch.k), **overrides)
     scales = dict(k_scale=batch.k_scale, v_scale=batch.v_scale)
     wl_args = {}
     if m.decode:
