@@ -25,11 +25,6 @@ def _pack(form, x):
     return getattr(quant, form)(x)
 
 
-def _dequantized(cache, dtype):
-    """What the kernel multiplies: the blocks dequantized to q's dtype (the tolerance's inputs)."""
-    return cache.dequantize(dtype)
-
-
 def _check(out, ref, seqs, kept, now):
     assert not torch.isnan(out).any(), "unwritten or NaN output"
     for a, b in zip(kept, now):
@@ -66,7 +61,7 @@ def test_paged(form, page_size, lq, d, fixup):
                                              plan=p, out=out, return_lse=True)
     ref, ref_lse = reference.attention_with_kvcache(q, kq, vq, cache_seqlens=lens_t,
                                                     block_table=bt, return_lse=True)
-    kd, vd = _dequantized(kq, q.dtype), _dequantized(vq, q.dtype)
+    kd, vd = kq.dequantize(q.dtype), vq.dequantize(q.dtype)
     _check(out, ref, sequences_kvcache(q, kd, vd, lens, bt), kept, (q, *_tensors(kq, vq)))
     finite = torch.isfinite(ref_lse)
     assert torch.equal(torch.isfinite(lse), finite)
@@ -85,7 +80,7 @@ def test_dense_cache_unplanned(form):
     lens_t = torch.tensor(lens, dtype=torch.int32)
     out = skattn.attention_with_kvcache(q, kq, vq, cache_seqlens=lens_t)
     ref = reference.attention_with_kvcache(q, kq, vq, cache_seqlens=lens_t)
-    kd, vd = _dequantized(kq, q.dtype), _dequantized(vq, q.dtype)
+    kd, vd = kq.dequantize(q.dtype), vq.dequantize(q.dtype)
     _check(out, ref, sequences_kvcache(q, kd, vd, lens), [], [])
 
 
@@ -103,7 +98,7 @@ def test_varlen(form, paged):
     out = torch.full((q.shape[0], hq, d), NAN, dtype=q.dtype)
     out = skattn.attention_varlen(q, kq, vq, cu_q, cu_k, 3, 48, block_table=bt, out=out)
     ref = reference.attention_varlen(q, kq, vq, cu_q, cu_k, 3, 48, block_table=bt)
-    kd, vd = _dequantized(kq, q.dtype), _dequantized(vq, q.dtype)
+    kd, vd = kq.dequantize(q.dtype), vq.dequantize(q.dtype)
     _check(out, ref, sequences_varlen(q, kd, vd, cu_q, cu_k, bt), [], [])
 
 
