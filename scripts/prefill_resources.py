@@ -65,7 +65,7 @@ def capture(model: str, n: int, L: int, dtype, **kw) -> tuple:
     if not calls:
         raise RuntimeError(f"the plan runs the base kernel: {prefill_launch.refusal(p)}")
     args, const = calls[0]
-    return p, args, dict(const, DOT_F32=False)
+    return p, args, dict(const, INTERPRET=False)
 
 
 def signature(fn, args, const):

@@ -73,6 +73,8 @@ def signature(fn, args, kw):
     sig, consts, attrs = {}, {}, {}
     values = dict(zip(names, args))
     values.update({k: v for k, v in kw.items() if k in names})
+    if "INTERPRET" in values:  # captured from CPU tensors, compiled for the GPU
+        values["INTERPRET"] = False
     for i, name in enumerate(names):
         v = values[name] if name in values else fn.params[i].default  # (defaulted diagnostics)
         if isinstance(v, torch.Tensor):  # (a keyword tensor too: the stamps)

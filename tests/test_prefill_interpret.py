@@ -90,7 +90,7 @@ def test_fixup_kinds_covered():
 
 
 def test_bf16_head_128_sinks():
-    # bf16 (the interpreter's dots in f32: DOT_F32), head size 128, ratio 8: 16 tokens a tile
+    # bf16 (the interpreter's dots in f32: INTERPRET), head size 128, ratio 8: 16 tokens a tile
     q, k, v = make(20, 70, Hq=16, Hkv=2, D=128, dtype=torch.bfloat16, seed=1)
     sinks = torch.randn(16, generator=torch.Generator().manual_seed(2))
     p = plan_for(q, k, programs=6)

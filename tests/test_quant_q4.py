@@ -115,7 +115,7 @@ def test_q4_0_rules(make, err, match):
 @pytest.mark.parametrize("D, Dv, Lq, causal, qdtype, programs", [
     (64, 64, 1, True, torch.float16, 7),     # decode, split tiles merged by a fixup
     (96, 64, 3, False, torch.float16, 4),    # n > 1; Dk not a power of two (last block masked)
-    (64, 32, 2, True, torch.bfloat16, 3),    # bf16 q: K/V dequantized to bf16 (DOT_F32 here)
+    (64, 32, 2, True, torch.bfloat16, 3),    # bf16 q: K/V dequantized to bf16 (INTERPRET here)
 ])
 def test_q4_0_kernel(D, Dv, Lq, causal, qdtype, programs):
     q, k, v = _inputs(Lq=Lq, D=D, Dv=Dv, qdtype=qdtype, seed=D + Lq)

@@ -61,16 +61,20 @@ def shared_bytes(geo: TileGeometry, *, has_mask: bool = False, kv_format: str = 
     warpgroup MMA) the same configurations take less, so the count bounds them there too.
 
     Quantized K/V (`kv_format`, `skattn.quant`), dequantized in registers: float8_e4m3fn
-    takes the same buffers at 1 byte an element (exact in 210 of the 252 configurations of
-    `scripts/resources.py --grid --kv=float8_e4m3fn`, above in the others; with the warpgroup
-    MMA a Dk wider than Dv adds K's extra columns once);
+    takes the same buffers at 1 byte an element (without the staged V tile below: exact in
+    210 of the 252 configurations of `scripts/resources.py --grid --kv=float8_e4m3fn`, above
+    in the others; with the warpgroup MMA a Dk wider than Dv adds K's extra columns once);
     for q8_0 the count adds the f16 block scales of each buffer and one more [BLOCK_N, Dv]
     byte tile: a bound (Triton pipelines its int8 and f16 loads differently by shape), above
     all 210 configurations of `--grid --kv=q8_0`, by 17% in the median, and below the f16
     count of the same geometry, so q8_0 never gets a smaller configuration than f16.
     q4_0 is counted as q8_0: its loads are half the bytes of q8_0's ([BLOCK_N, D / 2] packed
     bytes, 18/32 bytes a value in all) with the same f16 scales and the same dequantized
-    tiles, so q8_0's count bounds it.
+    tiles, so q8_0's count bounds it. q8_0 V tiles, and FP8 V tiles in the serving kernel,
+    are loaded as 32-bit words and dequantized to f16 in the load's layout
+    (`skattn.kernels.quant`), then staged for the dot as f16 V is: one [BLOCK_N, Dv] f16
+    tile more, counted for every quantized form (a bound for the dense kernel's FP8 V, which
+    Triton gathers byte by byte from the pipeline's buffers instead).
     """
     dk = geo.block_dk * geo.dk_chunks
     wgmma = geo.block_m >= 64
@@ -81,6 +85,8 @@ def shared_bytes(geo: TileGeometry, *, has_mask: bool = False, kv_format: str = 
         loop += geo.block_n * (dk - geo.block_dv)
     if kv_format in ("q8_0", "q4_0"):
         loop += kv_buffers * geo.block_n * (dk + geo.block_dv) // 16 + geo.block_n * geo.block_dv
+    if elem == 1:  # V dequantized as 32-bit words, staged in f16 (see below)
+        loop += geo.block_n * geo.block_dv * 2
     if not wgmma:
         loop += geo.block_m * geo.block_n * 2
     if has_mask:

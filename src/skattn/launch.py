@@ -304,12 +304,11 @@ def run(plan: Plan, q, k, v, out, lse, *, scale: float, mask=None, sinks=None, s
         ws_o, ws_m, ws_l, counters = ws.pooled(b.layout, b.need, device, stream)
     fast = cuda and stamps is None and _no_hooks()
     qk_scale, softcap_scale = score_scales(scale, softcap)
-    compute = k.dtype if b.main_const["KV_FORMAT"] == 0 else q.dtype  # what the dots multiply
     # fp8 scales per KV head: bit 0 K's, bit 1 V's
     head_scales = (int(k_scale.numel() > 1) + 2 * int(v_scale.numel() > 1)
                    if b.main_const["KV_FORMAT"] == 1 else 0)
     features = (mask is not None, sinks is not None, alibi_slopes is not None, bool(softcap),
-                lse is not None, not cuda and compute == torch.bfloat16, stamps is not None,
+                lse is not None, not cuda, stamps is not None,
                 head_scales)
     consts = b.consts.get(features)
     if consts is None:
@@ -363,9 +362,9 @@ def run(plan: Plan, q, k, v, out, lse, *, scale: float, mask=None, sinks=None, s
 
 def _consts(b: Bound, features: tuple) -> tuple[dict, dict]:
     """The kernels' compile-time constants for one set of features."""
-    has_mask, has_sinks, has_alibi, softcap, has_lse, dot_f32, _, head_scales = features
+    has_mask, has_sinks, has_alibi, softcap, has_lse, interpret, _, head_scales = features
     main = dict(b.main_const, HAS_MASK=has_mask, HAS_SINKS=has_sinks, HAS_ALIBI=has_alibi,
-                SOFTCAP=softcap, RETURN_LSE=has_lse, DOT_F32=dot_f32, HEAD_SCALES=head_scales)
+                SOFTCAP=softcap, RETURN_LSE=has_lse, INTERPRET=interpret, HEAD_SCALES=head_scales)
     fix = dict(b.fix_const, HAS_SINKS=has_sinks, RETURN_LSE=has_lse)
     return main, fix
 

@@ -78,8 +78,8 @@ def usable(pb: PrefillBound, features: tuple, k: torch.Tensor, v: torch.Tensor) 
 
 def constants(pb: PrefillBound, features: tuple) -> dict:
     """Compile-time constants of one call's feature set."""
-    _, has_sinks, _, _, has_lse, dot_f32, *_ = features
-    return dict(pb.const, HAS_SINKS=has_sinks, RETURN_LSE=has_lse, DOT_F32=dot_f32)
+    _, has_sinks, _, _, has_lse, interpret, *_ = features
+    return dict(pb.const, HAS_SINKS=has_sinks, RETURN_LSE=has_lse, INTERPRET=interpret)
 
 
 def scratch(pb: PrefillBound):

@@ -162,16 +162,15 @@ def run(plan: ServingPlan, q, k, v, out, lse, *, wl, block_table, scale: float, 
     ws_o, ws_m, ws_l, counters = ws_views
     qk_scale, softcap_scale = score_scales(scale, softcap)
     fp8 = b.main_const["KV_FORMAT"] == 1
-    compute = q.dtype if b.main_const["KV_FORMAT"] else k.dtype  # what the dots multiply
     # fp8 scales per KV head: bit 0 K's, bit 1 V's
     head_scales = int(k_scale.numel() > 1) + 2 * int(v_scale.numel() > 1) if fp8 else 0
     features = (sinks is not None, alibi_slopes is not None, bool(softcap), lse is not None,
-                not b.cuda and compute == torch.bfloat16, head_scales)
+                not b.cuda, head_scales)
     consts = b.consts.get(features)
     if consts is None:
-        has_sinks, has_alibi, soft, has_lse, dot_f32, _ = features
+        has_sinks, has_alibi, soft, has_lse, interpret, _ = features
         main = dict(b.main_const, HAS_SINKS=has_sinks, HAS_ALIBI=has_alibi, SOFTCAP=soft,
-                    RETURN_LSE=has_lse, DOT_F32=dot_f32, HEAD_SCALES=head_scales)
+                    RETURN_LSE=has_lse, INTERPRET=interpret, HEAD_SCALES=head_scales)
         fix = dict(b.fix_const, HAS_SINKS=has_sinks, RETURN_LSE=has_lse)
         # the whole-tile build (kernels/ragged.py WHOLE), launched first where the plan allows it
         whole = dict(main, WHOLE=True, USE_PDL=0) if b.wl_const["WHOLE"] else None

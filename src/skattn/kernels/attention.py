@@ -33,7 +33,7 @@ def attention_kernel(
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_MASK: tl.constexpr,
     HAS_SINKS: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr,
     RETURN_LSE: tl.constexpr, FUSED: tl.constexpr, PER_TILE_RANGES: tl.constexpr,
-    USE_FASTDIV: tl.constexpr, DOT_F32: tl.constexpr, ONE_TOKEN_BLOCK: tl.constexpr,
+    USE_FASTDIV: tl.constexpr, INTERPRET: tl.constexpr, ONE_TOKEN_BLOCK: tl.constexpr,
     FIXUP_COLS: tl.constexpr, FIXUP_ROWS: tl.constexpr, MERGE_PIECES: tl.constexpr,
     USE_PDL: tl.constexpr, KV_FORMAT: tl.constexpr = 0, HEAD_SCALES: tl.constexpr = 0,
     STAMPS=None, TIMELINE: tl.constexpr = False, WAIT_PDL: tl.constexpr = False,
@@ -76,7 +76,7 @@ def attention_kernel(
             stride_vb, stride_vn, stride_vh, stride_mb, stride_mm,
             q_len, kv_len, qk_scale, softcap_scale, window, qblock * TOKENS_PER_TILE,
             HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_DK, DK_CHUNKS, BLOCK_DV,
-            CAUSAL, HAS_WINDOW, HAS_MASK, HAS_ALIBI, SOFTCAP, DOT_F32, KV_FORMAT, HEAD_SCALES)
+            CAUSAL, HAS_WINDOW, HAS_MASK, HAS_ALIBI, SOFTCAP, INTERPRET, KV_FORMAT, HEAD_SCALES)
         if TIMELINE:
             if item == start:
                 stamp(STAMPS, p, 1)

@@ -47,9 +47,9 @@ def _load_v(V, vbase, offs_n, kv_len, stride_vn,
 
 
 @triton.jit
-def _dot(a, b, DOT_F32: tl.constexpr):
-    # DOT_F32: the interpreter's bf16 tl.dot is wrong in triton 3.6, so it multiplies in f32
-    if DOT_F32:
+def _dot(a, b, INTERPRET: tl.constexpr):
+    # INTERPRET: the interpreter's bf16 tl.dot is wrong in triton 3.6, so it multiplies in f32
+    if INTERPRET and a.dtype == tl.bfloat16:
         return tl.dot(a.to(tl.float32), b.to(tl.float32))
     return tl.dot(a, b)
 
@@ -70,23 +70,24 @@ def _kv_step(acc, m_i, l_i, q, Q, K, V, KS, VS, MASK, slope, b, qi, head, valid,
              HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr,
              BLOCK_DK: tl.constexpr, DK_CHUNKS: tl.constexpr, BLOCK_DV: tl.constexpr,
              CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_MASK: tl.constexpr,
-             HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, DOT_F32: tl.constexpr,
+             HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, INTERPRET: tl.constexpr,
              MASKED: tl.constexpr, KV_FORMAT: tl.constexpr):
     """One KV block. MASKED=False: the block is inside Lk and visible to every row.
     KV_FORMAT: 0 K/V in q's dtype, 1 fp8 e4m3, 2 q8_0, 3 q4_0; quantized K/V become q's dtype
     on load
     (fp8 e4m3 exactly; the scales are applied in `tile_kv_loop`)."""
     offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+    ASM: tl.constexpr = not INTERPRET  # quant.py's inline PTX conversions
     # -- scores
     if DK_CHUNKS == 1:
         if KV_FORMAT >= 2:
             kt = tl.trans(load_blocks(K, KS, kbase, offs_n, kv_len, stride_kn, 0, HEAD_DIM,
                                       BLOCK_DK, MASKED or HEAD_DIM != BLOCK_DK, q.dtype,
-                                      KV_FORMAT))
+                                      KV_FORMAT, ASM))
         else:
             kt = _load_kt(K, kbase, offs_n, kv_len, stride_kn, 0, HEAD_DIM, BLOCK_DK,
                           MASKED).to(q.dtype)
-        qk = _dot(q, kt, DOT_F32)
+        qk = _dot(q, kt, INTERPRET)
     else:
         qk = tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32)
         for c in tl.static_range(DK_CHUNKS):
@@ -94,11 +95,11 @@ def _kv_step(acc, m_i, l_i, q, Q, K, V, KS, VS, MASK, slope, b, qi, head, valid,
                         HEAD_DIM, BLOCK_DK, q.dtype)
             if KV_FORMAT >= 2:
                 kc = tl.trans(load_blocks(K, KS, kbase, offs_n, kv_len, stride_kn, c * BLOCK_DK,
-                                          HEAD_DIM, BLOCK_DK, True, q.dtype, KV_FORMAT))
+                                          HEAD_DIM, BLOCK_DK, True, q.dtype, KV_FORMAT, ASM))
             else:
                 kc = _load_kt(K, kbase, offs_n, kv_len, stride_kn, c, HEAD_DIM, BLOCK_DK,
                               True).to(q.dtype)
-            qk += _dot(qc, kc, DOT_F32)
+            qk += _dot(qc, kc, INTERPRET)
     s = scores(qk, qk_scale, softcap_scale, slope, qpos, offs_n, SOFTCAP, HAS_ALIBI)
     # -- masks
     if MASKED:
@@ -113,10 +114,10 @@ def _kv_step(acc, m_i, l_i, q, Q, K, V, KS, VS, MASK, slope, b, qi, head, valid,
     l_i = l_i * alpha + tl.sum(p, 1)
     if KV_FORMAT >= 2:
         vt = load_blocks(V, VS, vbase, offs_n, kv_len, stride_vn, 0, HEAD_DIM_V, BLOCK_DV,
-                         MASKED or HEAD_DIM_V != BLOCK_DV, q.dtype, KV_FORMAT)
+                         MASKED or HEAD_DIM_V != BLOCK_DV, q.dtype, KV_FORMAT, ASM, True)
     else:
         vt = _load_v(V, vbase, offs_n, kv_len, stride_vn, HEAD_DIM_V, BLOCK_DV, MASKED).to(q.dtype)
-    acc = acc * alpha[:, None] + _dot(p.to(vt.dtype), vt, DOT_F32)
+    acc = acc * alpha[:, None] + _dot(p.to(vt.dtype), vt, INTERPRET)
     return acc, m_new, l_i
 
 
@@ -129,7 +130,7 @@ def tile_kv_loop(acc, m_i, l_i, q, Q, K, V, KS, VS, MASK, SLOPES, b, g, qi, head
                  HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_DK: tl.constexpr, DK_CHUNKS: tl.constexpr, BLOCK_DV: tl.constexpr,
                  CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_MASK: tl.constexpr,
-                 HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, DOT_F32: tl.constexpr,
+                 HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, INTERPRET: tl.constexpr,
                  KV_FORMAT: tl.constexpr = 0, HEAD_SCALES: tl.constexpr = 0):
     """Online softmax over KV blocks [blk_lo, blk_hi) of one tile (scores in log2 units):
     first the blocks that need no mask, then the ones at the causal edge or past Lk.
@@ -155,7 +156,7 @@ def tile_kv_loop(acc, m_i, l_i, q, Q, K, V, KS, VS, MASK, SLOPES, b, g, qi, head
                 vbase, blk, stride_qb, stride_qm, stride_qh, stride_kn, stride_vn, stride_mb,
                 stride_mm, kv_len, qk_scale, softcap_scale, window, HEAD_DIM, HEAD_DIM_V,
                 BLOCK_N, BLOCK_DK, DK_CHUNKS, BLOCK_DV, CAUSAL, HAS_WINDOW, HAS_MASK, HAS_ALIBI,
-                SOFTCAP, DOT_F32, masked == 1, KV_FORMAT)
+                SOFTCAP, INTERPRET, masked == 1, KV_FORMAT)
     if KV_FORMAT == 1:
         acc = acc * fp8_v_scale(VS, g, HEAD_SCALES)
     return acc, m_i, l_i

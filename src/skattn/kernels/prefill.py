@@ -48,7 +48,7 @@ def prefill_kernel(
     HEADS_PER_TILE: tl.constexpr, TOKENS_PER_TILE: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_SINKS: tl.constexpr, RETURN_LSE: tl.constexpr,
     FUSED: tl.constexpr, PER_TILE_RANGES: tl.constexpr, USE_FASTDIV: tl.constexpr,
-    DOT_F32: tl.constexpr, ONE_TOKEN_BLOCK: tl.constexpr,
+    INTERPRET: tl.constexpr, ONE_TOKEN_BLOCK: tl.constexpr,
     FIXUP_COLS: tl.constexpr, FIXUP_ROWS: tl.constexpr, MERGE_PIECES: tl.constexpr,
     USE_PDL: tl.constexpr, DEVICE_DESC: tl.constexpr, XBLOCKS: tl.constexpr,
     LONGEST_FIRST: tl.constexpr = False,
@@ -84,7 +84,7 @@ def prefill_kernel(
         acc, m_i, l_i = tile_kv_blocks(
             q, K_DESC, V_DESC, b, g, kv0 + item, kv0 + stop_here, qblock * TOKENS_PER_TILE, qi,
             stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh, q_len, kv_len,
-            qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, DOT_F32, DEVICE_DESC)
+            qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, INTERPRET, DEVICE_DESC)
         whole = (item == first) & (stop_here == stop)
         slot = p * 2 + (item != start).to(tl.int32)
         if whole:
@@ -148,9 +148,9 @@ def _load_block(desc, b, g, n0, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
 
 
 @triton.jit
-def _mma(a, b, acc, DOT_F32: tl.constexpr):
-    # DOT_F32: the interpreter's bf16 tl.dot is wrong in triton 3.6, so it multiplies in f32
-    if DOT_F32:
+def _mma(a, b, acc, INTERPRET: tl.constexpr):
+    # INTERPRET: the interpreter's bf16 tl.dot is wrong in triton 3.6, so it multiplies in f32
+    if INTERPRET and a.dtype == tl.bfloat16:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
     return tl.dot(a, b, acc)
 
@@ -160,7 +160,7 @@ def tile_kv_blocks(q, K_DESC, V_DESC, b, g, blk_lo, blk_hi, first_token, qi,
                    stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
                    q_len, kv_len, qk_scale,
                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   CAUSAL: tl.constexpr, DOT_F32: tl.constexpr, DEVICE_DESC: tl.constexpr):
+                   CAUSAL: tl.constexpr, INTERPRET: tl.constexpr, DEVICE_DESC: tl.constexpr):
     """Online softmax over KV blocks [blk_lo, blk_hi) of one tile, scores in log2 units.
 
     Two loops, the blocks inside Lk and before every row's causal edge without masks, then
@@ -173,10 +173,10 @@ def tile_kv_blocks(q, K_DESC, V_DESC, b, g, blk_lo, blk_hi, first_token, qi,
     qpos = kv_len - q_len + qi
     mid = unmasked_end(blk_lo, blk_hi, q_len, kv_len, first_token, BLOCK_N, CAUSAL, False)
     acc, m_i, l_i = _kv_range(acc, m_i, l_i, q, kd, vd, b, g, blk_lo, mid, qpos, kv_len,
-                              qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, DOT_F32,
+                              qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, INTERPRET,
                               DEVICE_DESC, False)
     acc, m_i, l_i = _kv_range(acc, m_i, l_i, q, kd, vd, b, g, mid, blk_hi, qpos, kv_len,
-                              qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, DOT_F32,
+                              qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, INTERPRET,
                               DEVICE_DESC, True)
     return acc, m_i, l_i
 
@@ -184,7 +184,7 @@ def tile_kv_blocks(q, K_DESC, V_DESC, b, g, blk_lo, blk_hi, first_token, qi,
 @triton.jit
 def _kv_range(acc, m_i, l_i, q, kd, vd, b, g, lo, hi, qpos, kv_len, qk_scale,
               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              CAUSAL: tl.constexpr, DOT_F32: tl.constexpr, DEVICE_DESC: tl.constexpr,
+              CAUSAL: tl.constexpr, INTERPRET: tl.constexpr, DEVICE_DESC: tl.constexpr,
               MASKED: tl.constexpr):
     """KV blocks [lo, hi). MASKED=False: every row sees every key of these blocks, so m is
     finite after the first one and needs no guard; scaling and shifting are one multiply-add.
@@ -193,7 +193,7 @@ def _kv_range(acc, m_i, l_i, q, kd, vd, b, g, lo, hi, qpos, kv_len, qk_scale,
     for blk in tl.range(lo, hi):
         n0 = blk * BLOCK_N
         k = _load_block(kd, b, g, n0, BLOCK_N, HEAD_DIM, DEVICE_DESC)
-        qk = _mma(q, k.T, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), DOT_F32)
+        qk = _mma(q, k.T, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), INTERPRET)
         if MASKED:
             offs_n = n0 + tl.arange(0, BLOCK_N)
             if CAUSAL:  # (a key past Lk is past every row's position too)
@@ -208,7 +208,7 @@ def _kv_range(acc, m_i, l_i, q, kd, vd, b, g, lo, hi, qpos, kv_len, qk_scale,
         l_blk = tl.sum(pr, 1)
         acc = acc * alpha[:, None]
         v = _load_block(vd, b, g, n0, BLOCK_N, HEAD_DIM, DEVICE_DESC)
-        acc = _mma(pr.to(v.dtype), v, acc, DOT_F32)
+        acc = _mma(pr.to(v.dtype), v, acc, INTERPRET)
         l_i = l_i * alpha + l_blk
         m_i = m_new
     return acc, m_i, l_i

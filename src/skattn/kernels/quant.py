@@ -9,36 +9,143 @@ QK4_0 = tl.constexpr(32)  # values per q4_0 block (16 bytes of nibbles)
 @triton.jit
 def load_q8_0(X, XS, base, offs_n, kv_len, stride_n, d0,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
-              DTYPE: tl.constexpr):
+              DTYPE: tl.constexpr, ASM: tl.constexpr, WORDS: tl.constexpr):
     """Rows `offs_n`, columns d0 .. d0 + BLOCK_D - 1 of a q8_0 cache as [BLOCK_N, BLOCK_D] DTYPE:
     int8 values times their block's f16 scale. The scales are laid out like the values with
     every stride divided by 32 (`skattn.quant.Q8_0`), so `base // 32` and `stride_n // 32`
-    address them. MASKED: mask rows past kv_len and columns past HEAD_DIM (read as 0)."""
+    address them. MASKED: mask rows past kv_len and columns past HEAD_DIM (read as 0).
+    ASM, WORDS: as in `q8_0_rows`."""
     return q8_0_rows(X + base, XS + base // QK8_0, offs_n * stride_n,
                      offs_n * (stride_n // QK8_0), offs_n < kv_len, d0, HEAD_DIM, BLOCK_D,
-                     MASKED, DTYPE)
+                     MASKED, DTYPE, ASM, WORDS)
 
 
 @triton.jit
 def q8_0_rows(X, XS, rows, srows, ok, d0, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-              MASKED: tl.constexpr, DTYPE: tl.constexpr):
+              MASKED: tl.constexpr, DTYPE: tl.constexpr, ASM: tl.constexpr = False,
+              WORDS: tl.constexpr = False):
     """Columns d0 .. d0 + BLOCK_D - 1 of the q8_0 rows at offsets `rows` from X (their scales
     at `srows` from XS) as [len(rows), BLOCK_D] DTYPE. MASKED: rows where `ok` is false and
-    columns past HEAD_DIM read as 0."""
+    columns past HEAD_DIM read as 0.
+
+    ASM (a GPU, not the interpreter): with f16 DTYPE, int8 -> f16 four values at a time in
+    inline PTX (`i8x4_to_f16`). WORDS: load the values as 32-bit words of four
+    (`words_to_f16`), for a tile whose dot reduces over its rows (V): Triton otherwise gathers
+    such a tile's int8 values one byte at a time into the dot's layout; as words, the f16
+    tile is staged in shared memory as f16 V is. f16 values times the f16 scale in f16 round
+    once, as the exact f32 product rounded to f16 does; otherwise int8 x f16 exactly in f32,
+    one rounding to DTYPE."""
     NB: tl.constexpr = BLOCK_D // QK8_0
-    d = d0 + tl.arange(0, BLOCK_D)
     blk = d0 // QK8_0 + tl.arange(0, NB)
-    ptrs = X + rows[:, None] + d[None, :]
     sptrs = XS + srows[:, None] + blk[None, :]
     if MASKED:
-        x = tl.load(ptrs, mask=ok[:, None] & (d[None, :] < HEAD_DIM), other=0)
         s = tl.load(sptrs, mask=ok[:, None] & (blk[None, :] < HEAD_DIM // QK8_0), other=0.0)
     else:
-        x = tl.load(ptrs)
         s = tl.load(sptrs)
-    # int8 x f16 is exact in f32; one rounding to DTYPE (for f16 the same as an f16 multiply)
+    if WORDS:
+        x = words_to_f16(_words(X, rows, ok, d0, HEAD_DIM, BLOCK_D, MASKED), False, ASM)
+    else:
+        d = d0 + tl.arange(0, BLOCK_D)
+        ptrs = X + rows[:, None] + d[None, :]
+        if MASKED:
+            x = tl.load(ptrs, mask=ok[:, None] & (d[None, :] < HEAD_DIM), other=0)
+        else:
+            x = tl.load(ptrs)
+        if ASM and DTYPE == tl.float16:
+            x = i8x4_to_f16(x)
+    if DTYPE == tl.float16 and x.dtype == tl.float16:
+        x = tl.reshape(x, [rows.shape[0], NB, QK8_0]) * s[:, :, None]
+        return tl.reshape(x, [rows.shape[0], BLOCK_D])
     x = tl.reshape(x.to(tl.float32), [rows.shape[0], NB, QK8_0]) * s.to(tl.float32)[:, :, None]
     return tl.reshape(x, [rows.shape[0], BLOCK_D]).to(DTYPE)
+
+
+@triton.jit
+def _words(X, rows, ok, d0, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr):
+    """Columns d0 .. d0 + BLOCK_D - 1 of the 1-byte rows at byte offsets `rows` from X as
+    [len(rows), BLOCK_D / 4] 32-bit words (rows start at multiples of 4 bytes); masked words
+    read as 0."""
+    w = d0 // 4 + tl.arange(0, BLOCK_D // 4)
+    ptrs = (X + rows[:, None]).to(tl.pointer_type(tl.int32)) + w[None, :]
+    if MASKED:
+        return tl.load(ptrs, mask=ok[:, None] & (w[None, :] < HEAD_DIM // 4), other=0)
+    return tl.load(ptrs)
+
+
+@triton.jit
+def i8x4_to_f16(x):
+    """int8 -> f16 exactly, four values (one 32-bit register) in five instructions: each byte
+    plus 128 becomes the low byte of the f16 1024 + (x + 128) (high byte 0x64), from which
+    1152 is subtracted. Triton's own conversion takes one instruction a value, plus packing."""
+    return tl.inline_asm_elementwise(
+        asm="""{
+        .reg .b32 t, m;
+        xor.b32 t, $2, 0x80808080;
+        prmt.b32 $0, t, 0x64646464, 0x4140;
+        prmt.b32 $1, t, 0x64646464, 0x4342;
+        mov.b32 m, 0x64806480;
+        sub.f16x2 $0, $0, m;
+        sub.f16x2 $1, $1, m;
+        }""",
+        constraints="=r,=r,r", args=[x], dtype=tl.float16, is_pure=True, pack=4)
+
+
+@triton.jit
+def words_to_f16(w, FP8: tl.constexpr, ASM: tl.constexpr):
+    """[N, W] 32-bit words of four int8 (FP8: float8 e4m3) values, byte 0 first, as [N, 4 W] f16,
+    exactly: with ASM (inline PTX), int8 as in `i8x4_to_f16` and e4m3 by the hardware's
+    conversion of two at a time; without (the interpreter), byte by byte in Triton."""
+    if ASM and FP8:
+        a, b, c, d = tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b16 l, h;
+            .reg .b32 lo, hi;
+            mov.b32 {l, h}, $4;
+            cvt.rn.f16x2.e4m3x2 lo, l;
+            cvt.rn.f16x2.e4m3x2 hi, h;
+            mov.b32 {$0, $1}, lo;
+            mov.b32 {$2, $3}, hi;
+            }""",
+            constraints="=h,=h,=h,=h,r", args=[w],
+            dtype=(tl.float16, tl.float16, tl.float16, tl.float16), is_pure=True, pack=1)
+    elif ASM:
+        a, b, c, d = tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 t, lo, hi, m;
+            xor.b32 t, $4, 0x80808080;
+            prmt.b32 lo, t, 0x64646464, 0x4140;
+            prmt.b32 hi, t, 0x64646464, 0x4342;
+            mov.b32 m, 0x64806480;
+            sub.f16x2 lo, lo, m;
+            sub.f16x2 hi, hi, m;
+            mov.b32 {$0, $1}, lo;
+            mov.b32 {$2, $3}, hi;
+            }""",
+            constraints="=h,=h,=h,=h,r", args=[w],
+            dtype=(tl.float16, tl.float16, tl.float16, tl.float16), is_pure=True, pack=1)
+    else:
+        a = _byte_to_f16(w << 24, FP8)
+        b = _byte_to_f16(w << 16, FP8)
+        c = _byte_to_f16(w << 8, FP8)
+        d = _byte_to_f16(w, FP8)
+    # tl.join adds a last axis: [N, W, 2 (a|c, b|d), 2 (a|b, c|d)] flattens to a, b, c, d
+    return tl.reshape(tl.join(tl.join(a, c), tl.join(b, d)), [w.shape[0], 4 * w.shape[1]])
+
+
+@triton.jit
+def _byte_to_f16(x, FP8: tl.constexpr):
+    """The top byte of int32 x (int8, or FP8: float8 e4m3 bits) as f16."""
+    if FP8:
+        return (x >> 24).to(tl.int8).to(tl.float8e4nv, bitcast=True).to(tl.float16)
+    return (x >> 24).to(tl.float16)
+
+
+@triton.jit
+def fp8_rows(X, rows, ok, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
+             ASM: tl.constexpr):
+    """Columns 0 .. BLOCK_D - 1 of the float8 e4m3 rows at byte offsets `rows` from X as
+    [len(rows), BLOCK_D] f16 (exact), loaded as 32-bit words (see `q8_0_rows`' WORDS), for V."""
+    return words_to_f16(_words(X, rows, ok, 0, HEAD_DIM, BLOCK_D, MASKED), True, ASM)
 
 
 @triton.jit
@@ -91,19 +198,22 @@ def q4_0_rows(X, XS, rows, srows, ok, d0, HEAD_DIM: tl.constexpr, BLOCK_D: tl.co
 @triton.jit
 def load_blocks(X, XS, base, offs_n, kv_len, stride_n, d0,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
-                DTYPE: tl.constexpr, KV_FORMAT: tl.constexpr):
-    """A block-quantized K or V tile: q8_0 (KV_FORMAT 2) or q4_0 (3)."""
+                DTYPE: tl.constexpr, KV_FORMAT: tl.constexpr, ASM: tl.constexpr = False,
+                WORDS: tl.constexpr = False):
+    """A block-quantized K or V tile: q8_0 (KV_FORMAT 2, ASM and WORDS as in `q8_0_rows`)
+    or q4_0 (3)."""
     if KV_FORMAT == 3:
         return load_q4_0(X, XS, base, offs_n, kv_len, stride_n, d0, HEAD_DIM, BLOCK_D, MASKED,
                          DTYPE)
     else:
         return load_q8_0(X, XS, base, offs_n, kv_len, stride_n, d0, HEAD_DIM, BLOCK_D, MASKED,
-                         DTYPE)
+                         DTYPE, ASM, WORDS)
 
 
 @triton.jit
 def block_rows(X, XS, rows, ok, d0, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-               MASKED: tl.constexpr, DTYPE: tl.constexpr, KV_FORMAT: tl.constexpr):
+               MASKED: tl.constexpr, DTYPE: tl.constexpr, KV_FORMAT: tl.constexpr,
+               ASM: tl.constexpr = False, WORDS: tl.constexpr = False):
     """`load_blocks` for rows at offsets `rows` (int64) from X, such as a paged cache's
     gathered rows: a block form's scales are laid out like its values with every stride
     divided by the values a scale covers (32 int8 values, 16 bytes of nibbles), so a row's
@@ -112,7 +222,8 @@ def block_rows(X, XS, rows, ok, d0, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexp
         return q4_0_rows(X, XS, rows, rows // (QK4_0 // 2), ok, d0, HEAD_DIM, BLOCK_D, MASKED,
                          DTYPE)
     else:
-        return q8_0_rows(X, XS, rows, rows // QK8_0, ok, d0, HEAD_DIM, BLOCK_D, MASKED, DTYPE)
+        return q8_0_rows(X, XS, rows, rows // QK8_0, ok, d0, HEAD_DIM, BLOCK_D, MASKED, DTYPE,
+                         ASM, WORDS)
 
 
 @triton.jit

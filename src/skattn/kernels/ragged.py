@@ -74,7 +74,7 @@ def _tile_state(WL, rb, h, rbs, c, item, stop_here, batch, rb_max, ntiles_z, rat
                 BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, DK_CHUNKS: tl.constexpr,
                 BLOCK_DV: tl.constexpr, HEADS_PER_TILE: tl.constexpr,
                 TOKENS_PER_TILE: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, DOT_F32: tl.constexpr,
+                HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, INTERPRET: tl.constexpr,
                 PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, KV_FORMAT: tl.constexpr,
                 HEAD_SCALES: tl.constexpr):
     """The online-softmax state of tile (rb, h) over its items [item, stop_here), with the
@@ -108,7 +108,7 @@ def _tile_state(WL, rb, h, rbs, c, item, stop_here, batch, rb_max, ntiles_z, rat
         kv0 + item, kv0 + stop_here, stride_qm, stride_qh, stride_kb, stride_kn,
         stride_vb, stride_vn, lq, lk, num_pages, qk_scale, softcap_scale, window,
         qblock * TOKENS_PER_TILE, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_DK, DK_CHUNKS,
-        BLOCK_DV, CAUSAL, HAS_WINDOW, HAS_ALIBI, SOFTCAP, DOT_F32, PAGED, PAGE_SIZE, KV_FORMAT,
+        BLOCK_DV, CAUSAL, HAS_WINDOW, HAS_ALIBI, SOFTCAP, INTERPRET, PAGED, PAGE_SIZE, KV_FORMAT,
         HEAD_SCALES)
     Ob = O + b64 * stride_ob + tl.cast(qs, tl.int64) * stride_om
     LSEb = LSE + b64 * stride_lb + qs
@@ -137,7 +137,7 @@ def ragged_attention_kernel(
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_SINKS: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr,
     RETURN_LSE: tl.constexpr, FUSED: tl.constexpr, PER_TILE_RANGES: tl.constexpr,
-    PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, DOT_F32: tl.constexpr,
+    PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, INTERPRET: tl.constexpr,
     SEARCH: tl.constexpr, FIXUP_COLS: tl.constexpr, FIXUP_ROWS: tl.constexpr,
     MERGE_PIECES: tl.constexpr, USE_PDL: tl.constexpr,
     KV_FORMAT: tl.constexpr = 0, HEAD_SCALES: tl.constexpr = 0, WHOLE: tl.constexpr = False,
@@ -162,7 +162,7 @@ def ragged_attention_kernel(
                     stride_lb, BT, stride_bt, SLOPES, KS, VS, num_pages, qk_scale,
                     softcap_scale, window, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, BLOCK_DK,
                     DK_CHUNKS, BLOCK_DV, HEADS_PER_TILE, TOKENS_PER_TILE, CAUSAL, HAS_WINDOW,
-                    HAS_ALIBI, SOFTCAP, DOT_F32, PAGED, PAGE_SIZE, KV_FORMAT, HEAD_SCALES)
+                    HAS_ALIBI, SOFTCAP, INTERPRET, PAGED, PAGE_SIZE, KV_FORMAT, HEAD_SCALES)
                 finalize_store(acc, m_i, l_i, 0, qi, head, valid, Ob, 0, stride_om, stride_oh,
                                LSEb, 0, stride_lh, SINKS, HEAD_DIM_V, BLOCK_DV, HAS_SINKS,
                                RETURN_LSE)
@@ -204,7 +204,7 @@ def ragged_attention_kernel(
                 stride_vn, stride_vh, O, stride_ob, stride_om, LSE, stride_lb, BT, stride_bt,
                 SLOPES, KS, VS, num_pages, qk_scale, softcap_scale, window, HEAD_DIM, HEAD_DIM_V,
                 BLOCK_M, BLOCK_N, BLOCK_DK, DK_CHUNKS, BLOCK_DV, HEADS_PER_TILE, TOKENS_PER_TILE,
-                CAUSAL, HAS_WINDOW, HAS_ALIBI, SOFTCAP, DOT_F32, PAGED, PAGE_SIZE, KV_FORMAT,
+                CAUSAL, HAS_WINDOW, HAS_ALIBI, SOFTCAP, INTERPRET, PAGED, PAGE_SIZE, KV_FORMAT,
                 HEAD_SCALES)
             whole = (item == first) & (stop_here == stop)
             if PER_TILE_RANGES:

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from skattn.kernels.kv_loop import _dot, load_q
-from skattn.kernels.quant import block_rows, fp8_score_scales, fp8_v_scale
+from skattn.kernels.quant import block_rows, fp8_rows, fp8_score_scales, fp8_v_scale
 from skattn.kernels.softmax import alibi_slope, scores, softmax_step, unmasked_end, visible
 
 
@@ -54,7 +54,7 @@ def _ragged_step(acc, m_i, l_i, q, Qb, Kb, Vb, KS, VS, BT, slope, qi, head, vali
                  HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_DK: tl.constexpr, DK_CHUNKS: tl.constexpr, BLOCK_DV: tl.constexpr,
                  CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                 SOFTCAP: tl.constexpr, DOT_F32: tl.constexpr, PAGED: tl.constexpr,
+                 SOFTCAP: tl.constexpr, INTERPRET: tl.constexpr, PAGED: tl.constexpr,
                  PAGE_SIZE: tl.constexpr, MASKED: tl.constexpr, KV_FORMAT: tl.constexpr):
     """One KV block. MASKED=False: inside Lk and visible to every row (pages still checked).
     KV_FORMAT 1: fp8 e4m3 K/V, converted to q's dtype on load (exactly; scales in the loop);
@@ -63,6 +63,7 @@ def _ragged_step(acc, m_i, l_i, q, Qb, Kb, Vb, KS, VS, BT, slope, qi, head, vali
                                        stride_vb, stride_vn, PAGED, PAGE_SIZE, BLOCK_N)
     if MASKED:
         ok = ok & (offs_n < kv_len)
+    ASM: tl.constexpr = not INTERPRET  # quant.py's inline PTX conversions
     # -- scores
     if KV_FORMAT >= 2:
         qk = tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32)
@@ -74,8 +75,8 @@ def _ragged_step(acc, m_i, l_i, q, Qb, Kb, Vb, KS, VS, BT, slope, qi, head, vali
                             BLOCK_DK, q.dtype)
             kc = tl.trans(block_rows(Kb, KS, krow, ok, c * BLOCK_DK, HEAD_DIM, BLOCK_DK,
                                      MASKED or PAGED or HEAD_DIM != BLOCK_DK * DK_CHUNKS,
-                                     q.dtype, KV_FORMAT))
-            qk += _dot(qc, kc, DOT_F32)
+                                     q.dtype, KV_FORMAT, ASM))
+            qk += _dot(qc, kc, INTERPRET)
     elif DK_CHUNKS == 1:
         dk = tl.arange(0, BLOCK_DK)
         kptrs = Kb + krow[None, :] + dk[:, None]
@@ -87,7 +88,7 @@ def _ragged_step(acc, m_i, l_i, q, Qb, Kb, Vb, KS, VS, BT, slope, qi, head, vali
             kt = tl.load(kptrs, mask=dk[:, None] < HEAD_DIM, other=0.0)
         if KV_FORMAT == 1:
             kt = kt.to(q.dtype)
-        qk = _dot(q, kt, DOT_F32)
+        qk = _dot(q, kt, INTERPRET)
     else:
         qk = tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32)
         for c in tl.static_range(DK_CHUNKS):
@@ -98,7 +99,7 @@ def _ragged_step(acc, m_i, l_i, q, Qb, Kb, Vb, KS, VS, BT, slope, qi, head, vali
                          mask=ok[None, :] & (dk[:, None] < HEAD_DIM), other=0.0)
             if KV_FORMAT == 1:
                 kc = kc.to(q.dtype)
-            qk += _dot(qc, kc, DOT_F32)
+            qk += _dot(qc, kc, INTERPRET)
     s = scores(qk, qk_scale, softcap_scale, slope, qpos, offs_n, SOFTCAP, HAS_ALIBI)
     # -- masks
     if MASKED:
@@ -113,7 +114,10 @@ def _ragged_step(acc, m_i, l_i, q, Qb, Kb, Vb, KS, VS, BT, slope, qi, head, vali
     vptrs = Vb + vrow[:, None] + dv[None, :]
     if KV_FORMAT >= 2:
         vt = block_rows(Vb, VS, vrow, ok, 0, HEAD_DIM_V, BLOCK_DV,
-                        MASKED or PAGED or HEAD_DIM_V != BLOCK_DV, q.dtype, KV_FORMAT)
+                        MASKED or PAGED or HEAD_DIM_V != BLOCK_DV, q.dtype, KV_FORMAT, ASM, True)
+    elif KV_FORMAT == 1:
+        vt = fp8_rows(Vb, vrow, ok, HEAD_DIM_V, BLOCK_DV, MASKED or PAGED or HEAD_DIM_V != BLOCK_DV,
+                      ASM)
     elif MASKED or PAGED:
         vt = tl.load(vptrs, mask=ok[:, None] & (dv[None, :] < HEAD_DIM_V), other=0.0)
     elif HEAD_DIM_V == BLOCK_DV:
@@ -122,7 +126,7 @@ def _ragged_step(acc, m_i, l_i, q, Qb, Kb, Vb, KS, VS, BT, slope, qi, head, vali
         vt = tl.load(vptrs, mask=dv[None, :] < HEAD_DIM_V, other=0.0)
     if KV_FORMAT == 1:
         vt = vt.to(q.dtype)
-    acc = acc * alpha[:, None] + _dot(p.to(vt.dtype), vt, DOT_F32)
+    acc = acc * alpha[:, None] + _dot(p.to(vt.dtype), vt, INTERPRET)
     return acc, m_new, l_i
 
 
@@ -134,7 +138,7 @@ def ragged_kv_loop(acc, m_i, l_i, q, Qb, Kb, Vb, BT, SLOPES, KS, VS, g, qi, head
                    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_DK: tl.constexpr, DK_CHUNKS: tl.constexpr, BLOCK_DV: tl.constexpr,
                    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                   SOFTCAP: tl.constexpr, DOT_F32: tl.constexpr, PAGED: tl.constexpr,
+                   SOFTCAP: tl.constexpr, INTERPRET: tl.constexpr, PAGED: tl.constexpr,
                    PAGE_SIZE: tl.constexpr, KV_FORMAT: tl.constexpr = 0,
                    HEAD_SCALES: tl.constexpr = 0):
     """Online softmax over KV blocks [blk_lo, blk_hi) of one tile of sequence lengths
@@ -157,7 +161,7 @@ def ragged_kv_loop(acc, m_i, l_i, q, Qb, Kb, Vb, BT, SLOPES, KS, VS, g, qi, head
                 stride_qm, stride_qh, stride_kb, stride_kn, stride_vb, stride_vn,
                 kv_len, num_pages, qk_scale, softcap_scale, window, HEAD_DIM, HEAD_DIM_V,
                 BLOCK_N, BLOCK_DK, DK_CHUNKS, BLOCK_DV, CAUSAL, HAS_WINDOW, HAS_ALIBI, SOFTCAP,
-                DOT_F32, PAGED, PAGE_SIZE, masked == 1, KV_FORMAT)
+                INTERPRET, PAGED, PAGE_SIZE, masked == 1, KV_FORMAT)
     if KV_FORMAT == 1:
         acc = acc * fp8_v_scale(VS, g, HEAD_SCALES)
     return acc, m_i, l_i
