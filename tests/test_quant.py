@@ -310,3 +310,39 @@ def test_quantized_kernels_compile_for_sm90():
     assert len(rows) == len(cases)
     for case, r in zip(cases, rows):
         assert r["shared"] <= 232448 and r["estimate"] >= r["shared"], (case, r)
+
+
+def test_q8_0_gpu_build_converts_four_values_at_a_time():
+    # the sm_90 build of the q8_0 decode kernel (llama-8b heads, n = 1) takes the inline-PTX
+    # conversion (`kernels/quant.py:i8x4_to_f16`, `words_to_f16`), not Triton's one
+    # instruction a value; the interpreter's build (INTERPRET) has no inline PTX at all
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(root / "src"), str(root / "scripts"),
+                                         env.get("PYTHONPATH", "")])
+    code = (
+        "import triton, resources\n"
+        "from triton.backends.compiler import GPUTarget\n"
+        "from triton.compiler import ASTSource\n"
+        "p, fn, args, kw = resources._main_launch(128, 128, 1, 4, 4096, 'q8_0')\n"
+        "for interpret in (False, True):\n"
+        "    sig, consts, attrs = resources.signature(fn, args, kw)\n"
+        "    consts['INTERPRET'] = interpret\n"
+        "    ck = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget('cuda', 90, 32),\n"
+        "                        options=dict(num_warps=kw['num_warps'], num_stages=kw['num_stages']))\n"
+        "    ptx = ck.asm['ptx']\n"
+        "    print(interpret, ptx.count('0x64646464'), ptx.count('cvt.rn.f32.s'),\n"
+        "          ptx.count('cvt.rn.f16.s'))\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    (gpu, *n_gpu), (interp, *n_interp) = (line.split() for line in res.stdout.splitlines()[-2:])
+    # GPU: the PTX's f16 exponent byte 0x64, no int -> float conversion instruction; the
+    # interpreter's build converts value by value instead
+    assert gpu == "False" and int(n_gpu[0]) > 0 and n_gpu[1:] == ["0", "0"], res.stdout
+    assert interp == "True" and int(n_interp[0]) == 0 and int(n_interp[1]) > 0, res.stdout
