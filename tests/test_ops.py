@@ -45,6 +45,23 @@ def test_backward_says_inference_only():
         out.float().sum().backward()
 
 
+def test_autograd_kernel_wraps_only_calls_that_want_a_gradient():
+    # the op's autograd kernel: a plain call where no input requires grad (or grad is off),
+    # the inference-only wrapper otherwise; the output is the same either way
+    q, k, v = make(Lk=20, D=16, seed=3)
+    plain = skattn.ops.attention(q, k, v, causal=True)
+    assert plain.grad_fn is None and not plain.requires_grad
+    with torch.no_grad():
+        off = skattn.ops.attention(q.clone().requires_grad_(), k, v, causal=True)
+    assert off.grad_fn is None
+    with torch.inference_mode():
+        inf = skattn.ops.attention(q, k, v, causal=True)
+    wanted = skattn.ops.attention(q.clone().requires_grad_(), k, v, causal=True)
+    assert wanted.requires_grad and "InferenceOnly" in type(wanted.grad_fn).__name__
+    for out in (off, inf, wanted):
+        assert torch.equal(out.detach(), plain)
+
+
 def test_op_matches_reference_and_eager_entry():
     q, k, v = make(Lq=5, Lk=37, Hq=10, Hkv=2, seed=2)  # ratio 5, Lk not a multiple of a block
     sinks = torch.randn(10)

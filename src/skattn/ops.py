@@ -113,12 +113,19 @@ def _recipe(key, policy, q, kf, vf, causal, window, mask) -> Recipe:
     return rec
 
 
-@torch.library.custom_op("skattn::attention", mutates_args=())
-def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-                  sinks: torch.Tensor | None, alibi_slopes: torch.Tensor | None,
-                  scale: float | None, causal: bool, window: int | None, softcap: float,
-                  policy: str, k_scale: torch.Tensor | None = None,
-                  v_scale: torch.Tensor | None = None) -> torch.Tensor:
+# The op is registered through the dispatcher's own API (`torch.library.Library`) rather than
+# `torch.library.custom_op`, whose Python layers (an autograd wrapper that redispatches, a
+# dynamo guard, alias checks of the outputs) took about half of a call's host time: the
+# kernel is registered for CPU (the interpreter) and CUDA, a fake kernel for tracing, and an
+# autograd kernel that only checks whether a gradient is wanted.
+_LIB = torch.library.Library("skattn", "DEF")
+_LIB.define("attention(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? sinks, "
+            "Tensor? alibi_slopes, float? scale, bool causal, SymInt? window, float softcap, "
+            "str policy, Tensor? k_scale=None, Tensor? v_scale=None) -> Tensor")
+
+
+def _attention_kernel(q, k, v, mask, sinks, alibi_slopes, scale, causal, window, softcap, policy,
+                      k_scale=None, v_scale=None):
     kf, vf, key = _check(q, k, v, mask, sinks, alibi_slopes, scale, causal, window, softcap,
                          k_scale, v_scale)
     rec = _recipe(key, policy, q, kf, vf, causal, window, mask)
@@ -132,7 +139,6 @@ def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
     return out
 
 
-@_attention_op.register_fake
 def _attention_fake(q, k, v, mask, sinks, alibi_slopes, scale, causal, window, softcap, policy,
                     k_scale=None, v_scale=None):
     # the same checks as the real kernel, so bad input fails while tracing, not at run time
@@ -143,12 +149,32 @@ def _attention_fake(q, k, v, mask, sinks, alibi_slopes, scale, causal, window, s
     return q.new_empty(B, Lq, Hq, vf.shape[3])
 
 
-def _no_backward(ctx, grad):
-    raise NotImplementedError("skattn's attention has no backward (inference only): run it "
-                              "under torch.no_grad() or torch.inference_mode()")
+class _InferenceOnly(torch.autograd.Function):
+    """The op where a gradient is wanted: the same output, a backward that says why not."""
+
+    @staticmethod
+    def forward(ctx, *args):
+        with torch._C._AutoDispatchBelowAutograd():
+            return torch.ops.skattn.attention.default(*args)
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise NotImplementedError("skattn's attention has no backward (inference only): run it "
+                                  "under torch.no_grad() or torch.inference_mode()")
 
 
-_attention_op.register_autograd(_no_backward)
+def _attention_autograd(*args):
+    if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad
+                                       for a in args):
+        return _InferenceOnly.apply(*args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return torch.ops.skattn.attention.default(*args)
+
+
+for _key in ("CPU", "CUDA"):
+    _LIB.impl("attention", _attention_kernel, _key)
+_LIB.impl("attention", _attention_autograd, "Autograd")
+torch.library.register_fake("skattn::attention", _attention_fake, lib=_LIB)
 
 
 def _scale_arg(name, s, device):
