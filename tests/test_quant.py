@@ -346,3 +346,15 @@ def test_q8_0_gpu_build_converts_four_values_at_a_time():
     # interpreter's build converts value by value instead
     assert gpu == "False" and int(n_gpu[0]) > 0 and n_gpu[1:] == ["0", "0"], res.stdout
     assert interp == "True" and int(n_interp[0]) == 0 and int(n_interp[1]) > 0, res.stdout
+
+
+def test_block_values_at_an_address_not_a_multiple_of_4_are_refused():
+    # the kernels read q8_0 values as 32-bit words: a cache carved from a byte buffer at an
+    # odd offset is a clear error when the Q8_0 is made, not a misaligned load on the GPU
+    x = quant.q8_0(torch.randn(1, 8, 2, 32, dtype=torch.float16))
+    buf = torch.empty(x.values.numel() + 1, dtype=torch.int8)[1:]
+    odd = buf.view(x.values.shape)
+    odd.copy_(x.values)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        quant.Q8_0(odd, x.scales)
+    assert torch.equal(quant.Q8_0(odd.clone(), x.scales).values, x.values)  # aligned: accepted

@@ -135,7 +135,17 @@ def _bad_case():
     return q, k.to(FP8), v.to(FP8), bt, torch.tensor(lens, dtype=torch.int32)
 
 
+def _at_odd_address(x):
+    """x's values in a buffer that starts 1 byte past an allocation's start."""
+    buf = torch.empty(x.numel() * x.element_size() + 1, dtype=torch.uint8)[1:]
+    y = buf.view(x.dtype).view(x.shape)
+    y.copy_(x)
+    return y
+
+
 @pytest.mark.parametrize("change, err, match", [
+    (dict(v=lambda v: v[..., :18]), ValueError, "head size and strides must be multiples of 4"),
+    (dict(v=_at_odd_address), ValueError, "multiple of 4 bytes"),
     (dict(k_scale=None), ValueError, "k_scale is required"),
     (dict(v_scale=None), ValueError, "v_scale is required"),
     (dict(k_scale=torch.ones(3)), ValueError, r"shape \[\], \[1\] or \[2\]"),

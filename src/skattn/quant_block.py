@@ -40,6 +40,10 @@ class BlockCache:
             raise ValueError(f"{name} scales are on {s.device}, values on {x.device}")
         if x.stride(-1) != 1 or s.stride(-1) != 1:
             raise ValueError(f"{name} values and scales must be contiguous in their last dimension")
+        if type(x) is torch.Tensor and x.data_ptr() % 4:  # (tracing's fake tensors have none)
+            raise ValueError(f"{name} values must start at an address that is a multiple of 4 "
+                             f"bytes (the kernels read them as 32-bit words), got "
+                             f"{x.data_ptr():#x}")
         for i in range(x.dim() - 1):
             if x.shape[i] > 1 and x.stride(i) != per * s.stride(i):
                 raise ValueError(f"{name} scales must be laid out like the values (stride {i}: "

@@ -140,6 +140,9 @@ def _run(plan, q, k, v, out, lse, *, seq_k, seq_q, block_table, scale, sinks, so
                  scale=scale, sinks=sinks, softcap=softcap, alibi_slopes=alibi_slopes,
                  workspace=ws, work_list=wl, k_scale=k_scale, v_scale=v_scale)
         return
+    if v.dtype in quant.FP8_DTYPES and v.data_ptr() % 4:  # (head size, strides: the checks)
+        raise ValueError(f"FP8 v must start at an address that is a multiple of 4 bytes (the "
+                         f"serving kernel reads its rows as 32-bit words), got {v.data_ptr():#x}")
     device = q.device
     b = sl.bind(plan, device)
     stream = sl._stream(b, device)
