@@ -207,3 +207,15 @@ def test_varlen_errors_and_plan_mixups(monkeypatch):
                                 v_scale=1.0)
     with pytest.raises(ValueError, match="plan was made for dtype='float8_e4m3fn'.*float16"):
         skattn.attention_varlen(q, k, v, cu_q, cu_k, 2, 20, plan=p8)
+
+
+def test_reference_takes_fp8_v_of_any_head_size():
+    # the word-load rule (head size, strides, address multiples of 4) is the kernel's: the
+    # float64 reference reads an FP8 V of head size 18 the kernel refuses
+    q, k, v, bt, lens = _bad_case()
+    v18 = v[..., :18]
+    kw = dict(cache_seqlens=lens, block_table=bt, k_scale=torch.ones(1), v_scale=torch.ones(2))
+    ref = reference.attention_with_kvcache(q, k, v18, **kw)
+    assert ref.shape == (1, 1, 4, 18) and torch.isfinite(ref).all()
+    with pytest.raises(ValueError, match="multiples of 4"):
+        skattn.attention_with_kvcache(q, k, v18, **kw)

@@ -66,15 +66,18 @@ def shared_bytes(geo: TileGeometry, *, has_mask: bool = False, kv_format: str = 
     in the others; with the warpgroup MMA a Dk wider than Dv adds K's extra columns once);
     for q8_0 the count adds the f16 block scales of each buffer and one more [BLOCK_N, Dv]
     byte tile: a bound (Triton pipelines its int8 and f16 loads differently by shape), above
-    all 210 configurations of `--grid --kv=q8_0`, by 17% in the median, and below the f16
-    count of the same geometry, so q8_0 never gets a smaller configuration than f16.
+    all 210 configurations of `--grid --kv=q8_0`, by 17% in the median (counted before the
+    staged V tile below).
     q4_0 is counted as q8_0: its loads are half the bytes of q8_0's ([BLOCK_N, D / 2] packed
     bytes, 18/32 bytes a value in all) with the same f16 scales and the same dequantized
     tiles, so q8_0's count bounds it. q8_0 V tiles, and FP8 V tiles in the serving kernel,
     are loaded as 32-bit words and dequantized to f16 in the load's layout
     (`skattn.kernels.quant`), then staged for the dot as f16 V is: one [BLOCK_N, Dv] f16
     tile more, counted for every quantized form (a bound for the dense kernel's FP8 V, which
-    Triton gathers byte by byte from the pipeline's buffers instead).
+    Triton gathers byte by byte from the pipeline's buffers instead). With that tile a
+    quantized count can exceed f16's for one K/V buffer (16 rows, 64 keys, head size 128, two
+    stages: 48128 bytes for q8_0 against 38912), and masked FP8 prompt tiles of head size
+    160-256 get two stages where the count without it allowed three.
     """
     dk = geo.block_dk * geo.dk_chunks
     wgmma = geo.block_m >= 64

@@ -62,6 +62,7 @@ class Q8_0(BlockCache):
     scales: torch.Tensor
 
     format = "q8_0"
+    WORD_LOADS = True
     VALUES_DTYPE = torch.int8
     BLOCK_BYTES = QK8_0
     VALUES_KIND = "an int8 tensor"

@@ -79,7 +79,7 @@ def _kv(q, k, v, hq, d, *, paged: bool, block_table, batch: int, packed: bool, k
         raise ValueError(f"k and v differ in shape before the head size: {list(k.shape)} vs "
                          f"{list(v.shape)}")
     hkv, dk, dv = k.shape[-2], k.shape[-1], v.shape[-1]
-    if (isinstance(v, torch.Tensor) and v.dtype in quant.FP8_DTYPES
+    if (kernel and isinstance(v, torch.Tensor) and v.dtype in quant.FP8_DTYPES
             and (dv % 4 or any(st % 4 for st in v.stride()[:-1]))):
         raise ValueError(f"FP8 v: the serving kernel reads its rows as 32-bit words, so its "
                          f"head size and strides must be multiples of 4, got head size {dv}, "
