@@ -116,8 +116,8 @@ def _recipe(key, policy, q, kf, vf, causal, window, mask) -> Recipe:
 # The op is registered through the dispatcher's own API (`torch.library.Library`) rather than
 # `torch.library.custom_op`, whose Python layers (an autograd wrapper that redispatches, a
 # dynamo guard, alias checks of the outputs) took about half of a call's host time: the
-# kernel is registered for CPU (the interpreter) and CUDA, a fake kernel for tracing, and an
-# autograd kernel that only checks whether a gradient is wanted.
+# kernel is registered for every backend, a fake kernel for tracing, and an autograd kernel
+# that only checks whether a gradient is wanted.
 _LIB = torch.library.Library("skattn", "DEF")
 _LIB.define("attention(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? sinks, "
             "Tensor? alibi_slopes, float? scale, bool causal, SymInt? window, float softcap, "
@@ -171,8 +171,9 @@ def _attention_autograd(*args):
         return torch.ops.skattn.attention.default(*args)
 
 
-for _key in ("CPU", "CUDA"):
-    _LIB.impl("attention", _attention_kernel, _key)
+# every backend (the checks name a device the kernels do not run on); meta tensors and
+# tracing take the fake kernel
+_LIB.impl("attention", _attention_kernel, "CompositeExplicitAutograd")
 _LIB.impl("attention", _attention_autograd, "Autograd")
 torch.library.register_fake("skattn::attention", _attention_fake, lib=_LIB)
 

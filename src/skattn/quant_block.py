@@ -41,7 +41,8 @@ class BlockCache:
             raise ValueError(f"{name} scales are on {s.device}, values on {x.device}")
         if x.stride(-1) != 1 or s.stride(-1) != 1:
             raise ValueError(f"{name} values and scales must be contiguous in their last dimension")
-        if self.WORD_LOADS and type(x) is torch.Tensor and x.data_ptr() % 4:  # (fakes: none)
+        if (self.WORD_LOADS and type(x) is torch.Tensor and not torch.compiler.is_compiling()
+                and x.data_ptr() % 4):  # (traced and fake tensors have no address)
             raise ValueError(f"{name} values must start at an address that is a multiple of 4 "
                              f"bytes (the kernels read them as 32-bit words), got "
                              f"{x.data_ptr():#x}")
