@@ -193,6 +193,51 @@ def test_fp8_cache_first_step_and_greedy_32_tokens(monkeypatch):
 
 
 @needs_transformers
+def test_q8_0_cache_first_step_and_greedy_32_tokens(monkeypatch):
+    # llama-8b's attention with Q8_0Cache against the f16 cache: the first step's logits
+    # within q8_0's error, the same logits as the float64 reference on the same blocks
+    # dequantized to f16 (kernel error only), greedy agreement over 32 tokens (printed; the
+    # first must agree)
+    import skattn
+    import skattn.reference
+
+    ours, = models("LlamaConfig", LLAMA, "sdpa", dtypes=(), seed=7)
+    g = torch.Generator(device="cuda").manual_seed(8)
+    ids = torch.randint(0, 1024, (1, 700), device="cuda", generator=g)
+
+    def q8_cache():
+        return skt.Q8_0Cache(ours.config, max_cache_len=800)
+
+    def err(a, b):
+        return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+    kw = dict(max_new_tokens=32, do_sample=False)
+    with torch.no_grad():
+        first8 = ours(ids, past_key_values=q8_cache()).logits[0, -1]
+        first16 = ours(ids).logits[0, -1]
+        got = ours.generate(ids, past_key_values=q8_cache(), **kw)
+        want = ours.generate(ids, **kw)
+        real = skattn.attention
+
+        def reference(q, k, v, **kw):
+            kw.pop("plan", None)
+            k, v = (x.dequantize(q.dtype) for x in (k, v))
+            return skattn.reference.attention(q, k, v, **kw).to(q.dtype)
+
+        monkeypatch.setattr(skattn, "attention", reference)
+        first_ref = ours(ids, past_key_values=q8_cache()).logits[0, -1]
+        monkeypatch.setattr(skattn, "attention", real)
+    agree = (got[0, 700:] == want[0, 700:]).float().mean().item()
+    print(f"q8_0 vs f16 cache: first-step logits rel err {err(first8, first16):.2e}, kernel vs "
+          f"float64 on the same blocks {err(first8, first_ref):.2e}, greedy agreement "
+          f"{agree:.2f} of 32 tokens")
+    assert not torch.isnan(first8).any()
+    assert err(first8, first_ref) < 5e-3
+    assert err(first8, first16) < 0.05
+    assert got.shape == (1, 732) and got[0, 700] == want[0, 700]
+
+
+@needs_transformers
 @pytest.mark.parametrize("graphs,halves", [(False, False), (True, False), (True, True)])
 def test_continuous_batching_generate_batch(graphs, halves, monkeypatch):
     # transformers' continuous batching ("paged|skattn", named explicitly: transformers would

@@ -15,7 +15,8 @@ beside the attention function. GPT-OSS's sinks (`s_aux`) become `sinks=`, Gemma'
 softcapping `softcap=`. Inside `torch.compile` the call goes through the custom op
 `torch.ops.skattn.attention` (no graph break); in eager code through `skattn.attention`
 with a cached plan (less host time). `FP8Cache` (skattn/transformers_fp8.py) keeps K/V in
-float8_e4m3fn, read by skattn in place with their per-KV-head scales (docs/transformers.md).
+float8_e4m3fn, read by skattn in place with their per-KV-head scales, `Q8_0Cache`
+(skattn/transformers_q8_0.py) in q8_0 blocks (docs/transformers.md).
 """
 from __future__ import annotations
 
@@ -24,10 +25,11 @@ import numbers
 import torch
 
 import skattn
-from skattn import ops
+from skattn import ops, quant
 from skattn.transformers_paged import PagedForward
 
-__all__ = ["register", "attention_forward", "attention_mask", "is_skattn", "FP8Cache", "NAME"]
+__all__ = ["register", "attention_forward", "attention_mask", "is_skattn", "FP8Cache",
+           "Q8_0Cache", "NAME"]
 
 NAME = "skattn"
 
@@ -38,6 +40,11 @@ def __getattr__(name):
         from skattn.transformers_fp8 import FP8Cache
 
         return FP8Cache
+    if name == "Q8_0Cache":
+        _interfaces()
+        from skattn.transformers_q8_0 import Q8_0Cache
+
+        return Q8_0Cache
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -125,7 +132,9 @@ def attention_forward(module, query, key, value, attention_mask, *, dropout=0.0,
     query : Tensor [B, Hq, Lq, D]
     key, value : Tensor [B, Hkv, Lk, D] (the KV cache)
         f16 or bf16; or float8_e4m3fn views from `FP8Cache`, which carry their float32
-        scales [Hkv] as the attribute `skattn_scale` (passed as `k_scale`, `v_scale`).
+        scales [Hkv] as the attribute `skattn_scale` (passed as `k_scale`, `v_scale`); or
+        int8 views from `Q8_0Cache`, whose `skattn_scale` is the view of their f16 block
+        scales [B, Hkv, Lk, D / 32] (read as `skattn.quant.Q8_0`).
     attention_mask : Tensor [B or 1, 1, Lq, Lk] or None
         None: bottom-right causal (with `sliding_window`, if given). A float mask is additive;
         a bool mask keeps the keys that are True. Either one replaces causal and window.
@@ -148,6 +157,7 @@ def attention_forward(module, query, key, value, attention_mask, *, dropout=0.0,
     if dropout and module.training:
         raise ValueError("skattn has no attention dropout: use model.eval() or dropout 0")
     q, k, v = (x.transpose(1, 2) for x in (query, key, value))
+    k, v, scales = _quantized_kv(k, v, key, value)
     mask = window = None
     if attention_mask is None:
         causal = getattr(module, "is_causal", True) if is_causal is None else bool(is_causal)
@@ -156,7 +166,7 @@ def attention_forward(module, query, key, value, attention_mask, *, dropout=0.0,
         mask, causal = _additive(attention_mask, q.shape[2]), False
     sinks = s_aux.float() if s_aux is not None else None
     kw = dict(scale=scaling, causal=causal, window=window, mask=mask, sinks=sinks,
-              softcap=float(softcap or 0.0), **_fp8_scales(key, value))
+              softcap=float(softcap or 0.0), **scales)
     if torch.compiler.is_compiling():
         out = ops.attention(q, k, v, policy=policy, **kw)
     else:
@@ -164,6 +174,19 @@ def attention_forward(module, query, key, value, attention_mask, *, dropout=0.0,
                             has_mask=mask is not None)
         out = skattn.attention(q, k, v, plan=plan, **kw)
     return out, None
+
+
+def _quantized_kv(k, v, key, value) -> tuple:
+    """(k, v, the scales' keywords) as skattn takes them: `Q8_0Cache`'s int8 views with their
+    block scales as `skattn.quant.Q8_0`, `FP8Cache`'s views with `k_scale`, `v_scale`."""
+    if key.dtype == torch.int8 or value.dtype == torch.int8:
+        k_blocks, v_blocks = getattr(key, "skattn_scale", None), getattr(value, "skattn_scale", None)
+        if k_blocks is None or v_blocks is None:
+            raise TypeError("int8 K/V reached skattn's attention function without their block "
+                            "scales: use skattn.transformers.Q8_0Cache as past_key_values")
+        return (quant.Q8_0(k, k_blocks.transpose(1, 2)), quant.Q8_0(v, v_blocks.transpose(1, 2)),
+                {})
+    return k, v, _fp8_scales(key, value)
 
 
 def _fp8_scales(key, value) -> dict:

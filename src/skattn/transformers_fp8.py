@@ -98,7 +98,42 @@ class FP8Layer(StaticLayer):
         raise NotImplementedError("FP8Cache does not reorder (beam search): use greedy or sampling")
 
 
-class FP8Cache(Cache):
+class QuantizedCache(Cache):
+    """What skattn's quantized transformers caches share: full-attention layers of `LAYER`,
+    a positive `max_cache_len`, and a skattn attention implementation (the only one that
+    reads `FORM` K/V), checked when made and on each update."""
+
+    LAYER: type
+    FORM: str  # the K/V the model's attention function receives, for the errors
+
+    def __init__(self, config, max_cache_len: int):
+        text_config = config.get_text_config(decoder=True)
+        layer_types, _ = get_layer_types_and_kwargs(text_config)
+        other = sorted(set(layer_types) - {"full_attention"})
+        if other:
+            raise ValueError(f"{type(self).__name__} holds full-attention layers only; this "
+                             f"config has {other}")
+        if not isinstance(max_cache_len, int) or max_cache_len <= 0:
+            raise ValueError(f"max_cache_len must be a positive int, got {max_cache_len!r}")
+        self.config = text_config
+        self._check_implementation(getattr(text_config, "_attn_implementation", None))
+        super().__init__(layers=[self.LAYER(max_cache_len) for _ in layer_types])
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        if not torch.compiler.is_compiling():
+            self._check_implementation(self.config._attn_implementation)
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def _check_implementation(self, name) -> None:
+        from skattn.transformers import is_skattn
+
+        if not is_skattn(name):
+            raise ValueError(f"{type(self).__name__} needs a skattn attention implementation "
+                             f"(skattn.transformers.register(), attn_implementation='skattn'); "
+                             f"the model uses {name!r}, which would receive {self.FORM} K/V")
+
+
+class FP8Cache(QuantizedCache):
     """A static-shape FP8 e4m3 KV cache for models run with a skattn attention implementation.
 
     Parameters
@@ -116,33 +151,11 @@ class FP8Cache(Cache):
     Scales are fixed per layer on the first update (the prefill): amax / 448 of that layer's
     K and of its V, per KV head (1 for a head of zeros). Later tokens use the same scales and
     saturate at ±448 x scale; a prompt that is not representative of the generated tokens'
-    range loses precision there. Only skattn's attention function reads the FP8 K/V; the
-    cache refuses to run under any other implementation (sdpa or eager would receive float8
+    range loses precision there (`skattn.transformers.Q8_0Cache` scales every 32 values of
+    every token instead). Only skattn's attention function reads the FP8 K/V; the cache
+    refuses to run under any other implementation (sdpa or eager would receive float8
     tensors), on each update. Beam search (cache reordering) and offloading are not offered.
     """
 
-    def __init__(self, config, max_cache_len: int):
-        text_config = config.get_text_config(decoder=True)
-        layer_types, _ = get_layer_types_and_kwargs(text_config)
-        other = sorted(set(layer_types) - {"full_attention"})
-        if other:
-            raise ValueError(f"FP8Cache holds full-attention layers only; this config has {other}")
-        if not isinstance(max_cache_len, int) or max_cache_len <= 0:
-            raise ValueError(f"max_cache_len must be a positive int, got {max_cache_len!r}")
-        self.config = text_config
-        _check_implementation(getattr(text_config, "_attn_implementation", None))
-        super().__init__(layers=[FP8Layer(max_cache_len) for _ in layer_types])
-
-    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
-        if not torch.compiler.is_compiling():
-            _check_implementation(self.config._attn_implementation)
-        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
-
-
-def _check_implementation(name) -> None:
-    from skattn.transformers import is_skattn
-
-    if not is_skattn(name):
-        raise ValueError(f"FP8Cache needs a skattn attention implementation "
-                         f"(skattn.transformers.register(), attn_implementation='skattn'); the "
-                         f"model uses {name!r}, which would receive float8_e4m3fn K/V")
+    LAYER = FP8Layer
+    FORM = "float8_e4m3fn"

@@ -1,4 +1,4 @@
-"""skattn.transformers.FP8Cache under the interpreter on a tiny Llama: FP8 K/V read in place."""
+"""skattn.transformers.FP8Cache and Q8_0Cache under the interpreter on a tiny Llama: quantized K/V read in place."""
 import copy
 
 import pytest
@@ -11,6 +11,7 @@ transformers = pytest.importorskip(
     "transformers", reason="transformers is not installed (pip install 'skattn[transformers]')")
 import skattn.transformers as skt  # noqa: E402
 from skattn.transformers_fp8 import FP8Layer  # noqa: E402
+from skattn.transformers_q8_0 import Q8_0Layer  # noqa: E402
 from helpers import capturing_compile_config  # noqa: E402
 
 pytestmark = [
@@ -190,5 +191,129 @@ def test_compiled_fullgraph_decode_reads_the_scales():
         got = m.generate(ids, past_key_values=skt.FP8Cache(m.config, max_cache_len=12),
                          compile_config=config, **kw)
         want = m.generate(ids, past_key_values=skt.FP8Cache(m.config, max_cache_len=12), **kw)
+    assert targets.count("skattn.attention") == 2  # one per layer, one graph
+    assert torch.equal(got, want), (got, want)
+
+
+# -- Q8_0Cache
+def test_q8_0_layer_writes_blocks_per_token():
+    layer = Q8_0Layer(max_cache_len=8)
+    g = torch.Generator().manual_seed(10)
+    k = torch.randn(1, 2, 3, 32, generator=g).half()
+    v = torch.randn(1, 2, 3, 32, generator=g).half() * 50
+    keys, values = layer.update(k, v)
+    assert keys.dtype == torch.int8 and keys.shape == (1, 2, 8, 32)
+    assert keys.skattn_scale.shape == (1, 2, 8, 1) and keys.skattn_scale.dtype == torch.float16
+    for view, new in ((keys, k), (values, v)):
+        want = skattn.quant.q8_0(new.transpose(1, 2))  # every token scaled on its own
+        got = skattn.quant.Q8_0(view.transpose(1, 2), view.skattn_scale.transpose(1, 2))
+        assert torch.equal(got.values[:, :3], want.values)
+        assert torch.equal(got.scales[:, :3], want.scales)
+        assert (got.values[:, 3:] == 0).all() and (got.scales[:, 3:] == 0).all()
+    big = torch.full((1, 2, 1, 32), 1000.0, dtype=torch.float16)  # no range fixed by the prefill
+    layer.update(big, big)
+    assert int(layer.cumulative_length) == 4
+    got = skattn.quant.Q8_0(keys.transpose(1, 2), keys.skattn_scale.transpose(1, 2))
+    assert torch.equal(got.dequantize()[:, 3], big[:, :, 0].float().half())
+    layer.reset()
+    assert int(layer.cumulative_length) == 0 and (keys == 0).all()
+    with pytest.raises(ValueError, match="multiples of 32"):
+        Q8_0Layer(max_cache_len=4).update(torch.zeros(1, 2, 1, 16), torch.zeros(1, 2, 1, 16))
+
+
+def q8_0_model(seed, impl="skattn"):
+    """TINY with head size 32 (q8_0 blocks)."""
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(**dict(TINY, hidden_size=128, head_dim=32))
+    m = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=impl,
+                                                      dtype=torch.float16).eval()
+    m.generation_config.eos_token_id = None
+    return m
+
+
+def reference_on_dequantized(monkeypatch):
+    """skattn.attention -> the float64 reference on q8_0 K/V dequantized to q's dtype (what
+    the kernel multiplies: each value times its scale, rounded once), cast to q's dtype."""
+    def ref(q, k, v, **kw):
+        kw.pop("plan", None)
+        k, v = (x.dequantize(q.dtype) if isinstance(x, skattn.quant.Q8_0) else x for x in (k, v))
+        return skattn.reference.attention(q, k, v, **kw).to(q.dtype)
+
+    monkeypatch.setattr(skattn, "attention", ref)
+
+
+def test_q8_0_logits_match_float64_reference_on_the_same_cache(monkeypatch):
+    # the kernel against the float64 reference on the same q8_0 blocks (dequantized to f16,
+    # as the kernel rounds them), within 3x what the f16 cache's kernel shows against the
+    # reference on f16 K/V; the q8_0 cache against the f16 cache: the 8-bit quantization
+    # error, small
+    m = q8_0_model(seed=11)
+    ids = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(12))
+    seen = []
+    real = skattn.attention
+
+    def spy(q, k, v, **kw):
+        seen.append(type(k).__name__)
+        return real(q, k, v, **kw)
+
+    def q8_cache():
+        return skt.Q8_0Cache(m.config, max_cache_len=16)
+
+    def f16_cache():
+        return transformers.DynamicCache(config=m.config)
+
+    with torch.no_grad():
+        monkeypatch.setattr(skattn, "attention", spy)
+        ours8, ours16 = steps(m, ids, q8_cache()), steps(m, ids, f16_cache())
+        reference_on_dequantized(monkeypatch)
+        ref8, ref16 = steps(m, ids, q8_cache()), steps(m, ids, f16_cache())
+    assert seen.count("Q8_0") == 8  # 2 layers x 4 steps
+
+    def err(a, b):
+        return ((a - b).norm() / b.norm()).item()
+
+    kernel8, kernel16, quant_err = err(ours8, ref8), err(ours16, ref16), err(ours8, ours16)
+    assert kernel8 <= 3 * kernel16 + 1e-3, (kernel8, kernel16)
+    assert quant_err < 0.05, quant_err  # 8 bits a value, a scale per 32 values of a token
+
+
+def test_q8_0_greedy_generate_matches_reference(monkeypatch):
+    m = q8_0_model(seed=13)
+    ids = torch.randint(0, VOCAB, (1, 6), generator=torch.Generator().manual_seed(14))
+    kw = dict(max_new_tokens=5, do_sample=False)
+    with torch.no_grad():
+        got = m.generate(ids, past_key_values=skt.Q8_0Cache(m.config, max_cache_len=16), **kw)
+        reference_attention(monkeypatch, [])
+        want = m.generate(ids, past_key_values=skt.Q8_0Cache(m.config, max_cache_len=16), **kw)
+    assert got.shape == (1, 11)
+    assert torch.equal(got, want), (got, want)
+
+
+def test_q8_0_cache_refuses_other_implementations_and_bare_int8():
+    with pytest.raises(ValueError, match="Q8_0Cache needs a skattn attention implementation"):
+        skt.Q8_0Cache(q8_0_model(0, impl="sdpa").config, max_cache_len=16)
+    m = q8_0_model(0)
+    cache = skt.Q8_0Cache(m.config, max_cache_len=16)
+    m.set_attn_implementation("sdpa")
+    with torch.no_grad(), pytest.raises(ValueError, match="'sdpa', which would receive q8_0"):
+        m(torch.zeros(1, 3, dtype=torch.long), past_key_values=cache)
+    q = torch.randn(1, 4, 1, 32, dtype=torch.float16)
+    k = torch.zeros(1, 2, 5, 32, dtype=torch.int8)
+    with pytest.raises(TypeError, match="without their block scales: use skattn.transformers.Q8_0"):
+        skt.attention_forward(torch.nn.Module(), q, k, k.clone(), None)
+
+
+def test_q8_0_compiled_fullgraph_decode():
+    # generate's compiled decode step (fullgraph): the block scales, attributes of the
+    # cache's int8 views, reach the custom op inside the one graph
+    torch._dynamo.reset()
+    m = q8_0_model(seed=15)
+    config, targets = capturing_compile_config()
+    ids = torch.randint(0, VOCAB, (1, 6), generator=torch.Generator().manual_seed(16))
+    kw = dict(max_new_tokens=4, do_sample=False)
+    with torch.no_grad():
+        got = m.generate(ids, past_key_values=skt.Q8_0Cache(m.config, max_cache_len=12),
+                         compile_config=config, **kw)
+        want = m.generate(ids, past_key_values=skt.Q8_0Cache(m.config, max_cache_len=12), **kw)
     assert targets.count("skattn.attention") == 2  # one per layer, one graph
     assert torch.equal(got, want), (got, want)

@@ -1,0 +1,108 @@
+"""A q8_0 KV cache for transformers models run with skattn (`skattn.transformers.Q8_0Cache`).
+
+    cache = skt.Q8_0Cache(model.config, max_cache_len=4096)
+    out = model.generate(ids, past_key_values=cache, max_new_tokens=64)
+
+llama.cpp's 8-bit blocks (`skattn.quant.Q8_0`): every 32 values of a token's K or V head
+share one f16 scale, amax / 127, so each token is scaled when it is written (no range fixed
+by the prompt, as `FP8Cache` fixes it) at 34/32 bytes a value. Each layer preallocates int8
+values `[B, max_cache_len, Hkv, D]` and f16 scales `[B, max_cache_len, Hkv, D / 32]`
+(skattn's layout) and hands transformers `[B, Hkv, max_cache_len, D]` views of the values,
+whose attribute `skattn_scale` holds the matching `[B, Hkv, max_cache_len, D / 32]` view of
+the scales; the attention function makes `Q8_0(values, scales)` of them and skattn reads
+the cache in place.
+"""
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import StaticLayer
+
+from skattn import quant
+from skattn.transformers_fp8 import SCALE_ATTR, QuantizedCache
+
+
+class Q8_0Layer(StaticLayer):
+    """One layer's q8_0 K/V, preallocated for `max_cache_len` tokens (a full-attention layer);
+    unwritten tokens are 0 (zero values, zero scales)."""
+
+    def __init__(self, max_cache_len: int, **kwargs):
+        super().__init__(max_cache_len=max_cache_len)
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.batch_size, self.num_heads = key_states.shape[:2]
+        self.k_head_dim, self.v_head_dim = key_states.shape[-1], value_states.shape[-1]
+        for d in (self.k_head_dim, self.v_head_dim):
+            if d % quant.QK8_0:
+                raise ValueError(f"Q8_0Cache needs head sizes that are multiples of "
+                                 f"{quant.QK8_0}, got {d}")
+        B, L, H = self.batch_size, self.max_cache_len, self.num_heads
+        self.caches = []
+        for d in (self.k_head_dim, self.v_head_dim):
+            values = torch.zeros(B, L, H, d, dtype=torch.int8, device=self.device)
+            scales = torch.zeros(B, L, H, d // quant.QK8_0, dtype=torch.float16,
+                                 device=self.device)
+            self.caches.append((values, scales))
+        # transformers' [B, Hkv, L, D]: views, made once, carrying their scales' views
+        views = []
+        for values, scales in self.caches:
+            view = values.transpose(1, 2)
+            setattr(view, SCALE_ATTR, scales.transpose(1, 2))
+            views.append(view)
+        self.keys, self.values = views
+        self.cumulative_length = self.cumulative_length.to(self.device)
+        if not torch.compiler.is_compiling():
+            for t in (*self.caches[0], *self.caches[1], self.cumulative_length):
+                torch._dynamo.mark_static_address(t)
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Write the new tokens `[B, Hkv, n, D]` in q8_0 blocks; return the int8 value views
+        `[B, Hkv, max_cache_len, D]` (their scales' views in the attribute `skattn_scale`)."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n = key_states.shape[-2]
+        position = torch.arange(n, device=self.device) + self.cumulative_length
+        self.cumulative_length.add_(n)
+        for (values, scales), new in zip(self.caches, (key_states, value_states)):
+            blocks = quant.q8_0(new.transpose(1, 2))
+            values.index_copy_(1, position, blocks.values)
+            scales.index_copy_(1, position, blocks.scales)
+        return self.keys, self.values
+
+    def reset(self) -> None:
+        if self.is_initialized:
+            for values, scales in self.caches:
+                values.zero_()
+                scales.zero_()
+        self.cumulative_length.zero_()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError("Q8_0Cache does not reorder (beam search): use greedy or "
+                                  "sampling")
+
+
+class Q8_0Cache(QuantizedCache):
+    """A static-shape q8_0 KV cache for models run with a skattn attention implementation.
+
+    Parameters
+    ----------
+    config : transformers.PreTrainedConfig
+        The model's config (`model.config`): its layers must all be full attention, and its
+        `attn_implementation` a name given by `skattn.transformers.register()`.
+    max_cache_len : int
+        Tokens each layer holds (prompt plus generated ones); K and V of every layer are
+        allocated for it on the first update: int8 values `[B, max_cache_len, Hkv, D]` and
+        f16 block scales `[B, max_cache_len, Hkv, D / 32]` (D a multiple of 32).
+
+    Notes
+    -----
+    Each token's K and V are quantized when written, as `skattn.quant.q8_0` does (per 32
+    values: scale amax / 127, values rounded half away from zero). Only skattn's attention
+    function reads them; the cache refuses to run under any other implementation (sdpa or
+    eager would receive the int8 values), on each update. Beam search (cache reordering) and
+    offloading are not offered.
+    """
+
+    LAYER = Q8_0Layer
+    FORM = "q8_0 (int8)"
