@@ -144,14 +144,17 @@ def test_logits_match_float64_reference_on_the_same_fp8_cache(monkeypatch):
     assert kernel8 < quant / 5, (kernel8, quant)
 
 
-def test_greedy_generate_matches_reference(monkeypatch):
-    m = model(seed=4)
+@pytest.mark.parametrize("form", ["fp8", "q8_0"])
+def test_greedy_generate_matches_reference(monkeypatch, form):
+    # the kernel's greedy tokens are the float64 reference's on the same quantized cache
+    m = model(seed=4) if form == "fp8" else q8_0_model(seed=13)
+    cache = skt.FP8Cache if form == "fp8" else skt.Q8_0Cache
     ids = torch.randint(0, VOCAB, (1, 6), generator=torch.Generator().manual_seed(5))
     kw = dict(max_new_tokens=5, do_sample=False)
     with torch.no_grad():
-        got = m.generate(ids, past_key_values=skt.FP8Cache(m.config, max_cache_len=16), **kw)
+        got = m.generate(ids, past_key_values=cache(m.config, max_cache_len=16), **kw)
         reference_attention(monkeypatch, [])
-        want = m.generate(ids, past_key_values=skt.FP8Cache(m.config, max_cache_len=16), **kw)
+        want = m.generate(ids, past_key_values=cache(m.config, max_cache_len=16), **kw)
     assert got.shape == (1, 11)
     assert torch.equal(got, want), (got, want)
 
@@ -179,18 +182,20 @@ def test_fp8_without_scales_is_refused():
         skt.attention_forward(torch.nn.Module(), q, k, k.clone(), None)
 
 
-def test_compiled_fullgraph_decode_reads_the_scales():
-    # generate's compiled decode step (fullgraph): the scales, attributes of the cache's K/V
-    # views, reach the custom op inside the one graph
+@pytest.mark.parametrize("form", ["fp8", "q8_0"])
+def test_compiled_fullgraph_decode_reads_the_scales(form):
+    # generate's compiled decode step (fullgraph): the scales (FP8's per head, q8_0's block
+    # scales), attributes of the cache's K/V views, reach the custom op inside the one graph
     torch._dynamo.reset()
-    m = model(seed=6)
+    m = model(seed=6) if form == "fp8" else q8_0_model(seed=15)
+    cache = skt.FP8Cache if form == "fp8" else skt.Q8_0Cache
     config, targets = capturing_compile_config()
     ids = torch.randint(0, VOCAB, (1, 6), generator=torch.Generator().manual_seed(7))
     kw = dict(max_new_tokens=4, do_sample=False)
     with torch.no_grad():
-        got = m.generate(ids, past_key_values=skt.FP8Cache(m.config, max_cache_len=12),
+        got = m.generate(ids, past_key_values=cache(m.config, max_cache_len=12),
                          compile_config=config, **kw)
-        want = m.generate(ids, past_key_values=skt.FP8Cache(m.config, max_cache_len=12), **kw)
+        want = m.generate(ids, past_key_values=cache(m.config, max_cache_len=12), **kw)
     assert targets.count("skattn.attention") == 2  # one per layer, one graph
     assert torch.equal(got, want), (got, want)
 
@@ -277,18 +282,6 @@ def test_q8_0_logits_match_float64_reference_on_the_same_cache(monkeypatch):
     assert quant_err < 0.05, quant_err  # 8 bits a value, a scale per 32 values of a token
 
 
-def test_q8_0_greedy_generate_matches_reference(monkeypatch):
-    m = q8_0_model(seed=13)
-    ids = torch.randint(0, VOCAB, (1, 6), generator=torch.Generator().manual_seed(14))
-    kw = dict(max_new_tokens=5, do_sample=False)
-    with torch.no_grad():
-        got = m.generate(ids, past_key_values=skt.Q8_0Cache(m.config, max_cache_len=16), **kw)
-        reference_attention(monkeypatch, [])
-        want = m.generate(ids, past_key_values=skt.Q8_0Cache(m.config, max_cache_len=16), **kw)
-    assert got.shape == (1, 11)
-    assert torch.equal(got, want), (got, want)
-
-
 def test_q8_0_cache_refuses_other_implementations_and_bare_int8():
     with pytest.raises(ValueError, match="Q8_0Cache needs a skattn attention implementation"):
         skt.Q8_0Cache(q8_0_model(0, impl="sdpa").config, max_cache_len=16)
@@ -301,19 +294,3 @@ def test_q8_0_cache_refuses_other_implementations_and_bare_int8():
     k = torch.zeros(1, 2, 5, 32, dtype=torch.int8)
     with pytest.raises(TypeError, match="without their block scales: use skattn.transformers.Q8_0"):
         skt.attention_forward(torch.nn.Module(), q, k, k.clone(), None)
-
-
-def test_q8_0_compiled_fullgraph_decode():
-    # generate's compiled decode step (fullgraph): the block scales, attributes of the
-    # cache's int8 views, reach the custom op inside the one graph
-    torch._dynamo.reset()
-    m = q8_0_model(seed=15)
-    config, targets = capturing_compile_config()
-    ids = torch.randint(0, VOCAB, (1, 6), generator=torch.Generator().manual_seed(16))
-    kw = dict(max_new_tokens=4, do_sample=False)
-    with torch.no_grad():
-        got = m.generate(ids, past_key_values=skt.Q8_0Cache(m.config, max_cache_len=12),
-                         compile_config=config, **kw)
-        want = m.generate(ids, past_key_values=skt.Q8_0Cache(m.config, max_cache_len=12), **kw)
-    assert targets.count("skattn.attention") == 2  # one per layer, one graph
-    assert torch.equal(got, want), (got, want)

@@ -101,7 +101,16 @@ class FP8Layer(StaticLayer):
 class QuantizedCache(Cache):
     """What skattn's quantized transformers caches share: full-attention layers of `LAYER`,
     a positive `max_cache_len`, and a skattn attention implementation (the only one that
-    reads `FORM` K/V), checked when made and on each update."""
+    reads `FORM` K/V), checked when made and on each update.
+
+    Parameters
+    ----------
+    config : transformers.PreTrainedConfig
+        The model's config (`model.config`): its layers must all be full attention, and its
+        `attn_implementation` a name given by `skattn.transformers.register()`.
+    max_cache_len : int
+        Tokens each layer holds (prompt plus generated ones), allocated on the first update.
+    """
 
     LAYER: type
     FORM: str  # the K/V the model's attention function receives, for the errors
@@ -134,17 +143,9 @@ class QuantizedCache(Cache):
 
 
 class FP8Cache(QuantizedCache):
-    """A static-shape FP8 e4m3 KV cache for models run with a skattn attention implementation.
-
-    Parameters
-    ----------
-    config : transformers.PreTrainedConfig
-        The model's config (`model.config`): its layers must all be full attention, and its
-        `attn_implementation` a name given by `skattn.transformers.register()`.
-    max_cache_len : int
-        Tokens each layer holds (prompt plus generated ones); K and V of every layer are
-        allocated for it on the first update, float8_e4m3fn `[B, max_cache_len, Hkv, D]`,
-        with float32 scales `[Hkv]`.
+    """A static-shape FP8 e4m3 KV cache for models run with a skattn attention implementation
+    (`config`, `max_cache_len` as for `QuantizedCache`): K and V of every layer are
+    float8_e4m3fn `[B, max_cache_len, Hkv, D]` with float32 scales `[Hkv]`.
 
     Notes
     -----

@@ -83,17 +83,10 @@ class Q8_0Layer(StaticLayer):
 
 
 class Q8_0Cache(QuantizedCache):
-    """A static-shape q8_0 KV cache for models run with a skattn attention implementation.
-
-    Parameters
-    ----------
-    config : transformers.PreTrainedConfig
-        The model's config (`model.config`): its layers must all be full attention, and its
-        `attn_implementation` a name given by `skattn.transformers.register()`.
-    max_cache_len : int
-        Tokens each layer holds (prompt plus generated ones); K and V of every layer are
-        allocated for it on the first update: int8 values `[B, max_cache_len, Hkv, D]` and
-        f16 block scales `[B, max_cache_len, Hkv, D / 32]` (D a multiple of 32).
+    """A static-shape q8_0 KV cache for models run with a skattn attention implementation
+    (`config`, `max_cache_len` as for `skattn.transformers_fp8.QuantizedCache`): K and V of
+    every layer are int8 values `[B, max_cache_len, Hkv, D]` with f16 block scales
+    `[B, max_cache_len, Hkv, D / 32]` (D a multiple of 32).
 
     Notes
     -----
