@@ -72,22 +72,23 @@ def _words(X, rows, ok, d0, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASKE
     return tl.load(ptrs)
 
 
+# int8 -> f16, four values of one 32-bit register: each byte plus 128 (the xor) becomes the
+# low byte of the f16 1024 + (x + 128) (high byte 0x64, by prmt), from which 1152 (0x6480)
+# is subtracted, exactly; {x} the register, {lo} {hi} the f16 pairs of bytes 0-1 and 2-3
+_I8X4 = ("xor.b32 t, {x}, 0x80808080; prmt.b32 {lo}, t, 0x64646464, 0x4140; "
+         "prmt.b32 {hi}, t, 0x64646464, 0x4342; mov.b32 m, 0x64806480; "
+         "sub.f16x2 {lo}, {lo}, m; sub.f16x2 {hi}, {hi}, m;")
+I8X4_PAIRS = tl.constexpr("{ .reg .b32 t, m; " + _I8X4.format(x="$2", lo="$0", hi="$1") + " }")
+I8X4_HALVES = tl.constexpr("{ .reg .b32 t, m, lo, hi; " + _I8X4.format(x="$4", lo="lo", hi="hi")
+                           + " mov.b32 {$0, $1}, lo; mov.b32 {$2, $3}, hi; }")
+
+
 @triton.jit
 def i8x4_to_f16(x):
-    """int8 -> f16 exactly, four values (one 32-bit register) in five instructions: each byte
-    plus 128 becomes the low byte of the f16 1024 + (x + 128) (high byte 0x64), from which
-    1152 is subtracted. Triton's own conversion takes one instruction a value, plus packing."""
-    return tl.inline_asm_elementwise(
-        asm="""{
-        .reg .b32 t, m;
-        xor.b32 t, $2, 0x80808080;
-        prmt.b32 $0, t, 0x64646464, 0x4140;
-        prmt.b32 $1, t, 0x64646464, 0x4342;
-        mov.b32 m, 0x64806480;
-        sub.f16x2 $0, $0, m;
-        sub.f16x2 $1, $1, m;
-        }""",
-        constraints="=r,=r,r", args=[x], dtype=tl.float16, is_pure=True, pack=4)
+    """int8 -> f16 exactly, four values (one 32-bit register) in five instructions (`_I8X4`);
+    Triton's own conversion takes one instruction a value, plus packing."""
+    return tl.inline_asm_elementwise(asm=I8X4_PAIRS, constraints="=r,=r,r", args=[x],
+                                     dtype=tl.float16, is_pure=True, pack=4)
 
 
 @triton.jit
@@ -110,18 +111,7 @@ def words_to_f16(w, FP8: tl.constexpr, ASM: tl.constexpr):
             dtype=(tl.float16, tl.float16, tl.float16, tl.float16), is_pure=True, pack=1)
     elif ASM:
         a, b, c, d = tl.inline_asm_elementwise(
-            asm="""{
-            .reg .b32 t, lo, hi, m;
-            xor.b32 t, $4, 0x80808080;
-            prmt.b32 lo, t, 0x64646464, 0x4140;
-            prmt.b32 hi, t, 0x64646464, 0x4342;
-            mov.b32 m, 0x64806480;
-            sub.f16x2 lo, lo, m;
-            sub.f16x2 hi, hi, m;
-            mov.b32 {$0, $1}, lo;
-            mov.b32 {$2, $3}, hi;
-            }""",
-            constraints="=h,=h,=h,=h,r", args=[w],
+            asm=I8X4_HALVES, constraints="=h,=h,=h,=h,r", args=[w],
             dtype=(tl.float16, tl.float16, tl.float16, tl.float16), is_pure=True, pack=1)
     else:
         a = _byte_to_f16(w << 24, FP8)
