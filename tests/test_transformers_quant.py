@@ -76,6 +76,23 @@ def steps(m, ids, cache, n=3):
     return torch.stack(logits).float()
 
 
+def spied_steps(monkeypatch, m, ids, cache):
+    """`steps` of m over a fresh `cache()` and over an f16 DynamicCache, skattn.attention
+    spied on: (logits over the quantized cache, over the f16 one, each call's (k, kw))."""
+    seen = []
+    real = skattn.attention
+
+    def spy(q, k, v, **kw):
+        seen.append((k, kw))
+        return real(q, k, v, **kw)
+
+    monkeypatch.setattr(skattn, "attention", spy)
+    quantized = steps(m, ids, cache())
+    f16 = steps(m, ids, transformers.DynamicCache(config=m.config))
+    monkeypatch.setattr(skattn, "attention", real)
+    return quantized, f16, seen
+
+
 def test_layer_scales_quantize_and_saturate():
     layer = FP8Layer(max_cache_len=8)
     g = torch.Generator().manual_seed(0)
@@ -108,27 +125,19 @@ def test_logits_match_float64_reference_on_the_same_fp8_cache(monkeypatch):
     # cache: e4m3's quantization error, loose
     m = model(seed=1)
     ids = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(2))
-    seen = []
-    real = skattn.attention
-
-    def spy(*args, **kw):
-        seen.append(kw)
-        return real(*args, **kw)
 
     def fp8_cache():
         return skt.FP8Cache(m.config, max_cache_len=16)
 
-    def f16_cache():
-        return transformers.DynamicCache(config=m.config)
-
     with torch.no_grad():
-        monkeypatch.setattr(skattn, "attention", spy)
-        ours8, ours16 = steps(m, ids, fp8_cache()), steps(m, ids, f16_cache())
+        ours8, ours16, seen = spied_steps(monkeypatch, m, ids, fp8_cache)
         calls = []
         reference_attention(monkeypatch, calls)
-        ref8, ref16 = steps(m, ids, fp8_cache()), steps(m, ids, f16_cache())
+        ref8 = steps(m, ids, fp8_cache())
+        ref16 = steps(m, ids, transformers.DynamicCache(config=m.config))
         quantizing_reference(monkeypatch, prefill=9)
-        own8 = steps(m, ids, f16_cache())  # K/V quantized by the test, not by FP8Cache
+        own8 = steps(m, ids, transformers.DynamicCache(config=m.config))  # quantized by the test
+    seen = [kw for _, kw in seen]
     fp8_calls = [c for c in seen if "k_scale" in c]
     assert len(fp8_calls) == 8 and all(c["k_scale"].shape == (2,) for c in fp8_calls)
     assert all(c["k"].dtype == FP8 and c["k"].shape == (1, 16, 2, 16) for c in calls[:8])
@@ -254,24 +263,16 @@ def test_q8_0_logits_match_float64_reference_on_the_same_cache(monkeypatch):
     # error, small
     m = q8_0_model(seed=11)
     ids = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(12))
-    seen = []
-    real = skattn.attention
-
-    def spy(q, k, v, **kw):
-        seen.append(type(k).__name__)
-        return real(q, k, v, **kw)
 
     def q8_cache():
         return skt.Q8_0Cache(m.config, max_cache_len=16)
 
-    def f16_cache():
-        return transformers.DynamicCache(config=m.config)
-
     with torch.no_grad():
-        monkeypatch.setattr(skattn, "attention", spy)
-        ours8, ours16 = steps(m, ids, q8_cache()), steps(m, ids, f16_cache())
+        ours8, ours16, seen = spied_steps(monkeypatch, m, ids, q8_cache)
         reference_on_dequantized(monkeypatch)
-        ref8, ref16 = steps(m, ids, q8_cache()), steps(m, ids, f16_cache())
+        ref8 = steps(m, ids, q8_cache())
+        ref16 = steps(m, ids, transformers.DynamicCache(config=m.config))
+    seen = [type(k).__name__ for k, _ in seen]
     assert seen.count("Q8_0") == 8  # 2 layers x 4 steps
 
     def err(a, b):
