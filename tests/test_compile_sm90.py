@@ -84,3 +84,20 @@ def test_allocation_only_compile_matches_the_full_one():
         assert res.returncode == 0, res.stderr[-2000:]
         info = json.loads(res.stdout.strip().splitlines()[-1])
         assert info["shared"] == info["allocated"] == info["estimate"] <= SM90_SHARED, info
+
+
+def test_sass_loop_counts_the_kv_loop():
+    # scripts/sass_loop.py on the llama-8b decode kernel (sm_90 SASS, compiled here): the
+    # unmasked KV loop holds the MMAs; q8_0's converts four values at a time (no I2F), so its
+    # loop is under 2.5x f16's (Triton's one conversion a value made it 3.7x)
+    def loops(kv):
+        res = subprocess.run([sys.executable, str(ROOT / "scripts" / "sass_loop.py"), "128", "128",
+                              "1", kv, "--json"], capture_output=True, text=True, env=_env(),
+                             timeout=600)
+        assert res.returncode == 0, res.stderr[-2000:]
+        return [json.loads(line) for line in res.stdout.splitlines()]
+
+    f16, q8 = loops("float16"), loops("q8_0")
+    assert len(f16) >= 2 and f16[0]["opcodes"].get("HMMA.16816.F32", 0) > 0, f16
+    assert not any(op.startswith("I2F") for op in q8[0]["opcodes"]), q8[0]
+    assert q8[0]["instructions"] < 2.5 * f16[0]["instructions"], (q8[0], f16[0])
