@@ -133,8 +133,8 @@ def attention_forward(module, query, key, value, attention_mask, *, dropout=0.0,
     key, value : Tensor [B, Hkv, Lk, D] (the KV cache)
         f16 or bf16; or float8_e4m3fn views from `FP8Cache`, which carry their float32
         scales [Hkv] as the attribute `skattn_scale` (passed as `k_scale`, `v_scale`); or
-        int8 views from `Q8_0Cache`, whose `skattn_scale` is the view of their f16 block
-        scales [B, Hkv, Lk, D / 32] (read as `skattn.quant.Q8_0`).
+        int8 views from `Q8_0Cache`, which carry the cache as `skattn.quant.Q8_0` (in
+        skattn's layout) as the attribute `skattn_blocks`.
     attention_mask : Tensor [B or 1, 1, Lq, Lk] or None
         None: bottom-right causal (with `sliding_window`, if given). A float mask is additive;
         a bool mask keeps the keys that are True. Either one replaces causal and window.
@@ -180,12 +180,11 @@ def _quantized_kv(k, v, key, value) -> tuple:
     """(k, v, the scales' keywords) as skattn takes them: `Q8_0Cache`'s int8 views with their
     block scales as `skattn.quant.Q8_0`, `FP8Cache`'s views with `k_scale`, `v_scale`."""
     if key.dtype == torch.int8 or value.dtype == torch.int8:
-        k_blocks, v_blocks = getattr(key, "skattn_scale", None), getattr(value, "skattn_scale", None)
+        k_blocks, v_blocks = getattr(key, "skattn_blocks", None), getattr(value, "skattn_blocks", None)
         if k_blocks is None or v_blocks is None:
             raise TypeError("int8 K/V reached skattn's attention function without their block "
                             "scales: use skattn.transformers.Q8_0Cache as past_key_values")
-        return (quant.Q8_0(k, k_blocks.transpose(1, 2)), quant.Q8_0(v, v_blocks.transpose(1, 2)),
-                {})
+        return k_blocks, v_blocks, {}
     return k, v, _fp8_scales(key, value)
 
 

@@ -9,7 +9,8 @@ by the prompt, as `FP8Cache` fixes it) at 34/32 bytes a value. Each layer preall
 values `[B, max_cache_len, Hkv, D]` and f16 scales `[B, max_cache_len, Hkv, D / 32]`
 (skattn's layout) and hands transformers `[B, Hkv, max_cache_len, D]` views of the values,
 whose attribute `skattn_scale` holds the matching `[B, Hkv, max_cache_len, D / 32]` view of
-the scales; the attention function makes `Q8_0(values, scales)` of them and skattn reads
+the scales and `skattn_blocks` the cache as skattn takes it, `Q8_0(values, scales)` in its
+own layout (made once per layer); the attention function passes that on and skattn reads
 the cache in place.
 """
 from __future__ import annotations
@@ -19,6 +20,8 @@ from transformers.cache_utils import StaticLayer
 
 from skattn import quant
 from skattn.transformers_fp8 import SCALE_ATTR, QuantizedCache
+
+BLOCKS_ATTR = "skattn_blocks"  # the attribute of the value views that holds their Q8_0
 
 
 class Q8_0Layer(StaticLayer):
@@ -43,11 +46,13 @@ class Q8_0Layer(StaticLayer):
             scales = torch.zeros(B, L, H, d // quant.QK8_0, dtype=torch.float16,
                                  device=self.device)
             self.caches.append((values, scales))
-        # transformers' [B, Hkv, L, D]: views, made once, carrying their scales' views
+        # transformers' [B, Hkv, L, D]: views, made once, carrying their scales' views and
+        # the caches as skattn reads them (a Q8_0 made once, not at every attention call)
         views = []
         for values, scales in self.caches:
             view = values.transpose(1, 2)
             setattr(view, SCALE_ATTR, scales.transpose(1, 2))
+            setattr(view, BLOCKS_ATTR, quant.Q8_0(values, scales))
             views.append(view)
         self.keys, self.values = views
         self.cumulative_length = self.cumulative_length.to(self.device)
@@ -58,7 +63,8 @@ class Q8_0Layer(StaticLayer):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Write the new tokens `[B, Hkv, n, D]` in q8_0 blocks; return the int8 value views
-        `[B, Hkv, max_cache_len, D]` (their scales' views in the attribute `skattn_scale`)."""
+        `[B, Hkv, max_cache_len, D]` (their scales' views in the attribute `skattn_scale`,
+        their `Q8_0` in `skattn_blocks`)."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         n = key_states.shape[-2]
