@@ -23,7 +23,7 @@ from numbers import Real
 
 import torch
 
-from skattn.quant_block import BlockCache, float_blocks, inverse_scale, scaled_blocks
+from skattn.quant_block import BlockCache, in_slices, slices, inverse_scale, packed_in_slices, scaled_blocks
 from skattn.quant_q4 import QK4_0, Q4_0, q4_0
 
 __all__ = ["Q8_0", "q8_0", "Q4_0", "q4_0", "fp8", "FP8_DTYPES", "QK8_0", "QK4_0",
@@ -90,12 +90,12 @@ def q8_0(x: torch.Tensor) -> Q8_0:
     Q8_0
         Contiguous values and scales on x's device.
     """
-    b = float_blocks(x, "q8_0")
-    d = b.abs().amax(dim=-1) / 127.0
-    inv = inverse_scale(d)
-    y = b * inv[..., None]
-    q = torch.sign(y) * torch.floor(y.abs() + 0.5)  # C's roundf
-    return Q8_0(q.to(torch.int8).flatten(-2).contiguous(), d.to(torch.float16).contiguous())
+    def pack(b):
+        d = b.abs().amax(dim=-1) / 127.0
+        y = b * inverse_scale(d)[..., None]
+        q = torch.sign(y) * torch.floor(y.abs() + 0.5)  # C's roundf
+        return q.to(torch.int8).flatten(-2).contiguous(), d.to(torch.float16).contiguous()
+    return Q8_0(*packed_in_slices(pack, x, "q8_0"))
 
 
 def fp8(x: torch.Tensor, *, per_head: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,11 +111,18 @@ def fp8(x: torch.Tensor, *, per_head: bool = False) -> tuple[torch.Tensor, torch
     """
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() != 4:
         raise TypeError("fp8 quantizes a floating [B, Lk, Hkv, D] tensor")
-    xf = x.float()
-    amax = xf.abs().amax(dim=(0, 1, 3)) if per_head else xf.abs().amax().reshape(1)
+    # both passes a bounded slice at a time (`in_slices`): amax, then the values
+    amax = torch.zeros(x.shape[2] if per_head else 1, device=x.device)
+    for idx in slices(x):
+        part = x[idx].float().abs()
+        heads = idx[2] if per_head and len(idx) > 2 else slice(None)  # a slice may cut heads
+        part = part.amax(dim=(0, 1, 3)) if per_head else part.amax().reshape(1)
+        amax[heads] = torch.maximum(amax[heads], part)
     scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-    shaped = scale[None, None, :, None] if per_head else scale
-    return (xf / shaped).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
+    shaped = (scale[None, None, :, None] if per_head else scale.reshape(1, 1, 1, 1))
+    shaped = shaped.expand(*x.shape[:3], 1)  # sliced beside x
+    return in_slices(lambda part, s: (part.float() / s).clamp(-FP8_MAX, FP8_MAX)
+                     .to(torch.float8_e4m3fn), x, shaped), scale
 
 
 # -- input rules (shared by skattn.attention and the references)

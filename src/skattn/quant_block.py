@@ -3,9 +3,12 @@ and one f16 scale per 32 values, kept apart and laid out alike; the input rules,
 tensor-like facts, views of the leading dimensions and llama.cpp's interleaved bytes."""
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 BLOCK_VALUES = 32  # values per block (llama.cpp's QK8_0 = QK4_0)
+SLICE_VALUES = 1 << 24  # values a packer works on at once: its float32 temporaries stay ~64 MB each
 
 
 class BlockCache:
@@ -105,9 +108,53 @@ class BlockCache:
         return cls(values, scales)
 
 
-def float_blocks(x, form: str) -> torch.Tensor:
+def slices(x: torch.Tensor, limit: int | None = None):
+    """Index tuples that cut x along its leading dimensions (never the last) into slices of
+    at most `limit` values (default `SLICE_VALUES`) where one row allows, keeping every
+    dimension."""
+    limit = limit or SLICE_VALUES
+    shape = tuple(x.shape)
+    axis = max(0, len(shape) - 2)  # cut along this axis: the outermost whose slices of one fit
+    inner = shape[-1] if len(shape) > 1 else 1
+    while axis > 0 and inner * shape[axis] <= limit:
+        inner *= shape[axis]
+        axis -= 1
+    step = max(1, limit // max(1, inner))
+    for head in itertools.product(*(range(n) for n in shape[:axis])):
+        for i in range(0, shape[axis] if shape else 1, step):
+            yield tuple(slice(j, j + 1) for j in head) + (slice(i, i + step),)
+
+
+def in_slices(fn, x: torch.Tensor, *more: torch.Tensor, limit: int | None = None):
+    """`fn(x, *more)` computed on slices of the leading dimensions (`slices`) and written
+    into outputs made once, so that the temporaries of `fn` stay bounded whatever the size of
+    a cache. The tensors share their leading dimensions; `fn` returns one tensor or a tuple,
+    each with x's leading dimensions (all but the last)."""
+    limit = limit or SLICE_VALUES
+    if x.numel() <= limit or x.dim() <= 1:
+        return fn(x, *more)
+    outs = single = None
+    for idx in slices(x, limit):
+        part = fn(x[idx], *(m[idx] for m in more))
+        single = not isinstance(part, tuple)
+        parts = (part,) if single else part
+        if outs is None:
+            outs = tuple(p.new_empty(x.shape[:len(idx)] + p.shape[len(idx):]) for p in parts)
+        for o, p in zip(outs, parts):
+            o[idx] = p
+    return outs[0] if single else outs
+
+
+def packed_in_slices(pack, x, form: str):
+    """`pack(blocks)` over float32 blocks `[..., D / 32, 32]` of the packer input x (`form`
+    "q8_0" or "q4_0"), checked first, then packed a bounded slice at a time (`in_slices`)."""
+    float_blocks(x, form, convert=False)
+    return in_slices(lambda part: pack(float_blocks(part, form)), x)
+
+
+def float_blocks(x, form: str, convert: bool = True) -> torch.Tensor:
     """The input of a packer (`form` "q8_0" or "q4_0") checked and cut into float32 blocks
-    `[..., D / 32, 32]`."""
+    `[..., D / 32, 32]` (only checked when not `convert`)."""
     if not isinstance(x, torch.Tensor) or x.dtype not in (torch.float16, torch.bfloat16,
                                                             torch.float32):
         raise TypeError(f"{form} quantizes a float16, bfloat16 or float32 tensor, got "
@@ -115,7 +162,7 @@ def float_blocks(x, form: str) -> torch.Tensor:
     if x.dim() < 1 or x.shape[-1] % BLOCK_VALUES or x.shape[-1] == 0:
         raise ValueError(f"{form} needs a last dimension that is a multiple of {BLOCK_VALUES}, "
                          f"got shape {tuple(x.shape)}")
-    return x.float().unflatten(-1, (-1, BLOCK_VALUES))
+    return x.float().unflatten(-1, (-1, BLOCK_VALUES)) if convert else x
 
 
 def inverse_scale(d: torch.Tensor) -> torch.Tensor:
@@ -130,5 +177,8 @@ def scaled_blocks(values: torch.Tensor, scales: torch.Tensor, block: int,
     computed in float32 (float64 for it), where small integers times f16 are exact, so
     one rounding to `dtype`."""
     work = torch.float64 if dtype == torch.float64 else torch.float32
-    x = values.to(work).unflatten(-1, (-1, block))
-    return (x * scales.to(work)[..., None]).flatten(-2).to(dtype)
+
+    def scaled(values, scales):
+        x = values.to(work).unflatten(-1, (-1, block))
+        return (x * scales.to(work)[..., None]).flatten(-2).to(dtype)
+    return in_slices(scaled, values, scales)

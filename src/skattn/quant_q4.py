@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from skattn.quant_block import BlockCache, float_blocks, inverse_scale, scaled_blocks
+from skattn.quant_block import BlockCache, inverse_scale, packed_in_slices, scaled_blocks
 
 __all__ = ["Q4_0", "q4_0", "QK4_0"]
 
@@ -83,11 +83,11 @@ def q4_0(x: torch.Tensor) -> Q4_0:
     Q4_0
         Contiguous values and scales on x's device.
     """
-    b = float_blocks(x, "q4_0")
-    first = b.abs().argmax(dim=-1, keepdim=True)  # argmax gives the first of equal maxima
-    d = b.gather(-1, first).squeeze(-1) / -8.0
-    inv = inverse_scale(d)
-    y = b * inv[..., None] + 8.5
-    nib = torch.floor(y).clamp(0, 15).to(torch.uint8)
-    packed = nib[..., :PACKED] | (nib[..., PACKED:] << 4)
-    return Q4_0(packed.flatten(-2).contiguous(), d.to(torch.float16).contiguous())
+    def pack(b):
+        first = b.abs().argmax(dim=-1, keepdim=True)  # argmax gives the first of equal maxima
+        d = b.gather(-1, first).squeeze(-1) / -8.0
+        y = b * inverse_scale(d)[..., None] + 8.5
+        nib = torch.floor(y).clamp(0, 15).to(torch.uint8)
+        packed = nib[..., :PACKED] | (nib[..., PACKED:] << 4)
+        return packed.flatten(-2).contiguous(), d.to(torch.float16).contiguous()
+    return Q4_0(*packed_in_slices(pack, x, "q4_0"))
