@@ -38,28 +38,22 @@ def test_opcheck():
     assert set(result.values()) == {"SUCCESS"}, result
 
 
-def test_backward_says_inference_only():
-    q, k, v = make(Lk=20, D=16)
-    out = skattn.ops.attention(q.requires_grad_(), k, v, causal=True)
-    with pytest.raises(NotImplementedError, match="inference only"):
-        out.float().sum().backward()
-
-
-def test_autograd_kernel_wraps_only_calls_that_want_a_gradient():
-    # the op's autograd kernel: a plain call where no input requires grad (or grad is off),
-    # the inference-only wrapper otherwise; the output is the same either way
+def test_inputs_that_want_a_gradient_are_refused_as_by_attention():
+    # no autograd kernel: the dispatcher's fallback reaches the kernel, whose checks refuse
+    # an input that requires grad while grad mode is on (skattn.attention's error); with
+    # grad off the call runs and gives the plain call's output, with no graph
     q, k, v = make(Lk=20, D=16, seed=3)
     plain = skattn.ops.attention(q, k, v, causal=True)
     assert plain.grad_fn is None and not plain.requires_grad
+    for wanting in ((q.clone().requires_grad_(), k, v), (q, k, v.clone().requires_grad_())):
+        with pytest.raises(ValueError, match="requires grad: skattn's kernels are forward-only"):
+            skattn.ops.attention(*wanting, causal=True)
     with torch.no_grad():
         off = skattn.ops.attention(q.clone().requires_grad_(), k, v, causal=True)
-    assert off.grad_fn is None
     with torch.inference_mode():
         inf = skattn.ops.attention(q, k, v, causal=True)
-    wanted = skattn.ops.attention(q.clone().requires_grad_(), k, v, causal=True)
-    assert wanted.requires_grad and "InferenceOnly" in type(wanted.grad_fn).__name__
-    for out in (off, inf, wanted):
-        assert torch.equal(out.detach(), plain)
+    for out in (off, inf):
+        assert out.grad_fn is None and torch.equal(out, plain)
 
 
 def test_op_matches_reference_and_eager_entry():
@@ -157,11 +151,11 @@ def test_compile_fullgraph_no_graph_break(backend):
     x = torch.randn(1, 3, 64, dtype=torch.float16)
     kc, vc = torch.randn(2, 1, 29, 2, 16, dtype=torch.float16)
     torch._dynamo.reset()
-    explained = torch._dynamo.explain(block)(x, kc, vc)
-    assert explained.graph_break_count == 0 and explained.graph_count == 1
-    compiled = torch.compile(block, fullgraph=True, backend=backend)
-    want = block(x, kc, vc)
-    with torch.no_grad():  # the op has no backward: aot_eager would trace one for the weights
+    with torch.no_grad():  # the op has no backward: the weights' gradients are refused
+        explained = torch._dynamo.explain(block)(x, kc, vc)
+        assert explained.graph_break_count == 0 and explained.graph_count == 1
+        compiled = torch.compile(block, fullgraph=True, backend=backend)
+        want = block(x, kc, vc)
         got = compiled(x, kc, vc)
     assert not torch.isnan(got).any()
     torch.testing.assert_close(got, want, rtol=0, atol=0)
@@ -169,3 +163,6 @@ def test_compile_fullgraph_no_graph_break(backend):
     x2 = torch.randn_like(x)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x2, kc, vc), block(x2, kc, vc), rtol=0, atol=0)
+    # with grad on, tracing reaches the op's checks: the same error as an eager call
+    with pytest.raises(Exception, match="requires grad: skattn's kernels are forward-only"):
+        torch.compile(block, fullgraph=True, backend=backend)(x, kc, vc)

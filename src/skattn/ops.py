@@ -116,8 +116,10 @@ def _recipe(key, policy, q, kf, vf, causal, window, mask) -> Recipe:
 # The op is registered through the dispatcher's own API (`torch.library.Library`) rather than
 # `torch.library.custom_op`, whose Python layers (an autograd wrapper that redispatches, a
 # dynamo guard, alias checks of the outputs) took about half of a call's host time: the
-# kernel is registered for every backend, a fake kernel for tracing, and an autograd kernel
-# that only checks whether a gradient is wanted.
+# kernel is registered for every backend and a fake kernel for tracing. There is no autograd
+# kernel: the dispatcher's own autograd fallback (C++) passes the call to the kernel, whose
+# checks refuse inputs that require grad while grad mode is on, as `skattn.attention` does
+# (a Python autograd kernel cost ~4 µs a call on a 2-core CPU).
 _LIB = torch.library.Library("skattn", "DEF")
 _LIB.define("attention(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? sinks, "
             "Tensor? alibi_slopes, float? scale, bool causal, SymInt? window, float softcap, "
@@ -149,32 +151,9 @@ def _attention_fake(q, k, v, mask, sinks, alibi_slopes, scale, causal, window, s
     return q.new_empty(B, Lq, Hq, vf.shape[3])
 
 
-class _InferenceOnly(torch.autograd.Function):
-    """The op where a gradient is wanted: the same output, a backward that says why not."""
-
-    @staticmethod
-    def forward(ctx, *args):
-        with torch._C._AutoDispatchBelowAutograd():
-            return torch.ops.skattn.attention.default(*args)
-
-    @staticmethod
-    def backward(ctx, grad):
-        raise NotImplementedError("skattn's attention has no backward (inference only): run it "
-                                  "under torch.no_grad() or torch.inference_mode()")
-
-
-def _attention_autograd(*args):
-    if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad
-                                       for a in args):
-        return _InferenceOnly.apply(*args)
-    with torch._C._AutoDispatchBelowAutograd():
-        return torch.ops.skattn.attention.default(*args)
-
-
 # every backend (the checks name a device the kernels do not run on); meta tensors and
 # tracing take the fake kernel
 _LIB.impl("attention", _attention_kernel, "CompositeExplicitAutograd")
-_LIB.impl("attention", _attention_autograd, "Autograd")
 torch.library.register_fake("skattn::attention", _attention_fake, lib=_LIB)
 
 
@@ -196,7 +175,8 @@ def attention(q, k, v, *, scale=None, causal=False, window=None, mask=None, sink
 
     Use this inside code that `torch.compile` traces (it is one node in the graph, no graph
     break) or that a CUDA graph captures; in eager code `skattn.attention` costs less host
-    time. Inference only: the op has no backward.
+    time. Inference only, as `skattn.attention`: an input that requires grad while grad
+    mode is on is refused (ValueError) before any launch.
 
     Parameters
     ----------
