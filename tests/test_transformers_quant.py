@@ -93,7 +93,26 @@ def spied_steps(monkeypatch, m, ids, cache):
     return quantized, f16, seen
 
 
-def test_layer_scales_quantize_and_saturate():
+def _write_path(monkeypatch, module, one: bool) -> list:
+    """The layers' writes through quant_store's one launch (`one`, counted in the list
+    returned) or through torch operations (as inside torch.compile)."""
+    from skattn import quant_store
+
+    calls = []
+    if one:
+        for name in ("store_fp8", "store_q8_0"):
+            real = getattr(quant_store, name)
+            monkeypatch.setattr(quant_store, name,
+                                lambda *a, real=real: calls.append(1) or real(*a))
+    else:
+        monkeypatch.setattr(module, "one_launch", lambda *a: False)
+    return calls
+
+
+@pytest.mark.parametrize("one", [True, False])
+def test_layer_scales_quantize_and_saturate(monkeypatch, one):
+    # both write paths (one launch; torch operations) write the same bytes
+    calls = _write_path(monkeypatch, skattn.transformers_fp8, one)
     layer = FP8Layer(max_cache_len=8)
     g = torch.Generator().manual_seed(0)
     k = torch.randn(1, 3, 4, 16, generator=g, dtype=torch.float32).half()
@@ -114,6 +133,7 @@ def test_layer_scales_quantize_and_saturate():
     layer.update(k2, k2)
     assert torch.equal(layer.k_scale, want) and int(layer.cumulative_length) == 5
     assert torch.equal(keys[:, :, 4].float(), torch.full((1, 3, 16), 448.0))
+    assert len(calls) == (2 if one else 0)
     layer.reset()
     assert not layer.scales_set and int(layer.cumulative_length) == 0
 
@@ -210,7 +230,9 @@ def test_compiled_fullgraph_decode_reads_the_scales(form):
 
 
 # -- Q8_0Cache
-def test_q8_0_layer_writes_blocks_per_token():
+@pytest.mark.parametrize("one", [True, False])
+def test_q8_0_layer_writes_blocks_per_token(monkeypatch, one):
+    calls = _write_path(monkeypatch, skattn.transformers_q8_0, one)
     layer = Q8_0Layer(max_cache_len=8)
     g = torch.Generator().manual_seed(10)
     k = torch.randn(1, 2, 3, 32, generator=g).half()
@@ -229,6 +251,7 @@ def test_q8_0_layer_writes_blocks_per_token():
     assert int(layer.cumulative_length) == 4
     got = skattn.quant.Q8_0(keys.transpose(1, 2), keys.skattn_scale.transpose(1, 2))
     assert torch.equal(got.dequantize()[:, 3], big[:, :, 0].float().half())
+    assert len(calls) == (2 if one else 0)
     layer.reset()
     assert int(layer.cumulative_length) == 0 and (keys == 0).all()
     with pytest.raises(ValueError, match="multiples of 32"):

@@ -18,16 +18,28 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, StaticLayer, get_layer_types_and_kwargs
 
+from skattn import quant_store
+from skattn.device import interpreting
 from skattn.quant import FP8_MAX
 
 FP8 = torch.float8_e4m3fn
 SCALE_ATTR = "skattn_scale"  # the attribute of the K/V views that holds their scales [Hkv]
+STATE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what quant_store writes
 
 
 def head_scales(x: torch.Tensor) -> torch.Tensor:
     """Per-KV-head scales of new K or V states `[B, Hkv, L, D]`: amax / 448, 1 for a zero head."""
     amax = x.float().abs().amax(dim=(0, 2, 3))
     return torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+
+
+def one_launch(device, key_states: torch.Tensor, value_states: torch.Tensor) -> bool:
+    """Whether a layer writes new states with `skattn.quant_store`'s one launch (eager code
+    on a GPU, or under the interpreter, states contiguous in D) rather than with torch
+    operations (8-30 small kernels a layer; inside torch.compile, which fuses them)."""
+    return (not torch.compiler.is_compiling() and (device.type == "cuda" or interpreting())
+            and key_states.stride(-1) == 1 and value_states.stride(-1) == 1
+            and key_states.dtype in STATE_DTYPES)
 
 
 def quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -76,6 +88,12 @@ class FP8Layer(StaticLayer):
             self.k_scale.copy_(head_scales(key_states))
             self.v_scale.copy_(head_scales(value_states))
             self.scales_set = True
+        if one_launch(self.device, key_states, value_states):
+            quant_store.store_fp8(self.k_fp8, self.v_fp8, self.k_scale, self.v_scale,
+                                  key_states.transpose(1, 2), value_states.transpose(1, 2),
+                                  self.cumulative_length)
+            self.cumulative_length.add_(n)
+            return self.keys, self.values
         position = torch.arange(n, device=self.device) + self.cumulative_length
         self.cumulative_length.add_(n)
         for cache, new, scale in ((self.k_fp8, key_states, self.k_scale),

@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import StaticLayer
 
-from skattn import quant
-from skattn.transformers_fp8 import SCALE_ATTR, QuantizedCache
+from skattn import quant, quant_store
+from skattn.transformers_fp8 import SCALE_ATTR, QuantizedCache, one_launch
 
 BLOCKS_ATTR = "skattn_blocks"  # the attribute of the value views that holds their Q8_0
 
@@ -49,10 +49,11 @@ class Q8_0Layer(StaticLayer):
         # transformers' [B, Hkv, L, D]: views, made once, carrying their scales' views and
         # the caches as skattn reads them (a Q8_0 made once, not at every attention call)
         views = []
-        for values, scales in self.caches:
+        self.blocks = tuple(quant.Q8_0(values, scales) for values, scales in self.caches)
+        for (values, scales), blocks in zip(self.caches, self.blocks):
             view = values.transpose(1, 2)
             setattr(view, SCALE_ATTR, scales.transpose(1, 2))
-            setattr(view, BLOCKS_ATTR, quant.Q8_0(values, scales))
+            setattr(view, BLOCKS_ATTR, blocks)
             views.append(view)
         self.keys, self.values = views
         self.cumulative_length = self.cumulative_length.to(self.device)
@@ -68,6 +69,11 @@ class Q8_0Layer(StaticLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         n = key_states.shape[-2]
+        if one_launch(self.device, key_states, value_states):
+            quant_store.store_q8_0(*self.blocks, key_states.transpose(1, 2),
+                                   value_states.transpose(1, 2), self.cumulative_length)
+            self.cumulative_length.add_(n)
+            return self.keys, self.values
         position = torch.arange(n, device=self.device) + self.cumulative_length
         self.cumulative_length.add_(n)
         for (values, scales), new in zip(self.caches, (key_states, value_states)):

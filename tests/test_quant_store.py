@@ -1,0 +1,152 @@
+"""`skattn.quant_store`: new K/V rows quantized into a cache in one launch (under the
+interpreter here), bit for bit as the torch quantizers write them."""
+import pytest
+import torch
+
+from skattn import quant, quant_store
+from skattn.transformers_fp8 import quantize as fp8_quantize
+
+FP8 = torch.float8_e4m3fn
+
+
+def _new(B, n, H, D, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, H, n, D, generator=g) * 3
+    x[..., :32] *= 0  # an all-zero q8_0 block: scale 0, values 0
+    return x.to(dtype).transpose(1, 2)  # transformers' [B, Hkv, n, D] seen as [B, n, Hkv, D]
+
+
+@pytest.mark.parametrize("dtype, n, D, per_head", [(torch.float16, 1, 64, True),
+                                                   (torch.bfloat16, 5, 96, False),
+                                                   (torch.float32, 3, 32, True)])
+def test_q8_0_rows_are_the_bits_of_quant_q8_0(dtype, n, D, per_head):
+    B, L, H, start = 2, 12, 3, 6
+    k_new, v_new = _new(B, n, H, D, dtype, 1), _new(B, n, H, D, dtype, 2)
+    caches = [quant.Q8_0(torch.full((B, L, H, D), 7, dtype=torch.int8),
+                         torch.full((B, L, H, D // 32), 9.0, dtype=torch.float16))
+              for _ in range(2)]
+    quant_store.store_q8_0(*caches, k_new, v_new, torch.tensor([start]))
+    for cache, new in zip(caches, (k_new, v_new)):
+        want = quant.q8_0(new)
+        assert torch.equal(cache.values[:, start:start + n], want.values)
+        assert torch.equal(cache.scales[:, start:start + n], want.scales)
+        untouched = torch.ones(L, dtype=torch.bool)
+        untouched[start:start + n] = False
+        assert (cache.values[:, untouched] == 7).all() and (cache.scales[:, untouched] == 9).all()
+
+
+@pytest.mark.parametrize("dtype, n, Dk, Dv, per_head", [(torch.float16, 1, 64, 64, True),
+                                                        (torch.bfloat16, 4, 48, 80, False)])
+def test_fp8_rows_are_the_bits_of_the_cache_quantizer(dtype, n, Dk, Dv, per_head):
+    B, L, H, start = 1, 9, 2, 3
+    k_new, v_new = _new(B, n, H, Dk, dtype, 3) * 40, _new(B, n, H, Dv, dtype, 4)  # saturates
+    k_scale = torch.tensor([0.5, 0.03]) if per_head else torch.tensor([0.25])
+    v_scale = torch.tensor([0.02, 0.7]) if per_head else torch.tensor([0.01])
+    kc = torch.zeros(B, L, H, Dk, dtype=torch.uint8).view(FP8)
+    vc = torch.zeros(B, L, H, Dv, dtype=torch.uint8).view(FP8)
+    quant_store.store_fp8(kc, vc, k_scale, v_scale, k_new, v_new, torch.tensor(start))
+    for cache, new, scale in ((kc, k_new, k_scale), (vc, v_new, v_scale)):
+        per = scale if scale.numel() > 1 else scale.expand(H)
+        want = fp8_quantize(new.transpose(1, 2), per).transpose(1, 2)
+        got = cache[:, start:start + n]
+        assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+        assert (cache.view(torch.uint8)[:, :start] == 0).all()
+        assert (cache.view(torch.uint8)[:, start + n:] == 0).all()
+
+
+def test_rows_past_the_cache_are_not_written():
+    k_new = v_new = _new(1, 4, 2, 32, torch.float16, 5)
+    caches = [quant.Q8_0(torch.zeros(1, 6, 2, 32, dtype=torch.int8),
+                         torch.zeros(1, 6, 2, 1, dtype=torch.float16)) for _ in range(2)]
+    quant_store.store_q8_0(*caches, k_new, v_new, torch.tensor([4], dtype=torch.int32))
+    want = quant.q8_0(k_new[:, :2])
+    assert torch.equal(caches[0].values[:, 4:], want.values)
+    kc = torch.zeros(1, 6, 2, 32, dtype=torch.uint8).view(FP8)
+    vc = torch.zeros_like(kc)
+    quant_store.store_fp8(kc, vc, torch.ones(1), torch.ones(1), k_new, v_new, torch.tensor([-2]))
+    assert (kc.view(torch.uint8)[:, 2:] == 0).all() and (kc.view(torch.uint8)[:, :2] != 0).any()
+
+
+@pytest.mark.parametrize("change, err, match", [
+    (dict(start=3), TypeError, "start must be a one-element int32 or int64 tensor"),
+    (dict(start=torch.tensor([1.0])), TypeError, "start must be"),
+    (dict(k_new="int"), TypeError, "k_new must be a float16, bfloat16 or float32 tensor"),
+    (dict(v_new="heads"), ValueError, r"v_new must be \[B, n, Hkv, D\]"),
+    (dict(k_scale=torch.ones(3)), ValueError, "k_scale must be a float32 \\[1\\] or \\[Hkv\\]"),
+    (dict(kc="f16"), ValueError, "k cache must be a torch.float8_e4m3fn"),
+])
+def test_fp8_errors(change, err, match):
+    new = _new(1, 2, 2, 32, torch.float16, 6)
+    kw = dict(kc=torch.zeros(1, 5, 2, 32, dtype=torch.uint8).view(FP8),
+              vc=torch.zeros(1, 5, 2, 32, dtype=torch.uint8).view(FP8), k_scale=torch.ones(1),
+              v_scale=torch.ones(2), k_new=new, v_new=new, start=torch.tensor([0]))
+    forms = {"int": new.to(torch.int32), "heads": _new(1, 2, 3, 32, torch.float16, 7),
+             "f16": torch.zeros(1, 5, 2, 32, dtype=torch.float16)}
+    kw.update({k: forms.get(v, v) if isinstance(v, str) else v for k, v in change.items()})
+    with pytest.raises(err, match=match):
+        quant_store.store_fp8(kw["kc"], kw["vc"], kw["k_scale"], kw["v_scale"], kw["k_new"],
+                              kw["v_new"], kw["start"])
+
+
+def test_q8_0_errors():
+    new = _new(1, 2, 2, 32, torch.float16, 8)
+    q = quant.q8_0(torch.zeros(1, 5, 2, 32))
+    with pytest.raises(TypeError, match="k cache must be a skattn.quant.Q8_0"):
+        quant_store.store_q8_0(q.values, q, new, new, torch.tensor([0]))
+    with pytest.raises(ValueError, match="same"):
+        quant_store.store_q8_0(q, q, new, new[:, :1], torch.tensor([0]))
+
+
+def test_fp8_rounding_of_every_value_and_tie():
+    # every e4m3 value, every midpoint between neighbours (ties to even), values just off
+    # them, subnormals, -0 and beyond +-448 (clamped), as torch rounds them
+    grid = torch.arange(256, dtype=torch.uint8).view(FP8).float()
+    grid = grid[torch.isfinite(grid)].unique()
+    mids = (grid[1:] + grid[:-1]) / 2
+    vals = torch.cat([grid, mids, mids * (1 + 2 ** -20), mids * (1 - 2 ** -20), -mids,
+                      torch.tensor([-0.0, 0.0, 500.0, -1e4, 2 ** -12, -(2 ** -10), 447.9])])
+    vals = torch.cat([vals, torch.zeros(-len(vals) % 64)])
+    new = vals.reshape(1, -1, 1, 64)
+    n = new.shape[1]
+    kc = torch.zeros(1, n, 1, 64, dtype=torch.uint8).view(FP8)
+    quant_store.store_fp8(kc, kc.clone(), torch.ones(1), torch.ones(1), new, new,
+                          torch.tensor([0]))
+    want = new.clamp(-448, 448).to(FP8)
+    assert torch.equal(kc.view(torch.uint8), want.view(torch.uint8))
+
+
+def test_store_kernels_compile_for_sm90():
+    # the GPU builds (hardware float8 conversion, correctly rounded division), compiled here
+    # for sm_90 without a GPU, in a subprocess (this session runs kernels under the
+    # interpreter): the FP8 build converts with the hardware's satfinite e4m3 instruction
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(root / "src"), str(root / "scripts"),
+                                         env.get("PYTHONPATH", "")])
+    code = (
+        "import torch, triton, resources\n"
+        "from triton.backends.compiler import GPUTarget\n"
+        "from triton.compiler import ASTSource\n"
+        "from skattn.kernels import store\n"
+        "h, f8, i8 = torch.zeros(1, dtype=torch.float16), torch.zeros(1, dtype=torch.float8_e4m3fn), torch.zeros(1, dtype=torch.int8)\n"
+        "s, st, z = torch.zeros(1), torch.zeros(1, dtype=torch.int64), 5\n"
+        "builds = [(store.store_fp8_kernel, (h, z, z, z, h, z, z, z, f8, z, z, z, f8, z, z, z, s, s, st, z, z, z),\n"
+        "           dict(DK=128, DV=128, BLOCK_DK=128, BLOCK_DV=128, K_HEAD_SCALES=1, V_HEAD_SCALES=0, INTERPRET=False)),\n"
+        "          (store.store_q8_0_kernel, (h, z, z, z, h, z, z, z, i8, z, z, z, h, z, z, z, i8, z, z, z, h, z, z, z, st, z, z, z),\n"
+        "           dict(DK=96, DV=128, BLOCK_DK=128, BLOCK_DV=128))]\n"
+        "for fn, args, kw in builds:\n"
+        "    sig, consts, attrs = resources.signature(fn, args, kw)\n"
+        "    ptx = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget('cuda', 90, 32),\n"
+        "                         options=dict(num_warps=4)).asm['ptx']\n"
+        "    print(ptx.count('cvt.rn.satfinite.e4m3x2.f32'), ptx.count('div.rn.f32'))\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    (fp8_cvt, fp8_div), (q8_cvt, q8_div) = (map(int, line.split())
+                                            for line in res.stdout.splitlines()[-2:])
+    assert fp8_cvt > 0 and fp8_div > 0 and q8_cvt == 0 and q8_div > 0, res.stdout
