@@ -11,7 +11,7 @@ tensor on the caches' device, read there, so a CUDA graph of a decode step write
 cache's length says at each replay. Rows that would fall past L are not written (no write
 outside the cache; a caller that lets its cache overflow loses those tokens).
 
-One launch writes both K and V, where torch operations take 8 (FP8) to 30 (q8_0) small
+One launch writes both K and V, where torch operations take 10 (FP8) to 42 (q8_0) small
 kernels a layer; on a CPU the kernels run under the Triton interpreter.
 """
 from __future__ import annotations

@@ -36,7 +36,7 @@ def head_scales(x: torch.Tensor) -> torch.Tensor:
 def one_launch(device, key_states: torch.Tensor, value_states: torch.Tensor) -> bool:
     """Whether a layer writes new states with `skattn.quant_store`'s one launch (eager code
     on a GPU, or under the interpreter, states contiguous in D) rather than with torch
-    operations (8-30 small kernels a layer; inside torch.compile, which fuses them)."""
+    operations (10-42 small kernels a layer; inside torch.compile, which fuses them)."""
     return (not torch.compiler.is_compiling() and (device.type == "cuda" or interpreting())
             and key_states.stride(-1) == 1 and value_states.stride(-1) == 1
             and key_states.dtype in STATE_DTYPES)

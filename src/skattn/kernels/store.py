@@ -1,7 +1,7 @@
 """Writes of new K and V rows into a quantized cache, one launch for both (`skattn.quant_store`).
 
 A decode step appends n tokens to every layer's cache. Done with torch operations, quantizing
-K and V and copying them in costs 8-30 small kernels a layer (FP8: a division, a clamp, a
+K and V and copying them in costs 10-42 small kernels a layer (FP8: a division, a clamp, a
 conversion and a copy each; q8_0: the block maxima, scales, rounding and two copies each);
 these kernels do the same arithmetic in one launch a layer, bit for bit.
 
