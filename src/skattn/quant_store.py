@@ -1,7 +1,7 @@
 """New K and V rows written into a quantized cache in one launch (`kernels/store.py`).
 
-    quant.store_fp8(k_cache, v_cache, k_scale, v_scale, k_new, v_new, start)
-    quant.store_q8_0(k_blocks, v_blocks, k_new, v_new, start)
+    quant_store.store_fp8(k_cache, v_cache, k_scale, v_scale, k_new, v_new, start)
+    quant_store.store_q8_0(k_blocks, v_blocks, k_new, v_new, start)
 
 `k_new`, `v_new` are `[B, n, Hkv, D]` (f16, bf16 or f32, any strides: a transposed view of
 transformers' `[B, Hkv, n, D]` states works as it is), written to rows `start .. start + n - 1`
