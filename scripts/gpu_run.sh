@@ -12,7 +12,8 @@
 #      `cb` (continuous-batching steps alone, tools/varlen_prefill.py; transformers'
 #      generate_batch with CUDA graphs, tokens/s; eager, tokens/s; then with graphs again,
 #      each attention launch and step shape recorded and GPU time by kernel,
-#      tools/cb_bench.py --profile --kernels), `prompt` (tools/prompt_square.py: whole prompts and
+#      tools/cb_bench.py --profile --kernels), `e2e` (skattn bench --e2e --quick: sdpa and skattn
+#      over f16, FP8 and q8_0 caches), `prompt` (tools/prompt_square.py: whole prompts and
 #      long chunks, plan variants and SDPA flash; PROMPT_CELLS overrides its cells), `pdl`
 #      (the main kernel launched by PDL against auto, same runs: decode cells on the graph
 #      timer, skattn:auto vs skattn:auto-nowait; serving mixes, auto vs auto/pdl_wait=0)
@@ -111,6 +112,8 @@ has quant && quick_bench quant python3 -m skattn.cli bench --quant --models llam
 has quant && quick_bench quant-serving python3 -m skattn.cli bench --serving --quick --no-progress \
     --providers skattn:auto,skattn-fp8:auto,skattn-q8_0:auto,skattn-q4_0:auto --time-limit 150 \
     --out "$OUT_DIR/quant-serving"
+has e2e && quick_bench e2e python3 -m skattn.cli bench --e2e --quick --no-progress \
+    --providers sdpa,skattn:auto,skattn-fp8:auto,skattn-q8_0:auto --out "$OUT_DIR/e2e"
 has prompt && quick_bench prompt env OUT="$OUT_DIR/prompt" python3 tools/prompt_square.py \
     --cells "${PROMPT_CELLS:-llama-8b:2048:2048,llama-8b:8192:8192,gpt-oss:8192:8192,qwen3-14b:8192:8192,llama-8b:512:8192,qwen3-14b:1024:32768}"
 has pdl && quick_bench pdl-decode python3 -m skattn.cli bench --n 1,4,16 \
