@@ -31,7 +31,8 @@ def test_graph_step_computes_what_the_model_computes():
     # with sdpa (a bool mask for n > 1 at a depth) it must give the same logits
     torch.manual_seed(0)
     model = e2e_model.build_model(e2e.TINY, torch.float16, "cpu")
-    cache = e2e_model.FixedDepthCache(2, 2, 16, depth=20, room=3, dtype=torch.float16, device="cpu")
+    cache = e2e_model.FixedDepthCache(2, 2, e2e.TINY["head_dim"], depth=20, room=3,
+                                      dtype=torch.float16, device="cpu")
     step = e2e_model.Step(model, cache, 3, seed=1)
     with torch.no_grad():
         mask = step.mask()

@@ -76,7 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="end to end: tokens/s of a random llama-8b-shaped transformers model, "
                              "skattn per policy vs sdpa, eager and CUDA graphs (skattn.bench.e2e); "
                              "--providers from sdpa, skattn:<policy>, skattn-fp8:<policy> (an "
-                             "FP8 KV cache)")
+                             "FP8 KV cache), skattn-q8_0:<policy> (a q8_0 KV cache)")
 
 
 def _out_dir(args) -> Path:

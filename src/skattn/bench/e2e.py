@@ -5,8 +5,9 @@ are downloaded) runs one step of `n` new tokens over a KV cache of `depth` token
 llama-bench's `-d depth` does: tokens/s = n / step time. The step leaves the cache as it
 found it (it writes its n tokens after the depth ones each time), so every repeat, and a
 CUDA graph of it, does the same work. Providers: transformers' "sdpa", skattn registered
-per policy ("skattn-llamacpp-before", ...), and skattn over an FP8 KV cache
-("skattn-fp8:<policy>", skattn.bench.e2e_fp8: 1-byte K/V with per-KV-head scales). Modes:
+per policy ("skattn-llamacpp-before", ...), and skattn over a quantized KV cache:
+"skattn-fp8:<policy>" (skattn.bench.e2e_fp8: 1-byte K/V with per-KV-head scales) and
+"skattn-q8_0:<policy>" (skattn.bench.e2e_q8_0: llama.cpp's q8_0 blocks). Modes:
 "eager" calls the model as transformers users do (the mask built each step); "graph" replays
 a CUDA graph of the same step (the model's layers, embedding, norm and LM head, the mask
 built once before capture).
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib
 import json
 import math
 import os
@@ -26,13 +28,14 @@ from pathlib import Path
 
 import torch
 
-from skattn.bench.e2e_model import (FP8, FixedDepthCache, Step, build_model, implementation,
-                                     reference, rel_err)
+from skattn.bench.e2e_model import (FP8, Q8_0, FixedDepthCache, Step, build_model,
+                                     implementation, reference, rel_err)
 
 NS = (1, 2, 4, 8, 16, 512)
 DEPTHS = (8192, 16384, 32768)
 QUICK_NS, QUICK_DEPTHS = (1, 16, 512), (16384,)
-PROVIDERS = ("sdpa", "skattn:llamacpp-before", "skattn:llamacpp", "skattn:auto", "skattn-fp8:auto")
+PROVIDERS = ("sdpa", "skattn:llamacpp-before", "skattn:llamacpp", "skattn:auto", "skattn-fp8:auto",
+             "skattn-q8_0:auto")
 MODES = ("eager", "graph")
 # llama-3.1-8b's shape (the seed grid's llama-8b attention: 32/8 heads, head size 128)
 LLAMA_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
@@ -42,9 +45,13 @@ COLUMNS = ("provider", "policy", "mode", "model", "layers", "dtype", "n", "depth
            "err", "tol", "p20_ms", "p50_ms", "p80_ms", "tokens_per_s", "reps", "gpu", "sms",
            "torch", "triton", "transformers", "commit", "timestamp")
 # relative error of the last token's logits vs SDPA's above which a row is marked wrong
-# (a random 32-layer model in f16: rounding alone stays far below it); FP8 rows add the
-# effect of e4m3 rounding of K/V, measured per cell (skattn.bench.e2e_fp8.FP8Depth.bound)
+# (a random 32-layer model in f16: rounding alone stays far below it); quantized rows add the
+# effect of their rounding of K/V, measured per cell (skattn.bench.e2e_quant.QuantizedDepth.bound)
 WRONG_ABOVE = 0.1
+# the quantized K/V provider kinds: their caches at one depth (a QuantizedDepth subclass),
+# as (module, class), imported when a run has the kind (they need transformers)
+QUANTIZED_DEPTHS = {FP8: ("skattn.bench.e2e_fp8", "FP8Depth"),
+                    Q8_0: ("skattn.bench.e2e_q8_0", "Q8_0Depth")}
 
 
 @dataclass(frozen=True)
@@ -221,7 +228,11 @@ def run_e2e(opts: E2EOptions, *, out_dir, tag: str, device=None) -> tuple[Path, 
     start = time.monotonic()
     prov = _provenance(device)
     names = {p: implementation(p) for p in opts.providers}
-    fp8_names = [names[p] for p in opts.providers if p.startswith(FP8 + ":")]
+    quantized_names = {}  # kind -> its first provider's implementation (set to make its caches)
+    for p in opts.providers:
+        kind = p.partition(":")[0]
+        if kind in QUANTIZED_DEPTHS:
+            quantized_names.setdefault(kind, names[p])
     torch.manual_seed(opts.seed)
     model = build_model(opts.shape, dtype, device)
     meta = {**prov, "options": asdict(opts), "cuda": torch.version.cuda, "csv": csv_path.name,
@@ -243,30 +254,28 @@ def run_e2e(opts: E2EOptions, *, out_dir, tag: str, device=None) -> tuple[Path, 
             cache = FixedDepthCache(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim,
                                     depth, max(opts.ns), dtype=dtype, device=device,
                                     seed=opts.seed + depth)
-            fp8 = None
-            if fp8_names:
-                from skattn.bench.e2e_fp8 import FP8Depth
-
-                fp8 = FP8Depth(model, cache, fp8_names[0])
+            # kind -> its caches at this depth; its step and bound per n where they were made
+            quantized = {kind: depth_class(kind)(model, cache, name)
+                         for kind, name in quantized_names.items()}
             for n in opts.ns:
                 step = Step(model, cache, n, opts.seed + n)
                 ref = reference(model, step)
-                fp8_step = fp8_bound = None
-                if fp8 is not None and fp8.error is None:
-                    fp8_step = fp8.step(model, n, opts.seed + n)
-                    fp8_bound = fp8.bound(model, n, opts.seed + n, ref)
+                steps = {kind: q.step(model, n, opts.seed + n)
+                         for kind, q in quantized.items() if q.error is None}
+                bounds = {kind: quantized[kind].bound(model, n, opts.seed + n, ref)
+                          for kind in steps}
                 for provider in opts.providers:
                     model.set_attn_implementation(names[provider])
                     kind, _, policy = provider.partition(":")
                     for mode in opts.modes:
                         if bar is not None:
                             bar.set_description(f"n={n} L={depth} {provider} {mode}")
-                        if kind != FP8:
+                        if kind not in quantized:
                             row = _measure(step, mode, opts, cuda, ref)
-                        elif fp8.error is None:
-                            row = _measure(fp8_step, mode, opts, cuda, ref, fp8_bound)
+                        elif kind in steps:
+                            row = _measure(steps[kind], mode, opts, cuda, ref, bounds[kind])
                         else:
-                            row = {"status": fp8.error}
+                            row = {"status": quantized[kind].error}
                         row.update(provider=kind, policy=policy, mode=mode, model=opts.model,
                                    layers=cfg.num_hidden_layers, dtype=opts.dtype, n=n,
                                    depth=depth, timestamp=datetime.now(timezone.utc).isoformat(
@@ -276,8 +285,8 @@ def run_e2e(opts: E2EOptions, *, out_dir, tag: str, device=None) -> tuple[Path, 
                         rows.append(row)
                         if bar is not None:
                             bar.update()
-                del step, fp8_step
-            del cache, fp8
+                del step, steps
+            del cache, quantized
             if cuda:
                 torch.cuda.empty_cache()
     if bar is not None:
@@ -285,6 +294,12 @@ def run_e2e(opts: E2EOptions, *, out_dir, tag: str, device=None) -> tuple[Path, 
     meta.update(elapsed_s=round(time.monotonic() - start, 1), rows=len(rows))
     json_path.write_text(json.dumps(meta, indent=1) + "\n")
     return csv_path, json_path, rows
+
+
+def depth_class(kind: str):
+    """The QuantizedDepth subclass of a quantized provider kind (`QUANTIZED_DEPTHS`)."""
+    module, name = QUANTIZED_DEPTHS[kind]
+    return getattr(importlib.import_module(module), name)
 
 
 def _ints(text, default):
@@ -340,9 +355,10 @@ def run(args: argparse.Namespace, **extra) -> int:
     return 0
 
 
-# a model small enough for the Triton interpreter on a CPU (the harness, not a speed)
+# a model small enough for the Triton interpreter on a CPU (the harness, not a speed); heads
+# of 32, the smallest a q8_0 cache holds (one block a head)
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512)
+            num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=512)
 
 
 def main(argv: list[str] | None = None) -> int:

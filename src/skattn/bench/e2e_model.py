@@ -6,6 +6,9 @@ from __future__ import annotations
 import torch
 
 FP8 = "skattn-fp8"  # the provider kind whose model runs over an FP8 KV cache
+Q8_0 = "skattn-q8_0"  # the provider kind whose model runs over a q8_0 KV cache
+# the quantized K/V kinds and the words their errors use for the form
+QUANTIZED = {FP8: "FP8", Q8_0: "q8_0"}
 
 
 class FixedDepthCache:
@@ -55,15 +58,18 @@ def build_model(shape: dict, dtype, device):
 
 
 def implementation(provider: str) -> str:
-    """The attn_implementation name of a provider ("sdpa", "skattn:<policy>" or
-    "skattn-fp8:<policy>"), registering skattn's under "skattn-<policy>" (the FP8 provider
-    differs by its cache, not by its attention function)."""
+    """The attn_implementation name of a provider ("sdpa", "skattn:<policy>",
+    "skattn-fp8:<policy>" or "skattn-q8_0:<policy>"), registering skattn's under
+    "skattn-<policy>" (the quantized providers differ by their cache, not by their attention
+    function)."""
     if provider == "sdpa":
         return "sdpa"
     kind, _, policy = provider.partition(":")
-    if kind not in ("skattn", FP8) or not policy:
-        hint = "; FP8 K/V are read by skattn only" if "fp8" in kind.lower() else ""
-        raise ValueError(f"e2e providers are sdpa, skattn:<policy> or {FP8}:<policy>, "
+    if kind not in ("skattn", *QUANTIZED) or not policy:
+        forms = [form for form in QUANTIZED.values() if form.lower() in kind.lower()]
+        hint = f"; {forms[0]} K/V are read by skattn only" if forms else ""
+        *kinds, last = ["sdpa", "skattn:<policy>"] + [f"{k}:<policy>" for k in QUANTIZED]
+        raise ValueError(f"e2e providers are {', '.join(kinds)} or {last}, "
                          f"got {provider!r}{hint}")
     from skattn.transformers import register
 

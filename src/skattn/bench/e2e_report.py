@@ -1,12 +1,39 @@
 """Tables and a plot from `skattn bench --e2e` CSVs: tokens/s per cell, skattn vs SDPA."""
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from skattn.bench.records import (have_matplotlib, merge_rows, not_timed, ok_number,
                                   provenance_text, report_files, write_markdown)
 from skattn.policy import POLICY_ALIASES
 
 SKATTN_POLICIES = ("llamacpp-before", "llamacpp", "auto")
 FP8 = "skattn-fp8"  # rows of skattn over an FP8 KV cache (skattn.bench.e2e_fp8)
+Q8_0 = "skattn-q8_0"  # rows of skattn over a q8_0 KV cache (skattn.bench.e2e_q8_0)
+
+
+class Quantized(NamedTuple):
+    """How the report names a quantized provider kind's rows."""
+
+    plot: str  # the plot's label prefix
+    rounding: str  # the rounding whose effect the rows' bound adds
+    cache: str  # what the rows run over, after "skattn over " in the report's note
+
+
+# the quantized providers' kinds, in the report's order
+QUANTIZED = {
+    FP8: Quantized(
+        "fp8 K/V", "e4m3",
+        "an FP8 KV cache (`skattn.transformers.FP8Cache`'s layers at a fixed depth, "
+        "float8_e4m3fn with per-KV-head scales amax / 448 of the depth tokens): each step reads "
+        "1-byte K/V, half the K/V bytes of the other rows"),
+    Q8_0: Quantized(
+        "q8_0 K/V", "q8_0",
+        "a q8_0 KV cache (`skattn.transformers.Q8_0Cache`'s layers at a fixed depth, llama.cpp's "
+        "q8_0 blocks: int8 values with one f16 scale, amax / 127, per 32 values of each token's "
+        "K or V head): each step reads 1.0625 bytes a K/V value, 0.53x the K/V bytes of the "
+        "other rows"),
+}
 
 
 def read_rows(csv_paths) -> list[dict]:
@@ -32,11 +59,15 @@ def _label(row: dict) -> str:
     return f"{row['provider']}:{row['policy']}" if row["policy"] else row["provider"]
 
 
-def fp8_labels(rows) -> list[str]:
-    """The FP8 providers in `rows` ("skattn-fp8:<policy>"), in the policies' order."""
-    policies = {r["policy"] for r in rows if r["provider"] == FP8}
-    order = [p for p in SKATTN_POLICIES if p in policies] + sorted(policies - set(SKATTN_POLICIES))
-    return [f"{FP8}:{p}" for p in order]
+def quantized_labels(rows, kind: str | None = None) -> list[str]:
+    """The quantized providers in `rows` ("skattn-fp8:<policy>", "skattn-q8_0:<policy>"), or
+    those of one `kind`: kind by kind in `QUANTIZED`'s order, each in the policies' order."""
+    labels = []
+    for k in ([kind] if kind else QUANTIZED):
+        policies = {r["policy"] for r in rows if r["provider"] == k}
+        order = [p for p in SKATTN_POLICIES if p in policies]
+        labels += [f"{k}:{p}" for p in order + sorted(policies - set(SKATTN_POLICIES))]
+    return labels
 
 
 def _index(rows):
@@ -67,13 +98,14 @@ def _x(value: float | None) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    """Markdown: per (mode, n, depth) tokens/s of SDPA, each skattn policy and each FP8
-    provider, with the speed-ups of llamacpp over llamacpp-before (the seed's experiment),
-    of auto and of each FP8 provider over SDPA, and of the best f16 skattn policy over SDPA."""
-    idx, fp8 = _index(rows), fp8_labels(rows)
-    labels = ["sdpa"] + [f"skattn:{p}" for p in SKATTN_POLICIES] + fp8
+    """Markdown: per (mode, n, depth) tokens/s of SDPA, each skattn policy and each quantized
+    (FP8, q8_0) provider, with the speed-ups of llamacpp over llamacpp-before (the seed's
+    experiment), of auto and of each quantized provider over SDPA, and of the best f16 skattn
+    policy over SDPA."""
+    idx, quantized = _index(rows), quantized_labels(rows)
+    labels = ["sdpa"] + [f"skattn:{p}" for p in SKATTN_POLICIES] + quantized
     head = ["mode", "n", "depth", "sdpa tok/s"] + [f"{p} tok/s" for p in SKATTN_POLICIES]
-    names = [lab.replace(":", " ") for lab in fp8]
+    names = [lab.replace(":", " ") for lab in quantized]
     head += [f"{name} tok/s" for name in names]
     head += ["llamacpp vs before", "auto vs sdpa"] + [f"{name} vs sdpa" for name in names]
     head += ["best skattn vs sdpa"]
@@ -87,7 +119,7 @@ def table(rows: list[dict]) -> str:
             [mode, str(n), str(depth)] + entries
             + [_x(ratio(idx, cell, "skattn:llamacpp", "skattn:llamacpp-before")),
                _x(ratio(idx, cell, "skattn:auto", "sdpa"))]
-            + [_x(ratio(idx, cell, lab, "sdpa")) for lab in fp8] + [_x(best)]) + " |")
+            + [_x(ratio(idx, cell, lab, "sdpa")) for lab in quantized] + [_x(best)]) + " |")
     return "\n".join(lines)
 
 
@@ -104,7 +136,7 @@ def plot(rows: list[dict], path) -> None:
     import matplotlib.pyplot as plt
 
     idx, cells = _index(rows), _cells(rows)
-    labels = [f"skattn:{p}" for p in SKATTN_POLICIES] + fp8_labels(rows)
+    labels = [f"skattn:{p}" for p in SKATTN_POLICIES] + quantized_labels(rows)
     modes = list(dict.fromkeys(c[0] for c in cells))
     fig, axes = plt.subplots(len(modes), 1, squeeze=False,
                              figsize=(max(8.0, 0.5 * len(cells) / max(1, len(modes)) + 3), 3.0 * len(modes) + 0.6))
@@ -115,7 +147,9 @@ def plot(rows: list[dict], path) -> None:
         mc = [c for c in cells if c[0] == mode]
         for i, label in enumerate(labels):
             ys = [ratio(idx, c, label, "sdpa") or 0.0 for c in mc]
-            name = label.removeprefix("skattn:").replace(f"{FP8}:", "fp8 K/V ")
+            name = label.removeprefix("skattn:")
+            for kind, q in QUANTIZED.items():
+                name = name.replace(f"{kind}:", f"{q.plot} ")
             xs = [j - 0.4 + (i + 0.5) * width for j in range(len(mc))]
             ax.bar(xs, ys, width=width, label=name)
         ax.axhline(1.0, color="black", linewidth=0.8)
@@ -145,14 +179,13 @@ def e2e_report(csv_paths, out_dir=None, stem: str | None = None, plots: bool = T
           "it passes a materialised bool mask (so PyTorch runs its memory-efficient kernel, "
           "with K/V repeated per query head), for n = 1 no mask. skattn runs bottom-right causal "
           "with no mask, under each planner policy."]
-    if fp8_labels(rows):
-        md += ["", f"{FP8}:<policy> rows: skattn over an FP8 KV cache (`skattn.transformers."
-               "FP8Cache`'s layers at a fixed depth, float8_e4m3fn with per-KV-head scales "
-               "amax / 448 of the depth tokens): each step reads 1-byte K/V, half the K/V bytes "
-               "of the other rows. They are compared with f16 sdpa (2-byte K/V, not rounded): "
-               "the bound (the CSV's `tol`) is the f16 rows' 0.1 plus the relative error that "
-               "e4m3 rounding of K/V alone causes in sdpa's logits on that cell; `best skattn` "
-               "is over the f16 policies."]
+    for kind, q in QUANTIZED.items():
+        if quantized_labels(rows, kind):
+            md += ["", f"{kind}:<policy> rows: skattn over {q.cache}. They are compared with "
+                   "f16 sdpa (2-byte K/V, not rounded): the bound (the CSV's `tol`) is the f16 "
+                   f"rows' 0.1 plus the relative error that {q.rounding} rounding of K/V alone "
+                   "causes in sdpa's logits on that cell; `best skattn` is over the f16 "
+                   "policies."]
     md += ["", table(rows)]
     if plots and not have_matplotlib():
         plots = False
