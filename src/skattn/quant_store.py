@@ -108,4 +108,5 @@ def store_q8_0(k_blocks, v_blocks, k_new, v_new, start) -> None:
         vv, *vv.stride()[:3], v_blocks.scales, *v_blocks.scales.stride()[:3], start, n, heads,
         kv.shape[1],
         DK=kv.shape[3], DV=vv.shape[3], BLOCK_DK=triton.next_power_of_2(kv.shape[3]),
-        BLOCK_DV=triton.next_power_of_2(vv.shape[3]))
+        BLOCK_DV=triton.next_power_of_2(vv.shape[3]),
+        enable_fp_fusion=False)  # x * (1 / d) + 0.5 rounded twice, as torch does, not one FMA
