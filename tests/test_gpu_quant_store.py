@@ -76,3 +76,11 @@ def test_graph_replay_follows_the_length_on_the_device():
             assert torch.equal(cache.values[:, t:t + 1], want.values)
             assert torch.equal(cache.scales[:, t:t + 1], want.scales)
     assert not caches[0].values[:, 5:].any()
+
+
+def test_q8_0_on_the_gpu_is_the_cpu_bits():
+    # quant.q8_0 on a GPU gives the CPU's (llama.cpp's) bits: d = amax / 127 as a division
+    # (torch's CUDA division by a Python number multiplies by a rounded reciprocal instead)
+    x = _states(4, 64, 8, 128, torch.float16, 3)
+    gpu, cpu = quant.q8_0(x), quant.q8_0(x.cpu())
+    assert torch.equal(gpu.scales.cpu(), cpu.scales) and torch.equal(gpu.values.cpu(), cpu.values)

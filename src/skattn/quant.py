@@ -91,7 +91,10 @@ def q8_0(x: torch.Tensor) -> Q8_0:
         Contiguous values and scales on x's device.
     """
     def pack(b):
-        d = b.abs().amax(dim=-1) / 127.0
+        amax = b.abs().amax(dim=-1)
+        # a divisor tensor on amax's device: torch's CUDA division by a Python number
+        # multiplies by its rounded reciprocal, which rounds some d differently from C's amax / 127
+        d = amax / torch.full_like(amax, 127.0)
         y = b * inverse_scale(d)[..., None]
         q = torch.sign(y) * torch.floor(y.abs() + 0.5)  # C's roundf
         return q.to(torch.int8).flatten(-2).contiguous(), d.to(torch.float16).contiguous()
