@@ -195,3 +195,24 @@ def test_compile_fullgraph_q8_0_cache():
     got = compiled(q, kc, vc, 30)
     assert torch.equal(got, step(q, kc, vc, 30))
     check(got / 2, q, kc[:, :30], vc[:, :30])
+
+
+def test_scales_that_want_a_gradient_are_refused():
+    # fp8 scales and a block form's scales are inputs too: with grad on, one that requires
+    # grad is refused before any launch (skattn.attention and the op alike); with grad off
+    # the call runs
+    from skattn import quant
+
+    g = torch.Generator().manual_seed(11)
+    q = torch.randn(1, 2, 4, 32, generator=g).half()
+    k, v = torch.randn(2, 1, 20, 2, 32, generator=g)
+    (k8, ks), (v8, vs) = quant.fp8(k), quant.fp8(v)
+    for call in (skattn.attention, skattn.ops.attention):
+        with pytest.raises(ValueError, match="k_scale requires grad"):
+            call(q, k8, v8, causal=True, k_scale=ks.clone().requires_grad_(), v_scale=vs)
+        with torch.no_grad():
+            call(q, k8, v8, causal=True, k_scale=ks.clone().requires_grad_(), v_scale=vs)
+    kq, vq = quant.q8_0(k), quant.q8_0(v)
+    wanting = quant.Q8_0(vq.values, vq.scales.clone().requires_grad_())
+    with pytest.raises(ValueError, match="v.scales requires grad"):
+        skattn.attention(q, kq, wanting, causal=True)

@@ -34,7 +34,7 @@ def test_block_packers_in_slices_give_the_same_bits(monkeypatch, form):
     assert torch.equal(whole.values, sliced.values) and torch.equal(whole.scales, sliced.scales)
     assert sliced.values.is_contiguous() and sliced.scales.is_contiguous()
     deq_whole = whole.dequantize(torch.float32)
-    monkeypatch.setattr(quant_block, "SLICE_VALUES", 50)
+    monkeypatch.setattr(quant_block, "SLICE_VALUES", 50)  # (q4_0 unpacks its nibbles per slice)
     assert torch.equal(whole.dequantize(torch.float32), deq_whole)
 
 

@@ -72,7 +72,9 @@ def test_rows_past_the_cache_are_not_written():
     (dict(start=torch.tensor([1.0])), TypeError, "start must be"),
     (dict(k_new="int"), TypeError, "k_new must be a float16, bfloat16 or float32 tensor"),
     (dict(v_new="heads"), ValueError, r"v_new must be \[B, n, Hkv, D\]"),
-    (dict(k_scale=torch.ones(3)), ValueError, "k_scale must be a float32 \\[1\\] or \\[Hkv\\]"),
+    (dict(k_scale=torch.ones(3)), ValueError, r"k_scale must have shape \[\], \[1\] or \[2\]"),
+    (dict(k_scale=torch.ones(2, 2)[:, 0]), ValueError, "k_scale must be contiguous"),
+    (dict(v_scale=0.5), TypeError, "v_scale must be a float32 tensor"),
     (dict(kc="f16"), ValueError, "k cache must be a torch.float8_e4m3fn"),
 ])
 def test_fp8_errors(change, err, match):
@@ -154,3 +156,36 @@ def test_store_kernels_compile_for_sm90():
     # q8_0's x * (1 / d) + 0.5 as two roundings (torch's), not fused into one FMA, which
     # rounds some values the other way (seen on an H200)
     assert q8_fma == 0, res.stdout
+
+
+def test_nan_and_infinities_as_torch_writes_them():
+    # FP8: NaN stays NaN (its sign kept), infinities saturate; q8_0: a block with a NaN gets
+    # a NaN scale and values 0, as quant.q8_0 gives
+    x = torch.randn(1, 2, 1, 64)
+    x[0, 0, 0, :4] = torch.tensor([float("nan"), -float("nan"), float("inf"), -float("inf")])
+    x[0, 1, 0, 40] = float("nan")
+    kc = torch.zeros(1, 2, 1, 64, dtype=torch.uint8).view(FP8)
+    quant_store.store_fp8(kc, kc.clone(), torch.ones(1), torch.ones(1), x, x, torch.tensor([0]))
+    want = x.clamp(-448, 448).to(FP8)
+    assert torch.equal(kc.view(torch.uint8), want.view(torch.uint8))
+    caches = [quant.q8_0(torch.zeros(1, 2, 1, 64)) for _ in range(2)]
+    quant_store.store_q8_0(*caches, x, x, torch.tensor([0]))
+    want = quant.q8_0(x)
+    assert torch.equal(caches[0].values, want.values)
+    assert torch.equal(caches[0].scales.isnan(), want.scales.isnan())
+    assert torch.equal(caches[0].scales.nan_to_num(), want.scales.nan_to_num())
+
+
+def test_fp8_store_asks_for_sm89(monkeypatch):
+    # store_fp8 applies the kernels' capability rule (skattn's error, not a Triton compile
+    # error below sm_89): the rule on a pretend sm_80, and store_fp8 calling it
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    with pytest.raises(ValueError, match="compute capability 8.9"):
+        quant.fp8_capability(torch.device("cuda", 0))
+    seen = []
+    monkeypatch.setattr(quant, "fp8_capability", seen.append)
+    new = _new(1, 1, 2, 32, torch.float16, 9)
+    kc = torch.zeros(1, 3, 2, 32, dtype=torch.uint8).view(FP8)
+    quant_store.store_fp8(kc, kc.clone(), torch.ones(1), torch.ones(1), new, new,
+                          torch.tensor([0]))
+    assert seen == [kc.device]

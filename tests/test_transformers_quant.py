@@ -134,8 +134,12 @@ def test_layer_scales_quantize_and_saturate(monkeypatch, one):
     assert torch.equal(layer.k_scale, want) and int(layer.cumulative_length) == 5
     assert torch.equal(keys[:, :, 4].float(), torch.full((1, 3, 16), 448.0))
     assert len(calls) == (2 if one else 0)
+    with pytest.raises(ValueError, match="9 tokens in a cache layer of max_cache_len 8"):
+        layer.update(torch.zeros(1, 3, 4, 16).half(), torch.zeros(1, 3, 4, 16).half())
+    assert int(layer.cumulative_length) == 5  # refused before any write
     layer.reset()
     assert not layer.scales_set and int(layer.cumulative_length) == 0
+    layer.update(torch.zeros(1, 3, 8, 16).half(), torch.zeros(1, 3, 8, 16).half())  # room again
 
 
 def test_logits_match_float64_reference_on_the_same_fp8_cache(monkeypatch):
@@ -252,6 +256,8 @@ def test_q8_0_layer_writes_blocks_per_token(monkeypatch, one):
     got = skattn.quant.Q8_0(keys.transpose(1, 2), keys.skattn_scale.transpose(1, 2))
     assert torch.equal(got.dequantize()[:, 3], big[:, :, 0].float().half())
     assert len(calls) == (2 if one else 0)
+    with pytest.raises(ValueError, match="9 tokens in a cache layer of max_cache_len 8"):
+        layer.update(torch.zeros(1, 2, 5, 32).half(), torch.zeros(1, 2, 5, 32).half())
     layer.reset()
     assert int(layer.cumulative_length) == 0 and (keys == 0).all()
     with pytest.raises(ValueError, match="multiples of 32"):

@@ -95,6 +95,8 @@ def attention_args(q, k, v, *, scale=None, causal=False, window=None, mask=None,
     if k_scale is not None or v_scale is not None or _byte_kv(k) or _byte_kv(v):
         # quantized K/V: their own rules, then the generic ones on the tensors the kernel reads
         kv_name = quant.check_kv(q, k, v, k_scale, v_scale, kernel=kernel)
+        if kernel:
+            scales_without_grad(k, v, k_scale, v_scale)
         if kv_name is not None:
             kv_shapes = k.shape, v.shape
             k, v = quant.kernel_data(k), quant.kernel_data(v)
@@ -182,6 +184,19 @@ def kernel_tensors(tensors, device) -> None:
     if device.type == "cpu" and not interpreting():
         raise ValueError("CPU tensors need TRITON_INTERPRET=1 (the Triton interpreter); "
                          "move the tensors to a CUDA device")
+
+
+def scales_without_grad(k, v, k_scale, v_scale) -> None:
+    """Quantized K/V's scales (fp8 `k_scale`, `v_scale`; a block form's `scales`) do not
+    require grad while grad mode is on, as `kernel_tensors` asks of the other inputs."""
+    if not torch.is_grad_enabled():
+        return
+    for name, x in (("k_scale", k_scale), ("v_scale", v_scale),
+                    ("k.scales", getattr(k, "scales", None)),
+                    ("v.scales", getattr(v, "scales", None))):
+        if isinstance(x, torch.Tensor) and x.requires_grad:
+            raise ValueError(f"{name} requires grad: skattn's kernels are forward-only; call "
+                             f"under torch.no_grad() or detach the inputs")
 
 
 def check_out(out, want: tuple, q) -> None:

@@ -115,7 +115,7 @@ def fp8(x: torch.Tensor, *, per_head: bool = False) -> tuple[torch.Tensor, torch
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() != 4:
         raise TypeError("fp8 quantizes a floating [B, Lk, Hkv, D] tensor")
     # both passes a bounded slice at a time (`in_slices`): amax, then the values
-    amax = torch.zeros(x.shape[2] if per_head else 1, device=x.device)
+    amax = torch.zeros(x.shape[2] if per_head else 1, device=x.device, dtype=torch.float32)
     for idx in slices(x):
         part = x[idx].float().abs()
         heads = idx[2] if per_head and len(idx) > 2 else slice(None)  # a slice may cut heads
@@ -141,6 +141,16 @@ def kv_format(k) -> str:
     if isinstance(k, BLOCK_FORMS):
         return k.format
     return str(k.dtype).removeprefix("torch.")
+
+
+def fp8_capability(device) -> None:
+    """float8_e4m3fn on `device` for the kernels: a CUDA GPU of compute capability 8.9 or
+    newer (the CPU's interpreter reads it too)."""
+    if device.type == "cuda":
+        cap = torch.cuda.get_device_capability(device)
+        if cap < FP8_MIN_CAPABILITY:
+            raise ValueError(f"float8_e4m3fn K/V need a GPU of compute capability 8.9 or newer "
+                             f"(Ada, Hopper); {device} is {cap[0]}.{cap[1]}: use skattn.quant.q8_0")
 
 
 def _scale(name: str, s, kv_heads: int, device) -> None:
@@ -211,11 +221,8 @@ def check_kv(q, k, v, k_scale, v_scale, *, kernel: bool) -> str | None:
                 raise ValueError(f"{name} must be None with {k.format} K/V (their block "
                                  f"scales are inside the {type(k).__name__})")
         return k.format
-    if kernel and device.type == "cuda":
-        cap = torch.cuda.get_device_capability(device)
-        if cap < FP8_MIN_CAPABILITY:
-            raise ValueError(f"float8_e4m3fn K/V need a GPU of compute capability 8.9 or newer "
-                             f"(Ada, Hopper); {device} is {cap[0]}.{cap[1]}: use skattn.quant.q8_0")
+    if kernel:
+        fp8_capability(device)
     for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
         _scale(name, s, k.shape[2], device)
     return "float8_e4m3fn"

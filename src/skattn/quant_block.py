@@ -172,13 +172,15 @@ def inverse_scale(d: torch.Tensor) -> torch.Tensor:
 
 
 def scaled_blocks(values: torch.Tensor, scales: torch.Tensor, block: int,
-                  dtype=torch.float16) -> torch.Tensor:
+                  dtype=torch.float16, decode=None) -> torch.Tensor:
     """Integer `values` [..., D] times their block's scale ([..., D / block]), as `dtype`:
     computed in float32 (float64 for it), where small integers times f16 are exact, so
     one rounding to `dtype`."""
     work = torch.float64 if dtype == torch.float64 else torch.float32
 
     def scaled(values, scales):
+        if decode is not None:  # packed values to integers, a slice at a time
+            values = decode(values)
         x = values.to(work).unflatten(-1, (-1, block))
         return (x * scales.to(work)[..., None]).flatten(-2).to(dtype)
     return in_slices(scaled, values, scales)

@@ -55,13 +55,18 @@ class Q4_0(BlockCache):
     # -- conversions
     def nibbles(self) -> torch.Tensor:
         """The 4-bit codes in [0, 15] as uint8 `[..., D]`, in value order."""
-        b = self.values.unflatten(-1, (-1, PACKED))
-        return torch.cat([b & 15, b >> 4], dim=-1).flatten(-2)
+        return _nibbles(self.values)
 
     def dequantize(self, dtype=torch.float16) -> torch.Tensor:
         """`(nibble - 8) * d` per block, as `dtype` (computed in float32, or float64 for it):
         exact in float32, one rounding to `dtype`."""
-        return scaled_blocks(self.nibbles().to(torch.int8) - 8, self.scales, QK4_0, dtype)
+        return scaled_blocks(self.values, self.scales, QK4_0, dtype,
+                             decode=lambda packed: _nibbles(packed).to(torch.int8) - 8)
+
+
+def _nibbles(values: torch.Tensor) -> torch.Tensor:
+    b = values.unflatten(-1, (-1, PACKED))
+    return torch.cat([b & 15, b >> 4], dim=-1).flatten(-2)
 
 
 def q4_0(x: torch.Tensor) -> Q4_0:

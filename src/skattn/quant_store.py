@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 import triton
 
+from skattn import quant
 from skattn.device import interpreting
 from skattn.kernels.store import store_fp8_kernel, store_q8_0_kernel
 
@@ -68,10 +69,10 @@ def store_fp8(k_cache, v_cache, k_scale, v_scale, k_new, v_new, start) -> None:
     for name, cache, new, scale in (("k", k_cache, k_new, k_scale),
                                     ("v", v_cache, v_new, v_scale)):
         _check(name, cache, new, start, torch.float8_e4m3fn)
-        if (not isinstance(scale, torch.Tensor) or scale.dtype != torch.float32
-                or scale.numel() not in (1, cache.shape[2]) or scale.device != cache.device):
-            raise ValueError(f"{name}_scale must be a float32 [1] or [Hkv] tensor on the "
-                             f"cache's device, got {scale!r}")
+        if not isinstance(scale, torch.Tensor):  # (a float would cost a copy to the device)
+            raise TypeError(f"{name}_scale must be a float32 tensor, got {type(scale).__name__}")
+        quant._scale(f"{name}_scale", scale, cache.shape[2], cache.device)
+    quant.fp8_capability(k_cache.device)
     programs, n, heads = _rows(k_cache, v_cache, k_new, v_new)
     if programs == 0:
         return

@@ -10,7 +10,7 @@ import torch
 
 from skattn import quant
 from skattn.checks import (KV_DTYPES, Q_DTYPES, _byte_kv, _tensor, check_out, kernel_tensors,
-                           options, per_head)
+                           options, per_head, scales_without_grad)
 
 
 def _int32(name: str, x, shape: tuple, device) -> None:
@@ -132,6 +132,7 @@ def kvcache_args(q, k_cache, v_cache, *, cache_seqlens, block_table, scale, caus
         kernel_tensors((("q", q), ("k_cache", quant.kernel_data(k_cache)),
                        ("v_cache", quant.kernel_data(v_cache)), ("sinks", sinks),
                        ("alibi_slopes", alibi_slopes)), q.device)
+        scales_without_grad(k_cache, v_cache, k_scale, v_scale)
         if lq * abs(q.stride(1)) >= 2**31:
             raise ValueError("q: one sequence's rows span 2**31 elements or more")
         check_out(out, (batch, lq, hq, dv), q)
@@ -166,6 +167,7 @@ def varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
         kd, vd = quant.kernel_data(k), quant.kernel_data(v)
         kernel_tensors((("q", q), ("k", kd), ("v", vd), ("sinks", sinks),
                        ("alibi_slopes", alibi_slopes)), q.device)
+        scales_without_grad(k, v, k_scale, v_scale)
         for name, x, n in (("q", q, max_seqlen_q), ("k", kd, max_seqlen_k), ("v", vd, max_seqlen_k)):
             if not (x is not q and paged) and n * abs(x.stride(0)) >= 2**31:
                 raise ValueError(f"{name}: one sequence's rows may span 2**31 elements or more")

@@ -42,6 +42,21 @@ def one_launch(device, key_states: torch.Tensor, value_states: torch.Tensor) -> 
             and key_states.dtype in STATE_DTYPES)
 
 
+def count_tokens(layer, n: int) -> None:
+    """Count the n tokens an eager update writes into `layer` on the host (no device read),
+    and refuse them where they would not fit: `quant_store` does not write rows past the
+    cache, and torch's indexed copy fails on the device. A CUDA graph's replays and compiled
+    code are not counted (their host code does not run per step)."""
+    if torch.compiler.is_compiling():
+        return
+    written = getattr(layer, "host_tokens", 0) + n
+    if written > layer.max_cache_len:
+        raise ValueError(f"{written} tokens in a cache layer of max_cache_len "
+                         f"{layer.max_cache_len}: make the cache with room for the prompt and "
+                         f"every generated token")
+    layer.host_tokens = written
+
+
 def quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """`[B, Hkv, L, D]` -> float8_e4m3fn with `scale` [Hkv], rounded to nearest, saturated at ±448."""
     return (x.float() / scale[None, :, None, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
@@ -84,6 +99,7 @@ class FP8Layer(StaticLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         n = key_states.shape[-2]
+        count_tokens(self, n)
         if not self.scales_set and n > 0:
             self.k_scale.copy_(head_scales(key_states))
             self.v_scale.copy_(head_scales(value_states))
@@ -110,6 +126,7 @@ class FP8Layer(StaticLayer):
             self.k_scale.fill_(1.0)
             self.v_scale.fill_(1.0)
         self.cumulative_length.zero_()
+        self.host_tokens = 0
         self.scales_set = False
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:

@@ -19,7 +19,7 @@ import torch
 from transformers.cache_utils import StaticLayer
 
 from skattn import quant, quant_store
-from skattn.transformers_fp8 import SCALE_ATTR, QuantizedCache, one_launch
+from skattn.transformers_fp8 import SCALE_ATTR, QuantizedCache, count_tokens, one_launch
 
 BLOCKS_ATTR = "skattn_blocks"  # the attribute of the value views that holds their Q8_0
 
@@ -69,6 +69,7 @@ class Q8_0Layer(StaticLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         n = key_states.shape[-2]
+        count_tokens(self, n)
         if one_launch(self.device, key_states, value_states):
             quant_store.store_q8_0(*self.blocks, key_states.transpose(1, 2),
                                    value_states.transpose(1, 2), self.cumulative_length)
@@ -88,6 +89,7 @@ class Q8_0Layer(StaticLayer):
                 values.zero_()
                 scales.zero_()
         self.cumulative_length.zero_()
+        self.host_tokens = 0
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         raise NotImplementedError("Q8_0Cache does not reorder (beam search): use greedy or "

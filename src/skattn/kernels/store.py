@@ -44,11 +44,13 @@ def _e4m3_bits(y):
     f = tl.floor(t)
     odd = f - 2.0 * tl.floor(f * 0.5)
     r = tl.where(t - f > 0.5, f + 1.0, tl.where(t - f < 0.5, f, f + odd)) * ulp  # exact
+    r = tl.where(y == y, r, 0.0)  # (NaN's code is set below)
     rbits = r.to(tl.int32, bitcast=True)
     field = ((rbits >> 23) & 0xFF) - 127 + 7
     normal = (rbits & 0x7FFFFFFF) != 0
     normal = normal & (field >= 1)
     code = tl.where(normal, (field << 3) | ((rbits >> 20) & 7), (r * 512.0).to(tl.int32))
+    code = tl.where(y == y, code, 0x7F)  # NaN: e4m3's NaN, its sign kept as torch keeps it
     return code | tl.where(y.to(tl.int32, bitcast=True) < 0, 128, 0)
 
 
@@ -61,7 +63,9 @@ def _fp8_row(X, C, S, h, inside, D: tl.constexpr, BLOCK_D: tl.constexpr,
     ok = d < D
     x = tl.load(X + d, mask=ok, other=0.0).to(tl.float32)
     s = tl.load(S + h * HEAD_SCALES)
-    y = tl.minimum(tl.maximum(tl.math.div_rn(x, s), -FP8_MAX), FP8_MAX)
+    nan: tl.constexpr = tl.PropagateNan.ALL  # NaN stays NaN, as torch's clamp keeps it
+    y = tl.minimum(tl.maximum(tl.math.div_rn(x, s), -FP8_MAX, propagate_nan=nan), FP8_MAX,
+                   propagate_nan=nan)
     if INTERPRET:  # C: the cache's bytes
         tl.store(C + d, _e4m3_bits(y).to(tl.uint8), mask=ok & inside)
     else:
@@ -91,10 +95,12 @@ def _q8_0_row(X, C, CS, inside, D: tl.constexpr, BLOCK_D: tl.constexpr):
     x = tl.load(X + d, mask=d < D, other=0.0).to(tl.float32)
     x = tl.reshape(x, [NB, QK8_0])
     amax = tl.max(tl.abs(x), 1)
+    amax = tl.where(tl.max((x != x).to(tl.int32), 1) > 0, float("nan"), amax)  # NaN scale
     scale = tl.math.div_rn(amax, 127.0)
     inv = tl.where(scale != 0, tl.math.div_rn(1.0, tl.where(scale != 0, scale, 1.0)), 0.0)
     y = x * inv[:, None]
     q = tl.where(y >= 0, tl.floor(y + 0.5), -tl.floor(-y + 0.5))  # C's roundf
+    q = tl.where(q == q, q, 0.0)  # a NaN block's values: 0, as torch converts them
     tl.store(C + d, tl.reshape(q, [BLOCK_D]).to(tl.int8), mask=(d < D) & inside)
     blk = tl.arange(0, NB)
     tl.store(CS + blk, scale.to(tl.float16), mask=(blk < D // QK8_0) & inside)
