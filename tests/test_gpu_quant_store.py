@@ -84,3 +84,25 @@ def test_q8_0_on_the_gpu_is_the_cpu_bits():
     x = _states(4, 64, 8, 128, torch.float16, 3)
     gpu, cpu = quant.q8_0(x), quant.q8_0(x.cpu())
     assert torch.equal(gpu.scales.cpu(), cpu.scales) and torch.equal(gpu.values.cpu(), cpu.values)
+
+
+def test_nan_and_infinities():
+    # FP8: NaN stays NaN, infinities saturate at +-448; q8_0: a block with a NaN gets a NaN
+    # scale and values 0, as quant.q8_0 on the GPU gives
+    x = torch.randn(1, 2, 1, 64, device="cuda")
+    x[0, 0, 0, :4] = torch.tensor([float("nan"), -float("nan"), float("inf"), -float("inf")])
+    x[0, 1, 0, 40] = float("nan")
+    start = torch.zeros((), dtype=torch.int64, device="cuda")
+    if torch.cuda.get_device_capability() >= quant.FP8_MIN_CAPABILITY:
+        kc = torch.zeros(1, 2, 1, 64, dtype=torch.uint8, device="cuda").view(FP8)
+        one = torch.ones(1, device="cuda")
+        quant_store.store_fp8(kc, kc.clone(), one, one, x, x, start)
+        got, want = kc.float(), x.clamp(-448, 448).to(FP8).float()
+        assert torch.equal(got.isnan(), want.isnan())
+        assert torch.equal(got.nan_to_num(), want.nan_to_num())
+    caches = [quant.q8_0(torch.zeros(1, 2, 1, 64, device="cuda")) for _ in range(2)]
+    quant_store.store_q8_0(*caches, x, x, start)
+    want = quant.q8_0(x)
+    assert torch.equal(caches[0].values, want.values)
+    assert torch.equal(caches[0].scales.isnan(), want.scales.isnan())
+    assert torch.equal(caches[0].scales.nan_to_num(), want.scales.nan_to_num())
