@@ -1,5 +1,11 @@
-"""Helpers shared by test files: bad FP8 arguments, random q, k, v on the GPU and a small
-model block that calls skattn's custom op."""
+"""Helpers shared by test files: bad FP8 arguments, random q, k, v on the GPU, a small
+model block that calls skattn's custom op, GPU builds compiled in a subprocess, and the
+quantized caches' two write paths."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -99,3 +105,34 @@ def capturing_compile_config():
     config = CompileConfig(fullgraph=True, backend=backend, mode=None)
     config._compile_all_devices = True  # generate compiles on GPUs only by default
     return config, targets
+
+
+def run_gpu_build(code: str, timeout: int = 600) -> str:
+    """Run `code` in a subprocess without the interpreter (so kernels compile for a GPU,
+    here without one) with `src` and `scripts` on the path; its stdout, after asserting it
+    succeeded."""
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(root / "src"), str(root / "scripts"),
+                                         env.get("PYTHONPATH", "")])
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=timeout)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res.stdout
+
+
+def write_path(monkeypatch, module, one: bool) -> list:
+    """A quantized cache layer's writes through `skattn.quant_store` (`one`: one launch,
+    counted in the list returned) or through torch operations (`module.one_launch` false,
+    as inside torch.compile)."""
+    from skattn import quant_store
+
+    calls = []
+    if one:
+        for name in ("store_fp8", "store_q8_0"):
+            real = getattr(quant_store, name)
+            monkeypatch.setattr(quant_store, name,
+                                lambda *a, real=real: calls.append(1) or real(*a))
+    else:
+        monkeypatch.setattr(module, "one_launch", lambda *a: False)
+    return calls

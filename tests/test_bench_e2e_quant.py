@@ -11,6 +11,7 @@ from skattn import quant  # noqa: E402
 from skattn.bench import e2e, e2e_fp8, e2e_model, e2e_q8_0  # noqa: E402
 from skattn.bench.e2e_report import e2e_report, table  # noqa: E402
 from skattn.transformers_fp8 import FP8_MAX, quantize  # noqa: E402
+from helpers import write_path  # noqa: E402
 
 pytestmark = [
     pytest.mark.interpret,
@@ -28,25 +29,9 @@ def _bytes(x):
     return x.view(torch.uint8)
 
 
-def _path(monkeypatch, module, one: bool) -> list:
-    """The layer's writes through `quant_store` (one launch, counted in the list returned)
-    or through torch operations (`one_launch` false: as inside torch.compile)."""
-    from skattn import quant_store
-
-    calls = []
-    if one:
-        for name in ("store_fp8", "store_q8_0"):
-            real = getattr(quant_store, name)
-            monkeypatch.setattr(quant_store, name,
-                                lambda *a, real=real: calls.append(1) or real(*a))
-    else:
-        monkeypatch.setattr(module, "one_launch", lambda *a: False)
-    return calls
-
-
 @pytest.mark.parametrize("one", [True, False])
 def test_fp8_layer_holds_the_depth_in_fp8_and_writes_the_step_after_it(monkeypatch, one):
-    calls = _path(monkeypatch, e2e_fp8, one)
+    calls = write_path(monkeypatch, e2e_fp8, one)
     cache = e2e_model.FixedDepthCache(1, 2, 16, depth=10, room=4, dtype=torch.float16, device="cpu")
     keys, values = cache.keys[0], cache.values[0]
     layer = e2e_fp8.FixedDepthFP8Layer(keys, values, depth=10)
@@ -74,7 +59,7 @@ def test_fp8_layer_holds_the_depth_in_fp8_and_writes_the_step_after_it(monkeypat
 
 @pytest.mark.parametrize("one", [True, False])
 def test_q8_0_layer_holds_the_depth_as_quant_q8_0_and_writes_the_step_after_it(monkeypatch, one):
-    calls = _path(monkeypatch, e2e_q8_0, one)
+    calls = write_path(monkeypatch, e2e_q8_0, one)
     cache = e2e_model.FixedDepthCache(1, 2, 64, depth=10, room=4, dtype=torch.float16, device="cpu")
     keys, values = cache.keys[0], cache.values[0]
     layer = e2e_q8_0.FixedDepthQ8_0Layer(keys, values, depth=10)

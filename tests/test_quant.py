@@ -11,7 +11,7 @@ import torch
 import skattn
 from skattn import quant, reference
 from skattn.config import shared_bytes
-from helpers import FP8_ARG_ERRORS, fp8_case
+from helpers import FP8_ARG_ERRORS, fp8_case, run_gpu_build
 from tolerance import bound, rel_err
 
 FP8 = torch.float8_e4m3fn
@@ -316,15 +316,6 @@ def test_q8_0_gpu_build_converts_four_values_at_a_time():
     # the sm_90 build of the q8_0 decode kernel (llama-8b heads, n = 1) takes the inline-PTX
     # conversion (`kernels/quant.py:i8x4_to_f16`, `words_to_f16`), not Triton's one
     # instruction a value; the interpreter's build (INTERPRET) has no inline PTX at all
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(root / "src"), str(root / "scripts"),
-                                         env.get("PYTHONPATH", "")])
     code = (
         "import triton, resources\n"
         "from triton.backends.compiler import GPUTarget\n"
@@ -338,14 +329,12 @@ def test_q8_0_gpu_build_converts_four_values_at_a_time():
         "    ptx = ck.asm['ptx']\n"
         "    print(interpret, ptx.count('0x64646464'), ptx.count('cvt.rn.f32.s'),\n"
         "          ptx.count('cvt.rn.f16.s'))\n")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                         timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    (gpu, *n_gpu), (interp, *n_interp) = (line.split() for line in res.stdout.splitlines()[-2:])
+    out = run_gpu_build(code)
+    (gpu, *n_gpu), (interp, *n_interp) = (line.split() for line in out.splitlines()[-2:])
     # GPU: the PTX's f16 exponent byte 0x64, no int -> float conversion instruction; the
     # interpreter's build converts value by value instead
-    assert gpu == "False" and int(n_gpu[0]) > 0 and n_gpu[1:] == ["0", "0"], res.stdout
-    assert interp == "True" and int(n_interp[0]) == 0 and int(n_interp[1]) > 0, res.stdout
+    assert gpu == "False" and int(n_gpu[0]) > 0 and n_gpu[1:] == ["0", "0"], out
+    assert interp == "True" and int(n_interp[0]) == 0 and int(n_interp[1]) > 0, out
 
 
 def test_block_values_at_an_address_not_a_multiple_of_4_are_refused():

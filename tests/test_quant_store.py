@@ -5,6 +5,7 @@ import torch
 
 from skattn import quant, quant_store
 from skattn.transformers_fp8 import quantize as fp8_quantize
+from helpers import run_gpu_build
 
 FP8 = torch.float8_e4m3fn
 
@@ -122,15 +123,6 @@ def test_store_kernels_compile_for_sm90():
     # contraction: quant_store launches them with enable_fp_fusion=False), compiled here
     # for sm_90 without a GPU, in a subprocess (this session runs kernels under the
     # interpreter): the FP8 build converts with the hardware's satfinite e4m3 instruction
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(root / "src"), str(root / "scripts"),
-                                         env.get("PYTHONPATH", "")])
     code = (
         "import torch, triton, resources\n"
         "from triton.backends.compiler import GPUTarget\n"
@@ -147,15 +139,13 @@ def test_store_kernels_compile_for_sm90():
         "    ptx = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget('cuda', 90, 32),\n"
         "                         options=dict(num_warps=4, enable_fp_fusion=False)).asm['ptx']\n"
         "    print(ptx.count('cvt.rn.satfinite.e4m3x2.f32'), ptx.count('div.rn.f32'), ptx.count('fma.'))\n")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                         timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
+    out = run_gpu_build(code)
     (fp8_cvt, fp8_div, _), (q8_cvt, q8_div, q8_fma) = (map(int, line.split())
-                                                       for line in res.stdout.splitlines()[-2:])
-    assert fp8_cvt > 0 and fp8_div > 0 and q8_cvt == 0 and q8_div > 0, res.stdout
+                                                       for line in out.splitlines()[-2:])
+    assert fp8_cvt > 0 and fp8_div > 0 and q8_cvt == 0 and q8_div > 0, out
     # q8_0's x * (1 / d) + 0.5 as two roundings (torch's), not fused into one FMA, which
     # rounds some values the other way (seen on an H200)
-    assert q8_fma == 0, res.stdout
+    assert q8_fma == 0, out
 
 
 def test_nan_and_infinities_as_torch_writes_them():

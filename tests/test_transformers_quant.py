@@ -12,7 +12,7 @@ transformers = pytest.importorskip(
 import skattn.transformers as skt  # noqa: E402
 from skattn.transformers_fp8 import FP8Layer  # noqa: E402
 from skattn.transformers_q8_0 import Q8_0Layer  # noqa: E402
-from helpers import capturing_compile_config  # noqa: E402
+from helpers import capturing_compile_config, write_path  # noqa: E402
 
 pytestmark = [
     pytest.mark.interpret,
@@ -93,26 +93,10 @@ def spied_steps(monkeypatch, m, ids, cache):
     return quantized, f16, seen
 
 
-def _write_path(monkeypatch, module, one: bool) -> list:
-    """The layers' writes through quant_store's one launch (`one`, counted in the list
-    returned) or through torch operations (as inside torch.compile)."""
-    from skattn import quant_store
-
-    calls = []
-    if one:
-        for name in ("store_fp8", "store_q8_0"):
-            real = getattr(quant_store, name)
-            monkeypatch.setattr(quant_store, name,
-                                lambda *a, real=real: calls.append(1) or real(*a))
-    else:
-        monkeypatch.setattr(module, "one_launch", lambda *a: False)
-    return calls
-
-
 @pytest.mark.parametrize("one", [True, False])
 def test_layer_scales_quantize_and_saturate(monkeypatch, one):
     # both write paths (one launch; torch operations) write the same bytes
-    calls = _write_path(monkeypatch, skattn.transformers_fp8, one)
+    calls = write_path(monkeypatch, skattn.transformers_fp8, one)
     layer = FP8Layer(max_cache_len=8)
     g = torch.Generator().manual_seed(0)
     k = torch.randn(1, 3, 4, 16, generator=g, dtype=torch.float32).half()
@@ -236,7 +220,7 @@ def test_compiled_fullgraph_decode_reads_the_scales(form):
 # -- Q8_0Cache
 @pytest.mark.parametrize("one", [True, False])
 def test_q8_0_layer_writes_blocks_per_token(monkeypatch, one):
-    calls = _write_path(monkeypatch, skattn.transformers_q8_0, one)
+    calls = write_path(monkeypatch, skattn.transformers_q8_0, one)
     layer = Q8_0Layer(max_cache_len=8)
     g = torch.Generator().manual_seed(10)
     k = torch.randn(1, 2, 3, 32, generator=g).half()
