@@ -106,3 +106,32 @@ def test_nan_and_infinities():
     assert torch.equal(caches[0].values, want.values)
     assert torch.equal(caches[0].scales.isnan(), want.scales.isnan())
     assert torch.equal(caches[0].scales.nan_to_num(), want.scales.nan_to_num())
+
+
+def test_slots_into_a_paged_cache_match_the_torch_quantizers():
+    # a serving step's tokens at vLLM-style slots of a paged cache (pages of 16; a padding
+    # token at -1 is not written), against the torch quantizers at those rows
+    pages, page, H, D, T = 64, 16, 8, 128, 40
+    g = torch.Generator(device="cuda").manual_seed(7)
+    k_new = torch.randn(T, H, D, device="cuda", generator=g).half() * 3
+    v_new = torch.randn(T, H, D, device="cuda", generator=g).half()
+    slots = torch.randperm(pages * page, device="cuda", generator=g)[:T]
+    slots[5] = -1
+    keep = slots >= 0
+    caches = [quant.q8_0(torch.zeros(pages, page, H, D, device="cuda")) for _ in range(2)]
+    quant_store.store_q8_0_slots(*caches, k_new, v_new, slots)
+    for cache, new in zip(caches, (k_new, v_new)):
+        want = quant.q8_0(new[keep])
+        assert torch.equal(cache.values.flatten(0, 1)[slots[keep]], want.values)
+        assert torch.equal(cache.scales.flatten(0, 1)[slots[keep]], want.scales)
+        assert int((cache.values.flatten(0, 1).abs().sum(dim=(1, 2)) > 0).sum()) <= T - 1
+    if torch.cuda.get_device_capability() < quant.FP8_MIN_CAPABILITY:
+        return
+    scale = torch.rand(H, device="cuda") + 0.01
+    kc = torch.zeros(pages, page, H, D, device="cuda", dtype=torch.uint8).view(FP8)
+    vc = torch.zeros_like(kc)
+    quant_store.store_fp8_slots(kc, vc, scale, scale, k_new, v_new, slots)
+    for cache, new in ((kc, k_new), (vc, v_new)):
+        want = fp8_quantize(new[keep][None].transpose(1, 2), scale).transpose(1, 2)[0]
+        assert torch.equal(cache.flatten(0, 1)[slots[keep]].view(torch.uint8),
+                           want.view(torch.uint8))

@@ -72,7 +72,7 @@ def test_rows_past_the_cache_are_not_written():
     (dict(start=3), TypeError, "start must be a one-element int32 or int64 tensor"),
     (dict(start=torch.tensor([1.0])), TypeError, "start must be"),
     (dict(k_new="int"), TypeError, "k_new must be a float16, bfloat16 or float32 tensor"),
-    (dict(v_new="heads"), ValueError, r"v_new must be \[B, n, Hkv, D\]"),
+    (dict(v_new="heads"), ValueError, r"v_new must be \[1, n, 2, 32\]"),
     (dict(k_scale=torch.ones(3)), ValueError, r"k_scale must have shape \[\], \[1\] or \[2\]"),
     (dict(k_scale=torch.ones(2, 2)[:, 0]), ValueError, "k_scale must be contiguous"),
     (dict(v_scale=0.5), TypeError, "v_scale must be a float32 tensor"),
@@ -130,22 +130,23 @@ def test_store_kernels_compile_for_sm90():
         "from skattn.kernels import store\n"
         "h, f8, i8 = torch.zeros(1, dtype=torch.float16), torch.zeros(1, dtype=torch.float8_e4m3fn), torch.zeros(1, dtype=torch.int8)\n"
         "s, st, z = torch.zeros(1), torch.zeros(1, dtype=torch.int64), 5\n"
-        "builds = [(store.store_fp8_kernel, (h, z, z, z, h, z, z, z, f8, z, z, z, f8, z, z, z, s, s, st, z, z, z),\n"
+        "builds = [(store.store_fp8_kernel, (h, z, z, z, h, z, z, z, f8, z, z, z, f8, z, z, z, s, s, st, z, z, z, z),\n"
         "           dict(DK=128, DV=128, BLOCK_DK=128, BLOCK_DV=128, K_HEAD_SCALES=1, V_HEAD_SCALES=0, INTERPRET=False)),\n"
-        "          (store.store_q8_0_kernel, (h, z, z, z, h, z, z, z, i8, z, z, z, h, z, z, z, i8, z, z, z, h, z, z, z, st, z, z, z),\n"
+        "          (store.store_q8_0_kernel, (h, z, z, z, h, z, z, z, i8, z, z, z, h, z, z, z, i8, z, z, z, h, z, z, z, st, z, z, z, z),\n"
         "           dict(DK=96, DV=128, BLOCK_DK=128, BLOCK_DV=128))]\n"
+        "builds += [(fn, args, dict(kw, SLOTS=True)) for fn, args, kw in builds]  # (the paged forms)\n"
         "for fn, args, kw in builds:\n"
         "    sig, consts, attrs = resources.signature(fn, args, kw)\n"
         "    ptx = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget('cuda', 90, 32),\n"
         "                         options=dict(num_warps=4, enable_fp_fusion=False)).asm['ptx']\n"
         "    print(ptx.count('cvt.rn.satfinite.e4m3x2.f32'), ptx.count('div.rn.f32'), ptx.count('fma.'))\n")
     out = run_gpu_build(code)
-    (fp8_cvt, fp8_div, _), (q8_cvt, q8_div, q8_fma) = (map(int, line.split())
-                                                       for line in out.splitlines()[-2:])
-    assert fp8_cvt > 0 and fp8_div > 0 and q8_cvt == 0 and q8_div > 0, out
-    # q8_0's x * (1 / d) + 0.5 as two roundings (torch's), not fused into one FMA, which
-    # rounds some values the other way (seen on an H200)
-    assert q8_fma == 0, out
+    counts = [list(map(int, line.split())) for line in out.splitlines()[-4:]]
+    for (fp8_cvt, fp8_div, _), (q8_cvt, q8_div, q8_fma) in (counts[:2], counts[2:]):
+        assert fp8_cvt > 0 and fp8_div > 0 and q8_cvt == 0 and q8_div > 0, out
+        # q8_0's x * (1 / d) + 0.5 as two roundings (torch's), not fused into one FMA,
+        # which rounds some values the other way (seen on an H200)
+        assert q8_fma == 0, out
 
 
 def test_nan_and_infinities_as_torch_writes_them():
@@ -179,3 +180,45 @@ def test_fp8_store_asks_for_sm89(monkeypatch):
     quant_store.store_fp8(kc, kc.clone(), torch.ones(1), torch.ones(1), new, new,
                           torch.tensor([0]))
     assert seen == [kc.device]
+
+
+@pytest.mark.parametrize("dtype, page_size", [(torch.float16, 16), (torch.bfloat16, 32)])
+def test_slots_write_tokens_into_pages(dtype, page_size):
+    # a serving step: 7 tokens of several sequences into a paged cache at vLLM-style slots,
+    # one of them padding (-1) and one past the cache, neither written; the rest as the
+    # torch quantizers write them, every other slot untouched
+    pages, H, D, T = 5, 2, 64, 7
+    g = torch.Generator().manual_seed(12)
+    k_new = (torch.randn(T, H, D, generator=g) * 3).to(dtype)
+    v_new = (torch.randn(T, H, D, generator=g) * 3).to(dtype)
+    slots = torch.tensor([3, page_size * 4 + 1, -1, page_size + 2, 0, page_size * pages,
+                          page_size * 2 + page_size - 1])
+    written = [t for t, s in enumerate(slots.tolist()) if 0 <= s < pages * page_size]
+    caches = [quant.Q8_0(torch.full((pages, page_size, H, D), 5, dtype=torch.int8),
+                         torch.full((pages, page_size, H, D // 32), 2.0, dtype=torch.float16))
+              for _ in range(2)]
+    quant_store.store_q8_0_slots(*caches, k_new, v_new, slots)
+    scale = torch.tensor([0.02, 0.05])
+    fp8 = [torch.zeros(pages, page_size, H, D, dtype=torch.uint8).view(FP8) for _ in range(2)]
+    quant_store.store_fp8_slots(*fp8, scale, scale, k_new, v_new, slots.to(torch.int32))
+    for cache, c8, new in zip(caches, fp8, (k_new, v_new)):
+        flat_v, flat_s = cache.values.flatten(0, 1), cache.scales.flatten(0, 1)
+        flat_8 = c8.view(torch.uint8).flatten(0, 1)
+        want = quant.q8_0(new[written])
+        want8 = fp8_quantize(new[written][None].transpose(1, 2), scale).transpose(1, 2)[0]
+        at = slots[written]
+        assert torch.equal(flat_v[at], want.values) and torch.equal(flat_s[at], want.scales)
+        assert torch.equal(flat_8[at], want8.view(torch.uint8))
+        rest = torch.ones(pages * page_size, dtype=torch.bool)
+        rest[at] = False
+        assert (flat_v[rest] == 5).all() and (flat_s[rest] == 2).all()
+        assert (flat_8[rest] == 0).all()
+
+
+def test_slot_errors():
+    new = torch.zeros(3, 2, 32, dtype=torch.float16)
+    q = quant.q8_0(torch.zeros(4, 16, 2, 32))
+    with pytest.raises(TypeError, match=r"slot_mapping must be an int32 or int64 \[T\] = \[3\]"):
+        quant_store.store_q8_0_slots(q, q, new, new, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match=r"k_new must be \[T, 2, 32\]"):
+        quant_store.store_q8_0_slots(q, q, new[None], new, torch.tensor([0]))

@@ -18,17 +18,25 @@ FP8_MAX = tl.constexpr(448.0)  # largest finite float8_e4m3fn
 
 
 @triton.jit
-def _row(pid, n, heads, X, sxb, sxn, sxh, C, scb, scn, sch, START, L):
+def _row(pid, n, heads, X, sxb, sxn, sxh, C, scb, scn, sch, START, L, SLOTS: tl.constexpr,
+         slots):
     """(new row pointer, cache row pointer, head, whether the row is inside the cache) of
     program `pid`: row (b, i, h) of the new states [B, n, H, D] and row (b, start + i, h) of
-    the cache [B, L, H, D]."""
+    the cache [B, L, H, D]. SLOTS (B = 1): START holds one slot per new token instead, the
+    cache's row (slot // L, slot % L) (a paged cache [pages, L, H, D]); a slot outside
+    [0, slots) is not written (-1 marks a padding token)."""
     h = pid % heads
     i = (pid // heads) % n
     b = pid // (heads * n)
-    start = tl.load(START).to(tl.int64)
     x = X + b.to(tl.int64) * sxb + i.to(tl.int64) * sxn + h.to(tl.int64) * sxh
-    inside = (start + i >= 0) & (start + i < L)
-    c = C + b.to(tl.int64) * scb + (start + i) * scn + h.to(tl.int64) * sch
+    if SLOTS:
+        slot = tl.load(START + i).to(tl.int64)
+        inside = (slot >= 0) & (slot < slots)
+        c = C + (slot // L) * scb + (slot % L) * scn + h.to(tl.int64) * sch
+    else:
+        start = tl.load(START).to(tl.int64)
+        inside = (start + i >= 0) & (start + i < L)
+        c = C + b.to(tl.int64) * scb + (start + i) * scn + h.to(tl.int64) * sch
     return x, c, h, inside
 
 
@@ -75,13 +83,16 @@ def _fp8_row(X, C, S, h, inside, D: tl.constexpr, BLOCK_D: tl.constexpr,
 @triton.jit
 def store_fp8_kernel(K, skb, skn, skh, V, svb, svn, svh,
                      KC, skcb, skcn, skch, VC, svcb, svcn, svch, KS, VS, START, n, heads, L,
-                     DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr,
+                     slots, DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr,
                      BLOCK_DV: tl.constexpr, K_HEAD_SCALES: tl.constexpr,
-                     V_HEAD_SCALES: tl.constexpr, INTERPRET: tl.constexpr):
+                     V_HEAD_SCALES: tl.constexpr, INTERPRET: tl.constexpr,
+                     SLOTS: tl.constexpr = False):
     pid = tl.program_id(0)
-    x, c, h, inside = _row(pid, n, heads, K, skb, skn, skh, KC, skcb, skcn, skch, START, L)
+    x, c, h, inside = _row(pid, n, heads, K, skb, skn, skh, KC, skcb, skcn, skch, START, L,
+                           SLOTS, slots)
     _fp8_row(x, c, KS, h, inside, DK, BLOCK_DK, K_HEAD_SCALES, INTERPRET)
-    x, c, h, inside = _row(pid, n, heads, V, svb, svn, svh, VC, svcb, svcn, svch, START, L)
+    x, c, h, inside = _row(pid, n, heads, V, svb, svn, svh, VC, svcb, svcn, svch, START, L,
+                           SLOTS, slots)
     _fp8_row(x, c, VS, h, inside, DV, BLOCK_DV, V_HEAD_SCALES, INTERPRET)
 
 
@@ -110,12 +121,16 @@ def _q8_0_row(X, C, CS, inside, D: tl.constexpr, BLOCK_D: tl.constexpr):
 def store_q8_0_kernel(K, skb, skn, skh, V, svb, svn, svh,
                       KC, skcb, skcn, skch, KCS, sksb, sksn, sksh,
                       VC, svcb, svcn, svch, VCS, svsb, svsn, svsh, START, n, heads, L,
-                      DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr,
-                      BLOCK_DV: tl.constexpr):
+                      slots, DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr,
+                      BLOCK_DV: tl.constexpr, SLOTS: tl.constexpr = False):
     pid = tl.program_id(0)
-    x, c, _, inside = _row(pid, n, heads, K, skb, skn, skh, KC, skcb, skcn, skch, START, L)
-    _, cs, _, _ = _row(pid, n, heads, K, skb, skn, skh, KCS, sksb, sksn, sksh, START, L)
+    x, c, _, inside = _row(pid, n, heads, K, skb, skn, skh, KC, skcb, skcn, skch, START, L,
+                           SLOTS, slots)
+    _, cs, _, _ = _row(pid, n, heads, K, skb, skn, skh, KCS, sksb, sksn, sksh, START, L,
+                       SLOTS, slots)
     _q8_0_row(x, c, cs, inside, DK, BLOCK_DK)
-    x, c, _, inside = _row(pid, n, heads, V, svb, svn, svh, VC, svcb, svcn, svch, START, L)
-    _, cs, _, _ = _row(pid, n, heads, V, svb, svn, svh, VCS, svsb, svsn, svsh, START, L)
+    x, c, _, inside = _row(pid, n, heads, V, svb, svn, svh, VC, svcb, svcn, svch, START, L,
+                           SLOTS, slots)
+    _, cs, _, _ = _row(pid, n, heads, V, svb, svn, svh, VCS, svsb, svsn, svsh, START, L,
+                       SLOTS, slots)
     _q8_0_row(x, c, cs, inside, DV, BLOCK_DV)
