@@ -44,6 +44,7 @@ class Recipe:
     def __init__(self, bound, plan):
         self.bound = bound
         self.plan = plan          # the call's plan (an unplanned call's, made once)
+        self.out_like_q = plan.head_dim_v == plan.head_dim  # out allocated as q is shaped
         # misaligned-tensor bits -> (C launcher spec or None, [(function, assembler)])
         self.by_align: dict = {}
         self.optional = True      # whether the signature has optional tensors (learned)
