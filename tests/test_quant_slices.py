@@ -20,6 +20,11 @@ def test_slices_cover_each_value_once_within_the_limit(shape, limit):
     assert (x == 1).all()
 
 
+def test_slices_of_a_row_or_a_scalar_are_the_whole():
+    for x in (torch.zeros(100), torch.zeros(())):
+        assert [x[idx].shape for idx in quant_block.slices(x, 10)] == [x.shape]
+
+
 def _whole_and_sliced(monkeypatch, fn):
     whole = fn()
     monkeypatch.setattr(quant_block, "SLICE_VALUES", 96)  # many slices of 1-3 rows

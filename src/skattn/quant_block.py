@@ -113,6 +113,9 @@ def slices(x: torch.Tensor, limit: int | None = None):
     at most `limit` values (default `SLICE_VALUES`) where one row allows, keeping every
     dimension."""
     limit = limit or SLICE_VALUES
+    if x.dim() <= 1:  # nothing but the last dimension: one slice, the whole
+        yield (slice(None),) * x.dim()
+        return
     shape = tuple(x.shape)
     axis = max(0, len(shape) - 2)  # cut along this axis: the outermost whose slices of one fit
     inner = shape[-1] if len(shape) > 1 else 1
