@@ -40,6 +40,21 @@ def model(seed=0, impl="skattn"):
     return m
 
 
+def rel_err(a, b) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def kernel_and_reference(monkeypatch, m, ids, make_cache, use_reference):
+    """(logits over the quantized cache, over an f16 cache, the skattn calls seen, then the
+    same two with skattn.attention replaced by `use_reference()`'s float64 reference)."""
+    with torch.no_grad():
+        ours8, ours16, seen = spied_steps(monkeypatch, m, ids, make_cache)
+        use_reference()
+        ref8 = steps(m, ids, make_cache())
+        ref16 = steps(m, ids, transformers.DynamicCache(config=m.config))
+    return ours8, ours16, seen, ref8, ref16
+
+
 def reference_attention(monkeypatch, calls):
     """skattn.attention -> the float64 reference on the same (FP8) inputs, cast to q's dtype."""
     def ref(q, k, v, **kw):
@@ -133,28 +148,20 @@ def test_logits_match_float64_reference_on_the_same_fp8_cache(monkeypatch):
     # cache: e4m3's quantization error, loose
     m = model(seed=1)
     ids = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(2))
-
-    def fp8_cache():
-        return skt.FP8Cache(m.config, max_cache_len=16)
-
+    calls = []
+    ours8, ours16, seen, ref8, ref16 = kernel_and_reference(
+        monkeypatch, m, ids, lambda: skt.FP8Cache(m.config, max_cache_len=16),
+        lambda: reference_attention(monkeypatch, calls))
     with torch.no_grad():
-        ours8, ours16, seen = spied_steps(monkeypatch, m, ids, fp8_cache)
-        calls = []
-        reference_attention(monkeypatch, calls)
-        ref8 = steps(m, ids, fp8_cache())
-        ref16 = steps(m, ids, transformers.DynamicCache(config=m.config))
         quantizing_reference(monkeypatch, prefill=9)
         own8 = steps(m, ids, transformers.DynamicCache(config=m.config))  # quantized by the test
     seen = [kw for _, kw in seen]
     fp8_calls = [c for c in seen if "k_scale" in c]
     assert len(fp8_calls) == 8 and all(c["k_scale"].shape == (2,) for c in fp8_calls)
     assert all(c["k"].dtype == FP8 and c["k"].shape == (1, 16, 2, 16) for c in calls[:8])
-
-    def err(a, b):
-        return ((a - b).norm() / b.norm()).item()
-
-    kernel8, kernel16, quant = err(ours8, ref8), err(ours16, ref16), err(ours8, ours16)
-    own = err(ours8, own8)
+    kernel8, kernel16 = rel_err(ours8, ref8), rel_err(ours16, ref16)
+    quant = rel_err(ours8, ours16)
+    own = rel_err(ours8, own8)
     assert kernel8 <= 3 * kernel16 + 1e-3, (kernel8, kernel16)
     assert own <= 3 * kernel16 + 1e-3, (own, kernel16)
     assert quant < 0.15, quant  # e4m3 steps of 2^-4 relative on every K/V value
@@ -276,22 +283,13 @@ def test_q8_0_logits_match_float64_reference_on_the_same_cache(monkeypatch):
     # error, small
     m = q8_0_model(seed=11)
     ids = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(12))
-
-    def q8_cache():
-        return skt.Q8_0Cache(m.config, max_cache_len=16)
-
-    with torch.no_grad():
-        ours8, ours16, seen = spied_steps(monkeypatch, m, ids, q8_cache)
-        reference_on_dequantized(monkeypatch)
-        ref8 = steps(m, ids, q8_cache())
-        ref16 = steps(m, ids, transformers.DynamicCache(config=m.config))
+    ours8, ours16, seen, ref8, ref16 = kernel_and_reference(
+        monkeypatch, m, ids, lambda: skt.Q8_0Cache(m.config, max_cache_len=16),
+        lambda: reference_on_dequantized(monkeypatch))
     seen = [type(k).__name__ for k, _ in seen]
     assert seen.count("Q8_0") == 8  # 2 layers x 4 steps
-
-    def err(a, b):
-        return ((a - b).norm() / b.norm()).item()
-
-    kernel8, kernel16, quant_err = err(ours8, ref8), err(ours16, ref16), err(ours8, ours16)
+    kernel8, kernel16 = rel_err(ours8, ref8), rel_err(ours16, ref16)
+    quant_err = rel_err(ours8, ours16)
     assert kernel8 <= 3 * kernel16 + 1e-3, (kernel8, kernel16)
     assert quant_err < 0.05, quant_err  # 8 bits a value, a scale per 32 values of a token
 
