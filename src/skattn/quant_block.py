@@ -117,14 +117,14 @@ def slices(x: torch.Tensor, limit: int | None = None):
         yield (slice(None),) * x.dim()
         return
     shape = tuple(x.shape)
-    axis = max(0, len(shape) - 2)  # cut along this axis: the outermost whose slices of one fit
-    inner = shape[-1] if len(shape) > 1 else 1
+    axis = len(shape) - 2  # cut along this axis: the outermost whose slices of one fit
+    inner = shape[-1]
     while axis > 0 and inner * shape[axis] <= limit:
         inner *= shape[axis]
         axis -= 1
     step = max(1, limit // max(1, inner))
     for head in itertools.product(*(range(n) for n in shape[:axis])):
-        for i in range(0, shape[axis] if shape else 1, step):
+        for i in range(0, shape[axis], step):
             yield tuple(slice(j, j + 1) for j in head) + (slice(i, i + step),)
 
 
