@@ -165,3 +165,27 @@ def test_q4_0_cache_view_decode_graph():
         ref = reference.attention(q, kq, vq, causal=True)
         assert not torch.isnan(out).any()
         assert rel_err(out, ref) <= bound(q, kq.dequantize(), vq.dequantize(), causal=True), seed
+
+
+def test_fp8_v_at_odd_bytes_reads_bytes():
+    # decode reads FP8 V as 16-bit pairs where its rows sit at even bytes; a V at an odd
+    # address or with odd strides takes the byte loads, on its first call and on the
+    # repeat calls a recipe would otherwise serve (llama-8b heads, n = 1)
+    if not _fp8_ok():
+        pytest.skip("float8_e4m3fn K/V need compute capability 8.9+")
+    q, k, v = make(1, 1, 4096, 32, 8, 128, seed=3)
+    kq, vq, kw, _ = quantize("fp8-head", k, v)
+    ref = reference.attention(q, kq, vq, causal=True, **kw)
+    kd, vd = quant.dequantize_kv(kq, vq, kw["k_scale"], kw["v_scale"], q.dtype)
+    tol = bound(q, kd, vd, causal=True)
+    buf = torch.zeros(vq.numel() + 1, dtype=torch.uint8, device="cuda")
+    odd = buf[1:].view(FP8).view(vq.shape)
+    odd.copy_(vq)
+    wide = torch.zeros(*vq.shape[:3], 129, dtype=torch.uint8, device="cuda").view(FP8)
+    wide[..., :128] = vq
+    for vx in (vq, odd, wide[..., :128], odd, vq):
+        for _ in range(2):
+            out = torch.full_like(q, float("nan"))
+            skattn.attention(q, kq, vx, causal=True, out=out, **kw)
+            torch.cuda.synchronize()
+            assert rel_err(out, ref) <= tol

@@ -3,6 +3,8 @@ several (block_n, num_stages, num_warps[, programs]) overrides, graph timer, col
 
     PYTHONPATH=src python3 tools/quant_sweep.py [--cells llama-8b:1:32768,...] [--geos 64/4/4,...]
         [--formats f16,fp8,q8_0,q4_0] [--reps 20]
+        # a geometry: default or block_n/stages/warps[/programs], then optionally
+        # :field=value+... of skattn.Tuning (default:fp8_v_pairs=0)
 
 Each (cell, format, geometry) is planned with the overrides (the policy picks the programs),
 checked against float64 on the dequantized K/V (output poisoned with NaN; above 5e-3 relative
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import os
 from pathlib import Path
 
@@ -21,6 +24,7 @@ import torch
 
 import skattn
 from skattn import reference
+from skattn.tuning import Tuning
 from skattn.bench import graph
 from skattn.bench.grid import Cell
 from skattn.bench.models import MODELS
@@ -42,10 +46,19 @@ def parse_cells(text: str) -> list[Cell]:
 
 
 def parse_geo(text: str) -> dict:
-    if text == "default":
-        return {}
-    bn, st, w, *n = (int(x) for x in text.split("/"))
-    return dict(block_n=bn, num_stages=st, num_warps=w, **({"programs": n[0]} if n else {}))
+    """Plan keywords of a geometry `default` or `block_n/stages/warps[/programs]`, optionally
+    followed by `:field=value+...` of `skattn.Tuning` (integers; 0 and 1 for booleans)."""
+    geo, _, tune = text.partition(":")
+    kw = {}
+    if geo != "default":
+        bn, st, w, *n = (int(x) for x in geo.split("/"))
+        kw = dict(block_n=bn, num_stages=st, num_warps=w, **({"programs": n[0]} if n else {}))
+    if tune:
+        fields = {f.name: f.type for f in dataclasses.fields(Tuning)}
+        vals = dict(item.split("=") for item in tune.split("+"))
+        kw["tuning"] = Tuning(**{k: (v != "0") if fields[k] in (bool, "bool") else int(v)
+                                 for k, v in vals.items()})
+    return kw
 
 
 def main() -> int:

@@ -156,6 +156,16 @@ def constants(plan, device: torch.device, tiles: int) -> tuple[dict, dict, tuple
     return main_const, fix_const, fix_grid, pdl
 
 
+def v_pairs(plan: Plan) -> bool:
+    """Whether the plan's main kernel reads FP8 V as 16-bit pairs of values
+    (`kernels/quant.fp8_pairs`): tiles under 64 rows, whose dots are the 16-row MMAs that
+    take V from shared memory through the 16-bit transposing load (the 64-row warpgroup
+    MMAs read V from shared memory as it is stored), and an even Dv. A call whose V rows are
+    not at even byte offsets reads bytes instead. `Tuning.fp8_v_pairs` turns it off."""
+    return (plan.tuning.fp8_v_pairs and plan.dtype == "float8_e4m3fn"
+            and plan.geometry.block_m < 64 and plan.head_dim_v % 2 == 0)
+
+
 def score_scales(scale: float, softcap: float) -> tuple[float, float]:
     """The kernels' (qk_scale, softcap_scale): scores come out in log2 units, softcapped as
     softcap * tanh(qk * scale / softcap)."""
@@ -171,7 +181,7 @@ def _bind(plan: Plan, device: torch.device) -> Bound:
     wait = _pdl_wait(plan, device)
     main_const.update(USE_FASTDIV=plan.fastdiv, ONE_TOKEN_BLOCK=plan.ntiles_x == 1,
                       KV_FORMAT=KV_FORMATS.get(plan.dtype, 0), WAIT_PDL=wait,
-                      LONGEST_FIRST=plan.longest_first)
+                      LONGEST_FIRST=plan.longest_first, V_PAIRS=v_pairs(plan))
     if wait:
         main_const["launch_pdl"] = True
     fix_const["USE_FASTDIV"] = plan.fastdiv
@@ -307,9 +317,12 @@ def run(plan: Plan, q, k, v, out, lse, *, scale: float, mask=None, sinks=None, s
     # fp8 scales per KV head: bit 0 K's, bit 1 V's
     head_scales = (int(k_scale.numel() > 1) + 2 * int(v_scale.numel() > 1)
                    if b.main_const["KV_FORMAT"] == 1 else 0)
+    # fp8 V read as 16-bit pairs where the plan's tiles allow and v's rows sit at even bytes
+    pairs = b.main_const["V_PAIRS"] and v.data_ptr() % 2 == 0 and not any(
+        s % 2 for s in v.stride()[:3])
     features = (mask is not None, sinks is not None, alibi_slopes is not None, bool(softcap),
                 lse is not None, not cuda, stamps is not None,
-                head_scales)
+                head_scales, pairs)
     consts = b.consts.get(features)
     if consts is None:
         consts = b.consts[features] = _consts(b, features)
@@ -362,9 +375,10 @@ def run(plan: Plan, q, k, v, out, lse, *, scale: float, mask=None, sinks=None, s
 
 def _consts(b: Bound, features: tuple) -> tuple[dict, dict]:
     """The kernels' compile-time constants for one set of features."""
-    has_mask, has_sinks, has_alibi, softcap, has_lse, interpret, _, head_scales = features
+    has_mask, has_sinks, has_alibi, softcap, has_lse, interpret, _, head_scales, pairs = features
     main = dict(b.main_const, HAS_MASK=has_mask, HAS_SINKS=has_sinks, HAS_ALIBI=has_alibi,
-                SOFTCAP=softcap, RETURN_LSE=has_lse, INTERPRET=interpret, HEAD_SCALES=head_scales)
+                SOFTCAP=softcap, RETURN_LSE=has_lse, INTERPRET=interpret, HEAD_SCALES=head_scales,
+                V_PAIRS=pairs)
     fix = dict(b.fix_const, HAS_SINKS=has_sinks, RETURN_LSE=has_lse)
     return main, fix
 

@@ -149,6 +149,11 @@ class Recipe:
         record: list = []
         launch.run(self.plan, alias["q"], alias["k"], alias["v"], alias["out"], alias.get("lse"),
                    record=record, **kw)
+        if b.main_const["V_PAIRS"] and v.data_ptr() % 16:
+            # launch.run reads FP8 V as pairs only where its address is even; the alignment
+            # patterns of recipes do not tell even from odd, so this signature keeps launch.run
+            self.serves = False
+            return
         if kw["workspace"] is None:
             views = ws.pooled(b.layout, b.need, b.device, stream)
         elif type(kw["workspace"]) is tuple:

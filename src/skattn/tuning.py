@@ -56,6 +56,10 @@ class Tuning:
         prompts): "longest" runs the longest tiles first (program p takes token block
         ntiles_x - 1 - p // groups of group p % groups), so the shortest end the call;
         "index" runs tile p on program p (each group's token blocks short to long).
+    fp8_v_pairs : bool
+        FP8 K/V, tiles under 64 rows (decode): read V as 16-bit pairs of values, so that the
+        MMAs take it through the 16-bit transposing shared-memory load as they take f16 V,
+        instead of gathering its bytes one at a time (`kernels/quant.fp8_pairs`).
     prefill_device_desc : bool
         "tma" only: make the K/V descriptors in the kernel, one per tile,
         instead of on the host once per call (their 128 bytes a program come from torch,
@@ -73,6 +77,7 @@ class Tuning:
     fused_dv: int | None = None
     prefill: str = "base"
     prefill_device_desc: bool = False
+    fp8_v_pairs: bool = True
     tile_order: str = "longest"
 
     def __post_init__(self):

@@ -37,7 +37,7 @@ def attention_kernel(
     FIXUP_COLS: tl.constexpr, FIXUP_ROWS: tl.constexpr, MERGE_PIECES: tl.constexpr,
     USE_PDL: tl.constexpr, KV_FORMAT: tl.constexpr = 0, HEAD_SCALES: tl.constexpr = 0,
     STAMPS=None, TIMELINE: tl.constexpr = False, WAIT_PDL: tl.constexpr = False,
-    LONGEST_FIRST: tl.constexpr = False,
+    LONGEST_FIRST: tl.constexpr = False, V_PAIRS: tl.constexpr = False,
 ):
     p = tl.program_id(0)
     if LONGEST_FIRST:  # one whole tile a program: program p runs the p-th longest tile
@@ -76,7 +76,8 @@ def attention_kernel(
             stride_vb, stride_vn, stride_vh, stride_mb, stride_mm,
             q_len, kv_len, qk_scale, softcap_scale, window, qblock * TOKENS_PER_TILE,
             HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_DK, DK_CHUNKS, BLOCK_DV,
-            CAUSAL, HAS_WINDOW, HAS_MASK, HAS_ALIBI, SOFTCAP, INTERPRET, KV_FORMAT, HEAD_SCALES)
+            CAUSAL, HAS_WINDOW, HAS_MASK, HAS_ALIBI, SOFTCAP, INTERPRET, KV_FORMAT, HEAD_SCALES,
+            V_PAIRS)
         if TIMELINE:
             if item == start:
                 stamp(STAMPS, p, 1)

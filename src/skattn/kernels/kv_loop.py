@@ -2,7 +2,7 @@
 import triton
 import triton.language as tl
 
-from skattn.kernels.quant import fp8_score_scales, fp8_v_scale, load_blocks
+from skattn.kernels.quant import fp8_pairs, fp8_score_scales, fp8_v_scale, load_blocks
 from skattn.kernels.softmax import alibi_slope, scores, softmax_step, unmasked_end, visible
 from skattn.kernels.tile import LOG2E
 
@@ -63,7 +63,7 @@ def _mask_bias(MASK, b, qi, offs_n, stride_mb, stride_mm, ok):
 
 
 @triton.jit
-def _kv_step(acc, m_i, l_i, q, Q, K, V, KS, VS, MASK, slope, b, qi, head, valid, qpos, kbase, vbase,
+def _kv_step(acc, acc2, m_i, l_i, q, Q, K, V, KS, VS, MASK, slope, b, qi, head, valid, qpos, kbase, vbase,
              blk,
              stride_qb, stride_qm, stride_qh, stride_kn, stride_vn, stride_mb, stride_mm,
              kv_len, qk_scale, softcap_scale, window,
@@ -71,7 +71,7 @@ def _kv_step(acc, m_i, l_i, q, Q, K, V, KS, VS, MASK, slope, b, qi, head, valid,
              BLOCK_DK: tl.constexpr, DK_CHUNKS: tl.constexpr, BLOCK_DV: tl.constexpr,
              CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_MASK: tl.constexpr,
              HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, INTERPRET: tl.constexpr,
-             MASKED: tl.constexpr, KV_FORMAT: tl.constexpr):
+             MASKED: tl.constexpr, KV_FORMAT: tl.constexpr, V_PAIRS: tl.constexpr):
     """One KV block. MASKED=False: the block is inside Lk and visible to every row.
     KV_FORMAT: 0 K/V in q's dtype, 1 fp8 e4m3, 2 q8_0, 3 q4_0; quantized K/V become q's dtype
     on load
@@ -112,13 +112,21 @@ def _kv_step(acc, m_i, l_i, q, Q, K, V, KS, VS, MASK, slope, b, qi, head, valid,
     # -- online softmax
     p, alpha, m_new = softmax_step(s, m_i)
     l_i = l_i * alpha + tl.sum(p, 1)
-    if KV_FORMAT >= 2:
-        vt = load_blocks(V, VS, vbase, offs_n, kv_len, stride_vn, 0, HEAD_DIM_V, BLOCK_DV,
-                         MASKED or HEAD_DIM_V != BLOCK_DV, q.dtype, KV_FORMAT, ASM, True)
+    if V_PAIRS:
+        ve, vo = fp8_pairs(V, vbase + offs_n * stride_vn, offs_n < kv_len, HEAD_DIM_V, BLOCK_DV,
+                           MASKED or HEAD_DIM_V != BLOCK_DV, ASM)
+        pv = p.to(ve.dtype)
+        acc = acc * alpha[:, None] + _dot(pv, ve, INTERPRET)
+        acc2 = acc2 * alpha[:, None] + _dot(pv, vo, INTERPRET)
     else:
-        vt = _load_v(V, vbase, offs_n, kv_len, stride_vn, HEAD_DIM_V, BLOCK_DV, MASKED).to(q.dtype)
-    acc = acc * alpha[:, None] + _dot(p.to(vt.dtype), vt, INTERPRET)
-    return acc, m_new, l_i
+        if KV_FORMAT >= 2:
+            vt = load_blocks(V, VS, vbase, offs_n, kv_len, stride_vn, 0, HEAD_DIM_V, BLOCK_DV,
+                             MASKED or HEAD_DIM_V != BLOCK_DV, q.dtype, KV_FORMAT, ASM, True)
+        else:
+            vt = _load_v(V, vbase, offs_n, kv_len, stride_vn, HEAD_DIM_V, BLOCK_DV,
+                         MASKED).to(q.dtype)
+        acc = acc * alpha[:, None] + _dot(p.to(vt.dtype), vt, INTERPRET)
+    return acc, acc2, m_new, l_i
 
 
 @triton.jit
@@ -131,7 +139,8 @@ def tile_kv_loop(acc, m_i, l_i, q, Q, K, V, KS, VS, MASK, SLOPES, b, g, qi, head
                  BLOCK_DK: tl.constexpr, DK_CHUNKS: tl.constexpr, BLOCK_DV: tl.constexpr,
                  CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_MASK: tl.constexpr,
                  HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, INTERPRET: tl.constexpr,
-                 KV_FORMAT: tl.constexpr = 0, HEAD_SCALES: tl.constexpr = 0):
+                 KV_FORMAT: tl.constexpr = 0, HEAD_SCALES: tl.constexpr = 0,
+                 V_PAIRS: tl.constexpr = False):
     """Online softmax over KV blocks [blk_lo, blk_hi) of one tile (scores in log2 units):
     first the blocks that need no mask, then the ones at the causal edge or past Lk.
     fp8 K/V (KV_FORMAT 1): KS, VS hold f32 scales, one per KV head where HEAD_SCALES says
@@ -149,14 +158,20 @@ def tile_kv_loop(acc, m_i, l_i, q, Q, K, V, KS, VS, MASK, SLOPES, b, g, qi, head
     slope = alibi_slope(SLOPES, head, valid, HAS_ALIBI)
     mid = unmasked_end(blk_lo, blk_hi, q_len, kv_len, first_token, BLOCK_N, CAUSAL,
                        HAS_WINDOW or DK_CHUNKS > 1)
+    if V_PAIRS:  # even and odd columns of V apart (`fp8_pairs`)
+        acc, acc2 = tl.split(tl.reshape(acc, [acc.shape[0], acc.shape[1] // 2, 2]))
+    else:
+        acc2 = 0.0
     for masked in tl.static_range(2):  # blocks blk_lo..mid unmasked, mid..blk_hi masked
         for blk in range(blk_lo + (mid - blk_lo) * masked, mid + (blk_hi - mid) * masked):
-            acc, m_i, l_i = _kv_step(
-                acc, m_i, l_i, q, Q, K, V, KS, VS, MASK, slope, b, qi, head, valid, qpos, kbase,
+            acc, acc2, m_i, l_i = _kv_step(
+                acc, acc2, m_i, l_i, q, Q, K, V, KS, VS, MASK, slope, b, qi, head, valid, qpos, kbase,
                 vbase, blk, stride_qb, stride_qm, stride_qh, stride_kn, stride_vn, stride_mb,
                 stride_mm, kv_len, qk_scale, softcap_scale, window, HEAD_DIM, HEAD_DIM_V,
                 BLOCK_N, BLOCK_DK, DK_CHUNKS, BLOCK_DV, CAUSAL, HAS_WINDOW, HAS_MASK, HAS_ALIBI,
-                SOFTCAP, INTERPRET, masked == 1, KV_FORMAT)
+                SOFTCAP, INTERPRET, masked == 1, KV_FORMAT, V_PAIRS)
+    if V_PAIRS:
+        acc = tl.reshape(tl.join(acc, acc2), [acc.shape[0], 2 * acc.shape[1]])
     if KV_FORMAT == 1:
         acc = acc * fp8_v_scale(VS, g, HEAD_SCALES)
     return acc, m_i, l_i

@@ -131,6 +131,34 @@ def _byte_to_f16(x, FP8: tl.constexpr):
 
 
 @triton.jit
+def fp8_pairs(V, offs, ok, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
+              ASM: tl.constexpr):
+    """Columns 0 .. BLOCK_D - 1 of the float8 e4m3 rows at byte offsets `offs` from V (even)
+    as two [len(offs), BLOCK_D / 2] f16 tiles: the even columns and the odd ones, exactly.
+    Loaded as 16-bit pairs, so a dot that reduces over the rows reads them with the 16-bit
+    transposing shared-memory load, as f16 V, instead of gathering single bytes."""
+    c = tl.arange(0, BLOCK_D // 2)
+    ptrs = (V + offs[:, None]).to(tl.pointer_type(tl.int16)) + c[None, :]
+    if MASKED:
+        w = tl.load(ptrs, mask=ok[:, None] & (c[None, :] < HEAD_DIM // 2), other=0)
+    else:
+        w = tl.load(ptrs)
+    if ASM:
+        return tl.inline_asm_elementwise(asm=PAIRS_F16, constraints="=r,=r,r", args=[w],
+                                         dtype=(tl.float16, tl.float16), is_pure=True, pack=2)
+    lo = (w & 255).to(tl.int8).to(tl.float8e4nv, bitcast=True).to(tl.float16)
+    hi = ((w >> 8) & 255).to(tl.int8).to(tl.float8e4nv, bitcast=True).to(tl.float16)
+    return lo, hi
+
+
+# two 16-bit pairs of e4m3 bytes {a0 a1} {b0 b1} (one register, a first) -> the f16 pairs
+# {a0 b0} (even columns) and {a1 b1} (odd): a byte permute, then the hardware's conversion
+PAIRS_F16 = tl.constexpr("{ .reg .b32 t; .reg .b16 e, o; prmt.b32 t, $2, 0, 0x3120; "
+                         "mov.b32 {e, o}, t; cvt.rn.f16x2.e4m3x2 $0, e; "
+                         "cvt.rn.f16x2.e4m3x2 $1, o; }")
+
+
+@triton.jit
 def fp8_rows(X, rows, ok, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
              ASM: tl.constexpr):
     """Columns 0 .. BLOCK_D - 1 of the float8 e4m3 rows at byte offsets `rows` from X as

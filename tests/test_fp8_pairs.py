@@ -1,0 +1,109 @@
+"""FP8 V read as 16-bit pairs of values in the decode kernel (`kernels/quant.fp8_pairs`):
+which plans and calls take it, the same results as reading bytes, against float64 on the
+dequantized K/V under the interpreter, and the sm_90 build's loads."""
+import pytest
+import torch
+
+import skattn
+from skattn import launch, quant, reference
+from helpers import run_gpu_build
+from tolerance import bound, rel_err
+
+FP8 = torch.float8_e4m3fn
+
+
+def _plan(q, k, v, **kw):
+    return skattn.plan(batch=q.shape[0], q_len=q.shape[1], kv_len=k.shape[1], q_heads=q.shape[2],
+                       kv_heads=k.shape[2], head_dim=q.shape[3], head_dim_v=v.shape[3],
+                       dtype=kw.pop("dtype", FP8), sms=4, occupancy=2, block_n=16, causal=True,
+                       **kw)
+
+
+def _spy(monkeypatch) -> list:
+    """The V_PAIRS constant of every main kernel launched."""
+    seen = []
+    real = launch._launch
+
+    def spy(kernel, key, args, const, *rest):
+        if "V_PAIRS" in const:
+            seen.append(const["V_PAIRS"])
+        return real(kernel, key, args, const, *rest)
+    monkeypatch.setattr(launch, "_launch", spy)
+    return seen
+
+
+def _odd_rows(v: torch.Tensor) -> torch.Tensor:
+    """v's values in a cache whose rows are an odd number of bytes apart."""
+    B, L, H, D = v.shape
+    big = torch.zeros(B, L, H, D + 1, dtype=FP8)
+    big[..., :D] = v
+    return big[..., :D]
+
+
+def _odd_address(v: torch.Tensor) -> torch.Tensor:
+    """v's values at an odd address (a contiguous view one byte into a buffer)."""
+    buf = torch.zeros(v.numel() + 1, dtype=torch.uint8)
+    out = buf[1:].view(FP8).view(v.shape)
+    out.copy_(v)
+    assert out.data_ptr() % 2 == 1
+    return out
+
+
+@pytest.mark.parametrize("Lq, Hq, programs", [(1, 4, 4), (3, 4, 7), (2, 8, 5)])
+def test_pairs_and_bytes_give_the_same_output(monkeypatch, Lq, Hq, programs):
+    g = torch.Generator().manual_seed(Lq * 10 + Hq)
+    q = torch.randn(1, Lq, Hq, 32, generator=g).half()
+    k = torch.randn(1, 90, 2, 32, generator=g)
+    v = torch.randn(1, 90, 2, 32, generator=g) * 3
+    (kq, ks), (vq, vs) = quant.fp8(k), quant.fp8(v, per_head=True)
+    p = _plan(q, kq, vq, programs=programs)
+    assert launch.v_pairs(p)
+    seen = _spy(monkeypatch)
+    ref = reference.attention(q, kq, vq, causal=True, k_scale=ks, v_scale=vs)
+    kd, vd = quant.dequantize_kv(kq, vq, ks, vs, q.dtype)
+    tol = bound(q, kd, vd, causal=True)
+    outs = []
+    for vx in (vq, _odd_rows(vq), _odd_address(vq)):
+        out = torch.full((*q.shape[:3], 32), float("nan"), dtype=q.dtype)
+        skattn.attention(q, kq, vx, plan=p, out=out, k_scale=ks, v_scale=vs, causal=True)
+        assert not out.isnan().any()
+        assert rel_err(out, ref) <= tol, (rel_err(out, ref), tol)
+        outs.append(out)
+    assert seen == [True, False, False]
+    # the same products and sums in another order of the MMAs: within f16 rounding
+    assert (outs[0].float() - outs[1].float()).abs().max() <= 2e-3 * outs[1].abs().max()
+
+
+def test_which_plans_read_pairs():
+    q = torch.zeros(1, 1, 4, 64, dtype=torch.float16)
+    k = torch.zeros(1, 64, 1, 64, dtype=FP8)
+    assert launch.v_pairs(_plan(q, k, k))                     # 16-row tiles
+    assert not launch.v_pairs(_plan(q[:, :, :3, :], k, k[..., :63].contiguous()))  # odd Dv
+    q16 = torch.zeros(1, 16, 4, 64, dtype=torch.float16)
+    assert _plan(q16, k, k).geometry.block_m == 64             # 64-row tiles: warpgroup MMAs
+    assert not launch.v_pairs(_plan(q16, k, k))
+    assert not launch.v_pairs(_plan(q, k, k, dtype=torch.float16))
+    assert not launch.v_pairs(_plan(q, k, k, dtype="q8_0"))
+
+
+def test_sm90_build_reads_v_with_the_transposing_load():
+    # the decode kernel (llama-8b heads, n = 1) for an H100/H200, compiled here: with pairs,
+    # V reaches the MMAs through ldmatrix.trans and no single-byte shared-memory load is left;
+    # reading bytes gathers them one at a time
+    code = (
+        "import triton, resources\n"
+        "from triton.backends.compiler import GPUTarget\n"
+        "from triton.compiler import ASTSource\n"
+        "p, fn, args, kw = resources._main_launch(128, 128, 1, 4, 4096, 'float8_e4m3fn')\n"
+        "for pairs in (True, False):\n"
+        "    sig, consts, attrs = resources.signature(fn, args, kw)\n"
+        "    consts['V_PAIRS'] = pairs\n"
+        "    ck = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget('cuda', 90, 32),\n"
+        "                        options=dict(num_warps=kw['num_warps'], num_stages=kw['num_stages']))\n"
+        "    ptx = ck.asm['ptx']\n"
+        "    print(pairs, ptx.count('ld.shared.u8') + ptx.count('ld.shared.b8'),\n"
+        "          ptx.count('.trans.shared'))\n")
+    out = run_gpu_build(code)
+    (pairs, *n_pairs), (plain, *n_plain) = (line.split() for line in out.splitlines()[-2:])
+    assert pairs == "True" and int(n_pairs[0]) == 0 and int(n_pairs[1]) > 0, out
+    assert plain == "False" and int(n_plain[0]) > 0, out
