@@ -76,7 +76,7 @@ def _tile_state(WL, rb, h, rbs, c, item, stop_here, batch, rb_max, ntiles_z, rat
                 TOKENS_PER_TILE: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                 HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, INTERPRET: tl.constexpr,
                 PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, KV_FORMAT: tl.constexpr,
-                HEAD_SCALES: tl.constexpr):
+                HEAD_SCALES: tl.constexpr, V_PAIRS: tl.constexpr):
     """The online-softmax state of tile (rb, h) over its items [item, stop_here), with the
     rows it covers and its output and LSE pointers moved to its sequence."""
     first = rbs + h * c
@@ -109,7 +109,7 @@ def _tile_state(WL, rb, h, rbs, c, item, stop_here, batch, rb_max, ntiles_z, rat
         stride_vb, stride_vn, lq, lk, num_pages, qk_scale, softcap_scale, window,
         qblock * TOKENS_PER_TILE, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_DK, DK_CHUNKS,
         BLOCK_DV, CAUSAL, HAS_WINDOW, HAS_ALIBI, SOFTCAP, INTERPRET, PAGED, PAGE_SIZE, KV_FORMAT,
-        HEAD_SCALES)
+        HEAD_SCALES, V_PAIRS)
     Ob = O + b64 * stride_ob + tl.cast(qs, tl.int64) * stride_om
     LSEb = LSE + b64 * stride_lb + qs
     return acc, m_i, l_i, qi, head, valid, Ob, LSEb, g, z, qblock, lq
@@ -141,7 +141,7 @@ def ragged_attention_kernel(
     SEARCH: tl.constexpr, FIXUP_COLS: tl.constexpr, FIXUP_ROWS: tl.constexpr,
     MERGE_PIECES: tl.constexpr, USE_PDL: tl.constexpr,
     KV_FORMAT: tl.constexpr = 0, HEAD_SCALES: tl.constexpr = 0, WHOLE: tl.constexpr = False,
-    WAIT_PDL: tl.constexpr = False,
+    WAIT_PDL: tl.constexpr = False, V_PAIRS: tl.constexpr = False,
 ):
     p = tl.program_id(0)
     if WAIT_PDL:  # launched early (PDL): the work list and every earlier kernel done first
@@ -162,7 +162,8 @@ def ragged_attention_kernel(
                     stride_lb, BT, stride_bt, SLOPES, KS, VS, num_pages, qk_scale,
                     softcap_scale, window, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, BLOCK_DK,
                     DK_CHUNKS, BLOCK_DV, HEADS_PER_TILE, TOKENS_PER_TILE, CAUSAL, HAS_WINDOW,
-                    HAS_ALIBI, SOFTCAP, INTERPRET, PAGED, PAGE_SIZE, KV_FORMAT, HEAD_SCALES)
+                    HAS_ALIBI, SOFTCAP, INTERPRET, PAGED, PAGE_SIZE, KV_FORMAT, HEAD_SCALES,
+                    V_PAIRS)
                 finalize_store(acc, m_i, l_i, 0, qi, head, valid, Ob, 0, stride_om, stride_oh,
                                LSEb, 0, stride_lh, SINKS, HEAD_DIM_V, BLOCK_DV, HAS_SINKS,
                                RETURN_LSE)
@@ -205,7 +206,7 @@ def ragged_attention_kernel(
                 SLOPES, KS, VS, num_pages, qk_scale, softcap_scale, window, HEAD_DIM, HEAD_DIM_V,
                 BLOCK_M, BLOCK_N, BLOCK_DK, DK_CHUNKS, BLOCK_DV, HEADS_PER_TILE, TOKENS_PER_TILE,
                 CAUSAL, HAS_WINDOW, HAS_ALIBI, SOFTCAP, INTERPRET, PAGED, PAGE_SIZE, KV_FORMAT,
-                HEAD_SCALES)
+                HEAD_SCALES, V_PAIRS)
             whole = (item == first) & (stop_here == stop)
             if PER_TILE_RANGES:
                 whole = whole & (split == 1)

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from skattn.kernels.kv_loop import _dot, load_q
-from skattn.kernels.quant import block_rows, fp8_rows, fp8_score_scales, fp8_v_scale
+from skattn.kernels.quant import block_rows, fp8_pairs, fp8_rows, fp8_score_scales, fp8_v_scale
 from skattn.kernels.softmax import alibi_slope, scores, softmax_step, unmasked_end, visible
 
 
@@ -48,14 +48,15 @@ def _key_rows(BT, blk, kv_len, num_pages, stride_kb, stride_kn, stride_vb, strid
 
 
 @triton.jit
-def _ragged_step(acc, m_i, l_i, q, Qb, Kb, Vb, KS, VS, BT, slope, qi, head, valid, qpos, blk,
+def _ragged_step(acc, acc2, m_i, l_i, q, Qb, Kb, Vb, KS, VS, BT, slope, qi, head, valid, qpos, blk,
                  stride_qm, stride_qh, stride_kb, stride_kn, stride_vb, stride_vn,
                  kv_len, num_pages, qk_scale, softcap_scale, window,
                  HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_DK: tl.constexpr, DK_CHUNKS: tl.constexpr, BLOCK_DV: tl.constexpr,
                  CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_ALIBI: tl.constexpr,
                  SOFTCAP: tl.constexpr, INTERPRET: tl.constexpr, PAGED: tl.constexpr,
-                 PAGE_SIZE: tl.constexpr, MASKED: tl.constexpr, KV_FORMAT: tl.constexpr):
+                 PAGE_SIZE: tl.constexpr, MASKED: tl.constexpr, KV_FORMAT: tl.constexpr,
+                 V_PAIRS: tl.constexpr):
     """One KV block. MASKED=False: inside Lk and visible to every row (pages still checked).
     KV_FORMAT 1: fp8 e4m3 K/V, converted to q's dtype on load (exactly; scales in the loop);
     2, 3: q8_0, q4_0 blocks dequantized to q's dtype on load, their scales at KS, VS."""
@@ -112,22 +113,29 @@ def _ragged_step(acc, m_i, l_i, q, Qb, Kb, Vb, KS, VS, BT, slope, qi, head, vali
     l_i = l_i * alpha + tl.sum(p, 1)
     dv = tl.arange(0, BLOCK_DV)
     vptrs = Vb + vrow[:, None] + dv[None, :]
-    if KV_FORMAT >= 2:
-        vt = block_rows(Vb, VS, vrow, ok, 0, HEAD_DIM_V, BLOCK_DV,
-                        MASKED or PAGED or HEAD_DIM_V != BLOCK_DV, q.dtype, KV_FORMAT, ASM, True)
-    elif KV_FORMAT == 1:
-        vt = fp8_rows(Vb, vrow, ok, HEAD_DIM_V, BLOCK_DV, MASKED or PAGED or HEAD_DIM_V != BLOCK_DV,
-                      ASM)
-    elif MASKED or PAGED:
-        vt = tl.load(vptrs, mask=ok[:, None] & (dv[None, :] < HEAD_DIM_V), other=0.0)
-    elif HEAD_DIM_V == BLOCK_DV:
-        vt = tl.load(vptrs)
+    if V_PAIRS:
+        ve, vo = fp8_pairs(Vb, vrow, ok, HEAD_DIM_V, BLOCK_DV,
+                           MASKED or PAGED or HEAD_DIM_V != BLOCK_DV, ASM)
+        pv = p.to(ve.dtype)
+        acc = acc * alpha[:, None] + _dot(pv, ve, INTERPRET)
+        acc2 = acc2 * alpha[:, None] + _dot(pv, vo, INTERPRET)
     else:
-        vt = tl.load(vptrs, mask=dv[None, :] < HEAD_DIM_V, other=0.0)
-    if KV_FORMAT == 1:
-        vt = vt.to(q.dtype)
-    acc = acc * alpha[:, None] + _dot(p.to(vt.dtype), vt, INTERPRET)
-    return acc, m_new, l_i
+        if KV_FORMAT >= 2:
+            vt = block_rows(Vb, VS, vrow, ok, 0, HEAD_DIM_V, BLOCK_DV,
+                            MASKED or PAGED or HEAD_DIM_V != BLOCK_DV, q.dtype, KV_FORMAT, ASM, True)
+        elif KV_FORMAT == 1:
+            vt = fp8_rows(Vb, vrow, ok, HEAD_DIM_V, BLOCK_DV, MASKED or PAGED or HEAD_DIM_V != BLOCK_DV,
+                          ASM)
+        elif MASKED or PAGED:
+            vt = tl.load(vptrs, mask=ok[:, None] & (dv[None, :] < HEAD_DIM_V), other=0.0)
+        elif HEAD_DIM_V == BLOCK_DV:
+            vt = tl.load(vptrs)
+        else:
+            vt = tl.load(vptrs, mask=dv[None, :] < HEAD_DIM_V, other=0.0)
+        if KV_FORMAT == 1:
+            vt = vt.to(q.dtype)
+        acc = acc * alpha[:, None] + _dot(p.to(vt.dtype), vt, INTERPRET)
+    return acc, acc2, m_new, l_i
 
 
 @triton.jit
@@ -140,7 +148,7 @@ def ragged_kv_loop(acc, m_i, l_i, q, Qb, Kb, Vb, BT, SLOPES, KS, VS, g, qi, head
                    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_ALIBI: tl.constexpr,
                    SOFTCAP: tl.constexpr, INTERPRET: tl.constexpr, PAGED: tl.constexpr,
                    PAGE_SIZE: tl.constexpr, KV_FORMAT: tl.constexpr = 0,
-                   HEAD_SCALES: tl.constexpr = 0):
+                   HEAD_SCALES: tl.constexpr = 0, V_PAIRS: tl.constexpr = False):
     """Online softmax over KV blocks [blk_lo, blk_hi) of one tile of sequence lengths
     (q_len, kv_len): first the blocks that need no mask, then the rest (`tile_kv_loop`).
     fp8 K/V (KV_FORMAT 1) as in `tile_kv_loop`: KS, VS hold f32 scales, KV head g's where
@@ -154,14 +162,20 @@ def ragged_kv_loop(acc, m_i, l_i, q, Qb, Kb, Vb, BT, SLOPES, KS, VS, g, qi, head
     slope = alibi_slope(SLOPES, head, valid, HAS_ALIBI)
     mid = unmasked_end(blk_lo, blk_hi, q_len, kv_len, first_token, BLOCK_N, CAUSAL,
                        HAS_WINDOW or DK_CHUNKS > 1)
+    if V_PAIRS:
+        acc, acc2 = tl.split(tl.reshape(acc, [acc.shape[0], acc.shape[1] // 2, 2]))
+    else:
+        acc2 = 0.0
     for masked in tl.static_range(2):  # blocks blk_lo..mid unmasked, mid..blk_hi masked
         for blk in range(blk_lo + (mid - blk_lo) * masked, mid + (blk_hi - mid) * masked):
-            acc, m_i, l_i = _ragged_step(
-                acc, m_i, l_i, q, Qb, Kb, Vb, KS, VS, BT, slope, qi, head, valid, qpos, blk,
+            acc, acc2, m_i, l_i = _ragged_step(
+                acc, acc2, m_i, l_i, q, Qb, Kb, Vb, KS, VS, BT, slope, qi, head, valid, qpos, blk,
                 stride_qm, stride_qh, stride_kb, stride_kn, stride_vb, stride_vn,
                 kv_len, num_pages, qk_scale, softcap_scale, window, HEAD_DIM, HEAD_DIM_V,
                 BLOCK_N, BLOCK_DK, DK_CHUNKS, BLOCK_DV, CAUSAL, HAS_WINDOW, HAS_ALIBI, SOFTCAP,
-                INTERPRET, PAGED, PAGE_SIZE, masked == 1, KV_FORMAT)
+                INTERPRET, PAGED, PAGE_SIZE, masked == 1, KV_FORMAT, V_PAIRS)
+    if V_PAIRS:
+        acc = tl.reshape(tl.join(acc, acc2), [acc.shape[0], 2 * acc.shape[1]])
     if KV_FORMAT == 1:
         acc = acc * fp8_v_scale(VS, g, HEAD_SCALES)
     return acc, m_i, l_i
