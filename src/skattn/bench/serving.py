@@ -126,13 +126,15 @@ def _same(out):
 # -- skattn
 def build_skattn(batch: Batch, policy: str, overrides: dict | None = None) -> Built:
     """`overrides`: `serving_plan` keywords (sms=, occupancy=, programs=, block_n=, ...), and
-    pdl_wait=0 for `Tuning(pdl_wait=False)` (the main kernel launched without PDL)."""
+    `Tuning`'s switches as integers: pdl_wait=0 for `Tuning(pdl_wait=False)` (the main kernel
+    launched without PDL), fp8_v_pairs=0 (FP8 V read as bytes)."""
     from skattn import Tuning, quant, serving
 
     m = batch.mix
     overrides = dict(overrides or {})
-    if "pdl_wait" in overrides:
-        overrides["tuning"] = Tuning(pdl_wait=bool(overrides.pop("pdl_wait")))
+    tuning = {k: bool(overrides.pop(k)) for k in ("pdl_wait", "fp8_v_pairs") if k in overrides}
+    if tuning:
+        overrides["tuning"] = Tuning(**tuning)
     common = dict(batch=m.batch, q_heads=batch.hq, kv_heads=batch.hkv, head_dim=batch.d,
                   page_size=batch.page_size, max_pages=batch.max_pages, policy=policy,
                   dtype=quant.kv_dtype(batch.k), **overrides)
