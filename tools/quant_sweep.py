@@ -4,7 +4,7 @@ several (block_n, num_stages, num_warps[, programs]) overrides, graph timer, col
     PYTHONPATH=src python3 tools/quant_sweep.py [--cells llama-8b:1:32768,...] [--geos 64/4/4,...]
         [--formats f16,fp8,q8_0,q4_0] [--reps 20]
         # a geometry: default or block_n/stages/warps[/programs], then optionally
-        # :field=value+... of skattn.Tuning (default:fp8_v_pairs=0)
+        # :key=value+... of skattn.Tuning or the plan (default:fp8_v_pairs=0+occupancy=3)
 
 Each (cell, format, geometry) is planned with the overrides (the policy picks the programs),
 checked against float64 on the dequantized K/V (output poisoned with NaN; above 5e-3 relative
@@ -47,7 +47,8 @@ def parse_cells(text: str) -> list[Cell]:
 
 def parse_geo(text: str) -> dict:
     """Plan keywords of a geometry `default` or `block_n/stages/warps[/programs]`, optionally
-    followed by `:field=value+...` of `skattn.Tuning` (integers; 0 and 1 for booleans)."""
+    followed by `:key=value+...`: fields of `skattn.Tuning` (0 and 1 for booleans) or plan
+    keywords such as occupancy (integers)."""
     geo, _, tune = text.partition(":")
     kw = {}
     if geo != "default":
@@ -56,8 +57,11 @@ def parse_geo(text: str) -> dict:
     if tune:
         fields = {f.name: f.type for f in dataclasses.fields(Tuning)}
         vals = dict(item.split("=") for item in tune.split("+"))
-        kw["tuning"] = Tuning(**{k: (v != "0") if fields[k] in (bool, "bool") else int(v)
-                                 for k, v in vals.items()})
+        tuning = {k: (v != "0") if fields[k] in (bool, "bool") else int(v)
+                  for k, v in vals.items() if k in fields}
+        kw.update({k: int(v) for k, v in vals.items() if k not in fields})  # plan keywords
+        if tuning:
+            kw["tuning"] = Tuning(**tuning)
     return kw
 
 
