@@ -107,3 +107,23 @@ def test_sm90_build_reads_v_with_the_transposing_load():
     (pairs, *n_pairs), (plain, *n_plain) = (line.split() for line in out.splitlines()[-2:])
     assert pairs == "True" and int(n_pairs[0]) == 0 and int(n_pairs[1]) > 0, out
     assert plain == "False" and int(n_plain[0]) > 0, out
+
+
+def test_serving_plans_run_three_fp8_pair_programs_an_sm():
+    # serving plans that do not name an occupancy run FP8 pair decode tiles three an SM
+    # (168 registers, 55-70 KB of shared memory); the GPU's default (2) elsewhere
+    from skattn import Tuning
+    from skattn.device import hardware
+
+    default = hardware()[1]
+
+    def occ(D=128, dtype=FP8, **kw):
+        kw = dict(q_len=1, max_kv_len=4096, page_size=16, **kw) if "max_q_len" not in kw else kw
+        return skattn.serving_plan(batch=8, q_heads=32, kv_heads=8, head_dim=D, dtype=dtype,
+                                   sms=132, **kw).occupancy
+    assert occ() == occ(64) == 3
+    assert occ(256) == 2                       # its shared memory: two fit
+    assert occ(occupancy=2) == 2               # the caller's word
+    assert occ(dtype=torch.float16) == occ(dtype="q8_0") == default
+    assert occ(tuning=Tuning(fp8_v_pairs=False)) == default
+    assert occ(max_q_len=512, total_q=600, max_kv_len=4096) == default  # 128-row tiles

@@ -97,6 +97,28 @@ def shared_bytes(geo: TileGeometry, *, has_mask: bool = False, kv_format: str = 
     return max(loop, geo.block_m * geo.block_dv * 4)
 
 
+# registers a thread of the FP8 decode tile that reads V as pairs (16 rows, 4 warps, head
+# size 128: its sm_90 build, scripts/sass_loop.py; head size 64 takes 128)
+FP8_PAIRS_REGISTERS = 168
+
+
+def fp8_pairs(geo: TileGeometry, kv_format: str, head_dim_v: int, enabled: bool) -> bool:
+    """Whether a plan's kernel reads FP8 V as 16-bit pairs (`kernels/quant.fp8_pairs`):
+    tiles under 64 rows, whose dots are the 16-row MMAs that then take V from shared memory
+    through the 16-bit transposing load (the 64-row warpgroup MMAs take V converted to f16
+    in shared memory either way), and an even Dv; `enabled` is `Tuning.fp8_v_pairs`."""
+    return (enabled and kv_format == "float8_e4m3fn" and geo.block_m < 64
+            and head_dim_v % 2 == 0)
+
+
+def fp8_pairs_per_sm(geo: TileGeometry) -> int:
+    """Programs of an FP8 pairs decode geometry one Hopper SM holds at once: its shared
+    memory (the planner's bound) and `FP8_PAIRS_REGISTERS` a thread."""
+    shared = shared_bytes(geo, kv_format="float8_e4m3fn")
+    return max(1, min(SM_SHARED_BYTES // shared,
+                      SM_REGISTERS // (geo.num_warps * 32 * FP8_PAIRS_REGISTERS)))
+
+
 def programs_per_sm(geo: TileGeometry, kv_format: str = "float16") -> int:
     """Programs of a 128-row (prompt) geometry that one Hopper SM holds at once: its shared
     memory (224 KB for head size 128, 80 KB for 64, as compiled) and 255 registers a thread

@@ -21,6 +21,7 @@ from triton import knobs
 
 from skattn import buffers as ws
 from skattn import prefill_launch as _prefill
+from skattn.config import fp8_pairs
 from skattn.device import interpreting
 from skattn.fastdiv import magic
 from skattn.kernels import attention as _main
@@ -157,14 +158,9 @@ def constants(plan, device: torch.device, tiles: int) -> tuple[dict, dict, tuple
 
 
 def v_pairs(plan: Plan) -> bool:
-    """Whether the plan's main kernel reads FP8 V as 16-bit pairs of values
-    (`kernels/quant.fp8_pairs`): tiles under 64 rows, whose dots are the 16-row MMAs that
-    then take V from shared memory through the 16-bit transposing load (the 64-row
-    warpgroup MMAs take V converted to f16 in shared memory either way), and an even Dv.
-    A call whose V rows are not at even byte offsets reads bytes instead.
-    `Tuning.fp8_v_pairs` turns it off."""
-    return (plan.tuning.fp8_v_pairs and plan.dtype == "float8_e4m3fn"
-            and plan.geometry.block_m < 64 and plan.head_dim_v % 2 == 0)
+    """Whether the plan's main kernel reads FP8 V as 16-bit pairs (`config.fp8_pairs`). A
+    call whose V rows are not at even byte offsets reads bytes instead."""
+    return fp8_pairs(plan.geometry, plan.dtype, plan.head_dim_v, plan.tuning.fp8_v_pairs)
 
 
 def score_scales(scale: float, softcap: float) -> tuple[float, float]:

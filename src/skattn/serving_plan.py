@@ -12,7 +12,7 @@ import torch
 
 from skattn import buffers
 from skattn.checks import causal_window
-from skattn.config import TileGeometry, tile_geometry
+from skattn.config import TileGeometry, fp8_pairs, fp8_pairs_per_sm, tile_geometry
 from skattn.planner import (_DTYPES, COMPUTE_BOUND_INTENSITY, _check_positive, _kv_blocks,
                             gpu_limits, shared_programs)
 from skattn.policy import (CUT_PENALTY_MANY, CostModel, canonical_policy, load_cost_model,
@@ -286,12 +286,18 @@ def serving_plan(*, batch: int, max_kv_len: int, q_heads: int, kv_heads: int, he
         raise ValueError(f"fixup must be None or one of {SERVING_FIXUPS}, got {fixup!r}")
     if fixup is not None and policy == "split":
         raise ValueError("policy 'split' merges with the uniform fixup; fixup= is for stream-K policies")
+    occupancy_given = occupancy is not None
     sms, occupancy, smem_limit = gpu_limits(sms, occupancy, smem_limit)
     ratio = q_heads // kv_heads
     geo = tile_geometry(q_len=max_q_len, gqa_ratio=ratio, head_dim=head_dim,
                         head_dim_v=head_dim_v, block_n=block_n, num_warps=num_warps,
                         num_stages=num_stages, smem_limit=smem_limit,
                         kv_format=SERVING_DTYPES[dtype])
+    tuning = tuning or Tuning()
+    if not occupancy_given and fp8_pairs(geo, SERVING_DTYPES[dtype], head_dim_v,
+                                         tuning.fp8_v_pairs):
+        # FP8 decode tiles fit three an SM: 1.06-1.16x on the serving mixes (PERF.md)
+        occupancy = max(occupancy, fp8_pairs_per_sm(geo))
     t = geo.tokens_per_tile
     ntiles_z = -(-ratio // geo.heads_per_tile)
     hz = kv_heads * ntiles_z
@@ -321,7 +327,7 @@ def serving_plan(*, batch: int, max_kv_len: int, q_heads: int, kv_heads: int, he
                        max_pages, total_k, geo,
                        ntiles_z, hz, rb_max, tiles_max, sms, occupancy, max_programs, policy,
                        programs, split, kind, bool(fastdiv), cost_model or ragged_cost_model(),
-                       tuning or Tuning())
+                       tuning)
 
 
 CUT_SHARE = 0.05  # ragged plans' CostModel.cut_share (ragged_cost_model)
