@@ -2,7 +2,8 @@
 import triton
 import triton.language as tl
 
-from skattn.kernels.quant import fp8_pairs, fp8_score_scales, fp8_v_scale, load_blocks
+from skattn.kernels.quant import (fp8_pairs, fp8_score_scales, fp8_v_scale, load_blocks,
+                                  q8_0_pair_blocks)
 from skattn.kernels.softmax import alibi_slope, scores, softmax_step, unmasked_end, visible
 from skattn.kernels.tile import LOG2E
 
@@ -112,7 +113,13 @@ def _kv_step(acc, acc2, m_i, l_i, q, Q, K, V, KS, VS, MASK, slope, b, qi, head, 
     # -- online softmax
     p, alpha, m_new = softmax_step(s, m_i)
     l_i = l_i * alpha + tl.sum(p, 1)
-    if V_PAIRS:
+    if V_PAIRS and KV_FORMAT == 2:
+        ve, vo, vs = q8_0_pair_blocks(V, VS, vbase + offs_n * stride_vn, offs_n < kv_len,
+                                      HEAD_DIM_V, BLOCK_DV, MASKED or HEAD_DIM_V != BLOCK_DV, ASM)
+        p3 = (p[None, :, :] * vs.to(tl.float32)[:, None, :]).to(ve.dtype)
+        acc = acc * alpha[None, :, None] + _dot(p3, ve, INTERPRET)
+        acc2 = acc2 * alpha[None, :, None] + _dot(p3, vo, INTERPRET)
+    elif V_PAIRS:
         ve, vo = fp8_pairs(V, vbase + offs_n * stride_vn, offs_n < kv_len, HEAD_DIM_V, BLOCK_DV,
                            MASKED or HEAD_DIM_V != BLOCK_DV, ASM)
         pv = p.to(ve.dtype)
@@ -158,7 +165,11 @@ def tile_kv_loop(acc, m_i, l_i, q, Q, K, V, KS, VS, MASK, SLOPES, b, g, qi, head
     slope = alibi_slope(SLOPES, head, valid, HAS_ALIBI)
     mid = unmasked_end(blk_lo, blk_hi, q_len, kv_len, first_token, BLOCK_N, CAUSAL,
                        HAS_WINDOW or DK_CHUNKS > 1)
-    if V_PAIRS:  # even and odd columns of V apart (`fp8_pairs`)
+    M: tl.constexpr = acc.shape[0]
+    NB: tl.constexpr = acc.shape[1] // 32
+    if V_PAIRS and KV_FORMAT == 2:  # [NB, M, 16] even and odd columns of each q8_0 block
+        acc, acc2 = tl.split(tl.permute(tl.reshape(acc, [M, NB, 16, 2]), (1, 0, 2, 3)))
+    elif V_PAIRS:  # even and odd columns of V apart (`fp8_pairs`)
         acc, acc2 = tl.split(tl.reshape(acc, [acc.shape[0], acc.shape[1] // 2, 2]))
     else:
         acc2 = 0.0
@@ -170,7 +181,9 @@ def tile_kv_loop(acc, m_i, l_i, q, Q, K, V, KS, VS, MASK, SLOPES, b, g, qi, head
                 stride_mm, kv_len, qk_scale, softcap_scale, window, HEAD_DIM, HEAD_DIM_V,
                 BLOCK_N, BLOCK_DK, DK_CHUNKS, BLOCK_DV, CAUSAL, HAS_WINDOW, HAS_MASK, HAS_ALIBI,
                 SOFTCAP, INTERPRET, masked == 1, KV_FORMAT, V_PAIRS)
-    if V_PAIRS:
+    if V_PAIRS and KV_FORMAT == 2:
+        acc = tl.reshape(tl.permute(tl.join(acc, acc2), (1, 0, 2, 3)), [M, NB * 32])
+    elif V_PAIRS:
         acc = tl.reshape(tl.join(acc, acc2), [acc.shape[0], 2 * acc.shape[1]])
     if KV_FORMAT == 1:
         acc = acc * fp8_v_scale(VS, g, HEAD_SCALES)
