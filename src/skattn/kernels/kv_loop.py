@@ -64,8 +64,8 @@ def _mask_bias(MASK, b, qi, offs_n, stride_mb, stride_mm, ok):
 
 
 @triton.jit
-def _kv_step(acc, acc2, m_i, l_i, q, Q, K, V, KS, VS, MASK, slope, b, qi, head, valid, qpos, kbase, vbase,
-             blk,
+def _kv_step(acc, acc2, m_i, l_i, q, Q, K, V, KS, VS, MASK, slope, b, qi, head, valid, qpos,
+             kbase, vbase, blk,
              stride_qb, stride_qm, stride_qh, stride_kn, stride_vn, stride_mb, stride_mm,
              kv_len, qk_scale, softcap_scale, window,
              HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -76,7 +76,10 @@ def _kv_step(acc, acc2, m_i, l_i, q, Q, K, V, KS, VS, MASK, slope, b, qi, head, 
     """One KV block. MASKED=False: the block is inside Lk and visible to every row.
     KV_FORMAT: 0 K/V in q's dtype, 1 fp8 e4m3, 2 q8_0, 3 q4_0; quantized K/V become q's dtype
     on load
-    (fp8 e4m3 exactly; the scales are applied in `tile_kv_loop`)."""
+    (fp8 e4m3 exactly; the scales are applied in `tile_kv_loop`). V_PAIRS: V read as 16-bit
+    pairs, `acc` and `acc2` the accumulators of its even and odd columns ([M, Dv / 2]; for
+    q8_0 [Dv / 32, M, 16] per 32-column block, p times the block's scales); else acc2 is
+    carried unused."""
     offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
     ASM: tl.constexpr = not INTERPRET  # quant.py's inline PTX conversions
     # -- scores
@@ -153,7 +156,8 @@ def tile_kv_loop(acc, m_i, l_i, q, Q, K, V, KS, VS, MASK, SLOPES, b, g, qi, head
     fp8 K/V (KV_FORMAT 1): KS, VS hold f32 scales, one per KV head where HEAD_SCALES says
     (bit 0: K's, bit 1: V's); K's is folded into the score scale, V's multiplies the
     accumulator (a partial's too: the merge is linear in it). q8_0 (2), q4_0 (3): KS, VS are
-    the block scales (`kernels/quant.py`)."""
+    the block scales (`kernels/quant.py`). V_PAIRS: V read as 16-bit pairs (`_kv_step`), the
+    accumulator split for the loop and joined back into column order after it."""
     # sequence and head offsets in 64 bits (a cache can pass 2**31 elements); a key's offset
     # inside one sequence's rows stays 32-bit (the API refuses Lk x row stride >= 2**31)
     kbase = tl.cast(b, tl.int64) * stride_kb + tl.cast(g, tl.int64) * stride_kh
@@ -176,8 +180,8 @@ def tile_kv_loop(acc, m_i, l_i, q, Q, K, V, KS, VS, MASK, SLOPES, b, g, qi, head
     for masked in tl.static_range(2):  # blocks blk_lo..mid unmasked, mid..blk_hi masked
         for blk in range(blk_lo + (mid - blk_lo) * masked, mid + (blk_hi - mid) * masked):
             acc, acc2, m_i, l_i = _kv_step(
-                acc, acc2, m_i, l_i, q, Q, K, V, KS, VS, MASK, slope, b, qi, head, valid, qpos, kbase,
-                vbase, blk, stride_qb, stride_qm, stride_qh, stride_kn, stride_vn, stride_mb,
+                acc, acc2, m_i, l_i, q, Q, K, V, KS, VS, MASK, slope, b, qi, head, valid, qpos,
+                kbase, vbase, blk, stride_qb, stride_qm, stride_qh, stride_kn, stride_vn, stride_mb,
                 stride_mm, kv_len, qk_scale, softcap_scale, window, HEAD_DIM, HEAD_DIM_V,
                 BLOCK_N, BLOCK_DK, DK_CHUNKS, BLOCK_DV, CAUSAL, HAS_WINDOW, HAS_MASK, HAS_ALIBI,
                 SOFTCAP, INTERPRET, masked == 1, KV_FORMAT, V_PAIRS)

@@ -161,11 +161,12 @@ def q8_0_pair_blocks(X, XS, offs, ok, HEAD_DIM: tl.constexpr, BLOCK_D: tl.conste
     NB: tl.constexpr = BLOCK_D // QK8_0
     blk = tl.arange(0, NB)
     c = tl.arange(0, QK8_0 // 2)
-    ptrs = ((X + offs)[None, :, None].to(tl.pointer_type(tl.int16)) + (blk * (QK8_0 // 2))[:, None, None]
-            + c[None, None, :])
+    ptrs = ((X + offs)[None, :, None].to(tl.pointer_type(tl.int16))
+            + (blk * (QK8_0 // 2))[:, None, None] + c[None, None, :])
     sptrs = XS + (offs // QK8_0)[None, :] + blk[:, None]
     if MASKED:
-        w = tl.load(ptrs, mask=ok[None, :, None] & (blk[:, None, None] < HEAD_DIM // QK8_0), other=0)
+        w = tl.load(ptrs, mask=ok[None, :, None] & (blk[:, None, None] < HEAD_DIM // QK8_0),
+                    other=0)
         s = tl.load(sptrs, mask=ok[None, :] & (blk[:, None] < HEAD_DIM // QK8_0), other=0.0)
     else:
         w = tl.load(ptrs)

@@ -59,7 +59,9 @@ def _ragged_step(acc, acc2, m_i, l_i, q, Qb, Kb, Vb, KS, VS, BT, slope, qi, head
                  V_PAIRS: tl.constexpr):
     """One KV block. MASKED=False: inside Lk and visible to every row (pages still checked).
     KV_FORMAT 1: fp8 e4m3 K/V, converted to q's dtype on load (exactly; scales in the loop);
-    2, 3: q8_0, q4_0 blocks dequantized to q's dtype on load, their scales at KS, VS."""
+    2, 3: q8_0, q4_0 blocks dequantized to q's dtype on load, their scales at KS, VS.
+    V_PAIRS (fp8): V read as 16-bit pairs, acc and acc2 its even and odd columns'
+    accumulators (`kv_loop._kv_step`); else acc2 is carried unused."""
     offs_n, krow, vrow, ok = _key_rows(BT, blk, kv_len, num_pages, stride_kb, stride_kn,
                                        stride_vb, stride_vn, PAGED, PAGE_SIZE, BLOCK_N)
     if MASKED:
@@ -122,10 +124,11 @@ def _ragged_step(acc, acc2, m_i, l_i, q, Qb, Kb, Vb, KS, VS, BT, slope, qi, head
     else:
         if KV_FORMAT >= 2:
             vt = block_rows(Vb, VS, vrow, ok, 0, HEAD_DIM_V, BLOCK_DV,
-                            MASKED or PAGED or HEAD_DIM_V != BLOCK_DV, q.dtype, KV_FORMAT, ASM, True)
+                            MASKED or PAGED or HEAD_DIM_V != BLOCK_DV, q.dtype, KV_FORMAT, ASM,
+                            True)
         elif KV_FORMAT == 1:
-            vt = fp8_rows(Vb, vrow, ok, HEAD_DIM_V, BLOCK_DV, MASKED or PAGED or HEAD_DIM_V != BLOCK_DV,
-                          ASM)
+            vt = fp8_rows(Vb, vrow, ok, HEAD_DIM_V, BLOCK_DV,
+                          MASKED or PAGED or HEAD_DIM_V != BLOCK_DV, ASM)
         elif MASKED or PAGED:
             vt = tl.load(vptrs, mask=ok[:, None] & (dv[None, :] < HEAD_DIM_V), other=0.0)
         elif HEAD_DIM_V == BLOCK_DV:
