@@ -35,6 +35,10 @@ def torchrun(ckpt: Path, out: Path, nproc: int) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc_per_node={nproc}", str(HERE / "tp_worker.py"), str(ckpt), str(out)]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    if run.returncode and "terminate called without an active exception" in run.stderr:
+        # a rank's C++ runtime aborted (gloo's threads on a loaded CPU; seen once in ~20
+        # runs of the suite, not reproduced alone): run again once, the results still checked
+        run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, f"{' '.join(cmd)} failed:\n{run.stdout[-3000:]}\n{run.stderr[-6000:]}"
     return json.loads(out.read_text())
 
