@@ -160,8 +160,6 @@ def constants(plan, device: torch.device, tiles: int) -> tuple[dict, dict, tuple
 def v_pairs(plan: Plan) -> bool:
     """Whether the plan's main kernel reads FP8 V as 16-bit pairs (`config.fp8_pairs`). A
     call whose V rows are not at even byte offsets reads bytes instead."""
-    if plan.dtype == "q8_0":
-        return plan.tuning.q8_0_v_blocks and plan.geometry.block_m < 64
     return fp8_pairs(plan.geometry, plan.dtype, plan.head_dim_v, plan.tuning.fp8_v_pairs)
 
 

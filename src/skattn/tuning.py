@@ -60,10 +60,6 @@ class Tuning:
         FP8 K/V, tiles under 64 rows (decode): read V as 16-bit pairs of values, so that the
         MMAs take it through the 16-bit transposing shared-memory load as they take f16 V,
         instead of gathering its bytes one at a time (`kernels/quant.fp8_pairs`).
-    q8_0_v_blocks : bool
-        q8_0 K/V, tiles under 64 rows: read V as 16-bit pairs too and apply its scales to p,
-        one dot per 32-column block of V (`kernels/quant.q8_0_pair_blocks`), instead of
-        multiplying every V value by its scale and staging V in f16 (an A/B switch).
     prefill_device_desc : bool
         "tma" only: make the K/V descriptors in the kernel, one per tile,
         instead of on the host once per call (their 128 bytes a program come from torch,
@@ -82,7 +78,6 @@ class Tuning:
     prefill: str = "base"
     prefill_device_desc: bool = False
     fp8_v_pairs: bool = True
-    q8_0_v_blocks: bool = False
     tile_order: str = "longest"
 
     def __post_init__(self):

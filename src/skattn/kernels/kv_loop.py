@@ -2,8 +2,7 @@
 import triton
 import triton.language as tl
 
-from skattn.kernels.quant import (fp8_pairs, fp8_score_scales, fp8_v_scale, load_blocks,
-                                  q8_0_pair_blocks)
+from skattn.kernels.quant import fp8_pairs, fp8_score_scales, fp8_v_scale, load_blocks
 from skattn.kernels.softmax import alibi_slope, scores, softmax_step, unmasked_end, visible
 from skattn.kernels.tile import LOG2E
 
@@ -76,10 +75,9 @@ def _kv_step(acc, acc2, m_i, l_i, q, Q, K, V, KS, VS, MASK, slope, b, qi, head, 
     """One KV block. MASKED=False: the block is inside Lk and visible to every row.
     KV_FORMAT: 0 K/V in q's dtype, 1 fp8 e4m3, 2 q8_0, 3 q4_0; quantized K/V become q's dtype
     on load
-    (fp8 e4m3 exactly; the scales are applied in `tile_kv_loop`). V_PAIRS: V read as 16-bit
-    pairs, `acc` and `acc2` the accumulators of its even and odd columns ([M, Dv / 2]; for
-    q8_0 [Dv / 32, M, 16] per 32-column block, p times the block's scales); else acc2 is
-    carried unused."""
+    (fp8 e4m3 exactly; the scales are applied in `tile_kv_loop`). V_PAIRS (fp8): V read as
+    16-bit pairs, `acc` and `acc2` the [M, Dv / 2] accumulators of its even and odd columns;
+    else acc2 is carried unused."""
     offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
     ASM: tl.constexpr = not INTERPRET  # quant.py's inline PTX conversions
     # -- scores
@@ -116,13 +114,7 @@ def _kv_step(acc, acc2, m_i, l_i, q, Q, K, V, KS, VS, MASK, slope, b, qi, head, 
     # -- online softmax
     p, alpha, m_new = softmax_step(s, m_i)
     l_i = l_i * alpha + tl.sum(p, 1)
-    if V_PAIRS and KV_FORMAT == 2:
-        ve, vo, vs = q8_0_pair_blocks(V, VS, vbase + offs_n * stride_vn, offs_n < kv_len,
-                                      HEAD_DIM_V, BLOCK_DV, MASKED or HEAD_DIM_V != BLOCK_DV, ASM)
-        p3 = (p[None, :, :] * vs.to(tl.float32)[:, None, :]).to(ve.dtype)
-        acc = acc * alpha[None, :, None] + _dot(p3, ve, INTERPRET)
-        acc2 = acc2 * alpha[None, :, None] + _dot(p3, vo, INTERPRET)
-    elif V_PAIRS:
+    if V_PAIRS:
         ve, vo = fp8_pairs(V, vbase + offs_n * stride_vn, offs_n < kv_len, HEAD_DIM_V, BLOCK_DV,
                            MASKED or HEAD_DIM_V != BLOCK_DV, ASM)
         pv = p.to(ve.dtype)
@@ -169,11 +161,7 @@ def tile_kv_loop(acc, m_i, l_i, q, Q, K, V, KS, VS, MASK, SLOPES, b, g, qi, head
     slope = alibi_slope(SLOPES, head, valid, HAS_ALIBI)
     mid = unmasked_end(blk_lo, blk_hi, q_len, kv_len, first_token, BLOCK_N, CAUSAL,
                        HAS_WINDOW or DK_CHUNKS > 1)
-    M: tl.constexpr = acc.shape[0]
-    NB: tl.constexpr = acc.shape[1] // 32
-    if V_PAIRS and KV_FORMAT == 2:  # [NB, M, 16] even and odd columns of each q8_0 block
-        acc, acc2 = tl.split(tl.permute(tl.reshape(acc, [M, NB, 16, 2]), (1, 0, 2, 3)))
-    elif V_PAIRS:  # even and odd columns of V apart (`fp8_pairs`)
+    if V_PAIRS:  # even and odd columns of V apart (`fp8_pairs`)
         acc, acc2 = tl.split(tl.reshape(acc, [acc.shape[0], acc.shape[1] // 2, 2]))
     else:
         acc2 = 0.0
@@ -185,9 +173,7 @@ def tile_kv_loop(acc, m_i, l_i, q, Q, K, V, KS, VS, MASK, SLOPES, b, g, qi, head
                 stride_mm, kv_len, qk_scale, softcap_scale, window, HEAD_DIM, HEAD_DIM_V,
                 BLOCK_N, BLOCK_DK, DK_CHUNKS, BLOCK_DV, CAUSAL, HAS_WINDOW, HAS_MASK, HAS_ALIBI,
                 SOFTCAP, INTERPRET, masked == 1, KV_FORMAT, V_PAIRS)
-    if V_PAIRS and KV_FORMAT == 2:
-        acc = tl.reshape(tl.permute(tl.join(acc, acc2), (1, 0, 2, 3)), [M, NB * 32])
-    elif V_PAIRS:
+    if V_PAIRS:
         acc = tl.reshape(tl.join(acc, acc2), [acc.shape[0], 2 * acc.shape[1]])
     if KV_FORMAT == 1:
         acc = acc * fp8_v_scale(VS, g, HEAD_SCALES)
