@@ -211,7 +211,8 @@ def serving_plan(*, batch: int, max_kv_len: int, q_heads: int, kv_heads: int, he
     layout : {"dense", "packed", "paged"}, optional
         Default: "paged" with a page size, else "dense" for q_len and "packed" for varlen.
     sms, occupancy : int, optional
-        The GPU (asked of the current one when None).
+        The GPU (asked of the current one when None). Without an occupancy, FP8 decode tiles
+        that read V as 16-bit pairs (head sizes 65-128) run three programs an SM.
     policy : {"auto", "llamacpp", "llamacpp-before", "split"}
         Stream-K policies pick the program count on the GPU from the real work; "split"
         cuts every tile into a fixed number of pieces chosen here (FlashDecoding-style).
@@ -297,7 +298,7 @@ def serving_plan(*, batch: int, max_kv_len: int, q_heads: int, kv_heads: int, he
     if (not occupancy_given and 64 < max(head_dim, head_dim_v) <= 128
             and fp8_pairs(geo, SERVING_DTYPES[dtype], head_dim_v, tuning.fp8_v_pairs)):
         # FP8 decode tiles fit three an SM: 1.01-1.16x on the serving mixes at head size 128
-        # (PERF.md); head sizes up to 64 (128-key blocks) are not measured so
+        # (PERF.md); head sizes up to 64 (their own tile configuration) were not measured
         occupancy = max(occupancy, fp8_pairs_per_sm(geo))
     t = geo.tokens_per_tile
     ntiles_z = -(-ratio // geo.heads_per_tile)
