@@ -159,7 +159,7 @@ def test_whole_tile_prompt_steps_in_a_graph():
     # one graph, steps of a serving loop that switch between whole prompts (whole tiles handed
     # out longest first) and decode or chunk steps (stream-K) as the lengths change
     from skattn.kernels.worklist import WHOLE_FLAG
-    from skattn.serving_plan import host_work_list
+    from skattn.serving_worklist import host_work_list
 
     B, (Hq, Hkv, D), ps, T = 8, MIXED_HEADS, 64, 4096
     g = gen(21)

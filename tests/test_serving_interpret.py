@@ -5,7 +5,7 @@ import torch
 import skattn
 from skattn import reference, serving, serving_launch
 from skattn.kernels.worklist import HEADER, WHOLE_FLAG, WHOLE_NEXT
-from skattn.serving_plan import host_work_list
+from skattn.serving_worklist import host_work_list
 from serving_inputs import (paged_cache, ragged_bound, randn, sequences_kvcache,
                             sequences_varlen, varlen_inputs)
 from tolerance import rel_err

@@ -8,7 +8,7 @@ import skattn
 from skattn import reference, serving
 from skattn.reference_serving_plan import run_serving_plan
 from skattn.serving_mixed import MixedPlan, decode_q_split
-from skattn.serving_plan import host_work_list
+from skattn.serving_worklist import host_work_list
 from serving_inputs import paged_cache, ragged_bound, sequences_varlen, varlen_inputs
 from test_serving_interpret import NAN, OCC, SMS, assert_same_list, check_lse, device_list
 from tolerance import rel_err

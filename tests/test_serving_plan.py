@@ -5,7 +5,7 @@ import pytest
 
 import skattn
 from skattn.planner import plan as dense_plan
-from skattn.serving_plan import effective_programs, host_work_list
+from skattn.serving_worklist import effective_programs, host_work_list
 
 
 def kv_plan(B, Lq, cap, **kw):
@@ -80,7 +80,7 @@ def test_auto_prefers_whole_tiles_for_equal_lengths():
     # slightly shorter longest program of 264 wins; unequal lengths never count as cut-free
     from dataclasses import replace
 
-    from skattn.serving_plan import cut_free
+    from skattn.serving_worklist import cut_free
 
     p = kv_plan(64, 1, 4096, policy="auto")
     assert host_work_list(p, lens_k=[4096] * 64).programs == 256

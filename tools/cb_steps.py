@@ -11,7 +11,7 @@ as `transformers_paged` does (llama-8b heads, the bounds rounded up to powers of
 transformers calls it eagerly, as under its CUDA graphs (query tokens padded to a
 multiple of 64, `max_seqlen_q` = the padded count, 32 sequences), and so padded with
 skattn registered with `q_split="auto"` (a step in two halves), and builds the work lists
-on the host (`serving_plan.host_work_list`): work items, tiles, programs, and the dot
+on the host (`serving_worklist.host_work_list`): work items, tiles, programs, and the dot
 products they compute against the useful ones. Prints one line per step and the totals.
 """
 from __future__ import annotations
@@ -27,7 +27,8 @@ from cb_bench import TINY, prompts  # noqa: E402
 
 from skattn.serving_launch import _pow2 as pow2  # noqa: E402
 from skattn.serving_mixed import decode_q_split, step_plan  # noqa: E402
-from skattn.serving_plan import host_work_list, serving_plan  # noqa: E402
+from skattn.serving_plan import serving_plan  # noqa: E402
+from skattn.serving_worklist import host_work_list  # noqa: E402
 
 HQ, HKV, D, PAGE = 32, 8, 128, 256
 

@@ -16,7 +16,8 @@ from skattn import serving_checks as sc
 from skattn.reference_math import F64, empty_state, finalise, merge, online_update, prepare, scores
 from skattn.reference_serving import gather_keys
 from skattn.serving_mixed import MixedPlan
-from skattn.serving_plan import ServingPlan, host_work_list
+from skattn.serving_plan import ServingPlan
+from skattn.serving_worklist import host_work_list
 
 __all__ = ["run_serving_plan"]
 
@@ -173,7 +174,7 @@ def run_serving_plan(plan, q, k, v, *, cache_seqlens=None, cu_seqlens_q=None, cu
     Give `cache_seqlens` for the inputs of `skattn.attention_with_kvcache` (dense or paged
     cache), or `cu_seqlens_q`, `cu_seqlens_k`, `max_seqlen_q`, `max_seqlen_k` for those of
     `skattn.attention_varlen` (packed or paged). The work list is the device's
-    (`skattn.serving_plan.host_work_list`), the programs and fixup the plan's; the protocol
+    (`skattn.serving_worklist.host_work_list`), the programs and fixup the plan's; the protocol
     is checked as it runs (no slot written twice, every piece merged once, every tile
     written once).
 

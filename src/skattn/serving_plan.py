@@ -2,7 +2,7 @@
 
 The host fixes the tile geometry, the most row blocks and tiles the batch can have, the
 grid and the workspace; the lengths are read on the GPU (`kernels/worklist.py`).
-`host_work_list` computes the same work list in Python, for tests and `describe`.
+`serving_worklist.host_work_list` computes the same work list in Python, for tests.
 """
 from __future__ import annotations
 
@@ -13,13 +13,13 @@ import torch
 from skattn import buffers
 from skattn.checks import causal_window
 from skattn.config import TileGeometry, fp8_pairs, fp8_pairs_per_sm, tile_geometry
-from skattn.planner import (_DTYPES, COMPUTE_BOUND_INTENSITY, _check_positive, _kv_blocks,
-                            gpu_limits, shared_programs)
-from skattn.policy import (CUT_PENALTY_MANY, CostModel, canonical_policy, load_cost_model,
-                           predict_us, saturated_blocks, split_count, whole_prompt)
+from skattn.planner import (_DTYPES, COMPUTE_BOUND_INTENSITY, _check_positive, gpu_limits,
+                            shared_programs)
+from skattn.policy import (CostModel, canonical_policy, load_cost_model, saturated_blocks,
+                           split_count)
 from skattn.tuning import Tuning
 
-__all__ = ["ServingPlan", "serving_plan", "host_work_list", "WorkList", "SERVING_POLICIES"]
+__all__ = ["ServingPlan", "serving_plan", "SERVING_POLICIES"]
 
 SERVING_POLICIES = ("auto", "llamacpp", "llamacpp-before", "split")
 SERVING_FIXUPS = ("general", "fused")
@@ -349,156 +349,6 @@ def ragged_cost_model() -> CostModel:
       64), though their longest program is 2.4% longer. Cut-free counts exist only when
       every tile has the same length (n divides the tile count)."""
     return replace(load_cost_model(), saturation=1.0, cut_share=CUT_SHARE)
-
-
-@dataclass(frozen=True)
-class WorkList:
-    """The device work list computed in Python (`host_work_list`): what the kernels read."""
-
-    lens_q: list[int]
-    lens_k: list[int]
-    q_start: list[int]
-    k_start: list[int]
-    rb_seq: list[int]       # per real row block: sequence
-    rb_qblock: list[int]    # token block
-    rb_first: list[int]     # first visible KV block
-    rb_count: list[int]     # KV blocks of each of its tiles
-    rb_start: list[int]     # [RB_max + 1] first item of each row block (padding at W)
-    work: int               # W
-    programs: int           # N chosen from W (0 in a whole-tile step)
-    whole: bool = False     # the step runs in whole tiles, handed out longest first
-
-    def tile_range(self, plan: ServingPlan, tile: int) -> tuple[int, int]:
-        rb, h = divmod(tile, plan.hz)
-        first = self.rb_start[rb] + h * self.rb_count[rb]
-        return first, first + self.rb_count[rb]
-
-    def program_range(self, p: int) -> tuple[int, int]:
-        n = max(self.programs, 1)
-        if p >= self.programs:
-            return self.work, self.work
-        return p * self.work // n, (p + 1) * self.work // n
-
-
-def _clamp(x: int, lo: int, hi: int) -> int:
-    return max(lo, min(hi, x))
-
-
-def host_work_list(plan: ServingPlan, *, lens_k=None, cu_k=None, cu_q=None) -> WorkList:
-    """The work list the device builds, in Python, with the device's clamping rules.
-
-    Parameters
-    ----------
-    plan : ServingPlan
-    lens_k : sequence of int, optional
-        cache_seqlens (attention_with_kvcache), or
-    cu_k : sequence of int, optional
-        cu_seqlens_k (varlen).
-    cu_q : sequence of int, optional
-        cu_seqlens_q (varlen).
-
-    Returns
-    -------
-    WorkList
-    """
-    geo, b = plan.geometry, plan.batch
-    big = 2**31 - 1
-    total_k = plan.total_k if plan.layout == "packed" else big
-    cap_k = plan.key_capacity
-    lq, lk, qs, ks = [], [], [], []
-    for i in range(b):
-        if cu_k is not None:
-            k0 = _clamp(int(cu_k[i]), 0, total_k)
-            n = _clamp(int(cu_k[i + 1]) - int(cu_k[i]), 0, cap_k)
-            lk.append(min(n, total_k - k0))
-            ks.append(k0)
-        else:
-            lk.append(_clamp(int(lens_k[i]), 0, cap_k))
-            ks.append(0)
-        if cu_q is not None:
-            q0 = _clamp(int(cu_q[i]), 0, plan.total_q)
-            raw = int(cu_q[i + 1]) - int(cu_q[i])
-            n = _clamp(raw, 0, plan.max_q_len)
-            if plan.q_range is not None and not plan.q_range[0] < raw <= plan.q_range[1]:
-                n = 0  # the other half's sequence
-            lq.append(min(n, plan.total_q - q0))
-            qs.append(q0)
-        else:
-            lq.append(plan.q_len)
-            qs.append(0)
-    rb_seq, rb_qblock, rb_first, rb_count = [], [], [], []
-    t = geo.tokens_per_tile
-    for i in range(b):
-        for j in range(-(-lq[i] // t)):
-            if len(rb_seq) == plan.rb_max:
-                break
-            first, count = _kv_blocks(j, q_len=lq[i], kv_len=lk[i], tokens=t,
-                                      block_n=geo.block_n, causal=plan.causal,
-                                      window=plan.window)
-            rb_seq.append(i)
-            rb_qblock.append(j)
-            rb_first.append(first)
-            rb_count.append(count)
-    rb_start = [0]
-    for c in rb_count:
-        rb_start.append(rb_start[-1] + c * plan.hz)
-    work = rb_start[-1]
-    rb_start += [work] * (plan.rb_max - len(rb_count))
-    tiles = len(rb_count) * plan.hz
-    longest, shortest = max(rb_count, default=0), min(rb_count, default=0)
-    whole = whole_tiles_step(plan, work, tiles, longest, shortest, max(lq, default=0))
-    programs = 0 if whole else effective_programs(plan, work, tiles, longest, shortest)
-    return WorkList(lq, lk, qs, ks, rb_seq, rb_qblock, rb_first, rb_count, rb_start, work,
-                    programs, whole)
-
-
-def whole_tiles_step(plan: ServingPlan, work: int, tiles: int, longest: int, shortest: int,
-                     q_max: int) -> bool:
-    """Whether the device runs a step in whole tiles (kernels/worklist.py `_whole_tiles`):
-    on a plan that allows it (`ServingPlan.whole_tiles`), a compute-bound step (a sequence
-    of at least `whole_q_min` query tokens) whose tiles differ in length at least
-    UNEQUAL_TILES x and outnumber the resident programs more than MANY_TILES x, where whole
-    tiles handed out to free programs (the work per resident program plus one longest tile,
-    or their waves) take less than one cut wave at CUT_PENALTY_MANY (the dense planner's
-    rule for whole prompts, policy.compute_bound_programs)."""
-    r = plan.resident
-    if not plan.whole_tiles or work == 0 or q_max < plan.whole_q_min:
-        return False
-    if not whole_prompt(tiles, r, shortest, longest):
-        return False
-    cut = -(-work // max(min(r, work), 1)) * CUT_PENALTY_MANY
-    return min(-(-tiles // r) * longest, -(-work // r) + longest) < cut
-
-
-def effective_programs(plan: ServingPlan, work: int, tiles: int, max_count: int,
-                       min_count: int) -> int:
-    """The program count the device picks from the real work (docs/serving.md, step 4)."""
-    if work == 0:
-        return 0
-    if plan.policy == "split":
-        return tiles * plan.split
-    raw = min(plan.programs, work)
-    if plan.policy == "llamacpp":
-        rounded = min(raw // tiles, min_count) * tiles
-        loss = 100 * (raw - rounded) // raw if rounded > 0 else 100
-        return rounded if loss <= 5 else raw
-    if plan.policy == "auto":
-        kind = "fused" if plan.fixup == "fused" else "general"
-        best = None
-        for n in range(1, raw + 1):
-            c = predict_us(plan.cost_model, programs=n, ntiles_dst=max(tiles, 1), work=work,
-                           max_tile_work=max_count, fixup=kind, max_programs=plan.max_programs,
-                           per_sm=plan.per_sm, cuts=not cut_free(n, tiles, max_count, min_count))
-            if best is None or c <= best[0]:
-                best = (c, n)
-        return best[1]
-    return raw
-
-
-def cut_free(n: int, tiles: int, max_count: int, min_count: int) -> bool:
-    """n programs share the work list without cutting a tile: every tile has the same length
-    and n divides the tile count."""
-    return max_count == min_count and tiles % n == 0
 
 
 def n_sat(plan: ServingPlan) -> int:

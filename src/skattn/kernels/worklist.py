@@ -118,7 +118,7 @@ def _kv_blocks(lq, lk, qblock, window, TOKENS: tl.constexpr, BLOCK_N: tl.constex
 @triton.jit
 def _programs(work, tiles, maxc, minc, grid_programs, split, n_sat, per_sm, COST,
               POLICY: tl.constexpr, FUSED: tl.constexpr, NB: tl.constexpr):
-    """The effective program count N from the real work (serving_plan.effective_programs)."""
+    """The effective program count N from the real work (serving_worklist.effective_programs)."""
     raw = tl.minimum(grid_programs, work)
     if POLICY == 0:  # llamacpp-before, or programs= given
         n = raw
@@ -142,7 +142,7 @@ def _programs(work, tiles, maxc, minc, grid_programs, split, n_sat, per_sm, COST
         if per_sm >= 2:
             rounds = tl.where(rounds == 2.0, 1.0 + shared_round, rounds)
         pieces = tl.minimum(c64, (tl.cast(maxc, tl.int64) * c64 + w - 1) // tl.maximum(w, 1) + 1)
-        # cut-free: equal tiles and n divides their count (serving_plan.cut_free)
+        # cut-free: equal tiles and n divides their count (serving_worklist.cut_free)
         whole = (maxc == minc) & (tiles % cand == 0)
         pieces = tl.where(whole, 0, pieces)
         share = tl.where(whole, 0.0, cut_share)
@@ -160,7 +160,7 @@ def _programs(work, tiles, maxc, minc, grid_programs, split, n_sat, per_sm, COST
 @triton.jit
 def _whole_tiles(work, tiles, maxc, minc, lq_max, resident, lq_min):
     """Whether a step runs in whole tiles, each program taking the next longest-first
-    (serving_plan.whole_tiles_step): a compute-bound step whose tiles differ in length at
+    (serving_worklist.whole_tiles_step): a compute-bound step whose tiles differ in length at
     least UNEQUAL x and outnumber the resident programs more than MANY x, where the GPU's
     hand-out of whole tiles (work per resident program plus one longest tile, or their
     waves) beats one cut wave at CUT_PENALTY_MANY."""
