@@ -55,6 +55,37 @@ def _dot(a, b, INTERPRET: tl.constexpr):
 
 
 @triton.jit
+def pv_pairs(acc, acc2, p, alpha, V, offs, ok, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
+             MASKED: tl.constexpr, ASM: tl.constexpr, INTERPRET: tl.constexpr):
+    """One KV block's P V for FP8 V read as 16-bit pairs (rows at byte offsets `offs` from V,
+    `kernels/quant.fp8_pairs`): the accumulators of V's even (acc) and odd (acc2) columns,
+    rescaled by alpha."""
+    ve, vo = fp8_pairs(V, offs, ok, HEAD_DIM_V, BLOCK_DV, MASKED, ASM)
+    pv = p.to(ve.dtype)
+    return (acc * alpha[:, None] + _dot(pv, ve, INTERPRET),
+            acc2 * alpha[:, None] + _dot(pv, vo, INTERPRET))
+
+
+@triton.jit
+def split_pairs(acc, V_PAIRS: tl.constexpr):
+    """(acc, acc2) for a KV loop: V_PAIRS, [M, Dv] apart into its even and odd columns;
+    else acc and an unused 0.0."""
+    if V_PAIRS:
+        a, b = tl.split(tl.reshape(acc, [acc.shape[0], acc.shape[1] // 2, 2]))
+    else:
+        a, b = acc, 0.0
+    return a, b
+
+
+@triton.jit
+def join_pairs(acc, acc2, V_PAIRS: tl.constexpr):
+    """`split_pairs` undone after the KV loop: the columns back in order."""
+    if V_PAIRS:
+        acc = tl.reshape(tl.join(acc, acc2), [acc.shape[0], 2 * acc.shape[1]])
+    return acc
+
+
+@triton.jit
 def _mask_bias(MASK, b, qi, offs_n, stride_mb, stride_mm, ok):
     """The additive mask of rows qi, keys offs_n where `ok` (0 elsewhere), in log2 units."""
     mptr = (MASK + tl.cast(b, tl.int64) * stride_mb + tl.cast(qi, tl.int64)[:, None] * stride_mm
@@ -115,11 +146,9 @@ def _kv_step(acc, acc2, m_i, l_i, q, Q, K, V, KS, VS, MASK, slope, b, qi, head, 
     p, alpha, m_new = softmax_step(s, m_i)
     l_i = l_i * alpha + tl.sum(p, 1)
     if V_PAIRS:
-        ve, vo = fp8_pairs(V, vbase + offs_n * stride_vn, offs_n < kv_len, HEAD_DIM_V, BLOCK_DV,
-                           MASKED or HEAD_DIM_V != BLOCK_DV, ASM)
-        pv = p.to(ve.dtype)
-        acc = acc * alpha[:, None] + _dot(pv, ve, INTERPRET)
-        acc2 = acc2 * alpha[:, None] + _dot(pv, vo, INTERPRET)
+        acc, acc2 = pv_pairs(acc, acc2, p, alpha, V, vbase + offs_n * stride_vn, offs_n < kv_len,
+                             HEAD_DIM_V, BLOCK_DV, MASKED or HEAD_DIM_V != BLOCK_DV, ASM,
+                             INTERPRET)
     else:
         if KV_FORMAT >= 2:
             vt = load_blocks(V, VS, vbase, offs_n, kv_len, stride_vn, 0, HEAD_DIM_V, BLOCK_DV,
@@ -161,10 +190,7 @@ def tile_kv_loop(acc, m_i, l_i, q, Q, K, V, KS, VS, MASK, SLOPES, b, g, qi, head
     slope = alibi_slope(SLOPES, head, valid, HAS_ALIBI)
     mid = unmasked_end(blk_lo, blk_hi, q_len, kv_len, first_token, BLOCK_N, CAUSAL,
                        HAS_WINDOW or DK_CHUNKS > 1)
-    if V_PAIRS:  # even and odd columns of V apart (`fp8_pairs`)
-        acc, acc2 = tl.split(tl.reshape(acc, [acc.shape[0], acc.shape[1] // 2, 2]))
-    else:
-        acc2 = 0.0
+    acc, acc2 = split_pairs(acc, V_PAIRS)
     for masked in tl.static_range(2):  # blocks blk_lo..mid unmasked, mid..blk_hi masked
         for blk in range(blk_lo + (mid - blk_lo) * masked, mid + (blk_hi - mid) * masked):
             acc, acc2, m_i, l_i = _kv_step(
@@ -173,8 +199,7 @@ def tile_kv_loop(acc, m_i, l_i, q, Q, K, V, KS, VS, MASK, SLOPES, b, g, qi, head
                 stride_mm, kv_len, qk_scale, softcap_scale, window, HEAD_DIM, HEAD_DIM_V,
                 BLOCK_N, BLOCK_DK, DK_CHUNKS, BLOCK_DV, CAUSAL, HAS_WINDOW, HAS_MASK, HAS_ALIBI,
                 SOFTCAP, INTERPRET, masked == 1, KV_FORMAT, V_PAIRS)
-    if V_PAIRS:
-        acc = tl.reshape(tl.join(acc, acc2), [acc.shape[0], 2 * acc.shape[1]])
+    acc = join_pairs(acc, acc2, V_PAIRS)
     if KV_FORMAT == 1:
         acc = acc * fp8_v_scale(VS, g, HEAD_SCALES)
     return acc, m_i, l_i

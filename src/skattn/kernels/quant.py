@@ -61,14 +61,16 @@ def q8_0_rows(X, XS, rows, srows, ok, d0, HEAD_DIM: tl.constexpr, BLOCK_D: tl.co
 
 
 @triton.jit
-def _words(X, rows, ok, d0, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr):
+def _words(X, rows, ok, d0, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
+           WIDTH: tl.constexpr = 4):
     """Columns d0 .. d0 + BLOCK_D - 1 of the 1-byte rows at byte offsets `rows` from X as
-    [len(rows), BLOCK_D / 4] 32-bit words (rows start at multiples of 4 bytes); masked words
-    read as 0."""
-    w = d0 // 4 + tl.arange(0, BLOCK_D // 4)
-    ptrs = (X + rows[:, None]).to(tl.pointer_type(tl.int32)) + w[None, :]
+    [len(rows), BLOCK_D / WIDTH] words of WIDTH bytes (4: int32, 2: int16; rows start at
+    multiples of WIDTH bytes); masked words read as 0."""
+    w = d0 // WIDTH + tl.arange(0, BLOCK_D // WIDTH)
+    WORD: tl.constexpr = tl.int32 if WIDTH == 4 else tl.int16
+    ptrs = (X + rows[:, None]).to(tl.pointer_type(WORD)) + w[None, :]
     if MASKED:
-        return tl.load(ptrs, mask=ok[:, None] & (w[None, :] < HEAD_DIM // 4), other=0)
+        return tl.load(ptrs, mask=ok[:, None] & (w[None, :] < HEAD_DIM // WIDTH), other=0)
     return tl.load(ptrs)
 
 
@@ -137,12 +139,7 @@ def fp8_pairs(V, offs, ok, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASKED
     as two [len(offs), BLOCK_D / 2] f16 tiles: the even columns and the odd ones, exactly.
     Loaded as 16-bit pairs, so a dot that reduces over the rows reads them with the 16-bit
     transposing shared-memory load, as f16 V, instead of gathering single bytes."""
-    c = tl.arange(0, BLOCK_D // 2)
-    ptrs = (V + offs[:, None]).to(tl.pointer_type(tl.int16)) + c[None, :]
-    if MASKED:
-        w = tl.load(ptrs, mask=ok[:, None] & (c[None, :] < HEAD_DIM // 2), other=0)
-    else:
-        w = tl.load(ptrs)
+    w = _words(V, offs, ok, 0, HEAD_DIM, BLOCK_D, MASKED, 2)
     if ASM:
         return tl.inline_asm_elementwise(asm=PAIRS_F16, constraints="=r,=r,r", args=[w],
                                          dtype=(tl.float16, tl.float16), is_pure=True, pack=2)

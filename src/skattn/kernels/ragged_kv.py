@@ -10,8 +10,8 @@ the few pages it spans as scalars). A page id outside
 import triton
 import triton.language as tl
 
-from skattn.kernels.kv_loop import _dot, load_q
-from skattn.kernels.quant import block_rows, fp8_pairs, fp8_rows, fp8_score_scales, fp8_v_scale
+from skattn.kernels.kv_loop import _dot, join_pairs, load_q, pv_pairs, split_pairs
+from skattn.kernels.quant import block_rows, fp8_rows, fp8_score_scales, fp8_v_scale
 from skattn.kernels.softmax import alibi_slope, scores, softmax_step, unmasked_end, visible
 
 
@@ -116,11 +116,8 @@ def _ragged_step(acc, acc2, m_i, l_i, q, Qb, Kb, Vb, KS, VS, BT, slope, qi, head
     dv = tl.arange(0, BLOCK_DV)
     vptrs = Vb + vrow[:, None] + dv[None, :]
     if V_PAIRS:
-        ve, vo = fp8_pairs(Vb, vrow, ok, HEAD_DIM_V, BLOCK_DV,
-                           MASKED or PAGED or HEAD_DIM_V != BLOCK_DV, ASM)
-        pv = p.to(ve.dtype)
-        acc = acc * alpha[:, None] + _dot(pv, ve, INTERPRET)
-        acc2 = acc2 * alpha[:, None] + _dot(pv, vo, INTERPRET)
+        acc, acc2 = pv_pairs(acc, acc2, p, alpha, Vb, vrow, ok, HEAD_DIM_V, BLOCK_DV,
+                             MASKED or PAGED or HEAD_DIM_V != BLOCK_DV, ASM, INTERPRET)
     else:
         if KV_FORMAT >= 2:
             vt = block_rows(Vb, VS, vrow, ok, 0, HEAD_DIM_V, BLOCK_DV,
@@ -165,10 +162,7 @@ def ragged_kv_loop(acc, m_i, l_i, q, Qb, Kb, Vb, BT, SLOPES, KS, VS, g, qi, head
     slope = alibi_slope(SLOPES, head, valid, HAS_ALIBI)
     mid = unmasked_end(blk_lo, blk_hi, q_len, kv_len, first_token, BLOCK_N, CAUSAL,
                        HAS_WINDOW or DK_CHUNKS > 1)
-    if V_PAIRS:
-        acc, acc2 = tl.split(tl.reshape(acc, [acc.shape[0], acc.shape[1] // 2, 2]))
-    else:
-        acc2 = 0.0
+    acc, acc2 = split_pairs(acc, V_PAIRS)
     for masked in tl.static_range(2):  # blocks blk_lo..mid unmasked, mid..blk_hi masked
         for blk in range(blk_lo + (mid - blk_lo) * masked, mid + (blk_hi - mid) * masked):
             acc, acc2, m_i, l_i = _ragged_step(
@@ -177,8 +171,7 @@ def ragged_kv_loop(acc, m_i, l_i, q, Qb, Kb, Vb, BT, SLOPES, KS, VS, g, qi, head
                 kv_len, num_pages, qk_scale, softcap_scale, window, HEAD_DIM, HEAD_DIM_V,
                 BLOCK_N, BLOCK_DK, DK_CHUNKS, BLOCK_DV, CAUSAL, HAS_WINDOW, HAS_ALIBI, SOFTCAP,
                 INTERPRET, PAGED, PAGE_SIZE, masked == 1, KV_FORMAT, V_PAIRS)
-    if V_PAIRS:
-        acc = tl.reshape(tl.join(acc, acc2), [acc.shape[0], 2 * acc.shape[1]])
+    acc = join_pairs(acc, acc2, V_PAIRS)
     if KV_FORMAT == 1:
         acc = acc * fp8_v_scale(VS, g, HEAD_SCALES)
     return acc, m_i, l_i
