@@ -121,6 +121,31 @@ def run_gpu_build(code: str, timeout: int = 600) -> str:
     return res.stdout
 
 
+def main_ptx_counts(kv: str, const: str, values: tuple, needles: tuple) -> dict:
+    """The sm_90 PTX of the decode main kernel (llama-8b heads, n = 1, K/V in `kv`),
+    compiled here without a GPU with its compile-time constant `const` set to each of
+    `values`: {value: [count of each needle]}, a needle being a tuple of substrings whose
+    counts add up."""
+    code = (
+        "import triton, resources\n"
+        "from triton.backends.compiler import GPUTarget\n"
+        "from triton.compiler import ASTSource\n"
+        f"p, fn, args, kw = resources._main_launch(128, 128, 1, 4, 4096, {kv!r})\n"
+        f"for value in {tuple(values)!r}:\n"
+        "    sig, consts, attrs = resources.signature(fn, args, kw)\n"
+        f"    consts[{const!r}] = value\n"
+        "    ck = triton.compile(ASTSource(fn, sig, consts, attrs),\n"
+        "                        target=GPUTarget('cuda', 90, 32),\n"
+        "                        options=dict(num_warps=kw['num_warps'],\n"
+        "                                     num_stages=kw['num_stages']))\n"
+        "    ptx = ck.asm['ptx']\n"
+        f"    print(repr(value), *(sum(ptx.count(s) for s in n) for n in {tuple(needles)!r}))\n")
+    out = run_gpu_build(code)
+    rows = [line.split() for line in out.splitlines()[-len(values):]]
+    assert [row[0] for row in rows] == [repr(v) for v in values], out
+    return {v: [int(x) for x in row[1:]] for v, row in zip(values, rows)}
+
+
 def write_path(monkeypatch, module, one: bool) -> list:
     """A quantized cache layer's writes through `skattn.quant_store` (`one`: one launch,
     counted in the list returned) or through torch operations (`module.one_launch` false,

@@ -11,7 +11,7 @@ import torch
 import skattn
 from skattn import quant, reference
 from skattn.config import shared_bytes
-from helpers import FP8_ARG_ERRORS, fp8_case, run_gpu_build
+from helpers import FP8_ARG_ERRORS, fp8_case, main_ptx_counts
 from tolerance import bound, rel_err
 
 FP8 = torch.float8_e4m3fn
@@ -316,25 +316,12 @@ def test_q8_0_gpu_build_converts_four_values_at_a_time():
     # the sm_90 build of the q8_0 decode kernel (llama-8b heads, n = 1) takes the inline-PTX
     # conversion (`kernels/quant.py:i8x4_to_f16`, `words_to_f16`), not Triton's one
     # instruction a value; the interpreter's build (INTERPRET) has no inline PTX at all
-    code = (
-        "import triton, resources\n"
-        "from triton.backends.compiler import GPUTarget\n"
-        "from triton.compiler import ASTSource\n"
-        "p, fn, args, kw = resources._main_launch(128, 128, 1, 4, 4096, 'q8_0')\n"
-        "for interpret in (False, True):\n"
-        "    sig, consts, attrs = resources.signature(fn, args, kw)\n"
-        "    consts['INTERPRET'] = interpret\n"
-        "    ck = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget('cuda', 90, 32),\n"
-        "                        options=dict(num_warps=kw['num_warps'], num_stages=kw['num_stages']))\n"
-        "    ptx = ck.asm['ptx']\n"
-        "    print(interpret, ptx.count('0x64646464'), ptx.count('cvt.rn.f32.s'),\n"
-        "          ptx.count('cvt.rn.f16.s'))\n")
-    out = run_gpu_build(code)
-    (gpu, *n_gpu), (interp, *n_interp) = (line.split() for line in out.splitlines()[-2:])
+    c = main_ptx_counts("q8_0", "INTERPRET", (False, True),
+                        (("0x64646464",), ("cvt.rn.f32.s",), ("cvt.rn.f16.s",)))
     # GPU: the PTX's f16 exponent byte 0x64, no int -> float conversion instruction; the
     # interpreter's build converts value by value instead
-    assert gpu == "False" and int(n_gpu[0]) > 0 and n_gpu[1:] == ["0", "0"], out
-    assert interp == "True" and int(n_interp[0]) == 0 and int(n_interp[1]) > 0, out
+    assert c[False][0] > 0 and c[False][1:] == [0, 0], c
+    assert c[True][0] == 0 and c[True][1] > 0, c
 
 
 def test_block_values_at_an_address_not_a_multiple_of_4_are_refused():

@@ -6,7 +6,7 @@ import torch
 
 import skattn
 from skattn import launch, quant, reference
-from helpers import run_gpu_build
+from helpers import main_ptx_counts
 from tolerance import bound, rel_err
 
 FP8 = torch.float8_e4m3fn
@@ -90,23 +90,10 @@ def test_sm90_build_reads_v_with_the_transposing_load():
     # the decode kernel (llama-8b heads, n = 1) for an H100/H200, compiled here: with pairs,
     # V reaches the MMAs through ldmatrix.trans and no single-byte shared-memory load is left;
     # reading bytes gathers them one at a time
-    code = (
-        "import triton, resources\n"
-        "from triton.backends.compiler import GPUTarget\n"
-        "from triton.compiler import ASTSource\n"
-        "p, fn, args, kw = resources._main_launch(128, 128, 1, 4, 4096, 'float8_e4m3fn')\n"
-        "for pairs in (True, False):\n"
-        "    sig, consts, attrs = resources.signature(fn, args, kw)\n"
-        "    consts['V_PAIRS'] = pairs\n"
-        "    ck = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget('cuda', 90, 32),\n"
-        "                        options=dict(num_warps=kw['num_warps'], num_stages=kw['num_stages']))\n"
-        "    ptx = ck.asm['ptx']\n"
-        "    print(pairs, ptx.count('ld.shared.u8') + ptx.count('ld.shared.b8'),\n"
-        "          ptx.count('.trans.shared'))\n")
-    out = run_gpu_build(code)
-    (pairs, *n_pairs), (plain, *n_plain) = (line.split() for line in out.splitlines()[-2:])
-    assert pairs == "True" and int(n_pairs[0]) == 0 and int(n_pairs[1]) > 0, out
-    assert plain == "False" and int(n_plain[0]) > 0, out
+    c = main_ptx_counts("float8_e4m3fn", "V_PAIRS", (True, False),
+                        (("ld.shared.u8", "ld.shared.b8"), (".trans.shared",)))
+    assert c[True][0] == 0 and c[True][1] > 0, c
+    assert c[False][0] > 0, c
 
 
 def test_serving_plans_run_three_fp8_pair_programs_an_sm():
