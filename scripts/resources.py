@@ -110,13 +110,25 @@ def ptxas(ptx: str) -> dict:
     return dict(regs=int(regs[-1]) if regs else None, spill_bytes=int(spill[-1]) if spill else None)
 
 
-def compile_launch(fn, args, kw):
+def compile_launch(fn, args, kw, loops: bool = False):
+    """Shared memory, registers, spills and PDL wait of one launch's sm_90a build; with
+    `loops`, also its innermost MMA loops (`sass_loop.mma_loops`: the KV loop's variants,
+    unmasked blocks first) as `loop_instructions`, and the local-memory accesses (spills)
+    inside them, `loop_spills`."""
     sig, consts, attrs = signature(fn, args, kw)
     opts = {k: kw[k] for k in ("num_warps", "num_stages") if k in kw}
     ck = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
                         options=opts)
-    return dict(shared=ck.metadata.shared, **ptxas(ck.asm["ptx"]),
+    info = dict(shared=ck.metadata.shared, **ptxas(ck.asm["ptx"]),
                 pdl_wait="griddepcontrol.wait" in ck.asm["ptx"])
+    if loops:
+        import sass_loop  # (it imports this module)
+
+        bodies = sass_loop.mma_loops(sass_loop.disassemble(ck.asm["cubin"]), innermost=True)
+        info["loop_instructions"] = [len(b) for b in bodies]
+        info["loop_spills"] = sum(n for b in bodies for op, n in sass_loop.opcodes(b).items()
+                                  if op.startswith(("STL", "LDL")))
+    return info
 
 
 def _main_launch(D: int, Dv: int, n: int, heads: int, kv_len: int, kv: str):

@@ -42,9 +42,14 @@ def sass(D: int, Dv: int, n: int, kv: str, heads: int = 4, kv_len: int = 32768) 
     opts = {k: kw[k] for k in ("num_warps", "num_stages") if k in kw}
     ck = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
                         options=opts)
+    return disassemble(ck.asm["cubin"])
+
+
+def disassemble(cubin: bytes) -> str:
+    """SASS of a cubin, by Triton's own `nvdisasm`."""
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-        f.write(ck.asm["cubin"])
+        f.write(cubin)
     try:
         return subprocess.run([tool, "-c", f.name], capture_output=True, text=True,
                               check=True).stdout
@@ -52,9 +57,11 @@ def sass(D: int, Dv: int, n: int, kv: str, heads: int = 4, kv_len: int = 32768) 
         os.unlink(f.name)
 
 
-def mma_loops(text: str) -> list[list[str]]:
+def mma_loops(text: str, innermost: bool = False) -> list[list[str]]:
     """The loops of `text` (SASS) that hold an MMA, in code order: each a list of
-    instructions (predicates kept) from the branch target to the backward branch."""
+    instructions (predicates kept) from the branch target to the backward branch.
+    `innermost`: only those that hold no other such loop (the KV loops, not a program's
+    loop over its tiles)."""
     labels, code = {}, []
     for line in text.splitlines():
         m = _LABEL.match(line)
@@ -64,14 +71,16 @@ def mma_loops(text: str) -> list[list[str]]:
         m = _INSTR.match(line)
         if m:
             code.append(m.group(1).strip())
-    loops = []
+    spans = []
     for i, ins in enumerate(code):
         m = _BRANCH.search(ins)
         if m and labels.get(m.group(1), i + 1) <= i:
-            body = code[labels[m.group(1)]:i + 1]
-            if any("HMMA" in x or "HGMMA" in x for x in body):
-                loops.append(body)
-    return loops
+            if any("HMMA" in x or "HGMMA" in x for x in code[labels[m.group(1)]:i + 1]):
+                spans.append((labels[m.group(1)], i + 1))
+    if innermost:
+        spans = [(a, b) for a, b in spans
+                 if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in spans)]
+    return [code[a:b] for a, b in spans]
 
 
 def opcodes(body: list[str]) -> collections.Counter:
