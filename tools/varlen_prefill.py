@@ -1,9 +1,10 @@
-"""Steps of a continuous batch, side by side: `attention_varlen` over a paged cache (with
-max_seqlen_q as given, and as skattn's transformers forward would plan it under CUDA graphs:
-the token count padded to a multiple of 64, rounded up to a power of two; the padded tokens
-and sequences themselves are not added; and with policy "split", whole tiles where the step
-has more tiles than programs) against the dense path (`skattn.attention`, one call a request) and SDPA's flash
-kernel (causal, one call a request; fresh prompts only), same inputs, same run.
+"""Steps of a continuous batch, side by side: `attention_varlen` over a paged cache (pages
+of 256, or --page; with max_seqlen_q as given, and as skattn's transformers forward would
+plan it under CUDA graphs: the token count padded to a multiple of 64, rounded up to a power
+of two; the padded tokens and sequences themselves are not added; and with policy "split",
+whole tiles where the step has more tiles than programs) against the dense path
+(`skattn.attention`, one call a request) and SDPA's flash kernel (causal, one call a
+request; fresh prompts only), same inputs, same run.
 
     PYTHONPATH=src python3 tools/varlen_prefill.py [--page 256] [--reps 10]
 
@@ -119,7 +120,7 @@ def main() -> int:
             dtype=f16, causal=True, window=None))
         g = plan.geometry
         wl = skattn.serving.work_list(plan, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
-        r = dict(case=name, varlen_us=timed(varlen(max(lq)), args.reps),
+        r = dict(case=name, page=args.page, varlen_us=timed(varlen(max(lq)), args.reps),
                  varlen_max_q_padded_us=timed(varlen(padded), args.reps),
                  split_whole_tiles_us=timed(varlen(max(lq), whole), args.reps),
                  dense_us=timed(dense, args.reps),
