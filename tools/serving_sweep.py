@@ -5,8 +5,8 @@ variants `POLICY/key=int,...` (serving_plan overrides: programs, occupancy, bloc
         [--variants "auto;split;auto/programs=256;skattn-fp8:auto/occupancy=3;..."]
         [--models llama-8b]
 
-A variant with a colon is a whole provider name (`skattn-fp8:auto/occupancy=3`: over FP8
-K/V). Each variant is checked against float64 before it is timed (graph timer, 8 layers, cold L2),
+A variant with a colon, or one of the benchmark's providers, is a whole provider name
+(`skattn-fp8:auto/occupancy=3`: over FP8 K/V; `sdpa-padded`). Each variant is checked against float64 before it is timed (graph timer, 8 layers, cold L2),
 as in the benchmark. Writes $OUT/serving-sweep.{csv,json,md} (default
 benchmarks/results/latest/serving_sweep) and prints one line per row.
 """
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from skattn.bench.serving import PROVIDERS
 from skattn.bench.serving_run import run_serving
 
 
@@ -26,7 +27,7 @@ def main() -> int:
     ap.add_argument("--variants", default="auto;split;auto/programs=264;auto/programs=256")
     ap.add_argument("--reps", type=int, default=10)
     args = ap.parse_args()
-    names = [v if ":" in v else f"skattn:{v}" for v in args.variants.split(";")]
+    names = [v if ":" in v or v in PROVIDERS else f"skattn:{v}" for v in args.variants.split(";")]
     out = os.environ.get("OUT", "benchmarks/results/latest/serving_sweep")
     _, rows = run_serving(models=args.models.split(","), mixes=args.mixes.split(","),
                           page_sizes=[int(x) for x in args.pages.split(",")], names=names,

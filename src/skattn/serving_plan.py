@@ -297,8 +297,8 @@ def serving_plan(*, batch: int, max_kv_len: int, q_heads: int, kv_heads: int, he
     tuning = tuning or Tuning()
     if (not occupancy_given and 64 < max(head_dim, head_dim_v) <= 128
             and fp8_pairs(geo, SERVING_DTYPES[dtype], head_dim_v, tuning.fp8_v_pairs)):
-        # FP8 decode tiles fit three an SM: 1.01-1.16x on the serving mixes at head size 128
-        # (PERF.md); head sizes up to 64 (their own tile configuration) were not measured
+        # FP8 decode tiles fit three an SM: 1.01-1.16x on the serving mixes at head size 128;
+        # at head size 64 (128-key blocks) three ran up to 1.4x slower (PERF.md)
         occupancy = max(occupancy, fp8_pairs_per_sm(geo))
     t = geo.tokens_per_tile
     ntiles_z = -(-ratio // geo.heads_per_tile)
