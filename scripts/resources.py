@@ -116,7 +116,7 @@ def compile_launch(fn, args, kw, loops: bool = False):
     unmasked blocks first) as `loop_instructions`, and the local-memory accesses (spills)
     inside them, `loop_spills`."""
     sig, consts, attrs = signature(fn, args, kw)
-    opts = {k: kw[k] for k in ("num_warps", "num_stages") if k in kw}
+    opts = {k: kw[k] for k in ("num_warps", "num_stages", "maxnreg") if k in kw}
     ck = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
                         options=opts)
     info = dict(shared=ck.metadata.shared, **ptxas(ck.asm["ptx"]),
@@ -219,7 +219,7 @@ def shared_memory(fn, args, kw) -> int:
     """Bytes of shared memory Triton allocates for this launch on sm_90 (its `shared` metadata),
     compiled no further than that."""
     sig, consts, attrs = signature(fn, args, kw)
-    opts = {k: kw[k] for k in ("num_warps", "num_stages") if k in kw}
+    opts = {k: kw[k] for k in ("num_warps", "num_stages", "maxnreg") if k in kw}
     knobs.runtime.add_stages_inspection_hook = _stop_after_allocation
     always, knobs.compilation.always_compile = knobs.compilation.always_compile, True
     try:  # (no cache lookup: a full compile cached before would answer instead)

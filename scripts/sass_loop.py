@@ -39,7 +39,7 @@ def sass(D: int, Dv: int, n: int, kv: str, heads: int = 4, kv_len: int = 32768) 
     """The sm_90a SASS of the default main kernel for one KV head of `heads` query heads."""
     _, fn, args, kw = resources._main_launch(D, Dv, n, heads, kv_len, kv)
     sig, consts, attrs = resources.signature(fn, args, kw)
-    opts = {k: kw[k] for k in ("num_warps", "num_stages") if k in kw}
+    opts = {k: kw[k] for k in ("num_warps", "num_stages", "maxnreg") if k in kw}
     ck = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
                         options=opts)
     return disassemble(ck.asm["cubin"])

@@ -119,6 +119,15 @@ def fp8_pairs_per_sm(geo: TileGeometry) -> int:
                       SM_REGISTERS // (geo.num_warps * 32 * FP8_PAIRS_REGISTERS)))
 
 
+def register_cap(occupancy: int, num_warps: int) -> int | None:
+    """Registers a thread that let `occupancy` programs of `num_warps` warps share an SM
+    (a multiple of 8, as ptxas allocates), or None where 255 (the most a thread takes) fit.
+    Compiled with it (Triton's `maxnreg`), a plan's programs are resident together as its
+    cost model counts them, whatever registers the build would have taken."""
+    per_thread = SM_REGISTERS // (occupancy * num_warps * 32)
+    return None if per_thread >= 255 else per_thread // 8 * 8
+
+
 def programs_per_sm(geo: TileGeometry, kv_format: str = "float16") -> int:
     """Programs of a 128-row (prompt) geometry that one Hopper SM holds at once: its shared
     memory (224 KB for head size 128, 80 KB for 64, as compiled) and 255 registers a thread

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from skattn import buffers as ws
-from skattn.config import _pow2, fp8_pairs
+from skattn.config import _pow2, fp8_pairs, register_cap
 from skattn.device import interpreting
 from skattn.kernels import ragged as _ragged
 from skattn.kernels import ragged_fixup as _fix
@@ -79,6 +79,11 @@ def _bind(plan: ServingPlan, device: torch.device) -> Bound:
                       V_PAIRS=fp8_pairs(g, plan.dtype, plan.head_dim_v, plan.tuning.fp8_v_pairs))
     if main_const["WAIT_PDL"]:  # Tuning(pdl_wait=True): launched early, waits on the GPU
         main_const["launch_pdl"] = True
+    # decode tiles three or more an SM: the build must fit them (prompt-sized tiles, whose
+    # shared memory holds one or two an SM, are left to ptxas)
+    cap = register_cap(plan.occupancy, g.num_warps) if g.block_m < 64 else None
+    if cap is not None:
+        main_const["maxnreg"] = cap
     fix_kernel = plan.fixup if plan.fixup in ("uniform", "general") else None
     if fix_kernel == "general":
         fix_const["SEARCH"] = search
