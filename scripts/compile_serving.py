@@ -52,6 +52,10 @@ CASES = {
                          kv="q8_0"),
     "paged16-q4_0": dict(kw=dict(q_len=1, max_kv_len=4096, page_size=16), layout="paged",
                          kv="q4_0"),
+    # three an SM (a serving plan's default for q8_0 decode tiles): under the register cap,
+    # at the GQA ratio (5) whose build took 194 registers without it
+    "paged16-q8_0-3": dict(kw=dict(q_len=1, max_kv_len=4096, page_size=16), layout="paged",
+                           kv="q8_0", occupancy=3, heads=(40, 8, 128)),
     # Tuning(pdl_wait=False): the main kernel launched plainly, without griddepcontrol.wait
     "paged16-nowait": dict(kw=dict(q_len=1, max_kv_len=4096, page_size=16), layout="paged",
                            wait=False),
@@ -74,7 +78,8 @@ def capture(name: str, case: dict) -> list:
     B = case.get("batch", 64 if "q_len" in case["kw"] else 32)
     kvd = case.get("kv", F16)
     p = skattn.serving_plan(batch=B, q_heads=hq, kv_heads=hkv, head_dim=d, head_dim_v=dv,
-                            causal=True, dtype=kvd, sms=132, occupancy=2, smem_limit=232448, **case["kw"])
+                            causal=True, dtype=kvd, sms=132, occupancy=case.get("occupancy", 2),
+                            smem_limit=232448, **case["kw"])
     plan = p
     for half in getattr(p, "halves", (p,)):
         b = serving_launch.bind(half, torch.device("cpu"))

@@ -97,11 +97,6 @@ def shared_bytes(geo: TileGeometry, *, has_mask: bool = False, kv_format: str = 
     return max(loop, geo.block_m * geo.block_dv * 4)
 
 
-# registers a thread of the FP8 decode tile that reads V as pairs (16 rows, 4 warps, head
-# size 128: its sm_90 build, scripts/sass_loop.py; head size 64 takes 128)
-FP8_PAIRS_REGISTERS = 168
-
-
 def fp8_pairs(geo: TileGeometry, kv_format: str, head_dim_v: int, enabled: bool) -> bool:
     """Whether a plan's kernel reads FP8 V as 16-bit pairs (`kernels/quant.fp8_pairs`):
     tiles under 64 rows, whose dots are the 16-row MMAs that then take V from shared memory
@@ -111,12 +106,20 @@ def fp8_pairs(geo: TileGeometry, kv_format: str, head_dim_v: int, enabled: bool)
             and head_dim_v % 2 == 0)
 
 
-def fp8_pairs_per_sm(geo: TileGeometry) -> int:
-    """Programs of an FP8 pairs decode geometry one Hopper SM holds at once: its shared
-    memory (the planner's bound) and `FP8_PAIRS_REGISTERS` a thread."""
-    shared = shared_bytes(geo, kv_format="float8_e4m3fn")
-    return max(1, min(SM_SHARED_BYTES // shared,
-                      SM_REGISTERS // (geo.num_warps * 32 * FP8_PAIRS_REGISTERS)))
+def quant_decode_per_sm(geo: TileGeometry, kv_format: str, head_dim: int, head_dim_v: int,
+                        fp8_v_pairs: bool) -> int | None:
+    """Programs an SM for a serving plan's quantized decode tiles where the caller names no
+    occupancy: three for tiles under 64 rows of head sizes 65-128 that read FP8 V as pairs
+    (`fp8_pairs`) or q8_0 blocks, else None (the GPU's default). Their sm_90 builds take at
+    most 71.7 KB of shared memory, and under the register cap of three an SM
+    (`register_cap`: 168) none spills in its KV loop (scripts/compile_serving.py, checked
+    by a CPU test); three ran 1.01-1.16x (FP8) and 1.11-1.20x (q8_0) faster than two on the
+    serving mixes, and up to 1.4x slower for FP8 at head size 64 (PERF.md)."""
+    if not (64 < max(head_dim, head_dim_v) <= 128 and geo.block_m < 64):
+        return None
+    if kv_format == "q8_0" or fp8_pairs(geo, kv_format, head_dim_v, fp8_v_pairs):
+        return 3
+    return None
 
 
 def register_cap(occupancy: int, num_warps: int) -> int | None:

@@ -12,7 +12,7 @@ import torch
 
 from skattn import buffers
 from skattn.checks import causal_window
-from skattn.config import TileGeometry, fp8_pairs, fp8_pairs_per_sm, tile_geometry
+from skattn.config import TileGeometry, quant_decode_per_sm, tile_geometry
 from skattn.planner import (_DTYPES, COMPUTE_BOUND_INTENSITY, _check_positive, gpu_limits,
                             shared_programs)
 from skattn.policy import (CostModel, canonical_policy, load_cost_model, saturated_blocks,
@@ -295,11 +295,10 @@ def serving_plan(*, batch: int, max_kv_len: int, q_heads: int, kv_heads: int, he
                         num_stages=num_stages, smem_limit=smem_limit,
                         kv_format=SERVING_DTYPES[dtype])
     tuning = tuning or Tuning()
-    if (not occupancy_given and 64 < max(head_dim, head_dim_v) <= 128
-            and fp8_pairs(geo, SERVING_DTYPES[dtype], head_dim_v, tuning.fp8_v_pairs)):
-        # FP8 decode tiles fit three an SM: 1.01-1.16x on the serving mixes at head size 128;
-        # at head size 64 (128-key blocks) three ran up to 1.4x slower (PERF.md)
-        occupancy = max(occupancy, fp8_pairs_per_sm(geo))
+    quant = quant_decode_per_sm(geo, SERVING_DTYPES[dtype], head_dim, head_dim_v,
+                                tuning.fp8_v_pairs)
+    if quant is not None and not occupancy_given:  # three an SM (PERF.md)
+        occupancy = max(occupancy, quant)
     t = geo.tokens_per_tile
     ntiles_z = -(-ratio // geo.heads_per_tile)
     hz = kv_heads * ntiles_z
