@@ -6,9 +6,10 @@ variants `POLICY/key=int,...` (serving_plan overrides: programs, occupancy, bloc
         [--models llama-8b]
 
 A variant with a colon, or one of the benchmark's providers, is a whole provider name
-(`skattn-fp8:auto/occupancy=3`: over FP8 K/V; `sdpa-padded`). Each variant is checked against float64 before it is timed (graph timer, 8 layers, cold L2),
-as in the benchmark. Writes $OUT/serving-sweep.{csv,json,md} (default
-benchmarks/results/latest/serving_sweep) and prints one line per row.
+(`skattn-fp8:auto/occupancy=3`: over FP8 K/V; `sdpa-padded`). Each variant is checked
+against float64 before it is timed (graph timer, 8 layers, cold L2), as in the benchmark.
+Writes $OUT/serving-sweep.{csv,json,md} (default benchmarks/results/latest/serving_sweep)
+and prints one line per row.
 """
 from __future__ import annotations
 
