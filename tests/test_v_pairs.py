@@ -117,3 +117,23 @@ def test_serving_plans_run_three_quantized_decode_programs_an_sm():
     assert occ(dtype=torch.float16) == occ(dtype="q4_0") == default
     assert occ(tuning=Tuning(fp8_v_pairs=False)) == default
     assert occ(max_q_len=512, total_q=600, max_kv_len=4096) == default  # 128-row tiles
+
+
+def test_decode_plans_three_an_sm_compile_under_a_register_cap():
+    # a serving plan of decode tiles three or more an SM builds its main kernel with
+    # Triton's maxnreg, so that its programs fit an SM together (65536 registers); two an SM
+    # and prompt-sized tiles (one or two an SM by shared memory) are left to ptxas
+    from skattn import serving_launch
+    from skattn.config import register_cap
+
+    assert register_cap(2, 4) is None and register_cap(1, 8) is None
+    assert (register_cap(3, 4), register_cap(4, 4), register_cap(3, 8)) == (168, 128, 80)
+
+    def cap(dtype, occupancy, **kw):
+        kw = kw or dict(q_len=1)
+        p = skattn.serving_plan(batch=8, max_kv_len=4096, page_size=16, q_heads=32, kv_heads=8,
+                                head_dim=128, dtype=dtype, sms=132, occupancy=occupancy, **kw)
+        return serving_launch.bind(p, torch.device("cpu")).main_const.get("maxnreg")
+    assert cap("q8_0", 3) == cap(FP8, 3) == cap(torch.float16, 3) == 168
+    assert cap("q8_0", 2) is None and cap(torch.float16, 4) == 128
+    assert cap(torch.float16, 3, max_q_len=512, total_q=600) is None  # 128-row tiles
