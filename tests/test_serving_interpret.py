@@ -133,7 +133,8 @@ def test_kvcache_fixups(policy, fixup, programs):
     (16, 16, None),     # a block is a page
     (32, 16, None),     # two blocks a page (one scalar page id a block)
     (48, 32, None),     # blocks straddle pages: one page id per key
-    (16, 32, "fused"),  # a block spans two pages
+    (16, 32, "fused"),  # a block spans two pages (their ids as a vector)
+    (16, 64, None),     # four pages
     (256, 32, None),
 ])
 def test_paged(page_size, block_n, fixup):
@@ -259,15 +260,18 @@ def test_work_list_shared_between_calls():
     assert not ws[-p.tiles_max * 4:].any(), "fused counters must return to zero"
 
 
-def test_device_clamps_bad_lengths_and_pages():
+@pytest.mark.parametrize("block_n, bad", [(16, -1), (32, -1), (32, 10**6)])
+def test_device_clamps_bad_lengths_and_pages(block_n, bad):
     # what the GPU does with values the host cannot check (docs/serving.md, "Bad input"):
     # a negative length counts as 0, one past the cache as the cache's capacity, and keys
-    # of a page id out of range are masked, never read
+    # of a page id out of range are masked, never read; blocks of one page and of two (the
+    # page ids as a vector)
     lens = [-3, 100, 30]
     k, v, table = paged_cache([0, 48, 30], page_size=16, hkv=2, d=16, seed=9, max_pages=3)
-    table[2, 1] = -1  # sequence 2's keys 16..29 sit in no page
+    table[2, 1] = bad  # sequence 2's keys 16..29 sit in no page
     q = randn((3, 1, 4, 16), torch.Generator().manual_seed(10), torch.float16, "cpu")
-    p = kv_plan(3, 1, 48, 4, 2, 16, page_size=16, policy="llamacpp-before", programs=8)
+    p = kv_plan(3, 1, 48, 4, 2, 16, page_size=16, policy="llamacpp-before", programs=8,
+                block_n=block_n)
     out = torch.full((3, 1, 4, 16), NAN, dtype=q.dtype)
     t = torch.tensor(lens, dtype=torch.int32)
     with pytest.raises(ValueError, match="negative"):  # the host check, on CPU tensors
