@@ -110,15 +110,20 @@ def ptxas(ptx: str) -> dict:
     return dict(regs=int(regs[-1]) if regs else None, spill_bytes=int(spill[-1]) if spill else None)
 
 
+def build(fn, args, kw):
+    """Triton's sm_90a build of one captured launch (its warps, stages and register cap)."""
+    sig, consts, attrs = signature(fn, args, kw)
+    opts = {k: kw[k] for k in ("num_warps", "num_stages", "maxnreg") if k in kw}
+    return triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
+                          options=opts)
+
+
 def compile_launch(fn, args, kw, loops: bool = False):
     """Shared memory, registers, spills and PDL wait of one launch's sm_90a build; with
     `loops`, also its innermost MMA loops (`sass_loop.mma_loops`: the KV loop's variants,
     unmasked blocks first) as `loop_instructions`, and the local-memory accesses (spills)
     inside them, `loop_spills`."""
-    sig, consts, attrs = signature(fn, args, kw)
-    opts = {k: kw[k] for k in ("num_warps", "num_stages", "maxnreg") if k in kw}
-    ck = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
-                        options=opts)
+    ck = build(fn, args, kw)
     info = dict(shared=ck.metadata.shared, **ptxas(ck.asm["ptx"]),
                 pdl_wait="griddepcontrol.wait" in ck.asm["ptx"])
     if loops:
@@ -218,13 +223,10 @@ def _stop_after_allocation(backend, stages, options, language, capability):
 def shared_memory(fn, args, kw) -> int:
     """Bytes of shared memory Triton allocates for this launch on sm_90 (its `shared` metadata),
     compiled no further than that."""
-    sig, consts, attrs = signature(fn, args, kw)
-    opts = {k: kw[k] for k in ("num_warps", "num_stages", "maxnreg") if k in kw}
     knobs.runtime.add_stages_inspection_hook = _stop_after_allocation
     always, knobs.compilation.always_compile = knobs.compilation.always_compile, True
     try:  # (no cache lookup: a full compile cached before would answer instead)
-        triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
-                       options=opts)
+        build(fn, args, kw)
     except _Allocated as done:
         return done.args[0]
     finally:

@@ -24,8 +24,6 @@ import sys
 import tempfile
 
 import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import resources  # noqa: E402
@@ -38,11 +36,7 @@ _BRANCH = re.compile(r"BRA\s+`?\(?\.?(L_x_\d+)")
 def sass(D: int, Dv: int, n: int, kv: str, heads: int = 4, kv_len: int = 32768) -> str:
     """The sm_90a SASS of the default main kernel for one KV head of `heads` query heads."""
     _, fn, args, kw = resources._main_launch(D, Dv, n, heads, kv_len, kv)
-    sig, consts, attrs = resources.signature(fn, args, kw)
-    opts = {k: kw[k] for k in ("num_warps", "num_stages", "maxnreg") if k in kw}
-    ck = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
-                        options=opts)
-    return disassemble(ck.asm["cubin"])
+    return disassemble(resources.build(fn, args, kw).asm["cubin"])
 
 
 def disassemble(cubin: bytes) -> str:

@@ -157,9 +157,10 @@ def constants(plan, device: torch.device, tiles: int) -> tuple[dict, dict, tuple
     return main_const, fix_const, fix_grid, pdl
 
 
-def v_pairs(plan: Plan) -> bool:
-    """Whether the plan's main kernel reads FP8 V as 16-bit pairs (`config.fp8_pairs`). A
-    call whose V rows are not at even byte offsets reads bytes instead."""
+def v_pairs(plan) -> bool:
+    """Whether the plan's (a Plan's or a ServingPlan's) main kernel reads FP8 V as 16-bit
+    pairs (`config.fp8_pairs`). A dense call whose V rows are not at even byte offsets reads
+    bytes instead."""
     return fp8_pairs(plan.geometry, plan.dtype, plan.head_dim_v, plan.tuning.fp8_v_pairs)
 
 

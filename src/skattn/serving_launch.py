@@ -11,13 +11,13 @@ from dataclasses import dataclass
 import torch
 
 from skattn import buffers as ws
-from skattn.config import _pow2, fp8_pairs, register_cap
+from skattn.config import _pow2, register_cap
 from skattn.device import interpreting
 from skattn.kernels import ragged as _ragged
 from skattn.kernels import ragged_fixup as _fix
 from skattn.kernels import worklist as _wl
 from skattn.launch import (KV_FORMATS, _launch, _no_hooks, _pdl_wait, _spec, cached_bind,
-                           constants, device_table, score_scales)
+                           constants, device_table, score_scales, v_pairs)
 from skattn.serving_plan import POLICY_CODE, ServingPlan, n_sat
 
 INT32_MAX = 2**31 - 1
@@ -76,7 +76,7 @@ def _bind(plan: ServingPlan, device: torch.device) -> Bound:
                       SEARCH=search, KV_FORMAT=KV_FORMATS.get(plan.dtype, 0), WHOLE=False,
                       WAIT_PDL=_pdl_wait(plan, device),
                       # FP8 V: rows at multiples of 4 bytes (checks); q8_0 keeps its loads
-                      V_PAIRS=fp8_pairs(g, plan.dtype, plan.head_dim_v, plan.tuning.fp8_v_pairs))
+                      V_PAIRS=v_pairs(plan))
     if main_const["WAIT_PDL"]:  # Tuning(pdl_wait=True): launched early, waits on the GPU
         main_const["launch_pdl"] = True
     # decode tiles three or more an SM: the build must fit them (prompt-sized tiles, whose
