@@ -139,3 +139,77 @@ def test_write_table_writes_rows_and_provenance(tmp_path):
     assert [r["case"] for r in back] == ["a", "b"]
     assert back[0]["us"] == "1.5" and back[1]["us"] == ""
     assert json.loads((tmp_path / "new" / "steps.json").read_text()) == {"gpu": "x", "commit": "c"}
+
+
+def test_serving_timeline_counts_each_programs_blocks_and_tiles(capsys):
+    # tools/serving_timeline.py: per program the KV blocks and tiles of its range (host work
+    # list), which the duration fit reads; checked against a direct count over the tiles
+    st = _load("serving_timeline")
+    plan, m = st.plan_for("llama-8b", "one-long", 16, sms=132, occupancy=2)
+    items, tiles, work, n = st.program_work(plan, list(m.kv_lens))
+    assert sum(items) == work == 8 * (32768 + 63 * 1024) // plan.geometry.block_n
+    assert len(items) == plan.programs and all(i == 0 for i in items[n:])
+    ranges = []  # every tile's [first, last item], in list order
+    at = 0
+    for n_keys in m.kv_lens:
+        c = -(-n_keys // plan.geometry.block_n)
+        for _ in range(plan.hz):
+            ranges.append((at, at + c))
+            at += c
+    for p in range(n):
+        a, b = p * work // n, (p + 1) * work // n
+        assert tiles[p] == sum(1 for lo, hi in ranges if lo < b and hi > a), p
+    assert max(tiles) >= 3  # programs of the short sequences cross tiles
+    assert st.main(["--models", "gpt-oss", "--mixes", "equal", "--pages", "64",
+                    "--plan-only"]) == 0
+    assert "grid 264" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        st.main(["--mixes", "mixed", "--plan-only"])  # a prompt mix: not a decode step
+
+
+def test_serving_timeline_fit_recovers_block_and_tile_costs():
+    st = _load("serving_timeline")
+    items = [40, 47, 47, 30, 12, 47, 20, 0]
+    tiles = [1, 3, 4, 2, 2, 1, 3, 0]
+    dur = [0.9 * i + 2.5 * t + 4.0 for i, t in zip(items, tiles)]
+    got = st.fit(dur, items, tiles)
+    assert abs(got["us_per_block"] - 0.9) < 1e-9 and abs(got["us_per_tile"] - 2.5) < 1e-9
+    assert abs(got["us_fixed"] - 4.0) < 1e-9 and got["fit_rms_us"] < 1e-9
+    assert st.fit([1.0] * 4, [5] * 4, [1] * 4) == {}  # equal programs: nothing to fit
+
+
+def test_stamped_serving_kernels_compile_for_sm90():
+    # the serving main kernel and both separate fixups with TIMELINE stamps
+    # (serving_launch.run(stamps=)), compiled ahead of time as scripts/compile_serving.py does
+    code = (
+        "import json, sys, torch\n"
+        "sys.path[:0] = ['scripts']\n"
+        "import compile_serving as cs, resources\n"
+        "res = []\n"
+        "split = dict(kw=dict(q_len=1, max_kv_len=8192, page_size=16, policy='split'),\n"
+        "             layout='paged', batch=2)\n"
+        "for case in (cs.CASES['paged16-features'], split):\n"
+        "    for kernel, args, const in cs.capture('stamped', case):\n"
+        "        name = kernel.fn.__name__\n"
+        "        if name == 'work_list_kernel':\n"
+        "            continue\n"
+        "        const.pop('launch_pdl', None)\n"
+        "        const.update(STAMPS=torch.zeros(4096, 4, dtype=torch.int64), TIMELINE=True)\n"
+        "        info = resources.compile_launch(kernel, args, const,\n"
+        "                                        loops=name == 'ragged_attention_kernel')\n"
+        "        res.append(dict(kernel=name, **info))\n"
+        "print(json.dumps(res))\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         cwd=ROOT, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    built = json.loads(res.stdout.splitlines()[-1])
+    assert sorted(b["kernel"] for b in built) == [
+        "ragged_attention_kernel", "ragged_attention_kernel", "ragged_general_fixup_kernel",
+        "ragged_uniform_fixup_kernel"], built
+    for b in built:
+        if b["kernel"] == "ragged_attention_kernel":
+            assert b["loop_spills"] == 0, b  # the stamps stay out of the KV loop
+        else:
+            assert b["spill_bytes"] == 0, b

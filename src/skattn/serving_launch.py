@@ -159,10 +159,16 @@ def build(plan: ServingPlan, wl: torch.Tensor, *, seq_k: torch.Tensor, cu_k: boo
 
 
 def run(plan: ServingPlan, q, k, v, out, lse, *, wl, block_table, scale: float, sinks=None,
-        softcap=0.0, alibi_slopes=None, ws_views=None, k_scale=None, v_scale=None) -> None:
+        softcap=0.0, alibi_slopes=None, ws_views=None, k_scale=None, v_scale=None,
+        stamps=None) -> None:
     """Launch the main kernel and the plan's separate fixup over the work list `wl`.
     fp8 K/V (a plan of dtype float8_e4m3fn): `k_scale`, `v_scale` f32 [1] or [Hkv]; q8_0,
-    q4_0: `k`, `v` the block caches' values, `k_scale`, `v_scale` their block scales."""
+    q4_0: `k`, `v` the block caches' values, `k_scale`, `v_scale` their block scales.
+    `stamps` (a diagnostic, GPU only; `tools/serving_timeline.py`): contiguous int64 CUDA
+    tensors (main [plan.programs, 4], fixup [prod(fixup grid), 4]) that receive each
+    program's %globaltimer stamps: the main kernel's start (after its PDL wait), the end of
+    its first piece's KV loop and its end; the fixup's start, the end of its PDL wait and its
+    end; column 3 the SM. The stream-K build only (not a whole-tile step's)."""
     device = q.device
     b = bind(plan, device)
     stream = _stream(b, device)
@@ -183,6 +189,10 @@ def run(plan: ServingPlan, q, k, v, out, lse, *, wl, block_table, scale: float, 
         whole = dict(main, WHOLE=True, USE_PDL=0) if b.wl_const["WHOLE"] else None
         consts = b.consts[features] = (main, fix, whole)
     main_const, fix_const, whole_const = consts
+    if stamps is not None:
+        _check_stamps(b, stamps, device)
+        main_const = dict(main_const, STAMPS=stamps[0], TIMELINE=True)
+        fix_const = dict(fix_const, STAMPS=stamps[1], TIMELINE=True)
     if plan.varlen:  # packed q and out [total_q, H, D]; lse [Hq, total_q]
         qs = (0, q.stride(0), q.stride(1))
         os_ = (0, out.stride(0), out.stride(1))
@@ -209,7 +219,7 @@ def run(plan: ServingPlan, q, k, v, out, lse, *, wl, block_table, scale: float, 
             plan.batch, plan.rb_max, plan.gqa_ratio, plan.ntiles_z, plan.hz, num_pages, plan.split,
             qk_scale, softcap_scale, plan.window or 0)
     key = None
-    if b.cuda and _no_hooks():
+    if b.cuda and _no_hooks() and stamps is None:
         key = (b.kid, features, q.dtype, out.dtype, k.dtype, qs, ks, vs, os_, ls,
                *(x.data_ptr() % 16 == 0 for x in (q, k, v, out, lse_t, sinks_t, slopes_t, ks_t,
                                                   vs_t, bt, ws_o, ws_m, ws_l, counters, wl)))
@@ -227,3 +237,27 @@ def run(plan: ServingPlan, q, k, v, out, lse, *, wl, block_table, scale: float, 
     else:
         kernel, fargs = _fix.ragged_general_fixup_kernel, out_args
     _launch(kernel, key and (*key, "fixup"), fargs, fix_const, b.fix_grid, stream)
+
+
+def stamp_rows(plan: ServingPlan, device) -> tuple[int, int]:
+    """Rows of `run`'s stamps: main kernel programs, fixup programs (0 without a fixup)."""
+    b = bind(plan, device)
+    return plan.programs, _prod(b.fix_grid) if b.fix_kernel is not None else 0
+
+
+def _prod(xs) -> int:
+    n = 1
+    for x in xs:
+        n *= x
+    return n
+
+
+def _check_stamps(b: Bound, stamps, device) -> None:
+    if not b.cuda:
+        raise ValueError("stamps read the GPU clock: they need CUDA tensors and no interpreter")
+    rows = (b.plan.programs, _prod(b.fix_grid) if b.fix_kernel is not None else 0)
+    for name, x, n in zip(("main", "fixup"), stamps, rows):
+        if (not isinstance(x, torch.Tensor) or x.dtype != torch.int64 or not x.is_contiguous()
+                or x.device != device or x.numel() < 4 * n):
+            raise ValueError(f"stamps[{name}] must be a contiguous int64 tensor of at least "
+                             f"[{n}, 4] on {device}")

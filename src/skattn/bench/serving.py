@@ -268,11 +268,15 @@ def build_flash_attn(batch: Batch) -> Built:
 
 
 def skattn_variant(name: str) -> tuple[str, dict]:
-    """`skattn:POLICY` or `skattn:POLICY/key=int,...` -> (policy, serving_plan overrides)."""
+    """`skattn:POLICY` or `skattn:POLICY/key=int,...` -> (policy, serving_plan overrides);
+    `fixup=KIND` takes a fixup's name (`fixup=fused`: the merge inside the main kernel)."""
     policy, _, extra = name.split(":", 1)[1].partition("/")
     overrides = {}
     for item in filter(None, extra.split(",")):
         key, sep, value = item.partition("=")
+        if key.strip() == "fixup" and sep:
+            overrides["fixup"] = value.strip()
+            continue
         if not sep or not value.strip().lstrip("-").isdigit():
             raise ValueError(f"{name!r}: a plan override is key=integer, got {item!r}")
         if key.strip() in ("policy", "batch", "q_heads", "kv_heads", "head_dim", "page_size",

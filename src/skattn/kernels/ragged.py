@@ -17,6 +17,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from skattn.kernels.attention import _fused_fixup
 from skattn.kernels.kv_loop import load_q
 from skattn.kernels.ragged_kv import ragged_kv_loop
+from skattn.kernels.stamps import stamp
 from skattn.kernels.tile import finalize_store, program_start, store_partial, tile_rows
 from skattn.kernels.worklist import WHOLE_FLAG, WHOLE_NEXT, wl_offsets
 
@@ -142,10 +143,13 @@ def ragged_attention_kernel(
     MERGE_PIECES: tl.constexpr, USE_PDL: tl.constexpr,
     KV_FORMAT: tl.constexpr = 0, HEAD_SCALES: tl.constexpr = 0, WHOLE: tl.constexpr = False,
     WAIT_PDL: tl.constexpr = False, V_PAIRS: tl.constexpr = False,
+    STAMPS=None, TIMELINE: tl.constexpr = False,
 ):
     p = tl.program_id(0)
     if WAIT_PDL:  # launched early (PDL): the work list and every earlier kernel done first
         gdc_wait()
+    if TIMELINE:  # a diagnostic: start, first piece's KV loop done, end (kernels/stamps.py)
+        stamp(STAMPS, p, 0)
     if USE_PDL == 1:
         gdc_launch_dependents()
     work = tl.load(WL + 0)
@@ -207,6 +211,9 @@ def ragged_attention_kernel(
                 BLOCK_M, BLOCK_N, BLOCK_DK, DK_CHUNKS, BLOCK_DV, HEADS_PER_TILE, TOKENS_PER_TILE,
                 CAUSAL, HAS_WINDOW, HAS_ALIBI, SOFTCAP, INTERPRET, PAGED, PAGE_SIZE, KV_FORMAT,
                 HEAD_SCALES, V_PAIRS)
+            if TIMELINE:
+                if item == start:
+                    stamp(STAMPS, p, 1)
             whole = (item == first) & (stop_here == stop)
             if PER_TILE_RANGES:
                 whole = whole & (split == 1)
@@ -235,5 +242,7 @@ def ragged_attention_kernel(
             inside = rb < rb_max
             rbs = tl.load(WL + o_start + rb, mask=inside, other=0)
             c = tl.load(WL + o_count + rb, mask=inside, other=1)
+    if TIMELINE:
+        stamp(STAMPS, p, 2)
     if USE_PDL == 2:
         gdc_launch_dependents()

@@ -8,8 +8,15 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_wait
 
 from skattn.kernels.ragged import find_row_block, sequence_of
+from skattn.kernels.stamps import stamp
 from skattn.kernels.tile import finalize_store, merge_pieces, program_of, program_start, tile_rows
 from skattn.kernels.worklist import wl_offsets
+
+
+@triton.jit
+def _linear_id():
+    return (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(2) \
+        + tl.program_id(2)
 
 
 @triton.jit
@@ -44,22 +51,31 @@ def ragged_uniform_fixup_kernel(
     BLOCK_DV: tl.constexpr, HEADS_PER_TILE: tl.constexpr, TOKENS_PER_TILE: tl.constexpr,
     HAS_SINKS: tl.constexpr, RETURN_LSE: tl.constexpr, MERGE_PIECES: tl.constexpr,
     USE_PDL: tl.constexpr, LOADS_FIRST: tl.constexpr = False,
+    STAMPS=None, TIMELINE: tl.constexpr = False,
 ):
     """Tile t (of the upper bound's tiles) was cut into `split` pieces held by programs
-    t*split .. t*split+split-1; tiles past the real ones exit."""
+    t*split .. t*split+split-1; tiles past the real ones exit. TIMELINE (a diagnostic):
+    stamps start, after the PDL wait, end at the program's linear index."""
     tile = tl.program_id(0)
     dv0 = tl.program_id(1) * BLOCK_DV
     m0 = tl.program_id(2) * ROWS
+    row = _linear_id()
+    if TIMELINE:
+        stamp(STAMPS, row, 0)
     rb = tile // hz
     live = rb < tl.load(WL + 2)  # the work list was built before the main kernel started
     if USE_PDL:  # every program waits, merging or not (`ragged_general_fixup_kernel`)
         gdc_wait()
+    if TIMELINE:
+        stamp(STAMPS, row, 1)
     if live:
         _merge_and_store(tile * split, tile * split + split - 1, 0, 1, 1, WL, rb, tile - rb * hz,
                          batch, rb_max, ratio, ntiles_z, m0, dv0, O, stride_ob, stride_om,
                          stride_oh, LSE, stride_lb, stride_lh, SINKS, WS_O, WS_M, WS_L,
                          HEAD_DIM_V, BLOCK_M, ROWS, BLOCK_DV, HEADS_PER_TILE, TOKENS_PER_TILE,
                          HAS_SINKS, RETURN_LSE, MERGE_PIECES, False, LOADS_FIRST)
+    if TIMELINE:
+        stamp(STAMPS, row, 2)
 
 
 @triton.jit(do_not_specialize=["batch", "rb_max"])
@@ -71,6 +87,7 @@ def ragged_general_fixup_kernel(
     BLOCK_DV: tl.constexpr, HEADS_PER_TILE: tl.constexpr, TOKENS_PER_TILE: tl.constexpr,
     HAS_SINKS: tl.constexpr, RETURN_LSE: tl.constexpr, MERGE_PIECES: tl.constexpr,
     USE_PDL: tl.constexpr, SEARCH: tl.constexpr, LOADS_FIRST: tl.constexpr = False,
+    STAMPS=None, TIMELINE: tl.constexpr = False,
 ):
     """Program p0 < N acts when it finished a tile it did not start: it merges the pieces of
     the programs from program_of(first item of the tile) up to itself. Launched by PDL, every
@@ -80,6 +97,9 @@ def ragged_general_fixup_kernel(
     p0 = tl.program_id(0)
     dv0 = tl.program_id(1) * BLOCK_DV
     m0 = tl.program_id(2) * ROWS
+    row = _linear_id()
+    if TIMELINE:  # a diagnostic, as in the uniform fixup
+        stamp(STAMPS, row, 0)
     work = tl.load(WL + 0)
     programs = tl.load(WL + 1)
     if p0 < programs:
@@ -93,6 +113,8 @@ def ragged_general_fixup_kernel(
         first = tl.load(WL + o_start + rb, mask=inside, other=0) + h * c
         if USE_PDL:
             gdc_wait()
+        if TIMELINE:
+            stamp(STAMPS, row, 1)
         if (start > first) & (end >= first + c) & inside:
             _merge_and_store(program_of(first, work, programs), p0, first, work, programs, WL,
                              rb, h, batch, rb_max, ratio, ntiles_z, m0, dv0, O, stride_ob,
@@ -102,3 +124,5 @@ def ragged_general_fixup_kernel(
                              LOADS_FIRST)
     elif USE_PDL:
         gdc_wait()
+    if TIMELINE:
+        stamp(STAMPS, row, 2)
