@@ -293,6 +293,47 @@ def test_device_clamps_bad_lengths_and_pages(block_n, bad):
     assert rel_err(out[2:3], ref2) <= tol
 
 
+@pytest.mark.parametrize("bad", [-1, 10**6])
+@pytest.mark.parametrize("page_size, block_n, Lq, bad_pages", [
+    (16, 64, 1, ((5,), (0, 10))),  # four pages a block (ids as a vector)
+    (16, 128, 3, ((9,), (3,))),    # eight pages a block (a 3-row tile)
+    (64, 64, 2, ((1,), (0,))),     # a block is a page
+])
+def test_bad_pages_in_unmasked_blocks(page_size, block_n, Lq, bad_pages, bad):
+    # keys of a page id out of range count as masked also in blocks that need no other mask
+    # (inside Lk, before every row's causal edge), next to blocks whose ids are all in range
+    # in the same sequence and the same program's loop
+    lens = [300, 200]
+    k, v, table = paged_cache(lens, page_size=page_size, hkv=2, d=16, seed=11)
+    for b, pages in enumerate(bad_pages):
+        table[b, list(pages)] = bad
+    B, Hq = len(lens), 4
+    q = randn((B, Lq, Hq, 16), torch.Generator().manual_seed(12), torch.float16, "cpu")
+    p = kv_plan(B, Lq, table.shape[1] * page_size, Hq, 2, 16, page_size=page_size,
+                block_n=block_n, policy="llamacpp-before", programs=8)
+    out = torch.full((B, Lq, Hq, 16), NAN, dtype=q.dtype)
+    serving._run(p, q, k, v, out, None, seq_k=torch.tensor(lens, dtype=torch.int32),
+                 seq_q=None, block_table=table, scale=0.25, sinks=None, softcap=0.0,
+                 alibi_slopes=None, workspace=None, work_list=None)
+    for b, (n, pages) in enumerate(zip(lens, bad_pages)):
+        keys = torch.zeros(n, 2, 16, dtype=k.dtype)
+        vals = torch.zeros(n, 2, 16, dtype=v.dtype)
+        mask = torch.zeros(1, Lq, n, dtype=torch.float64)
+        for j in range(-(-n // page_size)):
+            rows = slice(j * page_size, min(n, (j + 1) * page_size))
+            if j in pages:
+                mask[..., rows] = float("-inf")
+            else:
+                keys[rows] = k[int(table[b, j]), :rows.stop - rows.start]
+                vals[rows] = v[int(table[b, j]), :rows.stop - rows.start]
+        # (each bad page lies in a block before the first row's causal edge: no other mask)
+        assert all((j * page_size // block_n + 1) * block_n <= n - Lq + 1 for j in pages)
+        ref = reference.attention(q[b:b + 1], keys[None], vals[None], scale=0.25, causal=True,
+                                  mask=mask)
+        tol = ragged_bound([(q[b:b + 1], keys[None], vals[None])])
+        assert rel_err(out[b:b + 1], ref) <= tol, (b, rel_err(out[b:b + 1], ref), tol)
+
+
 def test_pooled_work_list_outgrown_stays_alive():
     # a CUDA graph captured with the pooled work list keeps its address: a bigger plan later
     # gets a new buffer and the old one is kept, not freed
@@ -307,7 +348,7 @@ def test_pooled_work_list_outgrown_stays_alive():
     assert any(first.data_ptr() == r.data_ptr() for r in sl._WL_RETIRED)
 
 
-@pytest.mark.parametrize("policy, max_kv_len, kind", [("auto", 64, "general"),
+@pytest.mark.parametrize("policy, max_kv_len, kind", [("llamacpp", 64, "general"),
                                                       ("split", 256, "uniform")])
 def test_fixups_launched_by_pdl_wait_in_every_program(monkeypatch, policy, max_kv_len, kind):
     # a fixup launched by PDL: every program waits for the main kernel (griddepcontrol.wait),
