@@ -12,10 +12,13 @@ PLANS = [  # (policy, fixup, programs): every fixup kind and several program cou
     ("llamacpp-before", None, 8), ("llamacpp-before", "fused", 7), ("llamacpp-before", None, 1),
     ("llamacpp-before", None, 64), ("llamacpp-before", "fused", 13), ("auto", None, None),
     ("llamacpp", None, None), ("split", None, None), ("split", None, "x1"),
+    ("auto", "tail", None), ("llamacpp-before", "tail", 5),  # a dynamic tail of 40% of W
 ]
 
 
 def kv_plan(B, Lq, cap, Hq, Hkv, D, *, policy, fixup, programs, **kw):
+    if fixup == "tail":
+        fixup, kw["tail"] = "fused", 40
     kw.update(batch=B, q_len=Lq, max_kv_len=cap, q_heads=Hq, kv_heads=Hkv, head_dim=D, sms=4,
               occupancy=2, block_n=16, policy=policy, fixup=fixup)
     if programs == "x1":
@@ -86,6 +89,8 @@ def test_varlen(policy, fixup, programs, paged, window):
     kw_plan = dict(batch=6, max_q_len=40, total_q=q.shape[0], max_kv_len=args[3], q_heads=8,
                    kv_heads=2, head_dim=16, causal=True, window=window, sms=4, occupancy=2,
                    block_n=16, policy=policy, fixup=fixup, **bounds)
+    if fixup == "tail":
+        kw_plan.update(fixup="fused", tail=40)
     if programs == "x1":
         programs = skattn.serving_plan(**kw_plan).tiles_max
     p = skattn.serving_plan(programs=programs, **kw_plan)

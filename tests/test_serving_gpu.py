@@ -55,7 +55,8 @@ def plans_for(q, k, table, lens_t, page_size):
     kw = dict(batch=B, q_len=1, max_kv_len=cap, q_heads=Hq, kv_heads=k.shape[2], head_dim=D,
               dtype=k.dtype, **pages)
     return {"auto": None, "split": skattn.serving_plan(policy="split", **kw),
-            "fused": skattn.serving_plan(fixup="fused", **kw),
+            "general": skattn.serving_plan(fixup="general", **kw),
+            "tail": skattn.serving_plan(tail=40, **kw),
             "llamacpp": skattn.serving_plan(policy="llamacpp", **kw)}
 
 
@@ -252,9 +253,10 @@ def test_large_heads():
 
 def test_cuda_graph_replays_new_lengths_and_pages():
     # capture once; each step writes new lengths and block tables into the same tensors and
-    # replays: 50 steps against the float64 reference, stream-K (general) and fused plans,
-    # the split anchor, and the main kernel launched without PDL (the default waits on the
-    # work list with griddepcontrol.wait)
+    # replays: 50 steps against the float64 reference, stream-K plans with the fused
+    # (auto's default here), general fixup and a dynamic tail, the split anchor, and the main
+    # kernel launched without PDL (the default waits on the work list with
+    # griddepcontrol.wait)
     B, Hq, Hkv, D, ps, max_pages = 8, 32, 8, 128, 64, 64
     g = gen(8)
     num_pages = B * max_pages
@@ -264,8 +266,8 @@ def test_cuda_graph_replays_new_lengths_and_pages():
     table = torch.randperm(num_pages, device="cuda", generator=g).to(I32).reshape(B, max_pages)
     kw = dict(batch=B, q_len=1, max_kv_len=ps * max_pages, q_heads=Hq, kv_heads=Hkv,
               head_dim=D, page_size=ps, max_pages=max_pages)
-    plans = [skattn.serving_plan(**kw), skattn.serving_plan(fixup="fused", **kw),
-             skattn.serving_plan(policy="split", **kw),
+    plans = [skattn.serving_plan(**kw), skattn.serving_plan(fixup="general", **kw),
+             skattn.serving_plan(tail=40, **kw), skattn.serving_plan(policy="split", **kw),
              skattn.serving_plan(tuning=skattn.Tuning(pdl_wait=False), **kw)]
     spaces = [serving.workspace(p) for p in plans]
     outs = [torch.empty(B, 1, Hq, D, device="cuda", dtype=q.dtype) for _ in plans]
@@ -311,21 +313,23 @@ def test_pdl_chain_of_layers_with_whole_tile_steps():
     lens_t = torch.tensor(lens, dtype=I32, device="cuda")
     kw = dict(batch=8, q_len=1, max_kv_len=4096, q_heads=32, kv_heads=8, head_dim=128,
               page_size=16, max_pages=256)
-    p = skattn.serving_plan(**kw)
-    b = serving_launch.bind(p, q.device)
-    assert b.fix_const["USE_PDL"] and b.main_const["WAIT_PDL"]
-    outs = [torch.full_like(q, NAN) for _ in range(6)]
-    x = q
-    for out in outs:
-        x = skattn.attention_with_kvcache(x, k, v, cache_seqlens=lens_t, block_table=table,
-                                          plan=p, out=out)
-    torch.cuda.synchronize()
-    prev = q
-    for i, out in enumerate(outs):
-        ref = reference.attention_with_kvcache(prev, k, v, cache_seqlens=lens_t, block_table=table)
-        tol = ragged_bound(sequences_kvcache(prev, k, v, lens, table))
-        assert rel_err(out, ref) <= tol, (i, rel_err(out, ref), tol)
-        prev = out
+    for fixup in ("general", None):  # (auto's fused merge: the main kernels alone)
+        p = skattn.serving_plan(fixup=fixup, **kw)
+        b = serving_launch.bind(p, q.device)
+        assert b.main_const["WAIT_PDL"] and (b.fix_const["USE_PDL"] or fixup is None)
+        outs = [torch.full_like(q, NAN) for _ in range(6)]
+        x = q
+        for out in outs:
+            x = skattn.attention_with_kvcache(x, k, v, cache_seqlens=lens_t, block_table=table,
+                                              plan=p, out=out)
+        torch.cuda.synchronize()
+        prev = q
+        for i, out in enumerate(outs):
+            ref = reference.attention_with_kvcache(prev, k, v, cache_seqlens=lens_t,
+                                                   block_table=table)
+            tol = ragged_bound(sequences_kvcache(prev, k, v, lens, table))
+            assert rel_err(out, ref) <= tol, (fixup, i, rel_err(out, ref), tol)
+            prev = out
 
 
 def test_device_behaviour_on_bad_values():
@@ -468,7 +472,8 @@ def test_block_serving_decode(form, page_size, qdtype):
     kw = dict(batch=len(lens), q_len=1, max_kv_len=cap, q_heads=32, kv_heads=8, head_dim=128,
               dtype=form, **pages)
     for kind, p in {"auto": None, "split": skattn.serving_plan(policy="split", **kw),
-                    "fused": skattn.serving_plan(fixup="fused", **kw)}.items():
+                    "general": skattn.serving_plan(fixup="general", **kw),
+                    "tail": skattn.serving_plan(tail=40, **kw)}.items():
         out = run_kvcache(q, kq, vq, table, lens_t, p)
         err = rel_err(out, ref)
         assert err <= tol, f"{form} page {page_size} {kind}: {err:.2e} > {tol:.2e}"

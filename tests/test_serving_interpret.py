@@ -4,7 +4,8 @@ import torch
 
 import skattn
 from skattn import reference, serving, serving_launch
-from skattn.kernels.worklist import HEADER, WHOLE_FLAG, WHOLE_NEXT
+from skattn.kernels.worklist import (HEADER, TAIL_CHUNK, TAIL_CHUNKS, TAIL_NEXT, TAIL_START,
+                                     WHOLE_FLAG, WHOLE_NEXT)
 from skattn.serving_worklist import host_work_list
 from serving_inputs import (paged_cache, ragged_bound, randn, sequences_kvcache,
                             sequences_varlen, varlen_inputs)
@@ -66,13 +67,16 @@ def device_list(p, **seqs):
             "lens_k": wl[HEADER + B:HEADER + 2 * B], "q_start": wl[HEADER + 2 * B:HEADER + 3 * B],
             "k_start": wl[HEADER + 3 * B:HEADER + 4 * B], "rb_start": wl[at:at + R + 1],
             "rb_count": wl[at + R + 1:at + 2 * R + 1], "rb_seq": wl[at + 2 * R + 1:at + 3 * R + 1],
-            "rb_qblock": wl[at + 3 * R + 1:at + 4 * R + 1], "rb_first": wl[at + 4 * R + 1:at + 5 * R + 1]}
+            "rb_qblock": wl[at + 3 * R + 1:at + 4 * R + 1], "rb_first": wl[at + 4 * R + 1:at + 5 * R + 1],
+            "tail": [wl[TAIL_START.value], wl[TAIL_CHUNK.value], wl[TAIL_CHUNKS.value],
+                     wl[TAIL_NEXT.value]]}
 
 
 def assert_same_list(p, dev, host):
     n = len(host.rb_count)
     assert dev["work"] == host.work and dev["programs"] == host.programs
     assert dev["whole"] == int(host.whole)
+    assert dev["tail"] == [host.tail_start, host.tail_chunk, host.tail_chunks, 0]
     for name in ("lens_q", "lens_k", "q_start", "k_start", "rb_start"):
         assert dev[name] == getattr(host, name), name
     for name in ("rb_count", "rb_seq", "rb_qblock", "rb_first"):
@@ -380,3 +384,54 @@ def test_fixups_launched_by_pdl_wait_in_every_program(monkeypatch, policy, max_k
     assert len(waits) == math.prod(b.fix_grid)
     ref = reference.attention_with_kvcache(q, k, v, cache_seqlens=lens, block_table=bt)
     assert rel_err(out, ref) <= 1e-2
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_dynamic_tail(paged):
+    # a plan with a dynamic tail (tail=40): the last 40% of the work goes out at run time in
+    # chunks to whichever program asks first (the interpreter runs programs one after the
+    # other, so the first takes them all: chunk pieces arrive before static pieces of the
+    # same tile). Chunk k's pieces sit in the slots of virtual program N + k; the fused
+    # merge finds them from the tile's first and last items. Two calls share one work list
+    # and workspace: the chunk counter and the fused counters return to zero after each.
+    lens = [0, 1, 45, 9, 130, 17]
+    cap = 144
+    table = None
+    if paged:
+        k0, v0, table = paged_cache(lens, page_size=16, hkv=2, d=16, seed=5, max_pages=cap // 16)
+    p = kv_plan(6, 1, cap, 8, 2, 16, page_size=16 if paged else None, tail=40)
+    assert p.fixup == "fused" and p.tail == 40 and p.partial_programs == 2 * p.programs
+    t = torch.tensor(lens, dtype=torch.int32)
+    host = host_work_list(p, lens_k=lens)
+    assert host.tail_chunks >= 4 and host.tail_start < host.work
+    assert host.program_range(host.ranges - 1)[1] == host.work
+    assert_same_list(p, device_list(p, cache_seqlens=t), host)
+    wl = serving.work_list(p, cache_seqlens=t)
+    ws = serving.workspace(p, device="cpu")
+    for seed in (1, 2):
+        g = torch.Generator().manual_seed(seed)
+        q = randn((6, 1, 8, 16), g, torch.float16, "cpu")
+        if paged:
+            k, v = k0, v0
+        else:
+            _, k, v = dense_inputs(6, 1, cap, 8, 2, 16, seed=seed)
+        out = torch.full((6, 1, 8, 16), NAN, dtype=q.dtype)
+        skattn.attention_with_kvcache(q, k, v, cache_seqlens=t, block_table=table, plan=p,
+                                      work_list=wl, workspace=ws, out=out)
+        ref = reference.attention_with_kvcache(q, k, v, cache_seqlens=t, block_table=table)
+        assert not torch.isnan(out).any(), "unwritten or NaN output"
+        tol = ragged_bound(sequences_kvcache(q, k, v, lens, table))
+        assert rel_err(out, ref) <= tol, (seed, rel_err(out, ref), tol)
+        assert int(wl[TAIL_NEXT.value]) == 0, "the chunk counter must return to zero"
+    assert not ws[-p.tiles_max * 4:].any(), "fused counters must return to zero"
+
+
+def test_dynamic_tail_plans():
+    # a dynamic tail is the caller's choice, and only fused plans take one
+    assert kv_plan(2, 1, 64, 4, 2, 16).tail == 0
+    assert kv_plan(2, 1, 64, 4, 2, 16, tail=20).tail == 20
+    with pytest.raises(ValueError, match="fused"):
+        kv_plan(2, 1, 64, 4, 2, 16, fixup="general", tail=10)
+    for bad in (100, -1, 2.5, True):
+        with pytest.raises(ValueError, match="tail"):
+            kv_plan(2, 1, 64, 4, 2, 16, tail=bad)

@@ -145,7 +145,7 @@ def test_serving_timeline_counts_each_programs_blocks_and_tiles(capsys):
     # tools/serving_timeline.py: per program the KV blocks and tiles of its range (host work
     # list), which the duration fit reads; checked against a direct count over the tiles
     st = _load("serving_timeline")
-    plan, m = st.plan_for("llama-8b", "one-long", 16, sms=132, occupancy=2)
+    plan, m = st.plan_for("llama-8b", "one-long", 16, sms=132, occupancy=2, tail=0)
     items, tiles, work, n = st.program_work(plan, list(m.kv_lens))
     assert sum(items) == work == 8 * (32768 + 63 * 1024) // plan.geometry.block_n
     assert len(items) == plan.programs and all(i == 0 for i in items[n:])
@@ -160,6 +160,10 @@ def test_serving_timeline_counts_each_programs_blocks_and_tiles(capsys):
         a, b = p * work // n, (p + 1) * work // n
         assert tiles[p] == sum(1 for lo, hi in ranges if lo < b and hi > a), p
     assert max(tiles) >= 3  # programs of the short sequences cross tiles
+    # with a dynamic tail the static shares hold the first S items
+    plan, m = st.plan_for("llama-8b", "one-long", 16, sms=132, occupancy=2, tail=15)
+    items, _, work, n = st.program_work(plan, list(m.kv_lens))
+    assert plan.tail and sum(items) == work - work * plan.tail // 100
     assert st.main(["--models", "gpt-oss", "--mixes", "equal", "--pages", "64",
                     "--plan-only"]) == 0
     assert "grid 264" in capsys.readouterr().out

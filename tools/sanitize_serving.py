@@ -1,6 +1,7 @@
 """Small serving calls for compute-sanitizer (memcheck, racecheck, synccheck): every fixup
-kind on ragged dense, paged (page sizes 16, 48, 64) and packed varlen batches (one plan, and
-a MixedPlan's two halves), a prompt step in whole tiles, a paged fp8 cache with per-head K
+kind (and a dynamic tail) on ragged dense, paged (page sizes 16, 48, 64) and packed varlen
+batches (one plan, and a MixedPlan's two halves), a prompt step in whole tiles, a paged fp8
+cache with per-head K
 and per-tensor V scales, paged q8_0 and q4_0 caches, and
 the device-side behaviour on bad lengths and page ids (clamped and masked: no out-of-bounds
 read). Run: compute-sanitizer --tool memcheck python3 tools/sanitize_serving.py
@@ -49,7 +50,9 @@ def main() -> int:
             k, v = rand(B, max(lens), Hkv, D), rand(B, max(lens), Hkv, D)
             bounds = dict(max_kv_len=max(lens))
         kw = dict(batch=B, q_len=2, q_heads=Hq, kv_heads=Hkv, head_dim=D, **bounds)
-        plans = {"auto": skattn.serving_plan(**kw), "fused": skattn.serving_plan(fixup="fused", **kw),
+        plans = {"auto": skattn.serving_plan(**kw),
+                 "general": skattn.serving_plan(fixup="general", **kw),
+                 "tail": skattn.serving_plan(tail=40, **kw),
                  "split": skattn.serving_plan(policy="split", programs=4 * B * Hkv, **kw),
                  "llamacpp": skattn.serving_plan(policy="llamacpp", **kw)}
         ref = reference.attention_with_kvcache(q, k, v, cache_seqlens=lens_t, block_table=table,
@@ -64,10 +67,12 @@ def main() -> int:
         if ps:  # bad values on the device: clamped lengths, a page id out of range
             wild = table.clone()
             wild[2, 0] = -7
-            serving.attention_with_kvcache(q, k, v, plan=plans["auto"], block_table=wild,
-                                           cache_seqlens=torch.tensor([-4, 10**7, 700, 45, 130],
-                                                                      dtype=I32, device="cuda"))
-            n += 1
+            for name in ("auto", "tail"):
+                serving.attention_with_kvcache(q, k, v, plan=plans[name], block_table=wild,
+                                               cache_seqlens=torch.tensor(
+                                                   [-4, 10**7, 700, 45, 130], dtype=I32,
+                                                   device="cuda"))
+                n += 1
     lq, lk = [40, 1, 0, 3], [300, 77, 5, 2]
     cu_q = torch.tensor([0, 40, 41, 41, 44], dtype=I32, device="cuda")
     cu_k = torch.tensor([0, 300, 377, 382, 384], dtype=I32, device="cuda")

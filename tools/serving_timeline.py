@@ -50,7 +50,8 @@ def plan_for(model: str, mix_name: str, page: int, **kw):
 
 
 def program_work(plan, lens: list[int]) -> tuple[list[int], list[int], int, int]:
-    """Per program of the grid: KV blocks and tiles touched (host work list); W and N."""
+    """Per program of the grid: KV blocks and tiles of its static share (host work list; a
+    plan's dynamic tail is not in them); W and N."""
     wl = host_work_list(plan, lens_k=lens)
     starts = []
     for rb, count in enumerate(wl.rb_count):
@@ -58,8 +59,8 @@ def program_work(plan, lens: list[int]) -> tuple[list[int], list[int], int, int]
             starts.append(wl.rb_start[rb] + h * count)
     starts.sort()
     items, tiles = [], []
-    for p in range(plan.programs):
-        a, b = wl.program_range(p)
+    for p in range(plan.programs):  # static shares (tail chunks go to any program)
+        a, b = wl.program_range(p) if p < wl.programs else (0, 0)
         items.append(b - a)
         # tiles whose range meets [a, b): those starting in (a, b), plus the one holding a
         tiles.append(0 if b <= a else bisect.bisect_left(starts, b) - bisect.bisect_right(starts, a) + 1)

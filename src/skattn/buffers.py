@@ -26,7 +26,8 @@ def layout(plan, tiles: int | None = None) -> tuple[int, int, int]:
     `tiles`: how many output tiles get a counter (default: the plan's `ntiles_dst`)."""
     if plan.fixup == "none":
         return 0, 0, 0
-    rows = plan.programs * 2 * plan.geometry.block_m
+    # two slots a program; a serving plan's tail chunks own slots too
+    rows = getattr(plan, "partial_programs", plan.programs) * 2 * plan.geometry.block_m
     tiles = plan.ntiles_dst if tiles is None else tiles
     return rows * plan.head_dim_v, rows, tiles if plan.fixup == "fused" else 0
 

@@ -23,9 +23,11 @@ __all__ = ["run_serving_plan"]
 
 
 def program_ranges(plan: ServingPlan, wl) -> list[tuple[int, int]]:
-    """[start, end) of every program of the grid (empty past the effective count N)."""
+    """[start, end) of every program of the grid (empty past the effective count N), then of
+    every chunk of a dynamic tail (virtual programs N .. N + K - 1: whichever program takes
+    chunk k on the GPU runs it as program N + k)."""
     if plan.policy != "split":
-        return [wl.program_range(p) for p in range(plan.programs)]
+        return [wl.program_range(p) for p in range(max(plan.programs, wl.ranges))]
     ranges, real = [], len(wl.rb_count) * plan.hz
     for p in range(plan.programs):
         t, i = divmod(p, plan.split)
@@ -46,7 +48,6 @@ class _Replay:
         self.out, self.lse = out, lse
         self.ranges = program_ranges(plan, wl)
         self.starts = [a for a, _ in self.ranges]
-        self.n = max(wl.programs, 1)
         self.slots: dict[tuple[int, int], tuple[int, tuple]] = {}   # (p, slot) -> (tile, state)
         self.merged: set[tuple[int, int]] = set()       # slots merged so far
         self.finished: set[int] = set()
@@ -136,8 +137,8 @@ class _Replay:
         else:                       # packed: [total_q, Hq, Dv], lse [Hq, total_q]
             self.out[q0 + qi, heads], self.lse[heads, q0 + qi] = out, lse
 
-    def program_of(self, item: int) -> int:  # the largest p with floor(p W / N) <= item
-        return ((item + 1) * self.n - 1) // self.wl.work
+    def program_of(self, item: int) -> int:
+        return self.wl.program_of(item)
 
     # -- fixups (docs/serving.md, "Fixups in a ragged list")
     def arrive(self, p: int, t: int) -> None:
@@ -255,7 +256,7 @@ def _replay(plan, wl, q, k, v, out, lse, *, block_table, scale, causal, window, 
                               if scale is None else scale, causal=causal, window=window,
                               sinks=sinks, softcap=softcap, alibi_slopes=alibi_slopes)
     rp = _Replay(plan, wl, seqs, None if sinks is None else sinks.to(F64), out, lse)
-    for p in range(plan.programs):  # in order: the last owner of a fused tile arrives last
+    for p in range(len(rp.ranges)):  # in order: the last owner of a fused tile arrives last
         rp.program(p)
     if wl.whole:  # a whole-tile step (no stream-K program): every tile whole, longest first
         for t in reversed(range(len(wl.rb_count) * plan.hz)):

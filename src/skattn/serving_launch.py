@@ -69,14 +69,15 @@ def _bind(plan: ServingPlan, device: torch.device) -> Bound:
                     FUSED=plan.fixup == "fused", TOKENS=g.tokens_per_tile, BLOCK_N=g.block_n,
                     BLOCK_B=block_b, LOG_B=block_b.bit_length() - 1, RB_CHUNK=RB_CHUNK,
                     NB=_pow2(max(2, plan.programs)), Q_RANGE=plan.q_range is not None,
-                    WHOLE=plan.whole_tiles, LQ_MIN=plan.whole_q_min, num_warps=4)
+                    WHOLE=plan.whole_tiles, LQ_MIN=plan.whole_q_min, TAIL=plan.tail,
+                    num_warps=4)
     main_const, fix_const, fix_grid, _ = constants(plan, device, plan.tiles_max)
     search = 256 if plan.rb_max <= 256 else 1024
     main_const.update(PAGED=plan.layout == "paged", PAGE_SIZE=plan.page_size or 16,
                       SEARCH=search, KV_FORMAT=KV_FORMATS.get(plan.dtype, 0), WHOLE=False,
                       WAIT_PDL=_pdl_wait(plan, device),
                       # FP8 V: rows at multiples of 4 bytes (checks); q8_0 keeps its loads
-                      V_PAIRS=v_pairs(plan))
+                      V_PAIRS=v_pairs(plan), TAIL=plan.tail > 0)
     if main_const["WAIT_PDL"]:  # Tuning(pdl_wait=True): launched early, waits on the GPU
         main_const["launch_pdl"] = True
     # decode tiles three or more an SM: the build must fit them (prompt-sized tiles, whose

@@ -88,6 +88,9 @@ class ServingPlan:
     tuning: Tuning = field(default_factory=Tuning)
     # varlen: the plan runs only the sequences with lo < Lq <= hi (a MixedPlan's halves)
     q_range: tuple[int, int] | None = None
+    # percent of the real work W handed out at run time in chunks (docs/serving.md, "A
+    # dynamic tail"); 0: every program's range is its static share
+    tail: int = 0
 
     def __getstate__(self):
         # a copy or a pickle is a new plan: not the bound tables of this process (device
@@ -137,6 +140,11 @@ class ServingPlan:
         return self.policy == "auto" and self.max_q_len >= self.whole_q_min
 
     @property
+    def partial_programs(self) -> int:
+        """Programs that own partial slots: the grid, and as many tail chunks at most."""
+        return self.programs * (2 if self.tail else 1)
+
+    @property
     def workspace_floats(self) -> int:
         o, m, _ = buffers.layout(self, self.tiles_max)
         return o + 2 * m
@@ -163,7 +171,8 @@ class ServingPlan:
             f"grid: {self.programs} programs ({self.sms} SMs x {self.occupancy}); policy {self.policy}"
             f"{f', {self.split} pieces a tile' if self.per_tile_ranges else ' (N chosen on the GPU from the real work)'}"
             f"{'; whole tiles where a step is a long prompt' if self.whole_tiles else ''}; "
-            f"fixup {self.fixup}",
+            f"fixup {self.fixup}"
+            f"{f'; the last {self.tail}% of the work handed out at run time' if self.tail else ''}",
             f"workspace: {self.workspace_bytes} bytes; work list: {self.work_list_words * 4} bytes",
         ])
 
@@ -180,7 +189,7 @@ def serving_plan(*, batch: int, max_kv_len: int, q_heads: int, kv_heads: int, he
                  num_stages: int | None = None, fastdiv: bool = True,
                  cost_model: CostModel | None = None, tuning: Tuning | None = None,
                  smem_limit: int | None = None,
-                 q_split: int | str | None = None):
+                 q_split: int | str | None = None, tail: int = 0):
     """Plan a ragged batch from its upper bounds (docs/serving.md).
 
     Parameters
@@ -220,9 +229,15 @@ def serving_plan(*, batch: int, max_kv_len: int, q_heads: int, kv_heads: int, he
         The grid of a stream-K plan (default SMs x occupancy), or for "split" the total
         programs (a multiple of the most tiles).
     fixup : {None, "general", "fused"}
-        For stream-K plans (default "general"); "split" plans use the uniform merge.
+        For stream-K plans (default: `default_fixup`, "fused" for `auto` over decode tiles,
+        else "general"); "split" plans use the uniform merge.
     block_n, num_warps, num_stages, fastdiv, cost_model, tuning, smem_limit
         As in `skattn.plan`.
+    tail : int
+        Percent of the real work that programs take at run time in chunks, from a counter,
+        after their static shares (fused plans only; default 0). Programs of a ragged step
+        run at different speeds under equal shares; the chunks go to those that finish
+        first. Slower than none on most decode mixes measured (PERF.md, "Serving batches").
     q_split : int or "auto", optional
         Varlen only: plan the batch in two halves (a `MixedPlan`, docs/serving.md "Mixed
         batches"): sequences of at most `q_split` query tokens with decode tiles, the others
@@ -322,13 +337,37 @@ def serving_plan(*, batch: int, max_kv_len: int, q_heads: int, kv_heads: int, he
             programs = max_programs
         elif not isinstance(programs, int) or isinstance(programs, bool) or programs < 1:
             raise ValueError(f"programs must be a positive integer, got {programs!r}")
-        kind = fixup or "general"
+        kind = fixup or default_fixup(policy, geo, SERVING_DTYPES[dtype])
+    if isinstance(tail, bool) or not isinstance(tail, int) or not 0 <= tail < 100:
+        raise ValueError(f"tail must be an integer percent in [0, 100), got {tail!r}")
+    elif tail and kind != "fused":
+        raise ValueError(f"tail={tail} needs the fused fixup (fixup='fused'), not {kind!r}")
     return ServingPlan(batch, q_len, max_q_len, total_q, max_kv_len, q_heads, kv_heads, head_dim,
                        head_dim_v, _DTYPES[dtype], bool(causal), window, layout, page_size,
                        max_pages, total_k, geo,
                        ntiles_z, hz, rb_max, tiles_max, sms, occupancy, max_programs, policy,
                        programs, split, kind, bool(fastdiv), cost_model or ragged_cost_model(),
-                       tuning)
+                       tuning, tail=tail)
+
+
+def default_fixup(policy: str, geo, kv_format: str = "float16") -> str:
+    """The fixup of a stream-K serving plan when the caller names none: `auto` over decode
+    tiles (fewer than 64 rows) of 16-bit K/V merges a cut tile inside the main kernel, where
+    the last program to leave one of its pieces arrives ("fused"); other plans use the
+    separate general fixup. In a ragged batch the slowest program ends 7-37 µs after the
+    median one (per-SM bandwidth differs under equal work), so a tile's last arrival mostly
+    comes before the slowest program ends, while the separate fixup costs 4-12 µs after it
+    (its launch and a grid of N_grid x Dv / 32 programs). Measured on an H200, graph timer
+    (PERF.md, "Serving batches"): decode mixes (a)-(c) 1.00-1.05x faster in all 18 cells of
+    one run, 16 of 18 in another; prompt-sized tiles (a
+    512-token chunk among decode rows) 0.98-0.99x on llama-8b and gpt-oss, so they keep
+    the general fixup, as do head sizes above 128 (measured at 64 and 128; MLA's 512-wide V
+    merged inside the main kernel spills in its KV loop, sm_90 build) and quantized K/V
+    (not measured with it alone). The llama.cpp policies keep their own fixup (the general
+    one)."""
+    fused = (policy == "auto" and geo.block_m < 64 and geo.block_dv <= 128
+             and kv_format in ("float16", "bfloat16"))
+    return "fused" if fused else "general"
 
 
 CUT_SHARE = 0.05  # ragged plans' CostModel.cut_share (ragged_cost_model)

@@ -9,7 +9,8 @@ from skattn.planner import _kv_blocks
 from skattn.policy import CUT_PENALTY_MANY, predict_us, whole_prompt
 from skattn.serving_plan import ServingPlan
 
-__all__ = ["WorkList", "host_work_list", "whole_tiles_step", "effective_programs", "cut_free"]
+__all__ = ["WorkList", "host_work_list", "whole_tiles_step", "effective_programs", "cut_free",
+           "tail_split"]
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,20 @@ class WorkList:
     work: int               # W
     programs: int           # N chosen from W (0 in a whole-tile step)
     whole: bool = False     # the step runs in whole tiles, handed out longest first
+    tail_start: int = -1    # S: items [S, W) go out at run time (-1: S = W, no tail)
+    tail_chunk: int = 1     # items a chunk
+    tail_chunks: int = 0    # chunks K
+
+    @property
+    def static_work(self) -> int:
+        """S: the items shared out statically among the N programs."""
+        return self.work if self.tail_start < 0 else self.tail_start
+
+    @property
+    def ranges(self) -> int:
+        """N + K: the static shares and the tail's chunks (virtual programs 0 .. N + K - 1,
+        each with two partial slots)."""
+        return self.programs + self.tail_chunks
 
     def tile_range(self, plan: ServingPlan, tile: int) -> tuple[int, int]:
         rb, h = divmod(tile, plan.hz)
@@ -35,10 +50,21 @@ class WorkList:
         return first, first + self.rb_count[rb]
 
     def program_range(self, p: int) -> tuple[int, int]:
-        n = max(self.programs, 1)
-        if p >= self.programs:
+        """[start, end) of virtual program p: static share p < N, else tail chunk p - N."""
+        n, s = max(self.programs, 1), self.static_work
+        if p < self.programs:
+            return p * s // n, (p + 1) * s // n
+        k = p - self.programs
+        if k >= self.tail_chunks:
             return self.work, self.work
-        return p * self.work // n, (p + 1) * self.work // n
+        return s + k * self.tail_chunk, min(self.work, s + (k + 1) * self.tail_chunk)
+
+    def program_of(self, item: int) -> int:
+        """The virtual program whose range holds `item`."""
+        s = self.static_work
+        if item >= s:
+            return self.programs + (item - s) // self.tail_chunk
+        return ((item + 1) * max(self.programs, 1) - 1) // s
 
 
 def _clamp(x: int, lo: int, hi: int) -> int:
@@ -109,8 +135,18 @@ def host_work_list(plan: ServingPlan, *, lens_k=None, cu_k=None, cu_q=None) -> W
     longest, shortest = max(rb_count, default=0), min(rb_count, default=0)
     whole = whole_tiles_step(plan, work, tiles, longest, shortest, max(lq, default=0))
     programs = 0 if whole else effective_programs(plan, work, tiles, longest, shortest)
+    start, chunk, chunks = tail_split(plan, work, programs)
     return WorkList(lq, lk, qs, ks, rb_seq, rb_qblock, rb_first, rb_count, rb_start, work,
-                    programs, whole)
+                    programs, whole, start, chunk, chunks)
+
+
+def tail_split(plan: ServingPlan, work: int, programs: int) -> tuple[int, int, int]:
+    """(S, chunk, K) of the dynamic tail (kernels/worklist.py): `plan.tail` percent of W,
+    in chunks of ceil(tail / N_grid) items (at most one a grid program), none where no
+    stream-K program runs."""
+    tail = work * plan.tail // 100 if programs > 0 else 0
+    chunk = max(-(-tail // plan.programs), 1)
+    return work - tail, chunk, -(-tail // chunk)
 
 
 def whole_tiles_step(plan: ServingPlan, work: int, tiles: int, longest: int, shortest: int,

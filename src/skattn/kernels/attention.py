@@ -110,11 +110,15 @@ def _fused_fixup(tile, first, stop, work, programs, b, g, z, qblock, q_len, rati
                  HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
                  HEADS_PER_TILE: tl.constexpr, TOKENS_PER_TILE: tl.constexpr,
                  HAS_SINKS: tl.constexpr, RETURN_LSE: tl.constexpr,
-                 FIXUP_COLS: tl.constexpr, FIXUP_ROWS: tl.constexpr, MERGE_PIECES: tl.constexpr):
+                 FIXUP_COLS: tl.constexpr, FIXUP_ROWS: tl.constexpr, MERGE_PIECES: tl.constexpr,
+                 p_first=None, p_last=None, lead=None):
     """The last program to leave a piece of `tile` merges all pieces (no waiting): the
-    tile's first FIXUP_ROWS rows (those its heads and tokens fill), FIXUP_COLS columns at a time."""
-    p_first = program_of(first, work, programs)
-    p_last = program_of(stop - 1, work, programs)
+    tile's first FIXUP_ROWS rows (those its heads and tokens fill), FIXUP_COLS columns at a time.
+    The pieces' programs p_first..p_last (and whether p_first started before the tile,
+    `lead`) follow from W and N, or are given (a ragged plan's dynamic tail)."""
+    if p_first is None:
+        p_first = program_of(first, work, programs)
+        p_last = program_of(stop - 1, work, programs)
     tl.debug_barrier()  # every thread's partial is stored before the release below
     arrived = tl.atomic_add(COUNTERS + tile, 1, sem="acq_rel")
     if arrived == p_last - p_first:
@@ -124,7 +128,7 @@ def _fused_fixup(tile, first, stop, work, programs, b, g, z, qblock, q_len, rati
         for c in tl.static_range(BLOCK_DV // FIXUP_COLS):
             acc, m_i, l_i = merge_pieces(p_first, p_last, first, work, programs, valid,
                                          WS_O, WS_M, WS_L, 0, c * FIXUP_COLS, HEAD_DIM_V, BLOCK_M,
-                                         FIXUP_ROWS, FIXUP_COLS, MERGE_PIECES, True)
+                                         FIXUP_ROWS, FIXUP_COLS, MERGE_PIECES, True, lead=lead)
             finalize_store(acc, m_i, l_i, b, qi, head, valid, O, stride_ob, stride_om,
                            stride_oh, LSE, stride_lb, stride_lh, SINKS, HEAD_DIM_V, FIXUP_COLS,
                            HAS_SINKS, RETURN_LSE, c * FIXUP_COLS)

@@ -18,8 +18,9 @@ from skattn.kernels.attention import _fused_fixup
 from skattn.kernels.kv_loop import load_q
 from skattn.kernels.ragged_kv import ragged_kv_loop
 from skattn.kernels.stamps import stamp
-from skattn.kernels.tile import finalize_store, program_start, store_partial, tile_rows
-from skattn.kernels.worklist import WHOLE_FLAG, WHOLE_NEXT, wl_offsets
+from skattn.kernels.tile import finalize_store, program_of, program_start, store_partial, tile_rows
+from skattn.kernels.worklist import (TAIL_CHUNK, TAIL_CHUNKS, TAIL_NEXT, TAIL_START, WHOLE_FLAG,
+                                     WHOLE_NEXT, wl_offsets)
 
 
 @triton.jit
@@ -32,6 +33,48 @@ def find_row_block(RB_START, rb_max, item, SEARCH: tl.constexpr):
         ends = tl.load(RB_START + idx, mask=idx <= rb_max, other=2147483647)
         found += tl.sum((ends <= item).to(tl.int32), 0)
     return found
+
+
+@triton.jit
+def tile_at(WL, o_start, o_count, rb_max, item, SEARCH: tl.constexpr):
+    """The tile holding `item`: its row block, the row block's first item, KV blocks a tile,
+    and the head group h."""
+    rb = find_row_block(WL + o_start, rb_max, item, SEARCH)
+    inside = rb < rb_max
+    rbs = tl.load(WL + o_start + rb, mask=inside, other=0)
+    c = tl.load(WL + o_count + rb, mask=inside, other=1)
+    return rb, rbs, c, (item - rbs) // tl.maximum(c, 1)
+
+
+@triton.jit
+def virtual_program_of(item, s_work, programs, chunk):
+    """The range holding `item` under a dynamic tail: static share p < N of [0, S), or
+    chunk k of [S, W) as program N + k (serving_worklist.WorkList.program_of)."""
+    static = program_of(tl.minimum(item, s_work - 1), tl.maximum(s_work, 1),
+                        tl.maximum(programs, 1))
+    return tl.where(item < s_work, static, programs + (item - s_work) // chunk)
+
+
+@triton.jit
+def virtual_start(v, s_work, programs, chunk):
+    """First item of virtual program v (WorkList.program_range)."""
+    static = program_start(tl.minimum(v, programs), s_work, tl.maximum(programs, 1))
+    return tl.where(v < programs, static, s_work + (v - programs) * chunk)
+
+
+@triton.jit
+def next_chunk(WL, programs, s_work, work):
+    """The next chunk of the dynamic tail: (its virtual program N + k, start, end, whether one
+    was left). Every program of the grid fetches once past the last chunk, so the fetch that
+    returns chunks + grid - 1 is the launch's last: it sets the counter back to 0 for the
+    next call that shares the work list."""
+    chunks = tl.load(WL + TAIL_CHUNKS)
+    chunk = tl.load(WL + TAIL_CHUNK)
+    k = tl.atomic_add(WL + TAIL_NEXT, 1, sem="relaxed")
+    if k == chunks + tl.num_programs(0) - 1:
+        tl.store(WL + TAIL_NEXT, 0)
+    start = s_work + k * chunk
+    return programs + k, start, tl.minimum(work, start + chunk), k < chunks
 
 
 @triton.jit
@@ -142,7 +185,7 @@ def ragged_attention_kernel(
     SEARCH: tl.constexpr, FIXUP_COLS: tl.constexpr, FIXUP_ROWS: tl.constexpr,
     MERGE_PIECES: tl.constexpr, USE_PDL: tl.constexpr,
     KV_FORMAT: tl.constexpr = 0, HEAD_SCALES: tl.constexpr = 0, WHOLE: tl.constexpr = False,
-    WAIT_PDL: tl.constexpr = False, V_PAIRS: tl.constexpr = False,
+    WAIT_PDL: tl.constexpr = False, V_PAIRS: tl.constexpr = False, TAIL: tl.constexpr = False,
     STAMPS=None, TIMELINE: tl.constexpr = False,
 ):
     p = tl.program_id(0)
@@ -154,6 +197,11 @@ def ragged_attention_kernel(
         gdc_launch_dependents()
     work = tl.load(WL + 0)
     programs = tl.load(WL + 1)
+    s_work = work  # S: items [S, W) are the dynamic tail's (TAIL), handed out at run time
+    chunk = 1
+    if TAIL:
+        s_work = tl.load(WL + TAIL_START)
+        chunk = tl.load(WL + TAIL_CHUNK)
     _, _, _, _, _, o_start, o_count, _, _, _ = wl_offsets(batch, rb_max)
     if WHOLE:  # the whole-tile variant: tiles handed out one by one until none is left
         if tl.load(WL + WHOLE_FLAG) != 0:
@@ -189,59 +237,76 @@ def ragged_attention_kernel(
                               tl.full([BLOCK_M], float("-inf"), dtype=tl.float32),
                               tl.zeros([BLOCK_M], dtype=tl.float32), p * 2, WS_O, WS_M, WS_L,
                               HEAD_DIM_V, BLOCK_M, BLOCK_DV)
-        else:  # stream-K: an equal share of W among the N programs the work list chose
+        else:  # stream-K: an equal share of W (of S with a tail) among the N programs
             n = tl.maximum(programs, 1)
-            start = program_start(tl.minimum(p, programs), work, n)
-            end = program_start(tl.minimum(p + 1, programs), work, n)
-            rb = find_row_block(WL + o_start, rb_max, start, SEARCH)
-            inside = rb < rb_max
-            rbs = tl.load(WL + o_start + rb, mask=inside, other=0)
-            c = tl.load(WL + o_count + rb, mask=inside, other=1)
-            h = (start - rbs) // tl.maximum(c, 1)
-        item = start
-        while item < end:
-            first = rbs + h * c
-            stop = first + c
-            stop_here = tl.minimum(end, stop)
-            acc, m_i, l_i, qi, head, valid, Ob, LSEb, g, z, qblock, lq = _tile_state(
-                WL, rb, h, rbs, c, item, stop_here, batch, rb_max, ntiles_z, ratio, Q,
-                stride_qb, stride_qm, stride_qh, K, stride_kb, stride_kn, stride_kh, V, stride_vb,
-                stride_vn, stride_vh, O, stride_ob, stride_om, LSE, stride_lb, BT, stride_bt,
-                SLOPES, KS, VS, num_pages, qk_scale, softcap_scale, window, HEAD_DIM, HEAD_DIM_V,
-                BLOCK_M, BLOCK_N, BLOCK_DK, DK_CHUNKS, BLOCK_DV, HEADS_PER_TILE, TOKENS_PER_TILE,
-                CAUSAL, HAS_WINDOW, HAS_ALIBI, SOFTCAP, INTERPRET, PAGED, PAGE_SIZE, KV_FORMAT,
-                HEAD_SCALES, V_PAIRS)
-            if TIMELINE:
-                if item == start:
-                    stamp(STAMPS, p, 1)
-            whole = (item == first) & (stop_here == stop)
-            if PER_TILE_RANGES:
-                whole = whole & (split == 1)
-            if whole:
-                # -- the whole tile is ours: normalise and write
-                finalize_store(acc, m_i, l_i, 0, qi, head, valid, Ob, 0, stride_om, stride_oh,
-                               LSEb, 0, stride_lh, SINKS, HEAD_DIM_V, BLOCK_DV, HAS_SINKS,
-                               RETURN_LSE)
-            else:
-                # -- a piece of a cut tile: slot 0 for our first tile, 1 for our last
-                slot = p * 2 + (item != start).to(tl.int32)
-                store_partial(acc, m_i, l_i, slot, WS_O, WS_M, WS_L, HEAD_DIM_V, BLOCK_M,
-                              BLOCK_DV)
-                if FUSED:
-                    _fused_fixup(rb * hz + h, first, stop, work, programs, 0, g, z, qblock, lq,
-                                 ratio, Ob, 0, stride_om, stride_oh, LSEb, 0, stride_lh, SINKS,
-                                 WS_O, WS_M, WS_L, COUNTERS, HEAD_DIM_V, BLOCK_M, BLOCK_DV,
-                                 HEADS_PER_TILE, TOKENS_PER_TILE, HAS_SINKS, RETURN_LSE,
-                                 FIXUP_COLS, FIXUP_ROWS, MERGE_PIECES)
-            item = stop_here
-            # -- the next tile: the next head group, or the next row block's first
-            h += 1
-            next_rb = h == hz
-            rb = tl.where(next_rb, rb + 1, rb)
-            h = tl.where(next_rb, 0, h)
-            inside = rb < rb_max
-            rbs = tl.load(WL + o_start + rb, mask=inside, other=0)
-            c = tl.load(WL + o_count + rb, mask=inside, other=1)
+            start = program_start(tl.minimum(p, programs), s_work, n)
+            end = program_start(tl.minimum(p + 1, programs), s_work, n)
+            rb, rbs, c, h = tile_at(WL, o_start, o_count, rb_max, start, SEARCH)
+        # v: whose slots this range's pieces take (p; a tail chunk k is virtual program N + k)
+        v = p
+        more = p >= 0
+        while more:
+            item = start
+            while item < end:
+                first = rbs + h * c
+                stop = first + c
+                stop_here = tl.minimum(end, stop)
+                acc, m_i, l_i, qi, head, valid, Ob, LSEb, g, z, qblock, lq = _tile_state(
+                    WL, rb, h, rbs, c, item, stop_here, batch, rb_max, ntiles_z, ratio, Q,
+                    stride_qb, stride_qm, stride_qh, K, stride_kb, stride_kn, stride_kh, V,
+                    stride_vb, stride_vn, stride_vh, O, stride_ob, stride_om, LSE, stride_lb, BT,
+                    stride_bt, SLOPES, KS, VS, num_pages, qk_scale, softcap_scale, window,
+                    HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, BLOCK_DK, DK_CHUNKS, BLOCK_DV,
+                    HEADS_PER_TILE, TOKENS_PER_TILE, CAUSAL, HAS_WINDOW, HAS_ALIBI, SOFTCAP,
+                    INTERPRET, PAGED, PAGE_SIZE, KV_FORMAT, HEAD_SCALES, V_PAIRS)
+                if TIMELINE:
+                    if (item == start) & (v == p):
+                        stamp(STAMPS, p, 1)
+                whole = (item == first) & (stop_here == stop)
+                if PER_TILE_RANGES:
+                    whole = whole & (split == 1)
+                if whole:
+                    # -- the whole tile is ours: normalise and write
+                    finalize_store(acc, m_i, l_i, 0, qi, head, valid, Ob, 0, stride_om,
+                                   stride_oh, LSEb, 0, stride_lh, SINKS, HEAD_DIM_V, BLOCK_DV,
+                                   HAS_SINKS, RETURN_LSE)
+                else:
+                    # -- a piece of a cut tile: slot 0 for our first tile, 1 for our last
+                    slot = v * 2 + (item != start).to(tl.int32)
+                    store_partial(acc, m_i, l_i, slot, WS_O, WS_M, WS_L, HEAD_DIM_V, BLOCK_M,
+                                  BLOCK_DV)
+                    if FUSED:
+                        # the tile's pieces are those of programs p_first..p_last: from W and
+                        # N, or (a tail) the virtual programs of its first and last items
+                        p_first = None
+                        p_last = None
+                        lead = None
+                        if TAIL:
+                            p_first = virtual_program_of(first, s_work, programs, chunk)
+                            p_last = virtual_program_of(stop - 1, s_work, programs, chunk)
+                            lead = (virtual_start(p_first, s_work, programs, chunk)
+                                    < first).to(tl.int32)
+                        _fused_fixup(rb * hz + h, first, stop, work, programs, 0, g, z, qblock,
+                                     lq, ratio, Ob, 0, stride_om, stride_oh, LSEb, 0, stride_lh,
+                                     SINKS, WS_O, WS_M, WS_L, COUNTERS, HEAD_DIM_V, BLOCK_M,
+                                     BLOCK_DV, HEADS_PER_TILE, TOKENS_PER_TILE, HAS_SINKS,
+                                     RETURN_LSE, FIXUP_COLS, FIXUP_ROWS, MERGE_PIECES, p_first,
+                                     p_last, lead)
+                item = stop_here
+                # -- the next tile: the next head group, or the next row block's first
+                h += 1
+                next_rb = h == hz
+                rb = tl.where(next_rb, rb + 1, rb)
+                h = tl.where(next_rb, 0, h)
+                inside = rb < rb_max
+                rbs = tl.load(WL + o_start + rb, mask=inside, other=0)
+                c = tl.load(WL + o_count + rb, mask=inside, other=1)
+            # -- then chunks of the dynamic tail while any is left
+            more = p < 0
+            if TAIL:
+                v, start, end, more = next_chunk(WL, programs, s_work, work)
+                if more:
+                    rb, rbs, c, h = tile_at(WL, o_start, o_count, rb_max, start, SEARCH)
     if TIMELINE:
         stamp(STAMPS, p, 2)
     if USE_PDL == 2:

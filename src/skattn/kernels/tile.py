@@ -163,7 +163,7 @@ def store_partial(acc, m_i, l_i, slot_index, WS_O, WS_M, WS_L,
 def merge_pieces(p_lo, p_hi, first, work, programs, valid, WS_O, WS_M, WS_L, m0, dv0,
                  HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, ROWS: tl.constexpr,
                  BLOCK_DV: tl.constexpr, PIECES: tl.constexpr, STREAM_K: tl.constexpr,
-                 LOADS_FIRST: tl.constexpr = False):
+                 LOADS_FIRST: tl.constexpr = False, lead=None):
     """Merge the partials of programs p_lo..p_hi for the tile starting at item `first`:
     rows m0 .. m0+ROWS-1 of the tile's BLOCK_M, columns dv0 .. dv0+BLOCK_DV-1.
 
@@ -175,15 +175,17 @@ def merge_pieces(p_lo, p_hi, first, work, programs, valid, WS_O, WS_M, WS_L, m0,
     LOADS_FIRST (the separate fixups): all loads of a step are waited for together, one
     memory latency a step instead of two (fixup 2.1-4.1 -> 1.3-2.4 us a call). The fused
     merge keeps two passes a step: waiting for every piece at once would hold all their
-    values on top of the main kernel's registers.
+    values on top of the main kernel's registers. `lead` (1 where p_lo started before the
+    tile) is computed from W and N unless given.
     """
     r = m0 + tl.arange(0, ROWS)
     dv = dv0 + tl.arange(0, BLOCK_DV)
     dv_ok = dv[None, :] < HEAD_DIM_V
     # program q keeps the tile in slot 0, except p_lo if it started before the tile: it is
     # then p_lo's last tile, in slot 1 (STREAM_K=False: per-tile ranges, always slot 0)
-    lead = 0
-    if STREAM_K:
+    if not STREAM_K:
+        lead = 0
+    elif lead is None:
         lead = (program_start(p_lo, work, programs) < first).to(tl.int32)
     m_max = tl.full([ROWS], float("-inf"), dtype=tl.float32)
     acc = tl.zeros([ROWS, BLOCK_DV], dtype=tl.float32)

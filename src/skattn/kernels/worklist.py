@@ -1,7 +1,8 @@
 """The ragged work list, built on the GPU by one program (docs/serving.md, "The work list").
 
 Layout of the int32 buffer WL (offsets by `wl_offsets`): a header (W, N, RB, max and min
-KV blocks of a tile, whole-tile step, the whole-tile hand-out counter), per sequence Lq, Lk,
+KV blocks of a tile, whole-tile step, the whole-tile hand-out counter, the dynamic tail's
+first item, chunk size, chunk count and hand-out counter), per sequence Lq, Lk,
 first query row, first key row, end of its row blocks; per row block its first item
 (RB_max + 1 entries), KV blocks per tile, sequence, token block and first KV block.
 """
@@ -13,6 +14,12 @@ HEADER: tl.constexpr = tl.constexpr(16)
 # tile to hand out (zeroed by the build)
 WHOLE_FLAG: tl.constexpr = tl.constexpr(5)
 WHOLE_NEXT: tl.constexpr = tl.constexpr(6)
+# a plan with a dynamic tail (ServingPlan.tail): items [TAIL_START, W) go out at run time in
+# TAIL_CHUNKS chunks of TAIL_CHUNK items, the next from TAIL_NEXT (zeroed by the build)
+TAIL_START: tl.constexpr = tl.constexpr(7)
+TAIL_CHUNK: tl.constexpr = tl.constexpr(8)
+TAIL_CHUNKS: tl.constexpr = tl.constexpr(9)
+TAIL_NEXT: tl.constexpr = tl.constexpr(10)
 # the whole-tile rule (policy.whole_prompt and compute_bound_programs, kept equal to them by
 # tests/test_serving_plan.py)
 MANY: tl.constexpr = tl.constexpr(3)
@@ -183,7 +190,7 @@ def work_list_kernel(
     HAS_WINDOW: tl.constexpr, POLICY: tl.constexpr, FUSED: tl.constexpr,
     TOKENS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
     LOG_B: tl.constexpr, RB_CHUNK: tl.constexpr, NB: tl.constexpr, Q_RANGE: tl.constexpr,
-    WHOLE: tl.constexpr = False, LQ_MIN: tl.constexpr = 0,
+    WHOLE: tl.constexpr = False, LQ_MIN: tl.constexpr = 0, TAIL: tl.constexpr = 0,
 ):
     """One program: lengths -> row blocks -> per-row-block KV blocks -> prefix sums -> N."""
     rb_real, lq_max = _sequences(SEQ_K, SEQ_Q, WL, batch, q_len, cap_q, total_q, cap_k,
@@ -238,3 +245,12 @@ def work_list_kernel(
     tl.store(WL + 2, rb_real)
     tl.store(WL + 3, maxc)
     tl.store(WL + 4, tl.where(rb_real > 0, minc, 0))
+    # the dynamic tail (serving_worklist.tail_split): TAIL percent of W in at most
+    # grid_programs chunks, none in a whole-tile step
+    t_items = (tl.cast(work, tl.int64) * TAIL // 100).to(tl.int32)
+    t_items = tl.where(whole | (n == 0), 0, t_items)
+    chunk = tl.maximum((t_items + grid_programs - 1) // grid_programs, 1)
+    tl.store(WL + TAIL_START, work - t_items)
+    tl.store(WL + TAIL_CHUNK, chunk)
+    tl.store(WL + TAIL_CHUNKS, (t_items + chunk - 1) // chunk)
+    tl.store(WL + TAIL_NEXT, 0)
