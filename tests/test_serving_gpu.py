@@ -56,7 +56,7 @@ def plans_for(q, k, table, lens_t, page_size):
               dtype=k.dtype, **pages)
     return {"auto": None, "split": skattn.serving_plan(policy="split", **kw),
             "general": skattn.serving_plan(fixup="general", **kw),
-            "tail": skattn.serving_plan(tail=40, **kw),
+            "fused, tail": skattn.serving_plan(fixup="fused", tail=40, **kw),
             "llamacpp": skattn.serving_plan(policy="llamacpp", **kw)}
 
 
@@ -473,7 +473,7 @@ def test_block_serving_decode(form, page_size, qdtype):
               dtype=form, **pages)
     for kind, p in {"auto": None, "split": skattn.serving_plan(policy="split", **kw),
                     "general": skattn.serving_plan(fixup="general", **kw),
-                    "tail": skattn.serving_plan(tail=40, **kw)}.items():
+                    "fused, tail": skattn.serving_plan(fixup="fused", tail=40, **kw)}.items():
         out = run_kvcache(q, kq, vq, table, lens_t, p)
         err = rel_err(out, ref)
         assert err <= tol, f"{form} page {page_size} {kind}: {err:.2e} > {tol:.2e}"

@@ -435,3 +435,25 @@ def test_dynamic_tail_plans():
     for bad in (100, -1, 2.5, True):
         with pytest.raises(ValueError, match="tail"):
             kv_plan(2, 1, 64, 4, 2, 16, tail=bad)
+
+
+def test_dynamic_tail_leaves_every_static_share_an_item():
+    # a grid far larger than the work (W = 22 items, N = 22 programs on 264): the tail takes
+    # at most W - N items, so no static share is empty (the fused merge counts every program
+    # between a tile's first and last as one of its pieces: an empty one would never arrive,
+    # the tile would stay unwritten and its counter nonzero for the next call)
+    lens = [0, 1, 700, 45, 130]
+    q, k, v = dense_inputs(5, 2, 700, 8, 2, 64, seed=3)
+    p = skattn.serving_plan(batch=5, q_len=2, max_kv_len=700, q_heads=8, kv_heads=2,
+                            head_dim=64, sms=132, occupancy=2, fixup="fused", tail=40)
+    host = host_work_list(p, lens_k=lens)
+    assert host.programs == host.work == 22 and host.tail_chunks == 0
+    lens_t = torch.tensor(lens, dtype=torch.int32)
+    assert_same_list(p, device_list(p, cache_seqlens=lens_t), host)
+    for _ in range(2):  # the second call finds the counters at zero
+        check_kvcache(q, k, v, lens, p)
+    # a larger W: a tail of 40% and every static share non-empty
+    wide = kv_plan(5, 1, 720, 8, 2, 16, tail=40, programs=12)
+    host = host_work_list(wide, lens_k=[0, 1, 700, 45, 130])
+    assert host.tail_chunks > 0
+    assert all(b > a for a, b in map(host.program_range, range(host.ranges)))

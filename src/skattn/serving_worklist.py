@@ -142,9 +142,10 @@ def host_work_list(plan: ServingPlan, *, lens_k=None, cu_k=None, cu_q=None) -> W
 
 def tail_split(plan: ServingPlan, work: int, programs: int) -> tuple[int, int, int]:
     """(S, chunk, K) of the dynamic tail (kernels/worklist.py): `plan.tail` percent of W,
-    in chunks of ceil(tail / N_grid) items (at most one a grid program), none where no
-    stream-K program runs."""
-    tail = work * plan.tail // 100 if programs > 0 else 0
+    at most W - N (every static share keeps an item: the fused merge counts each program
+    between a tile's first and last as one of its pieces), in chunks of ceil(tail / N_grid)
+    items (at most one a grid program); none where no stream-K program runs."""
+    tail = min(work * plan.tail // 100, work - programs) if programs > 0 else 0
     chunk = max(-(-tail // plan.programs), 1)
     return work - tail, chunk, -(-tail // chunk)
 

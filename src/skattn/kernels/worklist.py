@@ -246,8 +246,9 @@ def work_list_kernel(
     tl.store(WL + 3, maxc)
     tl.store(WL + 4, tl.where(rb_real > 0, minc, 0))
     # the dynamic tail (serving_worklist.tail_split): TAIL percent of W in at most
-    # grid_programs chunks, none in a whole-tile step
-    t_items = (tl.cast(work, tl.int64) * TAIL // 100).to(tl.int32)
+    # grid_programs chunks, leaving every one of the N static shares an item (an empty share
+    # would count as a piece of the tiles around it); none in a whole-tile step
+    t_items = tl.minimum((tl.cast(work, tl.int64) * TAIL // 100).to(tl.int32), work - n)
     t_items = tl.where(whole | (n == 0), 0, t_items)
     chunk = tl.maximum((t_items + grid_programs - 1) // grid_programs, 1)
     tl.store(WL + TAIL_START, work - t_items)
