@@ -21,6 +21,17 @@ def _load(name):
     return module
 
 
+def _compiled(code: str):
+    """Run `code` (which prints JSON last) without the interpreter, so that kernels compile
+    for sm_90 (scripts/resources.py); its JSON."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         cwd=ROOT, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.splitlines()[-1])
+
+
 tuning_ab = _load("tuning_ab")
 timeline = _load("timeline")
 
@@ -87,12 +98,7 @@ def test_timeline_kernels_compile_for_sm90():
         "kw = dict(D=D, BLOCK_N=64, BLOCK_M=16, STAGES=4, num_warps=4)\n"
         "print(json.dumps([resources.compile_launch(timeline.stream_kernel, args, kw),\n"
         "                  resources.compile_launch(timeline.empty_kernel, (st,), {})]))\n")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                         cwd=ROOT, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-    stream, empty = json.loads(res.stdout.splitlines()[-1])
+    stream, empty = _compiled(code)
     assert stream["spill_bytes"] == 0 and 0 < stream["shared"] <= 232448, stream
     assert empty["regs"] > 0 and empty["shared"] == 0, empty
 
@@ -203,12 +209,7 @@ def test_stamped_serving_kernels_compile_for_sm90():
         "                                        loops=name == 'ragged_attention_kernel')\n"
         "        res.append(dict(kernel=name, **info))\n"
         "print(json.dumps(res))\n")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                         cwd=ROOT, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    built = json.loads(res.stdout.splitlines()[-1])
+    built = _compiled(code)
     assert sorted(b["kernel"] for b in built) == [
         "ragged_attention_kernel", "ragged_attention_kernel", "ragged_general_fixup_kernel",
         "ragged_uniform_fixup_kernel"], built

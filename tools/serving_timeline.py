@@ -22,17 +22,14 @@ from __future__ import annotations
 
 import argparse
 import bisect
-import csv
-import json
-import os
 import statistics
 import sys
-from pathlib import Path
 
 import torch
 
 from skattn import serving, serving_launch
 from skattn.bench.models import MODELS
+from skattn.bench.records import gpu_tool_dir, tool_meta, write_meta, write_rows
 from skattn.bench.serving_mixes import mix
 from skattn.serving_worklist import host_work_list
 
@@ -150,13 +147,6 @@ def cell(model: str, mix_name: str, page: int, fixup: str, timer, bandwidth: flo
     return row, programs_rows
 
 
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
-        w.writeheader()
-        w.writerows(rows)
-
-
 def _fixup(name: str) -> dict:
     return {} if name == "auto" else dict(fixup=name)
 
@@ -203,14 +193,11 @@ def main(argv=None) -> int:
                   f"W {work}, N {n}, blocks a program {min(items)}-{max(items)}, tiles "
                   f"{min(tiles)}-{max(tiles)}")
         return 0
-    if not torch.cuda.is_available():
-        print("needs a CUDA GPU (or --plan-only)", file=sys.stderr)
+    out_dir = gpu_tool_dir("benchmarks/results/latest/timeline")
+    if out_dir is None:
         return 2
-    from skattn.bench.run import provenance
     from skattn.bench.timing import ColdTimer, measure_copy_bandwidth
 
-    out_dir = Path(os.environ.get("OUT") or "benchmarks/results/latest/timeline")
-    out_dir.mkdir(parents=True, exist_ok=True)
     timer = ColdTimer(flush="read")
     bandwidth = measure_copy_bandwidth(timer)
     rows, programs = [], []
@@ -219,13 +206,10 @@ def main(argv=None) -> int:
         rows.append(row)
         programs += per_program
         print(_line(row), flush=True)
-    _write_csv(out_dir / "serving.csv", rows)
-    _write_csv(out_dir / "serving_programs.csv", programs)
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    prov = dict(provenance(sms), command=" ".join([sys.executable, *sys.argv]), reps=args.reps,
-                copy_bandwidth_gbs=bandwidth / 1e9, timer="event, cold L2 (read flush)")
-    (out_dir / "serving.json").write_text(json.dumps(prov, indent=1) + "\n")
-    print(f"wrote serving.csv, serving_programs.csv and serving.json to {out_dir}")
+    write_rows(out_dir / "serving.csv", rows)
+    write_rows(out_dir / "serving_programs.csv", programs)
+    write_meta(out_dir, "serving.json", tool_meta(reps=args.reps, timer="event, cold L2 (read "
+               "flush)", copy_bandwidth_gbs=bandwidth / 1e9), ["serving.csv", "serving_programs.csv"])
     print(table(rows))
     return 0
 

@@ -24,13 +24,9 @@ stream.csv also has a cycles_med column, %clock64 cycles, that this tool does no
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import math
-import os
 import statistics
 import sys
-from pathlib import Path
 
 import torch
 import triton
@@ -39,6 +35,7 @@ import triton.language as tl
 import skattn
 from skattn import launch
 from skattn.bench.models import MODELS
+from skattn.bench.records import gpu_tool_dir, tool_meta, write_meta, write_rows
 from skattn.kernels.stamps import stamp
 
 STREAM_DEPTHS = (8192, 32768)
@@ -210,13 +207,6 @@ def plan_only(parts) -> None:
                   f"{' (stamped)' if stamped else ''}")
 
 
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
-        w.writeheader()
-        w.writerows(rows)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("parts", nargs="*", metavar="{stream,attention}",
@@ -231,26 +221,19 @@ def main(argv=None) -> int:
     if args.plan_only:
         plan_only(parts)
         return 0
-    if not torch.cuda.is_available():
-        print("needs a CUDA GPU (or --plan-only)", file=sys.stderr)
+    out_dir = gpu_tool_dir("benchmarks/results/latest/timeline")
+    if out_dir is None:
         return 2
-    from skattn.bench.run import provenance
     from skattn.bench.timing import ColdTimer
 
-    out_dir = Path(os.environ.get("OUT") or "benchmarks/results/latest/timeline")
-    out_dir.mkdir(parents=True, exist_ok=True)
     timer = ColdTimer(flush="read")
     files, tables = {}, {}
     for part in parts:
         rows = stream(timer, args.reps) if part == "stream" else attention(timer, args.reps)
-        _write_csv(out_dir / f"{part}.csv", rows)
+        write_rows(out_dir / f"{part}.csv", rows)
         files[f"{part}.csv"] = dict(rows=len(rows))
         tables[part] = rows
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    prov = dict(provenance(sms), command=" ".join([sys.executable, *sys.argv]), reps=args.reps,
-                files=files)
-    (out_dir / "provenance.json").write_text(json.dumps(prov, indent=1) + "\n")
-    print(f"wrote {', '.join(files)} and provenance.json to {out_dir}")
+    write_meta(out_dir, "provenance.json", tool_meta(reps=args.reps, files=files), files)
     print(table(tables))
     return 0
 

@@ -109,3 +109,45 @@ def write_table(rows: list[dict], out_dir, stem: str, meta: dict) -> Path:
     (out_dir / f"{stem}.json").write_text(json.dumps(meta, indent=1) + "\n")
     return path
 
+
+
+def write_rows(path, rows: list[dict]) -> None:
+    """`rows` as a CSV at `path`, with every key any row has (in first-seen order)."""
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def gpu_tool_dir(default: str) -> Path | None:
+    """A GPU tool's output folder, made: $OUT, else `default`; None (saying so on stderr)
+    where no CUDA GPU is present."""
+    import os
+    import sys
+
+    import torch
+
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU (or --plan-only)", file=sys.stderr)
+        return None
+    out_dir = Path(os.environ.get("OUT") or default)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return out_dir
+
+
+def tool_meta(**extra) -> dict:
+    """Provenance of a GPU tool's run: GPU, versions, commit, its command line, and `extra`."""
+    import sys
+
+    import torch
+
+    from skattn.bench.run import provenance
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    return dict(provenance(sms), command=" ".join([sys.executable, *sys.argv]), **extra)
+
+
+def write_meta(out_dir: Path, name: str, meta: dict, files) -> None:
+    """A GPU tool's provenance as JSON `out_dir/name`, and a line naming what it wrote."""
+    (out_dir / name).write_text(json.dumps(meta, indent=1) + "\n")
+    print(f"wrote {', '.join(files)} and {name} to {out_dir}")
