@@ -457,3 +457,22 @@ def test_dynamic_tail_leaves_every_static_share_an_item():
     host = host_work_list(wide, lens_k=[0, 1, 700, 45, 130])
     assert host.tail_chunks > 0
     assert all(b > a for a, b in map(host.program_range, range(host.ranges)))
+
+
+def test_stamps_need_the_gpu_clock():
+    # serving_launch.run(stamps=...) (tools/serving_timeline.py) refuses to run without a GPU
+    # (the stamps read %globaltimer), before any launch
+    p = kv_plan(2, 1, 32, 4, 2, 16, fixup="general")
+    q, k, v = dense_inputs(2, 1, 32, 4, 2, 16)
+    lens = torch.tensor([5, 32], dtype=torch.int32)
+    wl = serving.work_list(p, cache_seqlens=lens)
+    b = serving_launch.bind(p, torch.device("cpu"))
+    views = serving_launch._views(p, b, None, torch.device("cpu"), 0)[:4]
+    rows = serving_launch.stamp_rows(p, torch.device("cpu"))
+    assert rows[0] == p.programs and rows[1] > 0
+    stamps = tuple(torch.zeros(max(n, 1), 4, dtype=torch.int64) for n in rows)
+    out = torch.full((2, 1, 4, 16), NAN, dtype=q.dtype)
+    with pytest.raises(ValueError, match="GPU clock"):
+        serving_launch.run(p, q, k, v, out, None, wl=wl, block_table=None, scale=0.25,
+                           ws_views=views, stamps=stamps)
+    assert torch.isnan(out).all(), "nothing may run before the refusal"
