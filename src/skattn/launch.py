@@ -382,10 +382,15 @@ def _consts(b: Bound, features: tuple) -> tuple[dict, dict]:
 
 
 def _check_stamps(plan: Plan, stamps, device) -> None:
-    """The kernels write 4 int64 a program: wrong buffers would be written out of bounds."""
+    check_stamps(stamps, (plan.programs, math.prod(fixup_grid(plan))
+                          if plan.fixup == "uniform" else 0), device)
+
+
+def check_stamps(stamps, rows: tuple[int, int], device) -> None:
+    """Stamp buffers for `rows` (main, fixup) programs: the kernels write 4 int64 a program,
+    so wrong buffers would be written out of bounds."""
     if interpreting() or torch.device(device).type != "cuda":
         raise ValueError("stamps read the GPU clock: they need CUDA tensors and no interpreter")
-    rows = (plan.programs, math.prod(fixup_grid(plan)) if plan.fixup == "uniform" else 0)
     for name, x, n in zip(("main", "fixup"), stamps, rows):
         if (not isinstance(x, torch.Tensor) or x.dtype != torch.int64 or not x.is_contiguous()
                 or x.numel() < 4 * n or x.device != torch.device(device)):

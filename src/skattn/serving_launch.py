@@ -6,6 +6,7 @@ never synchronises and allocates nothing, so it can be captured in a CUDA graph.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +18,7 @@ from skattn.kernels import ragged as _ragged
 from skattn.kernels import ragged_fixup as _fix
 from skattn.kernels import worklist as _wl
 from skattn.launch import (KV_FORMATS, _launch, _no_hooks, _pdl_wait, _spec, cached_bind,
-                           constants, device_table, score_scales, v_pairs)
+                           check_stamps, constants, device_table, score_scales, v_pairs)
 from skattn.serving_plan import POLICY_CODE, ServingPlan, n_sat
 
 INT32_MAX = 2**31 - 1
@@ -191,7 +192,7 @@ def run(plan: ServingPlan, q, k, v, out, lse, *, wl, block_table, scale: float, 
         consts = b.consts[features] = (main, fix, whole)
     main_const, fix_const, whole_const = consts
     if stamps is not None:
-        _check_stamps(b, stamps, device)
+        check_stamps(stamps, stamp_rows(plan, device), device)
         main_const = dict(main_const, STAMPS=stamps[0], TIMELINE=True)
         fix_const = dict(fix_const, STAMPS=stamps[1], TIMELINE=True)
     if plan.varlen:  # packed q and out [total_q, H, D]; lse [Hq, total_q]
@@ -243,22 +244,4 @@ def run(plan: ServingPlan, q, k, v, out, lse, *, wl, block_table, scale: float, 
 def stamp_rows(plan: ServingPlan, device) -> tuple[int, int]:
     """Rows of `run`'s stamps: main kernel programs, fixup programs (0 without a fixup)."""
     b = bind(plan, device)
-    return plan.programs, _prod(b.fix_grid) if b.fix_kernel is not None else 0
-
-
-def _prod(xs) -> int:
-    n = 1
-    for x in xs:
-        n *= x
-    return n
-
-
-def _check_stamps(b: Bound, stamps, device) -> None:
-    if not b.cuda:
-        raise ValueError("stamps read the GPU clock: they need CUDA tensors and no interpreter")
-    rows = (b.plan.programs, _prod(b.fix_grid) if b.fix_kernel is not None else 0)
-    for name, x, n in zip(("main", "fixup"), stamps, rows):
-        if (not isinstance(x, torch.Tensor) or x.dtype != torch.int64 or not x.is_contiguous()
-                or x.device != device or x.numel() < 4 * n):
-            raise ValueError(f"stamps[{name}] must be a contiguous int64 tensor of at least "
-                             f"[{n}, 4] on {device}")
+    return plan.programs, math.prod(b.fix_grid) if b.fix_kernel is not None else 0

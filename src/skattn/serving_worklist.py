@@ -28,15 +28,10 @@ class WorkList:
     rb_start: list[int]     # [RB_max + 1] first item of each row block (padding at W)
     work: int               # W
     programs: int           # N chosen from W (0 in a whole-tile step)
-    whole: bool = False     # the step runs in whole tiles, handed out longest first
-    tail_start: int = -1    # S: items [S, W) go out at run time (-1: S = W, no tail)
-    tail_chunk: int = 1     # items a chunk
-    tail_chunks: int = 0    # chunks K
-
-    @property
-    def static_work(self) -> int:
-        """S: the items shared out statically among the N programs."""
-        return self.work if self.tail_start < 0 else self.tail_start
+    whole: bool             # the step runs in whole tiles, handed out longest first
+    tail_start: int         # S: items [0, S) are the N static shares, [S, W) the tail's
+    tail_chunk: int         # items a chunk of the tail
+    tail_chunks: int        # chunks K (0: no tail, S = W)
 
     @property
     def ranges(self) -> int:
@@ -51,7 +46,7 @@ class WorkList:
 
     def program_range(self, p: int) -> tuple[int, int]:
         """[start, end) of virtual program p: static share p < N, else tail chunk p - N."""
-        n, s = max(self.programs, 1), self.static_work
+        n, s = max(self.programs, 1), self.tail_start
         if p < self.programs:
             return p * s // n, (p + 1) * s // n
         k = p - self.programs
@@ -61,7 +56,7 @@ class WorkList:
 
     def program_of(self, item: int) -> int:
         """The virtual program whose range holds `item`."""
-        s = self.static_work
+        s = self.tail_start
         if item >= s:
             return self.programs + (item - s) // self.tail_chunk
         return ((item + 1) * max(self.programs, 1) - 1) // s
