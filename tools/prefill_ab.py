@@ -19,8 +19,9 @@ of n = 128, 1024, 2048 at L = 32768, in f16 and bf16 (`--quick`: 3 cells). Per c
    `skattn bench`).
 
 Variants: `base` (the stream-K kernel every plan runs by default), `tma` (kernels/prefill.py:
-K/V through tensor descriptors, the plan's default geometry) and `tma-alt` (another block
-size).
+K/V through tensor descriptors, the plan's default geometry), `tma-alt` (another block
+size) and `ws` (kernels/prefill_ws.py: Gluon, a TMA loader warp and two consumer
+warpgroups); `--variants` picks some.
 
 Writes $OUT/prefill_ab.csv and $OUT/prefill_ab.json (provenance, ceilings, compile counts)
 and prints a compact table last. `--plan-only` (no GPU) prints every plan and the number of
@@ -44,6 +45,7 @@ import torch
 import skattn
 from skattn import launch, prefill_launch
 from skattn.bench.models import MODELS
+from skattn.device import interpreting
 
 DEPTHS = (8192, 16384, 32768)
 CHUNKS = (128, 1024, 2048)  # at L = 32768
@@ -72,7 +74,20 @@ VARIANTS = (
     Variant("tma", "tma"),
     Variant("tma-alt", "tma", geometry={128: dict(block_n=64, num_warps=8, num_stages=4),
                                         64: dict(block_n=128, num_warps=4, num_stages=3)}),
+    Variant("ws", "ws"),
 )
+
+
+def chosen(names=None) -> tuple:
+    """The variants named (comma-separated or a list), in VARIANTS' order; all without names."""
+    if isinstance(names, str):
+        names = [x for x in names.split(",") if x]
+    if not names:
+        return VARIANTS
+    unknown = set(names) - {v.name for v in VARIANTS}
+    if unknown:
+        raise SystemExit(f"unknown variants {sorted(unknown)}; known: {[v.name for v in VARIANTS]}")
+    return tuple(v for v in VARIANTS if v.name in names)
 
 
 def cells(models=None, quick=False) -> list[tuple[str, int, int]]:
@@ -107,7 +122,9 @@ def kernel_of(p) -> tuple[str, str]:
     why = prefill_launch.refusal(p)
     if why is not None:
         return "base", ("" if p.tuning.prefill == "base" else why)
-    return "tma", ""
+    if p.tuning.prefill == "ws" and interpreting():
+        return "base", "Gluon kernels do not run under the interpreter"
+    return p.tuning.prefill, ""
 
 
 def inputs(model, n, L, dtype, seed, device="cuda"):
@@ -158,7 +175,7 @@ def worker(job: dict) -> list[dict]:
     q, k, v = inputs(model, n, L, dtype, SEED, job.get("device", "cuda"))
     ref = reference_f32(q, k, v)
     rows = []
-    for var in VARIANTS:
+    for var in chosen(job.get("variants")):
         row = dict(variant=var.name, status="ok")
         try:
             p = make_plan(model, n, L, dtype, var, job.get("sms"), job.get("occupancy"),
@@ -198,7 +215,7 @@ def run_workers(jobs: list[dict], workers: int) -> dict:
                                  capture_output=True, text=True, env=env, timeout=300)
         except subprocess.TimeoutExpired:
             return key, [dict(variant=v.name, status="error: worker timed out (300 s)")
-                         for v in VARIANTS]
+                         for v in chosen(job.get("variants"))]
         done = {}
         for line in res.stdout.splitlines():
             if line.startswith("ROW "):
@@ -207,7 +224,7 @@ def run_workers(jobs: list[dict], workers: int) -> dict:
         tail = " | ".join((res.stderr or "").strip().splitlines()[-3:])[:300]
         return key, [done.get(v.name) or dict(variant=v.name, status=f"error: worker exited "
                                               f"{res.returncode} before it: {tail}")
-                     for v in VARIANTS]
+                     for v in chosen(job.get("variants"))]
 
     with ThreadPoolExecutor(workers) as pool:
         return dict(pool.map(one, jobs))
@@ -276,7 +293,7 @@ def measure(args, cell_list, dnames, checked, out_dir: Path) -> tuple[list[dict]
                 cudnn = dict(base, provider="sdpa-cudnn-nomask", variant="no mask: lower bound",
                              status=f"error: {type(exc).__name__}: {str(exc)[:200]}")
             timed.append(cudnn)
-            for var, chk in zip(VARIANTS, checked[(model, n, L, dname)]):
+            for var, chk in zip(chosen(args.variants), checked[(model, n, L, dname)]):
                 row = dict(base, provider="skattn", variant=var.name, kernel=chk.get("kernel", ""),
                            status=chk["status"], err=chk.get("err", ""))
                 try:
@@ -341,17 +358,17 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plan_only(cell_list, dnames) -> None:
+def plan_only(cell_list, dnames, variants=VARIANTS) -> None:
     """Every plan, and the distinct kernels (compile-time constants and integer
     specialisations) the run compiles, without a GPU."""
     prefill_launch.interpreting = lambda: True  # bind as on sm_90
     keys = set()
     for model, n, L in cell_list:
-        for var in VARIANTS:
+        for var in variants:
             p = make_plan(model, n, L, torch.float16, var, sms=132, occupancy=2)
             kern, why = kernel_of(p)
             b = launch._bind(p, torch.device("cpu"))
-            const = (b.prefill.const if kern != "base" else b.main_const)
+            const = (b.prefill.const if kern != "base" and b.prefill else b.main_const)
             spec = tuple(launch._spec(x) for x in (*b.main_ints, *b.fd))
             keys.add((kern, tuple(sorted(const.items())), spec))
             if b.fix_kernel:
@@ -371,6 +388,8 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--workers", type=int, default=max(1, min(12, (os.cpu_count() or 2) - 2)))
+    ap.add_argument("--variants", default="",
+                    help=f"comma-separated, of {','.join(v.name for v in VARIANTS)} (default all)")
     ap.add_argument("--plan-only", action="store_true")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -381,7 +400,7 @@ def main(argv=None) -> int:
     cell_list = cells(models, args.quick)
     dnames = [d for d in args.dtypes.split(",") if d]
     if args.plan_only:
-        plan_only(cell_list, dnames)
+        plan_only(cell_list, dnames, chosen(args.variants))
         return 0
     if not torch.cuda.is_available():
         print("needs a CUDA GPU (or --plan-only)", file=sys.stderr)
@@ -389,7 +408,8 @@ def main(argv=None) -> int:
     out_dir = Path(os.environ.get("OUT") or "benchmarks/results")
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    jobs = [dict(model=m, n=n, L=L, dtype=d) for m, n, L in cell_list for d in dnames]
+    jobs = [dict(model=m, n=n, L=L, dtype=d, variants=args.variants)
+            for m, n, L in cell_list for d in dnames]
     checked = run_workers(jobs, args.workers)
     t1 = time.time()
     print(f"checked {len(jobs)} cell-dtypes in {t1 - t0:.0f} s", file=sys.stderr, flush=True)
@@ -405,7 +425,7 @@ def main(argv=None) -> int:
                 check_s=round(t1 - t0, 1), time_s=round(time.time() - t1, 1),
                 tolerance={str(k): v for k, v in TOLERANCE.items()}, seed=SEED,
                 variants=[dict(name=v.name, prefill=v.prefill, geometry=v.geometry)
-                          for v in VARIANTS],
+                          for v in chosen(args.variants)],
                 checks={" ".join(map(str, k)): v for k, v in checked.items()})
     _write_csv(out_dir / "prefill_ab.csv", rows)
     (out_dir / "prefill_ab.json").write_text(json.dumps(prov, indent=1, default=str))

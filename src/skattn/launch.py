@@ -27,6 +27,7 @@ from skattn.fastdiv import magic
 from skattn.kernels import attention as _main
 from skattn.kernels import fixup as _fixup
 from skattn.kernels import prefill as _prefill_kernel
+from skattn.kernels import prefill_ws as _prefill_ws
 from skattn.kernels import tile as _tile
 from skattn.planner import Plan
 
@@ -350,7 +351,14 @@ def run(plan: Plan, q, k, v, out, lse, *, scale: float, mask=None, sinks=None, s
         main_const = dict(main_const, STAMPS=stamps[0], TIMELINE=True)
         if b.fix_kernel == "uniform":
             fix_const = dict(fix_const, STAMPS=stamps[1], TIMELINE=True)
-    if b.prefill is not None and _prefill.usable(b.prefill, features, k, v):
+    if b.prefill is not None and b.prefill.kind == "ws" and _prefill.usable(b.prefill, features,
+                                                                            k, v):
+        kd, vd = _prefill.descriptors(b.prefill, k, v)
+        wargs = (q, qs[0], qs[1], qs[2], kd, vd, out, os_[0], os_[1], os_[2], lse_t, slb, slh,
+                 sinks_t, ws_o, ws_m, ws_l, *b.prefill.tables, *b.prefill.ints, qk_scale)
+        _launch(_prefill_ws.ws_prefill_kernel, None, wargs, _prefill.constants(b.prefill, features),
+                b.main_grid, stream, record)
+    elif b.prefill is not None and _prefill.usable(b.prefill, features, k, v):
         kd, vd = _prefill.descriptors(b.prefill, k, v)
         pargs = (q, qs[0], qs[1], qs[2], kd, ks[0], ks[1], ks[2], vd, vs[0], vs[1], vs[2],
                  out, os_[0], os_[1], os_[2], lse_t, slb, slh, sinks_t,

@@ -1,10 +1,12 @@
-"""Which plans and calls run the prompt-chunk kernel (`kernels/prefill.py`), and its arguments.
+"""Which plans and calls run a prompt-chunk kernel (`kernels/prefill.py`, "tma", or
+`kernels/prefill_ws.py`, "ws"), and their arguments.
 
-`bind` decides once per (plan, device) whether the plan may run the kernel: `plan.tuning.prefill
-== "tma"`, tiles of 64 or 128 rows (Hopper's warpgroup MMA), head size 64 or 128 with Dk = Dv,
-no window and no mask planned, and a GPU of compute capability 9.0 or newer (or the
-interpreter). `usable` adds what only a call knows: no mask, ALiBi or softcap, and K/V whose
-base and strides suit the copy engine (16-byte multiples). Everything else runs the base kernel.
+`bind` decides once per (plan, device) whether the plan may run one: `plan.tuning.prefill`,
+tiles of 64 or 128 rows (Hopper's warpgroup MMA; "ws": 128 and no fused fixup), head size 64
+or 128 with Dk = Dv, no window and no mask planned, and a GPU of compute capability 9.0 or
+newer (or, "tma" only, the interpreter). `usable` adds what only a call knows: no mask, ALiBi
+or softcap, and K/V whose base and strides suit the copy engine (16-byte multiples).
+Everything else runs the base kernel.
 """
 from __future__ import annotations
 
@@ -30,12 +32,15 @@ class PrefillBound:
     const: dict            # compile-time constants that depend only on the plan
     block: tuple           # K/V descriptor block: [1, BLOCK_N, 1, D] of [B, Lk, Hkv, D]
     device_desc: bool      # descriptors made in the kernel (K and V passed as tensors)
+    kind: str = "tma"      # "tma" or "ws"
+    tables: tuple = ()     # "ws": its segments and their per-program offsets (int32, device)
+    ints: tuple = ()       # "ws": q_len, kv_len, GQA ratio
 
 
 def refusal(plan) -> str | None:
     """Why `plan` cannot run the prompt-chunk kernel, or None when it can (on sm_90+)."""
     g = plan.geometry
-    if plan.tuning.prefill != "tma":
+    if plan.tuning.prefill not in ("tma", "ws"):
         return f"tuning.prefill is {plan.tuning.prefill!r}"
     if plan.dtype not in ("float16", "bfloat16"):
         return f"K/V in {plan.dtype} (it reads f16 or bf16)"
@@ -47,6 +52,10 @@ def refusal(plan) -> str | None:
         return "a sliding window"
     if plan.has_mask:
         return "a plan for a mask"
+    if plan.tuning.prefill == "ws" and g.block_m != 128:
+        return f"{g.block_m}-row tiles (the warp-specialised kernel takes 128 rows)"
+    if plan.tuning.prefill == "ws" and plan.fixup == "fused":
+        return "a fused fixup (the warp-specialised kernel leaves cut tiles to a separate one)"
     return None
 
 
@@ -54,6 +63,8 @@ def bind(plan, device: torch.device, main_const: dict) -> PrefillBound | None:
     """The prompt-chunk kernel's part of a bound plan, or None where the base kernel runs."""
     if refusal(plan) is not None:
         return None
+    if plan.tuning.prefill == "ws":
+        return None if interpreting() else _bind_ws(plan, device)
     if not interpreting():
         if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9:
             return None  # no tensor memory accelerator before Hopper
@@ -62,6 +73,68 @@ def bind(plan, device: torch.device, main_const: dict) -> PrefillBound | None:
     const.update(DEVICE_DESC=t.prefill_device_desc,
                  XBLOCKS=max(2, 1 << plan.ntiles_x.bit_length()))  # a power of 2 > ntiles_x
     return PrefillBound(const, (1, g.block_n, 1, plan.head_dim), t.prefill_device_desc)
+
+
+# the warp-specialised kernel: 4 + 4 + 1 warps (12 with the loader's warpgroup) under a cap
+# of 168 registers a thread, of which each consumer warpgroup takes 240 and the loader's 24
+_WS_WARPS, _WS_MAXNREG, _WS_CONSUMER_REGS = 4, 168, 240
+_WS_SMEM = 227 * 1024  # shared memory a program may take on sm_90
+
+
+def ws_stages(head_dim: int, block_n: int, elem: int = 2) -> int:
+    """K/V blocks in flight: as many as fit beside the two 64-row query buffers (at most 4)."""
+    stage = 2 * block_n * head_dim * elem
+    return max(1, min(4, (_WS_SMEM - 1024 - 128 * head_dim * elem) // stage))
+
+
+def _bind_ws(plan, device: torch.device) -> PrefillBound | None:
+    from skattn.launch import device_table  # (launch imports this module)
+
+    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9:
+        return None
+    g = plan.geometry
+    rows, offsets = segments(plan)
+    const = dict(HEAD_DIM=plan.head_dim, BLOCK_N=g.block_n, HEADS_PER_TILE=g.heads_per_tile,
+                 TOKENS_PER_TILE=g.tokens_per_tile, CAUSAL=plan.causal,
+                 STAGES=ws_stages(plan.head_dim, g.block_n), CONSUMER_REGS=_WS_CONSUMER_REGS,
+                 num_warps=_WS_WARPS, maxnreg=_WS_MAXNREG)
+    tables = (device_table(device, tuple(v for r in rows for v in r) or (0,)),
+              device_table(device, tuple(offsets)))
+    return PrefillBound(const, (1, g.block_n, 1, plan.head_dim), False, "ws", tables,
+                        (plan.q_len, plan.kv_len, plan.gqa_ratio))
+
+
+def segments(plan) -> tuple[list[tuple], list[int]]:
+    """The warp-specialised kernel's work: for each program (in launch order), its pieces of
+    tiles as (sequence, KV head, head group, token block, first KV block, first block that
+    needs a mask, end, partial slot or -1 for a whole tile), and each program's offset into
+    that list (programs + 1 values). The same walk as `attention_kernel`'s: program p's range
+    of the work list, tile by tile; slot 2p for the piece the range starts with, 2p + 1 for
+    the one it ends with; one whole tile a program runs the longest first where the plan says so."""
+    geo, n = plan.geometry, plan.geometry.block_n
+    order = plan.longest_first_order() if plan.longest_first else range(plan.programs)
+    rows, offsets = [], [0]
+    for p in order:
+        start, end = plan.program_range(p)
+        tiles = range(plan.tile_of(start), plan.tile_of(end - 1) + 1) if end > start else ()
+        for tile in tiles:
+            first, stop = plan.tile_range(tile)
+            group, qblock = divmod(tile, plan.ntiles_x)
+            rest, z = divmod(group, plan.ntiles_z)
+            b, kvh = divmod(rest, plan.kv_heads)
+            item, stop_here = max(start, first), min(end, stop)
+            kv0 = plan.kv_first[qblock] - first
+            lo, hi = kv0 + item, kv0 + stop_here
+            full_end = plan.kv_len // n  # unmasked_end: blocks every row sees whole
+            if plan.causal:
+                first_token = qblock * geo.tokens_per_tile
+                full_end = min(full_end, (plan.kv_len - plan.q_len + first_token + 1) // n)
+            mid = max(lo, min(hi, full_end))
+            whole = item == first and stop_here == stop
+            rows.append((b, kvh, z, qblock, lo, mid, hi,
+                         -1 if whole else 2 * p + int(item != start)))
+        offsets.append(len(rows))
+    return rows, offsets
 
 
 def _aligned(x: torch.Tensor) -> bool:
@@ -79,6 +152,8 @@ def usable(pb: PrefillBound, features: tuple, k: torch.Tensor, v: torch.Tensor) 
 def constants(pb: PrefillBound, features: tuple) -> dict:
     """Compile-time constants of one call's feature set."""
     _, has_sinks, _, _, has_lse, interpret, *_ = features
+    if pb.kind == "ws":
+        return dict(pb.const, HAS_SINKS=has_sinks, RETURN_LSE=has_lse)
     return dict(pb.const, HAS_SINKS=has_sinks, RETURN_LSE=has_lse, INTERPRET=interpret)
 
 
@@ -108,6 +183,14 @@ def _torch_alloc(size: int, alignment: int, stream):
 def descriptors(pb: PrefillBound, k: torch.Tensor, v: torch.Tensor) -> tuple:
     """K and V as the kernel takes them: host tensor descriptors over [B, Lk, Hkv, D], or,
     with `device_desc`, the tensors the kernel makes its descriptors of."""
+    if pb.kind == "ws":
+        from triton.experimental.gluon import language as gl
+        from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
+
+        elem = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}[k.dtype]
+        layout = gl.NVMMASharedLayout.get_default_for(list(pb.block), elem)
+        return tuple(GluonDescriptor(x, list(x.shape), list(x.stride()), list(pb.block), layout)
+                     for x in (k, v))
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     if pb.device_desc:

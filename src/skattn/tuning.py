@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 PDL_TRIGGERS = ("start", "end")
-PREFILL_KERNELS = ("base", "tma")
+PREFILL_KERNELS = ("base", "tma", "ws")
 TILE_ORDERS = ("longest", "index")
 
 
@@ -48,9 +48,10 @@ class Tuning:
     prefill : str
         The kernel of prompt-chunk tiles (128 or 64 rows) on Hopper: "base" (the
         stream-K kernel every plan runs) or "tma" (`kernels/prefill.py`: K/V through tensor
-        descriptors, docs/prefill.md). Calls "tma" cannot take (a mask, ALiBi, softcap, a
-        window, head sizes other than 64/128 or Dk != Dv, unaligned K/V, a GPU before sm_90)
-        run the base kernel.
+        descriptors, docs/prefill.md) or "ws" (`kernels/prefill_ws.py`, Gluon: a TMA loader
+        warp and two consumer warpgroups; 128-row tiles, no fused fixup, not under the
+        interpreter). Calls these cannot take (a mask, ALiBi, softcap, a window, head sizes
+        other than 64/128 or Dk != Dv, unaligned K/V, a GPU before sm_90) run the base kernel.
     tile_order : str
         Plans of one whole tile a program whose tiles grow with their token block (causal
         prompts): "longest" runs the longest tiles first (program p takes token block

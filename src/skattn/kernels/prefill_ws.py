@@ -1,0 +1,237 @@
+"""The warp-specialised prompt-chunk kernel for Hopper, in Gluon (`Tuning(prefill="ws")`).
+
+One program (CTA) runs three partitions that share its shared memory:
+
+- a loader (one warp, few registers) copies K and V blocks through TMA into a ring of
+  `STAGES` buffers, each with a "K ready", a "V ready" and an "empty" barrier;
+- two consumer warpgroups each take 64 of the tile's 128 rows: Q·K^T and P·V as
+  warpgroup MMAs on the shared buffers, the online softmax in registers. Each frees a
+  buffer (arrives on "empty", count 2) once its P·V MMA has read it, so the loader refills
+  it while they work on the next block.
+
+The program's work is a list of segments made on the host once per bound plan
+(`prefill_launch.segments`): one row per (tile, KV range) piece of the program's range of the
+stream-K work list, in the order the base kernel walks it: sequence, KV head, head group,
+token block, the first KV block, the first block that needs a mask, the end, and the
+partial slot (-1: the piece is the whole tile, written out here). So the partial slots, the
+fixups and the outputs are those of `attention_kernel`; the fused fixup is not taken.
+"""
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
+                                                              warpgroup_mma, warpgroup_mma_wait)
+
+LOG2E = gl.constexpr(1.4426950408889634)
+LN2 = gl.constexpr(0.6931471805599453)
+SEG = gl.constexpr(8)  # int32 fields of a segment
+
+
+@gluon.jit
+def ws_prefill_kernel(
+    Q, stride_qb, stride_qm, stride_qh,  # q [B, Lq, Hq, D]
+    K_DESC, V_DESC,  # descriptors over k, v [B, Lk, Hkv, D], blocks [1, BLOCK_N, 1, D]
+    O, stride_ob, stride_om, stride_oh,  # out [B, Lq, Hq, D]
+    LSE, stride_lb, stride_lh,  # lse [B, Hq, Lq]
+    SINKS,  # [Hq] f32
+    WS_O, WS_M, WS_L,  # partial slots, as attention_kernel's
+    SEGS, SEG_OFF,  # segments [S, 8] int32; program p's are SEG_OFF[p] .. SEG_OFF[p+1]-1
+    q_len, kv_len, ratio, qk_scale,
+    HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
+    HEADS_PER_TILE: gl.constexpr, TOKENS_PER_TILE: gl.constexpr,
+    CAUSAL: gl.constexpr, HAS_SINKS: gl.constexpr, RETURN_LSE: gl.constexpr,
+    STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+):
+    p = gl.program_id(0)
+    s_lo = gl.load(SEG_OFF + p)
+    s_hi = gl.load(SEG_OFF + p + 1)
+    dtype: gl.constexpr = K_DESC.dtype
+    k_bufs = gl.allocate_shared_memory(dtype, [STAGES] + K_DESC.block_type.shape, K_DESC.layout)
+    v_bufs = gl.allocate_shared_memory(dtype, [STAGES] + V_DESC.block_type.shape, V_DESC.layout)
+    q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, HEAD_DIM], dtype)
+    q_smem = gl.allocate_shared_memory(dtype, [2, 64, HEAD_DIM], q_layout)
+    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(k_ready.index(i), count=1)
+        mbarrier.init(v_ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=2)
+    ring = (k_bufs, v_bufs, k_ready, v_ready, empty)
+    outs = (O, stride_ob, stride_om, stride_oh, LSE, stride_lb, stride_lh, SINKS, WS_O, WS_M, WS_L)
+    shape = (q_len, kv_len, ratio, qk_scale)
+    gl.warp_specialize([
+        (_consume, (Q, stride_qb, stride_qm, stride_qh, outs, SEGS, s_lo, s_hi, shape, q_smem, ring,
+                    0, HEAD_DIM, BLOCK_N, HEADS_PER_TILE, TOKENS_PER_TILE, CAUSAL, HAS_SINKS,
+                    RETURN_LSE, STAGES)),
+        (_consume, (Q, stride_qb, stride_qm, stride_qh, outs, SEGS, s_lo, s_hi, shape, q_smem, ring,
+                    1, HEAD_DIM, BLOCK_N, HEADS_PER_TILE, TOKENS_PER_TILE, CAUSAL, HAS_SINKS,
+                    RETURN_LSE, STAGES)),
+        (_load, (K_DESC, V_DESC, SEGS, s_lo, s_hi, ring, BLOCK_N, STAGES)),
+    ], [4, 1], [CONSUMER_REGS, 24])
+
+
+@gluon.jit
+def _load(K_DESC, V_DESC, SEGS, s_lo, s_hi, ring, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    """The loader: every KV block of every segment, in order, into the ring."""
+    k_bufs, v_bufs, k_ready, v_ready, empty = ring
+    it = 0
+    for s in range(s_lo, s_hi):
+        b = gl.load(SEGS + s * SEG)
+        g = gl.load(SEGS + s * SEG + 1)
+        lo = gl.load(SEGS + s * SEG + 4)
+        hi = gl.load(SEGS + s * SEG + 6)
+        for blk in range(lo, hi):
+            idx = it % STAGES
+            mbarrier.wait(empty.index(idx), ((it // STAGES) & 1) ^ 1)
+            mbarrier.expect(k_ready.index(idx), K_DESC.block_type.nbytes)
+            tma.async_copy_global_to_shared(K_DESC, [b, blk * BLOCK_N, g, 0], k_ready.index(idx),
+                                            k_bufs.index(idx))
+            mbarrier.expect(v_ready.index(idx), V_DESC.block_type.nbytes)
+            tma.async_copy_global_to_shared(V_DESC, [b, blk * BLOCK_N, g, 0], v_ready.index(idx),
+                                            v_bufs.index(idx))
+            it += 1
+
+
+@gluon.jit
+def _consume(Q, stride_qb, stride_qm, stride_qh, outs, SEGS, s_lo, s_hi, shape, q_smem, ring,
+             HALF: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
+             HEADS_PER_TILE: gl.constexpr, TOKENS_PER_TILE: gl.constexpr, CAUSAL: gl.constexpr,
+             HAS_SINKS: gl.constexpr, RETURN_LSE: gl.constexpr, STAGES: gl.constexpr):
+    """One warpgroup: rows 64 * HALF .. 64 * HALF + 63 of every segment's tile."""
+    q_len, kv_len, ratio, qk_scale = shape
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])
+    ld_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+    q_buf = q_smem.index(HALF)
+    it = 0
+    for s in range(s_lo, s_hi):
+        b = gl.load(SEGS + s * SEG)
+        g = gl.load(SEGS + s * SEG + 1)
+        z = gl.load(SEGS + s * SEG + 2)
+        qblock = gl.load(SEGS + s * SEG + 3)
+        lo = gl.load(SEGS + s * SEG + 4)
+        mid = gl.load(SEGS + s * SEG + 5)
+        hi = gl.load(SEGS + s * SEG + 6)
+        slot = gl.load(SEGS + s * SEG + 7)
+        # this half's query rows, through registers into shared memory for the MMA
+        qi, head, valid = _rows(g, z, qblock, q_len, ratio, HALF, HEADS_PER_TILE, TOKENS_PER_TILE,
+                                gl.SliceLayout(1, ld_layout))
+        d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, ld_layout))
+        q_ptrs = (Q + b.to(gl.int64) * stride_qb + qi[:, None] * stride_qm
+                  + head[:, None] * stride_qh + d[None, :])
+        q = gl.load(q_ptrs, mask=valid[:, None], other=0.0)
+        q_buf.store(q.to(q_buf.dtype))
+        fence_async_shared()
+        acc = gl.zeros([64, HEAD_DIM], gl.float32, o_layout)
+        m_i = gl.full([64], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
+        l_i = gl.zeros([64], gl.float32, gl.SliceLayout(1, s_layout))
+        qpos_s, _, _ = _rows(g, z, qblock, q_len, ratio, HALF, HEADS_PER_TILE, TOKENS_PER_TILE,
+                             gl.SliceLayout(1, s_layout))
+        qpos_s = kv_len - q_len + qpos_s
+        it, acc, m_i, l_i = _blocks(it, acc, m_i, l_i, q_buf, ring, lo, mid, qpos_s, kv_len,
+                                    qk_scale, s_layout, o_layout, HEAD_DIM, BLOCK_N, CAUSAL,
+                                    STAGES, False)
+        it, acc, m_i, l_i = _blocks(it, acc, m_i, l_i, q_buf, ring, mid, hi, qpos_s, kv_len,
+                                    qk_scale, s_layout, o_layout, HEAD_DIM, BLOCK_N, CAUSAL,
+                                    STAGES, True)
+        _epilogue(acc, m_i, l_i, b, g, z, qblock, slot, q_len, ratio, outs, o_layout, HALF,
+                  HEAD_DIM, HEADS_PER_TILE, TOKENS_PER_TILE, HAS_SINKS, RETURN_LSE)
+
+
+@gluon.jit
+def _rows(g, z, qblock, q_len, ratio, HALF: gl.constexpr, HEADS_PER_TILE: gl.constexpr,
+          TOKENS_PER_TILE: gl.constexpr, layout: gl.constexpr):
+    """(query token, query head, valid) of rows 64 * HALF .. +63 of the tile (`tile_rows`)."""
+    r = HALF * 64 + gl.arange(0, 64, layout=layout)
+    tok = r // HEADS_PER_TILE
+    hz = z * HEADS_PER_TILE + r % HEADS_PER_TILE
+    qi = qblock * TOKENS_PER_TILE + tok
+    valid = (tok < TOKENS_PER_TILE) & (qi < q_len) & (hz < ratio)
+    return qi, g * ratio + hz, valid
+
+
+@gluon.jit
+def _blocks(it, acc, m_i, l_i, q_buf, ring, lo, hi, qpos, kv_len, qk_scale,
+            s_layout: gl.constexpr, o_layout: gl.constexpr, HEAD_DIM: gl.constexpr,
+            BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, STAGES: gl.constexpr,
+            MASKED: gl.constexpr):
+    """Online softmax over KV blocks [lo, hi), scores in log2 units. Unmasked blocks are
+    seen whole by every row (m finite after the first); MASKED blocks score keys past Lk
+    (and, causal, past a row's position) -inf, and a row that has seen none keeps m = -inf."""
+    k_bufs, v_bufs, k_ready, v_ready, empty = ring
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+    for blk in range(lo, hi):
+        idx = it % STAGES
+        phase = (it // STAGES) & 1
+        mbarrier.wait(k_ready.index(idx), phase)
+        k = k_bufs.index(idx).reshape([BLOCK_N, HEAD_DIM])
+        qk = warpgroup_mma(q_buf, k.permute((1, 0)), gl.zeros([64, BLOCK_N], gl.float32, s_layout),
+                           use_acc=False, is_async=True)
+        qk = warpgroup_mma_wait(0, deps=(qk, ))
+        if MASKED:
+            offs_n = blk * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+            if CAUSAL:  # (a key past Lk is past every row's position too)
+                keep = offs_n[None, :] <= qpos[:, None]
+            else:
+                keep = offs_n[None, :] < kv_len
+            sc = gl.where(keep, qk * qk_scale, float("-inf"))
+            m_new = gl.maximum(m_i, gl.max(sc, 1))
+            m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
+            pr = gl.exp2(sc - m_use[:, None])
+            alpha = gl.exp2(m_i - m_use)
+        else:
+            m_new = gl.maximum(m_i, gl.max(qk, 1) * qk_scale)
+            pr = gl.exp2(qk * qk_scale - m_new[:, None])
+            alpha = gl.exp2(m_i - m_new)
+        l_i = l_i * alpha + gl.sum(pr, 1)
+        m_i = m_new
+        acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+        pv = gl.convert_layout(pr.to(k_bufs.dtype), p_layout)
+        mbarrier.wait(v_ready.index(idx), phase)
+        v = v_bufs.index(idx).reshape([BLOCK_N, HEAD_DIM])
+        acc = warpgroup_mma(pv, v, acc, is_async=True)
+        acc = warpgroup_mma_wait(0, deps=(acc, ))
+        mbarrier.arrive(empty.index(idx), count=1)
+        it += 1
+    return it, acc, m_i, l_i
+
+
+@gluon.jit
+def _epilogue(acc, m_i, l_i, b, g, z, qblock, slot, q_len, ratio, outs, o_layout: gl.constexpr,
+              HALF: gl.constexpr, HEAD_DIM: gl.constexpr, HEADS_PER_TILE: gl.constexpr,
+              TOKENS_PER_TILE: gl.constexpr, HAS_SINKS: gl.constexpr, RETURN_LSE: gl.constexpr):
+    """A whole tile (slot < 0): sink, normalise, write out (`finalize_store`); a piece: its
+    (O, m, l) into partial slot `slot`, rows 64 * HALF .. (`store_partial`)."""
+    O, stride_ob, stride_om, stride_oh, LSE, stride_lb, stride_lh, SINKS, WS_O, WS_M, WS_L = outs
+    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+    m_i = gl.convert_layout(m_i, row_o)
+    l_i = gl.convert_layout(l_i, row_o)
+    d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+    if slot < 0:
+        qi, head, valid = _rows(g, z, qblock, q_len, ratio, HALF, HEADS_PER_TILE, TOKENS_PER_TILE,
+                                row_o)
+        if HAS_SINKS:
+            sink = gl.load(SINKS + head, mask=valid, other=float("-inf")).to(gl.float32) * LOG2E
+            m_f = gl.maximum(m_i, sink)
+            m_safe = gl.where(m_f == float("-inf"), 0.0, m_f)
+            alpha = gl.exp2(m_i - m_safe)
+            acc = acc * alpha[:, None]
+            l_i = l_i * alpha + gl.exp2(sink - m_safe)
+            m_i = m_f
+        has = l_i != 0.0  # a NaN row stays NaN, in out and lse
+        inv = gl.where(has, 1.0 / gl.where(has, l_i, 1.0), 0.0)
+        out = acc * inv[:, None]
+        o_ptrs = (O + b.to(gl.int64) * stride_ob + qi[:, None] * stride_om
+                  + head[:, None] * stride_oh + d[None, :])
+        gl.store(o_ptrs, out.to(O.dtype.element_ty), mask=valid[:, None])
+        if RETURN_LSE:
+            lse = gl.where(has, (m_i + gl.log2(gl.where(has, l_i, 1.0))) * LN2, float("-inf"))
+            gl.store(LSE + b.to(gl.int64) * stride_lb + head * stride_lh + qi, lse, mask=valid)
+    else:
+        base = slot * 128 + HALF * 64 + gl.arange(0, 64, layout=row_o)
+        gl.store(WS_O + base[:, None] * HEAD_DIM + d[None, :], acc)
+        gl.store(WS_M + base, m_i)
+        gl.store(WS_L + base, l_i)

@@ -1,0 +1,106 @@
+"""The warp-specialised prompt-chunk kernel (`Tuning(prefill="ws")`, Gluon) on a Hopper GPU.
+
+Every call is checked against the float64 reference with its output poisoned with NaN, on
+fresh random inputs; the call must run the Gluon kernel.
+"""
+import pytest
+import torch
+
+import skattn
+from skattn import launch, prefill_launch, reference
+from skattn.bench.models import MODELS
+from helpers import cuda_qkv as make
+from tolerance import bound, rel_err
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability()[0] < 9,
+                       reason="warp specialisation and TMA need sm_90"),
+]
+
+WS = skattn.Tuning(prefill="ws")
+
+
+def runs_ws(p, q, k, v) -> bool:
+    b = launch.bind(p, q.device)
+    features = (False, False, False, False, False, False, False)
+    return (b.prefill is not None and b.prefill.kind == "ws"
+            and prefill_launch.usable(b.prefill, features, k, v))
+
+
+def check(q, k, v, p, **kw):
+    out = torch.full((*q.shape[:3], v.shape[3]), float("nan"), device="cuda", dtype=q.dtype)
+    skattn.attention(q, k, v, causal=kw.pop("causal", True), plan=p, out=out, **kw)
+    torch.cuda.synchronize()
+    assert not torch.isnan(out).any(), "unwritten output elements"
+    return out
+
+
+def plans(B, n, L, Hq, Hkv, D, dtype, causal=True):
+    kw = dict(batch=B, q_len=n, kv_len=L, q_heads=Hq, kv_heads=Hkv, head_dim=D, dtype=dtype,
+              causal=causal, tuning=WS)
+    out = {"auto": skattn.plan(**kw)}
+    p = skattn.plan(policy="llamacpp-before", **kw)
+    out[p.fixup] = p
+    return out
+
+
+@pytest.mark.parametrize("model", ["llama-8b", "qwen3-14b", "gpt-oss"])
+@pytest.mark.parametrize("L", [8192, 12345])  # 12345: Lk not a multiple of any block size
+def test_seed_shapes(model, L):
+    Hq, Hkv, D = MODELS[model][:3]
+    q, k, v = make(1, 512, L, Hq, Hkv, D, seed=L)
+    ref = reference.attention(q, k, v, causal=True)
+    tol = bound(q, k, v, causal=True)
+    kinds = set()
+    for name, p in plans(1, 512, L, Hq, Hkv, D, k.dtype).items():
+        assert runs_ws(p, q, k, v), name
+        err = rel_err(check(q, k, v, p), ref)
+        assert err <= tol, f"{model} L={L} {name} N={p.programs} {p.fixup}: {err:.2e} > {tol:.2e}"
+        kinds.add(p.fixup)
+    assert kinds & {"general", "uniform"}, kinds
+
+
+def test_bf16_sinks_lse_batch():
+    # bf16, sinks and lse, two sequences, a cut plan (general fixup) where programs take two
+    # tiles: pieces in both partial slots
+    q, k, v = make(2, 300, 5000, 32, 4, 128, dtype=torch.bfloat16, seed=1)
+    sinks = torch.randn(32, device="cuda", generator=torch.Generator(device="cuda").manual_seed(2))
+    p = skattn.plan(batch=2, q_len=300, kv_len=5000, q_heads=32, kv_heads=4, head_dim=128,
+                    dtype=k.dtype, causal=True, programs=131, tuning=WS)
+    assert p.fixup == "general" and runs_ws(p, q, k, v)
+    out = torch.full_like(q, float("nan"))
+    out, lse = skattn.attention(q, k, v, causal=True, sinks=sinks, plan=p, out=out,
+                                return_lse=True)
+    ref, ref_lse = reference.attention(q, k, v, causal=True, sinks=sinks, return_lse=True)
+    tol = bound(q, k, v, causal=True)
+    assert rel_err(out, ref) <= tol
+    assert (lse.double() - ref_lse).abs().max() <= 20 * tol
+
+
+def test_not_causal_and_f32_q():
+    q, k, v = make(1, 256, 3000, 64, 8, 64, seed=3)
+    for name, p in plans(1, 256, 3000, 64, 8, 64, k.dtype, causal=False).items():
+        assert runs_ws(p, q, k, v), name
+        for qq in (q, q.float()):
+            out = check(qq, k, v, p, causal=False)
+            ref = reference.attention(qq, k, v)
+            assert rel_err(out, ref) <= bound(qq, k, v), name
+
+
+def test_cuda_graph_replay():
+    q, k, v = make(1, 512, 8192, 32, 8, 128, seed=4)
+    p = skattn.plan(batch=1, q_len=512, kv_len=8192, q_heads=32, kv_heads=8, head_dim=128,
+                    causal=True, tuning=WS)
+    assert runs_ws(p, q, k, v)
+    ws = skattn.workspace(p)
+    out = torch.empty_like(q)
+    direct = skattn.attention(q, k, v, causal=True, plan=p).clone()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        skattn.attention(q, k, v, causal=True, plan=p, out=out, workspace=ws)
+    out.fill_(float("nan"))
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, direct)
