@@ -133,6 +133,20 @@ def test_whole_tiles_for_prompt_steps():
     assert not kv_plan(64, 1, 32768, policy="auto").whole_tiles
 
 
+def test_default_fixup_of_decode_tiles():
+    # `auto` over decode tiles merges cut tiles inside the main kernel for 16-bit, FP8 and
+    # q8_0 K/V (PERF.md, "Serving batches", "Quantized K/V"); q4_0 (not measured), the
+    # llama.cpp policies and prompt-sized tiles keep the general fixup
+    import torch
+
+    for dtype in (torch.float16, torch.bfloat16, torch.float8_e4m3fn, "q8_0"):
+        assert kv_plan(64, 1, 32768, dtype=dtype).fixup == "fused", dtype
+        assert kv_plan(64, 1, 32768, dtype=dtype, policy="llamacpp").fixup == "general"
+        p, _ = varlen_step([512] * 16, [512] * 16, dtype=dtype)
+        assert p.geometry.block_m >= 64 and p.fixup == "general", dtype
+    assert kv_plan(64, 1, 32768, dtype="q4_0").fixup == "general"
+
+
 def test_split_plan_is_fixed_per_tile():
     # FlashDecoding-style: the split count from the upper bounds (4 x 8 tiles fill 264
     # programs in 8 pieces each); 64 sequences' 512 tiles already fill the GPU: no split

@@ -75,9 +75,12 @@ def bind(plan, device: torch.device, main_const: dict) -> PrefillBound | None:
     return PrefillBound(const, (1, g.block_n, 1, plan.head_dim), t.prefill_device_desc)
 
 
-# the warp-specialised kernel: 4 + 4 + 1 warps (12 with the loader's warpgroup) under a cap
-# of 168 registers a thread, of which each consumer warpgroup takes 240 and the loader's 24
-_WS_WARPS, _WS_MAXNREG, _WS_CONSUMER_REGS = 4, 168, 240
+# the warp-specialised kernel: 4 + 4 + 1 warps (12 with the loader's warpgroup). Registers a
+# thread, head size -> (cap, each consumer warpgroup's): the loader's warpgroup takes 24, so
+# 168 x 384 = 240 x 256 + 24 x 128 (one program an SM); head size 64 fits two (84 x 384 x 2
+# registers: 112 a consumer thread)
+_WS_WARPS = 4
+_WS_REGS = {128: (168, 240), 64: (84, 112)}
 _WS_SMEM = 227 * 1024  # shared memory a program may take on sm_90
 
 
@@ -96,8 +99,9 @@ def _bind_ws(plan, device: torch.device) -> PrefillBound | None:
     rows, offsets = segments(plan)
     const = dict(HEAD_DIM=plan.head_dim, BLOCK_N=g.block_n, HEADS_PER_TILE=g.heads_per_tile,
                  TOKENS_PER_TILE=g.tokens_per_tile, CAUSAL=plan.causal,
-                 STAGES=ws_stages(plan.head_dim, g.block_n), CONSUMER_REGS=_WS_CONSUMER_REGS,
-                 num_warps=_WS_WARPS, maxnreg=_WS_MAXNREG)
+                 STAGES=ws_stages(plan.head_dim, g.block_n),
+                 CONSUMER_REGS=_WS_REGS[plan.head_dim][1], num_warps=_WS_WARPS,
+                 maxnreg=_WS_REGS[plan.head_dim][0])
     tables = (device_table(device, tuple(v for r in rows for v in r) or (0,)),
               device_table(device, tuple(offsets)))
     return PrefillBound(const, (1, g.block_n, 1, plan.head_dim), False, "ws", tables,

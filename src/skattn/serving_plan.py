@@ -28,6 +28,8 @@ POLICY_CODE = {"llamacpp-before": 0, "llamacpp": 1, "auto": 2, "split": 3}
 HEADER = 16  # int32 words before the per-sequence arrays
 # K/V forms of the serving kernels -> ServingPlan.dtype (the dense path's: skattn.quant)
 SERVING_DTYPES = dict(_DTYPES)
+# K/V forms whose `auto` decode tiles merge cut tiles inside the main kernel (default_fixup)
+FUSED_KV_FORMATS = ("float16", "bfloat16", "float8_e4m3fn", "q8_0")
 
 
 @dataclass(frozen=True)
@@ -352,21 +354,23 @@ def serving_plan(*, batch: int, max_kv_len: int, q_heads: int, kv_heads: int, he
 
 def default_fixup(policy: str, geo, kv_format: str = "float16") -> str:
     """The fixup of a stream-K serving plan when the caller names none: `auto` over decode
-    tiles (fewer than 64 rows) of 16-bit K/V merges a cut tile inside the main kernel, where
-    the last program to leave one of its pieces arrives ("fused"); other plans use the
-    separate general fixup. In a ragged batch the slowest program ends 7-37 µs after the
-    median one (per-SM bandwidth differs under equal work), so a tile's last arrival mostly
-    comes before the slowest program ends, while the separate fixup costs 4-12 µs after it
-    (its launch and a grid of N_grid x Dv / 32 programs). Measured on an H200, graph timer
-    (PERF.md, "Serving batches"): decode mixes (a)-(c) 1.00-1.05x faster in all 18 cells of
-    one run, 16 of 18 in another; prompt-sized tiles (a
-    512-token chunk among decode rows) 0.98-0.99x on llama-8b and gpt-oss, so they keep
-    the general fixup, as do head sizes above 128 (measured at 64 and 128; MLA's 512-wide V
-    merged inside the main kernel spills in its KV loop, sm_90 build) and quantized K/V
-    (not measured with it alone). The llama.cpp policies keep their own fixup (the general
-    one)."""
+    tiles (fewer than 64 rows) of 16-bit, FP8 or q8_0 K/V merges a cut tile inside the main
+    kernel, where the last program to leave one of its pieces arrives ("fused"); other plans
+    use the separate general fixup. In a ragged batch the slowest program ends 7-37 µs after
+    the median one (per-SM bandwidth differs under equal work), so a tile's last arrival
+    mostly comes before the slowest program ends, while the separate fixup costs 4-12 µs
+    after it (its launch and a grid of N_grid x Dv / 32 programs). Measured, graph timer
+    (PERF.md, "Serving batches" and "Quantized K/V"): 16-bit decode mixes (a)-(c) on an H200
+    1.00-1.05x faster in all 18 cells of one run, 16 of 18 in another; FP8 and q8_0 on an
+    H100 (llama-8b, gpt-oss, qwen3-14b, pages of 16 and 64) 0.98-1.10x, 31 of 36 cells at
+    1.00x or more in one run and 26 of 36 in another (the least: lognormal lengths with pages
+    of 64, FP8 0.98-1.00x); prompt-sized tiles (a 512-token chunk among decode rows)
+    0.98-0.99x on llama-8b and gpt-oss, so they keep the general fixup, as do head sizes
+    above 128 (measured at 64 and 128; MLA's 512-wide V merged inside the main kernel spills
+    in its KV loop, sm_90 build) and q4_0 K/V (not measured). The llama.cpp policies keep
+    their own fixup (the general one)."""
     fused = (policy == "auto" and geo.block_m < 64 and geo.block_dv <= 128
-             and kv_format in ("float16", "bfloat16"))
+             and kv_format in FUSED_KV_FORMATS)
     return "fused" if fused else "general"
 
 

@@ -124,18 +124,11 @@ def _consume(Q, stride_qb, stride_qm, stride_qh, outs, SEGS, s_lo, s_hi, shape, 
         q = gl.load(q_ptrs, mask=valid[:, None], other=0.0)
         q_buf.store(q.to(q_buf.dtype))
         fence_async_shared()
-        acc = gl.zeros([64, HEAD_DIM], gl.float32, o_layout)
-        m_i = gl.full([64], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
-        l_i = gl.zeros([64], gl.float32, gl.SliceLayout(1, s_layout))
         qpos_s, _, _ = _rows(g, z, qblock, q_len, ratio, HALF, HEADS_PER_TILE, TOKENS_PER_TILE,
                              gl.SliceLayout(1, s_layout))
         qpos_s = kv_len - q_len + qpos_s
-        it, acc, m_i, l_i = _blocks(it, acc, m_i, l_i, q_buf, ring, lo, mid, qpos_s, kv_len,
-                                    qk_scale, s_layout, o_layout, HEAD_DIM, BLOCK_N, CAUSAL,
-                                    STAGES, False)
-        it, acc, m_i, l_i = _blocks(it, acc, m_i, l_i, q_buf, ring, mid, hi, qpos_s, kv_len,
-                                    qk_scale, s_layout, o_layout, HEAD_DIM, BLOCK_N, CAUSAL,
-                                    STAGES, True)
+        it, acc, m_i, l_i = _blocks(it, q_buf, ring, lo, mid, hi, qpos_s, kv_len, qk_scale,
+                                    s_layout, o_layout, HEAD_DIM, BLOCK_N, CAUSAL, STAGES)
         _epilogue(acc, m_i, l_i, b, g, z, qblock, slot, q_len, ratio, outs, o_layout, HALF,
                   HEAD_DIM, HEADS_PER_TILE, TOKENS_PER_TILE, HAS_SINKS, RETURN_LSE)
 
@@ -153,50 +146,80 @@ def _rows(g, z, qblock, q_len, ratio, HALF: gl.constexpr, HEADS_PER_TILE: gl.con
 
 
 @gluon.jit
-def _blocks(it, acc, m_i, l_i, q_buf, ring, lo, hi, qpos, kv_len, qk_scale,
+def _blocks(it, q_buf, ring, lo, mid, hi, qpos, kv_len, qk_scale,
             s_layout: gl.constexpr, o_layout: gl.constexpr, HEAD_DIM: gl.constexpr,
-            BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, STAGES: gl.constexpr,
-            MASKED: gl.constexpr):
-    """Online softmax over KV blocks [lo, hi), scores in log2 units. Unmasked blocks are
-    seen whole by every row (m finite after the first); MASKED blocks score keys past Lk
-    (and, causal, past a row's position) -inf, and a row that has seen none keeps m = -inf."""
+            BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, STAGES: gl.constexpr):
+    """Online softmax over KV blocks [lo, hi) (hi > lo), scores in log2 units, software
+    pipelined inside the warpgroup: block j's Q·K^T MMA is issued before block j - 1's P·V,
+    and block j's softmax runs while that P·V is in flight. Returns (ring position, O, m, l)."""
     k_bufs, v_bufs, k_ready, v_ready, empty = ring
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-    for blk in range(lo, hi):
-        idx = it % STAGES
-        phase = (it // STAGES) & 1
-        mbarrier.wait(k_ready.index(idx), phase)
-        k = k_bufs.index(idx).reshape([BLOCK_N, HEAD_DIM])
-        qk = warpgroup_mma(q_buf, k.permute((1, 0)), gl.zeros([64, BLOCK_N], gl.float32, s_layout),
-                           use_acc=False, is_async=True)
-        qk = warpgroup_mma_wait(0, deps=(qk, ))
-        if MASKED:
-            offs_n = blk * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-            if CAUSAL:  # (a key past Lk is past every row's position too)
-                keep = offs_n[None, :] <= qpos[:, None]
-            else:
-                keep = offs_n[None, :] < kv_len
-            sc = gl.where(keep, qk * qk_scale, float("-inf"))
-            m_new = gl.maximum(m_i, gl.max(sc, 1))
-            m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
-            pr = gl.exp2(sc - m_use[:, None])
-            alpha = gl.exp2(m_i - m_use)
-        else:
-            m_new = gl.maximum(m_i, gl.max(qk, 1) * qk_scale)
-            pr = gl.exp2(qk * qk_scale - m_new[:, None])
-            alpha = gl.exp2(m_i - m_new)
-        l_i = l_i * alpha + gl.sum(pr, 1)
-        m_i = m_new
-        acc = acc * gl.convert_layout(alpha, row_o)[:, None]
-        pv = gl.convert_layout(pr.to(k_bufs.dtype), p_layout)
+    acc = gl.zeros([64, HEAD_DIM], gl.float32, o_layout)
+    m_i = gl.full([64], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
+    l_i = gl.zeros([64], gl.float32, gl.SliceLayout(1, s_layout))
+    idx = it % STAGES
+    phase = (it // STAGES) & 1
+    mbarrier.wait(k_ready.index(idx), phase)
+    qk = warpgroup_mma(q_buf, _kv(k_bufs, idx, BLOCK_N, HEAD_DIM).permute((1, 0)),
+                       gl.zeros([64, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
+    qk = warpgroup_mma_wait(0, deps=(qk, ))
+    pr, alpha, m_i, l_i = _softmax(qk, m_i, l_i, lo, mid, qpos, kv_len, qk_scale, s_layout,
+                                   BLOCK_N, CAUSAL)
+    p = gl.convert_layout(pr.to(k_bufs.dtype), p_layout)
+    for blk in range(lo + 1, hi):
+        nidx = (it + 1) % STAGES
+        nphase = ((it + 1) // STAGES) & 1
+        mbarrier.wait(k_ready.index(nidx), nphase)
+        qk = warpgroup_mma(q_buf, _kv(k_bufs, nidx, BLOCK_N, HEAD_DIM).permute((1, 0)),
+                           gl.zeros([64, BLOCK_N], gl.float32, s_layout), use_acc=False,
+                           is_async=True)
         mbarrier.wait(v_ready.index(idx), phase)
-        v = v_bufs.index(idx).reshape([BLOCK_N, HEAD_DIM])
-        acc = warpgroup_mma(pv, v, acc, is_async=True)
-        acc = warpgroup_mma_wait(0, deps=(acc, ))
+        acc = warpgroup_mma(p, _kv(v_bufs, idx, BLOCK_N, HEAD_DIM), acc, is_async=True)
+        qk = warpgroup_mma_wait(1, deps=(qk, ))  # this block's scores; the P·V still runs
+        pr, alpha, m_i, l_i = _softmax(qk, m_i, l_i, blk, mid, qpos, kv_len, qk_scale,
+                                       s_layout, BLOCK_N, CAUSAL)
+        acc, p = warpgroup_mma_wait(0, deps=(acc, p))
         mbarrier.arrive(empty.index(idx), count=1)
+        acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+        p = gl.convert_layout(pr.to(k_bufs.dtype), p_layout)
         it += 1
-    return it, acc, m_i, l_i
+        idx = nidx
+        phase = nphase
+    mbarrier.wait(v_ready.index(idx), phase)
+    acc = warpgroup_mma(p, _kv(v_bufs, idx, BLOCK_N, HEAD_DIM), acc, is_async=True)
+    acc, p = warpgroup_mma_wait(0, deps=(acc, p))
+    mbarrier.arrive(empty.index(idx), count=1)
+    return it + 1, acc, m_i, l_i
+
+
+@gluon.jit
+def _kv(bufs, idx, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr):
+    return bufs.index(idx).reshape([BLOCK_N, HEAD_DIM])
+
+
+@gluon.jit
+def _softmax(qk, m_i, l_i, blk, mid, qpos, kv_len, qk_scale, s_layout: gl.constexpr,
+             BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
+    """One block of the online softmax: (p, alpha, m, l). Blocks before `mid` are seen whole
+    by every row (m finite after the first); later ones score keys past Lk (and, causal,
+    past a row's position) -inf, and a row that has seen none keeps m = -inf, l = 0."""
+    if blk >= mid:
+        offs_n = blk * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        if CAUSAL:  # (a key past Lk is past every row's position too)
+            keep = offs_n[None, :] <= qpos[:, None]
+        else:
+            keep = offs_n[None, :] < kv_len
+        sc = gl.where(keep, qk * qk_scale, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(sc, 1))
+        m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
+        pr = gl.exp2(sc - m_use[:, None])
+        alpha = gl.exp2(m_i - m_use)
+    else:
+        m_new = gl.maximum(m_i, gl.max(qk, 1) * qk_scale)
+        pr = gl.exp2(qk * qk_scale - m_new[:, None])
+        alpha = gl.exp2(m_i - m_new)
+    return pr, alpha, m_new, l_i * alpha + gl.sum(pr, 1)
 
 
 @gluon.jit
