@@ -371,31 +371,36 @@ def test_whole_prompts_run_whole_tiles(L):
              sms=132, occupancy=2)
     assert (p.programs, p.fixup) == (p.ntiles_dst, "none")
     assert not p.pieces()
-    # and the Hopper prompt kernel (1.09-1.11x on those whole tiles), unless tuning is given
-    assert p.tuning.prefill == "tma"
+    # and the warp-specialised prompt kernel (1.23-1.26x the TMA kernel on those whole tiles),
+    # unless tuning is given
+    assert p.tuning.prefill == "ws"
     assert plan(batch=1, q_len=L, kv_len=L, q_heads=32, kv_heads=8, head_dim=128, causal=True,
                 sms=132, occupancy=2, tuning=Tuning()).tuning.prefill == "base"
 
 
-@pytest.mark.parametrize("n,L,heads", [(512, 8192, 32), (1024, 32768, 40), (1, 32768, 32)])
-def test_chunks_and_decode_keep_the_base_kernel(n, L, heads):
-    # one wave of whole tiles (the seed grid's chunk: tma 4.5% slower there), a cut plan
-    # (qwen3-14b n = 1024: 328 tiles, 2.5 per SM) and decode keep the base kernel
+@pytest.mark.parametrize("n,L,heads,kernel", [(512, 8192, 32, "ws"), (1024, 32768, 40, "ws"),
+                                              (1, 32768, 32, "base")])
+def test_chunks_take_the_ws_kernel_and_decode_the_base_kernel(n, L, heads, kernel):
+    # prompt chunks (one wave of whole tiles; qwen3-14b n = 1024: a cut plan, general fixup)
+    # run the warp-specialised kernel (1.04-1.37x the base kernel on the seed grid's chunks);
+    # decode tiles keep the base kernel
     p = plan(batch=1, q_len=n, kv_len=L, q_heads=heads, kv_heads=8, head_dim=128, causal=True,
              sms=132, occupancy=2)
-    assert p.tuning.prefill == "base"
+    assert p.tuning.prefill == kernel
 
 
-@pytest.mark.parametrize("kw", [dict(fixup="general"), dict(policy="llamacpp"),
-                                dict(policy="split"), dict(programs=2048, fixup="none"),
-                                dict(causal=False), dict(q_len=2048)])
-def test_prompt_kernel_only_for_autos_whole_prompts(kw):
-    # a fixup or policy or program count asked for, equal tiles (non-causal) or a chunk
-    # (tiles of 49-64 blocks: not a whole prompt) keep the base kernel
+@pytest.mark.parametrize("kw,kernel", [
+    (dict(fixup="general"), "ws"), (dict(causal=False), "ws"), (dict(q_len=2048), "ws"),
+    (dict(policy="llamacpp"), "base"), (dict(policy="split"), "base"),
+    (dict(programs=2048, fixup="none"), "base")])
+def test_prompt_kernels_only_for_autos_plans(kw, kernel):
+    # `auto` choosing the program count takes the warp-specialised kernel for prompt-sized
+    # tiles, whatever fixup it was asked for (not "fused"); another policy or a program count
+    # asked for keep the base kernel
     args = dict(batch=1, q_len=8192, kv_len=8192, q_heads=32, kv_heads=8, head_dim=128,
                 causal=True, sms=132, occupancy=2)
     args.update(kw)
-    assert plan(**args).tuning.prefill == "base"
+    assert plan(**args).tuning.prefill == kernel
 
 
 def test_whole_prompts_the_prompt_kernel_refuses_keep_the_base_kernel():
@@ -405,7 +410,8 @@ def test_whole_prompts_the_prompt_kernel_refuses_keep_the_base_kernel():
     p = plan(q_heads=64, head_dim=64, window=128, **kw)
     assert (p.programs, p.fixup, p.tuning.prefill) == (p.ntiles_dst, "none", "base")
     assert plan(q_heads=32, head_dim=256, **kw).tuning.prefill == "base"
-    assert plan(q_heads=64, head_dim=64, **kw).tuning.prefill == "tma"
+    p = plan(q_heads=64, head_dim=64, **kw)
+    assert (p.tuning.prefill, p.geometry.block_n) == ("ws", 128)
 
 
 @pytest.mark.parametrize("D,Dv", [(64, 64), (128, 128), (256, 256), (192, 128), (576, 512)])

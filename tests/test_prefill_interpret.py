@@ -149,11 +149,13 @@ def test_refusals():
         skattn.Tuning(prefill="fast")
 
 
-def test_auto_runs_whole_prompts_on_this_kernel(spies):
+def test_whole_prompts_on_this_kernel(spies):
     # a whole causal prompt (Lq = Lk) whose 12 tiles outnumber the 2 resident programs more
-    # than 3x: `auto`, made without a tuning, takes whole tiles and this kernel
+    # than 3x: `auto` takes whole tiles, longest first (made without a tuning it runs the
+    # warp-specialised kernel on sm_90, which the interpreter cannot run)
     q, k, v = make(192, 192, seed=6)
-    p = plan_for(q, k, tuning=None, sms=1, occupancy=2)
+    assert plan_for(q, k, tuning=None, sms=1, occupancy=2).tuning.prefill == "ws"
+    p = plan_for(q, k, tuning=TMA, sms=1, occupancy=2)
     assert (p.programs, p.fixup, p.tuning.prefill) == (p.ntiles_dst, "none", "tma")
     assert p.longest_first  # the longest tiles first (Tuning.tile_order)
     check(q, k, v, p, causal=True)

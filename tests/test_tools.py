@@ -128,7 +128,7 @@ def test_prompt_square_variants_plan_every_default_cell():
                 assert (p.programs, p.fixup) == (tiles, "none")
         if n == L:
             p = skattn.plan(causal=True, **shape)
-            assert (p.programs, p.tuning.prefill) == (tiles, "tma")
+            assert (p.programs, p.tuning.prefill) == (tiles, "ws")
 
 
 def test_write_table_writes_rows_and_provenance(tmp_path):

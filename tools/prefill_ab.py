@@ -20,8 +20,8 @@ of n = 128, 1024, 2048 at L = 32768, in f16 and bf16 (`--quick`: 3 cells). Per c
 
 Variants: `base` (the stream-K kernel every plan runs by default), `tma` (kernels/prefill.py:
 K/V through tensor descriptors, the plan's default geometry), `tma-alt` (another block
-size) and `ws` (kernels/prefill_ws.py: Gluon, a TMA loader warp and two consumer
-warpgroups); `--variants` picks some.
+size), `ws` (kernels/prefill_ws.py: Gluon, a TMA loader warp and two consumer
+warpgroups) and `ws-alt` (128-key blocks at head size 64); `--variants` picks some.
 
 Writes $OUT/prefill_ab.csv and $OUT/prefill_ab.json (provenance, ceilings, compile counts)
 and prints a compact table last. `--plan-only` (no GPU) prints every plan and the number of
@@ -75,6 +75,7 @@ VARIANTS = (
     Variant("tma-alt", "tma", geometry={128: dict(block_n=64, num_warps=8, num_stages=4),
                                         64: dict(block_n=128, num_warps=4, num_stages=3)}),
     Variant("ws", "ws"),
+    Variant("ws-alt", "ws", geometry={64: dict(block_n=128)}),
 )
 
 

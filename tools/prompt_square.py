@@ -7,8 +7,9 @@ f16, one sequence; a cell is model:n:L (n new tokens over L keys, bottom-right c
 Default cells: llama-8b whole prompts of 2048-16384 tokens, the seed grid's 512-token chunk
 over 8192 keys, and qwen3-14b chunks of 1024 and 2048 over 32768 keys. Per cell: skattn's
 default plan, a cut plan of one program per SM (fixup general), whole tiles (fixup none;
-longest tiles first, and in index order: `Tuning.tile_order`), the Hopper kernel
-(`Tuning(prefill="tma")`) with the default plan and with whole tiles (both orders), and
+longest tiles first, and in index order: `Tuning.tile_order`), the Hopper kernels
+(`Tuning(prefill="tma")` with the default plan and with whole tiles in both orders,
+`Tuning(prefill="ws")` with whole tiles; the default plan runs "ws" where it takes it), and
 the default plan without the causal mask (twice the work or more: TFLOP/s comparable).
 Every output is checked against SDPA's (flash where n = L, else math with the mask) before
 timing. Prints µs (CUDA events, median of reps, warm L2, the stream held by a spin kernel
@@ -50,6 +51,7 @@ def variants(tiles: int, sms: int) -> dict:
             "tma, whole tiles": dict(whole, tuning=Tuning(prefill="tma")),
             "tma, whole tiles, index order": dict(whole, tuning=Tuning(prefill="tma",
                                                                         tile_order="index")),
+            "ws, whole tiles": dict(whole, tuning=Tuning(prefill="ws")),
             "non-causal": dict(causal=False)}
 
 

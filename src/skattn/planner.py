@@ -389,6 +389,7 @@ def plan(*, batch: int, q_len: int, kv_len: int, q_heads: int, kv_heads: int, he
     ValueError
         Bad arguments, or a shape that no kernel configuration fits in `smem_limit`.
     """
+    given = dict(locals())  # the arguments, for a re-plan in wider KV blocks
     programs = _alias(programs, nblocks, "programs", "nblocks")
     occupancy = _alias(occupancy, blocks_per_sm, "occupancy", "blocks_per_sm")
     head_dim_v = head_dim if head_dim_v is None else head_dim_v
@@ -409,6 +410,9 @@ def plan(*, batch: int, q_len: int, kv_len: int, q_heads: int, kv_heads: int, he
     sms, occupancy, smem_limit = gpu_limits(sms, occupancy, smem_limit)
     _check_positive(smem_limit=smem_limit)
     ratio = q_heads // kv_heads
+    compute_bound = q_len * ratio >= COMPUTE_BOUND_INTENSITY
+    ws = tuning.prefill == "ws" if tuning is not None else (policy == "auto" and compute_bound
+                                                             and programs is None)
     geo = tile_geometry(q_len=q_len, gqa_ratio=ratio, head_dim=head_dim, head_dim_v=head_dim_v,
                         block_m=block_m, block_n=block_n, num_warps=num_warps,
                         num_stages=num_stages, has_mask=bool(has_mask), smem_limit=smem_limit,
@@ -425,7 +429,6 @@ def plan(*, batch: int, q_len: int, kv_len: int, q_heads: int, kv_heads: int, he
     max_programs = sms * occupancy
     model = cost_model or (quantized_cost_model() if kv_format in _QUANTIZED else load_cost_model())
     chosen = programs is None  # by the policy, not by the caller
-    compute_bound = q_len * ratio >= COMPUTE_BOUND_INTENSITY
     if chosen:
         per_sm = shared_programs(geo, occupancy, kv_format)
         programs = programs_for(policy, ntiles_dst=ntiles_dst, ntiles_kv=ntiles_kv,
@@ -444,6 +447,17 @@ def plan(*, batch: int, q_len: int, kv_len: int, q_heads: int, kv_heads: int, he
                 bool(causal), window, geo, ntiles_x, ntiles_z, ntiles_dst, ntiles_kv, kv_first,
                 kv_count, work, sms, occupancy, max_programs, policy, programs, kind,
                 bool(fastdiv), model, tuning or Tuning(), bool(has_mask))
+    if ws:
+        # prompt-sized tiles: the warp-specialised kernel where it takes the plan, 1.04-1.37x
+        # faster than the base kernel on the n = 128-2048 chunks of the seed grid; at head
+        # size 64 in blocks of 128 keys (1.06-1.14x over 64 there; PERF.md)
+        ws_plan = replace(p, tuning=tuning or Tuning(prefill="ws"))
+        if prefill_launch.refusal(ws_plan) is None:
+            if block_n is None and head_dim == head_dim_v == 64 and geo.block_n != 128:
+                wide = plan(**dict(given, block_n=128, tuning=ws_plan.tuning))
+                if prefill_launch.refusal(wide) is None:
+                    return wide
+            return ws_plan
     if prompt_kernel:
         # whole prompts: the Hopper prompt kernel where it takes the plan, 1.09-1.11x faster
         # than the base kernel on whole tiles of 2048-16384-token prompts (PERF.md)

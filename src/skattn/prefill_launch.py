@@ -76,18 +76,23 @@ def bind(plan, device: torch.device, main_const: dict) -> PrefillBound | None:
 
 
 # the warp-specialised kernel: 4 + 4 + 1 warps (12 with the loader's warpgroup). Registers a
-# thread, head size -> (cap, each consumer warpgroup's): the loader's warpgroup takes 24, so
-# 168 x 384 = 240 x 256 + 24 x 128 (one program an SM); head size 64 fits two (84 x 384 x 2
-# registers: 112 a consumer thread)
+# thread (cap, each consumer warpgroup's): the loader's warpgroup takes 24, so 168 x 384 =
+# 240 x 256 + 24 x 128, one program an SM; 64 x 64 blocks (head size 64) fit two programs an
+# SM, 84 x 384 x 2 registers with 112 a consumer thread (ptxas wants 90 for 128-key blocks)
 _WS_WARPS = 4
-_WS_REGS = {128: (168, 240), 64: (84, 112)}
-_WS_SMEM = 227 * 1024  # shared memory a program may take on sm_90
+_WS_SMEM = 227 * 1024  # shared memory of an SM's programs on sm_90
+
+
+def ws_registers(head_dim: int, block_n: int) -> tuple[int, int, int]:
+    """(programs an SM, register cap, a consumer thread's registers) of the "ws" kernel."""
+    return (2, 84, 112) if head_dim * block_n <= 64 * 64 else (1, 168, 240)
 
 
 def ws_stages(head_dim: int, block_n: int, elem: int = 2) -> int:
     """K/V blocks in flight: as many as fit beside the two 64-row query buffers (at most 4)."""
+    per_sm = ws_registers(head_dim, block_n)[0]
     stage = 2 * block_n * head_dim * elem
-    return max(1, min(4, (_WS_SMEM - 1024 - 128 * head_dim * elem) // stage))
+    return max(1, min(4, (_WS_SMEM // per_sm - 1024 - 128 * head_dim * elem) // stage))
 
 
 def _bind_ws(plan, device: torch.device) -> PrefillBound | None:
@@ -95,17 +100,21 @@ def _bind_ws(plan, device: torch.device) -> PrefillBound | None:
 
     if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9:
         return None
-    g = plan.geometry
     rows, offsets = segments(plan)
-    const = dict(HEAD_DIM=plan.head_dim, BLOCK_N=g.block_n, HEADS_PER_TILE=g.heads_per_tile,
-                 TOKENS_PER_TILE=g.tokens_per_tile, CAUSAL=plan.causal,
-                 STAGES=ws_stages(plan.head_dim, g.block_n),
-                 CONSUMER_REGS=_WS_REGS[plan.head_dim][1], num_warps=_WS_WARPS,
-                 maxnreg=_WS_REGS[plan.head_dim][0])
     tables = (device_table(device, tuple(v for r in rows for v in r) or (0,)),
               device_table(device, tuple(offsets)))
-    return PrefillBound(const, (1, g.block_n, 1, plan.head_dim), False, "ws", tables,
-                        (plan.q_len, plan.kv_len, plan.gqa_ratio))
+    return PrefillBound(ws_constants(plan), (1, plan.geometry.block_n, 1, plan.head_dim), False,
+                        "ws", tables, (plan.q_len, plan.kv_len, plan.gqa_ratio))
+
+
+def ws_constants(plan) -> dict:
+    """The "ws" kernel's compile-time constants that depend only on the plan."""
+    g = plan.geometry
+    _, cap, consumer = ws_registers(plan.head_dim, g.block_n)
+    return dict(HEAD_DIM=plan.head_dim, BLOCK_N=g.block_n, HEADS_PER_TILE=g.heads_per_tile,
+                TOKENS_PER_TILE=g.tokens_per_tile, CAUSAL=plan.causal,
+                STAGES=ws_stages(plan.head_dim, g.block_n), CONSUMER_REGS=consumer,
+                num_warps=_WS_WARPS, maxnreg=cap)
 
 
 def segments(plan) -> tuple[list[tuple], list[int]]:

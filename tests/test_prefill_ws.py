@@ -1,0 +1,127 @@
+"""The warp-specialised prompt-chunk kernel (`Tuning(prefill="ws")`) without a GPU: its
+segments against the plan's work list, when `auto` takes it, what runs under the interpreter,
+and its sm_90a build (Gluon kernels do not run under the interpreter; tests/test_gpu_prefill_ws.py
+checks their results on the GPU)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import skattn
+from skattn import prefill_launch, reference
+
+ROOT = Path(__file__).resolve().parents[1]
+
+WS = skattn.Tuning(prefill="ws")
+SMS = dict(sms=132, occupancy=2)
+
+
+def ws_plan(**kw):
+    shape = dict(batch=1, q_len=512, kv_len=8192, q_heads=32, kv_heads=8, head_dim=128,
+                 causal=True)
+    return skattn.plan(**dict(shape, **SMS, tuning=WS, **kw))
+
+
+def visible_whole(p, qblock, j) -> bool:
+    """Every row of token block `qblock` sees every key of KV block j."""
+    n = p.geometry.block_n
+    last_row = p.kv_len - p.q_len + qblock * p.geometry.tokens_per_tile
+    return (j + 1) * n <= p.kv_len and (not p.causal or (j + 1) * n - 1 <= last_row)
+
+
+@pytest.mark.parametrize("kw", [
+    {}, dict(policy="llamacpp"), dict(programs=256, fixup="uniform"),
+    dict(batch=2, q_len=300, kv_len=5000, programs=131), dict(causal=False, kv_len=3000),
+    dict(q_heads=40, q_len=200, kv_len=1234, programs=97), dict(q_len=2048, kv_len=2048),
+])
+def test_segments_walk_the_work_list(kw):
+    p = ws_plan(**kw)
+    assert prefill_launch.refusal(p) is None
+    rows, offsets = prefill_launch.segments(p)
+    assert len(offsets) == p.programs + 1 and offsets[-1] == len(rows)
+    order = p.longest_first_order() if p.longest_first else list(range(p.programs))
+    covered, cut = {}, {}
+    for launch_p in range(p.programs):
+        prog = order[launch_p]
+        start, end = p.program_range(prog)
+        for i, (b, g, z, qb, lo, mid, hi, slot) in enumerate(rows[offsets[launch_p]:
+                                                                 offsets[launch_p + 1]]):
+            tile = ((b * p.kv_heads + g) * p.ntiles_z + z) * p.ntiles_x + qb
+            first, stop = p.tile_range(tile)
+            shift = p.kv_first[qb] - first  # KV block = item + shift
+            item_lo, item_hi = lo - shift, hi - shift
+            assert start <= item_lo < item_hi <= end and first <= item_lo and item_hi <= stop
+            covered.setdefault(tile, []).append((item_lo, item_hi))
+            assert lo <= mid <= hi
+            assert all(visible_whole(p, qb, j) for j in range(lo, mid))
+            assert mid == hi or not visible_whole(p, qb, mid)
+            whole = (item_lo, item_hi) == (first, stop)
+            assert (slot == -1) == whole
+            if not whole:
+                assert slot == 2 * prog + (item_lo != start)
+                cut.setdefault(tile, []).append(prog)
+    for tile in range(p.ntiles_dst):  # every item of every tile exactly once
+        pieces = sorted(covered[tile])
+        first, stop = p.tile_range(tile)
+        assert pieces[0][0] == first and pieces[-1][1] == stop
+        assert all(a[1] == b[0] for a, b in zip(pieces, pieces[1:]))
+    assert cut == p.pieces()
+
+
+def test_auto_takes_it_for_prompt_tiles():
+    base = dict(batch=1, kv_len=8192, q_heads=32, kv_heads=8, causal=True, **SMS)
+    p = skattn.plan(q_len=512, head_dim=128, **base)
+    assert p.tuning.prefill == "ws" and p.geometry.block_n == 128
+    p = skattn.plan(q_len=512, head_dim=64, **base)  # head size 64: blocks of 128 keys
+    assert p.tuning.prefill == "ws" and p.geometry.block_n == 128
+    assert skattn.plan(q_len=512, head_dim=64, tuning=WS, **base).geometry.block_n == 128
+    assert skattn.plan(q_len=512, head_dim=64, block_n=64, tuning=WS, **base).geometry.block_n == 64
+    assert skattn.plan(q_len=1, head_dim=128, **base).tuning.prefill == "base"  # decode
+    assert skattn.plan(q_len=512, head_dim=64, window=128, **base).tuning.prefill == "base"
+    assert skattn.plan(q_len=512, head_dim=64, window=128, **base).geometry.block_n == 64
+    assert skattn.plan(q_len=512, head_dim=128, policy="llamacpp", **base).tuning.prefill == "base"
+    assert skattn.plan(q_len=512, head_dim=128, dtype=torch.float8_e4m3fn,
+                       **base).tuning.prefill == "base"
+
+
+def test_refusals():
+    assert "fused" in prefill_launch.refusal(ws_plan(fixup="fused", policy="llamacpp"))
+    assert "128 rows" in prefill_launch.refusal(ws_plan(block_m=64))
+    assert "window" in prefill_launch.refusal(ws_plan(window=256))
+    assert prefill_launch.ws_stages(128, 128) == 3 and prefill_launch.ws_stages(64, 64) == 4
+    assert prefill_launch.ws_registers(64, 64)[0] == 2 and prefill_launch.ws_registers(64, 128)[0] == 1
+
+
+@pytest.mark.interpret
+def test_interpreter_runs_the_base_kernel():
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 64, 8, 64, generator=g).half()
+    k = torch.randn(1, 300, 2, 64, generator=g).half()
+    v = torch.randn(1, 300, 2, 64, generator=g).half()
+    p = skattn.plan(batch=1, q_len=64, kv_len=300, q_heads=8, kv_heads=2, head_dim=64,
+                    causal=True, sms=4, occupancy=2, tuning=WS)
+    from skattn import launch
+    assert launch.bind(p, q.device).prefill is None
+    out = skattn.attention(q, k, v, causal=True, plan=p)
+    ref = reference.attention(q, k, v, causal=True)
+    assert (out.double() - ref).abs().max() < 2e-3
+
+
+@pytest.mark.parametrize("head_dim, q_heads", [(128, 32), (64, 64)])
+def test_sm90_build(head_dim, q_heads):
+    # in a process of its own, without the interpreter (which replaces what Gluon compiles)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
+    res = subprocess.run([sys.executable, str(ROOT / "scripts" / "ws_build.py"),
+                          f"head_dim={head_dim}", f"q_heads={q_heads}"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    info = json.loads(res.stdout.strip().splitlines()[-1])
+    assert info["block_n"] == 128 and info["shared"] <= 227 * 1024 // info["programs_per_sm"]
+    assert info["wgmma"] > 0 and info["tma_loads"] > 0 and info["setmaxnreg"] > 0
+    assert info["wgmma_wait_1"] > 0  # Q.K^T of the next block issued under P.V
+    assert info["spill_bytes"] == 0 and info["local"] == 0
