@@ -1,7 +1,7 @@
 """What the warp-specialised prompt-chunk kernel (`kernels/prefill_ws.py`) compiles to for
 sm_90a, here, without a GPU.
 
-  python3 scripts/ws_build.py [head_dim=128] [q_heads=32] [dtype=f16] [ptx=FILE]
+  python3 scripts/ws_build.py [--head-dim 128] [--q-heads 32] [--dtype f16] [--ptx FILE]
 
 Plans llama-8b-like n = 512, L = 8192 with `Tuning(prefill="ws")` (8 KV heads), builds the
 Gluon kernel for an H100/H200 and prints one JSON line: shared memory, registers and spills
@@ -11,6 +11,7 @@ compiles).
 """
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import sys
@@ -61,12 +62,17 @@ def build(head_dim=128, q_heads=32, dtype=torch.float16):
 
 
 def main(argv) -> int:
-    kw = dict(a.split("=", 1) for a in argv)
-    dtype = {"f16": torch.float16, "bf16": torch.bfloat16}[kw.get("dtype", "f16")]
-    p, ck = build(int(kw.get("head_dim", 128)), int(kw.get("q_heads", 32)), dtype)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--head-dim", type=int, default=128, choices=(64, 128))
+    ap.add_argument("--q-heads", type=int, default=32, help="a multiple of 8")
+    ap.add_argument("--dtype", default="f16", choices=("f16", "bf16"))
+    ap.add_argument("--ptx", help="write the PTX there")
+    args = ap.parse_args(argv)
+    dtype = {"f16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    p, ck = build(args.head_dim, args.q_heads, dtype)
     ptx = ck.asm["ptx"]
-    if "ptx" in kw:
-        Path(kw["ptx"]).write_text(ptx)
+    if args.ptx:
+        Path(args.ptx).write_text(ptx)
     info = dict(head_dim=p.head_dim, block_n=p.geometry.block_n, shared=ck.metadata.shared,
                 programs_per_sm=prefill_launch.ws_registers(p.head_dim, p.geometry.block_n)[0],
                 **resources.ptxas(ptx),

@@ -43,6 +43,8 @@ def plans(B, n, L, Hq, Hkv, D, dtype, causal=True):
     out = {"auto": skattn.plan(**kw)}
     p = skattn.plan(policy="llamacpp-before", **kw)
     out[p.fixup] = p
+    out["ping-pong"] = skattn.plan(**dict(kw, tuning=skattn.Tuning(prefill="ws",
+                                                                   prefill_pingpong=True)))
     return out
 
 
@@ -68,7 +70,8 @@ def test_bf16_sinks_lse_batch():
     q, k, v = make(2, 300, 5000, 32, 4, 128, dtype=torch.bfloat16, seed=1)
     sinks = torch.randn(32, device="cuda", generator=torch.Generator(device="cuda").manual_seed(2))
     p = skattn.plan(batch=2, q_len=300, kv_len=5000, q_heads=32, kv_heads=4, head_dim=128,
-                    dtype=k.dtype, causal=True, programs=131, tuning=WS)
+                    dtype=k.dtype, causal=True, programs=131,
+                    tuning=skattn.Tuning(prefill="ws", prefill_pingpong=True))
     assert p.fixup == "general" and runs_ws(p, q, k, v)
     out = torch.full_like(q, float("nan"))
     out, lse = skattn.attention(q, k, v, causal=True, sinks=sinks, plan=p, out=out,

@@ -117,7 +117,7 @@ def test_sm90_build(head_dim, q_heads):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
     res = subprocess.run([sys.executable, str(ROOT / "scripts" / "ws_build.py"),
-                          f"head_dim={head_dim}", f"q_heads={q_heads}"],
+                          "--head-dim", str(head_dim), "--q-heads", str(q_heads)],
                          capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     info = json.loads(res.stdout.strip().splitlines()[-1])

@@ -21,7 +21,8 @@ of n = 128, 1024, 2048 at L = 32768, in f16 and bf16 (`--quick`: 3 cells). Per c
 Variants: `base` (the stream-K kernel every plan runs by default), `tma` (kernels/prefill.py:
 K/V through tensor descriptors, the plan's default geometry), `tma-alt` (another block
 size), `ws` (kernels/prefill_ws.py: Gluon, a TMA loader warp and two consumer
-warpgroups) and `ws-alt` (128-key blocks at head size 64); `--variants` picks some.
+warpgroups), `ws-alt` (128-key blocks at head size 64) and `ws-pp` (`ws-alt` with the consumer
+warpgroups' ping-pong); `--variants` picks some.
 
 Writes $OUT/prefill_ab.csv and $OUT/prefill_ab.json (provenance, ceilings, compile counts)
 and prints a compact table last. `--plan-only` (no GPU) prints every plan and the number of
@@ -67,6 +68,7 @@ class Variant:
     name: str
     prefill: str = "base"
     geometry: dict = field(default_factory=dict)  # head size -> dict(block_n=, num_warps=, ...)
+    tuning: dict = field(default_factory=dict)  # other Tuning fields
 
 
 VARIANTS = (
@@ -76,6 +78,7 @@ VARIANTS = (
                                         64: dict(block_n=128, num_warps=4, num_stages=3)}),
     Variant("ws", "ws"),
     Variant("ws-alt", "ws", geometry={64: dict(block_n=128)}),
+    Variant("ws-pp", "ws", geometry={64: dict(block_n=128)}, tuning=dict(prefill_pingpong=True)),
 )
 
 
@@ -111,7 +114,7 @@ def make_plan(model, n: int, L: int, dtype, variant: Variant, sms=None, occupanc
     Hq, Hkv, D = shape_of(model)
     kw = dict(batch=1, q_len=n, kv_len=L, q_heads=Hq, kv_heads=Hkv, head_dim=D, dtype=dtype,
               causal=True, sms=sms, occupancy=occupancy,
-              tuning=skattn.Tuning(prefill=variant.prefill))
+              tuning=skattn.Tuning(prefill=variant.prefill, **variant.tuning))
     geo = dict(variant.geometry.get(D, {}))
     if block_n:
         geo["block_n"] = block_n
@@ -425,7 +428,8 @@ def main(argv=None) -> int:
                 matmul_peak_tflops={d: p / 1e12 for d, p in peaks.items()},
                 check_s=round(t1 - t0, 1), time_s=round(time.time() - t1, 1),
                 tolerance={str(k): v for k, v in TOLERANCE.items()}, seed=SEED,
-                variants=[dict(name=v.name, prefill=v.prefill, geometry=v.geometry)
+                variants=[dict(name=v.name, prefill=v.prefill, geometry=v.geometry,
+                               tuning=v.tuning)
                           for v in chosen(args.variants)],
                 checks={" ".join(map(str, k)): v for k, v in checked.items()})
     _write_csv(out_dir / "prefill_ab.csv", rows)

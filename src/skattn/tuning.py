@@ -61,6 +61,9 @@ class Tuning:
         FP8 K/V, tiles under 64 rows (decode): read V as 16-bit pairs of values, so that the
         MMAs take it through the 16-bit transposing shared-memory load as they take f16 V,
         instead of gathering its bytes one at a time (`kernels/quant.fp8_pairs`).
+    prefill_pingpong : bool
+        "ws" only: its two consumer warpgroups take turns to issue their MMAs, so one's
+        softmax runs under the other's (FlashAttention 3's ping-pong).
     prefill_device_desc : bool
         "tma" only: make the K/V descriptors in the kernel, one per tile,
         instead of on the host once per call (their 128 bytes a program come from torch,
@@ -78,6 +81,7 @@ class Tuning:
     fused_dv: int | None = None
     prefill: str = "base"
     prefill_device_desc: bool = False
+    prefill_pingpong: bool = False
     fp8_v_pairs: bool = True
     tile_order: str = "longest"
 

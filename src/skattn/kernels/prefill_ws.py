@@ -39,7 +39,7 @@ def ws_prefill_kernel(
     HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
     HEADS_PER_TILE: gl.constexpr, TOKENS_PER_TILE: gl.constexpr,
     CAUSAL: gl.constexpr, HAS_SINKS: gl.constexpr, RETURN_LSE: gl.constexpr,
-    STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+    STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, PINGPONG: gl.constexpr = False,
 ):
     p = gl.program_id(0)
     s_lo = gl.load(SEG_OFF + p)
@@ -52,20 +52,23 @@ def ws_prefill_kernel(
     k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    turns = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
         mbarrier.init(k_ready.index(i), count=1)
         mbarrier.init(v_ready.index(i), count=1)
         mbarrier.init(empty.index(i), count=2)
-    ring = (k_bufs, v_bufs, k_ready, v_ready, empty)
+    for i in gl.static_range(2):
+        mbarrier.init(turns.index(i), count=1)
+    ring = (k_bufs, v_bufs, k_ready, v_ready, empty, turns)
     outs = (O, stride_ob, stride_om, stride_oh, LSE, stride_lb, stride_lh, SINKS, WS_O, WS_M, WS_L)
     shape = (q_len, kv_len, ratio, qk_scale)
     gl.warp_specialize([
         (_consume, (Q, stride_qb, stride_qm, stride_qh, outs, SEGS, s_lo, s_hi, shape, q_smem, ring,
                     0, HEAD_DIM, BLOCK_N, HEADS_PER_TILE, TOKENS_PER_TILE, CAUSAL, HAS_SINKS,
-                    RETURN_LSE, STAGES)),
+                    RETURN_LSE, STAGES, PINGPONG)),
         (_consume, (Q, stride_qb, stride_qm, stride_qh, outs, SEGS, s_lo, s_hi, shape, q_smem, ring,
                     1, HEAD_DIM, BLOCK_N, HEADS_PER_TILE, TOKENS_PER_TILE, CAUSAL, HAS_SINKS,
-                    RETURN_LSE, STAGES)),
+                    RETURN_LSE, STAGES, PINGPONG)),
         (_load, (K_DESC, V_DESC, SEGS, s_lo, s_hi, ring, BLOCK_N, STAGES)),
     ], [4, 1], [CONSUMER_REGS, 24])
 
@@ -73,7 +76,7 @@ def ws_prefill_kernel(
 @gluon.jit
 def _load(K_DESC, V_DESC, SEGS, s_lo, s_hi, ring, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
     """The loader: every KV block of every segment, in order, into the ring."""
-    k_bufs, v_bufs, k_ready, v_ready, empty = ring
+    k_bufs, v_bufs, k_ready, v_ready, empty, _ = ring
     it = 0
     for s in range(s_lo, s_hi):
         b = gl.load(SEGS + s * SEG)
@@ -96,7 +99,8 @@ def _load(K_DESC, V_DESC, SEGS, s_lo, s_hi, ring, BLOCK_N: gl.constexpr, STAGES:
 def _consume(Q, stride_qb, stride_qm, stride_qh, outs, SEGS, s_lo, s_hi, shape, q_smem, ring,
              HALF: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
              HEADS_PER_TILE: gl.constexpr, TOKENS_PER_TILE: gl.constexpr, CAUSAL: gl.constexpr,
-             HAS_SINKS: gl.constexpr, RETURN_LSE: gl.constexpr, STAGES: gl.constexpr):
+             HAS_SINKS: gl.constexpr, RETURN_LSE: gl.constexpr, STAGES: gl.constexpr,
+             PINGPONG: gl.constexpr):
     """One warpgroup: rows 64 * HALF .. 64 * HALF + 63 of every segment's tile."""
     q_len, kv_len, ratio, qk_scale = shape
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -106,6 +110,7 @@ def _consume(Q, stride_qb, stride_qm, stride_qh, outs, SEGS, s_lo, s_hi, shape, 
     ld_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
     q_buf = q_smem.index(HALF)
     it = 0
+    tn = 0  # MMA turns taken (PINGPONG)
     for s in range(s_lo, s_hi):
         b = gl.load(SEGS + s * SEG)
         g = gl.load(SEGS + s * SEG + 1)
@@ -127,8 +132,9 @@ def _consume(Q, stride_qb, stride_qm, stride_qh, outs, SEGS, s_lo, s_hi, shape, 
         qpos_s, _, _ = _rows(g, z, qblock, q_len, ratio, HALF, HEADS_PER_TILE, TOKENS_PER_TILE,
                              gl.SliceLayout(1, s_layout))
         qpos_s = kv_len - q_len + qpos_s
-        it, acc, m_i, l_i = _blocks(it, q_buf, ring, lo, mid, hi, qpos_s, kv_len, qk_scale,
-                                    s_layout, o_layout, HEAD_DIM, BLOCK_N, CAUSAL, STAGES)
+        it, tn, acc, m_i, l_i = _blocks(it, tn, q_buf, ring, lo, mid, hi, qpos_s, kv_len,
+                                        qk_scale, s_layout, o_layout, HEAD_DIM, BLOCK_N, CAUSAL,
+                                        STAGES, HALF, PINGPONG)
         _epilogue(acc, m_i, l_i, b, g, z, qblock, slot, q_len, ratio, outs, o_layout, HALF,
                   HEAD_DIM, HEADS_PER_TILE, TOKENS_PER_TILE, HAS_SINKS, RETURN_LSE)
 
@@ -146,13 +152,16 @@ def _rows(g, z, qblock, q_len, ratio, HALF: gl.constexpr, HEADS_PER_TILE: gl.con
 
 
 @gluon.jit
-def _blocks(it, q_buf, ring, lo, mid, hi, qpos, kv_len, qk_scale,
+def _blocks(it, tn, q_buf, ring, lo, mid, hi, qpos, kv_len, qk_scale,
             s_layout: gl.constexpr, o_layout: gl.constexpr, HEAD_DIM: gl.constexpr,
-            BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, STAGES: gl.constexpr):
+            BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, STAGES: gl.constexpr,
+            HALF: gl.constexpr, PINGPONG: gl.constexpr):
     """Online softmax over KV blocks [lo, hi) (hi > lo), scores in log2 units, software
     pipelined inside the warpgroup: block j's Q·K^T MMA is issued before block j - 1's P·V,
-    and block j's softmax runs while that P·V is in flight. Returns (ring position, O, m, l)."""
-    k_bufs, v_bufs, k_ready, v_ready, empty = ring
+    and block j's softmax runs while that P·V is in flight. PINGPONG: the two warpgroups take
+    turns to issue their MMAs (each turn ends when the other's may start), so one's softmax
+    runs under the other's MMAs. Returns (ring position, turns, O, m, l)."""
+    k_bufs, v_bufs, k_ready, v_ready, empty, turns = ring
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
     acc = gl.zeros([64, HEAD_DIM], gl.float32, o_layout)
@@ -161,8 +170,10 @@ def _blocks(it, q_buf, ring, lo, mid, hi, qpos, kv_len, qk_scale,
     idx = it % STAGES
     phase = (it // STAGES) & 1
     mbarrier.wait(k_ready.index(idx), phase)
+    tn = _my_turn(turns, tn, HALF, PINGPONG)
     qk = warpgroup_mma(q_buf, _kv(k_bufs, idx, BLOCK_N, HEAD_DIM).permute((1, 0)),
                        gl.zeros([64, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
+    _their_turn(turns, HALF, PINGPONG)
     qk = warpgroup_mma_wait(0, deps=(qk, ))
     pr, alpha, m_i, l_i = _softmax(qk, m_i, l_i, lo, mid, qpos, kv_len, qk_scale, s_layout,
                                    BLOCK_N, CAUSAL)
@@ -171,11 +182,13 @@ def _blocks(it, q_buf, ring, lo, mid, hi, qpos, kv_len, qk_scale,
         nidx = (it + 1) % STAGES
         nphase = ((it + 1) // STAGES) & 1
         mbarrier.wait(k_ready.index(nidx), nphase)
+        mbarrier.wait(v_ready.index(idx), phase)
+        tn = _my_turn(turns, tn, HALF, PINGPONG)
         qk = warpgroup_mma(q_buf, _kv(k_bufs, nidx, BLOCK_N, HEAD_DIM).permute((1, 0)),
                            gl.zeros([64, BLOCK_N], gl.float32, s_layout), use_acc=False,
                            is_async=True)
-        mbarrier.wait(v_ready.index(idx), phase)
         acc = warpgroup_mma(p, _kv(v_bufs, idx, BLOCK_N, HEAD_DIM), acc, is_async=True)
+        _their_turn(turns, HALF, PINGPONG)
         qk = warpgroup_mma_wait(1, deps=(qk, ))  # this block's scores; the P·V still runs
         pr, alpha, m_i, l_i = _softmax(qk, m_i, l_i, blk, mid, qpos, kv_len, qk_scale,
                                        s_layout, BLOCK_N, CAUSAL)
@@ -187,10 +200,26 @@ def _blocks(it, q_buf, ring, lo, mid, hi, qpos, kv_len, qk_scale,
         idx = nidx
         phase = nphase
     mbarrier.wait(v_ready.index(idx), phase)
+    tn = _my_turn(turns, tn, HALF, PINGPONG)
     acc = warpgroup_mma(p, _kv(v_bufs, idx, BLOCK_N, HEAD_DIM), acc, is_async=True)
+    _their_turn(turns, HALF, PINGPONG)
     acc, p = warpgroup_mma_wait(0, deps=(acc, p))
     mbarrier.arrive(empty.index(idx), count=1)
-    return it + 1, acc, m_i, l_i
+    return it + 1, tn, acc, m_i, l_i
+
+
+@gluon.jit
+def _my_turn(turns, tn, HALF: gl.constexpr, PINGPONG: gl.constexpr):
+    """Wait for this warpgroup's turn to issue MMAs (warpgroup 0 goes first); the count."""
+    if PINGPONG:
+        mbarrier.wait(turns.index(HALF), (tn & 1) ^ (1 - HALF))
+    return tn + 1
+
+
+@gluon.jit
+def _their_turn(turns, HALF: gl.constexpr, PINGPONG: gl.constexpr):
+    if PINGPONG:
+        mbarrier.arrive(turns.index(1 - HALF), count=1)
 
 
 @gluon.jit
