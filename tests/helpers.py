@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+import skattn
 import skattn.ops
 
 
@@ -89,6 +90,16 @@ class FP8Block(Block):
         o = skattn.ops.attention(q.view(B, L, hq, d), k, v, causal=True, k_scale=k_scale,
                                  v_scale=v_scale)
         return self.out(o.reshape(B, L, hq * d))
+
+
+def poisoned_call(q, k, v, p, **kw):
+    """skattn.attention with plan p into an output poisoned with NaN (causal unless
+    `causal=False`); fails where an element was not written."""
+    out = torch.full((*q.shape[:3], v.shape[3]), float("nan"), device=q.device, dtype=q.dtype)
+    skattn.attention(q, k, v, causal=kw.pop("causal", True), plan=p, out=out, **kw)
+    torch.cuda.synchronize()
+    assert not torch.isnan(out).any(), "unwritten output elements"
+    return out
 
 
 def capturing_compile_config():

@@ -11,6 +11,7 @@ import skattn
 from skattn import launch, prefill_launch, reference
 from skattn.bench.models import MODELS
 from helpers import cuda_qkv as make
+from helpers import poisoned_call as check
 from tolerance import bound, rel_err
 
 pytestmark = [
@@ -37,14 +38,6 @@ def plan_for(q, k, v, **kw):
                     head_dim=D, dtype=k.dtype, tuning=TMA, **kw)
     assert runs_prefill(p, q, k, v)
     return p
-
-
-def check(q, k, v, p, **kw):
-    out = torch.full((*q.shape[:3], v.shape[3]), float("nan"), device="cuda", dtype=q.dtype)
-    skattn.attention(q, k, v, causal=kw.pop("causal", True), plan=p, out=out, **kw)
-    torch.cuda.synchronize()
-    assert not torch.isnan(out).any(), "unwritten output elements"
-    return out
 
 
 def plans(B, n, L, Hq, Hkv, D, dtype):

@@ -10,6 +10,7 @@ import skattn
 from skattn import launch, prefill_launch, reference
 from skattn.bench.models import MODELS
 from helpers import cuda_qkv as make
+from helpers import poisoned_call as check
 from tolerance import bound, rel_err
 
 pytestmark = [
@@ -27,14 +28,6 @@ def runs_ws(p, q, k, v) -> bool:
     features = (False, False, False, False, False, False, False)
     return (b.prefill is not None and b.prefill.kind == "ws"
             and prefill_launch.usable(b.prefill, features, k, v))
-
-
-def check(q, k, v, p, **kw):
-    out = torch.full((*q.shape[:3], v.shape[3]), float("nan"), device="cuda", dtype=q.dtype)
-    skattn.attention(q, k, v, causal=kw.pop("causal", True), plan=p, out=out, **kw)
-    torch.cuda.synchronize()
-    assert not torch.isnan(out).any(), "unwritten output elements"
-    return out
 
 
 def plans(B, n, L, Hq, Hkv, D, dtype, causal=True):

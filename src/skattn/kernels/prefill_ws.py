@@ -74,15 +74,21 @@ def ws_prefill_kernel(
 
 
 @gluon.jit
+def _segment(SEGS, s):
+    """Segment s: (sequence, KV head, head group, token block, first KV block, first masked
+    block, end, partial slot or -1)."""
+    row = SEGS + s * SEG
+    return (gl.load(row), gl.load(row + 1), gl.load(row + 2), gl.load(row + 3), gl.load(row + 4),
+            gl.load(row + 5), gl.load(row + 6), gl.load(row + 7))
+
+
+@gluon.jit
 def _load(K_DESC, V_DESC, SEGS, s_lo, s_hi, ring, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
     """The loader: every KV block of every segment, in order, into the ring."""
-    k_bufs, v_bufs, k_ready, v_ready, empty, _ = ring
+    k_bufs, v_bufs, k_ready, v_ready, empty, _turns = ring
     it = 0
     for s in range(s_lo, s_hi):
-        b = gl.load(SEGS + s * SEG)
-        g = gl.load(SEGS + s * SEG + 1)
-        lo = gl.load(SEGS + s * SEG + 4)
-        hi = gl.load(SEGS + s * SEG + 6)
+        b, g, _z, _qblock, lo, _mid, hi, _slot = _segment(SEGS, s)
         for blk in range(lo, hi):
             idx = it % STAGES
             mbarrier.wait(empty.index(idx), ((it // STAGES) & 1) ^ 1)
@@ -112,14 +118,7 @@ def _consume(Q, stride_qb, stride_qm, stride_qh, outs, SEGS, s_lo, s_hi, shape, 
     it = 0
     tn = 0  # MMA turns taken (PINGPONG)
     for s in range(s_lo, s_hi):
-        b = gl.load(SEGS + s * SEG)
-        g = gl.load(SEGS + s * SEG + 1)
-        z = gl.load(SEGS + s * SEG + 2)
-        qblock = gl.load(SEGS + s * SEG + 3)
-        lo = gl.load(SEGS + s * SEG + 4)
-        mid = gl.load(SEGS + s * SEG + 5)
-        hi = gl.load(SEGS + s * SEG + 6)
-        slot = gl.load(SEGS + s * SEG + 7)
+        b, g, z, qblock, lo, mid, hi, slot = _segment(SEGS, s)
         # this half's query rows, through registers into shared memory for the MMA
         qi, head, valid = _rows(g, z, qblock, q_len, ratio, HALF, HEADS_PER_TILE, TOKENS_PER_TILE,
                                 gl.SliceLayout(1, ld_layout))
