@@ -1,7 +1,9 @@
-"""Small attention calls covering every fixup kind and feature, and the Hopper prompt kernel
-(cut, fused and whole tiles; a whole prompt as `auto` plans it), checked against float64, each
-made twice (the second replays its recipe through skattn's C launcher): what
-`scripts/gpu_run.sh` runs under compute-sanitizer (memcheck, racecheck, synccheck)."""
+"""Small attention calls covering every fixup kind and feature, and the Hopper prompt kernels
+(TMA: cut, fused and whole tiles; warp-specialised: cut, whole, ping-pong, and a whole prompt
+as `auto` plans it), checked against float64, each made twice (the second replays its recipe
+through skattn's C launcher): what `scripts/gpu_run.sh` runs under compute-sanitizer
+(memcheck, racecheck, synccheck). `--quick`: fewer shapes; `--only TEXT`: the cases whose
+name contains TEXT."""
 import sys
 
 import torch
@@ -43,11 +45,19 @@ def cases(quick: bool = False):
                                                      programs=skattn.plan(**kw).ntiles_dst,
                                                      **kw)}.items():
                 yield f"Lq={Lq} Lk={Lk} {name} ({p.fixup})", (q, k, v), dict(causal=True, plan=p)
-    # a whole prompt as `auto` plans it on a GPU of 4 SMs: whole tiles, the prompt kernel
+            ws, pp = skattn.Tuning(prefill="ws"), skattn.Tuning(prefill="ws", prefill_pingpong=True)
+            for name, p in {"ws llamacpp": skattn.plan(policy="llamacpp", tuning=ws, **kw),
+                            "ws ping-pong": skattn.plan(policy="llamacpp", tuning=pp, **kw),
+                            "ws whole": skattn.plan(tuning=ws, fixup="none",
+                                                    programs=skattn.plan(**kw).ntiles_dst,
+                                                    **kw)}.items():
+                yield f"Lq={Lq} Lk={Lk} {name} ({p.fixup})", (q, k, v), dict(causal=True, plan=p)
+    # a whole prompt as `auto` plans it on a GPU of 4 SMs: whole tiles, the warp-specialised
+    # kernel in 128-key blocks
     q, k, v = rand(2, 256, 8, 64), rand(2, 256, 2, 64), rand(2, 256, 2, 64)
     p = skattn.plan(q_len=256, kv_len=256, causal=True, sms=4, **shape)
-    assert (p.fixup, p.tuning.prefill) == ("none", "tma"), p
-    yield "Lq=Lk=256 auto whole prompt (tma)", (q, k, v), dict(causal=True, plan=p)
+    assert (p.fixup, p.tuning.prefill, p.geometry.block_n) == ("none", "ws", 128), p
+    yield "Lq=Lk=256 auto whole prompt (ws)", (q, k, v), dict(causal=True, plan=p)
 
 
 def main() -> int:
@@ -56,7 +66,10 @@ def main() -> int:
         return 0
     bad = 0
     n = 0
+    only = sys.argv[sys.argv.index("--only") + 1] if "--only" in sys.argv else ""
     for name, (q, k, v), kw in cases(quick="--quick" in sys.argv):
+        if only not in name:
+            continue
         rkw = {key: val for key, val in kw.items() if key != "plan"}
         ref = reference.attention(q, k, v, **rkw)
         # the first call learns the signature's recipe through launch.run, the second
