@@ -11,6 +11,7 @@ from torch import nn
 
 import skattn
 import skattn.ops
+from tolerance import rel_err
 
 
 def fp8_case(change: dict, q, k, v):
@@ -100,6 +101,33 @@ def poisoned_call(q, k, v, p, **kw):
     torch.cuda.synchronize()
     assert not torch.isnan(out).any(), "unwritten output elements"
     return out
+
+
+def check_plans(q, k, v, plans: dict, runs, ref, tol, label: str) -> set:
+    """Each named plan's causal call (`poisoned_call`) within `tol` of `ref`, after
+    `runs(p, q, k, v)` says it runs the kernel under test; the plans' fixup kinds."""
+    kinds = set()
+    for name, p in plans.items():
+        assert runs(p, q, k, v), name
+        err = rel_err(poisoned_call(q, k, v, p), ref)
+        assert err <= tol, f"{label} {name} N={p.programs} {p.fixup}: {err:.2e} > {tol:.2e}"
+        kinds.add(p.fixup)
+    return kinds
+
+
+def assert_graph_replay_matches(q, k, v, p):
+    """A CUDA graph of the causal call with plan p, replayed into a poisoned output, equals
+    the direct call bit for bit."""
+    ws = skattn.workspace(p)
+    out = torch.empty_like(q)
+    direct = skattn.attention(q, k, v, causal=True, plan=p).clone()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        skattn.attention(q, k, v, causal=True, plan=p, out=out, workspace=ws)
+    out.fill_(float("nan"))
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, direct)
 
 
 def capturing_compile_config():

@@ -11,6 +11,7 @@ import skattn
 from skattn import launch, prefill_launch, reference
 from skattn.bench.models import MODELS
 from helpers import cuda_qkv as make
+from helpers import assert_graph_replay_matches, check_plans
 from helpers import poisoned_call as check
 from tolerance import bound, rel_err
 
@@ -57,12 +58,8 @@ def test_seed_shapes(model, L):
     q, k, v = make(1, 512, L, Hq, Hkv, D, seed=L)
     ref = reference.attention(q, k, v, causal=True)
     tol = bound(q, k, v, causal=True)
-    kinds = set()
-    for name, p in plans(1, 512, L, Hq, Hkv, D, k.dtype).items():
-        assert runs_prefill(p, q, k, v), name
-        err = rel_err(check(q, k, v, p), ref)
-        assert err <= tol, f"{model} L={L} {name} N={p.programs} {p.fixup}: {err:.2e} > {tol:.2e}"
-        kinds.add(p.fixup)
+    kinds = check_plans(q, k, v, plans(1, 512, L, Hq, Hkv, D, k.dtype), runs_prefill, ref, tol,
+                        f"{model} L={L}")
     assert {"fused", "general"} <= kinds
 
 
@@ -94,16 +91,7 @@ def test_not_causal_and_f32_q():
 def test_cuda_graph_replay():
     q, k, v = make(1, 512, 8192, 32, 8, 128, seed=4)
     p = plan_for(q, k, v, causal=True)
-    ws = skattn.workspace(p)
-    out = torch.empty_like(q)
-    direct = skattn.attention(q, k, v, causal=True, plan=p).clone()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        skattn.attention(q, k, v, causal=True, plan=p, out=out, workspace=ws)
-    out.fill_(float("nan"))
-    g.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(out, direct)
+    assert_graph_replay_matches(q, k, v, p)
 
 
 def test_dtypes_share_no_compiled_kernel():

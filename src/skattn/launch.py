@@ -351,22 +351,23 @@ def run(plan: Plan, q, k, v, out, lse, *, scale: float, mask=None, sinks=None, s
         main_const = dict(main_const, STAMPS=stamps[0], TIMELINE=True)
         if b.fix_kernel == "uniform":
             fix_const = dict(fix_const, STAMPS=stamps[1], TIMELINE=True)
-    if b.prefill is not None and b.prefill.kind == "ws" and _prefill.usable(b.prefill, features,
-                                                                            k, v):
+    if b.prefill is not None and _prefill.usable(b.prefill, features, k, v):
         kd, vd = _prefill.descriptors(b.prefill, k, v)
-        wargs = (q, qs[0], qs[1], qs[2], kd, vd, out, os_[0], os_[1], os_[2], lse_t, slb, slh,
-                 sinks_t, ws_o, ws_m, ws_l, *b.prefill.tables, *b.prefill.ints, qk_scale)
-        _launch(_prefill_ws.ws_prefill_kernel, None, wargs, _prefill.constants(b.prefill, features),
-                b.main_grid, stream, record)
-    elif b.prefill is not None and _prefill.usable(b.prefill, features, k, v):
-        kd, vd = _prefill.descriptors(b.prefill, k, v)
-        pargs = (q, qs[0], qs[1], qs[2], kd, ks[0], ks[1], ks[2], vd, vs[0], vs[1], vs[2],
-                 out, os_[0], os_[1], os_[2], lse_t, slb, slh, sinks_t,
-                 ws_o, ws_m, ws_l, counters, b.qblock_off, b.kv_first, *b.main_ints, qk_scale,
-                 *b.fd)
-        with _prefill.scratch(b.prefill):
-            _launch(_prefill_kernel.prefill_kernel, key and (*key, "tma"), pargs,
-                    _prefill.constants(b.prefill, features), b.main_grid, stream, record)
+        pconst = _prefill.constants(b.prefill, features)
+        if b.prefill.kind == "ws":
+            wargs = (q, qs[0], qs[1], qs[2], kd, vd, out, os_[0], os_[1], os_[2], lse_t, slb,
+                     slh, sinks_t, ws_o, ws_m, ws_l, *b.prefill.tables,
+                     *b.main_ints[:3], qk_scale)  # q_len, kv_len, GQA ratio
+            _launch(_prefill_ws.ws_prefill_kernel, None, wargs, pconst, b.main_grid, stream,
+                    record)
+        else:
+            pargs = (q, qs[0], qs[1], qs[2], kd, ks[0], ks[1], ks[2], vd, vs[0], vs[1], vs[2],
+                     out, os_[0], os_[1], os_[2], lse_t, slb, slh, sinks_t,
+                     ws_o, ws_m, ws_l, counters, b.qblock_off, b.kv_first, *b.main_ints,
+                     qk_scale, *b.fd)
+            with _prefill.scratch(b.prefill):
+                _launch(_prefill_kernel.prefill_kernel, key and (*key, "tma"), pargs, pconst,
+                        b.main_grid, stream, record)
     else:
         _launch(_main.attention_kernel, key, args, main_const, b.main_grid, stream, record)
     if main_only or b.fix_kernel is None:

@@ -34,7 +34,6 @@ class PrefillBound:
     device_desc: bool      # descriptors made in the kernel (K and V passed as tensors)
     kind: str = "tma"      # "tma" or "ws"
     tables: tuple = ()     # "ws": its segments and their per-program offsets (int32, device)
-    ints: tuple = ()       # "ws": q_len, kv_len, GQA ratio
 
 
 def refusal(plan) -> str | None:
@@ -104,7 +103,7 @@ def _bind_ws(plan, device: torch.device) -> PrefillBound | None:
     tables = (device_table(device, tuple(v for r in rows for v in r) or (0,)),
               device_table(device, tuple(offsets)))
     return PrefillBound(ws_constants(plan), (1, plan.geometry.block_n, 1, plan.head_dim), False,
-                        "ws", tables, (plan.q_len, plan.kv_len, plan.gqa_ratio))
+                        "ws", tables)
 
 
 def ws_constants(plan) -> dict:
