@@ -8,7 +8,8 @@
 #   4. `skattn bench` with the arguments given (e.g. --quick, --seed-table, --host)
 #   5. optional stages, each a quick benchmark: `serving` (skattn bench --serving --quick),
 #      `quant` (skattn bench --quant, llama-8b; then skattn bench --serving --quick with
-#      skattn auto over f16, FP8, q8_0 and q4_0 K/V), `prefill` (tools/prefill_ab.py --quick),
+#      skattn auto over f16, FP8, q8_0 and q4_0 K/V), `prefill` (tools/prefill_ab.py --quick,
+#      or PREFILL_ARGS),
 #      `cb` (continuous-batching steps alone, tools/varlen_prefill.py; transformers'
 #      generate_batch with CUDA graphs, tokens/s; eager, tokens/s; then with graphs again,
 #      each attention launch and step shape recorded and GPU time by kernel,
@@ -97,7 +98,7 @@ quick_bench() {  # name, command...: a quick benchmark stage, its log and exit s
     t=${PIPESTATUS[0]}; [ "$t" -ne 0 ] && rc=$t
     summary+=("$name: exit $t")
 }
-has prefill && quick_bench prefill env OUT="$OUT_DIR/prefill" python3 tools/prefill_ab.py --quick
+has prefill && quick_bench prefill env OUT="$OUT_DIR/prefill" python3 tools/prefill_ab.py ${PREFILL_ARGS:---quick}
 has serving && quick_bench serving python3 -m skattn.cli bench --serving --quick --no-progress \
     --time-limit 100 --out "$OUT_DIR/serving"
 has cb && quick_bench varlen-steps env OUT="$OUT_DIR/cb" python3 tools/varlen_prefill.py

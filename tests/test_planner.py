@@ -363,6 +363,47 @@ def test_compute_bound_choice_and_residency():
     assert compute_bound_programs(168, 10512, 64, 264, 132) == 132
 
 
+def test_co_readers_counts_programs_in_step():
+    from skattn.policy import KVLayout, co_readers
+
+    # 32 tiles of 256 KV blocks, 4 tiles a KV head: 128 programs start each tile's quarters
+    # together (4 in step), 132 start at 33 different offsets (each alone)
+    layout = KVLayout((0,) * 4, (256,) * 4, 1, 1.4)
+    assert co_readers(128, 32 * 256, layout) == 4.0
+    assert co_readers(132, 32 * 256, layout) == 1.0
+    assert co_readers(32, 32 * 256, layout) == 4.0  # whole tiles: all four from block 0
+    # two token blocks (the second from KV block 1) and two head groups a KV head: starts one
+    # block apart count (LOCKSTEP_BLOCKS), programs of the other KV head do not
+    layout = KVLayout((0, 1), (10, 10), 2, 1.4)
+    assert co_readers(8, 80, layout) == 4.0
+    assert co_readers(2, 80, layout) == 1.0
+
+
+@pytest.mark.parametrize("model,n,L,programs,fixup", [
+    # tiles that share a KV head split at the same KV blocks, the L2 serving all but one read
+    # (H200, graph timer: 118 against 158 us at N = 132; PERF.md, "Prompt chunks")
+    ("llama-8b", 128, 32768, 128, "uniform"),
+    ("llama-70b", 128, 32768, 128, "uniform"),
+    # 168 tiles: 132 programs start at scattered KV blocks; 264 in two waves read more in step
+    # (299 against 313 us at L = 16384), where K/V fit the L2 132 stays (156 us either way)
+    ("qwen3-14b", 512, 16384, 264, "general"),
+    ("qwen3-14b", 512, 8192, 132, "general"),
+])
+def test_auto_lines_up_cut_prompt_tiles(model, n, L, programs, fixup):
+    from skattn.bench.models import MODELS
+    from skattn.policy import co_readers
+
+    Hq, Hkv, D = MODELS[model][:3]
+    kw = dict(batch=1, q_len=n, kv_len=L, q_heads=Hq, kv_heads=Hkv, head_dim=D, causal=True,
+              sms=132, occupancy=2)
+    p = plan(**kw)
+    assert (p.programs, p.fixup) == (programs, fixup)
+    _check_plan(p, None)
+    layout = (p.kv_first, p.kv_count, p.ntiles_z)
+    if programs != 132:  # more programs in step than at one a resident slot
+        assert co_readers(programs, p.work, layout) > co_readers(132, p.work, layout)
+
+
 @pytest.mark.parametrize("L", [2048, 4096, 8192, 16384])
 def test_whole_prompts_run_whole_tiles(L):
     # measured (tools/prompt_square.py, H200): whole tiles 1.5x faster than one cut wave for

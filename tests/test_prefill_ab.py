@@ -22,6 +22,21 @@ def test_cells():
                                             (128, 32768), (1024, 32768), (2048, 32768)}
     assert len(ab.cells(quick=True)) == 3
     assert ab.cells(("gpt-oss",), quick=True) == [("gpt-oss", 512, 32768)]
+    assert ab.cells(picked="llama-8b:128:32768,gpt-oss:512:8192") == [("llama-8b", 128, 32768),
+                                                                      ("gpt-oss", 512, 8192)]
+    with pytest.raises(SystemExit, match="unknown model"):
+        ab.cells(picked="llama-9b:128:32768")
+
+
+def test_variants_on_given_programs():
+    names = [v.name for v in ab.chosen("ws@132,base,ws@128")]
+    assert names == ["base", "ws@132", "ws@128"]
+    v = ab.on_programs("ws@132")
+    p = ab.make_plan("gpt-oss", 128, 32768, torch.float16, v, sms=132, occupancy=2)
+    assert (p.programs, p.geometry.block_n, p.tuning.prefill) == (132, 128, "ws")
+    for bad in ("ws@0", "ws@x", "tma@128"):
+        with pytest.raises(SystemExit, match="unknown variants"):
+            ab.chosen(bad)
 
 
 def test_plan_only_counts_compiles(capsys):

@@ -22,7 +22,10 @@ Variants: `base` (the stream-K kernel every plan runs by default), `tma` (kernel
 K/V through tensor descriptors, the plan's default geometry), `tma-alt` (another block
 size), `ws` (kernels/prefill_ws.py: Gluon, a TMA loader warp and two consumer
 warpgroups), `ws-alt` (128-key blocks at head size 64) and `ws-pp` (`ws-alt` with the consumer
-warpgroups' ping-pong); `--variants` picks some.
+warpgroups' ping-pong), `ws-exp16` (`ws-alt` with 16-bit paired exponentials); `--variants`
+picks some, and `ws@N` is `ws` on N programs (`auto`
+still picks the fixup; at head size 64 in 128-key blocks). `--cells model:n:L,...` picks
+cells.
 
 Writes $OUT/prefill_ab.csv and $OUT/prefill_ab.json (provenance, ceilings, compile counts)
 and prints a compact table last. `--plan-only` (no GPU) prints every plan and the number of
@@ -79,22 +82,44 @@ VARIANTS = (
     Variant("ws", "ws"),
     Variant("ws-alt", "ws", geometry={64: dict(block_n=128)}),
     Variant("ws-pp", "ws", geometry={64: dict(block_n=128)}, tuning=dict(prefill_pingpong=True)),
+    Variant("ws-exp16", "ws", geometry={64: dict(block_n=128)}, tuning=dict(prefill_exp16=True)),
 )
 
 
+def on_programs(name: str) -> Variant | None:
+    """`ws@N`: the warp-specialised kernel on N programs, or None for another name."""
+    kernel, _, count = name.partition("@")
+    if kernel != "ws" or not count.isdigit() or int(count) < 1:
+        return None
+    n = int(count)
+    return Variant(name, "ws", geometry={128: dict(programs=n), 64: dict(block_n=128, programs=n)})
+
+
 def chosen(names=None) -> tuple:
-    """The variants named (comma-separated or a list), in VARIANTS' order; all without names."""
+    """The variants named (comma-separated or a list), in VARIANTS' order then `ws@N` ones in
+    the order given; all of VARIANTS without names."""
     if isinstance(names, str):
         names = [x for x in names.split(",") if x]
     if not names:
         return VARIANTS
-    unknown = set(names) - {v.name for v in VARIANTS}
+    extra = [on_programs(x) for x in names if on_programs(x)]
+    unknown = set(names) - {v.name for v in VARIANTS} - {v.name for v in extra}
     if unknown:
-        raise SystemExit(f"unknown variants {sorted(unknown)}; known: {[v.name for v in VARIANTS]}")
-    return tuple(v for v in VARIANTS if v.name in names)
+        raise SystemExit(f"unknown variants {sorted(unknown)}; known: "
+                         f"{[v.name for v in VARIANTS]} and ws@N")
+    return tuple(v for v in VARIANTS if v.name in names) + tuple(extra)
 
 
-def cells(models=None, quick=False) -> list[tuple[str, int, int]]:
+def cells(models=None, quick=False, picked: str = "") -> list[tuple[str, int, int]]:
+    """The cells of a run: `picked` ("model:n:L,..."), --quick's, or the grid's."""
+    if picked:
+        out = []
+        for item in picked.split(","):
+            model, n, L = item.split(":")
+            if model not in MODELS:
+                raise SystemExit(f"unknown model {model!r}; known: {list(MODELS)}")
+            out.append((model, int(n), int(L)))
+        return out
     if quick:
         return [c for c in QUICK if not models or c[0] in models]
     names = models or tuple(MODELS)
@@ -388,6 +413,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="3 cells")
     ap.add_argument("--models", default="", help="comma-separated model names")
+    ap.add_argument("--cells", default="", help="model:n:L,... instead of the grid")
     ap.add_argument("--dtypes", default="f16,bf16")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--reps", type=int, default=10)
@@ -401,7 +427,7 @@ def main(argv=None) -> int:
         worker(dict(json.loads(args.worker), stream=True))
         return 0
     models = tuple(m for m in args.models.split(",") if m) or None
-    cell_list = cells(models, args.quick)
+    cell_list = cells(models, args.quick, args.cells)
     dnames = [d for d in args.dtypes.split(",") if d]
     if args.plan_only:
         plan_only(cell_list, dnames, chosen(args.variants))

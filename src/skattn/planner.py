@@ -10,7 +10,8 @@ from skattn import buffers, prefill_launch
 from skattn.checks import causal_window
 from skattn.config import (STAGE_BYTES_BUDGET, TileGeometry, programs_per_sm,  # noqa: F401
                            tile_geometry)
-from skattn.policy import (FIXUPS, POLICIES, POLICY_NOTES, CostModel, canonical_policy, fixup_for,
+from skattn.policy import (FIXUPS, POLICIES, POLICY_NOTES, CostModel, KVLayout, canonical_policy,
+                           fixup_for,
                            load_cost_model, programs_for, whole_prompt)
 from skattn.tuning import Tuning
 
@@ -22,6 +23,8 @@ COMPUTE_BOUND_INTENSITY = 256
 # K/V forms -> Plan.dtype (skattn.quant: fp8 with scales, q8_0 and q4_0 blocks)
 _DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16",
            torch.float8_e4m3fn: "float8_e4m3fn", "q8_0": "q8_0", "q4_0": "q4_0"}
+# bytes a K/V value takes in each form (q8_0: 34 bytes a block of 32, q4_0: 18)
+VALUE_BYTES = {"float16": 2, "bfloat16": 2, "float8_e4m3fn": 1, "q8_0": 34 / 32, "q4_0": 18 / 32}
 
 
 @dataclass(frozen=True)
@@ -435,7 +438,9 @@ def plan(*, batch: int, q_len: int, kv_len: int, q_heads: int, kv_heads: int, he
                               max_programs=max_programs, work=work, min_tile_work=min(kv_count),
                               max_tile_work=max(kv_count), fixup=fixup, cost=model,
                               compute_bound=compute_bound, resident=sms * per_sm,
-                              per_sm=per_sm)
+                              per_sm=per_sm, layout=KVLayout(
+                                  kv_first, kv_count, ntiles_z,
+                                  model.memory_ratio * VALUE_BYTES[kv_format] / 2 * 128 / geo.block_m))
     elif not isinstance(programs, int) or programs < 1 or programs > work:
         raise ValueError(f"programs must be an integer in [1, W={work}], got {programs!r}")
     kind = decide_fixup(programs=programs, ntiles_dst=ntiles_dst, kv_count=kv_count, work=work,

@@ -2,9 +2,11 @@
 pure functions of numbers."""
 from __future__ import annotations
 
+import bisect
 import json
 import os
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 from pathlib import Path
 
 POLICIES = ("llamacpp-before", "round-4x", "llamacpp", "split", "auto")
@@ -23,6 +25,30 @@ CUT_PENALTY = 1.1
 CUT_PENALTY_MANY = 1.5
 MANY_TILES = 3  # tiles per resident program beyond which CUT_PENALTY_MANY applies
 UNEQUAL_TILES = 2  # ... where the longest tile has at least this many times the shortest's blocks
+# A 128-row prompt tile does about 128 FLOPs per byte of 16-bit K/V it reads, under Hopper's
+# ratio of matmul rate to DRAM bandwidth: a cut plan stays compute-bound only where programs
+# of one KV head read the same blocks at about the same time, so that the L2 serves all but
+# the first read (`co_readers`: ranges that start within LOCKSTEP_BLOCKS KV blocks of each
+# other in one KV head). `auto` weighs program counts down to 1 - 1/SHARED_SEARCH of the
+# resident programs too, where split points line up (PERF.md, "Prompt chunks").
+LOCKSTEP_BLOCKS = 1
+SHARED_SEARCH = 8
+
+
+class KVLayout(NamedTuple):
+    """How a dense plan's work list reads K/V, for `compute_bound_programs`.
+
+    kv_first, kv_count: each token block's first KV block and its number of blocks.
+    groups_per_head: consecutive tile groups of the work list that read one KV head's K/V.
+    memory_ratio: the time to read every item's K/V once from DRAM over the time to compute
+        every item with all resident programs busy. 1.4 fits 128-row tiles of 16-bit K/V on
+        an H200 (PERF.md, "Prompt chunks"); it scales with bytes per value and 1 / tile rows.
+    """
+
+    kv_first: tuple
+    kv_count: tuple
+    groups_per_head: int
+    memory_ratio: float
 
 
 # What each policy reproduces (docs/llamacpp.md has the llama.cpp facts with file:line)
@@ -71,6 +97,8 @@ class CostModel:
     us_per_piece: merging one partial piece of a split tile.
     us_launch: the extra launch of a separate fixup kernel (uniform, general); ~0 since the
         fixup is launched while the main kernel runs (programmatic dependent launch).
+    memory_ratio: for compute-bound (prompt) plans of 128-row tiles over 16-bit K/V, the time
+        to read every item's K/V from DRAM over the time to compute them all (KVLayout).
     cut_share: the extra time of a plan that cuts tiles, as a share of its longest program's
         time, against one whose programs all hold whole tiles (`predict_us`'s cuts=False).
         0 for dense plans; ragged plans set it (serving_plan.ragged_cost_model).
@@ -90,6 +118,7 @@ class CostModel:
     saturation: float = 0.5
     us_per_piece: float = 0.0438
     us_launch: float = 0.0
+    memory_ratio: float = 1.4
     shared_round: float = 0.8
     cut_share: float = 0.0
     source: str = "defaults"
@@ -166,7 +195,8 @@ def programs_for(policy: str, *, ntiles_dst: int, ntiles_kv: int, max_programs: 
                 work: int | None = None, min_tile_work: int | None = None,
                 max_tile_work: int | None = None, fixup: str | None = None,
                 cost: CostModel | None = None, compute_bound: bool = False,
-                resident: int | None = None, per_sm: int = 1) -> int:
+                resident: int | None = None, per_sm: int = 1,
+                layout: KVLayout | None = None) -> int:
     """Number of programs N for `policy` (docs/design.md), with llama.cpp's integer arithmetic.
 
     `work` (W) defaults to ntiles_dst * ntiles_kv; where causal or window rules give tiles
@@ -175,7 +205,8 @@ def programs_for(policy: str, *, ntiles_dst: int, ntiles_kv: int, max_programs: 
     `per_sm` is how many programs of the kernel one SM holds (CostModel.shared_round).
     For compute-bound cells (prompt chunks), where its memory-saturation model does not
     hold, `auto` counts waves of `resident` programs (those the GPU runs at once; default
-    max_programs) instead: see `compute_bound_programs`.
+    max_programs) instead: see `compute_bound_programs` (`layout`: the work list's, for
+    whether cut tiles share their K/V reads).
     """
     for name, value in (("ntiles_dst", ntiles_dst), ("ntiles_kv", ntiles_kv), ("max_programs", max_programs)):
         if value < 1:
@@ -201,7 +232,7 @@ def programs_for(policy: str, *, ntiles_dst: int, ntiles_kv: int, max_programs: 
         return compute_bound_programs(ntiles_dst, work, longest_tile, rule,
                                      resident or max_programs,
                                      whole=fixup not in ("general", "uniform"),
-                                     shortest_tile=max_split)
+                                     shortest_tile=max_split, layout=layout)
     return _auto(ntiles_dst, work, max_split, longest_tile, raw, max_programs, fixup,
                  cost or load_cost_model(), per_sm)
 
@@ -215,9 +246,33 @@ def whole_prompt(ntiles_dst: int, resident: int, shortest: int, longest: int) ->
     return ntiles_dst > MANY_TILES * resident and longest >= UNEQUAL_TILES * shortest
 
 
+def co_readers(programs: int, work: int, layout: KVLayout) -> float:
+    """The mean number of programs (itself included) whose ranges start in the same KV head
+    within LOCKSTEP_BLOCKS KV blocks of each program's start: they read the same K/V blocks
+    at about the same time."""
+    kv_first, kv_count, groups = layout[:3]
+    offsets = [0]
+    for c in kv_count:
+        offsets.append(offsets[-1] + c)
+    starts = []
+    for p in range(programs):
+        group, r = divmod(p * work // programs, offsets[-1])
+        j = bisect.bisect_right(offsets, r) - 1
+        starts.append((group // groups, kv_first[j] + r - offsets[j]))
+    starts.sort()
+    total, lo, hi = 0, 0, 0
+    for head, pos in starts:  # two pointers over the sorted (head, position) pairs
+        while starts[lo] < (head, pos - LOCKSTEP_BLOCKS):
+            lo += 1
+        while hi < len(starts) and starts[hi] <= (head, pos + LOCKSTEP_BLOCKS):
+            hi += 1
+        total += hi - lo
+    return total / max(programs, 1)
+
+
 def compute_bound_programs(ntiles_dst: int, work: int, longest_tile: int, rule: int,
                           resident: int, whole: bool = True,
-                          shortest_tile: int | None = None) -> int:
+                          shortest_tile: int | None = None, layout: KVLayout | None = None) -> int:
     """N for a compute-bound plan: one whole tile a program (N = ntiles_dst, no fixup; only if
     `whole`), one wave of `resident` programs, or llama.cpp's `rule`, whichever has the fewest
     items in its programs' waves (ties go to fewer programs). Cut plans pay CUT_PENALTY.
@@ -225,14 +280,22 @@ def compute_bound_programs(ntiles_dst: int, work: int, longest_tile: int, rule: 
     longest: equal tiles), cut plans pay CUT_PENALTY_MANY and whole tiles take the lesser of
     their waves of the longest tile and the GPU's greedy hand-out of tiles to free SMs (the
     work per resident program plus one longest tile: unequal tiles fill each other's
-    gaps)."""
+    gaps). With the work list's `layout`, a cut plan also takes no less than its K/V reads from
+    DRAM (`memory_ratio` x the work over the resident programs, divided by `co_readers`), and
+    program counts down to 1 - 1/SHARED_SEARCH of `resident` are candidates too."""
     shortest = longest_tile if shortest_tile is None else shortest_tile
 
     def cut(n):
         prompt = whole_prompt(ntiles_dst, min(n, resident), shortest, longest_tile)
-        return -(-n // resident) * -(-work // n) * (CUT_PENALTY_MANY if prompt else CUT_PENALTY)
+        items = -(-n // resident) * -(-work // n) * (CUT_PENALTY_MANY if prompt else CUT_PENALTY)
+        if layout is not None:
+            items = max(items, layout.memory_ratio * work / resident / co_readers(n, work, layout))
+        return items
 
-    options = [(cut(n), n) for n in {min(resident, work), rule}]
+    counts = {min(resident, work), rule}
+    if layout is not None:
+        counts |= set(range(max(1, resident - resident // SHARED_SEARCH), min(resident, work) + 1))
+    options = [(cut(n), n) for n in counts]
     if whole:
         time = -(-ntiles_dst // resident) * longest_tile
         if whole_prompt(ntiles_dst, resident, shortest, longest_tile):
