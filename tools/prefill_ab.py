@@ -10,20 +10,21 @@ of n = 128, 1024, 2048 at L = 32768, in f16 and bf16 (`--quick`: 3 cells). Per c
    every skattn variant once on seeded inputs, output poisoned with NaN, against attention
    in float32 (torch SDPA, math back end); a variant that fails is not timed. Each worker
    is its own process, so a compiler crash costs one cell's row, not the run.
-2. Time (this process, one variant after another): a CUDA graph of `--layers` calls, each
-   layer with its own q/K/V/out (cold), replayed after an L2 flush (`skattn.bench.graph`);
-   per-layer time = replay / layers. The replay is first checked against the direct call.
+2. Time (this process): per provider a CUDA graph of `--layers` calls, each layer with its
+   own q/K/V/out (cold), replayed after an L2 flush (`skattn.bench.graph`); per-layer time =
+   replay / layers. The replay is first checked against the direct call. The providers'
+   replays are interleaved, `--reps` rounds of one each (`interleaved`).
    Also timed: SDPA cuDNN *without* a mask (attention over every key: a lower bound on its
    causal time, labelled so) and the matmul peak (torch.mm, 8192^3, same dtype), which
    gives % of peak = 4 Hq n L D / time / peak (the causal triangle not subtracted, as in
    `skattn bench`).
 
-Variants: `base` (the stream-K kernel every plan runs by default), `tma` (kernels/prefill.py:
+Variants: `base` (the stream-K kernel where a Tuning names no other), `auto` (no Tuning:
+what a call without a plan runs), `tma` (kernels/prefill.py:
 K/V through tensor descriptors, the plan's default geometry), `tma-alt` (another block
 size), `ws` (kernels/prefill_ws.py: Gluon, a TMA loader warp and two consumer
 warpgroups), `ws-alt` (128-key blocks at head size 64) and `ws-pp` (`ws-alt` with the consumer
-warpgroups' ping-pong), `ws-exp16` (`ws-alt` with 16-bit paired exponentials); `--variants`
-picks some, and `ws@N` is `ws` on N programs (`auto`
+warpgroups' ping-pong); `--variants` picks some, and `ws@N` is `ws` on N programs (`auto`
 still picks the fixup; at head size 64 in 128-key blocks). `--cells model:n:L,...` picks
 cells.
 
@@ -69,20 +70,20 @@ class Variant:
     """A skattn configuration: the prefill kernel and plan overrides per head size."""
 
     name: str
-    prefill: str = "base"
+    prefill: str | None = "base"  # None: no Tuning (auto's own choice)
     geometry: dict = field(default_factory=dict)  # head size -> dict(block_n=, num_warps=, ...)
     tuning: dict = field(default_factory=dict)  # other Tuning fields
 
 
 VARIANTS = (
     Variant("base"),
+    Variant("auto", None),
     Variant("tma", "tma"),
     Variant("tma-alt", "tma", geometry={128: dict(block_n=64, num_warps=8, num_stages=4),
                                         64: dict(block_n=128, num_warps=4, num_stages=3)}),
     Variant("ws", "ws"),
     Variant("ws-alt", "ws", geometry={64: dict(block_n=128)}),
     Variant("ws-pp", "ws", geometry={64: dict(block_n=128)}, tuning=dict(prefill_pingpong=True)),
-    Variant("ws-exp16", "ws", geometry={64: dict(block_n=128)}, tuning=dict(prefill_exp16=True)),
 )
 
 
@@ -139,7 +140,8 @@ def make_plan(model, n: int, L: int, dtype, variant: Variant, sms=None, occupanc
     Hq, Hkv, D = shape_of(model)
     kw = dict(batch=1, q_len=n, kv_len=L, q_heads=Hq, kv_heads=Hkv, head_dim=D, dtype=dtype,
               causal=True, sms=sms, occupancy=occupancy,
-              tuning=skattn.Tuning(prefill=variant.prefill, **variant.tuning))
+              tuning=(None if variant.prefill is None
+                      else skattn.Tuning(prefill=variant.prefill, **variant.tuning)))
     geo = dict(variant.geometry.get(D, {}))
     if block_n:
         geo["block_n"] = block_n
@@ -260,7 +262,8 @@ def run_workers(jobs: list[dict], workers: int) -> dict:
 
 
 # -- phase 2: time in this process
-def time_variant(layers, plan, timer, nl, reps):
+def capture_variant(layers, plan):
+    """A CUDA graph of one skattn call per layer, its replay checked against the direct call."""
     from skattn.bench import graph
 
     ws = skattn.workspace(plan, device=layers[0][0].device)
@@ -271,10 +274,11 @@ def time_variant(layers, plan, timer, nl, reps):
     direct = fns[0]().double().clone()
     g, gouts = graph.capture(fns)
     graph.check_replay(g, gouts, {0: direct}, 1e-6, lambda a, b: rel_err(a.double(), b))
-    return graph.time_graph(g, nl, timer, warmup=2, reps=reps)
+    return g
 
 
-def time_cudnn(model, n, L, layers, timer, nl, reps):
+def capture_cudnn(model, n, L, layers):
+    """A CUDA graph of SDPA's cuDNN back end without a mask, one call per layer."""
     from skattn.bench import graph
     from skattn.bench.grid import Cell
     from skattn.bench.providers import BuildOptions, _sdpa_builder
@@ -288,7 +292,25 @@ def time_cudnn(model, n, L, layers, timer, nl, reps):
     torch.cuda.synchronize()
     if not all(torch.isfinite(o).all() for o in outs):
         raise RuntimeError("cuDNN wrote non-finite values")
-    return graph.time_graph(g, nl, timer, warmup=2, reps=reps)
+    return g
+
+
+def interleaved(graphs, timer, layers: int, reps: int, warmup: int = 2) -> list:
+    """Per-layer Timing of each graph: `reps` rounds of one cold replay each, every round
+    starting one graph later. Every graph then sees the GPU's clocks and temperature of the
+    whole run: timed one after another, the first timed ran up to 5% faster in the longest
+    cells (same plan, H200)."""
+    from skattn.bench.timing import summarize
+
+    for g in graphs:
+        for _ in range(warmup):
+            g.replay()
+    times = [[] for _ in graphs]
+    for r in range(reps):
+        for j in range(len(graphs)):
+            i = (r + j) % len(graphs)
+            times[i].append(timer.time(graphs[i].replay, warmup=0, reps=1).p50 / layers)
+    return [summarize(t) for t in times]
 
 
 def matmul_peak(timer, dtype, size=8192) -> float:
@@ -312,15 +334,13 @@ def measure(args, cell_list, dnames, checked, out_dir: Path) -> tuple[list[dict]
             layers = [inputs(model, n, L, dtype, SEED + i * LAYER_SEED) for i in range(args.layers)]
             base = dict(model=model, hq=Hq, hkv=Hkv, d=D, n=n, L=L, dtype=dname, timer="graph",
                         layers=args.layers)
-            timed = []
+            timed, graphs = [], []  # rows; (row, graph) of those to time
+            cudnn = dict(base, provider="sdpa-cudnn-nomask", variant="no mask: lower bound",
+                         kernel="cudnn", status="ok")
             try:
-                t = time_cudnn(model, n, L, layers, timer, args.layers, args.reps)
-                cudnn = dict(base, provider="sdpa-cudnn-nomask", variant="no mask: lower bound",
-                             kernel="cudnn", status="ok", p20_us=t.p20, p50_us=t.p50,
-                             p80_us=t.p80)
+                graphs.append((cudnn, capture_cudnn(model, n, L, layers)))
             except Exception as exc:
-                cudnn = dict(base, provider="sdpa-cudnn-nomask", variant="no mask: lower bound",
-                             status=f"error: {type(exc).__name__}: {str(exc)[:200]}")
+                cudnn["status"] = f"error: {type(exc).__name__}: {str(exc)[:200]}"
             timed.append(cudnn)
             for var, chk in zip(chosen(args.variants), checked[(model, n, L, dname)]):
                 row = dict(base, provider="skattn", variant=var.name, kernel=chk.get("kernel", ""),
@@ -332,11 +352,14 @@ def measure(args, cell_list, dnames, checked, out_dir: Path) -> tuple[list[dict]
                                block_n=g.block_n, warps=g.num_warps, stages=g.num_stages,
                                occupancy=p.occupancy)
                     if row["status"] == "ok":
-                        t = time_variant(layers, p, timer, args.layers, args.reps)
-                        row.update(p20_us=t.p20, p50_us=t.p50, p80_us=t.p80)
+                        graphs.append((row, capture_variant(layers, p)))
                 except Exception as exc:
                     row["status"] = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
                 timed.append(row)
+            times = interleaved([g for _, g in graphs], timer, args.layers, args.reps)
+            for (row, _), t in zip(graphs, times):
+                row.update(p20_us=t.p20, p50_us=t.p50, p80_us=t.p80)
+            del graphs
             for row in timed:
                 if row.get("p50_us"):
                     row["tflops"] = flops / (row["p50_us"] * 1e-6) / 1e12

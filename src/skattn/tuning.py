@@ -64,9 +64,6 @@ class Tuning:
     prefill_pingpong : bool
         "ws" only: its two consumer warpgroups take turns to issue their MMAs, so one's
         softmax runs under the other's (FlashAttention 3's ping-pong).
-    prefill_exp16 : bool
-        "ws" only: the exponentials of KV blocks that need no mask in 16 bits (K/V's type),
-        two an instruction, instead of one f32 exponential a score rounded afterwards.
     prefill_device_desc : bool
         "tma" only: make the K/V descriptors in the kernel, one per tile,
         instead of on the host once per call (their 128 bytes a program come from torch,
@@ -85,7 +82,6 @@ class Tuning:
     prefill: str = "base"
     prefill_device_desc: bool = False
     prefill_pingpong: bool = False
-    prefill_exp16: bool = False
     fp8_v_pairs: bool = True
     tile_order: str = "longest"
 

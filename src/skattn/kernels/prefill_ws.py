@@ -40,7 +40,6 @@ def ws_prefill_kernel(
     HEADS_PER_TILE: gl.constexpr, TOKENS_PER_TILE: gl.constexpr,
     CAUSAL: gl.constexpr, HAS_SINKS: gl.constexpr, RETURN_LSE: gl.constexpr,
     STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, PINGPONG: gl.constexpr = False,
-    EXP16: gl.constexpr = False,
 ):
     p = gl.program_id(0)
     s_lo = gl.load(SEG_OFF + p)
@@ -66,10 +65,10 @@ def ws_prefill_kernel(
     gl.warp_specialize([
         (_consume, (Q, stride_qb, stride_qm, stride_qh, outs, SEGS, s_lo, s_hi, shape, q_smem, ring,
                     0, HEAD_DIM, BLOCK_N, HEADS_PER_TILE, TOKENS_PER_TILE, CAUSAL, HAS_SINKS,
-                    RETURN_LSE, STAGES, PINGPONG, EXP16)),
+                    RETURN_LSE, STAGES, PINGPONG)),
         (_consume, (Q, stride_qb, stride_qm, stride_qh, outs, SEGS, s_lo, s_hi, shape, q_smem, ring,
                     1, HEAD_DIM, BLOCK_N, HEADS_PER_TILE, TOKENS_PER_TILE, CAUSAL, HAS_SINKS,
-                    RETURN_LSE, STAGES, PINGPONG, EXP16)),
+                    RETURN_LSE, STAGES, PINGPONG)),
         (_load, (K_DESC, V_DESC, SEGS, s_lo, s_hi, ring, BLOCK_N, STAGES)),
     ], [4, 1], [CONSUMER_REGS, 24])
 
@@ -107,7 +106,7 @@ def _consume(Q, stride_qb, stride_qm, stride_qh, outs, SEGS, s_lo, s_hi, shape, 
              HALF: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
              HEADS_PER_TILE: gl.constexpr, TOKENS_PER_TILE: gl.constexpr, CAUSAL: gl.constexpr,
              HAS_SINKS: gl.constexpr, RETURN_LSE: gl.constexpr, STAGES: gl.constexpr,
-             PINGPONG: gl.constexpr, EXP16: gl.constexpr):
+             PINGPONG: gl.constexpr):
     """One warpgroup: rows 64 * HALF .. 64 * HALF + 63 of every segment's tile."""
     q_len, kv_len, ratio, qk_scale = shape
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -134,7 +133,7 @@ def _consume(Q, stride_qb, stride_qm, stride_qh, outs, SEGS, s_lo, s_hi, shape, 
         qpos_s = kv_len - q_len + qpos_s
         it, tn, acc, m_i, l_i = _blocks(it, tn, q_buf, ring, lo, mid, hi, qpos_s, kv_len,
                                         qk_scale, s_layout, o_layout, HEAD_DIM, BLOCK_N, CAUSAL,
-                                        STAGES, HALF, PINGPONG, EXP16)
+                                        STAGES, HALF, PINGPONG)
         _epilogue(acc, m_i, l_i, b, g, z, qblock, slot, q_len, ratio, outs, o_layout, HALF,
                   HEAD_DIM, HEADS_PER_TILE, TOKENS_PER_TILE, HAS_SINKS, RETURN_LSE)
 
@@ -155,12 +154,12 @@ def _rows(g, z, qblock, q_len, ratio, HALF: gl.constexpr, HEADS_PER_TILE: gl.con
 def _blocks(it, tn, q_buf, ring, lo, mid, hi, qpos, kv_len, qk_scale,
             s_layout: gl.constexpr, o_layout: gl.constexpr, HEAD_DIM: gl.constexpr,
             BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, STAGES: gl.constexpr,
-            HALF: gl.constexpr, PINGPONG: gl.constexpr, EXP16: gl.constexpr):
+            HALF: gl.constexpr, PINGPONG: gl.constexpr):
     """Online softmax over KV blocks [lo, hi) (hi > lo), scores in log2 units, software
     pipelined inside the warpgroup: block j's Q·K^T MMA is issued before block j - 1's P·V,
     and block j's softmax runs while that P·V is in flight. PINGPONG: the two warpgroups take
     turns to issue their MMAs (each turn ends when the other's may start), so one's softmax
-    runs under the other's MMAs. EXP16: `_softmax`'s. Returns (ring position, turns, O, m, l)."""
+    runs under the other's MMAs. Returns (ring position, turns, O, m, l)."""
     k_bufs, v_bufs, k_ready, v_ready, empty, turns = ring
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
@@ -176,8 +175,8 @@ def _blocks(it, tn, q_buf, ring, lo, mid, hi, qpos, kv_len, qk_scale,
     _their_turn(turns, HALF, PINGPONG)
     qk = warpgroup_mma_wait(0, deps=(qk, ))
     pr, alpha, m_i, l_i = _softmax(qk, m_i, l_i, lo, mid, qpos, kv_len, qk_scale, s_layout,
-                                   BLOCK_N, CAUSAL, k_bufs.dtype, EXP16)
-    p = gl.convert_layout(pr, p_layout)
+                                   BLOCK_N, CAUSAL)
+    p = gl.convert_layout(pr.to(k_bufs.dtype), p_layout)
     for blk in range(lo + 1, hi):
         nidx = (it + 1) % STAGES
         nphase = ((it + 1) // STAGES) & 1
@@ -191,11 +190,11 @@ def _blocks(it, tn, q_buf, ring, lo, mid, hi, qpos, kv_len, qk_scale,
         _their_turn(turns, HALF, PINGPONG)
         qk = warpgroup_mma_wait(1, deps=(qk, ))  # this block's scores; the P·V still runs
         pr, alpha, m_i, l_i = _softmax(qk, m_i, l_i, blk, mid, qpos, kv_len, qk_scale,
-                                       s_layout, BLOCK_N, CAUSAL, k_bufs.dtype, EXP16)
+                                       s_layout, BLOCK_N, CAUSAL)
         acc, p = warpgroup_mma_wait(0, deps=(acc, p))
         mbarrier.arrive(empty.index(idx), count=1)
         acc = acc * gl.convert_layout(alpha, row_o)[:, None]
-        p = gl.convert_layout(pr, p_layout)
+        p = gl.convert_layout(pr.to(k_bufs.dtype), p_layout)
         it += 1
         idx = nidx
         phase = nphase
@@ -229,13 +228,10 @@ def _kv(bufs, idx, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr):
 
 @gluon.jit
 def _softmax(qk, m_i, l_i, blk, mid, qpos, kv_len, qk_scale, s_layout: gl.constexpr,
-             BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, dtype: gl.constexpr,
-             EXP16: gl.constexpr):
-    """One block of the online softmax: (p in `dtype`, alpha, m, l). Blocks before `mid` are
-    seen whole by every row (m finite after the first); later ones score keys past Lk (and,
-    causal, past a row's position) -inf, and a row that has seen none keeps m = -inf, l = 0.
-    EXP16: the whole blocks' exponentials in `dtype`, two an instruction (`_exp2_16`), and l
-    sums the rounded p that the P·V MMA takes."""
+             BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
+    """One block of the online softmax: (p, alpha, m, l). Blocks before `mid` are seen whole
+    by every row (m finite after the first); later ones score keys past Lk (and, causal,
+    past a row's position) -inf, and a row that has seen none keeps m = -inf, l = 0."""
     if blk >= mid:
         offs_n = blk * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
         if CAUSAL:  # (a key past Lk is past every row's position too)
@@ -247,37 +243,11 @@ def _softmax(qk, m_i, l_i, blk, mid, qpos, kv_len, qk_scale, s_layout: gl.conste
         m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
         pr = gl.exp2(sc - m_use[:, None])
         alpha = gl.exp2(m_i - m_use)
-        l_new = l_i * alpha + gl.sum(pr, 1)
-        p = pr.to(dtype)
     else:
         m_new = gl.maximum(m_i, gl.max(qk, 1) * qk_scale)
+        pr = gl.exp2(qk * qk_scale - m_new[:, None])
         alpha = gl.exp2(m_i - m_new)
-        if EXP16:
-            p = _exp2_16(qk * qk_scale - m_new[:, None], dtype)
-            l_new = l_i * alpha + gl.sum(p.to(gl.float32), 1)
-        else:
-            pr = gl.exp2(qk * qk_scale - m_new[:, None])
-            l_new = l_i * alpha + gl.sum(pr, 1)
-            p = pr.to(dtype)
-    return p, alpha, m_new, l_new
-
-
-@gluon.jit
-def _exp2_16(x, dtype: gl.constexpr):
-    """2^x in `dtype` (float16 or bfloat16), two values an instruction: the f32 arguments
-    rounded to a pair of 16-bit values, then Hopper's paired exponential (`ex2.approx.f16x2`,
-    `ex2.approx.ftz.bf16x2`). The special-function unit does 16 exponentials an SM a clock
-    against 1024 f16 MMA FLOPs, so at head size 64 one f32 exponential a score takes as long
-    as the block's two MMAs; paired, half of that."""
-    if dtype == gl.float16:
-        p = gl.inline_asm_elementwise(
-            "{ .reg .b32 t; cvt.rn.f16x2.f32 t, $2, $1; ex2.approx.f16x2 $0, t; }",
-            "=r,f,f", [x], dtype=gl.float16, is_pure=True, pack=2)
-    else:
-        p = gl.inline_asm_elementwise(
-            "{ .reg .b32 t; cvt.rn.bf16x2.f32 t, $2, $1; ex2.approx.ftz.bf16x2 $0, t; }",
-            "=r,f,f", [x], dtype=gl.bfloat16, is_pure=True, pack=2)
-    return p
+    return pr, alpha, m_new, l_i * alpha + gl.sum(pr, 1)
 
 
 @gluon.jit
