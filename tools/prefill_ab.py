@@ -263,7 +263,8 @@ def run_workers(jobs: list[dict], workers: int) -> dict:
 
 # -- phase 2: time in this process
 def capture_variant(layers, plan):
-    """A CUDA graph of one skattn call per layer, its replay checked against the direct call."""
+    """A CUDA graph of one skattn call per layer, its replay checked against the direct call,
+    and what it writes to (keep both alive while the graph may replay)."""
     from skattn.bench import graph
 
     ws = skattn.workspace(plan, device=layers[0][0].device)
@@ -274,11 +275,12 @@ def capture_variant(layers, plan):
     direct = fns[0]().double().clone()
     g, gouts = graph.capture(fns)
     graph.check_replay(g, gouts, {0: direct}, 1e-6, lambda a, b: rel_err(a.double(), b))
-    return g
+    return g, (ws, outs, fns, gouts)
 
 
 def capture_cudnn(model, n, L, layers):
-    """A CUDA graph of SDPA's cuDNN back end without a mask, one call per layer."""
+    """A CUDA graph of SDPA's cuDNN back end without a mask, one call per layer, and what it
+    writes to."""
     from skattn.bench import graph
     from skattn.bench.grid import Cell
     from skattn.bench.providers import BuildOptions, _sdpa_builder
@@ -292,7 +294,7 @@ def capture_cudnn(model, n, L, layers):
     torch.cuda.synchronize()
     if not all(torch.isfinite(o).all() for o in outs):
         raise RuntimeError("cuDNN wrote non-finite values")
-    return g
+    return g, (fns, outs)
 
 
 def interleaved(graphs, timer, layers: int, reps: int, warmup: int = 2) -> list:
@@ -334,7 +336,7 @@ def measure(args, cell_list, dnames, checked, out_dir: Path) -> tuple[list[dict]
             layers = [inputs(model, n, L, dtype, SEED + i * LAYER_SEED) for i in range(args.layers)]
             base = dict(model=model, hq=Hq, hkv=Hkv, d=D, n=n, L=L, dtype=dname, timer="graph",
                         layers=args.layers)
-            timed, graphs = [], []  # rows; (row, graph) of those to time
+            timed, graphs = [], []  # rows; (row, (graph, its buffers)) of those to time
             cudnn = dict(base, provider="sdpa-cudnn-nomask", variant="no mask: lower bound",
                          kernel="cudnn", status="ok")
             try:
@@ -356,7 +358,7 @@ def measure(args, cell_list, dnames, checked, out_dir: Path) -> tuple[list[dict]
                 except Exception as exc:
                     row["status"] = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
                 timed.append(row)
-            times = interleaved([g for _, g in graphs], timer, args.layers, args.reps)
+            times = interleaved([g for _, (g, _) in graphs], timer, args.layers, args.reps)
             for (row, _), t in zip(graphs, times):
                 row.update(p20_us=t.p20, p50_us=t.p50, p80_us=t.p80)
             del graphs
