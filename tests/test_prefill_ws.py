@@ -125,3 +125,16 @@ def test_sm90_build(head_dim, q_heads):
     assert info["wgmma"] > 0 and info["tma_loads"] > 0 and info["setmaxnreg"] > 0
     assert info["wgmma_wait_1"] > 0  # Q.K^T of the next block issued under P.V
     assert info["spill_bytes"] == 0 and info["local"] == 0
+
+
+def test_warp_specialize_protocol_probe_builds():
+    # the protocol racecheck flags (docs/prefill.md, "Checking it"): partitions chosen by a
+    # state word in shared memory (one indexed branch), each side of named barrier 1
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
+    res = subprocess.run([sys.executable, str(ROOT / "scripts" / "ws_protocol_probe.py"),
+                          "--build"], capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    info = json.loads(res.stdout.strip().splitlines()[-1])
+    assert info["warp_switch"] == 1 and info["barrier_1"] >= 2
+    assert info["shared_stores"] >= 1 and info["shared_loads"] >= 1
