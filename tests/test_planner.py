@@ -379,6 +379,21 @@ def test_co_readers_counts_programs_in_step():
     assert co_readers(2, 80, layout) == 1.0
 
 
+def test_co_readers_only_where_a_cut_plan_could_win(monkeypatch):
+    # planning stays cheap (a new prompt length plans anew): the K/V-read term, which only
+    # adds to a cut plan's cost, is counted only for counts whose items could still win
+    from skattn import policy
+
+    calls = []
+    real = policy.co_readers
+    monkeypatch.setattr(policy, "co_readers", lambda *a: calls.append(a[0]) or real(*a))
+    kw = dict(batch=1, kv_len=8192, q_heads=32, kv_heads=8, head_dim=128, causal=True, sms=132,
+              occupancy=2)
+    assert plan(q_len=512, **kw).programs == 128 and calls == []  # whole tiles win outright
+    assert plan(q_len=128, kv_len=32768, **{k: v for k, v in kw.items() if k != "kv_len"}).programs == 128
+    assert 0 < len(calls) < 20 and 132 in calls  # the wave of 132 was weighed and lost
+
+
 @pytest.mark.parametrize("model,n,L,programs,fixup", [
     # tiles that share a KV head split at the same KV blocks, the L2 serving all but one read
     # (H200, graph timer: 118 against 158 us at N = 132; PERF.md, "Prompt chunks")

@@ -285,23 +285,28 @@ def compute_bound_programs(ntiles_dst: int, work: int, longest_tile: int, rule: 
     program counts down to 1 - 1/SHARED_SEARCH of `resident` are candidates too."""
     shortest = longest_tile if shortest_tile is None else shortest_tile
 
-    def cut(n):
+    def items(n):  # the cut plan's programs' items, without its K/V reads
         prompt = whole_prompt(ntiles_dst, min(n, resident), shortest, longest_tile)
-        items = -(-n // resident) * -(-work // n) * (CUT_PENALTY_MANY if prompt else CUT_PENALTY)
-        if layout is not None:
-            items = max(items, layout.memory_ratio * work / resident / co_readers(n, work, layout))
-        return items
+        return -(-n // resident) * -(-work // n) * (CUT_PENALTY_MANY if prompt else CUT_PENALTY)
 
     counts = {min(resident, work), rule}
     if layout is not None:
         counts |= set(range(max(1, resident - resident // SHARED_SEARCH), min(resident, work) + 1))
-    options = [(cut(n), n) for n in counts]
+    best = (float("inf"), 0)
     if whole:
         time = -(-ntiles_dst // resident) * longest_tile
         if whole_prompt(ntiles_dst, resident, shortest, longest_tile):
             time = min(time, -(-work // resident) + longest_tile)
-        options.append((time, ntiles_dst))
-    return min(options)[1]
+        best = (time, ntiles_dst)
+    # the K/V reads only add to a cut plan's cost: count co-readers (the slow part) only for
+    # counts whose items alone could still beat the best plan so far
+    for base, n in sorted((items(n), n) for n in counts):
+        if (base, n) >= best:
+            break
+        if layout is not None:
+            base = max(base, layout.memory_ratio * work / resident / co_readers(n, work, layout))
+        best = min(best, (base, n))
+    return best[1]
 
 
 def _auto(ntiles_dst, work, max_split, longest_tile, raw, max_programs, fixup, model,
