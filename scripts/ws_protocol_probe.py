@@ -11,6 +11,7 @@ own (docs/prefill.md, "Checks").
 `--build` prints one JSON line: the PTX's named-barrier-1 syncs and its shared-memory stores
 and loads (all of them the protocol's: the kernel has no shared memory of its own).
 """
+import argparse
 import json
 import re
 import sys
@@ -50,7 +51,9 @@ def build() -> dict:
 
 
 def main(argv) -> int:
-    if "--build" in argv:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--build", action="store_true", help="no GPU: count the sm_90a build's protocol")
+    if ap.parse_args(argv).build:
         print(json.dumps(build()))
         return 0
     out = torch.zeros(4 * 132, dtype=torch.int32, device="cuda")

@@ -53,26 +53,30 @@ CELLS = (("llama-8b", 1), ("gpt-oss", 1), ("qwen3-14b", 4), ("llama-8b", 16), ("
          ("llama-8b", 512))
 
 
+@pytest.mark.parametrize("cell", CELLS, ids=lambda c: f"{c[0]}-n{c[1]}")
 @pytest.mark.parametrize("form", FORMS)
-def test_seed_shapes(form):
+def test_seed_shapes(form, cell):
+    # one test a cell, so that the parallel GPU run spreads them over its workers
     _skip_fp8(form)
-    for model, n in CELLS:
-        Hq, Hkv, D = MODELS[model][:3]
-        for L in (8192, 12345):  # 12345: Lk not a multiple of any block size
-            q, k, v = make(1, n, L, Hq, Hkv, D, seed=L + n)
-            kq, vq, kw, dtype = quantize(form, k, v)
-            kd, vd = quant.dequantize_kv(kq, vq, kw.get("k_scale"), kw.get("v_scale"), q.dtype)
-            ref = reference.attention(q, kq, vq, causal=True, **kw)
-            tol = bound(q, kd, vd, causal=True)
-            variants = [("auto", None)] + ([("llamacpp-before", "fused")] if n <= 16 else [])
-            for policy, fixup in variants:
-                p = skattn.plan(batch=1, q_len=n, kv_len=L, q_heads=Hq, kv_heads=Hkv, head_dim=D,
-                                dtype=dtype, causal=True, policy=policy, fixup=fixup)
-                out = torch.full((1, n, Hq, D), float("nan"), device="cuda", dtype=q.dtype)
-                skattn.attention(q, kq, vq, causal=True, plan=p, out=out, **kw)
-                assert not torch.isnan(out).any(), f"{form} {model} n={n} L={L}: unwritten output"
-                err = rel_err(out, ref)
-                assert err <= tol, f"{form} {model} n={n} L={L} {p.fixup}: {err:.2e} > {tol:.2e}"
+    model, n = cell
+    Hq, Hkv, D = MODELS[model][:3]
+    for L in (8192, 12345):  # 12345: Lk not a multiple of any block size
+        q, k, v = make(1, n, L, Hq, Hkv, D, seed=L + n)
+        kq, vq, kw, dtype = quantize(form, k, v)
+        kd, vd = quant.dequantize_kv(kq, vq, kw.get("k_scale"), kw.get("v_scale"), q.dtype)
+        ref = reference.attention(q, kq, vq, causal=True, **kw)
+        tol = bound(q, kd, vd, causal=True)
+        variants = [("auto", None)] + ([("llamacpp-before", "fused")] if n <= 16 else [])
+        for policy, fixup in variants:
+            p = skattn.plan(batch=1, q_len=n, kv_len=L, q_heads=Hq, kv_heads=Hkv, head_dim=D,
+                            dtype=dtype, causal=True, policy=policy, fixup=fixup)
+            out = torch.full((1, n, Hq, D), float("nan"), device="cuda", dtype=q.dtype)
+            skattn.attention(q, kq, vq, causal=True, plan=p, out=out, **kw)
+            assert not torch.isnan(out).any(), f"{form} {model} n={n} L={L}: unwritten output"
+            err = rel_err(out, ref)
+            assert err <= tol, f"{form} {model} n={n} L={L} {p.fixup}: {err:.2e} > {tol:.2e}"
+
+
 
 
 @pytest.mark.parametrize("form", FORMS)
