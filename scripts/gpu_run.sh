@@ -4,7 +4,9 @@
 #   2. the GPU fuzz profile (tests/test_fuzz.py, SKATTN_FUZZ_EXAMPLES cases, default 2000)
 #   3. compute-sanitizer memcheck, racecheck and synccheck over tools/sanitize_cases.py
 #      (racecheck and synccheck on its --quick cases), memcheck over tools/sanitize_serving.py
-#      and tools/sanitize_quant.py, in the background beside 1 and 2
+#      and tools/sanitize_quant.py, in the background beside 1 and 2 (racecheck over all
+#      but the warp-specialised kernel's calls; those, and scripts/ws_protocol_probe.py:
+#      Triton's warp-specialisation protocol alone, in racecheck logs of their own)
 #   4. `skattn bench` with the arguments given (e.g. --quick, --seed-table, --host)
 #   5. optional stages, each a quick benchmark: `serving` (skattn bench --serving --quick),
 #      `quant` (skattn bench --quant, llama-8b; then skattn bench --serving --quick with
@@ -42,8 +44,10 @@ if has sanitize; then
     python3 tools/sanitize_cases.py > /dev/null 2>&1  # compile outside the sanitizer first
     for tool in memcheck racecheck synccheck; do
         quick=$([ "$tool" = memcheck ] || echo --quick)
+        # racecheck gates the kernels but the warp-specialised one (see below)
+        only=$([ "$tool" = racecheck ] && echo --no-ws)
         compute-sanitizer --tool "$tool" --error-exitcode 9 python3 tools/sanitize_cases.py $quick \
-            > "$OUT_DIR/sanitize-$tool.log" 2>&1 &
+            $only > "$OUT_DIR/sanitize-$tool.log" 2>&1 &
         sanitize_pids+=("$tool:$!")
     done
     for cases in serving quant; do  # the ragged/paged and quantized kernels under memcheck
@@ -52,6 +56,14 @@ if has sanitize; then
             > "$OUT_DIR/sanitize-memcheck-$cases.log" 2>&1 &
         sanitize_pids+=("memcheck-$cases:$!")
     done
+    # racecheck over the warp-specialised kernel's calls and over Triton's warp-specialisation
+    # protocol alone (docs/prefill.md, "Checking it"): informative, to compare the two; their
+    # hazards do not fail the run
+    (compute-sanitizer --tool racecheck python3 tools/sanitize_cases.py --quick --ws \
+        > "$OUT_DIR/sanitize-racecheck-ws.log" 2>&1
+     compute-sanitizer --tool racecheck python3 scripts/ws_protocol_probe.py \
+        > "$OUT_DIR/sanitize-racecheck-ws-probe.log" 2>&1) &
+    ws_race_pid=$!
 fi
 workers() { python3 -c "import xdist" 2>/dev/null && echo "-n $1" || echo ""; }
 # a test still running after this many seconds has its threads' stacks dumped to the log
@@ -79,9 +91,16 @@ fi
 for entry in "${sanitize_pids[@]}"; do
     tool=${entry%%:*}
     wait "${entry#*:}"; t=$?; [ "$t" -ne 0 ] && rc=$t
-    errors=$(grep -h "ERROR SUMMARY" "$OUT_DIR/sanitize-$tool.log" | tail -n 1)
+    errors=$(grep -h "ERROR SUMMARY\|RACECHECK SUMMARY" "$OUT_DIR/sanitize-$tool.log" | tail -n 1)
     summary+=("sanitizer $tool: exit $t; ${errors:-no summary}; $(grep -h 'sanitize .*cases' "$OUT_DIR/sanitize-$tool.log")")
 done
+if has sanitize; then
+    wait "$ws_race_pid"
+    for log in ws ws-probe; do
+        summary+=("racecheck $log (informative): $(grep -h 'probe:\|cases:\|RACECHECK SUMMARY' \
+            "$OUT_DIR/sanitize-racecheck-$log.log" | tr '\n' ' ')")
+    done
+fi
 if has tests; then  # wall-clock host timings, alone on the machine
     python3 -m pytest -q -m "gpu and serial" -p no:cacheprovider ${TESTS:-tests} 2>&1 | tee "$OUT_DIR/gpu_serial.log"
     t=${PIPESTATUS[0]}; [ "$t" -ne 0 ] && rc=$t

@@ -218,3 +218,15 @@ def test_stamped_serving_kernels_compile_for_sm90():
             assert b["loop_spills"] == 0, b  # the stamps stay out of the KV loop
         else:
             assert b["spill_bytes"] == 0, b
+
+
+def test_sanitize_cases_split_the_warp_specialised_calls():
+    # racecheck gates every call but the warp-specialised kernel's (--no-ws), whose hazards
+    # in Triton's own protocol go to a log of their own (--ws): each call in exactly one
+    sc = _load("sanitize_cases")
+    quick = list(sc.cases(quick=True, device="cpu"))
+    ws = {name for name, _, kw in quick if sc.runs_ws(kw)}
+    assert {"Lq=70 Lk=300 ws ping-pong (general)", "Lq=Lk=256 auto whole prompt (ws)"} <= ws
+    assert any(" auto " in name for name in ws)  # auto's own choice of the kernel counts too
+    assert not any("tma" in name or "features" in name for name in ws)
+    assert 0 < len(ws) < len(quick)

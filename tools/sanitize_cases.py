@@ -3,7 +3,9 @@
 as `auto` plans it), checked against float64, each made twice (the second replays its recipe
 through skattn's C launcher): what `scripts/gpu_run.sh` runs under compute-sanitizer
 (memcheck, racecheck, synccheck). `--quick`: fewer shapes; `--only TEXT`: the cases whose
-name contains TEXT."""
+name contains TEXT; `--ws`: only the calls whose plan runs the warp-specialised kernel,
+`--no-ws`: the others (racecheck reports hazards in Triton's warp-specialisation protocol,
+docs/prefill.md, "Checking it")."""
 import sys
 
 import torch
@@ -12,13 +14,13 @@ import skattn
 from skattn import reference
 
 
-def cases(quick: bool = False):
+def cases(quick: bool = False, device: str = "cuda"):
     """Every fixup kind and feature at three shapes; `quick`: two shapes (for the slower
     racecheck and synccheck)."""
-    g = torch.Generator(device="cuda").manual_seed(0)
+    g = torch.Generator(device=device).manual_seed(0)
 
     def rand(*shape, dtype=torch.float16):
-        return torch.randn(*shape, device="cuda", generator=g).to(dtype)
+        return torch.randn(*shape, device=device, generator=g).to(dtype)
 
     shape = dict(batch=2, q_heads=8, kv_heads=2, head_dim=64)
     for Lq, Lk in ((1, 1000), (70, 300)) if quick else ((1, 1000), (5, 777), (70, 300)):
@@ -31,10 +33,10 @@ def cases(quick: bool = False):
                  "auto": skattn.plan(**kw)}
         for name, p in plans.items():
             yield f"Lq={Lq} Lk={Lk} {name} ({p.fixup})", (q, k, v), dict(causal=True, plan=p)
-        mask = torch.where(torch.rand(2, Lq, Lk, device="cuda", generator=g) < 0.2,
+        mask = torch.where(torch.rand(2, Lq, Lk, device=device, generator=g) < 0.2,
                            float("-inf"), 0.0).half()
         feats = dict(mask=mask, sinks=rand(8, dtype=torch.float32), softcap=20.0,
-                     alibi_slopes=skattn.alibi_slopes(8, 8.0).cuda())
+                     alibi_slopes=skattn.alibi_slopes(8, 8.0).to(device))
         yield f"Lq={Lq} Lk={Lk} all features", (q, k, v), dict(causal=True, **feats)
         yield f"Lq={Lq} Lk={Lk} window", (q, k, v), dict(causal=True, window=100)
         if Lq * 4 >= 64:  # prompt-chunk tiles: the Hopper prompt kernel, cut and whole
@@ -60,6 +62,12 @@ def cases(quick: bool = False):
     yield "Lq=Lk=256 auto whole prompt (ws)", (q, k, v), dict(causal=True, plan=p)
 
 
+def runs_ws(kw: dict) -> bool:
+    """Whether a case's call runs the warp-specialised kernel (on sm_90: its plan says so)."""
+    plan = kw.get("plan")
+    return plan is not None and plan.tuning.prefill == "ws"
+
+
 def main() -> int:
     if sys.argv[1:2] in (["-h"], ["--help"]):
         print(__doc__.strip())
@@ -69,6 +77,8 @@ def main() -> int:
     only = sys.argv[sys.argv.index("--only") + 1] if "--only" in sys.argv else ""
     for name, (q, k, v), kw in cases(quick="--quick" in sys.argv):
         if only not in name:
+            continue
+        if ("--ws" in sys.argv and not runs_ws(kw)) or ("--no-ws" in sys.argv and runs_ws(kw)):
             continue
         rkw = {key: val for key, val in kw.items() if key != "plan"}
         ref = reference.attention(q, k, v, **rkw)
