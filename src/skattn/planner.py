@@ -11,8 +11,7 @@ from skattn.checks import causal_window
 from skattn.config import (STAGE_BYTES_BUDGET, TileGeometry, programs_per_sm,  # noqa: F401
                            tile_geometry)
 from skattn.policy import (FIXUPS, POLICIES, POLICY_NOTES, CostModel, KVLayout, canonical_policy,
-                           fixup_for,
-                           load_cost_model, programs_for, whole_prompt)
+                           fixup_for, load_cost_model, programs_for, whole_prompt)
 from skattn.tuning import Tuning
 
 __all__ = ["Plan", "plan", "programs_for", "fixup_for", "tile_geometry", "POLICIES", "FIXUPS"]

@@ -6,8 +6,8 @@ import bisect
 import json
 import os
 from dataclasses import asdict, dataclass
-from typing import NamedTuple
 from pathlib import Path
+from typing import NamedTuple
 
 POLICIES = ("llamacpp-before", "round-4x", "llamacpp", "split", "auto")
 # earlier names, still accepted
