@@ -33,6 +33,10 @@ UNEQUAL_TILES = 2  # ... where the longest tile has at least this many times the
 # resident programs too, where split points line up (PERF.md, "Prompt chunks").
 LOCKSTEP_BLOCKS = 1
 SHARED_SEARCH = 8
+# A cut plan of more programs than run at once (two waves) against one wave of the same items
+# per program: 1.04-1.08x slower where K/V reads did not decide (H200, the n = 128 chunks of
+# four models and qwen3-14b n = 512 L = 8192; `prefill/programs.csv`)
+WAVES_PENALTY = 1.06
 
 
 class KVLayout(NamedTuple):
@@ -275,7 +279,8 @@ def compute_bound_programs(ntiles_dst: int, work: int, longest_tile: int, rule: 
                           shortest_tile: int | None = None, layout: KVLayout | None = None) -> int:
     """N for a compute-bound plan: one whole tile a program (N = ntiles_dst, no fixup; only if
     `whole`), one wave of `resident` programs, or llama.cpp's `rule`, whichever has the fewest
-    items in its programs' waves (ties go to fewer programs). Cut plans pay CUT_PENALTY.
+    items in its programs' waves (ties go to fewer programs). Cut plans pay CUT_PENALTY, and
+    WAVES_PENALTY where they take more than one wave.
     Where the plan looks like a whole prompt (`whole_prompt`; `shortest_tile` defaults to the
     longest: equal tiles), cut plans pay CUT_PENALTY_MANY and whole tiles take the lesser of
     their waves of the longest tile and the GPU's greedy hand-out of tiles to free SMs (the
@@ -287,7 +292,9 @@ def compute_bound_programs(ntiles_dst: int, work: int, longest_tile: int, rule: 
 
     def items(n):  # the cut plan's programs' items, without its K/V reads
         prompt = whole_prompt(ntiles_dst, min(n, resident), shortest, longest_tile)
-        return -(-n // resident) * -(-work // n) * (CUT_PENALTY_MANY if prompt else CUT_PENALTY)
+        waves = -(-n // resident)
+        return (waves * -(-work // n) * (CUT_PENALTY_MANY if prompt else CUT_PENALTY)
+                * (WAVES_PENALTY if waves > 1 else 1.0))
 
     counts = {min(resident, work), rule}
     if layout is not None:
