@@ -103,7 +103,7 @@ def chosen(names=None) -> tuple:
         names = [x for x in names.split(",") if x]
     if not names:
         return VARIANTS
-    extra = [on_programs(x) for x in names if on_programs(x)]
+    extra = [v for v in map(on_programs, names) if v is not None]
     unknown = set(names) - {v.name for v in VARIANTS} - {v.name for v in extra}
     if unknown:
         raise SystemExit(f"unknown variants {sorted(unknown)}; known: "

@@ -22,6 +22,7 @@ import torch
 
 from skattn.bench.grid import SEED_DEPTHS, Cell
 from skattn.bench.records import not_timed, record
+from skattn.planner import VALUE_BYTES
 
 FORMATS = ("f16", "fp8", "q8_0", "q4_0")  # decode
 QUANTIZED = FORMATS[1:]
@@ -31,8 +32,9 @@ PROMPT_N = 512
 # the seed depths, and their prompt chunks; about 3 minutes on an H200 (compiles included)
 DEFAULT_MODELS = ("llama-8b", "qwen3-14b", "gpt-oss")
 DEFAULT_N = (1, 4, 16)
-# per K/V value (q8_0: 32 int8 + an f16 scale a block; q4_0: 16 bytes + an f16 scale)
-KV_BYTES = {"f16": 2.0, "fp8": 1.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
+# per K/V value (the planner's; q8_0: 32 int8 + an f16 scale a block; q4_0: 16 bytes + an f16 scale)
+KV_BYTES = {name: float(VALUE_BYTES[form]) for name, form in
+            (("f16", "float16"), ("fp8", "float8_e4m3fn"), ("q8_0", "q8_0"), ("q4_0", "q4_0"))}
 COLUMNS = ("model", "hq", "hkv", "d", "n", "depth", "format", "policy", "programs", "fixup",
            "status", "err", "err_unquantized", "p20_us", "p50_us", "p80_us", "floor_us",
            "pct_floor", "bytes", "speedup_vs_f16", "reps", "timer", "layers", "gpu", "sms",
