@@ -6,7 +6,8 @@
 #      (racecheck and synccheck on its --quick cases), memcheck over tools/sanitize_serving.py
 #      and tools/sanitize_quant.py, in the background beside 1 and 2 (racecheck over all
 #      but the warp-specialised kernel's calls; those, and scripts/ws_protocol_probe.py:
-#      Triton's warp-specialisation protocol alone, in racecheck logs of their own)
+#      Triton's warp-specialisation protocol alone, in racecheck logs of their own:
+#      docs/prefill.md, "Checking it")
 #   4. `skattn bench` with the arguments given (e.g. --quick, --seed-table, --host)
 #   5. optional stages, each a quick benchmark: `serving` (skattn bench --serving --quick),
 #      `quant` (skattn bench --quant, llama-8b; then skattn bench --serving --quick with

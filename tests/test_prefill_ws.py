@@ -138,3 +138,5 @@ def test_warp_specialize_protocol_probe_builds():
     info = json.loads(res.stdout.strip().splitlines()[-1])
     assert info["warp_switch"] == 1 and info["barrier_1"] >= 2
     assert info["shared_stores"] >= 1 and info["shared_loads"] >= 1
+    assert info["shared_full"] >= 224 * 1024
+    assert info["setmaxnreg_ws_shape"] > 0 and info["barrier_1_ws_shape"] >= 2
