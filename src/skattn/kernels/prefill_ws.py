@@ -174,8 +174,9 @@ def _blocks(it, tn, q_buf, ring, lo, mid, hi, qpos, kv_len, qk_scale,
                        gl.zeros([64, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
     _their_turn(turns, HALF, PINGPONG)
     qk = warpgroup_mma_wait(0, deps=(qk, ))
+    TREE: gl.constexpr = HEAD_DIM <= 64  # row max and sum as trees (`_row_max`)
     pr, alpha, m_i, l_i = _softmax(qk, m_i, l_i, lo, mid, qpos, kv_len, qk_scale, s_layout,
-                                   BLOCK_N, CAUSAL)
+                                   BLOCK_N, CAUSAL, TREE)
     p = gl.convert_layout(pr.to(k_bufs.dtype), p_layout)
     for blk in range(lo + 1, hi):
         nidx = (it + 1) % STAGES
@@ -190,7 +191,7 @@ def _blocks(it, tn, q_buf, ring, lo, mid, hi, qpos, kv_len, qk_scale,
         _their_turn(turns, HALF, PINGPONG)
         qk = warpgroup_mma_wait(1, deps=(qk, ))  # this block's scores; the P·V still runs
         pr, alpha, m_i, l_i = _softmax(qk, m_i, l_i, blk, mid, qpos, kv_len, qk_scale,
-                                       s_layout, BLOCK_N, CAUSAL)
+                                       s_layout, BLOCK_N, CAUSAL, TREE)
         acc, p = warpgroup_mma_wait(0, deps=(acc, p))
         mbarrier.arrive(empty.index(idx), count=1)
         acc = acc * gl.convert_layout(alpha, row_o)[:, None]
@@ -227,8 +228,36 @@ def _kv(bufs, idx, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr):
 
 
 @gluon.jit
+def _row_max(x, s_layout: gl.constexpr, TREE: gl.constexpr):
+    """Each row's maximum. TREE: the halves of the row max'd together twice first (columns
+    c and c + N/2 lie in one thread's registers), so a thread's chain of dependent maxima is
+    a quarter as long (PERF.md, "Prompt chunks": faster at head size 64, slower at 128)."""
+    if not TREE:
+        return gl.max(x, 1)
+    M: gl.constexpr = x.shape[0]
+    N: gl.constexpr = x.shape[1]
+    a, b = gl.split(gl.permute(gl.reshape(x, [M, 2, N // 2]), (0, 2, 1)))
+    y = gl.maximum(a, b)
+    a, b = gl.split(gl.permute(gl.reshape(y, [M, 2, N // 4]), (0, 2, 1)))
+    return gl.convert_layout(gl.max(gl.maximum(a, b), 1), gl.SliceLayout(1, s_layout))
+
+
+@gluon.jit
+def _row_sum(x, s_layout: gl.constexpr, TREE: gl.constexpr):
+    """Each row's sum; TREE: halves added together twice first (as `_row_max`)."""
+    if not TREE:
+        return gl.sum(x, 1)
+    M: gl.constexpr = x.shape[0]
+    N: gl.constexpr = x.shape[1]
+    a, b = gl.split(gl.permute(gl.reshape(x, [M, 2, N // 2]), (0, 2, 1)))
+    y = a + b
+    a, b = gl.split(gl.permute(gl.reshape(y, [M, 2, N // 4]), (0, 2, 1)))
+    return gl.convert_layout(gl.sum(a + b, 1), gl.SliceLayout(1, s_layout))
+
+
+@gluon.jit
 def _softmax(qk, m_i, l_i, blk, mid, qpos, kv_len, qk_scale, s_layout: gl.constexpr,
-             BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
+             BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, TREE: gl.constexpr):
     """One block of the online softmax: (p, alpha, m, l). Blocks before `mid` are seen whole
     by every row (m finite after the first); later ones score keys past Lk (and, causal,
     past a row's position) -inf, and a row that has seen none keeps m = -inf, l = 0."""
@@ -239,15 +268,15 @@ def _softmax(qk, m_i, l_i, blk, mid, qpos, kv_len, qk_scale, s_layout: gl.conste
         else:
             keep = offs_n[None, :] < kv_len
         sc = gl.where(keep, qk * qk_scale, float("-inf"))
-        m_new = gl.maximum(m_i, gl.max(sc, 1))
+        m_new = gl.maximum(m_i, _row_max(sc, s_layout, TREE))
         m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
         pr = gl.exp2(sc - m_use[:, None])
         alpha = gl.exp2(m_i - m_use)
     else:
-        m_new = gl.maximum(m_i, gl.max(qk, 1) * qk_scale)
+        m_new = gl.maximum(m_i, _row_max(qk, s_layout, TREE) * qk_scale)
         pr = gl.exp2(qk * qk_scale - m_new[:, None])
         alpha = gl.exp2(m_i - m_new)
-    return pr, alpha, m_new, l_i * alpha + gl.sum(pr, 1)
+    return pr, alpha, m_new, l_i * alpha + _row_sum(pr, s_layout, TREE)
 
 
 @gluon.jit
