@@ -1,5 +1,5 @@
-"""The smallest Gluon kernels with `gl.warp_specialize` (no shared memory of their own, no TMA,
-no MMA), each partition storing its arguments to global memory: `probe_kernel`, a default
+"""The smallest Gluon kernels with `gl.warp_specialize` (no TMA, no MMA, no shared memory that
+two partitions share), each partition storing its arguments to global memory: `probe_kernel`, a default
 partition and one worker of one warp; `probe_kernel_ws_shape`, the partitions of
 `kernels/prefill_ws.py` (a default of 4 warps, workers of 4 and 1 warps, the same register
 split and cap, so the same padding warps and register hand-over); `probe_kernel_full_smem`,
@@ -7,13 +7,14 @@ that shape behind 224 KB of shared memory, so the protocol's words sit where the
 do. Run under `compute-sanitizer --tool racecheck`, it shows which hazards come from
 Triton's warp-specialisation protocol itself (the partitions' state and captured arguments
 passed through shared memory around named barrier 1), to tell them apart from a kernel's
-own (docs/prefill.md, "Checks").
+own (docs/prefill.md, "Checking it").
 
     compute-sanitizer --tool racecheck python3 scripts/ws_protocol_probe.py
     python3 scripts/ws_protocol_probe.py --build   # no GPU: the sm_90a build's protocol
 
-`--build` prints one JSON line: the PTX's named-barrier-1 syncs and its shared-memory stores
-and loads (all of them the protocol's: the kernel has no shared memory of its own).
+`--build` prints one JSON line: the first kernel's named-barrier-1 syncs and shared-memory
+stores and loads (all of them the protocol's), the second's barrier-1 syncs and register
+hand-overs (`setmaxnreg`), the third's shared memory in bytes.
 """
 import argparse
 import json
