@@ -5,9 +5,10 @@
 #   3. compute-sanitizer memcheck, racecheck and synccheck over tools/sanitize_cases.py
 #      (racecheck and synccheck on its --quick cases), memcheck over tools/sanitize_serving.py
 #      and tools/sanitize_quant.py, in the background beside 1 and 2 (racecheck over all
-#      but the warp-specialised kernel's calls; those, and scripts/ws_protocol_probe.py:
-#      Triton's warp-specialisation protocol alone, in racecheck logs of their own:
-#      docs/prefill.md, "Checking it")
+#      but the warp-specialised kernel's calls; those in a racecheck log of their own, gated
+#      by scripts/racecheck_ws.py: hazards only at Triton's warp-specialisation protocol, which
+#      scripts/ws_protocol_probe.py reproduces alone, in a log of its own: docs/prefill.md,
+#      "Checking it")
 #   4. `skattn bench` with the arguments given (e.g. --quick, --seed-table, --host)
 #   5. optional stages, each a quick benchmark: `serving` (skattn bench --serving --quick),
 #      `quant` (skattn bench --quant, llama-8b; then skattn bench --serving --quick with
@@ -57,9 +58,8 @@ if has sanitize; then
             > "$OUT_DIR/sanitize-memcheck-$cases.log" 2>&1 &
         sanitize_pids+=("memcheck-$cases:$!")
     done
-    # racecheck over the warp-specialised kernel's calls and over Triton's warp-specialisation
-    # protocol alone (docs/prefill.md, "Checking it"): informative, to compare the two; their
-    # hazards do not fail the run
+    # racecheck over the warp-specialised kernel's calls (gated below by scripts/racecheck_ws.py)
+    # and over Triton's warp-specialisation protocol alone (docs/prefill.md, "Checking it")
     (compute-sanitizer --tool racecheck python3 tools/sanitize_cases.py --quick --ws \
         > "$OUT_DIR/sanitize-racecheck-ws.log" 2>&1
      compute-sanitizer --tool racecheck python3 scripts/ws_protocol_probe.py \
@@ -97,10 +97,12 @@ for entry in "${sanitize_pids[@]}"; do
 done
 if has sanitize; then
     wait "$ws_race_pid"
-    for log in ws ws-probe; do
-        summary+=("racecheck $log (informative): $(grep -h 'probe:\|cases:\|RACECHECK SUMMARY' \
-            "$OUT_DIR/sanitize-racecheck-$log.log" | tr '\n' ' ')")
-    done
+    # the warp-specialised calls: every hazard at the protocol's two places, none elsewhere
+    gate=$(python3 scripts/racecheck_ws.py "$OUT_DIR/sanitize-racecheck-ws.log"); t=$?
+    [ "$t" -ne 0 ] && rc=$t
+    summary+=("$gate; $(grep -h 'cases:' "$OUT_DIR/sanitize-racecheck-ws.log")")
+    summary+=("racecheck ws-probe (informative): $(grep -h 'probe\|RACECHECK SUMMARY' \
+        "$OUT_DIR/sanitize-racecheck-ws-probe.log" | tr '\n' ' ')")
 fi
 if has tests; then  # wall-clock host timings, alone on the machine
     python3 -m pytest -q -m "gpu and serial" -p no:cacheprovider ${TESTS:-tests} 2>&1 | tee "$OUT_DIR/gpu_serial.log"

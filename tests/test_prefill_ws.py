@@ -140,3 +140,31 @@ def test_warp_specialize_protocol_probe_builds():
     assert info["shared_stores"] >= 1 and info["shared_loads"] >= 1
     assert info["shared_full"] >= 224 * 1024
     assert info["setmaxnreg_ws_shape"] > 0 and info["barrier_1_ws_shape"] >= 2
+
+
+def test_racecheck_gate_accepts_only_the_protocols_lines(tmp_path):
+    # scripts/racecheck_ws.py: hazards at the def line and the warp_specialize call pass,
+    # one anywhere else (here a ring-buffer line) fails, and so does a log without a summary
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import racecheck_ws
+
+    def_line, call = sorted(racecheck_ws.protocol_lines(racecheck_ws.KERNEL.read_text()))
+    src = racecheck_ws.KERNEL.read_text().splitlines()
+    assert src[def_line - 1].startswith("def ws_prefill_kernel(")
+    assert "gl.warp_specialize(" in src[call - 1]
+    path = "/x/src/skattn/kernels/prefill_ws.py"
+    protocol = ("========= COMPUTE-SANITIZER\n"
+                f"========= Error: Race reported between Read access at ws_prefill_kernel+0x1a0 in {path}:{def_line}\n"
+                f"=========     and Write access at ws_prefill_kernel+0xb120 in {path}:{def_line} [54 hazards]\n"
+                f"=========     and Write access at ws_prefill_kernel+0x151e0 in {path}:{call} [55 hazards]\n")
+    ring = (f"========= Error: Race reported between Write access at ws_prefill_kernel+0x4e0 in {path}:{call + 30}\n"
+            f"=========     and Read access at ws_prefill_kernel+0x900 in {path}:{def_line} [8 hazards]\n")
+    end = "========= RACECHECK SUMMARY: 2 hazards displayed (2 errors, 0 warnings)\n"
+    outcomes = {}
+    for name, text in {"protocol": protocol + end, "ring": protocol + ring + end,
+                       "truncated": protocol}.items():
+        f = tmp_path / f"{name}.log"
+        f.write_text(text)
+        outcomes[name] = racecheck_ws.main([str(f)])
+    assert outcomes == {"protocol": 0, "ring": 1, "truncated": 1}
+    assert racecheck_ws.check(protocol, {def_line, call}) == (3, [])
