@@ -6,7 +6,7 @@ Compute to profile the second (PERF.md, "Open questions" 3):
         python3 scripts/ncu_prefill.py gpt-oss
     ncu ... --section SourceCounters --page source --print-source sass --csv ...  # per instruction
 
-Models: gpt-oss (head size 64, 64 query heads) and llama-8b (128, 32), n = 512, L = 16384, f16.
+Any seed-grid model (`prefill/ncu.txt`: gpt-oss and llama-8b), n = 512, L = 16384, f16.
 """
 import argparse
 import sys
@@ -14,17 +14,16 @@ import sys
 import torch
 
 import skattn
-
-SHAPES = {"gpt-oss": (64, 8, 64), "llama-8b": (32, 8, 128)}
+from skattn.bench.models import MODELS
 
 
 def main(argv) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("model", choices=sorted(SHAPES))
+    ap.add_argument("model", choices=sorted(MODELS))
     ap.add_argument("--n", type=int, default=512)
     ap.add_argument("--kv-len", type=int, default=16384)
     args = ap.parse_args(argv)
-    hq, hkv, d = SHAPES[args.model]
+    hq, hkv, d = MODELS[args.model][:3]
     q = torch.randn(1, args.n, hq, d, device="cuda", dtype=torch.float16)
     k = torch.randn(1, args.kv_len, hkv, d, device="cuda", dtype=torch.float16)
     v = torch.randn_like(k)

@@ -228,17 +228,22 @@ def _kv(bufs, idx, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr):
 
 
 @gluon.jit
+def _halves(x):
+    """Columns [0, N/2) and [N/2, N) of x [M, N] (one thread holds both of a pair)."""
+    M: gl.constexpr = x.shape[0]
+    N: gl.constexpr = x.shape[1]
+    return gl.split(gl.permute(gl.reshape(x, [M, 2, N // 2]), (0, 2, 1)))
+
+
+@gluon.jit
 def _row_max(x, s_layout: gl.constexpr, TREE: gl.constexpr):
     """Each row's maximum. TREE: the halves of the row max'd together twice first (columns
     c and c + N/2 lie in one thread's registers), so a thread's chain of dependent maxima is
     a quarter as long (PERF.md, "Prompt chunks": faster at head size 64, slower at 128)."""
     if not TREE:
         return gl.max(x, 1)
-    M: gl.constexpr = x.shape[0]
-    N: gl.constexpr = x.shape[1]
-    a, b = gl.split(gl.permute(gl.reshape(x, [M, 2, N // 2]), (0, 2, 1)))
-    y = gl.maximum(a, b)
-    a, b = gl.split(gl.permute(gl.reshape(y, [M, 2, N // 4]), (0, 2, 1)))
+    a, b = _halves(x)
+    a, b = _halves(gl.maximum(a, b))
     return gl.convert_layout(gl.max(gl.maximum(a, b), 1), gl.SliceLayout(1, s_layout))
 
 
@@ -247,11 +252,8 @@ def _row_sum(x, s_layout: gl.constexpr, TREE: gl.constexpr):
     """Each row's sum; TREE: halves added together twice first (as `_row_max`)."""
     if not TREE:
         return gl.sum(x, 1)
-    M: gl.constexpr = x.shape[0]
-    N: gl.constexpr = x.shape[1]
-    a, b = gl.split(gl.permute(gl.reshape(x, [M, 2, N // 2]), (0, 2, 1)))
-    y = a + b
-    a, b = gl.split(gl.permute(gl.reshape(y, [M, 2, N // 4]), (0, 2, 1)))
+    a, b = _halves(x)
+    a, b = _halves(a + b)
     return gl.convert_layout(gl.sum(a + b, 1), gl.SliceLayout(1, s_layout))
 
 
