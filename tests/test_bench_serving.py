@@ -5,7 +5,7 @@ import torch
 
 from skattn.bench import serving as sb
 from skattn.bench import serving_run as sr
-from skattn.bench.serving_mixes import MIXES, mix
+from skattn.bench.serving_mixes import MIXES, PARTS, mix
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU runs the real bench")
 
@@ -21,8 +21,19 @@ def test_mixes():
         mix("nope")
 
 
+def test_mix_parts():
+    # (d)'s halves alone, and a step of its loop after the chunk became a decode sequence
+    d = mix("mixed")
+    dec, chunk, step = (mix(name) for name in PARTS)
+    assert dec.kv_lens == d.kv_lens[1:] and dec.decode and dec.max_q == 1
+    assert chunk.kv_lens == d.kv_lens[:1] and chunk.q_lens == (512,) and not chunk.decode
+    assert step.kv_lens == d.kv_lens and step.q_lens == (1,) * 32
+    assert not step.decode and step.max_q == 512  # varlen, planned for 512 query tokens
+
+
 @pytest.mark.parametrize("name,policy,extra", [("one-long", "auto", {}), ("mixed", "split", {}),
-                                               ("mixed", "auto", {"q_split": 1})])
+                                               ("mixed", "auto", {"q_split": 1}),
+                                               ("mixed-step", "auto", {"q_split": 1})])
 def test_skattn_provider_decode_step(name, policy, extra):
     m = mix(name, scale=1 / 256)
     batch = sb.make_batch(m, 2, 1, 16, 16, device="cpu")

@@ -146,7 +146,7 @@ def build_skattn(batch: Batch, policy: str, overrides: dict | None = None) -> Bu
         out = torch.empty_like(q4)
         wl_args = dict(cache_seqlens=batch.lens)
     else:
-        p = serving.serving_plan(max_q_len=max(m.q_lens), total_q=batch.q.shape[0],
+        p = serving.serving_plan(max_q_len=m.max_q, total_q=batch.q.shape[0],
                                  max_kv_len=max(m.kv_lens), **common)
         out = torch.empty_like(batch.q)
         wl_args = dict(cu_seqlens_q=batch.cu_q, cu_seqlens_k=batch.cu_k)
@@ -164,7 +164,7 @@ def build_skattn(batch: Batch, policy: str, overrides: dict | None = None) -> Bu
     else:
         def layer():
             return serving.attention_varlen(batch.q, batch.k, batch.v, batch.cu_q, batch.cu_k,
-                                            max(m.q_lens), max(m.kv_lens), block_table=batch.table,
+                                            m.max_q, max(m.kv_lens), block_table=batch.table,
                                             plan=p, out=out, workspace=ws, work_list=wl,
                                             **scales)
     note = "; ".join(f"{name}grid {h.programs}, fixup {h.fixup}"

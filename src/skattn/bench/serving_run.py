@@ -25,7 +25,7 @@ from skattn.bench.floors import floor_us, pct_floor
 from skattn.bench.graph import capture, time_graph
 from skattn.bench.providers import importable
 from skattn.bench.run import error_status, progress_bar, provenance, timed
-from skattn.bench.serving_mixes import MIX_NOTES, MIXES, mix
+from skattn.bench.serving_mixes import MIX_NOTES, MIXES, PARTS, mix
 from skattn.bench.models import MODELS
 
 COLUMNS = ("provider", "model", "hq", "hkv", "d", "mix", "page_size", "batch", "q_tokens",
@@ -178,7 +178,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
     names = [n for n in PROVIDERS_ORDER if any(r["provider"] == n for r in rows)]
     idx = {(r["model"], r["mix"], str(r["page_size"]), r["provider"]): r for r in rows}
     keys = sorted({(r["model"], r["mix"], str(r["page_size"])) for r in rows},
-                  key=lambda k: (k[0], MIXES.index(k[1]), int(k[2])))
+                  key=lambda k: (k[0], (MIXES + PARTS).index(k[1]), int(k[2])))
     lines = [f"# skattn bench --serving ({meta.get('gpu')}, {meta.get('commit')})", "",
              f"Per-layer µs (p50) in a CUDA graph of {meta.get('layers')} layers, cold L2, "
              f"(% of floor: visible K/V bytes / {meta.get('copy_GBps', 0):.0f} GB/s copy "
