@@ -127,7 +127,7 @@ def test_mixed_plan_halves(page_size):
               else dict(total_k=k.shape[0]))
     p = skattn.serving_plan(batch=m.batch, max_q_len=mq, total_q=q.shape[0], max_kv_len=mk,
                             q_heads=Hq, kv_heads=Hkv, head_dim=D, q_split="auto", **bounds)
-    assert isinstance(p, skattn.MixedPlan) and p.q_split == 16
+    assert isinstance(p, skattn.MixedPlan) and p.q_split == 4
     ws, wl = serving.workspace(p), torch.empty(p.work_list_words, dtype=I32, device="cuda")
     out = torch.full((q.shape[0], Hq, D), NAN, device="cuda", dtype=q.dtype)
     lens_q = list(m.q_lens)
@@ -140,8 +140,8 @@ def test_mixed_plan_halves(page_size):
     graph, _ = capture([step])
     rng = random.Random(6)
     # the same 543 rows of q cut differently: the chunk at another sequence, sequences of
-    # 16 (short half) and 17 (long half) queries, a chunk split in two
-    cuts = [list(m.q_lens), [481, 17, 16] + [1] * 29, [257, 226, 16, 17, 0] + [1] * 27]
+    # 4 (short half) and 5 (long half) queries, a chunk split in two
+    cuts = [list(m.q_lens), [505, 5, 4] + [1] * 29, [257, 246, 4, 5, 4] + [1] * 27]
     for i in range(12):
         if i:
             lens_q = cuts[i % 3][:]

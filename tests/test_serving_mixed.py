@@ -137,15 +137,15 @@ def test_shared_work_list_and_changed_lengths():
 
 
 def test_auto_split_and_bad_values():
-    assert decode_q_split(32, 8) == 16 and decode_q_split(64, 8) == 8
-    assert decode_q_split(40, 8) == 12 and decode_q_split(8, 8) == 64
+    assert decode_q_split(32, 8) == 4 and decode_q_split(64, 8) == 2
+    assert decode_q_split(40, 8) == 3 and decode_q_split(8, 8) == 16
     common = dict(batch=4, total_q=600, max_kv_len=4096, q_heads=32, kv_heads=8, head_dim=128,
                   sms=132, occupancy=2)
     p = skattn.serving_plan(max_q_len=512, q_split="auto", **common)
-    assert isinstance(p, MixedPlan) and p.q_split == 16
-    assert p.short.geometry.block_m <= 64 < p.long.geometry.block_m
+    assert isinstance(p, MixedPlan) and p.q_split == 4
+    assert p.short.geometry.block_m == 16 < p.long.geometry.block_m
     # nothing to split: one plan
-    assert not isinstance(skattn.serving_plan(max_q_len=16, q_split="auto", **common), MixedPlan)
+    assert not isinstance(skattn.serving_plan(max_q_len=4, q_split="auto", **common), MixedPlan)
     for bad in (0, 512, 600, True, "half", 40):  # 40 x 4 rows: prompt tiles in both halves
         with pytest.raises(ValueError, match="q_split"):
             skattn.serving_plan(max_q_len=512, q_split=bad, **common)
@@ -164,7 +164,7 @@ def test_step_plan_splits_only_where_the_halves_differ():
     args = dict(batch=4, total_q=600, max_kv_len=4096, q_heads=32, kv_heads=8, head_dim=128,
                 sms=132, occupancy=2, q_len=None)
     p = step_plan("auto", dict(args, max_q_len=512))
-    assert isinstance(p, MixedPlan) and p.q_split == 16
+    assert isinstance(p, MixedPlan) and p.q_split == 4
     assert step_plan(16, dict(args, max_q_len=16)).q_range is None  # nothing to split
     one = step_plan(40, dict(args, max_q_len=512))  # 40 x 4 rows: prompt tiles in both
     assert isinstance(one, skattn.ServingPlan) and one.q_range is None

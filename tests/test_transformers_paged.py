@@ -255,7 +255,7 @@ def test_generate_batch_in_two_halves(q_split, step_tokens, lens, monkeypatch):
     prompts = [torch.randint(1, VOCAB, (n,), generator=g).tolist() for n in lens]
     # (3, 1): a step whose longest request barely exceeds the split, where both halves would
     # get the same tiles: one plan for it, not an error (generate_batch would only log it
-    # and return no tokens); "auto" splits at 32 new tokens here (64 rows, 2 query heads a KV head): the first
+    # and return no tokens); "auto" splits at 8 new tokens here (16 rows, 2 query heads a KV head): the first
     # step's 37-token prompt goes to the long half; with q_split=2 and 24 tokens a step the
     # prompt is prefilled in chunks beside decode steps
     cache = dict(max_batch_tokens=step_tokens)

@@ -11,7 +11,10 @@ from skattn.serving_plan import ServingPlan, serving_plan
 
 __all__ = ["MixedPlan", "mixed_plan", "step_plan", "decode_q_split"]
 
-DECODE_ROWS = 64  # q_split="auto": the short half's tiles hold at most this many rows
+# q_split="auto": the short half's tiles hold at most this many rows. A decode row in a
+# 64-row tile costs the ragged kernel 1.5x its time in a 16-row tile (PERF.md, "Serving
+# batches"), so the short half takes what fits the smallest decode tile.
+DECODE_ROWS = 16
 
 
 def decode_q_split(q_heads: int, kv_heads: int) -> int:

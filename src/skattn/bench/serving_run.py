@@ -137,7 +137,7 @@ def run_serving(*, models, mixes, page_sizes, names, out_dir, tag, layers=8, war
             bar.set_description(f"{model} {mix_name} page {ps}")
             batch = sb.make_batch(m, hq, hkv, d, ps, seed=seed + done)
             longest = max(range(m.batch), key=lambda b: m.kv_lens[b])
-            refs = sb.reference_rows(batch, sorted({0, 1, m.batch - 1, longest}))
+            refs = sb.reference_rows(batch, sorted({0, min(1, m.batch - 1), m.batch - 1, longest}))
             q_bytes = 2 * batch.q.numel() * batch.q.element_size()
             flops = 4 * hq * d * sum(a * b for a, b in zip(m.q_lens, m.kv_lens))
             for name in providers_for(names, model, m.decode):
