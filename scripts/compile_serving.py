@@ -161,12 +161,12 @@ def specialization(kernel, args: tuple, const: dict) -> list:
 
 def steps() -> None:
     """One JSON line per family, step and kernel: the packed and paged varlen cases at each
-    of their STEPS."""
+    of their STEPS, each in one plan (q_split=None; a MixedPlan's halves are two such plans)."""
     for family, family_steps in STEPS.items():
         base = FAMILIES[family]
         for step in family_steps:
             kw = {k: v for k, v in step.items() if k not in ("batch", "pages")}
-            case = dict(base, kw=dict(base["kw"], **kw), batch=step["batch"],
+            case = dict(base, kw=dict(base["kw"], q_split=None, **kw), batch=step["batch"],
                         pages=step.get("pages", 1000))
             for kernel, args, const in capture(family, case):
                 consts = {k: v for k, v in sorted(const.items())

@@ -125,7 +125,7 @@ has serving && quick_bench serving python3 -m skattn.cli bench --serving --quick
     --time-limit 100 --out "$OUT_DIR/serving"
 has cb && quick_bench varlen-steps env OUT="$OUT_DIR/cb" python3 tools/varlen_prefill.py
 has cb && quick_bench cb env OUT="$OUT_DIR/cb" python3 tools/cb_bench.py --layers 8 --requests 32 \
-    --providers "paged|skattn,paged|skattn_halves,paged|sdpa" --graphs --reps 2
+    --providers "paged|skattn,paged|skattn_one,paged|sdpa" --graphs --reps 2
 has cb && quick_bench cb-eager env OUT="$OUT_DIR/cb-eager" python3 tools/cb_bench.py --layers 8 \
     --requests 32 --providers "paged|skattn,paged|sdpa" --reps 2
 has cb && quick_bench cb-profile env OUT="$OUT_DIR/cb-profile" python3 tools/cb_bench.py --layers 8 \

@@ -31,14 +31,15 @@ def test_mix_parts():
     assert not step.decode and step.max_q == 512  # varlen, planned for 512 query tokens
 
 
-@pytest.mark.parametrize("name,policy,extra", [("one-long", "auto", {}), ("mixed", "split", {}),
-                                               ("mixed", "auto", {"q_split": 1}),
-                                               ("mixed-step", "auto", {"q_split": 1})])
-def test_skattn_provider_decode_step(name, policy, extra):
+@pytest.mark.parametrize("name,policy,extra,halves", [
+    ("one-long", "auto", {}, False), ("mixed", "split", {}, True),
+    ("mixed", "auto", {"q_split": None}, False), ("mixed", "auto", {"q_split": 1}, True),
+    ("mixed-step", "auto", {}, True)])
+def test_skattn_provider_decode_step(name, policy, extra, halves):
     m = mix(name, scale=1 / 256)
     batch = sb.make_batch(m, 2, 1, 16, 16, device="cpu")
     built = sb.build_skattn(batch, policy, dict(sms=4, occupancy=2, **extra))
-    assert ("short: " in built.note) == bool(extra)  # a MixedPlan's halves
+    assert ("short: " in built.note) == halves  # a MixedPlan's halves (q_split="auto" default)
     built.step()
     longest = max(range(m.batch), key=lambda i: m.kv_lens[i])
     refs = sb.reference_rows(batch, sorted({0, m.batch - 1, longest}))
@@ -92,13 +93,13 @@ def test_skattn_variants_name_a_policy_and_plan_overrides():
         skattn_variant("skattn:auto/batch=4")
 
 
-def test_mixed_provider_on_varlen_mixes_only(monkeypatch):
+def test_one_plan_provider_on_varlen_mixes_only(monkeypatch):
     names = sb.PROVIDERS
-    assert "skattn:mixed" in sr.providers_for(names, "llama-8b", decode=False)
-    assert "skattn:mixed" not in sr.providers_for(names, "llama-8b", decode=True)
+    assert "skattn:one-plan" in sr.providers_for(names, "llama-8b", decode=False)
+    assert "skattn:one-plan" not in sr.providers_for(names, "llama-8b", decode=True)
     assert sr.providers_for(["skattn:auto/q_split=4"], "llama-8b", decode=True) == []
     seen = []
     monkeypatch.setattr(sb, "build_skattn", lambda batch, policy, extra=None: seen.append((policy, extra)))
-    sb.build("skattn:mixed", None)
+    sb.build("skattn:one-plan", None)
     sb.build("skattn:auto", None)
-    assert seen == [("auto", {"q_split": "auto"}), ("auto", {})]
+    assert seen == [("auto", {"q_split": None}), ("auto", {})]

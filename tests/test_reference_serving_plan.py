@@ -22,8 +22,8 @@ def kv_plan(B, Lq, cap, Hq, Hkv, D, *, policy, fixup, programs, **kw):
     kw.update(batch=B, q_len=Lq, max_kv_len=cap, q_heads=Hq, kv_heads=Hkv, head_dim=D, sms=4,
               occupancy=2, block_n=16, policy=policy, fixup=fixup)
     if programs == "x1":
-        programs = skattn.serving_plan(**kw).tiles_max
-    return skattn.serving_plan(programs=programs, **kw)
+        programs = skattn.serving_plan(q_split=None, **kw).tiles_max
+    return skattn.serving_plan(q_split=None, programs=programs, **kw)
 
 
 def features(g, hq):
@@ -92,8 +92,8 @@ def test_varlen(policy, fixup, programs, paged, window):
     if fixup == "tail":
         kw_plan.update(fixup="fused", tail=40)
     if programs == "x1":
-        programs = skattn.serving_plan(**kw_plan).tiles_max
-    p = skattn.serving_plan(programs=programs, **kw_plan)
+        programs = skattn.serving_plan(q_split=None, **kw_plan).tiles_max
+    p = skattn.serving_plan(q_split=None, programs=programs, **kw_plan)
     assert p.rb_max > 6
     names = ("cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k")
     check(p, lambda p: run_serving_plan(p, q, k, v, **dict(zip(names, args)), **kw),
@@ -105,7 +105,7 @@ def test_varlen_whole_tiles(window):
     # a step of policy auto in whole tiles (a long causal prompt on a pretend GPU of 2
     # resident programs), sinks, softcap and ALiBi
     q, k, v, cu_q, cu_k = varlen_inputs([200, 1, 30], [200, 40, 60], hq=8, hkv=2, d=16, seed=4)
-    p = skattn.serving_plan(batch=3, max_q_len=200, total_q=q.shape[0], max_kv_len=200,
+    p = skattn.serving_plan(q_split=None, batch=3, max_q_len=200, total_q=q.shape[0], max_kv_len=200,
                             total_k=k.shape[0], q_heads=8, kv_heads=2, head_dim=16, window=window,
                             sms=1, occupancy=2, block_n=16)
     assert reference_serving_plan.host_work_list(p, cu_k=cu_k.tolist(), cu_q=cu_q.tolist()).whole

@@ -58,7 +58,7 @@ def test_serving_kernels_compile_for_sm90():
     assert wait["pdl_wait"] and not plain["pdl_wait"]
     assert (wait["regs"], wait["shared"]) == (plain["regs"], plain["shared"])
     fp8 = by[("paged16-fp8", "ragged_attention_kernel")]["shared"]
-    p = skattn.serving_plan(batch=64, q_len=1, max_kv_len=4096, page_size=16, q_heads=32,
+    p = skattn.serving_plan(q_split=None, batch=64, q_len=1, max_kv_len=4096, page_size=16, q_heads=32,
                             kv_heads=8, head_dim=128, sms=132, occupancy=2,
                             smem_limit=SM90_SHARED, dtype=torch.float8_e4m3fn)
     f16 = by[("paged16", "ragged_attention_kernel")]["shared"]

@@ -22,7 +22,7 @@ NAN = float("nan")
 
 def kv_plan(B, Lq, cap, Hq, Hkv, D, *, page_size=None, block_n=16, **kw):
     pages = dict(page_size=page_size, max_pages=cap // page_size) if page_size else {}
-    return skattn.serving_plan(batch=B, q_len=Lq, max_kv_len=cap, q_heads=Hq, kv_heads=Hkv,
+    return skattn.serving_plan(q_split=None, batch=B, q_len=Lq, max_kv_len=cap, q_heads=Hq, kv_heads=Hkv,
                                head_dim=D, head_dim_v=kw.pop("Dv", None), sms=SMS,
                                occupancy=OCC, block_n=block_n, **pages, **kw)
 
@@ -97,7 +97,7 @@ def test_work_list_varlen(window):
     # prompt chunks longer than a tile (several row blocks), decode rows, an empty sequence
     lq, lk = [40, 1, 0, 12, 3], [40, 30, 3, 50, 2]
     q, k, v, cu_q, cu_k = varlen_inputs(lq, lk, hq=8, hkv=2, d=16)
-    p = skattn.serving_plan(batch=5, max_q_len=40, total_q=q.shape[0], max_kv_len=50,
+    p = skattn.serving_plan(q_split=None, batch=5, max_q_len=40, total_q=q.shape[0], max_kv_len=50,
                             total_k=k.shape[0], q_heads=8, kv_heads=2, head_dim=16,
                             causal=True, window=window, sms=SMS, occupancy=OCC, block_n=16)
     assert p.rb_max > 5
@@ -198,7 +198,7 @@ def test_varlen_mixed_batch(paged, fixup):
     if paged:
         k, v, table = paged_cache(lk, page_size=16, hkv=1, d=16, seed=8)
         bounds = dict(page_size=16, max_pages=table.shape[1])
-    p = skattn.serving_plan(batch=5, max_q_len=19, total_q=q.shape[0], max_kv_len=40,
+    p = skattn.serving_plan(q_split=None, batch=5, max_q_len=19, total_q=q.shape[0], max_kv_len=40,
                             q_heads=8, kv_heads=1, head_dim=16, sms=SMS, occupancy=OCC,
                             block_n=16, policy="llamacpp-before", fixup=fixup, **bounds)
     assert p.geometry.tokens_per_tile < 19  # the prompt chunk spans several row blocks
@@ -217,7 +217,7 @@ def test_whole_tiles_step(paged):
     if paged:
         k, v, table = paged_cache(lk, page_size=32, hkv=2, d=16, seed=12)
         bounds = dict(page_size=32, max_pages=table.shape[1])
-    p = skattn.serving_plan(batch=3, max_q_len=256, total_q=q.shape[0], max_kv_len=256,
+    p = skattn.serving_plan(q_split=None, batch=3, max_q_len=256, total_q=q.shape[0], max_kv_len=256,
                             q_heads=8, kv_heads=2, head_dim=16, sms=1, occupancy=2,
                             block_n=16, **bounds)
     assert p.whole_tiles
@@ -366,7 +366,7 @@ def test_fixups_launched_by_pdl_wait_in_every_program(monkeypatch, policy, max_k
 
     waits = []
     monkeypatch.setattr(ragged_fixup, "gdc_wait", lambda: waits.append(1))
-    p = skattn.serving_plan(batch=2, q_len=1, max_kv_len=max_kv_len, q_heads=4, kv_heads=2,
+    p = skattn.serving_plan(q_split=None, batch=2, q_len=1, max_kv_len=max_kv_len, q_heads=4, kv_heads=2,
                             head_dim=32, page_size=16, max_pages=max_kv_len // 16, sms=SMS,
                             occupancy=OCC, policy=policy)
     b = serving_launch.bind(p, torch.device("cpu"))
@@ -444,7 +444,7 @@ def test_dynamic_tail_leaves_every_static_share_an_item():
     # the tile would stay unwritten and its counter nonzero for the next call)
     lens = [0, 1, 700, 45, 130]
     q, k, v = dense_inputs(5, 2, 700, 8, 2, 64, seed=3)
-    p = skattn.serving_plan(batch=5, q_len=2, max_kv_len=700, q_heads=8, kv_heads=2,
+    p = skattn.serving_plan(q_split=None, batch=5, q_len=2, max_kv_len=700, q_heads=8, kv_heads=2,
                             head_dim=64, sms=132, occupancy=2, fixup="fused", tail=40)
     host = host_work_list(p, lens_k=lens)
     assert host.programs == host.work == 22 and host.tail_chunks == 0

@@ -9,7 +9,7 @@ from skattn.serving_worklist import effective_programs, host_work_list
 
 
 def kv_plan(B, Lq, cap, **kw):
-    return skattn.serving_plan(batch=B, q_len=Lq, max_kv_len=cap, q_heads=32, kv_heads=8,
+    return skattn.serving_plan(q_split=None, batch=B, q_len=Lq, max_kv_len=cap, q_heads=32, kv_heads=8,
                                head_dim=128, sms=132, occupancy=2, **kw)
 
 
@@ -21,7 +21,7 @@ def test_work_list_covers_every_item_once(seed):
     lk = [rng.randint(0, 300) for _ in range(B)]
     total_q = sum(lq) + rng.randint(0, 3)
     window = rng.choice([None, 16, 100])
-    p = skattn.serving_plan(batch=B, max_q_len=max(1, max(lq)), total_q=max(1, total_q),
+    p = skattn.serving_plan(q_split=None, batch=B, max_q_len=max(1, max(lq)), total_q=max(1, total_q),
                             max_kv_len=300, q_heads=8, kv_heads=2, head_dim=64, sms=4,
                             occupancy=2, causal=True, window=window, block_n=16,
                             policy=rng.choice(["auto", "llamacpp", "llamacpp-before"]))
@@ -98,7 +98,7 @@ def varlen_step(lq, lk, **kw):
     for a, b in zip(lq, lk):
         cu_q.append(cu_q[-1] + a)
         cu_k.append(cu_k[-1] + b)
-    p = skattn.serving_plan(batch=32, max_q_len=8192, total_q=8192, max_kv_len=32768,
+    p = skattn.serving_plan(q_split=None, batch=32, max_q_len=8192, total_q=8192, max_kv_len=32768,
                             page_size=256, max_pages=128, q_heads=32, kv_heads=8,
                             head_dim=128, sms=132, occupancy=2, **kw)
     lq, lk = lq + [0] * (32 - len(lq)), lk + [0] * (32 - len(lk))
@@ -158,7 +158,7 @@ def test_split_plan_is_fixed_per_tile():
 
 def test_bounds_of_varlen_row_blocks():
     # RB_max from total_q: a mixed batch of one 512-token chunk and 31 decode rows
-    p = skattn.serving_plan(batch=32, max_q_len=512, total_q=512 + 31, max_kv_len=8192,
+    p = skattn.serving_plan(q_split=None, batch=32, max_q_len=512, total_q=512 + 31, max_kv_len=8192,
                             q_heads=32, kv_heads=8, head_dim=128, sms=132, occupancy=2)
     t = p.geometry.tokens_per_tile
     assert p.rb_max == min(32 * -(-512 // t), (543 + 32 * (t - 1)) // t)

@@ -107,7 +107,7 @@ def test_serving_plans_run_three_quantized_decode_programs_an_sm():
 
     def occ(D=128, dtype=FP8, **kw):
         kw = dict(q_len=1, max_kv_len=4096, page_size=16, **kw) if "max_q_len" not in kw else kw
-        return skattn.serving_plan(batch=8, q_heads=32, kv_heads=8, head_dim=D, dtype=dtype,
+        return skattn.serving_plan(q_split=None, batch=8, q_heads=32, kv_heads=8, head_dim=D, dtype=dtype,
                                    sms=132, **kw).occupancy
     assert occ() == occ(96) == 3
     assert occ(64) == occ(256) == default      # head sizes outside the measured 65-128
@@ -131,7 +131,7 @@ def test_decode_plans_three_an_sm_compile_under_a_register_cap():
 
     def cap(dtype, occupancy, **kw):
         kw = kw or dict(q_len=1)
-        p = skattn.serving_plan(batch=8, max_kv_len=4096, page_size=16, q_heads=32, kv_heads=8,
+        p = skattn.serving_plan(q_split=None, batch=8, max_kv_len=4096, page_size=16, q_heads=32, kv_heads=8,
                                 head_dim=128, dtype=dtype, sms=132, occupancy=occupancy, **kw)
         return serving_launch.bind(p, torch.device("cpu")).main_const.get("maxnreg")
     assert cap("q8_0", 3) == cap(FP8, 3) == cap(torch.float16, 3) == 168

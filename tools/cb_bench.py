@@ -17,8 +17,9 @@ cache (2.4M keys on an H200), a real attention of ~0.3 PFLOP a layer that skattn
 (~0.74 s a layer) and SDPA cannot (its mask would take 35 GiB: it fails with out-of-memory
 and goes on without), so timing it would charge one provider alone. Without it, each
 provider captures a graph the first time a padded shape comes up, inside the timed call.
-"paged|skattn_halves" is skattn registered with `q_split="auto"` (a step's short and long
-requests in two halves). Each provider's generated tokens are compared with the first provider's (reported, not
+"paged|skattn" plans a step's short and long requests in two halves where its longest
+request has more new tokens than fill a 16-row tile (`q_split="auto"`, the default);
+"paged|skattn_one" is skattn registered with `q_split=None` (one plan a step). Each provider's generated tokens are compared with the first provider's (reported, not
 asserted: f16 near-ties may break either way). Writes $OUT/cb_bench.csv and .json (default
 benchmarks/results/latest/cb) and prints a table last. `--tiny` runs a 2-layer toy model on
 the CPU (the interpreter: a check that the script works, not a measurement).
@@ -287,7 +288,7 @@ def main(argv=None) -> int:
     import skattn.transformers as skt
 
     skt.register()
-    skt.register(name="skattn_halves", q_split="auto")  # mixed steps in two halves
+    skt.register(name="skattn_one", q_split=None)  # every step in one plan
     cuda = torch.cuda.is_available() and not args.tiny
     device = "cuda" if cuda else "cpu"
     shape = dict(TINY) if args.tiny else dict(LLAMA_8B, num_hidden_layers=args.layers)

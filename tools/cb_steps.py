@@ -72,7 +72,7 @@ def planned(cu_q: list, cu_k: list, max_q: int, max_k: int, q_split=None) -> dic
     split = None if q_split is None else (
         decode_q_split(HQ, HKV) if q_split == "auto" else int(q_split))
     plan = (step_plan(split, args) if split is not None and max_q > split
-            else serving_plan(**{k: v for k, v in args.items() if k != "q_len"}))
+            else serving_plan(**{k: v for k, v in args.items() if k != "q_len"}, q_split=None))
     work = done = programs = tiles = 0
     tokens = []
     for half in getattr(plan, "halves", (plan,)):

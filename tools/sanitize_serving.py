@@ -110,7 +110,8 @@ def main() -> int:
     for paged in (False, True):
         bounds = dict(page_size=64, max_pages=16) if paged else dict(total_k=1524)
         p = skattn.serving_plan(batch=2, max_q_len=1024, total_q=1025, max_kv_len=1024,
-                                q_heads=Hq, kv_heads=Hkv, head_dim=D, sms=4, **bounds)
+                                q_heads=Hq, kv_heads=Hkv, head_dim=D, sms=4, q_split=None,
+                                **bounds)
         wl = serving.work_list(p, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
         for layer in range(2):  # two layers' calls share the work list
             out = skattn.attention_varlen(qv, kp if paged else kv_, vp if paged else vv, cu_q,

@@ -93,7 +93,7 @@ def main() -> int:
         whole = skattn.serving_plan(
             batch=B, max_q_len=max(lq), total_q=total, max_kv_len=max(lk), page_size=args.page,
             max_pages=pages_per, q_heads=HQ, kv_heads=HKV, head_dim=D, dtype=f16, causal=True,
-            policy="split")
+            policy="split", q_split=None)
 
         qs = [q[int(cu_q[b]):int(cu_q[b + 1])][None] for b in range(B)]
         ks = [k[int(cu_k[b]):int(cu_k[b + 1])][None] for b in range(B)]
@@ -114,7 +114,7 @@ def main() -> int:
             run()
             err = (out.float() - ref.float()).abs().max().item()
             assert err < 2e-2, (name, err)
-        plan = skattn.serving._cached_plan(q.device, **dict(
+        plan = skattn.serving._cached_plan(q.device, q_split=None, **dict(
             batch=B, max_q_len=max(lq), total_q=total, max_kv_len=max(lk), page_size=args.page,
             max_pages=pages_per, q_heads=HQ, kv_heads=HKV, head_dim=D, head_dim_v=D,
             dtype=f16, causal=True, window=None))

@@ -24,12 +24,13 @@ __all__ = ["attention_with_kvcache", "attention_varlen", "serving_plan", "Servin
 
 
 @lru_cache(maxsize=256)
-def _cached_plan(device, q_split=None, **bounds) -> ServingPlan | MixedPlan:
-    """The plan of these bounds on `device`; with `q_split`, a serving loop's plan for one
-    step (`serving_mixed.step_plan`: two halves where they help, else one plan)."""
+def _cached_plan(device, q_split="auto", **bounds) -> ServingPlan | MixedPlan:
+    """The plan of these bounds on `device`: a serving loop's plan for one step
+    (`serving_mixed.step_plan`: two halves where they help, else one plan); q_split=None:
+    one plan."""
     sms, occ = hardware(device)
     args = dict(bounds, sms=sms, occupancy=occ, smem_limit=shared_memory_limit(device))
-    return serving_plan(**args) if q_split is None else step_plan(q_split, args)
+    return serving_plan(**args, q_split=None) if q_split is None else step_plan(q_split, args)
 
 
 def _plan(plan, device, bounds: dict) -> ServingPlan | MixedPlan:

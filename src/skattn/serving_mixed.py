@@ -88,7 +88,7 @@ def mixed_plan(q_split, args: dict) -> ServingPlan | MixedPlan:
     is refused."""
     if args["q_len"] is not None:
         if q_split == "auto":  # one query count: nothing to split
-            return serving_plan(**args)
+            return _one(args)
         raise ValueError("q_split splits a varlen batch (max_q_len, total_q); attention_with_kvcache "
                          "plans have one q_len")
     max_q_len = args["max_q_len"]
@@ -116,15 +116,20 @@ def step_plan(q_split, args: dict) -> ServingPlan | MixedPlan:
     tiles. A loop's steps move between these cases; `mixed_plan` refuses the last one."""
     split = decode_q_split(args["q_heads"], args["kv_heads"]) if q_split == "auto" else int(q_split)
     if args.get("max_q_len") is None or args["max_q_len"] <= split:
-        return serving_plan(**args)
+        return _one(args)
     return _halves(split, args)
+
+
+def _one(args: dict) -> ServingPlan:
+    """One plan of these bounds (q_split=None)."""
+    return serving_plan(**dict(args, q_split=None))
 
 
 def _halves(q_split: int, args: dict) -> ServingPlan | MixedPlan:
     """A MixedPlan split at q_split, or the long half's plan alone where the short half's
     tiles would be no smaller."""
-    short = serving_plan(**dict(args, max_q_len=q_split))
-    long = serving_plan(**args)
+    short = _one(dict(args, max_q_len=q_split))
+    long = _one(args)
     if short.geometry.block_m >= long.geometry.block_m:
         return long
     return MixedPlan(replace(short, q_range=(0, q_split)),

@@ -191,7 +191,7 @@ def serving_plan(*, batch: int, max_kv_len: int, q_heads: int, kv_heads: int, he
                  num_stages: int | None = None, fastdiv: bool = True,
                  cost_model: CostModel | None = None, tuning: Tuning | None = None,
                  smem_limit: int | None = None,
-                 q_split: int | str | None = None, tail: int = 0):
+                 q_split: int | str | None = "auto", tail: int = 0):
     """Plan a ragged batch from its upper bounds (docs/serving.md).
 
     Parameters
@@ -240,11 +240,12 @@ def serving_plan(*, batch: int, max_kv_len: int, q_heads: int, kv_heads: int, he
         after their static shares (fused plans only; default 0). Programs of a ragged step
         run at different speeds under equal shares; the chunks go to those that finish
         first. Slower than none on most decode mixes measured (PERF.md, "Serving batches").
-    q_split : int or "auto", optional
+    q_split : int, "auto" (default) or None
         Varlen only: plan the batch in two halves (a `MixedPlan`, docs/serving.md "Mixed
         batches"): sequences of at most `q_split` query tokens with decode tiles, the others
-        with prompt tiles. "auto": `decode_q_split(q_heads, kv_heads)`, and one plan where
-        max_q_len does not exceed it or both halves would get the same tiles.
+        with prompt tiles. "auto": `decode_q_split(q_heads, kv_heads)` (the tokens that fill
+        a 16-row tile), and one plan where max_q_len does not exceed it or both halves would
+        get the same tiles. None: one plan, one tile geometry for every sequence.
 
     Returns
     -------

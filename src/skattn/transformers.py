@@ -58,7 +58,7 @@ def _interfaces():
     return AttentionInterface, AttentionMaskInterface
 
 
-def register(policy: str = ops.DEFAULT_POLICY, name: str = NAME, q_split=None) -> str:
+def register(policy: str = ops.DEFAULT_POLICY, name: str = NAME, q_split="auto") -> str:
     """Register skattn in transformers' AttentionInterface and AttentionMaskInterface.
 
     Parameters
@@ -70,7 +70,7 @@ def register(policy: str = ops.DEFAULT_POLICY, name: str = NAME, q_split=None) -
         The `attn_implementation` name; registering a name again replaces its policy.
         It must not contain "/" (transformers reads such names as hub kernels) nor "sdpa",
         "flash" or "flex_attention" (transformers applies those back ends' checks).
-    q_split : None, "auto" or int
+    q_split : "auto" (default), int or None
         Continuous batching only: plan each packed step as `skattn.serving_plan(...,
         q_split=q_split)` does, requests of at most `q_split` new tokens in decode tiles and
         the others in prompt tiles (docs/serving.md "Mixed batches"). None: one plan a step.

@@ -25,7 +25,7 @@ from skattn.serving_plan import SERVING_POLICIES
 class PagedForward:
     """transformers' paged attention-function signature, bound to one planner policy."""
 
-    def __init__(self, policy: str, q_split=None):
+    def __init__(self, policy: str, q_split="auto"):
         self.policy, self.q_split = policy, q_split
 
     def __call__(self, module, query, key, value, attention_mask, **kwargs):
@@ -37,7 +37,7 @@ def paged_attention_forward(module, query, key, value, attention_mask, *, cache=
                             cu_seq_lens_q=None, cu_seq_lens_k=None, max_seqlen_q=None,
                             max_seqlen_k=None, read_index=None, write_index=None, dropout=0.0,
                             scaling=None, sliding_window=None, softcap=None, s_aux=None,
-                            policy="auto", q_split=None, **kwargs):
+                            policy="auto", q_split="auto", **kwargs):
     """One attention call of a continuous batch.
 
     Parameters
@@ -60,9 +60,9 @@ def paged_attention_forward(module, query, key, value, attention_mask, *, cache=
         As in `skattn.transformers.attention_forward`.
     policy : str
         A ragged-batch policy ("auto", "llamacpp", "llamacpp-before", "split").
-    q_split : None, "auto" or int
+    q_split : "auto" (default), int or None
         Plan the step in two halves (a `MixedPlan`) where its longest request has more new
-        tokens than this; None: one plan.
+        tokens than this ("auto": as many as fill a 16-row tile); None: one plan.
 
     Returns
     -------
@@ -164,15 +164,13 @@ def _layer_type(module, window) -> str:
 
 def _plan(q, k, v, cu_q, max_q, max_k, window, policy, table, q_split, longest):
     """The serving plan of this call's bounds and policy, from the serving functions' plan
-    cache (None: attention_varlen's own lookup, for the default policy in one plan).
+    cache.
     q_split: two halves where the step's longest request (`longest`, before rounding) has
     more new tokens than the split and the halves' tiles differ
     (`serving_mixed.step_plan`)."""
     if q_split == "auto":
         q_split = decode_q_split(q.shape[1], k.shape[-2])
     split = int(q_split) if q_split is not None and longest > q_split else None
-    if split is None and policy == "auto":
-        return None
     layout = (dict(page_size=k.shape[1], max_pages=table.shape[1]) if table is not None
               else dict(total_k=k.shape[0]))
     return serving._cached_plan(q.device, q_split=split, batch=cu_q.numel() - 1,

@@ -14,13 +14,14 @@ import torch
 
 from skattn.bench.serving_mixes import Mix
 
-PROVIDERS = ("skattn:auto", "skattn:mixed", "skattn:split", "sdpa-padded", "flex-paged",
+PROVIDERS = ("skattn:auto", "skattn:one-plan", "skattn:split", "sdpa-padded", "flex-paged",
              "flash-attn")
 # skattn `auto` over the same batch's K/V quantized (opt-in: --providers): FP8 e4m3 with
 # per-KV-head scales, llama.cpp's q8_0 and q4_0 blocks (`quantize_batch`)
 QUANT_PROVIDERS = ("skattn-fp8:auto", "skattn-q8_0:auto", "skattn-q4_0:auto")
-# skattn:mixed: `auto` in two halves (serving_plan(q_split="auto"), docs/serving.md "Mixed
-# batches"); varlen mixes only
+# skattn:one-plan: `auto` in one plan (serving_plan(q_split=None)); skattn:auto plans a
+# varlen batch in two halves (q_split="auto", docs/serving.md "Mixed batches"); varlen mixes
+# only
 
 
 @dataclass
@@ -293,8 +294,8 @@ def build(name: str, batch: Batch) -> Built:
         built = build_skattn(read, *skattn_variant(f"skattn:{variant}"))
         built.read, built.dequantized = read, dequantized
         return built
-    if name == "skattn:mixed":
-        return build_skattn(batch, "auto", {"q_split": "auto"})
+    if name == "skattn:one-plan":
+        return build_skattn(batch, "auto", {"q_split": None})
     if name.startswith("skattn:"):
         return build_skattn(batch, *skattn_variant(name))
     return {"sdpa-padded": build_sdpa, "flex-paged": build_flex,

@@ -87,13 +87,13 @@ def measure(name, batch, refs, timer, *, layers, warmup, reps) -> dict:
 
 
 def providers_for(names, model, decode: bool = False) -> list[str]:
-    """The providers of a cell: FlexAttention on FLEX_MODELS only, skattn:mixed (and variants
+    """The providers of a cell: FlexAttention on FLEX_MODELS only, skattn:one-plan (and variants
     with a q_split) on varlen mixes only (a decode batch has one query count)."""
     out = []
     for name in names:
         if name == "flex-paged" and model not in FLEX_MODELS:
             continue
-        if decode and (name == "skattn:mixed" or "q_split=" in name):
+        if decode and (name == "skattn:one-plan" or "q_split=" in name):
             continue
         if name == "flash-attn" and importable("flash_attn"):
             continue
