@@ -24,7 +24,10 @@
 #      timer, skattn:auto vs skattn:auto-nowait; serving mixes, auto vs auto/pdl_wait=0)
 # PACK=1 leaves $OUT as summary.txt and results.tar.gz (every log and result file inside).
 # STAGES="tests fuzz sanitize bench" picks stages (default those four); TESTS="files" limits
-# the GPU tests to those files. Logs and results go to $OUT (or
+# the GPU tests to those files. On a machine whose Triton cache is cold, "tests sanitize" took
+# over 590 s on an H200 (the sanitizers beside the tests run slower than alone, where the
+# three racechecks took 140 s): under a 10-minute limit run STAGES=tests and STAGES=sanitize
+# as two calls. Logs and results go to $OUT (or
 # benchmarks/results/latest); the last lines printed are a short summary.
 set -uo pipefail
 cd "$(dirname "$0")/.."

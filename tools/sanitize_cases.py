@@ -5,7 +5,9 @@ through skattn's C launcher): what `scripts/gpu_run.sh` runs under compute-sanit
 (memcheck, racecheck, synccheck). `--quick`: fewer shapes; `--only TEXT`: the cases whose
 name contains TEXT; `--ws`: only the calls whose plan runs the warp-specialised kernel,
 `--no-ws`: the others (racecheck reports hazards in Triton's warp-specialisation protocol,
-docs/prefill.md, "Checking it")."""
+docs/prefill.md, "Checking it"). Each case's name is printed before it runs, and a crash
+prints the Python stack (faulthandler), so a log cut short shows where."""
+import faulthandler
 import sys
 
 import torch
@@ -72,6 +74,7 @@ def main() -> int:
     if sys.argv[1:2] in (["-h"], ["--help"]):
         print(__doc__.strip())
         return 0
+    faulthandler.enable()
     bad = 0
     n = 0
     only = sys.argv[sys.argv.index("--only") + 1] if "--only" in sys.argv else ""
@@ -80,6 +83,7 @@ def main() -> int:
             continue
         if ("--ws" in sys.argv and not runs_ws(kw)) or ("--no-ws" in sys.argv and runs_ws(kw)):
             continue
+        print(f"case {name}", flush=True)
         rkw = {key: val for key, val in kw.items() if key != "plan"}
         ref = reference.attention(q, k, v, **rkw)
         # the first call learns the signature's recipe through launch.run, the second

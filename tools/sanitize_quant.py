@@ -3,6 +3,7 @@ and q4_0 blocks, dense, at n = 1 (decode, uniform fixup) and n = 70, causal, che
 float64 on the dequantized K/V. Run:
 compute-sanitizer --tool memcheck python3 tools/sanitize_quant.py
 """
+import faulthandler
 import sys
 
 import torch
@@ -15,6 +16,7 @@ def main() -> int:
     if sys.argv[1:2] in (["-h"], ["--help"]):
         print(__doc__.strip())
         return 0
+    faulthandler.enable()  # a crash under the sanitizer prints the Python stack
     g = torch.Generator(device="cuda").manual_seed(0)
     bad = n = 0
     for lq in (1, 70):

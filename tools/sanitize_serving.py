@@ -6,6 +6,7 @@ and per-tensor V scales, paged q8_0 and q4_0 caches, and
 the device-side behaviour on bad lengths and page ids (clamped and masked: no out-of-bounds
 read). Run: compute-sanitizer --tool memcheck python3 tools/sanitize_serving.py
 """
+import faulthandler
 import sys
 
 import torch
@@ -24,6 +25,7 @@ def main() -> int:
     if sys.argv[1:2] in (["-h"], ["--help"]):
         print(__doc__.strip())
         return 0
+    faulthandler.enable()  # a crash under the sanitizer prints the Python stack
     g = torch.Generator(device="cuda").manual_seed(0)
 
     def rand(*shape):
