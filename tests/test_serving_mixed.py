@@ -136,6 +136,29 @@ def test_shared_work_list_and_changed_lengths():
         assert rel_err(out[rows], ref[rows]) <= tol
 
 
+def test_default_plan_of_a_varlen_batch_answers_its_bounds():
+    # q_split="auto" is serving_plan's default: a varlen batch beyond the split gets a
+    # MixedPlan, which answers the batch's bounds as a ServingPlan does
+    from skattn.serving_mixed import BOUNDS
+
+    common = dict(batch=4, total_q=600, max_kv_len=4096, q_heads=32, kv_heads=8, head_dim=128,
+                  page_size=16, max_pages=256, sms=132, occupancy=2)
+    p = skattn.serving_plan(max_q_len=512, **common)
+    one = skattn.serving_plan(max_q_len=512, q_split=None, **common)
+    assert isinstance(p, MixedPlan) and isinstance(one, skattn.ServingPlan)
+    for name in BOUNDS:
+        assert getattr(p, name) == getattr(one, name), name
+        if name != "max_q_len":
+            assert getattr(p.short, name) == getattr(one, name), name
+    assert p.max_q_len == 512 and p.short.max_q_len == p.q_split == 4
+    with pytest.raises(AttributeError, match=r"\.short or \.long"):
+        p.geometry  # differs by half
+    import copy
+    import pickle
+    assert pickle.loads(pickle.dumps(p)) == p and copy.deepcopy(p) == p
+    assert "short half" in p.describe()
+
+
 def test_auto_split_and_bad_values():
     assert decode_q_split(32, 8) == 4 and decode_q_split(64, 8) == 2
     assert decode_q_split(40, 8) == 3 and decode_q_split(8, 8) == 16

@@ -11,6 +11,12 @@ from skattn.serving_plan import ServingPlan, serving_plan
 
 __all__ = ["MixedPlan", "mixed_plan", "step_plan", "decode_q_split"]
 
+# what a MixedPlan answers as a ServingPlan does: the batch's bounds, equal in both halves
+# but max_q_len (the long half's)
+BOUNDS = ("max_q_len", "total_q", "max_kv_len", "q_heads", "kv_heads", "head_dim",
+          "head_dim_v", "dtype", "causal", "window", "layout", "page_size", "max_pages",
+          "total_k", "policy", "sms", "occupancy", "gqa_ratio", "key_capacity")
+
 # q_split="auto": the short half's tiles hold at most this many rows. A decode row in a
 # 64-row tile costs the ragged kernel 1.5x its time in a 16-row tile (PERF.md, "Serving
 # batches"), so the short half takes what fits the smallest decode tile.
@@ -40,10 +46,19 @@ class MixedPlan:
         The most query tokens of a sequence in the short half.
     work_list_words : int
         int32 words of both work lists (`skattn.serving.work_list(plan)` builds them).
+    max_q_len, total_q, max_kv_len, q_heads, ... : the batch's bounds (`BOUNDS`), as a
+        ServingPlan has them (the long half's: the short half's max_q_len is q_split). What
+        differs by half (geometry, programs, fixup, workspace) is read from `short`, `long`.
     """
 
     short: ServingPlan
     long: ServingPlan
+
+    def __getattr__(self, name):  # only for names the class does not define
+        if name in BOUNDS:
+            return getattr(self.long, name)
+        raise AttributeError(f"MixedPlan has no attribute {name!r}: a plan in two halves; "
+                             f"read a half's from .short or .long (ServingPlans)")
 
     @property
     def q_split(self) -> int:
