@@ -79,6 +79,39 @@ def test_markdown_table():
     assert "50.0 (80%)" in line and "2.00x" in line and "4.00x" in line and "error" in line
 
 
+def test_report_from_csvs_writes_the_table_and_the_plot(tmp_path):
+    # `skattn bench --report serving.csv`: a later CSV's cell replaces an earlier one's; the
+    # markdown and the plot (% of floor per provider, a panel per model) are written
+    import csv
+
+    from skattn.bench.cli import main as cli_main
+    from skattn.bench.records import have_matplotlib
+
+    cols = ("provider", "model", "mix", "page_size", "status", "p50_us", "pct_floor", "commit",
+            "gpu", "layers")
+
+    def write(path, rows):
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=cols)
+            w.writeheader()
+            for r in rows:
+                w.writerow(dict(zip(cols, r)))
+
+    a, b = tmp_path / "serving-a.csv", tmp_path / "serving-b.csv"
+    write(a, [("skattn:auto", m, "mixed", 16, "ok", 500.0, 40, "c1", "H200", 8)
+              for m in ("llama-8b", "gpt-oss")]
+          + [("skattn:one-plan", "llama-8b", "mixed", 16, "ok", 600.0, 33, "c1", "H200", 8),
+             ("sdpa-padded", "llama-8b", "equal", 64, "ok", 250.0, 99, "c1", "H200", 8)])
+    write(b, [("skattn:auto", "llama-8b", "mixed", 16, "ok", 300.0, 66, "c2", "H200", 8)])
+    out = tmp_path / "report"
+    assert cli_main(["--report", str(a), str(b), "--out", str(out), "--tag", "t"]) == 0
+    text = (out / "serving-t.md").read_text()
+    line = [ln for ln in text.splitlines() if ln.startswith("| llama-8b | mixed")][0]
+    assert "300.0 (66%)" in line and "600.0 (33%)" in line and "c1" in text and "c2" in text
+    assert text.index("| gpt-oss") < text.index("| llama-8b | mixed")
+    assert (out / "serving-t.png").exists() == have_matplotlib()
+
+
 def test_skattn_variants_name_a_policy_and_plan_overrides():
     from skattn.bench.serving import skattn_variant
 

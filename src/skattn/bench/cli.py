@@ -218,7 +218,9 @@ def _serving_mode(args) -> int:
                                  reps=args.reps or 20, warmup=args.warmup or 5, seed=args.seed,
                                  time_limit_s=args.time_limit or 220.0,
                                  progress=not args.no_progress)
-    print(f"wrote {csv_path}, {csv_path.with_suffix('.json')}, {csv_path.with_suffix('.md')}")
+    written = [csv_path] + [p for p in (csv_path.with_suffix(s) for s in (".json", ".md", ".png"))
+                            if p.exists()]
+    print("wrote " + ", ".join(map(str, written)))
     print(csv_path.with_suffix(".md").read_text())
     return 0
 
@@ -254,13 +256,18 @@ def _quant_mode(args) -> int:
 
 
 def _report_mode(args) -> int:
-    """Tables from CSVs: the grid's, the seed table's or the host time's, told by their columns."""
+    """Tables (and plots) from CSVs: the grid's, the serving benchmark's, the seed table's or
+    the host time's, told by their columns."""
     import csv
 
     with open(args.report[0], newline="") as f:
         columns = set(next(csv.reader(f), []))
     out = args.out or None
-    if "part" in columns:
+    if {"mix", "page_size"} <= columns:  # the serving benchmark's
+        from skattn.bench.serving_plot import report as serving_report
+
+        print(serving_report(args.report, out_dir=out, stem=args.tag and f"serving-{args.tag}"))
+    elif "part" in columns:
         from skattn.bench.seed import seed_report
 
         print(seed_report(args.report, out_dir=out, stem=args.tag and f"seed-{args.tag}"))

@@ -24,6 +24,7 @@ from skattn.bench import serving as sb
 from skattn.bench.floors import floor_us, pct_floor
 from skattn.bench.graph import capture, time_graph
 from skattn.bench.providers import importable
+from skattn.bench.records import have_matplotlib
 from skattn.bench.run import error_status, progress_bar, provenance, timed
 from skattn.bench.serving_mixes import MIX_NOTES, MIXES, PARTS, mix
 from skattn.bench.models import MODELS
@@ -165,6 +166,10 @@ def run_serving(*, models, mixes, page_sizes, names, out_dir, tag, layers=8, war
     meta.update(elapsed_s=round(time.monotonic() - start, 1), cells_done=done)
     csv_path.with_suffix(".json").write_text(json.dumps(meta, indent=1) + "\n")
     csv_path.with_suffix(".md").write_text(markdown(rows, meta) + "\n")
+    if rows and have_matplotlib():
+        from skattn.bench.serving_plot import plot
+
+        plot(rows, csv_path.with_suffix(".png"))
     return csv_path, rows
 
 
@@ -172,13 +177,27 @@ def _p50(row):
     return float(row["p50_us"]) if row and row.get("status") == "ok" and row.get("p50_us") else None
 
 
+def provider_order(rows: list[dict]) -> list[str]:
+    """The providers of `rows`, in the benchmark's order (unknown names last)."""
+    seen = list(dict.fromkeys(r["provider"] for r in rows))
+    return ([n for n in PROVIDERS_ORDER if n in seen]
+            + [n for n in seen if n not in PROVIDERS_ORDER])
+
+
+def ordered_cells(rows: list[dict]) -> list[tuple[str, str, str]]:
+    """(model, mix, page size) of `rows`, by model, then mix in the benchmark's order."""
+    order = MIXES + PARTS
+    return sorted({(r["model"], r["mix"], str(r["page_size"])) for r in rows},
+                  key=lambda k: (k[0], order.index(k[1]) if k[1] in order else len(order),
+                                 int(k[2])))
+
+
 def markdown(rows: list[dict], meta: dict) -> str:
     """Per cell: each provider's per-layer µs (% of floor), and skattn auto's speed-up over the
     split anchor and over the best other provider."""
-    names = [n for n in PROVIDERS_ORDER if any(r["provider"] == n for r in rows)]
+    names = provider_order(rows)
     idx = {(r["model"], r["mix"], str(r["page_size"]), r["provider"]): r for r in rows}
-    keys = sorted({(r["model"], r["mix"], str(r["page_size"])) for r in rows},
-                  key=lambda k: (k[0], (MIXES + PARTS).index(k[1]), int(k[2])))
+    keys = ordered_cells(rows)
     lines = [f"# skattn bench --serving ({meta.get('gpu')}, {meta.get('commit')})", "",
              f"Per-layer µs (p50) in a CUDA graph of {meta.get('layers')} layers, cold L2, "
              f"(% of floor: visible K/V bytes / {meta.get('copy_GBps', 0):.0f} GB/s copy "

@@ -1,0 +1,83 @@
+"""The serving benchmark's plot and its `--report` mode: from `serving-<tag>.csv` rows, one
+panel per model, each cell (mix, page size) a group of bars, one per provider: the share of
+the copy floor it reached (visible K/V bytes over the copy bandwidth; the floor of a
+quantized provider counts the bytes it reads)."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from skattn.bench.records import have_matplotlib
+
+
+def read_rows(paths) -> list[dict]:
+    """Rows of serving CSVs, a later file's cell and provider replacing an earlier one's."""
+    rows: dict = {}
+    for path in paths:
+        with open(path, newline="") as f:
+            for r in csv.DictReader(f):
+                rows[(r["model"], r["mix"], r["page_size"], r["provider"])] = r
+    return list(rows.values())
+
+
+def plot(rows: list[dict], path) -> None:
+    """PNG: % of the floor per provider and cell, a panel per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from skattn.bench.serving_run import ordered_cells, provider_order
+
+    ok = [r for r in rows if r.get("status") == "ok" and r.get("pct_floor")]
+    models = list(dict.fromkeys(r["model"] for r in ok))
+    names = provider_order(ok)
+    pct = {(r["model"], r["mix"], str(r["page_size"]), r["provider"]): float(r["pct_floor"])
+           for r in ok}
+    fig, axes = plt.subplots(len(models), 1, squeeze=False,
+                             figsize=(11.0, 2.8 * len(models) + 0.8))
+    fig.suptitle("skattn bench --serving: % of the copy floor per layer (CUDA graph, cold L2)",
+                 fontsize=10)
+    width = 0.8 / max(1, len(names))
+    for ax, model in zip(axes[:, 0], models):
+        cells = [c for c in ordered_cells(ok) if c[0] == model]
+        for i, name in enumerate(names):
+            xs = [j - 0.4 + (i + 0.5) * width for j in range(len(cells))]
+            ax.bar(xs, [pct.get((*c, name), 0.0) for c in cells], width=width, label=name)
+        ax.set_xticks(range(len(cells)), [f"{c[1]}\npage {c[2]}" for c in cells], fontsize=7)
+        ax.set_ylim(0, 105)
+        ax.set_title(model, fontsize=9)
+        ax.set_ylabel("% of floor", fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def report(paths, out_dir=None, stem: str | None = None) -> str:
+    """Markdown (`serving_run.markdown`) and the plot from serving CSVs, written as
+    `<stem>.md` and `<stem>.png` next to the first CSV (or into `out_dir`); returns the
+    markdown."""
+    from skattn.bench.serving_mixes import MIX_NOTES, MIXES, PARTS
+    from skattn.bench.serving_run import markdown
+
+    paths = [Path(p) for p in paths]
+    rows = read_rows(paths)
+    out_dir = Path(out_dir) if out_dir else paths[0].parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = stem or f"{paths[0].stem}-report"
+    commits = ", ".join(dict.fromkeys(r.get("commit", "") for r in rows))
+    gpus = ", ".join(dict.fromkeys(r.get("gpu", "") for r in rows))
+    seen = {r["mix"] for r in rows}
+    mixes = [m for m in MIXES + PARTS if m in seen] + sorted(seen - set(MIXES + PARTS))
+    meta = dict(gpu=gpus, commit=commits, layers=rows[0].get("layers") if rows else None,
+                mixes={m: MIX_NOTES.get(m, m) for m in mixes})
+    md = markdown(rows, meta).replace(" / 0 GB/s copy bandwidth",
+                                      " / the copy bandwidth measured in each run")
+    if rows and have_matplotlib():
+        plot(rows, out_dir / f"{stem}.png")
+    else:
+        md += "\nPlot skipped: " + ("no rows" if not rows else "matplotlib is not installed here.")
+    (out_dir / f"{stem}.md").write_text(md + "\n")
+    return md
