@@ -28,8 +28,9 @@ warpgroups' ping-pong); `--variants` picks some, and `ws@N` is `ws` on N program
 still picks the fixup; at head size 64 in 128-key blocks). `--cells model:n:L,...` picks
 cells.
 
-Writes $OUT/prefill_ab.csv and $OUT/prefill_ab.json (provenance, ceilings, compile counts)
-and prints a compact table last. `--plan-only` (no GPU) prints every plan and the number of
+Writes $OUT/prefill_ab.csv and $OUT/prefill_ab.json (provenance, ceilings, compile counts),
+prefill_ab-report.md and .png (`skattn bench --report prefill_ab.csv` redraws them: % of peak
+per cell, the targets met) and prints a compact table last. `--plan-only` (no GPU) prints every plan and the number of
 distinct kernels the run compiles.
 """
 from __future__ import annotations
@@ -485,6 +486,9 @@ def main(argv=None) -> int:
                 checks={" ".join(map(str, k)): v for k, v in checked.items()})
     _write_csv(out_dir / "prefill_ab.csv", rows)
     (out_dir / "prefill_ab.json").write_text(json.dumps(prov, indent=1, default=str))
+    from skattn.bench.prefill_report import report  # prefill_ab-report.md and .png
+
+    report([out_dir / "prefill_ab.csv"], out_dir)
     print(table(rows), flush=True)
     return 0
 

@@ -256,14 +256,18 @@ def _quant_mode(args) -> int:
 
 
 def _report_mode(args) -> int:
-    """Tables (and plots) from CSVs: the grid's, the serving benchmark's, the seed table's or
-    the host time's, told by their columns."""
+    """Tables (and plots) from CSVs: the grid's, the prompt-chunk A/B's, the serving
+    benchmark's, the seed table's or the host time's, told by their columns."""
     import csv
 
     with open(args.report[0], newline="") as f:
         columns = set(next(csv.reader(f), []))
     out = args.out or None
-    if {"mix", "page_size"} <= columns:  # the serving benchmark's
+    if "cudnn_nomask_over" in columns:  # tools/prefill_ab.py's
+        from skattn.bench.prefill_report import report as prefill_report
+
+        print(prefill_report(args.report, out_dir=out, stem=args.tag and f"prefill-{args.tag}"))
+    elif {"mix", "page_size"} <= columns:  # the serving benchmark's
         from skattn.bench.serving_plot import report as serving_report
 
         print(serving_report(args.report, out_dir=out, stem=args.tag and f"serving-{args.tag}"))
