@@ -247,7 +247,13 @@ def _quant_mode(args) -> int:
     import json
 
     md = quant.write_markdown(csv_path, rows, json.loads(json_path.read_text()))
-    print(f"wrote {csv_path}, {json_path}, {md}")
+    from skattn.bench.quant_plot import plot
+    from skattn.bench.records import have_matplotlib
+
+    png = csv_path.with_suffix(".png")
+    if rows and have_matplotlib():
+        plot(rows, png)
+    print(f"wrote {csv_path}, {json_path}, {md}" + (f", {png}" if png.exists() else ""))
     bad = [r for r in rows if r["status"] != "ok"]
     if bad:
         print(f"{len(bad)} of {len(rows)} measurements not timed (wrong or error): see the CSV's status")
@@ -256,14 +262,19 @@ def _quant_mode(args) -> int:
 
 
 def _report_mode(args) -> int:
-    """Tables (and plots) from CSVs: the grid's, the prompt-chunk A/B's, the serving
-    benchmark's, the seed table's or the host time's, told by their columns."""
+    """Tables (and plots) from CSVs: the grid's, the quantized-K/V benchmark's, the
+    prompt-chunk A/B's, the serving benchmark's, the seed table's or the host time's, told
+    by their columns."""
     import csv
 
     with open(args.report[0], newline="") as f:
         columns = set(next(csv.reader(f), []))
     out = args.out or None
-    if "cudnn_nomask_over" in columns:  # tools/prefill_ab.py's
+    if "speedup_vs_f16" in columns:  # skattn bench --quant's
+        from skattn.bench.quant_plot import report as quant_report
+
+        print(quant_report(args.report, out_dir=out, stem=args.tag and f"quant-{args.tag}"))
+    elif "cudnn_nomask_over" in columns:  # tools/prefill_ab.py's
         from skattn.bench.prefill_report import report as prefill_report
 
         print(prefill_report(args.report, out_dir=out, stem=args.tag and f"prefill-{args.tag}"))
