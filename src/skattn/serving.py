@@ -260,10 +260,12 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     window, sinks, softcap, alibi_slopes, scale, return_lse, plan, out, workspace, work_list,
     k_scale, v_scale
         As in `attention_with_kvcache` (plan from `skattn.serving_plan(batch=B,
-        max_q_len=max_seqlen_q, total_q=total_q, max_kv_len=max_seqlen_k, ...)`, or a
-        `MixedPlan` from the same with `q_split=`: decode tiles for the sequences of at most
-        q_split query tokens, docs/serving.md "Mixed batches"; its workspace and work list
+        max_q_len=max_seqlen_q, total_q=total_q, max_kv_len=max_seqlen_k, ...)`: where
+        max_seqlen_q exceeds what fills a 16-row tile, a `MixedPlan` by default, decode tiles
+        for the sequences of at most `q_split` query tokens and prompt tiles for the others,
+        docs/serving.md "Mixed batches"; `q_split=None` for one plan; workspace and work list
         from `skattn.serving.workspace(plan)` and `skattn.serving.work_list(plan, ...)`).
+        Without a plan, the same default is made and cached per bounds.
 
     Returns
     -------
