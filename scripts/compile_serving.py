@@ -35,8 +35,8 @@ CASES = {
                           layout="paged", lse=True),
     "paged48-split": dict(kw=dict(q_len=4, max_kv_len=4800, page_size=48, policy="split"),
                           layout="paged", pdl=True),
-    "varlen-packed": dict(kw=dict(max_q_len=512, total_q=543, max_kv_len=8192, total_k=40000),
-                          layout="packed", pdl=True),
+    "varlen-packed": dict(kw=dict(max_q_len=512, total_q=543, max_kv_len=8192, total_k=40000,
+                                   q_split=None), layout="packed", pdl=True),  # one plan
     "paged16-features": dict(kw=dict(q_len=4, max_kv_len=4096, page_size=16, window=128,
                                      policy="llamacpp"),
                              layout="paged", heads=(64, 8, 64), sinks=True, softcap=30.0),
@@ -61,7 +61,8 @@ CASES = {
                            wait=False),
     # a prompt-sized tile over q8_0 blocks
     "varlen-packed-q8_0": dict(kw=dict(max_q_len=512, total_q=543, max_kv_len=8192,
-                                       total_k=40000), layout="packed", kv="q8_0"),
+                                       total_k=40000, q_split=None), layout="packed",
+                               kv="q8_0"),
 }
 
 

@@ -203,8 +203,8 @@ def test_continuous_batching_generate_batch(graphs, halves, monkeypatch):
     # transformers' continuous batching ("paged|skattn", named explicitly: transformers would
     # switch a plain name to flash-attn where that is installed): requests of different
     # lengths packed into varlen batches; graphs: transformers captures its steps in CUDA
-    # graphs (padded batches) around skattn's calls; halves: registered with q_split="auto"
-    # (steps in two halves, MixedPlan)
+    # graphs (padded batches) around skattn's calls; halves: the default q_split="auto"
+    # (steps in two halves, MixedPlan), else registered with q_split=None (one plan a step)
     import skattn
 
     calls = []
@@ -212,7 +212,7 @@ def test_continuous_batching_generate_batch(graphs, halves, monkeypatch):
     monkeypatch.setattr(skattn, "attention_varlen",
                         lambda *a, **kw: calls.append(1) or real(*a, **kw))
     ours, ref = models("LlamaConfig", LLAMA, "sdpa")
-    name = skt.register(name="skattn_halves", q_split="auto") if halves else "skattn"
+    name = "skattn" if halves else skt.register(name="skattn_one", q_split=None)
     ours.set_attn_implementation(f"paged|{name}")
     ref.set_attn_implementation("paged|sdpa")
     g = torch.Generator().manual_seed(7)

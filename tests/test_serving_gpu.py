@@ -96,24 +96,27 @@ def mixed_batch(page_size, seed):
 
 @pytest.mark.parametrize("page_size", [None, 16])
 def test_mixed_prefill_and_decode(page_size):
-    # (d): one 512-token prompt chunk and 31 decode sequences in one varlen batch
+    # (d): one 512-token prompt chunk and 31 decode sequences in one varlen batch: unplanned
+    # (two halves, the default), planned with the fused merge, and in one plan (q_split=None:
+    # decode rows in prompt tiles)
     m, q, k, v, table, cu_q, cu_k = mixed_batch(page_size, seed=3)
     Hq, Hkv, D = MIXED_HEADS
     mq, mk = max(m.q_lens), max(m.kv_lens)
     ref = reference.attention_varlen(q, k, v, cu_q, cu_k, mq, mk, block_table=table)
     tol = ragged_bound(sequences_varlen(q, k, v, cu_q, cu_k, table))
-    for fixup in (None, "fused"):
+    for fixup, q_split in ((None, "auto"), ("fused", "auto"), (None, None), ("fused", None)):
         out = torch.full((q.shape[0], Hq, D), NAN, device="cuda", dtype=q.dtype)
         p = None
-        if fixup:
+        if fixup or q_split is None:
             bounds = (dict(page_size=page_size, max_pages=table.shape[1]) if page_size
                       else dict(total_k=k.shape[0]))
             p = skattn.serving_plan(batch=m.batch, max_q_len=mq, total_q=q.shape[0],
                                     max_kv_len=mk, q_heads=Hq, kv_heads=Hkv, head_dim=D,
-                                    fixup=fixup, **bounds)
+                                    fixup=fixup, q_split=q_split, **bounds)
+            assert isinstance(p, skattn.MixedPlan) == (q_split is not None)
         skattn.attention_varlen(q, k, v, cu_q, cu_k, mq, mk, block_table=table, plan=p, out=out)
         assert not torch.isnan(out).any()
-        assert rel_err(out, ref) <= tol, (fixup, rel_err(out, ref), tol)
+        assert rel_err(out, ref) <= tol, (fixup, q_split, rel_err(out, ref), tol)
 
 
 @pytest.mark.parametrize("page_size", [None, 16])

@@ -7,10 +7,11 @@ Runs `generate_batch` on the CPU with `tools/cb_bench.py`'s request mix and tran
 default scheduling at llama-8b's scale (pages of 256 rows, 8192 tokens a step) through a
 stand-in attention that records each step's lengths (layer 0) and returns zeros, so the
 scheduling is the real one and the model a toy. For each step it then plans skattn's call
-as `transformers_paged` does (llama-8b heads, the bounds rounded up to powers of two), as
-transformers calls it eagerly, as under its CUDA graphs (query tokens padded to a
-multiple of 64, `max_seqlen_q` = the padded count, 32 sequences), and so padded with
-skattn registered with `q_split="auto"` (a step in two halves), and builds the work lists
+as `transformers_paged` does (llama-8b heads, the bounds rounded up to powers of two): in
+one plan (`register(q_split=None)`) as transformers calls it eagerly and as under its CUDA
+graphs (query tokens padded to a multiple of 64, `max_seqlen_q` = the padded count, 32
+sequences), and so padded with the default `q_split="auto"` (a step in two halves where
+its longest request passes the split), and builds the work lists
 on the host (`serving_worklist.host_work_list`): work items, tiles, programs, and the dot
 products they compute against the useful ones. Prints one line per step and the totals.
 """
@@ -107,7 +108,7 @@ def main() -> int:
     ap.add_argument("--new", type=int, default=64)
     args = ap.parse_args()
     steps = record_steps(args.requests, args.prompt, args.new)
-    cols = ("eager", "graphs", "graphs, q_split=auto")
+    cols = ("eager, one plan", "graphs, one plan", "graphs, q_split=auto")
     print(f"{len(steps)} steps; per step, tokens a tile (short/long half), work items and the "
           f"share of useful dot products: " + " | ".join(cols))
     tot = {c: dict(items=0, pairs=0) for c in cols}

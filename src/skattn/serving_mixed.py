@@ -15,7 +15,7 @@ __all__ = ["MixedPlan", "mixed_plan", "step_plan", "decode_q_split"]
 # but max_q_len (the long half's)
 BOUNDS = ("max_q_len", "total_q", "max_kv_len", "q_heads", "kv_heads", "head_dim",
           "head_dim_v", "dtype", "causal", "window", "layout", "page_size", "max_pages",
-          "total_k", "policy", "sms", "occupancy", "gqa_ratio", "key_capacity")
+          "total_k", "policy", "sms", "gqa_ratio", "key_capacity")
 
 # q_split="auto": the short half's tiles hold at most this many rows. A decode row in a
 # 64-row tile costs the ragged kernel 1.5x its time in a 16-row tile (PERF.md, "Serving
@@ -113,7 +113,7 @@ def mixed_plan(q_split, args: dict) -> ServingPlan | MixedPlan:
         q_split = int(q_split)
     if (not isinstance(q_split, int) or isinstance(q_split, bool) or q_split < 1
             or (max_q_len is not None and q_split >= max_q_len)):
-        raise ValueError(f"q_split must be 'auto' or an integer in [1, max_q_len) = [1, "
+        raise ValueError(f"q_split must be 'auto', None (one plan) or an integer in [1, max_q_len) = [1, "
                          f"{max_q_len}), got {q_split!r}")
     plan = _halves(q_split, args)
     if not isinstance(plan, MixedPlan):

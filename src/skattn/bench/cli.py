@@ -251,6 +251,7 @@ def _quant_mode(args) -> int:
     from skattn.bench.records import have_matplotlib
 
     png = csv_path.with_suffix(".png")
+    png.unlink(missing_ok=True)  # a plot of an earlier run under the same tag is not this one's
     if rows and have_matplotlib():
         plot(rows, png)
     print(f"wrote {csv_path}, {json_path}, {md}" + (f", {png}" if png.exists() else ""))

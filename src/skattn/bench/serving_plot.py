@@ -21,7 +21,8 @@ def read_rows(paths) -> list[dict]:
 
 
 def plot(rows: list[dict], path) -> None:
-    """PNG: % of the floor per provider and cell, a panel per model."""
+    """PNG: % of the floor per provider and cell, a panel per model; none where no row was
+    timed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -30,6 +31,8 @@ def plot(rows: list[dict], path) -> None:
     from skattn.bench.serving_run import ordered_cells, provider_order
 
     ok = [r for r in rows if r.get("status") == "ok" and r.get("pct_floor")]
+    if not ok:  # nothing timed: no plot (the table says why)
+        return
     models = list(dict.fromkeys(r["model"] for r in ok))
     names = provider_order(ok)
     pct = {(r["model"], r["mix"], str(r["page_size"]), r["provider"]): float(r["pct_floor"])

@@ -166,6 +166,7 @@ def run_serving(*, models, mixes, page_sizes, names, out_dir, tag, layers=8, war
     meta.update(elapsed_s=round(time.monotonic() - start, 1), cells_done=done)
     csv_path.with_suffix(".json").write_text(json.dumps(meta, indent=1) + "\n")
     csv_path.with_suffix(".md").write_text(markdown(rows, meta) + "\n")
+    csv_path.with_suffix(".png").unlink(missing_ok=True)  # not an earlier run's under this tag
     if rows and have_matplotlib():
         from skattn.bench.serving_plot import plot
 
