@@ -1,5 +1,5 @@
-"""Steps of a continuous batch, side by side: `attention_varlen` over a paged cache (pages
-of 256, or --page; with max_seqlen_q as given, and as skattn's transformers forward would
+"""Steps of a continuous batch, side by side: `attention_varlen` over a paged cache in one
+plan a step (`q_split=None`; pages of 256, or --page; with max_seqlen_q as given, and as skattn's transformers forward would
 plan it under CUDA graphs: the token count padded to a multiple of 64, rounded up to a power
 of two; the padded tokens and sequences themselves are not added; and with policy "split",
 whole tiles where the step has more tiles than programs) against the dense path
@@ -85,7 +85,14 @@ def main() -> int:
         cu_q, cu_k = cu_q.to(dev), cu_k.to(dev)
         out = torch.empty_like(q)
 
+        def one_plan(max_q):  # each step in one plan (q_split=None), as the rows are labelled
+            return skattn.serving._cached_plan(q.device, q_split=None, **dict(
+                batch=B, max_q_len=max_q, total_q=total, max_kv_len=max(lk),
+                page_size=args.page, max_pages=pages_per, q_heads=HQ, kv_heads=HKV, head_dim=D,
+                head_dim_v=D, dtype=f16, causal=True, window=None))
+
         def varlen(max_q, plan=None):
+            plan = one_plan(max_q) if plan is None else plan
             return lambda: skattn.attention_varlen(q, kc, vc, cu_q, cu_k, max_q, max(lk),
                                                    block_table=table, out=out, plan=plan)
 
@@ -114,10 +121,7 @@ def main() -> int:
             run()
             err = (out.float() - ref.float()).abs().max().item()
             assert err < 2e-2, (name, err)
-        plan = skattn.serving._cached_plan(q.device, q_split=None, **dict(
-            batch=B, max_q_len=max(lq), total_q=total, max_kv_len=max(lk), page_size=args.page,
-            max_pages=pages_per, q_heads=HQ, kv_heads=HKV, head_dim=D, head_dim_v=D,
-            dtype=f16, causal=True, window=None))
+        plan = one_plan(max(lq))
         g = plan.geometry
         wl = skattn.serving.work_list(plan, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
         r = dict(case=name, page=args.page, varlen_us=timed(varlen(max(lq)), args.reps),
@@ -137,7 +141,8 @@ def main() -> int:
     meta = dict(provenance(torch.cuda.get_device_properties(0).multi_processor_count),
                 command="python3 tools/varlen_prefill.py " + " ".join(sys.argv[1:]),
                 timer="CUDA events, median of reps, warm L2, the stream held by a spin kernel",
-                columns="varlen: policy auto (whole_tiles: the GPU ran the step in whole tiles); "
+                columns="varlen: policy auto, one plan a step (q_split=None; whole_tiles: the GPU "
+                        "ran the step in whole tiles); "
                         "max_q_padded: max_seqlen_q as transformers' graphs pad it; split: "
                         "policy split, one piece a tile in tile order; dense: skattn.attention a "
                         "request at a time; sdpa_flash: SDPA's flash kernel, fresh prompts only")
