@@ -1,7 +1,8 @@
 """Steps of a continuous batch, side by side: `attention_varlen` over a paged cache in one
-plan a step (`q_split=None`; pages of 256, or --page; with max_seqlen_q as given, and as skattn's transformers forward would
-plan it under CUDA graphs: the token count padded to a multiple of 64, rounded up to a power
-of two; the padded tokens and sequences themselves are not added; and with policy "split",
+plan a step (`q_split=None`; pages of 256, or --page; with max_seqlen_q as given, and as
+skattn's transformers forward would plan it under CUDA graphs: the token count padded to a
+multiple of 64, rounded up to a power of two; the padded tokens and sequences themselves
+are not added; and with policy "split",
 whole tiles where the step has more tiles than programs) against the dense path
 (`skattn.attention`, one call a request) and SDPA's flash kernel (causal, one call a
 request; fresh prompts only), same inputs, same run.
