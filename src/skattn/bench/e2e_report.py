@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from skattn.bench.records import (have_matplotlib, merge_rows, not_timed, ok_number,
-                                  provenance_text, report_files, write_markdown)
+                                  provenance_text, report_files, save_figure, write_markdown)
 from skattn.policy import POLICY_ALIASES
 
 SKATTN_POLICIES = ("llamacpp-before", "llamacpp", "auto")
@@ -157,10 +157,7 @@ def plot(rows: list[dict], path) -> None:
         ax.set_title(mode, fontsize=9)
         ax.set_ylabel("speed-up over sdpa", fontsize=8)
         ax.grid(axis="y", alpha=0.3)
-    axes[0][0].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, axes, path)
 
 
 def e2e_report(csv_paths, out_dir=None, stem: str | None = None, plots: bool = True) -> str:

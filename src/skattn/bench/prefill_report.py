@@ -6,9 +6,8 @@ cuDNN's causal time, labelled so), and whether both of the prompt-chunk targets 
 from __future__ import annotations
 
 import csv
-from pathlib import Path
 
-from skattn.bench.records import have_matplotlib
+from skattn.bench.records import finish_report, grouped_bars, report_files, save_figure
 
 CUDNN = "sdpa-cudnn-nomask"
 PEAK_TARGET = 75.0  # % of the matmul peak
@@ -85,13 +84,10 @@ def plot(rows: list[dict], path) -> None:
                              figsize=(max(9.0, 0.45 * len(cells) + 3), 3.6 * len(dtypes) + 0.8))
     fig.suptitle("prompt chunks: % of the measured matmul peak (graph timer, cold L2); "
                  "cuDNN without a mask is a lower bound on its causal time", fontsize=9)
-    width = 0.8 / max(1, len(labels))
     for ax, dtype in zip(axes[:, 0], dtypes):
-        for i, label in enumerate(labels):
-            ys = [float(idx[(*c, dtype, label)]["pct_peak"]) if (*c, dtype, label) in idx
-                  else 0.0 for c in cells]
-            ax.bar([j - 0.4 + (i + 0.5) * width for j in range(len(cells))], ys, width=width,
-                   label=label)
+        grouped_bars(ax, [(label, [float(idx[(*c, dtype, label)]["pct_peak"])
+                                   if (*c, dtype, label) in idx else 0.0 for c in cells])
+                          for label in labels])
         ax.axhline(PEAK_TARGET, color="black", linewidth=0.8, linestyle="--")
         ax.set_xticks(range(len(cells)), [f"{m} n={n} {L // 1024}k" for m, n, L in cells],
                       fontsize=6, rotation=60, ha="right")
@@ -99,28 +95,17 @@ def plot(rows: list[dict], path) -> None:
         ax.set_title(dtype, fontsize=9)
         ax.set_ylabel("% of peak", fontsize=8)
         ax.grid(axis="y", alpha=0.3)
-    axes[0][0].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, axes, path)
 
 
 def report(paths, out_dir=None, stem: str | None = None) -> str:
     """Markdown and plot from prefill_ab CSVs: `<stem>.md`, `<stem>.png` next to the first
     CSV (or in `out_dir`); returns the markdown."""
-    paths = [Path(p) for p in paths]
+    paths, out_dir, stem = report_files(paths, out_dir, stem, "a prefill report")
+    stem = stem if stem != paths[0].stem else f"{stem}-report"
     rows = read_rows(paths)
-    out_dir = Path(out_dir) if out_dir else paths[0].parent
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = stem or f"{paths[0].stem}-report"
     md = [f"# Prompt chunks: {', '.join(p.name for p in paths)}", "",
           "Per-layer µs (p50) in a CUDA graph, cold L2 (% of the matmul peak measured in the "
           "same run, the causal triangle not subtracted). cuDNN runs *without* a mask: a lower "
           "bound on its causal time.", "", table(rows)]
-    if rows and have_matplotlib():
-        plot(rows, out_dir / f"{stem}.png")
-    else:
-        md += ["", "Plot skipped: " + ("no rows" if not rows else "matplotlib is not installed here.")]
-    text = "\n".join(md)
-    (out_dir / f"{stem}.md").write_text(text + "\n")
-    return text
+    return finish_report(md, rows, plot, out_dir, stem)

@@ -4,9 +4,8 @@ decode target (1.7x at L >= 16384) and parity drawn."""
 from __future__ import annotations
 
 import csv
-from pathlib import Path
 
-from skattn.bench.records import have_matplotlib
+from skattn.bench.records import finish_report, grouped_bars, report_files, save_figure
 
 DECODE_TARGET = 1.7
 
@@ -22,11 +21,8 @@ def plot(rows: list[dict], path) -> None:
 
     cells = list(_by_cell(rows).items())
     fig, ax = plt.subplots(figsize=(max(8.0, 0.5 * len(cells) + 3), 4.2))
-    width = 0.8 / len(QUANTIZED)
-    for i, form in enumerate(QUANTIZED):
-        ys = [_num(by.get(form), "speedup_vs_f16") or 0.0 for _, by in cells]
-        ax.bar([j - 0.4 + (i + 0.5) * width for j in range(len(cells))], ys, width=width,
-               label=form)
+    grouped_bars(ax, [(form, [_num(by.get(form), "speedup_vs_f16") or 0.0 for _, by in cells])
+                      for form in QUANTIZED])
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.axhline(DECODE_TARGET, color="black", linewidth=0.8, linestyle="--",
                label=f"decode target ({DECODE_TARGET}x at L >= 16384)")
@@ -36,10 +32,7 @@ def plot(rows: list[dict], path) -> None:
     ax.set_title("quantized K/V: per-layer speed over the f16 path (CUDA graph, cold L2)",
                  fontsize=9)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, [[ax]], path)
 
 
 def report(paths, out_dir=None, stem: str | None = None) -> str:
@@ -48,23 +41,15 @@ def report(paths, out_dir=None, stem: str | None = None) -> str:
     CSV (or in `out_dir`); returns the markdown."""
     from skattn.bench.quant import markdown_table
 
-    paths = [Path(p) for p in paths]
+    paths, out_dir, stem = report_files(paths, out_dir, stem, "a quant report")
+    stem = stem if stem != paths[0].stem else f"{stem}-report"
     merged: dict = {}
     for path in paths:
         with open(path, newline="") as f:
             for r in csv.DictReader(f):
                 merged[(r["model"], r["n"], r["depth"], r["format"])] = r
     rows = list(merged.values())
-    out_dir = Path(out_dir) if out_dir else paths[0].parent
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = stem or f"{paths[0].stem}-report"
     md = [f"# skattn quantized K/V: {', '.join(p.name for p in paths)}", "",
           "p50 µs per layer (% of each form's own floor) and speed-up over f16, same run.", "",
           markdown_table(rows)]
-    if rows and have_matplotlib():
-        plot(rows, out_dir / f"{stem}.png")
-    else:
-        md += ["", "Plot skipped: " + ("no rows" if not rows else "matplotlib is not installed here.")]
-    text = "\n".join(md)
-    (out_dir / f"{stem}.md").write_text(text + "\n")
-    return text
+    return finish_report(md, rows, plot, out_dir, stem)

@@ -151,3 +151,34 @@ def write_meta(out_dir: Path, name: str, meta: dict, files) -> None:
     """A GPU tool's provenance as JSON `out_dir/name`, and a line naming what it wrote."""
     (out_dir / name).write_text(json.dumps(meta, indent=1) + "\n")
     print(f"wrote {', '.join(files)} and {name} to {out_dir}")
+
+
+def save_figure(fig, axes, path) -> None:
+    """A report's figure to `path` (PNG): the legend of the first panel to its right."""
+    import matplotlib.pyplot as plt
+
+    axes[0][0].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def finish_report(md: list[str], rows: list[dict], plot, out_dir: Path, stem: str) -> str:
+    """Draw `plot(rows, <out_dir>/<stem>.png)` where matplotlib is installed (a line says
+    why not otherwise), write the markdown lines `md` to `<stem>.md`; returns the text."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if rows and have_matplotlib():
+        plot(rows, out_dir / f"{stem}.png")
+    else:
+        md = md + ["", "Plot skipped: " + ("no rows" if not rows
+                                            else "matplotlib is not installed here.")]
+    return write_markdown(md, out_dir, stem)
+
+
+def grouped_bars(ax, series: list[tuple[str, list[float]]]) -> None:
+    """One bar per series at each x = 0, 1, ... (a group per cell), labelled for the legend."""
+    width = 0.8 / max(1, len(series))
+    for i, (label, ys) in enumerate(series):
+        ax.bar([j - 0.4 + (i + 0.5) * width for j in range(len(ys))], ys, width=width,
+               label=label)
+

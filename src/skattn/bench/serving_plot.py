@@ -5,9 +5,8 @@ quantized provider counts the bytes it reads)."""
 from __future__ import annotations
 
 import csv
-from pathlib import Path
 
-from skattn.bench.records import have_matplotlib
+from skattn.bench.records import finish_report, grouped_bars, report_files, save_figure
 
 
 def read_rows(paths) -> list[dict]:
@@ -41,21 +40,15 @@ def plot(rows: list[dict], path) -> None:
                              figsize=(11.0, 2.8 * len(models) + 0.8))
     fig.suptitle("skattn bench --serving: % of the copy floor per layer (CUDA graph, cold L2)",
                  fontsize=10)
-    width = 0.8 / max(1, len(names))
     for ax, model in zip(axes[:, 0], models):
         cells = [c for c in ordered_cells(ok) if c[0] == model]
-        for i, name in enumerate(names):
-            xs = [j - 0.4 + (i + 0.5) * width for j in range(len(cells))]
-            ax.bar(xs, [pct.get((*c, name), 0.0) for c in cells], width=width, label=name)
+        grouped_bars(ax, [(name, [pct.get((*c, name), 0.0) for c in cells]) for name in names])
         ax.set_xticks(range(len(cells)), [f"{c[1]}\npage {c[2]}" for c in cells], fontsize=7)
         ax.set_ylim(0, 105)
         ax.set_title(model, fontsize=9)
         ax.set_ylabel("% of floor", fontsize=8)
         ax.grid(axis="y", alpha=0.3)
-    axes[0][0].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, axes, path)
 
 
 def report(paths, out_dir=None, stem: str | None = None) -> str:
@@ -65,11 +58,9 @@ def report(paths, out_dir=None, stem: str | None = None) -> str:
     from skattn.bench.serving_mixes import MIX_NOTES, MIXES, PARTS
     from skattn.bench.serving_run import markdown
 
-    paths = [Path(p) for p in paths]
+    paths, out_dir, stem = report_files(paths, out_dir, stem, "a serving report")
+    stem = stem if stem != paths[0].stem else f"{stem}-report"
     rows = read_rows(paths)
-    out_dir = Path(out_dir) if out_dir else paths[0].parent
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = stem or f"{paths[0].stem}-report"
     commits = ", ".join(dict.fromkeys(r.get("commit", "") for r in rows))
     gpus = ", ".join(dict.fromkeys(r.get("gpu", "") for r in rows))
     seen = {r["mix"] for r in rows}
@@ -78,9 +69,4 @@ def report(paths, out_dir=None, stem: str | None = None) -> str:
                 mixes={m: MIX_NOTES.get(m, m) for m in mixes})
     md = markdown(rows, meta).replace(" / 0 GB/s copy bandwidth",
                                       " / the copy bandwidth measured in each run")
-    if rows and have_matplotlib():
-        plot(rows, out_dir / f"{stem}.png")
-    else:
-        md += "\nPlot skipped: " + ("no rows" if not rows else "matplotlib is not installed here.")
-    (out_dir / f"{stem}.md").write_text(md + "\n")
-    return md
+    return finish_report([md], rows, plot, out_dir, stem)
