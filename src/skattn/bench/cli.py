@@ -248,13 +248,11 @@ def _quant_mode(args) -> int:
 
     md = quant.write_markdown(csv_path, rows, json.loads(json_path.read_text()))
     from skattn.bench.quant_plot import plot
-    from skattn.bench.records import have_matplotlib
+    from skattn.bench.records import draw_plot
 
     png = csv_path.with_suffix(".png")
-    png.unlink(missing_ok=True)  # a plot of an earlier run under the same tag is not this one's
-    if rows and have_matplotlib():
-        plot(rows, png)
-    print(f"wrote {csv_path}, {json_path}, {md}" + (f", {png}" if png.exists() else ""))
+    drew = draw_plot(plot, rows, png)
+    print(f"wrote {csv_path}, {json_path}, {md}" + (f", {png}" if drew else ""))
     bad = [r for r in rows if r["status"] != "ok"]
     if bad:
         print(f"{len(bad)} of {len(rows)} measurements not timed (wrong or error): see the CSV's status")

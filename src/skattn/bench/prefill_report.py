@@ -5,9 +5,8 @@ cuDNN's causal time, labelled so), and whether both of the prompt-chunk targets 
 (>= 75% of peak and faster than unmasked cuDNN)."""
 from __future__ import annotations
 
-import csv
-
-from skattn.bench.records import finish_report, grouped_bars, report_files, save_figure
+from skattn.bench.records import (finish_report, grouped_bars, merge_rows, report_files,
+                                  save_figure, style_panel)
 
 CUDNN = "sdpa-cudnn-nomask"
 PEAK_TARGET = 75.0  # % of the matmul peak
@@ -16,12 +15,8 @@ PEAK_TARGET = 75.0  # % of the matmul peak
 def read_rows(paths) -> list[dict]:
     """Rows of prefill_ab CSVs, a later file's (cell, dtype, provider, variant) replacing an
     earlier one's."""
-    rows: dict = {}
-    for path in paths:
-        with open(path, newline="") as f:
-            for r in csv.DictReader(f):
-                rows[(r["model"], r["n"], r["L"], r["dtype"], r["provider"], r["variant"])] = r
-    return list(rows.values())
+    return merge_rows(paths, lambda r: (r["model"], r["n"], r["L"], r["dtype"], r["provider"],
+                                        r["variant"]))
 
 
 def _label(r) -> str:
@@ -91,18 +86,14 @@ def plot(rows: list[dict], path) -> None:
         ax.axhline(PEAK_TARGET, color="black", linewidth=0.8, linestyle="--")
         ax.set_xticks(range(len(cells)), [f"{m} n={n} {L // 1024}k" for m, n, L in cells],
                       fontsize=6, rotation=60, ha="right")
-        ax.set_ylim(0, 100)
-        ax.set_title(dtype, fontsize=9)
-        ax.set_ylabel("% of peak", fontsize=8)
-        ax.grid(axis="y", alpha=0.3)
+        style_panel(ax, dtype, "% of peak", (0, 100))
     save_figure(fig, axes, path)
 
 
 def report(paths, out_dir=None, stem: str | None = None) -> str:
     """Markdown and plot from prefill_ab CSVs: `<stem>.md`, `<stem>.png` next to the first
     CSV (or in `out_dir`); returns the markdown."""
-    paths, out_dir, stem = report_files(paths, out_dir, stem, "a prefill report")
-    stem = stem if stem != paths[0].stem else f"{stem}-report"
+    paths, out_dir, stem = report_files(paths, out_dir, stem, "a prefill report", "-report")
     rows = read_rows(paths)
     md = [f"# Prompt chunks: {', '.join(p.name for p in paths)}", "",
           "Per-layer µs (p50) in a CUDA graph, cold L2 (% of the matmul peak measured in the "

@@ -3,9 +3,8 @@ per cell, each quantized form's speed-up over the f16 path of the same run, with
 decode target (1.7x at L >= 16384) and parity drawn."""
 from __future__ import annotations
 
-import csv
-
-from skattn.bench.records import finish_report, grouped_bars, report_files, save_figure
+from skattn.bench.records import (finish_report, grouped_bars, merge_rows, report_files,
+                                  save_figure, style_panel)
 
 DECODE_TARGET = 1.7
 
@@ -28,10 +27,8 @@ def plot(rows: list[dict], path) -> None:
                label=f"decode target ({DECODE_TARGET}x at L >= 16384)")
     ax.set_xticks(range(len(cells)), [f"{k[0]} n={k[4]} {k[5] // 1024}k" for k, _ in cells],
                   fontsize=7, rotation=60, ha="right")
-    ax.set_ylabel("speed-up over skattn f16", fontsize=8)
-    ax.set_title("quantized K/V: per-layer speed over the f16 path (CUDA graph, cold L2)",
-                 fontsize=9)
-    ax.grid(axis="y", alpha=0.3)
+    style_panel(ax, "quantized K/V: per-layer speed over the f16 path (CUDA graph, cold L2)",
+                "speed-up over skattn f16")
     save_figure(fig, [[ax]], path)
 
 
@@ -41,14 +38,8 @@ def report(paths, out_dir=None, stem: str | None = None) -> str:
     CSV (or in `out_dir`); returns the markdown."""
     from skattn.bench.quant import markdown_table
 
-    paths, out_dir, stem = report_files(paths, out_dir, stem, "a quant report")
-    stem = stem if stem != paths[0].stem else f"{stem}-report"
-    merged: dict = {}
-    for path in paths:
-        with open(path, newline="") as f:
-            for r in csv.DictReader(f):
-                merged[(r["model"], r["n"], r["depth"], r["format"])] = r
-    rows = list(merged.values())
+    paths, out_dir, stem = report_files(paths, out_dir, stem, "a quant report", "-report")
+    rows = merge_rows(paths, lambda r: (r["model"], r["n"], r["depth"], r["format"]))
     md = [f"# skattn quantized K/V: {', '.join(p.name for p in paths)}", "",
           "p50 µs per layer (% of each form's own floor) and speed-up over f16, same run.", "",
           markdown_table(rows)]

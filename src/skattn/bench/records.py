@@ -61,14 +61,16 @@ def provenance_text(rows: list[dict], keys) -> str:
     return "; ".join(parts)
 
 
-def report_files(csv_paths, out_dir, stem, what: str) -> tuple[list[Path], Path, str]:
+def report_files(csv_paths, out_dir, stem, what: str,
+                 suffix: str = "") -> tuple[list[Path], Path, str]:
     """(CSV paths, output folder, output stem) of a report made from one CSV or several: by
-    default next to the first CSV and named after it."""
+    default next to the first CSV and named after it (+ `suffix`, where the run itself
+    writes a markdown of the CSV's own name)."""
     paths = [Path(p) for p in ([csv_paths] if isinstance(csv_paths, (str, Path)) else csv_paths)]
     if not paths:
         raise ValueError(f"{what} needs at least one CSV file")
     return (paths, Path(out_dir) if out_dir is not None else paths[0].parent,
-            stem or paths[0].stem)
+            stem or paths[0].stem + suffix)
 
 
 def not_timed(rows: list[dict], describe) -> list[str]:
@@ -163,16 +165,33 @@ def save_figure(fig, axes, path) -> None:
     plt.close(fig)
 
 
+def draw_plot(plot, rows: list[dict], path: Path) -> bool:
+    """`plot(rows, path)` where there are rows and matplotlib is installed; an older file at
+    `path` (an earlier run under the same name) is removed either way. Whether it drew."""
+    path.unlink(missing_ok=True)
+    if not rows or not have_matplotlib():
+        return False
+    plot(rows, path)
+    return True
+
+
 def finish_report(md: list[str], rows: list[dict], plot, out_dir: Path, stem: str) -> str:
-    """Draw `plot(rows, <out_dir>/<stem>.png)` where matplotlib is installed (a line says
-    why not otherwise), write the markdown lines `md` to `<stem>.md`; returns the text."""
+    """Draw `plot(rows, <out_dir>/<stem>.png)` (`draw_plot`; a line says why not where it
+    does not), write the markdown lines `md` to `<stem>.md`; returns the text."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    if rows and have_matplotlib():
-        plot(rows, out_dir / f"{stem}.png")
-    else:
+    if not draw_plot(plot, rows, out_dir / f"{stem}.png"):
         md = md + ["", "Plot skipped: " + ("no rows" if not rows
                                             else "matplotlib is not installed here.")]
     return write_markdown(md, out_dir, stem)
+
+
+def style_panel(ax, title: str, ylabel: str, ylim: tuple | None = None) -> None:
+    """A report panel's title, y label, y range and horizontal grid."""
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    ax.set_title(title, fontsize=9)
+    ax.set_ylabel(ylabel, fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
 
 
 def grouped_bars(ax, series: list[tuple[str, list[float]]]) -> None:

@@ -4,19 +4,13 @@ the copy floor it reached (visible K/V bytes over the copy bandwidth; the floor 
 quantized provider counts the bytes it reads)."""
 from __future__ import annotations
 
-import csv
-
-from skattn.bench.records import finish_report, grouped_bars, report_files, save_figure
+from skattn.bench.records import (finish_report, grouped_bars, merge_rows, report_files,
+                                  save_figure, style_panel)
 
 
 def read_rows(paths) -> list[dict]:
     """Rows of serving CSVs, a later file's cell and provider replacing an earlier one's."""
-    rows: dict = {}
-    for path in paths:
-        with open(path, newline="") as f:
-            for r in csv.DictReader(f):
-                rows[(r["model"], r["mix"], r["page_size"], r["provider"])] = r
-    return list(rows.values())
+    return merge_rows(paths, lambda r: (r["model"], r["mix"], r["page_size"], r["provider"]))
 
 
 def plot(rows: list[dict], path) -> None:
@@ -44,10 +38,7 @@ def plot(rows: list[dict], path) -> None:
         cells = [c for c in ordered_cells(ok) if c[0] == model]
         grouped_bars(ax, [(name, [pct.get((*c, name), 0.0) for c in cells]) for name in names])
         ax.set_xticks(range(len(cells)), [f"{c[1]}\npage {c[2]}" for c in cells], fontsize=7)
-        ax.set_ylim(0, 105)
-        ax.set_title(model, fontsize=9)
-        ax.set_ylabel("% of floor", fontsize=8)
-        ax.grid(axis="y", alpha=0.3)
+        style_panel(ax, model, "% of floor", (0, 105))
     save_figure(fig, axes, path)
 
 
@@ -58,8 +49,7 @@ def report(paths, out_dir=None, stem: str | None = None) -> str:
     from skattn.bench.serving_mixes import MIX_NOTES, MIXES, PARTS
     from skattn.bench.serving_run import markdown
 
-    paths, out_dir, stem = report_files(paths, out_dir, stem, "a serving report")
-    stem = stem if stem != paths[0].stem else f"{stem}-report"
+    paths, out_dir, stem = report_files(paths, out_dir, stem, "a serving report", "-report")
     rows = read_rows(paths)
     commits = ", ".join(dict.fromkeys(r.get("commit", "") for r in rows))
     gpus = ", ".join(dict.fromkeys(r.get("gpu", "") for r in rows))

@@ -24,7 +24,7 @@ from skattn.bench import serving as sb
 from skattn.bench.floors import floor_us, pct_floor
 from skattn.bench.graph import capture, time_graph
 from skattn.bench.providers import importable
-from skattn.bench.records import have_matplotlib
+from skattn.bench.records import draw_plot
 from skattn.bench.run import error_status, progress_bar, provenance, timed
 from skattn.bench.serving_mixes import MIX_NOTES, MIXES, PARTS, mix
 from skattn.bench.models import MODELS
@@ -166,11 +166,9 @@ def run_serving(*, models, mixes, page_sizes, names, out_dir, tag, layers=8, war
     meta.update(elapsed_s=round(time.monotonic() - start, 1), cells_done=done)
     csv_path.with_suffix(".json").write_text(json.dumps(meta, indent=1) + "\n")
     csv_path.with_suffix(".md").write_text(markdown(rows, meta) + "\n")
-    csv_path.with_suffix(".png").unlink(missing_ok=True)  # not an earlier run's under this tag
-    if rows and have_matplotlib():
-        from skattn.bench.serving_plot import plot
+    from skattn.bench.serving_plot import plot
 
-        plot(rows, csv_path.with_suffix(".png"))
+    draw_plot(plot, rows, csv_path.with_suffix(".png"))
     return csv_path, rows
 
 
