@@ -1,8 +1,7 @@
 """What the warp-specialised prompt-chunk kernel (`kernels/prefill_ws.py`) compiles to for
 sm_90a, here, without a GPU.
 
-  python3 scripts/ws_build.py [--head-dim 128] [--q-heads 32] [--dtype f16] [--exp-poly 0]
-      [--ptx FILE]
+  python3 scripts/ws_build.py [--head-dim 128] [--q-heads 32] [--dtype f16] [--ptx FILE]
 
 Plans llama-8b-like n = 512, L = 8192 with `Tuning(prefill="ws")` (8 KV heads), builds the
 Gluon kernel for an H100/H200 and prints one JSON line: shared memory, registers and spills
@@ -44,11 +43,11 @@ def compile_sm90(fn, args, kw):
                           options=options.__dict__)
 
 
-def build(head_dim=128, q_heads=32, dtype=torch.float16, exp_poly=0):
+def build(head_dim=128, q_heads=32, dtype=torch.float16):
     n, L = 512, 8192
     p = skattn.plan(batch=1, q_len=n, kv_len=L, q_heads=q_heads, kv_heads=8, head_dim=head_dim,
                     dtype=dtype, causal=True, sms=132, occupancy=2,
-                    tuning=skattn.Tuning(prefill="ws", prefill_exp_poly=exp_poly))
+                    tuning=skattn.Tuning(prefill="ws"))
     pb = prefill_launch.PrefillBound(prefill_launch.ws_constants(p),
                                      (1, p.geometry.block_n, 1, head_dim), False, "ws")
     q = torch.zeros(1, n, q_heads, head_dim, dtype=dtype)
@@ -67,12 +66,10 @@ def main(argv) -> int:
     ap.add_argument("--head-dim", type=int, default=128, choices=(64, 128))
     ap.add_argument("--q-heads", type=int, default=32, help="a multiple of 8")
     ap.add_argument("--dtype", default="f16", choices=("f16", "bf16"))
-    ap.add_argument("--exp-poly", type=int, default=0, choices=(0, 1, 2, 3),
-                    help="Tuning.prefill_exp_poly")
     ap.add_argument("--ptx", help="write the PTX there")
     args = ap.parse_args(argv)
     dtype = {"f16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-    p, ck = build(args.head_dim, args.q_heads, dtype, args.exp_poly)
+    p, ck = build(args.head_dim, args.q_heads, dtype)
     ptx = ck.asm["ptx"]
     if args.ptx:
         Path(args.ptx).write_text(ptx)
@@ -83,8 +80,6 @@ def main(argv) -> int:
                 wgmma_wait_1=len(re.findall(r"wgmma\.wait_group\.sync\.aligned 1;", ptx)),
                 tma_loads=len(re.findall(r"cp\.async\.bulk\.tensor", ptx)),
                 setmaxnreg=len(re.findall(r"setmaxnreg", ptx)),
-                ex2=len(re.findall(r"ex2\.approx", ptx)),
-                exp2_poly=len(re.findall(r"add\.rm\.f32", ptx)),
                 local=len(re.findall(r"\.local", ptx)))
     print(json.dumps(info))
     return 0

@@ -39,9 +39,6 @@ def plans(B, n, L, Hq, Hkv, D, dtype, causal=True):
     out[p.fixup] = p
     out["ping-pong"] = skattn.plan(**dict(kw, tuning=skattn.Tuning(prefill="ws",
                                                                    prefill_pingpong=True)))
-    for share in (1, 3):  # half, an eighth of the exponentials as a polynomial
-        out[f"exp-poly {share}"] = skattn.plan(**dict(kw, tuning=skattn.Tuning(
-            prefill="ws", prefill_exp_poly=share)))
     return out
 
 

@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -112,65 +111,20 @@ def test_interpreter_runs_the_base_kernel():
     assert (out.double() - ref).abs().max() < 2e-3
 
 
-def ws_build(*args) -> dict:
-    """scripts/ws_build.py's JSON line, in a process of its own, without the interpreter
-    (which replaces what Gluon compiles)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
-    res = subprocess.run([sys.executable, str(ROOT / "scripts" / "ws_build.py"), *map(str, args)],
-                         capture_output=True, text=True, env=env, timeout=600)
-    assert res.returncode == 0, res.stderr[-2000:]
-    return json.loads(res.stdout.strip().splitlines()[-1])
-
-
 @pytest.mark.parametrize("head_dim, q_heads", [(128, 32), (64, 64)])
 def test_sm90_build(head_dim, q_heads):
-    info = ws_build("--head-dim", head_dim, "--q-heads", q_heads)
+    # in a process of its own, without the interpreter (which replaces what Gluon compiles)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
+    res = subprocess.run([sys.executable, str(ROOT / "scripts" / "ws_build.py"),
+                          "--head-dim", str(head_dim), "--q-heads", str(q_heads)],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    info = json.loads(res.stdout.strip().splitlines()[-1])
     assert info["block_n"] == 128 and info["shared"] <= 227 * 1024 // info["programs_per_sm"]
     assert info["wgmma"] > 0 and info["tma_loads"] > 0 and info["setmaxnreg"] > 0
     assert info["wgmma_wait_1"] > 0  # Q.K^T of the next block issued under P.V
     assert info["spill_bytes"] == 0 and info["local"] == 0
-    assert info["exp2_poly"] == 0
-
-
-def test_sm90_build_with_polynomial_exponentials():
-    plain = ws_build("--head-dim", 64, "--q-heads", 64, "--exp-poly", 0)
-    poly = ws_build("--head-dim", 64, "--q-heads", 64, "--exp-poly", 2)
-    # a quarter of the unmasked blocks' exponentials move to the polynomial, in registers
-    assert poly["exp2_poly"] > 0 and poly["ex2"] + poly["exp2_poly"] == plain["ex2"]
-    assert poly["shared"] == plain["shared"] and poly["spill_bytes"] == 0
-
-
-def exp2_poly_model(x):
-    """`kernels/prefill_ws.EXP2_POLY` step by step in float32, its constants read from the
-    PTX text (so a wrong constant there fails here)."""
-    import re
-    import struct
-
-    from skattn.kernels import prefill_ws
-
-    asm = prefill_ws.EXP2_POLY.value
-    c = [struct.unpack("<f", struct.pack("<I", int(h, 16)))[0]
-         for h in re.findall(r"0f([0-9A-F]{8})", asm)]
-    lo, magic, _, c3, c2, c1, one = c
-    f32 = np.float32
-    x = np.maximum(x.astype(f32), f32(lo))
-    n = np.floor(x)  # add.rm of 1.5 * 2**23: exact for |x| <= 2**22
-    assert magic == 1.5 * 2**23 and one == 1.0
-    f = (x - n).astype(f32)
-    p = f * f32(c3) + f32(c2)
-    p = p * f + f32(c1)
-    p = (p * f + f32(one)).astype(f32)
-    bits = p.view(np.int32) + (n.astype(np.int32) << 23)
-    return bits.view(f32)
-
-
-def test_polynomial_exponential_error():
-    x = -np.concatenate([np.linspace(0, 30, 300001), np.linspace(30, 200, 1001)])
-    got = exp2_poly_model(x).astype(np.float64)
-    want = np.exp2(np.maximum(x, -126.0))
-    assert np.all(np.abs(got / want - 1) <= 1e-4)  # a fifth of an f16 ulp
-    assert got[0] == 1.0 and got[-1] == 2.0**-126
 
 
 def test_warp_specialize_protocol_probe_builds():
@@ -214,9 +168,3 @@ def test_racecheck_gate_accepts_only_the_protocols_lines(tmp_path):
         outcomes[name] = racecheck_ws.main([str(f)])
     assert outcomes == {"protocol": 0, "ring": 1, "truncated": 1}
     assert racecheck_ws.check(protocol, {def_line, call}) == (3, [])
-
-
-def test_exp_poly_share_is_checked():
-    assert skattn.Tuning(prefill="ws", prefill_exp_poly=3).prefill_exp_poly == 3
-    with pytest.raises(ValueError, match="prefill_exp_poly must be 0, 1, 2 or 3"):
-        skattn.Tuning(prefill="ws", prefill_exp_poly=4)

@@ -24,9 +24,8 @@ what a call without a plan runs), `tma` (kernels/prefill.py:
 K/V through tensor descriptors, the plan's default geometry), `tma-alt` (another block
 size), `ws` (kernels/prefill_ws.py: Gluon, a TMA loader warp and two consumer
 warpgroups), `ws-alt` (128-key blocks at head size 64) and `ws-pp` (`ws-alt` with the consumer
-warpgroups' ping-pong); `--variants` picks some, `ws@N` is `ws` on N programs (`auto`
-still picks the fixup; at head size 64 in 128-key blocks) and `ws-expK` is `ws-alt` with a
-1 / 2**K share of the exponentials as a polynomial (K = 1, 2, 3). `--cells model:n:L,...` picks
+warpgroups' ping-pong); `--variants` picks some, and `ws@N` is `ws` on N programs (`auto`
+still picks the fixup; at head size 64 in 128-key blocks). `--cells model:n:L,...` picks
 cells.
 
 Writes $OUT/prefill_ab.csv and $OUT/prefill_ab.json (provenance, ceilings, compile counts),
@@ -90,12 +89,7 @@ VARIANTS = (
 
 
 def on_programs(name: str) -> Variant | None:
-    """`ws@N`: the warp-specialised kernel on N programs; `ws-expK` (K = 1, 2, 3): `ws-alt`
-    with a 1 / 2**K share of the exponentials as a polynomial (`Tuning.prefill_exp_poly`);
-    None for another name."""
-    if name in ("ws-exp1", "ws-exp2", "ws-exp3"):
-        return Variant(name, "ws", geometry={64: dict(block_n=128)},
-                       tuning=dict(prefill_exp_poly=int(name[-1])))
+    """`ws@N`: the warp-specialised kernel on N programs, or None for another name."""
     kernel, _, count = name.partition("@")
     if kernel != "ws" or not count.isdigit() or int(count) < 1:
         return None

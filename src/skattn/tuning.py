@@ -64,11 +64,6 @@ class Tuning:
     prefill_pingpong : bool
         "ws" only: its two consumer warpgroups take turns to issue their MMAs, so one's
         softmax runs under the other's (FlashAttention 3's ping-pong).
-    prefill_exp_poly : int
-        "ws" only: in blocks every row sees whole, a 1 / 2**prefill_exp_poly share of the
-        probabilities' exponentials (0: none; 1, 2 or 3) computed by a polynomial on the FMA
-        units instead of the exponential unit, which at head size 64 is as busy as the
-        tensor cores (FlashAttention 4's balance of the two; relative error 8.6e-5).
     prefill_device_desc : bool
         "tma" only: make the K/V descriptors in the kernel, one per tile,
         instead of on the host once per call (their 128 bytes a program come from torch,
@@ -87,7 +82,6 @@ class Tuning:
     prefill: str = "base"
     prefill_device_desc: bool = False
     prefill_pingpong: bool = False
-    prefill_exp_poly: int = 0
     fp8_v_pairs: bool = True
     tile_order: str = "longest"
 
@@ -98,8 +92,6 @@ class Tuning:
             raise ValueError(f"tile_order must be one of {TILE_ORDERS}, got {self.tile_order!r}")
         if self.pdl_trigger not in PDL_TRIGGERS:
             raise ValueError(f"pdl_trigger must be one of {PDL_TRIGGERS}, got {self.pdl_trigger!r}")
-        if self.prefill_exp_poly not in (0, 1, 2, 3):
-            raise ValueError(f"prefill_exp_poly must be 0, 1, 2 or 3, got {self.prefill_exp_poly!r}")
         for name in ("fixup_dv", "fixup_rows", "merge_elements", "fused_merge_elements"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1 or value & (value - 1):

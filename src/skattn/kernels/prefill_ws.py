@@ -40,7 +40,6 @@ def ws_prefill_kernel(
     HEADS_PER_TILE: gl.constexpr, TOKENS_PER_TILE: gl.constexpr,
     CAUSAL: gl.constexpr, HAS_SINKS: gl.constexpr, RETURN_LSE: gl.constexpr,
     STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, PINGPONG: gl.constexpr = False,
-    EXP_POLY: gl.constexpr = 0,
 ):
     p = gl.program_id(0)
     s_lo = gl.load(SEG_OFF + p)
@@ -66,10 +65,10 @@ def ws_prefill_kernel(
     gl.warp_specialize([
         (_consume, (Q, stride_qb, stride_qm, stride_qh, outs, SEGS, s_lo, s_hi, shape, q_smem, ring,
                     0, HEAD_DIM, BLOCK_N, HEADS_PER_TILE, TOKENS_PER_TILE, CAUSAL, HAS_SINKS,
-                    RETURN_LSE, STAGES, PINGPONG, EXP_POLY)),
+                    RETURN_LSE, STAGES, PINGPONG)),
         (_consume, (Q, stride_qb, stride_qm, stride_qh, outs, SEGS, s_lo, s_hi, shape, q_smem, ring,
                     1, HEAD_DIM, BLOCK_N, HEADS_PER_TILE, TOKENS_PER_TILE, CAUSAL, HAS_SINKS,
-                    RETURN_LSE, STAGES, PINGPONG, EXP_POLY)),
+                    RETURN_LSE, STAGES, PINGPONG)),
         (_load, (K_DESC, V_DESC, SEGS, s_lo, s_hi, ring, BLOCK_N, STAGES)),
     ], [4, 1], [CONSUMER_REGS, 24])
 
@@ -107,7 +106,7 @@ def _consume(Q, stride_qb, stride_qm, stride_qh, outs, SEGS, s_lo, s_hi, shape, 
              HALF: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
              HEADS_PER_TILE: gl.constexpr, TOKENS_PER_TILE: gl.constexpr, CAUSAL: gl.constexpr,
              HAS_SINKS: gl.constexpr, RETURN_LSE: gl.constexpr, STAGES: gl.constexpr,
-             PINGPONG: gl.constexpr, EXP_POLY: gl.constexpr):
+             PINGPONG: gl.constexpr):
     """One warpgroup: rows 64 * HALF .. 64 * HALF + 63 of every segment's tile."""
     q_len, kv_len, ratio, qk_scale = shape
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -134,7 +133,7 @@ def _consume(Q, stride_qb, stride_qm, stride_qh, outs, SEGS, s_lo, s_hi, shape, 
         qpos_s = kv_len - q_len + qpos_s
         it, tn, acc, m_i, l_i = _blocks(it, tn, q_buf, ring, lo, mid, hi, qpos_s, kv_len,
                                         qk_scale, s_layout, o_layout, HEAD_DIM, BLOCK_N, CAUSAL,
-                                        STAGES, HALF, PINGPONG, EXP_POLY)
+                                        STAGES, HALF, PINGPONG)
         _epilogue(acc, m_i, l_i, b, g, z, qblock, slot, q_len, ratio, outs, o_layout, HALF,
                   HEAD_DIM, HEADS_PER_TILE, TOKENS_PER_TILE, HAS_SINKS, RETURN_LSE)
 
@@ -155,7 +154,7 @@ def _rows(g, z, qblock, q_len, ratio, HALF: gl.constexpr, HEADS_PER_TILE: gl.con
 def _blocks(it, tn, q_buf, ring, lo, mid, hi, qpos, kv_len, qk_scale,
             s_layout: gl.constexpr, o_layout: gl.constexpr, HEAD_DIM: gl.constexpr,
             BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, STAGES: gl.constexpr,
-            HALF: gl.constexpr, PINGPONG: gl.constexpr, EXP_POLY: gl.constexpr):
+            HALF: gl.constexpr, PINGPONG: gl.constexpr):
     """Online softmax over KV blocks [lo, hi) (hi > lo), scores in log2 units, software
     pipelined inside the warpgroup: block j's Q·K^T MMA is issued before block j - 1's P·V,
     and block j's softmax runs while that P·V is in flight. PINGPONG: the two warpgroups take
@@ -177,7 +176,7 @@ def _blocks(it, tn, q_buf, ring, lo, mid, hi, qpos, kv_len, qk_scale,
     qk = warpgroup_mma_wait(0, deps=(qk, ))
     TREE: gl.constexpr = HEAD_DIM <= 64  # row max and sum as trees (`_row_max`)
     pr, alpha, m_i, l_i = _softmax(qk, m_i, l_i, lo, mid, qpos, kv_len, qk_scale, s_layout,
-                                   BLOCK_N, CAUSAL, TREE, EXP_POLY)
+                                   BLOCK_N, CAUSAL, TREE)
     p = gl.convert_layout(pr.to(k_bufs.dtype), p_layout)
     for blk in range(lo + 1, hi):
         nidx = (it + 1) % STAGES
@@ -192,7 +191,7 @@ def _blocks(it, tn, q_buf, ring, lo, mid, hi, qpos, kv_len, qk_scale,
         _their_turn(turns, HALF, PINGPONG)
         qk = warpgroup_mma_wait(1, deps=(qk, ))  # this block's scores; the P·V still runs
         pr, alpha, m_i, l_i = _softmax(qk, m_i, l_i, blk, mid, qpos, kv_len, qk_scale,
-                                       s_layout, BLOCK_N, CAUSAL, TREE, EXP_POLY)
+                                       s_layout, BLOCK_N, CAUSAL, TREE)
         acc, p = warpgroup_mma_wait(0, deps=(acc, p))
         mbarrier.arrive(empty.index(idx), count=1)
         acc = acc * gl.convert_layout(alpha, row_o)[:, None]
@@ -260,13 +259,10 @@ def _row_sum(x, s_layout: gl.constexpr, TREE: gl.constexpr):
 
 @gluon.jit
 def _softmax(qk, m_i, l_i, blk, mid, qpos, kv_len, qk_scale, s_layout: gl.constexpr,
-             BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, TREE: gl.constexpr,
-             EXP_POLY: gl.constexpr):
+             BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, TREE: gl.constexpr):
     """One block of the online softmax: (p, alpha, m, l). Blocks before `mid` are seen whole
     by every row (m finite after the first); later ones score keys past Lk (and, causal,
-    past a row's position) -inf, and a row that has seen none keeps m = -inf, l = 0.
-    EXP_POLY > 0: in the blocks before `mid`, a 1 / 2**EXP_POLY share of p's columns is taken
-    from `_exp2_poly` instead of the exponential unit (`_exp2_split`)."""
+    past a row's position) -inf, and a row that has seen none keeps m = -inf, l = 0."""
     if blk >= mid:
         offs_n = blk * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
         if CAUSAL:  # (a key past Lk is past every row's position too)
@@ -280,64 +276,9 @@ def _softmax(qk, m_i, l_i, blk, mid, qpos, kv_len, qk_scale, s_layout: gl.conste
         alpha = gl.exp2(m_i - m_use)
     else:
         m_new = gl.maximum(m_i, _row_max(qk, s_layout, TREE) * qk_scale)
-        pr = _exp2_split(qk * qk_scale - m_new[:, None], s_layout, EXP_POLY)
+        pr = gl.exp2(qk * qk_scale - m_new[:, None])
         alpha = gl.exp2(m_i - m_new)
     return pr, alpha, m_new, l_i * alpha + _row_sum(pr, s_layout, TREE)
-
-
-@gluon.jit
-def _exp2_split(x, s_layout: gl.constexpr, EXP_POLY: gl.constexpr):
-    """2**x for x <= 0 (finite): columns [N - N / 2**EXP_POLY, N) through `_exp2_poly` on the
-    FMA and integer units, the others through the exponential unit (MUFU.EX2, 16 a cycle an
-    SM: at head size 64 it is as busy as the tensor cores, PERF.md "Prompt chunks")."""
-    if EXP_POLY == 0:
-        y = gl.exp2(x)
-    else:
-        a, b = _halves(x)
-        if EXP_POLY == 1:
-            b = _exp2_poly(b)
-        else:
-            b1, b2 = _halves(b)
-            if EXP_POLY == 2:
-                b = _unhalves(gl.exp2(b1), _exp2_poly(b2))
-            else:
-                b21, b22 = _halves(b2)
-                b = _unhalves(gl.exp2(b1), _unhalves(gl.exp2(b21), _exp2_poly(b22)))
-        y = gl.convert_layout(_unhalves(gl.exp2(a), b), s_layout)
-    return y
-
-
-@gluon.jit
-def _unhalves(a, b):
-    """[a | b] along the columns: the inverse of `_halves`."""
-    M: gl.constexpr = a.shape[0]
-    N: gl.constexpr = a.shape[1]
-    b = gl.convert_layout(b, a.type.layout)
-    return gl.reshape(gl.permute(gl.join(a, b), (0, 2, 1)), [M, 2 * N])
-
-
-@gluon.jit
-def _exp2_poly(x):
-    """2**x for finite x <= 0 without the exponential unit: x clamped to -126, split into
-    n = floor(x) (adding 1.5 * 2**23 rounded down leaves n in the low mantissa bits) and
-    f = x - n in [0, 1); 2**f by a degree-3 polynomial (relative error 8.6e-5, under a
-    fifth of an f16 ulp); n added to its exponent field."""
-    return gl.inline_asm_elementwise(asm=EXP2_POLY, constraints="=r,f", args=[x],
-                                     dtype=gl.int32, is_pure=True,
-                                     pack=1).to(gl.float32, bitcast=True)
-
-
-# 2**f ~ 1 + f (C1 + f (C2 + f C3)) on [0, 1), minimax in relative error:
-# C1 = 0.69511634, C2 = 0.22764700, C3 = 0.07706520
-EXP2_POLY = gl.constexpr(
-    "{ .reg .f32 x, j, f, p; .reg .b32 e, pb; "
-    "max.f32 x, $1, 0fC2FC0000; "  # -126
-    "add.rm.f32 j, x, 0f4B400000; "  # 1.5 * 2**23 + floor(x)
-    "sub.f32 f, j, 0f4B400000; "
-    "sub.f32 f, x, f; "
-    "fma.rn.f32 p, f, 0f3D9DD45C, 0f3E691C4C; fma.rn.f32 p, p, f, 0f3F31F325; "
-    "fma.rn.f32 p, p, f, 0f3F800000; "
-    "mov.b32 e, j; shl.b32 e, e, 23; mov.b32 pb, p; add.s32 $0, pb, e; }")
 
 
 @gluon.jit
