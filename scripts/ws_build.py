@@ -1,7 +1,8 @@
 """What the warp-specialised prompt-chunk kernel (`kernels/prefill_ws.py`) compiles to for
 sm_90a, here, without a GPU.
 
-  python3 scripts/ws_build.py [--head-dim 128] [--q-heads 32] [--dtype f16] [--ptx FILE]
+  python3 scripts/ws_build.py [--head-dim 128] [--q-heads 32] [--dtype f16] [--sum-mma]
+      [--ptx FILE]
 
 Plans llama-8b-like n = 512, L = 8192 with `Tuning(prefill="ws")` (8 KV heads), builds the
 Gluon kernel for an H100/H200 and prints one JSON line: shared memory, registers and spills
@@ -43,11 +44,11 @@ def compile_sm90(fn, args, kw):
                           options=options.__dict__)
 
 
-def build(head_dim=128, q_heads=32, dtype=torch.float16):
+def build(head_dim=128, q_heads=32, dtype=torch.float16, sum_mma=False):
     n, L = 512, 8192
     p = skattn.plan(batch=1, q_len=n, kv_len=L, q_heads=q_heads, kv_heads=8, head_dim=head_dim,
                     dtype=dtype, causal=True, sms=132, occupancy=2,
-                    tuning=skattn.Tuning(prefill="ws"))
+                    tuning=skattn.Tuning(prefill="ws", prefill_sum_mma=sum_mma))
     pb = prefill_launch.PrefillBound(prefill_launch.ws_constants(p),
                                      (1, p.geometry.block_n, 1, head_dim), False, "ws")
     q = torch.zeros(1, n, q_heads, head_dim, dtype=dtype)
@@ -66,10 +67,11 @@ def main(argv) -> int:
     ap.add_argument("--head-dim", type=int, default=128, choices=(64, 128))
     ap.add_argument("--q-heads", type=int, default=32, help="a multiple of 8")
     ap.add_argument("--dtype", default="f16", choices=("f16", "bf16"))
+    ap.add_argument("--sum-mma", action="store_true", help="Tuning.prefill_sum_mma")
     ap.add_argument("--ptx", help="write the PTX there")
     args = ap.parse_args(argv)
     dtype = {"f16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-    p, ck = build(args.head_dim, args.q_heads, dtype)
+    p, ck = build(args.head_dim, args.q_heads, dtype, args.sum_mma)
     ptx = ck.asm["ptx"]
     if args.ptx:
         Path(args.ptx).write_text(ptx)

@@ -39,6 +39,8 @@ def plans(B, n, L, Hq, Hkv, D, dtype, causal=True):
     out[p.fixup] = p
     out["ping-pong"] = skattn.plan(**dict(kw, tuning=skattn.Tuning(prefill="ws",
                                                                    prefill_pingpong=True)))
+    out["sum-mma"] = skattn.plan(**dict(kw, tuning=skattn.Tuning(prefill="ws",
+                                                                 prefill_sum_mma=True)))
     return out
 
 

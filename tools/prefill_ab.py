@@ -23,10 +23,10 @@ Variants: `base` (the stream-K kernel where a Tuning names no other), `auto` (no
 what a call without a plan runs), `tma` (kernels/prefill.py:
 K/V through tensor descriptors, the plan's default geometry), `tma-alt` (another block
 size), `ws` (kernels/prefill_ws.py: Gluon, a TMA loader warp and two consumer
-warpgroups), `ws-alt` (128-key blocks at head size 64) and `ws-pp` (`ws-alt` with the consumer
-warpgroups' ping-pong); `--variants` picks some, and `ws@N` is `ws` on N programs (`auto`
-still picks the fixup; at head size 64 in 128-key blocks). `--cells model:n:L,...` picks
-cells.
+warpgroups), `ws-alt` (128-key blocks at head size 64), `ws-pp` (`ws-alt` with the consumer
+warpgroups' ping-pong) and `ws-sum` (`ws-alt` with the rows' sums by MMA); `--variants`
+picks some, and `ws@N` is `ws` on N programs (`auto` still picks the fixup; at head size 64 in
+128-key blocks). `--cells model:n:L,...` picks cells.
 
 Writes $OUT/prefill_ab.csv and $OUT/prefill_ab.json (provenance, ceilings, compile counts),
 prefill_ab-report.md and .png (`skattn bench --report prefill_ab.csv` redraws them: % of peak
@@ -85,6 +85,7 @@ VARIANTS = (
     Variant("ws", "ws"),
     Variant("ws-alt", "ws", geometry={64: dict(block_n=128)}),
     Variant("ws-pp", "ws", geometry={64: dict(block_n=128)}, tuning=dict(prefill_pingpong=True)),
+    Variant("ws-sum", "ws", geometry={64: dict(block_n=128)}, tuning=dict(prefill_sum_mma=True)),
 )
 
 

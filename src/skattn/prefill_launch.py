@@ -113,7 +113,8 @@ def ws_constants(plan) -> dict:
     return dict(HEAD_DIM=plan.head_dim, BLOCK_N=g.block_n, HEADS_PER_TILE=g.heads_per_tile,
                 TOKENS_PER_TILE=g.tokens_per_tile, CAUSAL=plan.causal,
                 STAGES=ws_stages(plan.head_dim, g.block_n), CONSUMER_REGS=consumer,
-                PINGPONG=plan.tuning.prefill_pingpong, num_warps=_WS_WARPS, maxnreg=cap)
+                PINGPONG=plan.tuning.prefill_pingpong, SUM_MMA=plan.tuning.prefill_sum_mma,
+                num_warps=_WS_WARPS, maxnreg=cap)
 
 
 def segments(plan) -> tuple[list[tuple], list[int]]:

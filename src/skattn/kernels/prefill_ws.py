@@ -40,6 +40,7 @@ def ws_prefill_kernel(
     HEADS_PER_TILE: gl.constexpr, TOKENS_PER_TILE: gl.constexpr,
     CAUSAL: gl.constexpr, HAS_SINKS: gl.constexpr, RETURN_LSE: gl.constexpr,
     STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, PINGPONG: gl.constexpr = False,
+    SUM_MMA: gl.constexpr = False,
 ):
     p = gl.program_id(0)
     s_lo = gl.load(SEG_OFF + p)
@@ -60,15 +61,23 @@ def ws_prefill_kernel(
     for i in gl.static_range(2):
         mbarrier.init(turns.index(i), count=1)
     ring = (k_bufs, v_bufs, k_ready, v_ready, empty, turns)
+    if SUM_MMA:  # [8, BLOCK_N] ones: P times its transpose is each row's sum, 8 times
+        ones_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([8, BLOCK_N], dtype)
+        ones = gl.allocate_shared_memory(dtype, [8, BLOCK_N], ones_layout)
+        ones.store(gl.full([8, BLOCK_N], 1.0, dtype, gl.BlockedLayout([1, 8], [2, 16], [4, 1],
+                                                                       [1, 0])))
+        fence_async_shared()
+    else:
+        ones = q_smem
     outs = (O, stride_ob, stride_om, stride_oh, LSE, stride_lb, stride_lh, SINKS, WS_O, WS_M, WS_L)
     shape = (q_len, kv_len, ratio, qk_scale)
     gl.warp_specialize([
         (_consume, (Q, stride_qb, stride_qm, stride_qh, outs, SEGS, s_lo, s_hi, shape, q_smem, ring,
                     0, HEAD_DIM, BLOCK_N, HEADS_PER_TILE, TOKENS_PER_TILE, CAUSAL, HAS_SINKS,
-                    RETURN_LSE, STAGES, PINGPONG)),
+                    RETURN_LSE, STAGES, PINGPONG, SUM_MMA, ones)),
         (_consume, (Q, stride_qb, stride_qm, stride_qh, outs, SEGS, s_lo, s_hi, shape, q_smem, ring,
                     1, HEAD_DIM, BLOCK_N, HEADS_PER_TILE, TOKENS_PER_TILE, CAUSAL, HAS_SINKS,
-                    RETURN_LSE, STAGES, PINGPONG)),
+                    RETURN_LSE, STAGES, PINGPONG, SUM_MMA, ones)),
         (_load, (K_DESC, V_DESC, SEGS, s_lo, s_hi, ring, BLOCK_N, STAGES)),
     ], [4, 1], [CONSUMER_REGS, 24])
 
@@ -106,7 +115,7 @@ def _consume(Q, stride_qb, stride_qm, stride_qh, outs, SEGS, s_lo, s_hi, shape, 
              HALF: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
              HEADS_PER_TILE: gl.constexpr, TOKENS_PER_TILE: gl.constexpr, CAUSAL: gl.constexpr,
              HAS_SINKS: gl.constexpr, RETURN_LSE: gl.constexpr, STAGES: gl.constexpr,
-             PINGPONG: gl.constexpr):
+             PINGPONG: gl.constexpr, SUM_MMA: gl.constexpr, ones):
     """One warpgroup: rows 64 * HALF .. 64 * HALF + 63 of every segment's tile."""
     q_len, kv_len, ratio, qk_scale = shape
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -133,7 +142,7 @@ def _consume(Q, stride_qb, stride_qm, stride_qh, outs, SEGS, s_lo, s_hi, shape, 
         qpos_s = kv_len - q_len + qpos_s
         it, tn, acc, m_i, l_i = _blocks(it, tn, q_buf, ring, lo, mid, hi, qpos_s, kv_len,
                                         qk_scale, s_layout, o_layout, HEAD_DIM, BLOCK_N, CAUSAL,
-                                        STAGES, HALF, PINGPONG)
+                                        STAGES, HALF, PINGPONG, SUM_MMA, ones)
         _epilogue(acc, m_i, l_i, b, g, z, qblock, slot, q_len, ratio, outs, o_layout, HALF,
                   HEAD_DIM, HEADS_PER_TILE, TOKENS_PER_TILE, HAS_SINKS, RETURN_LSE)
 
@@ -154,16 +163,23 @@ def _rows(g, z, qblock, q_len, ratio, HALF: gl.constexpr, HEADS_PER_TILE: gl.con
 def _blocks(it, tn, q_buf, ring, lo, mid, hi, qpos, kv_len, qk_scale,
             s_layout: gl.constexpr, o_layout: gl.constexpr, HEAD_DIM: gl.constexpr,
             BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, STAGES: gl.constexpr,
-            HALF: gl.constexpr, PINGPONG: gl.constexpr):
+            HALF: gl.constexpr, PINGPONG: gl.constexpr, SUM_MMA: gl.constexpr, ones):
     """Online softmax over KV blocks [lo, hi) (hi > lo), scores in log2 units, software
     pipelined inside the warpgroup: block j's Q·K^T MMA is issued before block j - 1's P·V,
     and block j's softmax runs while that P·V is in flight. PINGPONG: the two warpgroups take
     turns to issue their MMAs (each turn ends when the other's may start), so one's softmax
-    runs under the other's MMAs. Returns (ring position, turns, O, m, l)."""
+    runs under the other's MMAs. SUM_MMA: the rows' sums of P as an MMA beside P·V (P times
+    `ones` [8, BLOCK_N] transposed: 8 equal columns), not as additions in registers. Returns
+    (ring position, turns, O, m, l)."""
     k_bufs, v_bufs, k_ready, v_ready, empty, turns = ring
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+    l_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, 8, 16])
+    pl_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=l_layout, k_width=2)
+    row_l: gl.constexpr = gl.SliceLayout(1, l_layout)
     acc = gl.zeros([64, HEAD_DIM], gl.float32, o_layout)
+    acc_l = gl.zeros([64, 8], gl.float32, l_layout)
     m_i = gl.full([64], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
     l_i = gl.zeros([64], gl.float32, gl.SliceLayout(1, s_layout))
     idx = it % STAGES
@@ -176,7 +192,7 @@ def _blocks(it, tn, q_buf, ring, lo, mid, hi, qpos, kv_len, qk_scale,
     qk = warpgroup_mma_wait(0, deps=(qk, ))
     TREE: gl.constexpr = HEAD_DIM <= 64  # row max and sum as trees (`_row_max`)
     pr, alpha, m_i, l_i = _softmax(qk, m_i, l_i, lo, mid, qpos, kv_len, qk_scale, s_layout,
-                                   BLOCK_N, CAUSAL, TREE)
+                                   BLOCK_N, CAUSAL, TREE, SUM_MMA)
     p = gl.convert_layout(pr.to(k_bufs.dtype), p_layout)
     for blk in range(lo + 1, hi):
         nidx = (it + 1) % STAGES
@@ -188,11 +204,20 @@ def _blocks(it, tn, q_buf, ring, lo, mid, hi, qpos, kv_len, qk_scale,
                            gl.zeros([64, BLOCK_N], gl.float32, s_layout), use_acc=False,
                            is_async=True)
         acc = warpgroup_mma(p, _kv(v_bufs, idx, BLOCK_N, HEAD_DIM), acc, is_async=True)
+        if SUM_MMA:
+            acc_l = warpgroup_mma(gl.convert_layout(p, pl_layout), ones.permute((1, 0)), acc_l,
+                                  is_async=True)
+            qk = warpgroup_mma_wait(2, deps=(qk, ))
+        else:
+            qk = warpgroup_mma_wait(1, deps=(qk, ))  # this block's scores; the P·V still runs
         _their_turn(turns, HALF, PINGPONG)
-        qk = warpgroup_mma_wait(1, deps=(qk, ))  # this block's scores; the P·V still runs
         pr, alpha, m_i, l_i = _softmax(qk, m_i, l_i, blk, mid, qpos, kv_len, qk_scale,
-                                       s_layout, BLOCK_N, CAUSAL, TREE)
-        acc, p = warpgroup_mma_wait(0, deps=(acc, p))
+                                       s_layout, BLOCK_N, CAUSAL, TREE, SUM_MMA)
+        if SUM_MMA:
+            acc, p, acc_l = warpgroup_mma_wait(0, deps=(acc, p, acc_l))
+            acc_l = acc_l * gl.convert_layout(alpha, row_l)[:, None]
+        else:
+            acc, p = warpgroup_mma_wait(0, deps=(acc, p))
         mbarrier.arrive(empty.index(idx), count=1)
         acc = acc * gl.convert_layout(alpha, row_o)[:, None]
         p = gl.convert_layout(pr.to(k_bufs.dtype), p_layout)
@@ -202,8 +227,15 @@ def _blocks(it, tn, q_buf, ring, lo, mid, hi, qpos, kv_len, qk_scale,
     mbarrier.wait(v_ready.index(idx), phase)
     tn = _my_turn(turns, tn, HALF, PINGPONG)
     acc = warpgroup_mma(p, _kv(v_bufs, idx, BLOCK_N, HEAD_DIM), acc, is_async=True)
+    if SUM_MMA:
+        acc_l = warpgroup_mma(gl.convert_layout(p, pl_layout), ones.permute((1, 0)), acc_l,
+                              is_async=True)
     _their_turn(turns, HALF, PINGPONG)
-    acc, p = warpgroup_mma_wait(0, deps=(acc, p))
+    if SUM_MMA:
+        acc, p, acc_l = warpgroup_mma_wait(0, deps=(acc, p, acc_l))
+        l_i = gl.convert_layout(gl.max(acc_l, 1), gl.SliceLayout(1, s_layout))
+    else:
+        acc, p = warpgroup_mma_wait(0, deps=(acc, p))
     mbarrier.arrive(empty.index(idx), count=1)
     return it + 1, tn, acc, m_i, l_i
 
@@ -259,10 +291,12 @@ def _row_sum(x, s_layout: gl.constexpr, TREE: gl.constexpr):
 
 @gluon.jit
 def _softmax(qk, m_i, l_i, blk, mid, qpos, kv_len, qk_scale, s_layout: gl.constexpr,
-             BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, TREE: gl.constexpr):
+             BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, TREE: gl.constexpr,
+             SUM_MMA: gl.constexpr):
     """One block of the online softmax: (p, alpha, m, l). Blocks before `mid` are seen whole
     by every row (m finite after the first); later ones score keys past Lk (and, causal,
-    past a row's position) -inf, and a row that has seen none keeps m = -inf, l = 0."""
+    past a row's position) -inf, and a row that has seen none keeps m = -inf, l = 0.
+    SUM_MMA: l is left as it is (the MMA sums p)."""
     if blk >= mid:
         offs_n = blk * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
         if CAUSAL:  # (a key past Lk is past every row's position too)
@@ -278,7 +312,9 @@ def _softmax(qk, m_i, l_i, blk, mid, qpos, kv_len, qk_scale, s_layout: gl.conste
         m_new = gl.maximum(m_i, _row_max(qk, s_layout, TREE) * qk_scale)
         pr = gl.exp2(qk * qk_scale - m_new[:, None])
         alpha = gl.exp2(m_i - m_new)
-    return pr, alpha, m_new, l_i * alpha + _row_sum(pr, s_layout, TREE)
+    if not SUM_MMA:
+        l_i = l_i * alpha + _row_sum(pr, s_layout, TREE)
+    return pr, alpha, m_new, l_i
 
 
 @gluon.jit
