@@ -428,7 +428,10 @@ def plan_only(cell_list, dnames, variants=VARIANTS) -> None:
             p = make_plan(model, n, L, torch.float16, var, sms=132, occupancy=2)
             kern, why = kernel_of(p)
             b = launch._bind(p, torch.device("cpu"))
-            const = (b.prefill.const if kern != "base" and b.prefill else b.main_const)
+            if kern == "ws":  # (not bound here: `bind` leaves it to the GPU)
+                const = prefill_launch.ws_constants(p)
+            else:
+                const = b.prefill.const if kern != "base" and b.prefill else b.main_const
             spec = tuple(launch._spec(x) for x in (*b.main_ints, *b.fd))
             keys.add((kern, tuple(sorted(const.items())), spec))
             if b.fix_kernel:
