@@ -1,7 +1,7 @@
 """What the warp-specialised prompt-chunk kernel (`kernels/prefill_ws.py`) compiles to for
 sm_90a, here, without a GPU.
 
-  python3 scripts/ws_build.py [--head-dim 128] [--q-heads 32] [--dtype f16] [--sum-mma]
+  python3 scripts/ws_build.py [--head-dim 128] [--q-heads 32] [--dtype f16] [--sum-mma auto]
       [--ptx FILE]
 
 Plans llama-8b-like n = 512, L = 8192 with `Tuning(prefill="ws")` (8 KV heads), builds the
@@ -44,7 +44,7 @@ def compile_sm90(fn, args, kw):
                           options=options.__dict__)
 
 
-def build(head_dim=128, q_heads=32, dtype=torch.float16, sum_mma=False):
+def build(head_dim=128, q_heads=32, dtype=torch.float16, sum_mma=None):
     n, L = 512, 8192
     p = skattn.plan(batch=1, q_len=n, kv_len=L, q_heads=q_heads, kv_heads=8, head_dim=head_dim,
                     dtype=dtype, causal=True, sms=132, occupancy=2,
@@ -67,11 +67,13 @@ def main(argv) -> int:
     ap.add_argument("--head-dim", type=int, default=128, choices=(64, 128))
     ap.add_argument("--q-heads", type=int, default=32, help="a multiple of 8")
     ap.add_argument("--dtype", default="f16", choices=("f16", "bf16"))
-    ap.add_argument("--sum-mma", action="store_true", help="Tuning.prefill_sum_mma")
+    ap.add_argument("--sum-mma", choices=("auto", "on", "off"), default="auto",
+                    help="Tuning.prefill_sum_mma (auto: at head size 64)")
     ap.add_argument("--ptx", help="write the PTX there")
     args = ap.parse_args(argv)
     dtype = {"f16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-    p, ck = build(args.head_dim, args.q_heads, dtype, args.sum_mma)
+    p, ck = build(args.head_dim, args.q_heads, dtype,
+                  {"auto": None, "on": True, "off": False}[args.sum_mma])
     ptx = ck.asm["ptx"]
     if args.ptx:
         Path(args.ptx).write_text(ptx)
@@ -79,7 +81,8 @@ def main(argv) -> int:
                 programs_per_sm=prefill_launch.ws_registers(p.head_dim, p.geometry.block_n)[0],
                 **resources.ptxas(ptx),
                 wgmma=len(re.findall(r"wgmma\.mma_async", ptx)),
-                wgmma_wait_1=len(re.findall(r"wgmma\.wait_group\.sync\.aligned 1;", ptx)),
+                wgmma_wait_partial=len(re.findall(r"wgmma\.wait_group\.sync\.aligned [12];",
+                                                  ptx)),
                 tma_loads=len(re.findall(r"cp\.async\.bulk\.tensor", ptx)),
                 setmaxnreg=len(re.findall(r"setmaxnreg", ptx)),
                 local=len(re.findall(r"\.local", ptx)))

@@ -39,8 +39,9 @@ def plans(B, n, L, Hq, Hkv, D, dtype, causal=True):
     out[p.fixup] = p
     out["ping-pong"] = skattn.plan(**dict(kw, tuning=skattn.Tuning(prefill="ws",
                                                                    prefill_pingpong=True)))
-    out["sum-mma"] = skattn.plan(**dict(kw, tuning=skattn.Tuning(prefill="ws",
-                                                                 prefill_sum_mma=True)))
+    # the rows' sums of P the other way than by default (by MMA at head size 64)
+    out["sums flipped"] = skattn.plan(**dict(kw, tuning=skattn.Tuning(prefill="ws",
+                                                                      prefill_sum_mma=D > 64)))
     return out
 
 

@@ -23,7 +23,7 @@ SMS = dict(sms=132, occupancy=2)
 def ws_plan(**kw):
     shape = dict(batch=1, q_len=512, kv_len=8192, q_heads=32, kv_heads=8, head_dim=128,
                  causal=True)
-    return skattn.plan(**dict(shape, **SMS, tuning=WS, **kw))
+    return skattn.plan(**dict(dict(shape, **SMS, tuning=WS), **kw))
 
 
 def visible_whole(p, qblock, j) -> bool:
@@ -111,20 +111,41 @@ def test_interpreter_runs_the_base_kernel():
     assert (out.double() - ref).abs().max() < 2e-3
 
 
-@pytest.mark.parametrize("head_dim, q_heads", [(128, 32), (64, 64)])
-def test_sm90_build(head_dim, q_heads):
-    # in a process of its own, without the interpreter (which replaces what Gluon compiles)
+def ws_build(*args) -> dict:
+    """scripts/ws_build.py's JSON line, in a process of its own, without the interpreter
+    (which replaces what Gluon compiles)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
-    res = subprocess.run([sys.executable, str(ROOT / "scripts" / "ws_build.py"),
-                          "--head-dim", str(head_dim), "--q-heads", str(q_heads)],
+    res = subprocess.run([sys.executable, str(ROOT / "scripts" / "ws_build.py"), *map(str, args)],
                          capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
-    info = json.loads(res.stdout.strip().splitlines()[-1])
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("head_dim, q_heads", [(128, 32), (64, 64)])
+def test_sm90_build(head_dim, q_heads):
+    info = ws_build("--head-dim", head_dim, "--q-heads", q_heads)
     assert info["block_n"] == 128 and info["shared"] <= 227 * 1024 // info["programs_per_sm"]
     assert info["wgmma"] > 0 and info["tma_loads"] > 0 and info["setmaxnreg"] > 0
-    assert info["wgmma_wait_1"] > 0  # Q.K^T of the next block issued under P.V
+    assert info["wgmma_wait_partial"] > 0  # Q.K^T of the next block issued under P.V
     assert info["spill_bytes"] == 0 and info["local"] == 0
+
+
+def test_sums_by_mma_at_head_size_64_by_default():
+    assert prefill_launch.sum_mma(ws_plan(head_dim=64, q_heads=64))
+    assert not prefill_launch.sum_mma(ws_plan())
+    assert not prefill_launch.sum_mma(ws_plan(head_dim=64, q_heads=64, tuning=skattn.Tuning(
+        prefill="ws", prefill_sum_mma=False)))
+    assert prefill_launch.sum_mma(ws_plan(tuning=skattn.Tuning(prefill="ws",
+                                                               prefill_sum_mma=True)))
+
+
+def test_sm90_build_with_sums_by_mma():
+    on = ws_build("--head-dim", 64, "--q-heads", 64, "--sum-mma", "on")
+    off = ws_build("--head-dim", 64, "--q-heads", 64, "--sum-mma", "off")
+    # one more MMA a block (P times a [BLOCK_N, 8] block of ones), its 2 KB of ones
+    assert on["wgmma"] > off["wgmma"] and on["shared"] - off["shared"] <= 4096
+    assert on["spill_bytes"] == off["spill_bytes"] == 0
 
 
 def test_warp_specialize_protocol_probe_builds():

@@ -24,9 +24,10 @@ what a call without a plan runs), `tma` (kernels/prefill.py:
 K/V through tensor descriptors, the plan's default geometry), `tma-alt` (another block
 size), `ws` (kernels/prefill_ws.py: Gluon, a TMA loader warp and two consumer
 warpgroups), `ws-alt` (128-key blocks at head size 64), `ws-pp` (`ws-alt` with the consumer
-warpgroups' ping-pong); `--variants` picks some, `ws-sum` (`ws-alt` with the rows' sums by
-MMA) is timed only where named, and `ws@N` is `ws` on N programs (`auto` still picks the
-fixup; at head size 64 in 128-key blocks). `--cells model:n:L,...` picks cells.
+warpgroups' ping-pong); `--variants` picks some. Timed only where named: `ws-sum` and
+`ws-nosum` (`ws-alt` with the rows' sums of P by MMA, or by additions) and `ws@N`, `ws` on N
+programs (`auto` still picks the fixup; at head size 64 in 128-key blocks). `--cells
+model:n:L,...` picks cells.
 
 Writes $OUT/prefill_ab.csv and $OUT/prefill_ab.json (provenance, ceilings, compile counts),
 prefill_ab-report.md and .png (`skattn bench --report prefill_ab.csv` redraws them: % of peak
@@ -89,6 +90,8 @@ VARIANTS = (
 # named only (not in the default set): A/Bs of opt-in switches
 EXTRA = (
     Variant("ws-sum", "ws", geometry={64: dict(block_n=128)}, tuning=dict(prefill_sum_mma=True)),
+    Variant("ws-nosum", "ws", geometry={64: dict(block_n=128)},
+            tuning=dict(prefill_sum_mma=False)),
 )
 
 

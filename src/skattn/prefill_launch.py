@@ -113,8 +113,15 @@ def ws_constants(plan) -> dict:
     return dict(HEAD_DIM=plan.head_dim, BLOCK_N=g.block_n, HEADS_PER_TILE=g.heads_per_tile,
                 TOKENS_PER_TILE=g.tokens_per_tile, CAUSAL=plan.causal,
                 STAGES=ws_stages(plan.head_dim, g.block_n), CONSUMER_REGS=consumer,
-                PINGPONG=plan.tuning.prefill_pingpong, SUM_MMA=plan.tuning.prefill_sum_mma,
+                PINGPONG=plan.tuning.prefill_pingpong, SUM_MMA=sum_mma(plan),
                 num_warps=_WS_WARPS, maxnreg=cap)
+
+
+def sum_mma(plan) -> bool:
+    """Whether the "ws" kernel sums P's rows by MMA (`Tuning.prefill_sum_mma`; by default at
+    head size 64, where the softmax, not the tensor cores, bounds the loop: PERF.md)."""
+    choice = plan.tuning.prefill_sum_mma
+    return plan.head_dim <= 64 if choice is None else bool(choice)
 
 
 def segments(plan) -> tuple[list[tuple], list[int]]:

@@ -64,10 +64,10 @@ class Tuning:
     prefill_pingpong : bool
         "ws" only: its two consumer warpgroups take turns to issue their MMAs, so one's
         softmax runs under the other's (FlashAttention 3's ping-pong).
-    prefill_sum_mma : bool
+    prefill_sum_mma : bool or None
         "ws" only: each row's sum of the probabilities taken by a warpgroup MMA of P with a
         block of ones beside P·V (the tensor cores are idle half of the time at head size
-        64), instead of additions in registers.
+        64), instead of additions in registers. None: at head size 64.
     prefill_device_desc : bool
         "tma" only: make the K/V descriptors in the kernel, one per tile,
         instead of on the host once per call (their 128 bytes a program come from torch,
@@ -86,7 +86,7 @@ class Tuning:
     prefill: str = "base"
     prefill_device_desc: bool = False
     prefill_pingpong: bool = False
-    prefill_sum_mma: bool = False
+    prefill_sum_mma: bool | None = None
     fp8_v_pairs: bool = True
     tile_order: str = "longest"
 
