@@ -207,10 +207,9 @@ def _blocks(it, tn, q_buf, ring, lo, mid, hi, qpos, kv_len, qk_scale,
         if SUM_MMA:
             acc_l = warpgroup_mma(gl.convert_layout(p, pl_layout), ones.permute((1, 0)), acc_l,
                                   is_async=True)
-            qk = warpgroup_mma_wait(2, deps=(qk, ))
-        else:
-            qk = warpgroup_mma_wait(1, deps=(qk, ))  # this block's scores; the P·V still runs
         _their_turn(turns, HALF, PINGPONG)
+        # this block's scores; the P·V (and the sums' MMA) still run
+        qk = warpgroup_mma_wait(2 if SUM_MMA else 1, deps=(qk, ))
         pr, alpha, m_i, l_i = _softmax(qk, m_i, l_i, blk, mid, qpos, kv_len, qk_scale,
                                        s_layout, BLOCK_N, CAUSAL, TREE, SUM_MMA)
         if SUM_MMA:
