@@ -204,9 +204,7 @@ def _blocks(it, tn, q_buf, ring, lo, mid, hi, qpos, kv_len, qk_scale,
                            gl.zeros([64, BLOCK_N], gl.float32, s_layout), use_acc=False,
                            is_async=True)
         acc = warpgroup_mma(p, _kv(v_bufs, idx, BLOCK_N, HEAD_DIM), acc, is_async=True)
-        if SUM_MMA:
-            acc_l = warpgroup_mma(gl.convert_layout(p, pl_layout), ones.permute((1, 0)), acc_l,
-                                  is_async=True)
+        acc_l = _row_sums(p, ones, acc_l, pl_layout, SUM_MMA)
         _their_turn(turns, HALF, PINGPONG)
         # this block's scores; the P·V (and the sums' MMA) still run
         qk = warpgroup_mma_wait(2 if SUM_MMA else 1, deps=(qk, ))
@@ -226,9 +224,7 @@ def _blocks(it, tn, q_buf, ring, lo, mid, hi, qpos, kv_len, qk_scale,
     mbarrier.wait(v_ready.index(idx), phase)
     tn = _my_turn(turns, tn, HALF, PINGPONG)
     acc = warpgroup_mma(p, _kv(v_bufs, idx, BLOCK_N, HEAD_DIM), acc, is_async=True)
-    if SUM_MMA:
-        acc_l = warpgroup_mma(gl.convert_layout(p, pl_layout), ones.permute((1, 0)), acc_l,
-                              is_async=True)
+    acc_l = _row_sums(p, ones, acc_l, pl_layout, SUM_MMA)
     _their_turn(turns, HALF, PINGPONG)
     if SUM_MMA:
         acc, p, acc_l = warpgroup_mma_wait(0, deps=(acc, p, acc_l))
@@ -237,6 +233,16 @@ def _blocks(it, tn, q_buf, ring, lo, mid, hi, qpos, kv_len, qk_scale,
         acc, p = warpgroup_mma_wait(0, deps=(acc, p))
     mbarrier.arrive(empty.index(idx), count=1)
     return it + 1, tn, acc, m_i, l_i
+
+
+@gluon.jit
+def _row_sums(p, ones, acc_l, pl_layout: gl.constexpr, SUM_MMA: gl.constexpr):
+    """SUM_MMA: the MMA that adds P's rows into acc_l [64, 8] (P times `ones` transposed),
+    issued asynchronously; else acc_l as it is."""
+    if SUM_MMA:
+        acc_l = warpgroup_mma(gl.convert_layout(p, pl_layout), ones.permute((1, 0)), acc_l,
+                              is_async=True)
+    return acc_l
 
 
 @gluon.jit
