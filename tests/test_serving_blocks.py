@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import skattn
-from skattn import quant, reference, serving_launch
+from skattn import Tuning, quant, reference, serving_launch
 from skattn.reference_serving import gather_keys
 from serving_inputs import (paged_cache, ragged_bound, randn, sequences_kvcache,
                             sequences_varlen, varlen_inputs)
@@ -40,21 +40,26 @@ def _tensors(*caches):
 
 
 @pytest.mark.parametrize("form", FORMS)
-@pytest.mark.parametrize("page_size, lq, d, fixup, occ", [(16, 1, 64, None, 3),
-                                                          (32, 3, 96, None, OCC),
-                                                          (48, 1, 64, "fused", OCC)])
-def test_paged(form, page_size, lq, d, fixup, occ):
+@pytest.mark.parametrize("page_size, lq, d, fixup, occ, v_blocks", [(16, 1, 64, None, 3, False),
+                                                                    (32, 3, 96, None, OCC, False),
+                                                                    (48, 1, 64, "fused", OCC, False),
+                                                                    (16, 2, 96, None, OCC, True)])
+def test_paged(form, page_size, lq, d, fixup, occ, v_blocks):
     # a paged block cache in a random page order: an empty sequence, a long one, cut tiles
     # merged by the general or the fused fixup; head size 96 masks columns of its 128-wide
-    # tiles; three programs an SM (the main kernel built under a register cap)
+    # tiles; three programs an SM (the main kernel built under a register cap); q8_0 V as
+    # int8 pairs with its scales on p (`Tuning.q8_0_v_blocks`)
     lens, hq, hkv = [37, 0, 90, 5], 4, 2
     k, v, bt = paged_cache(lens, page_size=page_size, hkv=hkv, d=d, seed=1)
     kq, vq = _pack(form, k * 2), _pack(form, v)
     q = randn((4, lq, hq, d), torch.Generator().manual_seed(2), torch.float16, "cpu")
     p = skattn.serving_plan(batch=4, q_len=lq, max_kv_len=bt.shape[1] * page_size, q_heads=hq,
                             kv_heads=hkv, head_dim=d, sms=SMS, occupancy=occ, block_n=16,
-                            dtype=form, page_size=page_size, max_pages=bt.shape[1], fixup=fixup)
+                            dtype=form, page_size=page_size, max_pages=bt.shape[1], fixup=fixup,
+                            tuning=Tuning(q8_0_v_blocks=v_blocks))
     assert p.dtype == form and form in p.describe()
+    main_const = serving_launch.bind(p, q.device).main_const
+    assert main_const["V_PAIRS"] == (v_blocks and form == "q8_0")
     assert ("maxnreg" in serving_launch.bind(p, q.device).main_const) == (occ == 3)
     lens_t = torch.tensor(lens, dtype=torch.int32)
     kept = [x.clone() for x in (q, *_tensors(kq, vq))]

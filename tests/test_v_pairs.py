@@ -1,4 +1,5 @@
-"""FP8 V read as 16-bit pairs of values in the decode kernels (`kernels/quant.fp8_pairs`):
+"""V read as 16-bit pairs of values in the decode kernels (FP8: `kernels/quant.fp8_pairs`;
+q8_0 on request: `q8_0_pair_blocks`):
 which plans and calls take it, the same results as reading bytes, against float64 on the
 dequantized K/V under the interpreter, and the sm_90 build's loads."""
 import pytest
@@ -137,3 +138,29 @@ def test_decode_plans_three_an_sm_compile_under_a_register_cap():
     assert cap("q8_0", 3) == cap(FP8, 3) == cap(torch.float16, 3) == 168
     assert cap("q8_0", 2) is None and cap(torch.float16, 4) == 128
     assert cap(torch.float16, 3, max_q_len=512, total_q=600) is None  # 128-row tiles
+
+
+@pytest.mark.parametrize("Lq, Hq, D, programs", [(1, 4, 64, 4), (3, 4, 64, 7), (2, 8, 96, 5)])
+def test_q8_0_v_blocks_against_float64(monkeypatch, Lq, Hq, D, programs):
+    # Tuning(q8_0_v_blocks=True): q8_0 V as int8 pairs, its scales applied to p per 32-column
+    # block; D = 96 masks the last block of a 128-column tile
+    from skattn import Tuning
+
+    g = torch.Generator().manual_seed(Lq * 100 + D)
+    q = torch.randn(1, Lq, Hq, D, generator=g).half()
+    k = torch.randn(1, 90, 2, D, generator=g).half()
+    v = (torch.randn(1, 90, 2, D, generator=g) * 3).half()
+    kq, vq = quant.q8_0(k), quant.q8_0(v)
+    seen = _spy(monkeypatch)
+    ref = reference.attention(q, kq, vq, causal=True)
+    tol = bound(q, kq.dequantize(), vq.dequantize(), causal=True)
+    outs = []
+    for on in (True, False):
+        p = _plan(q, k, v, dtype="q8_0", programs=programs, tuning=Tuning(q8_0_v_blocks=on))
+        assert launch.v_pairs(p) == on
+        out = torch.full((*q.shape[:3], D), float("nan"), dtype=q.dtype)
+        skattn.attention(q, kq, vq, plan=p, out=out, causal=True)
+        assert rel_err(out, ref) <= tol, (rel_err(out, ref), tol)
+        outs.append(out)
+    assert seen == [True, False]
+    assert (outs[0].float() - outs[1].float()).abs().max() <= 4e-3 * outs[1].abs().max()

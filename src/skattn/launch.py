@@ -162,6 +162,8 @@ def v_pairs(plan) -> bool:
     """Whether the plan's (a Plan's or a ServingPlan's) main kernel reads FP8 V as 16-bit
     pairs (`config.fp8_pairs`). A dense call whose V rows are not at even byte offsets reads
     bytes instead."""
+    if plan.dtype == "q8_0":  # q8_0 V as pairs with its scales on p: opt-in (Tuning)
+        return plan.tuning.q8_0_v_blocks and plan.geometry.block_m < 64
     return fp8_pairs(plan.geometry, plan.dtype, plan.head_dim_v, plan.tuning.fp8_v_pairs)
 
 

@@ -128,12 +128,14 @@ def _same(out):
 def build_skattn(batch: Batch, policy: str, overrides: dict | None = None) -> Built:
     """`overrides`: `serving_plan` keywords (sms=, occupancy=, programs=, block_n=, ...), and
     `Tuning`'s switches as integers: pdl_wait=0 for `Tuning(pdl_wait=False)` (the main kernel
-    launched without PDL), fp8_v_pairs=0 (FP8 V read as bytes)."""
+    launched without PDL), fp8_v_pairs=0 (FP8 V read as bytes), q8_0_v_blocks=1 (q8_0 V as
+    int8 pairs with its scales on p)."""
     from skattn import Tuning, quant, serving
 
     m = batch.mix
     overrides = dict(overrides or {})
-    tuning = {k: bool(overrides.pop(k)) for k in ("pdl_wait", "fp8_v_pairs") if k in overrides}
+    tuning = {k: bool(overrides.pop(k)) for k in ("pdl_wait", "fp8_v_pairs", "q8_0_v_blocks")
+              if k in overrides}
     if tuning:
         overrides["tuning"] = Tuning(**tuning)
     common = dict(batch=m.batch, q_heads=batch.hq, kv_heads=batch.hkv, head_dim=batch.d,

@@ -2,7 +2,8 @@
 import triton
 import triton.language as tl
 
-from skattn.kernels.quant import fp8_pairs, fp8_score_scales, fp8_v_scale, load_blocks
+from skattn.kernels.quant import (fp8_pairs, fp8_score_scales, fp8_v_scale, load_blocks,
+                                  q8_0_pair_blocks)
 from skattn.kernels.softmax import alibi_slope, scores, softmax_step, unmasked_end, visible
 from skattn.kernels.tile import LOG2E
 
@@ -55,32 +56,49 @@ def _dot(a, b, INTERPRET: tl.constexpr):
 
 
 @triton.jit
-def pv_pairs(acc, acc2, p, alpha, V, offs, ok, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
-             MASKED: tl.constexpr, ASM: tl.constexpr, INTERPRET: tl.constexpr):
-    """One KV block's P V for FP8 V read as 16-bit pairs (rows at byte offsets `offs` from V,
-    `kernels/quant.fp8_pairs`): the accumulators of V's even (acc) and odd (acc2) columns,
-    rescaled by alpha."""
-    ve, vo = fp8_pairs(V, offs, ok, HEAD_DIM_V, BLOCK_DV, MASKED, ASM)
-    pv = p.to(ve.dtype)
-    return (acc * alpha[:, None] + _dot(pv, ve, INTERPRET),
-            acc2 * alpha[:, None] + _dot(pv, vo, INTERPRET))
+def pv_pairs(acc, acc2, p, alpha, V, VS, offs, ok, HEAD_DIM_V: tl.constexpr,
+             BLOCK_DV: tl.constexpr, MASKED: tl.constexpr, ASM: tl.constexpr,
+             INTERPRET: tl.constexpr, KV_FORMAT: tl.constexpr):
+    """One KV block's P V for V read as 16-bit pairs (rows at byte offsets `offs` from V):
+    the accumulators of V's even (acc) and odd (acc2) columns, rescaled by alpha. FP8
+    (`kernels/quant.fp8_pairs`): [M, Dv / 2] each. q8_0 (`kernels/quant.q8_0_pair_blocks`,
+    scales at offs / 32 from VS): [Dv / 32, M, 16] each, one dot a 32-column block of V with
+    p times that block's scales."""
+    if KV_FORMAT == 2:
+        ve, vo, vs = q8_0_pair_blocks(V, VS, offs, ok, HEAD_DIM_V, BLOCK_DV, MASKED, ASM)
+        p3 = (p[None, :, :] * vs.to(tl.float32)[:, None, :]).to(ve.dtype)
+        acc = acc * alpha[None, :, None] + _dot(p3, ve, INTERPRET)
+        acc2 = acc2 * alpha[None, :, None] + _dot(p3, vo, INTERPRET)
+    else:
+        ve, vo = fp8_pairs(V, offs, ok, HEAD_DIM_V, BLOCK_DV, MASKED, ASM)
+        pv = p.to(ve.dtype)
+        acc = acc * alpha[:, None] + _dot(pv, ve, INTERPRET)
+        acc2 = acc2 * alpha[:, None] + _dot(pv, vo, INTERPRET)
+    return acc, acc2
 
 
 @triton.jit
-def split_pairs(acc, V_PAIRS: tl.constexpr):
-    """(acc, acc2) for a KV loop: V_PAIRS, [M, Dv] apart into its even and odd columns;
-    else acc and an unused 0.0."""
-    if V_PAIRS:
-        a, b = tl.split(tl.reshape(acc, [acc.shape[0], acc.shape[1] // 2, 2]))
+def split_pairs(acc, V_PAIRS: tl.constexpr, KV_FORMAT: tl.constexpr = 1):
+    """(acc, acc2) for a KV loop: V_PAIRS, [M, Dv] apart into its even and odd columns (for
+    q8_0 as [Dv / 32, M, 16] per 32-column block); else acc and an unused 0.0."""
+    M: tl.constexpr = acc.shape[0]
+    if V_PAIRS and KV_FORMAT == 2:
+        a, b = tl.split(tl.permute(tl.reshape(acc, [M, acc.shape[1] // 32, 16, 2]),
+                                   (1, 0, 2, 3)))
+    elif V_PAIRS:
+        a, b = tl.split(tl.reshape(acc, [M, acc.shape[1] // 2, 2]))
     else:
         a, b = acc, 0.0
     return a, b
 
 
 @triton.jit
-def join_pairs(acc, acc2, V_PAIRS: tl.constexpr):
+def join_pairs(acc, acc2, V_PAIRS: tl.constexpr, KV_FORMAT: tl.constexpr = 1):
     """`split_pairs` undone after the KV loop: the columns back in order."""
-    if V_PAIRS:
+    if V_PAIRS and KV_FORMAT == 2:
+        acc = tl.reshape(tl.permute(tl.join(acc, acc2), (1, 0, 2, 3)),
+                         [acc.shape[1], acc.shape[0] * 32])
+    elif V_PAIRS:
         acc = tl.reshape(tl.join(acc, acc2), [acc.shape[0], 2 * acc.shape[1]])
     return acc
 
@@ -106,9 +124,10 @@ def _kv_step(acc, acc2, m_i, l_i, q, Q, K, V, KS, VS, MASK, slope, b, qi, head, 
     """One KV block. MASKED=False: the block is inside Lk and visible to every row.
     KV_FORMAT: 0 K/V in q's dtype, 1 fp8 e4m3, 2 q8_0, 3 q4_0; quantized K/V become q's dtype
     on load
-    (fp8 e4m3 exactly; the scales are applied in `tile_kv_loop`). V_PAIRS (fp8): V read as
-    16-bit pairs, `acc` and `acc2` the [M, Dv / 2] accumulators of its even and odd columns;
-    else acc2 is carried unused."""
+    (fp8 e4m3 exactly; the scales are applied in `tile_kv_loop`). V_PAIRS: V read as 16-bit
+    pairs, `acc` and `acc2` the accumulators of its even and odd columns ([M, Dv / 2]; for
+    q8_0 [Dv / 32, M, 16] per 32-column block, p times the block's scales); else acc2 is
+    carried unused."""
     offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
     ASM: tl.constexpr = not INTERPRET  # quant.py's inline PTX conversions
     # -- scores
@@ -146,9 +165,9 @@ def _kv_step(acc, acc2, m_i, l_i, q, Q, K, V, KS, VS, MASK, slope, b, qi, head, 
     p, alpha, m_new = softmax_step(s, m_i)
     l_i = l_i * alpha + tl.sum(p, 1)
     if V_PAIRS:
-        acc, acc2 = pv_pairs(acc, acc2, p, alpha, V, vbase + offs_n * stride_vn, offs_n < kv_len,
-                             HEAD_DIM_V, BLOCK_DV, MASKED or HEAD_DIM_V != BLOCK_DV, ASM,
-                             INTERPRET)
+        acc, acc2 = pv_pairs(acc, acc2, p, alpha, V, VS, vbase + offs_n * stride_vn,
+                             offs_n < kv_len, HEAD_DIM_V, BLOCK_DV,
+                             MASKED or HEAD_DIM_V != BLOCK_DV, ASM, INTERPRET, KV_FORMAT)
     else:
         if KV_FORMAT >= 2:
             vt = load_blocks(V, VS, vbase, offs_n, kv_len, stride_vn, 0, HEAD_DIM_V, BLOCK_DV,
@@ -190,7 +209,7 @@ def tile_kv_loop(acc, m_i, l_i, q, Q, K, V, KS, VS, MASK, SLOPES, b, g, qi, head
     slope = alibi_slope(SLOPES, head, valid, HAS_ALIBI)
     mid = unmasked_end(blk_lo, blk_hi, q_len, kv_len, first_token, BLOCK_N, CAUSAL,
                        HAS_WINDOW or DK_CHUNKS > 1)
-    acc, acc2 = split_pairs(acc, V_PAIRS)
+    acc, acc2 = split_pairs(acc, V_PAIRS, KV_FORMAT)
     for masked in tl.static_range(2):  # blocks blk_lo..mid unmasked, mid..blk_hi masked
         for blk in range(blk_lo + (mid - blk_lo) * masked, mid + (blk_hi - mid) * masked):
             acc, acc2, m_i, l_i = _kv_step(
@@ -199,7 +218,7 @@ def tile_kv_loop(acc, m_i, l_i, q, Q, K, V, KS, VS, MASK, SLOPES, b, g, qi, head
                 stride_mm, kv_len, qk_scale, softcap_scale, window, HEAD_DIM, HEAD_DIM_V,
                 BLOCK_N, BLOCK_DK, DK_CHUNKS, BLOCK_DV, CAUSAL, HAS_WINDOW, HAS_MASK, HAS_ALIBI,
                 SOFTCAP, INTERPRET, masked == 1, KV_FORMAT, V_PAIRS)
-    acc = join_pairs(acc, acc2, V_PAIRS)
+    acc = join_pairs(acc, acc2, V_PAIRS, KV_FORMAT)
     if KV_FORMAT == 1:
         acc = acc * fp8_v_scale(VS, g, HEAD_SCALES)
     return acc, m_i, l_i

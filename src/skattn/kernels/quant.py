@@ -148,6 +148,42 @@ def fp8_pairs(V, offs, ok, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASKED
     return lo, hi
 
 
+@triton.jit
+def q8_0_pair_blocks(X, XS, offs, ok, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                     MASKED: tl.constexpr, ASM: tl.constexpr):
+    """q8_0 V rows at byte offsets `offs` from X (their scales at offs / 32 from XS) for dots
+    that apply the scales to p: (even, odd, scales), the int8 values as f16 (exact, unscaled)
+    in [BLOCK_D / 32, N, 16] tiles (block b's even, odd columns) and the f16 scales as
+    [BLOCK_D / 32, N]."""
+    NB: tl.constexpr = BLOCK_D // QK8_0
+    blk = tl.arange(0, NB)
+    c = tl.arange(0, QK8_0 // 2)
+    ptrs = ((X + offs)[None, :, None].to(tl.pointer_type(tl.int16))
+            + (blk * (QK8_0 // 2))[:, None, None] + c[None, None, :])
+    sptrs = XS + (offs // QK8_0)[None, :] + blk[:, None]
+    if MASKED:
+        w = tl.load(ptrs, mask=ok[None, :, None] & (blk[:, None, None] < HEAD_DIM // QK8_0),
+                    other=0)
+        s = tl.load(sptrs, mask=ok[None, :] & (blk[:, None] < HEAD_DIM // QK8_0), other=0.0)
+    else:
+        w = tl.load(ptrs)
+        s = tl.load(sptrs)
+    if ASM:
+        lo, hi = tl.inline_asm_elementwise(asm=I8_PAIRS_F16, constraints="=r,=r,r", args=[w],
+                                           dtype=(tl.float16, tl.float16), is_pure=True, pack=2)
+    else:
+        lo = (w & 255).to(tl.int8).to(tl.float16)
+        hi = (w >> 8).to(tl.int8).to(tl.float16)
+    return lo, hi, s
+
+
+# int8 pairs {a0 a1} {b0 b1} -> f16 pairs {a0 b0}, {a1 b1}, exactly, as `_I8X4` converts
+I8_PAIRS_F16 = tl.constexpr("{ .reg .b32 t, m; xor.b32 t, $2, 0x80808080; "
+                            "prmt.b32 $0, t, 0x64646464, 0x4240; "
+                            "prmt.b32 $1, t, 0x64646464, 0x4341; mov.b32 m, 0x64806480; "
+                            "sub.f16x2 $0, $0, m; sub.f16x2 $1, $1, m; }")
+
+
 # two 16-bit pairs of e4m3 bytes {a0 a1} {b0 b1} (one register, a first) -> the f16 pairs
 # {a0 b0} (even columns) and {a1 b1} (odd): a byte permute, then the hardware's conversion
 PAIRS_F16 = tl.constexpr("{ .reg .b32 t; .reg .b16 e, o; prmt.b32 t, $2, 0, 0x3120; "

@@ -133,8 +133,9 @@ def _ragged_step(acc, acc2, m_i, l_i, q, Qb, Kb, Vb, KS, VS, BT, slope, qi, head
     dv = tl.arange(0, BLOCK_DV)
     vptrs = Vb + vrow[:, None] + dv[None, :]
     if V_PAIRS:
-        acc, acc2 = pv_pairs(acc, acc2, p, alpha, Vb, vrow, ok, HEAD_DIM_V, BLOCK_DV,
-                             MASKED or PAGED or HEAD_DIM_V != BLOCK_DV, ASM, INTERPRET)
+        acc, acc2 = pv_pairs(acc, acc2, p, alpha, Vb, VS, vrow, ok, HEAD_DIM_V, BLOCK_DV,
+                             MASKED or PAGED or HEAD_DIM_V != BLOCK_DV, ASM, INTERPRET,
+                             KV_FORMAT)
     else:
         if KV_FORMAT >= 2:
             vt = block_rows(Vb, VS, vrow, ok, 0, HEAD_DIM_V, BLOCK_DV,
@@ -179,7 +180,7 @@ def ragged_kv_loop(acc, m_i, l_i, q, Qb, Kb, Vb, BT, SLOPES, KS, VS, g, qi, head
     slope = alibi_slope(SLOPES, head, valid, HAS_ALIBI)
     mid = unmasked_end(blk_lo, blk_hi, q_len, kv_len, first_token, BLOCK_N, CAUSAL,
                        HAS_WINDOW or DK_CHUNKS > 1)
-    acc, acc2 = split_pairs(acc, V_PAIRS)
+    acc, acc2 = split_pairs(acc, V_PAIRS, KV_FORMAT)
     for masked in tl.static_range(2):  # blocks blk_lo..mid unmasked, mid..blk_hi masked
         for blk in range(blk_lo + (mid - blk_lo) * masked, mid + (blk_hi - mid) * masked):
             acc, acc2, m_i, l_i = _ragged_step(
@@ -188,7 +189,7 @@ def ragged_kv_loop(acc, m_i, l_i, q, Qb, Kb, Vb, BT, SLOPES, KS, VS, g, qi, head
                 kv_len, num_pages, qk_scale, softcap_scale, window, HEAD_DIM, HEAD_DIM_V,
                 BLOCK_N, BLOCK_DK, DK_CHUNKS, BLOCK_DV, CAUSAL, HAS_WINDOW, HAS_ALIBI, SOFTCAP,
                 INTERPRET, PAGED, PAGE_SIZE, masked == 1, KV_FORMAT, V_PAIRS)
-    acc = join_pairs(acc, acc2, V_PAIRS)
+    acc = join_pairs(acc, acc2, V_PAIRS, KV_FORMAT)
     if KV_FORMAT == 1:
         acc = acc * fp8_v_scale(VS, g, HEAD_SCALES)
     return acc, m_i, l_i
