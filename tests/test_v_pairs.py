@@ -164,3 +164,19 @@ def test_q8_0_v_blocks_against_float64(monkeypatch, Lq, Hq, D, programs):
         outs.append(out)
     assert seen == [True, False]
     assert (outs[0].float() - outs[1].float()).abs().max() <= 4e-3 * outs[1].abs().max()
+
+
+def test_q8_0_v_blocks_default():
+    # on where it was measured faster (V head sizes 65-128, tiles under 64 rows); off at 64
+    # and for 64-row tiles (warpgroup MMAs over V staged in f16); the caller's word wins
+    from skattn import Tuning
+
+    def pairs(D=128, Dv=None, q_len=1, q_heads=4, **kw):
+        return launch.v_pairs(skattn.plan(batch=1, q_len=q_len, kv_len=4096, q_heads=q_heads,
+                                          kv_heads=1, head_dim=D, head_dim_v=Dv or D,
+                                          dtype="q8_0", causal=True, **kw))
+    assert pairs() and pairs(96) and pairs(256, 128)
+    assert not pairs(64) and not pairs(256) and not pairs(128, 64)
+    assert not pairs(q_len=16)                   # 64-row tiles
+    assert pairs(64, tuning=Tuning(q8_0_v_blocks=True))
+    assert not pairs(tuning=Tuning(q8_0_v_blocks=False))

@@ -1,5 +1,5 @@
 """Small quantized-KV calls for compute-sanitizer: fp8 e4m3 K/V (per-KV-head scales), q8_0
-and q4_0 blocks, dense, at n = 1 (decode, uniform fixup) and n = 70, causal, checked against
+(V also as int8 pairs, `Tuning.q8_0_v_blocks`) and q4_0 blocks, dense, at n = 1 (decode, uniform fixup) and n = 70, causal, checked against
 float64 on the dequantized K/V. Run:
 compute-sanitizer --tool memcheck python3 tools/sanitize_quant.py
 """
@@ -27,6 +27,10 @@ def main() -> int:
         k4, v4 = quant.q4_0(k), quant.q4_0(v)
         for name, args, kw in ((f"fp8 n={lq}", (q, kq, vq), dict(k_scale=ks, v_scale=vs)),
                                (f"q8_0 n={lq}", (q, k8, v8), {}),
+                               (f"q8_0 V blocks n={lq}", (q, k8, v8), dict(plan=skattn.plan(
+                                   batch=2, q_len=lq, kv_len=500, q_heads=8, kv_heads=2,
+                                   head_dim=64, dtype="q8_0", causal=True,
+                                   tuning=skattn.Tuning(q8_0_v_blocks=True)))),
                                (f"q4_0 n={lq}", (q, k4, v4), {})):
             out = skattn.attention(*args, causal=True, **kw)
             ref = reference.attention(*args, causal=True, **kw)

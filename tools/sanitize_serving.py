@@ -1,9 +1,8 @@
 """Small serving calls for compute-sanitizer (memcheck, racecheck, synccheck): every fixup
 kind (and a dynamic tail) on ragged dense, paged (page sizes 16, 48, 64) and packed varlen
 batches (one plan, and a MixedPlan's two halves), a prompt step in whole tiles, a paged fp8
-cache with per-head K
-and per-tensor V scales, paged q8_0 and q4_0 caches, and
-the device-side behaviour on bad lengths and page ids (clamped and masked: no out-of-bounds
+cache with per-head K and per-tensor V scales, paged q8_0 (V as int8 pairs) and q4_0
+caches, and the device-side behaviour on bad lengths and page ids (clamped and masked: no out-of-bounds
 read). Run: compute-sanitizer --tool memcheck python3 tools/sanitize_serving.py
 """
 import faulthandler
@@ -154,7 +153,8 @@ def main() -> int:
         ref = reference.attention_with_kvcache(q, kq, vq, cache_seqlens=lens_t, block_table=table)
         p = skattn.serving_plan(batch=B, q_len=2, q_heads=Hq, kv_heads=Hkv, head_dim=D,
                                 max_kv_len=table.shape[1] * ps, page_size=ps,
-                                max_pages=table.shape[1], dtype=form)
+                                max_pages=table.shape[1], dtype=form,
+                                tuning=skattn.Tuning(q8_0_v_blocks=True))
         out = skattn.attention_with_kvcache(q, kq, vq, cache_seqlens=lens_t, block_table=table,
                                             plan=p)
         n += 1

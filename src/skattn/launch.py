@@ -159,11 +159,13 @@ def constants(plan, device: torch.device, tiles: int) -> tuple[dict, dict, tuple
 
 
 def v_pairs(plan) -> bool:
-    """Whether the plan's (a Plan's or a ServingPlan's) main kernel reads FP8 V as 16-bit
-    pairs (`config.fp8_pairs`). A dense call whose V rows are not at even byte offsets reads
-    bytes instead."""
-    if plan.dtype == "q8_0":  # q8_0 V as pairs with its scales on p: opt-in (Tuning)
-        return plan.tuning.q8_0_v_blocks and plan.geometry.block_m < 64
+    """Whether the plan's (a Plan's or a ServingPlan's) main kernel reads V as 16-bit pairs:
+    FP8 (`config.fp8_pairs`), q8_0 (`Tuning.q8_0_v_blocks`). A dense call whose V rows are
+    not at even byte offsets reads bytes instead."""
+    if plan.dtype == "q8_0":  # q8_0 V as pairs with its scales on p (`Tuning.q8_0_v_blocks`)
+        on = plan.tuning.q8_0_v_blocks
+        on = 64 < plan.head_dim_v <= 128 if on is None else on
+        return on and plan.geometry.block_m < 64
     return fp8_pairs(plan.geometry, plan.dtype, plan.head_dim_v, plan.tuning.fp8_v_pairs)
 
 
@@ -318,7 +320,7 @@ def run(plan: Plan, q, k, v, out, lse, *, scale: float, mask=None, sinks=None, s
     # fp8 scales per KV head: bit 0 K's, bit 1 V's
     head_scales = (int(k_scale.numel() > 1) + 2 * int(v_scale.numel() > 1)
                    if b.main_const["KV_FORMAT"] == 1 else 0)
-    # fp8 V read as 16-bit pairs where the plan's tiles allow and v's rows sit at even bytes
+    # V (FP8, q8_0) read as 16-bit pairs where the plan allows and v's rows sit at even bytes
     pairs = b.main_const["V_PAIRS"] and v.data_ptr() % 2 == 0 and not any(
         s % 2 for s in v.stride()[:3])
     features = (mask is not None, sinks is not None, alibi_slopes is not None, bool(softcap),
