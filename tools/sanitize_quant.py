@@ -1,6 +1,6 @@
 """Small quantized-KV calls for compute-sanitizer: fp8 e4m3 K/V (per-KV-head scales), q8_0
-(V also as int8 pairs, `Tuning.q8_0_v_blocks`) and q4_0 blocks, dense, at n = 1 (decode, uniform fixup) and n = 70, causal, checked against
-float64 on the dequantized K/V. Run:
+(V also as int8 pairs, `Tuning.q8_0_v_blocks`) and q4_0 blocks, dense, at n = 1 (decode,
+uniform fixup) and n = 70, causal, checked against float64 on the dequantized K/V. Run:
 compute-sanitizer --tool memcheck python3 tools/sanitize_quant.py
 """
 import faulthandler
