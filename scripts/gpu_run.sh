@@ -12,7 +12,8 @@
 #   4. `skattn bench` with the arguments given (e.g. --quick, --seed-table, --host)
 #   5. optional stages, each a quick benchmark: `serving` (skattn bench --serving --quick),
 #      `quant` (skattn bench --quant, llama-8b; then skattn bench --serving --quick with
-#      skattn auto over f16, FP8, q8_0 and q4_0 K/V), `prefill` (tools/prefill_ab.py --quick,
+#      skattn auto over f16, FP8, q8_0 and q4_0 K/V; then tools/quant_prefill_ab.py: prompt
+#      chunks over FP8 and q8_0 K/V, as stored and dequantized to f16 first), `prefill` (tools/prefill_ab.py --quick,
 #      or PREFILL_ARGS),
 #      `cb` (continuous-batching steps alone, tools/varlen_prefill.py; transformers'
 #      generate_batch with CUDA graphs, tokens/s; eager, tokens/s; then with graphs again,
@@ -138,6 +139,7 @@ has quant && quick_bench quant python3 -m skattn.cli bench --quant --models llam
 has quant && quick_bench quant-serving python3 -m skattn.cli bench --serving --quick --no-progress \
     --providers skattn:auto,skattn-fp8:auto,skattn-q8_0:auto,skattn-q4_0:auto --time-limit 150 \
     --out "$OUT_DIR/quant-serving"
+has quant && quick_bench quant-prefill env OUT="$OUT_DIR/quant-prefill" python3 tools/quant_prefill_ab.py
 has e2e && quick_bench e2e python3 -m skattn.cli bench --e2e --quick --no-progress \
     --providers sdpa,skattn:auto,skattn-fp8:auto,skattn-q8_0:auto --out "$OUT_DIR/e2e"
 has prompt && quick_bench prompt env OUT="$OUT_DIR/prompt" python3 tools/prompt_square.py \

@@ -1,0 +1,126 @@
+"""Prompt chunks over quantized K/V on a GPU: skattn over the quantized K/V against K/V
+dequantized to f16 first and then skattn's f16 path (the Hopper prompt kernel, which reads
+16-bit K/V only), and f16 K/V alone, same run, graph timer (4 layers, cold L2).
+
+    PYTHONPATH=src python3 tools/quant_prefill_ab.py [--cells llama-8b:512:8192,...]
+        [--formats fp8,q8_0] [--reps 10]
+
+Rows per cell: `f16`; per format `<fmt>` (skattn over the quantized K/V), `<fmt>+dequant`
+(the dequantizing pass, then skattn on its f16 K/V, both inside the timed graph) and
+`<fmt>:dequant` (the pass alone). The pass is torch's: FP8 as `to(float16)`, then a multiply
+by the per-KV-head scale computed in f32 and written as f16 (two kernels); q8_0 by
+`Q8_0.dequantize` (several). A fused pass would read the cache once and write f16 once, so
+these rows bound the dequantizing route's cost from above. Every row is checked against
+float64 on the dequantized K/V before it is timed (output poisoned with NaN). Writes
+$OUT/quant_prefill_ab.csv (default benchmarks/results/latest/quant_prefill_ab) and prints
+one line per row.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+from pathlib import Path
+
+import torch
+
+import skattn
+from skattn import reference
+from skattn.bench import graph
+from skattn.bench.grid import Cell
+from skattn.bench.models import MODELS
+from skattn.bench.quant import quantize
+from skattn.bench.run import layer_inputs
+from skattn.bench.timing import ColdTimer
+
+LAYERS = 4
+TOLERANCE = 5e-3
+
+
+def parse_cells(text: str) -> list[Cell]:
+    out = []
+    for item in text.split(","):
+        model, n, depth = item.split(":")
+        hq, hkv, d = MODELS[model][:3]
+        out.append(Cell(model, hq, hkv, d, int(n), int(depth)))
+    return out
+
+
+def dequantize(fmt: str, k, v, kw: dict, out_k, out_v):
+    """K/V of `fmt` as f16 into out_k, out_v (torch's kernels)."""
+    if fmt == "fp8":
+        for x, s, o in ((k, kw["k_scale"], out_k), (v, kw["v_scale"], out_v)):
+            torch.mul(x.to(torch.float16), s.reshape(1, 1, -1, 1), out=o)
+    else:
+        out_k.copy_(k.dequantize(torch.float16))
+        out_v.copy_(v.dequantize(torch.float16))
+    return out_k, out_v
+
+
+def layer_calls(fmt: str, variant: str, layers: list, cell: Cell) -> list:
+    """One callable a layer for the row `variant` ("plain", "dequant" or "pass")."""
+    fns = []
+    for q, k, v, kw in layers:
+        out = torch.empty_like(q)
+        shape = (1, cell.depth, cell.hkv, cell.d)
+        kd, vd = (torch.empty(shape, dtype=torch.float16, device=q.device) for _ in range(2))
+        if variant == "plain":
+            fns.append(lambda q=q, k=k, v=v, kw=kw, out=out: skattn.attention(
+                q, k, v, causal=True, out=out, **kw))
+        elif variant == "dequant":
+            fns.append(lambda q=q, k=k, v=v, kw=kw, out=out, kd=kd, vd=vd: skattn.attention(
+                q, *dequantize(fmt, k, v, kw, kd, vd), causal=True, out=out))
+        else:
+            fns.append(lambda k=k, v=v, kw=kw, kd=kd, vd=vd: dequantize(fmt, k, v, kw, kd,
+                                                                        vd)[1])
+    return fns
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cells", default="llama-8b:512:8192,llama-8b:512:32768,"
+                                        "qwen3-14b:512:16384,gpt-oss:512:32768")
+    ap.add_argument("--formats", default="fp8,q8_0")
+    ap.add_argument("--reps", type=int, default=10)
+    args = ap.parse_args()
+    out_dir = Path(os.environ.get("OUT", "benchmarks/results/latest/quant_prefill_ab"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    timer = ColdTimer()
+    rows = []
+    for ci, cell in enumerate(parse_cells(args.cells)):
+        base = layer_inputs(cell, 3000 + ci, LAYERS)
+        runs = [("f16", "plain")] + [(f, v) for f in args.formats.split(",")
+                                    for v in ("plain", "dequant", "pass")]
+        for fmt, variant in runs:
+            name = {"plain": fmt, "dequant": f"{fmt}+dequant", "pass": f"{fmt}:dequant"}[variant]
+            row = dict(model=cell.model, n=cell.n, L=cell.depth, row=name)
+            layers = [quantize(fmt, *x) for x in base]
+            fns = layer_calls(fmt, variant, layers, cell)
+            if variant != "pass":
+                q, k, v, kw = layers[0]
+                fns[0]().fill_(float("nan"))
+                out = fns[0]()
+                ref = reference.attention(q, k, v, causal=True, **kw)
+                err = float((out.double() - ref).norm() / ref.norm())
+                row["err"] = f"{err:.2e}"
+                if not err <= TOLERANCE:
+                    row["status"] = "wrong"
+            if "status" not in row:
+                gr, _ = graph.capture(fns)
+                t = graph.time_graph(gr, LAYERS, timer, warmup=3, reps=args.reps)
+                row.update(status="ok", p50_us=f"{t.p50:.2f}")
+                del gr
+            rows.append(row)
+            print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+            del layers, fns
+        del base
+        torch.cuda.empty_cache()
+    with open(out_dir / "quant_prefill_ab.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=sorted({k for r in rows for k in r}))
+        w.writeheader()
+        w.writerows(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
