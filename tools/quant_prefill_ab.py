@@ -5,12 +5,12 @@ dequantized to f16 first and then skattn's f16 path (the Hopper prompt kernel, w
     PYTHONPATH=src python3 tools/quant_prefill_ab.py [--cells llama-8b:512:8192,...]
         [--formats fp8,q8_0] [--reps 10]
 
-Rows per cell: `f16`; per format `<fmt>` (skattn over the quantized K/V), `<fmt>+dequant`
-(the dequantizing pass, then skattn on its f16 K/V, both inside the timed graph) and
-`<fmt>:dequant` (the pass alone). The pass is torch's: FP8 as `to(float16)`, then a multiply
-by the per-KV-head scale computed in f32 and written as f16 (two kernels); q8_0 by
-`Q8_0.dequantize` (several). A fused pass would read the cache once and write f16 once, so
-these rows bound the dequantizing route's cost from above. Every row is checked against
+Rows per cell: `f16`; per format `<fmt>` (skattn over the quantized K/V), `<fmt>+torch` and
+`<fmt>+fused` (a dequantizing pass, then skattn on its f16 K/V, both inside the timed graph)
+and `<fmt>:torch`, `<fmt>:fused` (the pass alone). The torch pass: FP8 as `to(float16)`, then
+a multiply by the per-KV-head scale computed in f32 and written as f16 (two kernels); q8_0 by
+`Q8_0.dequantize` (several). The fused pass is one Triton kernel here that reads the cache
+once and writes f16 once (value times scale in f32, one rounding). Every row is checked against
 float64 on the dequantized K/V before it is timed (output poisoned with NaN). Writes
 $OUT/quant_prefill_ab.csv (default benchmarks/results/latest/quant_prefill_ab) and prints
 one line per row.
@@ -23,6 +23,8 @@ import os
 from pathlib import Path
 
 import torch
+import triton
+import triton.language as tl
 
 import skattn
 from skattn import reference
@@ -46,8 +48,34 @@ def parse_cells(text: str) -> list[Cell]:
     return out
 
 
-def dequantize(fmt: str, k, v, kw: dict, out_k, out_v):
-    """K/V of `fmt` as f16 into out_k, out_v (torch's kernels)."""
+@triton.jit
+def _dequant_rows(X, S, O, rows, D: tl.constexpr, HEADS: tl.constexpr, GROUP: tl.constexpr,
+                  BLOCK_R: tl.constexpr):
+    """Rows of D values times their scale: FP8 (GROUP = D) one f32 scale a row's KV head
+    (row % HEADS), q8_0 (GROUP = 32) one f16 scale a 32-value block; f16 out."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    d = tl.arange(0, D)
+    ok = r[:, None] < rows
+    x = tl.load(X + r[:, None] * D + d[None, :], mask=ok).to(tl.float32)
+    if GROUP == D:
+        s = tl.load(S + r % HEADS, mask=r < rows, other=0.0)[:, None]
+    else:
+        s = tl.load(S + r[:, None] * (D // GROUP) + d[None, :] // GROUP, mask=ok,
+                    other=0.0).to(tl.float32)
+    tl.store(O + r[:, None] * D + d[None, :], (x * s).to(tl.float16), mask=ok)
+
+
+def dequantize(fmt: str, k, v, kw: dict, out_k, out_v, fused: bool = False):
+    """K/V of `fmt` (contiguous) as f16 into out_k, out_v: torch's kernels, or one Triton
+    kernel each (`fused`)."""
+    if fused:
+        for x, s, o in ((k, kw.get("k_scale"), out_k), (v, kw.get("v_scale"), out_v)):
+            vals, scales = (x, s) if fmt == "fp8" else (x.values, x.scales)
+            heads, D = o.shape[2], o.shape[3]
+            rows, block_r = o.numel() // D, 32
+            _dequant_rows[(triton.cdiv(rows, block_r),)](
+                vals, scales.reshape(-1), o, rows, D, heads, D if fmt == "fp8" else 32, block_r)
+        return out_k, out_v
     if fmt == "fp8":
         for x, s, o in ((k, kw["k_scale"], out_k), (v, kw["v_scale"], out_v)):
             torch.mul(x.to(torch.float16), s.reshape(1, 1, -1, 1), out=o)
@@ -58,7 +86,8 @@ def dequantize(fmt: str, k, v, kw: dict, out_k, out_v):
 
 
 def layer_calls(fmt: str, variant: str, layers: list, cell: Cell) -> list:
-    """One callable a layer for the row `variant` ("plain", "dequant" or "pass")."""
+    """One callable a layer for the row `variant`: "plain", "torch", "fused" (a pass, then
+    f16 attention), ":torch" or ":fused" (the pass alone)."""
     fns = []
     for q, k, v, kw in layers:
         out = torch.empty_like(q)
@@ -67,12 +96,15 @@ def layer_calls(fmt: str, variant: str, layers: list, cell: Cell) -> list:
         if variant == "plain":
             fns.append(lambda q=q, k=k, v=v, kw=kw, out=out: skattn.attention(
                 q, k, v, causal=True, out=out, **kw))
-        elif variant == "dequant":
-            fns.append(lambda q=q, k=k, v=v, kw=kw, out=out, kd=kd, vd=vd: skattn.attention(
-                q, *dequantize(fmt, k, v, kw, kd, vd), causal=True, out=out))
+        elif not variant.startswith(":"):
+            fused = variant == "fused"
+            fns.append(lambda q=q, k=k, v=v, kw=kw, out=out, kd=kd, vd=vd, f=fused:
+                       skattn.attention(q, *dequantize(fmt, k, v, kw, kd, vd, f), causal=True,
+                                        out=out))
         else:
-            fns.append(lambda k=k, v=v, kw=kw, kd=kd, vd=vd: dequantize(fmt, k, v, kw, kd,
-                                                                        vd)[1])
+            fused = variant == ":fused"
+            fns.append(lambda k=k, v=v, kw=kw, kd=kd, vd=vd, f=fused: dequantize(
+                fmt, k, v, kw, kd, vd, f)[1])
     return fns
 
 
@@ -90,13 +122,13 @@ def main() -> int:
     for ci, cell in enumerate(parse_cells(args.cells)):
         base = layer_inputs(cell, 3000 + ci, LAYERS)
         runs = [("f16", "plain")] + [(f, v) for f in args.formats.split(",")
-                                    for v in ("plain", "dequant", "pass")]
+                                    for v in ("plain", "torch", "fused", ":torch", ":fused")]
         for fmt, variant in runs:
-            name = {"plain": fmt, "dequant": f"{fmt}+dequant", "pass": f"{fmt}:dequant"}[variant]
+            name = fmt if variant == "plain" else fmt + ("" if variant[0] == ":" else "+") + variant
             row = dict(model=cell.model, n=cell.n, L=cell.depth, row=name)
             layers = [quantize(fmt, *x) for x in base]
             fns = layer_calls(fmt, variant, layers, cell)
-            if variant != "pass":
+            if not variant.startswith(":"):
                 q, k, v, kw = layers[0]
                 fns[0]().fill_(float("nan"))
                 out = fns[0]()
