@@ -52,7 +52,7 @@ def parse_cells(text: str) -> list[Cell]:
 def _dequant_rows(X, S, O, rows, D: tl.constexpr, HEADS: tl.constexpr, GROUP: tl.constexpr,
                   BLOCK_R: tl.constexpr):
     """Rows of D values times their scale: FP8 (GROUP = D) one f32 scale a row's KV head
-    (row % HEADS), q8_0 (GROUP = 32) one f16 scale a 32-value block; f16 out."""
+    (row % HEADS; HEADS = 1 for one scale a tensor), q8_0 (GROUP = 32) one f16 scale a 32-value block; f16 out."""
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     d = tl.arange(0, D)
     ok = r[:, None] < rows
@@ -71,7 +71,8 @@ def dequantize(fmt: str, k, v, kw: dict, out_k, out_v, fused: bool = False):
     if fused:
         for x, s, o in ((k, kw.get("k_scale"), out_k), (v, kw.get("v_scale"), out_v)):
             vals, scales = (x, s) if fmt == "fp8" else (x.values, x.scales)
-            heads, D = o.shape[2], o.shape[3]
+            heads = o.shape[2] if scales.numel() > 1 else 1  # FP8 per head or per tensor
+            D = o.shape[3]
             rows, block_r = o.numel() // D, 32
             _dequant_rows[(triton.cdiv(rows, block_r),)](
                 vals, scales.reshape(-1), o, rows, D, heads, D if fmt == "fp8" else 32, block_r)

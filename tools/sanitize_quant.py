@@ -9,7 +9,7 @@ import sys
 import torch
 
 import skattn
-from skattn import quant, reference
+from skattn import launch, quant, reference
 
 
 def main() -> int:
@@ -25,13 +25,19 @@ def main() -> int:
         (kq, ks), (vq, vs) = quant.fp8(k, per_head=True), quant.fp8(v, per_head=True)
         k8, v8 = quant.q8_0(k), quant.q8_0(v)
         k4, v4 = quant.q4_0(k), quant.q4_0(v)
-        for name, args, kw in ((f"fp8 n={lq}", (q, kq, vq), dict(k_scale=ks, v_scale=vs)),
-                               (f"q8_0 n={lq}", (q, k8, v8), {}),
-                               (f"q8_0 V blocks n={lq}", (q, k8, v8), dict(plan=skattn.plan(
-                                   batch=2, q_len=lq, kv_len=500, q_heads=8, kv_heads=2,
-                                   head_dim=64, dtype="q8_0", causal=True,
-                                   tuning=skattn.Tuning(q8_0_v_blocks=True)))),
-                               (f"q4_0 n={lq}", (q, k4, v4), {})):
+        cases = [(f"fp8 n={lq}", (q, kq, vq), dict(k_scale=ks, v_scale=vs)),
+                 (f"q8_0 n={lq}", (q, k8, v8), {}), (f"q4_0 n={lq}", (q, k4, v4), {})]
+        if lq == 1:  # q8_0 V as pairs (decode tiles only), and at head size 96 (a masked block)
+            q96 = torch.randn(2, lq, 8, 96, device="cuda", generator=g).half()
+            k96, v96 = (quant.q8_0(torch.randn(2, 500, 2, 96, device="cuda", generator=g).half())
+                        for _ in range(2))
+            for x, kx, vx in ((q, k8, v8), (q96, k96, v96)):
+                p = skattn.plan(batch=2, q_len=lq, kv_len=500, q_heads=8, kv_heads=2,
+                                head_dim=x.shape[3], dtype="q8_0", causal=True,
+                                tuning=skattn.Tuning(q8_0_v_blocks=True))
+                assert launch.v_pairs(p)
+                cases.append((f"q8_0 V pairs D={x.shape[3]} n={lq}", (x, kx, vx), dict(plan=p)))
+        for name, args, kw in cases:
             out = skattn.attention(*args, causal=True, **kw)
             ref = reference.attention(*args, causal=True, **kw)
             err = ((out.double() - ref).norm() / ref.norm()).item()

@@ -1,9 +1,9 @@
 """Small serving calls for compute-sanitizer (memcheck, racecheck, synccheck): every fixup
 kind (and a dynamic tail) on ragged dense, paged (page sizes 16, 48, 64) and packed varlen
 batches (one plan, and a MixedPlan's two halves), a prompt step in whole tiles, a paged fp8
-cache with per-head K and per-tensor V scales, paged q8_0 (V as int8 pairs) and q4_0
-caches, and the device-side behaviour on bad lengths and page ids (clamped and masked: no out-of-bounds
-read). Run: compute-sanitizer --tool memcheck python3 tools/sanitize_serving.py
+cache with per-head K and per-tensor V scales, paged q8_0 (V as values and as int8 pairs)
+and q4_0 caches, and the device-side behaviour on bad lengths and page ids (clamped and
+masked: no out-of-bounds read). Run: compute-sanitizer --tool memcheck python3 tools/sanitize_serving.py
 """
 import faulthandler
 import sys
@@ -147,20 +147,21 @@ def main() -> int:
         if rel(out, ref) > 2e-2:
             bad += 1
             print(f"FAIL fp8 paged {fixup}: {rel(out, ref):.2e}")
-    # q8_0 and q4_0 blocks over the same block table (pages of 16, ids out of range unused)
-    for form in ("q8_0", "q4_0"):
+    # q8_0 (V read as values and as pairs) and q4_0 blocks over the same block table (pages
+    # of 16, ids out of range unused)
+    for form, pairs in (("q8_0", False), ("q8_0", True), ("q4_0", False)):
         kq, vq = (getattr(quant, form)(rand(sum(need), ps, Hkv, D)) for _ in range(2))
         ref = reference.attention_with_kvcache(q, kq, vq, cache_seqlens=lens_t, block_table=table)
         p = skattn.serving_plan(batch=B, q_len=2, q_heads=Hq, kv_heads=Hkv, head_dim=D,
                                 max_kv_len=table.shape[1] * ps, page_size=ps,
                                 max_pages=table.shape[1], dtype=form,
-                                tuning=skattn.Tuning(q8_0_v_blocks=True))
+                                tuning=skattn.Tuning(q8_0_v_blocks=pairs))
         out = skattn.attention_with_kvcache(q, kq, vq, cache_seqlens=lens_t, block_table=table,
                                             plan=p)
         n += 1
         if rel(out, ref) > 2e-2:
             bad += 1
-            print(f"FAIL {form} paged: {rel(out, ref):.2e}")
+            print(f"FAIL {form} paged (V pairs {pairs}): {rel(out, ref):.2e}")
     torch.cuda.synchronize()
     print(f"sanitize serving cases: {n} run, {bad} wrong")
     return 1 if bad else 0

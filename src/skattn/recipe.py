@@ -150,7 +150,7 @@ class Recipe:
         launch.run(self.plan, alias["q"], alias["k"], alias["v"], alias["out"], alias.get("lse"),
                    record=record, **kw)
         if b.main_const["V_PAIRS"] and v.data_ptr() % 16:
-            # launch.run reads FP8 V as pairs only where its address is even; the alignment
+            # launch.run reads V as pairs only where its address is even; the alignment
             # patterns of recipes do not tell even from odd, so this signature keeps launch.run
             self.serves = False
             return

@@ -71,8 +71,8 @@ class Tuning:
     q8_0_v_blocks : bool or None
         q8_0 K/V, tiles under 64 rows: read V as 16-bit pairs too and apply its scales to p,
         one dot per 32-column block of V (`kernels/quant.q8_0_pair_blocks`), instead of
-        multiplying every V value by its scale and staging V in f16. None: at V head sizes
-        65-128 (1.04-1.13x at 128 on an H200; 0.91-0.95x at 64).
+        multiplying every V value by its scale and staging V in f16. None: at V head size 128
+        (1.00-1.13x on an H200; 0.92-0.96x at 64; other sizes not measured).
     prefill_device_desc : bool
         "tma" only: make the K/V descriptors in the kernel, one per tile,
         instead of on the host once per call (their 128 bytes a program come from torch,

@@ -55,6 +55,13 @@ def _dot(a, b, INTERPRET: tl.constexpr):
     return tl.dot(a, b)
 
 
+# q8_0 V as pairs: p times a block's scale is rounded to f16 for the dot. Times 2^6 (exact,
+# divided out after the KV loop) the products of small scales (|V| ~1e-3: scales ~1e-5) stay
+# out of f16's subnormal range, where they would keep few bits, while the largest scale
+# (65504 / 127 ~ 516) times 64 stays below f16's largest value.
+Q8_0_P_SCALE = tl.constexpr(64.0)
+
+
 @triton.jit
 def pv_pairs(acc, acc2, p, alpha, V, VS, offs, ok, HEAD_DIM_V: tl.constexpr,
              BLOCK_DV: tl.constexpr, MASKED: tl.constexpr, ASM: tl.constexpr,
@@ -63,10 +70,11 @@ def pv_pairs(acc, acc2, p, alpha, V, VS, offs, ok, HEAD_DIM_V: tl.constexpr,
     the accumulators of V's even (acc) and odd (acc2) columns, rescaled by alpha. FP8
     (`kernels/quant.fp8_pairs`): [M, Dv / 2] each. q8_0 (`kernels/quant.q8_0_pair_blocks`,
     scales at offs / 32 from VS): [Dv / 32, M, 16] each, one dot a 32-column block of V with
-    p times that block's scales."""
+    p times that block's scales times Q8_0_P_SCALE (`join_pairs` divides it out)."""
     if KV_FORMAT == 2:
         ve, vo, vs = q8_0_pair_blocks(V, VS, offs, ok, HEAD_DIM_V, BLOCK_DV, MASKED, ASM)
-        p3 = (p[None, :, :] * vs.to(tl.float32)[:, None, :]).to(ve.dtype)
+        ps = vs.to(tl.float32) * Q8_0_P_SCALE
+        p3 = (p[None, :, :] * ps[:, None, :]).to(ve.dtype)
         acc = acc * alpha[None, :, None] + _dot(p3, ve, INTERPRET)
         acc2 = acc2 * alpha[None, :, None] + _dot(p3, vo, INTERPRET)
     else:
@@ -97,7 +105,7 @@ def join_pairs(acc, acc2, V_PAIRS: tl.constexpr, KV_FORMAT: tl.constexpr = 1):
     """`split_pairs` undone after the KV loop: the columns back in order."""
     if V_PAIRS and KV_FORMAT == 2:
         acc = tl.reshape(tl.permute(tl.join(acc, acc2), (1, 0, 2, 3)),
-                         [acc.shape[1], acc.shape[0] * 32])
+                         [acc.shape[1], acc.shape[0] * 32]) * (1.0 / Q8_0_P_SCALE)
     elif V_PAIRS:
         acc = tl.reshape(tl.join(acc, acc2), [acc.shape[0], 2 * acc.shape[1]])
     return acc
