@@ -18,7 +18,6 @@ one line per row.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 from pathlib import Path
 
@@ -30,22 +29,13 @@ import skattn
 from skattn import reference
 from skattn.bench import graph
 from skattn.bench.grid import Cell
-from skattn.bench.models import MODELS
 from skattn.bench.quant import quantize
 from skattn.bench.run import layer_inputs
 from skattn.bench.timing import ColdTimer
+from quant_sweep import parse_cells, write_rows  # tools/, beside this file
 
 LAYERS = 4
 TOLERANCE = 5e-3
-
-
-def parse_cells(text: str) -> list[Cell]:
-    out = []
-    for item in text.split(","):
-        model, n, depth = item.split(":")
-        hq, hkv, d = MODELS[model][:3]
-        out.append(Cell(model, hq, hkv, d, int(n), int(depth)))
-    return out
 
 
 @triton.jit
@@ -148,10 +138,7 @@ def main() -> int:
             del layers, fns
         del base
         torch.cuda.empty_cache()
-    with open(out_dir / "quant_prefill_ab.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=sorted({k for r in rows for k in r}))
-        w.writeheader()
-        w.writerows(rows)
+    write_rows(out_dir / "quant_prefill_ab.csv", rows)
     return 0
 
 

@@ -45,6 +45,14 @@ def parse_cells(text: str) -> list[Cell]:
     return out
 
 
+def write_rows(path: Path, rows: list[dict]) -> None:
+    """rows as a CSV, the union of their keys as columns (sorted)."""
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=sorted({k for r in rows for k in r}))
+        w.writeheader()
+        w.writerows(rows)
+
+
 def parse_geo(text: str) -> dict:
     """Plan keywords of a geometry `default` or `block_n/stages/warps[/programs]`, optionally
     followed by `:key=value+...`: fields of `skattn.Tuning` (0 and 1 for booleans) or plan
@@ -119,10 +127,7 @@ def main() -> int:
             del layers
         del base
         torch.cuda.empty_cache()
-    with open(out_dir / "quant_sweep.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=sorted({k for r in rows for k in r}))
-        w.writeheader()
-        w.writerows(rows)
+    write_rows(out_dir / "quant_sweep.csv", rows)
     return 0
 
 
