@@ -26,16 +26,13 @@ import triton
 import triton.language as tl
 
 import skattn
-from skattn import reference
-from skattn.bench import graph
 from skattn.bench.grid import Cell
 from skattn.bench.quant import quantize
 from skattn.bench.run import layer_inputs
 from skattn.bench.timing import ColdTimer
-from quant_sweep import parse_cells, write_rows  # tools/, beside this file
+from quant_sweep import checked, parse_cells, timed, write_rows  # tools/, beside this file
 
 LAYERS = 4
-TOLERANCE = 5e-3
 
 
 @triton.jit
@@ -119,20 +116,8 @@ def main() -> int:
             row = dict(model=cell.model, n=cell.n, L=cell.depth, row=name)
             layers = [quantize(fmt, *x) for x in base]
             fns = layer_calls(fmt, variant, layers, cell)
-            if not variant.startswith(":"):
-                q, k, v, kw = layers[0]
-                fns[0]().fill_(float("nan"))
-                out = fns[0]()
-                ref = reference.attention(q, k, v, causal=True, **kw)
-                err = float((out.double() - ref).norm() / ref.norm())
-                row["err"] = f"{err:.2e}"
-                if not err <= TOLERANCE:
-                    row["status"] = "wrong"
-            if "status" not in row:
-                gr, _ = graph.capture(fns)
-                t = graph.time_graph(gr, LAYERS, timer, warmup=3, reps=args.reps)
-                row.update(status="ok", p50_us=f"{t.p50:.2f}")
-                del gr
+            if variant.startswith(":") or checked(fns, layers[0], row):
+                row.update(status="ok", p50_us=f"{timed(fns, timer, args.reps).p50:.2f}")
             rows.append(row)
             print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
             del layers, fns
