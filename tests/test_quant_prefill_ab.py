@@ -44,7 +44,10 @@ def test_rows_call_what_they_name(monkeypatch):
     layers = [quantize("fp8", *base)]
     seen = []
     monkeypatch.setattr(ab, "dequantize", lambda *a: seen.append(a[-1]) or (a[4], a[5]))
-    monkeypatch.setattr(ab.skattn, "attention", lambda q, k, v, **kw: seen.append(k.dtype))
-    for variant in ("plain", "torch", "fused", ":torch", ":fused"):
+    monkeypatch.setattr(ab.skattn, "attention", lambda q, k, v, plan=None, **kw: seen.append(
+        (k.dtype, plan and plan.tuning.quant_route)))
+    for variant in ("plain", "torch", "fused", "route", ":torch", ":fused"):
         ab.layer_calls("fp8", variant, layers, cell)[0]()
-    assert seen == [torch.float8_e4m3fn, False, torch.float16, True, torch.float16, False, True]
+    f8, f16 = torch.float8_e4m3fn, torch.float16
+    assert seen == [(f8, None), False, (f16, None), True, (f16, None), (f8, "dequant"), False,
+                    True]

@@ -7,7 +7,8 @@ dequantized to f16 first and then skattn's f16 path (the Hopper prompt kernel, w
 
 Rows per cell: `f16`; per format `<fmt>` (skattn over the quantized K/V), `<fmt>+torch` and
 `<fmt>+fused` (a dequantizing pass, then skattn on its f16 K/V, both inside the timed graph)
-and `<fmt>:torch`, `<fmt>:fused` (the pass alone). The torch pass: FP8 as `to(float16)`, then
+and `<fmt>:torch`, `<fmt>:fused` (the pass alone), and `<fmt>+route`: skattn's own route
+(`Tuning(quant_route="dequant")`: its one-launch pass, then the call's f16 plan). The torch pass: FP8 as `to(float16)`, then
 a multiply by the per-KV-head scale computed in f32 and written as f16 (two kernels); q8_0 by
 `Q8_0.dequantize` (several). The fused pass is one Triton kernel here that reads the cache
 once and writes f16 once (value times scale in f32, one rounding). Every row is checked against
@@ -75,15 +76,21 @@ def dequantize(fmt: str, k, v, kw: dict, out_k, out_v, fused: bool = False):
 
 def layer_calls(fmt: str, variant: str, layers: list, cell: Cell) -> list:
     """One callable a layer for the row `variant`: "plain", "torch", "fused" (a pass, then
-    f16 attention), ":torch" or ":fused" (the pass alone)."""
-    fns = []
+    f16 attention), "route" (skattn's dequantizing route), ":torch" or ":fused" (the pass
+    alone)."""
+    fns, route = [], None
+    if variant == "route":
+        route = skattn.plan(batch=1, q_len=cell.n, kv_len=cell.depth, q_heads=cell.hq,
+                            kv_heads=cell.hkv, head_dim=cell.d, causal=True,
+                            dtype=torch.float8_e4m3fn if fmt == "fp8" else fmt,
+                            tuning=skattn.Tuning(quant_route="dequant"))
     for q, k, v, kw in layers:
         out = torch.empty_like(q)
         shape = (1, cell.depth, cell.hkv, cell.d)
         kd, vd = (torch.empty(shape, dtype=torch.float16, device=q.device) for _ in range(2))
-        if variant == "plain":
+        if variant in ("plain", "route"):
             fns.append(lambda q=q, k=k, v=v, kw=kw, out=out: skattn.attention(
-                q, k, v, causal=True, out=out, **kw))
+                q, k, v, causal=True, out=out, plan=route, **kw))
         elif not variant.startswith(":"):
             fused = variant == "fused"
             fns.append(lambda q=q, k=k, v=v, kw=kw, out=out, kd=kd, vd=vd, f=fused:
@@ -110,7 +117,8 @@ def main() -> int:
     for ci, cell in enumerate(parse_cells(args.cells)):
         base = layer_inputs(cell, 3000 + ci, LAYERS)
         runs = [("f16", "plain")] + [(f, v) for f in args.formats.split(",")
-                                    for v in ("plain", "torch", "fused", ":torch", ":fused")]
+                                    for v in ("plain", "torch", "fused", "route", ":torch",
+                                              ":fused")]
         for fmt, variant in runs:
             name = fmt if variant == "plain" else fmt + ("" if variant[0] == ":" else "+") + variant
             row = dict(model=cell.model, n=cell.n, L=cell.depth, row=name)

@@ -23,7 +23,10 @@ _VIEW_CACHE = 64
 
 def layout(plan, tiles: int | None = None) -> tuple[int, int, int]:
     """(f32 values of partial outputs, f32 values of maxima (= of sums), int32 counters);
-    `tiles`: how many output tiles get a counter (default: the plan's `ntiles_dst`)."""
+    `tiles`: how many output tiles get a counter (default: the plan's `ntiles_dst`). A plan
+    whose 16-bit `dequant` plan runs (`Tuning.quant_route`) needs that plan's."""
+    if getattr(plan, "dequant", None) is not None:
+        return layout(plan.dequant, tiles)
     if plan.fixup == "none":
         return 0, 0, 0
     # two slots a program; a serving plan's tail chunks own slots too

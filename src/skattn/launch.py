@@ -17,6 +17,7 @@ import threading
 from dataclasses import dataclass
 
 import torch
+import triton
 from triton import knobs
 
 from skattn import buffers as ws
@@ -25,6 +26,7 @@ from skattn.config import fp8_pairs
 from skattn.device import interpreting
 from skattn.fastdiv import magic
 from skattn.kernels import attention as _main
+from skattn.kernels import dequant as _dequant
 from skattn.kernels import fixup as _fixup
 from skattn.kernels import prefill as _prefill_kernel
 from skattn.kernels import prefill_ws as _prefill_ws
@@ -169,6 +171,19 @@ def v_pairs(plan) -> bool:
     return fp8_pairs(plan.geometry, plan.dtype, plan.head_dim_v, plan.tuning.fp8_v_pairs)
 
 
+def dequantize(x, scales, kv_format: str, dtype) -> torch.Tensor:
+    """FP8 (`scales` f32 [1] or [Hkv]) or q8_0 (`scales` its block scales) K or V as a new
+    contiguous [B, L, Hkv, D] tensor of `dtype`, in one launch (`kernels/dequant.py`)."""
+    B, L, H, D = x.shape
+    out = torch.empty(B, L, H, D, device=x.device, dtype=dtype)
+    rows, block_r = B * L * H, 16
+    fmt = 1 if kv_format == "float8_e4m3fn" else 2
+    _dequant.dequant_kernel[(triton.cdiv(rows, block_r),)](
+        x, scales, out, rows, L, H, *x.stride()[:3], D=D, BLOCK_D=triton.next_power_of_2(D),
+        FORMAT=fmt, HEAD_SCALES=int(fmt == 1 and scales.numel() > 1), BLOCK_R=block_r)
+    return out
+
+
 def score_scales(scale: float, softcap: float) -> tuple[float, float]:
     """The kernels' (qk_scale, softcap_scale): scores come out in log2 units, softcapped as
     softcap * tanh(qk * scale / softcap)."""
@@ -302,6 +317,11 @@ def run(plan: Plan, q, k, v, out, lse, *, scale: float, mask=None, sinks=None, s
                        softcap=softcap, alibi_slopes=alibi_slopes, workspace=workspace,
                        main_only=main_only, stamps=stamps, k_scale=k_scale, v_scale=v_scale,
                        record=record)
+    if plan.dequant is not None:  # K/V in q's dtype first, then the 16-bit plan
+        kd, vd = (dequantize(x, s, plan.dtype, q.dtype) for x, s in ((k, k_scale), (v, v_scale)))
+        return run(plan.dequant, q, kd, vd, out, lse, scale=scale, mask=mask, sinks=sinks,
+                   softcap=softcap, alibi_slopes=alibi_slopes, workspace=workspace,
+                   main_only=main_only, stamps=stamps, record=record)
     b = bind(plan, device)
     if stamps is not None:
         _check_stamps(plan, stamps, device)

@@ -56,6 +56,9 @@ class Plan:
         "none", "uniform", "general" or "fused".
     tuning : Tuning
         Launch choices that leave the decomposition unchanged.
+    dequant : Plan or None
+        With `Tuning(quant_route="dequant")` and FP8 or q8_0 K/V: the plan of the same call
+        with f16 K/V, which runs after K/V are written in q's dtype.
 
     `describe()` prints the plan in words, `draw(path)` draws it, `workspace_bytes` is the
     scratch it needs.
@@ -89,6 +92,7 @@ class Plan:
     cost_model: CostModel = field(default_factory=CostModel, compare=False)
     tuning: Tuning = field(default_factory=Tuning)
     has_mask: bool = False  # planned for an additive mask (its tile takes shared memory)
+    dequant: Plan | None = None  # `Tuning.quant_route` "dequant": the 16-bit plan that runs
 
     # -- derived sizes
     def __getstate__(self):
@@ -392,6 +396,15 @@ def plan(*, batch: int, q_len: int, kv_len: int, q_heads: int, kv_heads: int, he
         Bad arguments, or a shape that no kernel configuration fits in `smem_limit`.
     """
     given = dict(locals())  # the arguments, for a re-plan in wider KV blocks
+    if (tuning is not None and tuning.quant_route == "dequant"
+            and _DTYPES.get(dtype) in ("float8_e4m3fn", "q8_0")):
+        # the call's K/V written in 16 bits first: the plan the call would have in f16 runs
+        # (the caller's choices of programs, tiles and fixup are the quantized plan's)
+        native = plan(**dict(given, tuning=replace(tuning, quant_route="native")))
+        shape = {k: given[k] for k in ("batch", "q_len", "kv_len", "q_heads", "kv_heads",
+                                       "head_dim", "head_dim_v", "causal", "window", "sms",
+                                       "occupancy", "policy", "smem_limit", "has_mask")}
+        return replace(native, tuning=tuning, dequant=plan(**shape))
     programs = _alias(programs, nblocks, "programs", "nblocks")
     occupancy = _alias(occupancy, blocks_per_sm, "occupancy", "blocks_per_sm")
     head_dim_v = head_dim if head_dim_v is None else head_dim_v

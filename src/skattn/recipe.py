@@ -48,7 +48,9 @@ class Recipe:
         # misaligned-tensor bits -> (C launcher spec or None, [(function, assembler)])
         self.by_align: dict = {}
         self.optional = True      # whether the signature has optional tensors (learned)
-        self.serves = bound.cuda and bound.prefill is None
+        # (prompt kernels, and plans that write K/V in 16 bits first, stay on launch.run)
+        self.serves = (bound.cuda and bound.prefill is None
+                       and getattr(plan, "dequant", None) is None)
         self.index = bound.device.index
         self.fast = launcher.function() if self.serves else None  # skattn's C launcher
         self.first_spec = None  # the spec of the first alignment learned (all aligned, mostly)

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 PDL_TRIGGERS = ("start", "end")
 PREFILL_KERNELS = ("base", "tma", "ws")
+QUANT_ROUTES = ("native", "dequant")
 TILE_ORDERS = ("longest", "index")
 
 
@@ -73,6 +74,11 @@ class Tuning:
         one dot per 32-column block of V (`kernels/quant.q8_0_pair_blocks`), instead of
         multiplying every V value by its scale and staging V in f16. None: at V head size 128
         (1.00-1.13x on an H200; 0.92-0.96x at 64; other sizes not measured).
+    quant_route : str
+        FP8 or q8_0 K/V: "native" reads them in the plan's kernels; "dequant" writes them as
+        q's dtype first (one pass, `kernels/dequant.py`) and runs the plan's `dequant`, the
+        16-bit plan of the same call (for prompt chunks, the Hopper prompt kernel, which reads
+        16-bit K/V only). Opt-in: not timed yet (`tools/quant_prefill_ab.py`).
     prefill_device_desc : bool
         "tma" only: make the K/V descriptors in the kernel, one per tile,
         instead of on the host once per call (their 128 bytes a program come from torch,
@@ -94,11 +100,14 @@ class Tuning:
     prefill_sum_mma: bool | None = None
     fp8_v_pairs: bool = True
     q8_0_v_blocks: bool | None = None
+    quant_route: str = "native"
     tile_order: str = "longest"
 
     def __post_init__(self):
         if self.prefill not in PREFILL_KERNELS:
             raise ValueError(f"prefill must be one of {PREFILL_KERNELS}, got {self.prefill!r}")
+        if self.quant_route not in QUANT_ROUTES:
+            raise ValueError(f"quant_route must be one of {QUANT_ROUTES}, got {self.quant_route!r}")
         if self.tile_order not in TILE_ORDERS:
             raise ValueError(f"tile_order must be one of {TILE_ORDERS}, got {self.tile_order!r}")
         if self.pdl_trigger not in PDL_TRIGGERS:
