@@ -28,8 +28,31 @@ def test_plan_carries_the_16_bit_plan():
         assert skattn.workspace(p, device="cpu").numel() >= f16.workspace_bytes
     assert _plan(q, 300, 2, "q4_0", tuning=DEQUANT).dequant is None  # FP8 and q8_0 only
     assert _plan(q, 300, 2, FP8).dequant is None                     # opt-in
+    assert "route: K and V written" in p.describe() and f16.describe() in p.describe()
     with pytest.raises(ValueError, match="quant_route"):
         skattn.Tuning(quant_route="fast")
+    # the 16-bit plan keeps the call's GPU, fastdiv and tuning (but the route)
+    t = skattn.Tuning(quant_route="dequant", pdl=False, tile_order="index")
+    B, Lq, Hq, D = q.shape
+    p = skattn.plan(batch=B, q_len=Lq, kv_len=300, q_heads=Hq, kv_heads=2, head_dim=D,
+                    dtype=FP8, sms=4, blocks_per_sm=3, causal=True, fastdiv=False, tuning=t)
+    assert p.dequant.occupancy == 3 and p.dequant.fastdiv is False
+    assert p.dequant.tuning == skattn.Tuning(pdl=False, tile_order="index")
+
+
+def test_a_mask_is_checked_against_the_plan_that_runs(monkeypatch):
+    # the 16-bit plan's tiles may need more shared memory for a mask than the quantized
+    # plan's: the checks ask both
+    from skattn import checks
+
+    q = torch.zeros(1, 64, 8, 64, dtype=torch.float16)
+    p = _plan(q, 300, 2, FP8, tuning=DEQUANT)
+    asked = []
+    monkeypatch.setattr(checks, "plan_mask", lambda plan, mask, dev: asked.append(plan))
+    k = torch.zeros(1, 300, 2, 64, dtype=FP8)
+    skattn.attention(q, k, k, causal=True, plan=p, mask=torch.zeros(1, 64, 300),
+                     k_scale=1.0, v_scale=1.0)
+    assert asked == [p, p.dequant]
 
 
 def quant_name(dtype):

@@ -141,6 +141,8 @@ def attention_args(q, k, v, *, scale=None, causal=False, window=None, mask=None,
             plan_matches(plan, q, k, v, causal=causal, window=window, kv_name=kv_name,
                          head_dim_v=Dv)
             plan_mask(plan, mask, q.device)
+            if getattr(plan, "dequant", None) is not None:  # the plan that runs
+                plan_mask(plan.dequant, mask, q.device)
 
 
 def _byte_kv(x) -> bool:

@@ -58,7 +58,8 @@ class Plan:
         Launch choices that leave the decomposition unchanged.
     dequant : Plan or None
         With `Tuning(quant_route="dequant")` and FP8 or q8_0 K/V: the plan of the same call
-        with f16 K/V, which runs after K/V are written in q's dtype.
+        with f16 K/V, which runs after K/V are written in q's dtype (its dtype says float16
+        for bf16 q too: the kernels take the element type from the tensors).
 
     `describe()` prints the plan in words, `draw(path)` draws it, `workspace_bytes` is the
     scratch it needs.
@@ -210,6 +211,9 @@ class Plan:
             f"{len(pieces)}, max pieces per tile {max((len(v) for v in pieces.values()), default=1)}",
             f"workspace: {self.workspace_bytes} bytes",
         ]
+        if self.dequant is not None:
+            lines += ["route: K and V written in q's dtype first (a launch each), then this "
+                      "plan of 16-bit K/V runs:", self.dequant.describe()]
         return "\n".join(lines)
 
     def draw(self, path) -> None:
@@ -330,6 +334,21 @@ def quantized_cost_model() -> CostModel:
     return replace(load_cost_model(), saturation=1.0)
 
 
+def _dequant_plan(given: dict) -> Plan:
+    """`Tuning(quant_route="dequant")`: the quantized plan with, as `dequant`, the plan the
+    call gets with f16 K/V: the same shape, GPU, policy, mask, fastdiv, cost model and
+    tuning (but the route); the caller's programs, fixup and tile sizes stay the quantized
+    plan's (the 16-bit plan chooses its own, as for f16 K/V)."""
+    tuning = given["tuning"]
+    native = plan(**dict(given, tuning=replace(tuning, quant_route="native")))
+    own = replace(tuning, quant_route="native")
+    keep = ("batch", "q_len", "kv_len", "q_heads", "kv_heads", "head_dim", "head_dim_v",
+            "causal", "window", "sms", "occupancy", "policy", "smem_limit", "has_mask",
+            "fastdiv", "cost_model")
+    inner = plan(**{k: given[k] for k in keep}, tuning=None if own == Tuning() else own)
+    return replace(native, tuning=tuning, dequant=inner)
+
+
 def plan(*, batch: int, q_len: int, kv_len: int, q_heads: int, kv_heads: int, head_dim: int,
          head_dim_v: int | None = None, dtype=torch.float16, causal: bool = False,
          window: int | None = None, sms: int | None = None, occupancy: int | None = None,
@@ -396,17 +415,12 @@ def plan(*, batch: int, q_len: int, kv_len: int, q_heads: int, kv_heads: int, he
         Bad arguments, or a shape that no kernel configuration fits in `smem_limit`.
     """
     given = dict(locals())  # the arguments, for a re-plan in wider KV blocks
-    if (tuning is not None and tuning.quant_route == "dequant"
-            and _DTYPES.get(dtype) in ("float8_e4m3fn", "q8_0")):
-        # the call's K/V written in 16 bits first: the plan the call would have in f16 runs
-        # (the caller's choices of programs, tiles and fixup are the quantized plan's)
-        native = plan(**dict(given, tuning=replace(tuning, quant_route="native")))
-        shape = {k: given[k] for k in ("batch", "q_len", "kv_len", "q_heads", "kv_heads",
-                                       "head_dim", "head_dim_v", "causal", "window", "sms",
-                                       "occupancy", "policy", "smem_limit", "has_mask")}
-        return replace(native, tuning=tuning, dequant=plan(**shape))
     programs = _alias(programs, nblocks, "programs", "nblocks")
     occupancy = _alias(occupancy, blocks_per_sm, "occupancy", "blocks_per_sm")
+    if (tuning is not None and tuning.quant_route == "dequant"
+            and _DTYPES.get(dtype) in ("float8_e4m3fn", "q8_0")):
+        return _dequant_plan(dict(given, programs=programs, occupancy=occupancy, nblocks=None,
+                                  blocks_per_sm=None))
     head_dim_v = head_dim if head_dim_v is None else head_dim_v
     _check_positive(batch=batch, q_len=q_len, kv_len=kv_len, q_heads=q_heads, kv_heads=kv_heads,
                     head_dim=head_dim, head_dim_v=head_dim_v)
