@@ -1,5 +1,5 @@
-"""tools/quant_prefill_ab.py on the CPU: its two dequantizing passes (torch's kernels and its
-Triton kernel, under the interpreter) against float64 on the dequantized K/V, and its rows'
+"""tools/quant_prefill_ab.py on the CPU: its two dequantizing passes (torch's kernels and
+skattn's `launch.dequantize`, under the interpreter) against float64 on the dequantized K/V, and its rows'
 calls (the timing needs a GPU)."""
 import sys
 from pathlib import Path
@@ -28,7 +28,7 @@ def test_dequantize_passes(fmt, fused):
     k[:, :, 1] *= 50  # scales that differ by head
     _, kq, vq, kw = quantize(fmt, q, k, v)
     kd, vd = (torch.full_like(k, float("nan")) for _ in range(2))
-    ab.dequantize(fmt, kq, vq, kw, kd, vd, fused)
+    kd, vd = ab.dequantize(fmt, kq, vq, kw, kd, vd, fused)
     want_k, want_v = quant.dequantize_kv(kq, vq, kw.get("k_scale"), kw.get("v_scale"))
     for got, want in ((kd, want_k), (vd, want_v)):
         assert got.dtype == torch.float16 and not torch.isnan(got).any()

@@ -10,8 +10,8 @@ Rows per cell: `f16`; per format `<fmt>` (skattn over the quantized K/V), `<fmt>
 and `<fmt>:torch`, `<fmt>:fused` (the pass alone), and `<fmt>+route`: skattn's own route
 (`Tuning(quant_route="dequant")`: its one-launch pass, then the call's f16 plan). The torch pass: FP8 as `to(float16)`, then
 a multiply by the per-KV-head scale computed in f32 and written as f16 (two kernels); q8_0 by
-`Q8_0.dequantize` (several). The fused pass is one Triton kernel here that reads the cache
-once and writes f16 once (value times scale in f32, one rounding). Every row is checked against
+`Q8_0.dequantize` (several). The fused pass is skattn's own (`launch.dequantize`, one launch
+that reads the cache once and writes f16 once: value times scale in f32, then f16). Every row is checked against
 float64 on the dequantized K/V before it is timed (output poisoned with NaN). Writes
 $OUT/quant_prefill_ab.csv (default benchmarks/results/latest/quant_prefill_ab) and prints
 one line per row.
@@ -23,10 +23,9 @@ import os
 from pathlib import Path
 
 import torch
-import triton
-import triton.language as tl
 
 import skattn
+from skattn import launch
 from skattn.bench.grid import Cell
 from skattn.bench.quant import quantize
 from skattn.bench.run import layer_inputs
@@ -36,35 +35,14 @@ from quant_sweep import checked, parse_cells, timed, write_rows  # tools/, besid
 LAYERS = 4
 
 
-@triton.jit
-def _dequant_rows(X, S, O, rows, D: tl.constexpr, HEADS: tl.constexpr, GROUP: tl.constexpr,
-                  BLOCK_R: tl.constexpr):
-    """Rows of D values times their scale: FP8 (GROUP = D) one f32 scale a row's KV head
-    (row % HEADS; HEADS = 1 for one scale a tensor), q8_0 (GROUP = 32) one f16 scale a 32-value block; f16 out."""
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    d = tl.arange(0, D)
-    ok = r[:, None] < rows
-    x = tl.load(X + r[:, None] * D + d[None, :], mask=ok).to(tl.float32)
-    if GROUP == D:
-        s = tl.load(S + r % HEADS, mask=r < rows, other=0.0)[:, None]
-    else:
-        s = tl.load(S + r[:, None] * (D // GROUP) + d[None, :] // GROUP, mask=ok,
-                    other=0.0).to(tl.float32)
-    tl.store(O + r[:, None] * D + d[None, :], (x * s).to(tl.float16), mask=ok)
-
-
 def dequantize(fmt: str, k, v, kw: dict, out_k, out_v, fused: bool = False):
-    """K/V of `fmt` (contiguous) as f16 into out_k, out_v: torch's kernels, or one Triton
-    kernel each (`fused`)."""
+    """K/V of `fmt` as f16: into out_k, out_v by torch's kernels, or as new tensors by
+    skattn's one-launch pass (`fused`: `launch.dequantize`, the pass of its dequant route)."""
     if fused:
-        for x, s, o in ((k, kw.get("k_scale"), out_k), (v, kw.get("v_scale"), out_v)):
-            vals, scales = (x, s) if fmt == "fp8" else (x.values, x.scales)
-            heads = o.shape[2] if scales.numel() > 1 else 1  # FP8 per head or per tensor
-            D = o.shape[3]
-            rows, block_r = o.numel() // D, 32
-            _dequant_rows[(triton.cdiv(rows, block_r),)](
-                vals, scales.reshape(-1), o, rows, D, heads, D if fmt == "fp8" else 32, block_r)
-        return out_k, out_v
+        form = "float8_e4m3fn" if fmt == "fp8" else "q8_0"
+        return tuple(launch.dequantize(*((x, s.reshape(-1)) if fmt == "fp8"
+                                         else (x.values, x.scales)), form, torch.float16)
+                     for x, s in ((k, kw.get("k_scale")), (v, kw.get("v_scale"))))
     if fmt == "fp8":
         for x, s, o in ((k, kw["k_scale"], out_k), (v, kw["v_scale"], out_v)):
             torch.mul(x.to(torch.float16), s.reshape(1, 1, -1, 1), out=o)

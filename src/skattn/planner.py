@@ -340,8 +340,8 @@ def _dequant_plan(given: dict) -> Plan:
     tuning (but the route); the caller's programs, fixup and tile sizes stay the quantized
     plan's (the 16-bit plan chooses its own, as for f16 K/V)."""
     tuning = given["tuning"]
-    native = plan(**dict(given, tuning=replace(tuning, quant_route="native")))
     own = replace(tuning, quant_route="native")
+    native = plan(**dict(given, tuning=own))
     keep = ("batch", "q_len", "kv_len", "q_heads", "kv_heads", "head_dim", "head_dim_v",
             "causal", "window", "sms", "occupancy", "policy", "smem_limit", "has_mask",
             "fastdiv", "cost_model")
