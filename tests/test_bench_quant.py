@@ -82,7 +82,8 @@ def test_quant_flow_under_the_interpreter(tmp_path, monkeypatch):
     csv_path, json_path, rows = quant.run_quant(decode, prompt, out_dir=tmp_path, tag="t", opts=opts)
     assert [(r["n"], r["format"], r["status"]) for r in rows] == [
         (1, "f16", "ok"), (1, "fp8", "ok"), (1, "q8_0", "ok"), (1, "q4_0", "ok"), (2, "f16", "ok"),
-        (2, "fp8", "ok")]
+        (2, "fp8", "ok"), (2, "q8_0", "ok")]
+    assert {r["route"] for r in rows if r["format"] != "f16"} == {"native"}  # 4 rows a KV head
     errs = {r["format"]: (float(r["err"]), float(r["err_unquantized"])) for r in rows[:4]}
     # f16: the same reference (err is the worst of layer 0 and, after a replay, the last)
     assert errs["f16"][1] <= errs["f16"][0] < 2e-3

@@ -49,5 +49,5 @@ def test_rows_call_what_they_name(monkeypatch):
     for variant in ("plain", "torch", "fused", "route", ":torch", ":fused"):
         ab.layer_calls("fp8", variant, layers, cell)[0]()
     f8, f16 = torch.float8_e4m3fn, torch.float16
-    assert seen == [(f8, None), False, (f16, None), True, (f16, None), (f8, "dequant"), False,
+    assert seen == [(f8, "native"), False, (f16, None), True, (f16, None), (f8, "dequant"), False,
                     True]

@@ -1,6 +1,8 @@
 """`Tuning(quant_route="dequant")`: FP8 and q8_0 K/V written in q's dtype first, then the
 16-bit plan of the same call (`Plan.dequant`) runs; under the interpreter, against float64
 on the dequantized K/V, and the one pass's values bit for bit."""
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -27,7 +29,7 @@ def test_plan_carries_the_16_bit_plan():
         assert p.dequant == f16  # the call's plan in f16, not the caller's program count
         assert skattn.workspace(p, device="cpu").numel() >= f16.workspace_bytes
     assert _plan(q, 300, 2, "q4_0", tuning=DEQUANT).dequant is None  # FP8 and q8_0 only
-    assert _plan(q, 300, 2, FP8).dequant is None                     # opt-in
+    assert _plan(q, 300, 2, FP8).dequant is None  # by default: 256 rows a KV head, native
     assert "route: K and V written" in p.describe() and f16.describe() in p.describe()
     with pytest.raises(ValueError, match="quant_route"):
         skattn.Tuning(quant_route="fast")
@@ -38,6 +40,28 @@ def test_plan_carries_the_16_bit_plan():
                     dtype=FP8, sms=4, blocks_per_sm=3, causal=True, fastdiv=False, tuning=t)
     assert p.dequant.occupancy == 3 and p.dequant.fastdiv is False
     assert p.dequant.tuning == skattn.Tuning(pdl=False, tile_order="index")
+
+
+def test_auto_routes_long_chunks_whose_16_bit_plan_runs_a_prompt_kernel():
+    from skattn.quant_route import ROUTE_ROWS
+
+    rows = ROUTE_ROWS // 4  # query rows a KV head: q_len x 4
+    q = torch.zeros(1, rows, 8, 128, dtype=torch.float16)
+    for dtype in (FP8, "q8_0"):
+        p = _plan(q, 4096, 2, dtype)
+        assert p.dequant == _plan(q, 4096, 2, torch.float16)
+        assert p.dequant.tuning.prefill == "ws" and p.tuning == skattn.Tuning()
+        assert p == replace(_plan(q, 4096, 2, dtype, tuning=DEQUANT), tuning=skattn.Tuning())
+        native = skattn.Tuning(quant_route="native")
+        assert _plan(q, 4096, 2, dtype, tuning=native).dequant is None
+    assert _plan(q[:, 1:], 4096, 2, FP8).dequant is None              # a row short
+    assert _plan(q, 4096, 2, "q4_0").dequant is None                  # q4_0 stays native
+    assert _plan(q, 4096, 2, FP8, programs=8).dequant is None         # the caller's launch
+    assert _plan(q, 4096, 2, FP8, block_n=32).dequant is None
+    assert _plan(q, 4096, 2, FP8, policy="llamacpp").dequant is None  # not auto
+    assert _plan(q, 4096, 2, FP8, window=512).dequant is None         # base kernel in 16 bits
+    # other tuning: the 16-bit plan keeps it and runs the base kernel, so no route
+    assert _plan(q, 4096, 2, FP8, tuning=skattn.Tuning(pdl=False)).dequant is None
 
 
 def test_a_mask_is_checked_against_the_plan_that_runs(monkeypatch):
@@ -134,3 +158,24 @@ def test_the_pass_compiles_for_sm90():
     lines = run_gpu_build(code).split("\n")[-3:-1]
     assert [line.split()[0] for line in lines] == ["1", "2"], lines
     assert all(int(line.split()[1]) > 0 for line in lines), lines
+
+
+@pytest.mark.parametrize("entry", ["attention", "op"])
+def test_unplanned_calls_take_the_route_by_default(monkeypatch, entry):
+    # 128 rows x 4 heads a KV head: `auto` routes; the custom op too (its recipes do not
+    # serve the route, so it runs through launch.run)
+    import skattn.ops
+
+    passes = []
+    real = launch.dequantize
+    monkeypatch.setattr(launch, "dequantize", lambda *a: passes.append(a[2]) or real(*a))
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(1, 128, 8, 64, generator=g).half()
+    (kq, ks), (vq, vs) = (quant.fp8(torch.randn(1, 96, 2, 64, generator=g).half())
+                          for _ in range(2))
+    call = skattn.attention if entry == "attention" else skattn.ops.attention
+    out = call(q, kq, vq, causal=True, k_scale=ks, v_scale=vs)
+    assert passes == ["float8_e4m3fn"] * 2
+    ref = reference.attention(q, kq, vq, causal=True, k_scale=ks, v_scale=vs)
+    kd, vd = quant.dequantize_kv(kq, vq, ks, vs, dtype=q.dtype)
+    assert rel_err(out, ref) <= bound(q, kd, vd, causal=True, k_factor=3.0)

@@ -5,10 +5,11 @@ dequantized to f16 first and then skattn's f16 path (the Hopper prompt kernel, w
     PYTHONPATH=src python3 tools/quant_prefill_ab.py [--cells llama-8b:512:8192,...]
         [--formats fp8,q8_0] [--reps 10]
 
-Rows per cell: `f16`; per format `<fmt>` (skattn over the quantized K/V), `<fmt>+torch` and
+Rows per cell: `f16`; per format `<fmt>` (skattn's native route, over the quantized K/V), `<fmt>+torch` and
 `<fmt>+fused` (a dequantizing pass, then skattn on its f16 K/V, both inside the timed graph)
 and `<fmt>:torch`, `<fmt>:fused` (the pass alone), and `<fmt>+route`: skattn's own route
-(`Tuning(quant_route="dequant")`: its one-launch pass, then the call's f16 plan). The torch pass: FP8 as `to(float16)`, then
+(`Tuning(quant_route="dequant")`: its one-launch pass, then the call's f16 plan); the column
+`auto` names the route skattn's default takes for the cell. The torch pass: FP8 as `to(float16)`, then
 a multiply by the per-KV-head scale computed in f32 and written as f16 (two kernels); q8_0 by
 `Q8_0.dequantize` (several). The fused pass is skattn's own (`launch.dequantize`, one launch
 that reads the cache once and writes f16 once: value times scale in f32, then f16). Every row is checked against
@@ -52,16 +53,21 @@ def dequantize(fmt: str, k, v, kw: dict, out_k, out_v, fused: bool = False):
     return out_k, out_v
 
 
+def cell_plan(fmt: str, cell: Cell, route: str = "auto"):
+    """skattn's plan of the cell over `fmt` K/V on `route` (`Tuning.quant_route`)."""
+    return skattn.plan(batch=1, q_len=cell.n, kv_len=cell.depth, q_heads=cell.hq,
+                       kv_heads=cell.hkv, head_dim=cell.d, causal=True,
+                       dtype=torch.float8_e4m3fn if fmt == "fp8" else fmt,
+                       tuning=skattn.Tuning(quant_route=route))
+
+
 def layer_calls(fmt: str, variant: str, layers: list, cell: Cell) -> list:
     """One callable a layer for the row `variant`: "plain", "torch", "fused" (a pass, then
     f16 attention), "route" (skattn's dequantizing route), ":torch" or ":fused" (the pass
     alone)."""
     fns, route = [], None
-    if variant == "route":
-        route = skattn.plan(batch=1, q_len=cell.n, kv_len=cell.depth, q_heads=cell.hq,
-                            kv_heads=cell.hkv, head_dim=cell.d, causal=True,
-                            dtype=torch.float8_e4m3fn if fmt == "fp8" else fmt,
-                            tuning=skattn.Tuning(quant_route="dequant"))
+    if variant in ("plain", "route") and fmt != "f16":
+        route = cell_plan(fmt, cell, "native" if variant == "plain" else "dequant")
     for q, k, v, kw in layers:
         out = torch.empty_like(q)
         shape = (1, cell.depth, cell.hkv, cell.d)
@@ -83,8 +89,11 @@ def layer_calls(fmt: str, variant: str, layers: list, cell: Cell) -> list:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cells", default="llama-8b:512:8192,llama-8b:512:32768,"
-                                        "qwen3-14b:512:16384,gpt-oss:512:32768")
+    # n = 512 chunks, and the shorter chunks about `quant_route.ROUTE_ROWS` (query rows a KV
+    # head: 256 and 512 at llama-8b's ratio 4, 640 at qwen3-14b's 5, 512 at gpt-oss's 8)
+    ap.add_argument("--cells", default="llama-8b:64:32768,llama-8b:128:32768,llama-8b:512:8192,"
+                                        "llama-8b:512:32768,qwen3-14b:128:16384,"
+                                        "qwen3-14b:512:16384,gpt-oss:64:32768,gpt-oss:512:32768")
     ap.add_argument("--formats", default="fp8,q8_0")
     ap.add_argument("--reps", type=int, default=10)
     args = ap.parse_args()
@@ -99,7 +108,8 @@ def main() -> int:
                                               ":fused")]
         for fmt, variant in runs:
             name = fmt if variant == "plain" else fmt + ("" if variant[0] == ":" else "+") + variant
-            row = dict(model=cell.model, n=cell.n, L=cell.depth, row=name)
+            auto = "" if fmt == "f16" else ("dequant" if cell_plan(fmt, cell).dequant else "native")
+            row = dict(model=cell.model, n=cell.n, L=cell.depth, row=name, auto=auto)
             layers = [quantize(fmt, *x) for x in base]
             fns = layer_calls(fmt, variant, layers, cell)
             if variant.startswith(":") or checked(fns, layers[0], row):

@@ -1,6 +1,7 @@
 """Small quantized-KV calls for compute-sanitizer: fp8 e4m3 K/V (per-KV-head scales), q8_0
 (V also as int8 pairs, `Tuning.q8_0_v_blocks`) and q4_0 blocks, dense, at n = 1 (decode,
-uniform fixup) and n = 70, causal, checked against float64 on the dequantized K/V. Run:
+uniform fixup) and n = 70 (FP8 and q8_0 also on the dequant route, `Tuning.quant_route`, over
+views of a longer cache), causal, checked against float64 on the dequantized K/V. Run:
 compute-sanitizer --tool memcheck python3 tools/sanitize_quant.py
 """
 import faulthandler
@@ -37,6 +38,16 @@ def main() -> int:
                                 tuning=skattn.Tuning(q8_0_v_blocks=True))
                 assert launch.v_pairs(p)
                 cases.append((f"q8_0 V pairs D={x.shape[3]} n={lq}", (x, kx, vx), dict(plan=p)))
+        if lq == 70:  # the dequant route, its pass reading views of a longer cache
+            k6, v6 = (torch.randn(2, 600, 2, 64, device="cuda", generator=g).half() for _ in range(2))
+            (k6f, k6s), (v6f, v6s) = quant.fp8(k6, per_head=True), quant.fp8(v6, per_head=True)
+            for form, kx, vx, kw in (
+                    (torch.float8_e4m3fn, k6f[:, :500], v6f[:, :500], dict(k_scale=k6s, v_scale=v6s)),
+                    ("q8_0", quant.q8_0(k6)[:, :500], quant.q8_0(v6)[:, :500], {})):
+                p = skattn.plan(batch=2, q_len=lq, kv_len=500, q_heads=8, kv_heads=2, head_dim=64,
+                                dtype=form, causal=True, tuning=skattn.Tuning(quant_route="dequant"))
+                assert p.dequant is not None
+                cases.append((f"{form} dequant route n={lq}", (q, kx, vx), dict(kw, plan=p)))
         for name, args, kw in cases:
             out = skattn.attention(*args, causal=True, **kw)
             ref = reference.attention(*args, causal=True, **kw)

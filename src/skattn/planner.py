@@ -6,7 +6,7 @@ from functools import cached_property
 
 import torch
 
-from skattn import buffers, prefill_launch
+from skattn import buffers, prefill_launch, quant_route
 from skattn.checks import causal_window
 from skattn.config import (STAGE_BYTES_BUDGET, TileGeometry, programs_per_sm,  # noqa: F401
                            tile_geometry)
@@ -57,7 +57,7 @@ class Plan:
     tuning : Tuning
         Launch choices that leave the decomposition unchanged.
     dequant : Plan or None
-        With `Tuning(quant_route="dequant")` and FP8 or q8_0 K/V: the plan of the same call
+        FP8 or q8_0 K/V on the dequant route (`Tuning.quant_route`): the plan of the same call
         with f16 K/V, which runs after K/V are written in q's dtype (its dtype says float16
         for bf16 q too: the kernels take the element type from the tensors).
 
@@ -93,7 +93,7 @@ class Plan:
     cost_model: CostModel = field(default_factory=CostModel, compare=False)
     tuning: Tuning = field(default_factory=Tuning)
     has_mask: bool = False  # planned for an additive mask (its tile takes shared memory)
-    dequant: Plan | None = None  # `Tuning.quant_route` "dequant": the 16-bit plan that runs
+    dequant: Plan | None = None  # the dequant route (`skattn.quant_route`): the 16-bit plan
 
     # -- derived sizes
     def __getstate__(self):
@@ -334,21 +334,6 @@ def quantized_cost_model() -> CostModel:
     return replace(load_cost_model(), saturation=1.0)
 
 
-def _dequant_plan(given: dict) -> Plan:
-    """`Tuning(quant_route="dequant")`: the quantized plan with, as `dequant`, the plan the
-    call gets with f16 K/V: the same shape, GPU, policy, mask, fastdiv, cost model and
-    tuning (but the route); the caller's programs, fixup and tile sizes stay the quantized
-    plan's (the 16-bit plan chooses its own, as for f16 K/V)."""
-    tuning = given["tuning"]
-    own = replace(tuning, quant_route="native")
-    native = plan(**dict(given, tuning=own))
-    keep = ("batch", "q_len", "kv_len", "q_heads", "kv_heads", "head_dim", "head_dim_v",
-            "causal", "window", "sms", "occupancy", "policy", "smem_limit", "has_mask",
-            "fastdiv", "cost_model")
-    inner = plan(**{k: given[k] for k in keep}, tuning=None if own == Tuning() else own)
-    return replace(native, tuning=tuning, dequant=inner)
-
-
 def plan(*, batch: int, q_len: int, kv_len: int, q_heads: int, kv_heads: int, head_dim: int,
          head_dim_v: int | None = None, dtype=torch.float16, causal: bool = False,
          window: int | None = None, sms: int | None = None, occupancy: int | None = None,
@@ -417,10 +402,11 @@ def plan(*, batch: int, q_len: int, kv_len: int, q_heads: int, kv_heads: int, he
     given = dict(locals())  # the arguments, for a re-plan in wider KV blocks
     programs = _alias(programs, nblocks, "programs", "nblocks")
     occupancy = _alias(occupancy, blocks_per_sm, "occupancy", "blocks_per_sm")
-    if (tuning is not None and tuning.quant_route == "dequant"
-            and _DTYPES.get(dtype) in ("float8_e4m3fn", "q8_0")):
-        return _dequant_plan(dict(given, programs=programs, occupancy=occupancy, nblocks=None,
-                                  blocks_per_sm=None))
+    route = quant_route.routed(plan, dict(given, programs=programs, occupancy=occupancy,
+                                          nblocks=None, blocks_per_sm=None),
+                               _DTYPES.get(dtype) if isinstance(dtype, (torch.dtype, str)) else None)
+    if route is not None:
+        return route
     head_dim_v = head_dim if head_dim_v is None else head_dim_v
     _check_positive(batch=batch, q_len=q_len, kv_len=kv_len, q_heads=q_heads, kv_heads=kv_heads,
                     head_dim=head_dim, head_dim_v=head_dim_v)

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 PDL_TRIGGERS = ("start", "end")
 PREFILL_KERNELS = ("base", "tma", "ws")
-QUANT_ROUTES = ("native", "dequant")
+QUANT_ROUTES = ("auto", "native", "dequant")
 TILE_ORDERS = ("longest", "index")
 
 
@@ -76,9 +76,11 @@ class Tuning:
         (1.00-1.13x on an H200; 0.92-0.96x at 64; other sizes not measured).
     quant_route : str
         FP8 or q8_0 K/V: "native" reads them in the plan's kernels; "dequant" writes them as
-        q's dtype first (one pass, `kernels/dequant.py`) and runs the plan's `dequant`, the
-        16-bit plan of the same call (for prompt chunks, the Hopper prompt kernel, which reads
-        16-bit K/V only). Opt-in: not timed yet (`tools/quant_prefill_ab.py`).
+        q's dtype first (one pass, `kernels/dequant.py`, into a new 16-bit copy of the K/V
+        read) and runs the plan's `dequant`, the 16-bit plan of the same call (for prompt
+        chunks, the Hopper prompt kernel, which reads 16-bit K/V only); "auto" takes
+        "dequant" for prompt chunks of at least `quant_route.ROUTE_ROWS` query rows a KV
+        head whose 16-bit plan runs a prompt kernel, "native" otherwise.
     prefill_device_desc : bool
         "tma" only: make the K/V descriptors in the kernel, one per tile,
         instead of on the host once per call (their 128 bytes a program come from torch,
@@ -100,7 +102,7 @@ class Tuning:
     prefill_sum_mma: bool | None = None
     fp8_v_pairs: bool = True
     q8_0_v_blocks: bool | None = None
-    quant_route: str = "native"
+    quant_route: str = "auto"
     tile_order: str = "longest"
 
     def __post_init__(self):

@@ -1,7 +1,8 @@
 """Quantized K/V against f16, kernel level: `skattn bench --quant`.
 
 Decode cells of the seed grid with K/V in f16, fp8 (float8_e4m3fn, per-KV-head scales), q8_0
-and q4_0, and prompt chunks (n = 512) in f16 and fp8, side by side in one run: per-layer time
+and q4_0, and prompt chunks (n = 512) in f16, fp8 and q8_0 (by default dequantized to f16
+first: the `route` column, `Tuning.quant_route`), side by side in one run: per-layer time
 with the CUDA-graph timer (16 layers, each with its own inputs, cold L2), the byte floor of
 each format (K/V at 2, 1, 34/32 and 18/32 bytes a value, from the copy bandwidth measured in the
 same run), the speed-up over f16, and two errors: against float64 on the dequantized K/V
@@ -26,7 +27,7 @@ from skattn.planner import VALUE_BYTES
 
 FORMATS = ("f16", "fp8", "q8_0", "q4_0")  # decode
 QUANTIZED = FORMATS[1:]
-PROMPT_FORMATS = ("f16", "fp8")
+PROMPT_FORMATS = ("f16", "fp8", "q8_0")
 PROMPT_N = 512
 # the default run: three shapes (D 128 ratio 4, D 128 ratio 5, D 64 ratio 8) x n 1, 4, 16 x
 # the seed depths, and their prompt chunks; about 3 minutes on an H200 (compiles included)
@@ -35,7 +36,7 @@ DEFAULT_N = (1, 4, 16)
 # per K/V value (the planner's; q8_0: 32 int8 + an f16 scale a block; q4_0: 16 bytes + an f16 scale)
 KV_BYTES = {name: float(VALUE_BYTES[form]) for name, form in
             (("f16", "float16"), ("fp8", "float8_e4m3fn"), ("q8_0", "q8_0"), ("q4_0", "q4_0"))}
-COLUMNS = ("model", "hq", "hkv", "d", "n", "depth", "format", "policy", "programs", "fixup",
+COLUMNS = ("model", "hq", "hkv", "d", "n", "depth", "format", "policy", "programs", "fixup", "route",
            "status", "err", "err_unquantized", "p20_us", "p50_us", "p80_us", "floor_us",
            "pct_floor", "bytes", "speedup_vs_f16", "reps", "timer", "layers", "gpu", "sms",
            "torch", "triton", "commit", "flush", "timestamp")
@@ -96,7 +97,8 @@ def measure(cell: Cell, fmt: str, layers: list, unquantized_ref, timer, opts) ->
     row = {"format": fmt, "status": "ok"}
     try:
         p = _plan(cell, fmt, opts)
-        row.update(policy=p.policy, programs=p.programs, fixup=p.fixup)
+        row.update(policy=p.policy, programs=p.programs, fixup=p.fixup,
+                   route="dequant" if p.dequant else "native")  # `Tuning.quant_route`
         ws = skattn.workspace(p, device=layers[0][0].device)
         fns = []
         for q, k, v, kw in layers:
