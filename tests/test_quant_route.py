@@ -43,25 +43,38 @@ def test_plan_carries_the_16_bit_plan():
 
 
 def test_auto_routes_long_chunks_whose_16_bit_plan_runs_a_prompt_kernel():
-    from skattn.quant_route import ROUTE_ROWS
+    from skattn.quant_route import ROUTE_KEYS, ROUTE_ROWS
 
-    rows = ROUTE_ROWS // 4  # query rows a KV head: q_len x 4
+    rows, L = ROUTE_ROWS // 4, ROUTE_KEYS  # query rows a KV head: q_len x 4
     q = torch.zeros(1, rows, 8, 128, dtype=torch.float16)
     for dtype in (FP8, "q8_0"):
-        p = _plan(q, 4096, 2, dtype)
-        assert p.dequant == _plan(q, 4096, 2, torch.float16)
+        p = _plan(q, L, 2, dtype)
+        assert p.dequant == _plan(q, L, 2, torch.float16)
         assert p.dequant.tuning.prefill == "ws" and p.tuning == skattn.Tuning()
-        assert p == replace(_plan(q, 4096, 2, dtype, tuning=DEQUANT), tuning=skattn.Tuning())
+        assert p == replace(_plan(q, L, 2, dtype, tuning=DEQUANT), tuning=skattn.Tuning())
         native = skattn.Tuning(quant_route="native")
-        assert _plan(q, 4096, 2, dtype, tuning=native).dequant is None
-    assert _plan(q[:, 1:], 4096, 2, FP8).dequant is None              # a row short
-    assert _plan(q, 4096, 2, "q4_0").dequant is None                  # q4_0 stays native
-    assert _plan(q, 4096, 2, FP8, programs=8).dequant is None         # the caller's launch
-    assert _plan(q, 4096, 2, FP8, block_n=32).dequant is None
-    assert _plan(q, 4096, 2, FP8, policy="llamacpp").dequant is None  # not auto
-    assert _plan(q, 4096, 2, FP8, window=512).dequant is None         # base kernel in 16 bits
-    # other tuning: the 16-bit plan keeps it and runs the base kernel, so no route
-    assert _plan(q, 4096, 2, FP8, tuning=skattn.Tuning(pdl=False)).dequant is None
+        assert _plan(q, L, 2, dtype, tuning=native).dequant is None
+    assert _plan(q[:, 1:], L, 2, FP8).dequant is None              # a row short
+    assert _plan(q, L - 1, 2, FP8).dequant is None                 # a key short
+    assert _plan(q, L, 2, "q4_0").dequant is None                  # q4_0 stays native
+    assert _plan(q, L, 2, FP8, programs=8).dequant is None         # the caller's launch
+    assert _plan(q, L, 2, FP8, block_n=32).dequant is None
+    assert _plan(q, L, 2, FP8, num_warps=4).dequant is None
+    assert _plan(q, L, 2, FP8, policy="llamacpp").dequant is None  # not auto
+    assert _plan(q, L, 2, FP8, policy="llamacpp-master").dequant is None
+    # no prompt kernel in 16 bits: a window, a mask, head sizes it does not take, other
+    # tuning (the 16-bit plan keeps it: the base kernel), a prompt kernel asked for but refused
+    assert _plan(q, L, 2, FP8, window=512).dequant is None
+    assert _plan(q, L, 2, FP8, has_mask=True).dequant is None
+    assert _plan(q[..., :96], L, 2, "q8_0").dequant is None
+    assert _plan(q, L, 2, FP8, tuning=skattn.Tuning(pdl=False)).dequant is None
+    assert _plan(q, L, 2, FP8, window=512, tuning=skattn.Tuning(prefill="ws")).dequant is None
+    # arguments the planner refuses get its own errors, not the route's
+    with pytest.raises(ValueError, match="q_heads"):
+        _plan(q[:, :, :7], L, 2, FP8)
+    with pytest.raises(ValueError, match="positive|q_len"):
+        skattn.plan(batch=1, q_len=None, kv_len=L, q_heads=8, kv_heads=2, head_dim=128,
+                    dtype=FP8, sms=4, occupancy=2)
 
 
 def test_a_mask_is_checked_against_the_plan_that_runs(monkeypatch):
@@ -162,10 +175,17 @@ def test_the_pass_compiles_for_sm90():
 
 @pytest.mark.parametrize("entry", ["attention", "op"])
 def test_unplanned_calls_take_the_route_by_default(monkeypatch, entry):
-    # 128 rows x 4 heads a KV head: `auto` routes; the custom op too (its recipes do not
-    # serve the route, so it runs through launch.run)
+    # 128 rows x 4 heads a KV head: `auto` routes (here from 64 keys, to keep the interpreter
+    # short); the custom op too (its recipes do not serve the route: launch.run)
     import skattn.ops
+    from skattn import api, quant_route
 
+    monkeypatch.setattr(quant_route, "ROUTE_KEYS", 64)
+    for mod, names in ((api, ("_CHECKED",)), (skattn.ops, ("_CHECKED", "_RECIPES"))):
+        for name in names:  # recipes of their own, dropped after the test
+            monkeypatch.setattr(mod, name, {})
+    for cached in (api._cached_plan, skattn.ops._cached_plan):  # plans made before the patch
+        cached.cache_clear()
     passes = []
     real = launch.dequantize
     monkeypatch.setattr(launch, "dequantize", lambda *a: passes.append(a[2]) or real(*a))
@@ -175,7 +195,32 @@ def test_unplanned_calls_take_the_route_by_default(monkeypatch, entry):
                           for _ in range(2))
     call = skattn.attention if entry == "attention" else skattn.ops.attention
     out = call(q, kq, vq, causal=True, k_scale=ks, v_scale=vs)
+    for cached in (api._cached_plan, skattn.ops._cached_plan):  # no routed plan kept
+        cached.cache_clear()
     assert passes == ["float8_e4m3fn"] * 2
     ref = reference.attention(q, kq, vq, causal=True, k_scale=ks, v_scale=vs)
     kd, vd = quant.dequantize_kv(kq, vq, ks, vs, dtype=q.dtype)
     assert rel_err(out, ref) <= bound(q, kd, vd, causal=True, k_factor=3.0)
+
+
+def test_recipes_do_not_serve_routed_plans():
+    from types import SimpleNamespace
+
+    from skattn.recipe import Recipe
+
+    q = torch.zeros(1, 64, 8, 64, dtype=torch.float16)
+    bound = SimpleNamespace(cuda=True, prefill=None, device=torch.device("cpu"))
+    assert not Recipe(bound, _plan(q, 300, 2, FP8, tuning=DEQUANT)).serves
+    assert Recipe(bound, _plan(q, 300, 2, FP8)).serves
+
+
+def test_run_plan_follows_the_plan_that_runs():
+    # the float64 stream-K replay of a routed plan walks its 16-bit plan (the workspace the
+    # routed plan reports is that plan's)
+    g = torch.Generator().manual_seed(6)
+    q = torch.randn(1, 64, 8, 64, generator=g).double()
+    k, v = (torch.randn(1, 300, 2, 64, generator=g).double() for _ in range(2))
+    p = _plan(q, 300, 2, FP8, tuning=DEQUANT)
+    assert p.dequant.workspace_floats != replace(p, dequant=None).workspace_floats
+    got = reference.run_plan(p, q, k, v, causal=True)
+    assert torch.allclose(got, reference.attention(q, k, v, causal=True), atol=1e-12)

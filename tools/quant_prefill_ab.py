@@ -14,12 +14,14 @@ a multiply by the per-KV-head scale computed in f32 and written as f16 (two kern
 `Q8_0.dequantize` (several). The fused pass is skattn's own (`launch.dequantize`, one launch
 that reads the cache once and writes f16 once: value times scale in f32, then f16). Every row is checked against
 float64 on the dequantized K/V before it is timed (output poisoned with NaN). Writes
-$OUT/quant_prefill_ab.csv (default benchmarks/results/latest/quant_prefill_ab) and prints
+$OUT/quant_prefill_ab.csv and its provenance, quant_prefill_ab.json (default
+benchmarks/results/latest/quant_prefill_ab), and prints
 one line per row.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from pathlib import Path
 
@@ -29,7 +31,7 @@ import skattn
 from skattn import launch
 from skattn.bench.grid import Cell
 from skattn.bench.quant import quantize
-from skattn.bench.run import layer_inputs
+from skattn.bench.run import layer_inputs, provenance
 from skattn.bench.timing import ColdTimer
 from quant_sweep import checked, parse_cells, timed, write_rows  # tools/, beside this file
 
@@ -120,6 +122,10 @@ def main() -> int:
         del base
         torch.cuda.empty_cache()
     write_rows(out_dir / "quant_prefill_ab.csv", rows)
+    meta = {**provenance(torch.cuda.get_device_properties(0).multi_processor_count),
+            "timer": "graph", "layers": LAYERS, "reps": args.reps, "cells": args.cells,
+            "formats": args.formats, "csv": "quant_prefill_ab.csv"}
+    (out_dir / "quant_prefill_ab.json").write_text(json.dumps(meta, indent=1) + "\n")
     return 0
 
 

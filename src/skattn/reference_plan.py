@@ -186,7 +186,8 @@ def run_plan(plan, q, k, v, *, scale=None, causal=False, window=None, mask=None,
     Parameters
     ----------
     plan : skattn.Plan
-        A plan for these shapes, with the same ``causal`` and ``window``.
+        A plan for these shapes, with the same ``causal`` and ``window`` (one that dequantizes
+        K/V first runs its 16-bit ``plan.dequant``).
     q, k, v, scale, causal, window, mask, sinks, softcap, alibi_slopes, return_lse
         As in `skattn.reference.attention`.
 
@@ -210,6 +211,8 @@ def run_plan(plan, q, k, v, *, scale=None, causal=False, window=None, mask=None,
     if plan is None:
         raise TypeError("plan must be a skattn.Plan (from skattn.plan), got None")
     checks.plan_matches(plan, q, k, v, causal=causal, window=window, dtype=False)
+    if plan.dequant is not None:  # K/V written in 16 bits first: the 16-bit plan runs
+        plan = plan.dequant
     ex = _Executor(plan, x)
     for p in range(plan.programs):
         ex.program(p)
