@@ -224,3 +224,24 @@ def test_run_plan_follows_the_plan_that_runs():
     assert p.dequant.workspace_floats != replace(p, dequant=None).workspace_floats
     got = reference.run_plan(p, q, k, v, causal=True)
     assert torch.allclose(got, reference.attention(q, k, v, causal=True), atol=1e-12)
+
+
+def test_the_route_keeps_the_call_s_features():
+    # sinks, softcap, ALiBi slopes, lse and a caller's strided `out` reach the 16-bit plan
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(1, 9, 4, 64, generator=g).half()
+    k, v = (torch.randn(1, 80, 2, 64, generator=g).half() for _ in range(2))
+    (kq, ks), (vq, vs) = quant.fp8(k), quant.fp8(v)
+    extra = dict(sinks=torch.randn(4, generator=g), softcap=15.0,
+                 alibi_slopes=torch.rand(4, generator=g) * 0.1)
+    p = _plan(q, 80, 2, FP8, tuning=DEQUANT)
+    big = torch.full((1, 9, 4, 128), float("nan"), dtype=q.dtype)
+    out = big[..., :64]  # rows 128 apart: a strided output
+    _, lse = skattn.attention(q, kq, vq, causal=True, plan=p, out=out, return_lse=True,
+                              k_scale=ks, v_scale=vs, **extra)
+    ref, ref_lse = reference.attention(q, kq, vq, causal=True, return_lse=True, k_scale=ks,
+                                       v_scale=vs, **extra)
+    kd, vd = quant.dequantize_kv(kq, vq, ks, vs, dtype=q.dtype)
+    assert torch.isnan(big[..., 64:]).all()  # nothing written beside the view
+    assert rel_err(out, ref) <= bound(q, kd, vd, causal=True, k_factor=3.0)
+    assert (lse - ref_lse).abs().max().item() <= 2e-3
