@@ -7,7 +7,7 @@ llama-8b at L = 32768 on an H200), a cost that grows with L alone, while the att
 grows with L x the query rows a KV head serves. For prompt chunks the 16-bit plan runs the
 Hopper prompt kernel, which reads 16-bit K/V only, and the native route the base kernel:
 "auto" takes the dequant route where the rows a KV head serves (q_len x Hq / Hkv) reach
-`ROUTE_ROWS`, Lk reaches `ROUTE_KEYS` and the 16-bit plan runs a prompt kernel
+`ROUTE_ROWS`, Lk reaches `ROUTE_KEYS` and the prompt kernel takes the 16-bit plan
 (measurements: docs/quant.md). The rule does not ask the GPU: measured on an H200 only.
 """
 from __future__ import annotations

@@ -14,7 +14,7 @@ class Tuning:
     """How a plan's kernels are launched; the defaults are the measured best (PERF.md).
 
     Pass one to `skattn.plan(..., tuning=Tuning(...))`. None of these fields changes the
-    decomposition (tiles, work list, programs, fixup kind), only how it is launched; but
+    decomposition (tiles, work list, programs, fixup kind), only how it is launched, except
     `quant_route`, which may hand the call to the plan of its 16-bit K/V (`Plan.dequant`).
 
     Attributes
@@ -82,7 +82,7 @@ class Tuning:
         chunks, the Hopper prompt kernel, which reads 16-bit K/V only); "auto" takes
         "dequant" where `skattn.quant_route` finds it pays (prompt chunks of at least 512
         query rows a KV head over 8192 keys or more, policy "auto", no launch shape given,
-        and a 16-bit plan that runs a prompt kernel), "native" otherwise.
+        and a 16-bit plan that the prompt kernel takes), "native" otherwise.
     prefill_device_desc : bool
         "tma" only: make the K/V descriptors in the kernel, one per tile,
         instead of on the host once per call (their 128 bytes a program come from torch,
