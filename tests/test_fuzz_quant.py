@@ -2,7 +2,8 @@
 over FP8 (per-tensor or per-head scales) and q8_0 K/V against float64 on the dequantized K/V,
 over random small shapes, head sizes (multiples of 32, so 96 masks a block of a 128-wide
 tile), GQA ratios, features, program counts, the V-reading switches (`Tuning.fp8_v_pairs`,
-`Tuning.q8_0_v_blocks`) and V magnitudes over five decades (small q8_0 scales are where p
+`Tuning.q8_0_v_blocks`), the dequant route (`Tuning.quant_route`: K/V written in f16 first,
+then the 16-bit plan) and V magnitudes over five decades (small q8_0 scales are where p
 times the scale could fall into f16's subnormals). Errors are bounded as in `test_fuzz.py`,
 relative to PyTorch's own error on the dequantized K/V, for the whole output and row by row.
 Runs from a fixed seed."""
@@ -30,7 +31,8 @@ def cases(draw):
              sinks=draw(st.booleans()), softcap=draw(st.sampled_from([0.0, 0.0, 20.0])),
              programs=draw(st.integers(1, 7)), pairs=draw(st.sampled_from([None, True, False])),
              v_size=draw(st.sampled_from([1e-3, 1e-2, 1.0, 30.0])),
-             per_head=draw(st.booleans()), seed=draw(st.integers(0, 2**20)))
+             per_head=draw(st.booleans()), seed=draw(st.integers(0, 2**20)),
+             route=draw(st.sampled_from(["native", "native", "dequant"])))
     if c["causal"] and c["Lq"] > c["Lk"]:
         c["Lq"] = c["Lk"]
     return c
@@ -42,9 +44,10 @@ def _inputs(c):
     k = torch.randn(c["B"], c["Lk"], c["Hkv"], c["D"], generator=g).half()
     v = (torch.randn(c["B"], c["Lk"], c["Hkv"], c["D"], generator=g) * c["v_size"]).half()
     if c["form"] == "q8_0":
-        return q, quant.q8_0(k), quant.q8_0(v), {}, skattn.Tuning(q8_0_v_blocks=c["pairs"])
+        return q, quant.q8_0(k), quant.q8_0(v), {}, skattn.Tuning(
+            q8_0_v_blocks=c["pairs"], quant_route=c["route"])
     (kq, ks), (vq, vs) = (quant.fp8(x, per_head=c["per_head"]) for x in (k, v))
-    tuning = skattn.Tuning(fp8_v_pairs=c["pairs"] is not False)
+    tuning = skattn.Tuning(fp8_v_pairs=c["pairs"] is not False, quant_route=c["route"])
     return q, kq, vq, dict(k_scale=ks, v_scale=vs), tuning
 
 
