@@ -9,7 +9,8 @@ Rows per cell: `f16`; per format `<fmt>` (skattn's native route, over the quanti
 `<fmt>+fused` (a dequantizing pass, then skattn on its f16 K/V, both inside the timed graph)
 and `<fmt>:torch`, `<fmt>:fused` (the pass alone), and `<fmt>+route`: skattn's own route
 (`Tuning(quant_route="dequant")`: its one-launch pass, then the call's f16 plan); the column
-`auto` names the route skattn's default takes for the cell. The torch pass: FP8 as `to(float16)`, then
+`auto` names the route skattn's default takes for the cell, `host_us` the host time of one
+eager call (50 back to back, wall clock). The torch pass: FP8 as `to(float16)`, then
 a multiply by the per-KV-head scale computed in f32 and written as f16 (two kernels); q8_0 by
 `Q8_0.dequantize` (several). The fused pass is skattn's own (`launch.dequantize`, one launch
 that reads the cache once and writes f16 once: value times scale in f32, then f16). Every row is checked against
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -89,6 +91,19 @@ def layer_calls(fmt: str, variant: str, layers: list, cell: Cell) -> list:
     return fns
 
 
+def host_us(fn, calls: int = 50) -> float:
+    """Host time of one eager call, µs: `calls` back to back without a sync (the GPU's
+    queue absorbs them), after one call that settles its caches."""
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    host = (time.perf_counter() - t0) / calls * 1e6
+    torch.cuda.synchronize()
+    return host
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     # n = 512 chunks, and the shorter chunks about `quant_route.ROUTE_ROWS` (query rows a KV
@@ -115,7 +130,8 @@ def main() -> int:
             layers = [quantize(fmt, *x) for x in base]
             fns = layer_calls(fmt, variant, layers, cell)
             if variant.startswith(":") or checked(fns, layers[0], row):
-                row.update(status="ok", p50_us=f"{timed(fns, timer, args.reps).p50:.2f}")
+                row.update(status="ok", p50_us=f"{timed(fns, timer, args.reps).p50:.2f}",
+                           host_us=f"{host_us(fns[0]):.1f}")
             rows.append(row)
             print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
             del layers, fns
