@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 from pathlib import Path
 
 import torch
@@ -32,6 +31,7 @@ import torch
 import skattn
 from skattn import launch
 from skattn.bench.grid import Cell
+from skattn.bench.host import per_call_us
 from skattn.bench.quant import quantize
 from skattn.bench.run import layer_inputs, provenance
 from skattn.bench.timing import ColdTimer
@@ -91,19 +91,6 @@ def layer_calls(fmt: str, variant: str, layers: list, cell: Cell) -> list:
     return fns
 
 
-def host_us(fn, calls: int = 50) -> float:
-    """Host time of one eager call, µs: `calls` back to back without a sync (the GPU's
-    queue absorbs them), after one call that settles its caches."""
-    fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    host = (time.perf_counter() - t0) / calls * 1e6
-    torch.cuda.synchronize()
-    return host
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     # n = 512 chunks, and the shorter chunks about `quant_route.ROUTE_ROWS` (query rows a KV
@@ -131,7 +118,7 @@ def main() -> int:
             fns = layer_calls(fmt, variant, layers, cell)
             if variant.startswith(":") or checked(fns, layers[0], row):
                 row.update(status="ok", p50_us=f"{timed(fns, timer, args.reps).p50:.2f}",
-                           host_us=f"{host_us(fns[0]):.1f}")
+                           host_us=f"{per_call_us(fns[0], n=50, warmup=1):.1f}")
             rows.append(row)
             print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
             del layers, fns
