@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-from pathlib import Path
 
 import torch
 
@@ -35,7 +33,7 @@ from skattn.bench.host import per_call_us
 from skattn.bench.quant import quantize
 from skattn.bench.run import layer_inputs, provenance
 from skattn.bench.timing import ColdTimer
-from quant_sweep import checked, parse_cells, timed, write_rows  # tools/, beside this file
+from quant_sweep import checked, parse_cells, results_dir, timed, write_rows  # tools/, beside this file
 
 LAYERS = 4
 
@@ -101,8 +99,7 @@ def main() -> int:
     ap.add_argument("--formats", default="fp8,q8_0")
     ap.add_argument("--reps", type=int, default=10)
     args = ap.parse_args()
-    out_dir = Path(os.environ.get("OUT", "benchmarks/results/latest/quant_prefill_ab"))
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = results_dir("quant_prefill_ab")
     timer = ColdTimer()
     rows = []
     for ci, cell in enumerate(parse_cells(args.cells)):
@@ -110,10 +107,11 @@ def main() -> int:
         runs = [("f16", "plain")] + [(f, v) for f in args.formats.split(",")
                                     for v in ("plain", "torch", "fused", "route", ":torch",
                                               ":fused")]
+        auto = {f: "dequant" if cell_plan(f, cell).dequant else "native"  # the default's route
+                for f in args.formats.split(",")}
         for fmt, variant in runs:
             name = fmt if variant == "plain" else fmt + ("" if variant[0] == ":" else "+") + variant
-            auto = "" if fmt == "f16" else ("dequant" if cell_plan(fmt, cell).dequant else "native")
-            row = dict(model=cell.model, n=cell.n, L=cell.depth, row=name, auto=auto)
+            row = dict(model=cell.model, n=cell.n, L=cell.depth, row=name, auto=auto.get(fmt, ""))
             layers = [quantize(fmt, *x) for x in base]
             fns = layer_calls(fmt, variant, layers, cell)
             if variant.startswith(":") or checked(fns, layers[0], row):

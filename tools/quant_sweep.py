@@ -67,6 +67,13 @@ def timed(fns: list, timer, reps: int):
     return t
 
 
+def results_dir(name: str) -> Path:
+    """$OUT, or benchmarks/results/latest/<name>, made if missing."""
+    out = Path(os.environ.get("OUT", f"benchmarks/results/latest/{name}"))
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
 def write_rows(path: Path, rows: list[dict]) -> None:
     """rows as a CSV, the union of their keys as columns (sorted)."""
     with open(path, "w", newline="") as f:
@@ -102,8 +109,7 @@ def main() -> int:
     ap.add_argument("--formats", default="f16,fp8,q8_0,q4_0")
     ap.add_argument("--reps", type=int, default=20)
     args = ap.parse_args()
-    out_dir = Path(os.environ.get("OUT", "benchmarks/results/latest/quant_sweep"))
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = results_dir("quant_sweep")
     timer = ColdTimer()
     copy_bw = measure_ceilings(timer, quick=True).copy_bytes_per_s
     rows = []
