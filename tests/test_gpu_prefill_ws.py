@@ -91,3 +91,64 @@ def test_cuda_graph_replay():
                     causal=True, tuning=WS)
     assert runs_ws(p, q, k, v)
     assert_graph_replay_matches(q, k, v, p)
+
+
+def _keys(tag) -> int:
+    return sum(1 for key in launch._COMPILED if key[-1] == tag or key[0] == tag)
+
+
+@pytest.mark.serial
+def test_repeat_calls_launch_the_compiled_kernels():
+    # after a key's first call the prompt kernel and the dequant pass of a routed quantized
+    # call launch their compiled kernels directly (launch._launch), not through Triton's JIT
+    # launcher: the same output bit for bit, a new key for a misaligned q, and host time
+    # well below the JIT launcher's (measured in the same test with a launch hook set, which
+    # sends every launch through it)
+    from triton import knobs
+    from skattn import quant
+    from skattn.bench.host import per_call_us
+
+    Hq, Hkv, D, n, L = 32, 8, 128, 128, 2048
+    q, k, v = make(1, n, L, Hq, Hkv, D, seed=6)
+    kw = dict(batch=1, q_len=n, kv_len=L, q_heads=Hq, kv_heads=Hkv, head_dim=D, causal=True)
+    p = skattn.plan(**kw, dtype=k.dtype, tuning=WS)
+    assert runs_ws(p, q, k, v)
+    (kq, ks), (vq, vs) = quant.fp8(k), quant.fp8(v)
+    routed = skattn.plan(**kw, dtype=torch.float8_e4m3fn,
+                         tuning=skattn.Tuning(quant_route="dequant"))
+    assert routed.dequant is not None
+    calls = {
+        "f16": (lambda: skattn.attention(q, k, v, causal=True, plan=p), k, v, {}),
+        "fp8 routed": (lambda: skattn.attention(q, kq, vq, causal=True, plan=routed,
+                                                k_scale=ks, v_scale=vs), *quant.dequantize_kv(
+                                                    kq, vq, ks, vs, q.dtype), {}),
+    }
+    ws_keys, pass_keys = _keys("ws"), _keys("dequant")
+    firsts = {name: call() for name, (call, *_) in calls.items()}
+    assert _keys("ws") > ws_keys and _keys("dequant") > pass_keys
+    for name, (call, kr, vr, _) in calls.items():
+        ref = reference.attention(q, kr, vr, causal=True)
+        assert rel_err(firsts[name], ref) <= bound(q, kr, vr, causal=True), name
+        for _ in range(5):
+            assert torch.equal(call(), firsts[name]), name
+    # q 2 bytes off 16-byte alignment: a key of its own, still right
+    q_off = torch.empty(q.numel() + 1, device="cuda", dtype=q.dtype)[1:].view_as(q)
+    q_off.copy_(q)
+    keys = _keys("ws")
+    out = skattn.attention(q_off, k, v, causal=True, plan=p)
+    assert _keys("ws") == keys + 1
+    assert rel_err(out, reference.attention(q, k, v, causal=True)) <= bound(q, k, v, causal=True)
+
+    direct = {name: per_call_us(call, n=200, warmup=5) for name, (call, *_) in calls.items()}
+    def hook(*args):
+        pass
+
+    knobs.runtime.launch_enter_hook.add(hook)
+    try:
+        jit = {name: per_call_us(call, n=200, warmup=5) for name, (call, *_) in calls.items()}
+    finally:
+        knobs.runtime.launch_enter_hook.remove(hook)
+    for name in calls:
+        print(f"{name}: host {direct[name]:.1f} us a call, {jit[name]:.1f} through Triton's "
+              f"JIT launcher")
+        assert direct[name] < 0.6 * jit[name], name

@@ -173,14 +173,23 @@ def v_pairs(plan) -> bool:
 
 def dequantize(x, scales, kv_format: str, dtype) -> torch.Tensor:
     """FP8 (`scales` f32 [1] or [Hkv]) or q8_0 (`scales` its block scales) K or V as a new
-    contiguous [B, L, Hkv, D] tensor of `dtype`, in one launch (`kernels/dequant.py`)."""
+    contiguous [B, L, Hkv, D] tensor of `dtype`, in one launch (`kernels/dequant.py`; on a
+    GPU the compiled kernel directly after the first call of a key, as `run` launches)."""
     B, L, H, D = x.shape
     out = torch.empty(B, L, H, D, device=x.device, dtype=dtype)
     rows, block_r = B * L * H, 16
     fmt = 1 if kv_format == "float8_e4m3fn" else 2
-    _dequant.dequant_kernel[(triton.cdiv(rows, block_r),)](
-        x, scales, out, rows, L, H, *x.stride()[:3], D=D, BLOCK_D=triton.next_power_of_2(D),
-        FORMAT=fmt, HEAD_SCALES=int(fmt == 1 and scales.numel() > 1), BLOCK_R=block_r)
+    # plain integers: triton.next_power_of_2 and triton.cdiv are Triton constexpr functions,
+    # several µs of host time a call each
+    const = dict(D=D, BLOCK_D=1 << (D - 1).bit_length(), FORMAT=fmt,
+                 HEAD_SCALES=int(fmt == 1 and scales.numel() > 1), BLOCK_R=block_r)
+    args = (x, scales, out, rows, L, H, *x.stride()[:3])
+    key = stream = None
+    if x.device.type == "cuda" and not interpreting() and _no_hooks():
+        stream = torch._C._cuda_getCurrentRawStream(x.device.index)
+        key = ("dequant", x.device, x.dtype, scales.dtype, dtype, *args[3:],
+               *const.values(), *(t.data_ptr() % 16 == 0 for t in (x, scales, out)))
+    _launch(_dequant.dequant_kernel, key, args, const, (-(-rows // block_r), 1, 1), stream)
     return out
 
 
@@ -277,8 +286,10 @@ def _launch(kernel, key, args: tuple, const: dict, grid: tuple, stream, record=N
         return
     ck = kernel[grid](*args, **const)
     if key is not None and hasattr(ck, "packed_metadata"):
-        # the launcher takes every parameter in order, compile-time constants included
-        tail = tuple(const.get(name) for name in kernel.arg_names[len(args):])
+        # the launcher takes every parameter in order, compile-time constants included (a
+        # parameter's default where `const` leaves it out)
+        tail = tuple(const[p.name] if p.name in const else p.default
+                     for p in kernel.params[len(args):])
         _COMPILED[key] = (ck, tail)
 
 
@@ -382,8 +393,10 @@ def run(plan: Plan, q, k, v, out, lse, *, scale: float, mask=None, sinks=None, s
             wargs = (q, qs[0], qs[1], qs[2], kd, vd, out, os_[0], os_[1], os_[2], lse_t, slb,
                      slh, sinks_t, ws_o, ws_m, ws_l, *b.prefill.tables,
                      *b.main_ints[:3], qk_scale)  # q_len, kv_len, GQA ratio
-            _launch(_prefill_ws.ws_prefill_kernel, None, wargs, pconst, b.main_grid, stream,
-                    record)
+            # the descriptors' shapes and strides are arguments (not specialised on); k's and
+            # v's dtypes, strides and alignment are in the key with the rest
+            _launch(_prefill_ws.ws_prefill_kernel, key and (*key, "ws"), wargs, pconst,
+                    b.main_grid, stream, record)
         else:
             pargs = (q, qs[0], qs[1], qs[2], kd, ks[0], ks[1], ks[2], vd, vs[0], vs[1], vs[2],
                      out, os_[0], os_[1], os_[2], lse_t, slb, slh, sinks_t,

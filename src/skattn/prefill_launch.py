@@ -11,6 +11,7 @@ Everything else runs the base kernel.
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -200,15 +201,22 @@ def _torch_alloc(size: int, alignment: int, stream):
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
+@functools.lru_cache(maxsize=None)
+def _shared_layout(block: tuple, dtype: torch.dtype):
+    """The shared-memory layout of the ws kernel's K/V blocks, made once per block and dtype."""
+    from triton.experimental.gluon import language as gl
+
+    elem = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}[dtype]
+    return gl.NVMMASharedLayout.get_default_for(list(block), elem)
+
+
 def descriptors(pb: PrefillBound, k: torch.Tensor, v: torch.Tensor) -> tuple:
     """K and V as the kernel takes them: host tensor descriptors over [B, Lk, Hkv, D], or,
     with `device_desc`, the tensors the kernel makes its descriptors of."""
     if pb.kind == "ws":
-        from triton.experimental.gluon import language as gl
         from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
 
-        elem = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}[k.dtype]
-        layout = gl.NVMMASharedLayout.get_default_for(list(pb.block), elem)
+        layout = _shared_layout(tuple(pb.block), k.dtype)
         return tuple(GluonDescriptor(x, list(x.shape), list(x.stride()), list(pb.block), layout)
                      for x in (k, v))
     from triton.tools.tensor_descriptor import TensorDescriptor

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import statistics
 import struct
 import time
@@ -65,6 +66,11 @@ class FakeKernel:
 
     def __init__(self, real, counter: Counter, first: int):
         self.arg_names = real.arg_names
+        # the parameters with their defaults, as a JITFunction's `params` (an interpreted
+        # function has none)
+        self.params = getattr(real, "params", None) or [
+            SimpleNamespace(name=p.name, default=p.default)
+            for p in inspect.signature(real.fn).parameters.values()]
         self.counter = counter
         self.first = first
         self.compiles = 0
@@ -80,7 +86,9 @@ class FakeKernel:
             r.launch_cooperative_grid, r.launch_pdl = False, bool(const.get("launch_pdl"))
             sig = {name: _type_of(a) for name, a in zip(self.arg_names, args)}
             sig.update({name: "constexpr" for name in self.arg_names[len(args):]})
-            ck = FakeCompiled(r, function, (const.get("num_warps", 4), 1, 0), const,
+            # the constants as the kernel sees them: a parameter left out at its default
+            full = dict({p.name: p.default for p in self.params[len(args):]}, **const)
+            ck = FakeCompiled(r, function, (const.get("num_warps", 4), 1, 0), full,
                               SimpleNamespace(signature=sig))
             self.counter.compiled[function] = ck
             self.counter(*grid, 0, function, *args)  # the JIT launcher's own launch
