@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import skattn
-from skattn import launch, prefill_launch, reference
+from skattn import api, launch, prefill_launch, reference
 from skattn.bench.models import MODELS
 from helpers import cuda_qkv as make
 from helpers import assert_graph_replay_matches, check_plans
@@ -100,10 +100,10 @@ def _keys(tag) -> int:
 @pytest.mark.serial
 def test_repeat_calls_launch_the_compiled_kernels():
     # after a key's first call the prompt kernel and the dequant pass of a routed quantized
-    # call launch their compiled kernels directly (launch._launch), not through Triton's JIT
-    # launcher: the same output bit for bit, a new key for a misaligned q, and host time
-    # well below the JIT launcher's (measured in the same test with a launch hook set, which
-    # sends every launch through it)
+    # call launch their compiled kernels directly (the f16 call through its recipe, the
+    # routed one through launch._launch), not through Triton's JIT launcher: the same output
+    # bit for bit, a new key for a misaligned q, and host time well below the JIT launcher's
+    # (measured in the same test with a launch hook set, which sends every launch through it)
     from triton import knobs
     from skattn import quant
     from skattn.bench.host import per_call_us
@@ -152,3 +152,44 @@ def test_repeat_calls_launch_the_compiled_kernels():
         print(f"{name}: host {direct[name]:.1f} us a call, {jit[name]:.1f} through Triton's "
               f"JIT launcher")
         assert direct[name] < 0.6 * jit[name], name
+
+
+@pytest.mark.serial
+def test_repeat_prompt_calls_replay_their_recipe(monkeypatch):
+    # the first planned call learns the recipe (launch.run); repeat calls replay it through
+    # Triton's C launch functions, the K/V tensor maps made from each call's addresses: the
+    # same output bit for bit, fresh K/V at other addresses right, the first K/V again (maps
+    # made before) right, a misaligned q learned as a pattern of its own, a CUDA graph
+    Hq, Hkv, D, n, L = 32, 8, 128, 128, 2048
+    q, k, v = make(1, n, L, Hq, Hkv, D, seed=7)
+    p = skattn.plan(batch=1, q_len=n, kv_len=L, q_heads=Hq, kv_heads=Hkv, head_dim=D,
+                    dtype=k.dtype, causal=True, tuning=WS)
+    assert runs_ws(p, q, k, v)
+    first = skattn.attention(q, k, v, causal=True, plan=p)
+    rec = next(r for r in api._CHECKED.values() if r.plan is p)
+    assert rec.serves and len(rec.by_align) == 1
+    (spec, launches), = rec.by_align.values()
+    assert spec is None and len(launches) == 1 + (p.fixup in ("uniform", "general"))
+    tol = bound(q, k, v, causal=True)
+    assert rel_err(first, reference.attention(q, k, v, causal=True)) <= tol
+
+    def no_launch_run(*args, **kw):
+        raise AssertionError("a replayed call went through launch.run")
+
+    with monkeypatch.context() as m:
+        m.setattr(launch, "run", no_launch_run)
+        for _ in range(3):
+            assert torch.equal(skattn.attention(q, k, v, causal=True, plan=p), first)
+        for seed in (8, 9):
+            q2, k2, v2 = make(1, n, L, Hq, Hkv, D, seed=seed)  # the same signature
+            out = skattn.attention(q2, k2, v2, causal=True, plan=p)
+            assert rel_err(out, reference.attention(q2, k2, v2, causal=True)) <= tol, seed
+            del k2, v2
+        assert torch.equal(skattn.attention(q, k, v, causal=True, plan=p), first)
+    q_off = torch.empty(q.numel() + 1, device="cuda", dtype=q.dtype)[1:].view_as(q)
+    q_off.copy_(q)
+    for _ in range(2):  # learned through launch.run, then replayed
+        out = skattn.attention(q_off, k, v, causal=True, plan=p)
+        assert rel_err(out, reference.attention(q, k, v, causal=True)) <= tol
+    assert len(rec.by_align) == 2
+    assert_graph_replay_matches(q, k, v, p)

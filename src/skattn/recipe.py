@@ -16,9 +16,14 @@ the stream and the addresses; where it has no spec (it could not be built, or a 
 does not pack) or no CUDA context is current on the thread, Triton's C launch functions
 with integer pointers, so they neither call `data_ptr` nor ask the driver about them.
 
+The warp-specialised prompt-chunk kernel takes K and V as TMA descriptors: its launch goes
+through Triton's C launch function with each descriptor's tensor map made from the call's
+address (once per address: `TensorMaps`), its shape and strides as constants.
+
 Calls that a recipe does not serve go through `launch.run` as before: CPU tensors and the
-interpreter, Triton launch hooks (profilers), a current device other than q's, the
-prompt-chunk kernel, and any launch whose arguments hold something the recipe does not know.
+interpreter, Triton launch hooks (profilers), a current device other than q's, the TMA
+prompt-chunk kernel (`Tuning(prefill="tma")`), plans that dequantize K/V first, and any
+launch whose arguments hold something the recipe does not know.
 """
 from __future__ import annotations
 
@@ -48,8 +53,11 @@ class Recipe:
         # misaligned-tensor bits -> (C launcher spec or None, [(function, assembler)])
         self.by_align: dict = {}
         self.optional = True      # whether the signature has optional tensors (learned)
-        # (prompt kernels, and plans that write K/V in 16 bits first, stay on launch.run)
-        self.serves = (bound.cuda and bound.prefill is None
+        # (the TMA prompt kernel, and plans that write K/V in 16 bits first, stay on
+        # launch.run; the warp-specialised prompt kernel's K/V descriptors are made per call
+        # from the call's addresses: `descriptor_values`)
+        prefill = bound.prefill
+        self.serves = (bound.cuda and (prefill is None or prefill.kind == "ws")
                        and getattr(plan, "dequant", None) is None)
         self.index = bound.device.index
         self.fast = launcher.function() if self.serves else None  # skattn's C launcher
@@ -165,7 +173,8 @@ class Recipe:
         order = [alias[name] for name in ROLES if name in alias]
         self.optional = len(order) > 4
         sources = [*order, *views]
-        tables = {id(b.qblock_off): b.qblock_off, id(b.kv_first): b.kv_first}
+        tables = {id(t): t for t in (b.qblock_off, b.kv_first,
+                                     *(b.prefill.tables if b.prefill is not None else ()))}
         learned = learn_launches(record, sources, tables)
         if learned is None:  # launches it cannot replay: this signature keeps launch.run
             self.serves = False
@@ -193,7 +202,7 @@ def learn_launches(record, sources, tables, compiled=None):
     call reads, in the per-call values' order after the stream), one of `tables` (id ->
     tensors that live as long as the bound plan: their addresses are constants), nor a
     number. `assembler(values)` returns the launch's whole argument tuple."""
-    found = compiled_launches(record, sources, tables, compiled)
+    found = compiled_launches(record, sources, tables, compiled, descriptors=True)
     if found is None:
         return None
     launches = []
@@ -201,14 +210,117 @@ def learn_launches(record, sources, tables, compiled=None):
         r = ck.run
         # parts: an int is an index into the per-call values, a 1-tuple holds a constant
         parts = [(grid[0],), (grid[1],), (grid[2],), STREAM, (ck.function,)]
-        if r.global_scratch_size == 0 and r.profile_scratch_size == 0:
+        maps = []
+        if any(type(x) is Desc for x in kernel_parts):
+            if r.global_scratch_size or r.profile_scratch_size:
+                return None
+            fn = raw_launch(r.launch)
+            kernel_parts = descriptor_parts(ck, kernel_parts, len(sources) + 1, maps)
+            if fn is None or kernel_parts is None:
+                return None
+            parts += [(r.launch_cooperative_grid,), (r.launch_pdl,), (None,), (None,)]
+        elif r.global_scratch_size == 0 and r.profile_scratch_size == 0:
             fn = r.launch  # the C function, past Triton's Python wrapper
             parts += [(r.launch_cooperative_grid,), (r.launch_pdl,), (None,), (None,)]
         else:
             fn = r  # the wrapper allocates the kernel's scratch
         parts += [(ck.packed_metadata,), (None,), (None,), (None,)]
-        launches.append((fn, assembler(parts + kernel_parts)))
+        make = assembler(parts + kernel_parts)
+        launches.append((fn, with_maps(make, maps) if maps else make))
     return launches
+
+
+class Desc:
+    """A TMA descriptor argument of a recorded launch (the prompt kernel's K or V): the
+    per-call value `index` holds its base's address; shape, strides and padding are the
+    signature's."""
+
+    __slots__ = ("index", "shape", "strides", "nan")
+
+    def __init__(self, index: int, desc):
+        self.index, self.shape, self.strides = index, tuple(desc.shape), tuple(desc.strides)
+        self.nan = desc.padding == "nan"
+
+
+class TensorMaps:
+    """The CUDA tensor maps of one descriptor argument by base address (made by Triton's
+    `fill_tma_descriptor`, as its launcher makes them per call). Everything else a map holds
+    (shape, strides, box, swizzle, element type) is fixed by the recipe's signature, so a map
+    made once for an address serves every later call at that address; at most `KEEP` kept."""
+
+    KEEP = 256
+
+    def __init__(self, index: int, desc: Desc, meta: dict):
+        self.index = index
+        self.args = (meta["swizzle"], meta["elem_size"], meta["elem_type"],
+                     list(meta["block_size"]), list(desc.shape), list(desc.strides),
+                     int(desc.nan))
+        self.made: dict = {}
+
+    def __call__(self, address: int):
+        hit = self.made.get(address)
+        if hit is None:
+            if len(self.made) >= self.KEEP:
+                self.made.clear()
+            hit = self.made[address] = tensor_map(address, *self.args)
+        return hit
+
+
+def tensor_map(address, swizzle, elem_size, elem_type, block, shape, strides, padding):
+    """Triton's host tensor map for a descriptor at `address` (its launcher's own call)."""
+    import triton
+    from triton.backends.nvidia.driver import TMA_DTYPE_DEVICE_TO_HOST
+
+    return triton.runtime.driver.active.utils.fill_tma_descriptor(
+        address, swizzle, elem_size, TMA_DTYPE_DEVICE_TO_HOST[elem_type], block, shape, strides,
+        padding)
+
+
+def raw_launch(fn):
+    """Triton's C launch function of a launcher whose kernel takes descriptors: Triton wraps
+    it in a Python function that turns each descriptor into its launch arguments (a tensor
+    map, then the shape and strides), which the recipe makes itself. None where the wrapper
+    is not the one known here."""
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return fn  # already the C function
+    names = code.co_freevars
+    if "launcher" not in names or fn.__closure__ is None:
+        return None
+    return fn.__closure__[names.index("launcher")].cell_contents
+
+
+def descriptor_parts(ck, parts, first: int, maps: list) -> list | None:
+    """`parts` with each `Desc` replaced by the arguments Triton's launcher passes for it:
+    with the kernel's descriptor metadata, a tensor map (per-call value `first + j` for the
+    j-th map, made by the `TensorMaps` appended to `maps`), shape and strides; without, the
+    base's address, shape, strides, the padding flag, shape and strides again."""
+    descs = [x for x in parts if type(x) is Desc]
+    meta = getattr(ck.metadata, "tensordesc_meta", None) or [None] * len(descs)
+    if len(meta) != len(descs):
+        return None
+    out, j = [], 0
+    for x in parts:
+        if type(x) is not Desc:
+            out.append(x)
+            continue
+        m, j = meta[j], j + 1
+        dims = [(d,) for d in (*x.shape, *x.strides)]
+        if m is None:
+            out += [x.index, *dims, (x.nan,), *dims]
+        elif m.get("fp4_padded"):
+            return None
+        else:
+            out += [first + len(maps), *dims]
+            maps.append(TensorMaps(x.index, x, m))
+    return out
+
+
+def with_maps(make, maps: list):
+    """`make` after the per-call values gain each descriptor's tensor map, from its base's
+    address."""
+    pairs = tuple((m.index, m) for m in maps)
+    return lambda v: make([*v, *(m(v[i]) for i, m in pairs)])
 
 
 def learn_spec(record, sources, tables, compiled=None, roles=0, pattern=0) -> bytes | None:
@@ -220,9 +332,11 @@ def learn_spec(record, sources, tables, compiled=None, roles=0, pattern=0) -> by
     return None if found is None else launcher.spec(found, len(sources), roles, pattern)
 
 
-def compiled_launches(record, sources, tables, compiled=None) -> list | None:
+def compiled_launches(record, sources, tables, compiled=None,
+                      descriptors: bool = False) -> list | None:
     """[(CompiledKernel, grid, kernel argument parts)] of `record`'s launches (see
-    `learn_launches` for the arguments), or None where one cannot be replayed."""
+    `learn_launches` for the arguments), or None where one cannot be replayed. With
+    `descriptors`, a TMA descriptor over one of `sources` is a `Desc` part."""
     compiled = launch._COMPILED if compiled is None else compiled
     slot = {id(x): i + 1 for i, x in enumerate(sources)}
     if len(slot) != len(sources):
@@ -233,19 +347,22 @@ def compiled_launches(record, sources, tables, compiled=None) -> list | None:
         if hit is None:
             return None
         ck, tail = hit
-        parts = arg_parts(args, tail, slot, tables)
+        parts = arg_parts(args, tail, slot, tables, descriptors)
         if parts is None:
             return None
         found.append((ck, grid, parts))
     return found
 
 
-def arg_parts(args, tail, slot, tables) -> list | None:
+def arg_parts(args, tail, slot, tables, descriptors: bool = False) -> list | None:
     """A launch's kernel arguments as assembler parts (an int: the per-call value of that
-    index, a source's address; a 1-tuple: a constant), or None for an unknown argument."""
+    index, a source's address; a 1-tuple: a constant; with `descriptors`, a `Desc` for a
+    TMA descriptor over a source), or None for an unknown argument."""
     parts = []
     for a in args:
-        if isinstance(a, torch.Tensor):
+        if descriptors and hasattr(a, "block_shape") and id(getattr(a, "base", None)) in slot:
+            parts.append(Desc(slot[id(a.base)], a))
+        elif isinstance(a, torch.Tensor):
             if id(a) in slot:
                 parts.append(slot[id(a)])
             elif id(a) in tables:
