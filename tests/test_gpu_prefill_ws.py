@@ -93,8 +93,11 @@ def test_cuda_graph_replay():
     assert_graph_replay_matches(q, k, v, p)
 
 
-def _keys(tag) -> int:
-    return sum(1 for key in launch._COMPILED if key[-1] == tag or key[0] == tag)
+def _keys(first, last=None) -> set:
+    """The direct-launch keys (launch._COMPILED) that start with `first` (a bound plan's key
+    number, or "dequant") and end with `last`."""
+    return {key for key in launch._COMPILED
+            if key[0] == first and (last is None or key[-1] == last)}
 
 
 @pytest.mark.serial
@@ -108,7 +111,7 @@ def test_repeat_calls_launch_the_compiled_kernels():
     from skattn import quant
     from skattn.bench.host import per_call_us
 
-    Hq, Hkv, D, n, L = 32, 8, 128, 128, 2048
+    Hq, Hkv, D, n, L = 32, 8, 128, 128, 2072  # a shape no other test plans (its own keys)
     q, k, v = make(1, n, L, Hq, Hkv, D, seed=6)
     kw = dict(batch=1, q_len=n, kv_len=L, q_heads=Hq, kv_heads=Hkv, head_dim=D, causal=True)
     p = skattn.plan(**kw, dtype=k.dtype, tuning=WS)
@@ -123,9 +126,10 @@ def test_repeat_calls_launch_the_compiled_kernels():
                                                 k_scale=ks, v_scale=vs), *quant.dequantize_kv(
                                                     kq, vq, ks, vs, q.dtype), {}),
     }
-    ws_keys, pass_keys = _keys("ws"), _keys("dequant")
+    kid = launch.bind(p, q.device).kid
     firsts = {name: call() for name, (call, *_) in calls.items()}
-    assert _keys("ws") > ws_keys and _keys("dequant") > pass_keys
+    learned = len(_keys(kid, "ws"))
+    assert learned >= 1 and _keys("dequant")
     for name, (call, kr, vr, _) in calls.items():
         ref = reference.attention(q, kr, vr, causal=True)
         assert rel_err(firsts[name], ref) <= bound(q, kr, vr, causal=True), name
@@ -134,9 +138,8 @@ def test_repeat_calls_launch_the_compiled_kernels():
     # q 2 bytes off 16-byte alignment: a key of its own, still right
     q_off = torch.empty(q.numel() + 1, device="cuda", dtype=q.dtype)[1:].view_as(q)
     q_off.copy_(q)
-    keys = _keys("ws")
     out = skattn.attention(q_off, k, v, causal=True, plan=p)
-    assert _keys("ws") == keys + 1
+    assert len(_keys(kid, "ws")) == learned + 1
     assert rel_err(out, reference.attention(q, k, v, causal=True)) <= bound(q, k, v, causal=True)
 
     direct = {name: per_call_us(call, n=200, warmup=5) for name, (call, *_) in calls.items()}
@@ -148,10 +151,12 @@ def test_repeat_calls_launch_the_compiled_kernels():
         jit = {name: per_call_us(call, n=200, warmup=5) for name, (call, *_) in calls.items()}
     finally:
         knobs.runtime.launch_enter_hook.remove(hook)
-    for name in calls:
+    # measured on an H200: f16 (its recipe) 33.7 against 213.0 µs, the route (launch.run)
+    # 112.1 against 202.0 and 216.3 against 376.9 in two runs
+    for name, most in (("f16", 0.5), ("fp8 routed", 0.8)):
         print(f"{name}: host {direct[name]:.1f} us a call, {jit[name]:.1f} through Triton's "
               f"JIT launcher")
-        assert direct[name] < 0.6 * jit[name], name
+        assert direct[name] < most * jit[name], name
 
 
 @pytest.mark.serial
@@ -159,8 +164,9 @@ def test_repeat_prompt_calls_replay_their_recipe(monkeypatch):
     # the first planned call learns the recipe (launch.run); repeat calls replay it through
     # Triton's C launch functions, the K/V tensor maps made from each call's addresses: the
     # same output bit for bit, fresh K/V at other addresses right, the first K/V again (maps
-    # made before) right, a misaligned q learned as a pattern of its own, a CUDA graph
-    Hq, Hkv, D, n, L = 32, 8, 128, 128, 2048
+    # made before) right, a misaligned q learned as a pattern of its own, CUDA graphs (of a
+    # replayed call, and of a call that learns its recipe while captured)
+    Hq, Hkv, D, n, L = 32, 8, 128, 192, 3000
     q, k, v = make(1, n, L, Hq, Hkv, D, seed=7)
     p = skattn.plan(batch=1, q_len=n, kv_len=L, q_heads=Hq, kv_heads=Hkv, head_dim=D,
                     dtype=k.dtype, causal=True, tuning=WS)
@@ -192,4 +198,16 @@ def test_repeat_prompt_calls_replay_their_recipe(monkeypatch):
         out = skattn.attention(q_off, k, v, causal=True, plan=p)
         assert rel_err(out, reference.attention(q, k, v, causal=True)) <= tol
     assert len(rec.by_align) == 2
+    out, workspace = torch.empty_like(q), skattn.workspace(p)
+    direct = skattn.attention(q, k, v, causal=True, plan=p, out=out, workspace=workspace).clone()
+    skattn.attention(q, k, v, causal=True, plan=p, out=out, workspace=workspace)  # replayed
+    g = torch.cuda.CUDAGraph()
+    with monkeypatch.context() as m:
+        m.setattr(launch, "run", no_launch_run)
+        with torch.cuda.graph(g):
+            skattn.attention(q, k, v, causal=True, plan=p, out=out, workspace=workspace)
+    out.fill_(float("nan"))
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, direct)
     assert_graph_replay_matches(q, k, v, p)

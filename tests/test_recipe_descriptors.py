@@ -13,7 +13,8 @@ from triton.backends.nvidia.driver import wrap_handle_tensordesc
 from skattn import prefill_launch, recipe
 
 BLOCK = (1, 64, 1, 128)
-META = {"swizzle": 3, "elem_size": 2, "elem_type": 6, "block_size": [1, 64, 1, 64],
+# elem_type 9: a device code whose host code differs (8), as Triton's launcher converts it
+META = {"swizzle": 3, "elem_size": 2, "elem_type": 9, "block_size": [1, 64, 1, 64],
         "fp4_padded": False}
 
 
@@ -101,12 +102,29 @@ def test_a_descriptor_over_an_unknown_tensor_is_not_replayed(driver):
                                  {"key": (ck, (1,))}) is None
 
 
+@pytest.mark.parametrize("meta", [[META, META], None])
+def test_another_expansion_by_triton_is_not_replayed(driver, monkeypatch, meta):
+    # a Triton whose launcher expands descriptors otherwise (here: no strides) leaves the
+    # launch to launch.run rather than replaying a wrong layout
+    import triton.backends.nvidia.driver as nvidia
+
+    monkeypatch.setattr(nvidia, "make_tensordesc_arg",
+                        lambda arg, m: [arg.base, *arg.shape])
+    q = torch.zeros(1, 8, 4, 128, dtype=torch.float16)
+    k, v = (torch.zeros(1, 256, 2, 128, dtype=torch.float16) for _ in range(2))
+    ck, _, _ = compiled(meta)
+    assert recipe.learn_launches([("key", (q, *kv_descriptors(k, v), 8), (1, 1, 1))],
+                                 [q, k, v], {}, {"key": (ck, (1,))}) is None
+
+
 def test_tensor_maps_are_made_once_per_address_and_bounded(driver, monkeypatch):
     monkeypatch.setattr(recipe.TensorMaps, "KEEP", 3)
-    desc = SimpleNamespace(shape=(1, 256, 2, 128), strides=(65536, 256, 128, 1), padding="zero")
+    desc = SimpleNamespace(shape=(1, 256, 2, 128), strides=(65536, 256, 128, 1), padding="zero",
+                           base=SimpleNamespace(data_ptr=lambda: 1024))
     maps = recipe.TensorMaps(2, recipe.Desc(2, desc), META)
     assert maps(4096) is maps(4096) and len(driver.made) == 1
-    assert driver.made[0][0] == 4096 and driver.made[0][-1] == 0
+    # Triton's arguments: the address, ..., the element type in the host's code, ..., padding
+    assert driver.made[0][0] == 4096 and driver.made[0][3] == 8 and driver.made[0][-1] == 0
     for address in (8192, 12288, 16384):
         maps(address)
     assert len(maps.made) <= 3 and maps(16384)[1] == 16384

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import operator
 from functools import reduce
+from types import SimpleNamespace
 
 import torch
 
@@ -54,8 +55,8 @@ class Recipe:
         self.by_align: dict = {}
         self.optional = True      # whether the signature has optional tensors (learned)
         # (the TMA prompt kernel, and plans that write K/V in 16 bits first, stay on
-        # launch.run; the warp-specialised prompt kernel's K/V descriptors are made per call
-        # from the call's addresses: `descriptor_values`)
+        # launch.run; the warp-specialised prompt kernel's K/V tensor maps are made from the
+        # call's addresses: `descriptor_parts`, `with_maps`)
         prefill = bound.prefill
         self.serves = (bound.cuda and (prefill is None or prefill.kind == "ws")
                        and getattr(plan, "dequant", None) is None)
@@ -201,7 +202,9 @@ def learn_launches(record, sources, tables, compiled=None):
     key, or an argument that is neither one of `sources` (the tensors whose addresses each
     call reads, in the per-call values' order after the stream), one of `tables` (id ->
     tensors that live as long as the bound plan: their addresses are constants), nor a
-    number. `assembler(values)` returns the launch's whole argument tuple."""
+    number; a TMA descriptor over one of `sources` becomes its tensor map (made from the
+    call's address, `with_maps`), shape and strides. `assembler(values)` returns the
+    launch's whole argument tuple."""
     found = compiled_launches(record, sources, tables, compiled, descriptors=True)
     if found is None:
         return None
@@ -235,26 +238,47 @@ class Desc:
     per-call value `index` holds its base's address; shape, strides and padding are the
     signature's."""
 
-    __slots__ = ("index", "shape", "strides", "nan")
+    __slots__ = ("index", "shape", "strides", "nan", "address")
 
     def __init__(self, index: int, desc):
         self.index, self.shape, self.strides = index, tuple(desc.shape), tuple(desc.strides)
         self.nan = desc.padding == "nan"
+        self.address = desc.base.data_ptr()  # the recorded call's (for `descriptor_parts`)
+
+
+class _Base:
+    """What Triton's `make_tensordesc_arg` reads of a descriptor's base: its address."""
+
+    __slots__ = ("address",)
+
+    def __init__(self, address: int):
+        self.address = address
+
+    def data_ptr(self) -> int:
+        return self.address
+
+
+def expanded(desc: Desc, address: int, meta) -> list:
+    """The launch arguments Triton's launcher makes of a descriptor like `desc` at `address`
+    (`make_tensordesc_arg`, its own function: with `meta` a tensor map, made by the driver,
+    then shape and strides)."""
+    from triton.backends.nvidia.driver import make_tensordesc_arg
+
+    like = SimpleNamespace(base=_Base(address), shape=list(desc.shape),
+                           strides=list(desc.strides), padding="nan" if desc.nan else "zero")
+    return make_tensordesc_arg(like, meta)
 
 
 class TensorMaps:
-    """The CUDA tensor maps of one descriptor argument by base address (made by Triton's
-    `fill_tma_descriptor`, as its launcher makes them per call). Everything else a map holds
+    """The CUDA tensor maps of one descriptor argument by base address (made by Triton's own
+    `make_tensordesc_arg`, as its launcher makes them per call). Everything else a map holds
     (shape, strides, box, swizzle, element type) is fixed by the recipe's signature, so a map
     made once for an address serves every later call at that address; at most `KEEP` kept."""
 
     KEEP = 256
 
     def __init__(self, index: int, desc: Desc, meta: dict):
-        self.index = index
-        self.args = (meta["swizzle"], meta["elem_size"], meta["elem_type"],
-                     list(meta["block_size"]), list(desc.shape), list(desc.strides),
-                     int(desc.nan))
+        self.index, self.desc, self.meta = index, desc, meta
         self.made: dict = {}
 
     def __call__(self, address: int):
@@ -262,18 +286,8 @@ class TensorMaps:
         if hit is None:
             if len(self.made) >= self.KEEP:
                 self.made.clear()
-            hit = self.made[address] = tensor_map(address, *self.args)
+            hit = self.made[address] = expanded(self.desc, address, self.meta)[0]
         return hit
-
-
-def tensor_map(address, swizzle, elem_size, elem_type, block, shape, strides, padding):
-    """Triton's host tensor map for a descriptor at `address` (its launcher's own call)."""
-    import triton
-    from triton.backends.nvidia.driver import TMA_DTYPE_DEVICE_TO_HOST
-
-    return triton.runtime.driver.active.utils.fill_tma_descriptor(
-        address, swizzle, elem_size, TMA_DTYPE_DEVICE_TO_HOST[elem_type], block, shape, strides,
-        padding)
 
 
 def raw_launch(fn):
@@ -294,7 +308,8 @@ def descriptor_parts(ck, parts, first: int, maps: list) -> list | None:
     """`parts` with each `Desc` replaced by the arguments Triton's launcher passes for it:
     with the kernel's descriptor metadata, a tensor map (per-call value `first + j` for the
     j-th map, made by the `TensorMaps` appended to `maps`), shape and strides; without, the
-    base's address, shape, strides, the padding flag, shape and strides again."""
+    base's address, shape, strides, the padding flag, shape and strides again. None where
+    Triton's own expansion of the descriptor (`expanded`, once here) has another form."""
     descs = [x for x in parts if type(x) is Desc]
     meta = getattr(ck.metadata, "tensordesc_meta", None) or [None] * len(descs)
     if len(meta) != len(descs):
@@ -307,12 +322,17 @@ def descriptor_parts(ck, parts, first: int, maps: list) -> list | None:
         m, j = meta[j], j + 1
         dims = [(d,) for d in (*x.shape, *x.strides)]
         if m is None:
-            out += [x.index, *dims, (x.nan,), *dims]
+            tail = [*dims, (x.nan,), *dims]
+            out += [x.index, *tail]
         elif m.get("fp4_padded"):
             return None
         else:
-            out += [first + len(maps), *dims]
+            tail = dims
+            out += [first + len(maps), *tail]
             maps.append(TensorMaps(x.index, x, m))
+        # Triton's expansion at the address the recording saw: its constants must be these
+        if expanded(x, x.address, m)[1:] != [c for (c,) in tail]:
+            return None
     return out
 
 
