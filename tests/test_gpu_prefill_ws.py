@@ -159,7 +159,6 @@ def test_repeat_calls_launch_the_compiled_kernels():
         assert direct[name] < most * jit[name], name
 
 
-@pytest.mark.serial
 def test_repeat_prompt_calls_replay_their_recipe(monkeypatch):
     # the first planned call learns the recipe (launch.run); repeat calls replay it through
     # Triton's C launch functions, the K/V tensor maps made from each call's addresses: the
