@@ -210,3 +210,27 @@ def test_repeat_prompt_calls_replay_their_recipe(monkeypatch):
     torch.cuda.synchronize()
     assert torch.equal(out, direct)
     assert_graph_replay_matches(q, k, v, p)
+
+
+def test_replays_with_sinks_lse_bf16(monkeypatch):
+    # bf16 (another element type in the tensor maps), sinks and lse (optional tensors among
+    # the recipe's per-call addresses): the replay equals the first call bit for bit
+    q, k, v = make(1, 160, 2500, 32, 8, 128, dtype=torch.bfloat16, seed=11)
+    sinks = torch.randn(32, device="cuda", generator=torch.Generator(device="cuda").manual_seed(12))
+    p = skattn.plan(batch=1, q_len=160, kv_len=2500, q_heads=32, kv_heads=8, head_dim=128,
+                    dtype=k.dtype, causal=True, tuning=WS)
+    assert runs_ws(p, q, k, v)
+    call = dict(causal=True, sinks=sinks, plan=p, return_lse=True)
+    first, first_lse = skattn.attention(q, k, v, **call)
+
+    def no_launch_run(*args, **kw):
+        raise AssertionError("a replayed call went through launch.run")
+
+    with monkeypatch.context() as m:
+        m.setattr(launch, "run", no_launch_run)
+        out, lse = skattn.attention(q, k, v, **call)
+    assert torch.equal(out, first) and torch.equal(lse, first_lse)
+    ref, ref_lse = reference.attention(q, k, v, causal=True, sinks=sinks, return_lse=True)
+    tol = bound(q, k, v, causal=True)
+    assert rel_err(out, ref) <= tol
+    assert (lse.double() - ref_lse).abs().max() <= 20 * tol
