@@ -1,6 +1,7 @@
 """Helpers shared by test files: bad FP8 arguments, random q, k, v on the GPU, a small
 model block that calls skattn's custom op, GPU builds compiled in a subprocess, and the
 quantized caches' two write paths."""
+import contextlib
 import os
 import subprocess
 import sys
@@ -115,15 +116,36 @@ def check_plans(q, k, v, plans: dict, runs, ref, tol, label: str) -> set:
     return kinds
 
 
-def assert_graph_replay_matches(q, k, v, p):
+@contextlib.contextmanager
+def replays_only():
+    """Within: a call of `skattn.launch.run` fails the test (every call must replay a
+    recipe its signature learned before)."""
+    from skattn import launch
+
+    def no_launch_run(*args, **kw):
+        raise AssertionError("a call went through launch.run, not its recipe")
+
+    saved = launch.run
+    launch.run = no_launch_run
+    try:
+        yield
+    finally:
+        launch.run = saved
+
+
+def assert_graph_replay_matches(q, k, v, p, replayed: bool = False):
     """A CUDA graph of the causal call with plan p, replayed into a poisoned output, equals
-    the direct call bit for bit."""
+    the direct call bit for bit. With `replayed`, the call's signature learns its recipe
+    before the capture and the captured call must replay it (`replays_only`)."""
     ws = skattn.workspace(p)
     out = torch.empty_like(q)
     direct = skattn.attention(q, k, v, causal=True, plan=p).clone()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
+    for _ in range(2 if replayed else 0):
         skattn.attention(q, k, v, causal=True, plan=p, out=out, workspace=ws)
+    g = torch.cuda.CUDAGraph()
+    with replays_only() if replayed else contextlib.nullcontext():
+        with torch.cuda.graph(g):
+            skattn.attention(q, k, v, causal=True, plan=p, out=out, workspace=ws)
     out.fill_(float("nan"))
     g.replay()
     torch.cuda.synchronize()
