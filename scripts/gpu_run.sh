@@ -22,7 +22,9 @@
 #      over f16, FP8 and q8_0 caches), `prompt` (tools/prompt_square.py: whole prompts and
 #      long chunks, plan variants and SDPA flash; PROMPT_CELLS overrides its cells), `pdl`
 #      (the main kernel launched by PDL against auto, same runs: decode cells on the graph
-#      timer, skattn:auto vs skattn:auto-nowait; serving mixes, auto vs auto/pdl_wait=0)
+#      timer, skattn:auto vs skattn:auto-nowait; serving mixes, auto vs auto/pdl_wait=0),
+#      `host` (skattn bench --host: decode, n = 1 Lk = 256, then a prompt chunk, n = 128
+#      Lk = 2048; host/host.csv and host/host-prompt.csv of benchmarks/results)
 # PACK=1 leaves $OUT as summary.txt and results.tar.gz (every log and result file inside).
 # STAGES="tests fuzz sanitize bench" picks stages (default those four); TESTS="files" limits
 # the GPU tests to those files. On a machine whose Triton cache is cold, "tests sanitize" took
@@ -144,6 +146,9 @@ has e2e && quick_bench e2e python3 -m skattn.cli bench --e2e --quick --no-progre
     --providers sdpa,skattn:auto,skattn-fp8:auto,skattn-q8_0:auto --out "$OUT_DIR/e2e"
 has prompt && quick_bench prompt env OUT="$OUT_DIR/prompt" python3 tools/prompt_square.py \
     --cells "${PROMPT_CELLS:-llama-8b:2048:2048,llama-8b:8192:8192,gpt-oss:8192:8192,qwen3-14b:8192:8192,llama-8b:512:8192,qwen3-14b:1024:32768}"
+has host && quick_bench host python3 -m skattn.cli bench --host --no-progress --out "$OUT_DIR/host"
+has host && quick_bench host-prompt python3 -m skattn.cli bench --host --n 128 --depth 2048 \
+    --no-progress --out "$OUT_DIR/host-prompt"
 has pdl && quick_bench pdl-decode python3 -m skattn.cli bench --n 1,4,16 \
     --models llama-8b,qwen3-14b,gpt-oss --providers skattn:auto,skattn:auto-nowait \
     --timer graph --reps 20 --time-limit 300 --no-progress --out "$OUT_DIR/pdl"
