@@ -214,19 +214,17 @@ def learn_launches(record, sources, tables, compiled=None):
         # parts: an int is an index into the per-call values, a 1-tuple holds a constant
         parts = [(grid[0],), (grid[1],), (grid[2],), STREAM, (ck.function,)]
         maps = []
+        scratch = r.global_scratch_size or r.profile_scratch_size
         if any(type(x) is Desc for x in kernel_parts):
-            if r.global_scratch_size or r.profile_scratch_size:
-                return None
-            fn = raw_launch(r.launch)
-            kernel_parts = descriptor_parts(ck, kernel_parts, len(sources) + 1, maps)
+            fn = None if scratch else raw_launch(r.launch)
+            if fn is not None:
+                kernel_parts = descriptor_parts(ck, kernel_parts, len(sources) + 1, maps)
             if fn is None or kernel_parts is None:
                 return None
+        else:  # the wrapper allocates the kernel's scratch; else its C function
+            fn = r if scratch else r.launch
+        if fn is not r:  # the C function, past Triton's Python wrapper
             parts += [(r.launch_cooperative_grid,), (r.launch_pdl,), (None,), (None,)]
-        elif r.global_scratch_size == 0 and r.profile_scratch_size == 0:
-            fn = r.launch  # the C function, past Triton's Python wrapper
-            parts += [(r.launch_cooperative_grid,), (r.launch_pdl,), (None,), (None,)]
-        else:
-            fn = r  # the wrapper allocates the kernel's scratch
         parts += [(ck.packed_metadata,), (None,), (None,), (None,)]
         make = assembler(parts + kernel_parts)
         launches.append((fn, with_maps(make, maps) if maps else make))
