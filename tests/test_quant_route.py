@@ -176,7 +176,7 @@ def test_the_pass_compiles_for_sm90():
 @pytest.mark.parametrize("entry", ["attention", "op"])
 def test_unplanned_calls_take_the_route_by_default(monkeypatch, entry):
     # 128 rows x 4 heads a KV head: `auto` routes (here from 64 keys, to keep the interpreter
-    # short); the custom op too (its recipes do not serve the route: launch.run)
+    # short); the custom op too
     import skattn.ops
     from skattn import api, quant_route
 
@@ -201,17 +201,6 @@ def test_unplanned_calls_take_the_route_by_default(monkeypatch, entry):
     ref = reference.attention(q, kq, vq, causal=True, k_scale=ks, v_scale=vs)
     kd, vd = quant.dequantize_kv(kq, vq, ks, vs, dtype=q.dtype)
     assert rel_err(out, ref) <= bound(q, kd, vd, causal=True, k_factor=3.0)
-
-
-def test_recipes_do_not_serve_routed_plans():
-    from types import SimpleNamespace
-
-    from skattn.recipe import Recipe
-
-    q = torch.zeros(1, 64, 8, 64, dtype=torch.float16)
-    bound = SimpleNamespace(cuda=True, prefill=None, device=torch.device("cpu"))
-    assert not Recipe(bound, _plan(q, 300, 2, FP8, tuning=DEQUANT)).serves
-    assert Recipe(bound, _plan(q, 300, 2, FP8)).serves
 
 
 def test_run_plan_follows_the_plan_that_runs():

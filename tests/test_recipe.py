@@ -129,6 +129,43 @@ def test_recipe_passes_what_launch_run_passes(gpu, fixup, variant):
     assert len(fast) == (2 if fixup in ("uniform", "general") else 1)
 
 
+@pytest.mark.parametrize("form", ["fp8", "q8_0"])
+def test_the_dequant_route_replays_the_pass_and_the_16_bit_plan(gpu, monkeypatch, form):
+    # a routed plan (`Plan.dequant`): the pass's two launches, then the 16-bit plan's, with
+    # one pair of 16-bit K/V buffers every call (so that the two paths' addresses compare)
+    p = _plan(programs=8, dtype=torch.float8_e4m3fn if form == "fp8" else "q8_0",
+              tuning=skattn.Tuning(quant_route="dequant"))
+    assert p.dequant is not None
+    q, k, v, out = _qkv()
+    fixed = (torch.empty_like(k), torch.empty_like(v))
+    monkeypatch.setattr(recipe.Recipe, "route_buffers", staticmethod(lambda q, k, v: fixed))
+    real, passes = launch.dequantize, []
+
+    def dequantize(x, scales, kv_format, dtype, out=None, *rest):
+        passes.append(x)
+        return real(x, scales, kv_format, dtype, fixed[(len(passes) - 1) % 2], *rest)
+
+    monkeypatch.setattr(launch, "dequantize", dequantize)
+    call = _call(p, q, k, v, out, **{form: True})
+    call()  # learns
+    (rec,) = api._CHECKED.values()
+    assert rec.route and rec.bound.plan is p.dequant
+    fast, slow = fast_and_slow(gpu, call)
+    assert fast == slow
+    assert len(fast) == 2 + (2 if p.dequant.fixup in ("uniform", "general") else 1)
+    functions = [launch_args[4] for launch_args in fast]
+    assert [f >> 20 for f in functions[:2]] == [4, 4]  # the pass (`host_cpu.stub_gpu`)
+    assert all(fixed[0].data_ptr() in a for a in (fast[0], fast[2]))
+    assert fixed[1].data_ptr() in fast[1] and fixed[1].data_ptr() in fast[2]
+    # a new pair of buffers a call: their addresses are read anew
+    other = (torch.empty_like(k), torch.empty_like(v))
+    monkeypatch.setattr(recipe.Recipe, "route_buffers", staticmethod(lambda q, k, v: other))
+    gpu.log = []
+    call()
+    assert other[0].data_ptr() in gpu.log[0] and other[1].data_ptr() in gpu.log[2]
+    gpu.log = None
+
+
 def test_block_forms_get_an_output_of_their_logical_head_size(gpu):
     # a Q4_0 packs two values a byte: out is [.., Dv], not [.., Dv / 2]
     p = _plan(programs=8, dtype="q4_0")

@@ -1,7 +1,8 @@
 """Small quantized-KV calls for compute-sanitizer: fp8 e4m3 K/V (per-KV-head scales), q8_0
 (V also as int8 pairs, `Tuning.q8_0_v_blocks`) and q4_0 blocks, dense, at n = 1 (decode,
 uniform fixup) and n = 70 (FP8 and q8_0 also on the dequant route, `Tuning.quant_route`, over
-views of a longer cache), causal, checked against float64 on the dequantized K/V. Run:
+views of a longer cache), causal, checked against float64 on the dequantized K/V; each call
+twice (the second replays its recipe, `skattn.recipe`). Run:
 compute-sanitizer --tool memcheck python3 tools/sanitize_quant.py
 """
 import faulthandler
@@ -49,13 +50,14 @@ def main() -> int:
                 assert p.dequant is not None
                 cases.append((f"{form} dequant route n={lq}", (q, kx, vx), dict(kw, plan=p)))
         for name, args, kw in cases:
-            out = skattn.attention(*args, causal=True, **kw)
             ref = reference.attention(*args, causal=True, **kw)
-            err = ((out.double() - ref).norm() / ref.norm()).item()
-            n += 1
-            if not err < 2e-2:
-                bad += 1
-                print(f"FAIL {name}: rel err {err:.2e}")
+            for call in ("", " (replayed)"):  # the second call replays its recipe
+                out = skattn.attention(*args, causal=True, **kw)
+                err = ((out.double() - ref).norm() / ref.norm()).item()
+                n += 1
+                if not err < 2e-2:
+                    bad += 1
+                    print(f"FAIL {name}{call}: rel err {err:.2e}")
     torch.cuda.synchronize()
     print(f"sanitize quant cases: {n} run, {bad} wrong")
     return 1 if bad else 0

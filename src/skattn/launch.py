@@ -171,12 +171,16 @@ def v_pairs(plan) -> bool:
     return fp8_pairs(plan.geometry, plan.dtype, plan.head_dim_v, plan.tuning.fp8_v_pairs)
 
 
-def dequantize(x, scales, kv_format: str, dtype) -> torch.Tensor:
-    """FP8 (`scales` f32 [1] or [Hkv]) or q8_0 (`scales` its block scales) K or V as a new
-    contiguous [B, L, Hkv, D] tensor of `dtype`, in one launch (`kernels/dequant.py`; on a
-    GPU the compiled kernel directly after the first call of a key, as `run` launches)."""
+def dequantize(x, scales, kv_format: str, dtype, out=None, record=None,
+               direct: bool | None = None) -> torch.Tensor:
+    """FP8 (`scales` f32 [1] or [Hkv]) or q8_0 (`scales` its block scales) K or V written as
+    `dtype` into `out` (a contiguous [B, L, Hkv, D] tensor; a new one where None), in one
+    launch (`kernels/dequant.py`). `direct` (default: x on a GPU, no interpreter, no launch
+    hook): the compiled kernel directly after the first call of a key, as `run` launches;
+    `record` as `run`'s."""
     B, L, H, D = x.shape
-    out = torch.empty(B, L, H, D, device=x.device, dtype=dtype)
+    if out is None:
+        out = torch.empty(B, L, H, D, device=x.device, dtype=dtype)
     rows, block_r = B * L * H, 16
     fmt = 1 if kv_format == "float8_e4m3fn" else 2
     # plain integers: triton.next_power_of_2 and triton.cdiv are Triton constexpr functions,
@@ -184,12 +188,15 @@ def dequantize(x, scales, kv_format: str, dtype) -> torch.Tensor:
     const = dict(D=D, BLOCK_D=1 << (D - 1).bit_length(), FORMAT=fmt,
                  HEAD_SCALES=int(fmt == 1 and scales.numel() > 1), BLOCK_R=block_r)
     args = (x, scales, out, rows, L, H, *x.stride()[:3])
+    if direct is None:
+        direct = x.device.type == "cuda" and not interpreting() and _no_hooks()
     key = stream = None
-    if x.device.type == "cuda" and not interpreting() and _no_hooks():
+    if direct:
         stream = torch._C._cuda_getCurrentRawStream(x.device.index)
         key = ("dequant", x.device, x.dtype, scales.dtype, dtype, *args[3:],
                *const.values(), *(t.data_ptr() % 16 == 0 for t in (x, scales, out)))
-    _launch(_dequant.dequant_kernel, key, args, const, (-(-rows // block_r), 1, 1), stream)
+    _launch(_dequant.dequant_kernel, key, args, const, (-(-rows // block_r), 1, 1), stream,
+            record)
     return out
 
 
@@ -303,7 +310,7 @@ def _no_hooks() -> bool:
 
 def run(plan: Plan, q, k, v, out, lse, *, scale: float, mask=None, sinks=None, softcap=0.0,
         alibi_slopes=None, workspace=None, main_only: bool = False, stamps=None,
-        k_scale=None, v_scale=None, record: list | None = None) -> None:
+        k_scale=None, v_scale=None, record: list | None = None, routed: tuple = ()) -> None:
     """Launch the main kernel and, for uniform/general plans, the fixup kernel.
 
     Quantized K/V (the plan's dtype says which): `k`, `v` are what the kernel reads (fp8
@@ -320,6 +327,8 @@ def run(plan: Plan, q, k, v, out, lse, *, scale: float, mask=None, sinks=None, s
     column 3. The main kernel's start is stamped after its PDL wait (`Tuning.pdl_wait`), and
     a whole-tile plan run longest first (`Plan.longest_first`) stamps its row p for tile p.
     `record`: a list that receives (key, args, grid) of every launch (`skattn.recipe`).
+    `routed`: for a plan that dequantizes K/V first (`Plan.dequant`), the two contiguous
+    [B, Lk, Hkv, D] tensors of q's dtype that receive them (new ones where empty).
     """
     device = q.device
     if device.type == "cuda" and device.index != torch._C._cuda_getDevice():
@@ -327,9 +336,11 @@ def run(plan: Plan, q, k, v, out, lse, *, scale: float, mask=None, sinks=None, s
             return run(plan, q, k, v, out, lse, scale=scale, mask=mask, sinks=sinks,
                        softcap=softcap, alibi_slopes=alibi_slopes, workspace=workspace,
                        main_only=main_only, stamps=stamps, k_scale=k_scale, v_scale=v_scale,
-                       record=record)
+                       record=record, routed=routed)
     if plan.dequant is not None:  # K/V in q's dtype first, then the 16-bit plan
-        kd, vd = (dequantize(x, s, plan.dtype, q.dtype) for x, s in ((k, k_scale), (v, v_scale)))
+        direct = bind(plan.dequant, device).cuda and stamps is None and _no_hooks()
+        kd, vd = (dequantize(x, s, plan.dtype, q.dtype, into, record, direct)
+                  for x, s, into in zip((k, v), (k_scale, v_scale), routed or (None, None)))
         return run(plan.dequant, q, kd, vd, out, lse, scale=scale, mask=mask, sinks=sinks,
                    softcap=softcap, alibi_slopes=alibi_slopes, workspace=workspace,
                    main_only=main_only, stamps=stamps, record=record)

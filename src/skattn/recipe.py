@@ -20,10 +20,14 @@ The warp-specialised prompt-chunk kernel takes K and V as TMA descriptors: its l
 through Triton's C launch function with each descriptor's tensor map made from the call's
 address (once per address: `TensorMaps`), its shape and strides as constants.
 
+A plan that dequantizes K/V first (`Plan.dequant`) replays the pass's two launches, then
+its 16-bit plan's: the call allocates the two 16-bit tensors the pass writes (as
+`launch.run` does), and their addresses follow the workspace's in the per-call values.
+
 Calls that a recipe does not serve go through `launch.run` as before: CPU tensors and the
 interpreter, Triton launch hooks (profilers), a current device other than q's, the TMA
-prompt-chunk kernel (`Tuning(prefill="tma")`), plans that dequantize K/V first, and any
-launch whose arguments hold something the recipe does not know.
+prompt-chunk kernel (`Tuning(prefill="tma")`), and any launch whose arguments hold
+something the recipe does not know.
 """
 from __future__ import annotations
 
@@ -48,26 +52,28 @@ class Recipe:
     (`learn_launches`)."""
 
     def __init__(self, bound, plan):
+        self.route = getattr(plan, "dequant", None) is not None  # K/V written in 16 bits first
+        if self.route:  # its 16-bit plan runs: that plan's workspace, tables and kernels
+            bound = launch.bind(plan.dequant, bound.device)
         self.bound = bound
         self.plan = plan          # the call's plan (an unplanned call's, made once)
         self.out_like_q = plan.head_dim_v == plan.head_dim  # out allocated as q is shaped
         # misaligned-tensor bits -> (C launcher spec or None, [(function, assembler)])
         self.by_align: dict = {}
         self.optional = True      # whether the signature has optional tensors (learned)
-        # (the TMA prompt kernel, and plans that write K/V in 16 bits first, stay on
-        # launch.run; the warp-specialised prompt kernel's K/V tensor maps are made from the
-        # call's addresses: `descriptor_parts`, `with_maps`)
+        # (the TMA prompt kernel stays on launch.run; the warp-specialised prompt kernel's
+        # K/V tensor maps are made from the call's addresses: `descriptor_parts`, `with_maps`)
         prefill = bound.prefill
-        self.serves = (bound.cuda and (prefill is None or prefill.kind == "ws")
-                       and getattr(plan, "dequant", None) is None)
+        self.serves = bound.cuda and (prefill is None or prefill.kind == "ws")
         self.index = bound.device.index
         self.fast = launcher.function() if self.serves else None  # skattn's C launcher
         self.first_spec = None  # the spec of the first alignment learned (all aligned, mostly)
 
     def values(self, stream, q, k, v, out, lse, mask, sinks, alibi_slopes, k_scale, v_scale,
-               workspace):
+               workspace, routed=()):
         """(launches, per-call values) of this call, or None where the recipe has no
-        launches for its alignment yet. Reads every address anew. `launches` is
+        launches for its alignment yet. Reads every address anew (`routed`: the call's
+        16-bit K/V of the dequant route, `route_buffers`). `launches` is
         (spec, [(function, assembler)]): the C launcher's spec (None where it has none) and
         the same launches for Triton's C launch functions."""
         ptrs = [q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr()]
@@ -76,6 +82,8 @@ class Recipe:
                 if x is not None:
                     ptrs.append(x.data_ptr())
         ptrs += self.workspace_addresses(workspace, stream)
+        for x in routed:
+            ptrs.append(x.data_ptr())
         hit = self.by_align.get(misaligned(ptrs))
         if hit is None:
             return None
@@ -117,19 +125,20 @@ class Recipe:
                   and launch._no_hooks())
         if direct:
             stream = torch._C._cuda_getCurrentRawStream(self.index)
+            routed = self.route_buffers(q, k, v) if self.route else ()
             spec = self.first_spec
             if spec is not None:  # one C call: addresses, their alignment, the launches
                 wptrs = self.workspace_addresses(workspace, stream)
                 if self.optional:
                     extra = [x for x in (lse, mask, sinks, alibi_slopes, k_scale, v_scale)
                              if x is not None]
-                    done = self.fast(spec, stream, q, k, v, out, *extra, *wptrs)
+                    done = self.fast(spec, stream, q, k, v, out, *extra, *wptrs, *routed)
                 else:
-                    done = self.fast(spec, stream, q, k, v, out, *wptrs)
+                    done = self.fast(spec, stream, q, k, v, out, *wptrs, *routed)
                 if done:
                     return
             got = self.values(stream, q, k, v, out, lse, mask, sinks, alibi_slopes, k_scale,
-                              v_scale, workspace)
+                              v_scale, workspace, routed)
             if got is not None:
                 (spec, launches), vals = got
                 if spec is not None and self.fast(spec, *vals):
@@ -143,9 +152,16 @@ class Recipe:
         if not direct:
             launch.run(self.plan, q, k, v, out, lse, **kw)
             return
-        self.learn(q, k, v, out, lse, stream, kw)
+        self.learn(q, k, v, out, lse, stream, kw, routed)
 
-    def learn(self, q, k, v, out, lse, stream, kw) -> None:
+    @staticmethod
+    def route_buffers(q, k, v) -> tuple:
+        """The two tensors a call on the dequant route writes its K and V to in q's dtype
+        (new each call, as `launch.run` allocates them)."""
+        return (torch.empty(k.shape, device=q.device, dtype=q.dtype),
+                torch.empty(v.shape, device=q.device, dtype=q.dtype))
+
+    def learn(self, q, k, v, out, lse, stream, kw, routed=()) -> None:
         """Run the call through `launch.run` on fresh aliases of its tensors (so that every
         argument slot names one role, even where the caller passed one tensor twice) and
         keep its launches for the call's alignment when each argument is known."""
@@ -159,7 +175,7 @@ class Recipe:
             kw["workspace"] = kw["workspace"].views(b.layout)
         record: list = []
         launch.run(self.plan, alias["q"], alias["k"], alias["v"], alias["out"], alias.get("lse"),
-                   record=record, **kw)
+                   record=record, routed=routed, **kw)
         if b.main_const["V_PAIRS"] and v.data_ptr() % 16:
             # launch.run reads V as pairs only where its address is even; the alignment
             # patterns of recipes do not tell even from odd, so this signature keeps launch.run
@@ -173,7 +189,7 @@ class Recipe:
             views = self.views(kw["workspace"])
         order = [alias[name] for name in ROLES if name in alias]
         self.optional = len(order) > 4
-        sources = [*order, *views]
+        sources = [*order, *views, *routed]
         tables = {id(t): t for t in (b.qblock_off, b.kv_first,
                                      *(b.prefill.tables if b.prefill is not None else ()))}
         learned = learn_launches(record, sources, tables)

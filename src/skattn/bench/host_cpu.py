@@ -26,6 +26,7 @@ from triton.backends.nvidia.driver import CudaLauncher
 
 from skattn import launch, launcher
 from skattn.kernels import attention as _main
+from skattn.kernels import dequant as _dequant
 from skattn.kernels import fixup as _fixup
 
 # llama-8b decode, n = 1, L = 256 on an H200's grid: a uniform plan, two launches a call
@@ -160,7 +161,7 @@ def stub_gpu(c_launcher: str | None = None):
     through skattn's C launcher (`c_launcher_stand_in`)."""
     counter = Counter()
     kernels = {(_main, "attention_kernel"): 1 << 20, (_fixup, "uniform_fixup_kernel"): 2 << 20,
-               (_fixup, "general_fixup_kernel"): 3 << 20}
+               (_fixup, "general_fixup_kernel"): 3 << 20, (_dequant, "dequant_kernel"): 4 << 20}
     saved = [(mod, name, getattr(mod, name)) for mod, name in kernels]
     c_saved = {name: getattr(torch._C, name, None)
                for name in ("_cuda_getCurrentRawStream", "_cuda_getDevice")}
