@@ -137,13 +137,21 @@ def test_the_dequant_route_replays_the_pass_and_the_16_bit_plan(gpu, monkeypatch
               tuning=skattn.Tuning(quant_route="dequant"))
     assert p.dequant is not None
     q, k, v, out = _qkv()
-    fixed = (torch.empty_like(k), torch.empty_like(v))
-    monkeypatch.setattr(recipe.Recipe, "route_buffers", staticmethod(lambda q, k, v: fixed))
+    buf = torch.empty(2 * k.numel(), dtype=q.dtype)
+    real_empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: buf if a == (buf.numel(),)
+                        else real_empty(*a, **kw))  # the route's one allocation, every call
+    rec = recipe.Recipe(launch.bind(p, q.device), p)
+    assert rec.route and rec.route_numel == buf.numel()  # (k's values: a multiple of 128)
+    fixed = rec.route_views(buf)
+    assert fixed[0].shape == k.shape and fixed[1].shape == v.shape
+    assert rec.route_addresses(buf) == tuple(x.data_ptr() for x in fixed)
     real, passes = launch.dequantize, []
 
     def dequantize(x, scales, kv_format, dtype, out=None, *rest):
         passes.append(x)
-        return real(x, scales, kv_format, dtype, fixed[(len(passes) - 1) % 2], *rest)
+        into = fixed[(len(passes) - 1) % 2] if out is None else out  # (launch.run's own)
+        return real(x, scales, kv_format, dtype, into, *rest)
 
     monkeypatch.setattr(launch, "dequantize", dequantize)
     call = _call(p, q, k, v, out, **{form: True})
@@ -157,12 +165,12 @@ def test_the_dequant_route_replays_the_pass_and_the_16_bit_plan(gpu, monkeypatch
     assert [f >> 20 for f in functions[:2]] == [4, 4]  # the pass (`host_cpu.stub_gpu`)
     assert all(fixed[0].data_ptr() in a for a in (fast[0], fast[2]))
     assert fixed[1].data_ptr() in fast[1] and fixed[1].data_ptr() in fast[2]
-    # a new pair of buffers a call: their addresses are read anew
-    other = (torch.empty_like(k), torch.empty_like(v))
-    monkeypatch.setattr(recipe.Recipe, "route_buffers", staticmethod(lambda q, k, v: other))
+    # another allocation: its addresses are read anew
+    buf = real_empty(buf.numel(), dtype=q.dtype)
     gpu.log = []
     call()
-    assert other[0].data_ptr() in gpu.log[0] and other[1].data_ptr() in gpu.log[2]
+    other = rec.route_addresses(buf)
+    assert other[0] in gpu.log[0] and other[1] in gpu.log[1] and set(other) <= set(gpu.log[2])
     gpu.log = None
 
 

@@ -21,8 +21,9 @@ through Triton's C launch function with each descriptor's tensor map made from t
 address (once per address: `TensorMaps`), its shape and strides as constants.
 
 A plan that dequantizes K/V first (`Plan.dequant`) replays the pass's two launches, then
-its 16-bit plan's: the call allocates the two 16-bit tensors the pass writes (as
-`launch.run` does), and their addresses follow the workspace's in the per-call values.
+its 16-bit plan's: the call allocates the 16-bit K and V the pass writes (as `launch.run`
+does, here in one allocation), and their addresses follow the workspace's in the per-call
+values.
 
 Calls that a recipe does not serve go through `launch.run` as before: CPU tensors and the
 interpreter, Triton launch hooks (profilers), a current device other than q's, the TMA
@@ -55,6 +56,13 @@ class Recipe:
         self.route = getattr(plan, "dequant", None) is not None  # K/V written in 16 bits first
         if self.route:  # its 16-bit plan runs: that plan's workspace, tables and kernels
             bound = launch.bind(plan.dequant, bound.device)
+            # the pass's 16-bit K and V in one allocation: V from element `route_split` on
+            # (a multiple of 128 elements: 256 bytes, so both stay 16-byte aligned for TMA)
+            kv = (plan.batch, plan.kv_len, plan.kv_heads)
+            self.route_shapes = ((*kv, plan.head_dim), (*kv, plan.head_dim_v))
+            nk, nv = (reduce(operator.mul, x) for x in self.route_shapes)
+            self.route_split = -(-nk // 128) * 128
+            self.route_numel = self.route_split + nv
         self.bound = bound
         self.plan = plan          # the call's plan (an unplanned call's, made once)
         self.out_like_q = plan.head_dim_v == plan.head_dim  # out allocated as q is shaped
@@ -72,8 +80,8 @@ class Recipe:
     def values(self, stream, q, k, v, out, lse, mask, sinks, alibi_slopes, k_scale, v_scale,
                workspace, routed=()):
         """(launches, per-call values) of this call, or None where the recipe has no
-        launches for its alignment yet. Reads every address anew (`routed`: the call's
-        16-bit K/V of the dequant route, `route_buffers`). `launches` is
+        launches for its alignment yet. Reads every address anew (`routed`: the addresses
+        of the call's 16-bit K and V on the dequant route, `route_addresses`). `launches` is
         (spec, [(function, assembler)]): the C launcher's spec (None where it has none) and
         the same launches for Triton's C launch functions."""
         ptrs = [q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr()]
@@ -82,8 +90,7 @@ class Recipe:
                 if x is not None:
                     ptrs.append(x.data_ptr())
         ptrs += self.workspace_addresses(workspace, stream)
-        for x in routed:
-            ptrs.append(x.data_ptr())
+        ptrs += routed
         hit = self.by_align.get(misaligned(ptrs))
         if hit is None:
             return None
@@ -125,7 +132,10 @@ class Recipe:
                   and launch._no_hooks())
         if direct:
             stream = torch._C._cuda_getCurrentRawStream(self.index)
-            routed = self.route_buffers(q, k, v) if self.route else ()
+            buf = routed = ()
+            if self.route:  # (buf is kept until the launches are queued)
+                buf = torch.empty(self.route_numel, device=q.device, dtype=q.dtype)
+                routed = self.route_addresses(buf)
             spec = self.first_spec
             if spec is not None:  # one C call: addresses, their alignment, the launches
                 wptrs = self.workspace_addresses(workspace, stream)
@@ -152,16 +162,21 @@ class Recipe:
         if not direct:
             launch.run(self.plan, q, k, v, out, lse, **kw)
             return
-        self.learn(q, k, v, out, lse, stream, kw, routed)
+        self.learn(q, k, v, out, lse, stream, kw, buf)
 
-    @staticmethod
-    def route_buffers(q, k, v) -> tuple:
-        """The two tensors a call on the dequant route writes its K and V to in q's dtype
-        (new each call, as `launch.run` allocates them)."""
-        return (torch.empty(k.shape, device=q.device, dtype=q.dtype),
-                torch.empty(v.shape, device=q.device, dtype=q.dtype))
+    def route_addresses(self, buf) -> tuple:
+        """The addresses of the 16-bit K and V in `buf`, a call's allocation on the dequant
+        route (`route_numel` values of q's dtype, 16 bits)."""
+        a = buf.data_ptr()
+        return a, a + 2 * self.route_split
 
-    def learn(self, q, k, v, out, lse, stream, kw, routed=()) -> None:
+    def route_views(self, buf) -> tuple:
+        """The 16-bit K and V tensors in `buf` (`route_addresses`)."""
+        (sk, sv), split = self.route_shapes, self.route_split
+        return (buf.narrow(0, 0, reduce(operator.mul, sk)).view(sk),
+                buf.narrow(0, split, self.route_numel - split).view(sv))
+
+    def learn(self, q, k, v, out, lse, stream, kw, buf=()) -> None:
         """Run the call through `launch.run` on fresh aliases of its tensors (so that every
         argument slot names one role, even where the caller passed one tensor twice) and
         keep its launches for the call's alignment when each argument is known."""
@@ -174,6 +189,7 @@ class Recipe:
         if type(kw["workspace"]) is ws.Scratch:  # launch.run gets the views named here
             kw["workspace"] = kw["workspace"].views(b.layout)
         record: list = []
+        routed = self.route_views(buf) if self.route else ()
         launch.run(self.plan, alias["q"], alias["k"], alias["v"], alias["out"], alias.get("lse"),
                    record=record, routed=routed, **kw)
         if b.main_const["V_PAIRS"] and v.data_ptr() % 16:
