@@ -134,7 +134,7 @@ def _attention_kernel(q, k, v, mask, sinks, alibi_slopes, scale, causal, window,
     B, Lq, Hq, Dk = q.shape
     out = q.new_empty(B, Lq, Hq, vf.shape[3])  # (a q4_0 v packs two values a byte)
     if k.dtype in quant.FP8_DTYPES:  # scales [] / [1] / [Hkv] as the kernel reads them: [1] / [Hkv]
-        k_scale, v_scale = k_scale.reshape(-1), v_scale.reshape(-1)
+        k_scale, v_scale = quant.scale_tensor(k_scale, None), quant.scale_tensor(v_scale, None)
     # a workspace of this call alone: CUDA graphs of torch.compile own what the op allocates
     own = buffers.scratch(rec.bound.layout, q.device)
     rec.run(q, k, v, out, None, scale, mask, sinks, softcap, alibi_slopes, own, k_scale, v_scale)

@@ -29,6 +29,9 @@ PROVIDERS = {
     "skattn-planned-out": "skattn.attention(q, k, v, causal=True, plan=p, out=out) (an output "
                           "buffer of the caller's)",
     "skattn-fused-out": "the same with a plan of fixup='fused' (one launch a call)",
+    "skattn-fp8-planned": "skattn.attention over FP8 K/V (k_scale, v_scale tensors) with a plan",
+    "skattn-fp8-route": "the same with a plan of Tuning(quant_route='dequant') (K/V written in "
+                        "f16 first, then the f16 plan: two launches more)",
     "skattn-op": "torch.ops.skattn.attention (the custom op)",
     "sdpa": "F.scaled_dot_product_attention(q, k, v, enable_gqa=True)",
     "sdpa-flash-ctx": "the same inside sdpa_kernel([SDPBackend.FLASH_ATTENTION])",
@@ -71,9 +74,36 @@ def _custom_op(q, k, v) -> Callable | str:
     return call
 
 
+def _fp8_calls(q, k, v, plan_kw: dict) -> dict:
+    """The FP8 providers: planned calls over FP8 K/V (per-tensor scales), as read and on
+    the dequant route; each call's `reference_kv` holds the dequantized K/V its output is
+    checked against."""
+    import skattn
+    from skattn import quant
+
+    try:
+        (k8, ks), (v8, vs) = quant.fp8(k), quant.fp8(v)
+        fp8 = torch.float8_e4m3fn
+        plans = {"skattn-fp8-planned": skattn.plan(**plan_kw, dtype=fp8),
+                 "skattn-fp8-route": skattn.plan(**plan_kw, dtype=fp8, tuning=skattn.Tuning(
+                     quant_route="dequant"))}
+    except (ValueError, TypeError, RuntimeError) as exc:  # no FP8 here
+        return dict.fromkeys(("skattn-fp8-planned", "skattn-fp8-route"), f"skipped: {exc}")
+    kd, vd = quant.dequantize_kv(k8, v8, ks, vs, q.dtype)
+    calls = {}
+    for name, p in plans.items():
+        def call(p=p):
+            return skattn.attention(q, k8, v8, causal=True, plan=p, k_scale=ks, v_scale=vs)
+
+        call.reference_kv = (kd, vd)
+        calls[name] = call
+    return calls
+
+
 def host_calls(q, k, v, *, sms: int | None = None, occupancy: int | None = None) -> dict:
     """Provider name -> a call returning out [B, n, Hq, D], or a status string where the
-    provider cannot run here.
+    provider cannot run here. A call with a `reference_kv` attribute (quantized K/V) is
+    checked against the reference over those K/V.
 
     Parameters
     ----------
@@ -90,10 +120,10 @@ def host_calls(q, k, v, *, sms: int | None = None, occupancy: int | None = None)
 
     B, n, hq, d = q.shape
     L, hkv = k.shape[1], k.shape[2]
-    p = skattn.plan(batch=B, q_len=n, kv_len=L, q_heads=hq, kv_heads=hkv, head_dim=d, dtype=k.dtype,
-                    causal=True, sms=sms, occupancy=occupancy)
-    fused = skattn.plan(batch=B, q_len=n, kv_len=L, q_heads=hq, kv_heads=hkv, head_dim=d,
-                        dtype=k.dtype, causal=True, sms=sms, occupancy=occupancy, fixup="fused")
+    plan_kw = dict(batch=B, q_len=n, kv_len=L, q_heads=hq, kv_heads=hkv, head_dim=d, causal=True,
+                   sms=sms, occupancy=occupancy)
+    p = skattn.plan(**plan_kw, dtype=k.dtype)
+    fused = skattn.plan(**plan_kw, dtype=k.dtype, fixup="fused")
     out, out_fused = torch.empty_like(q), torch.empty_like(q)
     qt, kt, vt = (t.transpose(1, 2).contiguous() for t in (q, k, v))
     mask = causal_lower_right(n, L) if n > 1 else None  # n = 1 sees every key
@@ -114,6 +144,7 @@ def host_calls(q, k, v, *, sms: int | None = None, occupancy: int | None = None)
         "skattn-planned-out": lambda: skattn.attention(q, k, v, causal=True, plan=p, out=out),
         "skattn-fused-out": lambda: skattn.attention(q, k, v, causal=True, plan=fused,
                                                      out=out_fused),
+        **_fp8_calls(q, k, v, plan_kw),
         "skattn-op": _custom_op(q, k, v),
         "sdpa": sdpa,
         "sdpa-flash-ctx": inside(SDPBackend.FLASH_ATTENTION),
@@ -226,8 +257,9 @@ def run_host(out_dir, tag: str, *, calls: int = 200, reps: int = 30, warmup: int
         if isinstance(fn, str):
             row["status"] = fn
             continue
+        kv = getattr(fn, "reference_kv", None)
         try:
-            err = relative_error(fn(), ref)
+            err = relative_error(fn(), ref if kv is None else reference(q, *kv))
         except Exception as exc:  # a back end that refuses these inputs
             text = str(exc).strip().splitlines()
             row["status"] = f"error: {type(exc).__name__}: {text[0][:300] if text else ''}"
