@@ -64,14 +64,18 @@ def _kv_forms(k, v, k_scale, v_scale):
     """The op's K/V as `skattn.attention` takes them: int8 values whose scale is a float16
     tensor are a q8_0 cache (`Q8_0(values, block scales)`), uint8 values with them a q4_0
     cache (`Q4_0(packed values, block scales)`); a Q8_0 or Q4_0 holds its own scales."""
+    if k_scale is None and v_scale is None:  # 16-bit K/V (or block forms): as they are
+        return k, v, None, None
     out = []
-    forms = {torch.int8: quant.Q8_0, torch.uint8: quant.Q4_0}
     for x, s in ((k, k_scale), (v, v_scale)):
-        if (isinstance(x, torch.Tensor) and x.dtype in forms and isinstance(s, torch.Tensor)
+        if (isinstance(x, torch.Tensor) and x.dtype in _FORMS and isinstance(s, torch.Tensor)
                 and s.dtype == torch.float16):
-            x, s = forms[x.dtype](x, s), None
+            x, s = _FORMS[x.dtype](x, s), None
         out += [x, s]
     return out[0], out[2], out[1], out[3]
+
+
+_FORMS = {torch.int8: quant.Q8_0, torch.uint8: quant.Q4_0}
 
 
 # signatures of op calls whose arguments passed the checks (as `skattn.api` keeps them for
@@ -82,11 +86,17 @@ _CHECKED: dict = {}
 _RECIPES: dict = {}
 
 
+def _signature(q, k, v, mask, sinks, alibi_slopes, scale, causal, window, softcap, k_scale,
+               v_scale):
+    return api._signature(q, k, v, scale, causal, window, mask, sinks, softcap, alibi_slopes,
+                          False, None, None, k_scale, v_scale)
+
+
 def _check(q, k, v, mask, sinks, alibi_slopes, scale, causal, window, softcap, k_scale, v_scale):
     """(k, v) in the forms `skattn.attention` takes and the call's signature (None where it
     cannot be kept), after the checks where the signature is new."""
-    key = api._signature(q, k, v, scale, causal, window, mask, sinks, softcap, alibi_slopes,
-                         False, None, None, k_scale, v_scale)
+    key = _signature(q, k, v, mask, sinks, alibi_slopes, scale, causal, window, softcap, k_scale,
+                     v_scale)
     k, v, k_scale, v_scale = _kv_forms(k, v, k_scale, v_scale)
     try:
         seen = key in _CHECKED
@@ -128,11 +138,21 @@ _LIB.define("attention(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? sinks
 
 def _attention_kernel(q, k, v, mask, sinks, alibi_slopes, scale, causal, window, softcap, policy,
                       k_scale=None, v_scale=None):
-    kf, vf, key = _check(q, k, v, mask, sinks, alibi_slopes, scale, causal, window, softcap,
-                         k_scale, v_scale)
-    rec = _recipe(key, policy, q, kf, vf, causal, window, mask)
-    B, Lq, Hq, Dk = q.shape
-    out = q.new_empty(B, Lq, Hq, vf.shape[3])  # (a q4_0 v packs two values a byte)
+    # a signature with a recipe passed the checks when the recipe was made
+    try:
+        rec = _RECIPES.get((_signature(q, k, v, mask, sinks, alibi_slopes, scale, causal, window,
+                                       softcap, k_scale, v_scale), policy))
+    except TypeError:  # unhashable options: the checks name them
+        rec = None
+    if rec is None:
+        kf, vf, key = _check(q, k, v, mask, sinks, alibi_slopes, scale, causal, window, softcap,
+                             k_scale, v_scale)
+        rec = _recipe(key, policy, q, kf, vf, causal, window, mask)
+    if rec.out_like_q:  # (the cheaper allocation, as `skattn.attention` makes it)
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    else:  # v's logical Dv (a q4_0 v packs two values a byte)
+        B, Lq, Hq, _ = q.shape
+        out = q.new_empty(B, Lq, Hq, rec.plan.head_dim_v)
     if k.dtype in quant.FP8_DTYPES:  # scales [] / [1] / [Hkv] as the kernel reads them: [1] / [Hkv]
         k_scale, v_scale = quant.scale_tensor(k_scale, None), quant.scale_tensor(v_scale, None)
     # a workspace of this call alone: CUDA graphs of torch.compile own what the op allocates
