@@ -129,23 +129,32 @@ def test_recipe_passes_what_launch_run_passes(gpu, fixup, variant):
     assert len(fast) == (2 if fixup in ("uniform", "general") else 1)
 
 
+@pytest.mark.parametrize("shape", ["seed", "odd"])
 @pytest.mark.parametrize("form", ["fp8", "q8_0"])
-def test_the_dequant_route_replays_the_pass_and_the_16_bit_plan(gpu, monkeypatch, form):
+def test_the_dequant_route_replays_the_pass_and_the_16_bit_plan(gpu, monkeypatch, form, shape):
     # a routed plan (`Plan.dequant`): the pass's two launches, then the 16-bit plan's, with
-    # one pair of 16-bit K/V buffers every call (so that the two paths' addresses compare)
-    p = _plan(programs=8, dtype=torch.float8_e4m3fn if form == "fp8" else "q8_0",
-              tuning=skattn.Tuning(quant_route="dequant"))
+    # one allocation for the 16-bit K/V every call (so that the two paths' addresses
+    # compare); "odd": K's values not a multiple of 128 (V after padding), Dv != Dk, lse
+    odd = dict(kv_len=333, kv_heads=1, head_dim_v=128) if shape == "odd" else {}
+    p = _plan(programs=8 if shape == "seed" else 5,
+              dtype=torch.float8_e4m3fn if form == "fp8" else "q8_0",
+              tuning=skattn.Tuning(quant_route="dequant"), **odd)
     assert p.dequant is not None
-    q, k, v, out = _qkv()
-    buf = torch.empty(2 * k.numel(), dtype=q.dtype)
+    q, k, v, out = _qkv(**{n: x for n, x in odd.items() if n != "head_dim_v"})
+    if odd:
+        v = torch.randn(*k.shape[:3], 128, dtype=k.dtype)
+        out = torch.empty(*q.shape[:3], 128, dtype=q.dtype)
+    rec = recipe.Recipe(launch.bind(p, q.device), p)
+    assert rec.route and rec.route_split % 128 == 0 and rec.route_split >= k.numel()
+    assert rec.route_numel == rec.route_split + v.numel()
+    buf = torch.empty(rec.route_numel, dtype=q.dtype)
     real_empty = torch.empty
     monkeypatch.setattr(torch, "empty", lambda *a, **kw: buf if a == (buf.numel(),)
                         else real_empty(*a, **kw))  # the route's one allocation, every call
-    rec = recipe.Recipe(launch.bind(p, q.device), p)
-    assert rec.route and rec.route_numel == buf.numel()  # (k's values: a multiple of 128)
     fixed = rec.route_views(buf)
     assert fixed[0].shape == k.shape and fixed[1].shape == v.shape
     assert rec.route_addresses(buf) == tuple(x.data_ptr() for x in fixed)
+    assert all(a % 16 == 0 for a in rec.route_addresses(buf))
     real, passes = launch.dequantize, []
 
     def dequantize(x, scales, kv_format, dtype, out=None, *rest):
@@ -154,7 +163,7 @@ def test_the_dequant_route_replays_the_pass_and_the_16_bit_plan(gpu, monkeypatch
         return real(x, scales, kv_format, dtype, into, *rest)
 
     monkeypatch.setattr(launch, "dequantize", dequantize)
-    call = _call(p, q, k, v, out, **{form: True})
+    call = _call(p, q, k, v, out, **{form: True}, return_lse=shape == "odd")
     call()  # learns
     (rec,) = api._CHECKED.values()
     assert rec.route and rec.bound.plan is p.dequant

@@ -90,6 +90,9 @@ class Recipe:
                 if x is not None:
                     ptrs.append(x.data_ptr())
         ptrs += self.workspace_addresses(workspace, stream)
+        if self.route and len(routed) != 2:
+            raise TypeError("a dequant-route recipe takes the call's two 16-bit K/V addresses "
+                            "(`route_addresses`)")
         ptrs += routed
         hit = self.by_align.get(misaligned(ptrs))
         if hit is None:
@@ -168,7 +171,7 @@ class Recipe:
         """The addresses of the 16-bit K and V in `buf`, a call's allocation on the dequant
         route (`route_numel` values of q's dtype, 16 bits)."""
         a = buf.data_ptr()
-        return a, a + 2 * self.route_split
+        return a, a + buf.element_size() * self.route_split
 
     def route_views(self, buf) -> tuple:
         """The 16-bit K and V tensors in `buf` (`route_addresses`)."""
