@@ -129,14 +129,15 @@ def test_recipe_passes_what_launch_run_passes(gpu, fixup, variant):
     assert len(fast) == (2 if fixup in ("uniform", "general") else 1)
 
 
-@pytest.mark.parametrize("shape", ["seed", "odd"])
+@pytest.mark.parametrize("shape", ["seed", "features", "odd"])
 @pytest.mark.parametrize("form", ["fp8", "q8_0"])
 def test_the_dequant_route_replays_the_pass_and_the_16_bit_plan(gpu, monkeypatch, form, shape):
     # a routed plan (`Plan.dequant`): the pass's two launches, then the 16-bit plan's, with
     # one allocation for the 16-bit K/V every call (so that the two paths' addresses
-    # compare); "odd": K's values not a multiple of 128 (V after padding), Dv != Dk, lse
+    # compare); "features": a mask, sinks, ALiBi slopes, softcap; "odd": K's values not a
+    # multiple of 128 (V after padding), Dv != Dk, lse
     odd = dict(kv_len=333, kv_heads=1, head_dim_v=128) if shape == "odd" else {}
-    p = _plan(programs=8 if shape == "seed" else 5,
+    p = _plan(programs=5 if odd else 8,
               dtype=torch.float8_e4m3fn if form == "fp8" else "q8_0",
               tuning=skattn.Tuning(quant_route="dequant"), **odd)
     assert p.dequant is not None
@@ -163,7 +164,8 @@ def test_the_dequant_route_replays_the_pass_and_the_16_bit_plan(gpu, monkeypatch
         return real(x, scales, kv_format, dtype, into, *rest)
 
     monkeypatch.setattr(launch, "dequantize", dequantize)
-    call = _call(p, q, k, v, out, **{form: True}, return_lse=shape == "odd")
+    features = dict(mask=True, sinks=True, alibi=True, softcap=20.0) if shape == "features" else {}
+    call = _call(p, q, k, v, out, **{form: True}, **features, return_lse=shape == "odd")
     call()  # learns
     (rec,) = api._CHECKED.values()
     assert rec.route and rec.bound.plan is p.dequant
