@@ -326,6 +326,25 @@ def test_bad_input_after_a_recipe_is_still_refused(gpu):
         skattn.attention(q, k, v, causal=True, plan=p, out=out, scale=True)
 
 
+def test_signatures_read_in_c_equal_those_read_in_python(monkeypatch):
+    # `api._signature` reads plain tensors (and None) in one C call where it can; Python
+    # reads the same tuple where it cannot (here forced): one key either way
+    from skattn import launcher
+
+    if launcher.metas_function() is None:
+        pytest.skip("skattn's C launcher could not be built here")
+    q, k, v, out = _qkv()
+    (k8, ks), (v8, vs) = skattn.quant.fp8(k), skattn.quant.fp8(v)
+    sinks, mask = torch.randn(SHAPE["q_heads"]), torch.zeros(1, 2, SHAPE["kv_len"])
+    calls = [(q, k, v, None, True, None, None, None, 0.0, None, False, None, out),
+             (q, k8, v8, 0.3, True, 64, mask, sinks, 5.0, sinks, True, None, None, ks, vs)]
+    api._METAS[:] = [launcher.metas_function()]
+    in_c = [api._signature(*c) for c in calls]
+    monkeypatch.setattr(api, "_METAS", [None])
+    assert [api._signature(*c) for c in calls] == in_c
+    assert in_c[0] != in_c[1] and hash(in_c[1]) is not None
+
+
 def test_remembered_signatures_keep_option_types_and_scale_values(gpu):
     # return_lse=1 equals True, a numpy scale hashes like a float: neither may pass as a
     # remembered signature's (the checks would refuse them on a fresh cache)

@@ -3,7 +3,7 @@
     TRITON_INTERPRET=1 PYTHONPATH=src python3 tools/host_cpu.py [--calls 2000] [--reps 7] [--json PATH]
 
 llama-8b decode (n = 1, L = 256) planned for an H200's grid (a uniform plan: two launches a
-call). The launches go to Triton's Python launcher wrapper around a counter, or (rows
+call), over f16 K/V and over FP8 K/V (as read, and on the dequant route). The launches go to Triton's Python launcher wrapper around a counter, or (rows
 "..., C launcher") to skattn's C launcher with its driver call left out
 (`skattn.bench.host_cpu`), so the numbers are skattn's Python plus that launcher code: what
 the host path costs before the driver. Compare runs on one machine only.

@@ -51,7 +51,10 @@ def _signature(q, k, v, scale, causal, window, mask, sinks, softcap, alibi_slope
                 token = d["_token"] = type(plan), next(_TOKENS)
     if not _METAS:
         _METAS.append(launcher.metas_function())
-    tensors = _METAS[0](q, k, v, out) if _METAS[0] is not None else None
+    # every tensor argument in one C call where all are plain tensors or None (a float
+    # scale, a block form or a subclass: Python reads them, into the same tuple)
+    tensors = (_METAS[0](q, k, v, out, mask, sinks, alibi_slopes, k_scale, v_scale)
+               if _METAS[0] is not None else None)
     if tensors is None:
         T = torch.Tensor  # plain tensors inline (what `_meta` returns for them)
         tensors = (
@@ -59,14 +62,13 @@ def _signature(q, k, v, scale, causal, window, mask, sinks, softcap, alibi_slope
             (k.shape, k.stride(), k.dtype, k.device, k.requires_grad) if type(k) is T else _meta(k),
             (v.shape, v.stride(), v.dtype, v.device, v.requires_grad) if type(v) is T else _meta(v),
             (out.shape, out.stride(), out.dtype, out.device, out.requires_grad)
-            if type(out) is T else _meta(out))
-    return (tensors,
+            if type(out) is T else _meta(out),
             None if mask is None else _meta(mask), None if sinks is None else _meta(sinks),
             None if alibi_slopes is None else _meta(alibi_slopes),
-            scale, type(scale), softcap, type(softcap), causal, type(causal), window,
-            type(window), return_lse, type(return_lse), token,
-            torch.is_grad_enabled(), None if k_scale is None else _meta(k_scale),
+            None if k_scale is None else _meta(k_scale),
             None if v_scale is None else _meta(v_scale))
+    return (tensors, scale, type(scale), softcap, type(softcap), causal, type(causal), window,
+            type(window), return_lse, type(return_lse), token, torch.is_grad_enabled())
 
 
 @lru_cache(maxsize=256)

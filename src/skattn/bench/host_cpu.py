@@ -208,38 +208,54 @@ def per_call_us(fn, calls: int = 2000, reps: int = 7) -> float:
     return statistics.median(runs)
 
 
+def launches(plan) -> int:
+    """A plan's launches a call: the main kernel, a separate fixup, and the dequant route's
+    pass over K and V before its 16-bit plan's."""
+    runs = plan.dequant if getattr(plan, "dequant", None) is not None else plan
+    return 1 + (runs.fixup in ("uniform", "general")) + 2 * (runs is not plan)
+
+
 def measure(calls: int = 2000, reps: int = 7) -> dict:
     """Microseconds of Python per call on CPU tensors with the launches stubbed:
     `skattn.attention` planned and unplanned (the plan made for the interpreter's pretend
     GPU) through Triton's C launch functions (stand-ins) and through skattn's C launcher
-    (its driver call left out), `launch.run` alone (the path without a recipe), the custom op
-    `torch.ops.skattn.attention` (dispatcher, remembered checks, `launch.run` with a
-    workspace of its own), and the planned call's fixup and launches. Raises RuntimeError
-    when a call does not make its plan's launches."""
+    (its driver call left out), planned calls over FP8 K/V (as read, and on the dequant
+    route: the pass's two launches first), `launch.run` alone (the path without a recipe),
+    the custom op `torch.ops.skattn.attention` (dispatcher, remembered checks, `launch.run`
+    with a workspace of its own), and the planned call's fixup and launches. Raises
+    RuntimeError when a call does not make its plan's launches."""
     import skattn
-    from skattn import api, ops
+    from skattn import api, ops, quant
 
     q = torch.randn(1, SHAPE["q_len"], SHAPE["q_heads"], SHAPE["head_dim"], dtype=torch.float16)
     k = torch.randn(1, SHAPE["kv_len"], SHAPE["kv_heads"], SHAPE["head_dim"], dtype=torch.float16)
     v = torch.randn_like(k)
     out = torch.empty_like(q)
     scale = SHAPE["head_dim"] ** -0.5
+    (k8, ks), (v8, vs) = quant.fp8(k), quant.fp8(v)
     result: dict = {}
     for c_launcher in (None, "prepare"):
         api._CHECKED.clear()  # recipes learned under the other stand-in
         with torch.no_grad(), stub_gpu(c_launcher) as counter:
             p = skattn.plan(causal=True, **SHAPE, **GRID)
+            fp8 = {route: skattn.plan(causal=True, **SHAPE, **GRID, dtype=torch.float8_e4m3fn,
+                                      tuning=skattn.Tuning(quant_route=route))
+                   for route in ("native", "dequant")}
             rows = {
                 "attention planned": (p, lambda: skattn.attention(q, k, v, causal=True, plan=p,
                                                                   out=out)),
                 "attention unplanned": (None, lambda: skattn.attention(q, k, v, causal=True,
                                                                        out=out)),
+                **{f"fp8 {'planned' if route == 'native' else 'route'}": (
+                    pf, lambda pf=pf: skattn.attention(q, k8, v8, causal=True, plan=pf, out=out,
+                                                       k_scale=ks, v_scale=vs))
+                   for route, pf in fp8.items()},
             }
             if c_launcher is None:
                 rows["launch.run"] = (p, lambda: launch.run(p, q, k, v, out, None, scale=scale))
                 rows["custom op"] = ("op", lambda: torch.ops.skattn.attention(
                     q, k, v, None, None, None, None, True, None, 0.0, "auto", None, None))
-            result.update(fixup=p.fixup, launches=1 + (p.fixup in ("uniform", "general")))
+            result.update(fixup=p.fixup, launches=launches(p))
             for name, (plan, fn) in rows.items():
                 fn()
                 before = counter.calls
@@ -249,7 +265,7 @@ def measure(calls: int = 2000, reps: int = 7) -> dict:
                     plan = next(r.plan for r in api._CHECKED.values() if r.plan is not p)
                 elif plan == "op":  # the op's plan (cached per shape and policy)
                     plan = ops.plan_for(q, k, v, causal=True)
-                if made != 1 + (plan.fixup in ("uniform", "general")):
+                if made != launches(plan):
                     raise RuntimeError(f"{name}: {made} launches for a {plan.fixup} plan")
                 label = name if c_launcher is None else f"{name}, C launcher"
                 result[label] = per_call_us(fn, calls, reps)
