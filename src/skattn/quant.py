@@ -251,7 +251,7 @@ def kernel_kv(k, v, k_scale, v_scale, device) -> tuple:
 
 def scale_tensor(s, device) -> torch.Tensor:
     """A float scale as a [1] float32 tensor on `device` (a 4-byte fill; pass tensors in hot
-    loops); a tensor scale flattened to [1] or [Hkv] (a view)."""
+    loops); a tensor scale as [1] or [Hkv] (itself where it is 1-D, else a view)."""
     if isinstance(s, torch.Tensor):
         return s if s.ndim == 1 else s.reshape(-1)  # (a view costs about 1 µs a call)
     return torch.full((1,), float(s), dtype=torch.float32, device=device)
