@@ -92,11 +92,10 @@ def _signature(q, k, v, mask, sinks, alibi_slopes, scale, causal, window, softca
                           False, None, None, k_scale, v_scale)
 
 
-def _check(q, k, v, mask, sinks, alibi_slopes, scale, causal, window, softcap, k_scale, v_scale):
-    """(k, v) in the forms `skattn.attention` takes and the call's signature (None where it
-    cannot be kept), after the checks where the signature is new."""
-    key = _signature(q, k, v, mask, sinks, alibi_slopes, scale, causal, window, softcap, k_scale,
-                     v_scale)
+def _check(key, q, k, v, mask, sinks, alibi_slopes, scale, causal, window, softcap, k_scale,
+           v_scale):
+    """(k, v) in the forms `skattn.attention` takes and the call's signature `key` (None where
+    it cannot be kept), after the checks where the signature is new."""
     k, v, k_scale, v_scale = _kv_forms(k, v, k_scale, v_scale)
     try:
         seen = key in _CHECKED
@@ -139,14 +138,15 @@ _LIB.define("attention(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? sinks
 def _attention_kernel(q, k, v, mask, sinks, alibi_slopes, scale, causal, window, softcap, policy,
                       k_scale=None, v_scale=None):
     # a signature with a recipe passed the checks when the recipe was made
+    key = _signature(q, k, v, mask, sinks, alibi_slopes, scale, causal, window, softcap, k_scale,
+                     v_scale)
     try:
-        rec = _RECIPES.get((_signature(q, k, v, mask, sinks, alibi_slopes, scale, causal, window,
-                                       softcap, k_scale, v_scale), policy))
+        rec = _RECIPES.get((key, policy))
     except TypeError:  # unhashable options: the checks name them
         rec = None
     if rec is None:
-        kf, vf, key = _check(q, k, v, mask, sinks, alibi_slopes, scale, causal, window, softcap,
-                             k_scale, v_scale)
+        kf, vf, key = _check(key, q, k, v, mask, sinks, alibi_slopes, scale, causal, window,
+                             softcap, k_scale, v_scale)
         rec = _recipe(key, policy, q, kf, vf, causal, window, mask)
     if rec.out_like_q:  # (the cheaper allocation, as `skattn.attention` makes it)
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -164,7 +164,9 @@ def _attention_kernel(q, k, v, mask, sinks, alibi_slopes, scale, causal, window,
 def _attention_fake(q, k, v, mask, sinks, alibi_slopes, scale, causal, window, softcap, policy,
                     k_scale=None, v_scale=None):
     # the same checks as the real kernel, so bad input fails while tracing, not at run time
-    _, vf, _ = _check(q, k, v, mask, sinks, alibi_slopes, scale, causal, window, softcap,
+    key = _signature(q, k, v, mask, sinks, alibi_slopes, scale, causal, window, softcap, k_scale,
+                     v_scale)
+    _, vf, _ = _check(key, q, k, v, mask, sinks, alibi_slopes, scale, causal, window, softcap,
                       k_scale, v_scale)
     _check_policy(policy)
     B, Lq, Hq, _ = q.shape

@@ -60,9 +60,9 @@ class Recipe:
             # (a multiple of 128 elements: 256 bytes, so both stay 16-byte aligned for TMA)
             kv = (plan.batch, plan.kv_len, plan.kv_heads)
             self.route_shapes = ((*kv, plan.head_dim), (*kv, plan.head_dim_v))
-            nk, nv = (reduce(operator.mul, x) for x in self.route_shapes)
-            self.route_split = -(-nk // 128) * 128
-            self.route_numel = self.route_split + nv
+            self.route_sizes = tuple(reduce(operator.mul, x) for x in self.route_shapes)
+            self.route_split = -(-self.route_sizes[0] // 128) * 128
+            self.route_numel = self.route_split + self.route_sizes[1]
         self.bound = bound
         self.plan = plan          # the call's plan (an unplanned call's, made once)
         self.out_like_q = plan.head_dim_v == plan.head_dim  # out allocated as q is shaped
@@ -135,7 +135,7 @@ class Recipe:
                   and launch._no_hooks())
         if direct:
             stream = torch._C._cuda_getCurrentRawStream(self.index)
-            buf = routed = ()
+            buf, routed = None, ()
             if self.route:  # (buf is kept until the launches are queued)
                 buf = torch.empty(self.route_numel, device=q.device, dtype=q.dtype)
                 routed = self.route_addresses(buf)
@@ -175,11 +175,10 @@ class Recipe:
 
     def route_views(self, buf) -> tuple:
         """The 16-bit K and V tensors in `buf` (`route_addresses`)."""
-        (sk, sv), split = self.route_shapes, self.route_split
-        return (buf.narrow(0, 0, reduce(operator.mul, sk)).view(sk),
-                buf.narrow(0, split, self.route_numel - split).view(sv))
+        (sk, sv), (nk, nv) = self.route_shapes, self.route_sizes
+        return buf.narrow(0, 0, nk).view(sk), buf.narrow(0, self.route_split, nv).view(sv)
 
-    def learn(self, q, k, v, out, lse, stream, kw, buf=()) -> None:
+    def learn(self, q, k, v, out, lse, stream, kw, buf=None) -> None:
         """Run the call through `launch.run` on fresh aliases of its tensors (so that every
         argument slot names one role, even where the caller passed one tensor twice) and
         keep its launches for the call's alignment when each argument is known."""
