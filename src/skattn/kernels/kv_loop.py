@@ -3,7 +3,7 @@ import triton
 import triton.language as tl
 
 from skattn.kernels.quant import (fp8_pairs, fp8_score_scales, fp8_v_scale, load_blocks,
-                                  q8_0_pair_blocks)
+                                  q8_0_pair_blocks, tile_scales)
 from skattn.kernels.softmax import alibi_slope, scores, softmax_step, unmasked_end, visible
 from skattn.kernels.tile import LOG2E
 
@@ -65,14 +65,15 @@ Q8_0_P_SCALE = tl.constexpr(64.0)
 @triton.jit
 def pv_pairs(acc, acc2, p, alpha, V, VS, offs, ok, HEAD_DIM_V: tl.constexpr,
              BLOCK_DV: tl.constexpr, MASKED: tl.constexpr, ASM: tl.constexpr,
-             INTERPRET: tl.constexpr, KV_FORMAT: tl.constexpr):
+             INTERPRET: tl.constexpr, KV_FORMAT: tl.constexpr, S=None):
     """One KV block's P V for V read as 16-bit pairs (rows at byte offsets `offs` from V):
     the accumulators of V's even (acc) and odd (acc2) columns, rescaled by alpha. FP8
     (`kernels/quant.fp8_pairs`): [M, Dv / 2] each. q8_0 (`kernels/quant.q8_0_pair_blocks`,
     scales at offs / 32 from VS): [Dv / 32, M, 16] each, one dot a 32-column block of V with
-    p times that block's scales times Q8_0_P_SCALE (`join_pairs` divides it out)."""
+    p times that block's scales times Q8_0_P_SCALE (`join_pairs` divides it out); S: those
+    scales, loaded before, else loaded here."""
     if KV_FORMAT == 2:
-        ve, vo, vs = q8_0_pair_blocks(V, VS, offs, ok, HEAD_DIM_V, BLOCK_DV, MASKED, ASM)
+        ve, vo, vs = q8_0_pair_blocks(V, VS, offs, ok, HEAD_DIM_V, BLOCK_DV, MASKED, ASM, S)
         ps = vs.to(tl.float32) * Q8_0_P_SCALE
         p3 = (p[None, :, :] * ps[:, None, :]).to(ve.dtype)
         acc = acc * alpha[None, :, None] + _dot(p3, ve, INTERPRET)
@@ -121,29 +122,33 @@ def _mask_bias(MASK, b, qi, offs_n, stride_mb, stride_mm, ok):
 
 @triton.jit
 def _kv_step(acc, acc2, m_i, l_i, q, Q, K, V, KS, VS, MASK, slope, b, qi, head, valid, qpos,
-             kbase, vbase, blk,
+             kbase, vbase, blk, ksc, vsc,
              stride_qb, stride_qm, stride_qh, stride_kn, stride_vn, stride_mb, stride_mm,
              kv_len, qk_scale, softcap_scale, window,
              HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr,
              BLOCK_DK: tl.constexpr, DK_CHUNKS: tl.constexpr, BLOCK_DV: tl.constexpr,
              CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_MASK: tl.constexpr,
              HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, INTERPRET: tl.constexpr,
-             MASKED: tl.constexpr, KV_FORMAT: tl.constexpr, V_PAIRS: tl.constexpr):
+             MASKED: tl.constexpr, KV_FORMAT: tl.constexpr, V_PAIRS: tl.constexpr,
+             PREFETCH: tl.constexpr):
     """One KV block. MASKED=False: the block is inside Lk and visible to every row.
     KV_FORMAT: 0 K/V in q's dtype, 1 fp8 e4m3, 2 q8_0, 3 q4_0; quantized K/V become q's dtype
     on load
     (fp8 e4m3 exactly; the scales are applied in `tile_kv_loop`). V_PAIRS: V read as 16-bit
     pairs, `acc` and `acc2` the accumulators of its even and odd columns ([M, Dv / 2]; for
     q8_0 [Dv / 32, M, 16] per 32-column block, p times the block's scales); else acc2 is
-    carried unused."""
+    carried unused. PREFETCH: ksc, vsc are the block's K and V block scales (q8_0, q4_0),
+    loaded one block ahead (`_block_scales`); else they are loaded here."""
     offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
     ASM: tl.constexpr = not INTERPRET  # quant.py's inline PTX conversions
+    KSC = ksc if PREFETCH else None
+    VSC = vsc if PREFETCH else None
     # -- scores
     if DK_CHUNKS == 1:
         if KV_FORMAT >= 2:
             kt = tl.trans(load_blocks(K, KS, kbase, offs_n, kv_len, stride_kn, 0, HEAD_DIM,
                                       BLOCK_DK, MASKED or HEAD_DIM != BLOCK_DK, q.dtype,
-                                      KV_FORMAT, ASM))
+                                      KV_FORMAT, ASM, False, KSC))
         else:
             kt = _load_kt(K, kbase, offs_n, kv_len, stride_kn, 0, HEAD_DIM, BLOCK_DK,
                           MASKED).to(q.dtype)
@@ -175,16 +180,36 @@ def _kv_step(acc, acc2, m_i, l_i, q, Q, K, V, KS, VS, MASK, slope, b, qi, head, 
     if V_PAIRS:
         acc, acc2 = pv_pairs(acc, acc2, p, alpha, V, VS, vbase + offs_n * stride_vn,
                              offs_n < kv_len, HEAD_DIM_V, BLOCK_DV,
-                             MASKED or HEAD_DIM_V != BLOCK_DV, ASM, INTERPRET, KV_FORMAT)
+                             MASKED or HEAD_DIM_V != BLOCK_DV, ASM, INTERPRET, KV_FORMAT, VSC)
     else:
         if KV_FORMAT >= 2:
             vt = load_blocks(V, VS, vbase, offs_n, kv_len, stride_vn, 0, HEAD_DIM_V, BLOCK_DV,
-                             MASKED or HEAD_DIM_V != BLOCK_DV, q.dtype, KV_FORMAT, ASM, True)
+                             MASKED or HEAD_DIM_V != BLOCK_DV, q.dtype, KV_FORMAT, ASM, True,
+                             VSC)
         else:
             vt = _load_v(V, vbase, offs_n, kv_len, stride_vn, HEAD_DIM_V, BLOCK_DV,
                          MASKED).to(q.dtype)
         acc = acc * alpha[:, None] + _dot(p.to(vt.dtype), vt, INTERPRET)
     return acc, acc2, m_new, l_i
+
+
+@triton.jit
+def _block_scales(KS, VS, kbase, vbase, blk, kv_len, stride_kn, stride_vn,
+                  HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, KV_FORMAT: tl.constexpr,
+                  V_PAIRS: tl.constexpr, PREFETCH: tl.constexpr):
+    """KV block blk's K and V block scales as `_kv_step` takes them (V's in the pairs' layout
+    with V_PAIRS), keys past kv_len read as 0; without PREFETCH two unused zeros."""
+    if PREFETCH:
+        offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+        ks = tile_scales(KS, kbase, offs_n, kv_len, stride_kn, HEAD_DIM, BLOCK_DK, KV_FORMAT,
+                         False)
+        vs = tile_scales(VS, vbase, offs_n, kv_len, stride_vn, HEAD_DIM_V, BLOCK_DV, KV_FORMAT,
+                         V_PAIRS)
+    else:
+        ks = 0.0
+        vs = 0.0
+    return ks, vs
 
 
 @triton.jit
@@ -218,14 +243,27 @@ def tile_kv_loop(acc, m_i, l_i, q, Q, K, V, KS, VS, MASK, SLOPES, b, g, qi, head
     mid = unmasked_end(blk_lo, blk_hi, q_len, kv_len, first_token, BLOCK_N, CAUSAL,
                        HAS_WINDOW or DK_CHUNKS > 1)
     acc, acc2 = split_pairs(acc, V_PAIRS, KV_FORMAT)
+    # q8_0 / q4_0: a block's scales are loaded one block ahead (`quant.tile_scales`)
+    PREFETCH: tl.constexpr = KV_FORMAT >= 2 and DK_CHUNKS == 1
     for masked in tl.static_range(2):  # blocks blk_lo..mid unmasked, mid..blk_hi masked
-        for blk in range(blk_lo + (mid - blk_lo) * masked, mid + (blk_hi - mid) * masked):
+        lo = blk_lo + (mid - blk_lo) * masked
+        ksc, vsc = _block_scales(KS, VS, kbase, vbase, lo, kv_len, stride_kn, stride_vn,
+                                 HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_DK, BLOCK_DV, KV_FORMAT,
+                                 V_PAIRS, PREFETCH)
+        for blk in range(lo, mid + (blk_hi - mid) * masked):
+            if PREFETCH:
+                nks, nvs = _block_scales(KS, VS, kbase, vbase, blk + 1, kv_len, stride_kn,
+                                         stride_vn, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_DK,
+                                         BLOCK_DV, KV_FORMAT, V_PAIRS, PREFETCH)
             acc, acc2, m_i, l_i = _kv_step(
                 acc, acc2, m_i, l_i, q, Q, K, V, KS, VS, MASK, slope, b, qi, head, valid, qpos,
-                kbase, vbase, blk, stride_qb, stride_qm, stride_qh, stride_kn, stride_vn, stride_mb,
-                stride_mm, kv_len, qk_scale, softcap_scale, window, HEAD_DIM, HEAD_DIM_V,
-                BLOCK_N, BLOCK_DK, DK_CHUNKS, BLOCK_DV, CAUSAL, HAS_WINDOW, HAS_MASK, HAS_ALIBI,
-                SOFTCAP, INTERPRET, masked == 1, KV_FORMAT, V_PAIRS)
+                kbase, vbase, blk, ksc, vsc, stride_qb, stride_qm, stride_qh, stride_kn,
+                stride_vn, stride_mb, stride_mm, kv_len, qk_scale, softcap_scale, window,
+                HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_DK, DK_CHUNKS, BLOCK_DV, CAUSAL, HAS_WINDOW,
+                HAS_MASK, HAS_ALIBI, SOFTCAP, INTERPRET, masked == 1, KV_FORMAT, V_PAIRS,
+                PREFETCH)
+            if PREFETCH:
+                ksc, vsc = nks, nvs
     acc = join_pairs(acc, acc2, V_PAIRS, KV_FORMAT)
     if KV_FORMAT == 1:
         acc = acc * fp8_v_scale(VS, g, HEAD_SCALES)

@@ -9,21 +9,21 @@ QK4_0 = tl.constexpr(32)  # values per q4_0 block (16 bytes of nibbles)
 @triton.jit
 def load_q8_0(X, XS, base, offs_n, kv_len, stride_n, d0,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
-              DTYPE: tl.constexpr, ASM: tl.constexpr, WORDS: tl.constexpr):
+              DTYPE: tl.constexpr, ASM: tl.constexpr, WORDS: tl.constexpr, S=None):
     """Rows `offs_n`, columns d0 .. d0 + BLOCK_D - 1 of a q8_0 cache as [BLOCK_N, BLOCK_D] DTYPE:
     int8 values times their block's f16 scale. The scales are laid out like the values with
     every stride divided by 32 (`skattn.quant.Q8_0`), so `base // 32` and `stride_n // 32`
     address them. MASKED: mask rows past kv_len and columns past HEAD_DIM (read as 0).
-    ASM, WORDS: as in `q8_0_rows`."""
+    ASM, WORDS, S: as in `q8_0_rows`."""
     return q8_0_rows(X + base, XS + base // QK8_0, offs_n * stride_n,
                      offs_n * (stride_n // QK8_0), offs_n < kv_len, d0, HEAD_DIM, BLOCK_D,
-                     MASKED, DTYPE, ASM, WORDS)
+                     MASKED, DTYPE, ASM, WORDS, S)
 
 
 @triton.jit
 def q8_0_rows(X, XS, rows, srows, ok, d0, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
               MASKED: tl.constexpr, DTYPE: tl.constexpr, ASM: tl.constexpr = False,
-              WORDS: tl.constexpr = False):
+              WORDS: tl.constexpr = False, S=None):
     """Columns d0 .. d0 + BLOCK_D - 1 of the q8_0 rows at offsets `rows` from X (their scales
     at `srows` from XS) as [len(rows), BLOCK_D] DTYPE. MASKED: rows where `ok` is false and
     columns past HEAD_DIM read as 0.
@@ -34,14 +34,12 @@ def q8_0_rows(X, XS, rows, srows, ok, d0, HEAD_DIM: tl.constexpr, BLOCK_D: tl.co
     such a tile's int8 values one byte at a time into the dot's layout; as words, the f16
     tile is staged in shared memory as f16 V is. f16 values times the f16 scale in f16 round
     once, as the exact f32 product rounded to f16 does; otherwise int8 x f16 exactly in f32,
-    one rounding to DTYPE."""
+    one rounding to DTYPE. S: the scales, loaded before (`block_scales`), else loaded here."""
     NB: tl.constexpr = BLOCK_D // QK8_0
-    blk = d0 // QK8_0 + tl.arange(0, NB)
-    sptrs = XS + srows[:, None] + blk[None, :]
-    if MASKED:
-        s = tl.load(sptrs, mask=ok[:, None] & (blk[None, :] < HEAD_DIM // QK8_0), other=0.0)
+    if S is None:
+        s = block_scales(XS, srows, ok, d0, HEAD_DIM, BLOCK_D, MASKED)
     else:
-        s = tl.load(sptrs)
+        s = S
     if WORDS:
         x = words_to_f16(_words(X, rows, ok, d0, HEAD_DIM, BLOCK_D, MASKED), False, ASM)
     else:
@@ -58,6 +56,25 @@ def q8_0_rows(X, XS, rows, srows, ok, d0, HEAD_DIM: tl.constexpr, BLOCK_D: tl.co
         return tl.reshape(x, [rows.shape[0], BLOCK_D])
     x = tl.reshape(x.to(tl.float32), [rows.shape[0], NB, QK8_0]) * s.to(tl.float32)[:, :, None]
     return tl.reshape(x, [rows.shape[0], BLOCK_D]).to(DTYPE)
+
+
+@triton.jit
+def block_scales(XS, srows, ok, d0, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                 MASKED: tl.constexpr, COLS_FIRST: tl.constexpr = False):
+    """The f16 scales of the 32-value blocks of columns d0 .. d0 + BLOCK_D - 1 (q8_0 and q4_0
+    alike) of the rows whose scales start at `srows` from XS: [len(srows), BLOCK_D / 32], or
+    [BLOCK_D / 32, len(srows)] with COLS_FIRST. MASKED: rows where `ok` is false and blocks
+    past HEAD_DIM read as 0."""
+    blk = d0 // QK8_0 + tl.arange(0, BLOCK_D // QK8_0)
+    if COLS_FIRST:
+        sptrs = XS + srows[None, :] + blk[:, None]
+        keep = ok[None, :] & (blk[:, None] < HEAD_DIM // QK8_0)
+    else:
+        sptrs = XS + srows[:, None] + blk[None, :]
+        keep = ok[:, None] & (blk[None, :] < HEAD_DIM // QK8_0)
+    if MASKED:
+        return tl.load(sptrs, mask=keep, other=0.0)
+    return tl.load(sptrs)
 
 
 @triton.jit
@@ -150,24 +167,25 @@ def fp8_pairs(V, offs, ok, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASKED
 
 @triton.jit
 def q8_0_pair_blocks(X, XS, offs, ok, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                     MASKED: tl.constexpr, ASM: tl.constexpr):
+                     MASKED: tl.constexpr, ASM: tl.constexpr, S=None):
     """q8_0 V rows at byte offsets `offs` from X (their scales at offs / 32 from XS) for dots
     that apply the scales to p: (even, odd, scales), the int8 values as f16 (exact, unscaled)
     in [BLOCK_D / 32, N, 16] tiles (block b's even, odd columns) and the f16 scales as
-    [BLOCK_D / 32, N]."""
+    [BLOCK_D / 32, N]; S: those scales, loaded before (`block_scales`), else loaded here."""
     NB: tl.constexpr = BLOCK_D // QK8_0
     blk = tl.arange(0, NB)
     c = tl.arange(0, QK8_0 // 2)
     ptrs = ((X + offs)[None, :, None].to(tl.pointer_type(tl.int16))
             + (blk * (QK8_0 // 2))[:, None, None] + c[None, None, :])
-    sptrs = XS + (offs // QK8_0)[None, :] + blk[:, None]
     if MASKED:
         w = tl.load(ptrs, mask=ok[None, :, None] & (blk[:, None, None] < HEAD_DIM // QK8_0),
                     other=0)
-        s = tl.load(sptrs, mask=ok[None, :] & (blk[:, None] < HEAD_DIM // QK8_0), other=0.0)
     else:
         w = tl.load(ptrs)
-        s = tl.load(sptrs)
+    if S is None:
+        s = block_scales(XS, offs // QK8_0, ok, 0, HEAD_DIM, BLOCK_D, MASKED, True)
+    else:
+        s = S
     if ASM:
         lo, hi = tl.inline_asm_elementwise(asm=I8_PAIRS_F16, constraints="=r,=r,r", args=[w],
                                            dtype=(tl.float16, tl.float16), is_pure=True, pack=2)
@@ -202,7 +220,7 @@ def fp8_rows(X, rows, ok, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASKED:
 @triton.jit
 def load_q4_0(X, XS, base, offs_n, kv_len, stride_n, d0,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
-              DTYPE: tl.constexpr):
+              DTYPE: tl.constexpr, S=None):
     """Rows `offs_n`, columns d0 .. d0 + BLOCK_D - 1 of a q4_0 cache as [BLOCK_N, BLOCK_D] DTYPE.
 
     X holds the packed bytes (`skattn.quant.Q4_0`): `base`, `stride_n` count bytes, and byte
@@ -214,28 +232,29 @@ def load_q4_0(X, XS, base, offs_n, kv_len, stride_n, d0,
     HEAD_DIM (read as 0; HEAD_DIM is a multiple of 32, so whole blocks are masked)."""
     HALF: tl.constexpr = QK4_0 // 2
     return q4_0_rows(X + base, XS + base // HALF, offs_n * stride_n, offs_n * (stride_n // HALF),
-                     offs_n < kv_len, d0, HEAD_DIM, BLOCK_D, MASKED, DTYPE)
+                     offs_n < kv_len, d0, HEAD_DIM, BLOCK_D, MASKED, DTYPE, S)
 
 
 @triton.jit
 def q4_0_rows(X, XS, rows, srows, ok, d0, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-              MASKED: tl.constexpr, DTYPE: tl.constexpr):
+              MASKED: tl.constexpr, DTYPE: tl.constexpr, S=None):
     """Columns d0 .. d0 + BLOCK_D - 1 of the q4_0 rows at byte offsets `rows` from X (their
     scales at `srows` from XS) as [len(rows), BLOCK_D] DTYPE (`load_q4_0`'s layout). MASKED:
-    rows where `ok` is false and columns past HEAD_DIM read as 0."""
+    rows where `ok` is false and columns past HEAD_DIM read as 0. S: the scales, loaded
+    before (`block_scales`), else loaded here."""
     NB: tl.constexpr = BLOCK_D // QK4_0
     HALF: tl.constexpr = QK4_0 // 2
     BLOCK_B: tl.constexpr = BLOCK_D // 2
     byte = d0 // 2 + tl.arange(0, BLOCK_B)
-    blk = d0 // QK4_0 + tl.arange(0, NB)
     ptrs = X + rows[:, None] + byte[None, :]
-    sptrs = XS + srows[:, None] + blk[None, :]
     if MASKED:
         x = tl.load(ptrs, mask=ok[:, None] & (byte[None, :] < HEAD_DIM // 2), other=0x88)  # both nibbles 0
-        s = tl.load(sptrs, mask=ok[:, None] & (blk[None, :] < HEAD_DIM // QK4_0), other=0.0)
     else:
         x = tl.load(ptrs)
-        s = tl.load(sptrs)
+    if S is None:
+        s = block_scales(XS, srows, ok, d0, HEAD_DIM, BLOCK_D, MASKED)
+    else:
+        s = S
     x = tl.reshape(x.to(tl.int32), [rows.shape[0], NB, HALF])
     lo = (x & 15) - 8
     hi = (x >> 4) - 8
@@ -250,31 +269,43 @@ def q4_0_rows(X, XS, rows, srows, ok, d0, HEAD_DIM: tl.constexpr, BLOCK_D: tl.co
 def load_blocks(X, XS, base, offs_n, kv_len, stride_n, d0,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
                 DTYPE: tl.constexpr, KV_FORMAT: tl.constexpr, ASM: tl.constexpr = False,
-                WORDS: tl.constexpr = False):
+                WORDS: tl.constexpr = False, S=None):
     """A block-quantized K or V tile: q8_0 (KV_FORMAT 2, ASM and WORDS as in `q8_0_rows`)
-    or q4_0 (3)."""
+    or q4_0 (3). S: its scales, loaded before (`tile_scales`), else loaded here."""
     if KV_FORMAT == 3:
         return load_q4_0(X, XS, base, offs_n, kv_len, stride_n, d0, HEAD_DIM, BLOCK_D, MASKED,
-                         DTYPE)
+                         DTYPE, S)
     else:
         return load_q8_0(X, XS, base, offs_n, kv_len, stride_n, d0, HEAD_DIM, BLOCK_D, MASKED,
-                         DTYPE, ASM, WORDS)
+                         DTYPE, ASM, WORDS, S)
+
+
+@triton.jit
+def tile_scales(XS, base, offs_n, kv_len, stride_n, HEAD_DIM: tl.constexpr,
+                BLOCK_D: tl.constexpr, KV_FORMAT: tl.constexpr, COLS_FIRST: tl.constexpr):
+    """The block scales of `load_blocks`' tile of columns 0 .. BLOCK_D - 1 (rows past kv_len
+    read as 0), as `block_scales` gives them; a KV loop loads a block's scales one block
+    ahead (`kv_loop.tile_kv_loop`): Triton's pipeliner leaves these 2-byte loads in the loop,
+    where a block would wait for them."""
+    PER: tl.constexpr = QK8_0 if KV_FORMAT == 2 else QK4_0 // 2  # row offset / scale offset
+    return block_scales(XS + base // PER, offs_n * (stride_n // PER), offs_n < kv_len, 0,
+                        HEAD_DIM, BLOCK_D, True, COLS_FIRST)
 
 
 @triton.jit
 def block_rows(X, XS, rows, ok, d0, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                MASKED: tl.constexpr, DTYPE: tl.constexpr, KV_FORMAT: tl.constexpr,
-               ASM: tl.constexpr = False, WORDS: tl.constexpr = False):
+               ASM: tl.constexpr = False, WORDS: tl.constexpr = False, S=None):
     """`load_blocks` for rows at offsets `rows` (int64) from X, such as a paged cache's
     gathered rows: a block form's scales are laid out like its values with every stride
     divided by the values a scale covers (32 int8 values, 16 bytes of nibbles), so a row's
-    scales sit at its offset divided by that, from XS."""
+    scales sit at its offset divided by that, from XS. S: as in `load_blocks`."""
     if KV_FORMAT == 3:
         return q4_0_rows(X, XS, rows, rows // (QK4_0 // 2), ok, d0, HEAD_DIM, BLOCK_D, MASKED,
-                         DTYPE)
+                         DTYPE, S)
     else:
         return q8_0_rows(X, XS, rows, rows // QK8_0, ok, d0, HEAD_DIM, BLOCK_D, MASKED, DTYPE,
-                         ASM, WORDS)
+                         ASM, WORDS, S)
 
 
 @triton.jit

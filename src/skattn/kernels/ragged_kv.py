@@ -11,7 +11,8 @@ import triton
 import triton.language as tl
 
 from skattn.kernels.kv_loop import _dot, join_pairs, load_q, pv_pairs, split_pairs
-from skattn.kernels.quant import block_rows, fp8_rows, fp8_score_scales, fp8_v_scale
+from skattn.kernels.quant import (QK4_0, QK8_0, block_rows, block_scales, fp8_rows,
+                                  fp8_score_scales, fp8_v_scale)
 from skattn.kernels.softmax import alibi_slope, scores, softmax_step, unmasked_end, visible
 
 
@@ -65,7 +66,30 @@ def _key_rows(BT, blk, kv_len, num_pages, stride_kb, stride_kn, stride_vb, strid
 
 
 @triton.jit
+def _block_ahead(BT, KS, VS, blk, kv_len, num_pages, stride_kb, stride_kn, stride_vb, stride_vn,
+                 HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, PAGED: tl.constexpr,
+                 PAGE_SIZE: tl.constexpr, KV_FORMAT: tl.constexpr, V_PAIRS: tl.constexpr,
+                 PREFETCH: tl.constexpr):
+    """KV block blk's rows (`_key_rows`) and its K and V block scales (q8_0, q4_0; V's in the
+    pairs' layout with V_PAIRS; keys past kv_len or on a bad page read as 0), loaded one
+    block ahead of their use: Triton's pipeliner leaves the page ids' and the scales' loads
+    in the loop, where a block would wait for them. Without PREFETCH six unused zeros."""
+    if PREFETCH:
+        offs_n, krow, vrow, ok = _key_rows(BT, blk, kv_len, num_pages, stride_kb, stride_kn,
+                                           stride_vb, stride_vn, PAGED, PAGE_SIZE, BLOCK_N)
+        PER: tl.constexpr = QK8_0 if KV_FORMAT == 2 else QK4_0 // 2  # row / scale offset
+        seen = ok & (offs_n < kv_len)
+        ks = block_scales(KS, krow // PER, seen, 0, HEAD_DIM, BLOCK_DK, True)
+        vs = block_scales(VS, vrow // PER, seen, 0, HEAD_DIM_V, BLOCK_DV, True, V_PAIRS)
+    else:
+        offs_n, krow, vrow, ok, ks, vs = 0, 0, 0, 0, 0.0, 0.0
+    return offs_n, krow, vrow, ok, ks, vs
+
+
+@triton.jit
 def _ragged_step(acc, acc2, m_i, l_i, q, Qb, Kb, Vb, KS, VS, BT, slope, qi, head, valid, qpos, blk,
+                 offs_n, krow, vrow, ok, ksc, vsc,
                  stride_qm, stride_qh, stride_kb, stride_kn, stride_vb, stride_vn,
                  kv_len, num_pages, qk_scale, softcap_scale, window,
                  HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -73,14 +97,19 @@ def _ragged_step(acc, acc2, m_i, l_i, q, Qb, Kb, Vb, KS, VS, BT, slope, qi, head
                  CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_ALIBI: tl.constexpr,
                  SOFTCAP: tl.constexpr, INTERPRET: tl.constexpr, PAGED: tl.constexpr,
                  PAGE_SIZE: tl.constexpr, MASKED: tl.constexpr, KV_FORMAT: tl.constexpr,
-                 V_PAIRS: tl.constexpr):
+                 V_PAIRS: tl.constexpr, PREFETCH: tl.constexpr):
     """One KV block. MASKED=False: inside Lk and visible to every row (pages still checked).
     KV_FORMAT 1: fp8 e4m3 K/V, converted to q's dtype on load (exactly; scales in the loop);
     2, 3: q8_0, q4_0 blocks dequantized to q's dtype on load, their scales at KS, VS.
     V_PAIRS (fp8): V read as 16-bit pairs, acc and acc2 its even and odd columns'
-    accumulators (`kv_loop._kv_step`); else acc2 is carried unused."""
-    offs_n, krow, vrow, ok = _key_rows(BT, blk, kv_len, num_pages, stride_kb, stride_kn,
-                                       stride_vb, stride_vn, PAGED, PAGE_SIZE, BLOCK_N)
+    accumulators (`kv_loop._kv_step`); else acc2 is carried unused. PREFETCH: the block's
+    rows and scales (offs_n .. vsc) were loaded one block ahead (`_block_ahead`); else they
+    are found here."""
+    if not PREFETCH:
+        offs_n, krow, vrow, ok = _key_rows(BT, blk, kv_len, num_pages, stride_kb, stride_kn,
+                                           stride_vb, stride_vn, PAGED, PAGE_SIZE, BLOCK_N)
+    KSC = ksc if PREFETCH else None
+    VSC = vsc if PREFETCH else None
     if MASKED:
         ok = ok & (offs_n < kv_len)
     ASM: tl.constexpr = not INTERPRET  # quant.py's inline PTX conversions
@@ -95,7 +124,7 @@ def _ragged_step(acc, acc2, m_i, l_i, q, Qb, Kb, Vb, KS, VS, BT, slope, qi, head
                             BLOCK_DK, q.dtype)
             kc = tl.trans(block_rows(Kb, KS, krow, ok, c * BLOCK_DK, HEAD_DIM, BLOCK_DK,
                                      MASKED or PAGED or HEAD_DIM != BLOCK_DK * DK_CHUNKS,
-                                     q.dtype, KV_FORMAT, ASM))
+                                     q.dtype, KV_FORMAT, ASM, False, KSC))
             qk += _dot(qc, kc, INTERPRET)
     elif DK_CHUNKS == 1:
         dk = tl.arange(0, BLOCK_DK)
@@ -135,12 +164,12 @@ def _ragged_step(acc, acc2, m_i, l_i, q, Qb, Kb, Vb, KS, VS, BT, slope, qi, head
     if V_PAIRS:
         acc, acc2 = pv_pairs(acc, acc2, p, alpha, Vb, VS, vrow, ok, HEAD_DIM_V, BLOCK_DV,
                              MASKED or PAGED or HEAD_DIM_V != BLOCK_DV, ASM, INTERPRET,
-                             KV_FORMAT)
+                             KV_FORMAT, VSC)
     else:
         if KV_FORMAT >= 2:
             vt = block_rows(Vb, VS, vrow, ok, 0, HEAD_DIM_V, BLOCK_DV,
                             MASKED or PAGED or HEAD_DIM_V != BLOCK_DV, q.dtype, KV_FORMAT, ASM,
-                            True)
+                            True, VSC)
         elif KV_FORMAT == 1:
             vt = fp8_rows(Vb, vrow, ok, HEAD_DIM_V, BLOCK_DV,
                           MASKED or PAGED or HEAD_DIM_V != BLOCK_DV, ASM)
@@ -181,14 +210,29 @@ def ragged_kv_loop(acc, m_i, l_i, q, Qb, Kb, Vb, BT, SLOPES, KS, VS, g, qi, head
     mid = unmasked_end(blk_lo, blk_hi, q_len, kv_len, first_token, BLOCK_N, CAUSAL,
                        HAS_WINDOW or DK_CHUNKS > 1)
     acc, acc2 = split_pairs(acc, V_PAIRS, KV_FORMAT)
+    # q8_0 / q4_0: a block's rows and scales are loaded one block ahead (`_block_ahead`)
+    PREFETCH: tl.constexpr = KV_FORMAT >= 2 and DK_CHUNKS == 1
     for masked in tl.static_range(2):  # blocks blk_lo..mid unmasked, mid..blk_hi masked
-        for blk in range(blk_lo + (mid - blk_lo) * masked, mid + (blk_hi - mid) * masked):
+        lo = blk_lo + (mid - blk_lo) * masked
+        offs_n, krow, vrow, ok, ksc, vsc = _block_ahead(
+            BT, KS, VS, lo, kv_len, num_pages, stride_kb, stride_kn, stride_vb, stride_vn,
+            HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_DK, BLOCK_DV, PAGED, PAGE_SIZE, KV_FORMAT,
+            V_PAIRS, PREFETCH)
+        for blk in range(lo, mid + (blk_hi - mid) * masked):
+            if PREFETCH:
+                n_offs, n_krow, n_vrow, n_ok, nks, nvs = _block_ahead(
+                    BT, KS, VS, blk + 1, kv_len, num_pages, stride_kb, stride_kn, stride_vb,
+                    stride_vn, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_DK, BLOCK_DV, PAGED,
+                    PAGE_SIZE, KV_FORMAT, V_PAIRS, PREFETCH)
             acc, acc2, m_i, l_i = _ragged_step(
                 acc, acc2, m_i, l_i, q, Qb, Kb, Vb, KS, VS, BT, slope, qi, head, valid, qpos, blk,
+                offs_n, krow, vrow, ok, ksc, vsc,
                 stride_qm, stride_qh, stride_kb, stride_kn, stride_vb, stride_vn,
                 kv_len, num_pages, qk_scale, softcap_scale, window, HEAD_DIM, HEAD_DIM_V,
                 BLOCK_N, BLOCK_DK, DK_CHUNKS, BLOCK_DV, CAUSAL, HAS_WINDOW, HAS_ALIBI, SOFTCAP,
-                INTERPRET, PAGED, PAGE_SIZE, masked == 1, KV_FORMAT, V_PAIRS)
+                INTERPRET, PAGED, PAGE_SIZE, masked == 1, KV_FORMAT, V_PAIRS, PREFETCH)
+            if PREFETCH:
+                offs_n, krow, vrow, ok, ksc, vsc = n_offs, n_krow, n_vrow, n_ok, nks, nvs
     acc = join_pairs(acc, acc2, V_PAIRS, KV_FORMAT)
     if KV_FORMAT == 1:
         acc = acc * fp8_v_scale(VS, g, HEAD_SCALES)
