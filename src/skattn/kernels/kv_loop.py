@@ -244,7 +244,7 @@ def tile_kv_loop(acc, m_i, l_i, q, Q, K, V, KS, VS, MASK, SLOPES, b, g, qi, head
                        HAS_WINDOW or DK_CHUNKS > 1)
     acc, acc2 = split_pairs(acc, V_PAIRS, KV_FORMAT)
     # q8_0 / q4_0: a block's scales are loaded one block ahead (`quant.tile_scales`)
-    PREFETCH: tl.constexpr = KV_FORMAT >= 2 and DK_CHUNKS == 1
+    PREFETCH: tl.constexpr = KV_FORMAT == 2 and DK_CHUNKS == 1
     for masked in tl.static_range(2):  # blocks blk_lo..mid unmasked, mid..blk_hi masked
         lo = blk_lo + (mid - blk_lo) * masked
         ksc, vsc = _block_scales(KS, VS, kbase, vbase, lo, kv_len, stride_kn, stride_vn,

@@ -211,7 +211,7 @@ def ragged_kv_loop(acc, m_i, l_i, q, Qb, Kb, Vb, BT, SLOPES, KS, VS, g, qi, head
                        HAS_WINDOW or DK_CHUNKS > 1)
     acc, acc2 = split_pairs(acc, V_PAIRS, KV_FORMAT)
     # q8_0 / q4_0: a block's rows and scales are loaded one block ahead (`_block_ahead`)
-    PREFETCH: tl.constexpr = KV_FORMAT >= 2 and DK_CHUNKS == 1
+    PREFETCH: tl.constexpr = KV_FORMAT == 2 and DK_CHUNKS == 1
     for masked in tl.static_range(2):  # blocks blk_lo..mid unmasked, mid..blk_hi masked
         lo = blk_lo + (mid - blk_lo) * masked
         offs_n, krow, vrow, ok, ksc, vsc = _block_ahead(
