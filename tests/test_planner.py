@@ -517,3 +517,23 @@ def test_llamacpp_names_are_aliases():
     assert (old.programs, old.occupancy) == (new.programs, new.occupancy) == (100, 2)
     with pytest.raises(ValueError, match="alias"):
         plan(programs=100, nblocks=99, occupancy=2, **kw)
+
+
+@pytest.mark.parametrize("n, hq, d, narrow", [(1, 32, 128, True), (4, 32, 128, True),
+                                               (1, 64, 64, True), (8, 32, 128, False),
+                                               (1, 32, 256, False)])
+def test_q8_0_decode_tiles_of_16_rows_take_two_warps_four_an_sm(n, hq, d, narrow):
+    kw = dict(batch=1, q_len=n, kv_len=32768, q_heads=hq, kv_heads=8, head_dim=d, causal=True,
+              sms=132)
+    p = plan(dtype="q8_0", **kw)
+    g = p.geometry
+    shape = (g.block_n, g.num_stages, g.num_warps, p.occupancy)
+    assert (shape == (64, 3, 2, 4)) == narrow
+    assert (p.programs > 132 * 2) == narrow  # the rounding rule picks 512 of 528
+    # a caller's occupancy or geometry, and other K/V forms, keep the usual choice
+    for given in (dict(occupancy=2), dict(num_warps=4), dict(block_n=64), dict(num_stages=4)):
+        q = plan(dtype="q8_0", **kw, **given)
+        assert q.geometry.num_warps != 2 or given.get("num_warps") == 2
+        assert q.occupancy <= 2
+    for dtype in (torch.float8_e4m3fn, torch.float16, "q4_0"):
+        assert plan(dtype=dtype, **kw).geometry.num_warps in (4, 8)

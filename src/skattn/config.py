@@ -122,6 +122,23 @@ def quant_decode_per_sm(geo: TileGeometry, kv_format: str, head_dim: int, head_d
     return None
 
 
+# a dense plan's q8_0 decode tiles of 16 rows: (block_n, num_stages, num_warps, programs an SM)
+Q8_0_NARROW_DECODE = (64, 3, 2, 4)
+
+
+def q8_0_narrow_decode(geo: TileGeometry, kv_format: str) -> bool:
+    """Whether a dense plan's q8_0 decode tile (16 rows, head sizes up to 128) runs
+    `Q8_0_NARROW_DECODE` where the caller names no block size, stages, warps or occupancy:
+    two warps a program split a block's keys, and so its softmax, across fewer warps (17
+    barriers a block against 13, but 2 x 1095 warp instructions against 4 x 612 in the sm_90
+    llama-8b n = 1 loop), and four programs an SM keep eight warps resident (230 registers,
+    38 KB each). On an H200 (graph timer, PERF.md) 1.18x at llama-8b n = 1 L = 32768 and
+    1.07x at gpt-oss, even at L = 8192 and qwen3-14b; slower for FP8 and f16 tiles, and far
+    slower for 64-row tiles (two warps hold their accumulators)."""
+    return kv_format == "q8_0" and geo.block_m == 16 and max(geo.block_dk * geo.dk_chunks,
+                                                             geo.block_dv) <= 128
+
+
 def register_cap(occupancy: int, num_warps: int) -> int | None:
     """Registers a thread that let `occupancy` programs of `num_warps` warps share an SM
     (a multiple of 8, as ptxas allocates), or None where 255 (the most a thread takes) fit.

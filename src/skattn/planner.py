@@ -8,8 +8,8 @@ import torch
 
 from skattn import buffers, prefill_launch, quant_route
 from skattn.checks import causal_window
-from skattn.config import (STAGE_BYTES_BUDGET, TileGeometry, programs_per_sm,  # noqa: F401
-                           tile_geometry)
+from skattn.config import (Q8_0_NARROW_DECODE, STAGE_BYTES_BUDGET, TileGeometry,  # noqa: F401
+                           programs_per_sm, q8_0_narrow_decode, tile_geometry)
 from skattn.policy import (FIXUPS, POLICIES, POLICY_NOTES, CostModel, KVLayout, canonical_policy,
                            fixup_for, load_cost_model, programs_for, whole_prompt)
 from skattn.tuning import Tuning
@@ -360,7 +360,8 @@ def plan(*, batch: int, q_len: int, kv_len: int, q_heads: int, kv_heads: int, he
         Bottom-right causal mask and sliding window; KV blocks they hide are left out of the
         work list.
     sms, occupancy : int, optional
-        Hardware: asked from the current GPU when None (needs one).
+        Hardware: asked from the current GPU when None (needs one). Without an occupancy,
+        q8_0 decode tiles of 16 rows take four programs an SM (`config.q8_0_narrow_decode`).
     policy : {"auto", "llamacpp", "llamacpp-before", "round-4x", "split"}
         See `POLICY_NOTES`; "llamacpp-master" and "seed-4x" are accepted as aliases of
         "llamacpp-before" and "round-4x".
@@ -422,6 +423,7 @@ def plan(*, batch: int, q_len: int, kv_len: int, q_heads: int, kv_heads: int, he
     if kv_format in ("q8_0", "q4_0") and (head_dim % 32 or head_dim_v % 32):
         raise ValueError(f"{kv_format} K/V need head sizes that are multiples of 32 (its "
                          f"blocks), got {head_dim}/{head_dim_v}")
+    occupancy_given = occupancy is not None
     sms, occupancy, smem_limit = gpu_limits(sms, occupancy, smem_limit)
     _check_positive(smem_limit=smem_limit)
     ratio = q_heads // kv_heads
@@ -432,6 +434,13 @@ def plan(*, batch: int, q_len: int, kv_len: int, q_heads: int, kv_heads: int, he
                         block_m=block_m, block_n=block_n, num_warps=num_warps,
                         num_stages=num_stages, has_mask=bool(has_mask), smem_limit=smem_limit,
                         kv_format=kv_format)
+    if (not occupancy_given and block_m is None and block_n is None and num_warps is None
+            and num_stages is None and q8_0_narrow_decode(geo, kv_format)):
+        bn, st, warps, per_sm = Q8_0_NARROW_DECODE
+        geo = tile_geometry(q_len=q_len, gqa_ratio=ratio, head_dim=head_dim,
+                            head_dim_v=head_dim_v, block_n=bn, num_warps=warps, num_stages=st,
+                            has_mask=bool(has_mask), smem_limit=smem_limit, kv_format=kv_format)
+        occupancy = max(occupancy, per_sm)
     ntiles_x = -(-q_len // geo.tokens_per_tile)
     ntiles_z = -(-ratio // geo.heads_per_tile)
     ntiles_dst = batch * kv_heads * ntiles_z * ntiles_x
