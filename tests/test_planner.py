@@ -537,3 +537,26 @@ def test_q8_0_decode_tiles_of_16_rows_take_two_warps_four_an_sm(n, hq, d, narrow
         assert q.occupancy <= 2
     for dtype in (torch.float8_e4m3fn, torch.float16, "q4_0"):
         assert plan(dtype=dtype, **kw).geometry.num_warps in (4, 8)
+
+
+def test_unplanned_calls_take_the_planners_defaults_by_kv_form():
+    # skattn.attention, the custom op and the serving entry points name no occupancy, so the
+    # defaults the benchmarks measured reach them: q8_0 decode tiles four an SM (dense), three
+    # (serving)
+    import skattn.ops
+    from skattn import api, serving
+    from skattn.device import hardware
+
+    cpu = torch.device("cpu")
+    sms, _ = hardware(cpu)
+    args = (1, 1, 4096, 32, 8, 128, 128, "q8_0", True, None, cpu)
+    want = plan(batch=1, q_len=1, kv_len=4096, q_heads=32, kv_heads=8, head_dim=128,
+                dtype="q8_0", causal=True, sms=sms)
+    for p in (api._cached_plan(*args), skattn.ops._cached_plan(*args[:-1], cpu, "auto", False)):
+        assert (p.occupancy, p.geometry.num_warps, p.programs) == (4, 2, want.programs)
+    sp = serving._cached_plan(cpu, q_split=None, batch=4, q_len=1, max_kv_len=4096, q_heads=32,
+                              kv_heads=8, head_dim=128, head_dim_v=128, dtype="q8_0", causal=True,
+                              page_size=16)
+    assert sp.occupancy == 3
+    f16 = api._cached_plan(*args[:7], torch.float16, True, None, cpu)
+    assert (f16.occupancy, f16.geometry.num_warps) == (2, 4)

@@ -73,10 +73,11 @@ def _signature(q, k, v, scale, causal, window, mask, sinks, softcap, alibi_slope
 
 @lru_cache(maxsize=256)
 def _cached_plan(B, Lq, Lk, Hq, Hkv, Dk, Dv, dtype, causal, window, device, has_mask=False):
-    sms, occ = hardware(device)
+    # no occupancy named: the planner's defaults by K/V form apply (`skattn.plan`)
+    sms, _ = hardware(device)
     return make_plan(batch=B, q_len=Lq, kv_len=Lk, q_heads=Hq, kv_heads=Hkv, head_dim=Dk,
                      head_dim_v=Dv, dtype=dtype, causal=causal, window=window, sms=sms,
-                     occupancy=occ, has_mask=has_mask,
+                     has_mask=has_mask,
                      smem_limit=shared_memory_limit(device))
 
 

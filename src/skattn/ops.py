@@ -31,10 +31,10 @@ DEFAULT_POLICY = "auto"
 
 @lru_cache(maxsize=512)
 def _cached_plan(B, Lq, Lk, Hq, Hkv, Dk, Dv, dtype, causal, window, device, policy, has_mask):
-    sms, occ = hardware(device)
+    sms, _ = hardware(device)  # no occupancy named: as `skattn.attention` plans
     return make_plan(batch=B, q_len=Lq, kv_len=Lk, q_heads=Hq, kv_heads=Hkv, head_dim=Dk,
                      head_dim_v=Dv, dtype=dtype, causal=causal, window=window, sms=sms,
-                     occupancy=occ, policy=policy, has_mask=has_mask,
+                     policy=policy, has_mask=has_mask,
                      smem_limit=shared_memory_limit(device))
 
 

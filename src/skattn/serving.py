@@ -28,8 +28,9 @@ def _cached_plan(device, q_split="auto", **bounds) -> ServingPlan | MixedPlan:
     """The plan of these bounds on `device`: a serving loop's plan for one step
     (`serving_mixed.step_plan`: two halves where they help, else one plan); q_split=None:
     one plan."""
-    sms, occ = hardware(device)
-    args = dict(bounds, sms=sms, occupancy=occ, smem_limit=shared_memory_limit(device))
+    # no occupancy named: the serving plan's defaults by K/V form apply (`serving_plan`)
+    sms, _ = hardware(device)
+    args = dict(bounds, sms=sms, smem_limit=shared_memory_limit(device))
     return serving_plan(**args, q_split=None) if q_split is None else step_plan(q_split, args)
 
 
