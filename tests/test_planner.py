@@ -5,7 +5,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from skattn.planner import FIXUPS, POLICIES, fixup_for, programs_for, plan
-from skattn.policy import split_count
+from skattn.policy import canonical_policy, split_count
 from skattn.tuning import Tuning
 
 H100 = dict(sms=132, occupancy=2)  # max_programs = 264, llama.cpp's worked example
@@ -100,8 +100,10 @@ def test_explicit_programs_plans(shape, data):
     pieces = n // plan(**dict(shape, programs=1)).ntiles_dst
     probe = plan(**dict(shape, programs=1))
     if (shape["fixup"] is None and fixup_for(n, probe.ntiles_dst) == "uniform"
-            and pieces > min(probe.kv_count)):
+            and pieces > min(probe.kv_count)
+            and canonical_policy(shape["policy"]) != "llamacpp-before"):
         # a uniform cut into more pieces than the shortest tile has KV blocks leaves one empty
+        # ("llamacpp-before" merges every cut tile with the general fixup: no uniform cut)
         with pytest.raises(ValueError, match="programs"):
             plan(**shape)
         return
@@ -537,6 +539,18 @@ def test_q8_0_decode_tiles_of_16_rows_take_two_warps_four_an_sm(n, hq, d, narrow
         assert q.occupancy <= 2
     for dtype in (torch.float8_e4m3fn, torch.float16, "q4_0"):
         assert plan(dtype=dtype, **kw).geometry.num_warps in (4, 8)
+    # a smaller shared memory still plans (the narrow tile where it fits, else the usual one)
+    for limit, mask in ((49152, False), (65536, True), (32768, True)) if narrow else ():
+        small = plan(dtype="q8_0", smem_limit=limit, has_mask=mask, **kw).geometry
+        assert small.block_m == 16
+        assert (small.num_warps == 2) == (small.block_n == 64 and small.num_stages == 3)
+
+
+def test_q8_0_narrow_decode_only_at_the_head_sizes_measured():
+    kw = dict(batch=1, q_len=1, kv_len=4096, q_heads=32, kv_heads=8, causal=True, sms=132,
+              dtype="q8_0")
+    assert plan(head_dim=96, **kw).geometry.num_warps == 4  # padded to 128: not measured
+    assert plan(head_dim=64, head_dim_v=128, **kw).geometry.num_warps == 4
 
 
 def test_unplanned_calls_take_the_planners_defaults_by_kv_form():

@@ -126,17 +126,19 @@ def quant_decode_per_sm(geo: TileGeometry, kv_format: str, head_dim: int, head_d
 Q8_0_NARROW_DECODE = (64, 3, 2, 4)
 
 
-def q8_0_narrow_decode(geo: TileGeometry, kv_format: str) -> bool:
+def q8_0_narrow_decode(geo: TileGeometry, kv_format: str, head_dim: int, head_dim_v: int) -> bool:
     """Whether a dense plan's q8_0 decode tile (16 rows, head sizes up to 128) runs
-    `Q8_0_NARROW_DECODE` where the caller names no block size, stages, warps or occupancy:
+    `Q8_0_NARROW_DECODE` where the caller names no block size, stages, warps or occupancy
+    (the head sizes measured, 64 and 128; at 96, padded to 128, its build takes 254 registers
+    and 55 KB, so four fit an SM with no margin: not taken):
     two warps a program split a block's keys, and so its softmax, across fewer warps (17
     barriers a block against 13, but 2 x 1095 warp instructions against 4 x 612 in the sm_90
     llama-8b n = 1 loop), and four programs an SM keep eight warps resident (230 registers,
     38 KB each). On an H200 (graph timer, PERF.md) 1.18x at llama-8b n = 1 L = 32768 and
     1.07x at gpt-oss, even at L = 8192 and qwen3-14b; slower for FP8 and f16 tiles, and far
     slower for 64-row tiles (two warps hold their accumulators)."""
-    return kv_format == "q8_0" and geo.block_m == 16 and max(geo.block_dk * geo.dk_chunks,
-                                                             geo.block_dv) <= 128
+    return (kv_format == "q8_0" and geo.block_m == 16 and head_dim == head_dim_v
+            and head_dim in (64, 128))
 
 
 def register_cap(occupancy: int, num_warps: int) -> int | None:

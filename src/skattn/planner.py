@@ -360,8 +360,10 @@ def plan(*, batch: int, q_len: int, kv_len: int, q_heads: int, kv_heads: int, he
         Bottom-right causal mask and sliding window; KV blocks they hide are left out of the
         work list.
     sms, occupancy : int, optional
-        Hardware: asked from the current GPU when None (needs one). Without an occupancy,
-        q8_0 decode tiles of 16 rows take four programs an SM (`config.q8_0_narrow_decode`).
+        Hardware: asked from the current GPU when None (needs one). Without an occupancy
+        and without block_m, block_n, num_warps and num_stages, q8_0 decode tiles of 16 rows
+        at head size 64 or 128 run 64-key blocks, 3 stages and 2 warps, four programs an SM
+        (`config.q8_0_narrow_decode`), where that fits `smem_limit`.
     policy : {"auto", "llamacpp", "llamacpp-before", "round-4x", "split"}
         See `POLICY_NOTES`; "llamacpp-master" and "seed-4x" are accepted as aliases of
         "llamacpp-before" and "round-4x".
@@ -435,12 +437,18 @@ def plan(*, batch: int, q_len: int, kv_len: int, q_heads: int, kv_heads: int, he
                         num_stages=num_stages, has_mask=bool(has_mask), smem_limit=smem_limit,
                         kv_format=kv_format)
     if (not occupancy_given and block_m is None and block_n is None and num_warps is None
-            and num_stages is None and q8_0_narrow_decode(geo, kv_format)):
+            and num_stages is None
+            and q8_0_narrow_decode(geo, kv_format, head_dim, head_dim_v)):
         bn, st, warps, per_sm = Q8_0_NARROW_DECODE
-        geo = tile_geometry(q_len=q_len, gqa_ratio=ratio, head_dim=head_dim,
-                            head_dim_v=head_dim_v, block_n=bn, num_warps=warps, num_stages=st,
-                            has_mask=bool(has_mask), smem_limit=smem_limit, kv_format=kv_format)
-        occupancy = max(occupancy, per_sm)
+        try:  # where it fits this GPU's shared memory as 16-row tiles; else the usual one
+            narrow = tile_geometry(q_len=q_len, gqa_ratio=ratio, head_dim=head_dim,
+                                   head_dim_v=head_dim_v, block_n=bn, num_warps=warps,
+                                   num_stages=st, has_mask=bool(has_mask), smem_limit=smem_limit,
+                                   kv_format=kv_format)
+        except ValueError:
+            narrow = None
+        if narrow is not None and narrow.block_m == 16:
+            geo, occupancy = narrow, max(occupancy, per_sm)
     ntiles_x = -(-q_len // geo.tokens_per_tile)
     ntiles_z = -(-ratio // geo.heads_per_tile)
     ntiles_dst = batch * kv_heads * ntiles_z * ntiles_x

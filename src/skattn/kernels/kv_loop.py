@@ -137,7 +137,7 @@ def _kv_step(acc, acc2, m_i, l_i, q, Q, K, V, KS, VS, MASK, slope, b, qi, head, 
     (fp8 e4m3 exactly; the scales are applied in `tile_kv_loop`). V_PAIRS: V read as 16-bit
     pairs, `acc` and `acc2` the accumulators of its even and odd columns ([M, Dv / 2]; for
     q8_0 [Dv / 32, M, 16] per 32-column block, p times the block's scales); else acc2 is
-    carried unused. PREFETCH: ksc, vsc are the block's K and V block scales (q8_0, q4_0),
+    carried unused. PREFETCH: ksc, vsc are the block's K and V block scales (q8_0),
     loaded one block ahead (`_block_scales`); else they are loaded here."""
     offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
     ASM: tl.constexpr = not INTERPRET  # quant.py's inline PTX conversions
@@ -243,7 +243,8 @@ def tile_kv_loop(acc, m_i, l_i, q, Q, K, V, KS, VS, MASK, SLOPES, b, g, qi, head
     mid = unmasked_end(blk_lo, blk_hi, q_len, kv_len, first_token, BLOCK_N, CAUSAL,
                        HAS_WINDOW or DK_CHUNKS > 1)
     acc, acc2 = split_pairs(acc, V_PAIRS, KV_FORMAT)
-    # q8_0 / q4_0: a block's scales are loaded one block ahead (`quant.tile_scales`)
+    # q8_0: a block's scales are loaded one block ahead (`quant.tile_scales`); q4_0, bound
+    # by its unpacking, loads them in the block
     PREFETCH: tl.constexpr = KV_FORMAT == 2 and DK_CHUNKS == 1
     for masked in tl.static_range(2):  # blocks blk_lo..mid unmasked, mid..blk_hi masked
         lo = blk_lo + (mid - blk_lo) * masked

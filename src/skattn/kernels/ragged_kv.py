@@ -71,7 +71,7 @@ def _block_ahead(BT, KS, VS, blk, kv_len, num_pages, stride_kb, stride_kn, strid
                  BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, PAGED: tl.constexpr,
                  PAGE_SIZE: tl.constexpr, KV_FORMAT: tl.constexpr, V_PAIRS: tl.constexpr,
                  PREFETCH: tl.constexpr):
-    """KV block blk's rows (`_key_rows`) and its K and V block scales (q8_0, q4_0; V's in the
+    """KV block blk's rows (`_key_rows`) and its K and V block scales (q8_0; V's in the
     pairs' layout with V_PAIRS; keys past kv_len or on a bad page read as 0), loaded one
     block ahead of their use: Triton's pipeliner leaves the page ids' and the scales' loads
     in the loop, where a block would wait for them. Without PREFETCH six unused zeros."""
@@ -210,7 +210,8 @@ def ragged_kv_loop(acc, m_i, l_i, q, Qb, Kb, Vb, BT, SLOPES, KS, VS, g, qi, head
     mid = unmasked_end(blk_lo, blk_hi, q_len, kv_len, first_token, BLOCK_N, CAUSAL,
                        HAS_WINDOW or DK_CHUNKS > 1)
     acc, acc2 = split_pairs(acc, V_PAIRS, KV_FORMAT)
-    # q8_0 / q4_0: a block's rows and scales are loaded one block ahead (`_block_ahead`)
+    # q8_0: a block's rows and scales are loaded one block ahead (`_block_ahead`); q4_0,
+    # bound by its unpacking, finds them in the block
     PREFETCH: tl.constexpr = KV_FORMAT == 2 and DK_CHUNKS == 1
     for masked in tl.static_range(2):  # blocks blk_lo..mid unmasked, mid..blk_hi masked
         lo = blk_lo + (mid - blk_lo) * masked
