@@ -137,7 +137,9 @@ def compile_launch(fn, args, kw, loops: bool = False):
 
 
 def _main_launch(D: int, Dv: int, n: int, heads: int, kv_len: int, kv: str):
-    """(plan, kernel, args, kwargs) of the default main kernel's launch for one KV head."""
+    """(plan, kernel, args, kwargs) of the default main kernel's launch for one KV head, at two
+    programs an SM (a named occupancy: q8_0 decode tiles keep four warps, as PERF.md's loop
+    counts were taken)."""
     k, v, scales, dtype = kv_inputs(kv, kv_len, 1, D, Dv)
     p = skattn.plan(batch=1, q_len=n, kv_len=kv_len, q_heads=heads, kv_heads=1, head_dim=D,
                     head_dim_v=Dv, causal=True, sms=132, occupancy=2, dtype=dtype)

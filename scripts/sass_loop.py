@@ -3,8 +3,9 @@
   python3 scripts/sass_loop.py D Dv n FORMAT [--heads 4] [--kv-len 32768] [--top 16] [--json]
       # FORMAT: float16, float8_e4m3fn, q8_0 or q4_0; --heads: query heads on one KV head
 
-Plans one KV head's call as `scripts/resources.py` does (its default main kernel, built for
-the GPU, not the interpreter), compiles it for sm_90a, disassembles the cubin with Triton's
+Plans one KV head's call as `scripts/resources.py` does (its default main kernel at two
+programs an SM, built for the GPU, not the interpreter; so q8_0 decode tiles in four warps,
+not the two-warp default of plans that name no occupancy, `config.q8_0_narrow_decode`), compiles it for sm_90a, disassembles the cubin with Triton's
 own `nvdisasm` and finds the loops: the instructions between a backward branch and its
 target. The loops that hold an MMA (`HMMA` or `HGMMA`) are the KV loop's variants (the
 unmasked blocks first, then the masked ones) and the loops around them (a program's loop
