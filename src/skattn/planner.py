@@ -10,8 +10,9 @@ from skattn import buffers, prefill_launch, quant_route
 from skattn.checks import causal_window
 from skattn.config import (Q8_0_NARROW_DECODE, STAGE_BYTES_BUDGET, TileGeometry,  # noqa: F401
                            programs_per_sm, q8_0_narrow_decode, tile_geometry)
-from skattn.policy import (FIXUPS, POLICIES, POLICY_NOTES, CostModel, KVLayout, canonical_policy,
-                           fixup_for, load_cost_model, programs_for, whole_prompt)
+from skattn.policy import (FIXUPS, POLICIES, POLICY_NOTES, CostModel, KVLayout,  # noqa: F401
+                           canonical_policy, decide_fixup, fixup_for, load_cost_model,
+                           programs_for, whole_prompt)
 from skattn.tuning import Tuning
 
 __all__ = ["Plan", "plan", "programs_for", "fixup_for", "tile_geometry", "POLICIES", "FIXUPS"]
@@ -246,17 +247,6 @@ def _check_positive(**values) -> None:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
-def _on_tile_edges(programs, work, kv_count) -> bool:
-    """Whether every program boundary floor(p*W/N) is a tile boundary (llama.cpp's tiles are
-    all ntiles_kv long, so there N | ntiles_dst suffices; ours need not be)."""
-    group_work = sum(kv_count)
-    edges, total = {0}, 0
-    for c in kv_count:
-        total += c
-        edges.add(total)
-    return all(p * work // programs % group_work in edges for p in range(programs))
-
-
 def shared_programs(geo: TileGeometry, occupancy: int, kv_format: str = "float16") -> int:
     """Programs of this geometry that share an SM: the estimate of `programs_per_sm` for
     128-row tiles (prompt chunks, n=16 at GQA ratio 8), 1 for smaller decode tiles (two
@@ -274,45 +264,6 @@ def _kv_blocks(qblock, *, q_len, kv_len, tokens, block_n, causal, window):
         return 0, 1
     first = lo // block_n
     return first, -(-hi // block_n) - first
-
-
-def decide_fixup(*, programs: int, ntiles_dst: int, kv_count: tuple[int, ...], work: int,
-                 requested: str | None, policy: str, chosen: bool, compute_bound: bool) -> str:
-    """The fixup kind of a plan.
-
-    1. llama.cpp's rule by N: none when N divides ntiles_dst, uniform when N is a multiple of
-       it, general otherwise.
-    2. Causal or window tiles differ in length, so N | ntiles_dst can still cut tiles: "none"
-       holds where every program boundary is a tile edge, or with one whole tile per program
-       (N = ntiles_dst) when that is asked for (fixup="none", or `auto` for a prompt chunk).
-    3. With no kind requested, uniform becomes general for "llamacpp-before" (llama.cpp before
-       the uniform kernel existed merged every cut tile with the general one) and where a
-       policy's N cuts the shortest tile into more pieces than it has KV blocks.
-    4. A requested kind: "fused" replaces any merge, "general" may replace uniform; any other
-       disagreement with the rule is an error.
-    """
-    kind = fixup_for(programs, ntiles_dst)
-    if kind == "none" and not _on_tile_edges(programs, work, kv_count):
-        auto_whole = chosen and policy == "auto" and compute_bound and requested != "general"
-        whole = programs == ntiles_dst and (requested == "none" or auto_whole)
-        if not whole:
-            kind = "general"
-    too_many_pieces = kind == "uniform" and programs // ntiles_dst > min(kv_count)
-    if requested is None and kind == "uniform" and (policy == "llamacpp-before"
-                                                    or (chosen and too_many_pieces)):
-        kind = "general"
-    if requested is not None and requested != kind:
-        if requested == "fused":
-            kind = "none" if kind == "none" else "fused"
-        elif requested == "general" and kind == "uniform":
-            kind = "general"
-        else:
-            raise ValueError(f"fixup={requested!r} does not apply to programs={programs} with "
-                             f"ntiles_dst={ntiles_dst} (llama.cpp's rule gives {kind!r})")
-    if kind == "uniform" and too_many_pieces:
-        raise ValueError(f"programs={programs} cuts tiles into {programs // ntiles_dst} pieces, more "
-                         f"than the shortest tile's {min(kv_count)} KV blocks")
-    return kind
 
 
 def _alias(value, old, name, old_name):

@@ -89,6 +89,56 @@ def fixup_for(programs: int, ntiles_dst: int) -> str:
     return "general"
 
 
+def _on_tile_edges(programs, work, kv_count) -> bool:
+    """Whether every program boundary floor(p*W/N) is a tile boundary (llama.cpp's tiles are
+    all ntiles_kv long, so there N | ntiles_dst suffices; ours need not be)."""
+    group_work = sum(kv_count)
+    edges, total = {0}, 0
+    for c in kv_count:
+        total += c
+        edges.add(total)
+    return all(p * work // programs % group_work in edges for p in range(programs))
+
+
+def decide_fixup(*, programs: int, ntiles_dst: int, kv_count: tuple[int, ...], work: int,
+                 requested: str | None, policy: str, chosen: bool, compute_bound: bool) -> str:
+    """The fixup kind of a plan.
+
+    1. llama.cpp's rule by N: none when N divides ntiles_dst, uniform when N is a multiple of
+       it, general otherwise.
+    2. Causal or window tiles differ in length, so N | ntiles_dst can still cut tiles: "none"
+       holds where every program boundary is a tile edge, or with one whole tile per program
+       (N = ntiles_dst) when that is asked for (fixup="none", or `auto` for a prompt chunk).
+    3. With no kind requested, uniform becomes general for "llamacpp-before" (llama.cpp before
+       the uniform kernel existed merged every cut tile with the general one) and where a
+       policy's N cuts the shortest tile into more pieces than it has KV blocks.
+    4. A requested kind: "fused" replaces any merge, "general" may replace uniform; any other
+       disagreement with the rule is an error.
+    """
+    kind = fixup_for(programs, ntiles_dst)
+    if kind == "none" and not _on_tile_edges(programs, work, kv_count):
+        auto_whole = chosen and policy == "auto" and compute_bound and requested != "general"
+        whole = programs == ntiles_dst and (requested == "none" or auto_whole)
+        if not whole:
+            kind = "general"
+    too_many_pieces = kind == "uniform" and programs // ntiles_dst > min(kv_count)
+    if requested is None and kind == "uniform" and (policy == "llamacpp-before"
+                                                    or (chosen and too_many_pieces)):
+        kind = "general"
+    if requested is not None and requested != kind:
+        if requested == "fused":
+            kind = "none" if kind == "none" else "fused"
+        elif requested == "general" and kind == "uniform":
+            kind = "general"
+        else:
+            raise ValueError(f"fixup={requested!r} does not apply to programs={programs} with "
+                             f"ntiles_dst={ntiles_dst} (llama.cpp's rule gives {kind!r})")
+    if kind == "uniform" and too_many_pieces:
+        raise ValueError(f"programs={programs} cuts tiles into {programs // ntiles_dst} pieces, more "
+                         f"than the shortest tile's {min(kv_count)} KV blocks")
+    return kind
+
+
 @dataclass(frozen=True)
 class CostModel:
     """Parameters of the `auto` policy, in microseconds (see `skattn calibrate`).
