@@ -196,16 +196,14 @@ def _kv_step(acc, acc2, m_i, l_i, q, Q, K, V, KS, VS, MASK, slope, b, qi, head, 
 @triton.jit
 def _block_scales(KS, VS, kbase, vbase, blk, kv_len, stride_kn, stride_vn,
                   HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, KV_FORMAT: tl.constexpr,
-                  V_PAIRS: tl.constexpr, PREFETCH: tl.constexpr):
+                  BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, V_PAIRS: tl.constexpr,
+                  PREFETCH: tl.constexpr):
     """KV block blk's K and V block scales as `_kv_step` takes them (V's in the pairs' layout
     with V_PAIRS), keys past kv_len read as 0; without PREFETCH two unused zeros."""
     if PREFETCH:
         offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
-        ks = tile_scales(KS, kbase, offs_n, kv_len, stride_kn, HEAD_DIM, BLOCK_DK, KV_FORMAT,
-                         False)
-        vs = tile_scales(VS, vbase, offs_n, kv_len, stride_vn, HEAD_DIM_V, BLOCK_DV, KV_FORMAT,
-                         V_PAIRS)
+        ks = tile_scales(KS, kbase, offs_n, kv_len, stride_kn, HEAD_DIM, BLOCK_DK, False)
+        vs = tile_scales(VS, vbase, offs_n, kv_len, stride_vn, HEAD_DIM_V, BLOCK_DV, V_PAIRS)
     else:
         ks = 0.0
         vs = 0.0
@@ -249,13 +247,13 @@ def tile_kv_loop(acc, m_i, l_i, q, Q, K, V, KS, VS, MASK, SLOPES, b, g, qi, head
     for masked in tl.static_range(2):  # blocks blk_lo..mid unmasked, mid..blk_hi masked
         lo = blk_lo + (mid - blk_lo) * masked
         ksc, vsc = _block_scales(KS, VS, kbase, vbase, lo, kv_len, stride_kn, stride_vn,
-                                 HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_DK, BLOCK_DV, KV_FORMAT,
-                                 V_PAIRS, PREFETCH)
+                                 HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_DK, BLOCK_DV, V_PAIRS,
+                                 PREFETCH)
         for blk in range(lo, mid + (blk_hi - mid) * masked):
             if PREFETCH:
                 nks, nvs = _block_scales(KS, VS, kbase, vbase, blk + 1, kv_len, stride_kn,
                                          stride_vn, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_DK,
-                                         BLOCK_DV, KV_FORMAT, V_PAIRS, PREFETCH)
+                                         BLOCK_DV, V_PAIRS, PREFETCH)
             acc, acc2, m_i, l_i = _kv_step(
                 acc, acc2, m_i, l_i, q, Q, K, V, KS, VS, MASK, slope, b, qi, head, valid, qpos,
                 kbase, vbase, blk, ksc, vsc, stride_qb, stride_qm, stride_qh, stride_kn,

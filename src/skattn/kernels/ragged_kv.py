@@ -11,8 +11,8 @@ import triton
 import triton.language as tl
 
 from skattn.kernels.kv_loop import _dot, join_pairs, load_q, pv_pairs, split_pairs
-from skattn.kernels.quant import (QK4_0, QK8_0, block_rows, block_scales, fp8_rows,
-                                  fp8_score_scales, fp8_v_scale)
+from skattn.kernels.quant import (QK8_0, block_rows, block_scales, fp8_rows, fp8_score_scales,
+                                  fp8_v_scale)
 from skattn.kernels.softmax import alibi_slope, scores, softmax_step, unmasked_end, visible
 
 
@@ -69,8 +69,7 @@ def _key_rows(BT, blk, kv_len, num_pages, stride_kb, stride_kn, stride_vb, strid
 def _block_ahead(BT, KS, VS, blk, kv_len, num_pages, stride_kb, stride_kn, stride_vb, stride_vn,
                  HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, PAGED: tl.constexpr,
-                 PAGE_SIZE: tl.constexpr, KV_FORMAT: tl.constexpr, V_PAIRS: tl.constexpr,
-                 PREFETCH: tl.constexpr):
+                 PAGE_SIZE: tl.constexpr, V_PAIRS: tl.constexpr, PREFETCH: tl.constexpr):
     """KV block blk's rows (`_key_rows`) and its K and V block scales (q8_0; V's in the
     pairs' layout with V_PAIRS; keys past kv_len or on a bad page read as 0), loaded one
     block ahead of their use: Triton's pipeliner leaves the page ids' and the scales' loads
@@ -78,10 +77,9 @@ def _block_ahead(BT, KS, VS, blk, kv_len, num_pages, stride_kb, stride_kn, strid
     if PREFETCH:
         offs_n, krow, vrow, ok = _key_rows(BT, blk, kv_len, num_pages, stride_kb, stride_kn,
                                            stride_vb, stride_vn, PAGED, PAGE_SIZE, BLOCK_N)
-        PER: tl.constexpr = QK8_0 if KV_FORMAT == 2 else QK4_0 // 2  # row / scale offset
         seen = ok & (offs_n < kv_len)
-        ks = block_scales(KS, krow // PER, seen, 0, HEAD_DIM, BLOCK_DK, True)
-        vs = block_scales(VS, vrow // PER, seen, 0, HEAD_DIM_V, BLOCK_DV, True, V_PAIRS)
+        ks = block_scales(KS, krow // QK8_0, seen, 0, HEAD_DIM, BLOCK_DK, True)
+        vs = block_scales(VS, vrow // QK8_0, seen, 0, HEAD_DIM_V, BLOCK_DV, True, V_PAIRS)
     else:
         offs_n, krow, vrow, ok, ks, vs = 0, 0, 0, 0, 0.0, 0.0
     return offs_n, krow, vrow, ok, ks, vs
@@ -217,14 +215,14 @@ def ragged_kv_loop(acc, m_i, l_i, q, Qb, Kb, Vb, BT, SLOPES, KS, VS, g, qi, head
         lo = blk_lo + (mid - blk_lo) * masked
         offs_n, krow, vrow, ok, ksc, vsc = _block_ahead(
             BT, KS, VS, lo, kv_len, num_pages, stride_kb, stride_kn, stride_vb, stride_vn,
-            HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_DK, BLOCK_DV, PAGED, PAGE_SIZE, KV_FORMAT,
-            V_PAIRS, PREFETCH)
+            HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_DK, BLOCK_DV, PAGED, PAGE_SIZE, V_PAIRS,
+            PREFETCH)
         for blk in range(lo, mid + (blk_hi - mid) * masked):
             if PREFETCH:
                 n_offs, n_krow, n_vrow, n_ok, nks, nvs = _block_ahead(
                     BT, KS, VS, blk + 1, kv_len, num_pages, stride_kb, stride_kn, stride_vb,
                     stride_vn, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_DK, BLOCK_DV, PAGED,
-                    PAGE_SIZE, KV_FORMAT, V_PAIRS, PREFETCH)
+                    PAGE_SIZE, V_PAIRS, PREFETCH)
             acc, acc2, m_i, l_i = _ragged_step(
                 acc, acc2, m_i, l_i, q, Qb, Kb, Vb, KS, VS, BT, slope, qi, head, valid, qpos, blk,
                 offs_n, krow, vrow, ok, ksc, vsc,
