@@ -172,9 +172,9 @@ def test_q8_0_v_blocks_against_float64(monkeypatch, Lq, Hq, D, programs, v_size)
 
 
 def test_q8_0_v_blocks_default():
-    # on where it was measured faster (V head size 128, tiles under 64 rows); off at 64, at
-    # sizes not measured and for 64-row tiles (warpgroup MMAs over V staged in f16); the
-    # caller's word wins
+    # on where it was measured faster (V head size 128, tiles under 64 rows; 64 in two-warp
+    # tiles); off at 64 in four-warp tiles, at sizes not measured and for 64-row tiles
+    # (warpgroup MMAs over V staged in f16); the caller's word wins
     from skattn import Tuning
 
     def pairs(D=128, Dv=None, q_len=1, q_heads=4, **kw):
@@ -182,7 +182,9 @@ def test_q8_0_v_blocks_default():
                                           kv_heads=1, head_dim=D, head_dim_v=Dv or D,
                                           dtype="q8_0", causal=True, **kw))
     assert pairs() and pairs(256, 128)
-    assert not pairs(64) and not pairs(96) and not pairs(256) and not pairs(128, 64)
+    assert pairs(64, q_heads=8)                  # the two-warp decode default
+    assert not pairs(64, occupancy=2, sms=132)   # named occupancy: four warps
+    assert not pairs(96) and not pairs(256) and not pairs(128, 64)
     assert not pairs(q_len=16)                   # 64-row tiles
     assert pairs(64, tuning=Tuning(q8_0_v_blocks=True))
     assert not pairs(tuning=Tuning(q8_0_v_blocks=False))

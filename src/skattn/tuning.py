@@ -73,8 +73,10 @@ class Tuning:
     q8_0_v_blocks : bool or None
         q8_0 K/V, tiles under 64 rows: read V as 16-bit pairs too and apply its scales to p,
         one dot per 32-column block of V (`kernels/quant.q8_0_pair_blocks`), instead of
-        multiplying every V value by its scale and staging V in f16. None: at V head size 128
-        (1.00-1.13x on an H200; 0.92-0.96x at 64; other sizes not measured).
+        multiplying every V value by its scale and staging V in f16. None: at V head size 128,
+        and at 64 in two-warp tiles (`config.q8_0_narrow_decode`): 1.00-1.13x and 1.03-1.05x
+        on an H200; 0.92-0.96x at 64 with 128-key blocks and four warps; other sizes not
+        measured.
     quant_route : str
         FP8 or q8_0 K/V: "native" reads them in the plan's kernels; "dequant" writes them as
         q's dtype first (one pass, `kernels/dequant.py`, into a new 16-bit copy of the K/V
