@@ -188,3 +188,21 @@ def test_q8_0_v_blocks_default():
     assert not pairs(q_len=16)                   # 64-row tiles
     assert pairs(64, tuning=Tuning(q8_0_v_blocks=True))
     assert not pairs(tuning=Tuning(q8_0_v_blocks=False))
+
+
+@pytest.mark.parametrize("D, Hq", [(64, 8), (128, 4)])
+def test_q8_0_unplanned_decode_reads_pairs_in_two_warp_tiles(monkeypatch, D, Hq):
+    # a call with no plan takes the dense q8_0 decode default (two-warp tiles,
+    # `config.q8_0_narrow_decode`), which reads V as pairs at head sizes 64 and 128
+    g = torch.Generator().manual_seed(D)
+    q = torch.randn(1, 1, Hq, D, generator=g).half()
+    k, v = (torch.randn(1, 200, 1, D, generator=g).half() for _ in range(2))
+    kq, vq = quant.q8_0(k), quant.q8_0(v)
+    seen = _spy(monkeypatch)
+    out = skattn.attention(q, kq, vq, causal=True)
+    assert seen == [True]
+    ref = reference.attention(q, kq, vq, causal=True)
+    assert rel_err(out, ref) <= bound(q, kq.dequantize(), vq.dequantize(), causal=True)
+    plan = skattn.plan(batch=1, q_len=1, kv_len=200, q_heads=Hq, kv_heads=1, head_dim=D,
+                       dtype="q8_0", causal=True)
+    assert plan.geometry.num_warps == 2 and launch.v_pairs(plan)
