@@ -220,7 +220,7 @@ def fp8_rows(X, rows, ok, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASKED:
 @triton.jit
 def load_q4_0(X, XS, base, offs_n, kv_len, stride_n, d0,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
-              DTYPE: tl.constexpr, S=None):
+              DTYPE: tl.constexpr, S=None, ASM: tl.constexpr = False):
     """Rows `offs_n`, columns d0 .. d0 + BLOCK_D - 1 of a q4_0 cache as [BLOCK_N, BLOCK_D] DTYPE.
 
     X holds the packed bytes (`skattn.quant.Q4_0`): `base`, `stride_n` count bytes, and byte
@@ -229,19 +229,22 @@ def load_q4_0(X, XS, base, offs_n, kv_len, stride_n, d0,
     the bytes with every stride divided by 16, so `base // 16` and `stride_n // 16` address
     them. The [BLOCK_N, BLOCK_D / 2] bytes are loaded once; their low and high nibbles are
     joined back into column order per block. MASKED: mask rows past kv_len and columns past
-    HEAD_DIM (read as 0; HEAD_DIM is a multiple of 32, so whole blocks are masked)."""
+    HEAD_DIM (read as 0; HEAD_DIM is a multiple of 32, so whole blocks are masked). ASM: as
+    in `q4_0_rows`."""
     HALF: tl.constexpr = QK4_0 // 2
     return q4_0_rows(X + base, XS + base // HALF, offs_n * stride_n, offs_n * (stride_n // HALF),
-                     offs_n < kv_len, d0, HEAD_DIM, BLOCK_D, MASKED, DTYPE, S)
+                     offs_n < kv_len, d0, HEAD_DIM, BLOCK_D, MASKED, DTYPE, S, ASM)
 
 
 @triton.jit
 def q4_0_rows(X, XS, rows, srows, ok, d0, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-              MASKED: tl.constexpr, DTYPE: tl.constexpr, S=None):
+              MASKED: tl.constexpr, DTYPE: tl.constexpr, S=None, ASM: tl.constexpr = False):
     """Columns d0 .. d0 + BLOCK_D - 1 of the q4_0 rows at byte offsets `rows` from X (their
     scales at `srows` from XS) as [len(rows), BLOCK_D] DTYPE (`load_q4_0`'s layout). MASKED:
     rows where `ok` is false and columns past HEAD_DIM read as 0. S: the scales, loaded
-    before (`block_scales`), else loaded here."""
+    before (`block_scales`), else loaded here. ASM (a GPU, not the interpreter): with f16
+    DTYPE, the nibbles become f16 in inline PTX (`Q4_NIBBLES_F16`) and the scales multiply
+    in f16 (one rounding, as the exact f32 product rounded to f16); else in Triton, in f32."""
     NB: tl.constexpr = BLOCK_D // QK4_0
     HALF: tl.constexpr = QK4_0 // 2
     BLOCK_B: tl.constexpr = BLOCK_D // 2
@@ -255,14 +258,37 @@ def q4_0_rows(X, XS, rows, srows, ok, d0, HEAD_DIM: tl.constexpr, BLOCK_D: tl.co
         s = block_scales(XS, srows, ok, d0, HEAD_DIM, BLOCK_D, MASKED)
     else:
         s = S
-    x = tl.reshape(x.to(tl.int32), [rows.shape[0], NB, HALF])
-    lo = (x & 15) - 8
-    hi = (x >> 4) - 8
+    if ASM and DTYPE == tl.float16:
+        lo, hi = tl.inline_asm_elementwise(asm=Q4_NIBBLES_F16, constraints="=r,=r,=r,=r,r",
+                                           args=[x], dtype=(tl.float16, tl.float16),
+                                           is_pure=True, pack=4)
+        lo = tl.reshape(lo, [rows.shape[0], NB, HALF])
+        hi = tl.reshape(hi, [rows.shape[0], NB, HALF])
+    else:
+        x = tl.reshape(x.to(tl.int32), [rows.shape[0], NB, HALF])
+        lo = (x & 15) - 8
+        hi = (x >> 4) - 8
     # [N, NB, 16, 2] -> [N, NB, 2, 16]: the low nibbles of a block, then its high nibbles
     x = tl.reshape(tl.permute(tl.join(lo, hi), (0, 1, 3, 2)), [rows.shape[0], NB, QK4_0])
+    if x.dtype == tl.float16:
+        return tl.reshape(x * s[:, :, None], [rows.shape[0], BLOCK_D])
     # small integers x f16 are exact in f32; one rounding to DTYPE
     x = x.to(tl.float32) * s.to(tl.float32)[:, :, None]
     return tl.reshape(x, [rows.shape[0], BLOCK_D]).to(DTYPE)
+
+
+# q4_0 nibbles -> f16, exactly, four bytes (one 32-bit register) at a time: prmt spreads bytes
+# 0 and 1 (then 2 and 3) into the low bytes of two 16-bit halves; the low nibble of a half
+# under the f16 0x6400 (1024, whose last bit is 1) is 1024 + x, the high nibble in place under
+# 0x5400 (64, whose last bit is 1/16) is 64 + x; subtracting 1032 and 72 leaves x - 8. $0, $1:
+# the low nibbles' values of bytes 0-1 and 2-3; $2, $3: the high nibbles'.
+Q4_NIBBLES_F16 = tl.constexpr(
+    "{ .reg .b32 t, u, a, b; "
+    "prmt.b32 t, $4, 0, 0x4140; prmt.b32 u, $4, 0, 0x4342; "
+    "lop3.b32 $0, t, 0x000f000f, 0x64006400, 0xea; lop3.b32 $1, u, 0x000f000f, 0x64006400, 0xea; "
+    "lop3.b32 $2, t, 0x00f000f0, 0x54005400, 0xea; lop3.b32 $3, u, 0x00f000f0, 0x54005400, 0xea; "
+    "mov.b32 a, 0x64086408; mov.b32 b, 0x54805480; sub.f16x2 $0, $0, a; sub.f16x2 $1, $1, a; "
+    "sub.f16x2 $2, $2, b; sub.f16x2 $3, $3, b; }")
 
 
 @triton.jit
@@ -274,7 +300,7 @@ def load_blocks(X, XS, base, offs_n, kv_len, stride_n, d0,
     or q4_0 (3). S: its scales, loaded before (`tile_scales`), else loaded here."""
     if KV_FORMAT == 3:
         return load_q4_0(X, XS, base, offs_n, kv_len, stride_n, d0, HEAD_DIM, BLOCK_D, MASKED,
-                         DTYPE, S)
+                         DTYPE, S, ASM)
     else:
         return load_q8_0(X, XS, base, offs_n, kv_len, stride_n, d0, HEAD_DIM, BLOCK_D, MASKED,
                          DTYPE, ASM, WORDS, S)
@@ -301,7 +327,7 @@ def block_rows(X, XS, rows, ok, d0, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexp
     scales sit at its offset divided by that, from XS. S: as in `load_blocks`."""
     if KV_FORMAT == 3:
         return q4_0_rows(X, XS, rows, rows // (QK4_0 // 2), ok, d0, HEAD_DIM, BLOCK_D, MASKED,
-                         DTYPE, S)
+                         DTYPE, S, ASM)
     else:
         return q8_0_rows(X, XS, rows, rows // QK8_0, ok, d0, HEAD_DIM, BLOCK_D, MASKED, DTYPE,
                          ASM, WORDS, S)
