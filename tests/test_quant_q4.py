@@ -216,3 +216,16 @@ def test_q4_0_opcheck():
             kq.scales, vq.scales)
     result = torch.library.opcheck(torch.ops.skattn.attention.default, args)
     assert set(result.values()) == {"SUCCESS"}, result
+
+
+def test_q4_0_gpu_build_converts_nibbles_in_ptx():
+    # the sm_90 build of the q4_0 decode kernel (llama-8b heads, n = 1, f16 q) takes the
+    # inline-PTX conversion (`kernels/quant.py:Q4_NIBBLES_F16`: its 72 and 1032, as f16
+    # pairs, subtracted), not Triton's int -> f32 conversion a value; the interpreter's build
+    # (INTERPRET) converts value by value
+    from helpers import main_ptx_counts
+
+    c = main_ptx_counts("q4_0", "INTERPRET", (False, True),
+                        (("0x54805480",), ("0x64086408",), ("cvt.rn.f32.s",)))
+    assert c[False][0] > 0 and c[False][1] > 0 and c[False][2] == 0, c
+    assert c[True][:2] == [0, 0] and c[True][2] > 0, c
