@@ -52,10 +52,12 @@ CASES = {
                          kv="q8_0"),
     "paged16-q4_0": dict(kw=dict(q_len=1, max_kv_len=4096, page_size=16), layout="paged",
                          kv="q4_0"),
-    # three an SM (a serving plan's default for q8_0 decode tiles): under the register cap,
-    # at the GQA ratio (5) whose build took 194 registers without it
+    # three an SM (a serving plan's default for q8_0 and q4_0 decode tiles): under the
+    # register cap, at the GQA ratio (5) whose build took 194 registers without it (q8_0)
     "paged16-q8_0-3": dict(kw=dict(q_len=1, max_kv_len=4096, page_size=16), layout="paged",
                            kv="q8_0", occupancy=3, heads=(40, 8, 128)),
+    "paged16-q4_0-3": dict(kw=dict(q_len=1, max_kv_len=4096, page_size=16), layout="paged",
+                           kv="q4_0", occupancy=3, heads=(40, 8, 128)),
     # Tuning(pdl_wait=False): the main kernel launched plainly, without griddepcontrol.wait
     "paged16-nowait": dict(kw=dict(q_len=1, max_kv_len=4096, page_size=16), layout="paged",
                            wait=False),

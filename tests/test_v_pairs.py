@@ -98,8 +98,8 @@ def test_sm90_build_reads_v_with_the_transposing_load():
 
 
 def test_serving_plans_run_three_quantized_decode_programs_an_sm():
-    # serving plans that do not name an occupancy run FP8 pair and q8_0 decode tiles of head
-    # sizes 65-128 three an SM (under a cap of 168 registers, 55-70 KB of shared memory);
+    # serving plans that do not name an occupancy run FP8 pair, q8_0 and q4_0 decode tiles of
+    # head sizes 65-128 three an SM (under a cap of 168 registers, 55-70 KB of shared memory);
     # the GPU's default elsewhere
     from skattn import Tuning
     from skattn.device import hardware
@@ -114,8 +114,9 @@ def test_serving_plans_run_three_quantized_decode_programs_an_sm():
     assert occ(64) == occ(256) == default      # head sizes outside the measured 65-128
     assert occ(occupancy=2) == 2               # the caller's word
     assert occ(dtype="q8_0") == occ(96, dtype="q8_0") == 3
-    assert occ(64, dtype="q8_0") == default
-    assert occ(dtype=torch.float16) == occ(dtype="q4_0") == default
+    assert occ(dtype="q4_0") == occ(96, dtype="q4_0") == 3
+    assert occ(64, dtype="q8_0") == occ(64, dtype="q4_0") == default
+    assert occ(dtype=torch.float16) == default
     assert occ(tuning=Tuning(fp8_v_pairs=False)) == default
     assert occ(max_q_len=512, total_q=600, max_kv_len=4096) == default  # 128-row tiles
 
