@@ -208,8 +208,8 @@ def ragged_kv_loop(acc, m_i, l_i, q, Qb, Kb, Vb, BT, SLOPES, KS, VS, g, qi, head
     mid = unmasked_end(blk_lo, blk_hi, q_len, kv_len, first_token, BLOCK_N, CAUSAL,
                        HAS_WINDOW or DK_CHUNKS > 1)
     acc, acc2 = split_pairs(acc, V_PAIRS, KV_FORMAT)
-    # q8_0: a block's rows and scales are loaded one block ahead (`_block_ahead`); q4_0,
-    # bound by its unpacking, finds them in the block
+    # q8_0: a block's rows and scales are loaded one block ahead (`_block_ahead`); q4_0
+    # finds them in the block (PERF.md: measured so before its PTX unpacking)
     PREFETCH: tl.constexpr = KV_FORMAT == 2 and DK_CHUNKS == 1
     for masked in tl.static_range(2):  # blocks blk_lo..mid unmasked, mid..blk_hi masked
         lo = blk_lo + (mid - blk_lo) * masked
