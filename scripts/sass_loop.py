@@ -1,7 +1,10 @@
 """The instruction mix of the main kernel's KV loop, compiled here for sm_90 (no GPU).
 
   python3 scripts/sass_loop.py D Dv n FORMAT [--heads 4] [--kv-len 32768] [--top 16] [--json]
-      # FORMAT: float16, float8_e4m3fn, q8_0 or q4_0; --heads: query heads on one KV head
+      [--plan KEY=INT,...]
+      # FORMAT: float16, float8_e4m3fn, q8_0 or q4_0; --heads: query heads on one KV head;
+      # --plan: skattn.plan keywords and Tuning fields (num_warps=2,block_n=64,num_stages=3,
+      # occupancy=4: q8_0's two-warp decode tiles; q8_0_v_blocks=0: V staged)
 
 Plans one KV head's call as `scripts/resources.py` does (its default main kernel at two
 programs an SM, built for the GPU, not the interpreter; so q8_0 decode tiles in four warps,
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import json
 import os
 import re
@@ -26,6 +30,8 @@ import tempfile
 
 import triton
 
+from skattn import Tuning
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import resources  # noqa: E402
 
@@ -34,9 +40,11 @@ _LABEL = re.compile(r"\s*\.(L_x_\d+):")
 _BRANCH = re.compile(r"BRA\s+`?\(?\.?(L_x_\d+)")
 
 
-def sass(D: int, Dv: int, n: int, kv: str, heads: int = 4, kv_len: int = 32768) -> str:
-    """The sm_90a SASS of the default main kernel for one KV head of `heads` query heads."""
-    _, fn, args, kw = resources._main_launch(D, Dv, n, heads, kv_len, kv)
+def sass(D: int, Dv: int, n: int, kv: str, heads: int = 4, kv_len: int = 32768,
+         **overrides) -> str:
+    """The sm_90a SASS of the default main kernel for one KV head of `heads` query heads;
+    `overrides`: plan keywords and Tuning fields (`resources._main_launch`)."""
+    _, fn, args, kw = resources._main_launch(D, Dv, n, heads, kv_len, kv, **overrides)
     return disassemble(resources.build(fn, args, kw).asm["cubin"])
 
 
@@ -93,8 +101,16 @@ def main(argv=None) -> int:
     ap.add_argument("--kv-len", type=int, default=32768)
     ap.add_argument("--top", type=int, default=16, help="opcodes printed per loop")
     ap.add_argument("--json", action="store_true", help="one JSON line per loop instead")
+    ap.add_argument("--plan", default="", metavar="KEY=INT,...",
+                    help="skattn.plan keywords and Tuning fields, e.g. num_warps=2,block_n=64,"
+                         "num_stages=3,occupancy=4 or q8_0_v_blocks=0")
     args = ap.parse_args(argv)
-    loops = mma_loops(sass(args.D, args.Dv, args.n, args.format, args.heads, args.kv_len))
+    overrides = {k: int(v) for k, v in (item.split("=") for item in args.plan.split(",") if item)}
+    fields = {f.name: f.type for f in dataclasses.fields(Tuning)}
+    overrides = {k: bool(v) if "bool" in str(fields.get(k, "")) else v
+                 for k, v in overrides.items()}
+    loops = mma_loops(sass(args.D, args.Dv, args.n, args.format, args.heads, args.kv_len,
+                           **overrides))
     for i, body in enumerate(loops):
         counts = opcodes(body)
         if args.json:

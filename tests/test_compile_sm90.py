@@ -89,11 +89,13 @@ def test_allocation_only_compile_matches_the_full_one():
 def test_sass_loop_counts_the_kv_loop():
     # scripts/sass_loop.py on the llama-8b decode kernel (sm_90 SASS, compiled here): the
     # unmasked KV loop holds the MMAs; q8_0's converts four values at a time (no I2F), so its
-    # loop is under 2.5x f16's (Triton's one conversion a value made it 3.7x)
-    def loops(kv):
+    # loop is under 2.5x f16's (Triton's one conversion a value made it 3.7x); --plan builds
+    # other plans: two-warp tiles run a block in about twice a four-warp tile's instructions
+    # a warp, and V staged in f16 (q8_0_v_blocks=0) is longer than V as pairs
+    def loops(kv, *plan):
         res = subprocess.run([sys.executable, str(ROOT / "scripts" / "sass_loop.py"), "128", "128",
-                              "1", kv, "--json"], capture_output=True, text=True, env=_env(),
-                             timeout=600)
+                              "1", kv, "--json", *plan], capture_output=True, text=True,
+                             env=_env(), timeout=600)
         assert res.returncode == 0, res.stderr[-2000:]
         return [json.loads(line) for line in res.stdout.splitlines()]
 
@@ -101,3 +103,7 @@ def test_sass_loop_counts_the_kv_loop():
     assert len(f16) >= 2 and f16[0]["opcodes"].get("HMMA.16816.F32", 0) > 0, f16
     assert not any(op.startswith("I2F") for op in q8[0]["opcodes"]), q8[0]
     assert q8[0]["instructions"] < 2.5 * f16[0]["instructions"], (q8[0], f16[0])
+    two = loops("q8_0", "--plan", "num_warps=2,block_n=64,num_stages=3,occupancy=4")[0]
+    staged = loops("q8_0", "--plan", "q8_0_v_blocks=0")[0]
+    assert 1.5 * q8[0]["instructions"] < two["instructions"] < 2.5 * q8[0]["instructions"], two
+    assert staged["instructions"] > q8[0]["instructions"], (staged, q8[0])
