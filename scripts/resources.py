@@ -148,7 +148,7 @@ def _main_launch(D: int, Dv: int, n: int, heads: int, kv_len: int, kv: str, **ov
     kw = {"occupancy": 2, **{key: val for key, val in overrides.items() if key not in fields}}
     p = skattn.plan(batch=1, q_len=n, kv_len=kv_len, q_heads=heads, kv_heads=1, head_dim=D,
                     head_dim_v=Dv, causal=True, sms=132, dtype=dtype,
-                    tuning=skattn.Tuning(**tuning), **kw)
+                    tuning=skattn.Tuning(**tuning) if tuning else None, **kw)
     q = torch.zeros(1, n, heads, D, dtype=torch.float16)
     kernel, args, kw = _capture_main(p, q, k, v, Dv, None, scales)
     return p, kernel, args, kw

@@ -8,8 +8,9 @@
 
 Plans one KV head's call as `scripts/resources.py` does (its default main kernel at two
 programs an SM, built for the GPU, not the interpreter; so q8_0 decode tiles in four warps,
-not the two-warp default of plans that name no occupancy, `config.q8_0_narrow_decode`), compiles it for sm_90a, disassembles the cubin with Triton's
-own `nvdisasm` and finds the loops: the instructions between a backward branch and its
+not the two-warp default of plans that name no occupancy, `config.q8_0_narrow_decode`, which
+--plan builds), compiles it for sm_90a, disassembles the cubin with Triton's own `nvdisasm`
+and finds the loops: the instructions between a backward branch and its
 target. The loops that hold an MMA (`HMMA` or `HGMMA`) are the KV loop's variants (the
 unmasked blocks first, then the masked ones) and the loops around them (a program's loop
 over its tiles); for each it prints its warp instructions (for a KV loop: a KV block's)

@@ -99,7 +99,7 @@ def test_sm90_build_reads_v_with_the_transposing_load():
 
 def test_serving_plans_run_three_quantized_decode_programs_an_sm():
     # serving plans that do not name an occupancy run FP8 pair, q8_0 and q4_0 decode tiles of
-    # head sizes 65-128 three an SM (under a cap of 168 registers, 55-70 KB of shared memory);
+    # head sizes 65-128 three an SM (under a cap of 168 registers, 47-70 KB of shared memory);
     # the GPU's default elsewhere
     from skattn import Tuning
     from skattn.device import hardware
@@ -185,6 +185,8 @@ def test_q8_0_v_blocks_default():
     assert pairs() and pairs(256, 128)
     assert pairs(64, q_heads=8)                  # the two-warp decode default
     assert not pairs(64, occupancy=2, sms=132)   # named occupancy: four warps
+    assert not pairs(64, q_heads=8, num_warps=2, block_n=32, occupancy=4, sms=132)
+    assert not pairs(128, 64, q_heads=8)         # D != Dv: not measured
     assert not pairs(96) and not pairs(256) and not pairs(128, 64)
     assert not pairs(q_len=16)                   # 64-row tiles
     assert pairs(64, tuning=Tuning(q8_0_v_blocks=True))

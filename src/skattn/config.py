@@ -114,8 +114,9 @@ def quant_decode_per_sm(geo: TileGeometry, kv_format: str, head_dim: int, head_d
     take at most 71.7 KB of shared memory, and under the register cap of three an SM
     (`register_cap`: 168) none spills in its KV loop (scripts/compile_serving.py, checked
     by a CPU test); three ran 1.01-1.16x (FP8), 1.11-1.20x (q8_0) and 1.08-1.11x (q4_0)
-    faster than two on the serving mixes, and up to 1.4x slower for FP8 at head size 64
-    (PERF.md)."""
+    faster than two on the serving mixes (f16 queries; with bf16 queries, which unpack q4_0 in
+    Triton's arithmetic, its build fits the cap without a spill, not timed), and up to 1.4x
+    slower for FP8 at head size 64 (PERF.md)."""
     if not (64 < max(head_dim, head_dim_v) <= 128 and geo.block_m < 64):
         return None
     if kv_format in ("q8_0", "q4_0") or fp8_pairs(geo, kv_format, head_dim_v, fp8_v_pairs):

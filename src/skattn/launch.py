@@ -22,7 +22,7 @@ from triton import knobs
 
 from skattn import buffers as ws
 from skattn import prefill_launch as _prefill
-from skattn.config import fp8_pairs
+from skattn.config import Q8_0_NARROW_DECODE, fp8_pairs
 from skattn.device import interpreting
 from skattn.fastdiv import magic
 from skattn.kernels import attention as _main
@@ -166,9 +166,11 @@ def v_pairs(plan) -> bool:
     not at even byte offsets reads bytes instead."""
     if plan.dtype == "q8_0":  # q8_0 V as pairs with its scales on p (`Tuning.q8_0_v_blocks`)
         on = plan.tuning.q8_0_v_blocks
-        if on is None:  # measured faster: Dv = 128, and Dv = 64 in two-warp tiles
-            on = plan.head_dim_v == 128 or (plan.head_dim_v == 64
-                                            and plan.geometry.num_warps == 2)
+        if on is None:  # measured faster: Dv = 128, and D = Dv = 64 in two-warp tiles
+            g = plan.geometry
+            on = plan.head_dim_v == 128 or (
+                plan.head_dim == plan.head_dim_v == 64
+                and (g.block_n, g.num_stages, g.num_warps) == Q8_0_NARROW_DECODE[:3])
         return on and plan.geometry.block_m < 64
     return fp8_pairs(plan.geometry, plan.dtype, plan.head_dim_v, plan.tuning.fp8_v_pairs)
 

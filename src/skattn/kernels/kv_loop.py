@@ -56,9 +56,9 @@ def _dot(a, b, INTERPRET: tl.constexpr):
 
 
 # q8_0 V as pairs: p is rounded to f16 and multiplied in f16 (two values a `HMUL2`) by each
-# 32-column block's scale for the dot: in f32 the products took a conversion of every scale,
-# a multiplication and a rounding per value (the sm_90 n = 1 loop 612 -> 544 warp
-# instructions a block at four warps). Times 2^6 (exact, divided out after the KV loop) the
+# 32-column block's scale for the dot; in f32 each product would take a conversion of its
+# scale, a multiplication and a rounding (PERF.md: 612 against 544 warp instructions a
+# block in the sm_90 n = 1 loop at four warps). Times 2^6 (exact, divided out after the KV loop) the
 # products of small scales (|V| ~1e-3: scales ~1e-5) stay out of f16's subnormal range, where
 # they would keep few bits, while the largest scale (65504 / 127 ~ 516) times 64 stays below
 # f16's largest value.
@@ -245,8 +245,7 @@ def tile_kv_loop(acc, m_i, l_i, q, Q, K, V, KS, VS, MASK, SLOPES, b, g, qi, head
                        HAS_WINDOW or DK_CHUNKS > 1)
     acc, acc2 = split_pairs(acc, V_PAIRS, KV_FORMAT)
     # q8_0: a block's scales are loaded one block ahead (`quant.tile_scales`); q4_0 loads
-    # them in the block (ahead measured 0.93-1.11x while its unpacking took ~1300
-    # instructions a block; not measured with the PTX unpacking)
+    # them in the block (PERF.md, "q8_0 block scales loaded one KV block ahead")
     PREFETCH: tl.constexpr = KV_FORMAT == 2 and DK_CHUNKS == 1
     for masked in tl.static_range(2):  # blocks blk_lo..mid unmasked, mid..blk_hi masked
         lo = blk_lo + (mid - blk_lo) * masked

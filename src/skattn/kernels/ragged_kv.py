@@ -209,7 +209,7 @@ def ragged_kv_loop(acc, m_i, l_i, q, Qb, Kb, Vb, BT, SLOPES, KS, VS, g, qi, head
                        HAS_WINDOW or DK_CHUNKS > 1)
     acc, acc2 = split_pairs(acc, V_PAIRS, KV_FORMAT)
     # q8_0: a block's rows and scales are loaded one block ahead (`_block_ahead`); q4_0
-    # finds them in the block (PERF.md: measured so before its PTX unpacking)
+    # finds them in the block (PERF.md, "q8_0 block scales loaded one KV block ahead")
     PREFETCH: tl.constexpr = KV_FORMAT == 2 and DK_CHUNKS == 1
     for masked in tl.static_range(2):  # blocks blk_lo..mid unmasked, mid..blk_hi masked
         lo = blk_lo + (mid - blk_lo) * masked
