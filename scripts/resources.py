@@ -17,7 +17,6 @@ with the device's limit at launch), a few seconds a configuration.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -141,14 +140,11 @@ def _main_launch(D: int, Dv: int, n: int, heads: int, kv_len: int, kv: str, **ov
     """(plan, kernel, args, kwargs) of the default main kernel's launch for one KV head, at two
     programs an SM (a named occupancy: q8_0 decode tiles keep four warps, as PERF.md's loop
     counts were taken). `overrides`: `skattn.plan` keywords (block_n, num_warps, occupancy,
-    ...) and `skattn.Tuning` fields, by name."""
+    tuning, ...)."""
     k, v, scales, dtype = kv_inputs(kv, kv_len, 1, D, Dv)
-    fields = {f.name for f in dataclasses.fields(skattn.Tuning)}
-    tuning = {key: val for key, val in overrides.items() if key in fields}
-    kw = {"occupancy": 2, **{key: val for key, val in overrides.items() if key not in fields}}
     p = skattn.plan(batch=1, q_len=n, kv_len=kv_len, q_heads=heads, kv_heads=1, head_dim=D,
                     head_dim_v=Dv, causal=True, sms=132, dtype=dtype,
-                    tuning=skattn.Tuning(**tuning) if tuning else None, **kw)
+                    **{"occupancy": 2, **overrides})
     q = torch.zeros(1, n, heads, D, dtype=torch.float16)
     kernel, args, kw = _capture_main(p, q, k, v, Dv, None, scales)
     return p, kernel, args, kw

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import dataclasses
 import json
 import os
 import re
@@ -31,7 +30,7 @@ import tempfile
 
 import triton
 
-from skattn import Tuning
+from skattn.bench.quant import parse_geo
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import resources  # noqa: E402
@@ -44,7 +43,7 @@ _BRANCH = re.compile(r"BRA\s+`?\(?\.?(L_x_\d+)")
 def sass(D: int, Dv: int, n: int, kv: str, heads: int = 4, kv_len: int = 32768,
          **overrides) -> str:
     """The sm_90a SASS of the default main kernel for one KV head of `heads` query heads;
-    `overrides`: plan keywords and Tuning fields (`resources._main_launch`)."""
+    `overrides`: plan keywords (`resources._main_launch`)."""
     _, fn, args, kw = resources._main_launch(D, Dv, n, heads, kv_len, kv, **overrides)
     return disassemble(resources.build(fn, args, kw).asm["cubin"])
 
@@ -106,10 +105,8 @@ def main(argv=None) -> int:
                     help="skattn.plan keywords and Tuning fields, e.g. num_warps=2,block_n=64,"
                          "num_stages=3,occupancy=4 or q8_0_v_blocks=0")
     args = ap.parse_args(argv)
-    overrides = {k: int(v) for k, v in (item.split("=") for item in args.plan.split(",") if item)}
-    fields = {f.name: f.type for f in dataclasses.fields(Tuning)}
-    overrides = {k: bool(v) if "bool" in str(fields.get(k, "")) else v
-                 for k, v in overrides.items()}
+    # as tools/quant_sweep.py's geometries: `default:key=value+...`
+    overrides = parse_geo("default:" + args.plan.replace(",", "+")) if args.plan else {}
     loops = mma_loops(sass(args.D, args.Dv, args.n, args.format, args.heads, args.kv_len,
                            **overrides))
     for i, body in enumerate(loops):

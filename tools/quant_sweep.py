@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
 import os
 from pathlib import Path
 
@@ -24,11 +23,10 @@ import torch
 
 import skattn
 from skattn import reference
-from skattn.tuning import Tuning
 from skattn.bench import graph
 from skattn.bench.grid import Cell
 from skattn.bench.models import MODELS
-from skattn.bench.quant import KV_BYTES, quantize
+from skattn.bench.quant import KV_BYTES, parse_geo, quantize
 from skattn.bench.run import layer_inputs
 from skattn.bench.timing import ColdTimer, measure_ceilings
 
@@ -80,26 +78,6 @@ def write_rows(path: Path, rows: list[dict]) -> None:
         w = csv.DictWriter(f, fieldnames=sorted({k for r in rows for k in r}))
         w.writeheader()
         w.writerows(rows)
-
-
-def parse_geo(text: str) -> dict:
-    """Plan keywords of a geometry `default` or `block_n/stages/warps[/programs]`, optionally
-    followed by `:key=value+...`: fields of `skattn.Tuning` (0 and 1 for booleans) or plan
-    keywords such as occupancy (integers)."""
-    geo, _, tune = text.partition(":")
-    kw = {}
-    if geo != "default":
-        bn, st, w, *n = (int(x) for x in geo.split("/"))
-        kw = dict(block_n=bn, num_stages=st, num_warps=w, **({"programs": n[0]} if n else {}))
-    if tune:
-        fields = {f.name: f.type for f in dataclasses.fields(Tuning)}
-        vals = dict(item.split("=") for item in tune.split("+"))
-        tuning = {k: (v != "0") if fields[k] in (bool, "bool") else int(v)
-                  for k, v in vals.items() if k in fields}
-        kw.update({k: int(v) for k, v in vals.items() if k not in fields})  # plan keywords
-        if tuning:
-            kw["tuning"] = Tuning(**tuning)
-    return kw
 
 
 def main() -> int:

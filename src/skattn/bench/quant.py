@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import json
 import time
+import dataclasses
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,6 +25,7 @@ import torch
 from skattn.bench.grid import SEED_DEPTHS, Cell
 from skattn.bench.records import not_timed, record
 from skattn.planner import VALUE_BYTES
+from skattn.tuning import Tuning
 
 FORMATS = ("f16", "fp8", "q8_0", "q4_0")  # decode
 QUANTIZED = FORMATS[1:]
@@ -40,6 +42,26 @@ COLUMNS = ("model", "hq", "hkv", "d", "n", "depth", "format", "policy", "program
            "status", "err", "err_unquantized", "p20_us", "p50_us", "p80_us", "floor_us",
            "pct_floor", "bytes", "speedup_vs_f16", "reps", "timer", "layers", "gpu", "sms",
            "torch", "triton", "commit", "flush", "timestamp")
+
+
+def parse_geo(text: str) -> dict:
+    """Plan keywords of a geometry `default` or `block_n/stages/warps[/programs]`, optionally
+    followed by `:key=value+...`: fields of `skattn.Tuning` (0 and 1 for booleans) or plan
+    keywords such as occupancy (integers)."""
+    geo, _, tune = text.partition(":")
+    kw = {}
+    if geo != "default":
+        bn, st, w, *n = (int(x) for x in geo.split("/"))
+        kw = dict(block_n=bn, num_stages=st, num_warps=w, **({"programs": n[0]} if n else {}))
+    if tune:
+        fields = {f.name: f.type for f in dataclasses.fields(Tuning)}
+        vals = dict(item.split("=") for item in tune.split("+"))
+        tuning = {k: (v != "0") if fields[k] in (bool, "bool") else int(v)
+                  for k, v in vals.items() if k in fields}
+        kw.update({k: int(v) for k, v in vals.items() if k not in fields})  # plan keywords
+        if tuning:
+            kw["tuning"] = Tuning(**tuning)
+    return kw
 
 
 def cells(models=None, ns=None, depths=None) -> tuple[list[Cell], list[Cell]]:
