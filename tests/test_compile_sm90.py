@@ -107,3 +107,24 @@ def test_sass_loop_counts_the_kv_loop():
     staged = loops("q8_0", "--plan", "q8_0_v_blocks=0")[0]
     assert 1.5 * q8[0]["instructions"] < two["instructions"] < 2.5 * q8[0]["instructions"], two
     assert staged["instructions"] > q8[0]["instructions"], (staged, q8[0])
+
+
+def test_block_scales_are_loaded_a_block_ahead():
+    # q8_0 and q4_0 decode (llama-8b heads, n = 1, sm_90 SASS compiled here): the unmasked
+    # KV loop issues its 2-byte scale loads (K's and V's) before its first MMA, i.e. for the
+    # next block (`kv_loop._block_scales`); loaded in the block that uses them, V's came
+    # after the scores' MMAs and each block waited on them
+    code = (f"import json, sys; sys.path.insert(0, {str(ROOT / 'scripts')!r})\n"
+            "import sass_loop\n"
+            "for kv in ('q8_0', 'q4_0'):\n"
+            "    body = sass_loop.mma_loops(sass_loop.sass(128, 128, 1, kv), True)[0]\n"
+            "    at = [i for i, x in enumerate(body) if 'LDG.E.U16' in x]\n"
+            "    mma = min(i for i, x in enumerate(body) if 'HMMA' in x)\n"
+            "    print(json.dumps(dict(kv=kv, loads=at, mma=mma)))\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=_env(), timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+    assert [r["kv"] for r in rows] == ["q8_0", "q4_0"], res.stdout
+    for r in rows:
+        assert len(r["loads"]) >= 2 and max(r["loads"]) < r["mma"], r

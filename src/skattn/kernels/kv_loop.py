@@ -141,7 +141,7 @@ def _kv_step(acc, acc2, m_i, l_i, q, Q, K, V, KS, VS, MASK, slope, b, qi, head, 
     pairs, `acc` and `acc2` the accumulators of its even and odd columns ([M, Dv / 2]; for
     q8_0 [Dv / 32, M, 16] per 32-column block, p times the block's scales); else acc2 is
     carried unused. PREFETCH: ksc, vsc are the block's K and V block scales (q8_0),
-    loaded one block ahead (`_block_scales`); else they are loaded here."""
+    loaded one block ahead (`_block_scales`; q8_0, q4_0); else they are loaded here."""
     offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
     ASM: tl.constexpr = not INTERPRET  # quant.py's inline PTX conversions
     KSC = ksc if PREFETCH else None
@@ -200,13 +200,15 @@ def _kv_step(acc, acc2, m_i, l_i, q, Q, K, V, KS, VS, MASK, slope, b, qi, head, 
 def _block_scales(KS, VS, kbase, vbase, blk, kv_len, stride_kn, stride_vn,
                   HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, V_PAIRS: tl.constexpr,
-                  PREFETCH: tl.constexpr):
+                  KV_FORMAT: tl.constexpr, PREFETCH: tl.constexpr):
     """KV block blk's K and V block scales as `_kv_step` takes them (V's in the pairs' layout
     with V_PAIRS), keys past kv_len read as 0; without PREFETCH two unused zeros."""
     if PREFETCH:
         offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
-        ks = tile_scales(KS, kbase, offs_n, kv_len, stride_kn, HEAD_DIM, BLOCK_DK, False)
-        vs = tile_scales(VS, vbase, offs_n, kv_len, stride_vn, HEAD_DIM_V, BLOCK_DV, V_PAIRS)
+        ks = tile_scales(KS, kbase, offs_n, kv_len, stride_kn, HEAD_DIM, BLOCK_DK, False,
+                         KV_FORMAT)
+        vs = tile_scales(VS, vbase, offs_n, kv_len, stride_vn, HEAD_DIM_V, BLOCK_DV, V_PAIRS,
+                         KV_FORMAT)
     else:
         ks = 0.0
         vs = 0.0
@@ -244,19 +246,19 @@ def tile_kv_loop(acc, m_i, l_i, q, Q, K, V, KS, VS, MASK, SLOPES, b, g, qi, head
     mid = unmasked_end(blk_lo, blk_hi, q_len, kv_len, first_token, BLOCK_N, CAUSAL,
                        HAS_WINDOW or DK_CHUNKS > 1)
     acc, acc2 = split_pairs(acc, V_PAIRS, KV_FORMAT)
-    # q8_0: a block's scales are loaded one block ahead (`quant.tile_scales`); q4_0 loads
-    # them in the block (PERF.md, "q8_0 block scales loaded one KV block ahead")
-    PREFETCH: tl.constexpr = KV_FORMAT == 2 and DK_CHUNKS == 1
+    # q8_0, q4_0: a block's scales are loaded one block ahead (`quant.tile_scales`; PERF.md,
+    # "Block scales loaded one KV block ahead")
+    PREFETCH: tl.constexpr = KV_FORMAT >= 2 and DK_CHUNKS == 1
     for masked in tl.static_range(2):  # blocks blk_lo..mid unmasked, mid..blk_hi masked
         lo = blk_lo + (mid - blk_lo) * masked
         ksc, vsc = _block_scales(KS, VS, kbase, vbase, lo, kv_len, stride_kn, stride_vn,
                                  HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_DK, BLOCK_DV, V_PAIRS,
-                                 PREFETCH)
+                                 KV_FORMAT, PREFETCH)
         for blk in range(lo, mid + (blk_hi - mid) * masked):
             if PREFETCH:
                 nks, nvs = _block_scales(KS, VS, kbase, vbase, blk + 1, kv_len, stride_kn,
                                          stride_vn, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_DK,
-                                         BLOCK_DV, V_PAIRS, PREFETCH)
+                                         BLOCK_DV, V_PAIRS, KV_FORMAT, PREFETCH)
             acc, acc2, m_i, l_i = _kv_step(
                 acc, acc2, m_i, l_i, q, Q, K, V, KS, VS, MASK, slope, b, qi, head, valid, qpos,
                 kbase, vbase, blk, ksc, vsc, stride_qb, stride_qm, stride_qh, stride_kn,

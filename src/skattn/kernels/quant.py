@@ -308,12 +308,13 @@ def load_blocks(X, XS, base, offs_n, kv_len, stride_n, d0,
 
 @triton.jit
 def tile_scales(XS, base, offs_n, kv_len, stride_n, HEAD_DIM: tl.constexpr,
-                BLOCK_D: tl.constexpr, COLS_FIRST: tl.constexpr):
-    """The q8_0 block scales of `load_blocks`' tile of columns 0 .. BLOCK_D - 1 (rows past
-    kv_len read as 0), as `block_scales` gives them; a KV loop loads a block's scales one
-    block ahead (`kv_loop.tile_kv_loop`): Triton's pipeliner leaves these 2-byte loads in the
-    loop, where a block would wait for them."""
-    return block_scales(XS + base // QK8_0, offs_n * (stride_n // QK8_0), offs_n < kv_len, 0,
+                BLOCK_D: tl.constexpr, COLS_FIRST: tl.constexpr, KV_FORMAT: tl.constexpr = 2):
+    """The q8_0 (KV_FORMAT 2) or q4_0 (3) block scales of `load_blocks`' tile of columns
+    0 .. BLOCK_D - 1 (rows past kv_len read as 0), as `block_scales` gives them; a KV loop
+    loads a block's scales one block ahead (`kv_loop.tile_kv_loop`): Triton's pipeliner
+    leaves these 2-byte loads in the loop, where a block would wait for them."""
+    PER: tl.constexpr = QK8_0 if KV_FORMAT == 2 else QK4_0 // 2  # bytes a scale covers
+    return block_scales(XS + base // PER, offs_n * (stride_n // PER), offs_n < kv_len, 0,
                         HEAD_DIM, BLOCK_D, True, COLS_FIRST)
 
 

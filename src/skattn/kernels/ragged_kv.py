@@ -69,17 +69,24 @@ def _key_rows(BT, blk, kv_len, num_pages, stride_kb, stride_kn, stride_vb, strid
 def _block_ahead(BT, KS, VS, blk, kv_len, num_pages, stride_kb, stride_kn, stride_vb, stride_vn,
                  HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, PAGED: tl.constexpr,
-                 PAGE_SIZE: tl.constexpr, V_PAIRS: tl.constexpr, PREFETCH: tl.constexpr):
-    """KV block blk's rows (`_key_rows`) and its K and V block scales (q8_0; V's in the
-    pairs' layout with V_PAIRS; keys past kv_len or on a bad page read as 0), loaded one
-    block ahead of their use: Triton's pipeliner leaves the page ids' and the scales' loads
-    in the loop, where a block would wait for them. Without PREFETCH six unused zeros."""
+                 PAGE_SIZE: tl.constexpr, KV_FORMAT: tl.constexpr, V_PAIRS: tl.constexpr,
+                 PREFETCH: tl.constexpr):
+    """KV block blk's rows (`_key_rows`) and, for q8_0 and q4_0 (KV_FORMAT 2, 3), its K and
+    V block scales (V's in the pairs' layout with V_PAIRS; keys past kv_len or on a bad page
+    read as 0), loaded one block ahead of their use: Triton's pipeliner leaves the page ids'
+    and the scales' loads in the loop, where a block would wait for them (an L2 latency a
+    block at least). Without PREFETCH six unused zeros; without scales, ks and vs are 0."""
     if PREFETCH:
         offs_n, krow, vrow, ok = _key_rows(BT, blk, kv_len, num_pages, stride_kb, stride_kn,
                                            stride_vb, stride_vn, PAGED, PAGE_SIZE, BLOCK_N)
-        seen = ok & (offs_n < kv_len)
-        ks = block_scales(KS, krow // QK8_0, seen, 0, HEAD_DIM, BLOCK_DK, True)
-        vs = block_scales(VS, vrow // QK8_0, seen, 0, HEAD_DIM_V, BLOCK_DV, True, V_PAIRS)
+        if KV_FORMAT >= 2:
+            # a scale covers 32 values: 32 bytes of q8_0, 16 of q4_0's nibbles
+            PER: tl.constexpr = QK8_0 if KV_FORMAT == 2 else QK8_0 // 2
+            seen = ok & (offs_n < kv_len)
+            ks = block_scales(KS, krow // PER, seen, 0, HEAD_DIM, BLOCK_DK, True)
+            vs = block_scales(VS, vrow // PER, seen, 0, HEAD_DIM_V, BLOCK_DV, True, V_PAIRS)
+        else:
+            ks, vs = 0.0, 0.0
     else:
         offs_n, krow, vrow, ok, ks, vs = 0, 0, 0, 0, 0.0, 0.0
     return offs_n, krow, vrow, ok, ks, vs
@@ -106,8 +113,8 @@ def _ragged_step(acc, acc2, m_i, l_i, q, Qb, Kb, Vb, KS, VS, BT, slope, qi, head
     if not PREFETCH:
         offs_n, krow, vrow, ok = _key_rows(BT, blk, kv_len, num_pages, stride_kb, stride_kn,
                                            stride_vb, stride_vn, PAGED, PAGE_SIZE, BLOCK_N)
-    KSC = ksc if PREFETCH else None
-    VSC = vsc if PREFETCH else None
+    KSC = ksc if PREFETCH and KV_FORMAT >= 2 else None
+    VSC = vsc if PREFETCH and KV_FORMAT >= 2 else None
     if MASKED:
         ok = ok & (offs_n < kv_len)
     ASM: tl.constexpr = not INTERPRET  # quant.py's inline PTX conversions
@@ -208,21 +215,21 @@ def ragged_kv_loop(acc, m_i, l_i, q, Qb, Kb, Vb, BT, SLOPES, KS, VS, g, qi, head
     mid = unmasked_end(blk_lo, blk_hi, q_len, kv_len, first_token, BLOCK_N, CAUSAL,
                        HAS_WINDOW or DK_CHUNKS > 1)
     acc, acc2 = split_pairs(acc, V_PAIRS, KV_FORMAT)
-    # q8_0: a block's rows and scales are loaded one block ahead (`_block_ahead`); q4_0
-    # finds them in the block (PERF.md, "q8_0 block scales loaded one KV block ahead")
-    PREFETCH: tl.constexpr = KV_FORMAT == 2 and DK_CHUNKS == 1
+    # q8_0, q4_0: a block's rows and scales are loaded one block ahead (`_block_ahead`;
+    # PERF.md, "Block scales loaded one KV block ahead")
+    PREFETCH: tl.constexpr = KV_FORMAT >= 2 and DK_CHUNKS == 1
     for masked in tl.static_range(2):  # blocks blk_lo..mid unmasked, mid..blk_hi masked
         lo = blk_lo + (mid - blk_lo) * masked
         offs_n, krow, vrow, ok, ksc, vsc = _block_ahead(
             BT, KS, VS, lo, kv_len, num_pages, stride_kb, stride_kn, stride_vb, stride_vn,
-            HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_DK, BLOCK_DV, PAGED, PAGE_SIZE, V_PAIRS,
-            PREFETCH)
+            HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_DK, BLOCK_DV, PAGED, PAGE_SIZE, KV_FORMAT,
+            V_PAIRS, PREFETCH)
         for blk in range(lo, mid + (blk_hi - mid) * masked):
             if PREFETCH:
                 n_offs, n_krow, n_vrow, n_ok, nks, nvs = _block_ahead(
                     BT, KS, VS, blk + 1, kv_len, num_pages, stride_kb, stride_kn, stride_vb,
                     stride_vn, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_DK, BLOCK_DV, PAGED,
-                    PAGE_SIZE, V_PAIRS, PREFETCH)
+                    PAGE_SIZE, KV_FORMAT, V_PAIRS, PREFETCH)
             acc, acc2, m_i, l_i = _ragged_step(
                 acc, acc2, m_i, l_i, q, Qb, Kb, Vb, KS, VS, BT, slope, qi, head, valid, qpos, blk,
                 offs_n, krow, vrow, ok, ksc, vsc,
