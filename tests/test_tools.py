@@ -230,3 +230,30 @@ def test_sanitize_cases_split_the_warp_specialised_calls():
     assert any(" auto " in name for name in ws)  # auto's own choice of the kernel counts too
     assert not any("tma" in name or "features" in name for name in ws)
     assert 0 < len(ws) < len(quick)
+
+
+def test_warp_split_probe_tiles_agree_with_float64():
+    # tools/warp_split_probe.py's two decode loops (the usual 16-row tile and warps on their
+    # own keys) under the interpreter on a small cache: the partials, merged on the host,
+    # match float64 attention
+    import torch
+
+    probe = _load("warp_split_probe")
+    torch.manual_seed(0)
+    Hkv, ratio, D, L, M, P = 2, 4, 32, 128, 16, 4
+    CH, Lc = P // Hkv, L // (P // Hkv)
+    k = torch.randn(L, Hkv, D, dtype=torch.float16)
+    v = torch.randn(L, Hkv, D, dtype=torch.float16)
+    q = torch.randn(Hkv * ratio, D, dtype=torch.float16)
+    s = torch.einsum("hrd,lhd->hrl", q.double().view(Hkv, ratio, D), k.double()) * D ** -0.5
+    ref = torch.einsum("hrl,lhd->hrd", torch.softmax(s, -1), v.double())
+    scale = D ** -0.5 * 1.4426950408889634
+    for W in (1, 2):
+        oa, om, ol = torch.empty(P * M, D), torch.empty(P * M), torch.empty(P * M)
+        if W == 1:
+            probe.dec2[(P,)](q, k, v, oa, om, ol, Lc, Hkv * D, ratio, scale, CH, D=D, BN=32, M=M)
+        else:
+            probe.dec3[(P,)](q, k, v, oa, om, ol, Lc, Hkv * D, ratio, scale, CH, D=D, BN=32, M=M,
+                             W=W)
+        out = probe.merge(oa, om, ol, P, CH, Hkv, ratio, M)
+        assert (out - ref).abs().max() < 2e-3 * ref.abs().max(), W
