@@ -574,3 +574,32 @@ def test_unplanned_calls_take_the_planners_defaults_by_kv_form():
     assert sp.occupancy == 3
     f16 = api._cached_plan(*args[:7], torch.float16, True, None, cpu)
     assert (f16.occupancy, f16.geometry.num_warps) == (2, 4)
+
+
+@pytest.mark.parametrize("L, programs", [(1024, 64), (8192, 128), (16384, 256), (32768, 256)])
+def test_fp8_decode_tiles_of_16_rows_take_128_key_blocks(L, programs):
+    # `config.fp8_wide_decode`: 128 keys in 3 stages, and `auto` gives each program at least
+    # 4 KV blocks or runs one an SM (the choices measured fastest on an H200, PERF.md)
+    kw = dict(batch=1, q_len=1, kv_len=L, q_heads=32, kv_heads=8, head_dim=128, causal=True,
+              sms=132, dtype=torch.float8_e4m3fn)
+    p = plan(**kw)
+    g = p.geometry
+    assert (g.block_m, g.block_n, g.num_stages, g.num_warps, p.programs) == (16, 128, 3, 4,
+                                                                              programs)
+    # a caller's word keeps the usual tile and count: occupancy, or a block size
+    for extra in (dict(occupancy=2), dict(block_n=64)):
+        q = plan(**kw, **extra)
+        assert (q.geometry.block_n, q.programs) == (64, min(256, 8 * L // 64)), extra
+
+
+def test_fp8_wide_decode_only_where_measured():
+    kw = dict(batch=1, q_len=1, kv_len=8192, q_heads=32, kv_heads=8, causal=True, sms=132,
+              dtype=torch.float8_e4m3fn)
+    assert plan(head_dim=96, **kw).geometry.num_stages == 4  # padded to 128: not measured
+    assert plan(head_dim=64, **kw).geometry.num_stages == 3
+    wide = dict(kw, q_len=16)  # 64-row tiles (warpgroup MMA) keep their geometry
+    assert plan(head_dim=128, **wide).geometry.block_m == 64
+    assert plan(head_dim=128, **wide).geometry.block_n == 64
+    f16 = dict(kw, dtype=torch.float16)
+    assert plan(head_dim=128, **f16).geometry.block_n == 64
+    assert plan(head_dim=128, policy="llamacpp", **kw).programs == 264  # other policies' N

@@ -143,6 +143,24 @@ def q8_0_narrow_decode(geo: TileGeometry, kv_format: str, head_dim: int, head_di
             and head_dim in (64, 128))
 
 
+# a dense plan's FP8 decode tiles of 16 rows: (block_n, num_stages, fewest KV blocks a
+# program takes when `auto` picks the program count)
+FP8_WIDE_DECODE = (128, 3, 4)
+
+
+def fp8_wide_decode(geo: TileGeometry, kv_format: str, head_dim: int, head_dim_v: int) -> bool:
+    """Whether a dense plan's FP8 decode tile (16 rows, head sizes 64 and 128, the ones
+    measured) runs `FP8_WIDE_DECODE` where the caller names no block size, stages, warps or
+    occupancy: 128-key blocks in 3 stages (the sm_90 llama-8b n = 1 loop 596 warp
+    instructions a block of 128 keys against 2 x 353 for two of 64), and `auto` gives each
+    program at least 4 KV blocks (or runs one program an SM): at L = 8192 its 256 programs of 2 blocks ran 1.11x slower
+    than 128 of 4, while at 32768 256 programs of 8 beat 128 of 16. On an H200 (graph timer,
+    same run, PERF.md) 1.01-1.11x over 64-key blocks at two programs an SM in the 8 cells
+    measured (llama-8b n = 1 and 4, gpt-oss, qwen3-14b; L = 8192-32768)."""
+    return (kv_format == "float8_e4m3fn" and geo.block_m == 16 and head_dim == head_dim_v
+            and head_dim in (64, 128))
+
+
 def register_cap(occupancy: int, num_warps: int) -> int | None:
     """Registers a thread that let `occupancy` programs of `num_warps` warps share an SM
     (a multiple of 8, as ptxas allocates), or None where 255 (the most a thread takes) fit.

@@ -8,8 +8,9 @@ import torch
 
 from skattn import buffers, prefill_launch, quant_route
 from skattn.checks import causal_window
-from skattn.config import (Q8_0_NARROW_DECODE, STAGE_BYTES_BUDGET, TileGeometry,  # noqa: F401
-                           programs_per_sm, q8_0_narrow_decode, tile_geometry)
+from skattn.config import (FP8_WIDE_DECODE, Q8_0_NARROW_DECODE, STAGE_BYTES_BUDGET,  # noqa: F401
+                           TileGeometry, fp8_wide_decode, programs_per_sm, q8_0_narrow_decode,
+                           tile_geometry)
 from skattn.policy import (FIXUPS, POLICIES, POLICY_NOTES, CostModel, KVLayout,  # noqa: F401
                            canonical_policy, decide_fixup, fixup_for, load_cost_model,
                            programs_for, whole_prompt)
@@ -400,6 +401,21 @@ def plan(*, batch: int, q_len: int, kv_len: int, q_heads: int, kv_heads: int, he
             narrow = None
         if narrow is not None and narrow.block_m == 16:
             geo, occupancy = narrow, max(occupancy, per_sm)
+    min_blocks = 1  # the fewest KV blocks a program of `auto` takes
+    if (not occupancy_given and block_m is None and block_n is None and num_warps is None
+            and num_stages is None and fp8_wide_decode(geo, kv_format, head_dim, head_dim_v)):
+        bn, st, min_blocks = FP8_WIDE_DECODE
+        try:
+            wide = tile_geometry(q_len=q_len, gqa_ratio=ratio, head_dim=head_dim,
+                                 head_dim_v=head_dim_v, block_n=bn, num_stages=st,
+                                 has_mask=bool(has_mask), smem_limit=smem_limit,
+                                 kv_format=kv_format)
+        except ValueError:
+            wide = None
+        if wide is not None and wide.block_m == 16:
+            geo = wide
+        else:
+            min_blocks = 1
     ntiles_x = -(-q_len // geo.tokens_per_tile)
     ntiles_z = -(-ratio // geo.heads_per_tile)
     ntiles_dst = batch * kv_heads * ntiles_z * ntiles_x
@@ -414,8 +430,11 @@ def plan(*, batch: int, q_len: int, kv_len: int, q_heads: int, kv_heads: int, he
     chosen = programs is None  # by the policy, not by the caller
     if chosen:
         per_sm = shared_programs(geo, occupancy, kv_format)
+        cap = max_programs  # auto: min_blocks KV blocks a program, or one program an SM
+        if policy == "auto":
+            cap = min(max_programs, max(sms, work // min_blocks))
         programs = programs_for(policy, ntiles_dst=ntiles_dst, ntiles_kv=ntiles_kv,
-                              max_programs=max_programs, work=work, min_tile_work=min(kv_count),
+                              max_programs=cap, work=work, min_tile_work=min(kv_count),
                               max_tile_work=max(kv_count), fixup=fixup, cost=model,
                               compute_bound=compute_bound, resident=sms * per_sm,
                               per_sm=per_sm, layout=KVLayout(
