@@ -315,7 +315,9 @@ def plan(*, batch: int, q_len: int, kv_len: int, q_heads: int, kv_heads: int, he
         Hardware: asked from the current GPU when None (needs one). Without an occupancy
         and without block_m, block_n, num_warps and num_stages, q8_0 decode tiles of 16 rows
         at head size 64 or 128 run 64-key blocks, 3 stages and 2 warps, four programs an SM
-        (`config.q8_0_narrow_decode`), where that fits `smem_limit`.
+        (`config.q8_0_narrow_decode`), and FP8 ones 128-key blocks in 3 stages, `auto`
+        giving each program at least 4 KV blocks or one program an SM
+        (`config.fp8_wide_decode`), where that fits `smem_limit`.
     policy : {"auto", "llamacpp", "llamacpp-before", "round-4x", "split"}
         See `POLICY_NOTES`; "llamacpp-master" and "seed-4x" are accepted as aliases of
         "llamacpp-before" and "round-4x".
