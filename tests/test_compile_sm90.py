@@ -128,3 +128,25 @@ def test_block_scales_are_loaded_a_block_ahead():
     assert [r["kv"] for r in rows] == ["q8_0", "q4_0"], res.stdout
     for r in rows:
         assert len(r["loads"]) >= 2 and max(r["loads"]) < r["mma"], r
+
+
+def test_fp8_wide_decode_tiles_compile_two_an_sm():
+    # `config.fp8_wide_decode`'s tiles (16 rows, 128-key blocks, 3 stages; llama-8b and
+    # gpt-oss heads), compiled for sm_90 here: no spills, and shared memory for two programs
+    # an SM (the count `auto` plans with)
+    code = (f"import json, sys; sys.path.insert(0, {str(ROOT / 'scripts')!r})\n"
+            "import resources\n"
+            "for D, heads in ((128, 4), (64, 8)):\n"
+            "    p, fn, args, kw = resources._main_launch(D, D, 1, heads, 32768, 'float8_e4m3fn',\n"
+            "                                             block_n=128, num_stages=3)\n"
+            "    g = p.geometry\n"
+            "    print(json.dumps(dict(resources.compile_launch(fn, args, kw), D=D,\n"
+            "                          geo=[g.block_m, g.block_n, g.num_stages, g.num_warps])))\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=_env(), timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+    assert [r["D"] for r in rows] == [128, 64], res.stdout
+    for r in rows:
+        assert r["geo"] == [16, 128, 3, 4], r
+        assert r["spill_bytes"] == 0 and 2 * r["shared"] <= 232448, r
