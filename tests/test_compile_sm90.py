@@ -22,6 +22,17 @@ def _env():
     return env
 
 
+def _rows(body: str, first: str) -> list[dict]:
+    """The JSON lines printed by `body` (code run with scripts/ on the path, without the
+    interpreter, importing `first`)."""
+    code = (f"import json, sys; sys.path.insert(0, {str(ROOT / 'scripts')!r})\n"
+            f"import {first}\n" + body)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=_env(), timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+
+
 def test_every_planned_config_fits_shared_memory():
     # head sizes {32 .. 576/512} x features {none, mask, sinks, sinks+softcap, alibi+mask,
     # window, fused+lse} x query tokens {1..16, 32, 64, 75, 128, 512} x GQA ratios {1, 4, 5,
@@ -112,41 +123,31 @@ def test_sass_loop_counts_the_kv_loop():
 def test_block_scales_are_loaded_a_block_ahead():
     # q8_0 and q4_0 decode (llama-8b heads, n = 1, sm_90 SASS compiled here): the unmasked
     # KV loop issues its 2-byte scale loads (K's and V's) before its first MMA, i.e. for the
-    # next block (`kv_loop._block_scales`); loaded in the block that uses them, V's came
-    # after the scores' MMAs and each block waited on them
-    code = (f"import json, sys; sys.path.insert(0, {str(ROOT / 'scripts')!r})\n"
-            "import sass_loop\n"
-            "for kv in ('q8_0', 'q4_0'):\n"
-            "    body = sass_loop.mma_loops(sass_loop.sass(128, 128, 1, kv), True)[0]\n"
-            "    at = [i for i, x in enumerate(body) if 'LDG.E.U16' in x]\n"
-            "    mma = min(i for i, x in enumerate(body) if 'HMMA' in x)\n"
-            "    print(json.dumps(dict(kv=kv, loads=at, mma=mma)))\n")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env=_env(), timeout=600)
-    assert res.returncode == 0, res.stderr[-2000:]
-    rows = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
-    assert [r["kv"] for r in rows] == ["q8_0", "q4_0"], res.stdout
+    # next block (`kv_loop._block_scales`); loaded in the block that uses them, V's come
+    # after the scores' MMAs and each block waits on them
+    rows = _rows("for kv in ('q8_0', 'q4_0'):\n"
+                 "    body = sass_loop.mma_loops(sass_loop.sass(128, 128, 1, kv), True)[0]\n"
+                 "    at = [i for i, x in enumerate(body) if 'LDG.E.U16' in x]\n"
+                 "    mma = min(i for i, x in enumerate(body) if 'HMMA' in x)\n"
+                 "    print(json.dumps(dict(kv=kv, loads=at, mma=mma)))\n", "sass_loop")
+    assert [r["kv"] for r in rows] == ["q8_0", "q4_0"], rows
     for r in rows:
         assert len(r["loads"]) >= 2 and max(r["loads"]) < r["mma"], r
 
 
 def test_fp8_wide_decode_tiles_compile_two_an_sm():
     # `config.fp8_wide_decode`'s tiles (16 rows, 128-key blocks, 3 stages; llama-8b and
-    # gpt-oss heads), compiled for sm_90 here: no spills, and shared memory for two programs
-    # an SM (the count `auto` plans with)
-    code = (f"import json, sys; sys.path.insert(0, {str(ROOT / 'scripts')!r})\n"
-            "import resources\n"
-            "for D, heads in ((128, 4), (64, 8)):\n"
-            "    p, fn, args, kw = resources._main_launch(D, D, 1, heads, 32768, 'float8_e4m3fn',\n"
-            "                                             block_n=128, num_stages=3)\n"
-            "    g = p.geometry\n"
-            "    print(json.dumps(dict(resources.compile_launch(fn, args, kw), D=D,\n"
-            "                          geo=[g.block_m, g.block_n, g.num_stages, g.num_warps])))\n")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env=_env(), timeout=600)
-    assert res.returncode == 0, res.stderr[-2000:]
-    rows = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
-    assert [r["D"] for r in rows] == [128, 64], res.stdout
+    # gpt-oss heads; the geometry named, as the planner's default needs a GPU's occupancy:
+    # tests/test_planner.py holds that default), compiled for sm_90 here: no spills, and
+    # shared memory for two programs an SM (the count `auto` plans with)
+    rows = _rows("for D, heads in ((128, 4), (64, 8)):\n"
+                 "    p, fn, args, kw = resources._main_launch(\n"
+                 "        D, D, 1, heads, 32768, 'float8_e4m3fn', block_n=128, num_stages=3)\n"
+                 "    g = p.geometry\n"
+                 "    print(json.dumps(dict(resources.compile_launch(fn, args, kw), D=D,\n"
+                 "                          geo=[g.block_m, g.block_n, g.num_stages, g.num_warps])))\n",
+                 "resources")
+    assert [r["D"] for r in rows] == [128, 64], rows
     for r in rows:
         assert r["geo"] == [16, 128, 3, 4], r
         assert r["spill_bytes"] == 0 and 2 * r["shared"] <= 232448, r

@@ -603,3 +603,6 @@ def test_fp8_wide_decode_only_where_measured():
     f16 = dict(kw, dtype=torch.float16)
     assert plan(head_dim=128, **f16).geometry.block_n == 64
     assert plan(head_dim=128, policy="llamacpp", **kw).programs == 264  # other policies' N
+    # other forms' counts are untouched by the cap, also where W is small (f16 at L = 1024:
+    # 128 programs, not one an SM's worth of the cap)
+    assert plan(head_dim=128, **dict(f16, kv_len=1024)).programs == 128

@@ -14,9 +14,9 @@ float64 against a float64 reference (err). Timed as one CUDA graph over six K/V 
 L2 reuse), p50 of 20 replays. Prints one line per configuration and writes
 $OUT/warp_split.csv (default benchmarks/results/latest/probe).
 """
+import argparse
 import csv
 import os
-import sys
 
 import torch
 import triton
@@ -24,15 +24,21 @@ import triton.language as tl
 
 
 @triton.jit
-def dec2(Q, K, V, OA, OM, OL, Lc, stride_n, ratio, qk_scale, CH,
-         D: tl.constexpr, BN: tl.constexpr, M: tl.constexpr):
+def _program(Q, Lc, ratio, CH, D: tl.constexpr, M: tl.constexpr):
+    """Program p's KV head g, first key lo, row and column ranges and its 16-row query tile."""
     p = tl.program_id(0)
     g = p // CH
-    c = p % CH
-    lo = c * Lc
+    lo = (p % CH) * Lc
     r = tl.arange(0, M)
     d = tl.arange(0, D)
     q = tl.load(Q + (g * ratio + r[:, None]) * D + d[None, :], mask=r[:, None] < ratio, other=0.0)
+    return p, g, lo, r, d, q
+
+
+@triton.jit
+def dec2(Q, K, V, OA, OM, OL, Lc, stride_n, ratio, qk_scale, CH,
+         D: tl.constexpr, BN: tl.constexpr, M: tl.constexpr):
+    p, g, lo, r, d, q = _program(Q, Lc, ratio, CH, D, M)
     m_i = tl.full([M], float("-inf"), tl.float32)
     l_i = tl.zeros([M], tl.float32)
     acc = tl.zeros([M, D], tl.float32)
@@ -55,13 +61,7 @@ def dec2(Q, K, V, OA, OM, OL, Lc, stride_n, ratio, qk_scale, CH,
 @triton.jit
 def dec3(Q, K, V, OA, OM, OL, Lc, stride_n, ratio, qk_scale, CH,
          D: tl.constexpr, BN: tl.constexpr, M: tl.constexpr, W: tl.constexpr):
-    p = tl.program_id(0)
-    g = p // CH
-    c = p % CH
-    lo = c * Lc
-    r = tl.arange(0, M)
-    d = tl.arange(0, D)
-    q = tl.load(Q + (g * ratio + r[:, None]) * D + d[None, :], mask=r[:, None] < ratio, other=0.0)
+    p, g, lo, r, d, q = _program(Q, Lc, ratio, CH, D, M)
     q3 = tl.broadcast_to(q[None, :, :], [W, M, D])
     NW: tl.constexpr = BN // W
     w = tl.arange(0, W)
@@ -98,11 +98,15 @@ def merge(oa, om, ol, P, CH, Hkv, ratio, M):
     return (oa * a[..., None]).sum(1) / (ol * a).sum(1)[..., None]
 
 
-def main():
-    D = int(sys.argv[1]) if len(sys.argv) > 1 else 128
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("D", type=int, nargs="?", default=128, choices=(64, 128),
+                    help="head size (GQA ratio 4 at 128, 8 at 64)")
+    ap.add_argument("fmt", nargs="?", default="f16", choices=("f16", "fp8"))
+    args = ap.parse_args(argv)
+    D, fmt = args.D, args.fmt
     ratio = 4 if D == 128 else 8
     Hkv, L, M = 8, 32768, 16
-    fmt = sys.argv[2] if len(sys.argv) > 2 else "f16"
     dt = torch.float8_e4m3fn if fmt == "fp8" else torch.float16
     copies = 6
     torch.manual_seed(0)

@@ -153,10 +153,12 @@ def fp8_wide_decode(geo: TileGeometry, kv_format: str, head_dim: int, head_dim_v
     measured) runs `FP8_WIDE_DECODE` where the caller names no block size, stages, warps or
     occupancy: 128-key blocks in 3 stages (the sm_90 llama-8b n = 1 loop 596 warp
     instructions a block of 128 keys against 2 x 353 for two of 64), and `auto` gives each
-    program at least 4 KV blocks (or runs one program an SM): at L = 8192 its 256 programs of 2 blocks ran 1.11x slower
-    than 128 of 4, while at 32768 256 programs of 8 beat 128 of 16. On an H200 (graph timer,
-    same run, PERF.md) 1.01-1.11x over 64-key blocks at two programs an SM in the 8 cells
-    measured (llama-8b n = 1 and 4, gpt-oss, qwen3-14b; L = 8192-32768)."""
+    program at least 4 KV blocks (or runs one program an SM): at L = 8192 its 256 programs of
+    2 blocks ran 1.10-1.19x slower than 128 of 4 (two sweeps), while at 32768 256 programs of 8
+    beat 128 of 16. On an H200 (graph timer, same call, PERF.md) 0.996-1.10x over the tiles
+    before it (64-key blocks in 4 stages at head size 128, 128-key blocks in 4 stages at 64;
+    256 programs) in the 9 cells measured (llama-8b n = 1 and 4, gpt-oss, qwen3-14b;
+    L = 8192-32768)."""
     return (kv_format == "float8_e4m3fn" and geo.block_m == 16 and head_dim == head_dim_v
             and head_dim in (64, 128))
 

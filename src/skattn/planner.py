@@ -433,7 +433,7 @@ def plan(*, batch: int, q_len: int, kv_len: int, q_heads: int, kv_heads: int, he
     if chosen:
         per_sm = shared_programs(geo, occupancy, kv_format)
         cap = max_programs  # auto: min_blocks KV blocks a program, or one program an SM
-        if policy == "auto":
+        if policy == "auto" and min_blocks > 1:
             cap = min(max_programs, max(sms, work // min_blocks))
         programs = programs_for(policy, ntiles_dst=ntiles_dst, ntiles_kv=ntiles_kv,
                               max_programs=cap, work=work, min_tile_work=min(kv_count),

@@ -140,7 +140,7 @@ def _kv_step(acc, acc2, m_i, l_i, q, Q, K, V, KS, VS, MASK, slope, b, qi, head, 
     (fp8 e4m3 exactly; the scales are applied in `tile_kv_loop`). V_PAIRS: V read as 16-bit
     pairs, `acc` and `acc2` the accumulators of its even and odd columns ([M, Dv / 2]; for
     q8_0 [Dv / 32, M, 16] per 32-column block, p times the block's scales); else acc2 is
-    carried unused. PREFETCH: ksc, vsc are the block's K and V block scales (q8_0),
+    carried unused. PREFETCH: ksc, vsc are the block's K and V block scales,
     loaded one block ahead (`_block_scales`; q8_0, q4_0); else they are loaded here."""
     offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
     ASM: tl.constexpr = not INTERPRET  # quant.py's inline PTX conversions

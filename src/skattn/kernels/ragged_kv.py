@@ -11,8 +11,8 @@ import triton
 import triton.language as tl
 
 from skattn.kernels.kv_loop import _dot, join_pairs, load_q, pv_pairs, split_pairs
-from skattn.kernels.quant import (QK8_0, block_rows, block_scales, fp8_rows, fp8_score_scales,
-                                  fp8_v_scale)
+from skattn.kernels.quant import (QK4_0, QK8_0, block_rows, block_scales, fp8_rows,
+                                  fp8_score_scales, fp8_v_scale)
 from skattn.kernels.softmax import alibi_slope, scores, softmax_step, unmasked_end, visible
 
 
@@ -71,22 +71,19 @@ def _block_ahead(BT, KS, VS, blk, kv_len, num_pages, stride_kb, stride_kn, strid
                  BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, PAGED: tl.constexpr,
                  PAGE_SIZE: tl.constexpr, KV_FORMAT: tl.constexpr, V_PAIRS: tl.constexpr,
                  PREFETCH: tl.constexpr):
-    """KV block blk's rows (`_key_rows`) and, for q8_0 and q4_0 (KV_FORMAT 2, 3), its K and
-    V block scales (V's in the pairs' layout with V_PAIRS; keys past kv_len or on a bad page
-    read as 0), loaded one block ahead of their use: Triton's pipeliner leaves the page ids'
-    and the scales' loads in the loop, where a block would wait for them (an L2 latency a
-    block at least). Without PREFETCH six unused zeros; without scales, ks and vs are 0."""
+    """KV block blk's rows (`_key_rows`) and its K and V block scales (q8_0, q4_0: KV_FORMAT
+    2, 3; V's in the pairs' layout with V_PAIRS; keys past kv_len or on a bad page read as 0),
+    loaded one block ahead of their use: Triton's pipeliner leaves the page ids' and the
+    scales' loads in the loop, where a block would wait for them. Without PREFETCH six unused
+    zeros."""
     if PREFETCH:
         offs_n, krow, vrow, ok = _key_rows(BT, blk, kv_len, num_pages, stride_kb, stride_kn,
                                            stride_vb, stride_vn, PAGED, PAGE_SIZE, BLOCK_N)
-        if KV_FORMAT >= 2:
-            # a scale covers 32 values: 32 bytes of q8_0, 16 of q4_0's nibbles
-            PER: tl.constexpr = QK8_0 if KV_FORMAT == 2 else QK8_0 // 2
-            seen = ok & (offs_n < kv_len)
-            ks = block_scales(KS, krow // PER, seen, 0, HEAD_DIM, BLOCK_DK, True)
-            vs = block_scales(VS, vrow // PER, seen, 0, HEAD_DIM_V, BLOCK_DV, True, V_PAIRS)
-        else:
-            ks, vs = 0.0, 0.0
+        # a scale covers 32 values: 32 bytes of q8_0, 16 of q4_0's nibbles
+        PER: tl.constexpr = QK8_0 if KV_FORMAT == 2 else QK4_0 // 2
+        seen = ok & (offs_n < kv_len)
+        ks = block_scales(KS, krow // PER, seen, 0, HEAD_DIM, BLOCK_DK, True)
+        vs = block_scales(VS, vrow // PER, seen, 0, HEAD_DIM_V, BLOCK_DV, True, V_PAIRS)
     else:
         offs_n, krow, vrow, ok, ks, vs = 0, 0, 0, 0, 0.0, 0.0
     return offs_n, krow, vrow, ok, ks, vs
@@ -113,8 +110,8 @@ def _ragged_step(acc, acc2, m_i, l_i, q, Qb, Kb, Vb, KS, VS, BT, slope, qi, head
     if not PREFETCH:
         offs_n, krow, vrow, ok = _key_rows(BT, blk, kv_len, num_pages, stride_kb, stride_kn,
                                            stride_vb, stride_vn, PAGED, PAGE_SIZE, BLOCK_N)
-    KSC = ksc if PREFETCH and KV_FORMAT >= 2 else None
-    VSC = vsc if PREFETCH and KV_FORMAT >= 2 else None
+    KSC = ksc if PREFETCH else None
+    VSC = vsc if PREFETCH else None
     if MASKED:
         ok = ok & (offs_n < kv_len)
     ASM: tl.constexpr = not INTERPRET  # quant.py's inline PTX conversions
