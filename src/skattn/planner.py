@@ -286,6 +286,16 @@ def quantized_cost_model() -> CostModel:
     return replace(load_cost_model(), saturation=1.0)
 
 
+def _decode_tile(shape: dict, **overrides) -> TileGeometry | None:
+    """The 16-row decode tile of `shape` (`tile_geometry`'s keywords) with `overrides`, or
+    None where it does not fit this GPU's shared memory as 16 rows."""
+    try:
+        geo = tile_geometry(**shape, **overrides)
+    except ValueError:
+        return None
+    return geo if geo.block_m == 16 else None
+
+
 def plan(*, batch: int, q_len: int, kv_len: int, q_heads: int, kv_heads: int, head_dim: int,
          head_dim_v: int | None = None, dtype=torch.float16, causal: bool = False,
          window: int | None = None, sms: int | None = None, occupancy: int | None = None,
@@ -386,38 +396,23 @@ def plan(*, batch: int, q_len: int, kv_len: int, q_heads: int, kv_heads: int, he
     compute_bound = q_len * ratio >= COMPUTE_BOUND_INTENSITY
     ws = tuning.prefill == "ws" if tuning is not None else (policy == "auto" and compute_bound
                                                              and programs is None)
-    geo = tile_geometry(q_len=q_len, gqa_ratio=ratio, head_dim=head_dim, head_dim_v=head_dim_v,
-                        block_m=block_m, block_n=block_n, num_warps=num_warps,
-                        num_stages=num_stages, has_mask=bool(has_mask), smem_limit=smem_limit,
-                        kv_format=kv_format)
-    if (not occupancy_given and block_m is None and block_n is None and num_warps is None
-            and num_stages is None
-            and q8_0_narrow_decode(geo, kv_format, head_dim, head_dim_v)):
-        bn, st, warps, per_sm = Q8_0_NARROW_DECODE
-        try:  # where it fits this GPU's shared memory as 16-row tiles; else the usual one
-            narrow = tile_geometry(q_len=q_len, gqa_ratio=ratio, head_dim=head_dim,
-                                   head_dim_v=head_dim_v, block_n=bn, num_warps=warps,
-                                   num_stages=st, has_mask=bool(has_mask), smem_limit=smem_limit,
-                                   kv_format=kv_format)
-        except ValueError:
-            narrow = None
-        if narrow is not None and narrow.block_m == 16:
-            geo, occupancy = narrow, max(occupancy, per_sm)
+    shape = dict(q_len=q_len, gqa_ratio=ratio, head_dim=head_dim, head_dim_v=head_dim_v,
+                 has_mask=bool(has_mask), smem_limit=smem_limit, kv_format=kv_format)
+    geo = tile_geometry(block_m=block_m, block_n=block_n, num_warps=num_warps,
+                        num_stages=num_stages, **shape)
     min_blocks = 1  # the fewest KV blocks a program of `auto` takes
     if (not occupancy_given and block_m is None and block_n is None and num_warps is None
-            and num_stages is None and fp8_wide_decode(geo, kv_format, head_dim, head_dim_v)):
-        bn, st, min_blocks = FP8_WIDE_DECODE
-        try:
-            wide = tile_geometry(q_len=q_len, gqa_ratio=ratio, head_dim=head_dim,
-                                 head_dim_v=head_dim_v, block_n=bn, num_stages=st,
-                                 has_mask=bool(has_mask), smem_limit=smem_limit,
-                                 kv_format=kv_format)
-        except ValueError:
-            wide = None
-        if wide is not None and wide.block_m == 16:
-            geo = wide
-        else:
-            min_blocks = 1
+            and num_stages is None):  # the measured decode tiles of a form, where they fit
+        if q8_0_narrow_decode(geo, kv_format, head_dim, head_dim_v):
+            bn, st, warps, per_sm = Q8_0_NARROW_DECODE
+            narrow = _decode_tile(shape, block_n=bn, num_stages=st, num_warps=warps)
+            if narrow is not None:
+                geo, occupancy = narrow, max(occupancy, per_sm)
+        elif fp8_wide_decode(geo, kv_format, head_dim, head_dim_v):
+            bn, st, fewest = FP8_WIDE_DECODE
+            wide = _decode_tile(shape, block_n=bn, num_stages=st)
+            if wide is not None:
+                geo, min_blocks = wide, fewest
     ntiles_x = -(-q_len // geo.tokens_per_tile)
     ntiles_z = -(-ratio // geo.heads_per_tile)
     ntiles_dst = batch * kv_heads * ntiles_z * ntiles_x
