@@ -257,3 +257,21 @@ def test_warp_split_probe_tiles_agree_with_float64():
                              W=W)
         out = probe.merge(oa, om, ol, P, CH, Hkv, ratio, M)
         assert (out - ref).abs().max() < 2e-3 * ref.abs().max(), W
+
+
+def test_batch_layout_probe_reference_matches_skattn_reference():
+    # tools/batch_layout_probe.py checks every timed row against its own float64 decode
+    # reference (GQA heads repeated per query head): it must equal skattn's reference
+    import torch
+
+    from skattn import reference
+
+    probe = _load("batch_layout_probe")
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(3, 1, 8, 16, generator=g, dtype=torch.float16)
+    k = torch.randn(3, 40, 2, 16, generator=g, dtype=torch.float16)
+    v = torch.randn(3, 40, 2, 16, generator=g, dtype=torch.float16)
+    ref = reference.attention(q, k, v)
+    got = probe._reference(q, k, v, [0, 2])
+    assert got.dtype == torch.float64
+    assert torch.allclose(got, ref[[0, 2], 0].double(), rtol=0, atol=1e-6)
