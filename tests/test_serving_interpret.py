@@ -133,6 +133,30 @@ def test_kvcache_fixups(policy, fixup, programs):
     check_kvcache(q, k, v, lens, p)
 
 
+@pytest.mark.parametrize("tile_cost,programs", [
+    (1, 5), (3, 7), (3, None), (7, 12),   # 12 programs over 12 items: empty shares
+])
+def test_shares_that_count_tiles(tile_cost, programs):
+    # shares of W + tile_cost x tiles positions (the fused merge finds each tile's pieces
+    # by position): every tile written once, as float64, paged and not
+    lens = [0, 1, 45, 9]
+    q, k, v = dense_inputs(4, 1, 48, 4, 2, 16, seed=4)
+    policy = "llamacpp-before" if programs else "auto"
+    p = kv_plan(4, 1, 48, 4, 2, 16, policy=policy, fixup="fused", programs=programs,
+                tile_cost=tile_cost)
+    assert p.tile_cost == tile_cost
+    host = host_work_list(p, lens_k=lens)
+    spans = [host.program_range(i) for i in range(host.programs)]
+    assert spans[-1][1] == host.work and all(a <= b for a, b in spans)
+    if programs == 12:
+        assert any(a == b for a, b in spans), "the case meant to leave programs empty"
+    check_kvcache(q, k, v, lens, p)
+    kp, vp, table = paged_cache(lens, page_size=16, hkv=2, d=16, seed=5)
+    pp = kv_plan(4, 1, 48, 4, 2, 16, policy=policy, fixup="fused", programs=programs,
+                 tile_cost=tile_cost, page_size=16)
+    check_kvcache(q, kp, vp, lens, pp, block_table=table)
+
+
 @pytest.mark.parametrize("page_size,block_n,fixup", [
     (16, 16, None),     # a block is a page
     (32, 16, None),     # two blocks a page (one scalar page id a block)

@@ -47,9 +47,57 @@ def test_work_list_covers_every_item_once(seed):
         assert wl.programs == 0 and all(a == b == wl.work for a, b in ranges)
         return
     assert ranges[0][0] == 0 and ranges[wl.programs - 1][1] == wl.work
-    assert all(a < b for a, b in ranges[:wl.programs])
     assert all(ranges[i][1] == ranges[i + 1][0] for i in range(wl.programs - 1))
     assert all(a == b for a, b in ranges[wl.programs:])
+    firsts = {wl.tile_range(p, t)[0] for t in range(len(wl.rb_count) * p.hz)}
+    for a, b in ranges[:wl.programs]:
+        # shares that count tiles may leave a program only a tile's setup: empty, at the
+        # tile's first item, before the program that starts the tile
+        assert a < b or (p.tile_cost and a in firsts), (a, b)
+    for i in range(wl.work):
+        a, b = ranges[wl.program_of(i)]
+        assert a <= i < b
+
+
+def test_shares_that_count_tiles():
+    # auto's decode plans count each tile's setup as TILE_COST KV blocks: a program of many
+    # short tiles gets fewer blocks than one inside a long tile; whole tiles stay whole
+    # where the program count divides equal tiles; other plans share W alone
+    from skattn.serving_plan import TILE_COST
+
+    p = kv_plan(64, 1, 32768, policy="auto")
+    assert p.tile_cost == TILE_COST == 3
+    wl = host_work_list(p, lens_k=[32768] + [1024] * 63)
+    spans = [wl.program_range(i) for i in range(wl.programs)]
+    long_items = wl.tile_range(p, p.hz - 1)[1]   # the long sequence's tiles come first
+
+    def tiles_in(a, b):
+        return sum(1 for t in range(64 * p.hz) if a < wl.tile_range(p, t)[1] and
+                   wl.tile_range(p, t)[0] < b)
+
+    inside = [b - a for a, b in spans if b <= long_items and tiles_in(a, b) == 1]
+    short = [(b - a, tiles_in(a, b)) for a, b in spans if a >= long_items]
+    assert inside and short
+    cost = [blocks + TILE_COST * n for blocks, n in short]
+    assert max(inside) > max(blocks for blocks, _ in short)
+    assert max(cost) - min(cost) <= 2 * TILE_COST
+    assert max(inside) + TILE_COST - max(cost) <= 2 * TILE_COST
+    assert spans[0][0] == 0 and spans[-1][1] == wl.work
+    assert all(spans[i][1] == spans[i + 1][0] for i in range(len(spans) - 1))
+    for i in range(wl.work):   # the fused merge finds a tile's pieces by program_of
+        a, b = spans[wl.program_of(i)]
+        assert a <= i < b
+    eq = host_work_list(p, lens_k=[4096] * 64)   # 512 equal tiles, 256 programs: whole
+    assert all((b - a) % 64 == 0 and a % 64 == 0 for a, b in map(eq.program_range,
+                                                                 range(eq.programs)))
+    for kw in (dict(policy="llamacpp"), dict(policy="split"), dict(policy="auto", fixup="general"),
+               dict(policy="auto", fixup="fused", tail=15)):
+        assert kv_plan(64, 1, 4096, **kw).tile_cost == 0, kw
+    assert kv_plan(64, 1, 4096, policy="auto", tile_cost=0).tile_cost == 0
+    with pytest.raises(ValueError, match="tile_cost"):
+        kv_plan(64, 1, 4096, policy="auto", fixup="general", tile_cost=2)
+    with pytest.raises(ValueError, match="tile_cost"):
+        kv_plan(64, 1, 4096, policy="auto", tile_cost=-1)
 
 
 def test_equal_lengths_match_the_dense_plan():

@@ -78,7 +78,7 @@ def _bind(plan: ServingPlan, device: torch.device) -> Bound:
                       SEARCH=search, KV_FORMAT=KV_FORMATS.get(plan.dtype, 0), WHOLE=False,
                       WAIT_PDL=_pdl_wait(plan, device),
                       # FP8 V: rows at multiples of 4 bytes (checks); q8_0 keeps its loads
-                      V_PAIRS=v_pairs(plan), TAIL=plan.tail > 0)
+                      V_PAIRS=v_pairs(plan), TAIL=plan.tail > 0, TILE_COST=plan.tile_cost)
     if main_const["WAIT_PDL"]:  # Tuning(pdl_wait=True): launched early, waits on the GPU
         main_const["launch_pdl"] = True
     # decode tiles three or more an SM: the build must fit them (prompt-sized tiles, whose

@@ -93,6 +93,9 @@ class ServingPlan:
     # percent of the real work W handed out at run time in chunks (docs/serving.md, "A
     # dynamic tail"); 0: every program's range is its static share
     tail: int = 0
+    # KV blocks each tile's setup counts for in the programs' shares (docs/serving.md,
+    # "Shares that count tiles"); 0: shares of W alone
+    tile_cost: int = 0
 
     def __getstate__(self):
         # a copy or a pickle is a new plan: not the bound tables of this process (device
@@ -174,7 +177,8 @@ class ServingPlan:
             f"{f', {self.split} pieces a tile' if self.per_tile_ranges else ' (N chosen on the GPU from the real work)'}"
             f"{'; whole tiles where a step is a long prompt' if self.whole_tiles else ''}; "
             f"fixup {self.fixup}"
-            f"{f'; the last {self.tail}% of the work handed out at run time' if self.tail else ''}",
+            f"{f'; the last {self.tail}% of the work handed out at run time' if self.tail else ''}"
+            f"{f'; a tile counts {self.tile_cost} KV blocks in the shares' if self.tile_cost else ''}",
             f"workspace: {self.workspace_bytes} bytes; work list: {self.work_list_words * 4} bytes",
         ])
 
@@ -191,7 +195,8 @@ def serving_plan(*, batch: int, max_kv_len: int, q_heads: int, kv_heads: int, he
                  num_stages: int | None = None, fastdiv: bool = True,
                  cost_model: CostModel | None = None, tuning: Tuning | None = None,
                  smem_limit: int | None = None,
-                 q_split: int | str | None = "auto", tail: int = 0):
+                 q_split: int | str | None = "auto", tail: int = 0,
+                 tile_cost: int | None = None):
     """Plan a ragged batch from its upper bounds (docs/serving.md).
 
     Parameters
@@ -240,6 +245,10 @@ def serving_plan(*, batch: int, max_kv_len: int, q_heads: int, kv_heads: int, he
         after their static shares (fused plans only; default 0). Programs of a ragged step
         run at different speeds under equal shares; the chunks go to those that finish
         first. Slower than none on most decode mixes measured (PERF.md, "Serving batches").
+    tile_cost : int, optional
+        KV blocks that each tile's setup counts for when the work is shared among the
+        programs (docs/serving.md, "Shares that count tiles"). Default: 3 for `auto` with the
+        fused merge and no tail, else 0 (equal shares of the KV blocks).
     q_split : int, "auto" (default) or None
         Varlen only: plan the batch in two halves (a `MixedPlan`, docs/serving.md "Mixed
         batches"): sequences of at most `q_split` query tokens with decode tiles, the others
@@ -350,7 +359,28 @@ def serving_plan(*, batch: int, max_kv_len: int, q_heads: int, kv_heads: int, he
                        max_pages, total_k, geo,
                        ntiles_z, hz, rb_max, tiles_max, sms, occupancy, max_programs, policy,
                        programs, split, kind, bool(fastdiv), cost_model or ragged_cost_model(),
-                       tuning, tail=tail)
+                       tuning, tail=tail,
+                       tile_cost=_tile_cost(tile_cost, policy, kind, tail))
+
+
+TILE_COST = 3  # KV blocks a tile's setup counts for in `auto`'s decode shares
+
+
+def _tile_cost(tile_cost, policy: str, kind: str, tail: int) -> int:
+    """KV blocks each tile's setup counts for in the programs' shares: `TILE_COST` for
+    `auto` plans with the fused merge and no dynamic tail, else 0 (shares of W alone). The
+    per-program time stamps of decode steps fit ~1.0-1.6 µs a KV block and 2.2-4.7 µs a
+    tile (its first loads, its query rows, its store or partial; `timeline/serving.csv`), so
+    under shares of W alone a program of many short tiles ends last (PERF.md, "Serving
+    batches"). A caller's value needs the fused merge and no tail."""
+    if tile_cost is None:
+        return TILE_COST if (policy == "auto" and kind == "fused" and not tail) else 0
+    if isinstance(tile_cost, bool) or not isinstance(tile_cost, int) or tile_cost < 0:
+        raise ValueError(f"tile_cost must be a non-negative integer, got {tile_cost!r}")
+    if tile_cost and (kind != "fused" or tail or policy == "split"):
+        raise ValueError(f"tile_cost={tile_cost} needs a stream-K plan with the fused merge "
+                         f"and no tail (fixup {kind!r}, tail {tail})")
+    return tile_cost
 
 
 def default_fixup(policy: str, geo, kv_format: str = "float16") -> str:

@@ -32,6 +32,30 @@ class WorkList:
     tail_start: int         # S: items [0, S) are the N static shares, [S, W) the tail's
     tail_chunk: int         # items a chunk of the tail
     tail_chunks: int        # chunks K (0: no tail, S = W)
+    tile_cost: int = 0      # items each tile's setup counts for in the shares (plan.tile_cost)
+    hz: int = 1             # tiles a row block
+
+    # -- shares that count tiles: tile t = rb * hz + h takes tile_cost "setup" positions, then
+    # its items, on a line of C = W + tile_cost x tiles positions split evenly among N
+    @property
+    def positions(self) -> int:
+        return self.work + self.tile_cost * len(self.rb_count) * self.hz
+
+    def item_at(self, pos: int) -> int:
+        """The first item at or after position `pos` (W past the last tile)."""
+        tau, hz = self.tile_cost, self.hz
+        rb = sum(1 for r in range(1, len(self.rb_count) + 1)
+                 if self.rb_start[r] + tau * hz * r <= pos)
+        if rb >= len(self.rb_count):
+            return self.work
+        c, rbs = self.rb_count[rb], self.rb_start[rb]
+        off = pos - rbs - tau * hz * rb
+        h = off // (c + tau)
+        return rbs + h * c + min(max(off - h * (c + tau) - tau, 0), c)
+
+    def position_of(self, item: int, tile: int) -> int:
+        """The position of `item` of tile `tile` (tile = rb x hz + h)."""
+        return item + self.tile_cost * (tile + 1)
 
     @property
     def ranges(self) -> int:
@@ -45,8 +69,12 @@ class WorkList:
         return first, first + self.rb_count[rb]
 
     def program_range(self, p: int) -> tuple[int, int]:
-        """[start, end) of virtual program p: static share p < N, else tail chunk p - N."""
+        """[start, end) of virtual program p: static share p < N (of positions where the
+        plan counts tiles: `item_at`), else tail chunk p - N."""
         n, s = max(self.programs, 1), self.tail_start
+        if p < self.programs and self.tile_cost:
+            c = self.positions
+            return self.item_at(p * c // n), self.item_at((p + 1) * c // n)
         if p < self.programs:
             return p * s // n, (p + 1) * s // n
         k = p - self.programs
@@ -57,6 +85,11 @@ class WorkList:
     def program_of(self, item: int) -> int:
         """The virtual program whose range holds `item`."""
         s = self.tail_start
+        if self.tile_cost and self.programs:
+            rb = next(r for r in range(len(self.rb_count)) if self.rb_start[r + 1] > item)
+            h = (item - self.rb_start[rb]) // self.rb_count[rb]
+            pos = self.position_of(item, rb * self.hz + h)
+            return ((pos + 1) * self.programs - 1) // self.positions
         if item >= s:
             return self.programs + (item - s) // self.tail_chunk
         return ((item + 1) * max(self.programs, 1) - 1) // s
@@ -132,7 +165,7 @@ def host_work_list(plan: ServingPlan, *, lens_k=None, cu_k=None, cu_q=None) -> W
     programs = 0 if whole else effective_programs(plan, work, tiles, longest, shortest)
     start, chunk, chunks = tail_split(plan, work, programs)
     return WorkList(lq, lk, qs, ks, rb_seq, rb_qblock, rb_first, rb_count, rb_start, work,
-                    programs, whole, start, chunk, chunks)
+                    programs, whole, start, chunk, chunks, plan.tile_cost, plan.hz)
 
 
 def tail_split(plan: ServingPlan, work: int, programs: int) -> tuple[int, int, int]:

@@ -24,15 +24,37 @@ from skattn.kernels.worklist import (TAIL_CHUNK, TAIL_CHUNKS, TAIL_NEXT, TAIL_ST
 
 
 @triton.jit
-def find_row_block(RB_START, rb_max, item, SEARCH: tl.constexpr):
+def find_row_block(RB_START, rb_max, item, SEARCH: tl.constexpr, step=0):
     """The row block holding `item`: how many row blocks end at or before it (a vector
-    count over the prefix sums, SEARCH entries per load)."""
+    count over the prefix sums, SEARCH entries per load). `step` > 0: `item` is a position
+    of shares that count tiles, where row block r ends at its prefix sum + step x (r + 1)."""
     found = tl.zeros([], dtype=tl.int32)
     for c0 in range(0, rb_max, SEARCH):
         idx = c0 + 1 + tl.arange(0, SEARCH)
         ends = tl.load(RB_START + idx, mask=idx <= rb_max, other=2147483647)
-        found += tl.sum((ends <= item).to(tl.int32), 0)
+        found += tl.sum(((ends <= item - step * idx) & (idx <= rb_max)).to(tl.int32), 0)
     return found
+
+
+@triton.jit
+def share_start(WL, o_start, o_count, rb_max, hz, p, work, programs, TAU: tl.constexpr,
+                SEARCH: tl.constexpr):
+    """Program p's first item when each tile's setup counts TAU positions
+    (serving_worklist.WorkList.item_at): its tile (rb, row block start, KV blocks a tile, h)
+    and the item. Position `pos` of share p is floor(p x C / N), C = W + TAU x tiles; tile
+    t = rb x hz + h holds positions [first_t + TAU t, first_t + TAU (t + 1) + c)."""
+    tiles = tl.load(WL + 2) * hz
+    pos = program_start(p, work + TAU * tiles, tl.maximum(programs, 1))
+    step = TAU * hz
+    rb = find_row_block(WL + o_start, rb_max, pos, SEARCH, step)
+    inside = rb < rb_max
+    rbs = tl.load(WL + o_start + rb, mask=inside, other=0)
+    c = tl.load(WL + o_count + rb, mask=inside, other=0)
+    rbs = tl.where(inside, rbs, work)
+    off = pos - rbs - step * rb
+    h = off // (c + TAU)
+    item = rbs + h * c + tl.minimum(tl.maximum(off - h * (c + TAU) - TAU, 0), c)
+    return rb, rbs, c, h, tl.minimum(item, work)
 
 
 @triton.jit
@@ -186,6 +208,7 @@ def ragged_attention_kernel(
     MERGE_PIECES: tl.constexpr, USE_PDL: tl.constexpr,
     KV_FORMAT: tl.constexpr = 0, HEAD_SCALES: tl.constexpr = 0, WHOLE: tl.constexpr = False,
     WAIT_PDL: tl.constexpr = False, V_PAIRS: tl.constexpr = False, TAIL: tl.constexpr = False,
+    TILE_COST: tl.constexpr = 0,
     STAMPS=None, TIMELINE: tl.constexpr = False,
 ):
     p = tl.program_id(0)
@@ -237,6 +260,13 @@ def ragged_attention_kernel(
                               tl.full([BLOCK_M], float("-inf"), dtype=tl.float32),
                               tl.zeros([BLOCK_M], dtype=tl.float32), p * 2, WS_O, WS_M, WS_L,
                               HEAD_DIM_V, BLOCK_M, BLOCK_DV)
+        elif TILE_COST:  # stream-K, shares that count each tile's setup as TILE_COST items
+            rb, rbs, c, h, start = share_start(WL, o_start, o_count, rb_max, hz,
+                                               tl.minimum(p, programs), work, programs,
+                                               TILE_COST, SEARCH)
+            _, _, _, _, end = share_start(WL, o_start, o_count, rb_max, hz,
+                                          tl.minimum(p + 1, programs), work, programs,
+                                          TILE_COST, SEARCH)
         else:  # stream-K: an equal share of W (of S with a tail) among the N programs
             n = tl.maximum(programs, 1)
             start = program_start(tl.minimum(p, programs), s_work, n)
@@ -281,6 +311,14 @@ def ragged_attention_kernel(
                         p_first = None
                         p_last = None
                         lead = None
+                        if TILE_COST:  # positions: item + TILE_COST x (tile + 1)
+                            t_pos = TILE_COST * (rb * hz + h)
+                            positions = work + TILE_COST * tl.load(WL + 2) * hz
+                            n = tl.maximum(programs, 1)
+                            p_first = program_of(first + t_pos + TILE_COST, positions, n)
+                            p_last = program_of(stop - 1 + t_pos + TILE_COST, positions, n)
+                            lead = (program_start(p_first, positions, n)
+                                    < first + t_pos).to(tl.int32)
                         if TAIL:
                             p_first = virtual_program_of(first, s_work, programs, chunk)
                             p_last = virtual_program_of(stop - 1, s_work, programs, chunk)
