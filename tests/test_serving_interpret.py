@@ -1,11 +1,14 @@
 """Ragged and paged attention under TRITON_INTERPRET=1 on tiny batches (docs/serving.md)."""
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import skattn
 from skattn import reference, serving, serving_launch
+from skattn.kernels.ragged import share_start
 from skattn.kernels.worklist import (HEADER, TAIL_CHUNK, TAIL_CHUNKS, TAIL_NEXT, TAIL_START,
-                                     WHOLE_FLAG, WHOLE_NEXT)
+                                     WHOLE_FLAG, WHOLE_NEXT, wl_offsets)
 from skattn.serving_worklist import host_work_list
 from serving_inputs import (paged_cache, ragged_bound, randn, sequences_kvcache,
                             sequences_varlen, varlen_inputs)
@@ -133,13 +136,42 @@ def test_kvcache_fixups(policy, fixup, programs):
     check_kvcache(q, k, v, lens, p)
 
 
-@pytest.mark.parametrize("tile_cost,programs", [
-    (1, 5), (3, 7), (3, None), (7, 12),   # 12 programs over 12 items: empty shares
+@triton.jit
+def _share_starts(WL, OUT, batch, rb_max, hz, TAU: tl.constexpr, SEARCH: tl.constexpr):
+    p = tl.program_id(0)
+    work = tl.load(WL + 0)
+    programs = tl.load(WL + 1)
+    _, _, _, _, _, o_start, o_count, _, _, _ = wl_offsets(batch, rb_max)
+    _, _, _, _, start = share_start(WL, o_start, o_count, rb_max, hz, tl.minimum(p, programs),
+                                    work, programs, TAU, SEARCH)
+    tl.store(OUT + p, start)
+
+
+@pytest.mark.parametrize("tile_cost,programs,search", [(1, 5, 2), (3, 7, 4), (7, 12, 256)])
+def test_device_shares_match_the_host(tile_cost, programs, search):
+    # each program's first item as the kernel finds it (share_start over the device's work
+    # list, padding row blocks included) equals WorkList.program_range's
+    lens = [0, 1, 45, 9, 0, 33]
+    p = kv_plan(6, 1, 48, 4, 2, 16, policy="llamacpp-before", fixup="fused", programs=programs,
+                tile_cost=tile_cost)
+    t = torch.tensor(lens, dtype=torch.int32)
+    wl = serving.work_list(p, cache_seqlens=t)
+    host = host_work_list(p, lens_k=lens)
+    out = torch.full((programs + 1,), -1, dtype=torch.int32)
+    _share_starts[(programs + 1,)](wl, out, p.batch, p.rb_max, p.hz, TAU=tile_cost,
+                                   SEARCH=search)
+    want = [host.program_range(i)[0] for i in range(host.programs)] + [host.work]
+    assert out.tolist()[:host.programs + 1] == want
+
+
+@pytest.mark.parametrize("tile_cost,programs,lens", [
+    (1, 5, [0, 1, 45, 9]), (3, 7, [0, 1, 45, 9]), (3, None, [0, 1, 45, 9]),
+    (7, 12, [0, 1, 45, 9]),   # 12 programs over 12 items: empty shares
+    (1, 10, [0, 0, 0, 33]),   # the last tile cut: its last piece's program by position
 ])
-def test_shares_that_count_tiles(tile_cost, programs):
+def test_shares_that_count_tiles(tile_cost, programs, lens):
     # shares of W + tile_cost x tiles positions (the fused merge finds each tile's pieces
     # by position): every tile written once, as float64, paged and not
-    lens = [0, 1, 45, 9]
     q, k, v = dense_inputs(4, 1, 48, 4, 2, 16, seed=4)
     policy = "llamacpp-before" if programs else "auto"
     p = kv_plan(4, 1, 48, 4, 2, 16, policy=policy, fixup="fused", programs=programs,

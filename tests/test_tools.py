@@ -162,8 +162,12 @@ def test_serving_timeline_counts_each_programs_blocks_and_tiles(capsys):
         for _ in range(plan.hz):
             ranges.append((at, at + c))
             at += c
+    from skattn.serving_worklist import host_work_list
+
+    wl = host_work_list(plan, lens_k=list(m.kv_lens))   # the plan's shares (tiles counted)
     for p in range(n):
-        a, b = p * work // n, (p + 1) * work // n
+        a, b = wl.program_range(p)
+        assert items[p] == b - a
         assert tiles[p] == sum(1 for lo, hi in ranges if lo < b and hi > a), p
     assert max(tiles) >= 3  # programs of the short sequences cross tiles
     # with a dynamic tail the static shares hold the first S items

@@ -1,7 +1,7 @@
 """Decode over 64 equal sequences: where the time goes between the paged kernel and SDPA.
 
     PYTHONPATH=src python3 tools/batch_layout_probe.py [--models llama-8b,gpt-oss]
-        [--batch 64] [--keys 4096] [--layers 8]
+        [--batch 64] [--keys 4096] [--layers 8] [--reps 20]
 
 One decode step (one new token a sequence) of B sequences of the same length, timed with
 the graph timer (LAYERS calls in one CUDA graph, each layer its own K/V, cold L2) for:
@@ -10,8 +10,9 @@ dense kernel on the token-major cache [B, L, Hkv, D] and on the head-major cache
 strided view; skattn's ragged kernel on the token-major cache (`attention_with_kvcache`
 without a block table) and paged (pages of 16 and 64, random page order; token-major
 pages [pages, page, Hkv, D] and head-major ones [pages, Hkv, page, D] through a view;
-`auto` and `split`). Every row is checked against float64 on two sequences first. Prints
-one line a row and writes $OUT/batch_layout.csv (default benchmarks/results/latest/probe).
+`auto` and `split`; the number in parentheses is the plan's grid). Every row is checked
+against float64 on two sequences first (outputs poisoned with NaN before the checked
+replay). Prints one line a row and writes $OUT/batch_layout.csv (default benchmarks/results/latest/probe).
 """
 from __future__ import annotations
 
@@ -71,11 +72,14 @@ def main() -> int:
                   for _ in range(NL)]
         q0, kh0, vh0 = layers[0]
         ref = _reference(q0, kh0.transpose(1, 2), vh0.transpose(1, 2), [0, B - 1])
+        del kh0, vh0
         nbytes = 2 * B * L * hkv * d * 2
 
         def run(label, fns, pick):
             try:
                 graph, outs = capture(fns)
+                for o in outs:
+                    o.fill_(float("nan"))
                 graph.replay()
                 torch.cuda.synchronize()
                 err = max(_err(pick(outs[0])[i], ref[i]) for i in range(2))
@@ -88,6 +92,7 @@ def main() -> int:
                 row = dict(model=name, provider=label, batch=B, keys=L, p50_us="", tb_s="",
                            err="", status=f"{type(exc).__name__}: {str(exc)[:120]}")
             rows.append(row)
+            _write(out_dir, rows)
             print(f"{name:10} {label:28} {row['p50_us']:>9} us {row['tb_s']:>7} TB/s "
                   f"{row['err']:>9} {row['status']}", flush=True)
             torch.cuda.empty_cache()
@@ -102,7 +107,7 @@ def main() -> int:
         run("skattn dense head-major", [lambda l=l: skattn.attention(
             l[0], l[1].transpose(1, 2), l[2].transpose(1, 2)) for l in layers],
             lambda o: o[[0, B - 1], 0])
-        # token-major copies, one layer at a time (the head-major ones are dropped after)
+        # token-major copies of every layer; the head-major ones are dropped after the dense rows
         tok = [(q, kh.transpose(1, 2).contiguous(), vh.transpose(1, 2).contiguous())
                for q, kh, vh in layers]
         run("skattn dense token-major", [lambda l=l: skattn.attention(*l) for l in tok],
@@ -115,7 +120,7 @@ def main() -> int:
         wl = serving.work_list(p, cache_seqlens=lens)
         ws = [serving.workspace(p, device="cuda") for _ in tok]
         run(f"skattn ragged dense ({p.programs} programs)",
-            [lambda l=l, w=w: serving.attention_with_kvcache(
+            [lambda l=l, w=w, p=p, wl=wl: serving.attention_with_kvcache(
                 *l, cache_seqlens=lens, plan=p, workspace=w, work_list=wl)
              for l, w in zip(tok, ws)], lambda o: o[[0, B - 1], 0])
         for page, major in ((16, "token"), (64, "token"), (16, "head"), (64, "head")):
@@ -145,15 +150,19 @@ def main() -> int:
                         l[0], l[1], l[2], cache_seqlens=lens, block_table=l[3], plan=p,
                         workspace=w, work_list=wl) for l, w in zip(paged, ws)],
                     lambda o: o[[0, B - 1], 0])
-            del paged
+            del paged, kp, vp
             torch.cuda.empty_cache()
         del tok
         torch.cuda.empty_cache()
+    return 0
+
+
+def _write(out_dir, rows):
+    """The rows so far (a later row that kills the process leaves the earlier ones)."""
     with open(os.path.join(out_dir, "batch_layout.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    return 0
 
 
 if __name__ == "__main__":

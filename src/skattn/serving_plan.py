@@ -248,7 +248,9 @@ def serving_plan(*, batch: int, max_kv_len: int, q_heads: int, kv_heads: int, he
     tile_cost : int, optional
         KV blocks that each tile's setup counts for when the work is shared among the
         programs (docs/serving.md, "Shares that count tiles"). Default: 3 for `auto` with the
-        fused merge and no tail, else 0 (equal shares of the KV blocks).
+        fused merge and no tail, else 0 (equal shares of the KV blocks). A value of the
+        caller's needs the fused merge: a varlen batch planned in two halves gives its
+        prompt half the general fixup (pass it with `q_split=None`, or leave the default).
     q_split : int, "auto" (default) or None
         Varlen only: plan the batch in two halves (a `MixedPlan`, docs/serving.md "Mixed
         batches"): sequences of at most `q_split` query tokens with decode tiles, the others
@@ -369,8 +371,9 @@ TILE_COST = 3  # KV blocks a tile's setup counts for in `auto`'s decode shares
 def _tile_cost(tile_cost, policy: str, kind: str, tail: int) -> int:
     """KV blocks each tile's setup counts for in the programs' shares: `TILE_COST` for
     `auto` plans with the fused merge and no dynamic tail, else 0 (shares of W alone). The
-    per-program time stamps of decode steps fit ~1.0-1.6 µs a KV block and 2.2-4.7 µs a
-    tile (its first loads, its query rows, its store or partial; `timeline/serving.csv`), so
+    per-program time stamps of the one-long mix's fused decode steps fit 0.8-1.5 µs a KV
+    block and 2.3-4.8 µs a tile (its first loads, its query rows, its store or partial;
+    `timeline/serving.csv`), so
     under shares of W alone a program of many short tiles ends last (PERF.md, "Serving
     batches"). A caller's value needs the fused merge and no tail."""
     if tile_cost is None:

@@ -311,7 +311,9 @@ def ragged_attention_kernel(
                         p_first = None
                         p_last = None
                         lead = None
-                        if TILE_COST:  # positions: item + TILE_COST x (tile + 1)
+                        if TILE_COST:  # positions: item + TILE_COST x (tile + 1); `lead`
+                            # matches the slot choice because every tile holds an item (a
+                            # tile with no visible key keeps one masked block)
                             t_pos = TILE_COST * (rb * hz + h)
                             positions = work + TILE_COST * tl.load(WL + 2) * hz
                             n = tl.maximum(programs, 1)
