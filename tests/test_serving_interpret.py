@@ -142,8 +142,9 @@ def _share_starts(WL, OUT, batch, rb_max, hz, TAU: tl.constexpr, SEARCH: tl.cons
     work = tl.load(WL + 0)
     programs = tl.load(WL + 1)
     _, _, _, _, _, o_start, o_count, _, _, _ = wl_offsets(batch, rb_max)
+    positions = work + TAU * tl.load(WL + 2) * hz
     _, _, _, _, start = share_start(WL, o_start, o_count, rb_max, hz, tl.minimum(p, programs),
-                                    work, programs, TAU, SEARCH)
+                                    work, programs, positions, TAU, SEARCH)
     tl.store(OUT + p, start)
 
 

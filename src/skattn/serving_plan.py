@@ -373,9 +373,8 @@ def _tile_cost(tile_cost, policy: str, kind: str, tail: int) -> int:
     `auto` plans with the fused merge and no dynamic tail, else 0 (shares of W alone). The
     per-program time stamps of the one-long mix's fused decode steps fit 0.8-1.5 µs a KV
     block and 2.3-4.8 µs a tile (its first loads, its query rows, its store or partial;
-    `timeline/serving.csv`), so
-    under shares of W alone a program of many short tiles ends last (PERF.md, "Serving
-    batches"). A caller's value needs the fused merge and no tail."""
+    `timeline/serving.csv`), so under shares of W alone a program of many short tiles ends
+    last (PERF.md, "Serving batches"). A caller's value needs the fused merge and no tail."""
     if tile_cost is None:
         return TILE_COST if (policy == "auto" and kind == "fused" and not tail) else 0
     if isinstance(tile_cost, bool) or not isinstance(tile_cost, int) or tile_cost < 0:

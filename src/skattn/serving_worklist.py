@@ -3,6 +3,7 @@ Python from a `ServingPlan` and the step's lengths: for tests, tools and the flo
 replay of a plan (`reference_serving_plan`), with the device's clamping rules."""
 from __future__ import annotations
 
+from bisect import bisect_right
 from dataclasses import dataclass
 
 from skattn.planner import _kv_blocks
@@ -86,7 +87,7 @@ class WorkList:
         """The virtual program whose range holds `item`."""
         s = self.tail_start
         if self.tile_cost and self.programs:
-            rb = next(r for r in range(len(self.rb_count)) if self.rb_start[r + 1] > item)
+            rb = bisect_right(self.rb_start, item, 1) - 1
             h = (item - self.rb_start[rb]) // self.rb_count[rb]
             pos = self.position_of(item, rb * self.hz + h)
             return ((pos + 1) * self.programs - 1) // self.positions

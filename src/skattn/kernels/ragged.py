@@ -32,19 +32,18 @@ def find_row_block(RB_START, rb_max, item, SEARCH: tl.constexpr, step=0):
     for c0 in range(0, rb_max, SEARCH):
         idx = c0 + 1 + tl.arange(0, SEARCH)
         ends = tl.load(RB_START + idx, mask=idx <= rb_max, other=2147483647)
-        found += tl.sum(((ends <= item - step * idx) & (idx <= rb_max)).to(tl.int32), 0)
+        found += tl.sum((ends <= item - step * idx).to(tl.int32), 0)
     return found
 
 
 @triton.jit
-def share_start(WL, o_start, o_count, rb_max, hz, p, work, programs, TAU: tl.constexpr,
-                SEARCH: tl.constexpr):
+def share_start(WL, o_start, o_count, rb_max, hz, p, work, programs, positions,
+                TAU: tl.constexpr, SEARCH: tl.constexpr):
     """Program p's first item when each tile's setup counts TAU positions
     (serving_worklist.WorkList.item_at): its tile (rb, row block start, KV blocks a tile, h)
-    and the item. Position `pos` of share p is floor(p x C / N), C = W + TAU x tiles; tile
-    t = rb x hz + h holds positions [first_t + TAU t, first_t + TAU (t + 1) + c)."""
-    tiles = tl.load(WL + 2) * hz
-    pos = program_start(p, work + TAU * tiles, tl.maximum(programs, 1))
+    and the item. Position `pos` of share p is floor(p x C / N), C = `positions` = W + TAU x
+    tiles; tile t = rb x hz + h holds positions [first_t + TAU t, first_t + TAU (t + 1) + c)."""
+    pos = program_start(p, positions, tl.maximum(programs, 1))
     step = TAU * hz
     rb = find_row_block(WL + o_start, rb_max, pos, SEARCH, step)
     inside = rb < rb_max
@@ -226,6 +225,9 @@ def ragged_attention_kernel(
         s_work = tl.load(WL + TAIL_START)
         chunk = tl.load(WL + TAIL_CHUNK)
     _, _, _, _, _, o_start, o_count, _, _, _ = wl_offsets(batch, rb_max)
+    positions = work
+    if TILE_COST:  # C = W + TILE_COST x tiles: the line that shares count tiles on
+        positions = work + TILE_COST * tl.load(WL + 2) * hz
     if WHOLE:  # the whole-tile variant: tiles handed out one by one until none is left
         if tl.load(WL + WHOLE_FLAG) != 0:
             rb, h, rbs, c, left = next_whole_tile(WL, hz, o_start, o_count)
@@ -263,10 +265,10 @@ def ragged_attention_kernel(
         elif TILE_COST:  # stream-K, shares that count each tile's setup as TILE_COST items
             rb, rbs, c, h, start = share_start(WL, o_start, o_count, rb_max, hz,
                                                tl.minimum(p, programs), work, programs,
-                                               TILE_COST, SEARCH)
+                                               positions, TILE_COST, SEARCH)
             _, _, _, _, end = share_start(WL, o_start, o_count, rb_max, hz,
                                           tl.minimum(p + 1, programs), work, programs,
-                                          TILE_COST, SEARCH)
+                                          positions, TILE_COST, SEARCH)
         else:  # stream-K: an equal share of W (of S with a tail) among the N programs
             n = tl.maximum(programs, 1)
             start = program_start(tl.minimum(p, programs), s_work, n)
@@ -315,7 +317,6 @@ def ragged_attention_kernel(
                             # matches the slot choice because every tile holds an item (a
                             # tile with no visible key keeps one masked block)
                             t_pos = TILE_COST * (rb * hz + h)
-                            positions = work + TILE_COST * tl.load(WL + 2) * hz
                             n = tl.maximum(programs, 1)
                             p_first = program_of(first + t_pos + TILE_COST, positions, n)
                             p_last = program_of(stop - 1 + t_pos + TILE_COST, positions, n)
