@@ -78,8 +78,7 @@ def _bind(plan: ServingPlan, device: torch.device) -> Bound:
                       SEARCH=search, KV_FORMAT=KV_FORMATS.get(plan.dtype, 0), WHOLE=False,
                       WAIT_PDL=_pdl_wait(plan, device),
                       # FP8 V: rows at multiples of 4 bytes (checks); q8_0 keeps its loads
-                      V_PAIRS=v_pairs(plan), TAIL=plan.tail > 0, TILE_COST=plan.tile_cost,
-                      FLAT=plan.flat)
+                      V_PAIRS=v_pairs(plan), TAIL=plan.tail > 0, TILE_COST=plan.tile_cost)
     if main_const["WAIT_PDL"]:  # Tuning(pdl_wait=True): launched early, waits on the GPU
         main_const["launch_pdl"] = True
     # decode tiles three or more an SM: the build must fit them (prompt-sized tiles, whose
@@ -186,8 +185,7 @@ def run(plan: ServingPlan, q, k, v, out, lse, *, wl, block_table, scale: float, 
     if consts is None:
         has_sinks, has_alibi, soft, has_lse, interpret, _ = features
         main = dict(b.main_const, HAS_SINKS=has_sinks, HAS_ALIBI=has_alibi, SOFTCAP=soft,
-                    RETURN_LSE=has_lse, INTERPRET=interpret, HEAD_SCALES=head_scales,
-                    FLAT=b.main_const["FLAT"] and not has_alibi)
+                    RETURN_LSE=has_lse, INTERPRET=interpret, HEAD_SCALES=head_scales)
         fix = dict(b.fix_const, HAS_SINKS=has_sinks, RETURN_LSE=has_lse)
         # the whole-tile build (kernels/ragged.py WHOLE), launched first where the plan allows it
         whole = dict(main, WHOLE=True, USE_PDL=0) if b.wl_const["WHOLE"] else None

@@ -96,9 +96,6 @@ class ServingPlan:
     # KV blocks each tile's setup counts for in the programs' shares (docs/serving.md,
     # "Shares that count tiles"); 0: shares of W alone
     tile_cost: int = 0
-    # one KV loop across a program's tiles (kernels/ragged_flat.py; docs/serving.md, "One
-    # loop across tiles"); False: a loop per tile
-    flat: bool = False
 
     def __getstate__(self):
         # a copy or a pickle is a new plan: not the bound tables of this process (device
@@ -199,7 +196,7 @@ def serving_plan(*, batch: int, max_kv_len: int, q_heads: int, kv_heads: int, he
                  cost_model: CostModel | None = None, tuning: Tuning | None = None,
                  smem_limit: int | None = None,
                  q_split: int | str | None = "auto", tail: int = 0,
-                 tile_cost: int | None = None, flat: bool | None = None):
+                 tile_cost: int | None = None):
     """Plan a ragged batch from its upper bounds (docs/serving.md).
 
     Parameters
@@ -254,11 +251,6 @@ def serving_plan(*, batch: int, max_kv_len: int, q_heads: int, kv_heads: int, he
         fused merge and no tail, else 0 (equal shares of the KV blocks). A value of the
         caller's needs the fused merge: a varlen batch planned in two halves gives its
         prompt half the general fixup (pass it with `q_split=None`, or leave the default).
-    flat : bool, optional
-        Run each program's share in one KV loop across its tiles (docs/serving.md, "One loop
-        across tiles"). Default: for stream-K plans of decode tiles over 16-bit K/V with no
-        dynamic tail; calls with ALiBi slopes keep a loop per tile. True where the plan
-        cannot is an error.
     q_split : int, "auto" (default) or None
         Varlen only: plan the batch in two halves (a `MixedPlan`, docs/serving.md "Mixed
         batches"): sequences of at most `q_split` query tokens with decode tiles, the others
@@ -370,8 +362,7 @@ def serving_plan(*, batch: int, max_kv_len: int, q_heads: int, kv_heads: int, he
                        ntiles_z, hz, rb_max, tiles_max, sms, occupancy, max_programs, policy,
                        programs, split, kind, bool(fastdiv), cost_model or ragged_cost_model(),
                        tuning, tail=tail,
-                       tile_cost=_tile_cost(tile_cost, policy, kind, tail),
-                       flat=_flat(flat, policy, geo, dtype, tail))
+                       tile_cost=_tile_cost(tile_cost, policy, kind, tail))
 
 
 TILE_COST = 3  # KV blocks a tile's setup counts for in `auto`'s decode shares
@@ -392,21 +383,6 @@ def _tile_cost(tile_cost, policy: str, kind: str, tail: int) -> int:
         raise ValueError(f"tile_cost={tile_cost} needs a stream-K plan with the fused merge "
                          f"and no tail (fixup {kind!r}, tail {tail})")
     return tile_cost
-
-
-def _flat(flat, policy: str, geo, dtype, tail: int) -> bool:
-    """Whether the plan's programs run one KV loop across their tiles: stream-K decode tiles
-    (fewer than 64 rows, one chunk of the head dimension) over 16-bit K/V, no dynamic tail."""
-    can = (policy != "split" and not tail and geo.block_m < 64 and geo.dk_chunks == 1
-           and SERVING_DTYPES[dtype] in ("float16", "bfloat16"))
-    if flat is None:
-        return can
-    if not isinstance(flat, bool):
-        raise ValueError(f"flat must be True, False or None, got {flat!r}")
-    if flat and not can:
-        raise ValueError("flat=True needs a stream-K plan of decode tiles over 16-bit K/V "
-                         "without a dynamic tail")
-    return flat
 
 
 def default_fixup(policy: str, geo, kv_format: str = "float16") -> str:

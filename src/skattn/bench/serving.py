@@ -138,8 +138,6 @@ def build_skattn(batch: Batch, policy: str, overrides: dict | None = None) -> Bu
               if k in overrides}
     if tuning:
         overrides["tuning"] = Tuning(**tuning)
-    if "flat" in overrides:  # flat=0: a KV loop per tile (serving_plan(flat=False))
-        overrides["flat"] = bool(overrides["flat"])
     common = dict(batch=m.batch, q_heads=batch.hq, kv_heads=batch.hkv, head_dim=batch.d,
                   page_size=batch.page_size, max_pages=batch.max_pages, policy=policy,
                   dtype=quant.kv_dtype(batch.k), **overrides)

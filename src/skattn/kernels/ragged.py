@@ -16,7 +16,6 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from skattn.kernels.attention import _fused_fixup
 from skattn.kernels.kv_loop import load_q
-from skattn.kernels.ragged_flat import flat_share, tile_meta
 from skattn.kernels.ragged_kv import ragged_kv_loop
 from skattn.kernels.stamps import stamp
 from skattn.kernels.tile import finalize_store, program_of, program_start, store_partial, tile_rows
@@ -119,37 +118,6 @@ def next_whole_tile(WL, hz, o_start, o_count):
 
 
 @triton.jit
-def _merge_tile(rb, h, first, stop, work, programs, positions, s_work, chunk, g, z, qblock, lq,
-                ratio, hz, Ob, stride_om, stride_oh, LSEb, stride_lh, SINKS, WS_O, WS_M, WS_L,
-                COUNTERS, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_DV: tl.constexpr, HEADS_PER_TILE: tl.constexpr,
-                TOKENS_PER_TILE: tl.constexpr, HAS_SINKS: tl.constexpr,
-                RETURN_LSE: tl.constexpr, FIXUP_COLS: tl.constexpr, FIXUP_ROWS: tl.constexpr,
-                MERGE_PIECES: tl.constexpr, TAIL: tl.constexpr, TILE_COST: tl.constexpr):
-    """The fused merge of cut tile (rb, h), items [first, stop): its pieces are those of
-    programs p_first..p_last, from W and N, from positions (TILE_COST), or (a tail) the
-    virtual programs of its first and last items."""
-    p_first = None
-    p_last = None
-    lead = None
-    if TILE_COST:  # positions: item + TILE_COST x (tile + 1); `lead` matches the slot choice
-        # because every tile holds an item (a tile with no visible key keeps one masked block)
-        t_pos = TILE_COST * (rb * hz + h)
-        n = tl.maximum(programs, 1)
-        p_first = program_of(first + t_pos + TILE_COST, positions, n)
-        p_last = program_of(stop - 1 + t_pos + TILE_COST, positions, n)
-        lead = (program_start(p_first, positions, n) < first + t_pos).to(tl.int32)
-    if TAIL:
-        p_first = virtual_program_of(first, s_work, programs, chunk)
-        p_last = virtual_program_of(stop - 1, s_work, programs, chunk)
-        lead = (virtual_start(p_first, s_work, programs, chunk) < first).to(tl.int32)
-    _fused_fixup(rb * hz + h, first, stop, work, programs, 0, g, z, qblock, lq, ratio, Ob, 0,
-                 stride_om, stride_oh, LSEb, 0, stride_lh, SINKS, WS_O, WS_M, WS_L, COUNTERS,
-                 HEAD_DIM_V, BLOCK_M, BLOCK_DV, HEADS_PER_TILE, TOKENS_PER_TILE, HAS_SINKS,
-                 RETURN_LSE, FIXUP_COLS, FIXUP_ROWS, MERGE_PIECES, p_first, p_last, lead)
-
-
-@triton.jit
 def sequence_of(WL, rb, h, batch, rb_max, ntiles_z):
     """Tile (rb, h) -> b, token block, first KV block, Lq, Lk, first q row, first key row,
     KV head g, head group z."""
@@ -239,7 +207,7 @@ def ragged_attention_kernel(
     MERGE_PIECES: tl.constexpr, USE_PDL: tl.constexpr,
     KV_FORMAT: tl.constexpr = 0, HEAD_SCALES: tl.constexpr = 0, WHOLE: tl.constexpr = False,
     WAIT_PDL: tl.constexpr = False, V_PAIRS: tl.constexpr = False, TAIL: tl.constexpr = False,
-    TILE_COST: tl.constexpr = 0, FLAT: tl.constexpr = False,
+    TILE_COST: tl.constexpr = 0,
     STAMPS=None, TIMELINE: tl.constexpr = False,
 ):
     p = tl.program_id(0)
@@ -306,95 +274,80 @@ def ragged_attention_kernel(
             start = program_start(tl.minimum(p, programs), s_work, n)
             end = program_start(tl.minimum(p + 1, programs), s_work, n)
             rb, rbs, c, h = tile_at(WL, o_start, o_count, rb_max, start, SEARCH)
-        if FLAT:  # one KV loop across the share's tiles (kernels/ragged_flat.py)
-            rb_b, h_b = flat_share(
-                p, start, end, rb, h, WL, batch, rb_max, ratio, ntiles_z, hz, Q,
-                stride_qb, stride_qm, stride_qh, K, stride_kb, stride_kn, stride_kh, V,
-                stride_vb, stride_vn, stride_vh, O, stride_ob, stride_om, stride_oh, LSE,
-                stride_lb, stride_lh, BT, stride_bt, SINKS, WS_O, WS_M, WS_L, num_pages,
-                qk_scale, softcap_scale, window, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N,
-                BLOCK_DK, BLOCK_DV, HEADS_PER_TILE, TOKENS_PER_TILE, CAUSAL, HAS_WINDOW,
-                HAS_SINKS, SOFTCAP, RETURN_LSE, INTERPRET, PAGED, PAGE_SIZE)
-            if FUSED:  # the share's cut tiles: its first, and its last where that differs
-                for last in tl.static_range(2):
-                    rb_t = rb_b if last == 1 else rb
-                    h_t = h_b if last == 1 else h
-                    inside = rb_t < rb_max
-                    rbs_t = tl.load(WL + o_start + rb_t, mask=inside, other=0)
-                    c_t = tl.load(WL + o_count + rb_t, mask=inside, other=0)
-                    first = rbs_t + h_t * c_t
-                    cut = (start < end) & ((first < start) | (end < first + c_t))
-                    if last == 1:
-                        cut = cut & ((rb_t != rb) | (h_t != h))
-                    if cut:
-                        b, _kf, lq, _lk, qs, _ks, g, z, qblock, _qi, _hd, _ok = tile_meta(
-                            WL, rb_t, h_t, batch, rb_max, ntiles_z, ratio, HEADS_PER_TILE,
-                            TOKENS_PER_TILE, BLOCK_M)
-                        b64 = tl.cast(b, tl.int64)
-                        _merge_tile(rb_t, h_t, first, first + c_t, work, programs, positions,
-                                    s_work, chunk, g, z, qblock, lq, ratio, hz,
-                                    O + b64 * stride_ob + tl.cast(qs, tl.int64) * stride_om,
-                                    stride_om, stride_oh, LSE + b64 * stride_lb + qs, stride_lh,
-                                    SINKS, WS_O, WS_M, WS_L, COUNTERS, HEAD_DIM_V, BLOCK_M,
-                                    BLOCK_DV, HEADS_PER_TILE, TOKENS_PER_TILE, HAS_SINKS,
-                                    RETURN_LSE, FIXUP_COLS, FIXUP_ROWS, MERGE_PIECES, TAIL,
-                                    TILE_COST)
-        else:
-            # v: whose slots this range's pieces take (p; a tail chunk k is virtual program N + k)
-            v = p
-            more = p >= 0
-            while more:
-                item = start
-                while item < end:
-                    first = rbs + h * c
-                    stop = first + c
-                    stop_here = tl.minimum(end, stop)
-                    acc, m_i, l_i, qi, head, valid, Ob, LSEb, g, z, qblock, lq = _tile_state(
-                        WL, rb, h, rbs, c, item, stop_here, batch, rb_max, ntiles_z, ratio, Q,
-                        stride_qb, stride_qm, stride_qh, K, stride_kb, stride_kn, stride_kh, V,
-                        stride_vb, stride_vn, stride_vh, O, stride_ob, stride_om, LSE, stride_lb, BT,
-                        stride_bt, SLOPES, KS, VS, num_pages, qk_scale, softcap_scale, window,
-                        HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, BLOCK_DK, DK_CHUNKS, BLOCK_DV,
-                        HEADS_PER_TILE, TOKENS_PER_TILE, CAUSAL, HAS_WINDOW, HAS_ALIBI, SOFTCAP,
-                        INTERPRET, PAGED, PAGE_SIZE, KV_FORMAT, HEAD_SCALES, V_PAIRS)
-                    if TIMELINE:
-                        if (item == start) & (v == p):
-                            stamp(STAMPS, p, 1)
-                    whole = (item == first) & (stop_here == stop)
-                    if PER_TILE_RANGES:
-                        whole = whole & (split == 1)
-                    if whole:
-                        # -- the whole tile is ours: normalise and write
-                        finalize_store(acc, m_i, l_i, 0, qi, head, valid, Ob, 0, stride_om,
-                                       stride_oh, LSEb, 0, stride_lh, SINKS, HEAD_DIM_V, BLOCK_DV,
-                                       HAS_SINKS, RETURN_LSE)
-                    else:
-                        # -- a piece of a cut tile: slot 0 for our first tile, 1 for our last
-                        slot = v * 2 + (item != start).to(tl.int32)
-                        store_partial(acc, m_i, l_i, slot, WS_O, WS_M, WS_L, HEAD_DIM_V, BLOCK_M,
-                                      BLOCK_DV)
-                        if FUSED:
-                            _merge_tile(rb, h, first, stop, work, programs, positions, s_work, chunk,
-                                        g, z, qblock, lq, ratio, hz, Ob, stride_om, stride_oh, LSEb,
-                                        stride_lh, SINKS, WS_O, WS_M, WS_L, COUNTERS, HEAD_DIM_V,
-                                        BLOCK_M, BLOCK_DV, HEADS_PER_TILE, TOKENS_PER_TILE, HAS_SINKS,
-                                        RETURN_LSE, FIXUP_COLS, FIXUP_ROWS, MERGE_PIECES, TAIL,
-                                        TILE_COST)
-                    item = stop_here
-                    # -- the next tile: the next head group, or the next row block's first
-                    h += 1
-                    next_rb = h == hz
-                    rb = tl.where(next_rb, rb + 1, rb)
-                    h = tl.where(next_rb, 0, h)
-                    inside = rb < rb_max
-                    rbs = tl.load(WL + o_start + rb, mask=inside, other=0)
-                    c = tl.load(WL + o_count + rb, mask=inside, other=1)
-                # -- then chunks of the dynamic tail while any is left
-                more = p < 0
-                if TAIL:
-                    v, start, end, more = next_chunk(WL, programs, s_work, work)
-                    if more:
-                        rb, rbs, c, h = tile_at(WL, o_start, o_count, rb_max, start, SEARCH)
+        # v: whose slots this range's pieces take (p; a tail chunk k is virtual program N + k)
+        v = p
+        more = p >= 0
+        while more:
+            item = start
+            while item < end:
+                first = rbs + h * c
+                stop = first + c
+                stop_here = tl.minimum(end, stop)
+                acc, m_i, l_i, qi, head, valid, Ob, LSEb, g, z, qblock, lq = _tile_state(
+                    WL, rb, h, rbs, c, item, stop_here, batch, rb_max, ntiles_z, ratio, Q,
+                    stride_qb, stride_qm, stride_qh, K, stride_kb, stride_kn, stride_kh, V,
+                    stride_vb, stride_vn, stride_vh, O, stride_ob, stride_om, LSE, stride_lb, BT,
+                    stride_bt, SLOPES, KS, VS, num_pages, qk_scale, softcap_scale, window,
+                    HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, BLOCK_DK, DK_CHUNKS, BLOCK_DV,
+                    HEADS_PER_TILE, TOKENS_PER_TILE, CAUSAL, HAS_WINDOW, HAS_ALIBI, SOFTCAP,
+                    INTERPRET, PAGED, PAGE_SIZE, KV_FORMAT, HEAD_SCALES, V_PAIRS)
+                if TIMELINE:
+                    if (item == start) & (v == p):
+                        stamp(STAMPS, p, 1)
+                whole = (item == first) & (stop_here == stop)
+                if PER_TILE_RANGES:
+                    whole = whole & (split == 1)
+                if whole:
+                    # -- the whole tile is ours: normalise and write
+                    finalize_store(acc, m_i, l_i, 0, qi, head, valid, Ob, 0, stride_om,
+                                   stride_oh, LSEb, 0, stride_lh, SINKS, HEAD_DIM_V, BLOCK_DV,
+                                   HAS_SINKS, RETURN_LSE)
+                else:
+                    # -- a piece of a cut tile: slot 0 for our first tile, 1 for our last
+                    slot = v * 2 + (item != start).to(tl.int32)
+                    store_partial(acc, m_i, l_i, slot, WS_O, WS_M, WS_L, HEAD_DIM_V, BLOCK_M,
+                                  BLOCK_DV)
+                    if FUSED:
+                        # the tile's pieces are those of programs p_first..p_last: from W and
+                        # N, or (a tail) the virtual programs of its first and last items
+                        p_first = None
+                        p_last = None
+                        lead = None
+                        if TILE_COST:  # positions: item + TILE_COST x (tile + 1); `lead`
+                            # matches the slot choice because every tile holds an item (a
+                            # tile with no visible key keeps one masked block)
+                            t_pos = TILE_COST * (rb * hz + h)
+                            n = tl.maximum(programs, 1)
+                            p_first = program_of(first + t_pos + TILE_COST, positions, n)
+                            p_last = program_of(stop - 1 + t_pos + TILE_COST, positions, n)
+                            lead = (program_start(p_first, positions, n)
+                                    < first + t_pos).to(tl.int32)
+                        if TAIL:
+                            p_first = virtual_program_of(first, s_work, programs, chunk)
+                            p_last = virtual_program_of(stop - 1, s_work, programs, chunk)
+                            lead = (virtual_start(p_first, s_work, programs, chunk)
+                                    < first).to(tl.int32)
+                        _fused_fixup(rb * hz + h, first, stop, work, programs, 0, g, z, qblock,
+                                     lq, ratio, Ob, 0, stride_om, stride_oh, LSEb, 0, stride_lh,
+                                     SINKS, WS_O, WS_M, WS_L, COUNTERS, HEAD_DIM_V, BLOCK_M,
+                                     BLOCK_DV, HEADS_PER_TILE, TOKENS_PER_TILE, HAS_SINKS,
+                                     RETURN_LSE, FIXUP_COLS, FIXUP_ROWS, MERGE_PIECES, p_first,
+                                     p_last, lead)
+                item = stop_here
+                # -- the next tile: the next head group, or the next row block's first
+                h += 1
+                next_rb = h == hz
+                rb = tl.where(next_rb, rb + 1, rb)
+                h = tl.where(next_rb, 0, h)
+                inside = rb < rb_max
+                rbs = tl.load(WL + o_start + rb, mask=inside, other=0)
+                c = tl.load(WL + o_count + rb, mask=inside, other=1)
+            # -- then chunks of the dynamic tail while any is left
+            more = p < 0
+            if TAIL:
+                v, start, end, more = next_chunk(WL, programs, s_work, work)
+                if more:
+                    rb, rbs, c, h = tile_at(WL, o_start, o_count, rb_max, start, SEARCH)
     if TIMELINE:
         stamp(STAMPS, p, 2)
     if USE_PDL == 2:
