@@ -61,6 +61,9 @@ CASES = {
     # Tuning(pdl_wait=False): the main kernel launched plainly, without griddepcontrol.wait
     "paged16-nowait": dict(kw=dict(q_len=1, max_kv_len=4096, page_size=16), layout="paged",
                            wait=False),
+    # gpt-oss's shape at n = 1: two KV heads of 64 read as one of 128 (head_pairs)
+    "paged16-pairs": dict(kw=dict(q_len=1, max_kv_len=4096, page_size=16), layout="paged",
+                          heads=(64, 8, 64)),
     # a prompt-sized tile over q8_0 blocks
     "varlen-packed-q8_0": dict(kw=dict(max_q_len=512, total_q=543, max_kv_len=8192,
                                        total_k=40000, q_split=None), layout="packed",

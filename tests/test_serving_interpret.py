@@ -502,7 +502,8 @@ def test_dynamic_tail_leaves_every_static_share_an_item():
     lens = [0, 1, 700, 45, 130]
     q, k, v = dense_inputs(5, 2, 700, 8, 2, 64, seed=3)
     p = skattn.serving_plan(q_split=None, batch=5, q_len=2, max_kv_len=700, q_heads=8, kv_heads=2,
-                            head_dim=64, sms=132, occupancy=2, fixup="fused", tail=40)
+                            head_dim=64, sms=132, occupancy=2, fixup="fused", tail=40,
+                            head_pairs=False)
     host = host_work_list(p, lens_k=lens)
     assert host.programs == host.work == 22 and host.tail_chunks == 0
     lens_t = torch.tensor(lens, dtype=torch.int32)

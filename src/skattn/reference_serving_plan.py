@@ -237,11 +237,46 @@ def run_serving_plan(plan, q, k, v, *, cache_seqlens=None, cu_seqlens_q=None, cu
             raise ValueError("a MixedPlan splits a varlen batch")
         sc.plan_matches(plan.short, **dict(have, max_q_len=plan.q_split))
     sc.plan_matches(halves[-1], **have)
-    kw = dict(block_table=block_table, scale=scale, causal=causal, window=window, sinks=sinks,
-              softcap=softcap, alibi_slopes=alibi_slopes)
+    kw = dict(block_table=block_table, scale=q.shape[-1] ** -0.5 if scale is None else scale,
+              causal=causal, window=window, sinks=sinks, softcap=softcap,
+              alibi_slopes=alibi_slopes)
     for half in halves:  # each writes its own sequences' rows
-        _replay(half, host_work_list(half, **lists), q, k, v, out, lse, **kw)
+        wl = host_work_list(half, **lists)
+        if not half.head_pairs:
+            _replay(half, wl, q, k, v, out, lse, **kw)
+            continue
+        # two KV heads as one (ServingPlan.head_pairs): the kernel's problem, then each query
+        # head's half of its pair's output
+        wide = torch.full((*out.shape[:-1], 2 * out.shape[-1]), float("nan"), dtype=F64)
+        _replay(half, wl, pair_queries(q, k.shape[-2]), pair_heads(k), pair_heads(v), wide,
+                lse, **kw)
+        got = pair_outputs(wide, k.shape[-2])
+        written = ~torch.isnan(got)
+        out[written] = got[written]
     return (out, lse) if return_lse else out
+
+
+def pair_heads(x):
+    """K or V [..., Hkv, D] as [..., Hkv / 2, 2 D]: KV heads 2j and 2j + 1 as one row."""
+    return x.reshape(*x.shape[:-2], x.shape[-2] // 2, 2 * x.shape[-1])
+
+
+def pair_queries(q, kv_heads: int):
+    """q [..., Hq, D] as [..., Hq, 2 D]: each query head's values in the half of its own KV
+    head within the pair, zeros in the other (what the kernel loads)."""
+    ratio = q.shape[-2] // kv_heads
+    second = (torch.arange(q.shape[-2]) // ratio) % 2 == 1
+    wide = q.new_zeros(*q.shape[:-1], 2 * q.shape[-1])
+    wide[..., ~second, :q.shape[-1]] = q[..., ~second, :]
+    wide[..., second, q.shape[-1]:] = q[..., second, :]
+    return wide
+
+
+def pair_outputs(o, kv_heads: int):
+    """Each query head's half of a pair's output [..., Hq, 2 D] (what the kernel stores)."""
+    d = o.shape[-1] // 2
+    second = ((torch.arange(o.shape[-2]) // (o.shape[-2] // kv_heads)) % 2 == 1)[:, None]
+    return torch.where(second, o[..., d:], o[..., :d])
 
 
 def _replay(plan, wl, q, k, v, out, lse, *, block_table, scale, causal, window, sinks, softcap,

@@ -52,6 +52,19 @@ def _plan(plan, device, bounds: dict) -> ServingPlan | MixedPlan:
     return plan
 
 
+def _pairs_layout(plan, k, v) -> None:
+    """A plan that reads KV heads in pairs needs each K/V row's heads adjacent."""
+    halves = plan.halves if isinstance(plan, MixedPlan) else (plan,)
+    if any(h.head_pairs for h in halves):
+        for name, x in (("k", k), ("v", v)):
+            if x.stride(-1) != 1 or x.stride(-2) != x.shape[-1]:
+                raise ValueError(
+                    f"this plan reads two KV heads as one row (serving_plan(head_pairs=...)): "
+                    f"{name}'s heads must be adjacent (stride(-2) = {x.shape[-1]}, stride(-1) "
+                    f"= 1), got strides {tuple(x.stride())}; plan with head_pairs=False for "
+                    f"other layouts")
+
+
 def _workspace_offsets(plan: MixedPlan) -> tuple[int, int]:
     """Byte offsets of the halves' workspaces in a MixedPlan's (16-byte aligned)."""
     return 0, -(-sl.workspace_bytes(plan.short) // 16) * 16
@@ -134,6 +147,7 @@ def _check_work_list(plan, wl, device) -> None:
 
 def _run(plan, q, k, v, out, lse, *, seq_k, seq_q, block_table, scale, sinks, softcap,
          alibi_slopes, workspace, work_list, k_scale=None, v_scale=None):
+    _pairs_layout(plan, k, v)
     if isinstance(plan, MixedPlan):
         if work_list is not None:
             _check_work_list(plan, work_list, q.device)

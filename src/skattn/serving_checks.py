@@ -254,10 +254,17 @@ def check_values(*, k, block_table=None, cache_seqlens=None, q=None, cu_seqlens_
 
 
 def plan_matches(plan, **have) -> None:
-    """The plan was made for these bounds."""
+    """The plan was made for these bounds (a plan that reads KV heads in pairs was made for
+    twice its kv_heads and half its head sizes: `ServingPlan.head_pairs`)."""
+    pairs = getattr(plan, "head_pairs", False)
     for name, value in have.items():
-        if getattr(plan, name) != value:
-            raise ValueError(f"plan was made for {name}={getattr(plan, name)!r}, inputs have {value!r}")
+        want = getattr(plan, name)
+        if pairs and name == "kv_heads":
+            want *= 2
+        elif pairs and name in ("head_dim", "head_dim_v"):
+            want //= 2
+        if want != value:
+            raise ValueError(f"plan was made for {name}={want!r}, inputs have {value!r}")
 
 
 __all__ = ["kvcache_args", "varlen_args", "check_values", "plan_matches"]

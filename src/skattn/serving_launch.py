@@ -78,7 +78,8 @@ def _bind(plan: ServingPlan, device: torch.device) -> Bound:
                       SEARCH=search, KV_FORMAT=KV_FORMATS.get(plan.dtype, 0), WHOLE=False,
                       WAIT_PDL=_pdl_wait(plan, device),
                       # FP8 V: rows at multiples of 4 bytes (checks); q8_0 keeps its loads
-                      V_PAIRS=v_pairs(plan), TAIL=plan.tail > 0, TILE_COST=plan.tile_cost)
+                      V_PAIRS=v_pairs(plan), TAIL=plan.tail > 0, TILE_COST=plan.tile_cost,
+                      PAIR_D=plan.head_dim // 2 if plan.head_pairs else 0)
     if main_const["WAIT_PDL"]:  # Tuning(pdl_wait=True): launched early, waits on the GPU
         main_const["launch_pdl"] = True
     # decode tiles three or more an SM: the build must fit them (prompt-sized tiles, whose
@@ -87,6 +88,7 @@ def _bind(plan: ServingPlan, device: torch.device) -> Bound:
     if cap is not None:
         main_const["maxnreg"] = cap
     fix_kernel = plan.fixup if plan.fixup in ("uniform", "general") else None
+    fix_const["PAIR_D"] = main_const["PAIR_D"]
     if fix_kernel == "general":
         fix_const["SEARCH"] = search
     # the integers the kernels specialise on (not the batch's shape: kernels/worklist.py)
@@ -207,6 +209,8 @@ def run(plan: ServingPlan, q, k, v, out, lse, *, wl, block_table, scale: float, 
         ks, vs = (0, k.stride(0), k.stride(1)), (0, v.stride(0), v.stride(1))
     else:
         ks, vs = k.stride()[:3], v.stride()[:3]
+    if plan.head_pairs:  # KV heads 2j and 2j + 1 as head j, one row of twice the values
+        ks, vs = (*ks[:2], 2 * ks[2]), (*vs[:2], 2 * vs[2])
     paged = plan.layout == "paged"
     bt = block_table if paged else wl
     sbt = block_table.stride(0) if paged else 0

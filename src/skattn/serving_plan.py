@@ -96,6 +96,9 @@ class ServingPlan:
     # KV blocks each tile's setup counts for in the programs' shares (docs/serving.md,
     # "Shares that count tiles"); 0: shares of W alone
     tile_cost: int = 0
+    # the caller's K/V have 2 x kv_heads heads of head_dim / 2 values, read as kv_heads heads
+    # of head_dim (two adjacent KV heads as one row; docs/serving.md, "Two KV heads as one")
+    head_pairs: bool = False
 
     def __getstate__(self):
         # a copy or a pickle is a new plan: not the bound tables of this process (device
@@ -196,7 +199,7 @@ def serving_plan(*, batch: int, max_kv_len: int, q_heads: int, kv_heads: int, he
                  cost_model: CostModel | None = None, tuning: Tuning | None = None,
                  smem_limit: int | None = None,
                  q_split: int | str | None = "auto", tail: int = 0,
-                 tile_cost: int | None = None):
+                 tile_cost: int | None = None, head_pairs: bool | None = None):
     """Plan a ragged batch from its upper bounds (docs/serving.md).
 
     Parameters
@@ -251,6 +254,13 @@ def serving_plan(*, batch: int, max_kv_len: int, q_heads: int, kv_heads: int, he
         fused merge and no tail, else 0 (equal shares of the KV blocks). A value of the
         caller's needs the fused merge: a varlen batch planned in two halves gives its
         prompt half the general fixup (pass it with `q_split=None`, or leave the default).
+    head_pairs : bool, optional
+        Read two adjacent KV heads of 64 values as one of 128 (docs/serving.md, "Two KV heads
+        as one"): a decode tile then fills its 16 rows where one KV head's query heads fill
+        8, and a paged key row is 256 bytes. Default: for 16-bit K/V of head size 64 with an
+        even number of KV heads whose tiles stay 16 rows. Calls need K/V whose heads are
+        adjacent (`stride(-2)` = head size, the usual `[.., Hkv, D]` caches). The plan's
+        `kv_heads`, `head_dim` and `head_dim_v` are then the kernel's (half, twice, twice).
     q_split : int, "auto" (default) or None
         Varlen only: plan the batch in two halves (a `MixedPlan`, docs/serving.md "Mixed
         batches"): sequences of at most `q_split` query tokens with decode tiles, the others
@@ -318,6 +328,10 @@ def serving_plan(*, batch: int, max_kv_len: int, q_heads: int, kv_heads: int, he
         raise ValueError("policy 'split' merges with the uniform fixup; fixup= is for stream-K policies")
     occupancy_given = occupancy is not None
     sms, occupancy, smem_limit = gpu_limits(sms, occupancy, smem_limit)
+    pairs = _head_pairs(head_pairs, SERVING_DTYPES[dtype], head_dim, head_dim_v, kv_heads,
+                        q_heads // kv_heads, max_q_len)
+    if pairs:  # the kernel's problem: half the KV heads, twice the head size
+        kv_heads, head_dim, head_dim_v = kv_heads // 2, head_dim * 2, head_dim_v * 2
     ratio = q_heads // kv_heads
     geo = tile_geometry(q_len=max_q_len, gqa_ratio=ratio, head_dim=head_dim,
                         head_dim_v=head_dim_v, block_n=block_n, num_warps=num_warps,
@@ -362,7 +376,7 @@ def serving_plan(*, batch: int, max_kv_len: int, q_heads: int, kv_heads: int, he
                        ntiles_z, hz, rb_max, tiles_max, sms, occupancy, max_programs, policy,
                        programs, split, kind, bool(fastdiv), cost_model or ragged_cost_model(),
                        tuning, tail=tail,
-                       tile_cost=_tile_cost(tile_cost, policy, kind, tail))
+                       tile_cost=_tile_cost(tile_cost, policy, kind, tail), head_pairs=pairs)
 
 
 TILE_COST = 3  # KV blocks a tile's setup counts for in `auto`'s decode shares
@@ -383,6 +397,30 @@ def _tile_cost(tile_cost, policy: str, kind: str, tail: int) -> int:
         raise ValueError(f"tile_cost={tile_cost} needs a stream-K plan with the fused merge "
                          f"and no tail (fixup {kind!r}, tail {tail})")
     return tile_cost
+
+
+PAIR_HEAD_DIM = 64  # the head size whose KV heads a serving plan reads in pairs
+
+
+def _head_pairs(head_pairs, kv_format: str, head_dim: int, head_dim_v: int, kv_heads: int,
+                ratio: int, max_q_len: int) -> bool:
+    """Whether the plan reads two adjacent KV heads as one (`serving_plan(head_pairs=)`):
+    16-bit K/V of head size 64, an even number of KV heads, and tiles of the pairs' query
+    rows (2 x ratio a token) that still fit 16 rows. Measured, H200, graph timer
+    (`tools/head_pairs_probe.py`, gpt-oss's shape, 64 x 4096 keys): pages of 16 152.98 ->
+    131.93 µs, pages of 64 138.34 -> 129.19 (PERF.md, "Serving batches")."""
+    can = (kv_format in ("float16", "bfloat16") and head_dim == head_dim_v == PAIR_HEAD_DIM
+           and kv_heads % 2 == 0 and max_q_len * 2 * ratio <= 16)
+    if head_pairs is None:
+        return can
+    if not isinstance(head_pairs, bool):
+        raise ValueError(f"head_pairs must be True, False or None, got {head_pairs!r}")
+    if head_pairs and not can:
+        raise ValueError(f"head_pairs=True needs 16-bit K/V of head size {PAIR_HEAD_DIM}, an "
+                         f"even number of KV heads and at most 16 query rows a pair (query "
+                         f"tokens x 2 x the GQA ratio); got {kv_format}, head size "
+                         f"{head_dim}/{head_dim_v}, {kv_heads} KV heads, {max_q_len} x 2 x {ratio}")
+    return head_pairs
 
 
 def default_fixup(policy: str, geo, kv_format: str = "float16") -> str:

@@ -138,6 +138,8 @@ def build_skattn(batch: Batch, policy: str, overrides: dict | None = None) -> Bu
               if k in overrides}
     if tuning:
         overrides["tuning"] = Tuning(**tuning)
+    if "head_pairs" in overrides:  # head_pairs=0: one KV head a row (serving_plan)
+        overrides["head_pairs"] = bool(overrides["head_pairs"])
     common = dict(batch=m.batch, q_heads=batch.hq, kv_heads=batch.hkv, head_dim=batch.d,
                   page_size=batch.page_size, max_pages=batch.max_pages, policy=policy,
                   dtype=quant.kv_dtype(batch.k), **overrides)

@@ -111,7 +111,7 @@ def _fused_fixup(tile, first, stop, work, programs, b, g, z, qblock, q_len, rati
                  HEADS_PER_TILE: tl.constexpr, TOKENS_PER_TILE: tl.constexpr,
                  HAS_SINKS: tl.constexpr, RETURN_LSE: tl.constexpr,
                  FIXUP_COLS: tl.constexpr, FIXUP_ROWS: tl.constexpr, MERGE_PIECES: tl.constexpr,
-                 p_first=None, p_last=None, lead=None):
+                 p_first=None, p_last=None, lead=None, PAIR_D: tl.constexpr = 0):
     """The last program to leave a piece of `tile` merges all pieces (no waiting): the
     tile's first FIXUP_ROWS rows (those its heads and tokens fill), FIXUP_COLS columns at a time.
     The pieces' programs p_first..p_last (and whether p_first started before the tile,
@@ -131,5 +131,5 @@ def _fused_fixup(tile, first, stop, work, programs, b, g, z, qblock, q_len, rati
                                          FIXUP_ROWS, FIXUP_COLS, MERGE_PIECES, True, lead=lead)
             finalize_store(acc, m_i, l_i, b, qi, head, valid, O, stride_ob, stride_om,
                            stride_oh, LSE, stride_lb, stride_lh, SINKS, HEAD_DIM_V, FIXUP_COLS,
-                           HAS_SINKS, RETURN_LSE, c * FIXUP_COLS)
+                           HAS_SINKS, RETURN_LSE, c * FIXUP_COLS, PAIR_D, ratio)
         tl.atomic_xchg(COUNTERS + tile, 0)  # ready for the next launch of this plan

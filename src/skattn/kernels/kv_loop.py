@@ -5,17 +5,24 @@ import triton.language as tl
 from skattn.kernels.quant import (fp8_pairs, fp8_score_scales, fp8_v_scale, load_blocks,
                                   q8_0_pair_blocks, tile_scales)
 from skattn.kernels.softmax import alibi_slope, scores, softmax_step, unmasked_end, visible
-from skattn.kernels.tile import LOG2E
+from skattn.kernels.tile import LOG2E, pair_offset
 
 
 @triton.jit
 def load_q(Q, b, qi, head, valid, stride_qb, stride_qm, stride_qh, chunk,
-           HEAD_DIM: tl.constexpr, BLOCK_DK: tl.constexpr, DTYPE: tl.constexpr):
+           HEAD_DIM: tl.constexpr, BLOCK_DK: tl.constexpr, DTYPE: tl.constexpr,
+           PAIR_D: tl.constexpr = 0, ratio=1):
+    """q's rows of a tile. PAIR_D: the plan reads two KV heads of PAIR_D values as one of
+    HEAD_DIM = 2 PAIR_D (docs/serving.md, "Two KV heads as one"): a row's PAIR_D values go
+    to the half of its own KV head (`pair_offset`), zeros to the other."""
     dk = chunk * BLOCK_DK + tl.arange(0, BLOCK_DK)
     # the batch offset in 64 bits: a cache of B x Lk x H x D elements can pass 2**31
-    ptrs = (Q + tl.cast(b, tl.int64) * stride_qb + qi[:, None] * stride_qm + head[:, None] * stride_qh
-            + dk[None, :])
-    q = tl.load(ptrs, mask=valid[:, None] & (dk[None, :] < HEAD_DIM), other=0.0)
+    base = Q + tl.cast(b, tl.int64) * stride_qb + qi[:, None] * stride_qm + head[:, None] * stride_qh
+    if PAIR_D:
+        col = dk[None, :] - pair_offset(head, ratio, PAIR_D)[:, None]
+        q = tl.load(base + col, mask=valid[:, None] & (col >= 0) & (col < PAIR_D), other=0.0)
+    else:
+        q = tl.load(base + dk[None, :], mask=valid[:, None] & (dk[None, :] < HEAD_DIM), other=0.0)
     return q.to(DTYPE)
 
 

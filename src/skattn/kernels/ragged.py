@@ -141,7 +141,7 @@ def _tile_state(WL, rb, h, rbs, c, item, stop_here, batch, rb_max, ntiles_z, rat
                 TOKENS_PER_TILE: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                 HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, INTERPRET: tl.constexpr,
                 PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, KV_FORMAT: tl.constexpr,
-                HEAD_SCALES: tl.constexpr, V_PAIRS: tl.constexpr):
+                HEAD_SCALES: tl.constexpr, V_PAIRS: tl.constexpr, PAIR_D: tl.constexpr = 0):
     """The online-softmax state of tile (rb, h) over its items [item, stop_here), with the
     rows it covers and its output and LSE pointers moved to its sequence."""
     first = rbs + h * c
@@ -150,7 +150,7 @@ def _tile_state(WL, rb, h, rbs, c, item, stop_here, batch, rb_max, ntiles_z, rat
     b64 = tl.cast(b, tl.int64)
     Qb = Q + b64 * stride_qb + tl.cast(qs, tl.int64) * stride_qm
     q = load_q(Qb, 0, qi, head, valid, 0, stride_qm, stride_qh, 0, HEAD_DIM, BLOCK_DK,
-               K.dtype.element_ty if KV_FORMAT == 0 else Q.dtype.element_ty)
+               K.dtype.element_ty if KV_FORMAT == 0 else Q.dtype.element_ty, PAIR_D, ratio)
     if PAGED:
         kofs = tl.cast(g, tl.int64) * stride_kh
         vofs = tl.cast(g, tl.int64) * stride_vh
@@ -207,7 +207,7 @@ def ragged_attention_kernel(
     MERGE_PIECES: tl.constexpr, USE_PDL: tl.constexpr,
     KV_FORMAT: tl.constexpr = 0, HEAD_SCALES: tl.constexpr = 0, WHOLE: tl.constexpr = False,
     WAIT_PDL: tl.constexpr = False, V_PAIRS: tl.constexpr = False, TAIL: tl.constexpr = False,
-    TILE_COST: tl.constexpr = 0,
+    TILE_COST: tl.constexpr = 0, PAIR_D: tl.constexpr = 0,
     STAMPS=None, TIMELINE: tl.constexpr = False,
 ):
     p = tl.program_id(0)
@@ -240,10 +240,10 @@ def ragged_attention_kernel(
                     softcap_scale, window, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, BLOCK_DK,
                     DK_CHUNKS, BLOCK_DV, HEADS_PER_TILE, TOKENS_PER_TILE, CAUSAL, HAS_WINDOW,
                     HAS_ALIBI, SOFTCAP, INTERPRET, PAGED, PAGE_SIZE, KV_FORMAT, HEAD_SCALES,
-                    V_PAIRS)
+                    V_PAIRS, PAIR_D)
                 finalize_store(acc, m_i, l_i, 0, qi, head, valid, Ob, 0, stride_om, stride_oh,
                                LSEb, 0, stride_lh, SINKS, HEAD_DIM_V, BLOCK_DV, HAS_SINKS,
-                               RETURN_LSE)
+                               RETURN_LSE, 0, PAIR_D, ratio)
                 rb, h, rbs, c, left = next_whole_tile(WL, hz, o_start, o_count)
     else:
         # -- this program's [start, end) of the real work list (none in a whole-tile step: N = 0)
@@ -290,7 +290,7 @@ def ragged_attention_kernel(
                     stride_bt, SLOPES, KS, VS, num_pages, qk_scale, softcap_scale, window,
                     HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, BLOCK_DK, DK_CHUNKS, BLOCK_DV,
                     HEADS_PER_TILE, TOKENS_PER_TILE, CAUSAL, HAS_WINDOW, HAS_ALIBI, SOFTCAP,
-                    INTERPRET, PAGED, PAGE_SIZE, KV_FORMAT, HEAD_SCALES, V_PAIRS)
+                    INTERPRET, PAGED, PAGE_SIZE, KV_FORMAT, HEAD_SCALES, V_PAIRS, PAIR_D)
                 if TIMELINE:
                     if (item == start) & (v == p):
                         stamp(STAMPS, p, 1)
@@ -301,7 +301,7 @@ def ragged_attention_kernel(
                     # -- the whole tile is ours: normalise and write
                     finalize_store(acc, m_i, l_i, 0, qi, head, valid, Ob, 0, stride_om,
                                    stride_oh, LSEb, 0, stride_lh, SINKS, HEAD_DIM_V, BLOCK_DV,
-                                   HAS_SINKS, RETURN_LSE)
+                                   HAS_SINKS, RETURN_LSE, 0, PAIR_D, ratio)
                 else:
                     # -- a piece of a cut tile: slot 0 for our first tile, 1 for our last
                     slot = v * 2 + (item != start).to(tl.int32)
@@ -332,7 +332,7 @@ def ragged_attention_kernel(
                                      SINKS, WS_O, WS_M, WS_L, COUNTERS, HEAD_DIM_V, BLOCK_M,
                                      BLOCK_DV, HEADS_PER_TILE, TOKENS_PER_TILE, HAS_SINKS,
                                      RETURN_LSE, FIXUP_COLS, FIXUP_ROWS, MERGE_PIECES, p_first,
-                                     p_last, lead)
+                                     p_last, lead, PAIR_D)
                 item = stop_here
                 # -- the next tile: the next head group, or the next row block's first
                 h += 1

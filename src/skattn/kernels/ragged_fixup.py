@@ -28,7 +28,8 @@ def _merge_and_store(p_lo, p_hi, first, work, programs, WL, rb, h, batch, rb_max
                      BLOCK_DV: tl.constexpr, HEADS_PER_TILE: tl.constexpr,
                      TOKENS_PER_TILE: tl.constexpr, HAS_SINKS: tl.constexpr,
                      RETURN_LSE: tl.constexpr, MERGE_PIECES: tl.constexpr,
-                     STREAM_K: tl.constexpr, LOADS_FIRST: tl.constexpr):
+                     STREAM_K: tl.constexpr, LOADS_FIRST: tl.constexpr,
+                     PAIR_D: tl.constexpr = 0):
     b, qblock, _, lq, _, qs, _, g, z = sequence_of(WL, rb, h, batch, rb_max, ntiles_z)
     qi, head, valid = tile_rows(g, z, qblock, lq, ratio, HEADS_PER_TILE, TOKENS_PER_TILE,
                                 ROWS, m0)
@@ -39,7 +40,8 @@ def _merge_and_store(p_lo, p_hi, first, work, programs, WL, rb, h, batch, rb_max
     Ob = O + b64 * stride_ob + tl.cast(qs, tl.int64) * stride_om
     LSEb = LSE + b64 * stride_lb + qs
     finalize_store(acc, m_i, l_i, 0, qi, head, valid, Ob, 0, stride_om, stride_oh, LSEb, 0,
-                   stride_lh, SINKS, HEAD_DIM_V, BLOCK_DV, HAS_SINKS, RETURN_LSE, dv0)
+                   stride_lh, SINKS, HEAD_DIM_V, BLOCK_DV, HAS_SINKS, RETURN_LSE, dv0, PAIR_D,
+                   ratio)
 
 
 @triton.jit(do_not_specialize=["batch", "rb_max"])
@@ -50,7 +52,7 @@ def ragged_uniform_fixup_kernel(
     HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, ROWS: tl.constexpr,
     BLOCK_DV: tl.constexpr, HEADS_PER_TILE: tl.constexpr, TOKENS_PER_TILE: tl.constexpr,
     HAS_SINKS: tl.constexpr, RETURN_LSE: tl.constexpr, MERGE_PIECES: tl.constexpr,
-    USE_PDL: tl.constexpr, LOADS_FIRST: tl.constexpr = False,
+    USE_PDL: tl.constexpr, LOADS_FIRST: tl.constexpr = False, PAIR_D: tl.constexpr = 0,
     STAMPS=None, TIMELINE: tl.constexpr = False,
 ):
     """Tile t (of the upper bound's tiles) was cut into `split` pieces held by programs
@@ -73,7 +75,7 @@ def ragged_uniform_fixup_kernel(
                          batch, rb_max, ratio, ntiles_z, m0, dv0, O, stride_ob, stride_om,
                          stride_oh, LSE, stride_lb, stride_lh, SINKS, WS_O, WS_M, WS_L,
                          HEAD_DIM_V, BLOCK_M, ROWS, BLOCK_DV, HEADS_PER_TILE, TOKENS_PER_TILE,
-                         HAS_SINKS, RETURN_LSE, MERGE_PIECES, False, LOADS_FIRST)
+                         HAS_SINKS, RETURN_LSE, MERGE_PIECES, False, LOADS_FIRST, PAIR_D)
     if TIMELINE:
         stamp(STAMPS, row, 2)
 
@@ -87,7 +89,7 @@ def ragged_general_fixup_kernel(
     BLOCK_DV: tl.constexpr, HEADS_PER_TILE: tl.constexpr, TOKENS_PER_TILE: tl.constexpr,
     HAS_SINKS: tl.constexpr, RETURN_LSE: tl.constexpr, MERGE_PIECES: tl.constexpr,
     USE_PDL: tl.constexpr, SEARCH: tl.constexpr, LOADS_FIRST: tl.constexpr = False,
-    STAMPS=None, TIMELINE: tl.constexpr = False,
+    PAIR_D: tl.constexpr = 0, STAMPS=None, TIMELINE: tl.constexpr = False,
 ):
     """Program p0 < N acts when it finished a tile it did not start: it merges the pieces of
     the programs from program_of(first item of the tile) up to itself. Launched by PDL, every
@@ -121,7 +123,7 @@ def ragged_general_fixup_kernel(
                              stride_om, stride_oh, LSE, stride_lb, stride_lh, SINKS, WS_O, WS_M,
                              WS_L, HEAD_DIM_V, BLOCK_M, ROWS, BLOCK_DV, HEADS_PER_TILE,
                              TOKENS_PER_TILE, HAS_SINKS, RETURN_LSE, MERGE_PIECES, True,
-                             LOADS_FIRST)
+                             LOADS_FIRST, PAIR_D)
     elif USE_PDL:
         gdc_wait()
     if TIMELINE:

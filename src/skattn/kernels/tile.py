@@ -122,12 +122,22 @@ def tile_rows(g, z, qblock, q_len, ratio, HEADS_PER_TILE: tl.constexpr,
 
 
 @triton.jit
+def pair_offset(head, ratio, PAIR_D: tl.constexpr):
+    """Where query head `head`'s values sit in a row of two KV heads read as one (ratio: the
+    query heads of the pair): PAIR_D for the pair's second KV head, else 0."""
+    return ((head % ratio) * 2 // ratio) * PAIR_D
+
+
+@triton.jit
 def finalize_store(acc, m_i, l_i, b, qi, head, valid,
                    O, stride_ob, stride_om, stride_oh,
                    LSE, stride_lb, stride_lh, SINKS,
                    HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
-                   HAS_SINKS: tl.constexpr, RETURN_LSE: tl.constexpr, dv0=0):
-    """Add the sink, normalise, write out (and lse in natural log); empty rows give 0, -inf."""
+                   HAS_SINKS: tl.constexpr, RETURN_LSE: tl.constexpr, dv0=0,
+                   PAIR_D: tl.constexpr = 0, ratio=1):
+    """Add the sink, normalise, write out (and lse in natural log); empty rows give 0, -inf.
+    PAIR_D: two KV heads read as one (`load_q`): a row writes the PAIR_D columns of its own
+    KV head's half."""
     if HAS_SINKS:
         sink = tl.load(SINKS + head, mask=valid, other=float("-inf")).to(tl.float32) * LOG2E
         m_f = tl.maximum(m_i, sink)
@@ -140,9 +150,14 @@ def finalize_store(acc, m_i, l_i, b, qi, head, valid,
     inv = tl.where(has, 1.0 / tl.where(has, l_i, 1.0), 0.0)
     out = acc * inv[:, None]
     dv = dv0 + tl.arange(0, BLOCK_DV)
-    o_ptrs = (O + tl.cast(b, tl.int64) * stride_ob + qi[:, None] * stride_om + head[:, None] * stride_oh
-              + dv[None, :])
-    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=valid[:, None] & (dv[None, :] < HEAD_DIM_V))
+    base = O + tl.cast(b, tl.int64) * stride_ob + qi[:, None] * stride_om + head[:, None] * stride_oh
+    if PAIR_D:
+        col = dv[None, :] - pair_offset(head, ratio, PAIR_D)[:, None]
+        tl.store(base + col, out.to(O.dtype.element_ty),
+                 mask=valid[:, None] & (col >= 0) & (col < PAIR_D))
+    else:
+        tl.store(base + dv[None, :], out.to(O.dtype.element_ty),
+                 mask=valid[:, None] & (dv[None, :] < HEAD_DIM_V))
     if RETURN_LSE and dv0 == 0:
         lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * LN2, float("-inf"))
         tl.store(LSE + tl.cast(b, tl.int64) * stride_lb + head * stride_lh + qi, lse, mask=valid)
