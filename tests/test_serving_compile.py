@@ -27,7 +27,7 @@ def test_serving_kernels_compile_for_sm90():
     assert res.returncode == 0, res.stderr[-3000:]
     rows = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
     by = {(r["case"], r["kernel"]): r for r in rows}
-    assert len({r["case"] for r in rows}) == 15
+    assert len({r["case"] for r in rows}) == 16
     for case in ("paged16-q8_0", "paged16-q4_0"):  # llama.cpp's blocks, dequantized on load
         assert by[(case, "ragged_attention_kernel")]["loop_spills"] == 0, case
     # q8_0 and q4_0 decode tiles three an SM (the serving default): the register cap fits
@@ -49,8 +49,10 @@ def test_serving_kernels_compile_for_sm90():
     # page ids read as scalars keep K/V in the same 3-stage shared-memory pipeline as the dense
     # layout (a vector gather of ids left a single buffer: 39680 bytes)
     dense = by[("dense", "ragged_attention_kernel")]["shared"]
-    for case in ("paged16", "paged48-split", "paged64-fused"):
+    for case in ("paged16", "paged48-split", "paged64-fused", "paged16-pairs"):
         assert by[(case, "ragged_attention_kernel")]["shared"] == dense, case
+    # two KV heads of 64 read as one of 128 (head_pairs): no spill in the KV loop
+    assert by[("paged16-pairs", "ragged_attention_kernel")]["loop_spills"] == 0
     # fp8 K/V: 1-byte stages, as the planner's estimate counts them (config.shared_bytes)
     # Tuning.pdl_wait (the default): the main kernel waits on the GPU (griddepcontrol.wait)
     # and keeps the registers and shared memory of the plain launch's build

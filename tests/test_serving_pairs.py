@@ -18,7 +18,7 @@ pytestmark = [
 
 def plan(**kw):
     args = dict(q_split=None, batch=2, q_len=1, max_kv_len=256, q_heads=16, kv_heads=2,
-                head_dim=64, sms=132, occupancy=2)
+                head_dim=64, sms=132, occupancy=2, page_size=16)
     return skattn.serving_plan(**dict(args, **kw))
 
 
@@ -33,6 +33,10 @@ def test_which_plans_read_heads_in_pairs():
     assert not plan(kv_heads=1, q_heads=8).head_pairs
     assert not plan(q_len=2).head_pairs  # 2 tokens x 2 x 8 query heads = 32 rows
     assert not plan(head_pairs=False).head_pairs
+    # by default with pages of 16 alone (measured faster there), on request elsewhere
+    assert not plan(page_size=64).head_pairs and not plan(page_size=None).head_pairs
+    assert plan(page_size=64, head_pairs=True).head_pairs
+    assert plan(page_size=None, head_pairs=True).head_pairs
     with pytest.raises(ValueError, match="head_pairs=True needs"):
         plan(head_dim=128, head_pairs=True)
     with pytest.raises(ValueError, match="head_pairs must be"):
@@ -43,7 +47,7 @@ def test_pairs_as_the_caller_sees_them():
     # the plan is matched against the caller's K/V (2 heads of 64), not the kernel's
     lens = torch.tensor([30, 5], dtype=torch.int32)
     q, k, v = dense_inputs(2, 1, 64, 16, 2, 64, seed=1)
-    p = kv_plan(2, 1, 64, 16, 2, 64)
+    p = kv_plan(2, 1, 64, 16, 2, 64, head_pairs=True)
     assert p.head_pairs
     skattn.attention_with_kvcache(q, k, v, cache_seqlens=lens, plan=p)
     q4, k4, v4 = dense_inputs(2, 1, 64, 16, 4, 64, seed=1)
@@ -91,7 +95,7 @@ def test_dense_pairs_window_softcap_alibi_bf16():
     lens = [100, 7, 64]
     q, k, v = dense_inputs(3, 1, 100, 16, 2, 64, dtype=torch.bfloat16, seed=5)
     slopes = torch.rand(16) * 0.1
-    p = kv_plan(3, 1, 100, 16, 2, 64, dtype=torch.bfloat16, window=40)
+    p = kv_plan(3, 1, 100, 16, 2, 64, dtype=torch.bfloat16, window=40, head_pairs=True)
     assert p.head_pairs
     check_kvcache(q, k, v, lens, p, window=40, softcap=20.0)
     check_kvcache(q, k, v, lens, p, window=40, alibi_slopes=slopes)
@@ -105,14 +109,15 @@ def test_varlen_decode_rows_in_pairs():
     q, k, v, cu_q, cu_k = varlen_inputs(lq, lk, hq=16, hkv=2, d=64, seed=6)
     one = skattn.serving_plan(q_split=None, batch=3, max_q_len=1, total_q=3, max_kv_len=90,
                               total_k=141, q_heads=16, kv_heads=2, head_dim=64, sms=SMS,
-                              occupancy=OCC, block_n=16)
+                              occupancy=OCC, block_n=16, head_pairs=True)
     assert one.head_pairs
     check_varlen(q[:3], k[:141], v[:141], cu_q[:4], cu_k[:4], 1, 90, one)
-    assert not skattn.serving_plan(q_split="auto", batch=4, max_q_len=40, total_q=sum(lq),
-                                   max_kv_len=90, total_k=sum(lk), q_heads=16, kv_heads=2,
-                                   head_dim=64, sms=SMS, occupancy=OCC).short.head_pairs
-    mixed = skattn.serving_plan(q_split=1, batch=4, max_q_len=40, total_q=sum(lq),
-                                max_kv_len=90, total_k=sum(lk), q_heads=16, kv_heads=2,
-                                head_dim=64, sms=SMS, occupancy=OCC, block_n=16)
+    # paged (pages of 16: pairs by default where a half's rows fit)
+    kp, vp, table = paged_cache(lk, page_size=16, hkv=2, d=64, seed=7)
+    bounds = dict(batch=4, max_q_len=40, total_q=sum(lq), max_kv_len=table.shape[1] * 16,
+                  page_size=16, max_pages=table.shape[1], q_heads=16, kv_heads=2, head_dim=64,
+                  sms=SMS, occupancy=OCC, block_n=16)
+    assert not skattn.serving_plan(q_split="auto", **bounds).short.head_pairs
+    mixed = skattn.serving_plan(q_split=1, **bounds)
     assert mixed.short.head_pairs and not mixed.long.head_pairs
-    check_varlen(q, k, v, cu_q, cu_k, 40, 90, mixed)
+    check_varlen(q, kp, vp, cu_q, cu_k, 40, table.shape[1] * 16, mixed, block_table=table)

@@ -257,8 +257,9 @@ def serving_plan(*, batch: int, max_kv_len: int, q_heads: int, kv_heads: int, he
     head_pairs : bool, optional
         Read two adjacent KV heads of 64 values as one of 128 (docs/serving.md, "Two KV heads
         as one"): a decode tile then fills its 16 rows where one KV head's query heads fill
-        8, and a paged key row is 256 bytes. Default: for 16-bit K/V of head size 64 with an
-        even number of KV heads whose tiles stay 16 rows. Calls need K/V whose heads are
+        8, and a paged key row is 256 bytes. Possible for 16-bit K/V of head size 64 with an
+        even number of KV heads whose tiles stay 16 rows; the default there with pages of 16
+        (measured faster; PERF.md, "Serving batches"). Calls need K/V whose heads are
         adjacent (`stride(-2)` = head size, the usual `[.., Hkv, D]` caches). The plan's
         `kv_heads`, `head_dim` and `head_dim_v` are then the kernel's (half, twice, twice).
     q_split : int, "auto" (default) or None
@@ -329,7 +330,7 @@ def serving_plan(*, batch: int, max_kv_len: int, q_heads: int, kv_heads: int, he
     occupancy_given = occupancy is not None
     sms, occupancy, smem_limit = gpu_limits(sms, occupancy, smem_limit)
     pairs = _head_pairs(head_pairs, SERVING_DTYPES[dtype], head_dim, head_dim_v, kv_heads,
-                        q_heads // kv_heads, max_q_len)
+                        q_heads // kv_heads, max_q_len, page_size)
     if pairs:  # the kernel's problem: half the KV heads, twice the head size
         kv_heads, head_dim, head_dim_v = kv_heads // 2, head_dim * 2, head_dim_v * 2
     ratio = q_heads // kv_heads
@@ -403,16 +404,19 @@ PAIR_HEAD_DIM = 64  # the head size whose KV heads a serving plan reads in pairs
 
 
 def _head_pairs(head_pairs, kv_format: str, head_dim: int, head_dim_v: int, kv_heads: int,
-                ratio: int, max_q_len: int) -> bool:
+                ratio: int, max_q_len: int, page_size: int | None) -> bool:
     """Whether the plan reads two adjacent KV heads as one (`serving_plan(head_pairs=)`):
-    16-bit K/V of head size 64, an even number of KV heads, and tiles of the pairs' query
-    rows (2 x ratio a token) that still fit 16 rows. Measured, H200, graph timer
-    (`tools/head_pairs_probe.py`, gpt-oss's shape, 64 x 4096 keys): pages of 16 152.98 ->
-    131.93 µs, pages of 64 138.34 -> 129.19 (PERF.md, "Serving batches")."""
+    possible for 16-bit K/V of head size 64, an even number of KV heads, and tiles of the
+    pairs' query rows (2 x ratio a token) that still fit 16 rows; the default where measured
+    faster, pages of 16. H200, graph timer, gpt-oss's shape, pairs against none in one call
+    (`tools/serving_sweep.py`, PERF.md "Serving batches"): pages of 16 1.03-1.09x on mixes
+    (a)-(c) (64 x 4096 keys 144.1 -> 132.7 µs); pages of 64 1.04x on (a), 0.99x on (c) and
+    0.94x on (b) (63.8 -> 67.7 µs: half the tiles, in 64-key blocks), so not by default there,
+    nor on dense or packed K/V (not measured in a serving plan)."""
     can = (kv_format in ("float16", "bfloat16") and head_dim == head_dim_v == PAIR_HEAD_DIM
            and kv_heads % 2 == 0 and max_q_len * 2 * ratio <= 16)
     if head_pairs is None:
-        return can
+        return can and page_size == 16
     if not isinstance(head_pairs, bool):
         raise ValueError(f"head_pairs must be True, False or None, got {head_pairs!r}")
     if head_pairs and not can:
