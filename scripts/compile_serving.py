@@ -62,8 +62,8 @@ CASES = {
     "paged16-nowait": dict(kw=dict(q_len=1, max_kv_len=4096, page_size=16), layout="paged",
                            wait=False),
     # gpt-oss's shape at n = 1: two KV heads of 64 read as one of 128 (head_pairs)
-    "paged16-pairs": dict(kw=dict(q_len=1, max_kv_len=4096, page_size=16), layout="paged",
-                          heads=(64, 8, 64)),
+    "paged16-pairs": dict(kw=dict(q_len=1, max_kv_len=4096, page_size=16, head_pairs=True),
+                          layout="paged", heads=(64, 8, 64)),
     # a prompt-sized tile over q8_0 blocks
     "varlen-packed-q8_0": dict(kw=dict(max_q_len=512, total_q=543, max_kv_len=8192,
                                        total_k=40000, q_split=None), layout="packed",

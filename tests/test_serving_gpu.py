@@ -74,6 +74,42 @@ def test_serving_sizes(name, page_size):
         assert err <= tol, f"{name} page {page_size} {kind}: {err:.2e} > {tol:.2e}"
 
 
+@pytest.mark.parametrize("page_size", [16, 64])
+def test_head_pairs_serving_sizes(page_size):
+    # gpt-oss's heads (64 query heads, 8 KV heads of 64) read in pairs as 4 of 128: the
+    # one-long mix, every policy with pairs asked for, sinks and lse, against float64; then
+    # a CUDA graph replayed after the lengths change in place
+    lens = list(mix("one-long", seed=2).kv_lens)
+    q, k, v, table, lens_t = kvcache_case(lens, Hq=64, Hkv=8, D=64, page_size=page_size, seed=3)
+    sinks = torch.randn(64, device="cuda", generator=gen(4))
+    ref, ref_lse = reference.attention_with_kvcache(q, k, v, cache_seqlens=lens_t,
+                                                    block_table=table, sinks=sinks,
+                                                    return_lse=True)
+    tol = ragged_bound(sequences_kvcache(q, k, v, lens, table))
+    kw = dict(batch=len(lens), q_len=1, max_kv_len=table.shape[1] * page_size, q_heads=64,
+              kv_heads=8, head_dim=64, page_size=page_size, max_pages=table.shape[1],
+              head_pairs=True)
+    for kind, p in {"auto": skattn.serving_plan(**kw),
+                    "general": skattn.serving_plan(fixup="general", **kw),
+                    "split": skattn.serving_plan(policy="split", **kw)}.items():
+        assert p.head_pairs
+        out, lse = skattn.attention_with_kvcache(q, k, v, cache_seqlens=lens_t, block_table=table,
+                                                 plan=p, sinks=sinks, return_lse=True)
+        assert rel_err(out, ref) <= tol, (kind, rel_err(out, ref), tol)
+        assert (lse.double() - ref_lse).abs().max() <= 20 * tol, kind
+    p = skattn.serving_plan(**kw)
+    ws = serving.workspace(p)
+    graph, (out,) = capture([lambda: skattn.attention_with_kvcache(
+        q, k, v, cache_seqlens=lens_t, block_table=table, plan=p, workspace=ws, sinks=sinks)])
+    lens_t.copy_(torch.tensor(lens[::-1], dtype=I32))
+    table_r = table.flip(0).contiguous()
+    table.copy_(table_r)
+    graph.replay()
+    ref = reference.attention_with_kvcache(q, k, v, cache_seqlens=lens_t, block_table=table,
+                                           sinks=sinks)
+    assert rel_err(out, ref) <= tol
+
+
 MIXED_HEADS = (32, 8, 128)  # Hq, Hkv, D of the mixed batches
 
 

@@ -53,13 +53,44 @@ def test_pairs_as_the_caller_sees_them():
     q4, k4, v4 = dense_inputs(2, 1, 64, 16, 4, 64, seed=1)
     with pytest.raises(ValueError, match="kv_heads=2, inputs have 4"):
         skattn.attention_with_kvcache(q4, k4, v4, cache_seqlens=lens, plan=p)
-    # heads not adjacent in a row (a head-major cache seen as [B, L, Hkv, D]): refused
+    # pre-widened tensors (the kernel's view) are not the caller's
+    q2, k2, v2 = dense_inputs(2, 1, 64, 16, 1, 128, seed=1)
+    with pytest.raises(ValueError, match="reads KV heads in pairs"):
+        skattn.attention_with_kvcache(q2, k2, v2, cache_seqlens=lens, plan=p)
+    # heads not adjacent in a row (a head-major cache seen as [B, L, Hkv, D]): refused before
+    # any launch (out untouched), k or v
     kh = k.transpose(1, 2).contiguous().transpose(1, 2)
-    with pytest.raises(ValueError, match="heads must be adjacent"):
-        skattn.attention_with_kvcache(q, kh, v, cache_seqlens=lens, plan=p)
+    out = torch.full((2, 1, 16, 64), float("nan"), dtype=torch.float16)
+    for bad in ((kh, v), (k, kh.clone())):
+        with pytest.raises(ValueError, match="heads must be adjacent"):
+            skattn.attention_with_kvcache(q, *bad, cache_seqlens=lens, plan=p, out=out)
+        assert torch.isnan(out).all()
     # the same call planned without pairs reads it
     skattn.attention_with_kvcache(q, kh, v, cache_seqlens=lens,
                                   plan=kv_plan(2, 1, 64, 16, 2, 64, head_pairs=False))
+
+
+def test_default_plan_of_a_head_major_cache():
+    # no plan given: pages of 16 would pair, but this cache's heads are not adjacent, so the
+    # call's own plan reads one KV head a row (and matches float64)
+    lens = [50, 3]
+    k, v, table = paged_cache(lens, page_size=16, hkv=2, d=64, seed=8)
+    kh = k.transpose(1, 2).contiguous().transpose(1, 2)
+    vh = v.transpose(1, 2).contiguous().transpose(1, 2)
+    q = torch.randn(2, 1, 16, 64, generator=torch.Generator().manual_seed(9)).to(torch.float16)
+    lens_t = torch.tensor(lens, dtype=torch.int32)
+    out = skattn.attention_with_kvcache(q, kh, vh, cache_seqlens=lens_t, block_table=table)
+    ref = reference.attention_with_kvcache(q, kh, vh, cache_seqlens=lens_t, block_table=table)
+    assert (out.double() - ref).abs().max() < 5e-3
+
+
+def test_pairs_of_several_tokens():
+    # 4 query tokens x 2 x a GQA ratio of 2 = 16 rows: a tile of several tokens, causal
+    lens = [40, 9]
+    q, k, v = dense_inputs(2, 4, 40, 4, 2, 64, seed=10)
+    p = kv_plan(2, 4, 40, 4, 2, 64, head_pairs=True)
+    assert p.head_pairs and p.geometry.tokens_per_tile == 4
+    check_kvcache(q, k, v, lens, p)
 
 
 def test_pair_queries_and_outputs():
@@ -118,6 +149,15 @@ def test_varlen_decode_rows_in_pairs():
                   page_size=16, max_pages=table.shape[1], q_heads=16, kv_heads=2, head_dim=64,
                   sms=SMS, occupancy=OCC, block_n=16)
     assert not skattn.serving_plan(q_split="auto", **bounds).short.head_pairs
-    mixed = skattn.serving_plan(q_split=1, **bounds)
+    with pytest.raises(ValueError, match="q_split tokens"):  # 2 tokens: 32-row pairs
+        skattn.serving_plan(q_split="auto", head_pairs=True, **bounds)
+    mixed = skattn.serving_plan(q_split=1, head_pairs=True, **bounds)
     assert mixed.short.head_pairs and not mixed.long.head_pairs
+    assert skattn.serving_plan(q_split=1, **bounds).short.head_pairs  # the default at pages of 16
     check_varlen(q, kp, vp, cu_q, cu_k, 40, table.shape[1] * 16, mixed, block_table=table)
+    got = run_serving_plan(mixed, q, kp, vp, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                           max_seqlen_q=40, max_seqlen_k=table.shape[1] * 16, block_table=table)
+    ref = reference.attention_varlen(q, kp, vp, cu_q, cu_k, 40, table.shape[1] * 16,
+                                     block_table=table)
+    rows = ~torch.isnan(ref[:, 0, 0])
+    assert (got[rows] - ref[rows]).abs().max() < 1e-12

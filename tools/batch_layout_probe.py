@@ -10,7 +10,8 @@ dense kernel on the token-major cache [B, L, Hkv, D] and on the head-major cache
 strided view; skattn's ragged kernel on the token-major cache (`attention_with_kvcache`
 without a block table) and paged (pages of 16 and 64, random page order; token-major
 pages [pages, page, Hkv, D] and head-major ones [pages, Hkv, page, D] through a view;
-`auto` and `split`; the number in parentheses is the plan's grid). Every row is checked
+`auto` and `split`, one KV head a row (`head_pairs=False`); the number in parentheses is
+the plan's grid). Every row is checked
 against float64 on two sequences first (outputs poisoned with NaN before the checked
 replay). Prints one line a row and writes $OUT/batch_layout.csv (default benchmarks/results/latest/probe).
 """
@@ -142,7 +143,8 @@ def main() -> int:
             for policy in ("auto", "split"):
                 p = serving.serving_plan(batch=B, q_heads=hq, kv_heads=hkv, head_dim=d,
                                          page_size=page, max_pages=L // page, q_len=1,
-                                         max_kv_len=L, dtype=torch.float16, policy=policy)
+                                         max_kv_len=L, dtype=torch.float16, policy=policy,
+                                         head_pairs=False)
                 wl = serving.work_list(p, cache_seqlens=lens)
                 ws = [serving.workspace(p, device="cuda") for _ in paged]
                 run(f"skattn paged {page} {major}-major {policy} ({p.programs})",

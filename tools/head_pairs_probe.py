@@ -13,7 +13,9 @@ plain one, graph timer (LAYERS calls in one CUDA graph, each its own K/V, cold L
 decode cells n = 1 at 8192, 16384 and 32768 keys, and 64 sequences x 4096 keys dense and
 paged (pages of 16 and 64, `auto`). SDPA's cuDNN kernel (no mask, head-major cache) beside.
 Every row is checked against float64 first (outputs poisoned with NaN before the checked
-replay). Writes $OUT/head_pairs.csv (default benchmarks/results/latest/probe).
+replay). The serving plans read one KV head a row here (`head_pairs=False`): the kernel's own
+pairs are timed by `tools/serving_sweep.py --variants "auto;auto/head_pairs=0"`. Writes
+$OUT/head_pairs.csv (default benchmarks/results/latest/probe).
 """
 from __future__ import annotations
 
@@ -142,9 +144,10 @@ def main() -> int:
             for label, sets, hkv, d, pick in (("paged", paged, HKV, D, last),
                                              ("paged, head pairs", wpaged, HKV // 2, 2 * D,
                                               lambda o: narrow(o[B - 1, -1]))):
+                # one KV head a row in both (the pairs of the second are made outside)
                 p = serving.serving_plan(batch=B, q_heads=HQ, kv_heads=hkv, head_dim=d,
                                          page_size=page, max_pages=L // page, q_len=1,
-                                         max_kv_len=L, dtype=torch.float16)
+                                         max_kv_len=L, dtype=torch.float16, head_pairs=False)
                 wl = serving.work_list(p, cache_seqlens=lens)
                 ws = [serving.workspace(p, device="cuda") for _ in sets]
                 run(cell, f"skattn {label} {page} ({p.programs})",

@@ -52,6 +52,13 @@ def _plan(plan, device, bounds: dict) -> ServingPlan | MixedPlan:
     return plan
 
 
+def _heads_adjacent(k, v) -> bool:
+    """Each K/V row's heads lie side by side (what reading KV heads in pairs needs; a block
+    cache's values are never read in pairs)."""
+    return all(not isinstance(x, torch.Tensor) or (x.stride(-1) == 1 and x.stride(-2) == x.shape[-1])
+               for x in (k, v))
+
+
 def _pairs_layout(plan, k, v) -> None:
     """A plan that reads KV heads in pairs needs each K/V row's heads adjacent."""
     halves = plan.halves if isinstance(plan, MixedPlan) else (plan,)
@@ -238,6 +245,8 @@ def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, block_table=No
         bounds = dict(batch=B, q_len=Lq, max_kv_len=k_cache.shape[1], page_size=None)
     bounds.update(q_heads=Hq, kv_heads=hkv, head_dim=Dk, head_dim_v=dv, dtype=quant.kv_dtype(k_cache),
                   causal=causal, window=window)
+    if plan is None and not _heads_adjacent(k_cache, v_cache):
+        bounds["head_pairs"] = False  # the default plan reads one KV head a row then
     plan = _plan(plan, q.device, bounds)
     if out is None:
         out = torch.empty(B, Lq, Hq, dv, device=q.device, dtype=q.dtype)
@@ -307,6 +316,8 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
         bounds.update(total_k=k.shape[0], page_size=None)
     bounds.update(q_heads=Hq, kv_heads=hkv, head_dim=Dk, head_dim_v=dv, dtype=quant.kv_dtype(k),
                   causal=causal, window=window)
+    if plan is None and not _heads_adjacent(k, v):
+        bounds["head_pairs"] = False
     if plan is not None and plan.q_len is not None:
         raise ValueError("plan was made for attention_with_kvcache (q_len); plan varlen "
                          "batches with max_q_len and total_q")

@@ -264,7 +264,9 @@ def plan_matches(plan, **have) -> None:
         elif pairs and name in ("head_dim", "head_dim_v"):
             want //= 2
         if want != value:
-            raise ValueError(f"plan was made for {name}={want!r}, inputs have {value!r}")
+            note = (f" (it reads KV heads in pairs: its kernel has kv_heads={plan.kv_heads}, "
+                    f"head_dim={plan.head_dim})" if pairs else "")
+            raise ValueError(f"plan was made for {name}={want!r}, inputs have {value!r}{note}")
 
 
 __all__ = ["kvcache_args", "varlen_args", "check_values", "plan_matches"]

@@ -11,8 +11,9 @@ from skattn.serving_plan import ServingPlan, serving_plan
 
 __all__ = ["MixedPlan", "mixed_plan", "step_plan", "decode_q_split"]
 
-# what a MixedPlan answers as a ServingPlan does: the batch's bounds, equal in both halves
-# but max_q_len (the long half's)
+# what a MixedPlan answers as a ServingPlan does: the batch's bounds, the long half's (the
+# halves differ in max_q_len, and where the short half reads KV heads in pairs in kv_heads,
+# head_dim, head_dim_v and gqa_ratio: the kernel's, ServingPlan.head_pairs)
 BOUNDS = ("max_q_len", "total_q", "max_kv_len", "q_heads", "kv_heads", "head_dim",
           "head_dim_v", "dtype", "causal", "window", "layout", "page_size", "max_pages",
           "total_k", "policy", "sms", "gqa_ratio", "key_capacity")
@@ -144,7 +145,9 @@ def _halves(q_split: int, args: dict) -> ServingPlan | MixedPlan:
     """A MixedPlan split at q_split, or the long half's plan alone where the short half's
     tiles would be no smaller."""
     short = _one(dict(args, max_q_len=q_split))
-    long = _one(args)
+    # head_pairs=True asks for pairs where rows allow them: the short half (it raises if
+    # it cannot); a long half's tiles hold more than 16 rows and never pair
+    long = _one(dict(args, head_pairs=None) if args.get("head_pairs") else args)
     if short.geometry.block_m >= long.geometry.block_m:
         return long
     return MixedPlan(replace(short, q_range=(0, q_split)),

@@ -172,7 +172,8 @@ class ServingPlan:
             f"serving attention ({self.layout} K/V{f', page size {self.page_size}' if self.page_size else ''}): "
             f"batch {self.batch}, q tokens {self.q_len if self.q_len else f'<= {self.max_q_len} each, {self.total_q} in all'}, "
             f"keys <= {self.max_kv_len}, heads {self.q_heads}/{self.kv_heads}, head dim "
-            f"{self.head_dim}/{self.head_dim_v}, {self.dtype}, causal={self.causal}, window={self.window}",
+            f"{self.head_dim}/{self.head_dim_v}, {self.dtype}, causal={self.causal}, window={self.window}"
+            f"{f' (KV heads read in pairs: the caller has {2 * self.kv_heads} of {self.head_dim // 2})' if self.head_pairs else ''}",
             f"tile: {g.block_m} rows = {g.tokens_per_tile} tokens x {g.heads_per_tile} heads; "
             f"BLOCK_N {g.block_n}; warps {g.num_warps}, stages {g.num_stages}",
             f"bounds: row blocks <= {self.rb_max}, tiles <= {self.tiles_max} ({self.hz} per row block)",
@@ -260,8 +261,10 @@ def serving_plan(*, batch: int, max_kv_len: int, q_heads: int, kv_heads: int, he
         8, and a paged key row is 256 bytes. Possible for 16-bit K/V of head size 64 with an
         even number of KV heads whose tiles stay 16 rows; the default there with pages of 16
         (measured faster; PERF.md, "Serving batches"). Calls need K/V whose heads are
-        adjacent (`stride(-2)` = head size, the usual `[.., Hkv, D]` caches). The plan's
-        `kv_heads`, `head_dim` and `head_dim_v` are then the kernel's (half, twice, twice).
+        adjacent (`stride(-2)` = head size, the usual `[.., Hkv, D]` caches; calls without
+        a plan choose none for other layouts). The plan's `kv_heads`, `head_dim`,
+        `head_dim_v` and `gqa_ratio` are then the kernel's (half, twice, twice, twice). In a
+        MixedPlan only the short half can pair.
     q_split : int, "auto" (default) or None
         Varlen only: plan the batch in two halves (a `MixedPlan`, docs/serving.md "Mixed
         batches"): sequences of at most `q_split` query tokens with decode tiles, the others
@@ -422,8 +425,9 @@ def _head_pairs(head_pairs, kv_format: str, head_dim: int, head_dim_v: int, kv_h
     if head_pairs and not can:
         raise ValueError(f"head_pairs=True needs 16-bit K/V of head size {PAIR_HEAD_DIM}, an "
                          f"even number of KV heads and at most 16 query rows a pair (query "
-                         f"tokens x 2 x the GQA ratio); got {kv_format}, head size "
-                         f"{head_dim}/{head_dim_v}, {kv_heads} KV heads, {max_q_len} x 2 x {ratio}")
+                         f"tokens a sequence x 2 x the GQA ratio; a MixedPlan's short half has "
+                         f"q_split tokens); got {kv_format}, head size {head_dim}/{head_dim_v}, "
+                         f"{kv_heads} KV heads, {max_q_len} x 2 x {ratio} rows")
     return head_pairs
 
 
