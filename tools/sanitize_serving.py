@@ -1,6 +1,7 @@
 """Small serving calls for compute-sanitizer (memcheck, racecheck, synccheck): every fixup
 kind (and a dynamic tail) on ragged dense, paged (page sizes 16, 48, 64) and packed varlen
-batches (one plan, and a MixedPlan's two halves), a prompt step in whole tiles, a paged fp8
+batches (one plan, and a MixedPlan's two halves), KV heads of 64 read in pairs and one a row
+at every page size, a prompt step in whole tiles, a paged fp8
 cache with per-head K and per-tensor V scales, paged q8_0 (V as values and as int8 pairs)
 and q4_0 caches, and the device-side behaviour on bad lengths and page ids (clamped and
 masked: no out-of-bounds read). Run: compute-sanitizer --tool memcheck python3 tools/sanitize_serving.py
@@ -55,7 +56,10 @@ def main() -> int:
                  "general": skattn.serving_plan(fixup="general", **kw),
                  "tail": skattn.serving_plan(tail=40, **kw),
                  "split": skattn.serving_plan(policy="split", programs=4 * B * Hkv, **kw),
-                 "llamacpp": skattn.serving_plan(policy="llamacpp", **kw)}
+                 "llamacpp": skattn.serving_plan(policy="llamacpp", **kw),
+                 # two KV heads of 64 read as one of 128 (the default with pages of 16 only)
+                 "pairs": skattn.serving_plan(head_pairs=True, **kw),
+                 "no pairs": skattn.serving_plan(head_pairs=False, **kw)}
         ref = reference.attention_with_kvcache(q, k, v, cache_seqlens=lens_t, block_table=table,
                                                sinks=torch.zeros(Hq, device="cuda"))
         for name, p in plans.items():
@@ -68,7 +72,7 @@ def main() -> int:
         if ps:  # bad values on the device: clamped lengths, a page id out of range
             wild = table.clone()
             wild[2, 0] = -7
-            for name in ("auto", "tail"):
+            for name in ("auto", "tail", "pairs"):
                 serving.attention_with_kvcache(q, k, v, plan=plans[name], block_table=wild,
                                                cache_seqlens=torch.tensor(
                                                    [-4, 10**7, 700, 45, 130], dtype=I32,
