@@ -17,7 +17,7 @@ from skattn.device import hardware, shared_memory_limit
 from skattn.launch import default_scale
 from skattn.serving_checks import check_values
 from skattn.serving_mixed import MixedPlan, step_plan
-from skattn.serving_plan import SERVING_DTYPES, ServingPlan, serving_plan
+from skattn.serving_plan import PAIR_HEAD_DIM, SERVING_DTYPES, ServingPlan, serving_plan
 
 __all__ = ["attention_with_kvcache", "attention_varlen", "serving_plan", "ServingPlan",
            "MixedPlan", "work_list", "workspace", "check_values"]
@@ -245,7 +245,7 @@ def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, block_table=No
         bounds = dict(batch=B, q_len=Lq, max_kv_len=k_cache.shape[1], page_size=None)
     bounds.update(q_heads=Hq, kv_heads=hkv, head_dim=Dk, head_dim_v=dv, dtype=quant.kv_dtype(k_cache),
                   causal=causal, window=window)
-    if plan is None and not _heads_adjacent(k_cache, v_cache):
+    if plan is None and Dk == PAIR_HEAD_DIM and not _heads_adjacent(k_cache, v_cache):
         bounds["head_pairs"] = False  # the default plan reads one KV head a row then
     plan = _plan(plan, q.device, bounds)
     if out is None:
@@ -316,7 +316,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
         bounds.update(total_k=k.shape[0], page_size=None)
     bounds.update(q_heads=Hq, kv_heads=hkv, head_dim=Dk, head_dim_v=dv, dtype=quant.kv_dtype(k),
                   causal=causal, window=window)
-    if plan is None and not _heads_adjacent(k, v):
+    if plan is None and Dk == PAIR_HEAD_DIM and not _heads_adjacent(k, v):
         bounds["head_pairs"] = False
     if plan is not None and plan.q_len is not None:
         raise ValueError("plan was made for attention_with_kvcache (q_len); plan varlen "
