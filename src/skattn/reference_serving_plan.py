@@ -261,11 +261,15 @@ def pair_heads(x):
     return x.reshape(*x.shape[:-2], x.shape[-2] // 2, 2 * x.shape[-1])
 
 
+def _second(q_heads: int, kv_heads: int):
+    """Which query heads belong to the second KV head of their pair ([Hq] bool)."""
+    return (torch.arange(q_heads) // (q_heads // kv_heads)) % 2 == 1
+
+
 def pair_queries(q, kv_heads: int):
     """q [..., Hq, D] as [..., Hq, 2 D]: each query head's values in the half of its own KV
     head within the pair, zeros in the other (what the kernel loads)."""
-    ratio = q.shape[-2] // kv_heads
-    second = (torch.arange(q.shape[-2]) // ratio) % 2 == 1
+    second = _second(q.shape[-2], kv_heads)
     wide = q.new_zeros(*q.shape[:-1], 2 * q.shape[-1])
     wide[..., ~second, :q.shape[-1]] = q[..., ~second, :]
     wide[..., second, q.shape[-1]:] = q[..., second, :]
@@ -275,8 +279,7 @@ def pair_queries(q, kv_heads: int):
 def pair_outputs(o, kv_heads: int):
     """Each query head's half of a pair's output [..., Hq, 2 D] (what the kernel stores)."""
     d = o.shape[-1] // 2
-    second = ((torch.arange(o.shape[-2]) // (o.shape[-2] // kv_heads)) % 2 == 1)[:, None]
-    return torch.where(second, o[..., d:], o[..., :d])
+    return torch.where(_second(o.shape[-2], kv_heads)[:, None], o[..., d:], o[..., :d])
 
 
 def _replay(plan, wl, q, k, v, out, lse, *, block_table, scale, causal, window, sinks, softcap,

@@ -52,11 +52,10 @@ def _plan(plan, device, bounds: dict) -> ServingPlan | MixedPlan:
     return plan
 
 
-def _heads_adjacent(k, v) -> bool:
-    """Each K/V row's heads lie side by side (what reading KV heads in pairs needs; a block
+def _adjacent(x) -> bool:
+    """A K/V row's heads lie side by side (what reading KV heads in pairs needs; a block
     cache's values are never read in pairs)."""
-    return all(not isinstance(x, torch.Tensor) or (x.stride(-1) == 1 and x.stride(-2) == x.shape[-1])
-               for x in (k, v))
+    return not isinstance(x, torch.Tensor) or (x.stride(-1) == 1 and x.stride(-2) == x.shape[-1])
 
 
 def _pairs_layout(plan, k, v) -> None:
@@ -64,7 +63,7 @@ def _pairs_layout(plan, k, v) -> None:
     halves = plan.halves if isinstance(plan, MixedPlan) else (plan,)
     if any(h.head_pairs for h in halves):
         for name, x in (("k", k), ("v", v)):
-            if x.stride(-1) != 1 or x.stride(-2) != x.shape[-1]:
+            if not _adjacent(x):
                 raise ValueError(
                     f"this plan reads two KV heads as one row (serving_plan(head_pairs=...)): "
                     f"{name}'s heads must be adjacent (stride(-2) = {x.shape[-1]}, stride(-1) "
@@ -154,7 +153,6 @@ def _check_work_list(plan, wl, device) -> None:
 
 def _run(plan, q, k, v, out, lse, *, seq_k, seq_q, block_table, scale, sinks, softcap,
          alibi_slopes, workspace, work_list, k_scale=None, v_scale=None):
-    _pairs_layout(plan, k, v)
     if isinstance(plan, MixedPlan):
         if work_list is not None:
             _check_work_list(plan, work_list, q.device)
@@ -245,9 +243,10 @@ def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, block_table=No
         bounds = dict(batch=B, q_len=Lq, max_kv_len=k_cache.shape[1], page_size=None)
     bounds.update(q_heads=Hq, kv_heads=hkv, head_dim=Dk, head_dim_v=dv, dtype=quant.kv_dtype(k_cache),
                   causal=causal, window=window)
-    if plan is None and Dk == PAIR_HEAD_DIM and not _heads_adjacent(k_cache, v_cache):
+    if plan is None and Dk == PAIR_HEAD_DIM and not (_adjacent(k_cache) and _adjacent(v_cache)):
         bounds["head_pairs"] = False  # the default plan reads one KV head a row then
     plan = _plan(plan, q.device, bounds)
+    _pairs_layout(plan, k_cache, v_cache)
     if out is None:
         out = torch.empty(B, Lq, Hq, dv, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, Hq, Lq, device=q.device, dtype=torch.float32) if return_lse else None
@@ -316,12 +315,13 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
         bounds.update(total_k=k.shape[0], page_size=None)
     bounds.update(q_heads=Hq, kv_heads=hkv, head_dim=Dk, head_dim_v=dv, dtype=quant.kv_dtype(k),
                   causal=causal, window=window)
-    if plan is None and Dk == PAIR_HEAD_DIM and not _heads_adjacent(k, v):
+    if plan is None and Dk == PAIR_HEAD_DIM and not (_adjacent(k) and _adjacent(v)):
         bounds["head_pairs"] = False
     if plan is not None and plan.q_len is not None:
         raise ValueError("plan was made for attention_with_kvcache (q_len); plan varlen "
                          "batches with max_q_len and total_q")
     plan = _plan(plan, q.device, bounds)
+    _pairs_layout(plan, k, v)
     if out is None:
         out = torch.empty(total_q, Hq, dv, device=q.device, dtype=q.dtype)
     lse = torch.empty(Hq, total_q, device=q.device, dtype=torch.float32) if return_lse else None
