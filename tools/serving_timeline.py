@@ -17,6 +17,12 @@ its KV blocks and the tiles it touches: µs a block, µs a tile beyond its block
 The output is checked against float64 first. Writes serving.csv, serving_programs.csv (each
 program's SM, stamps, KV blocks and tiles) and serving.json to $OUT (default
 benchmarks/results/latest/timeline).
+
+`--tiles T` stamps each program's first T tiles too (a third run of the step; kernels/stamps.py
+`tile_stamp`): per tile, µs from its start until its sequence's numbers are in (`meta`), then
+q (`q`), its first KV block done (`first`), its other blocks (`rest`), its output or piece
+written (`store`) and the next tile's start (`next`); serving_tiles.csv holds every tile, the
+cell's row their medians and a fit of the KV loop (q in to loop done) to the tile's blocks.
 """
 from __future__ import annotations
 
@@ -81,8 +87,47 @@ def fit(durations: list[float], items: list[int], tiles: list[int]) -> dict:
                 fit_rms_us=float(np.sqrt((resid ** 2).mean())))
 
 
+PHASES = ("meta", "q", "first", "rest", "store")
+
+
+def tile_rows(ts: list, model: str, mix_name: str, page: int) -> list[dict]:
+    """Rows of tile stamps [programs][T][8] (ns): phases in µs, with the next tile's start."""
+    rows = []
+    for p, tiles in enumerate(ts):
+        for k, t in enumerate(tiles):
+            if t[0] == 0:
+                break
+            nxt = tiles[k + 1][0] if k + 1 < len(tiles) and tiles[k + 1][0] else None
+            row = dict(model=model, mix=mix_name, page_size=page, program=p, k=k, tile=t[7],
+                       blocks=t[6])
+            for i, name in enumerate(PHASES):
+                row[name] = (t[i + 1] - t[i]) / 1e3 if t[i + 1] and t[i] else None
+            row["next"] = (nxt - t[5]) / 1e3 if nxt else None
+            rows.append(row)
+    return rows
+
+
+def tile_summary(rows: list[dict]) -> dict:
+    """Medians of each phase over the tiles, and loop time (q in to loop done) = a + b x blocks."""
+    import numpy as np
+
+    out = {}
+    for name in (*PHASES, "next"):
+        vals = [r[name] for r in rows if r[name] is not None]
+        out[f"tile_{name}_med"] = statistics.median(vals) if vals else None
+    pts = [(r["blocks"], r["first"] + r["rest"]) for r in rows
+           if r["first"] is not None and r["rest"] is not None]
+    if len({b for b, _ in pts}) >= 2:
+        x = np.array([[b, 1.0] for b, _ in pts], dtype=float)
+        coef, *_ = np.linalg.lstsq(x, np.array([y for _, y in pts]), rcond=None)
+        out.update(loop_us_per_block=float(coef[0]), loop_us_fixed=float(coef[1]))
+    out["tiles_stamped"] = len(rows)
+    out["stamps_ordered"] = sum(all(r[n] is None or r[n] >= 0 for n in PHASES) for r in rows)
+    return out
+
+
 def cell(model: str, mix_name: str, page: int, fixup: str, timer, bandwidth: float,
-         reps: int) -> dict:
+         reps: int, tile_stamps: int = 0) -> dict:
     from skattn.bench.serving import make_batch, reference_rows
 
     hq, hkv, d = MODELS[model][:3]
@@ -140,11 +185,17 @@ def cell(model: str, mix_name: str, page: int, fixup: str, timer, bandwidth: flo
                    fix_end_max=max(r[2] for r in f))
     if row["worklist_matches"]:
         row.update(fit([dur[i] for i in range(rows_main)], items, tiles))
+    tiles_rows = []
+    if tile_stamps:
+        ts = torch.zeros(rows_main, tile_stamps, 8, dtype=torch.int64, device=dev)
+        row["event_tiles_p50_us"] = timer.time(lambda: call((st_main, st_fix, ts)), reps=reps).p50
+        tiles_rows = tile_rows(ts.cpu().tolist(), model, mix_name, page)
+        row.update(tile_summary(tiles_rows))
     programs_rows = [dict(model=model, mix=mix_name, page_size=page, fixup=plan.fixup,
                           program=i, sm=s[i][3], start=us[i][0], first_loop=us[i][1],
                           end=us[i][2], blocks=items[i], tiles=tiles[i])
                      for i in range(rows_main)]
-    return row, programs_rows
+    return row, programs_rows, tiles_rows
 
 
 def _fixup(name: str) -> dict:
@@ -168,6 +219,20 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def tile_table(rows: list[dict]) -> str:
+    """Median µs of each tile phase per cell, and the KV loop's fit."""
+    lines = ["model     mix        page   meta     q  first   rest  store   next  "
+             "loop µs/block fixed  tiles"]
+    for r in rows:
+        med = [r.get(f"tile_{n}_med") for n in (*PHASES, "next")]
+        cols = " ".join(f"{v:6.2f}" if v is not None else "     -" for v in med)
+        fit_ = (f"{r['loop_us_per_block']:8.3f} {r['loop_us_fixed']:6.2f}"
+                if "loop_us_per_block" in r else "       -      -")
+        lines.append(f"{r['model']:9s} {r['mix']:10s} {r['page_size']:4d} {cols}  {fit_} "
+                     f"{r.get('tiles_stamped', 0):6d}")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="llama-8b,gpt-oss")
@@ -176,6 +241,8 @@ def main(argv=None) -> int:
     ap.add_argument("--fixups", default="auto",
                     help="auto (the plan's own) and/or fused, comma-separated")
     ap.add_argument("--reps", type=int, default=20, help="timed runs per row")
+    ap.add_argument("--tiles", type=int, default=0,
+                    help="stamp each program's first TILES tiles too (serving_tiles.csv)")
     ap.add_argument("--plan-only", action="store_true",
                     help="print each cell's plan and per-program work on an H200's grid, no GPU")
     args = ap.parse_args(argv)
@@ -200,17 +267,24 @@ def main(argv=None) -> int:
 
     timer = ColdTimer(flush="read")
     bandwidth = measure_copy_bandwidth(timer)
-    rows, programs = [], []
+    rows, programs, tiles = [], [], []
     for mo, mx, p, f in cells:
-        row, per_program = cell(mo, mx, p, f, timer, bandwidth, args.reps)
+        row, per_program, per_tile = cell(mo, mx, p, f, timer, bandwidth, args.reps, args.tiles)
         rows.append(row)
         programs += per_program
+        tiles += per_tile
         print(_line(row), flush=True)
     write_rows(out_dir / "serving.csv", rows)
     write_rows(out_dir / "serving_programs.csv", programs)
+    files = ["serving.csv", "serving_programs.csv"]
+    if tiles:
+        write_rows(out_dir / "serving_tiles.csv", tiles)
+        files.append("serving_tiles.csv")
     write_meta(out_dir, "serving.json", tool_meta(reps=args.reps, timer="event, cold L2 (read "
-               "flush)", copy_bandwidth_gbs=bandwidth / 1e9), ["serving.csv", "serving_programs.csv"])
+               "flush)", copy_bandwidth_gbs=bandwidth / 1e9, tiles=args.tiles), files)
     print(table(rows))
+    if tiles:
+        print(tile_table(rows))
     return 0
 
 

@@ -18,7 +18,8 @@ from skattn.kernels import ragged as _ragged
 from skattn.kernels import ragged_fixup as _fix
 from skattn.kernels import worklist as _wl
 from skattn.launch import (KV_FORMATS, _launch, _no_hooks, _pdl_wait, _spec, cached_bind,
-                           check_stamps, constants, device_table, score_scales, v_pairs)
+                           check_stamps, constants, device_table, pieces_per_step, score_scales,
+                           v_pairs)
 from skattn.serving_plan import POLICY_CODE, ServingPlan, n_sat
 
 INT32_MAX = 2**31 - 1
@@ -79,7 +80,10 @@ def _bind(plan: ServingPlan, device: torch.device) -> Bound:
                       WAIT_PDL=_pdl_wait(plan, device),
                       # FP8 V: rows at multiples of 4 bytes (checks); q8_0 keeps its loads
                       V_PAIRS=v_pairs(plan), TAIL=plan.tail > 0, TILE_COST=plan.tile_cost,
-                      PAIR_D=plan.head_dim // 2 if plan.head_pairs else 0)
+                      PAIR_D=plan.head_dim // 2 if plan.head_pairs else 0,
+                      HEAD_MERGE=head_merge(plan),
+                      HEAD_PIECES=pieces_per_step(g.block_m, g.block_dv, g.num_warps,
+                                                  plan.tuning.merge_elements))
     if main_const["WAIT_PDL"]:  # Tuning(pdl_wait=True): launched early, waits on the GPU
         main_const["launch_pdl"] = True
     # decode tiles three or more an SM: the build must fit them (prompt-sized tiles, whose
@@ -172,7 +176,10 @@ def run(plan: ServingPlan, q, k, v, out, lse, *, wl, block_table, scale: float, 
     tensors (main [plan.programs, 4], fixup [prod(fixup grid), 4]) that receive each
     program's %globaltimer stamps: the main kernel's start (after its PDL wait), the end of
     its first piece's KV loop and its end; the fixup's start, the end of its PDL wait and its
-    end; column 3 the SM. The stream-K build only (not a whole-tile step's)."""
+    end; column 3 the SM. The stream-K build only (not a whole-tile step's). A third tensor
+    [plan.programs, T, 8] adds tile stamps for each program's first T tiles (kernels/stamps.py
+    `tile_stamp`): the tile's start, its sequence's numbers in, q in, its first KV block done,
+    its KV loop done, its output or piece written; its KV blocks and its tile index."""
     device = q.device
     b = bind(plan, device)
     stream = _stream(b, device)
@@ -197,6 +204,14 @@ def run(plan: ServingPlan, q, k, v, out, lse, *, wl, block_table, scale: float, 
         check_stamps(stamps, stamp_rows(plan, device), device)
         main_const = dict(main_const, STAMPS=stamps[0], TIMELINE=True)
         fix_const = dict(fix_const, STAMPS=stamps[1], TIMELINE=True)
+        if len(stamps) > 2:
+            tiles = stamps[2]
+            if (tiles.dtype != torch.int64 or not tiles.is_contiguous() or tiles.dim() != 3
+                    or tiles.shape[0] != plan.programs or tiles.shape[2] != 8
+                    or tiles.device != torch.device(device)):
+                raise ValueError(f"stamps[2] must be a contiguous int64 [{plan.programs}, T, 8] "
+                                 f"tensor on {device}")
+            main_const = dict(main_const, TSTAMPS=tiles, TILE_STAMPS=tiles.shape[1])
     if plan.varlen:  # packed q and out [total_q, H, D]; lse [Hq, total_q]
         qs = (0, q.stride(0), q.stride(1))
         os_ = (0, out.stride(0), out.stride(1))
@@ -243,6 +258,14 @@ def run(plan: ServingPlan, q, k, v, out, lse, *, wl, block_table, scale: float, 
     else:
         kernel, fargs = _fix.ragged_general_fixup_kernel, out_args
     _launch(kernel, key and (*key, "fixup"), fargs, fix_const, b.fix_grid, stream)
+
+
+def head_merge(plan: ServingPlan) -> bool:
+    """Whether a cut tile's fused merge is done by the program holding its first piece
+    (`Tuning.head_merge`): fused merges of stream-K shares, without a dynamic tail (whose
+    chunks go to any program) or the split anchor's per-tile ranges."""
+    return (plan.fixup == "fused" and plan.tuning.head_merge and not plan.tail
+            and not plan.per_tile_ranges)
 
 
 def stamp_rows(plan: ServingPlan, device) -> tuple[int, int]:

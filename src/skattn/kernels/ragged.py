@@ -17,8 +17,9 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from skattn.kernels.attention import _fused_fixup
 from skattn.kernels.kv_loop import load_q
 from skattn.kernels.ragged_kv import ragged_kv_loop
-from skattn.kernels.stamps import stamp
-from skattn.kernels.tile import finalize_store, program_of, program_start, store_partial, tile_rows
+from skattn.kernels.stamps import stamp, tile_stamp, tile_value
+from skattn.kernels.tile import (finalize_store, merge_pieces, program_of, program_start,
+                                 store_partial, tile_rows)
 from skattn.kernels.worklist import (TAIL_CHUNK, TAIL_CHUNKS, TAIL_NEXT, TAIL_START, WHOLE_FLAG,
                                      WHOLE_NEXT, wl_offsets)
 
@@ -118,6 +119,32 @@ def next_whole_tile(WL, hz, o_start, o_count):
 
 
 @triton.jit
+def head_merge(acc, m_i, l_i, COUNTER, p_lo, p_hi, valid, WS_O, WS_M, WS_L,
+               HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+               PIECES: tl.constexpr):
+    """The state of a cut tile's first piece (its program's last tile, still in registers)
+    merged with the tile's other pieces, those of programs p_lo..p_hi (each its first tile, in
+    slot 0): wait until all of them counted themselves in COUNTER (acquire), merge them PIECES
+    at a time with all loads of a step waited for together, set COUNTER back to 0 for the next
+    launch. Every program of the grid is resident (the grid is one round of programs), and a
+    producer's piece comes first in its share, so the wait ends (docs/serving.md)."""
+    need = p_hi - p_lo + 1
+    arrived = tl.atomic_add(COUNTER, 0, sem="acquire")
+    while arrived < need:
+        arrived = tl.atomic_add(COUNTER, 0, sem="acquire")
+    tl.debug_barrier()
+    acc_o, m_o, l_o = merge_pieces(p_lo, p_hi, 0, 0, 1, valid, WS_O, WS_M, WS_L, 0, 0,
+                                   HEAD_DIM_V, BLOCK_M, BLOCK_M, BLOCK_DV, PIECES, True, True,
+                                   lead=0)
+    tl.atomic_xchg(COUNTER, 0)
+    m = tl.maximum(m_i, m_o)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    a = tl.exp2(m_i - m_safe)
+    b = tl.exp2(m_o - m_safe)
+    return acc * a[:, None] + acc_o * b[:, None], m, l_i * a + l_o * b
+
+
+@triton.jit
 def sequence_of(WL, rb, h, batch, rb_max, ntiles_z):
     """Tile (rb, h) -> b, token block, first KV block, Lq, Lk, first q row, first key row,
     KV head g, head group z."""
@@ -141,16 +168,24 @@ def _tile_state(WL, rb, h, rbs, c, item, stop_here, batch, rb_max, ntiles_z, rat
                 TOKENS_PER_TILE: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                 HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, INTERPRET: tl.constexpr,
                 PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, KV_FORMAT: tl.constexpr,
-                HEAD_SCALES: tl.constexpr, V_PAIRS: tl.constexpr, PAIR_D: tl.constexpr = 0):
+                HEAD_SCALES: tl.constexpr, V_PAIRS: tl.constexpr, PAIR_D: tl.constexpr = 0,
+                TS=None, ts_row=0, ts_k=0, TS_TILES: tl.constexpr = 0):
     """The online-softmax state of tile (rb, h) over its items [item, stop_here), with the
-    rows it covers and its output and LSE pointers moved to its sequence."""
+    rows it covers and its output and LSE pointers moved to its sequence. TS_TILES: tile
+    stamps (a diagnostic, `tile_stamp`): its sequence's numbers in, q in, first KV block and
+    the loop done."""
     first = rbs + h * c
     b, qblock, kv_first, lq, lk, qs, ks, g, z = sequence_of(WL, rb, h, batch, rb_max, ntiles_z)
+    if TS_TILES:
+        tile_stamp(TS, ts_row, ts_k, 1, tl.full([1], 0, tl.float32)
+                   + (lk + ks + qs + lq + kv_first + b).to(tl.float32), TS_TILES)
     qi, head, valid = tile_rows(g, z, qblock, lq, ratio, HEADS_PER_TILE, TOKENS_PER_TILE, BLOCK_M)
     b64 = tl.cast(b, tl.int64)
     Qb = Q + b64 * stride_qb + tl.cast(qs, tl.int64) * stride_qm
     q = load_q(Qb, 0, qi, head, valid, 0, stride_qm, stride_qh, 0, HEAD_DIM, BLOCK_DK,
                K.dtype.element_ty if KV_FORMAT == 0 else Q.dtype.element_ty, PAIR_D, ratio)
+    if TS_TILES:
+        tile_stamp(TS, ts_row, ts_k, 2, tl.max(q.to(tl.float32), 1), TS_TILES)
     if PAGED:
         kofs = tl.cast(g, tl.int64) * stride_kh
         vofs = tl.cast(g, tl.int64) * stride_vh
@@ -174,7 +209,9 @@ def _tile_state(WL, rb, h, rbs, c, item, stop_here, batch, rb_max, ntiles_z, rat
         stride_vb, stride_vn, lq, lk, num_pages, qk_scale, softcap_scale, window,
         qblock * TOKENS_PER_TILE, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_DK, DK_CHUNKS,
         BLOCK_DV, CAUSAL, HAS_WINDOW, HAS_ALIBI, SOFTCAP, INTERPRET, PAGED, PAGE_SIZE, KV_FORMAT,
-        HEAD_SCALES, V_PAIRS)
+        HEAD_SCALES, V_PAIRS, TS, ts_row, ts_k, TS_TILES)
+    if TS_TILES:
+        tile_stamp(TS, ts_row, ts_k, 4, l_i, TS_TILES)
     Ob = O + b64 * stride_ob + tl.cast(qs, tl.int64) * stride_om
     LSEb = LSE + b64 * stride_lb + qs
     return acc, m_i, l_i, qi, head, valid, Ob, LSEb, g, z, qblock, lq
@@ -207,10 +244,15 @@ def ragged_attention_kernel(
     MERGE_PIECES: tl.constexpr, USE_PDL: tl.constexpr,
     KV_FORMAT: tl.constexpr = 0, HEAD_SCALES: tl.constexpr = 0, WHOLE: tl.constexpr = False,
     WAIT_PDL: tl.constexpr = False, V_PAIRS: tl.constexpr = False, TAIL: tl.constexpr = False,
-    TILE_COST: tl.constexpr = 0, PAIR_D: tl.constexpr = 0,
-    STAMPS=None, TIMELINE: tl.constexpr = False,
+    TILE_COST: tl.constexpr = 0, PAIR_D: tl.constexpr = 0, HEAD_MERGE: tl.constexpr = False,
+    HEAD_PIECES: tl.constexpr = 4,
+    STAMPS=None, TIMELINE: tl.constexpr = False, TSTAMPS=None, TILE_STAMPS: tl.constexpr = 0,
 ):
     p = tl.program_id(0)
+    if HEAD_MERGE and INTERPRET:
+        # the interpreter runs programs one after another: in reverse, the head piece of a
+        # cut tile comes after the pieces its program waits for (`head_merge`)
+        p = tl.num_programs(0) - 1 - p
     if WAIT_PDL:  # launched early (PDL): the work list and every earlier kernel done first
         gdc_wait()
     if TIMELINE:  # a diagnostic: start, first piece's KV loop done, end (kernels/stamps.py)
@@ -277,12 +319,18 @@ def ragged_attention_kernel(
         # v: whose slots this range's pieces take (p; a tail chunk k is virtual program N + k)
         v = p
         more = p >= 0
+        k_tile = 0  # tiles this program has started (tile stamps)
         while more:
             item = start
             while item < end:
                 first = rbs + h * c
                 stop = first + c
                 stop_here = tl.minimum(end, stop)
+                if TILE_STAMPS:
+                    tile_stamp(TSTAMPS, p, k_tile, 0, tl.full([1], 0, tl.float32)
+                               + (item + rbs + c).to(tl.float32), TILE_STAMPS)
+                    tile_value(TSTAMPS, p, k_tile, 6, stop_here - item, TILE_STAMPS)
+                    tile_value(TSTAMPS, p, k_tile, 7, rb * hz + h, TILE_STAMPS)
                 acc, m_i, l_i, qi, head, valid, Ob, LSEb, g, z, qblock, lq = _tile_state(
                     WL, rb, h, rbs, c, item, stop_here, batch, rb_max, ntiles_z, ratio, Q,
                     stride_qb, stride_qm, stride_qh, K, stride_kb, stride_kn, stride_kh, V,
@@ -290,7 +338,8 @@ def ragged_attention_kernel(
                     stride_bt, SLOPES, KS, VS, num_pages, qk_scale, softcap_scale, window,
                     HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, BLOCK_DK, DK_CHUNKS, BLOCK_DV,
                     HEADS_PER_TILE, TOKENS_PER_TILE, CAUSAL, HAS_WINDOW, HAS_ALIBI, SOFTCAP,
-                    INTERPRET, PAGED, PAGE_SIZE, KV_FORMAT, HEAD_SCALES, V_PAIRS, PAIR_D)
+                    INTERPRET, PAGED, PAGE_SIZE, KV_FORMAT, HEAD_SCALES, V_PAIRS, PAIR_D,
+                    TSTAMPS, p, k_tile, TILE_STAMPS)
                 if TIMELINE:
                     if (item == start) & (v == p):
                         stamp(STAMPS, p, 1)
@@ -302,12 +351,28 @@ def ragged_attention_kernel(
                     finalize_store(acc, m_i, l_i, 0, qi, head, valid, Ob, 0, stride_om,
                                    stride_oh, LSEb, 0, stride_lh, SINKS, HEAD_DIM_V, BLOCK_DV,
                                    HAS_SINKS, RETURN_LSE, 0, PAIR_D, ratio)
+                elif HEAD_MERGE and (item == first):
+                    # -- the first piece of a cut tile: the tile's other pieces merged into it
+                    n = tl.maximum(programs, 1)
+                    if TILE_COST:
+                        p_last = program_of(stop - 1 + TILE_COST * (rb * hz + h + 1), positions, n)
+                    else:
+                        p_last = program_of(stop - 1, work, n)
+                    acc, m_i, l_i = head_merge(acc, m_i, l_i, COUNTERS + rb * hz + h, v + 1,
+                                               p_last, valid, WS_O, WS_M, WS_L, HEAD_DIM_V,
+                                               BLOCK_M, BLOCK_DV, HEAD_PIECES)
+                    finalize_store(acc, m_i, l_i, 0, qi, head, valid, Ob, 0, stride_om,
+                                   stride_oh, LSEb, 0, stride_lh, SINKS, HEAD_DIM_V, BLOCK_DV,
+                                   HAS_SINKS, RETURN_LSE, 0, PAIR_D, ratio)
                 else:
                     # -- a piece of a cut tile: slot 0 for our first tile, 1 for our last
                     slot = v * 2 + (item != start).to(tl.int32)
                     store_partial(acc, m_i, l_i, slot, WS_O, WS_M, WS_L, HEAD_DIM_V, BLOCK_M,
                                   BLOCK_DV)
-                    if FUSED:
+                    if HEAD_MERGE:  # counted for the tile's first piece, which merges
+                        tl.debug_barrier()  # every thread's partial is stored before the release
+                        tl.atomic_add(COUNTERS + rb * hz + h, 1, sem="release")
+                    elif FUSED:
                         # the tile's pieces are those of programs p_first..p_last: from W and
                         # N, or (a tail) the virtual programs of its first and last items
                         p_first = None
@@ -333,6 +398,10 @@ def ragged_attention_kernel(
                                      BLOCK_DV, HEADS_PER_TILE, TOKENS_PER_TILE, HAS_SINKS,
                                      RETURN_LSE, FIXUP_COLS, FIXUP_ROWS, MERGE_PIECES, p_first,
                                      p_last, lead, PAIR_D)
+                if TILE_STAMPS:
+                    tile_stamp(TSTAMPS, p, k_tile, 5, tl.full([1], 0, tl.float32)
+                               + stop_here.to(tl.float32), TILE_STAMPS)
+                    k_tile += 1
                 item = stop_here
                 # -- the next tile: the next head group, or the next row block's first
                 h += 1

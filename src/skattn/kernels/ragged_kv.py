@@ -13,6 +13,7 @@ import triton.language as tl
 from skattn.kernels.kv_loop import _dot, join_pairs, load_q, pv_pairs, split_pairs
 from skattn.kernels.quant import (QK4_0, QK8_0, block_rows, block_scales, fp8_rows,
                                   fp8_score_scales, fp8_v_scale)
+from skattn.kernels.stamps import tile_stamp
 from skattn.kernels.softmax import alibi_slope, scores, softmax_step, unmasked_end, visible
 
 
@@ -197,7 +198,8 @@ def ragged_kv_loop(acc, m_i, l_i, q, Qb, Kb, Vb, BT, SLOPES, KS, VS, g, qi, head
                    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_ALIBI: tl.constexpr,
                    SOFTCAP: tl.constexpr, INTERPRET: tl.constexpr, PAGED: tl.constexpr,
                    PAGE_SIZE: tl.constexpr, KV_FORMAT: tl.constexpr = 0,
-                   HEAD_SCALES: tl.constexpr = 0, V_PAIRS: tl.constexpr = False):
+                   HEAD_SCALES: tl.constexpr = 0, V_PAIRS: tl.constexpr = False, TS=None,
+                   ts_row=0, ts_k=0, TS_TILES: tl.constexpr = 0):
     """Online softmax over KV blocks [blk_lo, blk_hi) of one tile of sequence lengths
     (q_len, kv_len): first the blocks that need no mask, then the rest (`tile_kv_loop`).
     fp8 K/V (KV_FORMAT 1) as in `tile_kv_loop`: KS, VS hold f32 scales, KV head g's where
@@ -234,6 +236,9 @@ def ragged_kv_loop(acc, m_i, l_i, q, Qb, Kb, Vb, BT, SLOPES, KS, VS, g, qi, head
                 kv_len, num_pages, qk_scale, softcap_scale, window, HEAD_DIM, HEAD_DIM_V,
                 BLOCK_N, BLOCK_DK, DK_CHUNKS, BLOCK_DV, CAUSAL, HAS_WINDOW, HAS_ALIBI, SOFTCAP,
                 INTERPRET, PAGED, PAGE_SIZE, masked == 1, KV_FORMAT, V_PAIRS, PREFETCH)
+            if TS_TILES:  # a diagnostic: the first block done (kernels/stamps.py)
+                if blk == blk_lo:
+                    tile_stamp(TS, ts_row, ts_k, 3, l_i, TS_TILES)
             if PREFETCH:
                 offs_n, krow, vrow, ok, ksc, vsc = n_offs, n_krow, n_vrow, n_ok, nks, nvs
     acc = join_pairs(acc, acc2, V_PAIRS, KV_FORMAT)
