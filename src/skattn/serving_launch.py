@@ -18,8 +18,7 @@ from skattn.kernels import ragged as _ragged
 from skattn.kernels import ragged_fixup as _fix
 from skattn.kernels import worklist as _wl
 from skattn.launch import (KV_FORMATS, _launch, _no_hooks, _pdl_wait, _spec, cached_bind,
-                           check_stamps, constants, device_table, pieces_per_step, score_scales,
-                           v_pairs)
+                           check_stamps, constants, device_table, score_scales, v_pairs)
 from skattn.serving_plan import POLICY_CODE, ServingPlan, n_sat
 
 INT32_MAX = 2**31 - 1
@@ -80,10 +79,7 @@ def _bind(plan: ServingPlan, device: torch.device) -> Bound:
                       WAIT_PDL=_pdl_wait(plan, device),
                       # FP8 V: rows at multiples of 4 bytes (checks); q8_0 keeps its loads
                       V_PAIRS=v_pairs(plan), TAIL=plan.tail > 0, TILE_COST=plan.tile_cost,
-                      PAIR_D=plan.head_dim // 2 if plan.head_pairs else 0,
-                      HEAD_MERGE=head_merge(plan),
-                      HEAD_PIECES=pieces_per_step(g.block_m, g.block_dv, g.num_warps,
-                                                  plan.tuning.merge_elements))
+                      PAIR_D=plan.head_dim // 2 if plan.head_pairs else 0)
     if main_const["WAIT_PDL"]:  # Tuning(pdl_wait=True): launched early, waits on the GPU
         main_const["launch_pdl"] = True
     # decode tiles three or more an SM: the build must fit them (prompt-sized tiles, whose
@@ -258,14 +254,6 @@ def run(plan: ServingPlan, q, k, v, out, lse, *, wl, block_table, scale: float, 
     else:
         kernel, fargs = _fix.ragged_general_fixup_kernel, out_args
     _launch(kernel, key and (*key, "fixup"), fargs, fix_const, b.fix_grid, stream)
-
-
-def head_merge(plan: ServingPlan) -> bool:
-    """Whether a cut tile's fused merge is done by the program holding its first piece
-    (`Tuning.head_merge`): fused merges of stream-K shares, without a dynamic tail (whose
-    chunks go to any program) or the split anchor's per-tile ranges."""
-    return (plan.fixup == "fused" and plan.tuning.head_merge and not plan.tail
-            and not plan.per_tile_ranges)
 
 
 def stamp_rows(plan: ServingPlan, device) -> tuple[int, int]:

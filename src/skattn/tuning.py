@@ -85,11 +85,6 @@ class Tuning:
         "dequant" where `skattn.quant_route` finds it pays (prompt chunks of at least 512
         query rows a KV head over 8192 keys or more, policy "auto", no launch shape given,
         and a 16-bit plan that the prompt kernel takes), "native" otherwise.
-    head_merge : bool
-        Fused merges of serving plans (stream-K shares, no dynamic tail): a cut tile is
-        merged by the program holding its first piece, which keeps that piece in registers
-        and waits for the other pieces' count (kernels/ragged.py `head_merge`), instead of
-        by the last program to arrive, after its piece's store, a fence and an atomic.
     prefill_device_desc : bool
         "tma" only: make the K/V descriptors in the kernel, one per tile,
         instead of on the host once per call (their 128 bytes a program come from torch,
@@ -113,7 +108,6 @@ class Tuning:
     q8_0_v_blocks: bool | None = None
     quant_route: str = "auto"
     tile_order: str = "longest"
-    head_merge: bool = True
 
     def __post_init__(self):
         if self.prefill not in PREFILL_KERNELS:

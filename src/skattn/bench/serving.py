@@ -134,8 +134,7 @@ def build_skattn(batch: Batch, policy: str, overrides: dict | None = None) -> Bu
 
     m = batch.mix
     overrides = dict(overrides or {})
-    tuning = {k: bool(overrides.pop(k)) for k in ("pdl_wait", "fp8_v_pairs", "q8_0_v_blocks",
-                                                   "head_merge")
+    tuning = {k: bool(overrides.pop(k)) for k in ("pdl_wait", "fp8_v_pairs", "q8_0_v_blocks")
               if k in overrides}
     if tuning:
         overrides["tuning"] = Tuning(**tuning)

@@ -18,8 +18,7 @@ from skattn.kernels.attention import _fused_fixup
 from skattn.kernels.kv_loop import load_q
 from skattn.kernels.ragged_kv import ragged_kv_loop
 from skattn.kernels.stamps import stamp, tile_stamp, tile_value
-from skattn.kernels.tile import (finalize_store, merge_pieces, program_of, program_start,
-                                 store_partial, tile_rows)
+from skattn.kernels.tile import finalize_store, program_of, program_start, store_partial, tile_rows
 from skattn.kernels.worklist import (TAIL_CHUNK, TAIL_CHUNKS, TAIL_NEXT, TAIL_START, WHOLE_FLAG,
                                      WHOLE_NEXT, wl_offsets)
 
@@ -116,32 +115,6 @@ def next_whole_tile(WL, hz, o_start, o_count):
     h = t - rb * hz
     c = tl.load(WL + o_count + rb, mask=left, other=1)
     return rb, h, tl.load(WL + o_start + rb, mask=left, other=0), c, left
-
-
-@triton.jit
-def head_merge(acc, m_i, l_i, COUNTER, p_lo, p_hi, valid, WS_O, WS_M, WS_L,
-               HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
-               PIECES: tl.constexpr):
-    """The state of a cut tile's first piece (its program's last tile, still in registers)
-    merged with the tile's other pieces, those of programs p_lo..p_hi (each its first tile, in
-    slot 0): wait until all of them counted themselves in COUNTER (acquire), merge them PIECES
-    at a time with all loads of a step waited for together, set COUNTER back to 0 for the next
-    launch. Every program of the grid is resident (the grid is one round of programs), and a
-    producer's piece comes first in its share, so the wait ends (docs/serving.md)."""
-    need = p_hi - p_lo + 1
-    arrived = tl.atomic_add(COUNTER, 0, sem="acquire")
-    while arrived < need:
-        arrived = tl.atomic_add(COUNTER, 0, sem="acquire")
-    tl.debug_barrier()
-    acc_o, m_o, l_o = merge_pieces(p_lo, p_hi, 0, 0, 1, valid, WS_O, WS_M, WS_L, 0, 0,
-                                   HEAD_DIM_V, BLOCK_M, BLOCK_M, BLOCK_DV, PIECES, True, True,
-                                   lead=0)
-    tl.atomic_xchg(COUNTER, 0)
-    m = tl.maximum(m_i, m_o)
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    a = tl.exp2(m_i - m_safe)
-    b = tl.exp2(m_o - m_safe)
-    return acc * a[:, None] + acc_o * b[:, None], m, l_i * a + l_o * b
 
 
 @triton.jit
@@ -244,15 +217,10 @@ def ragged_attention_kernel(
     MERGE_PIECES: tl.constexpr, USE_PDL: tl.constexpr,
     KV_FORMAT: tl.constexpr = 0, HEAD_SCALES: tl.constexpr = 0, WHOLE: tl.constexpr = False,
     WAIT_PDL: tl.constexpr = False, V_PAIRS: tl.constexpr = False, TAIL: tl.constexpr = False,
-    TILE_COST: tl.constexpr = 0, PAIR_D: tl.constexpr = 0, HEAD_MERGE: tl.constexpr = False,
-    HEAD_PIECES: tl.constexpr = 4,
+    TILE_COST: tl.constexpr = 0, PAIR_D: tl.constexpr = 0,
     STAMPS=None, TIMELINE: tl.constexpr = False, TSTAMPS=None, TILE_STAMPS: tl.constexpr = 0,
 ):
     p = tl.program_id(0)
-    if HEAD_MERGE and INTERPRET:
-        # the interpreter runs programs one after another: in reverse, the head piece of a
-        # cut tile comes after the pieces its program waits for (`head_merge`)
-        p = tl.num_programs(0) - 1 - p
     if WAIT_PDL:  # launched early (PDL): the work list and every earlier kernel done first
         gdc_wait()
     if TIMELINE:  # a diagnostic: start, first piece's KV loop done, end (kernels/stamps.py)
@@ -351,28 +319,12 @@ def ragged_attention_kernel(
                     finalize_store(acc, m_i, l_i, 0, qi, head, valid, Ob, 0, stride_om,
                                    stride_oh, LSEb, 0, stride_lh, SINKS, HEAD_DIM_V, BLOCK_DV,
                                    HAS_SINKS, RETURN_LSE, 0, PAIR_D, ratio)
-                elif HEAD_MERGE and (item == first):
-                    # -- the first piece of a cut tile: the tile's other pieces merged into it
-                    n = tl.maximum(programs, 1)
-                    if TILE_COST:
-                        p_last = program_of(stop - 1 + TILE_COST * (rb * hz + h + 1), positions, n)
-                    else:
-                        p_last = program_of(stop - 1, work, n)
-                    acc, m_i, l_i = head_merge(acc, m_i, l_i, COUNTERS + rb * hz + h, v + 1,
-                                               p_last, valid, WS_O, WS_M, WS_L, HEAD_DIM_V,
-                                               BLOCK_M, BLOCK_DV, HEAD_PIECES)
-                    finalize_store(acc, m_i, l_i, 0, qi, head, valid, Ob, 0, stride_om,
-                                   stride_oh, LSEb, 0, stride_lh, SINKS, HEAD_DIM_V, BLOCK_DV,
-                                   HAS_SINKS, RETURN_LSE, 0, PAIR_D, ratio)
                 else:
                     # -- a piece of a cut tile: slot 0 for our first tile, 1 for our last
                     slot = v * 2 + (item != start).to(tl.int32)
                     store_partial(acc, m_i, l_i, slot, WS_O, WS_M, WS_L, HEAD_DIM_V, BLOCK_M,
                                   BLOCK_DV)
-                    if HEAD_MERGE:  # counted for the tile's first piece, which merges
-                        tl.debug_barrier()  # every thread's partial is stored before the release
-                        tl.atomic_add(COUNTERS + rb * hz + h, 1, sem="release")
-                    elif FUSED:
+                    if FUSED:
                         # the tile's pieces are those of programs p_first..p_last: from W and
                         # N, or (a tail) the virtual programs of its first and last items
                         p_first = None

@@ -205,7 +205,8 @@ def ragged_kv_loop(acc, m_i, l_i, q, Qb, Kb, Vb, BT, SLOPES, KS, VS, g, qi, head
     fp8 K/V (KV_FORMAT 1) as in `tile_kv_loop`: KS, VS hold f32 scales, KV head g's where
     HEAD_SCALES says (bit 0: K's, bit 1: V's); K's is folded into the score scale, V's
     multiplies the accumulator (a partial's too: the merge is linear in it). q8_0, q4_0 (2, 3):
-    KS, VS point at the block scales of Kb's and Vb's first element."""
+    KS, VS point at the block scales of Kb's and Vb's first element. TS_TILES (a diagnostic,
+    kernels/stamps.py): TS[ts_row, ts_k, 3] gets the time the first block is done."""
     qpos = kv_len - q_len + qi
     if KV_FORMAT == 1:
         qk_scale, softcap_scale = fp8_score_scales(KS, g, qk_scale, softcap_scale, SOFTCAP,
