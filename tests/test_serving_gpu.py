@@ -534,3 +534,50 @@ def test_block_mixed_prefill_and_decode():
     skattn.attention_varlen(q, kq, vq, cu_q, cu_k, mq, mk, block_table=table, out=out)
     assert not torch.isnan(out).any()
     assert rel_err(out, ref) <= tol, (rel_err(out, ref), tol)
+
+
+def test_tile_stamps():
+    # serving_launch.run(stamps=(main, fixup, tiles)) (tools/serving_timeline.py --tiles):
+    # each stamped tile's six times in order, its blocks those of the host work list's
+    # ranges, and the output as without stamps (up to the stamped build's rounding)
+    from skattn import serving_launch
+    from skattn.serving_worklist import host_work_list
+
+    lens = [3000, 700, 64, 1500, 1]
+    q, k, v, table, lens_t = kvcache_case(lens, Hq=16, Hkv=2, D=128, page_size=16, seed=21)
+    p = skattn.serving_plan(batch=len(lens), q_len=1, max_kv_len=table.shape[1] * 16,
+                            page_size=16, max_pages=table.shape[1], q_heads=16, kv_heads=2,
+                            head_dim=128, programs=24)
+    assert p.fixup == "fused"
+    ref = run_kvcache(q, k, v, table, lens_t, p)
+    ws = serving.workspace(p, device=q.device)
+    b = serving_launch.bind(p, q.device)
+    views = serving_launch._views(p, b, ws, q.device, serving_launch._stream(b, q.device))
+    rows_main, rows_fix = serving_launch.stamp_rows(p, q.device)
+    main = torch.zeros(rows_main, 4, dtype=torch.int64, device="cuda")
+    fix = torch.zeros(max(1, rows_fix), 4, dtype=torch.int64, device="cuda")
+    tiles = torch.zeros(rows_main, 8, 8, dtype=torch.int64, device="cuda")
+    out = torch.full_like(ref, NAN)
+    serving_launch.build(p, views[4], seq_k=lens_t, cu_k=False, seq_q=None)
+    serving_launch.run(p, q, k, v, out, None, wl=views[4], block_table=table, scale=128 ** -0.5,
+                       ws_views=views[:4], stamps=(main, fix, tiles))
+    torch.cuda.synchronize()
+    assert (out.float() - ref.float()).abs().max().item() <= 1e-3  # the same computation
+    wl = host_work_list(p, lens_k=lens)
+    t = tiles.cpu()
+    stamped = 0
+    for prog in range(wl.programs):
+        lo, hi = wl.program_range(prog)
+        got = [row for row in t[prog].tolist() if row[0] > 0]
+        assert sum(row[6] for row in got) <= hi - lo
+        if len(got) < 8:  # every tile of the range stamped: its blocks add up to the range
+            assert sum(row[6] for row in got) == hi - lo
+        for row in got:
+            assert all(row[i] <= row[i + 1] for i in range(5)), row
+            assert row[6] > 0 and 0 <= row[7] < p.tiles_max
+        stamped += len(got)
+    assert stamped >= wl.programs
+    with pytest.raises(ValueError, match=r"stamps\[2\]"):
+        serving_launch.run(p, q, k, v, out, None, wl=views[4], block_table=table,
+                           scale=128 ** -0.5, ws_views=views[:4],
+                           stamps=(main, fix, tiles[:, :, :4].contiguous()))

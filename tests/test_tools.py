@@ -193,8 +193,9 @@ def test_serving_timeline_fit_recovers_block_and_tile_costs():
 
 
 def test_stamped_serving_kernels_compile_for_sm90():
-    # the serving main kernel and both separate fixups with TIMELINE stamps
-    # (serving_launch.run(stamps=)), compiled ahead of time as scripts/compile_serving.py does
+    # the serving main kernel and both separate fixups with TIMELINE stamps, the main kernel
+    # with tile stamps too (serving_launch.run(stamps=)), compiled ahead of time as
+    # scripts/compile_serving.py does
     code = (
         "import json, sys, torch\n"
         "sys.path[:0] = ['scripts']\n"
@@ -212,13 +213,19 @@ def test_stamped_serving_kernels_compile_for_sm90():
         "        info = resources.compile_launch(kernel, args, const,\n"
         "                                        loops=name == 'ragged_attention_kernel')\n"
         "        res.append(dict(kernel=name, **info))\n"
+        "        if name == 'ragged_attention_kernel' and not const['WHOLE']:  # tile stamps\n"
+        "            const.update(TSTAMPS=torch.zeros(4096, 8, 8, dtype=torch.int64),\n"
+        "                         TILE_STAMPS=8)\n"
+        "            info = resources.compile_launch(kernel, args, const, loops=True)\n"
+        "            res.append(dict(kernel=name + ' tiles', **info))\n"
         "print(json.dumps(res))\n")
     built = _compiled(code)
     assert sorted(b["kernel"] for b in built) == [
-        "ragged_attention_kernel", "ragged_attention_kernel", "ragged_general_fixup_kernel",
+        "ragged_attention_kernel", "ragged_attention_kernel", "ragged_attention_kernel tiles",
+        "ragged_attention_kernel tiles", "ragged_general_fixup_kernel",
         "ragged_uniform_fixup_kernel"], built
     for b in built:
-        if b["kernel"] == "ragged_attention_kernel":
+        if b["kernel"].startswith("ragged_attention_kernel"):
             assert b["loop_spills"] == 0, b  # the stamps stay out of the KV loop
         else:
             assert b["spill_bytes"] == 0, b
@@ -279,3 +286,29 @@ def test_batch_layout_probe_reference_matches_skattn_reference():
     got = probe._reference(q, k, v, [0, 2])
     assert got.dtype == torch.float64
     assert torch.allclose(got, ref[[0, 2], 0].double(), rtol=0, atol=1e-6)
+
+
+def test_serving_timeline_tile_phases_and_loop_fit():
+    # tools/serving_timeline.py --tiles: phases between a tile's stamps, the gap to the next
+    # tile's start, and the KV loop (q in to loop done) fitted to the tile's blocks
+    st = _load("serving_timeline")
+    empty = [[0] * 8]
+    prog = []
+    t = 1000
+    for k, blocks in enumerate((5, 2, 9)):
+        meta, q, first, store = 200, 800, 4000, 400
+        rest = 1800 * (blocks - 1) + 100  # the loop: 4000 + 1800 (b - 1) + 100 = 2300 + 1800 b
+        s = [t, t + meta, t + meta + q, t + meta + q + first, t + meta + q + first + rest]
+        s.append(s[-1] + store)
+        prog.append(s + [blocks, 10 + k])
+        t = s[-1] + 300
+    rows = st.tile_rows([prog + empty * 2, empty * 5], "m", "x", 16)
+    assert [(r["program"], r["k"], r["tile"], r["blocks"]) for r in rows] == [
+        (0, 0, 10, 5), (0, 1, 11, 2), (0, 2, 12, 9)]
+    assert rows[0]["meta"] == 0.2 and rows[0]["q"] == 0.8 and rows[0]["store"] == 0.4
+    assert rows[0]["next"] == 0.3 and rows[2]["next"] is None
+    got = st.tile_summary(rows)
+    assert abs(got["loop_us_per_block"] - 1.8) < 1e-9 and abs(got["loop_us_fixed"] - 2.3) < 1e-9
+    assert got["tile_first_med"] == 4.0 and got["tiles_stamped"] == 3
+    assert got["stamps_ordered"] == 3
+    assert "loop" in st.tile_table([dict(model="m", mix="x", page_size=16, **got)])
