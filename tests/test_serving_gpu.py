@@ -548,7 +548,7 @@ def test_tile_stamps():
     p = skattn.serving_plan(batch=len(lens), q_len=1, max_kv_len=table.shape[1] * 16,
                             page_size=16, max_pages=table.shape[1], q_heads=16, kv_heads=2,
                             head_dim=128, programs=24)
-    assert p.fixup == "fused"
+    assert p.fixup == "fused" and not p.tail  # every program's range from the host's shares
     ref = run_kvcache(q, k, v, table, lens_t, p)
     ws = serving.workspace(p, device=q.device)
     b = serving_launch.bind(p, q.device)
@@ -577,6 +577,16 @@ def test_tile_stamps():
             assert row[6] > 0 and 0 <= row[7] < p.tiles_max
         stamped += len(got)
     assert stamped >= wl.programs
+    assert not t[wl.programs:].any()  # programs without a share stamp nothing
+    # one tile a program, in a buffer with a row to spare: the first tile's blocks and index
+    # as above, nothing written past a program's row
+    spare = torch.zeros(rows_main + 1, 8, dtype=torch.int64, device="cuda")
+    serving_launch.run(p, q, k, v, out, None, wl=views[4], block_table=table, scale=128 ** -0.5,
+                       ws_views=views[:4], stamps=(main, fix, spare[:rows_main].view(rows_main, 1, 8)))
+    torch.cuda.synchronize()
+    one = spare.cpu()
+    assert not one[rows_main].any()
+    assert torch.equal(one[:rows_main, 6:], t[:, 0, 6:])
     with pytest.raises(ValueError, match=r"stamps\[2\]"):
         serving_launch.run(p, q, k, v, out, None, wl=views[4], block_table=table,
                            scale=128 ** -0.5, ws_views=views[:4],

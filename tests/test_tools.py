@@ -217,6 +217,12 @@ def test_stamped_serving_kernels_compile_for_sm90():
         "            const.update(TSTAMPS=torch.zeros(4096, 8, 8, dtype=torch.int64),\n"
         "                         TILE_STAMPS=8)\n"
         "            info = resources.compile_launch(kernel, args, const, loops=True)\n"
+        "            import sass_loop\n"
+        "            sass = sass_loop.disassemble(resources.build(kernel, args, const)\n"
+        "                                         .asm['cubin']).splitlines()\n"
+        "            reads = [l.split(';')[0].split('*/')[-1].strip() for l in sass\n"
+        "                     if 'SR_GLOBALTIMERLO' in l]\n"
+        "            info['timer_reads'] = [r.startswith('@') for r in reads]\n"
         "            res.append(dict(kernel=name + ' tiles', **info))\n"
         "print(json.dumps(res))\n")
     built = _compiled(code)
@@ -225,6 +231,10 @@ def test_stamped_serving_kernels_compile_for_sm90():
         "ragged_attention_kernel tiles", "ragged_general_fixup_kernel",
         "ragged_uniform_fixup_kernel"], built
     for b in built:
+        if b["kernel"] == "ragged_attention_kernel tiles":
+            # tile stamps read the clock under a predicate on the value they follow (at least
+            # one read for each of the six stamps), not hoisted above the value's wait
+            assert sum(b["timer_reads"]) >= 6, b
         if b["kernel"].startswith("ragged_attention_kernel"):
             assert b["loop_spills"] == 0, b  # the stamps stay out of the KV loop
         else:

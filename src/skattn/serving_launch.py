@@ -175,7 +175,8 @@ def run(plan: ServingPlan, q, k, v, out, lse, *, wl, block_table, scale: float, 
     end; column 3 the SM. The stream-K build only (not a whole-tile step's). A third tensor
     [plan.programs, T, 8] adds tile stamps for each program's first T tiles (kernels/stamps.py
     `tile_stamp`): the tile's start, its sequence's numbers in, q in, its first KV block done,
-    its KV loop done, its output or piece written; its KV blocks and its tile index."""
+    its KV loop done, its output's or piece's stores issued (a cut piece's after the fused
+    merge's atomic); its KV blocks and its tile index."""
     device = q.device
     b = bind(plan, device)
     stream = _stream(b, device)
@@ -202,7 +203,7 @@ def run(plan: ServingPlan, q, k, v, out, lse, *, wl, block_table, scale: float, 
         fix_const = dict(fix_const, STAMPS=stamps[1], TIMELINE=True)
         if len(stamps) > 2:
             tiles = stamps[2]
-            if (tiles.dtype != torch.int64 or not tiles.is_contiguous() or tiles.dim() != 3
+            if (not isinstance(tiles, torch.Tensor) or tiles.dtype != torch.int64 or not tiles.is_contiguous() or tiles.dim() != 3
                     or tiles.shape[0] != plan.programs or tiles.shape[2] != 8
                     or tiles.device != torch.device(device)):
                 raise ValueError(f"stamps[2] must be a contiguous int64 [{plan.programs}, T, 8] "

@@ -17,11 +17,13 @@ def stamp(STAMPS, row, col: tl.constexpr):
 
 @triton.jit
 def timer_after(x):
-    """%globaltimer read once every value of x (float32) is in its register: the read is
-    predicated on a comparison of x, so it cannot be issued before x arrives."""
+    """%globaltimer read once every value of x (int32) is in its register: a branch on a
+    comparison of x skips the read (only where x is the bit pattern 0x7FC00001, a NaN's, then
+    0), so ptxas predicates the read on x instead of hoisting it above the value's wait."""
     return tl.inline_asm_elementwise(
-        "{ .reg .pred p; setp.neu.f32 p, $1, 0f7FC00001; mov.u64 $0, 0; "
-        "@p mov.u64 $0, %globaltimer; }", "=l,f", [x], dtype=tl.int64, is_pure=False, pack=1)
+        "{ .reg .pred p; setp.eq.b32 p, $1, 2143289345; mov.u64 $0, 0; "
+        "@p bra SKIP${:uid}; mov.u64 $0, %globaltimer; SKIP${:uid}: }", "=l,r", [x],
+        dtype=tl.int64, is_pure=False, pack=1)
 
 
 @triton.jit
@@ -29,7 +31,8 @@ def tile_stamp(TS, row, k, col: tl.constexpr, dep, TILES: tl.constexpr):
     """TS[row, k, col] = %globaltimer once `dep` (a tensor) is ready, for a program's first
     TILES tiles."""
     if k < TILES:
-        tl.store(TS + (row * TILES + k) * TILE_COLS + col, tl.max(timer_after(dep.to(tl.float32))))
+        bits = dep.to(tl.float32).to(tl.int32, bitcast=True)
+        tl.store(TS + (row * TILES + k) * TILE_COLS + col, tl.max(timer_after(bits)))
 
 
 @triton.jit
