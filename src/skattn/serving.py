@@ -34,9 +34,21 @@ def _cached_plan(device, q_split="auto", **bounds) -> ServingPlan | MixedPlan:
     return serving_plan(**args, q_split=None) if q_split is None else step_plan(q_split, args)
 
 
-def _plan(plan, device, bounds: dict) -> ServingPlan | MixedPlan:
+def _plan(plan, device, bounds: dict, k, v) -> ServingPlan | MixedPlan:
+    """The call's plan (cached per bounds where the caller gave none), checked against the
+    call's bounds and, where it reads KV heads in pairs, against K/V's layout."""
     if plan is None:
-        return _cached_plan(device, **bounds)
+        if bounds["head_dim"] == PAIR_HEAD_DIM and not (_adjacent(k) and _adjacent(v)):
+            bounds["head_pairs"] = False  # the default plan reads one KV head a row then
+        plan = _cached_plan(device, **bounds)
+    else:
+        _check_plan(plan, bounds)
+    _pairs_layout(plan, k, v)
+    return plan
+
+
+def _check_plan(plan, bounds: dict) -> None:
+    """A caller's plan is a whole serving plan made for the call's bounds."""
     if not isinstance(plan, (ServingPlan, MixedPlan)):
         raise TypeError(f"plan must be a skattn.ServingPlan or MixedPlan (from "
                         f"skattn.serving_plan), got {type(plan).__name__}")
@@ -49,7 +61,6 @@ def _plan(plan, device, bounds: dict) -> ServingPlan | MixedPlan:
             raise ValueError("a MixedPlan splits a varlen batch: pass it to attention_varlen")
         sc.plan_matches(plan.short, dtype=SERVING_DTYPES[dtype], **dict(bounds, max_q_len=plan.q_split))
     sc.plan_matches(plan.long if isinstance(plan, MixedPlan) else plan, dtype=SERVING_DTYPES[dtype], **bounds)
-    return plan
 
 
 def _adjacent(x) -> bool:
@@ -243,10 +254,7 @@ def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, block_table=No
         bounds = dict(batch=B, q_len=Lq, max_kv_len=k_cache.shape[1], page_size=None)
     bounds.update(q_heads=Hq, kv_heads=hkv, head_dim=Dk, head_dim_v=dv, dtype=quant.kv_dtype(k_cache),
                   causal=causal, window=window)
-    if plan is None and Dk == PAIR_HEAD_DIM and not (_adjacent(k_cache) and _adjacent(v_cache)):
-        bounds["head_pairs"] = False  # the default plan reads one KV head a row then
-    plan = _plan(plan, q.device, bounds)
-    _pairs_layout(plan, k_cache, v_cache)
+    plan = _plan(plan, q.device, bounds, k_cache, v_cache)
     if out is None:
         out = torch.empty(B, Lq, Hq, dv, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, Hq, Lq, device=q.device, dtype=torch.float32) if return_lse else None
@@ -315,13 +323,10 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
         bounds.update(total_k=k.shape[0], page_size=None)
     bounds.update(q_heads=Hq, kv_heads=hkv, head_dim=Dk, head_dim_v=dv, dtype=quant.kv_dtype(k),
                   causal=causal, window=window)
-    if plan is None and Dk == PAIR_HEAD_DIM and not (_adjacent(k) and _adjacent(v)):
-        bounds["head_pairs"] = False
     if plan is not None and plan.q_len is not None:
         raise ValueError("plan was made for attention_with_kvcache (q_len); plan varlen "
                          "batches with max_q_len and total_q")
-    plan = _plan(plan, q.device, bounds)
-    _pairs_layout(plan, k, v)
+    plan = _plan(plan, q.device, bounds, k, v)
     if out is None:
         out = torch.empty(total_q, Hq, dv, device=q.device, dtype=q.dtype)
     lse = torch.empty(Hq, total_q, device=q.device, dtype=torch.float32) if return_lse else None

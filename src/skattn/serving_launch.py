@@ -202,13 +202,8 @@ def run(plan: ServingPlan, q, k, v, out, lse, *, wl, block_table, scale: float, 
         main_const = dict(main_const, STAMPS=stamps[0], TIMELINE=True)
         fix_const = dict(fix_const, STAMPS=stamps[1], TIMELINE=True)
         if len(stamps) > 2:
-            tiles = stamps[2]
-            if (not isinstance(tiles, torch.Tensor) or tiles.dtype != torch.int64 or not tiles.is_contiguous() or tiles.dim() != 3
-                    or tiles.shape[0] != plan.programs or tiles.shape[2] != 8
-                    or tiles.device != torch.device(device)):
-                raise ValueError(f"stamps[2] must be a contiguous int64 [{plan.programs}, T, 8] "
-                                 f"tensor on {device}")
-            main_const = dict(main_const, TSTAMPS=tiles, TILE_STAMPS=tiles.shape[1])
+            _check_tile_stamps(stamps[2], plan.programs, device)
+            main_const = dict(main_const, TSTAMPS=stamps[2], TILE_STAMPS=stamps[2].shape[1])
     if plan.varlen:  # packed q and out [total_q, H, D]; lse [Hq, total_q]
         qs = (0, q.stride(0), q.stride(1))
         os_ = (0, out.stride(0), out.stride(1))
@@ -255,6 +250,16 @@ def run(plan: ServingPlan, q, k, v, out, lse, *, wl, block_table, scale: float, 
     else:
         kernel, fargs = _fix.ragged_general_fixup_kernel, out_args
     _launch(kernel, key and (*key, "fixup"), fargs, fix_const, b.fix_grid, stream)
+
+
+def _check_tile_stamps(tiles, programs: int, device) -> None:
+    """Tile stamps: 8 int64 for each of T tiles of each program, so wrong buffers would be
+    written out of bounds."""
+    if (not isinstance(tiles, torch.Tensor) or tiles.dtype != torch.int64 or tiles.dim() != 3
+            or not tiles.is_contiguous() or tiles.shape[0] != programs or tiles.shape[2] != 8
+            or tiles.device != torch.device(device)):
+        raise ValueError(f"stamps[2] must be a contiguous int64 [{programs}, T, 8] tensor on "
+                         f"{device}")
 
 
 def stamp_rows(plan: ServingPlan, device) -> tuple[int, int]:

@@ -150,8 +150,7 @@ def _tile_state(WL, rb, h, rbs, c, item, stop_here, batch, rb_max, ntiles_z, rat
     first = rbs + h * c
     b, qblock, kv_first, lq, lk, qs, ks, g, z = sequence_of(WL, rb, h, batch, rb_max, ntiles_z)
     if TS_TILES:
-        tile_stamp(TS, ts_row, ts_k, 1, tl.full([1], 0, tl.float32)
-                   + (lk + ks + qs + lq + kv_first + b).to(tl.float32), TS_TILES)
+        tile_stamp(TS, ts_row, ts_k, 1, lk + ks + qs + lq + kv_first + b, TS_TILES)
     qi, head, valid = tile_rows(g, z, qblock, lq, ratio, HEADS_PER_TILE, TOKENS_PER_TILE, BLOCK_M)
     b64 = tl.cast(b, tl.int64)
     Qb = Q + b64 * stride_qb + tl.cast(qs, tl.int64) * stride_qm
@@ -295,8 +294,7 @@ def ragged_attention_kernel(
                 stop = first + c
                 stop_here = tl.minimum(end, stop)
                 if TILE_STAMPS:
-                    tile_stamp(TSTAMPS, p, k_tile, 0, tl.full([1], 0, tl.float32)
-                               + (item + rbs + c).to(tl.float32), TILE_STAMPS)
+                    tile_stamp(TSTAMPS, p, k_tile, 0, item + rbs + c, TILE_STAMPS)
                     tile_value(TSTAMPS, p, k_tile, 6, stop_here - item, TILE_STAMPS)
                     tile_value(TSTAMPS, p, k_tile, 7, rb * hz + h, TILE_STAMPS)
                 acc, m_i, l_i, qi, head, valid, Ob, LSEb, g, z, qblock, lq = _tile_state(
@@ -351,8 +349,7 @@ def ragged_attention_kernel(
                                      RETURN_LSE, FIXUP_COLS, FIXUP_ROWS, MERGE_PIECES, p_first,
                                      p_last, lead, PAIR_D)
                 if TILE_STAMPS:
-                    tile_stamp(TSTAMPS, p, k_tile, 5, tl.full([1], 0, tl.float32)
-                               + stop_here.to(tl.float32), TILE_STAMPS)
+                    tile_stamp(TSTAMPS, p, k_tile, 5, stop_here, TILE_STAMPS)
                     k_tile += 1
                 item = stop_here
                 # -- the next tile: the next head group, or the next row block's first

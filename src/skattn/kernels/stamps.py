@@ -28,10 +28,10 @@ def timer_after(x):
 
 @triton.jit
 def tile_stamp(TS, row, k, col: tl.constexpr, dep, TILES: tl.constexpr):
-    """TS[row, k, col] = %globaltimer once `dep` (a tensor) is ready, for a program's first
-    TILES tiles."""
+    """TS[row, k, col] = %globaltimer once `dep` (a scalar or a vector) is ready, for a
+    program's first TILES tiles."""
     if k < TILES:
-        bits = dep.to(tl.float32).to(tl.int32, bitcast=True)
+        bits = (dep.to(tl.float32) + tl.zeros([1], dtype=tl.float32)).to(tl.int32, bitcast=True)
         tl.store(TS + (row * TILES + k) * TILE_COLS + col, tl.max(timer_after(bits)))
 
 
