@@ -2,7 +2,6 @@
 sm_90a, here, without a GPU.
 
   python3 scripts/ws_build.py [--head-dim 128] [--q-heads 32] [--dtype f16] [--sum-mma auto]
-      [--lazy-rescale]
       [--ptx FILE]
 
 Plans llama-8b-like n = 512, L = 8192 with `Tuning(prefill="ws")` (8 KV heads), builds the
@@ -45,12 +44,11 @@ def compile_sm90(fn, args, kw):
                           options=options.__dict__)
 
 
-def build(head_dim=128, q_heads=32, dtype=torch.float16, sum_mma=None, lazy=False):
+def build(head_dim=128, q_heads=32, dtype=torch.float16, sum_mma=None):
     n, L = 512, 8192
     p = skattn.plan(batch=1, q_len=n, kv_len=L, q_heads=q_heads, kv_heads=8, head_dim=head_dim,
                     dtype=dtype, causal=True, sms=132, occupancy=2,
-                    tuning=skattn.Tuning(prefill="ws", prefill_sum_mma=sum_mma,
-                                         prefill_lazy_rescale=lazy))
+                    tuning=skattn.Tuning(prefill="ws", prefill_sum_mma=sum_mma))
     pb = prefill_launch.PrefillBound(prefill_launch.ws_constants(p),
                                      (1, p.geometry.block_n, 1, head_dim), False, "ws")
     q = torch.zeros(1, n, q_heads, head_dim, dtype=dtype)
@@ -71,12 +69,11 @@ def main(argv) -> int:
     ap.add_argument("--dtype", default="f16", choices=("f16", "bf16"))
     ap.add_argument("--sum-mma", choices=("auto", "on", "off"), default="auto",
                     help="Tuning.prefill_sum_mma (auto: at head size 64)")
-    ap.add_argument("--lazy-rescale", action="store_true", help="Tuning.prefill_lazy_rescale")
     ap.add_argument("--ptx", help="write the PTX there")
     args = ap.parse_args(argv)
     dtype = {"f16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     p, ck = build(args.head_dim, args.q_heads, dtype,
-                  {"auto": None, "on": True, "off": False}[args.sum_mma], args.lazy_rescale)
+                  {"auto": None, "on": True, "off": False}[args.sum_mma])
     ptx = ck.asm["ptx"]
     if args.ptx:
         Path(args.ptx).write_text(ptx)

@@ -42,8 +42,6 @@ def plans(B, n, L, Hq, Hkv, D, dtype, causal=True):
     # the rows' sums of P the other way than by default (by MMA at head size 64)
     out["sums flipped"] = skattn.plan(**dict(kw, tuning=skattn.Tuning(prefill="ws",
                                                                       prefill_sum_mma=D > 64)))
-    out["lazy rescale"] = skattn.plan(**dict(kw, tuning=skattn.Tuning(prefill="ws",
-                                                                      prefill_lazy_rescale=True)))
     return out
 
 
@@ -88,11 +86,10 @@ def test_not_causal_and_f32_q():
 
 
 @pytest.mark.parametrize("D, dtype", [(64, torch.float16), (128, torch.bfloat16)])
-def test_lazy_rescale_with_growing_scores(D, dtype):
+def test_growing_scores(D, dtype):
     # scores that climb along the keys: by 3 (log2 units) a 128-key block over the first
-    # half (rows keep their maximum for two blocks or more while p grows towards 2^8), by 12
-    # a block after (a rescale every block), flat over the last 256 keys. With a rescale
-    # skipped where it is needed p would overflow; with m kept too long, lse would be wrong
+    # half, by 12 a block after, flat over the last 256 keys: every block rescales O and
+    # the row sums; a rescale skipped or applied twice would overflow or shift lse
     B, n, L, Hkv = 1, 512, 8192, 8
     Hq = 64 if D == 64 else 32
     q, k, v = make(B, n, L, Hq, Hkv, D, dtype=dtype, seed=11)
@@ -103,15 +100,13 @@ def test_lazy_rescale_with_growing_scores(D, dtype):
         dtype)[None, :, None]
     ref, ref_lse = reference.attention(q, k, v, return_lse=True)
     tol = bound(q, k, v)
-    for lazy in (True, False):
-        p = skattn.plan(batch=B, q_len=n, kv_len=L, q_heads=Hq, kv_heads=Hkv, head_dim=D,
-                        dtype=dtype, causal=False,
-                        tuning=skattn.Tuning(prefill="ws", prefill_lazy_rescale=lazy))
-        assert runs_ws(p, q, k, v)
-        out = torch.full_like(q, float("nan"))
-        out, lse = skattn.attention(q, k, v, plan=p, out=out, return_lse=True)
-        assert torch.isfinite(out).all() and rel_err(out, ref) <= tol, lazy
-        assert (lse.double() - ref_lse).abs().max() <= 20 * tol, lazy
+    p = skattn.plan(batch=B, q_len=n, kv_len=L, q_heads=Hq, kv_heads=Hkv, head_dim=D,
+                    dtype=dtype, causal=False, tuning=WS)
+    assert runs_ws(p, q, k, v)
+    out = torch.full_like(q, float("nan"))
+    out, lse = skattn.attention(q, k, v, plan=p, out=out, return_lse=True)
+    assert torch.isfinite(out).all() and rel_err(out, ref) <= tol
+    assert (lse.double() - ref_lse).abs().max() <= 20 * tol
 
 
 def test_cuda_graph_replay():

@@ -25,8 +25,7 @@ K/V through tensor descriptors, the plan's default geometry), `tma-alt` (another
 size), `ws` (kernels/prefill_ws.py: Gluon, a TMA loader warp and two consumer
 warpgroups), `ws-alt` (128-key blocks at head size 64), `ws-pp` (`ws-alt` with the consumer
 warpgroups' ping-pong); `--variants` picks some. Timed only where named: `ws-sum` and
-`ws-nosum` (`ws-alt` with the rows' sums of P by MMA, or by additions), `ws-lazy` (`ws`
-with O rescaled only where a row's maximum grows by more than 2^8) and `ws@N`, `ws` on N
+`ws-nosum` (`ws-alt` with the rows' sums of P by MMA, or by additions) and `ws@N`, `ws` on N
 programs (`auto` still picks the fixup; at head size 64 in 128-key blocks). `--cells
 model:n:L,...` picks cells.
 
@@ -93,7 +92,6 @@ EXTRA = (
     Variant("ws-sum", "ws", geometry={64: dict(block_n=128)}, tuning=dict(prefill_sum_mma=True)),
     Variant("ws-nosum", "ws", geometry={64: dict(block_n=128)},
             tuning=dict(prefill_sum_mma=False)),
-    Variant("ws-lazy", "ws", tuning=dict(prefill_lazy_rescale=True)),
 )
 
 

@@ -115,7 +115,6 @@ def ws_constants(plan) -> dict:
                 TOKENS_PER_TILE=g.tokens_per_tile, CAUSAL=plan.causal,
                 STAGES=ws_stages(plan.head_dim, g.block_n), CONSUMER_REGS=consumer,
                 PINGPONG=plan.tuning.prefill_pingpong, SUM_MMA=sum_mma(plan),
-                LAZY=plan.tuning.prefill_lazy_rescale,
                 num_warps=_WS_WARPS, maxnreg=cap)
 
 

@@ -70,11 +70,6 @@ class Tuning:
         "ws" only: each row's sum of the probabilities taken by a warpgroup MMA of P with a
         block of ones beside P·V (the tensor cores are idle half of the time at head size
         64), instead of additions in registers. None: at head size 64.
-    prefill_lazy_rescale : bool
-        "ws" only: on blocks seen whole, a warpgroup's rows keep their running maximum until
-        one row's grows past it by more than 2^8 (in the exponentials' base-2 units), and O
-        is rescaled only then, instead of every block (FlashAttention 4's conditional
-        rescaling: p stays below 256).
     q8_0_v_blocks : bool or None
         q8_0 K/V, tiles under 64 rows: read V as 16-bit pairs too and apply its scales to p,
         one dot per 32-column block of V (`kernels/quant.q8_0_pair_blocks`), instead of
@@ -109,7 +104,6 @@ class Tuning:
     prefill_device_desc: bool = False
     prefill_pingpong: bool = False
     prefill_sum_mma: bool | None = None
-    prefill_lazy_rescale: bool = False
     fp8_v_pairs: bool = True
     q8_0_v_blocks: bool | None = None
     quant_route: str = "auto"

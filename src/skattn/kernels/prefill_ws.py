@@ -24,9 +24,6 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 LOG2E = gl.constexpr(1.4426950408889634)
 LN2 = gl.constexpr(0.6931471805599453)
 SEG = gl.constexpr(8)  # int32 fields of a segment
-# LAZY rescaling: how far (log2 units) a row's maximum may grow past the m it keeps; p then
-# stays below 2^8 = 256, well inside f16/bf16 and the f32 sums (FlashAttention 4's choice)
-RESCALE_LOG2 = gl.constexpr(8.0)
 
 
 @gluon.jit
@@ -43,7 +40,7 @@ def ws_prefill_kernel(
     HEADS_PER_TILE: gl.constexpr, TOKENS_PER_TILE: gl.constexpr,
     CAUSAL: gl.constexpr, HAS_SINKS: gl.constexpr, RETURN_LSE: gl.constexpr,
     STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, PINGPONG: gl.constexpr = False,
-    SUM_MMA: gl.constexpr = False, LAZY: gl.constexpr = False,
+    SUM_MMA: gl.constexpr = False,
 ):
     p = gl.program_id(0)
     s_lo = gl.load(SEG_OFF + p)
@@ -77,10 +74,10 @@ def ws_prefill_kernel(
     gl.warp_specialize([
         (_consume, (Q, stride_qb, stride_qm, stride_qh, outs, SEGS, s_lo, s_hi, shape, q_smem, ring,
                     0, HEAD_DIM, BLOCK_N, HEADS_PER_TILE, TOKENS_PER_TILE, CAUSAL, HAS_SINKS,
-                    RETURN_LSE, STAGES, PINGPONG, SUM_MMA, LAZY, ones)),
+                    RETURN_LSE, STAGES, PINGPONG, SUM_MMA, ones)),
         (_consume, (Q, stride_qb, stride_qm, stride_qh, outs, SEGS, s_lo, s_hi, shape, q_smem, ring,
                     1, HEAD_DIM, BLOCK_N, HEADS_PER_TILE, TOKENS_PER_TILE, CAUSAL, HAS_SINKS,
-                    RETURN_LSE, STAGES, PINGPONG, SUM_MMA, LAZY, ones)),
+                    RETURN_LSE, STAGES, PINGPONG, SUM_MMA, ones)),
         (_load, (K_DESC, V_DESC, SEGS, s_lo, s_hi, ring, BLOCK_N, STAGES)),
     ], [4, 1], [CONSUMER_REGS, 24])
 
@@ -118,7 +115,7 @@ def _consume(Q, stride_qb, stride_qm, stride_qh, outs, SEGS, s_lo, s_hi, shape, 
              HALF: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
              HEADS_PER_TILE: gl.constexpr, TOKENS_PER_TILE: gl.constexpr, CAUSAL: gl.constexpr,
              HAS_SINKS: gl.constexpr, RETURN_LSE: gl.constexpr, STAGES: gl.constexpr,
-             PINGPONG: gl.constexpr, SUM_MMA: gl.constexpr, LAZY: gl.constexpr, ones):
+             PINGPONG: gl.constexpr, SUM_MMA: gl.constexpr, ones):
     """One warpgroup: rows 64 * HALF .. 64 * HALF + 63 of every segment's tile."""
     q_len, kv_len, ratio, qk_scale = shape
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -145,7 +142,7 @@ def _consume(Q, stride_qb, stride_qm, stride_qh, outs, SEGS, s_lo, s_hi, shape, 
         qpos_s = kv_len - q_len + qpos_s
         it, tn, acc, m_i, l_i = _blocks(it, tn, q_buf, ring, lo, mid, hi, qpos_s, kv_len,
                                         qk_scale, s_layout, o_layout, HEAD_DIM, BLOCK_N, CAUSAL,
-                                        STAGES, HALF, PINGPONG, SUM_MMA, LAZY, ones)
+                                        STAGES, HALF, PINGPONG, SUM_MMA, ones)
         _epilogue(acc, m_i, l_i, b, g, z, qblock, slot, q_len, ratio, outs, o_layout, HALF,
                   HEAD_DIM, HEADS_PER_TILE, TOKENS_PER_TILE, HAS_SINKS, RETURN_LSE)
 
@@ -166,17 +163,14 @@ def _rows(g, z, qblock, q_len, ratio, HALF: gl.constexpr, HEADS_PER_TILE: gl.con
 def _blocks(it, tn, q_buf, ring, lo, mid, hi, qpos, kv_len, qk_scale,
             s_layout: gl.constexpr, o_layout: gl.constexpr, HEAD_DIM: gl.constexpr,
             BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, STAGES: gl.constexpr,
-            HALF: gl.constexpr, PINGPONG: gl.constexpr, SUM_MMA: gl.constexpr,
-            LAZY: gl.constexpr, ones):
+            HALF: gl.constexpr, PINGPONG: gl.constexpr, SUM_MMA: gl.constexpr, ones):
     """Online softmax over KV blocks [lo, hi) (hi > lo), scores in log2 units, software
     pipelined inside the warpgroup: block j's Q·K^T MMA is issued before block j - 1's P·V,
     and block j's softmax runs while that P·V is in flight. PINGPONG: the two warpgroups take
     turns to issue their MMAs (each turn ends when the other's may start), so one's softmax
     runs under the other's MMAs. SUM_MMA: the rows' sums of P as an MMA beside P·V (P times
-    `ones` [8, BLOCK_N] transposed: 8 equal columns), not as additions in registers. LAZY:
-    on unmasked blocks the rows keep their maximum unless one of the warpgroup's rows grew
-    past it by more than `RESCALE_LOG2` (`_softmax`), and O is rescaled only when they do.
-    Returns (ring position, turns, O, m, l)."""
+    `ones` [8, BLOCK_N] transposed: 8 equal columns), not as additions in registers. Returns
+    (ring position, turns, O, m, l)."""
     k_bufs, v_bufs, k_ready, v_ready, empty, turns = ring
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
@@ -197,8 +191,8 @@ def _blocks(it, tn, q_buf, ring, lo, mid, hi, qpos, kv_len, qk_scale,
     _their_turn(turns, HALF, PINGPONG)
     qk = warpgroup_mma_wait(0, deps=(qk, ))
     TREE: gl.constexpr = HEAD_DIM <= 64  # row max and sum as trees (`_row_max`)
-    pr, alpha, m_i, l_i, _ = _softmax(qk, m_i, l_i, lo, mid, qpos, kv_len, qk_scale, s_layout,
-                                      BLOCK_N, CAUSAL, TREE, SUM_MMA, LAZY)
+    pr, alpha, m_i, l_i = _softmax(qk, m_i, l_i, lo, mid, qpos, kv_len, qk_scale, s_layout,
+                                   BLOCK_N, CAUSAL, TREE, SUM_MMA)
     p = gl.convert_layout(pr.to(k_bufs.dtype), p_layout)
     for blk in range(lo + 1, hi):
         nidx = (it + 1) % STAGES
@@ -214,18 +208,15 @@ def _blocks(it, tn, q_buf, ring, lo, mid, hi, qpos, kv_len, qk_scale,
         _their_turn(turns, HALF, PINGPONG)
         # this block's scores; the P·V (and the sums' MMA) still run
         qk = warpgroup_mma_wait(2 if SUM_MMA else 1, deps=(qk, ))
-        pr, alpha, m_i, l_i, grew = _softmax(qk, m_i, l_i, blk, mid, qpos, kv_len, qk_scale,
-                                             s_layout, BLOCK_N, CAUSAL, TREE, SUM_MMA, LAZY)
+        pr, alpha, m_i, l_i = _softmax(qk, m_i, l_i, blk, mid, qpos, kv_len, qk_scale,
+                                       s_layout, BLOCK_N, CAUSAL, TREE, SUM_MMA)
         if SUM_MMA:
             acc, p, acc_l = warpgroup_mma_wait(0, deps=(acc, p, acc_l))
+            acc_l = acc_l * gl.convert_layout(alpha, row_l)[:, None]
         else:
             acc, p = warpgroup_mma_wait(0, deps=(acc, p))
         mbarrier.arrive(empty.index(idx), count=1)
-        if LAZY:
-            if grew:
-                acc, acc_l = _rescale(acc, acc_l, alpha, row_o, row_l, SUM_MMA)
-        else:
-            acc, acc_l = _rescale(acc, acc_l, alpha, row_o, row_l, SUM_MMA)
+        acc = acc * gl.convert_layout(alpha, row_o)[:, None]
         p = gl.convert_layout(pr.to(k_bufs.dtype), p_layout)
         it += 1
         idx = nidx
@@ -242,14 +233,6 @@ def _blocks(it, tn, q_buf, ring, lo, mid, hi, qpos, kv_len, qk_scale,
         acc, p = warpgroup_mma_wait(0, deps=(acc, p))
     mbarrier.arrive(empty.index(idx), count=1)
     return it + 1, tn, acc, m_i, l_i
-
-
-@gluon.jit
-def _rescale(acc, acc_l, alpha, row_o: gl.constexpr, row_l: gl.constexpr, SUM_MMA: gl.constexpr):
-    """O (and, SUM_MMA, the sums' accumulator) times each row's alpha."""
-    if SUM_MMA:
-        acc_l = acc_l * gl.convert_layout(alpha, row_l)[:, None]
-    return acc * gl.convert_layout(alpha, row_o)[:, None], acc_l
 
 
 @gluon.jit
@@ -314,17 +297,12 @@ def _row_sum(x, s_layout: gl.constexpr, TREE: gl.constexpr):
 @gluon.jit
 def _softmax(qk, m_i, l_i, blk, mid, qpos, kv_len, qk_scale, s_layout: gl.constexpr,
              BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, TREE: gl.constexpr,
-             SUM_MMA: gl.constexpr, LAZY: gl.constexpr):
-    """One block of the online softmax: (p, alpha, m, l, grew). Blocks before `mid` are seen
-    whole by every row (m finite after the first); later ones score keys past Lk (and,
-    causal, past a row's position) -inf, and a row that has seen none keeps m = -inf, l = 0.
-    SUM_MMA: l is left as it is (the MMA sums p). LAZY, on blocks before `mid`: the rows keep
-    m unless a row's maximum grew past its m by more than RESCALE_LOG2 (then every row takes
-    its new maximum and `grew` is true), so p stays below 2^RESCALE_LOG2 and alpha is 1 where
-    m is kept (FlashAttention 4's conditional rescaling; one warpgroup-wide maximum a block).
-    `grew` is true wherever a rescale may be needed."""
+             SUM_MMA: gl.constexpr):
+    """One block of the online softmax: (p, alpha, m, l). Blocks before `mid` are seen whole
+    by every row (m finite after the first); later ones score keys past Lk (and, causal,
+    past a row's position) -inf, and a row that has seen none keeps m = -inf, l = 0.
+    SUM_MMA: l is left as it is (the MMA sums p)."""
     if blk >= mid:
-        grew = blk >= mid
         offs_n = blk * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
         if CAUSAL:  # (a key past Lk is past every row's position too)
             keep = offs_n[None, :] <= qpos[:, None]
@@ -337,16 +315,11 @@ def _softmax(qk, m_i, l_i, blk, mid, qpos, kv_len, qk_scale, s_layout: gl.conste
         alpha = gl.exp2(m_i - m_use)
     else:
         m_new = gl.maximum(m_i, _row_max(qk, s_layout, TREE) * qk_scale)
-        if LAZY:  # (m_i = -inf before a row's first block: inf > RESCALE_LOG2)
-            grew = gl.max(m_new - m_i, 0) > RESCALE_LOG2
-            m_new = gl.where(grew, m_new, m_i)
-        else:
-            grew = blk < mid
         pr = gl.exp2(qk * qk_scale - m_new[:, None])
         alpha = gl.exp2(m_i - m_new)
     if not SUM_MMA:
         l_i = l_i * alpha + _row_sum(pr, s_layout, TREE)
-    return pr, alpha, m_new, l_i, grew
+    return pr, alpha, m_new, l_i
 
 
 @gluon.jit
