@@ -109,6 +109,32 @@ def test_growing_scores(D, dtype):
     assert (lse.double() - ref_lse).abs().max() <= 20 * tol
 
 
+@pytest.mark.parametrize("model, n, L", [("gpt-oss", 16, 8192), ("gpt-oss", 16, 12345),
+                                         ("llama-70b", 12, 8192), ("qwen3-14b", 16, 9000),
+                                         ("qwen3moe-30b-a3b", 16, 8192)])
+def test_auto_decode_tiles_of_128_rows(model, n, L):
+    # `auto` without a plan or Tuning: decode tiles of 128 rows run the warp-specialised
+    # kernel, tiles cut into equal pieces (uniform fixup); sinks and lse (gpt-oss has both),
+    # bf16 for one shape, a CUDA graph of a planned call
+    Hq, Hkv, D = MODELS[model][:3]
+    dtype = torch.bfloat16 if model == "llama-70b" else torch.float16
+    q, k, v = make(1, n, L, Hq, Hkv, D, dtype=dtype, seed=L + n)
+    sinks = torch.randn(Hq, device="cuda", generator=torch.Generator(device="cuda").manual_seed(5))
+    p = skattn.plan(batch=1, q_len=n, kv_len=L, q_heads=Hq, kv_heads=Hkv, head_dim=D,
+                    dtype=dtype, causal=True)
+    assert p.tuning.prefill == "ws" and p.fixup == "uniform" and runs_ws(p, q, k, v)
+    ref, ref_lse = reference.attention(q, k, v, causal=True, sinks=sinks, return_lse=True)
+    tol = bound(q, k, v, causal=True)
+    out = torch.full_like(q, float("nan"))
+    out, lse = skattn.attention(q, k, v, causal=True, sinks=sinks, plan=p, out=out,
+                                return_lse=True)
+    assert rel_err(out, ref) <= tol and (lse.double() - ref_lse).abs().max() <= 20 * tol
+    unplanned = skattn.attention(q, k, v, causal=True, sinks=sinks)
+    assert rel_err(unplanned, ref) <= tol
+    if model == "gpt-oss" and L == 8192:
+        assert_graph_replay_matches(q, k, v, p)
+
+
 def test_cuda_graph_replay():
     q, k, v = make(1, 512, 8192, 32, 8, 128, seed=4)
     p = skattn.plan(batch=1, q_len=512, kv_len=8192, q_heads=32, kv_heads=8, head_dim=128,

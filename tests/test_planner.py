@@ -499,17 +499,55 @@ def test_default_tile_rows(q_len, ratio, D, block_m):
 
 
 def test_auto_shares_sms_only_where_two_programs_fit():
-    # gpt-oss n=16: 128-row tiles of head size 64 (80 KB shared, two programs an SM) take two
-    # programs an SM at L=32768 (measured 37.8 vs 41.6 us, PERF.md), not at L=8192 (21.9 vs
-    # 19.5); llama-70b n=16 (head size 128, one program an SM) never does
+    # the base kernel (a Tuning given): gpt-oss n=16: 128-row tiles of head size 64 (80 KB
+    # shared, two programs an SM) take two programs an SM at L=32768 (measured 37.8 vs 41.6
+    # us, PERF.md), not at L=8192 (21.9 vs 19.5); llama-70b n=16 (head size 128, one program
+    # an SM) never does
     from skattn.planner import shared_programs
 
-    kw = dict(batch=1, q_len=16, q_heads=64, kv_heads=8, causal=True, sms=132, occupancy=2)
+    kw = dict(batch=1, q_len=16, q_heads=64, kv_heads=8, causal=True, sms=132, occupancy=2,
+              tuning=Tuning())
     long = plan(kv_len=32768, head_dim=64, **kw)
     assert shared_programs(long.geometry, 2) == 2 and long.programs > 132
     assert plan(kv_len=8192, head_dim=64, **kw).programs == 128
     big = plan(kv_len=32768, head_dim=128, **kw)
     assert shared_programs(big.geometry, 2) == 1 and big.programs <= 132
+
+
+@pytest.mark.parametrize("model, n", [("gpt-oss", 16), ("llama-70b", 16), ("llama-70b", 12),
+                                      ("qwen3-14b", 16), ("qwen3moe-30b-a3b", 16)])
+def test_auto_runs_decode_tiles_of_128_rows_warp_specialised(model, n):
+    # decode tiles of 128 rows (not compute-bound: n x ratio < 256) go to the warp-specialised
+    # kernel in 128-key blocks, one program an SM, tiles cut into equal pieces (uniform fixup,
+    # pieces a multiple of 16 where that fills 95% of the SMs)
+    from skattn.bench.models import MODELS
+
+    hq, hkv, d = MODELS[model][:3]
+    kw = dict(q_len=n, q_heads=hq, kv_heads=hkv, head_dim=d, causal=True, sms=132, occupancy=2)
+    p = plan(batch=1, kv_len=8192, **kw)
+    assert p.tuning.prefill == "ws" and p.geometry.block_m == 128 and p.geometry.block_n == 128
+    assert p.fixup == "uniform" and p.programs == 128 and p.programs % p.ntiles_dst == 0
+    assert (p.programs // p.ntiles_dst) % 16 == 0
+    assert p.work >= 2 * p.programs
+    # where it does not: too few KV blocks a program, too many tiles for 4 pieces each, a
+    # caller's Tuning or program count, another policy, a window, a mask, quantized K/V
+    assert plan(batch=1, kv_len=2048, **kw).tuning.prefill == "base"
+    assert plan(batch=16, kv_len=8192, **kw).tuning.prefill == "base"
+    assert plan(batch=1, kv_len=8192, tuning=Tuning(), **kw).tuning.prefill == "base"
+    assert plan(batch=1, kv_len=8192, programs=128, **kw).tuning.prefill == "base"
+    assert plan(batch=1, kv_len=8192, policy="llamacpp", **kw).tuning.prefill == "base"
+    assert plan(batch=1, kv_len=8192, window=1024, **kw).tuning.prefill == "base"
+    assert plan(batch=1, kv_len=8192, has_mask=True, **kw).tuning.prefill == "base"
+    fp8 = plan(batch=1, kv_len=8192, dtype=torch.float8_e4m3fn, **kw)
+    assert fp8.tuning.prefill != "ws"
+
+
+def test_auto_leaves_64_row_decode_tiles_on_the_base_kernel():
+    # llama-8b n=16 (64 rows a KV head) and gpt-oss n=8: the base kernel as before
+    for hq, d, n in ((32, 128, 16), (64, 64, 8)):
+        p = plan(batch=1, q_len=n, kv_len=32768, q_heads=hq, kv_heads=8, head_dim=d,
+                 causal=True, sms=132, occupancy=2)
+        assert p.tuning.prefill == "base" and p.geometry.block_m == 64
 
 
 def test_llamacpp_names_are_aliases():

@@ -11,7 +11,8 @@ from skattn.checks import causal_window
 from skattn.config import (FP8_WIDE_DECODE, Q8_0_NARROW_DECODE, STAGE_BYTES_BUDGET,  # noqa: F401
                            TileGeometry, fp8_wide_decode, programs_per_sm, q8_0_narrow_decode,
                            tile_geometry)
-from skattn.policy import (FIXUPS, POLICIES, POLICY_NOTES, CostModel, KVLayout,  # noqa: F401
+from skattn.policy import (FIXUPS, MAX_EFFICIENCY_LOSS_PERCENT, POLICIES, POLICY_NOTES,  # noqa: F401
+                           CostModel, KVLayout,
                            canonical_policy, decide_fixup, fixup_for, load_cost_model,
                            programs_for, whole_prompt)
 from skattn.tuning import Tuning
@@ -21,6 +22,9 @@ __all__ = ["Plan", "plan", "programs_for", "fixup_for", "tile_geometry", "POLICI
 # FLOP per byte of K/V above which a cell is compute-bound (it is q_len x GQA ratio; the
 # H100/H200 ridge points are about 220/180 FLOP/B for f16)
 COMPUTE_BOUND_INTENSITY = 256
+WS_DECODE_PER_SM = 1  # programs an SM of the warp-specialised kernel in 128-key blocks
+WS_DECODE_BLOCKS = 2  # ... the fewest KV blocks a program (measured with 2 and 4)
+WS_DECODE_PIECES = 4  # ... the fewest pieces a tile (measured with 16 and 32)
 # K/V forms -> Plan.dtype (skattn.quant: fp8 with scales, q8_0 and q4_0 blocks)
 _DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16",
            torch.float8_e4m3fn: "float8_e4m3fn", "q8_0": "q8_0", "q4_0": "q4_0"}
@@ -242,6 +246,32 @@ def gpu_limits(sms, occupancy, smem_limit) -> tuple:
     return sms, occupancy, smem_limit
 
 
+def _ws_decode(given: dict, ntiles_dst: int, keys: int, sms: int,
+               block_n: int | None) -> Plan | None:
+    """`auto`'s plan for decode tiles of 128 rows (16 tokens at GQA ratio 8): the
+    warp-specialised kernel in 128-key blocks, one program an SM, each tile cut into
+    WS_DECODE_PIECES or more equal pieces (the uniform fixup; a multiple of 16 where that
+    still fills 95% of the SMs) on at least 95% of the SMs, at least WS_DECODE_BLOCKS KV
+    blocks a program (`keys`: the work list's keys, all tiles); None where no such plan
+    exists or the kernel refuses it. Measured on
+    an H200 (PERF.md, "Decode on the graph timer"): 1.04-1.14x the base kernel at n = 12-16,
+    where one or two cut waves of the general fixup ran slower than the base kernel."""
+    per_tile = sms * WS_DECODE_PER_SM // ntiles_dst
+    if per_tile > 16 and ntiles_dst * (per_tile // 16 * 16) * 100 >= (
+            100 - MAX_EFFICIENCY_LOSS_PERCENT) * sms:
+        per_tile = per_tile // 16 * 16  # the fixup merges 16 pieces a step
+    programs = ntiles_dst * per_tile
+    block_n = 128 if block_n is None else block_n
+    if (per_tile < WS_DECODE_PIECES or programs * 100 < (100 - MAX_EFFICIENCY_LOSS_PERCENT) * sms
+            or keys < WS_DECODE_BLOCKS * programs * block_n):
+        return None
+    p = plan(**dict(given, programs=programs, block_n=block_n, tuning=Tuning(prefill="ws")))
+    if (p.tuning.prefill != "ws" or p.fixup not in ("uniform", "none")
+            or p.work < WS_DECODE_BLOCKS * programs or prefill_launch.refusal(p) is not None):
+        return None
+    return p
+
+
 def _check_positive(**values) -> None:
     for name, value in values.items():
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -422,6 +452,11 @@ def plan(*, batch: int, q_len: int, kv_len: int, q_heads: int, kv_heads: int, he
     kv_first = tuple(b[0] for b in blocks)
     kv_count = tuple(b[1] for b in blocks)
     work = batch * kv_heads * ntiles_z * sum(kv_count)
+    if (not ws and tuning is None and policy == "auto" and programs is None and block_m is None
+            and geo.block_m == 128 and kv_format in ("float16", "bfloat16")):
+        ws_decode = _ws_decode(given, ntiles_dst, work * geo.block_n, sms, block_n)
+        if ws_decode is not None:
+            return ws_decode
     max_programs = sms * occupancy
     model = cost_model or (quantized_cost_model() if kv_format in _QUANTIZED else load_cost_model())
     chosen = programs is None  # by the policy, not by the caller
