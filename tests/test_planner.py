@@ -5,7 +5,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from skattn.planner import FIXUPS, POLICIES, fixup_for, programs_for, plan
-from skattn.policy import canonical_policy, split_count
+from skattn.policy import canonical_policy, load_cost_model, split_count
 from skattn.tuning import Tuning
 
 H100 = dict(sms=132, occupancy=2)  # max_programs = 264, llama.cpp's worked example
@@ -530,24 +530,28 @@ def test_auto_runs_decode_tiles_of_128_rows_warp_specialised(model, n):
     assert (p.programs // p.ntiles_dst) % 16 == 0
     assert p.work >= 2 * p.programs
     # where it does not: too few KV blocks a program, too many tiles for 4 pieces each, a
-    # caller's Tuning or program count, another policy, a window, a mask, quantized K/V
-    assert plan(batch=1, kv_len=2048, **kw).tuning.prefill == "base"
-    assert plan(batch=16, kv_len=8192, **kw).tuning.prefill == "base"
-    assert plan(batch=1, kv_len=8192, tuning=Tuning(), **kw).tuning.prefill == "base"
-    assert plan(batch=1, kv_len=8192, programs=128, **kw).tuning.prefill == "base"
-    assert plan(batch=1, kv_len=8192, policy="llamacpp", **kw).tuning.prefill == "base"
-    assert plan(batch=1, kv_len=8192, window=1024, **kw).tuning.prefill == "base"
-    assert plan(batch=1, kv_len=8192, has_mask=True, **kw).tuning.prefill == "base"
+    # caller's Tuning, program count, geometry or cost model, another policy, a window, a
+    # mask, quantized K/V, 128-key blocks beyond the shared memory given (the base kernel's
+    # plan, no error)
+    base = [dict(batch=1, kv_len=2048), dict(batch=16, kv_len=8192),
+            dict(tuning=Tuning()), dict(programs=128), dict(block_n=64), dict(num_stages=2),
+            dict(num_warps=4), dict(cost_model=load_cost_model()), dict(policy="llamacpp"),
+            dict(policy="split"), dict(window=4096), dict(has_mask=True),
+            dict(smem_limit=48 * 1024)]
+    for extra in base:
+        args = dict(dict(batch=1, kv_len=32768, **kw), **extra)
+        assert plan(**args).tuning.prefill == "base", extra
     fp8 = plan(batch=1, kv_len=8192, dtype=torch.float8_e4m3fn, **kw)
     assert fp8.tuning.prefill != "ws"
 
 
-def test_auto_leaves_64_row_decode_tiles_on_the_base_kernel():
-    # llama-8b n=16 (64 rows a KV head) and gpt-oss n=8: the base kernel as before
-    for hq, d, n in ((32, 128, 16), (64, 64, 8)):
-        p = plan(batch=1, q_len=n, kv_len=32768, q_heads=hq, kv_heads=8, head_dim=d,
-                 causal=True, sms=132, occupancy=2)
-        assert p.tuning.prefill == "base" and p.geometry.block_m == 64
+@pytest.mark.parametrize("hq, n", [(64, 8), (64, 24), (32, 16), (64, 9)])
+def test_auto_leaves_other_decode_tiles_on_the_base_kernel(hq, n):
+    # fewer than 80 rows a KV head (ratio 8 n = 8 and 9: 64 and 72 rows; ratio 4 n = 16: 64),
+    # or two token blocks a KV head (ratio 8 n = 24: 192 rows)
+    p = plan(batch=1, q_len=n, kv_len=32768, q_heads=hq, kv_heads=8, head_dim=128,
+             causal=True, sms=132, occupancy=2)
+    assert p.tuning.prefill == "base"
 
 
 def test_llamacpp_names_are_aliases():

@@ -25,6 +25,7 @@ COMPUTE_BOUND_INTENSITY = 256
 WS_DECODE_PER_SM = 1  # programs an SM of the warp-specialised kernel in 128-key blocks
 WS_DECODE_BLOCKS = 2  # ... the fewest KV blocks a program (measured with 2 and 4)
 WS_DECODE_PIECES = 4  # ... the fewest pieces a tile (measured with 16 and 32)
+WS_DECODE_ROWS = 80  # ... the fewest rows a KV head (measured with 80, 96 and 128)
 # K/V forms -> Plan.dtype (skattn.quant: fp8 with scales, q8_0 and q4_0 blocks)
 _DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16",
            torch.float8_e4m3fn: "float8_e4m3fn", "q8_0": "q8_0", "q4_0": "q4_0"}
@@ -246,26 +247,34 @@ def gpu_limits(sms, occupancy, smem_limit) -> tuple:
     return sms, occupancy, smem_limit
 
 
-def _ws_decode(given: dict, ntiles_dst: int, keys: int, sms: int,
-               block_n: int | None) -> Plan | None:
-    """`auto`'s plan for decode tiles of 128 rows (16 tokens at GQA ratio 8): the
-    warp-specialised kernel in 128-key blocks, one program an SM, each tile cut into
-    WS_DECODE_PIECES or more equal pieces (the uniform fixup; a multiple of 16 where that
-    still fills 95% of the SMs) on at least 95% of the SMs, at least WS_DECODE_BLOCKS KV
-    blocks a program (`keys`: the work list's keys, all tiles); None where no such plan
-    exists or the kernel refuses it. Measured on
-    an H200 (PERF.md, "Decode on the graph timer"): 1.04-1.14x the base kernel at n = 12-16,
-    where one or two cut waves of the general fixup ran slower than the base kernel."""
+def _hopper_or_no_gpu() -> bool:
+    """Whether the current GPU, where there is one, is a Hopper (sm_90): the warp-specialised
+    kernel's; without a GPU a plan is made for one."""
+    return not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] == 9
+
+
+def _ws_decode(given: dict, ntiles_dst: int, keys: int, sms: int) -> Plan | None:
+    """`auto`'s plan for a decode tile of WS_DECODE_ROWS-128 rows a KV head (16 tokens at GQA
+    ratio 8, 12 at 8, 16 at 5): the warp-specialised kernel in 128-key blocks, one program an
+    SM, each tile cut into WS_DECODE_PIECES or more equal pieces (the uniform fixup; a
+    multiple of 16 where that still fills 95% of the SMs) on at least 95% of the SMs, at
+    least WS_DECODE_BLOCKS KV blocks a program (`keys`: the work list's keys, all tiles);
+    None where no such plan exists, the shape does not fit the shared memory in 128-key
+    blocks, or the kernel refuses it. Measured on an H200 (PERF.md, "Decode on the graph
+    timer"): 1.04-1.14x the base kernel at n = 12-16, where 132 programs with the general
+    fixup and 264 (two waves at one an SM) ran slower than the base kernel."""
     per_tile = sms * WS_DECODE_PER_SM // ntiles_dst
     if per_tile > 16 and ntiles_dst * (per_tile // 16 * 16) * 100 >= (
             100 - MAX_EFFICIENCY_LOSS_PERCENT) * sms:
         per_tile = per_tile // 16 * 16  # the fixup merges 16 pieces a step
     programs = ntiles_dst * per_tile
-    block_n = 128 if block_n is None else block_n
     if (per_tile < WS_DECODE_PIECES or programs * 100 < (100 - MAX_EFFICIENCY_LOSS_PERCENT) * sms
-            or keys < WS_DECODE_BLOCKS * programs * block_n):
+            or keys < WS_DECODE_BLOCKS * programs * 128):
         return None
-    p = plan(**dict(given, programs=programs, block_n=block_n, tuning=Tuning(prefill="ws")))
+    try:
+        p = plan(**dict(given, programs=programs, block_n=128, tuning=Tuning(prefill="ws")))
+    except ValueError:  # 128-key blocks beyond the shared memory given
+        return None
     if (p.tuning.prefill != "ws" or p.fixup not in ("uniform", "none")
             or p.work < WS_DECODE_BLOCKS * programs or prefill_launch.refusal(p) is not None):
         return None
@@ -452,9 +461,13 @@ def plan(*, batch: int, q_len: int, kv_len: int, q_heads: int, kv_heads: int, he
     kv_first = tuple(b[0] for b in blocks)
     kv_count = tuple(b[1] for b in blocks)
     work = batch * kv_heads * ntiles_z * sum(kv_count)
-    if (not ws and tuning is None and policy == "auto" and programs is None and block_m is None
-            and geo.block_m == 128 and kv_format in ("float16", "bfloat16")):
-        ws_decode = _ws_decode(given, ntiles_dst, work * geo.block_n, sms, block_n)
+    if (not ws and tuning is None and cost_model is None and policy == "auto"
+            and None is programs is block_m is block_n is num_warps is num_stages
+            and geo.block_m == 128 and ntiles_x == ntiles_z == 1
+            and WS_DECODE_ROWS <= q_len * ratio <= 128 and kv_format in ("float16", "bfloat16")
+            and head_dim == head_dim_v in (64, 128) and window is None and not has_mask
+            and _hopper_or_no_gpu()):
+        ws_decode = _ws_decode(given, ntiles_dst, work * geo.block_n, sms)
         if ws_decode is not None:
             return ws_decode
     max_programs = sms * occupancy
