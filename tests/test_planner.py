@@ -529,6 +529,8 @@ def test_auto_runs_decode_tiles_of_128_rows_warp_specialised(model, n):
     assert p.fixup == "uniform" and p.programs == 128 and p.programs % p.ntiles_dst == 0
     assert (p.programs // p.ntiles_dst) % 16 == 0
     assert p.work >= 2 * p.programs
+    assert "kernel: the warp-specialised" in p.describe()
+    assert f"in {p.programs // p.ntiles_dst} equal pieces" in p.describe()
     # where it does not: too few KV blocks a program, too many tiles for 4 pieces each, a
     # caller's Tuning, program count, geometry or cost model, another policy, a window, a
     # mask, quantized K/V, 128-key blocks beyond the shared memory given (the base kernel's

@@ -26,6 +26,11 @@ WS_DECODE_PER_SM = 1  # programs an SM of the warp-specialised kernel in 128-key
 WS_DECODE_BLOCKS = 2  # ... the fewest KV blocks a program (measured with 2 and 4)
 WS_DECODE_PIECES = 4  # ... the fewest pieces a tile (measured with 16 and 32)
 WS_DECODE_ROWS = 80  # ... the fewest rows a KV head (measured with 80, 96 and 128)
+KERNEL_NOTES = {
+    "ws": "the warp-specialised prompt kernel on a Hopper (Gluon: a TMA loader warp, two consumer "
+          "warpgroups); the base kernel where a call's mask, ALiBi, softcap or GPU rule it out",
+    "tma": "the TMA prompt kernel on a Hopper; the base kernel where a call rules it out",
+}
 # K/V forms -> Plan.dtype (skattn.quant: fp8 with scales, q8_0 and q4_0 blocks)
 _DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16",
            torch.float8_e4m3fn: "float8_e4m3fn", "q8_0": "q8_0", "q4_0": "q4_0"}
@@ -218,6 +223,12 @@ class Plan:
             f"{len(pieces)}, max pieces per tile {max((len(v) for v in pieces.values()), default=1)}",
             f"workspace: {self.workspace_bytes} bytes",
         ]
+        if self.tuning.prefill != "base":
+            decode = (self.q_len * self.gqa_ratio < COMPUTE_BOUND_INTENSITY
+                      and self.fixup == "uniform" and self.programs % self.ntiles_dst == 0)
+            lines.append(f"kernel: {KERNEL_NOTES[self.tuning.prefill]}" + (
+                f"; decode tiles in {self.programs // self.ntiles_dst} equal pieces" if decode
+                else ""))
         if self.dequant is not None:
             lines += ["route: K and V written in q's dtype first (a launch each), then this "
                       "plan of 16-bit K/V runs:", self.dequant.describe()]
