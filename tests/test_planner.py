@@ -547,6 +547,17 @@ def test_auto_runs_decode_tiles_of_128_rows_warp_specialised(model, n):
     assert fp8.tuning.prefill != "ws"
 
 
+def test_ws_decode_plans_only_on_a_hopper(monkeypatch):
+    # with a GPU present, a compute capability other than 9 keeps the base kernel's plan
+    kw = dict(batch=1, q_len=16, kv_len=32768, q_heads=64, kv_heads=8, head_dim=64,
+              causal=True, sms=108, occupancy=2)
+    assert plan(**kw).tuning.prefill == "ws"  # no GPU here: planned for a Hopper
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for cap, kernel in (((8, 0), "base"), ((9, 0), "ws"), ((10, 0), "base")):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, c=cap: c)
+        assert plan(**kw).tuning.prefill == kernel, cap
+
+
 @pytest.mark.parametrize("hq, n", [(64, 8), (64, 24), (32, 16), (64, 9)])
 def test_auto_leaves_other_decode_tiles_on_the_base_kernel(hq, n):
     # fewer than 80 rows a KV head (ratio 8 n = 8 and 9: 64 and 72 rows; ratio 4 n = 16: 64),
