@@ -6,13 +6,12 @@ from functools import cached_property
 
 import torch
 
-from skattn import buffers, prefill_launch, quant_route
+from skattn import buffers, prefill_launch, quant_route, ws_decode
 from skattn.checks import causal_window
 from skattn.config import (FP8_WIDE_DECODE, Q8_0_NARROW_DECODE, STAGE_BYTES_BUDGET,  # noqa: F401
                            TileGeometry, fp8_wide_decode, programs_per_sm, q8_0_narrow_decode,
                            tile_geometry)
-from skattn.policy import (FIXUPS, MAX_EFFICIENCY_LOSS_PERCENT, POLICIES, POLICY_NOTES,  # noqa: F401
-                           CostModel, KVLayout,
+from skattn.policy import (FIXUPS, POLICIES, POLICY_NOTES, CostModel, KVLayout,  # noqa: F401
                            canonical_policy, decide_fixup, fixup_for, load_cost_model,
                            programs_for, whole_prompt)
 from skattn.tuning import Tuning
@@ -22,15 +21,6 @@ __all__ = ["Plan", "plan", "programs_for", "fixup_for", "tile_geometry", "POLICI
 # FLOP per byte of K/V above which a cell is compute-bound (it is q_len x GQA ratio; the
 # H100/H200 ridge points are about 220/180 FLOP/B for f16)
 COMPUTE_BOUND_INTENSITY = 256
-WS_DECODE_PER_SM = 1  # programs an SM of the warp-specialised kernel in 128-key blocks
-WS_DECODE_BLOCKS = 2  # ... the fewest KV blocks a program (measured with 2 and 4)
-WS_DECODE_PIECES = 4  # ... the fewest pieces a tile (measured with 16 and 32)
-WS_DECODE_ROWS = 80  # ... the fewest rows a KV head (measured with 80, 96 and 128)
-KERNEL_NOTES = {
-    "ws": "the warp-specialised prompt kernel on a Hopper (Gluon: a TMA loader warp, two consumer "
-          "warpgroups); the base kernel where a call's mask, ALiBi, softcap or GPU rule it out",
-    "tma": "the TMA prompt kernel on a Hopper; the base kernel where a call rules it out",
-}
 # K/V forms -> Plan.dtype (skattn.quant: fp8 with scales, q8_0 and q4_0 blocks)
 _DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16",
            torch.float8_e4m3fn: "float8_e4m3fn", "q8_0": "q8_0", "q4_0": "q4_0"}
@@ -226,7 +216,7 @@ class Plan:
         if self.tuning.prefill != "base":
             decode = (self.q_len * self.gqa_ratio < COMPUTE_BOUND_INTENSITY
                       and self.fixup == "uniform" and self.programs % self.ntiles_dst == 0)
-            lines.append(f"kernel: {KERNEL_NOTES[self.tuning.prefill]}" + (
+            lines.append(f"kernel: {prefill_launch.KERNEL_NOTES[self.tuning.prefill]}" + (
                 f"; decode tiles in {self.programs // self.ntiles_dst} equal pieces" if decode
                 else ""))
         if self.dequant is not None:
@@ -256,40 +246,6 @@ def gpu_limits(sms, occupancy, smem_limit) -> tuple:
 
         smem_limit = shared_memory_limit()
     return sms, occupancy, smem_limit
-
-
-def _hopper_or_no_gpu() -> bool:
-    """Whether the current GPU, where there is one, is a Hopper (sm_90): the warp-specialised
-    kernel's; without a GPU a plan is made for one."""
-    return not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] == 9
-
-
-def _ws_decode(given: dict, ntiles_dst: int, keys: int, sms: int) -> Plan | None:
-    """`auto`'s plan for a decode tile of WS_DECODE_ROWS-128 rows a KV head (16 tokens at GQA
-    ratio 8, 12 at 8, 16 at 5): the warp-specialised kernel in 128-key blocks, one program an
-    SM, each tile cut into WS_DECODE_PIECES or more equal pieces (the uniform fixup; a
-    multiple of 16 where that still fills 95% of the SMs) on at least 95% of the SMs, at
-    least WS_DECODE_BLOCKS KV blocks a program (`keys`: the work list's keys, all tiles);
-    None where no such plan exists, the shape does not fit the shared memory in 128-key
-    blocks, or the kernel refuses it. Measured on an H200 (PERF.md, "Decode on the graph
-    timer"): 1.04-1.14x the base kernel at n = 12-16, where 132 programs with the general
-    fixup and 264 (two waves at one an SM) ran slower than the base kernel."""
-    per_tile = sms * WS_DECODE_PER_SM // ntiles_dst
-    if per_tile > 16 and ntiles_dst * (per_tile // 16 * 16) * 100 >= (
-            100 - MAX_EFFICIENCY_LOSS_PERCENT) * sms:
-        per_tile = per_tile // 16 * 16  # the fixup merges 16 pieces a step
-    programs = ntiles_dst * per_tile
-    if (per_tile < WS_DECODE_PIECES or programs * 100 < (100 - MAX_EFFICIENCY_LOSS_PERCENT) * sms
-            or keys < WS_DECODE_BLOCKS * programs * 128):
-        return None
-    try:
-        p = plan(**dict(given, programs=programs, block_n=128, tuning=Tuning(prefill="ws")))
-    except ValueError:  # 128-key blocks beyond the shared memory given
-        return None
-    if (p.tuning.prefill != "ws" or p.fixup not in ("uniform", "none")
-            or p.work < WS_DECODE_BLOCKS * programs or prefill_launch.refusal(p) is not None):
-        return None
-    return p
 
 
 def _check_positive(**values) -> None:
@@ -475,12 +431,10 @@ def plan(*, batch: int, q_len: int, kv_len: int, q_heads: int, kv_heads: int, he
     if (not ws and tuning is None and cost_model is None and policy == "auto"
             and None is programs is block_m is block_n is num_warps is num_stages
             and geo.block_m == 128 and ntiles_x == ntiles_z == 1
-            and WS_DECODE_ROWS <= q_len * ratio <= 128 and kv_format in ("float16", "bfloat16")
-            and head_dim == head_dim_v in (64, 128) and window is None and not has_mask
-            and _hopper_or_no_gpu()):
-        ws_decode = _ws_decode(given, ntiles_dst, work * geo.block_n, sms)
-        if ws_decode is not None:
-            return ws_decode
+            and ws_decode.ROWS <= q_len * ratio <= 128 and ws_decode.on_hopper_or_no_gpu()):
+        decode = ws_decode.plan_for(plan, given, ntiles_dst, sms)
+        if decode is not None:
+            return decode
     max_programs = sms * occupancy
     model = cost_model or (quantized_cost_model() if kv_format in _QUANTIZED else load_cost_model())
     chosen = programs is None  # by the policy, not by the caller

@@ -20,6 +20,12 @@ from triton.runtime import _allocation
 from skattn.device import interpreting
 
 HEAD_DIMS = (64, 128)
+# what `Plan.describe` says of a plan that names a prompt-chunk kernel
+KERNEL_NOTES = {
+    "ws": "the warp-specialised prompt kernel on a Hopper (Gluon: a TMA loader warp, two consumer "
+          "warpgroups); the base kernel where a call's mask, ALiBi, softcap or GPU rule it out",
+    "tma": "the TMA prompt kernel on a Hopper; the base kernel where a call rules it out",
+}
 # the main kernel's compile-time constants that the prompt-chunk kernel takes as they are
 _SHARED_CONSTS = ("HEAD_DIM", "BLOCK_M", "BLOCK_N", "HEADS_PER_TILE", "TOKENS_PER_TILE", "CAUSAL",
                   "FUSED", "PER_TILE_RANGES", "USE_FASTDIV", "ONE_TOKEN_BLOCK", "FIXUP_COLS",
