@@ -44,13 +44,11 @@ def compile_sm90(fn, args, kw):
                           options=options.__dict__)
 
 
-def build(head_dim=128, q_heads=32, dtype=torch.float16, sum_mma=None, block_m=None):
+def build(head_dim=128, q_heads=32, dtype=torch.float16, sum_mma=None):
     n, L = 512, 8192
-    geo = {} if block_m is None else dict(block_m=block_m, block_n=128, num_warps=4,
-                                          num_stages=4)
     p = skattn.plan(batch=1, q_len=n, kv_len=L, q_heads=q_heads, kv_heads=8, head_dim=head_dim,
                     dtype=dtype, causal=True, sms=132, occupancy=2,
-                    tuning=skattn.Tuning(prefill="ws", prefill_sum_mma=sum_mma), **geo)
+                    tuning=skattn.Tuning(prefill="ws", prefill_sum_mma=sum_mma))
     pb = prefill_launch.PrefillBound(prefill_launch.ws_constants(p),
                                      (1, p.geometry.block_n, 1, head_dim), False, "ws")
     q = torch.zeros(1, n, q_heads, head_dim, dtype=dtype)
@@ -71,20 +69,16 @@ def main(argv) -> int:
     ap.add_argument("--dtype", default="f16", choices=("f16", "bf16"))
     ap.add_argument("--sum-mma", choices=("auto", "on", "off"), default="auto",
                     help="Tuning.prefill_sum_mma (auto: at head size 64)")
-    ap.add_argument("--block-m", type=int, choices=(128, 192),
-                    help="tile rows (192: three consumer warpgroups, head size 64)")
     ap.add_argument("--ptx", help="write the PTX there")
     args = ap.parse_args(argv)
     dtype = {"f16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     p, ck = build(args.head_dim, args.q_heads, dtype,
-                  {"auto": None, "on": True, "off": False}[args.sum_mma], args.block_m)
+                  {"auto": None, "on": True, "off": False}[args.sum_mma])
     ptx = ck.asm["ptx"]
     if args.ptx:
         Path(args.ptx).write_text(ptx)
-    g = p.geometry
-    info = dict(head_dim=p.head_dim, block_m=g.block_m, block_n=g.block_n,
-                shared=ck.metadata.shared,
-                programs_per_sm=prefill_launch.ws_registers(p.head_dim, g.block_n, g.block_m)[0],
+    info = dict(head_dim=p.head_dim, block_n=p.geometry.block_n, shared=ck.metadata.shared,
+                programs_per_sm=prefill_launch.ws_registers(p.head_dim, p.geometry.block_n)[0],
                 **resources.ptxas(ptx),
                 wgmma=len(re.findall(r"wgmma\.mma_async", ptx)),
                 wgmma_wait_partial=len(re.findall(r"wgmma\.wait_group\.sync\.aligned [12];",

@@ -92,11 +92,6 @@ EXTRA = (
     Variant("ws-sum", "ws", geometry={64: dict(block_n=128)}, tuning=dict(prefill_sum_mma=True)),
     Variant("ws-nosum", "ws", geometry={64: dict(block_n=128)},
             tuning=dict(prefill_sum_mma=False)),
-    Variant("ws3", "ws", geometry={64: dict(block_m=192, block_n=128, num_warps=4,
-                                            num_stages=4)}),
-    Variant("ws3-nosum", "ws", geometry={64: dict(block_m=192, block_n=128, num_warps=4,
-                                                  num_stages=4)},
-            tuning=dict(prefill_sum_mma=False)),
 )
 
 

@@ -192,8 +192,7 @@ def _default_rows(q_len: int, heads: int, head_dim: int, head_dim_v: int) -> int
 
 def _check_overrides(block_m, block_n, num_warps, num_stages) -> None:
     # overrides Triton can compile: power-of-two blocks of >= 16 (tl.dot), warps, stages >= 1
-    # (192 rows: the warp-specialised prompt kernel's three consumer warpgroups, head size 64)
-    for name, value, allowed in (("block_m", block_m, (16, 32, 64, 128, 192, 256)),
+    for name, value, allowed in (("block_m", block_m, (16, 32, 64, 128, 256)),
                                  ("block_n", block_n, (16, 32, 64, 128, 256)),
                                  ("num_warps", num_warps, (1, 2, 4, 8, 16)),
                                  ("num_stages", num_stages, tuple(range(1, 9)))):
@@ -253,7 +252,7 @@ def tile_geometry(*, q_len: int, gqa_ratio: int, head_dim: int, head_dim_v: int,
     wide = max(block_dk * dk_chunks, block_dv)
     smallest = None
     for bm in _halvings(_default_rows(q_len, heads, head_dim, head_dim_v), block_m):
-        prefill = bm >= 128
+        prefill = bm == 128
         # measured on an H200 (PERF.md): decode 64/4/4, BLOCK_N 128 for head sizes <= 64
         # (gpt-oss n=1 L=32768: 26.5 vs 30.1 us); prefill 128/8/3 for head sizes 65-128,
         # 64/4/4 for head sizes <= 64 (gpt-oss n=512: 357 vs 408 us)

@@ -66,7 +66,6 @@ def _fixup_grid(plan, tiles: int) -> tuple[int, int, int]:
     g, t = plan.geometry, plan.tuning
     fix_dv = min(g.block_dv, t.fixup_dv)
     fix_m = min(g.block_m, t.fixup_rows) if _many_pieces(plan, tiles) else g.block_m
-    fix_m &= -fix_m  # a power of two that divides the tile's rows (192: 64)
     first = tiles if plan.fixup == "uniform" else plan.programs
     return first, g.block_dv // fix_dv, g.block_m // fix_m
 

@@ -20,7 +20,6 @@ from triton.runtime import _allocation
 from skattn.device import interpreting
 
 HEAD_DIMS = (64, 128)
-WS_ROWS = {64: (128, 192)}  # the "ws" kernel's tile rows by head size (else 128)
 # what `Plan.describe` says of a plan that names a prompt-chunk kernel
 KERNEL_NOTES = {
     "ws": "the warp-specialised prompt kernel on a Hopper (Gluon: a TMA loader warp, two consumer "
@@ -59,11 +58,8 @@ def refusal(plan) -> str | None:
         return "a sliding window"
     if plan.has_mask:
         return "a plan for a mask"
-    if plan.tuning.prefill == "ws" and g.block_m not in WS_ROWS.get(plan.head_dim, (128, )):
-        return (f"{g.block_m}-row tiles at head size {plan.head_dim} (the warp-specialised "
-                f"kernel takes {' or '.join(map(str, WS_ROWS.get(plan.head_dim, (128, ))))})")
-    if g.block_m == 192 and (plan.tuning.prefill != "ws" or plan.tuning.prefill_pingpong):
-        return "192-row tiles (the warp-specialised kernel's three warpgroups, no ping-pong)"
+    if plan.tuning.prefill == "ws" and g.block_m != 128:
+        return f"{g.block_m}-row tiles (the warp-specialised kernel takes 128 rows)"
     if plan.tuning.prefill == "ws" and plan.fixup == "fused":
         return "a fused fixup (the warp-specialised kernel leaves cut tiles to a separate one)"
     return None
@@ -93,20 +89,16 @@ _WS_WARPS = 4
 _WS_SMEM = 227 * 1024  # shared memory of an SM's programs on sm_90
 
 
-def ws_registers(head_dim: int, block_n: int, block_m: int = 128) -> tuple[int, int, int]:
-    """(programs an SM, register cap, a consumer thread's registers) of the "ws" kernel;
-    192-row tiles: three consumer warpgroups, two of them workers of 168 registers, the
-    default one keeping what is left: 128 x 512 = 168 x 256 + 152 x 128 + 24 x 128."""
-    if block_m == 192:
-        return (1, 128, 168)
+def ws_registers(head_dim: int, block_n: int) -> tuple[int, int, int]:
+    """(programs an SM, register cap, a consumer thread's registers) of the "ws" kernel."""
     return (2, 84, 112) if head_dim * block_n <= 64 * 64 else (1, 168, 240)
 
 
-def ws_stages(head_dim: int, block_n: int, elem: int = 2, block_m: int = 128) -> int:
-    """K/V blocks in flight: as many as fit beside the 64-row query buffers (at most 4)."""
-    per_sm = ws_registers(head_dim, block_n, block_m)[0]
+def ws_stages(head_dim: int, block_n: int, elem: int = 2) -> int:
+    """K/V blocks in flight: as many as fit beside the two 64-row query buffers (at most 4)."""
+    per_sm = ws_registers(head_dim, block_n)[0]
     stage = 2 * block_n * head_dim * elem
-    return max(1, min(4, (_WS_SMEM // per_sm - 1024 - block_m * head_dim * elem) // stage))
+    return max(1, min(4, (_WS_SMEM // per_sm - 1024 - 128 * head_dim * elem) // stage))
 
 
 def _bind_ws(plan, device: torch.device) -> PrefillBound | None:
@@ -124,12 +116,12 @@ def _bind_ws(plan, device: torch.device) -> PrefillBound | None:
 def ws_constants(plan) -> dict:
     """The "ws" kernel's compile-time constants that depend only on the plan."""
     g = plan.geometry
-    _, cap, consumer = ws_registers(plan.head_dim, g.block_n, g.block_m)
+    _, cap, consumer = ws_registers(plan.head_dim, g.block_n)
     return dict(HEAD_DIM=plan.head_dim, BLOCK_N=g.block_n, HEADS_PER_TILE=g.heads_per_tile,
                 TOKENS_PER_TILE=g.tokens_per_tile, CAUSAL=plan.causal,
-                STAGES=ws_stages(plan.head_dim, g.block_n, block_m=g.block_m),
-                CONSUMER_REGS=consumer, PINGPONG=plan.tuning.prefill_pingpong,
-                SUM_MMA=sum_mma(plan), GROUPS=g.block_m // 64, num_warps=_WS_WARPS, maxnreg=cap)
+                STAGES=ws_stages(plan.head_dim, g.block_n), CONSUMER_REGS=consumer,
+                PINGPONG=plan.tuning.prefill_pingpong, SUM_MMA=sum_mma(plan),
+                num_warps=_WS_WARPS, maxnreg=cap)
 
 
 def sum_mma(plan) -> bool:

@@ -4,10 +4,10 @@ One program (CTA) runs three partitions that share its shared memory:
 
 - a loader (one warp, few registers) copies K and V blocks through TMA into a ring of
   `STAGES` buffers, each with a "K ready", a "V ready" and an "empty" barrier;
-- two consumer warpgroups (three for 192-row tiles, head size 64: `GROUPS`) each take 64
-  of the tile's rows: Q·K^T and P·V as warpgroup MMAs on the shared buffers, the online
-  softmax in registers. Each frees a buffer (arrives on "empty", count `GROUPS`) once its
-  P·V MMA has read it, so the loader refills it while they work on the next block.
+- two consumer warpgroups each take 64 of the tile's 128 rows: Q·K^T and P·V as
+  warpgroup MMAs on the shared buffers, the online softmax in registers. Each frees a
+  buffer (arrives on "empty", count 2) once its P·V MMA has read it, so the loader refills
+  it while they work on the next block.
 
 The program's work is a list of segments made on the host once per bound plan
 (`prefill_launch.segments`): one row per (tile, KV range) piece of the program's range of the
@@ -40,7 +40,7 @@ def ws_prefill_kernel(
     HEADS_PER_TILE: gl.constexpr, TOKENS_PER_TILE: gl.constexpr,
     CAUSAL: gl.constexpr, HAS_SINKS: gl.constexpr, RETURN_LSE: gl.constexpr,
     STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, PINGPONG: gl.constexpr = False,
-    SUM_MMA: gl.constexpr = False, GROUPS: gl.constexpr = 2,
+    SUM_MMA: gl.constexpr = False,
 ):
     p = gl.program_id(0)
     s_lo = gl.load(SEG_OFF + p)
@@ -49,7 +49,7 @@ def ws_prefill_kernel(
     k_bufs = gl.allocate_shared_memory(dtype, [STAGES] + K_DESC.block_type.shape, K_DESC.layout)
     v_bufs = gl.allocate_shared_memory(dtype, [STAGES] + V_DESC.block_type.shape, V_DESC.layout)
     q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, HEAD_DIM], dtype)
-    q_smem = gl.allocate_shared_memory(dtype, [GROUPS, 64, HEAD_DIM], q_layout)
+    q_smem = gl.allocate_shared_memory(dtype, [2, 64, HEAD_DIM], q_layout)
     k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -57,7 +57,7 @@ def ws_prefill_kernel(
     for i in gl.static_range(STAGES):
         mbarrier.init(k_ready.index(i), count=1)
         mbarrier.init(v_ready.index(i), count=1)
-        mbarrier.init(empty.index(i), count=GROUPS)
+        mbarrier.init(empty.index(i), count=2)
     for i in gl.static_range(2):
         mbarrier.init(turns.index(i), count=1)
     ring = (k_bufs, v_bufs, k_ready, v_ready, empty, turns)
@@ -71,29 +71,15 @@ def ws_prefill_kernel(
         ones = q_smem
     outs = (O, stride_ob, stride_om, stride_oh, LSE, stride_lb, stride_lh, SINKS, WS_O, WS_M, WS_L)
     shape = (q_len, kv_len, ratio, qk_scale)
-    if GROUPS == 3:  # consumer 0 in the default partition keeps the registers left
-        gl.warp_specialize([
-            (_consume, (Q, stride_qb, stride_qm, stride_qh, outs, SEGS, s_lo, s_hi, shape, q_smem,
-                        ring, 0, HEAD_DIM, BLOCK_N, HEADS_PER_TILE, TOKENS_PER_TILE, CAUSAL,
-                        HAS_SINKS, RETURN_LSE, STAGES, PINGPONG, SUM_MMA, ones, GROUPS)),
-            (_consume, (Q, stride_qb, stride_qm, stride_qh, outs, SEGS, s_lo, s_hi, shape, q_smem,
-                        ring, 1, HEAD_DIM, BLOCK_N, HEADS_PER_TILE, TOKENS_PER_TILE, CAUSAL,
-                        HAS_SINKS, RETURN_LSE, STAGES, PINGPONG, SUM_MMA, ones, GROUPS)),
-            (_consume, (Q, stride_qb, stride_qm, stride_qh, outs, SEGS, s_lo, s_hi, shape, q_smem,
-                        ring, 2, HEAD_DIM, BLOCK_N, HEADS_PER_TILE, TOKENS_PER_TILE, CAUSAL,
-                        HAS_SINKS, RETURN_LSE, STAGES, PINGPONG, SUM_MMA, ones, GROUPS)),
-            (_load, (K_DESC, V_DESC, SEGS, s_lo, s_hi, ring, BLOCK_N, STAGES)),
-        ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, 24])
-    else:
-        gl.warp_specialize([
-            (_consume, (Q, stride_qb, stride_qm, stride_qh, outs, SEGS, s_lo, s_hi, shape, q_smem,
-                        ring, 0, HEAD_DIM, BLOCK_N, HEADS_PER_TILE, TOKENS_PER_TILE, CAUSAL,
-                        HAS_SINKS, RETURN_LSE, STAGES, PINGPONG, SUM_MMA, ones, GROUPS)),
-            (_consume, (Q, stride_qb, stride_qm, stride_qh, outs, SEGS, s_lo, s_hi, shape, q_smem,
-                        ring, 1, HEAD_DIM, BLOCK_N, HEADS_PER_TILE, TOKENS_PER_TILE, CAUSAL,
-                        HAS_SINKS, RETURN_LSE, STAGES, PINGPONG, SUM_MMA, ones, GROUPS)),
-            (_load, (K_DESC, V_DESC, SEGS, s_lo, s_hi, ring, BLOCK_N, STAGES)),
-        ], [4, 1], [CONSUMER_REGS, 24])
+    gl.warp_specialize([
+        (_consume, (Q, stride_qb, stride_qm, stride_qh, outs, SEGS, s_lo, s_hi, shape, q_smem, ring,
+                    0, HEAD_DIM, BLOCK_N, HEADS_PER_TILE, TOKENS_PER_TILE, CAUSAL, HAS_SINKS,
+                    RETURN_LSE, STAGES, PINGPONG, SUM_MMA, ones)),
+        (_consume, (Q, stride_qb, stride_qm, stride_qh, outs, SEGS, s_lo, s_hi, shape, q_smem, ring,
+                    1, HEAD_DIM, BLOCK_N, HEADS_PER_TILE, TOKENS_PER_TILE, CAUSAL, HAS_SINKS,
+                    RETURN_LSE, STAGES, PINGPONG, SUM_MMA, ones)),
+        (_load, (K_DESC, V_DESC, SEGS, s_lo, s_hi, ring, BLOCK_N, STAGES)),
+    ], [4, 1], [CONSUMER_REGS, 24])
 
 
 @gluon.jit
@@ -129,7 +115,7 @@ def _consume(Q, stride_qb, stride_qm, stride_qh, outs, SEGS, s_lo, s_hi, shape, 
              HALF: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
              HEADS_PER_TILE: gl.constexpr, TOKENS_PER_TILE: gl.constexpr, CAUSAL: gl.constexpr,
              HAS_SINKS: gl.constexpr, RETURN_LSE: gl.constexpr, STAGES: gl.constexpr,
-             PINGPONG: gl.constexpr, SUM_MMA: gl.constexpr, ones, GROUPS: gl.constexpr):
+             PINGPONG: gl.constexpr, SUM_MMA: gl.constexpr, ones):
     """One warpgroup: rows 64 * HALF .. 64 * HALF + 63 of every segment's tile."""
     q_len, kv_len, ratio, qk_scale = shape
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -158,7 +144,7 @@ def _consume(Q, stride_qb, stride_qm, stride_qh, outs, SEGS, s_lo, s_hi, shape, 
                                         qk_scale, s_layout, o_layout, HEAD_DIM, BLOCK_N, CAUSAL,
                                         STAGES, HALF, PINGPONG, SUM_MMA, ones)
         _epilogue(acc, m_i, l_i, b, g, z, qblock, slot, q_len, ratio, outs, o_layout, HALF,
-                  HEAD_DIM, HEADS_PER_TILE, TOKENS_PER_TILE, HAS_SINKS, RETURN_LSE, GROUPS)
+                  HEAD_DIM, HEADS_PER_TILE, TOKENS_PER_TILE, HAS_SINKS, RETURN_LSE)
 
 
 @gluon.jit
@@ -339,8 +325,7 @@ def _softmax(qk, m_i, l_i, blk, mid, qpos, kv_len, qk_scale, s_layout: gl.conste
 @gluon.jit
 def _epilogue(acc, m_i, l_i, b, g, z, qblock, slot, q_len, ratio, outs, o_layout: gl.constexpr,
               HALF: gl.constexpr, HEAD_DIM: gl.constexpr, HEADS_PER_TILE: gl.constexpr,
-              TOKENS_PER_TILE: gl.constexpr, HAS_SINKS: gl.constexpr, RETURN_LSE: gl.constexpr,
-              GROUPS: gl.constexpr):
+              TOKENS_PER_TILE: gl.constexpr, HAS_SINKS: gl.constexpr, RETURN_LSE: gl.constexpr):
     """A whole tile (slot < 0): sink, normalise, write out (`finalize_store`); a piece: its
     (O, m, l) into partial slot `slot`, rows 64 * HALF .. (`store_partial`)."""
     O, stride_ob, stride_om, stride_oh, LSE, stride_lb, stride_lh, SINKS, WS_O, WS_M, WS_L = outs
@@ -369,7 +354,7 @@ def _epilogue(acc, m_i, l_i, b, g, z, qblock, slot, q_len, ratio, outs, o_layout
             lse = gl.where(has, (m_i + gl.log2(gl.where(has, l_i, 1.0))) * LN2, float("-inf"))
             gl.store(LSE + b.to(gl.int64) * stride_lb + head * stride_lh + qi, lse, mask=valid)
     else:
-        base = slot * (64 * GROUPS) + HALF * 64 + gl.arange(0, 64, layout=row_o)
+        base = slot * 128 + HALF * 64 + gl.arange(0, 64, layout=row_o)
         gl.store(WS_O + base[:, None] * HEAD_DIM + d[None, :], acc)
         gl.store(WS_M + base, m_i)
         gl.store(WS_L + base, l_i)
