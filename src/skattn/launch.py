@@ -125,12 +125,7 @@ def _pdl(plan, device: torch.device, tiles: int) -> bool:
 
 def _pdl_wait(plan, device: torch.device) -> bool:
     """The main kernel launched with PDL, waiting on the GPU (`Tuning.pdl_wait`, sm_90+)."""
-    return plan.tuning.pdl_wait and _gdc(device)
-
-
-def _gdc(device: torch.device) -> bool:
-    """Whether kernels on `device` take grid dependency control (sm_90+, compiled)."""
-    if interpreting() or device.type != "cuda":
+    if not plan.tuning.pdl_wait or interpreting() or device.type != "cuda":
         return False
     return torch.cuda.get_device_capability(device)[0] >= 9
 
@@ -160,8 +155,6 @@ def constants(plan, device: torch.device, tiles: int) -> tuple[dict, dict, tuple
     fix_const = dict(common, BLOCK_DV=fix_dv, ROWS=fix_m, USE_PDL=pdl, num_warps=4,
                      MERGE_PIECES=pieces_per_step(fix_m, fix_dv, 4, t.merge_elements),
                      LOADS_FIRST=t.merge_loads_first)
-    if t.pdl_next and _gdc(device):
-        fix_const["LAUNCH_NEXT"] = True
     if pdl:
         fix_const["launch_pdl"] = True
     return main_const, fix_const, fix_grid, pdl

@@ -33,10 +33,6 @@ class Tuning:
         default: 0.5-0.9 us a call faster in 26 of 27 decode cells on the graph timer (the
         27th 0.15 us slower), serving mixes unchanged (PERF.md, "The main kernel launched
         by PDL").
-    pdl_next : bool
-        The separate fixup lets the next kernel on the stream launch at its start
-        (`griddepcontrol.launch_dependents`): a next call's main kernel launched by PDL
-        (`pdl_wait`) is then scheduled while this fixup merges, and waits for it on the GPU.
     merge_loads_first : bool
         The separate fixups wait for all loads of a merge step at once (one
         memory latency a step instead of two: fixup 2.1-4.1 -> 1.4-2.4 us a call).
@@ -98,7 +94,6 @@ class Tuning:
     pdl: bool = True
     pdl_trigger: str = "end"
     pdl_wait: bool = True
-    pdl_next: bool = False
     merge_loads_first: bool = True
     fixup_dv: int = 32
     fixup_rows: int = 16

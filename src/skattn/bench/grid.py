@@ -17,11 +17,9 @@ SKATTN_VARIANTS: dict[str, tuple[str, str | None]] = {
     "fused": ("llamacpp-before", "fused"),
     "auto-fused": ("auto", "fused"),  # auto's N, merged inside the main kernel (one launch)
     "auto-nowait": ("auto", None),  # auto's plan, the main kernel launched without PDL (VARIANT_TUNING)
-    "auto-next": ("auto", None),  # auto's plan, its fixup letting the next kernel launch early
 }
 # Tuning fields of variants that launch a plan differently (`skattn.Tuning`)
-VARIANT_TUNING: dict[str, dict] = {"auto-nowait": {"pdl_wait": False},
-                                   "auto-next": {"pdl_next": True}}
+VARIANT_TUNING: dict[str, dict] = {"auto-nowait": {"pdl_wait": False}}
 
 # `--quick`: a run that fits in about 4 minutes on an H100/H200.
 QUICK_MODELS = ("qwen3moe-30b-a3b", "qwen3-14b")

@@ -6,7 +6,7 @@ much-split tile are read by several SMs at once; llama.cpp likewise runs a block
 """
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+from triton.language.extra.cuda import gdc_wait
 
 from skattn.kernels.stamps import stamp
 from skattn.kernels.tile import (_div, decode_group, finalize_store, locate, merge_pieces,
@@ -25,7 +25,6 @@ def uniform_fixup_kernel(
     HAS_SINKS: tl.constexpr, RETURN_LSE: tl.constexpr, USE_FASTDIV: tl.constexpr,
     MERGE_PIECES: tl.constexpr, USE_PDL: tl.constexpr, STAMPS=None,
     TIMELINE: tl.constexpr = False, LOADS_FIRST: tl.constexpr = False,
-    LAUNCH_NEXT: tl.constexpr = False,
 ):
     """Tile t was cut into `split` pieces held by programs t*split .. t*split+split-1."""
     tile = tl.program_id(0)
@@ -41,8 +40,6 @@ def uniform_fixup_kernel(
                                 ROWS, m0)
     if USE_PDL:
         gdc_wait()  # launched early (programmatic dependent launch): wait for the partials
-    if LAUNCH_NEXT:  # the main kernel has left the SMs: the next kernel may launch, and
-        gdc_launch_dependents()  # waits for this one on the GPU (`Tuning.pdl_next`)
     if TIMELINE:
         stamp(STAMPS, row, 1)
     acc, m_i, l_i = merge_pieces(tile * split, tile * split + split - 1, 0, 1, 1, valid,
@@ -66,7 +63,6 @@ def general_fixup_kernel(
     HEADS_PER_TILE: tl.constexpr, TOKENS_PER_TILE: tl.constexpr,
     HAS_SINKS: tl.constexpr, RETURN_LSE: tl.constexpr, USE_FASTDIV: tl.constexpr,
     MERGE_PIECES: tl.constexpr, USE_PDL: tl.constexpr, LOADS_FIRST: tl.constexpr = False,
-    LAUNCH_NEXT: tl.constexpr = False,
 ):
     """Program p0 acts when it finished a tile it did not start: it merges the pieces of the
     programs from the one that started the tile up to itself (llama.cpp walks them back)."""
@@ -85,8 +81,6 @@ def general_fixup_kernel(
         p_first = program_of(first, work, programs)  # the program that started the tile
         if USE_PDL:
             gdc_wait()
-        if LAUNCH_NEXT:
-            gdc_launch_dependents()  # (as the uniform fixup's)
         acc, m_i, l_i = merge_pieces(p_first, p0, first, work, programs, valid, WS_O, WS_M, WS_L,
                                      m0, dv0, HEAD_DIM_V, BLOCK_M, ROWS, BLOCK_DV, MERGE_PIECES,
                                      True, LOADS_FIRST)
