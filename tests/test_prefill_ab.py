@@ -39,6 +39,26 @@ def test_variants_on_given_programs():
             ab.chosen(bad)
 
 
+def test_custom_variants():
+    names = [v.name for v in ab.chosen("base/128:block_n=128:num_stages=3,base,ws@132")]
+    assert names == ["base", "base/128:block_n=128:num_stages=3", "ws@132"]  # named: as given
+    v = ab.custom("base/128:block_n=128:num_stages=3")
+    p = ab.make_plan("llama-8b", 1, 8192, torch.float16, v, sms=132, occupancy=2)
+    g = p.geometry
+    assert (g.block_m, g.block_n, g.num_stages, p.tuning.prefill) == (16, 128, 3, "base")
+    # geometry at its head size only; Tuning fields everywhere
+    v = ab.custom("ws/64:block_n=128:prefill_sum_mma=false")
+    assert v.geometry == {64: {"block_n": 128}} and v.tuning == {"prefill_sum_mma": False}
+    p = ab.make_plan("llama-8b", 512, 8192, torch.float16, v, sms=132, occupancy=2)
+    assert p.tuning.prefill_sum_mma is False and p.tuning.prefill == "ws"
+    assert ab.custom("ws@132") is None and ab.custom("fast/128:block_n=64") is None
+    for bad in ("base/128:block_n", "base/128:colour=red", "base/128:prefill=ws"):
+        with pytest.raises(SystemExit, match="is not key=value"):
+            ab.chosen(bad)
+    with pytest.raises(SystemExit, match="unknown variants"):
+        ab.chosen("base/x:block_n=64")
+
+
 def test_plan_only_counts_compiles(capsys):
     ab.main(["--plan-only", "--quick", "--dtypes", "f16"])
     out = capsys.readouterr().out.splitlines()

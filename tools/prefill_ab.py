@@ -26,8 +26,9 @@ size), `ws` (kernels/prefill_ws.py: Gluon, a TMA loader warp and two consumer
 warpgroups), `ws-alt` (128-key blocks at head size 64), `ws-pp` (`ws-alt` with the consumer
 warpgroups' ping-pong); `--variants` picks some. Timed only where named: `ws-sum` and
 `ws-nosum` (`ws-alt` with the rows' sums of P by MMA, or by additions) and `ws@N`, `ws` on N
-programs (`auto` still picks the fixup; at head size 64 in 128-key blocks). `--cells
-model:n:L,...` picks cells.
+programs (`auto` still picks the fixup; at head size 64 in 128-key blocks), and
+`KERNEL/D:key=value:...`, a kernel with plan overrides at head size D (`custom`: e.g.
+`base/128:block_n=128:num_stages=3`). `--cells model:n:L,...` picks cells.
 
 Writes $OUT/prefill_ab.csv and $OUT/prefill_ab.json (provenance, ceilings, compile counts),
 prefill_ab-report.md and .png (`skattn bench --report prefill_ab.csv` redraws them: % of peak
@@ -38,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import os
 import subprocess
@@ -53,6 +55,7 @@ import skattn
 from skattn import launch, prefill_launch
 from skattn.bench.models import MODELS
 from skattn.device import interpreting
+from skattn.tuning import PREFILL_KERNELS
 
 DEPTHS = (8192, 16384, 32768)
 CHUNKS = (128, 1024, 2048)  # at L = 32768
@@ -104,19 +107,44 @@ def on_programs(name: str) -> Variant | None:
     return Variant(name, "ws", geometry={128: dict(programs=n), 64: dict(block_n=128, programs=n)})
 
 
+GEOMETRY_KEYS = ("block_m", "block_n", "num_warps", "num_stages", "programs")
+
+
+def custom(name: str) -> Variant | None:
+    """`KERNEL/D:key=value:...`: a kernel ("base", "tma", "ws") with `skattn.plan`'s geometry
+    (block_m, block_n, num_warps, num_stages, programs) at head size D, and `skattn.Tuning`
+    fields (at every head size; integers, true/false or words), e.g.
+    `base/128:block_n=128:num_stages=3`; None for a name of another form."""
+    kernel, sep, rest = name.partition("/")
+    head, *pairs = rest.split(":")
+    if not sep or kernel not in PREFILL_KERNELS or not head.isdigit() or not pairs:
+        return None
+    fields = {f.name for f in dataclasses.fields(skattn.Tuning)}
+    geometry, tuning = {}, {}
+    for pair in pairs:
+        key, eq, text = pair.partition("=")
+        if not eq or not (key in GEOMETRY_KEYS or (key in fields and key != "prefill")):
+            raise SystemExit(f"variant {name!r}: {pair!r} is not key=value of "
+                             f"{list(GEOMETRY_KEYS)} or a Tuning field")
+        value = ({"true": True, "false": False}.get(text.lower(), text)
+                 if not text.lstrip("-").isdigit() else int(text))
+        (geometry if key in GEOMETRY_KEYS else tuning)[key] = value
+    return Variant(name, kernel, geometry={int(head): geometry}, tuning=tuning)
+
+
 def chosen(names=None) -> tuple:
-    """The variants named (comma-separated or a list), in VARIANTS' order then `ws@N` ones in
-    the order given; all of VARIANTS without names."""
+    """The variants named (comma-separated or a list), in VARIANTS' order then `ws@N` and
+    `KERNEL/D:...` ones in the order given; all of VARIANTS without names."""
     if isinstance(names, str):
         names = [x for x in names.split(",") if x]
     if not names:
         return VARIANTS
     extra = ([v for v in EXTRA if v.name in names]
-             + [v for v in map(on_programs, names) if v is not None])
+             + [v for v in (on_programs(n) or custom(n) for n in names) if v is not None])
     unknown = set(names) - {v.name for v in VARIANTS} - {v.name for v in extra}
     if unknown:
         raise SystemExit(f"unknown variants {sorted(unknown)}; known: "
-                         f"{[v.name for v in VARIANTS]} and ws@N")
+                         f"{[v.name for v in VARIANTS]}, ws@N and KERNEL/D:key=value:...")
     return tuple(v for v in VARIANTS if v.name in names) + tuple(extra)
 
 
