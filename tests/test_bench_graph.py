@@ -232,3 +232,26 @@ def test_skattn_provider_on_the_graph_flow(monkeypatch):
                         RunOptions(timer="graph", layers=2, sms=4, occupancy=2))
     assert row["status"] == "ok" and row["fixup"] == "general" and row["programs"] == 6
     assert row["p50_us"] == "16.000"  # 32 µs for a graph of 2 layers
+
+
+def test_skattn_variant_with_tuning_fields(monkeypatch):
+    # "skattn:auto/pdl_wait=false": auto's plan with the fields over its own tuning, timed as
+    # its own provider (an A/B of a launch choice without a new variant)
+    import skattn
+
+    plans, real = [], skattn.attention
+    monkeypatch.setattr(skattn, "attention", lambda *a, **kw: plans.append(kw["plan"]) or real(*a, **kw))
+    provider = resolve(("skattn:auto/pdl_wait=false/merge_elements=32",))[0][0]
+    assert provider.label == "skattn:auto/pdl_wait=false/merge_elements=32"
+    cell = grid.Cell("tiny", 8, 2, 16, 1, 300)
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(1, L, h, 16, generator=g).half() for L, h in ((1, 8), (300, 2), (300, 2)))
+    built = provider.build(cell, q, k, v, RunOptions(sms=4, occupancy=2))
+    assert torch.allclose(built.fn().double(), reference(q, k, v), atol=2e-3)
+    t = plans[-1].tuning
+    assert (t.pdl_wait, t.merge_elements, plans[-1].policy) == (False, 32, "auto")
+    for bad, match in (("skattn:auto/pdl_wait", "not key=value"), ("skattn:auto/colour=red",
+                       "not key=value"), ("skattn:fast/pdl_wait=false", "unknown skattn variant"),
+                       ("skattn:auto/fixup_rows=3", "power of two")):
+        with pytest.raises(ValueError, match=match):
+            resolve((bad,))

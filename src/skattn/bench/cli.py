@@ -27,7 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n", help="query tokens per cell, e.g. 1,4 (default 1,2,4,8,16,512)")
     parser.add_argument("--depth", help="KV depths, e.g. 8192 (default 8192,16384,32768)")
     parser.add_argument("--providers", help=f"comma-separated from {', '.join(ALL_PROVIDERS)} or "
-                        f"skattn:<{'|'.join(grid.SKATTN_VARIANTS)}> (default all)")
+                        f"skattn:<{'|'.join(grid.SKATTN_VARIANTS)}>, each optionally with "
+                        "skattn.Tuning fields, e.g. skattn:auto/pdl_wait=false (default all)")
     parser.add_argument("--quick", action="store_true",
                         help="about 4 minutes on an H100/H200: 2 models x n 1,4,16,512 x depth 16384, "
                              "skattn + SDPA, fewer repeats (explicit options still win)")

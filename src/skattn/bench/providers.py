@@ -179,8 +179,29 @@ def importable(module: str) -> str | None:
     return None
 
 
+def tuning_fields(fields: list[str], name: str) -> dict:
+    """`skattn.Tuning` fields from "key=value" texts (integers, true/false or words), for a
+    variant named `name` such as "auto/pdl_wait=false" (an A/B of a launch choice)."""
+    import dataclasses
+
+    import skattn
+
+    known = {f.name for f in dataclasses.fields(skattn.Tuning)}
+    out = {}
+    for text in fields:
+        key, eq, value = text.partition("=")
+        if not eq or key not in known:
+            raise ValueError(f"skattn variant {name!r}: {text!r} is not key=value of a "
+                             f"skattn.Tuning field")
+        out[key] = (int(value) if value.lstrip("-").isdigit()
+                    else {"true": True, "false": False}.get(value.lower(), value))
+    skattn.Tuning(**out)  # the field's own checks, before any GPU work
+    return out
+
+
 def resolve(names: tuple[str, ...]) -> tuple[list[Provider], list[str]]:
-    """Providers for names like 'skattn', 'skattn:llamacpp', 'sdpa-flash', 'flex'.
+    """Providers for names like 'skattn', 'skattn:llamacpp', 'sdpa-flash', 'flex', and
+    'skattn:auto/pdl_wait=false' (a variant with `skattn.Tuning` fields over its own).
 
     Parameters
     ----------
@@ -199,10 +220,13 @@ def resolve(names: tuple[str, ...]) -> tuple[list[Provider], list[str]]:
         if base == "skattn":
             variants = [variant] if variant else list(SKATTN_VARIANTS)
             for var in variants:
-                if var not in SKATTN_VARIANTS:
-                    raise ValueError(f"unknown skattn variant {var!r}; choose from {list(SKATTN_VARIANTS)}")
+                known, *fields = var.split("/")
+                if known not in SKATTN_VARIANTS:
+                    raise ValueError(f"unknown skattn variant {known!r}; choose from "
+                                     f"{list(SKATTN_VARIANTS)}")
+                tuning = {**VARIANT_TUNING.get(known, {}), **tuning_fields(fields, var)}
                 providers.append(Provider("skattn", var, _skattn_builder(
-                    *SKATTN_VARIANTS[var], VARIANT_TUNING.get(var))))
+                    *SKATTN_VARIANTS[known], tuning or None)))
         elif base in _BUILDERS and not variant:
             why = importable(_OPTIONAL[base]) if base in _OPTIONAL else None
             if why:
