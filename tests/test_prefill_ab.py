@@ -52,8 +52,10 @@ def test_custom_variants():
     p = ab.make_plan("llama-8b", 512, 8192, torch.float16, v, sms=132, occupancy=2)
     assert p.tuning.prefill_sum_mma is False and p.tuning.prefill == "ws"
     assert ab.custom("ws@132") is None and ab.custom("fast/128:block_n=64") is None
-    for bad in ("base/128:block_n", "base/128:colour=red", "base/128:prefill=ws"):
-        with pytest.raises(SystemExit, match="is not key=value"):
+    for bad, match in (("base/128:block_n", "not key=value"), ("base/128:colour=red",
+                       "not key=value"), ("base/128:prefill=ws", "first part"),
+                       ("base/128:fixup_rows=3", "power of two")):
+        with pytest.raises(SystemExit, match=match):
             ab.chosen(bad)
     with pytest.raises(SystemExit, match="unknown variants"):
         ab.chosen("base/x:block_n=64")

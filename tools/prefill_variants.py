@@ -6,11 +6,10 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from dataclasses import dataclass, field
 
-import skattn
+from skattn.bench.providers import tuning_fields
 from skattn.tuning import PREFILL_KERNELS
 
 
@@ -63,16 +62,20 @@ def custom(name: str) -> Variant | None:
     head, *pairs = rest.split(":")
     if not sep or kernel not in PREFILL_KERNELS or not head.isdigit() or not pairs:
         return None
-    fields = {f.name for f in dataclasses.fields(skattn.Tuning)}
-    geometry, tuning = {}, {}
+    geometry, rest = {}, []
     for pair in pairs:
         key, eq, text = pair.partition("=")
-        if not eq or not (key in GEOMETRY_KEYS or (key in fields and key != "prefill")):
-            raise SystemExit(f"variant {name!r}: {pair!r} is not key=value of "
-                             f"{list(GEOMETRY_KEYS)} or a Tuning field")
-        value = ({"true": True, "false": False}.get(text.lower(), text)
-                 if not text.lstrip("-").isdigit() else int(text))
-        (geometry if key in GEOMETRY_KEYS else tuning)[key] = value
+        if key in GEOMETRY_KEYS and eq and text.isdigit():
+            geometry[key] = int(text)
+        elif key == "prefill":
+            raise SystemExit(f"variant {name!r}: the kernel is the name's first part, not "
+                             f"{pair!r}")
+        else:
+            rest.append(pair)
+    try:  # the rest: Tuning fields, parsed and checked as `skattn bench` does
+        tuning = tuning_fields(rest, name)
+    except ValueError as err:
+        raise SystemExit(f"{err} (or of {list(GEOMETRY_KEYS)})") from None
     return Variant(name, kernel, geometry={int(head): geometry}, tuning=tuning)
 
 
