@@ -11,6 +11,7 @@ from skattn import reference
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 import prefill_ab as ab  # noqa: E402
+import prefill_variants as pv  # noqa: E402
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU tests of the tool")
 
@@ -31,7 +32,7 @@ def test_cells():
 def test_variants_on_given_programs():
     names = [v.name for v in ab.chosen("ws@132,base,ws@128")]
     assert names == ["base", "ws@132", "ws@128"]
-    v = ab.on_programs("ws@132")
+    v = pv.on_programs("ws@132")
     p = ab.make_plan("gpt-oss", 128, 32768, torch.float16, v, sms=132, occupancy=2)
     assert (p.programs, p.geometry.block_n, p.tuning.prefill) == (132, 128, "ws")
     for bad in ("ws@0", "ws@x", "tma@128"):
@@ -42,16 +43,16 @@ def test_variants_on_given_programs():
 def test_custom_variants():
     names = [v.name for v in ab.chosen("base/128:block_n=128:num_stages=3,base,ws@132")]
     assert names == ["base", "base/128:block_n=128:num_stages=3", "ws@132"]  # named: as given
-    v = ab.custom("base/128:block_n=128:num_stages=3")
+    v = pv.custom("base/128:block_n=128:num_stages=3")
     p = ab.make_plan("llama-8b", 1, 8192, torch.float16, v, sms=132, occupancy=2)
     g = p.geometry
     assert (g.block_m, g.block_n, g.num_stages, p.tuning.prefill) == (16, 128, 3, "base")
     # geometry at its head size only; Tuning fields everywhere
-    v = ab.custom("ws/64:block_n=128:prefill_sum_mma=false")
+    v = pv.custom("ws/64:block_n=128:prefill_sum_mma=false")
     assert v.geometry == {64: {"block_n": 128}} and v.tuning == {"prefill_sum_mma": False}
     p = ab.make_plan("llama-8b", 512, 8192, torch.float16, v, sms=132, occupancy=2)
     assert p.tuning.prefill_sum_mma is False and p.tuning.prefill == "ws"
-    assert ab.custom("ws@132") is None and ab.custom("fast/128:block_n=64") is None
+    assert pv.custom("ws@132") is None and pv.custom("fast/128:block_n=64") is None
     for bad, match in (("base/128:block_n", "not key=value"), ("base/128:colour=red",
                        "not key=value"), ("base/128:prefill=ws", "first part"),
                        ("base/128:fixup_rows=3", "power of two")):

@@ -27,7 +27,7 @@ warpgroups), `ws-alt` (128-key blocks at head size 64), `ws-pp` (`ws-alt` with t
 warpgroups' ping-pong); `--variants` picks some. Timed only where named: `ws-sum` and
 `ws-nosum` (`ws-alt` with the rows' sums of P by MMA, or by additions) and `ws@N`, `ws` on N
 programs (`auto` still picks the fixup; at head size 64 in 128-key blocks), and
-`KERNEL/D:key=value:...`, a kernel with plan overrides at head size D (`custom`: e.g.
+`KERNEL/D:key=value:...`, a kernel with plan overrides at head size D (`prefill_variants.custom`: e.g.
 `base/128:block_n=128:num_stages=3`). `--cells model:n:L,...` picks cells.
 
 Writes $OUT/prefill_ab.csv and $OUT/prefill_ab.json (provenance, ceilings, compile counts),
@@ -54,7 +54,7 @@ from skattn import launch, prefill_launch
 from skattn.bench.models import MODELS
 from skattn.device import interpreting
 
-from prefill_variants import VARIANTS, Variant, chosen, custom, on_programs  # noqa: F401
+from prefill_variants import VARIANTS, Variant, chosen
 
 DEPTHS = (8192, 16384, 32768)
 CHUNKS = (128, 1024, 2048)  # at L = 32768

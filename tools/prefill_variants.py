@@ -62,7 +62,7 @@ def custom(name: str) -> Variant | None:
     head, *pairs = rest.split(":")
     if not sep or kernel not in PREFILL_KERNELS or not head.isdigit() or not pairs:
         return None
-    geometry, rest = {}, []
+    geometry, others = {}, []
     for pair in pairs:
         key, eq, text = pair.partition("=")
         if key in GEOMETRY_KEYS and eq and text.isdigit():
@@ -71,9 +71,9 @@ def custom(name: str) -> Variant | None:
             raise SystemExit(f"variant {name!r}: the kernel is the name's first part, not "
                              f"{pair!r}")
         else:
-            rest.append(pair)
-    try:  # the rest: Tuning fields, parsed and checked as `skattn bench` does
-        tuning = tuning_fields(rest, name)
+            others.append(pair)
+    try:  # the others: Tuning fields, parsed and checked as `skattn bench` does
+        tuning = tuning_fields(others, name)
     except ValueError as err:
         raise SystemExit(f"{err} (or of {list(GEOMETRY_KEYS)})") from None
     return Variant(name, kernel, geometry={int(head): geometry}, tuning=tuning)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 
 import importlib
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Callable
 
 import torch
@@ -179,16 +179,14 @@ def importable(module: str) -> str | None:
     return None
 
 
-def tuning_fields(fields: list[str], name: str) -> dict:
+def tuning_fields(texts: list[str], name: str) -> dict:
     """`skattn.Tuning` fields from "key=value" texts (integers, true/false or words), for a
     variant named `name` such as "auto/pdl_wait=false" (an A/B of a launch choice)."""
-    import dataclasses
-
     import skattn
 
-    known = {f.name for f in dataclasses.fields(skattn.Tuning)}
+    known = {f.name for f in fields(skattn.Tuning)}
     out = {}
-    for text in fields:
+    for text in texts:
         key, eq, value = text.partition("=")
         if not eq or key not in known:
             raise ValueError(f"skattn variant {name!r}: {text!r} is not key=value of a "
@@ -220,11 +218,11 @@ def resolve(names: tuple[str, ...]) -> tuple[list[Provider], list[str]]:
         if base == "skattn":
             variants = [variant] if variant else list(SKATTN_VARIANTS)
             for var in variants:
-                known, *fields = var.split("/")
+                known, *texts = var.split("/")
                 if known not in SKATTN_VARIANTS:
                     raise ValueError(f"unknown skattn variant {known!r}; choose from "
                                      f"{list(SKATTN_VARIANTS)}")
-                tuning = {**VARIANT_TUNING.get(known, {}), **tuning_fields(fields, var)}
+                tuning = {**VARIANT_TUNING.get(known, {}), **tuning_fields(texts, var)}
                 providers.append(Provider("skattn", var, _skattn_builder(
                     *SKATTN_VARIANTS[known], tuning or None)))
         elif base in _BUILDERS and not variant:
