@@ -12,9 +12,11 @@ from dataclasses import dataclass
 import torch
 
 from skattn import buffers as ws
+from skattn import serving_ws
 from skattn.config import _pow2, register_cap
 from skattn.device import interpreting
 from skattn.kernels import ragged as _ragged
+from skattn.kernels import ragged_ws as _ragged_ws
 from skattn.kernels import ragged_fixup as _fix
 from skattn.kernels import worklist as _wl
 from skattn.launch import (KV_FORMATS, _launch, _no_hooks, _pdl_wait, _spec, cached_bind,
@@ -47,6 +49,7 @@ class Bound:
     consts: dict
     cuda: bool
     wl_ints: tuple         # the work-list kernel's integers that depend only on the plan
+    ws: serving_ws.WsBound | None = None  # whole tiles on the Hopper kernel
 
 
 def bind(plan: ServingPlan, device) -> Bound:
@@ -65,13 +68,14 @@ def _bind(plan: ServingPlan, device: torch.device) -> Bound:
     # for its first row block 256 (up to 256 row blocks) or 1024 prefix sums at a time;
     # wider vectors only add masked lanes
     block_b = _pow2(max(64, plan.batch))
+    wsb = serving_ws.bind(plan, device)
     wl_const = dict(VARLEN_Q=plan.varlen, CAUSAL=plan.causal or plan.window is not None,
                     HAS_WINDOW=plan.window is not None, POLICY=POLICY_CODE[plan.policy],
                     FUSED=plan.fixup == "fused", TOKENS=g.tokens_per_tile, BLOCK_N=g.block_n,
                     BLOCK_B=block_b, LOG_B=block_b.bit_length() - 1, RB_CHUNK=RB_CHUNK,
                     NB=_pow2(max(2, plan.programs)), Q_RANGE=plan.q_range is not None,
                     WHOLE=plan.whole_tiles, LQ_MIN=plan.whole_q_min, TAIL=plan.tail,
-                    num_warps=4)
+                    WS=serving_ws.WS_SPEED_X10 if wsb is not None else 0, num_warps=4)
     main_const, fix_const, fix_grid, _ = constants(plan, device, plan.tiles_max)
     search = 256 if plan.rb_max <= 256 else 1024
     main_const.update(PAGED=plan.layout == "paged", PAGE_SIZE=plan.page_size or 16,
@@ -97,10 +101,10 @@ def _bind(plan: ServingPlan, device: torch.device) -> Bound:
            tuple(sorted(fix_const.items())), fix_kernel, tuple(_spec(x) for x in ints))
     kid = _KEYS.setdefault(key, len(_KEYS))
     wl_ints = (plan.programs, plan.split, n_sat(plan), plan.per_sm,
-               *(plan.q_range or (0, INT32_MAX)), plan.resident)
+               *(plan.q_range or (0, INT32_MAX)), plan.resident, wsb.grid if wsb else 0)
     cuda = device.type == "cuda" and not interpreting()
     return Bound(plan, device, cost, wl_const, main_const, fix_kernel, fix_const, fix_grid,
-                 ws.layout(plan, plan.tiles_max), kid, {}, cuda, wl_ints)
+                 ws.layout(plan, plan.tiles_max), kid, {}, cuda, wl_ints, wsb)
 
 
 def workspace_bytes(plan: ServingPlan) -> int:
@@ -237,7 +241,10 @@ def run(plan: ServingPlan, q, k, v, out, lse, *, wl, block_table, scale: float, 
                *(x.data_ptr() % 16 == 0 for x in (q, k, v, out, lse_t, sinks_t, slopes_t, ks_t,
                                                   vs_t, bt, ws_o, ws_m, ws_l, counters, wl)))
     grid = (plan.programs, 1, 1)
-    if whole_const is not None:  # it works where the step is whole tiles, else exits at once
+    if b.ws is not None and stamps is None and serving_ws.usable(k, v, softcap, alibi_slopes):
+        _launch_ws(plan, b, q, qs, k, v, out, os_, lse_t, ls, sinks_t, ws_o, ws_m, ws_l, bt, sbt,
+                   wl, num_pages, qk_scale, features, key, stream)
+    elif whole_const is not None:  # it works where the step is whole tiles, else exits at once
         _launch(_ragged.ragged_attention_kernel, key and (*key, "whole"), args, whole_const, grid,
                 stream)
     _launch(_ragged.ragged_attention_kernel, key, args, main_const, grid, stream)
@@ -250,6 +257,21 @@ def run(plan: ServingPlan, q, k, v, out, lse, *, wl, block_table, scale: float, 
     else:
         kernel, fargs = _fix.ragged_general_fixup_kernel, out_args
     _launch(kernel, key and (*key, "fixup"), fargs, fix_const, b.fix_grid, stream)
+
+
+def _launch_ws(plan, b: Bound, q, qs, k, v, out, os_, lse_t, ls, sinks_t, ws_o, ws_m, ws_l, bt,
+               sbt, wl, num_pages, qk_scale, features, key, stream) -> None:
+    """The Hopper kernel's whole-tile build (kernels/ragged_ws.py): it works where the step is
+    whole tiles, else exits at once."""
+    kd, vd = serving_ws.descriptors(b.ws, plan.layout, k, v)
+    has_sinks, _, _, has_lse, _, _ = features
+    const = dict(b.ws.const, HAS_SINKS=has_sinks, RETURN_LSE=has_lse)
+    args = (q, *qs, kd, vd, out, *os_, lse_t, *ls, sinks_t, ws_o, ws_m, ws_l, bt, sbt, wl,
+            plan.batch, plan.rb_max, plan.gqa_ratio, plan.ntiles_z, plan.hz, num_pages, qk_scale)
+    # the descriptors' shapes and strides are arguments; K's and V's dtypes, strides and
+    # alignment are in the key with the rest
+    _launch(_ragged_ws.ragged_ws_kernel, key and (*key, "ws"), args, const, (b.ws.grid, 1, 1),
+            stream)
 
 
 def _check_tile_stamps(tiles, programs: int, device) -> None:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from skattn.planner import _kv_blocks
 from skattn.policy import CUT_PENALTY_MANY, predict_us, whole_prompt
 from skattn.serving_plan import ServingPlan
+from skattn.serving_ws import WS_SPEED_X10
 
 __all__ = ["WorkList", "host_work_list", "whole_tiles_step", "effective_programs", "cut_free",
            "tail_split"]
@@ -100,7 +101,7 @@ def _clamp(x: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, x))
 
 
-def host_work_list(plan: ServingPlan, *, lens_k=None, cu_k=None, cu_q=None) -> WorkList:
+def host_work_list(plan: ServingPlan, *, lens_k=None, cu_k=None, cu_q=None, ws: int = 0) -> WorkList:
     """The work list the device builds, in Python, with the device's clamping rules.
 
     Parameters
@@ -112,6 +113,9 @@ def host_work_list(plan: ServingPlan, *, lens_k=None, cu_k=None, cu_q=None) -> W
         cu_seqlens_k (varlen).
     cu_q : sequence of int, optional
         cu_seqlens_q (varlen).
+    ws : int
+        Programs of the Hopper kernel where the plan is bound to run its whole tiles there
+        (`serving_launch.bind(plan, device).ws.grid`), else 0 (`whole_tiles_step`).
 
     Returns
     -------
@@ -162,7 +166,7 @@ def host_work_list(plan: ServingPlan, *, lens_k=None, cu_k=None, cu_q=None) -> W
     rb_start += [work] * (plan.rb_max - len(rb_count))
     tiles = len(rb_count) * plan.hz
     longest, shortest = max(rb_count, default=0), min(rb_count, default=0)
-    whole = whole_tiles_step(plan, work, tiles, longest, shortest, max(lq, default=0))
+    whole = whole_tiles_step(plan, work, tiles, longest, shortest, max(lq, default=0), ws)
     programs = 0 if whole else effective_programs(plan, work, tiles, longest, shortest)
     start, chunk, chunks = tail_split(plan, work, programs)
     return WorkList(lq, lk, qs, ks, rb_seq, rb_qblock, rb_first, rb_count, rb_start, work,
@@ -180,20 +184,25 @@ def tail_split(plan: ServingPlan, work: int, programs: int) -> tuple[int, int, i
 
 
 def whole_tiles_step(plan: ServingPlan, work: int, tiles: int, longest: int, shortest: int,
-                     q_max: int) -> bool:
+                     q_max: int, ws: int = 0) -> bool:
     """Whether the device runs a step in whole tiles (kernels/worklist.py `_whole_tiles`):
     on a plan that allows it (`ServingPlan.whole_tiles`), a compute-bound step (a sequence
     of at least `whole_q_min` query tokens) whose tiles differ in length at least
     UNEQUAL_TILES x and outnumber the resident programs more than MANY_TILES x, where whole
     tiles handed out to free programs (the work per resident program plus one longest tile,
     or their waves) take less than one cut wave at CUT_PENALTY_MANY (the dense planner's
-    rule for whole prompts, policy.compute_bound_programs)."""
+    rule for whole prompts, policy.compute_bound_programs). `ws`: the programs of the Hopper
+    kernel that then runs whole tiles (`serving_ws`, bound on a Hopper GPU; 0: none): whole
+    tiles wherever their time there, at `serving_ws.WS_SPEED_X10` / 10 times a stream-K
+    program's speed, beats one cut wave."""
     r = plan.resident
     if not plan.whole_tiles or work == 0 or q_max < plan.whole_q_min:
         return False
+    cut = -(-work // max(min(r, work), 1)) * CUT_PENALTY_MANY
+    if ws:
+        return min(-(-tiles // ws) * longest, -(-work // ws) + longest) * 10 < cut * WS_SPEED_X10
     if not whole_prompt(tiles, r, shortest, longest):
         return False
-    cut = -(-work // max(min(r, work), 1)) * CUT_PENALTY_MANY
     return min(-(-tiles // r) * longest, -(-work // r) + longest) < cut
 
 

@@ -129,13 +129,15 @@ def build_skattn(batch: Batch, policy: str, overrides: dict | None = None) -> Bu
     """`overrides`: `serving_plan` keywords (sms=, occupancy=, programs=, block_n=, ...), and
     `Tuning`'s switches as integers: pdl_wait=0 for `Tuning(pdl_wait=False)` (the main kernel
     launched without PDL), fp8_v_pairs=0 (FP8 V read as bytes), q8_0_v_blocks=1 (q8_0 V as
-    int8 pairs with its scales on p)."""
+    int8 pairs with its scales on p); prefill=ws (`Tuning(prefill="ws")`)."""
     from skattn import Tuning, quant, serving
 
     m = batch.mix
     overrides = dict(overrides or {})
     tuning = {k: bool(overrides.pop(k)) for k in ("pdl_wait", "fp8_v_pairs", "q8_0_v_blocks")
               if k in overrides}
+    if "prefill" in overrides:  # prefill=ws: whole prompt tiles on the Hopper kernel
+        tuning["prefill"] = overrides.pop("prefill")
     if tuning:
         overrides["tuning"] = Tuning(**tuning)
     if "head_pairs" in overrides:  # head_pairs=0: one KV head a row (serving_plan)
@@ -274,13 +276,15 @@ def build_flash_attn(batch: Batch) -> Built:
 
 def skattn_variant(name: str) -> tuple[str, dict]:
     """`skattn:POLICY` or `skattn:POLICY/key=int,...` -> (policy, serving_plan overrides);
-    `fixup=KIND` takes a fixup's name (`fixup=fused`: the merge inside the main kernel)."""
+    `fixup=KIND` takes a fixup's name (`fixup=fused`: the merge inside the main kernel),
+    `prefill=KERNEL` `Tuning.prefill`'s (`prefill=ws`: whole prompt tiles on the Hopper
+    kernel)."""
     policy, _, extra = name.split(":", 1)[1].partition("/")
     overrides = {}
     for item in filter(None, extra.split(",")):
         key, sep, value = item.partition("=")
-        if key.strip() == "fixup" and sep:
-            overrides["fixup"] = value.strip()
+        if key.strip() in ("fixup", "prefill") and sep:
+            overrides[key.strip()] = value.strip()
             continue
         if not sep or not value.strip().lstrip("-").isdigit():
             raise ValueError(f"{name!r}: a plan override is key=integer, got {item!r}")

@@ -32,7 +32,8 @@ CUT_X10: tl.constexpr = tl.constexpr(15)  # CUT_PENALTY_MANY x 10
 # the first time a batch shows a new combination, so the serving kernels do not specialise on
 # them (this one, a single program, on none of its integers).
 SHAPE_INTS = ["batch", "q_len", "cap_q", "total_q", "cap_k", "total_k", "hz", "rb_max",
-              "window", "grid_programs", "split", "n_sat", "per_sm", "q_lo", "q_hi", "resident"]
+              "window", "grid_programs", "split", "n_sat", "per_sm", "q_lo", "q_hi", "resident",
+              "ws_resident"]
 
 
 @triton.jit
@@ -165,15 +166,24 @@ def _programs(work, tiles, maxc, minc, grid_programs, split, n_sat, per_sm, COST
 
 
 @triton.jit
-def _whole_tiles(work, tiles, maxc, minc, lq_max, resident, lq_min):
+def _whole_tiles(work, tiles, maxc, minc, lq_max, resident, lq_min, ws_resident,
+                 WS: tl.constexpr):
     """Whether a step runs in whole tiles, each program taking the next longest-first
     (serving_worklist.whole_tiles_step): a compute-bound step whose tiles differ in length at
     least UNEQUAL x and outnumber the resident programs more than MANY x, where the GPU's
     hand-out of whole tiles (work per resident program plus one longest tile, or their
-    waves) beats one cut wave at CUT_PENALTY_MANY."""
+    waves) beats one cut wave at CUT_PENALTY_MANY. WS: whole tiles run the Hopper kernel
+    (`ws_resident` programs, each WS / 10 x as fast as a stream-K program): any
+    compute-bound step whose whole tiles there beat the cut wave."""
     work = tl.cast(work, tl.int64)
     one = tl.maximum(tl.minimum(resident, work), 1)
     cut_x10 = (work + one - 1) // one * CUT_X10
+    if WS:
+        r = tl.maximum(ws_resident, 1)
+        ws_waves = (tl.cast(tiles, tl.int64) + r - 1) // r * maxc
+        ws_handed = (work + r - 1) // r + maxc
+        return ((lq_max >= lq_min) & (work > 0)
+                & (tl.minimum(ws_waves, ws_handed) * 100 < cut_x10 * WS))
     waves = (tl.cast(tiles, tl.int64) + resident - 1) // resident * maxc
     handed = (work + resident - 1) // resident + maxc
     whole_x10 = tl.minimum(waves, handed) * 10
@@ -185,12 +195,13 @@ def _whole_tiles(work, tiles, maxc, minc, lq_max, resident, lq_min):
 def work_list_kernel(
     SEQ_K, SEQ_Q, WL, COST,
     batch, q_len, cap_q, total_q, cap_k, total_k, hz, rb_max, window,
-    grid_programs, split, n_sat, per_sm, q_lo, q_hi, resident,
+    grid_programs, split, n_sat, per_sm, q_lo, q_hi, resident, ws_resident,
     CU_K: tl.constexpr, VARLEN_Q: tl.constexpr, CAUSAL: tl.constexpr,
     HAS_WINDOW: tl.constexpr, POLICY: tl.constexpr, FUSED: tl.constexpr,
     TOKENS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
     LOG_B: tl.constexpr, RB_CHUNK: tl.constexpr, NB: tl.constexpr, Q_RANGE: tl.constexpr,
     WHOLE: tl.constexpr = False, LQ_MIN: tl.constexpr = 0, TAIL: tl.constexpr = 0,
+    WS: tl.constexpr = 0,
 ):
     """One program: lengths -> row blocks -> per-row-block KV blocks -> prefix sums -> N."""
     rb_real, lq_max = _sequences(SEQ_K, SEQ_Q, WL, batch, q_len, cap_q, total_q, cap_k,
@@ -237,7 +248,8 @@ def work_list_kernel(
                   POLICY, FUSED, NB)
     whole = work < 0  # False
     if WHOLE:  # policy auto on a plan whose steps can be whole prompts
-        whole = _whole_tiles(work, rb_real * hz, maxc, minc, lq_max, resident, LQ_MIN)
+        whole = _whole_tiles(work, rb_real * hz, maxc, minc, lq_max, resident, LQ_MIN,
+                             ws_resident, WS)
     tl.store(WL + 0, work)
     tl.store(WL + 1, tl.where(whole, 0, n))  # no stream-K program: the fixups find nothing
     tl.store(WL + WHOLE_FLAG, whole.to(tl.int32))
