@@ -1,7 +1,8 @@
 """Small serving calls for compute-sanitizer (memcheck, racecheck, synccheck): every fixup
 kind (and a dynamic tail) on ragged dense, paged (page sizes 16, 48, 64) and packed varlen
 batches (one plan, and a MixedPlan's two halves), KV heads of 64 read in pairs and one a row
-at every page size, a prompt step in whole tiles, a paged fp8
+at every page size, a prompt step in whole tiles (on the Hopper kernel and the base
+kernel), a paged fp8
 cache with per-head K and per-tensor V scales, paged q8_0 (V as values and as int8 pairs)
 and q4_0 caches, and the device-side behaviour on bad lengths and page ids (clamped and
 masked: no out-of-bounds read). Run: compute-sanitizer --tool memcheck python3 tools/sanitize_serving.py
@@ -112,11 +113,13 @@ def main() -> int:
             rows = slice(k0 + 64 * j, k0 + min(64 * (j + 1), n_keys))
             m = rows.stop - rows.start
             kp[table[b, j], :m], vp[table[b, j], :m] = kv_[rows], vv[rows]
-    for paged in (False, True):
+    # (by default on the Hopper kernel, kernels/ragged_ws.py; Tuning(): the base kernel's)
+    for paged, tuning in ((False, None), (True, None), (False, skattn.Tuning()),
+                          (True, skattn.Tuning())):
         bounds = dict(page_size=64, max_pages=16) if paged else dict(total_k=1524)
         p = skattn.serving_plan(batch=2, max_q_len=1024, total_q=1025, max_kv_len=1024,
                                 q_heads=Hq, kv_heads=Hkv, head_dim=D, sms=4, q_split=None,
-                                **bounds)
+                                tuning=tuning, **bounds)
         wl = serving.work_list(p, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
         for layer in range(2):  # two layers' calls share the work list
             out = skattn.attention_varlen(qv, kp if paged else kv_, vp if paged else vv, cu_q,
@@ -125,7 +128,7 @@ def main() -> int:
             n += 1
             if rel(out, ref) > 2e-2 or int(wl[WHOLE_FLAG.value]) != 1:
                 bad += 1
-                print(f"FAIL whole tiles paged={paged} layer {layer}: {rel(out, ref):.2e}, "
+                print(f"FAIL whole tiles paged={paged} {p.tuning.prefill} layer {layer}: {rel(out, ref):.2e}, "
                       f"flag {int(wl[WHOLE_FLAG.value])}")
     # fp8 e4m3 K/V, paged (16), with a page id out of range in one sequence's unused entries
     ps, need = 16, [-(-x // 16) for x in lens]

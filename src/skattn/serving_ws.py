@@ -23,9 +23,11 @@ from skattn import prefill_launch
 from skattn.device import interpreting
 
 HEAD_DIMS = (64, 128)
-# a program of this kernel (one an SM) against a program of the base kernel's stream-K build
-# (two an SM) on the same KV blocks of prompt tiles: x10 as fast (PERF.md, "Serving batches")
-WS_SPEED_X10 = 30
+# a KV block of a prompt tile on this kernel against one on the base kernel's stream-K
+# build, per resident program: x10 as fast. From (d)'s 512-token chunk alone (llama-8b, pages
+# of 16, H200): one cut wave of the base kernel, 30 blocks a resident program at x 1.5, took
+# 147.0 us; whole tiles here, 32 blocks a program, 70.5 us: 1.49x (PERF.md, "Serving batches")
+WS_SPEED_X10 = 15
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,147 @@
+"""Whole prompt tiles of serving plans on the Hopper kernel (`serving_ws`,
+kernels/ragged_ws.py) without a GPU: which plans take it, the work list's rule under it
+(device code under the interpreter against its Python mirror), and the kernel's sm_90a
+build. tests/test_serving_ws_gpu.py checks its results on the GPU."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import skattn
+from skattn import serving, serving_launch, serving_ws
+from skattn.bench.serving_mixes import mix
+from skattn.kernels.worklist import WHOLE_FLAG
+from skattn.serving_worklist import host_work_list, whole_tiles_step
+
+ROOT = Path(__file__).resolve().parents[1]
+WS = skattn.Tuning(prefill="ws")
+H200 = dict(sms=132, occupancy=2)
+
+
+def prompt_plan(**kw):
+    args = dict(batch=4, max_q_len=2048, total_q=8192, max_kv_len=8192, q_heads=32, kv_heads=8,
+                head_dim=128, page_size=16, max_pages=512, q_split=None, **H200)
+    return skattn.serving_plan(**dict(args, **kw))
+
+
+def cu(lens):
+    out = [0]
+    for n in lens:
+        out.append(out[-1] + n)
+    return out
+
+
+def test_default_for_prompt_sized_plans():
+    assert prompt_plan().tuning.prefill == "ws"
+    assert serving_ws.refusal(prompt_plan()) is None
+    assert prompt_plan(tuning=skattn.Tuning()).tuning.prefill == "base"  # a caller's choice
+    decode = skattn.serving_plan(batch=8, q_len=1, max_kv_len=4096, q_heads=32, kv_heads=8,
+                                 head_dim=128, page_size=16, **H200)
+    assert decode.tuning.prefill == "base" and "whole tiles" in serving_ws.refusal(
+        decode.__class__(**{**decode.__dict__, "tuning": WS}))
+
+
+@pytest.mark.parametrize("kw, why", [
+    (dict(dtype=torch.float8_e4m3fn), "K/V in"),
+    (dict(head_dim=96), "head sizes"),
+    (dict(window=256), "window"),
+    (dict(page_size=48, max_pages=200), "pages of 48"),
+    (dict(policy="llamacpp"), "whole tiles"),
+    (dict(max_q_len=4), "whole tiles"),
+])
+def test_refusals(kw, why):
+    p = prompt_plan(tuning=WS, **kw)
+    assert why in serving_ws.refusal(p)
+    assert serving_launch.bind(p, torch.device("cpu")).ws is None
+    assert prompt_plan(**kw).tuning.prefill == "base", "no default where it is refused"
+
+
+def test_no_kernel_without_a_hopper():
+    # bound on the CPU (the interpreter): the base kernel's whole-tile build and its rule
+    b = serving_launch.bind(prompt_plan(), torch.device("cpu"))
+    assert b.ws is None and b.wl_const["WS"] == 0
+
+
+@pytest.mark.parametrize("model, heads, whole", [("llama-8b", (32, 8, 128), False),
+                                                 ("gpt-oss", (64, 8, 64), False)])
+def test_rule_on_mixed_steps(model, heads, whole):
+    # (d) in one plan: decode rows in prompt tiles, some of thousands of keys, beside the
+    # chunk: one cut wave of the base kernel beats whole tiles here; the chunk alone (a
+    # MixedPlan's long half) runs whole tiles on the Hopper kernel
+    hq, hkv, d = heads
+    m = mix("mixed")
+    p = skattn.serving_plan(batch=m.batch, max_q_len=m.max_q, total_q=sum(m.q_lens),
+                            max_kv_len=max(m.kv_lens), q_heads=hq, kv_heads=hkv, head_dim=d,
+                            page_size=16, max_pages=-(-max(m.kv_lens) // 16), q_split=None, **H200)
+    ws = 132 * serving_ws.prefill_launch.ws_registers(d, p.geometry.block_n)[0]
+    assert host_work_list(p, cu_k=cu(m.kv_lens), cu_q=cu(m.q_lens), ws=ws).whole == whole
+    i = m.q_lens.index(max(m.q_lens))
+    alone_q = [n if j == i else 0 for j, n in enumerate(m.q_lens)]
+    alone_k = [n if j == i else 0 for j, n in enumerate(m.kv_lens)]
+    assert host_work_list(p, cu_k=cu(alone_k), cu_q=cu(alone_q), ws=ws).whole
+    assert not host_work_list(p, cu_k=cu(alone_k), cu_q=cu(alone_q)).whole, \
+        "the base kernel's rule cuts the chunk (its tiles are within 2x of each other)"
+
+
+@pytest.mark.interpret
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter tests run on the CPU")
+def test_rule_host_and_device_agree(monkeypatch):
+    # the work-list kernel (interpreter) with the Hopper kernel's rule against
+    # whole_tiles_step(ws=...), on a pretend GPU of 4 SMs: steps each side of the line
+    fake = serving_ws.WsBound({}, (1, 16, 1, 16), 4)
+    monkeypatch.setattr(serving_ws, "bind", lambda plan, device: fake)
+    p = skattn.serving_plan(batch=3, max_q_len=256, total_q=400, max_kv_len=512, q_heads=8,
+                            kv_heads=2, head_dim=16, block_n=16, sms=4, occupancy=2,
+                            q_split=None, tuning=WS)
+    b = serving_launch.bind(p, torch.device("cpu"))
+    assert b.wl_const["WS"] == serving_ws.WS_SPEED_X10 and b.wl_ints[-1] == 4
+    seen = set()
+    for lq, lk in (([256, 1, 0], [256, 40, 5]), ([16, 1, 1], [512, 512, 512]),
+                   ([64, 64, 0], [64, 512, 0]), ([1, 1, 1], [300, 2, 9]),
+                   ([200, 100, 100], [200, 512, 100]), ([128, 128, 128], [512, 512, 512])):
+        cu_q = torch.tensor(cu(lq), dtype=torch.int32)
+        cu_k = torch.tensor(cu(lk), dtype=torch.int32)
+        host = host_work_list(p, cu_k=cu_k.tolist(), cu_q=cu_q.tolist(), ws=4)
+        wl = serving.work_list(p, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+        assert wl[WHOLE_FLAG.value].item() == int(host.whole), (lq, lk)
+        assert wl[1].item() == host.programs, (lq, lk)
+        seen.add(host.whole)
+    assert seen == {True, False}, "the steps should fall on both sides of the rule"
+
+
+def test_rule_mirror_matches_its_formula():
+    # whole_tiles_step(ws=G): whole where min(waves, hand-out) x 10 < one cut wave x speed
+    p = prompt_plan()
+    r, G = p.resident, 132
+    for work, tiles, longest in ((3840, 128, 32), (512, 16, 32), (15312, 376, 219)):
+        cut = -(-work // min(r, work)) * 1.5
+        ws_time = min(-(-tiles // G) * longest, -(-work // G) + longest)
+        expect = ws_time * 10 < cut * serving_ws.WS_SPEED_X10
+        assert whole_tiles_step(p, work, tiles, longest, 1, 2048, ws=G) == expect
+
+
+def ragged_ws_build(*args) -> dict:
+    """scripts/ragged_ws_build.py's JSON line, in a process of its own, without the
+    interpreter (Gluon compiles its functions)."""
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT / "src")
+    res = subprocess.run([sys.executable, str(ROOT / "scripts" / "ragged_ws_build.py"),
+                          *map(str, args)], capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("args, copies", [(("--layout", "paged", "--page-size", "16"), 32),
+                                          (("--layout", "paged", "--page-size", "256"), 4),
+                                          (("--layout", "dense"), 4),
+                                          (("--layout", "packed"), 4)])
+def test_sm90_build(args, copies):
+    # head size 128: a block's K and V each in two 64-column copies, times the pages a
+    # block spans; warpgroup MMAs; registers handed between the partitions
+    info = ragged_ws_build(*args)
+    assert info["tma_loads"] == copies
+    assert info["wgmma"] >= 32 and info["setmaxnreg"] > 0 and info["local"] == 0
+    assert info["spill_bytes"] <= 64, info
