@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import resources  # noqa: E402  (scripts/resources.py: ptxas)
-from ws_build import compile_sm90  # noqa: E402
+from ws_build import build_counts, compile_sm90  # noqa: E402
 
 import skattn  # noqa: E402
 from skattn import serving_ws  # noqa: E402
@@ -82,11 +80,7 @@ def main(argv) -> int:
         Path(args.ptx).write_text(ptx)
     info = dict(head_dim=p.head_dim, block_n=p.geometry.block_n, layout=args.layout,
                 page_size=args.page_size if args.layout == "paged" else None,
-                shared=ck.metadata.shared, **resources.ptxas(ptx),
-                wgmma=len(re.findall(r"wgmma\.mma_async", ptx)),
-                tma_loads=len(re.findall(r"cp\.async\.bulk\.tensor", ptx)),
-                setmaxnreg=len(re.findall(r"setmaxnreg", ptx)),
-                local=len(re.findall(r"\.local", ptx)))
+                shared=ck.metadata.shared, **build_counts(ptx))
     print(json.dumps(info))
     return 0
 

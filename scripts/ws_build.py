@@ -44,6 +44,15 @@ def compile_sm90(fn, args, kw):
                           options=options.__dict__)
 
 
+def build_counts(ptx: str) -> dict:
+    """ptxas -v's registers and spills of a Gluon build, and counts in its PTX: warpgroup
+    MMAs, TMA copies, register reallocations, local-memory accesses."""
+    return dict(**resources.ptxas(ptx), wgmma=len(re.findall(r"wgmma\.mma_async", ptx)),
+                tma_loads=len(re.findall(r"cp\.async\.bulk\.tensor", ptx)),
+                setmaxnreg=len(re.findall(r"setmaxnreg", ptx)),
+                local=len(re.findall(r"\.local", ptx)))
+
+
 def build(head_dim=128, q_heads=32, dtype=torch.float16, sum_mma=None):
     n, L = 512, 8192
     p = skattn.plan(batch=1, q_len=n, kv_len=L, q_heads=q_heads, kv_heads=8, head_dim=head_dim,
@@ -79,13 +88,9 @@ def main(argv) -> int:
         Path(args.ptx).write_text(ptx)
     info = dict(head_dim=p.head_dim, block_n=p.geometry.block_n, shared=ck.metadata.shared,
                 programs_per_sm=prefill_launch.ws_registers(p.head_dim, p.geometry.block_n)[0],
-                **resources.ptxas(ptx),
-                wgmma=len(re.findall(r"wgmma\.mma_async", ptx)),
+                **build_counts(ptx),
                 wgmma_wait_partial=len(re.findall(r"wgmma\.wait_group\.sync\.aligned [12];",
-                                                  ptx)),
-                tma_loads=len(re.findall(r"cp\.async\.bulk\.tensor", ptx)),
-                setmaxnreg=len(re.findall(r"setmaxnreg", ptx)),
-                local=len(re.findall(r"\.local", ptx)))
+                                                  ptx)))
     print(json.dumps(info))
     return 0
 

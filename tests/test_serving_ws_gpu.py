@@ -49,6 +49,20 @@ def _run(p, q, k, v, cu_q, cu_k, table, **kw):
     return wl, out, res
 
 
+def check_whole_step(p, q, k, v, cu_q, cu_k, table, max_q, max_k):
+    """One call of plan p on a work list built first: the step in whole tiles, every row
+    written, within the tolerance of float64."""
+    wl = serving.work_list(p, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+    assert wl[WHOLE_FLAG.value].item() == 1, "the step should run in whole tiles"
+    out = torch.full_like(q, NAN)
+    skattn.attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, block_table=table, plan=p,
+                            out=out, work_list=wl)
+    ref = reference.attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, block_table=table)
+    assert not torch.isnan(out).any(), torch.isnan(out).any(-1).any(-1).nonzero()[:8].tolist()
+    tol = ragged_bound(sequences_varlen(q, k, v, cu_q, cu_k, table))
+    assert rel_err(out, ref) <= tol, (rel_err(out, ref), tol)
+
+
 @pytest.mark.parametrize("page_size, hq, d, dtype", [
     (16, 32, 128, torch.float16), (64, 32, 128, torch.float16), (256, 32, 128, torch.bfloat16),
     (None, 32, 128, torch.float16), (16, 64, 64, torch.bfloat16), (128, 40, 128, torch.float16)])
@@ -84,15 +98,7 @@ def test_fresh_prompts(page_size):
     p = skattn.serving_plan(batch=4, max_q_len=2048, total_q=q.shape[0], max_kv_len=2048,
                             q_heads=hq, kv_heads=hkv, head_dim=d, page_size=page_size,
                             max_pages=table.shape[1], tuning=WS, q_split=None)
-    wl = serving.work_list(p, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
-    assert wl[WHOLE_FLAG.value].item() == 1
-    out = torch.full_like(q, NAN)
-    skattn.attention_varlen(q, kc, vc, cu_q, cu_k, 2048, 2048, block_table=table, plan=p,
-                            out=out, work_list=wl)
-    ref = reference.attention_varlen(q, kc, vc, cu_q, cu_k, 2048, 2048, block_table=table)
-    assert not torch.isnan(out).any(), torch.isnan(out).any(-1).any(-1).nonzero()[:8].tolist()
-    tol = ragged_bound(sequences_varlen(q, kc, vc, cu_q, cu_k, table))
-    assert rel_err(out, ref) <= tol, (rel_err(out, ref), tol)
+    check_whole_step(p, q, kc, vc, cu_q, cu_k, table, 2048, 2048)
 
 
 def test_dense_cache_prompt_chunks():
@@ -170,12 +176,4 @@ def test_one_build_for_every_batch():
                                 max_kv_len=2048, q_heads=hq, kv_heads=hkv, head_dim=d,
                                 page_size=ps, max_pages=64, q_split=None)
         assert p.tuning.prefill == "ws", "the default for prompt-sized plans"
-        wl = serving.work_list(p, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
-        assert wl[WHOLE_FLAG.value].item() == 1
-        out = torch.full_like(q, NAN)
-        skattn.attention_varlen(q, k, v, cu_q, cu_k, 1500, 2048, block_table=table, plan=p,
-                                out=out, work_list=wl)
-        ref = reference.attention_varlen(q, k, v, cu_q, cu_k, 1500, 2048, block_table=table)
-        tol = ragged_bound(sequences_varlen(q, k, v, cu_q, cu_k, table))
-        assert not torch.isnan(out).any(), lens
-        assert rel_err(out, ref) <= tol, (lens, rel_err(out, ref), tol)
+        check_whole_step(p, q, k, v, cu_q, cu_k, table, 1500, 2048)

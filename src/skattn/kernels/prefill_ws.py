@@ -45,9 +45,33 @@ def ws_prefill_kernel(
     p = gl.program_id(0)
     s_lo = gl.load(SEG_OFF + p)
     s_hi = gl.load(SEG_OFF + p + 1)
-    dtype: gl.constexpr = K_DESC.dtype
-    k_bufs = gl.allocate_shared_memory(dtype, [STAGES] + K_DESC.block_type.shape, K_DESC.layout)
-    v_bufs = gl.allocate_shared_memory(dtype, [STAGES] + V_DESC.block_type.shape, V_DESC.layout)
+    layout: gl.constexpr = K_DESC.layout  # of blocks [1, BLOCK_N, 1, HEAD_DIM]
+    q_smem, ring, ones = shared_state(K_DESC.dtype, layout, HEAD_DIM, BLOCK_N, STAGES, SUM_MMA)
+    outs = (O, stride_ob, stride_om, stride_oh, LSE, stride_lb, stride_lh, SINKS, WS_O, WS_M, WS_L)
+    shape = (q_len, kv_len, ratio, qk_scale)
+    gl.warp_specialize([
+        (_consume, (Q, stride_qb, stride_qm, stride_qh, outs, SEGS, s_lo, s_hi, shape, q_smem, ring,
+                    0, HEAD_DIM, BLOCK_N, HEADS_PER_TILE, TOKENS_PER_TILE, CAUSAL, HAS_SINKS,
+                    RETURN_LSE, STAGES, PINGPONG, SUM_MMA, ones)),
+        (_consume, (Q, stride_qb, stride_qm, stride_qh, outs, SEGS, s_lo, s_hi, shape, q_smem, ring,
+                    1, HEAD_DIM, BLOCK_N, HEADS_PER_TILE, TOKENS_PER_TILE, CAUSAL, HAS_SINKS,
+                    RETURN_LSE, STAGES, PINGPONG, SUM_MMA, ones)),
+        (_load, (K_DESC, V_DESC, SEGS, s_lo, s_hi, ring, BLOCK_N, STAGES)),
+    ], [4, 1], [CONSUMER_REGS, 24])
+
+
+@gluon.jit
+def shared_state(dtype: gl.constexpr, layout: gl.constexpr, HEAD_DIM: gl.constexpr,
+                 BLOCK_N: gl.constexpr, STAGES: gl.constexpr, SUM_MMA: gl.constexpr):
+    """A program's shared memory: the two warpgroups' 64-row query buffers, the ring of
+    `STAGES` K and V blocks [1, BLOCK_N, 1, HEAD_DIM] in `layout` with their "K ready",
+    "V ready" and "empty" barriers (empty: count 2, one arrival a warpgroup) and the
+    ping-pong turns; SUM_MMA: a [8, BLOCK_N] block of ones (P times its transpose is each
+    row's sum, 8 times), else the query buffers in its place. Returns (q buffers, ring,
+    ones)."""
+    block: gl.constexpr = [STAGES, 1, BLOCK_N, 1, HEAD_DIM]
+    k_bufs = gl.allocate_shared_memory(dtype, block, layout)
+    v_bufs = gl.allocate_shared_memory(dtype, block, layout)
     q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, HEAD_DIM], dtype)
     q_smem = gl.allocate_shared_memory(dtype, [2, 64, HEAD_DIM], q_layout)
     k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -60,8 +84,7 @@ def ws_prefill_kernel(
         mbarrier.init(empty.index(i), count=2)
     for i in gl.static_range(2):
         mbarrier.init(turns.index(i), count=1)
-    ring = (k_bufs, v_bufs, k_ready, v_ready, empty, turns)
-    if SUM_MMA:  # [8, BLOCK_N] ones: P times its transpose is each row's sum, 8 times
+    if SUM_MMA:
         ones_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([8, BLOCK_N], dtype)
         ones = gl.allocate_shared_memory(dtype, [8, BLOCK_N], ones_layout)
         ones.store(gl.full([8, BLOCK_N], 1.0, dtype, gl.BlockedLayout([1, 8], [2, 16], [4, 1],
@@ -69,17 +92,7 @@ def ws_prefill_kernel(
         fence_async_shared()
     else:
         ones = q_smem
-    outs = (O, stride_ob, stride_om, stride_oh, LSE, stride_lb, stride_lh, SINKS, WS_O, WS_M, WS_L)
-    shape = (q_len, kv_len, ratio, qk_scale)
-    gl.warp_specialize([
-        (_consume, (Q, stride_qb, stride_qm, stride_qh, outs, SEGS, s_lo, s_hi, shape, q_smem, ring,
-                    0, HEAD_DIM, BLOCK_N, HEADS_PER_TILE, TOKENS_PER_TILE, CAUSAL, HAS_SINKS,
-                    RETURN_LSE, STAGES, PINGPONG, SUM_MMA, ones)),
-        (_consume, (Q, stride_qb, stride_qm, stride_qh, outs, SEGS, s_lo, s_hi, shape, q_smem, ring,
-                    1, HEAD_DIM, BLOCK_N, HEADS_PER_TILE, TOKENS_PER_TILE, CAUSAL, HAS_SINKS,
-                    RETURN_LSE, STAGES, PINGPONG, SUM_MMA, ones)),
-        (_load, (K_DESC, V_DESC, SEGS, s_lo, s_hi, ring, BLOCK_N, STAGES)),
-    ], [4, 1], [CONSUMER_REGS, 24])
+    return q_smem, (k_bufs, v_bufs, k_ready, v_ready, empty, turns), ones
 
 
 @gluon.jit
@@ -122,29 +135,39 @@ def _consume(Q, stride_qb, stride_qm, stride_qh, outs, SEGS, s_lo, s_hi, shape, 
                                                        instr_shape=[16, BLOCK_N, 16])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, HEAD_DIM, 16])
-    ld_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
     q_buf = q_smem.index(HALF)
     it = 0
     tn = 0  # MMA turns taken (PINGPONG)
     for s in range(s_lo, s_hi):
         b, g, z, qblock, lo, mid, hi, slot = _segment(SEGS, s)
-        # this half's query rows, through registers into shared memory for the MMA
-        qi, head, valid = _rows(g, z, qblock, q_len, ratio, HALF, HEADS_PER_TILE, TOKENS_PER_TILE,
-                                gl.SliceLayout(1, ld_layout))
-        d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, ld_layout))
-        q_ptrs = (Q + b.to(gl.int64) * stride_qb + qi[:, None] * stride_qm
-                  + head[:, None] * stride_qh + d[None, :])
-        q = gl.load(q_ptrs, mask=valid[:, None], other=0.0)
-        q_buf.store(q.to(q_buf.dtype))
-        fence_async_shared()
-        qpos_s, _, _ = _rows(g, z, qblock, q_len, ratio, HALF, HEADS_PER_TILE, TOKENS_PER_TILE,
-                             gl.SliceLayout(1, s_layout))
-        qpos_s = kv_len - q_len + qpos_s
+        qpos_s = stage_q(Q + b.to(gl.int64) * stride_qb, stride_qm, stride_qh, g, z, qblock, q_len,
+                         kv_len, ratio, q_buf, s_layout, HALF, HEAD_DIM, HEADS_PER_TILE,
+                         TOKENS_PER_TILE)
         it, tn, acc, m_i, l_i = _blocks(it, tn, q_buf, ring, lo, mid, hi, qpos_s, kv_len,
                                         qk_scale, s_layout, o_layout, HEAD_DIM, BLOCK_N, CAUSAL,
                                         STAGES, HALF, PINGPONG, SUM_MMA, ones)
         _epilogue(acc, m_i, l_i, b, g, z, qblock, slot, q_len, ratio, outs, o_layout, HALF,
                   HEAD_DIM, HEADS_PER_TILE, TOKENS_PER_TILE, HAS_SINKS, RETURN_LSE)
+
+
+@gluon.jit
+def stage_q(Qb, stride_qm, stride_qh, g, z, qblock, q_len, kv_len, ratio, q_buf,
+            s_layout: gl.constexpr, HALF: gl.constexpr, HEAD_DIM: gl.constexpr,
+            HEADS_PER_TILE: gl.constexpr, TOKENS_PER_TILE: gl.constexpr):
+    """This warpgroup's query rows of the tile (q from `Qb`, its sequence's first row),
+    through registers into `q_buf` for the MMAs; returns each row's position among the keys
+    (bottom-right: kv_len - q_len + its token), in the scores' row layout."""
+    ld_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+    qi, head, valid = _rows(g, z, qblock, q_len, ratio, HALF, HEADS_PER_TILE, TOKENS_PER_TILE,
+                            gl.SliceLayout(1, ld_layout))
+    d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, ld_layout))
+    q = gl.load(Qb + qi[:, None] * stride_qm + head[:, None] * stride_qh + d[None, :],
+                mask=valid[:, None], other=0.0)
+    q_buf.store(q.to(q_buf.dtype))
+    fence_async_shared()
+    qpos, _, _ = _rows(g, z, qblock, q_len, ratio, HALF, HEADS_PER_TILE, TOKENS_PER_TILE,
+                       gl.SliceLayout(1, s_layout))
+    return kv_len - q_len + qpos
 
 
 @gluon.jit

@@ -24,9 +24,9 @@ Keys past a sequence's length are masked in the scores as in the base kernel.
 """
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
 
-from skattn.kernels.prefill_ws import _blocks, _epilogue, _rows
+from skattn.kernels.prefill_ws import _blocks, _epilogue, shared_state, stage_q
 
 HEADER = gl.constexpr(16)  # kernels/worklist.py: header words, then the per-sequence arrays
 WHOLE_FLAG = gl.constexpr(5)
@@ -52,32 +52,9 @@ def ragged_ws_kernel(
     PAGE_SIZE: gl.constexpr, SUM_MMA: gl.constexpr = False, LOADER_REGS: gl.constexpr = 24,
 ):
     if gl.load(WL + WHOLE_FLAG) != 0:
-        dtype: gl.constexpr = K_DESC.dtype
         block: gl.constexpr = [1, BLOCK_N, 1, HEAD_DIM]
-        layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for(block, dtype)
-        k_bufs = gl.allocate_shared_memory(dtype, [STAGES] + block, layout)
-        v_bufs = gl.allocate_shared_memory(dtype, [STAGES] + block, layout)
-        q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, HEAD_DIM], dtype)
-        q_smem = gl.allocate_shared_memory(dtype, [2, 64, HEAD_DIM], q_layout)
-        k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        turns = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(STAGES):
-            mbarrier.init(k_ready.index(i), count=1)
-            mbarrier.init(v_ready.index(i), count=1)
-            mbarrier.init(empty.index(i), count=2)
-        for i in gl.static_range(2):
-            mbarrier.init(turns.index(i), count=1)
-        ring = (k_bufs, v_bufs, k_ready, v_ready, empty, turns)
-        if SUM_MMA:  # [8, BLOCK_N] ones (prefill_ws._row_sums)
-            ones_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([8, BLOCK_N], dtype)
-            ones = gl.allocate_shared_memory(dtype, [8, BLOCK_N], ones_layout)
-            ones.store(gl.full([8, BLOCK_N], 1.0, dtype,
-                               gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])))
-            fence_async_shared()
-        else:
-            ones = q_smem
+        layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for(block, K_DESC.dtype)
+        q_smem, ring, ones = shared_state(K_DESC.dtype, layout, HEAD_DIM, BLOCK_N, STAGES, SUM_MMA)
         outs = (Q, stride_qb, stride_qm, stride_qh, O, stride_ob, stride_om, stride_oh, LSE,
                 stride_lb, stride_lh, SINKS, WS_O, WS_M, WS_L)
         wl = (WL, batch, rb_max, ratio, ntiles_z, hz)
@@ -199,7 +176,6 @@ def _consume(outs, wl, qk_scale, q_smem, ring, HALF: gl.constexpr, HEAD_DIM: gl.
                                                        instr_shape=[16, BLOCK_N, 16])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, HEAD_DIM, 16])
-    ld_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
     q_buf = q_smem.index(HALF)
     tiles, rounds = _rounds(wl[0], wl[5])
     it = 0
@@ -208,17 +184,9 @@ def _consume(outs, wl, qk_scale, q_smem, ring, HALF: gl.constexpr, HEAD_DIM: gl.
         k = _handout(r)
         if k < tiles:
             b, g, z, qblock, first, count, lq, lk, qs, _ks = _tile(wl, k, tiles)
-            Qb = Q + b.to(gl.int64) * stride_qb + qs.to(gl.int64) * stride_qm
-            qi, head, valid = _rows(g, z, qblock, lq, ratio, HALF, HEADS_PER_TILE,
-                                    TOKENS_PER_TILE, gl.SliceLayout(1, ld_layout))
-            d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, ld_layout))
-            q = gl.load(Qb + qi[:, None] * stride_qm + head[:, None] * stride_qh + d[None, :],
-                        mask=valid[:, None], other=0.0)
-            q_buf.store(q.to(q_buf.dtype))
-            fence_async_shared()
-            qpos, _, _ = _rows(g, z, qblock, lq, ratio, HALF, HEADS_PER_TILE, TOKENS_PER_TILE,
-                               gl.SliceLayout(1, s_layout))
-            qpos = lk - lq + qpos
+            qpos = stage_q(Q + b.to(gl.int64) * stride_qb + qs.to(gl.int64) * stride_qm,
+                           stride_qm, stride_qh, g, z, qblock, lq, lk, ratio, q_buf, s_layout,
+                           HALF, HEAD_DIM, HEADS_PER_TILE, TOKENS_PER_TILE)
             # blocks [first, mid) are seen whole by every row of the tile (`unmasked_end`)
             full = lk // BLOCK_N
             if CAUSAL:
