@@ -1,7 +1,7 @@
 """What the Hopper whole-tile kernel of serving plans (`kernels/ragged_ws.py`) compiles to for
 sm_90a, here, without a GPU.
 
-  python3 scripts/ragged_ws_build.py [--head-dim 128] [--layout paged] [--page-size 16]
+  python3 scripts/ragged_ws_build.py [--head-dim 128] [--layout paged|dense] [--page-size 16]
       [--dtype f16] [--ptx FILE]
 
 Plans a varlen prompt step of llama-8b's heads (gpt-oss's at head size 64) with
@@ -36,38 +36,28 @@ def build(head_dim=128, layout="paged", page_size=16, dtype=torch.float16, regs=
                             sms=132, occupancy=2, tuning=skattn.Tuning(prefill="ws"),
                             q_split=None)
     assert serving_ws.refusal(p) is None, serving_ws.refusal(p)
-    g = p.geometry
-    per_sm, cap, consumer = serving_ws.prefill_launch.ws_registers(head_dim, g.block_n)
-    const = dict(HEAD_DIM=head_dim, BLOCK_N=g.block_n, HEADS_PER_TILE=g.heads_per_tile,
-                 TOKENS_PER_TILE=g.tokens_per_tile, CAUSAL=True,
-                 STAGES=serving_ws.prefill_launch.ws_stages(head_dim, g.block_n),
-                 CONSUMER_REGS=consumer, LAYOUT={"dense": 0, "packed": 1, "paged": 2}[layout],
-                 PAGE_SIZE=page_size if paged else 0,
-                 SUM_MMA=serving_ws.prefill_launch.sum_mma(p), num_warps=4, maxnreg=cap)
+    wb = serving_ws.bound(p)
     if regs:
-        const["CONSUMER_REGS"], const["LOADER_REGS"] = map(int, regs.split(","))
-    wb = serving_ws.WsBound(const, (1, min(page_size, g.block_n) if paged else g.block_n, 1,
-                                    head_dim), 132 * per_sm)
+        wb.const["CONSUMER_REGS"], wb.const["LOADER_REGS"] = map(int, regs.split(","))
     q = torch.zeros(batch * max_q, hq, head_dim, dtype=dtype)
     if paged:
         k = torch.zeros(batch * max_k // page_size, page_size, hkv, head_dim, dtype=dtype)
-    elif layout == "dense":
-        k = torch.zeros(batch, max_k, hkv, head_dim, dtype=dtype)
     else:
-        k = torch.zeros(batch * max_k, hkv, head_dim, dtype=dtype)
-    kd, vd = serving_ws.descriptors(wb, layout, k, k)
+        k = torch.zeros(batch, max_k, hkv, head_dim, dtype=dtype)
+    kd, vd = serving_ws.descriptors(wb, k, k)
     lse, f32 = torch.zeros(hq, batch * max_q), torch.zeros(16)
     ints = torch.zeros(64, dtype=torch.int32)
     args = (q, 0, *q.stride()[:2], kd, vd, q, 0, *q.stride()[:2], lse, 0, lse.stride(0), f32,
             f32, f32, f32, ints, 8, ints, batch, p.rb_max, hq // hkv, p.ntiles_z, p.hz,
             k.shape[0], 0.1)
-    return p, compile_sm90(ragged_ws_kernel, args, dict(const, HAS_SINKS=True, RETURN_LSE=True))
+    return p, compile_sm90(ragged_ws_kernel, args, dict(wb.const, HAS_SINKS=True,
+                                                        RETURN_LSE=True))
 
 
 def main(argv) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--head-dim", type=int, default=128, choices=(64, 128))
-    ap.add_argument("--layout", default="paged", choices=("paged", "dense", "packed"))
+    ap.add_argument("--layout", default="paged", choices=("paged", "dense"))
     ap.add_argument("--page-size", type=int, default=16)
     ap.add_argument("--dtype", default="f16", choices=("f16", "bf16"))
     ap.add_argument("--ptx", help="write the PTX there")

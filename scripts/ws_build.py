@@ -46,9 +46,10 @@ def compile_sm90(fn, args, kw):
 
 def build_counts(ptx: str) -> dict:
     """ptxas -v's registers and spills of a Gluon build, and counts in its PTX: warpgroup
-    MMAs, TMA copies, register reallocations, local-memory accesses."""
+    MMAs, TMA copies, async-proxy fences, register reallocations, local-memory accesses."""
     return dict(**resources.ptxas(ptx), wgmma=len(re.findall(r"wgmma\.mma_async", ptx)),
                 tma_loads=len(re.findall(r"cp\.async\.bulk\.tensor", ptx)),
+                fences=len(re.findall(r"fence\.proxy\.async", ptx)),
                 setmaxnreg=len(re.findall(r"setmaxnreg", ptx)),
                 local=len(re.findall(r"\.local", ptx)))
 

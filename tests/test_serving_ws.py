@@ -34,14 +34,12 @@ def cu(lens):
     return out
 
 
-def test_default_for_prompt_sized_plans():
-    assert prompt_plan().tuning.prefill == "ws"
-    assert serving_ws.refusal(prompt_plan()) is None
-    assert prompt_plan(tuning=skattn.Tuning()).tuning.prefill == "base"  # a caller's choice
+def test_opt_in():
+    assert prompt_plan().tuning.prefill == "base", "the base kernel's whole tiles by default"
+    assert serving_ws.refusal(prompt_plan(tuning=WS)) is None
     decode = skattn.serving_plan(batch=8, q_len=1, max_kv_len=4096, q_heads=32, kv_heads=8,
-                                 head_dim=128, page_size=16, **H200)
-    assert decode.tuning.prefill == "base" and "whole tiles" in serving_ws.refusal(
-        decode.__class__(**{**decode.__dict__, "tuning": WS}))
+                                 head_dim=128, page_size=16, tuning=WS, **H200)
+    assert "whole tiles" in serving_ws.refusal(decode)
 
 
 @pytest.mark.parametrize("kw, why", [
@@ -49,6 +47,7 @@ def test_default_for_prompt_sized_plans():
     (dict(head_dim=96), "head sizes"),
     (dict(window=256), "window"),
     (dict(page_size=48, max_pages=200), "pages of 48"),
+    (dict(page_size=None, max_pages=None, total_k=32768), "packed"),
     (dict(policy="llamacpp"), "whole tiles"),
     (dict(max_q_len=4), "whole tiles"),
 ])
@@ -56,7 +55,18 @@ def test_refusals(kw, why):
     p = prompt_plan(tuning=WS, **kw)
     assert why in serving_ws.refusal(p)
     assert serving_launch.bind(p, torch.device("cpu")).ws is None
-    assert prompt_plan(**kw).tuning.prefill == "base", "no default where it is refused"
+    assert serving_launch.bind(p, torch.device("cpu")).wl_const["WS"] == 0
+
+
+def test_usable_calls():
+    # the copy engine's rule on the caches the kernel reads, and the features it lacks
+    paged = torch.zeros(64, 16, 8, 128, dtype=torch.float16)
+    dense = torch.zeros(2, 4096, 8, 128, dtype=torch.float16)
+    assert serving_ws.usable(paged, paged, 0.0, None) and serving_ws.usable(dense, dense, 0.0, None)
+    assert not serving_ws.usable(paged, paged, 30.0, None), "softcap"
+    assert not serving_ws.usable(paged, paged, 0.0, torch.ones(32)), "ALiBi"
+    odd = torch.zeros(64 * 16 * 8 * 128 + 1, dtype=torch.float16)[1:].view(64, 16, 8, 128)
+    assert not serving_ws.usable(odd, odd, 0.0, None), "a base off 16 bytes"
 
 
 def test_no_kernel_without_a_hopper():
@@ -65,9 +75,8 @@ def test_no_kernel_without_a_hopper():
     assert b.ws is None and b.wl_const["WS"] == 0
 
 
-@pytest.mark.parametrize("model, heads, whole", [("llama-8b", (32, 8, 128), False),
-                                                 ("gpt-oss", (64, 8, 64), False)])
-def test_rule_on_mixed_steps(model, heads, whole):
+@pytest.mark.parametrize("model, heads", [("llama-8b", (32, 8, 128)), ("gpt-oss", (64, 8, 64))])
+def test_rule_on_mixed_steps(model, heads):
     # (d) in one plan: decode rows in prompt tiles, some of thousands of keys, beside the
     # chunk: one cut wave of the base kernel beats whole tiles here; the chunk alone (a
     # MixedPlan's long half) runs whole tiles on the Hopper kernel
@@ -77,7 +86,7 @@ def test_rule_on_mixed_steps(model, heads, whole):
                             max_kv_len=max(m.kv_lens), q_heads=hq, kv_heads=hkv, head_dim=d,
                             page_size=16, max_pages=-(-max(m.kv_lens) // 16), q_split=None, **H200)
     ws = 132 * serving_ws.prefill_launch.ws_registers(d, p.geometry.block_n)[0]
-    assert host_work_list(p, cu_k=cu(m.kv_lens), cu_q=cu(m.q_lens), ws=ws).whole == whole
+    assert not host_work_list(p, cu_k=cu(m.kv_lens), cu_q=cu(m.q_lens), ws=ws).whole
     i = m.q_lens.index(max(m.q_lens))
     alone_q = [n if j == i else 0 for j, n in enumerate(m.q_lens)]
     alone_k = [n if j == i else 0 for j, n in enumerate(m.kv_lens)]
@@ -112,15 +121,16 @@ def test_rule_host_and_device_agree(monkeypatch):
     assert seen == {True, False}, "the steps should fall on both sides of the rule"
 
 
-def test_rule_mirror_matches_its_formula():
-    # whole_tiles_step(ws=G): whole where min(waves, hand-out) x 10 < one cut wave x speed
+def test_rule_on_known_steps():
+    # (work, tiles, longest): (d)'s chunk alone (3840 blocks in 128 tiles of up to 32) runs
+    # whole, a 64-token chunk over 4096 keys (512 in 16 of 32) is cut, and (d) in one plan
+    # (15312 in 376 tiles, the longest 219) is cut, on a 132-SM GPU
     p = prompt_plan()
-    r, G = p.resident, 132
-    for work, tiles, longest in ((3840, 128, 32), (512, 16, 32), (15312, 376, 219)):
-        cut = -(-work // min(r, work)) * 1.5
-        ws_time = min(-(-tiles // G) * longest, -(-work // G) + longest)
-        expect = ws_time * 10 < cut * serving_ws.WS_SPEED_X10
-        assert whole_tiles_step(p, work, tiles, longest, 1, 2048, ws=G) == expect
+    assert p.resident == 132
+    expect = {(3840, 128, 32): True, (512, 16, 32): False, (15312, 376, 219): False}
+    for (work, tiles, longest), whole in expect.items():
+        assert whole_tiles_step(p, work, tiles, longest, 1, 2048, ws=132) == whole
+    assert not whole_tiles_step(p, 3840, 128, 32, 28, 2048), "the base kernel's rule cuts it"
 
 
 def ragged_ws_build(*args) -> dict:
@@ -136,12 +146,13 @@ def ragged_ws_build(*args) -> dict:
 
 @pytest.mark.parametrize("args, copies", [(("--layout", "paged", "--page-size", "16"), 32),
                                           (("--layout", "paged", "--page-size", "256"), 4),
-                                          (("--layout", "dense"), 4),
-                                          (("--layout", "packed"), 4)])
+                                          (("--layout", "dense"), 4)])
 def test_sm90_build(args, copies):
     # head size 128: a block's K and V each in two 64-column copies, times the pages a
-    # block spans; warpgroup MMAs; registers handed between the partitions
+    # block spans; warpgroup MMAs; registers handed between the partitions; V's tail zeroed
+    # in shared memory before the last P·V (stores, then the async proxy's fence)
     info = ragged_ws_build(*args)
     assert info["tma_loads"] == copies
     assert info["wgmma"] >= 32 and info["setmaxnreg"] > 0 and info["local"] == 0
     assert info["spill_bytes"] <= 64, info
+    assert info["fences"] >= 4, "each warpgroup fences its q stores, and its V stores before its MMA"

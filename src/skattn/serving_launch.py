@@ -98,7 +98,8 @@ def _bind(plan: ServingPlan, device: torch.device) -> Bound:
     # the integers the kernels specialise on (not the batch's shape: kernels/worklist.py)
     ints = (plan.gqa_ratio, plan.ntiles_z, plan.hz, plan.split, plan.window or 0)
     key = (device, tuple(sorted(wl_const.items())), tuple(sorted(main_const.items())),
-           tuple(sorted(fix_const.items())), fix_kernel, tuple(_spec(x) for x in ints))
+           tuple(sorted(fix_const.items())), fix_kernel, tuple(_spec(x) for x in ints),
+           tuple(sorted(wsb.const.items())) if wsb is not None else None)
     kid = _KEYS.setdefault(key, len(_KEYS))
     wl_ints = (plan.programs, plan.split, n_sat(plan), plan.per_sm,
                *(plan.q_range or (0, INT32_MAX)), plan.resident, wsb.grid if wsb else 0)
@@ -263,7 +264,7 @@ def _launch_ws(plan, b: Bound, q, qs, k, v, out, os_, lse_t, ls, sinks_t, ws_o, 
                sbt, wl, num_pages, qk_scale, features, key, stream) -> None:
     """The Hopper kernel's whole-tile build (kernels/ragged_ws.py): it works where the step is
     whole tiles, else exits at once."""
-    kd, vd = serving_ws.descriptors(b.ws, plan.layout, k, v)
+    kd, vd = serving_ws.descriptors(b.ws, k, v)
     has_sinks, _, _, has_lse, _, _ = features
     const = dict(b.ws.const, HAS_SINKS=has_sinks, RETURN_LSE=has_lse)
     args = (q, *qs, kd, vd, out, *os_, lse_t, *ls, sinks_t, ws_o, ws_m, ws_l, bt, sbt, wl,

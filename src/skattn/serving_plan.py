@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from skattn import buffers, serving_ws
+from skattn import buffers
 from skattn.checks import causal_window
 from skattn.config import TileGeometry, quant_decode_per_sm, tile_geometry
 from skattn.planner import (_DTYPES, COMPUTE_BOUND_INTENSITY, _check_positive, gpu_limits,
@@ -243,10 +243,9 @@ def serving_plan(*, batch: int, max_kv_len: int, q_heads: int, kv_heads: int, he
         For stream-K plans (default: `default_fixup`, "fused" for `auto` over decode tiles,
         else "general"); "split" plans use the uniform merge.
     block_n, num_warps, num_stages, fastdiv, cost_model, tuning, smem_limit
-        As in `skattn.plan`. Without a `tuning`, a plan whose steps may run in whole prompt
-        tiles takes `Tuning(prefill="ws")` where `serving_ws` allows it: those tiles run the
-        warp-specialised Hopper kernel on an sm_90+ GPU (docs/serving.md, "Whole tiles on
-        the Hopper kernel"); `Tuning()` keeps them on the base kernel.
+        As in `skattn.plan`. `Tuning(prefill="ws")`: a plan's whole prompt tiles run the
+        warp-specialised Hopper kernel on an sm_90 GPU where `serving_ws` allows it
+        (docs/serving.md, "Whole tiles on the Hopper kernel"; opt-in).
     tail : int
         Percent of the real work that programs take at run time in chunks, from a counter,
         after their static shares (fused plans only; default 0). Programs of a ragged step
@@ -344,7 +343,6 @@ def serving_plan(*, batch: int, max_kv_len: int, q_heads: int, kv_heads: int, he
                         head_dim_v=head_dim_v, block_n=block_n, num_warps=num_warps,
                         num_stages=num_stages, smem_limit=smem_limit,
                         kv_format=SERVING_DTYPES[dtype])
-    tuning_given = tuning is not None
     tuning = tuning or Tuning()
     quant = quant_decode_per_sm(geo, SERVING_DTYPES[dtype], head_dim, head_dim_v,
                                 tuning.fp8_v_pairs)
@@ -378,20 +376,13 @@ def serving_plan(*, batch: int, max_kv_len: int, q_heads: int, kv_heads: int, he
         raise ValueError(f"tail must be an integer percent in [0, 100), got {tail!r}")
     elif tail and kind != "fused":
         raise ValueError(f"tail={tail} needs the fused fixup (fixup='fused'), not {kind!r}")
-    plan = ServingPlan(batch, q_len, max_q_len, total_q, max_kv_len, q_heads, kv_heads, head_dim,
+    return ServingPlan(batch, q_len, max_q_len, total_q, max_kv_len, q_heads, kv_heads, head_dim,
                        head_dim_v, _DTYPES[dtype], bool(causal), window, layout, page_size,
                        max_pages, total_k, geo,
                        ntiles_z, hz, rb_max, tiles_max, sms, occupancy, max_programs, policy,
                        programs, split, kind, bool(fastdiv), cost_model or ragged_cost_model(),
                        tuning, tail=tail,
                        tile_cost=_tile_cost(tile_cost, policy, kind, tail), head_pairs=pairs)
-    if not tuning_given:
-        # whole prompt tiles on the Hopper kernel where the plan allows it (a GPU before
-        # sm_90 runs the base kernel's whole-tile build): 1.5-2.1x on prompt steps (PERF.md)
-        ws = replace(plan, tuning=replace(tuning, prefill="ws"))
-        if serving_ws.refusal(ws) is None:
-            return ws
-    return plan
 
 
 TILE_COST = 3  # KV blocks a tile's setup counts for in `auto`'s decode shares

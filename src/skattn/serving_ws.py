@@ -4,9 +4,10 @@ kernel").
 
 `bind` decides once per (plan, device): `plan.tuning.prefill == "ws"`, a plan whose steps
 may run in whole tiles (`ServingPlan.whole_tiles`), 16-bit K/V at head size 64 or 128 with
-Dk = Dv, 128-row tiles of 64- or 128-key blocks, no window, KV heads not read in pairs,
-pages that hold whole blocks or fill one in several copies, and a GPU of compute capability
-9.0 or newer (not the interpreter: Gluon kernels do not run there). The work list of a
+Dk = Dv, 128-row tiles of 64- or 128-key blocks, no window, KV heads not read in pairs, a
+dense or paged cache (packed K/V run the base kernel), pages that hold whole blocks or fill
+one in several copies, and a GPU of compute capability 9.x (its warpgroup MMAs are sm_90a's;
+not the interpreter: Gluon kernels do not run there). The work list of a
 bound plan then weighs whole tiles on this kernel (`WS_SPEED_X10`) against one cut wave of
 the stream-K build. `usable` adds what only a call knows: no ALiBi or softcap and K/V whose
 base and strides suit the copy engine; other calls run the same whole tiles on the base
@@ -56,6 +57,8 @@ def refusal(plan) -> str | None:
         return "a sliding window"
     if plan.head_pairs:
         return "KV heads read in pairs"
+    if plan.layout == "packed":
+        return "packed K/V (the base kernel reads them)"
     ps = plan.page_size
     if plan.layout == "paged" and ps % g.block_n and g.block_n % ps:
         return f"pages of {ps} keys (blocks of {g.block_n} must hold whole pages or lie in one)"
@@ -66,16 +69,20 @@ def bind(plan, device: torch.device) -> WsBound | None:
     """The Hopper kernel's part of a bound serving plan, or None where the base kernel runs."""
     if refusal(plan) is not None or interpreting() or device.type != "cuda":
         return None
-    if torch.cuda.get_device_capability(device)[0] < 9:
+    if torch.cuda.get_device_capability(device)[0] != 9:
         return None
+    return bound(plan)
+
+
+def bound(plan) -> WsBound:
+    """The kernel's compile-time constants, descriptor block and grid for `plan` (taken)."""
     g = plan.geometry
     per_sm, cap, consumer = prefill_launch.ws_registers(plan.head_dim, g.block_n)
     paged = plan.layout == "paged"
     const = dict(HEAD_DIM=plan.head_dim, BLOCK_N=g.block_n, HEADS_PER_TILE=g.heads_per_tile,
                  TOKENS_PER_TILE=g.tokens_per_tile, CAUSAL=plan.causal,
                  STAGES=prefill_launch.ws_stages(plan.head_dim, g.block_n),
-                 CONSUMER_REGS=consumer, LAYOUT={"dense": 0, "packed": 1, "paged": 2}[plan.layout],
-                 PAGE_SIZE=plan.page_size if paged else 0,
+                 CONSUMER_REGS=consumer, LAYOUT=int(paged), PAGE_SIZE=plan.page_size or 0,
                  SUM_MMA=prefill_launch.sum_mma(plan), num_warps=4, maxnreg=cap)
     rows = min(plan.page_size, g.block_n) if paged else g.block_n
     return WsBound(const, (1, rows, 1, plan.head_dim), plan.sms * per_sm)
@@ -98,15 +105,11 @@ def _layout(head_dim: int, block_n: int, dtype: torch.dtype):
     return gl.NVMMASharedLayout.get_default_for([1, block_n, 1, head_dim], elem)
 
 
-def descriptors(wb: WsBound, layout: str, k: torch.Tensor, v: torch.Tensor) -> tuple:
-    """Host tensor descriptors over K and V: the cache as it is ([B, Lk, Hkv, D] or [pages,
-    page_size, Hkv, D]), packed K/V [total_k, Hkv, D] as [1, total_k, Hkv, D]."""
+def descriptors(wb: WsBound, k: torch.Tensor, v: torch.Tensor) -> tuple:
+    """Host tensor descriptors over the caches as they are ([B, Lk, Hkv, D] or [pages,
+    page_size, Hkv, D])."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     smem = _layout(wb.const["HEAD_DIM"], wb.const["BLOCK_N"], k.dtype)
-    out = []
-    for x in (k, v):
-        if layout == "packed":
-            x = x.unsqueeze(0)
-        out.append(TensorDescriptor(x, list(x.shape), list(x.stride()), list(wb.block), smem))
-    return tuple(out)
+    return tuple(TensorDescriptor(x, list(x.shape), list(x.stride()), list(wb.block), smem)
+                 for x in (k, v))

@@ -186,14 +186,16 @@ def _rows(g, z, qblock, q_len, ratio, HALF: gl.constexpr, HEADS_PER_TILE: gl.con
 def _blocks(it, tn, q_buf, ring, lo, mid, hi, qpos, kv_len, qk_scale,
             s_layout: gl.constexpr, o_layout: gl.constexpr, HEAD_DIM: gl.constexpr,
             BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, STAGES: gl.constexpr,
-            HALF: gl.constexpr, PINGPONG: gl.constexpr, SUM_MMA: gl.constexpr, ones):
+            HALF: gl.constexpr, PINGPONG: gl.constexpr, SUM_MMA: gl.constexpr, ones,
+            V_TAIL: gl.constexpr = False):
     """Online softmax over KV blocks [lo, hi) (hi > lo), scores in log2 units, software
     pipelined inside the warpgroup: block j's Q·K^T MMA is issued before block j - 1's P·V,
     and block j's softmax runs while that P·V is in flight. PINGPONG: the two warpgroups take
     turns to issue their MMAs (each turn ends when the other's may start), so one's softmax
     runs under the other's MMAs. SUM_MMA: the rows' sums of P as an MMA beside P·V (P times
     `ones` [8, BLOCK_N] transposed: 8 equal columns), not as additions in registers. Returns
-    (ring position, turns, O, m, l)."""
+    (ring position, turns, O, m, l). V_TAIL: V's rows at or past kv_len in the last block are
+    zeroed before its P·V (`_zero_tail`; only the last block reaches past kv_len)."""
     k_bufs, v_bufs, k_ready, v_ready, empty, turns = ring
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
@@ -245,6 +247,8 @@ def _blocks(it, tn, q_buf, ring, lo, mid, hi, qpos, kv_len, qk_scale,
         idx = nidx
         phase = nphase
     mbarrier.wait(v_ready.index(idx), phase)
+    if V_TAIL:
+        _zero_tail(_kv(v_bufs, idx, BLOCK_N, HEAD_DIM), (hi - 1) * BLOCK_N, kv_len, BLOCK_N)
     tn = _my_turn(turns, tn, HALF, PINGPONG)
     acc = warpgroup_mma(p, _kv(v_bufs, idx, BLOCK_N, HEAD_DIM), acc, is_async=True)
     acc_l = _row_sums(p, ones, acc_l, pl_layout, SUM_MMA)
@@ -256,6 +260,24 @@ def _blocks(it, tn, q_buf, ring, lo, mid, hi, qpos, kv_len, qk_scale,
         acc, p = warpgroup_mma_wait(0, deps=(acc, p))
     mbarrier.arrive(empty.index(idx), count=1)
     return it + 1, tn, acc, m_i, l_i
+
+
+@gluon.jit
+def _zero_tail(vb, start, kv_len, BLOCK_N: gl.constexpr):
+    """Rows of the V block `vb` [BLOCK_N, D] (keys start ..) at or past kv_len set to 0, in
+    shared memory, 32 rows at a time. Their probabilities are 0, but the MMA would take
+    0 x Inf or 0 x NaN as NaN, and a ragged cache's rows past a sequence's length hold
+    whatever was written there before. Both warpgroups run it on the buffer they share: each
+    writes back the values it read, or zeros, so neither can see the other's writes change a
+    value it needs; the fence orders the stores before this warpgroup's MMA reads them."""
+    if start + BLOCK_N > kv_len:
+        layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+        for r0 in gl.static_range(0, BLOCK_N, 32):
+            part = vb.slice(r0, 32, dim=0)
+            v = part.load(layout)
+            rows = start + r0 + gl.arange(0, 32, layout=gl.SliceLayout(1, layout))
+            part.store(gl.where(rows[:, None] < kv_len, v, 0.0))
+        fence_async_shared()
 
 
 @gluon.jit

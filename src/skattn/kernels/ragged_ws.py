@@ -14,22 +14,24 @@ the others' as tiles shrink).
 
 K/V blocks come through tensor descriptors over the caller's cache:
 - LAYOUT 0, dense [B, Lk, Hkv, D]: block rows [blk x BLOCK_N, +BLOCK_N) of sequence b;
-- LAYOUT 1, packed [1, total_k, Hkv, D] (a view): rows from the sequence's first key row;
-- LAYOUT 2, paged [pages, PAGE_SIZE, Hkv, D]: a page of PAGE_SIZE >= BLOCK_N holds whole
+- LAYOUT 1, paged [pages, PAGE_SIZE, Hkv, D]: a page of PAGE_SIZE >= BLOCK_N holds whole
   blocks (one copy at the block's row in its page), smaller pages fill a block in
   BLOCK_N / PAGE_SIZE copies, each into its rows of the stage buffer. A page past the
   sequence's keys or an id outside [0, pages) is read at row `pages` of the descriptor,
   past its end, which the copy engine fills with zeros: nothing outside the cache is read.
-Keys past a sequence's length are masked in the scores as in the base kernel.
+Keys past a sequence's length are masked in the scores, and their V rows in the last block
+set to zero before its P·V (`prefill_ws._zero_tail`): a cache's rows past a sequence's
+length may hold anything.
 """
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
 
+from skattn.kernels import worklist as _wl
 from skattn.kernels.prefill_ws import _blocks, _epilogue, shared_state, stage_q
 
-HEADER = gl.constexpr(16)  # kernels/worklist.py: header words, then the per-sequence arrays
-WHOLE_FLAG = gl.constexpr(5)
+HEADER = gl.constexpr(_wl.HEADER.value)  # header words, then the per-sequence arrays
+WHOLE_FLAG = gl.constexpr(_wl.WHOLE_FLAG.value)
 
 
 # the batch's shape is not specialised on (kernels/worklist.py SHAPE_INTS): the compiled
@@ -42,7 +44,7 @@ def ragged_ws_kernel(
     LSE, stride_lb, stride_lh,  # lse [B, Hq, Lq] or [Hq, total_q]
     SINKS,  # [Hq] f32
     WS_O, WS_M, WS_L,  # (f32 buffers the epilogue's partial branch names; whole tiles only)
-    BT, stride_bt,  # block table [B, max_pages] int32 (LAYOUT 2)
+    BT, stride_bt,  # block table [B, max_pages] int32 (LAYOUT 1)
     WL,  # the work list
     batch, rb_max, ratio, ntiles_z, hz, num_pages, qk_scale,
     HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
@@ -116,13 +118,11 @@ def _page(BT, row, lk, num_pages, PAGE_SIZE: gl.constexpr, i):
 
 
 @gluon.jit
-def _copy(desc, bar, buf, BT, row, b, g, ks, blk, lk, num_pages, BLOCK_N: gl.constexpr,
+def _copy(desc, bar, buf, BT, row, b, g, blk, lk, num_pages, BLOCK_N: gl.constexpr,
           LAYOUT: gl.constexpr, PAGE_SIZE: gl.constexpr):
     """KV block `blk` of the tile's sequence (KV head g) into `buf` [1, BLOCK_N, 1, D]."""
     if LAYOUT == 0:
         tma.async_copy_global_to_shared(desc, [b, blk * BLOCK_N, g, 0], bar, buf)
-    elif LAYOUT == 1:
-        tma.async_copy_global_to_shared(desc, [0, ks + blk * BLOCK_N, g, 0], bar, buf)
     elif PAGE_SIZE >= BLOCK_N:
         i = blk * BLOCK_N // PAGE_SIZE
         pid = _page(BT, row, lk, num_pages, PAGE_SIZE, i)
@@ -149,16 +149,16 @@ def _load(K_DESC, V_DESC, BT, stride_bt, num_pages, wl, ring, HEAD_DIM: gl.const
     for r in range(0, rounds):
         k = _handout(r)
         if k < tiles:
-            b, g, _z, _qb, first, count, _lq, lk, _qs, ks = _tile(wl, k, tiles)
+            b, g, _z, _qb, first, count, _lq, lk, _qs, _ks = _tile(wl, k, tiles)
             row = b.to(gl.int64) * stride_bt
             for blk in range(first, first + count):
                 idx = it % STAGES
                 mbarrier.wait(empty.index(idx), ((it // STAGES) & 1) ^ 1)
                 mbarrier.expect(k_ready.index(idx), nbytes)
-                _copy(K_DESC, k_ready.index(idx), k_bufs.index(idx), BT, row, b, g, ks, blk, lk,
+                _copy(K_DESC, k_ready.index(idx), k_bufs.index(idx), BT, row, b, g, blk, lk,
                       num_pages, BLOCK_N, LAYOUT, PAGE_SIZE)
                 mbarrier.expect(v_ready.index(idx), nbytes)
-                _copy(V_DESC, v_ready.index(idx), v_bufs.index(idx), BT, row, b, g, ks, blk, lk,
+                _copy(V_DESC, v_ready.index(idx), v_bufs.index(idx), BT, row, b, g, blk, lk,
                       num_pages, BLOCK_N, LAYOUT, PAGE_SIZE)
                 it += 1
 
@@ -195,7 +195,7 @@ def _consume(outs, wl, qk_scale, q_smem, ring, HALF: gl.constexpr, HEAD_DIM: gl.
             mid = gl.minimum(gl.maximum(full, first), first + count)
             it, tn, acc, m_i, l_i = _blocks(it, tn, q_buf, ring, first, mid, first + count, qpos,
                                             lk, qk_scale, s_layout, o_layout, HEAD_DIM, BLOCK_N,
-                                            CAUSAL, STAGES, HALF, False, SUM_MMA, ones)
+                                            CAUSAL, STAGES, HALF, False, SUM_MMA, ones, True)
             Ob = O + b.to(gl.int64) * stride_ob + qs.to(gl.int64) * stride_om
             LSEb = LSE + b.to(gl.int64) * stride_lb + qs
             tile_outs = (Ob, 0, stride_om, stride_oh, LSEb, 0, stride_lh, SINKS, WS_O, WS_M,
