@@ -155,4 +155,4 @@ def test_sm90_build(args, copies):
     assert info["tma_loads"] == copies
     assert info["wgmma"] >= 32 and info["setmaxnreg"] > 0 and info["local"] == 0
     assert info["spill_bytes"] <= 64, info
-    assert info["fences"] >= 4, "each warpgroup fences its q stores, and its V stores before its MMA"
+    assert info["fences"] >= 4, "each warpgroup fences its q stores, and its V's before its MMA"

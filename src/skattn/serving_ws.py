@@ -52,7 +52,8 @@ def refusal(plan) -> str | None:
     if plan.head_dim != plan.head_dim_v or plan.head_dim not in HEAD_DIMS:
         return f"head sizes {plan.head_dim}/{plan.head_dim_v} (it takes 64/64 and 128/128)"
     if g.block_m != 128 or g.dk_chunks != 1 or g.block_n not in (64, 128):
-        return f"{g.block_m}-row tiles of {g.block_n}-key blocks (it takes 128 rows, 64 or 128 keys)"
+        return (f"{g.block_m}-row tiles of {g.block_n}-key blocks (it takes 128 rows, 64 or 128 "
+                f"keys)")
     if plan.window is not None:
         return "a sliding window"
     if plan.head_pairs:
