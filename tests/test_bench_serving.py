@@ -120,6 +120,7 @@ def test_skattn_variants_name_a_policy_and_plan_overrides():
         "auto", {"programs": 256, "block_n": 128})
     assert skattn_variant("skattn:auto/fixup=fused,programs=132") == (
         "auto", {"fixup": "fused", "programs": 132})
+    assert skattn_variant("skattn:auto/prefill=ws") == ("auto", {"prefill": "ws"})
     with pytest.raises(ValueError, match="key=integer"):
         skattn_variant("skattn:auto/programs=many")
     with pytest.raises(ValueError, match="comes from the batch"):
