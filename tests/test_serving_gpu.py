@@ -210,8 +210,7 @@ def test_whole_tile_prompt_steps_in_a_graph():
     cu_q, cu_k = (torch.zeros(B + 1, dtype=I32, device="cuda") for _ in range(2))
     p = skattn.serving_plan(batch=B, max_q_len=T, total_q=T, max_kv_len=2 * T, q_heads=Hq,
                             kv_heads=Hkv, head_dim=D, page_size=ps, max_pages=max_pages,
-                            q_split=None,  # one plan: its work list's flag is read below
-                            tuning=skattn.Tuning())  # the base kernel's rule (test_serving_ws_gpu)
+                            q_split=None)  # one plan: its work list's flag is read below
     assert p.whole_tiles
     ws, wl = serving.workspace(p), torch.empty(p.work_list_words, dtype=I32, device="cuda")
     outs = [torch.full((T, Hq, D), NAN, device="cuda", dtype=q.dtype) for _ in range(2)]

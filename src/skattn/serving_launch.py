@@ -200,8 +200,11 @@ def run(plan: ServingPlan, q, k, v, out, lse, *, wl, block_table, scale: float, 
         fix = dict(b.fix_const, HAS_SINKS=has_sinks, RETURN_LSE=has_lse)
         # the whole-tile build (kernels/ragged.py WHOLE), launched first where the plan allows it
         whole = dict(main, WHOLE=True, USE_PDL=0) if b.wl_const["WHOLE"] else None
-        consts = b.consts[features] = (main, fix, whole)
-    main_const, fix_const, whole_const = consts
+        # the Hopper kernel's whole-tile build, where the plan takes it (serving_ws)
+        hopper = (dict(b.ws.const, HAS_SINKS=has_sinks, RETURN_LSE=has_lse)
+                  if b.ws is not None else None)
+        consts = b.consts[features] = (main, fix, whole, hopper)
+    main_const, fix_const, whole_const, ws_const = consts
     if stamps is not None:
         check_stamps(stamps, stamp_rows(plan, device), device)
         main_const = dict(main_const, STAMPS=stamps[0], TIMELINE=True)
@@ -244,7 +247,7 @@ def run(plan: ServingPlan, q, k, v, out, lse, *, wl, block_table, scale: float, 
     grid = (plan.programs, 1, 1)
     if b.ws is not None and stamps is None and serving_ws.usable(k, v, softcap, alibi_slopes):
         _launch_ws(plan, b, q, qs, k, v, out, os_, lse_t, ls, sinks_t, ws_o, ws_m, ws_l, bt, sbt,
-                   wl, num_pages, qk_scale, features, key, stream)
+                   wl, num_pages, qk_scale, ws_const, key, stream)
     elif whole_const is not None:  # it works where the step is whole tiles, else exits at once
         _launch(_ragged.ragged_attention_kernel, key and (*key, "whole"), args, whole_const, grid,
                 stream)
@@ -261,12 +264,10 @@ def run(plan: ServingPlan, q, k, v, out, lse, *, wl, block_table, scale: float, 
 
 
 def _launch_ws(plan, b: Bound, q, qs, k, v, out, os_, lse_t, ls, sinks_t, ws_o, ws_m, ws_l, bt,
-               sbt, wl, num_pages, qk_scale, features, key, stream) -> None:
+               sbt, wl, num_pages, qk_scale, const, key, stream) -> None:
     """The Hopper kernel's whole-tile build (kernels/ragged_ws.py): it works where the step is
     whole tiles, else exits at once."""
     kd, vd = serving_ws.descriptors(b.ws, k, v)
-    has_sinks, _, _, has_lse, _, _ = features
-    const = dict(b.ws.const, HAS_SINKS=has_sinks, RETURN_LSE=has_lse)
     args = (q, *qs, kd, vd, out, *os_, lse_t, *ls, sinks_t, ws_o, ws_m, ws_l, bt, sbt, wl,
             plan.batch, plan.rb_max, plan.gqa_ratio, plan.ntiles_z, plan.hz, num_pages, qk_scale)
     # the descriptors' shapes and strides are arguments; K's and V's dtypes, strides and

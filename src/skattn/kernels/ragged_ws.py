@@ -118,22 +118,30 @@ def _page(BT, row, lk, num_pages, PAGE_SIZE: gl.constexpr, i):
 
 
 @gluon.jit
-def _copy(desc, bar, buf, BT, row, b, g, blk, lk, num_pages, BLOCK_N: gl.constexpr,
+def _copy(descs, bars, bufs, BT, row, b, g, blk, lk, num_pages, BLOCK_N: gl.constexpr,
           LAYOUT: gl.constexpr, PAGE_SIZE: gl.constexpr):
-    """KV block `blk` of the tile's sequence (KV head g) into `buf` [1, BLOCK_N, 1, D]."""
+    """KV block `blk` of the tile's sequence (KV head g): K and V (`descs`) into their stage
+    buffers `bufs` [1, BLOCK_N, 1, D], each copy counted on its barrier of `bars`; a page's
+    id read once for both."""
+    k_desc, v_desc = descs
+    k_bar, v_bar = bars
+    k_buf, v_buf = bufs
     if LAYOUT == 0:
-        tma.async_copy_global_to_shared(desc, [b, blk * BLOCK_N, g, 0], bar, buf)
+        tma.async_copy_global_to_shared(k_desc, [b, blk * BLOCK_N, g, 0], k_bar, k_buf)
+        tma.async_copy_global_to_shared(v_desc, [b, blk * BLOCK_N, g, 0], v_bar, v_buf)
     elif PAGE_SIZE >= BLOCK_N:
         i = blk * BLOCK_N // PAGE_SIZE
-        pid = _page(BT, row, lk, num_pages, PAGE_SIZE, i)
-        tma.async_copy_global_to_shared(desc, [pid, blk * BLOCK_N - i * PAGE_SIZE, g, 0], bar,
-                                        buf)
+        at = [_page(BT, row, lk, num_pages, PAGE_SIZE, i), blk * BLOCK_N - i * PAGE_SIZE, g, 0]
+        tma.async_copy_global_to_shared(k_desc, at, k_bar, k_buf)
+        tma.async_copy_global_to_shared(v_desc, at, v_bar, v_buf)
     else:
         PER: gl.constexpr = BLOCK_N // PAGE_SIZE
         for j in gl.static_range(PER):
-            pid = _page(BT, row, lk, num_pages, PAGE_SIZE, blk * PER + j)
-            tma.async_copy_global_to_shared(desc, [pid, 0, g, 0], bar,
-                                            buf.slice(j * PAGE_SIZE, PAGE_SIZE, dim=1))
+            at = [_page(BT, row, lk, num_pages, PAGE_SIZE, blk * PER + j), 0, g, 0]
+            tma.async_copy_global_to_shared(k_desc, at, k_bar,
+                                            k_buf.slice(j * PAGE_SIZE, PAGE_SIZE, dim=1))
+            tma.async_copy_global_to_shared(v_desc, at, v_bar,
+                                            v_buf.slice(j * PAGE_SIZE, PAGE_SIZE, dim=1))
 
 
 @gluon.jit
@@ -155,11 +163,10 @@ def _load(K_DESC, V_DESC, BT, stride_bt, num_pages, wl, ring, HEAD_DIM: gl.const
                 idx = it % STAGES
                 mbarrier.wait(empty.index(idx), ((it // STAGES) & 1) ^ 1)
                 mbarrier.expect(k_ready.index(idx), nbytes)
-                _copy(K_DESC, k_ready.index(idx), k_bufs.index(idx), BT, row, b, g, blk, lk,
-                      num_pages, BLOCK_N, LAYOUT, PAGE_SIZE)
                 mbarrier.expect(v_ready.index(idx), nbytes)
-                _copy(V_DESC, v_ready.index(idx), v_bufs.index(idx), BT, row, b, g, blk, lk,
-                      num_pages, BLOCK_N, LAYOUT, PAGE_SIZE)
+                _copy((K_DESC, V_DESC), (k_ready.index(idx), v_ready.index(idx)),
+                      (k_bufs.index(idx), v_bufs.index(idx)), BT, row, b, g, blk, lk, num_pages,
+                      BLOCK_N, LAYOUT, PAGE_SIZE)
                 it += 1
 
 
