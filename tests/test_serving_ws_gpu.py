@@ -204,25 +204,31 @@ def test_one_build_for_every_batch(launches):
         check_whole_step(p, q, k, v, cu_q, cu_k, table, 1500, 2048, launches)
 
 
-def test_non_finite_rows_past_the_lengths_dense(launches):
+@pytest.mark.parametrize("hq, d, dtype, lens", [
+    (32, 128, torch.float16, [600, 2000, 530]),
+    (64, 64, torch.bfloat16, [600, 2000, 530]),   # 64-key blocks
+    (32, 128, torch.bfloat16, [600, 0, 2000]),    # no key: its only block's V all zeroed
+    (64, 64, torch.float16, [600, 0, 2000]),
+])
+def test_non_finite_rows_past_the_lengths_dense(hq, d, dtype, lens, launches):
     # a dense cache [B, Lmax, Hkv, D] with NaN in K and Inf in V past each length
     # (test_fresh_prompts has the paged form)
-    B, Lq, hq, hkv, d = 3, 512, 32, 8, 128
-    lens = [600, 2000, 530]
+    B, Lq, hkv = 3, 512, 8
     g = torch.Generator(device="cuda").manual_seed(13)
-    q = torch.randn(B, Lq, hq, d, device="cuda", generator=g).half()
-    k, v = (torch.randn(B, 2048, hkv, d, device="cuda", generator=g).half() for _ in "kv")
+    q = torch.randn(B, Lq, hq, d, device="cuda", generator=g).to(dtype)
+    k, v = (torch.randn(B, 2048, hkv, d, device="cuda", generator=g).to(dtype) for _ in "kv")
     for b, n in enumerate(lens):
         k[b, n:], v[b, n:] = float("nan"), float("inf")
     lens_t = torch.tensor(lens, dtype=I32, device="cuda")
     p = skattn.serving_plan(batch=B, q_len=Lq, max_kv_len=2048, q_heads=hq, kv_heads=hkv,
-                            head_dim=d, tuning=WS)
+                            head_dim=d, dtype=dtype, tuning=WS)
     wl = serving.work_list(p, cache_seqlens=lens_t)
     assert wl[WHOLE_FLAG.value].item() == 1
     out = torch.full_like(q, NAN)
     skattn.attention_with_kvcache(q, k, v, cache_seqlens=lens_t, plan=p, out=out, work_list=wl)
     assert launches, "the Hopper kernel did not run"
     assert not torch.isnan(out).any() and torch.isfinite(out).all()
+    assert all(bool((out[b] == 0).all()) for b, n in enumerate(lens) if n == 0)
     ref = reference.attention_with_kvcache(q, k, v, cache_seqlens=lens_t)
     tol = ragged_bound(sequences_kvcache(q, k, v, lens))
     assert rel_err(out, ref) <= tol, (rel_err(out, ref), tol)
