@@ -340,7 +340,8 @@ def check_case(case: Case) -> None:
         wl = skattn.serving.work_list(p, **lens)
         res2 = call(case, q, k, v, dict(kw, work_list=wl), again)
         got2 = res2[0] if kw["return_lse"] else res2
-        assert torch.equal(got2.nan_to_num(7.0), got.nan_to_num(7.0)), f"a second call differs ({where})"
+        same = torch.equal(got2.nan_to_num(7.0), got.nan_to_num(7.0))
+        assert same, f"a second call differs ({where})"
     n_q = sum(case.lens_q)
     if case.api == "varlen":   # rows of no sequence stay as they were (NaN)
         assert torch.isnan(got[n_q:]).all(), f"rows past the sequences written ({where})"

@@ -44,6 +44,44 @@ def test_compile_reduce_overhead_replays_and_matches_eager():
     assert counters["stats"]["unique_graphs"] == 1  # one graph, no break, no recompile
 
 
+def test_serving_op_in_cuda_graphs_follows_lengths_and_pages():
+    # a paged decode step through torch.ops.skattn.attention_with_kvcache under
+    # mode="reduce-overhead": one graph, replayed while the lengths grow and the block table
+    # changes in place, each replay against the eager entry point and float64
+    from torch._dynamo.utils import counters
+
+    from serving_inputs import paged_cache
+    from skattn import reference_serving
+    import skattn.ops
+
+    torch._dynamo.reset()
+    counters.clear()
+    lens = [3000, 17, 900, 2047]
+    k, v, table = paged_cache([n + 6 * 16 for n in lens], page_size=16, hkv=8, d=128,
+                              device="cuda")   # pages for six steps of growth
+    lens_t = torch.tensor(lens, dtype=torch.int32, device="cuda")
+
+    def step(q, lens_t, table):
+        return skattn.ops.attention_with_kvcache(q, k, v, cache_seqlens=lens_t,
+                                                 block_table=table)
+
+    compiled = torch.compile(step, fullgraph=True, mode="reduce-overhead")
+    g = torch.Generator(device="cuda").manual_seed(1)
+    with torch.no_grad():
+        for i in range(6):
+            q = torch.randn(4, 1, 32, 128, device="cuda", generator=g).half()
+            got = compiled(q, lens_t, table).clone()
+            want = skattn.attention_with_kvcache(q, k, v, cache_seqlens=lens_t, block_table=table)
+            ref = reference_serving.attention_with_kvcache(q, k, v, cache_seqlens=lens_t,
+                                                           block_table=table)
+            assert not torch.isnan(got).any() and rel(got, want) < 1e-3, i
+            assert rel(got, ref) < 1e-2, i
+            lens_t += 16   # the next step: more keys, and sequence 1 reads another page
+            table[1, 1] = table[3, i]
+    assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+    assert counters["stats"]["unique_graphs"] == 1
+
+
 needs_transformers = pytest.mark.skipif(transformers is None, reason="transformers is not installed")
 # llama-8b's attention (32/8 heads of 128) in a 2-layer model with a small MLP and vocabulary
 LLAMA = dict(vocab_size=1024, hidden_size=4096, intermediate_size=1024, num_hidden_layers=2,

@@ -24,7 +24,7 @@ from skattn.device import hardware, shared_memory_limit
 from skattn.planner import plan as make_plan
 from skattn.recipe import Recipe
 
-__all__ = ["attention", "plan_for"]
+__all__ = ["attention", "plan_for", "attention_with_kvcache", "attention_varlen"]
 
 DEFAULT_POLICY = "auto"
 
@@ -255,3 +255,7 @@ def attention(q, k, v, *, scale=None, causal=False, window=None, mask=None, sink
     return torch.ops.skattn.attention(q, k, v, mask, sinks, alibi_slopes,
                                       None if scale is None else float(scale), bool(causal),
                                       window, float(softcap), policy, k_scale, v_scale)
+
+
+# the serving functions' ops register on the same library (skattn/ops_serving.py)
+from skattn.ops_serving import attention_varlen, attention_with_kvcache  # noqa: E402

@@ -19,7 +19,7 @@ from skattn.serving_checks import check_values
 from skattn.serving_mixed import MixedPlan, step_plan
 from skattn.serving_plan import PAIR_HEAD_DIM, SERVING_DTYPES, ServingPlan, serving_plan
 
-__all__ = ["attention_with_kvcache", "attention_varlen", "serving_plan", "ServingPlan",
+__all__ = ["attention_with_kvcache", "attention_varlen", "serving_plan", "ServingPlan", "scratch",
            "MixedPlan", "work_list", "workspace", "check_values"]
 
 
@@ -34,13 +34,14 @@ def _cached_plan(device, q_split="auto", **bounds) -> ServingPlan | MixedPlan:
     return serving_plan(**args, q_split=None) if q_split is None else step_plan(q_split, args)
 
 
-def _plan(plan, device, bounds: dict, k, v) -> ServingPlan | MixedPlan:
-    """The call's plan (cached per bounds where the caller gave none), checked against the
-    call's bounds and, where it reads KV heads in pairs, against K/V's layout."""
+def _plan(plan, device, bounds: dict, k, v, policy: str = "auto") -> ServingPlan | MixedPlan:
+    """The call's plan (cached per bounds and policy where the caller gave none), checked
+    against the call's bounds and, where it reads KV heads in pairs, against K/V's layout."""
     if plan is None:
         if bounds["head_dim"] == PAIR_HEAD_DIM and not (_adjacent(k) and _adjacent(v)):
             bounds["head_pairs"] = False  # the default plan reads one KV head a row then
-        plan = _cached_plan(device, **bounds)
+        plan = _cached_plan(device, **bounds) if policy == "auto" else _cached_plan(
+            device, policy=policy, **bounds)
     else:
         _check_plan(plan, bounds)
     _pairs_layout(plan, k, v)
@@ -98,6 +99,22 @@ def workspace(plan: ServingPlan | MixedPlan, device=None) -> torch.Tensor:
     if isinstance(plan, MixedPlan):
         return torch.zeros(_mixed_workspace_bytes(plan), dtype=torch.uint8, device=device)
     return sl.allocate(plan, device)
+
+
+def scratch(plan: ServingPlan | MixedPlan, device) -> torch.Tensor:
+    """A workspace for one call, freed with it (the custom ops'): CUDA graphs of torch.compile
+    own what an op allocates, so it keeps no pool. Only the counters at the end of each plan's
+    part are zeroed (a memset the graph replays); each call builds its work list and writes
+    the partials before reading them."""
+    mixed = isinstance(plan, MixedPlan)
+    size = _mixed_workspace_bytes(plan) if mixed else sl.workspace_bytes(plan)
+    buf = torch.empty(max(16, size), dtype=torch.uint8, device=device)
+    parts = zip(plan.halves, _workspace_offsets(plan)) if mixed else [(plan, 0)]
+    for half, at in parts:
+        end = at + sl.workspace_bytes(half) if mixed else buf.numel()
+        counters = sl.bind(half, device).layout[2]
+        buf[end - max(counters, 1) * 4:end].zero_()
+    return buf
 
 
 def _halves(plan, workspace, work_list):
@@ -240,6 +257,16 @@ def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, block_table=No
         CPU tensors also bad lengths and page ids. GPU lengths are not read: the kernels
         clamp them to the cache and skip pages out of range (docs/serving.md).
     """
+    return _kvcache(q, k_cache, v_cache, cache_seqlens, block_table, causal, window, sinks,
+                    softcap, alibi_slopes, scale, return_lse, plan, out, workspace, work_list,
+                    k_scale, v_scale)
+
+
+def _kvcache(q, k_cache, v_cache, cache_seqlens, block_table, causal, window, sinks, softcap,
+             alibi_slopes, scale, return_lse, plan, out, workspace, work_list, k_scale, v_scale,
+             policy: str = "auto", own_workspace: bool = False):
+    """`attention_with_kvcache`; without a plan, one of `policy`; `own_workspace`: a
+    workspace of the call's own (`scratch`), as the custom op runs it."""
     paged, hkv, dv = sc.kvcache_args(q, k_cache, v_cache, cache_seqlens=cache_seqlens,
                                      block_table=block_table, scale=scale, causal=causal,
                                      window=window, sinks=sinks, softcap=softcap,
@@ -254,9 +281,11 @@ def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, block_table=No
         bounds = dict(batch=B, q_len=Lq, max_kv_len=k_cache.shape[1], page_size=None)
     bounds.update(q_heads=Hq, kv_heads=hkv, head_dim=Dk, head_dim_v=dv, dtype=quant.kv_dtype(k_cache),
                   causal=causal, window=window)
-    plan = _plan(plan, q.device, bounds, k_cache, v_cache)
+    plan = _plan(plan, q.device, bounds, k_cache, v_cache, policy)
     if out is None:
         out = torch.empty(B, Lq, Hq, dv, device=q.device, dtype=q.dtype)
+    if own_workspace:
+        workspace = scratch(plan, q.device)
     lse = torch.empty(B, Hq, Lq, device=q.device, dtype=torch.float32) if return_lse else None
     scale = default_scale(Dk) if scale is None else float(scale)
     k_cache, v_cache, k_scale, v_scale = quant.kernel_kv(k_cache, v_cache, k_scale, v_scale, q.device)
@@ -309,6 +338,15 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
         As `attention_with_kvcache`; on CPU tensors also non-monotone offsets, offsets past
         the packed tensors and lengths above the bounds.
     """
+    return _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table,
+                   causal, window, sinks, softcap, alibi_slopes, scale, return_lse, plan, out,
+                   workspace, work_list, k_scale, v_scale)
+
+
+def _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table, causal,
+            window, sinks, softcap, alibi_slopes, scale, return_lse, plan, out, workspace,
+            work_list, k_scale, v_scale, policy: str = "auto", own_workspace: bool = False):
+    """`attention_varlen`; `policy`, `own_workspace` as in `_kvcache`."""
     paged, hkv, dv, B = sc.varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                        max_seqlen_k, block_table=block_table, scale=scale,
                                        causal=causal, window=window, sinks=sinks,
@@ -326,9 +364,11 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     if plan is not None and plan.q_len is not None:
         raise ValueError("plan was made for attention_with_kvcache (q_len); plan varlen "
                          "batches with max_q_len and total_q")
-    plan = _plan(plan, q.device, bounds, k, v)
+    plan = _plan(plan, q.device, bounds, k, v, policy)
     if out is None:
         out = torch.empty(total_q, Hq, dv, device=q.device, dtype=q.dtype)
+    if own_workspace:
+        workspace = scratch(plan, q.device)
     lse = torch.empty(Hq, total_q, device=q.device, dtype=torch.float32) if return_lse else None
     scale = default_scale(Dk) if scale is None else float(scale)
     k, v, k_scale, v_scale = quant.kernel_kv(k, v, k_scale, v_scale, q.device)

@@ -116,8 +116,9 @@ def _kv(q, k, v, hq, d, *, paged: bool, block_table, batch: int, packed: bool, k
 
 def kvcache_args(q, k_cache, v_cache, *, cache_seqlens, block_table, scale, causal, window,
                  sinks, softcap, alibi_slopes, return_lse, out, kernel: bool = True,
-                 k_scale=None, v_scale=None):
-    """Check `attention_with_kvcache`'s arguments; returns (paged, Hkv, Dv)."""
+                 k_scale=None, v_scale=None, values: bool = True):
+    """Check `attention_with_kvcache`'s arguments; returns (paged, Hkv, Dv). `values`: also
+    the lengths and page ids of CPU tensors (not of a custom op's fake tensors)."""
     _tensor("q", q, 4, Q_DTYPES if kernel else None)
     batch, lq, hq, d = q.shape
     if min(batch, lq, hq, d) < 1:
@@ -136,15 +137,16 @@ def kvcache_args(q, k_cache, v_cache, *, cache_seqlens, block_table, scale, caus
         if lq * abs(q.stride(1)) >= 2**31:
             raise ValueError("q: one sequence's rows span 2**31 elements or more")
         check_out(out, (batch, lq, hq, dv), q)
-    if cache_seqlens.device.type == "cpu":
+    if values and cache_seqlens.device.type == "cpu":
         kvcache_values(k_cache, cache_seqlens, block_table)
     return paged, hkv, dv
 
 
 def varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
                 block_table, scale, causal, window, sinks, softcap, alibi_slopes, return_lse,
-                out, kernel: bool = True, k_scale=None, v_scale=None):
-    """Check `attention_varlen`'s arguments; returns (paged, Hkv, Dv, batch)."""
+                out, kernel: bool = True, k_scale=None, v_scale=None, values: bool = True):
+    """Check `attention_varlen`'s arguments; returns (paged, Hkv, Dv, batch). `values`: also
+    the offsets, lengths and page ids of CPU tensors."""
     _tensor("q", q, 3, Q_DTYPES if kernel else None)
     total_q, hq, d = q.shape
     if min(total_q, hq, d) < 1:
@@ -172,7 +174,7 @@ def varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
             if not (x is not q and paged) and n * abs(x.stride(0)) >= 2**31:
                 raise ValueError(f"{name}: one sequence's rows may span 2**31 elements or more")
         check_out(out, (total_q, hq, dv), q)
-    if cu_seqlens_q.device.type == "cpu":
+    if values and cu_seqlens_q.device.type == "cpu":
         varlen_values(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table)
     return paged, hkv, dv, batch
 
