@@ -166,3 +166,21 @@ def test_compile_fullgraph_no_graph_break(backend):
     # with grad on, tracing reaches the op's checks: the same error as an eager call
     with pytest.raises(Exception, match="requires grad: skattn's kernels are forward-only"):
         torch.compile(block, fullgraph=True, backend=backend)(x, kc, vc)
+
+
+def test_compile_with_a_symbolic_window():
+    # torch.compile(dynamic=True) makes the window a symbolic int: the fake kernel traces
+    # it without guarding on its value, so new windows reuse the graph
+    from torch._dynamo.utils import counters
+
+    q, k, v = make(Lk=40, D=16, seed=11)
+
+    def step(q, k, v, window):
+        return skattn.ops.attention(q, k, v, causal=True, window=window)
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(step, fullgraph=True, dynamic=True, backend="aot_eager")
+    for window in (5, 9, 33):
+        assert torch.equal(compiled(q, k, v, window), step(q, k, v, window))
+    assert counters["stats"]["unique_graphs"] == 1

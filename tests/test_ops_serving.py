@@ -53,6 +53,35 @@ def test_opcheck_varlen():
     assert set(result.values()) == {"SUCCESS"}, result
 
 
+@pytest.mark.parametrize("form", ["fp8", "q8_0", "q4_0"])
+def test_opcheck_quantized(form):
+    # a paged kvcache and a packed varlen batch over quantized K/V, at the ops: FP8 values
+    # with their f32 scales, a block cache as its values with its f16 block scales
+    q, k, v, lens, table = kvcache_case(seed=9)
+    q2, k2, v2, cu_q, cu_k = varlen_inputs(VARLEN_Q, VARLEN_K, hq=HQ, hkv=HKV, d=D, seed=9)
+    utils = None
+    if form == "fp8":
+        (k, ks), (v, vs) = quant.fp8(k, per_head=True), quant.fp8(v)
+        (k2, ks2), (v2, vs2) = quant.fp8(k2[None]), quant.fp8(v2[None], per_head=True)
+        k2, v2 = k2[0], v2[0]
+        scales, scales2 = (ks, vs), (ks2, vs2)
+        # (opcheck's test_schema compares inputs with torch.allclose, which float8 lacks on
+        # the CPU: tests/test_ops_quant.py checks that part by hand)
+        utils = ("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+    else:
+        make = quant.q8_0 if form == "q8_0" else quant.q4_0
+        kq, vq, kq2, vq2 = (make(x) for x in (k, v, k2, v2))
+        k, v, scales = kq.values, vq.values, (kq.scales, vq.scales)
+        k2, v2, scales2 = kq2.values, vq2.values, (kq2.scales, vq2.scales)
+    ops = [(torch.ops.skattn.attention_with_kvcache.default,
+            (*kv_args(q, k, v, lens, table), *scales)),
+           (torch.ops.skattn.attention_varlen.default,
+            (*varlen_args(q2, k2, v2, cu_q, cu_k), *scales2))]
+    for op, args in ops:
+        result = torch.library.opcheck(op, args, **({"test_utils": utils} if utils else {}))
+        assert set(result.values()) == {"SUCCESS"}, (op, result)
+
+
 @pytest.mark.parametrize("page_size", [16, 32])
 def test_kvcache_op_matches_eager_and_float64(page_size):
     q, k, v, lens, table = kvcache_case(page_size, lq=3, seed=4)
@@ -88,21 +117,30 @@ def test_varlen_op_matches_float64_and_zeroes_rows_of_no_sequence(paged):
 def test_workspace_of_the_call_needs_only_its_counters_zeroed(monkeypatch):
     # every torch.empty of the call (the op's workspace among them) full of garbage: the
     # work list is built and the partials written before they are read; only the counters
-    # (zeroed by serving.scratch) must start at 0
+    # (zeroed by serving.scratch) must start at 0. Against the eager function on a zeroed
+    # workspace of its own, bit for bit, for plans of every merge
     q, k, v, cu_q, cu_k = varlen_inputs(VARLEN_Q, VARLEN_K, hq=HQ, hkv=HKV, d=D, seed=6)
-    want = skattn.ops.attention_varlen(q, k, v, cu_q, cu_k, max(VARLEN_Q), max(VARLEN_K))
+    bounds = dict(batch=4, max_q_len=max(VARLEN_Q), total_q=q.shape[0], max_kv_len=max(VARLEN_K),
+                  total_k=k.shape[0], q_heads=HQ, kv_heads=HKV, head_dim=D, sms=4, occupancy=2)
+    plans = [skattn.serving_plan(**bounds, **kw) for kw in (
+        {}, dict(policy="llamacpp"), dict(policy="split"), dict(q_split=None, fixup="fused"),
+        dict(q_split=None, fixup="fused", tail=15), dict(q_split=None, fixup="general"))]
     real = torch.empty
 
     def garbage(*shape, **kw):
         x = real(*shape, **kw)
         return x.view(torch.uint8).fill_(0xA5).view(x.dtype) if x.numel() else x
 
-    monkeypatch.setattr(torch, "empty", garbage)
-    for policy in ("auto", "llamacpp"):   # (MixedPlans: two halves, two counter regions)
-        got = skattn.ops.attention_varlen(q, k, v, cu_q, cu_k, max(VARLEN_Q), max(VARLEN_K),
-                                          policy=policy)
-        assert torch.isfinite(got).all()
-        assert rel_err(got, want.double()) <= 1e-2, policy
+    for p in plans:
+        want = skattn.attention_varlen(q, k, v, cu_q, cu_k, max(VARLEN_Q), max(VARLEN_K), plan=p,
+                                       workspace=serving.workspace(p, "cpu"))
+        with monkeypatch.context() as m:
+            m.setattr(torch, "empty", garbage)
+            got = serving._varlen(q, k, v, cu_q, cu_k, max(VARLEN_Q), max(VARLEN_K), None, True,
+                                  None, None, 0.0, None, None, False, p, None, None, None, None,
+                                  None, own_workspace=True)
+        n = sum(VARLEN_Q)
+        assert torch.equal(got[:n], want[:n]), p
 
 
 @pytest.mark.parametrize("policy", ["llamacpp", "llamacpp-before", "split"])
@@ -115,9 +153,10 @@ def test_policy_reaches_the_plan(monkeypatch, policy):
     skattn.ops.attention_with_kvcache(q, k, v, cache_seqlens=lens, block_table=table,
                                       policy=policy)
     assert seen and seen[-1].policy == policy
-    with pytest.raises(ValueError, match="policy must be one of"):
-        skattn.ops.attention_with_kvcache(q, k, v, cache_seqlens=lens, block_table=table,
-                                          policy="fastest")
+    for bad in ("fastest", "round-4x"):   # (a dense plan's policy: not a serving plan's)
+        with pytest.raises(ValueError, match="policy must be one of"):
+            skattn.ops.attention_with_kvcache(q, k, v, cache_seqlens=lens, block_table=table,
+                                              policy=bad)
 
 
 def test_bad_input_same_errors():
@@ -195,3 +234,33 @@ def test_compile_fullgraph_follows_new_lengths(backend):
                                                        block_table=table)
         got = skattn.ops.attention_with_kvcache(q, k, v, cache_seqlens=lens, block_table=table)
     assert rel_err(got, ref) <= 1e-2
+
+
+def test_compile_varlen_with_symbolic_lengths_and_window():
+    # varlen steps whose max_seqlen and window change from call to call under
+    # torch.compile(fullgraph=True, dynamic=True): traced once, with no guard on their values
+    from torch._dynamo.utils import counters
+
+    q, k, v, cu_q, cu_k = varlen_inputs(VARLEN_Q, VARLEN_K, hq=HQ, hkv=HKV, d=D, seed=10)
+
+    def step(q, k, v, cu_q, cu_k, max_q, max_k, window):
+        return skattn.ops.attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, window=window)
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(step, fullgraph=True, dynamic=True, backend="aot_eager")
+    for extra, window in ((0, 7), (3, 9), (5, 30), (9, 12)):
+        args = (q, k, v, cu_q, cu_k, max(VARLEN_Q) + extra, max(VARLEN_K) + extra, window)
+        assert torch.equal(compiled(*args), step(*args))
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_either_module_may_be_imported_first():
+    import subprocess
+    import sys
+
+    for first in ("skattn.ops_serving", "skattn.ops"):
+        code = (f"import {first}, skattn.ops, torch; "
+                "assert skattn.ops.attention_varlen is skattn.ops_serving.attention_varlen; "
+                "torch.ops.skattn.attention_with_kvcache, torch.ops.skattn.attention")
+        subprocess.run([sys.executable, "-c", code], check=True)

@@ -74,6 +74,25 @@ def test_q8_0_views_of_a_cache():
         quant.Q8_0(cache.values, cache.scales.transpose(1, 2).contiguous().transpose(1, 2))
 
 
+def test_block_caches_of_gathered_and_empty_rows():
+    # a sequence's rows gathered through a block table (the serving reference): one scale a
+    # row at head size 32 (a dimension of one, any stride), and no rows at all (an empty
+    # sequence: torch gives any strides) make caches; a scale of two, strided, does not
+    for make, d in ((quant.q8_0, 32), (quant.q4_0, 32), (quant.q8_0, 64)):
+        cache = make(torch.randn(10, 16, 2, d).half())
+        for n in (0, 3):
+            pages, pos = torch.full((n,), 4), torch.arange(n)
+            rows = type(cache)(cache.values[pages, pos], cache.scales[pages, pos])
+            assert rows.shape == (n, 2, d)
+            assert torch.equal(rows.dequantize(), cache.dequantize()[pages, pos])
+    one = quant.q8_0(torch.randn(3, 2, 32))
+    odd = one.scales.as_strided(one.scales.shape, (*one.scales.stride()[:-1], 7))
+    assert torch.equal(quant.Q8_0(one.values, odd).dequantize(), one.dequantize())
+    two = quant.q8_0(torch.randn(3, 2, 64))
+    with pytest.raises(ValueError, match="contiguous in their last dimension"):
+        quant.Q8_0(two.values, torch.zeros(3, 2, 4, dtype=torch.float16)[..., ::2])
+
+
 @pytest.mark.parametrize("make, err, match", [
     (lambda: quant.Q8_0(torch.zeros(1, 2, 1, 32), torch.zeros(1, 2, 1, 1, dtype=torch.float16)),
      TypeError, "values must be an int8"),

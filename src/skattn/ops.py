@@ -164,6 +164,7 @@ def _attention_kernel(q, k, v, mask, sinks, alibi_slopes, scale, causal, window,
 def _attention_fake(q, k, v, mask, sinks, alibi_slopes, scale, causal, window, softcap, policy,
                     k_scale=None, v_scale=None):
     # the same checks as the real kernel, so bad input fails while tracing, not at run time
+    window = traced_int(window)
     key = _signature(q, k, v, mask, sinks, alibi_slopes, scale, causal, window, softcap, k_scale,
                      v_scale)
     _, vf, _ = _check(key, q, k, v, mask, sinks, alibi_slopes, scale, causal, window, softcap,
@@ -257,5 +258,20 @@ def attention(q, k, v, *, scale=None, causal=False, window=None, mask=None, sink
                                       window, float(softcap), policy, k_scale, v_scale)
 
 
-# the serving functions' ops register on the same library (skattn/ops_serving.py)
-from skattn.ops_serving import attention_varlen, attention_with_kvcache  # noqa: E402
+def traced_int(x):
+    """A fake kernel's view of an int argument (`window`, `max_seqlen_*`): a symbolic int
+    (torch.compile with dynamic shapes) as 1, which passes the checks that ask for a
+    positive int, so tracing neither fails on it nor guards on its value (a recompile for
+    each); the real kernel checks the value."""
+    return x if x is None or isinstance(x, int) else 1
+
+
+def __getattr__(name):  # the serving ops' wrappers (skattn/ops_serving.py, imported below)
+    if name in ("attention_with_kvcache", "attention_varlen"):
+        return getattr(ops_serving, name)
+    raise AttributeError(f"module 'skattn.ops' has no attribute {name!r}")
+
+
+# the serving functions' ops register on the same library (skattn/ops_serving.py); a plain
+# import, so that either module may be imported first
+import skattn.ops_serving as ops_serving  # noqa: E402

@@ -21,7 +21,8 @@ import torch
 
 from skattn import quant, serving
 from skattn import serving_checks as sc
-from skattn.ops import DEFAULT_POLICY, _LIB, _check_policy, _kv_forms, _scale_arg
+from skattn.ops import DEFAULT_POLICY, _LIB, _kv_forms, _scale_arg, traced_int
+from skattn.serving_plan import SERVING_POLICIES
 
 __all__ = ["attention_with_kvcache", "attention_varlen"]
 
@@ -34,6 +35,12 @@ _LIB.define("attention_varlen(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q,
             "Tensor? block_table, Tensor? sinks, Tensor? alibi_slopes, float? scale, "
             "bool causal, SymInt? window, float softcap, str policy, Tensor? k_scale=None, "
             "Tensor? v_scale=None) -> Tensor")
+
+
+def _check_policy(policy) -> None:
+    if policy not in SERVING_POLICIES:
+        raise ValueError(f"policy must be one of {SERVING_POLICIES} for the serving ops, got "
+                         f"{policy!r}")
 
 
 def _kvcache_kernel(q, k_cache, v_cache, cache_seqlens, block_table, sinks, alibi_slopes, scale,
@@ -51,7 +58,7 @@ def _kvcache_fake(q, k_cache, v_cache, cache_seqlens, block_table, sinks, alibi_
     _check_policy(policy)
     k, v, k_scale, v_scale = _kv_forms(k_cache, v_cache, k_scale, v_scale)
     _, _, dv = sc.kvcache_args(q, k, v, cache_seqlens=cache_seqlens, block_table=block_table,
-                               scale=scale, causal=causal, window=window, sinks=sinks,
+                               scale=scale, causal=causal, window=traced_int(window), sinks=sinks,
                                softcap=softcap, alibi_slopes=alibi_slopes, return_lse=False,
                                out=None, k_scale=k_scale, v_scale=v_scale, values=False)
     B, Lq, Hq, _ = q.shape
@@ -78,9 +85,10 @@ def _varlen_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
                  v_scale=None):
     _check_policy(policy)
     k, v, k_scale, v_scale = _kv_forms(k, v, k_scale, v_scale)
-    _, _, dv, _ = sc.varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
-                                 int(max_seqlen_k), block_table=block_table, scale=scale,
-                                 causal=causal, window=window, sinks=sinks, softcap=softcap,
+    _, _, dv, _ = sc.varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, traced_int(max_seqlen_q),
+                                 traced_int(max_seqlen_k), block_table=block_table, scale=scale,
+                                 causal=causal, window=traced_int(window), sinks=sinks,
+                                 softcap=softcap,
                                  alibi_slopes=alibi_slopes, return_lse=False, out=None,
                                  k_scale=k_scale, v_scale=v_scale, values=False)
     return q.new_empty(q.shape[0], q.shape[1], dv)
