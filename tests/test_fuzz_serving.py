@@ -10,7 +10,9 @@ pretend GPU's grid, program count, fixup, block size, tail, tile cost, KV heads 
 the split of a varlen batch into two halves. Every cache position no sequence may read (page
 tails, unused pages, a dense cache past the lengths, packed rows past the last sequence)
 holds NaN (a block cache: NaN scales), so a read of one shows in the output. The output starts as NaN: rows of q that
-belong to no sequence must stay NaN, all others must be written. Some cases run twice on one
+belong to no sequence must stay NaN, all others must be written. Some cases also run
+through the custom op (`skattn.ops`: the default plan of the case's policy, a workspace of
+the call's own), which must give the eager function's bits for that plan. Some run twice on one
 workspace and work list, which must give the same bits. Errors are bounded per sequence by
 the rule of `tolerance.py` (k x PyTorch's own error on the same inputs + a floor), for the
 sequence's output and row by row. Each shard runs from a fixed seed: a run is reproducible.
@@ -25,7 +27,7 @@ from hypothesis import HealthCheck, Phase, event, given, seed, settings
 from hypothesis import strategies as st
 
 import skattn
-from skattn import quant, reference_serving
+from skattn import quant, reference_serving, serving
 from skattn.reference_serving import _sequence_keys as sequence_keys
 from tolerance import bounds, rel_err, row_rel_err
 
@@ -66,6 +68,7 @@ class Case:
     scale: float | None
     max_bias: float
     twice: bool                  # run twice on one workspace and work list
+    via_op: bool                 # also through the custom op
     plan: object = field(compare=False)
     seed: int = 0
 
@@ -168,7 +171,8 @@ def cases(draw):
                 features=features, window=window,
                 softcap=draw(st.floats(1.0, 50.0)) if "softcap" in features else 0.0,
                 scale=draw(st.none() | st.floats(0.02, 0.3)), max_bias=draw(st.floats(0.5, 8.0)),
-                twice=draw(st.integers(0, 3)) == 0, plan=plan,
+                twice=draw(st.integers(0, 3)) == 0, via_op=draw(st.integers(0, 3)) == 0,
+                plan=plan,
                 seed=draw(st.integers(0, 2**31 - 1)))
 
 
@@ -352,6 +356,8 @@ def check_case(case: Case) -> None:
         got2 = res2[0] if kw["return_lse"] else res2
         same = torch.equal(got2.nan_to_num(7.0), got.nan_to_num(7.0))
         assert same, f"a second call differs ({where})"
+    if case.via_op:
+        _check_op(case, q, k, v, kw, where)
     n_q = sum(case.lens_q)
     if case.api == "varlen":   # rows of no sequence stay as they were (NaN)
         assert torch.isnan(got[n_q:]).all(), f"rows past the sequences written ({where})"
@@ -377,6 +383,39 @@ def check_case(case: Case) -> None:
             diff = (lse[finite].double() - ref_lse[finite]).abs().max().item()
             shift = (rounded_lse[finite] - ref_lse[finite]).abs().max().item()
             assert diff <= 3 * shift + 5e-2, f"lse error {diff:.2e} ({where})"
+
+
+def _check_op(case: Case, q, k, v, kw, where) -> None:
+    """The custom op against the eager function on the same default plan (the case's policy;
+    the eager call on a zeroed pool, the op on a workspace of its own): the same bits, rows of
+    no sequence 0."""
+    import skattn.ops
+
+    policy = case.plan.policy
+    opts = dict(causal=kw["causal"], window=kw["window"], sinks=kw.get("sinks"),
+                softcap=kw["softcap"], alibi_slopes=kw.get("alibi_slopes"), scale=kw["scale"],
+                k_scale=kw.get("k_scale"), v_scale=kw.get("v_scale"))
+    table = kw["block_table"]
+    if case.api == "kvcache":
+        lens = torch.tensor(case.lens_k, dtype=torch.int32)
+        got = skattn.ops.attention_with_kvcache(q, k, v, cache_seqlens=lens, block_table=table,
+                                                policy=policy, **opts)
+        want = serving._kvcache(q, k, v, lens, table, opts["causal"], opts["window"],
+                                opts["sinks"], opts["softcap"], opts["alibi_slopes"],
+                                opts["scale"], False, None, None, None, None, opts["k_scale"],
+                                opts["v_scale"], policy=policy)
+        assert torch.equal(got, want), f"the op differs from the eager call ({where})"
+        return
+    cu_q, cu_k, n_q = _offsets(case.lens_q), _offsets(case.lens_k), sum(case.lens_q)
+    max_q, max_k = case.plan.max_q_len, case.plan.max_kv_len
+    got = skattn.ops.attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, block_table=table,
+                                      policy=policy, **opts)
+    want = serving._varlen(q, k, v, cu_q, cu_k, max_q, max_k, table, opts["causal"],
+                           opts["window"], opts["sinks"], opts["softcap"], opts["alibi_slopes"],
+                           opts["scale"], False, None, None, None, None, opts["k_scale"],
+                           opts["v_scale"], policy=policy)
+    assert torch.equal(got[:n_q], want[:n_q]), f"the op differs from the eager call ({where})"
+    assert not got[n_q:].any(), f"the op's rows of no sequence are not 0 ({where})"
 
 
 def _run(examples: int, shard: int) -> int:
