@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything that needs the GPU, in one call, with the image's python3 (never pip-installs torch):
 #   1. the GPU tests (-m gpu), in parallel: they are compile-bound
-#   2. the GPU fuzz profile (tests/test_fuzz.py, SKATTN_FUZZ_EXAMPLES cases, default 2000)
+#   2. the GPU fuzz profiles (tests/test_fuzz.py, SKATTN_FUZZ_EXAMPLES cases, default 2000;
+#      tests/test_fuzz_serving_gpu.py, SKATTN_SERVING_FUZZ_EXAMPLES, default 160)
 #   3. compute-sanitizer memcheck, racecheck and synccheck over tools/sanitize_cases.py
 #      (racecheck and synccheck on its --quick cases), memcheck over tools/sanitize_serving.py
 #      and tools/sanitize_quant.py, in the background beside 1 and 2 (racecheck over all
@@ -84,13 +85,14 @@ if has tests; then
     SKATTN_TEST_TIMEOUT=${SKATTN_TEST_TIMEOUT:-240} \
     timeout "$STAGE_LIMIT" python3 -m pytest -v -rfE -m "gpu and not serial" $(workers 8) -p no:cacheprovider \
         -o faulthandler_timeout="$HANG_DUMP_S" ${TESTS:-tests} --ignore=tests/test_fuzz.py \
+        --ignore=tests/test_fuzz_serving_gpu.py \
         2>&1 | tee "$OUT_DIR/gpu_tests.log"
     t=${PIPESTATUS[0]}; [ "$t" -ne 0 ] && rc=$t
     summary+=("gpu tests: $(tail -n 1 "$OUT_DIR/gpu_tests.log")")
 fi
 if has fuzz; then
     SKATTN_TEST_TIMEOUT=0 timeout "$STAGE_LIMIT" python3 -m pytest -q -m gpu -s $(workers 4) -p no:cacheprovider \
-        -o faulthandler_timeout="$HANG_DUMP_S" tests/test_fuzz.py 2>&1 \
+        -o faulthandler_timeout="$HANG_DUMP_S" tests/test_fuzz.py tests/test_fuzz_serving_gpu.py 2>&1 \
         | tee "$OUT_DIR/fuzz.log"
     t=${PIPESTATUS[0]}; [ "$t" -ne 0 ] && rc=$t
     summary+=("gpu fuzz: $(grep -h 'passed .* cases' "$OUT_DIR/fuzz.log" | tr '\n' ' ') | $(tail -n 1 "$OUT_DIR/fuzz.log")")

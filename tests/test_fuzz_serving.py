@@ -47,6 +47,27 @@ EXAMPLES = 40   # a shard's cases
 
 
 @dataclass(frozen=True)
+class Profile:
+    """What a run draws from: the interpreter's tiny batches here; the GPU's
+    (tests/test_fuzz_serving_gpu.py) serving sizes on the real grid."""
+    device: str = "cpu"
+    batch: int = 4                    # most sequences
+    len_hi: int = 40                  # a sequence's keys, most (a long one: up to 3x)
+    q_hi: int = 12                    # a varlen sequence's queries, most
+    kv_q_lens: tuple = (1, 1, 2, 3, 5)
+    kv_heads: tuple = (1, 2, 2, 4)
+    ratios: tuple = (1, 2, 3, 4, 8)
+    dims: tuple = DIMS
+    block_dims: tuple = ((32, 32), (64, 64), (64, 32))   # q8_0 / q4_0 caches
+    page_sizes: tuple = (16, 32, 64)
+    hardware: tuple = HARDWARE        # None: the GPU's own grid
+    block_n: tuple = (16, 16, 32, 64)  # None: the planner's choice
+
+
+INTERPRETER = Profile()
+
+
+@dataclass(frozen=True)
 class Case:
     api: str                     # "kvcache" or "varlen"
     paged: bool
@@ -85,23 +106,27 @@ def _lengths(draw, batch: int, hi: int) -> list[int]:
     return lens
 
 
-def _plan(draw, bounds: dict, varlen: bool):
+def _plan(draw, bounds: dict, varlen: bool, profile: Profile):
     """A serving plan of a drawn policy and grid with some of the optional knobs; a knob the
     plan refuses for these bounds (a ValueError naming it) is dropped."""
-    sms, occupancy = draw(st.sampled_from(HARDWARE))
-    base = dict(bounds, sms=sms, occupancy=occupancy, policy=draw(st.sampled_from(POLICIES)),
-                block_n=draw(st.sampled_from((16, 16, 32, 64))))
+    grid = draw(st.sampled_from(profile.hardware))
+    base = dict(bounds, policy=draw(st.sampled_from(POLICIES)),
+                block_n=draw(st.sampled_from(profile.block_n)))
+    if grid is not None:
+        base.update(sms=grid[0], occupancy=grid[1])
     knobs = {}
     if base["policy"] != "split" and draw(st.booleans()):
         knobs["fixup"] = draw(st.sampled_from(("general", "fused")))
     if base["policy"] != "split" and draw(st.integers(0, 3)) == 0:
-        knobs["programs"] = draw(st.integers(1, 3 * sms * occupancy))
+        knobs["programs"] = draw(st.integers(1, 3 * grid[0] * grid[1] if grid else 800))
     if draw(st.integers(0, 4)) == 0:
         knobs["tail"] = draw(st.sampled_from((15, 30)))
     if draw(st.integers(0, 3)) == 0:
         knobs["tile_cost"] = draw(st.sampled_from((0, 3, 5)))
     if draw(st.integers(0, 3)) == 0:
         knobs["head_pairs"] = draw(st.booleans())
+    if draw(st.integers(0, 3)) == 0:   # whole prompt tiles on the Hopper kernel (sm_90)
+        knobs["tuning"] = skattn.Tuning(prefill="ws")
     if varlen:
         knobs["q_split"] = draw(st.sampled_from(("auto", "auto", None, 1, 2, 4)))
     while True:
@@ -119,28 +144,28 @@ def _plan(draw, bounds: dict, varlen: bool):
 
 
 @st.composite
-def cases(draw):
+def cases(draw, profile: Profile = INTERPRETER):
     api = draw(st.sampled_from(("kvcache", "varlen")))
     paged = draw(st.booleans())
-    batch = draw(st.integers(1, 4))
-    lens_k = _lengths(draw, batch, 40)
+    batch = draw(st.integers(1, profile.batch))
+    lens_k = _lengths(draw, batch, profile.len_hi)
     if api == "kvcache":
-        lens_q = [draw(st.sampled_from((1, 1, 2, 3, 5)))] * batch
+        lens_q = [draw(st.sampled_from(profile.kv_q_lens))] * batch
     else:   # up to each sequence's keys; sometimes more (rows that see no key give 0)
-        lens_q = [min(draw(st.integers(0, 12)), n + draw(st.sampled_from((0, 0, 0, 2))))
-                  for n in lens_k]
+        lens_q = [min(draw(st.integers(0, profile.q_hi)),
+                      n + draw(st.sampled_from((0, 0, 0, 2)))) for n in lens_k]
         if sum(lens_q) == 0:
             lens_q[0] = 1
-    kv_heads = draw(st.sampled_from((1, 2, 2, 4)))
-    ratio = draw(st.sampled_from((1, 2, 3, 4, 8)))
+    kv_heads = draw(st.sampled_from(profile.kv_heads))
+    ratio = draw(st.sampled_from(profile.ratios))
     dtype = draw(st.sampled_from((F16, BF16, F16, BF16, FP8, "q8_0", "q4_0")))
     quantized = dtype == FP8 or dtype in BLOCKS
-    dims = draw(st.sampled_from(((32, 32), (64, 64), (64, 32)) if dtype in BLOCKS else DIMS))
+    dims = draw(st.sampled_from(profile.block_dims if dtype in BLOCKS else profile.dims))
     q_dtype = draw(st.sampled_from((F16, BF16) if quantized else (dtype, dtype, F32)))
     features = frozenset(f for f in FEATURES if draw(st.booleans()))
     if "window" in features:
         features |= {"causal"}   # a window is bottom-right causal
-    page_size = draw(st.sampled_from((16, 32, 64)))
+    page_size = draw(st.sampled_from(profile.page_sizes))
     max_len = max(max(lens_k), 1)
     spare = draw(st.integers(0, 20))
     varlen = api == "varlen"
@@ -163,7 +188,7 @@ def cases(draw):
                       total_k=max(1, sum(lens_k) + spare))
     else:
         bounds["max_kv_len"] = max_len + spare
-    plan = _plan(draw, bounds, varlen)
+    plan = _plan(draw, bounds, varlen, profile)
     return Case(api=api, paged=paged, lens_k=tuple(lens_k), lens_q=tuple(lens_q),
                 kv_heads=kv_heads, ratio=ratio, dims=dims, dtype=dtype, q_dtype=q_dtype,
                 per_head_scales=draw(st.booleans()), page_size=page_size,
@@ -246,7 +271,16 @@ def _quantize(case: Case, x: torch.Tensor, scale: float):
     return xq, s
 
 
-def tensors(case: Case):
+def _to(x, device):
+    """A tensor or a block cache on `device`."""
+    if isinstance(x, quant.BLOCK_FORMS):
+        return type(x)(x.values.to(device), x.scales.to(device))
+    return x if x is None else x.to(device)
+
+
+def tensors(case: Case, device="cpu"):
+    """q, k, v, the call's keyword arguments and a NaN-poisoned out, made on the CPU from
+    the case's seed and moved to `device`."""
     g = torch.Generator().manual_seed(case.seed)
     hkv, hq, (d, dv) = case.kv_heads, case.q_heads, case.dims
     if case.paged:
@@ -270,11 +304,13 @@ def tensors(case: Case):
         kw["alibi_slopes"] = skattn.alibi_slopes(hq, case.max_bias)
     if case.dtype == FP8:
         kw.update(k_scale=k_scale, v_scale=v_scale)
-    return q, k, v, kw, out
+    kw = {name: _to(x, device) if isinstance(x, torch.Tensor) else x for name, x in kw.items()}
+    return _to(q, device), _to(k, device), _to(v, device), kw, _to(out, device)
 
 
-def _offsets(lens) -> torch.Tensor:
-    return torch.tensor([0] + list(torch.tensor(lens).cumsum(0).tolist()), dtype=torch.int32)
+def _offsets(lens, device="cpu") -> torch.Tensor:
+    return torch.tensor([0] + list(torch.tensor(lens).cumsum(0).tolist()), dtype=torch.int32,
+                        device=device)
 
 
 def call(case: Case, q, k, v, kw, out, fn=skattn):
@@ -286,17 +322,20 @@ def call(case: Case, q, k, v, kw, out, fn=skattn):
         kw.pop("workspace", None), kw.pop("work_list", None)
     if case.api == "kvcache":
         return fn.attention_with_kvcache(q, k, v, cache_seqlens=torch.tensor(
-            case.lens_k, dtype=torch.int32), **kw)
+            case.lens_k, dtype=torch.int32, device=q.device), **kw)
     p = case.plan
     max_q = p.max_q_len if hasattr(p, "max_q_len") else max(case.lens_q)
-    return fn.attention_varlen(q, k, v, _offsets(case.lens_q), _offsets(case.lens_k), max_q,
+    return fn.attention_varlen(q, k, v, _offsets(case.lens_q, q.device),
+                               _offsets(case.lens_k, q.device), max_q,
                                p.max_kv_len, **kw)
 
 
 # -- the check
 def _truncated(x: torch.Tensor) -> torch.Tensor:
-    """x rounded to bf16 as Triton 3.6's interpreter converts f32 to bf16: toward zero (the
-    GPU rounds to nearest), as f32."""
+    """x rounded to bf16 as the kernels do, as f32: under Triton 3.6's interpreter toward
+    zero, on a GPU to nearest."""
+    if x.device.type != "cpu":
+        return x.float().to(BF16).float()
     return (x.float().contiguous().view(torch.int32) & -65536).view(torch.float32)
 
 
@@ -335,8 +374,8 @@ def _sequences(case: Case, q, k, v, kw):
             yield rows, qb, ks[None], vs[None]
 
 
-def check_case(case: Case) -> None:
-    q, k, v, kw, out = tensors(case)
+def check_case(case: Case, device="cpu") -> None:
+    q, k, v, kw, out = tensors(case, device)
     p = case.plan
     if case.twice:   # a workspace of the caller's, reused below
         kw["workspace"] = skattn.serving.workspace(p, q.device)
@@ -348,9 +387,11 @@ def check_case(case: Case) -> None:
     where = f"{type(p).__name__} {case.api} paged={case.paged} features {sorted(case.features)}"
     if case.twice:   # again on that workspace, with a work list of this batch: the same bits
         again = torch.full_like(out, NAN)
-        lens = (dict(cache_seqlens=torch.tensor(case.lens_k, dtype=torch.int32))
+        dev = q.device
+        lens = (dict(cache_seqlens=torch.tensor(case.lens_k, dtype=torch.int32, device=dev))
                 if case.api == "kvcache" else
-                dict(cu_seqlens_q=_offsets(case.lens_q), cu_seqlens_k=_offsets(case.lens_k)))
+                dict(cu_seqlens_q=_offsets(case.lens_q, dev),
+                     cu_seqlens_k=_offsets(case.lens_k, dev)))
         wl = skattn.serving.work_list(p, **lens)
         res2 = call(case, q, k, v, dict(kw, work_list=wl), again)
         got2 = res2[0] if kw["return_lse"] else res2
@@ -397,7 +438,7 @@ def _check_op(case: Case, q, k, v, kw, where) -> None:
                 k_scale=kw.get("k_scale"), v_scale=kw.get("v_scale"))
     table = kw["block_table"]
     if case.api == "kvcache":
-        lens = torch.tensor(case.lens_k, dtype=torch.int32)
+        lens = torch.tensor(case.lens_k, dtype=torch.int32, device=q.device)
         got = skattn.ops.attention_with_kvcache(q, k, v, cache_seqlens=lens, block_table=table,
                                                 policy=policy, **opts)
         want = serving._kvcache(q, k, v, lens, table, opts["causal"], opts["window"],
@@ -406,7 +447,8 @@ def _check_op(case: Case, q, k, v, kw, where) -> None:
                                 opts["v_scale"], policy=policy)
         assert torch.equal(got, want), f"the op differs from the eager call ({where})"
         return
-    cu_q, cu_k, n_q = _offsets(case.lens_q), _offsets(case.lens_k), sum(case.lens_q)
+    cu_q, cu_k = _offsets(case.lens_q, q.device), _offsets(case.lens_k, q.device)
+    n_q = sum(case.lens_q)
     max_q, max_k = case.plan.max_q_len, case.plan.max_kv_len
     got = skattn.ops.attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, block_table=table,
                                       policy=policy, **opts)
@@ -418,7 +460,7 @@ def _check_op(case: Case, q, k, v, kw, where) -> None:
     assert not got[n_q:].any(), f"the op's rows of no sequence are not 0 ({where})"
 
 
-def _run(examples: int, shard: int) -> int:
+def _run(examples: int, shard: int, profile: Profile = INTERPRETER) -> int:
     count = [0]
 
     @seed(2000 + shard)
@@ -426,10 +468,10 @@ def _run(examples: int, shard: int) -> int:
               phases=(Phase.explicit, Phase.generate),  # no shrinking: cases are small, runs slow
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much,
                                      HealthCheck.data_too_large])
-    @given(case=cases())
+    @given(case=cases(profile))
     def fuzz(case):
         count[0] += 1
-        check_case(case)
+        check_case(case, profile.device)
 
     fuzz()
     return count[0]
