@@ -26,7 +26,8 @@ from skattn import serving_ws  # noqa: E402
 from skattn.kernels.ragged_ws import ragged_ws_kernel  # noqa: E402
 
 
-def build(head_dim=128, layout="paged", page_size=16, dtype=torch.float16, regs=""):
+def build(head_dim=128, layout="paged", page_size=16, dtype=torch.float16, regs="",
+          block_n=None):
     hq, hkv = (32, 8) if head_dim == 128 else (64, 8)
     batch, max_q, max_k = 4, 2048, 8192
     paged = layout == "paged"
@@ -34,7 +35,7 @@ def build(head_dim=128, layout="paged", page_size=16, dtype=torch.float16, regs=
                             max_kv_len=max_k, q_heads=hq, kv_heads=hkv, head_dim=head_dim,
                             dtype=dtype, layout=layout, page_size=page_size if paged else None,
                             sms=132, occupancy=2, tuning=skattn.Tuning(prefill="ws"),
-                            q_split=None)
+                            q_split=None, block_n=block_n)
     assert serving_ws.refusal(p) is None, serving_ws.refusal(p)
     wb = serving_ws.bound(p)
     if regs:
@@ -62,9 +63,11 @@ def main(argv) -> int:
     ap.add_argument("--dtype", default="f16", choices=("f16", "bf16"))
     ap.add_argument("--ptx", help="write the PTX there")
     ap.add_argument("--regs", default="", help="CONSUMER,LOADER registers (default: the plan's)")
+    ap.add_argument("--block-n", type=int, choices=(64, 128),
+                    help="keys a KV block (default: the plan's, 64 at head size 64)")
     args = ap.parse_args(argv)
     dtype = {"f16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-    p, ck = build(args.head_dim, args.layout, args.page_size, dtype, args.regs)
+    p, ck = build(args.head_dim, args.layout, args.page_size, dtype, args.regs, args.block_n)
     ptx = ck.asm["ptx"]
     if args.ptx:
         Path(args.ptx).write_text(ptx)

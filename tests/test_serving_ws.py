@@ -156,3 +156,14 @@ def test_sm90_build(args, copies):
     assert info["wgmma"] >= 32 and info["setmaxnreg"] > 0 and info["local"] == 0
     assert info["spill_bytes"] <= 64, info
     assert info["fences"] >= 4, "each warpgroup fences its q stores, and its V's before its MMA"
+
+
+@pytest.mark.parametrize("block_n, copies, spill", [(64, 8, 96), (128, 16, 16)])
+def test_sm90_build_head_64(block_n, copies, spill):
+    # head size 64 over pages of 16: 64-key blocks (the plan's default; two programs an SM,
+    # 84 registers a thread, 84 bytes spilled with V's tail zeroing) and 128-key blocks
+    # (`serving_plan(block_n=128)`: one program an SM, as the dense kernel runs head size 64)
+    info = ragged_ws_build("--head-dim", 64, "--block-n", block_n)
+    assert info["block_n"] == block_n and info["tma_loads"] == copies
+    assert info["regs"] == (84 if block_n == 64 else 168) and info["local"] == 0
+    assert info["spill_bytes"] <= spill, info
