@@ -25,7 +25,10 @@
 #      (the main kernel launched by PDL against auto, same runs: decode cells on the graph
 #      timer, skattn:auto vs skattn:auto-nowait; serving mixes, auto vs auto/pdl_wait=0),
 #      `host` (skattn bench --host: decode, n = 1 Lk = 256, then a prompt chunk, n = 128
-#      Lk = 2048; host/host.csv and host/host-prompt.csv of benchmarks/results)
+#      Lk = 2048; host/host.csv and host/host-prompt.csv of benchmarks/results), `ws` (the
+#      serving plans' Hopper whole-tile kernel, `Tuning(prefill="ws")`: its GPU tests and the
+#      serving tests, memcheck over tools/sanitize_serving.py, then mixed batches and their
+#      chunks, auto against prefill=ws, with 128-key blocks too: llama-8b, gpt-oss)
 # PACK=1 leaves $OUT as summary.txt and results.tar.gz (every log and result file inside).
 # STAGES="tests fuzz sanitize bench" picks stages (default those four); TESTS="files" limits
 # the GPU tests to those files. On a machine whose Triton cache is cold, "tests sanitize" took
@@ -156,6 +159,13 @@ has pdl && quick_bench pdl-decode python3 -m skattn.cli bench --n 1,4,16 \
     --timer graph --reps 20 --time-limit 300 --no-progress --out "$OUT_DIR/pdl"
 has pdl && quick_bench pdl-serving env OUT="$OUT_DIR/pdl" python3 tools/serving_sweep.py \
     --mixes equal,one-long,lognormal --pages 16 --variants "auto;auto/pdl_wait=0"
+has ws && quick_bench ws-tests python3 -m pytest -q -rfE -m gpu $(workers 8) -p no:cacheprovider \
+    tests/test_serving_ws_gpu.py tests/test_serving_gpu.py tests/test_gpu_prefill_ws.py
+has ws && quick_bench ws-memcheck compute-sanitizer --tool memcheck --error-exitcode 9 \
+    python3 tools/sanitize_serving.py
+has ws && quick_bench ws-ab env OUT="$OUT_DIR/ws-ab" python3 tools/serving_sweep.py \
+    --models llama-8b,gpt-oss --mixes mixed,mixed-chunk --pages 16,64 --reps 20 \
+    --variants "auto;auto/prefill=ws;auto/prefill=ws,block_n=128"
 echo "== summary"
 printf '%s\n' "${summary[@]}" | tee "$OUT_DIR/summary.txt"
 if [ -n "${PACK:-}" ]; then  # one archive of every log and result (for hosts that return few files)
