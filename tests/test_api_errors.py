@@ -149,3 +149,21 @@ def test_references_follow_the_same_rules(kw, words):
         reference.run_plan(p, q, k, v, **kw)
     with pytest.raises(TypeError, match="plan must be a skattn.Plan"):
         reference.run_plan("auto", q, k, v)
+
+
+def test_out_may_be_q_but_not_memory_of_k_or_v():
+    import skattn as sk
+
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 3, 4, 32, generator=g).half()
+    k, v = (torch.randn(1, 40, 2, 32, generator=g).half() for _ in "kv")
+    shape = dict(batch=1, q_len=3, kv_len=40, q_heads=4, kv_heads=2, head_dim=32, causal=True,
+                 sms=2, occupancy=2, block_n=16)
+    p = sk.plan(**shape, programs=sk.plan(**shape).work - 1)   # cut tiles, merged after
+    assert p.fixup != "none"
+    want = sk.attention(q, k, v, causal=True, plan=p)
+    q2 = q.clone()
+    assert torch.equal(sk.attention(q2, k, v, causal=True, plan=p, out=q2), want)
+    in_v = torch.empty(0, dtype=torch.float16).set_(v.untyped_storage())[:q.numel()].view(q.shape)
+    with pytest.raises(ValueError, match="out shares memory with v"):
+        sk.attention(q, k, v, causal=True, out=in_v, scale=0.2)   # (a signature of its own)

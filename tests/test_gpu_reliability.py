@@ -92,6 +92,18 @@ def test_each_fixup_is_bitwise_deterministic(kind):
         assert torch.equal(skattn.attention(q, k, v, causal=True, plan=p), first)
 
 
+@pytest.mark.parametrize("kind", ["uniform", "general", "fused", "none"])
+def test_output_in_place_of_q(kind):
+    # out may be q: every piece of a tile reads q before the tile's rows of out are written
+    # (by its merge, after all pieces); the same bits as a separate out, 20 times
+    q, k, v = make(1, 8, 12345, seed=4)
+    p = plans(8, 12345)[kind]
+    want = skattn.attention(q, k, v, causal=True, plan=p)
+    for _ in range(20):
+        q2 = q.clone()
+        assert torch.equal(skattn.attention(q2, k, v, causal=True, plan=p, out=q2), want)
+
+
 def test_cache_larger_than_two_to_the_31_elements():
     # [64, 65536, 8, 128] f16 = 2**32 elements: batch 32 and up start past 2**31
     B, Lk = 64, 65536

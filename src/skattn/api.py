@@ -115,7 +115,9 @@ def attention(q, k, v, *, scale=None, causal=False, window=None, mask=None, sink
         A plan from `skattn.plan` for these shapes; without one, a plan for the current GPU
         is made and cached per shape. A planned call only checks and launches.
     out : Tensor [B, Lq, Hq, Dv], optional
-        Where to write the output (q's dtype, last dim contiguous).
+        Where to write the output (q's dtype, last dim contiguous). It may be q itself (each
+        tile's rows of q are read before its rows of out are written), not memory of k or v
+        (refused on the first call of a signature: repeat calls are not re-checked).
     workspace : Tensor, optional
         Scratch for split tiles (`skattn.workspace(plan)`: zeroed, `plan.workspace_bytes`
         bytes; any plan that fits may share it, one call at a time). Default: a pool per

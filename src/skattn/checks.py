@@ -201,9 +201,30 @@ def scales_without_grad(k, v, k_scale, v_scale) -> None:
                              f"under torch.no_grad() or detach the inputs")
 
 
-def check_out(out, want: tuple, q) -> None:
+def _reach(x: torch.Tensor) -> tuple[int, int]:
+    """The bytes of its storage that x reaches: [first, last + 1)."""
+    first = last = x.storage_offset()
+    for size, stride in zip(x.shape, x.stride()):
+        last += (size - 1) * stride
+    return first * x.element_size(), (last + 1) * x.element_size()
+
+
+def shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether a and b may share memory: one storage, and ranges of it that meet (views that
+    interleave count as sharing)."""
+    if a.numel() == 0 or b.numel() == 0 or a.device != b.device or a.device.type == "meta":
+        return False
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+    (a0, a1), (b0, b1) = _reach(a), _reach(b)
+    return a0 < b1 and b0 < a1
+
+
+def check_out(out, want: tuple, q, reads=()) -> None:
     """`out`, when given: a `want`-shaped tensor of q's dtype on q's device, contiguous in
-    its last dimension, each element at its own address."""
+    its last dimension, each element at its own address, sharing no memory with the
+    tensors the kernels read while they write it (`reads`: (name, tensor or None) pairs;
+    q may be out: each tile's rows of q are read before its rows of out are written)."""
     if out is None:
         return
     if (not isinstance(out, torch.Tensor) or tuple(out.shape) != want or out.dtype != q.dtype
@@ -217,6 +238,10 @@ def check_out(out, want: tuple, q) -> None:
     if _overlaps(out):
         raise ValueError(f"out has overlapping memory (strides {out.stride()}): each output "
                          f"element needs its own address")
+    for name, x in reads:
+        if isinstance(x, torch.Tensor) and shares_memory(out, x):
+            raise ValueError(f"out shares memory with {name}, which the kernels read while "
+                             f"they write out: pass a separate tensor")
 
 
 def _kernel_args(q, k, v, mask, sinks, alibi_slopes, out, dv) -> None:
@@ -228,7 +253,14 @@ def _kernel_args(q, k, v, mask, sinks, alibi_slopes, out, dv) -> None:
                              f"elements (Lk x stride {x.stride(1)}); the kernels address them "
                              f"with 32-bit offsets (< 2**31): split the sequence or use a "
                              f"denser layout")
-    check_out(out, (*q.shape[:3], dv), q)
+    check_out(out, (*q.shape[:3], dv), q, _reads(k, v))
+
+
+def _reads(k, v) -> list:
+    """(name, tensor) of K/V's memory: the tensors, or a block cache's values and scales."""
+    return [(f"{name}{part}", getattr(x, attr, None) if attr else x)
+            for name, x in (("k", k), ("v", v))
+            for part, attr in (("", None), (".values", "values"), (".scales", "scales"))]
 
 
 _PLAN_FIELDS = ("batch", "q_len", "kv_len", "q_heads", "kv_heads", "head_dim", "head_dim_v",

@@ -234,6 +234,7 @@ def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, block_table=No
         From `skattn.serving_plan(batch=B, q_len=Lq, max_kv_len=..., ...)`; default: one for
         the current GPU, cached per shape.
     out : Tensor [B, Lq, Hq, Dv], optional
+        May be q itself; not memory of the caches, lengths or block table.
     workspace : Tensor, optional
         `skattn.serving.workspace(plan)`: pass one when capturing CUDA graphs.
     work_list : Tensor, optional
@@ -361,7 +362,7 @@ def _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, blo
         bounds.update(total_k=k.shape[0], page_size=None)
     bounds.update(q_heads=Hq, kv_heads=hkv, head_dim=Dk, head_dim_v=dv, dtype=quant.kv_dtype(k),
                   causal=causal, window=window)
-    if plan is not None and plan.q_len is not None:
+    if isinstance(plan, ServingPlan) and plan.q_len is not None:
         raise ValueError("plan was made for attention_with_kvcache (q_len); plan varlen "
                          "batches with max_q_len and total_q")
     plan = _plan(plan, q.device, bounds, k, v, policy)

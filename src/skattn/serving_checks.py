@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 
 from skattn import quant
-from skattn.checks import (KV_DTYPES, Q_DTYPES, _byte_kv, _tensor, check_out, kernel_tensors,
-                           options, per_head, scales_without_grad)
+from skattn.checks import (KV_DTYPES, Q_DTYPES, _byte_kv, _reads, _tensor, check_out,
+                           kernel_tensors, options, per_head, scales_without_grad)
 
 
 def _int32(name: str, x, shape: tuple, device) -> None:
@@ -136,7 +136,8 @@ def kvcache_args(q, k_cache, v_cache, *, cache_seqlens, block_table, scale, caus
         scales_without_grad(k_cache, v_cache, k_scale, v_scale)
         if lq * abs(q.stride(1)) >= 2**31:
             raise ValueError("q: one sequence's rows span 2**31 elements or more")
-        check_out(out, (batch, lq, hq, dv), q)
+        check_out(out, (batch, lq, hq, dv), q, _reads(k_cache, v_cache)
+                  + [("cache_seqlens", cache_seqlens), ("block_table", block_table)])
     if values and cache_seqlens.device.type == "cpu":
         kvcache_values(k_cache, cache_seqlens, block_table)
     return paged, hkv, dv
@@ -173,7 +174,9 @@ def varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
         for name, x, n in (("q", q, max_seqlen_q), ("k", kd, max_seqlen_k), ("v", vd, max_seqlen_k)):
             if not (x is not q and paged) and n * abs(x.stride(0)) >= 2**31:
                 raise ValueError(f"{name}: one sequence's rows may span 2**31 elements or more")
-        check_out(out, (total_q, hq, dv), q)
+        check_out(out, (total_q, hq, dv), q, _reads(k, v) + [
+            ("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k),
+            ("block_table", block_table)])
     if values and cu_seqlens_q.device.type == "cpu":
         varlen_values(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table)
     return paged, hkv, dv, batch
