@@ -159,6 +159,7 @@ has pdl && quick_bench pdl-decode python3 -m skattn.cli bench --n 1,4,16 \
     --timer graph --reps 20 --time-limit 300 --no-progress --out "$OUT_DIR/pdl"
 has pdl && quick_bench pdl-serving env OUT="$OUT_DIR/pdl" python3 tools/serving_sweep.py \
     --mixes equal,one-long,lognormal --pages 16 --variants "auto;auto/pdl_wait=0"
+# (the dense prompt kernel's tests too: it shares its Gluon helpers with the serving kernel)
 has ws && quick_bench ws-tests python3 -m pytest -q -rfE -m gpu $(workers 8) -p no:cacheprovider \
     tests/test_serving_ws_gpu.py tests/test_serving_gpu.py tests/test_gpu_prefill_ws.py
 has ws && quick_bench ws-memcheck compute-sanitizer --tool memcheck --error-exitcode 9 \

@@ -167,3 +167,51 @@ def test_out_may_be_q_but_not_memory_of_k_or_v():
     in_v = torch.empty(0, dtype=torch.float16).set_(v.untyped_storage())[:q.numel()].view(q.shape)
     with pytest.raises(ValueError, match="out shares memory with v"):
         sk.attention(q, k, v, causal=True, out=in_v, scale=0.2)   # (a signature of its own)
+
+
+def test_shares_memory_solves_views_of_one_buffer():
+    # views with the same strides (heads of a fused projection side by side) exactly, against
+    # every address of both; views with other strides: by the ranges they reach
+    import random
+
+    from skattn.checks import shares_memory
+
+    def addresses(x):
+        at = torch.zeros(x.shape, dtype=torch.long) + x.storage_offset()
+        for k, (n, st) in enumerate(zip(x.shape, x.stride())):
+            at = at + (torch.arange(n) * st).view([n if i == k else 1 for i in range(x.dim())])
+        return set(at.flatten().tolist())
+
+    rng = random.Random(0)
+    buf = torch.zeros(2, 5, 7, 8)
+
+    def view():
+        cut = []
+        for n in buf.shape:
+            lo = rng.randrange(n)
+            cut.append(slice(lo, rng.randrange(lo + 1, n + 1), rng.choice((1, 1, 2, 3))))
+        return buf[tuple(cut)]
+
+    for _ in range(400):
+        a, b = view(), view()
+        shared = bool(addresses(a) & addresses(b))
+        assert shares_memory(a, b) == shared or (a.stride() != b.stride() and not shared)
+    qkv = torch.zeros(2, 3, 12, 16)
+    q, k, v = qkv[:, :, :8], qkv[:, :, 8:10], qkv[:, :, 10:]
+    assert not shares_memory(q, k) and not shares_memory(k, v) and shares_memory(q, q)
+    assert not shares_memory(q, torch.zeros(3))
+
+
+def test_out_in_place_over_a_fused_projection():
+    # q, k and v as heads of one [B, L, Hq + 2 Hkv, D] tensor: out may be q (exactly), not a
+    # view that partly covers it
+    import skattn as sk
+
+    qkv = torch.randn(1, 20, 8, 32, generator=torch.Generator().manual_seed(5)).half()
+    q, k, v = qkv[:, -3:, :4], qkv[:, :, 4:6], qkv[:, :, 6:]
+    want = sk.attention(q.clone(), k, v, causal=True)
+    q_in = qkv.clone()
+    q2, k2, v2 = q_in[:, -3:, :4], q_in[:, :, 4:6], q_in[:, :, 6:]
+    assert torch.equal(sk.attention(q2, k2, v2, causal=True, out=q2), want)
+    with pytest.raises(ValueError, match="out shares memory with q"):
+        sk.attention(q2, k2, v2, causal=True, out=q_in[:, -4:-1, :4], scale=0.3)

@@ -406,6 +406,10 @@ def check_case(case: Case, device="cpu") -> None:
         if lse is not None:
             lse, ref_lse, rounded_lse = lse[:, :n_q], ref_lse[:, :n_q], rounded_lse[:, :n_q]
     assert not torch.isnan(got).any(), f"an output row unwritten or NaN ({where})"
+    starts = _offsets(case.lens_q).tolist()
+    for b, n in enumerate(case.lens_k):   # a sequence without keys: its rows give 0
+        rows = slice(b, b + 1) if case.api == "kvcache" else slice(starts[b], starts[b + 1])
+        assert n or not got[rows].any(), f"sequence {b} has no key, its rows are not 0 ({where})"
     for rows, qb, kb, vb in _sequences(case, q, k, v, kw):
         o, r, rr = (x[rows] for x in (got, ref, rounded))
         o, r, rr = (x.reshape(1, *x.shape[-3:]) for x in (o, r, rr))

@@ -117,7 +117,7 @@ def test_varlen_op_matches_float64_and_zeroes_rows_of_no_sequence(paged):
 def test_workspace_of_the_call_needs_only_its_counters_zeroed(monkeypatch):
     # every torch.empty of the call (the op's workspace among them) full of garbage: the
     # work list is built and the partials written before they are read; only the counters
-    # (zeroed by serving.scratch) must start at 0. Against the eager function on a zeroed
+    # (zeroed by serving.fresh_workspace) must start at 0. Against the eager function on a zeroed
     # workspace of its own, bit for bit, for plans of every merge
     q, k, v, cu_q, cu_k = varlen_inputs(VARLEN_Q, VARLEN_K, hq=HQ, hkv=HKV, d=D, seed=6)
     bounds = dict(batch=4, max_q_len=max(VARLEN_Q), total_q=q.shape[0], max_kv_len=max(VARLEN_K),

@@ -1,8 +1,9 @@
 """Bad input to the serving entry points, drawn at random: a valid call (dense or paged
 `attention_with_kvcache`, packed or paged `attention_varlen`; 16-bit, FP8 or q8_0 K/V)
-with one to three faults applied must raise TypeError or ValueError before anything is
-launched (the work-list step and the kernels are watched), never another exception; the
-call without them runs."""
+with a fault applied must raise TypeError or ValueError before anything is launched (the
+work-list step and the kernels are watched), never another exception: every fault alone on
+every call it applies to, then one to three at a time, drawn at random; the call without
+them runs."""
 import pytest
 import torch
 from hypothesis import HealthCheck, given, reject, seed, settings
@@ -126,7 +127,9 @@ FAULTS = [
     ("out of another shape", None, lambda a: dict(a, out=torch.empty(3, 1, HQ, D, dtype=F16))),
     ("out of another dtype", None, lambda a: dict(a, out=torch.empty_like(a["q"]).float())),
     ("out in k's memory", "plain", lambda a: dict(a, out=_view_of(a["k"], a["q"]))),
-    ("out overlaps itself", None, lambda a: dict(a, out=a["q"].new_empty(1).expand(a["q"].shape))),
+    ("out overlaps itself", None,
+     lambda a: dict(a, out=a["q"].new_empty(a["q"].shape[-1]).expand(a["q"].shape))),
+    ("out partly over q", None, lambda a: dict(a, **_shifted(a["q"]))),
     ("k on the meta device", "plain", _with("k", lambda k: k.to("meta"))),
     ("lengths on the meta device", None,
      lambda a: dict(a, **{_lens(a): a[_lens(a)].to("meta")})),
@@ -143,6 +146,14 @@ def _pages24(x):
         return type(x)(torch.zeros(4, 24, *x.values.shape[2:], dtype=x.values.dtype),
                        torch.zeros(4, 24, *x.scales.shape[2:], dtype=x.scales.dtype))
     return torch.zeros(4, 24, *x.shape[2:], dtype=x.dtype)
+
+
+def _shifted(q) -> dict:
+    """q, and an out of its shape one row further into the same memory."""
+    row = q[:1].numel()
+    buf = torch.empty(q.numel() + row, dtype=q.dtype)
+    buf[:q.numel()] = q.flatten()
+    return dict(q=buf[:q.numel()].view(q.shape), out=buf[row:].view(q.shape))
 
 
 def _view_of(x, like):
@@ -186,8 +197,31 @@ def test_valid_calls_run(api, paged, form, watched):
     assert torch.isfinite(out).all() and watched
 
 
+CONFIGS = [(api, paged, form) for api in ("kvcache", "varlen") for paged in (False, True)
+           for form in ("f16", "fp8", "q8_0")]
+
+
+@pytest.mark.parametrize("fault", FAULTS, ids=[f[0] for f in FAULTS])
+def test_each_fault_alone(fault, watched):
+    name, where, apply = fault
+    tried = 0
+    for api, paged, form in CONFIGS:
+        if not applies(where, api, paged, form):
+            continue
+        try:
+            a = apply(valid(api, paged, form))
+        except IndexError:   # (a view that the call's tensors are too small to hold)
+            continue
+        watched.clear()
+        with pytest.raises((TypeError, ValueError)):
+            call(api, a)
+        assert not watched, f"{name}: launched before refusing ({api}, paged={paged}, {form})"
+        tried += 1
+    assert tried, f"{name} applies to no call"
+
+
 @seed(31)
-@settings(max_examples=150, deadline=None, database=None,
+@settings(max_examples=60, deadline=None, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much,
                                  HealthCheck.function_scoped_fixture])
 @given(data=st.data())

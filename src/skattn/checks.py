@@ -209,22 +209,46 @@ def _reach(x: torch.Tensor) -> tuple[int, int]:
     return first * x.element_size(), (last + 1) * x.element_size()
 
 
+def _meet(dims, d: int) -> bool:
+    """Whether sum(t_k s_k) = d for integers lo_k <= t_k <= hi_k, dims = [(s, lo, hi)] in
+    increasing s: from the largest stride down, the t that the smaller ones can still make
+    up (at most a few where strides nest, as a view's do; many: assumed to meet)."""
+    if not dims:
+        return d == 0
+    s, lo, hi = dims[-1]
+    reach = sum(st * max(-a, b) for st, a, b in dims[:-1])
+    t_lo, t_hi = max(lo, -((reach - d) // s)), min(hi, (d + reach) // s)
+    if t_hi - t_lo > 8:
+        return True
+    return any(_meet(dims[:-1], d - t * s) for t in range(t_lo, t_hi + 1))
+
+
 def shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether a and b may share memory: one storage, and ranges of it that meet (views that
-    interleave count as sharing)."""
+    """Whether an element of a and one of b share an address. Views of one buffer with the
+    same strides (q, k and v of a fused projection, heads side by side) are solved exactly;
+    otherwise ranges of one storage that meet count as shared."""
     if a.numel() == 0 or b.numel() == 0 or a.device != b.device or a.device.type == "meta":
         return False
     if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
         return False
     (a0, a1), (b0, b1) = _reach(a), _reach(b)
-    return a0 < b1 and b0 < a1
+    if not (a0 < b1 and b0 < a1):
+        return False
+    es = a.element_size()
+    if a.stride() != b.stride() or es != b.element_size() or (b0 - a0) % es:
+        return True
+    # a[i] = b[j] where sum((i_k - j_k) s_k) = b0 - a0, with -(nb_k - 1) <= i_k - j_k <= na_k - 1
+    dims = sorted((st, 1 - nb, na - 1) for st, na, nb in zip(a.stride(), a.shape, b.shape)
+                  if st > 0 and (na > 1 or nb > 1))
+    return _meet(dims, (b0 - a0) // es)
 
 
 def check_out(out, want: tuple, q, reads=()) -> None:
     """`out`, when given: a `want`-shaped tensor of q's dtype on q's device, contiguous in
-    its last dimension, each element at its own address, sharing no memory with the
-    tensors the kernels read while they write it (`reads`: (name, tensor or None) pairs;
-    q may be out: each tile's rows of q are read before its rows of out are written)."""
+    its last dimension, each element at its own address, sharing no memory with q (unless it
+    is q, the same view: each tile's rows of q are read before its rows of out are written)
+    or with the tensors the kernels read while they write it (`reads`: (name, tensor or
+    None) pairs)."""
     if out is None:
         return
     if (not isinstance(out, torch.Tensor) or tuple(out.shape) != want or out.dtype != q.dtype
@@ -238,7 +262,9 @@ def check_out(out, want: tuple, q, reads=()) -> None:
     if _overlaps(out):
         raise ValueError(f"out has overlapping memory (strides {out.stride()}): each output "
                          f"element needs its own address")
-    for name, x in reads:
+    same = (out.data_ptr() == q.data_ptr() and out.shape == q.shape
+            and out.stride() == q.stride())
+    for name, x in (*(() if same else (("q", q),)), *reads):
         if isinstance(x, torch.Tensor) and shares_memory(out, x):
             raise ValueError(f"out shares memory with {name}, which the kernels read while "
                              f"they write out: pass a separate tensor")

@@ -19,8 +19,8 @@ from skattn.serving_checks import check_values
 from skattn.serving_mixed import MixedPlan, step_plan
 from skattn.serving_plan import PAIR_HEAD_DIM, SERVING_DTYPES, ServingPlan, serving_plan
 
-__all__ = ["attention_with_kvcache", "attention_varlen", "serving_plan", "ServingPlan", "scratch",
-           "MixedPlan", "work_list", "workspace", "check_values"]
+__all__ = ["attention_with_kvcache", "attention_varlen", "serving_plan", "ServingPlan",
+           "MixedPlan", "work_list", "workspace", "fresh_workspace", "check_values"]
 
 
 @lru_cache(maxsize=256)
@@ -101,7 +101,7 @@ def workspace(plan: ServingPlan | MixedPlan, device=None) -> torch.Tensor:
     return sl.allocate(plan, device)
 
 
-def scratch(plan: ServingPlan | MixedPlan, device) -> torch.Tensor:
+def fresh_workspace(plan: ServingPlan | MixedPlan, device) -> torch.Tensor:
     """A workspace for one call, freed with it (the custom ops'): CUDA graphs of torch.compile
     own what an op allocates, so it keeps no pool. Only the counters at the end of each plan's
     part are zeroed (a memset the graph replays); each call builds its work list and writes
@@ -267,7 +267,7 @@ def _kvcache(q, k_cache, v_cache, cache_seqlens, block_table, causal, window, si
              alibi_slopes, scale, return_lse, plan, out, workspace, work_list, k_scale, v_scale,
              policy: str = "auto", own_workspace: bool = False):
     """`attention_with_kvcache`; without a plan, one of `policy`; `own_workspace`: a
-    workspace of the call's own (`scratch`), as the custom op runs it."""
+    workspace of the call's own (`fresh_workspace`), as the custom op runs it."""
     paged, hkv, dv = sc.kvcache_args(q, k_cache, v_cache, cache_seqlens=cache_seqlens,
                                      block_table=block_table, scale=scale, causal=causal,
                                      window=window, sinks=sinks, softcap=softcap,
@@ -286,7 +286,7 @@ def _kvcache(q, k_cache, v_cache, cache_seqlens, block_table, causal, window, si
     if out is None:
         out = torch.empty(B, Lq, Hq, dv, device=q.device, dtype=q.dtype)
     if own_workspace:
-        workspace = scratch(plan, q.device)
+        workspace = fresh_workspace(plan, q.device)
     lse = torch.empty(B, Hq, Lq, device=q.device, dtype=torch.float32) if return_lse else None
     scale = default_scale(Dk) if scale is None else float(scale)
     k_cache, v_cache, k_scale, v_scale = quant.kernel_kv(k_cache, v_cache, k_scale, v_scale, q.device)
@@ -369,7 +369,7 @@ def _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, blo
     if out is None:
         out = torch.empty(total_q, Hq, dv, device=q.device, dtype=q.dtype)
     if own_workspace:
-        workspace = scratch(plan, q.device)
+        workspace = fresh_workspace(plan, q.device)
     lse = torch.empty(Hq, total_q, device=q.device, dtype=torch.float32) if return_lse else None
     scale = default_scale(Dk) if scale is None else float(scale)
     k, v, k_scale, v_scale = quant.kernel_kv(k, v, k_scale, v_scale, q.device)
