@@ -85,23 +85,15 @@ def test_two_streams_run_one_plan_at_once(kind):
 
 @pytest.mark.parametrize("kind", ["uniform", "general", "fused", "none"])
 def test_each_fixup_is_bitwise_deterministic(kind):
+    # 20 runs, the same bits; every other one with out in place of q (each piece of a tile
+    # reads q before the tile's rows of out are written, by its merge after all pieces)
     q, k, v = make(1, 8, 12345, seed=3)
     p = plans(8, 12345)[kind]
     first = skattn.attention(q, k, v, causal=True, plan=p)
-    for _ in range(19):
-        assert torch.equal(skattn.attention(q, k, v, causal=True, plan=p), first)
-
-
-@pytest.mark.parametrize("kind", ["uniform", "general", "fused", "none"])
-def test_output_in_place_of_q(kind):
-    # out may be q: every piece of a tile reads q before the tile's rows of out are written
-    # (by its merge, after all pieces); the same bits as a separate out, 20 times
-    q, k, v = make(1, 8, 12345, seed=4)
-    p = plans(8, 12345)[kind]
-    want = skattn.attention(q, k, v, causal=True, plan=p)
-    for _ in range(20):
+    for i in range(19):
         q2 = q.clone()
-        assert torch.equal(skattn.attention(q2, k, v, causal=True, plan=p, out=q2), want)
+        out = q2 if i % 2 else None
+        assert torch.equal(skattn.attention(q2, k, v, causal=True, plan=p, out=out), first)
 
 
 def test_cache_larger_than_two_to_the_31_elements():
