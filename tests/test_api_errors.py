@@ -215,3 +215,19 @@ def test_out_in_place_over_a_fused_projection():
     assert torch.equal(sk.attention(q2, k2, v2, causal=True, out=q2), want)
     with pytest.raises(ValueError, match="out shares memory with q"):
         sk.attention(q2, k2, v2, causal=True, out=q_in[:, -4:-1, :4], scale=0.3)
+
+
+def test_out_in_the_memory_of_a_mask_or_sinks():
+    # the kernels read the mask and the sinks while they write out: out may share neither
+    import skattn as sk
+
+    q, k, v = inputs(Lq=2, Lk=20, Hq=4, D=16)
+    buf = torch.zeros(2 * 2 * 4 * 16 + 64, dtype=torch.float16)
+    out = buf[:q.numel()].view(q.shape)
+    mask = buf[q.numel() - 40:q.numel()].view(1, 2, 20)       # its rows end in out's last
+    with pytest.raises(ValueError, match="out shares memory with mask"):
+        sk.attention(q, k, v, out=out, mask=mask)
+    sinks = torch.zeros(2 * 2 * 4 * 16 // 2 + 8)               # f32: out's bytes and more
+    out32 = sinks.view(torch.float16)[:q.numel()].view(q.shape)
+    with pytest.raises(ValueError, match="out shares memory with sinks"):
+        sk.attention(q, k, v, out=out32, sinks=sinks[:4])

@@ -136,7 +136,7 @@ def attention_args(q, k, v, *, scale=None, causal=False, window=None, mask=None,
             raise TypeError(f"plan must be a skattn.Plan (from skattn.plan), got "
                             f"{type(plan).__name__}")
     if kernel:
-        _kernel_args(q, k, v, mask, sinks, alibi_slopes, out, Dv)
+        _kernel_args(q, k, v, mask, sinks, alibi_slopes, out, Dv, k_scale, v_scale)
         if plan is not None:
             plan_matches(plan, q, k, v, causal=causal, window=window, kv_name=kv_name,
                          head_dim_v=Dv)
@@ -270,7 +270,8 @@ def check_out(out, want: tuple, q, reads=()) -> None:
                              f"they write out: pass a separate tensor")
 
 
-def _kernel_args(q, k, v, mask, sinks, alibi_slopes, out, dv) -> None:
+def _kernel_args(q, k, v, mask, sinks, alibi_slopes, out, dv, k_scale=None,
+                 v_scale=None) -> None:
     kernel_tensors((("q", q), ("k", k), ("v", v), ("mask", mask), ("sinks", sinks),
                     ("alibi_slopes", alibi_slopes)), q.device)
     for name, x in (("k", k), ("v", v)):
@@ -279,14 +280,18 @@ def _kernel_args(q, k, v, mask, sinks, alibi_slopes, out, dv) -> None:
                              f"elements (Lk x stride {x.stride(1)}); the kernels address them "
                              f"with 32-bit offsets (< 2**31): split the sequence or use a "
                              f"denser layout")
-    check_out(out, (*q.shape[:3], dv), q, _reads(k, v))
+    check_out(out, (*q.shape[:3], dv), q, _reads(k, v, mask=mask, sinks=sinks,
+                                                 alibi_slopes=alibi_slopes, k_scale=k_scale,
+                                                 v_scale=v_scale))
 
 
-def _reads(k, v) -> list:
-    """(name, tensor) of K/V's memory: the tensors, or a block cache's values and scales."""
+def _reads(k, v, **others) -> list:
+    """(name, tensor) of what the kernels read besides q: K/V (the tensors, or a block
+    cache's values and scales) and the other arguments given."""
     return [(f"{name}{part}", getattr(x, attr, None) if attr else x)
             for name, x in (("k", k), ("v", v))
-            for part, attr in (("", None), (".values", "values"), (".scales", "scales"))]
+            for part, attr in (("", None), (".values", "values"), (".scales", "scales"))
+            ] + list(others.items())
 
 
 _PLAN_FIELDS = ("batch", "q_len", "kv_len", "q_heads", "kv_heads", "head_dim", "head_dim_v",

@@ -136,8 +136,9 @@ def kvcache_args(q, k_cache, v_cache, *, cache_seqlens, block_table, scale, caus
         scales_without_grad(k_cache, v_cache, k_scale, v_scale)
         if lq * abs(q.stride(1)) >= 2**31:
             raise ValueError("q: one sequence's rows span 2**31 elements or more")
-        check_out(out, (batch, lq, hq, dv), q, _reads(k_cache, v_cache)
-                  + [("cache_seqlens", cache_seqlens), ("block_table", block_table)])
+        check_out(out, (batch, lq, hq, dv), q, _reads(
+            k_cache, v_cache, cache_seqlens=cache_seqlens, block_table=block_table, sinks=sinks,
+            alibi_slopes=alibi_slopes, k_scale=k_scale, v_scale=v_scale))
     if values and cache_seqlens.device.type == "cpu":
         kvcache_values(k_cache, cache_seqlens, block_table)
     return paged, hkv, dv
@@ -174,9 +175,9 @@ def varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
         for name, x, n in (("q", q, max_seqlen_q), ("k", kd, max_seqlen_k), ("v", vd, max_seqlen_k)):
             if not (x is not q and paged) and n * abs(x.stride(0)) >= 2**31:
                 raise ValueError(f"{name}: one sequence's rows may span 2**31 elements or more")
-        check_out(out, (total_q, hq, dv), q, _reads(k, v) + [
-            ("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k),
-            ("block_table", block_table)])
+        check_out(out, (total_q, hq, dv), q, _reads(
+            k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, block_table=block_table,
+            sinks=sinks, alibi_slopes=alibi_slopes, k_scale=k_scale, v_scale=v_scale))
     if values and cu_seqlens_q.device.type == "cpu":
         varlen_values(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table)
     return paged, hkv, dv, batch
