@@ -227,9 +227,10 @@ def shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether an element of a and one of b share an address. Views of one buffer with the
     same strides (q, k and v of a fused projection, heads side by side) are solved exactly;
     otherwise ranges of one storage that meet count as shared."""
-    if a.numel() == 0 or b.numel() == 0 or a.device != b.device or a.device.type == "meta":
+    at = a.untyped_storage().data_ptr()
+    if at != b.untyped_storage().data_ptr() or at == 0:   # (0: a meta tensor's, or none)
         return False
-    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+    if a.numel() == 0 or b.numel() == 0 or a.device != b.device:
         return False
     (a0, a1), (b0, b1) = _reach(a), _reach(b)
     if not (a0 < b1 and b0 < a1):
