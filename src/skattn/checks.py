@@ -289,10 +289,13 @@ def _kernel_args(q, k, v, mask, sinks, alibi_slopes, out, dv, k_scale=None,
 def _reads(k, v, **others) -> list:
     """(name, tensor) of what the kernels read besides q: K/V (the tensors, or a block
     cache's values and scales) and the other arguments given."""
-    return [(f"{name}{part}", getattr(x, attr, None) if attr else x)
-            for name, x in (("k", k), ("v", v))
-            for part, attr in (("", None), (".values", "values"), (".scales", "scales"))
-            ] + list(others.items())
+    pairs = []
+    for name, x in (("k", k), ("v", v)):
+        if isinstance(x, quant.BLOCK_FORMS):
+            pairs += [(f"{name}.values", x.values), (f"{name}.scales", x.scales)]
+        else:
+            pairs.append((name, x))
+    return pairs + list(others.items())
 
 
 _PLAN_FIELDS = ("batch", "q_len", "kv_len", "q_heads", "kv_heads", "head_dim", "head_dim_v",

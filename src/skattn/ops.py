@@ -243,19 +243,24 @@ def attention(q, k, v, *, scale=None, causal=False, window=None, mask=None, sink
     `k_scale`/`v_scale` (this function unpacks a Q8_0 so); a q4_0 cache likewise, its packed
     uint8 values `[B, Lk, Hkv, D / 2]` as `k`/`v`.
     """
+    k, v, k_scale, v_scale = op_kv(q, k, v, k_scale, v_scale)
+    return torch.ops.skattn.attention(q, k, v, mask, sinks, alibi_slopes,
+                                      None if scale is None else float(scale), bool(causal),
+                                      window, float(softcap), policy, k_scale, v_scale)
+
+
+def op_kv(q, k, v, k_scale, v_scale) -> tuple:
+    """K/V and their scales as the ops take them: a Q8_0 / Q4_0 cache as its values and
+    block scales, FP8 scales given as floats as [1] tensors (checked as `skattn.attention`
+    checks them)."""
     blocks = quant.BLOCK_FORMS
     if isinstance(k, blocks) and isinstance(v, blocks) and type(k) is type(v):
         if k_scale is not None or v_scale is not None:  # as skattn.attention says it
             quant.check_kv(q, k, v, k_scale, v_scale, kernel=True)
-        k, v, k_scale, v_scale = k.values, v.values, k.scales, v.scales
-    elif isinstance(k, blocks) or isinstance(v, blocks):
+        return k.values, v.values, k.scales, v.scales
+    if isinstance(k, blocks) or isinstance(v, blocks):
         quant.check_kv(q, k, v, k_scale, v_scale, kernel=True)  # names the mix-up
-    else:
-        k_scale = _scale_arg("k_scale", k_scale, q.device)
-        v_scale = _scale_arg("v_scale", v_scale, q.device)
-    return torch.ops.skattn.attention(q, k, v, mask, sinks, alibi_slopes,
-                                      None if scale is None else float(scale), bool(causal),
-                                      window, float(softcap), policy, k_scale, v_scale)
+    return k, v, _scale_arg("k_scale", k_scale, q.device), _scale_arg("v_scale", v_scale, q.device)
 
 
 def traced_int(x):

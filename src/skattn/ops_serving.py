@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import torch
 
-from skattn import quant, serving
+from skattn import serving
 from skattn import serving_checks as sc
-from skattn.ops import DEFAULT_POLICY, _LIB, _kv_forms, _scale_arg, traced_int
+from skattn.ops import DEFAULT_POLICY, _LIB, _kv_forms, op_kv, traced_int
 from skattn.serving_plan import SERVING_POLICIES
 
 __all__ = ["attention_with_kvcache", "attention_varlen"]
@@ -100,19 +100,6 @@ for _name, _kernel, _fake in (("attention_with_kvcache", _kvcache_kernel, _kvcac
     torch.library.register_fake(f"skattn::{_name}", _fake, lib=_LIB)
 
 
-def _tensors(q, k, v, k_scale, v_scale):
-    """K/V (and their scales) as the ops take them: a Q8_0 / Q4_0 cache as its values and
-    block scales, FP8 scales given as floats as [1] tensors."""
-    blocks = quant.BLOCK_FORMS
-    if isinstance(k, blocks) and isinstance(v, blocks) and type(k) is type(v):
-        if k_scale is not None or v_scale is not None:
-            quant.check_kv(q, k, v, k_scale, v_scale, kernel=True)  # says why not
-        return k.values, v.values, k.scales, v.scales
-    if isinstance(k, blocks) or isinstance(v, blocks):
-        quant.check_kv(q, k, v, k_scale, v_scale, kernel=True)  # names the mix-up
-    return k, v, _scale_arg("k_scale", k_scale, q.device), _scale_arg("v_scale", v_scale, q.device)
-
-
 def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, block_table=None, causal=True,
                            window=None, sinks=None, softcap=0.0, alibi_slopes=None, scale=None,
                            policy=DEFAULT_POLICY, k_scale=None, v_scale=None):
@@ -121,7 +108,7 @@ def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, block_table=No
     traces, capturable by its CUDA graphs. Arguments as `skattn.attention_with_kvcache`,
     with `policy` (a serving plan's: "auto", "llamacpp", "llamacpp-before", "split") in
     place of a plan, and no lse, `out`, workspace or work list. Returns out [B, Lq, Hq, Dv]."""
-    k, v, k_scale, v_scale = _tensors(q, k_cache, v_cache, k_scale, v_scale)
+    k, v, k_scale, v_scale = op_kv(q, k_cache, v_cache, k_scale, v_scale)
     return torch.ops.skattn.attention_with_kvcache(
         q, k, v, cache_seqlens, block_table, sinks, alibi_slopes,
         None if scale is None else float(scale), bool(causal), window, float(softcap), policy,
@@ -135,7 +122,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     """`skattn.attention_varlen` through the custom op `torch.ops.skattn.attention_varlen`
     (see `attention_with_kvcache` here). Rows of q that belong to no sequence give 0.
     Returns out [total_q, Hq, Dv]."""
-    k, v, k_scale, v_scale = _tensors(q, k, v, k_scale, v_scale)
+    k, v, k_scale, v_scale = op_kv(q, k, v, k_scale, v_scale)
     return torch.ops.skattn.attention_varlen(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table, sinks,
         alibi_slopes, None if scale is None else float(scale), bool(causal), window,

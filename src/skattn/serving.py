@@ -40,8 +40,7 @@ def _plan(plan, device, bounds: dict, k, v, policy: str = "auto") -> ServingPlan
     if plan is None:
         if bounds["head_dim"] == PAIR_HEAD_DIM and not (_adjacent(k) and _adjacent(v)):
             bounds["head_pairs"] = False  # the default plan reads one KV head a row then
-        plan = _cached_plan(device, **bounds) if policy == "auto" else _cached_plan(
-            device, policy=policy, **bounds)
+        plan = _cached_plan(device, policy=policy, **bounds)
     else:
         _check_plan(plan, bounds)
     _pairs_layout(plan, k, v)
