@@ -23,7 +23,7 @@ import resources  # noqa: E402
 from resources import compile_launch  # noqa: E402
 
 import skattn  # noqa: E402
-from skattn import quant, serving, serving_launch  # noqa: E402
+from skattn import quant, serving, serving_launch, serving_recipe  # noqa: E402
 
 F16 = torch.float16
 resources.TYPES.setdefault(torch.float64, "*fp64")  # the work list's cost model
@@ -98,8 +98,8 @@ def capture(name: str, case: dict) -> list:
     p = getattr(p, "long", p)  # the bounds of the tensors
     calls = []
     saved = serving_launch._launch
-    serving_launch._launch = lambda kernel, key, args, const, grid, stream: calls.append(
-        (kernel, args, dict(const)))
+    serving_launch._launch = (lambda kernel, key, args, const, grid, stream, record=None:
+                              calls.append((kernel, args, dict(const))))
     try:
         if p.varlen:
             q = torch.empty(p.total_q, hq, d, dtype=F16)
@@ -127,10 +127,11 @@ def capture(name: str, case: dict) -> list:
         k_scale, v_scale = (torch.ones(hkv), torch.ones(1)) if fp8 else (None, None)
         if isinstance(kvd, str):  # a block cache: its values, and its scales as the kernel's
             (k, k_scale), (v, v_scale) = (k.values, k.scales), (v.values, v.scales)
-        serving._run(plan, q, k, v, out, lse, seq_k=seq_k, seq_q=seq_q, block_table=table,
-                     scale=0.1, sinks=sinks, softcap=case.get("softcap", 0.0),
-                     alibi_slopes=None, workspace=None, work_list=None, k_scale=k_scale,
-                     v_scale=v_scale)
+        serving_recipe.run_halves(plan, q, k, v, out, lse, seq_k=seq_k, seq_q=seq_q,
+                                  block_table=table, scale=0.1, sinks=sinks,
+                                  softcap=case.get("softcap", 0.0), alibi_slopes=None,
+                                  workspace=None, work_list=None, k_scale=k_scale,
+                                  v_scale=v_scale)
     finally:
         serving_launch._launch = saved
     return calls

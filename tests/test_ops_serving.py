@@ -7,7 +7,7 @@ import torch
 
 import skattn
 import skattn.ops
-from skattn import quant, reference_serving, serving
+from skattn import quant, reference_serving, serving, serving_recipe
 from serving_inputs import paged_cache, ragged_bound, sequences_kvcache, varlen_inputs
 from tolerance import rel_err
 
@@ -146,9 +146,9 @@ def test_workspace_of_the_call_needs_only_its_counters_zeroed(monkeypatch):
 @pytest.mark.parametrize("policy", ["llamacpp", "llamacpp-before", "split"])
 def test_policy_reaches_the_plan(monkeypatch, policy):
     seen = []
-    real = serving._run
-    monkeypatch.setattr(serving, "_run", lambda plan, *a, **kw: (seen.append(plan),
-                                                                 real(plan, *a, **kw))[1])
+    real = serving_recipe.run_halves
+    monkeypatch.setattr(serving_recipe, "run_halves",
+                        lambda plan, *a, **kw: (seen.append(plan), real(plan, *a, **kw))[1])
     q, k, v, lens, table = kvcache_case()
     skattn.ops.attention_with_kvcache(q, k, v, cache_seqlens=lens, block_table=table,
                                       policy=policy)

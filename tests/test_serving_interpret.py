@@ -5,7 +5,7 @@ import triton
 import triton.language as tl
 
 import skattn
-from skattn import reference, serving, serving_launch
+from skattn import reference, serving, serving_launch, serving_recipe
 from skattn.kernels.ragged import share_start
 from skattn.kernels.worklist import (HEADER, TAIL_CHUNK, TAIL_CHUNKS, TAIL_NEXT, TAIL_START,
                                      WHOLE_FLAG, WHOLE_NEXT, wl_offsets)
@@ -337,8 +337,9 @@ def test_device_clamps_bad_lengths_and_pages(block_n, bad):
     t = torch.tensor(lens, dtype=torch.int32)
     with pytest.raises(ValueError, match="negative"):  # the host check, on CPU tensors
         skattn.attention_with_kvcache(q, k, v, cache_seqlens=t, block_table=table, plan=p)
-    serving._run(p, q, k, v, out, None, seq_k=t, seq_q=None, block_table=table, scale=0.25,
-                 sinks=None, softcap=0.0, alibi_slopes=None, workspace=None, work_list=None)
+    serving_recipe.run_halves(p, q, k, v, out, None, seq_k=t, seq_q=None, block_table=table,
+                              scale=0.25, sinks=None, softcap=0.0, alibi_slopes=None,
+                              workspace=None, work_list=None)
     assert torch.equal(out[0], torch.zeros_like(out[0]))
     good = torch.tensor([0, 48, 30], dtype=torch.int32)
     ref1 = reference.attention_with_kvcache(q[1:2], k, v, cache_seqlens=good[1:2],
@@ -373,9 +374,9 @@ def test_bad_pages_in_unmasked_blocks(page_size, block_n, Lq, bad_pages, bad):
     p = kv_plan(B, Lq, table.shape[1] * page_size, Hq, 2, 16, page_size=page_size,
                 block_n=block_n, policy="llamacpp-before", programs=8)
     out = torch.full((B, Lq, Hq, 16), NAN, dtype=q.dtype)
-    serving._run(p, q, k, v, out, None, seq_k=torch.tensor(lens, dtype=torch.int32),
-                 seq_q=None, block_table=table, scale=0.25, sinks=None, softcap=0.0,
-                 alibi_slopes=None, workspace=None, work_list=None)
+    serving_recipe.run_halves(p, q, k, v, out, None, seq_k=torch.tensor(lens, dtype=torch.int32),
+                              seq_q=None, block_table=table, scale=0.25, sinks=None,
+                              softcap=0.0, alibi_slopes=None, workspace=None, work_list=None)
     for b, (n, pages) in enumerate(zip(lens, bad_pages)):
         keys = torch.zeros(n, 2, 16, dtype=k.dtype)
         vals = torch.zeros(n, 2, 16, dtype=v.dtype)

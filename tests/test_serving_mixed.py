@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import skattn
-from skattn import reference, serving
+from skattn import reference, serving, serving_recipe
 from skattn.reference_serving_plan import run_serving_plan
 from skattn.serving_mixed import MixedPlan, decode_q_split
 from skattn.serving_worklist import host_work_list
@@ -104,7 +104,7 @@ def test_mixed_batch_against_float64(paged, fixup, own_ws):
     assert rel_err(out[rows], ref[rows]) <= tol, (rel_err(out[rows], ref[rows]), tol)
     check_lse(lse[:, rows], ref_lse[:, rows], tol)
     if fixup == "fused" and own_ws:
-        for half, at in zip(p.halves, serving._workspace_offsets(p)):
+        for half, at in zip(p.halves, serving_recipe.workspace_offsets(p)):
             own = ws[at:at + serving.sl.workspace_bytes(half)]
             assert not own[-half.tiles_max * 4:].any(), "fused counters must return to zero"
     # the float64 replay of the same plan agrees with the one-shot reference

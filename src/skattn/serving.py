@@ -13,6 +13,7 @@ import torch
 from skattn import quant
 from skattn import serving_checks as sc
 from skattn import serving_launch as sl
+from skattn import serving_recipe as sr
 from skattn.device import hardware, shared_memory_limit
 from skattn.launch import default_scale
 from skattn.serving_checks import check_values
@@ -82,21 +83,12 @@ def _pairs_layout(plan, k, v) -> None:
                     f"other layouts")
 
 
-def _workspace_offsets(plan: MixedPlan) -> tuple[int, int]:
-    """Byte offsets of the halves' workspaces in a MixedPlan's (16-byte aligned)."""
-    return 0, -(-sl.workspace_bytes(plan.short) // 16) * 16
-
-
-def _mixed_workspace_bytes(plan: MixedPlan) -> int:
-    return _workspace_offsets(plan)[1] + sl.workspace_bytes(plan.long)
-
-
 def workspace(plan: ServingPlan | MixedPlan, device=None) -> torch.Tensor:
     """A zeroed workspace for calls with `plan` (partials, the work list, fused counters):
     pass it as `workspace=` when capturing CUDA graphs."""
     device = torch.device("cuda") if device is None else torch.device(device)
     if isinstance(plan, MixedPlan):
-        return torch.zeros(_mixed_workspace_bytes(plan), dtype=torch.uint8, device=device)
+        return torch.zeros(sr.mixed_workspace_bytes(plan), dtype=torch.uint8, device=device)
     return sl.allocate(plan, device)
 
 
@@ -106,34 +98,14 @@ def fresh_workspace(plan: ServingPlan | MixedPlan, device) -> torch.Tensor:
     part are zeroed (a memset the graph replays); each call builds its work list and writes
     the partials before reading them."""
     mixed = isinstance(plan, MixedPlan)
-    size = _mixed_workspace_bytes(plan) if mixed else sl.workspace_bytes(plan)
+    size = sr.mixed_workspace_bytes(plan) if mixed else sl.workspace_bytes(plan)
     buf = torch.empty(max(16, size), dtype=torch.uint8, device=device)
-    parts = zip(plan.halves, _workspace_offsets(plan)) if mixed else [(plan, 0)]
+    parts = zip(plan.halves, sr.workspace_offsets(plan)) if mixed else [(plan, 0)]
     for half, at in parts:
         end = at + sl.workspace_bytes(half) if mixed else buf.numel()
         counters = sl.bind(half, device).layout[2]
         buf[end - max(counters, 1) * 4:end].zero_()
     return buf
-
-
-def _halves(plan, workspace, work_list):
-    """(half plan, its workspace, its work list) per half of a MixedPlan; the plan itself
-    otherwise."""
-    if not isinstance(plan, MixedPlan):
-        return [(plan, workspace, work_list)]
-    need = _mixed_workspace_bytes(plan)
-    if workspace is not None and (not isinstance(workspace, torch.Tensor)
-                                  or not workspace.is_contiguous()
-                                  or workspace.numel() * workspace.element_size() < need):
-        raise ValueError(f"workspace must be a contiguous tensor of at least {need} bytes for "
-                         f"this MixedPlan (skattn.serving.workspace(plan) allocates one)")
-    raw = workspace.view(-1).view(torch.uint8) if workspace is not None else None
-    parts = []
-    for half, at, wl_at in zip(plan.halves, _workspace_offsets(plan), plan.work_list_offsets):
-        ws = raw[at:at + sl.workspace_bytes(half)] if raw is not None else None
-        wl = work_list[wl_at:wl_at + half.work_list_words] if work_list is not None else None
-        parts.append((half, ws, wl))
-    return parts
 
 
 def work_list(plan: ServingPlan, *, cache_seqlens=None, cu_seqlens_q=None, cu_seqlens_k=None,
@@ -164,45 +136,11 @@ def work_list(plan: ServingPlan, *, cache_seqlens=None, cu_seqlens_q=None, cu_se
         sc._int32("cu_seqlens_q", cu_seqlens_q, (n,), seq.device)
     if out is None:
         out = torch.empty(plan.work_list_words, dtype=torch.int32, device=seq.device)
-    _check_work_list(plan, out, seq.device)
-    for half, _, wl in _halves(plan, None, out):
+    sr.check_work_list(plan, out, seq.device)
+    for half, _, wl in sr.halves(plan, None, out):
         sl.build(half, wl[:half.work_list_words], seq_k=seq, cu_k=plan.varlen,
                  seq_q=cu_seqlens_q if plan.varlen else None)
     return out
-
-
-def _check_work_list(plan, wl, device) -> None:
-    if (not isinstance(wl, torch.Tensor) or wl.dtype != torch.int32 or wl.device != device
-            or wl.numel() < plan.work_list_words or not wl.is_contiguous()):
-        raise ValueError(f"work_list must be a contiguous int32 tensor of at least "
-                         f"{plan.work_list_words} elements on {device} (skattn.serving.work_list)")
-
-
-def _run(plan, q, k, v, out, lse, *, seq_k, seq_q, block_table, scale, sinks, softcap,
-         alibi_slopes, workspace, work_list, k_scale=None, v_scale=None):
-    if isinstance(plan, MixedPlan):
-        if work_list is not None:
-            _check_work_list(plan, work_list, q.device)
-        for half, ws, wl in _halves(plan, workspace, work_list):  # both write `out`
-            _run(half, q, k, v, out, lse, seq_k=seq_k, seq_q=seq_q, block_table=block_table,
-                 scale=scale, sinks=sinks, softcap=softcap, alibi_slopes=alibi_slopes,
-                 workspace=ws, work_list=wl, k_scale=k_scale, v_scale=v_scale)
-        return
-    if v.dtype in quant.FP8_DTYPES and v.data_ptr() % 4:  # (head size, strides: the checks)
-        raise ValueError(f"FP8 v must start at an address that is a multiple of 4 bytes (the "
-                         f"serving kernel reads its rows as 32-bit words), got {v.data_ptr():#x}")
-    device = q.device
-    b = sl.bind(plan, device)
-    stream = sl._stream(b, device)
-    ws_o, ws_m, ws_l, counters, wl = sl._views(plan, b, workspace, device, stream)
-    if work_list is None:
-        sl.build(plan, wl, seq_k=seq_k, cu_k=plan.varlen, seq_q=seq_q)
-    else:
-        _check_work_list(plan, work_list, device)
-        wl = work_list
-    sl.run(plan, q, k, v, out, lse, wl=wl, block_table=block_table, scale=scale, sinks=sinks,
-           softcap=float(softcap), alibi_slopes=alibi_slopes, ws_views=(ws_o, ws_m, ws_l, counters),
-           k_scale=k_scale, v_scale=v_scale)
 
 
 def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, block_table=None,
@@ -266,7 +204,29 @@ def _kvcache(q, k_cache, v_cache, cache_seqlens, block_table, causal, window, si
              alibi_slopes, scale, return_lse, plan, out, workspace, work_list, k_scale, v_scale,
              policy: str = "auto", own_workspace: bool = False):
     """`attention_with_kvcache`; without a plan, one of `policy`; `own_workspace`: a
-    workspace of the call's own (`fresh_workspace`), as the custom op runs it."""
+    workspace of the call's own (`fresh_workspace`), as the custom op runs it. A repeat call
+    of a checked signature replays its recipe (`skattn.serving_recipe`)."""
+    key = sr.signature((q, k_cache, v_cache, out, cache_seqlens, block_table, sinks,
+                        alibi_slopes, k_scale, v_scale, workspace, work_list),
+                       (causal, type(causal), window, type(window), softcap, type(softcap),
+                        scale, type(scale), return_lse, type(return_lse), policy,
+                        own_workspace), plan)
+    rec = sr.lookup(key)
+    if rec is None:
+        rec = _kvcache_recipe(q, k_cache, v_cache, cache_seqlens, block_table, causal, window,
+                              sinks, softcap, alibi_slopes, scale, return_lse, plan, out,
+                              k_scale, v_scale, policy)
+        sr.keep(key, rec)
+    return _call(rec, q, k_cache, v_cache, cache_seqlens, None, block_table, sinks, softcap,
+                 alibi_slopes, scale, return_lse, out, workspace, work_list, k_scale, v_scale,
+                 own_workspace)
+
+
+def _kvcache_recipe(q, k_cache, v_cache, cache_seqlens, block_table, causal, window, sinks,
+                    softcap, alibi_slopes, scale, return_lse, plan, out, k_scale, v_scale,
+                    policy) -> sr.Recipe:
+    """Check a call of `attention_with_kvcache` and make its recipe (its plan made here
+    where the caller gave none)."""
     paged, hkv, dv = sc.kvcache_args(q, k_cache, v_cache, cache_seqlens=cache_seqlens,
                                      block_table=block_table, scale=scale, causal=causal,
                                      window=window, sinks=sinks, softcap=softcap,
@@ -282,17 +242,22 @@ def _kvcache(q, k_cache, v_cache, cache_seqlens, block_table, causal, window, si
     bounds.update(q_heads=Hq, kv_heads=hkv, head_dim=Dk, head_dim_v=dv, dtype=quant.kv_dtype(k_cache),
                   causal=causal, window=window)
     plan = _plan(plan, q.device, bounds, k_cache, v_cache, policy)
+    return sr.Recipe(plan, q.device, (B, Lq, Hq, dv), (B, Hq, Lq))
+
+
+def _call(rec: sr.Recipe, q, k, v, seq_k, seq_q, block_table, sinks, softcap, alibi_slopes,
+          scale, return_lse, out, workspace, work_list, k_scale, v_scale, own_workspace):
+    """A checked call: its output, lse and workspace where the caller gave none, K/V as the
+    kernels read them, then its recipe's launches."""
     if out is None:
-        out = torch.empty(B, Lq, Hq, dv, device=q.device, dtype=q.dtype)
+        out = torch.empty(rec.out_shape, device=q.device, dtype=q.dtype)
     if own_workspace:
-        workspace = fresh_workspace(plan, q.device)
-    lse = torch.empty(B, Hq, Lq, device=q.device, dtype=torch.float32) if return_lse else None
-    scale = default_scale(Dk) if scale is None else float(scale)
-    k_cache, v_cache, k_scale, v_scale = quant.kernel_kv(k_cache, v_cache, k_scale, v_scale, q.device)
-    _run(plan, q, k_cache, v_cache, out, lse, seq_k=cache_seqlens, seq_q=None,
-         block_table=block_table, scale=scale, sinks=sinks, softcap=softcap,
-         alibi_slopes=alibi_slopes, workspace=workspace, work_list=work_list, k_scale=k_scale,
-         v_scale=v_scale)
+        workspace = fresh_workspace(rec.plan, q.device)
+    lse = torch.empty(rec.lse_shape, device=q.device, dtype=torch.float32) if return_lse else None
+    scale = default_scale(q.shape[-1]) if scale is None else float(scale)
+    k, v, k_scale, v_scale = quant.kernel_kv(k, v, k_scale, v_scale, q.device)
+    rec.run(q, k, v, out, lse, seq_k, seq_q, block_table, sinks, alibi_slopes, k_scale, v_scale,
+            workspace, work_list, scale, float(softcap))
     return (out, lse) if return_lse else out
 
 
@@ -347,6 +312,27 @@ def _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, blo
             window, sinks, softcap, alibi_slopes, scale, return_lse, plan, out, workspace,
             work_list, k_scale, v_scale, policy: str = "auto", own_workspace: bool = False):
     """`attention_varlen`; `policy`, `own_workspace` as in `_kvcache`."""
+    key = sr.signature((q, k, v, out, cu_seqlens_q, cu_seqlens_k, block_table, sinks,
+                        alibi_slopes, k_scale, v_scale, workspace, work_list),
+                       (max_seqlen_q, type(max_seqlen_q), max_seqlen_k, type(max_seqlen_k),
+                        causal, type(causal), window, type(window), softcap, type(softcap),
+                        scale, type(scale), return_lse, type(return_lse), policy,
+                        own_workspace), plan)
+    rec = sr.lookup(key)
+    if rec is None:
+        rec = _varlen_recipe(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                             block_table, causal, window, sinks, softcap, alibi_slopes, scale,
+                             return_lse, plan, out, k_scale, v_scale, policy)
+        sr.keep(key, rec)
+    return _call(rec, q, k, v, cu_seqlens_k, cu_seqlens_q, block_table, sinks, softcap,
+                 alibi_slopes, scale, return_lse, out, workspace, work_list, k_scale, v_scale,
+                 own_workspace)
+
+
+def _varlen_recipe(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table,
+                   causal, window, sinks, softcap, alibi_slopes, scale, return_lse, plan, out,
+                   k_scale, v_scale, policy) -> sr.Recipe:
+    """Check a call of `attention_varlen` and make its recipe."""
     paged, hkv, dv, B = sc.varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                        max_seqlen_k, block_table=block_table, scale=scale,
                                        causal=causal, window=window, sinks=sinks,
@@ -365,15 +351,4 @@ def _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, blo
         raise ValueError("plan was made for attention_with_kvcache (q_len); plan varlen "
                          "batches with max_q_len and total_q")
     plan = _plan(plan, q.device, bounds, k, v, policy)
-    if out is None:
-        out = torch.empty(total_q, Hq, dv, device=q.device, dtype=q.dtype)
-    if own_workspace:
-        workspace = fresh_workspace(plan, q.device)
-    lse = torch.empty(Hq, total_q, device=q.device, dtype=torch.float32) if return_lse else None
-    scale = default_scale(Dk) if scale is None else float(scale)
-    k, v, k_scale, v_scale = quant.kernel_kv(k, v, k_scale, v_scale, q.device)
-    _run(plan, q, k, v, out, lse, seq_k=cu_seqlens_k, seq_q=cu_seqlens_q,
-         block_table=block_table, scale=scale, sinks=sinks, softcap=softcap,
-         alibi_slopes=alibi_slopes, workspace=workspace, work_list=work_list, k_scale=k_scale,
-         v_scale=v_scale)
-    return (out, lse) if return_lse else out
+    return sr.Recipe(plan, q.device, (total_q, Hq, dv), (Hq, total_q))

@@ -145,13 +145,23 @@ def _views(plan: ServingPlan, b: Bound, workspace, device, stream):
     return ws_o, ws_m, ws_l, counters, wl[:plan.work_list_words]
 
 
+def pooled_addresses(plan: ServingPlan, b: Bound, device, stream) -> tuple[int, ...]:
+    """The addresses of `_views`' pooled views (ws_o, ws_m, ws_l, counters, work list)."""
+    o, m, c = b.layout
+    found = ws.pooled_addresses(b.layout, (o + 2 * m + c) * 4, device, stream)
+    wl = _WL_POOL.get((device, stream))
+    if wl is None or wl.numel() < plan.work_list_words:
+        wl = _views(plan, b, None, device, stream)[4]
+    return (*found, wl.data_ptr())
+
+
 def _stream(b: Bound, device) -> int:
     return torch._C._cuda_getCurrentRawStream(device.index) if b.cuda else 0
 
 
 def build(plan: ServingPlan, wl: torch.Tensor, *, seq_k: torch.Tensor, cu_k: bool,
-          seq_q: torch.Tensor | None) -> None:
-    """Launch the work-list step into `wl` (plan.work_list_words int32)."""
+          seq_q: torch.Tensor | None, record: list | None = None) -> None:
+    """Launch the work-list step into `wl` (plan.work_list_words int32); `record` as `run`'s."""
     device = wl.device
     cap_k = plan.key_capacity
     total_k = plan.total_k if plan.layout == "packed" else INT32_MAX
@@ -164,12 +174,12 @@ def build(plan: ServingPlan, wl: torch.Tensor, *, seq_k: torch.Tensor, cu_k: boo
     key = None
     if b.cuda and _no_hooks():
         key = (b.kid, "wl", cu_k, *(x.data_ptr() % 16 == 0 for x in (seq_k, args[1], wl)))
-    _launch(_wl.work_list_kernel, key, args, const, (1, 1, 1), stream)
+    _launch(_wl.work_list_kernel, key, args, const, (1, 1, 1), stream, record)
 
 
 def run(plan: ServingPlan, q, k, v, out, lse, *, wl, block_table, scale: float, sinks=None,
         softcap=0.0, alibi_slopes=None, ws_views=None, k_scale=None, v_scale=None,
-        stamps=None) -> None:
+        stamps=None, record: list | None = None) -> None:
     """Launch the main kernel and the plan's separate fixup over the work list `wl`.
     fp8 K/V (a plan of dtype float8_e4m3fn): `k_scale`, `v_scale` f32 [1] or [Hkv]; q8_0,
     q4_0: `k`, `v` the block caches' values, `k_scale`, `v_scale` their block scales.
@@ -181,7 +191,8 @@ def run(plan: ServingPlan, q, k, v, out, lse, *, wl, block_table, scale: float, 
     [plan.programs, T, 8] adds tile stamps for each program's first T tiles (kernels/stamps.py
     `tile_stamp`): the tile's start, its sequence's numbers in, q in, its first KV block done,
     its KV loop done, its output's or piece's stores issued (a cut piece's after the fused
-    merge's atomic); its KV blocks and its tile index."""
+    merge's atomic); its KV blocks and its tile index. `record`: a list that receives (key,
+    args, grid) of every launch (`skattn.serving_recipe`)."""
     device = q.device
     b = bind(plan, device)
     stream = _stream(b, device)
@@ -247,11 +258,11 @@ def run(plan: ServingPlan, q, k, v, out, lse, *, wl, block_table, scale: float, 
     grid = (plan.programs, 1, 1)
     if b.ws is not None and stamps is None and serving_ws.usable(k, v, softcap, alibi_slopes):
         _launch_ws(plan, b, q, qs, k, v, out, os_, lse_t, ls, sinks_t, ws_o, ws_m, ws_l, bt, sbt,
-                   wl, num_pages, qk_scale, ws_const, key, stream)
+                   wl, num_pages, qk_scale, ws_const, key, stream, record)
     elif whole_const is not None:  # it works where the step is whole tiles, else exits at once
         _launch(_ragged.ragged_attention_kernel, key and (*key, "whole"), args, whole_const, grid,
-                stream)
-    _launch(_ragged.ragged_attention_kernel, key, args, main_const, grid, stream)
+                stream, record)
+    _launch(_ragged.ragged_attention_kernel, key, args, main_const, grid, stream, record)
     if b.fix_kernel is None:
         return
     out_args = (out, *os_, lse_t, *ls, sinks_t, ws_o, ws_m, ws_l, wl,
@@ -260,11 +271,11 @@ def run(plan: ServingPlan, q, k, v, out, lse, *, wl, block_table, scale: float, 
         kernel, fargs = _fix.ragged_uniform_fixup_kernel, (*out_args, plan.split)
     else:
         kernel, fargs = _fix.ragged_general_fixup_kernel, out_args
-    _launch(kernel, key and (*key, "fixup"), fargs, fix_const, b.fix_grid, stream)
+    _launch(kernel, key and (*key, "fixup"), fargs, fix_const, b.fix_grid, stream, record)
 
 
 def _launch_ws(plan, b: Bound, q, qs, k, v, out, os_, lse_t, ls, sinks_t, ws_o, ws_m, ws_l, bt,
-               sbt, wl, num_pages, qk_scale, const, key, stream) -> None:
+               sbt, wl, num_pages, qk_scale, const, key, stream, record) -> None:
     """The Hopper kernel's whole-tile build (kernels/ragged_ws.py): it works where the step is
     whole tiles, else exits at once."""
     kd, vd = serving_ws.descriptors(b.ws, k, v)
@@ -273,7 +284,7 @@ def _launch_ws(plan, b: Bound, q, qs, k, v, out, os_, lse_t, ls, sinks_t, ws_o, 
     # the descriptors' shapes and strides are arguments; K's and V's dtypes, strides and
     # alignment are in the key with the rest
     _launch(_ragged_ws.ragged_ws_kernel, key and (*key, "ws"), args, const, (b.ws.grid, 1, 1),
-            stream)
+            stream, record)
 
 
 def _check_tile_stamps(tiles, programs: int, device) -> None:

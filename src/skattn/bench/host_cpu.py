@@ -24,10 +24,13 @@ from types import SimpleNamespace
 import torch
 from triton.backends.nvidia.driver import CudaLauncher
 
-from skattn import launch, launcher
+from skattn import launch, launcher, serving_launch
 from skattn.kernels import attention as _main
 from skattn.kernels import dequant as _dequant
 from skattn.kernels import fixup as _fixup
+from skattn.kernels import ragged as _ragged
+from skattn.kernels import ragged_fixup as _ragged_fixup
+from skattn.kernels import worklist as _worklist
 
 # llama-8b decode, n = 1, L = 256 on an H200's grid: a uniform plan, two launches a call
 SHAPE = dict(batch=1, q_len=1, kv_len=256, q_heads=32, kv_heads=8, head_dim=128)
@@ -154,18 +157,23 @@ def c_launcher_stand_in(counter: Counter, decode: bool):
 
 @contextlib.contextmanager
 def stub_gpu(c_launcher: str | None = None):
-    """Within: plans bound on CPU tensors take the CUDA path, kernels are `FakeKernel`s
+    """Within: plans bound on CPU tensors take the CUDA path (dense and serving plans),
+    kernels are `FakeKernel`s
     counting into one `Counter` (yielded), the current stream is 0 and the current device a CPU's (index None).
     Only plans first bound inside the context take the CUDA path. Recipes launch through
     Triton's C launch functions (stand-ins), or with `c_launcher` "prepare" or "decode"
     through skattn's C launcher (`c_launcher_stand_in`)."""
     counter = Counter()
     kernels = {(_main, "attention_kernel"): 1 << 20, (_fixup, "uniform_fixup_kernel"): 2 << 20,
-               (_fixup, "general_fixup_kernel"): 3 << 20, (_dequant, "dequant_kernel"): 4 << 20}
+               (_fixup, "general_fixup_kernel"): 3 << 20, (_dequant, "dequant_kernel"): 4 << 20,
+               (_worklist, "work_list_kernel"): 5 << 20,
+               (_ragged, "ragged_attention_kernel"): 6 << 20,
+               (_ragged_fixup, "ragged_uniform_fixup_kernel"): 7 << 20,
+               (_ragged_fixup, "ragged_general_fixup_kernel"): 8 << 20}
     saved = [(mod, name, getattr(mod, name)) for mod, name in kernels]
     c_saved = {name: getattr(torch._C, name, None)
                for name in ("_cuda_getCurrentRawStream", "_cuda_getDevice")}
-    real_bind = launch._bind
+    real_bind, real_serving_bind = launch._bind, serving_launch._bind
     real_function = launcher.function
     compiled = dict(launch._COMPILED)
     try:
@@ -179,6 +187,8 @@ def stub_gpu(c_launcher: str | None = None):
         torch._C._cuda_getCurrentRawStream = lambda index: 0
         torch._C._cuda_getDevice = lambda: None  # a CPU device's index
         launch._bind = lambda plan, device: dataclasses.replace(real_bind(plan, device), cuda=True)
+        serving_launch._bind = lambda plan, device: dataclasses.replace(
+            real_serving_bind(plan, device), cuda=True)
         launch._COMPILED.clear()
         yield counter
     finally:
@@ -189,7 +199,7 @@ def stub_gpu(c_launcher: str | None = None):
                 delattr(torch._C, name)
             else:
                 setattr(torch._C, name, fn)
-        launch._bind = real_bind
+        launch._bind, serving_launch._bind = real_bind, real_serving_bind
         launcher.function = real_function
         launch._COMPILED.clear()
         launch._COMPILED.update(compiled)
