@@ -53,7 +53,7 @@ def test_host_markdown():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="runs skattn under the interpreter on a CPU")
 def test_run_host_on_a_cpu(tmp_path):
     # tiny heads so the interpreter is quick; the same code path as on a GPU but for device
-    shape = dict(n=1, depth=40, hq=4, hkv=2, d=16)
+    shape = dict(n=1, depth=48, hq=4, hkv=2, d=16)
     csv_path, rows = host.run_host(tmp_path, "cpu", calls=1, reps=2, warmup=0, shape=shape,
                                    sms=4, occupancy=2, device="cpu")
     by = {r["provider"]: r for r in rows}
@@ -61,12 +61,13 @@ def test_run_host_on_a_cpu(tmp_path):
     # (the FP8 rows against float64 over their dequantized K/V: the rounding of K/V to FP8
     # is not the call's error)
     for name in ("skattn-planned", "skattn-unplanned", "sdpa", "skattn-fp8-planned",
-                 "skattn-fp8-route"):
+                 "skattn-fp8-route", "skattn-paged-planned", "skattn-paged-unplanned",
+                 "skattn-paged-op"):
         assert by[name]["status"] == "ok" and float(by[name]["err"]) < 2e-2, by[name]
         assert float(by[name]["us_per_call_p50"]) > 0
     assert by["skattn-op"]["status"] == "ok" or by["skattn-op"]["status"].startswith("skipped")
     assert all(r["status"].split(":")[0] in ("ok", "skipped", "error") for r in rows)
-    assert host.read_host_rows([csv_path])[0]["depth"] == "40"
+    assert host.read_host_rows([csv_path])[0]["depth"] == "48"
     assert (tmp_path / "host-cpu.md").read_text().startswith("# skattn host time: host-cpu.csv")
     import json
 

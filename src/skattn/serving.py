@@ -171,7 +171,8 @@ def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, block_table=No
         From `skattn.serving_plan(batch=B, q_len=Lq, max_kv_len=..., ...)`; default: one for
         the current GPU, cached per shape.
     out : Tensor [B, Lq, Hq, Dv], optional
-        May be q itself; not memory of the caches, lengths or block table.
+        May be q itself; not memory of the caches, lengths or block table (refused on a
+        signature's first call: repeat calls are not re-checked, docs/host.md).
     workspace : Tensor, optional
         `skattn.serving.workspace(plan)`: pass one when capturing CUDA graphs.
     work_list : Tensor, optional
@@ -249,8 +250,10 @@ def _call(rec: sr.Recipe, q, k, v, seq_k, seq_q, block_table, sinks, softcap, al
           scale, return_lse, out, workspace, work_list, k_scale, v_scale, own_workspace):
     """A checked call: its output, lse and workspace where the caller gave none, K/V as the
     kernels read them, then its recipe's launches."""
-    if out is None:
-        out = torch.empty(rec.out_shape, device=q.device, dtype=q.dtype)
+    if out is None:  # like q where it has q's shape (the cheaper allocation: docs/host.md)
+        out = (torch.empty_like(q, memory_format=torch.contiguous_format)
+               if rec.out_shape == q.shape else
+               torch.empty(rec.out_shape, device=q.device, dtype=q.dtype))
     if own_workspace:
         workspace = fresh_workspace(rec.plan, q.device)
     lse = torch.empty(rec.lse_shape, device=q.device, dtype=torch.float32) if return_lse else None

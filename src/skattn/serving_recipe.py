@@ -196,11 +196,11 @@ class Recipe:
         `learn` found them."""
         pooled: dict = {}
         found = []
+        base = {"ws": workspace.data_ptr() if workspace is not None else 0,
+                "wl": work_list.data_ptr() if work_list is not None else 0}
         for kind, a, b in self.where:
-            if kind == "ws":
-                found.append(workspace.data_ptr() + a)
-            elif kind == "wl":
-                found.append(work_list.data_ptr() + a)
+            if kind != "pool":
+                found.append(base[kind] + a)
             else:
                 got = pooled.get(a)
                 if got is None:

@@ -33,6 +33,13 @@ PROVIDERS = {
     "skattn-fp8-route": "the same with a plan of Tuning(quant_route='dequant') (K/V written in "
                         "f16 first, then the f16 plan: two launches more)",
     "skattn-op": "torch.ops.skattn.attention (the custom op)",
+    "skattn-paged-planned": "skattn.attention_with_kvcache over the same K/V as a paged cache "
+                            "(pages of 16, cache_seqlens and block_table on the GPU) with a "
+                            "plan, out and workspace of the caller's",
+    "skattn-paged-unplanned": "the same without plan, out or workspace (plan cache hit, the "
+                              "stream's pool)",
+    "skattn-paged-op": "torch.ops.skattn.attention_with_kvcache (the custom op, a workspace "
+                       "of its own each call)",
     "sdpa": "F.scaled_dot_product_attention(q, k, v, enable_gqa=True)",
     "sdpa-flash-ctx": "the same inside sdpa_kernel([SDPBackend.FLASH_ATTENTION])",
     "sdpa-cudnn-ctx": "the same inside sdpa_kernel([SDPBackend.CUDNN_ATTENTION])",
@@ -100,6 +107,34 @@ def _fp8_calls(q, k, v, plan_kw: dict) -> dict:
     return calls
 
 
+def _paged_calls(q, k, v, *, sms, occupancy) -> dict:
+    """The serving providers: `attention_with_kvcache` over k and v cut into pages of 16 (a
+    block table in order), planned with the caller's buffers, unplanned, and the custom op."""
+    import skattn
+    import skattn.ops
+
+    B, n, hq, d = q.shape
+    L, hkv = k.shape[1], k.shape[2]
+    names = ("skattn-paged-planned", "skattn-paged-unplanned", "skattn-paged-op")
+    if B != 1 or L % 16:
+        return dict.fromkeys(names, "skipped: the paged rows take one sequence of a multiple "
+                                    "of 16 keys")
+    kp, vp = k.reshape(L // 16, 16, hkv, d), v.reshape(L // 16, 16, hkv, d)
+    table = torch.arange(L // 16, dtype=torch.int32, device=q.device)[None]
+    lens = torch.full((1,), L, dtype=torch.int32, device=q.device)
+    p = skattn.serving_plan(batch=1, q_len=n, max_kv_len=L, page_size=16, max_pages=L // 16,
+                            q_heads=hq, kv_heads=hkv, head_dim=d, dtype=k.dtype, sms=sms,
+                            occupancy=occupancy)
+    out, wsb = torch.empty_like(q), skattn.serving.workspace(p, q.device)
+    kw = dict(cache_seqlens=lens, block_table=table)
+    return {
+        names[0]: lambda: skattn.attention_with_kvcache(q, kp, vp, **kw, plan=p, out=out,
+                                                        workspace=wsb),
+        names[1]: lambda: skattn.attention_with_kvcache(q, kp, vp, **kw),
+        names[2]: lambda: skattn.ops.attention_with_kvcache(q, kp, vp, **kw),
+    }
+
+
 def host_calls(q, k, v, *, sms: int | None = None, occupancy: int | None = None) -> dict:
     """Provider name -> a call returning out [B, n, Hq, D], or a status string where the
     provider cannot run here. A call with a `reference_kv` attribute (quantized K/V) is
@@ -146,6 +181,7 @@ def host_calls(q, k, v, *, sms: int | None = None, occupancy: int | None = None)
                                                      out=out_fused),
         **_fp8_calls(q, k, v, plan_kw),
         "skattn-op": _custom_op(q, k, v),
+        **_paged_calls(q, k, v, sms=sms, occupancy=occupancy),
         "sdpa": sdpa,
         "sdpa-flash-ctx": inside(SDPBackend.FLASH_ATTENTION),
         "sdpa-cudnn-ctx": inside(SDPBackend.CUDNN_ATTENTION),

@@ -24,7 +24,7 @@ from types import SimpleNamespace
 import torch
 from triton.backends.nvidia.driver import CudaLauncher
 
-from skattn import launch, launcher, serving_launch
+from skattn import launch, launcher, serving_launch, serving_recipe
 from skattn.kernels import attention as _main
 from skattn.kernels import dequant as _dequant
 from skattn.kernels import fixup as _fixup
@@ -35,6 +35,8 @@ from skattn.kernels import worklist as _worklist
 # llama-8b decode, n = 1, L = 256 on an H200's grid: a uniform plan, two launches a call
 SHAPE = dict(batch=1, q_len=1, kv_len=256, q_heads=32, kv_heads=8, head_dim=128)
 GRID = dict(sms=132, occupancy=2)
+# llama-8b decode over a paged cache: 64 sequences of 4096 keys, pages of 16
+SERVING = dict(batch=64, kv_len=4096, page_size=16, q_heads=32, kv_heads=8, head_dim=128)
 
 
 class Counter:
@@ -220,7 +222,10 @@ def per_call_us(fn, calls: int = 2000, reps: int = 7) -> float:
 
 def launches(plan) -> int:
     """A plan's launches a call: the main kernel, a separate fixup, and the dequant route's
-    pass over K and V before its 16-bit plan's."""
+    pass over K and V before its 16-bit plan's; a serving plan's work-list step and its
+    whole-tile build first."""
+    if hasattr(plan, "work_list_words"):
+        return 2 + (plan.fixup in ("uniform", "general")) + bool(plan.whole_tiles)
     runs = plan.dequant if getattr(plan, "dequant", None) is not None else plan
     return 1 + (runs.fixup in ("uniform", "general")) + 2 * (runs is not plan)
 
@@ -265,6 +270,7 @@ def measure(calls: int = 2000, reps: int = 7) -> dict:
                 rows["launch.run"] = (p, lambda: launch.run(p, q, k, v, out, None, scale=scale))
                 rows["custom op"] = ("op", lambda: torch.ops.skattn.attention(
                     q, k, v, None, None, None, None, True, None, 0.0, "auto", None, None))
+            rows.update(_serving_rows())
             result.update(fixup=p.fixup, launches=launches(p))
             for name, (plan, fn) in rows.items():
                 fn()
@@ -275,9 +281,55 @@ def measure(calls: int = 2000, reps: int = 7) -> dict:
                     plan = next(r.plan for r in api._CHECKED.values() if r.plan is not p)
                 elif plan == "op":  # the op's plan (cached per shape and policy)
                     plan = ops.plan_for(q, k, v, causal=True)
+                elif plan == "serving":  # the serving plans' launches: a work list, main, fixup
+                    plan = next(iter(serving_recipe.CHECKED.values())).plan
                 if made != launches(plan):
                     raise RuntimeError(f"{name}: {made} launches for a {plan.fixup} plan")
                 label = name if c_launcher is None else f"{name}, C launcher"
                 result[label] = per_call_us(fn, calls, reps)
     api._CHECKED.clear()
+    serving_recipe.CHECKED.clear()
     return result
+
+
+def _serving_rows() -> dict:
+    """`attention_with_kvcache` rows: llama-8b decode over 64 sequences of 4096 keys in pages
+    of 16 (`SERVING`), planned with the caller's out and workspace, unplanned (the stream's
+    pool), and through the custom op (a workspace of its own each call). Their lengths and
+    page ids are on the CPU here, where every call would check their values: those checks
+    (a GPU call never reads them) are left out."""
+    import skattn
+    import skattn.ops
+    from skattn import serving_checks
+
+    s = SERVING
+    B, L, ps = s["batch"], s["kv_len"], s["page_size"]
+    k = torch.zeros(B * L // ps, ps, s["kv_heads"], s["head_dim"], dtype=torch.float16)
+    v = torch.zeros_like(k)
+    table = torch.arange(B * L // ps, dtype=torch.int32).view(B, -1)
+    lens = torch.full((B,), L, dtype=torch.int32)
+    q = torch.zeros(B, 1, s["q_heads"], s["head_dim"], dtype=torch.float16)
+    out = torch.empty_like(q)
+    p = skattn.serving_plan(batch=B, q_len=1, max_kv_len=L, page_size=ps, max_pages=L // ps,
+                            q_heads=s["q_heads"], kv_heads=s["kv_heads"],
+                            head_dim=s["head_dim"], sms=GRID["sms"])
+    wsb = skattn.serving.workspace(p, "cpu")
+    kw = dict(cache_seqlens=lens, block_table=table)
+    serving_recipe.CHECKED.clear()  # recipes learned under the other stand-in
+
+    def unchecked(fn):
+        def call():
+            real = serving_checks.kvcache_values
+            serving_checks.kvcache_values = lambda *a: None
+            try:
+                fn()
+            finally:
+                serving_checks.kvcache_values = real
+        return call
+
+    rows = {"serving planned": (p, lambda: skattn.attention_with_kvcache(
+        q, k, v, **kw, plan=p, out=out, workspace=wsb)),
+            "serving unplanned": ("serving", lambda: skattn.attention_with_kvcache(q, k, v, **kw)),
+            "serving custom op": ("serving", lambda: skattn.ops.attention_with_kvcache(
+                q, k, v, **kw))}
+    return {name: (plan, unchecked(fn)) for name, (plan, fn) in rows.items()}
