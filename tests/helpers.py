@@ -1,6 +1,6 @@
 """Helpers shared by test files: bad FP8 arguments, random q, k, v on the GPU, a small
-model block that calls skattn's custom op, GPU builds compiled in a subprocess, and the
-quantized caches' two write paths."""
+model block that calls skattn's custom op, GPU builds compiled in a subprocess, the
+quantized caches' two write paths, and the stubbed GPU of the recipe tests."""
 import contextlib
 import os
 import subprocess
@@ -222,3 +222,31 @@ def write_path(monkeypatch, module, one: bool) -> list:
     else:
         monkeypatch.setattr(module, "one_launch", lambda *a: False)
     return calls
+
+
+@contextlib.contextmanager
+def stubbed_gpu(monkeypatch, which: str, tables=()):
+    """The stubbed GPU of the recipe tests (`host_cpu.stub_gpu`): recipes launch through
+    Triton's C launch functions (stand-ins, `which` "triton") or skattn's C launcher, whose
+    launches are decoded back into the tuples Triton's would get ("skattn"). Yields the
+    counter, with `wrapped` counting calls through Triton's Python launcher; `tables` (dicts
+    of recipes) and the workspace pools are emptied before and after."""
+    from triton.backends.nvidia.driver import CudaLauncher
+
+    from skattn import buffers
+    from skattn.bench import host_cpu
+
+    wrapped = []
+    real = CudaLauncher.__call__
+    monkeypatch.setattr(CudaLauncher, "__call__",
+                        lambda self, *a: (wrapped.append(1), real(self, *a))[1])
+    for t in tables:
+        t.clear()
+    buffers.release()
+    c_launcher = "decode" if which == "skattn" else None
+    with torch.no_grad(), host_cpu.stub_gpu(c_launcher) as counter:
+        counter.wrapped = wrapped
+        counter.c_launcher = c_launcher
+        yield counter
+    for t in tables:
+        t.clear()

@@ -3,34 +3,21 @@ the C launch function exactly the arguments `launch.run` passes Triton's launche
 pointers as integers, and no two calls share launches wrongly."""
 import pytest
 import torch
-from triton.backends.nvidia.driver import CudaLauncher
 
 import skattn
 from skattn import api, launch, ops, recipe
 from skattn import buffers as ws
 from skattn.bench import host_cpu
+from helpers import stubbed_gpu
 
 SHAPE = dict(batch=1, q_len=2, kv_len=512, q_heads=8, kv_heads=2, head_dim=64)
 
 
 @pytest.fixture(params=["triton", "skattn"])
 def gpu(monkeypatch, request):
-    """The stubbed GPU; `gpu.wrapped` counts calls through Triton's Python launcher. Recipes
-    launch through Triton's C launch functions (stand-ins) or skattn's C launcher, whose
-    launches are decoded back into the tuples Triton's would get (`host_cpu.stub_gpu`)."""
-    wrapped = []
-    real = CudaLauncher.__call__
-    monkeypatch.setattr(CudaLauncher, "__call__",
-                        lambda self, *a: (wrapped.append(1), real(self, *a))[1])
-    api._CHECKED.clear()
-    ops._RECIPES.clear()
-    ws.release()
-    c_launcher = "decode" if request.param == "skattn" else None
-    with torch.no_grad(), host_cpu.stub_gpu(c_launcher) as counter:
-        counter.wrapped = wrapped
-        counter.c_launcher = c_launcher
+    """The stubbed GPU (`helpers.stubbed_gpu`), with each launch stand-in."""
+    with stubbed_gpu(monkeypatch, request.param, [api._CHECKED, ops._RECIPES]) as counter:
         yield counter
-    api._CHECKED.clear()
 
 
 def _plan(**kw):

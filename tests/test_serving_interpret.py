@@ -396,18 +396,25 @@ def test_bad_pages_in_unmasked_blocks(page_size, block_n, Lq, bad_pages, bad):
         assert rel_err(out[b:b + 1], ref) <= tol, (b, rel_err(out[b:b + 1], ref), tol)
 
 
-def test_pooled_work_list_outgrown_stays_alive():
+@pytest.mark.parametrize("captured", [False, True])
+def test_pooled_work_list_outgrown_stays_alive_where_a_graph_saw_it(captured):
     # a CUDA graph captured with the pooled work list keeps its address: a bigger plan later
-    # gets a new buffer and the old one is kept, not freed
+    # gets a new buffer and the old one is kept with the stream's pool, not freed; without a
+    # capture it is freed
+    from skattn import buffers
     from skattn import serving_launch as sl
 
     small, big = kv_plan(2, 1, 40, 4, 2, 16), kv_plan(300, 1, 40, 4, 2, 16)
     dev = torch.device("cpu")
-    sl._WL_POOL.pop((dev, 0), None)
+    buffers.release()
     first = sl._views(small, sl.bind(small, dev), None, dev, 0)[4]
+    buffers._pool(dev, 0).captured = captured
     second = sl._views(big, sl.bind(big, dev), None, dev, 0)[4]
     assert second.numel() == big.work_list_words and first.numel() == small.work_list_words
-    assert any(first.data_ptr() == r.data_ptr() for r in sl._WL_RETIRED)
+    retired = buffers._pool(dev, 0).retired
+    assert any(first.data_ptr() == r.data_ptr() for r in retired) == captured
+    buffers.release()
+    assert not buffers._WORK_LISTS
 
 
 @pytest.mark.parametrize("policy, max_kv_len, kind", [("llamacpp", 64, "general"),

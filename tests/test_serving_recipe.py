@@ -4,13 +4,12 @@ checked path (`run_halves`) passes Triton's launcher, pointers as integers, for 
 of cache, plan, workspace and option; and calls on CPU tensors keep every check."""
 import pytest
 import torch
-from triton.backends.nvidia.driver import CudaLauncher
 
 import skattn
 import skattn.ops
 from skattn import buffers as ws
-from skattn import serving, serving_recipe
-from skattn.bench import host_cpu
+from skattn import serving, serving_launch, serving_recipe
+from helpers import stubbed_gpu
 from serving_inputs import paged_cache, varlen_inputs
 
 I32 = torch.int32
@@ -21,21 +20,9 @@ VARLEN_Q, VARLEN_K = [3, 0, 20, 1], [20, 5, 40, 9]
 
 @pytest.fixture(params=["triton", "skattn"])
 def gpu(monkeypatch, request):
-    """The stubbed GPU; `gpu.wrapped` counts calls through Triton's Python launcher. Recipes
-    launch through Triton's C launch functions (stand-ins) or skattn's C launcher, decoded
-    back into the tuples Triton's would get."""
-    wrapped = []
-    real = CudaLauncher.__call__
-    monkeypatch.setattr(CudaLauncher, "__call__",
-                        lambda self, *a: (wrapped.append(1), real(self, *a))[1])
-    serving_recipe.CHECKED.clear()
-    ws.release()
-    c_launcher = "decode" if request.param == "skattn" else None
-    with torch.no_grad(), host_cpu.stub_gpu(c_launcher) as counter:
-        counter.wrapped = wrapped
-        counter.c_launcher = c_launcher
+    """The stubbed GPU (`helpers.stubbed_gpu`), with each launch stand-in."""
+    with stubbed_gpu(monkeypatch, request.param, [serving_recipe.CHECKED]) as counter:
         yield counter
-    serving_recipe.CHECKED.clear()
 
 
 def _ints(args, swap):
@@ -269,3 +256,61 @@ def test_out_over_the_cache_refused_on_the_first_call(gpu):
         skattn.attention_with_kvcache(q, k, v, cache_seqlens=lens, block_table=table, plan=p,
                                       out=over)
     assert not serving_recipe.CHECKED
+
+
+def test_a_mixed_plan_on_a_new_pool_reads_its_addresses_after_growing_it(gpu):
+    # the recipe learned where the stream's pool held both halves; the pool then dropped (a
+    # new stream's is the same): replaying grows it for each half in turn, and every launch
+    # must read the final buffer, not the one the long half's growth freed
+    q, k, v, cu_q, cu_k = varlen_inputs(VARLEN_Q, VARLEN_K, hq=HQ, hkv=HKV, d=D, pad_q=2)
+    p = skattn.serving_plan(batch=len(VARLEN_Q), max_q_len=max(VARLEN_Q), total_q=q.shape[0],
+                            max_kv_len=max(VARLEN_K), total_k=k.shape[0], q_heads=HQ,
+                            kv_heads=HKV, head_dim=D, sms=4, occupancy=2, q_split=3)
+    layouts = [ws.layout(h, h.tiles_max) for h in p.halves]
+    assert sum(layouts[1][:2]) > sum(layouts[0][:2])  # the long half grows the pool
+    out = torch.empty(q.shape[0], HQ, D, dtype=q.dtype)
+
+    def call():
+        skattn.attention_varlen(q, k, v, cu_q, cu_k, max(VARLEN_Q), max(VARLEN_K), plan=p,
+                                out=out)
+        return out
+
+    call()
+    freed = []
+    real = ws._Pool.get
+
+    def get(self, layout, need, device):
+        before = self.buf
+        got = real(self, layout, need, device)
+        if before is not None and self.buf is not before:
+            freed.append((before.data_ptr(), before.numel()))
+        return got
+
+    ws.release()
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(ws._Pool, "get", get)
+        fast, slow = fast_and_slow(gpu, call)
+    assert freed, "the pool did not grow between the halves"
+    assert fast == slow
+    for lo, n in freed:
+        assert not any(type(x) is int and lo <= x < lo + n for a in fast for x in a[13:])
+
+
+def test_work_lists_and_workspace_cut_from_one_allocation(gpu):
+    # where each view came from decides its address, not which allocation it is in: a
+    # second work list of the same buffer is read at its own offset
+    q, k, v, lens, table = kv_inputs()
+    p = kv_plan(q, k, table)
+    need, words = serving_launch.workspace_bytes(p), p.work_list_words * 4
+    arena = torch.zeros(need + 2 * words + 64, dtype=torch.uint8)
+    wsb = arena[:need]
+    lists = [arena[need + i * words:need + (i + 1) * words].view(I32) for i in range(2)]
+    out = torch.empty_like(q)
+    for wl in lists:
+        call = (lambda wl: lambda: skattn.attention_with_kvcache(
+            q, k, v, cache_seqlens=lens, block_table=table, plan=p, out=out, workspace=wsb,
+            work_list=wl))(wl)
+        fast = _check(gpu, lambda c=call: (c(), out)[1])
+        ints = {x for a in fast for x in a[13:] if type(x) is int}
+        assert wl.data_ptr() in ints
+        assert all(other.data_ptr() not in ints for other in lists if other is not wl)

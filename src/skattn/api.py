@@ -40,15 +40,7 @@ def _signature(q, k, v, scale, causal, window, mask, sinks, softcap, alibi_slope
     """What `checks.attention_args` depends on, cheap to build and hash (a plan by a token
     it carries, so a freed plan's id is never mistaken for a new one's). Unhashable options
     make it unhashable: the checks name them."""
-    token = None
-    if plan is not None:
-        d = getattr(plan, "__dict__", None)
-        if d is None:
-            token = type(plan), id(plan)
-        else:
-            token = d.get("_token")
-            if token is None:
-                token = d["_token"] = type(plan), next(_TOKENS)
+    token = plan_token(plan)
     if not _METAS:
         _METAS.append(launcher.metas_function())
     # every tensor argument in one C call where all are plain tensors or None (a float
@@ -69,6 +61,20 @@ def _signature(q, k, v, scale, causal, window, mask, sinks, softcap, alibi_slope
             None if v_scale is None else _meta(v_scale))
     return (tensors, scale, type(scale), softcap, type(softcap), causal, type(causal), window,
             type(window), return_lse, type(return_lse), token, torch.is_grad_enabled())
+
+
+def plan_token(plan):
+    """A plan's key in signatures: a token it carries from its first call on (so a freed
+    plan's id is never mistaken for a new one's); None for no plan."""
+    if plan is None:
+        return None
+    d = getattr(plan, "__dict__", None)
+    if d is None:
+        return type(plan), id(plan)
+    token = d.get("_token")
+    if token is None:
+        token = d["_token"] = type(plan), next(_TOKENS)
+    return token
 
 
 @lru_cache(maxsize=256)

@@ -132,6 +132,7 @@ class _Pool:
 
 _POOLS: OrderedDict[tuple, _Pool] = OrderedDict()
 _CALLER: OrderedDict[tuple, tuple[torch.Tensor, ...]] = OrderedDict()
+_WORK_LISTS: dict[tuple, torch.Tensor] = {}  # (device, stream) -> serving work-list pool
 
 
 def _pool(device, stream: int) -> _Pool:
@@ -149,6 +150,7 @@ def _pool(device, stream: int) -> _Pool:
                     break
                 continue
             del _POOLS[old_key]
+            _WORK_LISTS.pop(old_key, None)
     return pool
 
 
@@ -218,8 +220,24 @@ def held_bytes() -> int:
     return sum(p.held_bytes() for p in _POOLS.values())
 
 
+def work_list(words: int, device, stream: int) -> torch.Tensor:
+    """The serving work-list pool of (device, stream) (int32), grown to `words` if smaller.
+    An outgrown buffer is kept with the stream's pool where a CUDA graph was captured with
+    it (the graph still addresses it), else freed."""
+    key = (device, stream)
+    wl = _WORK_LISTS.get(key)
+    if wl is None or wl.numel() < words:
+        pool = _pool(device, stream)
+        if wl is not None and (pool.captured or capturing(device)):
+            pool.retired.append(wl)
+        size = max(words, 256, 2 * (wl.numel() if wl is not None else 0))
+        wl = _WORK_LISTS[key] = torch.empty(size, dtype=torch.int32, device=device)
+    return wl
+
+
 def release() -> None:
     """Drop every pool. Only when no captured CUDA graph that ran skattn without its own
     `workspace=` will replay: such a graph keeps the addresses of the pool it saw."""
     _POOLS.clear()
     _CALLER.clear()
+    _WORK_LISTS.clear()

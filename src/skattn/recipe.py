@@ -210,17 +210,25 @@ class Recipe:
         sources = [*order, *views, *routed]
         tables = {id(t): t for t in (b.qblock_off, b.kv_first,
                                      *(b.prefill.tables if b.prefill is not None else ()))}
-        learned = learn_launches(record, sources, tables)
-        if learned is None:  # launches it cannot replay: this signature keeps launch.run
-            self.serves = False
-            return
-        pattern = misaligned([x.data_ptr() for x in sources])
-        spec = None
-        if self.fast is not None:
-            spec = learn_spec(record, sources, tables, roles=len(sources), pattern=pattern)
-        self.by_align[pattern] = (spec, learned)
-        if self.first_spec is None:
-            self.first_spec = spec
+        if not keep_learned(self, record, sources, tables):
+            self.serves = False  # launches it cannot replay: this signature keeps launch.run
+
+
+def keep_learned(owner, record, sources, tables) -> bool:
+    """Keep `record`'s launches in `owner.by_align` (a recipe's) under the alignment pattern
+    of `sources`, with the C launcher's spec where `owner.fast` is set (`learn_launches`,
+    `learn_spec`); False where they cannot be replayed."""
+    learned = learn_launches(record, sources, tables)
+    if learned is None:
+        return False
+    pattern = misaligned([x.data_ptr() for x in sources])
+    spec = None
+    if owner.fast is not None:
+        spec = learn_spec(record, sources, tables, roles=len(sources), pattern=pattern)
+    owner.by_align[pattern] = (spec, learned)
+    if owner.first_spec is None:
+        owner.first_spec = spec
+    return True
 
 
 def misaligned(ptrs) -> int:

@@ -25,10 +25,6 @@ from skattn.serving_plan import POLICY_CODE, ServingPlan, n_sat
 
 INT32_MAX = 2**31 - 1
 RB_CHUNK = 256
-_WL_POOL: dict = {}  # (device, stream) -> an int32 buffer for work lists built per call
-# work-list buffers outgrown: kept, since a graph captured with the pool still addresses them
-# (each replacement at least doubles the size, so they hold less than the current one)
-_WL_RETIRED: list = []
 _KEYS: dict = {}
 
 
@@ -135,13 +131,7 @@ def _views(plan: ServingPlan, b: Bound, workspace, device, stream):
         wl = raw[at:at + plan.work_list_words * 4].view(torch.int32)
         return ws_o, ws_m, ws_l, counters, wl
     ws_o, ws_m, ws_l, counters = ws.pooled(b.layout, (o + 2 * m + c) * 4, device, stream)
-    key = (device, stream)
-    wl = _WL_POOL.get(key)
-    if wl is None or wl.numel() < plan.work_list_words:
-        if wl is not None:  # a captured CUDA graph may hold its address: keep it alive
-            _WL_RETIRED.append(wl)
-        size = max(plan.work_list_words, 256, 2 * (wl.numel() if wl is not None else 0))
-        wl = _WL_POOL[key] = torch.empty(size, dtype=torch.int32, device=device)
+    wl = ws.work_list(plan.work_list_words, device, stream)
     return ws_o, ws_m, ws_l, counters, wl[:plan.work_list_words]
 
 
@@ -149,10 +139,7 @@ def pooled_addresses(plan: ServingPlan, b: Bound, device, stream) -> tuple[int, 
     """The addresses of `_views`' pooled views (ws_o, ws_m, ws_l, counters, work list)."""
     o, m, c = b.layout
     found = ws.pooled_addresses(b.layout, (o + 2 * m + c) * 4, device, stream)
-    wl = _WL_POOL.get((device, stream))
-    if wl is None or wl.numel() < plan.work_list_words:
-        wl = _views(plan, b, None, device, stream)[4]
-    return (*found, wl.data_ptr())
+    return (*found, ws.work_list(plan.work_list_words, device, stream).data_ptr())
 
 
 def _stream(b: Bound, device) -> int:

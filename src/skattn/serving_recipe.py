@@ -24,8 +24,8 @@ import torch
 
 from skattn import launch, launcher, quant
 from skattn import serving_launch as sl
-from skattn.api import _TOKENS, _meta, remember
-from skattn.recipe import learn_launches, learn_spec, misaligned
+from skattn.api import _meta, plan_token, remember
+from skattn.recipe import keep_learned, misaligned
 from skattn.serving_mixed import MixedPlan
 
 # the tensors a call passes, in the order of their addresses in the per-call values (those
@@ -45,16 +45,7 @@ def signature(tensors: tuple, options: tuple, plan):
     metas = _METAS[0](*tensors) if _METAS[0] is not None else None
     if metas is None:  # a block form, a float scale or a subclass: Python reads them
         metas = tuple(None if x is None else _meta(x) for x in tensors)
-    token = None
-    if plan is not None:
-        d = getattr(plan, "__dict__", None)
-        if d is None:
-            token = type(plan), id(plan)
-        else:
-            token = d.get("_token")
-            if token is None:
-                token = d["_token"] = type(plan), next(_TOKENS)
-    return metas, options, token, torch.is_grad_enabled()
+    return metas, options, plan_token(plan), torch.is_grad_enabled()
 
 
 def lookup(key):
@@ -113,9 +104,10 @@ def check_work_list(plan, wl, device) -> None:
 def run_halves(plan, q, k, v, out, lse, *, seq_k, seq_q, block_table, scale, sinks, softcap,
                alibi_slopes, workspace, work_list, k_scale=None, v_scale=None,
                record: list | None = None) -> list:
-    """Build each half's work list (unless given) and launch its kernels; returns the
-    workspace views each half used, (ws_o, ws_m, ws_l, counters, work list) a half.
-    `record` as `serving_launch.run`'s."""
+    """Build each half's work list (unless given) and launch its kernels; returns, per half,
+    the workspace views it used (ws_o, ws_m, ws_l, counters, work list) and where they came
+    from: (views, from the caller's workspace, work list from the caller's). `record` as
+    `serving_launch.run`'s."""
     if isinstance(plan, MixedPlan) and work_list is not None:
         check_work_list(plan, work_list, q.device)
     used = []
@@ -137,7 +129,7 @@ def run_halves(plan, q, k, v, out, lse, *, seq_k, seq_q, block_table, scale, sin
                sinks=sinks, softcap=float(softcap), alibi_slopes=alibi_slopes,
                ws_views=(ws_o, ws_m, ws_l, counters), k_scale=k_scale, v_scale=v_scale,
                record=record)
-        used.append((ws_o, ws_m, ws_l, counters, wl))
+        used.append(((ws_o, ws_m, ws_l, counters, wl), ws_buf is not None, wl_given is not None))
     return used
 
 
@@ -157,6 +149,7 @@ class Recipe:
         self.by_align: dict = {}
         self.first_spec = None
         self.where = None  # per workspace source: ("ws" | "wl", offset) or ("pool", half, slot)
+        self.pooled: list = []  # the halves whose views come from the stream's pool
 
     def run(self, q, k, v, out, lse, seq_k, seq_q, block_table, sinks, alibi_slopes, k_scale,
             v_scale, workspace, work_list, scale: float, softcap: float) -> None:
@@ -193,22 +186,16 @@ class Recipe:
 
     def addresses(self, workspace, work_list, stream) -> list:
         """The call's addresses of the workspace views the launches read, in the order
-        `learn` found them."""
-        pooled: dict = {}
-        found = []
+        `learn` found them. The pool is grown for every half that uses it before any of its
+        addresses is read: a half's growth would free the buffer an earlier half's
+        addresses point into."""
+        pooled = {}
+        for _ in range(1 if len(self.pooled) < 2 else 2):
+            pooled = {h: sl.pooled_addresses(self.halves[h], self.bounds[h], self.device, stream)
+                      for h in self.pooled}
         base = {"ws": workspace.data_ptr() if workspace is not None else 0,
                 "wl": work_list.data_ptr() if work_list is not None else 0}
-        for kind, a, b in self.where:
-            if kind != "pool":
-                found.append(base[kind] + a)
-            else:
-                got = pooled.get(a)
-                if got is None:
-                    half = self.halves[a]
-                    got = pooled[a] = sl.pooled_addresses(half, self.bounds[a], self.device,
-                                                          stream)
-                found.append(got[b])
-        return found
+        return [base[kind] + a if kind != "pool" else pooled[a][b] for kind, a, b in self.where]
 
     def learn(self, tensors: tuple, kw: dict) -> None:
         """Run the call on fresh aliases of its tensors (every argument slot then names one
@@ -224,33 +211,22 @@ class Recipe:
             return  # V read as 32-bit words needs a check the alignment patterns do not make
         sources = [x for x in alias if x is not None]
         where = []
-        for h, views in enumerate(used):
+        for h, (views, from_ws, from_wl) in enumerate(used):
             for slot, x in enumerate(views):
                 if any(x is s for s in sources):
-                    continue  # (the pool's views, shared by both halves of a mixed plan)
-                where.append(self.origin(x, h, slot, kw["workspace"], kw["work_list"]))
+                    continue  # (the pool's counters, shared by both halves of a mixed plan)
+                if slot == 4 and from_wl:
+                    where.append(("wl", x.data_ptr() - kw["work_list"].data_ptr(), None))
+                elif from_ws:
+                    where.append(("ws", x.data_ptr() - kw["workspace"].data_ptr(), None))
+                else:
+                    where.append(("pool", h, slot))
                 sources.append(x)
         if self.where is not None and where != self.where:
             return  # the views found elsewhere than before: this alignment keeps run_halves
         tables = {id(b.cost): b.cost for b in self.bounds}
-        learned = learn_launches(record, sources, tables)
-        if learned is None:  # launches it cannot replay: the signature keeps run_halves
+        if not keep_learned(self, record, sources, tables):
+            self.serves = False  # launches it cannot replay: the signature keeps run_halves
             return
-        pattern = misaligned([x.data_ptr() for x in sources])
-        spec = None
-        if self.fast is not None:
-            spec = learn_spec(record, sources, tables, roles=len(sources), pattern=pattern)
-        self.by_align[pattern] = (spec, learned)
-        if self.first_spec is None:
-            self.first_spec = spec
         self.where = where
-
-    @staticmethod
-    def origin(x, half: int, slot: int, workspace, work_list) -> tuple:
-        """Where a workspace view lives: a caller's (or the call's own) workspace, a caller's
-        work list, at an offset; else the pool of the call's stream."""
-        base = x.untyped_storage().data_ptr()
-        for kind, buf in (("ws", workspace), ("wl", work_list)):
-            if buf is not None and buf.untyped_storage().data_ptr() == base:
-                return kind, x.data_ptr() - buf.data_ptr(), None
-        return "pool", half, slot
+        self.pooled = sorted({a for kind, a, _ in where if kind == "pool"})
