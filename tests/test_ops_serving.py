@@ -114,17 +114,20 @@ def test_varlen_op_matches_float64_and_zeroes_rows_of_no_sequence(paged):
     assert torch.equal(got[:n], eager[:n])
 
 
-def test_workspace_of_the_call_needs_only_its_counters_zeroed(monkeypatch):
+def test_workspace_of_the_call_needs_nothing_zeroed(monkeypatch):
     # every torch.empty of the call (the op's workspace among them) full of garbage: the
-    # work list is built and the partials written before they are read; only the counters
-    # (zeroed by serving.fresh_workspace) must start at 0. Against the eager function on a zeroed
-    # workspace of its own, bit for bit, for plans of every merge
+    # work list is built and the partials written before they are read, and the work-list
+    # step zeroes the fused counters. Against the eager function on a zeroed workspace of
+    # its own, bit for bit, for plans of every merge
     q, k, v, cu_q, cu_k = varlen_inputs(VARLEN_Q, VARLEN_K, hq=HQ, hkv=HKV, d=D, seed=6)
     bounds = dict(batch=4, max_q_len=max(VARLEN_Q), total_q=q.shape[0], max_kv_len=max(VARLEN_K),
                   total_k=k.shape[0], q_heads=HQ, kv_heads=HKV, head_dim=D, sms=4, occupancy=2)
     plans = [skattn.serving_plan(**bounds, **kw) for kw in (
         {}, dict(policy="llamacpp"), dict(policy="split"), dict(q_split=None, fixup="fused"),
-        dict(q_split=None, fixup="fused", tail=15), dict(q_split=None, fixup="general"))]
+        dict(q_split=None, fixup="fused", tail=15), dict(q_split=None, fixup="general"),
+        # tiles cut between programs: the fused merge counts their pieces
+        dict(q_split=None, fixup="fused", programs=4, block_n=16),
+        dict(q_split=None, fixup="fused", programs=4))]
     real = torch.empty
 
     def garbage(*shape, **kw):

@@ -6,8 +6,8 @@ gives the output's shape, so `torch.compile(fullgraph=True)` traces a model that
 ragged or paged cache without a graph break, and CUDA graphs (mode="reduce-overhead")
 capture it; lengths, block tables and offsets are tensors read on the GPU, so a captured
 graph follows them as they change. The plan is made per bounds and policy (cached), and
-every call builds its work list and uses a workspace of its own (`serving.fresh_workspace`: CUDA
-graphs of torch.compile own what an op allocates). The eager entry points stay
+every call builds its work list and uses a workspace of its own, uninitialised (CUDA graphs
+of torch.compile own what an op allocates; the work-list step zeroes the fused counters). The eager entry points stay
 `skattn.attention_with_kvcache` and `skattn.attention_varlen` (no dispatcher on their path).
 
 Quantized K/V pass as tensors, as the dense op takes them: FP8 K/V with `k_scale`,

@@ -93,10 +93,11 @@ def workspace(plan: ServingPlan | MixedPlan, device=None) -> torch.Tensor:
 
 
 def fresh_workspace(plan: ServingPlan | MixedPlan, device) -> torch.Tensor:
-    """A workspace for one call, freed with it (the custom ops'): CUDA graphs of torch.compile
-    own what an op allocates, so it keeps no pool. Only the counters at the end of each plan's
-    part are zeroed (a memset the graph replays); each call builds its work list and writes
-    the partials before reading them."""
+    """A workspace for one call, freed with it, that may take a work list built before
+    (`work_list=`): only the counters at the end of each plan's part are zeroed (a memset);
+    the partials are written before they are read. A call that builds its own work list
+    needs no zeroed bytes at all (its work-list step zeroes the counters): the custom ops
+    take an uninitialised workspace of that size each call."""
     mixed = isinstance(plan, MixedPlan)
     size = sr.mixed_workspace_bytes(plan) if mixed else sl.workspace_bytes(plan)
     buf = torch.empty(max(16, size), dtype=torch.uint8, device=device)
@@ -205,7 +206,7 @@ def _kvcache(q, k_cache, v_cache, cache_seqlens, block_table, causal, window, si
              alibi_slopes, scale, return_lse, plan, out, workspace, work_list, k_scale, v_scale,
              policy: str = "auto", own_workspace: bool = False):
     """`attention_with_kvcache`; without a plan, one of `policy`; `own_workspace`: a
-    workspace of the call's own (`fresh_workspace`), as the custom op runs it. A repeat call
+    workspace of the call's own (uninitialised), as the custom op runs it. A repeat call
     of a checked signature replays its recipe (`skattn.serving_recipe`)."""
     key = sr.signature((q, k_cache, v_cache, out, cache_seqlens, block_table, sinks,
                         alibi_slopes, k_scale, v_scale, workspace, work_list),
@@ -254,8 +255,8 @@ def _call(rec: sr.Recipe, q, k, v, seq_k, seq_q, block_table, sinks, softcap, al
         out = (torch.empty_like(q, memory_format=torch.contiguous_format)
                if rec.out_shape == q.shape else
                torch.empty(rec.out_shape, device=q.device, dtype=q.dtype))
-    if own_workspace:
-        workspace = fresh_workspace(rec.plan, q.device)
+    if own_workspace:  # uninitialised: the call builds its work lists, which zero the counters
+        workspace = torch.empty(rec.workspace_bytes, dtype=torch.uint8, device=q.device)
     lse = torch.empty(rec.lse_shape, device=q.device, dtype=torch.float32) if return_lse else None
     scale = default_scale(q.shape[-1]) if scale is None else float(scale)
     k, v, k_scale, v_scale = quant.kernel_kv(k, v, k_scale, v_scale, q.device)

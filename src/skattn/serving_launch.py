@@ -147,20 +147,26 @@ def _stream(b: Bound, device) -> int:
 
 
 def build(plan: ServingPlan, wl: torch.Tensor, *, seq_k: torch.Tensor, cu_k: bool,
-          seq_q: torch.Tensor | None, record: list | None = None) -> None:
-    """Launch the work-list step into `wl` (plan.work_list_words int32); `record` as `run`'s."""
+          seq_q: torch.Tensor | None, counters: torch.Tensor | None = None,
+          record: list | None = None) -> None:
+    """Launch the work-list step into `wl` (plan.work_list_words int32); a fused plan's step
+    also zeroes `counters` (the workspace's, int32) where given. `record` as `run`'s."""
     device = wl.device
     cap_k = plan.key_capacity
     total_k = plan.total_k if plan.layout == "packed" else INT32_MAX
     b = bind(plan, device)
     stream = _stream(b, device)
-    args = (seq_k, seq_q if seq_q is not None else seq_k, wl, b.cost, plan.batch,
+    n_counters = b.layout[2] if counters is not None else 0
+    counters = counters if counters is not None else wl
+    args = (seq_k, seq_q if seq_q is not None else seq_k, wl, b.cost, counters, n_counters,
+            plan.batch,
             plan.q_len or 0, plan.max_q_len, plan.total_q, cap_k, total_k, plan.hz, plan.rb_max,
             plan.window or 0, *b.wl_ints)
     const = dict(b.wl_const, CU_K=cu_k)
     key = None
     if b.cuda and _no_hooks():
-        key = (b.kid, "wl", cu_k, *(x.data_ptr() % 16 == 0 for x in (seq_k, args[1], wl)))
+        key = (b.kid, "wl", cu_k,
+               *(x.data_ptr() % 16 == 0 for x in (seq_k, args[1], wl, counters)))
     _launch(_wl.work_list_kernel, key, args, const, (1, 1, 1), stream, record)
 
 

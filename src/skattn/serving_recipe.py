@@ -121,7 +121,8 @@ def run_halves(plan, q, k, v, out, lse, *, seq_k, seq_q, block_table, scale, sin
         stream = sl._stream(b, device)
         ws_o, ws_m, ws_l, counters, wl = sl._views(half, b, ws_buf, device, stream)
         if wl_given is None:
-            sl.build(half, wl, seq_k=seq_k, cu_k=half.varlen, seq_q=seq_q, record=record)
+            sl.build(half, wl, seq_k=seq_k, cu_k=half.varlen, seq_q=seq_q, counters=counters,
+                     record=record)
         else:
             check_work_list(half, wl_given, device)
             wl = wl_given
@@ -142,6 +143,9 @@ class Recipe:
         self.plan = plan
         self.out_shape, self.lse_shape = out_shape, lse_shape
         self.halves = plan.halves if isinstance(plan, MixedPlan) else (plan,)
+        mixed = isinstance(plan, MixedPlan)  # (a workspace of the call's own: the ops')
+        self.workspace_bytes = max(16, mixed_workspace_bytes(plan) if mixed
+                                   else sl.workspace_bytes(plan))
         self.bounds = [sl.bind(h, device) for h in self.halves]
         self.serves = all(b.cuda for b in self.bounds)
         self.device, self.index = device, device.index

@@ -191,9 +191,9 @@ def _whole_tiles(work, tiles, maxc, minc, lq_max, resident, lq_min, ws_resident,
     return prompt & (work > 0) & (whole_x10 < cut_x10)
 
 
-@triton.jit(do_not_specialize=SHAPE_INTS)
+@triton.jit(do_not_specialize=[*SHAPE_INTS, "n_counters"])
 def work_list_kernel(
-    SEQ_K, SEQ_Q, WL, COST,
+    SEQ_K, SEQ_Q, WL, COST, COUNTERS, n_counters,
     batch, q_len, cap_q, total_q, cap_k, total_k, hz, rb_max, window,
     grid_programs, split, n_sat, per_sm, q_lo, q_hi, resident, ws_resident,
     CU_K: tl.constexpr, VARLEN_Q: tl.constexpr, CAUSAL: tl.constexpr,
@@ -203,7 +203,13 @@ def work_list_kernel(
     WHOLE: tl.constexpr = False, LQ_MIN: tl.constexpr = 0, TAIL: tl.constexpr = 0,
     WS: tl.constexpr = 0,
 ):
-    """One program: lengths -> row blocks -> per-row-block KV blocks -> prefix sums -> N."""
+    """One program: lengths -> row blocks -> per-row-block KV blocks -> prefix sums -> N.
+    Also sets the fused merge's `n_counters` counters to 0 (the main kernel leaves them so,
+    but a workspace of the call's own starts as garbage)."""
+    if FUSED:
+        for c0 in range(0, n_counters, 1024):
+            c = c0 + tl.arange(0, 1024)
+            tl.store(COUNTERS + c, tl.zeros([1024], dtype=tl.int32), mask=c < n_counters)
     rb_real, lq_max = _sequences(SEQ_K, SEQ_Q, WL, batch, q_len, cap_q, total_q, cap_k,
                                  total_k, rb_max, q_lo, q_hi, CU_K, VARLEN_Q, Q_RANGE, TOKENS,
                                  BLOCK_B)
