@@ -270,3 +270,25 @@ def test_register_refuses_a_bad_q_split():
     for bad in (0, -1, 1.5, True, "half"):
         with pytest.raises(ValueError, match="q_split"):
             skt.register(name="skattn_bad", q_split=bad)
+
+
+def test_block_table_kept_for_a_step_and_made_anew_after_a_write():
+    # every full-attention layer of a step reads one read index: its table is made once;
+    # an in-place write to the index (or new lengths) makes a new one, with the new pages
+    from skattn.transformers_paged import _TABLE, block_table
+
+    _TABLE.clear()
+    read = torch.arange(64) + 32          # rows of the cache, pages of 16: pages 2, 3, ...
+    cu_k = torch.tensor([0, 20, 36], dtype=torch.int32)
+    first = block_table(read, cu_k, 32, 16)
+    assert first.tolist() == [[2, 3], [3, 4]] and first.dtype == torch.int32
+    assert block_table(read, cu_k, 32, 16) is first             # the next layer's
+    read.add_(16)                                                # the next step, in place
+    again = block_table(read, cu_k, 32, 16)
+    assert again is not first and again.tolist() == [[3, 4], [4, 5]]
+    cu_k[1] = 4                                                  # new lengths, in place
+    assert block_table(read, cu_k, 32, 16).tolist() == [[3, 4], [3, 4]]
+    assert block_table(read.clone(), cu_k, 32, 16) is not block_table(read, cu_k, 32, 16)
+    with torch.inference_mode():                                 # no version counters
+        r, c = read.clone(), cu_k.clone()
+        assert block_table(r, c, 32, 16).tolist() == block_table(read, cu_k, 32, 16).tolist()

@@ -142,12 +142,33 @@ def _paged(cache, layer_idx, key, value, write_index, read, cu_k, max_k):
     kc.index_copy_(0, write, key[0].transpose(0, 1))
     vc.index_copy_(0, write, value[0].transpose(0, 1))
     bs = cache.block_size
+    shape = (-1, bs) + tuple(kc.shape[1:])
+    return kc.view(shape), vc.view(shape), block_table(read, cu_k, max_k, bs)
+
+
+_TABLE: list = []  # the last block table made outside a CUDA graph capture, with its key
+
+
+def block_table(read, cu_k, max_k: int, bs: int) -> torch.Tensor:
+    """The block table [B, pages] of a step: entry (b, j) is the page that holds row
+    cu_k[b] + j x bs of the read index. Every full-attention layer of a step reads the same
+    index, so the last table is kept and reused while `read` and `cu_k` are the same tensors,
+    unmodified (their version counters: an in-place write makes a new table); not while a
+    CUDA graph is captured (the graph must compute its own), nor for inference tensors
+    (which have no version counter)."""
+    keep = not (read.is_inference() or cu_k.is_inference()
+                or (read.is_cuda and torch.cuda.is_current_stream_capturing()))
+    key = (read, read._version, cu_k, cu_k._version, max_k, bs) if keep else None
+    if keep and _TABLE and all(a is b if isinstance(a, torch.Tensor) else a == b
+                               for a, b in zip(_TABLE[0], key)):
+        return _TABLE[1]
     pages = -(-max_k // bs)
     at = cu_k[:-1, None].long() + torch.arange(pages, device=read.device) * bs
     # entries past a request's own pages are never read by skattn (it reads keys < Lk only)
     table = (read[at.clamp_(max=read.numel() - 1)] // bs).to(torch.int32)
-    shape = (-1, bs) + tuple(kc.shape[1:])
-    return kc.view(shape), vc.view(shape), table
+    if keep:
+        _TABLE[:] = [key, table]
+    return table
 
 
 def _layer_type(module, window) -> str:
