@@ -316,3 +316,31 @@ def test_work_lists_and_workspace_cut_from_one_allocation(gpu):
         ints = {x for a in fast for x in a[13:] if type(x) is int}
         assert wl.data_ptr() in ints
         assert all(other.data_ptr() not in ints for other in lists if other is not wl)
+
+
+def test_fp8_v_off_16_bytes_keeps_the_checked_path(gpu):
+    # FP8 V is read as 32-bit words: an address that is a multiple of 4 but not of 16 runs,
+    # on the checked path every call (an alignment pattern cannot tell 4 from 2), and one
+    # that is not a multiple of 4 is refused on every call, a repeat one included
+    q, k, v, lens, _ = kv_inputs(dense=True)
+    k8, ks = skattn.quant.fp8(k)
+    v8, vs = skattn.quant.fp8(v)
+    for shift, ok in ((4, True), (2, False)):
+        serving_recipe.CHECKED.clear()
+        raw = torch.empty(v8.numel() + 16, dtype=torch.uint8)
+        at = -raw.data_ptr() % 16 + shift
+        vv = raw[at:at + v8.numel()].view(torch.float8_e4m3fn).view(v8.shape)
+        vv.copy_(v8)
+        for i in range(3):
+            gpu.wrapped[:] = []
+            call = lambda: skattn.attention_with_kvcache(q, k8, vv, cache_seqlens=lens,  # noqa: E731
+                                                         k_scale=ks, v_scale=vs)
+            if not ok:
+                with pytest.raises(ValueError, match="multiple of 4"):
+                    call()
+                continue
+            call()
+            assert bool(gpu.wrapped) == (i > 0)  # compiled, then Triton's launcher each call
+        if ok:
+            (rec,) = serving_recipe.CHECKED.values()
+            assert not rec.serves and not rec.by_align

@@ -28,10 +28,6 @@ from skattn.api import _meta, plan_token, remember
 from skattn.recipe import keep_learned, misaligned
 from skattn.serving_mixed import MixedPlan
 
-# the tensors a call passes, in the order of their addresses in the per-call values (those
-# that are None in a signature are left out); the workspace's views follow
-ROLES = ("q", "k", "v", "out", "lse", "seq_k", "seq_q", "block_table", "sinks",
-         "alibi_slopes", "k_scale", "v_scale")
 CHECKED: dict = {}  # signature -> Recipe
 _METAS: list = []   # the C launcher's `metas` (None where it could not be built), once known
 
@@ -160,6 +156,8 @@ class Recipe:
         """`run_halves` for this signature: the recorded launches where there are some for
         the call's alignment, else `run_halves` itself (learning its launches where a recipe
         may serve the call)."""
+        # the per-call values: these tensors but those a signature has as None, then the
+        # addresses of the workspace views (`addresses`)
         tensors = (q, k, v, out, lse, seq_k, seq_q, block_table, sinks, alibi_slopes, k_scale,
                    v_scale)
         direct = (self.serves and torch._C._cuda_getDevice() == self.index
@@ -212,7 +210,10 @@ class Recipe:
         used = run_halves(self.plan, q, k, v, out, lse, seq_k=seq_k, seq_q=seq_q,
                           block_table=bt, record=record, **kw)
         if v.dtype in quant.FP8_DTYPES and v.data_ptr() % 16:
-            return  # V read as 32-bit words needs a check the alignment patterns do not make
+            # V read as 32-bit words needs a check (an address a multiple of 4) that alignment
+            # patterns cannot make: this signature keeps run_halves, as `skattn.recipe` does
+            self.serves = False
+            return
         sources = [x for x in alias if x is not None]
         where = []
         for h, (views, from_ws, from_wl) in enumerate(used):
