@@ -292,3 +292,20 @@ def test_block_table_kept_for_a_step_and_made_anew_after_a_write():
     with torch.inference_mode():                                 # no version counters
         r, c = read.clone(), cu_k.clone()
         assert block_table(r, c, 32, 16).tolist() == block_table(read, cu_k, 32, 16).tolist()
+
+
+def test_sinks_cast_once_and_again_after_a_write():
+    from skattn.transformers_paged import float_sinks
+
+    s = torch.nn.Parameter(torch.randn(8).to(torch.bfloat16), requires_grad=False)
+    first = float_sinks(s)
+    assert first.dtype == torch.float32 and torch.equal(first, s.float())
+    assert float_sinks(s) is first                      # the next layer's call
+    with torch.no_grad():
+        s.add_(1)                                       # new weights, in place
+    again = float_sinks(s)
+    assert again is not first and torch.equal(again, s.float())
+    s.data = torch.randn(8).to(torch.float16)           # another tensor under the parameter
+    assert torch.equal(float_sinks(s), s.float())
+    f32 = torch.randn(8)
+    assert float_sinks(f32) is f32 and float_sinks(None) is None

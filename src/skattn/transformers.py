@@ -26,7 +26,7 @@ import torch
 
 import skattn
 from skattn import ops, quant
-from skattn.transformers_paged import PagedForward
+from skattn.transformers_paged import PagedForward, float_sinks
 
 __all__ = ["register", "attention_forward", "attention_mask", "is_skattn", "FP8Cache",
            "Q8_0Cache", "NAME"]
@@ -164,7 +164,7 @@ def attention_forward(module, query, key, value, attention_mask, *, dropout=0.0,
         window = sliding_window if causal else None
     else:
         mask, causal = _additive(attention_mask, q.shape[2]), False
-    sinks = s_aux.float() if s_aux is not None else None
+    sinks = float_sinks(s_aux)
     kw = dict(scale=scaling, causal=causal, window=window, mask=mask, sinks=sinks,
               softcap=float(softcap or 0.0), **scales)
     if torch.compiler.is_compiling():

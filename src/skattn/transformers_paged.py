@@ -110,7 +110,7 @@ def paged_attention_forward(module, query, key, value, attention_mask, *, cache=
     out = q.new_zeros(q.shape[0], q.shape[1], v.shape[-1])
     skattn.attention_varlen(
         q, k, v, cu_q, cu_k, max_q, max_k, block_table=table, causal=True, window=window,
-        sinks=s_aux.float() if s_aux is not None else None, softcap=float(softcap or 0.0),
+        sinks=float_sinks(s_aux), softcap=float(softcap or 0.0),
         scale=scaling, out=out,
         plan=_plan(q, k, v, cu_q, max_q, max_k, window, policy, table, q_split,
                    int(max_seqlen_q)))
@@ -147,6 +147,24 @@ def _paged(cache, layer_idx, key, value, write_index, read, cu_k, max_k):
 
 
 _TABLE: list = []  # the last block table made outside a CUDA graph capture, with its key
+
+
+def float_sinks(s_aux) -> torch.Tensor | None:
+    """The model's sinks (`s_aux`) in float32, as skattn takes them. A 16-bit parameter's
+    copy is made once and kept on it while its storage, dtype and version counter stay (a
+    layer's cast each call is a launch in eager decode); the copy holds the storage it was
+    made from, so no other tensor can take its address meanwhile. Not inside torch.compile,
+    nor for inference tensors."""
+    if s_aux is None or s_aux.dtype == torch.float32:
+        return s_aux
+    if torch.compiler.is_compiling() or s_aux.is_inference():
+        return s_aux.float()
+    key = (s_aux.data_ptr(), s_aux.dtype, s_aux._version, s_aux.shape, s_aux.device)
+    kept = getattr(s_aux, "_skattn_f32", None)
+    if kept is None or kept[0] != key:
+        kept = (key, s_aux.detach().float(), s_aux.detach())
+        s_aux._skattn_f32 = kept
+    return kept[1]
 
 
 def block_table(read, cu_k, max_k: int, bs: int) -> torch.Tensor:
