@@ -146,7 +146,7 @@ def _paged(cache, layer_idx, key, value, write_index, read, cu_k, max_k):
     return kc.view(shape), vc.view(shape), block_table(read, cu_k, max_k, bs)
 
 
-_TABLE: list = []  # the last block table made outside a CUDA graph capture, with its key
+_TABLE: list = []  # [(key, table)]: the last block table made outside a graph capture
 
 
 def float_sinks(s_aux) -> torch.Tensor | None:
@@ -177,15 +177,16 @@ def block_table(read, cu_k, max_k: int, bs: int) -> torch.Tensor:
     keep = not (read.is_inference() or cu_k.is_inference()
                 or (read.is_cuda and torch.cuda.is_current_stream_capturing()))
     key = (read, read._version, cu_k, cu_k._version, max_k, bs) if keep else None
-    if keep and _TABLE and all(a is b if isinstance(a, torch.Tensor) else a == b
-                               for a, b in zip(_TABLE[0], key)):
-        return _TABLE[1]
+    last = _TABLE[0] if keep and _TABLE else None  # (key, table), read once (threads)
+    if last is not None and all(a is b if isinstance(a, torch.Tensor) else a == b
+                                for a, b in zip(last[0], key)):
+        return last[1]
     pages = -(-max_k // bs)
     at = cu_k[:-1, None].long() + torch.arange(pages, device=read.device) * bs
     # entries past a request's own pages are never read by skattn (it reads keys < Lk only)
     table = (read[at.clamp_(max=read.numel() - 1)] // bs).to(torch.int32)
     if keep:
-        _TABLE[:] = [key, table]
+        _TABLE[:] = [(key, table)]
     return table
 
 
