@@ -123,7 +123,7 @@ def test_cuda_graph_of_a_replayed_call():
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
-        call()  # the side stream's first call (its own alignment of nothing new)
+        call()  # a call on a side stream first, as warm-ups before a capture do
     torch.cuda.current_stream().wait_stream(s)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
