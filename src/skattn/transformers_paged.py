@@ -154,10 +154,13 @@ def float_sinks(s_aux) -> torch.Tensor | None:
     copy is made once and kept on it while its storage, dtype and version counter stay (a
     layer's cast each call is a launch in eager decode); the copy holds the storage it was
     made from, so no other tensor can take its address meanwhile. Not inside torch.compile,
-    nor for inference tensors."""
+    while a CUDA graph is captured (the graph casts on each replay, so it follows in-place
+    updates of the weights), nor for inference tensors. Writes through `.data` bypass the
+    version counter and are not seen."""
     if s_aux is None or s_aux.dtype == torch.float32:
         return s_aux
-    if torch.compiler.is_compiling() or s_aux.is_inference():
+    if (torch.compiler.is_compiling() or s_aux.is_inference()
+            or (s_aux.is_cuda and torch.cuda.is_current_stream_capturing())):
         return s_aux.float()
     key = (s_aux.data_ptr(), s_aux.dtype, s_aux._version, s_aux.shape, s_aux.device)
     kept = getattr(s_aux, "_skattn_f32", None)
