@@ -309,3 +309,19 @@ def test_sinks_cast_once_and_again_after_a_write():
     assert torch.equal(float_sinks(s), s.float())
     f32 = torch.randn(8)
     assert float_sinks(f32) is f32 and float_sinks(None) is None
+
+
+def test_block_table_does_not_keep_a_finished_steps_tensors():
+    import gc
+    import weakref
+
+    from skattn.transformers_paged import block_table
+
+    read, cu_k = torch.arange(64), torch.tensor([0, 20, 36], dtype=torch.int32)
+    block_table(read, cu_k, 32, 16)
+    gone = weakref.ref(read)
+    del read
+    gc.collect()
+    assert gone() is None
+    read = torch.arange(64) + 16   # a new step's index, perhaps at the old one's address
+    assert block_table(read, cu_k, 32, 16).tolist() == [[1, 2], [2, 3]]

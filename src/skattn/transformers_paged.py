@@ -13,6 +13,8 @@ forward. No mask is built: transformers builds one only for `paged|eager` and `p
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 import skattn
@@ -146,7 +148,9 @@ def _paged(cache, layer_idx, key, value, write_index, read, cu_k, max_k):
     return kc.view(shape), vc.view(shape), block_table(read, cu_k, max_k, bs)
 
 
-_TABLE: list = []  # [(key, table)]: the last block table made outside a graph capture
+# [(read, cu_k (weak references), versions and sizes, table)]: the last block table made
+# outside a graph capture
+_TABLE: list = []
 
 
 def float_sinks(s_aux) -> torch.Tensor | None:
@@ -176,20 +180,22 @@ def block_table(read, cu_k, max_k: int, bs: int) -> torch.Tensor:
     index, so the last table is kept and reused while `read` and `cu_k` are the same tensors,
     unmodified (their version counters: an in-place write makes a new table); not while a
     CUDA graph is captured (the graph must compute its own), nor for inference tensors
-    (which have no version counter)."""
+    (which have no version counter). The two tensors are held by weak references, so a
+    finished step's buffers are freed with it."""
     keep = not (read.is_inference() or cu_k.is_inference()
                 or (read.is_cuda and torch.cuda.is_current_stream_capturing()))
-    key = (read, read._version, cu_k, cu_k._version, max_k, bs) if keep else None
-    last = _TABLE[0] if keep and _TABLE else None  # (key, table), read once (threads)
-    if last is not None and all(a is b if isinstance(a, torch.Tensor) else a == b
-                                for a, b in zip(last[0], key)):
-        return last[1]
+    key = (read._version, cu_k._version, max_k, bs) if keep else None
+    last = _TABLE[0] if keep and _TABLE else None  # read once (threads)
+    if last is not None:
+        read_ref, cu_ref, last_key, table = last
+        if read_ref() is read and cu_ref() is cu_k and last_key == key:
+            return table
     pages = -(-max_k // bs)
     at = cu_k[:-1, None].long() + torch.arange(pages, device=read.device) * bs
     # entries past a request's own pages are never read by skattn (it reads keys < Lk only)
     table = (read[at.clamp_(max=read.numel() - 1)] // bs).to(torch.int32)
     if keep:
-        _TABLE[:] = [(key, table)]
+        _TABLE[:] = [(weakref.ref(read), weakref.ref(cu_k), key, table)]
     return table
 
 
