@@ -11,7 +11,8 @@
 #      scripts/ws_protocol_probe.py reproduces alone, in a log of its own: docs/prefill.md,
 #      "Checking it")
 #   4. `skattn bench` with the arguments given (e.g. --quick, --seed-table, --host)
-#   5. optional stages, each a quick benchmark: `serving` (skattn bench --serving --quick),
+#   5. optional stages, each a quick benchmark: `serving` (skattn bench --serving --quick, on
+#      the graph timer, then eager: --timer event),
 #      `quant` (skattn bench --quant, llama-8b; then skattn bench --serving --quick with
 #      skattn auto over f16, FP8, q8_0 and q4_0 K/V; then tools/quant_prefill_ab.py: prompt
 #      chunks over FP8 and q8_0 K/V, as stored and dequantized to f16 first), `prefill` (tools/prefill_ab.py --quick,
@@ -140,6 +141,8 @@ quick_bench() {  # name, command...: a quick benchmark stage, its log and exit s
 has prefill && quick_bench prefill env OUT="$OUT_DIR/prefill" python3 tools/prefill_ab.py ${PREFILL_ARGS:---quick}
 has serving && quick_bench serving python3 -m skattn.cli bench --serving --quick --no-progress \
     --time-limit 100 --out "$OUT_DIR/serving"
+has serving && quick_bench serving-eager python3 -m skattn.cli bench --serving --quick \
+    --no-progress --timer event --tag eager --time-limit 100 --out "$OUT_DIR/serving"
 has cb && quick_bench varlen-steps env OUT="$OUT_DIR/cb" python3 tools/varlen_prefill.py
 has cb && quick_bench cb env OUT="$OUT_DIR/cb" python3 tools/cb_bench.py --layers 8 --requests 32 \
     --providers "paged|skattn,paged|skattn_one,paged|sdpa" --graphs --reps 2

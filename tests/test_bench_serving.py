@@ -110,6 +110,15 @@ def test_report_from_csvs_writes_the_table_and_the_plot(tmp_path):
     assert "300.0 (66%)" in line and "600.0 (33%)" in line and "c1" in text and "c2" in text
     assert text.index("| gpt-oss") < text.index("| llama-8b | mixed")
     assert (out / "serving-t.png").exists() == have_matplotlib()
+    # an eager run's CSV is reported on its own, and says so; mixed with a graph run, refused
+    from skattn.bench.serving_plot import report
+
+    cols += ("timer",)
+    c = tmp_path / "serving-c.csv"
+    write(c, [("skattn:auto", "llama-8b", "equal", 16, "ok", 90.0, 30, "c3", "H200", 8, "eager")])
+    assert "launched one by one" in report([c], out_dir=out, stem="e")
+    with pytest.raises(ValueError, match="report them apart"):
+        report([b, c], out_dir=out, stem="m")
 
 
 def test_skattn_variants_name_a_policy_and_plan_overrides():
@@ -137,3 +146,34 @@ def test_one_plan_provider_on_varlen_mixes_only(monkeypatch):
     sb.build("skattn:one-plan", None)
     sb.build("skattn:auto", None)
     assert seen == [("auto", {"q_split": None}), ("auto", {})]
+
+
+def test_eager_mode_times_the_calls_one_by_one(monkeypatch):
+    # the eager timer gets the step's calls themselves (the work list first, then the
+    # layers), after the graph's replay was checked; the row and the table say which timer
+    from skattn.bench.timing import Timing
+
+    m = mix("one-long", scale=1 / 256)
+    batch = sb.make_batch(m, 2, 1, 16, 16, device="cpu")
+    refs = sb.reference_rows(batch, [0, m.batch - 1])
+    monkeypatch.setattr(sr, "capture", lambda fns: (type("G", (), {"replay": lambda self: [
+        f() for f in fns]})(), [f() for f in fns]))
+    seen = {}
+
+    def eager(fns, layers, timer, warmup, reps):
+        seen.update(fns=list(fns), layers=layers)
+        return Timing(1.0, 2.0, 3.0, reps)
+
+    monkeypatch.setattr(sr, "time_eager", eager)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)  # (after the replay)
+    monkeypatch.setattr(sr, "time_graph", lambda *a, **kw: pytest.fail("the graph was timed"))
+    row = sr.measure("skattn:auto/sms=4,occupancy=2", batch, refs, None, layers=1, warmup=1,
+                     reps=5, mode="eager")
+    assert row["status"] == "ok" and row["timer"] == "eager" and row["p50_us"] == "2.000"
+    assert seen["layers"] == 1 and len(seen["fns"]) == 2  # the work-list step, then the layer
+    text = sr.markdown([dict(row, model="llama-8b", mix="one-long", page_size=16,
+                             pct_floor="50")], {"gpu": "H200", "layers": 3, "timer": "eager"})
+    assert "launched one by one" in text and "CUDA graph of" not in text
+    with pytest.raises(ValueError, match="mode must be one of"):
+        sr.run_serving(models=(), mixes=(), page_sizes=(), names=(), out_dir=".", tag="x",
+                       mode="event")

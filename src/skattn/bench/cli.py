@@ -52,7 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timer", choices=TIMERS, default="graph",
                         help="graph (default): per-layer time = replay time of one CUDA graph of "
                              "--layers calls, each layer with its own Q/K/V/out, / layers; event: "
-                             "one call between CUDA events")
+                             "one call between CUDA events (with --serving: a step's calls "
+                             "launched one by one from an idle GPU, host time included)")
     parser.add_argument("--layers", type=int, default=DEFAULT_LAYERS,
                         help=f"calls (layers) per CUDA graph for --timer graph (default {DEFAULT_LAYERS})")
     parser.add_argument("--seed-table", action="store_true",
@@ -218,7 +219,8 @@ def _serving_mode(args) -> int:
                                  out_dir=_out_dir(args), tag=_tag(args),
                                  reps=args.reps or 20, warmup=args.warmup or 5, seed=args.seed,
                                  time_limit_s=args.time_limit or 220.0,
-                                 progress=not args.no_progress)
+                                 progress=not args.no_progress,
+                                 mode="eager" if args.timer == "event" else "graph")
     written = [csv_path] + [p for p in (csv_path.with_suffix(s) for s in (".json", ".md", ".png"))
                             if p.exists()]
     print("wrote " + ", ".join(map(str, written)))

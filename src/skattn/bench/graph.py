@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from skattn.bench.timing import Timing
+from skattn.bench.timing import Timing, summarize
 
 TIMERS = ("graph", "event")
 DEFAULT_LAYERS = 16
@@ -137,6 +137,38 @@ def time_graph(graph, layers: int, timer, *, warmup: int, reps: int) -> Timing:
     """
     t = timer.time(graph.replay, warmup=warmup, reps=reps)
     return Timing(t.p20 / layers, t.p50 / layers, t.p80 / layers, t.reps)
+
+
+def time_eager(fns: Sequence[Callable], layers: int, timer, *, warmup: int, reps: int) -> Timing:
+    """Per-layer time of `fns` run eagerly, one after another, as a step without a CUDA graph
+    runs: each run starts on an idle GPU after an L2 flush, and CUDA events around the calls
+    include every gap in which the GPU waits for the host's next launch. / `layers`.
+
+    Parameters
+    ----------
+    fns : sequence of callables
+        One step's calls (`layers` of them are layers).
+    layers : int
+    timer : ColdTimer
+        Its flush only (no spin before a run: a busy GPU would hide the host's time).
+    warmup, reps : int
+        Untimed and timed runs.
+    """
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    times = []
+    for _ in range(reps):
+        timer.flush()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for fn in fns:
+            fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / layers)
+    return summarize(times)
 
 
 class References:

@@ -51,12 +51,16 @@ def report(paths, out_dir=None, stem: str | None = None) -> str:
 
     paths, out_dir, stem = report_files(paths, out_dir, stem, "a serving report", "-report")
     rows = read_rows(paths)
+    timers = {r.get("timer") or "graph" for r in rows}  # (CSVs before the column: graphs)
+    if len(timers) > 1:
+        raise ValueError("these CSVs mix the graph and the eager timer: report them apart")
     commits = ", ".join(dict.fromkeys(r.get("commit", "") for r in rows))
     gpus = ", ".join(dict.fromkeys(r.get("gpu", "") for r in rows))
     seen = {r["mix"] for r in rows}
     mixes = [m for m in MIXES + PARTS if m in seen] + sorted(seen - set(MIXES + PARTS))
     meta = dict(gpu=gpus, commit=commits, layers=rows[0].get("layers") if rows else None,
-                mixes={m: MIX_NOTES.get(m, m) for m in mixes})
+                mixes={m: MIX_NOTES.get(m, m) for m in mixes},
+                timer=timers.pop() if timers else None)
     md = markdown(rows, meta).replace(" / 0 GB/s copy bandwidth",
                                       " / the copy bandwidth measured in each run")
     return finish_report([md], rows, plot, out_dir, stem)

@@ -4,8 +4,9 @@ Per cell (model shape x length mix x page size) and provider: build, check the o
 few sequences (the first, the second, the last and the longest) against float64, capture
 the decode step in one CUDA graph (skattn's work list once, then `layers` layers' calls on
 the same batch, whose K/V are far larger than L2) and time replays after an L2 flush:
-per-layer time = replay / layers. Floor = visible K/V bytes (+ q and out) / copy bandwidth
-(or the matmul time where larger), measured in the same run. Quantized providers
+per-layer time = replay / layers; or, eager (`--timer event`), the same calls launched one
+by one from an idle GPU, host time included. Floor = visible K/V bytes (+ q and out) / copy
+bandwidth (or the matmul time where larger), measured in the same run. Quantized providers
 (`skattn-fp8:auto`, ...) read the batch's K/V quantized, are checked against float64 on
 those K/V dequantized, and their floor counts the bytes they read.
 """
@@ -22,7 +23,7 @@ import torch
 
 from skattn.bench import serving as sb
 from skattn.bench.floors import floor_us, pct_floor
-from skattn.bench.graph import capture, time_graph
+from skattn.bench.graph import capture, time_eager, time_graph
 from skattn.bench.providers import importable
 from skattn.bench.records import draw_plot
 from skattn.bench.run import error_status, progress_bar, provenance, timed
@@ -31,8 +32,9 @@ from skattn.bench.models import MODELS
 
 COLUMNS = ("provider", "model", "hq", "hkv", "d", "mix", "page_size", "batch", "q_tokens",
            "kv_tokens", "status", "err", "p20_us", "p50_us", "p80_us", "floor_us", "pct_floor",
-           "bytes", "flops", "note", "reps", "layers", "gpu", "sms", "torch", "triton", "commit",
-           "timestamp")
+           "bytes", "flops", "note", "reps", "layers", "timer", "gpu", "sms", "torch", "triton",
+           "commit", "timestamp")
+TIMERS = ("graph", "eager")  # a step's calls in one CUDA graph, or launched one by one
 TOLERANCE = 2e-2
 ANCHOR = "skattn:split"
 DEFAULT_PAGE_SIZES = (16, 64)
@@ -58,9 +60,11 @@ def _check(built, batch, refs) -> float:
     return worst
 
 
-def measure(name, batch, refs, timer, *, layers, warmup, reps) -> dict:
-    """Build, check, capture and time one provider on one batch; never raises."""
-    row = {"provider": name, "status": "ok"}
+def measure(name, batch, refs, timer, *, layers, warmup, reps, mode: str = "graph") -> dict:
+    """Build, check, capture and time one provider on one batch (`mode` "eager": the step's
+    calls launched one by one, `graph.time_eager`, after the graph's replay is checked);
+    never raises."""
+    row = {"provider": name, "status": "ok", "timer": mode}
     try:
         built = sb.build(name, batch)
         row["note"] = built.note
@@ -80,7 +84,10 @@ def measure(name, batch, refs, timer, *, layers, warmup, reps) -> dict:
         if err > TOLERANCE:
             row["status"] = f"wrong after replay: relative error {err:.3e}"
             return row
-        t = time_graph(graph, layers, timer, warmup=warmup, reps=reps)
+        if mode == "eager":
+            t = time_eager(fns, layers, timer, warmup=warmup, reps=reps)
+        else:
+            t = time_graph(graph, layers, timer, warmup=warmup, reps=reps)
         timed(row, t)
     except Exception as exc:  # an unsupported provider or shape must not stop the run
         row["status"] = error_status(exc)
@@ -103,8 +110,13 @@ def providers_for(names, model, decode: bool = False) -> list[str]:
 
 
 def run_serving(*, models, mixes, page_sizes, names, out_dir, tag, layers=8, warmup=5, reps=20,
-                time_limit_s=220.0, seed=0, progress=True) -> tuple[Path, list[dict]]:
-    """Run every cell; writes serving-<tag>.csv (row by row), .json and .md under `out_dir`."""
+                time_limit_s=220.0, seed=0, progress=True,
+                mode: str = "graph") -> tuple[Path, list[dict]]:
+    """Run every cell; writes serving-<tag>.csv (row by row), .json and .md under `out_dir`.
+    `mode`: "graph" (a step in one CUDA graph) or "eager" (its calls launched one by one,
+    host time included)."""
+    if mode not in TIMERS:
+        raise ValueError(f"mode must be one of {TIMERS}, got {mode!r}")
     from skattn.bench.timing import ColdTimer, measure_ceilings
 
     out_dir = Path(out_dir)
@@ -121,6 +133,7 @@ def run_serving(*, models, mixes, page_sizes, names, out_dir, tag, layers=8, war
     meta = {**prov, "copy_GBps": ceilings.copy_bytes_per_s / 1e9,
             "matmul_TFLOPs": ceilings.matmul_flops_per_s / 1e12, "layers": layers,
             "reps": reps, "warmup": warmup, "cells": len(todo), "providers": list(names),
+            "timer": mode,
             "mixes": {m: MIX_NOTES[m] for m in mixes}, "flex_models": list(FLEX_MODELS),
             "notes": skipped, "cuda": torch.version.cuda, "csv": csv_path.name,
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
@@ -142,7 +155,8 @@ def run_serving(*, models, mixes, page_sizes, names, out_dir, tag, layers=8, war
             q_bytes = 2 * batch.q.numel() * batch.q.element_size()
             flops = 4 * hq * d * sum(a * b for a, b in zip(m.q_lens, m.kv_lens))
             for name in providers_for(names, model, m.decode):
-                row = measure(name, batch, refs, timer, layers=layers, warmup=warmup, reps=reps)
+                row = measure(name, batch, refs, timer, layers=layers, warmup=warmup, reps=reps,
+                              mode=mode)
                 # a quantized provider's floor: the bytes it reads
                 nbytes = row.pop("kv_bytes", batch.kv_bytes()) + q_bytes
                 floor = floor_us(nbytes, flops, ceilings)
@@ -197,8 +211,11 @@ def markdown(rows: list[dict], meta: dict) -> str:
     names = provider_order(rows)
     idx = {(r["model"], r["mix"], str(r["page_size"]), r["provider"]): r for r in rows}
     keys = ordered_cells(rows)
+    how = (f"launched one by one from an idle GPU ({meta.get('layers')} layers a step, eager: "
+           f"the host's launch time included)" if meta.get("timer") == "eager" else
+           f"in a CUDA graph of {meta.get('layers')} layers")
     lines = [f"# skattn bench --serving ({meta.get('gpu')}, {meta.get('commit')})", "",
-             f"Per-layer µs (p50) in a CUDA graph of {meta.get('layers')} layers, cold L2, "
+             f"Per-layer µs (p50) {how}, cold L2, "
              f"(% of floor: visible K/V bytes / {meta.get('copy_GBps', 0):.0f} GB/s copy "
              f"bandwidth). `auto/split`: speed-up of skattn auto over the fixed-split anchor; "
              f"`auto/best other`: over the fastest non-skattn provider.", "",
