@@ -136,3 +136,32 @@ def test_cuda_graph_of_a_replayed_call():
         got = out.clone()
         checked(call)
         assert torch.equal(got, out), step
+
+
+def test_planned_serving_call_host_time():
+    # a repeat planned decode step replays its recipe: the signature, the addresses, one
+    # call of skattn's C launcher for the work-list step and the main kernel (and a fixup);
+    # against the checked path (recipes off) in the same run
+    from skattn.bench.host import per_call_us
+
+    serving_recipe.CHECKED.clear()
+    B, L = 64, 64  # ~17 MB of K/V a call: the host, not the GPU, sets the pace
+    k = torch.randn(B * L // 16, 16, HKV, D, device="cuda").half()
+    v = torch.randn_like(k)
+    table = torch.arange(B * L // 16, dtype=torch.int32, device="cuda").view(B, -1)
+    lens = torch.full((B,), L, dtype=torch.int32, device="cuda")
+    q = torch.randn(B, 1, HQ, D, device="cuda").half()
+    p = skattn.serving_plan(batch=B, q_len=1, max_kv_len=L, page_size=16, max_pages=L // 16,
+                            q_heads=HQ, kv_heads=HKV, head_dim=D)
+    wsb, out = serving.workspace(p), torch.empty_like(q)
+
+    def call():
+        skattn.attention_with_kvcache(q, k, v, cache_seqlens=lens, block_table=table, plan=p,
+                                      out=out, workspace=wsb)
+
+    us = per_call_us(call)
+    assert served()
+    checked_us = per_call_us(lambda: checked(call))
+    print(f"planned serving call host time: {us:.1f} us (checked path {checked_us:.1f} us)")
+    assert us <= 40.0  # a regression bound: the checked path costs several times more
+    assert us < checked_us
