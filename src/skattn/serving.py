@@ -213,12 +213,9 @@ def _kvcache(q, k_cache, v_cache, cache_seqlens, block_table, causal, window, si
                        (causal, type(causal), window, type(window), softcap, type(softcap),
                         scale, type(scale), return_lse, type(return_lse), policy,
                         own_workspace), plan)
-    rec = sr.lookup(key)
-    if rec is None:
-        rec = _kvcache_recipe(q, k_cache, v_cache, cache_seqlens, block_table, causal, window,
-                              sinks, softcap, alibi_slopes, scale, return_lse, plan, out,
-                              k_scale, v_scale, policy)
-        sr.keep(key, rec)
+    rec = sr.lookup(key) or sr.keep(key, _kvcache_recipe(
+        q, k_cache, v_cache, cache_seqlens, block_table, causal, window, sinks, softcap,
+        alibi_slopes, scale, return_lse, plan, out, k_scale, v_scale, policy))
     return _call(rec, q, k_cache, v_cache, cache_seqlens, None, block_table, sinks, softcap,
                  alibi_slopes, scale, return_lse, out, workspace, work_list, k_scale, v_scale,
                  own_workspace)
@@ -322,12 +319,10 @@ def _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, blo
                         causal, type(causal), window, type(window), softcap, type(softcap),
                         scale, type(scale), return_lse, type(return_lse), policy,
                         own_workspace), plan)
-    rec = sr.lookup(key)
-    if rec is None:
-        rec = _varlen_recipe(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                             block_table, causal, window, sinks, softcap, alibi_slopes, scale,
-                             return_lse, plan, out, k_scale, v_scale, policy)
-        sr.keep(key, rec)
+    rec = sr.lookup(key) or sr.keep(key, _varlen_recipe(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table, causal,
+        window, sinks, softcap, alibi_slopes, scale, return_lse, plan, out, k_scale, v_scale,
+        policy))
     return _call(rec, q, k, v, cu_seqlens_k, cu_seqlens_q, block_table, sinks, softcap,
                  alibi_slopes, scale, return_lse, out, workspace, work_list, k_scale, v_scale,
                  own_workspace)

@@ -52,13 +52,14 @@ def lookup(key):
         return None
 
 
-def keep(key, recipe: Recipe) -> None:
-    """Remember `recipe` under `key` where it may serve repeat calls."""
+def keep(key, recipe: Recipe) -> Recipe:
+    """Remember `recipe` under `key` where it may serve repeat calls; returns it."""
     if recipe.serves:
         try:
             remember(CHECKED, key, recipe)
         except TypeError:
             pass
+    return recipe
 
 
 def workspace_offsets(plan: MixedPlan) -> tuple[int, int]:
