@@ -45,6 +45,7 @@ class Bound:
     consts: dict
     cuda: bool
     wl_ints: tuple         # the work-list kernel's integers that depend only on the plan
+    pool_bytes: int        # bytes of the stream's pool the plan's views take
     ws: serving_ws.WsBound | None = None  # whole tiles on the Hopper kernel
 
 
@@ -100,8 +101,10 @@ def _bind(plan: ServingPlan, device: torch.device) -> Bound:
     wl_ints = (plan.programs, plan.split, n_sat(plan), plan.per_sm,
                *(plan.q_range or (0, INT32_MAX)), plan.resident, wsb.grid if wsb else 0)
     cuda = device.type == "cuda" and not interpreting()
+    layout = ws.layout(plan, plan.tiles_max)
+    pool_bytes = (layout[0] + 2 * layout[1] + layout[2]) * 4
     return Bound(plan, device, cost, wl_const, main_const, fix_kernel, fix_const, fix_grid,
-                 ws.layout(plan, plan.tiles_max), kid, {}, cuda, wl_ints, wsb)
+                 layout, kid, {}, cuda, wl_ints, pool_bytes, wsb)
 
 
 def workspace_bytes(plan: ServingPlan) -> int:
@@ -116,7 +119,6 @@ def allocate(plan: ServingPlan, device) -> torch.Tensor:
 
 def _views(plan: ServingPlan, b: Bound, workspace, device, stream):
     """(ws_o, ws_m, ws_l, counters, work list) from a caller's buffer or the pools."""
-    o, m, c = b.layout
     if workspace is not None:
         need = workspace_bytes(plan)
         if (not isinstance(workspace, torch.Tensor) or not workspace.is_contiguous()
@@ -127,18 +129,18 @@ def _views(plan: ServingPlan, b: Bound, workspace, device, stream):
             raise ValueError(f"workspace must hold {need} bytes, 16-byte aligned "
                              f"(skattn.serving.workspace(plan) allocates one)")
         ws_o, ws_m, ws_l, counters = ws.views(raw, b.layout)
+        o, m, _ = b.layout
         at = (o + 2 * m) * 4
         wl = raw[at:at + plan.work_list_words * 4].view(torch.int32)
         return ws_o, ws_m, ws_l, counters, wl
-    ws_o, ws_m, ws_l, counters = ws.pooled(b.layout, (o + 2 * m + c) * 4, device, stream)
+    ws_o, ws_m, ws_l, counters = ws.pooled(b.layout, b.pool_bytes, device, stream)
     wl = ws.work_list(plan.work_list_words, device, stream)
     return ws_o, ws_m, ws_l, counters, wl[:plan.work_list_words]
 
 
 def pooled_addresses(plan: ServingPlan, b: Bound, device, stream) -> tuple[int, ...]:
     """The addresses of `_views`' pooled views (ws_o, ws_m, ws_l, counters, work list)."""
-    o, m, c = b.layout
-    found = ws.pooled_addresses(b.layout, (o + 2 * m + c) * 4, device, stream)
+    found = ws.pooled_addresses(b.layout, b.pool_bytes, device, stream)
     return (*found, ws.work_list(plan.work_list_words, device, stream).data_ptr())
 
 

@@ -107,12 +107,11 @@ def run_halves(plan, q, k, v, out, lse, *, seq_k, seq_q, block_table, scale, sin
     `serving_launch.run`'s."""
     if isinstance(plan, MixedPlan) and work_list is not None:
         check_work_list(plan, work_list, q.device)
+    if v.dtype in quant.FP8_DTYPES and v.data_ptr() % 4:  # (head size, strides: the checks)
+        raise ValueError(f"FP8 v must start at an address that is a multiple of 4 bytes (the "
+                         f"serving kernel reads its rows as 32-bit words), got {v.data_ptr():#x}")
     used = []
     for half, ws_buf, wl_given in halves(plan, workspace, work_list):  # both write `out`
-        if v.dtype in quant.FP8_DTYPES and v.data_ptr() % 4:  # (head size, strides: the checks)
-            raise ValueError(f"FP8 v must start at an address that is a multiple of 4 bytes "
-                             f"(the serving kernel reads its rows as 32-bit words), got "
-                             f"{v.data_ptr():#x}")
         device = q.device
         b = sl.bind(half, device)
         stream = sl._stream(b, device)
@@ -192,10 +191,11 @@ class Recipe:
         `learn` found them. The pool is grown for every half that uses it before any of its
         addresses is read: a half's growth would free the buffer an earlier half's
         addresses point into."""
-        pooled = {}
-        for _ in range(1 if len(self.pooled) < 2 else 2):
-            pooled = {h: sl.pooled_addresses(self.halves[h], self.bounds[h], self.device, stream)
-                      for h in self.pooled}
+        if len(self.pooled) > 1:  # grown for each half first
+            for h in self.pooled:
+                sl.pooled_addresses(self.halves[h], self.bounds[h], self.device, stream)
+        pooled = {h: sl.pooled_addresses(self.halves[h], self.bounds[h], self.device, stream)
+                  for h in self.pooled}
         base = {"ws": workspace.data_ptr() if workspace is not None else 0,
                 "wl": work_list.data_ptr() if work_list is not None else 0}
         return [base[kind] + a if kind != "pool" else pooled[a][b] for kind, a, b in self.where]
